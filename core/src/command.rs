@@ -1,0 +1,322 @@
+//! Signed control commands: the signing payload, signing and verification.
+//!
+//! `sig = Ed25519(sk, P)` where `P` is the deterministic serialization of the
+//! command with `sig` (8), `pubkey_id` (9) and `sig_alg` (10) empty. We verify over
+//! the *received* records with those three removed — never a decode/re-encode, which
+//! would drop unknown fields and reorder `args` — and, if that fails, over the same
+//! records in canonical deterministic order (known fields ascending, `args` entries by
+//! key, unknown fields after them in received order), because the original API signs
+//! the deterministic form but publishes a non-deterministic one.
+
+use ed25519_dalek::{Signature, Signer, SigningKey};
+use gw_proto::control::Command;
+use prost::Message;
+
+use crate::code::{Code, Reject};
+use crate::freshness::check_freshness;
+use crate::keyring::KeyRing;
+use crate::names::{Action, Module};
+use crate::replay::ReplayGuard;
+use crate::wire::{self, Record, WireType};
+
+/// The only signature algorithm we accept.
+pub const SIG_ALG_ED25519_V1: &str = "ed25519-v1";
+/// The only command schema we accept.
+pub const SCHEMA_CTRL_V1: &str = "ctrl-v1";
+/// Default bound on a command body.
+pub const DEFAULT_MAX_COMMAND_BYTES: usize = 64 * 1024;
+
+const FIELD_ARGS: u32 = 4;
+const FIELD_SIG: u32 = 8;
+const FIELD_PUBKEY_ID: u32 = 9;
+const FIELD_SIG_ALG: u32 = 10;
+const HIGHEST_KNOWN_FIELD: u32 = 11;
+
+/// Wire type of each known field of `control.Command` (index = field number).
+const KNOWN_WIRE_TYPES: [Option<WireType>; 12] = [
+    None,
+    Some(WireType::Varint), // ts
+    Some(WireType::Varint), // module
+    Some(WireType::Varint), // action
+    Some(WireType::Len),    // args (map entry)
+    Some(WireType::Len),    // request_id
+    Some(WireType::Len),    // issuer
+    Some(WireType::Len),    // schema_version
+    Some(WireType::Len),    // sig
+    Some(WireType::Len),    // pubkey_id
+    Some(WireType::Len),    // sig_alg
+    Some(WireType::Varint), // nonce
+];
+
+fn malformed(detail: String) -> Reject {
+    Reject::with(Code::Malformed, detail)
+}
+
+/// A received command split into its signature fields and what they sign.
+#[derive(Debug, Clone)]
+pub struct SignedParts<'a> {
+    /// `sig` (field 8), as received.
+    pub sig: &'a [u8],
+    /// `pubkey_id` (field 9).
+    pub pubkey_id: &'a str,
+    /// `sig_alg` (field 10).
+    pub sig_alg: &'a str,
+    /// The records other than 8/9/10, in received order.
+    pub payload: Vec<u8>,
+    /// The same records in canonical deterministic order, when that differs.
+    pub canonical: Option<Vec<u8>>,
+}
+
+fn utf8<'a>(body: &'a [u8], r: &Record, name: &str) -> Result<&'a str, Reject> {
+    std::str::from_utf8(&body[r.value.clone()])
+        .map_err(|_| malformed(format!("field `{name}` is not UTF-8")))
+}
+
+/// The key of one `args` map entry, for canonical ordering.
+fn map_entry_key<'a>(body: &'a [u8], r: &Record) -> Result<&'a [u8], Reject> {
+    let entry = &body[r.value.clone()];
+    let mut key: &[u8] = b"";
+    let mut pos = 0;
+    while pos < entry.len() {
+        let er = wire::read_record(entry, &mut pos)
+            .map_err(|e| malformed(format!("args entry: {e}")))?;
+        match (er.field, er.wire_type) {
+            (1, WireType::Len) => key = &entry[er.value],
+            (2, WireType::Len) => {}
+            (1 | 2, _) => return Err(malformed("args entry has a wrong wire type".into())),
+            _ => {} // unknown entry fields are tolerated, as by every protobuf parser
+        }
+    }
+    Ok(key)
+}
+
+/// Splits a received command into its signature fields and signing payloads.
+pub fn split_signed(body: &[u8]) -> Result<SignedParts<'_>, Reject> {
+    let records = wire::records(body).map_err(|e| malformed(e.to_string()))?;
+    let mut sig = None;
+    let mut pubkey_id = None;
+    let mut sig_alg = None;
+    let mut seen = [false; HIGHEST_KNOWN_FIELD as usize + 1];
+    let mut kept: Vec<(&Record, Option<&[u8]>)> = Vec::with_capacity(records.len());
+    for r in &records {
+        let known = KNOWN_WIRE_TYPES.get(r.field as usize).copied().flatten();
+        if let Some(wt) = known {
+            if wt != r.wire_type {
+                return Err(malformed(format!("field {} has the wrong wire type", r.field)));
+            }
+            // Only `args` repeats; a repeated singular field is ambiguous.
+            if r.field != FIELD_ARGS {
+                if seen[r.field as usize] {
+                    return Err(malformed(format!("field {} appears twice", r.field)));
+                }
+                seen[r.field as usize] = true;
+            }
+        }
+        match r.field {
+            FIELD_SIG => sig = Some(&body[r.value.clone()]),
+            FIELD_PUBKEY_ID => pubkey_id = Some(utf8(body, r, "pubkey_id")?),
+            FIELD_SIG_ALG => sig_alg = Some(utf8(body, r, "sig_alg")?),
+            FIELD_ARGS => kept.push((r, Some(map_entry_key(body, r)?))),
+            _ => kept.push((r, None)),
+        }
+    }
+
+    let payload_len = kept.iter().map(|(r, _)| r.span.len()).sum();
+    let mut payload = Vec::with_capacity(payload_len);
+    for (r, _) in &kept {
+        payload.extend_from_slice(&body[r.span.clone()]);
+    }
+
+    // Canonical order: known fields by number (args by key), unknown after, stably.
+    fn sort_key<'b>((r, k): &(&Record, Option<&'b [u8]>)) -> (bool, u32, &'b [u8]) {
+        let known = r.field <= HIGHEST_KNOWN_FIELD;
+        (!known, if known { r.field } else { 0 }, k.unwrap_or(b""))
+    }
+    let in_order = kept.windows(2).all(|w| sort_key(&w[0]) <= sort_key(&w[1]));
+    let canonical = if in_order {
+        None
+    } else {
+        let mut sorted = kept.clone();
+        sorted.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+        let mut c = Vec::with_capacity(payload_len);
+        for (r, _) in &sorted {
+            c.extend_from_slice(&body[r.span.clone()]);
+        }
+        Some(c)
+    };
+
+    Ok(SignedParts {
+        sig: sig.unwrap_or_default(),
+        pubkey_id: pubkey_id.unwrap_or_default(),
+        sig_alg: sig_alg.unwrap_or_default(),
+        payload,
+        canonical,
+    })
+}
+
+/// A command whose signature, key and scope were verified.
+#[derive(Debug, Clone)]
+pub struct VerifiedCommand {
+    /// The decoded command (unknown fields are not kept here; the caller keeps the body).
+    pub command: Command,
+    /// The module.
+    pub module: Module,
+    /// The action.
+    pub action: Action,
+    /// The exact bytes the signature covers (received order or canonical order).
+    pub signed_payload: Vec<u8>,
+}
+
+/// Verifies a received command's signature, key and scope. `now` (unix seconds),
+/// when given, checks the key's validity window; freshness and replay are separate
+/// ([`ControlPolicy::admit`] does all of it).
+pub fn verify_command(body: &[u8], keyring: &KeyRing, now: Option<u64>) -> Result<VerifiedCommand, Reject> {
+    let parts = split_signed(body)?;
+    // Decode for typed access; the wire checks above make this agree with the records.
+    let command = Command::decode(body).map_err(|e| malformed(format!("decode: {e}")))?;
+
+    if parts.sig_alg != SIG_ALG_ED25519_V1 {
+        return Err(Reject::with(
+            Code::SigAlg,
+            format!(
+                "sig_alg must be `{SIG_ALG_ED25519_V1}`, got `{}`",
+                parts.sig_alg.escape_debug()
+            ),
+        ));
+    }
+    let sig_bytes: &[u8; 64] = parts.sig.try_into().map_err(|_| {
+        Reject::with(
+            Code::BadSigLength,
+            format!("sig must be 64 bytes, got {}", parts.sig.len()),
+        )
+    })?;
+    let key = keyring.get(parts.pubkey_id).ok_or_else(|| {
+        Reject::with(
+            Code::UnknownKey,
+            format!("unknown pubkey_id `{}`", parts.pubkey_id.escape_debug()),
+        )
+    })?;
+    if let Some(now) = now {
+        key.check_validity(now)?;
+    }
+    let sig = Signature::from_bytes(sig_bytes);
+    let signed_payload = if key.key.verify_strict(&parts.payload, &sig).is_ok() {
+        parts.payload
+    } else {
+        match parts.canonical {
+            Some(c) if key.key.verify_strict(&c, &sig).is_ok() => c,
+            _ => {
+                return Err(Reject::new(
+                    Code::BadSignature,
+                    "signature does not verify over the command",
+                ))
+            }
+        }
+    };
+
+    let module = Module::from_proto(command.module)
+        .ok_or_else(|| malformed(format!("unknown module {}", command.module)))?;
+    let action = Action::from_proto(command.action)
+        .ok_or_else(|| malformed(format!("unknown action {}", command.action)))?;
+    if command.schema_version != SCHEMA_CTRL_V1 {
+        return Err(Reject::with(
+            Code::BadSchema,
+            format!(
+                "schema_version must be `{SCHEMA_CTRL_V1}`, got `{}`",
+                command.schema_version.escape_debug()
+            ),
+        ));
+    }
+    key.check_scope(&command.issuer, module, action)?;
+    if command.nonce == 0 {
+        return Err(Reject::new(Code::BadNonce, "nonce must be non-zero"));
+    }
+    Ok(VerifiedCommand {
+        command,
+        module,
+        action,
+        signed_payload,
+    })
+}
+
+/// The signing payload of a command we build: its deterministic encoding (prost
+/// writes fields by number and `BTreeMap` args by key) with the signature fields empty.
+pub fn signing_payload(cmd: &Command) -> Vec<u8> {
+    let mut c = cmd.clone();
+    c.sig.clear();
+    c.pubkey_id.clear();
+    c.sig_alg.clear();
+    c.encode_to_vec()
+}
+
+/// Signs `cmd` with `sk` under `pubkey_id` and returns the encoded signed command.
+pub fn sign_command(cmd: &Command, sk: &SigningKey, pubkey_id: &str) -> Vec<u8> {
+    let payload = signing_payload(cmd);
+    let mut signed = cmd.clone();
+    signed.sig = sk.sign(&payload).to_bytes().to_vec();
+    signed.pubkey_id = pubkey_id.to_owned();
+    signed.sig_alg = SIG_ALG_ED25519_V1.to_owned();
+    signed.encode_to_vec()
+}
+
+/// Everything a shell needs to admit a command, except the replay state it owns.
+#[derive(Debug, Clone)]
+pub struct ControlPolicy {
+    /// Command keys.
+    pub keyring: KeyRing,
+    /// Allowed clock skew, seconds.
+    pub max_skew: u64,
+    /// Bound on the body.
+    pub max_body: usize,
+}
+
+impl ControlPolicy {
+    /// Checks size, signature, key, scope, route binding and freshness — everything
+    /// but replay, which the caller applies with its own state (see [`Self::admit`]).
+    pub fn check(
+        &self,
+        body: &[u8],
+        now: u64,
+        route: Option<(Module, Action)>,
+    ) -> Result<VerifiedCommand, Reject> {
+        if body.len() > self.max_body {
+            return Err(Reject::with(
+                Code::TooLarge,
+                format!("command is {} bytes; the limit is {}", body.len(), self.max_body),
+            ));
+        }
+        let v = verify_command(body, &self.keyring, Some(now))?;
+        if let Some((m, a)) = route {
+            if (m, a) != (v.module, v.action) {
+                return Err(Reject::with(
+                    Code::RouteMismatch,
+                    format!(
+                        "route says {}:{} but the signed command is {}:{}",
+                        m.as_str(),
+                        a.as_str(),
+                        v.module.as_str(),
+                        v.action.as_str()
+                    ),
+                ));
+            }
+        }
+        check_freshness(v.command.ts, now, self.max_skew)?;
+        Ok(v)
+    }
+
+    /// [`Self::check`], then accept the nonce once in `replay`.
+    pub fn admit(
+        &self,
+        body: &[u8],
+        now: u64,
+        route: Option<(Module, Action)>,
+        replay: &mut ReplayGuard,
+    ) -> Result<VerifiedCommand, Reject> {
+        let v = self.check(body, now, route)?;
+        replay.accept(&v.command.issuer, v.command.nonce)?;
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,303 @@
+use super::*;
+use crate::keyring::{CommandKey, KeyRingConfig};
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+
+const NOW: u64 = 1_750_000_000;
+
+fn sk(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32])
+}
+
+fn ring() -> KeyRing {
+    let mut r = KeyRing::new();
+    r.insert(CommandKey::unrestricted("op-admin-1", sk(1).verifying_key()))
+        .unwrap();
+    r
+}
+
+fn cmd(args: &[(&str, &str)]) -> Command {
+    Command {
+        ts: NOW,
+        module: Module::Mev.to_proto() as i32,
+        action: Action::Throttle.to_proto() as i32,
+        args: args
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+        request_id: "req-1".into(),
+        issuer: "dashboard".into(),
+        schema_version: SCHEMA_CTRL_V1.into(),
+        nonce: 42,
+        ..Default::default()
+    }
+}
+
+/// Appends a LEN record.
+fn len_record(out: &mut Vec<u8>, field: u32, value: &[u8]) {
+    wire::write_varint(out, u64::from(field) << 3 | 2);
+    wire::write_varint(out, value.len() as u64);
+    out.extend_from_slice(value);
+}
+
+/// The three signature records for `payload`, signed by `key`.
+fn sig_records(payload: &[u8], key: &SigningKey, id: &str, alg: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    len_record(&mut out, FIELD_SIG, &key.sign(payload).to_bytes());
+    len_record(&mut out, FIELD_PUBKEY_ID, id.as_bytes());
+    len_record(&mut out, FIELD_SIG_ALG, alg.as_bytes());
+    out
+}
+
+fn policy() -> ControlPolicy {
+    ControlPolicy {
+        keyring: ring(),
+        max_skew: 30,
+        max_body: DEFAULT_MAX_COMMAND_BYTES,
+    }
+}
+
+#[test]
+fn round_trip_with_zero_one_and_several_args() {
+    for args in [
+        vec![],
+        vec![("throttle_pct", "40")],
+        vec![("throttle_pct", "40"), ("ev_min", "0.5"), ("tip_ladder", "0.1,0.2,0.3")],
+    ] {
+        let body = sign_command(&cmd(&args), &sk(1), "op-admin-1");
+        let v = verify_command(&body, &ring(), Some(NOW)).unwrap();
+        assert_eq!(v.command.args.len(), args.len());
+        assert_eq!(v.module, Module::Mev);
+        assert_eq!(v.action, Action::Throttle);
+        assert_eq!(v.signed_payload, signing_payload(&cmd(&args)));
+    }
+}
+
+#[test]
+fn map_entries_in_insertion_order_verify_canonically() {
+    let c = cmd(&[("a", "1"), ("b", "2"), ("c", "3")]);
+    let signed = signing_payload(&c);
+    // Rebuild the same records with args entries reversed (as a non-deterministic
+    // serializer may publish them), and the signature fields in the middle.
+    let recs = wire::records(&signed).unwrap();
+    let args: Vec<_> = recs.iter().filter(|r| r.field == 4).collect();
+    let mut body = Vec::new();
+    for r in recs.iter().filter(|r| r.field < 4) {
+        body.extend_from_slice(&signed[r.span.clone()]);
+    }
+    for r in args.iter().rev() {
+        body.extend_from_slice(&signed[r.span.clone()]);
+    }
+    body.extend(sig_records(&signed, &sk(1), "op-admin-1", SIG_ALG_ED25519_V1));
+    for r in recs.iter().filter(|r| r.field > 4) {
+        body.extend_from_slice(&signed[r.span.clone()]);
+    }
+    let parts = split_signed(&body).unwrap();
+    assert_ne!(parts.payload, signed, "received order differs");
+    assert_eq!(parts.canonical.as_deref(), Some(&signed[..]));
+    let v = verify_command(&body, &ring(), Some(NOW)).unwrap();
+    assert_eq!(v.signed_payload, signed);
+}
+
+#[test]
+fn non_canonical_signed_bytes_verify_as_received() {
+    // A signer that signed its own (non-sorted) bytes: received order must verify too.
+    let c = cmd(&[("a", "1"), ("b", "2")]);
+    let det = signing_payload(&c);
+    let recs = wire::records(&det).unwrap();
+    let mut odd = Vec::new();
+    for r in recs.iter().rev() {
+        odd.extend_from_slice(&det[r.span.clone()]);
+    }
+    let mut body = odd.clone();
+    body.extend(sig_records(&odd, &sk(1), "op-admin-1", SIG_ALG_ED25519_V1));
+    let v = verify_command(&body, &ring(), None).unwrap();
+    assert_eq!(v.signed_payload, odd);
+}
+
+#[test]
+fn unknown_fields_are_signed_and_kept() {
+    let c = cmd(&[("throttle_pct", "40")]);
+    let mut signed = signing_payload(&c);
+    len_record(&mut signed, 12, b"newer-client-field");
+    let mut body = signed.clone();
+    body.extend(sig_records(&signed, &sk(1), "op-admin-1", SIG_ALG_ED25519_V1));
+    let v = verify_command(&body, &ring(), None).unwrap();
+    assert_eq!(v.signed_payload, signed);
+
+    // Dropping the unknown field breaks the signature: it is covered.
+    let mut stripped = signing_payload(&c);
+    stripped.extend(sig_records(&signed, &sk(1), "op-admin-1", SIG_ALG_ED25519_V1));
+    assert_eq!(
+        verify_command(&stripped, &ring(), None).unwrap_err().code,
+        Code::BadSignature
+    );
+}
+
+#[test]
+fn decode_reencode_would_break_unknown_fields() {
+    // The original agent's approach (decode, clear, re-encode) fails here; ours passes.
+    let c = cmd(&[]);
+    let mut signed = signing_payload(&c);
+    len_record(&mut signed, 15, b"x");
+    let mut body = signed.clone();
+    body.extend(sig_records(&signed, &sk(1), "op-admin-1", SIG_ALG_ED25519_V1));
+    let reencoded = signing_payload(&Command::decode(&body[..]).unwrap());
+    assert_ne!(reencoded, signed);
+    assert!(verify_command(&body, &ring(), None).is_ok());
+}
+
+#[test]
+fn rejections_have_the_right_codes() {
+    let c = cmd(&[("throttle_pct", "40")]);
+    let good = sign_command(&c, &sk(1), "op-admin-1");
+    let payload = signing_payload(&c);
+    let with = |sig: &[u8], id: &str, alg: &str| {
+        let mut b = payload.clone();
+        len_record(&mut b, FIELD_SIG, sig);
+        len_record(&mut b, FIELD_PUBKEY_ID, id.as_bytes());
+        len_record(&mut b, FIELD_SIG_ALG, alg.as_bytes());
+        b
+    };
+    let sig = sk(1).sign(&payload).to_bytes();
+    let code = |b: &[u8]| verify_command(b, &ring(), Some(NOW)).unwrap_err().code;
+
+    assert_eq!(code(&with(&sig, "op-admin-1", "ed25519")), Code::SigAlg);
+    assert_eq!(code(&with(&sig, "op-admin-1", "")), Code::SigAlg);
+    assert_eq!(code(&with(&sig[..63], "op-admin-1", SIG_ALG_ED25519_V1)), Code::BadSigLength);
+    assert_eq!(code(&payload), Code::SigAlg, "unsigned command");
+    assert_eq!(code(&with(&sig, "nobody", SIG_ALG_ED25519_V1)), Code::UnknownKey);
+    let other = sk(2).sign(&payload).to_bytes();
+    assert_eq!(code(&with(&other, "op-admin-1", SIG_ALG_ED25519_V1)), Code::BadSignature);
+    assert_eq!(code(&good[..good.len() - 3]), Code::Malformed, "truncated");
+
+    // Changed nonce / args after signing.
+    let mut tampered = c.clone();
+    tampered.nonce = 43;
+    let mut b = signing_payload(&tampered);
+    b.extend(sig_records(&payload, &sk(1), "op-admin-1", SIG_ALG_ED25519_V1));
+    assert_eq!(code(&b), Code::BadSignature);
+    let mut tampered = c.clone();
+    tampered.args.insert("throttle_pct".into(), "100".into());
+    let mut b = signing_payload(&tampered);
+    b.extend(sig_records(&payload, &sk(1), "op-admin-1", SIG_ALG_ED25519_V1));
+    assert_eq!(code(&b), Code::BadSignature);
+
+    // Duplicate singular field and wrong wire type.
+    let mut dup = good.clone();
+    dup.extend_from_slice(&[0x08, 0x01]);
+    assert_eq!(code(&dup), Code::Malformed);
+    let mut wt = vec![0x0a, 0x00]; // field 1 (ts) as LEN
+    wt.extend_from_slice(&good);
+    assert_eq!(code(&wt), Code::Malformed);
+}
+
+#[test]
+fn semantic_checks_after_the_signature() {
+    let code = |c: &Command| {
+        let b = sign_command(c, &sk(1), "op-admin-1");
+        verify_command(&b, &ring(), Some(NOW)).unwrap_err().code
+    };
+    let mut c = cmd(&[]);
+    c.schema_version = "ctrl-v2".into();
+    assert_eq!(code(&c), Code::BadSchema);
+    let mut c = cmd(&[]);
+    c.nonce = 0;
+    assert_eq!(code(&c), Code::BadNonce);
+    let mut c = cmd(&[]);
+    c.module = 9;
+    assert_eq!(code(&c), Code::Malformed);
+    let mut c = cmd(&[]);
+    c.action = 6;
+    assert_eq!(code(&c), Code::Malformed);
+}
+
+#[test]
+fn key_scope_and_validity_are_enforced() {
+    let pk = hex::encode(sk(1).verifying_key().as_bytes());
+    let cfg: KeyRingConfig = serde_json::from_str(&format!(
+        r#"{{"keys":[{{"id":"op-admin-1","public_key_hex":"{pk}","not_after":{},
+             "issuers":["dashboard"],"modules":["mev"],"actions":["throttle"]}}]}}"#,
+        NOW + 10
+    ))
+    .unwrap();
+    let ring = KeyRing::from_config(&cfg).unwrap();
+    let ok = sign_command(&cmd(&[]), &sk(1), "op-admin-1");
+    assert!(verify_command(&ok, &ring, Some(NOW)).is_ok());
+    assert_eq!(
+        verify_command(&ok, &ring, Some(NOW + 11)).unwrap_err().code,
+        Code::KeyExpired
+    );
+    let mut c = cmd(&[]);
+    c.action = Action::Kill.to_proto() as i32;
+    let b = sign_command(&c, &sk(1), "op-admin-1");
+    assert_eq!(verify_command(&b, &ring, Some(NOW)).unwrap_err().code, Code::KeyScope);
+    let mut c = cmd(&[]);
+    c.issuer = "mallory".into();
+    let b = sign_command(&c, &sk(1), "op-admin-1");
+    assert_eq!(verify_command(&b, &ring, Some(NOW)).unwrap_err().code, Code::KeyScope);
+}
+
+#[test]
+fn policy_checks_size_route_freshness_and_replay() {
+    let p = policy();
+    let body = sign_command(&cmd(&[]), &sk(1), "op-admin-1");
+    let mut replay = ReplayGuard::new(64).unwrap();
+    assert_eq!(
+        p.check(&body, NOW, Some((Module::Mev, Action::Kill))).unwrap_err().code,
+        Code::RouteMismatch
+    );
+    assert_eq!(p.check(&body, NOW + 31, None).unwrap_err().code, Code::Stale);
+    assert_eq!(p.check(&body, NOW - 31, None).unwrap_err().code, Code::Future);
+    p.admit(&body, NOW, Some((Module::Mev, Action::Throttle)), &mut replay)
+        .unwrap();
+    assert_eq!(
+        p.admit(&body, NOW, None, &mut replay).unwrap_err().code,
+        Code::Replay
+    );
+    let small = ControlPolicy {
+        max_body: 10,
+        ..policy()
+    };
+    assert_eq!(small.check(&body, NOW, None).unwrap_err().code, Code::TooLarge);
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = verify_command(&bytes, &ring(), Some(NOW));
+    }
+
+    #[test]
+    fn any_flipped_bit_is_rejected(idx in any::<prop::sample::Index>(), bit in 0u8..8) {
+        let body = sign_command(&cmd(&[("throttle_pct", "40"), ("ev_min", "0.1")]), &sk(1), "op-admin-1");
+        let mut b = body.clone();
+        let i = idx.index(b.len());
+        b[i] ^= 1 << bit;
+        prop_assert!(verify_command(&b, &ring(), Some(NOW)).is_err());
+    }
+
+    #[test]
+    fn any_permutation_of_args_verifies(
+        args in proptest::collection::btree_map("[a-z_]{1,8}", "[0-9.,]{0,8}", 0..8),
+        seed in any::<u64>(),
+    ) {
+        let mut c = cmd(&[]);
+        c.args = args;
+        let signed = signing_payload(&c);
+        let recs = wire::records(&signed).unwrap();
+        let mut entries: Vec<_> = recs.iter().filter(|r| r.field == 4).collect();
+        // Deterministic shuffle from the seed.
+        let mut s = seed;
+        for i in (1..entries.len()).rev() {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            entries.swap(i, (s >> 33) as usize % (i + 1));
+        }
+        let mut body = Vec::new();
+        for r in recs.iter().filter(|r| r.field < 4) { body.extend_from_slice(&signed[r.span.clone()]); }
+        for r in &entries { body.extend_from_slice(&signed[r.span.clone()]); }
+        for r in recs.iter().filter(|r| r.field > 4) { body.extend_from_slice(&signed[r.span.clone()]); }
+        body.extend(sig_records(&signed, &sk(1), "op-admin-1", SIG_ALG_ED25519_V1));
+        prop_assert!(verify_command(&body, &ring(), Some(NOW)).is_ok());
+    }
+}

@@ -1,0 +1,251 @@
+use super::*;
+use crate::jwk::{b64url_encode, ed25519_public_jwk};
+use serde_json::json;
+
+const NOW: u64 = 1_750_000_000;
+const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
+
+fn claims(v: Value) -> serde_json::Map<String, Value> {
+    v.as_object().unwrap().clone()
+}
+
+fn hs_keys() -> JwkSet {
+    JwkSet::parse(&format!(
+        r#"{{"keys":[{{"kty":"oct","kid":"hs","k":"{}"}}]}}"#,
+        b64url_encode(SECRET)
+    ))
+    .unwrap()
+}
+
+fn sign_raw(header: Value, payload: Value, sign: impl Fn(&[u8]) -> Vec<u8>) -> String {
+    let input = format!(
+        "{}.{}",
+        b64url_encode(header.to_string().as_bytes()),
+        b64url_encode(payload.to_string().as_bytes())
+    );
+    let sig = sign(input.as_bytes());
+    format!("{input}.{}", b64url_encode(&sig))
+}
+
+fn hs256(input: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut m = <Hmac<sha2::Sha256> as hmac::digest::KeyInit>::new_from_slice(key).unwrap();
+    m.update(input);
+    m.finalize().into_bytes().to_vec()
+}
+
+fn good_claims() -> Value {
+    json!({"sub": "alice", "iss": "defi-dashboard", "aud": "defi-users", "exp": NOW + 60, "roles": ["admin"]})
+}
+
+fn policy() -> JwtPolicy {
+    JwtPolicy {
+        issuers: vec!["defi-dashboard".into()],
+        audiences: vec!["defi-users".into()],
+        ..JwtPolicy::default()
+    }
+}
+
+fn code(token: &str, keys: &JwkSet) -> Code {
+    verify_jwt(token, keys, &policy(), NOW).unwrap_err().code
+}
+
+#[test]
+fn hs256_round_trip() {
+    let t = mint_hs256(SECRET, Some("hs"), &claims(good_claims())).unwrap();
+    let v = verify_jwt(&t, &hs_keys(), &policy(), NOW).unwrap();
+    assert_eq!(v.sub.as_deref(), Some("alice"));
+    assert_eq!(v.roles, vec!["admin"]);
+    assert_eq!(v.kid.as_deref(), Some("hs"));
+    assert_eq!(v.exp, Some(NOW + 60));
+}
+
+#[test]
+fn hs384_and_hs512() {
+    for (alg, tag_len) in [("HS384", 48), ("HS512", 64)] {
+        let t = sign_raw(json!({"alg": alg}), good_claims(), |i| {
+            let s = match alg {
+                "HS384" => {
+                    let mut m = <Hmac<sha2::Sha384> as hmac::digest::KeyInit>::new_from_slice(SECRET).unwrap();
+                    m.update(i);
+                    m.finalize().into_bytes().to_vec()
+                }
+                _ => {
+                    let mut m = <Hmac<sha2::Sha512> as hmac::digest::KeyInit>::new_from_slice(SECRET).unwrap();
+                    m.update(i);
+                    m.finalize().into_bytes().to_vec()
+                }
+            };
+            assert_eq!(s.len(), tag_len);
+            s
+        });
+        assert!(verify_jwt(&t, &hs_keys(), &policy(), NOW).is_ok(), "{alg}");
+    }
+}
+
+#[test]
+fn time_claims() {
+    let mk = |c: Value| mint_hs256(SECRET, None, &claims(c)).unwrap();
+    let mut c = good_claims();
+    c["exp"] = json!(NOW - 31);
+    assert_eq!(code(&mk(c.clone()), &hs_keys()), Code::JwtExpired);
+    c["exp"] = json!(NOW - 29); // inside the 30 s leeway
+    assert!(verify_jwt(&mk(c), &hs_keys(), &policy(), NOW).is_ok());
+    let mut c = good_claims();
+    c.as_object_mut().unwrap().remove("exp");
+    assert_eq!(code(&mk(c.clone()), &hs_keys()), Code::JwtMissingExp);
+    let lax = JwtPolicy { require_exp: false, ..policy() };
+    assert!(verify_jwt(&mk(c), &hs_keys(), &lax, NOW).is_ok());
+    let mut c = good_claims();
+    c["nbf"] = json!(NOW + 31);
+    assert_eq!(code(&mk(c), &hs_keys()), Code::JwtNotYetValid);
+    let mut c = good_claims();
+    c["exp"] = json!("tomorrow");
+    assert_eq!(code(&mk(c), &hs_keys()), Code::JwtClaims);
+    let mut c = good_claims();
+    c["exp"] = json!((NOW + 60) as f64 + 0.5);
+    assert!(verify_jwt(&mk(c), &hs_keys(), &policy(), NOW).is_ok());
+}
+
+#[test]
+fn issuer_and_audience() {
+    let mk = |c: Value| mint_hs256(SECRET, None, &claims(c)).unwrap();
+    let mut c = good_claims();
+    c["iss"] = json!("evil");
+    assert_eq!(code(&mk(c), &hs_keys()), Code::JwtIssuer);
+    let mut c = good_claims();
+    c.as_object_mut().unwrap().remove("iss");
+    assert_eq!(code(&mk(c), &hs_keys()), Code::JwtIssuer);
+    let mut c = good_claims();
+    c["aud"] = json!(["other", "defi-users"]);
+    assert!(verify_jwt(&mk(c), &hs_keys(), &policy(), NOW).is_ok());
+    let mut c = good_claims();
+    c["aud"] = json!(["other"]);
+    assert_eq!(code(&mk(c), &hs_keys()), Code::JwtAudience);
+}
+
+#[test]
+fn roles_claim_shapes() {
+    let mk = |c: Value| mint_hs256(SECRET, None, &claims(c)).unwrap();
+    let mut c = good_claims();
+    c["roles"] = json!("viewer operator,admin");
+    let v = verify_jwt(&mk(c), &hs_keys(), &policy(), NOW).unwrap();
+    assert_eq!(v.roles, vec!["viewer", "operator", "admin"]);
+    let mut c = good_claims();
+    c["realm_access"] = json!({"roles": ["viewer"]});
+    let p = JwtPolicy { roles_claim: "realm_access.roles".into(), ..policy() };
+    assert_eq!(verify_jwt(&mk(c), &hs_keys(), &p, NOW).unwrap().roles, vec!["viewer"]);
+    let mut c = good_claims();
+    c["roles"] = json!(7);
+    assert_eq!(code(&mk(c), &hs_keys()), Code::JwtClaims);
+    let mut c = good_claims();
+    c["roles"] = json!(["admin", 1]);
+    assert_eq!(code(&mk(c), &hs_keys()), Code::JwtClaims);
+}
+
+#[test]
+fn refuses_none_unknown_and_confused_algorithms() {
+    let none = format!(
+        "{}.{}.",
+        b64url_encode(br#"{"alg":"none"}"#),
+        b64url_encode(good_claims().to_string().as_bytes())
+    );
+    assert_eq!(code(&none, &hs_keys()), Code::JwtAlg);
+    let t = sign_raw(json!({"alg": "hs256"}), good_claims(), |i| hs256(i, SECRET));
+    assert_eq!(code(&t, &hs_keys()), Code::JwtAlg, "alg is case-sensitive");
+    let t = sign_raw(json!({"alg": "RS256"}), good_claims(), |i| hs256(i, SECRET));
+    assert_eq!(code(&t, &hs_keys()), Code::JwtAlg);
+    let t = sign_raw(json!({"typ": "JWT"}), good_claims(), |i| hs256(i, SECRET));
+    assert_eq!(code(&t, &hs_keys()), Code::JwtAlg);
+
+    // Classic confusion: HS256 keyed with the public Ed25519 key bytes.
+    let ed = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let pubkey = *ed.verifying_key().as_bytes();
+    let okp = JwkSet::parse(&format!(r#"{{"keys":[{}]}}"#, ed25519_public_jwk("ed", &ed.verifying_key()))).unwrap();
+    let t = sign_raw(json!({"alg": "HS256", "kid": "ed"}), good_claims(), |i| hs256(i, &pubkey));
+    assert_eq!(code(&t, &okp), Code::JwtAlg);
+    let t = sign_raw(json!({"alg": "HS256"}), good_claims(), |i| hs256(i, &pubkey));
+    assert_eq!(code(&t, &okp), Code::JwtUnknownKey);
+
+    // An algorithm the policy does not allow.
+    let only_ed = JwtPolicy { algorithms: vec![JwsAlg::EdDSA], ..policy() };
+    let t = mint_hs256(SECRET, None, &claims(good_claims())).unwrap();
+    assert_eq!(verify_jwt(&t, &hs_keys(), &only_ed, NOW).unwrap_err().code, Code::JwtAlg);
+
+    // A JWK pinned to another algorithm.
+    let pinned = JwkSet::parse(&format!(
+        r#"{{"keys":[{{"kty":"oct","alg":"HS512","k":"{}"}}]}}"#,
+        b64url_encode(SECRET)
+    ))
+    .unwrap();
+    assert_eq!(code(&t, &pinned), Code::JwtUnknownKey);
+}
+
+#[test]
+fn es256_and_eddsa() {
+    use p256::ecdsa::signature::Signer;
+    let es = p256::ecdsa::SigningKey::from_slice(&[5u8; 32]).unwrap();
+    let point = es.verifying_key().to_encoded_point(false);
+    let ed = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let keys = JwkSet::parse(&format!(
+        r#"{{"keys":[{{"kty":"EC","crv":"P-256","kid":"es","x":"{}","y":"{}"}},{}]}}"#,
+        b64url_encode(point.x().unwrap()),
+        b64url_encode(point.y().unwrap()),
+        ed25519_public_jwk("ed", &ed.verifying_key())
+    ))
+    .unwrap();
+    let t = sign_raw(json!({"alg": "ES256", "kid": "es"}), good_claims(), |i| {
+        let s: p256::ecdsa::Signature = es.sign(i);
+        s.to_bytes().to_vec()
+    });
+    assert_eq!(verify_jwt(&t, &keys, &policy(), NOW).unwrap().kid.as_deref(), Some("es"));
+    let t = sign_raw(json!({"alg": "EdDSA"}), good_claims(), |i| {
+        ed25519_dalek::Signer::sign(&ed, i).to_bytes().to_vec()
+    });
+    assert_eq!(verify_jwt(&t, &keys, &policy(), NOW).unwrap().kid.as_deref(), Some("ed"));
+    // EdDSA header naming the EC key.
+    let t = sign_raw(json!({"alg": "EdDSA", "kid": "es"}), good_claims(), |i| {
+        ed25519_dalek::Signer::sign(&ed, i).to_bytes().to_vec()
+    });
+    assert_eq!(code(&t, &keys), Code::JwtAlg);
+    // Unknown kid.
+    let t = sign_raw(json!({"alg": "EdDSA", "kid": "zz"}), good_claims(), |i| {
+        ed25519_dalek::Signer::sign(&ed, i).to_bytes().to_vec()
+    });
+    assert_eq!(code(&t, &keys), Code::JwtUnknownKey);
+    // DER-encoded ECDSA is not JWS.
+    let t = sign_raw(json!({"alg": "ES256"}), good_claims(), |i| {
+        let s: p256::ecdsa::Signature = es.sign(i);
+        s.to_der().as_bytes().to_vec()
+    });
+    assert_eq!(code(&t, &keys), Code::JwtSignature);
+}
+
+#[test]
+fn malformed_and_tampered_tokens() {
+    let t = mint_hs256(SECRET, None, &claims(good_claims())).unwrap();
+    let k = hs_keys();
+    assert_eq!(code("abc", &k), Code::JwtMalformed);
+    assert_eq!(code("a.b.c.d", &k), Code::JwtMalformed);
+    assert_eq!(code(&format!("{t}="), &k), Code::JwtMalformed);
+    assert_eq!(code("!!.e30.", &k), Code::JwtMalformed);
+    let (head, rest) = t.split_once('.').unwrap();
+    let (_, sig) = rest.split_once('.').unwrap();
+    let mut c = good_claims();
+    c["roles"] = json!(["admin", "root"]);
+    let forged = format!("{head}.{}.{sig}", b64url_encode(c.to_string().as_bytes()));
+    assert_eq!(code(&forged, &k), Code::JwtSignature);
+    let crit = sign_raw(json!({"alg": "HS256", "crit": ["b64"], "b64": false}), good_claims(), |i| hs256(i, SECRET));
+    assert_eq!(code(&crit, &k), Code::JwtMalformed);
+    let big = "a".repeat(DEFAULT_MAX_TOKEN_BYTES + 1);
+    assert_eq!(code(&big, &k), Code::JwtTooLarge);
+    let wrong_secret = sign_raw(json!({"alg": "HS256"}), good_claims(), |i| hs256(i, b"another-secret-another-secret-xx"));
+    assert_eq!(code(&wrong_secret, &k), Code::JwtSignature);
+    assert!(mint_hs256(b"short", None, &claims(good_claims())).is_err());
+}
+
+proptest::proptest! {
+    #[test]
+    fn arbitrary_tokens_never_panic(s in "[A-Za-z0-9_.\\-]{0,300}") {
+        let _ = verify_jwt(&s, &hs_keys(), &policy(), NOW);
+    }
+}

@@ -1,0 +1,333 @@
+//! The command key ring: `pubkey_id` → Ed25519 public key, with a validity window
+//! and the issuers, modules and actions the key may sign for.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::code::{Code, Reject};
+use crate::jwk::{ed25519_from_hex, Jwk, JwkJson, KeyError, KeyMaterial};
+use crate::names::{Action, Module};
+
+/// One key as written in configuration. Scope lists that are absent allow anything;
+/// a present list (even empty) allows only what it names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// The `pubkey_id` commands name.
+    pub id: String,
+    /// The public key as 64 hex characters (or give `jwk`).
+    #[serde(default)]
+    pub public_key_hex: Option<String>,
+    /// The public key as a JWK `OKP`/`Ed25519` (or give `public_key_hex`).
+    #[serde(default)]
+    pub jwk: Option<JwkJson>,
+    /// Unix seconds before which the key is not valid.
+    #[serde(default)]
+    pub not_before: Option<u64>,
+    /// Unix seconds after which the key is not valid.
+    #[serde(default)]
+    pub not_after: Option<u64>,
+    /// Issuers this key may sign for.
+    #[serde(default)]
+    pub issuers: Option<Vec<String>>,
+    /// Modules (`arbitrage`, `mev`) this key may command.
+    #[serde(default)]
+    pub modules: Option<Vec<String>>,
+    /// Actions (`start`, `stop`, `restart`, `throttle`, `policy`, `kill`) this key may sign.
+    #[serde(default)]
+    pub actions: Option<Vec<String>>,
+}
+
+/// The key ring as written in configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRingConfig {
+    /// The keys.
+    pub keys: Vec<KeyConfig>,
+}
+
+/// Why a key ring configuration cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyRingError {
+    /// A key's material is invalid.
+    #[error("key `{id}`: {source}")]
+    Key {
+        /// The key id.
+        id: String,
+        /// What is wrong.
+        source: KeyError,
+    },
+    /// A key gives both or neither of `public_key_hex` and `jwk`, or a JWK that is not Ed25519.
+    #[error("key `{0}`: give exactly one Ed25519 public key (`public_key_hex` or an OKP `jwk`)")]
+    KeySource(String),
+    /// Two keys share an id.
+    #[error("duplicate key id `{0}`")]
+    Duplicate(String),
+    /// An empty key id.
+    #[error("a key has an empty id")]
+    EmptyId,
+    /// A scope names an unknown module or action.
+    #[error("key `{0}`: unknown {1} `{2}`")]
+    UnknownName(String, &'static str, String),
+    /// `not_before` after `not_after`.
+    #[error("key `{0}`: not_before is after not_after")]
+    Window(String),
+    /// The JSON does not parse.
+    #[error("key ring JSON: {0}")]
+    Json(String),
+}
+
+/// A validated Ed25519 command key.
+#[derive(Debug, Clone)]
+pub struct CommandKey {
+    /// The `pubkey_id`.
+    pub id: String,
+    /// The public key.
+    pub key: ed25519_dalek::VerifyingKey,
+    not_before: Option<u64>,
+    not_after: Option<u64>,
+    issuers: Option<Vec<String>>,
+    modules: Option<Vec<Module>>,
+    actions: Option<Vec<Action>>,
+}
+
+impl CommandKey {
+    /// A key with no validity window and no scope limits.
+    pub fn unrestricted(id: impl Into<String>, key: ed25519_dalek::VerifyingKey) -> Self {
+        CommandKey {
+            id: id.into(),
+            key,
+            not_before: None,
+            not_after: None,
+            issuers: None,
+            modules: None,
+            actions: None,
+        }
+    }
+
+    fn from_config(c: &KeyConfig) -> Result<Self, KeyRingError> {
+        if c.id.is_empty() {
+            return Err(KeyRingError::EmptyId);
+        }
+        let key_err = |source| KeyRingError::Key {
+            id: c.id.clone(),
+            source,
+        };
+        let key = match (&c.public_key_hex, &c.jwk) {
+            (Some(h), None) => ed25519_from_hex(h).map_err(key_err)?,
+            (None, Some(j)) => match Jwk::from_json(j).map_err(key_err)?.key {
+                KeyMaterial::Ed25519(k) => k,
+                _ => return Err(KeyRingError::KeySource(c.id.clone())),
+            },
+            _ => return Err(KeyRingError::KeySource(c.id.clone())),
+        };
+        if let (Some(a), Some(b)) = (c.not_before, c.not_after) {
+            if a > b {
+                return Err(KeyRingError::Window(c.id.clone()));
+            }
+        }
+        let modules = c
+            .modules
+            .as_ref()
+            .map(|v| {
+                v.iter()
+                    .map(|m| {
+                        Module::parse(m)
+                            .ok_or_else(|| KeyRingError::UnknownName(c.id.clone(), "module", m.clone()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        let actions = c
+            .actions
+            .as_ref()
+            .map(|v| {
+                v.iter()
+                    .map(|a| {
+                        Action::parse(a)
+                            .ok_or_else(|| KeyRingError::UnknownName(c.id.clone(), "action", a.clone()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        Ok(CommandKey {
+            id: c.id.clone(),
+            key,
+            not_before: c.not_before,
+            not_after: c.not_after,
+            issuers: c.issuers.clone(),
+            modules,
+            actions,
+        })
+    }
+
+    /// Checks the validity window at `now` (unix seconds).
+    pub fn check_validity(&self, now: u64) -> Result<(), Reject> {
+        if self.not_before.is_some_and(|nb| now < nb) {
+            return Err(Reject::with(
+                Code::KeyNotYetValid,
+                format!("key `{}` is not valid yet", self.id),
+            ));
+        }
+        if self.not_after.is_some_and(|na| now > na) {
+            return Err(Reject::with(
+                Code::KeyExpired,
+                format!("key `{}` has expired", self.id),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that the key may sign `action` on `module` for `issuer`.
+    pub fn check_scope(&self, issuer: &str, module: Module, action: Action) -> Result<(), Reject> {
+        if let Some(list) = &self.issuers {
+            if !list.iter().any(|i| i == issuer) {
+                return Err(Reject::with(
+                    Code::KeyScope,
+                    format!("key `{}` may not sign for issuer `{issuer}`", self.id),
+                ));
+            }
+        }
+        if self.modules.as_ref().is_some_and(|m| !m.contains(&module)) {
+            return Err(Reject::with(
+                Code::KeyScope,
+                format!("key `{}` may not command module `{}`", self.id, module.as_str()),
+            ));
+        }
+        if self.actions.as_ref().is_some_and(|a| !a.contains(&action)) {
+            return Err(Reject::with(
+                Code::KeyScope,
+                format!("key `{}` may not sign action `{}`", self.id, action.as_str()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// All command keys, by `pubkey_id`.
+#[derive(Debug, Clone, Default)]
+pub struct KeyRing {
+    keys: BTreeMap<String, CommandKey>,
+}
+
+impl KeyRing {
+    /// An empty key ring.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Validates a configuration into a key ring.
+    pub fn from_config(cfg: &KeyRingConfig) -> Result<Self, KeyRingError> {
+        let mut ring = KeyRing::new();
+        for c in &cfg.keys {
+            ring.insert(CommandKey::from_config(c)?)?;
+        }
+        Ok(ring)
+    }
+
+    /// Parses and validates a JSON configuration.
+    pub fn from_json(json: &str) -> Result<Self, KeyRingError> {
+        let cfg: KeyRingConfig =
+            serde_json::from_str(json).map_err(|e| KeyRingError::Json(e.to_string()))?;
+        Self::from_config(&cfg)
+    }
+
+    /// Adds a key; ids must be unique.
+    pub fn insert(&mut self, key: CommandKey) -> Result<(), KeyRingError> {
+        if key.id.is_empty() {
+            return Err(KeyRingError::EmptyId);
+        }
+        if self.keys.contains_key(&key.id) {
+            return Err(KeyRingError::Duplicate(key.id));
+        }
+        self.keys.insert(key.id.clone(), key);
+        Ok(())
+    }
+
+    /// Looks up a key by `pubkey_id`.
+    pub fn get(&self, id: &str) -> Option<&CommandKey> {
+        self.keys.get(id)
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether the ring holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pk_hex(seed: u8) -> String {
+        hex::encode(
+            ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+                .verifying_key()
+                .as_bytes(),
+        )
+    }
+
+    #[test]
+    fn parses_scopes_and_windows() {
+        let json = format!(
+            r#"{{"keys":[{{"id":"op-admin-1","public_key_hex":"{}","not_before":100,"not_after":200,
+                "issuers":["dashboard"],"modules":["mev"],"actions":["throttle","policy"]}}]}}"#,
+            pk_hex(1)
+        );
+        let ring = KeyRing::from_json(&json).unwrap();
+        let k = ring.get("op-admin-1").unwrap();
+        assert_eq!(k.check_validity(99).unwrap_err().code, Code::KeyNotYetValid);
+        assert!(k.check_validity(150).is_ok());
+        assert_eq!(k.check_validity(201).unwrap_err().code, Code::KeyExpired);
+        assert!(k.check_scope("dashboard", Module::Mev, Action::Throttle).is_ok());
+        for (i, m, a) in [
+            ("ops", Module::Mev, Action::Throttle),
+            ("dashboard", Module::Arbitrage, Action::Throttle),
+            ("dashboard", Module::Mev, Action::Kill),
+        ] {
+            assert_eq!(k.check_scope(i, m, a).unwrap_err().code, Code::KeyScope);
+        }
+    }
+
+    #[test]
+    fn jwk_keys_are_accepted() {
+        let vk = ed25519_dalek::SigningKey::from_bytes(&[3; 32]).verifying_key();
+        let jwk = crate::jwk::ed25519_public_jwk("k", &vk);
+        let json = format!(r#"{{"keys":[{{"id":"k","jwk":{jwk}}}]}}"#);
+        let ring = KeyRing::from_json(&json).unwrap();
+        assert_eq!(ring.get("k").unwrap().key, vk);
+    }
+
+    #[test]
+    fn config_errors_are_clear() {
+        let pk = pk_hex(2);
+        let cases = [
+            (format!(r#"{{"keys":[{{"id":"a"}}]}}"#), "exactly one"),
+            (
+                format!(r#"{{"keys":[{{"id":"a","public_key_hex":"{pk}"}},{{"id":"a","public_key_hex":"{pk}"}}]}}"#),
+                "duplicate",
+            ),
+            (format!(r#"{{"keys":[{{"id":"","public_key_hex":"{pk}"}}]}}"#), "empty id"),
+            (
+                format!(r#"{{"keys":[{{"id":"a","public_key_hex":"{pk}","modules":["hft"]}}]}}"#),
+                "unknown module `hft`",
+            ),
+            (
+                format!(r#"{{"keys":[{{"id":"a","public_key_hex":"{pk}","not_before":5,"not_after":4}}]}}"#),
+                "not_before",
+            ),
+            (format!(r#"{{"keys":[{{"id":"a","public_key_hex":"abcd"}}]}}"#), "32 bytes"),
+            (format!(r#"{{"keys":[{{"id":"a","public_key_hex":"{pk}","extra":1}}]}}"#), "unknown field"),
+        ];
+        for (json, want) in cases {
+            let err = KeyRing::from_json(&json).unwrap_err().to_string();
+            assert!(err.contains(want), "{err} should mention {want}");
+        }
+    }
+}

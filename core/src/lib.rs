@@ -1,0 +1,24 @@
+//! Every validity rule of the edge gateway, written once, in pure Rust with no I/O.
+//!
+//! The proxy-wasm filter (`wasm32-wasip1`), the sidecar and `gwctl` are thin shells
+//! over this crate: the command signing payload ([`command`]), the key ring
+//! ([`keyring`]), freshness ([`freshness`]), the replay window ([`replay`]), JWT
+//! verification ([`jwt`]) and the stable rejection codes ([`code`]).
+
+pub mod code;
+pub mod command;
+pub mod freshness;
+pub mod jwk;
+pub mod jwt;
+pub mod keyring;
+pub mod names;
+pub mod replay;
+pub mod roles;
+pub mod wire;
+
+pub use code::{Code, Reject};
+pub use command::{sign_command, signing_payload, verify_command, ControlPolicy, VerifiedCommand};
+pub use gw_proto::control::Command;
+pub use keyring::KeyRing;
+pub use names::{Action, Module};
+pub use replay::ReplayGuard;

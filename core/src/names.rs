@@ -1,0 +1,160 @@
+//! Modules and actions: the proto enum numbers and the lowercase names used in
+//! routes (`/api/control/module/{name}:{action}`), key scopes and the CLI.
+
+use gw_proto::control::command;
+
+/// A trading module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Module {
+    /// `ARBITRAGE = 0`.
+    Arbitrage,
+    /// `MEV = 1`.
+    Mev,
+}
+
+/// A control action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    /// `START = 0`.
+    Start,
+    /// `STOP = 1`.
+    Stop,
+    /// `RESTART = 2`.
+    Restart,
+    /// `THROTTLE = 3`.
+    Throttle,
+    /// `POLICY = 4`.
+    Policy,
+    /// `KILL = 5`.
+    Kill,
+}
+
+impl Module {
+    /// Every module.
+    pub const ALL: [Module; 2] = [Module::Arbitrage, Module::Mev];
+
+    /// Lowercase route name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Module::Arbitrage => "arbitrage",
+            Module::Mev => "mev",
+        }
+    }
+
+    /// Parses a lowercase route name.
+    pub fn parse(s: &str) -> Option<Module> {
+        Module::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+
+    /// From the proto enum number; `None` for values this build does not know.
+    pub fn from_proto(v: i32) -> Option<Module> {
+        match command::Module::try_from(v).ok()? {
+            command::Module::Arbitrage => Some(Module::Arbitrage),
+            command::Module::Mev => Some(Module::Mev),
+        }
+    }
+
+    /// The proto enum value.
+    pub fn to_proto(self) -> command::Module {
+        match self {
+            Module::Arbitrage => command::Module::Arbitrage,
+            Module::Mev => command::Module::Mev,
+        }
+    }
+}
+
+impl Action {
+    /// Every action.
+    pub const ALL: [Action; 6] = [
+        Action::Start,
+        Action::Stop,
+        Action::Restart,
+        Action::Throttle,
+        Action::Policy,
+        Action::Kill,
+    ];
+
+    /// Lowercase route name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Stop => "stop",
+            Action::Restart => "restart",
+            Action::Throttle => "throttle",
+            Action::Policy => "policy",
+            Action::Kill => "kill",
+        }
+    }
+
+    /// Parses a lowercase route name.
+    pub fn parse(s: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+
+    /// From the proto enum number; `None` for values this build does not know.
+    pub fn from_proto(v: i32) -> Option<Action> {
+        Some(match command::Action::try_from(v).ok()? {
+            command::Action::Start => Action::Start,
+            command::Action::Stop => Action::Stop,
+            command::Action::Restart => Action::Restart,
+            command::Action::Throttle => Action::Throttle,
+            command::Action::Policy => Action::Policy,
+            command::Action::Kill => Action::Kill,
+        })
+    }
+
+    /// The proto enum value.
+    pub fn to_proto(self) -> command::Action {
+        match self {
+            Action::Start => command::Action::Start,
+            Action::Stop => command::Action::Stop,
+            Action::Restart => command::Action::Restart,
+            Action::Throttle => command::Action::Throttle,
+            Action::Policy => command::Action::Policy,
+            Action::Kill => command::Action::Kill,
+        }
+    }
+}
+
+/// Parses a control route path `/api/control/module/{name}:{action}` into its
+/// module and action; `None` when the path is not of that shape or names unknown ones.
+pub fn parse_module_route(path: &str) -> Option<(Module, Action)> {
+    let path = path.split(['?', '#']).next()?;
+    let rest = path.strip_prefix("/api/control/module/")?;
+    let (m, a) = rest.split_once(':')?;
+    Some((Module::parse(m)?, Action::parse(a)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proto_numbers_are_the_wire_contract() {
+        for (i, m) in Module::ALL.iter().enumerate() {
+            assert_eq!(m.to_proto() as i32, i as i32);
+            assert_eq!(Module::from_proto(i as i32), Some(*m));
+        }
+        for (i, a) in Action::ALL.iter().enumerate() {
+            assert_eq!(a.to_proto() as i32, i as i32);
+            assert_eq!(Action::from_proto(i as i32), Some(*a));
+        }
+        assert_eq!(Module::from_proto(2), None);
+        assert_eq!(Action::from_proto(-1), None);
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(
+            parse_module_route("/api/control/module/mev:throttle"),
+            Some((Module::Mev, Action::Throttle))
+        );
+        assert_eq!(
+            parse_module_route("/api/control/module/arbitrage:kill?x=1"),
+            Some((Module::Arbitrage, Action::Kill))
+        );
+        assert_eq!(parse_module_route("/api/control/module/mev"), None);
+        assert_eq!(parse_module_route("/api/control/module/hft:stop"), None);
+        assert_eq!(parse_module_route("/api/control/commands"), None);
+    }
+}

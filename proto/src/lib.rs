@@ -1,0 +1,10 @@
+//! Protobuf types of the gateway's wire contract (`proto/control.proto`).
+
+/// `package control`: the signed control command.
+pub mod control {
+    include!(concat!(env!("OUT_DIR"), "/control.rs"));
+}
+
+/// The `.proto` source, for tools that need the schema at run time
+/// (e.g. ClickHouse's `format_schema`).
+pub const CONTROL_PROTO: &str = include_str!("../control.proto");
