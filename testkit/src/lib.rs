@@ -1,0 +1,188 @@
+//! Helpers for integration tests that run real components (Python reference
+//! implementations, Envoy, ...): where things are, free ports, and child processes
+//! that are always stopped, even when a test panics.
+
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root (the directory holding the top-level `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testkit lives one level below the root")
+        .to_path_buf()
+}
+
+/// The project's cache directory (`$GW_CACHE`, default `~/.cache/edge-gw`).
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("GW_CACHE") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"));
+    base.join("edge-gw")
+}
+
+/// A program inside the cached test venv (`$GW_VENV/bin/NAME`). Panics with the
+/// set-up command when the venv is missing: tests never silently skip.
+pub fn venv_bin(name: &str) -> PathBuf {
+    let venv = std::env::var_os("GW_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("venv"));
+    let p = venv.join("bin").join(name);
+    assert!(
+        p.exists(),
+        "{} not found: run `bash scripts/setup-venv.sh` (or the README's test command) first",
+        p.display()
+    );
+    p
+}
+
+/// The venv's Python interpreter.
+pub fn python() -> PathBuf {
+    venv_bin("python")
+}
+
+/// Runs the venv's Python with `args`, feeding `stdin`; panics with its stderr on failure.
+pub fn run_python(args: &[&str], stdin: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(python())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn python");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("python output");
+    assert!(
+        out.status.success(),
+        "python {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A port that is free for both TCP and UDP on 127.0.0.1 at the time of asking.
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let port = tcp.local_addr().expect("addr").port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for both TCP and UDP");
+}
+
+/// Waits until something accepts TCP connections on `127.0.0.1:port`.
+pub fn wait_tcp(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A child process that is killed (and reaped) when dropped.
+pub struct ProcessGuard {
+    name: String,
+    child: Option<Child>,
+    log: Option<PathBuf>,
+}
+
+impl ProcessGuard {
+    /// Spawns `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> ProcessGuard {
+        let f = std::fs::File::create(log).expect("create log");
+        let f2 = f.try_clone().expect("clone log");
+        let child = cmd
+            .stdout(Stdio::from(f))
+            .stderr(Stdio::from(f2))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        ProcessGuard {
+            name: name.into(),
+            child: Some(child),
+            log: Some(log.to_path_buf()),
+        }
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// The log's contents so far (for assertion messages).
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// Panics with the log if the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                panic!("{} exited with {status}:\n{}", self.name, self.log());
+            }
+        }
+    }
+
+    /// Stops the process now.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A fresh temporary directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `$TMPDIR/gw-<prefix>-<pid>-<n>`.
+    pub fn new(prefix: &str) -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "gw-{prefix}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
