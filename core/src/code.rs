@@ -38,6 +38,8 @@ pub enum Code {
     BadNonce,
     /// The route's module/action differs from the signed command's.
     RouteMismatch,
+    /// `args` are out of range or missing for the action.
+    BadArgs,
     // --- JWT ---
     /// No bearer token.
     JwtMissing,
@@ -69,7 +71,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, for exhaustive tests and metric registration.
-    pub const ALL: [Code; 28] = [
+    pub const ALL: [Code; 29] = [
         Code::TooLarge,
         Code::Malformed,
         Code::BadSchema,
@@ -85,6 +87,7 @@ impl Code {
         Code::Replay,
         Code::BadNonce,
         Code::RouteMismatch,
+        Code::BadArgs,
         Code::JwtMissing,
         Code::JwtMalformed,
         Code::JwtTooLarge,
@@ -118,6 +121,7 @@ impl Code {
             Code::Replay => "replay",
             Code::BadNonce => "bad_nonce",
             Code::RouteMismatch => "route_mismatch",
+            Code::BadArgs => "bad_args",
             Code::JwtMissing => "jwt_missing",
             Code::JwtMalformed => "jwt_malformed",
             Code::JwtTooLarge => "jwt_too_large",
@@ -143,7 +147,7 @@ impl Code {
     pub const fn http_status(self) -> u16 {
         match self {
             Code::TooLarge => 413,
-            Code::Malformed | Code::BadSchema | Code::BadNonce => 400,
+            Code::Malformed | Code::BadSchema | Code::BadNonce | Code::BadArgs => 400,
             Code::KeyScope | Code::RouteMismatch | Code::ForbiddenRole => 403,
             Code::Replay => 409,
             Code::SigAlg

@@ -12,6 +12,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey};
 use gw_proto::control::Command;
 use prost::Message;
 
+use crate::args::CommandArgs;
 use crate::code::{Code, Reject};
 use crate::freshness::check_freshness;
 use crate::keyring::KeyRing;
@@ -165,6 +166,8 @@ pub struct VerifiedCommand {
     pub action: Action,
     /// The exact bytes the signature covers (received order or canonical order).
     pub signed_payload: Vec<u8>,
+    /// The typed, bounds-checked `args`.
+    pub args: CommandArgs,
 }
 
 /// Verifies a received command's signature, key and scope. `now` (unix seconds),
@@ -231,11 +234,13 @@ pub fn verify_command(body: &[u8], keyring: &KeyRing, now: Option<u64>) -> Resul
     if command.nonce == 0 {
         return Err(Reject::new(Code::BadNonce, "nonce must be non-zero"));
     }
+    let args = CommandArgs::parse(action, &command.args)?;
     Ok(VerifiedCommand {
         command,
         module,
         action,
         signed_payload,
+        args,
     })
 }
 

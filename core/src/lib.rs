@@ -5,6 +5,7 @@
 //! ([`keyring`]), freshness ([`freshness`]), the replay window ([`replay`]), JWT
 //! verification ([`jwt`]) and the stable rejection codes ([`code`]).
 
+pub mod args;
 pub mod code;
 pub mod command;
 pub mod freshness;

@@ -21,8 +21,9 @@ fn cmd(args: &[(&str, &str)]) -> Command {
         ts: NOW,
         module: Module::Mev.to_proto() as i32,
         action: Action::Throttle.to_proto() as i32,
-        args: args
-            .iter()
+        // THROTTLE needs throttle_pct; callers may override it.
+        args: std::iter::once(("throttle_pct", "10"))
+            .chain(args.iter().copied())
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<BTreeMap<_, _>>(),
         request_id: "req-1".into(),
@@ -66,7 +67,8 @@ fn round_trip_with_zero_one_and_several_args() {
     ] {
         let body = sign_command(&cmd(&args), &sk(1), "op-admin-1");
         let v = verify_command(&body, &ring(), Some(NOW)).unwrap();
-        assert_eq!(v.command.args.len(), args.len());
+        assert_eq!(v.command.args, cmd(&args).args);
+        assert!(v.args.throttle_pct.is_some());
         assert_eq!(v.module, Module::Mev);
         assert_eq!(v.action, Action::Throttle);
         assert_eq!(v.signed_payload, signing_payload(&cmd(&args)));
@@ -210,6 +212,8 @@ fn semantic_checks_after_the_signature() {
     let mut c = cmd(&[]);
     c.action = 6;
     assert_eq!(code(&c), Code::Malformed);
+    let c = cmd(&[("throttle_pct", "140")]);
+    assert_eq!(code(&c), Code::BadArgs);
 }
 
 #[test]
@@ -279,11 +283,11 @@ proptest! {
 
     #[test]
     fn any_permutation_of_args_verifies(
-        args in proptest::collection::btree_map("[a-z_]{1,8}", "[0-9.,]{0,8}", 0..8),
+        args in proptest::collection::btree_map("x_[a-z_]{1,8}", "[0-9.,]{0,8}", 0..8),
         seed in any::<u64>(),
     ) {
         let mut c = cmd(&[]);
-        c.args = args;
+        c.args.extend(args);
         let signed = signing_payload(&c);
         let recs = wire::records(&signed).unwrap();
         let mut entries: Vec<_> = recs.iter().filter(|r| r.field == 4).collect();

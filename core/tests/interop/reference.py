@@ -58,7 +58,8 @@ def vectors(out_path):
         cmds.append({"name": name, "body_hex": body.hex(), "expect": expect, **extra})
 
     def base(args, nonce):
-        c = pb.Command(ts=now, module=pb.Command.MEV, action=pb.Command.THROTTLE,
+        action = pb.Command.THROTTLE if args else pb.Command.START
+        c = pb.Command(ts=now, module=pb.Command.MEV, action=action,
                        request_id=f"req-{nonce}", issuer="dashboard",
                        schema_version="ctrl-v1", nonce=nonce)
         for k, v in args:  # insertion order, as the original API fills args
