@@ -35,7 +35,12 @@ fn finite(key: &str, s: &str) -> Result<f64, Reject> {
         .parse::<f64>()
         .ok()
         .filter(|f| f.is_finite())
-        .ok_or_else(|| bad(format!("`{key}` must be a finite number, got `{}`", s.escape_debug())))
+        .ok_or_else(|| {
+            bad(format!(
+                "`{key}` must be a finite number, got `{}`",
+                s.escape_debug()
+            ))
+        })
 }
 
 impl CommandArgs {
@@ -58,7 +63,12 @@ impl CommandArgs {
                 .parse::<u8>()
                 .ok()
                 .filter(|p| *p <= 100)
-                .ok_or_else(|| bad(format!("`throttle_pct` must be an integer 0..=100, got `{}`", v.escape_debug())))?;
+                .ok_or_else(|| {
+                    bad(format!(
+                        "`throttle_pct` must be an integer 0..=100, got `{}`",
+                        v.escape_debug()
+                    ))
+                })?;
             out.throttle_pct = Some(pct);
         }
         if let Some(v) = args.get("ev_min") {
@@ -93,14 +103,20 @@ mod tests {
     use super::*;
 
     fn m(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn parses_the_original_api_forms() {
         let a = CommandArgs::parse(
             Action::Policy,
-            &m(&[("ev_min", "0.25"), ("tip_ladder", "0.1,0.2,0.35"), ("future_knob", "x")]),
+            &m(&[
+                ("ev_min", "0.25"),
+                ("tip_ladder", "0.1,0.2,0.35"),
+                ("future_knob", "x"),
+            ]),
         )
         .unwrap();
         assert_eq!(a.ev_min, Some(0.25));
@@ -122,14 +138,22 @@ mod tests {
             (Action::Policy, m(&[("ev_min", "inf")])),
             (Action::Policy, m(&[("tip_ladder", "0.1,,0.2")])),
             (Action::Policy, m(&[("tip_ladder", "0.1,-0.2")])),
-            (Action::Policy, m(&[("tip_ladder", &vec!["1"; 17].join(","))])),
+            (
+                Action::Policy,
+                m(&[("tip_ladder", &vec!["1"; 17].join(","))]),
+            ),
             (Action::Start, m(&[("", "x")])),
             (Action::Start, m(&[("k", &"v".repeat(MAX_ARG_VALUE + 1))])),
         ] {
             let e = CommandArgs::parse(action, &args).unwrap_err();
             assert_eq!(e.code, Code::BadArgs, "{args:?}");
         }
-        let many: BTreeMap<_, _> = (0..=MAX_ARGS).map(|i| (format!("k{i}"), "v".to_string())).collect();
-        assert_eq!(CommandArgs::parse(Action::Start, &many).unwrap_err().code, Code::BadArgs);
+        let many: BTreeMap<_, _> = (0..=MAX_ARGS)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        assert_eq!(
+            CommandArgs::parse(Action::Start, &many).unwrap_err().code,
+            Code::BadArgs
+        );
     }
 }

@@ -103,7 +103,10 @@ pub fn split_signed(body: &[u8]) -> Result<SignedParts<'_>, Reject> {
         let known = KNOWN_WIRE_TYPES.get(r.field as usize).copied().flatten();
         if let Some(wt) = known {
             if wt != r.wire_type {
-                return Err(malformed(format!("field {} has the wrong wire type", r.field)));
+                return Err(malformed(format!(
+                    "field {} has the wrong wire type",
+                    r.field
+                )));
             }
             // Only `args` repeats; a repeated singular field is ambiguous.
             if r.field != FIELD_ARGS {
@@ -173,7 +176,11 @@ pub struct VerifiedCommand {
 /// Verifies a received command's signature, key and scope. `now` (unix seconds),
 /// when given, checks the key's validity window; freshness and replay are separate
 /// ([`ControlPolicy::admit`] does all of it).
-pub fn verify_command(body: &[u8], keyring: &KeyRing, now: Option<u64>) -> Result<VerifiedCommand, Reject> {
+pub fn verify_command(
+    body: &[u8],
+    keyring: &KeyRing,
+    now: Option<u64>,
+) -> Result<VerifiedCommand, Reject> {
     let parts = split_signed(body)?;
     // Decode for typed access; the wire checks above make this agree with the records.
     let command = Command::decode(body).map_err(|e| malformed(format!("decode: {e}")))?;
@@ -287,7 +294,11 @@ impl ControlPolicy {
         if body.len() > self.max_body {
             return Err(Reject::with(
                 Code::TooLarge,
-                format!("command is {} bytes; the limit is {}", body.len(), self.max_body),
+                format!(
+                    "command is {} bytes; the limit is {}",
+                    body.len(),
+                    self.max_body
+                ),
             ));
         }
         let v = verify_command(body, &self.keyring, Some(now))?;

@@ -37,10 +37,22 @@ mod tests {
         assert!(check_freshness(1000, 1000, 30).is_ok());
         assert!(check_freshness(970, 1000, 30).is_ok());
         assert!(check_freshness(1030, 1000, 30).is_ok());
-        assert_eq!(check_freshness(969, 1000, 30).unwrap_err().code, Code::Stale);
-        assert_eq!(check_freshness(1031, 1000, 30).unwrap_err().code, Code::Future);
-        assert_eq!(check_freshness(0, u64::MAX, 30).unwrap_err().code, Code::Stale);
-        assert_eq!(check_freshness(u64::MAX, 0, 30).unwrap_err().code, Code::Future);
+        assert_eq!(
+            check_freshness(969, 1000, 30).unwrap_err().code,
+            Code::Stale
+        );
+        assert_eq!(
+            check_freshness(1031, 1000, 30).unwrap_err().code,
+            Code::Future
+        );
+        assert_eq!(
+            check_freshness(0, u64::MAX, 30).unwrap_err().code,
+            Code::Stale
+        );
+        assert_eq!(
+            check_freshness(u64::MAX, 0, 30).unwrap_err().code,
+            Code::Future
+        );
         assert!(check_freshness(u64::MAX, u64::MAX, u64::MAX).is_ok());
     }
 }

@@ -272,12 +272,13 @@ mod tests {
         let json = ed25519_public_jwk("k1", &sk.verifying_key());
         let jwk = Jwk::parse(&json).unwrap();
         assert_eq!(jwk.kid.as_deref(), Some("k1"));
-        assert!(
-            matches!(jwk.key, KeyMaterial::Ed25519(vk) if vk == sk.verifying_key())
-        );
+        assert!(matches!(jwk.key, KeyMaterial::Ed25519(vk) if vk == sk.verifying_key()));
         let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
         v["d"] = "AAAA".into();
-        assert_eq!(Jwk::parse(&v.to_string()).unwrap_err(), KeyError::PrivateMaterial);
+        assert_eq!(
+            Jwk::parse(&v.to_string()).unwrap_err(),
+            KeyError::PrivateMaterial
+        );
     }
 
     #[test]
@@ -286,8 +287,14 @@ mod tests {
         let mut id = [0u8; 32];
         id[0] = 1;
         assert!(matches!(ed25519_from_bytes(&id), Err(KeyError::Invalid(_))));
-        assert!(matches!(ed25519_from_bytes(&[1u8; 31]), Err(KeyError::Invalid(_))));
-        assert_eq!(ed25519_from_hex("zz").unwrap_err(), KeyError::Encoding("hex"));
+        assert!(matches!(
+            ed25519_from_bytes(&[1u8; 31]),
+            Err(KeyError::Invalid(_))
+        ));
+        assert_eq!(
+            ed25519_from_hex("zz").unwrap_err(),
+            KeyError::Encoding("hex")
+        );
     }
 
     #[test]

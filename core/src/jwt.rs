@@ -58,8 +58,10 @@ impl JwsAlg {
     fn fits(self, key: &KeyMaterial) -> bool {
         matches!(
             (self, key),
-            (JwsAlg::HS256 | JwsAlg::HS384 | JwsAlg::HS512, KeyMaterial::Oct(_))
-                | (JwsAlg::ES256, KeyMaterial::P256(_))
+            (
+                JwsAlg::HS256 | JwsAlg::HS384 | JwsAlg::HS512,
+                KeyMaterial::Oct(_)
+            ) | (JwsAlg::ES256, KeyMaterial::P256(_))
                 | (JwsAlg::EdDSA, KeyMaterial::Ed25519(_))
         )
     }
@@ -159,7 +161,10 @@ fn verify_signature(alg: JwsAlg, key: &KeyMaterial, input: &[u8], sig: &[u8]) ->
 }
 
 /// Reads a NumericDate claim; `None` when absent.
-fn numeric_date(claims: &serde_json::Map<String, Value>, name: &'static str) -> Result<Option<u64>, Reject> {
+fn numeric_date(
+    claims: &serde_json::Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<u64>, Reject> {
     match claims.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => {
@@ -169,18 +174,30 @@ fn numeric_date(claims: &serde_json::Map<String, Value>, name: &'static str) -> 
                 // Fractional seconds are allowed by RFC 7519; truncate.
                 Ok(Some(f as u64))
             } else {
-                Err(Reject::with(Code::JwtClaims, format!("`{name}` is not a valid NumericDate")))
+                Err(Reject::with(
+                    Code::JwtClaims,
+                    format!("`{name}` is not a valid NumericDate"),
+                ))
             }
         }
-        Some(_) => Err(Reject::with(Code::JwtClaims, format!("`{name}` is not a number"))),
+        Some(_) => Err(Reject::with(
+            Code::JwtClaims,
+            format!("`{name}` is not a number"),
+        )),
     }
 }
 
-fn opt_string(claims: &serde_json::Map<String, Value>, name: &'static str) -> Result<Option<String>, Reject> {
+fn opt_string(
+    claims: &serde_json::Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<String>, Reject> {
     match claims.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(Reject::with(Code::JwtClaims, format!("`{name}` is not a string"))),
+        Some(_) => Err(Reject::with(
+            Code::JwtClaims,
+            format!("`{name}` is not a string"),
+        )),
     }
 }
 
@@ -205,28 +222,48 @@ fn roles_from(claims: &serde_json::Map<String, Value>, path: &str) -> Result<Vec
                     .ok_or_else(|| err(Code::JwtClaims, "roles array holds a non-string"))
             })
             .collect(),
-        Some(_) => Err(err(Code::JwtClaims, "roles claim is neither a string nor an array")),
+        Some(_) => Err(err(
+            Code::JwtClaims,
+            "roles claim is neither a string nor an array",
+        )),
     }
 }
 
 /// Verifies a compact JWS token against `keys` and `policy` at `now` (unix seconds).
-pub fn verify_jwt(token: &str, keys: &JwkSet, policy: &JwtPolicy, now: u64) -> Result<VerifiedJwt, Reject> {
+pub fn verify_jwt(
+    token: &str,
+    keys: &JwkSet,
+    policy: &JwtPolicy,
+    now: u64,
+) -> Result<VerifiedJwt, Reject> {
     if token.len() > policy.max_token_bytes {
         return Err(Reject::with(
             Code::JwtTooLarge,
-            format!("token is {} bytes; the limit is {}", token.len(), policy.max_token_bytes),
+            format!(
+                "token is {} bytes; the limit is {}",
+                token.len(),
+                policy.max_token_bytes
+            ),
         ));
     }
     let mut segs = token.split('.');
-    let (Some(h64), Some(p64), Some(s64), None) = (segs.next(), segs.next(), segs.next(), segs.next())
+    let (Some(h64), Some(p64), Some(s64), None) =
+        (segs.next(), segs.next(), segs.next(), segs.next())
     else {
-        return Err(err(Code::JwtMalformed, "a JWS compact token has three segments"));
+        return Err(err(
+            Code::JwtMalformed,
+            "a JWS compact token has three segments",
+        ));
     };
-    let header_bytes = b64url_decode_strict(h64).map_err(|_| err(Code::JwtMalformed, "header is not base64url"))?;
+    let header_bytes = b64url_decode_strict(h64)
+        .map_err(|_| err(Code::JwtMalformed, "header is not base64url"))?;
     let header: Header = serde_json::from_slice(&header_bytes)
         .map_err(|_| err(Code::JwtMalformed, "header is not a JSON object"))?;
     if header.crit.is_some() {
-        return Err(err(Code::JwtMalformed, "`crit` header extensions are not supported"));
+        return Err(err(
+            Code::JwtMalformed,
+            "`crit` header extensions are not supported",
+        ));
     }
     let alg_name = match &header.alg {
         Some(Value::String(s)) => s.as_str(),
@@ -234,7 +271,12 @@ pub fn verify_jwt(token: &str, keys: &JwkSet, policy: &JwtPolicy, now: u64) -> R
     };
     let alg = JwsAlg::parse(alg_name)
         .filter(|a| policy.algorithms.contains(a))
-        .ok_or_else(|| Reject::with(Code::JwtAlg, format!("algorithm `{}` is not accepted", alg_name.escape_debug())))?;
+        .ok_or_else(|| {
+            Reject::with(
+                Code::JwtAlg,
+                format!("algorithm `{}` is not accepted", alg_name.escape_debug()),
+            )
+        })?;
     let kid = match &header.kid {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.as_str()),
@@ -256,20 +298,25 @@ pub fn verify_jwt(token: &str, keys: &JwkSet, policy: &JwtPolicy, now: u64) -> R
         .collect();
     if candidates.is_empty() {
         return Err(if kid.is_some() {
-            err(Code::JwtAlg, "the key named by `kid` is not for this algorithm")
+            err(
+                Code::JwtAlg,
+                "the key named by `kid` is not for this algorithm",
+            )
         } else {
             err(Code::JwtUnknownKey, "no key for this algorithm")
         });
     }
 
-    let sig = b64url_decode_strict(s64).map_err(|_| err(Code::JwtMalformed, "signature is not base64url"))?;
+    let sig = b64url_decode_strict(s64)
+        .map_err(|_| err(Code::JwtMalformed, "signature is not base64url"))?;
     let input = &token.as_bytes()[..h64.len() + 1 + p64.len()];
     let key = candidates
         .into_iter()
         .find(|k| verify_signature(alg, &k.key, input, &sig))
         .ok_or_else(|| err(Code::JwtSignature, "signature does not verify"))?;
 
-    let payload = b64url_decode_strict(p64).map_err(|_| err(Code::JwtMalformed, "payload is not base64url"))?;
+    let payload = b64url_decode_strict(p64)
+        .map_err(|_| err(Code::JwtMalformed, "payload is not base64url"))?;
     let claims: serde_json::Map<String, Value> = serde_json::from_slice(&payload)
         .map_err(|_| err(Code::JwtMalformed, "payload is not a JSON object"))?;
 
@@ -293,9 +340,10 @@ pub fn verify_jwt(token: &str, keys: &JwkSet, policy: &JwtPolicy, now: u64) -> R
     if !policy.audiences.is_empty() {
         let ok = match claims.get("aud") {
             Some(Value::String(a)) => policy.audiences.contains(a),
-            Some(Value::Array(v)) => v
-                .iter()
-                .any(|a| a.as_str().is_some_and(|a| policy.audiences.iter().any(|p| p == a))),
+            Some(Value::Array(v)) => v.iter().any(|a| {
+                a.as_str()
+                    .is_some_and(|a| policy.audiences.iter().any(|p| p == a))
+            }),
             _ => false,
         };
         if !ok {
@@ -313,7 +361,11 @@ pub fn verify_jwt(token: &str, keys: &JwkSet, policy: &JwtPolicy, now: u64) -> R
 
 /// Mints an HS256 token (for development tokens and tests). `secret` must be at
 /// least [`crate::jwk::MIN_HMAC_KEY_BYTES`] long.
-pub fn mint_hs256(secret: &[u8], kid: Option<&str>, claims: &serde_json::Map<String, Value>) -> Result<String, crate::jwk::KeyError> {
+pub fn mint_hs256(
+    secret: &[u8],
+    kid: Option<&str>,
+    claims: &serde_json::Map<String, Value>,
+) -> Result<String, crate::jwk::KeyError> {
     use crate::jwk::{b64url_encode, KeyError, MIN_HMAC_KEY_BYTES};
     if secret.len() < MIN_HMAC_KEY_BYTES {
         return Err(KeyError::ShortSecret(secret.len()));

@@ -133,8 +133,9 @@ impl CommandKey {
             .map(|v| {
                 v.iter()
                     .map(|m| {
-                        Module::parse(m)
-                            .ok_or_else(|| KeyRingError::UnknownName(c.id.clone(), "module", m.clone()))
+                        Module::parse(m).ok_or_else(|| {
+                            KeyRingError::UnknownName(c.id.clone(), "module", m.clone())
+                        })
                     })
                     .collect::<Result<Vec<_>, _>>()
             })
@@ -145,8 +146,9 @@ impl CommandKey {
             .map(|v| {
                 v.iter()
                     .map(|a| {
-                        Action::parse(a)
-                            .ok_or_else(|| KeyRingError::UnknownName(c.id.clone(), "action", a.clone()))
+                        Action::parse(a).ok_or_else(|| {
+                            KeyRingError::UnknownName(c.id.clone(), "action", a.clone())
+                        })
                     })
                     .collect::<Result<Vec<_>, _>>()
             })
@@ -192,13 +194,21 @@ impl CommandKey {
         if self.modules.as_ref().is_some_and(|m| !m.contains(&module)) {
             return Err(Reject::with(
                 Code::KeyScope,
-                format!("key `{}` may not command module `{}`", self.id, module.as_str()),
+                format!(
+                    "key `{}` may not command module `{}`",
+                    self.id,
+                    module.as_str()
+                ),
             ));
         }
         if self.actions.as_ref().is_some_and(|a| !a.contains(&action)) {
             return Err(Reject::with(
                 Code::KeyScope,
-                format!("key `{}` may not sign action `{}`", self.id, action.as_str()),
+                format!(
+                    "key `{}` may not sign action `{}`",
+                    self.id,
+                    action.as_str()
+                ),
             ));
         }
         Ok(())
@@ -285,7 +295,9 @@ mod tests {
         assert_eq!(k.check_validity(99).unwrap_err().code, Code::KeyNotYetValid);
         assert!(k.check_validity(150).is_ok());
         assert_eq!(k.check_validity(201).unwrap_err().code, Code::KeyExpired);
-        assert!(k.check_scope("dashboard", Module::Mev, Action::Throttle).is_ok());
+        assert!(k
+            .check_scope("dashboard", Module::Mev, Action::Throttle)
+            .is_ok());
         for (i, m, a) in [
             ("ops", Module::Mev, Action::Throttle),
             ("dashboard", Module::Arbitrage, Action::Throttle),
@@ -310,20 +322,33 @@ mod tests {
         let cases = [
             (format!(r#"{{"keys":[{{"id":"a"}}]}}"#), "exactly one"),
             (
-                format!(r#"{{"keys":[{{"id":"a","public_key_hex":"{pk}"}},{{"id":"a","public_key_hex":"{pk}"}}]}}"#),
+                format!(
+                    r#"{{"keys":[{{"id":"a","public_key_hex":"{pk}"}},{{"id":"a","public_key_hex":"{pk}"}}]}}"#
+                ),
                 "duplicate",
             ),
-            (format!(r#"{{"keys":[{{"id":"","public_key_hex":"{pk}"}}]}}"#), "empty id"),
+            (
+                format!(r#"{{"keys":[{{"id":"","public_key_hex":"{pk}"}}]}}"#),
+                "empty id",
+            ),
             (
                 format!(r#"{{"keys":[{{"id":"a","public_key_hex":"{pk}","modules":["hft"]}}]}}"#),
                 "unknown module `hft`",
             ),
             (
-                format!(r#"{{"keys":[{{"id":"a","public_key_hex":"{pk}","not_before":5,"not_after":4}}]}}"#),
+                format!(
+                    r#"{{"keys":[{{"id":"a","public_key_hex":"{pk}","not_before":5,"not_after":4}}]}}"#
+                ),
                 "not_before",
             ),
-            (format!(r#"{{"keys":[{{"id":"a","public_key_hex":"abcd"}}]}}"#), "32 bytes"),
-            (format!(r#"{{"keys":[{{"id":"a","public_key_hex":"{pk}","extra":1}}]}}"#), "unknown field"),
+            (
+                format!(r#"{{"keys":[{{"id":"a","public_key_hex":"abcd"}}]}}"#),
+                "32 bytes",
+            ),
+            (
+                format!(r#"{{"keys":[{{"id":"a","public_key_hex":"{pk}","extra":1}}]}}"#),
+                "unknown field",
+            ),
         ];
         for (json, want) in cases {
             let err = KeyRing::from_json(&json).unwrap_err().to_string();

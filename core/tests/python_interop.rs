@@ -22,7 +22,10 @@ fn reference_script() -> String {
 fn vectors() -> Value {
     let dir = testkit::TempDir::new("interop");
     let out = dir.path().join("vectors.json");
-    testkit::run_python(&[&reference_script(), "vectors", out.to_str().unwrap()], b"");
+    testkit::run_python(
+        &[&reference_script(), "vectors", out.to_str().unwrap()],
+        b"",
+    );
     serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
 }
 
@@ -32,7 +35,8 @@ fn python_signed_commands_verify_and_tampered_ones_fail() {
     let mut ring = KeyRing::new();
     for (id, hex) in v["keys"].as_object().unwrap() {
         let vk = gw_core::jwk::ed25519_from_hex(hex.as_str().unwrap()).unwrap();
-        ring.insert(CommandKey::unrestricted(id.clone(), vk)).unwrap();
+        ring.insert(CommandKey::unrestricted(id.clone(), vk))
+            .unwrap();
     }
     let now = v["now"].as_u64().unwrap();
     let mut non_canonical = 0;
@@ -45,7 +49,10 @@ fn python_signed_commands_verify_and_tampered_ones_fail() {
         if c["canonical"] == Value::Bool(false) {
             // The published form really is in a non-canonical order.
             let parts = split_signed(&body).unwrap();
-            assert!(parts.canonical.is_some(), "{name}: expected a non-canonical order");
+            assert!(
+                parts.canonical.is_some(),
+                "{name}: expected a non-canonical order"
+            );
             non_canonical += 1;
         }
         match (verify_command(&body, &ring, Some(now)), want) {
@@ -71,7 +78,10 @@ fn pyjwt_tokens_verify_and_bad_ones_fail() {
     for c in cases {
         let name = c["name"].as_str().unwrap();
         let want = c["expect"].as_str().unwrap();
-        match (verify_jwt(c["token"].as_str().unwrap(), &keys, &policy, now), want) {
+        match (
+            verify_jwt(c["token"].as_str().unwrap(), &keys, &policy, now),
+            want,
+        ) {
             (Ok(t), "ok") => {
                 assert_eq!(t.sub.as_deref(), Some("alice"), "{name}");
                 assert_eq!(t.roles, vec!["admin"], "{name}");
@@ -90,13 +100,24 @@ fn commands_signed_here_verify_in_python() {
     for (name, args) in [
         ("none", vec![]),
         ("one", vec![("throttle_pct", "40")]),
-        ("several", vec![("tip_ladder", "0.1,0.2"), ("ev_min", "0.5"), ("throttle_pct", "9"), ("a", "x")]),
+        (
+            "several",
+            vec![
+                ("tip_ladder", "0.1,0.2"),
+                ("ev_min", "0.5"),
+                ("throttle_pct", "9"),
+                ("a", "x"),
+            ],
+        ),
     ] {
         let cmd = Command {
             ts: 1_750_000_000,
             module: 1,
             action: 4,
-            args: args.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+            args: args
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
             request_id: format!("rust-{name}"),
             issuer: "gwctl".into(),
             schema_version: "ctrl-v1".into(),
@@ -104,7 +125,9 @@ fn commands_signed_here_verify_in_python() {
             ..Default::default()
         };
         let body = sign_command(&cmd, &sk, "rust-key");
-        cases.push(serde_json::json!({"name": name, "body_hex": hex::encode(&body), "pk_hex": pk_hex}));
+        cases.push(
+            serde_json::json!({"name": name, "body_hex": hex::encode(&body), "pk_hex": pk_hex}),
+        );
     }
     let out = testkit::run_python(
         &[&reference_script(), "verify"],

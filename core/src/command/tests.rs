@@ -11,8 +11,11 @@ fn sk(seed: u8) -> SigningKey {
 
 fn ring() -> KeyRing {
     let mut r = KeyRing::new();
-    r.insert(CommandKey::unrestricted("op-admin-1", sk(1).verifying_key()))
-        .unwrap();
+    r.insert(CommandKey::unrestricted(
+        "op-admin-1",
+        sk(1).verifying_key(),
+    ))
+    .unwrap();
     r
 }
 
@@ -63,7 +66,11 @@ fn round_trip_with_zero_one_and_several_args() {
     for args in [
         vec![],
         vec![("throttle_pct", "40")],
-        vec![("throttle_pct", "40"), ("ev_min", "0.5"), ("tip_ladder", "0.1,0.2,0.3")],
+        vec![
+            ("throttle_pct", "40"),
+            ("ev_min", "0.5"),
+            ("tip_ladder", "0.1,0.2,0.3"),
+        ],
     ] {
         let body = sign_command(&cmd(&args), &sk(1), "op-admin-1");
         let v = verify_command(&body, &ring(), Some(NOW)).unwrap();
@@ -90,7 +97,12 @@ fn map_entries_in_insertion_order_verify_canonically() {
     for r in args.iter().rev() {
         body.extend_from_slice(&signed[r.span.clone()]);
     }
-    body.extend(sig_records(&signed, &sk(1), "op-admin-1", SIG_ALG_ED25519_V1));
+    body.extend(sig_records(
+        &signed,
+        &sk(1),
+        "op-admin-1",
+        SIG_ALG_ED25519_V1,
+    ));
     for r in recs.iter().filter(|r| r.field > 4) {
         body.extend_from_slice(&signed[r.span.clone()]);
     }
@@ -123,13 +135,23 @@ fn unknown_fields_are_signed_and_kept() {
     let mut signed = signing_payload(&c);
     len_record(&mut signed, 12, b"newer-client-field");
     let mut body = signed.clone();
-    body.extend(sig_records(&signed, &sk(1), "op-admin-1", SIG_ALG_ED25519_V1));
+    body.extend(sig_records(
+        &signed,
+        &sk(1),
+        "op-admin-1",
+        SIG_ALG_ED25519_V1,
+    ));
     let v = verify_command(&body, &ring(), None).unwrap();
     assert_eq!(v.signed_payload, signed);
 
     // Dropping the unknown field breaks the signature: it is covered.
     let mut stripped = signing_payload(&c);
-    stripped.extend(sig_records(&signed, &sk(1), "op-admin-1", SIG_ALG_ED25519_V1));
+    stripped.extend(sig_records(
+        &signed,
+        &sk(1),
+        "op-admin-1",
+        SIG_ALG_ED25519_V1,
+    ));
     assert_eq!(
         verify_command(&stripped, &ring(), None).unwrap_err().code,
         Code::BadSignature
@@ -143,7 +165,12 @@ fn decode_reencode_would_break_unknown_fields() {
     let mut signed = signing_payload(&c);
     len_record(&mut signed, 15, b"x");
     let mut body = signed.clone();
-    body.extend(sig_records(&signed, &sk(1), "op-admin-1", SIG_ALG_ED25519_V1));
+    body.extend(sig_records(
+        &signed,
+        &sk(1),
+        "op-admin-1",
+        SIG_ALG_ED25519_V1,
+    ));
     let reencoded = signing_payload(&Command::decode(&body[..]).unwrap());
     assert_ne!(reencoded, signed);
     assert!(verify_command(&body, &ring(), None).is_ok());
@@ -166,23 +193,42 @@ fn rejections_have_the_right_codes() {
 
     assert_eq!(code(&with(&sig, "op-admin-1", "ed25519")), Code::SigAlg);
     assert_eq!(code(&with(&sig, "op-admin-1", "")), Code::SigAlg);
-    assert_eq!(code(&with(&sig[..63], "op-admin-1", SIG_ALG_ED25519_V1)), Code::BadSigLength);
+    assert_eq!(
+        code(&with(&sig[..63], "op-admin-1", SIG_ALG_ED25519_V1)),
+        Code::BadSigLength
+    );
     assert_eq!(code(&payload), Code::SigAlg, "unsigned command");
-    assert_eq!(code(&with(&sig, "nobody", SIG_ALG_ED25519_V1)), Code::UnknownKey);
+    assert_eq!(
+        code(&with(&sig, "nobody", SIG_ALG_ED25519_V1)),
+        Code::UnknownKey
+    );
     let other = sk(2).sign(&payload).to_bytes();
-    assert_eq!(code(&with(&other, "op-admin-1", SIG_ALG_ED25519_V1)), Code::BadSignature);
+    assert_eq!(
+        code(&with(&other, "op-admin-1", SIG_ALG_ED25519_V1)),
+        Code::BadSignature
+    );
     assert_eq!(code(&good[..good.len() - 3]), Code::Malformed, "truncated");
 
     // Changed nonce / args after signing.
     let mut tampered = c.clone();
     tampered.nonce = 43;
     let mut b = signing_payload(&tampered);
-    b.extend(sig_records(&payload, &sk(1), "op-admin-1", SIG_ALG_ED25519_V1));
+    b.extend(sig_records(
+        &payload,
+        &sk(1),
+        "op-admin-1",
+        SIG_ALG_ED25519_V1,
+    ));
     assert_eq!(code(&b), Code::BadSignature);
     let mut tampered = c.clone();
     tampered.args.insert("throttle_pct".into(), "100".into());
     let mut b = signing_payload(&tampered);
-    b.extend(sig_records(&payload, &sk(1), "op-admin-1", SIG_ALG_ED25519_V1));
+    b.extend(sig_records(
+        &payload,
+        &sk(1),
+        "op-admin-1",
+        SIG_ALG_ED25519_V1,
+    ));
     assert_eq!(code(&b), Code::BadSignature);
 
     // Duplicate singular field and wrong wire type.
@@ -235,11 +281,17 @@ fn key_scope_and_validity_are_enforced() {
     let mut c = cmd(&[]);
     c.action = Action::Kill.to_proto() as i32;
     let b = sign_command(&c, &sk(1), "op-admin-1");
-    assert_eq!(verify_command(&b, &ring, Some(NOW)).unwrap_err().code, Code::KeyScope);
+    assert_eq!(
+        verify_command(&b, &ring, Some(NOW)).unwrap_err().code,
+        Code::KeyScope
+    );
     let mut c = cmd(&[]);
     c.issuer = "mallory".into();
     let b = sign_command(&c, &sk(1), "op-admin-1");
-    assert_eq!(verify_command(&b, &ring, Some(NOW)).unwrap_err().code, Code::KeyScope);
+    assert_eq!(
+        verify_command(&b, &ring, Some(NOW)).unwrap_err().code,
+        Code::KeyScope
+    );
 }
 
 #[test]
@@ -248,13 +300,26 @@ fn policy_checks_size_route_freshness_and_replay() {
     let body = sign_command(&cmd(&[]), &sk(1), "op-admin-1");
     let mut replay = ReplayGuard::new(64).unwrap();
     assert_eq!(
-        p.check(&body, NOW, Some((Module::Mev, Action::Kill))).unwrap_err().code,
+        p.check(&body, NOW, Some((Module::Mev, Action::Kill)))
+            .unwrap_err()
+            .code,
         Code::RouteMismatch
     );
-    assert_eq!(p.check(&body, NOW + 31, None).unwrap_err().code, Code::Stale);
-    assert_eq!(p.check(&body, NOW - 31, None).unwrap_err().code, Code::Future);
-    p.admit(&body, NOW, Some((Module::Mev, Action::Throttle)), &mut replay)
-        .unwrap();
+    assert_eq!(
+        p.check(&body, NOW + 31, None).unwrap_err().code,
+        Code::Stale
+    );
+    assert_eq!(
+        p.check(&body, NOW - 31, None).unwrap_err().code,
+        Code::Future
+    );
+    p.admit(
+        &body,
+        NOW,
+        Some((Module::Mev, Action::Throttle)),
+        &mut replay,
+    )
+    .unwrap();
     assert_eq!(
         p.admit(&body, NOW, None, &mut replay).unwrap_err().code,
         Code::Replay
@@ -263,7 +328,10 @@ fn policy_checks_size_route_freshness_and_replay() {
         max_body: 10,
         ..policy()
     };
-    assert_eq!(small.check(&body, NOW, None).unwrap_err().code, Code::TooLarge);
+    assert_eq!(
+        small.check(&body, NOW, None).unwrap_err().code,
+        Code::TooLarge
+    );
 }
 
 proptest! {

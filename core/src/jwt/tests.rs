@@ -65,12 +65,16 @@ fn hs384_and_hs512() {
         let t = sign_raw(json!({"alg": alg}), good_claims(), |i| {
             let s = match alg {
                 "HS384" => {
-                    let mut m = <Hmac<sha2::Sha384> as hmac::digest::KeyInit>::new_from_slice(SECRET).unwrap();
+                    let mut m =
+                        <Hmac<sha2::Sha384> as hmac::digest::KeyInit>::new_from_slice(SECRET)
+                            .unwrap();
                     m.update(i);
                     m.finalize().into_bytes().to_vec()
                 }
                 _ => {
-                    let mut m = <Hmac<sha2::Sha512> as hmac::digest::KeyInit>::new_from_slice(SECRET).unwrap();
+                    let mut m =
+                        <Hmac<sha2::Sha512> as hmac::digest::KeyInit>::new_from_slice(SECRET)
+                            .unwrap();
                     m.update(i);
                     m.finalize().into_bytes().to_vec()
                 }
@@ -93,7 +97,10 @@ fn time_claims() {
     let mut c = good_claims();
     c.as_object_mut().unwrap().remove("exp");
     assert_eq!(code(&mk(c.clone()), &hs_keys()), Code::JwtMissingExp);
-    let lax = JwtPolicy { require_exp: false, ..policy() };
+    let lax = JwtPolicy {
+        require_exp: false,
+        ..policy()
+    };
     assert!(verify_jwt(&mk(c), &hs_keys(), &lax, NOW).is_ok());
     let mut c = good_claims();
     c["nbf"] = json!(NOW + 31);
@@ -132,8 +139,14 @@ fn roles_claim_shapes() {
     assert_eq!(v.roles, vec!["viewer", "operator", "admin"]);
     let mut c = good_claims();
     c["realm_access"] = json!({"roles": ["viewer"]});
-    let p = JwtPolicy { roles_claim: "realm_access.roles".into(), ..policy() };
-    assert_eq!(verify_jwt(&mk(c), &hs_keys(), &p, NOW).unwrap().roles, vec!["viewer"]);
+    let p = JwtPolicy {
+        roles_claim: "realm_access.roles".into(),
+        ..policy()
+    };
+    assert_eq!(
+        verify_jwt(&mk(c), &hs_keys(), &p, NOW).unwrap().roles,
+        vec!["viewer"]
+    );
     let mut c = good_claims();
     c["roles"] = json!(7);
     assert_eq!(code(&mk(c), &hs_keys()), Code::JwtClaims);
@@ -160,16 +173,30 @@ fn refuses_none_unknown_and_confused_algorithms() {
     // Classic confusion: HS256 keyed with the public Ed25519 key bytes.
     let ed = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
     let pubkey = *ed.verifying_key().as_bytes();
-    let okp = JwkSet::parse(&format!(r#"{{"keys":[{}]}}"#, ed25519_public_jwk("ed", &ed.verifying_key()))).unwrap();
-    let t = sign_raw(json!({"alg": "HS256", "kid": "ed"}), good_claims(), |i| hs256(i, &pubkey));
+    let okp = JwkSet::parse(&format!(
+        r#"{{"keys":[{}]}}"#,
+        ed25519_public_jwk("ed", &ed.verifying_key())
+    ))
+    .unwrap();
+    let t = sign_raw(json!({"alg": "HS256", "kid": "ed"}), good_claims(), |i| {
+        hs256(i, &pubkey)
+    });
     assert_eq!(code(&t, &okp), Code::JwtAlg);
-    let t = sign_raw(json!({"alg": "HS256"}), good_claims(), |i| hs256(i, &pubkey));
+    let t = sign_raw(json!({"alg": "HS256"}), good_claims(), |i| {
+        hs256(i, &pubkey)
+    });
     assert_eq!(code(&t, &okp), Code::JwtUnknownKey);
 
     // An algorithm the policy does not allow.
-    let only_ed = JwtPolicy { algorithms: vec![JwsAlg::EdDSA], ..policy() };
+    let only_ed = JwtPolicy {
+        algorithms: vec![JwsAlg::EdDSA],
+        ..policy()
+    };
     let t = mint_hs256(SECRET, None, &claims(good_claims())).unwrap();
-    assert_eq!(verify_jwt(&t, &hs_keys(), &only_ed, NOW).unwrap_err().code, Code::JwtAlg);
+    assert_eq!(
+        verify_jwt(&t, &hs_keys(), &only_ed, NOW).unwrap_err().code,
+        Code::JwtAlg
+    );
 
     // A JWK pinned to another algorithm.
     let pinned = JwkSet::parse(&format!(
@@ -197,11 +224,23 @@ fn es256_and_eddsa() {
         let s: p256::ecdsa::Signature = es.sign(i);
         s.to_bytes().to_vec()
     });
-    assert_eq!(verify_jwt(&t, &keys, &policy(), NOW).unwrap().kid.as_deref(), Some("es"));
+    assert_eq!(
+        verify_jwt(&t, &keys, &policy(), NOW)
+            .unwrap()
+            .kid
+            .as_deref(),
+        Some("es")
+    );
     let t = sign_raw(json!({"alg": "EdDSA"}), good_claims(), |i| {
         ed25519_dalek::Signer::sign(&ed, i).to_bytes().to_vec()
     });
-    assert_eq!(verify_jwt(&t, &keys, &policy(), NOW).unwrap().kid.as_deref(), Some("ed"));
+    assert_eq!(
+        verify_jwt(&t, &keys, &policy(), NOW)
+            .unwrap()
+            .kid
+            .as_deref(),
+        Some("ed")
+    );
     // EdDSA header naming the EC key.
     let t = sign_raw(json!({"alg": "EdDSA", "kid": "es"}), good_claims(), |i| {
         ed25519_dalek::Signer::sign(&ed, i).to_bytes().to_vec()
@@ -234,11 +273,17 @@ fn malformed_and_tampered_tokens() {
     c["roles"] = json!(["admin", "root"]);
     let forged = format!("{head}.{}.{sig}", b64url_encode(c.to_string().as_bytes()));
     assert_eq!(code(&forged, &k), Code::JwtSignature);
-    let crit = sign_raw(json!({"alg": "HS256", "crit": ["b64"], "b64": false}), good_claims(), |i| hs256(i, SECRET));
+    let crit = sign_raw(
+        json!({"alg": "HS256", "crit": ["b64"], "b64": false}),
+        good_claims(),
+        |i| hs256(i, SECRET),
+    );
     assert_eq!(code(&crit, &k), Code::JwtMalformed);
     let big = "a".repeat(DEFAULT_MAX_TOKEN_BYTES + 1);
     assert_eq!(code(&big, &k), Code::JwtTooLarge);
-    let wrong_secret = sign_raw(json!({"alg": "HS256"}), good_claims(), |i| hs256(i, b"another-secret-another-secret-xx"));
+    let wrong_secret = sign_raw(json!({"alg": "HS256"}), good_claims(), |i| {
+        hs256(i, b"another-secret-another-secret-xx")
+    });
     assert_eq!(code(&wrong_secret, &k), Code::JwtSignature);
     assert!(mint_hs256(b"short", None, &claims(good_claims())).is_err());
 }

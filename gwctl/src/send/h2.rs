@@ -1,0 +1,51 @@
+//! HTTP/2 (TLS with ALPN h2, or h2c for http:// URLs) with reqwest.
+
+use anyhow::{Context, Result};
+
+use super::{tls, Answer, Request};
+
+/// Sends the request over HTTP/2 and reads the whole answer.
+pub async fn send(req: &Request<'_>) -> Result<Answer> {
+    let mut b = reqwest::Client::builder().http2_prior_knowledge();
+    if req.tls.insecure {
+        b = b.danger_accept_invalid_certs(true);
+    }
+    if let Some(ca) = &req.tls.ca {
+        for c in tls::read_pem_certs(ca)? {
+            b = b.add_root_certificate(
+                reqwest::Certificate::from_der(&c).context("CA certificate")?,
+            );
+        }
+    }
+    if let (Some(name), Some(host), Some(port)) =
+        (&req.tls.server_name, req.url.host(), req.url.port_u16())
+    {
+        // Connect to the URL's address while presenting and verifying `name`.
+        let ip: std::net::IpAddr = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .context("--server-name with HTTP/2 needs an IP address in the URL")?;
+        b = b.resolve(name, (ip, port).into());
+    }
+    let client = b.build().context("cannot build HTTP/2 client")?;
+    let url = match (&req.tls.server_name, req.url.host()) {
+        (Some(name), Some(host)) => req.url.to_string().replacen(host, name, 1),
+        _ => req.url.to_string(),
+    };
+    let mut rb = client
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, req.content_type)
+        .body(req.body.clone());
+    if let Some(t) = req.token {
+        rb = rb.bearer_auth(t);
+    }
+    let resp = rb.send().await.context("HTTP/2 request failed")?;
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await.context("HTTP/2 response body")?.to_vec();
+    Ok(Answer {
+        proto: "HTTP/2",
+        status,
+        body,
+    })
+}

@@ -1,0 +1,305 @@
+//! The CLI end to end: keygen → sign → verify, error exits, dev JWTs.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn gwctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gwctl"))
+        .args(args)
+        .output()
+        .expect("run gwctl")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn keygen(dir: &Path, id: &str) -> String {
+    let o = gwctl(&["keygen", "--id", id, "--out", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{o:?}");
+    std::fs::read_to_string(dir.join(format!("{id}.pk.hex")))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn keygen_sign_verify_round_trip() {
+    let d = testkit::TempDir::new("cli");
+    let dir = d.path();
+    let pk = keygen(dir, "op-admin-1");
+    assert_eq!(pk.len(), 64);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("op-admin-1.sk.hex"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "secret key must not be group/world readable"
+        );
+    }
+    let jwk: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("op-admin-1.jwk.json")).unwrap())
+            .unwrap();
+    assert_eq!(jwk["kty"], "OKP");
+    assert_eq!(jwk["crv"], "Ed25519");
+    assert!(jwk.get("d").is_none(), "the JWK is public");
+
+    // keygen never overwrites silently.
+    let again = gwctl(&[
+        "keygen",
+        "--id",
+        "op-admin-1",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+
+    let cmd = dir.join("cmd.bin");
+    let o = gwctl(&[
+        "sign",
+        "--key",
+        dir.join("op-admin-1.sk.hex").to_str().unwrap(),
+        "--key-id",
+        "op-admin-1",
+        "--module",
+        "mev",
+        "--action",
+        "throttle",
+        "--arg",
+        "throttle_pct=40",
+        "--issuer",
+        "ops",
+        "--nonce",
+        "77",
+        "--out",
+        cmd.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let key = format!("op-admin-1={pk}");
+    let o = gwctl(&["verify", "--key", &key, cmd.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert_eq!(stdout(&o), "ok");
+    let o = gwctl(&[
+        "verify",
+        "--key",
+        &key,
+        "--now",
+        "now",
+        cmd.to_str().unwrap(),
+    ]);
+    assert_eq!(stdout(&o), "ok");
+    // Offline is offline; with an old clock the command is from the future.
+    let o = gwctl(&[
+        "verify",
+        "--key",
+        &key,
+        "--now",
+        "1000",
+        cmd.to_str().unwrap(),
+    ]);
+    assert_eq!((o.status.code(), stdout(&o).as_str()), (Some(1), "future"));
+
+    // Another key, a flipped byte, a truncated file.
+    let other = keygen(dir, "other");
+    let o = gwctl(&[
+        "verify",
+        "--key",
+        &format!("op-admin-1={other}"),
+        cmd.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        (o.status.code(), stdout(&o).as_str()),
+        (Some(1), "bad_signature")
+    );
+    let o = gwctl(&[
+        "verify",
+        "--key",
+        &format!("someone={pk}"),
+        cmd.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        (o.status.code(), stdout(&o).as_str()),
+        (Some(1), "unknown_key")
+    );
+    let mut bytes = std::fs::read(&cmd).unwrap();
+    let i = bytes.windows(3).position(|w| w == b"ops").unwrap();
+    bytes[i] = b'x';
+    std::fs::write(dir.join("flipped.bin"), &bytes).unwrap();
+    let o = gwctl(&[
+        "verify",
+        "--key",
+        &key,
+        dir.join("flipped.bin").to_str().unwrap(),
+    ]);
+    assert_eq!(stdout(&o), "bad_signature");
+    std::fs::write(dir.join("short.bin"), &bytes[..bytes.len() - 4]).unwrap();
+    let o = gwctl(&[
+        "verify",
+        "--key",
+        &key,
+        dir.join("short.bin").to_str().unwrap(),
+    ]);
+    assert_eq!(stdout(&o), "malformed");
+
+    // The signed file verifies in the reference implementation too.
+    let cases = serde_json::json!([{"name": "gwctl", "body_hex": hex::encode(std::fs::read(&cmd).unwrap()), "pk_hex": pk}]);
+    let script = testkit::workspace_root().join("core/tests/interop/reference.py");
+    let out = testkit::run_python(
+        &[script.to_str().unwrap(), "verify"],
+        cases.to_string().as_bytes(),
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r[0]["ok"], true);
+    assert_eq!(r[0]["args"]["throttle_pct"], "40");
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_exit_2() {
+    let d = testkit::TempDir::new("cli-bad");
+    let dir = d.path();
+    keygen(dir, "k");
+    let sk = dir.join("k.sk.hex");
+    let out = dir.join("x.bin");
+    for (args, needle) in [
+        (
+            vec!["--module", "hft", "--action", "stop"],
+            "unknown module",
+        ),
+        (
+            vec!["--module", "mev", "--action", "explode"],
+            "unknown action",
+        ),
+        (
+            vec![
+                "--module",
+                "mev",
+                "--action",
+                "throttle",
+                "--arg",
+                "throttle_pct=101",
+            ],
+            "bad_args",
+        ),
+        (
+            vec!["--module", "mev", "--action", "throttle"],
+            "throttle needs",
+        ),
+        (
+            vec!["--module", "mev", "--action", "stop", "--arg", "novalue"],
+            "KEY=VALUE",
+        ),
+        (
+            vec!["--module", "mev", "--action", "stop", "--nonce", "0"],
+            "non-zero",
+        ),
+    ] {
+        let mut a = vec![
+            "sign",
+            "--key",
+            sk.to_str().unwrap(),
+            "--key-id",
+            "k",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        a.extend(args);
+        let o = gwctl(&a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{a:?}");
+        assert!(err.contains(needle), "{err} should mention {needle}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    let o = gwctl(&[
+        "sign",
+        "--key",
+        "/nonexistent",
+        "--key-id",
+        "k",
+        "--module",
+        "mev",
+        "--action",
+        "stop",
+        "--out",
+        "-",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = gwctl(&["verify", "--key", "k=zz", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = gwctl(&["verify", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn jwt_mints_tokens_the_core_accepts() {
+    let secret = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    let o = gwctl(&[
+        "jwt",
+        "--secret-hex",
+        secret,
+        "--sub",
+        "alice",
+        "--role",
+        "admin",
+        "--role",
+        "viewer",
+        "--ttl",
+        "10m",
+        "--kid",
+        "dev",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let token = stdout(&o);
+    let keys = gw_core::jwk::JwkSet::parse(&format!(
+        r#"{{"keys":[{{"kty":"oct","kid":"dev","k":"{}"}}]}}"#,
+        gw_core::jwk::b64url_encode(&hex::decode(secret).unwrap())
+    ))
+    .unwrap();
+    let policy = gw_core::jwt::JwtPolicy {
+        issuers: vec!["defi-dashboard".into()],
+        audiences: vec!["defi-users".into()],
+        ..Default::default()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let v = gw_core::jwt::verify_jwt(&token, &keys, &policy, now).unwrap();
+    assert_eq!(v.sub.as_deref(), Some("alice"));
+    assert_eq!(v.roles, vec!["admin", "viewer"]);
+    let exp = v.exp.unwrap();
+    assert!((now + 590..=now + 610).contains(&exp), "ttl 10m");
+    assert_eq!(
+        gw_core::jwt::verify_jwt(&token, &keys, &policy, exp + 31)
+            .unwrap_err()
+            .code,
+        gw_core::Code::JwtExpired
+    );
+    let o = gwctl(&[
+        "jwt",
+        "--secret-hex",
+        "abcd",
+        "--sub",
+        "a",
+        "--role",
+        "admin",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = gwctl(&[
+        "jwt",
+        "--secret-hex",
+        secret,
+        "--sub",
+        "a",
+        "--role",
+        "admin",
+        "--ttl",
+        "soon",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}
