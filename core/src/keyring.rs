@@ -320,7 +320,7 @@ mod tests {
     fn config_errors_are_clear() {
         let pk = pk_hex(2);
         let cases = [
-            (format!(r#"{{"keys":[{{"id":"a"}}]}}"#), "exactly one"),
+            (r#"{"keys":[{"id":"a"}]}"#.to_string(), "exactly one"),
             (
                 format!(
                     r#"{{"keys":[{{"id":"a","public_key_hex":"{pk}"}},{{"id":"a","public_key_hex":"{pk}"}}]}}"#
@@ -342,7 +342,7 @@ mod tests {
                 "not_before",
             ),
             (
-                format!(r#"{{"keys":[{{"id":"a","public_key_hex":"abcd"}}]}}"#),
+                r#"{"keys":[{"id":"a","public_key_hex":"abcd"}]}"#.to_string(),
                 "32 bytes",
             ),
             (

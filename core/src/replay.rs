@@ -21,7 +21,7 @@ pub const MAX_WINDOW: u32 = 65536;
 pub struct BadWindow(pub u32);
 
 fn check_window(window: u32) -> Result<usize, BadWindow> {
-    if window < 64 || window > MAX_WINDOW || window % 64 != 0 {
+    if !(64..=MAX_WINDOW).contains(&window) || !window.is_multiple_of(64) {
         return Err(BadWindow(window));
     }
     Ok((window / 64) as usize)

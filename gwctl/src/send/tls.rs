@@ -20,7 +20,7 @@ pub struct TlsOptions {
 }
 
 /// Reads every certificate in a PEM file.
-pub fn read_pem_certs(path: &PathBuf) -> Result<Vec<CertificateDer<'static>>> {
+pub fn read_pem_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>> {
     let pem = std::fs::read(path).with_context(|| format!("cannot read CA {}", path.display()))?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()

@@ -1,0 +1,209 @@
+//! Command verification cost, with ratios against baselines measured in this run:
+//!   1. our `verify_command` (native) vs a raw `ed25519-dalek` `verify_strict` of the
+//!      same payload — the overhead of the wire scan, key ring and checks;
+//!   2. the same `verify_command` compiled to wasm32-wasip1 and run in wasmtime vs native.
+//!
+//! The wasm guest is built by `bench/run.sh` (or pass its path in `GW_WASM_VERIFY`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use criterion::{black_box, Criterion};
+use ed25519_dalek::{Signature, SigningKey};
+use gw_core::keyring::CommandKey;
+use gw_core::{sign_command, signing_payload, verify_command, Command, KeyRing};
+use wasmtime::{Engine, Instance, Linker, Memory, Module, Store, TypedFunc};
+
+fn command() -> Command {
+    Command {
+        ts: 1_750_000_000,
+        module: 1,
+        action: 4,
+        args: BTreeMap::from([
+            ("ev_min".to_string(), "0.25".to_string()),
+            ("tip_ladder".to_string(), "0.1,0.2,0.35".to_string()),
+            ("throttle_pct".to_string(), "40".to_string()),
+        ]),
+        request_id: "6f1c1f4e-8d7b-4a53-9c61-3f1f0a2b9e77".into(),
+        issuer: "dashboard".into(),
+        schema_version: "ctrl-v1".into(),
+        nonce: 1_750_000_000_123_456_789,
+        ..Default::default()
+    }
+}
+
+fn wasm_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("GW_WASM_VERIFY") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("wasm32-wasip1/release/wasm_verify.wasm")
+}
+
+struct Guest {
+    store: Store<()>,
+    memory: Memory,
+    verify_command: TypedFunc<(u32, u32), i32>,
+    verify_raw: TypedFunc<(u32, u32, u32), i32>,
+    body: (u32, u32),
+    payload: (u32, u32),
+    sig: u32,
+}
+
+impl Guest {
+    fn load(pk: &[u8; 32], body: &[u8], payload: &[u8], sig: &[u8; 64]) -> Guest {
+        let path = wasm_path();
+        let engine = Engine::default();
+        let module = Module::from_file(&engine, &path).unwrap_or_else(|e| {
+            panic!("load {}: {e} (build it with bench/run.sh)", path.display())
+        });
+        let mut linker: Linker<()> = Linker::new(&engine);
+        linker
+            .define_unknown_imports_as_traps(&module)
+            .expect("stub imports");
+        let mut store = Store::new(&engine, ());
+        let instance: Instance = linker
+            .instantiate(&mut store, &module)
+            .expect("instantiate");
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .expect("memory export");
+        let alloc = instance
+            .get_typed_func::<u32, u32>(&mut store, "bench_alloc")
+            .expect("bench_alloc");
+        let put = |store: &mut Store<()>, bytes: &[u8]| -> u32 {
+            let p = alloc.call(&mut *store, bytes.len() as u32).expect("alloc");
+            memory.write(&mut *store, p as usize, bytes).expect("write");
+            p
+        };
+        let pk_ptr = put(&mut store, pk);
+        let body_ptr = put(&mut store, body);
+        let payload_ptr = put(&mut store, payload);
+        let sig_ptr = put(&mut store, sig);
+        let set_key = instance
+            .get_typed_func::<u32, i32>(&mut store, "bench_set_key")
+            .expect("bench_set_key");
+        assert_eq!(set_key.call(&mut store, pk_ptr).expect("set key"), 0);
+        Guest {
+            verify_command: instance
+                .get_typed_func(&mut store, "bench_verify_command")
+                .expect("bench_verify_command"),
+            verify_raw: instance
+                .get_typed_func(&mut store, "bench_verify_raw")
+                .expect("bench_verify_raw"),
+            store,
+            memory,
+            body: (body_ptr, body.len() as u32),
+            payload: (payload_ptr, payload.len() as u32),
+            sig: sig_ptr,
+        }
+    }
+}
+
+/// Mean time per iteration of a finished benchmark, from criterion's estimates.
+fn mean_ns(dir: &std::path::Path, group: &str, id: &str) -> f64 {
+    let p = dir.join(group).join(id).join("new/estimates.json");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let v: serde_json::Value = serde_json::from_str(&text).expect("estimates json");
+    v["mean"]["point_estimate"].as_f64().expect("mean")
+}
+
+fn main() {
+    let sk = SigningKey::from_bytes(&[42; 32]);
+    let pk = sk.verifying_key();
+    let cmd = command();
+    let body = sign_command(&cmd, &sk, "op-admin-1");
+    let payload = signing_payload(&cmd);
+    let decoded = <Command as prost::Message>::decode(&body[..]).expect("decode");
+    let sig_bytes: [u8; 64] = decoded.sig.as_slice().try_into().expect("sig");
+    let sig = Signature::from_bytes(&sig_bytes);
+    let mut ring = KeyRing::new();
+    ring.insert(CommandKey::unrestricted("op-admin-1", pk))
+        .expect("ring");
+    assert!(verify_command(&body, &ring, None).is_ok());
+
+    let mut guest = Guest::load(pk.as_bytes(), &body, &payload, &sig_bytes);
+    let (bp, bl) = guest.body;
+    assert_eq!(
+        guest
+            .verify_command
+            .call(&mut guest.store, (bp, bl))
+            .expect("call"),
+        0
+    );
+    let _ = guest.memory;
+
+    let out_dir = std::env::temp_dir().join(format!("gw-criterion-{}", std::process::id()));
+    let mut c = Criterion::default()
+        .output_directory(&out_dir)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    {
+        let mut g = c.benchmark_group("verify");
+        g.bench_function("native_raw_dalek", |b| {
+            b.iter(|| {
+                pk.verify_strict(black_box(&payload), black_box(&sig))
+                    .is_ok()
+            })
+        });
+        g.bench_function("native_verify_command", |b| {
+            b.iter(|| verify_command(black_box(&body), &ring, None).is_ok())
+        });
+        g.bench_function("wasmtime_raw_dalek", |b| {
+            let (pp, pl) = guest.payload;
+            let s = guest.sig;
+            b.iter(|| {
+                guest
+                    .verify_raw
+                    .call(&mut guest.store, (pp, pl, s))
+                    .expect("call")
+            })
+        });
+        g.bench_function("wasmtime_verify_command", |b| {
+            b.iter(|| {
+                guest
+                    .verify_command
+                    .call(&mut guest.store, (bp, bl))
+                    .expect("call")
+            })
+        });
+        g.finish();
+    }
+    c.final_summary();
+
+    let raw = mean_ns(&out_dir, "verify", "native_raw_dalek");
+    let ours = mean_ns(&out_dir, "verify", "native_verify_command");
+    let wraw = mean_ns(&out_dir, "verify", "wasmtime_raw_dalek");
+    let wours = mean_ns(&out_dir, "verify", "wasmtime_verify_command");
+    println!();
+    println!("== verify: {} byte command, 3 args ==", body.len());
+    println!(
+        "native raw ed25519-dalek verify_strict : {:>9.1} µs",
+        raw / 1e3
+    );
+    println!(
+        "native verify_command                  : {:>9.1} µs",
+        ours / 1e3
+    );
+    println!(
+        "wasmtime raw ed25519-dalek             : {:>9.1} µs",
+        wraw / 1e3
+    );
+    println!(
+        "wasmtime verify_command                : {:>9.1} µs",
+        wours / 1e3
+    );
+    println!(
+        "ratio verify_command / raw (native)    : {:>9.3}x",
+        ours / raw
+    );
+    println!(
+        "ratio wasmtime / native (verify_command): {:>8.3}x",
+        wours / ours
+    );
+    let _ = std::fs::remove_dir_all(&out_dir);
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test: unit, property, interop (Python reference signer, PyJWT) and
+# integration tests against real components (Envoy, ...). Installs what it needs
+# on a fresh machine: the wasm32-wasip1 target and the cached Python venv.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$GW_ROOT"
+
+if command -v rustup >/dev/null; then
+  rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+fi
+bash scripts/setup-venv.sh
+
+log "cargo test (target dir: $CARGO_TARGET_DIR)"
+cargo test --workspace --locked "$@"
