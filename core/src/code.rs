@@ -40,6 +40,12 @@ pub enum Code {
     RouteMismatch,
     /// `args` are out of range or missing for the action.
     BadArgs,
+    /// The route does not accept this HTTP method.
+    MethodNotAllowed,
+    /// The replay state could not be read or updated: fail closed.
+    ReplayUnavailable,
+    /// The gateway cannot decide now (not configured, a dependency is down): fail closed.
+    Unavailable,
     // --- JWT ---
     /// No bearer token.
     JwtMissing,
@@ -71,7 +77,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, for exhaustive tests and metric registration.
-    pub const ALL: [Code; 29] = [
+    pub const ALL: [Code; 32] = [
         Code::TooLarge,
         Code::Malformed,
         Code::BadSchema,
@@ -88,6 +94,9 @@ impl Code {
         Code::BadNonce,
         Code::RouteMismatch,
         Code::BadArgs,
+        Code::MethodNotAllowed,
+        Code::ReplayUnavailable,
+        Code::Unavailable,
         Code::JwtMissing,
         Code::JwtMalformed,
         Code::JwtTooLarge,
@@ -122,6 +131,9 @@ impl Code {
             Code::BadNonce => "bad_nonce",
             Code::RouteMismatch => "route_mismatch",
             Code::BadArgs => "bad_args",
+            Code::MethodNotAllowed => "method_not_allowed",
+            Code::ReplayUnavailable => "replay_unavailable",
+            Code::Unavailable => "unavailable",
             Code::JwtMissing => "jwt_missing",
             Code::JwtMalformed => "jwt_malformed",
             Code::JwtTooLarge => "jwt_too_large",
@@ -150,6 +162,8 @@ impl Code {
             Code::Malformed | Code::BadSchema | Code::BadNonce | Code::BadArgs => 400,
             Code::KeyScope | Code::RouteMismatch | Code::ForbiddenRole => 403,
             Code::Replay => 409,
+            Code::MethodNotAllowed => 405,
+            Code::ReplayUnavailable | Code::Unavailable => 503,
             Code::SigAlg
             | Code::BadSigLength
             | Code::UnknownKey

@@ -111,6 +111,8 @@ pub struct VerifiedJwt {
     pub iss: Option<String>,
     /// `exp`, if any (unix seconds).
     pub exp: Option<u64>,
+    /// `nbf`, if any (unix seconds).
+    pub nbf: Option<u64>,
     /// Roles from the configured claim.
     pub roles: Vec<String>,
     /// `kid` of the key that verified it, if the key had one.
@@ -229,6 +231,28 @@ fn roles_from(claims: &serde_json::Map<String, Value>, path: &str) -> Result<Vec
     }
 }
 
+/// Checks `exp` and `nbf` at `now` with the policy's leeway (also used on cache hits).
+pub fn check_times(
+    exp: Option<u64>,
+    nbf: Option<u64>,
+    policy: &JwtPolicy,
+    now: u64,
+) -> Result<(), Reject> {
+    match exp {
+        None if policy.require_exp => return Err(err(Code::JwtMissingExp, "token has no `exp`")),
+        Some(e) if now >= e.saturating_add(policy.leeway_secs) => {
+            return Err(err(Code::JwtExpired, "token has expired"))
+        }
+        _ => {}
+    }
+    if let Some(nbf) = nbf {
+        if now.saturating_add(policy.leeway_secs) < nbf {
+            return Err(err(Code::JwtNotYetValid, "token is not valid yet (`nbf`)"));
+        }
+    }
+    Ok(())
+}
+
 /// Verifies a compact JWS token against `keys` and `policy` at `now` (unix seconds).
 pub fn verify_jwt(
     token: &str,
@@ -321,18 +345,8 @@ pub fn verify_jwt(
         .map_err(|_| err(Code::JwtMalformed, "payload is not a JSON object"))?;
 
     let exp = numeric_date(&claims, "exp")?;
-    match exp {
-        None if policy.require_exp => return Err(err(Code::JwtMissingExp, "token has no `exp`")),
-        Some(e) if now >= e.saturating_add(policy.leeway_secs) => {
-            return Err(err(Code::JwtExpired, "token has expired"))
-        }
-        _ => {}
-    }
-    if let Some(nbf) = numeric_date(&claims, "nbf")? {
-        if now.saturating_add(policy.leeway_secs) < nbf {
-            return Err(err(Code::JwtNotYetValid, "token is not valid yet (`nbf`)"));
-        }
-    }
+    let nbf = numeric_date(&claims, "nbf")?;
+    check_times(exp, nbf, policy, now)?;
     let iss = opt_string(&claims, "iss")?;
     if !policy.issuers.is_empty() && !iss.as_ref().is_some_and(|i| policy.issuers.contains(i)) {
         return Err(err(Code::JwtIssuer, "issuer is not accepted"));
@@ -354,6 +368,7 @@ pub fn verify_jwt(
         sub: opt_string(&claims, "sub")?,
         iss,
         exp,
+        nbf,
         roles: roles_from(&claims, &policy.roles_claim)?,
         kid: key.kid.clone(),
     })

@@ -11,6 +11,7 @@ pub mod command;
 pub mod freshness;
 pub mod jwk;
 pub mod jwt;
+pub mod jwt_cache;
 pub mod keyring;
 pub mod names;
 pub mod replay;

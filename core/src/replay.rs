@@ -125,6 +125,18 @@ impl NonceWindow {
         out
     }
 
+    /// Parses [`NonceWindow::to_bytes`] output of any valid window size.
+    pub fn from_bytes_any(bytes: &[u8]) -> Option<Self> {
+        let words = bytes.len().checked_sub(8)? / 8;
+        let window = u32::try_from(words * 64).ok()?;
+        Self::from_bytes(bytes, window)
+    }
+
+    /// The window size in nonces.
+    pub fn window(&self) -> u32 {
+        (self.bits.len() * 64) as u32
+    }
+
     /// Parses [`NonceWindow::to_bytes`] output for a window of `window` nonces.
     /// Returns `None` when the bytes do not have that shape.
     pub fn from_bytes(bytes: &[u8], window: u32) -> Option<Self> {
@@ -266,6 +278,11 @@ mod tests {
         assert_eq!(NonceWindow::from_bytes(&b, 128), Some(w.clone()));
         assert_eq!(NonceWindow::from_bytes(&b, 64), None);
         assert_eq!(NonceWindow::from_bytes(&b[..b.len() - 1], 128), None);
+        assert_eq!(NonceWindow::from_bytes_any(&b), Some(w.clone()));
+        assert_eq!(NonceWindow::from_bytes_any(&b).unwrap().window(), 128);
+        assert_eq!(NonceWindow::from_bytes_any(&b[..8]), None);
+        assert_eq!(NonceWindow::from_bytes_any(&b[..b.len() - 1]), None);
+        assert_eq!(NonceWindow::from_bytes_any(&[]), None);
     }
 
     #[test]

@@ -190,3 +190,45 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The cargo target directory (`$CARGO_TARGET_DIR`, default `<root>/target`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn newest_mtime(dir: &Path) -> std::time::SystemTime {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            let t = if p.is_dir() {
+                newest_mtime(&p)
+            } else {
+                e.metadata().and_then(|m| m.modified()).unwrap_or(newest)
+            };
+            newest = newest.max(t);
+        }
+    }
+    newest
+}
+
+/// The built edge filter (`wasm32-wasip1`, release). Panics with the build command
+/// when it is missing or older than its sources, so a test never runs stale code.
+pub fn filter_wasm() -> PathBuf {
+    let p = target_dir().join("wasm32-wasip1/release/gw_filter.wasm");
+    let hint = "build it: cargo build --release --target wasm32-wasip1 -p gw-filter (scripts/test.sh does)";
+    let built = std::fs::metadata(&p)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} is missing; {hint}", p.display()));
+    let root = workspace_root();
+    for src in ["filter-wasm/src", "core/src", "proto"] {
+        assert!(
+            newest_mtime(&root.join(src)) <= built,
+            "{} is older than {src}; {hint}",
+            p.display()
+        );
+    }
+    p
+}

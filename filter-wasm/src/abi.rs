@@ -1,0 +1,227 @@
+//! The proxy-wasm ABI 0.2.1 host calls the filter makes, declared directly so every
+//! host status comes back as a value: the SDK's `hostcalls` panic on statuses they
+//! do not expect (e.g. `define_metric` on a host without metrics), and a panic in a
+//! worker VM would take down its request path.
+
+use crate::header_map;
+
+/// A host status other than `Ok`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status(pub u32);
+
+/// `CasMismatch`.
+pub const CAS_MISMATCH: Status = Status(8);
+
+/// Buffer: request body.
+pub const BUFFER_HTTP_REQUEST_BODY: u32 = 0;
+/// Buffer: plugin configuration.
+pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
+/// Map: request headers.
+const MAP_HTTP_REQUEST_HEADERS: u32 = 0;
+/// Metric type counter.
+const METRIC_COUNTER: u32 = 0;
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_code_details_data: *const u8,
+        status_code_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
+    fn proxy_define_metric(
+        metric_type: u32,
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+}
+
+fn check(s: u32) -> Result<(), Status> {
+    if s == 0 {
+        Ok(())
+    } else {
+        Err(Status(s))
+    }
+}
+
+/// Takes ownership of a host-returned buffer. The host allocates it through the
+/// SDK's `proxy_on_memory_allocate`, which hands out boxed slices of exactly `size`.
+///
+/// # Safety
+/// `ptr`/`size` must come from the host after a successful call.
+unsafe fn take(ptr: *mut u8, size: usize) -> Vec<u8> {
+    if ptr.is_null() || size == 0 {
+        return Vec::new();
+    }
+    Vec::from_raw_parts(ptr, size, size)
+}
+
+/// Log levels.
+#[derive(Debug, Clone, Copy)]
+pub enum Level {
+    /// Debug.
+    Debug = 1,
+    /// Info.
+    Info = 2,
+    /// Warn.
+    Warn = 3,
+    /// Error.
+    Error = 4,
+}
+
+/// Logs a line; a host that cannot log loses it.
+pub fn log(level: Level, msg: &str) {
+    // SAFETY: pointer and length describe `msg`.
+    let _ = unsafe { proxy_log(level as u32, msg.as_ptr(), msg.len()) };
+}
+
+/// Host time in nanoseconds since the epoch.
+pub fn now_nanos() -> Result<u64, Status> {
+    let mut t = 0u64;
+    // SAFETY: `t` is a valid out-pointer.
+    check(unsafe { proxy_get_current_time_nanoseconds(&mut t) })?;
+    Ok(t)
+}
+
+/// Reads up to `max` bytes of a buffer; `Ok(None)` when it is absent.
+pub fn get_buffer(buffer_type: u32, start: usize, max: usize) -> Result<Option<Vec<u8>>, Status> {
+    let mut p: *mut u8 = std::ptr::null_mut();
+    let mut n: usize = 0;
+    // SAFETY: valid out-pointers; ownership of the returned buffer is taken below.
+    match unsafe { proxy_get_buffer_bytes(buffer_type, start, max, &mut p, &mut n) } {
+        0 => Ok(Some(unsafe { take(p, n) })),
+        1 => Ok(None),
+        s => Err(Status(s)),
+    }
+}
+
+/// All request headers.
+pub fn request_headers() -> Result<Vec<(String, String)>, Status> {
+    let mut p: *mut u8 = std::ptr::null_mut();
+    let mut n: usize = 0;
+    // SAFETY: valid out-pointers; ownership of the returned buffer is taken below.
+    check(unsafe { proxy_get_header_map_pairs(MAP_HTTP_REQUEST_HEADERS, &mut p, &mut n) })?;
+    let bytes = unsafe { take(p, n) };
+    header_map::parse(&bytes).ok_or(Status(3))
+}
+
+/// Sets (replaces) a request header.
+pub fn set_request_header(key: &str, value: &str) -> Result<(), Status> {
+    // SAFETY: pointers and lengths describe live strings.
+    check(unsafe {
+        proxy_replace_header_map_value(
+            MAP_HTTP_REQUEST_HEADERS,
+            key.as_ptr(),
+            key.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    })
+}
+
+/// Removes a request header.
+pub fn remove_request_header(key: &str) -> Result<(), Status> {
+    // SAFETY: pointer and length describe `key`.
+    check(unsafe {
+        proxy_remove_header_map_value(MAP_HTTP_REQUEST_HEADERS, key.as_ptr(), key.len())
+    })
+}
+
+/// Answers the request locally.
+pub fn send_local_response(
+    status: u32,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<(), Status> {
+    let h = header_map::serialize(headers);
+    // SAFETY: pointers and lengths describe live buffers.
+    check(unsafe {
+        proxy_send_local_response(
+            status,
+            std::ptr::null(),
+            0,
+            body.as_ptr(),
+            body.len(),
+            h.as_ptr(),
+            h.len(),
+            -1,
+        )
+    })
+}
+
+/// Reads shared data: the value (if present) and its CAS (0 when absent).
+pub fn get_shared_data(key: &str) -> Result<(Option<Vec<u8>>, u32), Status> {
+    let mut p: *mut u8 = std::ptr::null_mut();
+    let mut n: usize = 0;
+    let mut cas: u32 = 0;
+    // SAFETY: valid out-pointers; ownership of the returned buffer is taken below.
+    match unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut p, &mut n, &mut cas) } {
+        0 => Ok((Some(unsafe { take(p, n) }), cas)),
+        1 => Ok((None, 0)),
+        s => Err(Status(s)),
+    }
+}
+
+/// Writes shared data if `cas` is 0 or matches.
+pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
+    // SAFETY: pointers and lengths describe live buffers.
+    check(unsafe {
+        proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
+    })
+}
+
+/// Defines a counter.
+pub fn define_counter(name: &str) -> Result<u32, Status> {
+    let mut id = 0u32;
+    // SAFETY: pointer/length describe `name`; `id` is a valid out-pointer.
+    check(unsafe { proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id) })?;
+    Ok(id)
+}
+
+/// Adds to a counter.
+pub fn increment(id: u32, by: i64) -> Result<(), Status> {
+    // SAFETY: plain values.
+    check(unsafe { proxy_increment_metric(id, by) })
+}

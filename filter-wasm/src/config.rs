@@ -1,0 +1,316 @@
+//! Plugin configuration: JSON, parsed and validated once in the root context. An
+//! invalid configuration fails plugin start with a clear message.
+
+use gw_core::jwk::{JwkJson, JwkSet};
+use gw_core::jwt::JwtPolicy;
+use gw_core::keyring::{KeyRing, KeyRingConfig};
+use gw_core::replay::{NonceWindow, DEFAULT_WINDOW};
+use gw_core::ControlPolicy;
+use serde::Deserialize;
+
+/// Largest body the filter will buffer.
+pub const MAX_BODY_LIMIT: usize = 1024 * 1024;
+
+/// JWKS document.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwksDoc {
+    /// The keys.
+    pub keys: Vec<JwkJson>,
+}
+
+/// The `jwt` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSection {
+    /// Keys that may sign tokens.
+    pub jwks: JwksDoc,
+    /// Claims policy.
+    #[serde(default)]
+    pub policy: JwtPolicy,
+    /// Verified tokens kept per worker.
+    #[serde(default = "default_cache")]
+    pub cache_entries: usize,
+}
+
+fn default_cache() -> usize {
+    1024
+}
+
+/// An access rule: requests whose path starts with `prefix` need `role` (with the
+/// role ladder), or nothing when `public`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRule {
+    /// Path prefix.
+    pub prefix: String,
+    /// Role needed.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// No authentication at all (dashboard assets).
+    #[serde(default)]
+    pub public: bool,
+}
+
+/// Names of the headers the filter sets for the upstream. Every header starting
+/// with `x-gw-` (and each of these) is removed from client requests first.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeaderNames {
+    /// JWT `sub`.
+    pub sub: String,
+    /// Roles, comma-separated.
+    pub roles: String,
+    /// Signing key id.
+    pub pubkey_id: String,
+    /// Command issuer.
+    pub issuer: String,
+    /// Command nonce.
+    pub nonce: String,
+    /// What was verified: `edge` (signed command) or `jwt`.
+    pub verified: String,
+}
+
+impl Default for HeaderNames {
+    fn default() -> Self {
+        HeaderNames {
+            sub: "x-gw-sub".into(),
+            roles: "x-gw-roles".into(),
+            pubkey_id: "x-gw-pubkey-id".into(),
+            issuer: "x-gw-issuer".into(),
+            nonce: "x-gw-nonce".into(),
+            verified: "x-gw-verified".into(),
+        }
+    }
+}
+
+impl HeaderNames {
+    /// All configured names.
+    pub fn all(&self) -> [&str; 6] {
+        [
+            &self.sub,
+            &self.roles,
+            &self.pubkey_id,
+            &self.issuer,
+            &self.nonce,
+            &self.verified,
+        ]
+    }
+}
+
+/// The plugin configuration as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Ed25519 command keys.
+    pub command_keys: KeyRingConfig,
+    /// JWT verification.
+    pub jwt: JwtSection,
+    /// Access rules (longest matching prefix wins).
+    pub routes: Vec<RouteRule>,
+    /// Path of the signed-command endpoint.
+    #[serde(default = "default_command_path")]
+    pub command_path: String,
+    /// Prefix of `/api/control/module/{name}:{action}`.
+    #[serde(default = "default_module_prefix")]
+    pub module_route_prefix: String,
+    /// Role needed on the command endpoints.
+    #[serde(default = "default_command_role")]
+    pub command_role: String,
+    /// Largest command body buffered.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Allowed clock skew for commands, seconds.
+    #[serde(default = "default_skew")]
+    pub max_skew_secs: u64,
+    /// Out-of-order replay window per issuer, nonces (multiple of 64).
+    #[serde(default = "default_window")]
+    pub replay_window: u32,
+    /// Prefix of the shared-data keys holding the edge replay state.
+    #[serde(default = "default_replay_prefix")]
+    pub replay_key_prefix: String,
+    /// Upstream header names.
+    #[serde(default)]
+    pub headers: HeaderNames,
+}
+
+fn default_command_path() -> String {
+    "/api/control/commands".into()
+}
+fn default_module_prefix() -> String {
+    "/api/control/module/".into()
+}
+fn default_command_role() -> String {
+    "admin".into()
+}
+fn default_max_body() -> usize {
+    gw_core::command::DEFAULT_MAX_COMMAND_BYTES
+}
+fn default_skew() -> u64 {
+    gw_core::freshness::DEFAULT_MAX_SKEW_SECS
+}
+fn default_window() -> u32 {
+    DEFAULT_WINDOW
+}
+fn default_replay_prefix() -> String {
+    "gw.replay.v1.".into()
+}
+
+/// Why a configuration is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not JSON of the expected shape.
+    #[error("configuration JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// Key ring problem.
+    #[error("command_keys: {0}")]
+    Keys(#[from] gw_core::keyring::KeyRingError),
+    /// JWKS problem.
+    #[error("jwt.jwks: {0}")]
+    Jwks(#[from] gw_core::jwk::KeyError),
+    /// Any other invalid value.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Settings {
+    /// Command verification rules.
+    pub control: ControlPolicy,
+    /// JWT keys.
+    pub jwks: JwkSet,
+    /// JWT policy.
+    pub jwt_policy: JwtPolicy,
+    /// JWT cache size.
+    pub jwt_cache_entries: usize,
+    /// Rules, longest prefix first.
+    pub routes: Vec<RouteRule>,
+    /// Signed-command endpoint.
+    pub command_path: String,
+    /// Module route prefix.
+    pub module_route_prefix: String,
+    /// Role for command endpoints.
+    pub command_role: String,
+    /// Replay window size.
+    pub replay_window: u32,
+    /// Shared-data key prefix.
+    pub replay_key_prefix: String,
+    /// Upstream header names.
+    pub headers: HeaderNames,
+}
+
+fn invalid(s: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(s.into())
+}
+
+fn valid_header_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl Settings {
+    /// Parses and validates the plugin configuration.
+    pub fn parse(bytes: &[u8]) -> Result<Settings, ConfigError> {
+        let c: FilterConfig = serde_json::from_slice(bytes)?;
+        let keyring = KeyRing::from_config(&c.command_keys)?;
+        if keyring.is_empty() {
+            return Err(invalid(
+                "command_keys.keys is empty: no command could ever verify",
+            ));
+        }
+        let jwks = JwkSet::from_json(&c.jwt.jwks.keys)?;
+        if jwks.keys.is_empty() {
+            return Err(invalid(
+                "jwt.jwks.keys is empty: no token could ever verify",
+            ));
+        }
+        if c.jwt.policy.algorithms.is_empty() {
+            return Err(invalid("jwt.policy.algorithms is empty"));
+        }
+        if c.jwt.policy.max_token_bytes == 0 || c.jwt.policy.max_token_bytes > 64 * 1024 {
+            return Err(invalid("jwt.policy.max_token_bytes must be 1..=65536"));
+        }
+        if c.max_body_bytes == 0 || c.max_body_bytes > MAX_BODY_LIMIT {
+            return Err(invalid(format!(
+                "max_body_bytes must be 1..={MAX_BODY_LIMIT}"
+            )));
+        }
+        NonceWindow::new(c.replay_window).map_err(|e| invalid(format!("replay_window: {e}")))?;
+        if c.routes.is_empty() {
+            return Err(invalid("routes is empty: every request would be refused"));
+        }
+        for r in &c.routes {
+            if !r.prefix.starts_with('/') {
+                return Err(invalid(format!(
+                    "route prefix `{}` must start with '/'",
+                    r.prefix
+                )));
+            }
+            match (&r.role, r.public) {
+                (Some(_), true) => {
+                    return Err(invalid(format!(
+                        "route `{}`: role and public exclude each other",
+                        r.prefix
+                    )))
+                }
+                (None, false) => {
+                    return Err(invalid(format!(
+                        "route `{}`: give a role or public: true",
+                        r.prefix
+                    )))
+                }
+                (Some(role), false) if role.is_empty() => {
+                    return Err(invalid(format!("route `{}`: empty role", r.prefix)))
+                }
+                _ => {}
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for r in &c.routes {
+            if !seen.insert(&r.prefix) {
+                return Err(invalid(format!(
+                    "route prefix `{}` appears twice",
+                    r.prefix
+                )));
+            }
+        }
+        for h in c.headers.all() {
+            if !valid_header_name(h) {
+                return Err(invalid(format!(
+                    "header name `{h}` must be lowercase letters, digits and '-'"
+                )));
+            }
+        }
+        if !c.command_path.starts_with('/') || !c.module_route_prefix.starts_with('/') {
+            return Err(invalid(
+                "command_path and module_route_prefix must start with '/'",
+            ));
+        }
+        let mut routes = c.routes;
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        Ok(Settings {
+            control: ControlPolicy {
+                keyring,
+                max_skew: c.max_skew_secs,
+                max_body: c.max_body_bytes,
+            },
+            jwks,
+            jwt_policy: c.jwt.policy,
+            jwt_cache_entries: c.jwt.cache_entries,
+            routes,
+            command_path: c.command_path,
+            module_route_prefix: c.module_route_prefix,
+            command_role: c.command_role,
+            replay_window: c.replay_window,
+            replay_key_prefix: c.replay_key_prefix,
+            headers: c.headers,
+        })
+    }
+
+    /// The rule for `path` (longest prefix), if any.
+    pub fn rule_for(&self, path: &str) -> Option<&RouteRule> {
+        self.routes.iter().find(|r| path.starts_with(&r.prefix))
+    }
+}

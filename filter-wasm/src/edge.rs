@@ -1,0 +1,267 @@
+//! The filter's decisions, as plain functions of the request and the clock, so they
+//! are tested natively; `glue.rs` only moves bytes between the host and these.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+
+use gw_core::jwt::VerifiedJwt;
+use gw_core::jwt_cache::JwtCache;
+use gw_core::names::parse_module_route;
+use gw_core::{roles, Action, Code, Module, Reject};
+
+use crate::config::Settings;
+use crate::replay_cas::{accept_nonce, SharedStore};
+
+/// What the filter needs from the request head.
+#[derive(Debug, Clone, Default)]
+pub struct RequestHead<'a> {
+    /// `:method`.
+    pub method: &'a str,
+    /// `:path`, query included.
+    pub path: &'a str,
+    /// `content-type`.
+    pub content_type: Option<&'a str>,
+    /// `authorization`.
+    pub authorization: Option<&'a str>,
+    /// `content-length`.
+    pub content_length: Option<&'a str>,
+    /// The request has no body.
+    pub end_of_stream: bool,
+}
+
+/// A signed command waiting for its body.
+#[derive(Debug, Clone)]
+pub struct PendingCommand {
+    jwt: VerifiedJwt,
+    route: Option<(Module, Action)>,
+}
+
+/// The decision on the request head.
+#[derive(Debug)]
+pub enum HeadDecision {
+    /// No authentication needed: forward as is.
+    Public,
+    /// JWT verified: forward with these headers.
+    Forward(Vec<(String, String)>),
+    /// Buffer the body, then call [`Edge::on_request_body`].
+    AwaitBody(PendingCommand),
+    /// Answer with this rejection.
+    Reject(Reject),
+}
+
+/// Headers to add upstream.
+pub type UpstreamHeaders = Vec<(String, String)>;
+
+/// Percent-encodes anything that is not printable ASCII, so a claim can never
+/// inject a header line.
+pub fn header_safe(s: &str) -> Cow<'_, str> {
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'%') {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for b in s.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The path without query or fragment.
+fn path_only(path: &str) -> &str {
+    path.split(['?', '#']).next().unwrap_or(path)
+}
+
+/// Refuses paths that could mean something else after normalisation upstream.
+fn path_is_canonical(p: &str) -> bool {
+    let lower = p.to_ascii_lowercase();
+    !(p.contains("//")
+        || p.contains('\\')
+        || lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains("%2e")
+        || p.split('/').any(|seg| seg == ".." || seg == "."))
+}
+
+fn is_protobuf(ct: Option<&str>) -> bool {
+    let Some(ct) = ct else { return false };
+    let media = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    matches!(
+        media.as_str(),
+        "application/x-protobuf" | "application/protobuf" | "application/octet-stream"
+    )
+}
+
+fn bearer(auth: Option<&str>) -> Result<&str, Reject> {
+    let a = auth.ok_or_else(|| Reject::new(Code::JwtMissing, "no Authorization header"))?;
+    let (scheme, token) = a
+        .trim()
+        .split_once(' ')
+        .ok_or_else(|| Reject::new(Code::JwtMissing, "Authorization is not `Bearer <token>`"))?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(Reject::new(
+            Code::JwtMissing,
+            "Authorization is not `Bearer <token>`",
+        ));
+    }
+    Ok(token.trim())
+}
+
+/// The edge filter's state in one worker: settings and the JWT cache.
+#[derive(Debug)]
+pub struct Edge {
+    /// The validated configuration.
+    pub settings: Settings,
+    cache: RefCell<JwtCache>,
+}
+
+impl Edge {
+    /// Builds the filter state from validated settings.
+    pub fn new(settings: Settings) -> Edge {
+        let cache = RefCell::new(JwtCache::new(settings.jwt_cache_entries));
+        Edge { settings, cache }
+    }
+
+    fn jwt(&self, head: &RequestHead<'_>, need: &str, now: u64) -> Result<VerifiedJwt, Reject> {
+        let token = bearer(head.authorization)?;
+        let s = &self.settings;
+        let v = match self.cache.try_borrow_mut() {
+            Ok(mut c) => c.verify(token, &s.jwks, &s.jwt_policy, now)?,
+            // Re-entrancy cannot happen in a single-threaded VM; verify uncached if it did.
+            Err(_) => gw_core::jwt::verify_jwt(token, &s.jwks, &s.jwt_policy, now)?,
+        };
+        if !roles::satisfies(&v.roles, need) {
+            return Err(Reject::with(
+                Code::ForbiddenRole,
+                format!("this route needs role `{need}`"),
+            ));
+        }
+        Ok(v)
+    }
+
+    fn jwt_headers(&self, v: &VerifiedJwt, verified: &str) -> UpstreamHeaders {
+        let h = &self.settings.headers;
+        let mut out = Vec::with_capacity(6);
+        if let Some(sub) = &v.sub {
+            out.push((h.sub.clone(), header_safe(sub).into_owned()));
+        }
+        out.push((
+            h.roles.clone(),
+            header_safe(&v.roles.join(",")).into_owned(),
+        ));
+        out.push((h.verified.clone(), verified.to_owned()));
+        out
+    }
+
+    /// Too large to buffer?
+    pub fn body_too_large(&self, size: usize) -> Option<Reject> {
+        let max = self.settings.control.max_body;
+        (size > max).then(|| Reject::with(Code::TooLarge, format!("body is over {max} bytes")))
+    }
+
+    /// Decides on the request head.
+    pub fn on_request_headers(&self, head: &RequestHead<'_>, now: u64) -> HeadDecision {
+        match self.decide_head(head, now) {
+            Ok(d) => d,
+            Err(r) => HeadDecision::Reject(r),
+        }
+    }
+
+    fn decide_head(&self, head: &RequestHead<'_>, now: u64) -> Result<HeadDecision, Reject> {
+        let s = &self.settings;
+        let path = path_only(head.path);
+        let is_command = path == s.command_path;
+        let is_module = path.starts_with(&s.module_route_prefix);
+        if !path_is_canonical(path) {
+            return Err(Reject::new(
+                Code::Malformed,
+                "path is not in canonical form",
+            ));
+        }
+        if !is_command && !is_module {
+            let rule = s.rule_for(path).ok_or_else(|| {
+                Reject::new(Code::ForbiddenRole, "no access rule covers this path")
+            })?;
+            return match &rule.role {
+                None => Ok(HeadDecision::Public),
+                Some(role) => {
+                    let v = self.jwt(head, role, now)?;
+                    Ok(HeadDecision::Forward(self.jwt_headers(&v, "jwt")))
+                }
+            };
+        }
+
+        if head.method != "POST" {
+            return Err(Reject::new(
+                Code::MethodNotAllowed,
+                "control endpoints accept POST only",
+            ));
+        }
+        let route = if is_module {
+            Some(parse_module_route(path).ok_or_else(|| {
+                Reject::new(Code::Malformed, "route names an unknown module or action")
+            })?)
+        } else {
+            None
+        };
+        let v = self.jwt(head, &s.command_role, now)?;
+        if is_module && !is_protobuf(head.content_type) {
+            // The JSON control route: the sidecar builds and signs the command.
+            return Ok(HeadDecision::Forward(self.jwt_headers(&v, "jwt")));
+        }
+        if let Some(cl) = head.content_length {
+            let n: usize = cl
+                .trim()
+                .parse()
+                .map_err(|_| Reject::new(Code::Malformed, "content-length is not a number"))?;
+            if let Some(r) = self.body_too_large(n) {
+                return Err(r);
+            }
+        }
+        if head.end_of_stream {
+            return Err(Reject::new(
+                Code::Malformed,
+                "a signed command needs a body",
+            ));
+        }
+        Ok(HeadDecision::AwaitBody(PendingCommand { jwt: v, route }))
+    }
+
+    /// Verifies a buffered signed command and records its nonce in the edge replay
+    /// state; returns the headers to add upstream.
+    pub fn on_request_body(
+        &self,
+        pending: &PendingCommand,
+        body: &[u8],
+        now: u64,
+        store: &impl SharedStore,
+    ) -> Result<UpstreamHeaders, Reject> {
+        let s = &self.settings;
+        let v = s.control.check(body, now, pending.route)?;
+        let c = &v.command;
+        let key = format!("{}{}", s.replay_key_prefix, c.issuer);
+        accept_nonce(store, &key, s.replay_window, c.nonce)?;
+        let h = &s.headers;
+        let mut out = self.jwt_headers(&pending.jwt, "edge");
+        out.push((h.pubkey_id.clone(), header_safe(&c.pubkey_id).into_owned()));
+        out.push((h.issuer.clone(), header_safe(&c.issuer).into_owned()));
+        out.push((h.nonce.clone(), c.nonce.to_string()));
+        Ok(out)
+    }
+
+    /// Whether a client-sent header must be removed before anything else.
+    pub fn is_reserved_header(&self, name: &str) -> bool {
+        let n = name.to_ascii_lowercase();
+        n.starts_with("x-gw-") || self.settings.headers.all().contains(&n.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests;

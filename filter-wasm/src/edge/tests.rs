@@ -1,0 +1,340 @@
+use super::*;
+use crate::replay_cas::tests::EnvoyLikeStore;
+use gw_core::jwk::b64url_encode;
+use gw_core::{sign_command, Command};
+use std::collections::BTreeMap;
+
+const NOW: u64 = 1_750_000_000;
+const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
+
+fn sk() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[1; 32])
+}
+
+fn config() -> serde_json::Value {
+    serde_json::json!({
+        "command_keys": {"keys": [{"id": "op-admin-1", "public_key_hex": hex(sk().verifying_key().as_bytes())}]},
+        "jwt": {
+            "jwks": {"keys": [{"kty": "oct", "kid": "dev", "k": b64url_encode(SECRET)}]},
+            "policy": {"issuers": ["defi-dashboard"], "audiences": ["defi-users"]}
+        },
+        "routes": [
+            {"prefix": "/api/ledger/", "role": "viewer"},
+            {"prefix": "/api/", "role": "operator"},
+            {"prefix": "/", "public": true}
+        ],
+        "max_body_bytes": 4096,
+        "replay_window": 64
+    })
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn edge() -> Edge {
+    Edge::new(Settings::parse(config().to_string().as_bytes()).unwrap())
+}
+
+fn token(roles: &[&str]) -> String {
+    let claims = serde_json::json!({"sub": "alice", "iss": "defi-dashboard", "aud": "defi-users", "exp": NOW + 600, "roles": roles});
+    format!(
+        "Bearer {}",
+        gw_core::jwt::mint_hs256(SECRET, Some("dev"), claims.as_object().unwrap()).unwrap()
+    )
+}
+
+fn command(nonce: u64, action: Action, args: &[(&str, &str)]) -> Vec<u8> {
+    let c = Command {
+        ts: NOW,
+        module: Module::Mev.to_proto() as i32,
+        action: action.to_proto() as i32,
+        args: args
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+        request_id: format!("r{nonce}"),
+        issuer: "dashboard".into(),
+        schema_version: "ctrl-v1".into(),
+        nonce,
+        ..Default::default()
+    };
+    sign_command(&c, &sk(), "op-admin-1")
+}
+
+fn head<'a>(method: &'a str, path: &'a str, auth: Option<&'a str>) -> RequestHead<'a> {
+    RequestHead {
+        method,
+        path,
+        content_type: Some("application/x-protobuf"),
+        authorization: auth,
+        content_length: None,
+        end_of_stream: false,
+    }
+}
+
+fn reject_code(d: HeadDecision) -> Code {
+    match d {
+        HeadDecision::Reject(r) => r.code,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_example_configuration_loads() {
+    let text = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.json")).unwrap();
+    let s = Settings::parse(&text).unwrap();
+    assert_eq!(s.command_path, "/api/control/commands");
+    assert!(s.rule_for("/index.html").is_some_and(|r| r.public));
+}
+
+#[test]
+fn invalid_configurations_are_refused_clearly() {
+    type Mutation = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(Mutation, &str)> = vec![
+        (
+            Box::new(|c| c["command_keys"]["keys"] = serde_json::json!([])),
+            "command_keys.keys is empty",
+        ),
+        (
+            Box::new(|c| c["jwt"]["jwks"]["keys"][0]["k"] = "c2hvcnQ".into()),
+            "at least 32",
+        ),
+        (
+            Box::new(|c| c["routes"] = serde_json::json!([])),
+            "routes is empty",
+        ),
+        (
+            Box::new(|c| c["routes"][0]["public"] = true.into()),
+            "exclude each other",
+        ),
+        (
+            Box::new(|c| c["routes"][2]["public"] = false.into()),
+            "give a role",
+        ),
+        (
+            Box::new(|c| c["max_body_bytes"] = 0.into()),
+            "max_body_bytes",
+        ),
+        (
+            Box::new(|c| c["replay_window"] = 100.into()),
+            "replay_window",
+        ),
+        (Box::new(|c| c["surprise"] = 1.into()), "unknown field"),
+        (
+            Box::new(|c| c["headers"] = serde_json::json!({"sub": "X-Bad Header"})),
+            "header name",
+        ),
+        (
+            Box::new(|c| c["jwt"]["policy"]["algorithms"] = serde_json::json!(["none"])),
+            "unknown variant",
+        ),
+    ];
+    for (mutate, needle) in cases {
+        let mut c = config();
+        mutate(&mut c);
+        let err = Settings::parse(c.to_string().as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "`{err}` should mention `{needle}`");
+    }
+    assert!(Settings::parse(b"not json").is_err());
+}
+
+#[test]
+fn routes_need_the_right_role() {
+    let e = edge();
+    let viewer = token(&["viewer"]);
+    let op = token(&["operator"]);
+    assert!(matches!(
+        e.on_request_headers(&head("GET", "/index.html", None), NOW),
+        HeadDecision::Public
+    ));
+    assert_eq!(
+        reject_code(e.on_request_headers(&head("GET", "/api/modules", None), NOW)),
+        Code::JwtMissing
+    );
+    assert_eq!(
+        reject_code(e.on_request_headers(&head("GET", "/api/modules", Some(&viewer)), NOW)),
+        Code::ForbiddenRole
+    );
+    match e.on_request_headers(&head("GET", "/api/ledger/history?x=1", Some(&viewer)), NOW) {
+        HeadDecision::Forward(h) => {
+            assert!(h.contains(&("x-gw-sub".into(), "alice".into())));
+            assert!(h.contains(&("x-gw-roles".into(), "viewer".into())));
+            assert!(h.contains(&("x-gw-verified".into(), "jwt".into())));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        e.on_request_headers(&head("GET", "/api/modules", Some(&op)), NOW),
+        HeadDecision::Forward(_)
+    ));
+    assert_eq!(
+        reject_code(e.on_request_headers(&head("GET", "/api/modules", Some("Basic abc")), NOW)),
+        Code::JwtMissing
+    );
+    assert_eq!(
+        reject_code(e.on_request_headers(&head("GET", "/api/modules", Some("Bearer x.y.z")), NOW)),
+        Code::JwtMalformed
+    );
+    assert_eq!(
+        reject_code(e.on_request_headers(&head("GET", "/api/modules", Some(&op)), NOW + 10_000)),
+        Code::JwtExpired
+    );
+    for p in [
+        "/api//control/commands",
+        "/api/control/%2e%2e/x",
+        "/api/../api/control/commands",
+        "/api/x%2Fy",
+    ] {
+        assert_eq!(
+            reject_code(e.on_request_headers(&head("GET", p, Some(&op)), NOW)),
+            Code::Malformed,
+            "{p}"
+        );
+    }
+}
+
+#[test]
+fn signed_commands_are_verified_and_accepted_once() {
+    let e = edge();
+    let store = EnvoyLikeStore::default();
+    let admin = token(&["admin"]);
+    let body = command(11, Action::Throttle, &[("throttle_pct", "40")]);
+    let HeadDecision::AwaitBody(p) =
+        e.on_request_headers(&head("POST", "/api/control/commands", Some(&admin)), NOW)
+    else {
+        panic!("expected to await the body")
+    };
+    let h = e.on_request_body(&p, &body, NOW, &store).unwrap();
+    for (k, v) in [
+        ("x-gw-sub", "alice"),
+        ("x-gw-roles", "admin"),
+        ("x-gw-pubkey-id", "op-admin-1"),
+        ("x-gw-issuer", "dashboard"),
+        ("x-gw-nonce", "11"),
+        ("x-gw-verified", "edge"),
+    ] {
+        assert!(h.contains(&(k.to_string(), v.to_string())), "{k}: {h:?}");
+    }
+    assert_eq!(
+        e.on_request_body(&p, &body, NOW, &store).unwrap_err().code,
+        Code::Replay
+    );
+}
+
+#[test]
+fn command_rejections() {
+    let e = edge();
+    let store = EnvoyLikeStore::default();
+    let admin = token(&["admin"]);
+    let op = token(&["operator"]);
+    let cmd_head = |auth| head("POST", "/api/control/commands", auth);
+    assert_eq!(
+        reject_code(e.on_request_headers(&cmd_head(None), NOW)),
+        Code::JwtMissing
+    );
+    assert_eq!(
+        reject_code(e.on_request_headers(&cmd_head(Some(&op)), NOW)),
+        Code::ForbiddenRole
+    );
+    assert_eq!(
+        reject_code(e.on_request_headers(&head("GET", "/api/control/commands", Some(&admin)), NOW)),
+        Code::MethodNotAllowed
+    );
+    let mut big = cmd_head(Some(&admin));
+    big.content_length = Some("4097");
+    assert_eq!(reject_code(e.on_request_headers(&big, NOW)), Code::TooLarge);
+    let mut empty = cmd_head(Some(&admin));
+    empty.end_of_stream = true;
+    assert_eq!(
+        reject_code(e.on_request_headers(&empty, NOW)),
+        Code::Malformed
+    );
+    assert_eq!(
+        reject_code(e.on_request_headers(
+            &head("POST", "/api/control/module/hft:stop", Some(&admin)),
+            NOW
+        )),
+        Code::Malformed
+    );
+
+    let HeadDecision::AwaitBody(p) = e.on_request_headers(&cmd_head(Some(&admin)), NOW) else {
+        panic!()
+    };
+    let good = command(20, Action::Throttle, &[("throttle_pct", "40")]);
+    let code = |b: &[u8], now| e.on_request_body(&p, b, now, &store).unwrap_err().code;
+    assert_eq!(code(&good[..good.len() - 1], NOW), Code::Malformed);
+    let mut flipped = good.clone();
+    flipped[3] ^= 1;
+    assert!(e.on_request_body(&p, &flipped, NOW, &store).is_err());
+    assert_eq!(code(&good, NOW + 31), Code::Stale);
+    assert_eq!(code(&good, NOW - 31), Code::Future);
+    assert_eq!(
+        code(
+            &command(21, Action::Throttle, &[("throttle_pct", "400")]),
+            NOW
+        ),
+        Code::BadArgs
+    );
+    let other = gw_core::sign_command(
+        &<Command as prost::Message>::decode(&good[..]).unwrap(),
+        &ed25519_dalek::SigningKey::from_bytes(&[2; 32]),
+        "op-admin-1",
+    );
+    assert_eq!(code(&other, NOW), Code::BadSignature);
+    assert_eq!(e.body_too_large(4097).unwrap().code, Code::TooLarge);
+
+    // Route binding.
+    let HeadDecision::AwaitBody(pk) = e.on_request_headers(
+        &head("POST", "/api/control/module/mev:kill", Some(&admin)),
+        NOW,
+    ) else {
+        panic!()
+    };
+    assert_eq!(
+        e.on_request_body(&pk, &good, NOW, &store).unwrap_err().code,
+        Code::RouteMismatch
+    );
+    let HeadDecision::AwaitBody(pt) = e.on_request_headers(
+        &head("POST", "/api/control/module/mev:throttle", Some(&admin)),
+        NOW,
+    ) else {
+        panic!()
+    };
+    assert!(e.on_request_body(&pt, &good, NOW, &store).is_ok());
+}
+
+#[test]
+fn json_control_route_needs_only_admin() {
+    let e = edge();
+    let mut h = head("POST", "/api/control/module/mev:throttle", Some(""));
+    h.content_type = Some("application/json");
+    let admin = token(&["admin"]);
+    h.authorization = Some(&admin);
+    match e.on_request_headers(&h, NOW) {
+        HeadDecision::Forward(hs) => assert!(hs.contains(&("x-gw-verified".into(), "jwt".into()))),
+        other => panic!("{other:?}"),
+    }
+    let op = token(&["operator"]);
+    h.authorization = Some(&op);
+    assert_eq!(
+        reject_code(e.on_request_headers(&h, NOW)),
+        Code::ForbiddenRole
+    );
+}
+
+#[test]
+fn reserved_headers_and_safe_values() {
+    let e = edge();
+    assert!(e.is_reserved_header("X-GW-Sub"));
+    assert!(e.is_reserved_header("x-gw-anything"));
+    assert!(!e.is_reserved_header("x-request-id"));
+    assert_eq!(header_safe("alice"), "alice");
+    assert_eq!(
+        header_safe("a\r\nx-gw-roles: admin"),
+        "a%0D%0Ax-gw-roles: admin"
+    );
+    assert_eq!(header_safe("100%"), "100%25");
+}

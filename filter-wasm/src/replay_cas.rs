@@ -1,0 +1,199 @@
+//! The edge copy of the replay state in proxy-wasm shared data, updated with CAS so
+//! that every worker VM agrees: a nonce is accepted at most once across workers.
+//!
+//! Envoy's shared data checks a CAS value only when the key already exists, so two
+//! first writes with `cas = 0` both succeed. We never write a key blindly: a missing
+//! key is *created* with a CAS value no live entry holds ([`CREATE_CAS`]), which
+//! succeeds only while the key is absent; every later change is a CAS update. On a
+//! host that refuses a non-zero CAS for a missing key, we fall back to a plain create
+//! (the sidecar's replay guard stays authoritative either way).
+
+use gw_core::replay::NonceWindow;
+use gw_core::{Code, Reject};
+
+/// CAS value used to create a key only while it does not exist.
+pub const CREATE_CAS: u32 = u32::MAX;
+/// Attempts before giving up under contention.
+pub const MAX_ATTEMPTS: usize = 32;
+
+/// Why the store refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The key changed since it was read.
+    CasMismatch,
+    /// The host failed.
+    Unavailable(String),
+}
+
+/// Process-wide key/value data with CAS (proxy-wasm shared data).
+pub trait SharedStore {
+    /// The value and its CAS (0 when the key is absent).
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, u32), StoreError>;
+    /// Sets `value` if `cas` is 0 or matches the key's current CAS.
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError>;
+}
+
+fn unavailable(detail: String) -> Reject {
+    Reject::with(Code::ReplayUnavailable, detail)
+}
+
+/// Accepts `nonce` once in the window stored at `key` (created with `window` nonces).
+pub fn accept_nonce(
+    store: &impl SharedStore,
+    key: &str,
+    window: u32,
+    nonce: u64,
+) -> Result<(), Reject> {
+    let empty = NonceWindow::new(window)
+        .map_err(|e| unavailable(e.to_string()))?
+        .to_bytes();
+    let mut tried_create = false;
+    for _ in 0..MAX_ATTEMPTS {
+        let (value, cas) = store
+            .get(key)
+            .map_err(|e| unavailable(format!("shared data get: {e:?}")))?;
+        let Some(bytes) = value else {
+            // Strict hosts refuse CREATE_CAS on a missing key; then create plainly.
+            let create_cas = if tried_create { 0 } else { CREATE_CAS };
+            tried_create = true;
+            match store.set(key, &empty, create_cas) {
+                Ok(()) | Err(StoreError::CasMismatch) => continue,
+                Err(StoreError::Unavailable(e)) => {
+                    return Err(unavailable(format!("shared data create: {e}")))
+                }
+            }
+        };
+        let mut w = NonceWindow::from_bytes_any(&bytes)
+            .ok_or_else(|| unavailable(format!("shared data at `{key}` is not a replay window")))?;
+        w.accept(nonce)?;
+        match store.set(key, &w.to_bytes(), cas) {
+            Ok(()) => return Ok(()),
+            Err(StoreError::CasMismatch) => continue,
+            Err(StoreError::Unavailable(e)) => {
+                return Err(unavailable(format!("shared data set: {e}")))
+            }
+        }
+    }
+    Err(unavailable("replay state is contended; retry".into()))
+}
+
+type Entries = std::collections::HashMap<String, (Vec<u8>, u32)>;
+
+/// Shared data in memory with Envoy's semantics — one mutex, CAS checked only for
+/// existing keys, CAS values from a global counter that skips 0 — for tests and
+/// test hosts.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: std::sync::Mutex<(Entries, u32)>,
+    /// Refuse a non-zero CAS on a missing key (a stricter host than Envoy).
+    pub strict: bool,
+}
+
+impl MemoryStore {
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.inner.lock().map_or(0, |g| g.0.len())
+    }
+
+    /// Whether no key exists.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl SharedStore for MemoryStore {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, u32), StoreError> {
+        let g = self
+            .inner
+            .lock()
+            .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
+        Ok(match g.0.get(key) {
+            Some((v, c)) => (Some(v.clone()), *c),
+            None => (None, 0),
+        })
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        let mut g = self
+            .inner
+            .lock()
+            .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
+        g.1 = g.1.wrapping_add(1).max(1);
+        let next = g.1;
+        match g.0.get_mut(key) {
+            Some((v, c)) => {
+                if cas != 0 && cas != *c {
+                    return Err(StoreError::CasMismatch);
+                }
+                *v = value.to_vec();
+                *c = next;
+            }
+            None if self.strict && cas != 0 => return Err(StoreError::CasMismatch),
+            None => {
+                g.0.insert(key.to_owned(), (value.to_vec(), next));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    pub use super::MemoryStore as EnvoyLikeStore;
+    use super::*;
+
+    #[test]
+    fn accepts_once_and_creates_the_key() {
+        for strict in [false, true] {
+            let s = EnvoyLikeStore {
+                strict,
+                ..Default::default()
+            };
+            accept_nonce(&s, "k", 64, 5).unwrap();
+            assert_eq!(accept_nonce(&s, "k", 64, 5).unwrap_err().code, Code::Replay);
+            accept_nonce(&s, "k", 64, 4).unwrap();
+            accept_nonce(&s, "other", 64, 5).unwrap();
+        }
+    }
+
+    #[test]
+    fn creating_never_erases_an_existing_window() {
+        let s = EnvoyLikeStore::default();
+        accept_nonce(&s, "k", 64, 9).unwrap();
+        // A late "create" from another worker must fail, not reset the window.
+        assert_eq!(
+            s.set("k", &NonceWindow::new(64).unwrap().to_bytes(), CREATE_CAS),
+            Err(StoreError::CasMismatch)
+        );
+        assert_eq!(accept_nonce(&s, "k", 64, 9).unwrap_err().code, Code::Replay);
+    }
+
+    #[test]
+    fn corrupt_state_fails_closed() {
+        let s = EnvoyLikeStore::default();
+        s.set("k", b"junk", 0).unwrap();
+        assert_eq!(
+            accept_nonce(&s, "k", 64, 1).unwrap_err().code,
+            Code::ReplayUnavailable
+        );
+    }
+
+    #[test]
+    fn concurrent_duplicates_are_accepted_exactly_once() {
+        for round in 0..50u64 {
+            let s = std::sync::Arc::new(EnvoyLikeStore::default());
+            let oks: usize = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..8)
+                    .map(|_| {
+                        let s = s.clone();
+                        sc.spawn(move || {
+                            accept_nonce(&*s, "issuer", 64, 1000 + round).is_ok() as usize
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).sum()
+            });
+            assert_eq!(oks, 1, "round {round}");
+        }
+    }
+}

@@ -1,0 +1,643 @@
+//! A test-only proxy-wasm 0.2.1 host on wasmtime: loads the built filter, implements
+//! the host calls it uses (headers, bodies, local responses, shared data with Envoy's
+//! CAS semantics, metrics, logs, time) and drives requests through it. Several
+//! `Vm`s share one `SharedData`, as Envoy's worker VMs do.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use gw_filter::replay_cas::SharedStore;
+
+use wasmtime::{Caller, Engine, Extern, Instance, Linker, Memory, Module, Store, TypedFunc};
+
+/// Envoy's shared-data semantics, shared by every VM of a host.
+pub type SharedData = gw_filter::replay_cas::MemoryStore;
+
+/// A local response sent by the filter.
+#[derive(Debug, Clone)]
+pub struct LocalResponse {
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// What happened to a request.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Forwarded upstream with these headers and body.
+    Forwarded {
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    /// Answered by the filter.
+    Local(LocalResponse),
+}
+
+impl Outcome {
+    pub fn status(&self) -> u32 {
+        match self {
+            Outcome::Forwarded { .. } => 200,
+            Outcome::Local(l) => l.status,
+        }
+    }
+
+    /// The rejection code of a local JSON response.
+    pub fn code(&self) -> Option<String> {
+        match self {
+            Outcome::Local(l) => serde_json::from_slice::<serde_json::Value>(&l.body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned)),
+            _ => None,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        match self {
+            Outcome::Forwarded { headers, .. } => headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str()),
+            _ => None,
+        }
+    }
+}
+
+pub struct State {
+    shared: Arc<SharedData>,
+    plugin_config: Vec<u8>,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    local: Option<LocalResponse>,
+    pub logs: Vec<(i32, String)>,
+    metric_names: Vec<String>,
+    metric_values: Vec<i64>,
+    pub now_secs: u64,
+    /// Answer "not supported" to define_metric, like hosts without metrics.
+    pub no_metrics: bool,
+}
+
+fn memory(caller: &mut Caller<'_, State>) -> Memory {
+    match caller.get_export("memory") {
+        Some(Extern::Memory(m)) => m,
+        _ => panic!("filter exports no memory"),
+    }
+}
+
+fn read(caller: &mut Caller<'_, State>, ptr: i32, len: i32) -> Vec<u8> {
+    let mut buf = vec![0u8; len as usize];
+    memory(caller)
+        .read(&*caller, ptr as usize, &mut buf)
+        .expect("guest read");
+    buf
+}
+
+fn write_u32(caller: &mut Caller<'_, State>, ptr: i32, v: u32) {
+    memory(caller)
+        .write(&mut *caller, ptr as usize, &v.to_le_bytes())
+        .expect("guest write");
+}
+
+/// Copies `data` into guest memory allocated by the guest; writes pointer and size.
+fn give(caller: &mut Caller<'_, State>, data: &[u8], ptr_ptr: i32, size_ptr: i32) {
+    let alloc = caller
+        .get_export("proxy_on_memory_allocate")
+        .and_then(Extern::into_func)
+        .expect("proxy_on_memory_allocate");
+    let alloc = alloc.typed::<i32, i32>(&*caller).expect("alloc type");
+    let p = alloc.call(&mut *caller, data.len() as i32).expect("alloc");
+    memory(caller)
+        .write(&mut *caller, p as usize, data)
+        .expect("guest write");
+    write_u32(caller, ptr_ptr, p as u32);
+    write_u32(caller, size_ptr, data.len() as u32);
+}
+
+fn serialize_map(pairs: &[(String, String)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+    for (k, v) in pairs {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+fn deserialize_map(b: &[u8]) -> Vec<(String, String)> {
+    if b.len() < 4 {
+        return Vec::new();
+    }
+    let n = u32::from_le_bytes(b[0..4].try_into().unwrap()) as usize;
+    let mut sizes = Vec::new();
+    for i in 0..n {
+        let o = 4 + i * 8;
+        let k = u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as usize;
+        let v = u32::from_le_bytes(b[o + 4..o + 8].try_into().unwrap()) as usize;
+        sizes.push((k, v));
+    }
+    let mut p = 4 + n * 8;
+    let mut out = Vec::new();
+    for (k, v) in sizes {
+        let key = String::from_utf8_lossy(&b[p..p + k]).into_owned();
+        p += k + 1;
+        let val = String::from_utf8_lossy(&b[p..p + v]).into_owned();
+        p += v + 1;
+        out.push((key, val));
+    }
+    out
+}
+
+const OK: i32 = 0;
+const NOT_FOUND: i32 = 1;
+const BAD_ARGUMENT: i32 = 2;
+const CAS_MISMATCH: i32 = 8;
+const UNIMPLEMENTED: i32 = 12;
+
+/// The built filter (`bash scripts/test.sh` builds it first).
+pub fn filter_wasm() -> PathBuf {
+    testkit::filter_wasm()
+}
+
+/// A compiled filter module and its engine.
+pub struct Host {
+    engine: Engine,
+    module: Module,
+    pub shared: Arc<SharedData>,
+}
+
+impl Host {
+    /// A host with fresh shared data. The module is compiled once per test binary.
+    pub fn new() -> Host {
+        static COMPILED: std::sync::OnceLock<(Engine, Module)> = std::sync::OnceLock::new();
+        let (engine, module) = COMPILED.get_or_init(|| {
+            let engine = Engine::default();
+            let module = Module::from_file(&engine, filter_wasm()).expect("load filter wasm");
+            (engine, module)
+        });
+        Host {
+            engine: engine.clone(),
+            module: module.clone(),
+            shared: Arc::new(SharedData::default()),
+        }
+    }
+
+    /// The module's exports.
+    pub fn exports(&self) -> Vec<String> {
+        self.module.exports().map(|e| e.name().to_owned()).collect()
+    }
+
+    /// The module's imports, as `module::name`.
+    pub fn imports(&self) -> Vec<String> {
+        self.module
+            .imports()
+            .map(|i| format!("{}::{}", i.module(), i.name()))
+            .collect()
+    }
+
+    fn linker(&self) -> Linker<State> {
+        let mut l: Linker<State> = Linker::new(&self.engine);
+        l.func_wrap(
+            "env",
+            "proxy_log",
+            |mut c: Caller<'_, State>, level: i32, p: i32, n: i32| -> i32 {
+                let msg = String::from_utf8_lossy(&read(&mut c, p, n)).into_owned();
+                c.data_mut().logs.push((level, msg));
+                OK
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_get_log_level",
+            |mut c: Caller<'_, State>, ret: i32| -> i32 {
+                write_u32(&mut c, ret, 1);
+                OK
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_get_current_time_nanoseconds",
+            |mut c: Caller<'_, State>, ret: i32| -> i32 {
+                let ns = c.data().now_secs * 1_000_000_000;
+                memory(&mut c)
+                    .write(&mut c, ret as usize, &ns.to_le_bytes())
+                    .unwrap();
+                OK
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_set_tick_period_milliseconds",
+            |_: Caller<'_, State>, _ms: i32| -> i32 { OK },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_get_buffer_bytes",
+            |mut c: Caller<'_, State>, kind: i32, start: i32, max: i32, pp: i32, sp: i32| -> i32 {
+                let data = match kind {
+                    0 => c.data().body.clone(),          // HttpRequestBody
+                    7 => c.data().plugin_config.clone(), // PluginConfiguration
+                    _ => return NOT_FOUND,
+                };
+                let start = (start as u32 as usize).min(data.len());
+                let end = start.saturating_add(max as u32 as usize).min(data.len());
+                if start == end {
+                    return NOT_FOUND;
+                }
+                give(&mut c, &data[start..end], pp, sp);
+                OK
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_get_header_map_pairs",
+            |mut c: Caller<'_, State>, kind: i32, pp: i32, sp: i32| -> i32 {
+                if kind != 0 {
+                    return NOT_FOUND;
+                }
+                let data = serialize_map(&c.data().headers);
+                give(&mut c, &data, pp, sp);
+                OK
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_get_header_map_value",
+            |mut c: Caller<'_, State>, kind: i32, kp: i32, ks: i32, pp: i32, sp: i32| -> i32 {
+                if kind != 0 {
+                    return NOT_FOUND;
+                }
+                let key = String::from_utf8_lossy(&read(&mut c, kp, ks)).to_ascii_lowercase();
+                let v = c
+                    .data()
+                    .headers
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| v.clone());
+                match v {
+                    Some(v) => {
+                        give(&mut c, v.as_bytes(), pp, sp);
+                        OK
+                    }
+                    None => NOT_FOUND,
+                }
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_replace_header_map_value",
+            |mut c: Caller<'_, State>, kind: i32, kp: i32, ks: i32, vp: i32, vs: i32| -> i32 {
+                if kind != 0 {
+                    return BAD_ARGUMENT;
+                }
+                let key = String::from_utf8_lossy(&read(&mut c, kp, ks)).to_ascii_lowercase();
+                let val = String::from_utf8_lossy(&read(&mut c, vp, vs)).into_owned();
+                let h = &mut c.data_mut().headers;
+                h.retain(|(k, _)| *k != key);
+                h.push((key, val));
+                OK
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_add_header_map_value",
+            |mut c: Caller<'_, State>, kind: i32, kp: i32, ks: i32, vp: i32, vs: i32| -> i32 {
+                if kind != 0 {
+                    return BAD_ARGUMENT;
+                }
+                let key = String::from_utf8_lossy(&read(&mut c, kp, ks)).to_ascii_lowercase();
+                let val = String::from_utf8_lossy(&read(&mut c, vp, vs)).into_owned();
+                c.data_mut().headers.push((key, val));
+                OK
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_remove_header_map_value",
+            |mut c: Caller<'_, State>, kind: i32, kp: i32, ks: i32| -> i32 {
+                if kind != 0 {
+                    return BAD_ARGUMENT;
+                }
+                let key = String::from_utf8_lossy(&read(&mut c, kp, ks)).to_ascii_lowercase();
+                c.data_mut().headers.retain(|(k, _)| *k != key);
+                OK
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_send_local_response",
+            |mut c: Caller<'_, State>,
+             status: i32,
+             _dp: i32,
+             _ds: i32,
+             bp: i32,
+             bs: i32,
+             hp: i32,
+             hs: i32,
+             _grpc: i32|
+             -> i32 {
+                let body = read(&mut c, bp, bs);
+                let headers = deserialize_map(&read(&mut c, hp, hs));
+                c.data_mut().local = Some(LocalResponse {
+                    status: status as u32,
+                    headers,
+                    body,
+                });
+                OK
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_get_shared_data",
+            |mut c: Caller<'_, State>, kp: i32, ks: i32, pp: i32, sp: i32, casp: i32| -> i32 {
+                let key = String::from_utf8_lossy(&read(&mut c, kp, ks)).into_owned();
+                match c.data().shared.get(&key) {
+                    Ok((Some(v), cas)) => {
+                        give(&mut c, &v, pp, sp);
+                        write_u32(&mut c, casp, cas);
+                        OK
+                    }
+                    _ => NOT_FOUND,
+                }
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_set_shared_data",
+            |mut c: Caller<'_, State>, kp: i32, ks: i32, vp: i32, vs: i32, cas: i32| -> i32 {
+                let key = String::from_utf8_lossy(&read(&mut c, kp, ks)).into_owned();
+                let val = read(&mut c, vp, vs);
+                match c.data().shared.set(&key, &val, cas as u32) {
+                    Ok(()) => OK,
+                    Err(_) => CAS_MISMATCH,
+                }
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_define_metric",
+            |mut c: Caller<'_, State>, _kind: i32, np: i32, ns: i32, ret: i32| -> i32 {
+                if c.data().no_metrics {
+                    return UNIMPLEMENTED;
+                }
+                let name = String::from_utf8_lossy(&read(&mut c, np, ns)).into_owned();
+                let id = c.data().metric_names.len() as u32;
+                c.data_mut().metric_names.push(name);
+                c.data_mut().metric_values.push(0);
+                write_u32(&mut c, ret, id);
+                OK
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_increment_metric",
+            |mut c: Caller<'_, State>, id: i32, off: i64| -> i32 {
+                match c.data_mut().metric_values.get_mut(id as usize) {
+                    Some(v) => {
+                        *v += off;
+                        OK
+                    }
+                    None => NOT_FOUND,
+                }
+            },
+        )
+        .unwrap();
+        // WASI, as little as Rust's std needs here.
+        l.func_wrap(
+            "wasi_snapshot_preview1",
+            "random_get",
+            |mut c: Caller<'_, State>, p: i32, n: i32| -> i32 {
+                let bytes: Vec<u8> = (0..n)
+                    .map(|i| (i as u8).wrapping_mul(31).wrapping_add(7))
+                    .collect();
+                memory(&mut c).write(&mut c, p as usize, &bytes).unwrap();
+                0
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "wasi_snapshot_preview1",
+            "environ_sizes_get",
+            |mut c: Caller<'_, State>, a: i32, b: i32| -> i32 {
+                write_u32(&mut c, a, 0);
+                write_u32(&mut c, b, 0);
+                0
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "wasi_snapshot_preview1",
+            "environ_get",
+            |_: Caller<'_, State>, _a: i32, _b: i32| -> i32 { 0 },
+        )
+        .unwrap();
+        l.func_wrap(
+            "wasi_snapshot_preview1",
+            "clock_time_get",
+            |mut c: Caller<'_, State>, _id: i32, _prec: i64, ret: i32| -> i32 {
+                let ns = c.data().now_secs * 1_000_000_000;
+                memory(&mut c)
+                    .write(&mut c, ret as usize, &ns.to_le_bytes())
+                    .unwrap();
+                0
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "wasi_snapshot_preview1",
+            "fd_write",
+            |mut c: Caller<'_, State>, _fd: i32, iovs: i32, n: i32, written: i32| -> i32 {
+                let mut total = 0u32;
+                for i in 0..n {
+                    let raw = read(&mut c, iovs + i * 8, 8);
+                    let p = u32::from_le_bytes(raw[0..4].try_into().unwrap()) as i32;
+                    let len = u32::from_le_bytes(raw[4..8].try_into().unwrap()) as i32;
+                    let s = String::from_utf8_lossy(&read(&mut c, p, len)).into_owned();
+                    c.data_mut().logs.push((-1, s));
+                    total += len as u32;
+                }
+                write_u32(&mut c, written, total);
+                0
+            },
+        )
+        .unwrap();
+        l.define_unknown_imports_as_traps(&self.module).unwrap();
+        l
+    }
+
+    /// A new VM (one Envoy worker) configured with `config`; `Err` holds the
+    /// filter's logs when it refuses the configuration.
+    pub fn vm(&self, config: &str, now_secs: u64) -> Result<Vm, Vec<String>> {
+        self.vm_with(config, now_secs, false)
+    }
+
+    /// As [`Host::vm`], optionally with a host that has no metrics.
+    pub fn vm_with(
+        &self,
+        config: &str,
+        now_secs: u64,
+        no_metrics: bool,
+    ) -> Result<Vm, Vec<String>> {
+        let state = State {
+            shared: self.shared.clone(),
+            plugin_config: config.as_bytes().to_vec(),
+            headers: Vec::new(),
+            body: Vec::new(),
+            local: None,
+            logs: Vec::new(),
+            metric_names: Vec::new(),
+            metric_values: Vec::new(),
+            now_secs,
+            no_metrics,
+        };
+        let mut store = Store::new(&self.engine, state);
+        let instance = self
+            .linker()
+            .instantiate(&mut store, &self.module)
+            .expect("instantiate");
+        if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
+            init.call(&mut store, ()).expect("_initialize");
+        }
+        let f = |store: &mut Store<State>, name: &str| {
+            instance
+                .get_func(&mut *store, name)
+                .unwrap_or_else(|| panic!("export {name}"))
+        };
+        let create = f(&mut store, "proxy_on_context_create")
+            .typed::<(i32, i32), ()>(&store)
+            .unwrap();
+        let vm_start = f(&mut store, "proxy_on_vm_start")
+            .typed::<(i32, i32), i32>(&store)
+            .unwrap();
+        let configure = f(&mut store, "proxy_on_configure")
+            .typed::<(i32, i32), i32>(&store)
+            .unwrap();
+        create.call(&mut store, (1, 0)).expect("root context");
+        assert_eq!(vm_start.call(&mut store, (1, 0)).expect("vm start"), 1);
+        let ok = configure
+            .call(&mut store, (1, config.len() as i32))
+            .expect("configure");
+        if ok != 1 {
+            return Err(store.data().logs.iter().map(|(_, m)| m.clone()).collect());
+        }
+        Ok(Vm {
+            headers_fn: f(&mut store, "proxy_on_request_headers")
+                .typed(&store)
+                .unwrap(),
+            body_fn: f(&mut store, "proxy_on_request_body")
+                .typed(&store)
+                .unwrap(),
+            done_fn: f(&mut store, "proxy_on_done").typed(&store).unwrap(),
+            delete_fn: f(&mut store, "proxy_on_delete").typed(&store).unwrap(),
+            create,
+            instance,
+            store,
+            next_ctx: 2,
+        })
+    }
+}
+
+/// One worker VM.
+pub struct Vm {
+    store: Store<State>,
+    instance: Instance,
+    create: TypedFunc<(i32, i32), ()>,
+    headers_fn: TypedFunc<(i32, i32, i32), i32>,
+    body_fn: TypedFunc<(i32, i32, i32), i32>,
+    done_fn: TypedFunc<i32, i32>,
+    delete_fn: TypedFunc<i32, ()>,
+    next_ctx: i32,
+}
+
+impl Vm {
+    pub fn set_now(&mut self, now: u64) {
+        self.store.data_mut().now_secs = now;
+    }
+
+    /// Counter value by metric name.
+    pub fn metric(&self, name: &str) -> Option<i64> {
+        let s = self.store.data();
+        s.metric_names
+            .iter()
+            .position(|n| n == name)
+            .map(|i| s.metric_values[i])
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.store
+            .data()
+            .logs
+            .iter()
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
+    /// Sends one request; `body` arrives in `chunks` pieces.
+    pub fn request(&mut self, headers: &[(&str, &str)], body: &[u8], chunks: usize) -> Outcome {
+        let ctx = self.next_ctx;
+        self.next_ctx += 1;
+        {
+            let s = self.store.data_mut();
+            s.headers = headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+                .collect();
+            s.body.clear();
+            s.local = None;
+        }
+        self.create
+            .call(&mut self.store, (ctx, 1))
+            .expect("context create");
+        let eos = body.is_empty() as i32;
+        let mut action = self
+            .headers_fn
+            .call(&mut self.store, (ctx, headers.len() as i32, eos))
+            .expect("on_request_headers");
+        if self.store.data().local.is_none() && !body.is_empty() {
+            let chunk = body.len().div_ceil(chunks.max(1));
+            for (i, piece) in body.chunks(chunk).enumerate() {
+                self.store.data_mut().body.extend_from_slice(piece);
+                let last = (i + 1) * chunk >= body.len();
+                let total = self.store.data().body.len() as i32;
+                action = self
+                    .body_fn
+                    .call(&mut self.store, (ctx, total, last as i32))
+                    .expect("on_request_body");
+                if self.store.data().local.is_some() || (action == 0 && !last) {
+                    break;
+                }
+            }
+        }
+        let _ = self.done_fn.call(&mut self.store, ctx);
+        let _ = self.delete_fn.call(&mut self.store, ctx);
+        let s = self.store.data();
+        match (&s.local, action) {
+            (Some(l), _) => Outcome::Local(l.clone()),
+            (None, 0) => Outcome::Forwarded {
+                headers: s.headers.clone(),
+                body: s.body.clone(),
+            },
+            (None, a) => panic!("request neither forwarded nor answered (action {a})"),
+        }
+    }
+}

@@ -1,0 +1,434 @@
+//! The built filter (`gw_filter.wasm`) driven through a proxy-wasm 0.2.1 host on
+//! wasmtime: every decision, header hygiene, and the shared-data replay copy across
+//! two VMs (two "workers"), including concurrent duplicates.
+
+mod host;
+
+use std::collections::BTreeMap;
+
+use gw_core::jwk::b64url_encode;
+use gw_core::{sign_command, Action, Command, Module};
+use host::{Host, Outcome};
+
+const NOW: u64 = 1_750_000_000;
+const SECRET: &[u8; 32] = b"wasmtime-host-secret-0123456789!";
+
+fn sk() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[3; 32])
+}
+
+fn config() -> String {
+    serde_json::json!({
+        "command_keys": {"keys": [{"id": "op-admin-1", "public_key_hex": hex::encode(sk().verifying_key().as_bytes()),
+                                    "issuers": ["dashboard", "ops"]}]},
+        "jwt": {
+            "jwks": {"keys": [{"kty": "oct", "kid": "dev", "k": b64url_encode(SECRET)}]},
+            "policy": {"issuers": ["defi-dashboard"], "audiences": ["defi-users"]}
+        },
+        "routes": [
+            {"prefix": "/api/ledger/", "role": "viewer"},
+            {"prefix": "/api/", "role": "operator"},
+            {"prefix": "/", "public": true}
+        ],
+        "max_body_bytes": 2048,
+        "replay_window": 64
+    })
+    .to_string()
+}
+
+fn bearer(roles: &[&str]) -> String {
+    let claims = serde_json::json!({"sub": "alice", "iss": "defi-dashboard", "aud": "defi-users", "exp": NOW + 600, "roles": roles});
+    format!(
+        "Bearer {}",
+        gw_core::jwt::mint_hs256(SECRET, Some("dev"), claims.as_object().unwrap()).unwrap()
+    )
+}
+
+fn command(nonce: u64, issuer: &str) -> Vec<u8> {
+    let c = Command {
+        ts: NOW,
+        module: Module::Mev.to_proto() as i32,
+        action: Action::Throttle.to_proto() as i32,
+        args: BTreeMap::from([("throttle_pct".to_string(), "40".to_string())]),
+        request_id: format!("req-{nonce}"),
+        issuer: issuer.into(),
+        schema_version: "ctrl-v1".into(),
+        nonce,
+        ..Default::default()
+    };
+    sign_command(&c, &sk(), "op-admin-1")
+}
+
+fn post<'a>(path: &'a str, auth: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        (":method", "POST"),
+        (":path", path),
+        (":authority", "gw"),
+        ("content-type", "application/x-protobuf"),
+        ("authorization", auth),
+    ]
+}
+
+#[test]
+fn uses_only_proxy_wasm_0_2_1_and_wasi() {
+    let host = Host::new();
+    // Every host function of proxy-wasm ABI 0.2.1; nothing else may be imported.
+    let abi_0_2_1 = [
+        "proxy_log",
+        "proxy_get_log_level",
+        "proxy_get_current_time_nanoseconds",
+        "proxy_set_tick_period_milliseconds",
+        "proxy_get_buffer_bytes",
+        "proxy_set_buffer_bytes",
+        "proxy_get_header_map_pairs",
+        "proxy_set_header_map_pairs",
+        "proxy_get_header_map_value",
+        "proxy_replace_header_map_value",
+        "proxy_add_header_map_value",
+        "proxy_remove_header_map_value",
+        "proxy_get_property",
+        "proxy_set_property",
+        "proxy_get_shared_data",
+        "proxy_set_shared_data",
+        "proxy_register_shared_queue",
+        "proxy_resolve_shared_queue",
+        "proxy_dequeue_shared_queue",
+        "proxy_enqueue_shared_queue",
+        "proxy_continue_stream",
+        "proxy_close_stream",
+        "proxy_send_local_response",
+        "proxy_http_call",
+        "proxy_grpc_call",
+        "proxy_grpc_stream",
+        "proxy_grpc_send",
+        "proxy_grpc_cancel",
+        "proxy_grpc_close",
+        "proxy_get_status",
+        "proxy_set_effective_context",
+        "proxy_call_foreign_function",
+        "proxy_done",
+        "proxy_define_metric",
+        "proxy_increment_metric",
+        "proxy_record_metric",
+        "proxy_get_metric",
+    ];
+    for imp in host.imports() {
+        let (module, name) = imp.split_once("::").unwrap();
+        match module {
+            "env" => assert!(
+                abi_0_2_1.contains(&name),
+                "not an ABI 0.2.1 host call: {name}"
+            ),
+            "wasi_snapshot_preview1" => {}
+            other => panic!("unexpected import module {other}"),
+        }
+    }
+    assert!(
+        host.exports()
+            .iter()
+            .any(|e| e == "proxy_abi_version_0_2_1"),
+        "declares ABI 0.2.1"
+    );
+}
+
+#[test]
+fn invalid_configuration_fails_plugin_start_with_a_clear_log() {
+    let host = Host::new();
+    let logs = host.vm("{\"routes\": []}", NOW).err().expect("must refuse");
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("invalid plugin configuration")),
+        "{logs:?}"
+    );
+    let mut bad: serde_json::Value = serde_json::from_str(&config()).unwrap();
+    bad["replay_window"] = 100.into();
+    let logs = host.vm(&bad.to_string(), NOW).err().expect("must refuse");
+    assert!(logs.iter().any(|l| l.contains("replay_window")), "{logs:?}");
+}
+
+#[test]
+fn accepted_command_goes_upstream_with_verified_headers_only() {
+    let host = Host::new();
+    let mut vm = host.vm(&config(), NOW).unwrap();
+    let admin = bearer(&["admin"]);
+    let body = command(1, "dashboard");
+    let mut h = post("/api/control/commands", &admin);
+    h.push(("x-gw-verified", "edge"));
+    h.push(("x-gw-pubkey-id", "forged"));
+    h.push(("X-GW-Roles", "admin"));
+    h.push(("x-gw-anything", "1"));
+    let out = vm.request(&h, &body, 3);
+    match &out {
+        Outcome::Forwarded { headers, body: fwd } => {
+            assert_eq!(fwd, &body, "body reaches upstream intact");
+            for (k, v) in [
+                ("x-gw-sub", "alice"),
+                ("x-gw-roles", "admin"),
+                ("x-gw-pubkey-id", "op-admin-1"),
+                ("x-gw-issuer", "dashboard"),
+                ("x-gw-nonce", "1"),
+                ("x-gw-verified", "edge"),
+            ] {
+                let got: Vec<_> = headers.iter().filter(|(hk, _)| hk == k).collect();
+                assert_eq!(got, vec![&(k.to_string(), v.to_string())], "{k}");
+            }
+            assert!(!headers.iter().any(|(k, _)| k == "x-gw-anything"));
+        }
+        other => panic!("{other:?}\n{:?}", vm.logs()),
+    }
+    assert_eq!(vm.metric("gw_edge.decision.accepted"), Some(1));
+
+    // Spoofed headers never pass on public or JWT routes either.
+    let out = vm.request(
+        &[
+            (":method", "GET"),
+            (":path", "/index.html"),
+            ("x-gw-verified", "edge"),
+        ],
+        b"",
+        1,
+    );
+    assert!(
+        matches!(&out, Outcome::Forwarded { headers, .. } if !headers.iter().any(|(k, _)| k.starts_with("x-gw-")))
+    );
+    let viewer = bearer(&["viewer"]);
+    let out = vm.request(
+        &[
+            (":method", "GET"),
+            (":path", "/api/ledger/history"),
+            ("authorization", &viewer),
+            ("x-gw-sub", "root"),
+        ],
+        b"",
+        1,
+    );
+    assert_eq!(out.header("x-gw-sub"), Some("alice"));
+    assert_eq!(out.header("x-gw-verified"), Some("jwt"));
+}
+
+#[test]
+fn every_rejection_has_its_status_and_code() {
+    let host = Host::new();
+    let mut vm = host.vm(&config(), NOW).unwrap();
+    let admin = bearer(&["admin"]);
+    let operator = bearer(&["operator"]);
+    let good = command(50, "dashboard");
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<u8>, u32, &'a str);
+    let mut cases: Vec<Case> = vec![
+        (
+            "no token",
+            vec![(":method", "POST"), (":path", "/api/control/commands")],
+            good.clone(),
+            401,
+            "jwt_missing",
+        ),
+        (
+            "operator",
+            post("/api/control/commands", &operator),
+            good.clone(),
+            403,
+            "forbidden_role",
+        ),
+        (
+            "GET",
+            vec![
+                (":method", "GET"),
+                (":path", "/api/control/commands"),
+                ("authorization", &admin),
+            ],
+            vec![],
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "empty",
+            post("/api/control/commands", &admin),
+            vec![],
+            400,
+            "malformed",
+        ),
+        (
+            "truncated",
+            post("/api/control/commands", &admin),
+            good[..good.len() - 1].to_vec(),
+            400,
+            "malformed",
+        ),
+        (
+            "route",
+            post("/api/control/module/mev:kill", &admin),
+            good.clone(),
+            403,
+            "route_mismatch",
+        ),
+        (
+            "unknown route",
+            post("/api/control/module/hft:stop", &admin),
+            good.clone(),
+            400,
+            "malformed",
+        ),
+        (
+            "unknown issuer scope",
+            post("/api/control/commands", &admin),
+            command(51, "mallory"),
+            403,
+            "key_scope",
+        ),
+        (
+            "too large",
+            post("/api/control/commands", &admin),
+            vec![0u8; 4096],
+            413,
+            "too_large",
+        ),
+    ];
+    let mut flipped = good.clone();
+    let i = flipped.windows(4).position(|w| w == b"req-").unwrap();
+    flipped[i] = b'X';
+    cases.push((
+        "flipped",
+        post("/api/control/commands", &admin),
+        flipped,
+        401,
+        "bad_signature",
+    ));
+    let mut big = post("/api/control/commands", &admin);
+    big.push(("content-length", "999999"));
+    cases.push(("content-length", big, good.clone(), 413, "too_large"));
+    for (name, headers, body, status, code) in cases {
+        let out = vm.request(&headers, &body, 2);
+        assert_eq!(
+            (out.status(), out.code().as_deref()),
+            (status, Some(code)),
+            "{name}: {out:?}"
+        );
+        if let Outcome::Local(l) = &out {
+            assert!(
+                l.headers
+                    .contains(&("content-type".into(), "application/json".into())),
+                "{name}"
+            );
+        }
+    }
+    // Freshness follows the host clock.
+    vm.set_now(NOW + 31);
+    let out = vm.request(
+        &post("/api/control/commands", &admin),
+        &command(60, "ops"),
+        1,
+    );
+    assert_eq!(out.code().as_deref(), Some("stale"));
+    vm.set_now(NOW - 31);
+    let out = vm.request(
+        &post("/api/control/commands", &admin),
+        &command(61, "ops"),
+        1,
+    );
+    assert_eq!(out.code().as_deref(), Some("future"));
+    vm.set_now(NOW);
+    // Replay.
+    assert!(matches!(
+        vm.request(&post("/api/control/commands", &admin), &good, 1),
+        Outcome::Forwarded { .. }
+    ));
+    let out = vm.request(&post("/api/control/commands", &admin), &good, 1);
+    assert_eq!((out.status(), out.code().as_deref()), (409, Some("replay")));
+    assert_eq!(vm.metric("gw_edge.decision.replay"), Some(1));
+    assert_eq!(vm.metric("gw_edge.decision.bad_signature"), Some(1));
+    // No panic was logged anywhere.
+    assert!(
+        !vm.logs().iter().any(|l| l.contains("panicked")),
+        "{:?}",
+        vm.logs()
+    );
+}
+
+#[test]
+fn workers_share_the_replay_state() {
+    let host = Host::new();
+    let mut a = host.vm(&config(), NOW).unwrap();
+    let mut b = host.vm(&config(), NOW).unwrap();
+    let admin = bearer(&["admin"]);
+    let body = command(7, "dashboard");
+    assert!(matches!(
+        a.request(&post("/api/control/commands", &admin), &body, 1),
+        Outcome::Forwarded { .. }
+    ));
+    assert_eq!(
+        b.request(&post("/api/control/commands", &admin), &body, 1)
+            .code()
+            .as_deref(),
+        Some("replay")
+    );
+    // Out of order inside the window on the other worker is fine, once.
+    let older = command(5, "dashboard");
+    assert!(matches!(
+        b.request(&post("/api/control/commands", &admin), &older, 1),
+        Outcome::Forwarded { .. }
+    ));
+    assert_eq!(
+        a.request(&post("/api/control/commands", &admin), &older, 1)
+            .code()
+            .as_deref(),
+        Some("replay")
+    );
+}
+
+#[test]
+fn concurrent_duplicates_on_two_workers_are_accepted_exactly_once() {
+    let host = Host::new();
+    let admin = bearer(&["admin"]);
+    let bodies: Vec<Vec<u8>> = (1..=200).map(|n| command(1_000 + n, "ops")).collect();
+    let accepted: usize = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let mut vm = host.vm(&config(), NOW).unwrap();
+                let (admin, bodies) = (&admin, &bodies);
+                s.spawn(move || {
+                    bodies
+                        .iter()
+                        .filter(|b| {
+                            matches!(
+                                vm.request(&post("/api/control/commands", admin), b, 1),
+                                Outcome::Forwarded { .. }
+                            )
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    });
+    assert_eq!(
+        accepted,
+        bodies.len(),
+        "each command exactly once across both workers"
+    );
+    assert_eq!(host.shared.len(), 1, "one shared key per issuer");
+}
+
+#[test]
+fn a_host_without_metrics_still_works() {
+    let host = Host::new();
+    let mut vm = host.vm_with(&config(), NOW, true).unwrap();
+    let admin = bearer(&["admin"]);
+    assert!(matches!(
+        vm.request(
+            &post("/api/control/commands", &admin),
+            &command(9, "ops"),
+            1
+        ),
+        Outcome::Forwarded { .. }
+    ));
+    assert_eq!(
+        vm.request(
+            &post("/api/control/commands", &admin),
+            &command(9, "ops"),
+            1
+        )
+        .code()
+        .as_deref(),
+        Some("replay")
+    );
+}
