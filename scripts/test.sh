@@ -11,5 +11,10 @@ if command -v rustup >/dev/null; then
 fi
 bash scripts/setup-venv.sh
 
+log "building the edge filter (wasm32-wasip1)"
+cargo build --release --locked --target wasm32-wasip1 -p gw-filter
+command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
+command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
+
 log "cargo test (target dir: $CARGO_TARGET_DIR)"
 cargo test --workspace --locked "$@"

@@ -98,10 +98,16 @@ impl HeaderNames {
     }
 }
 
-/// The plugin configuration as written.
+/// The plugin configuration as written (the verify stage).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterConfig {
+    /// `verify` (default) or `stamp` (see [`crate::stamp`]).
+    #[serde(default)]
+    pub stage: Option<String>,
+    /// Prefix of the shared-data keys handing verified headers to the stamp stage.
+    #[serde(default = "default_stamp_prefix")]
+    pub stamp_key_prefix: String,
     /// Ed25519 command keys.
     pub command_keys: KeyRingConfig,
     /// JWT verification.
@@ -155,6 +161,49 @@ fn default_window() -> u32 {
 fn default_replay_prefix() -> String {
     "gw.replay.v1.".into()
 }
+fn default_stamp_prefix() -> String {
+    "gw.stamp.v1.".into()
+}
+
+/// Configuration of the stamp stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StampConfig {
+    /// Always `stamp`.
+    pub stage: String,
+    /// Must equal the verify stage's `stamp_key_prefix`.
+    #[serde(default = "default_stamp_prefix")]
+    pub stamp_key_prefix: String,
+}
+
+/// Which stage a plugin instance runs.
+#[derive(Debug)]
+pub enum Stage {
+    /// Verify JWTs and commands; hand command headers over by ticket.
+    Verify(Box<Settings>),
+    /// Swap tickets for the verified headers.
+    Stamp(StampConfig),
+}
+
+#[derive(Deserialize)]
+struct StageProbe {
+    #[serde(default)]
+    stage: Option<String>,
+}
+
+impl Stage {
+    /// Parses a plugin configuration of either stage.
+    pub fn parse(bytes: &[u8]) -> Result<Stage, ConfigError> {
+        let probe: StageProbe = serde_json::from_slice(bytes)?;
+        match probe.stage.as_deref() {
+            None | Some("verify") => Ok(Stage::Verify(Box::new(Settings::parse(bytes)?))),
+            Some("stamp") => Ok(Stage::Stamp(serde_json::from_slice(bytes)?)),
+            Some(other) => Err(invalid(format!(
+                "stage must be `verify` or `stamp`, got `{other}`"
+            ))),
+        }
+    }
+}
 
 /// Why a configuration is refused.
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +247,8 @@ pub struct Settings {
     pub replay_key_prefix: String,
     /// Upstream header names.
     pub headers: HeaderNames,
+    /// Shared-data key prefix for the stamp hand-over.
+    pub stamp_key_prefix: String,
 }
 
 fn invalid(s: impl Into<String>) -> ConfigError {
@@ -306,6 +357,7 @@ impl Settings {
             replay_window: c.replay_window,
             replay_key_prefix: c.replay_key_prefix,
             headers: c.headers,
+            stamp_key_prefix: c.stamp_key_prefix,
         })
     }
 

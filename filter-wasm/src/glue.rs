@@ -10,9 +10,12 @@ use proxy_wasm::types::{Action, ContextType};
 
 use crate::abi::{self, Level};
 
-use crate::config::Settings;
+use std::cell::RefCell;
+
+use crate::config::{Stage, StampConfig};
 use crate::edge::{Edge, HeadDecision, PendingCommand, RequestHead, UpstreamHeaders};
 use crate::replay_cas::{SharedStore, StoreError};
+use crate::stamp::{self, Ticket, Tickets, TICKET_HEADER};
 
 proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
@@ -67,7 +70,17 @@ impl Metrics {
 #[derive(Default)]
 struct Root {
     edge: Option<Rc<Edge>>,
+    stamp: Option<Rc<StampConfig>>,
+    tickets: Option<Rc<RefCell<Tickets>>>,
     metrics: Option<Rc<Metrics>>,
+}
+
+/// A random id for this VM's ticket slots.
+fn vm_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(abi::now_nanos().unwrap_or(0));
+    h.finish()
 }
 
 impl Context for Root {}
@@ -87,8 +100,13 @@ impl RootContext for Root {
                 return false;
             }
         };
-        match Settings::parse(&bytes) {
-            Ok(s) => {
+        match Stage::parse(&bytes) {
+            Ok(Stage::Stamp(c)) => {
+                info("gw_edge: stamp stage configured");
+                self.stamp = Some(Rc::new(c));
+                true
+            }
+            Ok(Stage::Verify(s)) => {
                 info(&format!(
                     "gw_edge: configured: {} command key(s), {} JWT key(s), {} route rule(s), max body {} bytes",
                     s.control.keyring.len(),
@@ -96,7 +114,11 @@ impl RootContext for Root {
                     s.routes.len(),
                     s.control.max_body
                 ));
-                self.edge = Some(Rc::new(Edge::new(s)));
+                self.tickets = Some(Rc::new(RefCell::new(Tickets::new(
+                    vm_id(),
+                    &s.stamp_key_prefix,
+                ))));
+                self.edge = Some(Rc::new(Edge::new(*s)));
                 self.metrics = Some(Rc::new(Metrics::define()));
                 true
             }
@@ -108,8 +130,14 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        if let Some(stamp) = &self.stamp {
+            return Some(Box::new(Stamp {
+                config: stamp.clone(),
+            }));
+        }
         Some(Box::new(Http {
             edge: self.edge.clone(),
+            tickets: self.tickets.clone(),
             metrics: self.metrics.clone(),
             pending: None,
         }))
@@ -122,8 +150,9 @@ impl RootContext for Root {
 
 struct Http {
     edge: Option<Rc<Edge>>,
+    tickets: Option<Rc<RefCell<Tickets>>>,
     metrics: Option<Rc<Metrics>>,
-    pending: Option<PendingCommand>,
+    pending: Option<(PendingCommand, Ticket)>,
 }
 
 /// Shared data through the host.
@@ -147,26 +176,30 @@ fn now_secs() -> u64 {
     abi::now_nanos().map_or(0, |ns| ns / 1_000_000_000)
 }
 
+fn local_reject(r: &Reject) {
+    let body = r.to_json();
+    if let Err(e) = abi::send_local_response(
+        u32::from(r.code.http_status()),
+        &[
+            ("content-type", "application/json"),
+            ("cache-control", "no-store"),
+        ],
+        body.as_bytes(),
+    ) {
+        abi::log(
+            Level::Warn,
+            &format!("gw_edge: cannot send the local response: {e:?}"),
+        );
+    }
+}
+
 impl Http {
     fn reject(&self, r: Reject) -> Action {
         debug(&format!("gw_edge: reject {}: {}", r.code, r.detail));
         if let Some(m) = &self.metrics {
             m.rejected(r.code);
         }
-        let body = r.to_json();
-        if let Err(e) = abi::send_local_response(
-            u32::from(r.code.http_status()),
-            &[
-                ("content-type", "application/json"),
-                ("cache-control", "no-store"),
-            ],
-            body.as_bytes(),
-        ) {
-            abi::log(
-                Level::Warn,
-                &format!("gw_edge: cannot send the local response: {e:?}"),
-            );
-        }
+        local_reject(&r);
         Action::Pause
     }
 
@@ -238,16 +271,35 @@ impl HttpContext for Http {
                 Action::Continue
             }
             HeadDecision::Forward(h) => self.forward(&h),
+            // Continue, not Pause: in ABI 0.2.x a paused header phase also stops body
+            // callbacks (Envoy maps it to StopAllIterationAndWatermark). The body phase
+            // pauses until the whole command is here; the host must hold the headers
+            // from the upstream meanwhile (Envoy: a buffer filter after this one), so
+            // the verified headers set then are the ones the upstream sees.
             HeadDecision::AwaitBody(p) => {
-                self.pending = Some(p);
-                Action::Pause
+                let Some(tickets) = &self.tickets else {
+                    return self.reject(Reject::new(
+                        Code::Unavailable,
+                        "the edge filter is not configured",
+                    ));
+                };
+                let ticket = tickets.borrow_mut().issue();
+                if let Err(e) = abi::set_request_header(TICKET_HEADER, &ticket.value) {
+                    return self.reject(Reject::with(
+                        Code::Unavailable,
+                        format!("cannot set ticket: {e:?}"),
+                    ));
+                }
+                self.pending = Some((p, ticket));
+                Action::Continue
             }
             HeadDecision::Reject(r) => self.reject(r),
         }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let (Some(edge), Some(pending)) = (self.edge.clone(), self.pending.clone()) else {
+        let (Some(edge), Some((pending, ticket))) = (self.edge.clone(), self.pending.clone())
+        else {
             return Action::Continue;
         };
         if let Some(r) = edge.body_too_large(body_size) {
@@ -268,7 +320,18 @@ impl HttpContext for Http {
             }
         };
         match edge.on_request_body(&pending, &body, now_secs(), &HostStore) {
-            Ok(h) => self.forward(&h),
+            Ok(h) => match stamp::put(&HostStore, &ticket, &h) {
+                Ok(()) => {
+                    if let Some(m) = &self.metrics {
+                        Metrics::bump(m.accepted);
+                    }
+                    Action::Continue
+                }
+                Err(e) => self.reject(Reject::with(
+                    Code::Unavailable,
+                    format!("cannot hand over headers: {e:?}"),
+                )),
+            },
             Err(r) => self.reject(r),
         }
     }
@@ -279,6 +342,45 @@ impl HttpContext for Http {
                 Code::Malformed,
                 "trailers are not accepted on command requests",
             ));
+        }
+        Action::Continue
+    }
+}
+
+/// The stamp stage: swaps the ticket for the verified headers (see `crate::stamp`).
+struct Stamp {
+    config: Rc<StampConfig>,
+}
+
+impl Context for Stamp {}
+
+impl HttpContext for Stamp {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let fail = |detail: String| {
+            local_reject(&Reject::with(Code::Unavailable, detail));
+            Action::Pause
+        };
+        let headers = match abi::request_headers() {
+            Ok(h) => h,
+            Err(e) => return fail(format!("cannot read headers: {e:?}")),
+        };
+        let Some((_, ticket)) = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(TICKET_HEADER))
+        else {
+            return Action::Continue;
+        };
+        let stamped = match stamp::take(&HostStore, &self.config.stamp_key_prefix, ticket) {
+            Ok(h) => h,
+            Err(e) => return fail(format!("verified headers not found: {e:?}")),
+        };
+        if let Err(e) = abi::remove_request_header(TICKET_HEADER) {
+            return fail(format!("cannot remove ticket: {e:?}"));
+        }
+        for (k, v) in &stamped {
+            if let Err(e) = abi::set_request_header(k, v) {
+                return fail(format!("cannot set header: {e:?}"));
+            }
         }
         Action::Continue
     }

@@ -95,6 +95,17 @@ impl MemoryStore {
         self.inner.lock().map_or(0, |g| g.0.len())
     }
 
+    /// All keys, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut k: Vec<String> = self
+            .inner
+            .lock()
+            .map(|g| g.0.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    }
+
     /// Whether no key exists.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

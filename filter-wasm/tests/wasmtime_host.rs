@@ -149,7 +149,7 @@ fn invalid_configuration_fails_plugin_start_with_a_clear_log() {
 #[test]
 fn accepted_command_goes_upstream_with_verified_headers_only() {
     let host = Host::new();
-    let mut vm = host.vm(&config(), NOW).unwrap();
+    let mut vm = host.gateway(&config(), NOW).unwrap();
     let admin = bearer(&["admin"]);
     let body = command(1, "dashboard");
     let mut h = post("/api/control/commands", &admin);
@@ -172,7 +172,9 @@ fn accepted_command_goes_upstream_with_verified_headers_only() {
                 let got: Vec<_> = headers.iter().filter(|(hk, _)| hk == k).collect();
                 assert_eq!(got, vec![&(k.to_string(), v.to_string())], "{k}");
             }
-            assert!(!headers.iter().any(|(k, _)| k == "x-gw-anything"));
+            assert!(!headers
+                .iter()
+                .any(|(k, _)| k == "x-gw-anything" || k == "x-gw-ticket"));
         }
         other => panic!("{other:?}\n{:?}", vm.logs()),
     }
@@ -209,7 +211,7 @@ fn accepted_command_goes_upstream_with_verified_headers_only() {
 #[test]
 fn every_rejection_has_its_status_and_code() {
     let host = Host::new();
-    let mut vm = host.vm(&config(), NOW).unwrap();
+    let mut vm = host.gateway(&config(), NOW).unwrap();
     let admin = bearer(&["admin"]);
     let operator = bearer(&["operator"]);
     let good = command(50, "dashboard");
@@ -347,8 +349,8 @@ fn every_rejection_has_its_status_and_code() {
 #[test]
 fn workers_share_the_replay_state() {
     let host = Host::new();
-    let mut a = host.vm(&config(), NOW).unwrap();
-    let mut b = host.vm(&config(), NOW).unwrap();
+    let mut a = host.gateway(&config(), NOW).unwrap();
+    let mut b = host.gateway(&config(), NOW).unwrap();
     let admin = bearer(&["admin"]);
     let body = command(7, "dashboard");
     assert!(matches!(
@@ -383,7 +385,7 @@ fn concurrent_duplicates_on_two_workers_are_accepted_exactly_once() {
     let accepted: usize = std::thread::scope(|s| {
         let workers: Vec<_> = (0..2)
             .map(|_| {
-                let mut vm = host.vm(&config(), NOW).unwrap();
+                let mut vm = host.gateway(&config(), NOW).unwrap();
                 let (admin, bodies) = (&admin, &bodies);
                 s.spawn(move || {
                     bodies
@@ -405,13 +407,73 @@ fn concurrent_duplicates_on_two_workers_are_accepted_exactly_once() {
         bodies.len(),
         "each command exactly once across both workers"
     );
-    assert_eq!(host.shared.len(), 1, "one shared key per issuer");
+    let replay_keys: Vec<_> = host
+        .shared
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with("gw.replay."))
+        .collect();
+    assert_eq!(
+        replay_keys,
+        vec!["gw.replay.v1.ops".to_string()],
+        "one replay key per issuer"
+    );
+    let stamp_keys = host
+        .shared
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with("gw.stamp."))
+        .count();
+    assert!(
+        stamp_keys <= 2 * stamp_slots(),
+        "ticket slots stay bounded: {stamp_keys}"
+    );
+}
+
+fn stamp_slots() -> usize {
+    gw_filter::stamp::SLOTS as usize
+}
+
+#[test]
+fn a_forged_ticket_never_stamps_headers() {
+    let host = Host::new();
+    let mut gw = host.gateway(&config(), NOW).unwrap();
+    // A client ticket is stripped by the verify stage...
+    let viewer = bearer(&["viewer"]);
+    let out = gw.request(
+        &[
+            (":method", "GET"),
+            (":path", "/api/ledger/x"),
+            ("authorization", &viewer),
+            ("x-gw-ticket", "0000000000000001.1.1"),
+        ],
+        b"",
+        1,
+    );
+    assert_eq!(out.header("x-gw-verified"), Some("jwt"));
+    assert_eq!(out.header("x-gw-ticket"), None);
+    // ...and the stamp stage alone refuses tickets it cannot find (fail closed).
+    let mut stamp = host.vm(r#"{"stage": "stamp"}"#, NOW).unwrap();
+    let out = stamp.request(
+        &[
+            (":method", "GET"),
+            (":path", "/"),
+            ("x-gw-ticket", "0000000000000001.1.1"),
+        ],
+        b"",
+        1,
+    );
+    assert_eq!(
+        (out.status(), out.code().as_deref()),
+        (503, Some("unavailable"))
+    );
+    assert!(host.vm(r#"{"stage": "other"}"#, NOW).is_err());
 }
 
 #[test]
 fn a_host_without_metrics_still_works() {
     let host = Host::new();
-    let mut vm = host.vm_with(&config(), NOW, true).unwrap();
+    let mut vm = host.gateway_with(&config(), NOW, true).unwrap();
     let admin = bearer(&["admin"]);
     assert!(matches!(
         vm.request(

@@ -90,3 +90,116 @@ pub fn start_envoy(config: &Path, ready_port: u16, dir: &Path) -> ProcessGuard {
     }
     g
 }
+
+/// Renders `envoy/envoy.yaml.tmpl` with `envoy/render.py` into `dir/name`.
+pub fn render(
+    dir: &Path,
+    name: &str,
+    filter_config: &str,
+    sets: &[(&str, String)],
+    mtls: bool,
+) -> PathBuf {
+    let cfg_path = dir.join(format!("{name}.filter.json"));
+    std::fs::write(&cfg_path, filter_config).expect("write filter config");
+    let out = dir.join(name);
+    let mut cmd = Command::new(venv_bin("python"));
+    cmd.arg(crate::workspace_root().join("envoy/render.py"))
+        .arg("--filter-config")
+        .arg(&cfg_path)
+        .arg("-o")
+        .arg(&out);
+    if mtls {
+        cmd.arg("--upstream-mtls");
+    }
+    for (k, v) in sets {
+        cmd.arg("--set").arg(format!("{k}={v}"));
+    }
+    let o = cmd.output().expect("run render.py");
+    assert!(
+        o.status.success(),
+        "render.py: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// `envoy --mode validate -c config`: `Ok` or Envoy's output.
+pub fn validate(config: &Path) -> Result<(), String> {
+    let o = Command::new(envoy_bin())
+        .args(["--mode", "validate", "-c"])
+        .arg(config)
+        .output()
+        .expect("run envoy");
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ))
+    }
+}
+
+/// A plain HTTP/1.1 GET to 127.0.0.1 (Envoy's admin): status and body.
+pub fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Starts Envoy and waits until its admin `/ready` answers 200 (all listeners up).
+/// `GW_ENVOY_LOG_LEVEL` sets its log level (default `info`).
+pub fn start_envoy_ready(config: &Path, admin_port: u16, dir: &Path) -> ProcessGuard {
+    let level = std::env::var("GW_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let mut cmd = Command::new(envoy_bin());
+    cmd.arg("-c").arg(config).args([
+        "--concurrency",
+        "2",
+        "--disable-hot-restart",
+        "--log-level",
+        &level,
+    ]);
+    let mut g = ProcessGuard::spawn("envoy", &mut cmd, &dir.join("envoy.log"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if matches!(admin_get(admin_port, "/ready"), Some((200, _))) {
+            return g;
+        }
+        g.assert_running();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("envoy not ready within 60s:\n{}", g.log());
+}
+
+/// Sends requests with the independent aioquic HTTP/3 client (`testkit/py/h3_client.py`).
+pub fn h3_requests(
+    port: u16,
+    ca: &Path,
+    requests: serde_json::Value,
+    parallel: bool,
+) -> Vec<serde_json::Value> {
+    let spec = serde_json::json!({
+        "host": "127.0.0.1", "port": port, "server_name": "localhost",
+        "ca": ca, "requests": requests, "parallel": parallel,
+    });
+    let script = crate::workspace_root().join("testkit/py/h3_client.py");
+    let out = crate::run_python(
+        &[script.to_str().expect("path")],
+        spec.to_string().as_bytes(),
+    );
+    serde_json::from_slice(&out.stdout).expect("h3 client output")
+}

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod echo;
 pub mod envoy;
 
 /// The workspace root (the directory holding the top-level `Cargo.toml`).
@@ -186,8 +187,11 @@ impl TempDir {
 }
 
 impl Drop for TempDir {
+    /// Removes the directory, unless `GW_KEEP_TMP` is set (for debugging).
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if std::env::var_os("GW_KEEP_TMP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
@@ -198,22 +202,6 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
-fn newest_mtime(dir: &Path) -> std::time::SystemTime {
-    let mut newest = std::time::SystemTime::UNIX_EPOCH;
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            let t = if p.is_dir() {
-                newest_mtime(&p)
-            } else {
-                e.metadata().and_then(|m| m.modified()).unwrap_or(newest)
-            };
-            newest = newest.max(t);
-        }
-    }
-    newest
-}
-
 /// The built edge filter (`wasm32-wasip1`, release). Panics with the build command
 /// when it is missing or older than its sources, so a test never runs stale code.
 pub fn filter_wasm() -> PathBuf {
@@ -222,13 +210,30 @@ pub fn filter_wasm() -> PathBuf {
     let built = std::fs::metadata(&p)
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| panic!("{} is missing; {hint}", p.display()));
-    let root = workspace_root();
-    for src in ["filter-wasm/src", "core/src", "proto"] {
-        assert!(
-            newest_mtime(&root.join(src)) <= built,
-            "{} is older than {src}; {hint}",
-            p.display()
-        );
+    // Cargo's dep-info lists exactly the sources the artifact was built from.
+    let dep_info = p.with_extension("d");
+    let deps = std::fs::read_to_string(&dep_info).unwrap_or_default();
+    let sources = deps.split_once(':').map(|(_, d)| d).unwrap_or("");
+    for src in sources
+        .split_whitespace()
+        .filter(|s| s.ends_with(".rs") || s.ends_with(".proto"))
+    {
+        let changed = std::fs::metadata(src)
+            .and_then(|m| m.modified())
+            .map_or(true, |t| t > built);
+        assert!(!changed, "{} is older than {src}; {hint}", p.display());
     }
+    p
+}
+
+/// The `gwctl` binary built by this `cargo test` run (debug profile). Packages other
+/// than gwctl cannot name it with `CARGO_BIN_EXE_*`; `cargo test --workspace` builds it.
+pub fn gwctl_bin() -> PathBuf {
+    let p = target_dir().join("debug/gwctl");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build -p gwctl` or the workspace tests",
+        p.display()
+    );
     p
 }

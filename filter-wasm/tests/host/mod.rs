@@ -641,3 +641,63 @@ impl Vm {
         }
     }
 }
+
+/// The verify stage and the stamp stage in one chain, as Envoy runs them (with a
+/// buffer filter between them, so the stamp stage sees headers after the body).
+pub struct Gateway {
+    pub verify: Vm,
+    pub stamp: Vm,
+}
+
+impl Host {
+    /// Both stages on one "worker".
+    pub fn gateway(&self, config: &str, now_secs: u64) -> Result<Gateway, Vec<String>> {
+        self.gateway_with(config, now_secs, false)
+    }
+
+    /// Both stages, optionally on a host without metrics.
+    pub fn gateway_with(
+        &self,
+        config: &str,
+        now_secs: u64,
+        no_metrics: bool,
+    ) -> Result<Gateway, Vec<String>> {
+        Ok(Gateway {
+            verify: self.vm_with(config, now_secs, no_metrics)?,
+            stamp: self.vm_with(r#"{"stage": "stamp"}"#, now_secs, no_metrics)?,
+        })
+    }
+}
+
+impl Gateway {
+    pub fn request(&mut self, headers: &[(&str, &str)], body: &[u8], chunks: usize) -> Outcome {
+        match self.verify.request(headers, body, chunks) {
+            Outcome::Forwarded { headers, body } => {
+                let h: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                match self.stamp.request(&h, b"", 1) {
+                    Outcome::Forwarded { headers, .. } => Outcome::Forwarded { headers, body },
+                    local => local,
+                }
+            }
+            local => local,
+        }
+    }
+
+    pub fn set_now(&mut self, now: u64) {
+        self.verify.set_now(now);
+        self.stamp.set_now(now);
+    }
+
+    pub fn metric(&self, name: &str) -> Option<i64> {
+        self.verify.metric(name)
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        let mut l = self.verify.logs();
+        l.extend(self.stamp.logs());
+        l
+    }
+}

