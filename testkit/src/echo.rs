@@ -45,13 +45,18 @@ pub struct EchoServer {
 impl EchoServer {
     /// Starts on a free port of 127.0.0.1.
     pub fn start() -> EchoServer {
+        Self::start_on("127.0.0.1:0".parse().expect("addr"))
+    }
+
+    /// Starts on `addr`.
+    pub fn start_on(addr: SocketAddr) -> EchoServer {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("echo runtime");
         let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .block_on(tokio::net::TcpListener::bind(addr))
             .expect("bind echo");
         let addr = listener.local_addr().expect("echo addr");
         let app = axum::Router::new().fallback(echo);
