@@ -2,6 +2,7 @@
 # Runs the benchmarks. Each prints ratios against a baseline measured in the same run.
 #   bash bench/run.sh            all
 #   bash bench/run.sh verify     command verification: ours vs raw ed25519, wasmtime vs native
+#   bash bench/run.sh edge       Envoy: no auth vs jwt_authn vs gw_edge (JWT, signed command)
 set -euo pipefail
 source "$(dirname "$0")/../scripts/lib.sh"
 cd "$GW_ROOT"
@@ -12,4 +13,15 @@ if [[ "$which" == all || "$which" == verify ]]; then
   cargo build -q --release --target wasm32-wasip1 -p wasm-verify
   log "bench: verify"
   cargo bench -q -p gw-bench --bench verify -- --noplot
+fi
+if [[ "$which" == all || "$which" == edge ]]; then
+  command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }
+  bash scripts/setup-venv.sh
+  cargo build -q --release --locked -p gwctl
+  cargo build -q --release --locked --target wasm32-wasip1 -p gw-filter
+  log "bench: edge"
+  "$GW_VENV/bin/python" bench/edge.py \
+    --envoy "$(ls "$GW_VENV"/lib/python*/site-packages/envoy/_bin/envoy)" \
+    --wasm "$CARGO_TARGET_DIR/wasm32-wasip1/release/gw_filter.wasm" \
+    --gwctl "$CARGO_TARGET_DIR/release/gwctl" "${@:2}"
 fi

@@ -3,7 +3,9 @@
 //! Usage: gw-dev-echo [ADDR] (default 127.0.0.1:8080).
 
 fn main() {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8080".into());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
     let addr = match addr.parse() {
         Ok(a) => a,
         Err(e) => {
@@ -12,7 +14,10 @@ fn main() {
         }
     };
     let server = testkit::echo::EchoServer::start_on(addr);
-    eprintln!("gw-dev-echo: listening on {} (HTTP/1.1 and h2c)", server.addr);
+    eprintln!(
+        "gw-dev-echo: listening on {} (HTTP/1.1 and h2c)",
+        server.addr
+    );
     loop {
         std::thread::park();
     }

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Edge throughput: one Envoy build, one load generator (h2load, HTTP/2 over TLS), one
+run, four filter chains on the same listener and a direct response (no upstream):
+
+  none         router only
+  jwt_authn    Envoy's native envoy.filters.http.jwt_authn (HS256, local JWKS)
+  gw_jwt       gw_edge (verify + buffer + stamp stages), JWT-only route
+  gw_command   gw_edge, signed command on /api/control/commands
+
+Prints req/s, p50/p99 latency and ratios. The signed-command load repeats one body,
+so after the first request every response is 409 replay: each one still runs the
+whole verification (wire scan, Ed25519, scope, freshness, shared-data read) first;
+the accepted branch would add two shared-data writes and the stamp stage.
+
+Usage: bench/edge.py --envoy BIN --wasm FILE --gwctl BIN [--seconds 10] [--clients 16]
+"""
+import argparse
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listener(port, cert, key, filters):
+    return {
+        "name": "bench",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {"alpn_protocols": ["h2"], "tls_certificates": [
+                    {"certificate_chain": {"filename": cert}, "private_key": {"filename": key}}]}}},
+            "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "bench", "codec_type": "AUTO",
+                "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+                    {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}]}]},
+                "http_filters": filters + [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}
+
+
+def wasm_filter(name, root_id, wasm, config):
+    return {"name": "envoy.filters.http.wasm", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {"name": name, "root_id": root_id, "fail_open": False,
+                   "vm_config": {"vm_id": "gw_edge", "runtime": "envoy.wasm.runtime.v8",
+                                 "code": {"local": {"filename": wasm}}},
+                   "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                     "value": json.dumps(config)}}}}
+
+
+def run_envoy(envoy, cfg, admin, log):
+    p = subprocess.Popen([envoy, "-c", cfg, "--concurrency", "2", "--disable-hot-restart", "-l", "warn"],
+                         stdout=log, stderr=log, start_new_session=True)
+    for _ in range(300):
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1).status == 200:
+                return p
+        except Exception:
+            pass
+        if p.poll() is not None:
+            sys.exit(f"envoy exited; see {log.name}")
+        time.sleep(0.1)
+    sys.exit("envoy not ready")
+
+
+def h2load(port, path, headers, data, seconds, clients, tmp):
+    logf = os.path.join(tmp, "h2load.log")
+    cmd = ["h2load", "-t", "1", "-c", str(clients), "-m", "4", "--warm-up-time", "2", "-D", str(seconds),
+           "--log-file", logf, f"https://127.0.0.1:{port}{path}"]
+    for h in headers:
+        cmd += ["-H", h]
+    if data:
+        cmd += ["-d", data]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    lat, statuses = [], {}
+    with open(logf) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3:
+                statuses[parts[1]] = statuses.get(parts[1], 0) + 1
+                lat.append(int(parts[2]))
+    lat.sort()
+    rps = float([l for l in out.splitlines() if l.startswith("finished in")][0].split(",")[1].split()[0])
+    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] / 1000.0
+    return {"rps": rps, "p50": pct(0.50), "p99": pct(0.99), "n": len(lat), "statuses": statuses}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--envoy", required=True)
+    ap.add_argument("--wasm", required=True)
+    ap.add_argument("--gwctl", required=True)
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--clients", type=int, default=16)
+    a = ap.parse_args()
+    if not shutil.which("h2load"):
+        sys.exit("h2load not found: apt-get install nghttp2-client")
+
+    tmp = tempfile.mkdtemp(prefix="gw-bench-edge-")
+    subprocess.run(["bash", os.path.join(ROOT, "envoy/gen-dev-certs.sh"), tmp + "/certs"], check=True, capture_output=True)
+    cert, key = tmp + "/certs/server.pem", tmp + "/certs/server.key"
+    subprocess.run([a.gwctl, "keygen", "--id", "op-admin-1", "--out", tmp + "/keys"], check=True, capture_output=True)
+    secret = os.urandom(32)
+    token = subprocess.run([a.gwctl, "jwt", "--secret-hex", secret.hex(), "--sub", "bench", "--role", "admin",
+                            "--ttl", "1h", "--kid", "dev"], check=True, capture_output=True, text=True).stdout.strip()
+    cmd_file = tmp + "/cmd.bin"
+    subprocess.run([a.gwctl, "sign", "--key", tmp + "/keys/op-admin-1.sk.hex", "--key-id", "op-admin-1",
+                    "--module", "mev", "--action", "throttle", "--arg", "throttle_pct=40", "--issuer", "dashboard",
+                    "--out", cmd_file], check=True, capture_output=True)
+    k = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
+    gw_cfg = json.load(open(os.path.join(ROOT, "filter-wasm/config.example.json")))
+    gw_cfg["command_keys"]["keys"][0]["public_key_hex"] = open(tmp + "/keys/op-admin-1.pk.hex").read().strip()
+    gw_cfg["jwt"]["jwks"]["keys"][0]["k"] = k
+    gw_chain = [wasm_filter("gw_edge", "gw_edge", a.wasm, gw_cfg),
+                {"name": "envoy.filters.http.buffer", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                    "max_request_bytes": 1048576}},
+                wasm_filter("gw_edge_stamp", "gw_edge_stamp", a.wasm, {"stage": "stamp"})]
+    jwt_authn = [{"name": "envoy.filters.http.jwt_authn", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+        "providers": {"dev": {"issuer": "defi-dashboard", "audiences": ["defi-users"],
+                              "local_jwks": {"inline_string": json.dumps({"keys": [{"kty": "oct", "kid": "dev", "alg": "HS256", "k": k}]})}}},
+        "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "dev"}}]}}]
+    auth = f"authorization: Bearer {token}"
+    variants = [
+        ("none", [], "/api/modules", [], None),
+        ("jwt_authn", jwt_authn, "/api/modules", [auth], None),
+        ("gw_jwt", gw_chain, "/api/modules", [auth], None),
+        ("gw_command", gw_chain, "/api/control/commands", [auth, "content-type: application/x-protobuf"], cmd_file),
+    ]
+    results = {}
+    for name, filters, path, headers, data in variants:
+        port, admin = free_port(), free_port()
+        cfg = {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+               "static_resources": {"listeners": [listener(port, cert, key, filters)]}}
+        cfg_path = f"{tmp}/{name}.json"
+        json.dump(cfg, open(cfg_path, "w"))
+        with open(f"{tmp}/{name}.envoy.log", "w") as log:
+            p = run_envoy(a.envoy, cfg_path, admin, log)
+            try:
+                results[name] = h2load(port, path, headers, data, a.seconds, a.clients, tmp)
+            finally:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait()
+        print(f"{name:11s} {results[name]['rps']:10.0f} req/s  p50 {results[name]['p50']:7.3f} ms  "
+              f"p99 {results[name]['p99']:7.3f} ms  statuses {results[name]['statuses']}", flush=True)
+
+    base, native = results["none"], results["jwt_authn"]
+    print("\n| chain | req/s | p50 ms | p99 ms | vs none | vs jwt_authn |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in results:
+        r = results[name]
+        print(f"| {name} | {r['rps']:.0f} | {r['p50']:.3f} | {r['p99']:.3f} | {r['rps']/base['rps']:.3f}x | {r['rps']/native['rps']:.3f}x |")
+    extra_p50 = results["gw_command"]["p50"] - results["gw_jwt"]["p50"]
+    extra_p99 = results["gw_command"]["p99"] - results["gw_jwt"]["p99"]
+    print(f"\nsigned-command cost over JWT-only at p50: {extra_p50*1000:.0f} µs, at p99: {extra_p99*1000:.0f} µs "
+          f"(includes queueing at {a.clients} clients x 4 streams)")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
