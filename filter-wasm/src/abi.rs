@@ -37,6 +37,13 @@ extern "C" {
         return_map_data: *mut *mut u8,
         return_map_size: *mut usize,
     ) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
     fn proxy_replace_header_map_value(
         map_type: u32,
         key_data: *const u8,
@@ -145,6 +152,28 @@ pub fn request_headers() -> Result<Vec<(String, String)>, Status> {
     check(unsafe { proxy_get_header_map_pairs(MAP_HTTP_REQUEST_HEADERS, &mut p, &mut n) })?;
     let bytes = unsafe { take(p, n) };
     header_map::parse(&bytes).ok_or(Status(3))
+}
+
+/// One request header, if present.
+pub fn request_header(key: &str) -> Result<Option<String>, Status> {
+    let mut p: *mut u8 = std::ptr::null_mut();
+    let mut n: usize = 0;
+    // SAFETY: valid out-pointers; ownership of the returned buffer is taken below.
+    match unsafe {
+        proxy_get_header_map_value(
+            MAP_HTTP_REQUEST_HEADERS,
+            key.as_ptr(),
+            key.len(),
+            &mut p,
+            &mut n,
+        )
+    } {
+        0 => String::from_utf8(unsafe { take(p, n) })
+            .map(Some)
+            .map_err(|_| Status(3)),
+        1 => Ok(None),
+        s => Err(Status(s)),
+    }
 }
 
 /// Sets (replaces) a request header.

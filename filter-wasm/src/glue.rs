@@ -360,17 +360,12 @@ impl HttpContext for Stamp {
             local_reject(&Reject::with(Code::Unavailable, detail));
             Action::Pause
         };
-        let headers = match abi::request_headers() {
-            Ok(h) => h,
-            Err(e) => return fail(format!("cannot read headers: {e:?}")),
+        let ticket = match abi::request_header(TICKET_HEADER) {
+            Ok(Some(t)) => t,
+            Ok(None) => return Action::Continue,
+            Err(e) => return fail(format!("cannot read the ticket: {e:?}")),
         };
-        let Some((_, ticket)) = headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(TICKET_HEADER))
-        else {
-            return Action::Continue;
-        };
-        let stamped = match stamp::take(&HostStore, &self.config.stamp_key_prefix, ticket) {
+        let stamped = match stamp::take(&HostStore, &self.config.stamp_key_prefix, &ticket) {
             Ok(h) => h,
             Err(e) => return fail(format!("verified headers not found: {e:?}")),
         };
