@@ -110,7 +110,7 @@ def main():
     ap.add_argument("--envoy", required=True)
     ap.add_argument("--wasm", required=True)
     ap.add_argument("--gwctl", required=True)
-    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--seconds", type=int, default=10, help="at most 20: commands go stale after 30 s")
     ap.add_argument("--clients", type=int, default=16)
     a = ap.parse_args()
     if not shutil.which("h2load"):
@@ -124,9 +124,12 @@ def main():
     token = subprocess.run([a.gwctl, "jwt", "--secret-hex", secret.hex(), "--sub", "bench", "--role", "admin",
                             "--ttl", "1h", "--kid", "dev"], check=True, capture_output=True, text=True).stdout.strip()
     cmd_file = tmp + "/cmd.bin"
-    subprocess.run([a.gwctl, "sign", "--key", tmp + "/keys/op-admin-1.sk.hex", "--key-id", "op-admin-1",
-                    "--module", "mev", "--action", "throttle", "--arg", "throttle_pct=40", "--issuer", "dashboard",
-                    "--out", cmd_file], check=True, capture_output=True)
+
+    def sign():
+        # Signed just before its run: commands are fresh for max_skew_secs (30 s).
+        subprocess.run([a.gwctl, "sign", "--key", tmp + "/keys/op-admin-1.sk.hex", "--key-id", "op-admin-1",
+                        "--module", "mev", "--action", "throttle", "--arg", "throttle_pct=40", "--issuer", "dashboard",
+                        "--out", cmd_file], check=True, capture_output=True)
     k = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
     gw_cfg = json.load(open(os.path.join(ROOT, "filter-wasm/config.example.json")))
     gw_cfg["command_keys"]["keys"][0]["public_key_hex"] = open(tmp + "/keys/op-admin-1.pk.hex").read().strip()
@@ -157,9 +160,13 @@ def main():
         json.dump(cfg, open(cfg_path, "w"))
         with open(f"{tmp}/{name}.envoy.log", "w") as log:
             p = run_envoy(a.envoy, cfg_path, admin, log)
+            if data:
+                sign()
             try:
                 results[name] = h2load(port, path, headers, data, a.seconds, a.clients, tmp)
                 # One request at a time: latency without queueing.
+                if data:
+                    sign()
                 serial[name] = h2load(port, path, headers, data, max(2, a.seconds // 2), 1, tmp, streams=1)
             finally:
                 os.killpg(p.pid, signal.SIGTERM)
