@@ -17,4 +17,11 @@ command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq cur
 command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
 
 log "cargo test (target dir: $CARGO_TARGET_DIR)"
-cargo test --workspace --locked "$@"
+out="$(mktemp)"
+trap 'rm -f "$out"' EXIT
+cargo test --workspace --locked --lib --bins --tests "$@" 2>&1 | tee "$out"
+# One closing line for the whole run (cargo prints one per test binary).
+summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+               END { printf "tests: %d passed, %d failed\n", p, f }' "$out")
+mkdir -p "$GW_CACHE"
+echo "$summary" | tee "$GW_CACHE/last-test-summary"
