@@ -111,6 +111,28 @@ fn mean_ns(dir: &std::path::Path, group: &str, id: &str) -> f64 {
     v["mean"]["point_estimate"].as_f64().expect("mean")
 }
 
+/// Times the same guest in V8 through Node.js (bench/v8_verify.mjs), if Node is there.
+fn v8_times(pk: &[u8], body: &[u8], payload: &[u8], sig: &[u8; 64]) -> Option<(f64, f64, String)> {
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("v8_verify.mjs");
+    let out = std::process::Command::new("node")
+        .arg(script)
+        .arg(wasm_path())
+        .args([hex(pk), hex(body), hex(payload), hex(sig)])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("v8_verify.mjs: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some((
+        v["verify_command_us"].as_f64()?,
+        v["raw_us"].as_f64()?,
+        v["node"].as_str()?.to_owned(),
+    ))
+}
+
 fn main() {
     let sk = SigningKey::from_bytes(&[42; 32]);
     let pk = sk.verifying_key();
@@ -205,5 +227,16 @@ fn main() {
         "ratio wasmtime / native (verify_command): {:>8.3}x",
         wours / ours
     );
+    match v8_times(pk.as_bytes(), &body, &payload, &sig_bytes) {
+        Some((cmd_us, raw_us, node)) => {
+            println!("V8 (Node {node}) raw ed25519-dalek : {raw_us:>9.1} µs");
+            println!("V8 (Node {node}) verify_command    : {cmd_us:>9.1} µs");
+            println!(
+                "ratio V8 / native (verify_command)      : {:>8.3}x",
+                cmd_us * 1e3 / ours
+            );
+        }
+        None => println!("V8: skipped (node not found, or bench/v8_verify.mjs failed)"),
+    }
     let _ = std::fs::remove_dir_all(&out_dir);
 }
