@@ -2,20 +2,12 @@
 //! rendered from `envoy/envoy.yaml.tmpl`, in front of an echo upstream. HTTP/3 with
 //! the independent aioquic client and with `gwctl send`; HTTP/2 with curl.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use gw_core::jwk::b64url_encode;
-use gw_core::{sign_command, Action, Command as Cmd, Module};
+use gw_core::Action;
 use serde_json::{json, Value};
 use testkit::envoy;
-
-const SECRET: &[u8; 32] = b"envoy-e2e-secret-0123456789abcd!";
-
-fn sk() -> ed25519_dalek::SigningKey {
-    ed25519_dalek::SigningKey::from_bytes(&[5; 32])
-}
 
 fn now() -> u64 {
     std::time::SystemTime::now()
@@ -25,47 +17,15 @@ fn now() -> u64 {
 }
 
 fn filter_config() -> String {
-    json!({
-        "command_keys": {"keys": [{"id": "op-admin-1", "public_key_hex": hex::encode(sk().verifying_key().as_bytes())}]},
-        "jwt": {
-            "jwks": {"keys": [{"kty": "oct", "kid": "dev", "k": b64url_encode(SECRET)}]},
-            "policy": {"issuers": ["defi-dashboard"], "audiences": ["defi-users"]}
-        },
-        "routes": [
-            {"prefix": "/api/ledger/", "role": "viewer"},
-            {"prefix": "/api/", "role": "operator"},
-            {"prefix": "/", "public": true}
-        ],
-        "max_body_bytes": 4096
-    })
-    .to_string()
+    testkit::fixtures::filter_config(4096).to_string()
 }
 
 fn bearer(roles: &[&str]) -> String {
-    let claims = json!({"sub": "alice", "iss": "defi-dashboard", "aud": "defi-users", "exp": now() + 600, "roles": roles});
-    format!(
-        "Bearer {}",
-        gw_core::jwt::mint_hs256(SECRET, Some("dev"), claims.as_object().unwrap()).unwrap()
-    )
+    testkit::fixtures::bearer(roles, now())
 }
 
 fn command(nonce: u64, action: Action, ts: u64) -> Vec<u8> {
-    let mut args = BTreeMap::new();
-    if action == Action::Throttle {
-        args.insert("throttle_pct".to_string(), "40".to_string());
-    }
-    let c = Cmd {
-        ts,
-        module: Module::Mev.to_proto() as i32,
-        action: action.to_proto() as i32,
-        args,
-        request_id: format!("e2e-{nonce}"),
-        issuer: "dashboard".into(),
-        schema_version: "ctrl-v1".into(),
-        nonce,
-        ..Default::default()
-    };
-    sign_command(&c, &sk(), "op-admin-1")
+    testkit::fixtures::signed_command(nonce, action, ts, "dashboard", &[])
 }
 
 fn post(path: &str, auth: &str, body: &[u8], extra: &[(&str, &str)]) -> Value {
@@ -288,7 +248,7 @@ fn edge_filter_in_real_envoy_over_http3_and_http2() {
     // --- Every rejection path over HTTP/3.
     let operator = bearer(&["operator"]);
     let mut flipped = command(4, Action::Throttle, t);
-    let i = flipped.windows(4).position(|w| w == b"e2e-").unwrap();
+    let i = flipped.windows(4).position(|w| w == b"req-").unwrap();
     flipped[i] = b'X';
     let cases = [
         (

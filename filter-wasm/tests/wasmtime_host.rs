@@ -4,59 +4,21 @@
 
 mod host;
 
-use std::collections::BTreeMap;
-
-use gw_core::jwk::b64url_encode;
-use gw_core::{sign_command, Action, Command, Module};
+use gw_core::Action;
 use host::{Host, Outcome};
 
 const NOW: u64 = 1_750_000_000;
-const SECRET: &[u8; 32] = b"wasmtime-host-secret-0123456789!";
-
-fn sk() -> ed25519_dalek::SigningKey {
-    ed25519_dalek::SigningKey::from_bytes(&[3; 32])
-}
 
 fn config() -> String {
-    serde_json::json!({
-        "command_keys": {"keys": [{"id": "op-admin-1", "public_key_hex": hex::encode(sk().verifying_key().as_bytes()),
-                                    "issuers": ["dashboard", "ops"]}]},
-        "jwt": {
-            "jwks": {"keys": [{"kty": "oct", "kid": "dev", "k": b64url_encode(SECRET)}]},
-            "policy": {"issuers": ["defi-dashboard"], "audiences": ["defi-users"]}
-        },
-        "routes": [
-            {"prefix": "/api/ledger/", "role": "viewer"},
-            {"prefix": "/api/", "role": "operator"},
-            {"prefix": "/", "public": true}
-        ],
-        "max_body_bytes": 2048,
-        "replay_window": 64
-    })
-    .to_string()
+    testkit::fixtures::filter_config(2048).to_string()
 }
 
 fn bearer(roles: &[&str]) -> String {
-    let claims = serde_json::json!({"sub": "alice", "iss": "defi-dashboard", "aud": "defi-users", "exp": NOW + 600, "roles": roles});
-    format!(
-        "Bearer {}",
-        gw_core::jwt::mint_hs256(SECRET, Some("dev"), claims.as_object().unwrap()).unwrap()
-    )
+    testkit::fixtures::bearer(roles, NOW)
 }
 
 fn command(nonce: u64, issuer: &str) -> Vec<u8> {
-    let c = Command {
-        ts: NOW,
-        module: Module::Mev.to_proto() as i32,
-        action: Action::Throttle.to_proto() as i32,
-        args: BTreeMap::from([("throttle_pct".to_string(), "40".to_string())]),
-        request_id: format!("req-{nonce}"),
-        issuer: issuer.into(),
-        schema_version: "ctrl-v1".into(),
-        nonce,
-        ..Default::default()
-    };
-    sign_command(&c, &sk(), "op-admin-1")
+    testkit::fixtures::signed_command(nonce, Action::Throttle, NOW, issuer, &[])
 }
 
 fn post<'a>(path: &'a str, auth: &'a str) -> Vec<(&'a str, &'a str)> {

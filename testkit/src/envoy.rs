@@ -73,17 +73,24 @@ pub fn echo_upstream(dir: &Path) -> (ProcessGuard, u16) {
     (g, port)
 }
 
-/// Starts Envoy on `config` with two workers; waits until `ready_port` accepts TCP.
-pub fn start_envoy(config: &Path, ready_port: u16, dir: &Path) -> ProcessGuard {
+/// Spawns Envoy on `config` with two workers, logging to `dir/envoy.log`.
+/// `GW_ENVOY_LOG_LEVEL` sets its log level (default `info`).
+fn spawn_envoy(config: &Path, dir: &Path) -> ProcessGuard {
+    let level = std::env::var("GW_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into());
     let mut cmd = Command::new(envoy_bin());
     cmd.arg("-c").arg(config).args([
         "--concurrency",
         "2",
         "--disable-hot-restart",
         "--log-level",
-        "info",
+        &level,
     ]);
-    let mut g = ProcessGuard::spawn("envoy", &mut cmd, &dir.join("envoy.log"));
+    ProcessGuard::spawn("envoy", &mut cmd, &dir.join("envoy.log"))
+}
+
+/// Starts Envoy on `config`; waits until `ready_port` accepts TCP.
+pub fn start_envoy(config: &Path, ready_port: u16, dir: &Path) -> ProcessGuard {
+    let mut g = spawn_envoy(config, dir);
     if !wait_tcp(ready_port, Duration::from_secs(30)) {
         g.assert_running();
         panic!("envoy did not listen on {ready_port}:\n{}", g.log());
@@ -162,18 +169,8 @@ pub fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
 }
 
 /// Starts Envoy and waits until its admin `/ready` answers 200 (all listeners up).
-/// `GW_ENVOY_LOG_LEVEL` sets its log level (default `info`).
 pub fn start_envoy_ready(config: &Path, admin_port: u16, dir: &Path) -> ProcessGuard {
-    let level = std::env::var("GW_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let mut cmd = Command::new(envoy_bin());
-    cmd.arg("-c").arg(config).args([
-        "--concurrency",
-        "2",
-        "--disable-hot-restart",
-        "--log-level",
-        &level,
-    ]);
-    let mut g = ProcessGuard::spawn("envoy", &mut cmd, &dir.join("envoy.log"));
+    let mut g = spawn_envoy(config, dir);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while std::time::Instant::now() < deadline {
         if matches!(admin_get(admin_port, "/ready"), Some((200, _))) {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 pub mod echo;
 pub mod envoy;
+pub mod fixtures;
 
 /// The workspace root (the directory holding the top-level `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {

@@ -1,35 +1,11 @@
 use super::*;
 use crate::replay_cas::tests::EnvoyLikeStore;
-use gw_core::jwk::b64url_encode;
-use gw_core::{sign_command, Command};
-use std::collections::BTreeMap;
+use gw_core::Command;
 
 const NOW: u64 = 1_750_000_000;
-const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
-
-fn sk() -> ed25519_dalek::SigningKey {
-    ed25519_dalek::SigningKey::from_bytes(&[1; 32])
-}
 
 fn config() -> serde_json::Value {
-    serde_json::json!({
-        "command_keys": {"keys": [{"id": "op-admin-1", "public_key_hex": hex(sk().verifying_key().as_bytes())}]},
-        "jwt": {
-            "jwks": {"keys": [{"kty": "oct", "kid": "dev", "k": b64url_encode(SECRET)}]},
-            "policy": {"issuers": ["defi-dashboard"], "audiences": ["defi-users"]}
-        },
-        "routes": [
-            {"prefix": "/api/ledger/", "role": "viewer"},
-            {"prefix": "/api/", "role": "operator"},
-            {"prefix": "/", "public": true}
-        ],
-        "max_body_bytes": 4096,
-        "replay_window": 64
-    })
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    testkit::fixtures::filter_config(4096)
 }
 
 fn edge() -> Edge {
@@ -37,29 +13,11 @@ fn edge() -> Edge {
 }
 
 fn token(roles: &[&str]) -> String {
-    let claims = serde_json::json!({"sub": "alice", "iss": "defi-dashboard", "aud": "defi-users", "exp": NOW + 600, "roles": roles});
-    format!(
-        "Bearer {}",
-        gw_core::jwt::mint_hs256(SECRET, Some("dev"), claims.as_object().unwrap()).unwrap()
-    )
+    testkit::fixtures::bearer(roles, NOW)
 }
 
 fn command(nonce: u64, action: Action, args: &[(&str, &str)]) -> Vec<u8> {
-    let c = Command {
-        ts: NOW,
-        module: Module::Mev.to_proto() as i32,
-        action: action.to_proto() as i32,
-        args: args
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<BTreeMap<_, _>>(),
-        request_id: format!("r{nonce}"),
-        issuer: "dashboard".into(),
-        schema_version: "ctrl-v1".into(),
-        nonce,
-        ..Default::default()
-    };
-    sign_command(&c, &sk(), "op-admin-1")
+    testkit::fixtures::signed_command(nonce, action, NOW, "dashboard", args)
 }
 
 fn head<'a>(method: &'a str, path: &'a str, auth: Option<&'a str>) -> RequestHead<'a> {

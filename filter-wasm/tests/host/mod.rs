@@ -115,43 +115,15 @@ fn give(caller: &mut Caller<'_, State>, data: &[u8], ptr_ptr: i32, size_ptr: i32
 }
 
 fn serialize_map(pairs: &[(String, String)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
-    for (k, v) in pairs {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in pairs {
-        out.extend_from_slice(k.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v.as_bytes());
-        out.push(0);
-    }
-    out
+    let refs: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    gw_filter::header_map::serialize(&refs)
 }
 
 fn deserialize_map(b: &[u8]) -> Vec<(String, String)> {
-    if b.len() < 4 {
-        return Vec::new();
-    }
-    let n = u32::from_le_bytes(b[0..4].try_into().unwrap()) as usize;
-    let mut sizes = Vec::new();
-    for i in 0..n {
-        let o = 4 + i * 8;
-        let k = u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as usize;
-        let v = u32::from_le_bytes(b[o + 4..o + 8].try_into().unwrap()) as usize;
-        sizes.push((k, v));
-    }
-    let mut p = 4 + n * 8;
-    let mut out = Vec::new();
-    for (k, v) in sizes {
-        let key = String::from_utf8_lossy(&b[p..p + k]).into_owned();
-        p += k + 1;
-        let val = String::from_utf8_lossy(&b[p..p + v]).into_owned();
-        p += v + 1;
-        out.push((key, val));
-    }
-    out
+    gw_filter::header_map::parse(b).expect("the filter sent a malformed header map")
 }
 
 const OK: i32 = 0;

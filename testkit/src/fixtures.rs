@@ -1,0 +1,76 @@
+//! Shared test fixtures: one command key, one JWT secret, a filter configuration
+//! around them, tokens and signed commands.
+
+use std::collections::BTreeMap;
+
+use ed25519_dalek::SigningKey;
+use gw_core::jwk::b64url_encode;
+use gw_core::{sign_command, Action, Command, Module};
+use serde_json::{json, Value};
+
+/// The HS256 secret the fixture configuration trusts (kid `dev`).
+pub const JWT_SECRET: &[u8; 32] = b"edge-gw-test-secret-0123456789ab";
+
+/// The command key `op-admin-1`.
+pub fn command_key() -> SigningKey {
+    SigningKey::from_bytes(&[3; 32])
+}
+
+/// A gw_edge filter configuration: `op-admin-1` for issuers `dashboard` and `ops`,
+/// the HS256 key, routes `/api/ledger/` (viewer), `/api/` (operator), `/` (public).
+pub fn filter_config(max_body_bytes: usize) -> Value {
+    json!({
+        "command_keys": {"keys": [{"id": "op-admin-1",
+                                    "public_key_hex": hex::encode(command_key().verifying_key().as_bytes()),
+                                    "issuers": ["dashboard", "ops"]}]},
+        "jwt": {
+            "jwks": {"keys": [{"kty": "oct", "kid": "dev", "k": b64url_encode(JWT_SECRET)}]},
+            "policy": {"issuers": ["defi-dashboard"], "audiences": ["defi-users"]}
+        },
+        "routes": [
+            {"prefix": "/api/ledger/", "role": "viewer"},
+            {"prefix": "/api/", "role": "operator"},
+            {"prefix": "/", "public": true}
+        ],
+        "max_body_bytes": max_body_bytes,
+        "replay_window": 64
+    })
+}
+
+/// `Bearer <jwt>` for `alice` with `roles`, valid for 10 minutes from `now`.
+pub fn bearer(roles: &[&str], now: u64) -> String {
+    let claims = json!({"sub": "alice", "iss": "defi-dashboard", "aud": "defi-users",
+                        "exp": now + 600, "roles": roles});
+    let token =
+        gw_core::jwt::mint_hs256(JWT_SECRET, Some("dev"), claims.as_object().expect("object"))
+            .expect("fixture secret is long enough");
+    format!("Bearer {token}")
+}
+
+/// A `mev` command signed by `op-admin-1` with request id `req-<nonce>`. THROTTLE
+/// gets `throttle_pct=40` unless `args` say otherwise.
+pub fn signed_command(
+    nonce: u64,
+    action: Action,
+    ts: u64,
+    issuer: &str,
+    args: &[(&str, &str)],
+) -> Vec<u8> {
+    let mut map = BTreeMap::new();
+    if action == Action::Throttle {
+        map.insert("throttle_pct".to_string(), "40".to_string());
+    }
+    map.extend(args.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let c = Command {
+        ts,
+        module: Module::Mev.to_proto() as i32,
+        action: action.to_proto() as i32,
+        args: map,
+        request_id: format!("req-{nonce}"),
+        issuer: issuer.into(),
+        schema_version: "ctrl-v1".into(),
+        nonce,
+        ..Default::default()
+    };
+    sign_command(&c, &command_key(), "op-admin-1")
+}
