@@ -2,5 +2,7 @@
 //! [`modules`] (what each trading module is doing) and [`replay_store`] (the
 //! authoritative replay guard, persisted so a restart never re-opens a nonce).
 
+pub mod config;
+pub mod http;
 pub mod modules;
 pub mod replay_store;

@@ -1,0 +1,156 @@
+//! Sidecar configuration: a JSON file (see `sidecar/config.example.json`), then the
+//! original API's environment variables on top.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use ed25519_dalek::SigningKey;
+use gw_core::jwk::ed25519_from_hex;
+use gw_core::keyring::{CommandKey, KeyRing, KeyRingConfig};
+use serde::Deserialize;
+
+/// The configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Listen address (HTTP/1.1 and h2c, behind Envoy).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Command keys (same format as the filter's `command_keys`).
+    #[serde(default)]
+    pub command_keys: KeyRingConfig,
+    /// Allowed clock skew, seconds.
+    #[serde(default = "default_skew")]
+    pub max_skew_secs: u64,
+    /// Largest command body.
+    #[serde(default = "default_body")]
+    pub max_body_bytes: usize,
+    /// Replay window per issuer.
+    #[serde(default = "default_window")]
+    pub replay_window: u32,
+    /// Where durable state lives (replay guard).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Issuer written into commands the JSON route signs.
+    #[serde(default = "default_issuer")]
+    pub json_issuer: String,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_skew() -> u64 {
+    gw_core::freshness::DEFAULT_MAX_SKEW_SECS
+}
+fn default_body() -> usize {
+    gw_core::command::DEFAULT_MAX_COMMAND_BYTES
+}
+fn default_window() -> u32 {
+    gw_core::replay::DEFAULT_WINDOW
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(".run/sidecar")
+}
+fn default_issuer() -> String {
+    "dashboard".into()
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").unwrap_or_else(|_| unreachable!("all fields have defaults"))
+    }
+}
+
+/// The validated configuration.
+pub struct Config {
+    /// File values.
+    pub file: FileConfig,
+    /// Verification keys (file keys plus `CTRL_PUBKEY_HEX`).
+    pub keyring: KeyRing,
+    /// The JSON route's signing key and its id (`CTRL_SIGN_SK_HEX`, `CTRL_PUBKEY_ID`).
+    pub signer: Option<(SigningKey, String)>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("file", &self.file)
+            .field("keys", &self.keyring.len())
+            .field("signer", &self.signer.as_ref().map(|(_, id)| id))
+            .finish()
+    }
+}
+
+/// Why the configuration is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Bad file.
+    #[error("config file {0}: {1}")]
+    File(PathBuf, String),
+    /// Bad key ring.
+    #[error("command_keys: {0}")]
+    Keys(#[from] gw_core::keyring::KeyRingError),
+    /// Bad environment value (never echoes secrets).
+    #[error("environment variable {0}: {1}")]
+    Env(&'static str, String),
+    /// Nothing could ever verify.
+    #[error("no command keys: give command_keys in the config file or CTRL_PUBKEY_HEX")]
+    NoKeys,
+}
+
+impl Config {
+    /// Loads `path` (if any), then applies `env` (the original API's variables:
+    /// `CTRL_SIGN_SK_HEX`, `CTRL_PUBKEY_HEX`, `CTRL_PUBKEY_ID`; and `GW_SIDECAR_LISTEN`).
+    pub fn load(
+        path: Option<&std::path::Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut file = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError::File(p.into(), e.to_string()))?;
+                serde_json::from_str(&text)
+                    .map_err(|e| ConfigError::File(p.into(), e.to_string()))?
+            }
+            None => FileConfig::default(),
+        };
+        if let Some(l) = env("GW_SIDECAR_LISTEN") {
+            file.listen = l
+                .parse()
+                .map_err(|e| ConfigError::Env("GW_SIDECAR_LISTEN", format!("{e}")))?;
+        }
+        let mut keyring = KeyRing::from_config(&file.command_keys)?;
+        let key_id = env("CTRL_PUBKEY_ID").unwrap_or_else(|| "op-admin-1".into());
+        if let Some(pk) = env("CTRL_PUBKEY_HEX") {
+            let vk = ed25519_from_hex(&pk)
+                .map_err(|e| ConfigError::Env("CTRL_PUBKEY_HEX", e.to_string()))?;
+            keyring.insert(CommandKey::unrestricted(key_id.clone(), vk))?;
+        }
+        let signer = match env("CTRL_SIGN_SK_HEX") {
+            Some(sk) => {
+                let bytes = zeroize::Zeroizing::new(
+                    hex::decode(sk.trim())
+                        .map_err(|_| ConfigError::Env("CTRL_SIGN_SK_HEX", "not hex".into()))?,
+                );
+                let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+                    ConfigError::Env("CTRL_SIGN_SK_HEX", "must be 32 bytes of hex".into())
+                })?;
+                let sk = SigningKey::from_bytes(&arr);
+                // The sidecar must be able to verify what it signs.
+                if keyring.get(&key_id).is_none() {
+                    keyring.insert(CommandKey::unrestricted(key_id.clone(), sk.verifying_key()))?;
+                }
+                Some((sk, key_id))
+            }
+            None => None,
+        };
+        if keyring.is_empty() {
+            return Err(ConfigError::NoKeys);
+        }
+        Ok(Config {
+            file,
+            keyring,
+            signer,
+        })
+    }
+}

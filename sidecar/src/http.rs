@@ -1,0 +1,270 @@
+//! The sidecar's HTTP surface behind Envoy: re-verifies and applies signed commands,
+//! signs commands for the original JSON route, shows module state, health and metrics.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ed25519_dalek::SigningKey;
+use gw_core::command::{sign_command, SCHEMA_CTRL_V1};
+use gw_core::names::parse_module_route;
+use gw_core::{Action, Code, Command, ControlPolicy, Module, Reject};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::modules::Modules;
+use crate::replay_store::ReplayStore;
+
+/// Shared state of the handlers.
+pub struct AppState {
+    /// Verification rules.
+    pub policy: ControlPolicy,
+    /// Authoritative replay guard.
+    pub replay: Mutex<ReplayStore>,
+    /// Module state.
+    pub modules: Mutex<Modules>,
+    /// Key for the JSON route.
+    pub signer: Option<(SigningKey, String)>,
+    /// Issuer of JSON-route commands.
+    pub json_issuer: String,
+    /// Decisions by code (`accepted` for applied commands).
+    pub decisions: Mutex<BTreeMap<&'static str, u64>>,
+    last_nonce: AtomicU64,
+}
+
+impl AppState {
+    /// Builds the state.
+    pub fn new(
+        policy: ControlPolicy,
+        replay: ReplayStore,
+        signer: Option<(SigningKey, String)>,
+        json_issuer: String,
+    ) -> Arc<AppState> {
+        Arc::new(AppState {
+            policy,
+            replay: Mutex::new(replay),
+            modules: Mutex::new(Modules::new()),
+            signer,
+            json_issuer,
+            decisions: Mutex::new(BTreeMap::new()),
+            last_nonce: AtomicU64::new(0),
+        })
+    }
+
+    fn count(&self, what: &'static str) {
+        if let Ok(mut d) = self.decisions.lock() {
+            *d.entry(what).or_default() += 1;
+        }
+    }
+
+    /// A nonce strictly above every one this process issued: unix nanoseconds.
+    fn next_nonce(&self) -> u64 {
+        let now = now_nanos();
+        let mut prev = self.last_nonce.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(prev + 1);
+            match self
+                .last_nonce
+                .compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return next,
+                Err(p) => prev = p,
+            }
+        }
+    }
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+struct ApiError(Reject);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            self.0.to_json(),
+        )
+            .into_response()
+    }
+}
+
+impl From<Reject> for ApiError {
+    fn from(r: Reject) -> Self {
+        ApiError(r)
+    }
+}
+
+/// Re-verifies, records the nonce durably, applies. The one path every command takes.
+fn admit(
+    st: &AppState,
+    body: &[u8],
+    route: Option<(Module, Action)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let result = (|| -> Result<serde_json::Value, Reject> {
+        let now = now_nanos() / 1_000_000_000;
+        let v = st.policy.check(body, now, route)?;
+        let c = &v.command;
+        st.replay
+            .lock()
+            .map_err(|_| Reject::new(Code::ReplayUnavailable, "replay state lock poisoned"))?
+            .accept(&c.issuer, c.nonce)?;
+        st.modules
+            .lock()
+            .map_err(|_| Reject::new(Code::Unavailable, "module state lock poisoned"))?
+            .apply(v.module, v.action, &v.args, &c.request_id);
+        Ok(
+            json!({"ok": true, "request_id": c.request_id, "module": v.module.as_str(),
+                  "action": v.action.as_str(), "nonce": c.nonce}),
+        )
+    })();
+    match result {
+        Ok(v) => {
+            st.count("accepted");
+            Ok(Json(v))
+        }
+        Err(r) => {
+            st.count(r.code.as_str());
+            Err(ApiError(r))
+        }
+    }
+}
+
+async fn post_command(
+    State(st): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    admit(&st, &body, None)
+}
+
+/// The original API's JSON body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlBody {
+    throttle_pct: Option<i64>,
+    ev_min: Option<f64>,
+    tip_ladder: Option<Vec<f64>>,
+    kill: Option<bool>,
+}
+
+fn is_protobuf(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .is_some_and(|m| {
+            matches!(
+                m.as_str(),
+                "application/x-protobuf" | "application/protobuf" | "application/octet-stream"
+            )
+        })
+}
+
+async fn post_module(
+    State(st): State<Arc<AppState>>,
+    Path(spec): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let route = parse_module_route(&format!("/api/control/module/{spec}"))
+        .ok_or_else(|| Reject::new(Code::Malformed, "route names an unknown module or action"))?;
+    if is_protobuf(&headers) {
+        return admit(&st, &body, Some(route));
+    }
+    let req: ControlBody = if body.is_empty() {
+        ControlBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| Reject::with(Code::Malformed, format!("JSON body: {e}")))?
+    };
+    let (module, action) = route;
+    if req.kill == Some(true) && action != Action::Kill {
+        return Err(Reject::new(Code::BadArgs, "`kill: true` needs the kill action").into());
+    }
+    let mut args = BTreeMap::new();
+    if let Some(p) = req.throttle_pct {
+        args.insert("throttle_pct".to_string(), p.to_string());
+    }
+    if let Some(e) = req.ev_min {
+        args.insert("ev_min".to_string(), e.to_string());
+    }
+    if let Some(t) = req.tip_ladder.filter(|t| !t.is_empty()) {
+        args.insert(
+            "tip_ladder".to_string(),
+            t.iter().map(f64::to_string).collect::<Vec<_>>().join(","),
+        );
+    }
+    let Some((sk, key_id)) = &st.signer else {
+        return Err(Reject::new(
+            Code::Unavailable,
+            "this sidecar has no signing key (CTRL_SIGN_SK_HEX)",
+        )
+        .into());
+    };
+    let cmd = Command {
+        ts: now_nanos() / 1_000_000_000,
+        module: module.to_proto() as i32,
+        action: action.to_proto() as i32,
+        args,
+        request_id: uuid::Uuid::new_v4().to_string(),
+        issuer: st.json_issuer.clone(),
+        schema_version: SCHEMA_CTRL_V1.into(),
+        nonce: st.next_nonce(),
+        ..Default::default()
+    };
+    admit(&st, &sign_command(&cmd, sk, key_id), Some(route))
+}
+
+async fn get_modules(State(st): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let m = st
+        .modules
+        .lock()
+        .map_err(|_| Reject::new(Code::Unavailable, "module state lock poisoned"))?;
+    Ok(Json(serde_json::to_value(&*m).unwrap_or_default()))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"ok": true}))
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
+    let mut out = String::from("# TYPE gw_sidecar_decisions_total counter\n");
+    if let Ok(d) = st.decisions.lock() {
+        for (code, n) in d.iter() {
+            out.push_str(&format!(
+                "gw_sidecar_decisions_total{{code=\"{code}\"}} {n}\n"
+            ));
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// The router.
+pub fn router(st: Arc<AppState>, max_body: usize) -> Router {
+    Router::new()
+        .route("/api/control/commands", post(post_command))
+        .route("/api/control/module/{spec}", post(post_module))
+        .route("/api/modules", get(get_modules))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .with_state(st)
+}

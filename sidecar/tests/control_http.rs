@@ -1,0 +1,245 @@
+//! The sidecar's control plane over real HTTP/2 (h2c, as Envoy speaks to it):
+//! re-verification, the durable replay guard across a restart, the JSON route's
+//! signing, module state, metrics.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use gw_core::{Action, ControlPolicy};
+use gw_sidecar::config::Config;
+use gw_sidecar::http::{router, AppState};
+use gw_sidecar::replay_store::ReplayStore;
+use serde_json::Value;
+use testkit::fixtures::{command_key, signed_command};
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+struct Sidecar {
+    url: String,
+    rt: tokio::runtime::Runtime,
+    client: reqwest::Client,
+}
+
+fn start(state_dir: &Path, with_signer: bool) -> Sidecar {
+    let pk = hex::encode(command_key().verifying_key().as_bytes());
+    let sk = hex::encode(command_key().to_bytes());
+    let env = move |k: &str| match k {
+        "CTRL_PUBKEY_HEX" => Some(pk.clone()),
+        "CTRL_PUBKEY_ID" => Some("op-admin-1".to_string()),
+        "CTRL_SIGN_SK_HEX" if with_signer => Some(sk.clone()),
+        _ => None,
+    };
+    let cfg = Config::load(None, &env).unwrap();
+    let replay = ReplayStore::open(&state_dir.join("replay.json"), cfg.file.replay_window).unwrap();
+    let policy = ControlPolicy {
+        keyring: cfg.keyring,
+        max_skew: 30,
+        max_body: 4096,
+    };
+    let state: Arc<AppState> = AppState::new(policy, replay, cfg.signer, "dashboard".into());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, router(state, 4096)).await });
+    Sidecar {
+        url: format!("http://{addr}"),
+        rt,
+        client: reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap(),
+    }
+}
+
+impl Sidecar {
+    fn post(&self, path: &str, ct: &str, body: Vec<u8>) -> (u16, Value) {
+        self.rt.block_on(async {
+            let r = self
+                .client
+                .post(format!("{}{path}", self.url))
+                .header("content-type", ct)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.version(), reqwest::Version::HTTP_2);
+            (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        })
+    }
+
+    fn get(&self, path: &str) -> String {
+        self.rt.block_on(async {
+            self.client
+                .get(format!("{}{path}", self.url))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        })
+    }
+}
+
+const PB: &str = "application/x-protobuf";
+
+#[test]
+fn signed_commands_apply_once_even_across_a_restart() {
+    let d = testkit::TempDir::new("sidecar-http");
+    let s = start(d.path(), false);
+    let cmd = signed_command(
+        1,
+        Action::Throttle,
+        now(),
+        "dashboard",
+        &[("throttle_pct", "25")],
+    );
+    let (status, body) = s.post("/api/control/commands", PB, cmd.clone());
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["ok"].clone(), body["request_id"].clone()),
+        (Value::Bool(true), Value::from("req-1"))
+    );
+    let modules: Value = serde_json::from_str(&s.get("/api/modules")).unwrap();
+    assert_eq!(modules["mev"]["throttle_pct"], 25);
+    assert_eq!(modules["arbitrage"]["throttle_pct"], 100);
+    let (status, body) = s.post("/api/control/commands", PB, cmd.clone());
+    assert_eq!((status, body["error"].as_str()), (409, Some("replay")));
+    drop(s);
+
+    // A new process over the same state directory still refuses the replay.
+    let s = start(d.path(), false);
+    let (status, body) = s.post("/api/control/commands", PB, cmd);
+    assert_eq!((status, body["error"].as_str()), (409, Some("replay")));
+    let modules: Value = serde_json::from_str(&s.get("/api/modules")).unwrap();
+    assert_eq!(modules["mev"]["applied"], 0, "nothing applied twice");
+
+    // Rejections with codes.
+    let mut flipped = signed_command(2, Action::Start, now(), "dashboard", &[]);
+    let i = flipped.windows(4).position(|w| w == b"req-").unwrap();
+    flipped[i] = b'X';
+    assert_eq!(
+        s.post("/api/control/commands", PB, flipped).1["error"],
+        "bad_signature"
+    );
+    let stale = signed_command(3, Action::Start, now() - 120, "dashboard", &[]);
+    assert_eq!(
+        s.post("/api/control/commands", PB, stale).1["error"],
+        "stale"
+    );
+    let kill = signed_command(4, Action::Kill, now(), "dashboard", &[]);
+    let (status, body) = s.post("/api/control/module/mev:stop", PB, kill.clone());
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("route_mismatch"))
+    );
+    let (status, _) = s.post("/api/control/module/mev:kill", PB, kill);
+    assert_eq!(status, 200);
+    let (status, _) = s.post("/api/control/commands", PB, vec![0u8; 5000]);
+    assert_eq!(status, 413);
+    let metrics = s.get("/metrics");
+    assert!(
+        metrics.contains("gw_sidecar_decisions_total{code=\"replay\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gw_sidecar_decisions_total{code=\"accepted\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn json_route_signs_like_the_original_api() {
+    let d = testkit::TempDir::new("sidecar-json");
+    let s = start(d.path(), true);
+    let (status, body) = s.post(
+        "/api/control/module/mev:policy",
+        "application/json",
+        br#"{"ev_min": 0.25, "tip_ladder": [0.1, 0.2]}"#.to_vec(),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ok"], true);
+    assert_eq!(
+        body["request_id"].as_str().map(str::len),
+        Some(36),
+        "a UUID"
+    );
+    let modules: Value = serde_json::from_str(&s.get("/api/modules")).unwrap();
+    assert_eq!(modules["mev"]["ev_min"], 0.25);
+    assert_eq!(modules["mev"]["tip_ladder"], serde_json::json!([0.1, 0.2]));
+    // Two quick JSON commands get distinct, increasing nonces: both apply.
+    for _ in 0..2 {
+        let (status, _) = s.post(
+            "/api/control/module/arbitrage:start",
+            "application/json",
+            b"{}".to_vec(),
+        );
+        assert_eq!(status, 200);
+    }
+    let (status, body) = s.post(
+        "/api/control/module/mev:throttle",
+        "application/json",
+        br#"{"throttle_pct": 140}"#.to_vec(),
+    );
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_args")));
+    let (status, body) = s.post(
+        "/api/control/module/mev:stop",
+        "application/json",
+        br#"{"kill": true}"#.to_vec(),
+    );
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_args")));
+    let (status, body) = s.post(
+        "/api/control/module/hft:stop",
+        "application/json",
+        b"{}".to_vec(),
+    );
+    assert_eq!((status, body["error"].as_str()), (400, Some("malformed")));
+
+    // Without CTRL_SIGN_SK_HEX the JSON route cannot sign: 503, clearly.
+    let d2 = testkit::TempDir::new("sidecar-nosigner");
+    let s2 = start(d2.path(), false);
+    let (status, body) = s2.post(
+        "/api/control/module/mev:start",
+        "application/json",
+        b"{}".to_vec(),
+    );
+    assert_eq!((status, body["error"].as_str()), (503, Some("unavailable")));
+}
+
+#[test]
+fn configuration_errors_are_clear() {
+    let none = |_: &str| None;
+    let err = Config::load(None, &none).unwrap_err().to_string();
+    assert!(err.contains("no command keys"), "{err}");
+    let bad = |k: &str| (k == "CTRL_PUBKEY_HEX").then(|| "zz".to_string());
+    assert!(Config::load(None, &bad)
+        .unwrap_err()
+        .to_string()
+        .contains("CTRL_PUBKEY_HEX"));
+    let short = |k: &str| (k == "CTRL_SIGN_SK_HEX").then(|| "abcd".to_string());
+    let err = Config::load(None, &short).unwrap_err().to_string();
+    assert!(
+        err.contains("32 bytes") && !err.contains("abcd"),
+        "never echo secrets: {err}"
+    );
+    let example = Config::load(
+        Some(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config.example.json"
+        ))),
+        &none,
+    )
+    .unwrap();
+    assert_eq!(example.keyring.len(), 1);
+}
