@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Brings the local gateway up on 127.0.0.1: Envoy (HTTP/3 on UDP 8443, HTTP/2 +
-# HTTP/1.1 on TCP 8443) running the gw_edge filter, in front of the upstream on
-# 127.0.0.1:8080. Until the sidecar lands, that upstream is a development echo that
-# shows what the edge forwarded. Dev keys, a JWT secret and TLS certificates are made
-# once under .run/. Ctrl-C stops everything.
+# HTTP/1.1 on TCP 8443) running the gw_edge filter, in front of the sidecar on
+# 127.0.0.1:8080 (re-verifies, keeps the durable replay guard, applies commands).
+# Dev keys, a JWT secret and TLS certificates are made once under .run/. Ctrl-C
+# stops everything.
 #
 #   bash scripts/run-gateway.sh           run in the foreground
 #   bash scripts/run-gateway.sh --smoke   start, send one signed command, stop (CI)
@@ -17,8 +17,8 @@ if command -v rustup >/dev/null; then
   rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 fi
 bash scripts/setup-venv.sh
-log "building gwctl, the dev upstream and the filter"
-cargo build --release --locked -q -p gwctl -p testkit --bins
+log "building gwctl, the sidecar and the filter"
+cargo build --release --locked -q -p gwctl -p gw-sidecar
 cargo build --release --locked -q --target wasm32-wasip1 -p gw-filter
 bin="$CARGO_TARGET_DIR/release"
 run="$GW_ROOT/.run"
@@ -50,7 +50,9 @@ envoy_bin=$(ls "$GW_VENV"/lib/python*/site-packages/envoy/_bin/envoy)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
-"$bin/gw-dev-echo" 127.0.0.1:8080 & pids+=($!)
+CTRL_PUBKEY_ID=op-admin-1 CTRL_PUBKEY_HEX="$(cat "$run/keys/op-admin-1.pk.hex")" \
+  CTRL_SIGN_SK_HEX="$(cat "$run/keys/op-admin-1.sk.hex")" GW_SIDECAR_LISTEN=127.0.0.1:8080 \
+  "$bin/gw-sidecar" --config sidecar/config.example.json & pids+=($!)
 "$envoy_bin" -c "$run/envoy.yaml" --concurrency 2 --disable-hot-restart --log-level warn & pids+=($!)
 for _ in $(seq 1 100); do
   curl -sf http://127.0.0.1:9901/ready >/dev/null 2>&1 && break
@@ -75,16 +77,27 @@ Send a signed command over HTTP/3:
 Sign another:
   $bin/gwctl sign --key $run/keys/op-admin-1.sk.hex --key-id op-admin-1 --module mev \\
       --action policy --arg ev_min=0.2 --arg tip_ladder=0.1,0.2 --issuer dashboard --out cmd.bin
+JSON route (the sidecar signs):
+  curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" \
+      -H 'content-type: application/json' -d '{"throttle_pct": 50}' \
+      https://localhost:8443/api/control/module/arbitrage:throttle
+Module state:    curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" https://localhost:8443/api/modules
 Edge decisions:  curl -s http://127.0.0.1:9901/stats?filter=gw_edge
 MSG
 
 if (( smoke )); then
   out=$("$bin/gwctl" send https://127.0.0.1:8443/api/control/commands "$run/throttle.bin" --token "$token" --ca "$run/certs/ca.pem")
   echo "$out" | head -1
-  echo "$out" | grep -q '"x-gw-verified":"edge"' || die "smoke: the command did not arrive verified: $out"
+  echo "$out" | grep -q '"ok":true' || die "smoke: the sidecar did not apply the command: $out"
   again=$("$bin/gwctl" send https://127.0.0.1:8443/api/control/commands "$run/throttle.bin" --token "$token" --ca "$run/certs/ca.pem" --http2 || true)
   echo "$again" | head -1 | grep -q '409' || die "smoke: a replay was not refused: $again"
-  log "smoke: signed command accepted once over HTTP/3, replay refused over HTTP/2"
+  json=$(curl -sS --cacert "$run/certs/ca.pem" -H "authorization: Bearer $token" -H 'content-type: application/json' \
+    -d '{"throttle_pct": 50}' https://localhost:8443/api/control/module/arbitrage:throttle)
+  echo "$json" | grep -q '"ok":true' || die "smoke: the JSON route failed: $json"
+  modules=$(curl -sf --cacert "$run/certs/ca.pem" -H "authorization: Bearer $token" https://localhost:8443/api/modules)
+  echo "$modules" | grep -q '"mev":{[^}]*"throttle_pct":40' || die "smoke: mev did not change: $modules"
+  echo "$modules" | grep -q '"arbitrage":{[^}]*"throttle_pct":50' || die "smoke: arbitrage did not change: $modules"
+  log "smoke: signed command applied once over HTTP/3 (mev 40%), replay refused over HTTP/2, JSON route signed and applied (arbitrage 50%)"
   exit 0
 fi
 echo "Ctrl-C to stop."

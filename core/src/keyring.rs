@@ -255,6 +255,18 @@ impl KeyRing {
         Ok(())
     }
 
+    /// Replaces the public key of `id`, keeping its window and scope; `false` if
+    /// there is no such key.
+    pub fn set_public_key(&mut self, id: &str, key: ed25519_dalek::VerifyingKey) -> bool {
+        match self.keys.get_mut(id) {
+            Some(k) => {
+                k.key = key;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Looks up a key by `pubkey_id`.
     pub fn get(&self, id: &str) -> Option<&CommandKey> {
         self.keys.get(id)

@@ -124,7 +124,10 @@ impl Config {
         if let Some(pk) = env("CTRL_PUBKEY_HEX") {
             let vk = ed25519_from_hex(&pk)
                 .map_err(|e| ConfigError::Env("CTRL_PUBKEY_HEX", e.to_string()))?;
-            keyring.insert(CommandKey::unrestricted(key_id.clone(), vk))?;
+            // The environment wins over the file's key of the same id (scope kept).
+            if !keyring.set_public_key(&key_id, vk) {
+                keyring.insert(CommandKey::unrestricted(key_id.clone(), vk))?;
+            }
         }
         let signer = match env("CTRL_SIGN_SK_HEX") {
             Some(sk) => {

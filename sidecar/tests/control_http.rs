@@ -242,4 +242,14 @@ fn configuration_errors_are_clear() {
     )
     .unwrap();
     assert_eq!(example.keyring.len(), 1);
+    // CTRL_PUBKEY_HEX replaces the file's key of the same id.
+    let pk = hex::encode(command_key().verifying_key().as_bytes());
+    let env = |k: &str| (k == "CTRL_PUBKEY_HEX").then(|| pk.clone());
+    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.json"));
+    let merged = Config::load(Some(path), &env).unwrap();
+    assert_eq!(merged.keyring.len(), 1);
+    assert_eq!(
+        merged.keyring.get("op-admin-1").unwrap().key,
+        command_key().verifying_key()
+    );
 }
