@@ -13,6 +13,7 @@ pub mod jwk;
 pub mod jwt;
 pub mod jwt_cache;
 pub mod keyring;
+pub mod ledger;
 pub mod names;
 pub mod replay;
 pub mod roles;
