@@ -180,8 +180,13 @@ mod tests {
             seq: 0,
             ts_ms: 1_750_000_000_000 + i,
             stage: "sidecar".into(),
-            decision: if i % 3 == 0 { "rejected" } else { "accepted" }.into(),
-            code: if i % 3 == 0 { "replay" } else { "" }.into(),
+            decision: if i.is_multiple_of(3) {
+                "rejected"
+            } else {
+                "accepted"
+            }
+            .into(),
+            code: if i.is_multiple_of(3) { "replay" } else { "" }.into(),
             request_id: format!("req-{i}"),
             issuer: "dashboard".into(),
             module: "mev".into(),
