@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod clickhouse;
 pub mod echo;
 pub mod envoy;
 pub mod fixtures;
