@@ -262,6 +262,3 @@ impl Edge {
         n.starts_with("x-gw-") || self.settings.headers.all().contains(&n.as_str())
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -1,6 +1,10 @@
-use super::*;
-use crate::replay_cas::tests::EnvoyLikeStore;
+//! Every decision of the edge filter, natively (the same code runs in wasm).
+
 use gw_core::Command;
+use gw_core::{Action, Code};
+use gw_filter::config::Settings;
+use gw_filter::edge::{header_safe, Edge, HeadDecision, RequestHead};
+use gw_filter::replay_cas::MemoryStore as EnvoyLikeStore;
 
 const NOW: u64 = 1_750_000_000;
 
