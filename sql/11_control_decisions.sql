@@ -17,8 +17,11 @@ CREATE TABLE IF NOT EXISTS control_decisions
     nonce      UInt64,
     args_json  String,
     raw_hex    String,
-    prev_hash  FixedString(64),
-    row_hash   FixedString(64)
+    prev_hash  String,
+    row_hash   String
 )
 ENGINE = ReplacingMergeTree
-ORDER BY seq;
+ORDER BY seq
+-- Retried batches carry an insert_deduplication_token: a batch that landed but whose
+-- acknowledgement was lost is not stored twice.
+SETTINGS non_replicated_deduplication_window = 10000;

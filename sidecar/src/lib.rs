@@ -4,5 +4,6 @@
 
 pub mod config;
 pub mod http;
+pub mod ledger_sink;
 pub mod modules;
 pub mod replay_store;

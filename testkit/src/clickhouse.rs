@@ -60,7 +60,11 @@ pub fn http_query(port: u16, sql: &str) -> (u16, String) {
 impl ClickHouse {
     /// Starts ClickHouse with its data under `dir`; waits for `/ping`.
     pub fn start(dir: &Path) -> ClickHouse {
-        let (http_port, tcp_port) = (free_port(), free_port());
+        Self::start_at(dir, free_port(), free_port())
+    }
+
+    /// Starts ClickHouse on given ports (to restart one over the same data).
+    pub fn start_at(dir: &Path, http_port: u16, tcp_port: u16) -> ClickHouse {
         let mut cmd = Command::new(venv_bin("python"));
         cmd.arg(workspace_root().join("scripts/clickhouse-server.py"))
             .args([

@@ -1,0 +1,220 @@
+//! The audit ledger's write path: every decision row is sealed into the hash chain
+//! and appended to a local spool (fsync) *before* anything else, then shipped to
+//! ClickHouse in order. While ClickHouse is away rows wait in the spool; a retried
+//! batch carries an `insert_deduplication_token`, so nothing is lost and nothing is
+//! stored twice.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use gw_core::ledger::{Chain, LedgerRow};
+use serde::{Deserialize, Serialize};
+
+/// The ClickHouse row of `control_decisions` (same fields as [`LedgerRow`]).
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Serialize, Deserialize)]
+pub struct DecisionRow {
+    seq: u64,
+    ts_ms: u64,
+    stage: String,
+    decision: String,
+    code: String,
+    request_id: String,
+    issuer: String,
+    module: String,
+    action: String,
+    pubkey_id: String,
+    sig_alg: String,
+    nonce: u64,
+    args_json: String,
+    raw_hex: String,
+    prev_hash: String,
+    row_hash: String,
+}
+
+impl From<&LedgerRow> for DecisionRow {
+    fn from(r: &LedgerRow) -> Self {
+        DecisionRow {
+            seq: r.seq,
+            ts_ms: r.ts_ms,
+            stage: r.stage.clone(),
+            decision: r.decision.clone(),
+            code: r.code.clone(),
+            request_id: r.request_id.clone(),
+            issuer: r.issuer.clone(),
+            module: r.module.clone(),
+            action: r.action.clone(),
+            pubkey_id: r.pubkey_id.clone(),
+            sig_alg: r.sig_alg.clone(),
+            nonce: r.nonce,
+            args_json: r.args_json.clone(),
+            raw_hex: r.raw_hex.clone(),
+            prev_hash: r.prev_hash.clone(),
+            row_hash: r.row_hash.clone(),
+        }
+    }
+}
+
+/// Why the ledger cannot proceed.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// Spool I/O.
+    #[error("ledger spool {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A spool line (not the last) does not parse: refuse rather than lose rows.
+    #[error("ledger spool {path} line {line} is corrupt")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+    },
+    /// The chain in the spool is broken.
+    #[error("ledger spool chain: {0}")]
+    Chain(#[from] gw_core::ledger::ChainError),
+    /// ClickHouse refused or is unreachable (rows stay in the spool).
+    #[error("clickhouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LedgerError + '_ {
+    move |source| LedgerError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Sealed rows on disk, and the highest `seq` ClickHouse has acknowledged.
+pub struct Ledger {
+    spool_path: PathBuf,
+    shipped_path: PathBuf,
+    spool: File,
+    pending: Vec<LedgerRow>,
+    shipped: u64,
+    chain: Chain,
+    client: clickhouse::Client,
+    table: String,
+}
+
+impl Ledger {
+    /// Opens (or creates) the spool in `dir`; rows go to `table` through `client`.
+    pub fn open(
+        dir: &Path,
+        client: clickhouse::Client,
+        table: &str,
+    ) -> Result<Ledger, LedgerError> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let spool_path = dir.join("ledger.spool.jsonl");
+        let shipped_path = dir.join("ledger.shipped");
+        let shipped = match fs::read_to_string(&shipped_path) {
+            Ok(s) => s.trim().parse().map_err(|_| LedgerError::Corrupt {
+                path: shipped_path.clone(),
+                line: 1,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io(&shipped_path)(e)),
+        };
+        let mut rows: Vec<LedgerRow> = Vec::new();
+        let mut good_len = 0u64;
+        if let Ok(f) = File::open(&spool_path) {
+            let lines: Vec<String> = BufReader::new(f)
+                .lines()
+                .collect::<Result<_, _>>()
+                .map_err(io(&spool_path))?;
+            let n = lines.len();
+            for (i, line) in lines.iter().enumerate() {
+                match serde_json::from_str::<LedgerRow>(line) {
+                    Ok(r) => {
+                        rows.push(r);
+                        good_len += line.len() as u64 + 1;
+                    }
+                    // A torn last line is a crash mid-append: that row was never acknowledged.
+                    Err(_) if i + 1 == n => break,
+                    Err(_) => {
+                        return Err(LedgerError::Corrupt {
+                            path: spool_path.clone(),
+                            line: i + 1,
+                        })
+                    }
+                }
+            }
+        }
+        let spool = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spool_path)
+            .map_err(io(&spool_path))?;
+        spool.set_len(good_len).map_err(io(&spool_path))?;
+        let chain = Chain::resume(rows.last())?;
+        let pending = rows.into_iter().filter(|r| r.seq > shipped).collect();
+        Ok(Ledger {
+            spool_path,
+            shipped_path,
+            spool,
+            pending,
+            shipped,
+            chain,
+            client,
+            table: table.to_owned(),
+        })
+    }
+
+    /// Seals `row` into the chain and makes it durable in the spool.
+    pub fn append(&mut self, row: LedgerRow) -> Result<LedgerRow, LedgerError> {
+        let sealed = self.chain.clone().seal(row);
+        let mut line = serde_json::to_vec(&sealed).map_err(|e| LedgerError::Io {
+            path: self.spool_path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        line.push(b'\n');
+        self.spool.write_all(&line).map_err(io(&self.spool_path))?;
+        self.spool.sync_data().map_err(io(&self.spool_path))?;
+        // Only a durable row advances the chain.
+        self.chain = Chain::resume(Some(&sealed))?;
+        self.pending.push(sealed.clone());
+        Ok(sealed)
+    }
+
+    /// Rows not yet acknowledged by ClickHouse.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Ships every pending row, in order, as one insert. On error the rows stay.
+    pub async fn flush(&mut self) -> Result<usize, LedgerError> {
+        let (Some(first), Some(last)) = (self.pending.first(), self.pending.last()) else {
+            return Ok(0);
+        };
+        let token = format!("gw-ledger-{}-{}", first.seq, last.seq);
+        let last_seq = last.seq;
+        let client = self
+            .client
+            .clone()
+            .with_setting("insert_deduplication_token", token);
+        let mut insert = client.insert::<DecisionRow>(&self.table).await?;
+        for r in &self.pending {
+            insert.write(&DecisionRow::from(r)).await?;
+        }
+        insert.end().await?;
+        let n = self.pending.len();
+        self.pending.clear();
+        self.shipped = last_seq;
+        let tmp = self.shipped_path.with_extension("tmp");
+        fs::write(&tmp, format!("{last_seq}\n")).map_err(io(&tmp))?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&tmp))?;
+        fs::rename(&tmp, &self.shipped_path).map_err(io(&self.shipped_path))?;
+        Ok(n)
+    }
+
+    /// The highest `seq` ClickHouse acknowledged.
+    pub fn shipped(&self) -> u64 {
+        self.shipped
+    }
+}
