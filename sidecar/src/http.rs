@@ -18,8 +18,10 @@ use gw_core::{Action, Code, Command, ControlPolicy, Module, Reject};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::ledger_sink::Ledger;
 use crate::modules::Modules;
 use crate::replay_store::ReplayStore;
+use gw_core::ledger::LedgerRow;
 
 /// Shared state of the handlers.
 pub struct AppState {
@@ -35,6 +37,8 @@ pub struct AppState {
     pub json_issuer: String,
     /// Decisions by code (`accepted` for applied commands).
     pub decisions: Mutex<BTreeMap<&'static str, u64>>,
+    /// The audit ledger (spool + ClickHouse), when configured.
+    pub ledger: Option<Arc<Mutex<Ledger>>>,
     last_nonce: AtomicU64,
 }
 
@@ -46,6 +50,17 @@ impl AppState {
         signer: Option<(SigningKey, String)>,
         json_issuer: String,
     ) -> Arc<AppState> {
+        Self::with_ledger(policy, replay, signer, json_issuer, None)
+    }
+
+    /// Builds the state with an audit ledger: every decision is sealed and spooled.
+    pub fn with_ledger(
+        policy: ControlPolicy,
+        replay: ReplayStore,
+        signer: Option<(SigningKey, String)>,
+        json_issuer: String,
+        ledger: Option<Ledger>,
+    ) -> Arc<AppState> {
         Arc::new(AppState {
             policy,
             replay: Mutex::new(replay),
@@ -53,8 +68,68 @@ impl AppState {
             signer,
             json_issuer,
             decisions: Mutex::new(BTreeMap::new()),
+            ledger: ledger.map(|l| Arc::new(Mutex::new(l))),
             last_nonce: AtomicU64::new(0),
         })
+    }
+
+    /// Appends one decision to the ledger (no-op without one).
+    fn audit(
+        &self,
+        body: &[u8],
+        cmd: Option<&Command>,
+        result: Result<(), &Reject>,
+    ) -> Result<(), Reject> {
+        let Some(ledger) = &self.ledger else {
+            return Ok(());
+        };
+        let decoded;
+        let cmd = match cmd {
+            Some(c) => Some(c),
+            None => {
+                decoded = <Command as prost::Message>::decode(body).ok();
+                decoded.as_ref()
+            }
+        };
+        let name = |v: i32, f: fn(i32) -> Option<&'static str>| f(v).unwrap_or("").to_owned();
+        let row = LedgerRow {
+            seq: 0,
+            ts_ms: now_nanos() / 1_000_000,
+            stage: "sidecar".into(),
+            decision: if result.is_ok() {
+                "accepted"
+            } else {
+                "rejected"
+            }
+            .into(),
+            code: result
+                .err()
+                .map(|r| r.code.as_str().to_owned())
+                .unwrap_or_default(),
+            request_id: cmd.map(|c| c.request_id.clone()).unwrap_or_default(),
+            issuer: cmd.map(|c| c.issuer.clone()).unwrap_or_default(),
+            module: cmd
+                .map(|c| name(c.module, |m| Module::from_proto(m).map(Module::as_str)))
+                .unwrap_or_default(),
+            action: cmd
+                .map(|c| name(c.action, |a| Action::from_proto(a).map(Action::as_str)))
+                .unwrap_or_default(),
+            pubkey_id: cmd.map(|c| c.pubkey_id.clone()).unwrap_or_default(),
+            sig_alg: cmd.map(|c| c.sig_alg.clone()).unwrap_or_default(),
+            nonce: cmd.map_or(0, |c| c.nonce),
+            args_json: cmd
+                .map(|c| serde_json::to_string(&c.args).unwrap_or_default())
+                .unwrap_or_default(),
+            raw_hex: hex::encode(body),
+            prev_hash: String::new(),
+            row_hash: String::new(),
+        };
+        ledger
+            .lock()
+            .map_err(|_| Reject::new(Code::Unavailable, "audit ledger lock poisoned"))?
+            .append(row)
+            .map(|_| ())
+            .map_err(|e| Reject::with(Code::Unavailable, format!("audit ledger: {e}")))
     }
 
     fn count(&self, what: &'static str) {
@@ -107,7 +182,8 @@ impl From<Reject> for ApiError {
     }
 }
 
-/// Re-verifies, records the nonce durably, applies. The one path every command takes.
+/// Re-verifies, audits, records the nonce durably, applies. The one path every
+/// command takes; a command is applied only after its accepted row is in the spool.
 fn admit(
     st: &AppState,
     body: &[u8],
@@ -115,12 +191,26 @@ fn admit(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let result = (|| -> Result<serde_json::Value, Reject> {
         let now = now_nanos() / 1_000_000_000;
-        let v = st.policy.check(body, now, route)?;
+        let v = match st.policy.check(body, now, route) {
+            Ok(v) => v,
+            Err(r) => {
+                st.audit(body, None, Err(&r))?;
+                return Err(r);
+            }
+        };
         let c = &v.command;
-        st.replay
-            .lock()
-            .map_err(|_| Reject::new(Code::ReplayUnavailable, "replay state lock poisoned"))?
-            .accept(&c.issuer, c.nonce)?;
+        {
+            let mut replay = st
+                .replay
+                .lock()
+                .map_err(|_| Reject::new(Code::ReplayUnavailable, "replay state lock poisoned"))?;
+            if let Err(r) = replay.check(&c.issuer, c.nonce) {
+                st.audit(body, Some(c), Err(&r))?;
+                return Err(r);
+            }
+            st.audit(body, Some(c), Ok(()))?;
+            replay.accept(&c.issuer, c.nonce)?;
+        }
         st.modules
             .lock()
             .map_err(|_| Reject::new(Code::Unavailable, "module state lock poisoned"))?
@@ -140,6 +230,28 @@ fn admit(
             Err(ApiError(r))
         }
     }
+}
+
+/// Ships the ledger's pending rows once (the flusher task calls this in a loop).
+pub async fn flush_ledger(
+    st: &AppState,
+    client: &clickhouse::Client,
+    table: &str,
+) -> Result<usize, String> {
+    let Some(ledger) = &st.ledger else {
+        return Ok(0);
+    };
+    let batch = match ledger.lock() {
+        Ok(l) => l.batch(),
+        Err(_) => return Err("audit ledger lock poisoned".into()),
+    };
+    let Some(batch) = batch else { return Ok(0) };
+    batch.ship(client, table).await.map_err(|e| e.to_string())?;
+    ledger
+        .lock()
+        .map_err(|_| "audit ledger lock poisoned".to_string())?
+        .mark_shipped(batch.last_seq)
+        .map_err(|e| e.to_string())
 }
 
 async fn post_command(

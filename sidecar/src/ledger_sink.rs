@@ -89,6 +89,30 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LedgerError + '_ {
     }
 }
 
+/// A run of pending rows ready to ship.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    rows: Vec<DecisionRow>,
+    token: String,
+    /// The last `seq` in the batch.
+    pub last_seq: u64,
+}
+
+impl Batch {
+    /// Inserts the rows into `table`; a retry of the same batch is deduplicated.
+    pub async fn ship(&self, client: &clickhouse::Client, table: &str) -> Result<(), LedgerError> {
+        let client = client
+            .clone()
+            .with_setting("insert_deduplication_token", self.token.clone());
+        let mut insert = client.insert::<DecisionRow>(table).await?;
+        for r in &self.rows {
+            insert.write(r).await?;
+        }
+        insert.end().await?;
+        Ok(())
+    }
+}
+
 /// Sealed rows on disk, and the highest `seq` ClickHouse has acknowledged.
 pub struct Ledger {
     spool_path: PathBuf,
@@ -185,32 +209,37 @@ impl Ledger {
         self.pending.len()
     }
 
-    /// Ships every pending row, in order, as one insert. On error the rows stay.
-    pub async fn flush(&mut self) -> Result<usize, LedgerError> {
-        let (Some(first), Some(last)) = (self.pending.first(), self.pending.last()) else {
-            return Ok(0);
-        };
-        let token = format!("gw-ledger-{}-{}", first.seq, last.seq);
-        let last_seq = last.seq;
-        let client = self
-            .client
-            .clone()
-            .with_setting("insert_deduplication_token", token);
-        let mut insert = client.insert::<DecisionRow>(&self.table).await?;
-        for r in &self.pending {
-            insert.write(&DecisionRow::from(r)).await?;
-        }
-        insert.end().await?;
-        let n = self.pending.len();
-        self.pending.clear();
-        self.shipped = last_seq;
+    /// The pending rows as one batch: rows and the dedup token of exactly this range.
+    pub fn batch(&self) -> Option<Batch> {
+        let (first, last) = (self.pending.first()?, self.pending.last()?);
+        Some(Batch {
+            rows: self.pending.iter().map(DecisionRow::from).collect(),
+            token: format!("gw-ledger-{}-{}", first.seq, last.seq),
+            last_seq: last.seq,
+        })
+    }
+
+    /// Records that ClickHouse holds every row up to `last_seq`.
+    pub fn mark_shipped(&mut self, last_seq: u64) -> Result<usize, LedgerError> {
+        let before = self.pending.len();
+        self.pending.retain(|r| r.seq > last_seq);
+        self.shipped = self.shipped.max(last_seq);
         let tmp = self.shipped_path.with_extension("tmp");
-        fs::write(&tmp, format!("{last_seq}\n")).map_err(io(&tmp))?;
+        fs::write(&tmp, format!("{}\n", self.shipped)).map_err(io(&tmp))?;
         File::open(&tmp)
             .and_then(|f| f.sync_all())
             .map_err(io(&tmp))?;
         fs::rename(&tmp, &self.shipped_path).map_err(io(&self.shipped_path))?;
-        Ok(n)
+        Ok(before - self.pending.len())
+    }
+
+    /// Ships every pending row, in order, as one insert. On error the rows stay.
+    pub async fn flush(&mut self) -> Result<usize, LedgerError> {
+        let Some(batch) = self.batch() else {
+            return Ok(0);
+        };
+        batch.ship(&self.client, &self.table).await?;
+        self.mark_shipped(batch.last_seq)
     }
 
     /// The highest `seq` ClickHouse acknowledged.
