@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Brings the local gateway up on 127.0.0.1: Envoy (HTTP/3 on UDP 8443, HTTP/2 +
 # HTTP/1.1 on TCP 8443) running the gw_edge filter, in front of the sidecar on
-# 127.0.0.1:8080 (re-verifies, keeps the durable replay guard, applies commands).
+# 127.0.0.1:8080 (re-verifies, keeps the durable replay guard, applies commands),
+# which audits every decision into ClickHouse 26.9 on 127.0.0.1:8123.
 # Dev keys, a JWT secret and TLS certificates are made once under .run/. Ctrl-C
 # stops everything.
 #
@@ -50,7 +51,11 @@ envoy_bin=$(ls "$GW_VENV"/lib/python*/site-packages/envoy/_bin/envoy)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
-CTRL_PUBKEY_ID=op-admin-1 CTRL_PUBKEY_HEX="$(cat "$run/keys/op-admin-1.pk.hex")" \
+"$GW_VENV/bin/python" scripts/clickhouse-server.py --data "$run/clickhouse" --http-port 8123 --tcp-port 9000 \
+  > "$run/clickhouse.log" 2>&1 & pids+=($!)
+for _ in $(seq 1 100); do curl -sf http://127.0.0.1:8123/ping >/dev/null 2>&1 && break; sleep 0.2; done
+curl -sf http://127.0.0.1:8123/ping >/dev/null || die "clickhouse did not start; see $run/clickhouse.log"
+GW_CLICKHOUSE_URL=http://127.0.0.1:8123 CTRL_PUBKEY_ID=op-admin-1 CTRL_PUBKEY_HEX="$(cat "$run/keys/op-admin-1.pk.hex")" \
   CTRL_SIGN_SK_HEX="$(cat "$run/keys/op-admin-1.sk.hex")" GW_SIDECAR_LISTEN=127.0.0.1:8080 \
   "$bin/gw-sidecar" --config sidecar/config.example.json & pids+=($!)
 "$envoy_bin" -c "$run/envoy.yaml" --concurrency 2 --disable-hot-restart --log-level warn & pids+=($!)
@@ -83,6 +88,8 @@ JSON route (the sidecar signs):
       https://localhost:8443/api/control/module/arbitrage:throttle
 Module state:    curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" https://localhost:8443/api/modules
 Edge decisions:  curl -s http://127.0.0.1:9901/stats?filter=gw_edge
+Audit ledger:    curl -s 'http://127.0.0.1:8123/?query=SELECT+seq,stage,decision,code,request_id+FROM+control_decisions+FINAL+ORDER+BY+seq'
+                 $bin/gwctl ledger verify --clickhouse http://127.0.0.1:8123
 MSG
 
 if (( smoke )); then
@@ -97,6 +104,14 @@ if (( smoke )); then
   modules=$(curl -sf --cacert "$run/certs/ca.pem" -H "authorization: Bearer $token" https://localhost:8443/api/modules)
   echo "$modules" | grep -q '"mev":{[^}]*"throttle_pct":40' || die "smoke: mev did not change: $modules"
   echo "$modules" | grep -q '"arbitrage":{[^}]*"throttle_pct":50' || die "smoke: arbitrage did not change: $modules"
+  for _ in $(seq 1 50); do
+    n=$(curl -sf 'http://127.0.0.1:8123/?query=SELECT+count()+FROM+control_decisions+FINAL' || echo 0)
+    (( n >= 2 )) && break
+    sleep 0.2
+  done
+  (( n >= 2 )) || die "smoke: expected >= 2 audited decisions in ClickHouse, found $n"
+  "$bin/gwctl" ledger verify --clickhouse http://127.0.0.1:8123 || die "smoke: the ledger chain does not verify"
+  log "smoke: $n decisions audited in ClickHouse, chain verified"
   log "smoke: signed command applied once over HTTP/3 (mev 40%), replay refused over HTTP/2, JSON route signed and applied (arbitrage 50%)"
   exit 0
 fi

@@ -6,6 +6,7 @@
 
 mod duration;
 mod keys;
+mod ledger;
 mod send;
 mod sign;
 mod verify;
@@ -44,6 +45,15 @@ enum Cmd {
     Jwt(keys::JwtArgs),
     /// POST a signed command over HTTP/3 (or HTTP/2 with --http2); print status and body.
     Send(send::SendArgs),
+    /// Audit ledger tools.
+    #[command(subcommand)]
+    Ledger(LedgerCmd),
+}
+
+#[derive(Subcommand)]
+enum LedgerCmd {
+    /// Verify the hash chain of the decisions stored in ClickHouse: `ok N rows` or where it breaks.
+    Verify(ledger::VerifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +66,7 @@ fn main() -> ExitCode {
         Cmd::Verify(a) => verify::run(&a),
         Cmd::Jwt(a) => keys::jwt(&a).map(|()| ExitCode::SUCCESS),
         Cmd::Send(a) => send::run(&a),
+        Cmd::Ledger(LedgerCmd::Verify(a)) => ledger::verify(&a),
     };
     match result {
         Ok(code) => code,

@@ -34,6 +34,10 @@ pub struct FileConfig {
     /// Issuer written into commands the JSON route signs.
     #[serde(default = "default_issuer")]
     pub json_issuer: String,
+    /// ClickHouse HTTP URL for the audit ledger (e.g. `http://127.0.0.1:8123`);
+    /// without it decisions are not audited (development only).
+    #[serde(default)]
+    pub clickhouse_url: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -114,6 +118,9 @@ impl Config {
             }
             None => FileConfig::default(),
         };
+        if let Some(u) = env("GW_CLICKHOUSE_URL") {
+            file.clickhouse_url = Some(u);
+        }
         if let Some(l) = env("GW_SIDECAR_LISTEN") {
             file.listen = l
                 .parse()

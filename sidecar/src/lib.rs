@@ -5,5 +5,6 @@
 pub mod config;
 pub mod http;
 pub mod ledger_sink;
+pub mod migrations;
 pub mod modules;
 pub mod replay_store;

@@ -5,7 +5,8 @@
 use anyhow::Context;
 use gw_core::ControlPolicy;
 use gw_sidecar::config::Config;
-use gw_sidecar::http::{router, AppState};
+use gw_sidecar::http::{flush_ledger, router, AppState};
+use gw_sidecar::ledger_sink::Ledger;
 use gw_sidecar::replay_store::ReplayStore;
 
 #[tokio::main]
@@ -28,7 +29,62 @@ async fn main() -> anyhow::Result<()> {
         max_skew: cfg.file.max_skew_secs,
         max_body: cfg.file.max_body_bytes,
     };
-    let state = AppState::new(policy, replay, cfg.signer, cfg.file.json_issuer.clone());
+    let ch = cfg
+        .file
+        .clickhouse_url
+        .as_ref()
+        .map(|u| clickhouse::Client::default().with_url(u.clone()));
+    let ledger = match &ch {
+        Some(client) => Some(Ledger::open(
+            &cfg.file.state_dir.join("ledger"),
+            client.clone(),
+            "control_decisions",
+        )?),
+        None => {
+            eprintln!(
+                "gw-sidecar: no clickhouse_url: decisions are NOT audited (development only)"
+            );
+            None
+        }
+    };
+    let state = AppState::with_ledger(
+        policy,
+        replay,
+        cfg.signer,
+        cfg.file.json_issuer.clone(),
+        ledger,
+    );
+    if let Some(client) = ch {
+        // Ship the spool in order; rows wait there while ClickHouse is away.
+        let st = state.clone();
+        tokio::spawn(async move {
+            let mut migrated = false;
+            let mut last_err = String::new();
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                if !migrated {
+                    match gw_sidecar::migrations::apply(&client).await {
+                        Ok(()) => migrated = true,
+                        Err(e) => {
+                            if e != last_err {
+                                eprintln!("gw-sidecar: ledger migrations pending: {e}");
+                                last_err = e;
+                            }
+                            continue;
+                        }
+                    }
+                }
+                match flush_ledger(&st, &client, "control_decisions").await {
+                    Ok(_) => last_err.clear(),
+                    Err(e) if e != last_err => {
+                        eprintln!("gw-sidecar: ledger rows kept in the spool: {e}");
+                        last_err = e;
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(cfg.file.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.file.listen))?;

@@ -225,6 +225,37 @@ fn every_http_decision_lands_in_the_chained_ledger() {
             ("rejected".into(), "replay".into(), "req-11".into()),
         ]
     );
+    // gwctl walks the stored chain; tampering in ClickHouse is caught.
+    let gwctl = |port: u16| {
+        std::process::Command::new(testkit::gwctl_bin())
+            .args([
+                "ledger",
+                "verify",
+                "--clickhouse",
+                &format!("http://127.0.0.1:{port}"),
+            ])
+            .output()
+            .unwrap()
+    };
+    let o = gwctl(ch.http_port);
+    assert_eq!(
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).trim()),
+        (Some(0), "ok 3 rows")
+    );
+    ch.query("ALTER TABLE control_decisions UPDATE code = 'none' WHERE seq = 2 SETTINGS mutations_sync = 1");
+    let o = gwctl(ch.http_port);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("row 2 was altered"),
+        "{o:?}"
+    );
+    ch.query("DELETE FROM control_decisions WHERE seq = 2");
+    let o = gwctl(ch.http_port);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("row 2 is missing"),
+        "{o:?}"
+    );
+
     // The stored raw message re-verifies offline.
     let raw = hex::decode(&rows[0].raw_hex).unwrap();
     let mut ring = gw_core::KeyRing::new();
