@@ -353,6 +353,101 @@ async fn get_modules(State(st): State<Arc<AppState>>) -> Result<Json<serde_json:
     Ok(Json(serde_json::to_value(&*m).unwrap_or_default()))
 }
 
+/// A decision as the ledger endpoints return it.
+#[derive(Debug, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+struct DecisionView {
+    seq: u64,
+    ts_ms: u64,
+    stage: String,
+    decision: String,
+    code: String,
+    issuer: String,
+    module: String,
+    action: String,
+    request_id: String,
+    nonce: u64,
+}
+
+/// One five-minute window of accepted POLICY commands.
+#[derive(Debug, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+struct PolicyWindow {
+    window_start: u32,
+    commands: u64,
+}
+
+const DECISION_COLUMNS: &str =
+    "seq, ts_ms, stage, decision, code, issuer, module, action, request_id, nonce";
+
+fn ledger_client(st: &AppState) -> Result<(clickhouse::Client, String), Reject> {
+    let l = st
+        .ledger
+        .as_ref()
+        .ok_or_else(|| {
+            Reject::new(
+                Code::Unavailable,
+                "no audit ledger configured (clickhouse_url)",
+            )
+        })?
+        .lock()
+        .map_err(|_| Reject::new(Code::Unavailable, "audit ledger lock poisoned"))?;
+    Ok((l.client().clone(), l.table().to_owned()))
+}
+
+fn ch_err(e: clickhouse::error::Error) -> ApiError {
+    ApiError(Reject::with(Code::Unavailable, format!("clickhouse: {e}")))
+}
+
+/// Operator history: decisions of the last 24 hours, newest first.
+async fn ledger_history(
+    State(st): State<Arc<AppState>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (client, table) = ledger_client(&st)?;
+    let rows = client
+        .query(&format!(
+            "SELECT {DECISION_COLUMNS} FROM {table} FINAL \
+             WHERE ts_ms > toUInt64(toUnixTimestamp64Milli(now64(3))) - 86400000 ORDER BY seq DESC LIMIT 10000"
+        ))
+        .fetch_all::<DecisionView>()
+        .await
+        .map_err(ch_err)?;
+    Ok(Json(json!(rows)))
+}
+
+/// Every decision about one `request_id`, in order.
+async fn ledger_by_request(
+    State(st): State<Arc<AppState>>,
+    Path(request_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (client, table) = ledger_client(&st)?;
+    let rows = client
+        .query(&format!(
+            "SELECT {DECISION_COLUMNS} FROM {table} FINAL WHERE request_id = ? ORDER BY seq"
+        ))
+        .bind(request_id)
+        .fetch_all::<DecisionView>()
+        .await
+        .map_err(ch_err)?;
+    Ok(Json(json!(rows)))
+}
+
+/// Accepted POLICY commands per five minutes.
+async fn ledger_policy_frequency(
+    State(st): State<Arc<AppState>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (client, table) = ledger_client(&st)?;
+    let rows = client
+        .query(&format!(
+            "SELECT toUnixTimestamp(toStartOfFiveMinute(fromUnixTimestamp64Milli(toInt64(ts_ms)))) AS window_start, \
+                    count() AS commands \
+             FROM {table} FINAL WHERE action = 'policy' AND decision = 'accepted' \
+             GROUP BY window_start ORDER BY window_start"
+        ))
+        .fetch_all::<PolicyWindow>()
+        .await
+        .map_err(ch_err)?;
+    Ok(Json(json!(rows)))
+}
+
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"ok": true}))
 }
@@ -375,6 +470,9 @@ pub fn router(st: Arc<AppState>, max_body: usize) -> Router {
         .route("/api/control/commands", post(post_command))
         .route("/api/control/module/{spec}", post(post_module))
         .route("/api/modules", get(get_modules))
+        .route("/api/ledger/history", get(ledger_history))
+        .route("/api/ledger/request/{request_id}", get(ledger_by_request))
+        .route("/api/ledger/policy-frequency", get(ledger_policy_frequency))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))

@@ -242,6 +242,16 @@ impl Ledger {
         self.mark_shipped(batch.last_seq)
     }
 
+    /// The ClickHouse client the ledger ships with (for read queries).
+    pub fn client(&self) -> &clickhouse::Client {
+        &self.client
+    }
+
+    /// The ClickHouse table of the decisions.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
     /// The highest `seq` ClickHouse acknowledged.
     pub fn shipped(&self) -> u64 {
         self.shipped

@@ -192,7 +192,8 @@ fn every_http_decision_lands_in_the_chained_ledger() {
         .http2_prior_knowledge()
         .build()
         .unwrap();
-    let statuses: Vec<u16> = [good.clone(), bad, good]
+    let policy_cmd = signed_command(12, Action::Policy, now, "dashboard", &[("ev_min", "0.2")]);
+    let statuses: Vec<u16> = [good.clone(), bad, good, policy_cmd]
         .into_iter()
         .map(|b| {
             rt.block_on(async {
@@ -206,13 +207,13 @@ fn every_http_decision_lands_in_the_chained_ledger() {
             })
         })
         .collect();
-    assert_eq!(statuses, vec![200, 401, 409]);
+    assert_eq!(statuses, vec![200, 401, 409, 200]);
     assert_eq!(
         rt.block_on(flush_ledger(&state, &client, "control_decisions")),
-        Ok(3)
+        Ok(4)
     );
     let rows = stored(&ch);
-    assert_eq!(verify_chain(&rows), Ok(3));
+    assert_eq!(verify_chain(&rows), Ok(4));
     let summary: Vec<(String, String, String)> = rows
         .iter()
         .map(|r| (r.decision.clone(), r.code.clone(), r.request_id.clone()))
@@ -223,8 +224,37 @@ fn every_http_decision_lands_in_the_chained_ledger() {
             ("accepted".into(), "".into(), "req-11".into()),
             ("rejected".into(), "bad_signature".into(), "Xeq-11".into()),
             ("rejected".into(), "replay".into(), "req-11".into()),
+            ("accepted".into(), "".into(), "req-12".into()),
         ]
     );
+    // The audit queries, served by the sidecar.
+    let base = url.trim_end_matches("/api/control/commands").to_string();
+    let get = |path: &str| -> serde_json::Value {
+        rt.block_on(async {
+            http.get(format!("{base}{path}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        })
+    };
+    let by_id = get("/api/ledger/request/req-11");
+    let decisions: Vec<&str> = by_id
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["decision"].as_str().unwrap())
+        .collect();
+    assert_eq!(decisions, vec!["accepted", "rejected"]);
+    assert_eq!(by_id[1]["code"], "replay");
+    let history = get("/api/ledger/history");
+    assert_eq!(history.as_array().unwrap().len(), 4);
+    assert_eq!(history[0]["seq"], 4, "newest first");
+    let policy = get("/api/ledger/policy-frequency");
+    assert_eq!(policy.as_array().unwrap().len(), 1);
+    assert_eq!(policy[0]["commands"], 1);
     // gwctl walks the stored chain; tampering in ClickHouse is caught.
     let gwctl = |port: u16| {
         std::process::Command::new(testkit::gwctl_bin())
@@ -240,7 +270,7 @@ fn every_http_decision_lands_in_the_chained_ledger() {
     let o = gwctl(ch.http_port);
     assert_eq!(
         (o.status.code(), String::from_utf8_lossy(&o.stdout).trim()),
-        (Some(0), "ok 3 rows")
+        (Some(0), "ok 4 rows")
     );
     ch.query("ALTER TABLE control_decisions UPDATE code = 'none' WHERE seq = 2 SETTINGS mutations_sync = 1");
     let o = gwctl(ch.http_port);
