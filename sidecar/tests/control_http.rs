@@ -7,23 +7,15 @@ use std::sync::Arc;
 
 use gw_core::{Action, ControlPolicy};
 use gw_sidecar::config::Config;
-use gw_sidecar::http::{router, AppState};
+use gw_sidecar::http::AppState;
 use gw_sidecar::replay_store::ReplayStore;
 use serde_json::Value;
 use testkit::fixtures::{command_key, signed_command};
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
+mod common;
+use common::now;
 
-struct Sidecar {
-    url: String,
-    rt: tokio::runtime::Runtime,
-    client: reqwest::Client,
-}
+struct Sidecar(common::Served);
 
 fn start(state_dir: &Path, with_signer: bool) -> Sidecar {
     let pk = hex::encode(command_key().verifying_key().as_bytes());
@@ -42,32 +34,16 @@ fn start(state_dir: &Path, with_signer: bool) -> Sidecar {
         max_body: 4096,
     };
     let state: Arc<AppState> = AppState::new(policy, replay, cfg.signer, "dashboard".into());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(async move { axum::serve(listener, router(state, 4096)).await });
-    Sidecar {
-        url: format!("http://{addr}"),
-        rt,
-        client: reqwest::Client::builder()
-            .http2_prior_knowledge()
-            .build()
-            .unwrap(),
-    }
+    Sidecar(common::serve(state))
 }
 
 impl Sidecar {
     fn post(&self, path: &str, ct: &str, body: Vec<u8>) -> (u16, Value) {
-        self.rt.block_on(async {
+        self.0.rt.block_on(async {
             let r = self
-                .client
-                .post(format!("{}{path}", self.url))
+                .0
+                .http
+                .post(format!("{}{path}", self.0.base))
                 .header("content-type", ct)
                 .body(body)
                 .send()
@@ -79,9 +55,10 @@ impl Sidecar {
     }
 
     fn get(&self, path: &str) -> String {
-        self.rt.block_on(async {
-            self.client
-                .get(format!("{}{path}", self.url))
+        self.0.rt.block_on(async {
+            self.0
+                .http
+                .get(format!("{}{path}", self.0.base))
                 .send()
                 .await
                 .unwrap()

@@ -6,25 +6,10 @@ use gw_core::ledger::{verify_chain, LedgerRow};
 use gw_sidecar::ledger_sink::Ledger;
 use testkit::clickhouse::ClickHouse;
 
+mod common;
+
 fn row(i: u64) -> LedgerRow {
-    LedgerRow {
-        seq: 0,
-        ts_ms: 1_750_000_000_000 + i,
-        stage: "sidecar".into(),
-        decision: "accepted".into(),
-        code: String::new(),
-        request_id: format!("req-{i}"),
-        issuer: "dashboard".into(),
-        module: "mev".into(),
-        action: "throttle".into(),
-        pubkey_id: "op-admin-1".into(),
-        sig_alg: "ed25519-v1".into(),
-        nonce: i,
-        args_json: r#"{"throttle_pct":"40"}"#.into(),
-        raw_hex: "0801".into(),
-        prev_hash: String::new(),
-        row_hash: String::new(),
-    }
+    testkit::fixtures::ledger_row(i)
 }
 
 fn create_table(ch: &ClickHouse) {
@@ -142,7 +127,7 @@ fn a_torn_last_spool_line_is_dropped_and_a_corrupt_one_refused() {
 #[test]
 fn every_http_decision_lands_in_the_chained_ledger() {
     use gw_core::{Action, ControlPolicy};
-    use gw_sidecar::http::{flush_ledger, router, AppState};
+    use gw_sidecar::http::{flush_ledger, AppState};
     use gw_sidecar::replay_store::ReplayStore;
     use testkit::fixtures::{command_key, signed_command};
 
@@ -166,32 +151,14 @@ fn every_http_decision_lands_in_the_chained_ledger() {
     };
     let replay = ReplayStore::open(&d.path().join("replay.json"), 64).unwrap();
     let state = AppState::with_ledger(policy, replay, None, "dashboard".into(), Some(ledger));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let url = format!(
-        "http://{}/api/control/commands",
-        listener.local_addr().unwrap()
-    );
-    let app = router(state.clone(), 4096);
-    rt.spawn(async move { axum::serve(listener, app).await });
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let served = common::serve(state.clone());
+    let (rt, http) = (&served.rt, &served.http);
+    let url = format!("{}/api/control/commands", served.base);
+    let now = common::now();
     let good = signed_command(11, Action::Throttle, now, "dashboard", &[]);
     let mut bad = good.clone();
     let i = bad.windows(4).position(|w| w == b"req-").unwrap();
     bad[i] = b'X';
-    let http = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
     let policy_cmd = signed_command(12, Action::Policy, now, "dashboard", &[("ev_min", "0.2")]);
     let statuses: Vec<u16> = [good.clone(), bad, good, policy_cmd]
         .into_iter()
@@ -228,7 +195,7 @@ fn every_http_decision_lands_in_the_chained_ledger() {
         ]
     );
     // The audit queries, served by the sidecar.
-    let base = url.trim_end_matches("/api/control/commands").to_string();
+    let base = served.base.clone();
     let get = |path: &str| -> serde_json::Value {
         rt.block_on(async {
             http.get(format!("{base}{path}"))

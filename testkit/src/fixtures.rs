@@ -74,3 +74,30 @@ pub fn signed_command(
     };
     sign_command(&c, &command_key(), "op-admin-1")
 }
+
+/// An unsealed ledger decision row for request `req-<i>` (seal it with a `Chain`).
+pub fn ledger_row(i: u64) -> gw_core::ledger::LedgerRow {
+    gw_core::ledger::LedgerRow {
+        seq: 0,
+        ts_ms: 1_750_000_000_000 + i,
+        stage: "sidecar".into(),
+        decision: if i.is_multiple_of(3) {
+            "rejected"
+        } else {
+            "accepted"
+        }
+        .into(),
+        code: if i.is_multiple_of(3) { "replay" } else { "" }.into(),
+        request_id: format!("req-{i}"),
+        issuer: "dashboard".into(),
+        module: "mev".into(),
+        action: "throttle".into(),
+        pubkey_id: "op-admin-1".into(),
+        sig_alg: "ed25519-v1".into(),
+        nonce: i,
+        args_json: r#"{"throttle_pct":"40"}"#.into(),
+        raw_hex: "0801".into(),
+        prev_hash: String::new(),
+        row_hash: String::new(),
+    }
+}
