@@ -38,6 +38,12 @@ pub struct FileConfig {
     /// without it decisions are not audited (development only).
     #[serde(default)]
     pub clickhouse_url: Option<String>,
+    /// Kafka for the command bus; without it the embedded in-process bus is used.
+    #[serde(default)]
+    pub kafka: Option<crate::bus::KafkaConfig>,
+    /// How long a command request waits for its module's agent to apply it.
+    #[serde(default = "default_apply_wait")]
+    pub apply_wait_ms: u64,
 }
 
 fn default_listen() -> SocketAddr {
@@ -54,6 +60,9 @@ fn default_window() -> u32 {
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from(".run/sidecar")
+}
+fn default_apply_wait() -> u64 {
+    2000
 }
 fn default_issuer() -> String {
     "dashboard".into()
@@ -120,6 +129,12 @@ impl Config {
         };
         if let Some(u) = env("GW_CLICKHOUSE_URL") {
             file.clickhouse_url = Some(u);
+        }
+        if let Some(b) = env("GW_KAFKA_BROKERS").filter(|b| !b.trim().is_empty()) {
+            match &mut file.kafka {
+                Some(k) => k.brokers = b,
+                None => file.kafka = Some(crate::bus::KafkaConfig::with_brokers(&b)),
+            }
         }
         if let Some(l) = env("GW_SIDECAR_LISTEN") {
             file.listen = l

@@ -1,9 +1,10 @@
 //! The sidecar's HTTP surface behind Envoy: re-verifies and applies signed commands,
 //! signs commands for the original JSON route, shows module state, health and metrics.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -18,10 +19,14 @@ use gw_core::{Action, Code, Command, ControlPolicy, Module, Reject};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::ledger_sink::Ledger;
+use tokio::sync::broadcast;
+
+use crate::agent::Ack;
+use crate::audit::{Auditor, Decision};
+use crate::bus::Bus;
 use crate::modules::Modules;
+use crate::now_nanos;
 use crate::replay_store::ReplayStore;
-use gw_core::ledger::LedgerRow;
 
 /// Shared state of the handlers.
 pub struct AppState {
@@ -29,107 +34,87 @@ pub struct AppState {
     pub policy: ControlPolicy,
     /// Authoritative replay guard.
     pub replay: Mutex<ReplayStore>,
-    /// Module state.
-    pub modules: Mutex<Modules>,
+    /// Module state (written by the agents).
+    pub modules: Arc<Mutex<Modules>>,
     /// Key for the JSON route.
     pub signer: Option<(SigningKey, String)>,
     /// Issuer of JSON-route commands.
     pub json_issuer: String,
-    /// Decisions by code (`accepted` for applied commands).
+    /// Decisions by code (`accepted` for published commands).
     pub decisions: Mutex<BTreeMap<&'static str, u64>>,
     /// The audit ledger (spool + ClickHouse), when configured.
-    pub ledger: Option<Arc<Mutex<Ledger>>>,
+    pub auditor: Auditor,
+    /// Where admitted commands go.
+    pub bus: Bus,
+    /// Agents announce outcomes here.
+    pub acks: broadcast::Sender<Ack>,
+    /// How long a request waits for its agent before answering `applied: false`.
+    pub apply_wait: Duration,
+    pending: Mutex<HashSet<(String, u64)>>,
     last_nonce: AtomicU64,
 }
 
-impl AppState {
-    /// Builds the state.
-    pub fn new(
-        policy: ControlPolicy,
-        replay: ReplayStore,
-        signer: Option<(SigningKey, String)>,
-        json_issuer: String,
-    ) -> Arc<AppState> {
-        Self::with_ledger(policy, replay, signer, json_issuer, None)
-    }
+/// What [`AppState::new`] needs.
+pub struct Parts {
+    /// Verification rules.
+    pub policy: ControlPolicy,
+    /// Authoritative replay guard.
+    pub replay: ReplayStore,
+    /// Key for the JSON route.
+    pub signer: Option<(SigningKey, String)>,
+    /// Issuer of JSON-route commands.
+    pub json_issuer: String,
+    /// Audit ledger.
+    pub auditor: Auditor,
+    /// Command bus.
+    pub bus: Bus,
+    /// See [`AppState::apply_wait`].
+    pub apply_wait: Duration,
+}
 
-    /// Builds the state with an audit ledger: every decision is sealed and spooled.
-    pub fn with_ledger(
-        policy: ControlPolicy,
-        replay: ReplayStore,
-        signer: Option<(SigningKey, String)>,
-        json_issuer: String,
-        ledger: Option<Ledger>,
-    ) -> Arc<AppState> {
+impl AppState {
+    /// Builds the state (agents are started separately, see [`crate::app`]).
+    pub fn new(p: Parts) -> Arc<AppState> {
+        let (acks, _) = broadcast::channel(1024);
         Arc::new(AppState {
-            policy,
-            replay: Mutex::new(replay),
-            modules: Mutex::new(Modules::new()),
-            signer,
-            json_issuer,
+            policy: p.policy,
+            replay: Mutex::new(p.replay),
+            modules: Arc::new(Mutex::new(Modules::new())),
+            signer: p.signer,
+            json_issuer: p.json_issuer,
             decisions: Mutex::new(BTreeMap::new()),
-            ledger: ledger.map(|l| Arc::new(Mutex::new(l))),
+            auditor: p.auditor,
+            bus: p.bus,
+            acks,
+            apply_wait: p.apply_wait,
+            pending: Mutex::new(HashSet::new()),
             last_nonce: AtomicU64::new(0),
         })
     }
 
-    /// Appends one decision to the ledger (no-op without one).
     fn audit(
         &self,
+        decision: &str,
+        code: &str,
         body: &[u8],
         cmd: Option<&Command>,
-        result: Result<(), &Reject>,
     ) -> Result<(), Reject> {
-        let Some(ledger) = &self.ledger else {
-            return Ok(());
-        };
-        let decoded;
-        let cmd = match cmd {
-            Some(c) => Some(c),
-            None => {
-                decoded = <Command as prost::Message>::decode(body).ok();
-                decoded.as_ref()
-            }
-        };
-        let name = |v: i32, f: fn(i32) -> Option<&'static str>| f(v).unwrap_or("").to_owned();
-        let row = LedgerRow {
-            seq: 0,
-            ts_ms: now_nanos() / 1_000_000,
-            stage: "sidecar".into(),
-            decision: if result.is_ok() {
-                "accepted"
-            } else {
-                "rejected"
-            }
-            .into(),
-            code: result
-                .err()
-                .map(|r| r.code.as_str().to_owned())
-                .unwrap_or_default(),
-            request_id: cmd.map(|c| c.request_id.clone()).unwrap_or_default(),
-            issuer: cmd.map(|c| c.issuer.clone()).unwrap_or_default(),
-            module: cmd
-                .map(|c| name(c.module, |m| Module::from_proto(m).map(Module::as_str)))
-                .unwrap_or_default(),
-            action: cmd
-                .map(|c| name(c.action, |a| Action::from_proto(a).map(Action::as_str)))
-                .unwrap_or_default(),
-            pubkey_id: cmd.map(|c| c.pubkey_id.clone()).unwrap_or_default(),
-            sig_alg: cmd.map(|c| c.sig_alg.clone()).unwrap_or_default(),
-            nonce: cmd.map_or(0, |c| c.nonce),
-            args_json: cmd
-                .map(|c| serde_json::to_string(&c.args).unwrap_or_default())
-                .unwrap_or_default(),
-            raw_hex: hex::encode(body),
-            prev_hash: String::new(),
-            row_hash: String::new(),
-        };
-        ledger
-            .lock()
-            .map_err(|_| Reject::new(Code::Unavailable, "audit ledger lock poisoned"))?
-            .append(row)
-            .map(|_| ())
-            .map_err(|e| Reject::with(Code::Unavailable, format!("audit ledger: {e}")))
+        self.auditor.record(
+            Decision {
+                stage: "sidecar",
+                decision,
+                code,
+            },
+            body,
+            cmd,
+        )
+    }
+
+    fn reject(&self, r: Reject, body: &[u8], cmd: Option<&Command>) -> Reject {
+        match self.audit("rejected", r.code.as_str(), body, cmd) {
+            Ok(()) => r,
+            Err(audit) => audit,
+        }
     }
 
     fn count(&self, what: &'static str) {
@@ -155,10 +140,19 @@ impl AppState {
     }
 }
 
-fn now_nanos() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+/// A nonce being admitted: a concurrent copy of the same command is refused
+/// until this one is published (then the replay guard has it) or failed.
+struct Reservation<'a> {
+    st: &'a AppState,
+    key: (String, u64),
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.st.pending.lock() {
+            p.remove(&self.key);
+        }
+    }
 }
 
 struct ApiError(Reject);
@@ -182,45 +176,16 @@ impl From<Reject> for ApiError {
     }
 }
 
-/// Re-verifies, audits, records the nonce durably, applies. The one path every
-/// command takes; a command is applied only after its accepted row is in the spool.
-fn admit(
+/// Re-verifies, reserves the nonce, publishes the exact bytes on the bus, records
+/// the nonce durably and audits; then waits (bounded) for the module's agent to
+/// apply it. The one path every command takes. Nothing is applied here: the agent
+/// applies only what the bus holds, after verifying and auditing it again.
+async fn admit(
     st: &AppState,
     body: &[u8],
     route: Option<(Module, Action)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let result = (|| -> Result<serde_json::Value, Reject> {
-        let now = now_nanos() / 1_000_000_000;
-        let v = match st.policy.check(body, now, route) {
-            Ok(v) => v,
-            Err(r) => {
-                st.audit(body, None, Err(&r))?;
-                return Err(r);
-            }
-        };
-        let c = &v.command;
-        {
-            let mut replay = st
-                .replay
-                .lock()
-                .map_err(|_| Reject::new(Code::ReplayUnavailable, "replay state lock poisoned"))?;
-            if let Err(r) = replay.check(&c.issuer, c.nonce) {
-                st.audit(body, Some(c), Err(&r))?;
-                return Err(r);
-            }
-            st.audit(body, Some(c), Ok(()))?;
-            replay.accept(&c.issuer, c.nonce)?;
-        }
-        st.modules
-            .lock()
-            .map_err(|_| Reject::new(Code::Unavailable, "module state lock poisoned"))?
-            .apply(v.module, v.action, &v.args, &c.request_id);
-        Ok(
-            json!({"ok": true, "request_id": c.request_id, "module": v.module.as_str(),
-                  "action": v.action.as_str(), "nonce": c.nonce}),
-        )
-    })();
-    match result {
+    match admit_inner(st, body, route).await {
         Ok(v) => {
             st.count("accepted");
             Ok(Json(v))
@@ -232,13 +197,105 @@ fn admit(
     }
 }
 
+async fn admit_inner(
+    st: &AppState,
+    body: &[u8],
+    route: Option<(Module, Action)>,
+) -> Result<serde_json::Value, Reject> {
+    let now = now_nanos() / 1_000_000_000;
+    let v = st
+        .policy
+        .check(body, now, route)
+        .map_err(|r| st.reject(r, body, None))?;
+    let c = &v.command;
+    let key = (c.issuer.clone(), c.nonce);
+    let reserved = (|| {
+        let replay = st
+            .replay
+            .lock()
+            .map_err(|_| Reject::new(Code::ReplayUnavailable, "replay state lock poisoned"))?;
+        replay.check(&c.issuer, c.nonce)?;
+        let mut pending = st
+            .pending
+            .lock()
+            .map_err(|_| Reject::new(Code::ReplayUnavailable, "replay state lock poisoned"))?;
+        if !pending.insert(key.clone()) {
+            return Err(Reject::new(
+                Code::Replay,
+                "the same command is being admitted by another request",
+            ));
+        }
+        Ok(())
+    })();
+    reserved.map_err(|r| st.reject(r, body, Some(c)))?;
+    let _reservation = Reservation { st, key };
+    let mut acks = st.acks.subscribe();
+    let position = st.bus.publish(v.module, body).await.map_err(|e| {
+        st.reject(
+            Reject::with(
+                Code::Unavailable,
+                format!("command bus: {e}; nothing was applied"),
+            ),
+            body,
+            Some(c),
+        )
+    })?;
+    // On the bus: the agent will apply it. Make the nonce durable here too; if that
+    // fails the agent still refuses a second copy (it keeps the nonces it applied).
+    let persisted = st
+        .replay
+        .lock()
+        .map_err(|_| Reject::new(Code::ReplayUnavailable, "replay state lock poisoned"))
+        .and_then(|mut r| r.accept(&c.issuer, c.nonce));
+    if let Err(r) = persisted {
+        eprintln!(
+            "gw-sidecar: published command {} but the replay state was not saved: {}",
+            c.request_id, r.detail
+        );
+        st.count("replay_not_persisted");
+    }
+    st.audit("accepted", "", body, Some(c)).map_err(|r| {
+        Reject::with(
+            r.code,
+            format!(
+                "published but not audited ({}); the agent applies it once the ledger works",
+                r.detail
+            ),
+        )
+    })?;
+    let outcome = tokio::time::timeout(st.apply_wait, async {
+        loop {
+            match acks.recv().await {
+                Ok(a) if a.issuer == c.issuer && a.nonce == c.nonce => return Some(a.outcome),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten();
+    let mut out = json!({"ok": true, "request_id": c.request_id, "module": v.module.as_str(),
+                          "action": v.action.as_str(), "nonce": c.nonce, "published": position,
+                          "applied": false});
+    match outcome {
+        Some(Ok(state)) => {
+            out["applied"] = json!(true);
+            out["state"] = json!(state);
+        }
+        Some(Err(r)) => out["apply_error"] = json!({"error": r.code.as_str(), "detail": r.detail}),
+        None => out["pending"] = json!(true),
+    }
+    Ok(out)
+}
+
 /// Ships the ledger's pending rows once (the flusher task calls this in a loop).
 pub async fn flush_ledger(
     st: &AppState,
     client: &clickhouse::Client,
     table: &str,
 ) -> Result<usize, String> {
-    let Some(ledger) = &st.ledger else {
+    let Some(ledger) = st.auditor.ledger() else {
         return Ok(0);
     };
     let batch = match ledger.lock() {
@@ -258,7 +315,7 @@ async fn post_command(
     State(st): State<Arc<AppState>>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    admit(&st, &body, None)
+    admit(&st, &body, None).await
 }
 
 /// The original API's JSON body.
@@ -299,7 +356,7 @@ async fn post_module(
     let route = parse_module_route(&format!("/api/control/module/{spec}"))
         .ok_or_else(|| Reject::new(Code::Malformed, "route names an unknown module or action"))?;
     if is_protobuf(&headers) {
-        return admit(&st, &body, Some(route));
+        return admit(&st, &body, Some(route)).await;
     }
     let req: ControlBody = if body.is_empty() {
         ControlBody::default()
@@ -342,7 +399,7 @@ async fn post_module(
         nonce: st.next_nonce(),
         ..Default::default()
     };
-    admit(&st, &sign_command(&cmd, sk, key_id), Some(route))
+    admit(&st, &sign_command(&cmd, sk, key_id), Some(route)).await
 }
 
 async fn get_modules(State(st): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -380,8 +437,8 @@ const DECISION_COLUMNS: &str =
 
 fn ledger_client(st: &AppState) -> Result<(clickhouse::Client, String), Reject> {
     let l = st
-        .ledger
-        .as_ref()
+        .auditor
+        .ledger()
         .ok_or_else(|| {
             Reject::new(
                 Code::Unavailable,
@@ -430,7 +487,7 @@ async fn ledger_by_request(
     Ok(Json(json!(rows)))
 }
 
-/// Accepted POLICY commands per five minutes.
+/// Applied POLICY commands per five minutes.
 async fn ledger_policy_frequency(
     State(st): State<Arc<AppState>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -439,7 +496,7 @@ async fn ledger_policy_frequency(
         .query(&format!(
             "SELECT toUnixTimestamp(toStartOfFiveMinute(fromUnixTimestamp64Milli(toInt64(ts_ms)))) AS window_start, \
                     count() AS commands \
-             FROM {table} FINAL WHERE action = 'policy' AND decision = 'accepted' \
+             FROM {table} FINAL WHERE action = 'policy' AND stage = 'agent' AND decision = 'applied' \
              GROUP BY window_start ORDER BY window_start"
         ))
         .fetch_all::<PolicyWindow>()

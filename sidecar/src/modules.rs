@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 
 use gw_core::args::CommandArgs;
 use gw_core::{Action, Module};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Whether a module may send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
     /// Not started (initial) or stopped.
@@ -20,7 +20,7 @@ pub enum RunState {
 }
 
 /// One module's state.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModuleState {
     /// Run state.
     pub state: RunState,
@@ -116,6 +116,11 @@ impl Modules {
         self.0
             .get(m.as_str())
             .unwrap_or_else(|| DEFAULT.get_or_init(ModuleState::default))
+    }
+
+    /// Replaces one module's state (its agent owns it).
+    pub fn set(&mut self, m: Module, state: ModuleState) {
+        self.0.insert(m.as_str(), state);
     }
 
     /// Applies a verified command to its module.

@@ -2,8 +2,7 @@
 //! re-opens a nonce. Every accepted nonce is durable (written, fsynced, atomically
 //! renamed, directory fsynced) before the command is acknowledged.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use gw_core::replay::{ReplayGuard, ReplaySnapshot};
@@ -90,29 +89,12 @@ impl ReplayStore {
     }
 
     fn persist(&self) -> Result<(), StoreError> {
-        let tmp = self.path.with_extension("tmp");
         let bytes =
             serde_json::to_vec(&self.guard.snapshot()).map_err(|e| StoreError::Corrupt {
                 path: self.path.clone(),
                 detail: e.to_string(),
             })?;
-        {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .map_err(io(&tmp))?;
-            f.write_all(&bytes).map_err(io(&tmp))?;
-            f.sync_all().map_err(io(&tmp))?;
-        }
-        fs::rename(&tmp, &self.path).map_err(io(&self.path))?;
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io(dir))?;
-        }
-        Ok(())
+        crate::durable::write_atomic(&self.path, &bytes).map_err(io(&self.path))
     }
 }
 

@@ -1,14 +1,11 @@
 //! The sidecar's control plane over real HTTP/2 (h2c, as Envoy speaks to it):
 //! re-verification, the durable replay guard across a restart, the JSON route's
-//! signing, module state, metrics.
+//! signing, module state applied by the agents over the embedded bus, metrics.
 
 use std::path::Path;
-use std::sync::Arc;
 
-use gw_core::{Action, ControlPolicy};
+use gw_core::Action;
 use gw_sidecar::config::Config;
-use gw_sidecar::http::AppState;
-use gw_sidecar::replay_store::ReplayStore;
 use serde_json::Value;
 use testkit::fixtures::{command_key, signed_command};
 
@@ -18,23 +15,7 @@ use common::now;
 struct Sidecar(common::Served);
 
 fn start(state_dir: &Path, with_signer: bool) -> Sidecar {
-    let pk = hex::encode(command_key().verifying_key().as_bytes());
-    let sk = hex::encode(command_key().to_bytes());
-    let env = move |k: &str| match k {
-        "CTRL_PUBKEY_HEX" => Some(pk.clone()),
-        "CTRL_PUBKEY_ID" => Some("op-admin-1".to_string()),
-        "CTRL_SIGN_SK_HEX" if with_signer => Some(sk.clone()),
-        _ => None,
-    };
-    let cfg = Config::load(None, &env).unwrap();
-    let replay = ReplayStore::open(&state_dir.join("replay.json"), cfg.file.replay_window).unwrap();
-    let policy = ControlPolicy {
-        keyring: cfg.keyring,
-        max_skew: 30,
-        max_body: 4096,
-    };
-    let state: Arc<AppState> = AppState::new(policy, replay, cfg.signer, "dashboard".into());
-    Sidecar(common::serve(state))
+    Sidecar(common::serve(common::config(state_dir, with_signer)))
 }
 
 impl Sidecar {
@@ -88,6 +69,8 @@ fn signed_commands_apply_once_even_across_a_restart() {
         (body["ok"].clone(), body["request_id"].clone()),
         (Value::Bool(true), Value::from("req-1"))
     );
+    assert_eq!(body["applied"], true, "the mev agent applied it: {body}");
+    assert_eq!(body["state"]["throttle_pct"], 25);
     let modules: Value = serde_json::from_str(&s.get("/api/modules")).unwrap();
     assert_eq!(modules["mev"]["throttle_pct"], 25);
     assert_eq!(modules["arbitrage"]["throttle_pct"], 100);
@@ -100,7 +83,11 @@ fn signed_commands_apply_once_even_across_a_restart() {
     let (status, body) = s.post("/api/control/commands", PB, cmd);
     assert_eq!((status, body["error"].as_str()), (409, Some("replay")));
     let modules: Value = serde_json::from_str(&s.get("/api/modules")).unwrap();
-    assert_eq!(modules["mev"]["applied"], 0, "nothing applied twice");
+    assert_eq!(
+        modules["mev"]["applied"], 1,
+        "state survives; nothing applied twice"
+    );
+    assert_eq!(modules["mev"]["throttle_pct"], 25);
 
     // Rejections with codes.
     let mut flipped = signed_command(2, Action::Start, now(), "dashboard", &[]);

@@ -32,6 +32,23 @@ fn stored(ch: &ClickHouse) -> Vec<LedgerRow> {
         .collect()
 }
 
+/// The stored rows once there are `n` of them (the sidecar ships in the background).
+fn wait_rows(ch: &ClickHouse, n: usize) -> Vec<LedgerRow> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let rows = if ch.query("EXISTS TABLE control_decisions").trim() == "1" {
+            stored(ch)
+        } else {
+            Vec::new()
+        };
+        if rows.len() >= n || std::time::Instant::now() > deadline {
+            assert_eq!(rows.len(), n, "rows shipped by the sidecar");
+            return rows;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn nothing_lost_nothing_duplicated_across_a_clickhouse_outage() {
     let d = testkit::TempDir::new("ledger-ch");
@@ -126,32 +143,14 @@ fn a_torn_last_spool_line_is_dropped_and_a_corrupt_one_refused() {
 
 #[test]
 fn every_http_decision_lands_in_the_chained_ledger() {
-    use gw_core::{Action, ControlPolicy};
-    use gw_sidecar::http::{flush_ledger, AppState};
-    use gw_sidecar::replay_store::ReplayStore;
+    use gw_core::Action;
     use testkit::fixtures::{command_key, signed_command};
 
     let d = testkit::TempDir::new("ledger-http");
     let ch = ClickHouse::start(d.path());
-    create_table(&ch);
-    let client =
-        clickhouse::Client::default().with_url(format!("http://127.0.0.1:{}", ch.http_port));
-    let ledger =
-        Ledger::open(&d.path().join("spool"), client.clone(), "control_decisions").unwrap();
-    let mut ring = gw_core::KeyRing::new();
-    ring.insert(gw_core::keyring::CommandKey::unrestricted(
-        "op-admin-1",
-        command_key().verifying_key(),
-    ))
-    .unwrap();
-    let policy = ControlPolicy {
-        keyring: ring,
-        max_skew: 30,
-        max_body: 4096,
-    };
-    let replay = ReplayStore::open(&d.path().join("replay.json"), 64).unwrap();
-    let state = AppState::with_ledger(policy, replay, None, "dashboard".into(), Some(ledger));
-    let served = common::serve(state.clone());
+    let mut cfg = common::config(&d.path().join("state"), false);
+    cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
+    let served = common::serve(cfg);
     let (rt, http) = (&served.rt, &served.http);
     let url = format!("{}/api/control/commands", served.base);
     let now = common::now();
@@ -175,23 +174,29 @@ fn every_http_decision_lands_in_the_chained_ledger() {
         })
         .collect();
     assert_eq!(statuses, vec![200, 401, 409, 200]);
-    assert_eq!(
-        rt.block_on(flush_ledger(&state, &client, "control_decisions")),
-        Ok(4)
-    );
-    let rows = stored(&ch);
-    assert_eq!(verify_chain(&rows), Ok(4));
-    let summary: Vec<(String, String, String)> = rows
+    // The sidecar's shipper delivers the spool in the background.
+    let rows = wait_rows(&ch, 6);
+    assert_eq!(verify_chain(&rows), Ok(6));
+    let summary: Vec<(&str, &str, &str, &str)> = rows
         .iter()
-        .map(|r| (r.decision.clone(), r.code.clone(), r.request_id.clone()))
+        .map(|r| {
+            (
+                r.stage.as_str(),
+                r.decision.as_str(),
+                r.code.as_str(),
+                r.request_id.as_str(),
+            )
+        })
         .collect();
     assert_eq!(
         summary,
         vec![
-            ("accepted".into(), "".into(), "req-11".into()),
-            ("rejected".into(), "bad_signature".into(), "Xeq-11".into()),
-            ("rejected".into(), "replay".into(), "req-11".into()),
-            ("accepted".into(), "".into(), "req-12".into()),
+            ("sidecar", "accepted", "", "req-11"),
+            ("agent", "applied", "", "req-11"),
+            ("sidecar", "rejected", "bad_signature", "Xeq-11"),
+            ("sidecar", "rejected", "replay", "req-11"),
+            ("sidecar", "accepted", "", "req-12"),
+            ("agent", "applied", "", "req-12"),
         ]
     );
     // The audit queries, served by the sidecar.
@@ -214,11 +219,11 @@ fn every_http_decision_lands_in_the_chained_ledger() {
         .iter()
         .map(|r| r["decision"].as_str().unwrap())
         .collect();
-    assert_eq!(decisions, vec!["accepted", "rejected"]);
-    assert_eq!(by_id[1]["code"], "replay");
+    assert_eq!(decisions, vec!["accepted", "applied", "rejected"]);
+    assert_eq!(by_id[2]["code"], "replay");
     let history = get("/api/ledger/history");
-    assert_eq!(history.as_array().unwrap().len(), 4);
-    assert_eq!(history[0]["seq"], 4, "newest first");
+    assert_eq!(history.as_array().unwrap().len(), 6);
+    assert_eq!(history[0]["seq"], 6, "newest first");
     let policy = get("/api/ledger/policy-frequency");
     assert_eq!(policy.as_array().unwrap().len(), 1);
     assert_eq!(policy[0]["commands"], 1);
@@ -237,7 +242,7 @@ fn every_http_decision_lands_in_the_chained_ledger() {
     let o = gwctl(ch.http_port);
     assert_eq!(
         (o.status.code(), String::from_utf8_lossy(&o.stdout).trim()),
-        (Some(0), "ok 4 rows")
+        (Some(0), "ok 6 rows")
     );
     ch.query("ALTER TABLE control_decisions UPDATE code = 'none' WHERE seq = 2 SETTINGS mutations_sync = 1");
     let o = gwctl(ch.http_port);

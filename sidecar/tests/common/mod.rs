@@ -1,41 +1,65 @@
-//! Serving a sidecar state over real HTTP (h1 + h2c) for tests.
+//! Starting a sidecar (the same wiring as `gw-sidecar`) over real HTTP (h1 + h2c).
 
 #![allow(dead_code)]
 
-use std::sync::Arc;
+use std::path::Path;
 
-use gw_sidecar::http::{router, AppState};
+use gw_sidecar::app::Running;
+use gw_sidecar::config::Config;
+use testkit::fixtures::command_key;
 
 /// A sidecar listening on a free port; stops with its runtime.
 pub struct Served {
     /// `http://127.0.0.1:PORT`.
     pub base: String,
-    /// The runtime serving it (use it to drive the client too).
-    pub rt: tokio::runtime::Runtime,
+    /// The started sidecar (state, agents, ledger shipper).
+    pub running: Running,
     /// An HTTP/2 (prior knowledge) client, as Envoy speaks to the sidecar.
     pub http: reqwest::Client,
+    /// The runtime serving it (use it to drive the client too); dropped last.
+    pub rt: tokio::runtime::Runtime,
 }
 
-/// Serves `state` with a 4 KiB body limit.
-pub fn serve(state: Arc<AppState>) -> Served {
+/// A configuration with the fixture key (`op-admin-1`, also the JSON route's
+/// signer when `with_signer`), state in `state_dir`, a 4 KiB body limit.
+pub fn config(state_dir: &Path, with_signer: bool) -> Config {
+    let pk = hex::encode(command_key().verifying_key().as_bytes());
+    let sk = hex::encode(command_key().to_bytes());
+    let env = move |k: &str| match k {
+        "CTRL_PUBKEY_HEX" => Some(pk.clone()),
+        "CTRL_PUBKEY_ID" => Some("op-admin-1".to_string()),
+        "CTRL_SIGN_SK_HEX" if with_signer => Some(sk.clone()),
+        _ => None,
+    };
+    let mut cfg = Config::load(None, &env).unwrap();
+    cfg.file.state_dir = state_dir.to_path_buf();
+    cfg.file.max_body_bytes = 4096;
+    cfg.file.replay_window = 64;
+    cfg
+}
+
+/// Starts `cfg` and serves it.
+pub fn serve(cfg: Config) -> Served {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
+    let running = rt.block_on(gw_sidecar::app::start(cfg)).unwrap();
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = router(state, 4096);
+    let app = running.router();
     rt.spawn(async move { axum::serve(listener, app).await });
     Served {
         base: format!("http://{addr}"),
-        rt,
+        running,
         http: reqwest::Client::builder()
             .http2_prior_knowledge()
             .build()
             .unwrap(),
+        rt,
     }
 }
 

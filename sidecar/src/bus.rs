@@ -1,0 +1,445 @@
+//! The command bus between admission (HTTP) and the module agents.
+//!
+//! Two implementations with the same semantics: one topic of exact signed command
+//! bytes keyed by module, read by one consumer group per module
+//! (`ctrl-proto-{module}`), each delivery committed only after the agent applied and
+//! audited it (at-least-once; the agents drop duplicates by nonce).
+//! - [`Bus::kafka`]: `rdkafka`, idempotent producer with `acks=all`; the topic is
+//!   created when missing.
+//! - [`Bus::in_process`]: the embedded default when no brokers are configured.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gw_core::Module;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde::Deserialize;
+use tokio::sync::Notify;
+
+/// The original topic name.
+pub const DEFAULT_TOPIC: &str = "control-commands-proto";
+
+/// Kafka settings (`kafka` in the sidecar's config file).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`, e.g. `127.0.0.1:9092`.
+    pub brokers: String,
+    /// Topic of signed command bytes.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Partitions when the sidecar creates the topic.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor when the sidecar creates the topic.
+    #[serde(default = "default_replication")]
+    pub replication: i32,
+    /// How long a publish may wait for `acks=all` before the request gets 503.
+    #[serde(default = "default_message_timeout")]
+    pub message_timeout_ms: u64,
+    /// Consumer group session timeout (tansu wants ≥ 6000 with several members).
+    #[serde(default = "default_session_timeout")]
+    pub session_timeout_ms: u64,
+}
+
+fn default_topic() -> String {
+    DEFAULT_TOPIC.into()
+}
+fn default_partitions() -> i32 {
+    1
+}
+fn default_replication() -> i32 {
+    1
+}
+fn default_message_timeout() -> u64 {
+    5000
+}
+fn default_session_timeout() -> u64 {
+    6000
+}
+
+impl KafkaConfig {
+    /// Defaults for `brokers`.
+    pub fn with_brokers(brokers: &str) -> KafkaConfig {
+        KafkaConfig {
+            brokers: brokers.into(),
+            topic: default_topic(),
+            partitions: default_partitions(),
+            replication: default_replication(),
+            message_timeout_ms: default_message_timeout(),
+            session_timeout_ms: default_session_timeout(),
+        }
+    }
+}
+
+/// Why the bus failed; every variant means "nothing was published / read".
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Kafka refused or timed out.
+    #[error("kafka: {0}")]
+    Kafka(String),
+}
+
+impl From<KafkaError> for BusError {
+    fn from(e: KafkaError) -> Self {
+        BusError::Kafka(e.to_string())
+    }
+}
+
+/// Where a published command landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Position {
+    /// Partition.
+    pub partition: i32,
+    /// Offset in the partition.
+    pub offset: i64,
+}
+
+/// One command read by a module's consumer.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The message key (the module name the publisher gave).
+    pub key: Vec<u8>,
+    /// The exact signed bytes.
+    pub payload: Vec<u8>,
+    /// Where it was read.
+    pub position: Position,
+}
+
+/// The bus (cheap to clone).
+#[derive(Clone)]
+pub enum Bus {
+    /// Embedded, in-process.
+    InProcess(Arc<InProcess>),
+    /// Kafka through `rdkafka`.
+    Kafka(Arc<KafkaBus>),
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.describe().as_str())
+    }
+}
+
+impl Bus {
+    /// The embedded bus.
+    pub fn in_process() -> Bus {
+        // Every module's group exists from the start, so nothing is trimmed before
+        // a group that has not read yet got to it.
+        let log = Log {
+            committed: Module::ALL.iter().map(|m| (group_name(*m), 0)).collect(),
+            ..Log::default()
+        };
+        Bus::InProcess(Arc::new(InProcess {
+            log: Mutex::new(log),
+            grew: Notify::new(),
+        }))
+    }
+
+    /// A Kafka bus. Creating the clients does not need a broker; [`Bus::prepare`]
+    /// creates the topic once one answers.
+    pub fn kafka(cfg: KafkaConfig) -> Result<Bus, BusError> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "0")
+            .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
+            .create()?;
+        Ok(Bus::Kafka(Arc::new(KafkaBus { cfg, producer })))
+    }
+
+    /// A line for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Bus::InProcess(_) => "in-process bus".into(),
+            Bus::Kafka(k) => format!("kafka {} topic {}", k.cfg.brokers, k.cfg.topic),
+        }
+    }
+
+    /// Makes the bus ready (creates the Kafka topic if missing). Idempotent.
+    pub async fn prepare(&self) -> Result<(), BusError> {
+        match self {
+            Bus::InProcess(_) => Ok(()),
+            Bus::Kafka(k) => k.create_topic().await,
+        }
+    }
+
+    /// Publishes the exact signed bytes keyed by module; returns once the bus holds
+    /// them (Kafka: acknowledged by all in-sync replicas).
+    pub async fn publish(&self, module: Module, payload: &[u8]) -> Result<Position, BusError> {
+        match self {
+            Bus::InProcess(b) => Ok(b.publish(module.as_str().as_bytes(), payload)),
+            Bus::Kafka(k) => k.publish(module.as_str().as_bytes(), payload).await,
+        }
+    }
+
+    /// A consumer in group `ctrl-proto-{module}`, starting at the group's committed
+    /// position (or the beginning).
+    pub fn consumer(&self, module: Module) -> Result<BusConsumer, BusError> {
+        let group = group_name(module);
+        match self {
+            Bus::InProcess(b) => Ok(BusConsumer::InProcess {
+                bus: b.clone(),
+                next: b.committed(&group),
+                group,
+            }),
+            Bus::Kafka(k) => {
+                let c: StreamConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", &k.cfg.brokers)
+                    .set("group.id", &group)
+                    .set("enable.auto.commit", "false")
+                    .set("enable.auto.offset.store", "false")
+                    .set("auto.offset.reset", "earliest")
+                    .set("session.timeout.ms", k.cfg.session_timeout_ms.to_string())
+                    .create()?;
+                c.subscribe(&[&k.cfg.topic])?;
+                Ok(BusConsumer::Kafka {
+                    consumer: Arc::new(c),
+                    topic: k.cfg.topic.clone(),
+                })
+            }
+        }
+    }
+}
+
+/// The consumer group of a module's agents.
+pub fn group_name(module: Module) -> String {
+    format!("ctrl-proto-{}", module.as_str())
+}
+
+/// The Kafka side.
+pub struct KafkaBus {
+    cfg: KafkaConfig,
+    producer: FutureProducer,
+}
+
+impl KafkaBus {
+    async fn create_topic(&self) -> Result<(), BusError> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.cfg.brokers)
+            .create()?;
+        let topic = NewTopic::new(
+            &self.cfg.topic,
+            self.cfg.partitions,
+            TopicReplication::Fixed(self.cfg.replication),
+        );
+        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
+        for result in admin.create_topics([&topic], &opts).await? {
+            match result {
+                Ok(_) => {}
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(BusError::Kafka(format!("create topic {name}: {code}")))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, key: &[u8], payload: &[u8]) -> Result<Position, BusError> {
+        let record = FutureRecord::to(&self.cfg.topic).key(key).payload(payload);
+        let wait = Duration::from_millis(self.cfg.message_timeout_ms);
+        let sent = self.producer.send(record, wait).await;
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            // The idempotent producer cannot continue; say so on every request.
+            return Err(BusError::Kafka(format!(
+                "producer failed fatally ({code}): {reason}"
+            )));
+        }
+        match sent {
+            Ok(d) => Ok(Position {
+                partition: d.partition,
+                offset: d.offset,
+            }),
+            Err((e, _)) => Err(e.into()),
+        }
+    }
+
+    /// Waits for every queued message (shutdown).
+    pub fn flush(&self, timeout: Duration) -> Result<(), BusError> {
+        self.producer.flush(timeout).map_err(Into::into)
+    }
+}
+
+/// The embedded bus: one ordered log (a one-partition topic) with a committed
+/// position per consumer group. Entries every group has committed are dropped.
+pub struct InProcess {
+    log: Mutex<Log>,
+    grew: Notify,
+}
+
+#[derive(Default)]
+struct Log {
+    base: i64,
+    entries: VecDeque<(Vec<u8>, Vec<u8>)>,
+    committed: BTreeMap<String, i64>,
+}
+
+impl InProcess {
+    fn publish(&self, key: &[u8], payload: &[u8]) -> Position {
+        let offset = {
+            let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            log.entries.push_back((key.to_vec(), payload.to_vec()));
+            log.base + log.entries.len() as i64 - 1
+        };
+        self.grew.notify_waiters();
+        Position {
+            partition: 0,
+            offset,
+        }
+    }
+
+    fn committed(&self, group: &str) -> i64 {
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let base = log.base;
+        *log.committed.entry(group.to_owned()).or_insert(base)
+    }
+
+    fn read(&self, offset: i64) -> Option<Delivery> {
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let i = usize::try_from(offset - log.base).ok()?;
+        log.entries.get(i).map(|(k, p)| Delivery {
+            key: k.clone(),
+            payload: p.clone(),
+            position: Position {
+                partition: 0,
+                offset,
+            },
+        })
+    }
+
+    fn commit(&self, group: &str, next: i64) {
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let c = log.committed.entry(group.to_owned()).or_insert(next);
+        *c = (*c).max(next);
+        let low = log.committed.values().copied().min().unwrap_or(next);
+        while log.base < low && log.entries.pop_front().is_some() {
+            log.base += 1;
+        }
+    }
+
+    /// Messages not yet committed by the slowest group.
+    pub fn retained(&self) -> usize {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entries
+            .len()
+    }
+}
+
+/// A module's consumer.
+pub enum BusConsumer {
+    /// Embedded.
+    InProcess {
+        /// The bus.
+        bus: Arc<InProcess>,
+        /// Group name.
+        group: String,
+        /// Next offset to read.
+        next: i64,
+    },
+    /// Kafka.
+    Kafka {
+        /// The consumer (shared with blocking commits).
+        consumer: Arc<StreamConsumer>,
+        /// Topic.
+        topic: String,
+    },
+}
+
+impl BusConsumer {
+    /// The next delivery (waits for one).
+    pub async fn next(&mut self) -> Result<Delivery, BusError> {
+        match self {
+            BusConsumer::InProcess { bus, next, .. } => loop {
+                let grew = bus.grew.notified();
+                if let Some(d) = bus.read(*next) {
+                    *next += 1;
+                    return Ok(d);
+                }
+                grew.await;
+            },
+            BusConsumer::Kafka { consumer, .. } => {
+                let m = consumer.recv().await?;
+                Ok(Delivery {
+                    key: m.key().unwrap_or_default().to_vec(),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                    position: Position {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                    },
+                })
+            }
+        }
+    }
+
+    /// Commits `d` (and everything before it in its partition) for this group.
+    pub async fn commit(&self, d: &Delivery) -> Result<(), BusError> {
+        match self {
+            BusConsumer::InProcess { bus, group, .. } => {
+                bus.commit(group, d.position.offset + 1);
+                Ok(())
+            }
+            BusConsumer::Kafka { consumer, topic } => {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(
+                    topic,
+                    d.position.partition,
+                    Offset::Offset(d.position.offset + 1),
+                )?;
+                let c = consumer.clone();
+                tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync))
+                    .await
+                    .map_err(|e| BusError::Kafka(format!("commit task: {e}")))??;
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn in_process_bus_delivers_in_order_to_every_group_and_resumes_at_commit() {
+        let bus = Bus::in_process();
+        let mut mev = bus.consumer(Module::Mev).unwrap();
+        for i in 0..3u8 {
+            bus.publish(Module::Mev, &[i]).await.unwrap();
+        }
+        let a = mev.next().await.unwrap();
+        assert_eq!(
+            (a.payload.clone(), a.key.clone()),
+            (vec![0], b"mev".to_vec())
+        );
+        mev.commit(&a).await.unwrap();
+        let b = mev.next().await.unwrap();
+        assert_eq!(b.payload, vec![1]);
+        // Not committed: a new consumer of the group starts again at `b`.
+        let mut again = bus.consumer(Module::Mev).unwrap();
+        assert_eq!(again.next().await.unwrap().position.offset, 1);
+        // Another group reads from the start; the log keeps what it has not committed.
+        let mut arb = bus.consumer(Module::Arbitrage).unwrap();
+        let first = arb.next().await.unwrap();
+        assert_eq!(first.position.offset, 0);
+        let Bus::InProcess(inner) = &bus else {
+            unreachable!()
+        };
+        assert_eq!(inner.retained(), 3, "arbitrage has not committed offset 0");
+        arb.commit(&first).await.unwrap();
+        assert_eq!(inner.retained(), 2, "every group committed offset 0");
+        let waiter = tokio::spawn(async move { mev.next().await.map(|d| d.payload) });
+        bus.publish(Module::Mev, &[9]).await.unwrap();
+        assert_eq!(waiter.await.unwrap().unwrap(), vec![2]);
+    }
+}
