@@ -2,7 +2,9 @@
 -- is one raw Command, so the format is ProtobufSingle (Protobuf expects
 -- length-delimited messages); args become JSON with toJSONString. This path records
 -- whatever is on the topic, forged or not: control_decisions says what was verified.
--- Needs control.proto in format_schema_path; {kafka_brokers} is substituted on apply.
+-- Placeholders substituted on apply: {kafka_brokers}, and {format_schemas}, the
+-- ABSOLUTE directory holding control.proto (the Kafka engine's background consumer
+-- does not resolve a relative format_schema against format_schema_path).
 CREATE TABLE IF NOT EXISTS kafka_control_cmd
 (
     ts             UInt64,
@@ -22,7 +24,7 @@ SETTINGS kafka_broker_list = '{kafka_brokers}',
          kafka_topic_list = 'control-commands-proto',
          kafka_group_name = 'ch-ctrl',
          kafka_format = 'ProtobufSingle',
-         format_schema = 'control.proto:Command',
+         format_schema = '{format_schemas}/control.proto:Command',
          kafka_num_consumers = 1;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS mv_control_cmd TO control_ledger AS

@@ -146,13 +146,7 @@ impl Bus {
     /// A Kafka bus. Creating the clients does not need a broker; [`Bus::prepare`]
     /// creates the topic once one answers.
     pub fn kafka(cfg: KafkaConfig) -> Result<Bus, BusError> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &cfg.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "0")
-            .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
-            .create()?;
+        let producer = Mutex::new(Arc::new(KafkaBus::producer(&cfg)?));
         Ok(Bus::Kafka(Arc::new(KafkaBus { cfg, producer })))
     }
 
@@ -218,10 +212,28 @@ pub fn group_name(module: Module) -> String {
 /// The Kafka side.
 pub struct KafkaBus {
     cfg: KafkaConfig,
-    producer: FutureProducer,
+    /// Replaced when the idempotent producer fails fatally.
+    producer: Mutex<Arc<FutureProducer>>,
 }
 
 impl KafkaBus {
+    fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, BusError> {
+        Ok(ClientConfig::new()
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "0")
+            .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
+            .create()?)
+    }
+
+    fn current(&self) -> Arc<FutureProducer> {
+        self.producer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     async fn create_topic(&self) -> Result<(), BusError> {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.cfg.brokers)
@@ -245,27 +257,50 @@ impl KafkaBus {
     }
 
     async fn publish(&self, key: &[u8], payload: &[u8]) -> Result<Position, BusError> {
-        let record = FutureRecord::to(&self.cfg.topic).key(key).payload(payload);
-        let wait = Duration::from_millis(self.cfg.message_timeout_ms);
-        let sent = self.producer.send(record, wait).await;
-        if let Some((code, reason)) = self.producer.client().fatal_error() {
-            // The idempotent producer cannot continue; say so on every request.
-            return Err(BusError::Kafka(format!(
-                "producer failed fatally ({code}): {reason}"
-            )));
-        }
-        match sent {
-            Ok(d) => Ok(Position {
-                partition: d.partition,
-                offset: d.offset,
-            }),
-            Err((e, _)) => Err(e.into()),
+        let mut created = false;
+        loop {
+            let producer = self.current();
+            let record = FutureRecord::to(&self.cfg.topic).key(key).payload(payload);
+            let wait = Duration::from_millis(self.cfg.message_timeout_ms);
+            let sent = producer.send(record, wait).await;
+            if let Some((code, reason)) = producer.client().fatal_error() {
+                // An idempotent producer that failed fatally cannot send again: the
+                // next request gets a fresh one. This request fails (it may not have
+                // been written, and is not retried here).
+                eprintln!(
+                    "gw-sidecar: kafka producer failed fatally ({code}): {reason}; recreating it"
+                );
+                let fresh = Arc::new(Self::producer(&self.cfg)?);
+                *self.producer.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+                return Err(BusError::Kafka(format!(
+                    "producer failed ({code}): {reason}"
+                )));
+            }
+            match sent {
+                Ok(d) => {
+                    return Ok(Position {
+                        partition: d.partition,
+                        offset: d.offset,
+                    })
+                }
+                // A broker that lost the topic (or never had it): create it once, retry.
+                Err((
+                    KafkaError::MessageProduction(
+                        RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
+                    ),
+                    _,
+                )) if !created => {
+                    created = true;
+                    self.create_topic().await?;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
         }
     }
 
     /// Waits for every queued message (shutdown).
     pub fn flush(&self, timeout: Duration) -> Result<(), BusError> {
-        self.producer.flush(timeout).map_err(Into::into)
+        self.current().flush(timeout).map_err(Into::into)
     }
 }
 

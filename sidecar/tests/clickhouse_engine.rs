@@ -25,7 +25,11 @@ fn clickhouse_26_9_runs_from_the_project_script() {
 }
 
 /// Applies every `sql/*.sql` file (statements split on `;` at line ends).
-fn apply_migrations(ch: &testkit::clickhouse::ClickHouse, brokers: &str) -> usize {
+fn apply_migrations(
+    ch: &testkit::clickhouse::ClickHouse,
+    brokers: &str,
+    schemas: &std::path::Path,
+) -> usize {
     let dir = testkit::workspace_root().join("sql");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
@@ -41,7 +45,8 @@ fn apply_migrations(ch: &testkit::clickhouse::ClickHouse, brokers: &str) -> usiz
     for f in files {
         let text = std::fs::read_to_string(&f)
             .unwrap()
-            .replace("{kafka_brokers}", brokers);
+            .replace("{kafka_brokers}", brokers)
+            .replace("{format_schemas}", schemas.to_str().unwrap());
         let body: String = text
             .lines()
             .filter(|l| !l.trim_start().starts_with("--"))
@@ -65,10 +70,10 @@ fn migrations_apply_idempotently_and_the_queries_run() {
     std::fs::write(schemas.join("control.proto"), gw_core_proto()).unwrap();
     // No broker is needed to create the Kafka engine table (it connects lazily).
     let brokers = format!("127.0.0.1:{}", testkit::free_port());
-    let first = apply_migrations(&ch, &brokers);
+    let first = apply_migrations(&ch, &brokers, &schemas);
     assert!(first >= 4);
     assert_eq!(
-        apply_migrations(&ch, &brokers),
+        apply_migrations(&ch, &brokers, &schemas),
         first,
         "second run applies cleanly"
     );

@@ -11,6 +11,7 @@ pub mod clickhouse;
 pub mod echo;
 pub mod envoy;
 pub mod fixtures;
+pub mod kafka;
 
 /// The workspace root (the directory holding the top-level `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {

@@ -1,0 +1,340 @@
+//! The command bus on a real Kafka-protocol broker (tansu 0.6.0) with the real
+//! ClickHouse ledger: exact signed bytes keyed by module, per-module consumer groups
+//! committing after apply + audit, restart without re-applying, Kafka down → 503 with
+//! an audit row and no state change, and the original Kafka-engine SQL ingesting
+//! what the sidecar published.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use gw_core::command::sign_command;
+use gw_core::ledger::{verify_chain, LedgerRow};
+use gw_core::{Action, Command, Module};
+use gw_sidecar::config::Config;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::Value;
+use testkit::clickhouse::ClickHouse;
+use testkit::fixtures::{command_key, signed_command};
+use testkit::kafka::Kafka;
+
+mod common;
+use common::now;
+
+const TOPIC: &str = "control-commands-proto";
+
+fn config(dir: &std::path::Path, kafka: &Kafka, ch: &ClickHouse) -> Config {
+    let mut cfg = common::config(&dir.join("state"), false);
+    let mut k = gw_sidecar::bus::KafkaConfig::with_brokers(&kafka.brokers());
+    k.message_timeout_ms = 1500;
+    cfg.file.kafka = Some(k);
+    cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
+    // The first group join on a fresh broker takes a few seconds.
+    cfg.file.apply_wait_ms = 20_000;
+    cfg
+}
+
+fn post(s: &common::Served, body: Vec<u8>) -> (u16, Value) {
+    s.rt.block_on(async {
+        let r = s
+            .http
+            .post(format!("{}/api/control/commands", s.base))
+            .header("content-type", "application/x-protobuf")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    })
+}
+
+fn modules(s: &common::Served) -> Value {
+    s.rt.block_on(async {
+        s.http
+            .get(format!("{}/api/modules", s.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    })
+}
+
+fn arbitrage_command(nonce: u64, action: Action) -> Vec<u8> {
+    let c = Command {
+        ts: now(),
+        module: Module::Arbitrage.to_proto() as i32,
+        action: action.to_proto() as i32,
+        args: BTreeMap::new(),
+        request_id: format!("req-{nonce}"),
+        issuer: "dashboard".into(),
+        schema_version: "ctrl-v1".into(),
+        nonce,
+        ..Default::default()
+    };
+    sign_command(&c, &command_key(), "op-admin-1")
+}
+
+/// Every message on the topic, read by an independent consumer group.
+fn read_topic(brokers: &str, n: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("test-reader-{}", std::process::id()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out.len() < n && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            out.push((
+                m.key().unwrap_or_default().to_vec(),
+                m.payload().unwrap_or_default().to_vec(),
+            ));
+        }
+    }
+    out
+}
+
+/// The committed offset of `group` on partition 0.
+fn committed(brokers: &str, group: &str) -> Offset {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(TOPIC, 0);
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    got.find_partition(TOPIC, 0).unwrap().offset()
+}
+
+fn ledger_rows(ch: &ClickHouse, at_least: usize) -> Vec<LedgerRow> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows: Vec<LedgerRow> = if ch.query("EXISTS TABLE control_decisions").trim() == "1" {
+            ch.query("SELECT * FROM control_decisions FINAL ORDER BY seq FORMAT JSONEachRow")
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if rows.len() >= at_least || Instant::now() > deadline {
+            assert!(rows.len() >= at_least, "{} rows shipped", rows.len());
+            return rows;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn summary(rows: &[LedgerRow]) -> Vec<(String, String, String, String)> {
+    rows.iter()
+        .map(|r| {
+            (
+                r.stage.clone(),
+                r.decision.clone(),
+                r.code.clone(),
+                r.request_id.clone(),
+            )
+        })
+        .collect()
+}
+
+fn row(stage: &str, decision: &str, code: &str, id: &str) -> (String, String, String, String) {
+    (stage.into(), decision.into(), code.into(), id.into())
+}
+
+#[test]
+fn commands_cross_kafka_to_their_module_agent_once_even_across_a_restart() {
+    let d = testkit::TempDir::new("kafka-bus");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let s = common::serve(config(d.path(), &kafka, &ch));
+
+    let throttle = signed_command(
+        1,
+        Action::Throttle,
+        now(),
+        "dashboard",
+        &[("throttle_pct", "25")],
+    );
+    let (status, body) = post(&s, throttle.clone());
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["applied"], true, "{body}");
+    assert_eq!(body["published"]["offset"], 0);
+    let start_arb = arbitrage_command(2, Action::Start);
+    let (status, body) = post(&s, start_arb.clone());
+    assert_eq!(
+        (status, body["applied"].clone()),
+        (200, Value::Bool(true)),
+        "{body}"
+    );
+    assert_eq!(post(&s, throttle.clone()).0, 409);
+
+    // The topic holds the exact signed bytes, keyed by module.
+    assert_eq!(
+        read_topic(&kafka.brokers(), 2),
+        vec![
+            (b"mev".to_vec(), throttle.clone()),
+            (b"arbitrage".to_vec(), start_arb)
+        ]
+    );
+    // Each module's group committed past both messages (its own applied, the other
+    // skipped) — only after applying and auditing.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for g in ["ctrl-proto-mev", "ctrl-proto-arbitrage"] {
+        while committed(&kafka.brokers(), g) != Offset::Offset(2) {
+            assert!(Instant::now() < deadline, "{g} did not commit offset 2");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let m = modules(&s);
+    assert_eq!(
+        (
+            m["mev"]["throttle_pct"].clone(),
+            m["arbitrage"]["state"].clone()
+        ),
+        (25.into(), "running".into())
+    );
+
+    // Restart: the replay is still refused and nothing is applied twice.
+    drop(s);
+    let s = common::serve(config(d.path(), &kafka, &ch));
+    assert_eq!(post(&s, throttle).1["error"], "replay");
+    let (status, body) = post(&s, signed_command(3, Action::Kill, now(), "dashboard", &[]));
+    assert_eq!(
+        (status, body["applied"].clone()),
+        (200, Value::Bool(true)),
+        "{body}"
+    );
+    let m = modules(&s);
+    assert_eq!(m["mev"]["applied"], 2, "{m}");
+    assert_eq!(m["mev"]["state"], "killed");
+    assert_eq!(m["mev"]["throttle_pct"], 25);
+    assert_eq!(m["arbitrage"]["applied"], 1);
+
+    let rows = ledger_rows(&ch, 8);
+    assert_eq!(verify_chain(&rows), Ok(8));
+    assert_eq!(
+        summary(&rows),
+        vec![
+            row("sidecar", "accepted", "", "req-1"),
+            row("agent", "applied", "", "req-1"),
+            row("sidecar", "accepted", "", "req-2"),
+            row("agent", "applied", "", "req-2"),
+            row("sidecar", "rejected", "replay", "req-1"),
+            row("sidecar", "rejected", "replay", "req-1"),
+            row("sidecar", "accepted", "", "req-3"),
+            row("agent", "applied", "", "req-3"),
+        ]
+    );
+}
+
+#[test]
+fn kafka_down_is_503_audited_and_changes_nothing() {
+    let d = testkit::TempDir::new("kafka-down");
+    let mut kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let s = common::serve(config(d.path(), &kafka, &ch));
+    let (status, body) = post(
+        &s,
+        signed_command(1, Action::Start, now(), "dashboard", &[]),
+    );
+    assert_eq!(
+        (status, body["applied"].clone()),
+        (200, Value::Bool(true)),
+        "{body}"
+    );
+
+    kafka.process.stop();
+    let t = Instant::now();
+    let kill = signed_command(2, Action::Kill, now(), "dashboard", &[]);
+    let (status, body) = post(&s, kill.clone());
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("unavailable")),
+        "{body}"
+    );
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was applied"),
+        "{body}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "bounded by message_timeout_ms"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let m = modules(&s);
+    assert_eq!(
+        (m["mev"]["state"].clone(), m["mev"]["applied"].clone()),
+        ("running".into(), 1.into())
+    );
+    // The nonce was not burnt: the operator can resend the same command later.
+    let (status, _) = post(&s, kill);
+    assert_eq!(status, 503, "still down, and not a 409");
+
+    let rows = ledger_rows(&ch, 4);
+    assert_eq!(verify_chain(&rows), Ok(4));
+    assert_eq!(
+        summary(&rows),
+        vec![
+            row("sidecar", "accepted", "", "req-1"),
+            row("agent", "applied", "", "req-1"),
+            row("sidecar", "rejected", "unavailable", "req-2"),
+            row("sidecar", "rejected", "unavailable", "req-2"),
+        ]
+    );
+}
+
+#[test]
+fn the_original_kafka_engine_sql_ingests_what_the_sidecar_published() {
+    let d = testkit::TempDir::new("kafka-engine");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let schemas = d.path().join("clickhouse/format_schemas");
+    std::fs::create_dir_all(&schemas).unwrap();
+    std::fs::copy(
+        testkit::workspace_root().join("proto/control.proto"),
+        schemas.join("control.proto"),
+    )
+    .unwrap();
+    let s = common::serve(config(d.path(), &kafka, &ch));
+    let policy = signed_command(7, Action::Policy, now(), "dashboard", &[("ev_min", "0.2")]);
+    assert_eq!(post(&s, policy).0, 200);
+    assert_eq!(post(&s, arbitrage_command(8, Action::Stop)).0, 200);
+    // The sidecar applied sql/10 (control_ledger) at start; add the Kafka path.
+    ledger_rows(&ch, 4);
+    let sql =
+        std::fs::read_to_string(testkit::workspace_root().join("sql/14_control_proto_kafka.sql"))
+            .unwrap()
+            .replace("{kafka_brokers}", &kafka.brokers())
+            .replace("{format_schemas}", schemas.to_str().unwrap());
+    for stmt in gw_sidecar::migrations::statements(&sql) {
+        ch.query(&stmt);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        let got = ch.query(
+            "SELECT module, action, request_id, issuer, args_json, pubkey_id, sig_alg, nonce, length(sig) \
+             FROM control_ledger ORDER BY nonce FORMAT TSV",
+        );
+        if got.lines().count() >= 2 || Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        got.trim(),
+        "MEV\tPOLICY\treq-7\tdashboard\t{\"ev_min\":\"0.2\"}\top-admin-1\ted25519-v1\t7\t64\n\
+         ARBITRAGE\tSTOP\treq-8\tdashboard\t{}\top-admin-1\ted25519-v1\t8\t64"
+    );
+}
