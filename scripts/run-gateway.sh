@@ -35,25 +35,8 @@ cargo build --release --locked -q -p gwctl -p gw-sidecar
 cargo build --release --locked -q --target wasm32-wasip1 -p gw-filter
 bin="$CARGO_TARGET_DIR/release"
 run="$GW_ROOT/.run"
-mkdir -p "$run/keys"
-
-bash envoy/gen-dev-certs.sh "$run/certs" >/dev/null
-[[ -f "$run/keys/op-admin-1.sk.hex" ]] || "$bin/gwctl" keygen --id op-admin-1 --out "$run/keys" >/dev/null
-if [[ ! -f "$run/keys/jwt.secret.hex" ]]; then
-  (umask 077; "$GW_VENV/bin/python" -c 'import secrets; print(secrets.token_hex(32))' > "$run/keys/jwt.secret.hex")
-fi
+bash scripts/dev-keys.sh "$run"
 cp "$CARGO_TARGET_DIR/wasm32-wasip1/release/gw_filter.wasm" "$run/gw_filter.wasm"
-
-# The example filter configuration with this machine's dev keys.
-"$GW_VENV/bin/python" - "$run" <<'PY'
-import base64, json, sys
-run = sys.argv[1]
-cfg = json.load(open("filter-wasm/config.example.json"))
-cfg["command_keys"]["keys"][0]["public_key_hex"] = open(f"{run}/keys/op-admin-1.pk.hex").read().strip()
-secret = bytes.fromhex(open(f"{run}/keys/jwt.secret.hex").read().strip())
-cfg["jwt"]["jwks"]["keys"][0]["k"] = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
-json.dump(cfg, open(f"{run}/filter.json", "w"), indent=2)
-PY
 "$GW_VENV/bin/python" envoy/render.py --filter-config "$run/filter.json" \
   --set GW_TLS_CERT="$run/certs/server.pem" --set GW_TLS_KEY="$run/certs/server.key" \
   --set GW_FILTER_WASM="$run/gw_filter.wasm" -o "$run/envoy.yaml"

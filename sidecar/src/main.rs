@@ -1,19 +1,47 @@
 //! `gw-sidecar`: serves the control plane behind Envoy.
-//! Usage: gw-sidecar [--config FILE]   (env: CTRL_SIGN_SK_HEX, CTRL_PUBKEY_HEX,
-//! CTRL_PUBKEY_ID, GW_SIDECAR_LISTEN, GW_CLICKHOUSE_URL, GW_KAFKA_BROKERS)
+//! Usage: gw-sidecar [--config FILE] [--check]   (env: CTRL_SIGN_SK_HEX, CTRL_PUBKEY_HEX,
+//!        CTRL_PUBKEY_ID, GW_SIDECAR_LISTEN, GW_CLICKHOUSE_URL, GW_KAFKA_BROKERS)
+//!        gw-sidecar --probe HOST:PORT   exit 0 when that sidecar's /healthz answers 200
+//!                                       (container health checks; no curl needed)
 
 use anyhow::Context;
 use gw_sidecar::config::Config;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, addr] = args.as_slice() {
+        if flag == "--probe" {
+            return probe(addr);
+        }
+    }
+    let check = args.last().is_some_and(|a| a == "--check");
+    if check {
+        args.pop();
+    }
     let path = match args.as_slice() {
         [] => None,
         [flag, p] if flag == "--config" => Some(std::path::PathBuf::from(p)),
-        _ => anyhow::bail!("usage: gw-sidecar [--config FILE]"),
+        _ => anyhow::bail!("usage: gw-sidecar [--config FILE] [--check] | --probe HOST:PORT"),
     };
     let cfg = Config::load(path.as_deref(), &|k| std::env::var(k).ok())?;
+    if check {
+        println!(
+            "config ok: listen {}, {} command key(s), JSON-route signer {}, bus {}, ledger {}",
+            cfg.file.listen,
+            cfg.keyring.len(),
+            cfg.signer.as_ref().map_or("none", |(_, id)| id.as_str()),
+            cfg.file
+                .kafka
+                .as_ref()
+                .map_or("in-process".to_string(), |k| format!("kafka {}", k.brokers)),
+            cfg.file
+                .clickhouse_url
+                .as_deref()
+                .unwrap_or("none (not audited)"),
+        );
+        return Ok(());
+    }
     let listen = cfg.file.listen;
     let running = gw_sidecar::app::start(cfg).await?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -36,5 +64,29 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("gw-sidecar: kafka flush at shutdown: {e}");
         }
     }
+    Ok(())
+}
+
+/// GET /healthz on `addr` over HTTP/1.1; Ok only for a 200 within 2 s.
+fn probe(addr: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let timeout = std::time::Duration::from_secs(2);
+    let sa = addr
+        .to_socket_addrs()
+        .with_context(|| format!("bad address {addr}"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to nothing"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sa, timeout)
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).context("no answer")?;
+    anyhow::ensure!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "unhealthy: {}",
+        String::from_utf8_lossy(&head)
+    );
     Ok(())
 }

@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Checks docker-compose.yml and Dockerfile as far as a machine without a Docker
+engine can: structure, pinned images, build targets that exist, bind-mount sources
+and env files that exist (after scripts/compose-init.sh), dependencies that are
+services with health checks, and environment names the sidecar really reads.
+
+  check-compose.py [--run-dir DIR]   DIR replaces ./.run/compose (default: as written)
+"""
+import argparse
+import os
+import re
+import sys
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fail(msg):
+    sys.exit(f"check-compose: {msg}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run-dir", default=None)
+    a = ap.parse_args()
+    run_dir = a.run_dir or os.path.join(ROOT, ".run/compose")
+
+    def local(path):
+        if path.startswith("./.run/compose"):
+            return os.path.join(run_dir, path[len("./.run/compose"):].lstrip("/"))
+        return os.path.join(ROOT, path)
+
+    compose = yaml.safe_load(open(os.path.join(ROOT, "docker-compose.yml")))
+    dockerfile = open(os.path.join(ROOT, "Dockerfile")).read()
+    stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", dockerfile, re.M | re.I))
+    for m in re.finditer(r"^COPY\s+(?!--from)(.+)$", dockerfile, re.M):
+        for src in m.group(1).split()[:-1]:
+            if not os.path.exists(os.path.join(ROOT, src)):
+                fail(f"Dockerfile copies {src}, which does not exist")
+    for img in re.findall(r"^FROM\s+(\S+)", dockerfile, re.M):
+        if img not in stages and (":" not in img or img.endswith(":latest")):
+            fail(f"Dockerfile base image {img} is not pinned")
+
+    sidecar_src = open(os.path.join(ROOT, "sidecar/src/config.rs")).read()
+    sidecar_env = set(re.findall(r'env\("([A-Z0-9_]+)"\)', sidecar_src))
+
+    services = compose.get("services") or fail("no services")
+    want = {"envoy", "sidecar", "kafka", "clickhouse"}
+    if not want <= set(services):
+        fail(f"missing services: {sorted(want - set(services))}")
+    for name, svc in services.items():
+        if not isinstance(svc, dict):
+            fail(f"{name}: not a mapping")
+        if "image" in svc:
+            img = svc["image"]
+            if ":" not in img or img.endswith(":latest"):
+                fail(f"{name}: image {img} is not pinned to a version")
+        elif "build" in svc:
+            target = svc["build"].get("target")
+            if target not in stages:
+                fail(f"{name}: build target {target!r} is not a Dockerfile stage {sorted(stages)}")
+        else:
+            fail(f"{name}: neither image nor build")
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("./") and not os.path.exists(local(src)):
+                fail(f"{name}: bind mount source {src} does not exist (run scripts/compose-init.sh)")
+            elif not src.startswith(("./", "/")) and src not in (compose.get("volumes") or {}):
+                fail(f"{name}: named volume {src} is not declared")
+        env_file = svc.get("env_file")
+        if env_file:
+            path = local(env_file)
+            if not os.path.exists(path):
+                fail(f"{name}: env_file {env_file} does not exist (run scripts/compose-init.sh)")
+            if name == "sidecar":
+                keys = {l.split("=", 1)[0] for l in open(path).read().splitlines() if "=" in l}
+                unknown = keys - sidecar_env
+                if unknown:
+                    fail(f"sidecar: env_file sets names the sidecar does not read: {sorted(unknown)}")
+        if name == "sidecar":
+            unknown = set(svc.get("environment", {})) - sidecar_env
+            if unknown:
+                fail(f"sidecar: environment names the sidecar does not read: {sorted(unknown)}")
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            if dep not in services:
+                fail(f"{name}: depends on unknown service {dep}")
+            if cond.get("condition") == "service_healthy" and "healthcheck" not in services[dep]:
+                fail(f"{name}: waits for {dep} to be healthy, but {dep} has no healthcheck")
+    print(f"compose: ok ({len(services)} services, Dockerfile stages {sorted(stages)})")
+
+
+if __name__ == "__main__":
+    main()

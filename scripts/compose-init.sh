@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Prepares .run/compose/ for `docker compose up`: dev secrets (scripts/dev-keys.sh),
+# the Envoy config rendered from the same template as the local run (host names of
+# the compose network, container paths), the sidecar's key environment and an admin
+# JWT (8 h). Needs openssl and python3. Development keys only.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+run="${1:-.run/compose}"
+bash scripts/dev-keys.sh "$run"
+# Envoy runs as an unprivileged user in its image: the dev key must be readable.
+chmod 644 "$run/certs/server.key"
+python3 envoy/render.py --filter-config "$run/filter.json" \
+  --set GW_LISTEN_ADDRESS=0.0.0.0 --set GW_CLUSTER_TYPE=STRICT_DNS \
+  --set GW_SIDECAR_ADDRESS=sidecar --set GW_SIDECAR_PORT=8080 \
+  --set GW_TLS_CERT=/etc/gw/certs/server.pem --set GW_TLS_KEY=/etc/gw/certs/server.key \
+  --set GW_FILTER_WASM=/etc/gw/gw_filter.wasm -o "$run/envoy.yaml"
+(
+  umask 077
+  {
+    echo "CTRL_PUBKEY_ID=op-admin-1"
+    echo "CTRL_PUBKEY_HEX=$(cat "$run/keys/op-admin-1.pk.hex")"
+    echo "CTRL_SIGN_SK_HEX=$(cat "$run/keys/op-admin-1.sk.hex")"
+  } > "$run/sidecar.env"
+)
+# An admin token for the filter's JWT rules (same claims as `gwctl jwt`).
+python3 - "$run" <<'PY'
+import base64, hashlib, hmac, json, sys, time
+run = sys.argv[1]
+secret = bytes.fromhex(open(f"{run}/keys/jwt.secret.hex").read().strip())
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+now = int(time.time())
+head = {"alg": "HS256", "typ": "JWT", "kid": "dev"}
+claims = {"iss": "defi-dashboard", "aud": "defi-users", "sub": "compose-admin",
+          "roles": ["admin"], "iat": now, "exp": now + 8 * 3600}
+signing = f"{b64(json.dumps(head).encode())}.{b64(json.dumps(claims).encode())}"
+sig = hmac.new(secret, signing.encode(), hashlib.sha256).digest()
+open(f"{run}/admin.jwt", "w").write(f"{signing}.{b64(sig)}\n")
+PY
+echo "compose files written to $run: now run: docker compose up --build"
