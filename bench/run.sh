@@ -3,6 +3,7 @@
 #   bash bench/run.sh            all
 #   bash bench/run.sh verify     command verification: ours vs raw ed25519, wasmtime vs native
 #   bash bench/run.sh edge       Envoy: no auth vs jwt_authn vs gw_edge (JWT, signed command)
+#   bash bench/run.sh control    ledger rows/s vs raw INSERT RowBinary; commands/s end to end
 set -euo pipefail
 source "$(dirname "$0")/../scripts/lib.sh"
 cd "$GW_ROOT"
@@ -24,4 +25,10 @@ if [[ "$which" == all || "$which" == edge ]]; then
     --envoy "$(ls "$GW_VENV"/lib/python*/site-packages/envoy/_bin/envoy)" \
     --wasm "$CARGO_TARGET_DIR/wasm32-wasip1/release/gw_filter.wasm" \
     --gwctl "$CARGO_TARGET_DIR/release/gwctl" "${@:2}"
+fi
+if [[ "$which" == all || "$which" == control ]]; then
+  bash scripts/setup-venv.sh
+  cargo build -q --release --locked --target wasm32-wasip1 -p gw-filter
+  log "bench: control"
+  cargo bench -q -p gw-bench --bench control
 fi

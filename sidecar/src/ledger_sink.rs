@@ -89,6 +89,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LedgerError + '_ {
     }
 }
 
+/// The most rows one insert carries.
+pub const MAX_BATCH_ROWS: usize = 10_000;
+
 /// A run of pending rows ready to ship.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -99,6 +102,11 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The rows (in `seq` order).
+    pub fn rows(&self) -> &[DecisionRow] {
+        &self.rows
+    }
+
     /// Inserts the rows into `table`; a retry of the same batch is deduplicated.
     pub async fn ship(&self, client: &clickhouse::Client, table: &str) -> Result<(), LedgerError> {
         let client = client
@@ -209,11 +217,14 @@ impl Ledger {
         self.pending.len()
     }
 
-    /// The pending rows as one batch: rows and the dedup token of exactly this range.
+    /// The oldest pending rows as one batch: rows and the dedup token of exactly this
+    /// range.
+    /// At most [`MAX_BATCH_ROWS`] rows, so a long outage drains in bounded inserts.
     pub fn batch(&self) -> Option<Batch> {
-        let (first, last) = (self.pending.first()?, self.pending.last()?);
+        let rows = &self.pending[..self.pending.len().min(MAX_BATCH_ROWS)];
+        let (first, last) = (rows.first()?, rows.last()?);
         Some(Batch {
-            rows: self.pending.iter().map(DecisionRow::from).collect(),
+            rows: rows.iter().map(DecisionRow::from).collect(),
             token: format!("gw-ledger-{}-{}", first.seq, last.seq),
             last_seq: last.seq,
         })
@@ -233,13 +244,14 @@ impl Ledger {
         Ok(before - self.pending.len())
     }
 
-    /// Ships every pending row, in order, as one insert. On error the rows stay.
+    /// Ships every pending row, in order, in batches. On error the unshipped rows stay.
     pub async fn flush(&mut self) -> Result<usize, LedgerError> {
-        let Some(batch) = self.batch() else {
-            return Ok(0);
-        };
-        batch.ship(&self.client, &self.table).await?;
-        self.mark_shipped(batch.last_seq)
+        let mut shipped = 0;
+        while let Some(batch) = self.batch() {
+            batch.ship(&self.client, &self.table).await?;
+            shipped += self.mark_shipped(batch.last_seq)?;
+        }
+        Ok(shipped)
     }
 
     /// The ClickHouse client the ledger ships with (for read queries).

@@ -1,0 +1,353 @@
+//! Control-plane benchmark, every figure with its same-run baseline:
+//!
+//! 1. Ledger rows/s: the sidecar's ledger shipping sealed rows (the `clickhouse`
+//!    crate's RowBinary insert with a dedup token, in MAX_BATCH_ROWS batches) vs a raw
+//!    `INSERT ... FORMAT RowBinary` of the same rows from the same client into an
+//!    identical table. Also sealing + fsync-to-spool per row (the durability cost a
+//!    decision pays before it is applied).
+//! 2. Commands/s end to end: distinct signed commands over HTTP/2 + TLS through the
+//!    real Envoy running the gw_edge filter to the sidecar (re-verify, replay guard,
+//!    in-process bus, agent apply, audited into the real ClickHouse), vs the same
+//!    number of commands sent straight to the sidecar (no Envoy).
+//!
+//! `cargo bench -p gw-bench --bench control` (bench/run.sh control). Needs the
+//! test venv (ClickHouse, Envoy) and the release filter .wasm.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gw_core::ledger::LedgerRow;
+use gw_core::Action;
+use gw_sidecar::ledger_sink::{DecisionRow, Ledger};
+use testkit::clickhouse::ClickHouse;
+use testkit::envoy;
+use testkit::fixtures::{bearer, command_key, filter_config};
+
+const LEDGER_ROWS: u64 = 5_000;
+const COMMANDS: u64 = 1_000;
+const CONCURRENCY: usize = 16;
+
+fn ddl(table: &str) -> String {
+    let sql =
+        std::fs::read_to_string(testkit::workspace_root().join("sql/11_control_decisions.sql"))
+            .expect("sql/11");
+    gw_sidecar::migrations::statements(&sql)
+        .join("\n")
+        .replace("control_decisions", table)
+}
+
+fn row(i: u64) -> LedgerRow {
+    testkit::fixtures::ledger_row(i)
+}
+
+fn ledger_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
+    let ch = ClickHouse::start(dir);
+    let client =
+        clickhouse::Client::default().with_url(format!("http://127.0.0.1:{}", ch.http_port));
+    let mut best_raw = f64::MAX;
+    let mut best_ship = f64::MAX;
+    let mut seal_rate = 0.0;
+    for round in 0..3 {
+        let ours = format!("ours_{round}");
+        let raw = format!("raw_{round}");
+        ch.query(&ddl(&ours));
+        ch.query(&ddl(&raw));
+        let mut ledger = Ledger::open(&dir.join(format!("spool-{round}")), client.clone(), &ours)
+            .expect("ledger");
+        let t = Instant::now();
+        for i in 1..=LEDGER_ROWS {
+            ledger.append(row(i)).expect("append");
+        }
+        seal_rate = LEDGER_ROWS as f64 / t.elapsed().as_secs_f64();
+        // The same sealed rows, as the raw insert will send them.
+        let mut rows: Vec<DecisionRow> = Vec::new();
+        {
+            let mut probe = Ledger::open(&dir.join(format!("spool-{round}")), client.clone(), &raw)
+                .expect("reopen");
+            while let Some(b) = probe.batch() {
+                rows.extend_from_slice(b.rows());
+                probe.mark_shipped(b.last_seq).expect("mark");
+            }
+        }
+        // Raw and ours alternate which goes first.
+        let run_raw = || {
+            rt.block_on(async {
+                let t = Instant::now();
+                let mut insert = client.insert::<DecisionRow>(&raw).await.expect("insert");
+                for r in &rows {
+                    insert.write(r).await.expect("write");
+                }
+                insert.end().await.expect("end");
+                t.elapsed().as_secs_f64()
+            })
+        };
+        let mut run_ours = || {
+            rt.block_on(async {
+                let t = Instant::now();
+                let n = ledger.flush().await.expect("flush");
+                assert_eq!(n as u64, LEDGER_ROWS);
+                t.elapsed().as_secs_f64()
+            })
+        };
+        let (r, o) = if round % 2 == 0 {
+            let r = run_raw();
+            (r, run_ours())
+        } else {
+            let o = run_ours();
+            (run_raw(), o)
+        };
+        best_raw = best_raw.min(r);
+        best_ship = best_ship.min(o);
+        for t in [&ours, &raw] {
+            let n = ch.query(&format!("SELECT count() FROM {t}"));
+            assert_eq!(n.trim(), LEDGER_ROWS.to_string(), "{t}");
+        }
+    }
+    let raw_rate = LEDGER_ROWS as f64 / best_raw;
+    let ship_rate = LEDGER_ROWS as f64 / best_ship;
+    println!(
+        "\n## ledger rows/s ({LEDGER_ROWS} rows, best of 3, same client, same ClickHouse 26.9)"
+    );
+    println!("| path | rows/s | vs raw INSERT RowBinary |");
+    println!("|---|---:|---:|");
+    println!("| raw INSERT ... FORMAT RowBinary | {raw_rate:.0} | 1.00x |");
+    println!(
+        "| ledger ship (sealed rows, dedup token) | {ship_rate:.0} | {:.2}x |",
+        ship_rate / raw_rate
+    );
+    println!(
+        "| seal + fsync to spool, per row (before apply) | {seal_rate:.0} | {:.3}x |",
+        seal_rate / raw_rate
+    );
+}
+
+struct Sent {
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+    failures: usize,
+}
+
+fn fire(
+    rt: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    bodies: Vec<Vec<u8>>,
+) -> Sent {
+    rt.block_on(async {
+        let queue = Arc::new(std::sync::Mutex::new(bodies.into_iter()));
+        let t = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..CONCURRENCY {
+            let (queue, client, url, token) = (
+                queue.clone(),
+                client.clone(),
+                url.to_string(),
+                token.to_string(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut failures = 0;
+                loop {
+                    let Some(body) = queue.lock().expect("queue").next() else {
+                        break;
+                    };
+                    let s = Instant::now();
+                    let r = client
+                        .post(&url)
+                        .header("authorization", &token)
+                        .header("content-type", "application/x-protobuf")
+                        .body(body)
+                        .send()
+                        .await;
+                    let ok = match r {
+                        Ok(r) if r.status() == 200 => r
+                            .json::<serde_json::Value>()
+                            .await
+                            .is_ok_and(|v| v["applied"] == true),
+                        _ => false,
+                    };
+                    lat.push(s.elapsed());
+                    if !ok {
+                        failures += 1;
+                    }
+                }
+                (lat, failures)
+            }));
+        }
+        let mut latencies = Vec::new();
+        let mut failures = 0;
+        for t in tasks {
+            let (l, f) = t.await.expect("task");
+            latencies.extend(l);
+            failures += f;
+        }
+        latencies.sort();
+        Sent {
+            elapsed: t.elapsed(),
+            latencies,
+            failures,
+        }
+    })
+}
+
+fn commands(first_nonce: u64) -> Vec<Vec<u8>> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    (first_nonce..first_nonce + COMMANDS)
+        .map(|n| {
+            let pct = (n % 100).to_string();
+            testkit::fixtures::signed_command(
+                n,
+                Action::Throttle,
+                now,
+                "dashboard",
+                &[("throttle_pct", pct.as_str())],
+            )
+        })
+        .collect()
+}
+
+fn pct(l: &[Duration], p: f64) -> f64 {
+    let i = ((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1));
+    l.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}
+
+fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
+    std::fs::create_dir_all(dir.join("ch")).expect("dir");
+    let ch = ClickHouse::start(&dir.join("ch"));
+    // The sidecar exactly as gw-sidecar wires it (in-process bus, ClickHouse ledger).
+    let pk = hex::encode(command_key().verifying_key().as_bytes());
+    let env = move |k: &str| match k {
+        "CTRL_PUBKEY_HEX" => Some(pk.clone()),
+        "CTRL_PUBKEY_ID" => Some("op-admin-1".to_string()),
+        _ => None,
+    };
+    let mut cfg = gw_sidecar::config::Config::load(None, &env).expect("config");
+    cfg.file.state_dir = dir.join("sidecar");
+    cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
+    cfg.file.max_skew_secs = 120;
+    let running = rt.block_on(gw_sidecar::app::start(cfg)).expect("sidecar");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let sidecar_port = listener.local_addr().expect("addr").port();
+    let app = running.router();
+    rt.spawn(async move { axum::serve(listener, app).await });
+
+    let certs = envoy::dev_certs(dir);
+    let (port, admin) = (testkit::free_port(), testkit::free_port());
+    let mut fc = filter_config(65536);
+    fc["replay_window"] = serde_json::json!(4096);
+    fc["max_skew_secs"] = serde_json::json!(120);
+    let yaml = envoy::render(
+        dir,
+        "envoy.yaml",
+        &fc.to_string(),
+        &[
+            ("GW_PORT", port.to_string()),
+            ("GW_ADMIN_PORT", admin.to_string()),
+            ("GW_TLS_CERT", certs.cert.display().to_string()),
+            ("GW_TLS_KEY", certs.key.display().to_string()),
+            (
+                "GW_FILTER_WASM",
+                testkit::filter_wasm().display().to_string(),
+            ),
+            ("GW_SIDECAR_PORT", sidecar_port.to_string()),
+        ],
+        false,
+    );
+    let _envoy = envoy::start_envoy_ready(&yaml, admin, dir);
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&certs.ca).expect("ca")).expect("pem");
+    let tls = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let token = bearer(&["admin"], now);
+
+    // Warm up both paths (V8 tier-up, connections), then measure alternately.
+    let envoy_url = format!("https://localhost:{port}/api/control/commands");
+    let direct_url = format!("http://127.0.0.1:{sidecar_port}/api/control/commands");
+    let mut nonce = 1;
+    let next = |n: &mut u64| {
+        let b = commands(*n);
+        *n += COMMANDS;
+        b
+    };
+    fire(
+        rt,
+        &tls,
+        &envoy_url,
+        &token,
+        next(&mut nonce)[..200].to_vec(),
+    );
+    let mut runs = Vec::new();
+    for round in 0..2 {
+        for (name, client, url) in [
+            ("through Envoy (HTTP/2+TLS, gw_edge)", &tls, &envoy_url),
+            ("straight to the sidecar (h2c)", &h2c, &direct_url),
+        ] {
+            let s = fire(rt, client, url, &token, next(&mut nonce));
+            assert_eq!(s.failures, 0, "{name}: {} commands not applied", s.failures);
+            runs.push((round, name, s));
+        }
+    }
+    println!("\n## commands/s end to end ({COMMANDS} distinct signed commands, {CONCURRENCY} concurrent, each applied and audited)");
+    println!("| path | round | commands/s | p50 ms | p99 ms |");
+    println!("|---|---:|---:|---:|---:|");
+    let mut best = std::collections::BTreeMap::new();
+    for (round, name, s) in &runs {
+        let rate = COMMANDS as f64 / s.elapsed.as_secs_f64();
+        println!(
+            "| {name} | {round} | {rate:.0} | {:.2} | {:.2} |",
+            pct(&s.latencies, 0.5),
+            pct(&s.latencies, 0.99)
+        );
+        let e = best.entry(*name).or_insert(0.0f64);
+        *e = e.max(rate);
+    }
+    let via = best
+        .get("through Envoy (HTTP/2+TLS, gw_edge)")
+        .copied()
+        .unwrap_or(0.0);
+    let direct = best
+        .get("straight to the sidecar (h2c)")
+        .copied()
+        .unwrap_or(1.0);
+    println!(
+        "through Envoy / straight to the sidecar (best rounds): {:.2}x",
+        via / direct
+    );
+    let rows = ch.query("SELECT count() FROM control_decisions");
+    println!("ledger rows in ClickHouse after the run: {}", rows.trim());
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing useful here.
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let d = testkit::TempDir::new("bench-control");
+    let ledger_dir = d.path().join("ledger");
+    std::fs::create_dir_all(&ledger_dir).expect("dir");
+    ledger_bench(&rt, &ledger_dir);
+    let dir = d.path().join("e2e");
+    std::fs::create_dir_all(&dir).expect("dir");
+    commands_bench(&rt, &dir);
+}
