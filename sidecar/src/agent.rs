@@ -33,6 +33,9 @@ pub struct Ack {
     pub outcome: Result<ModuleState, Reject>,
 }
 
+/// Agent outcomes by (module, outcome) for `/metrics`.
+pub type Outcomes = Arc<Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>>;
+
 /// What [`Agent::handle`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Handled {
@@ -62,6 +65,7 @@ pub struct Agent {
     modules: Arc<Mutex<Modules>>,
     auditor: Auditor,
     acks: broadcast::Sender<Ack>,
+    outcomes: Outcomes,
 }
 
 /// Everything agents share.
@@ -79,6 +83,8 @@ pub struct AgentEnv {
     pub auditor: Auditor,
     /// Where outcomes are announced.
     pub acks: broadcast::Sender<Ack>,
+    /// Outcome counters.
+    pub outcomes: Outcomes,
 }
 
 fn corrupt(path: &Path, detail: impl ToString) -> StoreError {
@@ -122,6 +128,7 @@ impl Agent {
             modules: env.modules.clone(),
             auditor: env.auditor.clone(),
             acks: env.acks.clone(),
+            outcomes: env.outcomes.clone(),
         })
     }
 
@@ -256,7 +263,18 @@ impl Agent {
             };
             loop {
                 match self.handle(&d, crate::now_nanos() / 1_000_000_000) {
-                    Ok(_) => break,
+                    Ok(h) => {
+                        let outcome = match h {
+                            Handled::NotMine => "not_mine",
+                            Handled::Applied => "applied",
+                            Handled::Duplicate => "duplicate",
+                            Handled::Rejected(_) => "rejected",
+                        };
+                        if let Ok(mut o) = self.outcomes.lock() {
+                            *o.entry((name, outcome)).or_default() += 1;
+                        }
+                        break;
+                    }
                     Err(r) => log_once(format!("not applied yet (retrying): {}", r.detail)),
                 }
                 tokio::time::sleep(pause).await;

@@ -103,6 +103,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         modules: state.modules.clone(),
         auditor,
         acks: state.acks.clone(),
+        outcomes: state.agent_outcomes.clone(),
     };
     for m in Module::ALL {
         let agent = Agent::open(m, &env)?;

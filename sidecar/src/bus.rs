@@ -196,7 +196,7 @@ impl Bus {
                     .create()?;
                 c.subscribe(&[&k.cfg.topic])?;
                 Ok(BusConsumer::Kafka {
-                    consumer: Arc::new(c),
+                    consumer: CloseOffRuntime(Some(Arc::new(c))),
                     topic: k.cfg.topic.clone(),
                 })
             }
@@ -385,10 +385,33 @@ pub enum BusConsumer {
     /// Kafka.
     Kafka {
         /// The consumer (shared with blocking commits).
-        consumer: Arc<StreamConsumer>,
+        consumer: CloseOffRuntime,
         /// Topic.
         topic: String,
     },
+}
+
+/// A Kafka consumer whose drop runs on its own thread: closing a consumer waits for
+/// the group coordinator, which never answers while the broker is down, and must
+/// not hold up a tokio runtime (or a process) that is shutting down.
+pub struct CloseOffRuntime(Option<Arc<StreamConsumer>>);
+
+impl std::ops::Deref for CloseOffRuntime {
+    type Target = Arc<StreamConsumer>;
+    fn deref(&self) -> &Self::Target {
+        // Only `drop` takes the consumer out.
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("consumer taken before drop"))
+    }
+}
+
+impl Drop for CloseOffRuntime {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            std::thread::spawn(move || drop(c));
+        }
+    }
 }
 
 impl BusConsumer {
@@ -431,7 +454,7 @@ impl BusConsumer {
                     d.position.partition,
                     Offset::Offset(d.position.offset + 1),
                 )?;
-                let c = consumer.clone();
+                let c = Arc::clone(consumer);
                 tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync))
                     .await
                     .map_err(|e| BusError::Kafka(format!("commit task: {e}")))??;

@@ -24,6 +24,7 @@ use tokio::sync::broadcast;
 use crate::agent::Ack;
 use crate::audit::{Auditor, Decision};
 use crate::bus::Bus;
+use crate::ledger_sink::DecisionRow;
 use crate::modules::Modules;
 use crate::now_nanos;
 use crate::replay_store::ReplayStore;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub acks: broadcast::Sender<Ack>,
     /// How long a request waits for its agent before answering `applied: false`.
     pub apply_wait: Duration,
+    /// Agent outcomes by (module, outcome), shared with the agents.
+    pub agent_outcomes: crate::agent::Outcomes,
     pending: Mutex<HashSet<(String, u64)>>,
     last_nonce: AtomicU64,
 }
@@ -87,6 +90,7 @@ impl AppState {
             bus: p.bus,
             acks,
             apply_wait: p.apply_wait,
+            agent_outcomes: Default::default(),
             pending: Mutex::new(HashSet::new()),
             last_nonce: AtomicU64::new(0),
         })
@@ -176,8 +180,8 @@ impl From<Reject> for ApiError {
     }
 }
 
-/// Re-verifies, reserves the nonce, publishes the exact bytes on the bus, records
-/// the nonce durably and audits; then waits (bounded) for the module's agent to
+/// Re-verifies, reserves the nonce, audits, publishes the exact bytes on the bus,
+/// records the nonce durably; then waits (bounded) for the module's agent to
 /// apply it. The one path every command takes. Nothing is applied here: the agent
 /// applies only what the bus holds, after verifying and auditing it again.
 async fn admit(
@@ -229,6 +233,10 @@ async fn admit_inner(
     })();
     reserved.map_err(|r| st.reject(r, body, Some(c)))?;
     let _reservation = Reservation { st, key };
+    // Audited before it is published: nothing reaches the bus without its row, and
+    // the ledger reads accepted → applied. If publishing then fails, an
+    // `unavailable` row for the same request follows.
+    st.audit("accepted", "", body, Some(c))?;
     let mut acks = st.acks.subscribe();
     let position = st.bus.publish(v.module, body).await.map_err(|e| {
         st.reject(
@@ -254,15 +262,6 @@ async fn admit_inner(
         );
         st.count("replay_not_persisted");
     }
-    st.audit("accepted", "", body, Some(c)).map_err(|r| {
-        Reject::with(
-            r.code,
-            format!(
-                "published but not audited ({}); the agent applies it once the ledger works",
-                r.detail
-            ),
-        )
-    })?;
     let outcome = tokio::time::timeout(st.apply_wait, async {
         loop {
             match acks.recv().await {
@@ -505,6 +504,26 @@ async fn ledger_policy_frequency(
     Ok(Json(json!(rows)))
 }
 
+/// Walks the stored hash chain (as `gwctl ledger verify` does): `{"ok": true,
+/// "rows": N}`, or `{"ok": false, "broken": "..."}` naming the first bad `seq`.
+async fn ledger_verify(
+    State(st): State<Arc<AppState>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (client, table) = ledger_client(&st)?;
+    let mut cursor = client
+        .query(&format!("SELECT ?fields FROM {table} FINAL ORDER BY seq"))
+        .fetch::<DecisionRow>()
+        .map_err(ch_err)?;
+    let mut rows = Vec::new();
+    while let Some(r) = cursor.next().await.map_err(ch_err)? {
+        rows.push(gw_core::ledger::LedgerRow::from(r));
+    }
+    Ok(Json(match gw_core::ledger::verify_chain(&rows) {
+        Ok(n) => json!({"ok": true, "rows": n}),
+        Err(e) => json!({"ok": false, "rows": rows.len(), "broken": e.to_string()}),
+    }))
+}
+
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"ok": true}))
 }
@@ -515,6 +534,22 @@ async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
         for (code, n) in d.iter() {
             out.push_str(&format!(
                 "gw_sidecar_decisions_total{{code=\"{code}\"}} {n}\n"
+            ));
+        }
+    }
+    out.push_str("# TYPE gw_sidecar_agent_total counter\n");
+    if let Ok(a) = st.agent_outcomes.lock() {
+        for ((module, outcome), n) in a.iter() {
+            out.push_str(&format!(
+                "gw_sidecar_agent_total{{module=\"{module}\",outcome=\"{outcome}\"}} {n}\n"
+            ));
+        }
+    }
+    if let Some(l) = st.auditor.ledger() {
+        if let Ok(l) = l.lock() {
+            out.push_str(&format!(
+                "# TYPE gw_sidecar_ledger_pending_rows gauge\ngw_sidecar_ledger_pending_rows {}\n",
+                l.pending()
             ));
         }
     }
@@ -530,6 +565,7 @@ pub fn router(st: Arc<AppState>, max_body: usize) -> Router {
         .route("/api/ledger/history", get(ledger_history))
         .route("/api/ledger/request/{request_id}", get(ledger_by_request))
         .route("/api/ledger/policy-frequency", get(ledger_policy_frequency))
+        .route("/api/ledger/verify", get(ledger_verify))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))

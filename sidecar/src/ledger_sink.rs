@@ -55,6 +55,29 @@ impl From<&LedgerRow> for DecisionRow {
     }
 }
 
+impl From<DecisionRow> for LedgerRow {
+    fn from(r: DecisionRow) -> Self {
+        LedgerRow {
+            seq: r.seq,
+            ts_ms: r.ts_ms,
+            stage: r.stage,
+            decision: r.decision,
+            code: r.code,
+            request_id: r.request_id,
+            issuer: r.issuer,
+            module: r.module,
+            action: r.action,
+            pubkey_id: r.pubkey_id,
+            sig_alg: r.sig_alg,
+            nonce: r.nonce,
+            args_json: r.args_json,
+            raw_hex: r.raw_hex,
+            prev_hash: r.prev_hash,
+            row_hash: r.row_hash,
+        }
+    }
+}
+
 /// Why the ledger cannot proceed.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {

@@ -121,6 +121,10 @@ fn signed_commands_apply_once_even_across_a_restart() {
         metrics.contains("gw_sidecar_decisions_total{code=\"accepted\"} 1"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("gw_sidecar_agent_total{module=\"mev\",outcome=\"applied\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -282,14 +282,16 @@ fn kafka_down_is_503_audited_and_changes_nothing() {
     let (status, _) = post(&s, kill);
     assert_eq!(status, 503, "still down, and not a 409");
 
-    let rows = ledger_rows(&ch, 4);
-    assert_eq!(verify_chain(&rows), Ok(4));
+    let rows = ledger_rows(&ch, 6);
+    assert_eq!(verify_chain(&rows), Ok(6));
     assert_eq!(
         summary(&rows),
         vec![
             row("sidecar", "accepted", "", "req-1"),
             row("agent", "applied", "", "req-1"),
+            row("sidecar", "accepted", "", "req-2"),
             row("sidecar", "rejected", "unavailable", "req-2"),
+            row("sidecar", "accepted", "", "req-2"),
             row("sidecar", "rejected", "unavailable", "req-2"),
         ]
     );

@@ -227,6 +227,11 @@ fn every_http_decision_lands_in_the_chained_ledger() {
     let policy = get("/api/ledger/policy-frequency");
     assert_eq!(policy.as_array().unwrap().len(), 1);
     assert_eq!(policy[0]["commands"], 1);
+    let verified = get("/api/ledger/verify");
+    assert_eq!(
+        (verified["ok"].clone(), verified["rows"].clone()),
+        (true.into(), 6.into())
+    );
     // gwctl walks the stored chain; tampering in ClickHouse is caught.
     let gwctl = |port: u16| {
         std::process::Command::new(testkit::gwctl_bin())
@@ -250,6 +255,15 @@ fn every_http_decision_lands_in_the_chained_ledger() {
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("row 2 was altered"),
         "{o:?}"
+    );
+    let verified = get("/api/ledger/verify");
+    assert_eq!(verified["ok"], false);
+    assert!(
+        verified["broken"]
+            .as_str()
+            .unwrap()
+            .contains("row 2 was altered"),
+        "{verified}"
     );
     ch.query("DELETE FROM control_decisions WHERE seq = 2");
     let o = gwctl(ch.http_port);

@@ -57,6 +57,7 @@ pub fn serve(cfg: Config) -> Served {
         running,
         http: reqwest::Client::builder()
             .http2_prior_knowledge()
+            .timeout(std::time::Duration::from_secs(60))
             .build()
             .unwrap(),
         rt,
