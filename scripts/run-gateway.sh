@@ -128,14 +128,16 @@ if (( smoke )); then
   modules=$(curl -sf --cacert "$run/certs/ca.pem" -H "authorization: Bearer $token" https://localhost:8443/api/modules)
   echo "$modules" | grep -q '"mev":{[^}]*"throttle_pct":40' || die "smoke: mev did not change: $modules"
   echo "$modules" | grep -q '"arbitrage":{[^}]*"throttle_pct":50' || die "smoke: arbitrage did not change: $modules"
-  # accepted (sidecar) + applied (agent) for each of the two commands; the replay
-  # is refused at the edge and never reaches the sidecar.
+  # For each of the two commands: edge accepted, sidecar accepted, agent applied;
+  # and the replay, refused at the edge and reported by the filter: 7 rows.
   for _ in $(seq 1 50); do
     n=$(( $(count) - n0 ))
-    (( n >= 4 )) && break
+    (( n >= 7 )) && break
     sleep 0.2
   done
-  (( n >= 4 )) || die "smoke: expected 4 new audited decisions in ClickHouse, found $n"
+  (( n >= 7 )) || die "smoke: expected 7 new audited decisions in ClickHouse, found $n"
+  edge=$(curl -sf "http://127.0.0.1:8123/?query=SELECT+count()+FROM+control_decisions+FINAL+WHERE+stage='edge'+AND+code='replay'" || echo 0)
+  (( edge >= 1 )) || die "smoke: the edge's replay rejection is not in the ledger"
   "$bin/gwctl" ledger verify --clickhouse http://127.0.0.1:8123 || die "smoke: the ledger chain does not verify"
   log "smoke: $n decisions audited in ClickHouse, chain verified"
   if (( kafka )); then

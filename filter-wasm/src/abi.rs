@@ -18,6 +18,8 @@ pub const BUFFER_HTTP_REQUEST_BODY: u32 = 0;
 pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 /// Map: request headers.
 const MAP_HTTP_REQUEST_HEADERS: u32 = 0;
+/// Map: headers of an `http_call` response.
+const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 /// Metric type counter.
 const METRIC_COUNTER: u32 = 0;
 
@@ -83,6 +85,7 @@ extern "C" {
         return_id: *mut u32,
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
 }
 
 fn check(s: u32) -> Result<(), Status> {
@@ -154,20 +157,31 @@ pub fn request_headers() -> Result<Vec<(String, String)>, Status> {
     header_map::parse(&bytes).ok_or(Status(3))
 }
 
+/// Asks the host to call the root context's `on_tick` every `ms` milliseconds.
+pub fn set_tick_period_ms(ms: u32) -> Result<(), Status> {
+    // SAFETY: plain value.
+    check(unsafe { proxy_set_tick_period_milliseconds(ms) })
+}
+
+/// The `:status` of the `http_call` response being delivered (0 when absent).
+pub fn http_call_response_status() -> u32 {
+    header_value(MAP_HTTP_CALL_RESPONSE_HEADERS, ":status")
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 /// One request header, if present.
 pub fn request_header(key: &str) -> Result<Option<String>, Status> {
+    header_value(MAP_HTTP_REQUEST_HEADERS, key)
+}
+
+fn header_value(map: u32, key: &str) -> Result<Option<String>, Status> {
     let mut p: *mut u8 = std::ptr::null_mut();
     let mut n: usize = 0;
     // SAFETY: valid out-pointers; ownership of the returned buffer is taken below.
-    match unsafe {
-        proxy_get_header_map_value(
-            MAP_HTTP_REQUEST_HEADERS,
-            key.as_ptr(),
-            key.len(),
-            &mut p,
-            &mut n,
-        )
-    } {
+    match unsafe { proxy_get_header_map_value(map, key.as_ptr(), key.len(), &mut p, &mut n) } {
         0 => String::from_utf8(unsafe { take(p, n) })
             .map(Some)
             .map_err(|_| Status(3)),

@@ -138,6 +138,9 @@ pub struct FilterConfig {
     /// Upstream header names.
     #[serde(default)]
     pub headers: HeaderNames,
+    /// Where rejected control requests are reported for the audit ledger (optional).
+    #[serde(default)]
+    pub report: Option<crate::report::ReportConfig>,
 }
 
 fn default_command_path() -> String {
@@ -249,6 +252,8 @@ pub struct Settings {
     pub headers: HeaderNames,
     /// Shared-data key prefix for the stamp hand-over.
     pub stamp_key_prefix: String,
+    /// Edge-decision reporting, when configured.
+    pub report: Option<crate::report::ReportConfig>,
 }
 
 fn invalid(s: impl Into<String>) -> ConfigError {
@@ -339,6 +344,9 @@ impl Settings {
                 "command_path and module_route_prefix must start with '/'",
             ));
         }
+        if let Some(r) = &c.report {
+            r.validate().map_err(invalid)?;
+        }
         let mut routes = c.routes;
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Ok(Settings {
@@ -358,6 +366,7 @@ impl Settings {
             replay_key_prefix: c.replay_key_prefix,
             headers: c.headers,
             stamp_key_prefix: c.stamp_key_prefix,
+            report: c.report,
         })
     }
 

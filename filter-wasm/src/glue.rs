@@ -15,6 +15,7 @@ use std::cell::RefCell;
 use crate::config::{Stage, StampConfig};
 use crate::edge::{Edge, HeadDecision, PendingCommand, RequestHead, UpstreamHeaders};
 use crate::replay_cas::{SharedStore, StoreError};
+use crate::report::{EdgeReport, ReportConfig, ReportQueue};
 use crate::stamp::{self, Ticket, Tickets, TICKET_HEADER};
 
 proxy_wasm::main! {{
@@ -73,7 +74,25 @@ struct Root {
     stamp: Option<Rc<StampConfig>>,
     tickets: Option<Rc<RefCell<Tickets>>>,
     metrics: Option<Rc<Metrics>>,
+    reports: Option<Reports>,
 }
+
+/// Edge-decision reporting (see `crate::report`): the queue the request contexts
+/// fill and the root context's tick drains.
+#[derive(Clone)]
+struct Reports {
+    config: Rc<ReportConfig>,
+    queue: Rc<RefCell<ReportQueue>>,
+    /// Reports per in-flight call token.
+    in_flight: Rc<RefCell<std::collections::BTreeMap<u32, usize>>>,
+    sent: Option<u32>,
+    failed: Option<u32>,
+    dropped: Option<u32>,
+    dropped_seen: Rc<std::cell::Cell<u64>>,
+}
+
+/// Most batches sent per tick.
+const BATCHES_PER_TICK: usize = 4;
 
 /// A random id for this VM's ticket slots.
 fn vm_id() -> u64 {
@@ -82,8 +101,6 @@ fn vm_id() -> u64 {
     h.write_u64(abi::now_nanos().unwrap_or(0));
     h.finish()
 }
-
-impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -118,6 +135,26 @@ impl RootContext for Root {
                     vm_id(),
                     &s.stamp_key_prefix,
                 ))));
+                if let Some(rc) = s.report.clone() {
+                    let period = u32::try_from(rc.period_ms).unwrap_or(u32::MAX);
+                    match abi::set_tick_period_ms(period) {
+                        Ok(()) => {
+                            let counter = |name: &str| abi::define_counter(name).ok();
+                            self.reports = Some(Reports {
+                                config: Rc::new(rc),
+                                queue: Rc::new(RefCell::new(ReportQueue::default())),
+                                in_flight: Rc::default(),
+                                sent: counter("gw_edge.report.sent"),
+                                failed: counter("gw_edge.report.failed"),
+                                dropped: counter("gw_edge.report.dropped"),
+                                dropped_seen: Rc::default(),
+                            });
+                        }
+                        Err(e) => error(&format!(
+                            "gw_edge: host has no ticks ({e:?}): edge decisions are not reported"
+                        )),
+                    }
+                }
                 self.edge = Some(Rc::new(Edge::new(*s)));
                 self.metrics = Some(Rc::new(Metrics::define()));
                 true
@@ -140,11 +177,99 @@ impl RootContext for Root {
             tickets: self.tickets.clone(),
             metrics: self.metrics.clone(),
             pending: None,
+            reports: self.reports.clone(),
+            control_path: None,
+            body: None,
         }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+
+    fn on_tick(&mut self) {
+        let Some(r) = self.reports.clone() else {
+            return;
+        };
+        for _ in 0..BATCHES_PER_TICK {
+            let Some((body, n)) = r.queue.borrow_mut().next_batch(r.config.max_batch) else {
+                break;
+            };
+            let headers = vec![
+                (":method", "POST"),
+                (":path", r.config.path.as_str()),
+                (":authority", r.config.authority.as_str()),
+                ("content-type", "application/json"),
+            ];
+            let timeout = std::time::Duration::from_millis(r.config.timeout_ms);
+            match self.dispatch_http_call(&r.config.cluster, headers, Some(&body), vec![], timeout)
+            {
+                Ok(token) => {
+                    r.in_flight.borrow_mut().insert(token, n);
+                }
+                Err(e) => {
+                    abi::log(
+                        Level::Warn,
+                        &format!("gw_edge: cannot report {n} edge decision(s): {e:?}"),
+                    );
+                    count(r.failed, n);
+                }
+            }
+        }
+        let dropped = r.queue.borrow().dropped;
+        let new = dropped.saturating_sub(r.dropped_seen.replace(dropped));
+        if new > 0 {
+            count(r.dropped, usize::try_from(new).unwrap_or(usize::MAX));
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        _body: usize,
+        _trailers: usize,
+    ) {
+        let Some(r) = &self.reports else { return };
+        let n = r.in_flight.borrow_mut().remove(&token).unwrap_or(0);
+        let status = abi::http_call_response_status();
+        if (200..300).contains(&status) {
+            count(r.sent, n);
+        } else {
+            abi::log(
+                Level::Warn,
+                &format!("gw_edge: the ledger refused {n} edge decision(s): status {status}"),
+            );
+            count(r.failed, n);
+        }
+    }
+}
+
+fn count(id: Option<u32>, n: usize) {
+    if let Some(id) = id {
+        let _ = abi::increment(id, i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+impl Http {
+    /// Queues a rejected control request for the ledger (when reporting is on).
+    fn report(&self, r: &Reject) {
+        let (Some(reports), Some(path)) = (&self.reports, &self.control_path) else {
+            return;
+        };
+        let report = EdgeReport {
+            decision: "rejected".into(),
+            code: r.code.as_str().into(),
+            path: path.clone(),
+            raw_hex: self.body.as_deref().map(hex::encode).unwrap_or_default(),
+            ts_ms: abi::now_nanos().map_or(0, |n| n / 1_000_000),
+        };
+        reports
+            .queue
+            .borrow_mut()
+            .push(report, reports.config.max_queued);
     }
 }
 
@@ -153,6 +278,11 @@ struct Http {
     tickets: Option<Rc<RefCell<Tickets>>>,
     metrics: Option<Rc<Metrics>>,
     pending: Option<(PendingCommand, Ticket)>,
+    reports: Option<Reports>,
+    /// The request path, when it is a control route (reported on rejection).
+    control_path: Option<String>,
+    /// The command body, once read (reported on rejection).
+    body: Option<Vec<u8>>,
 }
 
 /// Shared data through the host.
@@ -199,6 +329,7 @@ impl Http {
         if let Some(m) = &self.metrics {
             m.rejected(r.code);
         }
+        self.report(&r);
         local_reject(&r);
         Action::Pause
     }
@@ -255,6 +386,11 @@ impl HttpContext for Http {
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
                 .map(|(_, v)| v.as_str())
         };
+        let path = get(":path").unwrap_or("");
+        let s = &edge.settings;
+        if path.starts_with(&s.command_path) || path.starts_with(&s.module_route_prefix) {
+            self.control_path = Some(path.chars().take(256).collect());
+        }
         let head = RequestHead {
             method: get(":method").unwrap_or(""),
             path: get(":path").unwrap_or(""),
@@ -319,6 +455,7 @@ impl HttpContext for Http {
                 ))
             }
         };
+        self.body = Some(body.clone());
         match edge.on_request_body(&pending, &body, now_secs(), &HostStore) {
             Ok(h) => match stamp::put(&HostStore, &ticket, &h) {
                 Ok(()) => {

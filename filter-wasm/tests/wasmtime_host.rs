@@ -456,3 +456,78 @@ fn a_host_without_metrics_still_works() {
         Some("replay")
     );
 }
+
+#[test]
+fn rejected_control_requests_are_reported_in_bounded_batches_on_tick() {
+    let host = Host::new();
+    let mut cfg = testkit::fixtures::filter_config(2048);
+    cfg["report"] = serde_json::json!({"cluster": "sidecar", "period_ms": 100, "max_queued": 2});
+    let mut vm = host.vm(&cfg.to_string(), NOW).unwrap();
+    assert_eq!(vm.tick_ms(), 100);
+    let admin = bearer(&["admin"]);
+    let mut tampered = command(1, "dashboard");
+    let i = tampered.windows(4).position(|w| w == b"req-").unwrap();
+    tampered[i] = b'X';
+    let out = vm.request(&post("/api/control/commands", &admin), &tampered, 1);
+    assert_eq!(out.code().as_deref(), Some("bad_signature"));
+    // Not a control route: not reported.
+    let out = vm.request(&[(":method", "GET"), (":path", "/api/modules")], b"", 1);
+    assert_eq!(out.status(), 401);
+    // A header-phase rejection on a module route: reported without a body.
+    let viewer = bearer(&["viewer"]);
+    let out = vm.request(&post("/api/control/module/mev:stop", &viewer), b"{}", 1);
+    assert_eq!(out.code().as_deref(), Some("forbidden_role"));
+    // The queue holds two: a third rejection is dropped (counted at the next tick).
+    let out = vm.request(&post("/api/control/commands", "Bearer nope"), b"", 1);
+    assert_eq!(out.status(), 401);
+    assert!(vm.calls().is_empty(), "nothing is sent outside the tick");
+
+    vm.tick();
+    let calls = vm.calls();
+    assert_eq!(calls.len(), 1);
+    let call = &calls[0];
+    assert_eq!(call.upstream, "sidecar");
+    let h = |k: &str| {
+        call.headers
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(
+        (h(":method"), h(":path"), h("content-type")),
+        (
+            Some("POST"),
+            Some("/internal/edge-decisions"),
+            Some("application/json")
+        )
+    );
+    let reports: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(reports.as_array().unwrap().len(), 2);
+    assert_eq!(reports[0]["code"], "bad_signature");
+    assert_eq!(reports[0]["raw_hex"], hex::encode(&tampered));
+    assert_eq!(reports[0]["ts_ms"], NOW * 1000);
+    assert_eq!(
+        (
+            reports[1]["code"].as_str(),
+            reports[1]["path"].as_str(),
+            reports[1]["raw_hex"].as_str()
+        ),
+        (
+            Some("forbidden_role"),
+            Some("/api/control/module/mev:stop"),
+            Some("")
+        )
+    );
+    assert_eq!(vm.metric("gw_edge.report.dropped"), Some(1));
+    vm.respond(call.token, 200);
+    assert_eq!(vm.metric("gw_edge.report.sent"), Some(2));
+
+    // A refused batch is counted as failed (not retried).
+    vm.request(&post("/api/control/commands", &admin), &tampered, 1);
+    vm.tick();
+    let token = vm.calls()[1].token;
+    vm.respond(token, 503);
+    assert_eq!(vm.metric("gw_edge.report.failed"), Some(1));
+    vm.tick();
+    assert_eq!(vm.calls().len(), 2, "an empty queue sends nothing");
+}

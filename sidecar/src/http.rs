@@ -180,6 +180,29 @@ impl From<Reject> for ApiError {
     }
 }
 
+/// Whether Envoy's filter verified this request: `edge` (JWT and signed command) or
+/// `jwt` (JWT and role: the JSON route). The filter strips any client-sent `x-gw-*`
+/// header, so only the edge sets this.
+fn edge_verified(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-gw-verified")
+        .is_some_and(|v| matches!(v.as_bytes(), b"edge" | b"jwt"))
+}
+
+/// The edge's decision goes into the chain before the sidecar's own. `body` is what
+/// the edge saw (the signed command, or the JSON body of the original route).
+fn record_edge_accepted(st: &AppState, body: &[u8]) -> Result<(), Reject> {
+    st.auditor.record(
+        Decision {
+            stage: "edge",
+            decision: "accepted",
+            code: "",
+        },
+        body,
+        None,
+    )
+}
+
 /// Re-verifies, reserves the nonce, audits, publishes the exact bytes on the bus,
 /// records the nonce durably; then waits (bounded) for the module's agent to
 /// apply it. The one path every command takes. Nothing is applied here: the agent
@@ -188,8 +211,9 @@ async fn admit(
     st: &AppState,
     body: &[u8],
     route: Option<(Module, Action)>,
+    headers: &HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    match admit_inner(st, body, route).await {
+    match admit_inner(st, body, route, edge_verified(headers)).await {
         Ok(v) => {
             st.count("accepted");
             Ok(Json(v))
@@ -205,7 +229,11 @@ async fn admit_inner(
     st: &AppState,
     body: &[u8],
     route: Option<(Module, Action)>,
+    edge_verified: bool,
 ) -> Result<serde_json::Value, Reject> {
+    if edge_verified {
+        record_edge_accepted(st, body)?;
+    }
     let now = now_nanos() / 1_000_000_000;
     let v = st
         .policy
@@ -312,9 +340,78 @@ pub async fn flush_ledger(
 
 async fn post_command(
     State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    admit(&st, &body, None).await
+    admit(&st, &body, None, &headers).await
+}
+
+/// One edge rejection reported by the filter (`filter-wasm/src/report.rs`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EdgeReportIn {
+    decision: String,
+    code: String,
+    path: String,
+    raw_hex: String,
+    ts_ms: u64,
+}
+
+/// Most reports in one request.
+const MAX_EDGE_REPORTS: usize = 1024;
+
+/// `POST /internal/edge-decisions`: the filter's batch of edge rejections, each
+/// sealed into the ledger as a `stage = edge` row. Not routed by Envoy (the filter
+/// calls the sidecar cluster directly); like the JSON route, the sidecar trusts its
+/// loopback / mTLS peer. The whole batch is checked before any row is written.
+async fn edge_decisions(
+    State(st): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let reports: Vec<EdgeReportIn> = serde_json::from_slice(&body)
+        .map_err(|e| Reject::with(Code::Malformed, format!("edge reports: {e}")))?;
+    if reports.len() > MAX_EDGE_REPORTS {
+        return Err(Reject::with(
+            Code::TooLarge,
+            format!("{} reports; at most {MAX_EDGE_REPORTS}", reports.len()),
+        )
+        .into());
+    }
+    let mut checked = Vec::with_capacity(reports.len());
+    for r in &reports {
+        let code = Code::ALL
+            .iter()
+            .find(|c| c.as_str() == r.code)
+            .ok_or_else(|| {
+                Reject::with(
+                    Code::Malformed,
+                    format!("unknown code `{}`", r.code.escape_debug()),
+                )
+            })?;
+        if r.decision != "rejected" || r.path.len() > 256 || r.ts_ms == 0 {
+            return Err(Reject::new(
+                Code::Malformed,
+                "an edge report is `rejected`, with a path of at most 256 bytes and a time",
+            )
+            .into());
+        }
+        let raw = hex::decode(&r.raw_hex)
+            .map_err(|_| Reject::new(Code::Malformed, "raw_hex is not hex"))?;
+        checked.push((code.as_str(), raw));
+    }
+    for (code, raw) in &checked {
+        st.auditor.record(
+            Decision {
+                stage: "edge",
+                decision: "rejected",
+                code,
+            },
+            raw,
+            None,
+        )?;
+        st.count("edge_reported");
+    }
+    Ok(Json(json!({"ok": true, "recorded": checked.len()})))
 }
 
 /// The original API's JSON body.
@@ -355,7 +452,7 @@ async fn post_module(
     let route = parse_module_route(&format!("/api/control/module/{spec}"))
         .ok_or_else(|| Reject::new(Code::Malformed, "route names an unknown module or action"))?;
     if is_protobuf(&headers) {
-        return admit(&st, &body, Some(route)).await;
+        return admit(&st, &body, Some(route), &headers).await;
     }
     let req: ControlBody = if body.is_empty() {
         ControlBody::default()
@@ -380,6 +477,9 @@ async fn post_module(
             t.iter().map(f64::to_string).collect::<Vec<_>>().join(","),
         );
     }
+    if edge_verified(&headers) {
+        record_edge_accepted(&st, &body).map_err(ApiError)?;
+    }
     let Some((sk, key_id)) = &st.signer else {
         return Err(Reject::new(
             Code::Unavailable,
@@ -398,7 +498,13 @@ async fn post_module(
         nonce: st.next_nonce(),
         ..Default::default()
     };
-    admit(&st, &sign_command(&cmd, sk, key_id), Some(route)).await
+    admit(
+        &st,
+        &sign_command(&cmd, sk, key_id),
+        Some(route),
+        &HeaderMap::new(),
+    )
+    .await
 }
 
 async fn get_modules(State(st): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -568,6 +674,10 @@ pub fn router(st: Arc<AppState>, max_body: usize) -> Router {
         .route("/api/ledger/verify", get(ledger_verify))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route(
+            "/internal/edge-decisions",
+            post(edge_decisions).layer(axum::extract::DefaultBodyLimit::max(1 << 20)),
+        )
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(st)
 }

@@ -76,6 +76,22 @@ pub struct State {
     pub now_secs: u64,
     /// Answer "not supported" to define_metric, like hosts without metrics.
     pub no_metrics: bool,
+    /// `dispatch_http_call`s made, in order.
+    pub calls: Vec<HttpCall>,
+    /// Headers of the `http_call` response being delivered.
+    call_response: Vec<(String, String)>,
+    /// Tick period the filter asked for, milliseconds.
+    pub tick_ms: u32,
+}
+
+/// One `proxy_http_call`.
+#[derive(Debug, Clone)]
+pub struct HttpCall {
+    pub token: u32,
+    pub upstream: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout_ms: u32,
 }
 
 fn memory(caller: &mut Caller<'_, State>) -> Memory {
@@ -209,7 +225,47 @@ impl Host {
         l.func_wrap(
             "env",
             "proxy_set_tick_period_milliseconds",
-            |_: Caller<'_, State>, _ms: i32| -> i32 { OK },
+            |mut c: Caller<'_, State>, ms: i32| -> i32 {
+                c.data_mut().tick_ms = ms as u32;
+                OK
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_set_effective_context",
+            |_: Caller<'_, State>, _ctx: i32| -> i32 { OK },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_http_call",
+            |mut c: Caller<'_, State>,
+             up: i32,
+             ups: i32,
+             hp: i32,
+             hs: i32,
+             bp: i32,
+             bs: i32,
+             _tp: i32,
+             _ts: i32,
+             timeout_ms: i32,
+             ret: i32|
+             -> i32 {
+                let upstream = String::from_utf8_lossy(&read(&mut c, up, ups)).into_owned();
+                let headers = deserialize_map(&read(&mut c, hp, hs));
+                let body = read(&mut c, bp, bs);
+                let token = c.data().calls.len() as u32 + 1;
+                c.data_mut().calls.push(HttpCall {
+                    token,
+                    upstream,
+                    headers,
+                    body,
+                    timeout_ms: timeout_ms as u32,
+                });
+                write_u32(&mut c, ret, token);
+                OK
+            },
         )
         .unwrap();
         l.func_wrap(
@@ -248,16 +304,13 @@ impl Host {
             "env",
             "proxy_get_header_map_value",
             |mut c: Caller<'_, State>, kind: i32, kp: i32, ks: i32, pp: i32, sp: i32| -> i32 {
-                if kind != 0 {
-                    return NOT_FOUND;
-                }
                 let key = String::from_utf8_lossy(&read(&mut c, kp, ks)).to_ascii_lowercase();
-                let v = c
-                    .data()
-                    .headers
-                    .iter()
-                    .find(|(k, _)| *k == key)
-                    .map(|(_, v)| v.clone());
+                let map = match kind {
+                    0 => &c.data().headers,
+                    6 => &c.data().call_response,
+                    _ => return NOT_FOUND,
+                };
+                let v = map.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
                 match v {
                     Some(v) => {
                         give(&mut c, v.as_bytes(), pp, sp);
@@ -481,6 +534,9 @@ impl Host {
             metric_values: Vec::new(),
             now_secs,
             no_metrics,
+            calls: Vec::new(),
+            call_response: Vec::new(),
+            tick_ms: 0,
         };
         let mut store = Store::new(&self.engine, state);
         let instance = self
@@ -542,6 +598,40 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// The root context's tick.
+    pub fn tick(&mut self) {
+        let f = self
+            .instance
+            .get_typed_func::<i32, ()>(&mut self.store, "proxy_on_tick")
+            .expect("proxy_on_tick");
+        f.call(&mut self.store, 1).expect("on_tick");
+    }
+
+    /// `http_call`s made so far.
+    pub fn calls(&self) -> Vec<HttpCall> {
+        self.store.data().calls.clone()
+    }
+
+    /// Tick period the filter asked for.
+    pub fn tick_ms(&self) -> u32 {
+        self.store.data().tick_ms
+    }
+
+    /// Delivers the response to call `token` with `status`.
+    pub fn respond(&mut self, token: u32, status: u16) {
+        self.store.data_mut().call_response = vec![(":status".into(), status.to_string())];
+        let f = self
+            .instance
+            .get_typed_func::<(i32, i32, i32, i32, i32), ()>(
+                &mut self.store,
+                "proxy_on_http_call_response",
+            )
+            .expect("proxy_on_http_call_response");
+        f.call(&mut self.store, (1, token as i32, 1, 0, 0))
+            .expect("on_http_call_response");
+        self.store.data_mut().call_response.clear();
+    }
+
     pub fn set_now(&mut self, now: u64) {
         self.store.data_mut().now_secs = now;
     }

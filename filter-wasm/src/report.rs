@@ -1,0 +1,217 @@
+//! Edge decisions reported to the audit ledger.
+//!
+//! A rejection at the edge never reaches the sidecar, so the filter reports it: each
+//! rejected control request (the command endpoint and module routes) becomes a small
+//! JSON record in a bounded per-VM queue, and the root context's tick sends the queue
+//! as one `POST` (a JSON array) to the configured cluster with `dispatch_http_call`
+//! (ABI 0.2.1; no Envoy-only features). Bounded everywhere: queue length, records per
+//! batch, bytes per batch; what does not fit is counted as dropped, never buffered
+//! without limit. Delivery is at most once (a failed batch is counted, not retried):
+//! the edge is a first line; the sidecar's own rows are the authoritative record.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+/// `report` in the plugin configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReportConfig {
+    /// Upstream cluster (Envoy cluster name) of the sidecar.
+    pub cluster: String,
+    /// Path of the sidecar's endpoint.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// `:authority` of the report requests.
+    #[serde(default = "default_authority")]
+    pub authority: String,
+    /// Tick period: how often queued reports are sent, milliseconds.
+    #[serde(default = "default_period")]
+    pub period_ms: u64,
+    /// Reports kept while waiting (per worker VM).
+    #[serde(default = "default_queue")]
+    pub max_queued: usize,
+    /// Reports per request.
+    #[serde(default = "default_batch")]
+    pub max_batch: usize,
+    /// Timeout of one report request, milliseconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_path() -> String {
+    "/internal/edge-decisions".into()
+}
+fn default_authority() -> String {
+    "sidecar".into()
+}
+fn default_period() -> u64 {
+    200
+}
+fn default_queue() -> usize {
+    1024
+}
+fn default_batch() -> usize {
+    64
+}
+fn default_timeout() -> u64 {
+    2000
+}
+
+/// Bytes of one batch body at most (the sidecar accepts 1 MiB).
+pub const MAX_BATCH_BYTES: usize = 512 * 1024;
+
+impl ReportConfig {
+    /// Checks bounds.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cluster.is_empty() || !self.path.starts_with('/') {
+            return Err("report: cluster must be set and path must start with '/'".into());
+        }
+        if !(10..=60_000).contains(&self.period_ms) || !(100..=60_000).contains(&self.timeout_ms) {
+            return Err("report: period_ms must be 10..=60000 and timeout_ms 100..=60000".into());
+        }
+        if !(1..=65_536).contains(&self.max_queued) || !(1..=1024).contains(&self.max_batch) {
+            return Err("report: max_queued must be 1..=65536 and max_batch 1..=1024".into());
+        }
+        Ok(())
+    }
+}
+
+/// One edge decision as the sidecar receives it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EdgeReport {
+    /// `rejected` (accepted requests are recorded by the sidecar).
+    pub decision: String,
+    /// The rejection code.
+    pub code: String,
+    /// The request path.
+    pub path: String,
+    /// The command body as received, hex (empty when rejected before the body).
+    pub raw_hex: String,
+    /// Host time, unix milliseconds.
+    pub ts_ms: u64,
+}
+
+/// The bounded queue and its counters.
+#[derive(Debug, Default)]
+pub struct ReportQueue {
+    queue: VecDeque<EdgeReport>,
+    /// Reports that did not fit.
+    pub dropped: u64,
+}
+
+impl ReportQueue {
+    /// Queues `r`; `false` (and counted) when the queue is full.
+    pub fn push(&mut self, r: EdgeReport, max_queued: usize) -> bool {
+        if self.queue.len() >= max_queued {
+            self.dropped += 1;
+            return false;
+        }
+        self.queue.push_back(r);
+        true
+    }
+
+    /// Reports waiting.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// The next batch as a JSON array: at most `max_batch` reports and
+    /// [`MAX_BATCH_BYTES`] (a single report larger than that is dropped, counted).
+    pub fn next_batch(&mut self, max_batch: usize) -> Option<(Vec<u8>, usize)> {
+        let mut body = b"[".to_vec();
+        let mut n = 0;
+        while n < max_batch {
+            let Some(r) = self.queue.front() else { break };
+            let Ok(json) = serde_json::to_vec(r) else {
+                self.queue.pop_front();
+                self.dropped += 1;
+                continue;
+            };
+            if body.len() + json.len() + 2 > MAX_BATCH_BYTES {
+                if n == 0 {
+                    self.queue.pop_front();
+                    self.dropped += 1;
+                    continue;
+                }
+                break;
+            }
+            if n > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&json);
+            self.queue.pop_front();
+            n += 1;
+        }
+        body.push(b']');
+        (n > 0).then_some((body, n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(code: &str, raw: usize) -> EdgeReport {
+        EdgeReport {
+            decision: "rejected".into(),
+            code: code.into(),
+            path: "/api/control/commands".into(),
+            raw_hex: "ab".repeat(raw),
+            ts_ms: 1,
+        }
+    }
+
+    #[test]
+    fn bounded_queue_and_batches() {
+        let mut q = ReportQueue::default();
+        for i in 0..5 {
+            assert_eq!(q.push(r(&format!("c{i}"), 1), 3), i < 3);
+        }
+        assert_eq!((q.len(), q.dropped), (3, 2));
+        let (body, n) = q.next_batch(2).unwrap();
+        assert_eq!(n, 2);
+        let got: Vec<EdgeReport> = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            got.iter().map(|r| r.code.as_str()).collect::<Vec<_>>(),
+            ["c0", "c1"]
+        );
+        let (_, n) = q.next_batch(10).unwrap();
+        assert_eq!(n, 1);
+        assert!(q.next_batch(10).is_none() && q.is_empty());
+    }
+
+    #[test]
+    fn batches_stay_under_the_byte_bound() {
+        let mut q = ReportQueue::default();
+        for _ in 0..10 {
+            q.push(r("bad_signature", 100_000), 100);
+        }
+        q.push(r("huge", MAX_BATCH_BYTES), 100);
+        let mut sent = 0;
+        while let Some((body, n)) = q.next_batch(1024) {
+            assert!(body.len() <= MAX_BATCH_BYTES);
+            sent += n;
+        }
+        assert_eq!(
+            (sent, q.dropped),
+            (10, 1),
+            "the oversized report is dropped, counted"
+        );
+    }
+
+    #[test]
+    fn config_bounds() {
+        let c: ReportConfig = serde_json::from_str(r#"{"cluster": "sidecar"}"#).unwrap();
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.path, "/internal/edge-decisions");
+        let bad: ReportConfig =
+            serde_json::from_str(r#"{"cluster": "sidecar", "period_ms": 0}"#).unwrap();
+        assert!(bad.validate().is_err());
+    }
+}

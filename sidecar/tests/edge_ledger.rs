@@ -1,0 +1,277 @@
+//! End to end with every real component: `gwctl send` over HTTP/3 → Envoy with the
+//! gw_edge filter → the sidecar → module agent → ClickHouse ledger. Edge rejections
+//! never reach the sidecar, so the filter reports them (tick + http_call) and they are
+//! chained into the same ledger as `stage = edge` rows; `gwctl ledger verify` then
+//! walks the whole chain.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gw_core::ledger::{verify_chain, LedgerRow};
+use gw_core::Action;
+use serde_json::{json, Value};
+use testkit::clickhouse::ClickHouse;
+use testkit::envoy;
+use testkit::fixtures::{bearer, filter_config, signed_command};
+
+mod common;
+use common::now;
+
+fn gwctl_send(url: &str, file: &Path, token: &str, ca: &Path) -> (String, Option<i32>) {
+    let o = Command::new(testkit::gwctl_bin())
+        .args([
+            "send",
+            url,
+            file.to_str().unwrap(),
+            "--token",
+            token,
+            "--ca",
+        ])
+        .arg(ca)
+        .output()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        o.status.code(),
+    )
+}
+
+fn rows(ch: &ClickHouse, n: usize) -> Vec<LedgerRow> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows: Vec<LedgerRow> = if ch.query("EXISTS TABLE control_decisions").trim() == "1" {
+            ch.query("SELECT * FROM control_decisions FINAL ORDER BY seq FORMAT JSONEachRow")
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if rows.len() >= n || Instant::now() > deadline {
+            return rows;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() {
+    let d = testkit::TempDir::new("edge-ledger");
+    let dir = d.path();
+    let ch = ClickHouse::start(dir);
+    let mut cfg = common::config(&dir.join("state"), true);
+    cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
+    let s = common::serve(cfg);
+    let sidecar_port: u16 = s.base.rsplit(':').next().unwrap().parse().unwrap();
+
+    let certs = envoy::dev_certs(dir);
+    let (port, admin) = (testkit::free_port(), testkit::free_port());
+    let mut fc = filter_config(4096);
+    fc["report"] = json!({"cluster": "sidecar", "period_ms": 50});
+    let yaml = envoy::render(
+        dir,
+        "envoy.yaml",
+        &fc.to_string(),
+        &[
+            ("GW_PORT", port.to_string()),
+            ("GW_ADMIN_PORT", admin.to_string()),
+            ("GW_TLS_CERT", certs.cert.display().to_string()),
+            ("GW_TLS_KEY", certs.key.display().to_string()),
+            (
+                "GW_FILTER_WASM",
+                testkit::filter_wasm().display().to_string(),
+            ),
+            ("GW_SIDECAR_PORT", sidecar_port.to_string()),
+        ],
+        false,
+    );
+    let envoy_proc = envoy::start_envoy_ready(&yaml, admin, dir);
+    let t = now();
+    let admin_tok = bearer(&["admin"], t);
+    let admin_tok = admin_tok.trim_start_matches("Bearer ");
+    let viewer_tok = bearer(&["viewer"], t);
+    let viewer_tok = viewer_tok.trim_start_matches("Bearer ");
+    let url = format!("https://127.0.0.1:{port}/api/control/commands");
+
+    // Accepted over HTTP/3, applied by the mev agent.
+    let good = dir.join("good.bin");
+    std::fs::write(
+        &good,
+        signed_command(
+            1,
+            Action::Throttle,
+            t,
+            "dashboard",
+            &[("throttle_pct", "30")],
+        ),
+    )
+    .unwrap();
+    let (out, code) = gwctl_send(&url, &good, admin_tok, &certs.ca);
+    assert_eq!(code, Some(0), "{out}\n{}", envoy_proc.log());
+    assert!(
+        out.starts_with("HTTP/3 200") && out.contains("\"applied\":true"),
+        "{out}"
+    );
+    // Rejected at the edge: replay, tampered signature, a viewer sending a command.
+    let (out, _) = gwctl_send(&url, &good, admin_tok, &certs.ca);
+    assert!(out.starts_with("HTTP/3 409"), "{out}");
+    let mut tampered = signed_command(2, Action::Start, t, "dashboard", &[]);
+    let i = tampered.windows(4).position(|w| w == b"req-").unwrap();
+    tampered[i] = b'X';
+    let bad = dir.join("bad.bin");
+    std::fs::write(&bad, tampered).unwrap();
+    let (out, _) = gwctl_send(&url, &bad, admin_tok, &certs.ca);
+    assert!(
+        out.starts_with("HTTP/3 401") && out.contains("bad_signature"),
+        "{out}"
+    );
+    let third = dir.join("third.bin");
+    std::fs::write(&third, signed_command(3, Action::Kill, t, "dashboard", &[])).unwrap();
+    let (out, _) = gwctl_send(&url, &third, viewer_tok, &certs.ca);
+    assert!(
+        out.starts_with("HTTP/3 403") && out.contains("forbidden_role"),
+        "{out}"
+    );
+
+    // The original JSON route over HTTP/2 + TLS: the sidecar signs, the agent applies.
+    let client = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&certs.ca).unwrap()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let base = format!("https://localhost:{port}");
+    let (status, body): (u16, Value) = s.rt.block_on(async {
+        let r = client
+            .post(format!("{base}/api/control/module/arbitrage:start"))
+            .bearer_auth(admin_tok)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    });
+    assert_eq!(
+        (status, body["applied"].clone()),
+        (200, Value::Bool(true)),
+        "{body}"
+    );
+    let modules: Value = s.rt.block_on(async {
+        client
+            .get(format!("{base}/api/modules"))
+            .bearer_auth(admin_tok)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    assert_eq!(modules["mev"]["throttle_pct"], 30);
+    assert_eq!(modules["arbitrage"]["state"], "running");
+    assert_eq!(
+        modules["mev"]["state"], "stopped",
+        "the viewer's kill never applied"
+    );
+
+    // Every decision, edge ones included, in one verified chain.
+    let rows = rows(&ch, 9);
+    assert_eq!(verify_chain(&rows), Ok(9), "{rows:#?}");
+    let mut got: Vec<(String, String, String, String)> = rows
+        .iter()
+        .map(|r| {
+            let id = if r.request_id.starts_with("req-") || r.request_id.starts_with("Xeq-") {
+                r.request_id.clone()
+            } else if r.request_id.is_empty() {
+                String::new()
+            } else {
+                "<uuid>".into()
+            };
+            (r.stage.clone(), r.decision.clone(), r.code.clone(), id)
+        })
+        .collect();
+    got.sort();
+    let mut want: Vec<(String, String, String, String)> = [
+        ("agent", "applied", "", "<uuid>"),
+        ("agent", "applied", "", "req-1"),
+        ("edge", "accepted", "", ""),
+        ("edge", "accepted", "", "req-1"),
+        ("edge", "rejected", "bad_signature", "Xeq-2"),
+        ("edge", "rejected", "forbidden_role", ""),
+        ("edge", "rejected", "replay", "req-1"),
+        ("sidecar", "accepted", "", "<uuid>"),
+        ("sidecar", "accepted", "", "req-1"),
+    ]
+    .iter()
+    .map(|(a, b, c, d)| (a.to_string(), b.to_string(), c.to_string(), d.to_string()))
+    .collect();
+    want.sort();
+    assert_eq!(got, want);
+    // The edge replay row carries the raw command: it re-verifies offline.
+    let replay = rows.iter().find(|r| r.code == "replay").unwrap();
+    assert_eq!(
+        hex::decode(&replay.raw_hex).unwrap(),
+        std::fs::read(&good).unwrap()
+    );
+
+    let o = Command::new(testkit::gwctl_bin())
+        .args(["ledger", "verify", "--clickhouse"])
+        .arg(format!("http://127.0.0.1:{}", ch.http_port))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "ok 9 rows");
+    // Envoy counted the reports it delivered.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, stats) = envoy::admin_get(admin, "/stats?filter=gw_edge.report").unwrap();
+        if stats.contains("gw_edge.report.sent: 3") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stats}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn bad_edge_reports_are_refused_whole() {
+    let d = testkit::TempDir::new("edge-report-bad");
+    let ch = ClickHouse::start(d.path());
+    let mut cfg = common::config(&d.path().join("state"), false);
+    cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
+    let s = common::serve(cfg);
+    let post = |body: Value| -> (u16, Value) {
+        s.rt.block_on(async {
+            let r = s
+                .http
+                .post(format!("{}/internal/edge-decisions", s.base))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        })
+    };
+    let ok = json!({"decision": "rejected", "code": "stale", "path": "/api/control/commands", "raw_hex": "", "ts_ms": 1});
+    let unknown =
+        json!({"decision": "rejected", "code": "whatever", "path": "/", "raw_hex": "", "ts_ms": 1});
+    let (status, body) = post(json!([ok.clone(), unknown]));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("malformed")),
+        "{body}"
+    );
+    let (status, body) = post(
+        json!([ok.clone(), {"decision": "rejected", "code": "stale", "path": "/", "raw_hex": "zz", "ts_ms": 1}]),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = post(json!([ok]));
+    assert_eq!((status, body["recorded"].clone()), (200, json!(1)));
+    let rows = rows(&ch, 1);
+    assert_eq!(rows.len(), 1, "only the good batch was written");
+    assert_eq!(
+        (rows[0].stage.as_str(), rows[0].code.as_str()),
+        ("edge", "stale")
+    );
+}
