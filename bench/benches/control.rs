@@ -237,29 +237,12 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     let app = running.router();
     rt.spawn(async move { axum::serve(listener, app).await });
 
-    let certs = envoy::dev_certs(dir);
-    let (port, admin) = (testkit::free_port(), testkit::free_port());
     let mut fc = filter_config(65536);
     fc["replay_window"] = serde_json::json!(4096);
     fc["max_skew_secs"] = serde_json::json!(120);
-    let yaml = envoy::render(
-        dir,
-        "envoy.yaml",
-        &fc.to_string(),
-        &[
-            ("GW_PORT", port.to_string()),
-            ("GW_ADMIN_PORT", admin.to_string()),
-            ("GW_TLS_CERT", certs.cert.display().to_string()),
-            ("GW_TLS_KEY", certs.key.display().to_string()),
-            (
-                "GW_FILTER_WASM",
-                testkit::filter_wasm().display().to_string(),
-            ),
-            ("GW_SIDECAR_PORT", sidecar_port.to_string()),
-        ],
-        false,
-    );
-    let _envoy = envoy::start_envoy_ready(&yaml, admin, dir);
+    let gw = envoy::render_gateway(dir, &fc.to_string(), sidecar_port);
+    let (port, certs) = (gw.port, &gw.certs);
+    let _envoy = envoy::start_envoy_ready(&gw.config, gw.admin, dir);
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&certs.ca).expect("ca")).expect("pem");
     let tls = reqwest::Client::builder()
         .add_root_certificate(ca)

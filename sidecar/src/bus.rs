@@ -440,7 +440,8 @@ impl BusConsumer {
         }
     }
 
-    /// Commits `d` (and everything before it in its partition) for this group.
+    /// Commits `d` (and everything before it in its partition) for this group
+    /// (Kafka: sent asynchronously, never blocks).
     pub async fn commit(&self, d: &Delivery) -> Result<(), BusError> {
         match self {
             BusConsumer::InProcess { bus, group, .. } => {
@@ -454,10 +455,12 @@ impl BusConsumer {
                     d.position.partition,
                     Offset::Offset(d.position.offset + 1),
                 )?;
-                let c = Arc::clone(consumer);
-                tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync))
-                    .await
-                    .map_err(|e| BusError::Kafka(format!("commit task: {e}")))??;
+                // Asynchronous: a synchronous commit waits without limit for a
+                // broker that may be gone (and would hold a thread and shutdown
+                // with it). The agent already applied and persisted this delivery,
+                // so a commit lost to a crash only means a redelivery, which the
+                // agent drops by nonce.
+                consumer.commit(&tpl, CommitMode::Async)?;
                 Ok(())
             }
         }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use gw_core::ledger::{verify_chain, LedgerRow};
+use gw_core::ledger::verify_chain;
 use gw_core::Action;
 use serde_json::{json, Value};
 use testkit::clickhouse::ClickHouse;
@@ -37,25 +37,6 @@ fn gwctl_send(url: &str, file: &Path, token: &str, ca: &Path) -> (String, Option
     )
 }
 
-fn rows(ch: &ClickHouse, n: usize) -> Vec<LedgerRow> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let rows: Vec<LedgerRow> = if ch.query("EXISTS TABLE control_decisions").trim() == "1" {
-            ch.query("SELECT * FROM control_decisions FINAL ORDER BY seq FORMAT JSONEachRow")
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        if rows.len() >= n || Instant::now() > deadline {
-            return rows;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() {
     let d = testkit::TempDir::new("edge-ledger");
@@ -66,28 +47,11 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
     let s = common::serve(cfg);
     let sidecar_port: u16 = s.base.rsplit(':').next().unwrap().parse().unwrap();
 
-    let certs = envoy::dev_certs(dir);
-    let (port, admin) = (testkit::free_port(), testkit::free_port());
     let mut fc = filter_config(4096);
     fc["report"] = json!({"cluster": "sidecar", "period_ms": 50});
-    let yaml = envoy::render(
-        dir,
-        "envoy.yaml",
-        &fc.to_string(),
-        &[
-            ("GW_PORT", port.to_string()),
-            ("GW_ADMIN_PORT", admin.to_string()),
-            ("GW_TLS_CERT", certs.cert.display().to_string()),
-            ("GW_TLS_KEY", certs.key.display().to_string()),
-            (
-                "GW_FILTER_WASM",
-                testkit::filter_wasm().display().to_string(),
-            ),
-            ("GW_SIDECAR_PORT", sidecar_port.to_string()),
-        ],
-        false,
-    );
-    let envoy_proc = envoy::start_envoy_ready(&yaml, admin, dir);
+    let gw = envoy::render_gateway(dir, &fc.to_string(), sidecar_port);
+    let (port, admin, certs) = (gw.port, gw.admin, &gw.certs);
+    let envoy_proc = envoy::start_envoy_ready(&gw.config, admin, dir);
     let t = now();
     let admin_tok = bearer(&["admin"], t);
     let admin_tok = admin_tok.trim_start_matches("Bearer ");
@@ -177,7 +141,7 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
     );
 
     // Every decision, edge ones included, in one verified chain.
-    let rows = rows(&ch, 9);
+    let rows = common::wait_rows(&ch, 9);
     assert_eq!(verify_chain(&rows), Ok(9), "{rows:#?}");
     let mut got: Vec<(String, String, String, String)> = rows
         .iter()
@@ -268,7 +232,7 @@ fn bad_edge_reports_are_refused_whole() {
     assert_eq!(status, 400, "{body}");
     let (status, body) = post(json!([ok]));
     assert_eq!((status, body["recorded"].clone()), (200, json!(1)));
-    let rows = rows(&ch, 1);
+    let rows = common::wait_rows(&ch, 1);
     assert_eq!(rows.len(), 1, "only the good batch was written");
     assert_eq!(
         (rows[0].stage.as_str(), rows[0].code.as_str()),

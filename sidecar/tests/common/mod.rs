@@ -4,8 +4,10 @@
 
 use std::path::Path;
 
+use gw_core::ledger::LedgerRow;
 use gw_sidecar::app::Running;
 use gw_sidecar::config::Config;
+use testkit::clickhouse::ClickHouse;
 use testkit::fixtures::command_key;
 
 /// A sidecar listening on a free port; stops with its runtime.
@@ -70,4 +72,30 @@ pub fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
+}
+
+/// Every row of `control_decisions`, in `seq` order (none before the sidecar made
+/// the table).
+pub fn stored(ch: &ClickHouse) -> Vec<LedgerRow> {
+    if ch.query("EXISTS TABLE control_decisions").trim() != "1" {
+        return Vec::new();
+    }
+    ch.query("SELECT * FROM control_decisions FINAL ORDER BY seq FORMAT JSONEachRow")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The stored rows once there are at least `n` (the sidecar ships in the
+/// background), or whatever is there after 30 s.
+pub fn wait_rows(ch: &ClickHouse, n: usize) -> Vec<LedgerRow> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let rows = stored(ch);
+        if rows.len() >= n || std::time::Instant::now() > deadline {
+            return rows;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
