@@ -36,6 +36,11 @@ cargo build --release --locked -q --target wasm32-wasip1 -p gw-filter
 bin="$CARGO_TARGET_DIR/release"
 run="$GW_ROOT/.run"
 bash scripts/dev-keys.sh "$run"
+if [[ ! -e "$run/models/libmev_latest.so" || ! -e "$run/models/libarb_latest.so" ]]; then
+  command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake; }
+  log "building the tree models (LightGBM → tl2cgen → CMake) into $run/models"
+  "$GW_VENV/bin/python" scripts/build-models.py --out "$run/models" >/dev/null
+fi
 cp "$CARGO_TARGET_DIR/wasm32-wasip1/release/gw_filter.wasm" "$run/gw_filter.wasm"
 "$GW_VENV/bin/python" envoy/render.py --filter-config "$run/filter.json" \
   --set GW_TLS_CERT="$run/certs/server.pem" --set GW_TLS_KEY="$run/certs/server.key" \
@@ -58,7 +63,7 @@ if (( kafka )); then
   for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/9092) 2>/dev/null && break; sleep 0.1; done
   (echo > /dev/tcp/127.0.0.1/9092) 2>/dev/null || die "kafka (tansu) did not start; see $run/tansu.log"
 fi
-GW_KAFKA_BROKERS="$brokers" GW_CLICKHOUSE_URL=http://127.0.0.1:8123 CTRL_PUBKEY_ID=op-admin-1 CTRL_PUBKEY_HEX="$(cat "$run/keys/op-admin-1.pk.hex")" \
+GW_MODELS_DIR="$run/models" GW_KAFKA_BROKERS="$brokers" GW_CLICKHOUSE_URL=http://127.0.0.1:8123 CTRL_PUBKEY_ID=op-admin-1 CTRL_PUBKEY_HEX="$(cat "$run/keys/op-admin-1.pk.hex")" \
   CTRL_SIGN_SK_HEX="$(cat "$run/keys/op-admin-1.sk.hex")" GW_SIDECAR_LISTEN=127.0.0.1:8080 \
   "$bin/gw-sidecar" --config sidecar/config.example.json & pids+=($!)
 "$envoy_bin" -c "$run/envoy.yaml" --concurrency 2 --disable-hot-restart --log-level warn & pids+=($!)
@@ -105,6 +110,8 @@ JSON route (the sidecar signs):
   curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" \
       -H 'content-type: application/json' -d '{"throttle_pct": 50}' \
       https://localhost:8443/api/control/module/arbitrage:throttle
+Models:          curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" https://localhost:8443/api/models
+                 (rebuild: $GW_VENV/bin/python scripts/build-models.py --out $run/models; the sidecar swaps them in)
 Module state:    curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" https://localhost:8443/api/modules
 Bus:             ${brokers:-in-process (start with --kafka for Kafka)}
 Edge decisions:  curl -s http://127.0.0.1:9901/stats?filter=gw_edge
@@ -139,6 +146,12 @@ if (( smoke )); then
   edge=$(curl -sf "http://127.0.0.1:8123/?query=SELECT+count()+FROM+control_decisions+FINAL+WHERE+stage='edge'+AND+code='replay'" || echo 0)
   (( edge >= 1 )) || die "smoke: the edge's replay rejection is not in the ledger"
   "$bin/gwctl" ledger verify --clickhouse http://127.0.0.1:8123 || die "smoke: the ledger chain does not verify"
+  models=$(curl -sf --cacert "$run/certs/ca.pem" -H "authorization: Bearer $token" https://localhost:8443/api/models)
+  echo "$models" | grep -q '"name":"mev"' || die "smoke: no mev model serving: $models"
+  score=$(curl -sS --cacert "$run/certs/ca.pem" -H "authorization: Bearer $token" -H 'content-type: application/json' \
+    -d '{"rows": [[12, 10, 9, 0.3, 0.5, 2, 8, null]]}' https://localhost:8443/api/models/mev/predict)
+  echo "$score" | grep -q '"outputs":\[\[' || die "smoke: the mev model did not score: $score"
+  log "smoke: models serving through the C ABI: $score"
   log "smoke: $n decisions audited in ClickHouse, chain verified"
   if (( kafka )); then
     for _ in $(seq 1 100); do

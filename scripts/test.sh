@@ -17,6 +17,7 @@ log "building the edge filter (wasm32-wasip1)"
 cargo build --release --locked --target wasm32-wasip1 -p gw-filter
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
 command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
+command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake; }   # model builds (abi/)
 
 log "cargo test (target dir: $CARGO_TARGET_DIR)"
 out="$(mktemp)"

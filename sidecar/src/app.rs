@@ -74,6 +74,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         Some(k) => Bus::kafka(k).context("kafka client")?,
         None => Bus::in_process(),
     };
+    let models = cfg
+        .file
+        .models
+        .as_ref()
+        .map(|m| Arc::new(crate::models::ModelHost::new(&m.dir, m.n_features)));
+    if let Some(host) = &models {
+        for line in host.poll() {
+            eprintln!("gw-sidecar: {line}");
+        }
+    }
     let state = AppState::new(Parts {
         policy: policy.clone(),
         replay,
@@ -82,6 +92,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         auditor: auditor.clone(),
         bus: bus.clone(),
         apply_wait: Duration::from_millis(cfg.file.apply_wait_ms),
+        models: models.clone(),
     });
     let mut tasks = Vec::new();
     // The topic must exist before consumers can be assigned partitions; keep trying
@@ -112,6 +123,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
     if let Some(client) = ch {
         tasks.push(tokio::spawn(ship_ledger(state.clone(), client)));
+    }
+    if let (Some(host), Some(m)) = (models, &cfg.file.models) {
+        let period = Duration::from_millis(m.poll_ms.max(50));
+        tasks.push(tokio::spawn(host.watch(period)));
     }
     eprintln!("gw-sidecar: command bus: {}", bus.describe());
     Ok(Running {

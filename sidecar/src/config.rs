@@ -44,6 +44,30 @@ pub struct FileConfig {
     /// How long a command request waits for its module's agent to apply it.
     #[serde(default = "default_apply_wait")]
     pub apply_wait_ms: u64,
+    /// Tree models (`lib{mev,arb}_latest.so` in `dir`); none served without it.
+    #[serde(default)]
+    pub models: Option<ModelsConfig>,
+}
+
+/// `models` in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// Directory of the libraries and their `*_latest.so` links.
+    pub dir: PathBuf,
+    /// Features per row the host feeds (a library with another count is refused).
+    #[serde(default = "default_model_features")]
+    pub n_features: u32,
+    /// How often the links are checked, milliseconds.
+    #[serde(default = "default_model_poll")]
+    pub poll_ms: u64,
+}
+
+fn default_model_features() -> u32 {
+    8
+}
+fn default_model_poll() -> u64 {
+    500
 }
 
 fn default_listen() -> SocketAddr {
@@ -134,6 +158,18 @@ impl Config {
             match &mut file.kafka {
                 Some(k) => k.brokers = b,
                 None => file.kafka = Some(crate::bus::KafkaConfig::with_brokers(&b)),
+            }
+        }
+        if let Some(d) = env("GW_MODELS_DIR").filter(|d| !d.trim().is_empty()) {
+            match &mut file.models {
+                Some(m) => m.dir = PathBuf::from(d),
+                None => {
+                    file.models = Some(ModelsConfig {
+                        dir: PathBuf::from(d),
+                        n_features: default_model_features(),
+                        poll_ms: default_model_poll(),
+                    })
+                }
             }
         }
         if let Some(l) = env("GW_SIDECAR_LISTEN") {

@@ -53,6 +53,8 @@ pub struct AppState {
     pub apply_wait: Duration,
     /// Agent outcomes by (module, outcome), shared with the agents.
     pub agent_outcomes: crate::agent::Outcomes,
+    /// Tree models, when configured.
+    pub models: Option<Arc<crate::models::ModelHost>>,
     pending: Mutex<HashSet<(String, u64)>>,
     last_nonce: AtomicU64,
 }
@@ -73,6 +75,8 @@ pub struct Parts {
     pub bus: Bus,
     /// See [`AppState::apply_wait`].
     pub apply_wait: Duration,
+    /// Tree models, when configured.
+    pub models: Option<Arc<crate::models::ModelHost>>,
 }
 
 impl AppState {
@@ -91,6 +95,7 @@ impl AppState {
             acks,
             apply_wait: p.apply_wait,
             agent_outcomes: Default::default(),
+            models: p.models,
             pending: Mutex::new(HashSet::new()),
             last_nonce: AtomicU64::new(0),
         })
@@ -630,6 +635,88 @@ async fn ledger_verify(
     }))
 }
 
+fn model_host(st: &AppState) -> Result<&Arc<crate::models::ModelHost>, Reject> {
+    st.models
+        .as_ref()
+        .ok_or_else(|| Reject::new(Code::Unavailable, "no models configured (models.dir)"))
+}
+
+/// What serves each module (`GET /api/models`).
+async fn get_models(State(st): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let host = model_host(&st)?;
+    let view: serde_json::Map<String, serde_json::Value> = host
+        .view()
+        .into_iter()
+        .map(|(m, v)| (m.to_string(), json!(v)))
+        .collect();
+    Ok(Json(serde_json::Value::Object(view)))
+}
+
+/// `POST /api/models/{module}/predict` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PredictBody {
+    /// Rows of features; `null` is a missing value.
+    rows: Vec<Vec<Option<f32>>>,
+}
+
+/// Scores a batch with the module's serving model.
+async fn predict_models(
+    State(st): State<Arc<AppState>>,
+    Path(module): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let host = model_host(&st)?;
+    if host.slot(&module).is_none() {
+        return Err(Reject::with(
+            Code::Malformed,
+            format!("no model slot `{}` (mev, arbitrage)", module.escape_debug()),
+        )
+        .into());
+    }
+    let req: PredictBody = serde_json::from_slice(&body)
+        .map_err(|e| Reject::with(Code::Malformed, format!("predict body: {e}")))?;
+    let model = host.current(&module).ok_or_else(|| {
+        Reject::with(
+            Code::Unavailable,
+            format!("no model is serving `{module}` yet"),
+        )
+    })?;
+    let n = model.n_features as usize;
+    if req.rows.len() > crate::models::MAX_ROWS {
+        return Err(Reject::with(
+            Code::TooLarge,
+            format!(
+                "{} rows; at most {}",
+                req.rows.len(),
+                crate::models::MAX_ROWS
+            ),
+        )
+        .into());
+    }
+    let mut flat = Vec::with_capacity(req.rows.len() * n);
+    for (i, row) in req.rows.iter().enumerate() {
+        if row.len() != n {
+            return Err(Reject::with(
+                Code::BadArgs,
+                format!("row {i} has {} features; the model takes {n}", row.len()),
+            )
+            .into());
+        }
+        flat.extend(row.iter().map(|v| v.unwrap_or(f32::NAN)));
+    }
+    let m = model.clone();
+    let out = tokio::task::spawn_blocking(move || m.predict(&flat))
+        .await
+        .map_err(|e| Reject::with(Code::Unavailable, format!("predict task: {e}")))?
+        .map_err(|e| Reject::with(Code::Unavailable, format!("predict: {e}")))?;
+    let k = model.n_outputs as usize;
+    let outputs: Vec<&[f32]> = out.chunks(k).collect();
+    Ok(Json(json!({
+        "module": module, "model": model.name, "version": model.version, "outputs": outputs
+    })))
+}
+
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"ok": true}))
 }
@@ -648,6 +735,19 @@ async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
         for ((module, outcome), n) in a.iter() {
             out.push_str(&format!(
                 "gw_sidecar_agent_total{{module=\"{module}\",outcome=\"{outcome}\"}} {n}\n"
+            ));
+        }
+    }
+    if let Some(host) = &st.models {
+        out.push_str("# TYPE gw_sidecar_model_loads_total counter\n");
+        out.push_str("# TYPE gw_sidecar_model_rejected_total counter\n");
+        for slot in &host.slots {
+            out.push_str(&format!(
+                "gw_sidecar_model_loads_total{{module=\"{}\"}} {}\ngw_sidecar_model_rejected_total{{module=\"{}\"}} {}\n",
+                slot.module,
+                slot.loads.load(Ordering::Relaxed),
+                slot.module,
+                slot.rejected.load(Ordering::Relaxed)
             ));
         }
     }
@@ -674,6 +774,11 @@ pub fn router(st: Arc<AppState>, max_body: usize) -> Router {
         .route("/api/ledger/verify", get(ledger_verify))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/api/models", get(get_models))
+        .route(
+            "/api/models/{module}/predict",
+            post(predict_models).layer(axum::extract::DefaultBodyLimit::max(4 << 20)),
+        )
         .route(
             "/internal/edge-decisions",
             post(edge_decisions).layer(axum::extract::DefaultBodyLimit::max(1 << 20)),

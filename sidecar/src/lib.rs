@@ -2,7 +2,8 @@
 //! [`http`] admits commands (re-verification, the authoritative replay guard in
 //! [`replay_store`]) and publishes them on the [`bus`] (Kafka or in-process); one
 //! [`agent`] per module consumes, verifies again and applies to [`modules`]; every
-//! decision is sealed into the audit ledger ([`audit`], [`ledger_sink`]). [`app`]
+//! decision is sealed into the audit ledger ([`audit`], [`ledger_sink`]); [`models`]
+//! hosts hot-swappable tree models behind a versioned C ABI. [`app`]
 //! wires it together from a [`config`].
 
 pub mod agent;
@@ -14,6 +15,7 @@ pub mod durable;
 pub mod http;
 pub mod ledger_sink;
 pub mod migrations;
+pub mod models;
 pub mod modules;
 pub mod replay_store;
 

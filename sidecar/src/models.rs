@@ -1,0 +1,431 @@
+//! Hosting tree models behind the versioned C ABI (`abi/model_abi_v1.h`).
+//!
+//! [`Model::load`] opens a library with `libloading`, checks the ABI version, the
+//! table, the feature count, calls `init`, and runs a self-test before the model
+//! may serve. [`ModelHost`] watches `lib<name>_latest.so` links and swaps a new
+//! model in atomically (`arc-swap`); a library that fails any check is refused with
+//! a log line and a counter while the old model keeps serving. A library is
+//! unloaded only when the last `Arc<Model>` is dropped, i.e. never while a
+//! prediction is still running in it.
+
+use std::ffi::{c_char, CStr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use serde::Serialize;
+
+/// `MODEL_ABI_V1`.
+pub const ABI_V1: u32 = 1;
+/// The exported symbol.
+pub const EXPORT_SYMBOL: &[u8] = b"model_abi_v1_export\0";
+/// Rows per prediction call at most.
+pub const MAX_ROWS: usize = 65_536;
+const MAX_FEATURES: u32 = 4096;
+const MAX_OUTPUTS: u32 = 256;
+
+/// `struct model_abi_v1` (abi/model_abi_v1.h).
+#[repr(C)]
+struct AbiV1 {
+    abi_version: u32,
+    struct_size: u32,
+    name: *const c_char,
+    version: *const c_char,
+    n_features: u32,
+    n_outputs: u32,
+    init: Option<unsafe extern "C" fn() -> i32>,
+    predict: Option<unsafe extern "C" fn(*const f32, usize, *mut f32) -> i32>,
+    release: Option<unsafe extern "C" fn()>,
+}
+
+type PredictFn = unsafe extern "C" fn(*const f32, usize, *mut f32) -> i32;
+
+/// Why a library was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LoadError {
+    /// Not a loadable shared library (missing, corrupt, wrong architecture).
+    #[error("cannot open {0}: {1}")]
+    Open(String, String),
+    /// No `model_abi_v1_export`.
+    #[error("{0} does not export model_abi_v1_export: {1}")]
+    Symbol(String, String),
+    /// Wrong ABI version or a malformed table.
+    #[error("{0}: {1}")]
+    Abi(String, String),
+    /// Feature count differs from what the host feeds.
+    #[error("{path}: the model takes {got} features, the host feeds {want}")]
+    Features {
+        /// Library.
+        path: String,
+        /// What the library says.
+        got: u32,
+        /// What the host expects.
+        want: u32,
+    },
+    /// `init` or the self-test failed.
+    #[error("{0}: self-test failed: {1}")]
+    SelfTest(String, String),
+}
+
+/// Why a prediction failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PredictError {
+    /// Rows do not match the model's shape or are too many.
+    #[error("{0}")]
+    Shape(String),
+    /// The library returned an error status.
+    #[error("the model returned status {0}")]
+    Status(i32),
+    /// No model is loaded for this module.
+    #[error("no model is serving")]
+    NoModel,
+}
+
+/// A loaded, checked model. Cheap to share (`Arc`); unloaded on the last drop.
+pub struct Model {
+    /// Model name from the library.
+    pub name: String,
+    /// Version from the library (the build's git SHA).
+    pub version: String,
+    /// Features per row.
+    pub n_features: u32,
+    /// Outputs per row.
+    pub n_outputs: u32,
+    /// The library file (the link target, not the link).
+    pub path: PathBuf,
+    predict: PredictFn,
+    release: Option<unsafe extern "C" fn()>,
+    // Declared last: dropped after `release` ran in `Drop`.
+    _lib: libloading::Library,
+}
+
+// SAFETY: the ABI requires `predict` to be callable from many threads at once; the
+// table's strings were copied; the library handle is only dropped with the model.
+unsafe impl Send for Model {}
+unsafe impl Sync for Model {}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        if let Some(release) = self.release {
+            // SAFETY: the last reference is gone, so no predict is running.
+            unsafe { release() };
+        }
+    }
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Model({} {} from {})",
+            self.name,
+            self.version,
+            self.path.display()
+        )
+    }
+}
+
+fn c_string(p: *const c_char, what: &str) -> Result<String, String> {
+    if p.is_null() {
+        return Err(format!("{what} is null"));
+    }
+    // SAFETY: the ABI promises a NUL-terminated static string; length bounded below.
+    let s = unsafe { CStr::from_ptr(p) };
+    let s = s.to_str().map_err(|_| format!("{what} is not UTF-8"))?;
+    if s.is_empty() || s.len() > 128 {
+        return Err(format!("{what} must be 1..=128 bytes"));
+    }
+    Ok(s.to_owned())
+}
+
+impl Model {
+    /// Loads and checks `path` (a link is resolved to its target). `want_features`
+    /// is what the host will feed.
+    pub fn load(path: &Path, want_features: u32) -> Result<Model, LoadError> {
+        let real = std::fs::canonicalize(path)
+            .map_err(|e| LoadError::Open(path.display().to_string(), e.to_string()))?;
+        let shown = real.display().to_string();
+        // SAFETY: loading runs the library's initialisers; only libraries from the
+        // configured models directory are loaded (operators' own builds).
+        let lib = unsafe { libloading::Library::new(&real) }
+            .map_err(|e| LoadError::Open(shown.clone(), e.to_string()))?;
+        // SAFETY: the symbol's type is fixed by the ABI header.
+        let export: libloading::Symbol<'_, unsafe extern "C" fn() -> *const AbiV1> =
+            unsafe { lib.get(EXPORT_SYMBOL) }
+                .map_err(|e| LoadError::Symbol(shown.clone(), e.to_string()))?;
+        // SAFETY: calling the export is the ABI's entry point.
+        let table = unsafe { export() };
+        if table.is_null() {
+            return Err(LoadError::Abi(
+                shown,
+                "model_abi_v1_export returned null".into(),
+            ));
+        }
+        // SAFETY: non-null and static per the ABI; the version is checked before any
+        // field beyond it is trusted, the size before the rest is read.
+        let version_field = unsafe { std::ptr::addr_of!((*table).abi_version).read() };
+        if version_field != ABI_V1 {
+            return Err(LoadError::Abi(
+                shown,
+                format!("ABI version {version_field}, this host speaks {ABI_V1}"),
+            ));
+        }
+        let size = unsafe { std::ptr::addr_of!((*table).struct_size).read() };
+        if (size as usize) < std::mem::size_of::<AbiV1>() {
+            return Err(LoadError::Abi(
+                shown,
+                format!("table of {size} bytes is too small"),
+            ));
+        }
+        let t = unsafe { &*table };
+        let abi = |m: String| LoadError::Abi(shown.clone(), m);
+        let name = c_string(t.name, "name").map_err(abi)?;
+        let version = c_string(t.version, "version").map_err(abi)?;
+        let predict = t.predict.ok_or_else(|| abi("predict is null".into()))?;
+        if t.n_features == 0 || t.n_features > MAX_FEATURES {
+            return Err(abi(format!("n_features {} is out of range", t.n_features)));
+        }
+        if t.n_outputs == 0 || t.n_outputs > MAX_OUTPUTS {
+            return Err(abi(format!("n_outputs {} is out of range", t.n_outputs)));
+        }
+        if t.n_features != want_features {
+            return Err(LoadError::Features {
+                path: shown,
+                got: t.n_features,
+                want: want_features,
+            });
+        }
+        if let Some(init) = t.init {
+            // SAFETY: called once, before any predict, per the ABI.
+            let s = unsafe { init() };
+            if s != 0 {
+                return Err(LoadError::SelfTest(shown, format!("init returned {s}")));
+            }
+        }
+        let (n_features, n_outputs, release) = (t.n_features, t.n_outputs, t.release);
+        let model = Model {
+            name,
+            version,
+            n_features,
+            n_outputs,
+            path: real,
+            predict,
+            release,
+            _lib: lib,
+        };
+        model
+            .self_test()
+            .map_err(|e| LoadError::SelfTest(shown, e))?;
+        Ok(model)
+    }
+
+    /// Rows of zeros, of missing values and of ones must score, finitely.
+    fn self_test(&self) -> Result<(), String> {
+        let n = self.n_features as usize;
+        let mut rows = vec![0.0f32; n];
+        rows.extend(std::iter::repeat_n(f32::NAN, n));
+        rows.extend(std::iter::repeat_n(1.0f32, n));
+        let out = self.predict(&rows).map_err(|e| e.to_string())?;
+        if out.iter().all(|v| v.is_finite()) {
+            Ok(())
+        } else {
+            Err(format!("non-finite outputs {out:?}"))
+        }
+    }
+
+    /// Scores `rows` (row-major, `n_features` per row, NaN = missing).
+    pub fn predict(&self, rows: &[f32]) -> Result<Vec<f32>, PredictError> {
+        let n = self.n_features as usize;
+        if !rows.len().is_multiple_of(n) {
+            return Err(PredictError::Shape(format!(
+                "{} values are not whole rows of {n} features",
+                rows.len()
+            )));
+        }
+        let n_rows = rows.len() / n;
+        if n_rows > MAX_ROWS {
+            return Err(PredictError::Shape(format!(
+                "{n_rows} rows; at most {MAX_ROWS} per call"
+            )));
+        }
+        let mut out = vec![0.0f32; n_rows * self.n_outputs as usize];
+        // SAFETY: `rows` holds n_rows * n_features floats and `out` n_rows *
+        // n_outputs, as the ABI requires; predict is thread-safe per the ABI.
+        let s = unsafe { (self.predict)(rows.as_ptr(), n_rows, out.as_mut_ptr()) };
+        if s != 0 {
+            return Err(PredictError::Status(s));
+        }
+        Ok(out)
+    }
+}
+
+/// One module's slot.
+pub struct Slot {
+    /// Module name in the API (`mev`, `arbitrage`).
+    pub module: &'static str,
+    /// Library stem: `lib<stem>_latest.so`.
+    pub stem: &'static str,
+    current: ArcSwapOption<Model>,
+    /// Link target refused last (not retried until the link changes).
+    refused: Mutex<Option<(PathBuf, String)>>,
+    /// Models swapped in.
+    pub loads: AtomicU64,
+    /// Libraries refused.
+    pub rejected: AtomicU64,
+}
+
+/// Every module's model.
+pub struct ModelHost {
+    dir: PathBuf,
+    n_features: u32,
+    /// The slots (`mev` → libmev, `arbitrage` → libarb).
+    pub slots: Vec<Slot>,
+}
+
+/// What `GET /api/models` shows of a slot.
+#[derive(Debug, Serialize)]
+pub struct SlotView {
+    /// Serving model, if any.
+    pub serving: Option<ModelView>,
+    /// The last refused library and why.
+    pub refused: Option<(String, String)>,
+    /// Models swapped in since start.
+    pub loads: u64,
+    /// Libraries refused since start.
+    pub rejected: u64,
+}
+
+/// A serving model.
+#[derive(Debug, Serialize)]
+pub struct ModelView {
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Library file.
+    pub path: String,
+    /// Features per row.
+    pub n_features: u32,
+    /// Outputs per row.
+    pub n_outputs: u32,
+}
+
+impl ModelHost {
+    /// A host over `dir` feeding `n_features` per row; nothing loaded yet.
+    pub fn new(dir: &Path, n_features: u32) -> ModelHost {
+        let slot = |module, stem| Slot {
+            module,
+            stem,
+            current: ArcSwapOption::empty(),
+            refused: Mutex::new(None),
+            loads: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+        };
+        ModelHost {
+            dir: dir.to_path_buf(),
+            n_features,
+            slots: vec![slot("mev", "mev"), slot("arbitrage", "arb")],
+        }
+    }
+
+    /// The slot of `module`.
+    pub fn slot(&self, module: &str) -> Option<&Slot> {
+        self.slots.iter().find(|s| s.module == module)
+    }
+
+    /// The serving model of `module` (hold the `Arc` for the whole prediction).
+    pub fn current(&self, module: &str) -> Option<Arc<Model>> {
+        self.slot(module).and_then(|s| s.current.load_full())
+    }
+
+    /// Checks every `lib<stem>_latest.so` once: a changed link target is loaded and,
+    /// if it passes every check, swapped in. Returns the log lines of what happened.
+    pub fn poll(&self) -> Vec<String> {
+        let mut log = Vec::new();
+        for s in &self.slots {
+            let link = self.dir.join(format!("lib{}_latest.so", s.stem));
+            let Ok(target) = std::fs::canonicalize(&link) else {
+                continue; // no link yet: nothing to serve
+            };
+            if s.current.load().as_ref().is_some_and(|m| m.path == target) {
+                continue;
+            }
+            let mut refused = s.refused.lock().unwrap_or_else(|p| p.into_inner());
+            if refused.as_ref().is_some_and(|(p, _)| *p == target) {
+                continue;
+            }
+            match Model::load(&target, self.n_features) {
+                Ok(m) => {
+                    log.push(format!(
+                        "model {}: serving {} {} from {}",
+                        s.module,
+                        m.name,
+                        m.version,
+                        target.display()
+                    ));
+                    s.current.store(Some(Arc::new(m)));
+                    s.loads.fetch_add(1, Ordering::Relaxed);
+                    *refused = None;
+                }
+                Err(e) => {
+                    let kept = s
+                        .current
+                        .load()
+                        .as_ref()
+                        .map_or("nothing".to_string(), |m| m.version.clone());
+                    log.push(format!(
+                        "model {}: refused ({e}); still serving {kept}",
+                        s.module
+                    ));
+                    s.rejected.fetch_add(1, Ordering::Relaxed);
+                    *refused = Some((target, e.to_string()));
+                }
+            }
+        }
+        log
+    }
+
+    /// What serves each module.
+    pub fn view(&self) -> Vec<(&'static str, SlotView)> {
+        self.slots
+            .iter()
+            .map(|s| {
+                let serving = s.current.load().as_ref().map(|m| ModelView {
+                    name: m.name.clone(),
+                    version: m.version.clone(),
+                    path: m.path.display().to_string(),
+                    n_features: m.n_features,
+                    n_outputs: m.n_outputs,
+                });
+                let refused = s.refused.lock().ok().and_then(|r| {
+                    r.as_ref()
+                        .map(|(p, e)| (p.display().to_string(), e.clone()))
+                });
+                (
+                    s.module,
+                    SlotView {
+                        serving,
+                        refused,
+                        loads: s.loads.load(Ordering::Relaxed),
+                        rejected: s.rejected.load(Ordering::Relaxed),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Polls every `period` forever, logging changes (run as a task).
+    pub async fn watch(self: Arc<Self>, period: Duration) {
+        loop {
+            let host = self.clone();
+            if let Ok(lines) = tokio::task::spawn_blocking(move || host.poll()).await {
+                for l in lines {
+                    eprintln!("gw-sidecar: {l}");
+                }
+            }
+            tokio::time::sleep(period).await;
+        }
+    }
+}
