@@ -4,6 +4,7 @@
 #   bash bench/run.sh verify     command verification: ours vs raw ed25519, wasmtime vs native
 #   bash bench/run.sh edge       Envoy: no auth vs jwt_authn vs gw_edge (JWT, signed command)
 #   bash bench/run.sh control    ledger rows/s vs raw INSERT RowBinary; commands/s end to end
+#   bash bench/run.sh models     predict through the model ABI host vs tl2cgen statically linked
 set -euo pipefail
 source "$(dirname "$0")/../scripts/lib.sh"
 cd "$GW_ROOT"
@@ -31,4 +32,14 @@ if [[ "$which" == all || "$which" == control ]]; then
   cargo build -q --release --locked --target wasm32-wasip1 -p gw-filter
   log "bench: control"
   cargo bench -q -p gw-bench --bench control
+fi
+if [[ "$which" == all || "$which" == models ]]; then
+  bash scripts/setup-venv.sh
+  command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake; }
+  out="$GW_CACHE/bench-models"
+  rm -rf "$out"
+  "$GW_VENV/bin/python" scripts/build-models.py --out "$out" --models mev --git-sha bench \
+    --keep-work "$out/work" >/dev/null
+  log "bench: models"
+  GW_MODEL_C_DIR="$out/work/mev-c" GW_BENCH_MODELS="$out" cargo bench -q -p gw-bench --bench models
 fi

@@ -93,6 +93,8 @@ def main():
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--fault", type=int, default=0, help="tests only: MODEL_TEST_FAULT")
     ap.add_argument("--models", default="mev,arb")
+    ap.add_argument("--keep-work", default=None,
+                    help="copy the LightGBM model files and the tl2cgen C here (benchmarks)")
     a = ap.parse_args()
     sha = a.git_sha or subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"],
                                       capture_output=True, text=True).stdout.strip() or "dev"
@@ -107,6 +109,11 @@ def main():
                 json.dump(check, f)
             print(f"{kind}: rmse {check['rmse']:.3f} (predicting the mean: {check['rmse_predict_mean']:.3f})",
                   file=sys.stderr)
+        if a.keep_work:
+            os.makedirs(a.keep_work, exist_ok=True)
+            for kind in kinds:
+                shutil.copytree(gens[kind], os.path.join(a.keep_work, f"{kind}-c"), dirs_exist_ok=True)
+                shutil.copy(os.path.join(work, f"{kind}.txt"), a.keep_work)
         build = os.path.join(work, "build")
         cfg = ["cmake", "-S", os.path.join(ROOT, "abi"), "-B", build, f"-DGIT_SHA={sha}",
                f"-DMODEL_TEST_FAULT={a.fault}"]

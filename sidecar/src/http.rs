@@ -717,6 +717,45 @@ async fn predict_models(
     })))
 }
 
+/// `POST /api/modules/{module}/evaluate`: scores opportunities with the module's
+/// model and says, per row, whether the module may send it now (state, throttle,
+/// `ev_min` from POLICY commands).
+async fn evaluate(
+    State(st): State<Arc<AppState>>,
+    Path(module): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let m = Module::parse(&module).ok_or_else(|| {
+        Reject::with(
+            Code::Malformed,
+            format!("unknown module `{}`", module.escape_debug()),
+        )
+    })?;
+    let Json(scored) = predict_models(State(st.clone()), Path(m.as_str().to_owned()), body).await?;
+    let state = st
+        .modules
+        .lock()
+        .map_err(|_| Reject::new(Code::Unavailable, "module state lock poisoned"))?
+        .get(m)
+        .clone();
+    let decisions: Vec<serde_json::Value> = scored["outputs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|o| {
+            let ev = o[0].as_f64().map_or(f32::NAN, |v| v as f32);
+            match state.gate(ev) {
+                Ok(()) => json!({"ev": ev, "send": true}),
+                Err(why) => json!({"ev": ev, "send": false, "reason": why}),
+            }
+        })
+        .collect();
+    Ok(Json(json!({
+        "module": m.as_str(), "version": scored["version"], "ev_min": state.ev_min,
+        "state": state.state, "decisions": decisions
+    })))
+}
+
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"ok": true}))
 }
@@ -775,6 +814,10 @@ pub fn router(st: Arc<AppState>, max_body: usize) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/models", get(get_models))
+        .route(
+            "/api/modules/{module}/evaluate",
+            post(evaluate).layer(axum::extract::DefaultBodyLimit::max(4 << 20)),
+        )
         .route(
             "/api/models/{module}/predict",
             post(predict_models).layer(axum::extract::DefaultBodyLimit::max(4 << 20)),

@@ -58,6 +58,27 @@ impl ModuleState {
         self.state == RunState::Running && self.throttle_pct > 0
     }
 
+    /// Whether an opportunity scored `ev` by the module's model may be sent now:
+    /// `Err` names why not (killed, stopped, throttled to 0 %, below `ev_min`, or a
+    /// score that is not a number).
+    pub fn gate(&self, ev: f32) -> Result<(), &'static str> {
+        match self.state {
+            RunState::Killed => return Err("killed"),
+            RunState::Stopped => return Err("stopped"),
+            RunState::Running => {}
+        }
+        if self.throttle_pct == 0 {
+            return Err("throttled to 0%");
+        }
+        if !ev.is_finite() {
+            return Err("score is not a number");
+        }
+        match self.ev_min {
+            Some(min) if f64::from(ev) < min => Err("below ev_min"),
+            _ => Ok(()),
+        }
+    }
+
     /// Applies a verified command.
     pub fn apply(&mut self, action: Action, args: &CommandArgs, request_id: &str) {
         match action {
@@ -183,6 +204,29 @@ mod tests {
         );
         assert_eq!(m.last_request_id.as_deref(), Some("r4"));
         assert_eq!(m.applied, 4);
+    }
+
+    #[test]
+    fn the_model_score_gates_sends_by_state_and_ev_min() {
+        let mut s = Modules::new();
+        assert_eq!(s.get(Module::Mev).gate(5.0), Err("stopped"));
+        s.apply(Module::Mev, Action::Start, &CommandArgs::default(), "a");
+        assert_eq!(
+            s.get(Module::Mev).gate(-5.0),
+            Ok(()),
+            "no ev_min: every score"
+        );
+        s.apply(
+            Module::Mev,
+            Action::Policy,
+            &args(&[("ev_min", "2.5")], Action::Policy),
+            "b",
+        );
+        let m = s.get(Module::Mev);
+        assert_eq!((m.gate(2.5), m.gate(2.4)), (Ok(()), Err("below ev_min")));
+        assert_eq!(m.gate(f32::NAN), Err("score is not a number"));
+        s.apply(Module::Mev, Action::Kill, &CommandArgs::default(), "c");
+        assert_eq!(s.get(Module::Mev).gate(100.0), Err("killed"));
     }
 
     #[test]

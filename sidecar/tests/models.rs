@@ -86,7 +86,7 @@ fn predictions_equal_the_training_librarys_and_are_served_over_http() {
 
     // Over the sidecar's HTTP API.
     let d = testkit::TempDir::new("models-http");
-    let mut cfg = common::config(d.path(), false);
+    let mut cfg = common::config(d.path(), true);
     cfg.file.models = Some(gw_sidecar::config::ModelsConfig {
         dir: dir.to_path_buf(),
         n_features: 8,
@@ -141,6 +141,45 @@ fn predictions_equal_the_training_librarys_and_are_served_over_http() {
         (400, Some("bad_args")),
         "{body}"
     );
+
+    // The score gates sends: state from control commands, ev_min from POLICY.
+    let post = |path: &str, body: Value| -> Value {
+        s.rt.block_on(async {
+            s.http
+                .post(format!("{}{path}", s.base))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        })
+    };
+    let two = json!({"rows": [first[..8], first[8..]]});
+    let stopped = post("/api/modules/mev/evaluate", two.clone());
+    assert_eq!(stopped["decisions"][0]["reason"], "stopped", "{stopped}");
+    assert_eq!(
+        post("/api/control/module/mev:start", json!({}))["applied"],
+        true
+    );
+    let (lo, hi) = (want[0].min(want[1]), want[0].max(want[1]));
+    let ev_min = (lo + hi) / 2.0;
+    let applied = post("/api/control/module/mev:policy", json!({"ev_min": ev_min}));
+    assert_eq!(applied["applied"], true, "{applied}");
+    let gated = post("/api/modules/mev/evaluate", two);
+    let sends: Vec<bool> = gated["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["send"].as_bool().unwrap())
+        .collect();
+    assert_eq!(sends, vec![want[0] >= ev_min, want[1] >= ev_min], "{gated}");
+    assert!(gated["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["reason"] == "below ev_min"));
 }
 
 fn activate(dir: &Path, stem: &str, lib: &str) {
