@@ -49,16 +49,7 @@ fn post(s: &common::Served, body: Vec<u8>) -> (u16, Value) {
 }
 
 fn modules(s: &common::Served) -> Value {
-    s.rt.block_on(async {
-        s.http
-            .get(format!("{}/api/modules", s.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    })
+    s.get_json("/api/modules")
 }
 
 fn arbitrage_command(nonce: u64, action: Action) -> Vec<u8> {

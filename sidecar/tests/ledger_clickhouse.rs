@@ -184,18 +184,7 @@ fn every_http_decision_lands_in_the_chained_ledger() {
         ]
     );
     // The audit queries, served by the sidecar.
-    let base = served.base.clone();
-    let get = |path: &str| -> serde_json::Value {
-        rt.block_on(async {
-            http.get(format!("{base}{path}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap()
-        })
-    };
+    let get = |path: &str| served.get_json(path);
     let by_id = get("/api/ledger/request/req-11");
     let decisions: Vec<&str> = by_id
         .as_array()

@@ -98,44 +98,20 @@ fn predictions_equal_the_training_librarys_and_are_served_over_http() {
         .iter()
         .map(|v| if v.is_nan() { Value::Null } else { json!(v) })
         .collect();
-    let (status, body): (u16, Value) = s.rt.block_on(async {
-        let r = s
-            .http
-            .post(format!("{}/api/models/mev/predict", s.base))
-            .json(&json!({"rows": [first[..8], first[8..]]}))
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap())
-    });
+    let (status, body) = s.post_json(
+        "/api/models/mev/predict",
+        &json!({"rows": [first[..8], first[8..]]}),
+    );
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["version"], "t1");
     for (i, w) in want[..2].iter().enumerate() {
         let g = body["outputs"][i][0].as_f64().unwrap();
         assert!((g - w).abs() <= 1e-5, "{g} vs {w}");
     }
-    let models: Value = s.rt.block_on(async {
-        s.http
-            .get(format!("{}/api/models", s.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    });
+    let models = s.get_json("/api/models");
     assert_eq!(models["mev"]["serving"]["version"], "t1", "{models}");
     assert_eq!(models["arbitrage"]["serving"]["name"], "arb", "{models}");
-    let (status, body): (u16, Value) = s.rt.block_on(async {
-        let r = s
-            .http
-            .post(format!("{}/api/models/mev/predict", s.base))
-            .json(&json!({"rows": [[1.0, 2.0]]}))
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap())
-    });
+    let (status, body) = s.post_json("/api/models/mev/predict", &json!({"rows": [[1.0, 2.0]]}));
     assert_eq!(
         (status, body["error"].as_str()),
         (400, Some("bad_args")),
@@ -143,19 +119,7 @@ fn predictions_equal_the_training_librarys_and_are_served_over_http() {
     );
 
     // The score gates sends: state from control commands, ev_min from POLICY.
-    let post = |path: &str, body: Value| -> Value {
-        s.rt.block_on(async {
-            s.http
-                .post(format!("{}{path}", s.base))
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap()
-        })
-    };
+    let post = |path: &str, body: Value| -> Value { s.post_json(path, &body).1 };
     let two = json!({"rows": [first[..8], first[8..]]});
     let stopped = post("/api/modules/mev/evaluate", two.clone());
     assert_eq!(stopped["decisions"][0]["reason"], "stopped", "{stopped}");

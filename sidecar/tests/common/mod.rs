@@ -40,6 +40,37 @@ pub fn config(state_dir: &Path, with_signer: bool) -> Config {
     cfg
 }
 
+impl Served {
+    /// `GET path` → JSON (panics on a transport error or a non-JSON answer).
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        self.rt.block_on(async {
+            self.http
+                .get(format!("{}{path}", self.base))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        })
+    }
+
+    /// `POST path` with a JSON body → status and JSON (`null` when not JSON).
+    pub fn post_json(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        self.rt.block_on(async {
+            let r = self
+                .http
+                .post(format!("{}{path}", self.base))
+                .json(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json().await.unwrap_or(serde_json::Value::Null))
+        })
+    }
+}
+
 /// Starts `cfg` and serves it.
 pub fn serve(cfg: Config) -> Served {
     let rt = tokio::runtime::Builder::new_multi_thread()
