@@ -12,6 +12,7 @@ pub mod audit;
 pub mod bus;
 pub mod config;
 pub mod durable;
+pub mod hedge;
 pub mod http;
 pub mod ledger_sink;
 pub mod migrations;
