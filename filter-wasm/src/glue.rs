@@ -88,7 +88,6 @@ struct Reports {
     sent: Option<u32>,
     failed: Option<u32>,
     dropped: Option<u32>,
-    dropped_seen: Rc<std::cell::Cell<u64>>,
 }
 
 /// Most batches sent per tick.
@@ -147,7 +146,6 @@ impl RootContext for Root {
                                 sent: counter("gw_edge.report.sent"),
                                 failed: counter("gw_edge.report.failed"),
                                 dropped: counter("gw_edge.report.dropped"),
-                                dropped_seen: Rc::default(),
                             });
                         }
                         Err(e) => error(&format!(
@@ -216,8 +214,7 @@ impl RootContext for Root {
                 }
             }
         }
-        let dropped = r.queue.borrow().dropped;
-        let new = dropped.saturating_sub(r.dropped_seen.replace(dropped));
+        let new = r.queue.borrow_mut().take_dropped();
         if new > 0 {
             count(r.dropped, usize::try_from(new).unwrap_or(usize::MAX));
         }
