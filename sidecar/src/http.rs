@@ -666,17 +666,30 @@ async fn predict_models(
     Path(module): Path<String>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let host = model_host(&st)?;
-    if host.slot(&module).is_none() {
+    let (model, out) = score(&st, &module, &body).await?;
+    let outputs: Vec<&[f32]> = out.chunks(model.n_outputs as usize).collect();
+    Ok(Json(json!({
+        "module": module, "model": model.name, "version": model.version, "outputs": outputs
+    })))
+}
+
+/// Parses a `{"rows": …}` body and scores it with the model serving `module`:
+/// the model (held for the call) and its outputs, `n_outputs` per row.
+async fn score(
+    st: &AppState,
+    module: &str,
+    body: &[u8],
+) -> Result<(Arc<crate::models::Model>, Vec<f32>), Reject> {
+    let host = model_host(st)?;
+    if host.slot(module).is_none() {
         return Err(Reject::with(
             Code::Malformed,
             format!("no model slot `{}` (mev, arbitrage)", module.escape_debug()),
-        )
-        .into());
+        ));
     }
-    let req: PredictBody = serde_json::from_slice(&body)
+    let req: PredictBody = serde_json::from_slice(body)
         .map_err(|e| Reject::with(Code::Malformed, format!("predict body: {e}")))?;
-    let model = host.current(&module).ok_or_else(|| {
+    let model = host.current(module).ok_or_else(|| {
         Reject::with(
             Code::Unavailable,
             format!("no model is serving `{module}` yet"),
@@ -691,8 +704,7 @@ async fn predict_models(
                 req.rows.len(),
                 crate::models::MAX_ROWS
             ),
-        )
-        .into());
+        ));
     }
     let mut flat = Vec::with_capacity(req.rows.len() * n);
     for (i, row) in req.rows.iter().enumerate() {
@@ -700,8 +712,7 @@ async fn predict_models(
             return Err(Reject::with(
                 Code::BadArgs,
                 format!("row {i} has {} features; the model takes {n}", row.len()),
-            )
-            .into());
+            ));
         }
         flat.extend(row.iter().map(|v| v.unwrap_or(f32::NAN)));
     }
@@ -710,11 +721,7 @@ async fn predict_models(
         .await
         .map_err(|e| Reject::with(Code::Unavailable, format!("predict task: {e}")))?
         .map_err(|e| Reject::with(Code::Unavailable, format!("predict: {e}")))?;
-    let k = model.n_outputs as usize;
-    let outputs: Vec<&[f32]> = out.chunks(k).collect();
-    Ok(Json(json!({
-        "module": module, "model": model.name, "version": model.version, "outputs": outputs
-    })))
+    Ok((model, out))
 }
 
 /// `POST /api/modules/{module}/evaluate`: scores opportunities with the module's
@@ -731,19 +738,18 @@ async fn evaluate(
             format!("unknown module `{}`", module.escape_debug()),
         )
     })?;
-    let Json(scored) = predict_models(State(st.clone()), Path(m.as_str().to_owned()), body).await?;
+    let (model, out) = score(&st, m.as_str(), &body).await?;
     let state = st
         .modules
         .lock()
         .map_err(|_| Reject::new(Code::Unavailable, "module state lock poisoned"))?
         .get(m)
         .clone();
-    let decisions: Vec<serde_json::Value> = scored["outputs"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    // The EV is each row's first output.
+    let decisions: Vec<serde_json::Value> = out
+        .chunks(model.n_outputs as usize)
         .map(|o| {
-            let ev = o[0].as_f64().map_or(f32::NAN, |v| v as f32);
+            let ev = o[0];
             match state.gate(ev) {
                 Ok(()) => json!({"ev": ev, "send": true}),
                 Err(why) => json!({"ev": ev, "send": false, "reason": why}),
@@ -751,7 +757,7 @@ async fn evaluate(
         })
         .collect();
     Ok(Json(json!({
-        "module": m.as_str(), "version": scored["version"], "ev_min": state.ev_min,
+        "module": m.as_str(), "version": model.version, "ev_min": state.ev_min,
         "state": state.state, "decisions": decisions
     })))
 }
