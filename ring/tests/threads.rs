@@ -13,7 +13,7 @@ fn two_threads_move_a_million_items_in_order() {
     let producer = std::thread::spawn(move || {
         let mut next = 0u64;
         while next < N {
-            if next % 3 == 0 {
+            if next.is_multiple_of(3) {
                 let mut batch = next..(next + 17).min(N);
                 next += p.push_iter(&mut batch) as u64;
             } else if p.push(next).is_ok() {
@@ -25,7 +25,7 @@ fn two_threads_move_a_million_items_in_order() {
     let mut buf = Vec::new();
     while expect < N {
         buf.clear();
-        if expect % 2 == 0 {
+        if expect.is_multiple_of(2) {
             c.pop_into(&mut buf, 32);
         } else if let Some(v) = c.pop() {
             buf.push(v);

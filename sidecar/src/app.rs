@@ -95,6 +95,34 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         models: models.clone(),
     });
     let mut tasks = Vec::new();
+    if let (Some(sc), Some(identity)) = (&cfg.file.sender, &cfg.tpu_identity) {
+        let (dp, t) = crate::sender::plane::start(
+            sc,
+            identity,
+            state.modules.clone(),
+            models.clone(),
+            ch.clone(),
+        )
+        .context("sender")?;
+        eprintln!(
+            "gw-sidecar: sender: tpu {}, relay {}, hedge after {} ms",
+            if dp.sender.tpu().is_some() {
+                "on"
+            } else {
+                "off"
+            },
+            if dp.sender.relay().is_some() {
+                "on"
+            } else {
+                "off"
+            },
+            sc.hedge_delay_ms
+        );
+        tasks.extend(t);
+        if state.data.set(dp).is_err() {
+            anyhow::bail!("sender started twice");
+        }
+    }
     // The topic must exist before consumers can be assigned partitions; keep trying
     // in the background while the broker is away (publishes answer 503 meanwhile).
     if let Err(e) = bus.prepare().await {

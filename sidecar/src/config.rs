@@ -47,6 +47,9 @@ pub struct FileConfig {
     /// Tree models (`lib{mev,arb}_latest.so` in `dir`); none served without it.
     #[serde(default)]
     pub models: Option<ModelsConfig>,
+    /// The transaction sender (TPU and relay routes, hot path, JSON-RPC); off without it.
+    #[serde(default)]
+    pub sender: Option<crate::sender::SenderConfig>,
 }
 
 /// `models` in the config file.
@@ -106,6 +109,8 @@ pub struct Config {
     pub keyring: KeyRing,
     /// The JSON route's signing key and its id (`CTRL_SIGN_SK_HEX`, `CTRL_PUBKEY_ID`).
     pub signer: Option<(SigningKey, String)>,
+    /// The TPU client identity (`GW_TPU_IDENTITY_HEX`, `sender.identity_hex`, or fresh).
+    pub tpu_identity: Option<SigningKey>,
 }
 
 impl std::fmt::Debug for Config {
@@ -130,6 +135,9 @@ pub enum ConfigError {
     /// Bad environment value (never echoes secrets).
     #[error("environment variable {0}: {1}")]
     Env(&'static str, String),
+    /// Bad `sender` section.
+    #[error("{0}")]
+    Sender(String),
     /// Nothing could ever verify.
     #[error("no command keys: give command_keys in the config file or CTRL_PUBKEY_HEX")]
     NoKeys,
@@ -208,10 +216,24 @@ impl Config {
         if keyring.is_empty() {
             return Err(ConfigError::NoKeys);
         }
+        let tpu_identity = match &mut file.sender {
+            Some(s) => {
+                if let (Some(r), Some(auth)) = (&mut s.relay, env("GW_RELAY_AUTH")) {
+                    r.auth = Some(auth);
+                }
+                s.validate().map_err(ConfigError::Sender)?;
+                Some(
+                    crate::sender::plane::identity(s, env)
+                        .map_err(|e| ConfigError::Env("GW_TPU_IDENTITY_HEX", e.to_string()))?,
+                )
+            }
+            None => None,
+        };
         Ok(Config {
             file,
             keyring,
             signer,
+            tpu_identity,
         })
     }
 }

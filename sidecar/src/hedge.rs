@@ -10,7 +10,8 @@
 use std::time::{Duration, Instant};
 
 /// The two ways to land a transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Route {
     /// QUIC straight to the leader's TPU.
     Tpu,

@@ -55,6 +55,8 @@ pub struct AppState {
     pub agent_outcomes: crate::agent::Outcomes,
     /// Tree models, when configured.
     pub models: Option<Arc<crate::models::ModelHost>>,
+    /// The transaction sender and hot path, when `sender` is configured.
+    pub data: std::sync::OnceLock<crate::sender::plane::DataPlane>,
     pending: Mutex<HashSet<(String, u64)>>,
     last_nonce: AtomicU64,
 }
@@ -96,6 +98,7 @@ impl AppState {
             apply_wait: p.apply_wait,
             agent_outcomes: Default::default(),
             models: p.models,
+            data: std::sync::OnceLock::new(),
             pending: Mutex::new(HashSet::new()),
             last_nonce: AtomicU64::new(0),
         })
@@ -804,6 +807,9 @@ async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
             ));
         }
     }
+    if let Some(dp) = st.data.get() {
+        crate::sender::http::metrics(dp, &mut out);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
@@ -832,6 +838,16 @@ pub fn router(st: Arc<AppState>, max_body: usize) -> Router {
             "/internal/edge-decisions",
             post(edge_decisions).layer(axum::extract::DefaultBodyLimit::max(1 << 20)),
         )
+        .route(
+            "/api/rpc",
+            post(crate::sender::http::rpc).layer(axum::extract::DefaultBodyLimit::max(1 << 20)),
+        )
+        .route(
+            "/api/opportunities",
+            post(crate::sender::http::opportunities)
+                .layer(axum::extract::DefaultBodyLimit::max(8 << 20)),
+        )
+        .route("/api/sender", get(crate::sender::http::status))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(st)
 }

@@ -19,6 +19,7 @@ pub mod migrations;
 pub mod models;
 pub mod modules;
 pub mod replay_store;
+pub mod sender;
 
 /// Unix time in nanoseconds (0 before 1970, saturating far in the future).
 pub fn now_nanos() -> u64 {

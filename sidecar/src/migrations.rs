@@ -3,7 +3,7 @@
 /// `(file, sql)` of every migration the sidecar applies, in order. The Kafka-engine
 /// path (`sql/14_control_proto_kafka.sql`) needs brokers and the format schema, so
 /// it is applied by operators, not here.
-pub const MIGRATIONS: [(&str, &str); 2] = [
+pub const MIGRATIONS: [(&str, &str); 3] = [
     (
         "10_control_ledger.sql",
         include_str!("../../sql/10_control_ledger.sql"),
@@ -12,6 +12,7 @@ pub const MIGRATIONS: [(&str, &str); 2] = [
         "11_control_decisions.sql",
         include_str!("../../sql/11_control_decisions.sql"),
     ),
+    ("12_tx_sends.sql", include_str!("../../sql/12_tx_sends.sql")),
 ];
 
 /// The statements of one SQL file: comments dropped, split at `;` line ends.

@@ -12,6 +12,8 @@ pub mod echo;
 pub mod envoy;
 pub mod fixtures;
 pub mod kafka;
+pub mod relay;
+pub mod udp_delay;
 
 /// The workspace root (the directory holding the top-level `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {

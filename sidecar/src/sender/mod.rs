@@ -1,0 +1,509 @@
+//! The transaction sender (the sidecar's data plane): two routes to the leader —
+//! QUIC straight to its TPU ([`tpu`]) and a block-engine relay ([`relay`]) — raced
+//! by the pure hedging state machine in [`crate::hedge`]: send on the preferred
+//! route, and on the other one too if the first fails or has not confirmed within
+//! `hedge_delay`. Per-route statistics pick the preferred route. Every send is
+//! audited ([`audit`]). The hot path from opportunities to sends is in [`strategy`].
+
+pub mod audit;
+pub mod cc;
+pub mod http;
+pub mod leaders;
+pub mod plane;
+pub mod receiver;
+pub mod relay;
+pub mod rpc;
+pub mod strategy;
+pub mod tls;
+pub mod tpu;
+pub mod txwire;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::hedge::{Action, Event, Hedge, Route, RouteStats};
+use audit::{SendAudit, SendRow};
+use leaders::{LeaderSource, LeadersConfig};
+use relay::{RelayClient, RelayConfig};
+use tpu::{TpuClient, TpuConfig};
+
+/// `sender` in the sidecar configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SenderConfig {
+    /// The TPU route (off without it).
+    #[serde(default)]
+    pub tpu: Option<TpuConfig>,
+    /// The relay route (off without it).
+    #[serde(default)]
+    pub relay: Option<RelayConfig>,
+    /// Where the leaders come from (needed by the TPU route).
+    #[serde(default)]
+    pub leaders: Option<LeadersConfig>,
+    /// Identity key of the TPU client certificate, 32-byte seed as hex (also
+    /// `GW_TPU_IDENTITY_HEX`); a fresh key each start without it (unstaked anyway).
+    #[serde(default)]
+    pub identity_hex: Option<String>,
+    /// How long the preferred route has to confirm before the other is tried.
+    #[serde(default = "default_hedge_delay")]
+    pub hedge_delay_ms: u64,
+    /// Route tried first until the statistics know better.
+    #[serde(default = "default_primary")]
+    pub primary: Route,
+    /// Let per-route statistics choose the first route (else always `primary`).
+    #[serde(default = "default_true")]
+    pub adaptive: bool,
+    /// Leaders each transaction goes to on the TPU route (current, next, …).
+    #[serde(default = "default_fanout")]
+    pub fanout: usize,
+    /// Upcoming leaders kept connected ahead of their slots.
+    #[serde(default = "default_prewarm")]
+    pub prewarm: usize,
+    /// The hot path.
+    #[serde(default)]
+    pub strategy: strategy::StrategyConfig,
+    /// Audit rows queued for ClickHouse before new ones are dropped.
+    #[serde(default = "default_audit_queue")]
+    pub audit_queue: usize,
+    /// Module whose state gates JSON-RPC sends (killed → refused, `throttle_pct`).
+    #[serde(default = "default_rpc_module")]
+    pub rpc_module: String,
+}
+
+fn default_rpc_module() -> String {
+    "arbitrage".into()
+}
+
+fn default_hedge_delay() -> u64 {
+    10
+}
+fn default_primary() -> Route {
+    Route::Tpu
+}
+fn default_true() -> bool {
+    true
+}
+fn default_fanout() -> usize {
+    1
+}
+fn default_prewarm() -> usize {
+    4
+}
+fn default_audit_queue() -> usize {
+    100_000
+}
+
+impl SenderConfig {
+    /// Checks the bounds.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.tpu.is_none() && self.relay.is_none() {
+            return Err("sender: configure at least one route (tpu or relay)".into());
+        }
+        if self.tpu.is_some() && self.leaders.is_none() {
+            return Err("sender.tpu needs sender.leaders (static list or rpc)".into());
+        }
+        if let Some(t) = &self.tpu {
+            t.validate()?;
+        }
+        if self.fanout == 0 || self.fanout > 8 {
+            return Err("sender.fanout must be within 1..=8".into());
+        }
+        if self.hedge_delay_ms > 60_000 {
+            return Err("sender.hedge_delay_ms must be at most 60000".into());
+        }
+        self.strategy.validate()
+    }
+}
+
+/// Who asked for a send and why (for the audit row).
+#[derive(Debug, Clone, Default)]
+pub struct SendMeta {
+    /// `rpc` or `strategy`.
+    pub source: &'static str,
+    /// Gating module, if any.
+    pub module: &'static str,
+    /// Tip chosen.
+    pub tip: f64,
+    /// Model score.
+    pub score: Option<f32>,
+}
+
+/// How one send ended.
+#[derive(Debug, Clone)]
+pub struct SendOutcome {
+    /// Base58 signature.
+    pub signature: String,
+    /// Route tried first.
+    pub primary: Route,
+    /// Route that took it, if any.
+    pub landed: Option<Route>,
+    /// Whether the other route was used.
+    pub hedged: bool,
+    /// When the hedge went out, after the start (timing statistics).
+    pub hedged_after: Option<Duration>,
+    /// Until a route took it (or both failed).
+    pub latency: Duration,
+    /// TPU leader tried.
+    pub leader: Option<std::net::SocketAddr>,
+    /// Why the TPU route failed.
+    pub tpu_error: Option<String>,
+    /// Why the relay route failed.
+    pub relay_error: Option<String>,
+}
+
+impl SendOutcome {
+    /// Both routes' errors in one line.
+    pub fn error(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(e) = &self.tpu_error {
+            parts.push(format!("tpu: {e}"));
+        }
+        if let Some(e) = &self.relay_error {
+            parts.push(format!("relay: {e}"));
+        }
+        parts.join("; ")
+    }
+}
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct SenderStats {
+    /// Sends that landed on a route.
+    pub landed: AtomicU64,
+    /// Sends both routes failed.
+    pub failed: AtomicU64,
+    /// Sends that used the second route.
+    pub hedged: AtomicU64,
+    /// Landed per route: tpu, relay.
+    pub landed_by: [AtomicU64; 2],
+}
+
+/// The sender.
+pub struct Sender {
+    tpu: Option<Arc<TpuClient>>,
+    relay: Option<Arc<RelayClient>>,
+    leaders: Option<Arc<dyn LeaderSource>>,
+    delay: Duration,
+    primary: Route,
+    adaptive: bool,
+    fanout: usize,
+    prewarm: usize,
+    routes: Arc<Mutex<RouteStats>>,
+    audit: Option<SendAudit>,
+    /// Counters.
+    pub stats: SenderStats,
+}
+
+/// A started route's answer: `Ok(latency)` or why it failed; `None` when the route
+/// is not configured (not counted against it).
+type RouteResult = Result<Duration, Option<String>>;
+
+impl Sender {
+    /// Builds the routes from `config`. Must run inside a tokio runtime.
+    pub fn new(
+        config: &SenderConfig,
+        identity: &ed25519_dalek::SigningKey,
+        leaders: Option<Arc<dyn LeaderSource>>,
+        audit: Option<SendAudit>,
+    ) -> anyhow::Result<Arc<Sender>> {
+        config.validate().map_err(anyhow::Error::msg)?;
+        let tpu = match &config.tpu {
+            Some(t) => Some(TpuClient::new(t.clone(), identity)?),
+            None => None,
+        };
+        let relay = match &config.relay {
+            Some(r) => Some(Arc::new(RelayClient::new(r)?)),
+            None => None,
+        };
+        Ok(Arc::new(Sender {
+            tpu,
+            relay,
+            leaders,
+            delay: Duration::from_millis(config.hedge_delay_ms),
+            primary: config.primary,
+            adaptive: config.adaptive,
+            fanout: config.fanout,
+            prewarm: config.prewarm,
+            routes: Arc::new(Mutex::new(RouteStats::default())),
+            audit,
+            stats: SenderStats::default(),
+        }))
+    }
+
+    /// The TPU client, when that route is on.
+    pub fn tpu(&self) -> Option<&Arc<TpuClient>> {
+        self.tpu.as_ref()
+    }
+
+    /// The relay client, when that route is on.
+    pub fn relay(&self) -> Option<&Arc<RelayClient>> {
+        self.relay.as_ref()
+    }
+
+    /// Per-route attempts and failures: (tpu, relay).
+    pub fn route_counts(&self) -> [(u64, u64); 2] {
+        self.routes
+            .lock()
+            .map(|r| [r.counts(Route::Tpu), r.counts(Route::Relay)])
+            .unwrap_or_default()
+    }
+
+    /// The route the next send tries first.
+    pub fn preferred(&self) -> Route {
+        let want = if self.adaptive {
+            self.routes
+                .lock()
+                .map(|r| r.preferred(self.primary))
+                .unwrap_or(self.primary)
+        } else {
+            self.primary
+        };
+        // A route that is not configured cannot go first.
+        match want {
+            Route::Tpu if self.tpu.is_none() => Route::Relay,
+            Route::Relay if self.relay.is_none() => Route::Tpu,
+            r => r,
+        }
+    }
+
+    /// Connects ahead to the upcoming leaders and marks the current one's phase
+    /// (its connection's congestion window is boosted); call every slot or so.
+    pub fn refresh_leaders(&self) {
+        let (Some(tpu), Some(src)) = (&self.tpu, &self.leaders) else {
+            return;
+        };
+        let up = src.upcoming(self.prewarm.max(self.fanout));
+        tpu.prewarm(&up);
+        for (i, l) in up.iter().enumerate() {
+            tpu.set_phase(l.tpu_quic, i < self.fanout);
+        }
+    }
+
+    /// Sends one signed transaction (`wire`, named by `signature`) hedged across the
+    /// routes; audited.
+    pub async fn send(&self, wire: Bytes, signature: String, meta: &SendMeta) -> SendOutcome {
+        let primary = self.preferred();
+        let mut hedge = Hedge::new(primary, self.delay);
+        let t0 = Instant::now();
+        let mut out = SendOutcome {
+            signature,
+            primary,
+            landed: None,
+            hedged: false,
+            hedged_after: None,
+            latency: Duration::ZERO,
+            leader: None,
+            tpu_error: None,
+            relay_error: None,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut action = hedge.on(Event::Start, t0);
+        loop {
+            match action.take() {
+                Some(Action::Send(r)) => self.launch(r, &wire, &mut out, tx.clone()),
+                Some(Action::Landed(r)) => {
+                    out.landed = Some(r);
+                    break;
+                }
+                Some(Action::Failed) => break,
+                None => {}
+            }
+            let deadline = hedge.deadline();
+            let event = tokio::select! {
+                r = rx.recv() => match r {
+                    Some((route, r)) => self.settle(route, r, &mut out),
+                    // Unreachable while `tx` lives; end rather than spin.
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline.unwrap_or(t0).into()), if deadline.is_some() => Event::Timer,
+            };
+            action = hedge.on(event, Instant::now());
+        }
+        out.latency = t0.elapsed();
+        out.hedged = hedge.hedged();
+        out.hedged_after = hedge.hedged_at().map(|t| t.saturating_duration_since(t0));
+        self.count(&out);
+        self.audit_row(&out, wire.len(), meta, "transaction");
+        out
+    }
+
+    fn settle(&self, route: Route, r: RouteResult, out: &mut SendOutcome) -> Event {
+        let err = match r {
+            Ok(_) => return Event::Confirmed(route),
+            Err(Some(e)) => e,
+            Err(None) => format!("{} route is not configured", route.as_str()),
+        };
+        match route {
+            Route::Tpu => out.tpu_error = Some(err),
+            Route::Relay => out.relay_error = Some(err),
+        }
+        Event::Failed(route)
+    }
+
+    /// Starts `route`; its answer arrives on `done`. The route runs to the end even
+    /// if the other one wins, so its statistics count.
+    fn launch(
+        &self,
+        route: Route,
+        wire: &Bytes,
+        out: &mut SendOutcome,
+        done: mpsc::UnboundedSender<(Route, RouteResult)>,
+    ) {
+        let answer = move |r: RouteResult| {
+            let _ = done.send((route, r));
+        };
+        let t0 = Instant::now();
+        let stats = self.routes.clone();
+        match route {
+            Route::Tpu => {
+                let Some(tpu) = &self.tpu else {
+                    return answer(Err(None));
+                };
+                let leaders = self
+                    .leaders
+                    .as_ref()
+                    .map(|s| s.upcoming(self.fanout))
+                    .unwrap_or_default();
+                if leaders.is_empty() {
+                    return answer(Err(Some("no leader known".into())));
+                }
+                out.leader = leaders.first().map(|l| l.tpu_quic);
+                let mut deliveries = Vec::with_capacity(leaders.len());
+                let mut last_err = None;
+                for l in &leaders {
+                    match tpu.submit(l, wire.clone()) {
+                        Ok(d) => deliveries.push(d),
+                        Err(e) => last_err = Some(e.to_string()),
+                    }
+                }
+                if deliveries.is_empty() {
+                    record(&stats, route, Err(()));
+                    return answer(Err(last_err));
+                }
+                tokio::spawn(async move {
+                    // Confirmed by the first leader that acknowledges; failed when all fail.
+                    let mut set = deliveries;
+                    while !set.is_empty() {
+                        let (r, _, rest) = futures_util::future::select_all(set).await;
+                        set = rest;
+                        match r {
+                            Ok(Ok(())) => {
+                                let lat = t0.elapsed();
+                                record(&stats, route, Ok(lat));
+                                return answer(Ok(lat));
+                            }
+                            Ok(Err(e)) => last_err = Some(e.to_string()),
+                            Err(_) => last_err = Some("TPU worker stopped".into()),
+                        }
+                    }
+                    record(&stats, route, Err(()));
+                    answer(Err(last_err));
+                });
+            }
+            Route::Relay => {
+                let Some(relay) = self.relay.clone() else {
+                    return answer(Err(None));
+                };
+                let wire = wire.clone();
+                tokio::spawn(async move {
+                    let r = relay.send_transaction(&wire).await;
+                    let lat = t0.elapsed();
+                    record(&stats, route, r.as_ref().map(|_| lat).map_err(|_| ()));
+                    answer(r.map(|_| lat).map_err(|e| Some(e.to_string())));
+                });
+            }
+        }
+    }
+
+    /// Sends a bundle (1–5 signed transactions, all or none) through the relay; the
+    /// TPU has no bundles, so there is no hedge. Returns the bundle id.
+    pub async fn send_bundle(
+        &self,
+        txs: Vec<Bytes>,
+        signature: String,
+        meta: &SendMeta,
+    ) -> Result<String, String> {
+        let t0 = Instant::now();
+        let Some(relay) = &self.relay else {
+            return Err("bundles need the relay route, which is not configured".into());
+        };
+        let r = relay.send_bundle(&txs).await.map_err(|e| e.to_string());
+        let out = SendOutcome {
+            signature: match &r {
+                Ok(id) => id.clone(),
+                Err(_) => signature,
+            },
+            primary: Route::Relay,
+            landed: r.as_ref().ok().map(|_| Route::Relay),
+            hedged: false,
+            hedged_after: None,
+            latency: t0.elapsed(),
+            leader: None,
+            tpu_error: None,
+            relay_error: r.as_ref().err().cloned(),
+        };
+        self.count(&out);
+        let bytes: usize = txs.iter().map(|t| t.len()).sum();
+        self.audit_row(&out, bytes, meta, "bundle");
+        r
+    }
+
+    fn count(&self, out: &SendOutcome) {
+        let c = match out.landed {
+            Some(r) => {
+                self.stats.landed_by[route_idx(r)].fetch_add(1, Ordering::Relaxed);
+                &self.stats.landed
+            }
+            None => &self.stats.failed,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        if out.hedged {
+            self.stats.hedged.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn audit_row(&self, out: &SendOutcome, bytes: usize, meta: &SendMeta, kind: &str) {
+        let Some(a) = &self.audit else { return };
+        a.record(SendRow {
+            ts_us: crate::now_nanos() / 1000,
+            signature: out.signature.clone(),
+            source: meta.source.to_owned(),
+            module: meta.module.to_owned(),
+            kind: kind.to_owned(),
+            primary: out.primary.as_str().to_owned(),
+            route: out.landed.map(Route::as_str).unwrap_or("").to_owned(),
+            hedged: u8::from(out.hedged),
+            outcome: if out.landed.is_some() {
+                "landed"
+            } else {
+                "failed"
+            }
+            .to_owned(),
+            latency_us: u64::try_from(out.latency.as_micros()).unwrap_or(u64::MAX),
+            leader: out.leader.map(|l| l.to_string()).unwrap_or_default(),
+            tip: meta.tip,
+            score: meta.score.map_or(f64::NAN, f64::from),
+            tpu_error: out.tpu_error.clone().unwrap_or_default(),
+            relay_error: out.relay_error.clone().unwrap_or_default(),
+            bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
+        });
+    }
+}
+
+fn route_idx(r: Route) -> usize {
+    match r {
+        Route::Tpu => 0,
+        Route::Relay => 1,
+    }
+}
+
+fn record(stats: &Mutex<RouteStats>, route: Route, r: Result<Duration, ()>) {
+    if let Ok(mut s) = stats.lock() {
+        s.record(route, r);
+    }
+}

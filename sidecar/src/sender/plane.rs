@@ -1,0 +1,124 @@
+//! The data plane as the sidecar runs it: sender, hot path, RPC gate, send audit and
+//! the leader refresher, built from `sender` in the configuration.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use gw_core::Module;
+use tokio::task::JoinHandle;
+
+use super::audit::SendAudit;
+use super::leaders::{LeaderSource, LeadersConfig, RpcLeaders, StaticLeaders, SLOT_MS};
+use super::strategy::{HotPath, Throttle};
+use super::{Sender, SenderConfig};
+use crate::models::ModelHost;
+use crate::modules::Modules;
+
+/// The running data plane.
+pub struct DataPlane {
+    /// The hedged sender.
+    pub sender: Arc<Sender>,
+    /// Opportunities → strategy → sender.
+    pub hot: HotPath,
+    /// Module whose state gates JSON-RPC sends.
+    pub rpc_module: Module,
+    /// The JSON-RPC gate's throttle.
+    pub rpc_throttle: Mutex<Throttle>,
+    /// The send audit, when ClickHouse is configured.
+    pub audit: Option<SendAudit>,
+    /// The leader source, for status.
+    pub leaders: Option<Arc<dyn LeaderSource>>,
+}
+
+/// The TPU identity: `identity_hex` / `GW_TPU_IDENTITY_HEX`, else a fresh key.
+pub fn identity(
+    config: &SenderConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> anyhow::Result<SigningKey> {
+    let hex_key = env("GW_TPU_IDENTITY_HEX").or_else(|| config.identity_hex.clone());
+    match hex_key {
+        Some(h) => {
+            let bytes = zeroize::Zeroizing::new(
+                hex::decode(h.trim()).map_err(|_| anyhow::anyhow!("TPU identity: not hex"))?,
+            );
+            let seed: [u8; 32] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("TPU identity: must be 32 bytes of hex"))?;
+            Ok(SigningKey::from_bytes(&seed))
+        }
+        None => {
+            let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+            getrandom_fill(&mut seed[..])?;
+            Ok(SigningKey::from_bytes(&seed))
+        }
+    }
+}
+
+fn getrandom_fill(buf: &mut [u8]) -> anyhow::Result<()> {
+    use rand_core::RngCore;
+    rand_core::OsRng
+        .try_fill_bytes(buf)
+        .map_err(|e| anyhow::anyhow!("no randomness for the TPU identity: {e}"))
+}
+
+/// Builds and starts the data plane. Must run inside a tokio runtime.
+pub fn start(
+    config: &SenderConfig,
+    identity: &SigningKey,
+    modules: Arc<Mutex<Modules>>,
+    models: Option<Arc<ModelHost>>,
+    clickhouse: Option<clickhouse::Client>,
+) -> anyhow::Result<(DataPlane, Vec<JoinHandle<()>>)> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let rpc_module = Module::parse(&config.rpc_module).ok_or_else(|| {
+        anyhow::anyhow!(
+            "sender.rpc_module {:?} is not a module (arbitrage, mev)",
+            config.rpc_module
+        )
+    })?;
+    let mut tasks = Vec::new();
+    let leaders: Option<Arc<dyn LeaderSource>> = match &config.leaders {
+        Some(LeadersConfig::Static(list)) => Some(Arc::new(
+            StaticLeaders::new(list).map_err(|e| anyhow::anyhow!("sender.leaders: {e}"))?,
+        )),
+        Some(LeadersConfig::Rpc { url, refresh_ms }) => {
+            Some(RpcLeaders::start(url, Duration::from_millis(*refresh_ms))?)
+        }
+        None => None,
+    };
+    let audit = clickhouse.map(|c| {
+        let (a, task) = SendAudit::start(c, "tx_sends", config.audit_queue);
+        tasks.push(task);
+        a
+    });
+    let sender = Sender::new(config, identity, leaders.clone(), audit.clone())?;
+    if sender.tpu().is_some() {
+        let s = sender.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                s.refresh_leaders();
+                tokio::time::sleep(Duration::from_millis(SLOT_MS / 2)).await;
+            }
+        }));
+    }
+    let hot = HotPath::start(
+        &config.strategy,
+        sender.clone(),
+        modules,
+        models,
+        tokio::runtime::Handle::current(),
+    )?;
+    Ok((
+        DataPlane {
+            sender,
+            hot,
+            rpc_module,
+            rpc_throttle: Mutex::new(Throttle::default()),
+            audit,
+            leaders,
+        },
+        tasks,
+    ))
+}

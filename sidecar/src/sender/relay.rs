@@ -1,0 +1,203 @@
+//! The relay route: a Jito-style block engine over JSON-RPC.
+//!
+//! `sendTransaction` posts to `{url}/api/v1/transactions`, `sendBundle` (1–5
+//! transactions, all or nothing) to `{url}/api/v1/bundles`; transactions travel as
+//! base64; an optional `x-jito-auth` header carries the access token (never logged).
+//! A transaction counts as delivered when the engine answers a JSON-RPC `result`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Most transactions in one bundle.
+pub const MAX_BUNDLE: usize = 5;
+
+/// `relay` in the sender configuration.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Base URL of the block engine (`https://…`; `http://` for a local relay).
+    pub url: String,
+    /// `x-jito-auth` token (also `GW_RELAY_AUTH`).
+    #[serde(default)]
+    pub auth: Option<String>,
+    /// Deadline per request, milliseconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_timeout() -> u64 {
+    2000
+}
+
+impl std::fmt::Debug for RelayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayConfig")
+            .field("url", &self.url)
+            .field("auth", &self.auth.as_ref().map(|_| "<set>"))
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+/// Why the relay did not take it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelayError {
+    /// No answer within the deadline.
+    #[error("relay timed out after {0:?}")]
+    Timeout(Duration),
+    /// Could not reach the relay.
+    #[error("relay unreachable: {0}")]
+    Transport(String),
+    /// HTTP error status.
+    #[error("relay answered HTTP {0}: {1}")]
+    Http(u16, String),
+    /// JSON-RPC error.
+    #[error("relay refused it: {1} (code {0})")]
+    Rpc(i64, String),
+    /// Not a JSON-RPC answer.
+    #[error("relay answered something that is not JSON-RPC: {0}")]
+    BadResponse(String),
+    /// Bundle with 0 or more than 5 transactions.
+    #[error("a bundle holds 1 to {MAX_BUNDLE} transactions, not {0}")]
+    BundleSize(usize),
+}
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Requests answered with a result.
+    pub accepted: AtomicU64,
+    /// Requests that failed (any [`RelayError`]).
+    pub failed: AtomicU64,
+}
+
+/// The relay client.
+pub struct RelayClient {
+    http: reqwest::Client,
+    tx_url: String,
+    bundle_url: String,
+    auth: Option<reqwest::header::HeaderValue>,
+    timeout: Duration,
+    /// Counters.
+    pub stats: RelayStats,
+}
+
+impl RelayClient {
+    /// A client for `config`.
+    pub fn new(config: &RelayConfig) -> anyhow::Result<RelayClient> {
+        let base = config.url.trim_end_matches('/');
+        anyhow::ensure!(
+            base.starts_with("http://") || base.starts_with("https://"),
+            "relay.url must start with http:// or https://, got {base:?}"
+        );
+        let timeout = Duration::from_millis(config.timeout_ms.max(1));
+        let auth = match &config.auth {
+            Some(a) => {
+                let mut v = reqwest::header::HeaderValue::from_str(a.trim())
+                    .map_err(|_| anyhow::anyhow!("relay.auth is not a valid header value"))?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()?;
+        Ok(RelayClient {
+            http,
+            tx_url: format!("{base}/api/v1/transactions"),
+            bundle_url: format!("{base}/api/v1/bundles"),
+            auth,
+            timeout,
+            stats: RelayStats::default(),
+        })
+    }
+
+    /// `sendTransaction`: the engine's answer is the transaction signature.
+    pub async fn send_transaction(&self, wire: &[u8]) -> Result<String, RelayError> {
+        let tx = base64::engine::general_purpose::STANDARD.encode(wire);
+        let body = json!({
+            "jsonrpc": "2.0", "id": 1, "method": "sendTransaction",
+            "params": [tx, {"encoding": "base64"}],
+        });
+        self.call(&self.tx_url, body).await
+    }
+
+    /// `sendBundle`: all of `txs` land in order or none; the answer is the bundle id.
+    pub async fn send_bundle(&self, txs: &[Bytes]) -> Result<String, RelayError> {
+        if txs.is_empty() || txs.len() > MAX_BUNDLE {
+            return Err(RelayError::BundleSize(txs.len()));
+        }
+        let enc: Vec<String> = txs
+            .iter()
+            .map(|t| base64::engine::general_purpose::STANDARD.encode(t))
+            .collect();
+        let body = json!({
+            "jsonrpc": "2.0", "id": 1, "method": "sendBundle",
+            "params": [enc, {"encoding": "base64"}],
+        });
+        self.call(&self.bundle_url, body).await
+    }
+
+    async fn call(&self, url: &str, body: Value) -> Result<String, RelayError> {
+        let r = self.call_inner(url, body).await;
+        let c = if r.is_ok() {
+            &self.stats.accepted
+        } else {
+            &self.stats.failed
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    async fn call_inner(&self, url: &str, body: Value) -> Result<String, RelayError> {
+        let mut req = self.http.post(url).json(&body);
+        if let Some(a) = &self.auth {
+            req = req.header("x-jito-auth", a.clone());
+        }
+        let resp = req.send().await.map_err(|e| self.transport(e))?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| self.transport(e))?;
+        let parsed: Option<Value> = serde_json::from_str(&text).ok();
+        if let Some(err) = parsed.as_ref().and_then(|v| v.get("error")) {
+            let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
+            let msg = err
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("no message");
+            return Err(RelayError::Rpc(code, snippet(msg)));
+        }
+        if !status.is_success() {
+            return Err(RelayError::Http(status.as_u16(), snippet(&text)));
+        }
+        match parsed.as_ref().and_then(|v| v.get("result")) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(other) => Ok(other.to_string()),
+            None => Err(RelayError::BadResponse(snippet(&text))),
+        }
+    }
+
+    fn transport(&self, e: reqwest::Error) -> RelayError {
+        if e.is_timeout() {
+            RelayError::Timeout(self.timeout)
+        } else {
+            // reqwest's Display includes the URL (no secrets: auth is a header).
+            RelayError::Transport(snippet(&e.to_string()))
+        }
+    }
+}
+
+fn snippet(s: &str) -> String {
+    let s = s.trim();
+    match s.char_indices().nth(200) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}

@@ -1,0 +1,281 @@
+//! A Solana JSON-RPC endpoint so existing clients (web3.js, solana-py, the CLI with
+//! `--url`) can send through the gateway: `sendTransaction` (base58 — the RPC default
+//! — or base64; `skipPreflight` and the other options are accepted), `sendBundle`
+//! (Jito's method, relay only) and `getHealth`; single requests and batches.
+//!
+//! The gateway has no bank, so it never simulates (preflight); it refuses what is
+//! not a transaction or whose signatures do not verify, before spending a send. The
+//! answer comes once a route took the transaction: its signature, as Solana answers,
+//! or an error naming both routes' failures. Sends are gated by the configured
+//! module: killed → refused; `throttle_pct` → only that share goes.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use gw_core::Module;
+use serde_json::{json, Value};
+
+use super::strategy::Throttle;
+use super::txwire::{self, TxError};
+use super::{SendMeta, Sender};
+use crate::modules::{Modules, RunState};
+
+/// Largest base58 transaction (Solana's `MAX_BASE58_SIZE`).
+pub const MAX_BASE58: usize = 1683;
+/// Largest base64 transaction (Solana's `MAX_BASE64_SIZE`).
+pub const MAX_BASE64: usize = 1644;
+/// Most requests in one batch.
+pub const MAX_BATCH: usize = 64;
+
+/// JSON-RPC error codes used here.
+pub mod code {
+    /// Not JSON.
+    pub const PARSE: i64 = -32700;
+    /// Not a JSON-RPC request.
+    pub const INVALID_REQUEST: i64 = -32600;
+    /// Unknown method.
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// Bad parameters (encoding, size, malformed or badly signed transaction).
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// No route took it.
+    pub const SEND_FAILED: i64 = -32603;
+    /// Sends refused by the module state (killed, throttled).
+    pub const REFUSED: i64 = -32005;
+}
+
+/// What the endpoint needs.
+pub struct RpcContext<'a> {
+    /// The sender.
+    pub sender: &'a Sender,
+    /// Module states.
+    pub modules: &'a Mutex<Modules>,
+    /// Module whose state gates RPC sends.
+    pub module: Module,
+    /// The gate's throttle.
+    pub throttle: &'a Mutex<Throttle>,
+}
+
+/// Handles one HTTP body; returns the JSON-RPC answer.
+pub async fn handle(ctx: &RpcContext<'_>, body: &[u8]) -> Value {
+    let req: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return error(Value::Null, code::PARSE, &format!("parse error: {e}")),
+    };
+    match req {
+        Value::Array(items) => {
+            if items.is_empty() || items.len() > MAX_BATCH {
+                return error(
+                    Value::Null,
+                    code::INVALID_REQUEST,
+                    &format!("a batch holds 1 to {MAX_BATCH} requests"),
+                );
+            }
+            let answers = futures_util::future::join_all(items.iter().map(|r| one(ctx, r))).await;
+            Value::Array(answers)
+        }
+        other => one(ctx, &other).await,
+    }
+}
+
+fn error(id: Value, code: i64, message: &str) -> Value {
+    json!({"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": id})
+}
+
+fn result(id: Value, v: Value) -> Value {
+    json!({"jsonrpc": "2.0", "result": v, "id": id})
+}
+
+async fn one(ctx: &RpcContext<'_>, req: &Value) -> Value {
+    let id = req.get("id").cloned().unwrap_or(Value::Null);
+    if req.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return error(id, code::INVALID_REQUEST, "not a JSON-RPC 2.0 request");
+    }
+    let Some(method) = req.get("method").and_then(Value::as_str) else {
+        return error(id, code::INVALID_REQUEST, "no method");
+    };
+    let params = req
+        .get("params")
+        .cloned()
+        .unwrap_or(Value::Array(Vec::new()));
+    match method {
+        "getHealth" => result(id, json!("ok")),
+        "sendTransaction" => match send_transaction(ctx, &params).await {
+            Ok(sig) => result(id, json!(sig)),
+            Err((c, m)) => error(id, c, &m),
+        },
+        "sendBundle" => match send_bundle(ctx, &params).await {
+            Ok(bundle) => result(id, json!(bundle)),
+            Err((c, m)) => error(id, c, &m),
+        },
+        other => error(
+            id,
+            code::METHOD_NOT_FOUND,
+            &format!(
+                "method {:?} is not served by the gateway (sendTransaction, sendBundle, getHealth)",
+                other.escape_debug().to_string()
+            ),
+        ),
+    }
+}
+
+type RpcErr = (i64, String);
+
+fn encoding(opts: Option<&Value>) -> Result<&str, RpcErr> {
+    match opts.and_then(|o| o.get("encoding")) {
+        None | Some(Value::Null) => Ok("base58"),
+        Some(Value::String(s)) if s == "base58" || s == "base64" => Ok(s.as_str()),
+        Some(other) => Err((
+            code::INVALID_PARAMS,
+            format!("unsupported encoding {other}: base58 or base64"),
+        )),
+    }
+}
+
+/// Decodes one encoded transaction and checks it (structure, size, signatures).
+pub fn decode_tx(s: &str, encoding: &str) -> Result<(Bytes, String), RpcErr> {
+    let bad = |m: String| (code::INVALID_PARAMS, m);
+    let raw = match encoding {
+        "base64" => {
+            if s.len() > MAX_BASE64 {
+                return Err(bad(format!(
+                    "base64 encoded transaction too large ({} bytes) (max: encoded/raw {MAX_BASE64}/{})",
+                    s.len(),
+                    super::tpu::MAX_TX_BYTES
+                )));
+            }
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map_err(|e| bad(format!("invalid base64 encoding: {e}")))?
+        }
+        _ => {
+            if s.len() > MAX_BASE58 {
+                return Err(bad(format!(
+                    "base58 encoded transaction too large ({} bytes) (max: encoded/raw {MAX_BASE58}/{})",
+                    s.len(),
+                    super::tpu::MAX_TX_BYTES
+                )));
+            }
+            bs58::decode(s)
+                .into_vec()
+                .map_err(|e| bad(format!("invalid base58 encoding: {e}")))?
+        }
+    };
+    let info = txwire::parse(&raw, true).map_err(|e| match e {
+        TxError::BadSignature(_) => bad(format!("transaction signature verification failure: {e}")),
+        e => bad(format!("failed to deserialize transaction: {e}")),
+    })?;
+    Ok((Bytes::from(raw), info.signature_b58()))
+}
+
+fn gate(ctx: &RpcContext<'_>) -> Result<(), RpcErr> {
+    let state = ctx
+        .modules
+        .lock()
+        .map(|m| m.get(ctx.module).clone())
+        .map_err(|_| (code::REFUSED, "module state unavailable".to_owned()))?;
+    if state.state == RunState::Killed {
+        return Err((
+            code::REFUSED,
+            format!(
+                "sends are refused: module {} is killed",
+                ctx.module.as_str()
+            ),
+        ));
+    }
+    let ok = ctx
+        .throttle
+        .lock()
+        .map(|mut t| t.admit(state.throttle_pct, 0, Instant::now()))
+        .unwrap_or(false);
+    if !ok {
+        return Err((
+            code::REFUSED,
+            format!(
+                "throttled: module {} sends {} % of transactions",
+                ctx.module.as_str(),
+                state.throttle_pct
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn send_transaction(ctx: &RpcContext<'_>, params: &Value) -> Result<String, RpcErr> {
+    let p = params.as_array().ok_or((
+        code::INVALID_PARAMS,
+        "params must be [transaction, options]".to_owned(),
+    ))?;
+    let tx = p.first().and_then(Value::as_str).ok_or((
+        code::INVALID_PARAMS,
+        "params[0] must be the encoded transaction".to_owned(),
+    ))?;
+    let (wire, sig) = decode_tx(tx, encoding(p.get(1))?)?;
+    gate(ctx)?;
+    let meta = SendMeta {
+        source: "rpc",
+        module: ctx.module.as_str(),
+        tip: 0.0,
+        score: None,
+    };
+    let out = ctx.sender.send(wire, sig, &meta).await;
+    match out.landed {
+        Some(_) => Ok(out.signature),
+        None => Err((
+            code::SEND_FAILED,
+            format!(
+                "transaction {} was not sent: {}",
+                out.signature,
+                out.error()
+            ),
+        )),
+    }
+}
+
+async fn send_bundle(ctx: &RpcContext<'_>, params: &Value) -> Result<String, RpcErr> {
+    let p = params.as_array().ok_or((
+        code::INVALID_PARAMS,
+        "params must be [[transactions], options]".to_owned(),
+    ))?;
+    let list = p.first().and_then(Value::as_array).ok_or((
+        code::INVALID_PARAMS,
+        "params[0] must be the list of encoded transactions".to_owned(),
+    ))?;
+    if list.is_empty() || list.len() > super::relay::MAX_BUNDLE {
+        return Err((
+            code::INVALID_PARAMS,
+            format!(
+                "a bundle holds 1 to {} transactions, not {}",
+                super::relay::MAX_BUNDLE,
+                list.len()
+            ),
+        ));
+    }
+    let enc = encoding(p.get(1))?;
+    let mut txs = Vec::with_capacity(list.len());
+    let mut first_sig = String::new();
+    for (i, t) in list.iter().enumerate() {
+        let s = t.as_str().ok_or((
+            code::INVALID_PARAMS,
+            format!("transaction {i} is not a string"),
+        ))?;
+        let (wire, sig) =
+            decode_tx(s, enc).map_err(|(c, m)| (c, format!("transaction {i}: {m}")))?;
+        if i == 0 {
+            first_sig = sig;
+        }
+        txs.push(wire);
+    }
+    gate(ctx)?;
+    let meta = SendMeta {
+        source: "rpc",
+        module: ctx.module.as_str(),
+        tip: 0.0,
+        score: None,
+    };
+    ctx.sender
+        .send_bundle(txs, first_sig, &meta)
+        .await
+        .map_err(|e| (code::SEND_FAILED, format!("bundle was not sent: {e}")))
+}

@@ -1,0 +1,245 @@
+//! Just enough of Solana's transaction wire format to refuse garbage before it costs
+//! a send and to name a transaction by its signature: the signature list, the
+//! message header and the account keys (legacy and v0 messages), each signature
+//! verified (`verify_strict`, as the runtime does) over the message bytes.
+
+use ed25519_dalek::{Signature, VerifyingKey};
+
+use super::tpu::MAX_TX_BYTES;
+
+/// Why a transaction is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TxError {
+    /// Larger than a packet.
+    #[error("transaction is {0} bytes; at most {MAX_TX_BYTES} fit in a packet")]
+    TooLarge(usize),
+    /// Not a transaction.
+    #[error("malformed transaction: {0}")]
+    Malformed(&'static str),
+    /// A signature does not verify.
+    #[error("signature {0} does not verify")]
+    BadSignature(usize),
+}
+
+/// What a parsed transaction tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxInfo {
+    /// The first signature: the transaction's id.
+    pub signature: [u8; 64],
+    /// Signatures carried.
+    pub signatures: usize,
+    /// The fee payer (first account key).
+    pub fee_payer: [u8; 32],
+}
+
+impl TxInfo {
+    /// The id as Solana prints it (base58 of the first signature).
+    pub fn signature_b58(&self) -> String {
+        bs58::encode(self.signature).into_string()
+    }
+}
+
+/// Solana's compact-u16 ("shortvec"): 1–3 bytes, 7 bits each, canonical only.
+fn shortvec(buf: &[u8], pos: &mut usize) -> Result<usize, TxError> {
+    let mut value: usize = 0;
+    for i in 0..3 {
+        let b = *buf
+            .get(*pos)
+            .ok_or(TxError::Malformed("truncated length"))?;
+        *pos += 1;
+        if i == 2 && b > 0x03 {
+            return Err(TxError::Malformed("length overflows u16"));
+        }
+        value |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            if b == 0 && i > 0 {
+                return Err(TxError::Malformed("non-canonical length"));
+            }
+            return Ok(value);
+        }
+    }
+    Err(TxError::Malformed("length overflows u16"))
+}
+
+fn take<'a>(buf: &'a [u8], pos: &mut usize, n: usize) -> Result<&'a [u8], TxError> {
+    let end = pos
+        .checked_add(n)
+        .filter(|e| *e <= buf.len())
+        .ok_or(TxError::Malformed("truncated"))?;
+    let s = &buf[*pos..end];
+    *pos = end;
+    Ok(s)
+}
+
+/// Parses `wire`; with `verify`, checks every signature too.
+pub fn parse(wire: &[u8], verify: bool) -> Result<TxInfo, TxError> {
+    if wire.len() > MAX_TX_BYTES {
+        return Err(TxError::TooLarge(wire.len()));
+    }
+    let mut pos = 0;
+    let n_sigs = shortvec(wire, &mut pos)?;
+    if n_sigs == 0 {
+        return Err(TxError::Malformed("no signatures"));
+    }
+    let sigs = take(wire, &mut pos, n_sigs * 64)?;
+    let message = &wire[pos..];
+    let mut m = 0;
+    let first = *message.first().ok_or(TxError::Malformed("no message"))?;
+    if first & 0x80 != 0 {
+        if first & 0x7f != 0 {
+            return Err(TxError::Malformed("unsupported message version"));
+        }
+        m += 1;
+    }
+    let header = take(message, &mut m, 3)?;
+    let required = usize::from(header[0]);
+    if required != n_sigs {
+        return Err(TxError::Malformed(
+            "signature count differs from the message header",
+        ));
+    }
+    if usize::from(header[1]) >= required {
+        return Err(TxError::Malformed("the fee payer must be writable"));
+    }
+    let n_keys = shortvec(message, &mut m)?;
+    if n_keys < required || n_keys < required + usize::from(header[2]) {
+        return Err(TxError::Malformed(
+            "fewer account keys than the header needs",
+        ));
+    }
+    let keys = take(message, &mut m, n_keys * 32)?;
+    take(message, &mut m, 32).map_err(|_| TxError::Malformed("no recent blockhash"))?;
+    if verify {
+        for i in 0..n_sigs {
+            let key: [u8; 32] = keys[i * 32..i * 32 + 32]
+                .try_into()
+                .map_err(|_| TxError::Malformed("key"))?;
+            let sig: [u8; 64] = sigs[i * 64..i * 64 + 64]
+                .try_into()
+                .map_err(|_| TxError::Malformed("signature"))?;
+            let vk = VerifyingKey::from_bytes(&key).map_err(|_| TxError::BadSignature(i))?;
+            vk.verify_strict(message, &Signature::from_bytes(&sig))
+                .map_err(|_| TxError::BadSignature(i))?;
+        }
+    }
+    let mut signature = [0u8; 64];
+    signature.copy_from_slice(&sigs[..64]);
+    let mut fee_payer = [0u8; 32];
+    fee_payer.copy_from_slice(&keys[..32]);
+    Ok(TxInfo {
+        signature,
+        signatures: n_sigs,
+        fee_payer,
+    })
+}
+
+/// Builds a minimal legacy transaction (one signer, no instructions) signed by `key`:
+/// valid on the wire, for tests and benchmarks. `pad` extra bytes of instruction data
+/// in a memo-like instruction make it bigger.
+pub fn example_tx(key: &ed25519_dalek::SigningKey, blockhash: [u8; 32], pad: usize) -> Vec<u8> {
+    use ed25519_dalek::Signer;
+    let program = [3u8; 32];
+    let mut msg = vec![1u8, 0, 1];
+    msg.push(2); // two account keys: payer, program
+    msg.extend_from_slice(&key.verifying_key().to_bytes());
+    msg.extend_from_slice(&program);
+    msg.extend_from_slice(&blockhash);
+    if pad == 0 {
+        msg.push(0); // no instructions
+    } else {
+        msg.push(1);
+        msg.push(1); // program index
+        msg.push(0); // no accounts
+        encode_shortvec(&mut msg, pad);
+        msg.extend((0..pad).map(|i| (i % 251) as u8));
+    }
+    let sig = key.sign(&msg);
+    let mut wire = vec![1u8];
+    wire.extend_from_slice(&sig.to_bytes());
+    wire.extend_from_slice(&msg);
+    wire
+}
+
+fn encode_shortvec(out: &mut Vec<u8>, mut v: usize) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_signed_transaction_parses_and_verifies() {
+        let k = SigningKey::from_bytes(&[9u8; 32]);
+        for pad in [0, 1, 200, 1000] {
+            let tx = example_tx(&k, [5u8; 32], pad);
+            let info = parse(&tx, true).unwrap();
+            assert_eq!(info.signatures, 1);
+            assert_eq!(info.fee_payer, k.verifying_key().to_bytes());
+            assert_eq!(&info.signature[..], &tx[1..65]);
+            assert_eq!(
+                bs58::decode(info.signature_b58()).into_vec().unwrap(),
+                &tx[1..65]
+            );
+        }
+    }
+
+    #[test]
+    fn tampering_and_size_are_refused() {
+        let k = SigningKey::from_bytes(&[9u8; 32]);
+        let mut tx = example_tx(&k, [5u8; 32], 10);
+        let last = tx.len() - 1;
+        tx[last] ^= 1;
+        assert_eq!(parse(&tx, true), Err(TxError::BadSignature(0)));
+        assert!(parse(&tx, false).is_ok(), "structure is still fine");
+        let big = example_tx(&k, [5u8; 32], 1200);
+        assert_eq!(parse(&big, false), Err(TxError::TooLarge(big.len())));
+        assert_eq!(
+            parse(&[], false),
+            Err(TxError::Malformed("truncated length"))
+        );
+        assert_eq!(parse(&[0], false), Err(TxError::Malformed("no signatures")));
+        assert_eq!(
+            parse(&[0x80, 0x00], false),
+            Err(TxError::Malformed("non-canonical length"))
+        );
+    }
+
+    #[test]
+    fn shortvec_matches_solana() {
+        for (v, enc) in [
+            (0usize, vec![0u8]),
+            (0x7f, vec![0x7f]),
+            (0x80, vec![0x80, 0x01]),
+            (0x3fff, vec![0xff, 0x7f]),
+            (0x4000, vec![0x80, 0x80, 0x01]),
+            (0xffff, vec![0xff, 0xff, 0x03]),
+        ] {
+            let mut out = Vec::new();
+            encode_shortvec(&mut out, v);
+            assert_eq!(out, enc);
+            let mut pos = 0;
+            assert_eq!(shortvec(&enc, &mut pos), Ok(v));
+            assert_eq!(pos, enc.len());
+        }
+        let mut pos = 0;
+        assert!(shortvec(&[0xff, 0xff, 0x04], &mut pos).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1400)) {
+            let _ = parse(&bytes, true);
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! The sender's routes against real QUIC and HTTP peers: the protocol-enforcing TPU
+//! receiver, a Jito-style relay, a UDP path that can go silent, and a Solana RPC
+//! node's leader-schedule methods.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ed25519_dalek::SigningKey;
+use gw_sidecar::hedge::Route;
+use gw_sidecar::sender::leaders::{LeaderSource, RpcLeaders, StaticLeaders};
+use gw_sidecar::sender::receiver::{ReceiverConfig, TpuReceiver, STOP_TOO_LARGE};
+use gw_sidecar::sender::tpu::{Leader, TpuClient, TpuConfig, TpuError};
+use gw_sidecar::sender::{tls, txwire, SendMeta, Sender, SenderConfig};
+use serde_json::json;
+use testkit::relay::{Mode, Relay};
+use testkit::udp_delay::DelayProxy;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn key(b: u8) -> SigningKey {
+    SigningKey::from_bytes(&[b; 32])
+}
+
+fn tx(i: u32, pad: usize) -> (Bytes, String) {
+    let mut bh = [0u8; 32];
+    bh[..4].copy_from_slice(&i.to_le_bytes());
+    let w = txwire::example_tx(&key(50), bh, pad);
+    let sig = txwire::parse(&w, true).unwrap().signature_b58();
+    (Bytes::from(w), sig)
+}
+
+fn sender_config(v: serde_json::Value) -> SenderConfig {
+    serde_json::from_value(v).unwrap()
+}
+
+fn leader(addr: SocketAddr, identity: Option<[u8; 32]>) -> Arc<dyn LeaderSource> {
+    Arc::new(StaticLeaders::from_leaders(vec![Leader {
+        tpu_quic: addr,
+        identity,
+    }]))
+}
+
+fn meta() -> SendMeta {
+    SendMeta {
+        source: "test",
+        ..SendMeta::default()
+    }
+}
+
+/// A raw quinn client with an Ed25519 certificate (or none) and any ALPN.
+fn raw_client(alpn: &[u8], with_cert: bool) -> quinn::Endpoint {
+    let id = tls::identity_cert(&key(60)).unwrap();
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(tls::LeaderVerifier::new(None));
+    let mut c = if with_cert {
+        b.with_client_auth_cert(vec![id.0], id.1).unwrap()
+    } else {
+        b.with_no_client_auth()
+    };
+    c.alpn_protocols = vec![alpn.to_vec()];
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(c).unwrap(),
+    )));
+    ep
+}
+
+#[test]
+fn the_tpu_route_delivers_each_transaction_byte_identical_on_its_own_stream() {
+    let rt = rt();
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let client = TpuClient::new(TpuConfig::default(), &key(2)).unwrap();
+        let l = Leader {
+            tpu_quic: rx.addr,
+            identity: Some(rx.identity),
+        };
+        let mut sent = Vec::new();
+        let mut waits = Vec::new();
+        for i in 0..50 {
+            let (w, _) = tx(i, (i as usize * 20) % 1000);
+            waits.push(client.submit(&l, w.clone()).unwrap());
+            sent.push(w.to_vec());
+        }
+        for w in waits {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(rx.wait_for(50, Duration::from_secs(5)).await, 50);
+        let got = rx.received();
+        let mut bytes: Vec<Vec<u8>> = got.iter().map(|r| r.bytes.clone()).collect();
+        bytes.sort();
+        sent.sort();
+        assert_eq!(bytes, sent, "every transaction arrives exactly as sent");
+        assert!(
+            got.iter()
+                .all(|r| r.peer == key(2).verifying_key().to_bytes()),
+            "the receiver saw our identity in the client certificate"
+        );
+        assert_eq!(
+            rx.stats
+                .connections
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "one cached connection"
+        );
+        // Too large: refused before anything is sent.
+        let big = Bytes::from(vec![1u8; 1233]);
+        assert_eq!(client.submit(&l, big).err(), Some(TpuError::TooLarge(1233)));
+    });
+}
+
+#[test]
+fn a_leader_answering_with_another_identity_is_refused() {
+    let rt = rt();
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let client = TpuClient::new(TpuConfig::default(), &key(2)).unwrap();
+        let l = Leader {
+            tpu_quic: rx.addr,
+            identity: Some(key(9).verifying_key().to_bytes()),
+        };
+        let r = client.submit(&l, tx(1, 0).0).unwrap().await.unwrap();
+        match r {
+            Err(TpuError::Unreachable(_, why)) => assert!(why.contains("handshake"), "{why}"),
+            other => panic!("expected a refused handshake, got {other:?}"),
+        }
+        assert_eq!(rx.count(), 0);
+    });
+}
+
+#[test]
+fn the_receiver_enforces_the_tpu_protocol() {
+    let rt = rt();
+    rt.block_on(async {
+        let cfg = ReceiverConfig {
+            max_streams: 4,
+            ..ReceiverConfig::default()
+        };
+        let rx = TpuReceiver::start(cfg, &key(1)).unwrap();
+        // Wrong ALPN: no handshake.
+        let ep = raw_client(b"h3", true);
+        let r = ep.connect(rx.addr, "connect").unwrap().await;
+        assert!(r.is_err(), "h3 ALPN must be refused");
+        // No client certificate: refused.
+        let ep = raw_client(b"solana-tpu", false);
+        let r = match ep.connect(rx.addr, "connect").unwrap().await {
+            // TLS 1.3: the client may finish before the server rejects it; the
+            // connection then dies at once.
+            Ok(c) => {
+                let e = tokio::time::timeout(Duration::from_secs(2), c.closed()).await;
+                e.is_ok()
+            }
+            Err(_) => true,
+        };
+        assert!(r, "a client without a certificate must be refused");
+        // A proper client.
+        let ep = raw_client(b"solana-tpu", true);
+        let c = ep.connect(rx.addr, "connect").unwrap().await.unwrap();
+        // Oversized stream: refused and counted, never taken as a transaction. (The
+        // STOP_SENDING with the size code may arrive after QUIC already acknowledged
+        // the bytes, so the sender cannot rely on seeing it.)
+        let mut s = c.open_uni().await.unwrap();
+        let _ = s.write_all(&vec![7u8; 1300]).await;
+        let _ = s.finish();
+        let stopped = tokio::time::timeout(Duration::from_secs(2), s.stopped())
+            .await
+            .unwrap();
+        assert!(matches!(stopped, Ok(None) | Ok(Some(_))), "{stopped:?}");
+        if let Ok(Some(code)) = stopped {
+            assert_eq!(code, quinn::VarInt::from_u32(STOP_TOO_LARGE));
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while rx.stats.oversize.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "oversize not counted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(rx.count(), 0, "an oversized stream is not a transaction");
+        // No bidirectional streams are granted.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), async {
+                let (mut s, _) = c.open_bi().await.unwrap();
+                s.write_all(b"x").await.unwrap();
+            })
+            .await
+            .is_err(),
+            "a bidirectional stream must never open"
+        );
+        // At most 4 streams at once: the fifth waits until one ends.
+        let mut open = Vec::new();
+        for _ in 0..4 {
+            let mut s = c.open_uni().await.unwrap();
+            s.write_all(b"partial").await.unwrap();
+            open.push(s);
+        }
+        let fifth = tokio::time::timeout(Duration::from_millis(300), c.open_uni()).await;
+        assert!(fifth.is_err(), "the stream limit must hold");
+        open[0].finish().unwrap();
+        let fifth = tokio::time::timeout(Duration::from_secs(2), c.open_uni()).await;
+        assert!(fifth.is_ok(), "a finished stream frees a slot");
+        let st = &rx.stats;
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(st.oversize.load(Relaxed), 1);
+        assert!(
+            st.refused.load(Relaxed) >= 1,
+            "no-certificate client counted"
+        );
+    });
+}
+
+#[test]
+fn a_silent_primary_is_hedged_after_the_delay_and_the_relay_lands_it() {
+    let rt = rt();
+    let relay = Relay::start(Some("token-1"));
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let path = DelayProxy::start(rx.addr, Duration::ZERO);
+        path.set_blackhole(true); // the leader went silent: no answer, no error
+        let cfg = sender_config(json!({
+            "tpu": {"connect_timeout_ms": 1500},
+            "relay": {"url": relay.url, "auth": "token-1"},
+            "leaders": {"static": [{"tpu_quic": path.addr.to_string()}]},
+            "hedge_delay_ms": 10,
+            "adaptive": false,
+        }));
+        let sender = Sender::new(&cfg, &key(2), Some(leader(path.addr, None)), None).unwrap();
+        let (w, sig) = tx(1, 100);
+        let out = sender.send(w.clone(), sig.clone(), &meta()).await;
+        assert_eq!(out.primary, Route::Tpu);
+        assert_eq!(out.landed, Some(Route::Relay), "{out:?}");
+        assert!(out.hedged);
+        let after = out.hedged_after.unwrap();
+        assert!(
+            after >= Duration::from_millis(10) && after < Duration::from_millis(60),
+            "hedged {after:?} after the start; the delay is 10 ms"
+        );
+        let calls = relay.calls();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(
+            calls[0].txs,
+            vec![w.to_vec()],
+            "byte-identical at the relay"
+        );
+        assert_eq!(calls[0].auth.as_deref(), Some("token-1"));
+        assert_eq!(calls[0].method, "sendTransaction");
+        // The leader comes back: the TPU route takes it and nothing is hedged.
+        path.set_blackhole(false);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (w, sig) = tx(2, 0);
+            let out = sender.send(w, sig, &meta()).await;
+            if out.landed == Some(Route::Tpu) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the TPU route never came back: {out:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+#[test]
+fn a_failing_primary_is_hedged_at_once_and_both_down_is_a_clear_error() {
+    let rt = rt();
+    let relay = Relay::start(None);
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        // Relay first; it refuses → TPU at once, well before the 200 ms delay.
+        relay.set_mode(Mode::Refuse(-32000, "bundle auction closed".into()));
+        let cfg = sender_config(json!({
+            "tpu": {},
+            "relay": {"url": relay.url},
+            "leaders": {"static": []},
+            "hedge_delay_ms": 200,
+            "primary": "relay",
+            "adaptive": false,
+        }));
+        let sender = Sender::new(
+            &cfg,
+            &key(2),
+            Some(leader(rx.addr, Some(rx.identity))),
+            None,
+        )
+        .unwrap();
+        let (w, sig) = tx(1, 0);
+        let out = sender.send(w.clone(), sig, &meta()).await;
+        assert_eq!(
+            (out.primary, out.landed, out.hedged),
+            (Route::Relay, Some(Route::Tpu), true)
+        );
+        assert!(
+            out.hedged_after.unwrap() < Duration::from_millis(200),
+            "{out:?}"
+        );
+        assert!(out
+            .relay_error
+            .as_deref()
+            .unwrap()
+            .contains("bundle auction closed"));
+        assert_eq!(rx.wait_for(1, Duration::from_secs(2)).await, 1);
+        assert_eq!(rx.received()[0].bytes, w.to_vec());
+        // Both down: the TPU leader is gone and the relay answers 503.
+        drop(rx);
+        relay.set_mode(Mode::Status(503));
+        let cfg = sender_config(json!({
+            "tpu": {"connect_timeout_ms": 300},
+            "relay": {"url": relay.url},
+            "leaders": {"static": []},
+            "hedge_delay_ms": 10,
+            "adaptive": false,
+        }));
+        let gone: SocketAddr = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        let sender = Sender::new(&cfg, &key(2), Some(leader(gone, None)), None).unwrap();
+        let (w, sig) = tx(3, 0);
+        let t0 = Instant::now();
+        let out = sender.send(w, sig, &meta()).await;
+        assert_eq!(out.landed, None);
+        assert!(out.hedged, "the relay was still tried");
+        let e = out.error();
+        assert!(
+            e.contains("tpu:") && e.contains("relay:") && e.contains("503"),
+            "{e}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(3), "a bounded failure");
+    });
+}
+
+#[test]
+fn route_statistics_move_the_first_try_to_the_route_that_lands() {
+    let rt = rt();
+    let relay = Relay::start(None);
+    rt.block_on(async {
+        let gone: SocketAddr = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        let cfg = sender_config(json!({
+            "tpu": {"connect_timeout_ms": 200, "backoff_min_ms": 5000, "backoff_max_ms": 5000},
+            "relay": {"url": relay.url},
+            "leaders": {"static": []},
+            "hedge_delay_ms": 5,
+        }));
+        let sender = Sender::new(&cfg, &key(2), Some(leader(gone, None)), None).unwrap();
+        assert_eq!(sender.preferred(), Route::Tpu);
+        for i in 0..3 {
+            let (w, sig) = tx(i, 0);
+            let out = sender.send(w, sig, &meta()).await;
+            assert_eq!(out.landed, Some(Route::Relay));
+        }
+        // Give the TPU attempts time to fail (connect timeout) and be counted.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let [tpu, relay_counts] = sender.route_counts();
+        assert!(tpu.1 >= 1, "TPU failures counted: {tpu:?}");
+        assert!(
+            relay_counts.0 >= 3 && relay_counts.1 == 0,
+            "{relay_counts:?}"
+        );
+        assert_eq!(sender.preferred(), Route::Relay, "the relay goes first now");
+        let (w, sig) = tx(9, 0);
+        let out = sender.send(w, sig, &meta()).await;
+        assert_eq!(
+            (out.primary, out.landed, out.hedged),
+            (Route::Relay, Some(Route::Relay), false)
+        );
+    });
+}
+
+#[test]
+fn leaders_follow_a_solana_rpc_node() {
+    let rt = rt();
+    rt.block_on(async {
+        let a = TpuReceiver::start(ReceiverConfig::default(), &key(11)).unwrap();
+        let b = TpuReceiver::start(ReceiverConfig::default(), &key(12)).unwrap();
+        let ida = bs58::encode(a.identity).into_string();
+        let idb = bs58::encode(b.identity).into_string();
+        let idc = bs58::encode(key(13).verifying_key().to_bytes()).into_string();
+        // Epoch 7 starts at slot 1000; we are at slot 1010 (index 10).
+        // Slots 8..11 → a, 12..15 → b, 16..19 → c (no tpuQuic: skipped), 20..23 → a.
+        let schedule = json!({
+            ida.clone(): [8, 9, 10, 11, 20, 21, 22, 23],
+            idb.clone(): [12, 13, 14, 15],
+            idc.clone(): [16, 17, 18, 19],
+        });
+        let nodes = json!([
+            {"pubkey": ida, "tpuQuic": a.addr.to_string(), "gossip": "127.0.0.1:1"},
+            {"pubkey": idb, "tpuQuic": b.addr.to_string()},
+            {"pubkey": idc, "tpuQuic": null},
+        ]);
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen2 = seen.clone();
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(move |axum::Json(req): axum::Json<serde_json::Value>| {
+                let (schedule, nodes, seen) = (schedule.clone(), nodes.clone(), seen2.clone());
+                async move {
+                    let m = req["method"].as_str().unwrap_or("").to_owned();
+                    seen.lock().unwrap().push(m.clone());
+                    let result = match m.as_str() {
+                        "getSlot" => json!(1010),
+                        "getEpochInfo" => json!({"epoch": 7, "slotIndex": 10, "absoluteSlot": 1010, "slotsInEpoch": 432000}),
+                        "getLeaderSchedule" => schedule,
+                        "getClusterNodes" => nodes,
+                        _ => return axum::Json(json!({"jsonrpc":"2.0","error":{"code":-32601,"message":"no"},"id":1})),
+                    };
+                    axum::Json(json!({"jsonrpc": "2.0", "result": result, "id": req["id"]}))
+                }
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await });
+        let src = RpcLeaders::start(&url, Duration::from_millis(100)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !src.ready() {
+            assert!(Instant::now() < deadline, "never ready; calls: {:?}", seen.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let up = src.upcoming(3);
+        assert_eq!(
+            up.iter().map(|l| l.tpu_quic).collect::<Vec<_>>(),
+            vec![a.addr, b.addr],
+            "current leader first, the one without a TPU address skipped, no repeats"
+        );
+        assert_eq!(up[0].identity, Some(a.identity));
+        // Sending through it reaches the current leader, pinned to its identity.
+        let cfg = sender_config(json!({"tpu": {}, "leaders": {"rpc": {"url": url}}, "hedge_delay_ms": 50}));
+        let sender = Sender::new(&cfg, &key(2), Some(src as Arc<dyn LeaderSource>), None).unwrap();
+        let (w, sig) = tx(5, 0);
+        let out = sender.send(w.clone(), sig, &meta()).await;
+        assert_eq!(out.landed, Some(Route::Tpu), "{out:?}");
+        assert_eq!(a.wait_for(1, Duration::from_secs(2)).await, 1);
+        assert_eq!(b.count(), 0);
+        let calls = seen.lock().unwrap().clone();
+        for m in ["getSlot", "getEpochInfo", "getLeaderSchedule", "getClusterNodes"] {
+            assert!(calls.iter().any(|c| c == m), "{m} was used: {calls:?}");
+        }
+    });
+}
+
+#[test]
+fn the_boosted_phase_puts_more_bytes_in_flight() {
+    let rt = rt();
+    rt.block_on(async {
+        let mut flown = Vec::new();
+        for boost in [false, true] {
+            let rx = TpuReceiver::start(
+                ReceiverConfig {
+                    keep: false,
+                    ..ReceiverConfig::default()
+                },
+                &key(1),
+            )
+            .unwrap();
+            // 40 ms each way: nothing is acknowledged for 80 ms, so what leaves in
+            // the first 60 ms after the burst starts is what the window allows.
+            let path = DelayProxy::start(rx.addr, Duration::from_millis(40));
+            let cfg: TpuConfig = serde_json::from_value(json!({
+                "congestion": {"algorithm": "cubic", "boost_gain": 4.0, "decay_ms": 0}
+            }))
+            .unwrap();
+            let client = TpuClient::new(cfg, &key(2)).unwrap();
+            let l = Leader {
+                tpu_quic: path.addr,
+                identity: None,
+            };
+            client.prewarm(&[l]);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let conn = loop {
+                if let Some(c) = client.connection(path.addr) {
+                    break c;
+                }
+                assert!(Instant::now() < deadline, "no connection");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            tokio::time::sleep(Duration::from_millis(300)).await; // handshake settled
+            client.set_phase(path.addr, boost);
+            let before = conn.stats().path.cwnd;
+            let t0 = Instant::now();
+            let mut waits = Vec::new();
+            for i in 0..120 {
+                waits.push(client.submit(&l, tx(i, 1000).0).unwrap());
+            }
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            let early = path.bytes_between(t0, Duration::from_millis(60));
+            let cwnd = conn.stats().path.cwnd;
+            for w in waits {
+                w.await.unwrap().unwrap();
+            }
+            assert_eq!(rx.count(), 120);
+            eprintln!("boost={boost}: cwnd before {before}, during {cwnd}, bytes in the first 60 ms {early}");
+            flown.push((early, cwnd));
+        }
+        let (plain, boosted) = (flown[0], flown[1]);
+        assert!(
+            boosted.1 >= plain.1 * 3,
+            "window {} boosted vs {} plain",
+            boosted.1,
+            plain.1
+        );
+        assert!(
+            boosted.0 as f64 >= plain.0 as f64 * 2.0,
+            "bytes in flight before the first ACK: {} boosted vs {} plain",
+            boosted.0,
+            plain.0
+        );
+    });
+}

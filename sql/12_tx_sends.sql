@@ -1,0 +1,26 @@
+-- Every transaction the sender handled: where it went, whether it was hedged, how
+-- long until a route took it, and how it ended. Written by the sidecar in batches
+-- (sidecar/src/sender/audit.rs); one row per transaction or bundle.
+CREATE TABLE IF NOT EXISTS tx_sends
+(
+    ts_us        UInt64,
+    signature    String,
+    source       LowCardinality(String),
+    module       LowCardinality(String),
+    kind         LowCardinality(String),
+    primary      LowCardinality(String),
+    route        LowCardinality(String),
+    hedged       UInt8,
+    outcome      LowCardinality(String),
+    latency_us   UInt64,
+    leader       String,
+    tip          Float64,
+    score        Float64,
+    tpu_error    String,
+    relay_error  String,
+    bytes        UInt32
+)
+ENGINE = MergeTree
+ORDER BY (ts_us, signature)
+TTL toDateTime(intDiv(ts_us, 1000000)) + INTERVAL 30 DAY
+SETTINGS non_replicated_deduplication_window = 1000;
