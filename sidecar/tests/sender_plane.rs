@@ -1,0 +1,349 @@
+//! The data plane inside a running sidecar: control commands steer the hot path
+//! (kill → no sends, throttle 50 % → half, policy → EV floor and tip rung), Solana
+//! clients send real transactions (built by `solders`) through the JSON-RPC endpoint
+//! and they arrive byte-identical at a protocol-enforcing TPU receiver, and every
+//! send is audited in ClickHouse.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::{config, serve, Served};
+use ed25519_dalek::SigningKey;
+use gw_sidecar::sender::receiver::{ReceiverConfig, TpuReceiver};
+use gw_sidecar::sender::txwire;
+use serde_json::{json, Value};
+use testkit::clickhouse::ClickHouse;
+use testkit::relay::Relay;
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// A signed example transaction (distinct per `i`).
+fn tx(i: u32) -> Vec<u8> {
+    let mut bh = [0u8; 32];
+    bh[..4].copy_from_slice(&i.to_le_bytes());
+    txwire::example_tx(&SigningKey::from_bytes(&[77u8; 32]), bh, 64)
+}
+
+fn command(s: &Served, spec: &str, body: Value) {
+    let (status, r) = s.post_json(&format!("/api/control/module/{spec}"), &body);
+    assert_eq!(status, 200, "{spec}: {r}");
+    assert_eq!(r["applied"], true, "{spec}: {r}");
+}
+
+fn offer(s: &Served, opps: Vec<Value>) -> Value {
+    let (status, r) = s.post_json("/api/opportunities", &json!({ "opportunities": opps }));
+    assert_eq!(status, 200, "{r}");
+    r
+}
+
+fn settle(rx: &TpuReceiver, rt: &tokio::runtime::Runtime, want: u64) -> u64 {
+    let n = rt.block_on(rx.wait_for(want, Duration::from_secs(10)));
+    // Nothing more may trickle in.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rx.count(), n, "late arrivals");
+    n
+}
+
+/// Asserts nothing more arrives: the receiver still holds `n` after a while.
+fn nothing_more(rx: &TpuReceiver, n: u64) {
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(rx.count(), n);
+}
+
+fn rpc(s: &Served, body: Value) -> Value {
+    let (status, r) = s.post_json("/api/rpc", &body);
+    assert_eq!(status, 200, "JSON-RPC answers HTTP 200: {r}");
+    r
+}
+
+#[test]
+fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
+    let d = testkit::TempDir::new("sender-plane");
+    let ch = ClickHouse::start(d.path());
+    let relay = Relay::start(None);
+    let rrt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let rx = rrt
+        .block_on(async {
+            TpuReceiver::start(
+                ReceiverConfig::default(),
+                &SigningKey::from_bytes(&[1u8; 32]),
+            )
+        })
+        .unwrap();
+    let mut cfg = config(&d.path().join("state"), true);
+    cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
+    cfg.file.sender = Some(
+        serde_json::from_value(json!({
+            "tpu": {},
+            "relay": {"url": relay.url},
+            "leaders": {"static": [{
+                "tpu_quic": rx.addr.to_string(),
+                "identity": bs58::encode(rx.identity).into_string(),
+            }]},
+            "hedge_delay_ms": 200,
+            "adaptive": false,
+            "strategy": {"ring_capacity": 16, "batch": 8},
+        }))
+        .unwrap(),
+    );
+    let identity = SigningKey::from_bytes(&[2u8; 32]);
+    cfg.tpu_identity = Some(identity.clone());
+    let s = serve(cfg);
+
+    // Stopped (the initial state): nothing goes.
+    let opp = |i: u32, ev: f64| json!({"module": "mev", "ev": ev, "txs": [b64(&tx(i))]});
+    let r = offer(&s, (0..8).map(|i| opp(i, 1.0)).collect());
+    assert_eq!(r["accepted"], 8);
+    nothing_more(&rx, 0); // a stopped module sends nothing
+
+    // Running: every opportunity goes, byte-identical, from our identity.
+    command(&s, "mev:start", json!({}));
+    let mut sent = Vec::new();
+    for batch in 0..5 {
+        let opps: Vec<Value> = (0..8).map(|i| opp(100 + batch * 8 + i, 1.0)).collect();
+        assert_eq!(offer(&s, opps)["accepted"], 8);
+        sent.extend((0..8).map(|i| tx(100 + batch * 8 + i)));
+    }
+    assert_eq!(settle(&rx, &rrt, 40), 40);
+    let mut got: Vec<Vec<u8>> = rx.received().iter().map(|r| r.bytes.clone()).collect();
+    got.sort();
+    sent.sort();
+    assert_eq!(got, sent);
+    assert!(rx
+        .received()
+        .iter()
+        .all(|r| r.peer == identity.verifying_key().to_bytes()));
+
+    // throttle_pct = 50: exactly half of a counted window goes.
+    command(&s, "mev:throttle", json!({"throttle_pct": 50}));
+    for batch in 0..5 {
+        let opps: Vec<Value> = (0..8).map(|i| opp(200 + batch * 8 + i, 1.0)).collect();
+        assert_eq!(offer(&s, opps)["accepted"], 8);
+    }
+    assert_eq!(settle(&rx, &rrt, 60), 60, "40 offered at 50 % → 20 sent");
+
+    // policy: EV floor and tip ladder; the highest tip the score covers picks the variant.
+    command(&s, "mev:throttle", json!({"throttle_pct": 100}));
+    command(
+        &s,
+        "mev:policy",
+        json!({"ev_min": 1.0, "tip_ladder": [0.5, 1.5, 3.0]}),
+    );
+    let variants = [tx(300), tx(301), tx(302)];
+    let rungs = json!({"module": "mev", "ev": 2.0, "txs": variants.iter().map(|t| b64(t)).collect::<Vec<_>>()});
+    let below = json!({"module": "mev", "ev": 0.9, "txs": [b64(&tx(303))]});
+    offer(&s, vec![rungs, below]);
+    assert_eq!(settle(&rx, &rrt, 61), 61);
+    let last = rx.received().last().unwrap().bytes.clone();
+    assert_eq!(last, variants[1], "EV 2.0 affords the 1.5 tip, not 3.0");
+
+    // kill: zero sends.
+    command(&s, "mev:kill", json!({}));
+    let r = offer(&s, (0..8).map(|i| opp(400 + i, 5.0)).collect());
+    assert_eq!(r["accepted"], 8);
+    nothing_more(&rx, 61); // a killed module sends nothing
+    let st = s.get_json("/api/sender");
+    assert_eq!(st["strategy"]["skipped"]["killed"], 8, "{st}");
+    assert_eq!(st["strategy"]["skipped"]["throttled"], 20, "{st}");
+    assert_eq!(st["strategy"]["skipped"]["below_ev_min"], 1, "{st}");
+    assert_eq!(st["strategy"]["skipped"]["stopped"], 8, "{st}");
+
+    // The ring is bounded: a burst larger than it is cut, and the rest counted.
+    let r = offer(&s, (0..64).map(|i| opp(500 + i, 5.0)).collect());
+    assert_eq!(
+        r["accepted"].as_u64().unwrap() + r["dropped"].as_u64().unwrap(),
+        64
+    );
+    assert!(r["dropped"].as_u64().unwrap() >= 48, "{r}");
+    let burst = r["accepted"].as_u64().unwrap();
+    // A transaction that does not verify is refused before the ring.
+    let mut bad = tx(600);
+    let n = bad.len();
+    bad[n - 1] ^= 1;
+    let (status, r) = s.post_json(
+        "/api/opportunities",
+        &json!({"opportunities": [{"module": "mev", "ev": 1.0, "txs": [b64(&bad)]}]}),
+    );
+    assert_eq!(status, 400, "{r}");
+    assert!(r["detail"].as_str().unwrap().contains("signature"), "{r}");
+
+    // JSON-RPC: real transactions from solders, base58 and base64, legacy and v0.
+    let out = testkit::run_python(
+        &[
+            testkit::workspace_root()
+                .join("sidecar/tests/py/solana_txs.py")
+                .to_str()
+                .unwrap(),
+            "2",
+        ],
+        b"",
+    );
+    let txs: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(txs.len(), 4);
+    let before = rx.count();
+    for (i, t) in txs.iter().enumerate() {
+        let (enc, field) = if i % 2 == 0 {
+            ("base58", "b58")
+        } else {
+            ("base64", "b64")
+        };
+        let mut opts =
+            json!({"skipPreflight": true, "preflightCommitment": "processed", "maxRetries": 0});
+        if enc == "base64" {
+            opts["encoding"] = json!("base64");
+        }
+        let r = rpc(
+            &s,
+            json!({"jsonrpc": "2.0", "id": i, "method": "sendTransaction", "params": [t[field], opts]}),
+        );
+        assert_eq!(r["result"], t["signature"], "{} {enc}: {r}", t["kind"]);
+        assert_eq!(r["id"], i);
+    }
+    assert_eq!(settle(&rx, &rrt, before + 4), before + 4);
+    let arrived: Vec<String> = rx
+        .received()
+        .iter()
+        .map(|r| hex::encode(&r.bytes))
+        .collect();
+    for t in &txs {
+        assert!(
+            arrived.contains(&t["hex"].as_str().unwrap().to_owned()),
+            "{} arrived byte-identical",
+            t["kind"]
+        );
+    }
+    // Bundles go to the relay.
+    let r = rpc(
+        &s,
+        json!({"jsonrpc": "2.0", "id": 9, "method": "sendBundle",
+        "params": [[txs[0]["b64"], txs[2]["b64"]], {"encoding": "base64"}]}),
+    );
+    assert_eq!(r["result"].as_str().map(str::len), Some(64), "{r}");
+    let calls = relay.calls();
+    assert_eq!(calls.last().unwrap().method, "sendBundle");
+    assert_eq!(
+        hex::encode(&calls.last().unwrap().txs[1]),
+        txs[2]["hex"].as_str().unwrap()
+    );
+    // Errors a Solana client understands.
+    let r = rpc(
+        &s,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "sendTransaction", "params": ["not base58!"]}),
+    );
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+    let mut tampered = hex::decode(txs[1]["hex"].as_str().unwrap()).unwrap();
+    let n = tampered.len();
+    tampered[n - 1] ^= 1;
+    let r = rpc(
+        &s,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "sendTransaction", "params": [b64(&tampered), {"encoding": "base64"}]}),
+    );
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("signature"),
+        "{r}"
+    );
+    let r = rpc(
+        &s,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "getBalance", "params": []}),
+    );
+    assert_eq!(r["error"]["code"], -32601, "{r}");
+    let r = rpc(
+        &s,
+        json!([{"jsonrpc": "2.0", "id": 1, "method": "getHealth"}, {"jsonrpc": "2.0", "id": 2, "method": "nope"}]),
+    );
+    assert_eq!(
+        (r[0]["result"].as_str(), r[1]["error"]["code"].as_i64()),
+        (Some("ok"), Some(-32601))
+    );
+    let (status, _) = s.post_json("/api/rpc", &json!("x"));
+    assert_eq!(status, 200);
+    // The RPC gate follows its module (arbitrage): killed → refused, nothing sent.
+    command(&s, "arbitrage:kill", json!({}));
+    let n_before = rx.count();
+    let r = rpc(
+        &s,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "sendTransaction", "params": [txs[0]["b58"]]}),
+    );
+    assert_eq!(r["error"]["code"], -32005, "{r}");
+    nothing_more(&rx, n_before);
+
+    // Every send is audited.
+    let strategy_sends = s.get_json("/api/sender")["strategy"]["sent"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(strategy_sends, 61, "the burst came while killed");
+    let total = strategy_sends + 4 + 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rows: Vec<Value> = loop {
+        let rows: Vec<Value> = if ch.query("EXISTS TABLE tx_sends").trim() == "1" {
+            ch.query("SELECT * FROM tx_sends ORDER BY ts_us FORMAT JSONEachRow")
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if rows.len() as u64 >= total || Instant::now() > deadline {
+            break rows;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(rows.len() as u64, total, "one row per send");
+    let rpc_rows: Vec<&Value> = rows.iter().filter(|r| r["source"] == "rpc").collect();
+    assert_eq!(rpc_rows.len(), 5);
+    for (r, t) in rpc_rows.iter().zip(&txs) {
+        assert_eq!(r["signature"], t["signature"]);
+        assert_eq!(
+            (
+                r["route"].as_str(),
+                r["outcome"].as_str(),
+                r["hedged"].as_u64()
+            ),
+            (Some("tpu"), Some("landed"), Some(0))
+        );
+        assert_eq!(r["leader"], rx.addr.to_string());
+    }
+    assert_eq!(rpc_rows[4]["kind"], "bundle");
+    let tipped = rows
+        .iter()
+        .find(|r| r["tip"].as_f64() == Some(1.5))
+        .expect("the tipped send");
+    assert_eq!(tipped["module"], "mev");
+    assert_eq!(tipped["score"].as_f64(), Some(2.0));
+    let metrics = s.rt.block_on(async {
+        s.http
+            .get(format!("{}/metrics", s.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    let killed = format!(
+        "gw_strategy_opportunities_total{{outcome=\"killed\"}} {}",
+        8 + burst
+    );
+    assert!(metrics.contains(&killed), "{metrics}");
+    assert!(
+        metrics.contains("gw_sender_tpu_total{event=\"delivered\"}"),
+        "{metrics}"
+    );
+    drop(rx);
+}
