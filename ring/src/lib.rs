@@ -126,11 +126,13 @@ pub fn channel<T>(capacity: usize) -> Result<(Producer<T>, Consumer<T>), Capacit
 
 impl<T> Producer<T> {
     /// Slots in the ring.
+    #[inline(always)]
     pub fn capacity(&self) -> usize {
         self.shared.mask + 1
     }
 
     /// Free slots now (at least; the consumer may free more meanwhile).
+    #[inline(always)]
     pub fn free(&mut self) -> usize {
         let cap = self.capacity();
         if self.tail.wrapping_sub(self.head_cache) == cap {
@@ -156,20 +158,59 @@ impl<T> Producer<T> {
         // One fresh look at the consumer per batch, so a stale cache never shortens it.
         self.head_cache = self.shared.head.load(Ordering::Acquire);
         let room = self.capacity() - self.tail.wrapping_sub(self.head_cache);
-        let mut n = 0;
-        for v in items.by_ref().take(room) {
-            self.write(v);
-            n += 1;
-        }
+        let n = self.write_iter(items, room);
         if n > 0 {
             self.shared.tail.store(self.tail, Ordering::Release);
         }
         n
     }
 
+    /// Writes up to `room` items into the free slots (not yet published).
+    #[cfg(not(loom))]
+    #[inline(always)]
+    fn write_iter<I: Iterator<Item = T>>(&mut self, items: &mut I, room: usize) -> usize {
+        // The free slots are at most two contiguous runs: tail..end, then 0..
+        let cap = self.capacity();
+        let start = self.tail & self.shared.mask;
+        let first = room.min(cap - start);
+        // `Cell` is a transparent `UnsafeCell<MaybeUninit<T>>`.
+        let base = self.shared.slots.as_ptr() as *mut MaybeUninit<T>;
+        let mut n = 0;
+        for (from, len) in [(start, first), (0, room - first)] {
+            for i in 0..len {
+                let Some(v) = items.next() else {
+                    self.tail = self.tail.wrapping_add(n);
+                    return n;
+                };
+                // SAFETY: from + i < cap, and the slot is free (outside head..tail).
+                unsafe { (*base.add(from + i)).write(v) };
+                n += 1;
+            }
+        }
+        self.tail = self.tail.wrapping_add(n);
+        n
+    }
+
+    /// Model-checked variant: one tracked cell access per slot.
+    #[cfg(loom)]
+    fn write_iter<I: Iterator<Item = T>>(&mut self, items: &mut I, room: usize) -> usize {
+        let mut n = 0;
+        for v in items.by_ref().take(room) {
+            self.write(v);
+            n += 1;
+        }
+        n
+    }
+
     #[inline(always)]
     fn write(&mut self, value: T) {
-        self.shared.slots[self.tail & self.shared.mask].with_mut(|p| {
+        // SAFETY: index & mask < slots.len() (the length is mask + 1).
+        let slot = unsafe {
+            self.shared
+                .slots
+                .get_unchecked(self.tail & self.shared.mask)
+        };
+        slot.with_mut(|p| {
             // SAFETY: the slot is outside head..tail (free() said so), so the consumer
             // does not touch it and it holds no live value.
             unsafe { (*p).write(value) };
@@ -180,11 +221,13 @@ impl<T> Producer<T> {
 
 impl<T> Consumer<T> {
     /// Slots in the ring.
+    #[inline(always)]
     pub fn capacity(&self) -> usize {
         self.shared.mask + 1
     }
 
     /// Items ready now (at least; the producer may add more meanwhile).
+    #[inline(always)]
     pub fn available(&mut self) -> usize {
         if self.tail_cache == self.head {
             self.tail_cache = self.shared.tail.load(Ordering::Acquire);
@@ -214,19 +257,73 @@ impl<T> Consumer<T> {
         }
         let n = ready.min(max);
         out.reserve(n);
-        for _ in 0..n {
-            let v = self.read();
-            out.push(v);
-        }
+        let spare = &mut out.spare_capacity_mut()[..n];
+        let mut k = 0;
+        self.read_each(n, &mut |v| {
+            spare[k].write(v);
+            k += 1;
+        });
+        // SAFETY: the first n spare slots were just initialised.
+        unsafe { out.set_len(out.len() + n) };
         if n > 0 {
             self.shared.head.store(self.head, Ordering::Release);
         }
         n
     }
 
+    /// Hands up to `max` of the oldest items to `f` in order, then frees their slots
+    /// at once; returns how many. (No intermediate buffer.)
+    #[inline]
+    pub fn pop_with(&mut self, max: usize, mut f: impl FnMut(T)) -> usize {
+        let mut ready = self.available();
+        if ready < max {
+            self.tail_cache = self.shared.tail.load(Ordering::Acquire);
+            ready = self.tail_cache.wrapping_sub(self.head);
+        }
+        let n = ready.min(max);
+        self.read_each(n, &mut f);
+        if n > 0 {
+            self.shared.head.store(self.head, Ordering::Release);
+        }
+        n
+    }
+
+    /// Moves `n` ready items out to `f` (their slots are not yet released).
+    #[cfg(not(loom))]
+    #[inline(always)]
+    fn read_each(&mut self, n: usize, f: &mut impl FnMut(T)) {
+        let cap = self.capacity();
+        let start = self.head & self.shared.mask;
+        let first = n.min(cap - start);
+        let base = self.shared.slots.as_ptr() as *const MaybeUninit<T>;
+        for (from, len) in [(start, first), (0, n - first)] {
+            for i in 0..len {
+                // SAFETY: from + i < cap and the slot is inside head..tail: written by
+                // the producer (ordered by the acquire load of tail), read once here.
+                f(unsafe { (*base.add(from + i)).assume_init_read() });
+            }
+        }
+        self.head = self.head.wrapping_add(n);
+    }
+
+    /// Model-checked variant: one tracked cell access per slot.
+    #[cfg(loom)]
+    fn read_each(&mut self, n: usize, f: &mut impl FnMut(T)) {
+        for _ in 0..n {
+            let v = self.read();
+            f(v);
+        }
+    }
+
     #[inline(always)]
     fn read(&mut self) -> T {
-        let v = self.shared.slots[self.head & self.shared.mask].with_mut(|p| {
+        // SAFETY: index & mask < slots.len() (the length is mask + 1).
+        let slot = unsafe {
+            self.shared
+                .slots
+                .get_unchecked(self.head & self.shared.mask)
+        };
+        let v = slot.with_mut(|p| {
             // SAFETY: the slot is inside head..tail: the producer wrote it (its release
             // store of tail, acquired above, orders the write before this read) and
             // will not touch it until head moves past it.

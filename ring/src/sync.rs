@@ -25,6 +25,7 @@ impl<T> Cell<T> {
 }
 
 #[cfg(not(loom))]
+#[repr(transparent)]
 pub(crate) struct Cell<T>(std::cell::UnsafeCell<T>);
 #[cfg(not(loom))]
 impl<T> Cell<T> {

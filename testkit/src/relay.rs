@@ -56,20 +56,27 @@ pub struct Relay {
     /// Its address.
     pub addr: SocketAddr,
     shared: Shared,
-    _rt: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Relay {
-    /// Starts on a free port; requests must carry `x-jito-auth: require_auth` when given.
+    /// Starts on a free port; requests must carry `x-jito-auth: require_auth` when
+    /// given. Runs on its own thread, so it can be started and dropped anywhere.
     pub fn start(require_auth: Option<&str>) -> Relay {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("relay runtime");
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind relay");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("relay addr");
         let shared = Shared {
             calls: Arc::new(Mutex::new(Vec::new())),
@@ -80,12 +87,28 @@ impl Relay {
             .route("/api/v1/transactions", post(handle))
             .route("/api/v1/bundles", post(handle))
             .with_state(shared.clone());
-        rt.spawn(async move { axum::serve(listener, app).await });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("relay runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let serve = axum::serve(listener, app);
+                tokio::select! {
+                    _ = serve => {}
+                    _ = stopped => {}
+                }
+            });
+        });
         Relay {
             url: format!("http://{addr}"),
             addr,
             shared,
-            _rt: rt,
+            stop: Some(stop),
+            thread: Some(thread),
         }
     }
 

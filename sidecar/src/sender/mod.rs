@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use std::future::Future as _;
+use std::task::Poll;
 
 use crate::hedge::{Action, Event, Hedge, Route, RouteStats};
 use audit::{SendAudit, SendRow};
@@ -203,6 +204,11 @@ pub struct Sender {
 /// is not configured (not counted against it).
 type RouteResult = Result<Duration, Option<String>>;
 
+/// A started route.
+type RouteFuture = std::pin::Pin<Box<dyn std::future::Future<Output = RouteResult> + Send>>;
+
+const ROUTES: [Route; 2] = [Route::Tpu, Route::Relay];
+
 impl Sender {
     /// Builds the routes from `config`. Must run inside a tokio runtime.
     pub fn new(
@@ -301,11 +307,18 @@ impl Sender {
             tpu_error: None,
             relay_error: None,
         };
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        // The routes' futures are polled right here (no task per send); one still
+        // running when the send is decided is handed to a task so its statistics
+        // still count.
+        let mut routes: [Option<RouteFuture>; 2] = [None, None];
+        let timer = tokio::time::sleep_until((t0 + self.delay).into());
+        tokio::pin!(timer);
         let mut action = hedge.on(Event::Start, t0);
         loop {
             match action.take() {
-                Some(Action::Send(r)) => self.launch(r, &wire, &mut out, tx.clone()),
+                Some(Action::Send(r)) => {
+                    routes[route_idx(r)] = Some(self.launch(r, &wire, &mut out))
+                }
                 Some(Action::Landed(r)) => {
                     out.landed = Some(r);
                     break;
@@ -313,16 +326,29 @@ impl Sender {
                 Some(Action::Failed) => break,
                 None => {}
             }
-            let deadline = hedge.deadline();
-            let event = tokio::select! {
-                r = rx.recv() => match r {
-                    Some((route, r)) => self.settle(route, r, &mut out),
-                    // Unreachable while `tx` lives; end rather than spin.
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(deadline.unwrap_or(t0).into()), if deadline.is_some() => Event::Timer,
+            let armed = hedge.deadline().is_some();
+            let next = std::future::poll_fn(|cx| {
+                for (i, slot) in routes.iter_mut().enumerate() {
+                    if let Some(f) = slot.as_mut() {
+                        if let Poll::Ready(r) = f.as_mut().poll(cx) {
+                            *slot = None;
+                            return Poll::Ready(Some((ROUTES[i], r)));
+                        }
+                    }
+                }
+                if armed && timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            });
+            let event = match next.await {
+                Some((route, r)) => self.settle(route, r, &mut out),
+                None => Event::Timer,
             };
             action = hedge.on(event, Instant::now());
+        }
+        for f in routes.into_iter().flatten() {
+            tokio::spawn(f);
         }
         out.latency = t0.elapsed();
         out.hedged = hedge.hedged();
@@ -345,24 +371,15 @@ impl Sender {
         Event::Failed(route)
     }
 
-    /// Starts `route`; its answer arrives on `done`. The route runs to the end even
-    /// if the other one wins, so its statistics count.
-    fn launch(
-        &self,
-        route: Route,
-        wire: &Bytes,
-        out: &mut SendOutcome,
-        done: mpsc::UnboundedSender<(Route, RouteResult)>,
-    ) {
-        let answer = move |r: RouteResult| {
-            let _ = done.send((route, r));
-        };
+    /// Starts `route`: the future answers when it confirmed or failed and records
+    /// the outcome in the route statistics itself.
+    fn launch(&self, route: Route, wire: &Bytes, out: &mut SendOutcome) -> RouteFuture {
         let t0 = Instant::now();
         let stats = self.routes.clone();
         match route {
             Route::Tpu => {
                 let Some(tpu) = &self.tpu else {
-                    return answer(Err(None));
+                    return Box::pin(async { Err(None) });
                 };
                 let leaders = self
                     .leaders
@@ -370,7 +387,7 @@ impl Sender {
                     .map(|s| s.upcoming(self.fanout))
                     .unwrap_or_default();
                 if leaders.is_empty() {
-                    return answer(Err(Some("no leader known".into())));
+                    return Box::pin(async { Err(Some("no leader known".to_owned())) });
                 }
                 out.leader = leaders.first().map(|l| l.tpu_quic);
                 let mut deliveries = Vec::with_capacity(leaders.len());
@@ -381,11 +398,7 @@ impl Sender {
                         Err(e) => last_err = Some(e.to_string()),
                     }
                 }
-                if deliveries.is_empty() {
-                    record(&stats, route, Err(()));
-                    return answer(Err(last_err));
-                }
-                tokio::spawn(async move {
+                Box::pin(async move {
                     // Confirmed by the first leader that acknowledges; failed when all fail.
                     let mut set = deliveries;
                     while !set.is_empty() {
@@ -395,27 +408,27 @@ impl Sender {
                             Ok(Ok(())) => {
                                 let lat = t0.elapsed();
                                 record(&stats, route, Ok(lat));
-                                return answer(Ok(lat));
+                                return Ok(lat);
                             }
                             Ok(Err(e)) => last_err = Some(e.to_string()),
                             Err(_) => last_err = Some("TPU worker stopped".into()),
                         }
                     }
                     record(&stats, route, Err(()));
-                    answer(Err(last_err));
-                });
+                    Err(last_err)
+                })
             }
             Route::Relay => {
                 let Some(relay) = self.relay.clone() else {
-                    return answer(Err(None));
+                    return Box::pin(async { Err(None) });
                 };
                 let wire = wire.clone();
-                tokio::spawn(async move {
+                Box::pin(async move {
                     let r = relay.send_transaction(&wire).await;
                     let lat = t0.elapsed();
                     record(&stats, route, r.as_ref().map(|_| lat).map_err(|_| ()));
-                    answer(r.map(|_| lat).map_err(|e| Some(e.to_string())));
-                });
+                    r.map(|_| lat).map_err(|e| Some(e.to_string()))
+                })
             }
         }
     }

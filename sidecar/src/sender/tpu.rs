@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::cc::{CongestionConfig, PhaseBoostFactory, PhaseSignal};
@@ -310,7 +311,6 @@ impl TpuClient {
             config: self.config.clone(),
             stats: self.stats.clone(),
             conn: conn.clone(),
-            streams: Arc::new(Semaphore::new(self.config.max_streams)),
         };
         let task = tokio::spawn(worker.run(rx));
         links.insert(
@@ -364,7 +364,6 @@ struct Worker {
     config: TpuConfig,
     stats: Arc<TpuStats>,
     conn: Arc<Mutex<Option<quinn::Connection>>>,
-    streams: Arc<Semaphore>,
 }
 
 impl Worker {
@@ -376,11 +375,15 @@ impl Worker {
         let mut retry_at = Instant::now();
         let mut last_err = String::from("not connected yet");
         let mut conn: Option<quinn::Connection> = None;
+        // Streams in flight, driven by this task (no task per transaction).
+        let mut inflight = FuturesUnordered::new();
+        enum Next {
+            Job(Option<Job>),
+            Progress,
+        }
         loop {
-            if conn.as_ref().is_some_and(|c| c.close_reason().is_some()) {
-                if let Some(reason) = conn.as_ref().and_then(|c| c.close_reason()) {
-                    last_err = format!("connection lost: {reason}");
-                }
+            if let Some(reason) = conn.as_ref().and_then(|c| c.close_reason()) {
+                last_err = format!("connection lost: {reason}");
                 conn = None;
                 self.publish(None);
             }
@@ -400,39 +403,24 @@ impl Worker {
                     }
                 }
             }
-            let job = match &conn {
-                // Connected: wait for work (a dead connection is noticed on the next job).
-                Some(c) => tokio::select! {
-                    j = rx.recv() => j,
-                    _ = c.closed() => continue,
-                },
-                // Backing off: fail what arrives meanwhile at once (so the hedge can
-                // go), and reconnect when the backoff ends even with nothing to send.
-                None => tokio::select! {
-                    j = rx.recv() => j,
-                    _ = tokio::time::sleep_until(retry_at.into()) => continue,
-                },
+            let room = inflight.len() < self.config.max_streams;
+            let next = tokio::select! {
+                biased;
+                Some(()) = inflight.next(), if !inflight.is_empty() => Next::Progress,
+                j = rx.recv(), if room => Next::Job(j),
+                // A dead connection is noticed at once, not on the next job.
+                _ = closed(&conn) => Next::Progress,
+                // Backing off: reconnect when it ends even with nothing to send.
+                _ = tokio::time::sleep_until(retry_at.into()), if conn.is_none() => Next::Progress,
             };
-            let Some(job) = job else { break };
+            let job = match next {
+                Next::Progress => continue,
+                Next::Job(Some(job)) => job,
+                Next::Job(None) => break,
+            };
             match &conn {
-                Some(c) => {
-                    let Ok(permit) = self.streams.clone().acquire_owned().await else {
-                        break;
-                    };
-                    let c = c.clone();
-                    let stats = self.stats.clone();
-                    tokio::spawn(async move {
-                        let r = send_one(&c, &job.wire).await.map_err(|e| {
-                            TpuStats::bump(&stats.failed);
-                            TpuError::Stream(addr, e)
-                        });
-                        if r.is_ok() {
-                            TpuStats::bump(&stats.delivered);
-                        }
-                        drop(permit);
-                        let _ = job.done.send(r);
-                    });
-                }
+                Some(c) => inflight.push(send_job(c.clone(), job, self.stats.clone(), addr)),
+                // Not connected: fail at once so the hedge can go.
                 None => {
                     TpuStats::bump(&self.stats.unreachable);
                     let _ = job
@@ -441,6 +429,7 @@ impl Worker {
                 }
             }
         }
+        while inflight.next().await.is_some() {}
     }
 
     fn publish(&self, c: Option<quinn::Connection>) {
@@ -462,6 +451,29 @@ impl Worker {
             Err(_) => Err(format!("no handshake within {timeout:?}")),
         }
     }
+}
+
+async fn closed(conn: &Option<quinn::Connection>) {
+    match conn {
+        Some(c) => {
+            c.closed().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn send_job(conn: quinn::Connection, job: Job, stats: Arc<TpuStats>, addr: SocketAddr) {
+    let r = match send_one(&conn, &job.wire).await {
+        Ok(()) => {
+            TpuStats::bump(&stats.delivered);
+            Ok(())
+        }
+        Err(e) => {
+            TpuStats::bump(&stats.failed);
+            Err(TpuError::Stream(addr, e))
+        }
+    };
+    let _ = job.done.send(r);
 }
 
 /// One transaction on its own unidirectional stream; done when the peer acknowledged
