@@ -7,6 +7,9 @@
 # bus, or with --kafka over a real Kafka-protocol broker (tansu, 127.0.0.1:9092;
 # topic control-commands-proto, consumer groups ctrl-proto-{module}), which
 # ClickHouse's Kafka engine also reads into control_ledger (sql/14).
+# The sidecar's transaction sender is on: JSON-RPC at /api/rpc and opportunities at
+# /api/opportunities, sending over QUIC to a local TPU (gw-tpu-sink, UDP 8009) and
+# hedging to a local Jito-style relay (gw-dev-relay, 8010); sends audited in tx_sends.
 # Dev keys, a JWT secret and TLS certificates are made once under .run/. Ctrl-C
 # stops everything.
 #
@@ -32,6 +35,7 @@ bash scripts/setup-venv.sh
 (( kafka )) && bash scripts/install-tansu.sh
 log "building gwctl, the sidecar and the filter"
 cargo build --release --locked -q -p gwctl -p gw-sidecar
+cargo build --release --locked -q -p testkit --bin gw-dev-relay
 cargo build --release --locked -q --target wasm32-wasip1 -p gw-filter
 bin="$CARGO_TARGET_DIR/release"
 run="$GW_ROOT/.run"
@@ -63,9 +67,28 @@ if (( kafka )); then
   for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/9092) 2>/dev/null && break; sleep 0.1; done
   (echo > /dev/tcp/127.0.0.1/9092) 2>/dev/null || die "kafka (tansu) did not start; see $run/tansu.log"
 fi
+# The sender's local peers: a TPU that enforces the protocol, and a relay.
+"$bin/gw-tpu-sink" 127.0.0.1:8009 > "$run/tpu-sink.log" 2>&1 & pids+=($!)
+"$bin/gw-dev-relay" 127.0.0.1:8010 > "$run/relay.log" 2>&1 & pids+=($!)
+for _ in $(seq 1 50); do grep -q identity "$run/tpu-sink.log" 2>/dev/null && break; sleep 0.1; done
+sink_id=$(sed -n 's/.*identity \([1-9A-HJ-NP-Za-km-z]*\).*/\1/p' "$run/tpu-sink.log" | head -1)
+[[ -n "$sink_id" ]] || die "gw-tpu-sink did not start; see $run/tpu-sink.log"
+[[ -f "$run/keys/tpu-identity.hex" ]] || (umask 077 && openssl rand -hex 32 > "$run/keys/tpu-identity.hex")
+"$GW_VENV/bin/python" - "$run/sidecar.json" "$sink_id" <<'PY'
+import json, sys
+cfg = json.load(open("sidecar/config.example.json"))
+cfg["sender"] = {
+    "tpu": {},
+    "relay": {"url": "http://127.0.0.1:8010"},
+    "leaders": {"static": [{"tpu_quic": "127.0.0.1:8009", "identity": sys.argv[2]}]},
+    "hedge_delay_ms": 10,
+}
+json.dump(cfg, open(sys.argv[1], "w"), indent=2)
+PY
+GW_TPU_IDENTITY_HEX="$(cat "$run/keys/tpu-identity.hex")" \
 GW_MODELS_DIR="$run/models" GW_KAFKA_BROKERS="$brokers" GW_CLICKHOUSE_URL=http://127.0.0.1:8123 CTRL_PUBKEY_ID=op-admin-1 CTRL_PUBKEY_HEX="$(cat "$run/keys/op-admin-1.pk.hex")" \
   CTRL_SIGN_SK_HEX="$(cat "$run/keys/op-admin-1.sk.hex")" GW_SIDECAR_LISTEN=127.0.0.1:8080 \
-  "$bin/gw-sidecar" --config sidecar/config.example.json & pids+=($!)
+  "$bin/gw-sidecar" --config "$run/sidecar.json" & pids+=($!)
 "$envoy_bin" -c "$run/envoy.yaml" --concurrency 2 --disable-hot-restart --log-level warn & pids+=($!)
 for _ in $(seq 1 100); do
   curl -sf http://127.0.0.1:9901/ready >/dev/null 2>&1 && break
@@ -113,6 +136,14 @@ JSON route (the sidecar signs):
 Models:          curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" https://localhost:8443/api/models
                  (rebuild: $GW_VENV/bin/python scripts/build-models.py --out $run/models; the sidecar swaps them in)
 Module state:    curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" https://localhost:8443/api/modules
+Send a Solana transaction (JSON-RPC sendTransaction, base58 or base64):
+  curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" \
+      -H 'content-type: application/json' https://localhost:8443/api/rpc \
+      -d '{"jsonrpc":"2.0","id":1,"method":"sendTransaction","params":["<tx>",{"encoding":"base64"}]}'
+  (any Solana client works with the URL https://localhost:8443/api/rpc and that header)
+Sender status:   curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" https://localhost:8443/api/sender
+                 local TPU: $run/tpu-sink.log   relay: $run/relay.log
+Sends audited:   curl -s 'http://127.0.0.1:8123/?query=SELECT+signature,route,hedged,outcome,latency_us+FROM+tx_sends+ORDER+BY+ts_us'
 Bus:             ${brokers:-in-process (start with --kafka for Kafka)}
 Edge decisions:  curl -s http://127.0.0.1:9901/stats?filter=gw_edge
 Audit ledger:    curl -s 'http://127.0.0.1:8123/?query=SELECT+seq,stage,decision,code,request_id+FROM+control_decisions+FINAL+ORDER+BY+seq'
@@ -152,6 +183,28 @@ if (( smoke )); then
     -d '{"rows": [[12, 10, 9, 0.3, 0.5, 2, 8, null]]}' https://localhost:8443/api/models/mev/predict)
   echo "$score" | grep -q '"outputs":\[\[' || die "smoke: the mev model did not score: $score"
   log "smoke: models serving through the C ABI: $score"
+  # A real Solana transaction (solders) through Envoy's JSON-RPC route to the local TPU.
+  # (RPC sends follow arbitrage's state; the step above throttled it to 50 %.)
+  json=$(curl -sS --cacert "$run/certs/ca.pem" -H "authorization: Bearer $token" -H 'content-type: application/json' \
+    -d '{"throttle_pct": 100}' https://localhost:8443/api/control/module/arbitrage:throttle)
+  echo "$json" | grep -q '"applied":true' || die "smoke: the JSON route failed: $json"
+  "$GW_VENV/bin/python" sidecar/tests/py/solana_txs.py 1 > "$run/smoke-txs.jsonl"
+  tx=$(sed -n 1p "$run/smoke-txs.jsonl")
+  b64=$(echo "$tx" | "$GW_VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["b64"])')
+  sig=$(echo "$tx" | "$GW_VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["signature"])')
+  sent=$(curl -sS --cacert "$run/certs/ca.pem" -H "authorization: Bearer $token" -H 'content-type: application/json' \
+    -d "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"sendTransaction\",\"params\":[\"$b64\",{\"encoding\":\"base64\",\"skipPreflight\":true}]}" \
+    https://localhost:8443/api/rpc)
+  echo "$sent" | grep -q "\"result\":\"$sig\"" || die "smoke: sendTransaction did not answer the signature $sig: $sent"
+  for _ in $(seq 1 50); do grep -q "tx $sig" "$run/tpu-sink.log" && break; sleep 0.1; done
+  grep -q "tx $sig" "$run/tpu-sink.log" || die "smoke: the transaction did not reach the local TPU"
+  for _ in $(seq 1 50); do
+    a=$(curl -sf "http://127.0.0.1:8123/?query=SELECT+count()+FROM+tx_sends+WHERE+signature='$sig'" || echo 0)
+    (( a >= 1 )) && break
+    sleep 0.2
+  done
+  (( a >= 1 )) || die "smoke: the send is not audited in tx_sends"
+  log "smoke: solders transaction $sig sent through Envoy → sidecar → QUIC TPU, audited"
   log "smoke: $n decisions audited in ClickHouse, chain verified"
   if (( kafka )); then
     for _ in $(seq 1 100); do

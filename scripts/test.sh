@@ -23,6 +23,9 @@ log "cargo test (target dir: $CARGO_TARGET_DIR)"
 out="$(mktemp)"
 trap 'rm -f "$out"' EXIT
 cargo test --workspace --locked --lib --bins --tests "$@" 2>&1 | tee "$out"
+log "loom model check of the SPSC ring (RUSTFLAGS=--cfg loom, own target dir)"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="$GW_CACHE/loom" \
+  cargo test --locked --release -p gw-ring --test loom 2>&1 | tee -a "$out"
 # One closing line for the whole run (cargo prints one per test binary).
 summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
                END { printf "tests: %d passed, %d failed\n", p, f }' "$out")

@@ -75,7 +75,12 @@ impl Relay {
     /// Starts on a free port; requests must carry `x-jito-auth: require_auth` when
     /// given. Runs on its own thread, so it can be started and dropped anywhere.
     pub fn start(require_auth: Option<&str>) -> Relay {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), require_auth)
+    }
+
+    /// Starts on `addr`.
+    pub fn start_on(addr: SocketAddr, require_auth: Option<&str>) -> Relay {
+        let listener = std::net::TcpListener::bind(addr).expect("bind relay");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("relay addr");
         let shared = Shared {

@@ -520,3 +520,22 @@ fn record(stats: &Mutex<RouteStats>, route: Route, r: Result<Duration, ()>) {
         s.record(route, r);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The README's `sender` example is a configuration the sidecar accepts.
+    #[test]
+    fn the_readme_example_parses_and_validates() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("```json\n\"sender\": {")
+            .expect("README has the sender example");
+        let body = &readme[start + "```json\n".len()..];
+        let end = body.find("\n```").expect("closed block");
+        let cfg: crate::config::FileConfig =
+            serde_json::from_str(&format!("{{{}}}", &body[..end])).expect("parses");
+        let sender = cfg.sender.expect("sender section");
+        sender.validate().expect("valid");
+        assert_eq!(sender.hedge_delay_ms, 10);
+    }
+}

@@ -167,7 +167,8 @@ pub struct Throttle {
 
 impl Default for Throttle {
     fn default() -> Self {
-        // Start with one credit so the first opportunity after a throttle goes.
+        // The share starts with no credit (exactly pct % of any window from the
+        // first opportunity); the rate bucket starts with one token.
         Throttle {
             credit: 0.0,
             tokens: 1.0,

@@ -1,0 +1,88 @@
+//! A local TPU to send to when there is no validator: the sidecar's protocol-enforcing
+//! receiver (ALPN `solana-tpu`, Ed25519 client certificate, unidirectional streams of
+//! at most 1232 bytes, 128 at once). Prints one line per transaction received.
+//!
+//! Usage: gw-tpu-sink [ADDR] [IDENTITY_SEED_HEX]   (default 127.0.0.1:8009, fresh key)
+
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use gw_sidecar::sender::receiver::{ReceiverConfig, TpuReceiver};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let addr = args.next().unwrap_or_else(|| "127.0.0.1:8009".into());
+    let listen = match addr.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("gw-tpu-sink: `{addr}` is not an address: {e}");
+            std::process::exit(2);
+        }
+    };
+    let key = match args.next() {
+        Some(h) => match hex::decode(h.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        {
+            Some(seed) => SigningKey::from_bytes(&seed),
+            None => {
+                eprintln!("gw-tpu-sink: the identity must be 32 bytes of hex");
+                std::process::exit(2);
+            }
+        },
+        None => {
+            let mut seed = [0u8; 32];
+            if let Err(e) = rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut seed) {
+                eprintln!("gw-tpu-sink: no randomness: {e}");
+                std::process::exit(1);
+            }
+            SigningKey::from_bytes(&seed)
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gw-tpu-sink: {e}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(async {
+        let cfg = ReceiverConfig {
+            listen,
+            ..ReceiverConfig::default()
+        };
+        let rx = match TpuReceiver::start(cfg, &key) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("gw-tpu-sink: cannot listen on {listen}: {e}");
+                std::process::exit(1);
+            }
+        };
+        println!(
+            "gw-tpu-sink: listening on {} (udp), identity {}",
+            rx.addr,
+            bs58::encode(rx.identity).into_string()
+        );
+        let mut seen = 0usize;
+        loop {
+            rx.wait_for(seen as u64 + 1, Duration::from_secs(3600))
+                .await;
+            let got = rx.received();
+            for r in got.iter().skip(seen) {
+                let sig = gw_sidecar::sender::txwire::parse(&r.bytes, false)
+                    .map(|i| i.signature_b58())
+                    .unwrap_or_else(|e| format!("<{e}>"));
+                println!(
+                    "tx {sig} {} bytes from {}",
+                    r.bytes.len(),
+                    bs58::encode(r.peer).into_string()
+                );
+            }
+            seen = got.len();
+        }
+    });
+}
