@@ -266,6 +266,19 @@ fn main() {
     println!("\n## SPSC ring: items/s between two threads (u64, capacity 4096, {ITEMS} items, best of 7 alternating rounds)");
     println!("| mode | gw-ring | rtrb 0.3 | gw-ring / rtrb |");
     println!("|---|---:|---:|---:|");
+    if let Ok(m) = std::env::var("GW_BENCH_RING_MODE") {
+        // Profiling aid: one mode alone, e.g. under `perf record`.
+        let f: fn() -> f64 = match m.as_str() {
+            "ring_single" => ring_single,
+            "rtrb_single" => rtrb_single,
+            "ring_batch" => ring_batch,
+            _ => rtrb_batch,
+        };
+        for _ in 0..5 {
+            println!("{m}: {:.1} M/s", f() / 1e6);
+        }
+        return;
+    }
     let (mut gs, mut rs, mut gb, mut rb) = (0f64, 0f64, 0f64, 0f64);
     for _ in 0..7 {
         rs = rs.max(rtrb_single());

@@ -88,6 +88,8 @@ pub struct Producer<T> {
     shared: Arc<Shared<T>>,
     tail: usize,
     head_cache: usize,
+    /// Copy of the shared mask: no pointer chase on the hot path.
+    mask: usize,
 }
 
 /// The reading half. Not `Clone`: exactly one consumer.
@@ -95,6 +97,8 @@ pub struct Consumer<T> {
     shared: Arc<Shared<T>>,
     head: usize,
     tail_cache: usize,
+    /// Copy of the shared mask.
+    mask: usize,
 }
 
 /// A ring holding up to `capacity` items (rounded up to a power of two).
@@ -115,11 +119,13 @@ pub fn channel<T>(capacity: usize) -> Result<(Producer<T>, Consumer<T>), Capacit
             shared: shared.clone(),
             tail: 0,
             head_cache: 0,
+            mask: cap - 1,
         },
         Consumer {
             shared,
             head: 0,
             tail_cache: 0,
+            mask: cap - 1,
         },
     ))
 }
@@ -128,7 +134,7 @@ impl<T> Producer<T> {
     /// Slots in the ring.
     #[inline(always)]
     pub fn capacity(&self) -> usize {
-        self.shared.mask + 1
+        self.mask + 1
     }
 
     /// Free slots now (at least; the consumer may free more meanwhile).
@@ -171,7 +177,7 @@ impl<T> Producer<T> {
     fn write_iter<I: Iterator<Item = T>>(&mut self, items: &mut I, room: usize) -> usize {
         // The free slots are at most two contiguous runs: tail..end, then 0..
         let cap = self.capacity();
-        let start = self.tail & self.shared.mask;
+        let start = self.tail & self.mask;
         let first = room.min(cap - start);
         // `Cell` is a transparent `UnsafeCell<MaybeUninit<T>>`.
         let base = self.shared.slots.as_ptr() as *mut MaybeUninit<T>;
@@ -205,11 +211,7 @@ impl<T> Producer<T> {
     #[inline(always)]
     fn write(&mut self, value: T) {
         // SAFETY: index & mask < slots.len() (the length is mask + 1).
-        let slot = unsafe {
-            self.shared
-                .slots
-                .get_unchecked(self.tail & self.shared.mask)
-        };
+        let slot = unsafe { self.shared.slots.get_unchecked(self.tail & self.mask) };
         slot.with_mut(|p| {
             // SAFETY: the slot is outside head..tail (free() said so), so the consumer
             // does not touch it and it holds no live value.
@@ -223,7 +225,7 @@ impl<T> Consumer<T> {
     /// Slots in the ring.
     #[inline(always)]
     pub fn capacity(&self) -> usize {
-        self.shared.mask + 1
+        self.mask + 1
     }
 
     /// Items ready now (at least; the producer may add more meanwhile).
@@ -293,7 +295,7 @@ impl<T> Consumer<T> {
     #[inline(always)]
     fn read_each(&mut self, n: usize, f: &mut impl FnMut(T)) {
         let cap = self.capacity();
-        let start = self.head & self.shared.mask;
+        let start = self.head & self.mask;
         let first = n.min(cap - start);
         let base = self.shared.slots.as_ptr() as *const MaybeUninit<T>;
         for (from, len) in [(start, first), (0, n - first)] {
@@ -318,11 +320,7 @@ impl<T> Consumer<T> {
     #[inline(always)]
     fn read(&mut self) -> T {
         // SAFETY: index & mask < slots.len() (the length is mask + 1).
-        let slot = unsafe {
-            self.shared
-                .slots
-                .get_unchecked(self.head & self.shared.mask)
-        };
+        let slot = unsafe { self.shared.slots.get_unchecked(self.head & self.mask) };
         let v = slot.with_mut(|p| {
             // SAFETY: the slot is inside head..tail: the producer wrote it (its release
             // store of tail, acquired above, orders the write before this read) and
