@@ -442,6 +442,13 @@ fn leaders_follow_a_solana_rpc_node() {
         // Sending through it reaches the current leader, pinned to its identity.
         let cfg = sender_config(json!({"tpu": {}, "leaders": {"rpc": {"url": url}}, "hedge_delay_ms": 50}));
         let sender = Sender::new(&cfg, &key(2), Some(src as Arc<dyn LeaderSource>), None).unwrap();
+        // Upcoming leaders are connected before anything is sent to them.
+        sender.refresh_leaders();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while b.stats.connections.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the next leader was not pre-warmed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let (w, sig) = tx(5, 0);
         let out = sender.send(w.clone(), sig, &meta()).await;
         assert_eq!(out.landed, Some(Route::Tpu), "{out:?}");
@@ -520,5 +527,88 @@ fn the_boosted_phase_puts_more_bytes_in_flight() {
             boosted.0,
             plain.0
         );
+    });
+}
+
+#[test]
+fn a_full_leader_queue_drops_and_counts_instead_of_growing() {
+    let rt = rt();
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        // A silent path keeps the worker in its handshake, so jobs wait in the queue.
+        let path = DelayProxy::start(rx.addr, Duration::ZERO);
+        path.set_blackhole(true);
+        let cfg: TpuConfig = serde_json::from_value(json!({
+            "queue_per_leader": 2, "connect_timeout_ms": 2000
+        }))
+        .unwrap();
+        let client = TpuClient::new(cfg, &key(2)).unwrap();
+        let l = Leader {
+            tpu_quic: path.addr,
+            identity: None,
+        };
+        client.prewarm(&[l]);
+        tokio::time::sleep(Duration::from_millis(50)).await; // the worker is connecting
+        let a = client.submit(&l, tx(1, 0).0).unwrap();
+        let b = client.submit(&l, tx(2, 0).0).unwrap();
+        assert_eq!(
+            client.submit(&l, tx(3, 0).0).err(),
+            Some(TpuError::QueueFull(path.addr))
+        );
+        assert_eq!(
+            client
+                .stats
+                .dropped_full
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // The queued ones are not lost: they fail cleanly when the handshake gives up.
+        for d in [a, b] {
+            let r = tokio::time::timeout(Duration::from_secs(5), d)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(matches!(r, Err(TpuError::Unreachable(..))), "{r:?}");
+        }
+    });
+}
+
+#[test]
+fn the_relay_has_a_deadline_and_names_its_errors() {
+    let relay = Relay::start(Some("secret-token"));
+    let rt = rt();
+    rt.block_on(async {
+        use gw_sidecar::sender::relay::{RelayClient, RelayConfig, RelayError};
+        let cfg: RelayConfig = serde_json::from_value(json!({
+            "url": relay.url, "auth": "secret-token", "timeout_ms": 200
+        }))
+        .unwrap();
+        assert!(
+            !format!("{cfg:?}").contains("secret-token"),
+            "the token is never printed"
+        );
+        let c = RelayClient::new(&cfg).unwrap();
+        let (w, sig) = tx(1, 0);
+        assert_eq!(c.send_transaction(&w).await, Ok(sig));
+        relay.set_mode(Mode::Delay(Duration::from_secs(2)));
+        let t0 = Instant::now();
+        assert_eq!(
+            c.send_transaction(&w).await,
+            Err(RelayError::Timeout(Duration::from_millis(200)))
+        );
+        assert!(t0.elapsed() < Duration::from_secs(1));
+        relay.set_mode(Mode::Accept);
+        let bundle: Vec<Bytes> = (0..6).map(|i| tx(i, 0).0).collect();
+        assert_eq!(c.send_bundle(&bundle).await, Err(RelayError::BundleSize(6)));
+        let id = c.send_bundle(&bundle[..5]).await.unwrap();
+        assert_eq!(id.len(), 64);
+        let last = relay.calls().pop().unwrap();
+        assert_eq!((last.method.as_str(), last.txs.len()), ("sendBundle", 5));
+        let wrong =
+            RelayClient::new(&serde_json::from_value(json!({"url": relay.url})).unwrap()).unwrap();
+        match wrong.send_transaction(&w).await {
+            Err(RelayError::Http(401, _)) => {}
+            other => panic!("expected 401 without the token, got {other:?}"),
+        }
     });
 }
