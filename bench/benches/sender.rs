@@ -8,7 +8,9 @@
 //! 3. Hedge timing: primary leader silent, relay answering; how late the hedge goes
 //!    out relative to `hedge_delay` (p50/p99).
 //!
-//! Run with `bash bench/run.sh sender`.
+//! Run with `bash bench/run.sh sender`. Profiling aids: `GW_BENCH_RING_ONLY=1`,
+//! `GW_BENCH_RING_MODE=ring_single|rtrb_single|ring_batch|rtrb_batch`,
+//! `GW_BENCH_SKIP_RING=1`, `GW_BENCH_HEDGED_ONLY=1` (e.g. under `perf record -e cpu-clock`).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -279,8 +281,9 @@ fn main() {
         }
         return;
     }
+    let skip_ring = std::env::var_os("GW_BENCH_SKIP_RING").is_some();
     let (mut gs, mut rs, mut gb, mut rb) = (0f64, 0f64, 0f64, 0f64);
-    for _ in 0..7 {
+    for _ in 0..if skip_ring { 0 } else { 7 } {
         rs = rs.max(rtrb_single());
         gs = gs.max(ring_single());
         gb = gb.max(ring_batch());
@@ -307,28 +310,43 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
-        let rx = TpuReceiver::start(
-            ReceiverConfig {
-                keep: false,
-                ..ReceiverConfig::default()
-            },
-            &SigningKey::from_bytes(&[1u8; 32]),
-        )
+    // The receiver is the network peer: its own runtime, like a remote validator.
+    let peer_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
         .unwrap();
-        let txs = txs(20_000);
+    let rx = peer_rt
+        .block_on(async {
+            TpuReceiver::start(
+                ReceiverConfig {
+                    keep: false,
+                    ..ReceiverConfig::default()
+                },
+                &SigningKey::from_bytes(&[1u8; 32]),
+            )
+        })
+        .unwrap();
+    rt.block_on(async {
+        let txs = txs(50_000);
         // Warm up both paths once.
         raw_quinn(rx.addr, &txs[..2000]).await;
         ours_tpu(rx.addr, &txs[..2000]).await;
         let mut raw = 0f64;
         let mut tpu = 0f64;
         let mut hedged = 0f64;
-        for _ in 0..3 {
+        if std::env::var_os("GW_BENCH_HEDGED_ONLY").is_some() {
+            for _ in 0..10 {
+                println!("hedged: {:.0} tx/s", ours_hedged(rx.addr, &txs).await);
+            }
+            return;
+        }
+        for _ in 0..5 {
             raw = raw.max(raw_quinn(rx.addr, &txs).await);
             tpu = tpu.max(ours_tpu(rx.addr, &txs).await);
             hedged = hedged.max(ours_hedged(rx.addr, &txs).await);
         }
-        println!("\n## transactions/s over one QUIC connection to the local TPU receiver (20 000 × {} bytes, each acknowledged, best of 3)", txs[0].len());
+        println!("\n## transactions/s over one QUIC connection to the local TPU receiver (50 000 × {} bytes, each acknowledged, best of 5 alternating rounds)", txs[0].len());
         println!("| path | tx/s | vs raw quinn |");
         println!("|---|---:|---:|");
         println!("| raw quinn uni streams (baseline) | {raw:.0} | 1.00x |");

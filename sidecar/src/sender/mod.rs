@@ -400,6 +400,18 @@ impl Sender {
                 }
                 Box::pin(async move {
                     // Confirmed by the first leader that acknowledges; failed when all fail.
+                    if deliveries.len() == 1 {
+                        // fanout 1: no set to race.
+                        if let Some(d) = deliveries.pop() {
+                            let r = match d.await {
+                                Ok(Ok(())) => Ok(t0.elapsed()),
+                                Ok(Err(e)) => Err(Some(e.to_string())),
+                                Err(_) => Err(Some("TPU worker stopped".to_owned())),
+                            };
+                            record(&stats, route, r.as_ref().map(|l| *l).map_err(|_| ()));
+                            return r;
+                        }
+                    }
                     let mut set = deliveries;
                     while !set.is_empty() {
                         let (r, _, rest) = futures_util::future::select_all(set).await;

@@ -233,8 +233,9 @@ impl TpuClient {
             return Err(TpuError::TooLarge(wire.len()));
         }
         let (done, rx) = oneshot::channel();
-        let sender = self.link(leader)?;
-        match sender.try_send(Job { wire, done }) {
+        // Queued under the links lock (try_send never waits): no Sender clone per
+        // transaction.
+        match self.with_link(leader, |tx| tx.try_send(Job { wire, done }))? {
             Ok(()) => Ok(rx),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 TpuStats::bump(&self.stats.dropped_full);
@@ -247,7 +248,7 @@ impl TpuClient {
     /// Starts connecting to upcoming leaders before there is anything to send.
     pub fn prewarm(&self, leaders: &[Leader]) {
         for l in leaders {
-            let _ = self.link(l);
+            let _ = self.with_link(l, |_| ());
         }
     }
 
@@ -284,12 +285,17 @@ impl TpuClient {
         self.endpoint.close(0u32.into(), b"shutdown");
     }
 
-    fn link(&self, leader: &Leader) -> Result<mpsc::Sender<Job>, TpuError> {
+    /// Runs `f` on the leader's queue, starting its worker first if needed.
+    fn with_link<R>(
+        &self,
+        leader: &Leader,
+        f: impl FnOnce(&mpsc::Sender<Job>) -> R,
+    ) -> Result<R, TpuError> {
         let mut links = self.links.lock().map_err(|_| TpuError::Stopped)?;
         if let Some(l) = links.get_mut(&leader.tpu_quic) {
             if !l.task.is_finished() {
                 l.last_used = Instant::now();
-                return Ok(l.tx.clone());
+                return Ok(f(&l.tx));
             }
         }
         if links.len() >= self.config.max_leaders {
@@ -313,17 +319,18 @@ impl TpuClient {
             conn: conn.clone(),
         };
         let task = tokio::spawn(worker.run(rx));
+        let r = f(&tx);
         links.insert(
             leader.tpu_quic,
             Link {
-                tx: tx.clone(),
+                tx,
                 phase,
                 conn,
                 last_used: Instant::now(),
                 task,
             },
         );
-        Ok(tx)
+        Ok(r)
     }
 
     fn client_config(
@@ -377,14 +384,21 @@ impl Worker {
         let mut conn: Option<quinn::Connection> = None;
         // Streams in flight, driven by this task (no task per transaction).
         let mut inflight = FuturesUnordered::new();
+        // Resolves when the current connection dies (made once per connection).
+        let mut closed: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> =
+            None;
+        let backoff_timer = tokio::time::sleep_until(retry_at.into());
+        tokio::pin!(backoff_timer);
         enum Next {
             Job(Option<Job>),
+            Closed,
             Progress,
         }
         loop {
             if let Some(reason) = conn.as_ref().and_then(|c| c.close_reason()) {
                 last_err = format!("connection lost: {reason}");
                 conn = None;
+                closed = None;
                 self.publish(None);
             }
             if conn.is_none() && Instant::now() >= retry_at {
@@ -393,12 +407,17 @@ impl Worker {
                         TpuStats::bump(&self.stats.connects);
                         backoff = min;
                         self.publish(Some(c.clone()));
+                        let watch = c.clone();
+                        closed = Some(Box::pin(async move {
+                            watch.closed().await;
+                        }));
                         conn = Some(c);
                     }
                     Err(e) => {
                         TpuStats::bump(&self.stats.connect_failures);
                         last_err = e;
                         retry_at = Instant::now() + backoff;
+                        backoff_timer.as_mut().reset(retry_at.into());
                         backoff = (backoff * 2).min(max);
                     }
                 }
@@ -409,17 +428,33 @@ impl Worker {
                 Some(()) = inflight.next(), if !inflight.is_empty() => Next::Progress,
                 j = rx.recv(), if room => Next::Job(j),
                 // A dead connection is noticed at once, not on the next job.
-                _ = closed(&conn) => Next::Progress,
+                _ = async {
+                    match closed.as_mut() {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                }, if closed.is_some() => Next::Closed,
                 // Backing off: reconnect when it ends even with nothing to send.
-                _ = tokio::time::sleep_until(retry_at.into()), if conn.is_none() => Next::Progress,
+                _ = &mut backoff_timer, if conn.is_none() => Next::Progress,
             };
             let job = match next {
                 Next::Progress => continue,
+                Next::Closed => {
+                    closed = None;
+                    continue;
+                }
                 Next::Job(Some(job)) => job,
                 Next::Job(None) => break,
             };
             match &conn {
-                Some(c) => inflight.push(send_job(c.clone(), job, self.stats.clone(), addr)),
+                Some(c) => {
+                    inflight.push(send_job(c.clone(), job, self.stats.clone(), addr));
+                    // Take what else is queued in one go (fewer trips through select).
+                    while inflight.len() < self.config.max_streams {
+                        let Ok(job) = rx.try_recv() else { break };
+                        inflight.push(send_job(c.clone(), job, self.stats.clone(), addr));
+                    }
+                }
                 // Not connected: fail at once so the hedge can go.
                 None => {
                     TpuStats::bump(&self.stats.unreachable);
@@ -450,15 +485,6 @@ impl Worker {
             Ok(Err(e)) => Err(format!("handshake failed: {e}")),
             Err(_) => Err(format!("no handshake within {timeout:?}")),
         }
-    }
-}
-
-async fn closed(conn: &Option<quinn::Connection>) {
-    match conn {
-        Some(c) => {
-            c.closed().await;
-        }
-        None => std::future::pending().await,
     }
 }
 
