@@ -202,6 +202,15 @@ fn gate(ctx: &RpcContext<'_>) -> Result<(), RpcErr> {
     Ok(())
 }
 
+fn rpc_meta(ctx: &RpcContext<'_>) -> SendMeta {
+    SendMeta {
+        source: "rpc",
+        module: ctx.module.as_str(),
+        tip: 0.0,
+        score: None,
+    }
+}
+
 async fn send_transaction(ctx: &RpcContext<'_>, params: &Value) -> Result<String, RpcErr> {
     let p = params.as_array().ok_or((
         code::INVALID_PARAMS,
@@ -213,13 +222,7 @@ async fn send_transaction(ctx: &RpcContext<'_>, params: &Value) -> Result<String
     ))?;
     let (wire, sig) = decode_tx(tx, encoding(p.get(1))?)?;
     gate(ctx)?;
-    let meta = SendMeta {
-        source: "rpc",
-        module: ctx.module.as_str(),
-        tip: 0.0,
-        score: None,
-    };
-    let out = ctx.sender.send(wire, sig, &meta).await;
+    let out = ctx.sender.send(wire, sig, &rpc_meta(ctx)).await;
     match out.landed {
         Some(_) => Ok(out.signature),
         None => Err((
@@ -268,14 +271,8 @@ async fn send_bundle(ctx: &RpcContext<'_>, params: &Value) -> Result<String, Rpc
         txs.push(wire);
     }
     gate(ctx)?;
-    let meta = SendMeta {
-        source: "rpc",
-        module: ctx.module.as_str(),
-        tip: 0.0,
-        score: None,
-    };
     ctx.sender
-        .send_bundle(txs, first_sig, &meta)
+        .send_bundle(txs, first_sig, &rpc_meta(ctx))
         .await
         .map_err(|e| (code::SEND_FAILED, format!("bundle was not sent: {e}")))
 }

@@ -71,6 +71,13 @@ fn ed25519_only() -> Vec<SignatureScheme> {
     vec![SignatureScheme::ED25519]
 }
 
+/// QUIC is TLS 1.3 only: a TLS 1.2 signature is never acceptable.
+fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
+    Err(rustls::Error::PeerIncompatible(
+        rustls::PeerIncompatible::Tls12NotOffered,
+    ))
+}
+
 fn check_tls13(
     provider: &CryptoProvider,
     message: &[u8],
@@ -129,10 +136,7 @@ impl ServerCertVerifier for LeaderVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // QUIC is TLS 1.3 only.
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -197,9 +201,7 @@ impl ClientCertVerifier for PeerKeyVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
