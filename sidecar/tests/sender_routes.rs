@@ -612,3 +612,52 @@ fn the_relay_has_a_deadline_and_names_its_errors() {
         }
     });
 }
+
+#[test]
+fn a_stalled_route_saturates_the_hot_path_instead_of_piling_up_sends() {
+    use gw_core::args::CommandArgs;
+    use gw_core::{Action, Module};
+    use gw_sidecar::modules::Modules;
+    use gw_sidecar::sender::strategy::{HotPath, Opportunity, SignedTx, Skip, StrategyConfig};
+    let rt = rt();
+    let path = DelayProxy::start("127.0.0.1:9".parse().unwrap(), Duration::ZERO);
+    path.set_blackhole(true); // the only route never answers
+    let cfg = sender_config(json!({
+        "tpu": {"connect_timeout_ms": 5000},
+        "leaders": {"static": []},
+        "hedge_delay_ms": 10,
+    }));
+    let sender = rt.block_on(async {
+        Sender::new(&cfg, &key(2), Some(leader(path.addr, None)), None).unwrap()
+    });
+    let mut modules = Modules::new();
+    modules.apply(Module::Mev, Action::Start, &CommandArgs::default(), "t");
+    let strategy: StrategyConfig = serde_json::from_value(json!({"max_inflight": 3})).unwrap();
+    let hot = HotPath::start(
+        &strategy,
+        sender,
+        Arc::new(std::sync::Mutex::new(modules)),
+        None,
+        rt.handle().clone(),
+    )
+    .unwrap();
+    let opps: Vec<Opportunity> = (0..10)
+        .map(|i| {
+            let (wire, signature) = tx(i, 0);
+            Opportunity {
+                module: Module::Mev,
+                features: Vec::new(),
+                ev: Some(1.0),
+                txs: vec![SignedTx { wire, signature }],
+            }
+        })
+        .collect();
+    assert_eq!(hot.offer(opps), 10);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while hot.stats.skipped(Skip::Saturated) < 7 {
+        assert!(Instant::now() < deadline, "saturation not reached");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(hot.stats.sent.load(std::sync::atomic::Ordering::Relaxed), 3);
+    drop(hot);
+}

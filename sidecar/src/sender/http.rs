@@ -262,6 +262,7 @@ pub fn metrics(dp: &DataPlane, out: &mut String) {
         Skip::BelowTip,
         Skip::NoScore,
         Skip::NoTx,
+        Skip::Saturated,
     ] {
         let _ = writeln!(
             out,

@@ -13,7 +13,7 @@
 //! counted by reason; the sends themselves are audited by the sender.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,14 @@ pub struct StrategyConfig {
     /// Sends per second per module at `throttle_pct = 100` (0: no rate cap).
     #[serde(default)]
     pub max_sends_per_sec: u32,
+    /// Sends in flight at most (each waits for a route); beyond it opportunities
+    /// are skipped as `saturated`, so a stalled route cannot pile up memory.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: usize,
+}
+
+fn default_max_inflight() -> usize {
+    4096
 }
 
 fn default_ring() -> usize {
@@ -53,6 +61,7 @@ impl Default for StrategyConfig {
             ring_capacity: default_ring(),
             batch: default_batch(),
             max_sends_per_sec: 0,
+            max_inflight: default_max_inflight(),
         }
     }
 }
@@ -65,6 +74,9 @@ impl StrategyConfig {
         }
         if self.batch == 0 || self.batch > 4096 {
             return Err("sender.strategy.batch must be within 1..=4096".into());
+        }
+        if self.max_inflight == 0 {
+            return Err("sender.strategy.max_inflight must be at least 1".into());
         }
         Ok(())
     }
@@ -110,6 +122,8 @@ pub enum Skip {
     NoScore,
     /// No transaction attached.
     NoTx,
+    /// `max_inflight` sends are already waiting for a route.
+    Saturated,
 }
 
 impl Skip {
@@ -123,6 +137,7 @@ impl Skip {
             Skip::BelowTip => "below_tip",
             Skip::NoScore => "no_score",
             Skip::NoTx => "no_tx",
+            Skip::Saturated => "saturated",
         }
     }
 }
@@ -292,6 +307,8 @@ impl HotPath {
             stats: stats.clone(),
             batch: config.batch,
             max_per_sec: config.max_sends_per_sec,
+            max_inflight: config.max_inflight,
+            inflight: Arc::new(AtomicUsize::new(0)),
             throttles: BTreeMap::new(),
         };
         let join = std::thread::Builder::new()
@@ -338,7 +355,18 @@ struct Worker {
     stats: Arc<StrategyStats>,
     batch: usize,
     max_per_sec: u32,
+    max_inflight: usize,
+    inflight: Arc<AtomicUsize>,
     throttles: BTreeMap<&'static str, Throttle>,
+}
+
+/// Gives back one in-flight slot when a send ends (or its task is dropped).
+struct InflightSlot(Arc<AtomicUsize>);
+
+impl Drop for InflightSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Worker {
@@ -399,6 +427,12 @@ impl Worker {
                 self.stats.skip(Skip::NoTx);
                 continue;
             };
+            if self.inflight.load(Ordering::Acquire) >= self.max_inflight {
+                self.stats.skip(Skip::Saturated);
+                continue;
+            }
+            self.inflight.fetch_add(1, Ordering::AcqRel);
+            let slot = InflightSlot(self.inflight.clone());
             self.stats.sent.fetch_add(1, Ordering::Relaxed);
             let sender = self.sender.clone();
             let meta = SendMeta {
@@ -409,6 +443,7 @@ impl Worker {
             };
             self.rt.spawn(async move {
                 sender.send(tx.wire, tx.signature, &meta).await;
+                drop(slot);
             });
         }
     }
