@@ -243,7 +243,9 @@ fn a_silent_primary_is_hedged_after_the_delay_and_the_relay_lands_it() {
         assert!(out.hedged);
         let after = out.hedged_after.unwrap();
         assert!(
-            after >= Duration::from_millis(10) && after < Duration::from_millis(60),
+            // Not before the delay; well before the TPU's own 1.5 s handshake deadline
+            // (loose upper bound: CI machines are busy).
+            after >= Duration::from_millis(10) && after < Duration::from_millis(250),
             "hedged {after:?} after the start; the delay is 10 ms"
         );
         let calls = relay.calls();
@@ -365,7 +367,10 @@ fn route_statistics_move_the_first_try_to_the_route_that_lands() {
             assert_eq!(out.landed, Some(Route::Relay));
         }
         // Give the TPU attempts time to fail (connect timeout) and be counted.
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sender.route_counts()[0].1 == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let [tpu, relay_counts] = sender.route_counts();
         assert!(tpu.1 >= 1, "TPU failures counted: {tpu:?}");
         assert!(
