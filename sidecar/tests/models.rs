@@ -295,3 +295,105 @@ fn hot_swap_under_concurrent_predictions_loses_nothing() {
     assert_eq!(seen.len(), 2, "both versions answered: {seen:?}");
     assert_eq!(host.slot("mev").unwrap().loads.load(Ordering::Relaxed), 21);
 }
+
+#[test]
+fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
+    use gw_core::Module;
+    use gw_sidecar::modules::{ModuleState, Modules, RunState};
+    use gw_sidecar::sender::strategy::{HotPath, Opportunity, SignedTx, StrategyConfig};
+    use gw_sidecar::sender::{txwire, Sender, SenderConfig};
+
+    let dir = built();
+    let host = Arc::new(ModelHost::new(dir, 8));
+    host.poll();
+    let (rows, _) = check(dir, "mev");
+    // The scores the strategy will see (equal to LightGBM's within 1e-5, tested above).
+    let preds: Vec<f64> = host
+        .current("mev")
+        .unwrap()
+        .predict(&rows)
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    // ev_min halfway between two neighbouring scores: no row sits on the edge.
+    let mut sorted = preds.clone();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    let ev_min = (sorted[mid - 1] + sorted[mid]) / 2.0;
+    let relay = testkit::relay::Relay::start(None);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cfg: SenderConfig = serde_json::from_value(json!({"relay": {"url": relay.url}})).unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[4u8; 32]);
+    let sender = rt.block_on(async { Sender::new(&cfg, &key, None, None).unwrap() });
+    let mut modules = Modules::new();
+    modules.set(
+        Module::Mev,
+        ModuleState {
+            state: RunState::Running,
+            ev_min: Some(ev_min),
+            ..ModuleState::default()
+        },
+    );
+    let hot = HotPath::start(
+        &StrategyConfig::default(),
+        sender,
+        Arc::new(std::sync::Mutex::new(modules)),
+        Some(host),
+        rt.handle().clone(),
+    )
+    .unwrap();
+    let mut expected = Vec::new();
+    let opps: Vec<Opportunity> = rows
+        .chunks_exact(8)
+        .zip(&preds)
+        .enumerate()
+        .map(|(i, (features, pred))| {
+            let mut bh = [9u8; 32];
+            bh[..4].copy_from_slice(&(i as u32).to_le_bytes());
+            let wire = txwire::example_tx(&key, bh, 0);
+            if *pred >= ev_min {
+                expected.push(wire.clone());
+            }
+            let signature = txwire::parse(&wire, false).unwrap().signature_b58();
+            Opportunity {
+                module: Module::Mev,
+                features: features.to_vec(),
+                ev: None, // the model scores it
+                txs: vec![SignedTx {
+                    wire: wire.into(),
+                    signature,
+                }],
+            }
+        })
+        .collect();
+    let n = opps.len();
+    assert_eq!(hot.offer(opps), n);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while relay.calls().len() < expected.len() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut got: Vec<Vec<u8>> = relay
+        .calls()
+        .into_iter()
+        .map(|c| c.txs[0].clone())
+        .collect();
+    got.sort();
+    expected.sort();
+    assert_eq!(
+        got.len(),
+        n / 2,
+        "half the rows score at or above the median"
+    );
+    assert_eq!(
+        got, expected,
+        "exactly the opportunities the model scores >= ev_min"
+    );
+    assert_eq!(hot.stats.scored.load(Ordering::Relaxed), n as u64);
+    drop(hot);
+}
