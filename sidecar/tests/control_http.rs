@@ -36,17 +36,7 @@ impl Sidecar {
     }
 
     fn get(&self, path: &str) -> String {
-        self.0.rt.block_on(async {
-            self.0
-                .http
-                .get(format!("{}{path}", self.0.base))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        })
+        self.0.get_text(path)
     }
 }
 

@@ -326,16 +326,7 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
         .expect("the tipped send");
     assert_eq!(tipped["module"], "mev");
     assert_eq!(tipped["score"].as_f64(), Some(2.0));
-    let metrics = s.rt.block_on(async {
-        s.http
-            .get(format!("{}/metrics", s.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    });
+    let metrics = s.get_text("/metrics");
     let killed = format!(
         "gw_strategy_opportunities_total{{outcome=\"killed\"}} {}",
         8 + burst

@@ -55,6 +55,20 @@ impl Served {
         })
     }
 
+    /// `GET path` → body text (panics on a transport error).
+    pub fn get_text(&self, path: &str) -> String {
+        self.rt.block_on(async {
+            self.http
+                .get(format!("{}{path}", self.base))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        })
+    }
+
     /// `POST path` with a JSON body → status and JSON (`null` when not JSON).
     pub fn post_json(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
         self.rt.block_on(async {
