@@ -135,6 +135,17 @@ pub fn ed25519_from_hex(s: &str) -> Result<ed25519_dalek::VerifyingKey, KeyError
     ed25519_from_bytes(&bytes)
 }
 
+/// Parses a 32-byte Ed25519 secret seed given as hex; the decoded bytes are wiped.
+pub fn ed25519_secret_from_hex(s: &str) -> Result<ed25519_dalek::SigningKey, KeyError> {
+    let bytes =
+        zeroize::Zeroizing::new(hex::decode(s.trim()).map_err(|_| KeyError::Invalid("not hex"))?);
+    let seed: &[u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| KeyError::Invalid("Ed25519 secret key must be 32 bytes"))?;
+    Ok(ed25519_dalek::SigningKey::from_bytes(seed))
+}
+
 /// Parses raw bytes as an Ed25519 public key, refusing weak (small-order) keys.
 pub fn ed25519_from_bytes(bytes: &[u8]) -> Result<ed25519_dalek::VerifyingKey, KeyError> {
     let arr: [u8; 32] = bytes
@@ -252,6 +263,14 @@ pub fn ed25519_public_jwk(kid: &str, vk: &ed25519_dalek::VerifyingKey) -> String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_seed_from_hex() {
+        let sk = ed25519_secret_from_hex(&format!(" {} \n", "07".repeat(32))).unwrap();
+        assert_eq!(sk.to_bytes(), [7u8; 32]);
+        assert!(ed25519_secret_from_hex("zz").is_err());
+        assert!(ed25519_secret_from_hex(&"07".repeat(31)).is_err());
+    }
 
     const SECRET32: &str = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE"; // "0123..." 32 bytes
 

@@ -197,14 +197,8 @@ impl Config {
         }
         let signer = match env("CTRL_SIGN_SK_HEX") {
             Some(sk) => {
-                let bytes = zeroize::Zeroizing::new(
-                    hex::decode(sk.trim())
-                        .map_err(|_| ConfigError::Env("CTRL_SIGN_SK_HEX", "not hex".into()))?,
-                );
-                let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-                    ConfigError::Env("CTRL_SIGN_SK_HEX", "must be 32 bytes of hex".into())
-                })?;
-                let sk = SigningKey::from_bytes(&arr);
+                let sk = gw_core::jwk::ed25519_secret_from_hex(&sk)
+                    .map_err(|e| ConfigError::Env("CTRL_SIGN_SK_HEX", e.to_string()))?;
                 // The sidecar must be able to verify what it signs.
                 if keyring.get(&key_id).is_none() {
                     keyring.insert(CommandKey::unrestricted(key_id.clone(), sk.verifying_key()))?;

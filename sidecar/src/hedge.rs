@@ -28,6 +28,17 @@ impl Route {
         }
     }
 
+    /// Both routes, in [`Route::index`] order.
+    pub const ALL: [Route; 2] = [Route::Tpu, Route::Relay];
+
+    /// Position in per-route arrays (`Route::ALL[r.index()] == r`).
+    pub fn index(self) -> usize {
+        match self {
+            Route::Tpu => 0,
+            Route::Relay => 1,
+        }
+    }
+
     /// Name for logs, metrics and audit rows.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -86,10 +97,7 @@ pub struct Hedge {
 }
 
 fn idx(r: Route) -> usize {
-    match r {
-        Route::Tpu => 0,
-        Route::Relay => 1,
-    }
+    r.index()
 }
 
 impl Hedge {

@@ -20,13 +20,10 @@ fn main() {
         }
     };
     let key = match args.next() {
-        Some(h) => match hex::decode(h.trim())
-            .ok()
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        {
-            Some(seed) => SigningKey::from_bytes(&seed),
-            None => {
-                eprintln!("gw-tpu-sink: the identity must be 32 bytes of hex");
+        Some(h) => match gw_core::jwk::ed25519_secret_from_hex(&h) {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("gw-tpu-sink: identity: {e}");
                 std::process::exit(2);
             }
         },

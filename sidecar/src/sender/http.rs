@@ -188,7 +188,10 @@ fn status_json(dp: &DataPlane) -> Value {
             "ring_full": hs.ring_full.load(Ordering::Relaxed),
             "sent": hs.sent.load(Ordering::Relaxed),
             "scored": hs.scored.load(Ordering::Relaxed),
-            "skipped": hs.skipped.lock().map(|m| json!(*m)).unwrap_or(Value::Null),
+            "skipped": Skip::ALL
+                .iter()
+                .map(|w| (w.as_str().to_owned(), json!(hs.skipped(*w))))
+                .collect::<serde_json::Map<_, _>>(),
         },
         "rpc_module": dp.rpc_module.as_str(),
     })
@@ -254,16 +257,7 @@ pub fn metrics(dp: &DataPlane, out: &mut String) {
         hs.sent.load(Ordering::Relaxed),
         hs.ring_full.load(Ordering::Relaxed)
     );
-    for why in [
-        Skip::Stopped,
-        Skip::Killed,
-        Skip::Throttled,
-        Skip::BelowEvMin,
-        Skip::BelowTip,
-        Skip::NoScore,
-        Skip::NoTx,
-        Skip::Saturated,
-    ] {
+    for why in Skip::ALL {
         let _ = writeln!(
             out,
             "gw_strategy_opportunities_total{{outcome=\"{}\"}} {}",

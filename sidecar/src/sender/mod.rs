@@ -207,8 +207,6 @@ type RouteResult = Result<Duration, Option<String>>;
 /// A started route.
 type RouteFuture = std::pin::Pin<Box<dyn std::future::Future<Output = RouteResult> + Send>>;
 
-const ROUTES: [Route; 2] = [Route::Tpu, Route::Relay];
-
 impl Sender {
     /// Builds the routes from `config`. Must run inside a tokio runtime.
     pub fn new(
@@ -316,9 +314,7 @@ impl Sender {
         let mut action = hedge.on(Event::Start, t0);
         loop {
             match action.take() {
-                Some(Action::Send(r)) => {
-                    routes[route_idx(r)] = Some(self.launch(r, &wire, &mut out))
-                }
+                Some(Action::Send(r)) => routes[r.index()] = Some(self.launch(r, &wire, &mut out)),
                 Some(Action::Landed(r)) => {
                     out.landed = Some(r);
                     break;
@@ -332,7 +328,7 @@ impl Sender {
                     if let Some(f) = slot.as_mut() {
                         if let Poll::Ready(r) = f.as_mut().poll(cx) {
                             *slot = None;
-                            return Poll::Ready(Some((ROUTES[i], r)));
+                            return Poll::Ready(Some((Route::ALL[i], r)));
                         }
                     }
                 }
@@ -400,18 +396,6 @@ impl Sender {
                 }
                 Box::pin(async move {
                     // Confirmed by the first leader that acknowledges; failed when all fail.
-                    if deliveries.len() == 1 {
-                        // fanout 1: no set to race.
-                        if let Some(d) = deliveries.pop() {
-                            let r = match d.await {
-                                Ok(Ok(())) => Ok(t0.elapsed()),
-                                Ok(Err(e)) => Err(Some(e.to_string())),
-                                Err(_) => Err(Some("TPU worker stopped".to_owned())),
-                            };
-                            record(&stats, route, r.as_ref().map(|l| *l).map_err(|_| ()));
-                            return r;
-                        }
-                    }
                     let mut set = deliveries;
                     while !set.is_empty() {
                         let (r, _, rest) = futures_util::future::select_all(set).await;
@@ -481,7 +465,7 @@ impl Sender {
     fn count(&self, out: &SendOutcome) {
         let c = match out.landed {
             Some(r) => {
-                self.stats.landed_by[route_idx(r)].fetch_add(1, Ordering::Relaxed);
+                self.stats.landed_by[r.index()].fetch_add(1, Ordering::Relaxed);
                 &self.stats.landed
             }
             None => &self.stats.failed,
@@ -517,13 +501,6 @@ impl Sender {
             relay_error: out.relay_error.clone().unwrap_or_default(),
             bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
         });
-    }
-}
-
-fn route_idx(r: Route) -> usize {
-    match r {
-        Route::Tpu => 0,
-        Route::Relay => 1,
     }
 }
 

@@ -38,16 +38,8 @@ pub fn identity(
 ) -> anyhow::Result<SigningKey> {
     let hex_key = env("GW_TPU_IDENTITY_HEX").or_else(|| config.identity_hex.clone());
     match hex_key {
-        Some(h) => {
-            let bytes = zeroize::Zeroizing::new(
-                hex::decode(h.trim()).map_err(|_| anyhow::anyhow!("TPU identity: not hex"))?,
-            );
-            let seed: [u8; 32] = bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("TPU identity: must be 32 bytes of hex"))?;
-            Ok(SigningKey::from_bytes(&seed))
-        }
+        Some(h) => gw_core::jwk::ed25519_secret_from_hex(&h)
+            .map_err(|e| anyhow::anyhow!("TPU identity: {e}")),
         None => {
             let mut seed = zeroize::Zeroizing::new([0u8; 32]);
             getrandom_fill(&mut seed[..])?;

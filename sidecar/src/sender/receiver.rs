@@ -109,10 +109,12 @@ impl TpuReceiver {
         let notify = Arc::new(Notify::new());
         let task = tokio::spawn(accept_loop(
             endpoint.clone(),
-            config,
-            stats.clone(),
-            received.clone(),
-            notify.clone(),
+            Arc::new(Shared {
+                config,
+                stats: stats.clone(),
+                received: received.clone(),
+                notify: notify.clone(),
+            }),
         ));
         Ok(TpuReceiver {
             addr,
@@ -151,25 +153,22 @@ impl TpuReceiver {
     }
 }
 
-async fn accept_loop(
-    endpoint: quinn::Endpoint,
+/// What every connection and stream task of one receiver shares.
+struct Shared {
     config: ReceiverConfig,
     stats: Arc<ReceiverStats>,
     received: Arc<Mutex<Vec<Received>>>,
     notify: Arc<Notify>,
-) {
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, sh: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
-        let (config, stats, received, notify) = (
-            config.clone(),
-            stats.clone(),
-            received.clone(),
-            notify.clone(),
-        );
+        let sh = sh.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(_) => {
-                    stats.refused.fetch_add(1, Ordering::Relaxed);
+                    sh.stats.refused.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
             };
@@ -186,27 +185,22 @@ async fn accept_loop(
                 })
                 .and_then(|certs| certs.first().and_then(tls::ed25519_key_of));
             let Some(peer) = peer.filter(|_| alpn_ok) else {
-                stats.refused.fetch_add(1, Ordering::Relaxed);
+                sh.stats.refused.fetch_add(1, Ordering::Relaxed);
                 conn.close(
                     1u32.into(),
                     b"solana-tpu with an Ed25519 client certificate required",
                 );
                 return;
             };
-            stats.connections.fetch_add(1, Ordering::Relaxed);
+            sh.stats.connections.fetch_add(1, Ordering::Relaxed);
             while let Ok(mut stream) = conn.accept_uni().await {
-                let (config, stats, received, notify) = (
-                    config.clone(),
-                    stats.clone(),
-                    received.clone(),
-                    notify.clone(),
-                );
+                let sh = sh.clone();
                 tokio::spawn(async move {
-                    match stream.read_to_end(config.max_tx_bytes).await {
+                    match stream.read_to_end(sh.config.max_tx_bytes).await {
                         Ok(bytes) => {
-                            stats.transactions.fetch_add(1, Ordering::Relaxed);
-                            if config.keep {
-                                if let Ok(mut r) = received.lock() {
+                            sh.stats.transactions.fetch_add(1, Ordering::Relaxed);
+                            if sh.config.keep {
+                                if let Ok(mut r) = sh.received.lock() {
                                     r.push(Received {
                                         peer,
                                         bytes,
@@ -214,10 +208,10 @@ async fn accept_loop(
                                     });
                                 }
                             }
-                            notify.notify_waiters();
+                            sh.notify.notify_waiters();
                         }
                         Err(quinn::ReadToEndError::TooLong) => {
-                            stats.oversize.fetch_add(1, Ordering::Relaxed);
+                            sh.stats.oversize.fetch_add(1, Ordering::Relaxed);
                             let _ = stream.stop(STOP_TOO_LARGE.into());
                         }
                         Err(_) => {}

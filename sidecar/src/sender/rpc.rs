@@ -170,12 +170,16 @@ pub fn decode_tx(s: &str, encoding: &str) -> Result<(Bytes, String), RpcErr> {
 }
 
 fn gate(ctx: &RpcContext<'_>) -> Result<(), RpcErr> {
-    let state = ctx
+    // Only the two fields the gate needs (no clone of the whole state).
+    let (run, throttle_pct) = ctx
         .modules
         .lock()
-        .map(|m| m.get(ctx.module).clone())
+        .map(|m| {
+            let st = m.get(ctx.module);
+            (st.state, st.throttle_pct)
+        })
         .map_err(|_| (code::REFUSED, "module state unavailable".to_owned()))?;
-    if state.state == RunState::Killed {
+    if run == RunState::Killed {
         return Err((
             code::REFUSED,
             format!(
@@ -187,7 +191,7 @@ fn gate(ctx: &RpcContext<'_>) -> Result<(), RpcErr> {
     let ok = ctx
         .throttle
         .lock()
-        .map(|mut t| t.admit(state.throttle_pct, 0, Instant::now()))
+        .map(|mut t| t.admit(throttle_pct, 0, Instant::now()))
         .unwrap_or(false);
     if !ok {
         return Err((
@@ -195,7 +199,7 @@ fn gate(ctx: &RpcContext<'_>) -> Result<(), RpcErr> {
             format!(
                 "throttled: module {} sends {} % of transactions",
                 ctx.module.as_str(),
-                state.throttle_pct
+                throttle_pct
             ),
         ));
     }

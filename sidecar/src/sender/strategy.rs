@@ -127,6 +127,18 @@ pub enum Skip {
 }
 
 impl Skip {
+    /// Every reason, in declaration order (`Skip::ALL[r as usize] == r`).
+    pub const ALL: [Skip; 8] = [
+        Skip::Stopped,
+        Skip::Killed,
+        Skip::Throttled,
+        Skip::BelowEvMin,
+        Skip::BelowTip,
+        Skip::NoScore,
+        Skip::NoTx,
+        Skip::Saturated,
+    ];
+
     /// Metric label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -151,24 +163,19 @@ pub struct StrategyStats {
     pub ring_full: AtomicU64,
     /// Opportunities handed to the sender.
     pub sent: AtomicU64,
-    /// Skipped, by reason.
-    pub skipped: Mutex<BTreeMap<&'static str, u64>>,
+    /// Skipped, by reason (indexed by `Skip as usize`; lock-free on the hot path).
+    skipped: [AtomicU64; Skip::ALL.len()],
     /// Opportunities scored by a model.
     pub scored: AtomicU64,
 }
 
 impl StrategyStats {
     fn skip(&self, why: Skip) {
-        if let Ok(mut m) = self.skipped.lock() {
-            *m.entry(why.as_str()).or_default() += 1;
-        }
+        self.skipped[why as usize].fetch_add(1, Ordering::Relaxed);
     }
     /// Skips so far for `why`.
     pub fn skipped(&self, why: Skip) -> u64 {
-        self.skipped
-            .lock()
-            .map(|m| m.get(why.as_str()).copied().unwrap_or(0))
-            .unwrap_or(0)
+        self.skipped[why as usize].load(Ordering::Relaxed)
     }
 }
 
@@ -386,12 +393,12 @@ impl Worker {
                 continue;
             }
             idle = 0;
-            self.handle(std::mem::take(&mut buf));
-            buf = Vec::with_capacity(self.batch);
+            // The batch buffer is drained, not replaced: no allocation per batch.
+            self.handle(&mut buf);
         }
     }
 
-    fn handle(&mut self, batch: Vec<Opportunity>) {
+    fn handle(&mut self, batch: &mut Vec<Opportunity>) {
         // One look at the module states per batch.
         let states: BTreeMap<&'static str, ModuleState> = match self.modules.lock() {
             Ok(m) => Module::ALL
@@ -400,9 +407,9 @@ impl Worker {
                 .collect(),
             Err(_) => return,
         };
-        let scores = self.score(&batch);
+        let scores = self.score(batch);
         let now = Instant::now();
-        for (opp, ev) in batch.into_iter().zip(scores) {
+        for (opp, ev) in batch.drain(..).zip(scores) {
             let name = opp.module.as_str();
             let Some(state) = states.get(name) else {
                 continue;
@@ -498,6 +505,19 @@ mod tests {
             state: RunState::Running,
             ..ModuleState::default()
         }
+    }
+
+    #[test]
+    fn every_skip_reason_has_its_own_counter() {
+        for (i, w) in Skip::ALL.iter().enumerate() {
+            assert_eq!(*w as usize, i);
+        }
+        let st = StrategyStats::default();
+        st.skip(Skip::Saturated);
+        assert_eq!(
+            (st.skipped(Skip::Saturated), st.skipped(Skip::NoTx)),
+            (1, 0)
+        );
     }
 
     #[test]

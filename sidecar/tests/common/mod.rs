@@ -43,16 +43,7 @@ pub fn config(state_dir: &Path, with_signer: bool) -> Config {
 impl Served {
     /// `GET path` → JSON (panics on a transport error or a non-JSON answer).
     pub fn get_json(&self, path: &str) -> serde_json::Value {
-        self.rt.block_on(async {
-            self.http
-                .get(format!("{}{path}", self.base))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap()
-        })
+        serde_json::from_str(&self.get_text(path)).unwrap()
     }
 
     /// `GET path` → body text (panics on a transport error).
