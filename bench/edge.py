@@ -6,13 +6,17 @@ run, four filter chains on the same listener and a direct response (no upstream)
   jwt_authn    Envoy's native envoy.filters.http.jwt_authn (HS256, local JWKS)
   gw_jwt       gw_edge (verify + buffer + stamp stages), JWT-only route
   gw_command   gw_edge, signed command on /api/control/commands
+  gw_unknown_key  the same command under an unknown pubkey_id (no signature math)
 
 Prints req/s, p50/p99 latency and ratios. The signed-command load repeats one body,
 so after the first request every response is 409 replay: each one still runs the
 whole verification (wire scan, Ed25519, scope, freshness, shared-data read) first;
 the accepted branch would add two shared-data writes and the stamp stage.
 
-Usage: bench/edge.py --envoy BIN --wasm FILE --gwctl BIN [--seconds 10] [--clients 16]
+The signed command's extra cost (gw_command - gw_jwt, one request at a time) is
+compared with one native Ed25519 verify timed in the same run (--native-verify).
+
+Usage: bench/edge.py --envoy BIN --wasm FILE --gwctl BIN [--native-verify BIN] [--seconds 10] [--clients 16]
 """
 import argparse
 import base64
@@ -112,6 +116,7 @@ def main():
     ap.add_argument("--gwctl", required=True)
     ap.add_argument("--seconds", type=int, default=10, help="at most 20: commands go stale after 30 s")
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--native-verify", help="bench's native_verify example: one native Ed25519 verify, timed")
     a = ap.parse_args()
     if not shutil.which("h2load"):
         sys.exit("h2load not found: apt-get install nghttp2-client")
@@ -125,9 +130,9 @@ def main():
                             "--ttl", "1h", "--kid", "dev"], check=True, capture_output=True, text=True).stdout.strip()
     cmd_file = tmp + "/cmd.bin"
 
-    def sign():
+    def sign(key_id="op-admin-1"):
         # Signed just before its run: commands are fresh for max_skew_secs (30 s).
-        subprocess.run([a.gwctl, "sign", "--key", tmp + "/keys/op-admin-1.sk.hex", "--key-id", "op-admin-1",
+        subprocess.run([a.gwctl, "sign", "--key", tmp + "/keys/op-admin-1.sk.hex", "--key-id", key_id,
                         "--module", "mev", "--action", "throttle", "--arg", "throttle_pct=40", "--issuer", "dashboard",
                         "--out", cmd_file], check=True, capture_output=True)
     k = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
@@ -150,6 +155,8 @@ def main():
         ("jwt_authn", jwt_authn, "/api/modules", [auth], None),
         ("gw_jwt", gw_chain, "/api/modules", [auth], None),
         ("gw_command", gw_chain, "/api/control/commands", [auth, "content-type: application/x-protobuf"], cmd_file),
+        # The same command under an unknown pubkey_id: everything but the signature math (401).
+        ("gw_unknown_key", gw_chain, "/api/control/commands", [auth, "content-type: application/x-protobuf"], cmd_file),
     ]
     results, serial = {}, {}
     for name, filters, path, headers, data in variants:
@@ -160,13 +167,14 @@ def main():
         json.dump(cfg, open(cfg_path, "w"))
         with open(f"{tmp}/{name}.envoy.log", "w") as log:
             p = run_envoy(a.envoy, cfg_path, admin, log)
+            key_id = "op-unknown" if name == "gw_unknown_key" else "op-admin-1"
             if data:
-                sign()
+                sign(key_id)
             try:
                 results[name] = h2load(port, path, headers, data, a.seconds, a.clients, tmp)
                 # One request at a time: latency without queueing.
                 if data:
-                    sign()
+                    sign(key_id)
                 serial[name] = h2load(port, path, headers, data, max(2, a.seconds // 2), 1, tmp, streams=1)
             finally:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -186,8 +194,15 @@ def main():
         print(f"  {name:11s} p50 {r['p50']*1000:7.0f} µs  p99 {r['p99']*1000:7.0f} µs")
     extra = (serial["gw_command"]["p50"] - serial["gw_jwt"]["p50"]) * 1000
     extra99 = (serial["gw_command"]["p99"] - serial["gw_jwt"]["p99"]) * 1000
-    print(f"signed-command verification inside Envoy's V8 (gw_command - gw_jwt, serial): "
-          f"p50 {extra:.0f} µs, p99 {extra99:.0f} µs")
+    print(f"signed command adds (gw_command - gw_jwt, serial): p50 {extra:.0f} µs, p99 {extra99:.0f} µs")
+    sig = (serial["gw_command"]["p50"] - serial["gw_unknown_key"]["p50"]) * 1000
+    print(f"  of which the signature (gw_command - gw_unknown_key, serial p50): {sig:.0f} µs")
+    if a.native_verify:
+        # The baseline, measured now on the same machine: one native ed25519-dalek verify_strict.
+        nv = json.loads(subprocess.run([a.native_verify], check=True, capture_output=True, text=True).stdout)
+        print(f"one native Ed25519 verify_strict: p50 {nv['p50_us']:.1f} µs, p99 {nv['p99_us']:.1f} µs")
+        print(f"signed command adds at p99 {extra99 / nv['p50_us']:.2f}x one native verify (p50), "
+              f"{extra99 / nv['p99_us']:.2f}x its p99; at p50 {extra / nv['p50_us']:.2f}x (target: at most 3x at p99)")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmarks. Each prints ratios against a baseline measured in the same run.
 #   bash bench/run.sh            all
-#   bash bench/run.sh verify     command verification: ours vs raw ed25519, wasmtime vs native
+#   bash bench/run.sh verify     command verification: dalek vs tables; native vs wasmtime vs V8
 #   bash bench/run.sh edge       Envoy: no auth vs jwt_authn vs gw_edge (JWT, signed command)
 #   bash bench/run.sh control    ledger rows/s vs raw INSERT RowBinary; commands/s end to end
 #   bash bench/run.sh models     predict through the model ABI host vs tl2cgen statically linked
@@ -22,11 +22,13 @@ if [[ "$which" == all || "$which" == edge ]]; then
   bash scripts/setup-venv.sh
   cargo build -q --release --locked -p gwctl
   cargo build -q --release --locked --target wasm32-wasip1 -p gw-filter
+  cargo build -q --release --locked -p gw-bench --example native_verify
   log "bench: edge"
   "$GW_VENV/bin/python" bench/edge.py \
     --envoy "$(ls "$GW_VENV"/lib/python*/site-packages/envoy/_bin/envoy)" \
     --wasm "$CARGO_TARGET_DIR/wasm32-wasip1/release/gw_filter.wasm" \
-    --gwctl "$CARGO_TARGET_DIR/release/gwctl" "${@:2}"
+    --gwctl "$CARGO_TARGET_DIR/release/gwctl" \
+    --native-verify "$CARGO_TARGET_DIR/release/examples/native_verify" "${@:2}"
 fi
 if [[ "$which" == all || "$which" == control ]]; then
   bash scripts/setup-venv.sh

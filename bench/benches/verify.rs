@@ -1,7 +1,9 @@
-//! Command verification cost, with ratios against baselines measured in this run:
-//!   1. our `verify_command` (native) vs a raw `ed25519-dalek` `verify_strict` of the
-//!      same payload — the overhead of the wire scan, key ring and checks;
-//!   2. the same `verify_command` compiled to wasm32-wasip1 and run in wasmtime vs native.
+//! Ed25519 command verification cost, in µs per call and as a ratio against one
+//! native `ed25519-dalek` `verify_strict` measured in the same run:
+//!   - raw signature vs the whole `verify_command` (wire scan, key ring, checks);
+//!   - `ed25519-dalek` vs the core's per-key tables (`gw_core::edverify`, what
+//!     the edge filter uses);
+//!   - native vs wasm32-wasip1 in wasmtime vs the same wasm in V8 (Node.js).
 //!
 //! The wasm guest is built by `bench/run.sh` (or pass its path in `GW_WASM_VERIFY`).
 
@@ -11,6 +13,7 @@ use std::time::Duration;
 
 use criterion::{black_box, Criterion};
 use ed25519_dalek::{Signature, SigningKey};
+use gw_core::edverify::PrecomputedKey;
 use gw_core::keyring::CommandKey;
 use gw_core::{sign_command, signing_payload, verify_command, Command, KeyRing};
 use wasmtime::{Engine, Instance, Linker, Memory, Module, Store, TypedFunc};
@@ -45,9 +48,8 @@ fn wasm_path() -> PathBuf {
 
 struct Guest {
     store: Store<()>,
-    memory: Memory,
-    verify_command: TypedFunc<(u32, u32), i32>,
-    verify_raw: TypedFunc<(u32, u32, u32), i32>,
+    verify_command: TypedFunc<(u32, u32, i32), i32>,
+    verify_raw: TypedFunc<(u32, u32, u32, i32), i32>,
     body: (u32, u32),
     payload: (u32, u32),
     sig: u32,
@@ -68,7 +70,7 @@ impl Guest {
         let instance: Instance = linker
             .instantiate(&mut store, &module)
             .expect("instantiate");
-        let memory = instance
+        let memory: Memory = instance
             .get_memory(&mut store, "memory")
             .expect("memory export");
         let alloc = instance
@@ -95,11 +97,24 @@ impl Guest {
                 .get_typed_func(&mut store, "bench_verify_raw")
                 .expect("bench_verify_raw"),
             store,
-            memory,
             body: (body_ptr, body.len() as u32),
             payload: (payload_ptr, payload.len() as u32),
             sig: sig_ptr,
         }
+    }
+
+    fn command(&mut self, tables: i32) -> i32 {
+        let (p, l) = self.body;
+        self.verify_command
+            .call(&mut self.store, (p, l, tables))
+            .expect("call")
+    }
+
+    fn raw(&mut self, tables: i32) -> i32 {
+        let (p, l) = self.payload;
+        self.verify_raw
+            .call(&mut self.store, (p, l, self.sig, tables))
+            .expect("call")
     }
 }
 
@@ -111,8 +126,9 @@ fn mean_ns(dir: &std::path::Path, group: &str, id: &str) -> f64 {
     v["mean"]["point_estimate"].as_f64().expect("mean")
 }
 
-/// Times the same guest in V8 through Node.js (bench/v8_verify.mjs), if Node is there.
-fn v8_times(pk: &[u8], body: &[u8], payload: &[u8], sig: &[u8; 64]) -> Option<(f64, f64, String)> {
+/// Times the same guest in V8 through Node.js (bench/v8_verify.mjs), if Node is
+/// there: µs per call for each of `VARIANTS`, and Node's version.
+fn v8_times(pk: &[u8], body: &[u8], payload: &[u8], sig: &[u8; 64]) -> Option<(Vec<f64>, String)> {
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("v8_verify.mjs");
     let out = std::process::Command::new("node")
@@ -126,12 +142,20 @@ fn v8_times(pk: &[u8], body: &[u8], payload: &[u8], sig: &[u8; 64]) -> Option<(f
         return None;
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some((
-        v["verify_command_us"].as_f64()?,
-        v["raw_us"].as_f64()?,
-        v["node"].as_str()?.to_owned(),
-    ))
+    let times = VARIANTS
+        .iter()
+        .map(|(id, _, _)| v[*id].as_f64())
+        .collect::<Option<Vec<_>>>()?;
+    Some((times, v["node"].as_str()?.to_owned()))
 }
+
+/// (id, raw signature or whole command, table verifier).
+const VARIANTS: [(&str, bool, bool); 4] = [
+    ("raw_dalek", true, false),
+    ("raw_tables", true, true),
+    ("command_dalek", false, false),
+    ("command_tables", false, true),
+];
 
 fn main() {
     let sk = SigningKey::from_bytes(&[42; 32]);
@@ -145,18 +169,18 @@ fn main() {
     let mut ring = KeyRing::new();
     ring.insert(CommandKey::unrestricted("op-admin-1", pk))
         .expect("ring");
+    let mut table_ring = ring.clone();
+    table_ring.precompute_tables().expect("tables");
+    let table_key = PrecomputedKey::new(pk.as_bytes()).expect("table key");
     assert!(verify_command(&body, &ring, None).is_ok());
+    assert!(verify_command(&body, &table_ring, None).is_ok());
+    assert!(table_key.verify_strict(&payload, &sig_bytes));
 
     let mut guest = Guest::load(pk.as_bytes(), &body, &payload, &sig_bytes);
-    let (bp, bl) = guest.body;
-    assert_eq!(
-        guest
-            .verify_command
-            .call(&mut guest.store, (bp, bl))
-            .expect("call"),
-        0
-    );
-    let _ = guest.memory;
+    for t in [0, 1] {
+        assert_eq!(guest.command(t), 0);
+        assert_eq!(guest.raw(t), 0);
+    }
 
     let out_dir = std::env::temp_dir().join(format!("gw-criterion-{}", std::process::id()));
     let mut c = Criterion::default()
@@ -172,71 +196,73 @@ fn main() {
                     .is_ok()
             })
         });
-        g.bench_function("native_verify_command", |b| {
+        g.bench_function("native_raw_tables", |b| {
+            b.iter(|| table_key.verify_strict(black_box(&payload), black_box(&sig_bytes)))
+        });
+        g.bench_function("native_command_dalek", |b| {
             b.iter(|| verify_command(black_box(&body), &ring, None).is_ok())
         });
-        g.bench_function("wasmtime_raw_dalek", |b| {
-            let (pp, pl) = guest.payload;
-            let s = guest.sig;
-            b.iter(|| {
-                guest
-                    .verify_raw
-                    .call(&mut guest.store, (pp, pl, s))
-                    .expect("call")
-            })
+        g.bench_function("native_command_tables", |b| {
+            b.iter(|| verify_command(black_box(&body), &table_ring, None).is_ok())
         });
-        g.bench_function("wasmtime_verify_command", |b| {
-            b.iter(|| {
-                guest
-                    .verify_command
-                    .call(&mut guest.store, (bp, bl))
-                    .expect("call")
-            })
-        });
+        for (id, raw, tables) in VARIANTS {
+            let t = i32::from(tables);
+            g.bench_function(format!("wasmtime_{id}"), |b| {
+                if raw {
+                    b.iter(|| guest.raw(t))
+                } else {
+                    b.iter(|| guest.command(t))
+                }
+            });
+        }
         g.finish();
     }
     c.final_summary();
 
-    let raw = mean_ns(&out_dir, "verify", "native_raw_dalek");
-    let ours = mean_ns(&out_dir, "verify", "native_verify_command");
-    let wraw = mean_ns(&out_dir, "verify", "wasmtime_raw_dalek");
-    let wours = mean_ns(&out_dir, "verify", "wasmtime_verify_command");
+    let us = |id: String| mean_ns(&out_dir, "verify", &id) / 1e3;
+    let native: Vec<f64> = VARIANTS
+        .iter()
+        .map(|(id, _, _)| us(format!("native_{id}")))
+        .collect();
+    let wasmtime: Vec<f64> = VARIANTS
+        .iter()
+        .map(|(id, _, _)| us(format!("wasmtime_{id}")))
+        .collect();
+    let v8 = v8_times(pk.as_bytes(), &body, &payload, &sig_bytes);
+    let baseline = native[0];
     println!();
-    println!("== verify: {} byte command, 3 args ==", body.len());
+    println!("== verify: {} byte command, 3 args; µs per call (× native raw ed25519-dalek verify_strict) ==", body.len());
     println!(
-        "native raw ed25519-dalek verify_strict : {:>9.1} µs",
-        raw / 1e3
-    );
-    println!(
-        "native verify_command                  : {:>9.1} µs",
-        ours / 1e3
-    );
-    println!(
-        "wasmtime raw ed25519-dalek             : {:>9.1} µs",
-        wraw / 1e3
-    );
-    println!(
-        "wasmtime verify_command                : {:>9.1} µs",
-        wours / 1e3
-    );
-    println!(
-        "ratio verify_command / raw (native)    : {:>9.3}x",
-        ours / raw
-    );
-    println!(
-        "ratio wasmtime / native (verify_command): {:>8.3}x",
-        wours / ours
-    );
-    match v8_times(pk.as_bytes(), &body, &payload, &sig_bytes) {
-        Some((cmd_us, raw_us, node)) => {
-            println!("V8 (Node {node}) raw ed25519-dalek : {raw_us:>9.1} µs");
-            println!("V8 (Node {node}) verify_command    : {cmd_us:>9.1} µs");
-            println!(
-                "ratio V8 / native (verify_command)      : {:>8.3}x",
-                cmd_us * 1e3 / ours
-            );
+        "{:<16} {:>17} {:>17} {:>17}",
+        "",
+        "native",
+        "wasmtime",
+        match &v8 {
+            Some((_, node)) => format!("V8 (Node {node})"),
+            None => "V8".to_string(),
         }
-        None => println!("V8: skipped (node not found, or bench/v8_verify.mjs failed)"),
+    );
+    let cell = |v: f64| format!("{v:8.1} ({:5.2}x)", v / baseline);
+    for (i, (id, _, _)) in VARIANTS.iter().enumerate() {
+        println!(
+            "{id:<16} {:>17} {:>17} {:>17}",
+            cell(native[i]),
+            cell(wasmtime[i]),
+            v8.as_ref()
+                .map(|(t, _)| cell(t[i]))
+                .unwrap_or_else(|| "skipped".into())
+        );
+    }
+    println!(
+        "tables vs dalek, verify_command: native {:.2}x, wasmtime {:.2}x{}",
+        native[2] / native[3],
+        wasmtime[2] / wasmtime[3],
+        v8.as_ref()
+            .map(|(t, _)| format!(", V8 {:.2}x", t[2] / t[3]))
+            .unwrap_or_default()
+    );
+    if v8.is_none() {
+        println!("V8: skipped (node not found, or bench/v8_verify.mjs failed)");
     }
     let _ = std::fs::remove_dir_all(&out_dir);
 }

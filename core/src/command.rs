@@ -8,7 +8,7 @@
 //! key, unknown fields after them in received order), because the original API signs
 //! the deterministic form but publishes a non-deterministic one.
 
-use ed25519_dalek::{Signature, Signer, SigningKey};
+use ed25519_dalek::{Signer, SigningKey};
 use gw_proto::control::Command;
 use prost::Message;
 
@@ -209,12 +209,11 @@ pub fn verify_command(
     if let Some(now) = now {
         key.check_validity(now)?;
     }
-    let sig = Signature::from_bytes(sig_bytes);
-    let signed_payload = if key.key.verify_strict(&parts.payload, &sig).is_ok() {
+    let signed_payload = if key.verify_strict(&parts.payload, sig_bytes) {
         parts.payload
     } else {
         match parts.canonical {
-            Some(c) if key.key.verify_strict(&c, &sig).is_ok() => c,
+            Some(c) if key.verify_strict(&c, sig_bytes) => c,
             _ => {
                 return Err(Reject::new(
                     Code::BadSignature,

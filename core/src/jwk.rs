@@ -153,6 +153,11 @@ pub fn ed25519_from_bytes(bytes: &[u8]) -> Result<ed25519_dalek::VerifyingKey, K
         .map_err(|_| KeyError::Invalid("Ed25519 public key must be 32 bytes"))?;
     let vk = ed25519_dalek::VerifyingKey::from_bytes(&arr)
         .map_err(|_| KeyError::Invalid("not a point on Ed25519"))?;
+    // One encoding per key: y ≥ p or a "negative zero" x decode, but no signer
+    // produces them (and the edge's table verifier refuses them).
+    if vk.to_edwards().compress().to_bytes() != arr {
+        return Err(KeyError::Invalid("non-canonical Ed25519 point encoding"));
+    }
     if vk.is_weak() {
         return Err(KeyError::Invalid("weak (small-order) Ed25519 key"));
     }
@@ -270,6 +275,32 @@ mod tests {
         assert_eq!(sk.to_bytes(), [7u8; 32]);
         assert!(ed25519_secret_from_hex("zz").is_err());
         assert!(ed25519_secret_from_hex(&"07".repeat(31)).is_err());
+    }
+
+    #[test]
+    fn public_keys_must_be_canonical_points_of_large_order() {
+        let pk = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]).verifying_key();
+        assert!(ed25519_from_bytes(pk.as_bytes()).is_ok());
+        // y = p + 1 decodes as y = 1 (the identity) in ed25519-dalek: refused as
+        // non-canonical before anything else.
+        let mut p_plus_1 = [0xffu8; 32];
+        p_plus_1[0] = 0xee;
+        p_plus_1[31] = 0x7f;
+        let err = ed25519_from_bytes(&p_plus_1).unwrap_err();
+        assert_eq!(
+            err,
+            KeyError::Invalid("non-canonical Ed25519 point encoding")
+        );
+        // The identity, canonically: weak.
+        let mut id = [0u8; 32];
+        id[0] = 1;
+        assert_eq!(
+            ed25519_from_bytes(&id).unwrap_err(),
+            KeyError::Invalid("weak (small-order) Ed25519 key")
+        );
+        // "Negative zero": x = 0 with the sign bit set.
+        id[31] = 0x80;
+        assert!(ed25519_from_bytes(&id).is_err());
     }
 
     const SECRET32: &str = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE"; // "0123..." 32 bytes

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use crate::code::{Code, Reject};
+use crate::edverify::{PrecomputeError, PrecomputedKey};
 use crate::jwk::{ed25519_from_hex, Jwk, JwkJson, KeyError, KeyMaterial};
 use crate::names::{Action, Module};
 
@@ -83,8 +84,9 @@ pub enum KeyRingError {
 pub struct CommandKey {
     /// The `pubkey_id`.
     pub id: String,
-    /// The public key.
-    pub key: ed25519_dalek::VerifyingKey,
+    key: ed25519_dalek::VerifyingKey,
+    /// The key's fixed-base table, when the ring precomputes (the edge does).
+    tables: Option<PrecomputedKey>,
     not_before: Option<u64>,
     not_after: Option<u64>,
     issuers: Option<Vec<String>>,
@@ -98,6 +100,7 @@ impl CommandKey {
         CommandKey {
             id: id.into(),
             key,
+            tables: None,
             not_before: None,
             not_after: None,
             issuers: None,
@@ -156,12 +159,48 @@ impl CommandKey {
         Ok(CommandKey {
             id: c.id.clone(),
             key,
+            tables: None,
             not_before: c.not_before,
             not_after: c.not_after,
             issuers: c.issuers.clone(),
             modules,
             actions,
         })
+    }
+
+    /// The public key.
+    pub fn key(&self) -> &ed25519_dalek::VerifyingKey {
+        &self.key
+    }
+
+    /// Whether this key verifies with a precomputed table.
+    pub fn is_precomputed(&self) -> bool {
+        self.tables.is_some()
+    }
+
+    fn precompute(&mut self) -> Result<(), KeyRingError> {
+        let t = PrecomputedKey::new(self.key.as_bytes()).map_err(|e| KeyRingError::Key {
+            id: self.id.clone(),
+            source: KeyError::Invalid(match e {
+                PrecomputeError::Encoding => "not a canonical Ed25519 point encoding",
+                PrecomputeError::SmallOrder => "weak (small-order) Ed25519 key",
+            }),
+        })?;
+        self.tables = Some(t);
+        Ok(())
+    }
+
+    /// Strict Ed25519 verification of `signature` over `message` (the rules of
+    /// `ed25519_dalek::VerifyingKey::verify_strict`), with the key's table when
+    /// the ring precomputes, else with `ed25519-dalek`.
+    pub fn verify_strict(&self, message: &[u8], signature: &[u8; 64]) -> bool {
+        match &self.tables {
+            Some(t) => t.verify_strict(message, signature),
+            None => self
+                .key
+                .verify_strict(message, &ed25519_dalek::Signature::from_bytes(signature))
+                .is_ok(),
+        }
     }
 
     /// Checks the validity window at `now` (unix seconds).
@@ -219,6 +258,7 @@ impl CommandKey {
 #[derive(Debug, Clone, Default)]
 pub struct KeyRing {
     keys: BTreeMap<String, CommandKey>,
+    precompute: bool,
 }
 
 impl KeyRing {
@@ -243,27 +283,54 @@ impl KeyRing {
         Self::from_config(&cfg)
     }
 
+    /// Verifies with per-key fixed-base tables from now on (480 KiB and ≈4 ms of
+    /// wasm per key, plus one base-point table per process): every key now in the
+    /// ring and every key added later. The edge filter uses this; see
+    /// [`crate::edverify`] for why.
+    pub fn precompute_tables(&mut self) -> Result<(), KeyRingError> {
+        self.precompute = true;
+        crate::edverify::warm_up();
+        for k in self.keys.values_mut() {
+            k.precompute()?;
+        }
+        Ok(())
+    }
+
     /// Adds a key; ids must be unique.
-    pub fn insert(&mut self, key: CommandKey) -> Result<(), KeyRingError> {
+    pub fn insert(&mut self, mut key: CommandKey) -> Result<(), KeyRingError> {
         if key.id.is_empty() {
             return Err(KeyRingError::EmptyId);
         }
         if self.keys.contains_key(&key.id) {
             return Err(KeyRingError::Duplicate(key.id));
         }
+        if self.precompute {
+            key.precompute()?;
+        } else {
+            key.tables = None;
+        }
         self.keys.insert(key.id.clone(), key);
         Ok(())
     }
 
-    /// Replaces the public key of `id`, keeping its window and scope; `false` if
-    /// there is no such key.
-    pub fn set_public_key(&mut self, id: &str, key: ed25519_dalek::VerifyingKey) -> bool {
+    /// Replaces the public key of `id`, keeping its window and scope; `Ok(false)`
+    /// if there is no such key.
+    pub fn set_public_key(
+        &mut self,
+        id: &str,
+        key: ed25519_dalek::VerifyingKey,
+    ) -> Result<bool, KeyRingError> {
+        let precompute = self.precompute;
         match self.keys.get_mut(id) {
             Some(k) => {
                 k.key = key;
-                true
+                k.tables = None;
+                if precompute {
+                    k.precompute()?;
+                }
+                Ok(true)
             }
-            None => false,
+            None => Ok(false),
         }
     }
 
@@ -325,7 +392,40 @@ mod tests {
         let jwk = crate::jwk::ed25519_public_jwk("k", &vk);
         let json = format!(r#"{{"keys":[{{"id":"k","jwk":{jwk}}}]}}"#);
         let ring = KeyRing::from_json(&json).unwrap();
-        assert_eq!(ring.get("k").unwrap().key, vk);
+        assert_eq!(*ring.get("k").unwrap().key(), vk);
+    }
+
+    #[test]
+    fn tables_follow_every_key_in_a_precomputing_ring() {
+        use ed25519_dalek::Signer;
+        let sk = |seed: u8| ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let json = format!(
+            r#"{{"keys":[{{"id":"a","public_key_hex":"{}"}}]}}"#,
+            pk_hex(1)
+        );
+        let mut ring = KeyRing::from_json(&json).unwrap();
+        assert!(!ring.get("a").unwrap().is_precomputed());
+        let msg = b"payload";
+        let sig1 = sk(1).sign(msg).to_bytes();
+        assert!(ring.get("a").unwrap().verify_strict(msg, &sig1));
+
+        ring.precompute_tables().unwrap();
+        assert!(ring.get("a").unwrap().is_precomputed());
+        assert!(ring.get("a").unwrap().verify_strict(msg, &sig1));
+        ring.insert(CommandKey::unrestricted("b", sk(2).verifying_key()))
+            .unwrap();
+        let b = ring.get("b").unwrap();
+        assert!(b.is_precomputed());
+        assert!(b.verify_strict(msg, &sk(2).sign(msg).to_bytes()));
+        assert!(!b.verify_strict(msg, &sig1));
+
+        // A replaced key gets a new table: the old key's signatures stop verifying.
+        assert!(ring.set_public_key("a", sk(3).verifying_key()).unwrap());
+        let a = ring.get("a").unwrap();
+        assert!(a.is_precomputed());
+        assert!(!a.verify_strict(msg, &sig1));
+        assert!(a.verify_strict(msg, &sk(3).sign(msg).to_bytes()));
+        assert!(!ring.set_public_key("zz", sk(3).verifying_key()).unwrap());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod args;
 pub mod code;
 pub mod command;
+pub mod edverify;
 pub mod freshness;
 pub mod jwk;
 pub mod jwt;

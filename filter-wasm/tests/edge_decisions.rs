@@ -51,6 +51,13 @@ fn the_example_configuration_loads() {
 }
 
 #[test]
+fn command_keys_verify_with_precomputed_tables() {
+    let s = Settings::parse(config().to_string().as_bytes()).unwrap();
+    let key = s.control.keyring.get("op-admin-1").expect("fixture key");
+    assert!(key.is_precomputed());
+}
+
+#[test]
 fn invalid_configurations_are_refused_clearly() {
     type Mutation = Box<dyn Fn(&mut serde_json::Value)>;
     let cases: Vec<(Mutation, &str)> = vec![

@@ -191,7 +191,7 @@ impl Config {
             let vk = ed25519_from_hex(&pk)
                 .map_err(|e| ConfigError::Env("CTRL_PUBKEY_HEX", e.to_string()))?;
             // The environment wins over the file's key of the same id (scope kept).
-            if !keyring.set_public_key(&key_id, vk) {
+            if !keyring.set_public_key(&key_id, vk)? {
                 keyring.insert(CommandKey::unrestricted(key_id.clone(), vk))?;
             }
         }

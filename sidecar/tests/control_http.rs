@@ -207,7 +207,7 @@ fn configuration_errors_are_clear() {
     let merged = Config::load(Some(path), &env).unwrap();
     assert_eq!(merged.keyring.len(), 1);
     assert_eq!(
-        merged.keyring.get("op-admin-1").unwrap().key,
+        *merged.keyring.get("op-admin-1").unwrap().key(),
         command_key().verifying_key()
     );
 }

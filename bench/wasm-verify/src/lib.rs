@@ -8,7 +8,9 @@ use std::sync::Mutex;
 use gw_core::keyring::CommandKey;
 use gw_core::KeyRing;
 
-static RING: Mutex<Option<KeyRing>> = Mutex::new(None);
+/// [dalek ring, table ring]: the same key, verified by `ed25519-dalek` or by the
+/// core's precomputed tables (what the edge filter uses).
+static RINGS: Mutex<Option<[KeyRing; 2]>> = Mutex::new(None);
 
 /// Allocates `len` bytes for the host to fill; never freed (benchmark inputs are few).
 #[no_mangle]
@@ -31,7 +33,16 @@ fn code_result(r: Result<(), gw_core::Reject>) -> i32 {
     }
 }
 
-/// Installs the 32-byte public key at `ptr` as `pubkey_id` `op-admin-1`. Returns 0 on success.
+fn with_ring(tables: i32, f: impl FnOnce(&KeyRing) -> i32) -> i32 {
+    let Ok(g) = RINGS.lock() else { return -1 };
+    match g.as_ref() {
+        Some(rings) => f(&rings[usize::from(tables != 0)]),
+        None => -1,
+    }
+}
+
+/// Installs the 32-byte public key at `ptr` as `pubkey_id` `op-admin-1` in both
+/// rings (building the table ring's tables). Returns 0 on success.
 ///
 /// # Safety
 /// `ptr` must point to 32 readable bytes.
@@ -41,53 +52,56 @@ pub unsafe extern "C" fn bench_set_key(ptr: *const u8) -> i32 {
     let Ok(vk) = gw_core::jwk::ed25519_from_bytes(bytes) else {
         return -1;
     };
-    let mut ring = KeyRing::new();
-    if ring
-        .insert(CommandKey::unrestricted("op-admin-1", vk))
-        .is_err()
-    {
+    let mut rings = [KeyRing::new(), KeyRing::new()];
+    if rings[1].precompute_tables().is_err() {
         return -1;
     }
-    match RING.lock() {
+    for ring in &mut rings {
+        if ring
+            .insert(CommandKey::unrestricted("op-admin-1", vk))
+            .is_err()
+        {
+            return -1;
+        }
+    }
+    match RINGS.lock() {
         Ok(mut g) => {
-            *g = Some(ring);
+            *g = Some(rings);
             0
         }
         Err(_) => -1,
     }
 }
 
-/// Verifies the signed command at `ptr..ptr+len` with the installed key ring.
+/// Verifies the signed command at `ptr..ptr+len`; `tables` ≠ 0 selects the table ring.
 ///
 /// # Safety
 /// `ptr` must point to `len` readable bytes.
 #[no_mangle]
-pub unsafe extern "C" fn bench_verify_command(ptr: *const u8, len: u32) -> i32 {
+pub unsafe extern "C" fn bench_verify_command(ptr: *const u8, len: u32, tables: i32) -> i32 {
     let body = std::slice::from_raw_parts(ptr, len as usize);
-    let Ok(g) = RING.lock() else { return -1 };
-    let Some(ring) = g.as_ref() else { return -1 };
-    code_result(gw_core::verify_command(body, ring, None).map(|_| ()))
+    with_ring(tables, |ring| {
+        code_result(gw_core::verify_command(body, ring, None).map(|_| ()))
+    })
 }
 
-/// Raw Ed25519 `verify_strict` of `msg` (at `ptr`, `len` bytes) against the 64-byte
-/// signature at `sig` with the installed key.
+/// Raw strict Ed25519 verification of `msg` (at `ptr`, `len` bytes) against the
+/// 64-byte signature at `sig`; `tables` ≠ 0 selects the table ring. 0 = valid.
 ///
 /// # Safety
 /// The pointers must be readable for their lengths.
 #[no_mangle]
-pub unsafe extern "C" fn bench_verify_raw(ptr: *const u8, len: u32, sig: *const u8) -> i32 {
+pub unsafe extern "C" fn bench_verify_raw(
+    ptr: *const u8,
+    len: u32,
+    sig: *const u8,
+    tables: i32,
+) -> i32 {
     let msg = std::slice::from_raw_parts(ptr, len as usize);
     let mut s = [0u8; 64];
     s.copy_from_slice(std::slice::from_raw_parts(sig, 64));
-    let Ok(g) = RING.lock() else { return -1 };
-    let Some(key) = g.as_ref().and_then(|r| r.get("op-admin-1")) else {
-        return -1;
-    };
-    match key
-        .key
-        .verify_strict(msg, &ed25519_dalek::Signature::from_bytes(&s))
-    {
-        Ok(()) => 0,
-        Err(_) => 1,
-    }
+    with_ring(tables, |ring| match ring.get("op-admin-1") {
+        Some(key) => i32::from(!key.verify_strict(msg, &s)),
+        None => -1,
+    })
 }
