@@ -1,22 +1,25 @@
 #!/usr/bin/env python3
-"""Edge throughput: one Envoy build, one load generator (h2load, HTTP/2 over TLS), one
-run, four filter chains on the same listener and a direct response (no upstream):
+"""Edge throughput and latency: one Envoy process, one load generator (h2load, HTTP/2
+over TLS), a direct response (no upstream), one listener per filter chain:
 
-  none         router only
-  jwt_authn    Envoy's native envoy.filters.http.jwt_authn (HS256, local JWKS)
-  gw_jwt       gw_edge (verify + buffer + stamp stages), JWT-only route
-  gw_command   gw_edge, signed command on /api/control/commands
+  none            router only
+  jwt_authn       Envoy's native envoy.filters.http.jwt_authn (HS256, local JWKS)
+  gw_jwt          gw_edge (verify + buffer + stamp stages), JWT-only route
+  gw_command      gw_edge, signed command on /api/control/commands
   gw_unknown_key  the same command under an unknown pubkey_id (no signature math)
 
-Prints req/s, p50/p99 latency and ratios. The signed-command load repeats one body,
-so after the first request every response is 409 replay: each one still runs the
-whole verification (wire scan, Ed25519, scope, freshness, shared-data read) first;
-the accepted branch would add two shared-data writes and the stamp stage.
+Prints req/s, p50/p99 latency and ratios under load, then latency one request at a
+time in interleaved rounds (every variant sees the same drift of the machine). The
+signed-command load repeats one body, so after the first request every response is
+409 replay: each one still runs the whole verification (wire scan, Ed25519, scope,
+freshness, shared-data read) first; the accepted branch would add two shared-data
+writes and the stamp stage.
 
 The signed command's extra cost (gw_command - gw_jwt, one request at a time) is
 compared with one native Ed25519 verify timed in the same run (--native-verify).
 
-Usage: bench/edge.py --envoy BIN --wasm FILE --gwctl BIN [--native-verify BIN] [--seconds 10] [--clients 16]
+Usage: bench/edge.py --envoy BIN --wasm FILE --gwctl BIN [--native-verify BIN]
+                     [--seconds 10] [--clients 16] [--rounds 5]
 """
 import argparse
 import base64
@@ -85,11 +88,11 @@ def run_envoy(envoy, cfg, admin, log):
     sys.exit("envoy not ready")
 
 
-def h2load(port, path, headers, data, seconds, clients, tmp, streams=4):
+def h2load(port, path, headers, data, seconds, clients, tmp, streams=4, warm_up=2):
     logf = os.path.join(tmp, "h2load.log")
     if os.path.exists(logf):
         os.remove(logf)
-    cmd = ["h2load", "-t", "1", "-c", str(clients), "-m", str(streams), "--warm-up-time", "2", "-D", str(seconds),
+    cmd = ["h2load", "-t", "1", "-c", str(clients), "-m", str(streams), "--warm-up-time", str(warm_up), "-D", str(seconds),
            "--log-file", logf, f"https://127.0.0.1:{port}{path}"]
     for h in headers:
         cmd += ["-H", h]
@@ -103,10 +106,15 @@ def h2load(port, path, headers, data, seconds, clients, tmp, streams=4):
             if len(parts) >= 3:
                 statuses[parts[1]] = statuses.get(parts[1], 0) + 1
                 lat.append(int(parts[2]))
-    lat.sort()
     rps = float([l for l in out.splitlines() if l.startswith("finished in")][0].split(",")[1].split()[0])
+    return dict(summary(lat, statuses), rps=rps)
+
+
+def summary(lat, statuses):
+    """p50/p99 in ms of latencies in µs."""
+    lat = sorted(lat)
     pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] / 1000.0
-    return {"rps": rps, "p50": pct(0.50), "p99": pct(0.99), "n": len(lat), "statuses": statuses}
+    return {"p50": pct(0.50), "p99": pct(0.99), "n": len(lat), "statuses": statuses, "lat": lat}
 
 
 def main():
@@ -116,6 +124,7 @@ def main():
     ap.add_argument("--gwctl", required=True)
     ap.add_argument("--seconds", type=int, default=10, help="at most 20: commands go stale after 30 s")
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the one-at-a-time runs")
     ap.add_argument("--native-verify", help="bench's native_verify example: one native Ed25519 verify, timed")
     a = ap.parse_args()
     if not shutil.which("h2load"):
@@ -128,17 +137,21 @@ def main():
     secret = os.urandom(32)
     token = subprocess.run([a.gwctl, "jwt", "--secret-hex", secret.hex(), "--sub", "bench", "--role", "admin",
                             "--ttl", "1h", "--kid", "dev"], check=True, capture_output=True, text=True).stdout.strip()
-    cmd_file = tmp + "/cmd.bin"
+    cmd = {"op-admin-1": tmp + "/cmd-ok.bin", "op-unknown": tmp + "/cmd-unknown.bin"}
 
-    def sign(key_id="op-admin-1"):
-        # Signed just before its run: commands are fresh for max_skew_secs (30 s).
-        subprocess.run([a.gwctl, "sign", "--key", tmp + "/keys/op-admin-1.sk.hex", "--key-id", key_id,
-                        "--module", "mev", "--action", "throttle", "--arg", "throttle_pct=40", "--issuer", "dashboard",
-                        "--out", cmd_file], check=True, capture_output=True)
+    def sign():
+        # Signed just before each run: commands are fresh for max_skew_secs (30 s).
+        for key_id, out in cmd.items():
+            subprocess.run([a.gwctl, "sign", "--key", tmp + "/keys/op-admin-1.sk.hex", "--key-id", key_id,
+                            "--module", "mev", "--action", "throttle", "--arg", "throttle_pct=40",
+                            "--issuer", "dashboard", "--out", out], check=True, capture_output=True)
     k = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
     gw_cfg = json.load(open(os.path.join(ROOT, "filter-wasm/config.example.json")))
     gw_cfg["command_keys"]["keys"][0]["public_key_hex"] = open(tmp + "/keys/op-admin-1.pk.hex").read().strip()
     gw_cfg["jwt"]["jwks"]["keys"][0]["k"] = k
+    # No ledger here: reporting rejected commands to a missing cluster would measure
+    # its failure path (serialise, fail, log) rather than the request path.
+    gw_cfg.pop("report", None)
     gw_chain = [wasm_filter("gw_edge", "gw_edge", a.wasm, gw_cfg),
                 {"name": "envoy.filters.http.buffer", "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
@@ -150,37 +163,48 @@ def main():
                               "local_jwks": {"inline_string": json.dumps({"keys": [{"kty": "oct", "kid": "dev", "alg": "HS256", "k": k}]})}}},
         "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "dev"}}]}}]
     auth = f"authorization: Bearer {token}"
-    variants = [
-        ("none", [], "/api/modules", [], None),
-        ("jwt_authn", jwt_authn, "/api/modules", [auth], None),
-        ("gw_jwt", gw_chain, "/api/modules", [auth], None),
-        ("gw_command", gw_chain, "/api/control/commands", [auth, "content-type: application/x-protobuf"], cmd_file),
+    proto = "content-type: application/x-protobuf"
+    # One Envoy, one listener per filter chain: every variant meets the same process.
+    chains = {"none": [], "jwt_authn": jwt_authn, "gw": gw_chain}
+    ports = {name: free_port() for name in chains}
+    variants = [  # name, chain, path, headers, body
+        ("none", "none", "/api/modules", [], None),
+        ("jwt_authn", "jwt_authn", "/api/modules", [auth], None),
+        ("gw_jwt", "gw", "/api/modules", [auth], None),
+        ("gw_command", "gw", "/api/control/commands", [auth, proto], cmd["op-admin-1"]),
         # The same command under an unknown pubkey_id: everything but the signature math (401).
-        ("gw_unknown_key", gw_chain, "/api/control/commands", [auth, "content-type: application/x-protobuf"], cmd_file),
+        ("gw_unknown_key", "gw", "/api/control/commands", [auth, proto], cmd["op-unknown"]),
     ]
+    admin = free_port()
+    cfg = {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+           "static_resources": {"listeners": [
+               dict(listener(ports[n], cert, key, f), name=n) for n, f in chains.items()]}}
+    cfg_path = f"{tmp}/envoy.json"
+    json.dump(cfg, open(cfg_path, "w"))
     results, serial = {}, {}
-    for name, filters, path, headers, data in variants:
-        port, admin = free_port(), free_port()
-        cfg = {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-               "static_resources": {"listeners": [listener(port, cert, key, filters)]}}
-        cfg_path = f"{tmp}/{name}.json"
-        json.dump(cfg, open(cfg_path, "w"))
-        with open(f"{tmp}/{name}.envoy.log", "w") as log:
-            p = run_envoy(a.envoy, cfg_path, admin, log)
-            key_id = "op-unknown" if name == "gw_unknown_key" else "op-admin-1"
-            if data:
-                sign(key_id)
-            try:
-                results[name] = h2load(port, path, headers, data, a.seconds, a.clients, tmp)
-                # One request at a time: latency without queueing.
-                if data:
-                    sign(key_id)
-                serial[name] = h2load(port, path, headers, data, max(2, a.seconds // 2), 1, tmp, streams=1)
-            finally:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait()
-        print(f"{name:11s} {results[name]['rps']:10.0f} req/s  p50 {results[name]['p50']:7.3f} ms  "
-              f"p99 {results[name]['p99']:7.3f} ms  statuses {results[name]['statuses']}", flush=True)
+    with open(f"{tmp}/envoy.log", "w") as log:
+        p = run_envoy(a.envoy, cfg_path, admin, log)
+        try:
+            for name, chain, path, headers, data in variants:
+                sign()
+                results[name] = h2load(ports[chain], path, headers, data, a.seconds, a.clients, tmp)
+                print(f"{name:14s} {results[name]['rps']:10.0f} req/s  p50 {results[name]['p50']:7.3f} ms  "
+                      f"p99 {results[name]['p99']:7.3f} ms  statuses {results[name]['statuses']}", flush=True)
+            # One request at a time (latency without queueing), in interleaved rounds so
+            # every variant sees the same drift of this machine.
+            lat = {v[0]: [] for v in variants}
+            statuses = {v[0]: {} for v in variants}
+            for _ in range(a.rounds):
+                sign()
+                for name, chain, path, headers, data in variants:
+                    r = h2load(ports[chain], path, headers, data, 2, 1, tmp, streams=1, warm_up=1)
+                    lat[name] += r["lat"]
+                    for code, n in r["statuses"].items():
+                        statuses[name][code] = statuses[name].get(code, 0) + n
+            serial = {name: summary(lat[name], statuses[name]) for name in lat}
+        finally:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait()
 
     base, native = results["none"], results["jwt_authn"]
     print("\n| chain | req/s | p50 ms | p99 ms | vs none | vs jwt_authn |")
@@ -188,10 +212,10 @@ def main():
     for name in results:
         r = results[name]
         print(f"| {name} | {r['rps']:.0f} | {r['p50']:.3f} | {r['p99']:.3f} | {r['rps']/base['rps']:.3f}x | {r['rps']/native['rps']:.3f}x |")
-    print("\none request at a time (h2load -c1 -m1):")
+    print(f"\none request at a time (h2load -c1 -m1, {a.rounds} interleaved rounds of 2 s):")
     for name in serial:
         r = serial[name]
-        print(f"  {name:11s} p50 {r['p50']*1000:7.0f} µs  p99 {r['p99']*1000:7.0f} µs")
+        print(f"  {name:14s} p50 {r['p50']*1000:7.0f} µs  p99 {r['p99']*1000:7.0f} µs  n {r['n']}  {r['statuses']}")
     extra = (serial["gw_command"]["p50"] - serial["gw_jwt"]["p50"]) * 1000
     extra99 = (serial["gw_command"]["p99"] - serial["gw_jwt"]["p99"]) * 1000
     print(f"signed command adds (gw_command - gw_jwt, serial): p50 {extra:.0f} µs, p99 {extra99:.0f} µs")

@@ -22,6 +22,7 @@ const MAP_HTTP_REQUEST_HEADERS: u32 = 0;
 const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 /// Metric type counter.
 const METRIC_COUNTER: u32 = 0;
+const METRIC_HISTOGRAM: u32 = 2;
 
 #[link(wasm_import_module = "env")]
 extern "C" {
@@ -85,6 +86,7 @@ extern "C" {
         return_id: *mut u32,
     ) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
 }
 
@@ -267,4 +269,18 @@ pub fn define_counter(name: &str) -> Result<u32, Status> {
 pub fn increment(id: u32, by: i64) -> Result<(), Status> {
     // SAFETY: plain values.
     check(unsafe { proxy_increment_metric(id, by) })
+}
+
+/// Defines a histogram (Envoy: a stat with quantiles); returns its id.
+pub fn define_histogram(name: &str) -> Result<u32, Status> {
+    let mut id = 0u32;
+    // SAFETY: pointer/length describe `name`; `id` is a valid out-pointer.
+    check(unsafe { proxy_define_metric(METRIC_HISTOGRAM, name.as_ptr(), name.len(), &mut id) })?;
+    Ok(id)
+}
+
+/// Records one value in a histogram.
+pub fn record(id: u32, value: u64) -> Result<(), Status> {
+    // SAFETY: plain values.
+    check(unsafe { proxy_record_metric(id, value) })
 }

@@ -37,6 +37,9 @@ struct Metrics {
     accepted: Option<u32>,
     passed: Option<u32>,
     by_code: Vec<Option<u32>>,
+    /// Microseconds spent checking a command body (parse, signature, scope,
+    /// freshness, replay), by the host's clock.
+    command_us: Option<u32>,
 }
 
 impl Metrics {
@@ -53,6 +56,7 @@ impl Metrics {
                 .iter()
                 .map(|c| counter(&format!("gw_edge.decision.{}", c.as_str())))
                 .collect(),
+            command_us: abi::define_histogram("gw_edge.command_check_us").ok(),
         }
     }
 
@@ -453,7 +457,14 @@ impl HttpContext for Http {
             }
         };
         self.body = Some(body.clone());
-        match edge.on_request_body(&pending, &body, now_secs(), &HostStore) {
+        let started = abi::now_nanos().ok();
+        let checked = edge.on_request_body(&pending, &body, now_secs(), &HostStore);
+        if let (Some(m), Some(t0), Ok(t1)) = (&self.metrics, started, abi::now_nanos()) {
+            if let Some(id) = m.command_us {
+                let _ = abi::record(id, t1.saturating_sub(t0) / 1_000);
+            }
+        }
+        match checked {
             Ok(h) => match stamp::put(&HostStore, &ticket, &h) {
                 Ok(()) => {
                     if let Some(m) = &self.metrics {

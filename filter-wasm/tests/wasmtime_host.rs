@@ -141,6 +141,11 @@ fn accepted_command_goes_upstream_with_verified_headers_only() {
         other => panic!("{other:?}\n{:?}", vm.logs()),
     }
     assert_eq!(vm.metric("gw_edge.decision.accepted"), Some(1));
+    // One command checked: one sample of its cost.
+    assert_eq!(
+        vm.samples("gw_edge.command_check_us").map(|v| v.len()),
+        Some(1)
+    );
 
     // Spoofed headers never pass on public or JWT routes either.
     let out = vm.request(

@@ -105,3 +105,103 @@ pub unsafe extern "C" fn bench_verify_raw(
         None => -1,
     })
 }
+
+/// The same measurement inside a proxy-wasm host (Envoy's V8): loaded as a
+/// bootstrap wasm service, the module times every variant when the VM starts and
+/// logs one line `gw-verify-bench {json}` at warn level (`bench/run.sh verify`).
+#[cfg(target_arch = "wasm32")]
+mod proxy_wasm_host {
+    use std::collections::BTreeMap;
+
+    use ed25519_dalek::{Signer, SigningKey};
+    use gw_core::{sign_command, signing_payload, Command};
+
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_log(level: u32, ptr: *const u8, len: usize) -> u32;
+        fn proxy_get_current_time_nanoseconds(out: *mut u64) -> u32;
+    }
+
+    const WARN: u32 = 3;
+
+    fn now_ns() -> u64 {
+        let mut t = 0u64;
+        // SAFETY: the host writes one u64 through the pointer.
+        unsafe { proxy_get_current_time_nanoseconds(&mut t) };
+        t
+    }
+
+    /// Median over 7 runs of `n` calls, in µs per call (the host clock is wall time).
+    fn time(n: u32, mut f: impl FnMut() -> i32) -> f64 {
+        for _ in 0..n {
+            assert_eq!(f(), 0);
+        }
+        let mut runs: Vec<f64> = (0..7)
+            .map(|_| {
+                let t0 = now_ns();
+                for _ in 0..n {
+                    std::hint::black_box(f());
+                }
+                (now_ns() - t0) as f64 / f64::from(n) / 1e3
+            })
+            .collect();
+        runs.sort_by(f64::total_cmp);
+        runs[3]
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_abi_version_0_2_1() {}
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
+        super::bench_alloc(size as u32)
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_context_create(_context_id: u32, _parent_id: u32) {}
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_vm_start(_root_id: u32, _config_size: usize) -> u32 {
+        let sk = SigningKey::from_bytes(&[42; 32]);
+        let cmd = Command {
+            ts: 1_750_000_000,
+            module: 1,
+            action: 4,
+            args: BTreeMap::from([
+                ("ev_min".to_string(), "0.25".to_string()),
+                ("tip_ladder".to_string(), "0.1,0.2,0.35".to_string()),
+                ("throttle_pct".to_string(), "40".to_string()),
+            ]),
+            request_id: "6f1c1f4e-8d7b-4a53-9c61-3f1f0a2b9e77".into(),
+            issuer: "dashboard".into(),
+            schema_version: "ctrl-v1".into(),
+            nonce: 1_750_000_000_123_456_789,
+            ..Default::default()
+        };
+        let body = sign_command(&cmd, &sk, "op-admin-1");
+        let payload = signing_payload(&cmd);
+        let sig = sk.sign(&payload).to_bytes();
+        let t0 = now_ns();
+        // SAFETY: the pointers are to live slices of the stated lengths.
+        let ok = unsafe { super::bench_set_key(sk.verifying_key().as_bytes().as_ptr()) } == 0;
+        let setup_ms = (now_ns() - t0) as f64 / 1e6;
+        let line = if ok {
+            let (b, p) = (&body, &payload);
+            // SAFETY: as above.
+            let raw = |t| unsafe { super::bench_verify_raw(p.as_ptr(), p.len() as u32, sig.as_ptr(), t) };
+            let com = |t| unsafe { super::bench_verify_command(b.as_ptr(), b.len() as u32, t) };
+            format!(
+                "gw-verify-bench {{\"raw_dalek\": {:.2}, \"raw_tables\": {:.2}, \"command_dalek\": {:.2}, \"command_tables\": {:.2}, \"set_key_ms\": {setup_ms:.2}}}",
+                time(300, || raw(0)),
+                time(300, || raw(1)),
+                time(300, || com(0)),
+                time(300, || com(1)),
+            )
+        } else {
+            "gw-verify-bench {\"error\": \"set key failed\"}".to_string()
+        };
+        // SAFETY: the host reads `len` bytes from the pointer.
+        unsafe { proxy_log(WARN, line.as_ptr(), line.len()) };
+        1
+    }
+}

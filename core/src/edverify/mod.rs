@@ -134,6 +134,7 @@ impl PrecomputedKey {
         let mut dk = [0i16; rows(2)];
         let ds = digits(s.as_bytes(), base.window(), &mut ds);
         let dk = digits(k.as_bytes(), self.neg_a.window(), &mut dk);
+        std::hint::black_box(base.touch(ds) ^ self.neg_a.touch(dk));
         // [s]B + [k](−A)
         let Some(acc) = base.add_digits(Ext::IDENTITY, ds) else {
             return false;

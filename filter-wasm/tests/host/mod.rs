@@ -73,6 +73,8 @@ pub struct State {
     pub logs: Vec<(i32, String)>,
     metric_names: Vec<String>,
     metric_values: Vec<i64>,
+    /// Values recorded per metric id (histograms).
+    metric_samples: Vec<Vec<u64>>,
     pub now_secs: u64,
     /// Answer "not supported" to define_metric, like hosts without metrics.
     pub no_metrics: bool,
@@ -428,6 +430,7 @@ impl Host {
                 let id = c.data().metric_names.len() as u32;
                 c.data_mut().metric_names.push(name);
                 c.data_mut().metric_values.push(0);
+                c.data_mut().metric_samples.push(Vec::new());
                 write_u32(&mut c, ret, id);
                 OK
             },
@@ -440,6 +443,20 @@ impl Host {
                 match c.data_mut().metric_values.get_mut(id as usize) {
                     Some(v) => {
                         *v += off;
+                        OK
+                    }
+                    None => NOT_FOUND,
+                }
+            },
+        )
+        .unwrap();
+        l.func_wrap(
+            "env",
+            "proxy_record_metric",
+            |mut c: Caller<'_, State>, id: i32, value: i64| -> i32 {
+                match c.data_mut().metric_samples.get_mut(id as usize) {
+                    Some(v) => {
+                        v.push(value as u64);
                         OK
                     }
                     None => NOT_FOUND,
@@ -532,6 +549,7 @@ impl Host {
             logs: Vec::new(),
             metric_names: Vec::new(),
             metric_values: Vec::new(),
+            metric_samples: Vec::new(),
             now_secs,
             no_metrics,
             calls: Vec::new(),
@@ -645,6 +663,15 @@ impl Vm {
             .map(|i| s.metric_values[i])
     }
 
+    /// Values recorded in a histogram, by metric name.
+    pub fn samples(&self, name: &str) -> Option<Vec<u64>> {
+        let s = self.store.data();
+        s.metric_names
+            .iter()
+            .position(|n| n == name)
+            .map(|i| s.metric_samples[i].clone())
+    }
+
     pub fn logs(&self) -> Vec<String> {
         self.store
             .data()
@@ -755,6 +782,10 @@ impl Gateway {
 
     pub fn metric(&self, name: &str) -> Option<i64> {
         self.verify.metric(name)
+    }
+
+    pub fn samples(&self, name: &str) -> Option<Vec<u64>> {
+        self.verify.samples(name)
     }
 
     pub fn logs(&self) -> Vec<String> {
