@@ -15,7 +15,8 @@ if [[ "$which" == all || "$which" == verify ]]; then
   log "building the wasm guest"
   cargo build -q --release --target wasm32-wasip1 -p wasm-verify
   log "bench: verify"
-  cargo bench -q -p gw-bench --bench verify -- --noplot
+  envoy_bin="$(ls "$GW_VENV"/lib/python*/site-packages/envoy/_bin/envoy 2>/dev/null || true)"
+  GW_ENVOY="$envoy_bin" cargo bench -q -p gw-bench --bench verify -- --noplot "${@:2}"
 fi
 if [[ "$which" == all || "$which" == edge ]]; then
   command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client; }

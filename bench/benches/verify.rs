@@ -149,6 +149,65 @@ fn v8_times(pk: &[u8], body: &[u8], payload: &[u8], sig: &[u8; 64]) -> Option<(V
     Some((times, v["node"].as_str()?.to_owned()))
 }
 
+/// Times the same guest inside Envoy's V8 (`GW_ENVOY`: the envoy binary): loaded
+/// as a bootstrap wasm service, it measures itself when the VM starts and logs
+/// `gw-verify-bench {json}`. Returns µs per call for each of `VARIANTS` and the
+/// time to build the key's tables (ms).
+fn envoy_times() -> Option<(Vec<f64>, f64)> {
+    let envoy = std::env::var_os("GW_ENVOY").filter(|e| !e.is_empty())?;
+    let dir = std::env::temp_dir().join(format!("gw-verify-envoy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    let cfg = serde_json::json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "bootstrap_extensions": [{"name": "envoy.bootstrap.wasm", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.wasm.v3.WasmService",
+            "singleton": true,
+            "config": {"name": "verify_bench", "vm_config": {
+                "runtime": "envoy.wasm.runtime.v8",
+                "code": {"local": {"filename": wasm_path()}}}}}}]
+    });
+    let cfg_path = dir.join("envoy.json");
+    std::fs::write(&cfg_path, cfg.to_string()).ok()?;
+    let log_path = dir.join("envoy.log");
+    let mut child = std::process::Command::new(envoy)
+        .arg("-c")
+        .arg(&cfg_path)
+        .args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "-l",
+            "warn",
+            "--log-path",
+        ])
+        .arg(&log_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut found = None;
+    while found.is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        found = log
+            .lines()
+            .find_map(|l| l.split_once("gw-verify-bench ").map(|(_, j)| j.to_owned()));
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let v: serde_json::Value = serde_json::from_str(&found?).ok()?;
+    let times = VARIANTS
+        .iter()
+        .map(|(id, _, _)| v[*id].as_f64())
+        .collect::<Option<Vec<_>>>()?;
+    Some((times, v["set_key_ms"].as_f64()?))
+}
+
 /// (id, raw signature or whole command, table verifier).
 const VARIANTS: [(&str, bool, bool); 4] = [
     ("raw_dalek", true, false),
@@ -229,40 +288,47 @@ fn main() {
         .map(|(id, _, _)| us(format!("wasmtime_{id}")))
         .collect();
     let v8 = v8_times(pk.as_bytes(), &body, &payload, &sig_bytes);
+    let envoy = envoy_times();
     let baseline = native[0];
     println!();
     println!("== verify: {} byte command, 3 args; µs per call (× native raw ed25519-dalek verify_strict) ==", body.len());
+    let node = match &v8 {
+        Some((_, node)) => format!("V8 (Node {node})"),
+        None => "V8 (Node)".to_string(),
+    };
     println!(
-        "{:<16} {:>17} {:>17} {:>17}",
-        "",
-        "native",
-        "wasmtime",
-        match &v8 {
-            Some((_, node)) => format!("V8 (Node {node})"),
-            None => "V8".to_string(),
-        }
+        "{:<16} {:>17} {:>17} {node:>17} {:>17}",
+        "", "native", "wasmtime", "V8 (Envoy)"
     );
     let cell = |v: f64| format!("{v:8.1} ({:5.2}x)", v / baseline);
+    let column =
+        |t: Option<&Vec<f64>>, i: usize| t.map(|t| cell(t[i])).unwrap_or_else(|| "skipped".into());
     for (i, (id, _, _)) in VARIANTS.iter().enumerate() {
         println!(
-            "{id:<16} {:>17} {:>17} {:>17}",
+            "{id:<16} {:>17} {:>17} {:>17} {:>17}",
             cell(native[i]),
             cell(wasmtime[i]),
-            v8.as_ref()
-                .map(|(t, _)| cell(t[i]))
-                .unwrap_or_else(|| "skipped".into())
+            column(v8.as_ref().map(|(t, _)| t), i),
+            column(envoy.as_ref().map(|(t, _)| t), i),
         );
     }
+    let ratio = |t: Option<&Vec<f64>>, name: &str| {
+        t.map(|t| format!(", {name} {:.2}x", t[2] / t[3]))
+            .unwrap_or_default()
+    };
     println!(
-        "tables vs dalek, verify_command: native {:.2}x, wasmtime {:.2}x{}",
+        "tables vs dalek, verify_command: native {:.2}x, wasmtime {:.2}x{}{}",
         native[2] / native[3],
         wasmtime[2] / wasmtime[3],
-        v8.as_ref()
-            .map(|(t, _)| format!(", V8 {:.2}x", t[2] / t[3]))
-            .unwrap_or_default()
+        ratio(v8.as_ref().map(|(t, _)| t), "V8 (Node)"),
+        ratio(envoy.as_ref().map(|(t, _)| t), "V8 (Envoy)"),
     );
     if v8.is_none() {
-        println!("V8: skipped (node not found, or bench/v8_verify.mjs failed)");
+        println!("V8 (Node): skipped (node not found, or bench/v8_verify.mjs failed)");
+    }
+    match &envoy {
+        Some((_, ms)) => println!("in Envoy, building the base point's and one key's tables: {ms:.1} ms"),
+        None => println!("V8 (Envoy): skipped (set GW_ENVOY to the envoy binary; bench/run.sh does when the venv exists)"),
     }
     let _ = std::fs::remove_dir_all(&out_dir);
 }

@@ -188,7 +188,8 @@ mod proxy_wasm_host {
         let line = if ok {
             let (b, p) = (&body, &payload);
             // SAFETY: as above.
-            let raw = |t| unsafe { super::bench_verify_raw(p.as_ptr(), p.len() as u32, sig.as_ptr(), t) };
+            let raw =
+                |t| unsafe { super::bench_verify_raw(p.as_ptr(), p.len() as u32, sig.as_ptr(), t) };
             let com = |t| unsafe { super::bench_verify_command(b.as_ptr(), b.len() as u32, t) };
             format!(
                 "gw-verify-bench {{\"raw_dalek\": {:.2}, \"raw_tables\": {:.2}, \"command_dalek\": {:.2}, \"command_tables\": {:.2}, \"set_key_ms\": {setup_ms:.2}}}",
