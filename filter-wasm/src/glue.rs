@@ -280,9 +280,10 @@ struct Http {
     metrics: Option<Rc<Metrics>>,
     pending: Option<(PendingCommand, Ticket)>,
     reports: Option<Reports>,
-    /// The request path, when it is a control route (reported on rejection).
+    /// The request path, when it is a control route and reporting is on
+    /// (reported on rejection).
     control_path: Option<String>,
-    /// The command body, once read (reported on rejection).
+    /// The command body, once read, when reporting is on (reported on rejection).
     body: Option<Vec<u8>>,
 }
 
@@ -389,7 +390,9 @@ impl HttpContext for Http {
         };
         let path = get(":path").unwrap_or("");
         let s = &edge.settings;
-        if path.starts_with(&s.command_path) || path.starts_with(&s.module_route_prefix) {
+        if self.reports.is_some()
+            && (path.starts_with(&s.command_path) || path.starts_with(&s.module_route_prefix))
+        {
             self.control_path = Some(path.chars().take(256).collect());
         }
         let head = RequestHead {
@@ -456,7 +459,9 @@ impl HttpContext for Http {
                 ))
             }
         };
-        self.body = Some(body.clone());
+        if self.reports.is_some() {
+            self.body = Some(body.clone());
+        }
         let started = abi::now_nanos().ok();
         let checked = edge.on_request_body(&pending, &body, now_secs(), &HostStore);
         if let (Some(m), Some(t0), Ok(t1)) = (&self.metrics, started, abi::now_nanos()) {
