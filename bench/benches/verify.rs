@@ -7,7 +7,6 @@
 //!
 //! The wasm guest is built by `bench/run.sh` (or pass its path in `GW_WASM_VERIFY`).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -19,21 +18,7 @@ use gw_core::{sign_command, signing_payload, verify_command, Command, KeyRing};
 use wasmtime::{Engine, Instance, Linker, Memory, Module, Store, TypedFunc};
 
 fn command() -> Command {
-    Command {
-        ts: 1_750_000_000,
-        module: 1,
-        action: 4,
-        args: BTreeMap::from([
-            ("ev_min".to_string(), "0.25".to_string()),
-            ("tip_ladder".to_string(), "0.1,0.2,0.35".to_string()),
-            ("throttle_pct".to_string(), "40".to_string()),
-        ]),
-        request_id: "6f1c1f4e-8d7b-4a53-9c61-3f1f0a2b9e77".into(),
-        issuer: "dashboard".into(),
-        schema_version: "ctrl-v1".into(),
-        nonce: 1_750_000_000_123_456_789,
-        ..Default::default()
-    }
+    wasm_verify::bench_command()
 }
 
 fn wasm_path() -> PathBuf {

@@ -4,7 +4,6 @@
 //!
 //!   cargo run --release -p gw-bench --example native_verify [N]
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -18,17 +17,7 @@ fn main() {
         .unwrap_or(20_000);
     let sk = SigningKey::from_bytes(&[42; 32]);
     let pk = sk.verifying_key();
-    let cmd = Command {
-        ts: 1_750_000_000,
-        module: 2,
-        action: 3,
-        args: BTreeMap::from([("throttle_pct".to_string(), "40".to_string())]),
-        request_id: "6f1c1f4e-8d7b-4a53-9c61-3f1f0a2b9e77".into(),
-        issuer: "dashboard".into(),
-        schema_version: "ctrl-v1".into(),
-        nonce: 1_750_000_000_123_456_789,
-        ..Default::default()
-    };
+    let cmd = wasm_verify::bench_command();
     let body = sign_command(&cmd, &sk, "op-admin-1");
     let payload = signing_payload(&cmd);
     let decoded = <Command as prost::Message>::decode(&body[..]).expect("decode");

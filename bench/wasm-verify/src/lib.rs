@@ -33,6 +33,26 @@ fn code_result(r: Result<(), gw_core::Reject>) -> i32 {
     }
 }
 
+/// The command every verify benchmark signs (`policy` on `mev`, three arguments,
+/// 232 bytes signed): the same bytes natively, in wasmtime, Node and Envoy.
+pub fn bench_command() -> gw_core::Command {
+    gw_core::Command {
+        ts: 1_750_000_000,
+        module: 1,
+        action: 4,
+        args: std::collections::BTreeMap::from([
+            ("ev_min".to_string(), "0.25".to_string()),
+            ("tip_ladder".to_string(), "0.1,0.2,0.35".to_string()),
+            ("throttle_pct".to_string(), "40".to_string()),
+        ]),
+        request_id: "6f1c1f4e-8d7b-4a53-9c61-3f1f0a2b9e77".into(),
+        issuer: "dashboard".into(),
+        schema_version: "ctrl-v1".into(),
+        nonce: 1_750_000_000_123_456_789,
+        ..Default::default()
+    }
+}
+
 fn with_ring(tables: i32, f: impl FnOnce(&KeyRing) -> i32) -> i32 {
     let Ok(g) = RINGS.lock() else { return -1 };
     match g.as_ref() {
@@ -111,10 +131,8 @@ pub unsafe extern "C" fn bench_verify_raw(
 /// logs one line `gw-verify-bench {json}` at warn level (`bench/run.sh verify`).
 #[cfg(target_arch = "wasm32")]
 mod proxy_wasm_host {
-    use std::collections::BTreeMap;
-
     use ed25519_dalek::{Signer, SigningKey};
-    use gw_core::{sign_command, signing_payload, Command};
+    use gw_core::{sign_command, signing_payload};
 
     #[link(wasm_import_module = "env")]
     extern "C" {
@@ -163,21 +181,7 @@ mod proxy_wasm_host {
     #[no_mangle]
     pub extern "C" fn proxy_on_vm_start(_root_id: u32, _config_size: usize) -> u32 {
         let sk = SigningKey::from_bytes(&[42; 32]);
-        let cmd = Command {
-            ts: 1_750_000_000,
-            module: 1,
-            action: 4,
-            args: BTreeMap::from([
-                ("ev_min".to_string(), "0.25".to_string()),
-                ("tip_ladder".to_string(), "0.1,0.2,0.35".to_string()),
-                ("throttle_pct".to_string(), "40".to_string()),
-            ]),
-            request_id: "6f1c1f4e-8d7b-4a53-9c61-3f1f0a2b9e77".into(),
-            issuer: "dashboard".into(),
-            schema_version: "ctrl-v1".into(),
-            nonce: 1_750_000_000_123_456_789,
-            ..Default::default()
-        };
+        let cmd = super::bench_command();
         let body = sign_command(&cmd, &sk, "op-admin-1");
         let payload = signing_payload(&cmd);
         let sig = sk.sign(&payload).to_bytes();
