@@ -536,3 +536,86 @@ fn rejected_control_requests_are_reported_in_bounded_batches_on_tick() {
     vm.tick();
     assert_eq!(vm.calls().len(), 2, "an empty queue sends nothing");
 }
+
+/// The filter verifies with the core's fixed-base tables (`gw_core::edverify`), not
+/// with `ed25519-dalek`. Compiled to wasm32 as it runs in Envoy, it must agree with
+/// `ed25519-dalek`'s `verify_strict` on valid signatures from fresh keys and on
+/// one-bit corruptions of every byte of R and s. (The adversarial cases — small-order
+/// R, non-canonical s and R — are held natively by `core/src/edverify/tests.rs`.)
+#[test]
+fn the_wasm_filter_verifies_signatures_exactly_like_ed25519_dalek() {
+    use ed25519_dalek::{Signature, Signer, SigningKey};
+    use gw_core::{signing_payload, Command, Module};
+
+    let host = Host::new();
+    let admin = bearer(&["admin"]);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        // splitmix64: a fixed, reproducible stream.
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let (mut accepted, mut refused) = (0, 0);
+    let mut nonce = 0u64; // increasing: the replay window is per issuer, shared by the VMs
+    let mut flips = 0u64;
+    for _ in 0..6 {
+        let mut seed = [0u8; 32];
+        for chunk in seed.chunks_mut(8) {
+            chunk.copy_from_slice(&next().to_le_bytes());
+        }
+        let sk = SigningKey::from_bytes(&seed);
+        let mut cfg = testkit::fixtures::filter_config(2048);
+        cfg["command_keys"]["keys"][0]["public_key_hex"] =
+            hex::encode(sk.verifying_key().as_bytes()).into();
+        let mut vm = host.gateway(&cfg.to_string(), NOW).unwrap();
+        for i in 0..24u64 {
+            nonce += 1;
+            let cmd = Command {
+                ts: NOW,
+                module: Module::Mev.to_proto() as i32,
+                action: Action::Throttle.to_proto() as i32,
+                args: [("throttle_pct".to_string(), format!("{}", next() % 101))].into(),
+                request_id: format!("req-{nonce}"),
+                issuer: "dashboard".into(),
+                schema_version: "ctrl-v1".into(),
+                nonce,
+                ..Default::default()
+            };
+            let payload = signing_payload(&cmd);
+            let mut sig = sk.sign(&payload).to_bytes();
+            if i % 2 == 1 {
+                // One flipped bit; over the run every byte of R and s gets one, and
+                // the first flip is R's sign bit.
+                let byte = if flips == 0 { 31 } else { (flips * 7) % 64 };
+                let bit = if flips == 0 { 7 } else { next() % 8 };
+                sig[byte as usize] ^= 1 << bit;
+                flips += 1;
+            }
+            let dalek = sk
+                .verifying_key()
+                .verify_strict(&payload, &Signature::from_bytes(&sig))
+                .is_ok();
+            let body = prost::Message::encode_to_vec(&Command {
+                sig: sig.to_vec(),
+                pubkey_id: "op-admin-1".into(),
+                sig_alg: "ed25519-v1".into(),
+                ..cmd
+            });
+            let out = vm.request(&post("/api/control/commands", &admin), &body, 1);
+            if dalek {
+                assert_eq!(out.status(), 200, "{:?}", out.code());
+                accepted += 1;
+            } else {
+                assert_eq!(
+                    (out.status(), out.code().as_deref()),
+                    (401, Some("bad_signature"))
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((accepted, refused), (72, 72));
+}
