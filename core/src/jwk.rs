@@ -146,6 +146,9 @@ pub fn ed25519_secret_from_hex(s: &str) -> Result<ed25519_dalek::SigningKey, Key
     Ok(ed25519_dalek::SigningKey::from_bytes(seed))
 }
 
+/// Why an Ed25519 public key of small order is refused (here and by the edge's tables).
+pub(crate) const WEAK_ED25519: &str = "weak (small-order) Ed25519 key";
+
 /// Parses raw bytes as an Ed25519 public key, refusing weak (small-order) keys.
 pub fn ed25519_from_bytes(bytes: &[u8]) -> Result<ed25519_dalek::VerifyingKey, KeyError> {
     let arr: [u8; 32] = bytes
@@ -159,7 +162,7 @@ pub fn ed25519_from_bytes(bytes: &[u8]) -> Result<ed25519_dalek::VerifyingKey, K
         return Err(KeyError::Invalid("non-canonical Ed25519 point encoding"));
     }
     if vk.is_weak() {
-        return Err(KeyError::Invalid("weak (small-order) Ed25519 key"));
+        return Err(KeyError::Invalid(WEAK_ED25519));
     }
     Ok(vk)
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use crate::code::{Code, Reject};
-use crate::edverify::{PrecomputeError, PrecomputedKey};
+use crate::edverify::PrecomputedKey;
 use crate::jwk::{ed25519_from_hex, Jwk, JwkJson, KeyError, KeyMaterial};
 use crate::names::{Action, Module};
 
@@ -179,12 +179,9 @@ impl CommandKey {
     }
 
     fn precompute(&mut self) -> Result<(), KeyRingError> {
-        let t = PrecomputedKey::new(self.key.as_bytes()).map_err(|e| KeyRingError::Key {
+        let t = PrecomputedKey::new(self.key.as_bytes()).map_err(|source| KeyRingError::Key {
             id: self.id.clone(),
-            source: KeyError::Invalid(match e {
-                PrecomputeError::Encoding => "not a canonical Ed25519 point encoding",
-                PrecomputeError::SmallOrder => "weak (small-order) Ed25519 key",
-            }),
+            source,
         })?;
         self.tables = Some(t);
         Ok(())
@@ -306,8 +303,6 @@ impl KeyRing {
         }
         if self.precompute {
             key.precompute()?;
-        } else {
-            key.tables = None;
         }
         self.keys.insert(key.id.clone(), key);
         Ok(())
@@ -320,18 +315,20 @@ impl KeyRing {
         id: &str,
         key: ed25519_dalek::VerifyingKey,
     ) -> Result<bool, KeyRingError> {
-        let precompute = self.precompute;
-        match self.keys.get_mut(id) {
-            Some(k) => {
-                k.key = key;
-                k.tables = None;
-                if precompute {
-                    k.precompute()?;
-                }
-                Ok(true)
-            }
-            None => Ok(false),
+        let Some(old) = self.keys.get(id) else {
+            return Ok(false);
+        };
+        // Build the replacement whole, so a key never sits beside another key's table.
+        let mut new = CommandKey {
+            key,
+            tables: None,
+            ..old.clone()
+        };
+        if self.precompute {
+            new.precompute()?;
         }
+        self.keys.insert(id.to_owned(), new);
+        Ok(true)
     }
 
     /// Looks up a key by `pubkey_id`.

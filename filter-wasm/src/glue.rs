@@ -305,7 +305,12 @@ impl SharedStore for HostStore {
 
 /// Host time in unix seconds; 0 when the host cannot tell (every command is then stale).
 fn now_secs() -> u64 {
-    abi::now_nanos().map_or(0, |ns| ns / 1_000_000_000)
+    unix_secs(abi::now_nanos().ok())
+}
+
+/// Seconds of a host time in nanoseconds; 0 when the host could not tell.
+fn unix_secs(ns: Option<u64>) -> u64 {
+    ns.map_or(0, |ns| ns / 1_000_000_000)
 }
 
 fn local_reject(r: &Reject) {
@@ -462,10 +467,12 @@ impl HttpContext for Http {
         if self.reports.is_some() {
             self.body = Some(body.clone());
         }
+        // One clock read serves freshness and the timing histogram.
         let started = abi::now_nanos().ok();
-        let checked = edge.on_request_body(&pending, &body, now_secs(), &HostStore);
-        if let (Some(m), Some(t0), Ok(t1)) = (&self.metrics, started, abi::now_nanos()) {
-            if let Some(id) = m.command_us {
+        let checked = edge.on_request_body(&pending, &body, unix_secs(started), &HostStore);
+        let histogram = self.metrics.as_ref().and_then(|m| m.command_us);
+        if let (Some(id), Some(t0)) = (histogram, started) {
+            if let Ok(t1) = abi::now_nanos() {
                 let _ = abi::record(id, t1.saturating_sub(t0) / 1_000);
             }
         }

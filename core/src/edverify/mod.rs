@@ -33,8 +33,9 @@ use std::sync::{Arc, OnceLock};
 use curve25519_dalek::Scalar;
 use sha2::{Digest, Sha512};
 
+use crate::jwk::{KeyError, WEAK_ED25519};
 use point::{Consts, Ext};
-use table::{digits, rows, Table};
+use table::{digits, Table, MAX_ROWS};
 
 /// Window of the per-key tables: 32 rows × 128 points × 120 bytes = 480 KiB per
 /// key, 32 additions per verify. (6 bits: 165 KiB and 43 additions, ≈20 % slower
@@ -65,17 +66,6 @@ pub fn warm_up() -> bool {
     base_table().is_some()
 }
 
-/// Why a public key cannot get a table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum PrecomputeError {
-    /// Not the canonical encoding of a curve point.
-    #[error("not a canonical Ed25519 point encoding")]
-    Encoding,
-    /// A point of small order (a weak key).
-    #[error("weak (small-order) Ed25519 key")]
-    SmallOrder,
-}
-
 /// A public key with its fixed-base table of −A. Cheap to clone (shared table).
 #[derive(Clone)]
 pub struct PrecomputedKey {
@@ -94,21 +84,17 @@ impl std::fmt::Debug for PrecomputedKey {
 
 impl PrecomputedKey {
     /// Validates the 32-byte public key and builds its table (≈4 ms in V8, the first one ≈15 ms with the base table).
-    pub fn new(public_key: &[u8; 32]) -> Result<PrecomputedKey, PrecomputeError> {
+    pub fn new(public_key: &[u8; 32]) -> Result<PrecomputedKey, KeyError> {
         let c = Consts::new();
-        let a = Ext::decompress(public_key, &c).ok_or(PrecomputeError::Encoding)?;
+        let a = Ext::decompress(public_key, &c)
+            .ok_or(KeyError::Invalid("not a canonical Ed25519 point encoding"))?;
         if a.is_small_order() {
-            return Err(PrecomputeError::SmallOrder);
+            return Err(KeyError::Invalid(WEAK_ED25519));
         }
         Ok(PrecomputedKey {
             a: *public_key,
             neg_a: Arc::new(Table::new(&a.neg(), KEY_WINDOW, &c)),
         })
-    }
-
-    /// The public key's encoding.
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.a
     }
 
     /// Verifies `signature` over `message`, accepting exactly what
@@ -117,11 +103,12 @@ impl PrecomputedKey {
         let Some(base) = base_table() else {
             return false;
         };
-        let mut r = [0u8; 32];
-        r.copy_from_slice(&signature[..32]);
-        let mut s_bytes = [0u8; 32];
-        s_bytes.copy_from_slice(&signature[32..]);
-        let Some(s) = Option::<Scalar>::from(Scalar::from_canonical_bytes(s_bytes)) else {
+        let (r, s_bytes) = signature.split_at(32);
+        let Some(s) = s_bytes
+            .try_into()
+            .ok()
+            .and_then(|b| Option::<Scalar>::from(Scalar::from_canonical_bytes(b)))
+        else {
             return false;
         };
         let mut h = Sha512::new();
@@ -130,8 +117,8 @@ impl PrecomputedKey {
         h.update(message);
         let k = Scalar::from_bytes_mod_order_wide(&h.finalize().into());
 
-        let mut ds = [0i16; rows(2)];
-        let mut dk = [0i16; rows(2)];
+        let mut ds = [0i16; MAX_ROWS];
+        let mut dk = [0i16; MAX_ROWS];
         let ds = digits(s.as_bytes(), base.window(), &mut ds);
         let dk = digits(k.as_bytes(), self.neg_a.window(), &mut dk);
         std::hint::black_box(base.touch(ds) ^ self.neg_a.touch(dk));
@@ -142,6 +129,6 @@ impl PrecomputedKey {
         let Some(acc) = self.neg_a.add_digits(acc, dk) else {
             return false;
         };
-        acc.compress() == r && !acc.is_small_order()
+        acc.compress()[..] == *r && !acc.is_small_order()
     }
 }

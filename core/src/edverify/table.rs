@@ -19,6 +19,9 @@ pub(crate) const fn rows(w: u32) -> usize {
     254_usize.div_ceil(w as usize)
 }
 
+/// Rows of the smallest window we support (2 bits): a digit buffer this long fits any.
+pub(crate) const MAX_ROWS: usize = rows(2);
+
 impl Table {
     /// Builds the table of `p`: rows × 2^(w−1) points, one batched inversion.
     /// `w` is one of our constants, 2..=8.
@@ -48,6 +51,17 @@ impl Table {
         self.w
     }
 
+    /// The entry for digit `d` of row `i` (its magnitude; the caller applies the
+    /// sign); `None` for a zero or out-of-range digit.
+    #[inline(always)]
+    fn entry(&self, i: usize, d: i16) -> Option<&Niels> {
+        if d == 0 {
+            return None;
+        }
+        self.entries
+            .get(i * self.half + usize::from(d.unsigned_abs()) - 1)
+    }
+
     /// Reads one word of every cache line of the entries `digits` will use, so
     /// their cache misses overlap instead of stalling one addition each (a
     /// verify is often the first touch of the tables in a while). Returns a value
@@ -55,8 +69,7 @@ impl Table {
     pub(crate) fn touch(&self, digits: &[i16]) -> i32 {
         let mut x = 0i32;
         for (i, &d) in digits.iter().enumerate() {
-            let idx = (i * self.half + d.unsigned_abs() as usize).wrapping_sub(1);
-            if let Some(q) = self.entries.get(idx) {
+            if let Some(q) = self.entry(i, d) {
                 x ^= q.y_plus_x.0[0] ^ q.y_minus_x.0[6] ^ q.xy2d.0[9];
             }
         }
@@ -71,8 +84,7 @@ impl Table {
             if d == 0 {
                 continue;
             }
-            let idx = (i * self.half + d.unsigned_abs() as usize).checked_sub(1)?;
-            let q = self.entries.get(idx)?;
+            let q = self.entry(i, d)?;
             acc = if d > 0 {
                 acc.add_niels(q)
             } else {

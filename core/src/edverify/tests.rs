@@ -12,8 +12,9 @@ use sha2::{Digest, Sha512};
 
 use super::field::Fe;
 use super::point::{self, Consts, Ext};
-use super::table::{digits, rows, Table};
-use super::{PrecomputeError, PrecomputedKey};
+use super::table::{digits, rows, Table, MAX_ROWS};
+use super::PrecomputedKey;
+use crate::jwk::{KeyError, WEAK_ED25519};
 
 type R = DynResidue<4>;
 
@@ -187,7 +188,7 @@ proptest! {
     #[test]
     fn digits_rebuild_the_scalar(bytes in any::<[u8; 32]>(), w in 2u32..=8) {
         let s = Scalar::from_bytes_mod_order(bytes);
-        let mut buf = [0i16; rows(2)];
+        let mut buf = [0i16; MAX_ROWS];
         let ds = digits(s.as_bytes(), w, &mut buf);
         prop_assert_eq!(ds.len(), rows(w));
         let half = 1i16 << (w - 1);
@@ -210,14 +211,14 @@ fn table_multiples_match_dalek_for_every_window() {
         let t = Table::new(&ext(&p), w, &c);
         for seed in 0u8..4 {
             let s = Scalar::from_bytes_mod_order([seed.wrapping_mul(37).wrapping_add(w as u8); 32]);
-            let mut buf = [0i16; rows(2)];
+            let mut buf = [0i16; MAX_ROWS];
             let got = t
                 .add_digits(Ext::IDENTITY, digits(s.as_bytes(), w, &mut buf))
                 .expect("digits in range");
             assert_eq!(got.compress(), (p * s).compress().to_bytes(), "w = {w}");
         }
         // The largest scalar (ℓ − 1) and zero.
-        let mut buf = [0i16; rows(2)];
+        let mut buf = [0i16; MAX_ROWS];
         let got = t.add_digits(
             Ext::IDENTITY,
             digits((-Scalar::ONE).as_bytes(), w, &mut buf),
@@ -265,7 +266,7 @@ fn weak_and_malformed_keys_are_refused() {
     for t in EIGHT_TORSION {
         let err = PrecomputedKey::new(&t.compress().to_bytes()).unwrap_err();
         // (0, 1) with sign 0 etc. decode fine and are small order.
-        assert_eq!(err, PrecomputeError::SmallOrder);
+        assert_eq!(err, KeyError::Invalid(WEAK_ED25519));
     }
     let mut off_curve = [0u8; 32];
     off_curve[0] = 2;
@@ -274,7 +275,7 @@ fn weak_and_malformed_keys_are_refused() {
         .is_none());
     assert_eq!(
         PrecomputedKey::new(&off_curve).unwrap_err(),
-        PrecomputeError::Encoding
+        KeyError::Invalid("not a canonical Ed25519 point encoding")
     );
     // A point of order 8ℓ (a torsion component) is not small order: accepted, as by dalek.
     let mixed = ED25519_BASEPOINT_POINT + EIGHT_TORSION[1];
