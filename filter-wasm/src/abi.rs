@@ -88,6 +88,18 @@ extern "C" {
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
     fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_http_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        trailers_data: *const u8,
+        trailers_size: usize,
+        timeout_milliseconds: u32,
+        return_token: *mut u32,
+    ) -> u32;
 }
 
 fn check(s: u32) -> Result<(), Status> {
@@ -98,8 +110,21 @@ fn check(s: u32) -> Result<(), Status> {
     }
 }
 
-/// Takes ownership of a host-returned buffer. The host allocates it through the
-/// SDK's `proxy_on_memory_allocate`, which hands out boxed slices of exactly `size`.
+/// Memory the host asks for to hand the filter a buffer: exactly `size` bytes, so
+/// [`take`] can own it as a `Vec` of that capacity. Null when out of memory.
+pub fn allocate(size: usize) -> *mut u8 {
+    if size == 0 {
+        return std::ptr::NonNull::<u8>::dangling().as_ptr();
+    }
+    match std::alloc::Layout::array::<u8>(size) {
+        // SAFETY: the layout has a non-zero size.
+        Ok(layout) => unsafe { std::alloc::alloc(layout) },
+        Err(_) => std::ptr::null_mut(),
+    }
+}
+
+/// Takes ownership of a host-returned buffer, allocated by [`allocate`] with
+/// exactly `size` bytes.
 ///
 /// # Safety
 /// `ptr`/`size` must come from the host after a successful call.
@@ -163,6 +188,36 @@ pub fn request_headers() -> Result<Vec<(String, String)>, Status> {
 pub fn set_tick_period_ms(ms: u32) -> Result<(), Status> {
     // SAFETY: plain value.
     check(unsafe { proxy_set_tick_period_milliseconds(ms) })
+}
+
+/// Sends an HTTP request to a host cluster; the answer comes to the root context's
+/// `on_http_call_response` with the returned token.
+pub fn http_call(
+    cluster: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: std::time::Duration,
+) -> Result<u32, Status> {
+    let h = header_map::serialize(headers);
+    let trailers = header_map::serialize(&[]);
+    let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    let mut token = 0u32;
+    // SAFETY: pointers and lengths describe live buffers; `token` is a valid out-pointer.
+    check(unsafe {
+        proxy_http_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            h.as_ptr(),
+            h.len(),
+            body.as_ptr(),
+            body.len(),
+            trailers.as_ptr(),
+            trailers.len(),
+            ms,
+            &mut token,
+        )
+    })?;
+    Ok(token)
 }
 
 /// The `:status` of the `http_call` response being delivered (0 when absent).

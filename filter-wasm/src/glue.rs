@@ -1,16 +1,14 @@
 //! The proxy-wasm shell: moves headers, bodies, shared data, metrics and time between
-//! the host and [`crate::edge`]. The SDK provides the context dispatch; every host
-//! call goes through [`crate::abi`], so no host answer can panic this code.
+//! the host and [`crate::edge`]. [`crate::dispatch`] routes the host's callbacks to
+//! these contexts; every host call goes through [`crate::abi`], so no host answer can
+//! panic this code.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use gw_core::{Code, Reject};
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
 
 use crate::abi::{self, Level};
-
-use std::cell::RefCell;
 
 use crate::config::{Stage, StampConfig};
 use crate::edge::{Edge, HeadDecision, PendingCommand, RequestHead, UpstreamHeaders};
@@ -18,9 +16,15 @@ use crate::replay_cas::{SharedStore, StoreError};
 use crate::report::{EdgeReport, ReportConfig, ReportQueue};
 use crate::stamp::{self, Ticket, Tickets, TICKET_HEADER};
 
-proxy_wasm::main! {{
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
-}}
+/// What a request callback tells the host (proxy-wasm `FilterHeadersStatus` /
+/// `FilterDataStatus` / `FilterTrailersStatus`: 0 continue, 1 stop).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Let the request go on.
+    Continue = 0,
+    /// Hold it (more body to come, or answered locally).
+    Pause = 1,
+}
 
 fn info(msg: &str) {
     abi::log(Level::Info, msg);
@@ -72,8 +76,9 @@ impl Metrics {
     }
 }
 
+/// A root context: one per filter entry (stage) and VM.
 #[derive(Default)]
-struct Root {
+pub struct Root {
     edge: Option<Rc<Edge>>,
     stamp: Option<Rc<StampConfig>>,
     tickets: Option<Rc<RefCell<Tickets>>>,
@@ -105,8 +110,9 @@ fn vm_id() -> u64 {
     h.finish()
 }
 
-impl RootContext for Root {
-    fn on_configure(&mut self, _size: usize) -> bool {
+impl Root {
+    /// Parses and validates the plugin configuration; `false` fails plugin start.
+    pub fn on_configure(&mut self) -> bool {
         let bytes = match abi::get_buffer(abi::BUFFER_PLUGIN_CONFIGURATION, 0, usize::MAX) {
             Ok(Some(b)) if !b.is_empty() => b,
             Ok(_) => {
@@ -168,13 +174,15 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    /// A context for one request of this stage (an unconfigured verify stage rejects
+    /// every request).
+    pub fn create_stream(&self) -> Stream {
         if let Some(stamp) = &self.stamp {
-            return Some(Box::new(Stamp {
+            return Stream::Stamp(Stamp {
                 config: stamp.clone(),
-            }));
+            });
         }
-        Some(Box::new(Http {
+        Stream::Verify(Box::new(Http {
             edge: self.edge.clone(),
             tickets: self.tickets.clone(),
             metrics: self.metrics.clone(),
@@ -185,11 +193,8 @@ impl RootContext for Root {
         }))
     }
 
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-
-    fn on_tick(&mut self) {
+    /// Ships queued edge reports to the ledger.
+    pub fn on_tick(&mut self) {
         let Some(r) = self.reports.clone() else {
             return;
         };
@@ -204,8 +209,7 @@ impl RootContext for Root {
                 ("content-type", "application/json"),
             ];
             let timeout = std::time::Duration::from_millis(r.config.timeout_ms);
-            match self.dispatch_http_call(&r.config.cluster, headers, Some(&body), vec![], timeout)
-            {
+            match abi::http_call(&r.config.cluster, &headers, &body, timeout) {
                 Ok(token) => {
                     r.in_flight.borrow_mut().insert(token, n);
                 }
@@ -223,16 +227,9 @@ impl RootContext for Root {
             count(r.dropped, usize::try_from(new).unwrap_or(usize::MAX));
         }
     }
-}
 
-impl Context for Root {
-    fn on_http_call_response(
-        &mut self,
-        token: u32,
-        _headers: usize,
-        _body: usize,
-        _trailers: usize,
-    ) {
+    /// The ledger's answer to a report batch.
+    pub fn on_http_call_response(&mut self, token: u32) {
         let Some(r) = &self.reports else { return };
         let n = r.in_flight.borrow_mut().remove(&token).unwrap_or(0);
         let status = abi::http_call_response_status();
@@ -274,7 +271,8 @@ impl Http {
     }
 }
 
-struct Http {
+/// The verify stage's context for one request.
+pub struct Http {
     edge: Option<Rc<Edge>>,
     tickets: Option<Rc<RefCell<Tickets>>>,
     metrics: Option<Rc<Metrics>>,
@@ -357,10 +355,9 @@ impl Http {
     }
 }
 
-impl Context for Http {}
-
-impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+impl Http {
+    /// Strips reserved headers and decides on the request head.
+    pub fn on_request_headers(&mut self, end_of_stream: bool) -> Action {
         let Some(edge) = self.edge.clone() else {
             return self.reject(Reject::new(
                 Code::Unavailable,
@@ -442,7 +439,8 @@ impl HttpContext for Http {
         }
     }
 
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+    /// Buffers a command body and verifies it once complete.
+    pub fn on_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let (Some(edge), Some((pending, ticket))) = (self.edge.clone(), self.pending.clone())
         else {
             return Action::Continue;
@@ -493,7 +491,8 @@ impl HttpContext for Http {
         }
     }
 
-    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+    /// Commands carry no trailers.
+    pub fn on_request_trailers(&mut self) -> Action {
         if self.pending.take().is_some() {
             return self.reject(Reject::new(
                 Code::Malformed,
@@ -505,14 +504,13 @@ impl HttpContext for Http {
 }
 
 /// The stamp stage: swaps the ticket for the verified headers (see `crate::stamp`).
-struct Stamp {
+pub struct Stamp {
     config: Rc<StampConfig>,
 }
 
-impl Context for Stamp {}
-
-impl HttpContext for Stamp {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+impl Stamp {
+    /// Swaps the ticket, if any, for the headers stored under it.
+    pub fn on_request_headers(&self) -> Action {
         let fail = |detail: String| {
             local_reject(&Reject::with(Code::Unavailable, detail));
             Action::Pause
@@ -536,4 +534,21 @@ impl HttpContext for Stamp {
         }
         Action::Continue
     }
+}
+
+/// A request context of either stage.
+pub enum Stream {
+    /// The verify stage.
+    Verify(Box<Http>),
+    /// The stamp stage.
+    Stamp(Stamp),
+}
+
+/// Answers a request the filter has no context for (fail closed).
+pub fn reject_unknown_context() -> Action {
+    local_reject(&Reject::new(
+        Code::Unavailable,
+        "the edge filter has no context for this request",
+    ));
+    Action::Pause
 }

@@ -94,6 +94,51 @@ fn uses_only_proxy_wasm_0_2_1_and_wasi() {
 }
 
 #[test]
+fn exports_only_the_callbacks_it_uses() {
+    // A host calls a callback only if the module exports it; each call is a VM
+    // entry (in Envoy, into V8), so response, `done` and `log` callbacks that would
+    // only answer "continue" must not be exported.
+    let mut exports: Vec<String> = Host::new()
+        .exports()
+        .into_iter()
+        .filter(|e| e.starts_with("proxy_"))
+        .collect();
+    exports.sort();
+    assert_eq!(
+        exports,
+        [
+            "proxy_abi_version_0_2_1",
+            "proxy_on_configure",
+            "proxy_on_context_create",
+            "proxy_on_delete",
+            "proxy_on_http_call_response",
+            "proxy_on_memory_allocate",
+            "proxy_on_request_body",
+            "proxy_on_request_headers",
+            "proxy_on_request_trailers",
+            "proxy_on_tick",
+            "proxy_on_vm_start",
+        ]
+    );
+}
+
+#[test]
+fn a_request_under_an_unknown_root_context_is_refused_not_passed() {
+    let host = Host::new();
+    let mut vm = host.vm(&config(), NOW).unwrap();
+    let admin = bearer(&["admin"]);
+    let head = [
+        (":method", "GET"),
+        (":path", "/api/modules"),
+        (":authority", "gw"),
+        ("authorization", admin.as_str()),
+    ];
+    let out = vm.request_to(999, &head, b"", 1);
+    assert_eq!(out.status(), 503, "{out:?}");
+    assert_eq!(out.code().as_deref(), Some("unavailable"));
+}
+
+#[test]
 fn invalid_configuration_fails_plugin_start_with_a_clear_log() {
     let host = Host::new();
     let logs = host.vm("{\"routes\": []}", NOW).err().expect("must refuse");

@@ -578,28 +578,27 @@ impl Host {
         let configure = f(&mut store, "proxy_on_configure")
             .typed::<(i32, i32), i32>(&store)
             .unwrap();
-        create.call(&mut store, (1, 0)).expect("root context");
-        assert_eq!(vm_start.call(&mut store, (1, 0)).expect("vm start"), 1);
-        let ok = configure
-            .call(&mut store, (1, config.len() as i32))
-            .expect("configure");
-        if ok != 1 {
-            return Err(store.data().logs.iter().map(|(_, m)| m.clone()).collect());
-        }
-        Ok(Vm {
+        Vm {
             headers_fn: f(&mut store, "proxy_on_request_headers")
                 .typed(&store)
                 .unwrap(),
             body_fn: f(&mut store, "proxy_on_request_body")
                 .typed(&store)
                 .unwrap(),
-            done_fn: f(&mut store, "proxy_on_done").typed(&store).unwrap(),
+            // Optional, as in every host: called only if exported.
+            done_fn: instance
+                .get_func(&mut store, "proxy_on_done")
+                .map(|d| d.typed(&store).unwrap()),
             delete_fn: f(&mut store, "proxy_on_delete").typed(&store).unwrap(),
             create,
+            vm_start,
+            configure,
             instance,
             store,
-            next_ctx: 2,
-        })
+            root: 1,
+            next_ctx: 1,
+        }
+        .with_root(config)
     }
 }
 
@@ -608,21 +607,50 @@ pub struct Vm {
     store: Store<State>,
     instance: Instance,
     create: TypedFunc<(i32, i32), ()>,
+    vm_start: TypedFunc<(i32, i32), i32>,
+    configure: TypedFunc<(i32, i32), i32>,
     headers_fn: TypedFunc<(i32, i32, i32), i32>,
     body_fn: TypedFunc<(i32, i32, i32), i32>,
-    done_fn: TypedFunc<i32, i32>,
+    done_fn: Option<TypedFunc<i32, i32>>,
     delete_fn: TypedFunc<i32, ()>,
+    /// The root context requests go to.
+    root: i32,
     next_ctx: i32,
 }
 
 impl Vm {
+    /// Starts one more root context in this VM with plugin configuration `config`
+    /// (Envoy: another filter entry with the same `vm_id`); requests go to it.
+    fn with_root(mut self, config: &str) -> Result<Vm, Vec<String>> {
+        let root = self.next_ctx;
+        self.next_ctx += 1;
+        self.store.data_mut().plugin_config = config.as_bytes().to_vec();
+        self.create
+            .call(&mut self.store, (root, 0))
+            .expect("root context");
+        let started = self
+            .vm_start
+            .call(&mut self.store, (root, 0))
+            .expect("vm start");
+        assert_eq!(started, 1);
+        let ok = self
+            .configure
+            .call(&mut self.store, (root, config.len() as i32))
+            .expect("configure");
+        if ok != 1 {
+            return Err(self.logs());
+        }
+        self.root = root;
+        Ok(self)
+    }
+
     /// The root context's tick.
     pub fn tick(&mut self) {
         let f = self
             .instance
             .get_typed_func::<i32, ()>(&mut self.store, "proxy_on_tick")
             .expect("proxy_on_tick");
-        f.call(&mut self.store, 1).expect("on_tick");
+        f.call(&mut self.store, self.root).expect("on_tick");
     }
 
     /// `http_call`s made so far.
@@ -645,7 +673,7 @@ impl Vm {
                 "proxy_on_http_call_response",
             )
             .expect("proxy_on_http_call_response");
-        f.call(&mut self.store, (1, token as i32, 1, 0, 0))
+        f.call(&mut self.store, (self.root, token as i32, 1, 0, 0))
             .expect("on_http_call_response");
         self.store.data_mut().call_response.clear();
     }
@@ -683,6 +711,17 @@ impl Vm {
 
     /// Sends one request; `body` arrives in `chunks` pieces.
     pub fn request(&mut self, headers: &[(&str, &str)], body: &[u8], chunks: usize) -> Outcome {
+        self.request_to(self.root, headers, body, chunks)
+    }
+
+    /// Sends one request to the filter entry of root context `root`.
+    pub fn request_to(
+        &mut self,
+        root: i32,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        chunks: usize,
+    ) -> Outcome {
         let ctx = self.next_ctx;
         self.next_ctx += 1;
         {
@@ -695,7 +734,7 @@ impl Vm {
             s.local = None;
         }
         self.create
-            .call(&mut self.store, (ctx, 1))
+            .call(&mut self.store, (ctx, root))
             .expect("context create");
         let eos = body.is_empty() as i32;
         let mut action = self
@@ -717,7 +756,9 @@ impl Vm {
                 }
             }
         }
-        let _ = self.done_fn.call(&mut self.store, ctx);
+        if let Some(done) = &self.done_fn {
+            let _ = done.call(&mut self.store, ctx);
+        }
         let _ = self.delete_fn.call(&mut self.store, ctx);
         let s = self.store.data();
         match (&s.local, action) {
@@ -731,11 +772,13 @@ impl Vm {
     }
 }
 
-/// The verify stage and the stamp stage in one chain, as Envoy runs them (with a
-/// buffer filter between them, so the stamp stage sees headers after the body).
+/// The verify stage and the stamp stage in one chain, as Envoy runs them: two filter
+/// entries (root contexts) in one VM, with a buffer filter between them, so the
+/// stamp stage sees the headers after the body.
 pub struct Gateway {
-    pub verify: Vm,
-    pub stamp: Vm,
+    vm: Vm,
+    verify_root: i32,
+    stamp_root: i32,
 }
 
 impl Host {
@@ -751,22 +794,27 @@ impl Host {
         now_secs: u64,
         no_metrics: bool,
     ) -> Result<Gateway, Vec<String>> {
+        let vm = self.vm_with(config, now_secs, no_metrics)?;
+        let verify_root = vm.root;
+        let vm = vm.with_root(r#"{"stage": "stamp"}"#)?;
+        let stamp_root = vm.root;
         Ok(Gateway {
-            verify: self.vm_with(config, now_secs, no_metrics)?,
-            stamp: self.vm_with(r#"{"stage": "stamp"}"#, now_secs, no_metrics)?,
+            vm,
+            verify_root,
+            stamp_root,
         })
     }
 }
 
 impl Gateway {
     pub fn request(&mut self, headers: &[(&str, &str)], body: &[u8], chunks: usize) -> Outcome {
-        match self.verify.request(headers, body, chunks) {
+        match self.vm.request_to(self.verify_root, headers, body, chunks) {
             Outcome::Forwarded { headers, body } => {
                 let h: Vec<(&str, &str)> = headers
                     .iter()
                     .map(|(k, v)| (k.as_str(), v.as_str()))
                     .collect();
-                match self.stamp.request(&h, b"", 1) {
+                match self.vm.request_to(self.stamp_root, &h, b"", 1) {
                     Outcome::Forwarded { headers, .. } => Outcome::Forwarded { headers, body },
                     local => local,
                 }
@@ -776,21 +824,18 @@ impl Gateway {
     }
 
     pub fn set_now(&mut self, now: u64) {
-        self.verify.set_now(now);
-        self.stamp.set_now(now);
+        self.vm.set_now(now);
     }
 
     pub fn metric(&self, name: &str) -> Option<i64> {
-        self.verify.metric(name)
+        self.vm.metric(name)
     }
 
     pub fn samples(&self, name: &str) -> Option<Vec<u64>> {
-        self.verify.samples(name)
+        self.vm.samples(name)
     }
 
     pub fn logs(&self) -> Vec<String> {
-        let mut l = self.verify.logs();
-        l.extend(self.stamp.logs());
-        l
+        self.vm.logs()
     }
 }
