@@ -4,7 +4,8 @@ over TLS), a direct response (no upstream), one listener per filter chain:
 
   none            router only
   jwt_authn       Envoy's native envoy.filters.http.jwt_authn (HS256, local JWKS)
-  gw_jwt          gw_edge (verify + buffer + stamp stages), JWT-only route
+  gw_jwt          gw_edge (verify + buffer stages; the stamp stage runs on control routes
+                  only, as in envoy/envoy.yaml.tmpl), JWT-only route
   gw_command      gw_edge, signed command on /api/control/commands
   gw_unknown_key  the same command under an unknown pubkey_id (no signature math)
 
@@ -45,7 +46,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def listener(port, cert, key, filters):
+def listener(port, cert, key, filters, no_stamp_outside=None):
+    """A TLS listener answering 200 "ok" after `filters`. With `no_stamp_outside` (a
+    path), the gw_edge_stamp filter runs only on that path, as envoy/envoy.yaml.tmpl
+    runs it only on the control routes."""
+    ok = {"status": 200, "body": {"inline_string": "ok"}}
+    routes = [{"match": {"prefix": "/"}, "direct_response": ok}]
+    if no_stamp_outside:
+        routes = [{"match": {"path": no_stamp_outside}, "direct_response": ok},
+                  {"match": {"prefix": "/"}, "direct_response": ok, "typed_per_filter_config": {
+                      "gw_edge_stamp": {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                                        "disabled": True}}}]
     return {
         "name": "bench",
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
@@ -57,14 +68,13 @@ def listener(port, cert, key, filters):
             "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                 "stat_prefix": "bench", "codec_type": "AUTO",
-                "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
-                    {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}]}]},
+                "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
                 "http_filters": filters + [{"name": "envoy.filters.http.router", "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}
 
 
 def wasm_filter(name, root_id, wasm, config):
-    return {"name": "envoy.filters.http.wasm", "typed_config": {
+    return {"name": name, "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
         "config": {"name": name, "root_id": root_id, "fail_open": False,
                    "vm_config": {"vm_id": "gw_edge", "runtime": "envoy.wasm.runtime.v8",
@@ -216,7 +226,8 @@ def main():
            # Histograms reach the admin endpoint at each flush: flush often (see check_buckets).
            "stats_flush_interval": f"{FLUSH_S}s",
            "static_resources": {"listeners": [
-               dict(listener(ports[n], cert, key, f), name=n) for n, f in chains.items()]}}
+               dict(listener(ports[n], cert, key, f, gw_cfg["command_path"] if n == "gw" else None), name=n)
+               for n, f in chains.items()]}}
     cfg_path = f"{tmp}/envoy.json"
     json.dump(cfg, open(cfg_path, "w"))
     results, serial = {}, {}

@@ -120,8 +120,13 @@ impl Action {
 /// module and action; `None` when the path is not of that shape or names unknown ones.
 pub fn parse_module_route(path: &str) -> Option<(Module, Action)> {
     let path = path.split(['?', '#']).next()?;
-    let rest = path.strip_prefix("/api/control/module/")?;
-    let (m, a) = rest.split_once(':')?;
+    parse_module_spec(path.strip_prefix("/api/control/module/")?)
+}
+
+/// Parses the `{name}:{action}` part of a control route (whatever prefix the route
+/// has); `None` when it is not of that shape or names unknown ones.
+pub fn parse_module_spec(spec: &str) -> Option<(Module, Action)> {
+    let (m, a) = spec.split_once(':')?;
     Some((Module::parse(m)?, Action::parse(a)?))
 }
 
@@ -156,5 +161,11 @@ mod tests {
         assert_eq!(parse_module_route("/api/control/module/mev"), None);
         assert_eq!(parse_module_route("/api/control/module/hft:stop"), None);
         assert_eq!(parse_module_route("/api/control/commands"), None);
+        assert_eq!(
+            parse_module_spec("mev:stop"),
+            Some((Module::Mev, Action::Stop))
+        );
+        assert_eq!(parse_module_spec("mev:stop:now"), None);
+        assert_eq!(parse_module_spec("mev"), None);
     }
 }

@@ -6,7 +6,7 @@ use std::cell::RefCell;
 
 use gw_core::jwt::VerifiedJwt;
 use gw_core::jwt_cache::JwtCache;
-use gw_core::names::parse_module_route;
+use gw_core::names::parse_module_spec;
 use gw_core::{roles, Action, Code, Module, Reject};
 
 use crate::config::Settings;
@@ -205,7 +205,10 @@ impl Edge {
             ));
         }
         let route = if is_module {
-            Some(parse_module_route(path).ok_or_else(|| {
+            let spec = path
+                .strip_prefix(s.module_route_prefix.as_str())
+                .unwrap_or("");
+            Some(parse_module_spec(spec).ok_or_else(|| {
                 Reject::new(Code::Malformed, "route names an unknown module or action")
             })?)
         } else {

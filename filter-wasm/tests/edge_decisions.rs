@@ -194,6 +194,30 @@ fn signed_commands_are_verified_and_accepted_once() {
 }
 
 #[test]
+fn a_configured_module_route_prefix_binds_the_command_to_its_route() {
+    let mut cfg = config();
+    cfg["module_route_prefix"] = "/api/ops/module/".into();
+    let e = Edge::new(Settings::parse(cfg.to_string().as_bytes()).unwrap());
+    let store = EnvoyLikeStore::default();
+    let admin = token(&["admin"]);
+    let body = command(12, Action::Throttle, &[("throttle_pct", "40")]);
+    let decide = |path| e.on_request_headers(&head("POST", path, Some(&admin)), NOW);
+    let HeadDecision::AwaitBody(p) = decide("/api/ops/module/mev:throttle") else {
+        panic!("expected to await the body")
+    };
+    assert!(e.on_request_body(&p, &body, NOW, &store).is_ok());
+    let HeadDecision::AwaitBody(p) = decide("/api/ops/module/mev:kill") else {
+        panic!("expected to await the body")
+    };
+    let mismatch = e.on_request_body(&p, &body, NOW, &store).unwrap_err();
+    assert_eq!(mismatch.code, Code::RouteMismatch);
+    assert_eq!(
+        reject_code(decide("/api/ops/module/hft:stop")),
+        Code::Malformed
+    );
+}
+
+#[test]
 fn command_rejections() {
     let e = edge();
     let store = EnvoyLikeStore::default();

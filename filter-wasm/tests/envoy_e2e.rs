@@ -154,6 +154,7 @@ fn edge_filter_in_real_envoy_over_http3_and_http2() {
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("HTTP/3 200"));
     let echoed: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert!(echoed["headers"].get("x-gw-ticket").is_none(), "{echoed}");
     assert_eq!(
         echoed["version"], "HTTP/2.0",
         "Envoy speaks HTTP/2 to the sidecar"
@@ -214,8 +215,8 @@ fn edge_filter_in_real_envoy_over_http3_and_http2() {
         port,
         &certs.ca,
         json!([
-            {"method": "GET", "path": "/index.html", "headers": [["x-gw-verified", "edge"]]},
-            {"method": "GET", "path": "/api/ledger/history", "headers": [["authorization", viewer], ["x-gw-sub", "root"]]}
+            {"method": "GET", "path": "/index.html", "headers": [["x-gw-verified", "edge"], ["x-gw-ticket", "0123456789abcdef.1.1"]]},
+            {"method": "GET", "path": "/api/ledger/history", "headers": [["authorization", viewer], ["x-gw-sub", "root"], ["x-gw-ticket", "0123456789abcdef.1.1"]]}
         ]),
         false,
     );
@@ -231,6 +232,11 @@ fn edge_filter_in_real_envoy_over_http3_and_http2() {
     let jwt_only: Value = serde_json::from_str(r[1]["body"].as_str().unwrap()).unwrap();
     assert_eq!(jwt_only["headers"]["x-gw-sub"], "alice");
     assert_eq!(jwt_only["headers"]["x-gw-verified"], "jwt");
+    // These routes skip the stamp stage; the verify stage still strips tickets.
+    assert!(
+        jwt_only["headers"].get("x-gw-ticket").is_none(),
+        "{jwt_only}"
+    );
 
     // --- The same signed command on many connections at once: accepted exactly once.
     let dup = command(3, Action::Throttle, t);
@@ -428,6 +434,68 @@ fn edge_filter_in_real_envoy_over_http3_and_http2() {
 }
 
 #[test]
+fn control_routes_follow_the_filter_configuration() {
+    // The stamp stage runs only on the control routes, which render.py takes from the
+    // filter configuration: with other paths configured, commands there are still
+    // verified, stamped and forwarded, and everything else is still verified.
+    let d = testkit::TempDir::new("envoy-custom-paths");
+    let dir = d.path();
+    let certs = envoy::dev_certs(dir);
+    let echo = testkit::echo::EchoServer::start();
+    let (port, admin) = (testkit::free_port(), testkit::free_port());
+    let mut cfg = testkit::fixtures::filter_config(4096);
+    cfg["command_path"] = "/api/ops/commands".into();
+    cfg["module_route_prefix"] = "/api/ops/module/".into();
+    let rendered = envoy::render(
+        dir,
+        "envoy.yaml",
+        &cfg.to_string(),
+        &[
+            ("GW_PORT", port.to_string()),
+            ("GW_ADMIN_PORT", admin.to_string()),
+            ("GW_TLS_CERT", certs.cert.display().to_string()),
+            ("GW_TLS_KEY", certs.key.display().to_string()),
+            (
+                "GW_FILTER_WASM",
+                testkit::filter_wasm().display().to_string(),
+            ),
+            ("GW_SIDECAR_PORT", echo.port().to_string()),
+            ("GW_REALTIME_PORT", echo.port().to_string()),
+            ("GW_DASHBOARD_PORT", echo.port().to_string()),
+        ],
+        false,
+    );
+    let mut envoy_proc = envoy::start_envoy_ready(&rendered, admin, dir);
+    let (admin_tok, t) = (bearer(&["admin"]), now());
+    let forged = [("x-gw-ticket", "0123456789abcdef.1.1")];
+    let r = envoy::h3_requests(
+        port,
+        &certs.ca,
+        json!([
+            post("/api/ops/commands", &admin_tok, &command(1, Action::Throttle, t), &forged),
+            post("/api/ops/module/mev:stop", &admin_tok, &command(2, Action::Stop, t), &[]),
+            post("/api/ops/module/mev:kill", &admin_tok, &command(3, Action::Stop, t), &[]),
+            {"method": "GET", "path": "/api/modules", "headers": [["authorization", admin_tok]]},
+        ]),
+        false,
+    );
+    for (i, nonce) in [(0, "1"), (1, "2")] {
+        assert_eq!(r[i]["status"], 200, "{r:?}\n{}", envoy_proc.log());
+        let echoed: Value = serde_json::from_str(r[i]["body"].as_str().unwrap()).unwrap();
+        assert_eq!(echoed["headers"]["x-gw-verified"], "edge", "{echoed}");
+        assert_eq!(echoed["headers"]["x-gw-nonce"], nonce, "{echoed}");
+        assert!(echoed["headers"].get("x-gw-ticket").is_none(), "{echoed}");
+    }
+    assert_eq!(
+        (r[2]["status"].as_u64(), error_code(&r[2])),
+        (Some(403), "route_mismatch".into())
+    );
+    let jwt_only: Value = serde_json::from_str(r[3]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(jwt_only["headers"]["x-gw-verified"], "jwt", "{jwt_only}");
+    envoy_proc.assert_running();
+}
+
+#[test]
 fn every_rendered_config_validates() {
     let d = testkit::TempDir::new("envoy-validate");
     let dir = d.path();
@@ -450,6 +518,29 @@ fn every_rendered_config_validates() {
         let text = std::fs::read_to_string(&cfg).unwrap();
         assert_eq!(text.contains("UpstreamTlsContext"), mtls);
     }
+    // The control routes (the only ones running the stamp stage) follow the filter's
+    // own command_path and module_route_prefix.
+    let mut custom: Value = serde_json::from_str(&example).unwrap();
+    custom["command_path"] = "/api/ops/commands".into();
+    custom["module_route_prefix"] = "/api/ops/module/".into();
+    let cfg = envoy::render(dir, "custom.yaml", &custom.to_string(), &sets, false);
+    envoy::validate(&cfg).unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(
+        text.contains(r#"match: { path: "/api/ops/commands" }"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"match: { prefix: "/api/ops/module/" }"#),
+        "{text}"
+    );
+    assert!(!text.contains("/api/control/commands"), "{text}");
+    // Under the streaming (unbuffered) route a command would reach the upstream
+    // before its body is verified: refused.
+    custom["command_path"] = "/api/realtime/commands".into();
+    let err =
+        envoy::try_render(dir, "realtime.yaml", &custom.to_string(), &sets, false).unwrap_err();
+    assert!(err.contains("must not be under /api/realtime"), "{err}");
     // A broken filter configuration fails plugin start, so validation fails.
     let cfg = envoy::render(dir, "broken.yaml", r#"{"routes": []}"#, &sets, false);
     let err = envoy::validate(&cfg).unwrap_err();

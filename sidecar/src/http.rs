@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use ed25519_dalek::SigningKey;
 use gw_core::command::{sign_command, SCHEMA_CTRL_V1};
-use gw_core::names::parse_module_route;
+use gw_core::names::parse_module_spec;
 use gw_core::{Action, Code, Command, ControlPolicy, Module, Reject};
 use serde::Deserialize;
 use serde_json::json;
@@ -457,7 +457,7 @@ async fn post_module(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let route = parse_module_route(&format!("/api/control/module/{spec}"))
+    let route = parse_module_spec(&spec)
         .ok_or_else(|| Reject::new(Code::Malformed, "route names an unknown module or action"))?;
     if is_protobuf(&headers) {
         return admit(&st, &body, Some(route), &headers).await;

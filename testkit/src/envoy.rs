@@ -106,6 +106,17 @@ pub fn render(
     sets: &[(&str, String)],
     mtls: bool,
 ) -> PathBuf {
+    try_render(dir, name, filter_config, sets, mtls).unwrap_or_else(|e| panic!("render.py: {e}"))
+}
+
+/// [`render`], or what `render.py` printed when it refused.
+pub fn try_render(
+    dir: &Path,
+    name: &str,
+    filter_config: &str,
+    sets: &[(&str, String)],
+    mtls: bool,
+) -> Result<PathBuf, String> {
     let cfg_path = dir.join(format!("{name}.filter.json"));
     std::fs::write(&cfg_path, filter_config).expect("write filter config");
     let out = dir.join(name);
@@ -122,12 +133,10 @@ pub fn render(
         cmd.arg("--set").arg(format!("{k}={v}"));
     }
     let o = cmd.output().expect("run render.py");
-    assert!(
-        o.status.success(),
-        "render.py: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    Ok(out)
 }
 
 /// Envoy in front of a sidecar, as the local run configures it.
