@@ -174,14 +174,13 @@ pub fn get_buffer(buffer_type: u32, start: usize, max: usize) -> Result<Option<V
     }
 }
 
-/// All request headers.
-pub fn request_headers() -> Result<Vec<(String, String)>, Status> {
+/// All request headers, serialised (parse with [`header_map::parse_borrowed`]).
+pub fn request_headers_raw() -> Result<Vec<u8>, Status> {
     let mut p: *mut u8 = std::ptr::null_mut();
     let mut n: usize = 0;
     // SAFETY: valid out-pointers; ownership of the returned buffer is taken below.
     check(unsafe { proxy_get_header_map_pairs(MAP_HTTP_REQUEST_HEADERS, &mut p, &mut n) })?;
-    let bytes = unsafe { take(p, n) };
-    header_map::parse(&bytes).ok_or(Status(3))
+    Ok(unsafe { take(p, n) })
 }
 
 /// Asks the host to call the root context's `on_tick` every `ms` milliseconds.

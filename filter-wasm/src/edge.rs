@@ -76,12 +76,17 @@ fn path_only(path: &str) -> &str {
 
 /// Refuses paths that could mean something else after normalisation upstream.
 fn path_is_canonical(p: &str) -> bool {
-    let lower = p.to_ascii_lowercase();
+    let escaped = |code: &str| {
+        p.match_indices('%').any(|(i, _)| {
+            p.get(i + 1..i + 3)
+                .is_some_and(|h| h.eq_ignore_ascii_case(code))
+        })
+    };
     !(p.contains("//")
         || p.contains('\\')
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains("%2e")
+        || escaped("2f")
+        || escaped("5c")
+        || escaped("2e")
         || p.split('/').any(|seg| seg == ".." || seg == "."))
 }
 
@@ -261,7 +266,13 @@ impl Edge {
 
     /// Whether a client-sent header must be removed before anything else.
     pub fn is_reserved_header(&self, name: &str) -> bool {
-        let n = name.to_ascii_lowercase();
-        n.starts_with("x-gw-") || self.settings.headers.all().contains(&n.as_str())
+        name.get(..5)
+            .is_some_and(|p| p.eq_ignore_ascii_case("x-gw-"))
+            || self
+                .settings
+                .headers
+                .all()
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(name))
     }
 }

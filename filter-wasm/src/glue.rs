@@ -364,14 +364,16 @@ impl Http {
                 "the edge filter is not configured",
             ));
         };
-        let headers = match abi::request_headers() {
-            Ok(h) => h,
-            Err(e) => {
-                return self.reject(Reject::with(
-                    Code::Unavailable,
-                    format!("cannot read headers: {e:?}"),
-                ))
-            }
+        let raw = abi::request_headers_raw();
+        let Some(headers) = raw
+            .as_deref()
+            .ok()
+            .and_then(crate::header_map::parse_borrowed)
+        else {
+            return self.reject(Reject::with(
+                Code::Unavailable,
+                format!("cannot read headers: {:?}", raw.err()),
+            ));
         };
         // Clients never choose what the upstream believes was verified.
         for (k, _) in &headers {
@@ -388,7 +390,7 @@ impl Http {
             headers
                 .iter()
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
+                .map(|(_, v)| *v)
         };
         let path = get(":path").unwrap_or("");
         let s = &edge.settings;

@@ -30,6 +30,17 @@ fn u32_at(b: &[u8], at: usize) -> Option<usize> {
 
 /// Parses the host's serialised map; `None` when it is malformed.
 pub fn parse(b: &[u8]) -> Option<Vec<(String, String)>> {
+    let pairs = parse_borrowed(b)?;
+    Some(
+        pairs
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    )
+}
+
+/// [`parse`] without copying: the pairs borrow from `b`.
+pub fn parse_borrowed(b: &[u8]) -> Option<Vec<(&str, &str)>> {
     if b.is_empty() {
         return Some(Vec::new());
     }
@@ -38,23 +49,20 @@ pub fn parse(b: &[u8]) -> Option<Vec<(String, String)>> {
     if n > b.len() / 10 {
         return None;
     }
-    let mut sizes = Vec::with_capacity(n);
-    for i in 0..n {
-        let o = 4 + i * 8;
-        sizes.push((u32_at(b, o)?, u32_at(b, o + 4)?));
-    }
     let mut p = 4 + n * 8;
-    let mut out = Vec::with_capacity(n);
-    let mut take = |len: usize| -> Option<String> {
+    let mut take = |len: usize| -> Option<&str> {
         let end = p.checked_add(len)?;
-        let s = std::str::from_utf8(b.get(p..end)?).ok()?.to_owned();
+        let s = std::str::from_utf8(b.get(p..end)?).ok()?;
         if *b.get(end)? != 0 {
             return None;
         }
         p = end + 1;
         Some(s)
     };
-    for (k, v) in sizes {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let o = 4 + i * 8;
+        let (k, v) = (u32_at(b, o)?, u32_at(b, o + 4)?);
         let key = take(k)?;
         let val = take(v)?;
         out.push((key, val));

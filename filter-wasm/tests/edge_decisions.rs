@@ -156,10 +156,25 @@ fn routes_need_the_right_role() {
         "/api/control/%2e%2e/x",
         "/api/../api/control/commands",
         "/api/x%2Fy",
+        "/api/x%2fy",
+        "/api/x%5Cy",
+        "/api/%2E%2E/x",
+        "/api/x\\y",
     ] {
         assert_eq!(
             reject_code(e.on_request_headers(&head("GET", p, Some(&op)), NOW)),
             Code::Malformed,
+            "{p}"
+        );
+    }
+    // Other escapes, a lone or trailing '%', and non-ASCII after '%' are not
+    // path-changing: they reach the route rules.
+    for p in ["/api/a%20b", "/api/100%", "/api/%", "/api/%é2f", "/api/x%2"] {
+        assert!(
+            matches!(
+                e.on_request_headers(&head("GET", p, Some(&op)), NOW),
+                HeadDecision::Forward(_)
+            ),
             "{p}"
         );
     }
