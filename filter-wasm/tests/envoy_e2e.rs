@@ -97,32 +97,60 @@ fn curl(
     }
 }
 
-#[test]
-fn edge_filter_in_real_envoy_over_http3_and_http2() {
-    let d = testkit::TempDir::new("envoy-e2e");
-    let dir = d.path();
+/// Envoy rendered from the template with `filter_config`, every upstream an echo.
+struct Edge {
+    certs: envoy::DevCerts,
+    echo: testkit::echo::EchoServer,
+    port: u16,
+    admin: u16,
+    proc: testkit::ProcessGuard,
+}
+
+fn start_edge(dir: &Path, filter_config: &str) -> Edge {
     let certs = envoy::dev_certs(dir);
     let echo = testkit::echo::EchoServer::start();
-    let port = testkit::free_port();
-    let admin = testkit::free_port();
-    let wasm = testkit::filter_wasm();
+    let (port, admin) = (testkit::free_port(), testkit::free_port());
+    let upstream = echo.port().to_string();
     let cfg = envoy::render(
         dir,
         "envoy.yaml",
-        &filter_config(),
+        filter_config,
         &[
             ("GW_PORT", port.to_string()),
             ("GW_ADMIN_PORT", admin.to_string()),
             ("GW_TLS_CERT", certs.cert.display().to_string()),
             ("GW_TLS_KEY", certs.key.display().to_string()),
-            ("GW_FILTER_WASM", wasm.display().to_string()),
-            ("GW_SIDECAR_PORT", echo.port().to_string()),
-            ("GW_REALTIME_PORT", echo.port().to_string()),
-            ("GW_DASHBOARD_PORT", echo.port().to_string()),
+            (
+                "GW_FILTER_WASM",
+                testkit::filter_wasm().display().to_string(),
+            ),
+            ("GW_SIDECAR_PORT", upstream.clone()),
+            ("GW_REALTIME_PORT", upstream.clone()),
+            ("GW_DASHBOARD_PORT", upstream),
         ],
         false,
     );
-    let mut envoy_proc = envoy::start_envoy_ready(&cfg, admin, dir);
+    let proc = envoy::start_envoy_ready(&cfg, admin, dir);
+    Edge {
+        certs,
+        echo,
+        port,
+        admin,
+        proc,
+    }
+}
+
+#[test]
+fn edge_filter_in_real_envoy_over_http3_and_http2() {
+    let d = testkit::TempDir::new("envoy-e2e");
+    let dir = d.path();
+    let Edge {
+        certs,
+        echo: _echo,
+        port,
+        admin,
+        proc: mut envoy_proc,
+    } = start_edge(dir, &filter_config());
     let admin_tok = bearer(&["admin"]);
     let t = now();
 
@@ -439,33 +467,16 @@ fn control_routes_follow_the_filter_configuration() {
     // filter configuration: with other paths configured, commands there are still
     // verified, stamped and forwarded, and everything else is still verified.
     let d = testkit::TempDir::new("envoy-custom-paths");
-    let dir = d.path();
-    let certs = envoy::dev_certs(dir);
-    let echo = testkit::echo::EchoServer::start();
-    let (port, admin) = (testkit::free_port(), testkit::free_port());
     let mut cfg = testkit::fixtures::filter_config(4096);
     cfg["command_path"] = "/api/ops/commands".into();
     cfg["module_route_prefix"] = "/api/ops/module/".into();
-    let rendered = envoy::render(
-        dir,
-        "envoy.yaml",
-        &cfg.to_string(),
-        &[
-            ("GW_PORT", port.to_string()),
-            ("GW_ADMIN_PORT", admin.to_string()),
-            ("GW_TLS_CERT", certs.cert.display().to_string()),
-            ("GW_TLS_KEY", certs.key.display().to_string()),
-            (
-                "GW_FILTER_WASM",
-                testkit::filter_wasm().display().to_string(),
-            ),
-            ("GW_SIDECAR_PORT", echo.port().to_string()),
-            ("GW_REALTIME_PORT", echo.port().to_string()),
-            ("GW_DASHBOARD_PORT", echo.port().to_string()),
-        ],
-        false,
-    );
-    let mut envoy_proc = envoy::start_envoy_ready(&rendered, admin, dir);
+    let Edge {
+        certs,
+        echo: _echo,
+        port,
+        proc: mut envoy_proc,
+        ..
+    } = start_edge(d.path(), &cfg.to_string());
     let (admin_tok, t) = (bearer(&["admin"]), now());
     let forged = [("x-gw-ticket", "0123456789abcdef.1.1")];
     let r = envoy::h3_requests(
