@@ -4,6 +4,8 @@ over TLS), a direct response (no upstream), one listener per filter chain:
 
   none            router only
   jwt_authn       Envoy's native envoy.filters.http.jwt_authn (HS256, local JWKS)
+  wasm_floor      the cost of any proxy-wasm filter here: one wasm context that reads one
+                  header and continues (gw_edge's stamp stage alone)
   gw_jwt          gw_edge (verify + buffer stages; the stamp stage runs on control routes
                   only, as in envoy/envoy.yaml.tmpl), JWT-only route
   gw_command      gw_edge, signed command on /api/control/commands
@@ -225,11 +227,15 @@ def main():
     auth = f"authorization: Bearer {token}"
     proto = "content-type: application/x-protobuf"
     # One Envoy, one listener per filter chain: every variant meets the same process.
-    chains = {"none": [], "jwt_authn": jwt_authn, "gw": gw_chain}
+    # The proxy-wasm floor: one wasm context per request that reads one header and
+    # continues (our stamp stage alone, with no ticket to swap).
+    floor = [wasm_filter("gw_edge_stamp", "gw_edge_stamp", a.wasm, {"stage": "stamp"})]
+    chains = {"none": [], "jwt_authn": jwt_authn, "wasm_floor": floor, "gw": gw_chain}
     ports = {name: free_port() for name in chains}
     variants = [  # name, chain, path, headers, body
         ("none", "none", "/api/modules", [], None),
         ("jwt_authn", "jwt_authn", "/api/modules", [auth], None),
+        ("wasm_floor", "wasm_floor", "/api/modules", [auth], None),
         ("gw_jwt", "gw", "/api/modules", [auth], None),
         ("gw_command", "gw", "/api/control/commands", [auth, proto], cmd["op-admin-1"]),
         # The same command under an unknown pubkey_id: everything but the signature math (401).
