@@ -490,9 +490,12 @@ fn control_routes_follow_the_filter_configuration() {
         ]),
         false,
     );
+    // The sidecar serves them at its fixed paths: Envoy rewrites the prefix.
+    let upstream_paths = ["/api/control/commands", "/api/control/module/mev:stop"];
     for (i, nonce) in [(0, "1"), (1, "2")] {
         assert_eq!(r[i]["status"], 200, "{r:?}\n{}", envoy_proc.log());
         let echoed: Value = serde_json::from_str(r[i]["body"].as_str().unwrap()).unwrap();
+        assert_eq!(echoed["path"], upstream_paths[i], "{echoed}");
         assert_eq!(echoed["headers"]["x-gw-verified"], "edge", "{echoed}");
         assert_eq!(echoed["headers"]["x-gw-nonce"], nonce, "{echoed}");
         assert!(echoed["headers"].get("x-gw-ticket").is_none(), "{echoed}");
@@ -545,7 +548,10 @@ fn every_rendered_config_validates() {
         text.contains(r#"match: { prefix: "/api/ops/module/" }"#),
         "{text}"
     );
-    assert!(!text.contains("/api/control/commands"), "{text}");
+    assert!(
+        !text.contains(r#"match: { path: "/api/control/commands" }"#),
+        "{text}"
+    );
     // Under the streaming (unbuffered) route a command would reach the upstream
     // before its body is verified: refused.
     custom["command_path"] = "/api/realtime/commands".into();
