@@ -261,13 +261,18 @@ def main():
             load_lat = {v[0]: [] for v in variants}
             load_status = {v[0]: {} for v in variants}
             load_rps = {v[0]: [] for v in variants}
+            def run(phase, name, chain, path, headers, data, seconds, clients, streams):
+                """One h2load run; the filter's check histogram around gw_command runs."""
+                before = check_buckets(admin) if name == "gw_command" else None
+                r = h2load(ports[chain], path, headers, data, seconds, clients, tmp, streams=streams, warm_up=1)
+                if before is not None:
+                    add_bucket_diff(check[phase], before, check_buckets(admin))
+                return r
+
             for _ in range(a.rounds):
                 sign()
                 for name, chain, path, headers, data in variants:
-                    before = check_buckets(admin) if name == "gw_command" else None
-                    r = h2load(ports[chain], path, headers, data, per_round, a.clients, tmp, warm_up=1)
-                    if before is not None:
-                        add_bucket_diff(check["load"], before, check_buckets(admin))
+                    r = run("load", name, chain, path, headers, data, per_round, a.clients, 4)
                     load_lat[name] += r["lat"]
                     load_rps[name].append(r["rps"])
                     for code, n in r["statuses"].items():
@@ -285,10 +290,7 @@ def main():
             for _ in range(a.serial_rounds):
                 sign()
                 for name, chain, path, headers, data in variants:
-                    before = check_buckets(admin) if name == "gw_command" else None
-                    r = h2load(ports[chain], path, headers, data, a.serial_seconds, 1, tmp, streams=1, warm_up=1)
-                    if name == "gw_command":
-                        add_bucket_diff(check["serial"], before, check_buckets(admin))
+                    r = run("serial", name, chain, path, headers, data, a.serial_seconds, 1, 1)
                     serial_runs[name].append(r)
                     lat[name] += r["lat"]
                     for code, n in r["statuses"].items():

@@ -71,10 +71,10 @@ def main():
 
     with open(a.filter_config) as f:
         cfg = json.load(f)  # validates the JSON; the filter validates its meaning
-    values["GW_FILTER_CONFIG"] = json.dumps(cfg, indent=2)
-    # The control routes run the stamp stage; they must be the filter's own.
-    command_path = cfg.get("command_path", "/api/control/commands")
-    module_prefix = cfg.get("module_route_prefix", "/api/control/module/")
+    # The control routes run the stamp stage; they must be the filter's own, so the
+    # paths chosen here are written into the filter configuration too.
+    command_path = cfg.setdefault("command_path", "/api/control/commands")
+    module_prefix = cfg.setdefault("module_route_prefix", "/api/control/module/")
     for name, v in (("command_path", command_path), ("module_route_prefix", module_prefix)):
         if not isinstance(v, str) or not v.startswith("/") or '"' in v or "\\" in v:
             sys.exit(f"render.py: filter configuration: {name} must be a path starting with '/'")
@@ -84,6 +84,7 @@ def main():
             sys.exit(f"render.py: filter configuration: {name} must not be under /api/realtime")
     values["GW_COMMAND_PATH"] = command_path
     values["GW_MODULE_ROUTE_PREFIX"] = module_prefix
+    values["GW_FILTER_CONFIG"] = json.dumps(cfg, indent=2)
     if a.upstream_mtls:
         with open(os.path.join(HERE, "upstream-mtls.yaml.part")) as f:
             part = "".join(l for l in f if not l.startswith("#"))

@@ -116,15 +116,9 @@ impl Action {
     }
 }
 
-/// Parses a control route path `/api/control/module/{name}:{action}` into its
-/// module and action; `None` when the path is not of that shape or names unknown ones.
-pub fn parse_module_route(path: &str) -> Option<(Module, Action)> {
-    let path = path.split(['?', '#']).next()?;
-    parse_module_spec(path.strip_prefix("/api/control/module/")?)
-}
-
-/// Parses the `{name}:{action}` part of a control route (whatever prefix the route
-/// has); `None` when it is not of that shape or names unknown ones.
+/// Parses the `{name}:{action}` part of a control route (`…/module/{name}:{action}`,
+/// whatever the route's prefix); `None` when it is not of that shape or names
+/// unknown ones.
 pub fn parse_module_spec(spec: &str) -> Option<(Module, Action)> {
     let (m, a) = spec.split_once(':')?;
     Some((Module::parse(m)?, Action::parse(a)?))
@@ -151,16 +145,16 @@ mod tests {
     #[test]
     fn routes() {
         assert_eq!(
-            parse_module_route("/api/control/module/mev:throttle"),
+            parse_module_spec("mev:throttle"),
             Some((Module::Mev, Action::Throttle))
         );
         assert_eq!(
-            parse_module_route("/api/control/module/arbitrage:kill?x=1"),
+            parse_module_spec("arbitrage:kill"),
             Some((Module::Arbitrage, Action::Kill))
         );
-        assert_eq!(parse_module_route("/api/control/module/mev"), None);
-        assert_eq!(parse_module_route("/api/control/module/hft:stop"), None);
-        assert_eq!(parse_module_route("/api/control/commands"), None);
+        assert_eq!(parse_module_spec("mev"), None);
+        assert_eq!(parse_module_spec("hft:stop"), None);
+        assert_eq!(parse_module_spec("commands"), None);
         assert_eq!(
             parse_module_spec("mev:stop"),
             Some((Module::Mev, Action::Stop))

@@ -311,12 +311,17 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), Status> 
     })
 }
 
-/// Defines a counter.
-pub fn define_counter(name: &str) -> Result<u32, Status> {
+/// Defines a metric of type `kind`; returns its id.
+fn define_metric(kind: u32, name: &str) -> Result<u32, Status> {
     let mut id = 0u32;
     // SAFETY: pointer/length describe `name`; `id` is a valid out-pointer.
-    check(unsafe { proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id) })?;
+    check(unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) })?;
     Ok(id)
+}
+
+/// Defines a counter.
+pub fn define_counter(name: &str) -> Result<u32, Status> {
+    define_metric(METRIC_COUNTER, name)
 }
 
 /// Adds to a counter.
@@ -327,10 +332,7 @@ pub fn increment(id: u32, by: i64) -> Result<(), Status> {
 
 /// Defines a histogram (Envoy: a stat with quantiles); returns its id.
 pub fn define_histogram(name: &str) -> Result<u32, Status> {
-    let mut id = 0u32;
-    // SAFETY: pointer/length describe `name`; `id` is a valid out-pointer.
-    check(unsafe { proxy_define_metric(METRIC_HISTOGRAM, name.as_ptr(), name.len(), &mut id) })?;
-    Ok(id)
+    define_metric(METRIC_HISTOGRAM, name)
 }
 
 /// Records one value in a histogram.

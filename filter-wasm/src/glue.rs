@@ -401,7 +401,7 @@ impl Http {
         }
         let head = RequestHead {
             method: get(":method").unwrap_or(""),
-            path: get(":path").unwrap_or(""),
+            path,
             content_type: get("content-type"),
             authorization: get("authorization"),
             content_length: get("content-length"),
