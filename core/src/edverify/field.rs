@@ -280,8 +280,14 @@ impl Fe {
         (z_250_0, z11)
     }
 
-    /// `1/self` as `self^(p - 2)`; zero maps to zero.
+    /// `1/self` (zero maps to zero), by safegcd divsteps: see `inverse.rs`.
     pub(crate) fn invert(&self) -> Fe {
+        super::inverse::invert(self)
+    }
+
+    /// `1/self` as `self^(p - 2)`; zero maps to zero. The reference for
+    /// [`Fe::invert`] and its fallback.
+    pub(crate) fn invert_fermat(&self) -> Fe {
         let (z_250_0, z11) = self.pow_2_250_1();
         z_250_0.square_n(5).mul(&z11) // 2^255 - 32 + 11 = p - 2
     }

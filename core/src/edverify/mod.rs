@@ -6,7 +6,7 @@
 //! verify), which costs 3–4× a native verify. The command keys are few and known
 //! at configuration time, so we precompute fixed-base tables for every key (and
 //! once for the base point) and verify with table additions only: ≤ 64 mixed
-//! additions and one inversion, no doubling. In V8 this brings one verify from
+//! additions and one inversion (safegcd, `inverse.rs`), no doubling. In V8 this brings one verify from
 //! ≈2–3× to ≈1× a native `ed25519-dalek` verify (`bash bench/run.sh verify`).
 //!
 //! What it accepts is exactly what `ed25519_dalek::VerifyingKey::verify_strict`
@@ -14,7 +14,8 @@
 //! - `s` must be canonical (< ℓ);
 //! - R must equal, byte for byte, the canonical encoding of [s]B − [k]A with
 //!   k = SHA-512(R ‖ A ‖ M) mod ℓ — so non-canonical and off-curve R never match;
-//! - R must not be of small order (checked on the recomputed point, equal to R);
+//! - R must not be of small order (its encoding, equal to the recomputed point's,
+//!   is none of the eight small-order encodings);
 //! - A must not be of small order and its encoding must be canonical (refused
 //!   when the key is loaded).
 //!
@@ -22,6 +23,7 @@
 //! verifying with `ed25519-dalek`, so the two layers use independent implementations.
 
 mod field;
+mod inverse;
 mod point;
 mod table;
 
@@ -41,14 +43,49 @@ use table::{digits, Table, MAX_ROWS};
 /// key, 32 additions per verify. (6 bits: 165 KiB and 43 additions, ≈20 % slower
 /// in V8 — `bash bench/run.sh verify`.)
 pub const KEY_WINDOW: u32 = 8;
-/// Window of the base-point table, built once per process (or wasm VM): 480 KiB.
-pub const BASE_WINDOW: u32 = 8;
+/// Window of the base-point table, built once per process (or wasm VM): 26 rows ×
+/// 512 points × 120 bytes = 1.5 MiB, 26 additions per verify (8 bits: 480 KiB and 32
+/// additions, ≈ 9 % slower per verify in V8).
+pub const BASE_WINDOW: u32 = 10;
 
 /// Encoding of the Ed25519 base point.
 const BASE_BYTES: [u8; 32] = [
     0x58, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66,
     0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66,
 ];
+
+/// The canonical encodings of the eight points of small order (the 8-torsion):
+/// a recomputed R equal to one of these is refused, as `verify_strict` refuses it.
+const SMALL_ORDER: [[u8; 32]; 8] = [
+    hex32("0100000000000000000000000000000000000000000000000000000000000000"),
+    hex32("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    hex32("0000000000000000000000000000000000000000000000000000000000000000"),
+    hex32("0000000000000000000000000000000000000000000000000000000000000080"),
+    hex32("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+    hex32("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85"),
+    hex32("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+    hex32("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa"),
+];
+
+/// 64 hex digits to 32 bytes, at compile time (a bad digit fails the build).
+const fn hex32(s: &str) -> [u8; 32] {
+    const fn nibble(c: u8) -> u8 {
+        match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => panic!("not a lowercase hex digit"),
+        }
+    }
+    let b = s.as_bytes();
+    assert!(b.len() == 64, "64 hex digits");
+    let mut out = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        out[i] = nibble(b[2 * i]) << 4 | nibble(b[2 * i + 1]);
+        i += 1;
+    }
+    out
+}
 
 static BASE: OnceLock<Option<Table>> = OnceLock::new();
 
@@ -129,6 +166,8 @@ impl PrecomputedKey {
         let Some(acc) = self.neg_a.add_digits(acc, dk) else {
             return false;
         };
-        acc.compress()[..] == *r && !acc.is_small_order()
+        // R equals the canonical encoding of the recomputed point, so comparing it
+        // with the small-order encodings decides the point's order (no doublings).
+        acc.compress()[..] == *r && !SMALL_ORDER.iter().any(|e| e[..] == *r)
     }
 }

@@ -24,7 +24,7 @@ pub(crate) const MAX_ROWS: usize = rows(2);
 
 impl Table {
     /// Builds the table of `p`: rows × 2^(w−1) points, one batched inversion.
-    /// `w` is one of our constants, 2..=8.
+    /// `w` is one of our constants, 2..=10 ([`digits`] reads up to 17 bits).
     pub(crate) fn new(p: &Ext, w: u32, c: &Consts) -> Table {
         let half = 1usize << (w - 1);
         let mut points = Vec::with_capacity(rows(w) * half);
@@ -107,7 +107,7 @@ pub(crate) fn digits<'a>(s: &[u8; 32], w: u32, out: &'a mut [i16]) -> &'a [i16] 
         let pos = w as usize * i;
         // w bits from bit `pos` (bits past 255 read as 0).
         let mut window = 0u32;
-        for b in 0..2 {
+        for b in 0..3 {
             if let Some(&byte) = s.get(pos / 8 + b) {
                 window |= u32::from(byte) << (8 * b);
             }

@@ -11,6 +11,7 @@ use proptest::prelude::*;
 use sha2::{Digest, Sha512};
 
 use super::field::Fe;
+use super::inverse;
 use super::point::{self, Consts, Ext};
 use super::table::{digits, rows, Table, MAX_ROWS};
 use super::PrecomputedKey;
@@ -93,10 +94,11 @@ proptest! {
     }
 
     #[test]
-    fn inverse_and_square_root_power(a in limbs(1)) {
+    fn inverse_and_square_root_power(a in limbs(4)) {
         let one = Fe::ONE.to_bytes();
         if !a.is_zero() {
             prop_assert_eq!(a.mul(&a.invert()).to_bytes(), one);
+            prop_assert_eq!(a.mul(&a.invert_fermat()).to_bytes(), one);
         }
         // (a^((p−5)/8))^8 = a^(p−5) = a^-4 for a ≠ 0.
         let t = a.pow_p58();
@@ -104,6 +106,59 @@ proptest! {
         let a4 = a.square().square();
         if !a.is_zero() {
             prop_assert_eq!(t8.mul(&a4).to_bytes(), one);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    /// safegcd against Fermat and against big integers, for any 255-bit input
+    /// (values ≥ p included: `from_bytes` accepts them).
+    #[test]
+    fn safegcd_inverse_matches_fermat_and_big_integers(bytes in any::<[u8; 32]>()) {
+        let a = Fe::from_bytes(&bytes);
+        let (inv, rounds) = inverse::invert_in_rounds(&a).expect("within MAX_ROUNDS");
+        prop_assert!(rounds <= 25, "{} rounds: past the 724-divstep bound", rounds);
+        prop_assert_eq!(inv.to_bytes(), a.invert_fermat().to_bytes());
+        let pr = params();
+        let (inv, ok) = R::new(&value(&a), pr).invert();
+        if bool::from(ok) {
+            prop_assert_eq!(a.invert().to_bytes(), le(inv.retrieve()));
+        } else {
+            prop_assert!(a.invert().is_zero());
+        }
+    }
+}
+
+#[test]
+fn safegcd_inverse_of_edge_values() {
+    let p = U256::from_be_hex("7fffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffed");
+    let mut values = vec![
+        U256::ZERO,
+        U256::ONE,
+        U256::from_u8(2),
+        U256::from_u8(19),
+        p.wrapping_sub(&U256::ONE),
+        p.wrapping_sub(&U256::from_u8(2)),
+        p, // ≡ 0
+        U256::ONE.shl_vartime(254),
+        U256::ONE.shl_vartime(255).wrapping_sub(&U256::ONE), // ≡ 18
+    ];
+    // Powers of two and their neighbours: long runs of zero bits, the bulk path of divsteps.
+    for k in (0..255).step_by(7) {
+        let v = U256::ONE.shl_vartime(k);
+        values.extend([v, v.wrapping_sub(&U256::ONE), v.wrapping_add(&U256::ONE)]);
+    }
+    for v in values {
+        let a = Fe::from_bytes(&le(v));
+        let (got, rounds) = inverse::invert_in_rounds(&a).expect("within MAX_ROUNDS");
+        assert!(rounds <= 25, "1/{v}: {rounds} rounds");
+        assert_eq!(got.to_bytes(), a.invert_fermat().to_bytes(), "1/{v}");
+        if a.is_zero() {
+            assert!(got.is_zero(), "1/0 must be 0");
+        } else {
+            assert!(a.mul(&got).same_value(&Fe::ONE), "{v}·(1/{v}) ≠ 1");
         }
     }
 }
@@ -186,7 +241,7 @@ proptest! {
     }
 
     #[test]
-    fn digits_rebuild_the_scalar(bytes in any::<[u8; 32]>(), w in 2u32..=8) {
+    fn digits_rebuild_the_scalar(bytes in any::<[u8; 32]>(), w in 2u32..=super::BASE_WINDOW) {
         let s = Scalar::from_bytes_mod_order(bytes);
         let mut buf = [0i16; MAX_ROWS];
         let ds = digits(s.as_bytes(), w, &mut buf);
@@ -207,7 +262,7 @@ proptest! {
 fn table_multiples_match_dalek_for_every_window() {
     let c = Consts::new();
     let p = ED25519_BASEPOINT_POINT * Scalar::from(0x1234_5678_9abc_def1u64);
-    for w in 2..=8 {
+    for w in 2..=super::BASE_WINDOW {
         let t = Table::new(&ext(&p), w, &c);
         for seed in 0u8..4 {
             let s = Scalar::from_bytes_mod_order([seed.wrapping_mul(37).wrapping_add(w as u8); 32]);
@@ -421,5 +476,22 @@ fn rfc8032_test_vectors() {
         let mut bad = sig;
         bad[0] ^= 0x40;
         assert!(!key.verify_strict(&msg, &bad));
+    }
+}
+#[test]
+fn the_small_order_encodings_are_the_eight_torsion_points() {
+    let mut want: Vec<[u8; 32]> = EIGHT_TORSION
+        .iter()
+        .map(|p| p.compress().to_bytes())
+        .collect();
+    let mut got = super::SMALL_ORDER.to_vec();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+    let c = Consts::new();
+    for e in super::SMALL_ORDER {
+        let p = Ext::decompress(&e, &c).expect("a canonical encoding");
+        assert!(p.is_small_order());
+        assert_eq!(p.compress(), e);
     }
 }
