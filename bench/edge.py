@@ -17,8 +17,10 @@ Prints req/s, p50/p99 latency and ratios under load, then latency one request at
 time; both in interleaved rounds, so every variant sees the same drift of the machine. The
 signed-command load repeats one body, so after the first request every response is
 409 replay: each one still runs the whole verification (wire scan, Ed25519, scope,
-freshness, shared-data read) first; the accepted branch would add two shared-data
-writes and the stamp stage.
+freshness, shared-data read) first. A last phase sends accepted commands one at a
+time (fresh signed bodies, so the accept path runs: two shared-data writes and the
+stamp stage too) through a small HTTP/1.1 client, paired with the same bytes on the
+JWT-only route.
 
 The signed command's extra cost (gw_command - gw_jwt_post, one request at a time:
 what checking the command adds to the same request) is compared with one native
@@ -30,15 +32,18 @@ on CPU 0 too), so the two stop competing for a core.
 
 Usage: bench/edge.py --envoy BIN --wasm FILE --gwctl BIN [--native-verify BIN] [--pin]
                      [--seconds 15] [--clients 16] [--rounds 5] [--serial-rounds 10]
-                     [--serial-seconds 1]
+                     [--serial-seconds 1] [--accepted-rounds 10] [--accepted-per-round 400]
 """
 import argparse
 import base64
+import concurrent.futures
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -134,6 +139,38 @@ def h2load(port, path, headers, data, seconds, clients, tmp, streams=4, warm_up=
     return dict(summary(lat, statuses), rps=rps)
 
 
+def serial_http1(port, path, headers, bodies):
+    """POSTs each body once, one at a time, over one keep-alive TLS connection
+    (HTTP/1.1): latencies in µs and statuses. h2load repeats one body; this sends
+    distinct ones, so signed commands can be accepted rather than refused as replays."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    lat, statuses, buf = [], {}, b""
+    with ctx.wrap_socket(sock, server_hostname="localhost") as s:
+        head_lines = "".join(f"{h}\r\n" for h in headers)
+        for body in bodies:
+            req = (f"POST {path} HTTP/1.1\r\nhost: localhost\r\n{head_lines}"
+                   f"content-length: {len(body)}\r\n\r\n").encode() + body
+            t0 = time.perf_counter_ns()
+            s.sendall(req)
+            while b"\r\n\r\n" not in buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    sys.exit(f"connection closed by Envoy on {path}")
+                buf += chunk
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            length = int(re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head).group(1))
+            while len(buf) < length:
+                buf += s.recv(65536)
+            buf = buf[length:]
+            lat.append((time.perf_counter_ns() - t0) // 1000)
+            code = head.split(b" ", 2)[1].decode()
+            statuses[code] = statuses.get(code, 0) + 1
+    return summary(lat, statuses)
+
+
 def summary(lat, statuses):
     """p50/p99 in ms of latencies in µs."""
     lat = sorted(lat)
@@ -187,6 +224,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the load runs")
     ap.add_argument("--serial-rounds", type=int, default=10, help="interleaved rounds of the one-at-a-time runs")
     ap.add_argument("--serial-seconds", type=int, default=1, help="per variant and round, one at a time")
+    ap.add_argument("--accepted-rounds", type=int, default=10, help="rounds of accepted commands, one at a time")
+    ap.add_argument("--accepted-per-round", type=int, default=400, help="fresh signed commands per round")
     ap.add_argument("--pin", action="store_true",
                     help="Envoy (one worker) on CPU 0, the load generator on CPU 1: less scheduling noise in the latencies")
     ap.add_argument("--native-verify", help="bench's native_verify example: one native Ed25519 verify, timed")
@@ -211,6 +250,23 @@ def main():
             subprocess.run([a.gwctl, "sign", "--key", tmp + "/keys/op-admin-1.sk.hex", "--key-id", key_id,
                             "--module", "mev", "--action", "throttle", "--arg", "throttle_pct=40",
                             "--issuer", "dashboard", "--out", out], check=True, capture_output=True)
+    def sign_many(n):
+        """n fresh commands with increasing nonces (each accepted once)."""
+        base = time.time_ns()
+        outs = [f"{tmp}/acc-{i}.bin" for i in range(n)]
+
+        def one(i):
+            subprocess.run([a.gwctl, "sign", "--key", tmp + "/keys/op-admin-1.sk.hex", "--key-id", "op-admin-1",
+                            "--module", "mev", "--action", "throttle", "--arg", "throttle_pct=40",
+                            "--issuer", "dashboard", "--nonce", str(base + i), "--out", outs[i]],
+                           check=True, capture_output=True)
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            list(ex.map(one, range(n)))
+        bodies = []
+        for o in outs:
+            with open(o, "rb") as f:
+                bodies.append(f.read())
+        return bodies
     k = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
     gw_cfg = json.load(open(os.path.join(ROOT, "filter-wasm/config.example.json")))
     gw_cfg["command_keys"]["keys"][0]["public_key_hex"] = open(tmp + "/keys/op-admin-1.pk.hex").read().strip()
@@ -261,7 +317,7 @@ def main():
     with open(f"{tmp}/envoy.log", "w") as log:
         p = run_envoy(a.envoy, cfg_path, admin, log, 1 if a.pin else 2)
         try:
-            check = {"load": {}, "serial": {}}  # the filter's own timing of gw_command bodies
+            check = {"load": {}, "serial": {}, "accepted": {}}  # the filter's own timing of command bodies
             # Under load: the same interleaved rounds, so a drift of this machine hits
             # every variant alike; req/s is the mean over rounds.
             per_round = max(2, a.seconds // a.rounds)
@@ -303,6 +359,19 @@ def main():
                     for code, n in r["statuses"].items():
                         statuses[name][code] = statuses[name].get(code, 0) + n
             serial = {name: summary(lat[name], statuses[name]) for name in lat}
+            # Accepted commands, one at a time: every body a fresh signed command, so the
+            # filter's whole accept path runs (check, two shared-data writes, the stamp
+            # stage). Paired with the same bytes POSTed on the JWT-only route through the
+            # same client (Python, HTTP/1.1 over TLS), in alternating order.
+            accepted = {"gw_jwt_post": [], "gw_command_accepted": []}
+            for rnd in range(a.accepted_rounds):
+                bodies = sign_many(a.accepted_per_round)
+                order = [("gw_jwt_post", "/api/modules"), ("gw_command_accepted", gw_cfg["command_path"])]
+                for name, path in (order[::-1] if rnd % 2 else order):
+                    before = check_buckets(admin) if name == "gw_command_accepted" else None
+                    accepted[name].append(serial_http1(ports["gw"], path, [auth, proto], bodies))
+                    if before is not None:
+                        add_bucket_diff(check["accepted"], before, check_buckets(admin))
         finally:
             os.killpg(p.pid, signal.SIGTERM)
             p.wait()
@@ -340,10 +409,28 @@ def main():
           f"p99 {pooled:.0f} µs")
     sig = (serial["gw_command"]["p50"] - serial["gw_unknown_key"]["p50"]) * 1000
     print(f"  of which the signature (gw_command - gw_unknown_key, serial p50): {sig:.0f} µs")
+    if accepted["gw_command_accepted"]:
+        print(f"\naccepted commands, one at a time ({a.accepted_rounds} rounds of {a.accepted_per_round}, "
+              f"Python HTTP/1.1 client, the same bodies on both routes):")
+        for name, runs in accepted.items():
+            st = {}
+            for r in runs:
+                for code, n in r["statuses"].items():
+                    st[code] = st.get(code, 0) + n
+            pooled = summary([x for r in runs for x in r["lat"]], st)
+            print(f"  {name:20s} p50 {pooled['p50']*1000:7.0f} µs  p99 {pooled['p99']*1000:7.0f} µs  "
+                  f"n {pooled['n']}  {pooled['statuses']}")
+        for q in ("p50", "p99"):
+            d = [(c[q] - j[q]) * 1000 for c, j in zip(accepted["gw_command_accepted"], accepted["gw_jwt_post"])]
+            acc_extra = statistics.median(d)
+            print(f"accepted signed command adds (gw_command_accepted - gw_jwt_post, median of per-round "
+                  f"differences) at {q}: {acc_extra:.0f} µs; per round: {', '.join(f'{x:.0f}' for x in d)}")
+            if q == "p99":
+                acc_extra99 = acc_extra
     # Inside the filter (V8, host clock): the time to check each command body
     # (wire scan, Ed25519 with the key's tables, scope, freshness, replay read).
     qs = {}
-    for phase in ("serial", "load"):
+    for phase in ("serial", "load", "accepted"):
         q, n = bucket_quantiles(check[phase])
         qs[phase] = q
         if n:
@@ -354,6 +441,9 @@ def main():
         print(f"one native Ed25519 verify_strict: p50 {nv['p50_us']:.1f} µs, p99 {nv['p99_us']:.1f} µs")
         print(f"signed command adds at p99 {extra99 / nv['p50_us']:.2f}x one native verify (p50), "
               f"{extra99 / nv['p99_us']:.2f}x its p99; at p50 {extra / nv['p50_us']:.2f}x (target: at most 3x at p99)")
+        if accepted["gw_command_accepted"]:
+            print(f"accepted signed command adds at p99 {acc_extra99 / nv['p50_us']:.2f}x one native verify (p50), "
+                  f"{acc_extra99 / nv['p99_us']:.2f}x its p99")
         if qs.get("serial"):
             q = qs["serial"]
             print(f"command check inside the filter at p99: {q[0.99] / nv['p50_us']:.2f}x one native verify (p50), "
