@@ -77,7 +77,13 @@ pub enum KeyRingError {
     /// The JSON does not parse.
     #[error("key ring JSON: {0}")]
     Json(String),
+    /// More keys than a ring with tables holds (each key's table is 480 KiB per VM).
+    #[error("{0} command keys: at most {MAX_TABLE_KEYS} when verifying with tables (480 KiB per key and VM)")]
+    TooManyKeys(usize),
 }
+
+/// Most keys a ring verifying with tables holds: 64 × 480 KiB = 30 MiB per wasm VM.
+pub const MAX_TABLE_KEYS: usize = 64;
 
 /// A validated Ed25519 command key.
 #[derive(Debug, Clone)]
@@ -285,6 +291,9 @@ impl KeyRing {
     /// ring and every key added later. The edge filter uses this; see
     /// [`crate::edverify`] for why.
     pub fn precompute_tables(&mut self) -> Result<(), KeyRingError> {
+        if self.keys.len() > MAX_TABLE_KEYS {
+            return Err(KeyRingError::TooManyKeys(self.keys.len()));
+        }
         self.precompute = true;
         crate::edverify::warm_up();
         for k in self.keys.values_mut() {
@@ -300,6 +309,9 @@ impl KeyRing {
         }
         if self.keys.contains_key(&key.id) {
             return Err(KeyRingError::Duplicate(key.id));
+        }
+        if self.precompute && self.keys.len() >= MAX_TABLE_KEYS {
+            return Err(KeyRingError::TooManyKeys(self.keys.len() + 1));
         }
         if self.precompute {
             key.precompute()?;
@@ -390,6 +402,33 @@ mod tests {
         let json = format!(r#"{{"keys":[{{"id":"k","jwk":{jwk}}}]}}"#);
         let ring = KeyRing::from_json(&json).unwrap();
         assert_eq!(*ring.get("k").unwrap().key(), vk);
+    }
+
+    #[test]
+    fn a_ring_with_tables_holds_at_most_max_table_keys() {
+        let key = |i: usize| {
+            let vk = ed25519_dalek::SigningKey::from_bytes(&[i as u8; 32]).verifying_key();
+            CommandKey::unrestricted(format!("k{i}"), vk)
+        };
+        let mut ring = KeyRing::new();
+        for i in 1..=MAX_TABLE_KEYS + 1 {
+            ring.insert(key(i)).unwrap();
+        }
+        let err = ring.precompute_tables().unwrap_err();
+        assert_eq!(err, KeyRingError::TooManyKeys(MAX_TABLE_KEYS + 1));
+        assert!(err.to_string().contains("at most 64"), "{err}");
+
+        let mut ring = KeyRing::new();
+        for i in 1..=MAX_TABLE_KEYS {
+            ring.insert(key(i)).unwrap();
+        }
+        ring.precompute_tables().unwrap();
+        let over = key(MAX_TABLE_KEYS + 1);
+        assert_eq!(
+            ring.insert(over).unwrap_err(),
+            KeyRingError::TooManyKeys(MAX_TABLE_KEYS + 1)
+        );
+        assert_eq!(ring.len(), MAX_TABLE_KEYS);
     }
 
     #[test]

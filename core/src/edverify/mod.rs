@@ -5,9 +5,11 @@
 //! double-base scalar multiplication (≈253 doublings plus ≈70 additions per
 //! verify), which costs 3–4× a native verify. The command keys are few and known
 //! at configuration time, so we precompute fixed-base tables for every key (and
-//! once for the base point) and verify with table additions only: ≤ 64 mixed
-//! additions and one inversion (safegcd, `inverse.rs`), no doubling. In V8 this brings one verify from
-//! ≈2–3× to ≈1× a native `ed25519-dalek` verify (`bash bench/run.sh verify`).
+//! once for the base point) and verify with table additions only: ≤ 58 mixed
+//! additions (26 on the base point's 10-bit table, 32 on the key's 8-bit one) and
+//! one inversion (safegcd divsteps, `inverse.rs`; Fermat's exponentiation was a
+//! quarter of a verify), no doubling. In V8 one verify then costs ≈ 0.65× a native
+//! `ed25519-dalek` verify, against ≈ 2–3× for dalek in wasm (`bash bench/run.sh verify`).
 //!
 //! What it accepts is exactly what `ed25519_dalek::VerifyingKey::verify_strict`
 //! accepts (the differential tests in `tests` hold it to that):
