@@ -447,6 +447,46 @@ fn edge_cases_of_r_and_s_match_dalek() {
     }
 }
 
+/// Every small-order R through the path where the equation holds: with a key that
+/// has a torsion component, A = [a]B + T₈ (accepted, as dalek accepts it),
+/// [s]B − [k]A = −[k]T₈ for s = k·a, which is a chosen small-order T whenever the
+/// hash lands k on the right residue mod 8. Only the small-order test can refuse
+/// these, here and in dalek's `verify_strict`; the cofactorless equation holds.
+#[test]
+fn small_order_r_is_refused_where_the_equation_holds() {
+    let a = Scalar::from(0x0123_4567_89ab_cdefu64);
+    let t8 = EIGHT_TORSION[1];
+    let big_a = ED25519_BASEPOINT_POINT * a + t8;
+    let a_bytes = big_a.compress().to_bytes();
+    let vk = VerifyingKey::from_bytes(&a_bytes).expect("dalek decodes A");
+    let pk = PrecomputedKey::new(&a_bytes).expect("not small order: accepted");
+    for t in EIGHT_TORSION {
+        let r_bytes = t.compress().to_bytes();
+        let found = (0u32..1000).find_map(|i| {
+            let msg = format!("small order R, try {i}").into_bytes();
+            let mut h = Sha512::new();
+            h.update(r_bytes);
+            h.update(a_bytes);
+            h.update(&msg);
+            let k = Scalar::from_bytes_mod_order_wide(&h.finalize().into());
+            (-(t8 * k) == t).then_some((msg, k))
+        });
+        let (msg, k) = found.expect("k hits each residue mod 8 within 1000 tries");
+        let s = k * a;
+        // The equation holds: [s]B − [k]A = R.
+        assert_eq!(ED25519_BASEPOINT_POINT * s - big_a * k, t);
+        let mut sig = [0u8; 64];
+        sig[..32].copy_from_slice(&r_bytes);
+        sig[32..].copy_from_slice(s.as_bytes());
+        assert_eq!(
+            both(&vk, &pk, &msg, &sig),
+            (false, false),
+            "R = {}",
+            hex::encode(r_bytes)
+        );
+    }
+}
+
 #[test]
 fn rfc8032_test_vectors() {
     // RFC 8032 §7.1 tests 1, 2 and 3.
