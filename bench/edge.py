@@ -20,7 +20,8 @@ signed-command load repeats one body, so after the first request every response 
 freshness, shared-data read) first. A last phase sends accepted commands one at a
 time (fresh signed bodies, so the accept path runs: two shared-data writes and the
 stamp stage too) through a small HTTP/1.1 client, each back to back with the same
-bytes on the JWT-only route, so both see the same moments of the machine.
+bytes on the JWT-only route, so both see the same moments of the machine, and with
+a second, identical JWT-only stream whose difference from the first is the noise floor.
 
 The signed command's extra cost (gw_command - gw_jwt_post, one request at a time:
 what checking the command adds to the same request) is compared with one native
@@ -173,30 +174,28 @@ class Http1:
         self.s.close()
 
 
-def serial_pairs(port, headers, a, b, warm_up=0):
-    """Two request streams interleaved one request at a time, each on its own
-    connection: a = (path, bodies), b = (path, bodies) of equal length. Request i of
-    a and of b run back to back (order alternating with i), so both see the same
-    moment of this machine. Returns the two lists of (latency µs, status), the first
-    `warm_up` pairs dropped. h2load repeats one body; this sends distinct ones, so
-    signed commands can be accepted rather than refused as replays."""
-    ca, cb = Http1(port, headers), Http1(port, headers)
-    out_a, out_b = [], []
+def serial_streams(port, headers, streams, warm_up=0):
+    """Request streams interleaved one request at a time, each on its own
+    connection: streams = [(path, bodies), ...] of equal length. Request i of every
+    stream runs back to back with request i of the others, so all see the same
+    moment of this machine; the order reverses with every i, so with three streams
+    the outer two follow the middle one equally often. Returns one list of (latency µs,
+    status) per stream, the first `warm_up` rounds dropped. h2load repeats one body;
+    this sends distinct ones, so signed commands can be accepted rather than refused
+    as replays."""
+    conns = [Http1(port, headers) for _ in streams]
+    out = [[] for _ in streams]
+    n = len(streams)
     try:
-        for i, (body_a, body_b) in enumerate(zip(a[1], b[1])):
-            if i % 2:
-                rb_ = cb.post(b[0], body_b)
-                ra = ca.post(a[0], body_a)
-            else:
-                ra = ca.post(a[0], body_a)
-                rb_ = cb.post(b[0], body_b)
-            if i >= warm_up:
-                out_a.append(ra)
-                out_b.append(rb_)
+        for i in range(min(len(b) for _, b in streams)):
+            for j in (range(n) if i % 2 == 0 else reversed(range(n))):
+                r = conns[j].post(streams[j][0], streams[j][1][i])
+                if i >= warm_up:
+                    out[j].append(r)
     finally:
-        ca.close()
-        cb.close()
-    return out_a, out_b
+        for c in conns:
+            c.close()
+    return out
 
 
 def summary(lat, statuses):
@@ -392,16 +391,19 @@ def main():
             # filter's whole accept path runs (check, two shared-data writes, the stamp
             # stage). Paired with the same bytes POSTed on the JWT-only route through the
             # same client (Python, HTTP/1.1 over TLS), in alternating order.
-            accepted = {"gw_jwt_post": [], "gw_command_accepted": []}
+            # A second JWT-only stream, identical to the first, is the control: its
+            # difference from the first is this set-up's noise floor.
+            accepted = {"gw_jwt_post": [], "gw_command_accepted": [], "gw_jwt_post_control": []}
             for _ in range(a.accepted_rounds):
                 bodies = sign_many(a.accepted_per_round + ACCEPTED_WARM_UP)
                 time.sleep(0.5)  # let the signing processes' exit settle before timing
                 before = check_buckets(admin)
-                post, cmd_run = serial_pairs(ports["gw"], [auth, proto], ("/api/modules", bodies),
-                                             (gw_cfg["command_path"], bodies), warm_up=ACCEPTED_WARM_UP)
+                runs = serial_streams(ports["gw"], [auth, proto],
+                                      [("/api/modules", bodies), (gw_cfg["command_path"], bodies),
+                                       ("/api/modules", bodies)], warm_up=ACCEPTED_WARM_UP)
                 add_bucket_diff(check["accepted"], before, check_buckets(admin))
-                accepted["gw_jwt_post"].append(post)
-                accepted["gw_command_accepted"].append(cmd_run)
+                for name, r in zip(accepted, runs):
+                    accepted[name].append(r)
         finally:
             os.killpg(p.pid, signal.SIGTERM)
             p.wait()
@@ -440,9 +442,9 @@ def main():
     sig = (serial["gw_command"]["p50"] - serial["gw_unknown_key"]["p50"]) * 1000
     print(f"  of which the signature (gw_command - gw_unknown_key, serial p50): {sig:.0f} µs")
     if accepted["gw_command_accepted"]:
-        print(f"\naccepted commands, one at a time ({a.accepted_rounds} rounds of {a.accepted_per_round} pairs: "
-              f"each a fresh signed command and the same bytes on the JWT-only route, back to back on two "
-              f"HTTP/1.1 connections):")
+        print(f"\naccepted commands, one at a time ({a.accepted_rounds} rounds of {a.accepted_per_round}: "
+              f"each a fresh signed command, back to back with the same bytes on the JWT-only route twice, "
+              f"three HTTP/1.1 connections):")
         pooled = {}
         for name, runs in accepted.items():
             st = {}
@@ -459,9 +461,13 @@ def main():
         per_round = [(summary([us for us, _ in c], {})["p99"] - summary([us for us, _ in j], {})["p99"]) * 1000
                      for c, j in zip(accepted["gw_command_accepted"], accepted["gw_jwt_post"])]
         print(f"  per round, p99: {', '.join(f'{x:.0f}' for x in per_round)}")
-        pairs = sorted(c[0] - j[0] for cr, jr in zip(accepted["gw_command_accepted"], accepted["gw_jwt_post"])
-                       for c, j in zip(cr, jr))
+        pairs = [c[0] - j[0] for cr, jr in zip(accepted["gw_command_accepted"], accepted["gw_jwt_post"])
+                 for c, j in zip(cr, jr)]
         print(f"  per pair (the two requests back to back): median {statistics.median(pairs):.0f} µs")
+        floor50 = (pooled["gw_jwt_post_control"]["p50"] - pooled["gw_jwt_post"]["p50"]) * 1000
+        floor99 = (pooled["gw_jwt_post_control"]["p99"] - pooled["gw_jwt_post"]["p99"]) * 1000
+        print(f"  control, the identical JWT-only stream (gw_jwt_post_control - gw_jwt_post): "
+              f"p50 {floor50:.0f} µs, p99 {floor99:.0f} µs: the noise floor of these differences")
     # Inside the filter (V8, host clock): the time to check each command body
     # (wire scan, Ed25519 with the key's tables, scope, freshness, replay read).
     qs = {}
