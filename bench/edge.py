@@ -37,6 +37,7 @@ Usage: bench/edge.py --envoy BIN --wasm FILE --gwctl BIN [--native-verify BIN] [
 """
 import argparse
 import base64
+import collections
 import concurrent.futures
 import json
 import os
@@ -272,29 +273,30 @@ def main():
                             "--ttl", "1h", "--kid", "dev"], check=True, capture_output=True, text=True).stdout.strip()
     cmd = {"op-admin-1": tmp + "/cmd-ok.bin", "op-unknown": tmp + "/cmd-unknown.bin"}
 
+    def sign_one(key_id, out, nonce=None):
+        """One throttle command signed with op-admin-1's key under `key_id`."""
+        subprocess.run([a.gwctl, "sign", "--key", tmp + "/keys/op-admin-1.sk.hex", "--key-id", key_id,
+                        "--module", "mev", "--action", "throttle", "--arg", "throttle_pct=40",
+                        "--issuer", "dashboard", "--out", out]
+                       + ([] if nonce is None else ["--nonce", str(nonce)]), check=True, capture_output=True)
+
     def sign():
         # Signed just before each run: commands are fresh for max_skew_secs (30 s).
         for key_id, out in cmd.items():
-            subprocess.run([a.gwctl, "sign", "--key", tmp + "/keys/op-admin-1.sk.hex", "--key-id", key_id,
-                            "--module", "mev", "--action", "throttle", "--arg", "throttle_pct=40",
-                            "--issuer", "dashboard", "--out", out], check=True, capture_output=True)
+            sign_one(key_id, out)
+
     def sign_many(n):
         """n fresh commands with increasing nonces (each accepted once)."""
         base = time.time_ns()
         outs = [f"{tmp}/acc-{i}.bin" for i in range(n)]
-
-        def one(i):
-            subprocess.run([a.gwctl, "sign", "--key", tmp + "/keys/op-admin-1.sk.hex", "--key-id", "op-admin-1",
-                            "--module", "mev", "--action", "throttle", "--arg", "throttle_pct=40",
-                            "--issuer", "dashboard", "--nonce", str(base + i), "--out", outs[i]],
-                           check=True, capture_output=True)
         with concurrent.futures.ThreadPoolExecutor(4) as ex:
-            list(ex.map(one, range(n)))
+            list(ex.map(lambda i: sign_one("op-admin-1", outs[i], base + i), range(n)))
         bodies = []
         for o in outs:
             with open(o, "rb") as f:
                 bodies.append(f.read())
         return bodies
+
     k = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
     gw_cfg = json.load(open(os.path.join(ROOT, "filter-wasm/config.example.json")))
     gw_cfg["command_keys"]["keys"][0]["public_key_hex"] = open(tmp + "/keys/op-admin-1.pk.hex").read().strip()
@@ -389,10 +391,9 @@ def main():
             serial = {name: summary(lat[name], statuses[name]) for name in lat}
             # Accepted commands, one at a time: every body a fresh signed command, so the
             # filter's whole accept path runs (check, two shared-data writes, the stamp
-            # stage). Paired with the same bytes POSTed on the JWT-only route through the
-            # same client (Python, HTTP/1.1 over TLS), in alternating order.
-            # A second JWT-only stream, identical to the first, is the control: its
-            # difference from the first is this set-up's noise floor.
+            # stage). Each goes back to back with the same bytes POSTed on the JWT-only
+            # route, twice: the second JWT-only stream is the control, its difference
+            # from the first this set-up's noise floor.
             accepted = {"gw_jwt_post": [], "gw_command_accepted": [], "gw_jwt_post_control": []}
             for _ in range(a.accepted_rounds):
                 bodies = sign_many(a.accepted_per_round + ACCEPTED_WARM_UP)
@@ -447,10 +448,7 @@ def main():
               f"three HTTP/1.1 connections):")
         pooled = {}
         for name, runs in accepted.items():
-            st = {}
-            for r in runs:
-                for _, code in r:
-                    st[code] = st.get(code, 0) + 1
+            st = dict(collections.Counter(code for r in runs for _, code in r))
             pooled[name] = summary([us for r in runs for us, _ in r], st)
             print(f"  {name:20s} p50 {pooled[name]['p50']*1000:7.0f} µs  p99 {pooled[name]['p99']*1000:7.0f} µs  "
                   f"n {pooled[name]['n']}  {pooled[name]['statuses']}")
