@@ -14,7 +14,13 @@ use crate::config::{Stage, StampConfig};
 use crate::edge::{Edge, HeadDecision, PendingCommand, RequestHead, UpstreamHeaders};
 use crate::replay_cas::{SharedStore, StoreError};
 use crate::report::{EdgeReport, ReportConfig, ReportQueue};
-use crate::stamp::{self, Ticket, Tickets, TICKET_HEADER};
+use crate::stamp::{self, LocalSlots, Ticket, Tickets, TICKET_HEADER};
+
+thread_local! {
+    /// Verified headers handed from the verify to the stamp stage inside this VM
+    /// (see [`crate::stamp`]). Borrowed only for moments without host calls.
+    static HANDOVER: RefCell<LocalSlots> = RefCell::new(LocalSlots::default());
+}
 
 /// What a request callback tells the host (proxy-wasm `FilterHeadersStatus` /
 /// `FilterDataStatus` / `FilterTrailersStatus`: 0 continue, 1 stop).
@@ -140,10 +146,14 @@ impl Root {
                     s.routes.len(),
                     s.control.max_body
                 ));
-                self.tickets = Some(Rc::new(RefCell::new(Tickets::new(
-                    vm_id(),
-                    &s.stamp_key_prefix,
-                ))));
+                let tickets = Tickets::new(vm_id(), &s.stamp_key_prefix);
+                let registered =
+                    HANDOVER.with(|h| h.try_borrow_mut().map(|mut h| h.register(&tickets)));
+                if registered.is_err() {
+                    error("gw_edge: cannot register this VM's ticket slots");
+                    return false;
+                }
+                self.tickets = Some(Rc::new(RefCell::new(tickets)));
                 if let Some(rc) = s.report.clone() {
                     let period = u32::try_from(rc.period_ms).unwrap_or(u32::MAX);
                     match abi::set_tick_period_ms(period) {
@@ -477,13 +487,22 @@ impl Http {
             }
         }
         match checked {
+            // Shared data for a stamp stage in another VM, this VM's slots for one
+            // here (the only place it looks for this VM's tickets).
             Ok(h) => match stamp::put(&HostStore, &ticket, &h) {
-                Ok(()) => {
+                Ok(())
+                    if HANDOVER
+                        .with(|l| l.try_borrow_mut().is_ok_and(|mut l| l.put(&ticket, h))) =>
+                {
                     if let Some(m) = &self.metrics {
                         Metrics::bump(m.accepted);
                     }
                     Action::Continue
                 }
+                Ok(()) => self.reject(Reject::new(
+                    Code::Unavailable,
+                    "cannot hand over headers in this VM",
+                )),
                 Err(e) => self.reject(Reject::with(
                     Code::Unavailable,
                     format!("cannot hand over headers: {e:?}"),
@@ -522,7 +541,14 @@ impl Stamp {
             Ok(None) => return Action::Continue,
             Err(e) => return fail(format!("cannot read the ticket: {e:?}")),
         };
-        let stamped = match stamp::take(&HostStore, &self.config.stamp_key_prefix, &ticket) {
+        // This VM's tickets are in its own slots; others in shared data.
+        let local = HANDOVER.with(|l| match l.try_borrow_mut() {
+            Ok(mut l) => l.take(&ticket),
+            Err(_) => Some(Err(stamp::TakeError::Missing)),
+        });
+        let taken = local
+            .unwrap_or_else(|| stamp::take(&HostStore, &self.config.stamp_key_prefix, &ticket));
+        let stamped = match taken {
             Ok(h) => h,
             Err(e) => return fail(format!("verified headers not found: {e:?}")),
         };

@@ -7,6 +7,13 @@
 //! under that ticket in shared data; the *stamp* stage (after the buffer filter, so
 //! it sees the headers only once the body is complete) swaps the ticket for those
 //! headers. Slots are a fixed ring per VM, so shared data stays bounded.
+//!
+//! Where both stages run in one VM (Envoy, when the two filter entries share a
+//! `vm_id`, as `envoy/` configures them), the stamp stage finds the headers in
+//! [`LocalSlots`], the VM's own memory, and never calls shared data: on a
+//! proxy-wasm host each shared-data call is a host crossing plus a call back into
+//! the VM for the returned buffer, and in Envoy a lock. Shared data stays the
+//! hand-over for a stamp stage in another VM.
 
 use crate::header_map;
 use crate::replay_cas::{SharedStore, StoreError};
@@ -43,6 +50,11 @@ impl Tickets {
         }
     }
 
+    /// The VM id this issuer's tickets carry, as in the ticket (16 hex digits).
+    pub fn vm(&self) -> String {
+        format!("{:016x}", self.vm_id)
+    }
+
     /// The next ticket.
     pub fn issue(&mut self) -> Ticket {
         self.seq = self.seq.wrapping_add(1);
@@ -54,8 +66,8 @@ impl Tickets {
     }
 }
 
-/// The slot key a ticket value points at, or `None` if it is not a ticket.
-pub fn key_of(prefix: &str, ticket: &str) -> Option<String> {
+/// A ticket's VM id (16 hex digits) and slot, or `None` if it is not a ticket.
+fn parse(ticket: &str) -> Option<(&str, u64)> {
     let mut parts = ticket.split('.');
     let (vm, slot, seq) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() || vm.len() != 16 || !vm.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -63,7 +75,68 @@ pub fn key_of(prefix: &str, ticket: &str) -> Option<String> {
     }
     let slot: u64 = slot.parse().ok()?;
     let _: u64 = seq.parse().ok()?;
-    (slot < SLOTS).then(|| format!("{prefix}{vm}.{slot}"))
+    (slot < SLOTS).then_some((vm, slot))
+}
+
+/// The slot key a ticket value points at, or `None` if it is not a ticket.
+pub fn key_of(prefix: &str, ticket: &str) -> Option<String> {
+    let (vm, slot) = parse(ticket)?;
+    Some(format!("{prefix}{vm}.{slot}"))
+}
+
+/// One VM's own slots: verified headers by ticket, for a stamp stage in the same VM.
+type Ring = Vec<Option<(String, Vec<(String, String)>)>>;
+
+/// The hand-over inside one VM: a ring of [`SLOTS`] per verify stage configured in
+/// this VM, by the VM id its tickets carry. For those tickets it is the only place
+/// the stamp stage looks: a miss means taken or overwritten, as in shared data.
+#[derive(Debug, Default)]
+pub struct LocalSlots {
+    rings: Vec<(String, Ring)>,
+}
+
+impl LocalSlots {
+    /// Claims the tickets of `tickets` for this VM.
+    pub fn register(&mut self, tickets: &Tickets) {
+        let vm = tickets.vm();
+        if !self.rings.iter().any(|(v, _)| *v == vm) {
+            self.rings.push((vm, vec![None; SLOTS as usize]));
+        }
+    }
+
+    fn ring(&mut self, vm: &str) -> Option<&mut Ring> {
+        self.rings.iter_mut().find(|(v, _)| v == vm).map(|(_, r)| r)
+    }
+
+    /// Keeps the headers for `ticket` (verify stage); `false` if its issuer was not
+    /// registered here.
+    pub fn put(&mut self, ticket: &Ticket, headers: Vec<(String, String)>) -> bool {
+        let Some((vm, slot)) = parse(&ticket.value) else {
+            return false;
+        };
+        let value = ticket.value.clone();
+        match self.ring(vm).and_then(|r| r.get_mut(slot as usize)) {
+            Some(s) => {
+                *s = Some((value, headers));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes the headers for `ticket` (stamp stage): `None` if it was issued in
+    /// another VM (look in shared data), else the headers once, then `Missing`.
+    pub fn take(&mut self, ticket: &str) -> Option<Result<Vec<(String, String)>, TakeError>> {
+        let (vm, slot) = parse(ticket)?;
+        let s = self.ring(vm)?.get_mut(slot as usize)?;
+        Some(match s.take() {
+            Some((t, h)) if t == ticket => Ok(h),
+            other => {
+                *s = other;
+                Err(TakeError::Missing)
+            }
+        })
+    }
 }
 
 /// Stores the headers for `ticket` (verify stage, after the body verified).

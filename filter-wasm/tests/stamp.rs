@@ -46,3 +46,62 @@ fn forged_tickets_are_refused() {
         Err(TakeError::Missing)
     );
 }
+
+#[test]
+fn local_slots_hand_over_this_vms_tickets_once() {
+    let mut local = LocalSlots::default();
+    let mut t = Tickets::new(0xfeed, "p.");
+    local.register(&t);
+    let a = t.issue();
+    let h = vec![("x-gw-nonce".to_string(), "9".to_string())];
+    assert!(local.put(&a, h.clone()));
+    assert_eq!(local.take(&a.value), Some(Ok(h)));
+    // Taken: this VM's slots are the only place for this VM's tickets.
+    assert_eq!(local.take(&a.value), Some(Err(TakeError::Missing)));
+    // Issued but never handed over (the body was refused), or not yet.
+    let b = t.issue();
+    assert_eq!(local.take(&b.value), Some(Err(TakeError::Missing)));
+}
+
+#[test]
+fn local_slots_leave_other_vms_tickets_to_shared_data() {
+    let mut local = LocalSlots::default();
+    let mine = Tickets::new(1, "p.");
+    local.register(&mine);
+    let mut other = Tickets::new(2, "p.");
+    let x = other.issue();
+    assert!(!local.put(&x, Vec::new()), "not this VM's issuer");
+    assert_eq!(local.take(&x.value), None);
+    for bad in [
+        "",
+        "zz.1.1",
+        "0000000000000001.1024.5",
+        "0000000000000001.1.x",
+    ] {
+        assert_eq!(local.take(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn local_slots_are_bounded_and_a_reused_slot_refuses_the_old_ticket() {
+    let mut local = LocalSlots::default();
+    let mut t = Tickets::new(3, "p.");
+    local.register(&t);
+    local.register(&t); // registering twice keeps one ring
+    let first = t.issue();
+    assert!(local.put(&first, Vec::new()));
+    let mut last = None;
+    for _ in 0..SLOTS {
+        let x = t.issue();
+        assert!(local.put(&x, vec![("k".into(), "v".into())]));
+        last = Some(x);
+    }
+    // `first`'s slot now holds the last ticket, which must survive the refusal.
+    let last = last.unwrap();
+    assert_eq!(key_of("p.", &last.value), key_of("p.", &first.value));
+    assert_eq!(local.take(&first.value), Some(Err(TakeError::Missing)));
+    assert_eq!(
+        local.take(&last.value),
+        Some(Ok(vec![("k".into(), "v".into())]))
+    );
+}

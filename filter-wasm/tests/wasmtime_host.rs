@@ -5,6 +5,7 @@
 mod host;
 
 use gw_core::Action;
+use gw_filter::replay_cas::SharedStore;
 use host::{Host, Outcome};
 
 const NOW: u64 = 1_750_000_000;
@@ -480,6 +481,87 @@ fn a_forged_ticket_never_stamps_headers() {
         (503, Some("unavailable"))
     );
     assert!(host.vm(r#"{"stage": "other"}"#, NOW).is_err());
+}
+
+/// The headers the verify stage hands on for one accepted command, and its ticket.
+fn handed_on(gw: &mut host::Gateway, nonce: u64) -> (Vec<(String, String)>, String) {
+    let admin = bearer(&["admin"]);
+    match gw.verify(
+        &post("/api/control/commands", &admin),
+        &command(nonce, "dashboard"),
+        2,
+    ) {
+        Outcome::Forwarded { headers, .. } => {
+            assert!(
+                !headers.iter().any(|(k, _)| k == "x-gw-nonce"),
+                "stamped only by the stamp stage"
+            );
+            let ticket = headers
+                .iter()
+                .find(|(k, _)| k == "x-gw-ticket")
+                .map(|(_, v)| v.clone())
+                .expect("a ticket");
+            (headers, ticket)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_stamp_stage_takes_verified_headers_from_its_own_vm_or_from_shared_data() {
+    for split in [false, true] {
+        let host = Host::new();
+        let mut gw = if split {
+            host.split_gateway(&config(), NOW)
+        } else {
+            host.gateway(&config(), NOW)
+        }
+        .unwrap();
+        let (headers, _) = handed_on(&mut gw, 1);
+        let out = gw.stamp(&headers);
+        assert_eq!(out.header("x-gw-nonce"), Some("1"), "split {split}");
+        assert_eq!(out.header("x-gw-verified"), Some("edge"));
+        assert_eq!(out.header("x-gw-ticket"), None);
+        // A ticket stamps once, wherever its headers were kept.
+        let again = gw.stamp(&headers);
+        assert_eq!(
+            (again.status(), again.code().as_deref()),
+            (503, Some("unavailable")),
+            "split {split}"
+        );
+    }
+}
+
+#[test]
+fn in_one_vm_the_stamp_stage_does_not_depend_on_shared_data() {
+    // Shared data loses the hand-over between the stages: a stamp stage in the
+    // verify stage's VM does not read it; one in another VM has nothing else.
+    let prefix = "gw.stamp.v1."; // the default stamp_key_prefix
+    for split in [false, true] {
+        let host = Host::new();
+        let mut gw = if split {
+            host.split_gateway(&config(), NOW)
+        } else {
+            host.gateway(&config(), NOW)
+        }
+        .unwrap();
+        let (headers, ticket) = handed_on(&mut gw, 7);
+        let key = gw_filter::stamp::key_of(prefix, &ticket).unwrap();
+        assert!(
+            host.shared.keys().contains(&key),
+            "written for other VMs too"
+        );
+        host.shared.set(&key, b"", 0).unwrap();
+        let out = gw.stamp(&headers);
+        if split {
+            assert_eq!(
+                (out.status(), out.code().as_deref()),
+                (503, Some("unavailable"))
+            );
+        } else {
+            assert_eq!(out.header("x-gw-nonce"), Some("7"));
+        }
+    }
 }
 
 #[test]

@@ -774,11 +774,14 @@ impl Vm {
 
 /// The verify stage and the stamp stage in one chain, as Envoy runs them: two filter
 /// entries (root contexts) in one VM, with a buffer filter between them, so the
-/// stamp stage sees the headers after the body.
+/// stamp stage sees the headers after the body. Or, as a host may run them, the
+/// stamp stage in a VM of its own (sharing only shared data).
 pub struct Gateway {
     vm: Vm,
     verify_root: i32,
     stamp_root: i32,
+    /// The stamp stage's own VM, if it has one.
+    stamp_vm: Option<Vm>,
 }
 
 impl Host {
@@ -802,25 +805,51 @@ impl Host {
             vm,
             verify_root,
             stamp_root,
+            stamp_vm: None,
+        })
+    }
+
+    /// The verify stage in one VM, the stamp stage in another.
+    pub fn split_gateway(&self, config: &str, now_secs: u64) -> Result<Gateway, Vec<String>> {
+        let vm = self.vm(config, now_secs)?;
+        let verify_root = vm.root;
+        let stamp_vm = self.vm(r#"{"stage": "stamp"}"#, now_secs)?;
+        Ok(Gateway {
+            stamp_root: stamp_vm.root,
+            vm,
+            verify_root,
+            stamp_vm: Some(stamp_vm),
         })
     }
 }
 
 impl Gateway {
     pub fn request(&mut self, headers: &[(&str, &str)], body: &[u8], chunks: usize) -> Outcome {
-        match self.vm.request_to(self.verify_root, headers, body, chunks) {
-            Outcome::Forwarded { headers, body } => {
-                let h: Vec<(&str, &str)> = headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
-                match self.vm.request_to(self.stamp_root, &h, b"", 1) {
-                    Outcome::Forwarded { headers, .. } => Outcome::Forwarded { headers, body },
-                    local => local,
-                }
-            }
+        match self.verify(headers, body, chunks) {
+            Outcome::Forwarded { headers, body } => match self.stamp(&headers) {
+                Outcome::Forwarded { headers, .. } => Outcome::Forwarded { headers, body },
+                local => local,
+            },
             local => local,
         }
+    }
+
+    /// The verify stage alone: what it hands on (to the buffer, then the stamp stage).
+    pub fn verify(&mut self, headers: &[(&str, &str)], body: &[u8], chunks: usize) -> Outcome {
+        self.vm.request_to(self.verify_root, headers, body, chunks)
+    }
+
+    /// The stamp stage alone, on headers the verify stage handed on.
+    pub fn stamp(&mut self, headers: &[(String, String)]) -> Outcome {
+        let h: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let root = self.stamp_root;
+        self.stamp_vm
+            .as_mut()
+            .unwrap_or(&mut self.vm)
+            .request_to(root, &h, b"", 1)
     }
 
     pub fn set_now(&mut self, now: u64) {
