@@ -77,13 +77,14 @@ pub enum KeyRingError {
     /// The JSON does not parse.
     #[error("key ring JSON: {0}")]
     Json(String),
-    /// More keys than a ring with tables holds (each key's table is 480 KiB per VM).
-    #[error("{0} command keys: at most {MAX_TABLE_KEYS} when verifying with tables (480 KiB per key and VM)")]
+    /// More keys than a ring with tables holds (each key's table is 1.5 MiB per VM).
+    #[error("{0} command keys: at most {MAX_TABLE_KEYS} when verifying with tables (1.5 MiB per key and VM)")]
     TooManyKeys(usize),
 }
 
-/// Most keys a ring verifying with tables holds: 64 × 480 KiB = 30 MiB per wasm VM.
-pub const MAX_TABLE_KEYS: usize = 64;
+/// Most keys a ring verifying with tables holds: 16 × 1.5 MiB = 24 MiB per wasm VM
+/// (command keys are operators' keys: a handful, two during a rotation).
+pub const MAX_TABLE_KEYS: usize = 16;
 
 /// A validated Ed25519 command key.
 #[derive(Debug, Clone)]
@@ -286,7 +287,7 @@ impl KeyRing {
         Self::from_config(&cfg)
     }
 
-    /// Verifies with per-key fixed-base tables from now on (480 KiB and ≈4 ms of
+    /// Verifies with per-key fixed-base tables from now on (1.5 MiB and ≈ 12 ms of
     /// wasm per key, plus one base-point table per process): every key now in the
     /// ring and every key added later. The edge filter uses this; see
     /// [`crate::edverify`] for why.
@@ -416,7 +417,11 @@ mod tests {
         }
         let err = ring.precompute_tables().unwrap_err();
         assert_eq!(err, KeyRingError::TooManyKeys(MAX_TABLE_KEYS + 1));
-        assert!(err.to_string().contains("at most 64"), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("at most {MAX_TABLE_KEYS} ")),
+            "{err}"
+        );
 
         let mut ring = KeyRing::new();
         for i in 1..=MAX_TABLE_KEYS {

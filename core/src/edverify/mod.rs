@@ -41,10 +41,11 @@ use crate::jwk::{KeyError, WEAK_ED25519};
 use point::{Consts, Ext};
 use table::{digits, Table, MAX_ROWS};
 
-/// Window of the per-key tables: 32 rows × 128 points × 120 bytes = 480 KiB per
-/// key, 32 additions per verify. (6 bits: 165 KiB and 43 additions, ≈20 % slower
-/// in V8 — `bash bench/run.sh verify`.)
-pub const KEY_WINDOW: u32 = 8;
+/// Window of the per-key tables: 26 rows × 512 points × 120 bytes = 1.5 MiB per
+/// key, 26 additions per verify. (8 bits: 480 KiB and 32 additions, 4–7 µs more per
+/// accepted command in Envoy, same-moment A/B of `bench/edge.py --wasm-b`; 6 bits:
+/// 165 KiB and 43 additions, ≈ 20 % slower in V8 — `bash bench/run.sh verify`.)
+pub const KEY_WINDOW: u32 = 10;
 /// Window of the base-point table, built once per process (or wasm VM): 26 rows ×
 /// 512 points × 120 bytes = 1.5 MiB, 26 additions per verify (8 bits: 480 KiB and 32
 /// additions, ≈ 9 % slower per verify in V8).
