@@ -287,7 +287,7 @@ impl KeyRing {
         Self::from_config(&cfg)
     }
 
-    /// Verifies with per-key fixed-base tables from now on (1.5 MiB and ≈ 12 ms of
+    /// Verifies with per-key fixed-base tables from now on (1.5 MiB and ≈ 25 ms of
     /// wasm per key, plus one base-point table per process): every key now in the
     /// ring and every key added later. The edge filter uses this; see
     /// [`crate::edverify`] for why.
