@@ -50,6 +50,7 @@ import collections
 import concurrent.futures
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -199,23 +200,30 @@ class Http1:
         self.s.close()
 
 
-def serial_streams(headers, streams, warm_up=0):
+def serial_streams(headers, streams, warm_up=0, seed=1):
     """Request streams interleaved one request at a time, each on its own
-    connection: streams = [(port, path, bodies), ...] of equal length. Request i of every
-    stream runs back to back with request i of the others, so all see the same
-    moment of this machine; the order rotates with every i, so every stream takes
-    every place equally often and, with three or more streams, none runs twice in a
-    row (a request right after one of its own kind finds its code and data warm).
-    Stream j's requests carry `x-bench-stream: j` (Envoy's access log tells them
-    apart by it). Returns one list of (latency µs, status) per stream, the first
-    `warm_up` rounds dropped. h2load repeats one body; this sends distinct ones, so
-    signed commands can be accepted rather than refused as replays."""
+    connection: streams = [(port, path, bodies), ...] of equal length. Request i of
+    every stream runs back to back with request i of the others, so all see the same
+    moment of this machine, in a random order that never starts with the stream that
+    ended the previous one: a request right after one of its own kind finds its code
+    and data warm, and a fixed order (reversing or rotating) makes some stream follow
+    a given other one more often than the rest do, which moved an A/A comparison by
+    several µs. Stream j's requests carry `x-bench-stream: j` (Envoy's access log
+    tells them apart by it). Returns one list of (latency µs, status) per stream, the
+    first `warm_up` rounds dropped. h2load repeats one body; this sends distinct ones,
+    so signed commands can be accepted rather than refused as replays."""
     conns = [Http1(port, headers + [f"x-bench-stream: {j}"]) for j, (port, _, _) in enumerate(streams)]
     out = [[] for _ in streams]
     n = len(streams)
+    rng = random.Random(seed)
+    order, last = list(range(n)), None
     try:
         for i in range(min(len(b) for _, _, b in streams)):
-            for j in ((i + k) % n for k in range(n)):
+            rng.shuffle(order)
+            while n > 1 and order[0] == last:
+                rng.shuffle(order)
+            last = order[-1]
+            for j in order:
                 r = conns[j].post(streams[j][1], streams[j][2][i])
                 if i >= warm_up:
                     out[j].append(r)
@@ -335,7 +343,7 @@ def report_accepted(a, accepted, server):
     returns what each stream adds over gw_jwt_post, {what: (p50, p99)} µs."""
     print(f"\naccepted commands, one at a time ({a.accepted_rounds} rounds of {a.accepted_per_round}: "
           f"each a fresh signed command, back to back with the same bytes on the JWT-only route, "
-          f"{len(accepted)} HTTP/1.1 connections, the order rotating every request):")
+          f"{len(accepted)} HTTP/1.1 connections, in a random order every request):")
     pooled = {}
     for name, runs in accepted.items():
         st = dict(collections.Counter(code for r in runs for _, code in r))
@@ -549,12 +557,12 @@ def main():
                 del streams["gw_jwt_post_control"]
                 streams["gw_command_accepted_b"] = (ports["gw_b_timed"], gw_cfg["command_path"])
             accepted = {name: [] for name in streams}
-            for _ in range(a.accepted_rounds):
+            for rnd in range(a.accepted_rounds):
                 bodies = sign_many(a.accepted_per_round + ACCEPTED_WARM_UP)
                 time.sleep(0.5)  # let the signing processes' exit settle before timing
                 before = check_buckets(admin)
                 runs = serial_streams([auth, proto], [(port, path, bodies) for port, path in streams.values()],
-                                      warm_up=ACCEPTED_WARM_UP)
+                                      warm_up=ACCEPTED_WARM_UP, seed=rnd)
                 add_bucket_diff(check["accepted"], before, check_buckets(admin))
                 for name, r in zip(accepted, runs):
                     accepted[name].append(r)
