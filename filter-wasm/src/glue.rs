@@ -488,11 +488,12 @@ impl Http {
         }
         match checked {
             // Shared data for a stamp stage in another VM, this VM's slots for one
-            // here (the only place it looks for this VM's tickets).
+            // here (the only place it looks for tickets of a ring it still keeps; a
+            // ticket whose ring was dropped is looked up in shared data).
             Ok(h) => match stamp::put(&HostStore, &ticket, &h) {
                 Ok(())
                     if HANDOVER
-                        .with(|l| l.try_borrow_mut().is_ok_and(|mut l| l.put(&ticket, h))) =>
+                        .with(|l| l.try_borrow_mut().map(|mut l| l.put(&ticket, h)).is_ok()) =>
                 {
                     if let Some(m) = &self.metrics {
                         Metrics::bump(m.accepted);

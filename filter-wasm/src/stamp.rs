@@ -87,9 +87,15 @@ pub fn key_of(prefix: &str, ticket: &str) -> Option<String> {
 /// One VM's own slots: verified headers by ticket, for a stamp stage in the same VM.
 type Ring = Vec<Option<(String, Vec<(String, String)>)>>;
 
+/// Rings one VM keeps: a verify stage configured again (a configuration update)
+/// issues tickets under a new id; the oldest ring goes, and its tickets still in
+/// flight are found in shared data.
+pub const MAX_RINGS: usize = 4;
+
 /// The hand-over inside one VM: a ring of [`SLOTS`] per verify stage configured in
-/// this VM, by the VM id its tickets carry. For those tickets it is the only place
-/// the stamp stage looks: a miss means taken or overwritten, as in shared data.
+/// this VM (the last [`MAX_RINGS`]), by the VM id its tickets carry. For those
+/// tickets it is the only place the stamp stage looks: a miss means taken or
+/// overwritten, as in shared data.
 #[derive(Debug, Default)]
 pub struct LocalSlots {
     rings: Vec<(String, Ring)>,
@@ -100,6 +106,9 @@ impl LocalSlots {
     pub fn register(&mut self, tickets: &Tickets) {
         let vm = tickets.vm();
         if !self.rings.iter().any(|(v, _)| *v == vm) {
+            if self.rings.len() >= MAX_RINGS {
+                self.rings.remove(0);
+            }
             self.rings.push((vm, vec![None; SLOTS as usize]));
         }
     }
@@ -108,8 +117,8 @@ impl LocalSlots {
         self.rings.iter_mut().find(|(v, _)| v == vm).map(|(_, r)| r)
     }
 
-    /// Keeps the headers for `ticket` (verify stage); `false` if its issuer was not
-    /// registered here.
+    /// Keeps the headers for `ticket` (verify stage); `false` if its issuer's ring is
+    /// not (or no longer) kept here, so only shared data has them.
     pub fn put(&mut self, ticket: &Ticket, headers: Vec<(String, String)>) -> bool {
         let Some((vm, slot)) = parse(&ticket.value) else {
             return false;

@@ -105,3 +105,23 @@ fn local_slots_are_bounded_and_a_reused_slot_refuses_the_old_ticket() {
         Some(Ok(vec![("k".into(), "v".into())]))
     );
 }
+
+#[test]
+fn a_vm_keeps_the_rings_of_its_last_verify_stages_only() {
+    let mut local = LocalSlots::default();
+    let mut first = Tickets::new(100, "p.");
+    local.register(&first);
+    let early = first.issue();
+    assert!(local.put(&early, Vec::new()));
+    // Reconfigured MAX_RINGS times: the first stage's ring goes; its tickets are
+    // then looked up in shared data (where the verify stage also wrote them).
+    for i in 0..MAX_RINGS as u64 {
+        local.register(&Tickets::new(200 + i, "p."));
+    }
+    assert_eq!(local.take(&early.value), None);
+    assert!(!local.put(&first.issue(), Vec::new()));
+    let mut last = Tickets::new(200 + MAX_RINGS as u64 - 1, "p.");
+    let t = last.issue();
+    assert!(local.put(&t, Vec::new()));
+    assert_eq!(local.take(&t.value), Some(Ok(Vec::new())));
+}

@@ -565,6 +565,26 @@ fn in_one_vm_the_stamp_stage_does_not_depend_on_shared_data() {
 }
 
 #[test]
+fn a_verify_stage_whose_slots_were_dropped_still_hands_over_through_shared_data() {
+    let host = Host::new();
+    let later = gw_filter::stamp::MAX_RINGS;
+    let mut gw = host.gateway_after_updates(&config(), NOW, later).unwrap();
+    let admin = bearer(&["admin"]);
+    let out = gw.request(
+        &post("/api/control/commands", &admin),
+        &command(3, "dashboard"),
+        1,
+    );
+    assert_eq!(
+        out.header("x-gw-nonce"),
+        Some("3"),
+        "{out:?}\n{:?}",
+        gw.logs()
+    );
+    assert_eq!(out.header("x-gw-verified"), Some("edge"));
+}
+
+#[test]
 fn a_host_without_metrics_still_works() {
     let host = Host::new();
     let mut vm = host.gateway_with(&config(), NOW, true).unwrap();

@@ -809,6 +809,29 @@ impl Host {
         })
     }
 
+    /// Both stages in one VM, requests going to the first of `1 + later` verify
+    /// stages configured in it (as after `later` configuration updates while the
+    /// first still serves requests in flight).
+    pub fn gateway_after_updates(
+        &self,
+        config: &str,
+        now_secs: u64,
+        later: usize,
+    ) -> Result<Gateway, Vec<String>> {
+        let mut vm = self.vm(config, now_secs)?;
+        let verify_root = vm.root;
+        for _ in 0..later {
+            vm = vm.with_root(config)?;
+        }
+        let vm = vm.with_root(r#"{"stage": "stamp"}"#)?;
+        Ok(Gateway {
+            stamp_root: vm.root,
+            vm,
+            verify_root,
+            stamp_vm: None,
+        })
+    }
+
     /// The verify stage in one VM, the stamp stage in another.
     pub fn split_gateway(&self, config: &str, now_secs: u64) -> Result<Gateway, Vec<String>> {
         let vm = self.vm(config, now_secs)?;
