@@ -507,16 +507,21 @@ fn handed_on(gw: &mut host::Gateway, nonce: u64) -> (Vec<(String, String)>, Stri
     }
 }
 
+/// Both stages in one VM, or (`split`) each in a VM of its own.
+fn both_stages(host: &Host, split: bool) -> host::Gateway {
+    if split {
+        host.split_gateway(&config(), NOW)
+    } else {
+        host.gateway(&config(), NOW)
+    }
+    .unwrap()
+}
+
 #[test]
 fn the_stamp_stage_takes_verified_headers_from_its_own_vm_or_from_shared_data() {
     for split in [false, true] {
         let host = Host::new();
-        let mut gw = if split {
-            host.split_gateway(&config(), NOW)
-        } else {
-            host.gateway(&config(), NOW)
-        }
-        .unwrap();
+        let mut gw = both_stages(&host, split);
         let (headers, _) = handed_on(&mut gw, 1);
         let out = gw.stamp(&headers);
         assert_eq!(out.header("x-gw-nonce"), Some("1"), "split {split}");
@@ -539,12 +544,7 @@ fn in_one_vm_the_stamp_stage_does_not_depend_on_shared_data() {
     let prefix = "gw.stamp.v1."; // the default stamp_key_prefix
     for split in [false, true] {
         let host = Host::new();
-        let mut gw = if split {
-            host.split_gateway(&config(), NOW)
-        } else {
-            host.gateway(&config(), NOW)
-        }
-        .unwrap();
+        let mut gw = both_stages(&host, split);
         let (headers, ticket) = handed_on(&mut gw, 7);
         let key = gw_filter::stamp::key_of(prefix, &ticket).unwrap();
         assert!(
