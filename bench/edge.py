@@ -517,7 +517,9 @@ def main():
                     add_bucket_diff(check[phase], before, check_buckets(admin))
                 return r
 
-            for _ in range(0 if a.accepted_only else a.rounds):
+            load_rounds = 0 if a.accepted_only else a.rounds
+            serial_rounds = 0 if a.accepted_only else a.serial_rounds
+            for _ in range(load_rounds):
                 sign()
                 for name, chain, path, headers, data in variants:
                     r = run("load", name, chain, path, headers, data, per_round, a.clients, 4)
@@ -525,7 +527,7 @@ def main():
                     load_rps[name].append(r["rps"])
                     for code, n in r["statuses"].items():
                         load_status[name][code] = load_status[name].get(code, 0) + n
-            for name in (load_lat if load_rps["none"] else ()):
+            for name in (load_lat if load_rounds else ()):
                 results[name] = dict(summary(load_lat[name], load_status[name]),
                                      rps=statistics.mean(load_rps[name]), rounds=load_rps[name])
                 print(f"{name:14s} {results[name]['rps']:10.0f} req/s  p50 {results[name]['p50']:7.3f} ms  "
@@ -535,7 +537,7 @@ def main():
             lat = {v[0]: [] for v in variants}
             statuses = {v[0]: {} for v in variants}
             serial_runs = {v[0]: [] for v in variants}
-            for _ in range(0 if a.accepted_only else a.serial_rounds):
+            for _ in range(serial_rounds):
                 sign()
                 for name, chain, path, headers, data in variants:
                     r = run("serial", name, chain, path, headers, data, a.serial_seconds, 1, 1)
@@ -543,7 +545,7 @@ def main():
                     lat[name] += r["lat"]
                     for code, n in r["statuses"].items():
                         statuses[name][code] = statuses[name].get(code, 0) + n
-            serial = {name: summary(lat[name], statuses[name]) for name in lat if lat[name]}
+            serial = {name: summary(lat[name], statuses[name]) for name in (lat if serial_rounds else ())}
             # Accepted commands, one at a time: every body a fresh signed command, so the
             # filter's whole accept path runs (check, two shared-data writes, the stamp
             # stage). Each goes back to back with the same bytes POSTed on the JWT-only

@@ -486,29 +486,13 @@ impl Http {
                 let _ = abi::record(id, t1.saturating_sub(t0) / 1_000);
             }
         }
-        match checked {
-            // Shared data for a stamp stage in another VM, this VM's slots for one
-            // here (the only place it looks for tickets of a ring it still keeps; a
-            // ticket whose ring was dropped is looked up in shared data).
-            Ok(h) => match stamp::put(&HostStore, &ticket, &h) {
-                Ok(())
-                    if HANDOVER
-                        .with(|l| l.try_borrow_mut().map(|mut l| l.put(&ticket, h)).is_ok()) =>
-                {
-                    if let Some(m) = &self.metrics {
-                        Metrics::bump(m.accepted);
-                    }
-                    Action::Continue
+        match checked.and_then(|h| hand_over(&ticket, h)) {
+            Ok(()) => {
+                if let Some(m) = &self.metrics {
+                    Metrics::bump(m.accepted);
                 }
-                Ok(()) => self.reject(Reject::new(
-                    Code::Unavailable,
-                    "cannot hand over headers in this VM",
-                )),
-                Err(e) => self.reject(Reject::with(
-                    Code::Unavailable,
-                    format!("cannot hand over headers: {e:?}"),
-                )),
-            },
+                Action::Continue
+            }
             Err(r) => self.reject(r),
         }
     }
@@ -523,6 +507,23 @@ impl Http {
         }
         Action::Continue
     }
+}
+
+/// Hands the verified headers to the stamp stage: in shared data for a stamp stage
+/// in another VM, and in this VM's slots for one here (the only place it looks for
+/// tickets of a ring this VM still keeps; a ticket whose ring was dropped is looked
+/// up in shared data).
+fn hand_over(ticket: &Ticket, headers: UpstreamHeaders) -> Result<(), Reject> {
+    stamp::put(&HostStore, ticket, &headers).map_err(|e| {
+        Reject::with(
+            Code::Unavailable,
+            format!("cannot hand over headers: {e:?}"),
+        )
+    })?;
+    HANDOVER
+        .with(|l| l.try_borrow_mut().map(|mut l| l.put(ticket, headers)))
+        .map(|_kept_here| ())
+        .map_err(|_| Reject::new(Code::Unavailable, "cannot hand over headers in this VM"))
 }
 
 /// The stamp stage: swaps the ticket for the verified headers (see `crate::stamp`).
