@@ -35,7 +35,7 @@ bash scripts/setup-venv.sh
 (( kafka )) && bash scripts/install-tansu.sh
 log "building gwctl, the sidecar and the filter"
 cargo build --release --locked -q -p gwctl -p gw-sidecar
-cargo build --release --locked -q -p testkit --bin gw-dev-relay
+cargo build --release --locked -q -p testkit --bin gw-dev-relay --bin gw-tpu-sink
 cargo build --release --locked -q --target wasm32-wasip1 -p gw-filter
 bin="$CARGO_TARGET_DIR/release"
 run="$GW_ROOT/.run"

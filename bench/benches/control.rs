@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use gw_core::ledger::LedgerRow;
 use gw_core::Action;
-use gw_sidecar::ledger_sink::{DecisionRow, Ledger};
+use gw_sidecar::ledger::spool::{DecisionRow, Spool as Ledger};
 use testkit::clickhouse::ClickHouse;
 use testkit::envoy;
 use testkit::fixtures::{bearer, command_key, filter_config};
@@ -31,7 +31,7 @@ fn ddl(table: &str) -> String {
     let sql =
         std::fs::read_to_string(testkit::workspace_root().join("sql/11_control_decisions.sql"))
             .expect("sql/11");
-    gw_sidecar::migrations::statements(&sql)
+    gw_sidecar::ledger::migrations::statements(&sql)
         .join("\n")
         .replace("control_decisions", table)
 }

@@ -1,18 +1,14 @@
 //! The sender's data plane, same run, ratios against baselines measured here:
-//! 1. SPSC ring (`gw-ring`) vs `rtrb`: items/s between two threads, one at a time
-//!    and in batches of 64 (target ≥ 1.0×).
-//! 2. Transactions/s over one QUIC connection to the local TPU receiver: raw quinn
+//! 1. Transactions/s over one QUIC connection to the local TPU receiver: raw quinn
 //!    (open_uni, write, finish, wait for the ACK; ≤ 128 streams in flight) vs our TPU
 //!    route (`TpuClient::submit`, per-leader queue and worker) vs the whole hedged
 //!    `Sender::send` (target ≥ 0.9× raw).
-//! 3. Hedge timing: primary leader silent, relay answering; how late the hedge goes
+//! 2. Hedge timing: primary leader silent, relay answering; how late the hedge goes
 //!    out relative to `hedge_delay` (p50/p99).
 //!
-//! Run with `bash bench/run.sh sender`. Profiling aids: `GW_BENCH_RING_ONLY=1`,
-//! `GW_BENCH_RING_MODE=ring_single|rtrb_single|ring_batch|rtrb_batch`,
-//! `GW_BENCH_SKIP_RING=1`, `GW_BENCH_HEDGED_ONLY=1` (e.g. under `perf record -e cpu-clock`).
+//! Run with `bash bench/run.sh sender`. Profiling aid: `GW_BENCH_HEDGED_ONLY=1`
+//! (e.g. under `perf record -e cpu-clock`).
 
-use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,134 +16,9 @@ use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use gw_sidecar::sender::leaders::{LeaderSource, StaticLeaders};
-use gw_sidecar::sender::receiver::{ReceiverConfig, TpuReceiver};
 use gw_sidecar::sender::tpu::{Leader, TpuClient, TpuConfig};
 use gw_sidecar::sender::{tls, txwire, SendMeta, Sender, SenderConfig};
-
-const ITEMS: u64 = 20_000_000;
-
-fn ring_single() -> f64 {
-    let (mut p, mut c) = gw_ring::channel::<u64>(4096).unwrap();
-    let t = Instant::now();
-    let prod = std::thread::spawn(move || {
-        let mut i = 0;
-        while i < ITEMS {
-            if p.push(i).is_ok() {
-                i += 1;
-            } else {
-                std::hint::spin_loop();
-            }
-        }
-    });
-    let mut n = 0;
-    let mut sum = 0u64;
-    while n < ITEMS {
-        if let Some(v) = c.pop() {
-            sum = sum.wrapping_add(v);
-            n += 1;
-        } else {
-            std::hint::spin_loop();
-        }
-    }
-    prod.join().unwrap();
-    black_box(sum);
-    ITEMS as f64 / t.elapsed().as_secs_f64()
-}
-
-fn ring_batch() -> f64 {
-    let (mut p, mut c) = gw_ring::channel::<u64>(4096).unwrap();
-    let t = Instant::now();
-    let prod = std::thread::spawn(move || {
-        let mut i = 0;
-        while i < ITEMS {
-            let end = (i + 64).min(ITEMS);
-            let mut it = i..end;
-            let k = p.push_iter(&mut it) as u64;
-            if k == 0 {
-                std::hint::spin_loop();
-            }
-            i += k;
-        }
-    });
-    let mut n = 0;
-    let mut sum = 0u64;
-    while n < ITEMS {
-        let k = c.pop_with(64, |v| sum = sum.wrapping_add(v));
-        if k == 0 {
-            std::hint::spin_loop();
-        }
-        n += k as u64;
-    }
-    prod.join().unwrap();
-    black_box(sum);
-    ITEMS as f64 / t.elapsed().as_secs_f64()
-}
-
-fn rtrb_single() -> f64 {
-    let (mut p, mut c) = rtrb::RingBuffer::<u64>::new(4096);
-    let t = Instant::now();
-    let prod = std::thread::spawn(move || {
-        let mut i = 0;
-        while i < ITEMS {
-            if p.push(i).is_ok() {
-                i += 1;
-            } else {
-                std::hint::spin_loop();
-            }
-        }
-    });
-    let mut n = 0;
-    let mut sum = 0u64;
-    while n < ITEMS {
-        if let Ok(v) = c.pop() {
-            sum = sum.wrapping_add(v);
-            n += 1;
-        } else {
-            std::hint::spin_loop();
-        }
-    }
-    prod.join().unwrap();
-    black_box(sum);
-    ITEMS as f64 / t.elapsed().as_secs_f64()
-}
-
-fn rtrb_batch() -> f64 {
-    let (mut p, mut c) = rtrb::RingBuffer::<u64>::new(4096);
-    let t = Instant::now();
-    let prod = std::thread::spawn(move || {
-        let mut i = 0;
-        while i < ITEMS {
-            let want = (ITEMS - i).min(64) as usize;
-            let k = p.slots().min(want);
-            if k == 0 {
-                std::hint::spin_loop();
-                continue;
-            }
-            if let Ok(chunk) = p.write_chunk_uninit(k) {
-                let n = chunk.fill_from_iter(i..i + k as u64);
-                i += n as u64;
-            }
-        }
-    });
-    let mut n = 0;
-    let mut sum = 0u64;
-    while n < ITEMS {
-        let k = c.slots().min(64);
-        if k == 0 {
-            std::hint::spin_loop();
-            continue;
-        }
-        if let Ok(chunk) = c.read_chunk(k) {
-            for v in chunk {
-                sum = sum.wrapping_add(v);
-            }
-            n += k as u64;
-        }
-    }
-    prod.join().unwrap();
-    black_box(sum);
-    ITEMS as f64 / t.elapsed().as_secs_f64()
-}
+use testkit::tpu_receiver::{ReceiverConfig, TpuReceiver};
 
 fn txs(n: usize) -> Vec<Bytes> {
     let k = SigningKey::from_bytes(&[5u8; 32]);
@@ -263,48 +134,6 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn main() {
-    // Two spinning threads on a 2-core machine: placement makes single runs vary
-    // several-fold, so rounds alternate the two rings and each keeps its best.
-    println!("\n## SPSC ring: items/s between two threads (u64, capacity 4096, {ITEMS} items, best of 7 alternating rounds)");
-    println!("| mode | gw-ring | rtrb 0.3 | gw-ring / rtrb |");
-    println!("|---|---:|---:|---:|");
-    if let Ok(m) = std::env::var("GW_BENCH_RING_MODE") {
-        // Profiling aid: one mode alone, e.g. under `perf record`.
-        let f: fn() -> f64 = match m.as_str() {
-            "ring_single" => ring_single,
-            "rtrb_single" => rtrb_single,
-            "ring_batch" => ring_batch,
-            _ => rtrb_batch,
-        };
-        for _ in 0..5 {
-            println!("{m}: {:.1} M/s", f() / 1e6);
-        }
-        return;
-    }
-    let skip_ring = std::env::var_os("GW_BENCH_SKIP_RING").is_some();
-    let (mut gs, mut rs, mut gb, mut rb) = (0f64, 0f64, 0f64, 0f64);
-    for _ in 0..if skip_ring { 0 } else { 7 } {
-        rs = rs.max(rtrb_single());
-        gs = gs.max(ring_single());
-        gb = gb.max(ring_batch());
-        rb = rb.max(rtrb_batch());
-    }
-    println!(
-        "| one at a time | {:.1} M/s | {:.1} M/s | {:.2}x |",
-        gs / 1e6,
-        rs / 1e6,
-        gs / rs
-    );
-    println!(
-        "| batches of 64 | {:.1} M/s | {:.1} M/s | {:.2}x |",
-        gb / 1e6,
-        rb / 1e6,
-        gb / rb
-    );
-    if std::env::var_os("GW_BENCH_RING_ONLY").is_some() {
-        return;
-    }
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

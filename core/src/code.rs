@@ -4,187 +4,105 @@
 use std::borrow::Cow;
 use std::fmt;
 
-/// Why a request or command was rejected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Code {
+/// Declares [`Code`] from one table: variant, stable name, HTTP status.
+macro_rules! codes {
+    ($( $(#[$doc:meta])* $variant:ident => $name:literal, $status:literal; )*) => {
+        /// Why a request or command was rejected.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Code {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl Code {
+            /// Every code, in declaration order, for exhaustive tests and metric registration.
+            pub const ALL: &'static [Code] = &[$(Code::$variant),*];
+
+            /// The stable snake_case name.
+            pub const fn as_str(self) -> &'static str {
+                match self { $(Code::$variant => $name,)* }
+            }
+
+            /// The HTTP status a gateway answers with for this rejection.
+            pub const fn http_status(self) -> u16 {
+                match self { $(Code::$variant => $status,)* }
+            }
+        }
+    };
+}
+
+codes! {
     // --- signed commands ---
     /// The body is larger than the configured bound.
-    TooLarge,
+    TooLarge => "too_large", 413;
     /// The body is not a well-formed `control.Command`.
-    Malformed,
+    Malformed => "malformed", 400;
     /// `schema_version` is not one we understand.
-    BadSchema,
+    BadSchema => "bad_schema", 400;
     /// `sig_alg` is missing or not `ed25519-v1`.
-    SigAlg,
+    SigAlg => "sig_alg", 401;
     /// `sig` is not 64 bytes.
-    BadSigLength,
+    BadSigLength => "bad_sig_length", 401;
     /// `pubkey_id` is not in the key ring.
-    UnknownKey,
+    UnknownKey => "unknown_key", 401;
     /// The key's validity window has ended.
-    KeyExpired,
+    KeyExpired => "key_expired", 401;
     /// The key's validity window has not started.
-    KeyNotYetValid,
+    KeyNotYetValid => "key_not_yet_valid", 401;
     /// The signature does not verify.
-    BadSignature,
+    BadSignature => "bad_signature", 401;
     /// The key may not sign for this issuer, module or action.
-    KeyScope,
+    KeyScope => "key_scope", 403;
     /// `ts` is older than the allowed skew.
-    Stale,
+    Stale => "stale", 401;
     /// `ts` is further in the future than the allowed skew.
-    Future,
+    Future => "future", 401;
     /// The nonce was seen before, or is older than the replay window.
-    Replay,
+    Replay => "replay", 409;
     /// The nonce is missing (zero).
-    BadNonce,
+    BadNonce => "bad_nonce", 400;
     /// The route's module/action differs from the signed command's.
-    RouteMismatch,
+    RouteMismatch => "route_mismatch", 403;
     /// `args` are out of range or missing for the action.
-    BadArgs,
+    BadArgs => "bad_args", 400;
     /// The route does not accept this HTTP method.
-    MethodNotAllowed,
+    MethodNotAllowed => "method_not_allowed", 405;
     /// The replay state could not be read or updated: fail closed.
-    ReplayUnavailable,
+    ReplayUnavailable => "replay_unavailable", 503;
     /// The gateway cannot decide now (not configured, a dependency is down): fail closed.
-    Unavailable,
+    Unavailable => "unavailable", 503;
     // --- JWT ---
     /// No bearer token.
-    JwtMissing,
+    JwtMissing => "jwt_missing", 401;
     /// The token is not a well-formed JWS compact token.
-    JwtMalformed,
+    JwtMalformed => "jwt_malformed", 401;
     /// The token is larger than the configured bound.
-    JwtTooLarge,
+    JwtTooLarge => "jwt_too_large", 401;
     /// The algorithm is not allowed (`none`, unknown, or wrong for the key).
-    JwtAlg,
+    JwtAlg => "jwt_alg", 401;
     /// No key matches the token's `kid`/algorithm.
-    JwtUnknownKey,
+    JwtUnknownKey => "jwt_unknown_key", 401;
     /// The token's signature does not verify.
-    JwtSignature,
+    JwtSignature => "jwt_signature", 401;
     /// `exp` has passed.
-    JwtExpired,
+    JwtExpired => "jwt_expired", 401;
     /// `nbf` (or `iat`) is in the future.
-    JwtNotYetValid,
+    JwtNotYetValid => "jwt_not_yet_valid", 401;
     /// `exp` is required but missing.
-    JwtMissingExp,
+    JwtMissingExp => "jwt_missing_exp", 401;
     /// `iss` is not an accepted issuer.
-    JwtIssuer,
+    JwtIssuer => "jwt_issuer", 401;
     /// `aud` does not name an accepted audience.
-    JwtAudience,
+    JwtAudience => "jwt_audience", 401;
     /// A claim has the wrong type.
-    JwtClaims,
+    JwtClaims => "jwt_claims", 401;
     /// The token is valid but lacks the role the route needs.
-    ForbiddenRole,
+    ForbiddenRole => "forbidden_role", 403;
 }
 
 impl Code {
-    /// Every code, for exhaustive tests and metric registration.
-    pub const ALL: [Code; 32] = [
-        Code::TooLarge,
-        Code::Malformed,
-        Code::BadSchema,
-        Code::SigAlg,
-        Code::BadSigLength,
-        Code::UnknownKey,
-        Code::KeyExpired,
-        Code::KeyNotYetValid,
-        Code::BadSignature,
-        Code::KeyScope,
-        Code::Stale,
-        Code::Future,
-        Code::Replay,
-        Code::BadNonce,
-        Code::RouteMismatch,
-        Code::BadArgs,
-        Code::MethodNotAllowed,
-        Code::ReplayUnavailable,
-        Code::Unavailable,
-        Code::JwtMissing,
-        Code::JwtMalformed,
-        Code::JwtTooLarge,
-        Code::JwtAlg,
-        Code::JwtUnknownKey,
-        Code::JwtSignature,
-        Code::JwtExpired,
-        Code::JwtNotYetValid,
-        Code::JwtMissingExp,
-        Code::JwtIssuer,
-        Code::JwtAudience,
-        Code::JwtClaims,
-        Code::ForbiddenRole,
-    ];
-
-    /// The stable snake_case name.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Code::TooLarge => "too_large",
-            Code::Malformed => "malformed",
-            Code::BadSchema => "bad_schema",
-            Code::SigAlg => "sig_alg",
-            Code::BadSigLength => "bad_sig_length",
-            Code::UnknownKey => "unknown_key",
-            Code::KeyExpired => "key_expired",
-            Code::KeyNotYetValid => "key_not_yet_valid",
-            Code::BadSignature => "bad_signature",
-            Code::KeyScope => "key_scope",
-            Code::Stale => "stale",
-            Code::Future => "future",
-            Code::Replay => "replay",
-            Code::BadNonce => "bad_nonce",
-            Code::RouteMismatch => "route_mismatch",
-            Code::BadArgs => "bad_args",
-            Code::MethodNotAllowed => "method_not_allowed",
-            Code::ReplayUnavailable => "replay_unavailable",
-            Code::Unavailable => "unavailable",
-            Code::JwtMissing => "jwt_missing",
-            Code::JwtMalformed => "jwt_malformed",
-            Code::JwtTooLarge => "jwt_too_large",
-            Code::JwtAlg => "jwt_alg",
-            Code::JwtUnknownKey => "jwt_unknown_key",
-            Code::JwtSignature => "jwt_signature",
-            Code::JwtExpired => "jwt_expired",
-            Code::JwtNotYetValid => "jwt_not_yet_valid",
-            Code::JwtMissingExp => "jwt_missing_exp",
-            Code::JwtIssuer => "jwt_issuer",
-            Code::JwtAudience => "jwt_audience",
-            Code::JwtClaims => "jwt_claims",
-            Code::ForbiddenRole => "forbidden_role",
-        }
-    }
-
     /// Parses a stable name back into its code.
     pub fn parse(s: &str) -> Option<Code> {
         Code::ALL.iter().copied().find(|c| c.as_str() == s)
-    }
-
-    /// The HTTP status a gateway answers with for this rejection.
-    pub const fn http_status(self) -> u16 {
-        match self {
-            Code::TooLarge => 413,
-            Code::Malformed | Code::BadSchema | Code::BadNonce | Code::BadArgs => 400,
-            Code::KeyScope | Code::RouteMismatch | Code::ForbiddenRole => 403,
-            Code::Replay => 409,
-            Code::MethodNotAllowed => 405,
-            Code::ReplayUnavailable | Code::Unavailable => 503,
-            Code::SigAlg
-            | Code::BadSigLength
-            | Code::UnknownKey
-            | Code::KeyExpired
-            | Code::KeyNotYetValid
-            | Code::BadSignature
-            | Code::Stale
-            | Code::Future
-            | Code::JwtMissing
-            | Code::JwtMalformed
-            | Code::JwtTooLarge
-            | Code::JwtAlg
-            | Code::JwtUnknownKey
-            | Code::JwtSignature
-            | Code::JwtExpired
-            | Code::JwtNotYetValid
-            | Code::JwtMissingExp
-            | Code::JwtIssuer
-            | Code::JwtAudience
-            | Code::JwtClaims => 401,
-        }
     }
 }
 
@@ -239,7 +157,7 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), Code::ALL.len());
         for c in Code::ALL {
-            assert_eq!(Code::parse(c.as_str()), Some(c));
+            assert_eq!(Code::parse(c.as_str()), Some(*c));
         }
         assert_eq!(Code::parse("nope"), None);
     }

@@ -8,6 +8,9 @@
 //! key, unknown fields after them in received order), because the original API signs
 //! the deterministic form but publishes a non-deterministic one.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use ed25519_dalek::{Signer, SigningKey};
 use gw_proto::control::Command;
 use prost::Message;
@@ -17,7 +20,6 @@ use crate::code::{Code, Reject};
 use crate::freshness::check_freshness;
 use crate::keyring::KeyRing;
 use crate::names::{Action, Module};
-use crate::replay::ReplayGuard;
 use crate::wire::{self, Record, WireType};
 
 /// The only signature algorithm we accept.
@@ -34,7 +36,7 @@ const FIELD_SIG_ALG: u32 = 10;
 const HIGHEST_KNOWN_FIELD: u32 = 11;
 
 /// Wire type of each known field of `control.Command` (index = field number).
-const KNOWN_WIRE_TYPES: [Option<WireType>; 12] = [
+pub(crate) const KNOWN_WIRE_TYPES: [Option<WireType>; 12] = [
     None,
     Some(WireType::Varint), // ts
     Some(WireType::Varint), // module
@@ -175,7 +177,7 @@ pub struct VerifiedCommand {
 
 /// Verifies a received command's signature, key and scope. `now` (unix seconds),
 /// when given, checks the key's validity window; freshness and replay are separate
-/// ([`ControlPolicy::admit`] does all of it).
+/// ([`ControlPolicy::check`] adds freshness and the route).
 pub fn verify_command(
     body: &[u8],
     keyring: &KeyRing,
@@ -270,7 +272,7 @@ pub fn sign_command(cmd: &Command, sk: &SigningKey, pubkey_id: &str) -> Vec<u8> 
     signed.encode_to_vec()
 }
 
-/// Everything a shell needs to admit a command, except the replay state it owns.
+/// The verification rules of a deployment: keys, clock skew, body bound.
 #[derive(Debug, Clone)]
 pub struct ControlPolicy {
     /// Command keys.
@@ -282,24 +284,16 @@ pub struct ControlPolicy {
 }
 
 impl ControlPolicy {
-    /// Checks size, signature, key, scope, route binding and freshness — everything
-    /// but replay, which the caller applies with its own state (see [`Self::admit`]).
+    /// What admission checks, at the edge and in the sidecar: size, signature, key,
+    /// scope, route binding and freshness — everything but replay, which each
+    /// verifier applies with its own state.
     pub fn check(
         &self,
         body: &[u8],
         now: u64,
         route: Option<(Module, Action)>,
     ) -> Result<VerifiedCommand, Reject> {
-        if body.len() > self.max_body {
-            return Err(Reject::with(
-                Code::TooLarge,
-                format!(
-                    "command is {} bytes; the limit is {}",
-                    body.len(),
-                    self.max_body
-                ),
-            ));
-        }
+        self.check_size(body)?;
         let v = verify_command(body, &self.keyring, Some(now))?;
         if let Some((m, a)) = route {
             if (m, a) != (v.module, v.action) {
@@ -319,17 +313,114 @@ impl ControlPolicy {
         Ok(v)
     }
 
-    /// [`Self::check`], then accept the nonce once in `replay`.
-    pub fn admit(
+    /// What an agent checks before it applies a command it read from the bus: size,
+    /// signature, key (and its validity at `now`), scope, and that the command is
+    /// for `module` (the bus key it was delivered under). Not freshness: a consumer
+    /// that lags must still apply what admission accepted in time.
+    pub fn verify_for_apply(
         &self,
         body: &[u8],
+        module: Module,
         now: u64,
-        route: Option<(Module, Action)>,
-        replay: &mut ReplayGuard,
     ) -> Result<VerifiedCommand, Reject> {
-        let v = self.check(body, now, route)?;
-        replay.accept(&v.command.issuer, v.command.nonce)?;
+        self.check_size(body)?;
+        let v = verify_command(body, &self.keyring, Some(now))?;
+        if v.module != module {
+            return Err(Reject::with(
+                Code::RouteMismatch,
+                format!(
+                    "keyed for {} but signed for {}",
+                    module.as_str(),
+                    v.module.as_str()
+                ),
+            ));
+        }
         Ok(v)
+    }
+
+    fn check_size(&self, body: &[u8]) -> Result<(), Reject> {
+        if body.len() > self.max_body {
+            return Err(Reject::with(
+                Code::TooLarge,
+                format!(
+                    "command is {} bytes; the limit is {}",
+                    body.len(),
+                    self.max_body
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A command to build and sign: the one builder behind `gwctl sign` and the
+/// sidecar's JSON route. The caller supplies the clock and the randomness
+/// (`request_id`), so the core stays free of both.
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    /// The module.
+    pub module: Module,
+    /// The action.
+    pub action: Action,
+    /// `args` (checked against the action's bounds by [`NewCommand::build`]).
+    pub args: BTreeMap<String, String>,
+    /// Who issues it.
+    pub issuer: String,
+    /// A unique id (a UUID, say).
+    pub request_id: String,
+    /// Unix seconds.
+    pub ts: u64,
+    /// Unique per issuer while the command is fresh (see [`NonceSource`]).
+    pub nonce: u64,
+}
+
+impl NewCommand {
+    /// The unsigned command; refuses args the modules would refuse, and a zero nonce.
+    pub fn build(self) -> Result<Command, Reject> {
+        CommandArgs::parse(self.action, &self.args)?;
+        if self.nonce == 0 {
+            return Err(Reject::new(Code::BadNonce, "nonce must be non-zero"));
+        }
+        Ok(Command {
+            ts: self.ts,
+            module: self.module.to_proto() as i32,
+            action: self.action.to_proto() as i32,
+            args: self.args,
+            request_id: self.request_id,
+            issuer: self.issuer,
+            schema_version: SCHEMA_CTRL_V1.into(),
+            nonce: self.nonce,
+            ..Default::default()
+        })
+    }
+
+    /// [`Self::build`], then [`sign_command`].
+    pub fn sign(self, sk: &SigningKey, pubkey_id: &str) -> Result<Vec<u8>, Reject> {
+        Ok(sign_command(&self.build()?, sk, pubkey_id))
+    }
+}
+
+/// Nonces for one signer: unix nanoseconds, strictly increasing even when the clock
+/// stands still or steps back, so two commands of one process never share a nonce.
+#[derive(Debug, Default)]
+pub struct NonceSource {
+    last: AtomicU64,
+}
+
+impl NonceSource {
+    /// The next nonce at `now_nanos` (the caller's clock).
+    pub fn next(&self, now_nanos: u64) -> u64 {
+        let mut prev = self.last.load(Ordering::Relaxed);
+        loop {
+            let next = now_nanos.max(prev.saturating_add(1)).max(1);
+            match self
+                .last
+                .compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return next,
+                Err(p) => prev = p,
+            }
+        }
     }
 }
 

@@ -6,6 +6,74 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// The stage that made a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stage {
+    /// The edge filter in Envoy.
+    Edge,
+    /// The sidecar's admission.
+    Sidecar,
+    /// A module's agent (applies commands).
+    Agent,
+}
+
+/// What a stage decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Decision {
+    /// Let through (edge) or admitted and published (sidecar).
+    Accepted,
+    /// Refused, with a code.
+    Rejected,
+    /// Applied to the module's state (agent).
+    Applied,
+    /// Already applied: a redelivery, skipped (agent).
+    Duplicate,
+}
+
+impl Stage {
+    /// Every stage.
+    pub const ALL: [Stage; 3] = [Stage::Edge, Stage::Sidecar, Stage::Agent];
+
+    /// The name stored in the ledger.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Stage::Edge => "edge",
+            Stage::Sidecar => "sidecar",
+            Stage::Agent => "agent",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+impl Decision {
+    /// Every decision.
+    pub const ALL: [Decision; 4] = [
+        Decision::Accepted,
+        Decision::Rejected,
+        Decision::Applied,
+        Decision::Duplicate,
+    ];
+
+    /// The name stored in the ledger.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Decision::Accepted => "accepted",
+            Decision::Rejected => "rejected",
+            Decision::Applied => "applied",
+            Decision::Duplicate => "duplicate",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Decision> {
+        Decision::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
 /// `prev_hash` of the first row.
 pub const GENESIS: [u8; 32] = [0; 32];
 
@@ -16,9 +84,9 @@ pub struct LedgerRow {
     pub seq: u64,
     /// When the decision was made, unix milliseconds.
     pub ts_ms: u64,
-    /// `edge`, `sidecar` or `agent`.
+    /// [`Stage::as_str`].
     pub stage: String,
-    /// `accepted`, `rejected` or `applied`.
+    /// [`Decision::as_str`].
     pub decision: String,
     /// Rejection code (`""` when accepted).
     pub code: String,

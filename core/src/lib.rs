@@ -1,13 +1,18 @@
 //! Every validity rule of the edge gateway, written once, in pure Rust with no I/O.
 //!
 //! The proxy-wasm filter (`wasm32-wasip1`), the sidecar and `gwctl` are thin shells
-//! over this crate: the command signing payload ([`command`]), the key ring
-//! ([`keyring`]), freshness ([`freshness`]), the replay window ([`replay`]), JWT
-//! verification ([`jwt`]) and the stable rejection codes ([`code`]).
+//! over this crate: the command signing payload and its builder ([`command`]), the
+//! key ring ([`keyring`]), freshness ([`freshness`]), the replay window ([`replay`]),
+//! JWT verification ([`jwt`]), the edge↔sidecar contract ([`contract`]), module
+//! state and the send gate ([`module_state`]), the ledger's hash chain ([`ledger`])
+//! and the stable rejection codes ([`code`]).
+
+#![forbid(unsafe_code)]
 
 pub mod args;
 pub mod code;
 pub mod command;
+pub mod contract;
 pub mod edverify;
 pub mod freshness;
 pub mod jwk;
@@ -15,13 +20,17 @@ pub mod jwt;
 pub mod jwt_cache;
 pub mod keyring;
 pub mod ledger;
+pub mod module_state;
 pub mod names;
 pub mod replay;
 pub mod roles;
 pub mod wire;
 
 pub use code::{Code, Reject};
-pub use command::{sign_command, signing_payload, verify_command, ControlPolicy, VerifiedCommand};
+pub use command::{
+    sign_command, signing_payload, verify_command, ControlPolicy, NewCommand, NonceSource,
+    VerifiedCommand,
+};
 pub use gw_proto::control::Command;
 pub use keyring::KeyRing;
 pub use names::{Action, Module};

@@ -8,3 +8,7 @@ pub mod control {
 /// The `.proto` source, for tools that need the schema at run time
 /// (e.g. ClickHouse's `format_schema`).
 pub const CONTROL_PROTO: &str = include_str!("../control.proto");
+
+/// `control.proto` compiled to a `google.protobuf.FileDescriptorSet` (protobuf
+/// bytes), for tests that check hand-written wire tables against the schema.
+pub const CONTROL_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/control.fds"));

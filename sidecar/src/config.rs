@@ -40,7 +40,7 @@ pub struct FileConfig {
     pub clickhouse_url: Option<String>,
     /// Kafka for the command bus; without it the embedded in-process bus is used.
     #[serde(default)]
-    pub kafka: Option<crate::bus::KafkaConfig>,
+    pub kafka: Option<crate::control::bus::KafkaConfig>,
     /// How long a command request waits for its module's agent to apply it.
     #[serde(default = "default_apply_wait")]
     pub apply_wait_ms: u64,
@@ -50,6 +50,9 @@ pub struct FileConfig {
     /// The transaction sender (TPU and relay routes, hot path, JSON-RPC); off without it.
     #[serde(default)]
     pub sender: Option<crate::sender::SenderConfig>,
+    /// `text` (default) or `json` log lines (also `GW_LOG_FORMAT`).
+    #[serde(default)]
+    pub log_format: crate::telemetry::LogFormat,
 }
 
 /// `models` in the config file.
@@ -165,7 +168,7 @@ impl Config {
         if let Some(b) = env("GW_KAFKA_BROKERS").filter(|b| !b.trim().is_empty()) {
             match &mut file.kafka {
                 Some(k) => k.brokers = b,
-                None => file.kafka = Some(crate::bus::KafkaConfig::with_brokers(&b)),
+                None => file.kafka = Some(crate::control::bus::KafkaConfig::with_brokers(&b)),
             }
         }
         if let Some(d) = env("GW_MODELS_DIR").filter(|d| !d.trim().is_empty()) {
@@ -179,6 +182,12 @@ impl Config {
                     })
                 }
             }
+        }
+        if let Some(f) = env("GW_LOG_FORMAT").filter(|f| !f.trim().is_empty()) {
+            file.log_format = f
+                .trim()
+                .parse()
+                .map_err(|e| ConfigError::Env("GW_LOG_FORMAT", e))?;
         }
         if let Some(l) = env("GW_SIDECAR_LISTEN") {
             file.listen = l

@@ -1,29 +1,40 @@
-//! The sidecar's control plane, as pure state machines with thin I/O shells:
-//! [`http`] admits commands (re-verification, the authoritative replay guard in
-//! [`replay_store`]) and publishes them on the [`bus`] (Kafka or in-process); one
-//! [`agent`] per module consumes, verifies again and applies to [`modules`]; every
-//! decision is sealed into the audit ledger ([`audit`], [`ledger_sink`]); [`models`]
-//! hosts hot-swappable tree models behind a versioned C ABI. [`app`]
-//! wires it together from a [`config`].
+//! The native sidecar behind Envoy, one module per capability, each owning its state
+//! and exporting its own router:
+//!
+//! - [`control`]: admission of signed commands (a pure decision core,
+//!   [`control::admission`], and a thin async shell), the command bus, one agent per
+//!   module that applies commands, the durable replay guard, the original JSON route
+//!   and the edge's decision reports.
+//! - [`ledger`]: every decision sealed into a hash chain, spooled to disk, shipped to
+//!   ClickHouse; the ledger's query API.
+//! - [`models`]: tree models behind the versioned C ABI, hot-swapped; predict and
+//!   evaluate.
+//! - [`sender`]: Solana transactions over QUIC to the TPU and a relay, hedged; the
+//!   hot path; the JSON-RPC endpoint.
+//! - [`ops`]: health and Prometheus metrics.
+//!
+//! [`app`] builds them from a [`config`] and merges their routers; errors answer
+//! through [`error::ApiError`]; logs go through [`telemetry`].
 
-pub mod agent;
 pub mod app;
-pub mod audit;
-pub mod bus;
 pub mod config;
+pub mod control;
 pub mod durable;
-pub mod hedge;
-pub mod http;
-pub mod ledger_sink;
-pub mod migrations;
+pub mod error;
+pub mod ledger;
 pub mod models;
-pub mod modules;
-pub mod replay_store;
+pub mod ops;
 pub mod sender;
+pub mod telemetry;
 
 /// Unix time in nanoseconds (0 before 1970, saturating far in the future).
 pub fn now_nanos() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Unix time in seconds.
+pub fn now_secs() -> u64 {
+    now_nanos() / 1_000_000_000
 }

@@ -1,8 +1,11 @@
 //! `gw-sidecar`: serves the control plane behind Envoy.
 //! Usage: gw-sidecar [--config FILE] [--check]   (env: CTRL_SIGN_SK_HEX, CTRL_PUBKEY_HEX,
-//!        CTRL_PUBKEY_ID, GW_SIDECAR_LISTEN, GW_CLICKHOUSE_URL, GW_KAFKA_BROKERS)
+//!        CTRL_PUBKEY_ID, GW_SIDECAR_LISTEN, GW_CLICKHOUSE_URL, GW_KAFKA_BROKERS,
+//!        GW_MODELS_DIR, GW_TPU_IDENTITY_HEX, GW_RELAY_AUTH, GW_LOG, GW_LOG_FORMAT)
 //!        gw-sidecar --probe HOST:PORT   exit 0 when that sidecar's /healthz answers 200
 //!                                       (container health checks; no curl needed)
+
+#![forbid(unsafe_code)]
 
 use anyhow::Context;
 use gw_sidecar::config::Config;
@@ -26,6 +29,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let cfg = Config::load(path.as_deref(), &|k| std::env::var(k).ok())?;
     if check {
+        // The one line a person or a script reads; not a log line.
         println!(
             "config ok: listen {}, {} command key(s), JSON-route signer {}, bus {}, ledger {}",
             cfg.file.listen,
@@ -42,26 +46,28 @@ async fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    gw_sidecar::telemetry::init(cfg.file.log_format);
     let listen = cfg.file.listen;
     let running = gw_sidecar::app::start(cfg).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    eprintln!("gw-sidecar: listening on {listen} (HTTP/1.1 and h2c)");
+    tracing::info!(%listen, "listening (HTTP/1.1 and h2c)");
     axum::serve(listener, running.router())
         .with_graceful_shutdown(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
             }
-            eprintln!("gw-sidecar: shutting down");
+            tracing::info!("shutting down");
         })
         .await
         .context("server failed")?;
-    if let gw_sidecar::bus::Bus::Kafka(k) = &running.state.bus {
+    if let gw_sidecar::control::bus::Bus::Kafka(k) = running.control().bus() {
         if let Err(e) = k.flush(std::time::Duration::from_secs(5)) {
-            eprintln!("gw-sidecar: kafka flush at shutdown: {e}");
+            tracing::warn!(error = %e, "kafka flush at shutdown");
         }
     }
     // Everything durable is already on disk (replay guard, agent state, ledger spool);

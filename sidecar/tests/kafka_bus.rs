@@ -25,7 +25,7 @@ const TOPIC: &str = "control-commands-proto";
 
 fn config(dir: &std::path::Path, kafka: &Kafka, ch: &ClickHouse) -> Config {
     let mut cfg = common::config(&dir.join("state"), false);
-    let mut k = gw_sidecar::bus::KafkaConfig::with_brokers(&kafka.brokers());
+    let mut k = gw_sidecar::control::bus::KafkaConfig::with_brokers(&kafka.brokers());
     k.message_timeout_ms = 1500;
     cfg.file.kafka = Some(k);
     cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
@@ -297,7 +297,7 @@ fn the_original_kafka_engine_sql_ingests_what_the_sidecar_published() {
             .unwrap()
             .replace("{kafka_brokers}", &kafka.brokers())
             .replace("{format_schemas}", schemas.to_str().unwrap());
-    for stmt in gw_sidecar::migrations::statements(&sql) {
+    for stmt in gw_sidecar::ledger::migrations::statements(&sql) {
         ch.query(&stmt);
     }
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -3,7 +3,7 @@
 //! once, and the chain read back from ClickHouse verifies.
 
 use gw_core::ledger::{verify_chain, LedgerRow};
-use gw_sidecar::ledger_sink::Ledger;
+use gw_sidecar::ledger::spool::Spool as Ledger;
 use testkit::clickhouse::ClickHouse;
 
 mod common;

@@ -214,13 +214,13 @@ fn every_kind_of_bad_library_is_refused_while_the_old_one_serves() {
         })
     ));
     let slot = host.slot("mev").unwrap();
-    assert_eq!(slot.rejected.load(Ordering::Relaxed), 5);
+    assert_eq!(slot.rejected(), 5);
 
     // A good new build is swapped in.
     build(dir, "good2", 8, 0, "mev");
     host.poll();
     assert_eq!(serving().as_deref(), Some("good2"));
-    assert_eq!(slot.loads.load(Ordering::Relaxed), 2);
+    assert_eq!(slot.loads(), 2);
 }
 
 #[test]
@@ -293,13 +293,13 @@ fn hot_swap_under_concurrent_predictions_loses_nothing() {
     }
     assert!(calls.load(Ordering::Relaxed) >= 12_000);
     assert_eq!(seen.len(), 2, "both versions answered: {seen:?}");
-    assert_eq!(host.slot("mev").unwrap().loads.load(Ordering::Relaxed), 21);
+    assert_eq!(host.slot("mev").unwrap().loads(), 21);
 }
 
 #[test]
 fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
+    use gw_core::module_state::{ModuleState, Modules, RunState};
     use gw_core::Module;
-    use gw_sidecar::modules::{ModuleState, Modules, RunState};
     use gw_sidecar::sender::strategy::{HotPath, Opportunity, SignedTx, StrategyConfig};
     use gw_sidecar::sender::{txwire, Sender, SenderConfig};
 
@@ -342,7 +342,7 @@ fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
     let hot = HotPath::start(
         &StrategyConfig::default(),
         sender,
-        Arc::new(std::sync::Mutex::new(modules)),
+        gw_sidecar::control::ModuleTable::from(modules),
         Some(host),
         rt.handle().clone(),
     )

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use common::{config, serve, Served};
 use ed25519_dalek::SigningKey;
-use gw_sidecar::sender::receiver::{ReceiverConfig, TpuReceiver};
 use gw_sidecar::sender::txwire;
 use serde_json::{json, Value};
 use testkit::clickhouse::ClickHouse;
 use testkit::relay::Relay;
+use testkit::tpu_receiver::{ReceiverConfig, TpuReceiver};
 
 fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
@@ -192,6 +192,19 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(txs.len(), 4);
+    // The RPC gate follows its module (arbitrage): stopped → refused, nothing sent.
+    let before = rx.count();
+    let r = rpc(
+        &s,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "sendTransaction", "params": [txs[0]["b58"]]}),
+    );
+    assert_eq!(r["error"]["code"], -32005, "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("stopped"),
+        "{r}"
+    );
+    nothing_more(&rx, before);
+    command(&s, "arbitrage:start", json!({}));
     let before = rx.count();
     for (i, t) in txs.iter().enumerate() {
         let (enc, field) = if i % 2 == 0 {

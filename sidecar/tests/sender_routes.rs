@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
-use gw_sidecar::hedge::Route;
+use gw_sidecar::sender::hedge::Route;
 use gw_sidecar::sender::leaders::{LeaderSource, RpcLeaders, StaticLeaders};
-use gw_sidecar::sender::receiver::{ReceiverConfig, TpuReceiver, STOP_TOO_LARGE};
 use gw_sidecar::sender::tpu::{Leader, TpuClient, TpuConfig, TpuError};
 use gw_sidecar::sender::{tls, txwire, SendMeta, Sender, SenderConfig};
 use serde_json::json;
 use testkit::relay::{Mode, Relay};
+use testkit::tpu_receiver::{ReceiverConfig, TpuReceiver, STOP_TOO_LARGE};
 use testkit::udp_delay::DelayProxy;
 
 fn rt() -> tokio::runtime::Runtime {
@@ -628,8 +628,8 @@ fn the_relay_has_a_deadline_and_names_its_errors() {
 #[test]
 fn a_stalled_route_saturates_the_hot_path_instead_of_piling_up_sends() {
     use gw_core::args::CommandArgs;
+    use gw_core::module_state::Modules;
     use gw_core::{Action, Module};
-    use gw_sidecar::modules::Modules;
     use gw_sidecar::sender::strategy::{HotPath, Opportunity, SignedTx, Skip, StrategyConfig};
     let rt = rt();
     let path = DelayProxy::start("127.0.0.1:9".parse().unwrap(), Duration::ZERO);
@@ -648,7 +648,7 @@ fn a_stalled_route_saturates_the_hot_path_instead_of_piling_up_sends() {
     let hot = HotPath::start(
         &strategy,
         sender,
-        Arc::new(std::sync::Mutex::new(modules)),
+        gw_sidecar::control::ModuleTable::from(modules),
         None,
         rt.handle().clone(),
     )

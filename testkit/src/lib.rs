@@ -13,6 +13,7 @@ pub mod envoy;
 pub mod fixtures;
 pub mod kafka;
 pub mod relay;
+pub mod tpu_receiver;
 pub mod udp_delay;
 
 /// The workspace root (the directory holding the top-level `Cargo.toml`).

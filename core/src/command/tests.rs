@@ -295,10 +295,9 @@ fn key_scope_and_validity_are_enforced() {
 }
 
 #[test]
-fn policy_checks_size_route_freshness_and_replay() {
+fn policy_checks_size_route_and_freshness() {
     let p = policy();
     let body = sign_command(&cmd(&[]), &sk(1), "op-admin-1");
-    let mut replay = ReplayGuard::new(64).unwrap();
     assert_eq!(
         p.check(&body, NOW, Some((Module::Mev, Action::Kill)))
             .unwrap_err()
@@ -313,17 +312,10 @@ fn policy_checks_size_route_freshness_and_replay() {
         p.check(&body, NOW - 31, None).unwrap_err().code,
         Code::Future
     );
-    p.admit(
-        &body,
-        NOW,
-        Some((Module::Mev, Action::Throttle)),
-        &mut replay,
-    )
-    .unwrap();
-    assert_eq!(
-        p.admit(&body, NOW, None, &mut replay).unwrap_err().code,
-        Code::Replay
-    );
+    let v = p
+        .check(&body, NOW, Some((Module::Mev, Action::Throttle)))
+        .unwrap();
+    assert_eq!(v.command.nonce, 42);
     let small = ControlPolicy {
         max_body: 10,
         ..policy()
@@ -371,5 +363,122 @@ proptest! {
         for r in recs.iter().filter(|r| r.field > 4) { body.extend_from_slice(&signed[r.span.clone()]); }
         body.extend(sig_records(&signed, &sk(1), "op-admin-1", SIG_ALG_ED25519_V1));
         prop_assert!(verify_command(&body, &ring(), Some(NOW)).is_ok());
+    }
+}
+
+#[test]
+fn verify_for_apply_checks_the_delivery_key_not_freshness() {
+    let p = policy();
+    let body = sign_command(&cmd(&[]), &sk(1), "op-admin-1");
+    // Days later (a lagging consumer): still applies.
+    let v = p
+        .verify_for_apply(&body, Module::Mev, NOW + 86_400)
+        .unwrap();
+    assert_eq!(v.module, Module::Mev);
+    assert_eq!(
+        p.verify_for_apply(&body, Module::Arbitrage, NOW)
+            .unwrap_err()
+            .code,
+        Code::RouteMismatch
+    );
+    let small = ControlPolicy {
+        max_body: 10,
+        ..policy()
+    };
+    assert_eq!(
+        small
+            .verify_for_apply(&body, Module::Mev, NOW)
+            .unwrap_err()
+            .code,
+        Code::TooLarge
+    );
+}
+
+#[test]
+fn the_builder_refuses_what_the_modules_refuse() {
+    let base = || crate::command::NewCommand {
+        module: Module::Mev,
+        action: Action::Throttle,
+        args: [("throttle_pct".to_string(), "40".to_string())].into(),
+        issuer: "gwctl".into(),
+        request_id: "r".into(),
+        ts: NOW,
+        nonce: 9,
+    };
+    let body = base().sign(&sk(1), "op-admin-1").unwrap();
+    let v = verify_command(&body, &ring(), Some(NOW)).unwrap();
+    assert_eq!(v.args.throttle_pct, Some(40));
+    assert_eq!(v.command.schema_version, crate::command::SCHEMA_CTRL_V1);
+    let mut bad = base();
+    bad.args.insert("throttle_pct".into(), "101".into());
+    assert_eq!(bad.build().unwrap_err().code, Code::BadArgs);
+    let mut zero = base();
+    zero.nonce = 0;
+    assert_eq!(zero.build().unwrap_err().code, Code::BadNonce);
+}
+
+#[test]
+fn nonces_strictly_increase_whatever_the_clock_does() {
+    let s = crate::command::NonceSource::default();
+    let a = s.next(1_000);
+    let b = s.next(1_000);
+    let c = s.next(500);
+    let d = s.next(5_000);
+    assert!(a < b && b < c && c < d, "{a} {b} {c} {d}");
+    assert_eq!(d, 5_000);
+    assert_eq!(
+        crate::command::NonceSource::default().next(0),
+        1,
+        "never zero"
+    );
+}
+
+/// The wire-type table the scanner checks received records against is the schema's.
+#[test]
+fn wire_types_match_control_proto() {
+    use prost::Message as _;
+    use prost_types::field_descriptor_proto::{Label, Type};
+    let fds = prost_types::FileDescriptorSet::decode(gw_proto::CONTROL_DESCRIPTOR_SET).unwrap();
+    let msg = fds
+        .file
+        .iter()
+        .flat_map(|f| f.message_type.iter())
+        .find(|m| m.name() == "Command")
+        .expect("control.Command in the descriptor");
+    let highest = msg.field.iter().map(|f| f.number()).max().unwrap();
+    assert_eq!(
+        crate::command::KNOWN_WIRE_TYPES.len(),
+        usize::try_from(highest).unwrap() + 1,
+        "the table covers every field number"
+    );
+    for f in &msg.field {
+        let want = match f.r#type() {
+            Type::Uint64 | Type::Enum | Type::Int32 | Type::Int64 | Type::Uint32 | Type::Bool => {
+                WireType::Varint
+            }
+            Type::String | Type::Bytes | Type::Message => WireType::Len,
+            other => panic!(
+                "field {} has a type the table does not know: {other:?}",
+                f.name()
+            ),
+        };
+        let repeated = f.label() == Label::Repeated;
+        assert_eq!(
+            crate::command::KNOWN_WIRE_TYPES[usize::try_from(f.number()).unwrap()],
+            Some(want),
+            "field {} ({})",
+            f.number(),
+            f.name()
+        );
+        // Only `args` (a map: repeated entries) may appear more than once.
+        assert_eq!(repeated, f.name() == "args", "field {}", f.name());
+    }
+    let numbers: Vec<i32> = msg.field.iter().map(|f| f.number()).collect();
+    for (n, slot) in crate::command::KNOWN_WIRE_TYPES.iter().enumerate() {
+        assert_eq!(
+            slot.is_some(),
+            numbers.contains(&i32::try_from(n).unwrap()),
+            "field number {n}"
+        );
     }
 }

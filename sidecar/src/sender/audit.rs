@@ -4,7 +4,7 @@
 //! Sends are too frequent for the control ledger's fsync-per-row discipline: rows go
 //! through a bounded queue to one writer task that inserts up to 10 000 at a time and
 //! keeps a failed batch to retry (ClickHouse away). When the queue is full, rows are
-//! dropped and counted (`gw_sidecar_send_audit_dropped_total`): a send is never
+//! dropped and counted (`gw_sidecar_send_audit_total{event="dropped"}`): a send is never
 //! delayed by its audit. A crash loses what is queued (at most the queue size).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -131,10 +131,7 @@ async fn writer(
             Err(e) => {
                 stats.insert_errors.fetch_add(1, Ordering::Relaxed);
                 if e != last_err {
-                    eprintln!(
-                        "gw-sidecar: send audit: {} rows kept for retry: {e}",
-                        batch.len()
-                    );
+                    tracing::warn!(rows = batch.len(), error = %e, "send audit rows kept for retry");
                     last_err = e;
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;

@@ -1,16 +1,15 @@
 //! HTTP for the data plane: `POST /api/rpc` (Solana JSON-RPC), `POST
-//! /api/opportunities` (into the hot path), `GET /api/sender` (status), and the
-//! sender's lines of `/metrics`.
+//! /api/opportunities` (into the hot path) and `GET /api/sender` (status).
 
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use gw_core::Module;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -18,7 +17,34 @@ use serde_json::{json, Value};
 use super::plane::DataPlane;
 use super::rpc::{self, RpcContext};
 use super::strategy::{Opportunity, SignedTx, Skip};
-use crate::http::AppState;
+use crate::control::ModuleTable;
+
+/// What the data plane's routes serve from.
+pub struct SenderApi {
+    plane: Option<Arc<DataPlane>>,
+    modules: ModuleTable,
+}
+
+impl SenderApi {
+    /// The routes over `plane` (none: every call answers `unavailable`).
+    pub fn new(plane: Option<Arc<DataPlane>>, modules: ModuleTable) -> SenderApi {
+        SenderApi { plane, modules }
+    }
+
+    /// `/api/rpc`, `/api/opportunities`, `/api/sender`.
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/api/rpc", post(rpc).layer(DefaultBodyLimit::max(1 << 20)))
+            .route(
+                "/api/opportunities",
+                post(opportunities).layer(DefaultBodyLimit::max(8 << 20)),
+            )
+            .route("/api/sender", get(status))
+            .with_state(Arc::new(self))
+    }
+}
+
+type St = State<Arc<SenderApi>>;
 
 /// Most opportunities per request.
 pub const MAX_OPPORTUNITIES: usize = 1024;
@@ -45,14 +71,15 @@ fn bad(detail: String) -> Response {
 
 /// `POST /api/rpc`: Solana JSON-RPC (always HTTP 200 with a JSON-RPC body, as
 /// Solana's RPC answers).
-pub async fn rpc(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    let Some(dp) = st.data.get() else {
+async fn rpc(State(st): St, body: Bytes) -> Response {
+    let Some(dp) = &st.plane else {
         return unavailable();
     };
     let ctx = RpcContext {
         sender: &dp.sender,
         modules: &st.modules,
         module: dp.rpc_module,
+        allow_stopped: dp.rpc_allow_stopped,
         throttle: &dp.rpc_throttle,
     };
     Json(rpc::handle(&ctx, &body).await).into_response()
@@ -114,8 +141,8 @@ fn opportunity(i: usize, o: OpportunityIn) -> Result<Opportunity, String> {
 /// and its signatures verified), then offers them all to the ring. The answer says
 /// how many the ring took; the rest were dropped because it was full (429 when none
 /// fit).
-pub async fn opportunities(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    let Some(dp) = st.data.get() else {
+async fn opportunities(State(st): St, body: Bytes) -> Response {
+    let Some(dp) = &st.plane else {
         return unavailable();
     };
     let req: OpportunitiesIn = match serde_json::from_slice(&body) {
@@ -135,7 +162,7 @@ pub async fn opportunities(State(st): State<Arc<AppState>>, body: Bytes) -> Resp
             Err(e) => return bad(e),
         }
     }
-    let took = dp.hot.offer(items);
+    let took = dp.hot.offer_async(items).await;
     let status = if took == 0 && n > 0 {
         StatusCode::TOO_MANY_REQUESTS
     } else {
@@ -145,8 +172,8 @@ pub async fn opportunities(State(st): State<Arc<AppState>>, body: Bytes) -> Resp
 }
 
 /// `GET /api/sender`: routes, leaders, counters.
-pub async fn status(State(st): State<Arc<AppState>>) -> Response {
-    let Some(dp) = st.data.get() else {
+async fn status(State(st): St) -> Response {
+    let Some(dp) = &st.plane else {
         return unavailable();
     };
     Json(status_json(dp)).into_response()
@@ -195,83 +222,4 @@ fn status_json(dp: &DataPlane) -> Value {
         },
         "rpc_module": dp.rpc_module.as_str(),
     })
-}
-
-/// The sender's Prometheus lines.
-pub fn metrics(dp: &DataPlane, out: &mut String) {
-    let s = &dp.sender;
-    let _ = writeln!(out, "# TYPE gw_sender_sends_total counter");
-    let _ = writeln!(
-        out,
-        "gw_sender_sends_total{{outcome=\"landed\",route=\"tpu\"}} {}",
-        s.stats.landed_by[0].load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "gw_sender_sends_total{{outcome=\"landed\",route=\"relay\"}} {}",
-        s.stats.landed_by[1].load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "gw_sender_sends_total{{outcome=\"failed\",route=\"\"}} {}",
-        s.stats.failed.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# TYPE gw_sender_hedged_total counter\ngw_sender_hedged_total {}",
-        s.stats.hedged.load(Ordering::Relaxed)
-    );
-    if let Some(t) = s.tpu() {
-        let st = &t.stats;
-        let _ = writeln!(out, "# TYPE gw_sender_tpu_total counter");
-        for (name, c) in [
-            ("delivered", &st.delivered),
-            ("failed", &st.failed),
-            ("unreachable", &st.unreachable),
-            ("dropped_queue_full", &st.dropped_full),
-            ("too_large", &st.too_large),
-            ("connects", &st.connects),
-            ("connect_failures", &st.connect_failures),
-        ] {
-            let _ = writeln!(
-                out,
-                "gw_sender_tpu_total{{event=\"{name}\"}} {}",
-                c.load(Ordering::Relaxed)
-            );
-        }
-    }
-    if let Some(r) = s.relay() {
-        let _ = writeln!(out, "# TYPE gw_sender_relay_total counter");
-        let _ = writeln!(
-            out,
-            "gw_sender_relay_total{{event=\"accepted\"}} {}\ngw_sender_relay_total{{event=\"failed\"}} {}",
-            r.stats.accepted.load(Ordering::Relaxed),
-            r.stats.failed.load(Ordering::Relaxed)
-        );
-    }
-    let hs = &dp.hot.stats;
-    let _ = writeln!(out, "# TYPE gw_strategy_opportunities_total counter");
-    let _ = writeln!(
-        out,
-        "gw_strategy_opportunities_total{{outcome=\"sent\"}} {}\ngw_strategy_opportunities_total{{outcome=\"ring_full\"}} {}",
-        hs.sent.load(Ordering::Relaxed),
-        hs.ring_full.load(Ordering::Relaxed)
-    );
-    for why in Skip::ALL {
-        let _ = writeln!(
-            out,
-            "gw_strategy_opportunities_total{{outcome=\"{}\"}} {}",
-            why.as_str(),
-            hs.skipped(why)
-        );
-    }
-    if let Some(a) = &dp.audit {
-        let _ = writeln!(
-            out,
-            "# TYPE gw_sidecar_send_audit_total counter\ngw_sidecar_send_audit_total{{event=\"written\"}} {}\ngw_sidecar_send_audit_total{{event=\"dropped\"}} {}\ngw_sidecar_send_audit_total{{event=\"insert_errors\"}} {}",
-            a.stats.written.load(Ordering::Relaxed),
-            a.stats.dropped.load(Ordering::Relaxed),
-            a.stats.insert_errors.load(Ordering::Relaxed)
-        );
-    }
 }

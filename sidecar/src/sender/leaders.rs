@@ -220,7 +220,7 @@ async fn refresh_loop(
     loop {
         if let Err(e) = refresh_once(&http, &url, &snapshot).await {
             if e != last_err {
-                eprintln!("gw-sidecar: leader schedule from {url}: {e}");
+                tracing::warn!(%url, error = %e, "leader schedule");
                 last_err = e;
             }
         } else {

@@ -1,16 +1,17 @@
 //! The transaction sender (the sidecar's data plane): two routes to the leader —
 //! QUIC straight to its TPU ([`tpu`]) and a block-engine relay ([`relay`]) — raced
-//! by the pure hedging state machine in [`crate::hedge`]: send on the preferred
+//! by the pure hedging state machine in [`hedge`]: send on the preferred
 //! route, and on the other one too if the first fails or has not confirmed within
 //! `hedge_delay`. Per-route statistics pick the preferred route. Every send is
 //! audited ([`audit`]). The hot path from opportunities to sends is in [`strategy`].
 
 pub mod audit;
 pub mod cc;
+pub mod hedge;
 pub mod http;
 pub mod leaders;
+pub mod metrics;
 pub mod plane;
-pub mod receiver;
 pub mod relay;
 pub mod rpc;
 pub mod strategy;
@@ -27,8 +28,8 @@ use serde::Deserialize;
 use std::future::Future as _;
 use std::task::Poll;
 
-use crate::hedge::{Action, Event, Hedge, Route, RouteStats};
 use audit::{SendAudit, SendRow};
+use hedge::{Action, Event, Hedge, Route, RouteStats};
 use leaders::{LeaderSource, LeadersConfig};
 use relay::{RelayClient, RelayConfig};
 use tpu::{TpuClient, TpuConfig};
@@ -71,9 +72,13 @@ pub struct SenderConfig {
     /// Audit rows queued for ClickHouse before new ones are dropped.
     #[serde(default = "default_audit_queue")]
     pub audit_queue: usize,
-    /// Module whose state gates JSON-RPC sends (killed → refused, `throttle_pct`).
+    /// Module whose state gates JSON-RPC sends (stopped or killed → refused,
+    /// `throttle_pct`).
     #[serde(default = "default_rpc_module")]
     pub rpc_module: String,
+    /// Let JSON-RPC sends through while the gating module is stopped (not killed).
+    #[serde(default)]
+    pub rpc_allow_stopped: bool,
 }
 
 fn default_rpc_module() -> String {

@@ -1,19 +1,21 @@
 //! The data plane as the sidecar runs it: sender, hot path, RPC gate, send audit and
 //! the leader refresher, built from `sender` in the configuration.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
+use gw_core::module_state::Throttle;
 use gw_core::Module;
+use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
 use super::audit::SendAudit;
 use super::leaders::{LeaderSource, LeadersConfig, RpcLeaders, StaticLeaders, SLOT_MS};
-use super::strategy::{HotPath, Throttle};
+use super::strategy::HotPath;
 use super::{Sender, SenderConfig};
+use crate::control::ModuleTable;
 use crate::models::ModelHost;
-use crate::modules::Modules;
 
 /// The running data plane.
 pub struct DataPlane {
@@ -23,6 +25,8 @@ pub struct DataPlane {
     pub hot: HotPath,
     /// Module whose state gates JSON-RPC sends.
     pub rpc_module: Module,
+    /// JSON-RPC sends go through while that module is stopped.
+    pub rpc_allow_stopped: bool,
     /// The JSON-RPC gate's throttle.
     pub rpc_throttle: Mutex<Throttle>,
     /// The send audit, when ClickHouse is configured.
@@ -59,7 +63,7 @@ fn getrandom_fill(buf: &mut [u8]) -> anyhow::Result<()> {
 pub fn start(
     config: &SenderConfig,
     identity: &SigningKey,
-    modules: Arc<Mutex<Modules>>,
+    modules: ModuleTable,
     models: Option<Arc<ModelHost>>,
     clickhouse: Option<clickhouse::Client>,
 ) -> anyhow::Result<(DataPlane, Vec<JoinHandle<()>>)> {
@@ -107,6 +111,7 @@ pub fn start(
             sender,
             hot,
             rpc_module,
+            rpc_allow_stopped: config.rpc_allow_stopped,
             rpc_throttle: Mutex::new(Throttle::default()),
             audit,
             leaders,

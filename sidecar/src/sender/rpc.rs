@@ -7,9 +7,10 @@
 //! not a transaction or whose signatures do not verify, before spending a send. The
 //! answer comes once a route took the transaction: its signature, as Solana answers,
 //! or an error naming both routes' failures. Sends are gated by the configured
-//! module: killed → refused; `throttle_pct` → only that share goes.
+//! module with the strategy's own gate ([`ModuleState::may_send`]): stopped or
+//! killed → refused with -32005 (a stopped module may send through JSON-RPC only
+//! with `sender.rpc_allow_stopped`); `throttle_pct` → only that share goes.
 
-use std::sync::Mutex;
 use std::time::Instant;
 
 use base64::Engine as _;
@@ -17,10 +18,12 @@ use bytes::Bytes;
 use gw_core::Module;
 use serde_json::{json, Value};
 
-use super::strategy::Throttle;
+use gw_core::module_state::{ModuleState, Refusal, Throttle};
+use parking_lot::Mutex;
+
 use super::txwire::{self, TxError};
 use super::{SendMeta, Sender};
-use crate::modules::{Modules, RunState};
+use crate::control::ModuleTable;
 
 /// Largest base58 transaction (Solana's `MAX_BASE58_SIZE`).
 pub const MAX_BASE58: usize = 1683;
@@ -50,9 +53,11 @@ pub struct RpcContext<'a> {
     /// The sender.
     pub sender: &'a Sender,
     /// Module states.
-    pub modules: &'a Mutex<Modules>,
+    pub modules: &'a ModuleTable,
     /// Module whose state gates RPC sends.
     pub module: Module,
+    /// Whether a stopped (not killed) module still lets RPC sends through.
+    pub allow_stopped: bool,
     /// The gate's throttle.
     pub throttle: &'a Mutex<Throttle>,
 }
@@ -170,30 +175,26 @@ pub fn decode_tx(s: &str, encoding: &str) -> Result<(Bytes, String), RpcErr> {
 }
 
 fn gate(ctx: &RpcContext<'_>) -> Result<(), RpcErr> {
-    // Only the two fields the gate needs (no clone of the whole state).
-    let (run, throttle_pct) = ctx
-        .modules
-        .lock()
-        .map(|m| {
-            let st = m.get(ctx.module);
-            (st.state, st.throttle_pct)
-        })
-        .map_err(|_| (code::REFUSED, "module state unavailable".to_owned()))?;
-    if run == RunState::Killed {
+    let (verdict, throttle_pct) = ctx.modules.with(ctx.module, |st: &ModuleState| {
+        (st.may_send(None), st.throttle_pct)
+    });
+    let refusal = match verdict {
+        Err(Refusal::Stopped) if ctx.allow_stopped => None,
+        // Throttled to 0 % is the throttle's answer, below.
+        Err(Refusal::ThrottledToZero) | Ok(()) => None,
+        Err(why) => Some(why),
+    };
+    if let Some(why) = refusal {
         return Err((
             code::REFUSED,
             format!(
-                "sends are refused: module {} is killed",
-                ctx.module.as_str()
+                "sends are refused: module {} is {}",
+                ctx.module.as_str(),
+                why.as_str()
             ),
         ));
     }
-    let ok = ctx
-        .throttle
-        .lock()
-        .map(|mut t| t.admit(throttle_pct, 0, Instant::now()))
-        .unwrap_or(false);
-    if !ok {
+    if !ctx.throttle.lock().admit(throttle_pct, 0, Instant::now()) {
         return Err((
             code::REFUSED,
             format!(

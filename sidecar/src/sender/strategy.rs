@@ -1,5 +1,7 @@
-//! The hot path: opportunities → lock-free SPSC ring (`gw-ring`) → strategy thread →
-//! sender.
+//! The hot path: opportunities → one ingest thread, the ring's only producer →
+//! lock-free SPSC ring (`rtrb`) → one strategy thread, its only consumer → sender.
+//! Producers (HTTP handlers, in-process searchers) hand batches to the ingest
+//! thread through a bounded channel and learn how many the ring took.
 //!
 //! The strategy thread pops batches, scores each module's rows with that module's
 //! model in one call (or uses the opportunity's own `ev` when no model serves it),
@@ -14,16 +16,17 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use gw_core::module_state::{ModuleState, Refusal, Throttle};
 use gw_core::Module;
 use serde::Deserialize;
 
 use super::{SendMeta, Sender};
+use crate::control::ModuleTable;
 use crate::models::ModelHost;
-use crate::modules::{ModuleState, Modules, RunState};
 
 /// `strategy` in the sender configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -69,7 +72,7 @@ impl Default for StrategyConfig {
 impl StrategyConfig {
     /// Checks the bounds.
     pub fn validate(&self) -> Result<(), String> {
-        if self.ring_capacity == 0 || self.ring_capacity > gw_ring::MAX_CAPACITY {
+        if self.ring_capacity == 0 || self.ring_capacity > MAX_RING_CAPACITY {
             return Err("sender.strategy.ring_capacity must be within 1..=2^30".into());
         }
         if self.batch == 0 || self.batch > 4096 {
@@ -81,6 +84,11 @@ impl StrategyConfig {
         Ok(())
     }
 }
+
+/// Largest ring.
+pub const MAX_RING_CAPACITY: usize = 1 << 30;
+/// Batches waiting for the ingest thread at most (a producer beyond it is refused).
+pub const INGEST_QUEUE: usize = 64;
 
 /// One signed transaction ready to go.
 #[derive(Debug, Clone)]
@@ -179,54 +187,6 @@ impl StrategyStats {
     }
 }
 
-/// The per-module throttle: an exact share and an optional rate cap.
-#[derive(Debug, Clone)]
-pub struct Throttle {
-    credit: f64,
-    tokens: f64,
-    last: Option<Instant>,
-}
-
-impl Default for Throttle {
-    fn default() -> Self {
-        // The share starts with no credit (exactly pct % of any window from the
-        // first opportunity); the rate bucket starts with one token.
-        Throttle {
-            credit: 0.0,
-            tokens: 1.0,
-            last: None,
-        }
-    }
-}
-
-impl Throttle {
-    /// Whether one more send may go at `now`, given `pct` and the rate at 100 %.
-    pub fn admit(&mut self, pct: u8, max_per_sec: u32, now: Instant) -> bool {
-        let share = f64::from(pct.min(100)) / 100.0;
-        if max_per_sec > 0 {
-            let rate = f64::from(max_per_sec) * share;
-            if let Some(last) = self.last {
-                self.tokens = (self.tokens
-                    + now.saturating_duration_since(last).as_secs_f64() * rate)
-                    .min(rate.max(1.0));
-            }
-            self.last = Some(now);
-            if self.tokens < 1.0 {
-                return false;
-            }
-        }
-        self.credit += share;
-        if self.credit + 1e-9 < 1.0 {
-            return false;
-        }
-        self.credit -= 1.0;
-        if max_per_sec > 0 {
-            self.tokens -= 1.0;
-        }
-        true
-    }
-}
-
 /// Picks the rung: the highest tip the score covers. `None`: below the lowest tip.
 pub fn pick_rung(ladder: &[f64], ev: f32) -> Option<(usize, f64)> {
     if ladder.is_empty() {
@@ -240,7 +200,8 @@ pub fn pick_rung(ladder: &[f64], ev: f32) -> Option<(usize, f64)> {
         .map(|(i, t)| (i, *t))
 }
 
-/// The decision for one scored opportunity against its module's state.
+/// The decision for one scored opportunity against its module's state: the one
+/// send gate ([`ModuleState::may_send`]), the tip rung, then the throttle's share.
 pub fn decide(
     state: &ModuleState,
     throttle: &mut Throttle,
@@ -248,20 +209,13 @@ pub fn decide(
     ev: f32,
     now: Instant,
 ) -> Result<(usize, f64), Skip> {
-    match state.state {
-        RunState::Killed => return Err(Skip::Killed),
-        RunState::Stopped => return Err(Skip::Stopped),
-        RunState::Running => {}
-    }
-    if state.gate(ev).is_err() {
-        return Err(if state.throttle_pct == 0 {
-            Skip::Throttled
-        } else if ev.is_finite() {
-            Skip::BelowEvMin
-        } else {
-            Skip::NoScore
-        });
-    }
+    state.may_send(Some(ev)).map_err(|r| match r {
+        Refusal::Killed => Skip::Killed,
+        Refusal::Stopped => Skip::Stopped,
+        Refusal::ThrottledToZero => Skip::Throttled,
+        Refusal::BelowEvMin => Skip::BelowEvMin,
+        Refusal::NoScore => Skip::NoScore,
+    })?;
     let rung = pick_rung(&state.tip_ladder, ev).ok_or(Skip::BelowTip)?;
     if !throttle.admit(state.throttle_pct, max_per_sec, now) {
         return Err(Skip::Throttled);
@@ -269,39 +223,52 @@ pub fn decide(
     Ok(rung)
 }
 
-/// The running hot path (stops its thread on drop).
+/// Where an offer's answer goes.
+enum Reply {
+    /// A thread waiting in [`HotPath::offer`].
+    Blocking(mpsc::SyncSender<usize>),
+    /// A task waiting in [`HotPath::offer_async`].
+    Async(tokio::sync::oneshot::Sender<usize>),
+}
+
+struct Offer {
+    items: Vec<Opportunity>,
+    reply: Reply,
+}
+
+/// The running hot path (stops its threads on drop).
 pub struct HotPath {
-    producer: Mutex<gw_ring::Producer<Opportunity>>,
-    thread: Option<std::thread::Thread>,
+    ingest: Option<mpsc::SyncSender<Offer>>,
+    strategy: std::thread::Thread,
     stop: Arc<AtomicBool>,
-    join: Option<std::thread::JoinHandle<()>>,
+    joins: Vec<std::thread::JoinHandle<()>>,
     /// Counters.
     pub stats: Arc<StrategyStats>,
 }
 
 impl Drop for HotPath {
     fn drop(&mut self) {
+        // Closing the channel ends the ingest thread; the flag the strategy thread.
+        self.ingest = None;
         self.stop.store(true, Ordering::Release);
-        if let Some(t) = &self.thread {
-            t.unpark();
-        }
-        if let Some(j) = self.join.take() {
+        self.strategy.unpark();
+        for j in self.joins.drain(..) {
             let _ = j.join();
         }
     }
 }
 
 impl HotPath {
-    /// Starts the strategy thread; sends run on `rt`.
+    /// Starts the ingest and strategy threads; sends run on `rt`.
     pub fn start(
         config: &StrategyConfig,
         sender: Arc<Sender>,
-        modules: Arc<Mutex<Modules>>,
+        modules: ModuleTable,
         models: Option<Arc<ModelHost>>,
         rt: tokio::runtime::Handle,
     ) -> anyhow::Result<HotPath> {
         config.validate().map_err(anyhow::Error::msg)?;
-        let (producer, consumer) = gw_ring::channel(config.ring_capacity)?;
+        let (producer, consumer) = rtrb::RingBuffer::new(config.ring_capacity);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(StrategyStats::default());
         let worker = Worker {
@@ -318,25 +285,88 @@ impl HotPath {
             inflight: Arc::new(AtomicUsize::new(0)),
             throttles: BTreeMap::new(),
         };
-        let join = std::thread::Builder::new()
+        let strategy = std::thread::Builder::new()
             .name("gw-strategy".into())
             .spawn(move || worker.run())?;
+        let (tx, rx) = mpsc::sync_channel::<Offer>(INGEST_QUEUE);
+        let ingest = Ingest {
+            producer,
+            strategy: strategy.thread().clone(),
+            stats: stats.clone(),
+        };
+        let ingest_join = std::thread::Builder::new()
+            .name("gw-ingest".into())
+            .spawn(move || ingest.run(&rx))?;
         Ok(HotPath {
-            producer: Mutex::new(producer),
-            thread: Some(join.thread().clone()),
+            ingest: Some(tx),
+            strategy: strategy.thread().clone(),
             stop,
-            join: Some(join),
+            joins: vec![ingest_join, strategy],
             stats,
         })
     }
 
-    /// Offers opportunities; returns how many the ring took (the rest are counted
-    /// as `ring_full` and dropped: the producer must not block a searcher).
+    fn hand_off(&self, items: Vec<Opportunity>, reply: Reply) -> Result<(), usize> {
+        let n = items.len();
+        let Some(tx) = &self.ingest else {
+            return Err(n);
+        };
+        tx.try_send(Offer { items, reply }).map_err(|_| n)
+    }
+
+    fn refused(&self, n: usize) -> usize {
+        self.stats.ring_full.fetch_add(n as u64, Ordering::Relaxed);
+        0
+    }
+
+    /// Offers opportunities from a thread (not a tokio task: it blocks until the
+    /// ingest thread answered); returns how many the ring took. The rest are counted
+    /// as `ring_full` and dropped: a searcher is never made to wait for room.
     pub fn offer(&self, items: Vec<Opportunity>) -> usize {
+        let (tx, rx) = mpsc::sync_channel(1);
+        match self.hand_off(items, Reply::Blocking(tx)) {
+            Ok(()) => rx.recv().unwrap_or(0),
+            Err(n) => self.refused(n),
+        }
+    }
+
+    /// [`Self::offer`] for async callers (HTTP handlers).
+    pub async fn offer_async(&self, items: Vec<Opportunity>) -> usize {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match self.hand_off(items, Reply::Async(tx)) {
+            Ok(()) => rx.await.unwrap_or(0),
+            Err(n) => self.refused(n),
+        }
+    }
+}
+
+/// The ring's only producer.
+struct Ingest {
+    producer: rtrb::Producer<Opportunity>,
+    strategy: std::thread::Thread,
+    stats: Arc<StrategyStats>,
+}
+
+impl Ingest {
+    fn run(mut self, rx: &mpsc::Receiver<Offer>) {
+        while let Ok(offer) = rx.recv() {
+            let took = self.push(offer.items);
+            match offer.reply {
+                Reply::Blocking(r) => {
+                    let _ = r.send(took);
+                }
+                Reply::Async(r) => {
+                    let _ = r.send(took);
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, items: Vec<Opportunity>) -> usize {
         let total = items.len();
-        let mut it = items.into_iter();
-        let took = match self.producer.lock() {
-            Ok(mut p) => p.push_iter(&mut it),
+        let n = self.producer.slots().min(total);
+        let took = match self.producer.write_chunk_uninit(n) {
+            Ok(chunk) => chunk.fill_from_iter(items),
             Err(_) => 0,
         };
         self.stats.offered.fetch_add(took as u64, Ordering::Relaxed);
@@ -344,18 +374,16 @@ impl HotPath {
             .ring_full
             .fetch_add((total - took) as u64, Ordering::Relaxed);
         if took > 0 {
-            if let Some(t) = &self.thread {
-                t.unpark();
-            }
+            self.strategy.unpark();
         }
         took
     }
 }
 
 struct Worker {
-    consumer: gw_ring::Consumer<Opportunity>,
+    consumer: rtrb::Consumer<Opportunity>,
     sender: Arc<Sender>,
-    modules: Arc<Mutex<Modules>>,
+    modules: ModuleTable,
     models: Option<Arc<ModelHost>>,
     rt: tokio::runtime::Handle,
     stop: Arc<AtomicBool>,
@@ -382,7 +410,11 @@ impl Worker {
         let mut idle = 0u32;
         while !self.stop.load(Ordering::Acquire) {
             buf.clear();
-            if self.consumer.pop_into(&mut buf, self.batch) == 0 {
+            let n = self.consumer.slots().min(self.batch);
+            if let Ok(chunk) = self.consumer.read_chunk(n) {
+                buf.extend(chunk);
+            }
+            if buf.is_empty() {
                 // Spin briefly (latency), then park until the producer unparks us.
                 idle += 1;
                 if idle < 64 {
@@ -400,13 +432,11 @@ impl Worker {
 
     fn handle(&mut self, batch: &mut Vec<Opportunity>) {
         // One look at the module states per batch.
-        let states: BTreeMap<&'static str, ModuleState> = match self.modules.lock() {
-            Ok(m) => Module::ALL
-                .iter()
-                .map(|x| (x.as_str(), m.get(*x).clone()))
-                .collect(),
-            Err(_) => return,
-        };
+        let snapshot = self.modules.snapshot();
+        let states: BTreeMap<&'static str, &ModuleState> = Module::ALL
+            .iter()
+            .map(|x| (x.as_str(), snapshot.get(*x)))
+            .collect();
         let scores = self.score(batch);
         let now = Instant::now();
         for (opp, ev) in batch.drain(..).zip(scores) {
@@ -500,6 +530,8 @@ impl Worker {
 mod tests {
     use super::*;
 
+    use gw_core::module_state::RunState;
+
     fn running() -> ModuleState {
         ModuleState {
             state: RunState::Running,
@@ -518,27 +550,6 @@ mod tests {
             (st.skipped(Skip::Saturated), st.skipped(Skip::NoTx)),
             (1, 0)
         );
-    }
-
-    #[test]
-    fn throttle_share_is_exact_over_a_window() {
-        let now = Instant::now();
-        for pct in [0u8, 1, 25, 50, 73, 100] {
-            let mut t = Throttle::default();
-            let sent = (0..1000).filter(|_| t.admit(pct, 0, now)).count();
-            assert_eq!(sent, usize::from(pct) * 10, "pct {pct}");
-        }
-    }
-
-    #[test]
-    fn throttle_rate_cap_scales_with_pct() {
-        let t0 = Instant::now();
-        let mut t = Throttle::default();
-        // 1000/s at 100 %, throttled to 50 %: 500/s. Offer 10 000 over one second.
-        let sent = (0..10_000)
-            .filter(|i| t.admit(50, 1000, t0 + Duration::from_micros(*i as u64 * 100)))
-            .count();
-        assert!((495..=505).contains(&sent), "{sent}");
     }
 
     #[test]

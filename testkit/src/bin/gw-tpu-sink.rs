@@ -1,4 +1,4 @@
-//! A local TPU to send to when there is no validator: the sidecar's protocol-enforcing
+//! A local TPU to send to when there is no validator: the protocol-enforcing test
 //! receiver (ALPN `solana-tpu`, Ed25519 client certificate, unidirectional streams of
 //! at most 1232 bytes, 128 at once). Prints one line per transaction received.
 //!
@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use gw_sidecar::sender::receiver::{ReceiverConfig, TpuReceiver};
+use testkit::tpu_receiver::{first_signature, ReceiverConfig, TpuReceiver};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -70,9 +70,10 @@ fn main() {
                 .await;
             let got = rx.received();
             for r in got.iter().skip(seen) {
-                let sig = gw_sidecar::sender::txwire::parse(&r.bytes, false)
-                    .map(|i| i.signature_b58())
-                    .unwrap_or_else(|e| format!("<{e}>"));
+                let sig = first_signature(&r.bytes).map_or_else(
+                    || "<not a transaction>".into(),
+                    |s| bs58::encode(s).into_string(),
+                );
                 println!(
                     "tx {sig} {} bytes from {}",
                     r.bytes.len(),

@@ -267,9 +267,7 @@ impl KafkaBus {
                 // An idempotent producer that failed fatally cannot send again: the
                 // next request gets a fresh one. This request fails (it may not have
                 // been written, and is not retried here).
-                eprintln!(
-                    "gw-sidecar: kafka producer failed fatally ({code}): {reason}; recreating it"
-                );
+                tracing::error!(%code, %reason, "kafka producer failed fatally; recreating it");
                 let fresh = Arc::new(Self::producer(&self.cfg)?);
                 *self.producer.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
                 return Err(BusError::Kafka(format!(

@@ -6,13 +6,16 @@
 pub const MIGRATIONS: [(&str, &str); 3] = [
     (
         "10_control_ledger.sql",
-        include_str!("../../sql/10_control_ledger.sql"),
+        include_str!("../../../sql/10_control_ledger.sql"),
     ),
     (
         "11_control_decisions.sql",
-        include_str!("../../sql/11_control_decisions.sql"),
+        include_str!("../../../sql/11_control_decisions.sql"),
     ),
-    ("12_tx_sends.sql", include_str!("../../sql/12_tx_sends.sql")),
+    (
+        "12_tx_sends.sql",
+        include_str!("../../../sql/12_tx_sends.sql"),
+    ),
 ];
 
 /// The statements of one SQL file: comments dropped, split at `;` line ends.
@@ -28,15 +31,25 @@ pub fn statements(sql: &str) -> Vec<String> {
         .collect()
 }
 
+/// A migration ClickHouse refused (or could not be reached for).
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {source}")]
+pub struct MigrationError {
+    /// The SQL file.
+    pub file: &'static str,
+    /// ClickHouse's error.
+    pub source: clickhouse::error::Error,
+}
+
 /// Applies every migration (each is `CREATE ... IF NOT EXISTS`).
-pub async fn apply(client: &clickhouse::Client) -> Result<(), String> {
+pub async fn apply(client: &clickhouse::Client) -> Result<(), MigrationError> {
     for (file, sql) in MIGRATIONS {
         for stmt in statements(sql) {
             client
                 .query(&stmt)
                 .execute()
                 .await
-                .map_err(|e| format!("{file}: {e}"))?;
+                .map_err(|source| MigrationError { file, source })?;
         }
     }
     Ok(())

@@ -1,5 +1,5 @@
-//! The audit ledger's write path: every decision row is sealed into the hash chain
-//! and appended to a local spool (fsync) *before* anything else, then shipped to
+//! The ledger's write path: every decision row is sealed into the hash chain and
+//! appended to a local spool (fsync) *before* anything else, then shipped to
 //! ClickHouse in order. While ClickHouse is away rows wait in the spool; a retried
 //! batch carries an `insert_deduplication_token`, so nothing is lost and nothing is
 //! stored twice.
@@ -145,7 +145,7 @@ impl Batch {
 }
 
 /// Sealed rows on disk, and the highest `seq` ClickHouse has acknowledged.
-pub struct Ledger {
+pub struct Spool {
     spool_path: PathBuf,
     shipped_path: PathBuf,
     spool: File,
@@ -156,13 +156,9 @@ pub struct Ledger {
     table: String,
 }
 
-impl Ledger {
+impl Spool {
     /// Opens (or creates) the spool in `dir`; rows go to `table` through `client`.
-    pub fn open(
-        dir: &Path,
-        client: clickhouse::Client,
-        table: &str,
-    ) -> Result<Ledger, LedgerError> {
+    pub fn open(dir: &Path, client: clickhouse::Client, table: &str) -> Result<Spool, LedgerError> {
         fs::create_dir_all(dir).map_err(io(dir))?;
         let spool_path = dir.join("ledger.spool.jsonl");
         let shipped_path = dir.join("ledger.shipped");
@@ -207,7 +203,7 @@ impl Ledger {
         spool.set_len(good_len).map_err(io(&spool_path))?;
         let chain = Chain::resume(rows.last())?;
         let pending = rows.into_iter().filter(|r| r.seq > shipped).collect();
-        Ok(Ledger {
+        Ok(Spool {
             spool_path,
             shipped_path,
             spool,

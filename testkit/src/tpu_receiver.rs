@@ -2,8 +2,10 @@
 //! ALPN `solana-tpu`, a client certificate with an Ed25519 key (mandatory), no
 //! bidirectional streams (none granted), at most `max_streams` unidirectional
 //! streams at once, and each stream at most `max_tx_bytes` (a longer stream is
-//! stopped and counted). Used by the tests, the benchmarks and `--tpu-sink` dry runs;
-//! it is not a validator (it does not deserialize or execute transactions).
+//! stopped and counted). A test peer for the sender's TPU route (and `gw-tpu-sink`
+//! for the local run); it is not a validator (it does not deserialize or execute
+//! transactions). Its TLS is written here, apart from the sender's, so the peer
+//! does not share the code it tests.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,8 +17,10 @@ use quinn::crypto::rustls::QuicServerConfig;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::tls;
-use super::tpu::{MAX_TX_BYTES, UNSTAKED_STREAMS};
+/// Largest transaction (Solana's `PACKET_DATA_SIZE`).
+pub const MAX_TX_BYTES: usize = 1232;
+/// Concurrent streams a validator grants an unstaked peer.
+pub const UNSTAKED_STREAMS: u32 = 128;
 
 /// Stream stop code for an oversized transaction.
 pub const STOP_TOO_LARGE: u32 = 1;
@@ -63,7 +67,7 @@ impl Default for ReceiverConfig {
         ReceiverConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_tx_bytes: MAX_TX_BYTES,
-            max_streams: UNSTAKED_STREAMS as u32,
+            max_streams: UNSTAKED_STREAMS,
             keep: true,
         }
     }
@@ -93,8 +97,7 @@ impl Drop for TpuReceiver {
 impl TpuReceiver {
     /// Starts a receiver with identity `key`. Must run inside a tokio runtime.
     pub fn start(config: ReceiverConfig, key: &SigningKey) -> anyhow::Result<TpuReceiver> {
-        let identity = tls::identity_cert(key)?;
-        let crypto = tls::server_crypto(&identity)?;
+        let crypto = tls::server_crypto(key)?;
         let mut server =
             quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(crypto)?));
         let mut t = quinn::TransportConfig::default();
@@ -220,4 +223,133 @@ async fn accept_loop(endpoint: quinn::Endpoint, sh: Arc<Shared>) {
             }
         });
     }
+}
+
+/// The receiver's TLS: a self-signed certificate for its identity, and a client
+/// verifier that demands an Ed25519 client certificate.
+mod tls {
+    use std::sync::Arc;
+
+    use ed25519_dalek::SigningKey;
+    use rustls::client::danger::HandshakeSignatureValid;
+    use rustls::crypto::CryptoProvider;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+    use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+    use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+    /// The TPU's ALPN id.
+    pub const ALPN_TPU: &[u8] = b"solana-tpu";
+
+    /// RFC 8410: an Ed25519 SubjectPublicKeyInfo is this prefix and the 32-byte key.
+    const SPKI_PREFIX: [u8; 12] = [
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
+
+    /// The Ed25519 key in a certificate's subject, if that is what it holds.
+    pub fn ed25519_key_of(cert: &CertificateDer<'_>) -> Option<[u8; 32]> {
+        let ee = webpki::EndEntityCert::try_from(cert).ok()?;
+        let spki = ee.subject_public_key_info();
+        let der: &[u8] = spki.as_ref();
+        der.strip_prefix(&SPKI_PREFIX[..])?.try_into().ok()
+    }
+
+    fn provider() -> Arc<CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    #[derive(Debug)]
+    struct Ed25519Client(Arc<CryptoProvider>);
+
+    impl ClientCertVerifier for Ed25519Client {
+        fn offer_client_auth(&self) -> bool {
+            true
+        }
+        fn client_auth_mandatory(&self) -> bool {
+            true
+        }
+        fn root_hint_subjects(&self) -> &[DistinguishedName] {
+            &[]
+        }
+        fn verify_client_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _now: UnixTime,
+        ) -> Result<ClientCertVerified, rustls::Error> {
+            ed25519_key_of(end_entity)
+                .map(|_| ClientCertVerified::assertion())
+                .ok_or(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::BadEncoding,
+                ))
+        }
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _cert: &CertificateDer<'_>,
+            _dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Err(rustls::Error::PeerIncompatible(
+                rustls::PeerIncompatible::Tls12NotOffered,
+            ))
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            vec![SignatureScheme::ED25519]
+        }
+    }
+
+    /// TLS 1.3, ALPN `solana-tpu`, a certificate for `key`, a mandatory Ed25519
+    /// client certificate.
+    pub fn server_crypto(key: &SigningKey) -> anyhow::Result<rustls::ServerConfig> {
+        // PKCS#8 v1 of an Ed25519 seed (RFC 8410).
+        let mut pkcs8 = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        pkcs8.extend_from_slice(key.as_bytes());
+        let der = PrivatePkcs8KeyDer::from(pkcs8);
+        let kp = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_ED25519)?;
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())?.self_signed(&kp)?;
+        let provider = provider();
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(Arc::new(Ed25519Client(provider)))
+            .with_single_cert(vec![cert.der().clone()], PrivateKeyDer::Pkcs8(der))?;
+        cfg.alpn_protocols = vec![ALPN_TPU.to_vec()];
+        Ok(cfg)
+    }
+}
+
+/// The first signature of a Solana transaction's wire bytes (a compact-u16 count,
+/// then 64-byte signatures), if there is one.
+pub fn first_signature(wire: &[u8]) -> Option<[u8; 64]> {
+    let mut n = 0usize;
+    let mut i = 0usize;
+    loop {
+        let b = *wire.get(i)?;
+        n |= usize::from(b & 0x7f) << (7 * i);
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i == 3 {
+            return None;
+        }
+    }
+    if n == 0 {
+        return None;
+    }
+    wire.get(i..i + 64)?.try_into().ok()
 }

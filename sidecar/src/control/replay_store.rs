@@ -98,6 +98,12 @@ impl ReplayStore {
     }
 }
 
+impl super::admission::SeenNonces for ReplayStore {
+    fn check(&self, issuer: &str, nonce: u64) -> Result<(), Reject> {
+        ReplayStore::check(self, issuer, nonce)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,327 @@
+//! The contract between the edge filter and the sidecar, written once: the control
+//! routes, which bodies are signed commands, the headers the edge stamps, and the
+//! edge-decision report. The filter's defaults and the sidecar read these constants;
+//! nothing here is configured on one side only.
+
+use serde::{Deserialize, Serialize};
+
+use crate::code::{Code, Reject};
+
+/// The signed-command endpoint.
+pub const COMMAND_PATH: &str = "/api/control/commands";
+/// Prefix of `/api/control/module/{name}:{action}` (the path's module/action must
+/// match the signed command; a JSON body is the original API's route).
+pub const MODULE_ROUTE_PREFIX: &str = "/api/control/module/";
+/// Where the filter reports edge decisions (not routed by Envoy).
+pub const EDGE_DECISIONS_PATH: &str = "/internal/edge-decisions";
+
+/// Media types of a signed command body.
+pub const COMMAND_MEDIA_TYPES: [&str; 3] = [
+    "application/x-protobuf",
+    "application/protobuf",
+    "application/octet-stream",
+];
+
+/// Whether a `content-type` announces a signed command (protobuf bytes); parameters
+/// after `;` and letter case are ignored.
+pub fn is_command_media_type(content_type: Option<&str>) -> bool {
+    let Some(ct) = content_type else { return false };
+    let media = ct.split(';').next().unwrap_or("").trim();
+    COMMAND_MEDIA_TYPES
+        .iter()
+        .any(|m| m.eq_ignore_ascii_case(media))
+}
+
+/// The headers the edge sets for the upstream. Clients never send them: the edge
+/// strips every header starting with [`headers::RESERVED_PREFIX`] first.
+pub mod headers {
+    /// Every header with this prefix is the edge's; client copies are removed.
+    pub const RESERVED_PREFIX: &str = "x-gw-";
+    /// The JWT `sub` the edge verified.
+    pub const SUB: &str = "x-gw-sub";
+    /// The JWT roles, comma-separated.
+    pub const ROLES: &str = "x-gw-roles";
+    /// The signing key id of a verified command.
+    pub const PUBKEY_ID: &str = "x-gw-pubkey-id";
+    /// The issuer of a verified command.
+    pub const ISSUER: &str = "x-gw-issuer";
+    /// The nonce of a verified command.
+    pub const NONCE: &str = "x-gw-nonce";
+    /// What the edge verified: see [`super::Verified`].
+    pub const VERIFIED: &str = "x-gw-verified";
+    /// The hand-over ticket between the filter's two stages (never reaches the upstream).
+    pub const TICKET: &str = "x-gw-ticket";
+
+    /// The headers the edge stamps (not the ticket).
+    pub const STAMPED: [&str; 6] = [SUB, ROLES, PUBKEY_ID, ISSUER, NONCE, VERIFIED];
+
+    /// Whether `name` is reserved for the edge (case-insensitive).
+    pub fn is_reserved(name: &str) -> bool {
+        name.get(..RESERVED_PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_PREFIX))
+    }
+}
+
+/// What the edge verified about a request it forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// The JWT and its role, and the signed command in the body.
+    Edge,
+    /// The JWT and its role only (every other route, and the JSON control route).
+    Jwt,
+}
+
+impl Verified {
+    /// The header value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Verified::Edge => "edge",
+            Verified::Jwt => "jwt",
+        }
+    }
+
+    /// Parses a header value.
+    pub fn parse(s: &str) -> Option<Verified> {
+        match s {
+            "edge" => Some(Verified::Edge),
+            "jwt" => Some(Verified::Jwt),
+            _ => None,
+        }
+    }
+}
+
+/// Who the edge says sent a request: read from the stamped headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeIdentity {
+    /// What the edge verified.
+    pub verified: Verified,
+    /// The JWT `sub`, when the token had one.
+    pub sub: Option<String>,
+    /// The JWT roles.
+    pub roles: Vec<String>,
+}
+
+impl EdgeIdentity {
+    /// Reads the stamped headers through `get` (a header lookup by lowercase name);
+    /// `None` when the edge stamped nothing (no `x-gw-verified`, or an unknown value).
+    pub fn from_headers<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<EdgeIdentity> {
+        let verified = Verified::parse(get(headers::VERIFIED)?)?;
+        let roles = get(headers::ROLES)
+            .map(|r| {
+                r.split(',')
+                    .map(str::trim)
+                    .filter(|r| !r.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(EdgeIdentity {
+            verified,
+            sub: get(headers::SUB).map(str::to_owned),
+            roles,
+        })
+    }
+}
+
+/// Longest request path an edge report carries, in bytes (longer paths are cut at a
+/// character boundary by the filter).
+pub const MAX_REPORT_PATH_BYTES: usize = 256;
+/// Most reports in one batch.
+pub const MAX_REPORTS_PER_BATCH: usize = 1024;
+/// Largest batch body the filter sends (the sidecar accepts up to twice that).
+pub const MAX_REPORT_BATCH_BYTES: usize = 512 * 1024;
+
+/// One edge decision as the filter reports it and the sidecar records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeReport {
+    /// Always `rejected` (the sidecar records the requests the edge forwards).
+    pub decision: String,
+    /// The rejection code ([`Code::as_str`]).
+    pub code: String,
+    /// The request path, at most [`MAX_REPORT_PATH_BYTES`].
+    pub path: String,
+    /// The command body as received, hex (empty when rejected before the body).
+    pub raw_hex: String,
+    /// Host time, unix milliseconds.
+    pub ts_ms: u64,
+}
+
+/// An edge report the sidecar accepted: its code and the raw body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedReport {
+    /// The rejection code.
+    pub code: Code,
+    /// The request path.
+    pub path: String,
+    /// The command body as received.
+    pub raw: Vec<u8>,
+    /// Host time, unix milliseconds.
+    pub ts_ms: u64,
+}
+
+impl EdgeReport {
+    /// A rejection report; `path` is cut to [`MAX_REPORT_PATH_BYTES`].
+    pub fn rejected(code: Code, path: &str, raw: &[u8], ts_ms: u64) -> EdgeReport {
+        EdgeReport {
+            decision: "rejected".into(),
+            code: code.as_str().into(),
+            path: truncate_utf8(path, MAX_REPORT_PATH_BYTES).to_owned(),
+            raw_hex: hex::encode(raw),
+            ts_ms,
+        }
+    }
+
+    /// Checks a received report against the contract.
+    pub fn check(&self) -> Result<CheckedReport, Reject> {
+        let code = Code::parse(&self.code).ok_or_else(|| {
+            Reject::with(
+                Code::Malformed,
+                format!("unknown code `{}`", self.code.escape_debug()),
+            )
+        })?;
+        if self.decision != "rejected" {
+            return Err(Reject::new(
+                Code::Malformed,
+                "an edge report's decision is `rejected`",
+            ));
+        }
+        if self.path.len() > MAX_REPORT_PATH_BYTES {
+            return Err(Reject::with(
+                Code::Malformed,
+                format!("an edge report's path is at most {MAX_REPORT_PATH_BYTES} bytes"),
+            ));
+        }
+        if self.ts_ms == 0 {
+            return Err(Reject::new(Code::Malformed, "an edge report needs a time"));
+        }
+        let raw = hex::decode(&self.raw_hex)
+            .map_err(|_| Reject::new(Code::Malformed, "raw_hex is not hex"))?;
+        Ok(CheckedReport {
+            code,
+            path: self.path.clone(),
+            raw,
+            ts_ms: self.ts_ms,
+        })
+    }
+}
+
+/// Parses and checks a batch of reports (a JSON array); the whole batch or nothing.
+pub fn parse_report_batch(body: &[u8]) -> Result<Vec<CheckedReport>, Reject> {
+    let reports: Vec<EdgeReport> = serde_json::from_slice(body)
+        .map_err(|e| Reject::with(Code::Malformed, format!("edge reports: {e}")))?;
+    if reports.len() > MAX_REPORTS_PER_BATCH {
+        return Err(Reject::with(
+            Code::TooLarge,
+            format!("{} reports; at most {MAX_REPORTS_PER_BATCH}", reports.len()),
+        ));
+    }
+    reports.iter().map(EdgeReport::check).collect()
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_media_types() {
+        for ct in [
+            "application/x-protobuf",
+            "Application/X-Protobuf; charset=binary",
+            " application/octet-stream ",
+            "application/protobuf",
+        ] {
+            assert!(is_command_media_type(Some(ct)), "{ct}");
+        }
+        for ct in [None, Some(""), Some("application/json"), Some("text/plain")] {
+            assert!(!is_command_media_type(ct), "{ct:?}");
+        }
+    }
+
+    #[test]
+    fn reserved_headers() {
+        assert!(headers::is_reserved("X-GW-Anything"));
+        for h in headers::STAMPED {
+            assert!(headers::is_reserved(h), "{h}");
+        }
+        assert!(headers::is_reserved(headers::TICKET));
+        assert!(!headers::is_reserved("x-g"));
+        assert!(!headers::is_reserved("authorization"));
+    }
+
+    #[test]
+    fn identity_from_headers() {
+        let h = [
+            (headers::VERIFIED, "edge"),
+            (headers::SUB, "alice"),
+            (headers::ROLES, "admin, viewer,"),
+        ];
+        let get = |k: &str| h.iter().find(|(n, _)| *n == k).map(|(_, v)| *v);
+        let id = EdgeIdentity::from_headers(get).unwrap();
+        assert_eq!(id.verified, Verified::Edge);
+        assert_eq!(id.sub.as_deref(), Some("alice"));
+        assert_eq!(id.roles, vec!["admin", "viewer"]);
+        assert_eq!(EdgeIdentity::from_headers(|_| None), None);
+        assert_eq!(EdgeIdentity::from_headers(|_| Some("forged")), None);
+    }
+
+    #[test]
+    fn report_round_trip_and_limits() {
+        let long = "é".repeat(200); // 400 bytes
+        let r = EdgeReport::rejected(Code::Replay, &long, b"\x01\x02", 7);
+        assert!(r.path.len() <= MAX_REPORT_PATH_BYTES && long.starts_with(&r.path));
+        let body = serde_json::to_vec(std::slice::from_ref(&r)).unwrap();
+        let checked = parse_report_batch(&body).unwrap();
+        assert_eq!(checked[0].code, Code::Replay);
+        assert_eq!(checked[0].raw, vec![1, 2]);
+
+        let mut bad = r.clone();
+        bad.path = "x".repeat(MAX_REPORT_PATH_BYTES + 1);
+        assert_eq!(bad.check().unwrap_err().code, Code::Malformed);
+        let mut bad = r.clone();
+        bad.code = "nope".into();
+        assert_eq!(bad.check().unwrap_err().code, Code::Malformed);
+        let mut bad = r.clone();
+        bad.decision = "accepted".into();
+        assert_eq!(bad.check().unwrap_err().code, Code::Malformed);
+        let mut bad = r.clone();
+        bad.ts_ms = 0;
+        assert_eq!(bad.check().unwrap_err().code, Code::Malformed);
+        let mut bad = r;
+        bad.raw_hex = "zz".into();
+        assert_eq!(bad.check().unwrap_err().code, Code::Malformed);
+        assert_eq!(
+            parse_report_batch(br#"[{"decision":"rejected","code":"replay","path":"/","raw_hex":"","ts_ms":1,"x":1}]"#)
+                .unwrap_err()
+                .code,
+            Code::Malformed,
+            "unknown fields are refused"
+        );
+        let many = vec![EdgeReport::rejected(Code::Replay, "/", b"", 1); MAX_REPORTS_PER_BATCH + 1];
+        assert_eq!(
+            parse_report_batch(&serde_json::to_vec(&many).unwrap())
+                .unwrap_err()
+                .code,
+            Code::TooLarge
+        );
+    }
+
+    #[test]
+    fn truncation_keeps_characters_whole() {
+        assert_eq!(truncate_utf8("abc", 2), "ab");
+        assert_eq!(truncate_utf8("aé", 2), "a");
+        assert_eq!(truncate_utf8("aé", 3), "aé");
+    }
+}

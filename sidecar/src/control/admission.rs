@@ -1,0 +1,513 @@
+//! Admission of a signed command as a pure decision: the received bytes, the route,
+//! what the edge said about the request and the clock go in; a verdict comes out —
+//! the ledger rows to write, in order, and either the rejection to answer with or
+//! the verified command to publish. No I/O: [`super::service`] performs the
+//! effects (writes the rows, publishes, makes the nonce durable, waits for the
+//! agent) and reports back the one effect that can fail after the verdict,
+//! publishing ([`Admission::publish_failed`]).
+//!
+//! A nonce is *reserved* from the verdict until the shell calls
+//! [`Admission::release`]: a second copy of the same command arriving meanwhile is
+//! refused as a replay even before the first one's nonce is durable.
+
+use std::collections::HashSet;
+
+use gw_core::contract::EdgeIdentity;
+use gw_core::ledger::{Decision, Stage};
+use gw_core::{Action, Code, Command, ControlPolicy, Module, Reject, VerifiedCommand};
+
+/// What admission knows about nonces already accepted (the durable replay guard).
+pub trait SeenNonces {
+    /// `Err(replay)` when `(issuer, nonce)` was accepted before.
+    fn check(&self, issuer: &str, nonce: u64) -> Result<(), Reject>;
+}
+
+impl SeenNonces for gw_core::ReplayGuard {
+    fn check(&self, issuer: &str, nonce: u64) -> Result<(), Reject> {
+        gw_core::ReplayGuard::check(self, issuer, nonce)
+    }
+}
+
+/// One request to admit.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The signed command as received.
+    pub body: &'a [u8],
+    /// The module and action the route named, if it named one.
+    pub route: Option<(Module, Action)>,
+    /// What the edge verified about this request (from its stamped headers).
+    pub edge: Option<&'a EdgeIdentity>,
+    /// Unix seconds.
+    pub now: u64,
+}
+
+/// A ledger row to write about the request (its bytes and command are the request's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    /// Who decided.
+    pub stage: Stage,
+    /// What.
+    pub decision: Decision,
+    /// Why, for rejections.
+    pub code: Option<Code>,
+}
+
+/// A refused request.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    /// Rows to write before answering.
+    pub rows: Vec<Row>,
+    /// The answer.
+    pub reject: Reject,
+    /// The command, when it decoded and verified far enough to name it.
+    pub command: Option<Command>,
+}
+
+/// An admitted request: its nonce is reserved until [`Admission::release`].
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    /// Rows to write before publishing.
+    pub rows: Vec<Row>,
+    /// The verified command.
+    pub verified: VerifiedCommand,
+}
+
+/// The verdict on one request.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// Answer with a rejection.
+    Refused(Refused),
+    /// Publish the exact bytes on the bus.
+    Admitted(Admitted),
+}
+
+/// The admission state machine: the verification rules and the nonces in flight.
+#[derive(Debug)]
+pub struct Admission {
+    policy: ControlPolicy,
+    in_flight: HashSet<(String, u64)>,
+}
+
+const EDGE_ACCEPTED: Row = Row {
+    stage: Stage::Edge,
+    decision: Decision::Accepted,
+    code: None,
+};
+
+fn rejected(code: Code) -> Row {
+    Row {
+        stage: Stage::Sidecar,
+        decision: Decision::Rejected,
+        code: Some(code),
+    }
+}
+
+impl Admission {
+    /// Admission under `policy`, nothing in flight.
+    pub fn new(policy: ControlPolicy) -> Admission {
+        Admission {
+            policy,
+            in_flight: HashSet::new(),
+        }
+    }
+
+    /// The verification rules.
+    pub fn policy(&self) -> &ControlPolicy {
+        &self.policy
+    }
+
+    /// Decides on `req`. The edge's acceptance (when the edge forwarded the request)
+    /// is recorded first, then the sidecar's own decision: re-verification (size,
+    /// signature, key, scope, route, freshness), then replay against `seen` and the
+    /// nonces in flight. An admitted command's nonce is reserved.
+    pub fn decide(&mut self, req: &Request<'_>, seen: &impl SeenNonces) -> Verdict {
+        let mut rows = Vec::with_capacity(2);
+        if req.edge.is_some() {
+            rows.push(EDGE_ACCEPTED);
+        }
+        let v = match self.policy.check(req.body, req.now, req.route) {
+            Ok(v) => v,
+            Err(reject) => {
+                rows.push(rejected(reject.code));
+                return Verdict::Refused(Refused {
+                    rows,
+                    reject,
+                    command: None,
+                });
+            }
+        };
+        let c = &v.command;
+        let replay = seen.check(&c.issuer, c.nonce).and_then(|()| {
+            if self.in_flight.contains(&(c.issuer.clone(), c.nonce)) {
+                Err(Reject::new(
+                    Code::Replay,
+                    "the same command is being admitted by another request",
+                ))
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(reject) = replay {
+            rows.push(rejected(reject.code));
+            return Verdict::Refused(Refused {
+                rows,
+                reject,
+                command: Some(v.command),
+            });
+        }
+        self.in_flight.insert((c.issuer.clone(), c.nonce));
+        rows.push(Row {
+            stage: Stage::Sidecar,
+            decision: Decision::Accepted,
+            code: None,
+        });
+        Verdict::Admitted(Admitted { rows, verified: v })
+    }
+
+    /// The bus did not take an admitted command: nothing was applied. The row that
+    /// says so follows the `accepted` one; the nonce stays reserved until released.
+    pub fn publish_failed(&self, a: &Admitted, why: &str) -> Refused {
+        Refused {
+            rows: vec![rejected(Code::Unavailable)],
+            reject: Reject::with(
+                Code::Unavailable,
+                format!("command bus: {why}; nothing was applied"),
+            ),
+            command: Some(a.verified.command.clone()),
+        }
+    }
+
+    /// Ends the reservation of an admitted command's nonce (its fate is settled:
+    /// durable in the replay guard, or failed and free to be sent again).
+    pub fn release(&mut self, a: &Admitted) {
+        let c = &a.verified.command;
+        self.in_flight.remove(&(c.issuer.clone(), c.nonce));
+    }
+
+    /// Nonces reserved now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! One test per way admission refuses a command, each sending exactly that input.
+
+    use std::collections::BTreeMap;
+
+    use ed25519_dalek::SigningKey;
+    use gw_core::contract::Verified;
+    use gw_core::keyring::KeyRing;
+    use gw_core::{sign_command, ReplayGuard};
+
+    use super::*;
+
+    const NOW: u64 = 1_750_000_000;
+
+    fn key() -> SigningKey {
+        testkit::fixtures::command_key()
+    }
+
+    fn policy() -> ControlPolicy {
+        let pk = hex::encode(key().verifying_key().as_bytes());
+        let keyring = KeyRing::from_json(
+            &serde_json::json!({"keys": [
+                {"id": "op-admin-1", "public_key_hex": pk},
+                {"id": "mev-only", "public_key_hex": pk, "modules": ["mev"],
+                 "not_before": NOW - 100, "not_after": NOW + 100},
+            ]})
+            .to_string(),
+        )
+        .unwrap();
+        ControlPolicy {
+            keyring,
+            max_skew: 30,
+            max_body: 4096,
+        }
+    }
+
+    fn command() -> Command {
+        Command {
+            ts: NOW,
+            module: Module::Mev.to_proto() as i32,
+            action: Action::Throttle.to_proto() as i32,
+            args: BTreeMap::from([("throttle_pct".into(), "40".into())]),
+            request_id: "req-1".into(),
+            issuer: "dashboard".into(),
+            schema_version: "ctrl-v1".into(),
+            nonce: 7,
+            ..Default::default()
+        }
+    }
+
+    fn signed(c: &Command) -> Vec<u8> {
+        sign_command(c, &key(), "op-admin-1")
+    }
+
+    fn edge() -> EdgeIdentity {
+        EdgeIdentity {
+            verified: Verified::Edge,
+            sub: Some("alice".into()),
+            roles: vec!["admin".into()],
+        }
+    }
+
+    fn decide_at(body: &[u8], now: u64, route: Option<(Module, Action)>) -> Verdict {
+        let mut a = Admission::new(policy());
+        a.decide(
+            &Request {
+                body,
+                route,
+                edge: None,
+                now,
+            },
+            &ReplayGuard::new(64).unwrap(),
+        )
+    }
+
+    #[track_caller]
+    fn refused(v: Verdict, code: Code) -> Refused {
+        match v {
+            Verdict::Refused(r) => {
+                assert_eq!(r.reject.code, code, "{}", r.reject);
+                assert_eq!(r.rows.last(), Some(&rejected(code)), "the refusal's row");
+                r
+            }
+            Verdict::Admitted(_) => panic!("admitted; expected {code}"),
+        }
+    }
+
+    fn refuse(body: &[u8], code: Code) -> Refused {
+        refused(decide_at(body, NOW, None), code)
+    }
+
+    fn with(f: impl FnOnce(&mut Command)) -> Vec<u8> {
+        let mut c = command();
+        f(&mut c);
+        signed(&c)
+    }
+
+    #[test]
+    fn admits_a_valid_command_and_records_the_edge_first() {
+        let mut a = Admission::new(policy());
+        let body = signed(&command());
+        let id = edge();
+        let v = a.decide(
+            &Request {
+                body: &body,
+                route: Some((Module::Mev, Action::Throttle)),
+                edge: Some(&id),
+                now: NOW,
+            },
+            &ReplayGuard::new(64).unwrap(),
+        );
+        let Verdict::Admitted(ok) = v else {
+            panic!("refused")
+        };
+        assert_eq!(
+            ok.rows,
+            vec![
+                EDGE_ACCEPTED,
+                Row {
+                    stage: Stage::Sidecar,
+                    decision: Decision::Accepted,
+                    code: None
+                }
+            ]
+        );
+        assert_eq!(ok.verified.command.nonce, 7);
+        assert_eq!(a.in_flight(), 1);
+        a.release(&ok);
+        assert_eq!(a.in_flight(), 0);
+    }
+
+    #[test]
+    fn without_the_edge_only_the_sidecar_decides() {
+        let Verdict::Admitted(ok) = decide_at(&signed(&command()), NOW, None) else {
+            panic!("refused")
+        };
+        assert_eq!(ok.rows.len(), 1);
+        assert_eq!(ok.rows[0].stage, Stage::Sidecar);
+    }
+
+    #[test]
+    fn refuses_too_large() {
+        let body = with(|c| {
+            c.args.insert("pad".into(), "x".repeat(1000));
+        });
+        let mut big = body.clone();
+        big.extend(std::iter::repeat_n(0u8, 4096));
+        refuse(&big, Code::TooLarge);
+    }
+
+    #[test]
+    fn refuses_malformed() {
+        let r = refuse(b"\xff\xff\xff", Code::Malformed);
+        assert!(r.command.is_none());
+    }
+
+    #[test]
+    fn refuses_bad_schema() {
+        refuse(
+            &with(|c| c.schema_version = "ctrl-v2".into()),
+            Code::BadSchema,
+        );
+    }
+
+    #[test]
+    fn refuses_sig_alg() {
+        let mut c = command();
+        let good = signed(&c);
+        let decoded = <Command as prost::Message>::decode(good.as_slice()).unwrap();
+        c.sig = decoded.sig;
+        c.pubkey_id = "op-admin-1".into();
+        c.sig_alg = "ed25519-v0".into();
+        refuse(&prost::Message::encode_to_vec(&c), Code::SigAlg);
+    }
+
+    #[test]
+    fn refuses_bad_sig_length() {
+        let mut c = command();
+        c.sig = vec![1; 63];
+        c.pubkey_id = "op-admin-1".into();
+        c.sig_alg = "ed25519-v1".into();
+        refuse(&prost::Message::encode_to_vec(&c), Code::BadSigLength);
+    }
+
+    #[test]
+    fn refuses_unknown_key() {
+        refuse(
+            &sign_command(&command(), &key(), "nobody"),
+            Code::UnknownKey,
+        );
+    }
+
+    #[test]
+    fn refuses_key_expired() {
+        let body = sign_command(&command(), &key(), "mev-only");
+        refused(decide_at(&body, NOW + 101, None), Code::KeyExpired);
+    }
+
+    #[test]
+    fn refuses_key_not_yet_valid() {
+        let body = sign_command(&command(), &key(), "mev-only");
+        refused(decide_at(&body, NOW - 101, None), Code::KeyNotYetValid);
+    }
+
+    #[test]
+    fn refuses_bad_signature() {
+        let mut body = signed(&command());
+        let last = body.len() - 1;
+        body[last] ^= 1; // the nonce, after signing
+        refuse(&body, Code::BadSignature);
+    }
+
+    #[test]
+    fn refuses_key_scope() {
+        let mut c = command();
+        c.module = Module::Arbitrage.to_proto() as i32;
+        refuse(&sign_command(&c, &key(), "mev-only"), Code::KeyScope);
+    }
+
+    #[test]
+    fn refuses_stale() {
+        refused(decide_at(&signed(&command()), NOW + 31, None), Code::Stale);
+    }
+
+    #[test]
+    fn refuses_future() {
+        refused(decide_at(&signed(&command()), NOW - 31, None), Code::Future);
+    }
+
+    #[test]
+    fn refuses_bad_nonce() {
+        refuse(&with(|c| c.nonce = 0), Code::BadNonce);
+    }
+
+    #[test]
+    fn refuses_bad_args() {
+        refuse(
+            &with(|c| {
+                c.args.insert("throttle_pct".into(), "101".into());
+            }),
+            Code::BadArgs,
+        );
+    }
+
+    #[test]
+    fn refuses_route_mismatch() {
+        refused(
+            decide_at(&signed(&command()), NOW, Some((Module::Mev, Action::Kill))),
+            Code::RouteMismatch,
+        );
+    }
+
+    #[test]
+    fn refuses_a_nonce_the_replay_guard_has_seen() {
+        let mut seen = ReplayGuard::new(64).unwrap();
+        seen.accept("dashboard", 7).unwrap();
+        let mut a = Admission::new(policy());
+        let body = signed(&command());
+        let v = a.decide(
+            &Request {
+                body: &body,
+                route: None,
+                edge: None,
+                now: NOW,
+            },
+            &seen,
+        );
+        let r = refused(v, Code::Replay);
+        assert_eq!(r.command.map(|c| c.nonce), Some(7), "the row names it");
+        assert_eq!(a.in_flight(), 0);
+    }
+
+    #[test]
+    fn refuses_a_nonce_in_flight_until_released() {
+        let mut a = Admission::new(policy());
+        let seen = ReplayGuard::new(64).unwrap();
+        let body = signed(&command());
+        let req = Request {
+            body: &body,
+            route: None,
+            edge: None,
+            now: NOW,
+        };
+        let Verdict::Admitted(first) = a.decide(&req, &seen) else {
+            panic!("refused")
+        };
+        refused(a.decide(&req, &seen), Code::Replay);
+        a.release(&first);
+        assert!(matches!(a.decide(&req, &seen), Verdict::Admitted(_)));
+    }
+
+    #[test]
+    fn a_failed_publish_is_refused_as_unavailable_after_the_accepted_row() {
+        let Verdict::Admitted(ok) = decide_at(&signed(&command()), NOW, None) else {
+            panic!("refused")
+        };
+        let a = Admission::new(policy());
+        let r = a.publish_failed(&ok, "broker down");
+        assert_eq!(r.reject.code, Code::Unavailable);
+        assert!(r.reject.detail.contains("nothing was applied"));
+        assert_eq!(r.rows, vec![rejected(Code::Unavailable)]);
+    }
+
+    #[test]
+    fn a_refusal_forwarded_by_the_edge_still_records_the_edge_first() {
+        let mut a = Admission::new(policy());
+        let id = edge();
+        let v = a.decide(
+            &Request {
+                body: b"junk",
+                route: None,
+                edge: Some(&id),
+                now: NOW,
+            },
+            &ReplayGuard::new(64).unwrap(),
+        );
+        let r = refused(v, Code::Malformed);
+        assert_eq!(r.rows[0], EDGE_ACCEPTED);
+    }
+}

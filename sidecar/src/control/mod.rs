@@ -1,0 +1,21 @@
+//! The control plane: signed commands from the edge to the modules.
+//!
+//! - [`admission`]: the pure decision on one request (re-verification, replay,
+//!   which ledger rows to write); [`service`] performs its effects and serves the
+//!   routes.
+//! - [`bus`]: the command bus (Kafka, or the embedded one).
+//! - [`agent`]: one consumer per module that verifies again, applies, persists and
+//!   commits; [`modules`] is the table of module states the agents publish.
+//! - [`replay_store`]: the durable replay guard.
+//! - [`json_route`]: the original API's JSON route, signed by the sidecar.
+
+pub mod admission;
+pub mod agent;
+pub mod bus;
+pub mod json_route;
+pub mod modules;
+pub mod replay_store;
+pub mod service;
+
+pub use modules::ModuleTable;
+pub use service::{Control, ControlConfig, StartError};

@@ -1,0 +1,45 @@
+//! The module table: each module's state as its agent last applied it. Agents are
+//! the only writers; the sender, the JSON-RPC gate and evaluate read it.
+
+use std::sync::Arc;
+
+use gw_core::module_state::{ModuleState, Modules};
+use gw_core::Module;
+use parking_lot::RwLock;
+
+/// A shared, cheap-to-clone view of every module's state.
+#[derive(Clone, Default)]
+pub struct ModuleTable(Arc<RwLock<Modules>>);
+
+impl ModuleTable {
+    /// Every module stopped, unthrottled.
+    pub fn new() -> ModuleTable {
+        ModuleTable::default()
+    }
+
+    /// A copy of one module's state.
+    pub fn get(&self, m: Module) -> ModuleState {
+        self.0.read().get(m).clone()
+    }
+
+    /// Reads one module's state without copying it.
+    pub fn with<T>(&self, m: Module, f: impl FnOnce(&ModuleState) -> T) -> T {
+        f(self.0.read().get(m))
+    }
+
+    /// A copy of every module's state.
+    pub fn snapshot(&self) -> Modules {
+        self.0.read().clone()
+    }
+
+    /// Replaces one module's state (its agent, or a test standing in for one).
+    pub fn set(&self, m: Module, state: ModuleState) {
+        self.0.write().set(m, state);
+    }
+}
+
+impl From<Modules> for ModuleTable {
+    fn from(m: Modules) -> Self {
+        ModuleTable(Arc::new(RwLock::new(m)))
+    }
+}

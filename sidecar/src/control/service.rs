@@ -1,0 +1,431 @@
+//! The control plane's async shell: performs what [`super::admission`] decided
+//! (ledger rows, publishing on the bus, the durable nonce), waits for the module's
+//! agent, and serves the control routes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gw_core::contract::{self, EdgeIdentity};
+use gw_core::ledger::{Decision, Stage};
+use gw_core::module_state::Modules;
+use gw_core::names::parse_module_spec;
+use gw_core::{Action, Code, Command, Module};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use super::admission::{Admission, Admitted, Refused, Request, Row, Verdict};
+use super::agent::{Ack, Agent, AgentEnv};
+use super::bus::Bus;
+use super::json_route::{self, JsonSigner};
+use super::modules::ModuleTable;
+use super::replay_store::{ReplayStore, StoreError};
+use crate::error::ApiError;
+use crate::ledger::{AuditError, Auditor, Entry};
+use crate::ops::metrics::ControlMetrics;
+
+/// What [`Control::start`] needs.
+pub struct ControlConfig {
+    /// Verification rules.
+    pub policy: gw_core::ControlPolicy,
+    /// The durable replay guard.
+    pub replay: ReplayStore,
+    /// The JSON route's signer, when configured.
+    pub signer: Option<JsonSigner>,
+    /// The command bus.
+    pub bus: Bus,
+    /// Where decisions are recorded.
+    pub auditor: Auditor,
+    /// How long a request waits for its agent before answering `pending`.
+    pub apply_wait: Duration,
+    /// Largest command body.
+    pub max_body: usize,
+    /// Where agents keep their state.
+    pub state_dir: std::path::PathBuf,
+    /// Applied-nonce window of the agents.
+    pub window: u32,
+    /// Counters.
+    pub metrics: ControlMetrics,
+}
+
+/// Admission state under one lock: the decision core and the replay guard it reads.
+struct Gate {
+    admission: Admission,
+    replay: ReplayStore,
+}
+
+/// The running control plane.
+pub struct Control {
+    gate: Mutex<Gate>,
+    signer: Option<JsonSigner>,
+    auditor: Auditor,
+    bus: Bus,
+    acks: broadcast::Sender<Ack>,
+    apply_wait: Duration,
+    max_body: usize,
+    modules: ModuleTable,
+    metrics: ControlMetrics,
+}
+
+impl Control {
+    /// Opens the agents' state, starts one agent per module and (while the broker
+    /// is away) keeps preparing the bus. Must run inside a tokio runtime.
+    pub fn start(c: ControlConfig) -> Result<(Arc<Control>, Vec<JoinHandle<()>>), StartError> {
+        let (acks, _) = broadcast::channel(1024);
+        let modules = ModuleTable::new();
+        let env = AgentEnv {
+            policy: c.policy.clone(),
+            state_dir: c.state_dir,
+            window: c.window,
+            modules: modules.clone(),
+            auditor: c.auditor.clone(),
+            acks: acks.clone(),
+            metrics: c.metrics.clone(),
+        };
+        let mut tasks = Vec::new();
+        for m in Module::ALL {
+            let agent = Agent::open(m, &env)?;
+            let consumer = c.bus.consumer(m)?;
+            tasks.push(tokio::spawn(agent.run(consumer)));
+        }
+        let bus = c.bus.clone();
+        tasks.push(tokio::spawn(async move {
+            // The topic must exist before consumers are assigned partitions; publishes
+            // answer 503 meanwhile.
+            let mut logged = false;
+            while let Err(e) = bus.prepare().await {
+                if !logged {
+                    tracing::warn!(bus = %bus.describe(), error = %e, "command bus not ready (retrying)");
+                    logged = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            tracing::info!(bus = %bus.describe(), "command bus ready");
+        }));
+        let control = Arc::new(Control {
+            gate: Mutex::new(Gate {
+                admission: Admission::new(c.policy),
+                replay: c.replay,
+            }),
+            signer: c.signer,
+            auditor: c.auditor,
+            bus: c.bus,
+            acks,
+            apply_wait: c.apply_wait,
+            max_body: c.max_body,
+            modules,
+            metrics: c.metrics,
+        });
+        Ok((control, tasks))
+    }
+
+    /// The module table (read by the sender and evaluate).
+    pub fn modules(&self) -> ModuleTable {
+        self.modules.clone()
+    }
+
+    /// The command bus (flushed at shutdown).
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// The control routes: signed commands, the JSON route, module state, and the
+    /// edge's decision reports.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route(contract::COMMAND_PATH, post(post_command))
+            .route(
+                &format!("{}{{spec}}", contract::MODULE_ROUTE_PREFIX),
+                post(post_module),
+            )
+            .route("/api/modules", get(get_modules))
+            .layer(DefaultBodyLimit::max(self.max_body))
+            .route(
+                contract::EDGE_DECISIONS_PATH,
+                post(edge_decisions)
+                    .layer(DefaultBodyLimit::max(2 * contract::MAX_REPORT_BATCH_BYTES)),
+            )
+            .with_state(self.clone())
+    }
+
+    fn record(
+        &self,
+        rows: &[Row],
+        body: &[u8],
+        command: Option<&Command>,
+    ) -> Result<(), AuditError> {
+        for r in rows {
+            self.auditor.record(Entry {
+                stage: r.stage,
+                decision: r.decision,
+                code: r.code,
+                body,
+                command,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Records a refusal's rows; answers with its rejection (or, when the ledger
+    /// cannot take the rows, with that).
+    fn refuse(&self, r: Refused, body: &[u8]) -> ApiError {
+        match self.record(&r.rows, body, r.command.as_ref()) {
+            Ok(()) => r.reject.into(),
+            Err(e) => e.into(),
+        }
+    }
+
+    /// Admits one signed command: the one path every command takes. Nothing is
+    /// applied here: the agent applies only what the bus holds, after verifying
+    /// and auditing it again.
+    pub async fn admit(
+        &self,
+        body: &[u8],
+        route: Option<(Module, Action)>,
+        edge: Option<&EdgeIdentity>,
+    ) -> Result<Json<Value>, ApiError> {
+        let span = tracing::info_span!(
+            "command",
+            request_id = tracing::field::Empty,
+            issuer = tracing::field::Empty,
+            nonce = tracing::field::Empty,
+            module = tracing::field::Empty,
+        );
+        let result = self
+            .admit_inner(body, route, edge)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(_) => self.metrics.decision("accepted"),
+            Err(e) => {
+                self.metrics.decision(e.code().as_str());
+                span.in_scope(|| tracing::info!(code = %e.code(), detail = e.detail(), "refused"));
+            }
+        }
+        result.map(Json)
+    }
+
+    async fn admit_inner(
+        &self,
+        body: &[u8],
+        route: Option<(Module, Action)>,
+        edge: Option<&EdgeIdentity>,
+    ) -> Result<Value, ApiError> {
+        let req = Request {
+            body,
+            route,
+            edge,
+            now: crate::now_secs(),
+        };
+        let verdict = {
+            let mut g = self.gate.lock();
+            let Gate { admission, replay } = &mut *g;
+            admission.decide(&req, &*replay)
+        };
+        let a = match verdict {
+            Verdict::Refused(r) => {
+                if let Some(c) = &r.command {
+                    record_command(c);
+                }
+                return Err(self.refuse(r, body));
+            }
+            Verdict::Admitted(a) => a,
+        };
+        let _reserved = Reservation {
+            control: self,
+            admitted: &a,
+        };
+        let c = &a.verified.command;
+        record_command(c);
+        // Audited before it is published: nothing reaches the bus without its row,
+        // and the ledger reads accepted → applied. If publishing then fails, an
+        // `unavailable` row for the same request follows.
+        self.record(&a.rows, body, Some(c))?;
+        let mut acks = self.acks.subscribe();
+        let position = match self.bus.publish(a.verified.module, body).await {
+            Ok(p) => p,
+            Err(e) => {
+                let r = self
+                    .gate
+                    .lock()
+                    .admission
+                    .publish_failed(&a, &e.to_string());
+                return Err(self.refuse(r, body));
+            }
+        };
+        // On the bus: the agent will apply it. Make the nonce durable here too; if
+        // that fails the agent still refuses a second copy (it keeps the nonces it
+        // applied).
+        if let Err(r) = self.gate.lock().replay.accept(&c.issuer, c.nonce) {
+            tracing::error!(detail = %r.detail, "published, but the replay state was not saved");
+            self.metrics.decision("replay_not_persisted");
+        }
+        let outcome = tokio::time::timeout(self.apply_wait, async {
+            loop {
+                match acks.recv().await {
+                    Ok(ack) if ack.issuer == c.issuer && ack.nonce == c.nonce => {
+                        return Some(ack.outcome)
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten();
+        let v = &a.verified;
+        let mut out = json!({"ok": true, "request_id": c.request_id, "module": v.module.as_str(),
+                              "action": v.action.as_str(), "nonce": c.nonce, "published": position,
+                              "applied": false});
+        match outcome {
+            Some(Ok(state)) => {
+                out["applied"] = json!(true);
+                out["state"] = json!(state);
+            }
+            Some(Err(r)) => {
+                out["apply_error"] = json!({"error": r.code.as_str(), "detail": r.detail});
+            }
+            None => out["pending"] = json!(true),
+        }
+        Ok(out)
+    }
+
+    /// The JSON route: the body becomes args, the sidecar signs, then [`Self::admit`].
+    async fn admit_json(
+        &self,
+        body: &[u8],
+        route: (Module, Action),
+        edge: Option<&EdgeIdentity>,
+    ) -> Result<Json<Value>, ApiError> {
+        let args = json_route::parse_args(body, route.1)?;
+        if edge.is_some() {
+            // The edge saw the JSON body; the sidecar's rows are about the command it signs.
+            self.auditor.record(Entry {
+                stage: Stage::Edge,
+                decision: Decision::Accepted,
+                code: None,
+                body,
+                command: None,
+            })?;
+        }
+        let signer = self.signer.as_ref().ok_or(ApiError::new(
+            Code::Unavailable,
+            "this sidecar has no signing key (CTRL_SIGN_SK_HEX)",
+        ))?;
+        let signed = match signer.sign(route, args, crate::now_nanos()) {
+            Ok(s) => s,
+            Err(r) => {
+                let refused = Refused {
+                    rows: vec![Row {
+                        stage: Stage::Sidecar,
+                        decision: Decision::Rejected,
+                        code: Some(r.code),
+                    }],
+                    reject: r,
+                    command: None,
+                };
+                return Err(self.refuse(refused, body));
+            }
+        };
+        self.admit(&signed, Some(route), None).await
+    }
+}
+
+fn record_command(c: &Command) {
+    let span = tracing::Span::current();
+    span.record("request_id", c.request_id.as_str());
+    span.record("issuer", c.issuer.as_str());
+    span.record("nonce", c.nonce);
+    if let Some(m) = Module::from_proto(c.module) {
+        span.record("module", m.as_str());
+    }
+}
+
+/// An admitted command's nonce stays reserved until its fate is settled.
+struct Reservation<'a> {
+    control: &'a Control,
+    admitted: &'a Admitted,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.control.gate.lock().admission.release(self.admitted);
+    }
+}
+
+/// Why the control plane cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// An agent's state file cannot be read.
+    #[error(transparent)]
+    AgentState(#[from] StoreError),
+    /// The bus refused a consumer.
+    #[error("command bus: {0}")]
+    Bus(#[from] super::bus::BusError),
+}
+
+/// What the edge stamped on this request, if anything.
+fn edge_identity(headers: &HeaderMap) -> Option<EdgeIdentity> {
+    EdgeIdentity::from_headers(|k| headers.get(k).and_then(|v| v.to_str().ok()))
+}
+
+async fn post_command(
+    State(c): State<Arc<Control>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    c.admit(&body, None, edge_identity(&headers).as_ref()).await
+}
+
+async fn post_module(
+    State(c): State<Arc<Control>>,
+    Path(spec): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let route = parse_module_spec(&spec).ok_or(ApiError::new(
+        Code::Malformed,
+        "route names an unknown module or action",
+    ))?;
+    let edge = edge_identity(&headers);
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    if contract::is_command_media_type(content_type) {
+        return c.admit(&body, Some(route), edge.as_ref()).await;
+    }
+    c.admit_json(&body, route, edge.as_ref()).await
+}
+
+async fn get_modules(State(c): State<Arc<Control>>) -> Json<Modules> {
+    Json(c.modules.snapshot())
+}
+
+/// `POST /internal/edge-decisions`: the filter's batch of edge rejections, each
+/// sealed into the ledger as a `stage = edge` row. The whole batch is checked before
+/// any row is written.
+async fn edge_decisions(
+    State(c): State<Arc<Control>>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let reports = contract::parse_report_batch(&body).map_err(ApiError::from)?;
+    for r in &reports {
+        c.auditor.record(Entry {
+            stage: Stage::Edge,
+            decision: Decision::Rejected,
+            code: Some(r.code),
+            body: &r.raw,
+            command: None,
+        })?;
+        c.metrics.decision("edge_reported");
+    }
+    Ok(Json(json!({"ok": true, "recorded": reports.len()})))
+}

@@ -1,0 +1,92 @@
+//! The sidecar's one API error: a stable [`Code`] (its HTTP status comes from the
+//! code's table), a detail for operators, and one [`IntoResponse`]. Each capability
+//! keeps its own typed errors and says here which code each one answers with.
+
+use std::borrow::Cow;
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use gw_core::{Code, Reject};
+
+/// An error answer: `{"error": "<code>", "detail": "..."}` with the code's status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError(Reject);
+
+impl ApiError {
+    /// An error with a fixed detail.
+    pub const fn new(code: Code, detail: &'static str) -> ApiError {
+        ApiError(Reject::new(code, detail))
+    }
+
+    /// An error with a formatted detail.
+    pub fn with(code: Code, detail: impl Into<Cow<'static, str>>) -> ApiError {
+        ApiError(Reject {
+            code,
+            detail: detail.into(),
+        })
+    }
+
+    /// The stable code.
+    pub fn code(&self) -> Code {
+        self.0.code
+    }
+
+    /// The detail.
+    pub fn detail(&self) -> &str {
+        &self.0.detail
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl From<Reject> for ApiError {
+    fn from(r: Reject) -> Self {
+        ApiError(r)
+    }
+}
+
+impl From<ApiError> for Reject {
+    fn from(e: ApiError) -> Self {
+        e.0
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (
+            status,
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            self.0.to_json(),
+        )
+            .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_and_body_follow_the_code() {
+        for code in Code::ALL {
+            let r = ApiError::with(*code, "why").into_response();
+            assert_eq!(r.status().as_u16(), code.http_status(), "{code}");
+            assert_eq!(
+                r.headers()[header::CONTENT_TYPE],
+                "application/json",
+                "{code}"
+            );
+        }
+    }
+}

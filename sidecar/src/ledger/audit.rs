@@ -1,0 +1,124 @@
+//! Turning a decision into a sealed ledger row: [`Auditor::record`] seals and
+//! fsyncs it into the spool ([`super::spool`]) before it returns.
+
+use std::sync::Arc;
+
+use gw_core::ledger::{Decision, LedgerRow, Stage};
+use gw_core::{Action, Code, Command, Module};
+use parking_lot::Mutex;
+
+use super::spool::{LedgerError, Spool};
+use crate::error::ApiError;
+
+/// Where decisions are written; without a spool nothing is (development only).
+#[derive(Clone, Default)]
+pub struct Auditor {
+    spool: Option<Arc<Mutex<Spool>>>,
+    pending: Option<prometheus_client::metrics::gauge::Gauge>,
+}
+
+/// One decision about one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    /// Who decided.
+    pub stage: Stage,
+    /// What.
+    pub decision: Decision,
+    /// Why (rejections, duplicates).
+    pub code: Option<Code>,
+    /// The bytes the decision is about (a signed command, or the JSON body of the
+    /// original route), stored so the row can be re-verified later.
+    pub body: &'a [u8],
+    /// The decoded command when the caller has it; decoded from `body` otherwise
+    /// (a rejected body may not decode).
+    pub command: Option<&'a Command>,
+}
+
+/// The decision could not be made durable: the caller must not act on it.
+#[derive(Debug, thiserror::Error)]
+#[error("audit ledger: {0}")]
+pub struct AuditError(#[from] LedgerError);
+
+impl From<AuditError> for ApiError {
+    fn from(e: AuditError) -> Self {
+        ApiError::with(Code::Unavailable, e.to_string())
+    }
+}
+
+impl Auditor {
+    /// Writes to `spool` (none: decisions are not recorded), keeping `pending` (the
+    /// rows not yet in ClickHouse) current.
+    pub fn new(
+        spool: Option<Arc<Mutex<Spool>>>,
+        pending: Option<prometheus_client::metrics::gauge::Gauge>,
+    ) -> Auditor {
+        Auditor { spool, pending }
+    }
+
+    /// The spool, when there is one.
+    pub fn spool(&self) -> Option<&Arc<Mutex<Spool>>> {
+        self.spool.as_ref()
+    }
+
+    /// Seals one decision into the chain and the spool (fsync) before returning.
+    pub fn record(&self, e: Entry<'_>) -> Result<(), AuditError> {
+        let Some(spool) = &self.spool else {
+            return Ok(());
+        };
+        let row = row(&e);
+        let mut spool = spool.lock();
+        spool.append(row)?;
+        self.set_pending(&spool);
+        Ok(())
+    }
+
+    /// Updates the pending-rows gauge (after shipping).
+    pub fn refresh_pending(&self) {
+        if let Some(spool) = &self.spool {
+            self.set_pending(&spool.lock());
+        }
+    }
+
+    fn set_pending(&self, spool: &Spool) {
+        if let Some(g) = &self.pending {
+            g.set(i64::try_from(spool.pending()).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// The unsealed row of an entry (`seq` and hashes are set by the chain).
+fn row(e: &Entry<'_>) -> LedgerRow {
+    let decoded;
+    let cmd = match e.command {
+        Some(c) => Some(c),
+        None => {
+            decoded = <Command as prost::Message>::decode(e.body).ok();
+            decoded.as_ref()
+        }
+    };
+    let name = |v: i32, f: fn(i32) -> Option<&'static str>| f(v).unwrap_or("").to_owned();
+    LedgerRow {
+        seq: 0,
+        ts_ms: crate::now_nanos() / 1_000_000,
+        stage: e.stage.as_str().into(),
+        decision: e.decision.as_str().into(),
+        code: e.code.map(Code::as_str).unwrap_or_default().into(),
+        request_id: cmd.map(|c| c.request_id.clone()).unwrap_or_default(),
+        issuer: cmd.map(|c| c.issuer.clone()).unwrap_or_default(),
+        module: cmd
+            .map(|c| name(c.module, |m| Module::from_proto(m).map(Module::as_str)))
+            .unwrap_or_default(),
+        action: cmd
+            .map(|c| name(c.action, |a| Action::from_proto(a).map(Action::as_str)))
+            .unwrap_or_default(),
+        pubkey_id: cmd.map(|c| c.pubkey_id.clone()).unwrap_or_default(),
+        sig_alg: cmd.map(|c| c.sig_alg.clone()).unwrap_or_default(),
+        nonce: cmd.map_or(0, |c| c.nonce),
+        args_json: cmd
+            .map(|c| serde_json::to_string(&c.args).unwrap_or_default())
+            .unwrap_or_default(),
+        raw_hex: hex::encode(e.body),
+        prev_hash: String::new(),
+        row_hash: String::new(),
+    }
+}

@@ -1,0 +1,159 @@
+//! Reading the ledger back from ClickHouse: an operator's history, one request's
+//! decisions, the frequency of policy updates, and a walk of the hash chain.
+
+use gw_core::Code;
+use serde::{Deserialize, Serialize};
+
+use super::spool::DecisionRow;
+use crate::error::ApiError;
+
+/// A decision as the ledger endpoints return it.
+#[derive(Debug, clickhouse::Row, Serialize, Deserialize)]
+pub struct DecisionView {
+    /// Position in the chain.
+    pub seq: u64,
+    /// Unix milliseconds.
+    pub ts_ms: u64,
+    /// `edge`, `sidecar`, `agent`.
+    pub stage: String,
+    /// `accepted`, `rejected`, `applied`, `duplicate`.
+    pub decision: String,
+    /// The rejection code, if any.
+    pub code: String,
+    /// Command issuer.
+    pub issuer: String,
+    /// Module.
+    pub module: String,
+    /// Action.
+    pub action: String,
+    /// Command `request_id`.
+    pub request_id: String,
+    /// Command nonce.
+    pub nonce: u64,
+}
+
+/// One five-minute window of applied POLICY commands.
+#[derive(Debug, clickhouse::Row, Serialize, Deserialize)]
+pub struct PolicyWindow {
+    /// Unix seconds.
+    pub window_start: u32,
+    /// Commands applied in it.
+    pub commands: u64,
+}
+
+/// The result of walking the stored chain.
+#[derive(Debug, Serialize)]
+pub struct ChainStatus {
+    /// Whether every row verified.
+    pub ok: bool,
+    /// Rows read (all of them verified when `ok`).
+    pub rows: u64,
+    /// Where the chain breaks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broken: Option<String>,
+}
+
+const DECISION_COLUMNS: &str =
+    "seq, ts_ms, stage, decision, code, issuer, module, action, request_id, nonce";
+
+/// ClickHouse could not answer.
+#[derive(Debug, thiserror::Error)]
+#[error("clickhouse: {0}")]
+pub struct QueryError(#[from] clickhouse::error::Error);
+
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> Self {
+        ApiError::with(Code::Unavailable, e.to_string())
+    }
+}
+
+/// Queries over the decisions table.
+#[derive(Clone)]
+pub struct Queries {
+    client: clickhouse::Client,
+    table: String,
+}
+
+impl Queries {
+    /// Queries `table` through `client`.
+    pub fn new(client: clickhouse::Client, table: &str) -> Queries {
+        Queries {
+            client,
+            table: table.to_owned(),
+        }
+    }
+
+    /// The client (the shipper writes through it).
+    pub fn client(&self) -> &clickhouse::Client {
+        &self.client
+    }
+
+    /// Decisions of the last 24 hours, newest first (at most 10 000).
+    pub async fn history(&self) -> Result<Vec<DecisionView>, QueryError> {
+        Ok(self
+            .client
+            .query(&format!(
+                "SELECT {DECISION_COLUMNS} FROM {} FINAL \
+                 WHERE ts_ms > toUInt64(toUnixTimestamp64Milli(now64(3))) - 86400000 \
+                 ORDER BY seq DESC LIMIT 10000",
+                self.table
+            ))
+            .fetch_all::<DecisionView>()
+            .await?)
+    }
+
+    /// Every decision about one `request_id`, in order.
+    pub async fn by_request(&self, request_id: &str) -> Result<Vec<DecisionView>, QueryError> {
+        Ok(self
+            .client
+            .query(&format!(
+                "SELECT {DECISION_COLUMNS} FROM {} FINAL WHERE request_id = ? ORDER BY seq",
+                self.table
+            ))
+            .bind(request_id)
+            .fetch_all::<DecisionView>()
+            .await?)
+    }
+
+    /// Applied POLICY commands per five minutes.
+    pub async fn policy_frequency(&self) -> Result<Vec<PolicyWindow>, QueryError> {
+        Ok(self
+            .client
+            .query(&format!(
+                "SELECT toUnixTimestamp(toStartOfFiveMinute(fromUnixTimestamp64Milli(toInt64(ts_ms)))) AS window_start, \
+                        count() AS commands \
+                 FROM {} FINAL WHERE action = 'policy' AND stage = 'agent' AND decision = 'applied' \
+                 GROUP BY window_start ORDER BY window_start",
+                self.table
+            ))
+            .fetch_all::<PolicyWindow>()
+            .await?)
+    }
+
+    /// Walks the stored hash chain, as `gwctl ledger verify` does.
+    pub async fn verify(&self) -> Result<ChainStatus, QueryError> {
+        let mut cursor = self
+            .client
+            .query(&format!(
+                "SELECT ?fields FROM {} FINAL ORDER BY seq",
+                self.table
+            ))
+            .fetch::<DecisionRow>()?;
+        let mut rows = Vec::new();
+        while let Some(r) = cursor.next().await? {
+            rows.push(gw_core::ledger::LedgerRow::from(r));
+        }
+        Ok(match gw_core::ledger::verify_chain(&rows) {
+            Ok(n) => ChainStatus {
+                ok: true,
+                rows: n,
+                broken: None,
+            },
+            Err(e) => ChainStatus {
+                ok: false,
+                rows: rows.len() as u64,
+                broken: Some(e.to_string()),
+            },
+        })
+    }
+}

@@ -1,0 +1,200 @@
+//! The models' HTTP API: what serves each module, scoring a batch, and evaluating
+//! opportunities against the module's state.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gw_core::{Code, Module};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::host::ModelHost;
+use super::library::{Model, PredictError, MAX_ROWS};
+use crate::control::ModuleTable;
+use crate::error::ApiError;
+
+/// Largest predict/evaluate body.
+const MAX_SCORE_BODY: usize = 4 << 20;
+
+/// What the API scores with.
+#[derive(Clone)]
+pub struct ModelsApi {
+    host: Option<Arc<ModelHost>>,
+    modules: ModuleTable,
+}
+
+/// Why a batch could not be scored.
+#[derive(Debug, thiserror::Error)]
+pub enum ScoreError {
+    /// No `models` section in the configuration.
+    #[error("no models configured (models.dir)")]
+    NotConfigured,
+    /// The path names no model slot.
+    #[error("no model slot `{0}` (mev, arbitrage)")]
+    UnknownSlot(String),
+    /// The body is not `{"rows": [[…]]}`.
+    #[error("predict body: {0}")]
+    Body(String),
+    /// Nothing serves the slot yet.
+    #[error("no model is serving `{0}` yet")]
+    NotServing(String),
+    /// More rows than one call takes.
+    #[error("{0} rows; at most {MAX_ROWS}")]
+    TooManyRows(usize),
+    /// A row of the wrong width.
+    #[error("row {row} has {got} features; the model takes {want}")]
+    Width {
+        /// Row index.
+        row: usize,
+        /// Its length.
+        got: usize,
+        /// The model's feature count.
+        want: usize,
+    },
+    /// The model failed.
+    #[error("predict: {0}")]
+    Predict(#[from] PredictError),
+    /// The blocking task did not finish.
+    #[error("predict task: {0}")]
+    Task(String),
+}
+
+impl From<ScoreError> for ApiError {
+    fn from(e: ScoreError) -> Self {
+        let code = match &e {
+            ScoreError::NotConfigured
+            | ScoreError::NotServing(_)
+            | ScoreError::Predict(_)
+            | ScoreError::Task(_) => Code::Unavailable,
+            ScoreError::UnknownSlot(_) | ScoreError::Body(_) => Code::Malformed,
+            ScoreError::TooManyRows(_) => Code::TooLarge,
+            ScoreError::Width { .. } => Code::BadArgs,
+        };
+        ApiError::with(code, e.to_string())
+    }
+}
+
+/// `{"rows": [[…]]}`; `null` is a missing value.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PredictBody {
+    rows: Vec<Vec<Option<f32>>>,
+}
+
+impl ModelsApi {
+    /// The API over `host` (none: every call answers `unavailable`), gating
+    /// evaluations with `modules`.
+    pub fn new(host: Option<Arc<ModelHost>>, modules: ModuleTable) -> ModelsApi {
+        ModelsApi { host, modules }
+    }
+
+    /// The routes.
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/api/models", get(get_models))
+            .route("/api/models/{module}/predict", post(predict))
+            .route("/api/modules/{module}/evaluate", post(evaluate))
+            .layer(DefaultBodyLimit::max(MAX_SCORE_BODY))
+            .with_state(Arc::new(self))
+    }
+
+    fn host(&self) -> Result<&Arc<ModelHost>, ScoreError> {
+        self.host.as_ref().ok_or(ScoreError::NotConfigured)
+    }
+
+    /// Parses a `{"rows": …}` body and scores it with the model serving `module`:
+    /// the model (held for the call) and its outputs, `n_outputs` per row.
+    async fn score(&self, module: &str, body: &[u8]) -> Result<(Arc<Model>, Vec<f32>), ScoreError> {
+        let host = self.host()?;
+        if host.slot(module).is_none() {
+            return Err(ScoreError::UnknownSlot(module.escape_debug().to_string()));
+        }
+        let req: PredictBody =
+            serde_json::from_slice(body).map_err(|e| ScoreError::Body(e.to_string()))?;
+        let model = host
+            .current(module)
+            .ok_or_else(|| ScoreError::NotServing(module.to_owned()))?;
+        let n = model.n_features as usize;
+        if req.rows.len() > MAX_ROWS {
+            return Err(ScoreError::TooManyRows(req.rows.len()));
+        }
+        let mut flat = Vec::with_capacity(req.rows.len() * n);
+        for (i, row) in req.rows.iter().enumerate() {
+            if row.len() != n {
+                return Err(ScoreError::Width {
+                    row: i,
+                    got: row.len(),
+                    want: n,
+                });
+            }
+            flat.extend(row.iter().map(|v| v.unwrap_or(f32::NAN)));
+        }
+        let m = model.clone();
+        let out = tokio::task::spawn_blocking(move || m.predict(&flat))
+            .await
+            .map_err(|e| ScoreError::Task(e.to_string()))??;
+        Ok((model, out))
+    }
+}
+
+type Api = State<Arc<ModelsApi>>;
+
+/// What serves each module (`GET /api/models`).
+async fn get_models(State(api): Api) -> Result<Json<Value>, ApiError> {
+    let host = api.host()?;
+    let view: serde_json::Map<String, Value> = host
+        .view()
+        .into_iter()
+        .map(|(m, v)| (m.to_string(), json!(v)))
+        .collect();
+    Ok(Json(Value::Object(view)))
+}
+
+/// Scores a batch with the module's serving model.
+async fn predict(
+    State(api): Api,
+    Path(module): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let (model, out) = api.score(&module, &body).await?;
+    let outputs: Vec<&[f32]> = out.chunks(model.n_outputs as usize).collect();
+    Ok(Json(json!({
+        "module": module, "model": model.name, "version": model.version, "outputs": outputs
+    })))
+}
+
+/// `POST /api/modules/{module}/evaluate`: scores opportunities with the module's
+/// model and says, per row, whether the module may send it now (the one gate the
+/// strategy applies: state, throttle, `ev_min`).
+async fn evaluate(
+    State(api): Api,
+    Path(module): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let m = Module::parse(&module).ok_or_else(|| {
+        ApiError::with(
+            Code::Malformed,
+            format!("unknown module `{}`", module.escape_debug()),
+        )
+    })?;
+    let (model, out) = api.score(m.as_str(), &body).await?;
+    let state = api.modules.get(m);
+    // The EV is each row's first output.
+    let decisions: Vec<Value> = out
+        .chunks(model.n_outputs as usize)
+        .map(|o| {
+            let ev = o[0];
+            match state.may_send(Some(ev)) {
+                Ok(()) => json!({"ev": ev, "send": true}),
+                Err(why) => json!({"ev": ev, "send": false, "reason": why.as_str()}),
+            }
+        })
+        .collect();
+    Ok(Json(json!({
+        "module": m.as_str(), "version": model.version, "ev_min": state.ev_min,
+        "state": state.state, "decisions": decisions
+    })))
+}

@@ -1,0 +1,11 @@
+//! Tree models behind the versioned C ABI: one checked library ([`library`]), the
+//! per-module slots that swap them in ([`host`]), and the API that scores with them
+//! ([`api`]: `GET /api/models`, `POST /api/models/{module}/predict`,
+//! `POST /api/modules/{module}/evaluate`).
+
+pub mod api;
+pub mod host;
+pub mod library;
+
+pub use host::{ModelHost, ModelView, SlotView};
+pub use library::{LoadError, Model, PredictError, ABI_V1, EXPORT_SYMBOL, MAX_ROWS};

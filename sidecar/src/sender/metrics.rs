@@ -1,0 +1,132 @@
+//! The data plane's Prometheus metrics, read at scrape time from the counters the
+//! sender, its routes, the strategy and the send audit keep on their hot paths.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::MetricType;
+
+use super::plane::DataPlane;
+use super::strategy::Skip;
+
+/// Collects `gw_sender_*`, `gw_strategy_*` and `gw_sidecar_send_audit_total`.
+#[derive(Debug)]
+pub struct SenderCollector(pub Arc<DataPlane>);
+
+impl std::fmt::Debug for DataPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataPlane")
+    }
+}
+
+fn load(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// One counter family: `name_total{label=value...}` for each row.
+fn counters<const N: usize>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: &[([(&str, &str); N], u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        let labels: Vec<(&str, &str)> = labels.to_vec();
+        ConstCounter::new(*v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for SenderCollector {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let dp = &self.0;
+        let s = &dp.sender;
+        counters(
+            &mut enc,
+            "gw_sender_sends",
+            "Sends by outcome and the route that took them",
+            &[
+                (
+                    [("outcome", "landed"), ("route", "tpu")],
+                    load(&s.stats.landed_by[0]),
+                ),
+                (
+                    [("outcome", "landed"), ("route", "relay")],
+                    load(&s.stats.landed_by[1]),
+                ),
+                (
+                    [("outcome", "failed"), ("route", "")],
+                    load(&s.stats.failed),
+                ),
+            ],
+        )?;
+        let hedged = ConstCounter::new(load(&s.stats.hedged));
+        hedged.encode(enc.encode_descriptor(
+            "gw_sender_hedged",
+            "Sends that also went out on the second route",
+            None,
+            hedged.metric_type(),
+        )?)?;
+        if let Some(t) = s.tpu() {
+            let st = &t.stats;
+            counters(
+                &mut enc,
+                "gw_sender_tpu",
+                "TPU route events",
+                &[
+                    ([("event", "delivered")], load(&st.delivered)),
+                    ([("event", "failed")], load(&st.failed)),
+                    ([("event", "unreachable")], load(&st.unreachable)),
+                    ([("event", "dropped_queue_full")], load(&st.dropped_full)),
+                    ([("event", "too_large")], load(&st.too_large)),
+                    ([("event", "connects")], load(&st.connects)),
+                    ([("event", "connect_failures")], load(&st.connect_failures)),
+                ],
+            )?;
+        }
+        if let Some(r) = s.relay() {
+            counters(
+                &mut enc,
+                "gw_sender_relay",
+                "Relay route events",
+                &[
+                    ([("event", "accepted")], load(&r.stats.accepted)),
+                    ([("event", "failed")], load(&r.stats.failed)),
+                ],
+            )?;
+        }
+        let hs = &dp.hot.stats;
+        let mut rows = vec![
+            ([("outcome", "sent")], load(&hs.sent)),
+            ([("outcome", "ring_full")], load(&hs.ring_full)),
+        ];
+        rows.extend(
+            Skip::ALL
+                .iter()
+                .map(|w| ([("outcome", w.as_str())], hs.skipped(*w))),
+        );
+        counters(
+            &mut enc,
+            "gw_strategy_opportunities",
+            "Opportunities by outcome (sent, ring_full, or why skipped)",
+            &rows,
+        )?;
+        if let Some(a) = &dp.audit {
+            counters(
+                &mut enc,
+                "gw_sidecar_send_audit",
+                "Send audit rows: written to ClickHouse, dropped on a full queue, failed inserts",
+                &[
+                    ([("event", "written")], load(&a.stats.written)),
+                    ([("event", "dropped")], load(&a.stats.dropped)),
+                    ([("event", "insert_errors")], load(&a.stats.insert_errors)),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+}
