@@ -5,24 +5,75 @@
 
 use crate::header_map;
 
-/// A host status other than `Ok`.
+/// A host status other than `Ok` (proxy-wasm `WasmResult`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Status(pub u32);
+pub enum Status {
+    /// The item does not exist.
+    NotFound,
+    /// An argument was not acceptable.
+    BadArgument,
+    /// The host could not serialise the answer.
+    SerializationFailure,
+    /// The host could not parse what it was given.
+    ParseFailure,
+    /// Nothing to return.
+    Empty,
+    /// A shared-data write lost a compare-and-swap.
+    CasMismatch,
+    /// The host failed.
+    InternalFailure,
+    /// The host does not implement the call.
+    Unimplemented,
+    /// A status this ABI version does not name.
+    Unknown(u32),
+}
 
-/// `CasMismatch`.
-pub const CAS_MISMATCH: Status = Status(8);
+impl Status {
+    fn check(raw: u32) -> Result<(), Status> {
+        Err(match raw {
+            0 => return Ok(()),
+            1 => Status::NotFound,
+            2 => Status::BadArgument,
+            3 => Status::SerializationFailure,
+            4 => Status::ParseFailure,
+            7 => Status::Empty,
+            8 => Status::CasMismatch,
+            10 => Status::InternalFailure,
+            12 => Status::Unimplemented,
+            other => Status::Unknown(other),
+        })
+    }
+}
 
-/// Buffer: request body.
-pub const BUFFER_HTTP_REQUEST_BODY: u32 = 0;
-/// Buffer: plugin configuration.
-pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
-/// Map: request headers.
-const MAP_HTTP_REQUEST_HEADERS: u32 = 0;
-/// Map: headers of an `http_call` response.
-const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
-/// Metric type counter.
-const METRIC_COUNTER: u32 = 0;
-const METRIC_HISTOGRAM: u32 = 2;
+/// Buffers the filter reads (proxy-wasm `BufferType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum BufferType {
+    /// The request body.
+    HttpRequestBody = 0,
+    /// The plugin configuration.
+    PluginConfiguration = 7,
+}
+
+/// Header maps the filter reads or writes (proxy-wasm `MapType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+enum MapType {
+    /// Request headers.
+    HttpRequestHeaders = 0,
+    /// The headers of an `http_call`'s response.
+    HttpCallResponseHeaders = 6,
+}
+
+/// Kinds of metrics (proxy-wasm `MetricType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+enum MetricType {
+    /// A counter.
+    Counter = 0,
+    /// A histogram.
+    Histogram = 2,
+}
 
 #[link(wasm_import_module = "env")]
 extern "C" {
@@ -103,11 +154,7 @@ extern "C" {
 }
 
 fn check(s: u32) -> Result<(), Status> {
-    if s == 0 {
-        Ok(())
-    } else {
-        Err(Status(s))
-    }
+    Status::check(s)
 }
 
 /// Memory the host asks for to hand the filter a buffer: exactly `size` bytes, so
@@ -132,11 +179,13 @@ unsafe fn take(ptr: *mut u8, size: usize) -> Vec<u8> {
     if ptr.is_null() || size == 0 {
         return Vec::new();
     }
-    Vec::from_raw_parts(ptr, size, size)
+    // SAFETY: the caller's contract: `allocate` gave exactly `size` bytes at `ptr`.
+    unsafe { Vec::from_raw_parts(ptr, size, size) }
 }
 
-/// Log levels.
+/// Log levels (proxy-wasm `LogLevel`).
 #[derive(Debug, Clone, Copy)]
+#[repr(u32)]
 pub enum Level {
     /// Debug.
     Debug = 1,
@@ -163,14 +212,20 @@ pub fn now_nanos() -> Result<u64, Status> {
 }
 
 /// Reads up to `max` bytes of a buffer; `Ok(None)` when it is absent.
-pub fn get_buffer(buffer_type: u32, start: usize, max: usize) -> Result<Option<Vec<u8>>, Status> {
+pub fn get_buffer(
+    buffer_type: BufferType,
+    start: usize,
+    max: usize,
+) -> Result<Option<Vec<u8>>, Status> {
     let mut p: *mut u8 = std::ptr::null_mut();
     let mut n: usize = 0;
-    // SAFETY: valid out-pointers; ownership of the returned buffer is taken below.
-    match unsafe { proxy_get_buffer_bytes(buffer_type, start, max, &mut p, &mut n) } {
-        0 => Ok(Some(unsafe { take(p, n) })),
-        1 => Ok(None),
-        s => Err(Status(s)),
+    // SAFETY: valid out-pointers.
+    let s = unsafe { proxy_get_buffer_bytes(buffer_type as u32, start, max, &mut p, &mut n) };
+    match check(s) {
+        // SAFETY: the host returned a buffer it allocated with `allocate`.
+        Ok(()) => Ok(Some(unsafe { take(p, n) })),
+        Err(Status::NotFound) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -178,8 +233,11 @@ pub fn get_buffer(buffer_type: u32, start: usize, max: usize) -> Result<Option<V
 pub fn request_headers_raw() -> Result<Vec<u8>, Status> {
     let mut p: *mut u8 = std::ptr::null_mut();
     let mut n: usize = 0;
-    // SAFETY: valid out-pointers; ownership of the returned buffer is taken below.
-    check(unsafe { proxy_get_header_map_pairs(MAP_HTTP_REQUEST_HEADERS, &mut p, &mut n) })?;
+    // SAFETY: valid out-pointers.
+    check(unsafe {
+        proxy_get_header_map_pairs(MapType::HttpRequestHeaders as u32, &mut p, &mut n)
+    })?;
+    // SAFETY: the host returned a buffer it allocated with `allocate`.
     Ok(unsafe { take(p, n) })
 }
 
@@ -221,7 +279,7 @@ pub fn http_call(
 
 /// The `:status` of the `http_call` response being delivered (0 when absent).
 pub fn http_call_response_status() -> u32 {
-    header_value(MAP_HTTP_CALL_RESPONSE_HEADERS, ":status")
+    header_value(MapType::HttpCallResponseHeaders, ":status")
         .ok()
         .flatten()
         .and_then(|s| s.parse().ok())
@@ -230,19 +288,22 @@ pub fn http_call_response_status() -> u32 {
 
 /// One request header, if present.
 pub fn request_header(key: &str) -> Result<Option<String>, Status> {
-    header_value(MAP_HTTP_REQUEST_HEADERS, key)
+    header_value(MapType::HttpRequestHeaders, key)
 }
 
-fn header_value(map: u32, key: &str) -> Result<Option<String>, Status> {
+fn header_value(map: MapType, key: &str) -> Result<Option<String>, Status> {
     let mut p: *mut u8 = std::ptr::null_mut();
     let mut n: usize = 0;
-    // SAFETY: valid out-pointers; ownership of the returned buffer is taken below.
-    match unsafe { proxy_get_header_map_value(map, key.as_ptr(), key.len(), &mut p, &mut n) } {
-        0 => String::from_utf8(unsafe { take(p, n) })
+    // SAFETY: valid out-pointers; `key` is a live string.
+    let s =
+        unsafe { proxy_get_header_map_value(map as u32, key.as_ptr(), key.len(), &mut p, &mut n) };
+    match check(s) {
+        // SAFETY: the host returned a buffer it allocated with `allocate`.
+        Ok(()) => String::from_utf8(unsafe { take(p, n) })
             .map(Some)
-            .map_err(|_| Status(3)),
-        1 => Ok(None),
-        s => Err(Status(s)),
+            .map_err(|_| Status::SerializationFailure),
+        Err(Status::NotFound) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -251,7 +312,7 @@ pub fn set_request_header(key: &str, value: &str) -> Result<(), Status> {
     // SAFETY: pointers and lengths describe live strings.
     check(unsafe {
         proxy_replace_header_map_value(
-            MAP_HTTP_REQUEST_HEADERS,
+            MapType::HttpRequestHeaders as u32,
             key.as_ptr(),
             key.len(),
             value.as_ptr(),
@@ -264,7 +325,7 @@ pub fn set_request_header(key: &str, value: &str) -> Result<(), Status> {
 pub fn remove_request_header(key: &str) -> Result<(), Status> {
     // SAFETY: pointer and length describe `key`.
     check(unsafe {
-        proxy_remove_header_map_value(MAP_HTTP_REQUEST_HEADERS, key.as_ptr(), key.len())
+        proxy_remove_header_map_value(MapType::HttpRequestHeaders as u32, key.as_ptr(), key.len())
     })
 }
 
@@ -295,11 +356,13 @@ pub fn get_shared_data(key: &str) -> Result<(Option<Vec<u8>>, u32), Status> {
     let mut p: *mut u8 = std::ptr::null_mut();
     let mut n: usize = 0;
     let mut cas: u32 = 0;
-    // SAFETY: valid out-pointers; ownership of the returned buffer is taken below.
-    match unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut p, &mut n, &mut cas) } {
-        0 => Ok((Some(unsafe { take(p, n) }), cas)),
-        1 => Ok((None, 0)),
-        s => Err(Status(s)),
+    // SAFETY: valid out-pointers; `key` is a live string.
+    let s = unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut p, &mut n, &mut cas) };
+    match check(s) {
+        // SAFETY: the host returned a buffer it allocated with `allocate`.
+        Ok(()) => Ok((Some(unsafe { take(p, n) }), cas)),
+        Err(Status::NotFound) => Ok((None, 0)),
+        Err(e) => Err(e),
     }
 }
 
@@ -312,16 +375,16 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), Status> 
 }
 
 /// Defines a metric of type `kind`; returns its id.
-fn define_metric(kind: u32, name: &str) -> Result<u32, Status> {
+fn define_metric(kind: MetricType, name: &str) -> Result<u32, Status> {
     let mut id = 0u32;
     // SAFETY: pointer/length describe `name`; `id` is a valid out-pointer.
-    check(unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) })?;
+    check(unsafe { proxy_define_metric(kind as u32, name.as_ptr(), name.len(), &mut id) })?;
     Ok(id)
 }
 
 /// Defines a counter.
 pub fn define_counter(name: &str) -> Result<u32, Status> {
-    define_metric(METRIC_COUNTER, name)
+    define_metric(MetricType::Counter, name)
 }
 
 /// Adds to a counter.
@@ -332,7 +395,7 @@ pub fn increment(id: u32, by: i64) -> Result<(), Status> {
 
 /// Defines a histogram (Envoy: a stat with quantiles); returns its id.
 pub fn define_histogram(name: &str) -> Result<u32, Status> {
-    define_metric(METRIC_HISTOGRAM, name)
+    define_metric(MetricType::Histogram, name)
 }
 
 /// Records one value in a histogram.

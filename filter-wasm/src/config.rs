@@ -52,8 +52,10 @@ pub struct RouteRule {
     pub public: bool,
 }
 
-/// Names of the headers the filter sets for the upstream. Every header starting
-/// with `x-gw-` (and each of these) is removed from client requests first.
+/// The `headers` section: the names of the headers the filter stamps. They are the
+/// contract's ([`gw_core::contract::headers`]), which the sidecar reads; the section
+/// is accepted for older configurations, and any other name is refused at start (a
+/// rename would reach the filter but not the sidecar).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HeaderNames {
@@ -73,28 +75,38 @@ pub struct HeaderNames {
 
 impl Default for HeaderNames {
     fn default() -> Self {
+        use gw_core::contract::headers as h;
         HeaderNames {
-            sub: "x-gw-sub".into(),
-            roles: "x-gw-roles".into(),
-            pubkey_id: "x-gw-pubkey-id".into(),
-            issuer: "x-gw-issuer".into(),
-            nonce: "x-gw-nonce".into(),
-            verified: "x-gw-verified".into(),
+            sub: h::SUB.into(),
+            roles: h::ROLES.into(),
+            pubkey_id: h::PUBKEY_ID.into(),
+            issuer: h::ISSUER.into(),
+            nonce: h::NONCE.into(),
+            verified: h::VERIFIED.into(),
         }
     }
 }
 
 impl HeaderNames {
-    /// All configured names.
-    pub fn all(&self) -> [&str; 6] {
-        [
-            &self.sub,
-            &self.roles,
-            &self.pubkey_id,
-            &self.issuer,
-            &self.nonce,
-            &self.verified,
-        ]
+    /// Refuses any name other than the contract's.
+    fn check(&self) -> Result<(), ConfigError> {
+        let want = HeaderNames::default();
+        for (field, got, want) in [
+            ("sub", &self.sub, &want.sub),
+            ("roles", &self.roles, &want.roles),
+            ("pubkey_id", &self.pubkey_id, &want.pubkey_id),
+            ("issuer", &self.issuer, &want.issuer),
+            ("nonce", &self.nonce, &want.nonce),
+            ("verified", &self.verified, &want.verified),
+        ] {
+            if got != want {
+                return Err(invalid(format!(
+                    "headers.{field}: header name `{got}` is refused: the sidecar reads `{want}` \
+                     (the edge-sidecar contract), so renaming is not supported"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -135,7 +147,7 @@ pub struct FilterConfig {
     /// Prefix of the shared-data keys holding the edge replay state.
     #[serde(default = "default_replay_prefix")]
     pub replay_key_prefix: String,
-    /// Upstream header names.
+    /// The stamped headers' names (only the contract's are accepted).
     #[serde(default)]
     pub headers: HeaderNames,
     /// Where rejected control requests are reported for the audit ledger (optional).
@@ -144,10 +156,10 @@ pub struct FilterConfig {
 }
 
 fn default_command_path() -> String {
-    "/api/control/commands".into()
+    gw_core::contract::COMMAND_PATH.into()
 }
 fn default_module_prefix() -> String {
-    "/api/control/module/".into()
+    gw_core::contract::MODULE_ROUTE_PREFIX.into()
 }
 fn default_command_role() -> String {
     "admin".into()
@@ -248,8 +260,6 @@ pub struct Settings {
     pub replay_window: u32,
     /// Shared-data key prefix.
     pub replay_key_prefix: String,
-    /// Upstream header names.
-    pub headers: HeaderNames,
     /// Shared-data key prefix for the stamp hand-over.
     pub stamp_key_prefix: String,
     /// Edge-decision reporting, when configured.
@@ -258,12 +268,6 @@ pub struct Settings {
 
 fn invalid(s: impl Into<String>) -> ConfigError {
     ConfigError::Invalid(s.into())
-}
-
-fn valid_header_name(h: &str) -> bool {
-    !h.is_empty()
-        && h.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 impl Settings {
@@ -335,13 +339,7 @@ impl Settings {
                 )));
             }
         }
-        for h in c.headers.all() {
-            if !valid_header_name(h) {
-                return Err(invalid(format!(
-                    "header name `{h}` must be lowercase letters, digits and '-'"
-                )));
-            }
-        }
+        c.headers.check()?;
         if !c.command_path.starts_with('/') || !c.module_route_prefix.starts_with('/') {
             return Err(invalid(
                 "command_path and module_route_prefix must start with '/'",
@@ -367,7 +365,6 @@ impl Settings {
             command_role: c.command_role,
             replay_window: c.replay_window,
             replay_key_prefix: c.replay_key_prefix,
-            headers: c.headers,
             stamp_key_prefix: c.stamp_key_prefix,
             report: c.report,
         })

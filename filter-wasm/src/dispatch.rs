@@ -15,7 +15,8 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use crate::abi;
-use crate::glue::{reject_unknown_context, Action, Root, Stream};
+use crate::host::{reject_unknown_context, Action};
+use crate::root::{Root, Stream};
 
 #[derive(Default)]
 struct Contexts {

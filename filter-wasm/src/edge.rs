@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 
+use gw_core::contract::{self, headers, Verified};
 use gw_core::jwt::VerifiedJwt;
 use gw_core::jwt_cache::JwtCache;
 use gw_core::names::parse_module_spec;
@@ -90,20 +91,6 @@ fn path_is_canonical(p: &str) -> bool {
         || p.split('/').any(|seg| seg == ".." || seg == "."))
 }
 
-fn is_protobuf(ct: Option<&str>) -> bool {
-    let Some(ct) = ct else { return false };
-    let media = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    matches!(
-        media.as_str(),
-        "application/x-protobuf" | "application/protobuf" | "application/octet-stream"
-    )
-}
-
 fn bearer(auth: Option<&str>) -> Result<&str, Reject> {
     let a = auth.ok_or_else(|| Reject::new(Code::JwtMissing, "no Authorization header"))?;
     let (scheme, token) = a
@@ -151,17 +138,16 @@ impl Edge {
         Ok(v)
     }
 
-    fn jwt_headers(&self, v: &VerifiedJwt, verified: &str) -> UpstreamHeaders {
-        let h = &self.settings.headers;
+    fn jwt_headers(v: &VerifiedJwt, verified: Verified) -> UpstreamHeaders {
         let mut out = Vec::with_capacity(6);
         if let Some(sub) = &v.sub {
-            out.push((h.sub.clone(), header_safe(sub).into_owned()));
+            out.push((headers::SUB.into(), header_safe(sub).into_owned()));
         }
         out.push((
-            h.roles.clone(),
+            headers::ROLES.into(),
             header_safe(&v.roles.join(",")).into_owned(),
         ));
-        out.push((h.verified.clone(), verified.to_owned()));
+        out.push((headers::VERIFIED.into(), verified.as_str().into()));
         out
     }
 
@@ -198,7 +184,7 @@ impl Edge {
                 None => Ok(HeadDecision::Public),
                 Some(role) => {
                     let v = self.jwt(head, role, now)?;
-                    Ok(HeadDecision::Forward(self.jwt_headers(&v, "jwt")))
+                    Ok(HeadDecision::Forward(Self::jwt_headers(&v, Verified::Jwt)))
                 }
             };
         }
@@ -220,9 +206,9 @@ impl Edge {
             None
         };
         let v = self.jwt(head, &s.command_role, now)?;
-        if is_module && !is_protobuf(head.content_type) {
+        if is_module && !contract::is_command_media_type(head.content_type) {
             // The JSON control route: the sidecar builds and signs the command.
-            return Ok(HeadDecision::Forward(self.jwt_headers(&v, "jwt")));
+            return Ok(HeadDecision::Forward(Self::jwt_headers(&v, Verified::Jwt)));
         }
         if let Some(cl) = head.content_length {
             let n: usize = cl
@@ -256,23 +242,13 @@ impl Edge {
         let c = &v.command;
         let key = format!("{}{}", s.replay_key_prefix, c.issuer);
         accept_nonce(store, &key, s.replay_window, c.nonce)?;
-        let h = &s.headers;
-        let mut out = self.jwt_headers(&pending.jwt, "edge");
-        out.push((h.pubkey_id.clone(), header_safe(&c.pubkey_id).into_owned()));
-        out.push((h.issuer.clone(), header_safe(&c.issuer).into_owned()));
-        out.push((h.nonce.clone(), c.nonce.to_string()));
+        let mut out = Self::jwt_headers(&pending.jwt, Verified::Edge);
+        out.push((
+            headers::PUBKEY_ID.into(),
+            header_safe(&c.pubkey_id).into_owned(),
+        ));
+        out.push((headers::ISSUER.into(), header_safe(&c.issuer).into_owned()));
+        out.push((headers::NONCE.into(), c.nonce.to_string()));
         Ok(out)
-    }
-
-    /// Whether a client-sent header must be removed before anything else.
-    pub fn is_reserved_header(&self, name: &str) -> bool {
-        name.get(..5)
-            .is_some_and(|p| p.eq_ignore_ascii_case("x-gw-"))
-            || self
-                .settings
-                .headers
-                .all()
-                .iter()
-                .any(|h| h.eq_ignore_ascii_case(name))
     }
 }

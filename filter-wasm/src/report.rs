@@ -8,10 +8,12 @@
 //! batch, bytes per batch; what does not fit is counted as dropped, never buffered
 //! without limit. Delivery is at most once (a failed batch is counted, not retried):
 //! the edge is a first line; the sidecar's own rows are the authoritative record.
+//! The report itself is the contract's ([`gw_core::contract::EdgeReport`]).
 
 use std::collections::VecDeque;
 
-use serde::{Deserialize, Serialize};
+use gw_core::contract::{EdgeReport, EDGE_DECISIONS_PATH, MAX_REPORT_BATCH_BYTES};
+use serde::Deserialize;
 
 /// `report` in the plugin configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -40,7 +42,7 @@ pub struct ReportConfig {
 }
 
 fn default_path() -> String {
-    "/internal/edge-decisions".into()
+    EDGE_DECISIONS_PATH.into()
 }
 fn default_authority() -> String {
     "sidecar".into()
@@ -58,9 +60,6 @@ fn default_timeout() -> u64 {
     2000
 }
 
-/// Bytes of one batch body at most (the sidecar accepts 1 MiB).
-pub const MAX_BATCH_BYTES: usize = 512 * 1024;
-
 impl ReportConfig {
     /// Checks bounds.
     pub fn validate(&self) -> Result<(), String> {
@@ -75,21 +74,6 @@ impl ReportConfig {
         }
         Ok(())
     }
-}
-
-/// One edge decision as the sidecar receives it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EdgeReport {
-    /// `rejected` (accepted requests are recorded by the sidecar).
-    pub decision: String,
-    /// The rejection code.
-    pub code: String,
-    /// The request path.
-    pub path: String,
-    /// The command body as received, hex (empty when rejected before the body).
-    pub raw_hex: String,
-    /// Host time, unix milliseconds.
-    pub ts_ms: u64,
 }
 
 /// The bounded queue and its drop counter.
@@ -126,7 +110,8 @@ impl ReportQueue {
     }
 
     /// The next batch as a JSON array: at most `max_batch` reports and
-    /// [`MAX_BATCH_BYTES`] (a single report larger than that is dropped, counted).
+    /// [`MAX_REPORT_BATCH_BYTES`] (a single report larger than that is dropped,
+    /// counted).
     pub fn next_batch(&mut self, max_batch: usize) -> Option<(Vec<u8>, usize)> {
         let mut body = b"[".to_vec();
         let mut n = 0;
@@ -137,7 +122,7 @@ impl ReportQueue {
                 self.dropped += 1;
                 continue;
             };
-            if body.len() + json.len() + 2 > MAX_BATCH_BYTES {
+            if body.len() + json.len() + 2 > MAX_REPORT_BATCH_BYTES {
                 if n == 0 {
                     self.queue.pop_front();
                     self.dropped += 1;

@@ -19,7 +19,7 @@ use crate::header_map;
 use crate::replay_cas::{SharedStore, StoreError};
 
 /// The ticket header (reserved: stripped from client requests by the verify stage).
-pub const TICKET_HEADER: &str = "x-gw-ticket";
+pub use gw_core::contract::headers::TICKET as TICKET_HEADER;
 /// Slots per VM.
 pub const SLOTS: u64 = 1024;
 

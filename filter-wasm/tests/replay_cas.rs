@@ -2,9 +2,10 @@
 
 use gw_core::replay::NonceWindow;
 use gw_core::Code;
-use gw_filter::replay_cas::{
-    accept_nonce, MemoryStore as EnvoyLikeStore, SharedStore, StoreError, CREATE_CAS,
-};
+use gw_filter::replay_cas::{accept_nonce, SharedStore, StoreError, CREATE_CAS};
+
+mod common;
+use common::EnvoyLikeStore;
 
 #[test]
 fn accepts_once_and_creates_the_key() {

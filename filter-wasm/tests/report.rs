@@ -1,7 +1,8 @@
 //! The edge-report queue and its configuration (pure; the wasm glue drains it on
 //! the root tick).
 
-use gw_filter::report::{EdgeReport, ReportConfig, ReportQueue, MAX_BATCH_BYTES};
+use gw_core::contract::{EdgeReport, MAX_REPORT_BATCH_BYTES as MAX_BATCH_BYTES};
+use gw_filter::report::{ReportConfig, ReportQueue};
 
 fn r(code: &str, raw: usize) -> EdgeReport {
     EdgeReport {

@@ -1,6 +1,7 @@
 //! Ticket hand-over between the verify and stamp stages.
 
-use gw_filter::replay_cas::MemoryStore;
+mod common;
+use common::EnvoyLikeStore as MemoryStore;
 use gw_filter::stamp::*;
 
 #[test]

@@ -2,11 +2,8 @@
 //! wasmtime: every decision, header hygiene, and the shared-data replay copy across
 //! two VMs (two "workers"), including concurrent duplicates.
 
-mod host;
-
 use gw_core::Action;
-use gw_filter::replay_cas::SharedStore;
-use host::{Host, Outcome};
+use testkit::proxy_wasm::{Gateway, Host, Outcome};
 
 const NOW: u64 = 1_750_000_000;
 
@@ -484,7 +481,7 @@ fn a_forged_ticket_never_stamps_headers() {
 }
 
 /// The headers the verify stage hands on for one accepted command, and its ticket.
-fn handed_on(gw: &mut host::Gateway, nonce: u64) -> (Vec<(String, String)>, String) {
+fn handed_on(gw: &mut Gateway, nonce: u64) -> (Vec<(String, String)>, String) {
     let admin = bearer(&["admin"]);
     match gw.verify(
         &post("/api/control/commands", &admin),
@@ -508,7 +505,7 @@ fn handed_on(gw: &mut host::Gateway, nonce: u64) -> (Vec<(String, String)>, Stri
 }
 
 /// Both stages in one VM, or (`split`) each in a VM of its own.
-fn both_stages(host: &Host, split: bool) -> host::Gateway {
+fn both_stages(host: &Host, split: bool) -> Gateway {
     if split {
         host.split_gateway(&config(), NOW)
     } else {

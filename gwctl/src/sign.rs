@@ -6,9 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use gw_core::args::CommandArgs;
-use gw_core::command::{sign_command, SCHEMA_CTRL_V1};
-use gw_core::{Action, Command, Module};
+use gw_core::command::sign_command;
+use gw_core::{Action, Module, NewCommand, NonceSource};
 
 /// `gwctl sign` arguments.
 #[derive(Args)]
@@ -45,8 +44,8 @@ pub struct SignArgs {
     out: PathBuf,
 }
 
-/// Builds the unsigned command from the arguments.
-fn build(a: &SignArgs) -> Result<Command> {
+/// The command to sign, from the arguments (the core's builder checks the args).
+fn build(a: &SignArgs) -> Result<NewCommand> {
     let module = Module::parse(&a.module)
         .with_context(|| format!("unknown module `{}` (arbitrage, mev)", a.module))?;
     let action = Action::parse(&a.action).with_context(|| {
@@ -64,35 +63,33 @@ fn build(a: &SignArgs) -> Result<Command> {
             bail!("--arg `{k}` given twice");
         }
     }
-    CommandArgs::parse(action, &args).map_err(|r| anyhow::anyhow!("{r}"))?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .context("system clock is before 1970")?;
     let nonce = match a.nonce {
         Some(0) => bail!("--nonce must be non-zero"),
         Some(n) => n,
-        None => u64::try_from(now.as_nanos()).context("clock out of range")?,
+        None => NonceSource::default()
+            .next(u64::try_from(now.as_nanos()).context("clock out of range")?),
     };
-    Ok(Command {
-        ts: a.ts.unwrap_or(now.as_secs()),
-        module: module.to_proto() as i32,
-        action: action.to_proto() as i32,
+    Ok(NewCommand {
+        module,
+        action,
         args,
+        issuer: a.issuer.clone(),
         request_id: a
             .request_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-        issuer: a.issuer.clone(),
-        schema_version: SCHEMA_CTRL_V1.into(),
+        ts: a.ts.unwrap_or(now.as_secs()),
         nonce,
-        ..Default::default()
     })
 }
 
 /// `gwctl sign`.
 pub fn run(a: &SignArgs) -> Result<()> {
     let sk = crate::keys::read_signing_key(&a.key)?;
-    let cmd = build(a)?;
+    let cmd = build(a)?.build().map_err(|r| anyhow::anyhow!("{r}"))?;
     let body = sign_command(&cmd, &sk, &a.key_id);
     if a.out.as_os_str() == "-" {
         std::io::stdout()

@@ -12,6 +12,8 @@ pub mod echo;
 pub mod envoy;
 pub mod fixtures;
 pub mod kafka;
+#[cfg(feature = "proxy-wasm-host")]
+pub mod proxy_wasm;
 pub mod relay;
 pub mod tpu_receiver;
 pub mod udp_delay;

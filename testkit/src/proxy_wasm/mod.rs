@@ -1,19 +1,18 @@
 //! A test-only proxy-wasm 0.2.1 host on wasmtime: loads the built filter, implements
 //! the host calls it uses (headers, bodies, local responses, shared data with Envoy's
 //! CAS semantics, metrics, logs, time) and drives requests through it. Several
-//! `Vm`s share one `SharedData`, as Envoy's worker VMs do.
+//! `Vm`s share one [`SharedData`], as Envoy's worker VMs do. Written from the ABI's
+//! host side, apart from the filter's own code.
 
-#![allow(dead_code)]
+mod header_map;
+mod shared_data;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use gw_filter::replay_cas::SharedStore;
-
 use wasmtime::{Caller, Engine, Extern, Instance, Linker, Memory, Module, Store, TypedFunc};
 
-/// Envoy's shared-data semantics, shared by every VM of a host.
-pub type SharedData = gw_filter::replay_cas::MemoryStore;
+pub use shared_data::{CasMismatch, SharedData};
 
 /// A local response sent by the filter.
 #[derive(Debug, Clone)]
@@ -133,15 +132,11 @@ fn give(caller: &mut Caller<'_, State>, data: &[u8], ptr_ptr: i32, size_ptr: i32
 }
 
 fn serialize_map(pairs: &[(String, String)]) -> Vec<u8> {
-    let refs: Vec<(&str, &str)> = pairs
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    gw_filter::header_map::serialize(&refs)
+    header_map::serialize(pairs)
 }
 
 fn deserialize_map(b: &[u8]) -> Vec<(String, String)> {
-    gw_filter::header_map::parse(b).expect("the filter sent a malformed header map")
+    header_map::parse(b).expect("the filter sent a malformed header map")
 }
 
 const OK: i32 = 0;
@@ -152,7 +147,7 @@ const UNIMPLEMENTED: i32 = 12;
 
 /// The built filter (`bash scripts/test.sh` builds it first).
 pub fn filter_wasm() -> PathBuf {
-    testkit::filter_wasm()
+    crate::filter_wasm()
 }
 
 /// A compiled filter module and its engine.
@@ -160,6 +155,12 @@ pub struct Host {
     engine: Engine,
     module: Module,
     pub shared: Arc<SharedData>,
+}
+
+impl Default for Host {
+    fn default() -> Self {
+        Host::new()
+    }
 }
 
 impl Host {
@@ -396,12 +397,12 @@ impl Host {
             |mut c: Caller<'_, State>, kp: i32, ks: i32, pp: i32, sp: i32, casp: i32| -> i32 {
                 let key = String::from_utf8_lossy(&read(&mut c, kp, ks)).into_owned();
                 match c.data().shared.get(&key) {
-                    Ok((Some(v), cas)) => {
+                    (Some(v), cas) => {
                         give(&mut c, &v, pp, sp);
                         write_u32(&mut c, casp, cas);
                         OK
                     }
-                    _ => NOT_FOUND,
+                    (None, _) => NOT_FOUND,
                 }
             },
         )

@@ -1,0 +1,190 @@
+//! The root context: one per filter entry (stage) and VM. It parses the plugin
+//! configuration once, makes the request contexts of its stage, and (verify stage)
+//! ships queued edge reports to the ledger on its tick.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use crate::abi::{self, BufferType};
+use crate::config::{Stage, StampConfig};
+use crate::edge::Edge;
+use crate::host::{self, add, Metrics};
+use crate::report::{ReportConfig, ReportQueue};
+use crate::stamp::Tickets;
+use crate::stamp_stage::StampStage;
+use crate::verify_stage::VerifyStage;
+
+/// Edge-decision reporting (see [`crate::report`]): the queue the request contexts
+/// fill and the root context's tick drains.
+#[derive(Clone)]
+pub struct Reports {
+    /// Where and how often.
+    pub config: Rc<ReportConfig>,
+    /// Reports waiting.
+    pub queue: Rc<RefCell<ReportQueue>>,
+    /// Reports per in-flight call token.
+    in_flight: Rc<RefCell<BTreeMap<u32, usize>>>,
+    sent: Option<u32>,
+    failed: Option<u32>,
+    dropped: Option<u32>,
+}
+
+/// Most batches sent per tick.
+const BATCHES_PER_TICK: usize = 4;
+
+/// A request context of either stage.
+pub enum Stream {
+    /// The verify stage.
+    Verify(Box<VerifyStage>),
+    /// The stamp stage.
+    Stamp(StampStage),
+}
+
+/// A root context.
+#[derive(Default)]
+pub struct Root {
+    edge: Option<Rc<Edge>>,
+    stamp: Option<Rc<StampConfig>>,
+    tickets: Option<Rc<RefCell<Tickets>>>,
+    metrics: Option<Rc<Metrics>>,
+    reports: Option<Reports>,
+}
+
+impl Root {
+    /// Parses and validates the plugin configuration; `false` fails plugin start.
+    pub fn on_configure(&mut self) -> bool {
+        let bytes = match abi::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(Some(b)) if !b.is_empty() => b,
+            Ok(_) => {
+                host::error("gw_edge: no plugin configuration given");
+                return false;
+            }
+            Err(e) => {
+                host::error(&format!(
+                    "gw_edge: cannot read the plugin configuration: {e:?}"
+                ));
+                return false;
+            }
+        };
+        match Stage::parse(&bytes) {
+            Ok(Stage::Stamp(c)) => {
+                host::info("gw_edge: stamp stage configured");
+                self.stamp = Some(Rc::new(c));
+                true
+            }
+            Ok(Stage::Verify(s)) => {
+                host::info(&format!(
+                    "gw_edge: configured: {} command key(s), {} JWT key(s), {} route rule(s), max body {} bytes",
+                    s.control.keyring.len(),
+                    s.jwks.keys.len(),
+                    s.routes.len(),
+                    s.control.max_body
+                ));
+                let tickets = Tickets::new(host::vm_id(), &s.stamp_key_prefix);
+                if host::with_local_slots(|l| l.register(&tickets)).is_none() {
+                    host::error("gw_edge: cannot register this VM's ticket slots");
+                    return false;
+                }
+                self.tickets = Some(Rc::new(RefCell::new(tickets)));
+                if let Some(rc) = s.report.clone() {
+                    self.reports = start_reports(rc);
+                }
+                self.edge = Some(Rc::new(Edge::new(*s)));
+                self.metrics = Some(Rc::new(Metrics::define()));
+                true
+            }
+            Err(e) => {
+                host::error(&format!("gw_edge: invalid plugin configuration: {e}"));
+                false
+            }
+        }
+    }
+
+    /// A context for one request of this stage (an unconfigured verify stage rejects
+    /// every request).
+    pub fn create_stream(&self) -> Stream {
+        if let Some(stamp) = &self.stamp {
+            return Stream::Stamp(StampStage::new(stamp.clone()));
+        }
+        Stream::Verify(Box::new(VerifyStage::new(
+            self.edge.clone(),
+            self.tickets.clone(),
+            self.metrics.clone(),
+            self.reports.clone(),
+        )))
+    }
+
+    /// Ships queued edge reports to the ledger.
+    pub fn on_tick(&mut self) {
+        let Some(r) = self.reports.clone() else {
+            return;
+        };
+        for _ in 0..BATCHES_PER_TICK {
+            let Some((body, n)) = r.queue.borrow_mut().next_batch(r.config.max_batch) else {
+                break;
+            };
+            let headers = vec![
+                (":method", "POST"),
+                (":path", r.config.path.as_str()),
+                (":authority", r.config.authority.as_str()),
+                ("content-type", "application/json"),
+            ];
+            let timeout = std::time::Duration::from_millis(r.config.timeout_ms);
+            match abi::http_call(&r.config.cluster, &headers, &body, timeout) {
+                Ok(token) => {
+                    r.in_flight.borrow_mut().insert(token, n);
+                }
+                Err(e) => {
+                    host::warn(&format!(
+                        "gw_edge: cannot report {n} edge decision(s): {e:?}"
+                    ));
+                    add(r.failed, n);
+                }
+            }
+        }
+        let new = r.queue.borrow_mut().take_dropped();
+        if new > 0 {
+            add(r.dropped, usize::try_from(new).unwrap_or(usize::MAX));
+        }
+    }
+
+    /// The ledger's answer to a report batch.
+    pub fn on_http_call_response(&mut self, token: u32) {
+        let Some(r) = &self.reports else { return };
+        let n = r.in_flight.borrow_mut().remove(&token).unwrap_or(0);
+        let status = abi::http_call_response_status();
+        if (200..300).contains(&status) {
+            add(r.sent, n);
+        } else {
+            host::warn(&format!(
+                "gw_edge: the ledger refused {n} edge decision(s): status {status}"
+            ));
+            add(r.failed, n);
+        }
+    }
+}
+
+/// Starts the report tick; `None` (logged) on a host without ticks.
+fn start_reports(rc: ReportConfig) -> Option<Reports> {
+    let period = u32::try_from(rc.period_ms).unwrap_or(u32::MAX);
+    match abi::set_tick_period_ms(period) {
+        Ok(()) => {
+            let counter = |name: &str| abi::define_counter(name).ok();
+            Some(Reports {
+                config: Rc::new(rc),
+                queue: Rc::new(RefCell::new(ReportQueue::default())),
+                in_flight: Rc::default(),
+                sent: counter("gw_edge.report.sent"),
+                failed: counter("gw_edge.report.failed"),
+                dropped: counter("gw_edge.report.dropped"),
+            })
+        }
+        Err(e) => {
+            host::error(&format!(
+                "gw_edge: host has no ticks ({e:?}): edge decisions are not reported"
+            ));
+            None
+        }
+    }
+}
