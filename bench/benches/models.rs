@@ -9,6 +9,8 @@
 //! Run with `bash bench/run.sh models` (it builds the model, then this benchmark
 //! with `GW_MODEL_C_DIR` so build.rs can compile the C statically).
 
+#![allow(unsafe_code)] // FFI: every unsafe block says why it is sound.
+
 #[cfg(gw_static_model)]
 use gw_bench::direct;
 

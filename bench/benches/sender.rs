@@ -129,7 +129,7 @@ async fn ours_hedged(addr: std::net::SocketAddr, txs: &[Bytes]) -> f64 {
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
+    v.sort_by(f64::total_cmp);
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 

@@ -25,9 +25,10 @@ fn wasm_path() -> PathBuf {
     if let Some(p) = std::env::var_os("GW_WASM_VERIFY") {
         return PathBuf::from(p);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        PathBuf::from,
+    );
     target.join("wasm32-wasip1/release/wasm_verify.wasm")
 }
 
@@ -238,24 +239,24 @@ fn main() {
             b.iter(|| {
                 pk.verify_strict(black_box(&payload), black_box(&sig))
                     .is_ok()
-            })
+            });
         });
         g.bench_function("native_raw_tables", |b| {
-            b.iter(|| table_key.verify_strict(black_box(&payload), black_box(&sig_bytes)))
+            b.iter(|| table_key.verify_strict(black_box(&payload), black_box(&sig_bytes)));
         });
         g.bench_function("native_command_dalek", |b| {
-            b.iter(|| verify_command(black_box(&body), &ring, None).is_ok())
+            b.iter(|| verify_command(black_box(&body), &ring, None).is_ok());
         });
         g.bench_function("native_command_tables", |b| {
-            b.iter(|| verify_command(black_box(&body), &table_ring, None).is_ok())
+            b.iter(|| verify_command(black_box(&body), &table_ring, None).is_ok());
         });
         for (id, raw, tables) in VARIANTS {
             let t = i32::from(tables);
             g.bench_function(format!("wasmtime_{id}"), |b| {
                 if raw {
-                    b.iter(|| guest.raw(t))
+                    b.iter(|| guest.raw(t));
                 } else {
-                    b.iter(|| guest.command(t))
+                    b.iter(|| guest.command(t));
                 }
             });
         }
@@ -287,7 +288,7 @@ fn main() {
     );
     let cell = |v: f64| format!("{v:8.1} ({:5.2}x)", v / baseline);
     let column =
-        |t: Option<&Vec<f64>>, i: usize| t.map(|t| cell(t[i])).unwrap_or_else(|| "skipped".into());
+        |t: Option<&Vec<f64>>, i: usize| t.map_or_else(|| "skipped".into(), |t| cell(t[i]));
     for (i, (id, _, _)) in VARIANTS.iter().enumerate() {
         println!(
             "{id:<16} {:>17} {:>17} {:>17} {:>17}",

@@ -1,6 +1,8 @@
 //! Benchmarks live in `benches/`; see bench/README.md. This library holds what a
 //! benchmark must link through the package's own build script.
 
+#![allow(unsafe_code)] // FFI: every unsafe block says why it is sound.
+
 /// tl2cgen's C for one model, compiled statically by build.rs when
 /// `GW_MODEL_C_DIR` is set (`bash bench/run.sh models`).
 #[cfg(gw_static_model)]

@@ -121,11 +121,11 @@ pub struct Jwk {
     pub key: KeyMaterial,
 }
 
-fn member<'a>(v: &'a Option<String>, name: &'static str) -> Result<&'a str, KeyError> {
-    v.as_deref().ok_or(KeyError::Missing(name))
+fn member<'a>(v: Option<&'a String>, name: &'static str) -> Result<&'a str, KeyError> {
+    v.map(String::as_str).ok_or(KeyError::Missing(name))
 }
 
-fn decode_member(v: &Option<String>, name: &'static str) -> Result<Vec<u8>, KeyError> {
+fn decode_member(v: Option<&String>, name: &'static str) -> Result<Vec<u8>, KeyError> {
     b64url_decode_lenient(member(v, name)?).map_err(|_| KeyError::Encoding(name))
 }
 
@@ -178,7 +178,7 @@ impl Jwk {
         }
         let key = match (j.kty.as_str(), j.crv.as_deref()) {
             ("oct", _) => {
-                let k = decode_member(&j.k, "k")?;
+                let k = decode_member(j.k.as_ref(), "k")?;
                 if k.len() < MIN_HMAC_KEY_BYTES {
                     return Err(KeyError::ShortSecret(k.len()));
                 }
@@ -188,8 +188,8 @@ impl Jwk {
                 if j.d.is_some() {
                     return Err(KeyError::PrivateMaterial);
                 }
-                let x = decode_member(&j.x, "x")?;
-                let y = decode_member(&j.y, "y")?;
+                let x = decode_member(j.x.as_ref(), "x")?;
+                let y = decode_member(j.y.as_ref(), "y")?;
                 if x.len() != 32 || y.len() != 32 {
                     return Err(KeyError::Invalid("P-256 coordinates must be 32 bytes"));
                 }
@@ -205,7 +205,7 @@ impl Jwk {
                 if j.d.is_some() {
                     return Err(KeyError::PrivateMaterial);
                 }
-                KeyMaterial::Ed25519(ed25519_from_bytes(&decode_member(&j.x, "x")?)?)
+                KeyMaterial::Ed25519(ed25519_from_bytes(&decode_member(j.x.as_ref(), "x")?)?)
             }
             (kty, crv) => {
                 return Err(KeyError::Unsupported(format!(

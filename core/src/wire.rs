@@ -149,7 +149,7 @@ mod tests {
 
     #[test]
     fn varint_round_trip_edges() {
-        for v in [0u64, 1, 127, 128, 300, u32::MAX as u64, u64::MAX] {
+        for v in [0u64, 1, 127, 128, 300, u64::from(u32::MAX), u64::MAX] {
             let mut b = Vec::new();
             write_varint(&mut b, v);
             let mut p = 0;

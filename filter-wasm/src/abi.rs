@@ -3,6 +3,8 @@
 //! do not expect (e.g. `define_metric` on a host without metrics), and a panic in a
 //! worker VM would take down its request path.
 
+#![allow(unsafe_code)] // FFI: every unsafe block says why it is sound.
+
 use crate::header_map;
 
 /// A host status other than `Ok` (proxy-wasm `WasmResult`).

@@ -11,6 +11,8 @@
 //! Nothing here panics: an unknown context id (a host bug, or a callback re-entered
 //! while its context is in use) fails the request closed with a 503.
 
+#![allow(unsafe_code)] // FFI: every unsafe block says why it is sound.
+
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 

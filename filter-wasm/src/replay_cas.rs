@@ -68,7 +68,7 @@ pub fn accept_nonce(
         w.accept(nonce)?;
         match store.set(key, &w.to_bytes(), cas) {
             Ok(()) => return Ok(()),
-            Err(StoreError::CasMismatch) => continue,
+            Err(StoreError::CasMismatch) => {}
             Err(StoreError::Unavailable(e)) => {
                 return Err(unavailable(format!("shared data set: {e}")))
             }

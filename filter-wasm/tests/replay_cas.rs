@@ -52,7 +52,9 @@ fn concurrent_duplicates_are_accepted_exactly_once() {
             let hs: Vec<_> = (0..8)
                 .map(|_| {
                     let s = s.clone();
-                    sc.spawn(move || accept_nonce(&*s, "issuer", 64, 1000 + round).is_ok() as usize)
+                    sc.spawn(move || {
+                        usize::from(accept_nonce(&*s, "issuer", 64, 1000 + round).is_ok())
+                    })
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).sum()

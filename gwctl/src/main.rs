@@ -4,6 +4,8 @@
 //! HTTP answer); 2 an error (bad arguments, unreadable file, network failure), printed
 //! as one line on stderr.
 
+#![forbid(unsafe_code)]
+
 mod duration;
 mod keys;
 mod ledger;

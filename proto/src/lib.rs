@@ -1,5 +1,7 @@
 //! Protobuf types of the gateway's wire contract (`proto/control.proto`).
 
+#![forbid(unsafe_code)]
+
 /// `package control`: the signed control command.
 pub mod control {
     include!(concat!(env!("OUT_DIR"), "/control.rs"));

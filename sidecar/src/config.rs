@@ -179,7 +179,7 @@ impl Config {
                         dir: PathBuf::from(d),
                         n_features: default_model_features(),
                         poll_ms: default_model_poll(),
-                    })
+                    });
                 }
             }
         }

@@ -178,7 +178,7 @@ fn the_receiver_enforces_the_tpu_protocol() {
         let stopped = tokio::time::timeout(Duration::from_secs(2), s.stopped())
             .await
             .unwrap();
-        assert!(matches!(stopped, Ok(None) | Ok(Some(_))), "{stopped:?}");
+        assert!(matches!(stopped, Ok(None | Some(_))), "{stopped:?}");
         if let Ok(Some(code)) = stopped {
             assert_eq!(code, quinn::VarInt::from_u32(STOP_TOO_LARGE));
         }

@@ -27,7 +27,7 @@ async fn echo(req: Request) -> impl IntoResponse {
     let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
     axum::Json(serde_json::json!({
         "method": parts.method.as_str(),
-        "path": parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or(""),
+        "path": parts.uri.path_and_query().map_or("", axum::http::uri::PathAndQuery::as_str),
         "version": format!("{:?}", parts.version),
         "headers": headers,
         "body_len": body.len(),

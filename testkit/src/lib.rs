@@ -2,6 +2,8 @@
 //! implementations, Envoy, ...): where things are, free ports, and child processes
 //! that are always stopped, even when a test panics.
 
+#![forbid(unsafe_code)]
+
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -31,20 +33,17 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("GW_CACHE") {
         return PathBuf::from(d);
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
-        });
+    let base = std::env::var_os("XDG_CACHE_HOME").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"),
+        PathBuf::from,
+    );
     base.join("edge-gw")
 }
 
 /// A program inside the cached test venv (`$GW_VENV/bin/NAME`). Panics with the
 /// set-up command when the venv is missing: tests never silently skip.
 pub fn venv_bin(name: &str) -> PathBuf {
-    let venv = std::env::var_os("GW_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache_dir().join("venv"));
+    let venv = std::env::var_os("GW_VENV").map_or_else(|| cache_dir().join("venv"), PathBuf::from);
     let p = venv.join("bin").join(name);
     assert!(
         p.exists(),
@@ -206,8 +205,7 @@ impl Drop for TempDir {
 /// The cargo target directory (`$CARGO_TARGET_DIR`, default `<root>/target`).
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
 /// The built edge filter (`wasm32-wasip1`, release). Panics with the build command
@@ -221,7 +219,7 @@ pub fn filter_wasm() -> PathBuf {
     // Cargo's dep-info lists exactly the sources the artifact was built from.
     let dep_info = p.with_extension("d");
     let deps = std::fs::read_to_string(&dep_info).unwrap_or_default();
-    let sources = deps.split_once(':').map(|(_, d)| d).unwrap_or("");
+    let sources = deps.split_once(':').map_or("", |(_, d)| d);
     for src in sources
         .split_whitespace()
         .filter(|s| s.ends_with(".rs") || s.ends_with(".proto"))

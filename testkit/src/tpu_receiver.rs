@@ -168,12 +168,9 @@ async fn accept_loop(endpoint: quinn::Endpoint, sh: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
         let sh = sh.clone();
         tokio::spawn(async move {
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(_) => {
-                    sh.stats.refused.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
+            let Ok(conn) = incoming.await else {
+                sh.stats.refused.fetch_add(1, Ordering::Relaxed);
+                return;
             };
             let alpn_ok = conn
                 .handshake_data()

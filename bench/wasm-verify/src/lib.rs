@@ -3,6 +3,8 @@
 //! calls a verify function with the pointer. Results: 0 = ok, otherwise 1 + the
 //! index of the rejection code in `Code::ALL`.
 
+#![allow(unsafe_code)] // FFI: every unsafe block says why it is sound.
+
 use std::sync::Mutex;
 
 use gw_core::keyring::CommandKey;
@@ -68,7 +70,8 @@ fn with_ring(tables: i32, f: impl FnOnce(&KeyRing) -> i32) -> i32 {
 /// `ptr` must point to 32 readable bytes.
 #[no_mangle]
 pub unsafe extern "C" fn bench_set_key(ptr: *const u8) -> i32 {
-    let bytes = std::slice::from_raw_parts(ptr, 32);
+    // SAFETY: the caller's contract: 32 readable bytes at `ptr`.
+    let bytes = unsafe { std::slice::from_raw_parts(ptr, 32) };
     let Ok(vk) = gw_core::jwk::ed25519_from_bytes(bytes) else {
         return -1;
     };
@@ -99,7 +102,8 @@ pub unsafe extern "C" fn bench_set_key(ptr: *const u8) -> i32 {
 /// `ptr` must point to `len` readable bytes.
 #[no_mangle]
 pub unsafe extern "C" fn bench_verify_command(ptr: *const u8, len: u32, tables: i32) -> i32 {
-    let body = std::slice::from_raw_parts(ptr, len as usize);
+    // SAFETY: the caller's contract: `len` readable bytes at `ptr`.
+    let body = unsafe { std::slice::from_raw_parts(ptr, len as usize) };
     with_ring(tables, |ring| {
         code_result(gw_core::verify_command(body, ring, None).map(|_| ()))
     })
@@ -117,9 +121,15 @@ pub unsafe extern "C" fn bench_verify_raw(
     sig: *const u8,
     tables: i32,
 ) -> i32 {
-    let msg = std::slice::from_raw_parts(ptr, len as usize);
+    // SAFETY: the caller's contract: `len` bytes at `ptr` and 64 at `sig`.
+    let (msg, sig) = unsafe {
+        (
+            std::slice::from_raw_parts(ptr, len as usize),
+            std::slice::from_raw_parts(sig, 64),
+        )
+    };
     let mut s = [0u8; 64];
-    s.copy_from_slice(std::slice::from_raw_parts(sig, 64));
+    s.copy_from_slice(sig);
     with_ring(tables, |ring| match ring.get("op-admin-1") {
         Some(key) => i32::from(!key.verify_strict(msg, &s)),
         None => -1,

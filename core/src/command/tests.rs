@@ -445,7 +445,12 @@ fn wire_types_match_control_proto() {
         .flat_map(|f| f.message_type.iter())
         .find(|m| m.name() == "Command")
         .expect("control.Command in the descriptor");
-    let highest = msg.field.iter().map(|f| f.number()).max().unwrap();
+    let highest = msg
+        .field
+        .iter()
+        .map(prost_types::FieldDescriptorProto::number)
+        .max()
+        .unwrap();
     assert_eq!(
         crate::command::KNOWN_WIRE_TYPES.len(),
         usize::try_from(highest).unwrap() + 1,
@@ -473,7 +478,11 @@ fn wire_types_match_control_proto() {
         // Only `args` (a map: repeated entries) may appear more than once.
         assert_eq!(repeated, f.name() == "args", "field {}", f.name());
     }
-    let numbers: Vec<i32> = msg.field.iter().map(|f| f.number()).collect();
+    let numbers: Vec<i32> = msg
+        .field
+        .iter()
+        .map(prost_types::FieldDescriptorProto::number)
+        .collect();
     for (n, slot) in crate::command::KNOWN_WIRE_TYPES.iter().enumerate() {
         assert_eq!(
             slot.is_some(),

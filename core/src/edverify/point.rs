@@ -140,7 +140,7 @@ impl Ext {
         let x = self.x.mul(&zinv);
         let y = self.y.mul(&zinv);
         let mut out = y.to_bytes();
-        out[31] |= (x.is_negative() as u8) << 7;
+        out[31] |= u8::from(x.is_negative()) << 7;
         out
     }
 

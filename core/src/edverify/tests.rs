@@ -32,7 +32,7 @@ fn value(f: &Fe) -> U256 {
     let pr = params();
     let mut acc = R::zero(pr);
     for (i, &l) in f.0.iter().enumerate() {
-        let mag = R::new(&U256::from_u64(l.unsigned_abs() as u64), pr);
+        let mag = R::new(&U256::from_u64(u64::from(l.unsigned_abs())), pr);
         let shift = R::new(&U256::ONE.shl_vartime(POS[i]), pr);
         let term = mag.mul(&shift);
         acc = if l < 0 {
@@ -251,7 +251,7 @@ proptest! {
         let radix = Scalar::from(1u64 << w);
         for &d in ds.iter().rev() {
             prop_assert!(-half < d && d <= half, "digit {} for w = {}", d, w);
-            let term = Scalar::from(d.unsigned_abs() as u64);
+            let term = Scalar::from(u64::from(d.unsigned_abs()));
             acc = acc * radix + if d < 0 { -term } else { term };
         }
         prop_assert_eq!(acc, s);

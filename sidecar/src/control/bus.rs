@@ -230,7 +230,7 @@ impl KafkaBus {
     fn current(&self) -> Arc<FutureProducer> {
         self.producer
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
 
@@ -269,7 +269,10 @@ impl KafkaBus {
                 // been written, and is not retried here).
                 tracing::error!(%code, %reason, "kafka producer failed fatally; recreating it");
                 let fresh = Arc::new(Self::producer(&self.cfg)?);
-                *self.producer.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+                *self
+                    .producer
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
                 return Err(BusError::Kafka(format!(
                     "producer failed ({code}): {reason}"
                 )));
@@ -319,7 +322,10 @@ struct Log {
 impl InProcess {
     fn publish(&self, key: &[u8], payload: &[u8]) -> Position {
         let offset = {
-            let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            let mut log = self
+                .log
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             log.entries.push_back((key.to_vec(), payload.to_vec()));
             log.base + log.entries.len() as i64 - 1
         };
@@ -331,13 +337,19 @@ impl InProcess {
     }
 
     fn committed(&self, group: &str) -> i64 {
-        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let mut log = self
+            .log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let base = log.base;
         *log.committed.entry(group.to_owned()).or_insert(base)
     }
 
     fn read(&self, offset: i64) -> Option<Delivery> {
-        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let log = self
+            .log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let i = usize::try_from(offset - log.base).ok()?;
         log.entries.get(i).map(|(k, p)| Delivery {
             key: k.clone(),
@@ -350,7 +362,10 @@ impl InProcess {
     }
 
     fn commit(&self, group: &str, next: i64) {
-        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let mut log = self
+            .log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let c = log.committed.entry(group.to_owned()).or_insert(next);
         *c = (*c).max(next);
         let low = log.committed.values().copied().min().unwrap_or(next);
@@ -363,7 +378,7 @@ impl InProcess {
     pub fn retained(&self) -> usize {
         self.log
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .entries
             .len()
     }

@@ -273,7 +273,7 @@ impl Control {
                     Ok(ack) if ack.issuer == c.issuer && ack.nonce == c.nonce => {
                         return Some(ack.outcome)
                     }
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return None,
                 }
             }

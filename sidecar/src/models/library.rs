@@ -4,6 +4,8 @@
 //! serve. The library is unloaded only when the last `Arc<Model>` is dropped, i.e.
 //! never while a prediction is still running in it.
 
+#![allow(unsafe_code)] // FFI: every unsafe block says why it is sound.
+
 use std::ffi::{c_char, CStr};
 use std::path::{Path, PathBuf};
 
@@ -94,6 +96,7 @@ pub struct Model {
 // SAFETY: the ABI requires `predict` to be callable from many threads at once; the
 // table's strings were copied; the library handle is only dropped with the model.
 unsafe impl Send for Model {}
+// SAFETY: as for `Send`: `predict` is thread-safe by the ABI, nothing else is shared.
 unsafe impl Sync for Model {}
 
 impl Drop for Model {
@@ -162,6 +165,8 @@ impl Model {
                 format!("ABI version {version_field}, this host speaks {ABI_V1}"),
             ));
         }
+        // SAFETY: the version said the table is ours; its first two fields are read
+        // before anything depends on its size.
         let size = unsafe { std::ptr::addr_of!((*table).struct_size).read() };
         if (size as usize) < std::mem::size_of::<AbiV1>() {
             return Err(LoadError::Abi(
@@ -169,6 +174,7 @@ impl Model {
                 format!("table of {size} bytes is too small"),
             ));
         }
+        // SAFETY: non-null, static per the ABI, and at least as large as our struct.
         let t = unsafe { &*table };
         let abi = |m: String| LoadError::Abi(shown.clone(), m);
         let name = c_string(t.name, "name").map_err(abi)?;

@@ -267,8 +267,7 @@ impl Sender {
         let want = if self.adaptive {
             self.routes
                 .lock()
-                .map(|r| r.preferred(self.primary))
-                .unwrap_or(self.primary)
+                .map_or(self.primary, |r| r.preferred(self.primary))
         } else {
             self.primary
         };
@@ -462,7 +461,7 @@ impl Sender {
             relay_error: r.as_ref().err().cloned(),
         };
         self.count(&out);
-        let bytes: usize = txs.iter().map(|t| t.len()).sum();
+        let bytes: usize = txs.iter().map(bytes::Bytes::len).sum();
         self.audit_row(&out, bytes, meta, "bundle");
         r
     }
@@ -490,7 +489,7 @@ impl Sender {
             module: meta.module.to_owned(),
             kind: kind.to_owned(),
             primary: out.primary.as_str().to_owned(),
-            route: out.landed.map(Route::as_str).unwrap_or("").to_owned(),
+            route: out.landed.map_or("", Route::as_str).to_owned(),
             hedged: u8::from(out.hedged),
             outcome: if out.landed.is_some() {
                 "landed"

@@ -395,7 +395,7 @@ impl Worker {
             Progress,
         }
         loop {
-            if let Some(reason) = conn.as_ref().and_then(|c| c.close_reason()) {
+            if let Some(reason) = conn.as_ref().and_then(quinn::Connection::close_reason) {
                 last_err = format!("connection lost: {reason}");
                 conn = None;
                 closed = None;

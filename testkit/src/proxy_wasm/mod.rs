@@ -737,7 +737,7 @@ impl Vm {
         self.create
             .call(&mut self.store, (ctx, root))
             .expect("context create");
-        let eos = body.is_empty() as i32;
+        let eos = i32::from(body.is_empty());
         let mut action = self
             .headers_fn
             .call(&mut self.store, (ctx, headers.len() as i32, eos))
@@ -750,7 +750,7 @@ impl Vm {
                 let total = self.store.data().body.len() as i32;
                 action = self
                     .body_fn
-                    .call(&mut self.store, (ctx, total, last as i32))
+                    .call(&mut self.store, (ctx, total, i32::from(last)))
                     .expect("on_request_body");
                 if self.store.data().local.is_some() || (action == 0 && !last) {
                     break;
