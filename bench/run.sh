@@ -5,7 +5,7 @@
 #   bash bench/run.sh edge       Envoy: no auth vs jwt_authn vs gw_edge (JWT, signed command)
 #   bash bench/run.sh control    ledger rows/s vs raw INSERT RowBinary; commands/s end to end
 #   bash bench/run.sh models     predict through the model ABI host vs tl2cgen statically linked
-#   bash bench/run.sh sender     SPSC ring vs rtrb; tx/s ours vs raw quinn; hedge timing error
+#   bash bench/run.sh sender     tx/s ours vs raw quinn; hedge timing error
 set -euo pipefail
 source "$(dirname "$0")/../scripts/lib.sh"
 cd "$GW_ROOT"

@@ -1,4 +1,4 @@
-//! Benchmarks live in `benches/`; see bench/README.md. This library holds what a
+//! Benchmarks live in `benches/`; see docs/benchmarks.md. This library holds what a
 //! benchmark must link through the package's own build script.
 
 #![allow(unsafe_code)] // FFI: every unsafe block says why it is sound.

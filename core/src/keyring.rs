@@ -77,13 +77,13 @@ pub enum KeyRingError {
     /// The JSON does not parse.
     #[error("key ring JSON: {0}")]
     Json(String),
-    /// More keys than a ring with tables holds (each key's table is 1.5 MiB per VM).
-    #[error("{0} command keys: at most {MAX_TABLE_KEYS} when verifying with tables (1.5 MiB per key and VM)")]
+    /// More keys than a ring with tables holds (each key's table costs memory per VM).
+    #[error("{0} command keys: at most {MAX_TABLE_KEYS} when verifying with tables (each key's table is built in every VM)")]
     TooManyKeys(usize),
 }
 
-/// Most keys a ring verifying with tables holds: 16 × 1.5 MiB = 24 MiB per wasm VM
-/// (command keys are operators' keys: a handful, two during a rotation).
+/// Most keys a ring verifying with tables holds (command keys are operators' keys:
+/// a handful, two during a rotation); bounds the tables' memory per wasm VM.
 pub const MAX_TABLE_KEYS: usize = 16;
 
 /// A validated Ed25519 command key.
@@ -287,10 +287,9 @@ impl KeyRing {
         Self::from_config(&cfg)
     }
 
-    /// Verifies with per-key fixed-base tables from now on (1.5 MiB and ≈ 25 ms of
-    /// wasm per key, plus one base-point table per process): every key now in the
-    /// ring and every key added later. The edge filter uses this; see
-    /// [`crate::edverify`] for why.
+    /// Verifies with per-key fixed-base tables from now on (one table per key, plus
+    /// one for the base point per process): every key now in the ring and every key
+    /// added later. The edge filter uses this; see [`crate::edverify`] for why.
     pub fn precompute_tables(&mut self) -> Result<(), KeyRingError> {
         if self.keys.len() > MAX_TABLE_KEYS {
             return Err(KeyRingError::TooManyKeys(self.keys.len()));

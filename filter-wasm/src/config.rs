@@ -275,8 +275,7 @@ impl Settings {
     pub fn parse(bytes: &[u8]) -> Result<Settings, ConfigError> {
         let c: FilterConfig = serde_json::from_slice(bytes)?;
         let mut keyring = KeyRing::from_config(&c.command_keys)?;
-        // Fixed-base tables per key: ≈3× faster verification in wasm than
-        // ed25519-dalek's (see gw_core::edverify), paid once here per VM.
+        // Fixed-base tables per key (see gw_core::edverify), paid once here per VM.
         keyring.precompute_tables()?;
         if keyring.is_empty() {
             return Err(invalid(

@@ -763,3 +763,32 @@ fn the_wasm_filter_verifies_signatures_exactly_like_ed25519_dalek() {
     }
     assert_eq!((accepted, refused), (72, 72));
 }
+
+/// Every edge stat `docs/configuration.md` names is one the filter defines.
+#[test]
+fn every_documented_edge_stat_is_defined() {
+    let doc = std::fs::read_to_string(testkit::workspace_root().join("docs/configuration.md"))
+        .expect("docs/configuration.md");
+    let mut names = Vec::new();
+    for l in doc.lines().filter(|l| l.starts_with("| `gw_edge.")) {
+        let name = l.split('`').nth(1).unwrap_or_default();
+        match name.strip_suffix("<code>") {
+            Some(prefix) => names.extend(
+                gw_core::Code::ALL
+                    .iter()
+                    .map(|c| format!("{prefix}{}", c.as_str())),
+            ),
+            None => names.push(name.to_owned()),
+        }
+    }
+    assert!(names.len() > 10, "the table was not found");
+    let mut cfg: serde_json::Value = serde_json::from_str(&config()).unwrap();
+    cfg["report"] = serde_json::json!({"cluster": "sidecar"});
+    let vm = Host::new().vm(&cfg.to_string(), NOW).unwrap();
+    for n in &names {
+        assert!(
+            vm.metric(n).is_some() || vm.samples(n).is_some(),
+            "documented but not defined: {n}"
+        );
+    }
+}

@@ -3,8 +3,8 @@
 //! low bits only, then one 2×2 matrix applied to the full-width numbers.
 //!
 //! Why: a verify needs one inversion (to encode the recomputed R). Fermat's
-//! `z^(p−2)` costs 254 squarings and 11 multiplications — about a quarter of a
-//! verify in wasm — while this needs ≈ 12–15 rounds of ≈ 110 32×32→64-bit products.
+//! `z^(p−2)` costs 254 squarings and 11 multiplications; this needs a dozen or so
+//! rounds of about a hundred 32×32→64-bit products.
 //! Variable time is fine here: the verifier only handles public values.
 //!
 //! Numbers are nine signed 30-bit limbs (`[i32; 9]`, value Σ v_i·2^(30·i)).

@@ -2,14 +2,13 @@
 //!
 //! Why: inside Envoy the filter runs as wasm32, where a 64×64→128-bit multiply
 //! does not exist. `ed25519-dalek` then uses its 32-bit field backend and a
-//! double-base scalar multiplication (≈253 doublings plus ≈70 additions per
-//! verify), which costs 3–4× a native verify. The command keys are few and known
-//! at configuration time, so we precompute fixed-base tables for every key (and
-//! once for the base point) and verify with table additions only: ≤ 58 mixed
-//! additions (26 on the base point's 10-bit table, 32 on the key's 8-bit one) and
-//! one inversion (safegcd divsteps, `inverse.rs`; Fermat's exponentiation was a
-//! quarter of a verify), no doubling. In V8 one verify then costs ≈ 0.65× a native
-//! `ed25519-dalek` verify, against ≈ 2–3× for dalek in wasm (`bash bench/run.sh verify`).
+//! double-base scalar multiplication (about 253 doublings per verify). The command
+//! keys are few and known at configuration time, so we precompute fixed-base tables
+//! for every key (and once for the base point) and verify with table additions
+//! only — one mixed addition per window of each scalar ([`KEY_WINDOW`],
+//! [`BASE_WINDOW`]) — and one inversion (safegcd divsteps, `inverse.rs`), no
+//! doubling. `docs/edge-ed25519.md` explains the design; `bash bench/run.sh verify`
+//! measures it against `ed25519-dalek`.
 //!
 //! What it accepts is exactly what `ed25519_dalek::VerifyingKey::verify_strict`
 //! accepts (the differential tests in `tests` hold it to that):
@@ -41,14 +40,12 @@ use crate::jwk::{KeyError, WEAK_ED25519};
 use point::{Consts, Ext};
 use table::{digits, Table, MAX_ROWS};
 
-/// Window of the per-key tables: 26 rows × 512 points × 120 bytes = 1.5 MiB per
-/// key, 26 additions per verify. (8 bits: 480 KiB and 32 additions, 4–7 µs more per
-/// accepted command in Envoy, same-moment A/B of `bench/edge.py --wasm-b`; 6 bits:
-/// 165 KiB and 43 additions, ≈ 20 % slower in V8 — `bash bench/run.sh verify`.)
+/// Window of the per-key tables, bits: 10 gives 26 rows × 512 points × 120 bytes =
+/// 1.5 MiB per key and 26 additions per verify (smaller windows: smaller tables,
+/// more additions; measured in `docs/benchmarks.md`).
 pub const KEY_WINDOW: u32 = 10;
-/// Window of the base-point table, built once per process (or wasm VM): 26 rows ×
-/// 512 points × 120 bytes = 1.5 MiB, 26 additions per verify (8 bits: 480 KiB and 32
-/// additions, ≈ 9 % slower per verify in V8).
+/// Window of the base-point table, built once per process (or wasm VM); 10 bits as
+/// for the keys.
 pub const BASE_WINDOW: u32 = 10;
 
 /// Encoding of the Ed25519 base point.
@@ -140,8 +137,8 @@ impl std::fmt::Debug for PrecomputedKey {
 }
 
 impl PrecomputedKey {
-    /// Validates the 32-byte public key and builds its table (≈ 25 ms in V8; the first
-    /// one in a VM ≈ 50 ms, with the base point's table).
+    /// Validates the 32-byte public key and builds its table (the first one in a
+    /// process or VM also builds the base point's).
     pub fn new(public_key: &[u8; 32]) -> Result<PrecomputedKey, KeyError> {
         let c = Consts::new();
         let a = Ext::decompress(public_key, &c)
