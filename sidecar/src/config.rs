@@ -126,21 +126,44 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// A configuration value outside what the sidecar accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct OutOfBounds {
+    /// The key, as written in the configuration (`sender.tpu.max_streams`).
+    pub key: &'static str,
+    /// What it must be.
+    pub reason: String,
+}
+
+impl OutOfBounds {
+    /// `key` is out of bounds: `reason`.
+    pub fn new(key: &'static str, reason: impl Into<String>) -> OutOfBounds {
+        OutOfBounds {
+            key,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// Why the configuration is refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// Bad file.
+    /// The file cannot be read.
     #[error("config file {0}: {1}")]
-    File(PathBuf, String),
+    Read(PathBuf, #[source] std::io::Error),
+    /// The file is not a configuration.
+    #[error("config file {0}: {1}")]
+    Parse(PathBuf, #[source] serde_json::Error),
     /// Bad key ring.
     #[error("command_keys: {0}")]
     Keys(#[from] gw_core::keyring::KeyRingError),
     /// Bad environment value (never echoes secrets).
     #[error("environment variable {0}: {1}")]
     Env(&'static str, String),
-    /// Bad `sender` section.
-    #[error("{0}")]
-    Sender(String),
+    /// A value out of bounds.
+    #[error(transparent)]
+    OutOfBounds(#[from] OutOfBounds),
     /// Nothing could ever verify.
     #[error("no command keys: give command_keys in the config file or CTRL_PUBKEY_HEX")]
     NoKeys,
@@ -155,10 +178,9 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut file = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| ConfigError::File(p.into(), e.to_string()))?;
-                serde_json::from_str(&text)
-                    .map_err(|e| ConfigError::File(p.into(), e.to_string()))?
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| ConfigError::Read(p.into(), e))?;
+                serde_json::from_str(&text).map_err(|e| ConfigError::Parse(p.into(), e))?
             }
             None => FileConfig::default(),
         };
@@ -224,7 +246,7 @@ impl Config {
                 if let (Some(r), Some(auth)) = (&mut s.relay, env("GW_RELAY_AUTH")) {
                     r.auth = Some(auth);
                 }
-                s.validate().map_err(ConfigError::Sender)?;
+                s.validate()?;
                 Some(
                     crate::sender::plane::identity(s, env)
                         .map_err(|e| ConfigError::Env("GW_TPU_IDENTITY_HEX", e.to_string()))?,

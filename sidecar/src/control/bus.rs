@@ -84,13 +84,23 @@ impl KafkaConfig {
 pub enum BusError {
     /// Kafka refused or timed out.
     #[error("kafka: {0}")]
-    Kafka(String),
-}
-
-impl From<KafkaError> for BusError {
-    fn from(e: KafkaError) -> Self {
-        BusError::Kafka(e.to_string())
-    }
+    Kafka(#[from] KafkaError),
+    /// The broker refused to create the topic.
+    #[error("kafka: create topic {topic}: {code}")]
+    CreateTopic {
+        /// The topic.
+        topic: String,
+        /// The broker's answer.
+        code: RDKafkaErrorCode,
+    },
+    /// The idempotent producer failed fatally (a fresh one serves the next request).
+    #[error("kafka producer failed ({code}): {reason}")]
+    ProducerFailed {
+        /// librdkafka's code.
+        code: RDKafkaErrorCode,
+        /// Its reason.
+        reason: String,
+    },
 }
 
 /// Where a published command landed.
@@ -248,9 +258,7 @@ impl KafkaBus {
             match result {
                 Ok(_) => {}
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((name, code)) => {
-                    return Err(BusError::Kafka(format!("create topic {name}: {code}")))
-                }
+                Err((topic, code)) => return Err(BusError::CreateTopic { topic, code }),
             }
         }
         Ok(())
@@ -273,9 +281,7 @@ impl KafkaBus {
                     .producer
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
-                return Err(BusError::Kafka(format!(
-                    "producer failed ({code}): {reason}"
-                )));
+                return Err(BusError::ProducerFailed { code, reason });
             }
             match sent {
                 Ok(d) => {

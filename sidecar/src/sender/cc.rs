@@ -8,6 +8,7 @@
 //! losses) evolves as it would without the boost; the boost shapes only `window()`.
 //! A loss still shrinks the inner window, and the boosted window with it.
 
+use crate::config::OutOfBounds;
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -64,11 +65,11 @@ impl Default for CongestionConfig {
 
 impl CongestionConfig {
     /// Checks the bounds.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), OutOfBounds> {
         if !(1.0..=16.0).contains(&self.boost_gain) {
-            return Err(format!(
-                "congestion.boost_gain {} must be within 1..=16",
-                self.boost_gain
+            return Err(OutOfBounds::new(
+                "sender.tpu.congestion.boost_gain",
+                format!("{} must be within 1..=16", self.boost_gain),
             ));
         }
         Ok(())

@@ -19,6 +19,7 @@ pub mod tls;
 pub mod tpu;
 pub mod txwire;
 
+use crate::config::OutOfBounds;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -106,21 +107,30 @@ fn default_audit_queue() -> usize {
 
 impl SenderConfig {
     /// Checks the bounds.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), OutOfBounds> {
         if self.tpu.is_none() && self.relay.is_none() {
-            return Err("sender: configure at least one route (tpu or relay)".into());
+            return Err(OutOfBounds::new(
+                "sender",
+                "configure at least one route (tpu or relay)",
+            ));
         }
         if self.tpu.is_some() && self.leaders.is_none() {
-            return Err("sender.tpu needs sender.leaders (static list or rpc)".into());
+            return Err(OutOfBounds::new(
+                "sender.tpu",
+                "needs sender.leaders (static list or rpc)",
+            ));
         }
         if let Some(t) = &self.tpu {
             t.validate()?;
         }
         if self.fanout == 0 || self.fanout > 8 {
-            return Err("sender.fanout must be within 1..=8".into());
+            return Err(OutOfBounds::new("sender.fanout", "must be within 1..=8"));
         }
         if self.hedge_delay_ms > 60_000 {
-            return Err("sender.hedge_delay_ms must be at most 60000".into());
+            return Err(OutOfBounds::new(
+                "sender.hedge_delay_ms",
+                "must be at most 60000",
+            ));
         }
         self.strategy.validate()
     }
@@ -220,7 +230,7 @@ impl Sender {
         leaders: Option<Arc<dyn LeaderSource>>,
         audit: Option<SendAudit>,
     ) -> anyhow::Result<Arc<Sender>> {
-        config.validate().map_err(anyhow::Error::msg)?;
+        config.validate()?;
         let tpu = match &config.tpu {
             Some(t) => Some(TpuClient::new(t.clone(), identity)?),
             None => None,

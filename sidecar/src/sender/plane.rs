@@ -67,7 +67,7 @@ pub fn start(
     models: Option<Arc<ModelHost>>,
     clickhouse: Option<clickhouse::Client>,
 ) -> anyhow::Result<(DataPlane, Vec<JoinHandle<()>>)> {
-    config.validate().map_err(anyhow::Error::msg)?;
+    config.validate()?;
     let rpc_module = Module::parse(&config.rpc_module).ok_or_else(|| {
         anyhow::anyhow!(
             "sender.rpc_module {:?} is not a module (arbitrage, mev)",

@@ -14,6 +14,7 @@
 //! opportunity's pre-signed transactions goes (one per rung). Each decision is
 //! counted by reason; the sends themselves are audited by the sender.
 
+use crate::config::OutOfBounds;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -71,15 +72,24 @@ impl Default for StrategyConfig {
 
 impl StrategyConfig {
     /// Checks the bounds.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), OutOfBounds> {
         if self.ring_capacity == 0 || self.ring_capacity > MAX_RING_CAPACITY {
-            return Err("sender.strategy.ring_capacity must be within 1..=2^30".into());
+            return Err(OutOfBounds::new(
+                "sender.strategy.ring_capacity",
+                "must be within 1..=2^30",
+            ));
         }
         if self.batch == 0 || self.batch > 4096 {
-            return Err("sender.strategy.batch must be within 1..=4096".into());
+            return Err(OutOfBounds::new(
+                "sender.strategy.batch",
+                "must be within 1..=4096",
+            ));
         }
         if self.max_inflight == 0 {
-            return Err("sender.strategy.max_inflight must be at least 1".into());
+            return Err(OutOfBounds::new(
+                "sender.strategy.max_inflight",
+                "must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -267,7 +277,7 @@ impl HotPath {
         models: Option<Arc<ModelHost>>,
         rt: tokio::runtime::Handle,
     ) -> anyhow::Result<HotPath> {
-        config.validate().map_err(anyhow::Error::msg)?;
+        config.validate()?;
         let (producer, consumer) = rtrb::RingBuffer::new(config.ring_capacity);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(StrategyStats::default());

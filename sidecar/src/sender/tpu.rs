@@ -8,6 +8,7 @@
 //! leader has acknowledged every byte of its stream (QUIC ACK of the FIN); the TPU
 //! protocol has no other answer.
 
+use crate::config::OutOfBounds;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -106,21 +107,36 @@ impl Default for TpuConfig {
 
 impl TpuConfig {
     /// Checks the bounds.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), OutOfBounds> {
         if self.queue_per_leader == 0 || self.queue_per_leader > 1 << 20 {
-            return Err("tpu.queue_per_leader must be within 1..=1048576".into());
+            return Err(OutOfBounds::new(
+                "sender.tpu.queue_per_leader",
+                "must be within 1..=1048576",
+            ));
         }
         if self.max_streams == 0 || self.max_streams > 4096 {
-            return Err("tpu.max_streams must be within 1..=4096".into());
+            return Err(OutOfBounds::new(
+                "sender.tpu.max_streams",
+                "must be within 1..=4096",
+            ));
         }
         if self.max_leaders == 0 {
-            return Err("tpu.max_leaders must be at least 1".into());
+            return Err(OutOfBounds::new(
+                "sender.tpu.max_leaders",
+                "must be at least 1",
+            ));
         }
         if self.backoff_min_ms == 0 || self.backoff_max_ms < self.backoff_min_ms {
-            return Err("tpu.backoff_min_ms must be > 0 and <= backoff_max_ms".into());
+            return Err(OutOfBounds::new(
+                "sender.tpu.backoff_min_ms",
+                "must be > 0 and <= backoff_max_ms",
+            ));
         }
         if self.idle_timeout_ms < 100 {
-            return Err("tpu.idle_timeout_ms must be at least 100".into());
+            return Err(OutOfBounds::new(
+                "sender.tpu.idle_timeout_ms",
+                "must be at least 100",
+            ));
         }
         self.congestion.validate()
     }
@@ -212,7 +228,7 @@ impl TpuClient {
     /// Binds the endpoint; `identity` signs the client certificate. Must run inside
     /// a tokio runtime.
     pub fn new(config: TpuConfig, identity: &SigningKey) -> anyhow::Result<Arc<Self>> {
-        config.validate().map_err(anyhow::Error::msg)?;
+        config.validate()?;
         let identity = Arc::new(tls::identity_cert(identity)?);
         let endpoint = quinn::Endpoint::client(config.bind)
             .map_err(|e| anyhow::anyhow!("cannot bind the TPU endpoint on {}: {e}", config.bind))?;
