@@ -30,6 +30,16 @@ impl ControlMetrics {
     /// `gw_sidecar_agent_total{module,outcome}`.
     pub fn register(registry: &mut Registry) -> ControlMetrics {
         let m = ControlMetrics::default();
+        // Series that exist from the start (a scrape sees 0, not nothing).
+        let _ = m.decisions.get_or_create(&CodeLabel { code: "accepted" });
+        for module in gw_core::Module::ALL {
+            for outcome in ["applied", "duplicate", "rejected"] {
+                let _ = m.agent.get_or_create(&AgentLabels {
+                    module: module.as_str(),
+                    outcome,
+                });
+            }
+        }
         registry.register(
             "gw_sidecar_decisions",
             "Admission decisions by code (accepted, a rejection code, edge_reported, replay_not_persisted)",
