@@ -146,12 +146,12 @@ Sender status:   curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$
 Sends audited:   curl -s 'http://127.0.0.1:8123/?query=SELECT+signature,route,hedged,outcome,latency_us+FROM+tx_sends+ORDER+BY+ts_us'
 Bus:             ${brokers:-in-process (start with --kafka for Kafka)}
 Edge decisions:  curl -s http://127.0.0.1:9901/stats?filter=gw_edge
-Audit ledger:    curl -s 'http://127.0.0.1:8123/?query=SELECT+seq,stage,decision,code,request_id+FROM+control_decisions+FINAL+ORDER+BY+seq'
+Audit ledger:    curl -s 'http://127.0.0.1:8123/?query=SELECT+seq,stage,decision,code,request_id+FROM+control_decisions+ORDER+BY+seq'
                  $bin/gwctl ledger verify --clickhouse http://127.0.0.1:8123
 MSG
 
 if (( smoke )); then
-  count() { curl -sf 'http://127.0.0.1:8123/?query=SELECT+count()+FROM+control_decisions+FINAL' || echo 0; }
+  count() { curl -sf 'http://127.0.0.1:8123/?query=SELECT+count()+FROM+control_decisions' || echo 0; }
   n0=$(count)
   kcount() { curl -sf 'http://127.0.0.1:8123/?query=SELECT+count()+FROM+control_ledger' || echo 0; }
   k0=$(kcount)
@@ -167,15 +167,16 @@ if (( smoke )); then
   echo "$modules" | grep -q '"mev":{[^}]*"throttle_pct":40' || die "smoke: mev did not change: $modules"
   echo "$modules" | grep -q '"arbitrage":{[^}]*"throttle_pct":50' || die "smoke: arbitrage did not change: $modules"
   # For each of the two commands: edge accepted, sidecar accepted, agent applied;
-  # and the replay, refused at the edge and reported by the filter: 7 rows.
+  # and the resend: the edge lets the same bytes through, the sidecar refuses them
+  # as a replay: 8 rows.
   for _ in $(seq 1 50); do
     n=$(( $(count) - n0 ))
-    (( n >= 7 )) && break
+    (( n >= 8 )) && break
     sleep 0.2
   done
-  (( n >= 7 )) || die "smoke: expected 7 new audited decisions in ClickHouse, found $n"
-  edge=$(curl -sf "http://127.0.0.1:8123/?query=SELECT+count()+FROM+control_decisions+FINAL+WHERE+stage='edge'+AND+code='replay'" || echo 0)
-  (( edge >= 1 )) || die "smoke: the edge's replay rejection is not in the ledger"
+  (( n >= 8 )) || die "smoke: expected 8 new audited decisions in ClickHouse, found $n"
+  replays=$(curl -sf "http://127.0.0.1:8123/?query=SELECT+count()+FROM+control_decisions+WHERE+stage='sidecar'+AND+code='replay'" || echo 0)
+  (( replays >= 1 )) || die "smoke: the replay's refusal is not in the ledger"
   "$bin/gwctl" ledger verify --clickhouse http://127.0.0.1:8123 || die "smoke: the ledger chain does not verify"
   models=$(curl -sf --cacert "$run/certs/ca.pem" -H "authorization: Bearer $token" https://localhost:8443/api/models)
   echo "$models" | grep -q '"name":"mev"' || die "smoke: no mev model serving: $models"
@@ -184,10 +185,12 @@ if (( smoke )); then
   echo "$score" | grep -q '"outputs":\[\[' || die "smoke: the mev model did not score: $score"
   log "smoke: models serving through the C ABI: $score"
   # A real Solana transaction (solders) through Envoy's JSON-RPC route to the local TPU.
-  # (RPC sends follow arbitrage's state; the step above throttled it to 50 %.)
-  json=$(curl -sS --cacert "$run/certs/ca.pem" -H "authorization: Bearer $token" -H 'content-type: application/json' \
-    -d '{"throttle_pct": 100}' https://localhost:8443/api/control/module/arbitrage:throttle)
-  echo "$json" | grep -q '"applied":true' || die "smoke: the JSON route failed: $json"
+  # (RPC sends follow arbitrage's state: start it, and undo the 50 % above.)
+  for step in 'start {}' 'throttle {"throttle_pct": 100}'; do
+    json=$(curl -sS --cacert "$run/certs/ca.pem" -H "authorization: Bearer $token" -H 'content-type: application/json' \
+      -d "${step#* }" "https://localhost:8443/api/control/module/arbitrage:${step%% *}")
+    echo "$json" | grep -q '"applied":true' || die "smoke: the JSON route failed: $json"
+  done
   "$GW_VENV/bin/python" sidecar/tests/py/solana_txs.py 1 > "$run/smoke-txs.jsonl"
   tx=$(sed -n 1p "$run/smoke-txs.jsonl")
   b64=$(echo "$tx" | "$GW_VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["b64"])')

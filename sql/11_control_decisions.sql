@@ -1,27 +1,37 @@
 -- Every decision about a command (edge, sidecar, agent; accepted or rejected with its
--- code), hash-chained: row_hash = SHA-256(prev_hash || canonical row), seq without
--- gaps (core/src/ledger.rs). Only these rows say what was verified.
+-- code, with who asked), hash-chained per gateway node: row_hash = SHA-256(prev_hash
+-- || canonical row), seq from 1 without gaps within each chain_id
+-- (core/src/ledger.rs). Only these rows say what was verified.
+--
+-- MergeTree, not ReplacingMergeTree: two rows claiming one (chain_id, seq) must both
+-- stay visible (the verifier reports them), never be merged into one. A retried batch
+-- carries an insert_deduplication_token, so a batch that landed but whose
+-- acknowledgement was lost is not stored twice.
 CREATE TABLE IF NOT EXISTS control_decisions
 (
-    seq        UInt64,
-    ts_ms      UInt64,
-    stage      LowCardinality(String),
-    decision   LowCardinality(String),
-    code       LowCardinality(String),
-    request_id String,
-    issuer     String,
-    module     LowCardinality(String),
-    action     LowCardinality(String),
-    pubkey_id  LowCardinality(String),
-    sig_alg    LowCardinality(String),
-    nonce      UInt64,
-    args_json  String,
-    raw_hex    String,
-    prev_hash  String,
-    row_hash   String
+    chain_id        LowCardinality(String),
+    seq             UInt64,
+    ts_ms           UInt64,
+    stage           LowCardinality(String),
+    decision        LowCardinality(String),
+    code            LowCardinality(String),
+    request_id      String,
+    issuer          String,
+    module          LowCardinality(String),
+    action          LowCardinality(String),
+    pubkey_id       LowCardinality(String),
+    sig_alg         LowCardinality(String),
+    nonce           UInt64,
+    args_json       String,
+    raw_hex         String,
+    requester       String,
+    requester_roles String,
+    token_issuer    String,
+    prev_hash       String,
+    row_hash        String
 )
-ENGINE = ReplacingMergeTree
-ORDER BY seq
--- Retried batches carry an insert_deduplication_token: a batch that landed but whose
--- acknowledgement was lost is not stored twice.
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(toDateTime(intDiv(ts_ms, 1000)))
+ORDER BY (chain_id, seq)
+TTL toDateTime(intDiv(ts_ms, 1000)) + INTERVAL 400 DAY DELETE
 SETTINGS non_replicated_deduplication_window = 10000;

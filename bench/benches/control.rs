@@ -52,8 +52,13 @@ fn ledger_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         let raw = format!("raw_{round}");
         ch.query(&ddl(&ours));
         ch.query(&ddl(&raw));
-        let mut ledger = Ledger::open(&dir.join(format!("spool-{round}")), client.clone(), &ours)
-            .expect("ledger");
+        let mut ledger = Ledger::open(
+            &dir.join(format!("spool-{round}")),
+            client.clone(),
+            &ours,
+            "bench",
+        )
+        .expect("ledger");
         let t = Instant::now();
         for i in 1..=LEDGER_ROWS {
             ledger.append(row(i)).expect("append");
@@ -62,8 +67,13 @@ fn ledger_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         // The same sealed rows, as the raw insert will send them.
         let mut rows: Vec<DecisionRow> = Vec::new();
         {
-            let mut probe = Ledger::open(&dir.join(format!("spool-{round}")), client.clone(), &raw)
-                .expect("reopen");
+            let mut probe = Ledger::open(
+                &dir.join(format!("spool-{round}")),
+                client.clone(),
+                &raw,
+                "bench",
+            )
+            .expect("reopen");
             while let Some(b) = probe.batch() {
                 rows.extend_from_slice(b.rows());
                 probe.mark_shipped(b.last_seq).expect("mark");
@@ -238,7 +248,7 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     rt.spawn(async move { axum::serve(listener, app).await });
 
     let mut fc = filter_config(65536);
-    fc["replay_window"] = serde_json::json!(4096);
+    fc["replay_max_per_issuer"] = serde_json::json!(262_144);
     fc["max_skew_secs"] = serde_json::json!(120);
     let gw = envoy::render_gateway(dir, &fc.to_string(), sidecar_port);
     let (port, certs) = (gw.port, &gw.certs);

@@ -56,8 +56,11 @@ codes! {
     Stale => "stale", 401;
     /// `ts` is further in the future than the allowed skew.
     Future => "future", 401;
-    /// The nonce was seen before, or is older than the replay window.
+    /// The nonce was used before by a command of the same issuer that is still fresh.
     Replay => "replay", 409;
+    /// The replay guard holds the most fresh nonces it may (per issuer, or issuers):
+    /// retry shortly.
+    ReplayCapacity => "replay_capacity", 429;
     /// The nonce is missing (zero).
     BadNonce => "bad_nonce", 400;
     /// The route's module/action differs from the signed command's.
@@ -66,6 +69,8 @@ codes! {
     BadArgs => "bad_args", 400;
     /// The route does not accept this HTTP method.
     MethodNotAllowed => "method_not_allowed", 405;
+    /// The body's media type is not one the route accepts.
+    UnsupportedMediaType => "unsupported_media_type", 415;
     /// The replay state could not be read or updated: fail closed.
     ReplayUnavailable => "replay_unavailable", 503;
     /// The gateway cannot decide now (not configured, a dependency is down): fail closed.
@@ -97,6 +102,11 @@ codes! {
     JwtClaims => "jwt_claims", 401;
     /// The token is valid but lacks the role the route needs.
     ForbiddenRole => "forbidden_role", 403;
+    // --- callers of the sidecar ---
+    /// The caller presented no client certificate from the gateway's CA.
+    Unauthenticated => "unauthenticated", 401;
+    /// The caller's certificate is not the edge's: only the edge may call this.
+    ForbiddenPeer => "forbidden_peer", 403;
 }
 
 impl Code {

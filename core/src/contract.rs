@@ -49,11 +49,13 @@ pub mod headers {
     pub const NONCE: &str = "x-gw-nonce";
     /// What the edge verified: see [`super::Verified`].
     pub const VERIFIED: &str = "x-gw-verified";
+    /// The JWT's issuer (`iss`) the edge verified.
+    pub const TOKEN_ISSUER: &str = "x-gw-token-issuer";
     /// The hand-over ticket between the filter's two stages (never reaches the upstream).
     pub const TICKET: &str = "x-gw-ticket";
 
     /// The headers the edge stamps (not the ticket).
-    pub const STAMPED: [&str; 6] = [SUB, ROLES, PUBKEY_ID, ISSUER, NONCE, VERIFIED];
+    pub const STAMPED: [&str; 7] = [SUB, ROLES, TOKEN_ISSUER, PUBKEY_ID, ISSUER, NONCE, VERIFIED];
 
     /// Whether `name` is reserved for the edge (case-insensitive).
     pub fn is_reserved(name: &str) -> bool {
@@ -90,15 +92,24 @@ impl Verified {
     }
 }
 
-/// Who the edge says sent a request: read from the stamped headers.
+/// Who sent a request, as the edge verified it from the JWT (empty when unknown).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Requester {
+    /// The JWT `sub`.
+    pub sub: String,
+    /// The JWT roles, comma-separated.
+    pub roles: String,
+    /// The JWT's issuer (`iss`).
+    pub token_issuer: String,
+}
+
+/// What the edge says about a request it forwards: read from the stamped headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EdgeIdentity {
     /// What the edge verified.
     pub verified: Verified,
-    /// The JWT `sub`, when the token had one.
-    pub sub: Option<String>,
-    /// The JWT roles.
-    pub roles: Vec<String>,
+    /// Who sent it.
+    pub requester: Requester,
 }
 
 impl EdgeIdentity {
@@ -106,19 +117,14 @@ impl EdgeIdentity {
     /// `None` when the edge stamped nothing (no `x-gw-verified`, or an unknown value).
     pub fn from_headers<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<EdgeIdentity> {
         let verified = Verified::parse(get(headers::VERIFIED)?)?;
-        let roles = get(headers::ROLES)
-            .map(|r| {
-                r.split(',')
-                    .map(str::trim)
-                    .filter(|r| !r.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let field = |h| get(h).unwrap_or_default().to_owned();
         Some(EdgeIdentity {
             verified,
-            sub: get(headers::SUB).map(str::to_owned),
-            roles,
+            requester: Requester {
+                sub: field(headers::SUB),
+                roles: field(headers::ROLES),
+                token_issuer: field(headers::TOKEN_ISSUER),
+            },
         })
     }
 }
@@ -145,6 +151,15 @@ pub struct EdgeReport {
     pub raw_hex: String,
     /// Host time, unix milliseconds.
     pub ts_ms: u64,
+    /// Who sent it, when the edge had verified the JWT before refusing.
+    #[serde(default)]
+    pub requester: String,
+    /// The requester's roles, comma-separated.
+    #[serde(default)]
+    pub requester_roles: String,
+    /// The JWT's issuer.
+    #[serde(default)]
+    pub token_issuer: String,
 }
 
 /// An edge report the sidecar accepted: its code and the raw body.
@@ -158,17 +173,33 @@ pub struct CheckedReport {
     pub raw: Vec<u8>,
     /// Host time, unix milliseconds.
     pub ts_ms: u64,
+    /// Who sent it (empty when the edge refused before the JWT).
+    pub requester: Requester,
 }
+
+/// Longest requester field a report carries, in bytes.
+pub const MAX_REPORT_REQUESTER_BYTES: usize = 512;
 
 impl EdgeReport {
     /// A rejection report; `path` is cut to [`MAX_REPORT_PATH_BYTES`].
-    pub fn rejected(code: Code, path: &str, raw: &[u8], ts_ms: u64) -> EdgeReport {
+    pub fn rejected(
+        code: Code,
+        path: &str,
+        raw: &[u8],
+        ts_ms: u64,
+        requester: Option<&Requester>,
+    ) -> EdgeReport {
+        let r = requester.cloned().unwrap_or_default();
+        let cut = |s: &str| truncate_utf8(s, MAX_REPORT_REQUESTER_BYTES).to_owned();
         EdgeReport {
             decision: "rejected".into(),
             code: code.as_str().into(),
             path: truncate_utf8(path, MAX_REPORT_PATH_BYTES).to_owned(),
             raw_hex: hex::encode(raw),
             ts_ms,
+            requester: cut(&r.sub),
+            requester_roles: cut(&r.roles),
+            token_issuer: cut(&r.token_issuer),
         }
     }
 
@@ -197,11 +228,25 @@ impl EdgeReport {
         }
         let raw = hex::decode(&self.raw_hex)
             .map_err(|_| Reject::new(Code::Malformed, "raw_hex is not hex"))?;
+        if [&self.requester, &self.requester_roles, &self.token_issuer]
+            .iter()
+            .any(|f| f.len() > MAX_REPORT_REQUESTER_BYTES)
+        {
+            return Err(Reject::with(
+                Code::Malformed,
+                format!("an edge report's requester fields are at most {MAX_REPORT_REQUESTER_BYTES} bytes"),
+            ));
+        }
         Ok(CheckedReport {
             code,
             path: self.path.clone(),
             raw,
             ts_ms: self.ts_ms,
+            requester: Requester {
+                sub: self.requester.clone(),
+                roles: self.requester_roles.clone(),
+                token_issuer: self.token_issuer.clone(),
+            },
         })
     }
 }
@@ -271,8 +316,9 @@ mod tests {
         let get = |k: &str| h.iter().find(|(n, _)| *n == k).map(|(_, v)| *v);
         let id = EdgeIdentity::from_headers(get).unwrap();
         assert_eq!(id.verified, Verified::Edge);
-        assert_eq!(id.sub.as_deref(), Some("alice"));
-        assert_eq!(id.roles, vec!["admin", "viewer"]);
+        assert_eq!(id.requester.sub, "alice");
+        assert_eq!(id.requester.roles, "admin, viewer,");
+        assert_eq!(id.requester.token_issuer, "");
         assert_eq!(EdgeIdentity::from_headers(|_| None), None);
         assert_eq!(EdgeIdentity::from_headers(|_| Some("forged")), None);
     }
@@ -280,12 +326,18 @@ mod tests {
     #[test]
     fn report_round_trip_and_limits() {
         let long = "é".repeat(200); // 400 bytes
-        let r = EdgeReport::rejected(Code::Replay, &long, b"\x01\x02", 7);
+        let who = Requester {
+            sub: "alice".into(),
+            roles: "admin".into(),
+            token_issuer: "defi-dashboard".into(),
+        };
+        let r = EdgeReport::rejected(Code::Replay, &long, b"\x01\x02", 7, Some(&who));
         assert!(r.path.len() <= MAX_REPORT_PATH_BYTES && long.starts_with(&r.path));
         let body = serde_json::to_vec(std::slice::from_ref(&r)).unwrap();
         let checked = parse_report_batch(&body).unwrap();
         assert_eq!(checked[0].code, Code::Replay);
         assert_eq!(checked[0].raw, vec![1, 2]);
+        assert_eq!(checked[0].requester, who);
 
         let mut bad = r.clone();
         bad.path = "x".repeat(MAX_REPORT_PATH_BYTES + 1);
@@ -309,7 +361,8 @@ mod tests {
             Code::Malformed,
             "unknown fields are refused"
         );
-        let many = vec![EdgeReport::rejected(Code::Replay, "/", b"", 1); MAX_REPORTS_PER_BATCH + 1];
+        let many =
+            vec![EdgeReport::rejected(Code::Replay, "/", b"", 1, None); MAX_REPORTS_PER_BATCH + 1];
         assert_eq!(
             parse_report_batch(&serde_json::to_vec(&many).unwrap())
                 .unwrap_err()

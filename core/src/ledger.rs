@@ -77,9 +77,12 @@ impl Decision {
 /// `prev_hash` of the first row.
 pub const GENESIS: [u8; 32] = [0; 32];
 
-/// One ledger row: a decision about a command at one stage.
+/// One ledger row: a decision about a command at one stage, in one chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerRow {
+    /// The chain (the gateway node that wrote it).
+    #[serde(default)]
+    pub chain_id: String,
     /// Position in the chain, from 1.
     pub seq: u64,
     /// When the decision was made, unix milliseconds.
@@ -108,6 +111,15 @@ pub struct LedgerRow {
     pub args_json: String,
     /// The exact signed message as received (hex), so the row can be re-verified later.
     pub raw_hex: String,
+    /// Who sent the request: the JWT `sub` the edge verified (`""` when unknown).
+    #[serde(default)]
+    pub requester: String,
+    /// The requester's roles, comma-separated.
+    #[serde(default)]
+    pub requester_roles: String,
+    /// The JWT's issuer (`iss`).
+    #[serde(default)]
+    pub token_issuer: String,
     /// Hash of the previous row (hex).
     pub prev_hash: String,
     /// Hash of this row (hex).
@@ -124,8 +136,9 @@ impl LedgerRow {
     /// The hash of this row's content chained to `prev`.
     pub fn compute_hash(&self, prev: &[u8; 32]) -> [u8; 32] {
         let mut h = Sha256::new();
-        h.update(b"gw-ledger-v1");
+        h.update(b"gw-ledger-v2");
         h.update(prev);
+        put(&mut h, self.chain_id.as_bytes());
         h.update(self.seq.to_be_bytes());
         h.update(self.ts_ms.to_be_bytes());
         for f in [
@@ -144,40 +157,62 @@ impl LedgerRow {
         h.update(self.nonce.to_be_bytes());
         put(&mut h, self.args_json.as_bytes());
         put(&mut h, self.raw_hex.as_bytes());
+        for f in [&self.requester, &self.requester_roles, &self.token_issuer] {
+            put(&mut h, f.as_bytes());
+        }
         h.finalize().into()
     }
 }
 
-/// Appends rows to a chain.
+/// Appends rows to one chain.
 #[derive(Debug, Clone)]
 pub struct Chain {
+    chain_id: String,
     next_seq: u64,
     last: [u8; 32],
 }
 
-impl Default for Chain {
-    fn default() -> Self {
+impl Chain {
+    /// A new chain `chain_id`.
+    pub fn new(chain_id: &str) -> Chain {
         Chain {
+            chain_id: chain_id.to_owned(),
             next_seq: 1,
             last: GENESIS,
         }
     }
-}
 
-impl Chain {
-    /// Continues a chain whose last row is `last` (or a new chain for `None`).
-    pub fn resume(last: Option<&LedgerRow>) -> Result<Chain, ChainError> {
+    /// Continues chain `chain_id` after its last row `last` (a new chain for `None`).
+    pub fn resume(chain_id: &str, last: Option<&LedgerRow>) -> Result<Chain, ChainError> {
         match last {
-            None => Ok(Chain::default()),
+            None => Ok(Chain::new(chain_id)),
             Some(r) => Ok(Chain {
+                chain_id: chain_id.to_owned(),
                 next_seq: r.seq + 1,
                 last: parse_hash(&r.row_hash).ok_or(ChainError::BadHash(r.seq))?,
             }),
         }
     }
 
-    /// Numbers and hashes `row` (its `seq`, `prev_hash`, `row_hash` are overwritten).
+    /// The chain's id.
+    pub fn id(&self) -> &str {
+        &self.chain_id
+    }
+
+    /// The `seq` the next row gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The hash of the last row (the head), [`GENESIS`] for an empty chain.
+    pub fn head(&self) -> [u8; 32] {
+        self.last
+    }
+
+    /// Numbers and hashes `row` (its `chain_id`, `seq`, `prev_hash`, `row_hash` are
+    /// overwritten).
     pub fn seal(&mut self, mut row: LedgerRow) -> LedgerRow {
+        row.chain_id.clone_from(&self.chain_id);
         row.seq = self.next_seq;
         row.prev_hash = hex::encode(self.last);
         let h = row.compute_hash(&self.last);
@@ -208,17 +243,59 @@ pub enum ChainError {
     /// A hash is not 32 bytes of hex.
     #[error("row {0} has a malformed hash")]
     BadHash(u64),
+    /// Two different rows claim one position.
+    #[error("row {0} appears twice with different content")]
+    Conflict(u64),
+    /// A row of another chain was given.
+    #[error("row {seq} belongs to chain `{found}`, not `{expected}`")]
+    OtherChain {
+        /// The seq.
+        seq: u64,
+        /// The chain walked.
+        expected: String,
+        /// The row's chain.
+        found: String,
+    },
 }
 
 fn parse_hash(s: &str) -> Option<[u8; 32]> {
     hex::decode(s).ok()?.try_into().ok()
 }
 
-/// Walks rows (in `seq` order, from the first) and returns how many verified.
+/// Walks one chain's rows (in `seq` order, from the first; an exact duplicate of a
+/// row is skipped): how many verified, and the head.
 pub fn verify_chain<'a>(rows: impl IntoIterator<Item = &'a LedgerRow>) -> Result<u64, ChainError> {
+    walk(rows).map(|(n, _)| n)
+}
+
+/// [`verify_chain`], also returning the hash of the last row.
+pub fn walk<'a>(
+    rows: impl IntoIterator<Item = &'a LedgerRow>,
+) -> Result<(u64, [u8; 32]), ChainError> {
     let mut prev = GENESIS;
     let mut expected = 1;
+    let mut chain: Option<&str> = None;
+    let mut last: Option<&LedgerRow> = None;
     for r in rows {
+        if let Some(l) = last {
+            if r.seq == l.seq {
+                if r == l {
+                    continue;
+                }
+                return Err(ChainError::Conflict(r.seq));
+            }
+        }
+        match chain {
+            None => chain = Some(&r.chain_id),
+            Some(c) if c != r.chain_id => {
+                return Err(ChainError::OtherChain {
+                    seq: r.seq,
+                    expected: c.to_owned(),
+                    found: r.chain_id.clone(),
+                })
+            }
+            Some(_) => {}
+        }
         if r.seq != expected {
             return Err(ChainError::Gap {
                 expected,
@@ -235,6 +312,19 @@ pub fn verify_chain<'a>(rows: impl IntoIterator<Item = &'a LedgerRow>) -> Result
         }
         prev = stored;
         expected += 1;
+        last = Some(r);
     }
-    Ok(expected - 1)
+    Ok((expected - 1, prev))
+}
+
+/// Splits rows (in any order) by chain, each sorted by `seq`.
+pub fn by_chain(rows: Vec<LedgerRow>) -> std::collections::BTreeMap<String, Vec<LedgerRow>> {
+    let mut out: std::collections::BTreeMap<String, Vec<LedgerRow>> = Default::default();
+    for r in rows {
+        out.entry(r.chain_id.clone()).or_default().push(r);
+    }
+    for v in out.values_mut() {
+        v.sort_by_key(|r| r.seq);
+    }
+    out
 }

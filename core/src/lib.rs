@@ -34,4 +34,4 @@ pub use command::{
 pub use gw_proto::control::Command;
 pub use keyring::KeyRing;
 pub use names::{Action, Module};
-pub use replay::ReplayGuard;
+pub use replay::NonceBook;

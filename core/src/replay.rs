@@ -1,228 +1,421 @@
-//! Per-issuer replay protection as a pure state machine.
+//! Replay protection: per issuer, a nonce is accepted once while its command is
+//! fresh, in any order.
 //!
-//! A nonce is accepted once: either above the issuer's high-water mark, or inside a
-//! bounded window below it and not seen before. The state serialises (serde for the
-//! sidecar's persisted file, a compact byte form for proxy-wasm shared data).
+//! Nonces are opaque unique values (gwctl uses nanoseconds). Each accepted
+//! `(issuer, nonce)` is remembered until its command's `ts + max_skew` has passed —
+//! after that freshness refuses the command anyway — and then forgotten. There is no
+//! high-water mark and no count window: two commands signed milliseconds apart and
+//! delivered in the other order both apply, and one command with a huge nonce
+//! changes nothing for the next ones. Memory is bounded: at most
+//! [`Limits::max_per_issuer`] live nonces per issuer and [`Limits::max_issuers`]
+//! issuers; beyond that a fresh command is refused with `replay_capacity` (429), never
+//! remembered without bound.
+//!
+//! Two forms of the same rule: [`NonceBook`] (the sidecar's authoritative guard,
+//! made durable by its journal) and [`Shard`] (the edge's copy in proxy-wasm shared
+//! data: an issuer's nonces spread over [`SHARDS`] values, each updated with
+//! compare-and-swap). Both remember a digest of the command's bytes, so a resend of
+//! the same bytes is told apart from a different command reusing a nonce.
 
-use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
 
 use crate::code::{Code, Reject};
 
-/// Default out-of-order window, in nonces.
-pub const DEFAULT_WINDOW: u32 = 1024;
-/// Largest window we accept (8 KiB of bitmap per issuer).
-pub const MAX_WINDOW: u32 = 65536;
+/// Default bound on live nonces per issuer (about 1 000 commands a second for the
+/// default freshness window of ±30 s, with room to spare).
+pub const DEFAULT_MAX_PER_ISSUER: usize = 1 << 18;
+/// Default bound on issuers with live nonces.
+pub const DEFAULT_MAX_ISSUERS: usize = 4096;
+/// Shards of one issuer's nonces at the edge.
+pub const SHARDS: u64 = 64;
 
-/// Why a window size is not acceptable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("replay window must be a multiple of 64 between 64 and {MAX_WINDOW}, got {0}")]
-pub struct BadWindow(pub u32);
-
-fn check_window(window: u32) -> Result<usize, BadWindow> {
-    if !(64..=MAX_WINDOW).contains(&window) || !window.is_multiple_of(64) {
-        return Err(BadWindow(window));
-    }
-    Ok((window / 64) as usize)
+/// How much a replay guard may remember.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Live nonces per issuer.
+    pub max_per_issuer: usize,
+    /// Issuers with live nonces.
+    pub max_issuers: usize,
 }
 
-/// One issuer's nonce state: the highest nonce accepted and a bitmap of the
-/// `window` nonces at and below it (bit `d` = nonce `high - d`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NonceWindow {
-    high: u64,
-    bits: Vec<u64>,
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_per_issuer: DEFAULT_MAX_PER_ISSUER,
+            max_issuers: DEFAULT_MAX_ISSUERS,
+        }
+    }
 }
 
-impl NonceWindow {
-    /// An empty window of `window` nonces (a multiple of 64).
-    pub fn new(window: u32) -> Result<Self, BadWindow> {
-        Ok(NonceWindow {
-            high: 0,
-            bits: vec![0; check_window(window)?],
-        })
-    }
-
-    /// The highest nonce accepted so far (0 when none).
-    pub fn high(&self) -> u64 {
-        self.high
-    }
-
-    fn width(&self) -> u64 {
-        self.bits.len() as u64 * 64
-    }
-
-    /// Whether `nonce` would be accepted, without recording it.
-    pub fn check(&self, nonce: u64) -> Result<(), Reject> {
-        if nonce == 0 {
-            return Err(Reject::new(Code::BadNonce, "nonce must be non-zero"));
+impl Limits {
+    /// Checks the bounds: each at least one, per issuer a multiple of [`SHARDS`]
+    /// (so the edge's shards split it evenly) and at most 2^24.
+    pub fn validate(&self) -> Result<(), String> {
+        let per = self.max_per_issuer;
+        if per == 0 || per > 1 << 24 || !(per as u64).is_multiple_of(SHARDS) {
+            return Err(format!(
+                "replay max_per_issuer must be a multiple of {SHARDS} within {SHARDS}..=16777216, got {per}"
+            ));
         }
-        if nonce > self.high {
-            return Ok(());
+        if self.max_issuers == 0 || self.max_issuers > 1 << 20 {
+            return Err(format!(
+                "replay max_issuers must be within 1..=1048576, got {}",
+                self.max_issuers
+            ));
         }
-        let d = self.high - nonce;
-        if d >= self.width() {
-            return Err(Reject::with(
+        Ok(())
+    }
+
+    /// Live nonces per edge shard.
+    pub fn per_shard(&self) -> usize {
+        self.max_per_issuer / SHARDS as usize
+    }
+}
+
+/// Until when a command's nonce must be remembered: `ts + max_skew` (unix seconds).
+pub fn expiry(ts: u64, max_skew: u64) -> u64 {
+    ts.saturating_add(max_skew)
+}
+
+/// A digest of a command's bytes, to tell a resend from a different command.
+pub type Digest = [u8; 16];
+
+/// The digest of `body`.
+pub fn digest(body: &[u8]) -> Digest {
+    use sha2::{Digest as _, Sha256};
+    let h = Sha256::digest(body);
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&h[..16]);
+    d
+}
+
+/// Why a nonce was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused<V> {
+    /// Seen before, while still fresh; what it was remembered with.
+    Replay(V),
+    /// The issuer already has the most live nonces it may have.
+    IssuerFull,
+    /// The guard already remembers the most issuers it may.
+    TooManyIssuers,
+}
+
+impl<V> Refused<V> {
+    /// The rejection a gateway answers with (`what` describes the nonce).
+    pub fn reject(&self, issuer: &str, nonce: u64) -> Reject {
+        match self {
+            Refused::Replay(_) => Reject::with(
                 Code::Replay,
                 format!(
-                    "nonce {nonce} is older than the replay window ({} below {})",
-                    self.width(),
-                    self.high
+                    "nonce {nonce} of issuer `{}` was already used",
+                    issuer.escape_debug()
                 ),
-            ));
+            ),
+            Refused::IssuerFull => Reject::with(
+                Code::ReplayCapacity,
+                format!(
+                    "issuer `{}` has the most fresh commands the replay guard keeps; retry shortly",
+                    issuer.escape_debug()
+                ),
+            ),
+            Refused::TooManyIssuers => Reject::new(
+                Code::ReplayCapacity,
+                "the replay guard keeps the most issuers it may; retry shortly",
+            ),
         }
-        if self.bits[(d / 64) as usize] & (1u64 << (d % 64)) != 0 {
-            return Err(Reject::with(
-                Code::Replay,
-                format!("nonce {nonce} was already used"),
-            ));
+    }
+}
+
+/// One remembered nonce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen<V> {
+    /// Unix seconds after which it is forgotten.
+    pub expires: u64,
+    /// What it is remembered with.
+    pub value: V,
+}
+
+#[derive(Debug, Clone)]
+struct IssuerNonces<V> {
+    seen: HashMap<u64, Seen<V>>,
+    by_expiry: BTreeSet<(u64, u64)>,
+}
+
+impl<V> Default for IssuerNonces<V> {
+    fn default() -> Self {
+        IssuerNonces {
+            seen: HashMap::new(),
+            by_expiry: BTreeSet::new(),
+        }
+    }
+}
+
+impl<V> IssuerNonces<V> {
+    fn prune(&mut self, now: u64) {
+        while let Some(&(exp, nonce)) = self.by_expiry.first() {
+            if exp >= now {
+                break;
+            }
+            self.by_expiry.pop_first();
+            self.seen.remove(&nonce);
+        }
+    }
+}
+
+/// Every issuer's live nonces (the sidecar's guard). `V` is what a nonce is
+/// remembered with (the command's digest, where it is in the ledger, …).
+#[derive(Debug, Clone)]
+pub struct NonceBook<V> {
+    limits: Limits,
+    issuers: HashMap<String, IssuerNonces<V>>,
+    len: usize,
+}
+
+impl<V: Clone> NonceBook<V> {
+    /// An empty book bounded by `limits`.
+    pub fn new(limits: Limits) -> NonceBook<V> {
+        NonceBook {
+            limits,
+            issuers: HashMap::new(),
+            len: 0,
+        }
+    }
+
+    /// The bounds.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// What `(issuer, nonce)` is remembered with, if it is live at `now`.
+    pub fn get(&self, issuer: &str, nonce: u64, now: u64) -> Option<&Seen<V>> {
+        self.issuers
+            .get(issuer)?
+            .seen
+            .get(&nonce)
+            .filter(|s| s.expires >= now)
+    }
+
+    /// Whether `(issuer, nonce)` would be accepted at `now`.
+    pub fn check(&self, issuer: &str, nonce: u64, now: u64) -> Result<(), Refused<V>> {
+        if let Some(s) = self.get(issuer, nonce, now) {
+            return Err(Refused::Replay(s.value.clone()));
+        }
+        match self.issuers.get(issuer) {
+            Some(i) => {
+                let live = i.seen.len() - i.by_expiry.range(..(now, 0)).count();
+                if live >= self.limits.max_per_issuer {
+                    return Err(Refused::IssuerFull);
+                }
+            }
+            None => {
+                if self.issuers.len() >= self.limits.max_issuers
+                    && !self
+                        .issuers
+                        .values()
+                        .any(|i| i.by_expiry.last().is_none_or(|(e, _)| *e < now))
+                {
+                    return Err(Refused::TooManyIssuers);
+                }
+            }
         }
         Ok(())
     }
 
-    /// Accepts `nonce` once, recording it; a second call with it fails with `replay`.
-    pub fn accept(&mut self, nonce: u64) -> Result<(), Reject> {
-        self.check(nonce)?;
-        if nonce > self.high {
-            self.shift(nonce - self.high);
-            self.high = nonce;
-            self.bits[0] |= 1;
-        } else {
-            let d = self.high - nonce;
-            self.bits[(d / 64) as usize] |= 1u64 << (d % 64);
+    /// Accepts `(issuer, nonce)` once: remembered with `value` until `expires`.
+    /// Forgets what expired before `now` first.
+    pub fn insert(
+        &mut self,
+        issuer: &str,
+        nonce: u64,
+        expires: u64,
+        value: V,
+        now: u64,
+    ) -> Result<(), Refused<V>> {
+        if !self.issuers.contains_key(issuer) && self.issuers.len() >= self.limits.max_issuers {
+            self.prune(now);
         }
+        self.check(issuer, nonce, now)?;
+        let i = self.issuers.entry(issuer.to_owned()).or_default();
+        let before = i.seen.len();
+        i.prune(now);
+        self.len -= before - i.seen.len();
+        if let Some(old) = i.seen.insert(nonce, Seen { expires, value }) {
+            // Only an expired entry can be here (check refused a live one).
+            i.by_expiry.remove(&(old.expires, nonce));
+            self.len -= 1;
+        }
+        i.by_expiry.insert((expires, nonce));
+        self.len += 1;
         Ok(())
     }
 
-    /// Moves every bit `s` positions towards older nonces.
-    fn shift(&mut self, s: u64) {
-        if s >= self.width() {
-            self.bits.iter_mut().for_each(|w| *w = 0);
-            return;
+    /// Forgets `(issuer, nonce)` (a command whose acceptance was not made durable).
+    pub fn remove(&mut self, issuer: &str, nonce: u64) -> Option<Seen<V>> {
+        let i = self.issuers.get_mut(issuer)?;
+        let s = i.seen.remove(&nonce)?;
+        i.by_expiry.remove(&(s.expires, nonce));
+        self.len -= 1;
+        if i.seen.is_empty() {
+            self.issuers.remove(issuer);
         }
-        let words = (s / 64) as usize;
-        let bits = (s % 64) as u32;
-        let n = self.bits.len();
-        for i in (0..n).rev() {
-            let src = i.checked_sub(words);
-            let hi = src.map_or(0, |j| self.bits[j] << bits);
-            let lo = match (bits, src.and_then(|j| j.checked_sub(1))) {
-                (0, _) | (_, None) => 0,
-                (b, Some(j)) => self.bits[j] >> (64 - b),
-            };
-            self.bits[i] = hi | lo;
+        Some(s)
+    }
+
+    /// Replaces what a live nonce is remembered with; `false` when it is not there.
+    pub fn update(&mut self, issuer: &str, nonce: u64, value: V) -> bool {
+        match self
+            .issuers
+            .get_mut(issuer)
+            .and_then(|i| i.seen.get_mut(&nonce))
+        {
+            Some(s) => {
+                s.value = value;
+                true
+            }
+            None => false,
         }
     }
 
-    /// Compact form: `high` (8 bytes LE) then the bitmap words (8 bytes LE each).
+    /// Forgets everything that expired before `now`.
+    pub fn prune(&mut self, now: u64) {
+        let mut len = 0;
+        self.issuers.retain(|_, i| {
+            i.prune(now);
+            len += i.seen.len();
+            !i.seen.is_empty()
+        });
+        self.len = len;
+    }
+
+    /// Live nonces (not yet pruned ones included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every remembered nonce: `(issuer, nonce, seen)`.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u64, &Seen<V>)> {
+        self.issuers
+            .iter()
+            .flat_map(|(issuer, i)| i.seen.iter().map(move |(n, s)| (issuer.as_str(), *n, s)))
+    }
+}
+
+/// Bytes of one entry of a [`Shard`]: nonce (8), expiry (4, unix seconds), digest (8).
+pub const SHARD_ENTRY_BYTES: usize = 20;
+
+/// The shard of an issuer's nonces a nonce belongs to.
+pub fn shard_of(nonce: u64) -> u64 {
+    // Mixed so that nonces with regular low bits (counters, nanoseconds) spread.
+    nonce.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58
+}
+
+/// What the edge remembers of one nonce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardEntry {
+    /// The nonce.
+    pub nonce: u64,
+    /// Unix seconds after which it is forgotten.
+    pub expires: u32,
+    /// The first bytes of the command's digest.
+    pub digest: [u8; 8],
+}
+
+/// One shard of an issuer's nonces at the edge, as stored in shared data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shard {
+    entries: Vec<ShardEntry>,
+}
+
+/// What accepting a nonce into a shard found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardOutcome {
+    /// Not seen: now remembered.
+    Fresh,
+    /// Seen with the same digest: a resend of the same bytes (the sidecar, which
+    /// knows whether it was applied, answers it).
+    Resend,
+}
+
+impl Shard {
+    /// Parses a stored shard; `None` when the bytes are not one.
+    pub fn from_bytes(b: &[u8]) -> Option<Shard> {
+        if !b.len().is_multiple_of(SHARD_ENTRY_BYTES) {
+            return None;
+        }
+        let entries = b
+            .chunks_exact(SHARD_ENTRY_BYTES)
+            .map(|c| {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&c[..8]);
+                let mut e = [0u8; 4];
+                e.copy_from_slice(&c[8..12]);
+                let mut d = [0u8; 8];
+                d.copy_from_slice(&c[12..20]);
+                ShardEntry {
+                    nonce: u64::from_le_bytes(n),
+                    expires: u32::from_le_bytes(e),
+                    digest: d,
+                }
+            })
+            .collect();
+        Some(Shard { entries })
+    }
+
+    /// The stored form.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + self.bits.len() * 8);
-        out.extend_from_slice(&self.high.to_le_bytes());
-        for w in &self.bits {
-            out.extend_from_slice(&w.to_le_bytes());
+        let mut out = Vec::with_capacity(self.entries.len() * SHARD_ENTRY_BYTES);
+        for e in &self.entries {
+            out.extend_from_slice(&e.nonce.to_le_bytes());
+            out.extend_from_slice(&e.expires.to_le_bytes());
+            out.extend_from_slice(&e.digest);
         }
         out
     }
 
-    /// Parses [`NonceWindow::to_bytes`] output of any valid window size.
-    pub fn from_bytes_any(bytes: &[u8]) -> Option<Self> {
-        let words = bytes.len().checked_sub(8)? / 8;
-        let window = u32::try_from(words * 64).ok()?;
-        Self::from_bytes(bytes, window)
+    /// Live entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
     }
 
-    /// The window size in nonces.
-    pub fn window(&self) -> u32 {
-        (self.bits.len() * 64) as u32
+    /// Whether the shard is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
-    /// Parses [`NonceWindow::to_bytes`] output for a window of `window` nonces.
-    /// Returns `None` when the bytes do not have that shape.
-    pub fn from_bytes(bytes: &[u8], window: u32) -> Option<Self> {
-        let words = check_window(window).ok()?;
-        if bytes.len() != 8 + words * 8 {
-            return None;
+    /// Accepts `nonce` (remembered until `expires`, with `digest`) at `now`,
+    /// forgetting expired entries; at most `bound` live entries.
+    pub fn accept(
+        &mut self,
+        nonce: u64,
+        expires: u64,
+        digest: &Digest,
+        now: u64,
+        bound: usize,
+    ) -> Result<ShardOutcome, Refused<()>> {
+        self.entries.retain(|e| u64::from(e.expires) >= now);
+        let mut short = [0u8; 8];
+        short.copy_from_slice(&digest[..8]);
+        if let Some(e) = self.entries.iter().find(|e| e.nonce == nonce) {
+            return if e.digest == short {
+                Ok(ShardOutcome::Resend)
+            } else {
+                Err(Refused::Replay(()))
+            };
         }
-        let mut chunks = bytes.chunks_exact(8).map(|c| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(c);
-            u64::from_le_bytes(a)
+        if self.entries.len() >= bound {
+            return Err(Refused::IssuerFull);
+        }
+        self.entries.push(ShardEntry {
+            nonce,
+            expires: u32::try_from(expires).unwrap_or(u32::MAX),
+            digest: short,
         });
-        let high = chunks.next()?;
-        Some(NonceWindow {
-            high,
-            bits: chunks.collect(),
-        })
-    }
-}
-
-/// The replay state of every issuer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplayGuard {
-    window: u32,
-    issuers: BTreeMap<String, NonceWindow>,
-}
-
-/// A serialisable copy of a [`ReplayGuard`], for persistence.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReplaySnapshot {
-    /// Window size in nonces.
-    pub window: u32,
-    /// Per-issuer state.
-    pub issuers: BTreeMap<String, NonceWindow>,
-}
-
-impl ReplayGuard {
-    /// An empty guard with a window of `window` nonces per issuer.
-    pub fn new(window: u32) -> Result<Self, BadWindow> {
-        check_window(window)?;
-        Ok(ReplayGuard {
-            window,
-            issuers: BTreeMap::new(),
-        })
-    }
-
-    /// Whether `(issuer, nonce)` would be accepted, without recording it.
-    pub fn check(&self, issuer: &str, nonce: u64) -> Result<(), Reject> {
-        match self.issuers.get(issuer) {
-            Some(w) => w.check(nonce),
-            None if nonce == 0 => Err(Reject::new(Code::BadNonce, "nonce must be non-zero")),
-            None => Ok(()),
-        }
-    }
-
-    /// Accepts `(issuer, nonce)` once.
-    pub fn accept(&mut self, issuer: &str, nonce: u64) -> Result<(), Reject> {
-        if let Some(w) = self.issuers.get_mut(issuer) {
-            return w.accept(nonce);
-        }
-        // The window size was validated in `new`/`restore`.
-        let mut w = NonceWindow::new(self.window)
-            .map_err(|e| Reject::with(Code::Malformed, e.to_string()))?;
-        w.accept(nonce)?;
-        self.issuers.insert(issuer.to_owned(), w);
-        Ok(())
-    }
-
-    /// A copy of the state for persistence.
-    pub fn snapshot(&self) -> ReplaySnapshot {
-        ReplaySnapshot {
-            window: self.window,
-            issuers: self.issuers.clone(),
-        }
-    }
-
-    /// Rebuilds a guard from a snapshot, checking its shape.
-    pub fn restore(snap: ReplaySnapshot) -> Result<Self, BadWindow> {
-        let words = check_window(snap.window)?;
-        if snap.issuers.values().any(|w| w.bits.len() != words) {
-            return Err(BadWindow(snap.window));
-        }
-        Ok(ReplayGuard {
-            window: snap.window,
-            issuers: snap.issuers,
-        })
+        Ok(ShardOutcome::Fresh)
     }
 }
 
@@ -230,98 +423,152 @@ impl ReplayGuard {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::collections::BTreeSet;
+    use std::collections::BTreeMap;
 
-    #[test]
-    fn accepts_once_in_and_out_of_order() {
-        let mut w = NonceWindow::new(128).unwrap();
-        assert_eq!(w.check(0).unwrap_err().code, Code::BadNonce);
-        w.accept(10).unwrap();
-        assert_eq!(w.accept(10).unwrap_err().code, Code::Replay);
-        w.accept(7).unwrap();
-        assert_eq!(w.accept(7).unwrap_err().code, Code::Replay);
-        w.accept(200).unwrap();
-        // 10 is now 190 below the high-water mark: outside a 128 window.
-        assert_eq!(w.accept(10).unwrap_err().code, Code::Replay);
-        assert_eq!(w.accept(8).unwrap_err().code, Code::Replay);
-        // 73 = 200 - 127: the oldest slot still inside the window.
-        w.accept(73).unwrap();
-        assert_eq!(w.accept(72).unwrap_err().code, Code::Replay);
-        assert_eq!(w.high(), 200);
+    const NOW: u64 = 1_750_000_000;
+
+    fn book() -> NonceBook<u8> {
+        NonceBook::new(Limits {
+            max_per_issuer: 64,
+            max_issuers: 2,
+        })
     }
 
     #[test]
-    fn huge_jumps_clear_the_window() {
-        let mut w = NonceWindow::new(64).unwrap();
-        w.accept(5).unwrap();
-        w.accept(u64::MAX).unwrap();
-        assert_eq!(w.accept(u64::MAX).unwrap_err().code, Code::Replay);
-        w.accept(u64::MAX - 63).unwrap();
-        assert_eq!(w.accept(u64::MAX - 64).unwrap_err().code, Code::Replay);
+    fn accepts_once_in_any_order() {
+        let mut b = book();
+        for n in [10, 7, 11, 8, u64::MAX, 9] {
+            b.insert("ops", n, NOW + 30, 1, NOW).unwrap();
+        }
+        for n in [10, 7, u64::MAX] {
+            assert_eq!(
+                b.insert("ops", n, NOW + 30, 2, NOW),
+                Err(Refused::Replay(1))
+            );
+        }
+        b.insert("other", 10, NOW + 30, 3, NOW).unwrap();
+        assert_eq!(b.len(), 7);
     }
 
     #[test]
-    fn bad_windows_are_refused() {
-        for bad in [0, 63, 65, MAX_WINDOW + 64] {
-            assert_eq!(NonceWindow::new(bad), Err(BadWindow(bad)));
-            assert!(ReplayGuard::new(bad).is_err());
+    fn a_huge_nonce_changes_nothing_for_the_next_ones() {
+        let mut b = book();
+        b.insert("ops", u64::MAX, NOW + 30, 0, NOW).unwrap();
+        b.insert("ops", 1, NOW + 30, 0, NOW).unwrap();
+        b.insert("ops", 2, NOW + 30, 0, NOW).unwrap();
+    }
+
+    #[test]
+    fn forgets_a_nonce_once_its_command_is_stale() {
+        let mut b = book();
+        b.insert("ops", 5, NOW + 30, 0, NOW).unwrap();
+        assert!(b.get("ops", 5, NOW + 30).is_some());
+        assert!(b.get("ops", 5, NOW + 31).is_none());
+        b.insert("ops", 5, NOW + 61, 0, NOW + 31).unwrap();
+        b.prune(NOW + 62);
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn is_bounded_per_issuer_and_in_issuers() {
+        let mut b = book();
+        for n in 1..=64 {
+            b.insert("ops", n, NOW + 30, 0, NOW).unwrap();
+        }
+        assert_eq!(
+            b.insert("ops", 65, NOW + 30, 0, NOW),
+            Err(Refused::IssuerFull)
+        );
+        let r = Refused::<u8>::IssuerFull.reject("ops", 65);
+        assert_eq!((r.code, r.code.http_status()), (Code::ReplayCapacity, 429));
+        // Once the old ones expire there is room again.
+        b.insert("ops", 65, NOW + 100, 0, NOW + 31).unwrap();
+        b.insert("b", 1, NOW + 30, 0, NOW).unwrap();
+        assert_eq!(
+            b.insert("c", 1, NOW + 30, 0, NOW),
+            Err(Refused::TooManyIssuers)
+        );
+        b.insert("c", 1, NOW + 100, 0, NOW + 31).unwrap();
+    }
+
+    #[test]
+    fn removed_and_updated_entries() {
+        let mut b = book();
+        b.insert("ops", 5, NOW + 30, 0, NOW).unwrap();
+        assert!(b.update("ops", 5, 9));
+        assert_eq!(b.get("ops", 5, NOW).map(|s| s.value), Some(9));
+        assert_eq!(b.remove("ops", 5).map(|s| s.value), Some(9));
+        assert!(!b.update("ops", 5, 1));
+        b.insert("ops", 5, NOW + 30, 0, NOW).unwrap();
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        assert!(Limits::default().validate().is_ok());
+        for bad in [0, 63, 100, (1 << 24) + 64] {
+            let l = Limits {
+                max_per_issuer: bad,
+                ..Limits::default()
+            };
+            assert!(l.validate().is_err(), "{bad}");
         }
     }
 
     #[test]
-    fn bytes_round_trip_and_reject_wrong_shapes() {
-        let mut w = NonceWindow::new(128).unwrap();
-        for n in [3, 90, 64, 1000, 999] {
-            w.accept(n).unwrap();
+    fn shards_round_trip_and_tell_resends_from_reuse() {
+        let mut s = Shard::default();
+        let d = digest(b"command");
+        assert_eq!(s.accept(7, NOW + 30, &d, NOW, 4), Ok(ShardOutcome::Fresh));
+        assert_eq!(s.accept(7, NOW + 30, &d, NOW, 4), Ok(ShardOutcome::Resend));
+        assert_eq!(
+            s.accept(7, NOW + 30, &digest(b"another"), NOW, 4),
+            Err(Refused::Replay(()))
+        );
+        let b = s.to_bytes();
+        assert_eq!(b.len(), SHARD_ENTRY_BYTES);
+        assert_eq!(Shard::from_bytes(&b), Some(s.clone()));
+        assert_eq!(Shard::from_bytes(&b[..5]), None);
+        for n in 8..11 {
+            s.accept(n, NOW + 30, &d, NOW, 4).unwrap();
         }
-        let b = w.to_bytes();
-        assert_eq!(NonceWindow::from_bytes(&b, 128), Some(w.clone()));
-        assert_eq!(NonceWindow::from_bytes(&b, 64), None);
-        assert_eq!(NonceWindow::from_bytes(&b[..b.len() - 1], 128), None);
-        assert_eq!(NonceWindow::from_bytes_any(&b), Some(w.clone()));
-        assert_eq!(NonceWindow::from_bytes_any(&b).unwrap().window(), 128);
-        assert_eq!(NonceWindow::from_bytes_any(&b[..8]), None);
-        assert_eq!(NonceWindow::from_bytes_any(&b[..b.len() - 1]), None);
-        assert_eq!(NonceWindow::from_bytes_any(&[]), None);
+        assert_eq!(s.accept(11, NOW + 30, &d, NOW, 4), Err(Refused::IssuerFull));
+        assert_eq!(
+            s.accept(11, NOW + 100, &d, NOW + 31, 4),
+            Ok(ShardOutcome::Fresh),
+            "expired entries make room"
+        );
+        assert_eq!(s.len(), 1);
     }
 
     #[test]
-    fn guard_is_per_issuer_and_survives_snapshot() {
-        let mut g = ReplayGuard::new(64).unwrap();
-        g.accept("alice", 1).unwrap();
-        g.accept("bob", 1).unwrap();
-        assert_eq!(g.accept("alice", 1).unwrap_err().code, Code::Replay);
-        let json = serde_json::to_string(&g.snapshot()).unwrap();
-        let mut g2 = ReplayGuard::restore(serde_json::from_str(&json).unwrap()).unwrap();
-        assert_eq!(g2.accept("bob", 1).unwrap_err().code, Code::Replay);
-        g2.accept("bob", 2).unwrap();
-        assert_eq!(g2.check("carol", 0).unwrap_err().code, Code::BadNonce);
-    }
-
-    #[test]
-    fn restore_rejects_inconsistent_snapshot() {
-        let mut g = ReplayGuard::new(128).unwrap();
-        g.accept("a", 1).unwrap();
-        let mut snap = g.snapshot();
-        snap.window = 64;
-        assert!(ReplayGuard::restore(snap).is_err());
+    fn shards_spread_regular_nonces() {
+        let mut count = [0usize; SHARDS as usize];
+        for i in 0..64_000u64 {
+            count[shard_of(1_750_000_000_000_000_000 + i * 1000) as usize] += 1;
+        }
+        assert!(count.iter().all(|c| (500..1500).contains(c)), "{count:?}");
     }
 
     proptest! {
-        // Against a model: a set of every accepted nonce and the running maximum.
+        /// Against a model: every (issuer, nonce) accepted at most once while fresh,
+        /// every unseen one accepted (the bounds are not reached here), in any order.
         #[test]
-        fn matches_reference_model(nonces in proptest::collection::vec(1u64..400, 1..300)) {
-            let window = 64u64;
-            let mut w = NonceWindow::new(window as u32).unwrap();
-            let mut seen = BTreeSet::new();
-            let mut high = 0u64;
-            for n in nonces {
-                let expect_ok = !seen.contains(&n) && (n > high || high - n < window);
-                let got = w.accept(n);
-                prop_assert_eq!(got.is_ok(), expect_ok, "nonce {} high {}", n, high);
-                if expect_ok {
-                    seen.insert(n);
-                    high = high.max(n);
+        fn matches_a_set_model(ops in proptest::collection::vec((0u8..3, 1u64..50, 0u64..90), 1..300)) {
+            let mut b: NonceBook<()> = NonceBook::new(Limits::default());
+            let mut shards: BTreeMap<u8, Shard> = BTreeMap::new();
+            let mut model: BTreeMap<(u8, u64), u64> = BTreeMap::new();
+            let mut now = NOW;
+            for (issuer, nonce, dt) in ops {
+                now += dt % 3;
+                let expires = now + 30;
+                let live = model.get(&(issuer, nonce)).is_some_and(|e| *e >= now);
+                let got = b.insert(&issuer.to_string(), nonce, expires, (), now);
+                prop_assert_eq!(got.is_ok(), !live, "issuer {} nonce {}", issuer, nonce);
+                let shard = shards.entry(issuer).or_default();
+                let edge = shard.accept(nonce, expires, &digest(&nonce.to_le_bytes()), now, 1024);
+                prop_assert_eq!(edge == Ok(ShardOutcome::Fresh), !live);
+                if !live {
+                    model.insert((issuer, nonce), expires);
                 }
             }
         }

@@ -12,7 +12,7 @@ fn row(i: u64) -> LedgerRow {
 }
 
 fn chain(n: u64) -> Vec<LedgerRow> {
-    let mut c = Chain::default();
+    let mut c = Chain::new("node-1");
     (1..=n).map(|i| c.seal(row(i))).collect()
 }
 
@@ -20,7 +20,7 @@ fn chain(n: u64) -> Vec<LedgerRow> {
 fn an_intact_chain_verifies_and_resumes() {
     let mut rows = chain(5);
     assert_eq!(verify_chain(&rows), Ok(5));
-    let mut c = Chain::resume(rows.last()).unwrap();
+    let mut c = Chain::resume("node-1", rows.last()).unwrap();
     rows.push(c.seal(row(6)));
     assert_eq!(verify_chain(&rows), Ok(6));
     assert_eq!(verify_chain(&[]), Ok(0));

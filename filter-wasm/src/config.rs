@@ -4,7 +4,7 @@
 use gw_core::jwk::{JwkJson, JwkSet};
 use gw_core::jwt::JwtPolicy;
 use gw_core::keyring::{KeyRing, KeyRingConfig};
-use gw_core::replay::{NonceWindow, DEFAULT_WINDOW};
+use gw_core::replay::{Limits, DEFAULT_MAX_ISSUERS, DEFAULT_MAX_PER_ISSUER};
 use gw_core::ControlPolicy;
 use serde::Deserialize;
 
@@ -63,6 +63,8 @@ pub struct HeaderNames {
     pub sub: String,
     /// Roles, comma-separated.
     pub roles: String,
+    /// The JWT's issuer.
+    pub token_issuer: String,
     /// Signing key id.
     pub pubkey_id: String,
     /// Command issuer.
@@ -79,6 +81,7 @@ impl Default for HeaderNames {
         HeaderNames {
             sub: h::SUB.into(),
             roles: h::ROLES.into(),
+            token_issuer: h::TOKEN_ISSUER.into(),
             pubkey_id: h::PUBKEY_ID.into(),
             issuer: h::ISSUER.into(),
             nonce: h::NONCE.into(),
@@ -94,6 +97,7 @@ impl HeaderNames {
         for (field, got, want) in [
             ("sub", &self.sub, &want.sub),
             ("roles", &self.roles, &want.roles),
+            ("token_issuer", &self.token_issuer, &want.token_issuer),
             ("pubkey_id", &self.pubkey_id, &want.pubkey_id),
             ("issuer", &self.issuer, &want.issuer),
             ("nonce", &self.nonce, &want.nonce),
@@ -141,9 +145,12 @@ pub struct FilterConfig {
     /// Allowed clock skew for commands, seconds.
     #[serde(default = "default_skew")]
     pub max_skew_secs: u64,
-    /// Out-of-order replay window per issuer, nonces (multiple of 64).
-    #[serde(default = "default_window")]
-    pub replay_window: u32,
+    /// Live nonces remembered per issuer (a multiple of 64).
+    #[serde(default = "default_max_per_issuer")]
+    pub replay_max_per_issuer: usize,
+    /// Issuers with live nonces remembered.
+    #[serde(default = "default_max_issuers")]
+    pub replay_max_issuers: usize,
     /// Prefix of the shared-data keys holding the edge replay state.
     #[serde(default = "default_replay_prefix")]
     pub replay_key_prefix: String,
@@ -170,8 +177,11 @@ fn default_max_body() -> usize {
 fn default_skew() -> u64 {
     gw_core::freshness::DEFAULT_MAX_SKEW_SECS
 }
-fn default_window() -> u32 {
-    DEFAULT_WINDOW
+fn default_max_per_issuer() -> usize {
+    DEFAULT_MAX_PER_ISSUER
+}
+fn default_max_issuers() -> usize {
+    DEFAULT_MAX_ISSUERS
 }
 fn default_replay_prefix() -> String {
     "gw.replay.v1.".into()
@@ -256,8 +266,8 @@ pub struct Settings {
     pub module_route_prefix: String,
     /// Role for command endpoints.
     pub command_role: String,
-    /// Replay window size.
-    pub replay_window: u32,
+    /// How much the edge replay copy may remember.
+    pub replay_limits: Limits,
     /// Shared-data key prefix.
     pub replay_key_prefix: String,
     /// Shared-data key prefix for the stamp hand-over.
@@ -299,7 +309,11 @@ impl Settings {
                 "max_body_bytes must be 1..={MAX_BODY_LIMIT}"
             )));
         }
-        NonceWindow::new(c.replay_window).map_err(|e| invalid(format!("replay_window: {e}")))?;
+        let replay_limits = Limits {
+            max_per_issuer: c.replay_max_per_issuer,
+            max_issuers: c.replay_max_issuers,
+        };
+        replay_limits.validate().map_err(invalid)?;
         if c.routes.is_empty() {
             return Err(invalid("routes is empty: every request would be refused"));
         }
@@ -362,7 +376,7 @@ impl Settings {
             command_path: c.command_path,
             module_route_prefix: c.module_route_prefix,
             command_role: c.command_role,
-            replay_window: c.replay_window,
+            replay_limits,
             replay_key_prefix: c.replay_key_prefix,
             stamp_key_prefix: c.stamp_key_prefix,
             report: c.report,

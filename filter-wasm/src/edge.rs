@@ -4,14 +4,16 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 
-use gw_core::contract::{self, headers, Verified};
+use gw_core::contract::{self, headers, Requester, Verified};
 use gw_core::jwt::VerifiedJwt;
 use gw_core::jwt_cache::JwtCache;
 use gw_core::names::parse_module_spec;
 use gw_core::{roles, Action, Code, Module, Reject};
 
 use crate::config::Settings;
-use crate::replay_cas::{accept_nonce, SharedStore};
+use gw_core::replay::ShardOutcome;
+
+use crate::replay_cas::{accept_nonce, NonceUse, SharedStore};
 
 /// What the filter needs from the request head.
 #[derive(Debug, Clone, Default)]
@@ -37,6 +39,17 @@ pub struct PendingCommand {
     route: Option<(Module, Action)>,
 }
 
+impl PendingCommand {
+    /// Who sent it, as the JWT says (for the ledger, should the body be refused).
+    pub fn requester(&self) -> Requester {
+        Requester {
+            sub: self.jwt.sub.clone().unwrap_or_default(),
+            roles: self.jwt.roles.join(","),
+            token_issuer: self.jwt.iss.clone().unwrap_or_default(),
+        }
+    }
+}
+
 /// The decision on the request head.
 #[derive(Debug)]
 pub enum HeadDecision {
@@ -46,12 +59,39 @@ pub enum HeadDecision {
     Forward(Vec<(String, String)>),
     /// Buffer the body, then call [`Edge::on_request_body`].
     AwaitBody(PendingCommand),
-    /// Answer with this rejection.
-    Reject(Reject),
+    /// Answer with this rejection (and who sent the request, when the JWT verified
+    /// before the refusal).
+    Reject(Reject, Option<Requester>),
+}
+
+/// What the head allows once the token verified.
+enum WithToken {
+    /// Forward with the token's headers.
+    Forward,
+    /// Buffer the signed command bound to this route.
+    AwaitBody(Option<(Module, Action)>),
+}
+
+fn requester_of(v: &VerifiedJwt) -> Requester {
+    Requester {
+        sub: v.sub.clone().unwrap_or_default(),
+        roles: v.roles.join(","),
+        token_issuer: v.iss.clone().unwrap_or_default(),
+    }
 }
 
 /// Headers to add upstream.
 pub type UpstreamHeaders = Vec<(String, String)>;
+
+/// A signed command the edge let through.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// Headers to add upstream.
+    pub headers: UpstreamHeaders,
+    /// The same bytes were let through before: a resend, which the sidecar answers
+    /// (it knows whether the first was applied).
+    pub resend: bool,
+}
 
 /// Percent-encodes anything that is not printable ASCII, so a claim can never
 /// inject a header line.
@@ -121,21 +161,25 @@ impl Edge {
         Edge { settings, cache }
     }
 
-    fn jwt(&self, head: &RequestHead<'_>, need: &str, now: u64) -> Result<VerifiedJwt, Reject> {
+    fn token(&self, head: &RequestHead<'_>, now: u64) -> Result<VerifiedJwt, Reject> {
         let token = bearer(head.authorization)?;
         let s = &self.settings;
-        let v = match self.cache.try_borrow_mut() {
-            Ok(mut c) => c.verify(token, &s.jwks, &s.jwt_policy, now)?,
+        match self.cache.try_borrow_mut() {
+            Ok(mut c) => c.verify(token, &s.jwks, &s.jwt_policy, now),
             // Re-entrancy cannot happen in a single-threaded VM; verify uncached if it did.
-            Err(_) => gw_core::jwt::verify_jwt(token, &s.jwks, &s.jwt_policy, now)?,
-        };
-        if !roles::satisfies(&v.roles, need) {
-            return Err(Reject::with(
+            Err(_) => gw_core::jwt::verify_jwt(token, &s.jwks, &s.jwt_policy, now),
+        }
+    }
+
+    fn role(v: &VerifiedJwt, need: &str) -> Result<(), Reject> {
+        if roles::satisfies(&v.roles, need) {
+            Ok(())
+        } else {
+            Err(Reject::with(
                 Code::ForbiddenRole,
                 format!("this route needs role `{need}`"),
-            ));
+            ))
         }
-        Ok(v)
     }
 
     fn jwt_headers(v: &VerifiedJwt, verified: Verified) -> UpstreamHeaders {
@@ -147,6 +191,9 @@ impl Edge {
             headers::ROLES.into(),
             header_safe(&v.roles.join(",")).into_owned(),
         ));
+        if let Some(iss) = &v.iss {
+            out.push((headers::TOKEN_ISSUER.into(), header_safe(iss).into_owned()));
+        }
         out.push((headers::VERIFIED.into(), verified.as_str().into()));
         out
     }
@@ -161,40 +208,84 @@ impl Edge {
     pub fn on_request_headers(&self, head: &RequestHead<'_>, now: u64) -> HeadDecision {
         match self.decide_head(head, now) {
             Ok(d) => d,
-            Err(r) => HeadDecision::Reject(r),
+            Err((r, who)) => HeadDecision::Reject(r, who),
         }
     }
 
-    fn decide_head(&self, head: &RequestHead<'_>, now: u64) -> Result<HeadDecision, Reject> {
+    fn decide_head(
+        &self,
+        head: &RequestHead<'_>,
+        now: u64,
+    ) -> Result<HeadDecision, (Reject, Option<Requester>)> {
+        let v = match self.decide_before_token(head)? {
+            Some(done) => return Ok(done),
+            None => self.token(head, now).map_err(|r| (r, None))?,
+        };
+        match self.decide_with_token(head, &v) {
+            Ok(WithToken::Forward) => {
+                Ok(HeadDecision::Forward(Self::jwt_headers(&v, Verified::Jwt)))
+            }
+            Ok(WithToken::AwaitBody(route)) => {
+                Ok(HeadDecision::AwaitBody(PendingCommand { jwt: v, route }))
+            }
+            Err(r) => Err((r, Some(requester_of(&v)))),
+        }
+    }
+
+    /// What can be decided before the token: the path, the method, the route;
+    /// `None` when the token is needed next.
+    fn decide_before_token(
+        &self,
+        head: &RequestHead<'_>,
+    ) -> Result<Option<HeadDecision>, (Reject, Option<Requester>)> {
+        let s = &self.settings;
+        let path = path_only(head.path);
+        if !path_is_canonical(path) {
+            return Err((
+                Reject::new(Code::Malformed, "path is not in canonical form"),
+                None,
+            ));
+        }
+        let is_control = path == s.command_path || path.starts_with(&s.module_route_prefix);
+        if !is_control {
+            let rule = s.rule_for(path).ok_or((
+                Reject::new(Code::ForbiddenRole, "no access rule covers this path"),
+                None,
+            ))?;
+            if rule.role.is_none() {
+                return Ok(Some(HeadDecision::Public));
+            }
+            return Ok(None);
+        }
+        if head.method != "POST" {
+            return Err((
+                Reject::new(Code::MethodNotAllowed, "control endpoints accept POST only"),
+                None,
+            ));
+        }
+        Ok(None)
+    }
+
+    /// What the verified token allows.
+    fn decide_with_token(
+        &self,
+        head: &RequestHead<'_>,
+        v: &VerifiedJwt,
+    ) -> Result<WithToken, Reject> {
         let s = &self.settings;
         let path = path_only(head.path);
         let is_command = path == s.command_path;
         let is_module = path.starts_with(&s.module_route_prefix);
-        if !path_is_canonical(path) {
-            return Err(Reject::new(
-                Code::Malformed,
-                "path is not in canonical form",
-            ));
-        }
         if !is_command && !is_module {
-            let rule = s.rule_for(path).ok_or_else(|| {
-                Reject::new(Code::ForbiddenRole, "no access rule covers this path")
-            })?;
-            return match &rule.role {
-                None => Ok(HeadDecision::Public),
-                Some(role) => {
-                    let v = self.jwt(head, role, now)?;
-                    Ok(HeadDecision::Forward(Self::jwt_headers(&v, Verified::Jwt)))
-                }
-            };
+            // A rule with a role (decide_before_token found it).
+            let role = s
+                .rule_for(path)
+                .and_then(|r| r.role.as_deref())
+                .unwrap_or(&s.command_role);
+            Self::role(v, role)?;
+            return Ok(WithToken::Forward);
         }
-
-        if head.method != "POST" {
-            return Err(Reject::new(
-                Code::MethodNotAllowed,
-                "control endpoints accept POST only",
-            ));
-        }
+        Self::role(v, &s.command_role)?;
         let route = if is_module {
             let spec = path
                 .strip_prefix(s.module_route_prefix.as_str())
@@ -205,10 +296,16 @@ impl Edge {
         } else {
             None
         };
-        let v = self.jwt(head, &s.command_role, now)?;
-        if is_module && !contract::is_command_media_type(head.content_type) {
+        let signed = contract::is_command_media_type(head.content_type);
+        if is_module && !signed {
             // The JSON control route: the sidecar builds and signs the command.
-            return Ok(HeadDecision::Forward(Self::jwt_headers(&v, Verified::Jwt)));
+            return Ok(WithToken::Forward);
+        }
+        if !signed {
+            return Err(Reject::new(
+                Code::UnsupportedMediaType,
+                "a signed command is application/x-protobuf (or application/octet-stream)",
+            ));
         }
         if let Some(cl) = head.content_length {
             let n: usize = cl
@@ -225,23 +322,34 @@ impl Edge {
                 "a signed command needs a body",
             ));
         }
-        Ok(HeadDecision::AwaitBody(PendingCommand { jwt: v, route }))
+        Ok(WithToken::AwaitBody(route))
     }
 
     /// Verifies a buffered signed command and records its nonce in the edge replay
-    /// state; returns the headers to add upstream.
+    /// copy; returns the headers to add upstream.
     pub fn on_request_body(
         &self,
         pending: &PendingCommand,
         body: &[u8],
         now: u64,
         store: &impl SharedStore,
-    ) -> Result<UpstreamHeaders, Reject> {
+    ) -> Result<Checked, Reject> {
         let s = &self.settings;
         let v = s.control.check(body, now, pending.route)?;
         let c = &v.command;
-        let key = format!("{}{}", s.replay_key_prefix, c.issuer);
-        accept_nonce(store, &key, s.replay_window, c.nonce)?;
+        let digest = gw_core::replay::digest(body);
+        let outcome = accept_nonce(
+            store,
+            &s.replay_key_prefix,
+            &NonceUse {
+                issuer: &c.issuer,
+                nonce: c.nonce,
+                expires: gw_core::replay::expiry(c.ts, s.control.max_skew),
+                digest: &digest,
+            },
+            now,
+            s.replay_limits,
+        )?;
         let mut out = Self::jwt_headers(&pending.jwt, Verified::Edge);
         out.push((
             headers::PUBKEY_ID.into(),
@@ -249,6 +357,9 @@ impl Edge {
         ));
         out.push((headers::ISSUER.into(), header_safe(&c.issuer).into_owned()));
         out.push((headers::NONCE.into(), c.nonce.to_string()));
-        Ok(out)
+        Ok(Checked {
+            headers: out,
+            resend: outcome == ShardOutcome::Resend,
+        })
     }
 }

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub accepted: Option<u32>,
     /// `gw_edge.decision.public`.
     pub passed: Option<u32>,
+    /// `gw_edge.decision.resend`: the same command bytes let through again.
+    pub resend: Option<u32>,
     by_code: Vec<Option<u32>>,
     /// `gw_edge.command_check_us`: microseconds spent checking a command body
     /// (parse, signature, scope, freshness, replay), by the host's clock.
@@ -74,6 +76,7 @@ impl Metrics {
         Metrics {
             accepted,
             passed: counter("gw_edge.decision.public"),
+            resend: counter("gw_edge.decision.resend"),
             by_code: Code::ALL
                 .iter()
                 .map(|c| counter(&format!("gw_edge.decision.{}", c.as_str())))

@@ -1,5 +1,10 @@
 //! The edge copy of the replay state in proxy-wasm shared data, updated with CAS so
-//! that every worker VM agrees: a nonce is accepted at most once across workers.
+//! that every worker VM agrees: a nonce is accepted at most once across workers
+//! while its command is fresh. An issuer's nonces are spread over
+//! [`gw_core::replay::SHARDS`] keys, each a [`Shard`] (the rule is the core's). A
+//! resend of the same bytes is let through to the sidecar, whose guard is
+//! authoritative and knows whether the command was applied; a different command
+//! reusing a nonce is refused here.
 //!
 //! Envoy's shared data checks a CAS value only when the key already exists, so two
 //! first writes with `cas = 0` both succeed. We never write a key blindly: a missing
@@ -8,7 +13,7 @@
 //! host that refuses a non-zero CAS for a missing key, we fall back to a plain create
 //! (the sidecar's replay guard stays authoritative either way).
 
-use gw_core::replay::NonceWindow;
+use gw_core::replay::{shard_of, Digest, Limits, Shard, ShardOutcome};
 use gw_core::{Code, Reject};
 
 /// CAS value used to create a key only while it does not exist.
@@ -37,42 +42,68 @@ fn unavailable(detail: String) -> Reject {
     Reject::with(Code::ReplayUnavailable, detail)
 }
 
-/// Accepts `nonce` once in the window stored at `key` (created with `window` nonces).
+/// One command's nonce, as the edge's replay copy needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct NonceUse<'a> {
+    /// The command's issuer.
+    pub issuer: &'a str,
+    /// Its nonce.
+    pub nonce: u64,
+    /// Until when it must be remembered (`ts + max_skew`).
+    pub expires: u64,
+    /// The digest of the command's bytes.
+    pub digest: &'a Digest,
+}
+
+/// The shared-data key of the shard holding `issuer`'s `nonce`.
+pub fn shard_key(prefix: &str, issuer: &str, nonce: u64) -> String {
+    format!("{prefix}{issuer}.{}", shard_of(nonce))
+}
+
+/// Accepts a nonce once into the issuer's shard under `prefix` (see
+/// [`gw_core::replay`]): `Fresh`, or `Resend` for the same bytes seen before.
 pub fn accept_nonce(
     store: &impl SharedStore,
-    key: &str,
-    window: u32,
-    nonce: u64,
-) -> Result<(), Reject> {
-    let empty = NonceWindow::new(window)
-        .map_err(|e| unavailable(e.to_string()))?
-        .to_bytes();
+    prefix: &str,
+    u: &NonceUse<'_>,
+    now: u64,
+    limits: Limits,
+) -> Result<ShardOutcome, Reject> {
+    let key = shard_key(prefix, u.issuer, u.nonce);
     let mut tried_create = false;
     for _ in 0..MAX_ATTEMPTS {
         let (value, cas) = store
-            .get(key)
+            .get(&key)
             .map_err(|e| unavailable(format!("shared data get: {e:?}")))?;
         let Some(bytes) = value else {
             // Strict hosts refuse CREATE_CAS on a missing key; then create plainly.
             let create_cas = if tried_create { 0 } else { CREATE_CAS };
             tried_create = true;
-            match store.set(key, &empty, create_cas) {
+            match store.set(&key, &[], create_cas) {
                 Ok(()) | Err(StoreError::CasMismatch) => continue,
                 Err(StoreError::Unavailable(e)) => {
                     return Err(unavailable(format!("shared data create: {e}")))
                 }
             }
         };
-        let mut w = NonceWindow::from_bytes_any(&bytes)
-            .ok_or_else(|| unavailable(format!("shared data at `{key}` is not a replay window")))?;
-        w.accept(nonce)?;
-        match store.set(key, &w.to_bytes(), cas) {
-            Ok(()) => return Ok(()),
+        let mut shard = Shard::from_bytes(&bytes)
+            .ok_or_else(|| unavailable(format!("shared data at `{key}` is not a replay shard")))?;
+        let outcome = shard
+            .accept(u.nonce, u.expires, u.digest, now, limits.per_shard())
+            .map_err(|r| r.reject(u.issuer, u.nonce))?;
+        if outcome == ShardOutcome::Resend {
+            return Ok(outcome);
+        }
+        match store.set(&key, &shard.to_bytes(), cas) {
+            Ok(()) => return Ok(outcome),
             Err(StoreError::CasMismatch) => {}
             Err(StoreError::Unavailable(e)) => {
                 return Err(unavailable(format!("shared data set: {e}")))
             }
         }
     }
-    Err(unavailable("replay state is contended; retry".into()))
+    Err(Reject::new(
+        Code::ReplayUnavailable,
+        "replay state is contended; retry",
+    ))
 }

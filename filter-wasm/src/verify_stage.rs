@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use gw_core::contract::{self, EdgeReport};
+use gw_core::contract::{self, EdgeReport, Requester};
 use gw_core::{Code, Reject};
 
 use crate::abi::{self, BufferType};
@@ -26,6 +26,8 @@ pub struct VerifyStage {
     control_path: Option<String>,
     /// The command body, once read, when reporting is on (reported on rejection).
     body: Option<Vec<u8>>,
+    /// Who sent it, once the JWT verified (reported on rejection).
+    requester: Option<Requester>,
 }
 
 impl VerifyStage {
@@ -44,6 +46,7 @@ impl VerifyStage {
             reports,
             control_path: None,
             body: None,
+            requester: None,
         }
     }
 
@@ -57,6 +60,7 @@ impl VerifyStage {
             path,
             self.body.as_deref().unwrap_or_default(),
             abi::now_nanos().map_or(0, |n| n / 1_000_000),
+            self.requester.as_ref(),
         );
         reports
             .queue
@@ -168,10 +172,16 @@ impl VerifyStage {
                         format!("cannot set ticket: {e:?}"),
                     ));
                 }
+                if self.reports.is_some() {
+                    self.requester = Some(p.requester());
+                }
                 self.pending = Some((p, ticket));
                 Action::Continue
             }
-            HeadDecision::Reject(r) => self.reject(r),
+            HeadDecision::Reject(r, who) => {
+                self.requester = who;
+                self.reject(r)
+            }
         }
     }
 
@@ -210,10 +220,14 @@ impl VerifyStage {
                 let _ = abi::record(id, t1.saturating_sub(t0) / 1_000);
             }
         }
-        match checked.and_then(|h| hand_over(&ticket, h)) {
+        let resend = checked.as_ref().is_ok_and(|c| c.resend);
+        match checked.and_then(|c| hand_over(&ticket, c.headers)) {
             Ok(()) => {
                 if let Some(m) = &self.metrics {
                     Metrics::bump(m.accepted);
+                    if resend {
+                        Metrics::bump(m.resend);
+                    }
                 }
                 Action::Continue
             }

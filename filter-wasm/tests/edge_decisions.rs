@@ -38,7 +38,7 @@ fn head<'a>(method: &'a str, path: &'a str, auth: Option<&'a str>) -> RequestHea
 
 fn reject_code(d: HeadDecision) -> Code {
     match d {
-        HeadDecision::Reject(r) => r.code,
+        HeadDecision::Reject(r, _) => r.code,
         other => panic!("expected a rejection, got {other:?}"),
     }
 }
@@ -87,8 +87,8 @@ fn invalid_configurations_are_refused_clearly() {
             "max_body_bytes",
         ),
         (
-            Box::new(|c| c["replay_window"] = 100.into()),
-            "replay_window",
+            Box::new(|c| c["replay_max_per_issuer"] = 100.into()),
+            "max_per_issuer",
         ),
         (Box::new(|c| c["surprise"] = 1.into()), "unknown field"),
         (
@@ -197,7 +197,9 @@ fn signed_commands_are_verified_and_accepted_once() {
     else {
         panic!("expected to await the body")
     };
-    let h = e.on_request_body(&p, &body, NOW, &store).unwrap();
+    let checked = e.on_request_body(&p, &body, NOW, &store).unwrap();
+    assert!(!checked.resend);
+    let h = checked.headers;
     for (k, v) in [
         ("x-gw-sub", "alice"),
         ("x-gw-roles", "admin"),
@@ -208,8 +210,14 @@ fn signed_commands_are_verified_and_accepted_once() {
     ] {
         assert!(h.contains(&(k.to_string(), v.to_string())), "{k}: {h:?}");
     }
+    // The same bytes again: a resend, let through to the sidecar.
+    assert!(e.on_request_body(&p, &body, NOW, &store).unwrap().resend);
+    // Another command reusing the nonce: refused here.
+    let reused = command(11, Action::Throttle, &[("throttle_pct", "41")]);
     assert_eq!(
-        e.on_request_body(&p, &body, NOW, &store).unwrap_err().code,
+        e.on_request_body(&p, &reused, NOW, &store)
+            .unwrap_err()
+            .code,
         Code::Replay
     );
 }

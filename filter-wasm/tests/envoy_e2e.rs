@@ -28,6 +28,18 @@ fn command(nonce: u64, action: Action, ts: u64) -> Vec<u8> {
     testkit::fixtures::signed_command(nonce, action, ts, "dashboard", &[])
 }
 
+/// Another THROTTLE command reusing `nonce` (different bytes; `pct` tells them apart).
+fn reuse(nonce: u64, ts: u64, pct: u8) -> Vec<u8> {
+    let pct = pct.to_string();
+    testkit::fixtures::signed_command(
+        nonce,
+        Action::Throttle,
+        ts,
+        "dashboard",
+        &[("throttle_pct", &pct)],
+    )
+}
+
 fn post(path: &str, auth: &str, body: &[u8], extra: &[(&str, &str)]) -> Value {
     let mut headers = vec![
         json!(["authorization", auth]),
@@ -198,7 +210,9 @@ fn edge_filter_in_real_envoy_over_http3_and_http2() {
         assert_eq!(echoed["headers"][k], v, "{k}");
     }
     assert_eq!(echoed["body_len"], body.len());
-    // The same command again: replay, exit 1.
+    // Another command reusing the nonce: refused at the edge, exit 1. (The same bytes
+    // again go on to the sidecar, which answers them: here the upstream echoes.)
+    std::fs::write(&file, reuse(1, t, 41)).unwrap();
     let o = Command::new(testkit::gwctl_bin())
         .args([
             "send",
@@ -266,10 +280,17 @@ fn edge_filter_in_real_envoy_over_http3_and_http2() {
         "{jwt_only}"
     );
 
-    // --- The same signed command on many connections at once: accepted exactly once.
-    let dup = command(3, Action::Throttle, t);
-    let reqs: Vec<Value> = (0..16)
-        .map(|_| post("/api/control/commands", &admin_tok, &dup, &[]))
+    // --- Sixteen commands reusing one nonce on many connections at once: exactly one
+    // goes on.
+    let reqs: Vec<Value> = (0..16u8)
+        .map(|i| {
+            post(
+                "/api/control/commands",
+                &admin_tok,
+                &reuse(3, t, 40 + i),
+                &[],
+            )
+        })
         .collect();
     let r = envoy::h3_requests(port, &certs.ca, Value::Array(reqs), true);
     let ok = r.iter().filter(|x| x["status"] == 200).count();
@@ -346,7 +367,7 @@ fn edge_filter_in_real_envoy_over_http3_and_http2() {
             "too_large",
         ),
         (
-            post("/api/control/commands", &admin_tok, &dup, &[]),
+            post("/api/control/commands", &admin_tok, &reuse(3, t, 99), &[]),
             409,
             "replay",
         ),
@@ -414,7 +435,7 @@ fn edge_filter_in_real_envoy_over_http3_and_http2() {
             ("authorization", &admin_tok),
             ("content-type", "application/x-protobuf"),
         ],
-        Some(&command(11, Action::Throttle, t)),
+        Some(&reuse(11, t, 41)),
     );
     assert_eq!(
         (c.status, error_code(&json!({"body": c.body}))),

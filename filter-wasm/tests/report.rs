@@ -11,6 +11,9 @@ fn r(code: &str, raw: usize) -> EdgeReport {
         path: "/api/control/commands".into(),
         raw_hex: "ab".repeat(raw),
         ts_ms: 1,
+        requester: String::new(),
+        requester_roles: String::new(),
+        token_issuer: String::new(),
     }
 }
 

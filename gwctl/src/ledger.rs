@@ -1,11 +1,12 @@
-//! `gwctl ledger verify`: walks the hash chain of `control_decisions` as stored in
-//! ClickHouse; a removed, altered or reordered row is reported with its `seq`.
+//! `gwctl ledger verify`: walks every hash chain of `control_decisions` as stored in
+//! ClickHouse (one per gateway node); a removed, altered or reordered row is
+//! reported with its chain and `seq`.
 
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gw_core::ledger::{verify_chain, LedgerRow};
+use gw_core::ledger::{by_chain, verify_chain, LedgerRow};
 
 /// `gwctl ledger verify` arguments.
 #[derive(Args)]
@@ -28,7 +29,7 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         anyhow::bail!("--table `{}` is not a plain table name", a.table);
     }
     let sql = format!(
-        "SELECT * FROM {} FINAL ORDER BY seq FORMAT JSONEachRow",
+        "SELECT * FROM {} ORDER BY chain_id, seq FORMAT JSONEachRow",
         a.table
     );
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -59,14 +60,22 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
             serde_json::from_str(l).with_context(|| format!("row {} is not a ledger row", i + 1))
         })
         .collect::<Result<_>>()?;
-    match verify_chain(&rows) {
-        Ok(n) => {
-            println!("ok {n} rows");
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => {
-            println!("broken: {e}");
-            Ok(ExitCode::from(1))
+    let total = rows.len();
+    let mut broken = false;
+    let chains = by_chain(rows);
+    for (chain, rows) in &chains {
+        match verify_chain(rows) {
+            Ok(n) if chains.len() > 1 => println!("chain {chain}: ok {n} rows"),
+            Ok(_) => {}
+            Err(e) => {
+                println!("broken: chain {chain}: {e}");
+                broken = true;
+            }
         }
     }
+    if broken {
+        return Ok(ExitCode::from(1));
+    }
+    println!("ok {total} rows");
+    Ok(ExitCode::SUCCESS)
 }

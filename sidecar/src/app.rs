@@ -15,6 +15,7 @@ use crate::control::bus::Bus;
 use crate::control::json_route::JsonSigner;
 use crate::control::replay_store::ReplayStore;
 use crate::control::{Control, ControlConfig};
+use crate::journal::{Journal, Options as JournalOptions};
 use crate::ledger::Ledger;
 use crate::models::api::ModelsApi;
 use crate::models::ModelHost;
@@ -80,7 +81,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .clickhouse_url
         .as_ref()
         .map(|u| clickhouse::Client::default().with_url(u.clone()));
-    let ledger = Ledger::open(&dir.join("ledger"), clickhouse.as_ref(), &mut registry)?;
+    let ledger = Ledger::open(
+        &dir.join("ledger"),
+        &cfg.file.node_id,
+        clickhouse.as_ref(),
+        &mut registry,
+    )?;
     let mut tasks: Vec<JoinHandle<()>> = ledger.start().into_iter().collect();
 
     let bus = match cfg.file.kafka.clone() {
@@ -92,9 +98,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         max_skew: cfg.file.max_skew_secs,
         max_body: cfg.file.max_body_bytes,
     };
+    let (journal, recovered) = Journal::open(&dir.join("journal"), JournalOptions::default())?;
+    let replay = ReplayStore::open(
+        journal,
+        &crate::control::replay_store::recovered(&recovered),
+        cfg.file.replay_limits(),
+        crate::now_secs(),
+    )?;
     let (control, t) = Control::start(ControlConfig {
         policy,
-        replay: ReplayStore::open(&dir.join("replay.json"), cfg.file.replay_window)?,
+        replay,
         signer: cfg
             .signer
             .map(|(key, id)| JsonSigner::new(key, id, cfg.file.json_issuer.clone())),
@@ -103,7 +116,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         apply_wait: Duration::from_millis(cfg.file.apply_wait_ms),
         max_body: cfg.file.max_body_bytes,
         state_dir: dir,
-        window: cfg.file.replay_window,
+        limits: cfg.file.replay_limits(),
+        dedup_secs: cfg.file.agent_dedup_secs,
         metrics: ControlMetrics::register(&mut registry),
     })?;
     tasks.extend(t);

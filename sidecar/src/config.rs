@@ -16,6 +16,10 @@ pub struct FileConfig {
     /// Listen address (HTTP/1.1 and h2c, behind Envoy).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// This gateway node's id: its ledger rows form chain `node_id` (also
+    /// `GW_NODE_ID`). Letters, digits, `.`, `_`, `-`; at most 64.
+    #[serde(default = "default_node_id")]
+    pub node_id: String,
     /// Command keys (same format as the filter's `command_keys`).
     #[serde(default)]
     pub command_keys: KeyRingConfig,
@@ -25,10 +29,18 @@ pub struct FileConfig {
     /// Largest command body.
     #[serde(default = "default_body")]
     pub max_body_bytes: usize,
-    /// Replay window per issuer.
-    #[serde(default = "default_window")]
-    pub replay_window: u32,
-    /// Where durable state lives (replay guard).
+    /// Fresh nonces the replay guard remembers per issuer (a multiple of 64); beyond
+    /// it, fresh commands are refused with `replay_capacity` (429).
+    #[serde(default = "default_max_per_issuer")]
+    pub replay_max_per_issuer: usize,
+    /// Issuers the replay guard remembers nonces of.
+    #[serde(default = "default_max_issuers")]
+    pub replay_max_issuers: usize,
+    /// How long agents remember applied nonces beyond their commands' freshness,
+    /// seconds: a redelivery within it is dropped, never applied twice.
+    #[serde(default = "default_dedup")]
+    pub agent_dedup_secs: u64,
+    /// Where durable state lives (the journal, agent state, the ledger spool).
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
     /// Issuer written into commands the JSON route signs.
@@ -76,6 +88,9 @@ fn default_model_poll() -> u64 {
     500
 }
 
+fn default_node_id() -> String {
+    "node-1".into()
+}
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
@@ -85,8 +100,14 @@ fn default_skew() -> u64 {
 fn default_body() -> usize {
     gw_core::command::DEFAULT_MAX_COMMAND_BYTES
 }
-fn default_window() -> u32 {
-    gw_core::replay::DEFAULT_WINDOW
+fn default_max_per_issuer() -> usize {
+    gw_core::replay::DEFAULT_MAX_PER_ISSUER
+}
+fn default_max_issuers() -> usize {
+    gw_core::replay::DEFAULT_MAX_ISSUERS
+}
+fn default_dedup() -> u64 {
+    600
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from(".run/sidecar")
@@ -96,6 +117,16 @@ fn default_apply_wait() -> u64 {
 }
 fn default_issuer() -> String {
     "dashboard".into()
+}
+
+impl FileConfig {
+    /// The replay guard's bounds.
+    pub fn replay_limits(&self) -> gw_core::replay::Limits {
+        gw_core::replay::Limits {
+            max_per_issuer: self.replay_max_per_issuer,
+            max_issuers: self.replay_max_issuers,
+        }
+    }
 }
 
 impl Default for FileConfig {
@@ -211,11 +242,30 @@ impl Config {
                 .parse()
                 .map_err(|e| ConfigError::Env("GW_LOG_FORMAT", e))?;
         }
+        if let Some(n) = env("GW_NODE_ID").filter(|n| !n.trim().is_empty()) {
+            file.node_id = n.trim().to_owned();
+        }
+        let id_ok = !file.node_id.is_empty()
+            && file.node_id.len() <= 64
+            && file
+                .node_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !id_ok {
+            return Err(OutOfBounds::new(
+                "node_id",
+                "must be 1..=64 letters, digits, '.', '_' or '-'",
+            )
+            .into());
+        }
         if let Some(l) = env("GW_SIDECAR_LISTEN") {
             file.listen = l
                 .parse()
                 .map_err(|e| ConfigError::Env("GW_SIDECAR_LISTEN", format!("{e}")))?;
         }
+        file.replay_limits()
+            .validate()
+            .map_err(|reason| OutOfBounds::new("replay_max_per_issuer", reason))?;
         let mut keyring = KeyRing::from_config(&file.command_keys)?;
         let key_id = env("CTRL_PUBKEY_ID").unwrap_or_else(|| "op-admin-1".into());
         if let Some(pk) = env("CTRL_PUBKEY_HEX") {

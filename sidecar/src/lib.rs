@@ -21,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod durable;
 pub mod error;
+pub mod journal;
 pub mod ledger;
 pub mod models;
 pub mod ops;

@@ -78,9 +78,32 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
         out.starts_with("HTTP/3 200") && out.contains("\"applied\":true"),
         "{out}"
     );
-    // Rejected at the edge: replay, tampered signature, a viewer sending a command.
+    // The same bytes again: the edge lets a resend through, the sidecar (which knows
+    // it was applied) refuses it as a replay and says so.
     let (out, _) = gwctl_send(&url, &good, admin_tok, &certs.ca);
-    assert!(out.starts_with("HTTP/3 409"), "{out}");
+    assert!(
+        out.starts_with("HTTP/3 409") && out.contains("already accepted"),
+        "{out}"
+    );
+    // Rejected at the edge: another command reusing the nonce, a tampered signature,
+    // a viewer sending a command.
+    let reuse = dir.join("reuse.bin");
+    std::fs::write(
+        &reuse,
+        signed_command(
+            1,
+            Action::Throttle,
+            t,
+            "dashboard",
+            &[("throttle_pct", "31")],
+        ),
+    )
+    .unwrap();
+    let (out, _) = gwctl_send(&url, &reuse, admin_tok, &certs.ca);
+    assert!(
+        out.starts_with("HTTP/3 409") && out.contains("replay"),
+        "{out}"
+    );
     let mut tampered = signed_command(2, Action::Start, t, "dashboard", &[]);
     let i = tampered.windows(4).position(|w| w == b"req-").unwrap();
     tampered[i] = b'X';
@@ -141,8 +164,8 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
     );
 
     // Every decision, edge ones included, in one verified chain.
-    let rows = common::wait_rows(&ch, 9);
-    assert_eq!(verify_chain(&rows), Ok(9), "{rows:#?}");
+    let rows = common::wait_rows(&ch, 11);
+    assert_eq!(verify_chain(&rows), Ok(11), "{rows:#?}");
     let mut got: Vec<(String, String, String, String)> = rows
         .iter()
         .map(|r| {
@@ -162,11 +185,13 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
         ("agent", "applied", "", "req-1"),
         ("edge", "accepted", "", ""),
         ("edge", "accepted", "", "req-1"),
+        ("edge", "accepted", "", "req-1"),
         ("edge", "rejected", "bad_signature", "Xeq-2"),
         ("edge", "rejected", "forbidden_role", ""),
         ("edge", "rejected", "replay", "req-1"),
         ("sidecar", "accepted", "", "<uuid>"),
         ("sidecar", "accepted", "", "req-1"),
+        ("sidecar", "rejected", "replay", "req-1"),
     ]
     .iter()
     .map(|(a, b, c, d)| (a.to_string(), b.to_string(), c.to_string(), d.to_string()))
@@ -185,7 +210,7 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
         .arg(format!("http://127.0.0.1:{}", ch.http_port))
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "ok 9 rows");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "ok 11 rows");
     // Envoy counted the reports it delivered.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

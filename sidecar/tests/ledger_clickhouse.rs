@@ -45,7 +45,7 @@ fn nothing_lost_nothing_duplicated_across_a_clickhouse_outage() {
         .build()
         .unwrap();
     let spool = d.path().join("spool");
-    let mut ledger = Ledger::open(&spool, client.clone(), "control_decisions").unwrap();
+    let mut ledger = Ledger::open(&spool, client.clone(), "control_decisions", "node-1").unwrap();
     for i in 1..=3 {
         ledger.append(row(i)).unwrap();
     }
@@ -63,7 +63,7 @@ fn nothing_lost_nothing_duplicated_across_a_clickhouse_outage() {
 
     // The sidecar restarts too: the spool carries the pending rows and the chain.
     drop(ledger);
-    let mut ledger = Ledger::open(&spool, client, "control_decisions").unwrap();
+    let mut ledger = Ledger::open(&spool, client, "control_decisions", "node-1").unwrap();
     assert_eq!((ledger.pending(), ledger.shipped()), (3, 3));
     let sealed = ledger.append(row(7)).unwrap();
     assert_eq!(sealed.seq, 7);
@@ -83,6 +83,7 @@ fn nothing_lost_nothing_duplicated_across_a_clickhouse_outage() {
         &spool,
         clickhouse::Client::default().with_url(format!("http://127.0.0.1:{http}")),
         "control_decisions",
+        "node-1",
     )
     .unwrap();
     assert_eq!(again.pending(), 4);
@@ -100,7 +101,7 @@ fn a_torn_last_spool_line_is_dropped_and_a_corrupt_one_refused() {
     let spool = d.path().join("spool");
     let client = clickhouse::Client::default()
         .with_url(format!("http://127.0.0.1:{}", testkit::free_port()));
-    let mut l = Ledger::open(&spool, client.clone(), "control_decisions").unwrap();
+    let mut l = Ledger::open(&spool, client.clone(), "control_decisions", "node-1").unwrap();
     l.append(row(1)).unwrap();
     l.append(row(2)).unwrap();
     drop(l);
@@ -108,7 +109,7 @@ fn a_torn_last_spool_line_is_dropped_and_a_corrupt_one_refused() {
     let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str("{\"seq\":3,\"ts_");
     std::fs::write(&path, &text).unwrap();
-    let mut l = Ledger::open(&spool, client.clone(), "control_decisions").unwrap();
+    let mut l = Ledger::open(&spool, client.clone(), "control_decisions", "node-1").unwrap();
     assert_eq!(l.pending(), 2);
     assert_eq!(l.append(row(3)).unwrap().seq, 3);
     drop(l);
@@ -118,7 +119,7 @@ fn a_torn_last_spool_line_is_dropped_and_a_corrupt_one_refused() {
         .map(str::to_owned)
         .collect();
     std::fs::write(&path, format!("{}\ngarbage\n{}\n", lines[0], lines[2])).unwrap();
-    let err = Ledger::open(&spool, client, "control_decisions")
+    let err = Ledger::open(&spool, client, "control_decisions", "node-1")
         .err()
         .expect("corrupt")
         .to_string();
@@ -148,6 +149,7 @@ fn every_http_decision_lands_in_the_chained_ledger() {
         .map(|b| {
             rt.block_on(async {
                 http.post(&url)
+                    .header("content-type", "application/x-protobuf")
                     .body(b)
                     .send()
                     .await
@@ -202,7 +204,10 @@ fn every_http_decision_lands_in_the_chained_ledger() {
     assert_eq!(policy[0]["commands"], 1);
     let verified = get("/api/ledger/verify");
     assert_eq!(
-        (verified["ok"].clone(), verified["rows"].clone()),
+        (
+            verified["ok"].clone(),
+            verified["chains"][0]["rows"].clone()
+        ),
         (true.into(), 6.into())
     );
     // gwctl walks the stored chain; tampering in ClickHouse is caught.
@@ -232,7 +237,7 @@ fn every_http_decision_lands_in_the_chained_ledger() {
     let verified = get("/api/ledger/verify");
     assert_eq!(verified["ok"], false);
     assert!(
-        verified["broken"]
+        verified["chains"][0]["broken"]
             .as_str()
             .unwrap()
             .contains("row 2 was altered"),

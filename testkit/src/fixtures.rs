@@ -33,7 +33,7 @@ pub fn filter_config(max_body_bytes: usize) -> Value {
             {"prefix": "/", "public": true}
         ],
         "max_body_bytes": max_body_bytes,
-        "replay_window": 64
+        "replay_max_per_issuer": 1024
     })
 }
 
@@ -78,8 +78,13 @@ pub fn signed_command(
 /// An unsealed ledger decision row for request `req-<i>` (seal it with a `Chain`).
 pub fn ledger_row(i: u64) -> gw_core::ledger::LedgerRow {
     gw_core::ledger::LedgerRow {
+        chain_id: "node-1".into(),
         seq: 0,
-        ts_ms: 1_750_000_000_000 + i,
+        // Recent: the ledger table keeps rows 400 days.
+        ts_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            + i,
         stage: "sidecar".into(),
         decision: if i.is_multiple_of(3) {
             "rejected"
@@ -97,6 +102,9 @@ pub fn ledger_row(i: u64) -> gw_core::ledger::LedgerRow {
         nonce: i,
         args_json: r#"{"throttle_pct":"40"}"#.into(),
         raw_hex: "0801".into(),
+        requester: "alice".into(),
+        requester_roles: "admin".into(),
+        token_issuer: "defi-dashboard".into(),
         prev_hash: String::new(),
         row_hash: String::new(),
     }

@@ -14,17 +14,51 @@ use std::collections::HashSet;
 
 use gw_core::contract::EdgeIdentity;
 use gw_core::ledger::{Decision, Stage};
+use gw_core::replay::{self, Digest, NonceBook};
 use gw_core::{Action, Code, Command, ControlPolicy, Module, Reject, VerifiedCommand};
+
+use super::replay_store::Accepted;
 
 /// What admission knows about nonces already accepted (the durable replay guard).
 pub trait SeenNonces {
-    /// `Err(replay)` when `(issuer, nonce)` was accepted before.
-    fn check(&self, issuer: &str, nonce: u64) -> Result<(), Reject>;
+    /// Whether `(issuer, nonce)` may be accepted at `now`: `replay` when it was
+    /// (the detail says whether by these very bytes, `digest`), `replay_capacity`
+    /// when the guard is full.
+    fn check(&self, issuer: &str, nonce: u64, digest: &Digest, now: u64) -> Result<(), Reject>;
 }
 
-impl SeenNonces for gw_core::ReplayGuard {
-    fn check(&self, issuer: &str, nonce: u64) -> Result<(), Reject> {
-        gw_core::ReplayGuard::check(self, issuer, nonce)
+impl SeenNonces for NonceBook<Accepted> {
+    fn check(&self, issuer: &str, nonce: u64, digest: &Digest, now: u64) -> Result<(), Reject> {
+        NonceBook::check(self, issuer, nonce, now).map_err(|r| refusal(&r, issuer, nonce, digest))
+    }
+}
+
+impl SeenNonces for super::replay_store::ReplayStore {
+    fn check(&self, issuer: &str, nonce: u64, digest: &Digest, now: u64) -> Result<(), Reject> {
+        super::replay_store::ReplayStore::check(self, issuer, nonce, now)
+            .map_err(|r| refusal(&r, issuer, nonce, digest))
+    }
+}
+
+/// The answer to a nonce the guard refused.
+fn refusal(r: &replay::Refused<Accepted>, issuer: &str, nonce: u64, digest: &Digest) -> Reject {
+    match r {
+        replay::Refused::Replay(a) if a.digest == *digest => Reject::with(
+            Code::Replay,
+            format!(
+                "this command was already accepted (request_id `{}`); it is never applied twice",
+                a.request_id.escape_debug()
+            ),
+        ),
+        replay::Refused::Replay(a) => Reject::with(
+            Code::Replay,
+            format!(
+                "nonce {nonce} of issuer `{}` was already used by request `{}`",
+                issuer.escape_debug(),
+                a.request_id.escape_debug()
+            ),
+        ),
+        other => other.reject(issuer, nonce),
     }
 }
 
@@ -137,16 +171,19 @@ impl Admission {
             }
         };
         let c = &v.command;
-        let replay = seen.check(&c.issuer, c.nonce).and_then(|()| {
-            if self.in_flight.contains(&(c.issuer.clone(), c.nonce)) {
-                Err(Reject::new(
-                    Code::Replay,
-                    "the same command is being admitted by another request",
-                ))
-            } else {
-                Ok(())
-            }
-        });
+        let digest = gw_core::replay::digest(req.body);
+        let replay = seen
+            .check(&c.issuer, c.nonce, &digest, req.now)
+            .and_then(|()| {
+                if self.in_flight.contains(&(c.issuer.clone(), c.nonce)) {
+                    Err(Reject::new(
+                        Code::Replay,
+                        "the same command is being admitted by another request",
+                    ))
+                } else {
+                    Ok(())
+                }
+            });
         if let Err(reject) = replay {
             rows.push(rejected(reject.code));
             return Verdict::Refused(Refused {
@@ -199,7 +236,8 @@ mod tests {
     use ed25519_dalek::SigningKey;
     use gw_core::contract::Verified;
     use gw_core::keyring::KeyRing;
-    use gw_core::{sign_command, ReplayGuard};
+    use gw_core::replay::Limits;
+    use gw_core::sign_command;
 
     use super::*;
 
@@ -227,6 +265,20 @@ mod tests {
         }
     }
 
+    fn book() -> NonceBook<Accepted> {
+        NonceBook::new(Limits {
+            max_per_issuer: 64,
+            max_issuers: 4,
+        })
+    }
+
+    fn accepted(body: &[u8]) -> Accepted {
+        Accepted {
+            digest: gw_core::replay::digest(body),
+            request_id: "req-1".into(),
+        }
+    }
+
     fn command() -> Command {
         Command {
             ts: NOW,
@@ -248,8 +300,11 @@ mod tests {
     fn edge() -> EdgeIdentity {
         EdgeIdentity {
             verified: Verified::Edge,
-            sub: Some("alice".into()),
-            roles: vec!["admin".into()],
+            requester: gw_core::contract::Requester {
+                sub: "alice".into(),
+                roles: "admin".into(),
+                token_issuer: "defi-dashboard".into(),
+            },
         }
     }
 
@@ -262,7 +317,7 @@ mod tests {
                 edge: None,
                 now,
             },
-            &ReplayGuard::new(64).unwrap(),
+            &book(),
         )
     }
 
@@ -300,7 +355,7 @@ mod tests {
                 edge: Some(&id),
                 now: NOW,
             },
-            &ReplayGuard::new(64).unwrap(),
+            &book(),
         );
         let Verdict::Admitted(ok) = v else {
             panic!("refused")
@@ -445,10 +500,11 @@ mod tests {
 
     #[test]
     fn refuses_a_nonce_the_replay_guard_has_seen() {
-        let mut seen = ReplayGuard::new(64).unwrap();
-        seen.accept("dashboard", 7).unwrap();
-        let mut a = Admission::new(policy());
         let body = signed(&command());
+        let mut seen = book();
+        seen.insert("dashboard", 7, NOW + 30, accepted(&body), NOW)
+            .unwrap();
+        let mut a = Admission::new(policy());
         let v = a.decide(
             &Request {
                 body: &body,
@@ -460,13 +516,61 @@ mod tests {
         );
         let r = refused(v, Code::Replay);
         assert_eq!(r.command.map(|c| c.nonce), Some(7), "the row names it");
+        assert!(
+            r.reject.detail.contains("already accepted"),
+            "a resend: {}",
+            r.reject
+        );
         assert_eq!(a.in_flight(), 0);
+        // Another command reusing the nonce is told so.
+        let other = with(|c| c.request_id = "req-2".into());
+        let r = refused(
+            a.decide(
+                &Request {
+                    body: &other,
+                    route: None,
+                    edge: None,
+                    now: NOW,
+                },
+                &seen,
+            ),
+            Code::Replay,
+        );
+        assert!(
+            r.reject.detail.contains("already used by request"),
+            "{}",
+            r.reject
+        );
+    }
+
+    #[test]
+    fn refuses_a_fresh_command_when_the_guard_is_full() {
+        let mut seen = book();
+        for n in 100..164 {
+            seen.insert("dashboard", n, NOW + 30, accepted(b"x"), NOW)
+                .unwrap();
+        }
+        let mut a = Admission::new(policy());
+        let body = signed(&command());
+        let r = refused(
+            a.decide(
+                &Request {
+                    body: &body,
+                    route: None,
+                    edge: None,
+                    now: NOW,
+                },
+                &seen,
+            ),
+            Code::ReplayCapacity,
+        );
+        assert_eq!(r.reject.code.http_status(), 429);
     }
 
     #[test]
     fn refuses_a_nonce_in_flight_until_released() {
         let mut a = Admission::new(policy());
-        let seen = ReplayGuard::new(64).unwrap();
+        let seen = book();
         let body = signed(&command());
         let req = Request {
             body: &body,
@@ -505,7 +609,7 @@ mod tests {
                 edge: Some(&id),
                 now: NOW,
             },
-            &ReplayGuard::new(64).unwrap(),
+            &book(),
         );
         let r = refused(v, Code::Malformed);
         assert_eq!(r.rows[0], EDGE_ACCEPTED);

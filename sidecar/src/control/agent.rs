@@ -4,7 +4,9 @@
 //! refused (the signed bytes do not verify again: signature, key, scope; not
 //! freshness — a consumer that lags must still apply what admission accepted in
 //! time), a duplicate (a nonce it already applied: at-least-once delivery and a
-//! re-published command both end here), or the next module state. The shell
+//! re-published command both end here), or the next module state. Applied nonces
+//! are remembered until `dedup_secs` after the later of the command's expiry and
+//! its application, so a redelivery within that horizon is never applied twice. The shell
 //! ([`Agent::run`]) writes the ledger row, persists the state (module state and
 //! applied nonces, one fsynced file), announces the outcome to the waiting request,
 //! and only then commits the offset.
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use gw_core::ledger::{Decision, Stage};
 use gw_core::module_state::ModuleState;
-use gw_core::replay::{ReplayGuard, ReplaySnapshot};
+use gw_core::replay::{Limits, NonceBook, Refused};
 use gw_core::{Code, Command, ControlPolicy, Module, Reject, VerifiedCommand};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -82,7 +84,7 @@ pub struct Applied {
     /// The module's state after it.
     pub state: ModuleState,
     /// The applied nonces after it.
-    pub applied: ReplayGuard,
+    pub applied: NonceBook<()>,
 }
 
 /// One module's agent state machine.
@@ -91,22 +93,26 @@ pub struct AgentCore {
     module: Module,
     policy: ControlPolicy,
     state: ModuleState,
-    applied: ReplayGuard,
+    applied: NonceBook<()>,
+    dedup_secs: u64,
 }
 
 impl AgentCore {
-    /// An agent for `module` with its last durable state.
+    /// An agent for `module` with its last durable state, remembering applied
+    /// nonces for `dedup_secs` beyond their commands' freshness.
     pub fn new(
         module: Module,
         policy: ControlPolicy,
         state: ModuleState,
-        applied: ReplayGuard,
+        applied: NonceBook<()>,
+        dedup_secs: u64,
     ) -> AgentCore {
         AgentCore {
             module,
             policy,
             state,
             applied,
+            dedup_secs,
         }
     }
 
@@ -125,12 +131,18 @@ impl AgentCore {
             Err(r) => return Step::Refuse(r),
         };
         let c = &v.command;
-        if self.applied.check(&c.issuer, c.nonce).is_err() {
+        if self.applied.get(&c.issuer, c.nonce, now).is_some() {
             return Step::Duplicate(Box::new(v.command));
         }
         let mut applied = self.applied.clone();
-        if let Err(r) = applied.accept(&c.issuer, c.nonce) {
-            return Step::Refuse(r);
+        let expires =
+            gw_core::replay::expiry(c.ts, self.policy.max_skew).max(now) + self.dedup_secs;
+        if let Err(Refused::IssuerFull | Refused::TooManyIssuers) =
+            applied.insert(&c.issuer, c.nonce, expires, (), now)
+        {
+            // Never refuse to apply what admission accepted; this nonce is just not
+            // remembered for deduplication (logged by the shell).
+            tracing::warn!(module = self.module.as_str(), issuer = %c.issuer, nonce = c.nonce, "agent dedup memory full");
         }
         let mut state = self.state.clone();
         state.apply(v.action, &v.args, &c.request_id);
@@ -151,7 +163,8 @@ impl AgentCore {
 #[derive(Serialize, Deserialize)]
 struct AgentFile {
     state: ModuleState,
-    applied: ReplaySnapshot,
+    /// Applied nonces still remembered: issuer, nonce, unix seconds to forget them.
+    applied: Vec<(String, u64, u64)>,
 }
 
 /// A delivery not done yet: the offset must not be committed; try again later.
@@ -177,8 +190,10 @@ pub struct AgentEnv {
     pub policy: ControlPolicy,
     /// Where `agent-{module}.json` lives.
     pub state_dir: PathBuf,
-    /// Nonce window per issuer.
-    pub window: u32,
+    /// Bounds of the applied-nonce memory.
+    pub limits: Limits,
+    /// How long applied nonces are remembered beyond their commands' freshness.
+    pub dedup_secs: u64,
     /// The module table agents publish their state to.
     pub modules: ModuleTable,
     /// The audit ledger.
@@ -196,11 +211,8 @@ pub struct Agent {
     env: AgentEnv,
 }
 
-fn corrupt(path: &Path, detail: impl ToString) -> StoreError {
-    StoreError::Corrupt {
-        path: path.to_path_buf(),
-        detail: detail.to_string(),
-    }
+fn corrupt(path: &Path, detail: &dyn std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("agent state {}: {detail}", path.display()))
 }
 
 impl Agent {
@@ -210,23 +222,23 @@ impl Agent {
         let path = env
             .state_dir
             .join(format!("agent-{}.json", module.as_str()));
-        let (state, applied) = match std::fs::read(&path) {
+        let now = crate::now_secs();
+        let mut applied = NonceBook::new(env.limits);
+        let state = match std::fs::read(&path) {
             Ok(bytes) => {
-                let f: AgentFile = serde_json::from_slice(&bytes).map_err(|e| corrupt(&path, e))?;
-                (
-                    f.state,
-                    ReplayGuard::restore(f.applied).map_err(|e| corrupt(&path, e))?,
-                )
+                let f: AgentFile =
+                    serde_json::from_slice(&bytes).map_err(|e| corrupt(&path, &e))?;
+                for (issuer, nonce, expires) in f.applied {
+                    let _ = applied.insert(&issuer, nonce, expires, (), now);
+                }
+                f.state
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
-                ModuleState::default(),
-                ReplayGuard::new(env.window).map_err(|e| corrupt(&path, e))?,
-            ),
-            Err(source) => return Err(StoreError::Io { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ModuleState::default(),
+            Err(e) => return Err(corrupt(&path, &e)),
         };
         env.modules.set(module, state.clone());
         Ok(Agent {
-            core: AgentCore::new(module, env.policy.clone(), state, applied),
+            core: AgentCore::new(module, env.policy.clone(), state, applied, env.dedup_secs),
             path,
             env: env.clone(),
         })
@@ -245,6 +257,7 @@ impl Agent {
             code,
             body: &d.payload,
             command,
+            requester: Some(&d.requester),
         })
     }
 
@@ -268,7 +281,11 @@ impl Agent {
                 self.record(Decision::Applied, None, d, Some(c))?;
                 let file = AgentFile {
                     state: a.state.clone(),
-                    applied: a.applied.snapshot(),
+                    applied: a
+                        .applied
+                        .iter()
+                        .map(|(issuer, nonce, s)| (issuer.to_owned(), nonce, s.expires))
+                        .collect(),
                 };
                 let bytes = serde_json::to_vec(&file).map_err(|e| RetryLater::State {
                     path: self.path.clone(),
@@ -309,8 +326,6 @@ impl Agent {
     /// logged once per distinct message and retried; nothing is skipped.
     pub async fn run(mut self, mut consumer: BusConsumer) {
         let name = self.core.module.as_str();
-        let span = tracing::info_span!("agent", module = name);
-        let _enter = span.enter();
         let mut last_err = String::new();
         let mut log_once = |e: String| {
             if e != last_err {
@@ -372,7 +387,8 @@ mod tests {
                 max_body: 4096,
             },
             ModuleState::default(),
-            ReplayGuard::new(64).unwrap(),
+            NonceBook::new(Limits::default()),
+            600,
         )
     }
 
@@ -380,6 +396,7 @@ mod tests {
         Delivery {
             key: key.as_bytes().to_vec(),
             payload,
+            requester: gw_core::contract::Requester::default(),
             position: Position {
                 partition: 0,
                 offset: 0,

@@ -12,11 +12,13 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use gw_core::contract::Requester;
 use gw_core::Module;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -119,8 +121,49 @@ pub struct Delivery {
     pub key: Vec<u8>,
     /// The exact signed bytes.
     pub payload: Vec<u8>,
+    /// Who sent it, as the edge verified it (Kafka headers `gw-requester*`).
+    pub requester: Requester,
     /// Where it was read.
     pub position: Position,
+}
+
+/// Kafka header names carrying the requester.
+const H_SUB: &str = "gw-requester";
+const H_ROLES: &str = "gw-requester-roles";
+const H_ISS: &str = "gw-token-issuer";
+
+fn requester_headers(r: &Requester) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new();
+    for (key, v) in [
+        (H_SUB, &r.sub),
+        (H_ROLES, &r.roles),
+        (H_ISS, &r.token_issuer),
+    ] {
+        if !v.is_empty() {
+            h = h.insert(Header {
+                key,
+                value: Some(v.as_bytes()),
+            });
+        }
+    }
+    h
+}
+
+fn requester_of(m: &impl Message) -> Requester {
+    let mut r = Requester::default();
+    if let Some(h) = m.headers() {
+        for i in 0..h.count() {
+            let hd = h.get(i);
+            let v = String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned();
+            match hd.key {
+                H_SUB => r.sub = v,
+                H_ROLES => r.roles = v,
+                H_ISS => r.token_issuer = v,
+                _ => {}
+            }
+        }
+    }
+    r
 }
 
 /// The bus (cheap to clone).
@@ -176,12 +219,20 @@ impl Bus {
         }
     }
 
-    /// Publishes the exact signed bytes keyed by module; returns once the bus holds
-    /// them (Kafka: acknowledged by all in-sync replicas).
-    pub async fn publish(&self, module: Module, payload: &[u8]) -> Result<Position, BusError> {
+    /// Publishes the exact signed bytes keyed by module, with who sent them;
+    /// returns once the bus holds them (Kafka: acknowledged by all in-sync replicas).
+    pub async fn publish(
+        &self,
+        module: Module,
+        payload: &[u8],
+        requester: &Requester,
+    ) -> Result<Position, BusError> {
         match self {
-            Bus::InProcess(b) => Ok(b.publish(module.as_str().as_bytes(), payload)),
-            Bus::Kafka(k) => k.publish(module.as_str().as_bytes(), payload).await,
+            Bus::InProcess(b) => Ok(b.publish(module.as_str().as_bytes(), payload, requester)),
+            Bus::Kafka(k) => {
+                k.publish(module.as_str().as_bytes(), payload, requester)
+                    .await
+            }
         }
     }
 
@@ -264,11 +315,19 @@ impl KafkaBus {
         Ok(())
     }
 
-    async fn publish(&self, key: &[u8], payload: &[u8]) -> Result<Position, BusError> {
+    async fn publish(
+        &self,
+        key: &[u8],
+        payload: &[u8],
+        requester: &Requester,
+    ) -> Result<Position, BusError> {
         let mut created = false;
         loop {
             let producer = self.current();
-            let record = FutureRecord::to(&self.cfg.topic).key(key).payload(payload);
+            let record = FutureRecord::to(&self.cfg.topic)
+                .key(key)
+                .payload(payload)
+                .headers(requester_headers(requester));
             let wait = Duration::from_millis(self.cfg.message_timeout_ms);
             let sent = producer.send(record, wait).await;
             if let Some((code, reason)) = producer.client().fatal_error() {
@@ -321,18 +380,19 @@ pub struct InProcess {
 #[derive(Default)]
 struct Log {
     base: i64,
-    entries: VecDeque<(Vec<u8>, Vec<u8>)>,
+    entries: VecDeque<(Vec<u8>, Vec<u8>, Requester)>,
     committed: BTreeMap<String, i64>,
 }
 
 impl InProcess {
-    fn publish(&self, key: &[u8], payload: &[u8]) -> Position {
+    fn publish(&self, key: &[u8], payload: &[u8], requester: &Requester) -> Position {
         let offset = {
             let mut log = self
                 .log
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            log.entries.push_back((key.to_vec(), payload.to_vec()));
+            log.entries
+                .push_back((key.to_vec(), payload.to_vec(), requester.clone()));
             log.base + log.entries.len() as i64 - 1
         };
         self.grew.notify_waiters();
@@ -357,9 +417,10 @@ impl InProcess {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let i = usize::try_from(offset - log.base).ok()?;
-        log.entries.get(i).map(|(k, p)| Delivery {
+        log.entries.get(i).map(|(k, p, r)| Delivery {
             key: k.clone(),
             payload: p.clone(),
+            requester: r.clone(),
             position: Position {
                 partition: 0,
                 offset,
@@ -450,6 +511,7 @@ impl BusConsumer {
                 Ok(Delivery {
                     key: m.key().unwrap_or_default().to_vec(),
                     payload: m.payload().unwrap_or_default().to_vec(),
+                    requester: requester_of(&m),
                     position: Position {
                         partition: m.partition(),
                         offset: m.offset(),
@@ -495,7 +557,9 @@ mod tests {
         let bus = Bus::in_process();
         let mut mev = bus.consumer(Module::Mev).unwrap();
         for i in 0..3u8 {
-            bus.publish(Module::Mev, &[i]).await.unwrap();
+            bus.publish(Module::Mev, &[i], &Requester::default())
+                .await
+                .unwrap();
         }
         let a = mev.next().await.unwrap();
         assert_eq!(
@@ -519,7 +583,9 @@ mod tests {
         arb.commit(&first).await.unwrap();
         assert_eq!(inner.retained(), 2, "every group committed offset 0");
         let waiter = tokio::spawn(async move { mev.next().await.map(|d| d.payload) });
-        bus.publish(Module::Mev, &[9]).await.unwrap();
+        bus.publish(Module::Mev, &[9], &Requester::default())
+            .await
+            .unwrap();
         assert_eq!(waiter.await.unwrap().unwrap(), vec![2]);
     }
 }

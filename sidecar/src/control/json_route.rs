@@ -9,6 +9,17 @@ use ed25519_dalek::SigningKey;
 use gw_core::{Action, Code, Module, NewCommand, NonceSource, Reject};
 use serde::Deserialize;
 
+/// Whether a `content-type` is JSON, or absent (the original API's clients).
+pub fn is_json_media_type(content_type: Option<&str>) -> bool {
+    content_type.is_none_or(|ct| {
+        ct.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case("application/json")
+    })
+}
+
 /// The original API's JSON body.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -10,11 +10,11 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gw_core::contract::{self, EdgeIdentity};
+use gw_core::contract::{self, EdgeIdentity, Requester};
 use gw_core::ledger::{Decision, Stage};
 use gw_core::module_state::Modules;
 use gw_core::names::parse_module_spec;
-use gw_core::{Action, Code, Command, Module};
+use gw_core::{Action, Code, Command, Module, Reject};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
@@ -26,7 +26,7 @@ use super::agent::{Ack, Agent, AgentEnv};
 use super::bus::Bus;
 use super::json_route::{self, JsonSigner};
 use super::modules::ModuleTable;
-use super::replay_store::{ReplayStore, StoreError};
+use super::replay_store::{Accepted, ReplayStore, StoreError};
 use crate::error::ApiError;
 use crate::ledger::{AuditError, Auditor, Entry};
 use crate::ops::metrics::ControlMetrics;
@@ -49,8 +49,10 @@ pub struct ControlConfig {
     pub max_body: usize,
     /// Where agents keep their state.
     pub state_dir: std::path::PathBuf,
-    /// Applied-nonce window of the agents.
-    pub window: u32,
+    /// Bounds of the agents' applied-nonce memory.
+    pub limits: gw_core::replay::Limits,
+    /// How long agents remember applied nonces beyond their freshness.
+    pub dedup_secs: u64,
     /// Counters.
     pub metrics: ControlMetrics,
 }
@@ -83,7 +85,8 @@ impl Control {
         let env = AgentEnv {
             policy: c.policy.clone(),
             state_dir: c.state_dir,
-            window: c.window,
+            limits: c.limits,
+            dedup_secs: c.dedup_secs,
             modules: modules.clone(),
             auditor: c.auditor.clone(),
             acks: acks.clone(),
@@ -93,7 +96,8 @@ impl Control {
         for m in Module::ALL {
             let agent = Agent::open(m, &env)?;
             let consumer = c.bus.consumer(m)?;
-            tasks.push(tokio::spawn(agent.run(consumer)));
+            let span = tracing::info_span!("agent", module = m.as_str());
+            tasks.push(tokio::spawn(agent.run(consumer).instrument(span)));
         }
         let bus = c.bus.clone();
         tasks.push(tokio::spawn(async move {
@@ -160,6 +164,7 @@ impl Control {
         rows: &[Row],
         body: &[u8],
         command: Option<&Command>,
+        requester: &Requester,
     ) -> Result<(), AuditError> {
         for r in rows {
             self.auditor.record(Entry {
@@ -168,6 +173,7 @@ impl Control {
                 code: r.code,
                 body,
                 command,
+                requester: Some(requester),
             })?;
         }
         Ok(())
@@ -175,11 +181,41 @@ impl Control {
 
     /// Records a refusal's rows; answers with its rejection (or, when the ledger
     /// cannot take the rows, with that).
-    fn refuse(&self, r: Refused, body: &[u8]) -> ApiError {
-        match self.record(&r.rows, body, r.command.as_ref()) {
+    fn refuse(&self, r: Refused, body: &[u8], requester: &Requester) -> ApiError {
+        match self.record(&r.rows, body, r.command.as_ref(), requester) {
             Ok(()) => r.reject.into(),
             Err(e) => e.into(),
         }
+    }
+
+    /// Refuses a request before admission (a route, a media type, a JSON body the
+    /// sidecar cannot sign): counted, answered, and recorded — after the edge's
+    /// acceptance when the edge forwarded it.
+    fn refuse_early(&self, reject: Reject, body: &[u8], edge: Option<&EdgeIdentity>) -> ApiError {
+        let mut rows = Vec::with_capacity(2);
+        if edge.is_some() {
+            rows.push(Row {
+                stage: Stage::Edge,
+                decision: Decision::Accepted,
+                code: None,
+            });
+        }
+        rows.push(Row {
+            stage: Stage::Sidecar,
+            decision: Decision::Rejected,
+            code: Some(reject.code),
+        });
+        self.metrics.decision(reject.code.as_str());
+        let requester = edge.map(|e| e.requester.clone()).unwrap_or_default();
+        self.refuse(
+            Refused {
+                rows,
+                reject,
+                command: None,
+            },
+            body,
+            &requester,
+        )
     }
 
     /// Admits one signed command: the one path every command takes. Nothing is
@@ -198,8 +234,9 @@ impl Control {
             nonce = tracing::field::Empty,
             module = tracing::field::Empty,
         );
+        let requester = edge.map(|e| e.requester.clone()).unwrap_or_default();
         let result = self
-            .admit_inner(body, route, edge)
+            .admit_inner(body, route, edge, &requester)
             .instrument(span.clone())
             .await;
         match &result {
@@ -212,11 +249,14 @@ impl Control {
         result.map(Json)
     }
 
+    /// Admission of `body`. `edge`: the edge forwarded exactly this body (its row
+    /// comes first); `requester`: who asked, as the edge verified it.
     async fn admit_inner(
         &self,
         body: &[u8],
         route: Option<(Module, Action)>,
         edge: Option<&EdgeIdentity>,
+        requester: &Requester,
     ) -> Result<Value, ApiError> {
         let req = Request {
             body,
@@ -234,7 +274,7 @@ impl Control {
                 if let Some(c) = &r.command {
                     record_command(c);
                 }
-                return Err(self.refuse(r, body));
+                return Err(self.refuse(r, body, requester));
             }
             Verdict::Admitted(a) => a,
         };
@@ -247,9 +287,9 @@ impl Control {
         // Audited before it is published: nothing reaches the bus without its row,
         // and the ledger reads accepted → applied. If publishing then fails, an
         // `unavailable` row for the same request follows.
-        self.record(&a.rows, body, Some(c))?;
+        self.record(&a.rows, body, Some(c), requester)?;
         let mut acks = self.acks.subscribe();
-        let position = match self.bus.publish(a.verified.module, body).await {
+        let position = match self.bus.publish(a.verified.module, body, requester).await {
             Ok(p) => p,
             Err(e) => {
                 let r = self
@@ -257,14 +297,32 @@ impl Control {
                     .lock()
                     .admission
                     .publish_failed(&a, &e.to_string());
-                return Err(self.refuse(r, body));
+                return Err(self.refuse(r, body, requester));
             }
         };
         // On the bus: the agent will apply it. Make the nonce durable here too; if
         // that fails the agent still refuses a second copy (it keeps the nonces it
         // applied).
-        if let Err(r) = self.gate.lock().replay.accept(&c.issuer, c.nonce) {
-            tracing::error!(detail = %r.detail, "published, but the replay state was not saved");
+        let (journal, max_skew) = {
+            let g = self.gate.lock();
+            (g.replay.journal().clone(), g.admission.policy().max_skew)
+        };
+        let accepted = Accepted {
+            digest: gw_core::replay::digest(body),
+            request_id: c.request_id.clone(),
+        };
+        let expires = gw_core::replay::expiry(c.ts, max_skew);
+        let record = ReplayStore::record(&c.issuer, c.nonce, expires, &accepted);
+        let kept = match journal.append(vec![record]).await {
+            Ok(lsn) => self
+                .gate
+                .lock()
+                .replay
+                .accepted(lsn, &c.issuer, c.nonce, expires, accepted, req.now),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = kept {
+            tracing::error!(error = %e, "published, but the replay state was not saved");
             self.metrics.decision("replay_not_persisted");
         }
         let outcome = tokio::time::timeout(self.apply_wait, async {
@@ -299,43 +357,49 @@ impl Control {
     }
 
     /// The JSON route: the body becomes args, the sidecar signs, then [`Self::admit`].
+    /// Every refusal here has its row too (about the JSON body the edge saw).
     async fn admit_json(
         &self,
         body: &[u8],
         route: (Module, Action),
         edge: Option<&EdgeIdentity>,
     ) -> Result<Json<Value>, ApiError> {
-        let args = json_route::parse_args(body, route.1)?;
-        if edge.is_some() {
-            // The edge saw the JSON body; the sidecar's rows are about the command it signs.
+        let refuse = |r: Reject| Err(self.refuse_early(r, body, edge));
+        let args = match json_route::parse_args(body, route.1) {
+            Ok(a) => a,
+            Err(r) => return refuse(r),
+        };
+        let Some(signer) = self.signer.as_ref() else {
+            return refuse(Reject::new(
+                Code::Unavailable,
+                "this sidecar has no signing key (CTRL_SIGN_SK_HEX)",
+            ));
+        };
+        let signed = match signer.sign(route, args, crate::now_nanos()) {
+            Ok(s) => s,
+            Err(r) => return refuse(r),
+        };
+        if let Some(e) = edge {
+            // The edge saw the JSON body; the sidecar's rows are about the command it
+            // signs, and say who asked for it.
             self.auditor.record(Entry {
                 stage: Stage::Edge,
                 decision: Decision::Accepted,
                 code: None,
                 body,
                 command: None,
+                requester: Some(&e.requester),
             })?;
         }
-        let signer = self.signer.as_ref().ok_or(ApiError::new(
-            Code::Unavailable,
-            "this sidecar has no signing key (CTRL_SIGN_SK_HEX)",
-        ))?;
-        let signed = match signer.sign(route, args, crate::now_nanos()) {
-            Ok(s) => s,
-            Err(r) => {
-                let refused = Refused {
-                    rows: vec![Row {
-                        stage: Stage::Sidecar,
-                        decision: Decision::Rejected,
-                        code: Some(r.code),
-                    }],
-                    reject: r,
-                    command: None,
-                };
-                return Err(self.refuse(refused, body));
-            }
-        };
-        self.admit(&signed, Some(route), None).await
+        let requester = edge.map(|e| e.requester.clone()).unwrap_or_default();
+        let result = self
+            .admit_inner(&signed, Some(route), None, &requester)
+            .await;
+        match &result {
+            Ok(_) => self.metrics.decision("accepted"),
+            Err(e) => self.metrics.decision(e.code().as_str()),
+        }
+        result.map(Json)
     }
 }
 
@@ -377,12 +441,29 @@ fn edge_identity(headers: &HeaderMap) -> Option<EdgeIdentity> {
     EdgeIdentity::from_headers(|k| headers.get(k).and_then(|v| v.to_str().ok()))
 }
 
+fn content_type(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+}
+
 async fn post_command(
     State(c): State<Arc<Control>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    c.admit(&body, None, edge_identity(&headers).as_ref()).await
+    let edge = edge_identity(&headers);
+    if !contract::is_command_media_type(content_type(&headers)) {
+        return Err(c.refuse_early(
+            Reject::new(
+                Code::UnsupportedMediaType,
+                "a signed command is application/x-protobuf (or application/octet-stream)",
+            ),
+            &body,
+            edge.as_ref(),
+        ));
+    }
+    c.admit(&body, None, edge.as_ref()).await
 }
 
 async fn post_module(
@@ -391,16 +472,27 @@ async fn post_module(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let route = parse_module_spec(&spec).ok_or(ApiError::new(
-        Code::Malformed,
-        "route names an unknown module or action",
-    ))?;
     let edge = edge_identity(&headers);
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    if contract::is_command_media_type(content_type) {
+    let Some(route) = parse_module_spec(&spec) else {
+        return Err(c.refuse_early(
+            Reject::new(Code::Malformed, "route names an unknown module or action"),
+            &body,
+            edge.as_ref(),
+        ));
+    };
+    let ct = content_type(&headers);
+    if contract::is_command_media_type(ct) {
         return c.admit(&body, Some(route), edge.as_ref()).await;
+    }
+    if !json_route::is_json_media_type(ct) {
+        return Err(c.refuse_early(
+            Reject::new(
+                Code::UnsupportedMediaType,
+                "this route takes application/json, or a signed command as application/x-protobuf",
+            ),
+            &body,
+            edge.as_ref(),
+        ));
     }
     c.admit_json(&body, route, edge.as_ref()).await
 }
@@ -424,6 +516,7 @@ async fn edge_decisions(
             code: Some(r.code),
             body: &r.raw,
             command: None,
+            requester: Some(&r.requester),
         })?;
         c.metrics.decision("edge_reported");
     }

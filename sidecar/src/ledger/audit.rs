@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use gw_core::contract::Requester;
 use gw_core::ledger::{Decision, LedgerRow, Stage};
 use gw_core::{Action, Code, Command, Module};
 use parking_lot::Mutex;
@@ -32,6 +33,8 @@ pub struct Entry<'a> {
     /// The decoded command when the caller has it; decoded from `body` otherwise
     /// (a rejected body may not decode).
     pub command: Option<&'a Command>,
+    /// Who sent the request, as the edge verified it.
+    pub requester: Option<&'a Requester>,
 }
 
 /// The decision could not be made durable: the caller must not act on it.
@@ -97,7 +100,9 @@ fn row(e: &Entry<'_>) -> LedgerRow {
         }
     };
     let name = |v: i32, f: fn(i32) -> Option<&'static str>| f(v).unwrap_or("").to_owned();
+    let who = e.requester.cloned().unwrap_or_default();
     LedgerRow {
+        chain_id: String::new(),
         seq: 0,
         ts_ms: crate::now_nanos() / 1_000_000,
         stage: e.stage.as_str().into(),
@@ -118,6 +123,9 @@ fn row(e: &Entry<'_>) -> LedgerRow {
             .map(|c| serde_json::to_string(&c.args).unwrap_or_default())
             .unwrap_or_default(),
         raw_hex: hex::encode(e.body),
+        requester: who.sub,
+        requester_roles: who.roles,
+        token_issuer: who.token_issuer,
         prev_hash: String::new(),
         row_hash: String::new(),
     }

@@ -22,7 +22,7 @@ use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 
 pub use audit::{AuditError, Auditor, Entry};
-use query::{ChainStatus, DecisionView, PolicyWindow, Queries};
+use query::{DecisionView, LedgerStatus, PolicyWindow, Queries};
 use spool::{LedgerError, Spool};
 
 use crate::error::ApiError;
@@ -37,10 +37,12 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Opens the spool under `dir` and ships it to `clickhouse` (`None`: nothing is
-    /// recorded; development only). Registers `gw_sidecar_ledger_pending_rows`.
+    /// Opens chain `chain_id`'s spool under `dir` and ships it to `clickhouse`
+    /// (`None`: nothing is recorded; development only). Registers
+    /// `gw_sidecar_ledger_pending_rows`.
     pub fn open(
         dir: &Path,
+        chain_id: &str,
         clickhouse: Option<&clickhouse::Client>,
         registry: &mut Registry,
     ) -> Result<Ledger, LedgerError> {
@@ -51,7 +53,7 @@ impl Ledger {
                 queries: None,
             });
         };
-        let spool = Spool::open(dir, client.clone(), TABLE)?;
+        let spool = Spool::open(dir, client.clone(), TABLE, chain_id)?;
         let pending = Gauge::default();
         pending.set(i64::try_from(spool.pending()).unwrap_or(i64::MAX));
         registry.register(
@@ -117,7 +119,7 @@ async fn policy_frequency(State(q): Q) -> Result<Json<Vec<PolicyWindow>>, ApiErr
     Ok(Json(queries(q)?.policy_frequency().await?))
 }
 
-async fn verify(State(q): Q) -> Result<Json<ChainStatus>, ApiError> {
+async fn verify(State(q): Q) -> Result<Json<LedgerStatus>, ApiError> {
     Ok(Json(queries(q)?.verify().await?))
 }
 

@@ -10,6 +10,8 @@ use crate::error::ApiError;
 /// A decision as the ledger endpoints return it.
 #[derive(Debug, clickhouse::Row, Serialize, Deserialize)]
 pub struct DecisionView {
+    /// The chain (gateway node).
+    pub chain_id: String,
     /// Position in the chain.
     pub seq: u64,
     /// Unix milliseconds.
@@ -30,6 +32,12 @@ pub struct DecisionView {
     pub request_id: String,
     /// Command nonce.
     pub nonce: u64,
+    /// Who sent the request (the JWT `sub` the edge verified).
+    pub requester: String,
+    /// The requester's roles.
+    pub requester_roles: String,
+    /// The JWT's issuer.
+    pub token_issuer: String,
 }
 
 /// One five-minute window of applied POLICY commands.
@@ -41,9 +49,11 @@ pub struct PolicyWindow {
     pub commands: u64,
 }
 
-/// The result of walking the stored chain.
+/// The result of walking one stored chain.
 #[derive(Debug, Serialize)]
 pub struct ChainStatus {
+    /// The chain.
+    pub chain_id: String,
     /// Whether every row verified.
     pub ok: bool,
     /// Rows read (all of them verified when `ok`).
@@ -53,8 +63,17 @@ pub struct ChainStatus {
     pub broken: Option<String>,
 }
 
-const DECISION_COLUMNS: &str =
-    "seq, ts_ms, stage, decision, code, issuer, module, action, request_id, nonce";
+/// The result of walking every stored chain.
+#[derive(Debug, Serialize)]
+pub struct LedgerStatus {
+    /// Whether every chain verified.
+    pub ok: bool,
+    /// Each chain.
+    pub chains: Vec<ChainStatus>,
+}
+
+const DECISION_COLUMNS: &str = "chain_id, seq, ts_ms, stage, decision, code, issuer, module, \
+     action, request_id, nonce, requester, requester_roles, token_issuer";
 
 /// ClickHouse could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -93,9 +112,9 @@ impl Queries {
         Ok(self
             .client
             .query(&format!(
-                "SELECT {DECISION_COLUMNS} FROM {} FINAL \
+                "SELECT {DECISION_COLUMNS} FROM {} \
                  WHERE ts_ms > toUInt64(toUnixTimestamp64Milli(now64(3))) - 86400000 \
-                 ORDER BY seq DESC LIMIT 10000",
+                 ORDER BY ts_ms DESC, chain_id, seq DESC LIMIT 10000",
                 self.table
             ))
             .fetch_all::<DecisionView>()
@@ -107,7 +126,7 @@ impl Queries {
         Ok(self
             .client
             .query(&format!(
-                "SELECT {DECISION_COLUMNS} FROM {} FINAL WHERE request_id = ? ORDER BY seq",
+                "SELECT {DECISION_COLUMNS} FROM {} WHERE request_id = ? ORDER BY ts_ms, chain_id, seq",
                 self.table
             ))
             .bind(request_id)
@@ -122,7 +141,7 @@ impl Queries {
             .query(&format!(
                 "SELECT toUnixTimestamp(toStartOfFiveMinute(fromUnixTimestamp64Milli(toInt64(ts_ms)))) AS window_start, \
                         count() AS commands \
-                 FROM {} FINAL WHERE action = 'policy' AND stage = 'agent' AND decision = 'applied' \
+                 FROM {} WHERE action = 'policy' AND stage = 'agent' AND decision = 'applied' \
                  GROUP BY window_start ORDER BY window_start",
                 self.table
             ))
@@ -130,12 +149,12 @@ impl Queries {
             .await?)
     }
 
-    /// Walks the stored hash chain, as `gwctl ledger verify` does.
-    pub async fn verify(&self) -> Result<ChainStatus, QueryError> {
+    /// Walks every stored hash chain, as `gwctl ledger verify` does.
+    pub async fn verify(&self) -> Result<LedgerStatus, QueryError> {
         let mut cursor = self
             .client
             .query(&format!(
-                "SELECT ?fields FROM {} FINAL ORDER BY seq",
+                "SELECT ?fields FROM {} ORDER BY chain_id, seq",
                 self.table
             ))
             .fetch::<DecisionRow>()?;
@@ -143,17 +162,28 @@ impl Queries {
         while let Some(r) = cursor.next().await? {
             rows.push(gw_core::ledger::LedgerRow::from(r));
         }
-        Ok(match gw_core::ledger::verify_chain(&rows) {
-            Ok(n) => ChainStatus {
-                ok: true,
-                rows: n,
-                broken: None,
-            },
-            Err(e) => ChainStatus {
-                ok: false,
-                rows: rows.len() as u64,
-                broken: Some(e.to_string()),
-            },
+        let chains: Vec<ChainStatus> = gw_core::ledger::by_chain(rows)
+            .into_iter()
+            .map(
+                |(chain_id, rows)| match gw_core::ledger::verify_chain(&rows) {
+                    Ok(n) => ChainStatus {
+                        chain_id,
+                        ok: true,
+                        rows: n,
+                        broken: None,
+                    },
+                    Err(e) => ChainStatus {
+                        chain_id,
+                        ok: false,
+                        rows: rows.len() as u64,
+                        broken: Some(e.to_string()),
+                    },
+                },
+            )
+            .collect();
+        Ok(LedgerStatus {
+            ok: chains.iter().all(|c| c.ok),
+            chains,
         })
     }
 }

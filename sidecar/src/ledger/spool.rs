@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 /// The ClickHouse row of `control_decisions` (same fields as [`LedgerRow`]).
 #[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Serialize, Deserialize)]
 pub struct DecisionRow {
+    chain_id: String,
     seq: u64,
     ts_ms: u64,
     stage: String,
@@ -28,6 +29,9 @@ pub struct DecisionRow {
     nonce: u64,
     args_json: String,
     raw_hex: String,
+    requester: String,
+    requester_roles: String,
+    token_issuer: String,
     prev_hash: String,
     row_hash: String,
 }
@@ -35,6 +39,7 @@ pub struct DecisionRow {
 impl From<&LedgerRow> for DecisionRow {
     fn from(r: &LedgerRow) -> Self {
         DecisionRow {
+            chain_id: r.chain_id.clone(),
             seq: r.seq,
             ts_ms: r.ts_ms,
             stage: r.stage.clone(),
@@ -49,6 +54,9 @@ impl From<&LedgerRow> for DecisionRow {
             nonce: r.nonce,
             args_json: r.args_json.clone(),
             raw_hex: r.raw_hex.clone(),
+            requester: r.requester.clone(),
+            requester_roles: r.requester_roles.clone(),
+            token_issuer: r.token_issuer.clone(),
             prev_hash: r.prev_hash.clone(),
             row_hash: r.row_hash.clone(),
         }
@@ -58,6 +66,7 @@ impl From<&LedgerRow> for DecisionRow {
 impl From<DecisionRow> for LedgerRow {
     fn from(r: DecisionRow) -> Self {
         LedgerRow {
+            chain_id: r.chain_id,
             seq: r.seq,
             ts_ms: r.ts_ms,
             stage: r.stage,
@@ -72,6 +81,9 @@ impl From<DecisionRow> for LedgerRow {
             nonce: r.nonce,
             args_json: r.args_json,
             raw_hex: r.raw_hex,
+            requester: r.requester,
+            requester_roles: r.requester_roles,
+            token_issuer: r.token_issuer,
             prev_hash: r.prev_hash,
             row_hash: r.row_hash,
         }
@@ -157,8 +169,14 @@ pub struct Spool {
 }
 
 impl Spool {
-    /// Opens (or creates) the spool in `dir`; rows go to `table` through `client`.
-    pub fn open(dir: &Path, client: clickhouse::Client, table: &str) -> Result<Spool, LedgerError> {
+    /// Opens (or creates) the spool of chain `chain_id` in `dir`; rows go to `table`
+    /// through `client`.
+    pub fn open(
+        dir: &Path,
+        client: clickhouse::Client,
+        table: &str,
+        chain_id: &str,
+    ) -> Result<Spool, LedgerError> {
         fs::create_dir_all(dir).map_err(io(dir))?;
         let spool_path = dir.join("ledger.spool.jsonl");
         let shipped_path = dir.join("ledger.shipped");
@@ -201,7 +219,7 @@ impl Spool {
             .open(&spool_path)
             .map_err(io(&spool_path))?;
         spool.set_len(good_len).map_err(io(&spool_path))?;
-        let chain = Chain::resume(rows.last())?;
+        let chain = Chain::resume(chain_id, rows.last())?;
         let pending = rows.into_iter().filter(|r| r.seq > shipped).collect();
         Ok(Spool {
             spool_path,
@@ -226,7 +244,7 @@ impl Spool {
         self.spool.write_all(&line).map_err(io(&self.spool_path))?;
         self.spool.sync_data().map_err(io(&self.spool_path))?;
         // Only a durable row advances the chain.
-        self.chain = Chain::resume(Some(&sealed))?;
+        self.chain = Chain::resume(self.chain.id(), Some(&sealed))?;
         self.pending.push(sealed.clone());
         Ok(sealed)
     }
@@ -244,7 +262,7 @@ impl Spool {
         let (first, last) = (rows.first()?, rows.last()?);
         Some(Batch {
             rows: rows.iter().map(DecisionRow::from).collect(),
-            token: format!("gw-ledger-{}-{}", first.seq, last.seq),
+            token: format!("gw-ledger-{}-{}-{}", first.chain_id, first.seq, last.seq),
             last_seq: last.seq,
         })
     }

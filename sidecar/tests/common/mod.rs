@@ -36,7 +36,7 @@ pub fn config(state_dir: &Path, with_signer: bool) -> Config {
     let mut cfg = Config::load(None, &env).unwrap();
     cfg.file.state_dir = state_dir.to_path_buf();
     cfg.file.max_body_bytes = 4096;
-    cfg.file.replay_window = 64;
+    cfg.file.replay_max_per_issuer = 1024;
     cfg
 }
 
@@ -116,7 +116,7 @@ pub fn stored(ch: &ClickHouse) -> Vec<LedgerRow> {
     if ch.query("EXISTS TABLE control_decisions").trim() != "1" {
         return Vec::new();
     }
-    ch.query("SELECT * FROM control_decisions FINAL ORDER BY seq FORMAT JSONEachRow")
+    ch.query("SELECT * FROM control_decisions ORDER BY chain_id, seq FORMAT JSONEachRow")
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap())

@@ -1,0 +1,292 @@
+//! Segment files: framing, recovery, appending, rolling and deleting.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use super::{JournalStats, Lsn, Options, MAX_RECORD_BYTES};
+
+/// Bytes of a frame's header: length, CRC, LSN.
+const HEADER: usize = 16;
+
+#[derive(Debug)]
+pub(super) enum SegmentError {
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        detail: String,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SegmentError + '_ {
+    move |source| SegmentError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn crc(lsn: Lsn, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&lsn.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+/// Appends one frame to `out`.
+fn frame(out: &mut Vec<u8>, lsn: Lsn, payload: &[u8]) {
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&crc(lsn, payload).to_le_bytes());
+    out.extend_from_slice(&lsn.to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// What reading one segment found.
+struct Scan {
+    records: Vec<(Lsn, Vec<u8>)>,
+    /// Bytes of whole, valid frames from the start.
+    good_len: u64,
+    /// Whether something followed the last valid frame.
+    torn: bool,
+}
+
+fn scan(path: &Path, first: Lsn, max_torn: usize) -> Result<Scan, SegmentError> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(io(path))?;
+    let mut records = Vec::new();
+    let mut pos = 0usize;
+    let mut expect = first;
+    while pos < bytes.len() {
+        let Some(head) = bytes.get(pos..pos + HEADER) else {
+            break;
+        };
+        let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+        let len = word(0) as usize;
+        let sum = word(4);
+        let mut l = [0u8; 8];
+        l.copy_from_slice(&head[8..16]);
+        let lsn = u64::from_le_bytes(l);
+        if len > MAX_RECORD_BYTES {
+            break;
+        }
+        let Some(payload) = bytes.get(pos + HEADER..pos + HEADER + len) else {
+            break;
+        };
+        if crc(lsn, payload) != sum {
+            break;
+        }
+        if lsn != expect {
+            return Err(SegmentError::Corrupt {
+                path: path.to_path_buf(),
+                offset: pos as u64,
+                detail: format!("record {lsn} where {expect} was due"),
+            });
+        }
+        records.push((lsn, payload.to_vec()));
+        expect += 1;
+        pos += HEADER + len;
+    }
+    // A crash leaves at most the last, unacknowledged batch torn; more than that
+    // after a bad frame is damage, not a crash.
+    if bytes.len() - pos > max_torn {
+        return Err(SegmentError::Corrupt {
+            path: path.to_path_buf(),
+            offset: pos as u64,
+            detail: format!("{} bytes after a damaged record", bytes.len() - pos),
+        });
+    }
+    Ok(Scan {
+        records,
+        good_len: pos as u64,
+        torn: pos < bytes.len(),
+    })
+}
+
+fn segment_name(first: Lsn) -> String {
+    format!("{first:020}.log")
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SegmentError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+/// The journal's files, owned by the writer thread.
+pub(super) struct Writer {
+    dir: PathBuf,
+    opts: Options,
+    /// Closed segments: first LSN, path, size.
+    closed: Vec<(Lsn, PathBuf, u64)>,
+    /// The open segment.
+    current: (Lsn, PathBuf, File),
+    /// Its durable size.
+    good_len: u64,
+    next_lsn: Lsn,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    /// Opens the journal in `dir`: every segment is read, a torn tail of the last is
+    /// cut off, and the records are returned in order.
+    pub(super) fn open(
+        dir: &Path,
+        opts: Options,
+    ) -> Result<(Writer, super::Recovered), SegmentError> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut found: Vec<(Lsn, PathBuf)> = Vec::new();
+        for e in fs::read_dir(dir).map_err(io(dir))? {
+            let e = e.map_err(io(dir))?;
+            let name = e.file_name();
+            let Some(first) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".log"))
+                .and_then(|n| n.parse::<Lsn>().ok())
+            else {
+                continue;
+            };
+            found.push((first, e.path()));
+        }
+        found.sort();
+        let mut records = Vec::new();
+        let mut closed = Vec::new();
+        let mut next_lsn: Lsn = found.first().map_or(1, |(f, _)| *f);
+        let n = found.len();
+        for (i, (first, path)) in found.into_iter().enumerate() {
+            if first != next_lsn {
+                return Err(SegmentError::Corrupt {
+                    path,
+                    offset: 0,
+                    detail: format!("segment starts at {first}, {next_lsn} was due"),
+                });
+            }
+            let s = scan(&path, first, opts.batch_bytes + MAX_RECORD_BYTES + HEADER)?;
+            let last = i + 1 == n;
+            if s.torn && !last {
+                return Err(SegmentError::Corrupt {
+                    path,
+                    offset: s.good_len,
+                    detail: "a damaged record before the last segment".into(),
+                });
+            }
+            next_lsn = first + s.records.len() as u64;
+            records.extend(s.records);
+            if last {
+                let f = OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .map_err(io(&path))?;
+                if s.torn {
+                    tracing::warn!(segment = %path.display(), at = s.good_len, "journal: a torn last record (never acknowledged) was cut off");
+                    f.set_len(s.good_len).map_err(io(&path))?;
+                    f.sync_all().map_err(io(&path))?;
+                }
+                let w = Writer {
+                    dir: dir.to_path_buf(),
+                    opts,
+                    closed,
+                    current: (first, path, f),
+                    good_len: s.good_len,
+                    next_lsn,
+                    buf: Vec::new(),
+                };
+                return Ok((w, records));
+            }
+            closed.push((first, path, s.good_len));
+        }
+        // No segment yet.
+        let path = dir.join(segment_name(next_lsn));
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        sync_dir(dir)?;
+        let w = Writer {
+            dir: dir.to_path_buf(),
+            opts,
+            closed,
+            current: (next_lsn, path, f),
+            good_len: 0,
+            next_lsn,
+            buf: Vec::new(),
+        };
+        Ok((w, records))
+    }
+
+    pub(super) fn batch_bytes(&self) -> usize {
+        self.opts.batch_bytes
+    }
+
+    /// Writes `payloads` as consecutive records and syncs: the first one's LSN. On
+    /// an error the segment is cut back to its durable size.
+    pub(super) fn write_batch(&mut self, payloads: &[&[u8]]) -> Result<Lsn, SegmentError> {
+        let first = self.next_lsn;
+        self.buf.clear();
+        for (i, p) in payloads.iter().enumerate() {
+            frame(&mut self.buf, first + i as u64, p);
+        }
+        let (_, path, file) = &mut self.current;
+        let written = file.write_all(&self.buf).and_then(|()| file.sync_data());
+        if let Err(source) = written {
+            // Nothing of the batch may be recovered later: cut it off (best effort;
+            // a torn frame left behind is cut off at the next start too).
+            let _ = file.set_len(self.good_len);
+            return Err(SegmentError::Io {
+                path: path.clone(),
+                source,
+            });
+        }
+        self.good_len += self.buf.len() as u64;
+        self.next_lsn += payloads.len() as u64;
+        if self.good_len >= self.opts.segment_bytes {
+            self.roll()?;
+        }
+        Ok(first)
+    }
+
+    fn roll(&mut self) -> Result<(), SegmentError> {
+        let path = self.dir.join(segment_name(self.next_lsn));
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        sync_dir(&self.dir)?;
+        let (first, old_path, _) = std::mem::replace(&mut self.current, (self.next_lsn, path, f));
+        self.closed.push((first, old_path, self.good_len));
+        self.good_len = 0;
+        Ok(())
+    }
+
+    /// Deletes the closed segments whose records are all below `low`.
+    pub(super) fn drop_below(&mut self, low: Lsn) -> Result<(), SegmentError> {
+        let mut deleted = false;
+        while !self.closed.is_empty() {
+            let next_first = self.closed.get(1).map_or(self.current.0, |s| s.0);
+            if next_first > low {
+                break;
+            }
+            let (_, path, _) = self.closed.remove(0);
+            fs::remove_file(&path).map_err(io(&path))?;
+            deleted = true;
+        }
+        if deleted {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn publish_stats(&self, stats: &JournalStats) {
+        stats
+            .segments
+            .store(self.closed.len() as u64 + 1, Ordering::Relaxed);
+        let bytes: u64 = self.closed.iter().map(|s| s.2).sum::<u64>() + self.good_len;
+        stats.bytes.store(bytes, Ordering::Relaxed);
+    }
+}
