@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Makes development TLS material in DIR (default .run/certs): a CA, the gateway's
-# server certificate (localhost, 127.0.0.1), and for upstream mTLS a sidecar server
-# certificate (sidecar.local) and an Envoy client certificate. Never for production.
+# server certificate (localhost, 127.0.0.1), and for the mutual TLS between Envoy
+# and the sidecar a sidecar server certificate (sidecar.local) and Envoy's client
+# certificate (envoy.local: the edge identity the sidecar trusts). other-client is a
+# client certificate from the same CA that is not the edge's (the sidecar refuses
+# it; the tests show so). Never for production.
 set -euo pipefail
 dir="${1:-.run/certs}"
 mkdir -p "$dir"
 cd "$dir"
-if [[ -f ca.pem && -f server.pem && -f envoy-client.pem && -f sidecar.pem ]]; then
+if [[ -f ca.pem && -f server.pem && -f envoy-client.pem && -f sidecar.pem && -f other-client.pem ]]; then
   echo "dev certificates exist in $dir"; exit 0
 fi
 command -v openssl >/dev/null || { echo "error: openssl is required" >&2; exit 1; }
@@ -25,5 +28,6 @@ issue() { # name subject-alt-names extended-key-usage
 issue server "DNS:localhost,IP:127.0.0.1,IP:::1" serverAuth
 issue sidecar "DNS:sidecar.local,DNS:localhost,IP:127.0.0.1" serverAuth
 issue envoy-client "DNS:envoy.local" clientAuth
+issue other-client "DNS:other.local" clientAuth
 chmod 644 ./*.pem
 echo "dev certificates written to $dir"

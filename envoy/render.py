@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Renders envoy/envoy.yaml.tmpl into a runnable Envoy config.
 
-  render.py --filter-config FILE.json [--upstream-mtls] [--set NAME=VALUE ...] -o OUT.yaml
+  render.py --filter-config FILE.json [--upstream-plaintext] [--set NAME=VALUE ...] -o OUT.yaml
+
+Envoy speaks to the sidecar over mutual TLS (its client certificate is the edge
+identity the sidecar trusts); --upstream-plaintext is for an upstream that does not
+speak TLS (a development sidecar with insecure_plaintext, a test echo server).
 
 Values come from envoy/defaults.env, then the environment, then --set. A multi-line
 value is indented to its placeholder's column. Unknown or missing names are errors.
@@ -50,7 +54,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--template", default=os.path.join(HERE, "envoy.yaml.tmpl"))
     ap.add_argument("--filter-config", required=True, help="gw_edge plugin configuration (JSON)")
-    ap.add_argument("--upstream-mtls", action="store_true", help="mTLS from Envoy to the sidecar")
+    ap.add_argument("--upstream-plaintext", action="store_true",
+                    help="plain HTTP/2 to the sidecar (development only; default: mutual TLS)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     ap.add_argument("-o", "--out", required=True)
     a = ap.parse_args()
@@ -85,12 +90,12 @@ def main():
     values["GW_COMMAND_PATH"] = command_path
     values["GW_MODULE_ROUTE_PREFIX"] = module_prefix
     values["GW_FILTER_CONFIG"] = json.dumps(cfg, indent=2)
-    if a.upstream_mtls:
+    if not a.upstream_plaintext:
         with open(os.path.join(HERE, "upstream-mtls.yaml.part")) as f:
             part = "".join(l for l in f if not l.startswith("#"))
         values["GW_SIDECAR_TRANSPORT"] = substitute(part, values)
     else:
-        values["GW_SIDECAR_TRANSPORT"] = "# plaintext HTTP/2 to the sidecar on loopback (see --upstream-mtls)"
+        values["GW_SIDECAR_TRANSPORT"] = "# plaintext HTTP/2 to the sidecar: development only (--upstream-plaintext)"
 
     with open(a.template) as f:
         rendered = substitute(f.read(), values)

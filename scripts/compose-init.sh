@@ -8,12 +8,16 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 run="${1:-.run/compose}"
 bash scripts/dev-keys.sh "$run"
-# Envoy runs as an unprivileged user in its image: the dev key must be readable.
-chmod 644 "$run/certs/server.key"
+# Envoy and the sidecar run as unprivileged users in their images: the dev keys must
+# be readable there (development keys only).
+chmod 644 "$run/certs/server.key" "$run/certs/envoy-client.key" "$run/certs/sidecar.key"
 python3 envoy/render.py --filter-config "$run/filter.json" \
   --set GW_LISTEN_ADDRESS=0.0.0.0 --set GW_CLUSTER_TYPE=STRICT_DNS \
   --set GW_SIDECAR_ADDRESS=sidecar --set GW_SIDECAR_PORT=8080 \
   --set GW_TLS_CERT=/etc/gw/certs/server.pem --set GW_TLS_KEY=/etc/gw/certs/server.key \
+  --set GW_UPSTREAM_CA=/etc/gw/certs/ca.pem \
+  --set GW_UPSTREAM_CLIENT_CERT=/etc/gw/certs/envoy-client.pem \
+  --set GW_UPSTREAM_CLIENT_KEY=/etc/gw/certs/envoy-client.key \
   --set GW_FILTER_WASM=/etc/gw/gw_filter.wasm -o "$run/envoy.yaml"
 (
   umask 077

@@ -230,9 +230,19 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     let ch = ClickHouse::start(&dir.join("ch"));
     // The sidecar exactly as gw-sidecar wires it (in-process bus, ClickHouse ledger).
     let pk = hex::encode(command_key().verifying_key().as_bytes());
+    std::fs::create_dir_all(dir.join("certs")).expect("dir");
+    let certs = envoy::dev_certs(&dir.join("certs"));
+    let tls_files = (
+        certs.sidecar_cert.display().to_string(),
+        certs.sidecar_key.display().to_string(),
+        certs.ca.display().to_string(),
+    );
     let env = move |k: &str| match k {
         "CTRL_PUBKEY_HEX" => Some(pk.clone()),
         "CTRL_PUBKEY_ID" => Some("op-admin-1".to_string()),
+        "GW_SIDECAR_TLS_CERT" => Some(tls_files.0.clone()),
+        "GW_SIDECAR_TLS_KEY" => Some(tls_files.1.clone()),
+        "GW_SIDECAR_CLIENT_CA" => Some(tls_files.2.clone()),
         _ => None,
     };
     let mut cfg = gw_sidecar::config::Config::load(None, &env).expect("config");
@@ -244,14 +254,13 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
     let sidecar_port = listener.local_addr().expect("addr").port();
-    let app = running.router();
-    rt.spawn(async move { axum::serve(listener, app).await });
+    rt.spawn(running.serving_task(listener));
 
     let mut fc = filter_config(65536);
     fc["replay_max_per_issuer"] = serde_json::json!(262_144);
     fc["max_skew_secs"] = serde_json::json!(120);
-    let gw = envoy::render_gateway(dir, &fc.to_string(), sidecar_port);
-    let (port, certs) = (gw.port, &gw.certs);
+    let gw = envoy::render_gateway(dir, &fc.to_string(), sidecar_port, &certs);
+    let port = gw.port;
     let _envoy = envoy::start_envoy_ready(&gw.config, gw.admin, dir);
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&certs.ca).expect("ca")).expect("pem");
     let tls = reqwest::Client::builder()
@@ -259,10 +268,8 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         .http2_prior_knowledge()
         .build()
         .expect("client");
-    let h2c = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .expect("client");
+    // Straight to the sidecar as the edge: mutual TLS with Envoy's certificate.
+    let direct = certs.edge_client();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -271,7 +278,7 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
 
     // Warm up both paths (V8 tier-up, connections), then measure alternately.
     let envoy_url = format!("https://localhost:{port}/api/control/commands");
-    let direct_url = format!("http://127.0.0.1:{sidecar_port}/api/control/commands");
+    let direct_url = format!("https://127.0.0.1:{sidecar_port}/api/control/commands");
     let mut nonce = 1;
     let next = |n: &mut u64| {
         let b = commands(*n);
@@ -289,7 +296,11 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     for round in 0..2 {
         for (name, client, url) in [
             ("through Envoy (HTTP/2+TLS, gw_edge)", &tls, &envoy_url),
-            ("straight to the sidecar (h2c)", &h2c, &direct_url),
+            (
+                "straight to the sidecar (HTTP/2, mutual TLS)",
+                &direct,
+                &direct_url,
+            ),
         ] {
             let s = fire(rt, client, url, &token, next(&mut nonce));
             assert_eq!(s.failures, 0, "{name}: {} commands not applied", s.failures);
@@ -315,7 +326,7 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         .copied()
         .unwrap_or(0.0);
     let direct = best
-        .get("straight to the sidecar (h2c)")
+        .get("straight to the sidecar (HTTP/2, mutual TLS)")
         .copied()
         .unwrap_or(1.0);
     println!(

@@ -22,9 +22,12 @@ use crate::models::ModelHost;
 use crate::ops::metrics::ControlMetrics;
 use crate::sender::http::SenderApi;
 use crate::sender::plane::DataPlane;
+use crate::serve::{Gatekeeper, Tls};
 
 /// A started sidecar: its capabilities and background tasks (stopped on drop).
 pub struct Running {
+    tls: Option<Tls>,
+    gatekeeper: Gatekeeper,
     control: Arc<Control>,
     ledger: Ledger,
     models: Option<Arc<ModelHost>>,
@@ -42,15 +45,50 @@ impl Drop for Running {
 }
 
 impl Running {
-    /// Every route of the sidecar.
+    /// The main listener's routes: every API, for the edge only (anyone else is
+    /// refused and recorded), and `/healthz`.
     pub fn router(&self) -> axum::Router {
         let modules = self.control.modules();
-        self.control
+        let api = self
+            .control
             .router()
             .merge(self.ledger.router())
             .merge(ModelsApi::new(self.models.clone(), modules.clone()).router())
             .merge(SenderApi::new(self.plane.clone(), modules).router())
-            .merge(crate::ops::router(self.registry.clone()))
+            .layer(axum::middleware::from_fn_with_state(
+                self.gatekeeper.clone(),
+                crate::serve::edge_only,
+            ));
+        crate::ops::health().merge(api)
+    }
+
+    /// The ops listener's routes: `/healthz`, `/metrics`.
+    pub fn ops_router(&self) -> axum::Router {
+        crate::ops::router(self.registry.clone())
+    }
+
+    /// A task serving [`Self::router`] on `listener` for as long as it runs (tests,
+    /// benchmarks: spawn it on the sidecar's runtime).
+    pub fn serving_task(
+        &self,
+        listener: tokio::net::TcpListener,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        crate::serve::serve(
+            listener,
+            self.tls.clone(),
+            self.router(),
+            std::future::pending(),
+        )
+    }
+
+    /// Serves [`Self::router`] on `listener` (mutual TLS, or plain HTTP when so
+    /// configured) until `shutdown`.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        crate::serve::serve(listener, self.tls.clone(), self.router(), shutdown).await;
     }
 
     /// The control plane.
@@ -72,6 +110,16 @@ impl Running {
 /// Opens the durable state and starts every capability's tasks. Must run inside a
 /// tokio runtime.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    let tls = match &cfg.file.tls {
+        Some(t) => Some(Tls::load(t)?),
+        None => {
+            tracing::warn!(
+                listen = %cfg.file.listen,
+                "INSECURE: plain HTTP without TLS; every caller on this loopback address is trusted as the edge (development only)"
+            );
+            None
+        }
+    };
     let dir = cfg.file.state_dir.clone();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create state dir {}", dir.display()))?;
@@ -105,6 +153,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         cfg.file.replay_limits(),
         crate::now_secs(),
     )?;
+    let control_metrics = ControlMetrics::register(&mut registry);
+    let gatekeeper = Gatekeeper {
+        auditor: ledger.auditor(),
+        metrics: control_metrics.clone(),
+    };
     let (control, t) = Control::start(ControlConfig {
         policy,
         replay,
@@ -118,7 +171,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         state_dir: dir,
         limits: cfg.file.replay_limits(),
         dedup_secs: cfg.file.agent_dedup_secs,
-        metrics: ControlMetrics::register(&mut registry),
+        metrics: control_metrics,
     })?;
     tasks.extend(t);
     tracing::info!(bus = %bus.describe(), "command bus");
@@ -161,6 +214,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         _ => None,
     };
     Ok(Running {
+        tls,
+        gatekeeper,
         control,
         ledger,
         models,

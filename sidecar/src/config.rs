@@ -16,6 +16,19 @@ pub struct FileConfig {
     /// Listen address (HTTP/1.1 and h2c, behind Envoy).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Mutual TLS with the edge: the sidecar's certificate, the CA client
+    /// certificates must chain to, and the edge's identities. Required unless
+    /// `insecure_plaintext`.
+    #[serde(default)]
+    pub tls: Option<crate::serve::TlsConfig>,
+    /// Plain HTTP without TLS, every caller trusted as the edge: development only,
+    /// and only on a loopback `listen` address (logged loudly at start).
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// Where `/healthz` and `/metrics` are served over plain HTTP (loopback by
+    /// default; `null` turns it off). The main listener serves `/healthz` too.
+    #[serde(default = "default_ops_listen")]
+    pub ops_listen: Option<SocketAddr>,
     /// This gateway node's id: its ledger rows form chain `node_id` (also
     /// `GW_NODE_ID`). Letters, digits, `.`, `_`, `-`; at most 64.
     #[serde(default = "default_node_id")]
@@ -88,6 +101,9 @@ fn default_model_poll() -> u64 {
     500
 }
 
+fn default_ops_listen() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+}
 fn default_node_id() -> String {
     "node-1".into()
 }
@@ -263,6 +279,43 @@ impl Config {
                 .parse()
                 .map_err(|e| ConfigError::Env("GW_SIDECAR_LISTEN", format!("{e}")))?;
         }
+        if let Some(l) = env("GW_OPS_LISTEN") {
+            file.ops_listen = match l.trim() {
+                "" | "off" => None,
+                a => Some(
+                    a.parse()
+                        .map_err(|e| ConfigError::Env("GW_OPS_LISTEN", format!("{e}")))?,
+                ),
+            };
+        }
+        let tls_env = (
+            env("GW_SIDECAR_TLS_CERT"),
+            env("GW_SIDECAR_TLS_KEY"),
+            env("GW_SIDECAR_CLIENT_CA"),
+        );
+        if let (Some(cert), Some(key), Some(ca)) = tls_env {
+            let edge = file
+                .tls
+                .as_ref()
+                .map_or_else(|| vec!["envoy.local".into()], |t| t.edge_identities.clone());
+            file.tls = Some(crate::serve::TlsConfig {
+                cert: cert.into(),
+                key: key.into(),
+                client_ca: ca.into(),
+                edge_identities: edge,
+            });
+        }
+        if let (Some(t), Some(ids)) = (&mut file.tls, env("GW_EDGE_IDENTITIES")) {
+            t.edge_identities = ids
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        if env("GW_SIDECAR_INSECURE_PLAINTEXT").is_some_and(|v| v == "1" || v == "true") {
+            file.insecure_plaintext = true;
+        }
+
         file.replay_limits()
             .validate()
             .map_err(|reason| OutOfBounds::new("replay_max_per_issuer", reason))?;
@@ -304,6 +357,34 @@ impl Config {
             }
             None => None,
         };
+        match (&file.tls, file.insecure_plaintext) {
+            (Some(_), true) => {
+                return Err(OutOfBounds::new(
+                    "insecure_plaintext",
+                    "cannot be set together with tls",
+                )
+                .into())
+            }
+            (None, false) => {
+                return Err(OutOfBounds::new(
+                    "tls",
+                    "configure mutual TLS with the edge (tls.cert, tls.key, tls.client_ca), \
+                     or insecure_plaintext for a loopback development bind",
+                )
+                .into())
+            }
+            (None, true) if !file.listen.ip().is_loopback() => {
+                return Err(OutOfBounds::new(
+                    "insecure_plaintext",
+                    format!(
+                        "plain HTTP is allowed on a loopback address only, not {}",
+                        file.listen
+                    ),
+                )
+                .into())
+            }
+            _ => {}
+        }
         Ok(Config {
             file,
             keyring,

@@ -26,6 +26,7 @@ pub mod ledger;
 pub mod models;
 pub mod ops;
 pub mod sender;
+pub mod serve;
 pub mod telemetry;
 
 /// Unix time in nanoseconds (0 before 1970, saturating far in the future).

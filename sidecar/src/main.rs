@@ -2,8 +2,8 @@
 //! Usage: gw-sidecar [--config FILE] [--check]   (env: CTRL_SIGN_SK_HEX, CTRL_PUBKEY_HEX,
 //!        CTRL_PUBKEY_ID, GW_SIDECAR_LISTEN, GW_CLICKHOUSE_URL, GW_KAFKA_BROKERS,
 //!        GW_MODELS_DIR, GW_TPU_IDENTITY_HEX, GW_RELAY_AUTH, GW_LOG, GW_LOG_FORMAT)
-//!        gw-sidecar --probe HOST:PORT   exit 0 when that sidecar's /healthz answers 200
-//!                                       (container health checks; no curl needed)
+//!        gw-sidecar --probe HOST:PORT   exit 0 when /healthz on that (plain HTTP) ops
+//!                                       listener answers 200 (container health checks)
 
 #![forbid(unsafe_code)]
 
@@ -31,8 +31,12 @@ async fn main() -> anyhow::Result<()> {
     if check {
         // The one line a person or a script reads; not a log line.
         println!(
-            "config ok: listen {}, {} command key(s), JSON-route signer {}, bus {}, ledger {}",
+            "config ok: listen {} ({}), {} command key(s), JSON-route signer {}, bus {}, ledger {}",
             cfg.file.listen,
+            cfg.file.tls.as_ref().map_or_else(
+                || "INSECURE plain HTTP".to_string(),
+                |t| format!("mutual TLS, edge {}", t.edge_identities.join(","))
+            ),
             cfg.keyring.len(),
             cfg.signer.as_ref().map_or("none", |(_, id)| id.as_str()),
             cfg.file
@@ -47,24 +51,46 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     gw_sidecar::telemetry::init(cfg.file.log_format);
-    let listen = cfg.file.listen;
+    let (listen, ops_listen) = (cfg.file.listen, cfg.file.ops_listen);
     let running = gw_sidecar::app::start(cfg).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    tracing::info!(%listen, "listening (HTTP/1.1 and h2c)");
-    axum::serve(listener, running.router())
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
-            tracing::info!("shutting down");
-        })
-        .await
-        .context("server failed")?;
+    let ops = match ops_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (ops_listen)"))?,
+        ),
+        None => None,
+    };
+    tracing::info!(%listen, ops = ?ops_listen, "listening");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ops_task = ops.map(|l| {
+        let app = running.ops_router();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(gw_sidecar::serve::serve(l, None, app, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }))
+    });
+    let mut stop = stop_rx.clone();
+    let serving = running.serve(listener, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    });
+    tokio::pin!(serving);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch for SIGTERM")?;
+    tokio::select! {
+        () = &mut serving => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut serving).await;
+    if let Some(t) = ops_task {
+        t.abort();
+    }
     if let gw_sidecar::control::bus::Bus::Kafka(k) = running.control().bus() {
         if let Err(e) = k.flush(std::time::Duration::from_secs(5)) {
             tracing::warn!(error = %e, "kafka flush at shutdown");

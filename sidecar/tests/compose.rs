@@ -57,16 +57,30 @@ fn compose_files_check_and_their_configs_load_in_the_real_programs() {
         let (k, v) = line.split_once('=').unwrap();
         sidecar.env(k, v);
     }
-    sidecar.envs([
-        ("GW_SIDECAR_LISTEN", "0.0.0.0:8080"),
-        ("GW_KAFKA_BROKERS", "kafka:9092"),
-        ("GW_CLICKHOUSE_URL", "http://clickhouse:8123"),
-    ]);
+    // The environment compose gives the sidecar (certificates mounted at /etc/gw/certs).
+    let o = Command::new(testkit::python())
+        .args([
+            "-c",
+            "import json, sys, yaml; \
+             print(json.dumps(yaml.safe_load(open(sys.argv[1]))['services']['sidecar']['environment']))",
+        ])
+        .arg(root.join("docker-compose.yml"))
+        .output()
+        .unwrap();
+    let env: std::collections::BTreeMap<String, String> =
+        serde_json::from_slice(&o.stdout).expect("the compose sidecar's environment");
+    for (k, v) in env {
+        let v = v.replace(
+            "/etc/gw/certs/",
+            &format!("{}/", run.join("certs").display()),
+        );
+        sidecar.env(k, v);
+    }
     let o = sidecar.output().unwrap();
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
-        "config ok: listen 0.0.0.0:8080, 1 command key(s), JSON-route signer op-admin-1, \
-         bus kafka kafka:9092, ledger http://clickhouse:8123",
+        "config ok: listen 0.0.0.0:8080 (mutual TLS, edge envoy.local), 1 command key(s), \
+         JSON-route signer op-admin-1, bus kafka kafka:9092, ledger http://clickhouse:8123",
         "{o:?}"
     );
 }
@@ -88,7 +102,12 @@ fn the_sidecar_probe_reports_health() {
                 "CTRL_PUBKEY_HEX",
                 hex::encode(testkit::fixtures::command_key().verifying_key().as_bytes()),
             )
-            .env("GW_SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
+            .env("GW_SIDECAR_INSECURE_PLAINTEXT", "1")
+            .env(
+                "GW_SIDECAR_LISTEN",
+                format!("127.0.0.1:{}", testkit::free_port()),
+            )
+            .env("GW_OPS_LISTEN", format!("127.0.0.1:{port}"))
             .current_dir(d.path()),
         &d.path().join("sidecar.log"),
     );

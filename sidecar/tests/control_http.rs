@@ -102,7 +102,7 @@ fn signed_commands_apply_once_even_across_a_restart() {
     assert_eq!(status, 200);
     let (status, _) = s.post("/api/control/commands", PB, vec![0u8; 5000]);
     assert_eq!(status, 413);
-    let metrics = s.get("/metrics");
+    let metrics = s.0.get_ops("/metrics");
     assert!(
         metrics.contains("gw_sidecar_decisions_total{code=\"replay\"} 1"),
         "{metrics}"

@@ -49,7 +49,7 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
 
     let mut fc = filter_config(4096);
     fc["report"] = json!({"cluster": "sidecar", "period_ms": 50});
-    let gw = envoy::render_gateway(dir, &fc.to_string(), sidecar_port);
+    let gw = envoy::render_gateway(dir, &fc.to_string(), sidecar_port, &s.certs);
     let (port, admin, certs) = (gw.port, gw.admin, &gw.certs);
     let envoy_proc = envoy::start_envoy_ready(&gw.config, admin, dir);
     let t = now();

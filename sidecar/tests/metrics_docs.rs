@@ -56,7 +56,7 @@ fn every_documented_metric_is_exported_and_every_exported_one_documented() {
     cfg.file.sender = Some(serde_json::from_value(sender).expect("sender section"));
     cfg.tpu_identity = Some(ed25519_dalek::SigningKey::from_bytes(&[5; 32]));
     let s = common::serve(cfg);
-    let text = s.get_text("/metrics");
+    let text = s.get_ops("/metrics");
     let got = exported(&text);
     for name in &docs {
         assert!(

@@ -339,7 +339,7 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
         .expect("the tipped send");
     assert_eq!(tipped["module"], "mev");
     assert_eq!(tipped["score"].as_f64(), Some(2.0));
-    let metrics = s.get_text("/metrics");
+    let metrics = s.get_ops("/metrics");
     let killed = format!(
         "gw_strategy_opportunities_total{{outcome=\"killed\"}} {}",
         8 + burst

@@ -24,39 +24,92 @@ pub fn envoy_bin() -> PathBuf {
     );
 }
 
-/// Paths of a dev CA and a server certificate for `localhost` and `127.0.0.1`.
+/// Development TLS material made by the project's own `envoy/gen-dev-certs.sh`.
+#[derive(Debug, Clone)]
 pub struct DevCerts {
     /// CA certificate (PEM).
     pub ca: PathBuf,
-    /// Server certificate chain (PEM).
+    /// The gateway's server certificate chain (PEM): `localhost`, `127.0.0.1`.
     pub cert: PathBuf,
-    /// Server private key (PEM).
+    /// Its private key (PEM).
     pub key: PathBuf,
+    /// The sidecar's server certificate (`sidecar.local`, `localhost`, `127.0.0.1`).
+    pub sidecar_cert: PathBuf,
+    /// Its key.
+    pub sidecar_key: PathBuf,
+    /// Envoy's client certificate (`envoy.local`: the edge identity).
+    pub edge_cert: PathBuf,
+    /// Its key.
+    pub edge_key: PathBuf,
+    /// A client certificate from the same CA that is not the edge's.
+    pub other_cert: PathBuf,
+    /// Its key.
+    pub other_key: PathBuf,
 }
 
-/// Writes a fresh dev CA and server certificate into `dir`.
+/// Makes fresh dev certificates in `dir` with `envoy/gen-dev-certs.sh`.
 pub fn dev_certs(dir: &Path) -> DevCerts {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "edge-gw test CA");
-    let ca_key = KeyPair::generate().expect("ca key");
-    let ca = ca_params.self_signed(&ca_key).expect("ca cert");
-    let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-        .expect("server params");
-    let key = KeyPair::generate().expect("server key");
-    let cert = params.signed_by(&key, &ca, &ca_key).expect("server cert");
-    let out = DevCerts {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
-    };
-    std::fs::write(&out.ca, ca.pem()).expect("write ca");
-    std::fs::write(&out.cert, cert.pem()).expect("write cert");
-    std::fs::write(&out.key, key.serialize_pem()).expect("write key");
-    out
+    let out = Command::new("bash")
+        .arg(crate::workspace_root().join("envoy/gen-dev-certs.sh"))
+        .arg(dir)
+        .output()
+        .expect("bash envoy/gen-dev-certs.sh");
+    assert!(
+        out.status.success(),
+        "gen-dev-certs.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = |f: &str| dir.join(f);
+    DevCerts {
+        ca: p("ca.pem"),
+        cert: p("server.pem"),
+        key: p("server.key"),
+        sidecar_cert: p("sidecar.pem"),
+        sidecar_key: p("sidecar.key"),
+        edge_cert: p("envoy-client.pem"),
+        edge_key: p("envoy-client.key"),
+        other_cert: p("other-client.pem"),
+        other_key: p("other-client.key"),
+    }
+}
+
+impl DevCerts {
+    /// `render.py` values for mutual TLS from Envoy to a sidecar with these certificates.
+    pub fn upstream_sets(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("GW_UPSTREAM_CA", self.ca.display().to_string()),
+            (
+                "GW_UPSTREAM_CLIENT_CERT",
+                self.edge_cert.display().to_string(),
+            ),
+            (
+                "GW_UPSTREAM_CLIENT_KEY",
+                self.edge_key.display().to_string(),
+            ),
+            ("GW_SIDECAR_SNI", "sidecar.local".into()),
+        ]
+    }
+
+    /// An HTTP client (HTTP/2 over TLS, trusting the dev CA) presenting `identity`'s
+    /// certificate and key, or none.
+    pub fn client(&self, identity: Option<(&Path, &Path)>) -> reqwest::Client {
+        let ca = std::fs::read(&self.ca).expect("read ca");
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("ca pem"))
+            .timeout(Duration::from_secs(60));
+        if let Some((cert, key)) = identity {
+            let mut pem = std::fs::read(cert).expect("read cert");
+            pem.extend(std::fs::read(key).expect("read key"));
+            b = b.identity(reqwest::Identity::from_pem(&pem).expect("identity pem"));
+        }
+        b.build().expect("client")
+    }
+
+    /// A client presenting Envoy's certificate: the edge.
+    pub fn edge_client(&self) -> reqwest::Client {
+        self.client(Some((&self.edge_cert, &self.edge_key)))
+    }
 }
 
 /// Starts the JSON echo upstream on a free port; returns the guard and the port.
@@ -126,8 +179,8 @@ pub fn try_render(
         .arg(&cfg_path)
         .arg("-o")
         .arg(&out);
-    if mtls {
-        cmd.arg("--upstream-mtls");
+    if !mtls {
+        cmd.arg("--upstream-plaintext");
     }
     for (k, v) in sets {
         cmd.arg("--set").arg(format!("{k}={v}"));
@@ -151,25 +204,27 @@ pub struct GatewayConfig {
     pub certs: DevCerts,
 }
 
-/// Renders the gateway template with `filter_config`, fresh dev certificates, free
-/// ports and the sidecar cluster at `127.0.0.1:sidecar_port`.
-pub fn render_gateway(dir: &Path, filter_config: &str, sidecar_port: u16) -> GatewayConfig {
-    let certs = dev_certs(dir);
+/// Renders the gateway template with `filter_config`, `certs`, free ports and the
+/// sidecar cluster at `127.0.0.1:sidecar_port` (mutual TLS with Envoy's client
+/// certificate).
+pub fn render_gateway(
+    dir: &Path,
+    filter_config: &str,
+    sidecar_port: u16,
+    certs: &DevCerts,
+) -> GatewayConfig {
+    let certs = certs.clone();
     let (port, admin) = (free_port(), free_port());
-    let config = render(
-        dir,
-        "envoy.yaml",
-        filter_config,
-        &[
-            ("GW_PORT", port.to_string()),
-            ("GW_ADMIN_PORT", admin.to_string()),
-            ("GW_TLS_CERT", certs.cert.display().to_string()),
-            ("GW_TLS_KEY", certs.key.display().to_string()),
-            ("GW_FILTER_WASM", crate::filter_wasm().display().to_string()),
-            ("GW_SIDECAR_PORT", sidecar_port.to_string()),
-        ],
-        false,
-    );
+    let mut sets = vec![
+        ("GW_PORT", port.to_string()),
+        ("GW_ADMIN_PORT", admin.to_string()),
+        ("GW_TLS_CERT", certs.cert.display().to_string()),
+        ("GW_TLS_KEY", certs.key.display().to_string()),
+        ("GW_FILTER_WASM", crate::filter_wasm().display().to_string()),
+        ("GW_SIDECAR_PORT", sidecar_port.to_string()),
+    ];
+    sets.extend(certs.upstream_sets());
+    let config = render(dir, "envoy.yaml", filter_config, &sets, true);
     GatewayConfig {
         config,
         port,

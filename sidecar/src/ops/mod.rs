@@ -13,12 +13,17 @@ use axum::{Json, Router};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
-/// `/healthz` and `/metrics` over `registry`.
+/// `/healthz` and `/metrics` over `registry` (the ops listener).
 pub fn router(registry: Arc<Registry>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(registry)
+}
+
+/// `/healthz` alone (the main listener, for anyone).
+pub fn health() -> Router {
+    Router::new().route("/healthz", get(healthz))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -8,22 +8,41 @@ use gw_core::ledger::LedgerRow;
 use gw_sidecar::app::Running;
 use gw_sidecar::config::Config;
 use testkit::clickhouse::ClickHouse;
+use testkit::envoy::DevCerts;
 use testkit::fixtures::command_key;
 
 /// A sidecar listening on a free port; stops with its runtime.
 pub struct Served {
-    /// `http://127.0.0.1:PORT`.
+    /// `https://127.0.0.1:PORT`.
     pub base: String,
+    /// `http://127.0.0.1:PORT` of the ops listener (`/healthz`, `/metrics`).
+    pub ops_base: String,
     /// The started sidecar (state, agents, ledger shipper).
     pub running: Running,
-    /// An HTTP/2 (prior knowledge) client, as Envoy speaks to the sidecar.
+    /// An HTTP/2 client over TLS presenting Envoy's certificate: the edge.
     pub http: reqwest::Client,
+    /// The dev certificates (the sidecar's, the edge's, another client's).
+    pub certs: DevCerts,
     /// The runtime serving it (use it to drive the client too); dropped last.
     pub rt: tokio::runtime::Runtime,
 }
 
+/// The dev certificates of a test's sidecar, made once in `state_dir/../certs`.
+pub fn certs(state_dir: &Path) -> DevCerts {
+    let dir = state_dir.parent().unwrap_or(state_dir).join(format!(
+        "certs-{}",
+        state_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("x")
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    testkit::envoy::dev_certs(&dir)
+}
+
 /// A configuration with the fixture key (`op-admin-1`, also the JSON route's
-/// signer when `with_signer`), state in `state_dir`, a 4 KiB body limit.
+/// signer when `with_signer`), state in `state_dir`, a 4 KiB body limit, mutual
+/// TLS with the dev certificates ([`certs`]), no ops listener.
 pub fn config(state_dir: &Path, with_signer: bool) -> Config {
     let pk = hex::encode(command_key().verifying_key().as_bytes());
     let sk = hex::encode(command_key().to_bytes());
@@ -33,8 +52,21 @@ pub fn config(state_dir: &Path, with_signer: bool) -> Config {
         "CTRL_SIGN_SK_HEX" if with_signer => Some(sk.clone()),
         _ => None,
     };
+    let c = certs(state_dir);
+    let (cert, key, ca) = (
+        c.sidecar_cert.display().to_string(),
+        c.sidecar_key.display().to_string(),
+        c.ca.display().to_string(),
+    );
+    let env = move |k: &str| match k {
+        "GW_SIDECAR_TLS_CERT" => Some(cert.clone()),
+        "GW_SIDECAR_TLS_KEY" => Some(key.clone()),
+        "GW_SIDECAR_CLIENT_CA" => Some(ca.clone()),
+        other => env(other),
+    };
     let mut cfg = Config::load(None, &env).unwrap();
     cfg.file.state_dir = state_dir.to_path_buf();
+    cfg.file.ops_listen = None;
     cfg.file.max_body_bytes = 4096;
     cfg.file.replay_max_per_issuer = 1024;
     cfg
@@ -52,6 +84,18 @@ impl Served {
             self.http
                 .get(format!("{}{path}", self.base))
                 .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        })
+    }
+
+    /// `GET path` of the ops listener → body text.
+    pub fn get_ops(&self, path: &str) -> String {
+        self.rt.block_on(async {
+            reqwest::get(format!("{}{path}", self.ops_base))
                 .await
                 .unwrap()
                 .text()
@@ -83,21 +127,30 @@ pub fn serve(cfg: Config) -> Served {
         .enable_all()
         .build()
         .unwrap();
+    let certs = certs(&cfg.file.state_dir);
     let running = rt.block_on(gw_sidecar::app::start(cfg)).unwrap();
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = running.router();
-    rt.spawn(async move { axum::serve(listener, app).await });
+    let serving = running.serving_task(listener);
+    rt.spawn(serving);
+    let ops = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let ops_addr = ops.local_addr().unwrap();
+    rt.spawn(gw_sidecar::serve::serve(
+        ops,
+        None,
+        running.ops_router(),
+        std::future::pending(),
+    ));
     Served {
-        base: format!("http://{addr}"),
+        base: format!("https://{addr}"),
+        ops_base: format!("http://{ops_addr}"),
         running,
-        http: reqwest::Client::builder()
-            .http2_prior_knowledge()
-            .timeout(std::time::Duration::from_secs(60))
-            .build()
-            .unwrap(),
+        http: certs.edge_client(),
+        certs,
         rt,
     }
 }

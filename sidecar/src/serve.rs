@@ -1,0 +1,301 @@
+//! Serving the sidecar's routes: mutual TLS with the edge (rustls), or plain HTTP on
+//! a loopback address when explicitly configured for development. Every request
+//! carries the [`Peer`] that sent it; [`edge_only`] lets only the edge through and
+//! answers everyone else with 401 or 403, each refusal recorded in the ledger.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use gw_core::ledger::{Decision, Stage};
+use gw_core::Code;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tower::ServiceExt as _;
+
+use crate::error::ApiError;
+use crate::ledger::{Auditor, Entry};
+use crate::ops::metrics::ControlMetrics;
+
+/// `tls` in the sidecar's configuration: its certificate, and whom it trusts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The sidecar's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// CA certificates client certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+    /// DNS names a client certificate must hold to be the edge (Envoy).
+    #[serde(default = "default_edge_identities")]
+    pub edge_identities: Vec<String>,
+}
+
+fn default_edge_identities() -> Vec<String> {
+    vec!["envoy.local".into()]
+}
+
+/// Who sent a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// The edge: a client certificate from the gateway's CA naming an edge identity.
+    Edge(String),
+    /// A client certificate from the gateway's CA that is not the edge's.
+    Other,
+    /// No client certificate.
+    Anonymous,
+    /// Plain HTTP on loopback (development): trusted as the edge.
+    Plaintext,
+}
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("tls: {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A file holds no usable certificate or key.
+    #[error("tls: {path}: {detail}")]
+    Content {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// rustls refused the configuration.
+    #[error("tls: {0}")]
+    Rustls(String),
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Content {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Content {
+            path: path.to_path_buf(),
+            detail: "no certificate".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The sidecar's TLS: the rustls configuration and the edge's names.
+#[derive(Clone)]
+pub struct Tls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    edge: Arc<Vec<String>>,
+}
+
+impl Tls {
+    /// Loads `c`: TLS 1.2+ with ALPN h2 and http/1.1; a client certificate is asked
+    /// for and, when given, must chain to `client_ca`.
+    pub fn load(c: &TlsConfig) -> Result<Tls, TlsError> {
+        let chain = certs(&c.cert)?;
+        let key_pem = std::fs::read(&c.key).map_err(|source| TlsError::Read {
+            path: c.key.clone(),
+            source,
+        })?;
+        let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
+            .map_err(|e| TlsError::Content {
+                path: c.key.clone(),
+                detail: e.to_string(),
+            })?
+            .ok_or_else(|| TlsError::Content {
+                path: c.key.clone(),
+                detail: "no private key".into(),
+            })?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in certs(&c.client_ca)? {
+            roots.add(ca).map_err(|e| TlsError::Content {
+                path: c.client_ca.clone(),
+                detail: e.to_string(),
+            })?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                // Callers without a certificate get an HTTP 401 (recorded), not a
+                // handshake failure nobody sees.
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        if c.edge_identities.is_empty() {
+            return Err(TlsError::Rustls("tls.edge_identities is empty".into()));
+        }
+        Ok(Tls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+            edge: Arc::new(c.edge_identities.clone()),
+        })
+    }
+
+    /// Who presented `chain` (already verified against the CA by rustls).
+    fn peer(&self, chain: Option<&[CertificateDer<'_>]>) -> Peer {
+        let Some(leaf) = chain.and_then(<[_]>::first) else {
+            return Peer::Anonymous;
+        };
+        let Ok(ee) = webpki::EndEntityCert::try_from(leaf) else {
+            return Peer::Other;
+        };
+        for name in self.edge.iter() {
+            let Ok(sn) = ServerName::try_from(name.as_str()) else {
+                continue;
+            };
+            if ee.verify_is_valid_for_subject_name(&sn).is_ok() {
+                return Peer::Edge(name.clone());
+            }
+        }
+        Peer::Other
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains open
+/// connections. With `tls`, every connection is TLS and every request carries its
+/// [`Peer`]; without, requests are [`Peer::Plaintext`].
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Tls>,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+) {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, from) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept");
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let tls = tls.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            match tls {
+                Some(tls) => {
+                    let stream = match tls.acceptor.accept(tcp).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::debug!(%from, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                    };
+                    let peer = tls.peer(stream.get_ref().1.peer_certificates());
+                    let svc = with_peer(app, peer, from);
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                }
+                None => {
+                    let svc = with_peer(app, Peer::Plaintext, from);
+                    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                }
+            }
+        });
+    }
+    graceful.shutdown().await;
+}
+
+fn with_peer(
+    app: Router,
+    peer: Peer,
+    from: SocketAddr,
+) -> TowerToHyperService<
+    tower::util::MapRequest<
+        Router,
+        impl Fn(Request<hyper::body::Incoming>) -> Request<Body> + Clone,
+    >,
+> {
+    let tag = move |req: Request<hyper::body::Incoming>| {
+        let mut req = req.map(Body::new);
+        req.extensions_mut().insert(peer.clone());
+        req.extensions_mut().insert(from);
+        req
+    };
+    TowerToHyperService::new(app.map_request(tag))
+}
+
+/// What [`edge_only`] records refusals with.
+#[derive(Clone)]
+pub struct Gatekeeper {
+    /// The ledger.
+    pub auditor: Auditor,
+    /// Counters.
+    pub metrics: ControlMetrics,
+}
+
+/// Body bytes kept in the row of a refused caller.
+const REFUSED_BODY_BYTES: usize = 64 * 1024;
+
+/// Lets only the edge (or, in development, plain HTTP on loopback) through; anyone
+/// else is answered 401 (no certificate) or 403 (another certificate), each refusal
+/// a ledger row.
+pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) -> Response {
+    let (code, detail) = match req.extensions().get::<Peer>() {
+        Some(Peer::Edge(_) | Peer::Plaintext) => return next.run(req).await,
+        Some(Peer::Other) => (
+            Code::ForbiddenPeer,
+            "only the edge (Envoy's client certificate) may call the sidecar",
+        ),
+        Some(Peer::Anonymous) | None => (
+            Code::Unauthenticated,
+            "the sidecar takes requests from the edge only: present its client certificate",
+        ),
+    };
+    let path = req.uri().path().to_owned();
+    let body = axum::body::to_bytes(req.into_body(), REFUSED_BODY_BYTES)
+        .await
+        .unwrap_or_default();
+    tracing::warn!(%path, code = %code, "refused a caller that is not the edge");
+    g.metrics.decision(code.as_str());
+    let recorded = g.auditor.record(Entry {
+        stage: Stage::Sidecar,
+        decision: Decision::Rejected,
+        code: Some(code),
+        body: &body,
+        command: None,
+        requester: None,
+    });
+    match recorded {
+        Ok(()) => ApiError::new(code, detail).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}

@@ -1,0 +1,147 @@
+//! Only the edge may call the sidecar: mutual TLS with Envoy's client certificate.
+//! A caller without a certificate gets 401, one with another certificate from the
+//! same CA gets 403 — on every route, whatever `x-gw-*` headers it sends — and each
+//! refusal is a ledger row that claims nothing about the edge.
+
+use gw_core::Action;
+use gw_sidecar::config::Config;
+use serde_json::{json, Value};
+use testkit::clickhouse::ClickHouse;
+use testkit::fixtures::signed_command;
+
+mod common;
+use common::now;
+
+fn call(
+    s: &common::Served,
+    client: &reqwest::Client,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, Value) {
+    s.rt.block_on(async {
+        let mut r = client.request(method.parse().unwrap(), format!("{}{path}", s.base));
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        let r = r.body(body).send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    })
+}
+
+#[test]
+fn only_the_edge_may_call_and_every_refusal_is_recorded() {
+    let d = testkit::TempDir::new("peer-auth");
+    let ch = ClickHouse::start(d.path());
+    let mut cfg = common::config(&d.path().join("state"), true);
+    cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
+    let s = common::serve(cfg);
+    let anonymous = s.certs.client(None);
+    let other = s
+        .certs
+        .client(Some((&s.certs.other_cert, &s.certs.other_key)));
+    let spoof = [
+        ("x-gw-verified", "edge"),
+        ("x-gw-sub", "root"),
+        ("x-gw-roles", "admin"),
+        ("content-type", "application/x-protobuf"),
+    ];
+    let cmd = || signed_command(1, Action::Throttle, now(), "dashboard", &[]);
+    let report = serde_json::to_vec(&json!([{"decision": "rejected", "code": "replay",
+        "path": "/", "raw_hex": "", "ts_ms": 1}]))
+    .unwrap();
+    let cases: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("POST", "/api/control/commands", cmd()),
+        ("POST", "/api/control/module/mev:throttle", b"{}".to_vec()),
+        ("POST", "/internal/edge-decisions", report.clone()),
+        ("GET", "/api/modules", Vec::new()),
+        ("GET", "/api/ledger/history", Vec::new()),
+        (
+            "POST",
+            "/api/rpc",
+            br#"{"jsonrpc":"2.0","id":1,"method":"getHealth"}"#.to_vec(),
+        ),
+        ("GET", "/api/models", Vec::new()),
+    ];
+    let mut refused = 0;
+    for (client, status, code) in [
+        (&anonymous, 401, "unauthenticated"),
+        (&other, 403, "forbidden_peer"),
+    ] {
+        for (method, path, body) in &cases {
+            let (got, b) = call(&s, client, method, path, &spoof, body.clone());
+            assert_eq!(
+                (got, b["error"].as_str()),
+                (status, Some(code)),
+                "{method} {path}: {b}"
+            );
+            refused += 1;
+        }
+    }
+    // Health needs no certificate.
+    let (ok, _) = call(&s, &anonymous, "GET", "/healthz", &[], Vec::new());
+    assert_eq!(ok, 200);
+    // Nothing was applied, and the edge itself still gets through.
+    let (status, modules) = call(&s, &s.http, "GET", "/api/modules", &[], Vec::new());
+    assert_eq!(status, 200);
+    assert_eq!(modules["mev"]["applied"], 0, "{modules}");
+    let (status, body) = call(
+        &s,
+        &s.http,
+        "POST",
+        "/api/control/commands",
+        &[("content-type", "application/x-protobuf")],
+        cmd(),
+    );
+    assert_eq!(status, 200, "{body}");
+
+    // Every refusal is a sidecar row with its code; no row claims the edge.
+    let rows = common::wait_rows(&ch, refused + 2);
+    let refusals: Vec<_> = rows
+        .iter()
+        .filter(|r| r.code == "unauthenticated" || r.code == "forbidden_peer")
+        .collect();
+    assert_eq!(refusals.len(), refused, "{rows:#?}");
+    assert!(refusals
+        .iter()
+        .all(|r| r.stage == "sidecar" && r.decision == "rejected" && r.requester.is_empty()));
+    assert!(
+        rows.iter().all(|r| r.stage != "edge"),
+        "no row claims to come from the edge: {rows:#?}"
+    );
+    assert_eq!(gw_core::ledger::verify_chain(&rows), Ok(rows.len() as u64));
+    let metrics = s.get_ops("/metrics");
+    assert!(
+        metrics.contains("gw_sidecar_decisions_total{code=\"forbidden_peer\"} 7"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn plain_http_only_on_loopback_and_only_when_asked_for() {
+    let pk = hex::encode(testkit::fixtures::command_key().verifying_key().as_bytes());
+    let load = |extra: &'static [(&'static str, &'static str)]| {
+        let pk = pk.clone();
+        Config::load(None, &move |k: &str| {
+            if k == "CTRL_PUBKEY_HEX" {
+                return Some(pk.clone());
+            }
+            extra
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| (*v).to_owned())
+        })
+    };
+    let err = load(&[]).unwrap_err().to_string();
+    assert!(err.contains("mutual TLS"), "{err}");
+    let err = load(&[
+        ("GW_SIDECAR_INSECURE_PLAINTEXT", "1"),
+        ("GW_SIDECAR_LISTEN", "0.0.0.0:8080"),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("loopback"), "{err}");
+    let ok = load(&[("GW_SIDECAR_INSECURE_PLAINTEXT", "1")]).unwrap();
+    assert!(ok.file.insecure_plaintext && ok.file.tls.is_none());
+}
