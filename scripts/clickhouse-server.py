@@ -6,6 +6,10 @@ RTLD_DEEPBIND first, so its bundled libraries win, then the import machinery) â€
 through `import chdb`, whose import-time engine shutdown breaks the Kafka engine. A
 `config.xml` in the working directory enables the listeners; one query starts them
 and then blocks forever, keeping the server up until the process is stopped.
+
+Without --users the `default` user has no password (tests); with --users FILE the
+users come from FILE (scripts/clickhouse-users.py writes one; a `FILE`.d/ directory
+beside it is merged in, as a server merges users.d/).
 """
 import argparse
 import ctypes
@@ -20,7 +24,7 @@ CONFIG = """<clickhouse>
   <tcp_port>{tcp}</tcp_port>
   <format_schema_path>{schemas}</format_schema_path>
   <logger><level>warning</level><console>1</console></logger>
-</clickhouse>
+{users}</clickhouse>
 """
 
 
@@ -43,13 +47,19 @@ def main():
     ap.add_argument("--tcp-port", type=int, default=9000)
     ap.add_argument("--data", required=True, help="data directory (created)")
     ap.add_argument("--schemas", help="format_schema_path (absolute; default DATA/format_schemas)")
+    ap.add_argument("--users", help="users file (default: a password-less default user)")
     a = ap.parse_args()
     data = os.path.abspath(a.data)
     schemas = os.path.abspath(a.schemas or os.path.join(data, "format_schemas"))
     os.makedirs(schemas, exist_ok=True)
+    users = ""
+    if a.users:
+        path = os.path.abspath(a.users)
+        users = (f"  <user_directories><users_xml><path>{path}</path></users_xml>"
+                 "</user_directories>\n")
     os.chdir(data)
     with open("config.xml", "w") as f:
-        f.write(CONFIG.format(http=a.http_port, tcp=a.tcp_port, schemas=schemas))
+        f.write(CONFIG.format(http=a.http_port, tcp=a.tcp_port, schemas=schemas, users=users))
     engine = load_engine()
     # Never returns: the last statement sleeps in the server, keeping it up.
     engine.query("SYSTEM START LISTEN HTTP; SYSTEM START LISTEN TCP; "

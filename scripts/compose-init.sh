@@ -10,7 +10,8 @@ run="${1:-.run/compose}"
 bash scripts/dev-keys.sh "$run"
 # Envoy and the sidecar run as unprivileged users in their images: the dev keys must
 # be readable there (development keys only).
-chmod 644 "$run/certs/server.key" "$run/certs/envoy-client.key" "$run/certs/sidecar.key"
+chmod 644 "$run/certs/server.key" "$run/certs/envoy-client.key" "$run/certs/sidecar.key" \
+  "$run/keys/clickhouse-admin.pw" "$run/keys/clickhouse-sidecar.pw"
 python3 envoy/render.py --filter-config "$run/filter.json" \
   --set GW_LISTEN_ADDRESS=0.0.0.0 --set GW_CLUSTER_TYPE=STRICT_DNS \
   --set GW_SIDECAR_ADDRESS=sidecar --set GW_SIDECAR_PORT=8080 \
@@ -25,6 +26,7 @@ python3 envoy/render.py --filter-config "$run/filter.json" \
     echo "CTRL_PUBKEY_ID=op-admin-1"
     echo "CTRL_PUBKEY_HEX=$(cat "$run/keys/op-admin-1.pk.hex")"
     echo "CTRL_SIGN_SK_HEX=$(cat "$run/keys/op-admin-1.sk.hex")"
+    echo "GW_LEDGER_SK_HEX=$(cat "$run/keys/ledger.sk.hex")"
   } > "$run/sidecar.env"
 )
 # An admin token for the filter's JWT rules (same claims as `gwctl jwt`).

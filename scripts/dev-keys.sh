@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Makes (once) the development secrets of a gateway in DIR: TLS certificates
-# (envoy/gen-dev-certs.sh), the command key op-admin-1 (Ed25519, raw hex, secret
-# 0600), a JWT HS256 secret, and DIR/filter.json (filter-wasm/config.example.json
-# with these keys). Needs openssl and python3 only. Never for production.
+# (envoy/gen-dev-certs.sh), the command key op-admin-1 and the ledger checkpoint
+# key (Ed25519, raw hex, secrets 0600), the ClickHouse users (gw_admin, gw_sidecar;
+# passwords 0600), a JWT HS256 secret, and DIR/filter.json
+# (filter-wasm/config.example.json with these keys). Needs openssl and python3 only.
+# Never for production.
 #
 #   scripts/dev-keys.sh DIR
 set -euo pipefail
@@ -11,18 +13,34 @@ dir="${1:?usage: dev-keys.sh DIR}"
 mkdir -p "$dir/keys"
 bash "$root/envoy/gen-dev-certs.sh" "$dir/certs" >/dev/null
 hexof() { od -An -v -tx1 | tr -d ' \n'; }
-if [[ ! -f "$dir/keys/op-admin-1.sk.hex" ]]; then
+# An Ed25519 key pair as raw hex: DIR/keys/NAME.sk.hex (0600) and NAME.pk.hex.
+ed25519_pair() {
+  local name="$1"
+  [[ -f "$dir/keys/$name.sk.hex" ]] && return 0
   (
     umask 077
-    pem="$dir/keys/op-admin-1.pem"
+    pem="$dir/keys/$name.pem"
     openssl genpkey -algorithm ed25519 -out "$pem"
     # The last 32 bytes of the PKCS#8 / SPKI encodings are the raw seed / public key.
-    openssl pkey -in "$pem" -outform DER | tail -c 32 | hexof > "$dir/keys/op-admin-1.sk.hex"
-    openssl pkey -in "$pem" -pubout -outform DER | tail -c 32 | hexof > "$dir/keys/op-admin-1.pk.hex"
+    openssl pkey -in "$pem" -outform DER | tail -c 32 | hexof > "$dir/keys/$name.sk.hex"
+    openssl pkey -in "$pem" -pubout -outform DER | tail -c 32 | hexof > "$dir/keys/$name.pk.hex"
     rm -f "$pem"
   )
-  chmod 644 "$dir/keys/op-admin-1.pk.hex"
-fi
+  chmod 644 "$dir/keys/$name.pk.hex"
+}
+ed25519_pair op-admin-1
+# The key that signs ledger checkpoints (GW_LEDGER_SK_HEX; gwctl ledger verify --key).
+ed25519_pair ledger
+# ClickHouse: the administrator's and the sidecar's passwords, and the users file
+# both shapes are made from (scripts/clickhouse-users.py).
+for who in clickhouse-admin clickhouse-sidecar; do
+  [[ -f "$dir/keys/$who.pw" ]] || (umask 077; openssl rand -hex 24 > "$dir/keys/$who.pw")
+done
+for shape in standalone users-d; do
+  python3 "$root/scripts/clickhouse-users.py" --"$shape" -o "$dir/clickhouse-users.$shape.xml" \
+    --admin-password-file "$dir/keys/clickhouse-admin.pw" \
+    --sidecar-password-file "$dir/keys/clickhouse-sidecar.pw"
+done
 if [[ ! -f "$dir/keys/jwt.secret.hex" ]]; then
   (umask 077; openssl rand -hex 32 > "$dir/keys/jwt.secret.hex")
 fi

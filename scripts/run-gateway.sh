@@ -56,9 +56,15 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 "$GW_VENV/bin/python" scripts/clickhouse-server.py --data "$run/clickhouse" --http-port 8123 --tcp-port 9000 \
-  > "$run/clickhouse.log" 2>&1 & pids+=($!)
+  --users "$run/clickhouse-users.standalone.xml" > "$run/clickhouse.log" 2>&1 & pids+=($!)
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:8123/ping >/dev/null 2>&1 && break; sleep 0.2; done
 curl -sf http://127.0.0.1:8123/ping >/dev/null || die "clickhouse did not start; see $run/clickhouse.log"
+# The tables, created by the administrator; the sidecar writes as gw_sidecar
+# (SELECT, INSERT on its tables only).
+ch_admin_pw="$(cat "$run/keys/clickhouse-admin.pw")"
+chq() { curl -sf -H "X-ClickHouse-User: gw_admin" -H "X-ClickHouse-Key: $ch_admin_pw" "http://127.0.0.1:8123/?query=$1"; }
+GW_CLICKHOUSE_URL=http://127.0.0.1:8123 GW_CLICKHOUSE_USER=gw_admin GW_CLICKHOUSE_PASSWORD="$ch_admin_pw" \
+  "$bin/gw-sidecar" --setup-clickhouse >/dev/null || die "creating the ClickHouse tables failed"
 brokers=""
 if (( kafka )); then
   brokers=127.0.0.1:9092
@@ -77,6 +83,7 @@ sink_id=$(sed -n 's/.*identity \([1-9A-HJ-NP-Za-km-z]*\).*/\1/p' "$run/tpu-sink.
 "$GW_VENV/bin/python" - "$run/sidecar.json" "$sink_id" <<'PY'
 import json, sys
 cfg = json.load(open("sidecar/config.example.json"))
+cfg["checkpoint_every_secs"] = 5
 cfg["sender"] = {
     "tpu": {},
     "relay": {"url": "http://127.0.0.1:8010"},
@@ -86,8 +93,10 @@ cfg["sender"] = {
 json.dump(cfg, open(sys.argv[1], "w"), indent=2)
 PY
 GW_TPU_IDENTITY_HEX="$(cat "$run/keys/tpu-identity.hex")" \
-GW_MODELS_DIR="$run/models" GW_KAFKA_BROKERS="$brokers" GW_CLICKHOUSE_URL=http://127.0.0.1:8123 CTRL_PUBKEY_ID=op-admin-1 CTRL_PUBKEY_HEX="$(cat "$run/keys/op-admin-1.pk.hex")" \
-  CTRL_SIGN_SK_HEX="$(cat "$run/keys/op-admin-1.sk.hex")" GW_SIDECAR_LISTEN=127.0.0.1:8080 \
+GW_MODELS_DIR="$run/models" GW_KAFKA_BROKERS="$brokers" GW_CLICKHOUSE_URL=http://127.0.0.1:8123 \
+  GW_CLICKHOUSE_USER=gw_sidecar GW_CLICKHOUSE_PASSWORD_FILE="$run/keys/clickhouse-sidecar.pw" CTRL_PUBKEY_ID=op-admin-1 CTRL_PUBKEY_HEX="$(cat "$run/keys/op-admin-1.pk.hex")" \
+  CTRL_SIGN_SK_HEX="$(cat "$run/keys/op-admin-1.sk.hex")" GW_LEDGER_SK_HEX="$(cat "$run/keys/ledger.sk.hex")" \
+  GW_SIDECAR_LISTEN=127.0.0.1:8080 \
   "$bin/gw-sidecar" --config "$run/sidecar.json" & pids+=($!)
 "$envoy_bin" -c "$run/envoy.yaml" --concurrency 2 --disable-hot-restart --log-level warn & pids+=($!)
 for _ in $(seq 1 100); do
@@ -100,15 +109,16 @@ if (( kafka )); then
   mkdir -p "$run/clickhouse/format_schemas"
   cp proto/control.proto "$run/clickhouse/format_schemas/control.proto"
   for _ in $(seq 1 50); do
-    [[ $(curl -sf 'http://127.0.0.1:8123/?query=EXISTS+TABLE+control_ledger' || true) == 1 ]] && break; sleep 0.2
+    [[ $(chq 'EXISTS+TABLE+control_ledger' || true) == 1 ]] && break; sleep 0.2
   done
-  "$GW_VENV/bin/python" - "$run/clickhouse/format_schemas" "$brokers" <<'PY' || die "applying sql/14 failed"
-import sys, urllib.request
+  CH_ADMIN_PW="$ch_admin_pw" "$GW_VENV/bin/python" - "$run/clickhouse/format_schemas" "$brokers" <<'PY' || die "applying sql/14 failed"
+import os, sys, urllib.request
 schemas, brokers = sys.argv[1], sys.argv[2]
+auth = {"X-ClickHouse-User": "gw_admin", "X-ClickHouse-Key": os.environ["CH_ADMIN_PW"]}
 sql = open("sql/14_control_proto_kafka.sql").read().replace("{kafka_brokers}", brokers).replace("{format_schemas}", schemas)
 body = "\n".join(l for l in sql.splitlines() if not l.lstrip().startswith("--"))
 for stmt in filter(None, (s.strip().rstrip(";") for s in body.split(";\n"))):
-    urllib.request.urlopen("http://127.0.0.1:8123/", stmt.encode()).read()
+    urllib.request.urlopen(urllib.request.Request("http://127.0.0.1:8123/", stmt.encode(), auth)).read()
 PY
 fi
 
@@ -143,17 +153,21 @@ Send a Solana transaction (JSON-RPC sendTransaction, base58 or base64):
   (any Solana client works with the URL https://localhost:8443/api/rpc and that header)
 Sender status:   curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" https://localhost:8443/api/sender
                  local TPU: $run/tpu-sink.log   relay: $run/relay.log
-Sends audited:   curl -s 'http://127.0.0.1:8123/?query=SELECT+signature,route,hedged,outcome,latency_us+FROM+tx_sends+ORDER+BY+ts_us'
+ClickHouse:      user gw_admin, password in $run/keys/clickhouse-admin.pw (the sidecar writes as gw_sidecar)
+Sends audited:   curl -s -u gw_admin:\$(cat $run/keys/clickhouse-admin.pw) 'http://127.0.0.1:8123/?query=SELECT+signature,route,hedged,outcome,latency_us+FROM+tx_sends+ORDER+BY+ts_us'
 Bus:             ${brokers:-in-process (start with --kafka for Kafka)}
 Edge decisions:  curl -s http://127.0.0.1:9901/stats?filter=gw_edge
-Audit ledger:    curl -s 'http://127.0.0.1:8123/?query=SELECT+seq,stage,decision,code,request_id+FROM+control_decisions+ORDER+BY+seq'
-                 $bin/gwctl ledger verify --clickhouse http://127.0.0.1:8123
+Audit ledger:    curl -s -u gw_admin:\$(cat $run/keys/clickhouse-admin.pw) 'http://127.0.0.1:8123/?query=SELECT+seq,stage,decision,code,request_id+FROM+control_decisions+ORDER+BY+seq'
+                 GW_CLICKHOUSE_USER=gw_admin GW_CLICKHOUSE_PASSWORD=\$(cat $run/keys/clickhouse-admin.pw) \\
+                 $bin/gwctl ledger verify --clickhouse http://127.0.0.1:8123 \
+                   --checkpoint .run/sidecar/ledger/checkpoints.log --key @.run/keys/ledger.pk.hex
 MSG
 
 if (( smoke )); then
-  count() { curl -sf 'http://127.0.0.1:8123/?query=SELECT+count()+FROM+control_decisions' || echo 0; }
+  export GW_CLICKHOUSE_USER=gw_admin GW_CLICKHOUSE_PASSWORD="$ch_admin_pw"   # for gwctl ledger verify
+  count() { chq 'SELECT+count()+FROM+control_decisions' || echo 0; }
   n0=$(count)
-  kcount() { curl -sf 'http://127.0.0.1:8123/?query=SELECT+count()+FROM+control_ledger' || echo 0; }
+  kcount() { chq 'SELECT+count()+FROM+control_ledger' || echo 0; }
   k0=$(kcount)
   out=$("$bin/gwctl" send https://127.0.0.1:8443/api/control/commands "$run/throttle.bin" --token "$token" --ca "$run/certs/ca.pem")
   echo "$out" | head -1
@@ -175,7 +189,7 @@ if (( smoke )); then
     sleep 0.2
   done
   (( n >= 8 )) || die "smoke: expected 8 new audited decisions in ClickHouse, found $n"
-  replays=$(curl -sf "http://127.0.0.1:8123/?query=SELECT+count()+FROM+control_decisions+WHERE+stage='sidecar'+AND+code='replay'" || echo 0)
+  replays=$(chq "SELECT+count()+FROM+control_decisions+WHERE+stage='sidecar'+AND+code='replay'" || echo 0)
   (( replays >= 1 )) || die "smoke: the replay's refusal is not in the ledger"
   "$bin/gwctl" ledger verify --clickhouse http://127.0.0.1:8123 || die "smoke: the ledger chain does not verify"
   models=$(curl -sf --cacert "$run/certs/ca.pem" -H "authorization: Bearer $token" https://localhost:8443/api/models)
@@ -202,13 +216,18 @@ if (( smoke )); then
   for _ in $(seq 1 50); do grep -q "tx $sig" "$run/tpu-sink.log" && break; sleep 0.1; done
   grep -q "tx $sig" "$run/tpu-sink.log" || die "smoke: the transaction did not reach the local TPU"
   for _ in $(seq 1 50); do
-    a=$(curl -sf "http://127.0.0.1:8123/?query=SELECT+count()+FROM+tx_sends+WHERE+signature='$sig'" || echo 0)
+    a=$(chq "SELECT+count()+FROM+tx_sends+WHERE+signature='$sig'" || echo 0)
     (( a >= 1 )) && break
     sleep 0.2
   done
   (( a >= 1 )) || die "smoke: the send is not audited in tx_sends"
   log "smoke: solders transaction $sig sent through Envoy → sidecar → QUIC TPU, audited"
-  log "smoke: $n decisions audited in ClickHouse, chain verified"
+  # The chain against its signed checkpoint (written every checkpoint_every_secs).
+  for _ in $(seq 1 100); do [[ -s "$run/sidecar/ledger/checkpoints.log" ]] && break; sleep 0.2; done
+  "$bin/gwctl" ledger verify --clickhouse http://127.0.0.1:8123 \
+    --checkpoint "$run/sidecar/ledger/checkpoints.log" --key "@$run/keys/ledger.pk.hex" \
+    || die "smoke: the ledger does not match its signed checkpoint"
+  log "smoke: $n decisions audited in ClickHouse, chain verified against its signed checkpoint"
   if (( kafka )); then
     for _ in $(seq 1 100); do
       k=$(( $(kcount) - k0 ))

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod args;
+pub mod checkpoint;
 pub mod code;
 pub mod command;
 pub mod contract;

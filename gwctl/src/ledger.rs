@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use gw_core::checkpoint::{notes, Checkpoint};
 use gw_core::ledger::{by_chain, verify_chain, LedgerRow};
 
 /// `gwctl ledger verify` arguments.
@@ -17,6 +18,55 @@ pub struct VerifyArgs {
     /// Table holding the decisions.
     #[arg(long, default_value = "control_decisions")]
     table: String,
+    /// A file of signed checkpoints (the sidecar's `ledger/checkpoints.log`): each
+    /// chain is also checked against its newest checkpoint, which catches a cut or
+    /// rewritten chain.
+    #[arg(long, requires = "key")]
+    checkpoint: Option<std::path::PathBuf>,
+    /// The ledger key's public half (64 hex), or `@FILE` holding it.
+    #[arg(long)]
+    key: Option<String>,
+    /// The name checkpoints are signed under.
+    #[arg(long, default_value = "gw-ledger")]
+    key_name: String,
+    /// ClickHouse user (default: ClickHouse's default user).
+    #[arg(long, env = "GW_CLICKHOUSE_USER")]
+    user: Option<String>,
+    /// ClickHouse password.
+    #[arg(long, env = "GW_CLICKHOUSE_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+}
+
+/// The newest verified checkpoint of each chain in `path`.
+fn checkpoints(
+    path: &std::path::Path,
+    key: &str,
+    key_name: &str,
+) -> Result<std::collections::BTreeMap<String, Checkpoint>> {
+    let hex_key = match key.strip_prefix('@') {
+        Some(file) => std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {file}"))?
+            .trim()
+            .to_owned(),
+        None => key.to_owned(),
+    };
+    let vk = gw_core::jwk::ed25519_from_hex(&hex_key).context("--key")?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut newest: std::collections::BTreeMap<String, Checkpoint> = Default::default();
+    for note in notes(&text) {
+        let cp = Checkpoint::open(&note, key_name, &vk)
+            .with_context(|| format!("a checkpoint in {} does not verify", path.display()))?;
+        let chain = cp
+            .chain_id()
+            .context("a checkpoint of something other than a ledger chain")?
+            .to_owned();
+        if newest.get(&chain).is_none_or(|c| c.size < cp.size) {
+            newest.insert(chain, cp);
+        }
+    }
+    anyhow::ensure!(!newest.is_empty(), "{} holds no checkpoint", path.display());
+    Ok(newest)
 }
 
 /// `gwctl ledger verify`.
@@ -37,9 +87,14 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     let body = rt.block_on(async {
-        let resp = reqwest::Client::new()
-            .post(&a.clickhouse)
-            .body(sql)
+        let mut req = reqwest::Client::new().post(&a.clickhouse).body(sql);
+        if let Some(u) = &a.user {
+            req = req.header("x-clickhouse-user", u);
+        }
+        if let Some(p) = &a.password {
+            req = req.header("x-clickhouse-key", p);
+        }
+        let resp = req
             .send()
             .await
             .with_context(|| format!("cannot reach ClickHouse at {}", a.clickhouse))?;
@@ -70,6 +125,18 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
             Err(e) => {
                 println!("broken: chain {chain}: {e}");
                 broken = true;
+            }
+        }
+    }
+    if let (Some(path), Some(key)) = (&a.checkpoint, &a.key) {
+        for (chain, cp) in checkpoints(path, key, &a.key_name)? {
+            let rows = chains.get(&chain).map_or(&[][..], Vec::as_slice);
+            match cp.check(rows) {
+                Ok(_) => println!("chain {chain}: matches its checkpoint of {} rows", cp.size),
+                Err(e) => {
+                    println!("broken: chain {chain}: {e}");
+                    broken = true;
+                }
             }
         }
     }

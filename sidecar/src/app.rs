@@ -16,7 +16,7 @@ use crate::control::json_route::JsonSigner;
 use crate::control::replay_store::ReplayStore;
 use crate::control::{Control, ControlConfig};
 use crate::journal::{Journal, Options as JournalOptions};
-use crate::ledger::Ledger;
+use crate::ledger::{CheckpointSettings, Ledger};
 use crate::models::api::ModelsApi;
 use crate::models::ModelHost;
 use crate::ops::metrics::ControlMetrics;
@@ -124,15 +124,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create state dir {}", dir.display()))?;
     let mut registry = Registry::default();
-    let clickhouse = cfg
-        .file
-        .clickhouse_url
-        .as_ref()
-        .map(|u| clickhouse::Client::default().with_url(u.clone()));
-    let ledger = Ledger::open(
+    let clickhouse = cfg.clickhouse();
+    let mut ledger = Ledger::open(
         &dir.join("ledger"),
         &cfg.file.node_id,
         clickhouse.as_ref(),
+        CheckpointSettings {
+            key: cfg.ledger_key.clone(),
+            every_rows: cfg.file.checkpoint_every_rows,
+            every: Duration::from_secs(cfg.file.checkpoint_every_secs),
+        },
         &mut registry,
     )?;
     let mut tasks: Vec<JoinHandle<()>> = ledger.start().into_iter().collect();

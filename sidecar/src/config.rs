@@ -63,6 +63,12 @@ pub struct FileConfig {
     /// without it decisions are not audited (development only).
     #[serde(default)]
     pub clickhouse_url: Option<String>,
+    /// The ClickHouse user the sidecar writes as (`GW_CLICKHOUSE_USER`); its password
+    /// comes from `GW_CLICKHOUSE_PASSWORD` or the file `GW_CLICKHOUSE_PASSWORD_FILE`,
+    /// never from this file. A user granted only `SELECT, INSERT` on the ledger's
+    /// tables is enough (`gw-sidecar --setup-clickhouse` creates them as an admin).
+    #[serde(default)]
+    pub clickhouse_user: Option<String>,
     /// Kafka for the command bus; without it the embedded in-process bus is used.
     #[serde(default)]
     pub kafka: Option<crate::control::bus::KafkaConfig>,
@@ -75,6 +81,12 @@ pub struct FileConfig {
     /// The transaction sender (TPU and relay routes, hot path, JSON-RPC); off without it.
     #[serde(default)]
     pub sender: Option<crate::sender::SenderConfig>,
+    /// Rows between two signed ledger checkpoints.
+    #[serde(default = "default_checkpoint_rows")]
+    pub checkpoint_every_rows: u64,
+    /// Seconds between two checkpoints when rows were added.
+    #[serde(default = "default_checkpoint_secs")]
+    pub checkpoint_every_secs: u64,
     /// `text` (default) or `json` log lines (also `GW_LOG_FORMAT`).
     #[serde(default)]
     pub log_format: crate::telemetry::LogFormat,
@@ -101,6 +113,12 @@ fn default_model_poll() -> u64 {
     500
 }
 
+fn default_checkpoint_rows() -> u64 {
+    1000
+}
+fn default_checkpoint_secs() -> u64 {
+    60
+}
 fn default_ops_listen() -> Option<SocketAddr> {
     Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
 }
@@ -161,6 +179,10 @@ pub struct Config {
     pub signer: Option<(SigningKey, String)>,
     /// The TPU client identity (`GW_TPU_IDENTITY_HEX`, `sender.identity_hex`, or fresh).
     pub tpu_identity: Option<SigningKey>,
+    /// The key that signs ledger checkpoints (`GW_LEDGER_SK_HEX`).
+    pub ledger_key: Option<SigningKey>,
+    /// The ClickHouse password (`GW_CLICKHOUSE_PASSWORD[_FILE]`); never logged.
+    pub clickhouse_password: Option<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -169,6 +191,10 @@ impl std::fmt::Debug for Config {
             .field("file", &self.file)
             .field("keys", &self.keyring.len())
             .field("signer", &self.signer.as_ref().map(|(_, id)| id))
+            .field(
+                "clickhouse_password",
+                &self.clickhouse_password.as_ref().map(|_| "<set>"),
+            )
             .finish()
     }
 }
@@ -216,24 +242,102 @@ pub enum ConfigError {
     NoKeys,
 }
 
+/// The configuration file at `path`, or the defaults.
+fn read_file(path: Option<&std::path::Path>) -> Result<FileConfig, ConfigError> {
+    Ok(match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read(p.into(), e))?;
+            serde_json::from_str(&text).map_err(|e| ConfigError::Parse(p.into(), e))?
+        }
+        None => FileConfig::default(),
+    })
+}
+
+/// Applies `GW_CLICKHOUSE_URL` and `GW_CLICKHOUSE_USER` to `file`; returns the
+/// password (`GW_CLICKHOUSE_PASSWORD`, or the file `GW_CLICKHOUSE_PASSWORD_FILE`).
+fn clickhouse_env(
+    file: &mut FileConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(u) = env("GW_CLICKHOUSE_URL") {
+        file.clickhouse_url = Some(u);
+    }
+    if let Some(u) = env("GW_CLICKHOUSE_USER").filter(|u| !u.trim().is_empty()) {
+        file.clickhouse_user = Some(u);
+    }
+    Ok(
+        match (
+            env("GW_CLICKHOUSE_PASSWORD"),
+            env("GW_CLICKHOUSE_PASSWORD_FILE"),
+        ) {
+            (Some(p), _) => Some(p),
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(&f)
+                    .map_err(|e| ConfigError::Read(f.clone().into(), e))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        },
+    )
+}
+
+/// A ClickHouse client for `file`'s URL and user.
+fn client(file: &FileConfig, password: Option<&str>) -> Option<clickhouse::Client> {
+    let url = file.clickhouse_url.as_ref()?;
+    let mut c = clickhouse::Client::default().with_url(url.clone());
+    if let Some(u) = &file.clickhouse_user {
+        c = c.with_user(u.clone());
+    }
+    if let Some(p) = password {
+        c = c.with_password(p.to_owned());
+    }
+    Some(c)
+}
+
 impl Config {
+    /// The ClickHouse client of the ledger and the send audit, with the configured
+    /// user and password; `None` without `clickhouse_url`.
+    pub fn clickhouse(&self) -> Option<clickhouse::Client> {
+        client(&self.file, self.clickhouse_password.as_deref())
+    }
+
+    /// Only the ClickHouse client of `path` and `env` (what `--setup-clickhouse`
+    /// needs: no keys, no TLS).
+    pub fn clickhouse_only(
+        path: Option<&std::path::Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<clickhouse::Client>, ConfigError> {
+        let mut file = read_file(path)?;
+        let password = clickhouse_env(&mut file, env)?;
+        Ok(client(&file, password.as_deref()))
+    }
+
     /// Loads `path` (if any), then applies `env` (the original API's variables:
     /// `CTRL_SIGN_SK_HEX`, `CTRL_PUBKEY_HEX`, `CTRL_PUBKEY_ID`; and `GW_SIDECAR_LISTEN`).
     pub fn load(
         path: Option<&std::path::Path>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let mut file = match path {
-            Some(p) => {
-                let text =
-                    std::fs::read_to_string(p).map_err(|e| ConfigError::Read(p.into(), e))?;
-                serde_json::from_str(&text).map_err(|e| ConfigError::Parse(p.into(), e))?
-            }
-            None => FileConfig::default(),
-        };
-        if let Some(u) = env("GW_CLICKHOUSE_URL") {
-            file.clickhouse_url = Some(u);
-        }
+        Self::resolve(read_file(path)?, env)
+    }
+
+    /// Parses the configuration file's text `json` (named `origin` in errors), then
+    /// applies `env`, as [`Config::load`] does.
+    pub fn from_json(
+        json: &str,
+        origin: &std::path::Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let file = serde_json::from_str(json).map_err(|e| ConfigError::Parse(origin.into(), e))?;
+        Self::resolve(file, env)
+    }
+
+    fn resolve(
+        mut file: FileConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let clickhouse_password = clickhouse_env(&mut file, env)?;
         if let Some(b) = env("GW_KAFKA_BROKERS").filter(|b| !b.trim().is_empty()) {
             match &mut file.kafka {
                 Some(k) => k.brokers = b,
@@ -385,11 +489,20 @@ impl Config {
             }
             _ => {}
         }
+        let ledger_key = match env("GW_LEDGER_SK_HEX") {
+            Some(h) => Some(
+                gw_core::jwk::ed25519_secret_from_hex(&h)
+                    .map_err(|e| ConfigError::Env("GW_LEDGER_SK_HEX", e.to_string()))?,
+            ),
+            None => None,
+        };
         Ok(Config {
             file,
             keyring,
             signer,
             tpu_identity,
+            ledger_key,
+            clickhouse_password,
         })
     }
 }

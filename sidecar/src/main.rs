@@ -1,7 +1,10 @@
 //! `gw-sidecar`: serves the control plane behind Envoy.
-//! Usage: gw-sidecar [--config FILE] [--check]   (env: CTRL_SIGN_SK_HEX, CTRL_PUBKEY_HEX,
-//!        CTRL_PUBKEY_ID, GW_SIDECAR_LISTEN, GW_CLICKHOUSE_URL, GW_KAFKA_BROKERS,
-//!        GW_MODELS_DIR, GW_TPU_IDENTITY_HEX, GW_RELAY_AUTH, GW_LOG, GW_LOG_FORMAT)
+//! Usage: gw-sidecar [--config FILE] [--check | --setup-clickhouse]
+//!        (env: docs/configuration.md; CTRL_SIGN_SK_HEX, CTRL_PUBKEY_HEX, CTRL_PUBKEY_ID,
+//!        GW_SIDECAR_LISTEN, GW_CLICKHOUSE_URL, GW_CLICKHOUSE_USER, GW_CLICKHOUSE_PASSWORD[_FILE],
+//!        GW_KAFKA_BROKERS, GW_MODELS_DIR, GW_TPU_IDENTITY_HEX, GW_LEDGER_SK_HEX, GW_LOG, ...)
+//!        --setup-clickhouse: create the ClickHouse tables (sql/10..13) as the configured
+//!                            user, an administrator, then exit
 //!        gw-sidecar --probe HOST:PORT   exit 0 when /healthz on that (plain HTTP) ops
 //!                                       listener answers 200 (container health checks)
 
@@ -19,14 +22,33 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let check = args.last().is_some_and(|a| a == "--check");
-    if check {
+    let setup = args.last().is_some_and(|a| a == "--setup-clickhouse");
+    if check || setup {
         args.pop();
     }
     let path = match args.as_slice() {
         [] => None,
         [flag, p] if flag == "--config" => Some(std::path::PathBuf::from(p)),
-        _ => anyhow::bail!("usage: gw-sidecar [--config FILE] [--check] | --probe HOST:PORT"),
+        _ => anyhow::bail!(
+            "usage: gw-sidecar [--config FILE] [--check | --setup-clickhouse] | --probe HOST:PORT"
+        ),
     };
+    if setup {
+        let client = Config::clickhouse_only(path.as_deref(), &|k| std::env::var(k).ok())?
+            .context("--setup-clickhouse needs clickhouse_url (GW_CLICKHOUSE_URL)")?;
+        let done = gw_sidecar::ledger::migrations::apply(&client).await?;
+        anyhow::ensure!(
+            done.existing.is_empty() && done.skipped.is_empty(),
+            "this ClickHouse user may not create {:?}: run --setup-clickhouse as an administrator",
+            [done.existing, done.skipped].concat()
+        );
+        println!(
+            "clickhouse ready: {} statements applied; grant the sidecar's user SELECT, INSERT on {}",
+            done.ran,
+            gw_sidecar::ledger::migrations::TABLES.join(", ")
+        );
+        return Ok(());
+    }
     let cfg = Config::load(path.as_deref(), &|k| std::env::var(k).ok())?;
     if check {
         // The one line a person or a script reads; not a log line.
@@ -43,10 +65,13 @@ async fn main() -> anyhow::Result<()> {
                 .kafka
                 .as_ref()
                 .map_or("in-process".to_string(), |k| format!("kafka {}", k.brokers)),
-            cfg.file
-                .clickhouse_url
-                .as_deref()
-                .unwrap_or("none (not audited)"),
+            cfg.file.clickhouse_url.as_deref().map_or_else(
+                || "none (not audited)".to_string(),
+                |u| format!(
+                    "{u} as {}",
+                    cfg.file.clickhouse_user.as_deref().unwrap_or("default")
+                )
+            ),
         );
         return Ok(());
     }

@@ -70,18 +70,76 @@ fn compose_files_check_and_their_configs_load_in_the_real_programs() {
     let env: std::collections::BTreeMap<String, String> =
         serde_json::from_slice(&o.stdout).expect("the compose sidecar's environment");
     for (k, v) in env {
-        let v = v.replace(
-            "/etc/gw/certs/",
-            &format!("{}/", run.join("certs").display()),
-        );
+        let v = v
+            .replace(
+                "/etc/gw/certs/",
+                &format!("{}/", run.join("certs").display()),
+            )
+            .replace(
+                "/etc/gw/clickhouse-sidecar.pw",
+                run.join("keys/clickhouse-sidecar.pw").to_str().unwrap(),
+            );
         sidecar.env(k, v);
     }
     let o = sidecar.output().unwrap();
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
         "config ok: listen 0.0.0.0:8080 (mutual TLS, edge envoy.local), 1 command key(s), \
-         JSON-route signer op-admin-1, bus kafka kafka:9092, ledger http://clickhouse:8123",
+         JSON-route signer op-admin-1, bus kafka kafka:9092, ledger http://clickhouse:8123 as gw_sidecar",
         "{o:?}"
+    );
+}
+
+/// The users compose drops into the ClickHouse image's `users.d/`, merged by the
+/// real engine over a users.xml shaped like the image's (a password-less default
+/// user with every right): the administrator creates, the sidecar's user only
+/// reads and inserts, the default user can do nothing.
+#[test]
+fn compose_clickhouse_users_merge_over_the_image_defaults() {
+    let root = testkit::workspace_root();
+    let d = testkit::TempDir::new("compose-ch");
+    let run = d.path().join("compose");
+    let o = Command::new("bash")
+        .arg(root.join("scripts/dev-keys.sh"))
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "dev-keys: {o:?}");
+    let etc = d.path().join("etc");
+    std::fs::create_dir_all(etc.join("users.d")).unwrap();
+    std::fs::write(
+        etc.join("users.xml"),
+        "<clickhouse><profiles><default/></profiles><users><default><password></password>\
+         <networks><ip>::/0</ip></networks><profile>default</profile><quota>default</quota>\
+         </default></users><quotas><default/></quotas></clickhouse>",
+    )
+    .unwrap();
+    std::fs::copy(
+        run.join("clickhouse-users.users-d.xml"),
+        etc.join("users.d/gw.xml"),
+    )
+    .unwrap();
+    let users = testkit::clickhouse::Users::from_files(
+        &run.join("keys/clickhouse-admin.pw"),
+        &run.join("keys/clickhouse-sidecar.pw"),
+    );
+    let ch =
+        testkit::clickhouse::ClickHouse::start_with_users(d.path(), &etc.join("users.xml"), users);
+    let users = ch.users.clone().unwrap();
+    ch.query("CREATE TABLE control_decisions (seq UInt64) ENGINE = MergeTree ORDER BY seq");
+    let sidecar = Some(&users.sidecar);
+    assert_eq!(
+        ch.query_as("INSERT INTO control_decisions VALUES (1)", sidecar)
+            .0,
+        200
+    );
+    let (status, body) = ch.query_as("TRUNCATE TABLE control_decisions", sidecar);
+    assert!(status != 200 && body.contains("ACCESS_DENIED"), "{body}");
+    let (status, body) = ch.query_as("SELECT count() FROM control_decisions", None);
+    assert!(status != 200 && body.contains("ACCESS_DENIED"), "{body}");
+    assert_eq!(
+        ch.query("SELECT count() FROM control_decisions").trim(),
+        "1"
     );
 }
 

@@ -260,3 +260,202 @@ fn every_http_decision_lands_in_the_chained_ledger() {
     .unwrap();
     assert!(gw_core::verify_command(&raw, &ring, None).is_ok());
 }
+
+/// Walking a hash chain cannot see a cut tail, nor a chain rebuilt from scratch
+/// (the hashes have no secret); the signed checkpoints the sidecar writes can.
+#[test]
+fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
+    use ed25519_dalek::SigningKey;
+    use gw_core::Action;
+    use testkit::fixtures::signed_command;
+
+    let d = testkit::TempDir::new("ledger-checkpoint");
+    let ch = ClickHouse::start(d.path());
+    let state = d.path().join("state");
+    let mut cfg = common::config(&state, false);
+    cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
+    cfg.file.checkpoint_every_rows = 1;
+    let ledger_key = SigningKey::from_bytes(&[7; 32]);
+    cfg.ledger_key = Some(ledger_key.clone());
+    let served = common::serve(cfg);
+    let now = common::now();
+    for i in 1..=2 {
+        let body = signed_command(40 + i, Action::Throttle, now, "dashboard", &[]);
+        let status = served.rt.block_on(async {
+            served
+                .http
+                .post(format!("{}/api/control/commands", served.base))
+                .header("content-type", "application/x-protobuf")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        });
+        assert_eq!(status, 200);
+    }
+    let rows = wait_rows(&ch, 4);
+    // The checkpoint of all four rows reaches the file and ClickHouse.
+    let log = state.join("ledger/checkpoints.log");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\n4\n")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint of 4 rows"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let stored_cp = ch.query("SELECT max(size) FROM control_checkpoints");
+    assert_eq!(stored_cp.trim(), "4");
+
+    let pk = hex::encode(ledger_key.verifying_key().as_bytes());
+    let gwctl = |extra: &[&str]| {
+        let o = std::process::Command::new(testkit::gwctl_bin())
+            .args(["ledger", "verify", "--clickhouse"])
+            .arg(format!("http://127.0.0.1:{}", ch.http_port))
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let with_cp = ["--checkpoint", log.to_str().unwrap(), "--key", &pk];
+    let (code, out) = gwctl(&with_cp);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("matches its checkpoint of 4 rows"), "{out}");
+    // Another key does not vouch for these checkpoints.
+    let other = hex::encode(SigningKey::from_bytes(&[8; 32]).verifying_key().as_bytes());
+    let (code, _) = gwctl(&["--checkpoint", log.to_str().unwrap(), "--key", &other]);
+    assert_ne!(code, Some(0));
+
+    // The tail is cut: the walk alone still says ok, the checkpoint does not.
+    ch.query("DELETE FROM control_decisions WHERE seq >= 3");
+    let (code, out) = gwctl(&[]);
+    assert_eq!((code, out.trim()), (Some(0), "ok 2 rows"));
+    let (code, out) = gwctl(&with_cp);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("the chain was cut: 2 rows stored"), "{out}");
+
+    // The chain is rebuilt with a changed decision and fresh, valid hashes.
+    ch.query("TRUNCATE TABLE control_decisions");
+    let client =
+        clickhouse::Client::default().with_url(format!("http://127.0.0.1:{}", ch.http_port));
+    let mut forged = Ledger::open(
+        &d.path().join("forger"),
+        client,
+        "control_decisions",
+        &rows[0].chain_id,
+    )
+    .unwrap();
+    for r in &rows {
+        let mut r = r.clone();
+        if r.seq == 1 {
+            r.code = "none".into();
+        }
+        forged.append(r).unwrap();
+    }
+    served.rt.block_on(forged.flush()).unwrap();
+    let (code, out) = gwctl(&[]);
+    assert_eq!((code, out.trim()), (Some(0), "ok 4 rows"));
+    let (code, out) = gwctl(&with_cp);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("row 4 differs from the checkpoint"), "{out}");
+}
+
+/// The sidecar writes as `gw_sidecar` (scripts/clickhouse-users.py): `SELECT,
+/// INSERT` on its own tables and nothing else. Before an administrator has created
+/// the tables its rows wait in the spool; `gw-sidecar --setup-clickhouse` as that
+/// user is refused, as `gw_admin` it creates them; the rows then ship, and the
+/// sidecar's user can neither cut nor rewrite them.
+#[test]
+fn the_sidecar_writes_as_a_user_that_cannot_cut_the_ledger() {
+    use gw_core::Action;
+    use testkit::fixtures::signed_command;
+
+    let d = testkit::TempDir::new("ledger-user");
+    let ch = ClickHouse::start_secured(d.path());
+    let users = ch.users.clone().unwrap();
+    let mut cfg = common::config(&d.path().join("state"), false);
+    cfg.file.clickhouse_url = Some(ch.url());
+    cfg.file.clickhouse_user = Some(users.sidecar.user.clone());
+    cfg.clickhouse_password = Some(users.sidecar.password.clone());
+    let served = common::serve(cfg);
+    let body = signed_command(61, Action::Throttle, common::now(), "dashboard", &[]);
+    let status = served.rt.block_on(async {
+        served
+            .http
+            .post(format!("{}/api/control/commands", served.base))
+            .header("content-type", "application/x-protobuf")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, 200);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    assert_eq!(ch.query("EXISTS TABLE control_decisions").trim(), "0");
+
+    let setup = |who: &testkit::clickhouse::Credentials| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gw-sidecar"))
+            .arg("--setup-clickhouse")
+            .env("GW_CLICKHOUSE_URL", ch.url())
+            .env("GW_CLICKHOUSE_USER", &who.user)
+            .env("GW_CLICKHOUSE_PASSWORD", &who.password)
+            .output()
+            .unwrap()
+    };
+    let o = setup(&users.sidecar);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--setup-clickhouse"),
+        "{o:?}"
+    );
+    let o = setup(&users.admin);
+    assert!(o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("clickhouse ready"));
+
+    // The spooled rows ship once the tables exist.
+    let rows = {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let rows = stored(&ch);
+            if rows.len() >= 2 || std::time::Instant::now() > deadline {
+                break rows;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    assert_eq!(verify_chain(&rows), Ok(2));
+
+    let as_sidecar = |sql: &str| ch.query_as(sql, Some(&users.sidecar));
+    for sql in [
+        "TRUNCATE TABLE control_decisions",
+        "DROP TABLE control_decisions",
+        "ALTER TABLE control_decisions DELETE WHERE seq = 2",
+        "ALTER TABLE control_decisions UPDATE code = 'x' WHERE seq = 1",
+        "DELETE FROM control_decisions WHERE seq = 2",
+        "TRUNCATE TABLE control_checkpoints",
+        "SELECT count() FROM control_ledger",
+        "CREATE TABLE scratch (x UInt8) ENGINE = Memory",
+    ] {
+        let (status, body) = as_sidecar(sql);
+        assert_ne!(status, 200, "{sql}");
+        assert!(body.contains("ACCESS_DENIED"), "{sql}: {body}");
+    }
+    assert_eq!(
+        as_sidecar("SELECT count() FROM control_decisions").1.trim(),
+        "2"
+    );
+    let wrong = testkit::clickhouse::Credentials {
+        user: users.sidecar.user.clone(),
+        password: "not-the-password".into(),
+    };
+    assert_ne!(ch.query_as("SELECT 1", Some(&wrong)).0, 200);
+    // The default user (which the embedded engine needs) can do nothing.
+    let (status, body) = ch.query_as("SELECT count() FROM control_decisions", None);
+    assert_ne!(status, 200, "{body}");
+    assert_eq!(stored(&ch).len(), 2);
+}

@@ -1,22 +1,47 @@
-//! The ledger's ClickHouse tables, applied idempotently at start (`sql/`).
+//! The ClickHouse tables, applied idempotently (`sql/`): by an administrator once
+//! (`gw-sidecar --setup-clickhouse`), and again by the sidecar at each start, which
+//! needs no DDL right when the tables exist (its user may hold only `SELECT,
+//! INSERT` on [`TABLES`]).
 
-/// `(file, sql)` of every migration the sidecar applies, in order. The Kafka-engine
-/// path (`sql/14_control_proto_kafka.sql`) needs brokers and the format schema, so
-/// it is applied by operators, not here.
-pub const MIGRATIONS: [(&str, &str); 3] = [
-    (
-        "10_control_ledger.sql",
-        include_str!("../../../sql/10_control_ledger.sql"),
-    ),
-    (
-        "11_control_decisions.sql",
-        include_str!("../../../sql/11_control_decisions.sql"),
-    ),
-    (
-        "12_tx_sends.sql",
-        include_str!("../../../sql/12_tx_sends.sql"),
-    ),
+/// One SQL file and the table it creates.
+pub struct Migration {
+    /// The file under `sql/`.
+    pub file: &'static str,
+    /// Its text.
+    pub sql: &'static str,
+    /// The table it creates.
+    pub table: &'static str,
+}
+
+/// Every migration, in order. The Kafka-engine path (`sql/14_control_proto_kafka.sql`)
+/// needs brokers and the format schema, so it is applied by operators, not here.
+pub const MIGRATIONS: [Migration; 4] = [
+    Migration {
+        file: "10_control_ledger.sql",
+        sql: include_str!("../../../sql/10_control_ledger.sql"),
+        table: "control_ledger",
+    },
+    Migration {
+        file: "11_control_decisions.sql",
+        sql: include_str!("../../../sql/11_control_decisions.sql"),
+        table: "control_decisions",
+    },
+    Migration {
+        file: "12_tx_sends.sql",
+        sql: include_str!("../../../sql/12_tx_sends.sql"),
+        table: "tx_sends",
+    },
+    Migration {
+        file: "13_control_checkpoints.sql",
+        sql: include_str!("../../../sql/13_control_checkpoints.sql"),
+        table: "control_checkpoints",
+    },
 ];
+
+/// The tables the sidecar reads and writes: its ClickHouse user needs `SELECT,
+/// INSERT` on these and nothing else (`control_ledger` belongs to the Kafka-engine
+/// path).
+pub const TABLES: [&str; 3] = ["control_decisions", "tx_sends", "control_checkpoints"];
 
 /// The statements of one SQL file: comments dropped, split at `;` line ends.
 pub fn statements(sql: &str) -> Vec<String> {
@@ -33,26 +58,70 @@ pub fn statements(sql: &str) -> Vec<String> {
 
 /// A migration ClickHouse refused (or could not be reached for).
 #[derive(Debug, thiserror::Error)]
-#[error("{file}: {source}")]
+#[error("{file}: {source}{hint}")]
 pub struct MigrationError {
     /// The SQL file.
     pub file: &'static str,
     /// ClickHouse's error.
     pub source: clickhouse::error::Error,
+    /// What to do about it, when known.
+    pub hint: &'static str,
 }
 
-/// Applies every migration (each is `CREATE ... IF NOT EXISTS`).
-pub async fn apply(client: &clickhouse::Client) -> Result<(), MigrationError> {
-    for (file, sql) in MIGRATIONS {
-        for stmt in statements(sql) {
-            client
-                .query(&stmt)
-                .execute()
-                .await
-                .map_err(|source| MigrationError { file, source })?;
+/// What [`apply`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Statements ClickHouse ran.
+    pub ran: usize,
+    /// Tables this user may not create but that exist and it may read.
+    pub existing: Vec<&'static str>,
+    /// Tables neither created nor readable that the sidecar does not need.
+    pub skipped: Vec<&'static str>,
+}
+
+/// ClickHouse's `ACCESS_DENIED` (code 497).
+fn access_denied(e: &clickhouse::error::Error) -> bool {
+    let s = e.to_string();
+    s.contains("ACCESS_DENIED") || s.contains("Code: 497")
+}
+
+/// Applies every migration (each is `CREATE ... IF NOT EXISTS`). Where this user
+/// may not create a table, it is enough that the table exists and is readable; a
+/// missing table of [`TABLES`] is an error that names the setup command.
+pub async fn apply(client: &clickhouse::Client) -> Result<Applied, MigrationError> {
+    let mut done = Applied::default();
+    for m in &MIGRATIONS {
+        for stmt in statements(m.sql) {
+            match client.query(&stmt).execute().await {
+                Ok(()) => done.ran += 1,
+                Err(e) if access_denied(&e) => {
+                    let probe = format!("SELECT count() FROM {} WHERE 0", m.table);
+                    match client.query(&probe).execute().await {
+                        Ok(()) => done.existing.push(m.table),
+                        Err(_) if !TABLES.contains(&m.table) => done.skipped.push(m.table),
+                        Err(_) => {
+                            return Err(MigrationError {
+                                file: m.file,
+                                source: e,
+                                hint: " (this ClickHouse user may not create the table and it \
+                                       does not exist: run `gw-sidecar --setup-clickhouse` \
+                                       once as an administrator)",
+                            })
+                        }
+                    }
+                    break;
+                }
+                Err(source) => {
+                    return Err(MigrationError {
+                        file: m.file,
+                        source,
+                        hint: "",
+                    })
+                }
+            }
         }
     }
-    Ok(())
+    Ok(done)
 }
 
 #[cfg(test)]
@@ -62,8 +131,17 @@ mod tests {
         let s =
             super::statements("-- c\nCREATE TABLE a (x UInt8) ENGINE = Log;\n-- d\nSELECT 1;\n");
         assert_eq!(s, vec!["CREATE TABLE a (x UInt8) ENGINE = Log", "SELECT 1"]);
-        for (_, sql) in super::MIGRATIONS {
-            assert!(!super::statements(sql).is_empty());
+        for m in &super::MIGRATIONS {
+            let stmts = super::statements(m.sql);
+            assert!(!stmts.is_empty());
+            assert!(
+                stmts[0].contains(&format!("CREATE TABLE IF NOT EXISTS {}", m.table)),
+                "{}",
+                m.file
+            );
+        }
+        for t in super::TABLES {
+            assert!(super::MIGRATIONS.iter().any(|m| m.table == t));
         }
     }
 }

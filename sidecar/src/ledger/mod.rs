@@ -4,6 +4,7 @@
 //! and read back through `/api/ledger/*` ([`query`]).
 
 pub mod audit;
+pub mod checkpoint;
 pub mod migrations;
 pub mod query;
 pub mod spool;
@@ -22,6 +23,7 @@ use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 
 pub use audit::{AuditError, Auditor, Entry};
+use checkpoint::Checkpointer;
 use query::{DecisionView, LedgerStatus, PolicyWindow, Queries};
 use spool::{LedgerError, Spool};
 
@@ -34,6 +36,17 @@ pub const TABLE: &str = "control_decisions";
 pub struct Ledger {
     auditor: Auditor,
     queries: Option<Queries>,
+    checkpointer: Option<Checkpointer>,
+}
+
+/// How this node's chain is checkpointed.
+pub struct CheckpointSettings {
+    /// The ledger key (`GW_LEDGER_SK_HEX`); no checkpoints without it.
+    pub key: Option<ed25519_dalek::SigningKey>,
+    /// A checkpoint after this many rows.
+    pub every_rows: u64,
+    /// …or this long, when rows were added.
+    pub every: Duration,
 }
 
 impl Ledger {
@@ -44,6 +57,7 @@ impl Ledger {
         dir: &Path,
         chain_id: &str,
         clickhouse: Option<&clickhouse::Client>,
+        checkpoints: CheckpointSettings,
         registry: &mut Registry,
     ) -> Result<Ledger, LedgerError> {
         let Some(client) = clickhouse else {
@@ -51,7 +65,20 @@ impl Ledger {
             return Ok(Ledger {
                 auditor: Auditor::default(),
                 queries: None,
+                checkpointer: None,
             });
+        };
+        let checkpointer = match checkpoints.key {
+            Some(k) => Some(Checkpointer::new(
+                k,
+                dir,
+                checkpoints.every_rows,
+                checkpoints.every,
+            )),
+            None => {
+                tracing::warn!("no ledger key (GW_LEDGER_SK_HEX): the chain is not checkpointed");
+                None
+            }
         };
         let spool = Spool::open(dir, client.clone(), TABLE, chain_id)?;
         let pending = Gauge::default();
@@ -64,6 +91,7 @@ impl Ledger {
         Ok(Ledger {
             auditor: Auditor::new(Some(Arc::new(Mutex::new(spool))), Some(pending)),
             queries: Some(Queries::new(client.clone(), TABLE)),
+            checkpointer,
         })
     }
 
@@ -72,8 +100,9 @@ impl Ledger {
         self.auditor.clone()
     }
 
-    /// Starts shipping the spool to ClickHouse (after applying the migrations).
-    pub fn start(&self) -> Option<JoinHandle<()>> {
+    /// Starts shipping the spool (and checkpoints) to ClickHouse, after applying
+    /// the migrations.
+    pub fn start(&mut self) -> Option<JoinHandle<()>> {
         let spool = self.auditor.spool()?.clone();
         let queries = self.queries.clone()?;
         let auditor = self.auditor.clone();
@@ -81,6 +110,7 @@ impl Ledger {
             spool,
             queries.client().clone(),
             auditor,
+            self.checkpointer.take(),
         )))
     }
 
@@ -134,16 +164,46 @@ pub async fn flush(
     spool.lock().mark_shipped(batch.last_seq)
 }
 
+/// Writes a checkpoint of what ClickHouse acknowledged when one is due, and ships
+/// the checkpoints ClickHouse lacks.
+async fn checkpoint(c: &mut Checkpointer, spool: &Mutex<Spool>, client: &clickhouse::Client) {
+    let (chain, size, head) = spool.lock().shipped_head();
+    match c.tick(&chain, size, head) {
+        Ok(true) => tracing::debug!(size, "ledger checkpoint written"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(path = %c.path().display(), error = %e, "ledger checkpoint not written");
+        }
+    }
+    if let Err(e) = c.ship(client).await {
+        tracing::debug!(error = %e, "ledger checkpoints kept for ClickHouse");
+    }
+}
+
 /// Applies the migrations, then ships the spool in order forever; rows wait in the
-/// spool while ClickHouse is away.
-async fn ship_forever(spool: Arc<Mutex<Spool>>, client: clickhouse::Client, auditor: Auditor) {
+/// spool while ClickHouse is away. Checkpoints are written as they fall due.
+async fn ship_forever(
+    spool: Arc<Mutex<Spool>>,
+    client: clickhouse::Client,
+    auditor: Auditor,
+    mut checkpointer: Option<Checkpointer>,
+) {
     let mut migrated = false;
     let mut last_err = String::new();
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         if !migrated {
             match migrations::apply(&client).await {
-                Ok(()) => migrated = true,
+                Ok(done) => {
+                    if !done.existing.is_empty() || !done.skipped.is_empty() {
+                        tracing::info!(
+                            existing = ?done.existing,
+                            not_ours = ?done.skipped,
+                            "ClickHouse tables set up by an administrator"
+                        );
+                    }
+                    migrated = true;
+                }
                 Err(e) => {
                     let e = e.to_string();
                     if e != last_err {
@@ -154,7 +214,11 @@ async fn ship_forever(spool: Arc<Mutex<Spool>>, client: clickhouse::Client, audi
                 }
             }
         }
-        match flush(&spool, &client).await {
+        let flushed = flush(&spool, &client).await;
+        if let Some(c) = &mut checkpointer {
+            checkpoint(c, &spool, &client).await;
+        }
+        match flushed {
             Ok(_) => {
                 last_err.clear();
                 auditor.refresh_pending();

@@ -156,6 +156,15 @@ impl Batch {
     }
 }
 
+/// The hash of row `seq` in `rows` (zero when absent).
+fn hash_of(rows: &[LedgerRow], seq: u64) -> [u8; 32] {
+    rows.iter()
+        .find(|r| r.seq == seq)
+        .and_then(|r| hex::decode(&r.row_hash).ok())
+        .and_then(|v| v.try_into().ok())
+        .unwrap_or([0; 32])
+}
+
 /// Sealed rows on disk, and the highest `seq` ClickHouse has acknowledged.
 pub struct Spool {
     spool_path: PathBuf,
@@ -163,6 +172,8 @@ pub struct Spool {
     spool: File,
     pending: Vec<LedgerRow>,
     shipped: u64,
+    /// The hash of row `shipped` (zero before the first).
+    shipped_head: [u8; 32],
     chain: Chain,
     client: clickhouse::Client,
     table: String,
@@ -220,6 +231,7 @@ impl Spool {
             .map_err(io(&spool_path))?;
         spool.set_len(good_len).map_err(io(&spool_path))?;
         let chain = Chain::resume(chain_id, rows.last())?;
+        let shipped_head = hash_of(&rows, shipped);
         let pending = rows.into_iter().filter(|r| r.seq > shipped).collect();
         Ok(Spool {
             spool_path,
@@ -227,6 +239,7 @@ impl Spool {
             spool,
             pending,
             shipped,
+            shipped_head,
             chain,
             client,
             table: table.to_owned(),
@@ -270,6 +283,9 @@ impl Spool {
     /// Records that ClickHouse holds every row up to `last_seq`.
     pub fn mark_shipped(&mut self, last_seq: u64) -> Result<usize, LedgerError> {
         let before = self.pending.len();
+        if last_seq > self.shipped {
+            self.shipped_head = hash_of(&self.pending, last_seq);
+        }
         self.pending.retain(|r| r.seq > last_seq);
         self.shipped = self.shipped.max(last_seq);
         let tmp = self.shipped_path.with_extension("tmp");
@@ -299,6 +315,12 @@ impl Spool {
     /// The ClickHouse table of the decisions.
     pub fn table(&self) -> &str {
         &self.table
+    }
+
+    /// The chain's id, the rows ClickHouse acknowledged and the last one's hash:
+    /// what a checkpoint may vouch for.
+    pub fn shipped_head(&self) -> (String, u64, [u8; 32]) {
+        (self.chain.id().to_owned(), self.shipped, self.shipped_head)
     }
 
     /// The highest `seq` ClickHouse acknowledged.

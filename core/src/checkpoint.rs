@@ -1,0 +1,318 @@
+//! Signed checkpoints of a ledger chain, in the style of C2SP `tlog-checkpoint`
+//! signed notes: a chain's origin, its size and its head hash, signed with Ed25519
+//! by the ledger key. Kept outside ClickHouse, a checkpoint lets anyone detect that
+//! the stored chain was cut (fewer rows than a checkpoint saw), or that rows were
+//! deleted or altered (the row at the checkpoint's size no longer has its hash),
+//! which walking the chain alone cannot show for a truncated tail.
+//!
+//! A note is:
+//!
+//! ```text
+//! gw-ledger/<chain_id>
+//! <size>
+//! <head hash, base64>
+//!
+//! — <key name> <base64(key id ‖ signature)>
+//! ```
+//!
+//! where the key id is the first 4 bytes of SHA-256(key name ‖ 0x0A ‖ 0x01 ‖ public
+//! key), as C2SP signed notes define it for Ed25519.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use sha2::{Digest, Sha256};
+
+use crate::ledger::{walk, ChainError, LedgerRow};
+
+/// The origin line's prefix; the chain id follows.
+pub const ORIGIN_PREFIX: &str = "gw-ledger/";
+/// The em dash that starts a signature line.
+const SIG_LINE: &str = "\u{2014} ";
+
+/// A chain's state at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// `gw-ledger/<chain_id>`.
+    pub origin: String,
+    /// Rows in the chain.
+    pub size: u64,
+    /// The hash of row `size` (the head).
+    pub head: [u8; 32],
+}
+
+/// Why a checkpoint does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckpointError {
+    /// The note is not a checkpoint.
+    #[error("not a checkpoint note: {0}")]
+    Malformed(String),
+    /// No signature by the expected key verifies.
+    #[error("no valid signature by `{0}`")]
+    Signature(String),
+    /// The stored chain is shorter than the checkpoint says it was.
+    #[error("the chain was cut: {have} rows stored, the checkpoint saw {want}")]
+    Truncated {
+        /// Rows stored.
+        have: u64,
+        /// Rows the checkpoint saw.
+        want: u64,
+    },
+    /// The row at the checkpoint's size has another hash: rows were altered or
+    /// replaced.
+    #[error("row {0} differs from the checkpoint: the chain was rewritten")]
+    Rewritten(u64),
+    /// The stored chain does not verify.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+}
+
+/// The key id of `name`'s Ed25519 key `vk` (C2SP signed note).
+pub fn key_id(name: &str, vk: &VerifyingKey) -> [u8; 4] {
+    let mut h = Sha256::new();
+    h.update(name.as_bytes());
+    h.update([0x0a, 0x01]);
+    h.update(vk.as_bytes());
+    let d = h.finalize();
+    [d[0], d[1], d[2], d[3]]
+}
+
+impl Checkpoint {
+    /// The checkpoint of chain `chain_id` with `size` rows and head `head`.
+    pub fn for_chain(chain_id: &str, size: u64, head: [u8; 32]) -> Checkpoint {
+        Checkpoint {
+            origin: format!("{ORIGIN_PREFIX}{chain_id}"),
+            size,
+            head,
+        }
+    }
+
+    /// The chain id of a ledger checkpoint.
+    pub fn chain_id(&self) -> Option<&str> {
+        self.origin.strip_prefix(ORIGIN_PREFIX)
+    }
+
+    /// The signed text: origin, size, head (each line ends with a newline).
+    pub fn body(&self) -> String {
+        format!(
+            "{}\n{}\n{}\n",
+            self.origin,
+            self.size,
+            B64.encode(self.head)
+        )
+    }
+
+    /// The signed note, by `key_name`'s key `sk`.
+    pub fn sign(&self, key_name: &str, sk: &SigningKey) -> String {
+        let body = self.body();
+        let sig = sk.sign(body.as_bytes());
+        let mut blob = key_id(key_name, &sk.verifying_key()).to_vec();
+        blob.extend_from_slice(&sig.to_bytes());
+        format!("{body}\n{SIG_LINE}{key_name} {}\n", B64.encode(blob))
+    }
+
+    /// Parses `note` and checks that `key_name`'s key `vk` signed it.
+    pub fn open(
+        note: &str,
+        key_name: &str,
+        vk: &VerifyingKey,
+    ) -> Result<Checkpoint, CheckpointError> {
+        let bad = |m: &str| CheckpointError::Malformed(m.to_owned());
+        let (body, sigs) = note
+            .split_once("\n\n")
+            .ok_or_else(|| bad("no blank line before the signatures"))?;
+        let body = format!("{body}\n");
+        let mut lines = body.lines();
+        let origin = lines.next().ok_or_else(|| bad("no origin"))?.to_owned();
+        let size: u64 = lines
+            .next()
+            .and_then(|l| l.parse().ok())
+            .ok_or_else(|| bad("no size"))?;
+        let head: [u8; 32] = lines
+            .next()
+            .and_then(|l| B64.decode(l).ok())
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| bad("no 32-byte head hash"))?;
+        if origin.is_empty() {
+            return Err(bad("empty origin"));
+        }
+        let want_id = key_id(key_name, vk);
+        for line in sigs.lines() {
+            let Some(rest) = line.strip_prefix(SIG_LINE) else {
+                continue;
+            };
+            let Some((name, blob)) = rest.split_once(' ') else {
+                continue;
+            };
+            let Ok(blob) = B64.decode(blob) else { continue };
+            if name != key_name || blob.len() != 68 || blob[..4] != want_id {
+                continue;
+            }
+            let Ok(sig) = ed25519_dalek::Signature::from_slice(&blob[4..]) else {
+                continue;
+            };
+            if vk.verify(body.as_bytes(), &sig).is_ok() {
+                return Ok(Checkpoint { origin, size, head });
+            }
+        }
+        Err(CheckpointError::Signature(key_name.to_owned()))
+    }
+
+    /// Checks one chain's stored rows (sorted by `seq`) against this checkpoint:
+    /// the chain verifies, holds at least `size` rows, and row `size` has `head`.
+    /// Returns the rows verified.
+    pub fn check(&self, rows: &[LedgerRow]) -> Result<u64, CheckpointError> {
+        let (n, _) = walk(rows)?;
+        if n < self.size {
+            return Err(CheckpointError::Truncated {
+                have: n,
+                want: self.size,
+            });
+        }
+        if self.size == 0 {
+            return Ok(n);
+        }
+        let at = rows
+            .iter()
+            .find(|r| r.seq == self.size)
+            .ok_or(CheckpointError::Truncated {
+                have: n,
+                want: self.size,
+            })?;
+        if at.row_hash != hex::encode(self.head) {
+            return Err(CheckpointError::Rewritten(self.size));
+        }
+        Ok(n)
+    }
+}
+
+/// Splits an append-only file of notes into notes (each ends after its signature
+/// lines).
+pub fn notes(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_sigs = false;
+    for line in text.lines() {
+        if in_sigs && !line.starts_with(SIG_LINE) {
+            out.push(std::mem::take(&mut cur));
+            in_sigs = false;
+        }
+        if line.is_empty() && !in_sigs && !cur.is_empty() {
+            in_sigs = true;
+        }
+        if line.is_empty() && cur.is_empty() {
+            continue;
+        }
+        cur.push_str(line);
+        cur.push('\n');
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::Chain;
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[9; 32])
+    }
+
+    fn rows(n: u64) -> Vec<LedgerRow> {
+        let mut c = Chain::new("node-1");
+        (1..=n)
+            .map(|i| {
+                c.seal(LedgerRow {
+                    chain_id: String::new(),
+                    seq: 0,
+                    ts_ms: i,
+                    stage: "sidecar".into(),
+                    decision: "accepted".into(),
+                    code: String::new(),
+                    request_id: format!("r{i}"),
+                    issuer: "ops".into(),
+                    module: "mev".into(),
+                    action: "stop".into(),
+                    pubkey_id: "k".into(),
+                    sig_alg: "ed25519-v1".into(),
+                    nonce: i,
+                    args_json: "{}".into(),
+                    raw_hex: String::new(),
+                    requester: "alice".into(),
+                    requester_roles: "admin".into(),
+                    token_issuer: "idp".into(),
+                    prev_hash: String::new(),
+                    row_hash: String::new(),
+                })
+            })
+            .collect()
+    }
+
+    fn checkpoint(r: &[LedgerRow]) -> Checkpoint {
+        let head: [u8; 32] = hex::decode(&r.last().unwrap().row_hash)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        Checkpoint::for_chain("node-1", r.len() as u64, head)
+    }
+
+    #[test]
+    fn a_signed_note_round_trips_and_only_its_key_opens_it() {
+        let r = rows(5);
+        let cp = checkpoint(&r);
+        let note = cp.sign("gw-ledger", &key());
+        assert!(note.starts_with("gw-ledger/node-1\n5\n"), "{note}");
+        let opened = Checkpoint::open(&note, "gw-ledger", &key().verifying_key()).unwrap();
+        assert_eq!(opened, cp);
+        assert_eq!(opened.chain_id(), Some("node-1"));
+        let other = SigningKey::from_bytes(&[8; 32]).verifying_key();
+        assert!(matches!(
+            Checkpoint::open(&note, "gw-ledger", &other),
+            Err(CheckpointError::Signature(_))
+        ));
+        let tampered = note.replacen("\n5\n", "\n4\n", 1);
+        assert!(Checkpoint::open(&tampered, "gw-ledger", &key().verifying_key()).is_err());
+    }
+
+    #[test]
+    fn truncation_deletion_and_rewriting_are_caught() {
+        let r = rows(6);
+        let cp = checkpoint(&r[..5]);
+        assert_eq!(cp.check(&r), Ok(6), "rows after the checkpoint are fine");
+        assert_eq!(
+            cp.check(&r[..3]),
+            Err(CheckpointError::Truncated { have: 3, want: 5 }),
+            "a cut tail still verifies as a chain, but not against the checkpoint"
+        );
+        let mut deleted = r.clone();
+        deleted.remove(2);
+        assert!(matches!(cp.check(&deleted), Err(CheckpointError::Chain(_))));
+        // A whole chain rewritten (re-sealed after a change) verifies as a chain but
+        // not against the checkpoint.
+        let mut c = Chain::new("node-1");
+        let rewritten: Vec<LedgerRow> = r
+            .iter()
+            .map(|row| {
+                let mut x = row.clone();
+                if x.seq == 2 {
+                    x.code = "forged".into();
+                }
+                c.seal(x)
+            })
+            .collect();
+        assert_eq!(cp.check(&rewritten), Err(CheckpointError::Rewritten(5)));
+    }
+
+    #[test]
+    fn a_file_of_notes_splits_into_notes() {
+        let r = rows(3);
+        let a = checkpoint(&r[..1]).sign("gw-ledger", &key());
+        let b = checkpoint(&r).sign("gw-ledger", &key());
+        let file = format!("{a}{b}");
+        let n = notes(&file);
+        assert_eq!(n, vec![a, b]);
+    }
+}

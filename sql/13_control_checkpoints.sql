@@ -1,0 +1,13 @@
+-- Signed checkpoints of each chain (core/src/checkpoint.rs), also kept in a local
+-- file by the sidecar: `gwctl ledger verify --checkpoint` detects a chain cut or
+-- rewritten after them.
+CREATE TABLE IF NOT EXISTS control_checkpoints
+(
+    chain_id LowCardinality(String),
+    size     UInt64,
+    head     String,
+    note     String,
+    ts_ms    UInt64
+)
+ENGINE = MergeTree
+ORDER BY (chain_id, size);
