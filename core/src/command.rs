@@ -79,13 +79,23 @@ fn utf8<'a>(body: &'a [u8], r: &Record, name: &str) -> Result<&'a str, Reject> {
 fn map_entry_key<'a>(body: &'a [u8], r: &Record) -> Result<&'a [u8], Reject> {
     let entry = &body[r.value.clone()];
     let mut key: &[u8] = b"";
+    let (mut has_key, mut has_value) = (false, false);
     let mut pos = 0;
     while pos < entry.len() {
         let er = wire::read_record(entry, &mut pos)
             .map_err(|e| malformed(format!("args entry: {e}")))?;
         match (er.field, er.wire_type) {
-            (1, WireType::Len) => key = &entry[er.value],
-            (2, WireType::Len) => {}
+            (1, WireType::Len) if has_key => {
+                return Err(malformed("an args entry has two keys".into()))
+            }
+            (2, WireType::Len) if has_value => {
+                return Err(malformed("an args entry has two values".into()))
+            }
+            (1, WireType::Len) => {
+                key = &entry[er.value];
+                has_key = true;
+            }
+            (2, WireType::Len) => has_value = true,
             (1 | 2, _) => return Err(malformed("args entry has a wrong wire type".into())),
             _ => {} // unknown entry fields are tolerated, as by every protobuf parser
         }
@@ -125,6 +135,17 @@ pub fn split_signed(body: &[u8]) -> Result<SignedParts<'_>, Reject> {
             FIELD_ARGS => kept.push((r, Some(map_entry_key(body, r)?))),
             _ => kept.push((r, None)),
         }
+    }
+
+    // A map key given twice is ambiguous (which value holds?): refused, like a
+    // repeated singular field.
+    let mut keys: Vec<&[u8]> = kept.iter().filter_map(|(_, k)| *k).collect();
+    keys.sort_unstable();
+    if let Some(w) = keys.windows(2).find(|w| w[0] == w[1]) {
+        return Err(malformed(format!(
+            "args key `{}` appears twice",
+            String::from_utf8_lossy(w[0]).escape_debug()
+        )));
     }
 
     let payload_len = kept.iter().map(|(r, _)| r.span.len()).sum();

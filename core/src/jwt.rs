@@ -75,7 +75,7 @@ pub struct JwtPolicy {
     pub issuers: Vec<String>,
     /// Accepted audiences (`aud` must name one); empty skips the check.
     pub audiences: Vec<String>,
-    /// Clock skew tolerated on `exp` and `nbf`, seconds.
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`, seconds.
     pub leeway_secs: u64,
     /// Refuse tokens without `exp`.
     pub require_exp: bool,
@@ -113,6 +113,8 @@ pub struct VerifiedJwt {
     pub exp: Option<u64>,
     /// `nbf`, if any (unix seconds).
     pub nbf: Option<u64>,
+    /// `iat`, if any (unix seconds).
+    pub iat: Option<u64>,
     /// Roles from the configured claim.
     pub roles: Vec<String>,
     /// `kid` of the key that verified it, if the key had one.
@@ -231,10 +233,14 @@ fn roles_from(claims: &serde_json::Map<String, Value>, path: &str) -> Result<Vec
     }
 }
 
-/// Checks `exp` and `nbf` at `now` with the policy's leeway (also used on cache hits).
+/// Checks `exp`, `nbf` and `iat` at `now` with the policy's leeway (also used on
+/// cache hits). A token issued in the future (`iat` beyond the leeway) is not valid
+/// yet, like one whose `nbf` lies ahead: a clock that wrong at the issuer is not
+/// trusted.
 pub fn check_times(
     exp: Option<u64>,
     nbf: Option<u64>,
+    iat: Option<u64>,
     policy: &JwtPolicy,
     now: u64,
 ) -> Result<(), Reject> {
@@ -248,6 +254,14 @@ pub fn check_times(
     if let Some(nbf) = nbf {
         if now.saturating_add(policy.leeway_secs) < nbf {
             return Err(err(Code::JwtNotYetValid, "token is not valid yet (`nbf`)"));
+        }
+    }
+    if let Some(iat) = iat {
+        if now.saturating_add(policy.leeway_secs) < iat {
+            return Err(err(
+                Code::JwtNotYetValid,
+                "token is issued in the future (`iat`)",
+            ));
         }
     }
     Ok(())
@@ -346,7 +360,8 @@ pub fn verify_jwt(
 
     let exp = numeric_date(&claims, "exp")?;
     let nbf = numeric_date(&claims, "nbf")?;
-    check_times(exp, nbf, policy, now)?;
+    let iat = numeric_date(&claims, "iat")?;
+    check_times(exp, nbf, iat, policy, now)?;
     let iss = opt_string(&claims, "iss")?;
     if !policy.issuers.is_empty() && !iss.as_ref().is_some_and(|i| policy.issuers.contains(i)) {
         return Err(err(Code::JwtIssuer, "issuer is not accepted"));
@@ -369,6 +384,7 @@ pub fn verify_jwt(
         iss,
         exp,
         nbf,
+        iat,
         roles: roles_from(&claims, &policy.roles_claim)?,
         kid: key.kid.clone(),
     })

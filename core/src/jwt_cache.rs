@@ -38,7 +38,7 @@ impl JwtCache {
     ) -> Result<VerifiedJwt, Reject> {
         if let Some(v) = self.map.get(token) {
             self.hits += 1;
-            return match check_times(v.exp, v.nbf, policy, now) {
+            return match check_times(v.exp, v.nbf, v.iat, policy, now) {
                 Ok(()) => Ok(v.clone()),
                 Err(e) => {
                     self.map.remove(token);
@@ -61,7 +61,7 @@ impl JwtCache {
     /// memory matters more than hit rate under a flood of distinct valid tokens).
     fn evict(&mut self, policy: &JwtPolicy, now: u64) {
         self.map
-            .retain(|_, v| check_times(v.exp, v.nbf, policy, now).is_ok());
+            .retain(|_, v| check_times(v.exp, v.nbf, v.iat, policy, now).is_ok());
         if self.map.len() >= self.capacity {
             self.map.clear();
         }

@@ -491,3 +491,75 @@ fn wire_types_match_control_proto() {
         );
     }
 }
+
+/// The same `args` key twice (`throttle_pct` "0" then "21"), validly signed over
+/// exactly those bytes: which value holds is ambiguous, so the command is refused
+/// before its signature is even checked. Likewise an entry with two keys or two
+/// values.
+#[test]
+fn a_repeated_args_key_is_malformed_even_when_signed() {
+    fn entry(fields: &[(u32, &str)]) -> Vec<u8> {
+        let mut e = Vec::new();
+        for (f, v) in fields {
+            len_record(&mut e, *f, v.as_bytes());
+        }
+        e
+    }
+    let base = signing_payload(&cmd(&[]));
+    let recs = wire::records(&base).unwrap();
+    let without_args: Vec<u8> = recs
+        .iter()
+        .filter(|r| r.field != FIELD_ARGS)
+        .flat_map(|r| base[r.span.clone()].to_vec())
+        .collect();
+    /// Args entries, each a list of (entry field, value).
+    type Entries<'a> = &'a [&'a [(u32, &'a str)]];
+    let cases: [(Entries, &str); 3] = [
+        (
+            &[
+                &[(1, "throttle_pct"), (2, "0")],
+                &[(1, "throttle_pct"), (2, "21")],
+            ],
+            "args key `throttle_pct` appears twice",
+        ),
+        (
+            &[&[(1, "throttle_pct"), (1, "ev_min"), (2, "21")]],
+            "an args entry has two keys",
+        ),
+        (
+            &[&[(1, "throttle_pct"), (2, "0"), (2, "21")]],
+            "an args entry has two values",
+        ),
+    ];
+    for (entries, want) in cases {
+        let mut signed = without_args.clone();
+        for e in entries {
+            len_record(&mut signed, FIELD_ARGS, &entry(e));
+        }
+        let mut body = signed.clone();
+        body.extend(sig_records(
+            &signed,
+            &sk(1),
+            "op-admin-1",
+            SIG_ALG_ED25519_V1,
+        ));
+        let err = verify_command(&body, &ring(), Some(NOW)).unwrap_err();
+        assert_eq!(err.code, Code::Malformed, "{want}");
+        assert!(err.detail.contains(want), "{}: {want}", err.detail);
+    }
+    // One entry per key still verifies.
+    let mut signed = without_args.clone();
+    len_record(
+        &mut signed,
+        FIELD_ARGS,
+        &entry(&[(1, "throttle_pct"), (2, "21")]),
+    );
+    let mut body = signed.clone();
+    body.extend(sig_records(
+        &signed,
+        &sk(1),
+        "op-admin-1",
+        SIG_ALG_ED25519_V1,
+    ));
+    assert!(verify_command(&body, &ring(), Some(NOW)).is_ok());
+}

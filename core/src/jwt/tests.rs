@@ -105,6 +105,24 @@ fn time_claims() {
     let mut c = good_claims();
     c["nbf"] = json!(NOW + 31);
     assert_eq!(code(&mk(c), &hs_keys()), Code::JwtNotYetValid);
+    // Issued a day ahead: not valid yet; within the leeway: fine; a bad `iat`:
+    // the claims are wrong.
+    let mut c = good_claims();
+    c["iat"] = json!(NOW + 86_400);
+    let e = verify_jwt(&mk(c), &hs_keys(), &policy(), NOW).unwrap_err();
+    assert_eq!(
+        (e.code, &*e.detail),
+        (
+            Code::JwtNotYetValid,
+            "token is issued in the future (`iat`)"
+        )
+    );
+    let mut c = good_claims();
+    c["iat"] = json!(NOW + 29);
+    assert!(verify_jwt(&mk(c), &hs_keys(), &policy(), NOW).is_ok());
+    let mut c = good_claims();
+    c["iat"] = json!("now");
+    assert_eq!(code(&mk(c), &hs_keys()), Code::JwtClaims);
     let mut c = good_claims();
     c["exp"] = json!("tomorrow");
     assert_eq!(code(&mk(c), &hs_keys()), Code::JwtClaims);
