@@ -25,6 +25,7 @@ pub mod module_state;
 pub mod names;
 pub mod replay;
 pub mod roles;
+pub mod txwire;
 pub mod wire;
 
 pub use code::{Code, Reject};

@@ -17,7 +17,7 @@ pub mod rpc;
 pub mod strategy;
 pub mod tls;
 pub mod tpu;
-pub mod txwire;
+pub use gw_core::txwire;
 
 use crate::config::OutOfBounds;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -13,7 +13,6 @@
 
 use std::time::Instant;
 
-use base64::Engine as _;
 use bytes::Bytes;
 use gw_core::Module;
 use serde_json::{json, Value};
@@ -21,14 +20,10 @@ use serde_json::{json, Value};
 use gw_core::module_state::{ModuleState, Refusal, Throttle};
 use parking_lot::Mutex;
 
-use super::txwire::{self, TxError};
 use super::{SendMeta, Sender};
 use crate::control::ModuleTable;
+use gw_core::txwire::{self, DecodeError, Encoding, TxError};
 
-/// Largest base58 transaction (Solana's `MAX_BASE58_SIZE`).
-pub const MAX_BASE58: usize = 1683;
-/// Largest base64 transaction (Solana's `MAX_BASE64_SIZE`).
-pub const MAX_BASE64: usize = 1644;
 /// Most requests in one batch.
 pub const MAX_BATCH: usize = 64;
 
@@ -140,36 +135,20 @@ fn encoding(opts: Option<&Value>) -> Result<&str, RpcErr> {
 
 /// Decodes one encoded transaction and checks it (structure, size, signatures).
 pub fn decode_tx(s: &str, encoding: &str) -> Result<(Bytes, String), RpcErr> {
-    let bad = |m: String| (code::INVALID_PARAMS, m);
-    let raw = match encoding {
-        "base64" => {
-            if s.len() > MAX_BASE64 {
-                return Err(bad(format!(
-                    "base64 encoded transaction too large ({} bytes) (max: encoded/raw {MAX_BASE64}/{})",
-                    s.len(),
-                    super::tpu::MAX_TX_BYTES
-                )));
-            }
-            base64::engine::general_purpose::STANDARD
-                .decode(s)
-                .map_err(|e| bad(format!("invalid base64 encoding: {e}")))?
-        }
-        _ => {
-            if s.len() > MAX_BASE58 {
-                return Err(bad(format!(
-                    "base58 encoded transaction too large ({} bytes) (max: encoded/raw {MAX_BASE58}/{})",
-                    s.len(),
-                    super::tpu::MAX_TX_BYTES
-                )));
-            }
-            bs58::decode(s)
-                .into_vec()
-                .map_err(|e| bad(format!("invalid base58 encoding: {e}")))?
-        }
+    let enc = if encoding == "base64" {
+        Encoding::Base64
+    } else {
+        Encoding::Base58
     };
-    let info = txwire::parse(&raw, true).map_err(|e| match e {
-        TxError::BadSignature(_) => bad(format!("transaction signature verification failure: {e}")),
-        e => bad(format!("failed to deserialize transaction: {e}")),
+    let (raw, info) = txwire::decode(s, enc).map_err(|e| {
+        let m = match e {
+            DecodeError::Tx(e @ TxError::BadSignature(_)) => {
+                format!("transaction signature verification failure: {e}")
+            }
+            DecodeError::Tx(e) => format!("failed to deserialize transaction: {e}"),
+            e => e.to_string(),
+        };
+        (code::INVALID_PARAMS, m)
     })?;
     Ok((Bytes::from(raw), info.signature_b58()))
 }

@@ -27,8 +27,7 @@ use tokio::task::JoinHandle;
 use super::cc::{CongestionConfig, PhaseBoostFactory, PhaseSignal};
 use super::tls;
 
-/// Largest transaction the TPU accepts (Solana's `PACKET_DATA_SIZE`).
-pub const MAX_TX_BYTES: usize = 1232;
+pub use gw_core::txwire::MAX_TX_BYTES;
 /// Concurrent streams a validator grants an unstaked client.
 pub const UNSTAKED_STREAMS: usize = 128;
 

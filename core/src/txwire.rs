@@ -3,9 +3,89 @@
 //! message header and the account keys (legacy and v0 messages), each signature
 //! verified (`verify_strict`, as the runtime does) over the message bytes.
 
+use base64::Engine as _;
 use ed25519_dalek::{Signature, VerifyingKey};
 
-use super::tpu::MAX_TX_BYTES;
+/// The largest transaction a packet carries (Solana's `PACKET_DATA_SIZE`).
+pub const MAX_TX_BYTES: usize = 1232;
+/// Largest base58 transaction (Solana's `MAX_BASE58_SIZE`).
+pub const MAX_BASE58: usize = 1683;
+/// Largest base64 transaction (Solana's `MAX_BASE64_SIZE`).
+pub const MAX_BASE64: usize = 1644;
+
+/// How a transaction is encoded in a JSON-RPC request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// `base58` (the RPC default).
+    Base58,
+    /// `base64`.
+    Base64,
+}
+
+/// Why an encoded transaction is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Longer than the encoding of the largest transaction.
+    #[error("{encoding} encoded transaction too large ({len} bytes) (max: encoded/raw {max}/{MAX_TX_BYTES})")]
+    TooLarge {
+        /// `base58` or `base64`.
+        encoding: &'static str,
+        /// Its length.
+        len: usize,
+        /// The largest accepted.
+        max: usize,
+    },
+    /// Not valid base58/base64.
+    #[error("invalid {encoding} encoding: {detail}")]
+    Encoding {
+        /// `base58` or `base64`.
+        encoding: &'static str,
+        /// The decoder's words.
+        detail: String,
+    },
+    /// Decoded, but not a transaction or not validly signed.
+    #[error(transparent)]
+    Tx(#[from] TxError),
+}
+
+/// Decodes one encoded transaction and checks it (size, structure, every
+/// signature): the raw bytes and what they tell.
+pub fn decode(s: &str, encoding: Encoding) -> Result<(Vec<u8>, TxInfo), DecodeError> {
+    let raw = match encoding {
+        Encoding::Base64 => {
+            if s.len() > MAX_BASE64 {
+                return Err(DecodeError::TooLarge {
+                    encoding: "base64",
+                    len: s.len(),
+                    max: MAX_BASE64,
+                });
+            }
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map_err(|e| DecodeError::Encoding {
+                    encoding: "base64",
+                    detail: e.to_string(),
+                })?
+        }
+        Encoding::Base58 => {
+            if s.len() > MAX_BASE58 {
+                return Err(DecodeError::TooLarge {
+                    encoding: "base58",
+                    len: s.len(),
+                    max: MAX_BASE58,
+                });
+            }
+            bs58::decode(s)
+                .into_vec()
+                .map_err(|e| DecodeError::Encoding {
+                    encoding: "base58",
+                    detail: e.to_string(),
+                })?
+        }
+    };
+    let info = parse(&raw, true)?;
+    Ok((raw, info))
+}
 
 /// Why a transaction is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
