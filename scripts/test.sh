@@ -28,3 +28,7 @@ summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^pass
                END { printf "tests: %d passed, %d failed\n", p, f }' "$out")
 mkdir -p "$GW_CACHE"
 echo "$summary" | tee "$GW_CACHE/last-test-summary"
+# Every fuzz target for a bounded time (FUZZ_SECS each; 0 skips), from its seeds.
+if (( ${FUZZ_SECS:-30} > 0 )); then
+  bash scripts/fuzz.sh "${FUZZ_SECS:-30}"
+fi
