@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS control_decisions
     requester       String,
     requester_roles String,
     token_issuer    String,
+    route           String,
     prev_hash       String,
     row_hash        String
 )

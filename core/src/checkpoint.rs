@@ -244,6 +244,7 @@ mod tests {
                     requester: "alice".into(),
                     requester_roles: "admin".into(),
                     token_issuer: "idp".into(),
+                    route: String::new(),
                     prev_hash: String::new(),
                     row_hash: String::new(),
                 })

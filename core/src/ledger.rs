@@ -120,6 +120,9 @@ pub struct LedgerRow {
     /// The JWT's issuer (`iss`).
     #[serde(default)]
     pub token_issuer: String,
+    /// The route the request came in on (empty for the agent's rows).
+    #[serde(default)]
+    pub route: String,
     /// Hash of the previous row (hex).
     pub prev_hash: String,
     /// Hash of this row (hex).
@@ -157,7 +160,12 @@ impl LedgerRow {
         h.update(self.nonce.to_be_bytes());
         put(&mut h, self.args_json.as_bytes());
         put(&mut h, self.raw_hex.as_bytes());
-        for f in [&self.requester, &self.requester_roles, &self.token_issuer] {
+        for f in [
+            &self.requester,
+            &self.requester_roles,
+            &self.token_issuer,
+            &self.route,
+        ] {
             put(&mut h, f.as_bytes());
         }
         h.finalize().into()

@@ -21,9 +21,8 @@ pub struct VerifyStage {
     metrics: Option<Rc<Metrics>>,
     pending: Option<(PendingCommand, Ticket)>,
     reports: Option<Reports>,
-    /// The request path, when it is a control route and reporting is on
-    /// (reported on rejection).
-    control_path: Option<String>,
+    /// The request path, when reporting is on (reported on rejection).
+    reported_path: Option<String>,
     /// The command body, once read, when reporting is on (reported on rejection).
     body: Option<Vec<u8>>,
     /// Who sent it, once the JWT verified (reported on rejection).
@@ -44,7 +43,7 @@ impl VerifyStage {
             metrics,
             pending: None,
             reports,
-            control_path: None,
+            reported_path: None,
             body: None,
             requester: None,
         }
@@ -52,7 +51,7 @@ impl VerifyStage {
 
     /// Queues a rejected control request for the ledger (when reporting is on).
     fn report(&self, r: &Reject) {
-        let (Some(reports), Some(path)) = (&self.reports, &self.control_path) else {
+        let (Some(reports), Some(path)) = (&self.reports, &self.reported_path) else {
             return;
         };
         let report = EdgeReport::rejected(
@@ -130,11 +129,10 @@ impl VerifyStage {
                 .map(|(_, v)| *v)
         };
         let path = get(":path").unwrap_or("");
-        let s = &edge.settings;
-        if self.reports.is_some()
-            && (path.starts_with(&s.command_path) || path.starts_with(&s.module_route_prefix))
-        {
-            self.control_path =
+        // Every refusal is reported (the ledger has a row for each), whatever the
+        // route; a refusal before the path is read has no route.
+        if self.reports.is_some() {
+            self.reported_path =
                 Some(contract::truncate_utf8(path, contract::MAX_REPORT_PATH_BYTES).to_owned());
         }
         let head = RequestHead {

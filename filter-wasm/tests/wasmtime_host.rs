@@ -644,7 +644,7 @@ fn a_host_without_metrics_still_works() {
 fn rejected_control_requests_are_reported_in_bounded_batches_on_tick() {
     let host = Host::new();
     let mut cfg = testkit::fixtures::filter_config(2048);
-    cfg["report"] = serde_json::json!({"cluster": "sidecar", "period_ms": 100, "max_queued": 2});
+    cfg["report"] = serde_json::json!({"cluster": "sidecar", "period_ms": 100, "max_queued": 3});
     let mut vm = host.vm(&cfg.to_string(), NOW).unwrap();
     assert_eq!(vm.tick_ms(), 100);
     let admin = bearer(&["admin"]);
@@ -653,14 +653,14 @@ fn rejected_control_requests_are_reported_in_bounded_batches_on_tick() {
     tampered[i] = b'X';
     let out = vm.request(&post("/api/control/commands", &admin), &tampered, 1);
     assert_eq!(out.code().as_deref(), Some("bad_signature"));
-    // Not a control route: not reported.
+    // Any route's refusal is reported, with its path.
     let out = vm.request(&[(":method", "GET"), (":path", "/api/modules")], b"", 1);
     assert_eq!(out.status(), 401);
     // A header-phase rejection on a module route: reported without a body.
     let viewer = bearer(&["viewer"]);
     let out = vm.request(&post("/api/control/module/mev:stop", &viewer), b"{}", 1);
     assert_eq!(out.code().as_deref(), Some("forbidden_role"));
-    // The queue holds two: a third rejection is dropped (counted at the next tick).
+    // The queue holds three: a fourth rejection is dropped (counted at the next tick).
     let out = vm.request(&post("/api/control/commands", "Bearer nope"), b"", 1);
     assert_eq!(out.status(), 401);
     assert!(vm.calls().is_empty(), "nothing is sent outside the tick");
@@ -685,25 +685,34 @@ fn rejected_control_requests_are_reported_in_bounded_batches_on_tick() {
         )
     );
     let reports: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
-    assert_eq!(reports.as_array().unwrap().len(), 2);
+    assert_eq!(reports.as_array().unwrap().len(), 3);
     assert_eq!(reports[0]["code"], "bad_signature");
     assert_eq!(reports[0]["raw_hex"], hex::encode(&tampered));
     assert_eq!(reports[0]["ts_ms"], NOW * 1000);
-    assert_eq!(
+    let summary = |r: &serde_json::Value| {
         (
-            reports[1]["code"].as_str(),
-            reports[1]["path"].as_str(),
-            reports[1]["raw_hex"].as_str()
-        ),
-        (
-            Some("forbidden_role"),
-            Some("/api/control/module/mev:stop"),
-            Some("")
+            r["code"].as_str().map(str::to_owned),
+            r["path"].as_str().map(str::to_owned),
+            r["raw_hex"].as_str().map(str::to_owned),
+            r["requester"].as_str().map(str::to_owned),
         )
+    };
+    let s = |c: &str, p: &str, who: &str| {
+        (
+            Some(c.to_owned()),
+            Some(p.to_owned()),
+            Some(String::new()),
+            Some(who.to_owned()),
+        )
+    };
+    assert_eq!(summary(&reports[1]), s("jwt_missing", "/api/modules", ""));
+    assert_eq!(
+        summary(&reports[2]),
+        s("forbidden_role", "/api/control/module/mev:stop", "alice")
     );
     assert_eq!(vm.metric("gw_edge.report.dropped"), Some(1));
     vm.respond(call.token, 200);
-    assert_eq!(vm.metric("gw_edge.report.sent"), Some(2));
+    assert_eq!(vm.metric("gw_edge.report.sent"), Some(3));
 
     // A refused batch is counted as failed (not retried).
     vm.request(&post("/api/control/commands", &admin), &tampered, 1);

@@ -293,6 +293,7 @@ pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) ->
         body: &body,
         command: None,
         requester: None,
+        route: gw_core::contract::truncate_utf8(&path, gw_core::contract::MAX_REPORT_PATH_BYTES),
     });
     match recorded {
         Ok(()) => ApiError::new(code, detail).into_response(),

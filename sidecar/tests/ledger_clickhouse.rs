@@ -196,6 +196,17 @@ fn every_http_decision_lands_in_the_chained_ledger() {
         .collect();
     assert_eq!(decisions, vec!["accepted", "applied", "rejected"]);
     assert_eq!(by_id[2]["code"], "replay");
+    // Each row names the route it came in on (the agent's come from the bus).
+    let routes: Vec<&str> = by_id
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["route"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        routes,
+        vec!["/api/control/commands", "", "/api/control/commands"]
+    );
     let history = get("/api/ledger/history");
     assert_eq!(history.as_array().unwrap().len(), 6);
     assert_eq!(history[0]["seq"], 6, "newest first");

@@ -105,6 +105,7 @@ pub fn ledger_row(i: u64) -> gw_core::ledger::LedgerRow {
         requester: "alice".into(),
         requester_roles: "admin".into(),
         token_issuer: "defi-dashboard".into(),
+        route: "/api/control/commands".into(),
         prev_hash: String::new(),
         row_hash: String::new(),
     }

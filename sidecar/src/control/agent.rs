@@ -258,6 +258,7 @@ impl Agent {
             body: &d.payload,
             command,
             requester: Some(&d.requester),
+            route: "",
         })
     }
 

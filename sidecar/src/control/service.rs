@@ -165,6 +165,7 @@ impl Control {
         body: &[u8],
         command: Option<&Command>,
         requester: &Requester,
+        route: &str,
     ) -> Result<(), AuditError> {
         for r in rows {
             self.auditor.record(Entry {
@@ -174,6 +175,7 @@ impl Control {
                 body,
                 command,
                 requester: Some(requester),
+                route,
             })?;
         }
         Ok(())
@@ -181,8 +183,8 @@ impl Control {
 
     /// Records a refusal's rows; answers with its rejection (or, when the ledger
     /// cannot take the rows, with that).
-    fn refuse(&self, r: Refused, body: &[u8], requester: &Requester) -> ApiError {
-        match self.record(&r.rows, body, r.command.as_ref(), requester) {
+    fn refuse(&self, r: Refused, body: &[u8], requester: &Requester, route: &str) -> ApiError {
+        match self.record(&r.rows, body, r.command.as_ref(), requester, route) {
             Ok(()) => r.reject.into(),
             Err(e) => e.into(),
         }
@@ -191,7 +193,13 @@ impl Control {
     /// Refuses a request before admission (a route, a media type, a JSON body the
     /// sidecar cannot sign): counted, answered, and recorded — after the edge's
     /// acceptance when the edge forwarded it.
-    fn refuse_early(&self, reject: Reject, body: &[u8], edge: Option<&EdgeIdentity>) -> ApiError {
+    fn refuse_early(
+        &self,
+        reject: Reject,
+        body: &[u8],
+        edge: Option<&EdgeIdentity>,
+        route: &str,
+    ) -> ApiError {
         let mut rows = Vec::with_capacity(2);
         if edge.is_some() {
             rows.push(Row {
@@ -215,6 +223,7 @@ impl Control {
             },
             body,
             &requester,
+            route,
         )
     }
 
@@ -258,6 +267,7 @@ impl Control {
         edge: Option<&EdgeIdentity>,
         requester: &Requester,
     ) -> Result<Value, ApiError> {
+        let path = route_path(route);
         let req = Request {
             body,
             route,
@@ -274,7 +284,7 @@ impl Control {
                 if let Some(c) = &r.command {
                     record_command(c);
                 }
-                return Err(self.refuse(r, body, requester));
+                return Err(self.refuse(r, body, requester, &path));
             }
             Verdict::Admitted(a) => a,
         };
@@ -287,7 +297,7 @@ impl Control {
         // Audited before it is published: nothing reaches the bus without its row,
         // and the ledger reads accepted → applied. If publishing then fails, an
         // `unavailable` row for the same request follows.
-        self.record(&a.rows, body, Some(c), requester)?;
+        self.record(&a.rows, body, Some(c), requester, &path)?;
         let mut acks = self.acks.subscribe();
         let position = match self.bus.publish(a.verified.module, body, requester).await {
             Ok(p) => p,
@@ -297,7 +307,7 @@ impl Control {
                     .lock()
                     .admission
                     .publish_failed(&a, &e.to_string());
-                return Err(self.refuse(r, body, requester));
+                return Err(self.refuse(r, body, requester, &path));
             }
         };
         // On the bus: the agent will apply it. Make the nonce durable here too; if
@@ -364,7 +374,8 @@ impl Control {
         route: (Module, Action),
         edge: Option<&EdgeIdentity>,
     ) -> Result<Json<Value>, ApiError> {
-        let refuse = |r: Reject| Err(self.refuse_early(r, body, edge));
+        let path = route_path(Some(route));
+        let refuse = |r: Reject| Err(self.refuse_early(r, body, edge, &path));
         let args = match json_route::parse_args(body, route.1) {
             Ok(a) => a,
             Err(r) => return refuse(r),
@@ -389,6 +400,7 @@ impl Control {
                 body,
                 command: None,
                 requester: Some(&e.requester),
+                route: &path,
             })?;
         }
         let requester = edge.map(|e| e.requester.clone()).unwrap_or_default();
@@ -400,6 +412,19 @@ impl Control {
             Err(e) => self.metrics.decision(e.code().as_str()),
         }
         result.map(Json)
+    }
+}
+
+/// The route a command came in on: the command endpoint, or a module route.
+fn route_path(route: Option<(Module, Action)>) -> String {
+    match route {
+        None => contract::COMMAND_PATH.to_owned(),
+        Some((m, a)) => format!(
+            "{}{}:{}",
+            contract::MODULE_ROUTE_PREFIX,
+            m.as_str(),
+            a.as_str()
+        ),
     }
 }
 
@@ -461,6 +486,7 @@ async fn post_command(
             ),
             &body,
             edge.as_ref(),
+            contract::COMMAND_PATH,
         ));
     }
     c.admit(&body, None, edge.as_ref()).await
@@ -478,6 +504,11 @@ async fn post_module(
             Reject::new(Code::Malformed, "route names an unknown module or action"),
             &body,
             edge.as_ref(),
+            &format!(
+                "{}{}",
+                contract::MODULE_ROUTE_PREFIX,
+                contract::truncate_utf8(&spec, 64)
+            ),
         ));
     };
     let ct = content_type(&headers);
@@ -492,6 +523,7 @@ async fn post_module(
             ),
             &body,
             edge.as_ref(),
+            &route_path(Some(route)),
         ));
     }
     c.admit_json(&body, route, edge.as_ref()).await
@@ -517,6 +549,7 @@ async fn edge_decisions(
             body: &r.raw,
             command: None,
             requester: Some(&r.requester),
+            route: &r.path,
         })?;
         c.metrics.decision("edge_reported");
     }

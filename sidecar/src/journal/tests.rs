@@ -150,6 +150,11 @@ fn segments_below_every_hold_are_deleted() {
     assert!(segments(d.path()).len() >= all, "b still holds everything");
     j.hold("b", 9);
     j.append_blocking(vec![payload(12)]).unwrap();
+    // Retention runs on the writer thread after it answers: wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while segments(d.path()).len() >= all && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     drop(j);
     let (_, rec) = open(d.path(), 64);
     assert!(rec.first().unwrap().0 <= 9, "what is held is kept");

@@ -35,6 +35,9 @@ pub struct Entry<'a> {
     pub command: Option<&'a Command>,
     /// Who sent the request, as the edge verified it.
     pub requester: Option<&'a Requester>,
+    /// The route it came in on (`""` for the agent, which takes commands from the
+    /// bus).
+    pub route: &'a str,
 }
 
 /// The decision could not be made durable: the caller must not act on it.
@@ -126,6 +129,7 @@ fn row(e: &Entry<'_>) -> LedgerRow {
         requester: who.sub,
         requester_roles: who.roles,
         token_issuer: who.token_issuer,
+        route: e.route.to_owned(),
         prev_hash: String::new(),
         row_hash: String::new(),
     }

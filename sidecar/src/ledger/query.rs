@@ -38,6 +38,8 @@ pub struct DecisionView {
     pub requester_roles: String,
     /// The JWT's issuer.
     pub token_issuer: String,
+    /// The route the request came in on.
+    pub route: String,
 }
 
 /// One five-minute window of applied POLICY commands.
@@ -73,7 +75,7 @@ pub struct LedgerStatus {
 }
 
 const DECISION_COLUMNS: &str = "chain_id, seq, ts_ms, stage, decision, code, issuer, module, \
-     action, request_id, nonce, requester, requester_roles, token_issuer";
+     action, request_id, nonce, requester, requester_roles, token_issuer, route";
 
 /// ClickHouse could not answer.
 #[derive(Debug, thiserror::Error)]

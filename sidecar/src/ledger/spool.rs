@@ -32,6 +32,7 @@ pub struct DecisionRow {
     requester: String,
     requester_roles: String,
     token_issuer: String,
+    route: String,
     prev_hash: String,
     row_hash: String,
 }
@@ -57,6 +58,7 @@ impl From<&LedgerRow> for DecisionRow {
             requester: r.requester.clone(),
             requester_roles: r.requester_roles.clone(),
             token_issuer: r.token_issuer.clone(),
+            route: r.route.clone(),
             prev_hash: r.prev_hash.clone(),
             row_hash: r.row_hash.clone(),
         }
@@ -84,6 +86,7 @@ impl From<DecisionRow> for LedgerRow {
             requester: r.requester,
             requester_roles: r.requester_roles,
             token_issuer: r.token_issuer,
+            route: r.route,
             prev_hash: r.prev_hash,
             row_hash: r.row_hash,
         }
