@@ -15,16 +15,19 @@
 #
 #   bash scripts/run-gateway.sh [--kafka]           run in the foreground
 #   bash scripts/run-gateway.sh [--kafka] --smoke   start, send signed commands, check, stop (CI)
+#   bash scripts/run-gateway.sh --smoke --hostile   …then the hostile-input suite (tests/hostile/)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$GW_ROOT"
 smoke=0
 kafka=0
+hostile=0
 for a in "$@"; do
   case "$a" in
     --smoke) smoke=1 ;;
     --kafka) kafka=1 ;;
-    *) die "usage: run-gateway.sh [--kafka] [--smoke]" ;;
+    --hostile) hostile=1 ;;
+    *) die "usage: run-gateway.sh [--kafka] [--smoke [--hostile]]" ;;
   esac
 done
 
@@ -238,6 +241,12 @@ if (( smoke )); then
     log "smoke: commands crossed Kafka; ClickHouse's Kafka engine ingested $k into control_ledger"
   fi
   log "smoke: signed command applied once over HTTP/3 (mev 40%), replay refused over HTTP/2, JSON route signed and applied (arbitrage 50%)"
+  if (( hostile )); then
+    log "hostile-input suite (tests/hostile/hostile.py)"
+    timeout 600 "$GW_VENV/bin/python" tests/hostile/hostile.py --run "$run" || die "the hostile-input suite failed"
+    "$bin/gwctl" ledger verify --clickhouse http://127.0.0.1:8123 \
+      || die "the ledger does not verify after the hostile-input suite"
+  fi
   exit 0
 fi
 echo "Ctrl-C to stop."

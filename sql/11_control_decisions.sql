@@ -36,3 +36,10 @@ PARTITION BY toYYYYMM(toDateTime(intDiv(ts_ms, 1000)))
 ORDER BY (chain_id, seq)
 TTL toDateTime(intDiv(ts_ms, 1000)) + INTERVAL 400 DAY DELETE
 SETTINGS non_replicated_deduplication_window = 10000;
+
+-- Columns added after the table's first release: a table made by an older version
+-- gains them (run by the administrator's setup; the sidecar's user may not ALTER).
+ALTER TABLE control_decisions ADD COLUMN IF NOT EXISTS requester String AFTER raw_hex;
+ALTER TABLE control_decisions ADD COLUMN IF NOT EXISTS requester_roles String AFTER requester;
+ALTER TABLE control_decisions ADD COLUMN IF NOT EXISTS token_issuer String AFTER requester_roles;
+ALTER TABLE control_decisions ADD COLUMN IF NOT EXISTS route String AFTER token_issuer;

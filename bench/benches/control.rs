@@ -27,13 +27,15 @@ const LEDGER_ROWS: u64 = 5_000;
 const COMMANDS: u64 = 1_000;
 const CONCURRENCY: usize = 16;
 
-fn ddl(table: &str) -> String {
+/// The statements of `sql/11` for a table named `table`.
+fn ddl(table: &str) -> Vec<String> {
     let sql =
         std::fs::read_to_string(testkit::workspace_root().join("sql/11_control_decisions.sql"))
             .expect("sql/11");
     gw_sidecar::ledger::migrations::statements(&sql)
-        .join("\n")
-        .replace("control_decisions", table)
+        .into_iter()
+        .map(|s| s.replace("control_decisions", table))
+        .collect()
 }
 
 fn row(i: u64) -> LedgerRow {
@@ -50,8 +52,9 @@ fn ledger_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     for round in 0..3 {
         let ours = format!("ours_{round}");
         let raw = format!("raw_{round}");
-        ch.query(&ddl(&ours));
-        ch.query(&ddl(&raw));
+        for stmt in ddl(&ours).iter().chain(&ddl(&raw)) {
+            ch.query(stmt);
+        }
         let mut ledger = Ledger::open(
             &dir.join(format!("spool-{round}")),
             client.clone(),

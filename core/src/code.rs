@@ -107,6 +107,8 @@ codes! {
     Unauthenticated => "unauthenticated", 401;
     /// The caller's certificate is not the edge's: only the edge may call this.
     ForbiddenPeer => "forbidden_peer", 403;
+    /// No such route.
+    NotFound => "not_found", 404;
 }
 
 impl Code {

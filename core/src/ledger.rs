@@ -160,13 +160,13 @@ impl LedgerRow {
         h.update(self.nonce.to_be_bytes());
         put(&mut h, self.args_json.as_bytes());
         put(&mut h, self.raw_hex.as_bytes());
-        for f in [
-            &self.requester,
-            &self.requester_roles,
-            &self.token_issuer,
-            &self.route,
-        ] {
+        for f in [&self.requester, &self.requester_roles, &self.token_issuer] {
             put(&mut h, f.as_bytes());
+        }
+        // Added later: hashed only when set, so rows written before it keep their
+        // hash (an empty trailing field and an absent one are the same row).
+        if !self.route.is_empty() {
+            put(&mut h, self.route.as_bytes());
         }
         h.finalize().into()
     }

@@ -68,3 +68,25 @@ fn fields_cannot_shift_into_each_other() {
     b.module = "mev".into();
     assert_ne!(a.compute_hash(&GENESIS), b.compute_hash(&GENESIS));
 }
+
+/// A field added after rows were written (`route`) is hashed only when set: a row
+/// without it keeps the hash it was written with, and setting or changing it
+/// changes the hash.
+#[test]
+fn a_later_field_keeps_older_rows_verifying() {
+    let mut old = row(1);
+    old.route = String::new();
+    let h = old.compute_hash(&GENESIS);
+    let mut routed = old.clone();
+    routed.route = "/api/control/commands".into();
+    assert_ne!(routed.compute_hash(&GENESIS), h);
+    let mut other = routed.clone();
+    other.route = "/api/control/module/mev:stop".into();
+    assert_ne!(other.compute_hash(&GENESIS), routed.compute_hash(&GENESIS));
+    // The route cannot pose as the end of the token issuer.
+    let mut shifted = old.clone();
+    shifted.token_issuer = format!("{}x", old.token_issuer);
+    let mut tail = old.clone();
+    tail.route = "x".into();
+    assert_ne!(shifted.compute_hash(&GENESIS), tail.compute_hash(&GENESIS));
+}

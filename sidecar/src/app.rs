@@ -55,6 +55,11 @@ impl Running {
             .merge(self.ledger.router())
             .merge(ModelsApi::new(self.models.clone(), modules.clone()).router())
             .merge(SenderApi::new(self.plane.clone(), modules).router())
+            .fallback_service(
+                axum::Router::new()
+                    .fallback(crate::serve::not_found)
+                    .with_state(self.gatekeeper.clone()),
+            )
             .layer(axum::middleware::from_fn_with_state(
                 self.gatekeeper.clone(),
                 crate::serve::edge_only,

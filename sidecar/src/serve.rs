@@ -280,11 +280,23 @@ pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) ->
             "the sidecar takes requests from the edge only: present its client certificate",
         ),
     };
+    tracing::warn!(path = %req.uri().path(), code = %code, "refused a caller that is not the edge");
+    refuse(&g, code, detail, req).await
+}
+
+/// Any path the sidecar does not serve (after [`edge_only`]): 404 `not_found`, with
+/// its ledger row like every refusal.
+pub async fn not_found(State(g): State<Gatekeeper>, req: Request) -> Response {
+    refuse(&g, Code::NotFound, "the sidecar has no such route", req).await
+}
+
+/// Answers `req` with `code`, after its row (the route and up to
+/// [`REFUSED_BODY_BYTES`] of its body) is durable.
+async fn refuse(g: &Gatekeeper, code: Code, detail: &'static str, req: Request) -> Response {
     let path = req.uri().path().to_owned();
     let body = axum::body::to_bytes(req.into_body(), REFUSED_BODY_BYTES)
         .await
         .unwrap_or_default();
-    tracing::warn!(%path, code = %code, "refused a caller that is not the edge");
     g.metrics.decision(code.as_str());
     let recorded = g.auditor.record(Entry {
         stage: Stage::Sidecar,

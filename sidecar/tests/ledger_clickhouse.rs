@@ -16,12 +16,9 @@ fn create_table(ch: &ClickHouse) {
     let ddl =
         std::fs::read_to_string(testkit::workspace_root().join("sql/11_control_decisions.sql"))
             .unwrap();
-    let body: String = ddl
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("--"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    ch.query(body.trim().trim_end_matches(';'));
+    for stmt in gw_sidecar::ledger::migrations::statements(&ddl) {
+        ch.query(&stmt);
+    }
 }
 
 use common::stored;

@@ -95,9 +95,17 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
         cmd(),
     );
     assert_eq!(status, 200, "{body}");
+    // A path the sidecar does not serve: 404 not_found, with its row too.
+    let (status, body) = call(&s, &s.http, "POST", "/api/nope", &[], b"x".to_vec());
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
 
     // Every refusal is a sidecar row with its code; no row claims the edge.
-    let rows = common::wait_rows(&ch, refused + 2);
+    let rows = common::wait_rows(&ch, refused + 3);
+    let nf: Vec<_> = rows.iter().filter(|r| r.code == "not_found").collect();
+    assert_eq!(
+        (nf.len(), nf[0].route.as_str(), nf[0].raw_hex.as_str()),
+        (1, "/api/nope", "78")
+    );
     let refusals: Vec<_> = rows
         .iter()
         .filter(|r| r.code == "unauthenticated" || r.code == "forbidden_peer")
