@@ -244,6 +244,7 @@ if (( smoke )); then
   if (( hostile )); then
     log "hostile-input suite (tests/hostile/hostile.py)"
     timeout 600 "$GW_VENV/bin/python" tests/hostile/hostile.py --run "$run" || die "the hostile-input suite failed"
+    timeout 300 "$GW_VENV/bin/python" tests/hostile/replay_order.py --run "$run" || die "the replay-order test failed"
     "$bin/gwctl" ledger verify --clickhouse http://127.0.0.1:8123 \
       || die "the ledger does not verify after the hostile-input suite"
   fi
