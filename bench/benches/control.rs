@@ -3,8 +3,8 @@
 //! 1. Ledger rows/s: the sidecar's ledger shipping sealed rows (the `clickhouse`
 //!    crate's RowBinary insert with a dedup token, in MAX_BATCH_ROWS batches) vs a raw
 //!    `INSERT ... FORMAT RowBinary` of the same rows from the same client into an
-//!    identical table. Also sealing + fsync-to-spool per row (the durability cost a
-//!    decision pays before it is applied).
+//!    identical table. Also journal commits of rows by one writer and by 16 (group
+//!    commit): the durability cost a decision pays before it is applied.
 //! 2. Commands/s end to end: distinct signed commands over HTTP/2 + TLS through the
 //!    real Envoy running the gw_edge filter to the sidecar (re-verify, replay guard,
 //!    in-process bus, agent apply, audited into the real ClickHouse), vs the same
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use gw_core::ledger::LedgerRow;
 use gw_core::Action;
-use gw_sidecar::ledger::spool::{DecisionRow, Spool as Ledger};
+use gw_sidecar::ledger::ship::DecisionRow;
 use testkit::clickhouse::ClickHouse;
 use testkit::envoy;
 use testkit::fixtures::{bearer, command_key, filter_config};
@@ -43,51 +43,72 @@ fn row(i: u64) -> LedgerRow {
 }
 
 fn ledger_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
+    use gw_core::ledger::Chain;
+    use gw_sidecar::journal::{self, Journal, Options, Sink, Txn};
+    use gw_sidecar::ledger::ship::{RowQueue, Shipper};
+
     let ch = ClickHouse::start(dir);
     let client =
         clickhouse::Client::default().with_url(format!("http://127.0.0.1:{}", ch.http_port));
     let mut best_raw = f64::MAX;
     let mut best_ship = f64::MAX;
-    let mut seal_rate = 0.0;
+    let mut seal_one = 0.0f64;
+    let mut seal_many = 0.0f64;
     for round in 0..3 {
         let ours = format!("ours_{round}");
         let raw = format!("raw_{round}");
         for stmt in ddl(&ours).iter().chain(&ddl(&raw)) {
             ch.query(stmt);
         }
-        let mut ledger = Ledger::open(
-            &dir.join(format!("spool-{round}")),
-            client.clone(),
-            &ours,
-            "bench",
-        )
-        .expect("ledger");
-        let t = Instant::now();
-        for i in 1..=LEDGER_ROWS {
-            ledger.append(row(i)).expect("append");
-        }
-        seal_rate = LEDGER_ROWS as f64 / t.elapsed().as_secs_f64();
-        // The same sealed rows, as the raw insert will send them.
-        let mut rows: Vec<DecisionRow> = Vec::new();
-        {
-            let mut probe = Ledger::open(
-                &dir.join(format!("spool-{round}")),
-                client.clone(),
-                &raw,
-                "bench",
+        let opened = Journal::open(&dir.join(format!("journal-{round}")), Options::default())
+            .expect("journal");
+        let queue = Arc::new(RowQueue::recovered(&opened.records, Default::default()));
+        let journal = opened
+            .start(
+                Some(Chain::new("bench")),
+                vec![queue.clone() as Arc<dyn Sink>],
             )
-            .expect("reopen");
-            while let Some(b) = probe.batch() {
-                rows.extend_from_slice(b.rows());
-                probe.mark_shipped(b.last_seq).expect("mark");
-            }
+            .expect("start");
+        // Durability before apply: one writer, then 16 (group commit).
+        let sealed = parking_lot::Mutex::new(Vec::with_capacity(LEDGER_ROWS as usize));
+        let one = |i: u64| {
+            let c = journal
+                .commit_blocking(Txn::of(vec![journal::Entry::Row(row(i))]))
+                .expect("commit");
+            sealed.lock().extend(c.rows);
+        };
+        let half = LEDGER_ROWS / 2;
+        let t = Instant::now();
+        for i in 1..=half {
+            one(i);
         }
+        seal_one = seal_one.max(half as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        std::thread::scope(|sc| {
+            for w in 0..CONCURRENCY as u64 {
+                let one = &one;
+                sc.spawn(move || {
+                    let mut i = half + 1 + w;
+                    while i <= LEDGER_ROWS {
+                        one(i);
+                        i += CONCURRENCY as u64;
+                    }
+                });
+            }
+        });
+        seal_many = seal_many.max((LEDGER_ROWS - half) as f64 / t.elapsed().as_secs_f64());
+        // The same sealed rows, as the raw insert will send them.
+        assert_eq!(queue.len() as u64, LEDGER_ROWS);
+        let mut shipper = Shipper::new(queue, journal.clone(), client.clone(), &ours, "bench");
+        let mut sealed = sealed.into_inner();
+        sealed.sort_by_key(|r| r.seq);
+        let raw_rows: Vec<DecisionRow> = sealed.iter().map(DecisionRow::from).collect();
         // Raw and ours alternate which goes first.
         let run_raw = || {
             rt.block_on(async {
                 let t = Instant::now();
                 let mut insert = client.insert::<DecisionRow>(&raw).await.expect("insert");
-                for r in &rows {
+                for r in &raw_rows {
                     insert.write(r).await.expect("write");
                 }
                 insert.end().await.expect("end");
@@ -97,7 +118,7 @@ fn ledger_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         let mut run_ours = || {
             rt.block_on(async {
                 let t = Instant::now();
-                let n = ledger.flush().await.expect("flush");
+                let n = shipper.ship_once().await.expect("ship");
                 assert_eq!(n as u64, LEDGER_ROWS);
                 t.elapsed().as_secs_f64()
             })
@@ -129,8 +150,12 @@ fn ledger_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         ship_rate / raw_rate
     );
     println!(
-        "| seal + fsync to spool, per row (before apply) | {seal_rate:.0} | {:.3}x |",
-        seal_rate / raw_rate
+        "| journal commit, 1 writer (fsync before apply) | {seal_one:.0} | {:.3}x |",
+        seal_one / raw_rate
+    );
+    println!(
+        "| journal commit, {CONCURRENCY} writers (group commit) | {seal_many:.0} | {:.3}x |",
+        seal_many / raw_rate
     );
 }
 

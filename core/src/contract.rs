@@ -93,7 +93,7 @@ impl Verified {
 }
 
 /// Who sent a request, as the edge verified it from the JWT (empty when unknown).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Requester {
     /// The JWT `sub`.
     pub sub: String,

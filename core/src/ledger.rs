@@ -202,6 +202,16 @@ impl Chain {
         }
     }
 
+    /// Chain `chain_id` continuing at `next_seq` after a row whose hash is `head`
+    /// (a chain taken up from what the store holds).
+    pub fn at(chain_id: &str, next_seq: u64, head: [u8; 32]) -> Chain {
+        Chain {
+            chain_id: chain_id.to_owned(),
+            next_seq,
+            last: head,
+        }
+    }
+
     /// The chain's id.
     pub fn id(&self) -> &str {
         &self.chain_id

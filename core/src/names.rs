@@ -29,6 +29,19 @@ pub enum Action {
     Kill,
 }
 
+impl serde::Serialize for Module {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Module {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Module, D::Error> {
+        let s = String::deserialize(d)?;
+        Module::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("unknown module `{s}`")))
+    }
+}
+
 impl Module {
     /// Every module.
     pub const ALL: [Module; 2] = [Module::Arbitrage, Module::Mev];

@@ -15,11 +15,12 @@ use crate::control::bus::Bus;
 use crate::control::json_route::JsonSigner;
 use crate::control::replay_store::ReplayStore;
 use crate::control::{Control, ControlConfig};
-use crate::journal::{Journal, Options as JournalOptions};
-use crate::ledger::{CheckpointSettings, Ledger};
+use crate::journal::{Journal, Options as JournalOptions, Sink};
+use crate::ledger::{Auditor, CheckpointSettings, Ledger};
 use crate::models::api::ModelsApi;
 use crate::models::ModelHost;
 use crate::ops::metrics::ControlMetrics;
+use crate::sender::audit::SendsQueue;
 use crate::sender::http::SenderApi;
 use crate::sender::plane::DataPlane;
 use crate::serve::{Gatekeeper, Tls};
@@ -130,7 +131,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("cannot create state dir {}", dir.display()))?;
     let mut registry = Registry::default();
     let clickhouse = cfg.clickhouse();
-    let mut ledger = Ledger::open(
+    let now = crate::now_secs();
+
+    // Everything durable is in the journal: read it, let each owner rebuild from
+    // it, then start its writer with the owners' sinks.
+    let mut opened = Journal::open(&dir.join("journal"), JournalOptions::default())?;
+    tracing::info!(records = opened.records.len(), "journal opened");
+    let (mut ledger, chain) = Ledger::prepare(
+        &opened,
         &dir.join("ledger"),
         &cfg.file.node_id,
         clickhouse.as_ref(),
@@ -140,45 +148,52 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             every: Duration::from_secs(cfg.file.checkpoint_every_secs),
         },
         &mut registry,
-    )?;
-    let mut tasks: Vec<JoinHandle<()>> = ledger.start().into_iter().collect();
-
+    )
+    .await?;
     let bus = match cfg.file.kafka.clone() {
-        Some(k) => Bus::kafka(k).context("kafka client")?,
-        None => Bus::in_process(),
+        Some(k) => Bus::kafka(k, &opened.records).context("kafka client")?,
+        None => Bus::in_process(&opened.records),
     };
+    let replay = ReplayStore::open(&opened.records, cfg.file.replay_limits(), now);
+    let sends = Arc::new(SendsQueue::recovered(&opened.records));
+    let mut sinks: Vec<Arc<dyn Sink>> = vec![bus.sink(), sends.clone()];
+    sinks.extend(ledger.sink());
+    let records = std::mem::take(&mut opened.records);
+    let journal = opened.start(chain, sinks)?;
+    crate::ops::metrics::register_journal(&mut registry, &journal);
+    let mut tasks: Vec<JoinHandle<()>> = ledger.start(&journal).await?.into_iter().collect();
+    let auditor = Auditor::new(ledger.enabled().then(|| journal.clone()));
+
     let policy = ControlPolicy {
         keyring: cfg.keyring,
         max_skew: cfg.file.max_skew_secs,
         max_body: cfg.file.max_body_bytes,
     };
-    let (journal, recovered) = Journal::open(&dir.join("journal"), JournalOptions::default())?;
-    let replay = ReplayStore::open(
-        journal,
-        &crate::control::replay_store::recovered(&recovered),
-        cfg.file.replay_limits(),
-        crate::now_secs(),
-    )?;
     let control_metrics = ControlMetrics::register(&mut registry);
     let gatekeeper = Gatekeeper {
-        auditor: ledger.auditor(),
+        auditor: auditor.clone(),
         metrics: control_metrics.clone(),
     };
-    let (control, t) = Control::start(ControlConfig {
-        policy,
-        replay,
-        signer: cfg
-            .signer
-            .map(|(key, id)| JsonSigner::new(key, id, cfg.file.json_issuer.clone())),
-        bus: bus.clone(),
-        auditor: ledger.auditor(),
-        apply_wait: Duration::from_millis(cfg.file.apply_wait_ms),
-        max_body: cfg.file.max_body_bytes,
-        state_dir: dir,
-        limits: cfg.file.replay_limits(),
-        dedup_secs: cfg.file.agent_dedup_secs,
-        metrics: control_metrics,
-    })?;
+    let (control, t) = Control::start(
+        ControlConfig {
+            policy,
+            replay,
+            signer: cfg
+                .signer
+                .map(|(key, id)| JsonSigner::new(key, id, cfg.file.json_issuer.clone())),
+            bus: bus.clone(),
+            auditor,
+            journal: journal.clone(),
+            node_id: cfg.file.node_id.clone(),
+            apply_wait: Duration::from_millis(cfg.file.apply_wait_ms),
+            max_body: cfg.file.max_body_bytes,
+            limits: cfg.file.replay_limits(),
+            dedup_secs: cfg.file.agent_dedup_secs,
+            metrics: control_metrics,
+        },
+        &records,
+    )?;
+    drop(records);
     tasks.extend(t);
     tracing::info!(bus = %bus.describe(), "command bus");
 
@@ -196,14 +211,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 
     let plane = match (&cfg.file.sender, &cfg.tpu_identity) {
         (Some(sc), Some(identity)) => {
-            let (dp, t) = crate::sender::plane::start(
-                sc,
-                identity,
-                control.modules(),
-                models.clone(),
-                clickhouse,
-            )
-            .context("sender")?;
+            let audit = clickhouse.map(|client| crate::sender::plane::AuditSetup {
+                journal: journal.clone(),
+                queue: sends.clone(),
+                client,
+                node_id: cfg.file.node_id.clone(),
+            });
+            let (dp, t) =
+                crate::sender::plane::start(sc, identity, control.modules(), models.clone(), audit)
+                    .context("sender")?;
             tracing::info!(
                 tpu = dp.sender.tpu().is_some(),
                 relay = dp.sender.relay().is_some(),
@@ -219,6 +235,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         }
         _ => None,
     };
+    // Every owner has said what it needs: the journal may drop the rest.
+    journal.hold(crate::journal::STARTUP_HOLD, crate::journal::Lsn::MAX);
     Ok(Running {
         tls,
         gatekeeper,

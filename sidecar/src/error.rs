@@ -8,22 +8,38 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use gw_core::{Code, Reject};
 
-/// An error answer: `{"error": "<code>", "detail": "..."}` with the code's status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError(Reject);
+/// An error answer: `{"error": "<code>", "detail": "...", ...}` with the code's
+/// status (and, for some, more fields: a replay says what became of the command).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError(Reject, Option<serde_json::Map<String, serde_json::Value>>);
 
 impl ApiError {
     /// An error with a fixed detail.
     pub const fn new(code: Code, detail: &'static str) -> ApiError {
-        ApiError(Reject::new(code, detail))
+        ApiError(Reject::new(code, detail), None)
     }
 
     /// An error with a formatted detail.
     pub fn with(code: Code, detail: impl Into<Cow<'static, str>>) -> ApiError {
-        ApiError(Reject {
-            code,
-            detail: detail.into(),
-        })
+        ApiError(
+            Reject {
+                code,
+                detail: detail.into(),
+            },
+            None,
+        )
+    }
+
+    /// The same error with `fields` added to its body.
+    #[must_use]
+    pub fn with_fields(mut self, fields: serde_json::Map<String, serde_json::Value>) -> ApiError {
+        self.1 = Some(fields);
+        self
+    }
+
+    /// The extra fields of its body.
+    pub fn fields(&self) -> Option<&serde_json::Map<String, serde_json::Value>> {
+        self.1.as_ref()
     }
 
     /// The stable code.
@@ -47,7 +63,7 @@ impl std::error::Error for ApiError {}
 
 impl From<Reject> for ApiError {
     fn from(r: Reject) -> Self {
-        ApiError(r)
+        ApiError(r, None)
     }
 }
 
@@ -61,13 +77,21 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.0.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = match self.1 {
+            None => self.0.to_json(),
+            Some(mut fields) => {
+                fields.insert("error".into(), self.0.code.as_str().into());
+                fields.insert("detail".into(), self.0.detail.to_string().into());
+                serde_json::Value::Object(fields).to_string()
+            }
+        };
         (
             status,
             [
                 (header::CONTENT_TYPE, "application/json"),
                 (header::CACHE_CONTROL, "no-store"),
             ],
-            self.0.to_json(),
+            body,
         )
             .into_response()
     }

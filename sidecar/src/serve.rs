@@ -298,17 +298,23 @@ async fn refuse(g: &Gatekeeper, code: Code, detail: &'static str, req: Request) 
         .await
         .unwrap_or_default();
     g.metrics.decision(code.as_str());
-    let recorded = g.auditor.record(Entry {
-        stage: Stage::Sidecar,
-        decision: Decision::Rejected,
-        code: Some(code),
-        body: &body,
-        command: None,
-        requester: None,
-        route: gw_core::contract::truncate_utf8(&path, gw_core::contract::MAX_REPORT_PATH_BYTES),
-    });
+    let recorded = g
+        .auditor
+        .record(Entry {
+            stage: Stage::Sidecar,
+            decision: Decision::Rejected,
+            code: Some(code),
+            body: &body,
+            command: None,
+            requester: None,
+            route: gw_core::contract::truncate_utf8(
+                &path,
+                gw_core::contract::MAX_REPORT_PATH_BYTES,
+            ),
+        })
+        .await;
     match recorded {
-        Ok(()) => ApiError::new(code, detail).into_response(),
+        Ok(_) => ApiError::new(code, detail).into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }
 }

@@ -1,9 +1,13 @@
-//! The ledger write path against a real ClickHouse: rows are durable in the spool
-//! first, ClickHouse stopped mid-stream then restarted → every row present exactly
-//! once, and the chain read back from ClickHouse verifies.
+//! The ledger write path against a real ClickHouse: rows are durable in the journal
+//! first, ClickHouse stopped mid-stream then restarted (and the node too) → every
+//! row present exactly once, and the chain read back from ClickHouse verifies.
 
-use gw_core::ledger::{verify_chain, LedgerRow};
-use gw_sidecar::ledger::spool::Spool as Ledger;
+use std::sync::Arc;
+
+use gw_core::ledger::{verify_chain, Chain, LedgerRow};
+use gw_sidecar::journal::{self, Journal, Options, Sink, Txn};
+use gw_sidecar::ledger::ship::{RowQueue, Shipper};
+use prometheus_client::metrics::gauge::Gauge;
 use testkit::clickhouse::ClickHouse;
 
 mod common;
@@ -30,8 +34,44 @@ fn wait_rows(ch: &ClickHouse, n: usize) -> Vec<LedgerRow> {
     rows
 }
 
+/// The ledger's write path of one node: rows sealed by the journal's writer,
+/// shipped from its queue.
+struct Node {
+    journal: Journal,
+    shipper: Shipper,
+}
+
+fn node(dir: &std::path::Path, client: &clickhouse::Client) -> Node {
+    let opened = Journal::open(dir, Options::default()).unwrap();
+    let chain = Chain::resume("node-1", opened.last_row()).unwrap();
+    let queue = Arc::new(RowQueue::recovered(&opened.records, Gauge::default()));
+    let journal = opened
+        .start(Some(chain), vec![queue.clone() as Arc<dyn Sink>])
+        .unwrap();
+    let shipper = Shipper::new(
+        queue,
+        journal.clone(),
+        client.clone(),
+        "control_decisions",
+        "node-1",
+    );
+    Node { journal, shipper }
+}
+
+fn commit_rows(n: &Node, from: u64, to: u64) -> Vec<u64> {
+    (from..=to)
+        .map(|i| {
+            let c = n
+                .journal
+                .commit_blocking(Txn::of(vec![journal::Entry::Row(row(i))]))
+                .unwrap();
+            c.rows[0].seq
+        })
+        .collect()
+}
+
 #[test]
-fn nothing_lost_nothing_duplicated_across_a_clickhouse_outage() {
+fn nothing_lost_nothing_duplicated_across_a_clickhouse_outage_and_a_restart() {
     let d = testkit::TempDir::new("ledger-ch");
     let mut ch = ClickHouse::start(d.path());
     create_table(&ch);
@@ -41,32 +81,25 @@ fn nothing_lost_nothing_duplicated_across_a_clickhouse_outage() {
         .enable_all()
         .build()
         .unwrap();
-    let spool = d.path().join("spool");
-    let mut ledger = Ledger::open(&spool, client.clone(), "control_decisions", "node-1").unwrap();
-    for i in 1..=3 {
-        ledger.append(row(i)).unwrap();
-    }
-    assert_eq!(rt.block_on(ledger.flush()).unwrap(), 3);
+    let dir = d.path().join("journal");
+    let mut n = node(&dir, &client);
+    assert_eq!(commit_rows(&n, 1, 3), vec![1, 2, 3]);
+    assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 3);
     assert_eq!(stored(&ch).len(), 3);
 
-    // ClickHouse goes away: rows keep being sealed and wait in the spool.
+    // ClickHouse goes away: rows keep being sealed and wait in the journal.
     let (http, tcp) = (ch.http_port, ch.tcp_port);
     ch.process.stop();
-    for i in 4..=6 {
-        ledger.append(row(i)).unwrap();
-    }
-    assert!(rt.block_on(ledger.flush()).is_err());
-    assert_eq!(ledger.pending(), 3);
+    commit_rows(&n, 4, 6);
+    assert!(rt.block_on(n.shipper.ship_once()).is_err());
 
-    // The sidecar restarts too: the spool carries the pending rows and the chain.
-    drop(ledger);
-    let mut ledger = Ledger::open(&spool, client, "control_decisions", "node-1").unwrap();
-    assert_eq!((ledger.pending(), ledger.shipped()), (3, 3));
-    let sealed = ledger.append(row(7)).unwrap();
-    assert_eq!(sealed.seq, 7);
-
+    // The sidecar restarts too: the journal carries the pending rows and the chain.
+    drop(n);
+    let mut n = node(&dir, &client);
+    assert_eq!(commit_rows(&n, 7, 7), vec![7]);
     let ch = ClickHouse::start_at(d.path(), http, tcp);
-    assert_eq!(rt.block_on(ledger.flush()).unwrap(), 4);
+    // ClickHouse says what it holds: 1..3; the rest are shipped once.
+    assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 4);
     let rows = stored(&ch);
     assert_eq!(
         rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
@@ -74,53 +107,66 @@ fn nothing_lost_nothing_duplicated_across_a_clickhouse_outage() {
     );
     assert_eq!(verify_chain(&rows), Ok(7));
 
-    // A batch that landed but whose acknowledgement was lost is retried: not stored twice.
-    std::fs::write(spool.join("ledger.shipped"), "3\n").unwrap();
-    let mut again = Ledger::open(
-        &spool,
-        clickhouse::Client::default().with_url(format!("http://127.0.0.1:{http}")),
-        "control_decisions",
-        "node-1",
-    )
-    .unwrap();
-    assert_eq!(again.pending(), 4);
-    rt.block_on(again.flush()).unwrap();
-    let count = ch
-        .query("SELECT count() FROM control_decisions")
-        .trim()
-        .to_string();
-    assert_eq!(count, "7", "deduplicated by insert_deduplication_token");
+    // A restart right after an insert whose answer was lost: ClickHouse's max(seq)
+    // is asked again, nothing is stored twice.
+    drop(n);
+    let mut n = node(&dir, &client);
+    assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 0);
+    commit_rows(&n, 8, 8);
+    assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 1);
+    let count = ch.query("SELECT count() FROM control_decisions");
+    assert_eq!(count.trim(), "8");
+    assert_eq!(verify_chain(&stored(&ch)), Ok(8));
 }
 
+/// The spool of the version before the journal is shipped once (what it had not
+/// shipped) and retired; the chain continues from its last row.
 #[test]
-fn a_torn_last_spool_line_is_dropped_and_a_corrupt_one_refused() {
-    let d = testkit::TempDir::new("ledger-spool");
-    let spool = d.path().join("spool");
-    let client = clickhouse::Client::default()
-        .with_url(format!("http://127.0.0.1:{}", testkit::free_port()));
-    let mut l = Ledger::open(&spool, client.clone(), "control_decisions", "node-1").unwrap();
-    l.append(row(1)).unwrap();
-    l.append(row(2)).unwrap();
-    drop(l);
-    let path = spool.join("ledger.spool.jsonl");
-    let mut text = std::fs::read_to_string(&path).unwrap();
-    text.push_str("{\"seq\":3,\"ts_");
-    std::fs::write(&path, &text).unwrap();
-    let mut l = Ledger::open(&spool, client.clone(), "control_decisions", "node-1").unwrap();
-    assert_eq!(l.pending(), 2);
-    assert_eq!(l.append(row(3)).unwrap().seq, 3);
-    drop(l);
-    let lines: Vec<String> = std::fs::read_to_string(&path)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
+fn the_pre_journal_spool_is_shipped_once_and_the_chain_continues() {
+    use gw_sidecar::ledger::ship::migrate_legacy_spool;
+
+    let d = testkit::TempDir::new("ledger-legacy");
+    let ch = ClickHouse::start(d.path());
+    create_table(&ch);
+    let client =
+        clickhouse::Client::default().with_url(format!("http://127.0.0.1:{}", ch.http_port));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut chain = Chain::new("node-1");
+    let rows: Vec<_> = (1..=3).map(|i| chain.seal(row(i))).collect();
+    // Row 1 had been shipped by the old version.
+    rt.block_on(gw_sidecar::ledger::ship::insert(
+        &client,
+        "control_decisions",
+        &rows[..1],
+    ))
+    .unwrap();
+    let legacy = d.path().join("ledger");
+    std::fs::create_dir_all(&legacy).unwrap();
+    let mut text: String = rows
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap() + "\n")
         .collect();
-    std::fs::write(&path, format!("{}\ngarbage\n{}\n", lines[0], lines[2])).unwrap();
-    let err = Ledger::open(&spool, client, "control_decisions", "node-1")
-        .err()
-        .expect("corrupt")
-        .to_string();
-    assert!(err.contains("line 2"), "{err}");
+    text.push_str("{\"torn");
+    std::fs::write(legacy.join("ledger.spool.jsonl"), text).unwrap();
+    std::fs::write(legacy.join("ledger.shipped"), "1\n").unwrap();
+    let last = rt
+        .block_on(migrate_legacy_spool(&legacy, &client, "control_decisions"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(last.seq, 3);
+    assert_eq!(verify_chain(&stored(&ch)), Ok(3));
+    assert!(!legacy.join("ledger.spool.jsonl").exists());
+    assert!(legacy.join("ledger.spool.jsonl.migrated").exists());
+    // Nothing is left to migrate.
+    assert!(rt
+        .block_on(migrate_legacy_spool(&legacy, &client, "control_decisions"))
+        .unwrap()
+        .is_none());
+    let mut next = Chain::resume("node-1", Some(&last)).unwrap();
+    assert_eq!(next.seal(row(4)).seq, 4);
 }
 
 #[test]
@@ -157,7 +203,7 @@ fn every_http_decision_lands_in_the_chained_ledger() {
         })
         .collect();
     assert_eq!(statuses, vec![200, 401, 409, 200]);
-    // The sidecar's shipper delivers the spool in the background.
+    // The sidecar's shipper delivers the rows in the background.
     let rows = wait_rows(&ch, 6);
     assert_eq!(verify_chain(&rows), Ok(6));
     let summary: Vec<(&str, &str, &str, &str)> = rows
@@ -350,21 +396,25 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
     ch.query("TRUNCATE TABLE control_decisions");
     let client =
         clickhouse::Client::default().with_url(format!("http://127.0.0.1:{}", ch.http_port));
-    let mut forged = Ledger::open(
-        &d.path().join("forger"),
-        client,
-        "control_decisions",
-        &rows[0].chain_id,
-    )
-    .unwrap();
-    for r in &rows {
-        let mut r = r.clone();
-        if r.seq == 1 {
-            r.code = "none".into();
-        }
-        forged.append(r).unwrap();
-    }
-    served.rt.block_on(forged.flush()).unwrap();
+    let mut forger = Chain::new(&rows[0].chain_id);
+    let forged: Vec<LedgerRow> = rows
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            if r.seq == 1 {
+                r.code = "none".into();
+            }
+            forger.seal(r)
+        })
+        .collect();
+    served
+        .rt
+        .block_on(gw_sidecar::ledger::ship::insert(
+            &client,
+            "control_decisions",
+            &forged,
+        ))
+        .unwrap();
     let (code, out) = gwctl(&[]);
     assert_eq!((code, out.trim()), (Some(0), "ok 4 rows"));
     let (code, out) = gwctl(&with_cp);
@@ -374,7 +424,7 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
 
 /// The sidecar writes as `gw_sidecar` (scripts/clickhouse-users.py): `SELECT,
 /// INSERT` on its own tables and nothing else. Before an administrator has created
-/// the tables its rows wait in the spool; `gw-sidecar --setup-clickhouse` as that
+/// the tables its rows wait in the journal; `gw-sidecar --setup-clickhouse` as that
 /// user is refused, as `gw_admin` it creates them; the rows then ship, and the
 /// sidecar's user can neither cut nor rewrite them.
 #[test]
@@ -425,7 +475,7 @@ fn the_sidecar_writes_as_a_user_that_cannot_cut_the_ledger() {
     assert!(o.status.success(), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("clickhouse ready"));
 
-    // The spooled rows ship once the tables exist.
+    // The journalled rows ship once the tables exist.
     let rows = {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         loop {
@@ -466,4 +516,59 @@ fn the_sidecar_writes_as_a_user_that_cannot_cut_the_ledger() {
     let (status, body) = ch.query_as("SELECT count() FROM control_decisions", None);
     assert_ne!(status, 200, "{body}");
     assert_eq!(stored(&ch).len(), 2);
+}
+
+/// A node whose journal is lost (a new disk, a wiped state directory) continues its
+/// chain after ClickHouse's last row instead of starting a second chain at seq 1,
+/// and its first row says so.
+#[test]
+fn a_node_whose_journal_is_lost_continues_after_clickhouse_and_says_so() {
+    use gw_core::Action;
+    use testkit::fixtures::signed_command;
+
+    let d = testkit::TempDir::new("ledger-resume");
+    let ch = ClickHouse::start(d.path());
+    let state = d.path().join("state");
+    let cfg = || {
+        let mut c = common::config(&state, false);
+        c.file.clickhouse_url = Some(ch.url());
+        c
+    };
+    let post = |s: &common::Served, nonce: u64| {
+        let body = signed_command(nonce, Action::Throttle, common::now(), "dashboard", &[]);
+        s.rt.block_on(async {
+            s.http
+                .post(format!("{}/api/control/commands", s.base))
+                .header("content-type", "application/x-protobuf")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    let s = common::serve(cfg());
+    assert_eq!(post(&s, 71), 200);
+    wait_rows(&ch, 2);
+    drop(s);
+    std::fs::remove_dir_all(state.join("journal")).unwrap();
+
+    let s = common::serve(cfg());
+    assert_eq!(post(&s, 72), 200);
+    let rows = wait_rows(&ch, 5);
+    assert_eq!(verify_chain(&rows), Ok(5));
+    assert_eq!(rows[2].decision, "resumed");
+    assert!(
+        rows[2].args_json.contains("\"after_seq\":2"),
+        "{}",
+        rows[2].args_json
+    );
+    assert_eq!(
+        rows[3..]
+            .iter()
+            .map(|r| r.decision.as_str())
+            .collect::<Vec<_>>(),
+        vec!["accepted", "applied"]
+    );
 }

@@ -154,6 +154,18 @@ impl ProcessGuard {
         }
     }
 
+    /// Sends `signal` (a name: `STOP`, `CONT`, `KILL`, …) with `kill(1)`: `STOP`
+    /// freezes the process — a broker or a database that stops answering, its data
+    /// intact — until `CONT`.
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} {} ({})", self.id(), self.name);
+    }
+
     /// Stops the process now.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

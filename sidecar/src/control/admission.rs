@@ -2,9 +2,9 @@
 //! what the edge said about the request and the clock go in; a verdict comes out —
 //! the ledger rows to write, in order, and either the rejection to answer with or
 //! the verified command to publish. No I/O: [`super::service`] performs the
-//! effects (writes the rows, publishes, makes the nonce durable, waits for the
-//! agent) and reports back the one effect that can fail after the verdict,
-//! publishing ([`Admission::publish_failed`]).
+//! effects (makes the rows, the nonce and the command durable in one journal
+//! transaction, waits for the agent) and reports back the one effect that can fail
+//! after the verdict ([`Admission::journal_failed`]).
 //!
 //! A nonce is *reserved* from the verdict until the shell calls
 //! [`Admission::release`]: a second copy of the same command arriving meanwhile is
@@ -201,14 +201,23 @@ impl Admission {
         Verdict::Admitted(Admitted { rows, verified: v })
     }
 
-    /// The bus did not take an admitted command: nothing was applied. The row that
-    /// says so follows the `accepted` one; the nonce stays reserved until released.
-    pub fn publish_failed(&self, a: &Admitted, why: &str) -> Refused {
+    /// The journal did not take an admitted command (its rows, nonce and bus
+    /// entry): nothing was accepted, and the same bytes may be sent again. The
+    /// refusal's rows (the edge's acceptance, then this) replace the `accepted` one;
+    /// the nonce stays reserved until released.
+    pub fn journal_failed(&self, a: &Admitted, why: &str) -> Refused {
+        let mut rows: Vec<Row> = a
+            .rows
+            .iter()
+            .copied()
+            .filter(|r| r.stage == Stage::Edge)
+            .collect();
+        rows.push(rejected(Code::Unavailable));
         Refused {
-            rows: vec![rejected(Code::Unavailable)],
+            rows,
             reject: Reject::with(
                 Code::Unavailable,
-                format!("command bus: {why}; nothing was applied"),
+                format!("{why}; nothing was accepted: the same bytes may be sent again"),
             ),
             command: Some(a.verified.command.clone()),
         }
@@ -276,6 +285,8 @@ mod tests {
         Accepted {
             digest: gw_core::replay::digest(body),
             request_id: "req-1".into(),
+            seq: 1,
+            applied: None,
         }
     }
 
@@ -587,15 +598,27 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_publish_is_refused_as_unavailable_after_the_accepted_row() {
-        let Verdict::Admitted(ok) = decide_at(&signed(&command()), NOW, None) else {
+    fn a_journal_failure_accepts_nothing_and_keeps_the_edge_row() {
+        let mut a = Admission::new(policy());
+        let id = edge();
+        let Verdict::Admitted(ok) = a.decide(
+            &Request {
+                body: &signed(&command()),
+                route: None,
+                edge: Some(&id),
+                now: NOW,
+            },
+            &book(),
+        ) else {
             panic!("refused")
         };
-        let a = Admission::new(policy());
-        let r = a.publish_failed(&ok, "broker down");
+        let r = a.journal_failed(&ok, "journal: no space left on device");
         assert_eq!(r.reject.code, Code::Unavailable);
-        assert!(r.reject.detail.contains("nothing was applied"));
-        assert_eq!(r.rows, vec![rejected(Code::Unavailable)]);
+        assert!(r.reject.detail.contains("nothing was accepted"));
+        assert_eq!(r.rows, vec![EDGE_ACCEPTED, rejected(Code::Unavailable)]);
+        // Released, the nonce is free for the same bytes again.
+        a.release(&ok);
+        assert_eq!(a.in_flight(), 0);
     }
 
     #[test]

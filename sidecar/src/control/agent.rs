@@ -6,25 +6,27 @@
 //! time), a duplicate (a nonce it already applied: at-least-once delivery and a
 //! re-published command both end here), or the next module state. Applied nonces
 //! are remembered until `dedup_secs` after the later of the command's expiry and
-//! its application, so a redelivery within that horizon is never applied twice. The shell
-//! ([`Agent::run`]) writes the ledger row, persists the state (module state and
-//! applied nonces, one fsynced file), announces the outcome to the waiting request,
-//! and only then commits the offset.
+//! its application, so a redelivery within that horizon is never applied twice. The
+//! shell ([`Agent::run`]) makes the ledger row, the new module state, the applied
+//! nonce and (embedded bus) the consumed offset durable in one journal transaction,
+//! then announces the outcome to the waiting request and commits the offset. Its
+//! state is rebuilt from the journal at start; a snapshot now and then lets the
+//! journal drop older records.
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use gw_core::ledger::{Decision, Stage};
 use gw_core::module_state::ModuleState;
 use gw_core::replay::{Limits, NonceBook, Refused};
 use gw_core::{Code, Command, ControlPolicy, Module, Reject, VerifiedCommand};
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::bus::{BusConsumer, Delivery};
 use super::modules::ModuleTable;
-use super::replay_store::StoreError;
-use crate::ledger::{AuditError, Auditor, Entry};
+use crate::journal::txn::{AgentEntry, AppliedNonce, SnapshotEntry};
+use crate::journal::{self, Journal, JournalError, Lsn, Txn};
+use crate::ledger::{Auditor, Entry};
 use crate::ops::metrics::ControlMetrics;
 
 /// What an agent did with one command, for the request that is waiting on it.
@@ -36,6 +38,8 @@ pub struct Ack {
     pub nonce: u64,
     /// The module state after applying, or why it was not applied.
     pub outcome: Result<ModuleState, Reject>,
+    /// The seq of the agent's row (0 when not audited).
+    pub seq: u64,
 }
 
 /// What [`Agent::handle`] did.
@@ -83,8 +87,8 @@ pub struct Applied {
     pub verified: VerifiedCommand,
     /// The module's state after it.
     pub state: ModuleState,
-    /// The applied nonces after it.
-    pub applied: NonceBook<()>,
+    /// Until when its nonce is remembered.
+    pub expires: u64,
 }
 
 /// One module's agent state machine.
@@ -93,7 +97,8 @@ pub struct AgentCore {
     module: Module,
     policy: ControlPolicy,
     state: ModuleState,
-    applied: NonceBook<()>,
+    /// Applied nonces, each with the seq of its `applied` row.
+    applied: NonceBook<u64>,
     dedup_secs: u64,
 }
 
@@ -104,7 +109,7 @@ impl AgentCore {
         module: Module,
         policy: ControlPolicy,
         state: ModuleState,
-        applied: NonceBook<()>,
+        applied: NonceBook<u64>,
         dedup_secs: u64,
     ) -> AgentCore {
         AgentCore {
@@ -134,62 +139,59 @@ impl AgentCore {
         if self.applied.get(&c.issuer, c.nonce, now).is_some() {
             return Step::Duplicate(Box::new(v.command));
         }
-        let mut applied = self.applied.clone();
         let expires =
             gw_core::replay::expiry(c.ts, self.policy.max_skew).max(now) + self.dedup_secs;
-        if let Err(Refused::IssuerFull | Refused::TooManyIssuers) =
-            applied.insert(&c.issuer, c.nonce, expires, (), now)
-        {
-            // Never refuse to apply what admission accepted; this nonce is just not
-            // remembered for deduplication (logged by the shell).
-            tracing::warn!(module = self.module.as_str(), issuer = %c.issuer, nonce = c.nonce, "agent dedup memory full");
-        }
         let mut state = self.state.clone();
         state.apply(v.action, &v.args, &c.request_id);
         Step::Apply(Box::new(Applied {
             verified: v,
             state,
-            applied,
+            expires,
         }))
     }
 
-    /// Makes an applied step the current state (once it is durable).
-    pub fn commit(&mut self, a: Applied) {
+    /// Makes an applied step the current state once it is durable (its row: `seq`).
+    pub fn commit(&mut self, a: Applied, seq: u64, now: u64) {
         self.state = a.state;
-        self.applied = a.applied;
+        let c = &a.verified.command;
+        if let Err(Refused::IssuerFull | Refused::TooManyIssuers) =
+            self.applied.insert(&c.issuer, c.nonce, a.expires, seq, now)
+        {
+            // Never refuse to apply what admission accepted; this nonce is just not
+            // remembered for deduplication.
+            tracing::warn!(module = self.module.as_str(), issuer = %c.issuer, nonce = c.nonce, "agent dedup memory full");
+        }
     }
-}
 
-#[derive(Serialize, Deserialize)]
-struct AgentFile {
-    state: ModuleState,
-    /// Applied nonces still remembered: issuer, nonce, unix seconds to forget them.
-    applied: Vec<(String, u64, u64)>,
+    /// Every applied nonce still remembered at `now`.
+    pub fn applied(&self, now: u64) -> Vec<AppliedNonce> {
+        self.applied
+            .iter()
+            .filter(|(_, _, s)| s.expires >= now)
+            .map(|(issuer, nonce, s)| AppliedNonce {
+                issuer: issuer.to_owned(),
+                nonce,
+                expires: s.expires,
+                seq: s.value,
+            })
+            .collect()
+    }
 }
 
 /// A delivery not done yet: the offset must not be committed; try again later.
 #[derive(Debug, thiserror::Error)]
-pub enum RetryLater {
-    /// The ledger row could not be written.
-    #[error(transparent)]
-    Audit(#[from] AuditError),
-    /// The agent's state file could not be written.
-    #[error("agent state {path}: {source}")]
-    State {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
-}
+#[error("agent: {0}")]
+pub struct RetryLater(#[from] JournalError);
 
 /// Everything agents share.
 #[derive(Clone)]
 pub struct AgentEnv {
     /// Verification rules (freshness is not applied by agents).
     pub policy: ControlPolicy,
-    /// Where `agent-{module}.json` lives.
-    pub state_dir: PathBuf,
+    /// Where decisions, state and consumed offsets are made durable.
+    pub journal: Journal,
+    /// Whether the bus is the embedded one (its offsets live in the journal).
+    pub embedded_bus: bool,
     /// Bounds of the applied-nonce memory.
     pub limits: Limits,
     /// How long applied nonces are remembered beyond their commands' freshness.
@@ -207,51 +209,85 @@ pub struct AgentEnv {
 /// One module's agent: the core and its effects.
 pub struct Agent {
     core: AgentCore,
-    path: PathBuf,
     env: AgentEnv,
+    /// The next embedded-bus offset to consume (`None` with Kafka).
+    next_offset: Option<Lsn>,
+    /// The record that holds the module state (latest change or snapshot).
+    state_lsn: Option<Lsn>,
+    /// Records holding applied nonces still remembered, and until when.
+    applied_lsns: BTreeMap<Lsn, u64>,
 }
 
-fn corrupt(path: &Path, detail: &dyn std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("agent state {}: {detail}", path.display()))
+/// The journal hold of a module's agent.
+fn hold_name(m: Module) -> &'static str {
+    match m {
+        Module::Arbitrage => "agent-arbitrage",
+        Module::Mev => "agent-mev",
+    }
 }
 
 impl Agent {
-    /// Loads the agent's state (a missing file is a fresh module; a corrupt one
-    /// refuses to start) and publishes it to the module table.
-    pub fn open(module: Module, env: &AgentEnv) -> Result<Agent, StoreError> {
-        let path = env
-            .state_dir
-            .join(format!("agent-{}.json", module.as_str()));
+    /// Rebuilds the agent's state from the journal's `records` (a module with none
+    /// starts from the defaults) and publishes it to the module table.
+    pub fn open(module: Module, env: &AgentEnv, records: &[(Lsn, Txn)]) -> Agent {
         let now = crate::now_secs();
+        let mut state = ModuleState::default();
         let mut applied = NonceBook::new(env.limits);
-        let state = match std::fs::read(&path) {
-            Ok(bytes) => {
-                let f: AgentFile =
-                    serde_json::from_slice(&bytes).map_err(|e| corrupt(&path, &e))?;
-                for (issuer, nonce, expires) in f.applied {
-                    let _ = applied.insert(&issuer, nonce, expires, (), now);
+        let mut next_offset = None;
+        let mut state_lsn = None;
+        let mut applied_lsns = BTreeMap::new();
+        for (lsn, t) in records {
+            for e in &t.entries {
+                match e {
+                    journal::Entry::Snapshot(s) if s.module == module => {
+                        state = s.state.clone();
+                        applied = NonceBook::new(env.limits);
+                        applied_lsns.clear();
+                        for n in &s.applied {
+                            let _ = applied.insert(&n.issuer, n.nonce, n.expires, n.seq, now);
+                            applied_lsns.insert(*lsn, n.expires);
+                        }
+                        state_lsn = Some(*lsn);
+                        next_offset = s.next_offset.or(next_offset);
+                    }
+                    journal::Entry::Agent(a) if a.module == module => {
+                        if let Some(st) = &a.state {
+                            state = st.clone();
+                            state_lsn = Some(*lsn);
+                        }
+                        if let Some(n) = &a.applied {
+                            let seq = super::replay_store::applied_seq(t);
+                            let _ = applied.insert(&n.issuer, n.nonce, n.expires, seq, now);
+                            applied_lsns.insert(*lsn, n.expires);
+                        }
+                        if let Some(o) = a.offset {
+                            next_offset = Some(o + 1);
+                        }
+                    }
+                    _ => {}
                 }
-                f.state
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ModuleState::default(),
-            Err(e) => return Err(corrupt(&path, &e)),
-        };
+        }
         env.modules.set(module, state.clone());
-        Ok(Agent {
+        let agent = Agent {
             core: AgentCore::new(module, env.policy.clone(), state, applied, env.dedup_secs),
-            path,
             env: env.clone(),
-        })
+            next_offset,
+            state_lsn,
+            applied_lsns,
+        };
+        agent.release(now);
+        agent
     }
 
-    fn record(
+    fn row(
         &self,
         decision: Decision,
         code: Option<Code>,
         d: &Delivery,
         command: Option<&Command>,
-    ) -> Result<(), AuditError> {
-        self.env.auditor.record(Entry {
+    ) -> Option<journal::Entry> {
+        self.env.auditor.row(&Entry {
             stage: Stage::Agent,
             decision,
             code,
@@ -262,69 +298,157 @@ impl Agent {
         })
     }
 
-    /// Handles one delivery. `Err` means "not done, retry later" (the audit ledger
-    /// or the state file could not be written); the offset must not be committed.
-    pub fn handle(&mut self, d: &Delivery, now: u64) -> Result<Handled, RetryLater> {
+    /// Makes what was decided about `d` durable: its row, and the agent entry (the
+    /// consumed offset on the embedded bus; the state and nonce when applied).
+    async fn commit(
+        &mut self,
+        row: Option<journal::Entry>,
+        d: &Delivery,
+        state: Option<ModuleState>,
+        applied: Option<AppliedNonce>,
+    ) -> Result<journal::Committed, RetryLater> {
+        let offset = self
+            .env
+            .embedded_bus
+            .then(|| u64::try_from(d.position.offset).unwrap_or(0));
+        let mut entries: Vec<journal::Entry> = row.into_iter().collect();
+        entries.push(journal::Entry::Agent(AgentEntry {
+            module: self.core.module,
+            offset,
+            state,
+            applied,
+        }));
+        let c = self.env.journal.commit(Txn::of(entries)).await?;
+        if let Some(o) = offset {
+            self.next_offset = Some(o + 1);
+        }
+        Ok(c)
+    }
+
+    /// Handles one delivery. `Err` means "not done, retry later" (the journal could
+    /// not be written); the offset must not be committed.
+    pub async fn handle(&mut self, d: &Delivery, now: u64) -> Result<Handled, RetryLater> {
         match self.core.decide(d, now) {
             Step::NotMine => Ok(Handled::NotMine),
             Step::Refuse(r) => {
-                self.record(Decision::Rejected, Some(r.code), d, None)?;
+                let row = self.row(Decision::Rejected, Some(r.code), d, None);
+                let c = self.commit(row, d, None, None).await?;
                 let code = r.code;
-                self.announce_raw(d, Err(r));
+                self.announce_raw(d, Err(r), c.rows.first().map_or(0, |r| r.seq));
                 Ok(Handled::Rejected(code))
             }
             Step::Duplicate(c) => {
-                self.record(Decision::Duplicate, Some(Code::Replay), d, Some(&c))?;
+                let row = self.row(Decision::Duplicate, Some(Code::Replay), d, Some(&c));
+                self.commit(row, d, None, None).await?;
                 Ok(Handled::Duplicate)
             }
             Step::Apply(a) => {
                 let c = &a.verified.command;
-                self.record(Decision::Applied, None, d, Some(c))?;
-                let file = AgentFile {
-                    state: a.state.clone(),
-                    applied: a
-                        .applied
-                        .iter()
-                        .map(|(issuer, nonce, s)| (issuer.to_owned(), nonce, s.expires))
-                        .collect(),
+                let row = self.row(Decision::Applied, None, d, Some(c));
+                let nonce = AppliedNonce {
+                    issuer: c.issuer.clone(),
+                    nonce: c.nonce,
+                    expires: a.expires,
+                    seq: 0,
                 };
-                let bytes = serde_json::to_vec(&file).map_err(|e| RetryLater::State {
-                    path: self.path.clone(),
-                    source: std::io::Error::other(e),
-                })?;
-                crate::durable::write_atomic(&self.path, &bytes).map_err(|source| {
-                    RetryLater::State {
-                        path: self.path.clone(),
-                        source,
-                    }
-                })?;
-                let (issuer, nonce, state) = (c.issuer.clone(), c.nonce, a.state.clone());
-                self.core.commit(*a);
+                let (issuer, n, state) = (c.issuer.clone(), c.nonce, a.state.clone());
+                let done = self
+                    .commit(row, d, Some(state.clone()), Some(nonce))
+                    .await?;
+                let seq = done.rows.first().map_or(0, |r| r.seq);
+                self.core.commit(*a, seq, now);
+                self.state_lsn = Some(done.lsn);
+                self.applied_lsns
+                    .insert(done.lsn, self.applied_expiry(&issuer, n, now));
+                self.release(now);
                 self.env.modules.set(self.core.module, state.clone());
-                self.announce(issuer, nonce, Ok(state));
+                self.announce(issuer, n, Ok(state), seq);
                 Ok(Handled::Applied)
             }
         }
     }
 
-    fn announce(&self, issuer: String, nonce: u64, outcome: Result<ModuleState, Reject>) {
+    fn applied_expiry(&self, issuer: &str, nonce: u64, now: u64) -> u64 {
+        self.core
+            .applied
+            .get(issuer, nonce, now)
+            .map_or(now, |s| s.expires)
+    }
+
+    /// Tells the journal what this agent still needs: the record of its state and
+    /// those of nonces it still remembers.
+    fn release(&self, now: u64) {
+        let live = self
+            .applied_lsns
+            .iter()
+            .find(|(_, exp)| **exp >= now)
+            .map(|(l, _)| *l);
+        let low = [self.state_lsn, live]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(Lsn::MAX);
+        self.env.journal.hold(hold_name(self.core.module), low);
+    }
+
+    /// Writes the agent's whole state when it holds back the journal (its oldest
+    /// needed record is in a closed segment), so older records can go.
+    async fn snapshot_if_needed(&mut self, now: u64) {
+        self.applied_lsns.retain(|_, exp| *exp >= now);
+        let live = self.applied_lsns.keys().next().copied();
+        let low = [self.state_lsn, live].into_iter().flatten().min();
+        if low.is_none_or(|l| l >= self.env.journal.segment_first()) {
+            self.release(now);
+            return;
+        }
+        let applied = self.core.applied(now);
+        let max_exp = applied.iter().map(|n| n.expires).max();
+        let snap = SnapshotEntry {
+            module: self.core.module,
+            next_offset: self.next_offset,
+            state: self.core.state().clone(),
+            applied,
+        };
+        match self
+            .env
+            .journal
+            .commit(Txn::of(vec![journal::Entry::Snapshot(snap)]))
+            .await
+        {
+            Ok(c) => {
+                self.state_lsn = Some(c.lsn);
+                self.applied_lsns.clear();
+                if let Some(e) = max_exp {
+                    self.applied_lsns.insert(c.lsn, e);
+                }
+                self.release(now);
+            }
+            Err(e) => {
+                tracing::warn!(module = self.core.module.as_str(), error = %e, "agent snapshot not written");
+            }
+        }
+    }
+
+    fn announce(&self, issuer: String, nonce: u64, outcome: Result<ModuleState, Reject>, seq: u64) {
         // Nobody waiting is fine.
         let _ = self.env.acks.send(Ack {
             issuer,
             nonce,
             outcome,
+            seq,
         });
     }
 
     /// Announces a refusal to whoever waits for the command the bytes decode to.
-    fn announce_raw(&self, d: &Delivery, outcome: Result<ModuleState, Reject>) {
+    fn announce_raw(&self, d: &Delivery, outcome: Result<ModuleState, Reject>, seq: u64) {
         if let Ok(c) = <Command as prost::Message>::decode(d.payload.as_slice()) {
-            self.announce(c.issuer, c.nonce, outcome);
+            self.announce(c.issuer, c.nonce, outcome, seq);
         }
     }
 
     /// Consumes forever: handle, then commit. Bus errors and failed writes are
-    /// logged once per distinct message and retried; nothing is skipped.
+    /// logged once per distinct message and retried; nothing is skipped. Every
+    /// 30 s the agent checks whether it holds back the journal (then it snapshots).
     pub async fn run(mut self, mut consumer: BusConsumer) {
         let name = self.core.module.as_str();
         let mut last_err = String::new();
@@ -335,8 +459,16 @@ impl Agent {
             }
         };
         let pause = Duration::from_millis(250);
+        let mut maintenance = tokio::time::interval(Duration::from_secs(30));
         loop {
-            let d = match consumer.next().await {
+            let d = tokio::select! {
+                d = consumer.next() => d,
+                _ = maintenance.tick() => {
+                    self.snapshot_if_needed(crate::now_secs()).await;
+                    continue;
+                }
+            };
+            let d = match d {
                 Ok(d) => d,
                 Err(e) => {
                     log_once(format!("bus: {e}"));
@@ -345,7 +477,7 @@ impl Agent {
                 }
             };
             loop {
-                match self.handle(&d, crate::now_secs()) {
+                match self.handle(&d, crate::now_secs()).await {
                     Ok(h) => {
                         self.env.metrics.agent(name, h.as_str());
                         break;
@@ -426,7 +558,7 @@ mod tests {
         };
         assert_eq!(a.state.state, RunState::Running);
         assert_eq!(c.state().state, RunState::Stopped, "not yet committed");
-        c.commit(*a);
+        c.commit(*a, 2, NOW);
         assert_eq!(c.state().applied, 1);
         assert!(matches!(c.decide(&d, NOW), Step::Duplicate(_)));
     }

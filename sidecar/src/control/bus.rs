@@ -3,10 +3,18 @@
 //! Two implementations with the same semantics: one topic of exact signed command
 //! bytes keyed by module, read by one consumer group per module
 //! (`ctrl-proto-{module}`), each delivery committed only after the agent applied and
-//! audited it (at-least-once; the agents drop duplicates by nonce).
+//! audited it (at-least-once; the agents drop duplicates by nonce). Admission does
+//! not publish itself: its journal transaction holds the command
+//! ([`crate::journal::txn::PublishEntry`]) with its ledger rows and its nonce, so a
+//! command is accepted and on its way in one durable step, or not at all.
+//! - [`Bus::in_process`], the embedded default: the journal *is* the log; a
+//!   command's offset is its record's LSN, and an agent's consumed offset is in its
+//!   own journal transaction. Crash-safe like Kafka: what was accepted is delivered
+//!   after a restart, again if it was not committed.
 //! - [`Bus::kafka`]: `rdkafka`, idempotent producer with `acks=all`; the topic is
-//!   created when missing.
-//! - [`Bus::in_process`]: the embedded default when no brokers are configured.
+//!   created when missing. Journalled commands are forwarded to the topic in order
+//!   (an outbox, [`Forwarder`]); one not yet forwarded at a crash is forwarded after
+//!   the restart.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -14,6 +22,9 @@ use std::time::Duration;
 
 use gw_core::contract::Requester;
 use gw_core::Module;
+
+use crate::journal::txn::PublishEntry;
+use crate::journal::{self, Journal, Lsn, Sink, Txn};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -182,25 +193,69 @@ impl std::fmt::Debug for Bus {
 }
 
 impl Bus {
-    /// The embedded bus.
-    pub fn in_process() -> Bus {
-        // Every module's group exists from the start, so nothing is trimmed before
-        // a group that has not read yet got to it.
-        let log = Log {
-            committed: Module::ALL.iter().map(|m| (group_name(*m), 0)).collect(),
-            ..Log::default()
-        };
-        Bus::InProcess(Arc::new(InProcess {
-            log: Mutex::new(log),
-            grew: Notify::new(),
-        }))
+    /// The embedded bus over the journal: `records` are what the journal recovered
+    /// (commands not yet consumed are delivered again; each module's consumed
+    /// position is in its agent's records).
+    pub fn in_process(records: &[(Lsn, Txn)]) -> Bus {
+        let b = InProcess::default();
+        let next = consumed_positions(records);
+        {
+            let mut log = lock(&b.log);
+            for m in Module::ALL {
+                log.next.insert(m, next.get(&m).copied().unwrap_or(0));
+            }
+        }
+        for (lsn, t) in records {
+            b.committed(*lsn, t);
+        }
+        Bus::InProcess(Arc::new(b))
     }
 
-    /// A Kafka bus. Creating the clients does not need a broker; [`Bus::prepare`]
-    /// creates the topic once one answers.
-    pub fn kafka(cfg: KafkaConfig) -> Result<Bus, BusError> {
+    /// A Kafka bus; `records` are what the journal recovered (commands accepted but
+    /// not yet forwarded are forwarded first). Creating the clients does not need a
+    /// broker; [`Bus::prepare`] creates the topic once one answers.
+    pub fn kafka(cfg: KafkaConfig, records: &[(Lsn, Txn)]) -> Result<Bus, BusError> {
         let producer = Mutex::new(Arc::new(KafkaBus::producer(&cfg)?));
-        Ok(Bus::Kafka(Arc::new(KafkaBus { cfg, producer })))
+        let outbox = Outbox::default();
+        let mut forwarded = std::collections::BTreeSet::new();
+        for (_, t) in records {
+            for e in &t.entries {
+                if let journal::Entry::Forwarded { lsn } = e {
+                    forwarded.insert(*lsn);
+                }
+            }
+        }
+        for (lsn, t) in records {
+            if !forwarded.contains(lsn) {
+                outbox.committed(*lsn, t);
+            }
+        }
+        Ok(Bus::Kafka(Arc::new(KafkaBus {
+            cfg,
+            producer,
+            outbox: Arc::new(outbox),
+            failures: std::sync::atomic::AtomicU32::new(0),
+        })))
+    }
+
+    /// The journal sink that feeds the bus: the embedded log, or Kafka's outbox.
+    pub fn sink(&self) -> Arc<dyn Sink> {
+        match self {
+            Bus::InProcess(b) => b.clone(),
+            Bus::Kafka(k) => k.outbox.clone(),
+        }
+    }
+
+    /// Kafka: forwards the journal's commands to the topic, in order, for as long
+    /// as it runs (the embedded bus needs nothing).
+    pub fn start(&self, journal: &Journal) -> Option<tokio::task::JoinHandle<()>> {
+        match self {
+            Bus::InProcess(b) => {
+                b.set_journal(journal.clone());
+                None
+            }
+            Bus::Kafka(k) => Some(tokio::spawn(k.clone().forward(journal.clone()))),
+        }
     }
 
     /// A line for logs.
@@ -219,23 +274,6 @@ impl Bus {
         }
     }
 
-    /// Publishes the exact signed bytes keyed by module, with who sent them;
-    /// returns once the bus holds them (Kafka: acknowledged by all in-sync replicas).
-    pub async fn publish(
-        &self,
-        module: Module,
-        payload: &[u8],
-        requester: &Requester,
-    ) -> Result<Position, BusError> {
-        match self {
-            Bus::InProcess(b) => Ok(b.publish(module.as_str().as_bytes(), payload, requester)),
-            Bus::Kafka(k) => {
-                k.publish(module.as_str().as_bytes(), payload, requester)
-                    .await
-            }
-        }
-    }
-
     /// A consumer in group `ctrl-proto-{module}`, starting at the group's committed
     /// position (or the beginning).
     pub fn consumer(&self, module: Module) -> Result<BusConsumer, BusError> {
@@ -243,8 +281,8 @@ impl Bus {
         match self {
             Bus::InProcess(b) => Ok(BusConsumer::InProcess {
                 bus: b.clone(),
-                next: b.committed(&group),
-                group,
+                next: b.next_for(module),
+                module,
             }),
             Bus::Kafka(k) => {
                 let c: StreamConsumer = ClientConfig::new()
@@ -275,7 +313,40 @@ pub struct KafkaBus {
     cfg: KafkaConfig,
     /// Replaced when the idempotent producer fails fatally.
     producer: Mutex<Arc<FutureProducer>>,
+    /// Journalled commands not yet on the topic.
+    outbox: Arc<Outbox>,
+    /// Sends failed in a row.
+    failures: std::sync::atomic::AtomicU32,
 }
+
+/// Failed sends in a row after which the producer is recreated.
+const RECREATE_AFTER_FAILURES: u32 = 3;
+
+/// Journalled commands waiting to be forwarded to Kafka, in journal order.
+#[derive(Default)]
+pub struct Outbox {
+    queue: Mutex<VecDeque<(Lsn, PublishEntry)>>,
+    grew: Notify,
+}
+
+impl Sink for Outbox {
+    fn committed(&self, lsn: Lsn, txn: &Txn) {
+        let mut q = lock(&self.queue);
+        for e in &txn.entries {
+            if let journal::Entry::Publish(p) = e {
+                q.push_back((lsn, p.clone()));
+            }
+        }
+        drop(q);
+        self.grew.notify_one();
+    }
+}
+
+/// The journal hold of commands not yet forwarded or consumed.
+const BUS_HOLD: &str = "bus";
+
+/// How many commands the forwarder sends before it waits for their acks.
+const FORWARD_WINDOW: usize = 64;
 
 impl KafkaBus {
     fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, BusError> {
@@ -344,10 +415,11 @@ impl KafkaBus {
             }
             match sent {
                 Ok(d) => {
+                    self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
                     return Ok(Position {
                         partition: d.partition,
                         offset: d.offset,
-                    })
+                    });
                 }
                 // A broker that lost the topic (or never had it): create it once, retry.
                 Err((
@@ -358,8 +430,89 @@ impl KafkaBus {
                 )) if !created => {
                     created = true;
                     self.create_topic().await?;
+                    // A producer that met the broker before the topic existed may be
+                    // unknown to the new partitions (tansu answers its sends with
+                    // UNKNOWN_PRODUCER_ID): start afresh.
+                    let fresh = Arc::new(Self::producer(&self.cfg)?);
+                    *self
+                        .producer
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
                 }
-                Err((e, _)) => return Err(e.into()),
+                Err((e, _)) => {
+                    // A producer that keeps timing out may hold state the broker no
+                    // longer knows (a broker that restarted without its log answers
+                    // every send with UNKNOWN_PRODUCER_ID): start afresh.
+                    let n = self
+                        .failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n + 1 >= RECREATE_AFTER_FAILURES {
+                        tracing::warn!(error = %e, "kafka producer keeps failing; recreating it");
+                        if let Err(e) = self.create_topic().await {
+                            tracing::debug!(error = %e, "topic not created");
+                        }
+                        let fresh = Arc::new(Self::producer(&self.cfg)?);
+                        *self
+                            .producer
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                        self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// Forwards the outbox to the topic forever, in journal order (the idempotent
+    /// producer keeps the order of a window in flight); each forwarded command is
+    /// marked in the journal so a restart does not send it again (and if the mark is
+    /// lost, the agents drop the second copy by nonce).
+    async fn forward(self: Arc<Self>, journal: Journal) {
+        let mut last_err = String::new();
+        loop {
+            let woke = self.outbox.grew.notified();
+            let window: Vec<(Lsn, PublishEntry)> = {
+                let q = lock(&self.outbox.queue);
+                journal.hold(BUS_HOLD, q.front().map_or(Lsn::MAX, |(l, _)| *l));
+                q.iter().take(FORWARD_WINDOW).cloned().collect()
+            };
+            if window.is_empty() {
+                woke.await;
+                continue;
+            }
+            let sent = futures_util::future::join_all(window.iter().map(|(_, p)| {
+                self.publish(p.module.as_str().as_bytes(), &p.payload, &p.requester)
+            }))
+            .await;
+            let mut done = Vec::new();
+            for ((lsn, _), r) in window.iter().zip(sent) {
+                match r {
+                    Ok(_) => done.push(*lsn),
+                    Err(e) => {
+                        let e = e.to_string();
+                        if e != last_err {
+                            tracing::warn!(error = %e, "commands wait in the journal for Kafka");
+                            last_err = e;
+                        }
+                        break;
+                    }
+                }
+            }
+            if !done.is_empty() {
+                last_err.clear();
+                let mut q = lock(&self.outbox.queue);
+                for _ in 0..done.len() {
+                    q.pop_front();
+                }
+                drop(q);
+                journal.commit_detached(Txn::of(
+                    done.into_iter()
+                        .map(|lsn| journal::Entry::Forwarded { lsn })
+                        .collect(),
+                ));
+            } else {
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
     }
@@ -370,84 +523,126 @@ impl KafkaBus {
     }
 }
 
-/// The embedded bus: one ordered log (a one-partition topic) with a committed
-/// position per consumer group. Entries every group has committed are dropped.
+/// The embedded bus: the journal's commands, per module in journal order, from
+/// each module's consumed position on.
+#[derive(Default)]
 pub struct InProcess {
     log: Mutex<Log>,
     grew: Notify,
+    journal: Mutex<Option<Journal>>,
 }
 
 #[derive(Default)]
 struct Log {
-    base: i64,
-    entries: VecDeque<(Vec<u8>, Vec<u8>, Requester)>,
-    committed: BTreeMap<String, i64>,
+    /// Commands not yet consumed, per module.
+    queues: BTreeMap<Module, VecDeque<(Lsn, PublishEntry)>>,
+    /// Each module's next offset to consume.
+    next: BTreeMap<Module, Lsn>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Each module's next offset to consume, from its agent's recovered records.
+fn consumed_positions(records: &[(Lsn, Txn)]) -> BTreeMap<Module, Lsn> {
+    let mut next = BTreeMap::new();
+    for (_, t) in records {
+        for e in &t.entries {
+            let (m, n) = match e {
+                journal::Entry::Agent(a) => match a.offset {
+                    Some(o) => (a.module, o + 1),
+                    None => continue,
+                },
+                journal::Entry::Snapshot(s) => match s.next_offset {
+                    Some(n) => (s.module, n),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            let v = next.entry(m).or_insert(0);
+            *v = (*v).max(n);
+        }
+    }
+    next
+}
+
+impl Sink for InProcess {
+    fn committed(&self, lsn: Lsn, txn: &Txn) {
+        let mut log = lock(&self.log);
+        let mut grew = false;
+        for e in &txn.entries {
+            if let journal::Entry::Publish(p) = e {
+                if lsn >= log.next.get(&p.module).copied().unwrap_or(0) {
+                    log.queues
+                        .entry(p.module)
+                        .or_default()
+                        .push_back((lsn, p.clone()));
+                    grew = true;
+                }
+            }
+        }
+        drop(log);
+        if grew {
+            self.grew.notify_waiters();
+        }
+    }
 }
 
 impl InProcess {
-    fn publish(&self, key: &[u8], payload: &[u8], requester: &Requester) -> Position {
-        let offset = {
-            let mut log = self
-                .log
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            log.entries
-                .push_back((key.to_vec(), payload.to_vec(), requester.clone()));
-            log.base + log.entries.len() as i64 - 1
-        };
-        self.grew.notify_waiters();
-        Position {
-            partition: 0,
-            offset,
-        }
+    fn set_journal(&self, j: Journal) {
+        *lock(&self.journal) = Some(j);
+        self.release();
     }
 
-    fn committed(&self, group: &str) -> i64 {
-        let mut log = self
-            .log
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let base = log.base;
-        *log.committed.entry(group.to_owned()).or_insert(base)
+    fn next_for(&self, m: Module) -> Lsn {
+        lock(&self.log).next.get(&m).copied().unwrap_or(0)
     }
 
-    fn read(&self, offset: i64) -> Option<Delivery> {
-        let log = self
-            .log
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let i = usize::try_from(offset - log.base).ok()?;
-        log.entries.get(i).map(|(k, p, r)| Delivery {
-            key: k.clone(),
-            payload: p.clone(),
-            requester: r.clone(),
+    fn read(&self, m: Module, from: Lsn) -> Option<Delivery> {
+        let log = lock(&self.log);
+        let (lsn, p) = log.queues.get(&m)?.iter().find(|(l, _)| *l >= from)?;
+        Some(Delivery {
+            key: p.module.as_str().as_bytes().to_vec(),
+            payload: p.payload.clone(),
+            requester: p.requester.clone(),
             position: Position {
                 partition: 0,
-                offset,
+                offset: i64::try_from(*lsn).unwrap_or(i64::MAX),
             },
         })
     }
 
-    fn commit(&self, group: &str, next: i64) {
-        let mut log = self
-            .log
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let c = log.committed.entry(group.to_owned()).or_insert(next);
-        *c = (*c).max(next);
-        let low = log.committed.values().copied().min().unwrap_or(next);
-        while log.base < low && log.entries.pop_front().is_some() {
-            log.base += 1;
+    /// Module `m` consumed everything before `next` (its agent's journal record
+    /// says so): drop it, and let the journal drop it too.
+    fn commit(&self, m: Module, next: Lsn) {
+        let mut log = lock(&self.log);
+        let n = log.next.entry(m).or_insert(0);
+        *n = (*n).max(next);
+        if let Some(q) = log.queues.get_mut(&m) {
+            while q.front().is_some_and(|(l, _)| *l < next) {
+                q.pop_front();
+            }
+        }
+        drop(log);
+        self.release();
+    }
+
+    fn release(&self) {
+        let low = lock(&self.log)
+            .queues
+            .values()
+            .filter_map(|q| q.front().map(|(l, _)| *l))
+            .min()
+            .unwrap_or(Lsn::MAX);
+        if let Some(j) = lock(&self.journal).as_ref() {
+            j.hold(BUS_HOLD, low);
         }
     }
 
-    /// Messages not yet committed by the slowest group.
+    /// Commands not yet consumed (every module).
     pub fn retained(&self) -> usize {
-        self.log
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entries
-            .len()
+        lock(&self.log).queues.values().map(VecDeque::len).sum()
     }
 }
 
@@ -457,10 +652,10 @@ pub enum BusConsumer {
     InProcess {
         /// The bus.
         bus: Arc<InProcess>,
-        /// Group name.
-        group: String,
+        /// The module.
+        module: Module,
         /// Next offset to read.
-        next: i64,
+        next: Lsn,
     },
     /// Kafka.
     Kafka {
@@ -498,10 +693,10 @@ impl BusConsumer {
     /// The next delivery (waits for one).
     pub async fn next(&mut self) -> Result<Delivery, BusError> {
         match self {
-            BusConsumer::InProcess { bus, next, .. } => loop {
+            BusConsumer::InProcess { bus, module, next } => loop {
                 let grew = bus.grew.notified();
-                if let Some(d) = bus.read(*next) {
-                    *next += 1;
+                if let Some(d) = bus.read(*module, *next) {
+                    *next = u64::try_from(d.position.offset).unwrap_or(0) + 1;
                     return Ok(d);
                 }
                 grew.await;
@@ -525,8 +720,8 @@ impl BusConsumer {
     /// (Kafka: sent asynchronously, never blocks).
     pub async fn commit(&self, d: &Delivery) -> Result<(), BusError> {
         match self {
-            BusConsumer::InProcess { bus, group, .. } => {
-                bus.commit(group, d.position.offset + 1);
+            BusConsumer::InProcess { bus, module, .. } => {
+                bus.commit(*module, u64::try_from(d.position.offset).unwrap_or(0) + 1);
                 Ok(())
             }
             BusConsumer::Kafka { consumer, topic } => {
@@ -551,41 +746,74 @@ impl BusConsumer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::journal::txn::AgentEntry;
+    use crate::journal::Options;
 
+    fn publish(m: Module, payload: u8) -> Txn {
+        Txn::of(vec![journal::Entry::Publish(PublishEntry {
+            module: m,
+            payload: vec![payload],
+            requester: Requester::default(),
+        })])
+    }
+
+    fn consumed(m: Module, offset: i64) -> Txn {
+        Txn::of(vec![journal::Entry::Agent(AgentEntry {
+            module: m,
+            offset: Some(u64::try_from(offset).unwrap()),
+            state: None,
+            applied: None,
+        })])
+    }
+
+    /// The embedded bus delivers the journal's commands per module in order, and
+    /// after a restart delivers again exactly what was not consumed.
     #[tokio::test]
-    async fn in_process_bus_delivers_in_order_to_every_group_and_resumes_at_commit() {
-        let bus = Bus::in_process();
+    async fn the_embedded_bus_resumes_after_the_last_consumed_command() {
+        let d = testkit::TempDir::new("bus-journal");
+        let opened = Journal::open(d.path(), Options::default()).unwrap();
+        let bus = Bus::in_process(&opened.records);
+        let j = opened.start(None, vec![bus.sink()]).unwrap();
+        bus.start(&j);
         let mut mev = bus.consumer(Module::Mev).unwrap();
-        for i in 0..3u8 {
-            bus.publish(Module::Mev, &[i], &Requester::default())
-                .await
-                .unwrap();
+        let mut arb = bus.consumer(Module::Arbitrage).unwrap();
+        for (m, p) in [(Module::Mev, 0), (Module::Arbitrage, 1), (Module::Mev, 2)] {
+            j.commit(publish(m, p)).await.unwrap();
         }
         let a = mev.next().await.unwrap();
         assert_eq!(
             (a.payload.clone(), a.key.clone()),
             (vec![0], b"mev".to_vec())
         );
+        j.commit(consumed(Module::Mev, a.position.offset))
+            .await
+            .unwrap();
         mev.commit(&a).await.unwrap();
         let b = mev.next().await.unwrap();
-        assert_eq!(b.payload, vec![1]);
-        // Not committed: a new consumer of the group starts again at `b`.
-        let mut again = bus.consumer(Module::Mev).unwrap();
-        assert_eq!(again.next().await.unwrap().position.offset, 1);
-        // Another group reads from the start; the log keeps what it has not committed.
-        let mut arb = bus.consumer(Module::Arbitrage).unwrap();
-        let first = arb.next().await.unwrap();
-        assert_eq!(first.position.offset, 0);
+        assert_eq!(b.payload, vec![2]);
+        assert_eq!(arb.next().await.unwrap().payload, vec![1]);
         let Bus::InProcess(inner) = &bus else {
             unreachable!()
         };
-        assert_eq!(inner.retained(), 3, "arbitrage has not committed offset 0");
-        arb.commit(&first).await.unwrap();
-        assert_eq!(inner.retained(), 2, "every group committed offset 0");
+        assert_eq!(
+            inner.retained(),
+            2,
+            "mev's second and arbitrage's first are not consumed"
+        );
+        drop((mev, arb, bus, j));
+
+        // Restart: mev's first is consumed; its second and arbitrage's come again.
+        let opened = Journal::open(d.path(), Options::default()).unwrap();
+        let bus = Bus::in_process(&opened.records);
+        let j = opened.start(None, vec![bus.sink()]).unwrap();
+        bus.start(&j);
+        let mut mev = bus.consumer(Module::Mev).unwrap();
+        let mut arb = bus.consumer(Module::Arbitrage).unwrap();
+        assert_eq!(mev.next().await.unwrap().payload, vec![2]);
+        assert_eq!(arb.next().await.unwrap().payload, vec![1]);
+        // A new command reaches a waiting consumer.
         let waiter = tokio::spawn(async move { mev.next().await.map(|d| d.payload) });
-        bus.publish(Module::Mev, &[9], &Requester::default())
-            .await
-            .unwrap();
-        assert_eq!(waiter.await.unwrap().unwrap(), vec![2]);
+        j.commit(publish(Module::Mev, 9)).await.unwrap();
+        assert_eq!(waiter.await.unwrap().unwrap(), vec![9]);
     }
 }

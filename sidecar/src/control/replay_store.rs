@@ -1,52 +1,31 @@
 //! The authoritative replay guard: [`gw_core::replay::NonceBook`] kept durable in the
-//! journal, so a restart never re-opens a nonce. An accepted nonce is in the journal
-//! (fsynced, with whatever else the writer batched with it) before the command is
-//! acknowledged; at start the guard is rebuilt from the nonces that are still fresh.
+//! journal, so a restart never re-opens a nonce. An accepted nonce is in the same
+//! journal transaction as the command's `accepted` row and the command itself (on
+//! the bus): a nonce is never taken by a command that was not durably accepted. At
+//! start the guard is rebuilt from the nonces that are still fresh.
 
 use std::collections::BTreeMap;
 
+use gw_core::ledger::{Decision, Stage};
 use gw_core::replay::{Digest, Limits, NonceBook, Refused, Seen};
 use gw_core::Reject;
-use serde::{Deserialize, Serialize};
 
-use crate::journal::{self, Journal, JournalError, Lsn, Stream};
+use crate::journal::txn::NonceEntry;
+use crate::journal::{self, Journal, JournalError, Lsn, Txn};
 
 /// What an accepted nonce is remembered with.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
     /// The digest of the command's bytes (a resend of the same bytes is told apart
     /// from another command reusing the nonce).
-    #[serde(with = "hex_digest")]
     pub digest: Digest,
     /// The command's `request_id`.
     pub request_id: String,
-}
-
-mod hex_digest {
-    use gw_core::replay::Digest;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Digest, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Digest, D::Error> {
-        let s = String::deserialize(d)?;
-        hex::decode(s)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| serde::de::Error::custom("a 16-byte hex digest"))
-    }
-}
-
-/// One journal record: a nonce accepted until `expires`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct NonceRecord {
-    issuer: String,
-    nonce: u64,
-    expires: u64,
-    #[serde(flatten)]
-    accepted: Accepted,
+    /// The `seq` of its `accepted` row in this node's chain (0 when not audited).
+    pub seq: u64,
+    /// Once its agent applied it: the `seq` of the `applied` row (0 when not
+    /// audited).
+    pub applied: Option<u64>,
 }
 
 /// Why the guard could not record a nonce.
@@ -55,52 +34,84 @@ pub enum StoreError {
     /// The journal refused the write (the nonce is not accepted).
     #[error(transparent)]
     Journal(#[from] JournalError),
-    /// A recovered record is not a nonce record.
-    #[error("journal: a replay record does not parse: {0}")]
+    /// A recovered record does not make sense.
+    #[error("journal: {0}")]
     Corrupt(String),
     /// The guard is full or saw the nonce meanwhile.
     #[error("{0}")]
     Refused(Reject),
 }
 
-/// The replay guard and its journal.
+/// The replay guard.
 pub struct ReplayStore {
     book: NonceBook<Accepted>,
-    journal: Journal,
+    journal: Option<Journal>,
     /// Journal positions of the live nonces (to release what expired).
     positions: BTreeMap<Lsn, u64>,
 }
 
-const OWNER: &str = "replay";
+const HOLD: &str = "replay";
 
 impl ReplayStore {
-    /// The guard with the journal's fresh nonces (`recovered`: this stream's records).
-    pub fn open(
-        journal: Journal,
-        recovered: &[(Lsn, &[u8])],
-        limits: Limits,
-        now: u64,
-    ) -> Result<ReplayStore, StoreError> {
+    /// The guard with the fresh nonces of the journal's `records`.
+    pub fn open(records: &[(Lsn, Txn)], limits: Limits, now: u64) -> ReplayStore {
         let mut s = ReplayStore {
             book: NonceBook::new(limits),
-            journal,
+            journal: None,
             positions: BTreeMap::new(),
         };
-        for (lsn, body) in recovered {
-            let r: NonceRecord =
-                serde_json::from_slice(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            if r.expires < now {
-                continue;
+        for (lsn, t) in records {
+            let seq = accepted_seq(t);
+            for e in &t.entries {
+                let journal::Entry::Nonce(n) = e else {
+                    continue;
+                };
+                if n.expires < now {
+                    continue;
+                }
+                // A guard at its bound after a restart keeps what it had: never
+                // refuse what was accepted before.
+                let _ = s.book.insert(
+                    &n.issuer,
+                    n.nonce,
+                    n.expires,
+                    Accepted {
+                        digest: n.digest,
+                        request_id: n.request_id.clone(),
+                        seq,
+                        applied: None,
+                    },
+                    now,
+                );
+                s.positions.insert(*lsn, n.expires);
             }
-            // A guard at its bound after a restart keeps what it had: never refuse
-            // what was accepted before.
-            let _ = s
-                .book
-                .insert(&r.issuer, r.nonce, r.expires, r.accepted, now);
-            s.positions.insert(*lsn, r.expires);
         }
-        s.release(now);
-        Ok(s)
+        // What the agents applied of them.
+        for (_, t) in records {
+            for e in &t.entries {
+                if let journal::Entry::Agent(a) = e {
+                    if let Some(n) = &a.applied {
+                        s.mark_applied(&n.issuer, n.nonce, applied_seq(t), now);
+                    }
+                }
+            }
+        }
+        s
+    }
+
+    /// The agent applied `(issuer, nonce)`; its row is `seq`.
+    pub fn mark_applied(&mut self, issuer: &str, nonce: u64, seq: u64, now: u64) {
+        if let Some(seen) = self.book.get(issuer, nonce, now) {
+            let mut a = seen.value.clone();
+            a.applied = Some(seq);
+            self.book.update(issuer, nonce, a);
+        }
+    }
+
+    /// Lets the guard release what it no longer needs in `journal`.
+    pub fn set_journal(&mut self, journal: Journal, now: u64) {
+        self.journal = Some(journal);
+        self.release(now);
     }
 
     /// Whether `(issuer, nonce)` would be accepted at `now` (what it was accepted
@@ -114,21 +125,25 @@ impl ReplayStore {
         self.book.get(issuer, nonce, now)
     }
 
-    /// The record that accepts `(issuer, nonce)` until `expires`; write it to the
-    /// journal, then [`Self::accepted`].
-    pub fn record(issuer: &str, nonce: u64, expires: u64, accepted: &Accepted) -> Vec<u8> {
-        journal::encode(
-            Stream::Nonce,
-            &NonceRecord {
-                issuer: issuer.to_owned(),
-                nonce,
-                expires,
-                accepted: accepted.clone(),
-            },
-        )
+    /// The journal entry that accepts `(issuer, nonce)` until `expires`: commit it
+    /// (with the command's rows and the command), then [`Self::accepted`].
+    pub fn entry(
+        issuer: &str,
+        nonce: u64,
+        expires: u64,
+        digest: Digest,
+        request_id: &str,
+    ) -> journal::Entry {
+        journal::Entry::Nonce(NonceEntry {
+            issuer: issuer.to_owned(),
+            nonce,
+            expires,
+            digest,
+            request_id: request_id.to_owned(),
+        })
     }
 
-    /// Takes a nonce whose record is durable at `lsn` into the guard.
+    /// Takes a nonce whose entry is durable at `lsn` into the guard.
     pub fn accepted(
         &mut self,
         lsn: Lsn,
@@ -146,33 +161,13 @@ impl ReplayStore {
         Ok(())
     }
 
-    /// Accepts `(issuer, nonce)` once, durably (the journal first).
-    pub async fn accept(
-        this: &parking_lot::Mutex<ReplayStore>,
-        issuer: &str,
-        nonce: u64,
-        expires: u64,
-        accepted: Accepted,
-        now: u64,
-    ) -> Result<(), StoreError> {
-        let journal = this.lock().journal.clone();
-        let lsn = journal
-            .append(vec![Self::record(issuer, nonce, expires, &accepted)])
-            .await?;
-        this.lock()
-            .accepted(lsn, issuer, nonce, expires, accepted, now)
-    }
-
     /// Lets the journal drop the records of nonces that expired.
     fn release(&mut self, now: u64) {
         self.positions.retain(|_, exp| *exp >= now);
         let hold = self.positions.keys().next().copied().unwrap_or(Lsn::MAX);
-        self.journal.hold(OWNER, hold);
-    }
-
-    /// The journal it writes to.
-    pub fn journal(&self) -> &Journal {
-        &self.journal
+        if let Some(j) = &self.journal {
+            j.hold(HOLD, hold);
+        }
     }
 
     /// Live nonces.
@@ -186,15 +181,29 @@ impl ReplayStore {
     }
 }
 
-/// The journal's records of the replay stream, from everything recovered.
-pub fn recovered(records: &[(Lsn, Vec<u8>)]) -> Vec<(Lsn, &[u8])> {
-    records
+/// The seq of the row of `stage` and `decision` in a transaction (0 when none).
+fn row_seq(t: &Txn, stage: Stage, decision: Decision) -> u64 {
+    t.entries
         .iter()
-        .filter_map(|(lsn, p)| match journal::split(p) {
-            Some((Stream::Nonce, body)) => Some((*lsn, body)),
+        .find_map(|e| match e {
+            journal::Entry::Row(r)
+                if r.stage == stage.as_str() && r.decision == decision.as_str() =>
+            {
+                Some(r.seq)
+            }
             _ => None,
         })
-        .collect()
+        .unwrap_or(0)
+}
+
+/// The seq of the sidecar's `accepted` row in a transaction (0 when none).
+fn accepted_seq(t: &Txn) -> u64 {
+    row_seq(t, Stage::Sidecar, Decision::Accepted)
+}
+
+/// The seq of the agent's `applied` row in a transaction (0 when none).
+pub fn applied_seq(t: &Txn) -> u64 {
+    row_seq(t, Stage::Agent, Decision::Applied)
 }
 
 #[cfg(test)]
@@ -206,46 +215,51 @@ mod tests {
 
     const NOW: u64 = 1_750_000_000;
 
-    fn open(dir: &std::path::Path, now: u64) -> ReplayStore {
-        let (j, rec) = Journal::open(dir, Options::default()).unwrap();
-        ReplayStore::open(j, &recovered(&rec), Limits::default(), now).unwrap()
-    }
-
-    fn acc(req: &str) -> Accepted {
-        Accepted {
-            digest: digest(req.as_bytes()),
-            request_id: req.into(),
-        }
+    fn open(dir: &std::path::Path, now: u64) -> (ReplayStore, Journal) {
+        let opened = Journal::open(dir, Options::default()).unwrap();
+        let mut s = ReplayStore::open(&opened.records, Limits::default(), now);
+        let j = opened.start(None, Vec::new()).unwrap();
+        s.set_journal(j.clone(), now);
+        (s, j)
     }
 
     #[tokio::test]
     async fn survives_a_restart_in_any_order_until_the_nonce_expires() {
         let d = testkit::TempDir::new("replay-store");
-        let s = parking_lot::Mutex::new(open(d.path(), NOW));
+        let (mut s, j) = open(d.path(), NOW);
         for (n, req) in [(10, "a"), (8, "b"), (u64::MAX, "c")] {
-            ReplayStore::accept(&s, "dashboard", n, NOW + 30, acc(req), NOW)
-                .await
+            let dg = digest(req.as_bytes());
+            let e = ReplayStore::entry("dashboard", n, NOW + 30, dg, req);
+            let c = j.commit(Txn::of(vec![e])).await.unwrap();
+            let acc = Accepted {
+                digest: dg,
+                request_id: req.into(),
+                seq: 0,
+                applied: None,
+            };
+            s.accepted(c.lsn, "dashboard", n, NOW + 30, acc, NOW)
                 .unwrap();
         }
-        drop(s);
-        let s = open(d.path(), NOW);
+        drop((s, j));
+        let (s, _j) = open(d.path(), NOW);
         assert_eq!(s.len(), 3);
         match s.check("dashboard", 8, NOW) {
             Err(Refused::Replay(a)) => assert_eq!(a.request_id, "b"),
             other => panic!("{other:?}"),
         }
         assert!(s.check("dashboard", 9, NOW).is_ok(), "never seen");
+        drop((s, _j));
         // After the commands went stale, a restart forgets them.
-        let s = open(d.path(), NOW + 31);
+        let (s, _j) = open(d.path(), NOW + 31);
         assert!(s.is_empty());
     }
 
     #[test]
-    fn a_nonce_whose_record_failed_is_not_accepted() {
+    fn a_nonce_whose_entry_was_not_committed_is_not_accepted() {
         let d = testkit::TempDir::new("replay-closed");
-        let s = open(d.path(), NOW);
-        // The record never reached the journal: the guard does not know the nonce.
-        let _ = ReplayStore::record("x", 1, NOW + 30, &acc("r"));
+        let (s, _j) = open(d.path(), NOW);
+        // The entry never reached the journal: the guard does not know the nonce.
+        let _ = ReplayStore::entry("x", 1, NOW + 30, digest(b"r"), "r");
         assert!(s.check("x", 1, NOW).is_ok());
     }
 }

@@ -16,7 +16,7 @@ use gw_core::module_state::Modules;
 use gw_core::names::parse_module_spec;
 use gw_core::{Action, Code, Command, Module, Reject};
 use parking_lot::Mutex;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -26,8 +26,10 @@ use super::agent::{Ack, Agent, AgentEnv};
 use super::bus::Bus;
 use super::json_route::{self, JsonSigner};
 use super::modules::ModuleTable;
-use super::replay_store::{Accepted, ReplayStore, StoreError};
+use super::replay_store::{Accepted, ReplayStore};
 use crate::error::ApiError;
+use crate::journal::txn::PublishEntry;
+use crate::journal::{self, Journal, Lsn, Txn};
 use crate::ledger::{AuditError, Auditor, Entry};
 use crate::ops::metrics::ControlMetrics;
 
@@ -43,12 +45,14 @@ pub struct ControlConfig {
     pub bus: Bus,
     /// Where decisions are recorded.
     pub auditor: Auditor,
+    /// Where everything durable goes.
+    pub journal: Journal,
+    /// This node's chain id.
+    pub node_id: String,
     /// How long a request waits for its agent before answering `pending`.
     pub apply_wait: Duration,
     /// Largest command body.
     pub max_body: usize,
-    /// Where agents keep their state.
-    pub state_dir: std::path::PathBuf,
     /// Bounds of the agents' applied-nonce memory.
     pub limits: gw_core::replay::Limits,
     /// How long agents remember applied nonces beyond their freshness.
@@ -68,6 +72,8 @@ pub struct Control {
     gate: Mutex<Gate>,
     signer: Option<JsonSigner>,
     auditor: Auditor,
+    journal: Journal,
+    node_id: String,
     bus: Bus,
     acks: broadcast::Sender<Ack>,
     apply_wait: Duration,
@@ -77,14 +83,19 @@ pub struct Control {
 }
 
 impl Control {
-    /// Opens the agents' state, starts one agent per module and (while the broker
-    /// is away) keeps preparing the bus. Must run inside a tokio runtime.
-    pub fn start(c: ControlConfig) -> Result<(Arc<Control>, Vec<JoinHandle<()>>), StartError> {
-        let (acks, _) = broadcast::channel(1024);
+    /// Rebuilds the agents from the journal's `records`, starts one agent per
+    /// module and (while the broker is away) keeps preparing the bus. Must run
+    /// inside a tokio runtime.
+    pub fn start(
+        c: ControlConfig,
+        records: &[(Lsn, Txn)],
+    ) -> Result<(Arc<Control>, Vec<JoinHandle<()>>), StartError> {
+        let (acks, _) = broadcast::channel(4096);
         let modules = ModuleTable::new();
         let env = AgentEnv {
             policy: c.policy.clone(),
-            state_dir: c.state_dir,
+            journal: c.journal.clone(),
+            embedded_bus: matches!(c.bus, Bus::InProcess(_)),
             limits: c.limits,
             dedup_secs: c.dedup_secs,
             modules: modules.clone(),
@@ -94,15 +105,16 @@ impl Control {
         };
         let mut tasks = Vec::new();
         for m in Module::ALL {
-            let agent = Agent::open(m, &env)?;
+            let agent = Agent::open(m, &env, records);
             let consumer = c.bus.consumer(m)?;
             let span = tracing::info_span!("agent", module = m.as_str());
             tasks.push(tokio::spawn(agent.run(consumer).instrument(span)));
         }
+        tasks.extend(c.bus.start(&c.journal));
         let bus = c.bus.clone();
         tasks.push(tokio::spawn(async move {
-            // The topic must exist before consumers are assigned partitions; publishes
-            // answer 503 meanwhile.
+            // The topic must exist before consumers are assigned partitions; commands
+            // wait in the journal meanwhile.
             let mut logged = false;
             while let Err(e) = bus.prepare().await {
                 if !logged {
@@ -113,13 +125,17 @@ impl Control {
             }
             tracing::info!(bus = %bus.describe(), "command bus ready");
         }));
+        let mut replay = c.replay;
+        replay.set_journal(c.journal.clone(), crate::now_secs());
         let control = Arc::new(Control {
             gate: Mutex::new(Gate {
                 admission: Admission::new(c.policy),
-                replay: c.replay,
+                replay,
             }),
             signer: c.signer,
             auditor: c.auditor,
+            journal: c.journal,
+            node_id: c.node_id,
             bus: c.bus,
             acks,
             apply_wait: c.apply_wait,
@@ -127,6 +143,26 @@ impl Control {
             modules,
             metrics: c.metrics,
         });
+        // What the agents applied, for the answer to a resend.
+        let mut applied = control.acks.subscribe();
+        let weak = Arc::downgrade(&control);
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match applied.recv().await {
+                    Ok(ack) if ack.outcome.is_ok() => {
+                        let Some(c) = weak.upgrade() else { return };
+                        c.gate.lock().replay.mark_applied(
+                            &ack.issuer,
+                            ack.nonce,
+                            ack.seq,
+                            crate::now_secs(),
+                        );
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }));
         Ok((control, tasks))
     }
 
@@ -141,50 +177,66 @@ impl Control {
     }
 
     /// The control routes: signed commands, the JSON route, module state, and the
-    /// edge's decision reports.
+    /// edge's reports.
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route(contract::COMMAND_PATH, post(post_command))
             .route(
-                &format!("{}{{spec}}", contract::MODULE_ROUTE_PREFIX),
-                post(post_module),
+                "/api/control/module/{spec}",
+                post(post_module).layer(DefaultBodyLimit::max(self.max_body)),
             )
             .route("/api/modules", get(get_modules))
-            .layer(DefaultBodyLimit::max(self.max_body))
             .route(
-                contract::EDGE_DECISIONS_PATH,
-                post(edge_decisions)
-                    .layer(DefaultBodyLimit::max(2 * contract::MAX_REPORT_BATCH_BYTES)),
+                "/internal/edge-decisions",
+                post(edge_decisions).layer(DefaultBodyLimit::max(1 << 20)),
             )
+            .layer(DefaultBodyLimit::max(self.max_body))
             .with_state(self.clone())
     }
 
-    fn record(
+    /// The journal entries of `rows` about `body`.
+    fn rows(
         &self,
         rows: &[Row],
         body: &[u8],
         command: Option<&Command>,
         requester: &Requester,
         route: &str,
-    ) -> Result<(), AuditError> {
-        for r in rows {
-            self.auditor.record(Entry {
-                stage: r.stage,
-                decision: r.decision,
-                code: r.code,
-                body,
-                command,
-                requester: Some(requester),
-                route,
-            })?;
+    ) -> Vec<journal::Entry> {
+        rows.iter()
+            .filter_map(|r| {
+                self.auditor.row(&Entry {
+                    stage: r.stage,
+                    decision: r.decision,
+                    code: r.code,
+                    body,
+                    command,
+                    requester: Some(requester),
+                    route,
+                })
+            })
+            .collect()
+    }
+
+    async fn record(&self, entries: Vec<journal::Entry>) -> Result<(), AuditError> {
+        if entries.is_empty() {
+            return Ok(());
         }
+        self.journal.commit(Txn::of(entries)).await?;
         Ok(())
     }
 
     /// Records a refusal's rows; answers with its rejection (or, when the ledger
     /// cannot take the rows, with that).
-    fn refuse(&self, r: Refused, body: &[u8], requester: &Requester, route: &str) -> ApiError {
-        match self.record(&r.rows, body, r.command.as_ref(), requester, route) {
+    async fn refuse(
+        &self,
+        r: Refused,
+        body: &[u8],
+        requester: &Requester,
+        route: &str,
+    ) -> ApiError {
+        let rows = self.rows(&r.rows, body, r.command.as_ref(), requester, route);
+        match self.record(rows).await {
             Ok(()) => r.reject.into(),
             Err(e) => e.into(),
         }
@@ -193,7 +245,7 @@ impl Control {
     /// Refuses a request before admission (a route, a media type, a JSON body the
     /// sidecar cannot sign): counted, answered, and recorded — after the edge's
     /// acceptance when the edge forwarded it.
-    fn refuse_early(
+    async fn refuse_early(
         &self,
         reject: Reject,
         body: &[u8],
@@ -225,6 +277,7 @@ impl Control {
             &requester,
             route,
         )
+        .await
     }
 
     /// Admits one signed command: the one path every command takes. Nothing is
@@ -245,7 +298,7 @@ impl Control {
         );
         let requester = edge.map(|e| e.requester.clone()).unwrap_or_default();
         let result = self
-            .admit_inner(body, route, edge, &requester)
+            .admit_inner(body, route, edge, &requester, Vec::new())
             .instrument(span.clone())
             .await;
         match &result {
@@ -258,14 +311,64 @@ impl Control {
         result.map(Json)
     }
 
+    /// What became of an accepted command that is sent again with the same bytes:
+    /// applied (where in the ledger), or not yet (after waiting for its agent up to
+    /// `apply_wait`). `None` when `c` was not accepted with these bytes.
+    async fn resend_status(
+        &self,
+        c: &Command,
+        body: &[u8],
+        now: u64,
+    ) -> Option<Map<String, Value>> {
+        let digest = gw_core::replay::digest(body);
+        let mut acks = self.acks.subscribe();
+        let seen = |me: &Self| {
+            me.gate
+                .lock()
+                .replay
+                .get(&c.issuer, c.nonce, now)
+                .map(|s| s.value.clone())
+        };
+        let a = seen(self).filter(|a| a.digest == digest)?;
+        let applied = match a.applied {
+            Some(seq) => Some(seq),
+            None => tokio::time::timeout(self.apply_wait, async {
+                loop {
+                    match acks.recv().await {
+                        Ok(ack) if ack.issuer == c.issuer && ack.nonce == c.nonce => {
+                            return ack.outcome.is_ok().then_some(ack.seq)
+                        }
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            })
+            .await
+            .ok()
+            .flatten()
+            .or_else(|| seen(self).and_then(|a| a.applied)),
+        };
+        let mut m = Map::new();
+        m.insert("request_id".into(), a.request_id.clone().into());
+        m.insert("applied".into(), applied.is_some().into());
+        let mut ledger = json!({"chain_id": self.node_id, "accepted_seq": a.seq});
+        if let Some(seq) = applied {
+            ledger["applied_seq"] = seq.into();
+        }
+        m.insert("ledger".into(), ledger);
+        Some(m)
+    }
+
     /// Admission of `body`. `edge`: the edge forwarded exactly this body (its row
-    /// comes first); `requester`: who asked, as the edge verified it.
+    /// comes first); `requester`: who asked, as the edge verified it; `prefix`:
+    /// entries made durable with the acceptance (the JSON route's row).
     async fn admit_inner(
         &self,
         body: &[u8],
         route: Option<(Module, Action)>,
         edge: Option<&EdgeIdentity>,
         requester: &Requester,
+        prefix: Vec<journal::Entry>,
     ) -> Result<Value, ApiError> {
         let path = route_path(route);
         let req = Request {
@@ -284,7 +387,15 @@ impl Control {
                 if let Some(c) = &r.command {
                     record_command(c);
                 }
-                return Err(self.refuse(r, body, requester, &path));
+                let status = match (&r.command, r.reject.code) {
+                    (Some(c), Code::Replay) => self.resend_status(c, body, req.now).await,
+                    _ => None,
+                };
+                let e = self.refuse(r, body, requester, &path).await;
+                return Err(match status {
+                    Some(fields) if e.code() == Code::Replay => e.with_fields(fields),
+                    _ => e,
+                });
             }
             Verdict::Admitted(a) => a,
         };
@@ -294,52 +405,66 @@ impl Control {
         };
         let c = &a.verified.command;
         record_command(c);
-        // Audited before it is published: nothing reaches the bus without its row,
-        // and the ledger reads accepted → applied. If publishing then fails, an
-        // `unavailable` row for the same request follows.
-        self.record(&a.rows, body, Some(c), requester, &path)?;
+        // One durable step: the rows, the nonce and the command on the bus. If it
+        // fails nothing was accepted, and the same bytes may be sent again.
+        let max_skew = self.gate.lock().admission.policy().max_skew;
+        let expires = gw_core::replay::expiry(c.ts, max_skew);
+        let digest = gw_core::replay::digest(body);
+        let mut entries = prefix;
+        entries.extend(self.rows(&a.rows, body, Some(c), requester, &path));
+        entries.push(ReplayStore::entry(
+            &c.issuer,
+            c.nonce,
+            expires,
+            digest,
+            &c.request_id,
+        ));
+        entries.push(journal::Entry::Publish(PublishEntry {
+            module: a.verified.module,
+            payload: body.to_vec(),
+            requester: requester.clone(),
+        }));
         let mut acks = self.acks.subscribe();
-        let position = match self.bus.publish(a.verified.module, body, requester).await {
-            Ok(p) => p,
+        let committed = match self.journal.commit(Txn::of(entries)).await {
+            Ok(done) => done,
             Err(e) => {
                 let r = self
                     .gate
                     .lock()
                     .admission
-                    .publish_failed(&a, &e.to_string());
-                return Err(self.refuse(r, body, requester, &path));
+                    .journal_failed(&a, &e.to_string());
+                return Err(self.refuse(r, body, requester, &path).await);
             }
         };
-        // On the bus: the agent will apply it. Make the nonce durable here too; if
-        // that fails the agent still refuses a second copy (it keeps the nonces it
-        // applied).
-        let (journal, max_skew) = {
-            let g = self.gate.lock();
-            (g.replay.journal().clone(), g.admission.policy().max_skew)
-        };
-        let accepted = Accepted {
-            digest: gw_core::replay::digest(body),
-            request_id: c.request_id.clone(),
-        };
-        let expires = gw_core::replay::expiry(c.ts, max_skew);
-        let record = ReplayStore::record(&c.issuer, c.nonce, expires, &accepted);
-        let kept = match journal.append(vec![record]).await {
-            Ok(lsn) => self
-                .gate
-                .lock()
-                .replay
-                .accepted(lsn, &c.issuer, c.nonce, expires, accepted, req.now),
-            Err(e) => Err(e.into()),
-        };
+        let accepted_seq = committed
+            .rows
+            .iter()
+            .find(|r| r.stage == Stage::Sidecar.as_str())
+            .map_or(0, |r| r.seq);
+        let kept = self.gate.lock().replay.accepted(
+            committed.lsn,
+            &c.issuer,
+            c.nonce,
+            expires,
+            Accepted {
+                digest,
+                request_id: c.request_id.clone(),
+                seq: accepted_seq,
+                applied: None,
+            },
+            req.now,
+        );
         if let Err(e) = kept {
-            tracing::error!(error = %e, "published, but the replay state was not saved");
+            // Durable in the journal (a restart knows it); only this process's
+            // guard could not take it.
+            tracing::error!(error = %e, "accepted, but the replay guard in memory is full");
             self.metrics.decision("replay_not_persisted");
         }
         let outcome = tokio::time::timeout(self.apply_wait, async {
             loop {
                 match acks.recv().await {
                     Ok(ack) if ack.issuer == c.issuer && ack.nonce == c.nonce => {
-                        return Some(ack.outcome)
+                        return Some((ack.outcome, ack.seq))
                     }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return None,
@@ -350,19 +475,26 @@ impl Control {
         .ok()
         .flatten();
         let v = &a.verified;
+        let mut ledger = json!({"chain_id": self.node_id, "accepted_seq": accepted_seq});
         let mut out = json!({"ok": true, "request_id": c.request_id, "module": v.module.as_str(),
-                              "action": v.action.as_str(), "nonce": c.nonce, "published": position,
-                              "applied": false});
+                              "action": v.action.as_str(), "nonce": c.nonce,
+                              "journal_lsn": committed.lsn, "applied": false});
         match outcome {
-            Some(Ok(state)) => {
+            Some((Ok(state), seq)) => {
+                self.gate
+                    .lock()
+                    .replay
+                    .mark_applied(&c.issuer, c.nonce, seq, req.now);
                 out["applied"] = json!(true);
                 out["state"] = json!(state);
+                ledger["applied_seq"] = seq.into();
             }
-            Some(Err(r)) => {
+            Some((Err(r), _)) => {
                 out["apply_error"] = json!({"error": r.code.as_str(), "detail": r.detail});
             }
             None => out["pending"] = json!(true),
         }
+        out["ledger"] = ledger;
         Ok(out)
     }
 
@@ -375,37 +507,46 @@ impl Control {
         edge: Option<&EdgeIdentity>,
     ) -> Result<Json<Value>, ApiError> {
         let path = route_path(Some(route));
-        let refuse = |r: Reject| Err(self.refuse_early(r, body, edge, &path));
         let args = match json_route::parse_args(body, route.1) {
             Ok(a) => a,
-            Err(r) => return refuse(r),
+            Err(r) => return Err(self.refuse_early(r, body, edge, &path).await),
         };
         let Some(signer) = self.signer.as_ref() else {
-            return refuse(Reject::new(
-                Code::Unavailable,
-                "this sidecar has no signing key (CTRL_SIGN_SK_HEX)",
-            ));
+            return Err(self
+                .refuse_early(
+                    Reject::new(
+                        Code::Unavailable,
+                        "this sidecar has no signing key (CTRL_SIGN_SK_HEX)",
+                    ),
+                    body,
+                    edge,
+                    &path,
+                )
+                .await);
         };
         let signed = match signer.sign(route, args, crate::now_nanos()) {
             Ok(s) => s,
-            Err(r) => return refuse(r),
+            Err(r) => return Err(self.refuse_early(r, body, edge, &path).await),
         };
-        if let Some(e) = edge {
-            // The edge saw the JSON body; the sidecar's rows are about the command it
-            // signs, and say who asked for it.
-            self.auditor.record(Entry {
-                stage: Stage::Edge,
-                decision: Decision::Accepted,
-                code: None,
-                body,
-                command: None,
-                requester: Some(&e.requester),
-                route: &path,
-            })?;
-        }
+        // The edge saw the JSON body; the sidecar's rows are about the command it
+        // signs, and say who asked for it (made durable with its acceptance).
+        let prefix: Vec<journal::Entry> = edge
+            .and_then(|e| {
+                self.auditor.row(&Entry {
+                    stage: Stage::Edge,
+                    decision: Decision::Accepted,
+                    code: None,
+                    body,
+                    command: None,
+                    requester: Some(&e.requester),
+                    route: &path,
+                })
+            })
+            .into_iter()
+            .collect();
         let requester = edge.map(|e| e.requester.clone()).unwrap_or_default();
         let result = self
-            .admit_inner(&signed, Some(route), None, &requester)
+            .admit_inner(&signed, Some(route), None, &requester, prefix)
             .await;
         match &result {
             Ok(_) => self.metrics.decision("accepted"),
@@ -453,9 +594,6 @@ impl Drop for Reservation<'_> {
 /// Why the control plane cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// An agent's state file cannot be read.
-    #[error(transparent)]
-    AgentState(#[from] StoreError),
     /// The bus refused a consumer.
     #[error("command bus: {0}")]
     Bus(#[from] super::bus::BusError),
@@ -479,15 +617,17 @@ async fn post_command(
 ) -> Result<Json<Value>, ApiError> {
     let edge = edge_identity(&headers);
     if !contract::is_command_media_type(content_type(&headers)) {
-        return Err(c.refuse_early(
-            Reject::new(
-                Code::UnsupportedMediaType,
-                "a signed command is application/x-protobuf (or application/octet-stream)",
-            ),
-            &body,
-            edge.as_ref(),
-            contract::COMMAND_PATH,
-        ));
+        return Err(c
+            .refuse_early(
+                Reject::new(
+                    Code::UnsupportedMediaType,
+                    "a signed command is application/x-protobuf (or application/octet-stream)",
+                ),
+                &body,
+                edge.as_ref(),
+                contract::COMMAND_PATH,
+            )
+            .await);
     }
     c.admit(&body, None, edge.as_ref()).await
 }
@@ -500,16 +640,18 @@ async fn post_module(
 ) -> Result<Json<Value>, ApiError> {
     let edge = edge_identity(&headers);
     let Some(route) = parse_module_spec(&spec) else {
-        return Err(c.refuse_early(
-            Reject::new(Code::Malformed, "route names an unknown module or action"),
-            &body,
-            edge.as_ref(),
-            &format!(
-                "{}{}",
-                contract::MODULE_ROUTE_PREFIX,
-                contract::truncate_utf8(&spec, 64)
-            ),
-        ));
+        return Err(c
+            .refuse_early(
+                Reject::new(Code::Malformed, "route names an unknown module or action"),
+                &body,
+                edge.as_ref(),
+                &format!(
+                    "{}{}",
+                    contract::MODULE_ROUTE_PREFIX,
+                    contract::truncate_utf8(&spec, 64)
+                ),
+            )
+            .await);
     };
     let ct = content_type(&headers);
     if contract::is_command_media_type(ct) {
@@ -524,7 +666,7 @@ async fn post_module(
             &body,
             edge.as_ref(),
             &route_path(Some(route)),
-        ));
+        ).await);
     }
     c.admit_json(&body, route, edge.as_ref()).await
 }
@@ -541,16 +683,23 @@ async fn edge_decisions(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let reports = contract::parse_report_batch(&body).map_err(ApiError::from)?;
-    for r in &reports {
-        c.auditor.record(Entry {
-            stage: Stage::Edge,
-            decision: Decision::Rejected,
-            code: Some(r.code),
-            body: &r.raw,
-            command: None,
-            requester: Some(&r.requester),
-            route: &r.path,
-        })?;
+    // The whole batch in one transaction.
+    let rows: Vec<journal::Entry> = reports
+        .iter()
+        .filter_map(|r| {
+            c.auditor.row(&Entry {
+                stage: Stage::Edge,
+                decision: Decision::Rejected,
+                code: Some(r.code),
+                body: &r.raw,
+                command: None,
+                requester: Some(&r.requester),
+                route: &r.path,
+            })
+        })
+        .collect();
+    c.record(rows).await?;
+    for _ in &reports {
         c.metrics.decision("edge_reported");
     }
     Ok(Json(json!({"ok": true, "recorded": reports.len()})))

@@ -1,12 +1,16 @@
 //! The sidecar's journal: one append-only log of checksummed records for every piece
-//! of durable state, written by one thread with group commit.
+//! of durable state — ledger rows, accepted nonces, the embedded bus, agent state,
+//! send audit — written by one thread with group commit.
 //!
-//! Callers hand records to [`Journal::append`]; the writer thread takes everything
-//! queued, writes it, calls `fdatasync` once for the whole batch, and only then
-//! answers each caller — many requests, one fsync. A record is durable when its
-//! `append` returns `Ok`; on a write or sync error every caller of the batch gets
-//! `Err` and the segment is cut back to its last durable byte, so nothing that was
-//! refused is recovered later.
+//! Callers hand transactions ([`Txn`]) to [`Journal::commit`]; the writer thread
+//! takes everything queued, seals the ledger rows into the chain in order, writes
+//! each transaction as one record, calls `fdatasync` once for the whole batch, and
+//! only then answers each caller — many requests, one fsync. A transaction is
+//! durable, whole, when its `commit` returns `Ok`; on a write or sync error every
+//! caller of the batch gets `Err`, the chain is rolled back and the segment is cut
+//! back to its last durable byte, so nothing that was refused is recovered later.
+//! [`Sink`]s are told of every durable transaction, in order, before its caller is
+//! answered (the ledger shipper, the embedded bus, the send audit).
 //!
 //! Records live in segments (`{first_lsn:020}.log`), each record framed as
 //! `len u32 | crc32 u32 | lsn u64 | payload` (little-endian; the CRC covers the LSN
@@ -17,38 +21,7 @@
 //! acknowledged) is cut off; damage anywhere else refuses to start.
 
 mod segment;
-
-/// Which owner a record belongs to: the first byte of every payload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-#[repr(u8)]
-pub enum Stream {
-    /// The replay guard's accepted nonces.
-    Nonce = 1,
-}
-
-impl Stream {
-    fn from_byte(b: u8) -> Option<Stream> {
-        match b {
-            1 => Some(Stream::Nonce),
-            _ => None,
-        }
-    }
-}
-
-/// A record of `stream`: its tag, then `value` as JSON.
-pub fn encode(stream: Stream, value: &impl serde::Serialize) -> Vec<u8> {
-    let mut out = vec![stream as u8];
-    // Serialising our own plain structs cannot fail.
-    let _ = serde_json::to_writer(&mut out, value);
-    out
-}
-
-/// Splits a recovered record into its stream and body; `None` for a stream this
-/// build does not know (a newer writer's record: kept, not interpreted).
-pub fn split(payload: &[u8]) -> Option<(Stream, &[u8])> {
-    let (&tag, body) = payload.split_first()?;
-    Some((Stream::from_byte(tag)?, body))
-}
+pub mod txn;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -57,7 +30,9 @@ use std::sync::{mpsc, Arc};
 
 use parking_lot::Mutex;
 
+use gw_core::ledger::{Chain, LedgerRow};
 use segment::{SegmentError, Writer};
+pub use txn::{Entry, Txn};
 
 /// A record's position in the journal (from 1, without gaps).
 pub type Lsn = u64;
@@ -110,6 +85,12 @@ pub enum JournalError {
     /// The writer thread is gone (the journal was closed).
     #[error("the journal is closed")]
     Closed,
+    /// A transaction could not be encoded (a bug: nothing was written).
+    #[error("a journal transaction does not encode: {0}")]
+    Encode(String),
+    /// A transaction holds ledger rows but this journal keeps no ledger.
+    #[error("the ledger's chain position is not known yet (waiting for ClickHouse to say where the chain stands)")]
+    NoChain,
 }
 
 impl From<SegmentError> for JournalError {
@@ -141,17 +122,43 @@ pub struct JournalStats {
     pub batches: AtomicU64,
     /// Failed batches.
     pub failures: AtomicU64,
+    /// Microseconds spent writing and syncing (sum over batches).
+    pub write_us: AtomicU64,
     /// Segments on disk.
     pub segments: AtomicU64,
     /// Bytes on disk.
     pub bytes: AtomicU64,
+    /// The first LSN of the segment being written (records below it are in
+    /// closed segments, which holds can keep from being deleted).
+    pub segment_first: AtomicU64,
 }
 
-type Reply = Box<dyn FnOnce(Result<Lsn, JournalError>) + Send>;
+type Reply = Box<dyn FnOnce(Result<Committed, JournalError>) + Send>;
+
+/// The hold a started journal begins with, keeping everything until lifted.
+pub const STARTUP_HOLD: &str = "startup";
+
+/// A durable transaction: its record's LSN and its ledger rows as sealed.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// The record.
+    pub lsn: Lsn,
+    /// The transaction's ledger rows with their `seq` and hashes, in order.
+    pub rows: Vec<LedgerRow>,
+}
+
+/// Told of every durable transaction, in LSN order, on the writer thread (before
+/// the caller is answered). Must not block.
+pub trait Sink: Send + Sync {
+    /// `txn` is durable at `lsn`.
+    fn committed(&self, lsn: Lsn, txn: &Txn);
+}
 
 struct Job {
-    payloads: Vec<Vec<u8>>,
+    txn: Txn,
     reply: Reply,
+    /// The chain to seal into from this job on, when the journal has none yet.
+    install: Option<Chain>,
 }
 
 struct Shared {
@@ -166,51 +173,94 @@ pub struct Journal {
     shared: Arc<Shared>,
 }
 
-/// The records a journal held when it was opened, in order.
-pub type Recovered = Vec<(Lsn, Vec<u8>)>;
+/// A journal read but not written to yet: what it holds, decoded.
+pub struct Opened {
+    writer: Writer,
+    dir: PathBuf,
+    /// Every retained transaction, in order.
+    pub records: Vec<(Lsn, Txn)>,
+}
 
-impl Journal {
-    /// Opens (or creates) the journal in `dir`, returns it and the records it holds,
-    /// and starts its writer thread.
-    pub fn open(dir: &Path, opts: Options) -> Result<(Journal, Recovered), JournalError> {
-        let (writer, records) = Writer::open(dir, opts)?;
-        let shared = Arc::new(Shared {
-            holds: Mutex::new(BTreeMap::new()),
-            stats: JournalStats::default(),
-        });
-        writer.publish_stats(&shared.stats);
-        let (tx, rx) = mpsc::channel::<Job>();
-        let s = shared.clone();
-        std::thread::Builder::new()
-            .name("gw-journal".into())
-            .spawn(move || run(writer, &rx, &s))
-            .map_err(|e| JournalError::Io {
-                path: dir.to_path_buf(),
-                detail: format!("cannot start the writer thread: {e}"),
-            })?;
-        Ok((Journal { tx, shared }, records))
+impl Opened {
+    /// The last ledger row recovered, if any.
+    pub fn last_row(&self) -> Option<&LedgerRow> {
+        self.records.iter().rev().find_map(|(_, t)| {
+            t.entries.iter().rev().find_map(|e| match e {
+                Entry::Row(r) => Some(r),
+                _ => None,
+            })
+        })
     }
 
-    fn submit(&self, payloads: Vec<Vec<u8>>, reply: Reply) {
-        if let Some(n) = payloads
-            .iter()
-            .map(Vec::len)
-            .find(|n| *n > MAX_RECORD_BYTES)
-        {
-            reply(Err(JournalError::TooLarge(n)));
-            return;
+    /// Starts the writer thread: ledger rows are sealed into `chain` (none: a
+    /// transaction with rows is refused); `sinks` hear of every durable one.
+    pub fn start(
+        self,
+        chain: Option<Chain>,
+        sinks: Vec<Arc<dyn Sink>>,
+    ) -> Result<Journal, JournalError> {
+        // Nothing is dropped until every owner has set its hold: the caller lifts
+        // this one (`hold(STARTUP_HOLD, Lsn::MAX)`) once they have.
+        let shared = Arc::new(Shared {
+            holds: Mutex::new(BTreeMap::from([(STARTUP_HOLD, 0)])),
+            stats: JournalStats::default(),
+        });
+        self.writer.publish_stats(&shared.stats);
+        let (tx, rx) = mpsc::channel::<Job>();
+        let s = shared.clone();
+        let writer = self.writer;
+        std::thread::Builder::new()
+            .name("gw-journal".into())
+            .spawn(move || run(writer, &rx, &s, chain, &sinks))
+            .map_err(|e| JournalError::Io {
+                path: self.dir.clone(),
+                detail: format!("cannot start the writer thread: {e}"),
+            })?;
+        Ok(Journal { tx, shared })
+    }
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `dir` and decodes what it holds; a record
+    /// that does not decode refuses the start (state would be lost otherwise).
+    pub fn open(dir: &Path, opts: Options) -> Result<Opened, JournalError> {
+        let (writer, raw) = Writer::open(dir, opts)?;
+        let mut records = Vec::with_capacity(raw.len());
+        for (lsn, payload) in raw {
+            let txn = Txn::decode(&payload).map_err(|detail| JournalError::Corrupt {
+                path: dir.to_path_buf(),
+                offset: lsn,
+                detail: format!("record {lsn}: {detail}"),
+            })?;
+            records.push((lsn, txn));
         }
-        if let Err(mpsc::SendError(job)) = self.tx.send(Job { payloads, reply }) {
+        Ok(Opened {
+            writer,
+            dir: dir.to_path_buf(),
+            records,
+        })
+    }
+
+    fn submit(&self, txn: Txn, reply: Reply) {
+        self.submit_job(Job {
+            txn,
+            reply,
+            install: None,
+        });
+    }
+
+    fn submit_job(&self, job: Job) {
+        if let Err(mpsc::SendError(job)) = self.tx.send(job) {
             (job.reply)(Err(JournalError::Closed));
         }
     }
 
-    /// Appends `payloads` in order, durably: `Ok` with the last one's LSN once they
-    /// are on disk (with whatever else the writer batched with them).
-    pub async fn append(&self, payloads: Vec<Vec<u8>>) -> Result<Lsn, JournalError> {
+    /// Makes `txn` durable, whole: `Ok` once it is on disk (with whatever else the
+    /// writer batched with it).
+    pub async fn commit(&self, txn: Txn) -> Result<Committed, JournalError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.submit(
-            payloads,
+            txn,
             Box::new(move |r| {
                 let _ = tx.send(r);
             }),
@@ -218,16 +268,42 @@ impl Journal {
         rx.await.unwrap_or(Err(JournalError::Closed))
     }
 
-    /// [`Self::append`] for threads outside the async runtime.
-    pub fn append_blocking(&self, payloads: Vec<Vec<u8>>) -> Result<Lsn, JournalError> {
+    /// Gives a journal started without a chain its chain and commits `txn` (its
+    /// first rows) in it: transactions with rows before this one were refused
+    /// ([`JournalError::NoChain`]); those after it are sealed after `txn`'s rows. A
+    /// journal that has a chain keeps it. On `Err` nothing was installed.
+    pub async fn commit_installing(
+        &self,
+        chain: Chain,
+        txn: Txn,
+    ) -> Result<Committed, JournalError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit_job(Job {
+            txn,
+            reply: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+            install: Some(chain),
+        });
+        rx.await.unwrap_or(Err(JournalError::Closed))
+    }
+
+    /// [`Self::commit`] for threads outside the async runtime.
+    pub fn commit_blocking(&self, txn: Txn) -> Result<Committed, JournalError> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.submit(
-            payloads,
+            txn,
             Box::new(move |r| {
                 let _ = tx.send(r);
             }),
         );
         rx.recv().unwrap_or(Err(JournalError::Closed))
+    }
+
+    /// Queues `txn` without waiting for it (its durability is reported to the
+    /// sinks; a failure is logged and counted).
+    pub fn commit_detached(&self, txn: Txn) {
+        self.submit(txn, Box::new(|_| {}));
     }
 
     /// `owner` needs the records from `lsn` on (it no longer needs older ones).
@@ -240,47 +316,91 @@ impl Journal {
     pub fn stats(&self) -> &JournalStats {
         &self.shared.stats
     }
+
+    /// The first LSN of the segment being written.
+    pub fn segment_first(&self) -> Lsn {
+        self.shared.stats.segment_first.load(Ordering::Relaxed)
+    }
 }
 
-fn run(mut writer: Writer, rx: &mpsc::Receiver<Job>, shared: &Shared) {
+/// Seals `job`'s rows into `chain` and encodes it; `Err` leaves `chain` as it was.
+fn prepare(
+    job: &mut Job,
+    chain: &mut Option<Chain>,
+) -> Result<(Vec<u8>, Vec<LedgerRow>), JournalError> {
+    if let Some(c) = job.install.take() {
+        chain.get_or_insert(c);
+    }
+    let before = chain.clone();
+    let mut rows = Vec::new();
+    for e in &mut job.txn.entries {
+        if let Entry::Row(r) = e {
+            let Some(c) = chain.as_mut() else {
+                return Err(JournalError::NoChain);
+            };
+            *r = c.seal(r.clone());
+            rows.push(r.clone());
+        }
+    }
+    let bytes = match job.txn.encode() {
+        Ok(b) => b,
+        Err(detail) => {
+            *chain = before;
+            return Err(JournalError::Encode(detail));
+        }
+    };
+    if bytes.len() > MAX_RECORD_BYTES {
+        *chain = before;
+        return Err(JournalError::TooLarge(bytes.len()));
+    }
+    Ok((bytes, rows))
+}
+
+/// Most transactions taken into one batch.
+const MAX_BATCH_JOBS: usize = 4096;
+
+fn run(
+    mut writer: Writer,
+    rx: &mpsc::Receiver<Job>,
+    shared: &Shared,
+    mut chain: Option<Chain>,
+    sinks: &[Arc<dyn Sink>],
+) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
-        let mut bytes: usize = jobs[0].payloads.iter().map(Vec::len).sum();
-        while bytes < writer.batch_bytes() {
+        while jobs.len() < MAX_BATCH_JOBS {
             match rx.try_recv() {
-                Ok(j) => {
-                    bytes += j.payloads.iter().map(Vec::len).sum::<usize>();
-                    jobs.push(j);
-                }
+                Ok(j) => jobs.push(j),
                 Err(_) => break,
             }
         }
-        let counts: Vec<usize> = jobs.iter().map(|j| j.payloads.len()).collect();
-        let payloads: Vec<&[u8]> = jobs
-            .iter()
-            .flat_map(|j| j.payloads.iter().map(Vec::as_slice))
-            .collect();
-        match writer.write_batch(&payloads) {
-            Ok(first_lsn) => {
-                shared
-                    .stats
-                    .records
-                    .fetch_add(payloads.len() as u64, Ordering::Relaxed);
-                shared.stats.batches.fetch_add(1, Ordering::Relaxed);
-                let mut next = first_lsn;
-                for (job, n) in jobs.into_iter().zip(counts) {
-                    next += n as u64;
-                    (job.reply)(Ok(next - 1));
+        let mut part: Vec<Prepared> = Vec::with_capacity(jobs.len());
+        let mut part_start = chain.clone();
+        let mut bytes = 0usize;
+        for mut job in jobs {
+            match prepare(&mut job, &mut chain) {
+                Ok((payload, rows)) => {
+                    bytes += payload.len();
+                    part.push((job, payload, rows));
                 }
+                Err(e) => (job.reply)(Err(e)),
             }
-            Err(e) => {
-                shared.stats.failures.fetch_add(1, Ordering::Relaxed);
-                let e = JournalError::from(e);
-                tracing::error!(error = %e, "journal write failed; the batch was refused");
-                for job in jobs {
-                    (job.reply)(Err(e.clone()));
-                }
+            // A batch beyond the bound is written in parts (one fsync each).
+            if bytes >= writer.batch_bytes() {
+                write_part(
+                    &mut writer,
+                    shared,
+                    std::mem::take(&mut part),
+                    part_start,
+                    &mut chain,
+                    sinks,
+                );
+                part_start = chain.clone();
+                bytes = 0;
             }
+        }
+        if !part.is_empty() {
+            write_part(&mut writer, shared, part, part_start, &mut chain, sinks);
         }
         let low = shared.holds.lock().values().copied().min();
         if let Some(low) = low {
@@ -289,6 +409,51 @@ fn run(mut writer: Writer, rx: &mpsc::Receiver<Job>, shared: &Shared) {
             }
         }
         writer.publish_stats(&shared.stats);
+    }
+}
+
+/// A transaction ready to write: its job, record and sealed rows.
+type Prepared = (Job, Vec<u8>, Vec<LedgerRow>);
+
+/// Writes `part` with one fsync; on failure the chain goes back to `rollback` and
+/// every caller of the part is refused.
+fn write_part(
+    writer: &mut Writer,
+    shared: &Shared,
+    part: Vec<Prepared>,
+    rollback: Option<Chain>,
+    chain: &mut Option<Chain>,
+    sinks: &[Arc<dyn Sink>],
+) {
+    let payloads: Vec<&[u8]> = part.iter().map(|(_, p, _)| p.as_slice()).collect();
+    let t0 = std::time::Instant::now();
+    let written = writer.write_batch(&payloads);
+    let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+    shared.stats.write_us.fetch_add(us, Ordering::Relaxed);
+    match written {
+        Ok(first_lsn) => {
+            shared
+                .stats
+                .records
+                .fetch_add(part.len() as u64, Ordering::Relaxed);
+            shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+            for (i, (job, _, rows)) in part.into_iter().enumerate() {
+                let lsn = first_lsn + i as u64;
+                for s in sinks {
+                    s.committed(lsn, &job.txn);
+                }
+                (job.reply)(Ok(Committed { lsn, rows }));
+            }
+        }
+        Err(e) => {
+            *chain = rollback;
+            shared.stats.failures.fetch_add(1, Ordering::Relaxed);
+            let e = JournalError::from(e);
+            tracing::error!(error = %e, transactions = part.len(), "journal write failed; the batch was refused");
+            for (job, _, _) in part {
+                (job.reply)(Err(e.clone()));
+            }
+        }
     }
 }
 

@@ -117,6 +117,9 @@ fn sync_dir(dir: &Path) -> Result<(), SegmentError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
+/// Raw records: LSN and payload.
+pub(super) type Records = Vec<(Lsn, Vec<u8>)>;
+
 /// The journal's files, owned by the writer thread.
 pub(super) struct Writer {
     dir: PathBuf,
@@ -134,10 +137,7 @@ pub(super) struct Writer {
 impl Writer {
     /// Opens the journal in `dir`: every segment is read, a torn tail of the last is
     /// cut off, and the records are returned in order.
-    pub(super) fn open(
-        dir: &Path,
-        opts: Options,
-    ) -> Result<(Writer, super::Recovered), SegmentError> {
+    pub(super) fn open(dir: &Path, opts: Options) -> Result<(Writer, Records), SegmentError> {
         fs::create_dir_all(dir).map_err(io(dir))?;
         let mut found: Vec<(Lsn, PathBuf)> = Vec::new();
         for e in fs::read_dir(dir).map_err(io(dir))? {
@@ -288,5 +288,6 @@ impl Writer {
             .store(self.closed.len() as u64 + 1, Ordering::Relaxed);
         let bytes: u64 = self.closed.iter().map(|s| s.2).sum::<u64>() + self.good_len;
         stats.bytes.store(bytes, Ordering::Relaxed);
+        stats.segment_first.store(self.current.0, Ordering::Relaxed);
     }
 }

@@ -2,19 +2,36 @@ use std::sync::Arc;
 
 use super::*;
 
-fn payload(i: u64) -> Vec<u8> {
-    format!("record {i}").into_bytes()
+/// A small transaction that says `i`.
+fn payload(i: u64) -> Txn {
+    Txn::of(vec![Entry::Forwarded { lsn: i }])
 }
 
+/// Recovered `(lsn, i)` of [`payload`] transactions.
+type Recovered = Vec<(Lsn, u64)>;
+
 fn open(dir: &Path, segment_bytes: u64) -> (Journal, Recovered) {
-    Journal::open(
+    let opened = Journal::open(
         dir,
         Options {
             segment_bytes,
             ..Options::default()
         },
     )
-    .unwrap()
+    .unwrap();
+    let rec = opened
+        .records
+        .iter()
+        .map(|(lsn, t)| match t.entries[..] {
+            [Entry::Forwarded { lsn: i }] => (*lsn, i),
+            _ => panic!("{t:?}"),
+        })
+        .collect();
+    (opened.start(None, Vec::new()).unwrap(), rec)
+}
+
+fn commit(j: &Journal, i: u64) -> Lsn {
+    j.commit_blocking(payload(i)).unwrap().lsn
 }
 
 fn segments(dir: &Path) -> Vec<String> {
@@ -32,12 +49,13 @@ fn appends_are_recovered_in_order_after_a_restart() {
     let d = testkit::TempDir::new("journal-reopen");
     let (j, rec) = open(d.path(), 1 << 20);
     assert!(rec.is_empty());
-    assert_eq!(j.append_blocking(vec![payload(1), payload(2)]).unwrap(), 2);
-    assert_eq!(j.append_blocking(vec![payload(3)]).unwrap(), 3);
+    assert_eq!(commit(&j, 1), 1);
+    assert_eq!(commit(&j, 2), 2);
+    assert_eq!(commit(&j, 3), 3);
     drop(j);
     let (j, rec) = open(d.path(), 1 << 20);
-    assert_eq!(rec, vec![(1, payload(1)), (2, payload(2)), (3, payload(3))]);
-    assert_eq!(j.append_blocking(vec![payload(4)]).unwrap(), 4);
+    assert_eq!(rec, vec![(1, 1), (2, 2), (3, 3)]);
+    assert_eq!(commit(&j, 4), 4);
 }
 
 #[test]
@@ -50,7 +68,7 @@ fn concurrent_appends_share_fsyncs() {
             let j = j.clone();
             s.spawn(move || {
                 for i in 0..200 {
-                    j.append_blocking(vec![payload(t * 1000 + i)]).unwrap();
+                    commit(&j, t * 1000 + i);
                 }
             });
         }
@@ -71,12 +89,26 @@ fn concurrent_appends_share_fsyncs() {
 async fn async_appends_return_once_durable() {
     let d = testkit::TempDir::new("journal-async");
     let (j, _) = open(d.path(), 1 << 20);
-    let lsn = j.append(vec![payload(1)]).await.unwrap();
-    assert_eq!(lsn, 1);
+    let c = j.commit(payload(1)).await.unwrap();
+    assert_eq!(c.lsn, 1);
+    let huge = Txn::of(vec![Entry::Sends {
+        rows: vec![
+            crate::sender::audit::SendRow {
+                signature: "x".repeat(1 << 20),
+                ..crate::sender::audit::SendRow::default()
+            };
+            17
+        ],
+    }]);
+    let r = j.commit(huge).await;
+    assert!(matches!(r, Err(JournalError::TooLarge(_))), "{r:?}");
+    // Rows without a chain are refused, and nothing was written for either.
     assert!(matches!(
-        j.append(vec![vec![0u8; MAX_RECORD_BYTES + 1]]).await,
-        Err(JournalError::TooLarge(_))
+        j.commit(Txn::of(vec![Entry::Row(testkit::fixtures::ledger_row(1))]))
+            .await,
+        Err(JournalError::NoChain)
     ));
+    assert_eq!(j.commit(payload(2)).await.unwrap().lsn, 2);
 }
 
 #[test]
@@ -84,7 +116,7 @@ fn a_torn_last_record_is_cut_off_and_nothing_else_is_lost() {
     let d = testkit::TempDir::new("journal-torn");
     let (j, _) = open(d.path(), 1 << 20);
     for i in 1..=3 {
-        j.append_blocking(vec![payload(i)]).unwrap();
+        commit(&j, i);
     }
     drop(j);
     let seg = d.path().join(&segments(d.path())[0]);
@@ -92,13 +124,13 @@ fn a_torn_last_record_is_cut_off_and_nothing_else_is_lost() {
     // A crash in the middle of writing the fourth record.
     let mut torn = std::fs::read(&seg).unwrap();
     let mut fourth = Vec::new();
-    segment_frame(&mut fourth, 4, &payload(4));
+    segment_frame(&mut fourth, 4, &payload(4).encode().unwrap());
     torn.extend_from_slice(&fourth[..fourth.len() - 3]);
     std::fs::write(&seg, &torn).unwrap();
     let (j, rec) = open(d.path(), 1 << 20);
     assert_eq!(rec.len(), 3);
     assert_eq!(std::fs::metadata(&seg).unwrap().len(), len, "cut back");
-    assert_eq!(j.append_blocking(vec![payload(4)]).unwrap(), 4);
+    assert_eq!(commit(&j, 4), 4);
 }
 
 fn segment_frame(out: &mut Vec<u8>, lsn: Lsn, p: &[u8]) {
@@ -117,7 +149,7 @@ fn damage_before_the_tail_refuses_to_start() {
     let d = testkit::TempDir::new("journal-damage");
     let (j, _) = open(d.path(), 64);
     for i in 1..=6 {
-        j.append_blocking(vec![payload(i)]).unwrap();
+        commit(&j, i);
     }
     drop(j);
     let segs = segments(d.path());
@@ -131,6 +163,19 @@ fn damage_before_the_tail_refuses_to_start() {
         Journal::open(d.path(), Options::default()),
         Err(JournalError::Corrupt { .. })
     ));
+    // A record that does not decode is damage too.
+    let d = testkit::TempDir::new("journal-undecodable");
+    let (j, _) = open(d.path(), 1 << 20);
+    commit(&j, 1);
+    drop(j);
+    let seg = d.path().join(&segments(d.path())[0]);
+    let mut b = std::fs::read(&seg).unwrap();
+    segment_frame(&mut b, 2, b"\x09not a transaction");
+    std::fs::write(&seg, &b).unwrap();
+    assert!(matches!(
+        Journal::open(d.path(), Options::default()),
+        Err(JournalError::Corrupt { .. })
+    ));
 }
 
 #[test]
@@ -139,17 +184,18 @@ fn segments_below_every_hold_are_deleted() {
     let (j, _) = open(d.path(), 64);
     j.hold("a", 1);
     j.hold("b", 1);
+    j.hold(STARTUP_HOLD, Lsn::MAX);
     for i in 1..=10 {
-        j.append_blocking(vec![payload(i)]).unwrap();
+        commit(&j, i);
     }
     let all = segments(d.path()).len();
-    // 25-byte records, a new segment past 64 bytes: three records a segment.
+    // Small records, a new segment past 64 bytes.
     assert!(all >= 4, "small segments roll: {all}");
     j.hold("a", 9);
-    j.append_blocking(vec![payload(11)]).unwrap();
+    commit(&j, 11);
     assert!(segments(d.path()).len() >= all, "b still holds everything");
     j.hold("b", 9);
-    j.append_blocking(vec![payload(12)]).unwrap();
+    commit(&j, 12);
     // Retention runs on the writer thread after it answers: wait for it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while segments(d.path()).len() >= all && std::time::Instant::now() < deadline {
@@ -160,4 +206,74 @@ fn segments_below_every_hold_are_deleted() {
     assert!(rec.first().unwrap().0 <= 9, "what is held is kept");
     assert!(rec.first().unwrap().0 > 1, "what no one holds is gone");
     assert_eq!(rec.last().unwrap().0, 12);
+}
+
+/// Rows are sealed by the writer in journal order, continue the chain across a
+/// restart, and a refused transaction does not advance the chain.
+#[test]
+fn rows_are_sealed_in_order_and_continue_after_a_restart() {
+    use gw_core::ledger::{verify_chain, Chain};
+
+    let d = testkit::TempDir::new("journal-rows");
+    let opened = Journal::open(d.path(), Options::default()).unwrap();
+    let j = opened
+        .start(Some(Chain::new("node-1")), Vec::new())
+        .unwrap();
+    let row = |i| Entry::Row(testkit::fixtures::ledger_row(i));
+    let a = j.commit_blocking(Txn::of(vec![row(1), row(2)])).unwrap();
+    assert_eq!(a.rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
+    let huge = Txn::of(vec![
+        row(3),
+        Entry::Sends {
+            rows: vec![
+                crate::sender::audit::SendRow {
+                    signature: "x".repeat(1 << 20),
+                    ..crate::sender::audit::SendRow::default()
+                };
+                17
+            ],
+        },
+    ]);
+    assert!(j.commit_blocking(huge).is_err());
+    let b = j.commit_blocking(Txn::of(vec![row(4)])).unwrap();
+    assert_eq!(b.rows[0].seq, 3, "the refused row took no seq");
+    drop(j);
+    let opened = Journal::open(d.path(), Options::default()).unwrap();
+    let last = opened.last_row().cloned();
+    let rows: Vec<_> = opened
+        .records
+        .iter()
+        .flat_map(|(_, t)| t.entries.iter())
+        .filter_map(|e| match e {
+            Entry::Row(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(verify_chain(&rows), Ok(3));
+    let chain = Chain::resume("node-1", last.as_ref()).unwrap();
+    let j = opened.start(Some(chain), Vec::new()).unwrap();
+    let c = j.commit_blocking(Txn::of(vec![row(5)])).unwrap();
+    assert_eq!(c.rows[0].seq, 4);
+}
+
+/// Sinks hear of durable transactions in LSN order before the caller does.
+#[test]
+fn sinks_hear_every_durable_transaction_in_order() {
+    struct Log(Mutex<Vec<Lsn>>);
+    impl Sink for Log {
+        fn committed(&self, lsn: Lsn, _: &Txn) {
+            self.0.lock().push(lsn);
+        }
+    }
+    let d = testkit::TempDir::new("journal-sinks");
+    let log = Arc::new(Log(Mutex::new(Vec::new())));
+    let j = Journal::open(d.path(), Options::default())
+        .unwrap()
+        .start(None, vec![log.clone() as Arc<dyn Sink>])
+        .unwrap();
+    for i in 1..=5 {
+        let lsn = commit(&j, i);
+        assert!(log.0.lock().contains(&lsn), "told before answered");
+    }
+    assert_eq!(*log.0.lock(), vec![1, 2, 3, 4, 5]);
 }

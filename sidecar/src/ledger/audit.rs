@@ -1,21 +1,19 @@
-//! Turning a decision into a sealed ledger row: [`Auditor::record`] seals and
-//! fsyncs it into the spool ([`super::spool`]) before it returns.
-
-use std::sync::Arc;
+//! Turning a decision into a ledger row: [`Auditor::row`] builds it (the journal's
+//! writer seals it into the chain as it writes it), [`Auditor::record`] makes one
+//! row durable on its own; callers with more to make durable at once put the row
+//! in their own transaction.
 
 use gw_core::contract::Requester;
 use gw_core::ledger::{Decision, LedgerRow, Stage};
 use gw_core::{Action, Code, Command, Module};
-use parking_lot::Mutex;
 
-use super::spool::{LedgerError, Spool};
 use crate::error::ApiError;
+use crate::journal::{self, Journal, JournalError, Txn};
 
-/// Where decisions are written; without a spool nothing is (development only).
+/// Where decisions are written; without a ledger nothing is (development only).
 #[derive(Clone, Default)]
 pub struct Auditor {
-    spool: Option<Arc<Mutex<Spool>>>,
-    pending: Option<prometheus_client::metrics::gauge::Gauge>,
+    journal: Option<Journal>,
 }
 
 /// One decision about one request.
@@ -43,7 +41,7 @@ pub struct Entry<'a> {
 /// The decision could not be made durable: the caller must not act on it.
 #[derive(Debug, thiserror::Error)]
 #[error("audit ledger: {0}")]
-pub struct AuditError(#[from] LedgerError);
+pub struct AuditError(#[from] pub JournalError);
 
 impl From<AuditError> for ApiError {
     fn from(e: AuditError) -> Self {
@@ -52,43 +50,31 @@ impl From<AuditError> for ApiError {
 }
 
 impl Auditor {
-    /// Writes to `spool` (none: decisions are not recorded), keeping `pending` (the
-    /// rows not yet in ClickHouse) current.
-    pub fn new(
-        spool: Option<Arc<Mutex<Spool>>>,
-        pending: Option<prometheus_client::metrics::gauge::Gauge>,
-    ) -> Auditor {
-        Auditor { spool, pending }
+    /// Writes through `journal` (none: decisions are not recorded).
+    pub fn new(journal: Option<Journal>) -> Auditor {
+        Auditor { journal }
     }
 
-    /// The spool, when there is one.
-    pub fn spool(&self) -> Option<&Arc<Mutex<Spool>>> {
-        self.spool.as_ref()
+    /// Whether decisions are recorded.
+    pub fn enabled(&self) -> bool {
+        self.journal.is_some()
     }
 
-    /// Seals one decision into the chain and the spool (fsync) before returning.
-    pub fn record(&self, e: Entry<'_>) -> Result<(), AuditError> {
-        let Some(spool) = &self.spool else {
-            return Ok(());
+    /// The row of `e`, unsealed (`None` when decisions are not recorded).
+    pub fn row(&self, e: &Entry<'_>) -> Option<journal::Entry> {
+        self.journal.as_ref().map(|_| journal::Entry::Row(row(e)))
+    }
+
+    /// Makes one decision durable (sealed into the chain, fsynced) before returning
+    /// its row as sealed.
+    pub async fn record(&self, e: Entry<'_>) -> Result<Option<LedgerRow>, AuditError> {
+        let Some(j) = &self.journal else {
+            return Ok(None);
         };
-        let row = row(&e);
-        let mut spool = spool.lock();
-        spool.append(row)?;
-        self.set_pending(&spool);
-        Ok(())
-    }
-
-    /// Updates the pending-rows gauge (after shipping).
-    pub fn refresh_pending(&self) {
-        if let Some(spool) = &self.spool {
-            self.set_pending(&spool.lock());
-        }
-    }
-
-    fn set_pending(&self, spool: &Spool) {
-        if let Some(g) = &self.pending {
-            g.set(i64::try_from(spool.pending()).unwrap_or(i64::MAX));
-        }
+        let c = j
+            .commit(Txn::of(vec![journal::Entry::Row(row(&e))]))
+            .await?;
+        Ok(c.rows.into_iter().next())
     }
 }
 

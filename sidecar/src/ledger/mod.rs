@@ -1,13 +1,14 @@
-//! The audit ledger: every decision of every stage is sealed into one hash chain
-//! ([`gw_core::ledger`]), fsynced to a local spool before anyone acts on it
-//! ([`spool`], [`audit`]), shipped to ClickHouse in order by a background task,
-//! and read back through `/api/ledger/*` ([`query`]).
+//! The audit ledger: every decision of every stage is a row sealed into this node's
+//! hash chain ([`gw_core::ledger`]) by the journal's writer and durable in the
+//! journal before anyone acts on it ([`audit`], [`crate::journal`]); shipped to
+//! ClickHouse in order by a background task ([`ship`]), checkpointed
+//! ([`checkpoint`]) and read back through `/api/ledger/*` ([`query`]).
 
 pub mod audit;
 pub mod checkpoint;
 pub mod migrations;
 pub mod query;
-pub mod spool;
+pub mod ship;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,8 +17,8 @@ use std::time::Duration;
 use axum::extract::{Path as UrlPath, State};
 use axum::routing::get;
 use axum::{Json, Router};
+use gw_core::ledger::{Chain, ChainError, LedgerRow};
 use gw_core::Code;
-use parking_lot::Mutex;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
@@ -25,19 +26,31 @@ use tokio::task::JoinHandle;
 pub use audit::{AuditError, Auditor, Entry};
 use checkpoint::Checkpointer;
 use query::{DecisionView, LedgerStatus, PolicyWindow, Queries};
-use spool::{LedgerError, Spool};
+use ship::{RowQueue, ShipError, Shipper};
 
 use crate::error::ApiError;
+use crate::journal::{self, Journal, Opened, Sink, Txn};
 
 /// The decisions table.
 pub const TABLE: &str = "control_decisions";
 
-/// The ledger of a running sidecar.
+/// The ledger of a running sidecar: what is shipped where, and the queries.
 pub struct Ledger {
-    auditor: Auditor,
+    chain_id: String,
+    client: Option<clickhouse::Client>,
     queries: Option<Queries>,
     checkpointer: Option<Checkpointer>,
+    queue: Option<Arc<RowQueue>>,
+    /// ClickHouse's last seq when the chain was taken up from there.
+    resumed_after: Option<u64>,
+    /// The chain is still to be learned from ClickHouse (it did not answer at
+    /// start): rows are refused until it is.
+    deferred: bool,
 }
+
+/// How long start-up waits for ClickHouse to say where the chain stands before the
+/// sidecar serves without a chain (refusing commands with 503 until it knows).
+const CHAIN_WAIT: Duration = Duration::from_secs(5);
 
 /// How this node's chain is checkpointed.
 pub struct CheckpointSettings {
@@ -49,25 +62,55 @@ pub struct CheckpointSettings {
     pub every: Duration,
 }
 
+/// Why the ledger cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The chain cannot be continued.
+    #[error("ledger chain: {0}")]
+    Chain(#[from] ChainError),
+    /// The pre-journal spool could not be shipped.
+    #[error(transparent)]
+    Ship(#[from] ShipError),
+    /// The journal refused a row.
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
+    /// The ledger's directory cannot be made.
+    #[error("ledger: {0}")]
+    Io(String),
+}
+
 impl Ledger {
-    /// Opens chain `chain_id`'s spool under `dir` and ships it to `clickhouse`
-    /// (`None`: nothing is recorded; development only). Registers
+    /// Prepares the ledger of chain `chain_id` before `opened` starts: the chain to
+    /// seal into (the journal's last row; without one, what ClickHouse holds — this
+    /// waits for ClickHouse), and the queue of rows still to ship. `clickhouse`
+    /// `None`: nothing is recorded (development only). `dir` holds the checkpoints
+    /// (and a pre-journal spool, shipped once). Registers
     /// `gw_sidecar_ledger_pending_rows`.
-    pub fn open(
+    pub async fn prepare(
+        opened: &Opened,
         dir: &Path,
         chain_id: &str,
         clickhouse: Option<&clickhouse::Client>,
         checkpoints: CheckpointSettings,
         registry: &mut Registry,
-    ) -> Result<Ledger, LedgerError> {
+    ) -> Result<(Ledger, Option<Chain>), LedgerError> {
         let Some(client) = clickhouse else {
             tracing::warn!("no clickhouse_url: decisions are NOT audited (development only)");
-            return Ok(Ledger {
-                auditor: Auditor::default(),
-                queries: None,
-                checkpointer: None,
-            });
+            return Ok((
+                Ledger {
+                    chain_id: chain_id.to_owned(),
+                    client: None,
+                    queries: None,
+                    checkpointer: None,
+                    queue: None,
+                    resumed_after: None,
+                    deferred: false,
+                },
+                None,
+            ));
         };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| LedgerError::Io(format!("cannot create {}: {e}", dir.display())))?;
         let checkpointer = match checkpoints.key {
             Some(k) => Some(Checkpointer::new(
                 k,
@@ -80,38 +123,92 @@ impl Ledger {
                 None
             }
         };
-        let spool = Spool::open(dir, client.clone(), TABLE, chain_id)?;
+        let mut last = opened.last_row().cloned();
+        if last.is_none() && dir.join("ledger.spool.jsonl").exists() {
+            apply_migrations(client).await;
+            last = ship::migrate_legacy_spool(dir, client, TABLE).await?;
+        }
+        let (chain, resumed_after, deferred) = match tokio::time::timeout(
+            CHAIN_WAIT,
+            ship::initial_chain(chain_id, last.as_ref(), client, TABLE),
+        )
+        .await
+        {
+            Ok(r) => {
+                let (c, after) = r?;
+                (Some(c), after, false)
+            }
+            Err(_) => {
+                tracing::error!(
+                    chain = chain_id,
+                    "ClickHouse does not answer and the journal holds no ledger rows: commands are refused (503) until ClickHouse says where the chain stands"
+                );
+                (None, None, true)
+            }
+        };
         let pending = Gauge::default();
-        pending.set(i64::try_from(spool.pending()).unwrap_or(i64::MAX));
         registry.register(
             "gw_sidecar_ledger_pending_rows",
-            "Ledger rows in the spool not yet acknowledged by ClickHouse",
+            "Ledger rows not yet in ClickHouse",
             pending.clone(),
         );
-        Ok(Ledger {
-            auditor: Auditor::new(Some(Arc::new(Mutex::new(spool))), Some(pending)),
-            queries: Some(Queries::new(client.clone(), TABLE)),
-            checkpointer,
-        })
+        let queue = Arc::new(RowQueue::recovered(&opened.records, pending));
+        Ok((
+            Ledger {
+                chain_id: chain_id.to_owned(),
+                client: Some(client.clone()),
+                queries: Some(Queries::new(client.clone(), TABLE)),
+                checkpointer,
+                queue: Some(queue),
+                resumed_after,
+                deferred,
+            },
+            chain,
+        ))
     }
 
-    /// Where every capability records its decisions.
-    pub fn auditor(&self) -> Auditor {
-        self.auditor.clone()
+    /// Whether decisions are recorded (ClickHouse is configured).
+    pub fn enabled(&self) -> bool {
+        self.queue.is_some()
     }
 
-    /// Starts shipping the spool (and checkpoints) to ClickHouse, after applying
-    /// the migrations.
-    pub fn start(&mut self) -> Option<JoinHandle<()>> {
-        let spool = self.auditor.spool()?.clone();
-        let queries = self.queries.clone()?;
-        let auditor = self.auditor.clone();
-        Some(tokio::spawn(ship_forever(
-            spool,
-            queries.client().clone(),
-            auditor,
-            self.checkpointer.take(),
-        )))
+    /// The journal sink that feeds the shipper (none without a ledger).
+    pub fn sink(&self) -> Option<Arc<dyn Sink>> {
+        self.queue.clone().map(|q| q as Arc<dyn Sink>)
+    }
+
+    /// Starts shipping to ClickHouse (after applying the migrations). When the
+    /// chain was taken up from ClickHouse, its first row says so (written before
+    /// this returns).
+    pub async fn start(
+        &mut self,
+        journal: &Journal,
+    ) -> Result<Option<JoinHandle<()>>, LedgerError> {
+        let (Some(client), Some(queue)) = (self.client.clone(), self.queue.clone()) else {
+            return Ok(None);
+        };
+        if let Some(after) = self.resumed_after.take() {
+            journal
+                .commit(Txn::of(vec![journal::Entry::Row(resumed_row(after))]))
+                .await?;
+        }
+        let shipper = Shipper::new(
+            queue,
+            journal.clone(),
+            client.clone(),
+            TABLE,
+            &self.chain_id,
+        );
+        let checkpointer = self.checkpointer.take();
+        let deferred = std::mem::take(&mut self.deferred);
+        let (journal, chain_id) = (journal.clone(), self.chain_id.clone());
+        Ok(Some(tokio::spawn(async move {
+            if deferred {
+                learn_chain(&journal, &chain_id, &client).await;
+            }
+            apply_migrations(&client).await;
+            shipper.run(checkpointer).await;
+        })))
     }
 
     /// `/api/ledger/*`.
@@ -122,6 +219,90 @@ impl Ledger {
             .route("/api/ledger/policy-frequency", get(policy_frequency))
             .route("/api/ledger/verify", get(verify))
             .with_state(self.queries.clone())
+    }
+}
+
+/// Learns where chain `chain_id` stands from ClickHouse (waiting for it) and gives
+/// the journal its chain, with the row saying so when the chain was taken up.
+async fn learn_chain(journal: &Journal, chain_id: &str, client: &clickhouse::Client) {
+    loop {
+        match ship::initial_chain(chain_id, None, client, TABLE).await {
+            Ok((chain, after)) => {
+                let rows = after
+                    .map(|a| journal::Entry::Row(resumed_row(a)))
+                    .into_iter()
+                    .collect();
+                match journal.commit_installing(chain, Txn::of(rows)).await {
+                    Ok(_) => {
+                        tracing::info!(
+                            chain = chain_id,
+                            "ledger chain known: commands are accepted"
+                        );
+                        return;
+                    }
+                    Err(e) => tracing::error!(error = %e, "ledger chain not installed; retrying"),
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "ledger chain cannot be continued; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The row that records a chain taken up after ClickHouse's row `after` (the local
+/// journal held none: rows it had not shipped are gone).
+fn resumed_row(after: u64) -> LedgerRow {
+    LedgerRow {
+        chain_id: String::new(),
+        seq: 0,
+        ts_ms: crate::now_nanos() / 1_000_000,
+        stage: gw_core::ledger::Stage::Sidecar.as_str().into(),
+        decision: "resumed".into(),
+        code: String::new(),
+        request_id: String::new(),
+        issuer: String::new(),
+        module: String::new(),
+        action: String::new(),
+        pubkey_id: String::new(),
+        sig_alg: String::new(),
+        nonce: 0,
+        args_json: serde_json::json!({"after_seq": after,
+            "why": "the local journal held no ledger rows; the chain continues after ClickHouse's last row"})
+        .to_string(),
+        raw_hex: String::new(),
+        requester: String::new(),
+        requester_roles: String::new(),
+        token_issuer: String::new(),
+        route: String::new(),
+        prev_hash: String::new(),
+        row_hash: String::new(),
+    }
+}
+
+/// Applies the migrations, retrying until ClickHouse answers.
+async fn apply_migrations(client: &clickhouse::Client) {
+    let mut last_err = String::new();
+    loop {
+        match migrations::apply(client).await {
+            Ok(done) => {
+                if !done.existing.is_empty() || !done.skipped.is_empty() {
+                    tracing::info!(
+                        existing = ?done.existing,
+                        not_ours = ?done.skipped,
+                        "ClickHouse tables set up by an administrator"
+                    );
+                }
+                return;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if e != last_err {
+                    tracing::warn!(error = %e, "ledger migrations pending");
+                    last_err = e;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
     }
 }
 
@@ -151,85 +332,4 @@ async fn policy_frequency(State(q): Q) -> Result<Json<Vec<PolicyWindow>>, ApiErr
 
 async fn verify(State(q): Q) -> Result<Json<LedgerStatus>, ApiError> {
     Ok(Json(queries(q)?.verify().await?))
-}
-
-/// Ships the spool's pending rows once: `Ok(rows shipped)`.
-pub async fn flush(
-    spool: &Mutex<Spool>,
-    client: &clickhouse::Client,
-) -> Result<usize, LedgerError> {
-    let batch = spool.lock().batch();
-    let Some(batch) = batch else { return Ok(0) };
-    batch.ship(client, TABLE).await?;
-    spool.lock().mark_shipped(batch.last_seq)
-}
-
-/// Writes a checkpoint of what ClickHouse acknowledged when one is due, and ships
-/// the checkpoints ClickHouse lacks.
-async fn checkpoint(c: &mut Checkpointer, spool: &Mutex<Spool>, client: &clickhouse::Client) {
-    let (chain, size, head) = spool.lock().shipped_head();
-    match c.tick(&chain, size, head) {
-        Ok(true) => tracing::debug!(size, "ledger checkpoint written"),
-        Ok(false) => {}
-        Err(e) => {
-            tracing::error!(path = %c.path().display(), error = %e, "ledger checkpoint not written");
-        }
-    }
-    if let Err(e) = c.ship(client).await {
-        tracing::debug!(error = %e, "ledger checkpoints kept for ClickHouse");
-    }
-}
-
-/// Applies the migrations, then ships the spool in order forever; rows wait in the
-/// spool while ClickHouse is away. Checkpoints are written as they fall due.
-async fn ship_forever(
-    spool: Arc<Mutex<Spool>>,
-    client: clickhouse::Client,
-    auditor: Auditor,
-    mut checkpointer: Option<Checkpointer>,
-) {
-    let mut migrated = false;
-    let mut last_err = String::new();
-    loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if !migrated {
-            match migrations::apply(&client).await {
-                Ok(done) => {
-                    if !done.existing.is_empty() || !done.skipped.is_empty() {
-                        tracing::info!(
-                            existing = ?done.existing,
-                            not_ours = ?done.skipped,
-                            "ClickHouse tables set up by an administrator"
-                        );
-                    }
-                    migrated = true;
-                }
-                Err(e) => {
-                    let e = e.to_string();
-                    if e != last_err {
-                        tracing::warn!(error = %e, "ledger migrations pending");
-                        last_err = e;
-                    }
-                    continue;
-                }
-            }
-        }
-        let flushed = flush(&spool, &client).await;
-        if let Some(c) = &mut checkpointer {
-            checkpoint(c, &spool, &client).await;
-        }
-        match flushed {
-            Ok(_) => {
-                last_err.clear();
-                auditor.refresh_pending();
-            }
-            Err(e) => {
-                let e = e.to_string();
-                if e != last_err {
-                    tracing::warn!(error = %e, "ledger rows kept in the spool");
-                    last_err = e;
-                }
-            }
-        }
-    }
 }

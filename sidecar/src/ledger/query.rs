@@ -4,7 +4,7 @@
 use gw_core::Code;
 use serde::{Deserialize, Serialize};
 
-use super::spool::DecisionRow;
+use super::ship::DecisionRow;
 use crate::error::ApiError;
 
 /// A decision as the ledger endpoints return it.

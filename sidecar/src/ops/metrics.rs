@@ -75,3 +75,72 @@ impl ControlMetrics {
         self.decisions.get_or_create(&CodeLabel { code }).get()
     }
 }
+
+/// Collects `gw_sidecar_journal_*` at scrape time from the journal's counters.
+#[derive(Clone)]
+struct JournalCollector(crate::journal::Journal);
+
+impl std::fmt::Debug for JournalCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JournalCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for JournalCollector {
+    fn encode(
+        &self,
+        mut enc: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = self.0.stats();
+        for (name, help, v) in [
+            (
+                "gw_sidecar_journal_records",
+                "Transactions made durable",
+                s.records.load(Relaxed),
+            ),
+            (
+                "gw_sidecar_journal_batches",
+                "Batches written (one fsync each)",
+                s.batches.load(Relaxed),
+            ),
+            (
+                "gw_sidecar_journal_failures",
+                "Batches that failed to write (their transactions refused)",
+                s.failures.load(Relaxed),
+            ),
+            (
+                "gw_sidecar_journal_write_microseconds",
+                "Time spent writing and syncing",
+                s.write_us.load(Relaxed),
+            ),
+        ] {
+            let c = ConstCounter::new(v);
+            c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        for (name, help, v) in [
+            (
+                "gw_sidecar_journal_segments",
+                "Segment files on disk",
+                s.segments.load(Relaxed),
+            ),
+            (
+                "gw_sidecar_journal_bytes",
+                "Bytes on disk",
+                s.bytes.load(Relaxed),
+            ),
+        ] {
+            let g = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+            g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Registers the journal's metrics (`gw_sidecar_journal_*`).
+pub fn register_journal(registry: &mut Registry, journal: &crate::journal::Journal) {
+    registry.register_collector(Box::new(JournalCollector(journal.clone())));
+}

@@ -1,24 +1,31 @@
 //! Send audit: one row per transaction or bundle in ClickHouse `tx_sends`
-//! (`sql/12_tx_sends.sql`), written in batches off the send path.
+//! (`sql/12_tx_sends.sql`), written off the send path.
 //!
-//! Sends are too frequent for the control ledger's fsync-per-row discipline: rows go
-//! through a bounded queue to one writer task that inserts up to 10 000 at a time and
-//! keeps a failed batch to retry (ClickHouse away). When the queue is full, rows are
-//! dropped and counted (`gw_sidecar_send_audit_total{event="dropped"}`): a send is never
-//! delayed by its audit. A crash loses what is queued (at most the queue size).
+//! A send is never delayed by its audit: its row goes through a bounded queue to a
+//! batcher that makes each batch durable in the journal (group commit with
+//! everything else), and a shipper inserts each journal record's rows into
+//! ClickHouse with that record's deduplication token (a retry, or a restart between
+//! the insert and its mark, stores nothing twice) and marks it shipped. While
+//! ClickHouse is away the rows wait in the journal; a crash loses only rows not yet
+//! in the journal (the batcher's last few milliseconds). When the queue is full,
+//! rows are dropped and counted (`gw_sidecar_send_audit_total{event="dropped"}`).
 
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
+
+use crate::journal::{self, Journal, Lsn, Sink, Txn};
 
 /// Rows per insert at most.
 pub const MAX_BATCH: usize = 10_000;
 
 /// A row of `tx_sends`.
-#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, clickhouse::Row, Serialize, Deserialize)]
 pub struct SendRow {
     /// Unix time, microseconds.
     pub ts_us: u64,
@@ -66,6 +73,64 @@ pub struct AuditStats {
     pub insert_errors: AtomicU64,
 }
 
+/// The journal hold of rows not yet in ClickHouse.
+const HOLD: &str = "sends";
+
+/// How long the batcher gathers rows before it commits them.
+const GATHER: Duration = Duration::from_millis(20);
+
+/// Journalled send rows not yet in ClickHouse, by record, in order (a journal
+/// [`Sink`]).
+#[derive(Default)]
+pub struct SendsQueue {
+    records: Mutex<VecDeque<(Lsn, Vec<SendRow>)>>,
+    grew: Notify,
+}
+
+impl Sink for SendsQueue {
+    fn committed(&self, lsn: Lsn, txn: &Txn) {
+        let mut q = self.records.lock();
+        for e in &txn.entries {
+            if let journal::Entry::Sends { rows } = e {
+                q.push_back((lsn, rows.clone()));
+            }
+        }
+        drop(q);
+        self.grew.notify_one();
+    }
+}
+
+impl SendsQueue {
+    /// The rows of `records` not yet marked shipped.
+    pub fn recovered(records: &[(Lsn, Txn)]) -> SendsQueue {
+        let shipped: BTreeSet<Lsn> = records
+            .iter()
+            .flat_map(|(_, t)| t.entries.iter())
+            .filter_map(|e| match e {
+                journal::Entry::SendsShipped { lsn } => Some(*lsn),
+                _ => None,
+            })
+            .collect();
+        let q = SendsQueue::default();
+        for (lsn, t) in records {
+            if !shipped.contains(lsn) {
+                q.committed(*lsn, t);
+            }
+        }
+        q
+    }
+
+    /// Records waiting.
+    pub fn len(&self) -> usize {
+        self.records.lock().len()
+    }
+
+    /// Whether none wait.
+    pub fn is_empty(&self) -> bool {
+        self.records.lock().is_empty()
+    }
+}
+
 /// The audit queue's sending side.
 #[derive(Clone)]
 pub struct SendAudit {
@@ -75,16 +140,31 @@ pub struct SendAudit {
 }
 
 impl SendAudit {
-    /// Starts the writer for `table`. Must run inside a tokio runtime.
+    /// Starts the batcher (into `journal`) and the shipper (of `queue`, into
+    /// `table`; `node_id` names the deduplication tokens). Must run inside a tokio
+    /// runtime.
     pub fn start(
+        journal: Journal,
+        queue: Arc<SendsQueue>,
         client: clickhouse::Client,
         table: &str,
+        node_id: &str,
         capacity: usize,
-    ) -> (SendAudit, tokio::task::JoinHandle<()>) {
+    ) -> (SendAudit, Vec<tokio::task::JoinHandle<()>>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let stats = Arc::new(AuditStats::default());
-        let task = tokio::spawn(writer(rx, client, table.to_owned(), stats.clone()));
-        (SendAudit { tx, stats }, task)
+        let tasks = vec![
+            tokio::spawn(batcher(rx, journal.clone())),
+            tokio::spawn(shipper(
+                queue,
+                journal,
+                client,
+                table.to_owned(),
+                node_id.to_owned(),
+                stats.clone(),
+            )),
+        ];
+        (SendAudit { tx, stats }, tasks)
     }
 
     /// Queues `row`; dropped and counted when the queue is full.
@@ -95,43 +175,61 @@ impl SendAudit {
     }
 }
 
-async fn writer(
-    mut rx: mpsc::Receiver<SendRow>,
+/// Gathers rows for [`GATHER`] (or [`MAX_BATCH`]) and journals them.
+async fn batcher(mut rx: mpsc::Receiver<SendRow>, journal: Journal) {
+    loop {
+        let Some(first) = rx.recv().await else { return };
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + GATHER;
+        while batch.len() < MAX_BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(r)) => batch.push(r),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let n = batch.len();
+        let txn = Txn::of(vec![journal::Entry::Sends { rows: batch }]);
+        if let Err(e) = journal.commit(txn).await {
+            tracing::error!(rows = n, error = %e, "send audit rows not journalled (lost)");
+        }
+    }
+}
+
+/// Ships journalled rows record by record, each with its record's token.
+async fn shipper(
+    queue: Arc<SendsQueue>,
+    journal: Journal,
     client: clickhouse::Client,
     table: String,
+    node_id: String,
     stats: Arc<AuditStats>,
 ) {
-    let mut batch: Vec<SendRow> = Vec::new();
-    let mut token = String::new();
     let mut last_err = String::new();
     loop {
-        if batch.is_empty() {
-            match rx.recv().await {
-                Some(r) => batch.push(r),
-                None => return,
-            }
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
-                }
-            }
-            // A retried batch is the same batch with the same token: an insert that
-            // landed but whose answer was lost is not stored twice.
-            token = uuid::Uuid::new_v4().to_string();
-        }
-        match insert(&client, &table, &token, &batch).await {
+        let woke = queue.grew.notified();
+        let next = {
+            let q = queue.records.lock();
+            journal.hold(HOLD, q.front().map_or(Lsn::MAX, |(l, _)| *l));
+            q.front().cloned()
+        };
+        let Some((lsn, rows)) = next else {
+            woke.await;
+            continue;
+        };
+        let token = format!("gw-sends-{node_id}-{lsn}");
+        match insert(&client, &table, &token, &rows).await {
             Ok(()) => {
                 stats
                     .written
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                batch.clear();
+                    .fetch_add(rows.len() as u64, Ordering::Relaxed);
+                queue.records.lock().pop_front();
+                journal.commit_detached(Txn::of(vec![journal::Entry::SendsShipped { lsn }]));
                 last_err.clear();
             }
             Err(e) => {
                 stats.insert_errors.fetch_add(1, Ordering::Relaxed);
                 if e != last_err {
-                    tracing::warn!(rows = batch.len(), error = %e, "send audit rows kept for retry");
+                    tracing::warn!(rows = rows.len(), error = %e, "send audit rows wait in the journal");
                     last_err = e;
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;

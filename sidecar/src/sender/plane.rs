@@ -59,13 +59,25 @@ fn getrandom_fill(buf: &mut [u8]) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("no randomness for the TPU identity: {e}"))
 }
 
+/// Where the send audit goes (ClickHouse configured).
+pub struct AuditSetup {
+    /// The journal rows are made durable in.
+    pub journal: crate::journal::Journal,
+    /// Its sink of send rows (registered when the journal started).
+    pub queue: Arc<super::audit::SendsQueue>,
+    /// ClickHouse.
+    pub client: clickhouse::Client,
+    /// This node's id (deduplication tokens).
+    pub node_id: String,
+}
+
 /// Builds and starts the data plane. Must run inside a tokio runtime.
 pub fn start(
     config: &SenderConfig,
     identity: &SigningKey,
     modules: ModuleTable,
     models: Option<Arc<ModelHost>>,
-    clickhouse: Option<clickhouse::Client>,
+    audit: Option<AuditSetup>,
 ) -> anyhow::Result<(DataPlane, Vec<JoinHandle<()>>)> {
     config.validate()?;
     let rpc_module = Module::parse(&config.rpc_module).ok_or_else(|| {
@@ -84,10 +96,17 @@ pub fn start(
         }
         None => None,
     };
-    let audit = clickhouse.map(|c| {
-        let (a, task) = SendAudit::start(c, "tx_sends", config.audit_queue);
-        tasks.push(task);
-        a
+    let audit = audit.map(|a| {
+        let (audit, t) = SendAudit::start(
+            a.journal,
+            a.queue,
+            a.client,
+            "tx_sends",
+            &a.node_id,
+            config.audit_queue,
+        );
+        tasks.extend(t);
+        audit
     });
     let sender = Sender::new(config, identity, leaders.clone(), audit.clone())?;
     if sender.tpu().is_some() {

@@ -122,6 +122,11 @@ impl Served {
 
 /// Starts `cfg` and serves it.
 pub fn serve(cfg: Config) -> Served {
+    // `GW_LOG=debug cargo test ...` shows the sidecar's logs (with --nocapture).
+    if std::env::var_os("GW_LOG").is_some() {
+        static INIT: std::sync::Once = std::sync::Once::new();
+        INIT.call_once(|| gw_sidecar::telemetry::init(gw_sidecar::telemetry::LogFormat::Text));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1,0 +1,240 @@
+//! What a journal record holds: one transaction of entries, written and recovered
+//! whole (one frame, one checksum). Ledger rows are sealed into the chain by the
+//! writer as it writes them, so the chain's order is the journal's.
+
+use gw_core::contract::Requester;
+use gw_core::ledger::LedgerRow;
+use gw_core::module_state::ModuleState;
+use gw_core::replay::Digest;
+use gw_core::Module;
+use serde::{Deserialize, Serialize};
+
+use crate::sender::audit::SendRow;
+
+/// One durable fact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+#[allow(clippy::large_enum_variant)] // Built once per transaction, never in bulk.
+pub enum Entry {
+    /// A ledger row (sealed: `chain_id`, `seq` and the hashes are the writer's).
+    Row(LedgerRow),
+    /// The replay guard accepted `(issuer, nonce)` until `expires`.
+    Nonce(NonceEntry),
+    /// A command for a module's agents: on the embedded bus its offset is this
+    /// record's LSN; with Kafka it is forwarded to the topic (an outbox).
+    Publish(PublishEntry),
+    /// The outbox entry at `lsn` is on the Kafka topic.
+    Forwarded {
+        /// The record that held the [`Entry::Publish`].
+        lsn: u64,
+    },
+    /// An agent applied (or skipped) the command at bus offset `offset`.
+    Agent(AgentEntry),
+    /// An agent's whole state, so older [`Entry::Agent`] records can go.
+    Snapshot(SnapshotEntry),
+    /// Rows of `tx_sends`.
+    Sends {
+        /// The rows.
+        rows: Vec<SendRow>,
+    },
+    /// The [`Entry::Sends`] of record `lsn` are in ClickHouse.
+    SendsShipped {
+        /// The record.
+        lsn: u64,
+    },
+}
+
+/// An accepted nonce.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NonceEntry {
+    /// Issuer.
+    pub issuer: String,
+    /// Nonce.
+    pub nonce: u64,
+    /// Unix seconds after which the command is stale and the nonce forgotten.
+    pub expires: u64,
+    /// Digest of the accepted bytes, hex.
+    #[serde(with = "hex_bytes16")]
+    pub digest: Digest,
+    /// The command's `request_id`.
+    pub request_id: String,
+}
+
+/// A published command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishEntry {
+    /// The module it is keyed by.
+    pub module: Module,
+    /// The exact signed bytes (hex in the record).
+    #[serde(with = "hex_vec")]
+    pub payload: Vec<u8>,
+    /// Who sent it.
+    pub requester: Requester,
+}
+
+/// What an agent did with one delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentEntry {
+    /// The module.
+    pub module: Module,
+    /// The embedded bus offset it consumed (the next one is `offset + 1`); `None`
+    /// with Kafka, whose consumer offsets live in Kafka.
+    pub offset: Option<u64>,
+    /// The module state after it (absent when the state did not change).
+    pub state: Option<ModuleState>,
+    /// The nonce it applied and until when it is remembered (absent when it did not
+    /// apply anything).
+    pub applied: Option<AppliedNonce>,
+}
+
+/// A nonce an agent applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedNonce {
+    /// Issuer.
+    pub issuer: String,
+    /// Nonce.
+    pub nonce: u64,
+    /// Unix seconds after which it is forgotten.
+    pub expires: u64,
+    /// Where the `applied` row is: chain and seq (0 when not audited).
+    pub seq: u64,
+}
+
+/// An agent's whole durable state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotEntry {
+    /// The module.
+    pub module: Module,
+    /// The next embedded bus offset to consume (`None` with Kafka).
+    pub next_offset: Option<u64>,
+    /// The module state.
+    pub state: ModuleState,
+    /// Every applied nonce still remembered.
+    pub applied: Vec<AppliedNonce>,
+}
+
+mod hex_vec {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod hex_bytes16 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 16], D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| serde::de::Error::custom("a 16-byte hex digest"))
+    }
+}
+
+/// A transaction: entries made durable together, or not at all.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Txn {
+    /// The entries, in order.
+    pub entries: Vec<Entry>,
+}
+
+impl Txn {
+    /// A transaction of `entries`.
+    pub fn of(entries: Vec<Entry>) -> Txn {
+        Txn { entries }
+    }
+
+    /// The record's bytes: a version byte, then JSON.
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
+        let mut out = vec![VERSION];
+        serde_json::to_writer(&mut out, self).map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
+    /// Reads a record; `Err` names what is wrong (a record this build cannot read
+    /// is damage: refuse rather than drop state).
+    pub fn decode(payload: &[u8]) -> Result<Txn, String> {
+        match payload.split_first() {
+            Some((&VERSION, body)) => serde_json::from_slice(body).map_err(|e| e.to_string()),
+            // The first journal held only the replay guard's nonces.
+            Some((&1, body)) => serde_json::from_slice::<NonceEntry>(body)
+                .map(|n| Txn::of(vec![Entry::Nonce(n)]))
+                .map_err(|e| e.to_string()),
+            Some((v, _)) => Err(format!("unknown record version {v}")),
+            None => Err("an empty record".into()),
+        }
+    }
+
+    /// Whether it holds ledger rows.
+    pub fn has_rows(&self) -> bool {
+        self.entries.iter().any(|e| matches!(e, Entry::Row(_)))
+    }
+}
+
+/// The record format's version.
+const VERSION: u8 = 2;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transaction_round_trips() {
+        let t = Txn::of(vec![
+            Entry::Row(testkit::fixtures::ledger_row(1)),
+            Entry::Nonce(NonceEntry {
+                issuer: "dashboard".into(),
+                nonce: 7,
+                expires: 100,
+                digest: [3; 16],
+                request_id: "r".into(),
+            }),
+            Entry::Publish(PublishEntry {
+                module: Module::Mev,
+                payload: vec![1, 2, 3],
+                requester: Requester::default(),
+            }),
+            Entry::Forwarded { lsn: 4 },
+        ]);
+        assert_eq!(Txn::decode(&t.encode().unwrap()), Ok(t));
+        // Every kind of entry encodes (an internally tagged enum cannot hold a bare
+        // sequence: a variant like that would fail here).
+        let all = Txn::of(vec![
+            Entry::Sends {
+                rows: vec![SendRow::default()],
+            },
+            Entry::SendsShipped { lsn: 1 },
+            Entry::Agent(AgentEntry {
+                module: Module::Mev,
+                offset: Some(3),
+                state: Some(ModuleState::default()),
+                applied: Some(AppliedNonce {
+                    issuer: "i".into(),
+                    nonce: 1,
+                    expires: 2,
+                    seq: 3,
+                }),
+            }),
+            Entry::Snapshot(SnapshotEntry {
+                module: Module::Arbitrage,
+                next_offset: None,
+                state: ModuleState::default(),
+                applied: Vec::new(),
+            }),
+        ]);
+        assert_eq!(Txn::decode(&all.encode().unwrap()), Ok(all));
+        assert!(Txn::decode(&[9, b'{', b'}']).is_err());
+        assert!(Txn::decode(&[]).is_err());
+    }
+}

@@ -1,0 +1,510 @@
+//! Shipping the ledger to ClickHouse: the rows of every durable transaction are
+//! queued in order ([`RowQueue`], a journal [`Sink`]); one task inserts them in
+//! batches, in `seq` order, each batch with an `insert_deduplication_token` (a retry
+//! is not stored twice), and lets the journal drop what ClickHouse holds. ClickHouse
+//! is what says what it holds: at start, and after an answer went missing, the
+//! shipper asks for the chain's `max(seq)` rather than trusting a local mark.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gw_core::ledger::{Chain, ChainError, LedgerRow};
+use parking_lot::Mutex;
+use prometheus_client::metrics::gauge::Gauge;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::checkpoint::Checkpointer;
+use crate::journal::{self, Journal, Lsn, Sink, Txn};
+
+/// The most rows one insert carries.
+pub const MAX_BATCH_ROWS: usize = 10_000;
+
+/// The journal hold of unshipped rows.
+const HOLD: &str = "ledger";
+
+/// The ClickHouse row of `control_decisions` (same fields as [`LedgerRow`]).
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Serialize, Deserialize)]
+pub struct DecisionRow {
+    chain_id: String,
+    seq: u64,
+    ts_ms: u64,
+    stage: String,
+    decision: String,
+    code: String,
+    request_id: String,
+    issuer: String,
+    module: String,
+    action: String,
+    pubkey_id: String,
+    sig_alg: String,
+    nonce: u64,
+    args_json: String,
+    raw_hex: String,
+    requester: String,
+    requester_roles: String,
+    token_issuer: String,
+    route: String,
+    prev_hash: String,
+    row_hash: String,
+}
+
+impl From<&LedgerRow> for DecisionRow {
+    fn from(r: &LedgerRow) -> Self {
+        DecisionRow {
+            chain_id: r.chain_id.clone(),
+            seq: r.seq,
+            ts_ms: r.ts_ms,
+            stage: r.stage.clone(),
+            decision: r.decision.clone(),
+            code: r.code.clone(),
+            request_id: r.request_id.clone(),
+            issuer: r.issuer.clone(),
+            module: r.module.clone(),
+            action: r.action.clone(),
+            pubkey_id: r.pubkey_id.clone(),
+            sig_alg: r.sig_alg.clone(),
+            nonce: r.nonce,
+            args_json: r.args_json.clone(),
+            raw_hex: r.raw_hex.clone(),
+            requester: r.requester.clone(),
+            requester_roles: r.requester_roles.clone(),
+            token_issuer: r.token_issuer.clone(),
+            route: r.route.clone(),
+            prev_hash: r.prev_hash.clone(),
+            row_hash: r.row_hash.clone(),
+        }
+    }
+}
+
+impl From<DecisionRow> for LedgerRow {
+    fn from(r: DecisionRow) -> Self {
+        LedgerRow {
+            chain_id: r.chain_id,
+            seq: r.seq,
+            ts_ms: r.ts_ms,
+            stage: r.stage,
+            decision: r.decision,
+            code: r.code,
+            request_id: r.request_id,
+            issuer: r.issuer,
+            module: r.module,
+            action: r.action,
+            pubkey_id: r.pubkey_id,
+            sig_alg: r.sig_alg,
+            nonce: r.nonce,
+            args_json: r.args_json,
+            raw_hex: r.raw_hex,
+            requester: r.requester,
+            requester_roles: r.requester_roles,
+            token_issuer: r.token_issuer,
+            route: r.route,
+            prev_hash: r.prev_hash,
+            row_hash: r.row_hash,
+        }
+    }
+}
+
+/// Why shipping (or finding the chain's position) failed; rows stay queued.
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    /// ClickHouse refused or is unreachable.
+    #[error("clickhouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+    /// What ClickHouse holds of this chain does not continue the local one.
+    #[error("ledger chain: {0}")]
+    Chain(#[from] ChainError),
+    /// The pre-journal spool could not be read.
+    #[error("legacy ledger spool {path}: {detail}")]
+    Legacy {
+        /// The file.
+        path: PathBuf,
+        /// What.
+        detail: String,
+    },
+}
+
+/// Sealed rows not yet in ClickHouse, in `seq` order, with their records' LSNs.
+#[derive(Default)]
+pub struct RowQueue {
+    rows: Mutex<VecDeque<(Lsn, LedgerRow)>>,
+    /// The record of the newest row: kept, so a restart knows the chain's head.
+    last: std::sync::atomic::AtomicU64,
+    grew: Notify,
+    pending: Gauge,
+}
+
+impl Sink for RowQueue {
+    fn committed(&self, lsn: Lsn, txn: &Txn) {
+        let mut q = self.rows.lock();
+        for e in &txn.entries {
+            if let journal::Entry::Row(r) = e {
+                q.push_back((lsn, r.clone()));
+                self.last.store(lsn, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        self.pending.set(i64::try_from(q.len()).unwrap_or(i64::MAX));
+        drop(q);
+        self.grew.notify_one();
+    }
+}
+
+impl RowQueue {
+    /// A queue holding the recovered transactions' rows (all of them: the shipper
+    /// drops what ClickHouse already has).
+    pub fn recovered(records: &[(Lsn, Txn)], pending: Gauge) -> RowQueue {
+        let q = RowQueue {
+            rows: Mutex::new(VecDeque::new()),
+            last: std::sync::atomic::AtomicU64::new(0),
+            grew: Notify::new(),
+            pending,
+        };
+        for (lsn, t) in records {
+            q.committed(*lsn, t);
+        }
+        q
+    }
+
+    /// Rows waiting.
+    pub fn len(&self) -> usize {
+        self.rows.lock().len()
+    }
+
+    /// Whether none wait.
+    pub fn is_empty(&self) -> bool {
+        self.rows.lock().is_empty()
+    }
+
+    /// What the journal must keep: the oldest record with a row still to ship, and
+    /// the record of the newest row (the chain's head for the next start).
+    fn hold(&self) -> Lsn {
+        let first = self.rows.lock().front().map_or(Lsn::MAX, |(l, _)| *l);
+        match self.last.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => first,
+            last => first.min(last),
+        }
+    }
+
+    fn drop_through(&self, seq: u64) {
+        let mut q = self.rows.lock();
+        while q.front().is_some_and(|(_, r)| r.seq <= seq) {
+            q.pop_front();
+        }
+        self.pending.set(i64::try_from(q.len()).unwrap_or(i64::MAX));
+    }
+
+    fn batch(&self) -> Vec<LedgerRow> {
+        self.rows
+            .lock()
+            .iter()
+            .take(MAX_BATCH_ROWS)
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+}
+
+/// What ClickHouse holds of chain `chain_id`: its last `seq` and that row's hash.
+pub async fn stored_head(
+    client: &clickhouse::Client,
+    table: &str,
+    chain_id: &str,
+) -> Result<Option<(u64, String)>, clickhouse::error::Error> {
+    #[derive(clickhouse::Row, Deserialize)]
+    struct Head {
+        seq: u64,
+        row_hash: String,
+    }
+    // A table that does not exist yet (an administrator has not run the setup)
+    // holds nothing. `system.tables` lists what this user may see, without a grant.
+    let exists: u64 = client
+        .query("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = ?")
+        .bind(table)
+        .fetch_one()
+        .await?;
+    if exists == 0 {
+        return Ok(None);
+    }
+    let heads = client
+        .query(&format!(
+            "SELECT seq, row_hash FROM {table} WHERE chain_id = ? ORDER BY seq DESC LIMIT 1"
+        ))
+        .bind(chain_id)
+        .fetch_all::<Head>()
+        .await?;
+    Ok(heads.into_iter().next().map(|h| (h.seq, h.row_hash)))
+}
+
+/// The chain to continue at start: the journal's last row when it has one;
+/// otherwise (a new node, or one whose journal was lost) what ClickHouse holds of
+/// `chain_id`, waiting for ClickHouse if it must. `Ok((chain, resumed_after))`:
+/// `resumed_after` is ClickHouse's last seq when the chain was taken from there.
+pub async fn initial_chain(
+    chain_id: &str,
+    last_row: Option<&LedgerRow>,
+    client: &clickhouse::Client,
+    table: &str,
+) -> Result<(Chain, Option<u64>), ChainError> {
+    if let Some(r) = last_row {
+        if r.chain_id != chain_id {
+            return Err(ChainError::OtherChain {
+                seq: r.seq,
+                expected: chain_id.to_owned(),
+                found: r.chain_id.clone(),
+            });
+        }
+        return Ok((Chain::resume(chain_id, Some(r))?, None));
+    }
+    let mut logged = false;
+    let head = loop {
+        match stored_head(client, table, chain_id).await {
+            Ok(h) => break h,
+            // A table that does not exist yet holds nothing.
+            Err(e) if e.to_string().contains("UNKNOWN_TABLE") => break None,
+            Err(e) => {
+                if !logged {
+                    tracing::warn!(error = %e, "the journal holds no ledger rows: waiting for ClickHouse to learn where chain {chain_id} stands");
+                    logged = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    match head {
+        None => Ok((Chain::new(chain_id), None)),
+        Some((seq, hash)) => {
+            let head: [u8; 32] = hex::decode(&hash)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or(ChainError::BadHash(seq))?;
+            tracing::warn!(
+                chain = chain_id,
+                after = seq,
+                "the journal holds no ledger rows: the chain continues after ClickHouse's last row"
+            );
+            Ok((Chain::at(chain_id, seq + 1, head), Some(seq)))
+        }
+    }
+}
+
+/// Inserts `rows` into `table`; a retry of the same rows is deduplicated.
+pub async fn insert(
+    client: &clickhouse::Client,
+    table: &str,
+    rows: &[LedgerRow],
+) -> Result<(), clickhouse::error::Error> {
+    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+        return Ok(());
+    };
+    let token = format!("gw-ledger-{}-{}-{}", first.chain_id, first.seq, last.seq);
+    let client = client
+        .clone()
+        .with_setting("insert_deduplication_token", token);
+    let mut ins = client.insert::<DecisionRow>(table).await?;
+    for r in rows {
+        ins.write(&DecisionRow::from(r)).await?;
+    }
+    ins.end().await
+}
+
+/// Ships the queue to ClickHouse for as long as it runs.
+pub struct Shipper {
+    queue: std::sync::Arc<RowQueue>,
+    journal: Journal,
+    client: clickhouse::Client,
+    table: String,
+    chain_id: String,
+    /// Last seq ClickHouse holds, once known; and its hash.
+    shipped: Option<(u64, [u8; 32])>,
+}
+
+impl Shipper {
+    /// A shipper of `queue` (chain `chain_id`) into `table`.
+    pub fn new(
+        queue: std::sync::Arc<RowQueue>,
+        journal: Journal,
+        client: clickhouse::Client,
+        table: &str,
+        chain_id: &str,
+    ) -> Shipper {
+        journal.hold(HOLD, queue.hold());
+        Shipper {
+            queue,
+            journal,
+            client,
+            table: table.to_owned(),
+            chain_id: chain_id.to_owned(),
+            shipped: None,
+        }
+    }
+
+    /// Asks ClickHouse what it holds and drops that from the queue.
+    async fn learn(&mut self) -> Result<(), ShipError> {
+        let head = stored_head(&self.client, &self.table, &self.chain_id).await?;
+        let (seq, hash) = match head {
+            Some((seq, h)) => (
+                seq,
+                hex::decode(&h)
+                    .ok()
+                    .and_then(|v| v.try_into().ok())
+                    .ok_or(ChainError::BadHash(seq))?,
+            ),
+            None => (0, [0; 32]),
+        };
+        // A row ClickHouse holds that is still queued here must be the same row:
+        // otherwise another writer used this chain id.
+        let clash = self
+            .queue
+            .rows
+            .lock()
+            .iter()
+            .find(|(_, r)| r.seq == seq)
+            .is_some_and(|(_, r)| hex_hash(&r.row_hash) != hash);
+        if clash {
+            return Err(ChainError::Conflict(seq).into());
+        }
+        self.queue.drop_through(seq);
+        self.journal.hold(HOLD, self.queue.hold());
+        self.shipped = Some((seq, hash));
+        Ok(())
+    }
+
+    /// Ships what is queued, in batches: `Ok(rows shipped)`.
+    pub async fn ship_once(&mut self) -> Result<usize, ShipError> {
+        if self.shipped.is_none() {
+            self.learn().await?;
+        }
+        let mut n = 0;
+        loop {
+            let batch = self.queue.batch();
+            let Some(last) = batch.last() else {
+                return Ok(n);
+            };
+            if let Err(e) = insert(&self.client, &self.table, &batch).await {
+                // The insert may have landed: ask again before the next try.
+                self.shipped = None;
+                return Err(e.into());
+            }
+            let (seq, head) = (last.seq, hex_hash(&last.row_hash));
+            self.queue.drop_through(seq);
+            self.journal.hold(HOLD, self.queue.hold());
+            self.shipped = Some((seq, head));
+            n += batch.len();
+        }
+    }
+
+    /// What ClickHouse holds, once known: last seq and its hash.
+    pub fn shipped(&self) -> Option<(u64, [u8; 32])> {
+        self.shipped
+    }
+
+    /// Ships forever: after each wake-up (new rows, or a retry every 500 ms while
+    /// ClickHouse is away); checkpoints as they fall due.
+    pub async fn run(mut self, mut checkpointer: Option<Checkpointer>) {
+        let mut last_err = String::new();
+        let mut last_cp_err = String::new();
+        let queue = self.queue.clone();
+        loop {
+            let woke = queue.grew.notified();
+            match self.ship_once().await {
+                Ok(_) => last_err.clear(),
+                Err(e) => {
+                    let e = e.to_string();
+                    if e != last_err {
+                        tracing::warn!(error = %e, rows = self.queue.len(), "ledger rows kept in the journal");
+                        last_err = e;
+                    }
+                }
+            }
+            if let (Some(c), Some((seq, head))) = (&mut checkpointer, self.shipped) {
+                match c.tick(&self.chain_id, seq, head) {
+                    Ok(true) => {
+                        tracing::debug!(seq, "ledger checkpoint written");
+                        last_cp_err.clear();
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        let e = e.to_string();
+                        if e != last_cp_err {
+                            tracing::error!(path = %c.path().display(), error = %e, "ledger checkpoint not written");
+                            last_cp_err = e;
+                        }
+                    }
+                }
+                if let Err(e) = c.ship(&self.client).await {
+                    tracing::debug!(error = %e, "ledger checkpoints kept for ClickHouse");
+                }
+            }
+            if last_err.is_empty() {
+                // Idle until rows come, but wake for due checkpoints.
+                let _ = tokio::time::timeout(Duration::from_secs(1), woke).await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+fn hex_hash(h: &str) -> [u8; 32] {
+    hex::decode(h)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .unwrap_or([0; 32])
+}
+
+/// The ledger before the journal: `ledger.spool.jsonl` (sealed rows, one per line)
+/// and `ledger.shipped` (the last seq ClickHouse acknowledged). At the first start
+/// with the journal, its unshipped rows are shipped (ClickHouse must answer), then
+/// the files are renamed `*.migrated`; the chain continues from its last row.
+/// `Ok(None)` when there is no such spool.
+pub async fn migrate_legacy_spool(
+    dir: &Path,
+    client: &clickhouse::Client,
+    table: &str,
+) -> Result<Option<LedgerRow>, ShipError> {
+    let spool = dir.join("ledger.spool.jsonl");
+    let text = match std::fs::read_to_string(&spool) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(ShipError::Legacy {
+                path: spool,
+                detail: e.to_string(),
+            })
+        }
+    };
+    let shipped: u64 = std::fs::read_to_string(dir.join("ledger.shipped"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let mut rows: Vec<LedgerRow> = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        match serde_json::from_str::<LedgerRow>(line) {
+            Ok(r) => rows.push(r),
+            // A torn last line was never acknowledged.
+            Err(_) if i + 1 == lines.len() => break,
+            Err(e) => {
+                return Err(ShipError::Legacy {
+                    path: spool,
+                    detail: format!("line {}: {e}", i + 1),
+                })
+            }
+        }
+    }
+    let pending: Vec<LedgerRow> = rows.iter().filter(|r| r.seq > shipped).cloned().collect();
+    for chunk in pending.chunks(MAX_BATCH_ROWS) {
+        insert(client, table, chunk).await?;
+    }
+    for name in ["ledger.spool.jsonl", "ledger.shipped"] {
+        let from = dir.join(name);
+        if from.exists() {
+            let _ = std::fs::rename(&from, dir.join(format!("{name}.migrated")));
+        }
+    }
+    tracing::info!(
+        rows = pending.len(),
+        "the pre-journal ledger spool was shipped and retired"
+    );
+    Ok(rows.pop())
+}
