@@ -26,6 +26,8 @@ use testkit::fixtures::{bearer, command_key, filter_config};
 const LEDGER_ROWS: u64 = 5_000;
 const COMMANDS: u64 = 1_000;
 const CONCURRENCY: usize = 16;
+/// Commands per round of the one-at-a-time measurement.
+const SEQUENTIAL: usize = 200;
 
 /// The statements of `sql/11` for a table named `table`.
 fn ddl(table: &str) -> Vec<String> {
@@ -171,12 +173,13 @@ fn fire(
     url: &str,
     token: &str,
     bodies: Vec<Vec<u8>>,
+    concurrency: usize,
 ) -> Sent {
     rt.block_on(async {
         let queue = Arc::new(std::sync::Mutex::new(bodies.into_iter()));
         let t = Instant::now();
         let mut tasks = Vec::new();
-        for _ in 0..CONCURRENCY {
+        for _ in 0..concurrency {
             let (queue, client, url, token) = (
                 queue.clone(),
                 client.clone(),
@@ -319,6 +322,7 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         &envoy_url,
         &token,
         next(&mut nonce)[..200].to_vec(),
+        CONCURRENCY,
     );
     let mut runs = Vec::new();
     for round in 0..2 {
@@ -330,7 +334,7 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
                 &direct_url,
             ),
         ] {
-            let s = fire(rt, client, url, &token, next(&mut nonce));
+            let s = fire(rt, client, url, &token, next(&mut nonce), CONCURRENCY);
             assert_eq!(s.failures, 0, "{name}: {} commands not applied", s.failures);
             runs.push((round, name, s));
         }
@@ -361,6 +365,25 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         "through Envoy / straight to the sidecar (best rounds): {:.2}x",
         via / direct
     );
+    // One command at a time through Envoy: does anything stall the control path?
+    println!("\n## one command at a time through Envoy (HTTP/2), {SEQUENTIAL} commands, 3 rounds");
+    println!("| round | p50 ms | p99 ms | max ms | p99 / p50 |");
+    println!("|---:|---:|---:|---:|---:|");
+    for round in 0..3 {
+        let bodies = next(&mut nonce)[..SEQUENTIAL].to_vec();
+        let s = fire(rt, &tls, &envoy_url, &token, bodies, 1);
+        assert_eq!(
+            s.failures, 0,
+            "sequential: {} commands not applied",
+            s.failures
+        );
+        let (p50, p99) = (pct(&s.latencies, 0.5), pct(&s.latencies, 0.99));
+        let max = s.latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        println!(
+            "| {round} | {p50:.2} | {p99:.2} | {max:.2} | {:.2}x |",
+            p99 / p50
+        );
+    }
     let rows = ch.query("SELECT count() FROM control_decisions");
     println!("ledger rows in ClickHouse after the run: {}", rows.trim());
 }

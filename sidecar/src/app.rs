@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::control::bus::Bus;
 use crate::control::json_route::JsonSigner;
-use crate::control::replay_store::ReplayStore;
+use crate::control::replay_store::{ReplaySink, ReplayStore};
 use crate::control::{Control, ControlConfig};
 use crate::journal::{Journal, Options as JournalOptions, Sink};
 use crate::ledger::{Auditor, CheckpointSettings, Ledger};
@@ -135,8 +135,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 
     // Everything durable is in the journal: read it, let each owner rebuild from
     // it, then start its writer with the owners' sinks.
+    let t0 = std::time::Instant::now();
     let mut opened = Journal::open(&dir.join("journal"), JournalOptions::default())?;
-    tracing::info!(records = opened.records.len(), "journal opened");
+    tracing::info!(
+        records = opened.records.len(),
+        ms = t0.elapsed().as_millis(),
+        "journal opened"
+    );
     let (mut ledger, chain) = Ledger::prepare(
         &opened,
         &dir.join("ledger"),
@@ -154,9 +159,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         Some(k) => Bus::kafka(k, &opened.records).context("kafka client")?,
         None => Bus::in_process(&opened.records),
     };
-    let replay = ReplayStore::open(&opened.records, cfg.file.replay_limits(), now);
+    let replay = Arc::new(parking_lot::Mutex::new(ReplayStore::open(
+        &opened.records,
+        cfg.file.replay_limits(),
+        now,
+    )));
     let sends = Arc::new(SendsQueue::recovered(&opened.records));
-    let mut sinks: Vec<Arc<dyn Sink>> = vec![bus.sink(), sends.clone()];
+    // The replay guard first: it knows a nonce before the bus delivers its command.
+    let mut sinks: Vec<Arc<dyn Sink>> = vec![
+        Arc::new(ReplaySink(replay.clone())),
+        bus.sink(),
+        sends.clone(),
+    ];
     sinks.extend(ledger.sink());
     let records = std::mem::take(&mut opened.records);
     let journal = opened.start(chain, sinks)?;

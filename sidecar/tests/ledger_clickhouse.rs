@@ -359,8 +359,14 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let stored_cp = ch.query("SELECT max(size) FROM control_checkpoints");
-    assert_eq!(stored_cp.trim(), "4");
+    // …and ClickHouse (copied right after the file).
+    while ch.query("SELECT max(size) FROM control_checkpoints").trim() != "4" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint of 4 rows in ClickHouse"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 
     let pk = hex::encode(ledger_key.verifying_key().as_bytes());
     let gwctl = |extra: &[&str]| {

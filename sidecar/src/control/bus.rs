@@ -446,7 +446,10 @@ impl KafkaBus {
                     let n = self
                         .failures
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if n + 1 >= RECREATE_AFTER_FAILURES {
+                    // Once when failures start, then every few windows: not once per
+                    // message of a window that failed together.
+                    let n = n + 1;
+                    if n == RECREATE_AFTER_FAILURES || n.is_multiple_of(4 * FORWARD_WINDOW as u32) {
                         tracing::warn!(error = %e, "kafka producer keeps failing; recreating it");
                         if let Err(e) = self.create_topic().await {
                             tracing::debug!(error = %e, "topic not created");
@@ -456,7 +459,6 @@ impl KafkaBus {
                             .producer
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
-                        self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
                     }
                     return Err(e.into());
                 }

@@ -8,10 +8,9 @@ use std::collections::BTreeMap;
 
 use gw_core::ledger::{Decision, Stage};
 use gw_core::replay::{Digest, Limits, NonceBook, Refused, Seen};
-use gw_core::Reject;
 
 use crate::journal::txn::NonceEntry;
-use crate::journal::{self, Journal, JournalError, Lsn, Txn};
+use crate::journal::{self, Journal, Lsn, Txn};
 
 /// What an accepted nonce is remembered with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,20 +25,6 @@ pub struct Accepted {
     /// Once its agent applied it: the `seq` of the `applied` row (0 when not
     /// audited).
     pub applied: Option<u64>,
-}
-
-/// Why the guard could not record a nonce.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The journal refused the write (the nonce is not accepted).
-    #[error(transparent)]
-    Journal(#[from] JournalError),
-    /// A recovered record does not make sense.
-    #[error("journal: {0}")]
-    Corrupt(String),
-    /// The guard is full or saw the nonce meanwhile.
-    #[error("{0}")]
-    Refused(Reject),
 }
 
 /// The replay guard.
@@ -61,40 +46,7 @@ impl ReplayStore {
             positions: BTreeMap::new(),
         };
         for (lsn, t) in records {
-            let seq = accepted_seq(t);
-            for e in &t.entries {
-                let journal::Entry::Nonce(n) = e else {
-                    continue;
-                };
-                if n.expires < now {
-                    continue;
-                }
-                // A guard at its bound after a restart keeps what it had: never
-                // refuse what was accepted before.
-                let _ = s.book.insert(
-                    &n.issuer,
-                    n.nonce,
-                    n.expires,
-                    Accepted {
-                        digest: n.digest,
-                        request_id: n.request_id.clone(),
-                        seq,
-                        applied: None,
-                    },
-                    now,
-                );
-                s.positions.insert(*lsn, n.expires);
-            }
-        }
-        // What the agents applied of them.
-        for (_, t) in records {
-            for e in &t.entries {
-                if let journal::Entry::Agent(a) = e {
-                    if let Some(n) = &a.applied {
-                        s.mark_applied(&n.issuer, n.nonce, applied_seq(t), now);
-                    }
-                }
-            }
+            s.record(*lsn, t, now);
         }
         s
     }
@@ -125,6 +77,39 @@ impl ReplayStore {
         self.book.get(issuer, nonce, now)
     }
 
+    /// Takes in what a durable transaction says: the nonces it accepted, the nonce
+    /// its agent applied. Called for every transaction in LSN order (at start, and
+    /// by [`ReplaySink`] on the journal's writer thread before the transaction's
+    /// caller is answered), so the guard knows a nonce the moment it is durable —
+    /// even when the request that sent it was cancelled — and an `applied` after
+    /// its `accepted`. A guard at its bound keeps what it has and logs: the journal
+    /// still holds the nonce, and a restart takes it in.
+    pub fn record(&mut self, lsn: Lsn, t: &Txn, now: u64) {
+        for e in &t.entries {
+            match e {
+                journal::Entry::Nonce(n) if n.expires >= now => {
+                    let a = Accepted {
+                        digest: n.digest,
+                        request_id: n.request_id.clone(),
+                        seq: accepted_seq(t),
+                        applied: None,
+                    };
+                    if let Err(r) = self.book.insert(&n.issuer, n.nonce, n.expires, a, now) {
+                        tracing::error!(issuer = %n.issuer, nonce = n.nonce, refused = ?r.reject(&n.issuer, n.nonce), "accepted, but the replay guard in memory is full");
+                    }
+                    self.positions.insert(lsn, n.expires);
+                }
+                journal::Entry::Agent(a) => {
+                    if let Some(n) = &a.applied {
+                        self.mark_applied(&n.issuer, n.nonce, applied_seq(t), now);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.release(now);
+    }
+
     /// The journal entry that accepts `(issuer, nonce)` until `expires`: commit it
     /// (with the command's rows and the command), then [`Self::accepted`].
     pub fn entry(
@@ -141,24 +126,6 @@ impl ReplayStore {
             digest,
             request_id: request_id.to_owned(),
         })
-    }
-
-    /// Takes a nonce whose entry is durable at `lsn` into the guard.
-    pub fn accepted(
-        &mut self,
-        lsn: Lsn,
-        issuer: &str,
-        nonce: u64,
-        expires: u64,
-        accepted: Accepted,
-        now: u64,
-    ) -> Result<(), StoreError> {
-        self.positions.insert(lsn, expires);
-        self.book
-            .insert(issuer, nonce, expires, accepted, now)
-            .map_err(|r| StoreError::Refused(r.reject(issuer, nonce)))?;
-        self.release(now);
-        Ok(())
     }
 
     /// Lets the journal drop the records of nonces that expired.
@@ -178,6 +145,18 @@ impl ReplayStore {
     /// Whether no nonce is live.
     pub fn is_empty(&self) -> bool {
         self.book.is_empty()
+    }
+}
+
+/// The replay guard shared by admission and the journal's writer thread.
+pub type SharedReplay = std::sync::Arc<parking_lot::Mutex<ReplayStore>>;
+
+/// Feeds every durable transaction to the shared guard ([`ReplayStore::record`]).
+pub struct ReplaySink(pub SharedReplay);
+
+impl journal::Sink for ReplaySink {
+    fn committed(&self, lsn: Lsn, txn: &Txn) {
+        self.0.lock().record(lsn, txn, crate::now_secs());
     }
 }
 
@@ -215,43 +194,46 @@ mod tests {
 
     const NOW: u64 = 1_750_000_000;
 
-    fn open(dir: &std::path::Path, now: u64) -> (ReplayStore, Journal) {
+    fn open(dir: &std::path::Path, now: u64) -> (SharedReplay, Journal) {
         let opened = Journal::open(dir, Options::default()).unwrap();
-        let mut s = ReplayStore::open(&opened.records, Limits::default(), now);
-        let j = opened.start(None, Vec::new()).unwrap();
-        s.set_journal(j.clone(), now);
+        let s = std::sync::Arc::new(parking_lot::Mutex::new(ReplayStore::open(
+            &opened.records,
+            Limits::default(),
+            now,
+        )));
+        let j = opened
+            .start(None, vec![std::sync::Arc::new(ReplaySink(s.clone()))])
+            .unwrap();
+        s.lock().set_journal(j.clone(), now);
         (s, j)
     }
 
     #[tokio::test]
     async fn survives_a_restart_in_any_order_until_the_nonce_expires() {
+        // The journal's sink reads the clock: so does this test.
+        let now = crate::now_secs();
         let d = testkit::TempDir::new("replay-store");
-        let (mut s, j) = open(d.path(), NOW);
+        let (s, j) = open(d.path(), now);
         for (n, req) in [(10, "a"), (8, "b"), (u64::MAX, "c")] {
             let dg = digest(req.as_bytes());
-            let e = ReplayStore::entry("dashboard", n, NOW + 30, dg, req);
-            let c = j.commit(Txn::of(vec![e])).await.unwrap();
-            let acc = Accepted {
-                digest: dg,
-                request_id: req.into(),
-                seq: 0,
-                applied: None,
-            };
-            s.accepted(c.lsn, "dashboard", n, NOW + 30, acc, NOW)
-                .unwrap();
+            let e = ReplayStore::entry("dashboard", n, now + 30, dg, req);
+            j.commit(Txn::of(vec![e])).await.unwrap();
+            // Known the moment it is durable (the sink ran before the answer).
+            let a = s.lock().get("dashboard", n, now).map(|x| x.value.clone());
+            assert_eq!(a.map(|a| a.request_id), Some(req.to_owned()));
         }
         drop((s, j));
-        let (s, _j) = open(d.path(), NOW);
-        assert_eq!(s.len(), 3);
-        match s.check("dashboard", 8, NOW) {
+        let (s, _j) = open(d.path(), now);
+        assert_eq!(s.lock().len(), 3);
+        match s.lock().check("dashboard", 8, now) {
             Err(Refused::Replay(a)) => assert_eq!(a.request_id, "b"),
             other => panic!("{other:?}"),
         }
-        assert!(s.check("dashboard", 9, NOW).is_ok(), "never seen");
+        assert!(s.lock().check("dashboard", 9, now).is_ok(), "never seen");
         drop((s, _j));
         // After the commands went stale, a restart forgets them.
-        let (s, _j) = open(d.path(), NOW + 31);
-        assert!(s.is_empty());
+        let (s, _j) = open(d.path(), now + 31);
+        assert!(s.lock().is_empty());
     }
 
     #[test]
@@ -260,6 +242,6 @@ mod tests {
         let (s, _j) = open(d.path(), NOW);
         // The entry never reached the journal: the guard does not know the nonce.
         let _ = ReplayStore::entry("x", 1, NOW + 30, digest(b"r"), "r");
-        assert!(s.check("x", 1, NOW).is_ok());
+        assert!(s.lock().check("x", 1, NOW).is_ok());
     }
 }

@@ -26,7 +26,7 @@ use super::agent::{Ack, Agent, AgentEnv};
 use super::bus::Bus;
 use super::json_route::{self, JsonSigner};
 use super::modules::ModuleTable;
-use super::replay_store::{Accepted, ReplayStore};
+use super::replay_store::{ReplayStore, SharedReplay};
 use crate::error::ApiError;
 use crate::journal::txn::PublishEntry;
 use crate::journal::{self, Journal, Lsn, Txn};
@@ -37,8 +37,8 @@ use crate::ops::metrics::ControlMetrics;
 pub struct ControlConfig {
     /// Verification rules.
     pub policy: gw_core::ControlPolicy,
-    /// The durable replay guard.
-    pub replay: ReplayStore,
+    /// The durable replay guard (fed by its journal sink).
+    pub replay: SharedReplay,
     /// The JSON route's signer, when configured.
     pub signer: Option<JsonSigner>,
     /// The command bus.
@@ -61,15 +61,17 @@ pub struct ControlConfig {
     pub metrics: ControlMetrics,
 }
 
-/// Admission state under one lock: the decision core and the replay guard it reads.
+/// Admission's decision core (the nonces in flight) under one lock.
 struct Gate {
     admission: Admission,
-    replay: ReplayStore,
 }
 
 /// The running control plane.
 pub struct Control {
-    gate: Mutex<Gate>,
+    gate: Arc<Mutex<Gate>>,
+    /// Locked after `gate` when both are needed; the journal's writer thread
+    /// locks only this one.
+    replay: SharedReplay,
     signer: Option<JsonSigner>,
     auditor: Auditor,
     journal: Journal,
@@ -125,13 +127,14 @@ impl Control {
             }
             tracing::info!(bus = %bus.describe(), "command bus ready");
         }));
-        let mut replay = c.replay;
-        replay.set_journal(c.journal.clone(), crate::now_secs());
+        c.replay
+            .lock()
+            .set_journal(c.journal.clone(), crate::now_secs());
         let control = Arc::new(Control {
-            gate: Mutex::new(Gate {
+            gate: Arc::new(Mutex::new(Gate {
                 admission: Admission::new(c.policy),
-                replay,
-            }),
+            })),
+            replay: c.replay,
             signer: c.signer,
             auditor: c.auditor,
             journal: c.journal,
@@ -143,26 +146,6 @@ impl Control {
             modules,
             metrics: c.metrics,
         });
-        // What the agents applied, for the answer to a resend.
-        let mut applied = control.acks.subscribe();
-        let weak = Arc::downgrade(&control);
-        tasks.push(tokio::spawn(async move {
-            loop {
-                match applied.recv().await {
-                    Ok(ack) if ack.outcome.is_ok() => {
-                        let Some(c) = weak.upgrade() else { return };
-                        c.gate.lock().replay.mark_applied(
-                            &ack.issuer,
-                            ack.nonce,
-                            ack.seq,
-                            crate::now_secs(),
-                        );
-                    }
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        }));
         Ok((control, tasks))
     }
 
@@ -323,9 +306,8 @@ impl Control {
         let digest = gw_core::replay::digest(body);
         let mut acks = self.acks.subscribe();
         let seen = |me: &Self| {
-            me.gate
+            me.replay
                 .lock()
-                .replay
                 .get(&c.issuer, c.nonce, now)
                 .map(|s| s.value.clone())
         };
@@ -379,8 +361,8 @@ impl Control {
         };
         let verdict = {
             let mut g = self.gate.lock();
-            let Gate { admission, replay } = &mut *g;
-            admission.decide(&req, &*replay)
+            let replay = self.replay.lock();
+            g.admission.decide(&req, &*replay)
         };
         let a = match verdict {
             Verdict::Refused(r) => {
@@ -399,9 +381,10 @@ impl Control {
             }
             Verdict::Admitted(a) => a,
         };
-        let _reserved = Reservation {
+        let mut reserved = Reservation {
             control: self,
             admitted: &a,
+            settled: false,
         };
         let c = &a.verified.command;
         record_command(c);
@@ -425,7 +408,9 @@ impl Control {
             requester: requester.clone(),
         }));
         let mut acks = self.acks.subscribe();
-        let committed = match self.journal.commit(Txn::of(entries)).await {
+        let result = self.journal.commit(Txn::of(entries)).await;
+        reserved.settled();
+        let committed = match result {
             Ok(done) => done,
             Err(e) => {
                 let r = self
@@ -441,23 +426,15 @@ impl Control {
             .iter()
             .find(|r| r.stage == Stage::Sidecar.as_str())
             .map_or(0, |r| r.seq);
-        let kept = self.gate.lock().replay.accepted(
-            committed.lsn,
-            &c.issuer,
-            c.nonce,
-            expires,
-            Accepted {
-                digest,
-                request_id: c.request_id.clone(),
-                seq: accepted_seq,
-                applied: None,
-            },
-            req.now,
-        );
-        if let Err(e) = kept {
+        // The journal's sink put the nonce in the guard before the commit returned.
+        if self
+            .replay
+            .lock()
+            .get(&c.issuer, c.nonce, req.now)
+            .is_none()
+        {
             // Durable in the journal (a restart knows it); only this process's
-            // guard could not take it.
-            tracing::error!(error = %e, "accepted, but the replay guard in memory is full");
+            // guard could not take it (it is full).
             self.metrics.decision("replay_not_persisted");
         }
         let outcome = tokio::time::timeout(self.apply_wait, async {
@@ -481,10 +458,6 @@ impl Control {
                               "journal_lsn": committed.lsn, "applied": false});
         match outcome {
             Some((Ok(state), seq)) => {
-                self.gate
-                    .lock()
-                    .replay
-                    .mark_applied(&c.issuer, c.nonce, seq, req.now);
                 out["applied"] = json!(true);
                 out["state"] = json!(state);
                 ledger["applied_seq"] = seq.into();
@@ -583,11 +556,32 @@ fn record_command(c: &Command) {
 struct Reservation<'a> {
     control: &'a Control,
     admitted: &'a Admitted,
+    /// The journal answered the commit (the guard knows the nonce, or it failed).
+    settled: bool,
+}
+
+impl Reservation<'_> {
+    fn settled(&mut self) {
+        self.settled = true;
+    }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        self.control.gate.lock().admission.release(self.admitted);
+        if self.settled {
+            self.control.gate.lock().admission.release(self.admitted);
+            return;
+        }
+        // The request was cancelled (its client went away) while its commit was
+        // queued: the commit still happens. Release the nonce only once the
+        // journal has dealt with it — a marker queued behind it is answered after
+        // it (and after its sink put the nonce in the guard) — so a resend in
+        // between is held as in flight, never admitted a second time.
+        let gate = self.control.gate.clone();
+        let admitted = self.admitted.clone();
+        self.control.journal.after_queued(Box::new(move || {
+            gate.lock().admission.release(&admitted);
+        }));
     }
 }
 

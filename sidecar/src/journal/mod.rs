@@ -159,6 +159,8 @@ struct Job {
     reply: Reply,
     /// The chain to seal into from this job on, when the journal has none yet.
     install: Option<Chain>,
+    /// Not a transaction: called once every job queued before it was answered.
+    marker: Option<Box<dyn FnOnce() + Send>>,
 }
 
 struct Shared {
@@ -246,6 +248,7 @@ impl Journal {
             txn,
             reply,
             install: None,
+            marker: None,
         });
     }
 
@@ -284,8 +287,26 @@ impl Journal {
                 let _ = tx.send(r);
             }),
             install: Some(chain),
+            marker: None,
         });
         rx.await.unwrap_or(Err(JournalError::Closed))
+    }
+
+    /// Calls `f` on the writer thread once every transaction queued before this
+    /// call has been answered (and its sinks told), without writing anything.
+    pub fn after_queued(&self, f: Box<dyn FnOnce() + Send>) {
+        let job = Job {
+            txn: Txn::default(),
+            reply: Box::new(|_| {}),
+            install: None,
+            marker: Some(f),
+        };
+        if let Err(mpsc::SendError(mut job)) = self.tx.send(job) {
+            // The writer is gone: nothing queued will be answered any more.
+            if let Some(f) = job.marker.take() {
+                f();
+            }
+        }
     }
 
     /// [`Self::commit`] for threads outside the async runtime.
@@ -377,7 +398,12 @@ fn run(
         let mut part: Vec<Prepared> = Vec::with_capacity(jobs.len());
         let mut part_start = chain.clone();
         let mut bytes = 0usize;
+        let mut markers = Vec::new();
         for mut job in jobs {
+            if let Some(m) = job.marker.take() {
+                markers.push(m);
+                continue;
+            }
             match prepare(&mut job, &mut chain) {
                 Ok((payload, rows)) => {
                     bytes += payload.len();
@@ -401,6 +427,9 @@ fn run(
         }
         if !part.is_empty() {
             write_part(&mut writer, shared, part, part_start, &mut chain, sinks);
+        }
+        for m in markers {
+            m();
         }
         let low = shared.holds.lock().values().copied().min();
         if let Some(low) = low {

@@ -1,0 +1,652 @@
+//! The fault matrix (#17) with real processes: Envoy (the gw_edge filter in V8), the
+//! `gw-sidecar` binary, ClickHouse and — for the Kafka bus — tansu. Commands are
+//! signed, sent through Envoy over HTTP/2 while a fault strikes, and every command
+//! that did not get a definite answer is sent again with the same bytes, as an
+//! operator would. Faults: `kill -9` of the sidecar with 40 commands in flight, at
+//! several points of their way (before, during and after the journal commit, the
+//! bus, the agent and the shipper); ClickHouse gone for `GW_FAULT_CH_SECS` (30 by
+//! default) with a `kill -9` of the sidecar in the middle; Envoy killed and restarted
+//! mid-stream; the journal's disk full (a small tmpfs: write error → 503, nothing
+//! applied, the nonce not burnt). The broker frozen and back is
+//! `kafka_bus.rs::kafka_down_…`.
+//!
+//! Afterwards: every command was applied exactly once (one `applied` row each; the
+//! ones answered 200 included), every 503 resent applied once or was refused as a
+//! replay that says it was applied, every ledger row is in ClickHouse exactly once,
+//! `gwctl ledger verify` passes, and the module's state equals the one computed
+//! from the applied commands in ledger order.
+//!
+//! The Kafka bus (`fault_matrix_kafka_bus`, ignored: run it with `--ignored`) does
+//! not pass reliably yet: with tansu 0.6.0, after a few `kill -9` restarts of the
+//! sidecar, the outbox forwarder's idempotent producer times out on every send (also
+//! after it is recreated) and accepted commands wait, never applied. Nothing is
+//! applied twice or lost from the journal; they are stuck. Found by this matrix,
+//! not fixed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use gw_core::Action;
+use serde_json::{json, Value};
+use testkit::clickhouse::ClickHouse;
+use testkit::envoy::{self, GatewayConfig};
+use testkit::fixtures::{bearer, command_key, filter_config, signed_command};
+use testkit::kafka::Kafka;
+use testkit::ProcessGuard;
+
+mod common;
+
+/// What a send got back.
+#[derive(Debug, Clone, PartialEq)]
+enum Answer {
+    /// 200 and applied.
+    Applied,
+    /// 200, accepted, not applied yet (`pending`).
+    Pending,
+    /// 409 replay for the same bytes: `applied` as the body says.
+    Replay { applied: bool },
+    /// 5xx, a reset, no answer: send again.
+    Retry(String),
+    /// Anything else (a failure of the test).
+    Other(u16, String),
+}
+
+struct Cmd {
+    body: Vec<u8>,
+    pct: u32,
+    first: Option<Answer>,
+    last: Option<Answer>,
+}
+
+struct Rig {
+    dir: PathBuf,
+    ch: ClickHouse,
+    /// The broker, kept running for the rig's life.
+    _kafka: Option<Kafka>,
+    sidecar_port: u16,
+    ops_port: u16,
+    config: PathBuf,
+    sidecar: Option<ProcessGuard>,
+    restarts: u32,
+    gw: GatewayConfig,
+    envoy: Option<ProcessGuard>,
+    client: reqwest::Client,
+    token: String,
+    cmds: BTreeMap<u64, Cmd>,
+    next_nonce: u64,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Rig {
+    fn start(dir: &Path, kafka: bool) -> Rig {
+        let ch = ClickHouse::start(dir);
+        let kafka = kafka.then(|| Kafka::start(dir));
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let certs = common::certs(&state);
+        let (sidecar_port, ops_port) = (testkit::free_port(), testkit::free_port());
+        let mut cfg = json!({
+            "listen": format!("127.0.0.1:{sidecar_port}"),
+            "tls": {"cert": certs.sidecar_cert, "key": certs.sidecar_key,
+                    "client_ca": certs.ca, "edge_identities": ["envoy.local"]},
+            "ops_listen": format!("127.0.0.1:{ops_port}"),
+            "node_id": "fault-node",
+            "command_keys": {"keys": [{"id": "op-admin-1",
+                "public_key_hex": hex::encode(command_key().verifying_key().as_bytes()),
+                "issuers": ["dashboard"]}]},
+            "max_skew_secs": 300,
+            "state_dir": state,
+            "clickhouse_url": ch.url(),
+            "apply_wait_ms": 3000,
+        });
+        if let Some(k) = &kafka {
+            cfg["kafka"] = json!({"brokers": k.brokers(), "message_timeout_ms": 3000});
+        }
+        let config = dir.join("sidecar.json");
+        std::fs::write(&config, cfg.to_string()).unwrap();
+        let mut fc = filter_config(4096);
+        fc["max_skew_secs"] = json!(300);
+        fc["report"] = json!({"cluster": "sidecar", "period_ms": 100});
+        let gw = envoy::render_gateway(dir, &fc.to_string(), sidecar_port, &certs);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = gw.certs.client(None);
+        let mut rig = Rig {
+            dir: dir.to_path_buf(),
+            ch,
+            _kafka: kafka,
+            sidecar_port,
+            ops_port,
+            config,
+            sidecar: None,
+            restarts: 0,
+            envoy: None,
+            gw,
+            client,
+            token: bearer(&["admin"], common::now()),
+            cmds: BTreeMap::new(),
+            next_nonce: 1,
+            rt,
+        };
+        rig.start_sidecar();
+        rig.start_envoy();
+        rig
+    }
+
+    /// Starts `gw-sidecar --config FILE` (the same command line every time) and
+    /// waits for its `/healthz`.
+    fn start_sidecar(&mut self) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gw-sidecar"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .env(
+                "GW_LOG",
+                std::env::var("GW_FAULT_SIDECAR_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env_remove("GW_KAFKA_BROKERS")
+            .env_remove("GW_CLICKHOUSE_URL");
+        let log = self.dir.join(format!("sidecar-{}.log", self.restarts));
+        self.restarts += 1;
+        let mut p = ProcessGuard::spawn("gw-sidecar", &mut cmd, &log);
+        let url = format!("http://127.0.0.1:{}/healthz", self.ops_port);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let up = self.rt.block_on(async {
+                reqwest::get(&url)
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            });
+            if up && testkit::wait_tcp(self.sidecar_port, Duration::from_millis(100)) {
+                break;
+            }
+            p.assert_running();
+            assert!(Instant::now() < deadline, "sidecar not up:\n{}", p.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.sidecar = Some(p);
+    }
+
+    fn kill_sidecar(&mut self) {
+        if let Some(p) = self.sidecar.take() {
+            p.signal("KILL");
+            drop(p);
+        }
+    }
+
+    fn start_envoy(&mut self) {
+        self.envoy = Some(envoy::start_envoy_ready(
+            &self.gw.config,
+            self.gw.admin,
+            &self.dir,
+        ));
+    }
+
+    /// New throttle commands for `mev` (each with its own percentage).
+    fn new_commands(&mut self, n: usize) -> Vec<u64> {
+        let now = common::now();
+        (0..n)
+            .map(|_| {
+                let nonce = self.next_nonce;
+                self.next_nonce += 1;
+                let pct = u32::try_from(nonce % 100 + 1).unwrap();
+                let body = signed_command(
+                    nonce,
+                    Action::Throttle,
+                    now,
+                    "dashboard",
+                    &[("throttle_pct", &pct.to_string())],
+                );
+                self.cmds.insert(
+                    nonce,
+                    Cmd {
+                        body,
+                        pct,
+                        first: None,
+                        last: None,
+                    },
+                );
+                nonce
+            })
+            .collect()
+    }
+
+    fn url(&self) -> String {
+        format!("https://localhost:{}/api/control/commands", self.gw.port)
+    }
+
+    /// Sends `nonces` concurrently; `fault` runs `after` the first send went out,
+    /// while they are in flight. Records each first answer.
+    fn stream(&mut self, nonces: &[u64], after: Duration, fault: impl FnOnce(&mut Rig)) {
+        let sends: Vec<_> = nonces
+            .iter()
+            .map(|n| {
+                let (client, url, token, body) = (
+                    self.client.clone(),
+                    self.url(),
+                    self.token.clone(),
+                    self.cmds[n].body.clone(),
+                );
+                let n = *n;
+                self.rt
+                    .spawn(async move { (n, send(&client, &url, &token, body).await) })
+            })
+            .collect();
+        std::thread::sleep(after);
+        fault(self);
+        for s in sends {
+            let (n, a) = self.rt.block_on(s).unwrap();
+            let c = self.cmds.get_mut(&n).unwrap();
+            c.first = Some(a.clone());
+            c.last = Some(a);
+        }
+    }
+
+    /// Sends every command without a definite answer again, with the same bytes,
+    /// until each was applied (200 applied, or 409 replay saying applied).
+    fn settle(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let open: Vec<u64> = self
+                .cmds
+                .iter()
+                .filter(|(_, c)| {
+                    !matches!(
+                        c.last,
+                        Some(Answer::Applied | Answer::Replay { applied: true })
+                    )
+                })
+                .map(|(n, _)| *n)
+                .collect();
+            if open.is_empty() {
+                return;
+            }
+            for n in &open {
+                if let Some(Answer::Other(status, body)) = &self.cmds[n].last {
+                    panic!("command {n}: unexpected answer {status} {body}");
+                }
+            }
+            if Instant::now() > deadline {
+                let ids: Vec<String> = open.iter().map(|n| format!("'req-{n}'")).collect();
+                let (_, rows) = self.ch.query_as(
+                    &format!(
+                        "SELECT seq, stage, decision, code, request_id FROM control_decisions \
+                     WHERE request_id IN ({}) ORDER BY seq FORMAT TSV",
+                        ids.join(",")
+                    ),
+                    None,
+                );
+                let log = self
+                    .sidecar
+                    .as_ref()
+                    .map(ProcessGuard::log)
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log
+                    .lines()
+                    .rev()
+                    .filter(|l| !l.contains(" INFO command{"))
+                    .take(60)
+                    .collect();
+                panic!(
+                    "not applied after resending for 120 s: {:?}\nrows:\n{rows}\nsidecar log (newest first):\n{}",
+                    open.iter()
+                        .map(|n| (n, self.cmds[n].last.clone()))
+                        .collect::<Vec<_>>(),
+                    tail.join("\n")
+                );
+            }
+            let sends: Vec<_> = open
+                .iter()
+                .map(|n| {
+                    let (client, url, token, body) = (
+                        self.client.clone(),
+                        self.url(),
+                        self.token.clone(),
+                        self.cmds[n].body.clone(),
+                    );
+                    let n = *n;
+                    self.rt
+                        .spawn(async move { (n, send(&client, &url, &token, body).await) })
+                })
+                .collect();
+            for s in sends {
+                let (n, a) = self.rt.block_on(s).unwrap();
+                self.cmds.get_mut(&n).unwrap().last = Some(a);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// The matrix's invariants, once ClickHouse holds everything.
+    fn check(&self, label: &str) {
+        // Every command has exactly one applied row, and ClickHouse has caught up
+        // with the chain (the sidecar's pending rows reach 0).
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let applied: BTreeMap<String, u64> = loop {
+            let text = self.ch.query(
+                "SELECT request_id, count() FROM control_decisions \
+                 WHERE stage = 'agent' AND decision = 'applied' GROUP BY request_id FORMAT TSV",
+            );
+            let m: BTreeMap<String, u64> = text
+                .lines()
+                .filter_map(|l| l.split_once('\t'))
+                .map(|(r, c)| (r.to_owned(), c.trim().parse().unwrap()))
+                .collect();
+            let pending = self.pending_rows();
+            if m.len() >= self.cmds.len() && pending == Some(0) {
+                break m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{label}: {} of {} commands have an applied row; pending rows {pending:?}",
+                m.len(),
+                self.cmds.len()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        };
+        for (n, c) in &self.cmds {
+            let id = format!("req-{n}");
+            assert_eq!(
+                applied.get(&id).copied(),
+                Some(1),
+                "{label}: {id} (first answer {:?}) applied rows",
+                c.first
+            );
+        }
+        assert_eq!(applied.len(), self.cmds.len(), "{label}: applied rows");
+        // Each row exactly once: no (chain_id, seq) twice, none merged away.
+        let dups = self.ch.query(
+            "SELECT chain_id, seq, count() AS c FROM control_decisions \
+             GROUP BY chain_id, seq HAVING c > 1 FORMAT TSV",
+        );
+        assert_eq!(dups.trim(), "", "{label}: rows stored twice");
+        let (code, out) = self.gwctl_verify();
+        assert_eq!(code, Some(0), "{label}: gwctl ledger verify: {out}");
+        // The state is the one the applied commands compute, in ledger order.
+        let last = self.ch.query(
+            "SELECT request_id FROM control_decisions WHERE stage = 'agent' AND \
+             decision = 'applied' AND module = 'mev' ORDER BY chain_id, seq DESC LIMIT 1 FORMAT TSV",
+        );
+        let n: u64 = last.trim().trim_start_matches("req-").parse().unwrap();
+        let want = self.cmds[&n].pct;
+        let state: Value = self.rt.block_on(async {
+            self.client
+                .get(format!("https://localhost:{}/api/modules", self.gw.port))
+                .header("authorization", &self.token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        });
+        assert_eq!(
+            state["mev"]["throttle_pct"],
+            json!(want),
+            "{label}: module state {state}"
+        );
+    }
+
+    fn pending_rows(&self) -> Option<u64> {
+        let text = self.rt.block_on(async {
+            reqwest::get(format!("http://127.0.0.1:{}/metrics", self.ops_port))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()
+        })?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("gw_sidecar_ledger_pending_rows "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    fn gwctl_verify(&self) -> (Option<i32>, String) {
+        let o = Command::new(testkit::gwctl_bin())
+            .args(["ledger", "verify", "--clickhouse", &self.ch.url()])
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    }
+
+    fn count(&self, f: impl Fn(&Answer) -> bool) -> usize {
+        self.cmds
+            .values()
+            .filter(|c| c.first.as_ref().is_some_and(&f))
+            .count()
+    }
+}
+
+async fn send(client: &reqwest::Client, url: &str, token: &str, body: Vec<u8>) -> Answer {
+    let r = client
+        .post(url)
+        .header("authorization", token)
+        .header("content-type", "application/x-protobuf")
+        .timeout(Duration::from_secs(15))
+        .body(body)
+        .send()
+        .await;
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => return Answer::Retry(format!("transport: {e}")),
+    };
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap_or_default();
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    match status {
+        200 if v["applied"] == json!(true) => Answer::Applied,
+        200 if v["pending"] == json!(true) => Answer::Pending,
+        409 if v["error"] == json!("replay") && v.get("applied").is_some() => Answer::Replay {
+            applied: v["applied"] == json!(true),
+        },
+        500..=599 => Answer::Retry(format!("{status} {text}")),
+        _ => Answer::Other(status, text),
+    }
+}
+
+/// `kill -9` of the sidecar while `n` commands are in flight, at several points of
+/// their way, then a restart with the same command line.
+fn kill_rounds(rig: &mut Rig, label: &str) {
+    for (i, ms) in [5u64, 40, 150, 400].into_iter().enumerate() {
+        let batch = rig.new_commands(40);
+        rig.stream(&batch, Duration::from_millis(ms), Rig::kill_sidecar);
+        rig.start_sidecar();
+        eprintln!(
+            "{label}: kill round {i} ({ms} ms): {} applied, {} pending, {} to resend",
+            batch
+                .iter()
+                .filter(|n| rig.cmds[n].first == Some(Answer::Applied))
+                .count(),
+            batch
+                .iter()
+                .filter(|n| rig.cmds[n].first == Some(Answer::Pending))
+                .count(),
+            batch
+                .iter()
+                .filter(|n| matches!(rig.cmds[n].first, Some(Answer::Retry(_))))
+                .count(),
+        );
+        rig.settle();
+    }
+}
+
+/// ClickHouse gone for `GW_FAULT_CH_SECS`; commands keep being applied (their rows
+/// wait in the journal), the sidecar is killed in the middle, then ClickHouse
+/// comes back on the same data and every row arrives once.
+fn clickhouse_outage(rig: &mut Rig, label: &str) {
+    let secs: u64 = std::env::var("GW_FAULT_CH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let (http, tcp) = (rig.ch.http_port, rig.ch.tcp_port);
+    rig.ch.process.stop();
+    let t = Instant::now();
+    let batch = rig.new_commands(30);
+    rig.stream(&batch, Duration::from_millis(20), |_| {});
+    // Accepted with ClickHouse down, and applied.
+    for n in &batch {
+        let a = &rig.cmds[n].first;
+        assert!(
+            *a == Some(Answer::Applied),
+            "{label}: command {n} with ClickHouse down: {a:?}"
+        );
+    }
+    let batch = rig.new_commands(30);
+    rig.stream(&batch, Duration::from_millis(30), Rig::kill_sidecar);
+    rig.start_sidecar();
+    rig.settle();
+    std::thread::sleep(Duration::from_secs(secs).saturating_sub(t.elapsed()));
+    assert!(rig.pending_rows().unwrap_or(0) > 0, "{label}: rows wait");
+    rig.ch = ClickHouse::start_at(&rig.dir, http, tcp);
+    eprintln!("{label}: ClickHouse back after {:?}", t.elapsed());
+}
+
+/// Envoy killed mid-stream and started again with the same configuration.
+fn envoy_restart(rig: &mut Rig, label: &str) {
+    let batch = rig.new_commands(40);
+    rig.stream(&batch, Duration::from_millis(30), |r| {
+        if let Some(p) = r.envoy.take() {
+            p.signal("KILL");
+        }
+    });
+    rig.start_envoy();
+    eprintln!(
+        "{label}: envoy restart: {} to resend",
+        batch
+            .iter()
+            .filter(|n| matches!(rig.cmds[n].first, Some(Answer::Retry(_))))
+            .count()
+    );
+    rig.settle();
+}
+
+fn run_matrix(kafka: bool) {
+    let label = if kafka { "kafka" } else { "embedded" };
+    let d = testkit::TempDir::new(&format!("fault-{label}"));
+    let mut rig = Rig::start(d.path(), kafka);
+    let warm = rig.new_commands(5);
+    rig.stream(&warm, Duration::ZERO, |_| {});
+    rig.settle();
+
+    kill_rounds(&mut rig, label);
+    rig.check(&format!("{label} after kill -9 rounds"));
+    if !kafka {
+        clickhouse_outage(&mut rig, label);
+        rig.check(&format!("{label} after the ClickHouse outage"));
+        envoy_restart(&mut rig, label);
+    }
+    rig.check(&format!("{label} at the end"));
+    let resent = rig.count(|a| matches!(a, Answer::Retry(_)));
+    eprintln!(
+        "{label}: {} commands, {} first answered 200 applied, {resent} resent",
+        rig.cmds.len(),
+        rig.count(|a| *a == Answer::Applied)
+    );
+    assert!(resent > 0, "{label}: no fault hit a command in flight");
+}
+
+#[test]
+fn fault_matrix_embedded_bus() {
+    run_matrix(false);
+}
+
+#[test]
+#[ignore = "with tansu 0.6.0 the outbox's producer stalls after a few kill -9 restarts (see the module doc)"]
+fn fault_matrix_kafka_bus() {
+    run_matrix(true);
+}
+
+/// A tmpfs of `size` mounted at `at`, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("mount(8)");
+        assert!(
+            o.status.success(),
+            "the failing-disk test mounts a small tmpfs (needs root or CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The journal's disk fills up: commands get 503 (nothing accepted, nothing
+/// applied, the nonce not burnt at the edge or in the sidecar); once there is room
+/// again the same bytes are applied once.
+#[test]
+fn a_full_journal_disk_refuses_with_503_and_burns_no_nonce() {
+    let d = testkit::TempDir::new("fault-disk");
+    let journal = d.path().join("state/journal");
+    let disk = Tmpfs::mount(&journal, "2m");
+    let mut rig = Rig::start(d.path(), false);
+    let warm = rig.new_commands(3);
+    rig.stream(&warm, Duration::ZERO, |_| {});
+    rig.settle();
+
+    let modules = |rig: &Rig| -> Value {
+        rig.rt.block_on(async {
+            rig.client
+                .get(format!("https://localhost:{}/api/modules", rig.gw.port))
+                .header("authorization", &rig.token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        })
+    };
+    let before = modules(&rig);
+    // Fill the disk.
+    let filler = journal.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let batch = rig.new_commands(5);
+    rig.stream(&batch, Duration::ZERO, |_| {});
+    for n in &batch {
+        match &rig.cmds[n].first {
+            Some(Answer::Retry(s)) => assert!(s.starts_with("503"), "{n}: {s}"),
+            other => panic!("command {n} with a full disk: {other:?}"),
+        }
+    }
+    // Nothing of them was applied.
+    assert_eq!(modules(&rig), before);
+
+    // Room again: the same bytes are applied, once.
+    std::fs::remove_file(&filler).unwrap();
+    rig.settle();
+    for n in &batch {
+        assert_eq!(rig.cmds[n].last, Some(Answer::Applied), "command {n}");
+    }
+    rig.check("full disk");
+    drop(rig);
+    drop(disk);
+}
