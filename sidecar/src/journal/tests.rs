@@ -277,3 +277,20 @@ fn sinks_hear_every_durable_transaction_in_order() {
     }
     assert_eq!(*log.0.lock(), vec![1, 2, 3, 4, 5]);
 }
+
+/// Every entry that can be committed decodes again: a send whose score is NaN
+/// (JSON writes `null`) once made a restart refuse the journal as damaged.
+#[test]
+fn a_send_without_a_score_survives_the_journal() {
+    let row = crate::sender::audit::SendRow {
+        score: f64::NAN,
+        tip: f64::INFINITY,
+        ..crate::sender::audit::SendRow::default()
+    };
+    let t = Txn::of(vec![Entry::Sends { rows: vec![row] }]);
+    let back = Txn::decode(&t.encode().unwrap()).unwrap();
+    let Entry::Sends { rows } = &back.entries[0] else {
+        panic!("{back:?}")
+    };
+    assert!(rows[0].score.is_nan() && rows[0].tip.is_nan());
+}

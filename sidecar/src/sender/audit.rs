@@ -51,8 +51,11 @@ pub struct SendRow {
     /// TPU leader address tried (`""` when none).
     pub leader: String,
     /// Tip chosen by the strategy (0 when none).
+    #[serde(deserialize_with = "nan_when_null")]
     pub tip: f64,
-    /// Model score (NaN when none).
+    /// Model score (NaN when none; JSON, the journal's encoding, writes NaN as
+    /// `null`, read back as NaN).
+    #[serde(deserialize_with = "nan_when_null")]
     pub score: f64,
     /// Why the TPU route failed (`""` if it did not).
     pub tpu_error: String,
@@ -60,6 +63,12 @@ pub struct SendRow {
     pub relay_error: String,
     /// Wire size.
     pub bytes: u32,
+}
+
+/// A number that JSON wrote as `null` (NaN or ±∞) reads back as NaN.
+fn nan_when_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Counters.
