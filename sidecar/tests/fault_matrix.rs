@@ -219,23 +219,28 @@ impl Rig {
         format!("https://localhost:{}/api/control/commands", self.gw.port)
     }
 
-    /// Sends `nonces` concurrently; `fault` runs `after` the first send went out,
-    /// while they are in flight. Records each first answer.
-    fn stream(&mut self, nonces: &[u64], after: Duration, fault: impl FnOnce(&mut Rig)) {
-        let sends: Vec<_> = nonces
+    /// Starts sending each of `nonces` (its same bytes) at once; each task ends with
+    /// the nonce and its answer.
+    fn spawn_sends(&self, nonces: &[u64]) -> Vec<tokio::task::JoinHandle<(u64, Answer)>> {
+        nonces
             .iter()
-            .map(|n| {
+            .map(|&n| {
                 let (client, url, token, body) = (
                     self.client.clone(),
                     self.url(),
                     self.token.clone(),
-                    self.cmds[n].body.clone(),
+                    self.cmds[&n].body.clone(),
                 );
-                let n = *n;
                 self.rt
                     .spawn(async move { (n, send(&client, &url, &token, body).await) })
             })
-            .collect();
+            .collect()
+    }
+
+    /// Sends `nonces` concurrently; `fault` runs `after` the first send went out,
+    /// while they are in flight. Records each first answer.
+    fn stream(&mut self, nonces: &[u64], after: Duration, fault: impl FnOnce(&mut Rig)) {
+        let sends = self.spawn_sends(nonces);
         std::thread::sleep(after);
         fault(self);
         for s in sends {
@@ -299,20 +304,7 @@ impl Rig {
                     tail.join("\n")
                 );
             }
-            let sends: Vec<_> = open
-                .iter()
-                .map(|n| {
-                    let (client, url, token, body) = (
-                        self.client.clone(),
-                        self.url(),
-                        self.token.clone(),
-                        self.cmds[n].body.clone(),
-                    );
-                    let n = *n;
-                    self.rt
-                        .spawn(async move { (n, send(&client, &url, &token, body).await) })
-                })
-                .collect();
+            let sends = self.spawn_sends(&open);
             for s in sends {
                 let (n, a) = self.rt.block_on(s).unwrap();
                 self.cmds.get_mut(&n).unwrap().last = Some(a);
