@@ -1,20 +1,34 @@
 /*
- * Adapts tl2cgen-generated C (header.h + main.c: predict(union Entry*, int,
- * double*), get_num_feature(), N_TARGET, MAX_N_CLASS) to model_abi_v1.h.
- * Compiled once per model with -DMODEL_NAME="..." -DMODEL_VERSION="...".
- * Every symbol but model_abi_v1_export is hidden (-fvisibility=hidden), so two
- * models in one process never collide.
+ * Adapts tl2cgen-generated C (header.h + main.c) to model_abi_v2.h (or, with
+ * -DGW_MODEL_ABI=1, to model_abi_v1.h for hosts that predate v2).
+ *
+ * tl2cgen emits, per model,
+ *     union Entry { int missing; T fvalue; int qvalue; };
+ *     void predict(union Entry *data, int pred_margin, L *result);
+ *     N_TARGET, MAX_N_CLASS, get_num_feature(), ...
+ * where T is the threshold type and L the leaf output type, each float or double
+ * (XGBoost models are float32, LightGBM and scikit-learn float64). Both are taken
+ * from the header at compile time: T by __typeof__, L by _Generic on predict's
+ * own type, so a model of any combination is fed and read in its own types, and
+ * a header of any other shape fails the build ("no association matches").
+ *
+ * Compiled once per model with -DMODEL_NAME="..." -DMODEL_VERSION="..." and the
+ * build's golden.h (golden vectors, trainer, postprocessor: abi/build_model.py).
+ * Every symbol but the export is hidden (-fvisibility=hidden), so two models in
+ * one process never collide.
  *
  * MODEL_TEST_FAULT (tests only) builds deliberately broken libraries:
- *   1 wrong ABI version, 2 predict always fails, 3 no export symbol,
- *   4 init fails.
+ *   1 wrong ABI version, 2 predict always fails, 3 no export symbol, 4 init fails,
+ *   5 outputs off by 1e-4 relative (a wrong model), 6 no golden vectors.
  */
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 
 #include "header.h"
+#include "golden.h"
 #include "model_abi_v1.h"
+#include "model_abi_v2.h"
 
 #ifndef MODEL_NAME
 #error "MODEL_NAME must be defined"
@@ -25,67 +39,143 @@
 #ifndef MODEL_TEST_FAULT
 #define MODEL_TEST_FAULT 0
 #endif
+#ifndef GW_MODEL_ABI
+#define GW_MODEL_ABI 2
+#endif
+#if GW_MODEL_ABI != 1 && GW_MODEL_ABI != 2
+#error "GW_MODEL_ABI must be 1 or 2"
+#endif
+#if !defined(__GNUC__) && !defined(__clang__)
+#error "the adapter needs __typeof__ (GCC or Clang)"
+#endif
 
 #define N_OUTPUTS (N_TARGET * MAX_N_CLASS)
 /* Rows per call at most: bounds the host's buffers and this adapter's arithmetic. */
 #define MAX_ROWS_PER_CALL ((size_t)1 << 24)
 
+typedef __typeof__(((union Entry *)0)->fvalue) entry_value_t;
+
+/* The leaf type L, from predict's signature: 1 for double, 0 for float. */
+#define LEAF_IS_DOUBLE                                        \
+    _Generic(&predict,                                        \
+             void (*)(union Entry *, int, double *): 1,       \
+             void (*)(union Entry *, int, float *): 0)
+/* The result buffer of predict's own type. */
+#define LEAF_BUFFER(d, f)                                     \
+    _Generic(&predict,                                        \
+             void (*)(union Entry *, int, double *): (d),     \
+             void (*)(union Entry *, int, float *): (f))
+
+_Static_assert(GW_GOLDEN_N_FEATURES > 0, "golden.h names no feature count");
+_Static_assert(GW_GOLDEN_N_OUTPUTS == N_OUTPUTS,
+               "golden.h was written for another output width than header.h");
+
 static int32_t adapter_init(void) {
     if (MODEL_TEST_FAULT == 4) return MODEL_ERR_INTERNAL;
-    return get_num_feature() > 0 ? MODEL_OK : MODEL_ERR_INTERNAL;
+    return get_num_feature() == GW_GOLDEN_N_FEATURES ? MODEL_OK : MODEL_ERR_INTERNAL;
 }
 
-static int32_t adapter_predict(const float *rows, size_t n_rows, float *out) {
+static int32_t adapter_predict(const float *rows, size_t n_rows, uint32_t flags, float *out) {
     if (MODEL_TEST_FAULT == 2) return MODEL_ERR_INTERNAL;
+    if ((flags & ~MODEL_PREDICT_MARGIN) != 0) return MODEL_ERR_ARGUMENT;
     if (n_rows == 0) return MODEL_OK;
     if (rows == NULL || out == NULL || n_rows > MAX_ROWS_PER_CALL) return MODEL_ERR_ARGUMENT;
+    const int margin = (flags & MODEL_PREDICT_MARGIN) != 0;
     const size_t n_features = (size_t)get_num_feature();
     union Entry stack[64];
     union Entry *entries = n_features <= 64 ? stack : malloc(n_features * sizeof(union Entry));
     if (entries == NULL) return MODEL_ERR_INTERNAL;
-    double result[N_OUTPUTS];
+    double result_d[N_OUTPUTS];
+    float result_f[N_OUTPUTS];
     for (size_t i = 0; i < n_rows; i++) {
         const float *row = rows + i * n_features;
         for (size_t j = 0; j < n_features; j++) {
             if (isnan(row[j])) {
                 entries[j].missing = -1;
             } else {
-                entries[j].fvalue = (double)row[j];
+                entries[j].fvalue = (entry_value_t)row[j];
             }
         }
         /* tl2cgen's predict adds each tree's output into result: start at zero. */
-        for (size_t k = 0; k < N_OUTPUTS; k++) result[k] = 0.0;
-        predict(entries, 0, result);
-        for (size_t k = 0; k < N_OUTPUTS; k++) out[i * N_OUTPUTS + k] = (float)result[k];
+        for (size_t k = 0; k < N_OUTPUTS; k++) {
+            result_d[k] = 0.0;
+            result_f[k] = 0.0f;
+        }
+        predict(entries, margin, LEAF_BUFFER(result_d, result_f));
+        float *o = out + i * N_OUTPUTS;
+        for (size_t k = 0; k < N_OUTPUTS; k++) {
+            o[k] = LEAF_IS_DOUBLE ? (float)result_d[k] : result_f[k];
+            if (MODEL_TEST_FAULT == 5) o[k] *= 1.0001f;
+        }
     }
     if (entries != stack) free(entries);
     return MODEL_OK;
+}
+
+#if GW_MODEL_ABI == 2
+
+static struct model_abi_v2 table;
+static pthread_once_t table_once = PTHREAD_ONCE_INIT;
+
+static void fill_table(void) {
+    table.abi_version = MODEL_TEST_FAULT == 1 ? 99u : MODEL_ABI_V2;
+    table.struct_size = (uint32_t)sizeof(struct model_abi_v2);
+    table.name = MODEL_NAME;
+    table.version = MODEL_VERSION;
+    table.n_features = (uint32_t)get_num_feature();
+    table.n_outputs = (uint32_t)N_OUTPUTS;
+    table.n_targets = (uint32_t)N_TARGET;
+    table.max_n_class = (uint32_t)MAX_N_CLASS;
+    table.leaf_type = LEAF_IS_DOUBLE ? "float64" : "float32";
+    table.postprocessor = GW_GOLDEN_POSTPROCESSOR;
+    table.trainer = GW_GOLDEN_TRAINER;
+    table.init = adapter_init;
+    table.predict = adapter_predict;
+    table.release = NULL;
+    table.n_golden = MODEL_TEST_FAULT == 6 ? 0u : (uint32_t)GW_GOLDEN_N;
+    table.golden_rows = gw_golden_rows;
+    table.golden_outputs = gw_golden_outputs;
+    table.golden_margins = GW_GOLDEN_MARGINS;
+    table.golden_scales = gw_golden_scales;
+}
+
+#if MODEL_TEST_FAULT != 3
+const struct model_abi_v2 *model_abi_v2_export(void) {
+    pthread_once(&table_once, fill_table);
+    return &table;
+}
+#else
+/* Keeps the table referenced so the broken build still compiles cleanly. */
+MODEL_ABI_EXPORT const struct model_abi_v2 *model_abi_v0_export(void) {
+    pthread_once(&table_once, fill_table);
+    return &table;
+}
+#endif
+
+#else /* GW_MODEL_ABI == 1: the v1 table, outputs always postprocessed */
+
+static int32_t adapter_predict_v1(const float *rows, size_t n_rows, float *out) {
+    return adapter_predict(rows, n_rows, 0u, out);
 }
 
 static struct model_abi_v1 table;
 static pthread_once_t table_once = PTHREAD_ONCE_INIT;
 
 static void fill_table(void) {
-    table.abi_version = MODEL_TEST_FAULT == 1 ? 99u : MODEL_ABI_V1;
+    table.abi_version = MODEL_ABI_V1;
     table.struct_size = (uint32_t)sizeof(struct model_abi_v1);
     table.name = MODEL_NAME;
     table.version = MODEL_VERSION;
     table.n_features = (uint32_t)get_num_feature();
     table.n_outputs = (uint32_t)N_OUTPUTS;
     table.init = adapter_init;
-    table.predict = adapter_predict;
+    table.predict = adapter_predict_v1;
     table.release = NULL;
 }
 
-#if MODEL_TEST_FAULT != 3
 const struct model_abi_v1 *model_abi_v1_export(void) {
     pthread_once(&table_once, fill_table);
     return &table;
 }
-#else
-/* Keeps the table referenced so the broken build still compiles cleanly. */
-MODEL_ABI_EXPORT const struct model_abi_v1 *model_abi_v0_export(void) {
-    pthread_once(&table_once, fill_table);
-    return &table;
-}
+
 #endif

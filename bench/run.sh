@@ -42,10 +42,31 @@ if [[ "$which" == all || "$which" == models ]]; then
   command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake; }
   out="$GW_CACHE/bench-models"
   rm -rf "$out"
-  "$GW_VENV/bin/python" scripts/build-models.py --out "$out" --models mev --git-sha bench \
-    --keep-work "$out/work" >/dev/null
+  # float64: the gateway's LightGBM mev model; float32: an XGBoost regressor of the
+  # same size on the same rows.
+  "$GW_MODELS_VENV/bin/python" scripts/build-models.py --out "$out/f64" --models mev --git-sha bench \
+    --keep-work "$out/f64/work" >/dev/null
+  mkdir -p "$out/f32"
+  "$GW_MODELS_VENV/bin/python" - "$out" <<'PY'
+import json, sys, numpy as np, xgboost as xgb
+out = sys.argv[1]
+c = json.load(open(f"{out}/f64/mev.check.json"))  # the same rows as the float64 model
+x = np.array([[np.nan if v is None else v for v in r] for r in c["rows"]], dtype=np.float32)
+rng = np.random.default_rng(3)
+xt = rng.normal(size=(5000, 8)).astype(np.float32) * np.nanstd(x, axis=0) + np.nanmean(x, axis=0)
+y = xt[:, 0] * np.minimum(xt[:, 1], 12) - 4 * xt[:, 4] + rng.normal(0, 2, 5000)
+b = xgb.train({"objective": "reg:squarederror", "max_depth": 5, "eta": 0.08, "seed": 1},
+              xgb.DMatrix(xt, label=y), 120)
+b.save_model(f"{out}/f32/xgb.json")
+np.save(f"{out}/f32/rows.npy", x)
+json.dump({"rows": c["rows"]}, open(f"{out}/f32/rows.json", "w"))
+PY
+  "$GW_MODELS_VENV/bin/python" abi/build_model.py --name mev --xgboost "$out/f32/xgb.json" \
+    --rows "$out/f32/rows.npy" --out "$out/f32" --version bench --activate \
+    --keep-c "$out/f32/work/mev-c" >/dev/null
   log "bench: models"
-  GW_MODEL_C_DIR="$out/work/mev-c" GW_BENCH_MODELS="$out" cargo bench -q -p gw-bench --bench models
+  GW_MODEL_C_DIR_F64="$out/f64/work/mev-c" GW_MODEL_C_DIR_F32="$out/f32/work/mev-c" \
+    GW_BENCH_MODELS="$out" cargo bench -q -p gw-bench --bench models
 fi
 if [[ "$which" == all || "$which" == sender ]]; then
   log "bench: sender"

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Trains the two tree models, exports them as C with tl2cgen, builds them with
-CMake (abi/CMakeLists.txt) and activates them (abi/activate.sh).
+"""Trains the gateway's two demo tree models (LightGBM) and puts each through the
+model pipeline, abi/build_model.py: Treelite + tl2cgen, golden vectors, CMake
+(abi/CMakeLists.txt), checked against LightGBM, activated (abi/activate.sh).
+Runs in the model toolchain's venv ($GW_MODELS_VENV, abi/requirements.txt).
 
   build-models.py --out DIR [--git-sha SHA] [--seed N] [--fault N]
 
@@ -32,8 +34,6 @@ import tempfile
 
 import lightgbm as lgb
 import numpy as np
-import tl2cgen
-import treelite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_FEATURES = 8
@@ -63,27 +63,29 @@ def dataset(rng, n, kind):
     return x, y
 
 
-def train(kind, seed, workdir):
+def train(kind, seed, workdir, rounds):
+    """Trains `kind` and saves what the pipeline takes: the model file and the rows
+    (check rows double as the golden rows)."""
     rng = np.random.default_rng(seed + (0 if kind == "mev" else 1000))
     x, y = dataset(rng, 6000, kind)
     params = {"objective": "regression", "num_leaves": 31, "learning_rate": 0.08,
               "min_data_in_leaf": 20, "verbose": -1, "seed": seed, "deterministic": True}
-    booster = lgb.train(params, lgb.Dataset(x[:5000], y[:5000]), num_boost_round=120)
+    booster = lgb.train(params, lgb.Dataset(x[:5000], y[:5000]), num_boost_round=rounds)
     test_x = x[5000:5200]
     pred = booster.predict(test_x)
     rmse = float(np.sqrt(np.mean((booster.predict(x[5000:]) - y[5000:]) ** 2)))
     baseline = float(np.sqrt(np.mean((y[5000:] - y[:5000].mean()) ** 2)))
     model_txt = os.path.join(workdir, f"{kind}.txt")
     booster.save_model(model_txt)
-    gen = os.path.join(workdir, f"{kind}-c")
-    tl2cgen.generate_c_code(treelite.frontend.load_lightgbm_model(model_txt), dirpath=gen, params={})
+    rows = os.path.join(workdir, f"{kind}.rows.npy")
+    np.save(rows, test_x)
     check = {
         "model": kind, "n_features": N_FEATURES, "rmse": rmse, "rmse_predict_mean": baseline,
         # NaN is not JSON: missing values travel as null.
         "rows": [[None if np.isnan(v) else float(v) for v in row] for row in test_x],
         "predictions": [float(p) for p in pred],
     }
-    return gen, check
+    return model_txt, rows, check
 
 
 def main():
@@ -92,7 +94,9 @@ def main():
     ap.add_argument("--git-sha", default=None)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--fault", type=int, default=0, help="tests only: MODEL_TEST_FAULT")
+    ap.add_argument("--abi", type=int, default=2, help="1: a v1 library (no golden vectors)")
     ap.add_argument("--models", default="mev,arb")
+    ap.add_argument("--rounds", type=int, default=120, help="boosting rounds (tests use fewer)")
     ap.add_argument("--keep-work", default=None,
                     help="copy the LightGBM model files and the tl2cgen C here (benchmarks)")
     a = ap.parse_args()
@@ -102,31 +106,23 @@ def main():
     os.makedirs(out, exist_ok=True)
     kinds = [k for k in a.models.split(",") if k]
     with tempfile.TemporaryDirectory(prefix="gw-models-") as work:
-        gens = {}
         for kind in kinds:
-            gens[kind], check = train(kind, a.seed, work)
+            model_txt, rows, check = train(kind, a.seed, work, a.rounds)
             with open(os.path.join(out, f"{kind}.check.json"), "w") as f:
                 json.dump(check, f)
             print(f"{kind}: rmse {check['rmse']:.3f} (predicting the mean: {check['rmse_predict_mean']:.3f})",
                   file=sys.stderr)
-        if a.keep_work:
-            os.makedirs(a.keep_work, exist_ok=True)
-            for kind in kinds:
-                shutil.copytree(gens[kind], os.path.join(a.keep_work, f"{kind}-c"), dirs_exist_ok=True)
-                shutil.copy(os.path.join(work, f"{kind}.txt"), a.keep_work)
-        build = os.path.join(work, "build")
-        cfg = ["cmake", "-S", os.path.join(ROOT, "abi"), "-B", build, f"-DGIT_SHA={sha}",
-               f"-DMODEL_TEST_FAULT={a.fault}"]
-        cfg += [f"-D{k.upper()}_MODEL_DIR={d}" for k, d in gens.items()]
-        for cmd in (cfg, ["cmake", "--build", build, "-j2"],
-                    ["cmake", "--install", build, "--prefix", out]):
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            cmd = [sys.executable, os.path.join(ROOT, "abi/build_model.py"), "--name", kind,
+                   "--lightgbm", model_txt, "--rows", rows, "--out", out, "--version", sha,
+                   "--activate", "--fault", str(a.fault), "--abi", str(a.abi)]
+            if a.keep_work:
+                os.makedirs(a.keep_work, exist_ok=True)
+                shutil.copy(model_txt, a.keep_work)
+                cmd += ["--keep-c", os.path.join(a.keep_work, f"{kind}-c")]
+            r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             if r.returncode != 0:
-                sys.exit(f"build-models: {' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
-    for kind in kinds:
-        lib = f"lib{kind}_v{sha}.so"
-        subprocess.run(["bash", os.path.join(ROOT, "abi/activate.sh"), out, kind, lib], check=True)
-        print(os.path.join(out, lib))
+                sys.exit(f"build-models: {kind}: abi/build_model.py failed")
+            print(r.stdout.strip())
 
 
 if __name__ == "__main__":

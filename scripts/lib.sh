@@ -3,7 +3,8 @@
 GW_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 GW_CACHE="${GW_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edge-gw}"
 GW_VENV="${GW_VENV:-$GW_CACHE/venv}"
-export GW_ROOT GW_CACHE GW_VENV
+GW_MODELS_VENV="${GW_MODELS_VENV:-$GW_CACHE/venv-models}"
+export GW_ROOT GW_CACHE GW_VENV GW_MODELS_VENV
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$GW_CACHE/target}"
 
 log() { printf '==> %s\n' "$*" >&2; }

@@ -46,7 +46,7 @@ bash scripts/dev-keys.sh "$run"
 if [[ ! -e "$run/models/libmev_latest.so" || ! -e "$run/models/libarb_latest.so" ]]; then
   command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake; }
   log "building the tree models (LightGBM → tl2cgen → CMake) into $run/models"
-  "$GW_VENV/bin/python" scripts/build-models.py --out "$run/models" >/dev/null
+  "$GW_MODELS_VENV/bin/python" scripts/build-models.py --out "$run/models" >/dev/null
 fi
 cp "$CARGO_TARGET_DIR/wasm32-wasip1/release/gw_filter.wasm" "$run/gw_filter.wasm"
 "$GW_VENV/bin/python" envoy/render.py --filter-config "$run/filter.json" \
@@ -147,7 +147,7 @@ JSON route (the sidecar signs):
       -H 'content-type: application/json' -d '{"throttle_pct": 50}' \
       https://localhost:8443/api/control/module/arbitrage:throttle
 Models:          curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" https://localhost:8443/api/models
-                 (rebuild: $GW_VENV/bin/python scripts/build-models.py --out $run/models; the sidecar swaps them in)
+                 (rebuild: $GW_MODELS_VENV/bin/python scripts/build-models.py --out $run/models; the sidecar swaps them in)
 Module state:    curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" https://localhost:8443/api/modules
 Send a Solana transaction (JSON-RPC sendTransaction, base58 or base64):
   curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" \

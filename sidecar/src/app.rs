@@ -212,7 +212,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     tracing::info!(bus = %bus.describe(), "command bus");
 
     let models = cfg.file.models.as_ref().map(|m| {
-        let host = Arc::new(ModelHost::new(&m.dir, m.n_features));
+        let host = Arc::new(ModelHost::new(
+            &m.dir,
+            |module| m.features_of(module),
+            m.policy(),
+        ));
         host.register(&mut registry);
         for line in host.poll() {
             tracing::info!("{line}");

@@ -98,12 +98,62 @@ pub struct FileConfig {
 pub struct ModelsConfig {
     /// Directory of the libraries and their `*_latest.so` links.
     pub dir: PathBuf,
-    /// Features per row the host feeds (a library with another count is refused).
+    /// Features per row the host feeds every module unless `features` says
+    /// otherwise (a library with another count is refused).
     #[serde(default = "default_model_features")]
     pub n_features: u32,
+    /// Per-module feature counts, e.g. `{"arbitrage": 12}`.
+    #[serde(default)]
+    pub features: ModuleFeatures,
     /// How often the links are checked, milliseconds.
     #[serde(default = "default_model_poll")]
     pub poll_ms: u64,
+    /// Serve libraries that carry no golden vectors (ABI v1 builds) after the
+    /// finite-output self-test only. Off: such a library is refused
+    /// (`golden_missing`).
+    #[serde(default)]
+    pub allow_unverified: bool,
+}
+
+/// `models.features`: a module's feature count where it differs from
+/// `models.n_features`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleFeatures {
+    /// `mev`.
+    pub mev: Option<u32>,
+    /// `arbitrage`.
+    pub arbitrage: Option<u32>,
+}
+
+impl ModelsConfig {
+    /// A configuration for `dir` with every default.
+    pub fn with_dir(dir: PathBuf) -> ModelsConfig {
+        ModelsConfig {
+            dir,
+            n_features: default_model_features(),
+            features: ModuleFeatures::default(),
+            poll_ms: default_model_poll(),
+            allow_unverified: false,
+        }
+    }
+
+    /// Features per row of `module`.
+    pub fn features_of(&self, module: &str) -> u32 {
+        let own = match module {
+            "mev" => self.features.mev,
+            "arbitrage" => self.features.arbitrage,
+            _ => None,
+        };
+        own.unwrap_or(self.n_features)
+    }
+
+    /// What the host checks before a library serves.
+    pub fn policy(&self) -> crate::models::LoadPolicy {
+        crate::models::LoadPolicy {
+            allow_unverified: self.allow_unverified,
+        }
+    }
 }
 
 fn default_model_features() -> u32 {
@@ -347,13 +397,7 @@ impl Config {
         if let Some(d) = env("GW_MODELS_DIR").filter(|d| !d.trim().is_empty()) {
             match &mut file.models {
                 Some(m) => m.dir = PathBuf::from(d),
-                None => {
-                    file.models = Some(ModelsConfig {
-                        dir: PathBuf::from(d),
-                        n_features: default_model_features(),
-                        poll_ms: default_model_poll(),
-                    });
-                }
+                None => file.models = Some(ModelsConfig::with_dir(PathBuf::from(d))),
             }
         }
         if let Some(f) = env("GW_LOG_FORMAT").filter(|f| !f.trim().is_empty()) {

@@ -1,24 +1,33 @@
-//! Tree models through the versioned C ABI, built for real: LightGBM trains them,
-//! tl2cgen turns them into C, CMake builds the libraries (scripts/build-models.py),
-//! and the sidecar's host loads, checks, serves and hot-swaps them.
+//! Tree models through the versioned C ABI, built for real: LightGBM, XGBoost and
+//! scikit-learn train them, the pipeline (abi/build_model.py: Treelite, tl2cgen,
+//! golden vectors, CMake with -Werror) builds the libraries, and the sidecar's
+//! host checks them against the training library's own answers, serves and
+//! hot-swaps them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use gw_sidecar::models::{LoadError, Model, ModelHost};
+use gw_sidecar::config::ModelsConfig;
+use gw_sidecar::models::{LoadError, LoadPolicy, Model, ModelHost, PredictError};
 use serde_json::{json, Value};
 
 mod common;
 
-/// Runs the model pipeline into `out`; panics with its output on failure.
+/// Trains the demo models (20 boosting rounds: quick to build) and runs them
+/// through the pipeline into `out`; panics with its output on failure.
 fn build(out: &Path, sha: &str, seed: u64, fault: u32, models: &str) {
-    let o = Command::new(testkit::python())
+    build_abi(out, sha, seed, fault, models, 2, 20);
+}
+
+fn build_abi(out: &Path, sha: &str, seed: u64, fault: u32, models: &str, abi: u32, rounds: u32) {
+    let o = Command::new(testkit::models_python())
         .arg(testkit::workspace_root().join("scripts/build-models.py"))
         .args(["--out", out.to_str().unwrap(), "--git-sha", sha])
         .args(["--seed", &seed.to_string(), "--fault", &fault.to_string()])
-        .args(["--models", models])
+        .args(["--models", models, "--abi", &abi.to_string()])
+        .args(["--rounds", &rounds.to_string()])
         .output()
         .unwrap();
     assert!(
@@ -35,7 +44,8 @@ fn built() -> &'static Path {
     DIR.get_or_init(|| {
         let d = std::env::temp_dir().join(format!("gw-models-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
-        build(&d, "t1", 7, 0, "mev,arb");
+        // The gateway's own models, full size (120 rounds).
+        build_abi(&d, "t1", 7, 0, "mev,arb", 2, 120);
         d
     })
 }
@@ -64,9 +74,17 @@ fn check(dir: &Path, model: &str) -> (Vec<f32>, Vec<f64>) {
 fn predictions_equal_the_training_librarys_and_are_served_over_http() {
     let dir = built();
     for (stem, model) in [("mev", "mev"), ("arb", "arb")] {
-        let m = Model::load(&dir.join(format!("lib{stem}_latest.so")), 8).unwrap();
+        let m = Model::load(
+            &dir.join(format!("lib{stem}_latest.so")),
+            8,
+            LoadPolicy::default(),
+        )
+        .unwrap();
         assert_eq!((m.name.as_str(), m.version.as_str()), (model, "t1"));
-        assert_eq!((m.n_features, m.n_outputs), (8, 1));
+        assert_eq!((m.n_features, m.n_outputs, m.abi), (8, 1, 2));
+        assert_eq!(m.leaf_type, "float64", "LightGBM models are float64");
+        let golden = m.golden.as_ref().expect("checked against golden vectors");
+        assert_eq!((golden.rows, golden.margins), (217, true));
         assert!(m.path.ends_with(format!("lib{stem}_vt1.so")));
         let (rows, want) = check(dir, model);
         assert_eq!(want.len(), 200);
@@ -87,10 +105,9 @@ fn predictions_equal_the_training_librarys_and_are_served_over_http() {
     // Over the sidecar's HTTP API.
     let d = testkit::TempDir::new("models-http");
     let mut cfg = common::config(d.path(), true);
-    cfg.file.models = Some(gw_sidecar::config::ModelsConfig {
-        dir: dir.to_path_buf(),
-        n_features: 8,
+    cfg.file.models = Some(ModelsConfig {
         poll_ms: 100,
+        ..ModelsConfig::with_dir(dir.to_path_buf())
     });
     let s = common::serve(cfg);
     let (rows, want) = check(dir, "mev");
@@ -155,35 +172,58 @@ fn activate(dir: &Path, stem: &str, lib: &str) {
     assert!(o.status.success(), "{o:?}");
 }
 
+fn host(dir: &Path, n_features: u32, allow_unverified: bool) -> ModelHost {
+    ModelHost::new(dir, |_| n_features, LoadPolicy { allow_unverified })
+}
+
+/// `gw_sidecar_model_rejected_total` as the metrics endpoint shows it.
+fn rejected_metrics(host: &ModelHost) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    host.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("gw_sidecar_model_rejected_total{"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[test]
-fn every_kind_of_bad_library_is_refused_while_the_old_one_serves() {
+fn every_kind_of_bad_library_is_refused_with_its_reason_while_the_old_one_serves() {
     let d = testkit::TempDir::new("models-bad");
     let dir = d.path();
     build(dir, "good1", 7, 0, "mev");
-    let host = ModelHost::new(dir, 8);
+    let host = host(dir, 8, false);
     host.poll();
     let serving = || host.current("mev").map(|m| m.version.clone());
     assert_eq!(serving().as_deref(), Some("good1"));
     let row = [0.5f32; 8];
     let before = host.current("mev").unwrap().predict(&row).unwrap();
 
-    // Built by the same CMake with MODEL_TEST_FAULT: 1 wrong ABI version, 2 predict
-    // fails (self-test), 3 no export symbol, 4 init fails.
-    let mut refused = Vec::new();
-    for (fault, expect) in [
-        (1, "ABI version 99"),
-        (2, "self-test"),
-        (3, "does not export"),
-        (4, "init returned"),
+    // Built by the same pipeline with MODEL_TEST_FAULT: 1 wrong ABI version, 2
+    // predict fails, 3 no export symbol, 4 init fails, 5 answers off by 1e-4
+    // relative (a wrong model: the golden vectors catch it), 6 no golden vectors.
+    for (fault, reason, expect) in [
+        (1, "abi", "ABI version 99"),
+        (2, "self_test", "self-test failed"),
+        (3, "symbol", "exports neither"),
+        (4, "init", "init returned 2"),
+        (
+            5,
+            "golden_mismatch",
+            "golden vectors differ: row 0 output 0",
+        ),
+        (6, "golden_missing", "no golden vectors"),
     ] {
         build(dir, &format!("fault{fault}"), 7, fault, "mev");
         let log = host.poll();
         assert!(
             log.iter()
-                .any(|l| l.contains("refused") && l.contains(expect)),
+                .any(|l| l.contains(&format!("refused [{reason}]"))
+                    && l.contains(expect)
+                    && l.contains("still serving good1")),
             "{fault}: {log:?}"
         );
-        refused.push(fault);
         assert_eq!(serving().as_deref(), Some("good1"), "fault {fault}");
         assert_eq!(host.current("mev").unwrap().predict(&row).unwrap(), before);
         // Not retried while the link is unchanged.
@@ -196,17 +236,26 @@ fn every_kind_of_bad_library_is_refused_while_the_old_one_serves() {
     )
     .unwrap();
     activate(dir, "mev", "libmev_vcorrupt.so");
-    assert!(host.poll().iter().any(|l| l.contains("cannot open")));
-    // Wrong feature count (a host feeding 9 features).
+    assert!(host
+        .poll()
+        .iter()
+        .any(|l| l.contains("refused [open]") && l.contains("cannot open")));
+    // A v1 library (built for hosts before ABI v2): no golden vectors.
+    build_abi(dir, "old1", 7, 0, "mev", 1, 20);
+    assert!(host
+        .poll()
+        .iter()
+        .any(|l| l.contains("refused [golden_missing]")));
+    // Wrong feature count (a module configured for 9 features).
     activate(dir, "mev", "libmev_vgood1.so");
-    let nine = ModelHost::new(dir, 9);
+    let nine = self::host(dir, 9, false);
     assert!(nine
         .poll()
         .iter()
-        .any(|l| l.contains("takes 8 features, the host feeds 9")));
+        .any(|l| l.contains("takes 8 features, the module is configured for 9")));
     assert!(nine.current("mev").is_none());
     assert!(matches!(
-        Model::load(&dir.join("libmev_vgood1.so"), 9),
+        Model::load(&dir.join("libmev_vgood1.so"), 9, LoadPolicy::default()),
         Err(LoadError::Features {
             got: 8,
             want: 9,
@@ -214,13 +263,80 @@ fn every_kind_of_bad_library_is_refused_while_the_old_one_serves() {
         })
     ));
     let slot = host.slot("mev").unwrap();
-    assert_eq!(slot.rejected(), 5);
+    assert_eq!(slot.rejected(), 8);
+    let metrics = rejected_metrics(&host);
+    for reason in [
+        "abi",
+        "self_test",
+        "symbol",
+        "init",
+        "golden_mismatch",
+        "open",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "gw_sidecar_model_rejected_total{{module=\"mev\",reason=\"{reason}\"}} 1"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+    assert!(
+        metrics.contains(
+            "gw_sidecar_model_rejected_total{module=\"mev\",reason=\"golden_missing\"} 2"
+        ),
+        "{metrics}"
+    );
+    let view = host.view();
+    let history = &view.iter().find(|(m, _)| *m == "mev").unwrap().1.history;
+    let outcomes: Vec<&str> = history.iter().map(|e| e.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [
+            "served",
+            "abi",
+            "self_test",
+            "symbol",
+            "init",
+            "golden_mismatch",
+            "golden_missing",
+            "open",
+            "golden_missing"
+        ]
+    );
 
     // A good new build is swapped in.
     build(dir, "good2", 8, 0, "mev");
     host.poll();
     assert_eq!(serving().as_deref(), Some("good2"));
     assert_eq!(slot.loads(), 2);
+}
+
+#[test]
+fn v1_libraries_still_load_when_unverified_models_are_allowed() {
+    let d = testkit::TempDir::new("models-v1");
+    let dir = d.path();
+    build_abi(dir, "old1", 7, 0, "mev", 1, 20);
+    let (rows, want) = check(dir, "mev");
+    let strict = host(dir, 8, false);
+    assert!(strict.poll().iter().any(|l| l.contains("golden_missing")));
+    assert!(strict.current("mev").is_none());
+    let lax = host(dir, 8, true);
+    let log = lax.poll();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("ABI v1") && l.contains("UNVERIFIED")),
+        "{log:?}"
+    );
+    let m = lax.current("mev").unwrap();
+    assert_eq!((m.abi, m.golden.is_none()), (1, true));
+    let got = m.predict(&rows).unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (f64::from(*g) - w).abs() <= 1e-5 * w.abs().max(0.1),
+            "{g} vs {w}"
+        );
+    }
+    assert_eq!(m.predict_margin(&rows), Err(PredictError::NoMargin));
 }
 
 #[test]
@@ -235,13 +351,18 @@ fn hot_swap_under_concurrent_predictions_loses_nothing() {
     let expected: Vec<(String, Vec<f32>)> = ["v1", "v2"]
         .iter()
         .map(|v| {
-            let m = Model::load(&dir.join(format!("libmev_v{v}.so")), 8).unwrap();
+            let m = Model::load(
+                &dir.join(format!("libmev_v{v}.so")),
+                8,
+                LoadPolicy::default(),
+            )
+            .unwrap();
             (v.to_string(), m.predict(&rows).unwrap())
         })
         .collect();
     assert_ne!(expected[0].1, expected[1].1, "the two builds differ");
     activate(dir, "mev", "libmev_vv1.so");
-    let host = Arc::new(ModelHost::new(dir, 8));
+    let host = Arc::new(host(dir, 8, false));
     host.poll();
     let stop = Arc::new(AtomicBool::new(false));
     let calls = Arc::new(AtomicUsize::new(0));
@@ -304,7 +425,7 @@ fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
     use gw_sidecar::sender::{txwire, Sender, SenderConfig};
 
     let dir = built();
-    let host = Arc::new(ModelHost::new(dir, 8));
+    let host = Arc::new(host(dir, 8, false));
     host.poll();
     let (rows, _) = check(dir, "mev");
     // The scores the strategy will see (equal to LightGBM's within 1e-5, tested above).
@@ -396,4 +517,210 @@ fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
     );
     assert_eq!(hot.stats.scored.load(Ordering::Relaxed), n as u64);
     drop(hot);
+}
+
+/// Runs abi/build_model.py (the README's pipeline) for one trained model; returns
+/// its stderr (panics with it on failure).
+fn pipeline(name: &str, kind: &str, model: &str, rows: &Path, out: &Path, version: &str) -> String {
+    let o = Command::new(testkit::models_python())
+        .arg(testkit::workspace_root().join("abi/build_model.py"))
+        .args(["--name", name, &format!("--{kind}"), model])
+        .args([
+            "--rows",
+            rows.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args(["--version", version, "--activate"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "build_model {version}: {err}");
+    err
+}
+
+/// `[[f64]]` of a JSON array of rows.
+fn matrix(v: &Value) -> Vec<Vec<f64>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn every_training_library_goes_through_the_pipeline_into_a_running_sidecar() {
+    let d = testkit::TempDir::new("models-pipeline");
+    let trained = d.path().join("trained");
+    let o = Command::new(testkit::models_python())
+        .arg(testkit::workspace_root().join("sidecar/tests/py/train_models.py"))
+        .arg(&trained)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let models: Value =
+        serde_json::from_slice(&std::fs::read(trained.join("models.json")).unwrap()).unwrap();
+
+    // A running sidecar whose arbitrage module is configured for 5 features.
+    let models_dir = d.path().join("models");
+    std::fs::create_dir_all(&models_dir).unwrap();
+    let mut cfg = common::config(d.path(), true);
+    cfg.file.max_body_bytes = 1 << 20;
+    let mut mc = ModelsConfig {
+        poll_ms: 100,
+        ..ModelsConfig::with_dir(models_dir.clone())
+    };
+    mc.features.arbitrage = Some(5);
+    cfg.file.models = Some(mc);
+    let s = common::serve(cfg);
+    let wait_for = |module: &str, what: &dyn Fn(&Value) -> bool| -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let v = s.get_json("/api/models");
+            if what(&v[module]) {
+                return v[module].clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "{module}: {v}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+
+    // (model, library, slot, module, leaf type, outputs per row, postprocessor)
+    let cases = [
+        (
+            "lgb_reg", "lightgbm", "mev", "mev", "float64", 1, "identity",
+        ),
+        ("lgb_bin", "lightgbm", "mev", "mev", "float64", 1, "sigmoid"),
+        ("xgb_reg", "xgboost", "mev", "mev", "float32", 1, "identity"),
+        ("xgb_bin", "xgboost", "mev", "mev", "float32", 1, "sigmoid"),
+        (
+            "xgb_multi",
+            "xgboost",
+            "mev",
+            "mev",
+            "float32",
+            3,
+            "softmax",
+        ),
+        (
+            "rf_cls",
+            "sklearn",
+            "mev",
+            "mev",
+            "float64",
+            3,
+            "identity_multiclass",
+        ),
+        (
+            "rf_reg5",
+            "sklearn",
+            "arb",
+            "arbitrage",
+            "float64",
+            1,
+            "identity",
+        ),
+    ];
+    let mut served = 0;
+    for (name, kind, stem, module, leaf, n_out, post) in cases {
+        let model = models[name].as_str().unwrap();
+        let err = pipeline(
+            stem,
+            kind,
+            model,
+            &trained.join(format!("{name}.rows.npy")),
+            &models_dir,
+            name,
+        );
+        assert!(err.contains("golden rows match"), "{name}: {err}");
+        // The pins agree: tl2cgen reads the model in its own Treelite version.
+        assert!(!err.contains("Treelite version"), "{name}: {err}");
+        let slot = wait_for(module, &|v| v["serving"]["version"] == name);
+        served += 1;
+        let m = &slot["serving"];
+        assert_eq!(m["leaf_type"], leaf, "{name}: {m}");
+        assert_eq!(m["n_outputs"], n_out, "{name}: {m}");
+        assert_eq!(m["postprocessor"], post, "{name}: {m}");
+        assert_eq!(m["abi"], 2);
+        assert_eq!(
+            m["golden"]["rows"], 117,
+            "{name}: 100 rows + 17 with missing values"
+        );
+        assert!(m["trainer"]
+            .as_str()
+            .unwrap()
+            .starts_with(&kind.replace("sklearn", "scikit-learn")));
+
+        // Rows the golden set never saw, each with a missing value: what the
+        // sidecar serves is the training library's own answer within 1e-5.
+        let expect: Value = serde_json::from_slice(
+            &std::fs::read(trained.join(format!("{name}.expect.json"))).unwrap(),
+        )
+        .unwrap();
+        assert!(expect["rows"].as_array().unwrap().iter().all(|r| r
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(Value::is_null)));
+        for (field, margin) in [("outputs", false), ("margins", true)] {
+            if expect[field].is_null() {
+                continue;
+            }
+            let (status, body) = s.post_json(
+                &format!("/api/models/{module}/predict"),
+                &json!({"rows": expect["rows"], "margin": margin}),
+            );
+            assert_eq!(status, 200, "{name}: {body}");
+            assert_eq!(body["version"], name);
+            assert_eq!(body["margin"], margin);
+            let (got, want) = (matrix(&body["outputs"]), matrix(&expect[field]));
+            assert_eq!(got.len(), 100);
+            for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.len(), w.len(), "{name} row {r}");
+                for (gv, wv) in g.iter().zip(w) {
+                    assert!(
+                        (gv - wv).abs() <= 1e-5 * wv.abs().max(0.1),
+                        "{name} {field} row {r}: served {gv}, {kind} says {wv}"
+                    );
+                }
+            }
+        }
+        if name == "rf_cls" {
+            let (status, body) = s.post_json(
+                "/api/models/mev/predict",
+                &json!({"rows": [expect["rows"][0]], "margin": true}),
+            );
+            assert_eq!(
+                status, 200,
+                "a forest's margin is its averaged leaves: {body}"
+            );
+        }
+    }
+    assert_eq!(served, cases.len());
+
+    // An 8-feature model for the 5-feature module is refused and counted; the
+    // 5-feature forest keeps serving.
+    let lgb = models["lgb_reg"].as_str().unwrap();
+    pipeline(
+        "arb",
+        "lightgbm",
+        lgb,
+        &trained.join("lgb_reg.rows.npy"),
+        &models_dir,
+        "arb8",
+    );
+    let slot = wait_for("arbitrage", &|v| v["rejected"] == 1);
+    assert_eq!(slot["serving"]["version"], "rf_reg5");
+    let last = &slot["history"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["outcome"], "features", "{slot}");
+    assert!(last["detail"]
+        .as_str()
+        .unwrap()
+        .contains("takes 8 features, the module is configured for 5"));
 }

@@ -43,7 +43,12 @@ pub fn cache_dir() -> PathBuf {
 /// A program inside the cached test venv (`$GW_VENV/bin/NAME`). Panics with the
 /// set-up command when the venv is missing: tests never silently skip.
 pub fn venv_bin(name: &str) -> PathBuf {
-    let venv = std::env::var_os("GW_VENV").map_or_else(|| cache_dir().join("venv"), PathBuf::from);
+    in_venv("GW_VENV", "venv", name)
+}
+
+/// `$VAR/bin/NAME`, or `<cache>/<default>/bin/NAME`; panics when it is missing.
+fn in_venv(var: &str, default: &str, name: &str) -> PathBuf {
+    let venv = std::env::var_os(var).map_or_else(|| cache_dir().join(default), PathBuf::from);
     let p = venv.join("bin").join(name);
     assert!(
         p.exists(),
@@ -56,6 +61,13 @@ pub fn venv_bin(name: &str) -> PathBuf {
 /// The venv's Python interpreter.
 pub fn python() -> PathBuf {
     venv_bin("python")
+}
+
+/// The model toolchain venv's Python (`$GW_MODELS_VENV`, abi/requirements.txt:
+/// LightGBM, XGBoost, scikit-learn, Treelite, tl2cgen). Panics with the set-up
+/// command when it is missing.
+pub fn models_python() -> PathBuf {
+    in_venv("GW_MODELS_VENV", "venv-models", "python")
 }
 
 /// Runs the venv's Python with `args`, feeding `stdin`; panics with its stderr on failure.

@@ -65,6 +65,7 @@ pub enum ScoreError {
 impl From<ScoreError> for ApiError {
     fn from(e: ScoreError) -> Self {
         let code = match &e {
+            ScoreError::Predict(PredictError::NoMargin) => Code::BadArgs,
             ScoreError::NotConfigured
             | ScoreError::NotServing(_)
             | ScoreError::Predict(_)
@@ -77,11 +78,14 @@ impl From<ScoreError> for ApiError {
     }
 }
 
-/// `{"rows": [[…]]}`; `null` is a missing value.
+/// `{"rows": [[…]], "margin": false}`; `null` is a missing value; `margin: true`
+/// asks for the raw sums of the trees instead of postprocessed outputs.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PredictBody {
     rows: Vec<Vec<Option<f32>>>,
+    #[serde(default)]
+    margin: bool,
 }
 
 impl ModelsApi {
@@ -106,8 +110,13 @@ impl ModelsApi {
     }
 
     /// Parses a `{"rows": …}` body and scores it with the model serving `module`:
-    /// the model (held for the call) and its outputs, `n_outputs` per row.
-    async fn score(&self, module: &str, body: &[u8]) -> Result<(Arc<Model>, Vec<f32>), ScoreError> {
+    /// the model (held for the call), its outputs (`n_outputs` per row) and
+    /// whether they are margins.
+    async fn score(
+        &self,
+        module: &str,
+        body: &[u8],
+    ) -> Result<(Arc<Model>, Vec<f32>, bool), ScoreError> {
         let host = self.host()?;
         if host.slot(module).is_none() {
             return Err(ScoreError::UnknownSlot(module.escape_debug().to_string()));
@@ -133,10 +142,17 @@ impl ModelsApi {
             flat.extend(row.iter().map(|v| v.unwrap_or(f32::NAN)));
         }
         let m = model.clone();
-        let out = tokio::task::spawn_blocking(move || m.predict(&flat))
-            .await
-            .map_err(|e| ScoreError::Task(e.to_string()))??;
-        Ok((model, out))
+        let margin = req.margin;
+        let out = tokio::task::spawn_blocking(move || {
+            if margin {
+                m.predict_margin(&flat)
+            } else {
+                m.predict(&flat)
+            }
+        })
+        .await
+        .map_err(|e| ScoreError::Task(e.to_string()))??;
+        Ok((model, out, margin))
     }
 }
 
@@ -159,10 +175,11 @@ async fn predict(
     Path(module): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let (model, out) = api.score(&module, &body).await?;
+    let (model, out, margin) = api.score(&module, &body).await?;
     let outputs: Vec<&[f32]> = out.chunks(model.n_outputs as usize).collect();
     Ok(Json(json!({
-        "module": module, "model": model.name, "version": model.version, "outputs": outputs
+        "module": module, "model": model.name, "version": model.version,
+        "margin": margin, "postprocessor": model.postprocessor, "outputs": outputs
     })))
 }
 
@@ -180,7 +197,7 @@ async fn evaluate(
             format!("unknown module `{}`", module.escape_debug()),
         )
     })?;
-    let (model, out) = api.score(m.as_str(), &body).await?;
+    let (model, out, _) = api.score(m.as_str(), &body).await?;
     let state = api.modules.get(m);
     // The EV is each row's first output.
     let decisions: Vec<Value> = out

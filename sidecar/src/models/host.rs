@@ -1,9 +1,12 @@
 //! Serving models per module: [`ModelHost`] watches `lib<name>_latest.so` links and
 //! swaps a new model in atomically (`arc-swap`) once it passed every check of
-//! [`Model::load`]; a library that fails any check is refused with a log line and
-//! a counter while the old model keeps serving.
+//! [`Model::load`] (golden vectors included); a library that fails any check is
+//! refused with a log line and `gw_sidecar_model_rejected_total{module,reason}`
+//! while the old model keeps serving.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,11 +18,39 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
-use super::library::Model;
+use super::library::{LoadError, LoadPolicy, Model};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModuleLabel {
     module: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabel {
+    module: &'static str,
+    reason: &'static str,
+}
+
+/// Swaps and refusals kept per slot for `GET /api/models`.
+const HISTORY: usize = 16;
+
+/// One swap or refusal.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwapEvent {
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    /// The library file.
+    pub path: String,
+    /// `served` or the refusal's reason label.
+    pub outcome: &'static str,
+    /// The version served, or why it was refused.
+    pub detail: String,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// One module's slot.
@@ -28,13 +59,17 @@ pub struct Slot {
     pub module: &'static str,
     /// Library stem: `lib<stem>_latest.so`.
     pub stem: &'static str,
+    /// Features per row, from the module's configuration.
+    pub n_features: u32,
     current: ArcSwapOption<Model>,
     /// Link target refused last (not retried until the link changes).
     refused: Mutex<Option<(PathBuf, String)>>,
+    /// Last swaps and refusals, oldest first.
+    history: Mutex<VecDeque<SwapEvent>>,
     /// Models swapped in (this slot's entry of `gw_sidecar_model_loads_total`).
     loads: Counter,
-    /// Libraries refused (its entry of `gw_sidecar_model_rejected_total`).
-    rejected: Counter,
+    /// Libraries refused, every reason.
+    rejected: AtomicU64,
 }
 
 impl Slot {
@@ -45,18 +80,31 @@ impl Slot {
 
     /// Libraries refused since start.
     pub fn rejected(&self) -> u64 {
-        self.rejected.get()
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, path: &Path, outcome: &'static str, detail: String) {
+        let mut h = self.history.lock();
+        if h.len() == HISTORY {
+            h.pop_front();
+        }
+        h.push_back(SwapEvent {
+            at_ms: unix_ms(),
+            path: path.display().to_string(),
+            outcome,
+            detail,
+        });
     }
 }
 
 /// Every module's model.
 pub struct ModelHost {
     dir: PathBuf,
-    n_features: u32,
+    policy: LoadPolicy,
     /// The slots (`mev` → libmev, `arbitrage` → libarb).
     slots: Vec<Slot>,
     loads: Family<ModuleLabel, Counter>,
-    rejected: Family<ModuleLabel, Counter>,
+    rejected: Family<RejectLabel, Counter>,
 }
 
 /// What `GET /api/models` shows of a slot.
@@ -70,44 +118,55 @@ pub struct SlotView {
     pub loads: u64,
     /// Libraries refused since start.
     pub rejected: u64,
+    /// Features per row the module is configured for.
+    pub n_features: u32,
+    /// Last swaps and refusals, oldest first.
+    pub history: Vec<SwapEvent>,
 }
 
-/// A serving model.
-#[derive(Debug, Serialize)]
-pub struct ModelView {
-    /// Name.
-    pub name: String,
-    /// Version.
-    pub version: String,
-    /// Library file.
-    pub path: String,
-    /// Features per row.
-    pub n_features: u32,
-    /// Outputs per row.
-    pub n_outputs: u32,
+/// A serving model, as `GET /api/models` shows it (the model's own serialization).
+#[derive(Debug)]
+pub struct ModelView(pub Arc<Model>);
+
+impl Serialize for ModelView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
 }
 
 impl ModelHost {
-    /// A host over `dir` feeding `n_features` per row; nothing loaded yet.
-    pub fn new(dir: &Path, n_features: u32) -> ModelHost {
+    /// A host over `dir`; `n_features(module)` is what the module is configured
+    /// to feed. Nothing loaded yet.
+    pub fn new(dir: &Path, n_features: impl Fn(&str) -> u32, policy: LoadPolicy) -> ModelHost {
         let loads = Family::<ModuleLabel, Counter>::default();
-        let rejected = Family::<ModuleLabel, Counter>::default();
-        let slot = |module, stem| {
+        let slot = |module: &'static str, stem| {
             let label = ModuleLabel { module };
             Slot {
                 module,
                 stem,
+                n_features: n_features(module),
                 current: ArcSwapOption::empty(),
                 refused: Mutex::new(None),
+                history: Mutex::new(VecDeque::with_capacity(HISTORY)),
                 // A family's counter is shared: the slot and the family count as one.
                 loads: loads.get_or_create(&label).clone(),
-                rejected: rejected.get_or_create(&label).clone(),
+                rejected: AtomicU64::new(0),
             }
         };
         let slots = vec![slot("mev", "mev"), slot("arbitrage", "arb")];
+        // Every (module, reason) from the start, at zero: alerts see a series.
+        let rejected = Family::<RejectLabel, Counter>::default();
+        for s in &slots {
+            for reason in LoadError::REASONS {
+                drop(rejected.get_or_create(&RejectLabel {
+                    module: s.module,
+                    reason,
+                }));
+            }
+        }
         ModelHost {
             dir: dir.to_path_buf(),
-            n_features,
+            policy,
             slots,
             loads,
             rejected,
@@ -115,7 +174,7 @@ impl ModelHost {
     }
 
     /// Registers `gw_sidecar_model_loads_total{module}` and
-    /// `gw_sidecar_model_rejected_total{module}`.
+    /// `gw_sidecar_model_rejected_total{module,reason}`.
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "gw_sidecar_model_loads",
@@ -124,7 +183,7 @@ impl ModelHost {
         );
         registry.register(
             "gw_sidecar_model_rejected",
-            "Model libraries refused (the old model kept serving), by module",
+            "Model libraries refused (the old model kept serving), by module and reason",
             self.rejected.clone(),
         );
     }
@@ -144,6 +203,21 @@ impl ModelHost {
         self.slot(module).and_then(|s| s.current.load_full())
     }
 
+    /// Scores `rows` with the model serving `module` into `out` (`n_outputs` per
+    /// row), without taking a reference count or allocating: the hot path's call.
+    /// The model stays loaded for the call (arc-swap's guard).
+    pub fn predict_into(
+        &self,
+        module: &str,
+        rows: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), super::PredictError> {
+        let slot = self.slot(module).ok_or(super::PredictError::NoModel)?;
+        let guard = slot.current.load();
+        let model = guard.as_ref().ok_or(super::PredictError::NoModel)?;
+        model.predict_into(rows, out, false)
+    }
+
     /// Checks every `lib<stem>_latest.so` once: a changed link target is loaded and,
     /// if it passes every check, swapped in. Returns the log lines of what happened.
     pub fn poll(&self) -> Vec<String> {
@@ -160,15 +234,28 @@ impl ModelHost {
             if refused.as_ref().is_some_and(|(p, _)| *p == target) {
                 continue;
             }
-            match Model::load(&target, self.n_features) {
+            match Model::load(&target, s.n_features, self.policy) {
                 Ok(m) => {
+                    let verified = m.golden.as_ref().map_or_else(
+                        || "UNVERIFIED (no golden vectors; models.allow_unverified)".to_string(),
+                        |g| {
+                            format!(
+                                "{} golden rows match (largest relative difference {:.1e})",
+                                g.rows, g.worst
+                            )
+                        },
+                    );
                     log.push(format!(
-                        "model {}: serving {} {} from {}",
+                        "model {}: serving {} {} (ABI v{}, {}, {}) from {}; {verified}",
                         s.module,
                         m.name,
                         m.version,
+                        m.abi,
+                        m.trainer,
+                        m.leaf_type,
                         target.display()
                     ));
+                    s.record(&target, "served", m.version.clone());
                     s.current.store(Some(Arc::new(m)));
                     s.loads.inc();
                     *refused = None;
@@ -180,10 +267,18 @@ impl ModelHost {
                         .as_ref()
                         .map_or("nothing".to_string(), |m| m.version.clone());
                     log.push(format!(
-                        "model {}: refused ({e}); still serving {kept}",
-                        s.module
+                        "model {}: refused [{}] ({e}); still serving {kept}",
+                        s.module,
+                        e.reason()
                     ));
-                    s.rejected.inc();
+                    s.rejected.fetch_add(1, Ordering::Relaxed);
+                    self.rejected
+                        .get_or_create(&RejectLabel {
+                            module: s.module,
+                            reason: e.reason(),
+                        })
+                        .inc();
+                    s.record(&target, e.reason(), e.to_string());
                     *refused = Some((target, e.to_string()));
                 }
             }
@@ -196,13 +291,7 @@ impl ModelHost {
         self.slots
             .iter()
             .map(|s| {
-                let serving = s.current.load().as_ref().map(|m| ModelView {
-                    name: m.name.clone(),
-                    version: m.version.clone(),
-                    path: m.path.display().to_string(),
-                    n_features: m.n_features,
-                    n_outputs: m.n_outputs,
-                });
+                let serving = s.current.load_full().map(ModelView);
                 let refused = s
                     .refused
                     .lock()
@@ -214,7 +303,9 @@ impl ModelHost {
                         serving,
                         refused,
                         loads: s.loads.get(),
-                        rejected: s.rejected.get(),
+                        rejected: s.rejected(),
+                        n_features: s.n_features,
+                        history: s.history.lock().iter().cloned().collect(),
                     },
                 )
             })

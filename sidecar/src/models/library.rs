@@ -1,20 +1,40 @@
-//! One model library behind the versioned C ABI (`abi/model_abi_v1.h`):
-//! [`Model::load`] opens it with `libloading`, checks the ABI version, the table and
-//! the feature count, calls `init`, and runs a self-test before the model may
-//! serve. The library is unloaded only when the last `Arc<Model>` is dropped, i.e.
-//! never while a prediction is still running in it.
+//! One model library behind the versioned C ABI (`abi/model_abi_v2.h`, and v1
+//! from `abi/model_abi_v1.h`): [`Model::load`] opens it with `libloading`, checks
+//! the table and the feature count, calls `init`, and scores the library's golden
+//! vectors — rows and the training library's own outputs, embedded by the build —
+//! before the model may serve. The library is unloaded only when the last
+//! `Arc<Model>` is dropped, i.e. never while a prediction is still running in it.
 
 #![allow(unsafe_code)] // FFI: every unsafe block says why it is sound.
 
 use std::ffi::{c_char, CStr};
 use std::path::{Path, PathBuf};
 
+use serde::Serialize;
+
 /// `MODEL_ABI_V1`.
 pub const ABI_V1: u32 = 1;
-/// The exported symbol.
-pub const EXPORT_SYMBOL: &[u8] = b"model_abi_v1_export\0";
+/// `MODEL_ABI_V2`.
+pub const ABI_V2: u32 = 2;
+/// The v2 export symbol.
+pub const EXPORT_SYMBOL_V2: &[u8] = b"model_abi_v2_export\0";
+/// The v1 export symbol.
+pub const EXPORT_SYMBOL_V1: &[u8] = b"model_abi_v1_export\0";
 /// Rows per prediction call at most.
 pub const MAX_ROWS: usize = 65_536;
+/// Golden rows a library may carry at most.
+pub const MAX_GOLDEN: u32 = 4096;
+/// Golden tolerance: `|served − reference| ≤ GOLDEN_RTOL · max(|reference|,
+/// GOLDEN_FLOOR, scale)`, where `scale` is the golden row's `golden_scales` entry:
+/// |base score| + Σ|leaf value| over the leaves it reaches. A float32 model's
+/// rounding error grows with the numbers it adds up, not with their sum (an
+/// XGBoost regressor with base score 118.7 reaching 1.008: XGBoost's float32 order
+/// and tl2cgen's differ by 3e-5).
+pub const GOLDEN_RTOL: f64 = 1e-5;
+/// See [`GOLDEN_RTOL`]: values below this magnitude are compared at 1e-6 absolute.
+pub const GOLDEN_FLOOR: f64 = 0.1;
+/// `MODEL_PREDICT_MARGIN`.
+const PREDICT_MARGIN: u32 = 1;
 const MAX_FEATURES: u32 = 4096;
 const MAX_OUTPUTS: u32 = 256;
 
@@ -32,33 +52,105 @@ struct AbiV1 {
     release: Option<unsafe extern "C" fn()>,
 }
 
-type PredictFn = unsafe extern "C" fn(*const f32, usize, *mut f32) -> i32;
+/// `struct model_abi_v2` (abi/model_abi_v2.h).
+#[repr(C)]
+struct AbiV2 {
+    abi_version: u32,
+    struct_size: u32,
+    name: *const c_char,
+    version: *const c_char,
+    n_features: u32,
+    n_outputs: u32,
+    n_targets: u32,
+    max_n_class: u32,
+    leaf_type: *const c_char,
+    postprocessor: *const c_char,
+    trainer: *const c_char,
+    init: Option<unsafe extern "C" fn() -> i32>,
+    predict: Option<PredictV2>,
+    release: Option<unsafe extern "C" fn()>,
+    n_golden: u32,
+    golden_rows: *const f32,
+    golden_outputs: *const f64,
+    golden_margins: *const f64,
+    golden_scales: *const f64,
+}
 
-/// Why a library was refused.
+type PredictV1 = unsafe extern "C" fn(*const f32, usize, *mut f32) -> i32;
+type PredictV2 = unsafe extern "C" fn(*const f32, usize, u32, *mut f32) -> i32;
+
+#[derive(Clone, Copy)]
+enum PredictFn {
+    V1(PredictV1),
+    V2(PredictV2),
+}
+
+/// Why a library was refused. [`LoadError::reason`] is the stable label of
+/// `gw_sidecar_model_rejected_total{reason}`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LoadError {
     /// Not a loadable shared library (missing, corrupt, wrong architecture).
     #[error("cannot open {0}: {1}")]
     Open(String, String),
-    /// No `model_abi_v1_export`.
-    #[error("{0} does not export model_abi_v1_export: {1}")]
+    /// Neither `model_abi_v2_export` nor `model_abi_v1_export`.
+    #[error("{0} exports neither model_abi_v2_export nor model_abi_v1_export: {1}")]
     Symbol(String, String),
-    /// Wrong ABI version or a malformed table.
+    /// Unknown ABI version or a malformed table.
     #[error("{0}: {1}")]
     Abi(String, String),
-    /// Feature count differs from what the host feeds.
-    #[error("{path}: the model takes {got} features, the host feeds {want}")]
+    /// Feature count differs from what the module's configuration says.
+    #[error("{path}: the model takes {got} features, the module is configured for {want}")]
     Features {
         /// Library.
         path: String,
         /// What the library says.
         got: u32,
-        /// What the host expects.
+        /// What the module's configuration says.
         want: u32,
     },
-    /// `init` or the self-test failed.
+    /// `init` failed.
+    #[error("{0}: init returned {1}")]
+    Init(String, i32),
+    /// Scoring the check rows failed or gave non-finite outputs.
     #[error("{0}: self-test failed: {1}")]
     SelfTest(String, String),
+    /// The library carries no golden vectors (a v1 library, or none embedded) and
+    /// unverified models are not allowed.
+    #[error(
+        "{0}: no golden vectors (build it with abi/build_model.py, or set models.allow_unverified)"
+    )]
+    GoldenMissing(String),
+    /// The library's answers differ from the training library's own.
+    #[error("{0}: golden vectors differ: {1}")]
+    GoldenMismatch(String, String),
+}
+
+impl LoadError {
+    /// Every reason label, in the order of the checks.
+    pub const REASONS: [&'static str; 8] = [
+        "open",
+        "symbol",
+        "abi",
+        "features",
+        "init",
+        "self_test",
+        "golden_missing",
+        "golden_mismatch",
+    ];
+
+    /// The stable reason label (one of [`LoadError::REASONS`]).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            LoadError::Open(..) => "open",
+            LoadError::Symbol(..) => "symbol",
+            LoadError::Abi(..) => "abi",
+            LoadError::Features { .. } => "features",
+            LoadError::Init(..) => "init",
+            LoadError::SelfTest(..) => "self_test",
+            LoadError::GoldenMissing(..) => "golden_missing",
+            LoadError::GoldenMismatch(..) => "golden_mismatch",
+        }
+    }
 }
 
 /// Why a prediction failed.
@@ -70,31 +162,78 @@ pub enum PredictError {
     /// The library returned an error status.
     #[error("the model returned status {0}")]
     Status(i32),
+    /// Margins were asked of a v1 library, which only answers postprocessed outputs.
+    #[error("this model (ABI v1) has no margin output")]
+    NoMargin,
     /// No model is loaded for this module.
     #[error("no model is serving")]
     NoModel,
 }
 
+/// What the host checks before a library may serve.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadPolicy {
+    /// Serve libraries without golden vectors (v1 libraries) after the finite-output
+    /// self-test only.
+    pub allow_unverified: bool,
+}
+
+/// The golden check a model passed.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GoldenCheck {
+    /// Rows scored.
+    pub rows: u32,
+    /// Whether margins were checked too.
+    pub margins: bool,
+    /// Largest `|served − reference| / max(|reference|, GOLDEN_FLOOR, scale)`.
+    pub worst: f64,
+}
+
 /// A loaded, checked model. Cheap to share (`Arc`); unloaded on the last drop.
+/// Serializes as what `GET /api/models` shows of it.
+#[derive(Serialize)]
 pub struct Model {
     /// Model name from the library.
     pub name: String,
     /// Version from the library (the build's git SHA).
     pub version: String,
+    /// ABI version of the library (1 or 2).
+    pub abi: u32,
     /// Features per row.
     pub n_features: u32,
-    /// Outputs per row.
+    /// Outputs per row (`n_targets × max_n_class`).
     pub n_outputs: u32,
+    /// Targets (v2; 1 for v1).
+    pub n_targets: u32,
+    /// Classes of the widest target (v2; `n_outputs` for v1).
+    pub max_n_class: u32,
+    /// `float32` or `float64` (v2; `unknown` for v1).
+    pub leaf_type: String,
+    /// The postprocessing applied unless margins are asked for (v2).
+    pub postprocessor: String,
+    /// Training library, version and objective (v2).
+    pub trainer: String,
+    /// The golden check passed, if the library carried golden vectors.
+    pub golden: Option<GoldenCheck>,
     /// The library file (the link target, not the link).
+    #[serde(serialize_with = "lossy_path")]
     pub path: PathBuf,
+    #[serde(skip)]
     predict: PredictFn,
+    #[serde(skip)]
     release: Option<unsafe extern "C" fn()>,
     // Declared last: dropped after `release` ran in `Drop`.
+    #[serde(skip)]
     _lib: libloading::Library,
 }
 
+fn lossy_path<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&p.to_string_lossy())
+}
+
 // SAFETY: the ABI requires `predict` to be callable from many threads at once; the
-// table's strings were copied; the library handle is only dropped with the model.
+// table's strings and golden vectors were copied; the library handle is only
+// dropped with the model.
 unsafe impl Send for Model {}
 // SAFETY: as for `Send`: `predict` is thread-safe by the ABI, nothing else is shared.
 unsafe impl Sync for Model {}
@@ -112,9 +251,10 @@ impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Model({} {} from {})",
+            "Model({} {} v{} from {})",
             self.name,
             self.version,
+            self.abi,
             self.path.display()
         )
     }
@@ -133,10 +273,243 @@ fn c_string(p: *const c_char, what: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// Golden vectors copied out of a library.
+struct Golden {
+    rows: Vec<f32>,
+    outputs: Vec<f64>,
+    margins: Option<Vec<f64>>,
+    /// One per row (zeros when the library has none).
+    scales: Vec<f64>,
+}
+
+/// What a library's table says, copied out of it.
+struct Table {
+    abi: u32,
+    name: String,
+    version: String,
+    n_features: u32,
+    n_outputs: u32,
+    n_targets: u32,
+    max_n_class: u32,
+    leaf_type: String,
+    postprocessor: String,
+    trainer: String,
+    init: Option<unsafe extern "C" fn() -> i32>,
+    predict: PredictFn,
+    release: Option<unsafe extern "C" fn()>,
+    golden: Option<Golden>,
+}
+
+/// Why a table could not be read.
+enum TableError {
+    /// Neither export symbol.
+    NoSymbol(String),
+    /// A table that is not ours or is malformed.
+    Abi(String),
+}
+
+/// Reads the table behind the library's export: v2 if it has one, else v1.
+fn read_table(lib: &libloading::Library) -> Result<Table, TableError> {
+    // SAFETY: the symbol's type is fixed by the ABI header.
+    let v2 = unsafe { lib.get::<unsafe extern "C" fn() -> *const AbiV2>(EXPORT_SYMBOL_V2) };
+    if let Ok(export) = v2 {
+        // SAFETY: calling the export is the ABI's entry point.
+        let table = unsafe { export() };
+        return read_v2(table).map_err(TableError::Abi);
+    }
+    // SAFETY: as above, for the v1 symbol.
+    let v1 = unsafe { lib.get::<unsafe extern "C" fn() -> *const AbiV1>(EXPORT_SYMBOL_V1) };
+    match v1 {
+        // SAFETY: calling the export is the ABI's entry point.
+        Ok(export) => read_v1(unsafe { export() }).map_err(TableError::Abi),
+        Err(e) => Err(TableError::NoSymbol(e.to_string())),
+    }
+}
+
+/// The `abi_version` and `struct_size` of a table, read before anything else.
+///
+/// # Safety
+/// `table` is non-null and points at a table that starts with those two fields.
+unsafe fn head<T>(table: *const T) -> (u32, u32) {
+    let p = table.cast::<u32>();
+    // SAFETY: every table starts with two u32 fields (caller's contract).
+    unsafe { (p.read(), p.add(1).read()) }
+}
+
+/// The table behind `table` once it is known to be of version `want` and at least
+/// as large as `T`.
+fn checked<'a, T>(table: *const T, want: u32) -> Result<&'a T, String> {
+    if table.is_null() {
+        return Err("the export returned null".into());
+    }
+    // SAFETY: non-null and static per the ABI; every table starts with the two
+    // u32 fields read here, before anything depends on the version or the size.
+    let (version, size) = unsafe { head(table) };
+    if version != want {
+        return Err(format!(
+            "ABI version {version} in the {} table, this host speaks {ABI_V1} and {ABI_V2}",
+            if want == ABI_V2 { "v2" } else { "v1" }
+        ));
+    }
+    let need = std::mem::size_of::<T>();
+    if (size as usize) < need {
+        return Err(format!("table of {size} bytes is too small ({need})"));
+    }
+    // SAFETY: non-null, static per the ABI, of our version and at least our size.
+    Ok(unsafe { &*table })
+}
+
+fn read_v2(table: *const AbiV2) -> Result<Table, String> {
+    let t = checked(table, ABI_V2)?;
+    shape(t.n_features, t.n_outputs)?;
+    if t.n_targets == 0
+        || t.max_n_class == 0
+        || t.n_targets.checked_mul(t.max_n_class) != Some(t.n_outputs)
+    {
+        return Err(format!(
+            "n_outputs {} is not n_targets {} × max_n_class {}",
+            t.n_outputs, t.n_targets, t.max_n_class
+        ));
+    }
+    let golden = if t.n_golden == 0 {
+        None
+    } else {
+        if t.n_golden > MAX_GOLDEN {
+            return Err(format!("{} golden rows; at most {MAX_GOLDEN}", t.n_golden));
+        }
+        if t.golden_rows.is_null() || t.golden_outputs.is_null() {
+            return Err("n_golden > 0 with null golden_rows or golden_outputs".into());
+        }
+        let n = t.n_golden as usize;
+        let (fi, fo) = (t.n_features as usize, t.n_outputs as usize);
+        // SAFETY: the ABI says golden_rows holds n_golden × n_features floats,
+        // golden_outputs / golden_margins n_golden × n_outputs doubles and
+        // golden_scales n_golden doubles, static; all counts are bounded above.
+        let (rows, outputs, margins, scales) = unsafe {
+            (
+                std::slice::from_raw_parts(t.golden_rows, n * fi).to_vec(),
+                std::slice::from_raw_parts(t.golden_outputs, n * fo).to_vec(),
+                (!t.golden_margins.is_null())
+                    .then(|| std::slice::from_raw_parts(t.golden_margins, n * fo).to_vec()),
+                if t.golden_scales.is_null() {
+                    vec![0.0; n]
+                } else {
+                    std::slice::from_raw_parts(t.golden_scales, n).to_vec()
+                },
+            )
+        };
+        if scales.iter().any(|s| !(s.is_finite() && *s >= 0.0)) {
+            return Err("golden_scales holds a negative or non-finite value".into());
+        }
+        Some(Golden {
+            rows,
+            outputs,
+            margins,
+            scales,
+        })
+    };
+    let leaf_type = c_string(t.leaf_type, "leaf_type")?;
+    if leaf_type != "float32" && leaf_type != "float64" {
+        return Err(format!(
+            "leaf_type {leaf_type:?} is neither float32 nor float64"
+        ));
+    }
+    Ok(Table {
+        abi: ABI_V2,
+        name: c_string(t.name, "name")?,
+        version: c_string(t.version, "version")?,
+        n_features: t.n_features,
+        n_outputs: t.n_outputs,
+        n_targets: t.n_targets,
+        max_n_class: t.max_n_class,
+        leaf_type,
+        postprocessor: c_string(t.postprocessor, "postprocessor")?,
+        trainer: c_string(t.trainer, "trainer")?,
+        init: t.init,
+        predict: PredictFn::V2(t.predict.ok_or("predict is null")?),
+        release: t.release,
+        golden,
+    })
+}
+
+fn read_v1(table: *const AbiV1) -> Result<Table, String> {
+    let t = checked(table, ABI_V1)?;
+    shape(t.n_features, t.n_outputs)?;
+    Ok(Table {
+        abi: ABI_V1,
+        name: c_string(t.name, "name")?,
+        version: c_string(t.version, "version")?,
+        n_features: t.n_features,
+        n_outputs: t.n_outputs,
+        n_targets: 1,
+        max_n_class: t.n_outputs,
+        leaf_type: "unknown".into(),
+        postprocessor: "unknown".into(),
+        trainer: "unknown".into(),
+        init: t.init,
+        predict: PredictFn::V1(t.predict.ok_or("predict is null")?),
+        release: t.release,
+        golden: None,
+    })
+}
+
+fn shape(n_features: u32, n_outputs: u32) -> Result<(), String> {
+    if n_features == 0 || n_features > MAX_FEATURES {
+        return Err(format!("n_features {n_features} is out of range"));
+    }
+    if n_outputs == 0 || n_outputs > MAX_OUTPUTS {
+        return Err(format!("n_outputs {n_outputs} is out of range"));
+    }
+    Ok(())
+}
+
+/// Compares `got` with the training library's `want` (`n_outputs` per row, one
+/// `scales` entry per row): the largest scaled difference, or the first value out
+/// of tolerance.
+fn compare(
+    got: &[f32],
+    want: &[f64],
+    scales: &[f64],
+    n_outputs: usize,
+    what: &str,
+) -> Result<f64, String> {
+    let mut worst = 0.0f64;
+    let mut bad = None;
+    let mut n_bad = 0usize;
+    if got.len() != want.len() || want.len() != scales.len() * n_outputs {
+        return Err(format!(
+            "{what}: {} answers for {} references",
+            got.len(),
+            want.len()
+        ));
+    }
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let scale = w.abs().max(GOLDEN_FLOOR).max(scales[i / n_outputs]);
+        let d = (f64::from(*g) - w).abs() / scale;
+        // NaN on either side is out of tolerance too.
+        if d.is_nan() || d > GOLDEN_RTOL {
+            n_bad += 1;
+            bad.get_or_insert((i, *g, *w));
+        } else {
+            worst = worst.max(d);
+        }
+    }
+    match bad {
+        None => Ok(worst),
+        Some((i, g, w)) => Err(format!(
+            "row {} {what} {}: the library answers {g}, the training library {w} \
+             ({n_bad} of {} values differ by more than {GOLDEN_RTOL:e} relative)",
+            i / n_outputs,
+            i % n_outputs,
+            got.len()
+        )),
+    }
+}
+
 impl Model {
-    /// Loads and checks `path` (a link is resolved to its target). `want_features`
-    /// is what the host will feed.
-    pub fn load(path: &Path, want_features: u32) -> Result<Model, LoadError> {
+    /// Loads and checks `path` (a link is resolved to its target) for a module
+    /// configured for `want_features`.
+    pub fn load(path: &Path, want_features: u32, policy: LoadPolicy) -> Result<Model, LoadError> {
         let real = std::fs::canonicalize(path)
             .map_err(|e| LoadError::Open(path.display().to_string(), e.to_string()))?;
         let shown = real.display().to_string();
@@ -144,48 +517,10 @@ impl Model {
         // configured models directory are loaded (operators' own builds).
         let lib = unsafe { libloading::Library::new(&real) }
             .map_err(|e| LoadError::Open(shown.clone(), e.to_string()))?;
-        // SAFETY: the symbol's type is fixed by the ABI header.
-        let export: libloading::Symbol<'_, unsafe extern "C" fn() -> *const AbiV1> =
-            unsafe { lib.get(EXPORT_SYMBOL) }
-                .map_err(|e| LoadError::Symbol(shown.clone(), e.to_string()))?;
-        // SAFETY: calling the export is the ABI's entry point.
-        let table = unsafe { export() };
-        if table.is_null() {
-            return Err(LoadError::Abi(
-                shown,
-                "model_abi_v1_export returned null".into(),
-            ));
-        }
-        // SAFETY: non-null and static per the ABI; the version is checked before any
-        // field beyond it is trusted, the size before the rest is read.
-        let version_field = unsafe { std::ptr::addr_of!((*table).abi_version).read() };
-        if version_field != ABI_V1 {
-            return Err(LoadError::Abi(
-                shown,
-                format!("ABI version {version_field}, this host speaks {ABI_V1}"),
-            ));
-        }
-        // SAFETY: the version said the table is ours; its first two fields are read
-        // before anything depends on its size.
-        let size = unsafe { std::ptr::addr_of!((*table).struct_size).read() };
-        if (size as usize) < std::mem::size_of::<AbiV1>() {
-            return Err(LoadError::Abi(
-                shown,
-                format!("table of {size} bytes is too small"),
-            ));
-        }
-        // SAFETY: non-null, static per the ABI, and at least as large as our struct.
-        let t = unsafe { &*table };
-        let abi = |m: String| LoadError::Abi(shown.clone(), m);
-        let name = c_string(t.name, "name").map_err(abi)?;
-        let version = c_string(t.version, "version").map_err(abi)?;
-        let predict = t.predict.ok_or_else(|| abi("predict is null".into()))?;
-        if t.n_features == 0 || t.n_features > MAX_FEATURES {
-            return Err(abi(format!("n_features {} is out of range", t.n_features)));
-        }
-        if t.n_outputs == 0 || t.n_outputs > MAX_OUTPUTS {
-            return Err(abi(format!("n_outputs {} is out of range", t.n_outputs)));
-        }
+        let t = read_table(&lib).map_err(|e| match e {
+            TableError::NoSymbol(e) => LoadError::Symbol(shown.clone(), e),
+            TableError::Abi(e) => LoadError::Abi(shown.clone(), e),
+        })?;
         if t.n_features != want_features {
             return Err(LoadError::Features {
                 path: shown,
@@ -197,23 +532,40 @@ impl Model {
             // SAFETY: called once, before any predict, per the ABI.
             let s = unsafe { init() };
             if s != 0 {
-                return Err(LoadError::SelfTest(shown, format!("init returned {s}")));
+                return Err(LoadError::Init(shown, s));
             }
         }
-        let (n_features, n_outputs, release) = (t.n_features, t.n_outputs, t.release);
-        let model = Model {
-            name,
-            version,
-            n_features,
-            n_outputs,
+        let golden = t.golden;
+        let mut model = Model {
+            name: t.name,
+            version: t.version,
+            abi: t.abi,
+            n_features: t.n_features,
+            n_outputs: t.n_outputs,
+            n_targets: t.n_targets,
+            max_n_class: t.max_n_class,
+            leaf_type: t.leaf_type,
+            postprocessor: t.postprocessor,
+            trainer: t.trainer,
+            golden: None,
             path: real,
-            predict,
-            release,
+            predict: t.predict,
+            release: t.release,
             _lib: lib,
         };
         model
             .self_test()
-            .map_err(|e| LoadError::SelfTest(shown, e))?;
+            .map_err(|e| LoadError::SelfTest(shown.clone(), e))?;
+        match golden {
+            Some(g) => {
+                let check = model
+                    .golden_check(&g)
+                    .map_err(|e| LoadError::GoldenMismatch(shown, e))?;
+                model.golden = Some(check);
+            }
+            None if policy.allow_unverified => {}
+            None => return Err(LoadError::GoldenMissing(shown)),
+        }
         Ok(model)
     }
 
@@ -231,8 +583,43 @@ impl Model {
         }
     }
 
-    /// Scores `rows` (row-major, `n_features` per row, NaN = missing).
+    /// Scores the golden rows (and margins, when the library has them) and compares
+    /// them with the training library's own answers.
+    fn golden_check(&self, g: &Golden) -> Result<GoldenCheck, String> {
+        let n_outputs = self.n_outputs as usize;
+        let out = self.predict(&g.rows).map_err(|e| e.to_string())?;
+        let mut worst = compare(&out, &g.outputs, &g.scales, n_outputs, "output")?;
+        if let Some(margins) = &g.margins {
+            let m = self.predict_margin(&g.rows).map_err(|e| e.to_string())?;
+            worst = worst.max(compare(&m, margins, &g.scales, n_outputs, "margin")?);
+        }
+        Ok(GoldenCheck {
+            rows: (g.rows.len() / self.n_features as usize) as u32,
+            margins: g.margins.is_some(),
+            worst,
+        })
+    }
+
+    /// Scores `rows` (row-major, `n_features` per row, NaN = missing): the model's
+    /// postprocessed outputs, `n_outputs` per row.
     pub fn predict(&self, rows: &[f32]) -> Result<Vec<f32>, PredictError> {
+        self.call(rows, false)
+    }
+
+    /// Like [`Model::predict`], but the raw sums of the trees (no postprocessing);
+    /// v1 libraries have none.
+    pub fn predict_margin(&self, rows: &[f32]) -> Result<Vec<f32>, PredictError> {
+        self.call(rows, true)
+    }
+
+    fn call(&self, rows: &[f32], margin: bool) -> Result<Vec<f32>, PredictError> {
+        let mut out = vec![0.0f32; self.rows_in(rows)? * self.n_outputs as usize];
+        self.predict_into(rows, &mut out, margin)?;
+        Ok(out)
+    }
+
+    /// Whole rows in `rows`, at most [`MAX_ROWS`].
+    fn rows_in(&self, rows: &[f32]) -> Result<usize, PredictError> {
         let n = self.n_features as usize;
         if !rows.len().is_multiple_of(n) {
             return Err(PredictError::Shape(format!(
@@ -246,13 +633,85 @@ impl Model {
                 "{n_rows} rows; at most {MAX_ROWS} per call"
             )));
         }
-        let mut out = vec![0.0f32; n_rows * self.n_outputs as usize];
+        Ok(n_rows)
+    }
+
+    /// Scores `rows` into `out`, which must hold exactly `n_outputs` per row;
+    /// margins (no postprocessing) when `margin`.
+    pub fn predict_into(
+        &self,
+        rows: &[f32],
+        out: &mut [f32],
+        margin: bool,
+    ) -> Result<(), PredictError> {
+        let n_rows = self.rows_in(rows)?;
+        if out.len() != n_rows * self.n_outputs as usize {
+            return Err(PredictError::Shape(format!(
+                "{} output slots for {n_rows} rows of {} outputs",
+                out.len(),
+                self.n_outputs
+            )));
+        }
         // SAFETY: `rows` holds n_rows * n_features floats and `out` n_rows *
         // n_outputs, as the ABI requires; predict is thread-safe per the ABI.
-        let s = unsafe { (self.predict)(rows.as_ptr(), n_rows, out.as_mut_ptr()) };
+        let s = unsafe {
+            match (self.predict, margin) {
+                (PredictFn::V2(f), m) => f(
+                    rows.as_ptr(),
+                    n_rows,
+                    if m { PREDICT_MARGIN } else { 0 },
+                    out.as_mut_ptr(),
+                ),
+                (PredictFn::V1(f), false) => f(rows.as_ptr(), n_rows, out.as_mut_ptr()),
+                (PredictFn::V1(_), true) => return Err(PredictError::NoMargin),
+            }
+        };
         if s != 0 {
             return Err(PredictError::Status(s));
         }
-        Ok(out)
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_has_one_of_the_listed_reasons() {
+        let p = String::from("x");
+        let all = [
+            LoadError::Open(p.clone(), p.clone()),
+            LoadError::Symbol(p.clone(), p.clone()),
+            LoadError::Abi(p.clone(), p.clone()),
+            LoadError::Features {
+                path: p.clone(),
+                got: 1,
+                want: 2,
+            },
+            LoadError::Init(p.clone(), 2),
+            LoadError::SelfTest(p.clone(), p.clone()),
+            LoadError::GoldenMissing(p.clone()),
+            LoadError::GoldenMismatch(p.clone(), p),
+        ];
+        let reasons: Vec<&str> = all.iter().map(LoadError::reason).collect();
+        assert_eq!(reasons, LoadError::REASONS);
+    }
+
+    #[test]
+    fn the_tolerance_is_relative_with_a_floor_and_the_rows_scale() {
+        // Relative 1e-5 above 0.1.
+        assert!(compare(&[100.0009], &[100.0], &[0.0], 1, "output").is_ok());
+        assert!(compare(&[100.002], &[100.0], &[0.0], 1, "output").is_err());
+        // 1e-6 absolute below 0.1.
+        assert!(compare(&[0.000_000_5], &[0.0], &[0.0], 1, "output").is_ok());
+        assert!(compare(&[0.000_002], &[0.0], &[0.0], 1, "output").is_err());
+        // A float32 sum of large leaves: 1e-5 of its magnitude.
+        assert!(compare(&[1.007_865_9], &[1.007_898_8], &[250.0], 1, "output").is_ok());
+        assert!(compare(&[1.007_865_9], &[1.007_898_8], &[0.0], 1, "output").is_err());
+        // NaN never matches; lengths must agree.
+        let e = compare(&[f32::NAN], &[1.0], &[0.0], 1, "margin").unwrap_err();
+        assert!(e.contains("row 0 margin 0"), "{e}");
+        assert!(compare(&[1.0, 2.0], &[1.0], &[0.0], 1, "output").is_err());
     }
 }

@@ -7,5 +7,8 @@ pub mod api;
 pub mod host;
 pub mod library;
 
-pub use host::{ModelHost, ModelView, SlotView};
-pub use library::{LoadError, Model, PredictError, ABI_V1, EXPORT_SYMBOL, MAX_ROWS};
+pub use host::{ModelHost, ModelView, SlotView, SwapEvent};
+pub use library::{
+    GoldenCheck, LoadError, LoadPolicy, Model, PredictError, ABI_V1, ABI_V2, GOLDEN_FLOOR,
+    GOLDEN_RTOL, MAX_ROWS,
+};
