@@ -43,10 +43,14 @@ cargo build --release --locked -q --target wasm32-wasip1 -p gw-filter
 bin="$CARGO_TARGET_DIR/release"
 run="$GW_ROOT/.run"
 bash scripts/dev-keys.sh "$run"
-if [[ ! -e "$run/models/libmev_latest.so" || ! -e "$run/models/libarb_latest.so" ]]; then
+# Rebuilt when missing or built before ABI v2 (no golden vectors: the sidecar
+# refuses those unless models.allow_unverified).
+if [[ ! -e "$run/models/libmev_latest.so" || ! -e "$run/models/libarb_latest.so" \
+      || "$(cat "$run/models/.abi" 2>/dev/null)" != 2 ]]; then
   command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake; }
   log "building the tree models (LightGBM → tl2cgen → CMake) into $run/models"
   "$GW_MODELS_VENV/bin/python" scripts/build-models.py --out "$run/models" >/dev/null
+  echo 2 > "$run/models/.abi"
 fi
 cp "$CARGO_TARGET_DIR/wasm32-wasip1/release/gw_filter.wasm" "$run/gw_filter.wasm"
 "$GW_VENV/bin/python" envoy/render.py --filter-config "$run/filter.json" \
@@ -201,6 +205,9 @@ if (( smoke )); then
     -d '{"rows": [[12, 10, 9, 0.3, 0.5, 2, 8, null]]}' https://localhost:8443/api/models/mev/predict)
   echo "$score" | grep -q '"outputs":\[\[' || die "smoke: the mev model did not score: $score"
   log "smoke: models serving through the C ABI: $score"
+  # A model from each training library through the README's pipeline into this gateway.
+  "$GW_MODELS_VENV/bin/python" scripts/smoke-models.py "$run" "$run/admin.jwt" \
+    || die "smoke: a model did not go through the pipeline into the gateway"
   # A real Solana transaction (solders) through Envoy's JSON-RPC route to the local TPU.
   # (RPC sends follow arbitrage's state: start it, and undo the 50 % above.)
   for step in 'start {}' 'throttle {"throttle_pct": 100}'; do

@@ -647,6 +647,8 @@ fn every_training_library_goes_through_the_pipeline_into_a_running_sidecar() {
         assert_eq!(m["leaf_type"], leaf, "{name}: {m}");
         assert_eq!(m["n_outputs"], n_out, "{name}: {m}");
         assert_eq!(m["postprocessor"], post, "{name}: {m}");
+        let targets = if name == "rf_multi" { 2 } else { 1 };
+        assert_eq!(m["n_targets"], targets, "{name}: {m}");
         assert_eq!(m["abi"], 2);
         assert_eq!(
             m["golden"]["rows"], 117,

@@ -79,13 +79,20 @@ def main():
              lambda r, b=b: b.predict(xgb.DMatrix(r, missing=np.nan), output_margin=True))
 
     # scikit-learn random forests (Treelite's sklearn frontend): a 3-class
-    # classifier (probabilities) and a regressor on 5 features (the arb slot of
-    # the test is configured for 5).
+    # classifier (probabilities), a regressor with two targets, and a regressor on
+    # 5 features (the arb slot of the test is configured for 5).
     rf = RandomForestClassifier(n_estimators=20, max_depth=7, random_state=1, n_jobs=1)
     rf.fit(x[train], y_multi[train].astype(int))
     path = os.path.join(out, "rf_cls.pkl")
     joblib.dump(rf, path)
     save("rf_cls", path, rf.predict_proba, None)
+
+    # Two targets (Treelite: num_target 2): two outputs per row.
+    rf2 = RandomForestRegressor(n_estimators=20, max_depth=7, random_state=1, n_jobs=1)
+    rf2.fit(x[train], np.column_stack([y_reg[train], y_bin[train]]))
+    path = os.path.join(out, "rf_multi.pkl")
+    joblib.dump(rf2, path)
+    save("rf_multi", path, rf2.predict, None)
 
     rf5 = RandomForestRegressor(n_estimators=20, max_depth=7, random_state=1, n_jobs=1)
     rf5.fit(x[train, :5], y_reg[train])
