@@ -8,7 +8,7 @@
 //! does not share the code it tests.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,11 @@ pub const UNSTAKED_STREAMS: u32 = 128;
 
 /// Stream stop code for an oversized transaction.
 pub const STOP_TOO_LARGE: u32 = 1;
+/// Agave's connection close code when a connection is not allowed (its per-IP
+/// connection budget is spent): `CONNECTION_CLOSE_CODE_DISALLOWED`.
+pub const CLOSE_DISALLOWED: u32 = 2;
+/// Agave's close code when a peer has too many connections: `..._TOO_MANY`.
+pub const CLOSE_TOO_MANY: u32 = 4;
 
 /// One transaction as received.
 #[derive(Debug, Clone)]
@@ -47,6 +52,9 @@ pub struct ReceiverStats {
     pub transactions: AtomicU64,
     /// Streams stopped because they exceeded the size limit.
     pub oversize: AtomicU64,
+    /// Completed handshakes closed at once because [`TpuReceiver::refuse_with`]
+    /// was set (also counted in `connections`).
+    pub closed_after_handshake: AtomicU64,
 }
 
 /// Receiver settings.
@@ -83,6 +91,7 @@ pub struct TpuReceiver {
     pub stats: Arc<ReceiverStats>,
     received: Arc<Mutex<Vec<Received>>>,
     notify: Arc<Notify>,
+    refuse: Arc<AtomicU32>,
     endpoint: quinn::Endpoint,
     task: JoinHandle<()>,
 }
@@ -110,6 +119,7 @@ impl TpuReceiver {
         let stats = Arc::new(ReceiverStats::default());
         let received = Arc::new(Mutex::new(Vec::new()));
         let notify = Arc::new(Notify::new());
+        let refuse = Arc::new(AtomicU32::new(0));
         let task = tokio::spawn(accept_loop(
             endpoint.clone(),
             Arc::new(Shared {
@@ -117,6 +127,7 @@ impl TpuReceiver {
                 stats: stats.clone(),
                 received: received.clone(),
                 notify: notify.clone(),
+                refuse: refuse.clone(),
             }),
         ));
         Ok(TpuReceiver {
@@ -125,9 +136,18 @@ impl TpuReceiver {
             stats,
             received,
             notify,
+            refuse,
             endpoint,
             task,
         })
+    }
+
+    /// Fault injection: while `code` is non-zero, every completed handshake is
+    /// closed at once with that application code, as Agave's TPU server closes a
+    /// connection its per-IP budget (`CLOSE_DISALLOWED`) or per-peer cap
+    /// (`CLOSE_TOO_MANY`) does not allow. 0 accepts again.
+    pub fn refuse_with(&self, code: u32) {
+        self.refuse.store(code, Ordering::Relaxed);
     }
 
     /// Everything received so far (when `keep`).
@@ -162,6 +182,7 @@ struct Shared {
     stats: Arc<ReceiverStats>,
     received: Arc<Mutex<Vec<Received>>>,
     notify: Arc<Notify>,
+    refuse: Arc<AtomicU32>,
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, sh: Arc<Shared>) {
@@ -193,6 +214,19 @@ async fn accept_loop(endpoint: quinn::Endpoint, sh: Arc<Shared>) {
                 return;
             };
             sh.stats.connections.fetch_add(1, Ordering::Relaxed);
+            let refuse = sh.refuse.load(Ordering::Relaxed);
+            if refuse != 0 {
+                sh.stats
+                    .closed_after_handshake
+                    .fetch_add(1, Ordering::Relaxed);
+                let reason: &[u8] = match refuse {
+                    CLOSE_DISALLOWED => b"disallowed",
+                    CLOSE_TOO_MANY => b"too_many",
+                    _ => b"refused",
+                };
+                conn.close(refuse.into(), reason);
+                return;
+            }
             while let Ok(mut stream) = conn.accept_uni().await {
                 let sh = sh.clone();
                 tokio::spawn(async move {

@@ -85,7 +85,22 @@ impl Collector for SenderCollector {
                     ([("event", "too_large")], load(&st.too_large)),
                     ([("event", "connects")], load(&st.connects)),
                     ([("event", "connect_failures")], load(&st.connect_failures)),
+                    (
+                        [("event", "handshakes_capped")],
+                        load(&st.handshakes_capped),
+                    ),
                 ],
+            )?;
+            let closes: Vec<_> = super::tpu::CLOSE_REASONS
+                .iter()
+                .zip(&st.closes)
+                .map(|(r, c)| ([("reason", *r)], load(c)))
+                .collect();
+            counters(
+                &mut enc,
+                "gw_sender_tpu_closes",
+                "TPU connections closed, by reason (Agave's close codes by name, then QUIC's)",
+                &closes,
             )?;
         }
         if let Some(r) = s.relay() {
