@@ -27,13 +27,14 @@ code from it, so give only files you made.
 
 Tolerance (here and in the host): |served - reference| <= RTOL * max(|reference|,
 FLOOR, magnitude) with RTOL = 1e-5 and FLOOR = 0.1: relative, except that values
-below 0.1 (a small probability) are compared at 1e-6 absolute, and that a model is
-held to 1e-5 of the numbers it adds up (the row's |base score| + sum of |leaf
-values|, embedded as golden_scales): float32 sums of large leaves that cancel are
-only that exact, in the training library as much as in tl2cgen's C.
+below 0.1 (a small probability) are compared at 1e-6 absolute, and that a float32
+model is held to 1e-5 of the numbers it adds up (the row's |base score| + sum of
+|leaf values|, embedded as golden_scales): float32 sums of large leaves that cancel
+are only that exact, in the training library as much as in tl2cgen's C.
 """
 import argparse
 import ctypes
+import hashlib
 import json
 import os
 import shutil
@@ -173,7 +174,9 @@ def c_floats(a, suffix):
 
 
 def c_string(s):
-    return '"' + "".join(c if c.isalnum() or c in " ._:-+/" else f"\\x{ord(c):02x}" for c in s) + '"'
+    # Octal escapes: at most three digits, so a following digit is not swallowed.
+    return '"' + "".join(c if c.isascii() and (c.isalnum() or c in " ._:-+/") else
+                         "".join(f"\\{b:03o}" for b in c.encode()) for c in s) + '"'
 
 
 def write_golden_h(path, rows, out, margin, scales, trainer, postprocessor):
@@ -223,6 +226,11 @@ def verify_library(lib_path, rows, out, margin, scales):
     export = lib.model_abi_v2_export
     export.restype = ctypes.POINTER(AbiV2)
     t = export().contents
+    if t.init:
+        if ctypes.CFUNCTYPE(ctypes.c_int32)(t.init)() != 0:
+            raise BuildError(f"{lib_path}: init failed")
+    if t.leaf_type.decode() != "float32":
+        scales = np.zeros(len(rows))  # the scale term is for float32 arithmetic (as in the host)
     if t.abi_version != 2 or t.n_features != rows.shape[1] or t.n_outputs != out.shape[1]:
         raise BuildError(f"{lib_path}: table says abi {t.abi_version}, {t.n_features} features, "
                          f"{t.n_outputs} outputs; want 2, {rows.shape[1]}, {out.shape[1]}")
@@ -246,6 +254,11 @@ def verify_library(lib_path, rows, out, margin, scales):
     return t.leaf_type.decode(), t.postprocessor.decode(), max(worst)
 
 
+def git_sha():
+    return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"],
+                          capture_output=True, text=True).stdout.strip() or "dev"
+
+
 def run(cmd):
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -262,7 +275,12 @@ def build(a):
     if not os.path.isfile(source):
         raise BuildError(f"{source}: no such file")
     loader = from_lightgbm if a.lightgbm else from_xgboost if a.xgboost else from_sklearn
-    model, out, margin, trainer = loader(source, rows)
+    try:
+        model, out, margin, trainer = loader(source, rows)
+    except BuildError:
+        raise
+    except Exception as e:  # the training library's own error, e.g. a wrong row width
+        raise BuildError(f"{source} with ROWS ({rows.shape[1]} features): {type(e).__name__}: {e}")
     if model.num_feature != rows.shape[1]:
         raise BuildError(f"the model takes {model.num_feature} features, ROWS have {rows.shape[1]}")
     import tl2cgen
@@ -279,6 +297,21 @@ def build(a):
         gen = os.path.join(work, "c")
         tl2cgen.generate_c_code(model, dirpath=gen, params={})
         write_golden_h(os.path.join(gen, "golden.h"), rows, out, margin, scales, trainer, postprocessor)
+        if a.version is None:
+            # The commit and the model's own C: a different model is a different file.
+            h = hashlib.sha256()
+            for f in ("main.c", "golden.h"):
+                with open(os.path.join(gen, f), "rb") as fh:
+                    h.update(fh.read())
+            a.version = f"{git_sha()}.{h.hexdigest()[:10]}"
+            content_named = True
+        else:
+            content_named = False
+        lib = f"lib{a.name}_v{a.version}.so"
+        if os.path.exists(os.path.join(a.out, lib)) and not content_named:
+            raise BuildError(f"{os.path.join(a.out, lib)} exists: a library a sidecar may have "
+                             "loaded is never replaced (the loader would keep the old one); "
+                             "give another --version")
         if a.keep_c:
             shutil.copytree(gen, a.keep_c, dirs_exist_ok=True)
         b = os.path.join(work, "build")
@@ -288,15 +321,15 @@ def build(a):
         run(["cmake", "--build", b, "-j2"])
         staged = os.path.join(work, "install")
         run(["cmake", "--install", b, "--prefix", staged])
-        lib = f"lib{a.name}_v{a.version}.so"
         if a.fault == 0 and a.abi == 2:
             leaf, post, worst = verify_library(os.path.join(staged, lib), rows, out, margin, scales)
         else:
             leaf, post, worst = "?", postprocessor, float("nan")
         os.makedirs(a.out, exist_ok=True)
-        tmp = os.path.join(a.out, f".{lib}.{os.getpid()}")
-        shutil.copy2(os.path.join(staged, lib), tmp)
-        os.replace(tmp, os.path.join(a.out, lib))
+        if not os.path.exists(os.path.join(a.out, lib)):  # else: the same model, already there
+            tmp = os.path.join(a.out, f".{lib}.{os.getpid()}")
+            shutil.copy2(os.path.join(staged, lib), tmp)
+            os.replace(tmp, os.path.join(a.out, lib))
     print(f"{lib}: {trainer}, treelite {treelite.__version__} + tl2cgen {tl2cgen.__version__}, "
           f"{leaf}, {rows.shape[1]} features, {out.shape[1]} outputs, {post}; {len(rows)} golden rows "
           f"match (largest relative difference {worst:.2e})", file=sys.stderr)
@@ -314,16 +347,15 @@ def main():
     src.add_argument("--sklearn", help="scikit-learn estimator pickled with joblib.dump")
     ap.add_argument("--rows", required=True, help="golden rows: .npy or .csv")
     ap.add_argument("--out", required=True, help="models directory")
-    ap.add_argument("--version", default=None, help="stamped into the name (default: git SHA)")
+    ap.add_argument("--version", default=None,
+                    help="stamped into the name (default: git SHA + a hash of the model's C); "
+                         "an existing library is never replaced")
     ap.add_argument("--activate", action="store_true", help="point lib<name>_latest.so at it")
     ap.add_argument("--keep-c", default=None, help="copy the generated C here (benchmarks)")
     ap.add_argument("--abi", type=int, default=2, choices=(1, 2),
                     help="1: a v1 table for hosts that predate v2 (no golden vectors)")
     ap.add_argument("--fault", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.version is None:
-        a.version = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"],
-                                   capture_output=True, text=True).stdout.strip() or "dev"
     try:
         build(a)
     except BuildError as e:

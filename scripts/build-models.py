@@ -100,8 +100,6 @@ def main():
     ap.add_argument("--keep-work", default=None,
                     help="copy the LightGBM model files and the tl2cgen C here (benchmarks)")
     a = ap.parse_args()
-    sha = a.git_sha or subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"],
-                                      capture_output=True, text=True).stdout.strip() or "dev"
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     kinds = [k for k in a.models.split(",") if k]
@@ -113,8 +111,10 @@ def main():
             print(f"{kind}: rmse {check['rmse']:.3f} (predicting the mean: {check['rmse_predict_mean']:.3f})",
                   file=sys.stderr)
             cmd = [sys.executable, os.path.join(ROOT, "abi/build_model.py"), "--name", kind,
-                   "--lightgbm", model_txt, "--rows", rows, "--out", out, "--version", sha,
+                   "--lightgbm", model_txt, "--rows", rows, "--out", out,
                    "--activate", "--fault", str(a.fault), "--abi", str(a.abi)]
+            if a.git_sha:  # else build_model.py names it by commit and content
+                cmd += ["--version", a.git_sha]
             if a.keep_work:
                 os.makedirs(a.keep_work, exist_ok=True)
                 shutil.copy(model_txt, a.keep_work)

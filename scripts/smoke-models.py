@@ -46,7 +46,7 @@ def main():
     paths = json.load(open(os.path.join(trained, "models.json")))
     try:
         for name, lib in CASES:
-            version = f"smoke-{name.replace('_', '-')}"
+            version = f"smoke-{name.replace('_', '-')}-{int(time.time())}"  # never an existing file
             b = subprocess.run([sys.executable, os.path.join(ROOT, "abi/build_model.py"), "--name", "mev",
                                 f"--{lib}", paths[name], "--rows", os.path.join(trained, f"{name}.rows.npy"),
                                 "--out", models_dir, "--version", version, "--activate"],

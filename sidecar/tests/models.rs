@@ -309,6 +309,18 @@ fn every_kind_of_bad_library_is_refused_with_its_reason_while_the_old_one_serves
     host.poll();
     assert_eq!(serving().as_deref(), Some("good2"));
     assert_eq!(slot.loads(), 2);
+
+    // A library file is never replaced in place (the loader would keep the old
+    // code under that name): the same explicit version again is refused.
+    let o = Command::new(testkit::models_python())
+        .arg(testkit::workspace_root().join("scripts/build-models.py"))
+        .args(["--out", dir.to_str().unwrap(), "--git-sha", "good2"])
+        .args(["--models", "mev", "--rounds", "20", "--seed", "9"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("exists"), "{err}");
+    assert_eq!(serving().as_deref(), Some("good2"));
 }
 
 #[test]
@@ -616,6 +628,9 @@ fn every_training_library_goes_through_the_pipeline_into_a_running_sidecar() {
             "float64",
             3,
             "identity_multiclass",
+        ),
+        (
+            "rf_multi", "sklearn", "mev", "mev", "float64", 2, "identity",
         ),
         (
             "rf_reg5",

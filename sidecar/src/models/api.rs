@@ -130,15 +130,16 @@ impl ModelsApi {
         if req.rows.len() > MAX_ROWS {
             return Err(ScoreError::TooManyRows(req.rows.len()));
         }
+        if let Some((i, row)) = req.rows.iter().enumerate().find(|(_, r)| r.len() != n) {
+            return Err(ScoreError::Width {
+                row: i,
+                got: row.len(),
+                want: n,
+            });
+        }
+        // Sized only now: every row was checked to be what the body holds.
         let mut flat = Vec::with_capacity(req.rows.len() * n);
-        for (i, row) in req.rows.iter().enumerate() {
-            if row.len() != n {
-                return Err(ScoreError::Width {
-                    row: i,
-                    got: row.len(),
-                    want: n,
-                });
-            }
+        for row in &req.rows {
             flat.extend(row.iter().map(|v| v.unwrap_or(f32::NAN)));
         }
         let m = model.clone();
@@ -197,7 +198,13 @@ async fn evaluate(
             format!("unknown module `{}`", module.escape_debug()),
         )
     })?;
-    let (model, out, _) = api.score(m.as_str(), &body).await?;
+    let (model, out, margin) = api.score(m.as_str(), &body).await?;
+    if margin {
+        return Err(ApiError::with(
+            Code::BadArgs,
+            "evaluate gates on the model's output, not its margin: drop \"margin\"".to_string(),
+        ));
+    }
     let state = api.modules.get(m);
     // The EV is each row's first output.
     let decisions: Vec<Value> = out

@@ -4,10 +4,10 @@
 //! refused with a log line and `gw_sidecar_model_rejected_total{module,reason}`
 //! while the old model keeps serving.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -105,6 +105,12 @@ pub struct ModelHost {
     slots: Vec<Slot>,
     loads: Family<ModuleLabel, Counter>,
     rejected: Family<RejectLabel, Counter>,
+    /// Libraries alive now, by file: a file that is still loaded (a model swapped
+    /// out but still predicting, or the other module's) is served again from
+    /// there, never opened a second time, so its `init` runs once and its
+    /// `release` once, as the ABI promises (the system loader shares one handle
+    /// per file).
+    loaded: Mutex<HashMap<PathBuf, Weak<Model>>>,
 }
 
 /// What `GET /api/models` shows of a slot.
@@ -170,7 +176,22 @@ impl ModelHost {
             slots,
             loads,
             rejected,
+            loaded: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The live model of `target` for a slot fed `n_features`, or a fresh load.
+    fn load(&self, target: &Path, n_features: u32) -> Result<Arc<Model>, super::LoadError> {
+        let mut loaded = self.loaded.lock();
+        loaded.retain(|_, m| m.strong_count() > 0);
+        if let Some(m) = loaded.get(target).and_then(Weak::upgrade) {
+            if m.n_features == n_features {
+                return Ok(m);
+            }
+        }
+        let m = Arc::new(Model::load(target, n_features, self.policy)?);
+        loaded.insert(target.to_path_buf(), Arc::downgrade(&m));
+        Ok(m)
     }
 
     /// Registers `gw_sidecar_model_loads_total{module}` and
@@ -234,7 +255,7 @@ impl ModelHost {
             if refused.as_ref().is_some_and(|(p, _)| *p == target) {
                 continue;
             }
-            match Model::load(&target, s.n_features, self.policy) {
+            match self.load(&target, s.n_features) {
                 Ok(m) => {
                     let verified = m.golden.as_ref().map_or_else(
                         || "UNVERIFIED (no golden vectors; models.allow_unverified)".to_string(),
@@ -256,7 +277,7 @@ impl ModelHost {
                         target.display()
                     ));
                     s.record(&target, "served", m.version.clone());
-                    s.current.store(Some(Arc::new(m)));
+                    s.current.store(Some(m));
                     s.loads.inc();
                     *refused = None;
                 }

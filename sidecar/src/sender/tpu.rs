@@ -181,6 +181,12 @@ impl TpuConfig {
                 "must be > 0 and <= refused_backoff_max_ms",
             ));
         }
+        if self.stable_after_ms == 0 {
+            return Err(OutOfBounds::new(
+                "sender.tpu.stable_after_ms",
+                "must be at least 1 (0 would take every early close for a stable connection)",
+            ));
+        }
         if self.max_handshakes_per_leader_per_min == 0 || self.max_handshakes_per_sec == 0 {
             return Err(OutOfBounds::new(
                 "sender.tpu.max_handshakes_per_leader_per_min",
@@ -292,6 +298,13 @@ impl RateCap {
             every: per.div_f64(burst),
             burst,
             state: Mutex::new((burst, Instant::now())),
+        }
+    }
+
+    /// Gives back a token taken for a handshake that was not made.
+    fn refund(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.0 = (st.0 + 1.0).min(self.burst);
         }
     }
 
@@ -717,7 +730,13 @@ impl Worker {
     /// One handshake, if the rate caps allow it; on success the new connection's
     /// close watch.
     async fn connect_now(&self, st: &mut State) -> Option<Closed> {
-        if let Err(wait) = self.leader_cap.take().and_then(|()| self.global_cap.take()) {
+        let capped = self.leader_cap.take().and_then(|()| {
+            self.global_cap.take().inspect_err(|_| {
+                // No handshake after all: the leader's token goes back.
+                self.leader_cap.refund();
+            })
+        });
+        if let Err(wait) = capped {
             TpuStats::bump(&self.stats.handshakes_capped);
             st.retry_at = Instant::now() + wait;
             st.last_err = "handshake rate cap reached".into();
@@ -809,12 +828,14 @@ async fn send_one(conn: &quinn::Connection, wire: &[u8], since: Instant) -> Resu
     // outlived that. Otherwise a failure, and the hedge goes (a transaction sent
     // twice lands once: Solana deduplicates by signature).
     let settled = since + (conn.rtt() * 2).max(Duration::from_millis(10));
-    if Instant::now() < settled {
+    let fresh = Instant::now() < settled;
+    if fresh {
         tokio::time::sleep_until(settled.into()).await;
     }
+    // On a fresh connection any close counts; later, a refusal code still does.
     match conn.close_reason().map(|r| close_reason(&r)) {
-        Some((i, true)) => Err(format!(
-            "leader refused the connection ({}) as the stream was acknowledged",
+        Some((i, refusal)) if fresh || refusal => Err(format!(
+            "the connection closed ({}) as the stream was acknowledged",
             CLOSE_REASONS[i]
         )),
         _ => Ok(()),
