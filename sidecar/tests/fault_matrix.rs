@@ -80,6 +80,21 @@ struct Rig {
 }
 
 impl Rig {
+    /// `GET /api/modules` through Envoy.
+    fn modules(&self) -> Value {
+        self.rt.block_on(async {
+            self.client
+                .get(format!("https://localhost:{}/api/modules", self.gw.port))
+                .header("authorization", &self.token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        })
+    }
+
     fn start(dir: &Path, kafka: bool) -> Rig {
         let ch = ClickHouse::start(dir);
         let kafka = kafka.then(|| Kafka::start(dir));
@@ -365,17 +380,7 @@ impl Rig {
         );
         let n: u64 = last.trim().trim_start_matches("req-").parse().unwrap();
         let want = self.cmds[&n].pct;
-        let state: Value = self.rt.block_on(async {
-            self.client
-                .get(format!("https://localhost:{}/api/modules", self.gw.port))
-                .header("authorization", &self.token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap()
-        });
+        let state = self.modules();
         assert_eq!(
             state["mev"]["throttle_pct"],
             json!(want),
@@ -598,20 +603,7 @@ fn a_full_journal_disk_refuses_with_503_and_burns_no_nonce() {
     rig.stream(&warm, Duration::ZERO, |_| {});
     rig.settle();
 
-    let modules = |rig: &Rig| -> Value {
-        rig.rt.block_on(async {
-            rig.client
-                .get(format!("https://localhost:{}/api/modules", rig.gw.port))
-                .header("authorization", &rig.token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap()
-        })
-    };
-    let before = modules(&rig);
+    let before = rig.modules();
     // Fill the disk.
     let filler = journal.join("filler");
     {
@@ -630,7 +622,7 @@ fn a_full_journal_disk_refuses_with_503_and_burns_no_nonce() {
         }
     }
     // Nothing of them was applied.
-    assert_eq!(modules(&rig), before);
+    assert_eq!(rig.modules(), before);
 
     // Room again: the same bytes are applied, once.
     std::fs::remove_file(&filler).unwrap();
