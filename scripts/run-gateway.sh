@@ -136,6 +136,8 @@ echo "$token" > "$run/admin.jwt"
 cat <<MSG
 
 Gateway is up: https://localhost:8443 (HTTP/3 over UDP, HTTP/2 + HTTP/1.1 over TLS)
+  console:            https://localhost:8443/ (log in with the admin token; the dev CA
+                      is not in your browser's store: accept the warning or import $run/certs/ca.pem)
   admin token (8h):   $run/admin.jwt
   dev CA:             $run/certs/ca.pem
   command key:        $run/keys/op-admin-1.sk.hex (id op-admin-1)
@@ -248,6 +250,14 @@ if (( smoke )); then
     log "smoke: commands crossed Kafka; ClickHouse's Kafka engine ingested $k into control_ledger"
   fi
   log "smoke: signed command applied once over HTTP/3 (mev 40%), replay refused over HTTP/2, JSON route signed and applied (arbitrage 50%)"
+  # The live stream through Envoy on all three protocols, then the console in a
+  # real browser (Debian's Chromium, playwright-core from tests/console's lock file).
+  timeout 120 "$GW_VENV/bin/python" tests/console/realtime.py --run "$run" --gwctl "$bin/gwctl" \
+    --python "$GW_VENV/bin/python" || die "smoke: /api/realtime through Envoy failed"
+  command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+  (cd tests/console && npm ci --no-audit --no-fund --loglevel=error >/dev/null) || die "npm ci in tests/console failed"
+  timeout 180 node tests/console/browser.mjs --run "$run" --gwctl "$bin/gwctl" --out "$run/screenshots" \
+    || die "smoke: the console's browser test failed (screenshots in $run/screenshots)"
   if (( hostile )); then
     log "hostile-input suite (tests/hostile/hostile.py)"
     timeout 600 "$GW_VENV/bin/python" tests/hostile/hostile.py --run "$run" || die "the hostile-input suite failed"

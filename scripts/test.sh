@@ -19,6 +19,11 @@ command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq cur
 command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
 command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake; }   # model builds (abi/)
 
+# Test binaries of earlier builds are never run again and are ~300 MB each with
+# debug info: drop those not rebuilt for a day, so the cache does not fill the disk.
+if [[ -d "$CARGO_TARGET_DIR/debug/deps" ]]; then
+  find "$CARGO_TARGET_DIR/debug/deps" -maxdepth 1 -type f ! -name '*.*' -mtime +1 -delete || true
+fi
 log "cargo test (target dir: $CARGO_TARGET_DIR)"
 out="$(mktemp)"
 trap 'rm -f "$out"' EXIT

@@ -28,6 +28,12 @@ pub struct RequestHead<'a> {
     pub authorization: Option<&'a str>,
     /// `content-length`.
     pub content_length: Option<&'a str>,
+    /// `upgrade` (Envoy presents HTTP/2's and HTTP/3's extended CONNECT as an
+    /// HTTP/1.1 upgrade too).
+    pub upgrade: Option<&'a str>,
+    /// `sec-websocket-protocol`: a browser's WebSocket cannot send
+    /// `Authorization`, so it offers its token as the subprotocol `bearer.<jwt>`.
+    pub websocket_protocols: Option<&'a str>,
     /// The request has no body.
     pub end_of_stream: bool,
 }
@@ -80,6 +86,9 @@ fn requester_of(v: &VerifiedJwt) -> Requester {
     }
 }
 
+/// The header a WebSocket's subprotocols travel in.
+pub const WS_PROTOCOL_HEADER: &str = "sec-websocket-protocol";
+
 /// Headers to add upstream.
 pub type UpstreamHeaders = Vec<(String, String)>;
 
@@ -131,6 +140,46 @@ fn path_is_canonical(p: &str) -> bool {
         || p.split('/').any(|seg| seg == ".." || seg == "."))
 }
 
+/// The subprotocol that carries a WebSocket's token: `bearer.<jwt>`.
+pub const WS_BEARER_PREFIX: &str = "bearer.";
+
+/// A WebSocket's token from its offered subprotocols, and the offer without it
+/// (what the upstream sees). `None` when the request is not a WebSocket upgrade or
+/// offers no token.
+fn websocket_bearer<'a>(head: &RequestHead<'a>) -> Option<Result<(&'a str, String), Reject>> {
+    if !head.upgrade?.trim().eq_ignore_ascii_case("websocket") {
+        return None;
+    }
+    let offered: Vec<&str> = head
+        .websocket_protocols?
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    let mut tokens = offered
+        .iter()
+        .filter_map(|p| p.strip_prefix(WS_BEARER_PREFIX));
+    let token = tokens.next()?;
+    if tokens.next().is_some() {
+        return Some(Err(Reject::new(
+            Code::Malformed,
+            "more than one `bearer.` subprotocol",
+        )));
+    }
+    let rest: Vec<&str> = offered
+        .iter()
+        .copied()
+        .filter(|p| !p.starts_with(WS_BEARER_PREFIX))
+        .collect();
+    if rest.is_empty() || token.is_empty() {
+        return Some(Err(Reject::new(
+            Code::JwtMissing,
+            "a WebSocket token goes in `bearer.<jwt>` beside the stream's own subprotocol",
+        )));
+    }
+    Some(Ok((token, rest.join(", "))))
+}
+
 fn bearer(auth: Option<&str>) -> Result<&str, Reject> {
     let a = auth.ok_or_else(|| Reject::new(Code::JwtMissing, "no Authorization header"))?;
     let (scheme, token) = a
@@ -161,8 +210,26 @@ impl Edge {
         Edge { settings, cache }
     }
 
-    fn token(&self, head: &RequestHead<'_>, now: u64) -> Result<VerifiedJwt, Reject> {
-        let token = bearer(head.authorization)?;
+    /// The verified token, and the subprotocols to forward when it came as one.
+    fn token(
+        &self,
+        head: &RequestHead<'_>,
+        now: u64,
+    ) -> Result<(VerifiedJwt, Option<String>), Reject> {
+        let (token, rest) = match (head.authorization, websocket_bearer(head)) {
+            (None, Some(ws)) => {
+                let (t, rest) = ws?;
+                (t, Some(rest))
+            }
+            // `Authorization` wins; a token also offered as a subprotocol is still
+            // not forwarded.
+            (Some(auth), Some(Ok((_, rest)))) => (bearer(Some(auth))?, Some(rest)),
+            (auth, _) => (bearer(auth)?, None),
+        };
+        self.verify_token(token, now).map(|v| (v, rest))
+    }
+
+    fn verify_token(&self, token: &str, now: u64) -> Result<VerifiedJwt, Reject> {
         let s = &self.settings;
         match self.cache.try_borrow_mut() {
             Ok(mut c) => c.verify(token, &s.jwks, &s.jwt_policy, now),
@@ -217,13 +284,18 @@ impl Edge {
         head: &RequestHead<'_>,
         now: u64,
     ) -> Result<HeadDecision, (Reject, Option<Requester>)> {
-        let v = match self.decide_before_token(head)? {
+        let (v, ws_rest) = match self.decide_before_token(head)? {
             Some(done) => return Ok(done),
             None => self.token(head, now).map_err(|r| (r, None))?,
         };
         match self.decide_with_token(head, &v) {
             Ok(WithToken::Forward) => {
-                Ok(HeadDecision::Forward(Self::jwt_headers(&v, Verified::Jwt)))
+                let mut h = Self::jwt_headers(&v, Verified::Jwt);
+                if let Some(rest) = ws_rest {
+                    // The token stops here: the upstream sees the other offers.
+                    h.push((WS_PROTOCOL_HEADER.into(), header_safe(&rest).into_owned()));
+                }
+                Ok(HeadDecision::Forward(h))
             }
             Ok(WithToken::AwaitBody(route)) => {
                 Ok(HeadDecision::AwaitBody(PendingCommand { jwt: v, route }))

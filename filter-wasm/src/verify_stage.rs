@@ -141,6 +141,8 @@ impl VerifyStage {
             content_type: get("content-type"),
             authorization: get("authorization"),
             content_length: get("content-length"),
+            upgrade: get("upgrade"),
+            websocket_protocols: get("sec-websocket-protocol"),
             end_of_stream,
         };
         match edge.on_request_headers(&head, host::now_secs()) {

@@ -32,6 +32,8 @@ fn head<'a>(method: &'a str, path: &'a str, auth: Option<&'a str>) -> RequestHea
         content_type: Some("application/x-protobuf"),
         authorization: auth,
         content_length: None,
+        upgrade: None,
+        websocket_protocols: None,
         end_of_stream: false,
     }
 }
@@ -79,7 +81,7 @@ fn invalid_configurations_are_refused_clearly() {
             "exclude each other",
         ),
         (
-            Box::new(|c| c["routes"][2]["public"] = false.into()),
+            Box::new(|c| c["routes"][3]["public"] = false.into()),
             "give a role",
         ),
         (
@@ -184,6 +186,87 @@ fn routes_need_the_right_role() {
             "{p}"
         );
     }
+}
+
+/// A browser's WebSocket offers its token as the subprotocol `bearer.<jwt>`: the
+/// edge verifies it like `Authorization`, and forwards the other offers only.
+#[test]
+fn a_websocket_may_carry_its_token_as_a_subprotocol() {
+    let e = edge();
+    let viewer = token(&["viewer"]);
+    let jwt = viewer.trim_start_matches("Bearer ");
+    let offer = format!("gw.realtime.v1, bearer.{jwt}");
+    let ws = |offer: &'static str| RequestHead {
+        upgrade: Some("websocket"),
+        websocket_protocols: Some(offer),
+        ..head("GET", "/api/realtime", None)
+    };
+    let offer: &'static str = Box::leak(offer.into_boxed_str());
+    match e.on_request_headers(&ws(offer), NOW) {
+        HeadDecision::Forward(h) => {
+            assert!(h.contains(&("x-gw-roles".into(), "viewer".into())));
+            assert!(h.contains(&("x-gw-verified".into(), "jwt".into())));
+            assert!(
+                h.contains(&("sec-websocket-protocol".into(), "gw.realtime.v1".into())),
+                "the token is not forwarded: {h:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // The route's role still applies: a viewer token is not enough for /api/modules.
+    let modules = RequestHead {
+        path: "/api/modules",
+        ..ws(offer)
+    };
+    assert_eq!(
+        reject_code(e.on_request_headers(&modules, NOW)),
+        Code::ForbiddenRole
+    );
+    // Only on a WebSocket upgrade.
+    let plain = RequestHead {
+        upgrade: None,
+        ..ws(offer)
+    };
+    assert_eq!(
+        reject_code(e.on_request_headers(&plain, NOW)),
+        Code::JwtMissing
+    );
+    // A bad token, two tokens, or a token with nothing else offered.
+    assert_eq!(
+        reject_code(e.on_request_headers(&ws("gw.realtime.v1, bearer.x.y.z"), NOW)),
+        Code::JwtMalformed
+    );
+    let two: &'static str = Box::leak(format!("{offer}, bearer.{jwt}").into_boxed_str());
+    assert_eq!(
+        reject_code(e.on_request_headers(&ws(two), NOW)),
+        Code::Malformed
+    );
+    let alone: &'static str = Box::leak(format!("bearer.{jwt}").into_boxed_str());
+    assert_eq!(
+        reject_code(e.on_request_headers(&ws(alone), NOW)),
+        Code::JwtMissing
+    );
+    assert_eq!(
+        reject_code(e.on_request_headers(&ws(offer), NOW + 10_000)),
+        Code::JwtExpired
+    );
+    // With Authorization too: that token is used, and the offered one still stops here.
+    let both = RequestHead {
+        authorization: Some(&viewer),
+        ..ws(offer)
+    };
+    match e.on_request_headers(&both, NOW) {
+        HeadDecision::Forward(h) => assert!(
+            h.contains(&("sec-websocket-protocol".into(), "gw.realtime.v1".into())),
+            "{h:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // Without any offer: no token.
+    assert_eq!(
+        reject_code(e.on_request_headers(&ws("gw.realtime.v1"), NOW)),
+        Code::JwtMissing
+    );
 }
 
 #[test]

@@ -136,9 +136,7 @@ fn start_edge(dir: &Path, filter_config: &str) -> Edge {
                 "GW_FILTER_WASM",
                 testkit::filter_wasm().display().to_string(),
             ),
-            ("GW_SIDECAR_PORT", upstream.clone()),
-            ("GW_REALTIME_PORT", upstream.clone()),
-            ("GW_DASHBOARD_PORT", upstream),
+            ("GW_SIDECAR_PORT", upstream),
         ],
         false,
     );

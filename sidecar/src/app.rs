@@ -11,6 +11,7 @@ use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::console::realtime::Hub;
 use crate::control::bus::Bus;
 use crate::control::json_route::JsonSigner;
 use crate::control::replay_store::{ReplaySink, ReplayStore};
@@ -33,6 +34,7 @@ pub struct Running {
     ledger: Ledger,
     models: Option<Arc<ModelHost>>,
     plane: Option<Arc<DataPlane>>,
+    realtime: Arc<Hub>,
     registry: Arc<Registry>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -56,6 +58,8 @@ impl Running {
             .merge(self.ledger.router())
             .merge(ModelsApi::new(self.models.clone(), modules.clone()).router())
             .merge(SenderApi::new(self.plane.clone(), modules).router())
+            .merge(self.realtime.router())
+            .merge(crate::console::router())
             .fallback_service(
                 axum::Router::new()
                     .fallback(crate::serve::not_found)
@@ -105,6 +109,11 @@ impl Running {
     /// The data plane, when `sender` is configured.
     pub fn plane(&self) -> Option<&Arc<DataPlane>> {
         self.plane.as_ref()
+    }
+
+    /// The `/api/realtime` hub.
+    pub fn realtime(&self) -> &Arc<Hub> {
+        &self.realtime
     }
 
     /// The model host, when `models` is configured.
@@ -171,6 +180,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         bus.sink(),
         sends.clone(),
     ];
+    let realtime = Hub::new(
+        cfg.file.realtime.clone(),
+        cfg.file.node_id.clone(),
+        &mut registry,
+    );
+    sinks.push(realtime.sink());
     sinks.extend(ledger.sink());
     let records = std::mem::take(&mut opened.records);
     let journal = opened.start(chain, sinks)?;
@@ -209,6 +224,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     )?;
     drop(records);
     tasks.extend(t);
+    realtime.set_modules(control.modules());
     tracing::info!(bus = %bus.describe(), "command bus");
 
     let models = cfg.file.models.as_ref().map(|m| {
@@ -262,6 +278,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         ledger,
         models,
         plane,
+        realtime,
         registry: Arc::new(registry),
         tasks,
     })

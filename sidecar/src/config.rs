@@ -90,6 +90,9 @@ pub struct FileConfig {
     /// `text` (default) or `json` log lines (also `GW_LOG_FORMAT`).
     #[serde(default)]
     pub log_format: crate::telemetry::LogFormat,
+    /// The `/api/realtime` stream's bounds.
+    #[serde(default)]
+    pub realtime: crate::console::realtime::RealtimeConfig,
 }
 
 /// `models` in the config file.
@@ -467,6 +470,7 @@ impl Config {
         file.replay_limits()
             .validate()
             .map_err(|reason| OutOfBounds::new("replay_max_per_issuer", reason))?;
+        file.realtime.validate()?;
         let mut keyring = KeyRing::from_config(&file.command_keys)?;
         let key_id = env("CTRL_PUBKEY_ID").unwrap_or_else(|| "op-admin-1".into());
         if let Some(pk) = env("CTRL_PUBKEY_HEX") {

@@ -18,6 +18,7 @@
 
 pub mod app;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod durable;
 pub mod error;

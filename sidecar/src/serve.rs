@@ -208,7 +208,10 @@ pub async fn serve(
         let tls = tls.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // WebSockets (`/api/realtime`): HTTP/1.1 upgrades, and RFC 8441's
+            // extended CONNECT when the edge multiplexes them over HTTP/2.
+            builder.http2().enable_connect_protocol();
             match tls {
                 Some(tls) => {
                     let stream = match tls.acceptor.accept(tcp).await {
@@ -220,12 +223,12 @@ pub async fn serve(
                     };
                     let peer = tls.peer(stream.get_ref().1.peer_certificates());
                     let svc = with_peer(app, peer, from);
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     let _ = watcher.watch(conn.into_owned()).await;
                 }
                 None => {
                     let svc = with_peer(app, Peer::Plaintext, from);
-                    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
                     let _ = watcher.watch(conn.into_owned()).await;
                 }
             }

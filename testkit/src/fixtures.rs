@@ -17,7 +17,8 @@ pub fn command_key() -> SigningKey {
 }
 
 /// A gw_edge filter configuration: `op-admin-1` for issuers `dashboard` and `ops`,
-/// the HS256 key, routes `/api/ledger/` (viewer), `/api/` (operator), `/` (public).
+/// the HS256 key, routes `/api/ledger/` and `/api/realtime` (viewer), `/api/`
+/// (operator), `/` (public).
 pub fn filter_config(max_body_bytes: usize) -> Value {
     json!({
         "command_keys": {"keys": [{"id": "op-admin-1",
@@ -29,6 +30,7 @@ pub fn filter_config(max_body_bytes: usize) -> Value {
         },
         "routes": [
             {"prefix": "/api/ledger/", "role": "viewer"},
+            {"prefix": "/api/realtime", "role": "viewer"},
             {"prefix": "/api/", "role": "operator"},
             {"prefix": "/", "public": true}
         ],

@@ -218,6 +218,9 @@ impl Ledger {
             .route("/api/ledger/request/{request_id}", get(by_request))
             .route("/api/ledger/policy-frequency", get(policy_frequency))
             .route("/api/ledger/verify", get(verify))
+            .route("/api/ledger/refusals", get(refusals))
+            .route("/api/ledger/sends", get(sends))
+            .route("/api/ledger/checkpoints", get(checkpoints))
             .with_state(self.queries.clone())
     }
 }
@@ -315,8 +318,31 @@ fn queries(q: Option<Queries>) -> Result<Queries, ApiError> {
     ))
 }
 
-async fn history(State(q): Q) -> Result<Json<Vec<DecisionView>>, ApiError> {
-    Ok(Json(queries(q)?.history().await?))
+/// `?limit=` of `/api/ledger/history`.
+#[derive(serde::Deserialize)]
+struct HistoryQuery {
+    limit: Option<usize>,
+}
+
+async fn history(
+    State(q): Q,
+    h: Result<axum::extract::Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<DecisionView>>, ApiError> {
+    let h = h.map_err(|e| ApiError::with(Code::Malformed, e.body_text()))?;
+    let limit = h.limit.unwrap_or(query::MAX_HISTORY);
+    Ok(Json(queries(q)?.history(limit).await?))
+}
+
+async fn refusals(State(q): Q) -> Result<Json<query::Refusals>, ApiError> {
+    Ok(Json(queries(q)?.refusals().await?))
+}
+
+async fn sends(State(q): Q) -> Result<Json<query::SendStats>, ApiError> {
+    Ok(Json(queries(q)?.sends().await?))
+}
+
+async fn checkpoints(State(q): Q) -> Result<Json<Vec<query::CheckpointView>>, ApiError> {
+    Ok(Json(queries(q)?.checkpoints().await?))
 }
 
 async fn by_request(

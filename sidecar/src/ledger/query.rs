@@ -51,6 +51,87 @@ pub struct PolicyWindow {
     pub commands: u64,
 }
 
+/// Decisions with one code in a window, by stage.
+#[derive(Debug, clickhouse::Row, Serialize, Deserialize)]
+pub struct CodeCount {
+    /// `edge`, `sidecar`, `agent`.
+    pub stage: String,
+    /// The code (`accepted`/`applied` rows have none and are not counted).
+    pub code: String,
+    /// Rows.
+    pub count: u64,
+}
+
+/// Refusals in one minute, by stage.
+#[derive(Debug, clickhouse::Row, Serialize, Deserialize)]
+pub struct MinuteCount {
+    /// Unix seconds, start of the minute.
+    pub minute: u32,
+    /// `edge`, `sidecar`, `agent`.
+    pub stage: String,
+    /// Rows.
+    pub count: u64,
+}
+
+/// What was refused in the last hour ([`Queries::refusals`]).
+#[derive(Debug, Serialize)]
+pub struct Refusals {
+    /// Totals by stage and code.
+    pub by_code: Vec<CodeCount>,
+    /// Per minute, by stage.
+    pub per_minute: Vec<MinuteCount>,
+}
+
+/// Sends in one minute by route and outcome.
+#[derive(Debug, clickhouse::Row, Serialize, Deserialize)]
+pub struct SendMinute {
+    /// Unix seconds, start of the minute.
+    pub minute: u32,
+    /// The route that took it (`tpu`, `relay`; empty when none did).
+    pub route: String,
+    /// `landed` or `failed`.
+    pub outcome: String,
+    /// Sends hedged to the other route.
+    pub hedged: u64,
+    /// Sends.
+    pub count: u64,
+}
+
+/// Sends by latency bucket (powers of two of microseconds) and route.
+#[derive(Debug, clickhouse::Row, Serialize, Deserialize)]
+pub struct LatencyBucket {
+    /// The route.
+    pub route: String,
+    /// Upper bound of the bucket, microseconds (a power of two).
+    pub le_us: u64,
+    /// Sends.
+    pub count: u64,
+}
+
+/// The send audit of the last hour ([`Queries::sends`]).
+#[derive(Debug, Serialize)]
+pub struct SendStats {
+    /// Per minute.
+    pub per_minute: Vec<SendMinute>,
+    /// Latency histogram of landed sends.
+    pub latency: Vec<LatencyBucket>,
+}
+
+/// A signed checkpoint as stored.
+#[derive(Debug, clickhouse::Row, Serialize, Deserialize)]
+pub struct CheckpointView {
+    /// The chain.
+    pub chain_id: String,
+    /// Rows covered.
+    pub size: u64,
+    /// Hash of row `size`, hex.
+    pub head: String,
+    /// The signed note.
+    pub note: String,
+    /// Unix milliseconds.
+    pub ts_ms: u64,
+}
+
 /// The result of walking one stored chain.
 #[derive(Debug, Serialize)]
 pub struct ChainStatus {
@@ -73,6 +154,12 @@ pub struct LedgerStatus {
     /// Each chain.
     pub chains: Vec<ChainStatus>,
 }
+
+/// The most rows `history` returns.
+pub const MAX_HISTORY: usize = 10_000;
+
+/// The send audit table.
+const SENDS_TABLE: &str = "tx_sends";
 
 const DECISION_COLUMNS: &str = "chain_id, seq, ts_ms, stage, decision, code, issuer, module, \
      action, request_id, nonce, requester, requester_roles, token_issuer, route";
@@ -109,17 +196,90 @@ impl Queries {
         &self.client
     }
 
-    /// Decisions of the last 24 hours, newest first (at most 10 000).
-    pub async fn history(&self) -> Result<Vec<DecisionView>, QueryError> {
+    /// Decisions of the last 24 hours, newest first (at most `limit`, at most
+    /// [`MAX_HISTORY`]).
+    pub async fn history(&self, limit: usize) -> Result<Vec<DecisionView>, QueryError> {
         Ok(self
             .client
             .query(&format!(
                 "SELECT {DECISION_COLUMNS} FROM {} \
                  WHERE ts_ms > toUInt64(toUnixTimestamp64Milli(now64(3))) - 86400000 \
-                 ORDER BY ts_ms DESC, chain_id, seq DESC LIMIT 10000",
-                self.table
+                 ORDER BY ts_ms DESC, chain_id, seq DESC LIMIT {}",
+                self.table,
+                limit.min(MAX_HISTORY)
             ))
             .fetch_all::<DecisionView>()
+            .await?)
+    }
+
+    /// Refusals of the last hour: by stage and code, and per minute.
+    pub async fn refusals(&self) -> Result<Refusals, QueryError> {
+        const HOUR: &str =
+            "code != '' AND ts_ms > toUInt64(toUnixTimestamp64Milli(now64(3))) - 3600000";
+        let by_code = self
+            .client
+            .query(&format!(
+                "SELECT stage, code, count() AS count FROM {} WHERE {HOUR} \
+                 GROUP BY stage, code ORDER BY count DESC, stage, code",
+                self.table
+            ))
+            .fetch_all::<CodeCount>()
+            .await?;
+        let per_minute = self
+            .client
+            .query(&format!(
+                "SELECT toUInt32(intDiv(ts_ms, 60000) * 60) AS minute, stage, count() AS count \
+                 FROM {} WHERE {HOUR} GROUP BY minute, stage ORDER BY minute, stage",
+                self.table
+            ))
+            .fetch_all::<MinuteCount>()
+            .await?;
+        Ok(Refusals {
+            by_code,
+            per_minute,
+        })
+    }
+
+    /// The send audit of the last hour: per minute by route and outcome, and the
+    /// latency histogram of landed sends.
+    pub async fn sends(&self) -> Result<SendStats, QueryError> {
+        const HOUR: &str = "ts_us > toUInt64(toUnixTimestamp64Micro(now64(6))) - 3600000000";
+        let per_minute = self
+            .client
+            .query(&format!(
+                "SELECT toUInt32(intDiv(ts_us, 60000000) * 60) AS minute, route, outcome, \
+                        countIf(hedged = 1) AS hedged, count() AS count \
+                 FROM {SENDS_TABLE} WHERE {HOUR} \
+                 GROUP BY minute, route, outcome ORDER BY minute, route, outcome"
+            ))
+            .fetch_all::<SendMinute>()
+            .await?;
+        let latency = self
+            .client
+            .query(&format!(
+                "SELECT route, toUInt64(pow(2, ceil(log2(greatest(latency_us, 1))))) AS le_us, \
+                        count() AS count \
+                 FROM {SENDS_TABLE} WHERE {HOUR} AND outcome = 'landed' \
+                 GROUP BY route, le_us ORDER BY route, le_us"
+            ))
+            .fetch_all::<LatencyBucket>()
+            .await?;
+        Ok(SendStats {
+            per_minute,
+            latency,
+        })
+    }
+
+    /// The latest signed checkpoint of each chain.
+    pub async fn checkpoints(&self) -> Result<Vec<CheckpointView>, QueryError> {
+        Ok(self
+            .client
+            .query(&format!(
+                "SELECT chain_id, size, head, note, ts_ms FROM {} \
+                 ORDER BY chain_id, size DESC LIMIT 1 BY chain_id",
+                super::checkpoint::TABLE
+            ))
+            .fetch_all::<CheckpointView>()
             .await?)
     }
 

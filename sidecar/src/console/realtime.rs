@@ -1,0 +1,470 @@
+//! `/api/realtime`: a WebSocket that streams what the journal makes durable —
+//! decisions (ledger rows), module state changes and send outcomes — as JSON
+//! messages (schema in `docs/console.md`).
+//!
+//! The journal's writer thread hands every committed transaction to [`RealtimeSink`],
+//! which serialises it (only while someone listens) into a bounded
+//! `tokio::sync::broadcast` channel: a send there never waits, so the control path
+//! never waits for a viewer. Each client reads the channel at its own pace; one that
+//! falls more than `queue` messages behind, or whose socket does not take a message
+//! within `write_timeout_ms`, is closed with code 4008 and counted. At most
+//! `max_clients` connect at once; more are refused with 503 `unavailable`.
+//!
+//! Browsers cannot set `Authorization` on a WebSocket, so the page offers its JWT
+//! as the subprotocol `bearer.<jwt>` beside [`SUBPROTOCOL`]; the edge verifies it
+//! (role `viewer`), removes it and forwards the verified identity as `x-gw-*`
+//! headers. The sidecar only takes the stream from the edge and checks those
+//! headers again.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use gw_core::contract::headers;
+use gw_core::Code;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+use crate::config::OutOfBounds;
+use crate::control::modules::ModuleTable;
+use crate::error::ApiError;
+use crate::journal::{Entry, Lsn, Sink, Txn};
+
+/// The subprotocol the stream speaks (the page offers it; the sidecar selects it).
+pub const SUBPROTOCOL: &str = "gw.realtime.v1";
+/// Schema version in the `hello` message.
+pub const SCHEMA: u32 = 1;
+/// Close code for a client that cannot keep up (private-use range, RFC 6455 §7.4.2).
+pub const CLOSE_SLOW: u16 = 4008;
+/// The role a stream needs.
+pub const ROLE: &str = "viewer";
+
+/// `realtime` in the sidecar's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RealtimeConfig {
+    /// Streams open at once; more are refused (503).
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
+    /// Messages a client may fall behind before it is closed (4008).
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// How long one message may wait for the client's socket before it is closed.
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout_ms: u64,
+    /// Ping period (keeps proxies' idle timers from closing a quiet stream).
+    #[serde(default = "default_ping")]
+    pub ping_ms: u64,
+}
+
+fn default_max_clients() -> usize {
+    64
+}
+fn default_queue() -> usize {
+    1024
+}
+fn default_write_timeout() -> u64 {
+    5_000
+}
+fn default_ping() -> u64 {
+    10_000
+}
+
+impl Default for RealtimeConfig {
+    fn default() -> Self {
+        RealtimeConfig {
+            max_clients: default_max_clients(),
+            queue: default_queue(),
+            write_timeout_ms: default_write_timeout(),
+            ping_ms: default_ping(),
+        }
+    }
+}
+
+impl RealtimeConfig {
+    /// Refuses values the hub cannot work with.
+    pub fn validate(&self) -> Result<(), OutOfBounds> {
+        if !(1..=4096).contains(&self.max_clients) {
+            return Err(OutOfBounds::new(
+                "realtime.max_clients",
+                "must be within 1..=4096",
+            ));
+        }
+        if !(16..=65_536).contains(&self.queue) {
+            return Err(OutOfBounds::new(
+                "realtime.queue",
+                "must be within 16..=65536",
+            ));
+        }
+        if !(100..=60_000).contains(&self.write_timeout_ms) {
+            return Err(OutOfBounds::new(
+                "realtime.write_timeout_ms",
+                "must be within 100..=60000",
+            ));
+        }
+        if !(1_000..=25_000).contains(&self.ping_ms) {
+            return Err(OutOfBounds::new(
+                "realtime.ping_ms",
+                "must be within 1000..=25000 (under Envoy's 30 s stream idle timeout)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Why a stream ended (the `reason` label of `gw_sidecar_realtime_closed_total`).
+const REASONS: [&str; 5] = ["client", "slow", "write_timeout", "full", "shutdown"];
+
+#[derive(Clone, Debug, Default)]
+struct Metrics {
+    clients: Gauge,
+    messages: Counter,
+    closed: Family<ReasonLabel, Counter>,
+}
+
+/// The fan-out point: the journal sink publishes, each stream subscribes.
+pub struct Hub {
+    tx: broadcast::Sender<Arc<str>>,
+    clients: AtomicUsize,
+    cfg: RealtimeConfig,
+    modules: OnceLock<ModuleTable>,
+    node_id: String,
+    metrics: Metrics,
+}
+
+impl Hub {
+    /// A hub for `cfg` on node `node_id`; its metrics go into `registry`.
+    pub fn new(cfg: RealtimeConfig, node_id: String, registry: &mut Registry) -> Arc<Hub> {
+        let (tx, _) = broadcast::channel(cfg.queue.max(1));
+        let metrics = Metrics::default();
+        for reason in REASONS {
+            let _ = metrics.closed.get_or_create(&ReasonLabel { reason });
+        }
+        registry.register(
+            "gw_sidecar_realtime_clients",
+            "Open /api/realtime streams",
+            metrics.clients.clone(),
+        );
+        registry.register(
+            "gw_sidecar_realtime_messages",
+            "Messages published to /api/realtime streams",
+            metrics.messages.clone(),
+        );
+        registry.register(
+            "gw_sidecar_realtime_closed",
+            "/api/realtime streams ended or refused, by reason",
+            metrics.closed.clone(),
+        );
+        Arc::new(Hub {
+            tx,
+            clients: AtomicUsize::new(0),
+            cfg,
+            modules: OnceLock::new(),
+            node_id,
+            metrics,
+        })
+    }
+
+    /// The module table the `hello` message reads (known once the control plane
+    /// started, after the journal this hub listens to).
+    pub fn set_modules(&self, modules: ModuleTable) {
+        let _ = self.modules.set(modules);
+    }
+
+    /// The journal sink that feeds this hub.
+    pub fn sink(self: &Arc<Self>) -> Arc<dyn Sink> {
+        Arc::new(RealtimeSink(self.clone()))
+    }
+
+    /// `GET /api/realtime` (and HTTP/2's `CONNECT`).
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        axum::Router::new()
+            .route("/api/realtime", axum::routing::any(upgrade))
+            .with_state(self.clone())
+    }
+
+    /// Publishes one message to every open stream (the journal sink does so for
+    /// what it commits; another capability may publish its own `type`).
+    pub fn publish(&self, msg: Value) {
+        // Never blocks: a full channel drops the oldest message for the slowest
+        // reader, who then sees `Lagged` and is closed.
+        if self.tx.send(Arc::from(msg.to_string())).is_ok() {
+            self.metrics.messages.inc();
+        }
+    }
+
+    fn closed(&self, reason: &'static str) {
+        self.metrics
+            .closed
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+}
+
+/// Publishes each committed transaction's rows, state changes and sends.
+struct RealtimeSink(Arc<Hub>);
+
+impl Sink for RealtimeSink {
+    fn committed(&self, lsn: Lsn, txn: &Txn) {
+        let hub = &self.0;
+        if hub.tx.receiver_count() == 0 {
+            return;
+        }
+        for e in &txn.entries {
+            match e {
+                Entry::Row(r) => hub.publish(json!({
+                    "type": "decision",
+                    "lsn": lsn,
+                    "chain_id": r.chain_id,
+                    "seq": r.seq,
+                    "ts_ms": r.ts_ms,
+                    "stage": r.stage,
+                    "decision": r.decision,
+                    "code": r.code,
+                    "request_id": r.request_id,
+                    "issuer": r.issuer,
+                    "module": r.module,
+                    "action": r.action,
+                    "nonce": r.nonce,
+                    "args": serde_json::from_str::<Value>(&r.args_json).unwrap_or(Value::Null),
+                    "requester": r.requester,
+                    "requester_roles": r.requester_roles,
+                    "route": r.route,
+                })),
+                Entry::Agent(a) => {
+                    if let Some(state) = &a.state {
+                        hub.publish(json!({
+                            "type": "module",
+                            "lsn": lsn,
+                            "module": a.module.as_str(),
+                            "state": state,
+                        }));
+                    }
+                }
+                Entry::Sends { rows } => {
+                    for s in rows {
+                        hub.publish(json!({
+                            "type": "send",
+                            "lsn": lsn,
+                            "ts_us": s.ts_us,
+                            "signature": s.signature,
+                            "source": s.source,
+                            "module": s.module,
+                            "kind": s.kind,
+                            "primary": s.primary,
+                            "route": s.route,
+                            "hedged": s.hedged != 0,
+                            "outcome": s.outcome,
+                            "latency_us": s.latency_us,
+                            "leader": s.leader,
+                            "bytes": s.bytes,
+                            "tpu_error": s.tpu_error,
+                            "relay_error": s.relay_error,
+                        }));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Holds one of the `max_clients` places while a stream is open.
+struct Place(Arc<Hub>);
+
+impl Place {
+    fn take(hub: &Arc<Hub>) -> Option<Place> {
+        let max = hub.cfg.max_clients;
+        hub.clients
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        hub.metrics.clients.inc();
+        Some(Place(hub.clone()))
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.clients.dec();
+    }
+}
+
+async fn upgrade(
+    State(hub): State<Arc<Hub>>,
+    head: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    // The edge verified the token; check that it said so and what it allows.
+    let verified = head
+        .get(headers::VERIFIED)
+        .and_then(|v| v.to_str().ok())
+        .is_some();
+    let roles: Vec<&str> = head
+        .get(headers::ROLES)
+        .and_then(|v| v.to_str().ok())
+        .map(|r| r.split(',').map(str::trim).collect())
+        .unwrap_or_default();
+    if !verified {
+        return ApiError::new(
+            Code::JwtMissing,
+            "the stream needs a token verified by the edge",
+        )
+        .into_response();
+    }
+    if !gw_core::roles::satisfies(&roles, ROLE) {
+        return ApiError::with(
+            Code::ForbiddenRole,
+            format!("the stream needs role `{ROLE}`"),
+        )
+        .into_response();
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return ApiError::with(
+                Code::Malformed,
+                format!("not a WebSocket upgrade: {}", e.body_text()),
+            )
+            .into_response()
+        }
+    };
+    let Some(place) = Place::take(&hub) else {
+        hub.closed("full");
+        return ApiError::with(
+            Code::Unavailable,
+            format!(
+                "{} realtime streams are open (realtime.max_clients)",
+                hub.cfg.max_clients
+            ),
+        )
+        .into_response();
+    };
+    let sub = head
+        .get(headers::SUB)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    ws.protocols([SUBPROTOCOL])
+        .on_upgrade(move |socket| stream(socket, place, sub))
+}
+
+/// Sends one message within the write timeout.
+async fn send(socket: &mut WebSocket, msg: Message, timeout: Duration) -> Result<(), &'static str> {
+    match tokio::time::timeout(timeout, socket.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("client"),
+        Err(_) => Err("write_timeout"),
+    }
+}
+
+async fn close(socket: &mut WebSocket, code: u16, reason: String, timeout: Duration) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = send(socket, Message::Close(Some(frame)), timeout).await;
+}
+
+async fn stream(mut socket: WebSocket, place: Place, sub: String) {
+    let hub = place.0.clone();
+    // Subscribe before the hello, so nothing committed after its snapshot is missed.
+    let mut rx = hub.tx.subscribe();
+    let timeout = Duration::from_millis(hub.cfg.write_timeout_ms.max(1));
+    let hello = json!({
+        "type": "hello",
+        "schema": SCHEMA,
+        "node_id": hub.node_id,
+        "sub": sub,
+        "modules": hub.modules.get().map(ModuleTable::snapshot),
+        "queue": hub.cfg.queue,
+    });
+    tracing::debug!(sub = %sub, "realtime stream opened");
+    let mut ping = tokio::time::interval(Duration::from_millis(hub.cfg.ping_ms.max(100)));
+    ping.tick().await;
+    let reason = match send(
+        &mut socket,
+        Message::Text(hello.to_string().into()),
+        timeout,
+    )
+    .await
+    {
+        Err(r) => r,
+        Ok(()) => loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Ok(text) => {
+                        if let Err(r) = send(&mut socket, Message::Text((*text).into()), timeout).await {
+                            break r;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        close(&mut socket, CLOSE_SLOW,
+                            format!("slow consumer: {n} messages behind"), timeout).await;
+                        break "slow";
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        close(&mut socket, 1001, "going away".into(), timeout).await;
+                        break "shutdown";
+                    }
+                },
+                _ = ping.tick() => {
+                    if let Err(r) = send(&mut socket, Message::Ping(Vec::new().into()), timeout).await {
+                        break r;
+                    }
+                }
+                // The client's frames: pongs, a close, or nothing it should send.
+                m = socket.recv() => match m {
+                    Some(Ok(Message::Close(_))) => {
+                        // The reply to the client's close is queued: send it.
+                        let _ = tokio::time::timeout(timeout, futures_util::SinkExt::flush(&mut socket)).await;
+                        break "client";
+                    }
+                    None | Some(Err(_)) => break "client",
+                    Some(Ok(_)) => {}
+                },
+            }
+        },
+    };
+    if reason != "client" {
+        tracing::info!(sub = %sub, reason, "realtime stream closed");
+    }
+    hub.closed(reason);
+    drop(place);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_are_checked() {
+        assert!(RealtimeConfig::default().validate().is_ok());
+        let bad = |f: fn(&mut RealtimeConfig)| {
+            let mut c = RealtimeConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(bad(|c| c.max_clients = 0).starts_with("realtime.max_clients"));
+        assert!(bad(|c| c.queue = 1).starts_with("realtime.queue"));
+        assert!(bad(|c| c.write_timeout_ms = 0).starts_with("realtime.write_timeout_ms"));
+        assert!(bad(|c| c.ping_ms = 30_000).contains("idle timeout"));
+    }
+}
