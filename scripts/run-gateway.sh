@@ -96,6 +96,7 @@ cfg["sender"] = {
     "relay": {"url": "http://127.0.0.1:8010"},
     "leaders": {"static": [{"tpu_quic": "127.0.0.1:8009", "identity": sys.argv[2]}]},
     "hedge_delay_ms": 10,
+    "route_policy": "tpu_first",
 }
 json.dump(cfg, open(sys.argv[1], "w"), indent=2)
 PY

@@ -820,3 +820,162 @@ fn a_stable_connection_that_ends_is_replaced_at_once() {
         assert_eq!(rx.wait_for(2, Duration::from_secs(3)).await, 2);
     });
 }
+
+/// `route_policy: tpu_first` with a warm leader: the first transaction of a fresh
+/// sender goes to the TPU and is not hedged (the relay costs a tip); a leader that
+/// goes silent is left for the relay only when its route fails, and once the TPU's
+/// landing estimate has dropped the relay hedges on time again.
+#[test]
+fn tpu_first_keeps_the_relay_for_failures_and_warm_leaders_need_no_hedge() {
+    let rt = rt();
+    let relay = Relay::start(None);
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let path = DelayProxy::start(rx.addr, Duration::ZERO);
+        let cfg = sender_config(json!({
+            "tpu": {"connect_timeout_ms": 400, "backoff_min_ms": 50, "backoff_max_ms": 50},
+            "relay": {"url": relay.url},
+            "leaders": {"static": []},
+            "hedge_delay_ms": 10,
+            "route_policy": "tpu_first",
+        }));
+        let sender = Sender::new(
+            &cfg,
+            &key(2),
+            Some(leader(path.addr, Some(rx.identity))),
+            None,
+        )
+        .unwrap();
+        // Warm before the first send, as the plane's slot loop does.
+        sender.refresh_leaders();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while rx.stats.connections.load(Ordering::Relaxed) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the leader was not connected ahead"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for i in 0..20 {
+            let (w, sig) = tx(i, 0);
+            let out = sender.send(w, sig, &meta()).await;
+            assert_eq!(
+                (out.primary, out.landed, out.hedged),
+                (Route::Tpu, Some(Route::Tpu), false),
+                "send {i}: {out:?}"
+            );
+        }
+        assert_eq!(relay.calls().len(), 0, "no tip paid while the TPU lands");
+        assert_eq!(rx.stats.connections.load(Ordering::Relaxed), 1);
+        assert!(sender.tpu_landing().unwrap() > 0.99);
+
+        // Silent leader: no hedge at 10 ms; the relay only once the TPU route fails.
+        path.set_blackhole(true);
+        let (w, sig) = tx(100, 0);
+        let out = sender.send(w, sig, &meta()).await;
+        assert_eq!(out.landed, Some(Route::Relay), "{out:?}");
+        assert!(out.tpu_error.is_some(), "{out:?}");
+        assert!(
+            out.hedged_after.unwrap() >= Duration::from_millis(100),
+            "the relay went out before the TPU route failed: {out:?}"
+        );
+        // Keep failing until the estimate is below 0.9 (each failure weighs 0.1).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut n = 200;
+        while sender.tpu_landing().unwrap() >= 0.9 {
+            assert!(Instant::now() < deadline, "{:?}", sender.tpu_landing());
+            let (w, sig) = tx(n, 0);
+            n += 1;
+            assert_eq!(
+                sender.send(w, sig, &meta()).await.landed,
+                Some(Route::Relay)
+            );
+        }
+        // Below the threshold: the relay hedges on time, not after a failure.
+        let (w, sig) = tx(999, 0);
+        let out = sender.send(w, sig, &meta()).await;
+        assert_eq!(out.landed, Some(Route::Relay), "{out:?}");
+        assert!(
+            out.hedged_after.unwrap() < Duration::from_millis(100),
+            "{out:?}"
+        );
+    });
+}
+
+/// `leader_deny` / `leader_allow`: a refused leader is never connected to nor sent
+/// to; when every upcoming leader is refused the relay takes the transaction.
+#[test]
+fn leader_allow_and_deny_lists_apply_before_sending_and_connecting() {
+    let rt = rt();
+    let relay = Relay::start(None);
+    rt.block_on(async {
+        let denied = TpuReceiver::start(ReceiverConfig::default(), &key(11)).unwrap();
+        let allowed = TpuReceiver::start(ReceiverConfig::default(), &key(12)).unwrap();
+        let b58 = |k: [u8; 32]| bs58::encode(k).into_string();
+        let both: Arc<dyn LeaderSource> = Arc::new(StaticLeaders::from_leaders(vec![
+            Leader {
+                tpu_quic: denied.addr,
+                identity: Some(denied.identity),
+            },
+            Leader {
+                tpu_quic: allowed.addr,
+                identity: Some(allowed.identity),
+            },
+        ]));
+        let cfg = sender_config(json!({
+            "tpu": {},
+            "relay": {"url": relay.url},
+            "leaders": {"static": []},
+            "fanout": 2,
+            "route_policy": "tpu_first",
+            "leader_deny": [b58(denied.identity)],
+        }));
+        let sender = Sender::new(&cfg, &key(2), Some(both.clone()), None).unwrap();
+        sender.refresh_leaders();
+        let (w, sig) = tx(1, 0);
+        let out = sender.send(w.clone(), sig, &meta()).await;
+        assert_eq!(out.landed, Some(Route::Tpu), "{out:?}");
+        assert_eq!(allowed.wait_for(1, Duration::from_secs(2)).await, 1);
+        assert_eq!(allowed.received()[0].bytes, w.to_vec());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(denied.count(), 0, "a denied leader got the transaction");
+        assert_eq!(
+            denied.stats.connections.load(Ordering::Relaxed),
+            0,
+            "a denied leader was connected to"
+        );
+        assert_eq!(sender.stats.leaders_refused.load(Ordering::Relaxed), 1);
+
+        // An allow list naming neither: the TPU route refuses both, the relay lands it.
+        let cfg = sender_config(json!({
+            "tpu": {},
+            "relay": {"url": relay.url},
+            "leaders": {"static": []},
+            "fanout": 2,
+            "route_policy": "tpu_first",
+            "leader_allow": [b58(key(13).verifying_key().to_bytes())],
+        }));
+        let sender = Sender::new(&cfg, &key(2), Some(both), None).unwrap();
+        let (w, sig) = tx(2, 0);
+        let out = sender.send(w.clone(), sig, &meta()).await;
+        assert_eq!(out.landed, Some(Route::Relay), "{out:?}");
+        assert!(
+            out.tpu_error.as_deref().unwrap().contains("refuse all 2"),
+            "{out:?}"
+        );
+        assert_eq!(relay.calls().len(), 1);
+        assert_eq!(relay.calls()[0].txs, vec![w.to_vec()]);
+        assert_eq!(
+            denied.count() + allowed.count(),
+            1,
+            "only the first send reached a TPU"
+        );
+
+        // Identities that are not base58 keys are refused at configuration time.
+        let bad = sender_config(json!({
+            "tpu": {}, "leaders": {"static": []}, "leader_deny": ["not-a-key"],
+        }));
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.starts_with("sender.leader_deny"), "{e}");
+    });
+}

@@ -89,7 +89,7 @@ pub enum Phase {
 #[derive(Debug, Clone)]
 pub struct Hedge {
     primary: Route,
-    delay: Duration,
+    delay: Option<Duration>,
     phase: Phase,
     started: Option<Instant>,
     failed: [bool; 2],
@@ -103,6 +103,16 @@ fn idx(r: Route) -> usize {
 impl Hedge {
     /// A transaction that goes first on `primary`, hedged after `delay`.
     pub fn new(primary: Route, delay: Duration) -> Hedge {
+        Hedge::with_delay(primary, Some(delay))
+    }
+
+    /// A transaction that goes on `primary` and on the other route only if
+    /// `primary` fails (no timer: the other route costs, e.g. a relay's tip).
+    pub fn failover_only(primary: Route) -> Hedge {
+        Hedge::with_delay(primary, None)
+    }
+
+    fn with_delay(primary: Route, delay: Option<Duration>) -> Hedge {
         Hedge {
             primary,
             delay,
@@ -120,8 +130,8 @@ impl Hedge {
 
     /// When the sender must deliver [`Event::Timer`], if a hedge is still pending.
     pub fn deadline(&self) -> Option<Instant> {
-        match (self.phase, self.started) {
-            (Phase::Primary, Some(t)) => Some(t + self.delay),
+        match (self.phase, self.started, self.delay) {
+            (Phase::Primary, Some(t), Some(d)) => Some(t + d),
             _ => None,
         }
     }
@@ -186,15 +196,23 @@ pub struct RouteStats {
     attempts: [u64; 2],
     failures: [u64; 2],
     ewma_us: [Option<f64>; 2],
+    landing: [Option<f64>; 2],
 }
 
 const EWMA_WEIGHT: f64 = 0.2;
+/// Weight of the newest attempt in the landing estimate (about the last 20 count).
+const LANDING_WEIGHT: f64 = 0.1;
 
 impl RouteStats {
     /// Records one attempt on `route`: `Ok(latency)` when it landed.
     pub fn record(&mut self, route: Route, outcome: Result<Duration, ()>) {
         let i = idx(route);
         self.attempts[i] += 1;
+        let ok = if outcome.is_ok() { 1.0 } else { 0.0 };
+        self.landing[i] = Some(match self.landing[i] {
+            Some(prev) => prev + LANDING_WEIGHT * (ok - prev),
+            None => ok,
+        });
         match outcome {
             Ok(lat) => {
                 let us = lat.as_secs_f64() * 1e6;
@@ -210,6 +228,12 @@ impl RouteStats {
     /// Attempts and failures of `route`.
     pub fn counts(&self, route: Route) -> (u64, u64) {
         (self.attempts[idx(route)], self.failures[idx(route)])
+    }
+
+    /// The share of recent attempts on `route` that landed (an exponentially
+    /// weighted average, newest weighing 0.1); `None` before the first attempt.
+    pub fn landing(&self, route: Route) -> Option<f64> {
+        self.landing[idx(route)]
     }
 
     /// Expected microseconds to land on `route` (None until it has landed once).
@@ -244,6 +268,43 @@ mod tests {
     use super::*;
 
     const D: Duration = Duration::from_millis(10);
+
+    #[test]
+    fn failover_only_never_hedges_on_time_but_does_on_failure() {
+        let t0 = Instant::now();
+        let mut h = Hedge::failover_only(Route::Tpu);
+        assert_eq!(h.on(Event::Start, t0), Some(Action::Send(Route::Tpu)));
+        assert_eq!(h.deadline(), None, "no timer");
+        assert_eq!(h.on(Event::Timer, t0 + D * 100), None);
+        assert!(!h.hedged());
+        assert_eq!(
+            h.on(Event::Failed(Route::Tpu), t0 + D),
+            Some(Action::Send(Route::Relay))
+        );
+        assert!(h.hedged());
+        assert_eq!(
+            h.on(Event::Confirmed(Route::Relay), t0 + D * 2),
+            Some(Action::Landed(Route::Relay))
+        );
+    }
+
+    #[test]
+    fn the_landing_estimate_follows_recent_outcomes() {
+        let mut s = RouteStats::default();
+        assert_eq!(s.landing(Route::Tpu), None);
+        s.record(Route::Tpu, Ok(D));
+        assert_eq!(s.landing(Route::Tpu), Some(1.0));
+        for _ in 0..3 {
+            s.record(Route::Tpu, Err(()));
+        }
+        let after = s.landing(Route::Tpu).unwrap();
+        assert!((after - 0.729).abs() < 1e-9, "{after}");
+        for _ in 0..50 {
+            s.record(Route::Tpu, Ok(D));
+        }
+        assert!(s.landing(Route::Tpu).unwrap() > 0.99);
+        assert_eq!(s.landing(Route::Relay), None);
+    }
 
     #[test]
     fn a_fast_primary_is_never_hedged() {

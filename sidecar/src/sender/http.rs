@@ -203,12 +203,18 @@ fn status_json(dp: &DataPlane) -> Value {
             "tpu": {"enabled": s.tpu().is_some(), "attempts": tpu.0, "failures": tpu.1},
             "relay": {"enabled": s.relay().is_some(), "attempts": relay.0, "failures": relay.1},
             "preferred": s.preferred().as_str(),
+            "policy": match s.policy() {
+                crate::sender::RoutePolicy::Latency => "latency",
+                crate::sender::RoutePolicy::TpuFirst => "tpu_first",
+            },
+            "tpu_landing_estimate": s.tpu_landing(),
         },
         "leaders": leaders,
         "sends": {
             "landed": s.stats.landed.load(Ordering::Relaxed),
             "failed": s.stats.failed.load(Ordering::Relaxed),
             "hedged": s.stats.hedged.load(Ordering::Relaxed),
+            "leaders_refused": s.stats.leaders_refused.load(Ordering::Relaxed),
         },
         "strategy": {
             "offered": hs.offered.load(Ordering::Relaxed),

@@ -71,6 +71,13 @@ impl Collector for SenderCollector {
             None,
             hedged.metric_type(),
         )?)?;
+        let refused = ConstCounter::new(load(&s.stats.leaders_refused));
+        refused.encode(enc.encode_descriptor(
+            "gw_sender_leaders_refused",
+            "Upcoming leaders a send passed over because of leader_allow / leader_deny",
+            None,
+            refused.metric_type(),
+        )?)?;
         if let Some(t) = s.tpu() {
             let st = &t.stats;
             counters(

@@ -80,6 +80,75 @@ pub struct SenderConfig {
     /// Let JSON-RPC sends through while the gating module is stopped (not killed).
     #[serde(default)]
     pub rpc_allow_stopped: bool,
+    /// How a transaction's routes are chosen ([`RoutePolicy`]).
+    #[serde(default)]
+    pub route_policy: RoutePolicy,
+    /// `tpu_first`: the relay hedges on time only while the TPU route's recent
+    /// landing estimate is below this share (0..=1); otherwise only on failure.
+    #[serde(default = "default_relay_hedge_below")]
+    pub relay_hedge_below: f64,
+    /// Leaders (identity, base58) the TPU route may send to; empty = any. A
+    /// leader whose identity is unknown is not on any allow list.
+    #[serde(default)]
+    pub leader_allow: Vec<String>,
+    /// Leaders (identity, base58) the TPU route never sends to (nor connects to).
+    #[serde(default)]
+    pub leader_deny: Vec<String>,
+}
+
+/// How the sender picks routes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutePolicy {
+    /// The route with the better expected time to land goes first (`primary`
+    /// until both have landed once, or always `primary` without `adaptive`); the
+    /// other hedges after `hedge_delay_ms` or on failure.
+    #[default]
+    Latency,
+    /// The TPU goes first, always (the relay costs a tip). The relay is tried when
+    /// the TPU route fails, and after `hedge_delay_ms` only while the TPU route's
+    /// landing estimate is below `relay_hedge_below`. Bundles go to the relay (the
+    /// TPU has none).
+    TpuFirst,
+}
+
+fn default_relay_hedge_below() -> f64 {
+    0.9
+}
+
+/// Which leaders the TPU route may use (`leader_allow`, `leader_deny`).
+#[derive(Debug, Clone, Default)]
+pub struct LeaderFilter {
+    allow: std::collections::HashSet<[u8; 32]>,
+    deny: std::collections::HashSet<[u8; 32]>,
+}
+
+impl LeaderFilter {
+    /// From base58 identities.
+    pub fn new(allow: &[String], deny: &[String]) -> Result<LeaderFilter, OutOfBounds> {
+        let parse = |key: &'static str, list: &[String]| {
+            list.iter()
+                .map(|s| {
+                    leaders::pubkey_from_b58(s)
+                        .map_err(|e| OutOfBounds::new(key, format!("`{}`: {e}", s.escape_debug())))
+                })
+                .collect::<Result<std::collections::HashSet<_>, _>>()
+        };
+        Ok(LeaderFilter {
+            allow: parse("sender.leader_allow", allow)?,
+            deny: parse("sender.leader_deny", deny)?,
+        })
+    }
+
+    /// Whether the TPU route may send to (and connect to) `l`.
+    pub fn permits(&self, l: &tpu::Leader) -> bool {
+        match &l.identity {
+            Some(id) => {
+                !self.deny.contains(id) && (self.allow.is_empty() || self.allow.contains(id))
+            }
+            None => self.allow.is_empty(),
+        }
+    }
 }
 
 fn default_rpc_module() -> String {
@@ -126,6 +195,13 @@ impl SenderConfig {
         if self.fanout == 0 || self.fanout > 8 {
             return Err(OutOfBounds::new("sender.fanout", "must be within 1..=8"));
         }
+        if !(0.0..=1.0).contains(&self.relay_hedge_below) {
+            return Err(OutOfBounds::new(
+                "sender.relay_hedge_below",
+                "must be within 0..=1",
+            ));
+        }
+        LeaderFilter::new(&self.leader_allow, &self.leader_deny)?;
         if self.hedge_delay_ms > 60_000 {
             return Err(OutOfBounds::new(
                 "sender.hedge_delay_ms",
@@ -195,6 +271,8 @@ pub struct SenderStats {
     pub failed: AtomicU64,
     /// Sends that used the second route.
     pub hedged: AtomicU64,
+    /// Leaders passed over by `leader_allow` / `leader_deny` when sending.
+    pub leaders_refused: AtomicU64,
     /// Landed per route: tpu, relay.
     pub landed_by: [AtomicU64; 2],
 }
@@ -209,6 +287,9 @@ pub struct Sender {
     adaptive: bool,
     fanout: usize,
     prewarm: usize,
+    policy: RoutePolicy,
+    relay_hedge_below: f64,
+    leader_filter: LeaderFilter,
     routes: Arc<Mutex<RouteStats>>,
     audit: Option<SendAudit>,
     /// Counters.
@@ -248,6 +329,9 @@ impl Sender {
             adaptive: config.adaptive,
             fanout: config.fanout,
             prewarm: config.prewarm,
+            policy: config.route_policy,
+            relay_hedge_below: config.relay_hedge_below,
+            leader_filter: LeaderFilter::new(&config.leader_allow, &config.leader_deny)?,
             routes: Arc::new(Mutex::new(RouteStats::default())),
             audit,
             stats: SenderStats::default(),
@@ -272,9 +356,21 @@ impl Sender {
             .unwrap_or_default()
     }
 
+    /// The route policy.
+    pub fn policy(&self) -> RoutePolicy {
+        self.policy
+    }
+
+    /// The TPU route's recent landing estimate (`None` before its first attempt).
+    pub fn tpu_landing(&self) -> Option<f64> {
+        self.routes.lock().ok().and_then(|r| r.landing(Route::Tpu))
+    }
+
     /// The route the next send tries first.
     pub fn preferred(&self) -> Route {
-        let want = if self.adaptive {
+        let want = if self.policy == RoutePolicy::TpuFirst {
+            Route::Tpu
+        } else if self.adaptive {
             self.routes
                 .lock()
                 .map_or(self.primary, |r| r.preferred(self.primary))
@@ -295,7 +391,9 @@ impl Sender {
         let (Some(tpu), Some(src)) = (&self.tpu, &self.leaders) else {
             return;
         };
-        let up = src.upcoming(self.prewarm.max(self.fanout));
+        let mut up = src.upcoming(self.prewarm.max(self.fanout));
+        // A leader the policy refuses is not even connected to.
+        up.retain(|l| self.leader_filter.permits(l));
         tpu.prewarm(&up);
         for (i, l) in up.iter().enumerate() {
             tpu.set_phase(l.tpu_quic, i < self.fanout);
@@ -306,7 +404,19 @@ impl Sender {
     /// routes; audited.
     pub async fn send(&self, wire: Bytes, signature: String, meta: &SendMeta) -> SendOutcome {
         let primary = self.preferred();
-        let mut hedge = Hedge::new(primary, self.delay);
+        let mut hedge = match self.policy {
+            RoutePolicy::Latency => Hedge::new(primary, self.delay),
+            // The relay hedges on time only while the TPU route lands too rarely.
+            RoutePolicy::TpuFirst
+                if primary == Route::Tpu
+                    && self
+                        .tpu_landing()
+                        .is_some_and(|l| l < self.relay_hedge_below) =>
+            {
+                Hedge::new(primary, self.delay)
+            }
+            RoutePolicy::TpuFirst => Hedge::failover_only(primary),
+        };
         let t0 = Instant::now();
         let mut out = SendOutcome {
             signature,
@@ -391,13 +501,28 @@ impl Sender {
                 let Some(tpu) = &self.tpu else {
                     return Box::pin(async { Err(None) });
                 };
-                let leaders = self
+                let mut leaders = self
                     .leaders
                     .as_ref()
                     .map(|s| s.upcoming(self.fanout))
                     .unwrap_or_default();
                 if leaders.is_empty() {
                     return Box::pin(async { Err(Some("no leader known".to_owned())) });
+                }
+                let known = leaders.len();
+                leaders.retain(|l| self.leader_filter.permits(l));
+                let refused = known - leaders.len();
+                if refused > 0 {
+                    self.stats
+                        .leaders_refused
+                        .fetch_add(refused as u64, Ordering::Relaxed);
+                }
+                if leaders.is_empty() {
+                    return Box::pin(async move {
+                        Err(Some(format!(
+                            "leader_allow/leader_deny refuse all {known} upcoming leader(s)"
+                        )))
+                    });
                 }
                 out.leader = leaders.first().map(|l| l.tpu_quic);
                 let mut deliveries = Vec::with_capacity(leaders.len());
