@@ -143,21 +143,18 @@ fn path_is_canonical(p: &str) -> bool {
 /// The subprotocol that carries a WebSocket's token: `bearer.<jwt>`.
 pub const WS_BEARER_PREFIX: &str = "bearer.";
 
-/// A WebSocket's token from its offered subprotocols, and the offer without it
-/// (what the upstream sees). `None` when the request is not a WebSocket upgrade or
-/// offers no token.
-fn websocket_bearer<'a>(head: &RequestHead<'a>) -> Option<Result<(&'a str, String), Reject>> {
-    if !head.upgrade?.trim().eq_ignore_ascii_case("websocket") {
+/// A WebSocket's token from its offered subprotocols. `None` when the request is
+/// not a WebSocket upgrade (`GET` with `upgrade: websocket`, as Envoy presents all
+/// three HTTP versions' upgrades) or offers no token. The control routes take
+/// `POST` only, so a token offered this way never reaches them.
+fn websocket_bearer<'a>(head: &RequestHead<'a>) -> Option<Result<&'a str, Reject>> {
+    if head.method != "GET" || !head.upgrade?.trim().eq_ignore_ascii_case("websocket") {
         return None;
     }
-    let offered: Vec<&str> = head
-        .websocket_protocols?
+    let offered = head.websocket_protocols?;
+    let mut tokens = offered
         .split(',')
         .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .collect();
-    let mut tokens = offered
-        .iter()
         .filter_map(|p| p.strip_prefix(WS_BEARER_PREFIX));
     let token = tokens.next()?;
     if tokens.next().is_some() {
@@ -166,18 +163,31 @@ fn websocket_bearer<'a>(head: &RequestHead<'a>) -> Option<Result<(&'a str, Strin
             "more than one `bearer.` subprotocol",
         )));
     }
-    let rest: Vec<&str> = offered
-        .iter()
-        .copied()
-        .filter(|p| !p.starts_with(WS_BEARER_PREFIX))
-        .collect();
-    if rest.is_empty() || token.is_empty() {
+    if token.is_empty() || without_bearer_offers(offered).is_none_or(|rest| rest.is_empty()) {
         return Some(Err(Reject::new(
             Code::JwtMissing,
             "a WebSocket token goes in `bearer.<jwt>` beside the stream's own subprotocol",
         )));
     }
-    Some(Ok((token, rest.join(", "))))
+    Some(Ok(token))
+}
+
+/// `sec-websocket-protocol` without its `bearer.` offers (what the upstream may
+/// see, possibly empty); `None` when it offers no token. The verify stage rewrites
+/// the header with this on every request, whatever the decision, so a token
+/// offered this way never travels further than the edge.
+pub fn without_bearer_offers(offered: &str) -> Option<String> {
+    let all: Vec<&str> = offered
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    let rest: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|p| !p.starts_with(WS_BEARER_PREFIX))
+        .collect();
+    (rest.len() < all.len()).then(|| rest.join(", "))
 }
 
 fn bearer(auth: Option<&str>) -> Result<&str, Reject> {
@@ -210,23 +220,14 @@ impl Edge {
         Edge { settings, cache }
     }
 
-    /// The verified token, and the subprotocols to forward when it came as one.
-    fn token(
-        &self,
-        head: &RequestHead<'_>,
-        now: u64,
-    ) -> Result<(VerifiedJwt, Option<String>), Reject> {
-        let (token, rest) = match (head.authorization, websocket_bearer(head)) {
-            (None, Some(ws)) => {
-                let (t, rest) = ws?;
-                (t, Some(rest))
-            }
-            // `Authorization` wins; a token also offered as a subprotocol is still
-            // not forwarded.
-            (Some(auth), Some(Ok((_, rest)))) => (bearer(Some(auth))?, Some(rest)),
-            (auth, _) => (bearer(auth)?, None),
+    /// The verified token: `Authorization`, or on a WebSocket upgrade without it
+    /// the `bearer.` subprotocol.
+    fn token(&self, head: &RequestHead<'_>, now: u64) -> Result<VerifiedJwt, Reject> {
+        let token = match (head.authorization, websocket_bearer(head)) {
+            (None, Some(ws)) => ws?,
+            (auth, _) => bearer(auth)?,
         };
-        self.verify_token(token, now).map(|v| (v, rest))
+        self.verify_token(token, now)
     }
 
     fn verify_token(&self, token: &str, now: u64) -> Result<VerifiedJwt, Reject> {
@@ -284,18 +285,13 @@ impl Edge {
         head: &RequestHead<'_>,
         now: u64,
     ) -> Result<HeadDecision, (Reject, Option<Requester>)> {
-        let (v, ws_rest) = match self.decide_before_token(head)? {
+        let v = match self.decide_before_token(head)? {
             Some(done) => return Ok(done),
             None => self.token(head, now).map_err(|r| (r, None))?,
         };
         match self.decide_with_token(head, &v) {
             Ok(WithToken::Forward) => {
-                let mut h = Self::jwt_headers(&v, Verified::Jwt);
-                if let Some(rest) = ws_rest {
-                    // The token stops here: the upstream sees the other offers.
-                    h.push((WS_PROTOCOL_HEADER.into(), header_safe(&rest).into_owned()));
-                }
-                Ok(HeadDecision::Forward(h))
+                Ok(HeadDecision::Forward(Self::jwt_headers(&v, Verified::Jwt)))
             }
             Ok(WithToken::AwaitBody(route)) => {
                 Ok(HeadDecision::AwaitBody(PendingCommand { jwt: v, route }))

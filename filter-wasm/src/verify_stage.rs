@@ -9,7 +9,10 @@ use gw_core::contract::{self, EdgeReport, Requester};
 use gw_core::{Code, Reject};
 
 use crate::abi::{self, BufferType};
-use crate::edge::{Edge, HeadDecision, PendingCommand, RequestHead, UpstreamHeaders};
+use crate::edge::{
+    header_safe, without_bearer_offers, Edge, HeadDecision, PendingCommand, RequestHead,
+    UpstreamHeaders, WS_PROTOCOL_HEADER,
+};
 use crate::host::{self, local_reject, Action, HostStore, Metrics};
 use crate::root::Reports;
 use crate::stamp::{self, Ticket, Tickets};
@@ -128,6 +131,21 @@ impl VerifyStage {
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
                 .map(|(_, v)| *v)
         };
+        // A token offered as a WebSocket subprotocol stops here, whatever the
+        // decision (read below from the unmodified copy).
+        if let Some(rest) = get(WS_PROTOCOL_HEADER).and_then(without_bearer_offers) {
+            let done = if rest.is_empty() {
+                abi::remove_request_header(WS_PROTOCOL_HEADER)
+            } else {
+                abi::set_request_header(WS_PROTOCOL_HEADER, &header_safe(&rest))
+            };
+            if let Err(e) = done {
+                return self.reject(Reject::with(
+                    Code::Unavailable,
+                    format!("cannot rewrite {WS_PROTOCOL_HEADER}: {e:?}"),
+                ));
+            }
+        }
         let path = get(":path").unwrap_or("");
         // Every refusal is reported (the ledger has a row for each), whatever the
         // route; a refusal before the path is read has no route.

@@ -3,7 +3,7 @@
 use gw_core::Command;
 use gw_core::{Action, Code};
 use gw_filter::config::Settings;
-use gw_filter::edge::{header_safe, Edge, HeadDecision, RequestHead};
+use gw_filter::edge::{header_safe, without_bearer_offers, Edge, HeadDecision, RequestHead};
 mod common;
 use common::EnvoyLikeStore;
 
@@ -189,27 +189,24 @@ fn routes_need_the_right_role() {
 }
 
 /// A browser's WebSocket offers its token as the subprotocol `bearer.<jwt>`: the
-/// edge verifies it like `Authorization`, and forwards the other offers only.
+/// edge verifies it like `Authorization` on a `GET` upgrade only; the verify stage
+/// strips every `bearer.` offer before anything is forwarded.
 #[test]
 fn a_websocket_may_carry_its_token_as_a_subprotocol() {
     let e = edge();
     let viewer = token(&["viewer"]);
     let jwt = viewer.trim_start_matches("Bearer ");
-    let offer = format!("gw.realtime.v1, bearer.{jwt}");
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let offer = leak(format!("gw.realtime.v1, bearer.{jwt}"));
     let ws = |offer: &'static str| RequestHead {
         upgrade: Some("websocket"),
         websocket_protocols: Some(offer),
         ..head("GET", "/api/realtime", None)
     };
-    let offer: &'static str = Box::leak(offer.into_boxed_str());
     match e.on_request_headers(&ws(offer), NOW) {
         HeadDecision::Forward(h) => {
             assert!(h.contains(&("x-gw-roles".into(), "viewer".into())));
             assert!(h.contains(&("x-gw-verified".into(), "jwt".into())));
-            assert!(
-                h.contains(&("sec-websocket-protocol".into(), "gw.realtime.v1".into())),
-                "the token is not forwarded: {h:?}"
-            );
         }
         other => panic!("{other:?}"),
     }
@@ -222,7 +219,8 @@ fn a_websocket_may_carry_its_token_as_a_subprotocol() {
         reject_code(e.on_request_headers(&modules, NOW)),
         Code::ForbiddenRole
     );
-    // Only on a WebSocket upgrade.
+    // Only on a GET upgrade: not on a plain request, not on a POST (every control
+    // route), even with an admin token.
     let plain = RequestHead {
         upgrade: None,
         ..ws(offer)
@@ -231,17 +229,38 @@ fn a_websocket_may_carry_its_token_as_a_subprotocol() {
         reject_code(e.on_request_headers(&plain, NOW)),
         Code::JwtMissing
     );
+    let admin = token(&["admin"]);
+    let admin_offer = leak(format!(
+        "gw.realtime.v1, bearer.{}",
+        admin.trim_start_matches("Bearer ")
+    ));
+    for path in [
+        "/api/control/commands",
+        "/api/control/module/mev:stop",
+        "/api/modules",
+    ] {
+        let post = RequestHead {
+            method: "POST",
+            path,
+            ..ws(admin_offer)
+        };
+        assert_eq!(
+            reject_code(e.on_request_headers(&post, NOW)),
+            Code::JwtMissing,
+            "{path}"
+        );
+    }
     // A bad token, two tokens, or a token with nothing else offered.
     assert_eq!(
         reject_code(e.on_request_headers(&ws("gw.realtime.v1, bearer.x.y.z"), NOW)),
         Code::JwtMalformed
     );
-    let two: &'static str = Box::leak(format!("{offer}, bearer.{jwt}").into_boxed_str());
+    let two = leak(format!("{offer}, bearer.{jwt}"));
     assert_eq!(
         reject_code(e.on_request_headers(&ws(two), NOW)),
         Code::Malformed
     );
-    let alone: &'static str = Box::leak(format!("bearer.{jwt}").into_boxed_str());
+    let alone = leak(format!("bearer.{jwt}"));
     assert_eq!(
         reject_code(e.on_request_headers(&ws(alone), NOW)),
         Code::JwtMissing
@@ -250,23 +269,21 @@ fn a_websocket_may_carry_its_token_as_a_subprotocol() {
         reject_code(e.on_request_headers(&ws(offer), NOW + 10_000)),
         Code::JwtExpired
     );
-    // With Authorization too: that token is used, and the offered one still stops here.
-    let both = RequestHead {
-        authorization: Some(&viewer),
-        ..ws(offer)
-    };
-    match e.on_request_headers(&both, NOW) {
-        HeadDecision::Forward(h) => assert!(
-            h.contains(&("sec-websocket-protocol".into(), "gw.realtime.v1".into())),
-            "{h:?}"
-        ),
-        other => panic!("{other:?}"),
-    }
-    // Without any offer: no token.
     assert_eq!(
         reject_code(e.on_request_headers(&ws("gw.realtime.v1"), NOW)),
         Code::JwtMissing
     );
+    // What the upstream is left with.
+    assert_eq!(
+        without_bearer_offers(offer).as_deref(),
+        Some("gw.realtime.v1")
+    );
+    assert_eq!(
+        without_bearer_offers(two).as_deref(),
+        Some("gw.realtime.v1")
+    );
+    assert_eq!(without_bearer_offers(alone).as_deref(), Some(""));
+    assert_eq!(without_bearer_offers("gw.realtime.v1, chat"), None);
 }
 
 #[test]

@@ -255,7 +255,7 @@ fn edge_filter_in_real_envoy_over_http3_and_http2() {
         port,
         &certs.ca,
         json!([
-            {"method": "GET", "path": "/index.html", "headers": [["x-gw-verified", "edge"], ["x-gw-ticket", "0123456789abcdef.1.1"]]},
+            {"method": "GET", "path": "/", "headers": [["x-gw-verified", "edge"], ["x-gw-ticket", "0123456789abcdef.1.1"]]},
             {"method": "GET", "path": "/api/ledger/history", "headers": [["authorization", viewer], ["x-gw-sub", "root"], ["x-gw-ticket", "0123456789abcdef.1.1"]]}
         ]),
         false,

@@ -123,6 +123,7 @@ const S = {
   sends: [],
   ws: null,
   wsRetry: 1000,
+  reconnect: null,
   timers: [],
 };
 
@@ -204,15 +205,19 @@ async function login(token) {
   S.claims = claims;
   const rc = claims.roles;
   S.roles = Array.isArray(rc) ? rc.map(String) : typeof rc === "string" ? rc.split(/[ ,]+/) : [];
-  // The edge decides: a viewer route proves the token before the page shows anything.
+  // The edge decides: a cheap viewer route proves the token before the page shows
+  // anything. (A 5xx means the ledger cannot answer now; the stream's handshake
+  // still checks the token at the edge.)
+  let warning = "";
   try {
-    await api("/api/ledger/verify");
+    await api("/api/ledger/checkpoints");
   } catch (e) {
     if (e.status === 401 || e.status === 403) {
       S.token = null;
       showLogin(`refused by the gateway: ${e.code} — ${e.detail}`);
       return;
     }
+    warning = `the ledger cannot answer now (${e.code})`;
   }
   sessionStorage.setItem("gw.jwt", token);
   $("login").hidden = true;
@@ -220,6 +225,7 @@ async function login(token) {
   $("logout").hidden = false;
   const exp = claims.exp ? `, until ${new Date(claims.exp * 1000).toLocaleString()}` : "";
   $("who").textContent = `${claims.sub || "?"} (${S.roles.join(", ") || "no roles"}${exp})`;
+  if (warning) $("chain").textContent = warning;
   renderModules();
   connect();
   refreshAll();
@@ -232,8 +238,10 @@ function logout() {
   S.key = null;
   for (const t of S.timers) clearInterval(t);
   S.timers = [];
-  if (S.ws) S.ws.close(1000, "logout");
+  clearTimeout(S.reconnect);
+  const ws = S.ws;
   S.ws = null;
+  if (ws) ws.close(1000, "logout");
   showLogin("");
 }
 
@@ -256,8 +264,9 @@ function connect() {
     return;
   }
   S.ws = ws;
-  ws.onopen = () => { S.wsRetry = 1000; setLive(true, "live"); };
+  ws.onopen = () => { if (S.ws === ws) { S.wsRetry = 1000; setLive(true, "live"); } };
   ws.onmessage = (ev) => {
+    if (S.ws !== ws) return;
     let m;
     try { m = JSON.parse(ev.data); } catch { return; }
     onEvent(m);
@@ -267,8 +276,13 @@ function connect() {
     S.ws = null;
     const why = ev.code === 4008 ? "too slow, reconnecting" : `closed (${ev.code}${ev.reason ? ": " + ev.reason : ""})`;
     setLive(false, `stream ${why}`);
+    if (S.claims?.exp && S.claims.exp * 1000 <= Date.now()) {
+      logout();
+      showLogin("the token has expired: log in again");
+      return;
+    }
     if (S.token) {
-      setTimeout(connect, S.wsRetry);
+      S.reconnect = setTimeout(connect, S.wsRetry);
       S.wsRetry = Math.min(S.wsRetry * 2, 30000);
     }
   };
@@ -384,8 +398,11 @@ function confirmKill(module) {
 let lastNonce = 0n;
 
 function nextNonce() {
-  // Unix nanoseconds, strictly increasing in this tab (as gwctl does).
-  const now = BigInt(Date.now()) * 1000000n;
+  // Unix nanoseconds as gwctl does, strictly increasing in this tab; the clock has
+  // millisecond resolution here, so the sub-millisecond digits are random (two
+  // tabs signing for one issuer in the same millisecond must not collide).
+  const sub = crypto.getRandomValues(new Uint32Array(1))[0] % 1000000;
+  const now = BigInt(Date.now()) * 1000000n + BigInt(sub);
   lastNonce = now > lastNonce ? now : lastNonce + 1n;
   return lastNonce;
 }
@@ -483,6 +500,10 @@ async function verifyChain() {
     el.textContent = `chain: ${e.code || "error"} — ${e.detail || e.message}`;
     el.className = "error";
   }
+  loadCheckpoints();
+}
+
+async function loadCheckpoints() {
   try {
     const cps = await api("/api/ledger/checkpoints");
     $("checkpoint").textContent = cps.length === 0 ? "no signed checkpoint yet" : cps.map((c) =>
@@ -658,7 +679,7 @@ function refreshAll() {
   if (!S.token) return;
   loadModules();
   loadHistory();
-  verifyChain();
+  loadCheckpoints();
   loadSends();
   loadModels();
   loadRefusals();

@@ -98,6 +98,12 @@ impl Running {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
+        let hub = self.realtime.clone();
+        let shutdown = async move {
+            shutdown.await;
+            // Live streams end now, with 1001, instead of holding the drain.
+            hub.shutdown();
+        };
         crate::serve::serve(listener, self.tls.clone(), self.router(), shutdown).await;
     }
 

@@ -35,8 +35,14 @@ fn start(dir: &Path, realtime: RealtimeConfig, ch: Option<&ClickHouse>) -> commo
     s
 }
 
-/// Opens the stream with the headers the edge sets after verifying a token.
+/// Opens the stream as `tester` with the headers the edge sets after verifying a
+/// token.
 async fn open(base: &str, roles: Option<&str>) -> Result<Ws, (u16, Value)> {
+    open_as(base, roles, "tester").await
+}
+
+/// The same for subject `sub`.
+async fn open_as(base: &str, roles: Option<&str>, sub: &str) -> Result<Ws, (u16, Value)> {
     let mut req = format!("{}/api/realtime", base.replace("http://", "ws://"))
         .into_client_request()
         .unwrap();
@@ -45,7 +51,7 @@ async fn open(base: &str, roles: Option<&str>) -> Result<Ws, (u16, Value)> {
     if let Some(r) = roles {
         h.insert("x-gw-verified", "jwt".parse().unwrap());
         h.insert("x-gw-roles", r.parse().unwrap());
-        h.insert("x-gw-sub", "tester".parse().unwrap());
+        h.insert("x-gw-sub", sub.parse().unwrap());
     }
     match tokio_tungstenite::connect_async(req).await {
         Ok((ws, resp)) => {
@@ -106,11 +112,13 @@ fn committed_decisions_and_states_stream_to_bounded_clients() {
         &d.path().join("sidecar"),
         RealtimeConfig {
             max_clients: 2,
+            max_per_sub: 2,
             ..RealtimeConfig::default()
         },
         Some(&ch),
     );
     let base = s.base.clone();
+    let hub = s.running.realtime().clone();
     s.rt.block_on(async {
         // The edge's word is checked again: verified, and a role on the ladder.
         let (status, body) = open(&base, None).await.err().unwrap();
@@ -129,7 +137,10 @@ fn committed_decisions_and_states_stream_to_bounded_clients() {
         let mut b = open(&base, Some("admin,viewer")).await.unwrap();
         until(&mut b, "hello", |m| m["type"] == "hello").await;
         // Bounded fan-out: the third is refused, and counted.
-        let (status, body) = open(&base, Some("viewer")).await.err().unwrap();
+        let (status, body) = open_as(&base, Some("viewer"), "someone-else")
+            .await
+            .err()
+            .unwrap();
         assert_eq!((status, body["error"].as_str()), (503, Some("unavailable")));
 
         let client = reqwest::Client::new();
@@ -232,8 +243,25 @@ fn committed_decisions_and_states_stream_to_bounded_clients() {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(c.is_some(), "a closed stream's place was not freed");
+        let mut c = c.expect("a closed stream's place was not freed");
+        until(&mut c, "hello", |m| m["type"] == "hello").await;
+        // Stopping: open streams are closed with 1001, not left to the drain timeout.
+        hub.shutdown();
+        let frame = loop {
+            match tokio::time::timeout(Duration::from_secs(5), c.next()).await {
+                Ok(Some(Ok(Message::Close(f)))) => break f,
+                Ok(Some(Ok(_))) => {}
+                other => panic!("no close frame on shutdown: {other:?}"),
+            }
+        };
+        assert_eq!(frame.map(|f| f.code), Some(CloseCode::Away));
     });
+    // b and c were open; each stream counts itself once its close frame is out.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while closed_count(&s, "shutdown") < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(closed_count(&s, "shutdown"), 2, "b and c were open");
     assert_eq!(closed_count(&s, "full"), 1);
     assert!(closed_count(&s, "client") >= 1);
 }
@@ -245,6 +273,7 @@ fn a_client_that_stops_reading_is_closed_with_4008_and_counted() {
         &d.path().join("sidecar"),
         RealtimeConfig {
             max_clients: 4,
+            max_per_sub: 2,
             queue: 64,
             // Long enough that the stall below ends before it: the lag is what closes.
             write_timeout_ms: 30_000,
@@ -259,6 +288,13 @@ fn a_client_that_stops_reading_is_closed_with_4008_and_counted() {
         until(&mut fast, "hello", |m| m["type"] == "hello").await;
         let mut slow = open(&base, Some("viewer")).await.unwrap();
         until(&mut slow, "hello", |m| m["type"] == "hello").await;
+        // One subject cannot take every place: a third stream for `tester` is refused.
+        let (status, body) = open(&base, Some("viewer")).await.err().unwrap();
+        assert_eq!((status, body["error"].as_str()), (503, Some("unavailable")));
+        assert!(
+            body["detail"].as_str().unwrap().contains("max_per_sub"),
+            "{body}"
+        );
 
         // The fast client reads everything as it comes.
         let seen = Arc::new(AtomicUsize::new(0));
@@ -320,4 +356,5 @@ fn a_client_that_stops_reading_is_closed_with_4008_and_counted() {
     });
     assert_eq!(closed_count(&s, "slow"), 1);
     assert_eq!(closed_count(&s, "write_timeout"), 0);
+    assert_eq!(closed_count(&s, "full_for_sub"), 1);
 }

@@ -13,6 +13,7 @@ outcome.
 import argparse
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import ssl
@@ -163,6 +164,11 @@ async def open_h1(ca, token, name="http/1.1"):
     s.status = int(lines[0].split()[1])
     hdrs = {k.lower(): v.strip() for k, v in (l.split(":", 1) for l in lines[1:] if ":" in l)}
     s.protocol = hdrs.get("sec-websocket-protocol")
+    # RFC 6455 §4.2.2: a 101 must prove it read our key (Envoy carries the upgrade
+    # to the sidecar as an HTTP/2 stream; the sidecar answers the key it passes on).
+    want = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC11B65").encode()).digest()).decode()
+    if s.status == 101 and hdrs.get("sec-websocket-accept") != want:
+        fail(f"{name}: Sec-WebSocket-Accept {hdrs.get('sec-websocket-accept')!r}, expected {want!r}")
     if s.status != 101:
         n = int(hdrs.get("content-length", "0"))
         s.body = await reader.readexactly(n) if n else b""
@@ -386,11 +392,21 @@ async def main():
                 fail(f"{s.name}: send {m}")
         print(f"realtime.py: each stream saw the send of {tx['signature'][:16]}… (landed)")
 
+        # A client that sends data is closed with 1008 (the stream takes none).
+        chatty = await open_h1(ca, viewer, name="http/1.1 (chatty)")
+        await chatty.until(lambda m: m.get("type") == "hello", "hello")
+        chatty.write(frame(1, b'{"type":"subscribe"}'))
+        await chatty.until(lambda m: m.get("type") == "_closed", "the close of a client that sent data")
+        if chatty.closed != 1008:
+            fail(f"a client that sent data was closed with {chatty.closed}, expected 1008")
+        chatty.task.cancel()
+        print("realtime.py: a client that sends data is closed with 1008")
+
         for s in streams:
             s.close()
         for s in streams:
-            await s.until(lambda m: m.get("type") in ("_closed", "_ended"), "the server's close")
-            if s.closed not in (None, 1000):
+            await s.until(lambda m: m.get("type") == "_closed", "the server's close frame")
+            if s.closed != 1000:
                 fail(f"{s.name}: closed with {s.closed}")
             if getattr(s, "task", None):
                 s.task.cancel()

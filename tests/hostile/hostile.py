@@ -442,14 +442,14 @@ def edge_cases(k):
         why="not the command route: an operator route, and the sidecar has no such path")
     add("path: encoded slash", "POST", "/api/control%2Fcommands", cmd_h(), bad_sig(), 400, None, None,
         why="Envoy refuses escaped slashes before any filter (path_with_escaped_slashes_action)")
-    add("path: upper case, viewer", "POST", "/API/control/commands", cmd_h(viewer), good(), 503, None, None,
-        why="a public path: Envoy sends it to the dashboard upstream, which the local run does not start")
+    add("path: upper case, viewer", "POST", "/API/control/commands", cmd_h(viewer), good(), 404, "not_found", None,
+        why="a public path that is none of the console's assets: Envoy answers 404 itself (no upstream, no row)")
     add("path: module route with dot segments", "POST", "/api/control/module/../module/mev:start", cmd_h(),
         good(module="arbitrage", action="start", args={}), 403, "route_mismatch",
         E("route_mismatch", "hostile-admin"))
     add("path: internal route through the edge", "POST", "/internal/edge-decisions",
-        [("content-type", "application/json")], b"[]", 503, None, None,
-        why="/internal is never routed to the sidecar: the public dashboard upstream (absent here)")
+        [("content-type", "application/json")], b"[]", 404, "not_found", None,
+        why="/internal is never routed to the sidecar: Envoy answers 404 itself")
     return cases
 
 

@@ -22,9 +22,9 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use gw_core::contract::headers;
+use gw_core::contract::EdgeIdentity;
 use gw_core::Code;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -56,6 +56,10 @@ pub struct RealtimeConfig {
     /// Streams open at once; more are refused (503).
     #[serde(default = "default_max_clients")]
     pub max_clients: usize,
+    /// Streams open at once for one token subject (`sub`), so one viewer cannot
+    /// take every place.
+    #[serde(default = "default_max_per_sub")]
+    pub max_per_sub: usize,
     /// Messages a client may fall behind before it is closed (4008).
     #[serde(default = "default_queue")]
     pub queue: usize,
@@ -69,6 +73,9 @@ pub struct RealtimeConfig {
 
 fn default_max_clients() -> usize {
     64
+}
+fn default_max_per_sub() -> usize {
+    8
 }
 fn default_queue() -> usize {
     1024
@@ -84,6 +91,7 @@ impl Default for RealtimeConfig {
     fn default() -> Self {
         RealtimeConfig {
             max_clients: default_max_clients(),
+            max_per_sub: default_max_per_sub(),
             queue: default_queue(),
             write_timeout_ms: default_write_timeout(),
             ping_ms: default_ping(),
@@ -98,6 +106,12 @@ impl RealtimeConfig {
             return Err(OutOfBounds::new(
                 "realtime.max_clients",
                 "must be within 1..=4096",
+            ));
+        }
+        if !(1..=self.max_clients).contains(&self.max_per_sub) {
+            return Err(OutOfBounds::new(
+                "realtime.max_per_sub",
+                "must be within 1..=realtime.max_clients",
             ));
         }
         if !(16..=65_536).contains(&self.queue) {
@@ -128,7 +142,15 @@ struct ReasonLabel {
 }
 
 /// Why a stream ended (the `reason` label of `gw_sidecar_realtime_closed_total`).
-const REASONS: [&str; 5] = ["client", "slow", "write_timeout", "full", "shutdown"];
+const REASONS: [&str; 7] = [
+    "client",
+    "slow",
+    "write_timeout",
+    "no_pong",
+    "full",
+    "full_for_sub",
+    "shutdown",
+];
 
 #[derive(Clone, Debug, Default)]
 struct Metrics {
@@ -141,10 +163,12 @@ struct Metrics {
 pub struct Hub {
     tx: broadcast::Sender<Arc<str>>,
     clients: AtomicUsize,
+    per_sub: parking_lot::Mutex<std::collections::HashMap<String, usize>>,
     cfg: RealtimeConfig,
     modules: OnceLock<ModuleTable>,
     node_id: String,
     metrics: Metrics,
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl Hub {
@@ -173,10 +197,12 @@ impl Hub {
         Arc::new(Hub {
             tx,
             clients: AtomicUsize::new(0),
+            per_sub: parking_lot::Mutex::new(std::collections::HashMap::new()),
             cfg,
             modules: OnceLock::new(),
             node_id,
             metrics,
+            closing: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -184,6 +210,12 @@ impl Hub {
     /// started, after the journal this hub listens to).
     pub fn set_modules(&self, modules: ModuleTable) {
         let _ = self.modules.set(modules);
+    }
+
+    /// Closes every stream with 1001 (the sidecar is stopping: its graceful
+    /// shutdown would otherwise wait for them).
+    pub fn shutdown(&self) {
+        self.closing.send_replace(true);
     }
 
     /// The journal sink that feeds this hub.
@@ -241,7 +273,6 @@ impl Sink for RealtimeSink {
                     "module": r.module,
                     "action": r.action,
                     "nonce": r.nonce,
-                    "args": serde_json::from_str::<Value>(&r.args_json).unwrap_or(Value::Null),
                     "requester": r.requester,
                     "requester_roles": r.requester_roles,
                     "route": r.route,
@@ -284,28 +315,56 @@ impl Sink for RealtimeSink {
     }
 }
 
-/// Holds one of the `max_clients` places while a stream is open.
-struct Place(Arc<Hub>);
+/// Holds one of the `max_clients` places (and one of its subject's) while a
+/// stream is open.
+struct Place(Arc<Hub>, String);
 
 impl Place {
-    fn take(hub: &Arc<Hub>) -> Option<Place> {
+    fn take(hub: &Arc<Hub>, sub: &str) -> Result<Place, &'static str> {
         let max = hub.cfg.max_clients;
+        let mut per_sub = hub.per_sub.lock();
+        let n = per_sub.get(sub).copied().unwrap_or(0);
+        if n >= hub.cfg.max_per_sub {
+            return Err("full_for_sub");
+        }
         hub.clients
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
-            .ok()?;
+            .map_err(|_| "full")?;
+        per_sub.insert(sub.to_owned(), n + 1);
         hub.metrics.clients.inc();
-        Some(Place(hub.clone()))
+        Ok(Place(hub.clone(), sub.to_owned()))
     }
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
+        let mut per_sub = self.0.per_sub.lock();
+        if let Some(n) = per_sub.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per_sub.remove(&self.1);
+            }
+        }
         self.0.clients.fetch_sub(1, Ordering::AcqRel);
         self.0.metrics.clients.dec();
     }
 }
+
+/// The RFC 6455 §4.2.2 accept value for `key`.
+fn accept_key(key: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha1::Digest as _;
+    let mut h = sha1::Sha1::new();
+    h.update(key);
+    h.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65");
+    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+}
+
+/// Largest frame or message a client may send (it has nothing to say but pongs
+/// and its close).
+const MAX_CLIENT_MESSAGE: usize = 1024;
 
 async fn upgrade(
     State(hub): State<Arc<Hub>>,
@@ -313,22 +372,15 @@ async fn upgrade(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     // The edge verified the token; check that it said so and what it allows.
-    let verified = head
-        .get(headers::VERIFIED)
-        .and_then(|v| v.to_str().ok())
-        .is_some();
-    let roles: Vec<&str> = head
-        .get(headers::ROLES)
-        .and_then(|v| v.to_str().ok())
-        .map(|r| r.split(',').map(str::trim).collect())
-        .unwrap_or_default();
-    if !verified {
+    let Some(who) = EdgeIdentity::from_headers(|k| head.get(k).and_then(|v| v.to_str().ok()))
+    else {
         return ApiError::new(
             Code::JwtMissing,
             "the stream needs a token verified by the edge",
         )
         .into_response();
-    }
+    };
+    let roles: Vec<&str> = who.requester.roles.split(',').map(str::trim).collect();
     if !gw_core::roles::satisfies(&roles, ROLE) {
         return ApiError::with(
             Code::ForbiddenRole,
@@ -346,24 +398,41 @@ async fn upgrade(
             .into_response()
         }
     };
-    let Some(place) = Place::take(&hub) else {
-        hub.closed("full");
-        return ApiError::with(
-            Code::Unavailable,
-            format!(
-                "{} realtime streams are open (realtime.max_clients)",
-                hub.cfg.max_clients
-            ),
-        )
-        .into_response();
+    let sub = who.requester.sub;
+    let place = match Place::take(&hub, &sub) {
+        Ok(p) => p,
+        Err(reason) => {
+            hub.closed(reason);
+            let detail = if reason == "full" {
+                format!(
+                    "{} realtime streams are open (realtime.max_clients)",
+                    hub.cfg.max_clients
+                )
+            } else {
+                format!(
+                    "{} realtime streams are open for this subject (realtime.max_per_sub)",
+                    hub.cfg.max_per_sub
+                )
+            };
+            return ApiError::with(Code::Unavailable, detail).into_response();
+        }
     };
-    let sub = head
-        .get(headers::SUB)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    ws.protocols([SUBPROTOCOL])
-        .on_upgrade(move |socket| stream(socket, place, sub))
+    let mut resp = ws
+        .protocols([SUBPROTOCOL])
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
+        .on_upgrade(move |socket| stream(socket, place, sub));
+    // An HTTP/2 stream (RFC 8441) has no accept key, but Envoy presents an
+    // HTTP/1.1 client's upgrade to us that way and only rewrites the status: answer
+    // the key it passes on, or that client refuses the handshake.
+    if let Some(key) = head.get(header::SEC_WEBSOCKET_KEY) {
+        if !resp.headers().contains_key(header::SEC_WEBSOCKET_ACCEPT) {
+            if let Ok(v) = HeaderValue::from_str(&accept_key(key.as_bytes())) {
+                resp.headers_mut().insert(header::SEC_WEBSOCKET_ACCEPT, v);
+            }
+        }
+    }
+    resp
 }
 
 /// Sends one message within the write timeout.
@@ -387,6 +456,11 @@ async fn stream(mut socket: WebSocket, place: Place, sub: String) {
     let hub = place.0.clone();
     // Subscribe before the hello, so nothing committed after its snapshot is missed.
     let mut rx = hub.tx.subscribe();
+    let mut closing = hub.closing.subscribe();
+    if *closing.borrow_and_update() {
+        hub.closed("shutdown");
+        return;
+    }
     let timeout = Duration::from_millis(hub.cfg.write_timeout_ms.max(1));
     let hello = json!({
         "type": "hello",
@@ -397,8 +471,12 @@ async fn stream(mut socket: WebSocket, place: Place, sub: String) {
         "queue": hub.cfg.queue,
     });
     tracing::debug!(sub = %sub, "realtime stream opened");
-    let mut ping = tokio::time::interval(Duration::from_millis(hub.cfg.ping_ms.max(100)));
+    let ping_every = Duration::from_millis(hub.cfg.ping_ms.max(100));
+    let mut ping = tokio::time::interval(ping_every);
     ping.tick().await;
+    // A peer that answers nothing for two pings is gone (or not reading): its
+    // place goes to someone else.
+    let mut heard = tokio::time::Instant::now();
     let reason = match send(
         &mut socket,
         Message::Text(hello.to_string().into()),
@@ -420,26 +498,39 @@ async fn stream(mut socket: WebSocket, place: Place, sub: String) {
                             format!("slow consumer: {n} messages behind"), timeout).await;
                         break "slow";
                     }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        close(&mut socket, 1001, "going away".into(), timeout).await;
-                        break "shutdown";
-                    }
+                    // The hub owns the sender: only the signal below ends streams.
+                    Err(broadcast::error::RecvError::Closed) => break "shutdown",
                 },
+                _ = closing.changed() => {
+                    close(&mut socket, 1001, "the gateway is shutting down".into(), timeout).await;
+                    break "shutdown";
+                }
                 _ = ping.tick() => {
+                    if heard.elapsed() > ping_every * 2 + ping_every / 2 {
+                        close(&mut socket, 1001, "no answer to pings".into(), timeout).await;
+                        break "no_pong";
+                    }
                     if let Err(r) = send(&mut socket, Message::Ping(Vec::new().into()), timeout).await {
                         break r;
                     }
                 }
                 // The client's frames: pongs, a close, or nothing it should send.
-                m = socket.recv() => match m {
-                    Some(Ok(Message::Close(_))) => {
-                        // The reply to the client's close is queued: send it.
-                        let _ = tokio::time::timeout(timeout, futures_util::SinkExt::flush(&mut socket)).await;
-                        break "client";
+                m = socket.recv() => {
+                    heard = tokio::time::Instant::now();
+                    match m {
+                        Some(Ok(Message::Close(_))) => {
+                            // The reply to the client's close is queued: send it.
+                            let _ = tokio::time::timeout(timeout, futures_util::SinkExt::flush(&mut socket)).await;
+                            break "client";
+                        }
+                        None | Some(Err(_)) => break "client",
+                        Some(Ok(Message::Pong(_) | Message::Ping(_))) => {}
+                        Some(Ok(_)) => {
+                            close(&mut socket, 1008, "this stream takes no messages".into(), timeout).await;
+                            break "client";
+                        }
                     }
-                    None | Some(Err(_)) => break "client",
-                    Some(Ok(_)) => {}
-                },
+                }
             }
         },
     };
@@ -464,6 +555,8 @@ mod tests {
         };
         assert!(bad(|c| c.max_clients = 0).starts_with("realtime.max_clients"));
         assert!(bad(|c| c.queue = 1).starts_with("realtime.queue"));
+        assert!(bad(|c| c.max_per_sub = 0).starts_with("realtime.max_per_sub"));
+        assert!(bad(|c| c.max_per_sub = c.max_clients + 1).starts_with("realtime.max_per_sub"));
         assert!(bad(|c| c.write_timeout_ms = 0).starts_with("realtime.write_timeout_ms"));
         assert!(bad(|c| c.ping_ms = 30_000).contains("idle timeout"));
     }
