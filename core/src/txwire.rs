@@ -110,6 +110,8 @@ pub struct TxInfo {
     pub signatures: usize,
     /// The fee payer (first account key).
     pub fee_payer: [u8; 32],
+    /// The recent blockhash it was signed against (its lifetime).
+    pub recent_blockhash: [u8; 32],
 }
 
 impl TxInfo {
@@ -188,7 +190,8 @@ pub fn parse(wire: &[u8], verify: bool) -> Result<TxInfo, TxError> {
         ));
     }
     let keys = take(message, &mut m, n_keys * 32)?;
-    take(message, &mut m, 32).map_err(|_| TxError::Malformed("no recent blockhash"))?;
+    let blockhash =
+        take(message, &mut m, 32).map_err(|_| TxError::Malformed("no recent blockhash"))?;
     if verify {
         for i in 0..n_sigs {
             let key: [u8; 32] = keys[i * 32..i * 32 + 32]
@@ -206,10 +209,13 @@ pub fn parse(wire: &[u8], verify: bool) -> Result<TxInfo, TxError> {
     signature.copy_from_slice(&sigs[..64]);
     let mut fee_payer = [0u8; 32];
     fee_payer.copy_from_slice(&keys[..32]);
+    let mut recent_blockhash = [0u8; 32];
+    recent_blockhash.copy_from_slice(blockhash);
     Ok(TxInfo {
         signature,
         signatures: n_sigs,
         fee_payer,
+        recent_blockhash,
     })
 }
 
@@ -266,6 +272,7 @@ mod tests {
             let info = parse(&tx, true).unwrap();
             assert_eq!(info.signatures, 1);
             assert_eq!(info.fee_payer, k.verifying_key().to_bytes());
+            assert_eq!(info.recent_blockhash, [5u8; 32]);
             assert_eq!(&info.signature[..], &tx[1..65]);
             assert_eq!(
                 bs58::decode(info.signature_b58()).into_vec().unwrap(),

@@ -13,10 +13,12 @@ pub mod clickhouse;
 pub mod echo;
 pub mod envoy;
 pub mod fixtures;
+pub mod http_thread;
 pub mod kafka;
 #[cfg(feature = "proxy-wasm-host")]
 pub mod proxy_wasm;
 pub mod relay;
+pub mod rpc_node;
 pub mod tpu_receiver;
 pub mod udp_delay;
 

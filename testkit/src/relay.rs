@@ -16,6 +16,8 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::http_thread::HttpThread;
+
 /// How the relay answers.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Mode {
@@ -56,19 +58,7 @@ pub struct Relay {
     /// Its address.
     pub addr: SocketAddr,
     shared: Shared,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+    _server: HttpThread,
 }
 
 impl Relay {
@@ -80,9 +70,6 @@ impl Relay {
 
     /// Starts on `addr`.
     pub fn start_on(addr: SocketAddr, require_auth: Option<&str>) -> Relay {
-        let listener = std::net::TcpListener::bind(addr).expect("bind relay");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().expect("relay addr");
         let shared = Shared {
             calls: Arc::new(Mutex::new(Vec::new())),
             mode: Arc::new(Mutex::new(Mode::Accept)),
@@ -92,28 +79,12 @@ impl Relay {
             .route("/api/v1/transactions", post(handle))
             .route("/api/v1/bundles", post(handle))
             .with_state(shared.clone());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("relay runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                let serve = axum::serve(listener, app);
-                tokio::select! {
-                    _ = serve => {}
-                    _ = stopped => {}
-                }
-            });
-        });
+        let server = HttpThread::start(addr, app);
         Relay {
-            url: format!("http://{addr}"),
-            addr,
+            url: server.url(),
+            addr: server.addr,
             shared,
-            stop: Some(stop),
-            thread: Some(thread),
+            _server: server,
         }
     }
 

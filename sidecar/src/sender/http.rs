@@ -77,6 +77,7 @@ async fn rpc(State(st): St, body: Bytes) -> Response {
     };
     let ctx = RpcContext {
         sender: &dp.sender,
+        landing: dp.landing.as_ref(),
         modules: &st.modules,
         module: dp.rpc_module,
         allow_stopped: dp.rpc_allow_stopped,
@@ -227,5 +228,14 @@ fn status_json(dp: &DataPlane) -> Value {
                 .collect::<serde_json::Map<_, _>>(),
         },
         "rpc_module": dp.rpc_module.as_str(),
+        "rpc_node": dp.landing.as_ref().map(|l| json!({
+            "pending": l.pending(),
+            "preflight_failed": l.stats.preflight_failed.load(Ordering::Relaxed),
+            "rebroadcasts": l.stats.rebroadcasts.load(Ordering::Relaxed),
+            "seen": l.stats.seen.load(Ordering::Relaxed),
+            "expired": l.stats.expired.load(Ordering::Relaxed),
+            "retries_spent": l.stats.retries_spent.load(Ordering::Relaxed),
+            "not_tracked": l.stats.not_tracked.load(Ordering::Relaxed),
+        })),
     })
 }

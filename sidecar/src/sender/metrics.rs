@@ -121,6 +121,22 @@ impl Collector for SenderCollector {
                 ],
             )?;
         }
+        if let Some(l) = &dp.landing {
+            let st = &l.stats;
+            counters(
+                &mut enc,
+                "gw_sender_rpc_landing",
+                "JSON-RPC landing with an RPC node: preflight refusals, rebroadcasts, how rebroadcasting ended",
+                &[
+                    ([("event", "preflight_failed")], load(&st.preflight_failed)),
+                    ([("event", "rebroadcast")], load(&st.rebroadcasts)),
+                    ([("event", "seen")], load(&st.seen)),
+                    ([("event", "expired")], load(&st.expired)),
+                    ([("event", "retries_spent")], load(&st.retries_spent)),
+                    ([("event", "not_tracked")], load(&st.not_tracked)),
+                ],
+            )?;
+        }
         let hs = &dp.hot.stats;
         let mut rows = vec![
             ([("outcome", "sent")], load(&hs.sent)),

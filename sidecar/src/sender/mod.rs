@@ -9,6 +9,7 @@ pub mod audit;
 pub mod cc;
 pub mod hedge;
 pub mod http;
+pub mod landing;
 pub mod leaders;
 pub mod metrics;
 pub mod plane;
@@ -94,6 +95,10 @@ pub struct SenderConfig {
     /// Leaders (identity, base58) the TPU route never sends to (nor connects to).
     #[serde(default)]
     pub leader_deny: Vec<String>,
+    /// A Solana RPC node for JSON-RPC's landing semantics (preflight,
+    /// `minContextSlot`, `maxRetries`, `getSignatureStatuses`).
+    #[serde(default)]
+    pub rpc_node: Option<landing::RpcNodeConfig>,
 }
 
 /// How the sender picks routes.
@@ -202,6 +207,9 @@ impl SenderConfig {
             ));
         }
         LeaderFilter::new(&self.leader_allow, &self.leader_deny)?;
+        if let Some(n) = &self.rpc_node {
+            n.validate()?;
+        }
         if self.hedge_delay_ms > 60_000 {
             return Err(OutOfBounds::new(
                 "sender.hedge_delay_ms",

@@ -33,6 +33,8 @@ pub struct DataPlane {
     pub audit: Option<SendAudit>,
     /// The leader source, for status.
     pub leaders: Option<Arc<dyn LeaderSource>>,
+    /// Landing semantics with an RPC node (`sender.rpc_node`).
+    pub landing: Option<Arc<super::landing::Landing>>,
 }
 
 /// The TPU identity: `identity_hex` / `GW_TPU_IDENTITY_HEX`, else a fresh key.
@@ -134,6 +136,11 @@ pub fn start(
             rpc_throttle: Mutex::new(Throttle::default()),
             audit,
             leaders,
+            landing: config
+                .rpc_node
+                .clone()
+                .map(super::landing::Landing::new)
+                .transpose()?,
         },
         tasks,
     ))

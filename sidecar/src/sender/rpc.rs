@@ -1,16 +1,20 @@
 //! A Solana JSON-RPC endpoint so existing clients (web3.js, solana-py, the CLI with
 //! `--url`) can send through the gateway: `sendTransaction` (base58 — the RPC default
-//! — or base64; `skipPreflight` and the other options are accepted), `sendBundle`
-//! (Jito's method, relay only) and `getHealth`; single requests and batches.
+//! — or base64), `getSignatureStatuses`, `sendBundle` (Jito's method, relay only)
+//! and `getHealth`; single requests and batches.
 //!
-//! The gateway has no bank, so it never simulates (preflight); it refuses what is
-//! not a transaction or whose signatures do not verify, before spending a send. The
-//! answer comes once a route took the transaction: its signature, as Solana answers,
-//! or an error naming both routes' failures. Sends are gated by the configured
+//! The gateway refuses what is not a transaction or whose signatures do not verify,
+//! before spending a send. It has no bank: with `sender.rpc_node` configured,
+//! `skipPreflight`, `preflightCommitment`, `minContextSlot` and `maxRetries` mean
+//! what they mean on a Solana RPC node ([`super::landing`]); without one, the
+//! transaction is sent once, unsimulated, and `getSignatureStatuses` knows nothing.
+//! The answer comes once a route took the transaction: its signature, as Solana
+//! answers, or an error naming both routes' failures. Sends are gated by the configured
 //! module with the strategy's own gate ([`ModuleState::may_send`]): stopped or
 //! killed → refused with -32005 (a stopped module may send through JSON-RPC only
 //! with `sender.rpc_allow_stopped`); `throttle_pct` → only that share goes.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -20,6 +24,7 @@ use serde_json::{json, Value};
 use gw_core::module_state::{ModuleState, Refusal, Throttle};
 use parking_lot::Mutex;
 
+use super::landing::{Landing, NodeError, MAX_STATUS_SIGNATURES};
 use super::{SendMeta, Sender};
 use crate::control::ModuleTable;
 use gw_core::txwire::{self, DecodeError, Encoding, TxError};
@@ -46,7 +51,9 @@ pub mod code {
 /// What the endpoint needs.
 pub struct RpcContext<'a> {
     /// The sender.
-    pub sender: &'a Sender,
+    pub sender: &'a Arc<Sender>,
+    /// Landing semantics with an RPC node (`sender.rpc_node`).
+    pub landing: Option<&'a Arc<Landing>>,
     /// Module states.
     pub modules: &'a ModuleTable,
     /// Module whose state gates RPC sends.
@@ -83,6 +90,14 @@ fn error(id: Value, code: i64, message: &str) -> Value {
     json!({"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": id})
 }
 
+fn node_error(id: Value, e: &NodeError) -> Value {
+    let mut err = json!({"code": e.code, "message": e.message});
+    if let Some(d) = &e.data {
+        err["data"] = d.clone();
+    }
+    json!({"jsonrpc": "2.0", "error": err, "id": id})
+}
+
 fn result(id: Value, v: Value) -> Value {
     json!({"jsonrpc": "2.0", "result": v, "id": id})
 }
@@ -103,7 +118,13 @@ async fn one(ctx: &RpcContext<'_>, req: &Value) -> Value {
         "getHealth" => result(id, json!("ok")),
         "sendTransaction" => match send_transaction(ctx, &params).await {
             Ok(sig) => result(id, json!(sig)),
-            Err((c, m)) => error(id, c, &m),
+            Err(SendErr::Rpc((c, m))) => error(id, c, &m),
+            Err(SendErr::Node(e)) => node_error(id, &e),
+        },
+        "getSignatureStatuses" => match signature_statuses(ctx, &params).await {
+            Ok(v) => result(id, v),
+            Err(SendErr::Rpc((c, m))) => error(id, c, &m),
+            Err(SendErr::Node(e)) => node_error(id, &e),
         },
         "sendBundle" => match send_bundle(ctx, &params).await {
             Ok(bundle) => result(id, json!(bundle)),
@@ -113,7 +134,7 @@ async fn one(ctx: &RpcContext<'_>, req: &Value) -> Value {
             id,
             code::METHOD_NOT_FOUND,
             &format!(
-                "method {:?} is not served by the gateway (sendTransaction, sendBundle, getHealth)",
+                "method {:?} is not served by the gateway (sendTransaction, getSignatureStatuses, sendBundle, getHealth)",
                 other.escape_debug().to_string()
             ),
         ),
@@ -121,6 +142,75 @@ async fn one(ctx: &RpcContext<'_>, req: &Value) -> Value {
 }
 
 type RpcErr = (i64, String);
+
+/// A refusal of ours, or the node's (passed on as it gave it).
+enum SendErr {
+    Rpc(RpcErr),
+    Node(NodeError),
+}
+
+impl From<RpcErr> for SendErr {
+    fn from(e: RpcErr) -> SendErr {
+        SendErr::Rpc(e)
+    }
+}
+
+impl From<NodeError> for SendErr {
+    fn from(e: NodeError) -> SendErr {
+        SendErr::Node(e)
+    }
+}
+
+/// `sendTransaction`'s options that change what the gateway does.
+struct SendOptions {
+    skip_preflight: bool,
+    preflight_commitment: String,
+    min_context_slot: Option<u64>,
+    max_retries: Option<usize>,
+}
+
+fn send_options(opts: Option<&Value>) -> Result<SendOptions, RpcErr> {
+    let bad = |what: &str| (code::INVALID_PARAMS, format!("Invalid params: {what}"));
+    let get = |k: &str| opts.and_then(|o| o.get(k)).filter(|v| !v.is_null());
+    let skip_preflight = match get("skipPreflight") {
+        None => false,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| bad("skipPreflight must be a boolean"))?,
+    };
+    let preflight_commitment = match get("preflightCommitment") {
+        None => "finalized".to_owned(),
+        Some(Value::String(c)) if ["processed", "confirmed", "finalized"].contains(&c.as_str()) => {
+            c.clone()
+        }
+        Some(_) => {
+            return Err(bad(
+                "preflightCommitment must be processed, confirmed or finalized",
+            ))
+        }
+    };
+    let min_context_slot = match get("minContextSlot") {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .ok_or_else(|| bad("minContextSlot must be a slot"))?,
+        ),
+    };
+    let max_retries = match get("maxRetries") {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| bad("maxRetries must be a non-negative integer"))?,
+        ),
+    };
+    Ok(SendOptions {
+        skip_preflight,
+        preflight_commitment,
+        min_context_slot,
+        max_retries,
+    })
+}
 
 fn encoding(opts: Option<&Value>) -> Result<&str, RpcErr> {
     match opts.and_then(|o| o.get("encoding")) {
@@ -135,6 +225,11 @@ fn encoding(opts: Option<&Value>) -> Result<&str, RpcErr> {
 
 /// Decodes one encoded transaction and checks it (structure, size, signatures).
 pub fn decode_tx(s: &str, encoding: &str) -> Result<(Bytes, String), RpcErr> {
+    decode_tx_info(s, encoding).map(|(w, info)| (w, info.signature_b58()))
+}
+
+/// [`decode_tx`], with what the transaction tells (its blockhash).
+fn decode_tx_info(s: &str, encoding: &str) -> Result<(Bytes, txwire::TxInfo), RpcErr> {
     let enc = if encoding == "base64" {
         Encoding::Base64
     } else {
@@ -150,7 +245,7 @@ pub fn decode_tx(s: &str, encoding: &str) -> Result<(Bytes, String), RpcErr> {
         };
         (code::INVALID_PARAMS, m)
     })?;
-    Ok((Bytes::from(raw), info.signature_b58()))
+    Ok((Bytes::from(raw), info))
 }
 
 fn gate(ctx: &RpcContext<'_>) -> Result<(), RpcErr> {
@@ -195,7 +290,7 @@ fn rpc_meta(ctx: &RpcContext<'_>) -> SendMeta {
     }
 }
 
-async fn send_transaction(ctx: &RpcContext<'_>, params: &Value) -> Result<String, RpcErr> {
+async fn send_transaction(ctx: &RpcContext<'_>, params: &Value) -> Result<String, SendErr> {
     let p = params.as_array().ok_or((
         code::INVALID_PARAMS,
         "params must be [transaction, options]".to_owned(),
@@ -204,19 +299,90 @@ async fn send_transaction(ctx: &RpcContext<'_>, params: &Value) -> Result<String
         code::INVALID_PARAMS,
         "params[0] must be the encoded transaction".to_owned(),
     ))?;
-    let (wire, sig) = decode_tx(tx, encoding(p.get(1))?)?;
+    let (wire, info) = decode_tx_info(tx, encoding(p.get(1))?)?;
+    let opts = send_options(p.get(1))?;
     gate(ctx)?;
-    let out = ctx.sender.send(wire, sig, &rpc_meta(ctx)).await;
+    if let Some(landing) = ctx.landing {
+        if !opts.skip_preflight {
+            landing
+                .preflight(&wire, &opts.preflight_commitment, opts.min_context_slot)
+                .await?;
+        } else if let Some(min) = opts.min_context_slot {
+            landing
+                .check_min_slot(min, &opts.preflight_commitment)
+                .await?;
+        }
+    }
+    let meta = rpc_meta(ctx);
+    let out = ctx
+        .sender
+        .send(wire.clone(), info.signature_b58(), &meta)
+        .await;
     match out.landed {
-        Some(_) => Ok(out.signature),
-        None => Err((
+        Some(_) => {
+            if let Some(landing) = ctx.landing {
+                let retry = SendMeta {
+                    source: "rpc_retry",
+                    ..meta
+                };
+                landing.track(
+                    ctx.sender.clone(),
+                    wire,
+                    out.signature.clone(),
+                    info.recent_blockhash,
+                    opts.max_retries,
+                    retry,
+                );
+            }
+            Ok(out.signature)
+        }
+        None => Err(SendErr::Rpc((
             code::SEND_FAILED,
             format!(
                 "transaction {} was not sent: {}",
                 out.signature,
                 out.error()
             ),
-        )),
+        ))),
+    }
+}
+
+/// `getSignatureStatuses([signatures], {searchTransactionHistory})`.
+async fn signature_statuses(ctx: &RpcContext<'_>, params: &Value) -> Result<Value, SendErr> {
+    let p = params.as_array().ok_or((
+        code::INVALID_PARAMS,
+        "params must be [[signatures], options]".to_owned(),
+    ))?;
+    let list = p.first().and_then(Value::as_array).ok_or((
+        code::INVALID_PARAMS,
+        "params[0] must be a list of signatures".to_owned(),
+    ))?;
+    if list.len() > MAX_STATUS_SIGNATURES {
+        return Err(SendErr::Rpc((
+            code::INVALID_PARAMS,
+            format!("Too many inputs provided; max {MAX_STATUS_SIGNATURES}"),
+        )));
+    }
+    let mut sigs = Vec::with_capacity(list.len());
+    for s in list {
+        let ok = s
+            .as_str()
+            .filter(|s| bs58::decode(s).into_vec().is_ok_and(|b| b.len() == 64));
+        match ok {
+            Some(s) => sigs.push(s.to_owned()),
+            None => {
+                return Err(SendErr::Rpc((
+                    code::INVALID_PARAMS,
+                    format!("Invalid param: {s} is not a signature"),
+                )))
+            }
+        }
+    }
+    let opts = p.get(1).cloned().unwrap_or(json!({}));
+    match ctx.landing {
+        Some(l) => Ok(l.statuses(&sigs, opts).await?),
+        // No node: the gateway knows no statuses (null = unknown, as Solana says).
+        None => Ok(json!({"context": {"slot": 0}, "value": vec![Value::Null; sigs.len()]})),
     }
 }
 

@@ -1,0 +1,415 @@
+//! What a Solana RPC node does for `sendTransaction` beyond sending it once, done
+//! with a configured RPC node (`sender.rpc_node`) that has the bank the gateway
+//! lacks:
+//!
+//! - **preflight**: `skipPreflight: false` (Solana's default) simulates the
+//!   transaction on the node first (`simulateTransaction`, `preflightCommitment`)
+//!   and refuses it the way Solana does: -32002 "Transaction simulation failed: …"
+//!   with the simulation's `err`, `logs`, `accounts`, `unitsConsumed` as `data`;
+//! - **`minContextSlot`**: the node's slot must have reached it, else -32016
+//!   "Minimum context slot has not been reached" with `data.contextSlot`;
+//! - **`maxRetries`**: absent, the transaction is sent again every
+//!   `rebroadcast_ms` until the node sees its signature (`getSignatureStatuses`),
+//!   its blockhash expires (`isBlockhashValid`), or `max_age_secs` (150 blocks)
+//!   pass; `N` sends it again at most N times; 0 never;
+//! - **`getSignatureStatuses`**: the node's answer, with the statuses the
+//!   rebroadcast loop saw filled in where the node has none (e.g. a lagging node
+//!   behind a load balancer).
+//!
+//! The node is called with a deadline (`timeout_ms`); when it cannot answer a
+//! preflight, the send is refused (-32002 with the reason): an unchecked
+//! transaction is not sent when the client asked for a check. At most `max_pending`
+//! transactions are rebroadcast at once; beyond that a send goes out once and is
+//! counted.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{SendMeta, Sender};
+use crate::config::OutOfBounds;
+
+/// Solana's code for a failed preflight.
+pub const PREFLIGHT_FAILURE: i64 = -32002;
+/// Solana's code for a `minContextSlot` the node has not reached.
+pub const MIN_CONTEXT_SLOT_NOT_REACHED: i64 = -32016;
+/// Most signatures `getSignatureStatuses` takes (Solana's limit).
+pub const MAX_STATUS_SIGNATURES: usize = 256;
+/// Statuses the rebroadcast loop saw, kept for `getSignatureStatuses`.
+const SEEN_KEPT: usize = 65_536;
+
+/// `sender.rpc_node`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RpcNodeConfig {
+    /// JSON-RPC URL of a Solana node.
+    pub url: String,
+    /// Deadline of each call to it.
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// How often an unconfirmed transaction is sent again (Solana's
+    /// send-transaction-service: 2 s).
+    #[serde(default = "default_rebroadcast")]
+    pub rebroadcast_ms: u64,
+    /// The longest a transaction is rebroadcast (150 blocks ≈ 60–90 s).
+    #[serde(default = "default_max_age")]
+    pub max_age_secs: u64,
+    /// Transactions rebroadcast at once.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
+}
+
+fn default_timeout() -> u64 {
+    2_000
+}
+fn default_rebroadcast() -> u64 {
+    2_000
+}
+fn default_max_age() -> u64 {
+    90
+}
+fn default_max_pending() -> usize {
+    10_000
+}
+
+impl RpcNodeConfig {
+    /// Checks the bounds.
+    pub fn validate(&self) -> Result<(), OutOfBounds> {
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(OutOfBounds::new(
+                "sender.rpc_node.url",
+                "must be an http(s) URL",
+            ));
+        }
+        if !(50..=60_000).contains(&self.timeout_ms) {
+            return Err(OutOfBounds::new(
+                "sender.rpc_node.timeout_ms",
+                "must be within 50..=60000",
+            ));
+        }
+        if !(50..=60_000).contains(&self.rebroadcast_ms) {
+            return Err(OutOfBounds::new(
+                "sender.rpc_node.rebroadcast_ms",
+                "must be within 50..=60000",
+            ));
+        }
+        if !(1..=600).contains(&self.max_age_secs) {
+            return Err(OutOfBounds::new(
+                "sender.rpc_node.max_age_secs",
+                "must be within 1..=600",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.max_pending) {
+            return Err(OutOfBounds::new(
+                "sender.rpc_node.max_pending",
+                "must be within 1..=1000000",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A JSON-RPC error to answer with: code, message, data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeError {
+    /// JSON-RPC code.
+    pub code: i64,
+    /// Message.
+    pub message: String,
+    /// `data`, when any.
+    pub data: Option<Value>,
+}
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct LandingStats {
+    /// Preflights that refused a transaction.
+    pub preflight_failed: AtomicU64,
+    /// Transactions sent again.
+    pub rebroadcasts: AtomicU64,
+    /// Rebroadcasts that ended because the node saw the signature.
+    pub seen: AtomicU64,
+    /// … because the blockhash expired (or `max_age_secs` passed).
+    pub expired: AtomicU64,
+    /// … because `maxRetries` was used up.
+    pub retries_spent: AtomicU64,
+    /// Sends not rebroadcast because `max_pending` were.
+    pub not_tracked: AtomicU64,
+}
+
+/// The landing semantics, with a node.
+pub struct Landing {
+    http: reqwest::Client,
+    cfg: RpcNodeConfig,
+    pending: Mutex<HashMap<String, ()>>,
+    seen: Mutex<(HashMap<String, Value>, VecDeque<String>)>,
+    /// Counters.
+    pub stats: LandingStats,
+}
+
+impl Landing {
+    /// A client of `cfg.url`.
+    pub fn new(cfg: RpcNodeConfig) -> anyhow::Result<Arc<Landing>> {
+        cfg.validate()?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(cfg.timeout_ms))
+            .build()?;
+        Ok(Arc::new(Landing {
+            http,
+            cfg,
+            pending: Mutex::new(HashMap::new()),
+            seen: Mutex::new((HashMap::new(), VecDeque::new())),
+            stats: LandingStats::default(),
+        }))
+    }
+
+    /// Calls `method` on the node: its `result`, or its error as [`NodeError`]
+    /// (a transport failure is code -32603 naming the node).
+    pub async fn call(&self, method: &str, params: Value) -> Result<Value, NodeError> {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        let unreachable = |e: String| NodeError {
+            code: -32603,
+            message: format!("the RPC node did not answer {method}: {e}"),
+            data: None,
+        };
+        let r = self
+            .http
+            .post(&self.cfg.url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let v: Value = r.json().await.map_err(|e| unreachable(e.to_string()))?;
+        if let Some(e) = v.get("error") {
+            return Err(NodeError {
+                code: e.get("code").and_then(Value::as_i64).unwrap_or(-32603),
+                message: e
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("error")
+                    .to_owned(),
+                data: e.get("data").cloned(),
+            });
+        }
+        v.get("result")
+            .cloned()
+            .ok_or_else(|| unreachable("an answer without result".into()))
+    }
+
+    /// `minContextSlot` without a preflight: the node's slot at `commitment`.
+    pub async fn check_min_slot(&self, min: u64, commitment: &str) -> Result<(), NodeError> {
+        let slot = self
+            .call("getSlot", json!([{"commitment": commitment}]))
+            .await?
+            .as_u64()
+            .unwrap_or(0);
+        if slot < min {
+            return Err(NodeError {
+                code: MIN_CONTEXT_SLOT_NOT_REACHED,
+                message: "Minimum context slot has not been reached".into(),
+                data: Some(json!({"contextSlot": slot})),
+            });
+        }
+        Ok(())
+    }
+
+    /// Simulates `wire` on the node; refuses it the way Solana's preflight does.
+    pub async fn preflight(
+        &self,
+        wire: &[u8],
+        commitment: &str,
+        min_context_slot: Option<u64>,
+    ) -> Result<(), NodeError> {
+        use base64::Engine as _;
+        let mut opts = json!({"encoding": "base64", "commitment": commitment, "sigVerify": true});
+        if let Some(m) = min_context_slot {
+            opts["minContextSlot"] = json!(m);
+        }
+        let tx = base64::engine::general_purpose::STANDARD.encode(wire);
+        let r = match self.call("simulateTransaction", json!([tx, opts])).await {
+            Ok(r) => r,
+            // The node's own refusals (e.g. -32016) pass through as it gave them.
+            Err(e) if e.code != -32603 => return Err(e),
+            Err(e) => {
+                self.stats.preflight_failed.fetch_add(1, Ordering::Relaxed);
+                return Err(NodeError {
+                    code: PREFLIGHT_FAILURE,
+                    message: format!("Transaction simulation failed: {}", e.message),
+                    data: None,
+                });
+            }
+        };
+        let value = r.get("value").cloned().unwrap_or(Value::Null);
+        match value.get("err") {
+            None | Some(Value::Null) => Ok(()),
+            Some(err) => {
+                self.stats.preflight_failed.fetch_add(1, Ordering::Relaxed);
+                Err(NodeError {
+                    code: PREFLIGHT_FAILURE,
+                    message: format!("Transaction simulation failed: {}", describe(err)),
+                    data: Some(value),
+                })
+            }
+        }
+    }
+
+    /// Rebroadcasts `wire` until the node sees `signature`, its `blockhash`
+    /// expires, `max_retries` resends are spent or `max_age_secs` pass.
+    pub fn track(
+        self: &Arc<Self>,
+        sender: Arc<Sender>,
+        wire: Bytes,
+        signature: String,
+        blockhash: [u8; 32],
+        max_retries: Option<usize>,
+        meta: SendMeta,
+    ) {
+        if max_retries == Some(0) {
+            return;
+        }
+        {
+            let mut p = self.pending.lock();
+            if p.len() >= self.cfg.max_pending {
+                self.stats.not_tracked.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if p.insert(signature.clone(), ()).is_some() {
+                return; // already rebroadcast (a client resent the same bytes)
+            }
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let every = Duration::from_millis(me.cfg.rebroadcast_ms);
+            let until = Instant::now() + Duration::from_secs(me.cfg.max_age_secs);
+            let blockhash = bs58::encode(blockhash).into_string();
+            let mut sent_again = 0usize;
+            let end = loop {
+                tokio::time::sleep(every).await;
+                if let Ok(v) = me
+                    .call(
+                        "getSignatureStatuses",
+                        json!([[signature], {"searchTransactionHistory": false}]),
+                    )
+                    .await
+                {
+                    if let Some(st) = v["value"].get(0).filter(|s| !s.is_null()) {
+                        me.remember(&signature, st.clone());
+                        break &me.stats.seen;
+                    }
+                }
+                if Instant::now() >= until {
+                    break &me.stats.expired;
+                }
+                if let Ok(v) = me
+                    .call(
+                        "isBlockhashValid",
+                        json!([blockhash, {"commitment": "processed"}]),
+                    )
+                    .await
+                {
+                    if v["value"] == Value::Bool(false) {
+                        break &me.stats.expired;
+                    }
+                }
+                if max_retries.is_some_and(|m| sent_again >= m) {
+                    break &me.stats.retries_spent;
+                }
+                let _ = sender.send(wire.clone(), signature.clone(), &meta).await;
+                sent_again += 1;
+                me.stats.rebroadcasts.fetch_add(1, Ordering::Relaxed);
+            };
+            end.fetch_add(1, Ordering::Relaxed);
+            me.pending.lock().remove(&signature);
+        });
+    }
+
+    fn remember(&self, signature: &str, status: Value) {
+        let mut g = self.seen.lock();
+        let (map, order) = &mut *g;
+        if map.insert(signature.to_owned(), status).is_none() {
+            order.push_back(signature.to_owned());
+            while order.len() > SEEN_KEPT {
+                if let Some(old) = order.pop_front() {
+                    map.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Transactions being rebroadcast now.
+    pub fn pending(&self) -> usize {
+        self.pending.lock().len()
+    }
+
+    /// `getSignatureStatuses`: the node's answer, with what the rebroadcast loop saw
+    /// filled in where the node has nothing.
+    pub async fn statuses(&self, signatures: &[String], opts: Value) -> Result<Value, NodeError> {
+        let mut r = self
+            .call("getSignatureStatuses", json!([signatures, opts]))
+            .await?;
+        let seen = self.seen.lock();
+        if let Some(values) = r.get_mut("value").and_then(Value::as_array_mut) {
+            for (v, sig) in values.iter_mut().zip(signatures) {
+                if v.is_null() {
+                    if let Some(st) = seen.0.get(sig) {
+                        *v = st.clone();
+                    }
+                }
+            }
+        }
+        Ok(r)
+    }
+}
+
+/// A transaction error as Solana's message names it: `"BlockhashNotFound"`, or
+/// `{"InstructionError":[0,{"Custom":1}]}` → `Error processing Instruction 0:
+/// {"Custom":1}`.
+fn describe(err: &Value) -> String {
+    match err {
+        Value::String(s) => s.clone(),
+        Value::Object(m) => match m.get("InstructionError").and_then(Value::as_array) {
+            Some(a) if a.len() == 2 => {
+                format!("Error processing Instruction {}: {}", a[0], a[1])
+            }
+            _ => err.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_named_as_solana_names_them() {
+        assert_eq!(describe(&json!("BlockhashNotFound")), "BlockhashNotFound");
+        assert_eq!(
+            describe(&json!({"InstructionError": [0, {"Custom": 1}]})),
+            "Error processing Instruction 0: {\"Custom\":1}"
+        );
+    }
+
+    #[test]
+    fn bounds_are_checked() {
+        let ok: RpcNodeConfig =
+            serde_json::from_value(json!({"url": "http://127.0.0.1:8899"})).unwrap();
+        assert!(ok.validate().is_ok());
+        let mut bad = ok.clone();
+        bad.url = "ftp://x".into();
+        assert!(bad.validate().is_err());
+        let mut bad = ok;
+        bad.rebroadcast_ms = 1;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("rebroadcast_ms"));
+    }
+}

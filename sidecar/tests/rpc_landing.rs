@@ -1,0 +1,234 @@
+//! JSON-RPC `sendTransaction` with a Solana RPC node's landing semantics, against a
+//! local node the test drives (testkit::rpc_node: slot, statuses, blockhash
+//! validity, simulation) and the protocol-enforcing TPU receiver: preflight
+//! failures answered as Solana answers them (-32002, nothing sent),
+//! `minContextSlot` (-32016), `maxRetries` (0, N, absent = until seen or expired),
+//! and `getSignatureStatuses` from the node plus what the gateway saw.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use ed25519_dalek::SigningKey;
+use gw_core::module_state::{ModuleState, RunState, Throttle};
+use gw_core::Module;
+use gw_sidecar::control::ModuleTable;
+use gw_sidecar::sender::landing::{Landing, RpcNodeConfig};
+use gw_sidecar::sender::leaders::{LeaderSource, StaticLeaders};
+use gw_sidecar::sender::rpc::{self, RpcContext};
+use gw_sidecar::sender::tpu::Leader;
+use gw_sidecar::sender::{txwire, Sender, SenderConfig};
+use serde_json::{json, Value};
+use testkit::rpc_node::RpcNode;
+use testkit::tpu_receiver::{ReceiverConfig, TpuReceiver};
+
+fn key(b: u8) -> SigningKey {
+    SigningKey::from_bytes(&[b; 32])
+}
+
+/// A signed transaction against blockhash `[bh; 32]`: base64, signature, blockhash (base58).
+fn tx(bh: u8, pad: usize) -> (Vec<u8>, String, String, String) {
+    let w = txwire::example_tx(&key(50), [bh; 32], pad);
+    let sig = txwire::parse(&w, true).unwrap().signature_b58();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&w);
+    (w, b64, sig, bs58::encode([bh; 32]).into_string())
+}
+
+fn send(b64: &str, opts: Value) -> Vec<u8> {
+    let mut o = json!({"encoding": "base64"});
+    for (k, v) in opts.as_object().unwrap() {
+        o[k] = v.clone();
+    }
+    serde_json::to_vec(
+        &json!({"jsonrpc": "2.0", "id": 7, "method": "sendTransaction", "params": [b64, o]}),
+    )
+    .unwrap()
+}
+
+fn copies(rx: &TpuReceiver, wire: &[u8]) -> usize {
+    rx.received().iter().filter(|r| r.bytes == wire).count()
+}
+
+#[test]
+fn send_transaction_has_a_solana_nodes_landing_semantics() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let node = RpcNode::start(1010);
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let cfg: SenderConfig = serde_json::from_value(json!({
+            "tpu": {}, "leaders": {"static": []}, "route_policy": "tpu_first",
+        }))
+        .unwrap();
+        let leaders: Arc<dyn LeaderSource> = Arc::new(StaticLeaders::from_leaders(vec![Leader {
+            tpu_quic: rx.addr,
+            identity: Some(rx.identity),
+        }]));
+        let sender = Sender::new(&cfg, &key(2), Some(leaders), None).unwrap();
+        let landing = Landing::new(
+            serde_json::from_value::<RpcNodeConfig>(json!({
+                "url": node.url, "timeout_ms": 1000, "rebroadcast_ms": 100, "max_age_secs": 30,
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let modules = ModuleTable::new();
+        modules.set(
+            Module::Arbitrage,
+            ModuleState {
+                state: RunState::Running,
+                ..ModuleState::default()
+            },
+        );
+        let throttle = parking_lot::Mutex::new(Throttle::default());
+        let ctx = RpcContext {
+            sender: &sender,
+            landing: Some(&landing),
+            modules: &modules,
+            module: Module::Arbitrage,
+            allow_stopped: false,
+            throttle: &throttle,
+        };
+        let call = |body: Vec<u8>| {
+            let ctx = &ctx;
+            async move { rpc::handle(ctx, &body).await }
+        };
+
+        // Preflight (the default): the node's simulation fails → Solana's -32002,
+        // with its err and logs; nothing is sent.
+        node.set_simulation_err(Some(json!({"InstructionError": [0, {"Custom": 1}]})));
+        let (w1, b1, _, _) = tx(1, 0);
+        let r = call(send(&b1, json!({}))).await;
+        assert_eq!(r["error"]["code"], -32002, "{r}");
+        assert_eq!(
+            r["error"]["message"],
+            "Transaction simulation failed: Error processing Instruction 0: {\"Custom\":1}"
+        );
+        assert_eq!(
+            r["error"]["data"]["err"],
+            json!({"InstructionError": [0, {"Custom": 1}]})
+        );
+        assert!(r["error"]["data"]["logs"]
+            .as_array()
+            .is_some_and(|l| !l.is_empty()));
+        let sim = node
+            .calls()
+            .into_iter()
+            .find(|(m, _)| m == "simulateTransaction")
+            .unwrap();
+        assert_eq!(
+            sim.1[1]["commitment"], "finalized",
+            "Solana's default preflight commitment"
+        );
+        node.set_simulation_err(None);
+
+        // minContextSlot beyond the node's slot: -32016 with the slot, with or
+        // without preflight.
+        for opts in [
+            json!({"minContextSlot": 5000}),
+            json!({"minContextSlot": 5000, "skipPreflight": true}),
+        ] {
+            let r = call(send(&b1, opts.clone())).await;
+            assert_eq!(r["error"]["code"], -32016, "{opts}: {r}");
+            assert_eq!(r["error"]["data"]["contextSlot"], 1010, "{r}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(copies(&rx, &w1), 0, "a refused transaction was sent");
+
+        // A passing preflight with preflightCommitment: sent (and, maxRetries 0, once).
+        let (w2, b2, s2, _) = tx(2, 0);
+        let r = call(send(
+            &b2,
+            json!({"preflightCommitment": "processed", "maxRetries": 0}),
+        ))
+        .await;
+        assert_eq!(r["result"], s2, "{r}");
+        let last = node
+            .calls()
+            .into_iter()
+            .rev()
+            .find(|(m, _)| m == "simulateTransaction")
+            .unwrap();
+        assert_eq!(last.1[1]["commitment"], "processed");
+
+        // maxRetries 2: the first send and two more, then it stops.
+        let (w3, b3, s3, _) = tx(3, 0);
+        let r = call(send(&b3, json!({"skipPreflight": true, "maxRetries": 2}))).await;
+        assert_eq!(r["result"], s3, "{r}");
+
+        // No maxRetries: again every 100 ms until the node sees it.
+        let (w4, b4, s4, _) = tx(4, 0);
+        let r = call(send(&b4, json!({"skipPreflight": true}))).await;
+        assert_eq!(r["result"], s4, "{r}");
+        // … or until its blockhash expires.
+        let (w5, b5, s5, bh5) = tx(5, 0);
+        let r = call(send(&b5, json!({"skipPreflight": true}))).await;
+        assert_eq!(r["result"], s5, "{r}");
+
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(copies(&rx, &w2), 1, "maxRetries 0 sends once");
+        assert_eq!(copies(&rx, &w3), 3, "maxRetries 2 sends three times");
+        let n4 = copies(&rx, &w4);
+        assert!(n4 >= 4, "rebroadcast every 100 ms: {n4} copies in 0.9 s");
+        assert!(copies(&rx, &w5) >= 4);
+
+        let status = json!({"slot": 1011, "confirmations": 0, "err": null,
+                            "confirmationStatus": "confirmed", "status": {"Ok": null}});
+        node.set_status(&s4, status.clone());
+        node.expire_blockhash(&bh5);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (n4, n5) = (copies(&rx, &w4), copies(&rx, &w5));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            copies(&rx, &w4),
+            n4,
+            "rebroadcast went on after the node saw the signature"
+        );
+        assert_eq!(
+            copies(&rx, &w5),
+            n5,
+            "rebroadcast went on after the blockhash expired"
+        );
+        assert_eq!(landing.pending(), 0);
+        let st = &landing.stats;
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(
+            (
+                st.seen.load(Relaxed),
+                st.expired.load(Relaxed),
+                st.retries_spent.load(Relaxed)
+            ),
+            (1, 1, 1)
+        );
+
+        // getSignatureStatuses: the node's answer; where the node has nothing (it
+        // forgot, or lags), what the rebroadcast loop saw.
+        let (_, _, unknown, _) = tx(9, 0);
+        let q = |sigs: Value| {
+            serde_json::to_vec(
+                &json!({"jsonrpc": "2.0", "id": 1, "method": "getSignatureStatuses",
+                                        "params": [sigs, {"searchTransactionHistory": false}]}),
+            )
+            .unwrap()
+        };
+        let r = call(q(json!([s4, unknown]))).await;
+        assert_eq!(r["result"]["value"][0], status, "{r}");
+        assert_eq!(r["result"]["value"][1], Value::Null);
+        node.forget_status(&s4);
+        let r = call(q(json!([s4]))).await;
+        assert_eq!(
+            r["result"]["value"][0], status,
+            "the gateway's own sighting: {r}"
+        );
+        let r = call(q(json!(["not-a-signature"]))).await;
+        assert_eq!(r["error"]["code"], -32602, "{r}");
+        let r = call(q(Value::Array(vec![json!(s4); 257]))).await;
+        assert_eq!(r["error"]["code"], -32602, "{r}");
+        // Bad options are refused before anything is sent.
+        let r = call(send(&b1, json!({"maxRetries": -1}))).await;
+        assert_eq!(r["error"]["code"], -32602, "{r}");
+    });
+}

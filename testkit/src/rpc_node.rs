@@ -1,0 +1,156 @@
+//! A local Solana JSON-RPC node whose slot, signature statuses, blockhash validity
+//! and simulation results the test drives: `getSlot`, `getSignatureStatuses`,
+//! `isBlockhashValid`, `simulateTransaction` (honouring `minContextSlot` as Agave's
+//! RPC does, -32016) and `getHealth`. Every call is recorded. It stands in for a
+//! validator's RPC service, which needs a bank this machine does not run.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::http_thread::HttpThread;
+
+#[derive(Default)]
+struct Inner {
+    slot: u64,
+    statuses: HashMap<String, Value>,
+    expired: HashSet<String>,
+    simulation_err: Option<Value>,
+    calls: Vec<(String, Value)>,
+}
+
+type Shared = Arc<Mutex<Inner>>;
+
+/// A running node; stops when dropped.
+pub struct RpcNode {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    shared: Shared,
+    _server: HttpThread,
+}
+
+impl RpcNode {
+    /// Starts on a free port at `slot`, on its own thread.
+    pub fn start(slot: u64) -> RpcNode {
+        let shared: Shared = Arc::new(Mutex::new(Inner {
+            slot,
+            ..Inner::default()
+        }));
+        let app = axum::Router::new()
+            .route("/", axum::routing::post(handle))
+            .with_state(shared.clone());
+        let server = HttpThread::start(SocketAddr::from(([127, 0, 0, 1], 0)), app);
+        RpcNode {
+            url: server.url(),
+            shared,
+            _server: server,
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        f(&mut self.shared.lock().expect("node state"))
+    }
+
+    /// Sets the slot.
+    pub fn set_slot(&self, slot: u64) {
+        self.with(|i| i.slot = slot);
+    }
+
+    /// The node has seen `signature` with this status object.
+    pub fn set_status(&self, signature: &str, status: Value) {
+        self.with(|i| i.statuses.insert(signature.to_owned(), status));
+    }
+
+    /// The node no longer knows `signature` (a node that lags, or forgot).
+    pub fn forget_status(&self, signature: &str) {
+        self.with(|i| i.statuses.remove(signature));
+    }
+
+    /// `blockhash` (base58) is no longer valid.
+    pub fn expire_blockhash(&self, blockhash: &str) {
+        self.with(|i| i.expired.insert(blockhash.to_owned()));
+    }
+
+    /// Simulations fail with `err` (a TransactionError as JSON), or pass (`None`).
+    pub fn set_simulation_err(&self, err: Option<Value>) {
+        self.with(|i| i.simulation_err = err);
+    }
+
+    /// The calls so far: method and params.
+    pub fn calls(&self) -> Vec<(String, Value)> {
+        self.with(|i| i.calls.clone())
+    }
+
+    /// How many calls of `method`.
+    pub fn count(&self, method: &str) -> usize {
+        self.with(|i| i.calls.iter().filter(|(m, _)| m == method).count())
+    }
+}
+
+async fn handle(State(sh): State<Shared>, Json(req): Json<Value>) -> Json<Value> {
+    let id = req.get("id").cloned().unwrap_or(Value::Null);
+    let method = req["method"].as_str().unwrap_or("").to_owned();
+    let params = req.get("params").cloned().unwrap_or(json!([]));
+    let mut i = sh.lock().expect("node state");
+    i.calls.push((method.clone(), params.clone()));
+    let context = json!({"slot": i.slot, "apiVersion": "3.1.0"});
+    let ok = |v: Value| Json(json!({"jsonrpc": "2.0", "result": v, "id": id}));
+    let err = |code: i64, msg: &str, data: Option<Value>| {
+        let mut e = json!({"code": code, "message": msg});
+        if let Some(d) = data {
+            e["data"] = d;
+        }
+        Json(json!({"jsonrpc": "2.0", "error": e, "id": id}))
+    };
+    match method.as_str() {
+        "getHealth" => ok(json!("ok")),
+        "getSlot" => ok(json!(i.slot)),
+        "getSignatureStatuses" => {
+            let sigs = params[0].as_array().cloned().unwrap_or_default();
+            let value: Vec<Value> = sigs
+                .iter()
+                .map(|s| {
+                    s.as_str()
+                        .and_then(|s| i.statuses.get(s).cloned())
+                        .unwrap_or(Value::Null)
+                })
+                .collect();
+            ok(json!({"context": context, "value": value}))
+        }
+        "isBlockhashValid" => {
+            let valid = params[0].as_str().is_some_and(|b| !i.expired.contains(b));
+            ok(json!({"context": context, "value": valid}))
+        }
+        "simulateTransaction" => {
+            if let Some(min) = params[1]["minContextSlot"].as_u64() {
+                if i.slot < min {
+                    return err(
+                        -32016,
+                        "Minimum context slot has not been reached",
+                        Some(json!({"contextSlot": i.slot})),
+                    );
+                }
+            }
+            let e = i.simulation_err.clone().unwrap_or(Value::Null);
+            let logs = if e.is_null() {
+                json!([
+                    "Program 11111111111111111111111111111111 invoke [1]",
+                    "Program 11111111111111111111111111111111 success"
+                ])
+            } else {
+                json!([
+                    "Program 11111111111111111111111111111111 invoke [1]",
+                    "Program 11111111111111111111111111111111 failed: custom program error: 0x1"
+                ])
+            };
+            ok(json!({"context": context, "value": {
+                "err": e, "logs": logs, "accounts": null, "unitsConsumed": 150,
+                "returnData": null}}))
+        }
+        _ => err(-32601, "Method not found", None),
+    }
+}
