@@ -537,6 +537,15 @@ function svg(tagName, attrs = {}, ...children) {
   return el;
 }
 
+/** A chart's legend: [[name, colour], …]. */
+function legendOf(legend) {
+  return h("div", { class: "legend" }, legend.map(([name, color]) => {
+    const sw = h("i");
+    sw.style.background = color;
+    return h("span", {}, sw, name);
+  }));
+}
+
 /** Stacked bars: `groups` = [{label, parts: [{value, color, name}]}]. */
 function barChart(groups, { width = 420, height = 150, legend = [] } = {}) {
   const box = document.createElement("div");
@@ -564,13 +573,39 @@ function barChart(groups, { width = 420, height = 150, legend = [] } = {}) {
     }
   });
   box.append(chart);
-  if (legend.length) {
-    box.append(h("div", { class: "legend" }, legend.map(([name, color]) => {
-      const sw = h("i");
-      sw.style.background = color;
-      return h("span", {}, sw, name);
-    })));
+  if (legend.length) box.append(legendOf(legend));
+  return box;
+}
+
+/** Horizontal stacked bars, one row per group (long labels such as codes). */
+function hbarChart(groups, { width = 420, legend = [], max: most = 12 } = {}) {
+  const box = document.createElement("div");
+  if (groups.length === 0) {
+    box.append(h("p", { class: "muted small" }, "nothing in this window"));
+    return box;
   }
+  const shown = groups.slice(0, most);
+  const total = (g) => g.parts.reduce((a, p) => a + p.value, 0);
+  const max = Math.max(1, ...shown.map(total));
+  const row = 16, labelW = 150, height = shown.length * row;
+  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img",
+    "aria-label": shown.map((g) => `${g.label}: ${total(g)}`).join("; ") });
+  shown.forEach((g, i) => {
+    const y = i * row;
+    chart.append(svg("text", { x: 0, y: y + 11 }, g.label));
+    let x = labelW;
+    for (const p of g.parts) {
+      if (p.value <= 0) continue;
+      const w = (p.value / max) * (width - labelW - 40);
+      chart.append(svg("rect", { x, y: y + 2, width: Math.max(1, w), height: row - 4, fill: p.color },
+        svg("title", {}, `${g.label} ${p.name}: ${p.value}`)));
+      x += w;
+    }
+    chart.append(svg("text", { x: x + 4, y: y + 11 }, total(g)));
+  });
+  box.append(chart);
+  if (groups.length > most) box.append(h("p", { class: "muted small" }, `and ${groups.length - most} more codes`));
+  if (legend.length) box.append(legendOf(legend));
   return box;
 }
 
@@ -656,7 +691,8 @@ async function loadRefusals() {
     const groups = codes.map((code) => ({ label: code, parts: ["edge", "sidecar", "agent"].map((stage) => ({
       name: stage, color: COLORS[stage],
       value: r.by_code.filter((c) => c.code === code && c.stage === stage).reduce((a, c) => a + c.count, 0) })) }));
-    $("codes-chart").replaceChildren(barChart(groups, { legend: [["edge", COLORS.edge], ["sidecar", COLORS.sidecar], ["agent", COLORS.agent]] }));
+    groups.sort((a, b) => b.parts.reduce((x, p) => x + p.value, 0) - a.parts.reduce((x, p) => x + p.value, 0));
+    $("codes-chart").replaceChildren(hbarChart(groups, { legend: [["edge", COLORS.edge], ["sidecar", COLORS.sidecar], ["agent", COLORS.agent]] }));
     const minutes = [...new Set(r.per_minute.map((m) => m.minute))].sort((a, b) => a - b);
     $("rate-chart").replaceChildren(barChart(minutes.map((m) => ({ label: time(m * 1000).slice(0, 5),
       parts: ["edge", "sidecar", "agent"].map((stage) => ({ name: stage, color: COLORS[stage],

@@ -89,7 +89,7 @@ pub enum Phase {
 #[derive(Debug, Clone)]
 pub struct Hedge {
     primary: Route,
-    delay: Option<Duration>,
+    delay: Duration,
     phase: Phase,
     started: Option<Instant>,
     failed: [bool; 2],
@@ -103,16 +103,6 @@ fn idx(r: Route) -> usize {
 impl Hedge {
     /// A transaction that goes first on `primary`, hedged after `delay`.
     pub fn new(primary: Route, delay: Duration) -> Hedge {
-        Hedge::with_delay(primary, Some(delay))
-    }
-
-    /// A transaction that goes on `primary` and on the other route only if
-    /// `primary` fails (no timer: the other route costs, e.g. a relay's tip).
-    pub fn failover_only(primary: Route) -> Hedge {
-        Hedge::with_delay(primary, None)
-    }
-
-    fn with_delay(primary: Route, delay: Option<Duration>) -> Hedge {
         Hedge {
             primary,
             delay,
@@ -130,8 +120,8 @@ impl Hedge {
 
     /// When the sender must deliver [`Event::Timer`], if a hedge is still pending.
     pub fn deadline(&self) -> Option<Instant> {
-        match (self.phase, self.started, self.delay) {
-            (Phase::Primary, Some(t), Some(d)) => Some(t + d),
+        match (self.phase, self.started) {
+            (Phase::Primary, Some(t)) => Some(t + self.delay),
             _ => None,
         }
     }
@@ -196,12 +186,12 @@ pub struct RouteStats {
     attempts: [u64; 2],
     failures: [u64; 2],
     ewma_us: [Option<f64>; 2],
-    landing: [Option<f64>; 2],
+    delivery: [Option<f64>; 2],
 }
 
 const EWMA_WEIGHT: f64 = 0.2;
-/// Weight of the newest attempt in the landing estimate (about the last 20 count).
-const LANDING_WEIGHT: f64 = 0.1;
+/// Weight of the newest attempt in the delivery estimate (about the last 20 count).
+const DELIVERY_WEIGHT: f64 = 0.1;
 
 impl RouteStats {
     /// Records one attempt on `route`: `Ok(latency)` when it landed.
@@ -209,8 +199,8 @@ impl RouteStats {
         let i = idx(route);
         self.attempts[i] += 1;
         let ok = if outcome.is_ok() { 1.0 } else { 0.0 };
-        self.landing[i] = Some(match self.landing[i] {
-            Some(prev) => prev + LANDING_WEIGHT * (ok - prev),
+        self.delivery[i] = Some(match self.delivery[i] {
+            Some(prev) => prev + DELIVERY_WEIGHT * (ok - prev),
             None => ok,
         });
         match outcome {
@@ -230,10 +220,11 @@ impl RouteStats {
         (self.attempts[idx(route)], self.failures[idx(route)])
     }
 
-    /// The share of recent attempts on `route` that landed (an exponentially
-    /// weighted average, newest weighing 0.1); `None` before the first attempt.
-    pub fn landing(&self, route: Route) -> Option<f64> {
-        self.landing[idx(route)]
+    /// The share of recent attempts on `route` the route confirmed (for the TPU:
+    /// the leader acknowledged, which is not a landing), an exponentially weighted
+    /// average with the newest weighing 0.1; `None` before the first attempt.
+    pub fn delivery(&self, route: Route) -> Option<f64> {
+        self.delivery[idx(route)]
     }
 
     /// Expected microseconds to land on `route` (None until it has landed once).
@@ -270,40 +261,21 @@ mod tests {
     const D: Duration = Duration::from_millis(10);
 
     #[test]
-    fn failover_only_never_hedges_on_time_but_does_on_failure() {
-        let t0 = Instant::now();
-        let mut h = Hedge::failover_only(Route::Tpu);
-        assert_eq!(h.on(Event::Start, t0), Some(Action::Send(Route::Tpu)));
-        assert_eq!(h.deadline(), None, "no timer");
-        assert_eq!(h.on(Event::Timer, t0 + D * 100), None);
-        assert!(!h.hedged());
-        assert_eq!(
-            h.on(Event::Failed(Route::Tpu), t0 + D),
-            Some(Action::Send(Route::Relay))
-        );
-        assert!(h.hedged());
-        assert_eq!(
-            h.on(Event::Confirmed(Route::Relay), t0 + D * 2),
-            Some(Action::Landed(Route::Relay))
-        );
-    }
-
-    #[test]
-    fn the_landing_estimate_follows_recent_outcomes() {
+    fn the_delivery_estimate_follows_recent_outcomes() {
         let mut s = RouteStats::default();
-        assert_eq!(s.landing(Route::Tpu), None);
+        assert_eq!(s.delivery(Route::Tpu), None);
         s.record(Route::Tpu, Ok(D));
-        assert_eq!(s.landing(Route::Tpu), Some(1.0));
+        assert_eq!(s.delivery(Route::Tpu), Some(1.0));
         for _ in 0..3 {
             s.record(Route::Tpu, Err(()));
         }
-        let after = s.landing(Route::Tpu).unwrap();
+        let after = s.delivery(Route::Tpu).unwrap();
         assert!((after - 0.729).abs() < 1e-9, "{after}");
         for _ in 0..50 {
             s.record(Route::Tpu, Ok(D));
         }
-        assert!(s.landing(Route::Tpu).unwrap() > 0.99);
-        assert_eq!(s.landing(Route::Relay), None);
+        assert!(s.delivery(Route::Tpu).unwrap() > 0.99);
+        assert_eq!(s.delivery(Route::Relay), None);
     }
 
     #[test]

@@ -208,7 +208,7 @@ fn status_json(dp: &DataPlane) -> Value {
                 crate::sender::RoutePolicy::Latency => "latency",
                 crate::sender::RoutePolicy::TpuFirst => "tpu_first",
             },
-            "tpu_landing_estimate": s.tpu_landing(),
+            "tpu_delivery_estimate": s.tpu_delivery(),
         },
         "leaders": leaders,
         "sends": {
@@ -236,6 +236,7 @@ fn status_json(dp: &DataPlane) -> Value {
             "expired": l.stats.expired.load(Ordering::Relaxed),
             "retries_spent": l.stats.retries_spent.load(Ordering::Relaxed),
             "not_tracked": l.stats.not_tracked.load(Ordering::Relaxed),
+            "refused": l.stats.refused.load(Ordering::Relaxed),
         })),
     })
 }

@@ -9,16 +9,19 @@
 //! - **`minContextSlot`**: the node's slot must have reached it, else -32016
 //!   "Minimum context slot has not been reached" with `data.contextSlot`;
 //! - **`maxRetries`**: absent, the transaction is sent again every
-//!   `rebroadcast_ms` until the node sees its signature (`getSignatureStatuses`),
-//!   its blockhash expires (`isBlockhashValid`), or `max_age_secs` (150 blocks)
-//!   pass; `N` sends it again at most N times; 0 never;
+//!   `rebroadcast_ms` until the node sees its signature confirmed
+//!   (`getSignatureStatuses`; while only processed, it waits without resending),
+//!   its blockhash expires (`isBlockhashValid`: false after true, or five times in
+//!   a row), the gating module stops sending, or `max_age_secs` (150 blocks) pass;
+//!   `N` sends it again at most N times; 0 never. Each poll is one call per
+//!   transaction: with many in flight, `rebroadcast_ms` bounds the node's load;
 //! - **`getSignatureStatuses`**: the node's answer, with the statuses the
-//!   rebroadcast loop saw filled in where the node has none (e.g. a lagging node
-//!   behind a load balancer).
+//!   rebroadcast loop saw confirmed filled in where the node has none (e.g. a
+//!   lagging node behind a load balancer).
 //!
 //! The node is called with a deadline (`timeout_ms`); when it cannot answer a
-//! preflight, the send is refused (-32002 with the reason): an unchecked
-//! transaction is not sent when the client asked for a check. At most `max_pending`
+//! preflight, the send is refused (-32603, transient, naming the node): an
+//! unchecked transaction is not sent when the client asked for a check. At most `max_pending`
 //! transactions are rebroadcast at once; beyond that a send goes out once and is
 //! counted.
 
@@ -41,7 +44,7 @@ pub const PREFLIGHT_FAILURE: i64 = -32002;
 pub const MIN_CONTEXT_SLOT_NOT_REACHED: i64 = -32016;
 /// Most signatures `getSignatureStatuses` takes (Solana's limit).
 pub const MAX_STATUS_SIGNATURES: usize = 256;
-/// Statuses the rebroadcast loop saw, kept for `getSignatureStatuses`.
+/// Confirmed statuses the rebroadcast loop saw, kept for `getSignatureStatuses`.
 const SEEN_KEPT: usize = 65_536;
 
 /// `sender.rpc_node`.
@@ -141,6 +144,8 @@ pub struct LandingStats {
     pub retries_spent: AtomicU64,
     /// Sends not rebroadcast because `max_pending` were.
     pub not_tracked: AtomicU64,
+    /// Rebroadcasts ended because the gating module no longer lets sends through.
+    pub refused: AtomicU64,
 }
 
 /// The landing semantics, with a node.
@@ -232,19 +237,18 @@ impl Landing {
             opts["minContextSlot"] = json!(m);
         }
         let tx = base64::engine::general_purpose::STANDARD.encode(wire);
-        let r = match self.call("simulateTransaction", json!([tx, opts])).await {
-            Ok(r) => r,
-            // The node's own refusals (e.g. -32016) pass through as it gave them.
-            Err(e) if e.code != -32603 => return Err(e),
-            Err(e) => {
-                self.stats.preflight_failed.fetch_add(1, Ordering::Relaxed);
-                return Err(NodeError {
-                    code: PREFLIGHT_FAILURE,
-                    message: format!("Transaction simulation failed: {}", e.message),
-                    data: None,
-                });
-            }
-        };
+        // The node's own refusals (e.g. -32016) pass through as it gave them; a
+        // node that does not answer is -32603 (transient, not a failed
+        // simulation), and the transaction is not sent unchecked.
+        let r = self
+            .call("simulateTransaction", json!([tx, opts]))
+            .await
+            .map_err(|mut e| {
+                if e.code == -32603 {
+                    e.message = format!("{}; the transaction was not sent", e.message);
+                }
+                e
+            })?;
         let value = r.get("value").cloned().unwrap_or(Value::Null);
         match value.get("err") {
             None | Some(Value::Null) => Ok(()),
@@ -261,6 +265,7 @@ impl Landing {
 
     /// Rebroadcasts `wire` until the node sees `signature`, its `blockhash`
     /// expires, `max_retries` resends are spent or `max_age_secs` pass.
+    #[allow(clippy::too_many_arguments)] // one transaction's whole context
     pub fn track(
         self: &Arc<Self>,
         sender: Arc<Sender>,
@@ -269,6 +274,7 @@ impl Landing {
         blockhash: [u8; 32],
         max_retries: Option<usize>,
         meta: SendMeta,
+        may_send: Arc<dyn Fn() -> bool + Send + Sync>,
     ) {
         if max_retries == Some(0) {
             return;
@@ -289,8 +295,14 @@ impl Landing {
             let until = Instant::now() + Duration::from_secs(me.cfg.max_age_secs);
             let blockhash = bs58::encode(blockhash).into_string();
             let mut sent_again = 0usize;
+            // The blockhash counts as expired once the node said it was valid and
+            // then not, or said "not valid" this many times in a row (a node that
+            // lags the client's blockhash source; a durable nonce's "blockhash").
+            const INVALID_IN_A_ROW: u32 = 5;
+            let (mut was_valid, mut invalid) = (false, 0u32);
             let end = loop {
                 tokio::time::sleep(every).await;
+                let mut processed = false;
                 if let Ok(v) = me
                     .call(
                         "getSignatureStatuses",
@@ -299,8 +311,14 @@ impl Landing {
                     .await
                 {
                     if let Some(st) = v["value"].get(0).filter(|s| !s.is_null()) {
-                        me.remember(&signature, st.clone());
-                        break &me.stats.seen;
+                        let level = st["confirmationStatus"].as_str().unwrap_or("processed");
+                        if level == "confirmed" || level == "finalized" {
+                            me.remember(&signature, st.clone());
+                            break &me.stats.seen;
+                        }
+                        // In a block not yet confirmed: wait, do not resend (a
+                        // dropped fork makes it null again, and then it is resent).
+                        processed = true;
                     }
                 }
                 if Instant::now() >= until {
@@ -313,12 +331,26 @@ impl Landing {
                     )
                     .await
                 {
-                    if v["value"] == Value::Bool(false) {
-                        break &me.stats.expired;
+                    match v["value"] {
+                        Value::Bool(true) => (was_valid, invalid) = (true, 0),
+                        Value::Bool(false) => {
+                            invalid += 1;
+                            if was_valid || invalid >= INVALID_IN_A_ROW {
+                                break &me.stats.expired;
+                            }
+                        }
+                        _ => {}
                     }
+                }
+                if processed {
+                    continue;
                 }
                 if max_retries.is_some_and(|m| sent_again >= m) {
                     break &me.stats.retries_spent;
+                }
+                // The module's kill switch and stop hold for resends too.
+                if !may_send() {
+                    break &me.stats.refused;
                 }
                 let _ = sender.send(wire.clone(), signature.clone(), &meta).await;
                 sent_again += 1;
@@ -367,15 +399,33 @@ impl Landing {
     }
 }
 
-/// A transaction error as Solana's message names it: `"BlockhashNotFound"`, or
+/// A transaction error as Agave's message (its `Display`) names it, for the common
+/// variants: `"BlockhashNotFound"` → `Blockhash not found`,
 /// `{"InstructionError":[0,{"Custom":1}]}` → `Error processing Instruction 0:
-/// {"Custom":1}`.
+/// custom program error: 0x1`; others by their variant name.
 fn describe(err: &Value) -> String {
     match err {
-        Value::String(s) => s.clone(),
+        Value::String(s) => match s.as_str() {
+            "BlockhashNotFound" => "Blockhash not found".into(),
+            "AlreadyProcessed" => "This transaction has already been processed".into(),
+            "InsufficientFundsForFee" => "Insufficient funds for fee".into(),
+            "AccountNotFound" => {
+                "Attempt to debit an account but found no record of a prior credit.".into()
+            }
+            "AccountInUse" => "Account in use".into(),
+            other => other.to_owned(),
+        },
         Value::Object(m) => match m.get("InstructionError").and_then(Value::as_array) {
             Some(a) if a.len() == 2 => {
-                format!("Error processing Instruction {}: {}", a[0], a[1])
+                let what = match &a[1] {
+                    Value::Object(e) => match e.get("Custom").and_then(Value::as_u64) {
+                        Some(n) => format!("custom program error: {n:#x}"),
+                        None => a[1].to_string(),
+                    },
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                format!("Error processing Instruction {}: {what}", a[0])
             }
             _ => err.to_string(),
         },
@@ -389,10 +439,14 @@ mod tests {
 
     #[test]
     fn errors_are_named_as_solana_names_them() {
-        assert_eq!(describe(&json!("BlockhashNotFound")), "BlockhashNotFound");
+        assert_eq!(describe(&json!("BlockhashNotFound")), "Blockhash not found");
         assert_eq!(
             describe(&json!({"InstructionError": [0, {"Custom": 1}]})),
-            "Error processing Instruction 0: {\"Custom\":1}"
+            "Error processing Instruction 0: custom program error: 0x1"
+        );
+        assert_eq!(
+            describe(&json!({"InstructionError": [2, "InvalidArgument"]})),
+            "Error processing Instruction 2: InvalidArgument"
         );
     }
 

@@ -134,6 +134,7 @@ impl Collector for SenderCollector {
                     ([("event", "expired")], load(&st.expired)),
                     ([("event", "retries_spent")], load(&st.retries_spent)),
                     ([("event", "not_tracked")], load(&st.not_tracked)),
+                    ([("event", "refused")], load(&st.refused)),
                 ],
             )?;
         }

@@ -84,10 +84,15 @@ pub struct SenderConfig {
     /// How a transaction's routes are chosen ([`RoutePolicy`]).
     #[serde(default)]
     pub route_policy: RoutePolicy,
-    /// `tpu_first`: the relay hedges on time only while the TPU route's recent
-    /// landing estimate is below this share (0..=1); otherwise only on failure.
+    /// `tpu_first`: the relay hedges after `hedge_delay_ms` only while the TPU
+    /// route's recent delivery estimate is below this share (0..=1).
     #[serde(default = "default_relay_hedge_below")]
     pub relay_hedge_below: f64,
+    /// `tpu_first`: how long the TPU route has to confirm before the relay is
+    /// tried anyway (a leader that went silent fails no faster than QUIC's idle
+    /// timeout).
+    #[serde(default = "default_relay_failover")]
+    pub relay_failover_ms: u64,
     /// Leaders (identity, base58) the TPU route may send to; empty = any. A
     /// leader whose identity is unknown is not on any allow list.
     #[serde(default)]
@@ -111,14 +116,18 @@ pub enum RoutePolicy {
     #[default]
     Latency,
     /// The TPU goes first, always (the relay costs a tip). The relay is tried when
-    /// the TPU route fails, and after `hedge_delay_ms` only while the TPU route's
-    /// landing estimate is below `relay_hedge_below`. Bundles go to the relay (the
-    /// TPU has none).
+    /// the TPU route fails or has not confirmed within `relay_failover_ms`, and
+    /// after `hedge_delay_ms` while the TPU route's delivery estimate is below
+    /// `relay_hedge_below`. Bundles go to the relay (the TPU has none).
     TpuFirst,
 }
 
 fn default_relay_hedge_below() -> f64 {
     0.9
+}
+
+fn default_relay_failover() -> u64 {
+    300
 }
 
 /// Which leaders the TPU route may use (`leader_allow`, `leader_deny`).
@@ -199,6 +208,18 @@ impl SenderConfig {
         }
         if self.fanout == 0 || self.fanout > 8 {
             return Err(OutOfBounds::new("sender.fanout", "must be within 1..=8"));
+        }
+        if self.route_policy == RoutePolicy::TpuFirst && self.primary == Route::Relay {
+            return Err(OutOfBounds::new(
+                "sender.primary",
+                "route_policy tpu_first sends on the TPU first: primary must be tpu",
+            ));
+        }
+        if !(1..=60_000).contains(&self.relay_failover_ms) {
+            return Err(OutOfBounds::new(
+                "sender.relay_failover_ms",
+                "must be within 1..=60000",
+            ));
         }
         if !(0.0..=1.0).contains(&self.relay_hedge_below) {
             return Err(OutOfBounds::new(
@@ -297,6 +318,7 @@ pub struct Sender {
     prewarm: usize,
     policy: RoutePolicy,
     relay_hedge_below: f64,
+    relay_failover: Duration,
     leader_filter: LeaderFilter,
     routes: Arc<Mutex<RouteStats>>,
     audit: Option<SendAudit>,
@@ -339,6 +361,7 @@ impl Sender {
             prewarm: config.prewarm,
             policy: config.route_policy,
             relay_hedge_below: config.relay_hedge_below,
+            relay_failover: Duration::from_millis(config.relay_failover_ms),
             leader_filter: LeaderFilter::new(&config.leader_allow, &config.leader_deny)?,
             routes: Arc::new(Mutex::new(RouteStats::default())),
             audit,
@@ -369,9 +392,12 @@ impl Sender {
         self.policy
     }
 
-    /// The TPU route's recent landing estimate (`None` before its first attempt).
-    pub fn tpu_landing(&self) -> Option<f64> {
-        self.routes.lock().ok().and_then(|r| r.landing(Route::Tpu))
+    /// The TPU route's recent delivery estimate: the share of recent attempts the
+    /// leader acknowledged (`None` before its first attempt). An acknowledgement is
+    /// not a landing: an unstaked sender's transactions can be acknowledged and
+    /// dropped.
+    pub fn tpu_delivery(&self) -> Option<f64> {
+        self.routes.lock().ok().and_then(|r| r.delivery(Route::Tpu))
     }
 
     /// The route the next send tries first.
@@ -414,16 +440,17 @@ impl Sender {
         let primary = self.preferred();
         let mut hedge = match self.policy {
             RoutePolicy::Latency => Hedge::new(primary, self.delay),
-            // The relay hedges on time only while the TPU route lands too rarely.
+            // The relay hedges early only while the TPU route delivers too rarely;
+            // otherwise it waits for the TPU route to fail or run out of time.
             RoutePolicy::TpuFirst
                 if primary == Route::Tpu
                     && self
-                        .tpu_landing()
+                        .tpu_delivery()
                         .is_some_and(|l| l < self.relay_hedge_below) =>
             {
                 Hedge::new(primary, self.delay)
             }
-            RoutePolicy::TpuFirst => Hedge::failover_only(primary),
+            RoutePolicy::TpuFirst => Hedge::new(primary, self.relay_failover.max(self.delay)),
         };
         let t0 = Instant::now();
         let mut out = SendOutcome {

@@ -248,25 +248,36 @@ fn decode_tx_info(s: &str, encoding: &str) -> Result<(Bytes, txwire::TxInfo), Rp
     Ok((Bytes::from(raw), info))
 }
 
-fn gate(ctx: &RpcContext<'_>) -> Result<(), RpcErr> {
-    let (verdict, throttle_pct) = ctx.modules.with(ctx.module, |st: &ModuleState| {
-        (st.may_send(None), st.throttle_pct)
-    });
-    let refusal = match verdict {
-        Err(Refusal::Stopped) if ctx.allow_stopped => None,
-        // Throttled to 0 % is the throttle's answer, below.
+/// Whether the gating module's state refuses a send now (run state only; the
+/// throttle is [`gate`]'s).
+fn state_refusal(modules: &ModuleTable, module: Module, allow_stopped: bool) -> Option<Refusal> {
+    let verdict = modules.with(module, |st: &ModuleState| st.may_send(None));
+    match verdict {
+        Err(Refusal::Stopped) if allow_stopped => None,
+        // Throttled to 0 % is the throttle's answer.
         Err(Refusal::ThrottledToZero) | Ok(()) => None,
         Err(why) => Some(why),
-    };
+    }
+}
+
+fn refused(module: Module, why: Refusal) -> RpcErr {
+    (
+        code::REFUSED,
+        format!(
+            "sends are refused: module {} is {}",
+            module.as_str(),
+            why.as_str()
+        ),
+    )
+}
+
+fn gate(ctx: &RpcContext<'_>) -> Result<(), RpcErr> {
+    let throttle_pct = ctx
+        .modules
+        .with(ctx.module, |st: &ModuleState| st.throttle_pct);
+    let refusal = state_refusal(ctx.modules, ctx.module, ctx.allow_stopped);
     if let Some(why) = refusal {
-        return Err((
-            code::REFUSED,
-            format!(
-                "sends are refused: module {} is {}",
-                ctx.module.as_str(),
-                why.as_str()
-            ),
-        ));
+        return Err(refused(ctx.module, why));
     }
     if !ctx.throttle.lock().admit(throttle_pct, 0, Instant::now()) {
         return Err((
@@ -308,9 +319,12 @@ async fn send_transaction(ctx: &RpcContext<'_>, params: &Value) -> Result<String
                 .preflight(&wire, &opts.preflight_commitment, opts.min_context_slot)
                 .await?;
         } else if let Some(min) = opts.min_context_slot {
-            landing
-                .check_min_slot(min, &opts.preflight_commitment)
-                .await?;
+            // As Agave: without a preflight the slot is the processed bank's.
+            landing.check_min_slot(min, "processed").await?;
+        }
+        // The module may have been killed while the node answered.
+        if let Some(why) = state_refusal(ctx.modules, ctx.module, ctx.allow_stopped) {
+            return Err(SendErr::Rpc(refused(ctx.module, why)));
         }
     }
     let meta = rpc_meta(ctx);
@@ -325,6 +339,8 @@ async fn send_transaction(ctx: &RpcContext<'_>, params: &Value) -> Result<String
                     source: "rpc_retry",
                     ..meta
                 };
+                let (modules, module, allow_stopped) =
+                    (ctx.modules.clone(), ctx.module, ctx.allow_stopped);
                 landing.track(
                     ctx.sender.clone(),
                     wire,
@@ -332,6 +348,7 @@ async fn send_transaction(ctx: &RpcContext<'_>, params: &Value) -> Result<String
                     info.recent_blockhash,
                     opts.max_retries,
                     retry,
+                    Arc::new(move || state_refusal(&modules, module, allow_stopped).is_none()),
                 );
             }
             Ok(out.signature)
