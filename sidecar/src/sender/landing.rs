@@ -25,7 +25,7 @@
 //! transactions are rebroadcast at once; beyond that a send goes out once and is
 //! counted.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -152,7 +152,7 @@ pub struct LandingStats {
 pub struct Landing {
     http: reqwest::Client,
     cfg: RpcNodeConfig,
-    pending: Mutex<HashMap<String, ()>>,
+    pending: Mutex<HashSet<String>>,
     seen: Mutex<(HashMap<String, Value>, VecDeque<String>)>,
     /// Counters.
     pub stats: LandingStats,
@@ -168,7 +168,7 @@ impl Landing {
         Ok(Arc::new(Landing {
             http,
             cfg,
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashSet::new()),
             seen: Mutex::new((HashMap::new(), VecDeque::new())),
             stats: LandingStats::default(),
         }))
@@ -285,7 +285,7 @@ impl Landing {
                 self.stats.not_tracked.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            if p.insert(signature.clone(), ()).is_some() {
+            if !p.insert(signature.clone()) {
                 return; // already rebroadcast (a client resent the same bytes)
             }
         }

@@ -272,13 +272,12 @@ fn refused(module: Module, why: Refusal) -> RpcErr {
 }
 
 fn gate(ctx: &RpcContext<'_>) -> Result<(), RpcErr> {
+    if let Some(why) = state_refusal(ctx.modules, ctx.module, ctx.allow_stopped) {
+        return Err(refused(ctx.module, why));
+    }
     let throttle_pct = ctx
         .modules
         .with(ctx.module, |st: &ModuleState| st.throttle_pct);
-    let refusal = state_refusal(ctx.modules, ctx.module, ctx.allow_stopped);
-    if let Some(why) = refusal {
-        return Err(refused(ctx.module, why));
-    }
     if !ctx.throttle.lock().admit(throttle_pct, 0, Instant::now()) {
         return Err((
             code::REFUSED,
