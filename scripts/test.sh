@@ -13,6 +13,7 @@ fi
 bash scripts/setup-venv.sh
 bash scripts/install-tansu.sh   # the Kafka-protocol broker (once; ~12 min on a fresh machine)
 
+bash scripts/build-agave-tpu.sh   # Agave's TPU server, a test peer (once; ~6 min)
 log "building the edge filter (wasm32-wasip1)"
 cargo build --release --locked --target wasm32-wasip1 -p gw-filter
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }

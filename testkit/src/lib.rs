@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod agave_tpu;
 pub mod clickhouse;
 pub mod echo;
 pub mod envoy;

@@ -1,6 +1,8 @@
 //! A UDP relay between one client and one server that delays every datagram by a
 //! fixed time each way (a long path on loopback), logs the client's datagrams, and
-//! can black-hole traffic (a leader that went silent).
+//! can black-hole traffic (a leader that went silent). It also counts the client's
+//! handshakes as the server's network sees them: distinct source connection IDs
+//! in QUIC Initial packets.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +17,8 @@ pub struct DelayProxy {
     pub addr: SocketAddr,
     /// (arrival, size) of every datagram from the client.
     pub log: Arc<Mutex<Vec<(Instant, usize)>>>,
+    /// When each handshake (a new client connection ID in an Initial) began.
+    handshakes: Arc<Mutex<Vec<Instant>>>,
     blackhole: Arc<AtomicBool>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -42,6 +46,8 @@ impl DelayProxy {
         let addr = front.local_addr().expect("front addr");
         let log = Arc::new(Mutex::new(Vec::new()));
         let blackhole = Arc::new(AtomicBool::new(false));
+        let handshakes = Arc::new(Mutex::new(Vec::new()));
+        let hs = handshakes.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (log2, bh) = (log.clone(), blackhole.clone());
         let thread = std::thread::spawn(move || {
@@ -63,9 +69,15 @@ impl DelayProxy {
                     );
                     async move {
                         let mut buf = vec![0u8; 65536];
+                        let mut seen = std::collections::HashSet::new();
                         while let Ok((n, from)) = front.recv_from(&mut buf).await {
                             *client.lock().expect("client") = Some(from);
                             log.lock().expect("log").push((Instant::now(), n));
+                            if let Some(scid) = initial_scid(&buf[..n]) {
+                                if seen.insert(scid.to_vec()) {
+                                    hs.lock().expect("handshakes").push(Instant::now());
+                                }
+                            }
                             if bh.load(Ordering::Relaxed) {
                                 continue;
                             }
@@ -105,10 +117,21 @@ impl DelayProxy {
         DelayProxy {
             addr,
             log,
+            handshakes,
             blackhole,
             stop: Some(stop),
             thread: Some(thread),
         }
+    }
+
+    /// Handshakes the client began at or after `from`.
+    pub fn handshakes_since(&self, from: Instant) -> usize {
+        self.handshakes
+            .lock()
+            .expect("handshakes")
+            .iter()
+            .filter(|t| **t >= from)
+            .count()
     }
 
     /// Drops every datagram both ways while on.
@@ -126,4 +149,17 @@ impl DelayProxy {
             .map(|(_, n)| *n)
             .sum()
     }
+}
+
+/// The source connection ID of a QUIC v1 Initial packet (RFC 9000 §17.2.2): a long
+/// header (bit 7) of type 0, then version, DCID and SCID, each length-prefixed.
+fn initial_scid(d: &[u8]) -> Option<&[u8]> {
+    let first = *d.first()?;
+    if first & 0x80 == 0 || (first >> 4) & 0x03 != 0 {
+        return None;
+    }
+    let dcid_len = *d.get(5)? as usize;
+    let scid_at = 6 + dcid_len;
+    let scid_len = *d.get(scid_at)? as usize;
+    d.get(scid_at + 1..scid_at + 1 + scid_len)
 }
