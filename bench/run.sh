@@ -6,6 +6,8 @@
 #   bash bench/run.sh control    ledger rows/s vs raw INSERT RowBinary; commands/s end to end
 #   bash bench/run.sh models     predict through the model ABI host vs tl2cgen statically linked
 #   bash bench/run.sh sender     tx/s ours vs raw quinn; hedge timing error
+#   bash bench/run.sh hotpath    QUIC ingest frame → TPU vs a direct in-process offer (latency)
+#   bash bench/run.sh parity     the TPU route vs solana-tpu-client-next against Agave's TPU server
 set -euo pipefail
 source "$(dirname "$0")/../scripts/lib.sh"
 cd "$GW_ROOT"
@@ -71,4 +73,13 @@ fi
 if [[ "$which" == all || "$which" == sender ]]; then
   log "bench: sender"
   cargo bench -q -p gw-bench --bench sender
+fi
+if [[ "$which" == all || "$which" == hotpath ]]; then
+  log "bench: hotpath"
+  cargo bench -q -p gw-bench --bench hotpath
+fi
+if [[ "$which" == all || "$which" == parity ]]; then
+  bash scripts/build-agave-tpu.sh
+  log "bench: parity (TPU route vs solana-tpu-client-next, Agave's server)"
+  cargo bench -q -p gw-bench --bench tpu_parity
 fi

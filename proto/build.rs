@@ -8,11 +8,14 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=control.proto");
+    println!("cargo:rerun-if-changed=opportunity.proto");
     let fds = protox::compile(["control.proto"], ["."])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("control.fds"), fds.encode_to_vec())?;
     prost_build::Config::new()
         .btree_map(["."])
         .compile_fds(fds)?;
+    // The hot path's opportunity frame (sender ingest): no maps, plain prost types.
+    prost_build::Config::new().compile_fds(protox::compile(["opportunity.proto"], ["."])?)?;
     Ok(())
 }

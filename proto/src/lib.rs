@@ -1,10 +1,16 @@
-//! Protobuf types of the gateway's wire contract (`proto/control.proto`).
+//! Protobuf types of the gateway's wire contract (`proto/control.proto`,
+//! `proto/opportunity.proto`).
 
 #![forbid(unsafe_code)]
 
 /// `package control`: the signed control command.
 pub mod control {
     include!(concat!(env!("OUT_DIR"), "/control.rs"));
+}
+
+/// `package hotpath`: an opportunity frame for the sender's ingest endpoint.
+pub mod hotpath {
+    include!(concat!(env!("OUT_DIR"), "/hotpath.rs"));
 }
 
 /// The `.proto` source, for tools that need the schema at run time

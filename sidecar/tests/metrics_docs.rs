@@ -53,6 +53,10 @@ fn every_documented_metric_is_exported_and_every_exported_one_documented() {
         "relay": {"url": format!("http://127.0.0.1:{}", testkit::free_port())},
         "leaders": {"static": [{"tpu_quic": format!("127.0.0.1:{}", testkit::free_port())}]},
         "rpc_node": {"url": format!("http://127.0.0.1:{}", testkit::free_port())},
+        "strategy": {"ingest": {
+            "bind": "127.0.0.1:0",
+            "allow": [bs58::encode([6u8; 32]).into_string()],
+        }},
     });
     cfg.file.sender = Some(serde_json::from_value(sender).expect("sender section"));
     cfg.tpu_identity = Some(ed25519_dalek::SigningKey::from_bytes(&[5; 32]));

@@ -478,6 +478,7 @@ fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
         gw_sidecar::control::ModuleTable::from(modules),
         Some(host),
         rt.handle().clone(),
+        None,
     )
     .unwrap();
     let mut expected = Vec::new();
@@ -501,6 +502,7 @@ fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
                     wire: wire.into(),
                     signature,
                 }],
+                received: std::time::Instant::now(),
             }
         })
         .collect();

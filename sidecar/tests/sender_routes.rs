@@ -656,6 +656,7 @@ fn a_stalled_route_saturates_the_hot_path_instead_of_piling_up_sends() {
         gw_sidecar::control::ModuleTable::from(modules),
         None,
         rt.handle().clone(),
+        None,
     )
     .unwrap();
     let opps: Vec<Opportunity> = (0..10)
@@ -666,6 +667,7 @@ fn a_stalled_route_saturates_the_hot_path_instead_of_piling_up_sends() {
                 features: Vec::new(),
                 ev: Some(1.0),
                 txs: vec![SignedTx { wire, signature }],
+                received: Instant::now(),
             }
         })
         .collect();

@@ -155,6 +155,11 @@ impl TpuReceiver {
         self.received.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
+    /// When the latest transaction arrived (when `keep`).
+    pub fn last_at(&self) -> Option<Instant> {
+        self.received.lock().ok()?.last().map(|r| r.at)
+    }
+
     /// Transactions received so far.
     pub fn count(&self) -> u64 {
         self.stats.transactions.load(Ordering::Relaxed)

@@ -135,6 +135,7 @@ fn opportunity(i: usize, o: OpportunityIn) -> Result<Opportunity, String> {
         features: o.features.iter().map(|f| f.unwrap_or(f32::NAN)).collect(),
         ev: o.ev.filter(|e| e.is_finite()),
         txs,
+        received: std::time::Instant::now(),
     })
 }
 

@@ -154,6 +154,53 @@ impl Collector for SenderCollector {
             "Opportunities by outcome (sent, ring_full, or why skipped)",
             &rows,
         )?;
+        // Received → send decision (µs), for each opportunity sent.
+        let buckets: Vec<(f64, u64)> = hs
+            .decision_buckets()
+            .into_iter()
+            .map(|(le, n)| {
+                (
+                    if le == u64::MAX {
+                        f64::INFINITY
+                    } else {
+                        le as f64
+                    },
+                    n,
+                )
+            })
+            .collect();
+        let count: u64 = buckets.iter().map(|(_, n)| n).sum();
+        // The sum is estimated from the buckets (their midpoints): the hot path keeps
+        // counts only.
+        let sum: f64 = buckets
+            .iter()
+            .filter(|(le, _)| le.is_finite())
+            .map(|(le, n)| le * 0.75 * *n as f64)
+            .sum();
+        let mut family = enc.encode_descriptor(
+            "gw_strategy_decision_latency_us",
+            "Opportunity received (HTTP or QUIC ingest) to send decision, in µs",
+            None,
+            MetricType::Histogram,
+        )?;
+        family.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            sum, count, &buckets, None,
+        )?;
+        if dp.hot.ingest_addr.is_some() {
+            let st = &dp.hot.ingest_stats;
+            counters(
+                &mut enc,
+                "gw_sender_ingest",
+                "QUIC ingest endpoint events: connections accepted and refused, frames valid, invalid (skipped), streams stopped as malformed",
+                &[
+                    ([("event", "connections")], load(&st.connections)),
+                    ([("event", "refused")], load(&st.refused)),
+                    ([("event", "frames")], load(&st.frames)),
+                    ([("event", "invalid")], load(&st.invalid)),
+                    ([("event", "malformed")], load(&st.malformed)),
+                ],
+            )?;
+        }
         if let Some(a) = &dp.audit {
             counters(
                 &mut enc,

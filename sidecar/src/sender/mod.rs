@@ -9,6 +9,7 @@ pub mod audit;
 pub mod cc;
 pub mod hedge;
 pub mod http;
+pub mod ingest;
 pub mod landing;
 pub mod leaders;
 pub mod metrics;

@@ -126,6 +126,7 @@ pub fn start(
         modules,
         models,
         tokio::runtime::Handle::current(),
+        Some(identity),
     )?;
     Ok((
         DataPlane {

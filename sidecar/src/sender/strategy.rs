@@ -1,7 +1,9 @@
 //! The hot path: opportunities → one ingest thread, the ring's only producer →
 //! lock-free SPSC ring (`rtrb`) → one strategy thread, its only consumer → sender.
-//! Producers (HTTP handlers, in-process searchers) hand batches to the ingest
-//! thread through a bounded channel and learn how many the ring took.
+//! The ingest thread reads searchers' frames from its own QUIC endpoint
+//! ([`super::ingest`], `strategy.ingest`); other producers (HTTP handlers,
+//! in-process searchers) hand it batches through a bounded channel and learn how
+//! many the ring took.
 //!
 //! The strategy thread pops batches, scores each module's rows with that module's
 //! model in one call (or uses the opportunity's own `ev` when no model serves it),
@@ -15,7 +17,10 @@
 //! counted by reason; the sends themselves are audited by the sender.
 
 use crate::config::OutOfBounds;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -25,6 +30,7 @@ use gw_core::module_state::{ModuleState, Refusal, Throttle};
 use gw_core::Module;
 use serde::Deserialize;
 
+use super::ingest::{IngestConfig, IngestSetup, IngestStats};
 use super::{SendMeta, Sender};
 use crate::control::ModuleTable;
 use crate::models::ModelHost;
@@ -46,6 +52,9 @@ pub struct StrategyConfig {
     /// are skipped as `saturated`, so a stalled route cannot pile up memory.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: usize,
+    /// The QUIC ingest endpoint for searchers (off without it).
+    #[serde(default)]
+    pub ingest: Option<IngestConfig>,
 }
 
 fn default_max_inflight() -> usize {
@@ -66,6 +75,7 @@ impl Default for StrategyConfig {
             batch: default_batch(),
             max_sends_per_sec: 0,
             max_inflight: default_max_inflight(),
+            ingest: None,
         }
     }
 }
@@ -73,6 +83,9 @@ impl Default for StrategyConfig {
 impl StrategyConfig {
     /// Checks the bounds.
     pub fn validate(&self) -> Result<(), OutOfBounds> {
+        if let Some(i) = &self.ingest {
+            i.validate()?;
+        }
         if self.ring_capacity == 0 || self.ring_capacity > MAX_RING_CAPACITY {
             return Err(OutOfBounds::new(
                 "sender.strategy.ring_capacity",
@@ -121,6 +134,8 @@ pub struct Opportunity {
     /// Pre-signed variants, one per tip-ladder rung (lowest first); one is enough
     /// without a ladder.
     pub txs: Vec<SignedTx>,
+    /// When the gateway received it (the decision latency is measured from here).
+    pub received: Instant,
 }
 
 /// Why an opportunity was not sent.
@@ -185,7 +200,13 @@ pub struct StrategyStats {
     skipped: [AtomicU64; Skip::ALL.len()],
     /// Opportunities scored by a model.
     pub scored: AtomicU64,
+    /// Received → send decision, for each opportunity sent: bucket `i` counts
+    /// latencies below 2^i µs (and at least 2^(i-1)); the last takes the rest.
+    decision_us: [AtomicU64; DECISION_BUCKETS],
 }
+
+/// Buckets of [`StrategyStats::decision_buckets`].
+pub const DECISION_BUCKETS: usize = 24;
 
 impl StrategyStats {
     fn skip(&self, why: Skip) {
@@ -194,6 +215,27 @@ impl StrategyStats {
     /// Skips so far for `why`.
     pub fn skipped(&self, why: Skip) -> u64 {
         self.skipped[why as usize].load(Ordering::Relaxed)
+    }
+    fn decided(&self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        let i = (64 - us.leading_zeros() as usize).min(DECISION_BUCKETS - 1);
+        self.decision_us[i].fetch_add(1, Ordering::Relaxed);
+    }
+    /// The decision-latency histogram: `(upper bound in µs, count)` per bucket,
+    /// not cumulative; the last bound is `u64::MAX`.
+    pub fn decision_buckets(&self) -> Vec<(u64, u64)> {
+        self.decision_us
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let le = if i + 1 == DECISION_BUCKETS {
+                    u64::MAX
+                } else {
+                    1u64 << i
+                };
+                (le, c.load(Ordering::Relaxed))
+            })
+            .collect()
     }
 }
 
@@ -248,12 +290,16 @@ struct Offer {
 
 /// The running hot path (stops its threads on drop).
 pub struct HotPath {
-    ingest: Option<mpsc::SyncSender<Offer>>,
+    ingest: Option<tokio::sync::mpsc::Sender<Offer>>,
     strategy: std::thread::Thread,
     stop: Arc<AtomicBool>,
     joins: Vec<std::thread::JoinHandle<()>>,
     /// Counters.
     pub stats: Arc<StrategyStats>,
+    /// Where the QUIC ingest endpoint listens (when configured).
+    pub ingest_addr: Option<SocketAddr>,
+    /// The ingest endpoint's counters.
+    pub ingest_stats: Arc<IngestStats>,
 }
 
 impl Drop for HotPath {
@@ -269,15 +315,26 @@ impl Drop for HotPath {
 }
 
 impl HotPath {
-    /// Starts the ingest and strategy threads; sends run on `rt`.
+    /// Starts the ingest and strategy threads; sends run on `rt`. With
+    /// `config.ingest`, the ingest thread also serves the QUIC endpoint, presenting
+    /// `identity` (the sender's); a bind failure is returned here.
     pub fn start(
         config: &StrategyConfig,
         sender: Arc<Sender>,
         modules: ModuleTable,
         models: Option<Arc<ModelHost>>,
         rt: tokio::runtime::Handle,
+        identity: Option<&ed25519_dalek::SigningKey>,
     ) -> anyhow::Result<HotPath> {
         config.validate()?;
+        let setup = match (&config.ingest, identity) {
+            (Some(c), Some(k)) => Some(IngestSetup {
+                config: c.clone(),
+                identity: k.clone(),
+            }),
+            (Some(_), None) => anyhow::bail!("sender.strategy.ingest needs the sender's identity"),
+            (None, _) => None,
+        };
         let (producer, consumer) = rtrb::RingBuffer::new(config.ring_capacity);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(StrategyStats::default());
@@ -298,22 +355,32 @@ impl HotPath {
         let strategy = std::thread::Builder::new()
             .name("gw-strategy".into())
             .spawn(move || worker.run())?;
-        let (tx, rx) = mpsc::sync_channel::<Offer>(INGEST_QUEUE);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Offer>(INGEST_QUEUE);
         let ingest = Ingest {
             producer,
             strategy: strategy.thread().clone(),
             stats: stats.clone(),
         };
+        let ingest_stats = Arc::new(IngestStats::default());
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let ist = ingest_stats.clone();
         let ingest_join = std::thread::Builder::new()
             .name("gw-ingest".into())
-            .spawn(move || ingest.run(&rx))?;
-        Ok(HotPath {
+            .spawn(move || ingest.run(rx, setup, ist, &ready_tx))?;
+        let mut hot = HotPath {
             ingest: Some(tx),
             strategy: strategy.thread().clone(),
             stop,
             joins: vec![ingest_join, strategy],
             stats,
-        })
+            ingest_addr: None,
+            ingest_stats,
+        };
+        // Dropping `hot` on an error stops both threads.
+        hot.ingest_addr = ready_rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the ingest thread ended while starting"))??;
+        Ok(hot)
     }
 
     fn hand_off(&self, items: Vec<Opportunity>, reply: Reply) -> Result<(), usize> {
@@ -358,18 +425,61 @@ struct Ingest {
 }
 
 impl Ingest {
-    fn run(mut self, rx: &mpsc::Receiver<Offer>) {
-        while let Ok(offer) = rx.recv() {
-            let took = self.push(offer.items);
-            match offer.reply {
-                Reply::Blocking(r) => {
-                    let _ = r.send(took);
+    /// The ingest thread: a current-thread runtime serving the QUIC endpoint (when
+    /// configured) and the other producers' channel; every push into the ring
+    /// happens here. Reports the endpoint's address (or why it did not start) on
+    /// `ready`, then runs until the channel closes.
+    fn run(
+        self,
+        mut rx: tokio::sync::mpsc::Receiver<Offer>,
+        setup: Option<IngestSetup>,
+        stats: Arc<IngestStats>,
+        ready: &mpsc::SyncSender<anyhow::Result<Option<SocketAddr>>>,
+    ) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready.send(Err(e.into()));
+                return;
+            }
+        };
+        let me = Rc::new(RefCell::new(self));
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let endpoint = match setup.as_ref().map(super::ingest::bind).transpose() {
+                Ok(ep) => ep,
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
                 }
-                Reply::Async(r) => {
-                    let _ = r.send(took);
+            };
+            let addr = endpoint.as_ref().and_then(|e| e.local_addr().ok());
+            let _ = ready.send(Ok(addr));
+            if let (Some(ep), Some(setup)) = (endpoint.clone(), setup) {
+                let ring = me.clone();
+                let push: Rc<dyn Fn(Vec<Opportunity>)> = Rc::new(move |items| {
+                    ring.borrow_mut().push(items);
+                });
+                tokio::task::spawn_local(super::ingest::serve(ep, setup.config, stats, push));
+            }
+            while let Some(offer) = rx.recv().await {
+                let took = me.borrow_mut().push(offer.items);
+                match offer.reply {
+                    Reply::Blocking(r) => {
+                        let _ = r.send(took);
+                    }
+                    Reply::Async(r) => {
+                        let _ = r.send(took);
+                    }
                 }
             }
-        }
+            if let Some(ep) = endpoint {
+                ep.close(0u32.into(), b"shutdown");
+            }
+        });
     }
 
     fn push(&mut self, items: Vec<Opportunity>) -> usize {
@@ -481,6 +591,8 @@ impl Worker {
             self.inflight.fetch_add(1, Ordering::AcqRel);
             let slot = InflightSlot(self.inflight.clone());
             self.stats.sent.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .decided(now.saturating_duration_since(opp.received));
             let sender = self.sender.clone();
             let meta = SendMeta {
                 source: "strategy",

@@ -153,18 +153,26 @@ impl ServerCertVerifier for LeaderVerifier {
     }
 }
 
-/// Server side (the local receiver): a client certificate with an Ed25519 key is
-/// mandatory; its handshake signature must verify.
+/// Server side (the local receiver, the ingest endpoint): a client certificate
+/// with an Ed25519 key is mandatory, its handshake signature must verify, and with
+/// an allow-list the key must be on it.
 #[derive(Debug)]
 pub struct PeerKeyVerifier {
     provider: Arc<CryptoProvider>,
+    allow: Option<Vec<[u8; 32]>>,
 }
 
 impl PeerKeyVerifier {
     /// A verifier requiring an Ed25519 client certificate.
     pub fn new() -> Arc<Self> {
+        Self::allowing(None)
+    }
+
+    /// [`Self::new`], and with `Some(keys)` only those keys.
+    pub fn allowing(allow: Option<Vec<[u8; 32]>>) -> Arc<Self> {
         Arc::new(PeerKeyVerifier {
             provider: provider(),
+            allow,
         })
     }
 }
@@ -188,11 +196,16 @@ impl ClientCertVerifier for PeerKeyVerifier {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        ed25519_key_of(end_entity)
-            .map(|_| ClientCertVerified::assertion())
-            .ok_or(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::BadEncoding,
-            ))
+        let key = ed25519_key_of(end_entity).ok_or(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::BadEncoding,
+        ))?;
+        match &self.allow {
+            // Not secret: a plain comparison of public keys.
+            Some(keys) if !keys.contains(&key) => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )),
+            _ => Ok(ClientCertVerified::assertion()),
+        }
     }
 
     fn verify_tls12_signature(
@@ -238,11 +251,21 @@ pub fn client_crypto(
 pub fn server_crypto(
     identity: &(CertificateDer<'static>, PrivateKeyDer<'static>),
 ) -> anyhow::Result<rustls::ServerConfig> {
+    server_crypto_allow(identity, ALPN_TPU, None)
+}
+
+/// [`server_crypto`] with another ALPN id and, with `Some(keys)`, only clients
+/// whose certificate carries one of those Ed25519 keys.
+pub fn server_crypto_allow(
+    identity: &(CertificateDer<'static>, PrivateKeyDer<'static>),
+    alpn: &[u8],
+    allow: Option<Vec<[u8; 32]>>,
+) -> anyhow::Result<rustls::ServerConfig> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(PeerKeyVerifier::new())
+        .with_client_cert_verifier(PeerKeyVerifier::allowing(allow))
         .with_single_cert(vec![identity.0.clone()], identity.1.clone_key())?;
-    cfg.alpn_protocols = vec![ALPN_TPU.to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(cfg)
 }
 

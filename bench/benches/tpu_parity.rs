@@ -1,0 +1,239 @@
+//! Parity with Agave's TPU client (#19 point 3): our TPU route (`TpuClient`) and
+//! `solana-tpu-client-next` 3.1.14 (`tests/agave-tpu`'s `next-load`) send the same
+//! transactions to the same Agave TPU server (`solana-streamer` 3.1.14, a
+//! validator's limits), in interleaved rounds, with the same identity and stake.
+//!
+//! Per round: delivered tx/s = transactions / (the server's last delivery − the
+//! first submit after warm-up), and the latency of each transaction from its
+//! submit to the server handing it to its consumer (the server's clock; both
+//! processes on this machine). Medians over rounds; the ratio is ours / theirs.
+//!
+//! Run with `bash bench/run.sh parity` (it builds both Agave binaries). Rounds:
+//! `GW_PARITY_ROUNDS` (default 3 each), staked round size `GW_PARITY_TXS` (50 000).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ed25519_dalek::SigningKey;
+use gw_sidecar::sender::tpu::{Leader, TpuClient, TpuConfig, TpuError};
+use gw_sidecar::sender::txwire;
+use testkit::agave_tpu::{AgaveConfig, AgaveTpu};
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// `n` distinct signed transactions of `pad` bytes of data, tagged by `round`.
+fn txs(round: u32, n: usize, pad: usize) -> Vec<Bytes> {
+    let k = SigningKey::from_bytes(&[5u8; 32]);
+    (0..n)
+        .map(|i| {
+            let mut bh = [0u8; 32];
+            bh[..4].copy_from_slice(&round.to_le_bytes());
+            bh[4..12].copy_from_slice(&(i as u64).to_le_bytes());
+            Bytes::from(txwire::example_tx(&k, bh, pad))
+        })
+        .collect()
+}
+
+struct Round {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Matches what the server delivered since `before` with the submit times, by bytes.
+async fn measure(agave: &AgaveTpu, before: usize, sent: &[Bytes], submits: &[u64]) -> Round {
+    let n = sent.len();
+    let got = agave.wait_for(before + n, Duration::from_secs(120)).await;
+    assert_eq!(
+        got,
+        before + n,
+        "the server delivered {} of {n}",
+        got - before
+    );
+    let submitted: HashMap<&[u8], u64> = sent
+        .iter()
+        .map(|t| &t[..])
+        .zip(submits.iter().copied())
+        .collect();
+    let deliveries = agave.deliveries();
+    let mut lat: Vec<u64> = Vec::with_capacity(n);
+    let mut last = 0;
+    for (at, tx) in &deliveries[before..] {
+        let sub = submitted
+            .get(&tx[..])
+            .expect("a transaction that was not sent arrived");
+        lat.push(at.saturating_sub(*sub));
+        last = last.max(*at);
+    }
+    // The first transaction is the warm-up (connection set-up) for both clients.
+    let first = submits[1];
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1e6;
+    Round {
+        rate: (n - 1) as f64 / ((last - first) as f64 / 1e9),
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+    }
+}
+
+async fn ours(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Round {
+    let before = agave.received().len();
+    let config = TpuConfig {
+        queue_per_leader: 1 << 16,
+        ..TpuConfig::default()
+    };
+    let client = TpuClient::new(config, key).unwrap();
+    let leader = Leader {
+        tpu_quic: agave.addr,
+        identity: Some(agave.identity),
+    };
+    let mut submits = Vec::with_capacity(sent.len());
+    // Warm-up, as next-load does: the first alone, then 500 ms.
+    submits.push(now_ns());
+    client
+        .submit(&leader, sent[0].clone())
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut acks = Vec::with_capacity(sent.len());
+    for w in &sent[1..] {
+        submits.push(now_ns());
+        loop {
+            match client.submit(&leader, w.clone()) {
+                Ok(d) => break acks.push(d),
+                Err(TpuError::QueueFull(_)) => tokio::task::yield_now().await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    let r = measure(agave, before, sent, &submits).await;
+    for a in acks {
+        a.await.unwrap().unwrap();
+    }
+    client.close();
+    r
+}
+
+async fn theirs(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Round {
+    let before = agave.received().len();
+    let dir = testkit::TempDir::new("parity");
+    let (txf, subf) = (dir.path().join("txs.bin"), dir.path().join("submits.bin"));
+    let mut buf = Vec::new();
+    for t in sent {
+        buf.extend_from_slice(&(t.len() as u32).to_le_bytes());
+        buf.extend_from_slice(t);
+    }
+    std::fs::write(&txf, buf).unwrap();
+    let bin = testkit::agave_tpu::binary().with_file_name("next-load");
+    let mut child = Command::new(&bin)
+        .args(["--server", &agave.addr.to_string()])
+        .args(["--identity-seed", &hex::encode(key.to_bytes())])
+        .arg("--txs")
+        .arg(&txf)
+        .arg("--submits")
+        .arg(&subf)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (bash bench/run.sh parity builds it)",
+                bin.display()
+            )
+        });
+    let stdin = child.stdin.take().unwrap();
+    let mut line = String::new();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    assert_eq!(line.trim(), "sent");
+    let submits: Vec<u64> = std::fs::read(&subf)
+        .unwrap()
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(submits.len(), sent.len());
+    let r = measure(agave, before, sent, &submits).await;
+    drop(stdin);
+    let _ = child.wait();
+    r
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+async fn compare(label: &str, agave: &AgaveTpu, key: &SigningKey, n: usize, rounds: u32) {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        // Interleaved, and alternating who goes first.
+        let (x, y) = (txs(2 * r, n, 200), txs(2 * r + 1, n, 200));
+        if r % 2 == 0 {
+            a.push(ours(agave, key, &x).await);
+            b.push(theirs(agave, key, &y).await);
+        } else {
+            b.push(theirs(agave, key, &y).await);
+            a.push(ours(agave, key, &x).await);
+        }
+        let (l, m) = (a.last().unwrap(), b.last().unwrap());
+        println!(
+            "  {label} round {r}: ours {:.0} tx/s p50 {:.2} p99 {:.2} ms | tpu-client-next {:.0} tx/s p50 {:.2} p99 {:.2} ms",
+            l.rate, l.p50_ms, l.p99_ms, m.rate, m.p50_ms, m.p99_ms
+        );
+        std::io::stdout().flush().unwrap();
+    }
+    let med = |v: &[Round], f: fn(&Round) -> f64| median(v.iter().map(f).collect());
+    let (ra, rb) = (med(&a, |r| r.rate), med(&b, |r| r.rate));
+    println!(
+        "{label}: {n} tx per round, {rounds} rounds each, medians: ours {ra:.0} tx/s vs tpu-client-next {rb:.0} tx/s = {:.2}×; \
+         p50 {:.2} vs {:.2} ms; p99 {:.2} vs {:.2} ms",
+        ra / rb,
+        med(&a, |r| r.p50_ms),
+        med(&b, |r| r.p50_ms),
+        med(&a, |r| r.p99_ms),
+        med(&b, |r| r.p99_ms),
+    );
+}
+
+fn main() {
+    let rounds: u32 = std::env::var("GW_PARITY_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let staked_n: usize = std::env::var("GW_PARITY_TXS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let key = SigningKey::from_bytes(&[2u8; 32]);
+    rt.block_on(async {
+        let staked = AgaveConfig {
+            stakes: vec![(key.verifying_key().to_bytes(), 1_000_000_000_000_000)],
+            ..AgaveConfig::default()
+        };
+        let agave = AgaveTpu::start(&staked, &SigningKey::from_bytes(&[1u8; 32])).unwrap();
+        compare("staked", &agave, &key, staked_n, rounds).await;
+        drop(agave);
+        let agave =
+            AgaveTpu::start(&AgaveConfig::default(), &SigningKey::from_bytes(&[1u8; 32])).unwrap();
+        compare("unstaked", &agave, &key, 1_000, rounds).await;
+    });
+}

@@ -1,0 +1,457 @@
+//! The hot path's QUIC ingest endpoint (`sender.strategy.ingest`).
+//!
+//! Searchers connect over QUIC (ALPN `gw-opportunities`, TLS 1.3) with a client
+//! certificate self-signed from an Ed25519 key, as on Solana's TPU; only keys on the
+//! allow-list complete the handshake. The server presents the sender's identity,
+//! so a client can pin it. Each unidirectional stream carries any number of
+//! `hotpath.Opportunity` frames (`proto/opportunity.proto`), each preceded by its
+//! length as a protobuf varint.
+//!
+//! Everything here runs on the ingest thread (a current-thread runtime): frames are
+//! decoded, validated (each transaction parsed and its signatures verified, as on
+//! `POST /api/opportunities`) and pushed into the ring there, so that thread stays
+//! the ring's only producer.
+//!
+//! Bad input never panics and never stalls other streams: a frame longer than
+//! `max_frame_bytes`, an unreadable length or an undecodable frame stops the
+//! stream with code [`STOP_MALFORMED`]; a decodable frame whose opportunity is
+//! invalid (unknown module, bad transaction, too many features or variants) is
+//! counted and skipped, and the stream goes on. Connections beyond
+//! `max_connections` are refused before the handshake.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use ed25519_dalek::SigningKey;
+use gw_core::Module;
+use prost::Message;
+use serde::Deserialize;
+
+use super::strategy::{Opportunity, SignedTx};
+use super::tls;
+use super::txwire;
+use crate::config::OutOfBounds;
+
+/// The ingest endpoint's ALPN id.
+pub const ALPN_OPPORTUNITIES: &[u8] = b"gw-opportunities";
+/// Application code of a stream stopped for malformed framing.
+pub const STOP_MALFORMED: u32 = 1;
+/// Application code of a connection refused because `max_connections` are open.
+pub const CLOSE_BUSY: u32 = 2;
+/// Most pre-signed variants per opportunity (as on HTTP).
+pub const MAX_VARIANTS: usize = 8;
+/// Most features per opportunity (as on HTTP).
+pub const MAX_FEATURES: usize = 256;
+
+/// `sender.strategy.ingest`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// UDP address of the QUIC endpoint.
+    pub bind: SocketAddr,
+    /// Client identities allowed to connect: base58 Ed25519 public keys (as Solana
+    /// writes them). Required, non-empty: nobody is trusted for reaching the port.
+    pub allow: Vec<String>,
+    /// Connections at once at most.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Longest frame (bytes after the length).
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: usize,
+    /// Unidirectional streams a client may have open at once.
+    #[serde(default = "default_streams")]
+    pub max_streams_per_connection: u32,
+    /// A silent connection is closed after this long.
+    #[serde(default = "default_idle")]
+    pub idle_timeout_ms: u64,
+}
+
+fn default_max_connections() -> usize {
+    64
+}
+fn default_max_frame() -> usize {
+    64 << 10
+}
+fn default_streams() -> u32 {
+    16
+}
+fn default_idle() -> u64 {
+    30_000
+}
+
+impl IngestConfig {
+    /// Checks the bounds and parses the allow-list.
+    pub fn validate(&self) -> Result<(), OutOfBounds> {
+        self.allowed().map(|_| ())?;
+        if self.max_connections == 0 || self.max_connections > 4096 {
+            return Err(OutOfBounds::new(
+                "sender.strategy.ingest.max_connections",
+                "must be within 1..=4096",
+            ));
+        }
+        if self.max_frame_bytes < 256 || self.max_frame_bytes > 1 << 20 {
+            return Err(OutOfBounds::new(
+                "sender.strategy.ingest.max_frame_bytes",
+                "must be within 256..=1048576",
+            ));
+        }
+        if self.max_streams_per_connection == 0 || self.max_streams_per_connection > 1024 {
+            return Err(OutOfBounds::new(
+                "sender.strategy.ingest.max_streams_per_connection",
+                "must be within 1..=1024",
+            ));
+        }
+        if !(1000..=600_000).contains(&self.idle_timeout_ms) {
+            return Err(OutOfBounds::new(
+                "sender.strategy.ingest.idle_timeout_ms",
+                "must be within 1000..=600000",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The allow-list as keys.
+    pub fn allowed(&self) -> Result<Vec<[u8; 32]>, OutOfBounds> {
+        if self.allow.is_empty() {
+            return Err(OutOfBounds::new(
+                "sender.strategy.ingest.allow",
+                "must name at least one client identity (base58 Ed25519 key)",
+            ));
+        }
+        self.allow
+            .iter()
+            .map(|k| {
+                bs58::decode(k)
+                    .into_vec()
+                    .ok()
+                    .and_then(|v| <[u8; 32]>::try_from(v).ok())
+                    .ok_or_else(|| {
+                        OutOfBounds::new(
+                            "sender.strategy.ingest.allow",
+                            "every entry must be a base58 Ed25519 public key (32 bytes)",
+                        )
+                    })
+            })
+            .collect()
+    }
+}
+
+/// Counters of the ingest endpoint.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    /// Handshakes completed by allowed clients.
+    pub connections: AtomicU64,
+    /// Connections refused: handshake failed (identity not allowed, no
+    /// certificate, wrong ALPN) or `max_connections` reached.
+    pub refused: AtomicU64,
+    /// Opportunities decoded and valid (then offered to the ring).
+    pub frames: AtomicU64,
+    /// Frames that decoded but whose opportunity was invalid (skipped).
+    pub invalid: AtomicU64,
+    /// Streams stopped for malformed framing (length, size, protobuf).
+    pub malformed: AtomicU64,
+}
+
+/// What the ingest thread needs to serve the endpoint.
+pub struct IngestSetup {
+    /// The configuration.
+    pub config: IngestConfig,
+    /// The server's identity (the sender's).
+    pub identity: SigningKey,
+}
+
+/// The endpoint, bound (inside the ingest thread's runtime).
+pub(crate) fn bind(setup: &IngestSetup) -> anyhow::Result<quinn::Endpoint> {
+    setup.config.validate()?;
+    let allowed = setup.config.allowed()?;
+    let id = tls::identity_cert(&setup.identity)?;
+    let crypto = tls::server_crypto_allow(&id, ALPN_OPPORTUNITIES, Some(allowed))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(crypto)?,
+    ));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_uni_streams(setup.config.max_streams_per_connection.into())
+        .max_concurrent_bidi_streams(0u32.into())
+        .max_idle_timeout(Some(
+            Duration::from_millis(setup.config.idle_timeout_ms).try_into()?,
+        ));
+    server.transport_config(Arc::new(transport));
+    Ok(quinn::Endpoint::server(server, setup.config.bind)?)
+}
+
+/// Accepts connections until the endpoint closes; `push` hands a batch of valid
+/// opportunities to the ring (on this thread).
+pub(crate) async fn serve(
+    endpoint: quinn::Endpoint,
+    config: IngestConfig,
+    stats: Arc<IngestStats>,
+    push: std::rc::Rc<dyn Fn(Vec<Opportunity>)>,
+) {
+    let open = std::rc::Rc::new(std::cell::Cell::new(0usize));
+    while let Some(incoming) = endpoint.accept().await {
+        if open.get() >= config.max_connections {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            incoming.refuse();
+            continue;
+        }
+        open.set(open.get() + 1);
+        let (stats, push, open, max_frame) = (
+            stats.clone(),
+            push.clone(),
+            open.clone(),
+            config.max_frame_bytes,
+        );
+        tokio::task::spawn_local(async move {
+            match incoming.await {
+                Ok(conn) => {
+                    stats.connections.fetch_add(1, Ordering::Relaxed);
+                    while let Ok(recv) = conn.accept_uni().await {
+                        let (stats, push) = (stats.clone(), push.clone());
+                        tokio::task::spawn_local(read_stream(recv, max_frame, stats, push));
+                    }
+                }
+                Err(_) => {
+                    stats.refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            open.set(open.get() - 1);
+        });
+    }
+}
+
+/// One stream: frames until it ends, is reset, or breaks the framing.
+async fn read_stream(
+    mut recv: quinn::RecvStream,
+    max_frame: usize,
+    stats: Arc<IngestStats>,
+    push: std::rc::Rc<dyn Fn(Vec<Opportunity>)>,
+) {
+    let mut buf = BytesMut::with_capacity(16 << 10);
+    loop {
+        let mut batch = Vec::new();
+        let framing = drain_frames(&mut buf, max_frame, Instant::now(), &stats, &mut batch);
+        if !batch.is_empty() {
+            push(batch);
+        }
+        if framing.is_err() {
+            stats.malformed.fetch_add(1, Ordering::Relaxed);
+            let _ = recv.stop(STOP_MALFORMED.into());
+            return;
+        }
+        match recv.read_chunk(64 << 10, true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                if !buf.is_empty() {
+                    // The stream ended inside a frame.
+                    stats.malformed.fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Why a stream's framing is broken.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// The length prefix is not a varint of at most 10 bytes.
+    BadLength,
+    /// A frame longer than `max_frame_bytes`.
+    TooLong(u64),
+    /// The frame is not a `hotpath.Opportunity`.
+    Undecodable,
+}
+
+/// Takes every complete frame off the front of `buf`: valid opportunities go to
+/// `out`, invalid ones are counted. Stops at an incomplete frame (more bytes
+/// needed) or at broken framing.
+pub fn drain_frames(
+    buf: &mut BytesMut,
+    max_frame: usize,
+    received: Instant,
+    stats: &IngestStats,
+    out: &mut Vec<Opportunity>,
+) -> Result<(), Framing> {
+    loop {
+        let Some((len, at)) = varint(buf)? else {
+            return Ok(());
+        };
+        if len > max_frame as u64 {
+            return Err(Framing::TooLong(len));
+        }
+        let end = at + len as usize;
+        if buf.len() < end {
+            return Ok(());
+        }
+        buf.advance(at);
+        let frame = buf.split_to(len as usize).freeze();
+        let msg =
+            gw_proto::hotpath::Opportunity::decode(frame).map_err(|_| Framing::Undecodable)?;
+        match opportunity(msg, received) {
+            Ok(o) => {
+                stats.frames.fetch_add(1, Ordering::Relaxed);
+                out.push(o);
+            }
+            Err(_) => {
+                stats.invalid.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A protobuf varint at the front of `buf`: `(value, its length)`; `None` while
+/// incomplete.
+fn varint(buf: &[u8]) -> Result<Option<(u64, usize)>, Framing> {
+    let mut v = 0u64;
+    for (i, b) in buf.iter().take(10).enumerate() {
+        let bits = u64::from(b & 0x7f);
+        if i == 9 && *b > 1 {
+            return Err(Framing::BadLength);
+        }
+        v |= bits << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(Some((v, i + 1)));
+        }
+    }
+    if buf.len() >= 10 {
+        return Err(Framing::BadLength);
+    }
+    Ok(None)
+}
+
+/// One frame's opportunity, checked as `POST /api/opportunities` checks it.
+pub fn opportunity(
+    msg: gw_proto::hotpath::Opportunity,
+    received: Instant,
+) -> Result<Opportunity, String> {
+    let module =
+        Module::parse(&msg.module).ok_or_else(|| format!("unknown module {:?}", msg.module))?;
+    if msg.features.len() > MAX_FEATURES {
+        return Err(format!("more than {MAX_FEATURES} features"));
+    }
+    if msg.txs.is_empty() || msg.txs.len() > MAX_VARIANTS {
+        return Err(format!(
+            "1 to {MAX_VARIANTS} transactions (one per tip rung)"
+        ));
+    }
+    let mut txs = Vec::with_capacity(msg.txs.len());
+    for (k, wire) in msg.txs.into_iter().enumerate() {
+        let info = txwire::parse(&wire, true).map_err(|e| format!("tx {k}: {e}"))?;
+        txs.push(SignedTx {
+            signature: info.signature_b58(),
+            wire: Bytes::from(wire),
+        });
+    }
+    Ok(Opportunity {
+        module,
+        features: msg.features,
+        ev: msg.ev.filter(|e| e.is_finite()),
+        txs,
+        received,
+    })
+}
+
+/// A client for the endpoint (searchers in Rust, the tests and the benchmark):
+/// connects with `identity`, pins the server's key when given.
+pub async fn connect(
+    addr: SocketAddr,
+    identity: &SigningKey,
+    server_key: Option<[u8; 32]>,
+) -> anyhow::Result<quinn::Connection> {
+    let id = tls::identity_cert(identity)?;
+    let mut crypto = tls::client_crypto(&id, server_key)?;
+    crypto.alpn_protocols = vec![ALPN_OPPORTUNITIES.to_vec()];
+    let mut ep = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?,
+    )));
+    Ok(ep.connect(addr, "ingest")?.await?)
+}
+
+/// `o` as one delimited frame.
+pub fn frame(o: &gw_proto::hotpath::Opportunity) -> Vec<u8> {
+    o.encode_length_delimited_to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tx(b: u8) -> Vec<u8> {
+        txwire::example_tx(&SigningKey::from_bytes(&[9u8; 32]), [b; 32], 10)
+    }
+
+    fn msg(module: &str, txs: Vec<Vec<u8>>) -> gw_proto::hotpath::Opportunity {
+        gw_proto::hotpath::Opportunity {
+            module: module.into(),
+            features: vec![1.0, f32::NAN],
+            ev: Some(2.5),
+            txs,
+        }
+    }
+
+    #[test]
+    fn frames_split_anywhere_decode_the_same() {
+        let mut wire = Vec::new();
+        for i in 0..5 {
+            wire.extend(frame(&msg("mev", vec![tx(i)])));
+        }
+        for cut in [1, 2, 7, 100, wire.len() - 1] {
+            let (stats, mut out, mut buf) = (IngestStats::default(), Vec::new(), BytesMut::new());
+            for part in wire.chunks(cut) {
+                buf.extend_from_slice(part);
+                drain_frames(&mut buf, 4096, Instant::now(), &stats, &mut out).unwrap();
+            }
+            assert!(buf.is_empty());
+            assert_eq!(out.len(), 5, "cut {cut}");
+            assert_eq!(out[3].txs[0].wire.as_ref(), &tx(3)[..]);
+            assert_eq!(out[0].module, Module::Mev);
+            assert!(out[0].features[1].is_nan());
+        }
+    }
+
+    #[test]
+    fn bad_framing_is_named_and_bad_opportunities_are_skipped() {
+        let stats = IngestStats::default();
+        let mut out = Vec::new();
+        let mut run = |bytes: &[u8]| {
+            let mut buf = BytesMut::from(bytes);
+            drain_frames(&mut buf, 1000, Instant::now(), &stats, &mut out)
+        };
+        assert_eq!(run(&[0xff; 10]), Err(Framing::BadLength));
+        assert_eq!(run(&[0xff; 9]), Ok(()), "still incomplete");
+        assert_eq!(run(&[0xe9, 0x07]), Err(Framing::TooLong(1001)));
+        assert_eq!(run(&[3, 0xff, 0xff, 0xff]), Err(Framing::Undecodable));
+        let mut tampered = tx(1);
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        let mut wire = frame(&msg("nope", vec![tx(1)]));
+        wire.extend(frame(&msg("mev", vec![tampered])));
+        wire.extend(frame(&msg("mev", vec![])));
+        wire.extend(frame(&msg("arbitrage", vec![tx(2)])));
+        assert_eq!(run(&wire), Ok(()));
+        assert_eq!(stats.invalid.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.frames.load(Ordering::Relaxed), 1);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].module, Module::Arbitrage);
+    }
+
+    #[test]
+    fn the_allow_list_must_hold_keys() {
+        let mut c: IngestConfig = serde_json::from_value(serde_json::json!({
+            "bind": "127.0.0.1:0", "allow": [],
+        }))
+        .unwrap();
+        assert!(c.validate().is_err(), "an empty allow-list");
+        c.allow = vec!["not-base58!".into()];
+        assert!(c.validate().is_err());
+        c.allow = vec![bs58::encode([7u8; 32]).into_string()];
+        c.validate().unwrap();
+        assert_eq!(c.allowed().unwrap(), vec![[7u8; 32]]);
+    }
+}

@@ -1,0 +1,309 @@
+//! The hot path's QUIC ingest endpoint against real QUIC clients and the TPU
+//! receiver: allowed searchers' frames become sends, byte-identical; everyone else
+//! is refused at the handshake; bad framing stops only its stream; invalid
+//! opportunities are counted and skipped; module state still gates every send.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use gw_core::module_state::{ModuleState, RunState};
+use gw_core::Module;
+use gw_proto::hotpath;
+use gw_sidecar::control::ModuleTable;
+use gw_sidecar::sender::ingest::{self, STOP_MALFORMED};
+use gw_sidecar::sender::leaders::{LeaderSource, StaticLeaders};
+use gw_sidecar::sender::strategy::{HotPath, Opportunity, SignedTx, Skip, StrategyConfig};
+use gw_sidecar::sender::tpu::Leader;
+use gw_sidecar::sender::{txwire, Sender, SenderConfig};
+use serde_json::json;
+use testkit::tpu_receiver::{ReceiverConfig, TpuReceiver};
+
+fn key(b: u8) -> SigningKey {
+    SigningKey::from_bytes(&[b; 32])
+}
+
+fn tx(i: u32) -> Vec<u8> {
+    let mut bh = [0u8; 32];
+    bh[..4].copy_from_slice(&i.to_le_bytes());
+    txwire::example_tx(&key(50), bh, 40)
+}
+
+fn opp(i: u32) -> hotpath::Opportunity {
+    hotpath::Opportunity {
+        module: "mev".into(),
+        features: vec![],
+        ev: Some(1.0),
+        txs: vec![tx(i)],
+    }
+}
+
+struct Rig {
+    rx: TpuReceiver,
+    hot: HotPath,
+    modules: ModuleTable,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn rig(ingest: serde_json::Value) -> Rig {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+    let cfg: SenderConfig = serde_json::from_value(json!({
+        "tpu": {}, "leaders": {"static": []}, "route_policy": "tpu_first",
+    }))
+    .unwrap();
+    let leaders: Arc<dyn LeaderSource> = Arc::new(StaticLeaders::from_leaders(vec![Leader {
+        tpu_quic: rx.addr,
+        identity: Some(rx.identity),
+    }]));
+    let sender = Sender::new(&cfg, &key(2), Some(leaders), None).unwrap();
+    let modules = ModuleTable::new();
+    modules.set(
+        Module::Mev,
+        ModuleState {
+            state: RunState::Running,
+            ..ModuleState::default()
+        },
+    );
+    let strategy: StrategyConfig = serde_json::from_value(json!({ "ingest": ingest })).unwrap();
+    let hot = HotPath::start(
+        &strategy,
+        sender,
+        modules.clone(),
+        None,
+        rt.handle().clone(),
+        Some(&key(2)),
+    )
+    .unwrap();
+    Rig {
+        rx,
+        hot,
+        modules,
+        _rt: rt,
+    }
+}
+
+fn allow(keys: &[u8]) -> Vec<String> {
+    keys.iter()
+        .map(|b| bs58::encode(key(*b).verifying_key().to_bytes()).into_string())
+        .collect()
+}
+
+fn server_key() -> Option<[u8; 32]> {
+    Some(key(2).verifying_key().to_bytes())
+}
+
+async fn write_stream(conn: &quinn::Connection, bytes: &[u8]) -> Option<quinn::VarInt> {
+    let mut s = conn.open_uni().await.unwrap();
+    // A stopped stream may refuse the rest of the write: that is the answer.
+    let _ = s.write_all(bytes).await;
+    let _ = s.finish();
+    s.stopped().await.ok().flatten()
+}
+
+/// Writes `bytes` and leaves the stream open: the server's verdict is a stop.
+async fn write_open(conn: &quinn::Connection, bytes: &[u8]) -> Option<quinn::VarInt> {
+    let mut s = conn.open_uni().await.unwrap();
+    let _ = s.write_all(bytes).await;
+    tokio::time::timeout(Duration::from_secs(5), s.stopped())
+        .await
+        .expect("the server did not stop the stream")
+        .ok()
+        .flatten()
+}
+
+fn sorted(mut v: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    v.sort();
+    v
+}
+
+#[test]
+fn allowed_searchers_frames_become_sends_byte_identical() {
+    let r = rig(json!({"bind": "127.0.0.1:0", "allow": allow(&[30])}));
+    let addr = r.hot.ingest_addr.expect("the endpoint listens");
+    r._rt.block_on(async {
+        let conn = ingest::connect(addr, &key(30), server_key()).await.unwrap();
+        // 300 frames on three streams at once, written in odd-sized pieces.
+        let mut sent = Vec::new();
+        let mut streams = Vec::new();
+        for s in 0..3u32 {
+            let mut bytes = Vec::new();
+            for i in 0..100 {
+                let o = opp(s * 1000 + i);
+                sent.push(o.txs[0].clone());
+                bytes.extend(ingest::frame(&o));
+            }
+            let conn = conn.clone();
+            streams.push(tokio::spawn(async move {
+                let mut st = conn.open_uni().await.unwrap();
+                for piece in bytes.chunks(777) {
+                    st.write_all(piece).await.unwrap();
+                }
+                st.finish().unwrap();
+                st.stopped().await.unwrap()
+            }));
+        }
+        for s in streams {
+            assert_eq!(s.await.unwrap(), None, "no stream stopped");
+        }
+        assert_eq!(r.rx.wait_for(300, Duration::from_secs(10)).await, 300);
+        let got: Vec<Vec<u8>> = r.rx.received().into_iter().map(|x| x.bytes).collect();
+        assert_eq!(
+            sorted(got),
+            sorted(sent),
+            "every transaction, once, as framed"
+        );
+        let st = &r.hot.ingest_stats;
+        assert_eq!(st.connections.load(Ordering::Relaxed), 1);
+        assert_eq!(st.frames.load(Ordering::Relaxed), 300);
+        assert_eq!(r.hot.stats.sent.load(Ordering::Relaxed), 300);
+        let decided: u64 = r.hot.stats.decision_buckets().iter().map(|b| b.1).sum();
+        assert_eq!(decided, 300, "each send's decision latency is recorded");
+
+        // HTTP's producers still go through the same ingest thread.
+        let w = tx(99_999);
+        let signature = txwire::parse(&w, true).unwrap().signature_b58();
+        let took = r
+            .hot
+            .offer_async(vec![Opportunity {
+                module: Module::Mev,
+                features: vec![],
+                ev: Some(1.0),
+                txs: vec![SignedTx {
+                    wire: w.clone().into(),
+                    signature,
+                }],
+                received: Instant::now(),
+            }])
+            .await;
+        assert_eq!(took, 1);
+        assert_eq!(r.rx.wait_for(301, Duration::from_secs(5)).await, 301);
+
+        // A killed module: frames are read, nothing is sent.
+        r.modules.set(
+            Module::Mev,
+            ModuleState {
+                state: RunState::Killed,
+                ..ModuleState::default()
+            },
+        );
+        let mut bytes = Vec::new();
+        for i in 0..20 {
+            bytes.extend(ingest::frame(&opp(50_000 + i)));
+        }
+        assert_eq!(write_stream(&conn, &bytes).await, None);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while r.hot.stats.skipped(Skip::Killed) < 20 {
+            assert!(Instant::now() < deadline, "killed skips not counted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(r.rx.count(), 301, "a killed module sends nothing");
+    });
+}
+
+#[test]
+fn strangers_are_refused_at_the_handshake_and_the_server_can_be_pinned() {
+    let r = rig(json!({"bind": "127.0.0.1:0", "allow": allow(&[30]), "max_connections": 1}));
+    let addr = r.hot.ingest_addr.unwrap();
+    r._rt.block_on(async {
+        // A key not on the list. TLS 1.3 lets the client finish its side of the
+        // handshake before the server has checked its certificate, so the client
+        // may see a connection; the server closes it at once, and nothing it
+        // sends is read.
+        match ingest::connect(addr, &key(31), server_key()).await {
+            Err(_) => {}
+            Ok(c) => {
+                let _ = write_stream(&c, &ingest::frame(&opp(666))).await;
+                let why = tokio::time::timeout(Duration::from_secs(5), c.closed())
+                    .await
+                    .expect("the server kept a stranger's connection");
+                assert!(
+                    !matches!(why, quinn::ConnectionError::LocallyClosed),
+                    "{why}"
+                );
+            }
+        }
+        // The right client pinning another server key refuses the server.
+        let wrong = Some(key(3).verifying_key().to_bytes());
+        assert!(ingest::connect(addr, &key(30), wrong).await.is_err());
+        // One allowed connection is the cap: a second is refused (before the
+        // handshake, so the client sees it).
+        let first = ingest::connect(addr, &key(30), server_key()).await.unwrap();
+        assert!(ingest::connect(addr, &key(30), server_key()).await.is_err());
+        assert!(r.hot.ingest_stats.refused.load(Ordering::Relaxed) >= 3);
+        // The first still works.
+        assert_eq!(write_stream(&first, &ingest::frame(&opp(7))).await, None);
+        assert_eq!(r.rx.wait_for(1, Duration::from_secs(5)).await, 1);
+        assert_eq!(r.rx.count(), 1, "nothing from the refused clients");
+    });
+}
+
+#[test]
+fn bad_framing_stops_its_stream_and_bad_opportunities_are_skipped() {
+    let r = rig(json!({"bind": "127.0.0.1:0", "allow": allow(&[30]), "max_frame_bytes": 4096}));
+    let addr = r.hot.ingest_addr.unwrap();
+    r._rt.block_on(async {
+        let conn = ingest::connect(addr, &key(30), server_key()).await.unwrap();
+        let st = &r.hot.ingest_stats;
+        // A length beyond max_frame_bytes: stopped at once with code 1.
+        let mut huge = Vec::new();
+        prost::encoding::encode_varint(1 << 20, &mut huge);
+        huge.extend(vec![0u8; 8192]);
+        assert_eq!(write_open(&conn, &huge).await, Some(STOP_MALFORMED.into()));
+        // Not protobuf.
+        assert_eq!(
+            write_open(&conn, &[4, 0xff, 0xff, 0xff, 0xff]).await,
+            Some(STOP_MALFORMED.into())
+        );
+        assert_eq!(st.malformed.load(Ordering::Relaxed), 2);
+        // Invalid opportunities between valid ones: skipped, the stream goes on.
+        let mut tampered = opp(2);
+        let last = tampered.txs[0].len() - 1;
+        tampered.txs[0][last] ^= 1;
+        let mut unknown = opp(3);
+        unknown.module = "nope".into();
+        let mut bytes = ingest::frame(&opp(1));
+        bytes.extend(ingest::frame(&tampered));
+        bytes.extend(ingest::frame(&unknown));
+        bytes.extend(ingest::frame(&opp(4)));
+        assert_eq!(write_stream(&conn, &bytes).await, None);
+        assert_eq!(r.rx.wait_for(2, Duration::from_secs(5)).await, 2);
+        assert_eq!(st.invalid.load(Ordering::Relaxed), 2);
+        assert_eq!(st.frames.load(Ordering::Relaxed), 2);
+        let got: Vec<Vec<u8>> = r.rx.received().into_iter().map(|x| x.bytes).collect();
+        assert_eq!(sorted(got), sorted(vec![tx(1), tx(4)]));
+        // The connection survived all of it.
+        assert!(conn.close_reason().is_none());
+    });
+}
+
+#[test]
+fn an_ingest_that_cannot_bind_fails_the_start() {
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _g = rt.enter();
+    let cfg: SenderConfig =
+        serde_json::from_value(json!({"tpu": {}, "leaders": {"static": []}})).unwrap();
+    let sender = Sender::new(&cfg, &key(2), None, None).unwrap();
+    let strategy: StrategyConfig = serde_json::from_value(
+        json!({"ingest": {"bind": addr.to_string(), "allow": allow(&[30])}}),
+    )
+    .unwrap();
+    let r = HotPath::start(
+        &strategy,
+        sender,
+        ModuleTable::new(),
+        None,
+        rt.handle().clone(),
+        Some(&key(2)),
+    );
+    assert!(r.is_err(), "bound to a taken port");
+}
