@@ -45,6 +45,21 @@ struct Round {
     rate: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// The client's CPU time (user + system) per transaction, µs.
+    cpu_us: f64,
+}
+
+/// User + system CPU time of process `pid` so far, µs (Linux `/proc`).
+fn cpu_us(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 14th
+    // field of the line, stime the 15th, in clock ticks (100 per second here).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) * 10_000.0
 }
 
 /// Matches what the server delivered since `before` with the submit times, by bytes.
@@ -80,6 +95,7 @@ async fn measure(agave: &AgaveTpu, before: usize, sent: &[Bytes], submits: &[u64
         rate: (n - 1) as f64 / ((last - first) as f64 / 1e9),
         p50_ms: pct(0.5),
         p99_ms: pct(0.99),
+        cpu_us: 0.0,
     }
 }
 
@@ -87,8 +103,13 @@ async fn ours(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Round {
     let before = agave.received().len();
     let config = TpuConfig {
         queue_per_leader: 1 << 16,
+        max_streams: std::env::var("GW_PARITY_STREAMS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(TpuConfig::default().max_streams),
         ..TpuConfig::default()
     };
+    let cpu0 = cpu_us("self");
     let client = TpuClient::new(config, key).unwrap();
     let leader = Leader {
         tpu_quic: agave.addr,
@@ -115,11 +136,14 @@ async fn ours(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Round {
             }
         }
     }
-    let r = measure(agave, before, sent, &submits).await;
     for a in acks {
         a.await.unwrap().unwrap();
     }
+    // Before this process parses the server's output (as it does for theirs).
+    let cpu = (cpu_us("self") - cpu0) / sent.len() as f64;
+    let mut r = measure(agave, before, sent, &submits).await;
     client.close();
+    r.cpu_us = cpu;
     r
 }
 
@@ -166,7 +190,8 @@ async fn theirs(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Round {
         .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
         .collect();
     assert_eq!(submits.len(), sent.len());
-    let r = measure(agave, before, sent, &submits).await;
+    let mut r = measure(agave, before, sent, &submits).await;
+    r.cpu_us = cpu_us(&child.id().to_string()) / sent.len() as f64;
     drop(stdin);
     let _ = child.wait();
     r
@@ -191,8 +216,8 @@ async fn compare(label: &str, agave: &AgaveTpu, key: &SigningKey, n: usize, roun
         }
         let (l, m) = (a.last().unwrap(), b.last().unwrap());
         println!(
-            "  {label} round {r}: ours {:.0} tx/s p50 {:.2} p99 {:.2} ms | tpu-client-next {:.0} tx/s p50 {:.2} p99 {:.2} ms",
-            l.rate, l.p50_ms, l.p99_ms, m.rate, m.p50_ms, m.p99_ms
+            "  {label} round {r}: ours {:.0} tx/s p50 {:.2} p99 {:.2} ms cpu {:.1} µs/tx | tpu-client-next {:.0} tx/s p50 {:.2} p99 {:.2} ms cpu {:.1} µs/tx",
+            l.rate, l.p50_ms, l.p99_ms, l.cpu_us, m.rate, m.p50_ms, m.p99_ms, m.cpu_us
         );
         std::io::stdout().flush().unwrap();
     }
@@ -200,12 +225,14 @@ async fn compare(label: &str, agave: &AgaveTpu, key: &SigningKey, n: usize, roun
     let (ra, rb) = (med(&a, |r| r.rate), med(&b, |r| r.rate));
     println!(
         "{label}: {n} tx per round, {rounds} rounds each, medians: ours {ra:.0} tx/s vs tpu-client-next {rb:.0} tx/s = {:.2}×; \
-         p50 {:.2} vs {:.2} ms; p99 {:.2} vs {:.2} ms",
+         p50 {:.2} vs {:.2} ms; p99 {:.2} vs {:.2} ms; client CPU {:.1} vs {:.1} µs/tx",
         ra / rb,
         med(&a, |r| r.p50_ms),
         med(&b, |r| r.p50_ms),
         med(&a, |r| r.p99_ms),
         med(&b, |r| r.p99_ms),
+        med(&a, |r| r.cpu_us),
+        med(&b, |r| r.cpu_us),
     );
 }
 
@@ -225,6 +252,21 @@ fn main() {
         .unwrap();
     let key = SigningKey::from_bytes(&[2u8; 32]);
     rt.block_on(async {
+        if std::env::var_os("GW_PARITY_PROFILE").is_some() {
+            // Profiling aid: only our client, staked, five rounds of the same
+            // transactions (run under `perf record -g`).
+            let staked = AgaveConfig {
+                stakes: vec![(key.verifying_key().to_bytes(), 1_000_000_000_000_000)],
+                ..AgaveConfig::default()
+            };
+            let agave = AgaveTpu::start(&staked, &SigningKey::from_bytes(&[1u8; 32])).unwrap();
+            let x = txs(0, staked_n, 200);
+            for _ in 0..5 {
+                let r = ours(&agave, &key, &x).await;
+                println!("ours {:.0} tx/s, cpu {:.1} µs/tx", r.rate, r.cpu_us);
+            }
+            return;
+        }
         let staked = AgaveConfig {
             stakes: vec![(key.verifying_key().to_bytes(), 1_000_000_000_000_000)],
             ..AgaveConfig::default()
