@@ -3,7 +3,8 @@
 //! validity, simulation) and the protocol-enforcing TPU receiver: preflight
 //! failures answered as Solana answers them (-32002, nothing sent),
 //! `minContextSlot` (-32016), `maxRetries` (0, N, absent = until seen or expired),
-//! and `getSignatureStatuses` from the node plus what the gateway saw.
+//! and `getSignatureStatuses` from the node plus what the gateway saw; many
+//! transactions in flight polled in batches, not one call each.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -247,5 +248,106 @@ fn send_transaction_has_a_solana_nodes_landing_semantics() {
         // Bad options are refused before anything is sent.
         let r = call(send(&b1, json!({"maxRetries": -1}))).await;
         assert_eq!(r["error"]["code"], -32602, "{r}");
+    });
+}
+
+#[test]
+fn many_transactions_in_flight_are_polled_in_batches() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let node = RpcNode::start(1010);
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let cfg: SenderConfig = serde_json::from_value(json!({
+            "tpu": {}, "leaders": {"static": []}, "route_policy": "tpu_first",
+        }))
+        .unwrap();
+        let leaders: Arc<dyn LeaderSource> = Arc::new(StaticLeaders::from_leaders(vec![Leader {
+            tpu_quic: rx.addr,
+            identity: Some(rx.identity),
+        }]));
+        let sender = Sender::new(&cfg, &key(2), Some(leaders), None).unwrap();
+        let landing = Landing::new(
+            serde_json::from_value::<RpcNodeConfig>(json!({
+                "url": node.url, "timeout_ms": 1000, "rebroadcast_ms": 200, "max_age_secs": 30,
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let modules = ModuleTable::new();
+        modules.set(
+            Module::Arbitrage,
+            ModuleState {
+                state: RunState::Running,
+                ..ModuleState::default()
+            },
+        );
+        let throttle = parking_lot::Mutex::new(Throttle::default());
+        let ctx = RpcContext {
+            sender: &sender,
+            landing: Some(&landing),
+            modules: &modules,
+            module: Module::Arbitrage,
+            allow_stopped: false,
+            throttle: &throttle,
+        };
+        // 300 transactions on 3 blockhashes, in flight together, each to be sent
+        // twice (maxRetries 1).
+        let mut wires = Vec::new();
+        let mut bodies = Vec::new();
+        for i in 0..300u32 {
+            let mut bh = [(i % 3) as u8 + 100; 32];
+            bh[31] = 0;
+            let w = txwire::example_tx(&key(50), bh, i as usize % 200);
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&w);
+            bodies.push(send(&b64, json!({"skipPreflight": true, "maxRetries": 1})));
+            wires.push(w);
+        }
+        let answers =
+            futures_util::future::join_all(bodies.iter().map(|b| rpc::handle(&ctx, b))).await;
+        for r in answers {
+            assert!(r["result"].is_string(), "{r}");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while landing.pending() > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "rebroadcasts did not end");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(rx.wait_for(600, Duration::from_secs(10)).await, 600);
+        for w in &wires {
+            assert_eq!(copies(&rx, w), 2, "one send and one rebroadcast each");
+        }
+        let statuses: Vec<Value> = node
+            .calls()
+            .into_iter()
+            .filter(|(m, _)| m == "getSignatureStatuses")
+            .map(|(_, p)| p)
+            .collect();
+        let polled: usize = statuses.iter().map(|p| p[0].as_array().unwrap().len()).sum();
+        println!(
+            "300 transactions: {} getSignatureStatuses calls for {polled} signatures, {} isBlockhashValid calls",
+            statuses.len(),
+            node.count("isBlockhashValid")
+        );
+        assert!(polled >= 600, "each transaction polled twice ({polled})");
+        assert!(
+            statuses.iter().all(|p| p[0].as_array().unwrap().len() <= 256),
+            "Solana's limit of 256 signatures per call"
+        );
+        assert!(
+            statuses.len() <= 20,
+            "{} status calls for 300 transactions: not batched",
+            statuses.len()
+        );
+        assert!(
+            node.count("isBlockhashValid") <= 3 * 12,
+            "one blockhash check per blockhash per round"
+        );
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(landing.stats.retries_spent.load(Relaxed), 300);
+        assert_eq!(landing.stats.rebroadcasts.load(Relaxed), 300);
     });
 }

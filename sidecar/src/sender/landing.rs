@@ -13,8 +13,10 @@
 //!   (`getSignatureStatuses`; while only processed, it waits without resending),
 //!   its blockhash expires (`isBlockhashValid`: false after true, or five times in
 //!   a row), the gating module stops sending, or `max_age_secs` (150 blocks) pass;
-//!   `N` sends it again at most N times; 0 never. Each poll is one call per
-//!   transaction: with many in flight, `rebroadcast_ms` bounds the node's load;
+//!   `N` sends it again at most N times; 0 never. One loop polls for every
+//!   transaction in flight: per round, one `getSignatureStatuses` per 256
+//!   signatures and one `isBlockhashValid` per distinct blockhash, so the node's
+//!   load grows with the blockhashes in use, not with the transactions;
 //! - **`getSignatureStatuses`**: the node's answer, with the statuses the
 //!   rebroadcast loop saw confirmed filled in where the node has none (e.g. a
 //!   lagging node behind a load balancer).
@@ -148,11 +150,40 @@ pub struct LandingStats {
     pub refused: AtomicU64,
 }
 
+/// One transaction being rebroadcast.
+struct Pending {
+    sender: Arc<Sender>,
+    wire: Bytes,
+    blockhash: String,
+    max_retries: Option<usize>,
+    meta: SendMeta,
+    may_send: Arc<dyn Fn() -> bool + Send + Sync>,
+    sent_again: usize,
+    /// Rebroadcasting ends at this moment (`max_age_secs`).
+    until: Instant,
+    /// Next poll (each transaction waits `rebroadcast_ms` between polls).
+    due: Instant,
+}
+
+/// What the rebroadcast loop works on; `running` says whether the loop is up.
+#[derive(Default)]
+struct Tracked {
+    txs: HashMap<String, Pending>,
+    running: bool,
+}
+
+/// The blockhash counts as expired once the node said it was valid and then not,
+/// or said "not valid" this many times in a row (a node that lags the client's
+/// blockhash source; a durable nonce's "blockhash").
+const INVALID_IN_A_ROW: u32 = 5;
+
 /// The landing semantics, with a node.
 pub struct Landing {
     http: reqwest::Client,
     cfg: RpcNodeConfig,
-    pending: Mutex<HashSet<String>>,
+    pending: Mutex<Tracked>,
+    /// What the node said of each blockhash in use: (was valid once, invalid in a row).
+    blockhashes: Mutex<HashMap<String, (bool, u32)>>,
     seen: Mutex<(HashMap<String, Value>, VecDeque<String>)>,
     /// Counters.
     pub stats: LandingStats,
@@ -168,7 +199,8 @@ impl Landing {
         Ok(Arc::new(Landing {
             http,
             cfg,
-            pending: Mutex::new(HashSet::new()),
+            pending: Mutex::new(Tracked::default()),
+            blockhashes: Mutex::new(HashMap::new()),
             seen: Mutex::new((HashMap::new(), VecDeque::new())),
             stats: LandingStats::default(),
         }))
@@ -279,86 +311,190 @@ impl Landing {
         if max_retries == Some(0) {
             return;
         }
-        {
+        let every = Duration::from_millis(self.cfg.rebroadcast_ms);
+        let now = Instant::now();
+        let start_loop = {
             let mut p = self.pending.lock();
-            if p.len() >= self.cfg.max_pending {
+            if p.txs.len() >= self.cfg.max_pending {
                 self.stats.not_tracked.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            if !p.insert(signature.clone()) {
+            if p.txs.contains_key(&signature) {
                 return; // already rebroadcast (a client resent the same bytes)
             }
+            p.txs.insert(
+                signature,
+                Pending {
+                    sender,
+                    wire,
+                    blockhash: bs58::encode(blockhash).into_string(),
+                    max_retries,
+                    meta,
+                    may_send,
+                    sent_again: 0,
+                    until: now + Duration::from_secs(self.cfg.max_age_secs),
+                    due: now + every,
+                },
+            );
+            !std::mem::replace(&mut p.running, true)
+        };
+        if start_loop {
+            tokio::spawn(self.clone().rebroadcast_loop());
         }
-        let me = self.clone();
-        tokio::spawn(async move {
-            let every = Duration::from_millis(me.cfg.rebroadcast_ms);
-            let until = Instant::now() + Duration::from_secs(me.cfg.max_age_secs);
-            let blockhash = bs58::encode(blockhash).into_string();
-            let mut sent_again = 0usize;
-            // The blockhash counts as expired once the node said it was valid and
-            // then not, or said "not valid" this many times in a row (a node that
-            // lags the client's blockhash source; a durable nonce's "blockhash").
-            const INVALID_IN_A_ROW: u32 = 5;
-            let (mut was_valid, mut invalid) = (false, 0u32);
-            let end = loop {
-                tokio::time::sleep(every).await;
-                let mut processed = false;
-                if let Ok(v) = me
-                    .call(
-                        "getSignatureStatuses",
-                        json!([[signature], {"searchTransactionHistory": false}]),
-                    )
-                    .await
-                {
-                    if let Some(st) = v["value"].get(0).filter(|s| !s.is_null()) {
-                        let level = st["confirmationStatus"].as_str().unwrap_or("processed");
-                        if level == "confirmed" || level == "finalized" {
-                            me.remember(&signature, st.clone());
-                            break &me.stats.seen;
-                        }
-                        // In a block not yet confirmed: wait, do not resend (a
-                        // dropped fork makes it null again, and then it is resent).
-                        processed = true;
-                    }
+    }
+
+    /// Polls the node for every transaction due, in batches, and resends those
+    /// still unseen; ends when nothing is left (the next `track` starts it again).
+    async fn rebroadcast_loop(self: Arc<Self>) {
+        let every = Duration::from_millis(self.cfg.rebroadcast_ms);
+        // Rounds at a quarter of the period: each transaction is polled between
+        // 1 and 1.25 periods after its previous poll.
+        let tick = (every / 4).max(Duration::from_millis(10));
+        loop {
+            tokio::time::sleep(tick).await;
+            let now = Instant::now();
+            let (due, hashes): (Vec<String>, HashSet<String>) = {
+                let mut p = self.pending.lock();
+                if p.txs.is_empty() {
+                    p.running = false;
+                    self.blockhashes.lock().clear();
+                    return;
                 }
-                if Instant::now() >= until {
-                    break &me.stats.expired;
-                }
-                if let Ok(v) = me
-                    .call(
-                        "isBlockhashValid",
-                        json!([blockhash, {"commitment": "processed"}]),
-                    )
-                    .await
-                {
-                    match v["value"] {
-                        Value::Bool(true) => (was_valid, invalid) = (true, 0),
-                        Value::Bool(false) => {
-                            invalid += 1;
-                            if was_valid || invalid >= INVALID_IN_A_ROW {
-                                break &me.stats.expired;
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                if processed {
-                    continue;
-                }
-                if max_retries.is_some_and(|m| sent_again >= m) {
-                    break &me.stats.retries_spent;
-                }
-                // The module's kill switch and stop hold for resends too.
-                if !may_send() {
-                    break &me.stats.refused;
-                }
-                let _ = sender.send(wire.clone(), signature.clone(), &meta).await;
-                sent_again += 1;
-                me.stats.rebroadcasts.fetch_add(1, Ordering::Relaxed);
+                let due: Vec<String> = p
+                    .txs
+                    .iter()
+                    .filter(|(_, t)| t.due <= now)
+                    .map(|(s, _)| s.clone())
+                    .collect();
+                let hashes = due
+                    .iter()
+                    .filter_map(|s| p.txs.get(s).map(|t| t.blockhash.clone()))
+                    .collect();
+                // Forget blockhashes no pending transaction uses.
+                let live: HashSet<&str> = p.txs.values().map(|t| t.blockhash.as_str()).collect();
+                self.blockhashes
+                    .lock()
+                    .retain(|h, _| live.contains(h.as_str()));
+                (due, hashes)
             };
-            end.fetch_add(1, Ordering::Relaxed);
-            me.pending.lock().remove(&signature);
-        });
+            if due.is_empty() {
+                continue;
+            }
+            let statuses = self.poll_statuses(&due).await;
+            let valid = self.poll_blockhashes(hashes).await;
+            self.settle(due, &statuses, &valid, now + every);
+        }
+    }
+
+    /// `getSignatureStatuses` for `sigs`, 256 at a time: each signature's status
+    /// (absent when the node did not answer, `Null` when it has none).
+    async fn poll_statuses(&self, sigs: &[String]) -> HashMap<String, Value> {
+        let mut out = HashMap::with_capacity(sigs.len());
+        for chunk in sigs.chunks(MAX_STATUS_SIGNATURES) {
+            let Ok(v) = self
+                .call(
+                    "getSignatureStatuses",
+                    json!([chunk, {"searchTransactionHistory": false}]),
+                )
+                .await
+            else {
+                continue;
+            };
+            if let Some(values) = v["value"].as_array() {
+                for (sig, st) in chunk.iter().zip(values) {
+                    out.insert(sig.clone(), st.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// `isBlockhashValid` once per blockhash; updates what is known of each and
+    /// returns the ones that count as expired now.
+    async fn poll_blockhashes(&self, hashes: HashSet<String>) -> HashSet<String> {
+        let mut expired = HashSet::new();
+        for h in hashes {
+            let Ok(v) = self
+                .call("isBlockhashValid", json!([h, {"commitment": "processed"}]))
+                .await
+            else {
+                continue;
+            };
+            let mut known = self.blockhashes.lock();
+            let (was_valid, invalid) = known.entry(h.clone()).or_insert((false, 0));
+            match v["value"] {
+                Value::Bool(true) => (*was_valid, *invalid) = (true, 0),
+                Value::Bool(false) => {
+                    *invalid += 1;
+                    if *was_valid || *invalid >= INVALID_IN_A_ROW {
+                        expired.insert(h);
+                    }
+                }
+                _ => {}
+            }
+        }
+        expired
+    }
+
+    /// Ends or resends each polled transaction, as its status, its blockhash, its
+    /// age, its retries and its module allow.
+    fn settle(
+        &self,
+        due: Vec<String>,
+        statuses: &HashMap<String, Value>,
+        expired: &HashSet<String>,
+        next: Instant,
+    ) {
+        enum Next<'a> {
+            /// Rebroadcasting ends; the counter says why.
+            End(&'a AtomicU64),
+            Wait,
+            Resend(Arc<Sender>, Bytes, SendMeta),
+        }
+        let now = Instant::now();
+        let mut p = self.pending.lock();
+        for sig in due {
+            let next = {
+                let Some(t) = p.txs.get_mut(&sig) else {
+                    continue;
+                };
+                t.due = next;
+                let status = statuses.get(&sig).filter(|s| !s.is_null());
+                let level =
+                    status.map(|st| st["confirmationStatus"].as_str().unwrap_or("processed"));
+                if let (Some(st), Some("confirmed" | "finalized")) = (status, level) {
+                    self.remember(&sig, st.clone());
+                    Next::End(&self.stats.seen)
+                } else if now >= t.until || expired.contains(&t.blockhash) {
+                    Next::End(&self.stats.expired)
+                } else if status.is_some() {
+                    // In a block not yet confirmed: wait, do not resend (a dropped
+                    // fork makes it null again, and then it is resent).
+                    Next::Wait
+                } else if t.max_retries.is_some_and(|m| t.sent_again >= m) {
+                    Next::End(&self.stats.retries_spent)
+                } else if !(t.may_send)() {
+                    // The module's kill switch and stop hold for resends too.
+                    Next::End(&self.stats.refused)
+                } else {
+                    t.sent_again += 1;
+                    Next::Resend(t.sender.clone(), t.wire.clone(), t.meta.clone())
+                }
+            };
+            match next {
+                Next::Wait => {}
+                Next::End(why) => {
+                    p.txs.remove(&sig);
+                    why.fetch_add(1, Ordering::Relaxed);
+                }
+                Next::Resend(sender, wire, meta) => {
+                    self.stats.rebroadcasts.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(async move {
+                        let _ = sender.send(wire, sig, &meta).await;
+                    });
+                }
+            }
+        }
     }
 
     fn remember(&self, signature: &str, status: Value) {
@@ -376,7 +512,7 @@ impl Landing {
 
     /// Transactions being rebroadcast now.
     pub fn pending(&self) -> usize {
-        self.pending.lock().len()
+        self.pending.lock().txs.len()
     }
 
     /// `getSignatureStatuses`: the node's answer, with what the rebroadcast loop saw
