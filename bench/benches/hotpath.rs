@@ -6,8 +6,8 @@
 //! - **direct** (baseline): an in-process producer calls `HotPath::offer` with the
 //!   same opportunity (already decoded and checked).
 //!
-//! Measured from the producer's write / call to the transaction's arrival at the
-//! TPU receiver on the other end of a warm QUIC connection, p50 / p99 in µs, in
+//! Measured from the producer's write / call to the transaction's stream being
+//! complete at the TPU receiver on the other end of a warm QUIC connection, p50 / p99 in µs, in
 //! interleaved rounds (medians); and the gateway's own "received → send decision"
 //! histogram (log₂ µs buckets) for each path.
 //!
@@ -207,7 +207,7 @@ fn main() {
         let (a50, a99, b50, b99) = (median(q50), median(q99), median(d50), median(d99));
         println!(
             "hot path, {per_round} opportunities one at a time × {rounds} rounds, medians: \
-             QUIC frame → first byte at the TPU p50 {a50:.0} µs p99 {a99:.0} µs; \
+             QUIC frame → stream complete at the TPU receiver p50 {a50:.0} µs p99 {a99:.0} µs; \
              direct in-process offer p50 {b50:.0} µs p99 {b99:.0} µs; QUIC / direct = {:.2}× / {:.2}×",
             a50 / b50,
             a99 / b99

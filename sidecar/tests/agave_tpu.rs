@@ -25,6 +25,16 @@ use testkit::agave_tpu::{AgaveConfig, AgaveTpu};
 use testkit::rpc_node::RpcNode;
 use testkit::udp_delay::DelayProxy;
 
+/// One test at a time: each runs its own Agave server, and the staked test's
+/// 20 000 transactions would squeeze the hygiene test's timing on 2 cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -115,6 +125,7 @@ async fn send_and_check(client: &TpuClient, agave: &AgaveTpu, first: u32, n: u32
 
 #[test]
 fn agave_delivers_the_tpu_routes_transactions_unstaked_and_staked() {
+    let _serial = serial();
     rt().block_on(async {
         // Unstaked: the server throttles our streams (its unstaked QoS); every
         // transaction still arrives, on one connection, with no close.
@@ -147,6 +158,7 @@ fn agave_delivers_the_tpu_routes_transactions_unstaked_and_staked() {
 
 #[test]
 fn agave_refuses_another_identity_and_the_route_never_sends_to_it() {
+    let _serial = serial();
     rt().block_on(async {
         let agave = AgaveTpu::start(&AgaveConfig::default(), &key(1)).unwrap();
         let client = TpuClient::new(TpuConfig::default(), &key(2)).unwrap();
@@ -178,6 +190,7 @@ fn send_request(w: &[u8], opts: serde_json::Value) -> Vec<u8> {
 
 #[test]
 fn json_rpc_send_transaction_reaches_agave_byte_identical_with_its_retries() {
+    let _serial = serial();
     let node = RpcNode::start(2000);
     rt().block_on(async {
         let agave = AgaveTpu::start(&AgaveConfig::default(), &key(1)).unwrap();
@@ -245,6 +258,7 @@ fn json_rpc_send_transaction_reaches_agave_byte_identical_with_its_retries() {
 
 #[test]
 fn a_spent_per_ip_budget_brings_no_reconnect_storm_and_nothing_is_lost_once_it_frees() {
+    let _serial = serial();
     rt().block_on(async {
         let agave = AgaveTpu::start(&AgaveConfig::default(), &key(1)).unwrap();
         let direct = Leader {

@@ -233,10 +233,29 @@ fn strangers_are_refused_at_the_handshake_and_the_server_can_be_pinned() {
         // The right client pinning another server key refuses the server.
         let wrong = Some(key(3).verifying_key().to_bytes());
         assert!(ingest::connect(addr, &key(30), wrong).await.is_err());
-        // One allowed connection is the cap: a second is refused (before the
-        // handshake, so the client sees it).
+        // One allowed connection is the cap: a second is refused. (Wait until the
+        // server has let go of the two failed ones first.)
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while r.hot.ingest_stats.refused.load(Ordering::Relaxed) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the failed handshakes were not counted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let first = ingest::connect(addr, &key(30), server_key()).await.unwrap();
-        assert!(ingest::connect(addr, &key(30), server_key()).await.is_err());
+        // The cap applies once the second client is authenticated: it may see its
+        // handshake finish, then the server closes it (code 2, busy).
+        if let Ok(second) = ingest::connect(addr, &key(30), server_key()).await {
+            let why = tokio::time::timeout(Duration::from_secs(5), second.closed())
+                .await
+                .expect("a connection over the cap stayed open");
+            assert!(
+                matches!(&why, quinn::ConnectionError::ApplicationClosed(c)
+                    if c.error_code == ingest::CLOSE_BUSY.into()),
+                "{why}"
+            );
+        }
         assert!(r.hot.ingest_stats.refused.load(Ordering::Relaxed) >= 3);
         // The first still works.
         assert_eq!(write_stream(&first, &ingest::frame(&opp(7))).await, None);
@@ -306,4 +325,32 @@ fn an_ingest_that_cannot_bind_fails_the_start() {
         Some(&key(2)),
     );
     assert!(r.is_err(), "bound to a taken port");
+}
+
+#[test]
+fn one_identity_cannot_take_every_connection() {
+    let r = rig(json!({
+        "bind": "127.0.0.1:0", "allow": allow(&[30, 32]),
+        "max_connections": 8, "max_connections_per_identity": 1,
+    }));
+    let addr = r.hot.ingest_addr.unwrap();
+    r._rt.block_on(async {
+        let a = ingest::connect(addr, &key(30), server_key()).await.unwrap();
+        if let Ok(again) = ingest::connect(addr, &key(30), server_key()).await {
+            let why = tokio::time::timeout(Duration::from_secs(5), again.closed())
+                .await
+                .expect("a second connection of one identity stayed open");
+            assert!(
+                matches!(&why, quinn::ConnectionError::ApplicationClosed(c)
+                    if c.error_code == ingest::CLOSE_BUSY.into()),
+                "{why}"
+            );
+        }
+        // Another searcher still gets in, and both send.
+        let b = ingest::connect(addr, &key(32), server_key()).await.unwrap();
+        assert_eq!(write_stream(&a, &ingest::frame(&opp(1))).await, None);
+        assert_eq!(write_stream(&b, &ingest::frame(&opp(2))).await, None);
+        assert_eq!(r.rx.wait_for(2, Duration::from_secs(5)).await, 2);
+        assert_eq!(r.hot.ingest_stats.connections.load(Ordering::Relaxed), 2);
+    });
 }

@@ -94,8 +94,18 @@ impl AgaveTpu {
             .stdout
             .take()
             .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
+        // Its first line, or an error after 30 s (a stuck binary fails the test).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("agave-tpu printed nothing within 30 s");
+        };
         let ready: serde_json::Value = serde_json::from_str(line.trim())
             .map_err(|e| anyhow::anyhow!("agave-tpu did not start ({e}): {line:?}"))?;
         let addr: SocketAddr = ready["addr"].as_str().unwrap_or_default().parse()?;

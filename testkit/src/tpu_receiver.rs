@@ -237,16 +237,15 @@ async fn accept_loop(endpoint: quinn::Endpoint, sh: Arc<Shared>) {
                 tokio::spawn(async move {
                     match stream.read_to_end(sh.config.max_tx_bytes).await {
                         Ok(bytes) => {
-                            sh.stats.transactions.fetch_add(1, Ordering::Relaxed);
+                            let at = Instant::now();
+                            // Kept before counted: a test that saw the count
+                            // finds the transaction in `received`.
                             if sh.config.keep {
                                 if let Ok(mut r) = sh.received.lock() {
-                                    r.push(Received {
-                                        peer,
-                                        bytes,
-                                        at: Instant::now(),
-                                    });
+                                    r.push(Received { peer, bytes, at });
                                 }
                             }
+                            sh.stats.transactions.fetch_add(1, Ordering::Relaxed);
                             sh.notify.notify_waiters();
                         }
                         Err(quinn::ReadToEndError::TooLong) => {

@@ -105,7 +105,11 @@ struct OpportunitiesIn {
     opportunities: Vec<OpportunityIn>,
 }
 
-fn opportunity(i: usize, o: OpportunityIn) -> Result<Opportunity, String> {
+fn opportunity(
+    i: usize,
+    o: OpportunityIn,
+    received: std::time::Instant,
+) -> Result<Opportunity, String> {
     let module = Module::parse(&o.module)
         .ok_or_else(|| format!("opportunity {i}: unknown module {:?}", o.module))?;
     if o.features.len() > MAX_FEATURES {
@@ -135,7 +139,7 @@ fn opportunity(i: usize, o: OpportunityIn) -> Result<Opportunity, String> {
         features: o.features.iter().map(|f| f.unwrap_or(f32::NAN)).collect(),
         ev: o.ev.filter(|e| e.is_finite()),
         txs,
-        received: std::time::Instant::now(),
+        received,
     })
 }
 
@@ -144,6 +148,8 @@ fn opportunity(i: usize, o: OpportunityIn) -> Result<Opportunity, String> {
 /// how many the ring took; the rest were dropped because it was full (429 when none
 /// fit).
 async fn opportunities(State(st): St, body: Bytes) -> Response {
+    // The body has arrived: decoding and checks count in the decision latency.
+    let received = std::time::Instant::now();
     let Some(dp) = &st.plane else {
         return unavailable();
     };
@@ -159,7 +165,7 @@ async fn opportunities(State(st): St, body: Bytes) -> Response {
     let n = req.opportunities.len();
     let mut items = Vec::with_capacity(n);
     for (i, o) in req.opportunities.into_iter().enumerate() {
-        match opportunity(i, o) {
+        match opportunity(i, o, received) {
             Ok(o) => items.push(o),
             Err(e) => return bad(e),
         }

@@ -16,10 +16,20 @@
 //! `max_frame_bytes`, an unreadable length or an undecodable frame stops the
 //! stream with code [`STOP_MALFORMED`]; a decodable frame whose opportunity is
 //! invalid (unknown module, bad transaction, too many features or variants) is
-//! counted and skipped, and the stream goes on. Connections beyond
-//! `max_connections` are refused before the handshake.
+//! counted and skipped, and the stream goes on.
+//!
+//! Nothing unauthenticated holds resources for long: a client whose address is
+//! not yet validated gets a QUIC Retry first (no spoofed floods), handshakes in
+//! progress are capped at `max_connections` and must finish within
+//! [`HANDSHAKE_TIMEOUT`], and only authenticated connections count against
+//! `max_connections` and `max_connections_per_identity`. Each stream's and each
+//! connection's flow-control window is bounded by `max_frame_bytes`, and the
+//! reader yields after each chunk, so one busy client cannot hold the thread.
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +55,8 @@ pub const CLOSE_BUSY: u32 = 2;
 pub const MAX_VARIANTS: usize = 8;
 /// Most features per opportunity (as on HTTP).
 pub const MAX_FEATURES: usize = 256;
+/// A handshake must finish within this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `sender.strategy.ingest`.
 #[derive(Debug, Clone, Deserialize)]
@@ -55,9 +67,12 @@ pub struct IngestConfig {
     /// Client identities allowed to connect: base58 Ed25519 public keys (as Solana
     /// writes them). Required, non-empty: nobody is trusted for reaching the port.
     pub allow: Vec<String>,
-    /// Connections at once at most.
+    /// Authenticated connections at once at most (and handshakes in progress).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections one client identity may hold at once.
+    #[serde(default = "default_per_identity")]
+    pub max_connections_per_identity: usize,
     /// Longest frame (bytes after the length).
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: usize,
@@ -71,6 +86,9 @@ pub struct IngestConfig {
 
 fn default_max_connections() -> usize {
     64
+}
+fn default_per_identity() -> usize {
+    4
 }
 fn default_max_frame() -> usize {
     64 << 10
@@ -89,6 +107,12 @@ impl IngestConfig {
         if self.max_connections == 0 || self.max_connections > 4096 {
             return Err(OutOfBounds::new(
                 "sender.strategy.ingest.max_connections",
+                "must be within 1..=4096",
+            ));
+        }
+        if self.max_connections_per_identity == 0 || self.max_connections_per_identity > 4096 {
+            return Err(OutOfBounds::new(
+                "sender.strategy.ingest.max_connections_per_identity",
                 "must be within 1..=4096",
             ));
         }
@@ -172,8 +196,14 @@ pub(crate) fn bind(setup: &IngestSetup) -> anyhow::Result<quinn::Endpoint> {
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(crypto)?,
     ));
+    // Flow control bounds what a client can make us buffer: two frames per
+    // stream, every stream's worth per connection.
+    let per_stream = (2 * setup.config.max_frame_bytes as u64).max(64 << 10);
+    let per_conn = per_stream * u64::from(setup.config.max_streams_per_connection);
     let mut transport = quinn::TransportConfig::default();
     transport
+        .stream_receive_window(quinn::VarInt::from_u64(per_stream)?)
+        .receive_window(quinn::VarInt::from_u64(per_conn)?)
         .max_concurrent_uni_streams(setup.config.max_streams_per_connection.into())
         .max_concurrent_bidi_streams(0u32.into())
         .max_idle_timeout(Some(
@@ -189,38 +219,76 @@ pub(crate) async fn serve(
     endpoint: quinn::Endpoint,
     config: IngestConfig,
     stats: Arc<IngestStats>,
-    push: std::rc::Rc<dyn Fn(Vec<Opportunity>)>,
+    push: Rc<dyn Fn(Vec<Opportunity>)>,
 ) {
-    let open = std::rc::Rc::new(std::cell::Cell::new(0usize));
+    let handshaking = Rc::new(Cell::new(0usize));
+    let open: Rc<RefCell<HashMap<[u8; 32], usize>>> = Rc::default();
     while let Some(incoming) = endpoint.accept().await {
-        if open.get() >= config.max_connections {
+        // A client proves it owns its address (one round trip, once per
+        // connection) before any handshake state is kept for it.
+        if !incoming.remote_address_validated() && incoming.may_retry() {
+            let _ = incoming.retry();
+            continue;
+        }
+        if handshaking.get() >= config.max_connections {
             stats.refused.fetch_add(1, Ordering::Relaxed);
             incoming.refuse();
             continue;
         }
-        open.set(open.get() + 1);
-        let (stats, push, open, max_frame) = (
+        handshaking.set(handshaking.get() + 1);
+        let (stats, push, open, handshaking, config) = (
             stats.clone(),
             push.clone(),
             open.clone(),
-            config.max_frame_bytes,
+            handshaking.clone(),
+            config.clone(),
         );
         tokio::task::spawn_local(async move {
-            match incoming.await {
-                Ok(conn) => {
-                    stats.connections.fetch_add(1, Ordering::Relaxed);
-                    while let Ok(recv) = conn.accept_uni().await {
-                        let (stats, push) = (stats.clone(), push.clone());
-                        tokio::task::spawn_local(read_stream(recv, max_frame, stats, push));
-                    }
-                }
-                Err(_) => {
+            let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
+            handshaking.set(handshaking.get() - 1);
+            let Ok(Ok(conn)) = conn else {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let Some(key) = peer_key(&conn) else {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                conn.close(CLOSE_BUSY.into(), b"no identity");
+                return;
+            };
+            {
+                let mut open = open.borrow_mut();
+                let total: usize = open.values().sum();
+                let mine = open.entry(key).or_insert(0);
+                if total >= config.max_connections || *mine >= config.max_connections_per_identity {
                     stats.refused.fetch_add(1, Ordering::Relaxed);
+                    conn.close(CLOSE_BUSY.into(), b"too many connections");
+                    return;
+                }
+                *mine += 1;
+            }
+            stats.connections.fetch_add(1, Ordering::Relaxed);
+            while let Ok(recv) = conn.accept_uni().await {
+                let (stats, push) = (stats.clone(), push.clone());
+                tokio::task::spawn_local(read_stream(recv, config.max_frame_bytes, stats, push));
+            }
+            let mut open = open.borrow_mut();
+            if let Some(n) = open.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&key);
                 }
             }
-            open.set(open.get() - 1);
         });
     }
+}
+
+/// The Ed25519 key in the client's certificate.
+fn peer_key(conn: &quinn::Connection) -> Option<[u8; 32]> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    tls::ed25519_key_of(certs.first()?)
 }
 
 /// One stream: frames until it ends, is reset, or breaks the framing.
@@ -228,14 +296,19 @@ async fn read_stream(
     mut recv: quinn::RecvStream,
     max_frame: usize,
     stats: Arc<IngestStats>,
-    push: std::rc::Rc<dyn Fn(Vec<Opportunity>)>,
+    push: Rc<dyn Fn(Vec<Opportunity>)>,
 ) {
     let mut buf = BytesMut::with_capacity(16 << 10);
+    // When the bytes being decoded arrived (decoding and checks count in the
+    // decision latency, as on HTTP).
+    let mut arrived = Instant::now();
     loop {
         let mut batch = Vec::new();
-        let framing = drain_frames(&mut buf, max_frame, Instant::now(), &stats, &mut batch);
+        let framing = drain_frames(&mut buf, max_frame, arrived, &stats, &mut batch);
         if !batch.is_empty() {
             push(batch);
+            // Other streams, connections and HTTP's offers get the thread too.
+            tokio::task::yield_now().await;
         }
         if framing.is_err() {
             stats.malformed.fetch_add(1, Ordering::Relaxed);
@@ -243,7 +316,10 @@ async fn read_stream(
             return;
         }
         match recv.read_chunk(64 << 10, true).await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(Some(chunk)) => {
+                arrived = Instant::now();
+                buf.extend_from_slice(&chunk.bytes);
+            }
             Ok(None) => {
                 if !buf.is_empty() {
                     // The stream ended inside a frame.
@@ -349,7 +425,12 @@ pub fn opportunity(
     }
     Ok(Opportunity {
         module,
-        features: msg.features,
+        // HTTP's JSON cannot carry ±inf; neither does this path.
+        features: msg
+            .features
+            .into_iter()
+            .map(|f| if f.is_finite() { f } else { f32::NAN })
+            .collect(),
         ev: msg.ev.filter(|e| e.is_finite()),
         txs,
         received,

@@ -14,9 +14,12 @@
 //!   its blockhash expires (`isBlockhashValid`: false after true, or five times in
 //!   a row), the gating module stops sending, or `max_age_secs` (150 blocks) pass;
 //!   `N` sends it again at most N times; 0 never. One loop polls for every
-//!   transaction in flight: per round, one `getSignatureStatuses` per 256
-//!   signatures and one `isBlockhashValid` per distinct blockhash, so the node's
-//!   load grows with the blockhashes in use, not with the transactions;
+//!   transaction in flight, in rounds at a quarter of `rebroadcast_ms`: one
+//!   `getSignatureStatuses` per 256 signatures due, and one `isBlockhashValid` per
+//!   blockhash in use at most once per `rebroadcast_ms` (so "five in a row" is
+//!   five periods), up to 8 calls at once; the node's load grows with the
+//!   blockhashes in use, not with the transactions. A transaction whose resend
+//!   is still on its way is not resent again;
 //! - **`getSignatureStatuses`**: the node's answer, with the statuses the
 //!   rebroadcast loop saw confirmed filled in where the node has none (e.g. a
 //!   lagging node behind a load balancer).
@@ -159,6 +162,8 @@ struct Pending {
     meta: SendMeta,
     may_send: Arc<dyn Fn() -> bool + Send + Sync>,
     sent_again: usize,
+    /// A resend of it is still on its way (no second one is started meanwhile).
+    sending: Arc<std::sync::atomic::AtomicBool>,
     /// Rebroadcasting ends at this moment (`max_age_secs`).
     until: Instant,
     /// Next poll (each transaction waits `rebroadcast_ms` between polls).
@@ -177,13 +182,29 @@ struct Tracked {
 /// blockhash source; a durable nonce's "blockhash").
 const INVALID_IN_A_ROW: u32 = 5;
 
+/// What the node said of one blockhash.
+#[derive(Default)]
+struct Blockhash {
+    /// It was valid once.
+    was_valid: bool,
+    /// "Not valid" answers in a row.
+    invalid: u32,
+    /// When it was last asked (at most once per `rebroadcast_ms`).
+    polled: Option<Instant>,
+    /// It counts as expired.
+    expired: bool,
+}
+
+/// Node calls of one round at once at most.
+const ROUND_CONCURRENCY: usize = 8;
+
 /// The landing semantics, with a node.
 pub struct Landing {
     http: reqwest::Client,
     cfg: RpcNodeConfig,
     pending: Mutex<Tracked>,
-    /// What the node said of each blockhash in use: (was valid once, invalid in a row).
-    blockhashes: Mutex<HashMap<String, (bool, u32)>>,
+    /// What the node said of each blockhash in use.
+    blockhashes: Mutex<HashMap<String, Blockhash>>,
     seen: Mutex<(HashMap<String, Value>, VecDeque<String>)>,
     /// Counters.
     pub stats: LandingStats,
@@ -332,6 +353,7 @@ impl Landing {
                     meta,
                     may_send,
                     sent_again: 0,
+                    sending: Arc::default(),
                     until: now + Duration::from_secs(self.cfg.max_age_secs),
                     due: now + every,
                 },
@@ -346,6 +368,18 @@ impl Landing {
     /// Polls the node for every transaction due, in batches, and resends those
     /// still unseen; ends when nothing is left (the next `track` starts it again).
     async fn rebroadcast_loop(self: Arc<Self>) {
+        /// Marks the loop stopped if it ends abnormally (a panic, the runtime
+        /// shutting down), so the next `track` starts it again; disarmed on the
+        /// normal exit, which clears `running` under the lock itself.
+        struct Running<'a>(Option<&'a Mutex<Tracked>>);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                if let Some(m) = self.0 {
+                    m.lock().running = false;
+                }
+            }
+        }
+        let mut guard = Running(Some(&self.pending));
         let every = Duration::from_millis(self.cfg.rebroadcast_ms);
         // Rounds at a quarter of the period: each transaction is polled between
         // 1 and 1.25 periods after its previous poll.
@@ -356,7 +390,10 @@ impl Landing {
             let (due, hashes): (Vec<String>, HashSet<String>) = {
                 let mut p = self.pending.lock();
                 if p.txs.is_empty() {
+                    // Under the lock: a `track` after this starts a new loop.
                     p.running = false;
+                    guard.0 = None;
+                    drop(p);
                     self.blockhashes.lock().clear();
                     return;
                 }
@@ -381,26 +418,39 @@ impl Landing {
                 continue;
             }
             let statuses = self.poll_statuses(&due).await;
-            let valid = self.poll_blockhashes(hashes).await;
-            self.settle(due, &statuses, &valid, now + every);
+            let expired = self.poll_blockhashes(hashes, every).await;
+            self.settle(due, &statuses, &expired, now + every);
         }
     }
 
-    /// `getSignatureStatuses` for `sigs`, 256 at a time: each signature's status
-    /// (absent when the node did not answer, `Null` when it has none).
+    /// `getSignatureStatuses` for `sigs`, 256 at a time, a few calls at once: each
+    /// signature's status (absent when the node did not answer, `Null` when it has
+    /// none).
     async fn poll_statuses(&self, sigs: &[String]) -> HashMap<String, Value> {
+        use futures_util::stream::{self, StreamExt};
+        // Owned chunks: a future over borrowed ones is not `Send` for every
+        // lifetime, which `tokio::spawn` needs.
+        let chunks: Vec<Vec<String>> = sigs
+            .chunks(MAX_STATUS_SIGNATURES)
+            .map(<[String]>::to_vec)
+            .collect();
+        let answers: Vec<(Vec<String>, Option<Value>)> = stream::iter(chunks)
+            .map(|chunk| async move {
+                let v = self
+                    .call(
+                        "getSignatureStatuses",
+                        json!([chunk, {"searchTransactionHistory": false}]),
+                    )
+                    .await
+                    .ok();
+                (chunk, v)
+            })
+            .buffer_unordered(ROUND_CONCURRENCY)
+            .collect()
+            .await;
         let mut out = HashMap::with_capacity(sigs.len());
-        for chunk in sigs.chunks(MAX_STATUS_SIGNATURES) {
-            let Ok(v) = self
-                .call(
-                    "getSignatureStatuses",
-                    json!([chunk, {"searchTransactionHistory": false}]),
-                )
-                .await
-            else {
-                continue;
-            };
-            if let Some(values) = v["value"].as_array() {
+        for (chunk, v) in answers {
+            if let Some(values) = v.as_ref().and_then(|v| v["value"].as_array()) {
                 for (sig, st) in chunk.iter().zip(values) {
                     out.insert(sig.clone(), st.clone());
                 }
@@ -409,31 +459,54 @@ impl Landing {
         out
     }
 
-    /// `isBlockhashValid` once per blockhash; updates what is known of each and
-    /// returns the ones that count as expired now.
-    async fn poll_blockhashes(&self, hashes: HashSet<String>) -> HashSet<String> {
-        let mut expired = HashSet::new();
-        for h in hashes {
-            let Ok(v) = self
-                .call("isBlockhashValid", json!([h, {"commitment": "processed"}]))
-                .await
-            else {
-                continue;
-            };
-            let mut known = self.blockhashes.lock();
-            let (was_valid, invalid) = known.entry(h.clone()).or_insert((false, 0));
-            match v["value"] {
-                Value::Bool(true) => (*was_valid, *invalid) = (true, 0),
-                Value::Bool(false) => {
-                    *invalid += 1;
-                    if *was_valid || *invalid >= INVALID_IN_A_ROW {
-                        expired.insert(h);
+    /// `isBlockhashValid` for each blockhash not asked within `every`, a few at
+    /// once; returns the blockhashes that count as expired.
+    async fn poll_blockhashes(&self, hashes: HashSet<String>, every: Duration) -> HashSet<String> {
+        use futures_util::stream::{self, StreamExt};
+        let now = Instant::now();
+        let ask: Vec<String> = {
+            let known = self.blockhashes.lock();
+            hashes
+                .iter()
+                .filter(|h| {
+                    known
+                        .get(*h)
+                        .and_then(|b| b.polled)
+                        .is_none_or(|t| now.duration_since(t) >= every)
+                })
+                .cloned()
+                .collect()
+        };
+        let answers: Vec<(String, Option<Value>)> = stream::iter(ask)
+            .map(|h| async move {
+                let v = self
+                    .call("isBlockhashValid", json!([h, {"commitment": "processed"}]))
+                    .await
+                    .ok();
+                (h, v)
+            })
+            .buffer_unordered(ROUND_CONCURRENCY)
+            .collect()
+            .await;
+        let mut known = self.blockhashes.lock();
+        for (h, v) in answers {
+            let b = known.entry(h).or_default();
+            b.polled = Some(now);
+            match v.as_ref().map(|v| &v["value"]) {
+                Some(Value::Bool(true)) => (b.was_valid, b.invalid) = (true, 0),
+                Some(Value::Bool(false)) => {
+                    b.invalid += 1;
+                    if b.was_valid || b.invalid >= INVALID_IN_A_ROW {
+                        b.expired = true;
                     }
                 }
                 _ => {}
             }
         }
-        expired
+        hashes
+            .into_iter()
+            .filter(|h| known.get(h).is_some_and(|b| b.expired))
+            .collect()
     }
 
     /// Ends or resends each polled transaction, as its status, its blockhash, its
@@ -449,7 +522,12 @@ impl Landing {
             /// Rebroadcasting ends; the counter says why.
             End(&'a AtomicU64),
             Wait,
-            Resend(Arc<Sender>, Bytes, SendMeta),
+            Resend(
+                Arc<Sender>,
+                Bytes,
+                SendMeta,
+                Arc<std::sync::atomic::AtomicBool>,
+            ),
         }
         let now = Instant::now();
         let mut p = self.pending.lock();
@@ -476,9 +554,18 @@ impl Landing {
                 } else if !(t.may_send)() {
                     // The module's kill switch and stop hold for resends too.
                     Next::End(&self.stats.refused)
+                } else if t.sending.swap(true, Ordering::AcqRel) {
+                    // The previous resend has not finished (a stalled route): no
+                    // second one on top of it.
+                    Next::Wait
                 } else {
                     t.sent_again += 1;
-                    Next::Resend(t.sender.clone(), t.wire.clone(), t.meta.clone())
+                    Next::Resend(
+                        t.sender.clone(),
+                        t.wire.clone(),
+                        t.meta.clone(),
+                        t.sending.clone(),
+                    )
                 }
             };
             match next {
@@ -487,10 +574,11 @@ impl Landing {
                     p.txs.remove(&sig);
                     why.fetch_add(1, Ordering::Relaxed);
                 }
-                Next::Resend(sender, wire, meta) => {
+                Next::Resend(sender, wire, meta, sending) => {
                     self.stats.rebroadcasts.fetch_add(1, Ordering::Relaxed);
                     tokio::spawn(async move {
                         let _ = sender.send(wire, sig, &meta).await;
+                        sending.store(false, Ordering::Release);
                     });
                 }
             }

@@ -478,6 +478,8 @@ impl Ingest {
             }
             if let Some(ep) = endpoint {
                 ep.close(0u32.into(), b"shutdown");
+                // Let the CONNECTION_CLOSE frames go out before the runtime ends.
+                let _ = tokio::time::timeout(Duration::from_millis(200), ep.wait_idle()).await;
             }
         });
     }
