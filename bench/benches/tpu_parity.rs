@@ -2,6 +2,8 @@
 //! `solana-tpu-client-next` 3.1.14 (`tests/agave-tpu`'s `next-load`) send the same
 //! transactions to the same Agave TPU server (`solana-streamer` 3.1.14, a
 //! validator's limits), in interleaved rounds, with the same identity and stake.
+//! Both clients run as processes of their own with the same protocol: ours is this
+//! binary started again with `GW_PARITY_CHILD=ours`.
 //!
 //! Per round: delivered tx/s = transactions / (the server's last delivery − the
 //! first submit after warm-up), and the latency of each transaction from its
@@ -10,6 +12,7 @@
 //!
 //! Run with `bash bench/run.sh parity` (it builds both Agave binaries). Rounds:
 //! `GW_PARITY_ROUNDS` (default 3 each), staked round size `GW_PARITY_TXS` (50 000).
+//! Profiling aid: `GW_PARITY_PROFILE=1` runs only our client, in this process.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -99,7 +102,97 @@ async fn measure(agave: &AgaveTpu, before: usize, sent: &[Bytes], submits: &[u64
     }
 }
 
-async fn ours(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Round {
+/// Our client sends `sent` to `leader` the way `next-load` does (the first alone,
+/// 500 ms, then the rest); returns each one's submit time and the
+/// acknowledgements to wait for.
+async fn our_submits(
+    client: &TpuClient,
+    leader: &Leader,
+    sent: &[Bytes],
+) -> (Vec<u64>, Vec<gw_sidecar::sender::tpu::Delivery>) {
+    let mut submits = Vec::with_capacity(sent.len());
+    submits.push(now_ns());
+    client
+        .submit(leader, sent[0].clone())
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut acks = Vec::with_capacity(sent.len());
+    for w in &sent[1..] {
+        submits.push(now_ns());
+        loop {
+            match client.submit(leader, w.clone()) {
+                Ok(d) => break acks.push(d),
+                Err(TpuError::QueueFull(_)) => tokio::task::yield_now().await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    (submits, acks)
+}
+
+fn our_config() -> TpuConfig {
+    TpuConfig {
+        queue_per_leader: 1 << 16,
+        max_streams: std::env::var("GW_PARITY_STREAMS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(TpuConfig::default().max_streams),
+        ..TpuConfig::default()
+    }
+}
+
+/// `GW_PARITY_CHILD=ours`: this binary as a client process of its own, with
+/// `next-load`'s arguments and protocol, so both clients run alike.
+async fn child_main() {
+    let mut args = std::env::args().skip(1);
+    let (mut server, mut seed, mut pin, mut txf, mut subf) = (None, None, None, None, None);
+    while let Some(flag) = args.next() {
+        let v = args.next();
+        match flag.as_str() {
+            "--server" => server = v.and_then(|v| v.parse::<std::net::SocketAddr>().ok()),
+            "--identity-seed" => seed = v,
+            "--server-identity" => pin = v,
+            "--txs" => txf = v,
+            "--submits" => subf = v,
+            _ => {}
+        }
+    }
+    let seed: [u8; 32] = hex::decode(seed.unwrap()).unwrap().try_into().unwrap();
+    let pin: [u8; 32] = hex::decode(pin.unwrap()).unwrap().try_into().unwrap();
+    let data = std::fs::read(txf.unwrap()).unwrap();
+    let mut sent = Vec::new();
+    let mut rest = &data[..];
+    while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+        let n = u32::from_le_bytes(*len) as usize;
+        sent.push(Bytes::copy_from_slice(&tail[..n]));
+        rest = &tail[n..];
+    }
+    let client = TpuClient::new(our_config(), &SigningKey::from_bytes(&seed)).unwrap();
+    let leader = Leader {
+        tpu_quic: server.unwrap(),
+        identity: Some(pin),
+    };
+    let (submits, acks) = our_submits(&client, &leader, &sent).await;
+    let out: Vec<u8> = submits.iter().flat_map(|t| t.to_le_bytes()).collect();
+    std::fs::write(subf.unwrap(), out).unwrap();
+    println!("sent");
+    std::io::stdout().flush().unwrap();
+    for a in acks {
+        let _ = a.await;
+    }
+    tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    })
+    .await
+    .unwrap();
+}
+
+/// Our client in this process (with the benchmark's threads beside it).
+async fn ours_inproc(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Round {
     let before = agave.received().len();
     let config = TpuConfig {
         queue_per_leader: 1 << 16,
@@ -115,27 +208,7 @@ async fn ours(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Round {
         tpu_quic: agave.addr,
         identity: Some(agave.identity),
     };
-    let mut submits = Vec::with_capacity(sent.len());
-    // Warm-up, as next-load does: the first alone, then 500 ms.
-    submits.push(now_ns());
-    client
-        .submit(&leader, sent[0].clone())
-        .unwrap()
-        .await
-        .unwrap()
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut acks = Vec::with_capacity(sent.len());
-    for w in &sent[1..] {
-        submits.push(now_ns());
-        loop {
-            match client.submit(&leader, w.clone()) {
-                Ok(d) => break acks.push(d),
-                Err(TpuError::QueueFull(_)) => tokio::task::yield_now().await,
-                Err(e) => panic!("{e}"),
-            }
-        }
-    }
+    let (submits, acks) = our_submits(&client, &leader, sent).await;
     for a in acks {
         a.await.unwrap().unwrap();
     }
@@ -147,7 +220,36 @@ async fn ours(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Round {
     r
 }
 
+/// Our client as a process of its own (this binary, `GW_PARITY_CHILD=ours`).
+async fn ours(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Round {
+    let me = std::env::current_exe().unwrap();
+    let pin = hex::encode(agave.identity);
+    process_client(
+        agave,
+        key,
+        sent,
+        &me,
+        &[("GW_PARITY_CHILD", "ours")],
+        &["--server-identity", &pin],
+    )
+    .await
+}
+
+/// `solana-tpu-client-next` (`next-load`).
 async fn theirs(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Round {
+    let bin = testkit::agave_tpu::binary().with_file_name("next-load");
+    process_client(agave, key, sent, &bin, &[], &[]).await
+}
+
+/// Runs a client process with `next-load`'s protocol and measures its round.
+async fn process_client(
+    agave: &AgaveTpu,
+    key: &SigningKey,
+    sent: &[Bytes],
+    bin: &std::path::Path,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> Round {
     let before = agave.received().len();
     let dir = testkit::TempDir::new("parity");
     let (txf, subf) = (dir.path().join("txs.bin"), dir.path().join("submits.bin"));
@@ -157,8 +259,9 @@ async fn theirs(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Round {
         buf.extend_from_slice(t);
     }
     std::fs::write(&txf, buf).unwrap();
-    let bin = testkit::agave_tpu::binary().with_file_name("next-load");
-    let mut child = Command::new(&bin)
+    let mut child = Command::new(bin)
+        .envs(env.iter().copied())
+        .args(extra)
         .args(["--server", &agave.addr.to_string()])
         .args(["--identity-seed", &hex::encode(key.to_bytes())])
         .arg("--txs")
@@ -250,6 +353,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if std::env::var("GW_PARITY_CHILD").as_deref() == Ok("ours") {
+        rt.block_on(child_main());
+        return;
+    }
     let key = SigningKey::from_bytes(&[2u8; 32]);
     rt.block_on(async {
         if std::env::var_os("GW_PARITY_PROFILE").is_some() {
@@ -262,7 +369,7 @@ fn main() {
             let agave = AgaveTpu::start(&staked, &SigningKey::from_bytes(&[1u8; 32])).unwrap();
             let x = txs(0, staked_n, 200);
             for _ in 0..5 {
-                let r = ours(&agave, &key, &x).await;
+                let r = ours_inproc(&agave, &key, &x).await;
                 println!("ours {:.0} tx/s, cpu {:.1} µs/tx", r.rate, r.cpu_us);
             }
             return;
