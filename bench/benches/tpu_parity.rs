@@ -194,16 +194,8 @@ async fn child_main() {
 /// Our client in this process (with the benchmark's threads beside it).
 async fn ours_inproc(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Round {
     let before = agave.received().len();
-    let config = TpuConfig {
-        queue_per_leader: 1 << 16,
-        max_streams: std::env::var("GW_PARITY_STREAMS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(TpuConfig::default().max_streams),
-        ..TpuConfig::default()
-    };
     let cpu0 = cpu_us("self");
-    let client = TpuClient::new(config, key).unwrap();
+    let client = TpuClient::new(our_config(), key).unwrap();
     let leader = Leader {
         tpu_quic: agave.addr,
         identity: Some(agave.identity),

@@ -6,24 +6,20 @@
 //! whose per-IP budget is spent must not see a reconnect storm.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
-use gw_core::module_state::{ModuleState, RunState, Throttle};
-use gw_core::Module;
-use gw_sidecar::control::ModuleTable;
-use gw_sidecar::sender::landing::{Landing, RpcNodeConfig};
-use gw_sidecar::sender::leaders::{LeaderSource, StaticLeaders};
-use gw_sidecar::sender::rpc::{self, RpcContext};
+use gw_sidecar::sender::rpc;
 use gw_sidecar::sender::tpu::{Leader, TpuClient, TpuConfig, TpuError, CLOSE_REASONS};
-use gw_sidecar::sender::{txwire, Sender, SenderConfig};
+use gw_sidecar::sender::txwire;
 use serde_json::json;
 use testkit::agave_tpu::{AgaveConfig, AgaveTpu};
 use testkit::rpc_node::RpcNode;
 use testkit::udp_delay::DelayProxy;
+
+mod common;
 
 /// One test at a time: each runs its own Agave server, and the staked test's
 /// 20 000 transactions would squeeze the hygiene test's timing on 2 cores.
@@ -194,39 +190,15 @@ fn json_rpc_send_transaction_reaches_agave_byte_identical_with_its_retries() {
     let node = RpcNode::start(2000);
     rt().block_on(async {
         let agave = AgaveTpu::start(&AgaveConfig::default(), &key(1)).unwrap();
-        let cfg: SenderConfig = serde_json::from_value(json!({
-            "tpu": {}, "leaders": {"static": []}, "route_policy": "tpu_first",
-        }))
-        .unwrap();
-        let leaders: Arc<dyn LeaderSource> = Arc::new(StaticLeaders::from_leaders(vec![Leader {
-            tpu_quic: agave.addr,
-            identity: Some(agave.identity),
-        }]));
-        let sender = Sender::new(&cfg, &key(2), Some(leaders), None).unwrap();
-        let landing = Landing::new(
-            serde_json::from_value::<RpcNodeConfig>(json!({
-                "url": node.url, "timeout_ms": 1000, "rebroadcast_ms": 100, "max_age_secs": 30,
-            }))
-            .unwrap(),
-        )
-        .unwrap();
-        let modules = ModuleTable::new();
-        modules.set(
-            Module::Arbitrage,
-            ModuleState {
-                state: RunState::Running,
-                ..ModuleState::default()
+        let rig = common::rpc::RpcRig::new(
+            Leader {
+                tpu_quic: agave.addr,
+                identity: Some(agave.identity),
             },
+            &node.url,
+            100,
         );
-        let throttle = parking_lot::Mutex::new(Throttle::default());
-        let ctx = RpcContext {
-            sender: &sender,
-            landing: Some(&landing),
-            modules: &modules,
-            module: Module::Arbitrage,
-            allow_stopped: false,
-            throttle: &throttle,
-        };
+        let ctx = rig.ctx();
 
         // 50 transactions, one copy each (maxRetries 0), after a passing preflight.
         let mut sent = Vec::new();

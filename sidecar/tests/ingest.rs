@@ -4,7 +4,6 @@
 //! opportunities are counted and skipped; module state still gates every send.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
@@ -13,12 +12,13 @@ use gw_core::Module;
 use gw_proto::hotpath;
 use gw_sidecar::control::ModuleTable;
 use gw_sidecar::sender::ingest::{self, STOP_MALFORMED};
-use gw_sidecar::sender::leaders::{LeaderSource, StaticLeaders};
 use gw_sidecar::sender::strategy::{HotPath, Opportunity, SignedTx, Skip, StrategyConfig};
 use gw_sidecar::sender::tpu::Leader;
 use gw_sidecar::sender::{txwire, Sender, SenderConfig};
 use serde_json::json;
 use testkit::tpu_receiver::{ReceiverConfig, TpuReceiver};
+
+mod common;
 
 fn key(b: u8) -> SigningKey {
     SigningKey::from_bytes(&[b; 32])
@@ -54,15 +54,10 @@ fn rig(ingest: serde_json::Value) -> Rig {
         .unwrap();
     let _g = rt.enter();
     let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
-    let cfg: SenderConfig = serde_json::from_value(json!({
-        "tpu": {}, "leaders": {"static": []}, "route_policy": "tpu_first",
-    }))
-    .unwrap();
-    let leaders: Arc<dyn LeaderSource> = Arc::new(StaticLeaders::from_leaders(vec![Leader {
+    let sender = common::rpc::tpu_first_sender(Leader {
         tpu_quic: rx.addr,
         identity: Some(rx.identity),
-    }]));
-    let sender = Sender::new(&cfg, &key(2), Some(leaders), None).unwrap();
+    });
     let modules = ModuleTable::new();
     modules.set(
         Module::Mev,
@@ -220,7 +215,11 @@ fn strangers_are_refused_at_the_handshake_and_the_server_can_be_pinned() {
         match ingest::connect(addr, &key(31), server_key()).await {
             Err(_) => {}
             Ok(c) => {
-                let _ = write_stream(&c, &ingest::frame(&opp(666))).await;
+                // The close may already be there: then the stream cannot open.
+                if let Ok(mut st) = c.open_uni().await {
+                    let _ = st.write_all(&ingest::frame(&opp(666))).await;
+                    let _ = st.finish();
+                }
                 let why = tokio::time::timeout(Duration::from_secs(5), c.closed())
                     .await
                     .expect("the server kept a stranger's connection");

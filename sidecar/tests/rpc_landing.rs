@@ -6,22 +6,20 @@
 //! and `getSignatureStatuses` from the node plus what the gateway saw; many
 //! transactions in flight polled in batches, not one call each.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
 use ed25519_dalek::SigningKey;
-use gw_core::module_state::{ModuleState, RunState, Throttle};
+use gw_core::module_state::{ModuleState, RunState};
 use gw_core::Module;
-use gw_sidecar::control::ModuleTable;
-use gw_sidecar::sender::landing::{Landing, RpcNodeConfig};
-use gw_sidecar::sender::leaders::{LeaderSource, StaticLeaders};
-use gw_sidecar::sender::rpc::{self, RpcContext};
+use gw_sidecar::sender::rpc;
 use gw_sidecar::sender::tpu::Leader;
-use gw_sidecar::sender::{txwire, Sender, SenderConfig};
+use gw_sidecar::sender::txwire;
 use serde_json::{json, Value};
 use testkit::rpc_node::RpcNode;
 use testkit::tpu_receiver::{ReceiverConfig, TpuReceiver};
+
+mod common;
 
 fn key(b: u8) -> SigningKey {
     SigningKey::from_bytes(&[b; 32])
@@ -60,39 +58,16 @@ fn send_transaction_has_a_solana_nodes_landing_semantics() {
     let node = RpcNode::start(1010);
     rt.block_on(async {
         let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
-        let cfg: SenderConfig = serde_json::from_value(json!({
-            "tpu": {}, "leaders": {"static": []}, "route_policy": "tpu_first",
-        }))
-        .unwrap();
-        let leaders: Arc<dyn LeaderSource> = Arc::new(StaticLeaders::from_leaders(vec![Leader {
-            tpu_quic: rx.addr,
-            identity: Some(rx.identity),
-        }]));
-        let sender = Sender::new(&cfg, &key(2), Some(leaders), None).unwrap();
-        let landing = Landing::new(
-            serde_json::from_value::<RpcNodeConfig>(json!({
-                "url": node.url, "timeout_ms": 1000, "rebroadcast_ms": 100, "max_age_secs": 30,
-            }))
-            .unwrap(),
-        )
-        .unwrap();
-        let modules = ModuleTable::new();
-        modules.set(
-            Module::Arbitrage,
-            ModuleState {
-                state: RunState::Running,
-                ..ModuleState::default()
+        let rig = common::rpc::RpcRig::new(
+            Leader {
+                tpu_quic: rx.addr,
+                identity: Some(rx.identity),
             },
+            &node.url,
+            100,
         );
-        let throttle = parking_lot::Mutex::new(Throttle::default());
-        let ctx = RpcContext {
-            sender: &sender,
-            landing: Some(&landing),
-            modules: &modules,
-            module: Module::Arbitrage,
-            allow_stopped: false,
-            throttle: &throttle,
-        };
+        let (landing, modules) = (&rig.landing, &rig.modules);
+        let ctx = rig.ctx();
         let call = |body: Vec<u8>| {
             let ctx = &ctx;
             async move { rpc::handle(ctx, &body).await }
@@ -261,39 +236,16 @@ fn many_transactions_in_flight_are_polled_in_batches() {
     let node = RpcNode::start(1010);
     rt.block_on(async {
         let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
-        let cfg: SenderConfig = serde_json::from_value(json!({
-            "tpu": {}, "leaders": {"static": []}, "route_policy": "tpu_first",
-        }))
-        .unwrap();
-        let leaders: Arc<dyn LeaderSource> = Arc::new(StaticLeaders::from_leaders(vec![Leader {
-            tpu_quic: rx.addr,
-            identity: Some(rx.identity),
-        }]));
-        let sender = Sender::new(&cfg, &key(2), Some(leaders), None).unwrap();
-        let landing = Landing::new(
-            serde_json::from_value::<RpcNodeConfig>(json!({
-                "url": node.url, "timeout_ms": 1000, "rebroadcast_ms": 200, "max_age_secs": 30,
-            }))
-            .unwrap(),
-        )
-        .unwrap();
-        let modules = ModuleTable::new();
-        modules.set(
-            Module::Arbitrage,
-            ModuleState {
-                state: RunState::Running,
-                ..ModuleState::default()
+        let rig = common::rpc::RpcRig::new(
+            Leader {
+                tpu_quic: rx.addr,
+                identity: Some(rx.identity),
             },
+            &node.url,
+            200,
         );
-        let throttle = parking_lot::Mutex::new(Throttle::default());
-        let ctx = RpcContext {
-            sender: &sender,
-            landing: Some(&landing),
-            modules: &modules,
-            module: Module::Arbitrage,
-            allow_stopped: false,
-            throttle: &throttle,
-        };
+        let landing = &rig.landing;
+        let ctx = rig.ctx();
         // 300 transactions on 3 blockhashes, in flight together, each to be sent
         // twice (maxRetries 1).
         let mut wires = Vec::new();

@@ -137,19 +137,11 @@ impl AgaveTpu {
     /// as its batch reached the consumer), in delivery order.
     pub fn deliveries(&self) -> Vec<(u64, Vec<u8>)> {
         let data = std::fs::read(&self.out).unwrap_or_default();
-        let mut out = Vec::new();
-        let mut rest = &data[..];
-        while let Some((head, tail)) = rest.split_first_chunk::<12>() {
-            let n = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-            let mut at = [0u8; 8];
-            at.copy_from_slice(&head[4..]);
-            let Some(tx) = tail.get(..n) else {
-                break; // a record still being written
-            };
-            out.push((u64::from_le_bytes(at), tx.to_vec()));
-            rest = &tail[n..];
-        }
-        out
+        records(&data)
+            .0
+            .into_iter()
+            .map(|(at, tx)| (at, tx.to_vec()))
+            .collect()
     }
 
     /// Transactions delivered so far. Reads only what was added since the last
@@ -166,15 +158,8 @@ impl AgaveTpu {
                 return count;
             }
         }
-        let (mut used, mut n) = (0usize, count);
-        while let Some(head) = data.get(used..used + 12) {
-            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-            if data.len() < used + 12 + len {
-                break;
-            }
-            used += 12 + len;
-            n += 1;
-        }
+        let (recs, used) = records(&data);
+        let n = count + recs.len();
         *cursor = (offset + used as u64, n);
         n
     }
@@ -198,4 +183,19 @@ impl Drop for AgaveTpu {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The complete records of the server's output (`u32` length, `u64` time, bytes),
+/// and the bytes they take (a record still being written is left for later).
+fn records(data: &[u8]) -> (Vec<(u64, &[u8])>, usize) {
+    let (mut out, mut rest) = (Vec::new(), data);
+    while let Some((head, tail)) = rest.split_first_chunk::<12>() {
+        let n = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let Some(tx) = tail.get(..n) else { break };
+        let mut at = [0u8; 8];
+        at.copy_from_slice(&head[4..]);
+        out.push((u64::from_le_bytes(at), tx));
+        rest = &tail[n..];
+    }
+    (out, data.len() - rest.len())
 }

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod rpc;
+
 use std::path::Path;
 
 use gw_core::ledger::LedgerRow;
