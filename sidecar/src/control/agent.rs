@@ -11,9 +11,13 @@
 //! nonce and (embedded bus) the consumed offset durable in one journal transaction,
 //! then announces the outcome to the waiting request and commits the offset. Its
 //! state is rebuilt from the journal at start; a snapshot now and then lets the
-//! journal drop older records.
+//! journal drop older records. On the Kafka bus the module's state is kept in Kafka
+//! ([`super::kafka_state`]): each decision is first written there as the module's
+//! checkpoint, and an agent that is assigned the module's partition (at start, or
+//! taking it over from another node) continues from the latest checkpoint.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use gw_core::ledger::{Decision, Stage};
@@ -22,7 +26,8 @@ use gw_core::replay::{Limits, NonceBook, Refused};
 use gw_core::{Code, Command, ControlPolicy, Module, Reject, VerifiedCommand};
 use tokio::sync::broadcast;
 
-use super::bus::{BusConsumer, Delivery};
+use super::bus::{BusConsumer, BusError, Delivery, Position};
+use super::kafka_state::{Checkpoint, KafkaState, LastDecision, StoredNonce, RECENT};
 use super::modules::ModuleTable;
 use crate::journal::txn::{AgentEntry, AppliedNonce, SnapshotEntry};
 use crate::journal::{self, Journal, JournalError, Lsn, Txn};
@@ -38,8 +43,10 @@ pub struct Ack {
     pub nonce: u64,
     /// The module state after applying, or why it was not applied.
     pub outcome: Result<ModuleState, Reject>,
-    /// The seq of the agent's row (0 when not audited).
+    /// The seq of the agent's row (0 when not audited, or unknown: another node).
     pub seq: u64,
+    /// The chain (node) that applied it, when not this one.
+    pub applied_by: Option<String>,
 }
 
 /// What [`Agent::handle`] did.
@@ -53,6 +60,9 @@ pub enum Handled {
     Duplicate,
     /// Refused (audited); the delivery is done.
     Rejected(Code),
+    /// Kafka: handled before, by this node or another (the module's checkpoint in
+    /// Kafka is past it); nothing to do.
+    Seen,
 }
 
 impl Handled {
@@ -63,6 +73,7 @@ impl Handled {
             Handled::Applied => "applied",
             Handled::Duplicate => "duplicate",
             Handled::Rejected(_) => "rejected",
+            Handled::Seen => "seen",
         }
     }
 }
@@ -180,8 +191,14 @@ impl AgentCore {
 
 /// A delivery not done yet: the offset must not be committed; try again later.
 #[derive(Debug, thiserror::Error)]
-#[error("agent: {0}")]
-pub struct RetryLater(#[from] JournalError);
+pub enum RetryLater {
+    /// The journal could not be written.
+    #[error("agent: {0}")]
+    Journal(#[from] JournalError),
+    /// The module's checkpoint could not be written to Kafka.
+    #[error("agent checkpoint: {0}")]
+    Kafka(#[from] BusError),
+}
 
 /// Everything agents share.
 #[derive(Clone)]
@@ -204,6 +221,21 @@ pub struct AgentEnv {
     pub acks: broadcast::Sender<Ack>,
     /// Outcome counters.
     pub metrics: ControlMetrics,
+    /// Kafka bus: where module state is kept for every node.
+    pub kafka_state: Option<Arc<KafkaState>>,
+    /// This node's chain id.
+    pub chain: String,
+}
+
+/// The Kafka side of an agent.
+struct KafkaSide {
+    store: Arc<KafkaState>,
+    /// The module's checkpoint as of the last delivery this agent handled or loaded.
+    checkpoint: Checkpoint,
+    /// Keys of nonce records by expiry (tombstoned once expired).
+    written: BTreeMap<u64, Vec<String>>,
+    /// The last position this node's journal has an agent entry of.
+    journalled: Option<Position>,
 }
 
 /// One module's agent: the core and its effects.
@@ -216,6 +248,23 @@ pub struct Agent {
     state_lsn: Option<Lsn>,
     /// Records holding applied nonces still remembered, and until when.
     applied_lsns: BTreeMap<Lsn, u64>,
+    /// Kafka bus only.
+    kafka: Option<KafkaSide>,
+}
+
+/// Writes a nonce record, waiting for the broker (after a checkpoint that lists
+/// it: a lost record is written again by the next owner anyway).
+async fn put_nonce(store: &KafkaState, m: Module, n: &StoredNonce) {
+    for attempt in 0u32.. {
+        match store.put_nonce(m, n).await {
+            Ok(()) => return,
+            Err(e) if attempt == 0 => {
+                tracing::warn!(error = %e, "nonce record not written yet (retrying)");
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// The journal hold of a module's agent.
@@ -236,6 +285,7 @@ impl Agent {
         let mut next_offset = None;
         let mut state_lsn = None;
         let mut applied_lsns = BTreeMap::new();
+        let mut journalled: Option<Position> = None;
         for (lsn, t) in records {
             for e in &t.entries {
                 match e {
@@ -249,6 +299,7 @@ impl Agent {
                         }
                         state_lsn = Some(*lsn);
                         next_offset = s.next_offset.or(next_offset);
+                        journalled = journalled.max(s.kafka);
                     }
                     journal::Entry::Agent(a) if a.module == module => {
                         if let Some(st) = &a.state {
@@ -263,6 +314,7 @@ impl Agent {
                         if let Some(o) = a.offset {
                             next_offset = Some(o + 1);
                         }
+                        journalled = journalled.max(a.kafka);
                     }
                     _ => {}
                 }
@@ -275,6 +327,12 @@ impl Agent {
             next_offset,
             state_lsn,
             applied_lsns,
+            kafka: env.kafka_state.clone().map(|store| KafkaSide {
+                store,
+                checkpoint: Checkpoint::default(),
+                written: BTreeMap::new(),
+                journalled,
+            }),
         };
         agent.release(now);
         agent
@@ -314,13 +372,28 @@ impl Agent {
         let mut entries: Vec<journal::Entry> = row.into_iter().collect();
         entries.push(journal::Entry::Agent(AgentEntry {
             module: self.core.module,
+            kafka: self.kafka.is_some().then_some(d.position),
             offset,
             state,
             applied,
         }));
-        let c = self.env.journal.commit(Txn::of(entries)).await?;
+        let c = loop {
+            match self.env.journal.commit(Txn::of(entries.clone())).await {
+                Ok(c) => break c,
+                // Kafka: the checkpoint already says this delivery was handled (it
+                // will not come again): the row must be written, so wait for the disk.
+                Err(e) if self.kafka.is_some() => {
+                    tracing::warn!(module = self.core.module.as_str(), error = %e, "agent row not written yet (retrying)");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         if let Some(o) = offset {
             self.next_offset = Some(o + 1);
+        }
+        if let Some(k) = &mut self.kafka {
+            k.journalled = k.journalled.max(Some(d.position));
         }
         Ok(c)
     }
@@ -328,9 +401,19 @@ impl Agent {
     /// Handles one delivery. `Err` means "not done, retry later" (the journal could
     /// not be written); the offset must not be committed.
     pub async fn handle(&mut self, d: &Delivery, now: u64) -> Result<Handled, RetryLater> {
+        if self.kafka.as_ref().is_some_and(|k| {
+            k.checkpoint
+                .next
+                .get(&d.position.partition)
+                .is_some_and(|next| d.position.offset < *next)
+        }) {
+            return Ok(Handled::Seen);
+        }
         match self.core.decide(d, now) {
             Step::NotMine => Ok(Handled::NotMine),
             Step::Refuse(r) => {
+                self.checkpoint(d, "rejected", Some(r.code), None, None)
+                    .await?;
                 let row = self.row(Decision::Rejected, Some(r.code), d, None);
                 let c = self.commit(row, d, None, None).await?;
                 let code = r.code;
@@ -338,12 +421,37 @@ impl Agent {
                 Ok(Handled::Rejected(code))
             }
             Step::Duplicate(c) => {
+                self.checkpoint(d, "duplicate", Some(Code::Replay), None, None)
+                    .await?;
                 let row = self.row(Decision::Duplicate, Some(Code::Replay), d, Some(&c));
-                self.commit(row, d, None, None).await?;
+                // Known applied (the replay guard learns it): a request waiting on
+                // this copy is told it was applied, earlier.
+                let seq = self
+                    .core
+                    .applied
+                    .get(&c.issuer, c.nonce, now)
+                    .map_or(0, |s| s.value);
+                let known = AppliedNonce {
+                    issuer: c.issuer.clone(),
+                    nonce: c.nonce,
+                    expires: self.applied_expiry(&c.issuer, c.nonce, now),
+                    seq,
+                };
+                self.commit(row, d, None, Some(known)).await?;
+                let state = self.core.state().clone();
+                self.announce(c.issuer, c.nonce, Ok(state), seq);
                 Ok(Handled::Duplicate)
             }
             Step::Apply(a) => {
                 let c = &a.verified.command;
+                let stored = StoredNonce {
+                    issuer: c.issuer.clone(),
+                    nonce: c.nonce,
+                    expires: a.expires,
+                    chain: self.env.chain.clone(),
+                };
+                self.checkpoint(d, "applied", None, Some(a.state.clone()), Some(stored))
+                    .await?;
                 let row = self.row(Decision::Applied, None, d, Some(c));
                 let nonce = AppliedNonce {
                     issuer: c.issuer.clone(),
@@ -365,6 +473,164 @@ impl Agent {
                 self.announce(issuer, n, Ok(state), seq);
                 Ok(Handled::Applied)
             }
+        }
+    }
+
+    /// Kafka bus: makes the decision on `d` the module's checkpoint in Kafka (the
+    /// commit point: the next owner of the module resumes after it), then writes
+    /// the applied nonce's own record. Nothing with the embedded bus.
+    async fn checkpoint(
+        &mut self,
+        d: &Delivery,
+        outcome: &str,
+        code: Option<Code>,
+        state: Option<ModuleState>,
+        nonce: Option<StoredNonce>,
+    ) -> Result<(), RetryLater> {
+        let module = self.core.module;
+        let chain = self.env.chain.clone();
+        let Some(k) = self.kafka.as_mut() else {
+            return Ok(());
+        };
+        let mut cp = k.checkpoint.clone();
+        if let Some(s) = state {
+            cp.state = s;
+        }
+        cp.next.insert(d.position.partition, d.position.offset + 1);
+        if let Some(n) = &nonce {
+            cp.recent.push_back(n.clone());
+            while cp.recent.len() > RECENT {
+                cp.recent.pop_front();
+            }
+        }
+        cp.last.insert(
+            chain.clone(),
+            LastDecision {
+                position: d.position,
+                outcome: outcome.to_owned(),
+                code: code.map(|c| c.as_str().to_owned()),
+                payload: d.payload.clone(),
+                requester: d.requester.clone(),
+            },
+        );
+        cp.writer = chain;
+        k.store.save(module, &cp).await?;
+        k.checkpoint = cp;
+        if let Some(n) = nonce {
+            put_nonce(&k.store, module, &n).await;
+            k.written.entry(n.expires).or_default().push(n.key());
+        }
+        Ok(())
+    }
+
+    /// Kafka bus: takes the module's state from Kafka (at start and whenever the
+    /// consumer is assigned partitions): the checkpoint, the applied nonces (writing
+    /// again the record a crash may have lost), and this node's ledger row of its
+    /// last decision when the journal does not have it. Waits for the broker.
+    async fn reload(&mut self) {
+        let module = self.core.module;
+        let Some(store) = self.kafka.as_ref().map(|k| k.store.clone()) else {
+            return;
+        };
+        let mut logged = false;
+        let loaded = loop {
+            match store.load(module, crate::now_secs()).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    if !logged {
+                        tracing::warn!(module = module.as_str(), error = %e, "agent state not loaded from Kafka yet (retrying)");
+                        logged = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        };
+        let now = crate::now_secs();
+        for n in &loaded.missing {
+            put_nonce(&store, module, n).await;
+        }
+        if let Err(e) = store.forget(module, &loaded.expired).await {
+            tracing::debug!(error = %e, "expired nonce records not tombstoned");
+        }
+        let Some(cp) = loaded.checkpoint else {
+            // Nothing in Kafka yet: the first checkpoint starts from this node's state.
+            if let Some(k) = self.kafka.as_mut() {
+                k.checkpoint.state = self.core.state().clone();
+            }
+            return;
+        };
+        if let Some(last) = cp.last.get(&self.env.chain) {
+            let journalled = self.kafka.as_ref().and_then(|k| k.journalled);
+            if journalled.is_none_or(|j| j < last.position) {
+                self.write_row_again(last, now).await;
+            }
+        }
+        let mut book = NonceBook::new(self.env.limits);
+        let mut written: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        for n in &loaded.nonces {
+            let _ = book.insert(&n.issuer, n.nonce, n.expires, 0, now);
+            written.entry(n.expires).or_default().push(n.key());
+        }
+        self.core = AgentCore::new(
+            module,
+            self.env.policy.clone(),
+            cp.state.clone(),
+            book,
+            self.env.dedup_secs,
+        );
+        self.env.modules.set(module, cp.state.clone());
+        tracing::info!(module = module.as_str(), next = ?cp.next, nonces = loaded.nonces.len(), "agent state loaded from Kafka");
+        if let Some(k) = self.kafka.as_mut() {
+            k.checkpoint = cp;
+            k.written = written;
+        }
+    }
+
+    /// Writes this node's ledger row of a decision the checkpoint has and the
+    /// journal lost (a crash between the two).
+    async fn write_row_again(&mut self, last: &LastDecision, now: u64) {
+        let d = Delivery {
+            key: self.core.module.as_str().as_bytes().to_vec(),
+            payload: last.payload.clone(),
+            requester: last.requester.clone(),
+            position: last.position,
+        };
+        let command = <Command as prost::Message>::decode(d.payload.as_slice()).ok();
+        let code = last
+            .code
+            .as_deref()
+            .and_then(|c| Code::ALL.iter().copied().find(|k| k.as_str() == c));
+        let (decision, applied) = match last.outcome.as_str() {
+            "applied" => (
+                Decision::Applied,
+                command.as_ref().map(|c| AppliedNonce {
+                    issuer: c.issuer.clone(),
+                    nonce: c.nonce,
+                    expires: now + self.env.dedup_secs,
+                    seq: 0,
+                }),
+            ),
+            "duplicate" => (Decision::Duplicate, None),
+            _ => (Decision::Rejected, None),
+        };
+        let row = self.row(decision, code, &d, command.as_ref());
+        tracing::warn!(module = self.core.module.as_str(), position = ?last.position, outcome = %last.outcome, "writing the ledger row a crash lost");
+        if let Err(e) = self.commit(row, &d, None, applied).await {
+            tracing::warn!(error = %e, "ledger row not written again");
+        }
+    }
+
+    /// Kafka bus: tombstones the records of nonces no longer remembered.
+    async fn forget_expired(&mut self, now: u64) {
+        let module = self.core.module;
+        let Some(k) = self.kafka.as_mut() else { return };
+        let keep = k.written.split_off(&now);
+        let expired: Vec<String> = std::mem::replace(&mut k.written, keep)
+            .into_values()
+            .flatten()
+            .collect();
+        if let Err(e) = k.store.forget(module, &expired).await {
+            tracing::debug!(error = %e, "expired nonce records not tombstoned");
         }
     }
 
@@ -405,6 +671,7 @@ impl Agent {
         let max_exp = applied.iter().map(|n| n.expires).max();
         let snap = SnapshotEntry {
             module: self.core.module,
+            kafka: self.kafka.as_ref().and_then(|k| k.journalled),
             next_offset: self.next_offset,
             state: self.core.state().clone(),
             applied,
@@ -436,6 +703,7 @@ impl Agent {
             nonce,
             outcome,
             seq,
+            applied_by: None,
         });
     }
 
@@ -460,14 +728,23 @@ impl Agent {
         };
         let pause = Duration::from_millis(250);
         let mut maintenance = tokio::time::interval(Duration::from_secs(30));
+        self.reload().await;
         loop {
             let d = tokio::select! {
                 d = consumer.next() => d,
                 _ = maintenance.tick() => {
                     self.snapshot_if_needed(crate::now_secs()).await;
+                    self.forget_expired(crate::now_secs()).await;
                     continue;
                 }
             };
+            if let Ok(d) = &d {
+                tracing::debug!(position = ?d.position, "delivery");
+            }
+            if consumer.take_assigned() {
+                tracing::debug!("partitions assigned: loading the module's state");
+                self.reload().await;
+            }
             let d = match d {
                 Ok(d) => d,
                 Err(e) => {

@@ -14,20 +14,25 @@
 //! - [`Bus::kafka`]: `rdkafka`, idempotent producer with `acks=all`; the topic is
 //!   created when missing. Journalled commands are forwarded to the topic in order
 //!   (an outbox, [`Forwarder`]); one not yet forwarded at a crash is forwarded after
-//!   the restart.
+//!   the restart. The agents keep module state in Kafka too
+//!   ([`super::kafka_state`]), so any node's agent can take a module over.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gw_core::contract::Requester;
 use gw_core::Module;
 
+use super::kafka_state::KafkaState;
 use crate::journal::txn::PublishEntry;
 use crate::journal::{self, Journal, Lsn, Sink, Txn};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -60,6 +65,17 @@ pub struct KafkaConfig {
     /// Consumer group session timeout (tansu wants ≥ 6000 with several members).
     #[serde(default = "default_session_timeout")]
     pub session_timeout_ms: u64,
+    /// Records per produce batch (`batch.num.messages`). 1 by default: a consumer
+    /// then resumes at any committed offset even on a broker that serves fetches
+    /// only from a batch's first offset (tansu 0.6.0 returns nothing for an offset
+    /// inside a batch, then the next batch: the rest of the batch is skipped).
+    /// Apache Kafka serves the whole batch; raise it there for throughput.
+    #[serde(default = "default_batch_messages")]
+    pub batch_messages: u32,
+    /// librdkafka debug contexts for every client (e.g. `cgrp,fetch`), logged at
+    /// debug level under `librdkafka`.
+    #[serde(default)]
+    pub debug: Option<String>,
 }
 
 fn default_topic() -> String {
@@ -73,6 +89,9 @@ fn default_replication() -> i32 {
 }
 fn default_message_timeout() -> u64 {
     5000
+}
+fn default_batch_messages() -> u32 {
+    1
 }
 fn default_session_timeout() -> u64 {
     6000
@@ -88,7 +107,30 @@ impl KafkaConfig {
             replication: default_replication(),
             message_timeout_ms: default_message_timeout(),
             session_timeout_ms: default_session_timeout(),
+            batch_messages: default_batch_messages(),
+            debug: None,
         }
+    }
+
+    /// An idempotent producer's configuration (`acks=all`, no linger).
+    pub fn producer(&self) -> ClientConfig {
+        let mut c = self.client();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "0")
+            .set("batch.num.messages", self.batch_messages.max(1).to_string())
+            .set("message.timeout.ms", self.message_timeout_ms.to_string());
+        c
+    }
+
+    /// A client configuration for the brokers (with `debug` when set).
+    pub fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        if let Some(d) = &self.debug {
+            c.set("debug", d);
+        }
+        c
     }
 }
 
@@ -106,6 +148,9 @@ pub enum BusError {
         /// The broker's answer.
         code: RDKafkaErrorCode,
     },
+    /// A record could not be encoded or read (agent state).
+    #[error("kafka: {0}")]
+    Encode(String),
     /// The idempotent producer failed fatally (a fresh one serves the next request).
     #[error("kafka producer failed ({code}): {reason}")]
     ProducerFailed {
@@ -116,14 +161,7 @@ pub enum BusError {
     },
 }
 
-/// Where a published command landed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Position {
-    /// Partition.
-    pub partition: i32,
-    /// Offset in the partition.
-    pub offset: i64,
-}
+pub use crate::journal::txn::Position;
 
 /// One command read by a module's consumer.
 #[derive(Debug, Clone)]
@@ -231,6 +269,7 @@ impl Bus {
             }
         }
         Ok(Bus::Kafka(Arc::new(KafkaBus {
+            state: Arc::new(KafkaState::new(&cfg)?),
             cfg,
             producer,
             outbox: Arc::new(outbox),
@@ -266,11 +305,23 @@ impl Bus {
         }
     }
 
-    /// Makes the bus ready (creates the Kafka topic if missing). Idempotent.
+    /// Makes the bus ready (creates the Kafka topics if missing). Idempotent.
     pub async fn prepare(&self) -> Result<(), BusError> {
         match self {
             Bus::InProcess(_) => Ok(()),
-            Bus::Kafka(k) => k.create_topic().await,
+            Bus::Kafka(k) => {
+                k.create_topic().await?;
+                k.state.prepare().await
+            }
+        }
+    }
+
+    /// Where agents keep module state (Kafka; the embedded bus keeps it in the
+    /// journal).
+    pub fn agent_state(&self) -> Option<Arc<KafkaState>> {
+        match self {
+            Bus::InProcess(_) => None,
+            Bus::Kafka(k) => Some(k.state.clone()),
         }
     }
 
@@ -285,23 +336,45 @@ impl Bus {
                 module,
             }),
             Bus::Kafka(k) => {
-                let c: StreamConsumer = ClientConfig::new()
-                    .set("bootstrap.servers", &k.cfg.brokers)
+                let assigned = Arc::new(AtomicBool::new(false));
+                let c: StreamConsumer<AssignWatch> = k
+                    .cfg
+                    .client()
                     .set("group.id", &group)
                     .set("enable.auto.commit", "false")
                     .set("enable.auto.offset.store", "false")
                     .set("auto.offset.reset", "earliest")
                     .set("session.timeout.ms", k.cfg.session_timeout_ms.to_string())
-                    .create()?;
+                    .create_with_context(AssignWatch(assigned.clone()))?;
                 c.subscribe(&[&k.cfg.topic])?;
                 Ok(BusConsumer::Kafka {
                     consumer: CloseOffRuntime(Some(Arc::new(c))),
                     topic: k.cfg.topic.clone(),
+                    assigned,
                 })
             }
         }
     }
 }
+
+/// Raises a flag when the group assigns the consumer partitions (the agent then
+/// loads the module's state again: another node may have moved it on).
+pub struct AssignWatch(Arc<AtomicBool>);
+
+impl ClientContext for AssignWatch {}
+
+impl ConsumerContext for AssignWatch {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            if tpl.count() > 0 {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// How long a Kafka consumer's `recv` waits before it polls again.
+const REPOLL: Duration = Duration::from_secs(1);
 
 /// The consumer group of a module's agents.
 pub fn group_name(module: Module) -> String {
@@ -311,6 +384,8 @@ pub fn group_name(module: Module) -> String {
 /// The Kafka side.
 pub struct KafkaBus {
     cfg: KafkaConfig,
+    /// The agents' state topics.
+    state: Arc<KafkaState>,
     /// Replaced when the idempotent producer fails fatally.
     producer: Mutex<Arc<FutureProducer>>,
     /// Journalled commands not yet on the topic.
@@ -350,13 +425,7 @@ const FORWARD_WINDOW: usize = 64;
 
 impl KafkaBus {
     fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, BusError> {
-        Ok(ClientConfig::new()
-            .set("bootstrap.servers", &cfg.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "0")
-            .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
-            .create()?)
+        Ok(cfg.producer().create()?)
     }
 
     fn current(&self) -> Arc<FutureProducer> {
@@ -367,9 +436,7 @@ impl KafkaBus {
     }
 
     async fn create_topic(&self) -> Result<(), BusError> {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.cfg.brokers)
-            .create()?;
+        let admin: AdminClient<DefaultClientContext> = self.cfg.client().create()?;
         let topic = NewTopic::new(
             &self.cfg.topic,
             self.cfg.partitions,
@@ -665,16 +732,18 @@ pub enum BusConsumer {
         consumer: CloseOffRuntime,
         /// Topic.
         topic: String,
+        /// Set when partitions were assigned since the last look.
+        assigned: Arc<AtomicBool>,
     },
 }
 
 /// A Kafka consumer whose drop runs on its own thread: closing a consumer waits for
 /// the group coordinator, which never answers while the broker is down, and must
 /// not hold up a tokio runtime (or a process) that is shutting down.
-pub struct CloseOffRuntime(Option<Arc<StreamConsumer>>);
+pub struct CloseOffRuntime(Option<Arc<StreamConsumer<AssignWatch>>>);
 
 impl std::ops::Deref for CloseOffRuntime {
-    type Target = Arc<StreamConsumer>;
+    type Target = Arc<StreamConsumer<AssignWatch>>;
     fn deref(&self) -> &Self::Target {
         // Only `drop` takes the consumer out.
         self.0
@@ -692,6 +761,14 @@ impl Drop for CloseOffRuntime {
 }
 
 impl BusConsumer {
+    /// Whether partitions were assigned since the last call (Kafka).
+    pub fn take_assigned(&self) -> bool {
+        match self {
+            BusConsumer::InProcess { .. } => false,
+            BusConsumer::Kafka { assigned, .. } => assigned.swap(false, Ordering::SeqCst),
+        }
+    }
+
     /// The next delivery (waits for one).
     pub async fn next(&mut self) -> Result<Delivery, BusError> {
         match self {
@@ -704,7 +781,14 @@ impl BusConsumer {
                 grew.await;
             },
             BusConsumer::Kafka { consumer, .. } => {
-                let m = consumer.recv().await?;
+                // Polled again every second: after a rebalance a message can sit in
+                // the consumer's queue without waking a pending `recv` (seen with
+                // two group members: an assigned partition that never delivered).
+                let m = loop {
+                    if let Ok(m) = tokio::time::timeout(REPOLL, consumer.recv()).await {
+                        break m?;
+                    }
+                };
                 Ok(Delivery {
                     key: m.key().unwrap_or_default().to_vec(),
                     payload: m.payload().unwrap_or_default().to_vec(),
@@ -726,7 +810,9 @@ impl BusConsumer {
                 bus.commit(*module, u64::try_from(d.position.offset).unwrap_or(0) + 1);
                 Ok(())
             }
-            BusConsumer::Kafka { consumer, topic } => {
+            BusConsumer::Kafka {
+                consumer, topic, ..
+            } => {
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition_offset(
                     topic,
@@ -762,6 +848,7 @@ mod tests {
     fn consumed(m: Module, offset: i64) -> Txn {
         Txn::of(vec![journal::Entry::Agent(AgentEntry {
             module: m,
+            kafka: None,
             offset: Some(u64::try_from(offset).unwrap()),
             state: None,
             applied: None,

@@ -5,7 +5,9 @@
 //!   routes.
 //! - [`bus`]: the command bus (Kafka, or the embedded one).
 //! - [`agent`]: one consumer per module that verifies again, applies, persists and
-//!   commits; [`modules`] is the table of module states the agents publish.
+//!   commits; [`modules`] is the table of module states the agents publish;
+//!   [`kafka_state`] keeps an agent's state in Kafka (the Kafka bus), so another
+//!   node's agent can take a module over.
 //! - [`replay_store`]: the durable replay guard.
 //! - [`json_route`]: the original API's JSON route, signed by the sidecar.
 
@@ -13,6 +15,7 @@ pub mod admission;
 pub mod agent;
 pub mod bus;
 pub mod json_route;
+pub mod kafka_state;
 pub mod modules;
 pub mod replay_store;
 pub mod service;

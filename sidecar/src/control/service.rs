@@ -2,6 +2,7 @@
 //! (ledger rows, publishing on the bus, the durable nonce), waits for the module's
 //! agent, and serves the control routes.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,8 +24,9 @@ use tracing::Instrument;
 
 use super::admission::{Admission, Admitted, Refused, Request, Row, Verdict};
 use super::agent::{Ack, Agent, AgentEnv};
-use super::bus::Bus;
+use super::bus::{Bus, Position};
 use super::json_route::{self, JsonSigner};
+use super::kafka_state::Checkpoint;
 use super::modules::ModuleTable;
 use super::replay_store::{ReplayStore, SharedReplay};
 use crate::error::ApiError;
@@ -59,6 +61,50 @@ pub struct ControlConfig {
     pub dedup_secs: u64,
     /// Counters.
     pub metrics: ControlMetrics,
+}
+
+/// Follows a module's checkpoints written by other nodes (Kafka bus): their state
+/// goes to this node's module table, and a command they applied is announced to
+/// the requests waiting here and marked applied in the replay guard.
+struct CheckpointWatch {
+    module: Module,
+    me: String,
+    last: BTreeMap<String, Position>,
+    modules: ModuleTable,
+    replay: SharedReplay,
+    acks: broadcast::Sender<Ack>,
+}
+
+impl CheckpointWatch {
+    fn seen(&mut self, cp: Checkpoint) {
+        if cp.writer == self.me {
+            return;
+        }
+        self.modules.set(self.module, cp.state.clone());
+        let Some(d) = cp.last.get(&cp.writer) else {
+            return;
+        };
+        if self.last.get(&cp.writer) == Some(&d.position) {
+            return;
+        }
+        self.last.insert(cp.writer.clone(), d.position);
+        if d.outcome != "applied" {
+            return;
+        }
+        let Ok(c) = <Command as prost::Message>::decode(d.payload.as_slice()) else {
+            return;
+        };
+        self.replay
+            .lock()
+            .mark_applied(&c.issuer, c.nonce, 0, crate::now_secs());
+        let _ = self.acks.send(Ack {
+            issuer: c.issuer,
+            nonce: c.nonce,
+            outcome: Ok(cp.state),
+            seq: 0,
+            applied_by: Some(cp.writer),
+        });
+    }
 }
 
 /// Admission's decision core (the nonces in flight) under one lock.
@@ -104,8 +150,25 @@ impl Control {
             auditor: c.auditor.clone(),
             acks: acks.clone(),
             metrics: c.metrics.clone(),
+            kafka_state: c.bus.agent_state(),
+            chain: c.node_id.clone(),
         };
         let mut tasks = Vec::new();
+        if let Some(store) = c.bus.agent_state() {
+            for m in Module::ALL {
+                let mut watch = CheckpointWatch {
+                    module: m,
+                    me: c.node_id.clone(),
+                    last: BTreeMap::new(),
+                    modules: modules.clone(),
+                    replay: c.replay.clone(),
+                    acks: acks.clone(),
+                };
+                tasks.push(tokio::spawn(
+                    store.clone().watch(m, move |cp| watch.seen(cp)),
+                ));
+            }
+        }
         for m in Module::ALL {
             let agent = Agent::open(m, &env, records);
             let consumer = c.bus.consumer(m)?;
@@ -334,7 +397,8 @@ impl Control {
         m.insert("request_id".into(), a.request_id.clone().into());
         m.insert("applied".into(), applied.is_some().into());
         let mut ledger = json!({"chain_id": self.node_id, "accepted_seq": a.seq});
-        if let Some(seq) = applied {
+        // 0: applied by another node (its chain has the row).
+        if let Some(seq) = applied.filter(|s| *s > 0) {
             ledger["applied_seq"] = seq.into();
         }
         m.insert("ledger".into(), ledger);
@@ -441,7 +505,7 @@ impl Control {
             loop {
                 match acks.recv().await {
                     Ok(ack) if ack.issuer == c.issuer && ack.nonce == c.nonce => {
-                        return Some((ack.outcome, ack.seq))
+                        return Some((ack.outcome, ack.seq, ack.applied_by))
                     }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return None,
@@ -457,12 +521,18 @@ impl Control {
                               "action": v.action.as_str(), "nonce": c.nonce,
                               "journal_lsn": committed.lsn, "applied": false});
         match outcome {
-            Some((Ok(state), seq)) => {
+            Some((Ok(state), seq, by)) => {
                 out["applied"] = json!(true);
                 out["state"] = json!(state);
-                ledger["applied_seq"] = seq.into();
+                match by {
+                    // Applied by another node's agent: its chain has the row.
+                    Some(chain) => ledger["applied_chain_id"] = chain.into(),
+                    // 0: applied earlier, the row's position unknown here.
+                    None if seq > 0 => ledger["applied_seq"] = seq.into(),
+                    None => {}
+                }
             }
-            Some((Err(r), _)) => {
+            Some((Err(r), _, _)) => {
                 out["apply_error"] = json!({"error": r.code.as_str(), "detail": r.detail});
             }
             None => out["pending"] = json!(true),

@@ -72,6 +72,15 @@ pub struct PublishEntry {
     pub requester: Requester,
 }
 
+/// Where a published command landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Position {
+    /// Partition.
+    pub partition: i32,
+    /// Offset in the partition.
+    pub offset: i64,
+}
+
 /// What an agent did with one delivery.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentEntry {
@@ -80,10 +89,14 @@ pub struct AgentEntry {
     /// The embedded bus offset it consumed (the next one is `offset + 1`); `None`
     /// with Kafka, whose consumer offsets live in Kafka.
     pub offset: Option<u64>,
+    /// The Kafka position it read (Kafka bus: which delivery this node's ledger
+    /// already has a row of).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<Position>,
     /// The module state after it (absent when the state did not change).
     pub state: Option<ModuleState>,
-    /// The nonce it applied and until when it is remembered (absent when it did not
-    /// apply anything).
+    /// The nonce it applied (or found applied before: a duplicate) and until when
+    /// it is remembered (absent otherwise).
     pub applied: Option<AppliedNonce>,
 }
 
@@ -107,13 +120,16 @@ pub struct SnapshotEntry {
     pub module: Module,
     /// The next embedded bus offset to consume (`None` with Kafka).
     pub next_offset: Option<u64>,
+    /// The last Kafka position this node's ledger has a row of (Kafka bus).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<Position>,
     /// The module state.
     pub state: ModuleState,
     /// Every applied nonce still remembered.
     pub applied: Vec<AppliedNonce>,
 }
 
-mod hex_vec {
+pub(crate) mod hex_vec {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(d: &[u8], s: S) -> Result<S::Ok, S::Error> {
@@ -217,6 +233,7 @@ mod tests {
             Entry::SendsShipped { lsn: 1 },
             Entry::Agent(AgentEntry {
                 module: Module::Mev,
+                kafka: None,
                 offset: Some(3),
                 state: Some(ModuleState::default()),
                 applied: Some(AppliedNonce {
@@ -228,6 +245,7 @@ mod tests {
             }),
             Entry::Snapshot(SnapshotEntry {
                 module: Module::Arbitrage,
+                kafka: None,
                 next_offset: None,
                 state: ModuleState::default(),
                 applied: Vec::new(),
