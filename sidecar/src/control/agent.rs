@@ -47,6 +47,9 @@ pub struct Ack {
     pub seq: u64,
     /// The chain (node) that applied it, when not this one.
     pub applied_by: Option<String>,
+    /// The digest of the exact bytes decided (a waiter with other bytes under the
+    /// same nonce is not answered by this).
+    pub digest: gw_core::replay::Digest,
 }
 
 /// What [`Agent::handle`] did.
@@ -234,8 +237,10 @@ struct KafkaSide {
     checkpoint: Checkpoint,
     /// Keys of nonce records by expiry (tombstoned once expired).
     written: BTreeMap<u64, Vec<String>>,
-    /// The last position this node's journal has an agent entry of.
-    journalled: Option<Position>,
+    /// Per partition, the last offset this node's journal has an agent entry of.
+    journalled: BTreeMap<i32, i64>,
+    /// The newest record that says so (held: a restart must still know it).
+    journalled_lsn: Option<Lsn>,
 }
 
 /// One module's agent: the core and its effects.
@@ -285,7 +290,13 @@ impl Agent {
         let mut next_offset = None;
         let mut state_lsn = None;
         let mut applied_lsns = BTreeMap::new();
-        let mut journalled: Option<Position> = None;
+        let mut journalled: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut journalled_lsn = None;
+        let mut note = |p: Position, lsn: Lsn| {
+            let o = journalled.entry(p.partition).or_insert(p.offset);
+            *o = (*o).max(p.offset);
+            journalled_lsn = Some(lsn);
+        };
         for (lsn, t) in records {
             for e in &t.entries {
                 match e {
@@ -299,7 +310,9 @@ impl Agent {
                         }
                         state_lsn = Some(*lsn);
                         next_offset = s.next_offset.or(next_offset);
-                        journalled = journalled.max(s.kafka);
+                        for p in &s.kafka {
+                            note(*p, *lsn);
+                        }
                     }
                     journal::Entry::Agent(a) if a.module == module => {
                         if let Some(st) = &a.state {
@@ -314,13 +327,25 @@ impl Agent {
                         if let Some(o) = a.offset {
                             next_offset = Some(o + 1);
                         }
-                        journalled = journalled.max(a.kafka);
+                        if let Some(p) = a.kafka {
+                            note(p, *lsn);
+                        }
                     }
                     _ => {}
                 }
             }
         }
-        env.modules.set(module, state.clone());
+        if env.kafka_state.is_some() {
+            // Another node may have moved the module on (a kill, a stop): until its
+            // state is read from Kafka, a running module is treated as stopped.
+            let mut shown = state.clone();
+            if shown.state == gw_core::module_state::RunState::Running {
+                shown.state = gw_core::module_state::RunState::Stopped;
+            }
+            env.modules.set(module, shown);
+        } else {
+            env.modules.set(module, state.clone());
+        }
         let agent = Agent {
             core: AgentCore::new(module, env.policy.clone(), state, applied, env.dedup_secs),
             env: env.clone(),
@@ -332,6 +357,7 @@ impl Agent {
                 checkpoint: Checkpoint::default(),
                 written: BTreeMap::new(),
                 journalled,
+                journalled_lsn,
             }),
         };
         agent.release(now);
@@ -393,7 +419,13 @@ impl Agent {
             self.next_offset = Some(o + 1);
         }
         if let Some(k) = &mut self.kafka {
-            k.journalled = k.journalled.max(Some(d.position));
+            let o = k
+                .journalled
+                .entry(d.position.partition)
+                .or_insert(d.position.offset);
+            *o = (*o).max(d.position.offset);
+            k.journalled_lsn = Some(c.lsn);
+            self.release(crate::now_secs());
         }
         Ok(c)
     }
@@ -439,7 +471,7 @@ impl Agent {
                 };
                 self.commit(row, d, None, Some(known)).await?;
                 let state = self.core.state().clone();
-                self.announce(c.issuer, c.nonce, Ok(state), seq);
+                self.announce(d, c.issuer, c.nonce, Ok(state), seq);
                 Ok(Handled::Duplicate)
             }
             Step::Apply(a) => {
@@ -470,7 +502,7 @@ impl Agent {
                     .insert(done.lsn, self.applied_expiry(&issuer, n, now));
                 self.release(now);
                 self.env.modules.set(self.core.module, state.clone());
-                self.announce(issuer, n, Ok(state), seq);
+                self.announce(d, issuer, n, Ok(state), seq);
                 Ok(Handled::Applied)
             }
         }
@@ -532,15 +564,16 @@ impl Agent {
         let Some(store) = self.kafka.as_ref().map(|k| k.store.clone()) else {
             return;
         };
-        let mut logged = false;
+        let mut failures = 0u32;
         let loaded = loop {
             match store.load(module, crate::now_secs()).await {
                 Ok(l) => break l,
                 Err(e) => {
-                    if !logged {
-                        tracing::warn!(module = module.as_str(), error = %e, "agent state not loaded from Kafka yet (retrying)");
-                        logged = true;
+                    // The agent consumes nothing meanwhile: say so now and then.
+                    if failures.is_multiple_of(40) {
+                        tracing::warn!(module = module.as_str(), error = %e, failures, "agent state not loaded from Kafka yet (retrying)");
                     }
+                    failures += 1;
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
             }
@@ -557,11 +590,15 @@ impl Agent {
             if let Some(k) = self.kafka.as_mut() {
                 k.checkpoint.state = self.core.state().clone();
             }
+            self.env.modules.set(module, self.core.state().clone());
             return;
         };
         if let Some(last) = cp.last.get(&self.env.chain) {
-            let journalled = self.kafka.as_ref().and_then(|k| k.journalled);
-            if journalled.is_none_or(|j| j < last.position) {
+            let journalled = self
+                .kafka
+                .as_ref()
+                .and_then(|k| k.journalled.get(&last.position.partition).copied());
+            if journalled.is_none_or(|o| o < last.position.offset) {
                 self.write_row_again(last, now).await;
             }
         }
@@ -649,12 +686,15 @@ impl Agent {
             .iter()
             .find(|(_, exp)| **exp >= now)
             .map(|(l, _)| *l);
-        let low = [self.state_lsn, live]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(Lsn::MAX);
+        let low = self.held_low(live).unwrap_or(Lsn::MAX);
         self.env.journal.hold(hold_name(self.core.module), low);
+    }
+
+    /// The oldest record the agent needs: its state's, a live nonce's (`live`), and
+    /// (Kafka) the one that says which deliveries its ledger has rows of.
+    fn held_low(&self, live: Option<Lsn>) -> Option<Lsn> {
+        let kafka = self.kafka.as_ref().and_then(|k| k.journalled_lsn);
+        [self.state_lsn, live, kafka].into_iter().flatten().min()
     }
 
     /// Writes the agent's whole state when it holds back the journal (its oldest
@@ -662,7 +702,7 @@ impl Agent {
     async fn snapshot_if_needed(&mut self, now: u64) {
         self.applied_lsns.retain(|_, exp| *exp >= now);
         let live = self.applied_lsns.keys().next().copied();
-        let low = [self.state_lsn, live].into_iter().flatten().min();
+        let low = self.held_low(live);
         if low.is_none_or(|l| l >= self.env.journal.segment_first()) {
             self.release(now);
             return;
@@ -671,7 +711,15 @@ impl Agent {
         let max_exp = applied.iter().map(|n| n.expires).max();
         let snap = SnapshotEntry {
             module: self.core.module,
-            kafka: self.kafka.as_ref().and_then(|k| k.journalled),
+            kafka: self.kafka.as_ref().map_or_else(Vec::new, |k| {
+                k.journalled
+                    .iter()
+                    .map(|(p, o)| Position {
+                        partition: *p,
+                        offset: *o,
+                    })
+                    .collect()
+            }),
             next_offset: self.next_offset,
             state: self.core.state().clone(),
             applied,
@@ -684,6 +732,11 @@ impl Agent {
         {
             Ok(c) => {
                 self.state_lsn = Some(c.lsn);
+                if let Some(k) = self.kafka.as_mut() {
+                    if !k.journalled.is_empty() {
+                        k.journalled_lsn = Some(c.lsn);
+                    }
+                }
                 self.applied_lsns.clear();
                 if let Some(e) = max_exp {
                     self.applied_lsns.insert(c.lsn, e);
@@ -696,7 +749,14 @@ impl Agent {
         }
     }
 
-    fn announce(&self, issuer: String, nonce: u64, outcome: Result<ModuleState, Reject>, seq: u64) {
+    fn announce(
+        &self,
+        d: &Delivery,
+        issuer: String,
+        nonce: u64,
+        outcome: Result<ModuleState, Reject>,
+        seq: u64,
+    ) {
         // Nobody waiting is fine.
         let _ = self.env.acks.send(Ack {
             issuer,
@@ -704,13 +764,14 @@ impl Agent {
             outcome,
             seq,
             applied_by: None,
+            digest: gw_core::replay::digest(&d.payload),
         });
     }
 
     /// Announces a refusal to whoever waits for the command the bytes decode to.
     fn announce_raw(&self, d: &Delivery, outcome: Result<ModuleState, Reject>, seq: u64) {
         if let Ok(c) = <Command as prost::Message>::decode(d.payload.as_slice()) {
-            self.announce(c.issuer, c.nonce, outcome, seq);
+            self.announce(d, c.issuer, c.nonce, outcome, seq);
         }
     }
 
@@ -753,15 +814,34 @@ impl Agent {
                     continue;
                 }
             };
+            let mut handled = false;
             loop {
+                // Kafka: a partition taken away meanwhile (a rebalance) belongs to
+                // another node's agent now; it continues from the checkpoint.
+                if !consumer.owns(&d) {
+                    tracing::info!(position = ?d.position, "partition no longer assigned: left to its new owner");
+                    break;
+                }
                 match self.handle(&d, crate::now_secs()).await {
                     Ok(h) => {
                         self.env.metrics.agent(name, h.as_str());
+                        handled = true;
                         break;
                     }
-                    Err(e) => log_once(format!("not applied yet (retrying): {e}")),
+                    Err(e) => {
+                        log_once(format!("not applied yet (retrying): {e}"));
+                        if matches!(e, RetryLater::Kafka(_)) {
+                            // Another node may have moved the module on meanwhile.
+                            tokio::time::sleep(pause).await;
+                            self.reload().await;
+                            continue;
+                        }
+                    }
                 }
                 tokio::time::sleep(pause).await;
+            }
+            if !handled {
+                continue;
             }
             while let Err(e) = consumer.commit(&d).await {
                 log_once(format!("commit: {e}"));

@@ -769,6 +769,19 @@ impl BusConsumer {
         }
     }
 
+    /// Whether `d`'s partition is still assigned to this consumer (always, for
+    /// the embedded bus).
+    pub fn owns(&self, d: &Delivery) -> bool {
+        match self {
+            BusConsumer::InProcess { .. } => true,
+            BusConsumer::Kafka {
+                consumer, topic, ..
+            } => consumer
+                .assignment()
+                .is_ok_and(|a| a.find_partition(topic, d.position.partition).is_some()),
+        }
+    }
+
     /// The next delivery (waits for one).
     pub async fn next(&mut self) -> Result<Delivery, BusError> {
         match self {

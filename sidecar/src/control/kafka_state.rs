@@ -43,6 +43,11 @@ use super::bus::{BusError, KafkaConfig, Position};
 /// after it; a crash can lose the last one).
 pub const RECENT: usize = 16;
 
+/// How many records back a watcher starts (a checkpoint written between an
+/// agent's load and the watcher's start is not missed; seeing one again is
+/// harmless).
+const WATCH_TAIL: i64 = 64;
+
 /// Key of the checkpoint record.
 const STATE_KEY: &str = "state";
 
@@ -202,6 +207,7 @@ impl KafkaState {
                 .client()
                 .set("group.id", "gw-agent-state-watch")
                 .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
                 .set("isolation.level", "read_committed")
                 .create()
             {
@@ -214,7 +220,7 @@ impl KafkaState {
             };
             let mut tpl = TopicPartitionList::new();
             if let Err(e) = tpl
-                .add_partition_offset(&topic, 0, Offset::End)
+                .add_partition_offset(&topic, 0, Offset::OffsetTail(WATCH_TAIL))
                 .and_then(|()| c.assign(&tpl))
             {
                 tracing::warn!(error = %e, "agent state watcher not assigned (retrying)");
@@ -251,7 +257,7 @@ impl KafkaState {
         let records = tokio::task::spawn_blocking(move || read_all(client, &topic, wait))
             .await
             .map_err(|e| BusError::Encode(format!("state loader: {e}")))??;
-        Ok(fold(records, now))
+        fold(records, now)
     }
 }
 
@@ -287,15 +293,19 @@ fn read_all(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Offset(low))?;
     c.assign(&tpl)?;
-    let deadline = std::time::Instant::now() + wait * 4;
+    // Gives up only when no record arrives for `wait` (a long topic takes as long
+    // as it takes).
+    let mut deadline = std::time::Instant::now() + wait;
     loop {
         if std::time::Instant::now() > deadline {
             return Err(BusError::Encode(format!(
-                "reading {topic} to offset {high} timed out"
+                "reading {topic}: nothing for {wait:?} at offset {} of {high}",
+                out.len()
             )));
         }
         match c.poll(Duration::from_millis(200)) {
             Some(Ok(msg)) => {
+                deadline = std::time::Instant::now() + wait;
                 let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
                 out.push((key, msg.payload().map(<[u8]>::to_vec)));
                 if msg.offset() + 1 >= high {
@@ -308,8 +318,10 @@ fn read_all(
     }
 }
 
-/// The latest value of every key, read as a checkpoint and nonces.
-fn fold(records: Vec<Record>, now: u64) -> Loaded {
+/// The latest value of every key, read as a checkpoint and nonces. A checkpoint
+/// that does not decode is an error (never start over from nothing: the next
+/// checkpoint would overwrite every node's progress).
+fn fold(records: Vec<Record>, now: u64) -> Result<Loaded, BusError> {
     let mut latest: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
     for (k, v) in records {
         latest.insert(k, v);
@@ -319,10 +331,9 @@ fn fold(records: Vec<Record>, now: u64) -> Loaded {
     for (k, v) in latest {
         let Some(v) = v else { continue };
         if k == STATE_KEY {
-            match serde_json::from_slice(&v) {
-                Ok(c) => loaded.checkpoint = Some(c),
-                Err(e) => tracing::error!(error = %e, "agent checkpoint unreadable; ignored"),
-            }
+            let c = serde_json::from_slice(&v)
+                .map_err(|e| BusError::Encode(format!("agent checkpoint unreadable: {e}")))?;
+            loaded.checkpoint = Some(c);
             continue;
         }
         match serde_json::from_slice::<StoredNonce>(&v) {
@@ -342,7 +353,7 @@ fn fold(records: Vec<Record>, now: u64) -> Loaded {
             }
         }
     }
-    loaded
+    Ok(loaded)
 }
 
 #[cfg(test)]
@@ -378,7 +389,8 @@ mod tests {
                 ("n/dashboard/1".into(), None),
             ],
             100,
-        );
+        )
+        .unwrap();
         assert_eq!(l.checkpoint, Some(later));
         // 1 tombstoned, 2 expired, 3 only in `recent`: written again.
         assert_eq!(l.nonces, vec![nonce(3, 200)]);
@@ -388,7 +400,12 @@ mod tests {
 
     #[test]
     fn an_empty_topic_has_no_checkpoint() {
-        let l = fold(Vec::new(), 0);
+        let l = fold(Vec::new(), 0).unwrap();
         assert!(l.checkpoint.is_none() && l.nonces.is_empty());
+    }
+
+    #[test]
+    fn an_unreadable_checkpoint_is_an_error_not_a_fresh_start() {
+        assert!(fold(vec![("state".into(), Some(b"{".to_vec()))], 0).is_err());
     }
 }

@@ -36,6 +36,16 @@ impl ModuleTable {
     pub fn set(&self, m: Module, state: ModuleState) {
         self.0.write().set(m, state);
     }
+
+    /// Replaces one module's state unless the table already has a later one (more
+    /// commands applied): for states learned from other nodes, which may arrive
+    /// after this node's agent published a newer one.
+    pub fn advance(&self, m: Module, state: ModuleState) {
+        let mut t = self.0.write();
+        if state.applied >= t.get(m).applied {
+            t.set(m, state);
+        }
+    }
 }
 
 impl From<Modules> for ModuleTable {

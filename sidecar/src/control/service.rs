@@ -77,10 +77,12 @@ struct CheckpointWatch {
 
 impl CheckpointWatch {
     fn seen(&mut self, cp: Checkpoint) {
+        // Only ever forward: a checkpoint read late must not undo a newer state.
+        self.modules.advance(self.module, cp.state.clone());
         if cp.writer == self.me {
+            // This node's agent announced its own decisions.
             return;
         }
-        self.modules.set(self.module, cp.state.clone());
         let Some(d) = cp.last.get(&cp.writer) else {
             return;
         };
@@ -88,21 +90,36 @@ impl CheckpointWatch {
             return;
         }
         self.last.insert(cp.writer.clone(), d.position);
-        if d.outcome != "applied" {
-            return;
-        }
         let Ok(c) = <Command as prost::Message>::decode(d.payload.as_slice()) else {
             return;
         };
-        self.replay
-            .lock()
-            .mark_applied(&c.issuer, c.nonce, 0, crate::now_secs());
+        let outcome = match d.outcome.as_str() {
+            // A duplicate was applied before: the command is applied.
+            "applied" | "duplicate" => {
+                self.replay
+                    .lock()
+                    .mark_applied(&c.issuer, c.nonce, 0, crate::now_secs());
+                Ok(cp.state)
+            }
+            _ => {
+                let code = d
+                    .code
+                    .as_deref()
+                    .and_then(|n| Code::ALL.iter().copied().find(|k| k.as_str() == n))
+                    .unwrap_or(Code::Malformed);
+                Err(Reject::with(
+                    code,
+                    format!("refused by the agent of node `{}`", cp.writer),
+                ))
+            }
+        };
         let _ = self.acks.send(Ack {
             issuer: c.issuer,
             nonce: c.nonce,
-            outcome: Ok(cp.state),
+            outcome,
             seq: 0,
             applied_by: Some(cp.writer),
+            digest: gw_core::replay::digest(&d.payload),
         });
     }
 }
@@ -380,7 +397,11 @@ impl Control {
             None => tokio::time::timeout(self.apply_wait, async {
                 loop {
                     match acks.recv().await {
-                        Ok(ack) if ack.issuer == c.issuer && ack.nonce == c.nonce => {
+                        Ok(ack)
+                            if ack.issuer == c.issuer
+                                && ack.nonce == c.nonce
+                                && ack.digest == digest =>
+                        {
                             return ack.outcome.is_ok().then_some(ack.seq)
                         }
                         Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
@@ -504,7 +525,11 @@ impl Control {
         let outcome = tokio::time::timeout(self.apply_wait, async {
             loop {
                 match acks.recv().await {
-                    Ok(ack) if ack.issuer == c.issuer && ack.nonce == c.nonce => {
+                    Ok(ack)
+                        if ack.issuer == c.issuer
+                            && ack.nonce == c.nonce
+                            && ack.digest == digest =>
+                    {
                         return Some((ack.outcome, ack.seq, ack.applied_by))
                     }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}

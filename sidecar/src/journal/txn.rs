@@ -120,9 +120,10 @@ pub struct SnapshotEntry {
     pub module: Module,
     /// The next embedded bus offset to consume (`None` with Kafka).
     pub next_offset: Option<u64>,
-    /// The last Kafka position this node's ledger has a row of (Kafka bus).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kafka: Option<Position>,
+    /// Per partition, the last Kafka position this node's ledger has a row of
+    /// (Kafka bus).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kafka: Vec<Position>,
     /// The module state.
     pub state: ModuleState,
     /// Every applied nonce still remembered.
@@ -245,7 +246,7 @@ mod tests {
             }),
             Entry::Snapshot(SnapshotEntry {
                 module: Module::Arbitrage,
-                kafka: None,
+                kafka: Vec::new(),
                 next_offset: None,
                 state: ModuleState::default(),
                 applied: Vec::new(),
