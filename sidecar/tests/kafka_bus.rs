@@ -413,3 +413,126 @@ fn a_consumer_resumes_inside_what_the_bus_produced() {
     let kafka = Kafka::start(d.path());
     assert_eq!(resume_offset(&kafka, 1, 20, 7), Some(7));
 }
+
+/// A crash between an agent's checkpoint in Kafka (the commit point) and its
+/// ledger row: the checkpoint records the decision of node `node-1`, whose
+/// journal does not have it (a fresh state directory stands for the lost write).
+/// At start the node writes the `applied` row once, takes the module state from
+/// the checkpoint and writes the nonce record the crash also lost; a second start
+/// writes nothing again.
+#[test]
+fn a_decision_the_checkpoint_has_and_the_journal_lost_is_written_at_start() {
+    use gw_sidecar::control::bus::Position;
+    use gw_sidecar::control::kafka_state::{Checkpoint, KafkaState, LastDecision, StoredNonce};
+
+    let d = testkit::TempDir::new("kafka-reconcile");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let cfg = config(d.path(), &kafka, &ch);
+    let node = cfg.file.node_id.clone();
+    let k = cfg.file.kafka.clone().unwrap();
+    let kill = signed_command(7, Action::Kill, now(), "dashboard", &[]);
+    let mut state = gw_core::module_state::ModuleState::default();
+    state.apply(
+        Action::Kill,
+        &gw_core::args::CommandArgs::default(),
+        "req-7",
+    );
+    let nonce = StoredNonce {
+        issuer: "dashboard".into(),
+        nonce: 7,
+        expires: now() + 600,
+        chain: node.clone(),
+    };
+    let cp = Checkpoint {
+        state: state.clone(),
+        next: [(0, 1)].into_iter().collect(),
+        recent: [nonce.clone()].into_iter().collect(),
+        last: [(
+            node.clone(),
+            LastDecision {
+                position: Position {
+                    partition: 0,
+                    offset: 0,
+                },
+                outcome: "applied".into(),
+                code: None,
+                payload: kill.clone(),
+                requester: gw_core::contract::Requester::default(),
+            },
+        )]
+        .into_iter()
+        .collect(),
+        writer: node.clone(),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = KafkaState::new(&k).unwrap();
+    rt.block_on(async {
+        // The command was on the topic (offset 0) and its agent had written the
+        // checkpoint when the node died.
+        let admin: rdkafka::admin::AdminClient<_> = k.client().create().unwrap();
+        admin
+            .create_topics(
+                [&rdkafka::admin::NewTopic::new(
+                    TOPIC,
+                    1,
+                    rdkafka::admin::TopicReplication::Fixed(1),
+                )],
+                &rdkafka::admin::AdminOptions::new(),
+            )
+            .await
+            .unwrap();
+        let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
+        let sent = p
+            .send(
+                rdkafka::producer::FutureRecord::to(TOPIC)
+                    .key("mev")
+                    .payload(&kill),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(sent.offset, 0);
+        store.prepare().await.unwrap();
+        store.save(Module::Mev, &cp).await.unwrap();
+    });
+
+    let s = common::serve(config(d.path(), &kafka, &ch));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while modules(&s)["mev"]["state"] != "killed" {
+        assert!(Instant::now() < deadline, "{}", modules(&s));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(modules(&s)["mev"]["applied"], 1);
+    let rows = ledger_rows(&ch, 1);
+    assert_eq!(summary(&rows), vec![row("agent", "applied", "", "req-7")]);
+    // The lost nonce record is back; the resend of the same bytes is a replay.
+    let loaded = rt.block_on(store.load(Module::Mev, now())).unwrap();
+    assert_eq!((loaded.nonces, loaded.missing), (vec![nonce], vec![]));
+
+    // A second start: the journal knows it wrote the row.
+    drop(s);
+    let s = common::serve(config(d.path(), &kafka, &ch));
+    assert_eq!(
+        post(
+            &s,
+            signed_command(8, Action::Start, now(), "dashboard", &[])
+        )
+        .0,
+        200
+    );
+    // Rows ship in journal order: a second req-7 row would come before req-8's.
+    let rows = ledger_rows(&ch, 3);
+    assert_eq!(verify_chain(&rows), Ok(3));
+    assert_eq!(
+        summary(&rows)
+            .into_iter()
+            .filter(|r| r.0 == "agent")
+            .collect::<Vec<_>>(),
+        vec![
+            row("agent", "applied", "", "req-7"),
+            row("agent", "applied", "", "req-8"),
+        ]
+    );
+    assert_eq!(modules(&s)["mev"]["applied"], 2);
+}

@@ -100,6 +100,36 @@ pub fn run_python(args: &[&str], stdin: &[u8]) -> Output {
 
 /// A port that is free for both TCP and UDP on 127.0.0.1 at the time of asking.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Below the kernel's ephemeral range: an outgoing connection of a test running
+    // alongside never takes a port between its being chosen here and its server
+    // binding it. Each process walks the range from its own starting point, and
+    // never hands out a port twice.
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u32>().ok())
+        })
+        .unwrap_or(32_768);
+    const LOW: u32 = 10_000;
+    if ephemeral_low > LOW + 1_000 {
+        let span = ephemeral_low - LOW;
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let i = NEXT.fetch_add(1, Ordering::Relaxed);
+            let Ok(port) = u16::try_from(LOW + (start + i) % span) else {
+                continue;
+            };
+            if TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            {
+                return port;
+            }
+        }
+    }
     for _ in 0..100 {
         let tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
         let port = tcp.local_addr().expect("addr").port();
