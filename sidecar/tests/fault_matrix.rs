@@ -794,3 +794,43 @@ fn a_full_journal_disk_refuses_with_503_and_burns_no_nonce() {
     drop(rig);
     drop(disk);
 }
+
+/// Whether process `pid` has exited (gone, or a zombie not yet reaped).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit_once(')')
+            .is_none_or(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// A sidecar asked to stop (SIGTERM) while the broker answers nothing (frozen with
+/// SIGSTOP) exits within 15 s: no Kafka client (bus consumers, the agents' state
+/// watchers) holds up its shutdown.
+#[test]
+fn a_sidecar_stops_while_kafka_is_frozen() {
+    let d = testkit::TempDir::new("kafka-frozen-stop");
+    let mut rig = Rig::start(d.path(), true);
+    let warm = rig.new_commands(3);
+    rig.stream(&warm, Duration::ZERO, |_| {});
+    rig.settle();
+    let kafka = rig._kafka.as_ref().unwrap();
+    kafka.process.signal("STOP");
+    let sidecar = rig.nodes[0].sidecar.as_ref().unwrap();
+    let pid = sidecar.id();
+    sidecar.signal("TERM");
+    let t = Instant::now();
+    while !exited(pid) {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the sidecar still runs {:?} after SIGTERM with the broker frozen:\n{}",
+            t.elapsed(),
+            sidecar.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "stopped {:?} after SIGTERM with the broker frozen",
+        t.elapsed()
+    );
+    kafka.process.signal("CONT");
+}

@@ -348,7 +348,7 @@ impl Bus {
                     .create_with_context(AssignWatch(assigned.clone()))?;
                 c.subscribe(&[&k.cfg.topic])?;
                 Ok(BusConsumer::Kafka {
-                    consumer: CloseOffRuntime(Some(Arc::new(c))),
+                    consumer: CloseOffRuntime::new(c),
                     topic: k.cfg.topic.clone(),
                     assigned,
                 })
@@ -729,7 +729,7 @@ pub enum BusConsumer {
     /// Kafka.
     Kafka {
         /// The consumer (shared with blocking commits).
-        consumer: CloseOffRuntime,
+        consumer: CloseOffRuntime<StreamConsumer<AssignWatch>>,
         /// Topic.
         topic: String,
         /// Set when partitions were assigned since the last look.
@@ -740,10 +740,17 @@ pub enum BusConsumer {
 /// A Kafka consumer whose drop runs on its own thread: closing a consumer waits for
 /// the group coordinator, which never answers while the broker is down, and must
 /// not hold up a tokio runtime (or a process) that is shutting down.
-pub struct CloseOffRuntime(Option<Arc<StreamConsumer<AssignWatch>>>);
+pub struct CloseOffRuntime<C: Send + Sync + 'static>(Option<Arc<C>>);
 
-impl std::ops::Deref for CloseOffRuntime {
-    type Target = Arc<StreamConsumer<AssignWatch>>;
+impl<C: Send + Sync + 'static> CloseOffRuntime<C> {
+    /// Owns `c` until dropped.
+    pub fn new(c: C) -> Self {
+        CloseOffRuntime(Some(Arc::new(c)))
+    }
+}
+
+impl<C: Send + Sync + 'static> std::ops::Deref for CloseOffRuntime<C> {
+    type Target = Arc<C>;
     fn deref(&self) -> &Self::Target {
         // Only `drop` takes the consumer out.
         self.0
@@ -752,7 +759,7 @@ impl std::ops::Deref for CloseOffRuntime {
     }
 }
 
-impl Drop for CloseOffRuntime {
+impl<C: Send + Sync + 'static> Drop for CloseOffRuntime<C> {
     fn drop(&mut self) {
         if let Some(c) = self.0.take() {
             std::thread::spawn(move || drop(c));

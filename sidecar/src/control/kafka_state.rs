@@ -37,7 +37,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use super::bus::{BusError, KafkaConfig, Position};
+use super::bus::{BusError, CloseOffRuntime, KafkaConfig, Position};
 
 /// How many applied nonces a checkpoint repeats (the nonce records are written
 /// after it; a crash can lose the last one).
@@ -202,6 +202,8 @@ impl KafkaState {
     pub async fn watch(self: Arc<Self>, m: Module, mut f: impl FnMut(Checkpoint) + Send) {
         let topic = self.topic(m);
         loop {
+            // Closed off the runtime when dropped (a broker that is away must not
+            // hold up shutdown).
             let c: StreamConsumer = match self
                 .cfg
                 .client()
@@ -218,6 +220,7 @@ impl KafkaState {
                     continue;
                 }
             };
+            let c = CloseOffRuntime::new(c);
             let mut tpl = TopicPartitionList::new();
             if let Err(e) = tpl
                 .add_partition_offset(&topic, 0, Offset::OffsetTail(WATCH_TAIL))
