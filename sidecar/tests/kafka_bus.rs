@@ -339,6 +339,17 @@ fn the_original_kafka_engine_sql_ingests_what_the_sidecar_published() {
     );
 }
 
+/// Creates a one-partition topic.
+async fn create_topic(k: &gw_sidecar::control::bus::KafkaConfig, name: &str) {
+    k.create_topics(&[rdkafka::admin::NewTopic::new(
+        name,
+        1,
+        rdkafka::admin::TopicReplication::Fixed(1),
+    )])
+    .await
+    .unwrap();
+}
+
 /// Produces `n` records at once with the bus's producer settings, commits offset
 /// `at` for a group, and returns the first offset a new member of that group reads
 /// (`None`: nothing within 10 s).
@@ -350,18 +361,7 @@ fn resume_offset(kafka: &Kafka, batch_messages: u32, n: i64, at: i64) -> Option<
     let topic = format!("resume-{batch_messages}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let admin: rdkafka::admin::AdminClient<_> = k.client().create().unwrap();
-        admin
-            .create_topics(
-                [&rdkafka::admin::NewTopic::new(
-                    &topic,
-                    1,
-                    rdkafka::admin::TopicReplication::Fixed(1),
-                )],
-                &rdkafka::admin::AdminOptions::new(),
-            )
-            .await
-            .unwrap();
+        create_topic(&k, &topic).await;
         let p: FutureProducer = k.producer().create().unwrap();
         let sends = (0..n).map(|i| {
             let v = i.to_string();
@@ -470,18 +470,7 @@ fn a_decision_the_checkpoint_has_and_the_journal_lost_is_written_at_start() {
     rt.block_on(async {
         // The command was on the topic (offset 0) and its agent had written the
         // checkpoint when the node died.
-        let admin: rdkafka::admin::AdminClient<_> = k.client().create().unwrap();
-        admin
-            .create_topics(
-                [&rdkafka::admin::NewTopic::new(
-                    TOPIC,
-                    1,
-                    rdkafka::admin::TopicReplication::Fixed(1),
-                )],
-                &rdkafka::admin::AdminOptions::new(),
-            )
-            .await
-            .unwrap();
+        create_topic(&k, TOPIC).await;
         let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
         let sent = p
             .send(

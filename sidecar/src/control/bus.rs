@@ -123,6 +123,19 @@ impl KafkaConfig {
         c
     }
 
+    /// Creates `topics`; one that exists already is fine.
+    pub async fn create_topics(&self, topics: &[NewTopic<'_>]) -> Result<(), BusError> {
+        let admin: AdminClient<DefaultClientContext> = self.client().create()?;
+        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
+        for result in admin.create_topics(topics, &opts).await? {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => return Err(BusError::CreateTopic { topic, code }),
+            }
+        }
+        Ok(())
+    }
+
     /// A client configuration for the brokers (with `debug` when set).
     pub fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
@@ -436,21 +449,13 @@ impl KafkaBus {
     }
 
     async fn create_topic(&self) -> Result<(), BusError> {
-        let admin: AdminClient<DefaultClientContext> = self.cfg.client().create()?;
-        let topic = NewTopic::new(
-            &self.cfg.topic,
-            self.cfg.partitions,
-            TopicReplication::Fixed(self.cfg.replication),
-        );
-        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
-        for result in admin.create_topics([&topic], &opts).await? {
-            match result {
-                Ok(_) => {}
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => return Err(BusError::CreateTopic { topic, code }),
-            }
-        }
-        Ok(())
+        self.cfg
+            .create_topics(&[NewTopic::new(
+                &self.cfg.topic,
+                self.cfg.partitions,
+                TopicReplication::Fixed(self.cfg.replication),
+            )])
+            .await
     }
 
     async fn publish(

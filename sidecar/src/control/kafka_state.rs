@@ -28,8 +28,7 @@ use std::time::Duration;
 use gw_core::contract::Requester;
 use gw_core::module_state::ModuleState;
 use gw_core::Module;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::admin::{NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -144,7 +143,6 @@ impl KafkaState {
 
     /// Creates the state topics (compacted) when missing. Idempotent.
     pub async fn prepare(&self) -> Result<(), BusError> {
-        let admin: AdminClient<DefaultClientContext> = self.cfg.client().create()?;
         let names: Vec<String> = Module::ALL.iter().map(|m| self.topic(*m)).collect();
         let topics: Vec<NewTopic<'_>> = names
             .iter()
@@ -153,14 +151,7 @@ impl KafkaState {
                     .set("cleanup.policy", "compact")
             })
             .collect();
-        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
-        for result in admin.create_topics(topics.iter(), &opts).await? {
-            match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => return Err(BusError::CreateTopic { topic, code }),
-            }
-        }
-        Ok(())
+        self.cfg.create_topics(&topics).await
     }
 
     async fn put(&self, m: Module, key: &str, value: Option<&[u8]>) -> Result<(), BusError> {
