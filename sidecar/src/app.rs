@@ -196,7 +196,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let records = std::mem::take(&mut opened.records);
     let journal = opened.start(chain, sinks)?;
     crate::ops::metrics::register_journal(&mut registry, &journal);
-    let mut tasks: Vec<JoinHandle<()>> = ledger.start(&journal).await?.into_iter().collect();
+    let mut tasks: Vec<JoinHandle<()>> = ledger
+        .start(
+            &journal,
+            Duration::from_millis(cfg.file.ledger_ship_every_ms),
+        )
+        .await?
+        .into_iter()
+        .collect();
     let auditor = Auditor::new(ledger.enabled().then(|| journal.clone()));
 
     let policy = ControlPolicy {

@@ -81,6 +81,10 @@ pub struct FileConfig {
     /// The transaction sender (TPU and relay routes, hot path, JSON-RPC); off without it.
     #[serde(default)]
     pub sender: Option<crate::sender::SenderConfig>,
+    /// The least time between two inserts of ledger rows into ClickHouse while
+    /// fewer than 1 000 wait (each insert is a part ClickHouse writes and merges).
+    #[serde(default = "default_ledger_ship_every")]
+    pub ledger_ship_every_ms: u64,
     /// Rows between two signed ledger checkpoints.
     #[serde(default = "default_checkpoint_rows")]
     pub checkpoint_every_rows: u64,
@@ -168,6 +172,9 @@ fn default_model_poll() -> u64 {
 
 fn default_checkpoint_rows() -> u64 {
     1000
+}
+fn default_ledger_ship_every() -> u64 {
+    200
 }
 fn default_checkpoint_secs() -> u64 {
     60
@@ -424,6 +431,9 @@ impl Config {
                 "must be 1..=64 letters, digits, '.', '_' or '-'",
             )
             .into());
+        }
+        if file.ledger_ship_every_ms > 10_000 {
+            return Err(OutOfBounds::new("ledger_ship_every_ms", "must be 0..=10000").into());
         }
         if let Some(l) = env("GW_SIDECAR_LISTEN") {
             file.listen = l

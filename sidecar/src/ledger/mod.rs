@@ -180,9 +180,11 @@ impl Ledger {
     /// Starts shipping to ClickHouse (after applying the migrations). When the
     /// chain was taken up from ClickHouse, its first row says so (written before
     /// this returns).
+    /// Inserts at most once per `ship_every` ([`Shipper::with_every`]).
     pub async fn start(
         &mut self,
         journal: &Journal,
+        ship_every: std::time::Duration,
     ) -> Result<Option<JoinHandle<()>>, LedgerError> {
         let (Some(client), Some(queue)) = (self.client.clone(), self.queue.clone()) else {
             return Ok(None);
@@ -198,7 +200,8 @@ impl Ledger {
             client.clone(),
             TABLE,
             &self.chain_id,
-        );
+        )
+        .with_every(ship_every);
         let checkpointer = self.checkpointer.take();
         let deferred = std::mem::take(&mut self.deferred);
         let (journal, chain_id) = (journal.clone(), self.chain_id.clone());

@@ -194,10 +194,16 @@ impl RowQueue {
         self.pending.set(i64::try_from(q.len()).unwrap_or(i64::MAX));
     }
 
-    fn batch(&self) -> Vec<LedgerRow> {
+    fn newest_seq(&self) -> Option<u64> {
+        self.rows.lock().back().map(|(_, r)| r.seq)
+    }
+
+    /// The oldest rows, up to [`MAX_BATCH_ROWS`] and seq `until`.
+    fn batch(&self, until: u64) -> Vec<LedgerRow> {
         self.rows
             .lock()
             .iter()
+            .take_while(|(_, r)| r.seq <= until)
             .take(MAX_BATCH_ROWS)
             .map(|(_, r)| r.clone())
             .collect()
@@ -316,7 +322,12 @@ pub struct Shipper {
     chain_id: String,
     /// Last seq ClickHouse holds, once known; and its hash.
     shipped: Option<(u64, [u8; 32])>,
+    /// The least time between two inserts (while fewer than [`SHIP_NOW_ROWS`] wait).
+    every: Duration,
 }
+
+/// Rows that are shipped at once, however recent the last insert.
+pub const SHIP_NOW_ROWS: usize = 1_000;
 
 impl Shipper {
     /// A shipper of `queue` (chain `chain_id`) into `table`.
@@ -335,7 +346,17 @@ impl Shipper {
             table: table.to_owned(),
             chain_id: chain_id.to_owned(),
             shipped: None,
+            every: Duration::ZERO,
         }
+    }
+
+    /// Inserts at most once per `every` while fewer than [`SHIP_NOW_ROWS`] rows
+    /// wait: every insert is a part ClickHouse writes and later merges, so many
+    /// small ones cost it more than the rows themselves. The rows wait in the
+    /// journal meanwhile (durable already); only their arrival in ClickHouse waits.
+    pub fn with_every(mut self, every: Duration) -> Shipper {
+        self.every = every;
+        self
     }
 
     /// Asks ClickHouse what it holds and drops that from the queue.
@@ -369,14 +390,19 @@ impl Shipper {
         Ok(())
     }
 
-    /// Ships what is queued, in batches: `Ok(rows shipped)`.
+    /// Ships what is queued, in batches: `Ok(rows shipped)`. Rows queued while it
+    /// ships wait for the next call (under load the inserts would otherwise shrink
+    /// to the few rows that arrive during one).
     pub async fn ship_once(&mut self) -> Result<usize, ShipError> {
         if self.shipped.is_none() {
             self.learn().await?;
         }
         let mut n = 0;
+        let Some(until) = self.queue.newest_seq() else {
+            return Ok(0);
+        };
         loop {
-            let batch = self.queue.batch();
+            let batch = self.queue.batch(until);
             let Some(last) = batch.last() else {
                 return Ok(n);
             };
@@ -398,16 +424,28 @@ impl Shipper {
         self.shipped
     }
 
-    /// Ships forever: after each wake-up (new rows, or a retry every 500 ms while
-    /// ClickHouse is away); checkpoints as they fall due.
+    /// Ships forever: after each wake-up (new rows, at most once per `every` unless
+    /// [`SHIP_NOW_ROWS`] wait, or a retry every 500 ms while ClickHouse is away);
+    /// checkpoints as they fall due.
     pub async fn run(mut self, mut checkpointer: Option<Checkpointer>) {
         let mut last_err = String::new();
         let mut last_cp_err = String::new();
         let queue = self.queue.clone();
+        let mut last_insert: Option<tokio::time::Instant> = None;
         loop {
+            if let Some(due) = last_insert.map(|t| t + self.every) {
+                if queue.len() < SHIP_NOW_ROWS {
+                    tokio::time::sleep_until(due).await;
+                }
+            }
             let woke = queue.grew.notified();
             match self.ship_once().await {
-                Ok(_) => last_err.clear(),
+                Ok(n) => {
+                    if n > 0 {
+                        last_insert = Some(tokio::time::Instant::now());
+                    }
+                    last_err.clear();
+                }
                 Err(e) => {
                     let e = e.to_string();
                     if e != last_err {
