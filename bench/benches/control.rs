@@ -167,9 +167,11 @@ struct Sent {
     failures: usize,
 }
 
+/// Sends `bodies` from `concurrency` clients, client `i` over `clients[i % len]`
+/// (a `reqwest::Client` is one HTTP/2 connection per host).
 fn fire(
     rt: &tokio::runtime::Runtime,
-    client: &reqwest::Client,
+    clients: &[reqwest::Client],
     url: &str,
     token: &str,
     bodies: Vec<Vec<u8>>,
@@ -179,10 +181,10 @@ fn fire(
         let queue = Arc::new(std::sync::Mutex::new(bodies.into_iter()));
         let t = Instant::now();
         let mut tasks = Vec::new();
-        for _ in 0..concurrency {
+        for i in 0..concurrency {
             let (queue, client, url, token) = (
                 queue.clone(),
-                client.clone(),
+                clients[i % clients.len()].clone(),
                 url.to_string(),
                 token.to_string(),
             );
@@ -294,13 +296,19 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     let port = gw.port;
     let _envoy = envoy::start_envoy_ready(&gw.config, gw.admin, dir);
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&certs.ca).expect("ca")).expect("pem");
-    let tls = reqwest::Client::builder()
-        .add_root_certificate(ca)
-        .http2_prior_knowledge()
-        .build()
-        .expect("client");
+    let client = || {
+        reqwest::Client::builder()
+            .add_root_certificate(ca.clone())
+            .http2_prior_knowledge()
+            .build()
+            .expect("client")
+    };
+    // 16 clients, each with its own connection; and one connection for all.
+    let tls: Vec<_> = (0..CONCURRENCY).map(|_| client()).collect();
+    let tls_one = &tls[..1];
     // Straight to the sidecar as the edge: mutual TLS with Envoy's certificate.
-    let direct = certs.edge_client();
+    let direct: Vec<_> = (0..CONCURRENCY).map(|_| certs.edge_client()).collect();
+    let direct_one = &direct[..1];
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -326,20 +334,26 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     );
     let mut runs = Vec::new();
     for round in 0..2 {
-        for (name, client, url) in [
-            ("through Envoy (HTTP/2+TLS, gw_edge)", &tls, &envoy_url),
+        for (name, clients, url) in [
+            ("through Envoy (HTTP/2+TLS, gw_edge)", &tls[..], &envoy_url),
             (
                 "straight to the sidecar (HTTP/2, mutual TLS)",
-                &direct,
+                &direct[..],
+                &direct_url,
+            ),
+            ("through Envoy, one connection", tls_one, &envoy_url),
+            (
+                "straight to the sidecar, one connection",
+                direct_one,
                 &direct_url,
             ),
         ] {
-            let s = fire(rt, client, url, &token, next(&mut nonce), CONCURRENCY);
+            let s = fire(rt, clients, url, &token, next(&mut nonce), CONCURRENCY);
             assert_eq!(s.failures, 0, "{name}: {} commands not applied", s.failures);
             runs.push((round, name, s));
         }
     }
-    println!("\n## commands/s end to end ({COMMANDS} distinct signed commands, {CONCURRENCY} concurrent, each applied and audited)");
+    println!("\n## commands/s end to end ({COMMANDS} distinct signed commands, {CONCURRENCY} concurrent clients each on its own HTTP/2 connection, or all on one; each applied and audited)");
     println!("| path | round | commands/s | p50 ms | p99 ms |");
     println!("|---|---:|---:|---:|---:|");
     let mut best = std::collections::BTreeMap::new();

@@ -16,7 +16,7 @@
 //! checkpoint, and an agent that is assigned the module's partition (at start, or
 //! taking it over from another node) continues from the latest checkpoint.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -105,6 +105,23 @@ pub struct Applied {
     pub expires: u64,
 }
 
+/// What a delivery of a batch came to, until the batch is durable.
+enum Decided {
+    /// Nothing to write.
+    Done(Handled),
+    /// Refused; `has_row`: audited.
+    Rejected { r: Reject, has_row: bool },
+    /// Applied before; announced with the state as of its place in the batch.
+    Duplicate {
+        issuer: String,
+        nonce: u64,
+        state: ModuleState,
+        has_row: bool,
+    },
+    /// Applied.
+    Applied { a: Box<Applied>, has_row: bool },
+}
+
 /// One module's agent state machine.
 #[derive(Debug, Clone)]
 pub struct AgentCore {
@@ -142,6 +159,19 @@ impl AgentCore {
 
     /// Decides on one delivery at `now` (unix seconds: the key's validity).
     pub fn decide(&self, d: &Delivery, now: u64) -> Step {
+        self.decide_after(&self.state, &BTreeSet::new(), d, now)
+    }
+
+    /// Decides on `d` as if the module's state were `state` and the nonces
+    /// `pending` (issuer, nonce) were applied too: the deliveries before it in a
+    /// batch that is not durable yet.
+    pub fn decide_after(
+        &self,
+        state: &ModuleState,
+        pending: &BTreeSet<(String, u64)>,
+        d: &Delivery,
+        now: u64,
+    ) -> Step {
         if d.key != self.module.as_str().as_bytes() {
             return Step::NotMine;
         }
@@ -150,12 +180,14 @@ impl AgentCore {
             Err(r) => return Step::Refuse(r),
         };
         let c = &v.command;
-        if self.applied.get(&c.issuer, c.nonce, now).is_some() {
+        if self.applied.get(&c.issuer, c.nonce, now).is_some()
+            || pending.contains(&(c.issuer.clone(), c.nonce))
+        {
             return Step::Duplicate(Box::new(v.command));
         }
         let expires =
             gw_core::replay::expiry(c.ts, self.policy.max_skew).max(now) + self.dedup_secs;
-        let mut state = self.state.clone();
+        let mut state = state.clone();
         state.apply(v.action, &v.args, &c.request_id);
         Step::Apply(Box::new(Applied {
             verified: v,
@@ -272,6 +304,12 @@ async fn put_nonce(store: &KafkaState, m: Module, n: &StoredNonce) {
     }
 }
 
+/// Most deliveries an agent decides on in one journal transaction.
+const MAX_BATCH: usize = 64;
+/// And most command bytes (a row holds a command twice, in hex: far below
+/// [`journal::MAX_RECORD_BYTES`]).
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
 /// The journal hold of a module's agent.
 fn hold_name(m: Module) -> &'static str {
     match m {
@@ -314,24 +352,27 @@ impl Agent {
                             note(*p, *lsn);
                         }
                     }
-                    journal::Entry::Agent(a) if a.module == module => {
-                        if let Some(st) = &a.state {
-                            state = st.clone();
-                            state_lsn = Some(*lsn);
-                        }
-                        if let Some(n) = &a.applied {
-                            let seq = super::replay_store::applied_seq(t);
-                            let _ = applied.insert(&n.issuer, n.nonce, n.expires, seq, now);
-                            applied_lsns.insert(*lsn, n.expires);
-                        }
-                        if let Some(o) = a.offset {
-                            next_offset = Some(o + 1);
-                        }
-                        if let Some(p) = a.kafka {
-                            note(p, *lsn);
-                        }
-                    }
                     _ => {}
+                }
+            }
+            for (a, seq) in t.agent_entries() {
+                if a.module != module {
+                    continue;
+                }
+                if let Some(st) = &a.state {
+                    state = st.clone();
+                    state_lsn = Some(*lsn);
+                }
+                if let Some(n) = &a.applied {
+                    let _ = applied.insert(&n.issuer, n.nonce, n.expires, seq, now);
+                    let e = applied_lsns.entry(*lsn).or_insert(0);
+                    *e = (*e).max(n.expires);
+                }
+                if let Some(o) = a.offset {
+                    next_offset = Some(o + 1);
+                }
+                if let Some(p) = a.kafka {
+                    note(p, *lsn);
                 }
             }
         }
@@ -382,29 +423,36 @@ impl Agent {
         })
     }
 
-    /// Makes what was decided about `d` durable: its row, and the agent entry (the
-    /// consumed offset on the embedded bus; the state and nonce when applied).
-    async fn commit(
-        &mut self,
-        row: Option<journal::Entry>,
+    /// The agent entry of `d`: the consumed offset on the embedded bus, the Kafka
+    /// position, the state after it and the nonce it applied.
+    fn agent_entry(
+        &self,
         d: &Delivery,
         state: Option<ModuleState>,
         applied: Option<AppliedNonce>,
-    ) -> Result<journal::Committed, RetryLater> {
-        let offset = self
-            .env
-            .embedded_bus
-            .then(|| u64::try_from(d.position.offset).unwrap_or(0));
-        let mut entries: Vec<journal::Entry> = row.into_iter().collect();
-        entries.push(journal::Entry::Agent(AgentEntry {
+    ) -> journal::Entry {
+        journal::Entry::Agent(AgentEntry {
             module: self.core.module,
             kafka: self.kafka.is_some().then_some(d.position),
-            offset,
+            offset: self
+                .env
+                .embedded_bus
+                .then(|| u64::try_from(d.position.offset).unwrap_or(0)),
             state,
             applied,
-        }));
+        })
+    }
+
+    /// Makes what was decided durable in one journal transaction: each delivery's
+    /// row, then its agent entry (`entries`), `last` being the last delivery.
+    async fn commit(
+        &mut self,
+        entries: Vec<journal::Entry>,
+        last: &Delivery,
+    ) -> Result<journal::Committed, RetryLater> {
+        let txn = Txn::of(entries);
         let c = loop {
-            match self.env.journal.commit(Txn::of(entries.clone())).await {
+            match self.env.journal.commit(txn.clone()).await {
                 Ok(c) => break c,
                 // Kafka: the checkpoint already says this delivery was handled (it
                 // will not come again): the row must be written, so wait for the disk.
@@ -415,97 +463,179 @@ impl Agent {
                 Err(e) => return Err(e.into()),
             }
         };
-        if let Some(o) = offset {
-            self.next_offset = Some(o + 1);
+        if self.env.embedded_bus {
+            self.next_offset = Some(u64::try_from(last.position.offset).unwrap_or(0) + 1);
         }
         if let Some(k) = &mut self.kafka {
             let o = k
                 .journalled
-                .entry(d.position.partition)
-                .or_insert(d.position.offset);
-            *o = (*o).max(d.position.offset);
+                .entry(last.position.partition)
+                .or_insert(last.position.offset);
+            *o = (*o).max(last.position.offset);
             k.journalled_lsn = Some(c.lsn);
             self.release(crate::now_secs());
         }
         Ok(c)
     }
 
-    /// Handles one delivery. `Err` means "not done, retry later" (the journal could
-    /// not be written); the offset must not be committed.
-    pub async fn handle(&mut self, d: &Delivery, now: u64) -> Result<Handled, RetryLater> {
-        if self.kafka.as_ref().is_some_and(|k| {
-            k.checkpoint
-                .next
-                .get(&d.position.partition)
-                .is_some_and(|next| d.position.offset < *next)
-        }) {
-            return Ok(Handled::Seen);
+    /// Handles a batch of deliveries in order: decides each against the state the
+    /// ones before it leave, makes every decision durable in one journal
+    /// transaction (one fsync for the batch), then applies and announces them.
+    /// `Err` means "none done, retry later" (the journal could not be written);
+    /// no offset may be committed. On the Kafka bus a batch holds one delivery:
+    /// its checkpoint in Kafka names one decision per node.
+    pub async fn handle(
+        &mut self,
+        batch: &[Delivery],
+        now: u64,
+    ) -> Result<Vec<Handled>, RetryLater> {
+        let mut state = self.core.state().clone();
+        let mut pending = BTreeSet::new();
+        let mut entries = Vec::new();
+        let mut decided = Vec::with_capacity(batch.len());
+        let mut last_written = None;
+        for d in batch {
+            if self.kafka.as_ref().is_some_and(|k| {
+                k.checkpoint
+                    .next
+                    .get(&d.position.partition)
+                    .is_some_and(|next| d.position.offset < *next)
+            }) {
+                decided.push(Decided::Done(Handled::Seen));
+                continue;
+            }
+            let step = self.core.decide_after(&state, &pending, d, now);
+            let (row, entry, next) = match step {
+                Step::NotMine => {
+                    decided.push(Decided::Done(Handled::NotMine));
+                    continue;
+                }
+                Step::Refuse(r) => {
+                    self.checkpoint(d, "rejected", Some(r.code), None, None)
+                        .await?;
+                    let row = self.row(Decision::Rejected, Some(r.code), d, None);
+                    let has_row = row.is_some();
+                    let entry = self.agent_entry(d, None, None);
+                    (row, entry, Decided::Rejected { r, has_row })
+                }
+                Step::Duplicate(c) => {
+                    self.checkpoint(d, "duplicate", Some(Code::Replay), None, None)
+                        .await?;
+                    let row = self.row(Decision::Duplicate, Some(Code::Replay), d, Some(&c));
+                    // Applied before this batch: the replay guard learns it (applied
+                    // in this batch: the entry that applied it says so).
+                    let known =
+                        self.core
+                            .applied
+                            .get(&c.issuer, c.nonce, now)
+                            .map(|s| AppliedNonce {
+                                issuer: c.issuer.clone(),
+                                nonce: c.nonce,
+                                expires: s.expires,
+                                seq: s.value,
+                            });
+                    let has_row = row.is_some();
+                    let entry = self.agent_entry(d, None, known);
+                    let next = Decided::Duplicate {
+                        issuer: c.issuer,
+                        nonce: c.nonce,
+                        state: state.clone(),
+                        has_row,
+                    };
+                    (row, entry, next)
+                }
+                Step::Apply(a) => {
+                    let c = &a.verified.command;
+                    let stored = StoredNonce {
+                        issuer: c.issuer.clone(),
+                        nonce: c.nonce,
+                        expires: a.expires,
+                        chain: self.env.chain.clone(),
+                    };
+                    self.checkpoint(d, "applied", None, Some(a.state.clone()), Some(stored))
+                        .await?;
+                    let row = self.row(Decision::Applied, None, d, Some(c));
+                    let nonce = AppliedNonce {
+                        issuer: c.issuer.clone(),
+                        nonce: c.nonce,
+                        expires: a.expires,
+                        seq: 0,
+                    };
+                    let entry = self.agent_entry(d, Some(a.state.clone()), Some(nonce));
+                    pending.insert((c.issuer.clone(), c.nonce));
+                    state = a.state.clone();
+                    let has_row = row.is_some();
+                    (row, entry, Decided::Applied { a, has_row })
+                }
+            };
+            entries.extend(row);
+            entries.push(entry);
+            decided.push(next);
+            last_written = Some(d);
         }
-        match self.core.decide(d, now) {
-            Step::NotMine => Ok(Handled::NotMine),
-            Step::Refuse(r) => {
-                self.checkpoint(d, "rejected", Some(r.code), None, None)
-                    .await?;
-                let row = self.row(Decision::Rejected, Some(r.code), d, None);
-                let c = self.commit(row, d, None, None).await?;
-                let code = r.code;
-                self.announce_raw(d, Err(r), c.rows.first().map_or(0, |r| r.seq));
-                Ok(Handled::Rejected(code))
+        let committed = match last_written {
+            Some(last) => Some(self.commit(entries, last).await?),
+            None => None,
+        };
+        // Durable: apply and announce in order, each with its row's seq.
+        let lsn = committed.as_ref().map(|c| c.lsn);
+        let mut rows = committed.iter().flat_map(|c| c.rows.iter());
+        let mut seq_of = |has_row: bool| {
+            if has_row {
+                rows.next().map_or(0, |r| r.seq)
+            } else {
+                0
             }
-            Step::Duplicate(c) => {
-                self.checkpoint(d, "duplicate", Some(Code::Replay), None, None)
-                    .await?;
-                let row = self.row(Decision::Duplicate, Some(Code::Replay), d, Some(&c));
-                // Known applied (the replay guard learns it): a request waiting on
-                // this copy is told it was applied, earlier.
-                let seq = self
-                    .core
-                    .applied
-                    .get(&c.issuer, c.nonce, now)
-                    .map_or(0, |s| s.value);
-                let known = AppliedNonce {
-                    issuer: c.issuer.clone(),
-                    nonce: c.nonce,
-                    expires: self.applied_expiry(&c.issuer, c.nonce, now),
-                    seq,
-                };
-                self.commit(row, d, None, Some(known)).await?;
-                let state = self.core.state().clone();
-                self.announce(d, c.issuer, c.nonce, Ok(state), seq);
-                Ok(Handled::Duplicate)
-            }
-            Step::Apply(a) => {
-                let c = &a.verified.command;
-                let stored = StoredNonce {
-                    issuer: c.issuer.clone(),
-                    nonce: c.nonce,
-                    expires: a.expires,
-                    chain: self.env.chain.clone(),
-                };
-                self.checkpoint(d, "applied", None, Some(a.state.clone()), Some(stored))
-                    .await?;
-                let row = self.row(Decision::Applied, None, d, Some(c));
-                let nonce = AppliedNonce {
-                    issuer: c.issuer.clone(),
-                    nonce: c.nonce,
-                    expires: a.expires,
-                    seq: 0,
-                };
-                let (issuer, n, state) = (c.issuer.clone(), c.nonce, a.state.clone());
-                let done = self
-                    .commit(row, d, Some(state.clone()), Some(nonce))
-                    .await?;
-                let seq = done.rows.first().map_or(0, |r| r.seq);
-                self.core.commit(*a, seq, now);
-                self.state_lsn = Some(done.lsn);
-                self.applied_lsns
-                    .insert(done.lsn, self.applied_expiry(&issuer, n, now));
-                self.release(now);
-                self.env.modules.set(self.core.module, state.clone());
-                self.announce(d, issuer, n, Ok(state), seq);
-                Ok(Handled::Applied)
+        };
+        let mut out = Vec::with_capacity(decided.len());
+        let mut changed = None;
+        for (d, x) in batch.iter().zip(decided) {
+            match x {
+                Decided::Done(h) => out.push(h),
+                Decided::Rejected { r, has_row } => {
+                    let code = r.code;
+                    self.announce_raw(d, Err(r), seq_of(has_row));
+                    out.push(Handled::Rejected(code));
+                }
+                Decided::Duplicate {
+                    issuer,
+                    nonce,
+                    state,
+                    has_row,
+                } => {
+                    seq_of(has_row);
+                    // Known applied (earlier, or earlier in this batch): a request
+                    // waiting on this copy is told it was applied.
+                    let seq = self
+                        .core
+                        .applied
+                        .get(&issuer, nonce, now)
+                        .map_or(0, |s| s.value);
+                    self.announce(d, issuer, nonce, Ok(state), seq);
+                    out.push(Handled::Duplicate);
+                }
+                Decided::Applied { a, has_row } => {
+                    let seq = seq_of(has_row);
+                    let c = &a.verified.command;
+                    let (issuer, n, state) = (c.issuer.clone(), c.nonce, a.state.clone());
+                    let expires = a.expires;
+                    self.core.commit(*a, seq, now);
+                    if let Some(l) = lsn {
+                        self.state_lsn = Some(l);
+                        let e = self.applied_lsns.entry(l).or_insert(0);
+                        *e = (*e).max(expires);
+                    }
+                    self.announce(d, issuer, n, Ok(state.clone()), seq);
+                    changed = Some(state);
+                    out.push(Handled::Applied);
+                }
             }
         }
+        if let Some(state) = changed {
+            self.env.modules.set(self.core.module, state);
+        }
+        self.release(now);
+        Ok(out)
     }
 
     /// Kafka bus: makes the decision on `d` the module's checkpoint in Kafka (the
@@ -652,7 +782,9 @@ impl Agent {
         };
         let row = self.row(decision, code, &d, command.as_ref());
         tracing::warn!(module = self.core.module.as_str(), position = ?last.position, outcome = %last.outcome, "writing the ledger row a crash lost");
-        if let Err(e) = self.commit(row, &d, None, applied).await {
+        let mut entries: Vec<journal::Entry> = row.into_iter().collect();
+        entries.push(self.agent_entry(&d, None, applied));
+        if let Err(e) = self.commit(entries, &d).await {
             tracing::warn!(error = %e, "ledger row not written again");
         }
     }
@@ -669,13 +801,6 @@ impl Agent {
         if let Err(e) = k.store.forget(module, &expired).await {
             tracing::debug!(error = %e, "expired nonce records not tombstoned");
         }
-    }
-
-    fn applied_expiry(&self, issuer: &str, nonce: u64, now: u64) -> u64 {
-        self.core
-            .applied
-            .get(issuer, nonce, now)
-            .map_or(now, |s| s.expires)
     }
 
     /// Tells the journal what this agent still needs: the record of its state and
@@ -814,17 +939,27 @@ impl Agent {
                     continue;
                 }
             };
+            // What else is ready (the embedded bus): one journal transaction for all.
+            let mut batch = vec![d];
+            let mut bytes = batch[0].payload.len();
+            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                let Some(more) = consumer.ready() else { break };
+                bytes += more.payload.len();
+                batch.push(more);
+            }
             let mut handled = false;
             loop {
                 // Kafka: a partition taken away meanwhile (a rebalance) belongs to
                 // another node's agent now; it continues from the checkpoint.
-                if !consumer.owns(&d) {
+                if let Some(d) = batch.iter().find(|d| !consumer.owns(d)) {
                     tracing::info!(position = ?d.position, "partition no longer assigned: left to its new owner");
                     break;
                 }
-                match self.handle(&d, crate::now_secs()).await {
-                    Ok(h) => {
-                        self.env.metrics.agent(name, h.as_str());
+                match self.handle(&batch, crate::now_secs()).await {
+                    Ok(hs) => {
+                        for h in hs {
+                            self.env.metrics.agent(name, h.as_str());
+                        }
                         handled = true;
                         break;
                     }
@@ -840,10 +975,10 @@ impl Agent {
                 }
                 tokio::time::sleep(pause).await;
             }
-            if !handled {
+            let Some(d) = batch.last().filter(|_| handled) else {
                 continue;
-            }
-            while let Err(e) = consumer.commit(&d).await {
+            };
+            while let Err(e) = consumer.commit(d).await {
                 log_once(format!("commit: {e}"));
                 tokio::time::sleep(pause).await;
             }
@@ -861,7 +996,7 @@ mod tests {
 
     const NOW: u64 = 1_750_000_000;
 
-    fn core() -> AgentCore {
+    fn policy() -> ControlPolicy {
         let mut keyring = KeyRing::new();
         keyring
             .insert(gw_core::keyring::CommandKey::unrestricted(
@@ -869,13 +1004,17 @@ mod tests {
                 testkit::fixtures::command_key().verifying_key(),
             ))
             .unwrap();
+        ControlPolicy {
+            keyring,
+            max_skew: 30,
+            max_body: 4096,
+        }
+    }
+
+    fn core() -> AgentCore {
         AgentCore::new(
             Module::Mev,
-            ControlPolicy {
-                keyring,
-                max_skew: 30,
-                max_body: 4096,
-            },
+            policy(),
             ModuleState::default(),
             NonceBook::new(Limits::default()),
             600,
@@ -957,5 +1096,105 @@ mod tests {
             panic!("not refused")
         };
         assert_eq!(r.code, Code::TooLarge);
+    }
+
+    /// A batch of deliveries is decided in order (a nonce twice in one batch is
+    /// applied once), made durable in one journal transaction, and a restart
+    /// rebuilds the same state and applied nonces, each with its own row's seq.
+    #[tokio::test]
+    async fn a_batch_is_one_transaction_and_a_restart_rebuilds_it() {
+        use crate::journal::Options;
+        use gw_core::ledger::Chain;
+
+        let d = testkit::TempDir::new("agent-batch");
+        let now = crate::now_secs();
+        let opened = Journal::open(d.path(), Options::default()).unwrap();
+        let journal = opened
+            .start(Some(Chain::new("node-1")), Vec::new())
+            .unwrap();
+        let (acks, mut heard) = broadcast::channel(16);
+        let env = AgentEnv {
+            policy: policy(),
+            journal: journal.clone(),
+            embedded_bus: true,
+            limits: Limits::default(),
+            dedup_secs: 600,
+            modules: ModuleTable::new(),
+            auditor: Auditor::new(Some(journal.clone())),
+            acks,
+            metrics: ControlMetrics::default(),
+            kafka_state: None,
+            chain: "node-1".into(),
+        };
+        let mut agent = Agent::open(Module::Mev, &env, &[]);
+        let at = |offset: i64, payload: Vec<u8>| Delivery {
+            position: Position {
+                partition: 0,
+                offset,
+            },
+            ..delivery("mev", payload)
+        };
+        let first = testkit::fixtures::signed_command(1, Action::Start, now, "dashboard", &[]);
+        let throttle = testkit::fixtures::signed_command(
+            2,
+            Action::Throttle,
+            now,
+            "dashboard",
+            &[("throttle_pct", "40")],
+        );
+        let batch = [at(0, first.clone()), at(1, first), at(2, throttle)];
+        let handled = agent.handle(&batch, now).await.unwrap();
+        assert_eq!(
+            handled,
+            vec![Handled::Applied, Handled::Duplicate, Handled::Applied]
+        );
+        let told: Vec<(u64, u64, bool)> = (0..3)
+            .map(|_| {
+                let a = heard.try_recv().unwrap();
+                (a.nonce, a.seq, a.outcome.is_ok())
+            })
+            .collect();
+        // Rows 1 (applied), 2 (duplicate), 3 (applied): the copy is told row 1.
+        assert_eq!(told, vec![(1, 1, true), (1, 1, true), (2, 3, true)]);
+        let state = env.modules.get(Module::Mev);
+        assert_eq!(state.state, RunState::Running);
+        assert_eq!(state.applied, 2);
+        assert_eq!(agent.next_offset, Some(3));
+
+        drop((agent, env, journal));
+        let opened = Journal::open(d.path(), Options::default()).unwrap();
+        let records = opened.records.clone();
+        let agents: Vec<_> = records
+            .iter()
+            .filter(|(_, t)| !t.agent_entries().is_empty())
+            .collect();
+        assert_eq!(agents.len(), 1, "one transaction for the batch");
+        let seqs: Vec<u64> = agents[0]
+            .1
+            .agent_entries()
+            .iter()
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(seqs, vec![1, 0, 3]);
+        let journal = opened.start(None, Vec::new()).unwrap();
+        let (acks, _) = broadcast::channel(16);
+        let env = AgentEnv {
+            policy: policy(),
+            journal: journal.clone(),
+            embedded_bus: true,
+            limits: Limits::default(),
+            dedup_secs: 600,
+            modules: ModuleTable::new(),
+            auditor: Auditor::new(None),
+            acks,
+            metrics: ControlMetrics::default(),
+            kafka_state: None,
+            chain: "node-1".into(),
+        };
+        let again = Agent::open(Module::Mev, &env, &records);
+        assert_eq!(again.core.state(), &state);
+        assert_eq!(again.next_offset, Some(3));
+        let seq = |n| again.core.applied.get("dashboard", n, now).map(|s| s.value);
+        assert_eq!((seq(1), seq(2)), (Some(1), Some(3)));
     }
 }

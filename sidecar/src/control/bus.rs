@@ -827,6 +827,19 @@ impl BusConsumer {
         }
     }
 
+    /// The next delivery if one is ready now (the embedded bus; always `None` on
+    /// Kafka, whose agents take one delivery at a time).
+    pub fn ready(&mut self) -> Option<Delivery> {
+        match self {
+            BusConsumer::InProcess { bus, module, next } => {
+                let d = bus.read(*module, *next)?;
+                *next = u64::try_from(d.position.offset).unwrap_or(0) + 1;
+                Some(d)
+            }
+            BusConsumer::Kafka { .. } => None,
+        }
+    }
+
     /// Commits `d` (and everything before it in its partition) for this group
     /// (Kafka: sent asynchronously, never blocks).
     pub async fn commit(&self, d: &Delivery) -> Result<(), BusError> {

@@ -99,12 +99,12 @@ impl ReplayStore {
                     }
                     self.positions.insert(lsn, n.expires);
                 }
-                journal::Entry::Agent(a) => {
-                    if let Some(n) = &a.applied {
-                        self.mark_applied(&n.issuer, n.nonce, applied_seq(t), now);
-                    }
-                }
                 _ => {}
+            }
+        }
+        for (a, seq) in t.agent_entries() {
+            if let Some(n) = &a.applied {
+                self.mark_applied(&n.issuer, n.nonce, seq, now);
             }
         }
         self.release(now);
@@ -178,11 +178,6 @@ fn row_seq(t: &Txn, stage: Stage, decision: Decision) -> u64 {
 /// The seq of the sidecar's `accepted` row in a transaction (0 when none).
 fn accepted_seq(t: &Txn) -> u64 {
     row_seq(t, Stage::Sidecar, Decision::Accepted)
-}
-
-/// The seq of the agent's `applied` row in a transaction (0 when none).
-pub fn applied_seq(t: &Txn) -> u64 {
-    row_seq(t, Stage::Agent, Decision::Applied)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! writer as it writes them, so the chain's order is the journal's.
 
 use gw_core::contract::Requester;
-use gw_core::ledger::LedgerRow;
+use gw_core::ledger::{Decision, LedgerRow, Stage};
 use gw_core::module_state::ModuleState;
 use gw_core::replay::Digest;
 use gw_core::Module;
@@ -170,6 +170,28 @@ impl Txn {
     /// A transaction of `entries`.
     pub fn of(entries: Vec<Entry>) -> Txn {
         Txn { entries }
+    }
+
+    /// Each agent entry with the seq of the row that says its nonce was applied:
+    /// its own `applied` row (an agent writes a delivery's row, then its entry; one
+    /// transaction may hold several deliveries), else the seq the nonce was known
+    /// applied with (a duplicate), else 0.
+    pub fn agent_entries(&self) -> Vec<(&AgentEntry, u64)> {
+        let mut out = Vec::new();
+        let mut row = None;
+        for e in &self.entries {
+            match e {
+                Entry::Row(r) if r.stage == Stage::Agent.as_str() => {
+                    row = (r.decision == Decision::Applied.as_str()).then_some(r.seq);
+                }
+                Entry::Agent(a) => {
+                    let known = a.applied.as_ref().map_or(0, |n| n.seq);
+                    out.push((a, row.take().unwrap_or(known)));
+                }
+                _ => {}
+            }
+        }
+        out
     }
 
     /// The record's bytes: a version byte, then JSON.
