@@ -102,6 +102,8 @@ fn ledger_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         // The same sealed rows, as the raw insert will send them.
         assert_eq!(queue.len() as u64, LEDGER_ROWS);
         let mut shipper = Shipper::new(queue, journal.clone(), client.clone(), &ours, "bench");
+        // Steady state: the chain's head in ClickHouse is known (asked once at start).
+        rt.block_on(shipper.learn()).expect("learn");
         let mut sealed = sealed.into_inner();
         sealed.sort_by_key(|r| r.seq);
         let raw_rows: Vec<DecisionRow> = sealed.iter().map(DecisionRow::from).collect();

@@ -78,6 +78,61 @@ impl From<&LedgerRow> for DecisionRow {
     }
 }
 
+/// A [`DecisionRow`] borrowed from a [`LedgerRow`]: what shipping writes (no copy
+/// of the row's strings).
+#[derive(Debug, clickhouse::Row, Serialize)]
+struct DecisionRowRef<'a> {
+    chain_id: &'a str,
+    seq: u64,
+    ts_ms: u64,
+    stage: &'a str,
+    decision: &'a str,
+    code: &'a str,
+    request_id: &'a str,
+    issuer: &'a str,
+    module: &'a str,
+    action: &'a str,
+    pubkey_id: &'a str,
+    sig_alg: &'a str,
+    nonce: u64,
+    args_json: &'a str,
+    raw_hex: &'a str,
+    requester: &'a str,
+    requester_roles: &'a str,
+    token_issuer: &'a str,
+    route: &'a str,
+    prev_hash: &'a str,
+    row_hash: &'a str,
+}
+
+impl<'a> From<&'a LedgerRow> for DecisionRowRef<'a> {
+    fn from(r: &'a LedgerRow) -> Self {
+        DecisionRowRef {
+            chain_id: &r.chain_id,
+            seq: r.seq,
+            ts_ms: r.ts_ms,
+            stage: &r.stage,
+            decision: &r.decision,
+            code: &r.code,
+            request_id: &r.request_id,
+            issuer: &r.issuer,
+            module: &r.module,
+            action: &r.action,
+            pubkey_id: &r.pubkey_id,
+            sig_alg: &r.sig_alg,
+            nonce: r.nonce,
+            args_json: &r.args_json,
+            raw_hex: &r.raw_hex,
+            requester: &r.requester,
+            requester_roles: &r.requester_roles,
+            token_issuer: &r.token_issuer,
+            route: &r.route,
+            prev_hash: &r.prev_hash,
+            row_hash: &r.row_hash,
+        }
+    }
+}
+
 impl From<DecisionRow> for LedgerRow {
     fn from(r: DecisionRow) -> Self {
         LedgerRow {
@@ -306,9 +361,9 @@ pub async fn insert(
     let client = client
         .clone()
         .with_setting("insert_deduplication_token", token);
-    let mut ins = client.insert::<DecisionRow>(table).await?;
+    let mut ins = client.insert::<DecisionRowRef<'_>>(table).await?;
     for r in rows {
-        ins.write(&DecisionRow::from(r)).await?;
+        ins.write(&DecisionRowRef::from(r)).await?;
     }
     ins.end().await
 }
@@ -359,8 +414,9 @@ impl Shipper {
         self
     }
 
-    /// Asks ClickHouse what it holds and drops that from the queue.
-    async fn learn(&mut self) -> Result<(), ShipError> {
+    /// Asks ClickHouse what it holds and drops that from the queue (the first
+    /// [`Self::ship_once`] does it when not done).
+    pub async fn learn(&mut self) -> Result<(), ShipError> {
         let head = stored_head(&self.client, &self.table, &self.chain_id).await?;
         let (seq, hash) = match head {
             Some((seq, h)) => (
