@@ -27,7 +27,7 @@ const LEDGER_ROWS: u64 = 5_000;
 const COMMANDS: u64 = 1_000;
 const CONCURRENCY: usize = 16;
 /// Commands per round of the one-at-a-time measurement.
-const SEQUENTIAL: usize = 200;
+const SEQUENTIAL: usize = 1000;
 
 /// The statements of `sql/11` for a table named `table`.
 fn ddl(table: &str) -> Vec<String> {

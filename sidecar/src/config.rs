@@ -69,6 +69,12 @@ pub struct FileConfig {
     /// tables is enough (`gw-sidecar --setup-clickhouse` creates them as an admin).
     #[serde(default)]
     pub clickhouse_user: Option<String>,
+    /// The OS priority (nice, 0..=19) ClickHouse runs the sidecar's queries at
+    /// (ClickHouse's `os_thread_priority`): the ledger's inserts are background
+    /// work, and a ClickHouse on the gateway's host should yield to it. 0 leaves
+    /// the setting out.
+    #[serde(default = "default_clickhouse_nice")]
+    pub clickhouse_nice: u8,
     /// Kafka for the command bus; without it the embedded in-process bus is used.
     #[serde(default)]
     pub kafka: Option<crate::control::bus::KafkaConfig>,
@@ -172,6 +178,9 @@ fn default_model_poll() -> u64 {
 
 fn default_checkpoint_rows() -> u64 {
     1000
+}
+fn default_clickhouse_nice() -> u8 {
+    19
 }
 fn default_ledger_ship_every() -> u64 {
     200
@@ -352,6 +361,9 @@ fn client(file: &FileConfig, password: Option<&str>) -> Option<clickhouse::Clien
     if let Some(p) = password {
         c = c.with_password(p.to_owned());
     }
+    if file.clickhouse_nice != 0 {
+        c = c.with_setting("os_thread_priority", file.clickhouse_nice.to_string());
+    }
     Some(c)
 }
 
@@ -431,6 +443,9 @@ impl Config {
                 "must be 1..=64 letters, digits, '.', '_' or '-'",
             )
             .into());
+        }
+        if file.clickhouse_nice > 19 {
+            return Err(OutOfBounds::new("clickhouse_nice", "must be 0..=19").into());
         }
         if file.ledger_ship_every_ms > 10_000 {
             return Err(OutOfBounds::new("ledger_ship_every_ms", "must be 0..=10000").into());
