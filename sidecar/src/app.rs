@@ -200,6 +200,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .start(
             &journal,
             Duration::from_millis(cfg.file.ledger_ship_every_ms),
+            cfg.file.clickhouse_nice,
         )
         .await?
         .into_iter()

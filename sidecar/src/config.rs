@@ -69,10 +69,11 @@ pub struct FileConfig {
     /// tables is enough (`gw-sidecar --setup-clickhouse` creates them as an admin).
     #[serde(default)]
     pub clickhouse_user: Option<String>,
-    /// The OS priority (nice, 0..=19) ClickHouse runs the sidecar's queries at
-    /// (ClickHouse's `os_thread_priority`): the ledger's inserts are background
-    /// work, and a ClickHouse on the gateway's host should yield to it. 0 leaves
-    /// the setting out.
+    /// The OS priority (nice, 0..=19) ClickHouse runs the ledger's inserts at
+    /// (ClickHouse's `os_thread_priority`, applied by a server with `CAP_SYS_NICE`):
+    /// they are background work, and a ClickHouse on the gateway's host should
+    /// yield to it. 0 leaves the setting out; a server that refuses it gets the
+    /// inserts without it (logged).
     #[serde(default = "default_clickhouse_nice")]
     pub clickhouse_nice: u8,
     /// Kafka for the command bus; without it the embedded in-process bus is used.
@@ -361,9 +362,6 @@ fn client(file: &FileConfig, password: Option<&str>) -> Option<clickhouse::Clien
     if let Some(p) = password {
         c = c.with_password(p.to_owned());
     }
-    if file.clickhouse_nice != 0 {
-        c = c.with_setting("os_thread_priority", file.clickhouse_nice.to_string());
-    }
     Some(c)
 }
 
@@ -577,5 +575,45 @@ impl Config {
             ledger_key,
             clickhouse_password,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(json: &str) -> Result<Config, ConfigError> {
+        let pk = hex::encode(testkit::fixtures::command_key().verifying_key().as_bytes());
+        let env = move |k: &str| match k {
+            "CTRL_PUBKEY_HEX" => Some(pk.clone()),
+            "CTRL_PUBKEY_ID" => Some("op-admin-1".to_owned()),
+            "GW_SIDECAR_INSECURE_PLAINTEXT" => Some("1".to_owned()),
+            _ => None,
+        };
+        Config::from_json(json, std::path::Path::new("test.json"), &env)
+    }
+
+    #[test]
+    fn values_out_of_bounds_are_refused_by_their_key() {
+        for (json, key) in [
+            (r#"{"ledger_ship_every_ms": 10001}"#, "ledger_ship_every_ms"),
+            (r#"{"clickhouse_nice": 20}"#, "clickhouse_nice"),
+            (r#"{"node_id": "a b"}"#, "node_id"),
+        ] {
+            match with(json) {
+                Err(ConfigError::OutOfBounds(e)) => assert_eq!(e.key, key, "{json}"),
+                other => panic!("{json}: {:?}", other.err()),
+            }
+        }
+        let c = with(r#"{"ledger_ship_every_ms": 0, "clickhouse_nice": 0}"#).unwrap();
+        assert_eq!(
+            (c.file.ledger_ship_every_ms, c.file.clickhouse_nice),
+            (0, 0)
+        );
+        let c = with("{}").unwrap();
+        assert_eq!(
+            (c.file.ledger_ship_every_ms, c.file.clickhouse_nice),
+            (200, 19)
+        );
     }
 }

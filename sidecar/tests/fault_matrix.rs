@@ -589,6 +589,14 @@ fn clickhouse_outage(rig: &mut Rig, label: &str, kafka: bool) {
             "{label}: command {n} with ClickHouse down: {a:?}"
         );
     }
+    if kafka {
+        // Let the consumer group settle first. tansu 0.6.0 keeps a member killed
+        // between its JoinGroup and SyncGroup as the group's leader for good (seen
+        // here: the restarted node's member assigned no partition for 2 min, the
+        // killed one still leading), where Kafka expires it after
+        // `session.timeout.ms`; the kill rounds above already kill mid-stream.
+        rig.settle();
+    }
     let batch = rig.new_commands(30);
     rig.stream(&batch, Duration::from_millis(30), Rig::kill_sidecar);
     rig.start_sidecar();

@@ -89,11 +89,13 @@ fn a_steady_stream_of_rows_is_shipped_in_few_inserts() {
     let client =
         clickhouse::Client::default().with_url(format!("http://127.0.0.1:{}", ch.http_port));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let n = node(&d.path().join("journal"), &client);
+    let mut n = node(&d.path().join("journal"), &client);
+    // What ClickHouse holds is known before the stream starts.
+    rt.block_on(n.shipper.learn()).unwrap();
     let journal = n.journal.clone();
     let before = inserts(&ch);
     let every = std::time::Duration::from_millis(200);
-    let shipping = rt.spawn(n.shipper.with_every(every).run(None));
+    let shipping = rt.spawn(n.shipper.with_every(every).with_nice(19).run(None));
     // 2 s of rows, one every 2 ms (an insert per wake-up would be hundreds).
     let started = std::time::Instant::now();
     let mut i = 0;
@@ -115,6 +117,38 @@ fn a_steady_stream_of_rows_is_shipped_in_few_inserts() {
         started.elapsed()
     );
     assert!(made >= 2, "{made} inserts: shipped while rows came");
+}
+
+/// A ClickHouse whose settings profile forbids `os_thread_priority` refuses the
+/// first insert that asks for it; the shipper then ships without it, nothing lost.
+#[test]
+fn a_clickhouse_that_forbids_the_inserts_priority_still_gets_the_rows() {
+    let d = testkit::TempDir::new("ledger-ch-nice");
+    let ch = ClickHouse::start_secured_with(
+        d.path(),
+        "<clickhouse><profiles><default><constraints><os_thread_priority><readonly/>\
+         </os_thread_priority></constraints></default></profiles></clickhouse>",
+    );
+    create_table(&ch);
+    let users = ch.users.clone().unwrap();
+    let client = clickhouse::Client::default()
+        .with_url(ch.url())
+        .with_user(users.sidecar.user.clone())
+        .with_password(users.sidecar.password.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let n = node(&d.path().join("journal"), &client);
+    commit_rows(&n, 1, 3);
+    let mut shipper = n.shipper.with_nice(19);
+    let refused = rt.block_on(shipper.ship_once()).unwrap_err().to_string();
+    assert!(
+        refused.contains("SETTING_CONSTRAINT_VIOLATION"),
+        "{refused}"
+    );
+    assert_eq!(rt.block_on(shipper.ship_once()).unwrap(), 3);
+    assert_eq!(verify_chain(&wait_rows(&ch, 3)), Ok(3));
 }
 
 #[test]
@@ -188,6 +222,7 @@ fn the_pre_journal_spool_is_shipped_once_and_the_chain_continues() {
         &client,
         "control_decisions",
         &rows[..1],
+        None,
     ))
     .unwrap();
     let legacy = d.path().join("ledger");
@@ -466,6 +501,7 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
             &client,
             "control_decisions",
             &forged,
+            None,
         ))
         .unwrap();
     let (code, out) = gwctl(&[]);

@@ -149,7 +149,18 @@ impl ClickHouse {
     /// the default user can do nothing, [`ClickHouse::query`] runs as the
     /// administrator.
     pub fn start_secured(dir: &Path) -> ClickHouse {
+        Self::start_secured_with(dir, "")
+    }
+
+    /// [`ClickHouse::start_secured`], with `extra` (a `<clickhouse>` users
+    /// document: profiles, constraints) merged in from `users.d/`.
+    pub fn start_secured_with(dir: &Path, extra: &str) -> ClickHouse {
         let (users, file) = Users::write(&dir.join("clickhouse-users"));
+        if !extra.is_empty() {
+            let d = dir.join("clickhouse-users/users.d");
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("extra.xml"), extra).unwrap();
+        }
         Self::start_with_users(dir, &file, users)
     }
 

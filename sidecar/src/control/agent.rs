@@ -8,10 +8,11 @@
 //! are remembered until `dedup_secs` after the later of the command's expiry and
 //! its application, so a redelivery within that horizon is never applied twice. The
 //! shell ([`Agent::run`]) makes the ledger row, the new module state, the applied
-//! nonce and (embedded bus) the consumed offset durable in one journal transaction,
-//! then announces the outcome to the waiting request and commits the offset. Its
-//! state is rebuilt from the journal at start; a snapshot now and then lets the
-//! journal drop older records. On the Kafka bus the module's state is kept in Kafka
+//! nonce and (embedded bus) the consumed offset durable in one journal transaction
+//! — on the embedded bus for every delivery that is ready at once, decided in
+//! order — then announces the outcomes to the waiting requests and commits the
+//! offset. Its state is rebuilt from the journal at start; a snapshot now and then
+//! lets the journal drop older records. On the Kafka bus the module's state is kept in Kafka
 //! ([`super::kafka_state`]): each decision is first written there as the module's
 //! checkpoint, and an agent that is assigned the module's partition (at start, or
 //! taking it over from another node) continues from the latest checkpoint.
@@ -306,8 +307,9 @@ async fn put_nonce(store: &KafkaState, m: Module, n: &StoredNonce) {
 
 /// Most deliveries an agent decides on in one journal transaction.
 const MAX_BATCH: usize = 64;
-/// And most command bytes (a row holds a command twice, in hex: far below
-/// [`journal::MAX_RECORD_BYTES`]).
+/// And most command bytes beyond the first (a delivery's entries hold its bytes
+/// about five times: raw, hex, arguments, state; far below
+/// [`journal::MAX_RECORD_BYTES`], and a delivery alone is never held back).
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// The journal hold of a module's agent.
@@ -344,7 +346,8 @@ impl Agent {
                         applied_lsns.clear();
                         for n in &s.applied {
                             let _ = applied.insert(&n.issuer, n.nonce, n.expires, n.seq, now);
-                            applied_lsns.insert(*lsn, n.expires);
+                            let e = applied_lsns.entry(*lsn).or_insert(0);
+                            *e = (*e).max(n.expires);
                         }
                         state_lsn = Some(*lsn);
                         next_offset = s.next_offset.or(next_offset);
@@ -489,12 +492,20 @@ impl Agent {
         batch: &[Delivery],
         now: u64,
     ) -> Result<Vec<Handled>, RetryLater> {
+        debug_assert!(
+            self.kafka.is_none() || batch.len() <= 1,
+            "Kafka: one at a time"
+        );
         let mut state = self.core.state().clone();
         let mut pending = BTreeSet::new();
         let mut entries = Vec::new();
         let mut decided = Vec::with_capacity(batch.len());
         let mut last_written = None;
-        for d in batch {
+        for (i, d) in batch.iter().enumerate() {
+            if i % 8 == 7 {
+                // Each decision verifies a signature: let other tasks run.
+                tokio::task::yield_now().await;
+            }
             if self.kafka.as_ref().is_some_and(|k| {
                 k.checkpoint
                     .next
@@ -577,7 +588,12 @@ impl Agent {
             Some(last) => Some(self.commit(entries, last).await?),
             None => None,
         };
-        // Durable: apply and announce in order, each with its row's seq.
+        // Durable. The module table first: a command announced applied is in
+        // effect (the send gate reads the table). Then apply and announce in
+        // order, each with its row's seq.
+        if !pending.is_empty() {
+            self.env.modules.set(self.core.module, state);
+        }
         let lsn = committed.as_ref().map(|c| c.lsn);
         let mut rows = committed.iter().flat_map(|c| c.rows.iter());
         let mut seq_of = |has_row: bool| {
@@ -588,7 +604,6 @@ impl Agent {
             }
         };
         let mut out = Vec::with_capacity(decided.len());
-        let mut changed = None;
         for (d, x) in batch.iter().zip(decided) {
             match x {
                 Decided::Done(h) => out.push(h),
@@ -625,14 +640,10 @@ impl Agent {
                         let e = self.applied_lsns.entry(l).or_insert(0);
                         *e = (*e).max(expires);
                     }
-                    self.announce(d, issuer, n, Ok(state.clone()), seq);
-                    changed = Some(state);
+                    self.announce(d, issuer, n, Ok(state), seq);
                     out.push(Handled::Applied);
                 }
             }
-        }
-        if let Some(state) = changed {
-            self.env.modules.set(self.core.module, state);
         }
         self.release(now);
         Ok(out)
@@ -940,10 +951,12 @@ impl Agent {
                 }
             };
             // What else is ready (the embedded bus): one journal transaction for all.
+            let mut bytes = d.payload.len();
             let mut batch = vec![d];
-            let mut bytes = batch[0].payload.len();
-            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-                let Some(more) = consumer.ready() else { break };
+            while batch.len() < MAX_BATCH {
+                let Some(more) = consumer.ready(MAX_BATCH_BYTES.saturating_sub(bytes)) else {
+                    break;
+                };
                 bytes += more.payload.len();
                 batch.push(more);
             }
@@ -1098,9 +1111,69 @@ mod tests {
         assert_eq!(r.code, Code::TooLarge);
     }
 
+    /// An agent environment on `journal` (audited: rows go to it) and what it
+    /// announces.
+    fn agent_env(journal: &Journal, audited: bool) -> (AgentEnv, broadcast::Receiver<Ack>) {
+        let (acks, heard) = broadcast::channel(16);
+        let env = AgentEnv {
+            policy: policy(),
+            journal: journal.clone(),
+            embedded_bus: true,
+            limits: Limits::default(),
+            dedup_secs: 600,
+            modules: ModuleTable::new(),
+            auditor: Auditor::new(audited.then(|| journal.clone())),
+            acks,
+            metrics: ControlMetrics::default(),
+            kafka_state: None,
+            chain: "node-1".into(),
+        };
+        (env, heard)
+    }
+
+    /// Delivery `offset` of the embedded bus for `mev`.
+    fn at(offset: i64, payload: Vec<u8>) -> Delivery {
+        Delivery {
+            position: Position {
+                partition: 0,
+                offset,
+            },
+            ..delivery("mev", payload)
+        }
+    }
+
+    /// Start (nonce 1) twice, a start whose signed nonce was changed from 3 to 5
+    /// (its signature fails), a throttle (nonce 2), all signed at `now`.
+    fn mixed_batch(now: u64) -> Vec<Delivery> {
+        let first = testkit::fixtures::signed_command(1, Action::Start, now, "dashboard", &[]);
+        let mut forged = testkit::fixtures::signed_command(3, Action::Start, now, "dashboard", &[]);
+        let last = forged.len() - 1;
+        forged[last] ^= 6;
+        assert_eq!(
+            <Command as prost::Message>::decode(forged.as_slice())
+                .unwrap()
+                .nonce,
+            5
+        );
+        let throttle = testkit::fixtures::signed_command(
+            2,
+            Action::Throttle,
+            now,
+            "dashboard",
+            &[("throttle_pct", "40")],
+        );
+        vec![
+            at(0, first.clone()),
+            at(1, first),
+            at(2, forged),
+            at(3, throttle),
+        ]
+    }
+
     /// A batch of deliveries is decided in order (a nonce twice in one batch is
-    /// applied once), made durable in one journal transaction, and a restart
-    /// rebuilds the same state and applied nonces, each with its own row's seq.
+    /// applied once, a refusal in the middle changes nothing else), made durable
+    /// in one journal transaction, and a restart rebuilds the same state and
+    /// applied nonces, each with its own row's seq.
     #[tokio::test]
     async fn a_batch_is_one_transaction_and_a_restart_rebuilds_it() {
         use crate::journal::Options;
@@ -1112,54 +1185,34 @@ mod tests {
         let journal = opened
             .start(Some(Chain::new("node-1")), Vec::new())
             .unwrap();
-        let (acks, mut heard) = broadcast::channel(16);
-        let env = AgentEnv {
-            policy: policy(),
-            journal: journal.clone(),
-            embedded_bus: true,
-            limits: Limits::default(),
-            dedup_secs: 600,
-            modules: ModuleTable::new(),
-            auditor: Auditor::new(Some(journal.clone())),
-            acks,
-            metrics: ControlMetrics::default(),
-            kafka_state: None,
-            chain: "node-1".into(),
-        };
+        let (env, mut heard) = agent_env(&journal, true);
         let mut agent = Agent::open(Module::Mev, &env, &[]);
-        let at = |offset: i64, payload: Vec<u8>| Delivery {
-            position: Position {
-                partition: 0,
-                offset,
-            },
-            ..delivery("mev", payload)
-        };
-        let first = testkit::fixtures::signed_command(1, Action::Start, now, "dashboard", &[]);
-        let throttle = testkit::fixtures::signed_command(
-            2,
-            Action::Throttle,
-            now,
-            "dashboard",
-            &[("throttle_pct", "40")],
-        );
-        let batch = [at(0, first.clone()), at(1, first), at(2, throttle)];
-        let handled = agent.handle(&batch, now).await.unwrap();
+        let handled = agent.handle(&mixed_batch(now), now).await.unwrap();
         assert_eq!(
             handled,
-            vec![Handled::Applied, Handled::Duplicate, Handled::Applied]
+            vec![
+                Handled::Applied,
+                Handled::Duplicate,
+                Handled::Rejected(Code::BadSignature),
+                Handled::Applied
+            ]
         );
-        let told: Vec<(u64, u64, bool)> = (0..3)
+        let told: Vec<(u64, u64, bool)> = (0..4)
             .map(|_| {
                 let a = heard.try_recv().unwrap();
                 (a.nonce, a.seq, a.outcome.is_ok())
             })
             .collect();
-        // Rows 1 (applied), 2 (duplicate), 3 (applied): the copy is told row 1.
-        assert_eq!(told, vec![(1, 1, true), (1, 1, true), (2, 3, true)]);
+        // Rows 1 (applied), 2 (duplicate), 3 (rejected), 4 (applied): the copy is
+        // told row 1.
+        assert_eq!(
+            told,
+            vec![(1, 1, true), (1, 1, true), (5, 3, false), (2, 4, true)]
+        );
         let state = env.modules.get(Module::Mev);
         assert_eq!(state.state, RunState::Running);
         assert_eq!(state.applied, 2);
-        assert_eq!(agent.next_offset, Some(3));
+        assert_eq!(agent.next_offset, Some(4));
 
         drop((agent, env, journal));
         let opened = Journal::open(d.path(), Options::default()).unwrap();
@@ -1175,26 +1228,55 @@ mod tests {
             .iter()
             .map(|(_, s)| *s)
             .collect();
-        assert_eq!(seqs, vec![1, 0, 3]);
+        assert_eq!(seqs, vec![1, 0, 0, 4]);
         let journal = opened.start(None, Vec::new()).unwrap();
-        let (acks, _) = broadcast::channel(16);
-        let env = AgentEnv {
-            policy: policy(),
-            journal: journal.clone(),
-            embedded_bus: true,
-            limits: Limits::default(),
-            dedup_secs: 600,
-            modules: ModuleTable::new(),
-            auditor: Auditor::new(None),
-            acks,
-            metrics: ControlMetrics::default(),
-            kafka_state: None,
-            chain: "node-1".into(),
-        };
+        let (env, _) = agent_env(&journal, false);
         let again = Agent::open(Module::Mev, &env, &records);
         assert_eq!(again.core.state(), &state);
-        assert_eq!(again.next_offset, Some(3));
+        assert_eq!(again.next_offset, Some(4));
         let seq = |n| again.core.applied.get("dashboard", n, now).map(|s| s.value);
-        assert_eq!((seq(1), seq(2)), (Some(1), Some(3)));
+        assert_eq!((seq(1), seq(2), seq(5)), (Some(1), Some(4), None));
+    }
+
+    /// A batch the journal refuses changes nothing: no state, no nonce, no offset,
+    /// nothing announced; the same batch then applies once the journal takes it.
+    #[tokio::test]
+    async fn a_batch_the_journal_refuses_changes_nothing() {
+        use crate::journal::Options;
+        use gw_core::ledger::Chain;
+
+        let d = testkit::TempDir::new("agent-batch-refused");
+        let now = crate::now_secs();
+        // No chain: the journal refuses every transaction with ledger rows.
+        let journal = Journal::open(d.path(), Options::default())
+            .unwrap()
+            .start(None, Vec::new())
+            .unwrap();
+        let (env_refused, mut heard) = agent_env(&journal, true);
+        let mut agent = Agent::open(Module::Mev, &env_refused, &[]);
+        let batch = mixed_batch(now);
+        assert!(matches!(
+            agent.handle(&batch, now).await,
+            Err(RetryLater::Journal(_))
+        ));
+        assert_eq!(agent.core.state(), &ModuleState::default());
+        assert!(agent.core.applied.get("dashboard", 1, now).is_none());
+        assert_eq!(agent.next_offset, None);
+        assert!(heard.try_recv().is_err(), "nothing announced");
+        assert_eq!(env_refused.modules.get(Module::Mev), ModuleState::default());
+        drop((agent, env_refused, journal));
+
+        let journal = Journal::open(d.path(), Options::default())
+            .unwrap()
+            .start(Some(Chain::new("node-1")), Vec::new())
+            .unwrap();
+        let (env, _) = agent_env(&journal, true);
+        let mut agent = Agent::open(Module::Mev, &env, &[]);
+        let handled = agent.handle(&batch, now).await.unwrap();
+        assert_eq!(
+            handled.iter().filter(|h| **h == Handled::Applied).count(),
+            2
+        );
+        assert_eq!(env.modules.get(Module::Mev).applied, 2);
     }
 }

@@ -827,12 +827,15 @@ impl BusConsumer {
         }
     }
 
-    /// The next delivery if one is ready now (the embedded bus; always `None` on
-    /// Kafka, whose agents take one delivery at a time).
-    pub fn ready(&mut self) -> Option<Delivery> {
+    /// The next delivery if one is ready now and its command is at most
+    /// `max_bytes` (the embedded bus; always `None` on Kafka, whose agents take one
+    /// delivery at a time). One that is larger stays for the next read.
+    pub fn ready(&mut self, max_bytes: usize) -> Option<Delivery> {
         match self {
             BusConsumer::InProcess { bus, module, next } => {
-                let d = bus.read(*module, *next)?;
+                let d = bus
+                    .read(*module, *next)
+                    .filter(|d| d.payload.len() <= max_bytes)?;
                 *next = u64::try_from(d.position.offset).unwrap_or(0) + 1;
                 Some(d)
             }

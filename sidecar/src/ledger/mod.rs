@@ -180,11 +180,13 @@ impl Ledger {
     /// Starts shipping to ClickHouse (after applying the migrations). When the
     /// chain was taken up from ClickHouse, its first row says so (written before
     /// this returns).
-    /// Inserts at most once per `ship_every` ([`Shipper::with_every`]).
+    /// Inserts at most once per `ship_every` ([`Shipper::with_every`]), at OS
+    /// priority `nice` on ClickHouse ([`Shipper::with_nice`]).
     pub async fn start(
         &mut self,
         journal: &Journal,
         ship_every: std::time::Duration,
+        nice: u8,
     ) -> Result<Option<JoinHandle<()>>, LedgerError> {
         let (Some(client), Some(queue)) = (self.client.clone(), self.queue.clone()) else {
             return Ok(None);
@@ -201,7 +203,8 @@ impl Ledger {
             TABLE,
             &self.chain_id,
         )
-        .with_every(ship_every);
+        .with_every(ship_every)
+        .with_nice(nice);
         let checkpointer = self.checkpointer.take();
         let deferred = std::mem::take(&mut self.deferred);
         let (journal, chain_id) = (journal.clone(), self.chain_id.clone());

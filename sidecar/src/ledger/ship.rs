@@ -353,14 +353,18 @@ pub async fn insert(
     client: &clickhouse::Client,
     table: &str,
     rows: &[LedgerRow],
+    nice: Option<u8>,
 ) -> Result<(), clickhouse::error::Error> {
     let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
         return Ok(());
     };
     let token = format!("gw-ledger-{}-{}-{}", first.chain_id, first.seq, last.seq);
-    let client = client
+    let mut client = client
         .clone()
         .with_setting("insert_deduplication_token", token);
+    if let Some(n) = nice {
+        client = client.with_setting("os_thread_priority", n.to_string());
+    }
     let mut ins = client.insert::<DecisionRowRef<'_>>(table).await?;
     for r in rows {
         ins.write(&DecisionRowRef::from(r)).await?;
@@ -379,6 +383,8 @@ pub struct Shipper {
     shipped: Option<(u64, [u8; 32])>,
     /// The least time between two inserts (while fewer than [`SHIP_NOW_ROWS`] wait).
     every: Duration,
+    /// ClickHouse's `os_thread_priority` for the inserts.
+    nice: Option<u8>,
 }
 
 /// Rows that are shipped at once, however recent the last insert.
@@ -402,6 +408,7 @@ impl Shipper {
             chain_id: chain_id.to_owned(),
             shipped: None,
             every: Duration::ZERO,
+            nice: None,
         }
     }
 
@@ -411,6 +418,13 @@ impl Shipper {
     /// journal meanwhile (durable already); only their arrival in ClickHouse waits.
     pub fn with_every(mut self, every: Duration) -> Shipper {
         self.every = every;
+        self
+    }
+
+    /// Inserts at OS priority `nice` on ClickHouse (its `os_thread_priority`; 0:
+    /// not set). A server that refuses the setting gets the inserts without it.
+    pub fn with_nice(mut self, nice: u8) -> Shipper {
+        self.nice = (nice > 0).then_some(nice);
         self
     }
 
@@ -462,7 +476,13 @@ impl Shipper {
             let Some(last) = batch.last() else {
                 return Ok(n);
             };
-            if let Err(e) = insert(&self.client, &self.table, &batch).await {
+            if let Err(e) = insert(&self.client, &self.table, &batch, self.nice).await {
+                // ClickHouse 26 names the setting os_threads_nice_value_query (its
+                // old name os_thread_priority stays an alias).
+                if self.nice.is_some() && e.to_string().contains("os_thread") {
+                    tracing::warn!(error = %e, "ClickHouse refuses os_thread_priority: ledger inserts go on without it (clickhouse_nice 0 says so)");
+                    self.nice = None;
+                }
                 // The insert may have landed: ask again before the next try.
                 self.shipped = None;
                 return Err(e.into());
@@ -588,7 +608,7 @@ pub async fn migrate_legacy_spool(
     }
     let pending: Vec<LedgerRow> = rows.iter().filter(|r| r.seq > shipped).cloned().collect();
     for chunk in pending.chunks(MAX_BATCH_ROWS) {
-        insert(client, table, chunk).await?;
+        insert(client, table, chunk, None).await?;
     }
     for name in ["ledger.spool.jsonl", "ledger.shipped"] {
         let from = dir.join(name);
