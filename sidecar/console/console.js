@@ -472,19 +472,32 @@ function renderDecisions() {
       : ""))));
 }
 
+// Ledger rows reach ClickHouse a moment after they are durable (the sidecar ships
+// them in batches, at most every ledger_ship_every_ms): a request looked up right
+// after it was decided is asked for again until its agent's row is there.
+const HISTORY_TRIES = 12;
+const HISTORY_RETRY_MS = 250;
+
 async function showRequest(id) {
   $("request-id").value = id;
   const box = $("request-history");
   box.replaceChildren(h("p", { class: "muted" }, `loading ${id}…`));
-  try {
-    const rows = await api(`/api/ledger/request/${encodeURIComponent(id)}`);
+  for (let attempt = 1; ; attempt++) {
+    let rows;
+    try {
+      rows = await api(`/api/ledger/request/${encodeURIComponent(id)}`);
+    } catch (e) {
+      box.replaceChildren(h("p", { class: "error" }, `${e.code || "error"}: ${e.detail || e.message}`));
+      return;
+    }
+    if ($("request-id").value !== id) return; // another lookup started meanwhile
     box.replaceChildren(h("h3", {}, `Request ${id}`), rows.length === 0
       ? h("p", { class: "muted" }, "no decisions recorded (yet)")
       : h("ol", {}, rows.map((r) => h("li", {},
         `${time(r.ts_ms)} ${r.chain_id}#${r.seq} ${r.stage} ${r.decision}${r.code ? " " + r.code : ""} ` +
         `${r.module}:${r.action} by ${r.requester || "?"} (${r.requester_roles || "-"}) via ${r.route || "-"}`))));
-  } catch (e) {
-    box.replaceChildren(h("p", { class: "error" }, `${e.code || "error"}: ${e.detail || e.message}`));
+    if (rows.some((r) => r.stage === "agent") || attempt >= HISTORY_TRIES) return;
+    await new Promise((ok) => setTimeout(ok, HISTORY_RETRY_MS));
   }
 }
 
