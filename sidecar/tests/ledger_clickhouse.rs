@@ -27,6 +27,11 @@ fn create_table(ch: &ClickHouse) {
 
 use common::stored;
 
+/// A client of `ch` as its default user.
+fn client_of(ch: &ClickHouse) -> clickhouse::Client {
+    clickhouse::Client::default().with_url(ch.url())
+}
+
 /// Exactly `n` rows shipped by the sidecar.
 fn wait_rows(ch: &ClickHouse, n: usize) -> Vec<LedgerRow> {
     let rows = common::wait_rows(ch, n);
@@ -86,8 +91,7 @@ fn a_steady_stream_of_rows_is_shipped_in_few_inserts() {
     let d = testkit::TempDir::new("ledger-ch-steady");
     let ch = ClickHouse::start(d.path());
     create_table(&ch);
-    let client =
-        clickhouse::Client::default().with_url(format!("http://127.0.0.1:{}", ch.http_port));
+    let client = client_of(&ch);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut n = node(&d.path().join("journal"), &client);
     // What ClickHouse holds is known before the stream starts.
@@ -156,8 +160,7 @@ fn nothing_lost_nothing_duplicated_across_a_clickhouse_outage_and_a_restart() {
     let d = testkit::TempDir::new("ledger-ch");
     let mut ch = ClickHouse::start(d.path());
     create_table(&ch);
-    let client =
-        clickhouse::Client::default().with_url(format!("http://127.0.0.1:{}", ch.http_port));
+    let client = client_of(&ch);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -209,8 +212,7 @@ fn the_pre_journal_spool_is_shipped_once_and_the_chain_continues() {
     let d = testkit::TempDir::new("ledger-legacy");
     let ch = ClickHouse::start(d.path());
     create_table(&ch);
-    let client =
-        clickhouse::Client::default().with_url(format!("http://127.0.0.1:{}", ch.http_port));
+    let client = client_of(&ch);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -482,8 +484,7 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
 
     // The chain is rebuilt with a changed decision and fresh, valid hashes.
     ch.query("TRUNCATE TABLE control_decisions");
-    let client =
-        clickhouse::Client::default().with_url(format!("http://127.0.0.1:{}", ch.http_port));
+    let client = client_of(&ch);
     let mut forger = Chain::new(&rows[0].chain_id);
     let forged: Vec<LedgerRow> = rows
         .iter()
