@@ -203,6 +203,65 @@ fn nothing_lost_nothing_duplicated_across_a_clickhouse_outage_and_a_restart() {
     assert_eq!(verify_chain(&stored(&ch)), Ok(8));
 }
 
+/// An insert that reaches ClickHouse only after its node was killed and restarted
+/// (the restart asked ClickHouse what it holds before that insert landed) is not
+/// stored twice: the restart ships that insert's range again, as the same insert,
+/// before the rows that came since. (The late insert is played by the test with
+/// the first run's rows and range; the first run's own request met a stopped
+/// ClickHouse.)
+#[test]
+fn an_insert_that_lands_after_a_restart_is_not_stored_twice() {
+    let d = testkit::TempDir::new("ledger-late");
+    let ch = ClickHouse::start(d.path());
+    create_table(&ch);
+    let client = client_of(&ch);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = d.path().join("journal");
+    let (http, tcp) = (ch.http_port, ch.tcp_port);
+    let mut n = node(&dir, &client);
+    rt.block_on(n.shipper.learn()).unwrap();
+    let mut ch = ch;
+    ch.process.stop();
+    let sealed: Vec<LedgerRow> = (1..=2)
+        .map(|i| {
+            let c = n
+                .journal
+                .commit_blocking(Txn::of(vec![journal::Entry::Row(row(i))]))
+                .unwrap();
+            c.rows[0].clone()
+        })
+        .collect();
+    // The insert of 1..=2 begins; its answer never comes.
+    assert!(rt.block_on(n.shipper.ship_once()).is_err());
+    drop(n);
+
+    let mut n = node(&dir, &client);
+    assert_eq!(commit_rows(&n, 3, 5), vec![3, 4, 5]);
+    let ch = ClickHouse::start_at(d.path(), http, tcp);
+    // ClickHouse holds nothing when the restarted node asks...
+    rt.block_on(n.shipper.learn()).unwrap();
+    assert_eq!(n.shipper.shipped().map(|(seq, _)| seq), Some(0));
+    // ...then the first run's insert lands.
+    rt.block_on(gw_sidecar::ledger::ship::insert(
+        &client,
+        "control_decisions",
+        &sealed,
+        None,
+    ))
+    .unwrap();
+    assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 5);
+    let rows = stored(&ch);
+    assert_eq!(
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=5).collect::<Vec<_>>(),
+        "each row once"
+    );
+    assert_eq!(verify_chain(&rows), Ok(5));
+}
+
 /// The spool of the version before the journal is shipped once (what it had not
 /// shipped) and retired; the chain continues from its last row.
 #[test]

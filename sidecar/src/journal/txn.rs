@@ -42,6 +42,16 @@ pub enum Entry {
         /// The record.
         lsn: u64,
     },
+    /// The ledger shipper is about to insert rows `first..=last` of its chain in
+    /// one insert (whose deduplication token names that range): until ClickHouse
+    /// holds `last`, a restart ships exactly this range again, so an insert that
+    /// lands late is deduplicated rather than stored twice.
+    Shipping {
+        /// First seq of the insert.
+        first: u64,
+        /// Last seq of the insert.
+        last: u64,
+    },
 }
 
 /// An accepted nonce.
@@ -254,6 +264,7 @@ mod tests {
                 rows: vec![SendRow::default()],
             },
             Entry::SendsShipped { lsn: 1 },
+            Entry::Shipping { first: 1, last: 2 },
             Entry::Agent(AgentEntry {
                 module: Module::Mev,
                 kafka: None,

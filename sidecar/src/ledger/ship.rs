@@ -186,6 +186,8 @@ pub struct RowQueue {
     rows: Mutex<VecDeque<(Lsn, LedgerRow)>>,
     /// The record of the newest row: kept, so a restart knows the chain's head.
     last: std::sync::atomic::AtomicU64,
+    /// The range of the latest insert begun ([`journal::Entry::Shipping`]).
+    intent: Mutex<Option<(u64, u64)>>,
     grew: Notify,
     pending: Gauge,
 }
@@ -193,11 +195,21 @@ pub struct RowQueue {
 impl Sink for RowQueue {
     fn committed(&self, lsn: Lsn, txn: &Txn) {
         let mut q = self.rows.lock();
+        let before = q.len();
         for e in &txn.entries {
-            if let journal::Entry::Row(r) = e {
-                q.push_back((lsn, r.clone()));
-                self.last.store(lsn, std::sync::atomic::Ordering::Relaxed);
+            match e {
+                journal::Entry::Row(r) => {
+                    q.push_back((lsn, r.clone()));
+                    self.last.store(lsn, std::sync::atomic::Ordering::Relaxed);
+                }
+                journal::Entry::Shipping { first, last } => {
+                    *self.intent.lock() = Some((*first, *last));
+                }
+                _ => {}
             }
+        }
+        if q.len() == before {
+            return;
         }
         self.pending.set(i64::try_from(q.len()).unwrap_or(i64::MAX));
         drop(q);
@@ -212,6 +224,7 @@ impl RowQueue {
         let q = RowQueue {
             rows: Mutex::new(VecDeque::new()),
             last: std::sync::atomic::AtomicU64::new(0),
+            intent: Mutex::new(None),
             grew: Notify::new(),
             pending,
         };
@@ -251,6 +264,23 @@ impl RowQueue {
 
     fn newest_seq(&self) -> Option<u64> {
         self.rows.lock().back().map(|(_, r)| r.seq)
+    }
+
+    /// The queued rows `first..=last`.
+    fn range(&self, first: u64, last: u64) -> Vec<LedgerRow> {
+        self.rows
+            .lock()
+            .iter()
+            .filter(|(_, r)| (first..=last).contains(&r.seq))
+            .take(MAX_BATCH_ROWS)
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    /// The range of the latest insert begun, in this run or (from the journal) an
+    /// earlier one.
+    fn intent(&self) -> Option<(u64, u64)> {
+        *self.intent.lock()
     }
 
     /// The oldest rows, up to [`MAX_BATCH_ROWS`] and seq `until`.
@@ -454,7 +484,13 @@ impl Shipper {
         if clash {
             return Err(ChainError::Conflict(seq).into());
         }
-        self.queue.drop_through(seq);
+        // An insert begun earlier (maybe by a process since killed) that ClickHouse
+        // does not hold yet may still land: its rows are shipped again as that same
+        // insert (same range, same deduplication token) before any other.
+        match self.redo(seq) {
+            Some((first, _)) => self.queue.drop_through(first - 1),
+            None => self.queue.drop_through(seq),
+        }
         self.journal.hold(HOLD, self.queue.hold());
         self.shipped = Some((seq, hash));
         Ok(())
@@ -472,10 +508,17 @@ impl Shipper {
             return Ok(0);
         };
         loop {
-            let batch = self.queue.batch(until);
-            let Some(last) = batch.last() else {
+            let stored = self.shipped.map_or(0, |(seq, _)| seq);
+            let batch = match self.redo(stored) {
+                Some((first, last)) => self.queue.range(first, last),
+                None => self.queue.batch(until),
+            };
+            let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
                 return Ok(n);
             };
+            if self.queue.intent() != Some((first.seq, last.seq)) {
+                self.begin(first.seq, last.seq).await;
+            }
             if let Err(e) = insert(&self.client, &self.table, &batch, self.nice).await {
                 // ClickHouse 26 names the setting os_threads_nice_value_query (its
                 // old name os_thread_priority stays an alias).
@@ -492,6 +535,27 @@ impl Shipper {
             self.journal.hold(HOLD, self.queue.hold());
             self.shipped = Some((seq, head));
             n += batch.len();
+        }
+    }
+
+    /// The insert begun and not known to be in ClickHouse, which holds the chain
+    /// up to `stored`: it is the next one, whatever else is queued. (An intent
+    /// that does not follow `stored` is from before ClickHouse lost rows: moot.)
+    fn redo(&self, stored: u64) -> Option<(u64, u64)> {
+        self.queue
+            .intent()
+            .filter(|&(first, last)| first >= 1 && first <= stored + 1 && stored < last)
+    }
+
+    /// Records that the insert of `first..=last` begins, durably before it does
+    /// (see [`Self::redo`]). A journal that cannot write does not stop shipping:
+    /// shipping is what lets it drop segments. This run still retries the same
+    /// range; only a crash before ClickHouse answers could then store rows twice.
+    async fn begin(&mut self, first: u64, last: u64) {
+        *self.queue.intent.lock() = Some((first, last));
+        let txn = Txn::of(vec![journal::Entry::Shipping { first, last }]);
+        if let Err(e) = self.journal.commit(txn).await {
+            tracing::warn!(first, last, error = %e, "the ledger insert's range is not in the journal: shipping it anyway");
         }
     }
 
