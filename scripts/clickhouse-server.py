@@ -24,6 +24,9 @@ CONFIG = """<clickhouse>
   <tcp_port>{tcp}</tcp_port>
   <format_schema_path>{schemas}</format_schema_path>
   <logger><level>warning</level><console>1</console></logger>
+  <!-- Merges at nice 19 (applied with CAP_SYS_NICE): a ClickHouse sharing the
+       gateway's cores yields to it; the ledger's inserts ask for the same. -->
+  <os_threads_nice_value_merge_mutate>19</os_threads_nice_value_merge_mutate>
 {users}</clickhouse>
 """
 

@@ -383,10 +383,15 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     );
     // One command at a time through Envoy: does anything stall the control path?
     // The same straight to the sidecar says where the time goes.
-    println!("\n## one command at a time (HTTP/2), {SEQUENTIAL} commands per round, 3 rounds");
+    // GW_BENCH_SEQ_ROUNDS: more rounds, to see whether the latency drifts.
+    let rounds: usize = std::env::var("GW_BENCH_SEQ_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    println!("\n## one command at a time (HTTP/2), {SEQUENTIAL} commands per round, {rounds} rounds");
     println!("| path | round | p50 ms | p99 ms | max ms | p99 / p50 |");
     println!("|---|---:|---:|---:|---:|---:|");
-    for round in 0..3 {
+    for round in 0..rounds {
         for (name, client, url) in [
             ("through Envoy", &tls, &envoy_url),
             ("straight to the sidecar", &direct, &direct_url),
