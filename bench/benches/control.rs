@@ -388,7 +388,9 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    println!("\n## one command at a time (HTTP/2), {SEQUENTIAL} commands per round, {rounds} rounds");
+    println!(
+        "\n## one command at a time (HTTP/2), {SEQUENTIAL} commands per round, {rounds} rounds"
+    );
     println!("| path | round | p50 ms | p99 ms | max ms | p99 / p50 |");
     println!("|---|---:|---:|---:|---:|---:|");
     for round in 0..rounds {

@@ -102,14 +102,18 @@ async fn measure(agave: &AgaveTpu, before: usize, sent: &[Bytes], submits: &[u64
     }
 }
 
+/// Transactions per submitted batch, as `next-load` sends them (its default).
+const BATCH: usize = 64;
+
 /// Our client sends `sent` to `leader` the way `next-load` does (the first alone,
-/// 500 ms, then the rest); returns each one's submit time and the
+/// 500 ms, then the rest in batches of [`BATCH`] with `submit_batch`; one at a
+/// time with `GW_PARITY_BATCH=1`); returns each one's submit time and the
 /// acknowledgements to wait for.
-async fn our_submits(
-    client: &TpuClient,
-    leader: &Leader,
-    sent: &[Bytes],
-) -> (Vec<u64>, Vec<gw_sidecar::sender::tpu::Delivery>) {
+async fn our_submits(client: &TpuClient, leader: &Leader, sent: &[Bytes]) -> (Vec<u64>, Vec<Ack>) {
+    let batch: usize = std::env::var("GW_PARITY_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(BATCH);
     let mut submits = Vec::with_capacity(sent.len());
     submits.push(now_ns());
     client
@@ -120,17 +124,51 @@ async fn our_submits(
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut acks = Vec::with_capacity(sent.len());
-    for w in &sent[1..] {
-        submits.push(now_ns());
+    if batch <= 1 {
+        for w in &sent[1..] {
+            submits.push(now_ns());
+            loop {
+                match client.submit(leader, w.clone()) {
+                    Ok(d) => break acks.push(Ack::One(d)),
+                    Err(TpuError::QueueFull(_)) => tokio::task::yield_now().await,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        return (submits, acks);
+    }
+    for chunk in sent[1..].chunks(batch) {
+        let at = now_ns();
+        submits.extend(std::iter::repeat_n(at, chunk.len()));
         loop {
-            match client.submit(leader, w.clone()) {
-                Ok(d) => break acks.push(d),
+            match client.submit_batch(leader, chunk.to_vec()) {
+                Ok(d) => break acks.push(Ack::Batch(d)),
                 Err(TpuError::QueueFull(_)) => tokio::task::yield_now().await,
                 Err(e) => panic!("{e}"),
             }
         }
     }
     (submits, acks)
+}
+
+/// What `our_submits` waits for.
+enum Ack {
+    One(gw_sidecar::sender::tpu::Delivery),
+    Batch(gw_sidecar::sender::tpu::BatchDelivery),
+}
+
+impl Ack {
+    /// Panics unless every transaction was acknowledged.
+    async fn expect_ok(self) {
+        match self {
+            Ack::One(d) => d.await.unwrap().unwrap(),
+            Ack::Batch(d) => {
+                for r in d.await.unwrap() {
+                    r.unwrap();
+                }
+            }
+        }
+    }
 }
 
 fn our_config() -> TpuConfig {
@@ -181,7 +219,7 @@ async fn child_main() {
     println!("sent");
     std::io::stdout().flush().unwrap();
     for a in acks {
-        let _ = a.await;
+        a.expect_ok().await;
     }
     tokio::task::spawn_blocking(|| {
         let mut sink = Vec::new();
@@ -202,7 +240,7 @@ async fn ours_inproc(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Roun
     };
     let (submits, acks) = our_submits(&client, &leader, sent).await;
     for a in acks {
-        a.await.unwrap().unwrap();
+        a.expect_ok().await;
     }
     // Before this process parses the server's output (as it does for theirs).
     let cpu = (cpu_us("self") - cpu0) / sent.len() as f64;

@@ -69,35 +69,71 @@ fn sorted(mut v: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
     v
 }
 
-/// Sends `n` transactions of varied sizes through `client`, waits for every
+/// Sends `n` transactions of varied sizes through `client` (one at a time, or in
+/// batches of `batch` with `submit_batch` when `batch` > 1), waits for every
 /// acknowledgement and for the server to deliver them all; returns the rate
 /// (tx/s) from the first submit to the last delivery.
-async fn send_and_check(client: &TpuClient, agave: &AgaveTpu, first: u32, n: u32) -> f64 {
+async fn send_and_check(
+    client: &TpuClient,
+    agave: &AgaveTpu,
+    first: u32,
+    n: u32,
+    batch: usize,
+) -> f64 {
     let leader = Leader {
         tpu_quic: agave.addr,
         identity: Some(agave.identity),
     };
     let before = agave.received().len();
     let start = Instant::now();
-    let mut sent = Vec::with_capacity(n as usize);
-    let mut acks = Vec::with_capacity(n as usize);
-    for i in first..first + n {
-        let w = tx(i, (i as usize * 37) % 1000);
-        loop {
-            match client.submit(&leader, w.clone()) {
-                Ok(d) => {
-                    acks.push(d);
-                    break;
+    let wires: Vec<Bytes> = (first..first + n)
+        .map(|i| tx(i, (i as usize * 37) % 1000))
+        .collect();
+    let sent: Vec<Vec<u8>> = wires.iter().map(|w| w.to_vec()).collect();
+    if batch <= 1 {
+        let mut acks = Vec::with_capacity(n as usize);
+        for (k, w) in wires.iter().enumerate() {
+            loop {
+                match client.submit(&leader, w.clone()) {
+                    Ok(d) => {
+                        acks.push(d);
+                        break;
+                    }
+                    // The per-leader queue is bounded; wait for room.
+                    Err(TpuError::QueueFull(_)) => {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err(e) => panic!("submit {k}: {e}"),
                 }
-                // The per-leader queue is bounded; wait for room.
-                Err(TpuError::QueueFull(_)) => tokio::time::sleep(Duration::from_millis(1)).await,
-                Err(e) => panic!("submit {i}: {e}"),
             }
         }
-        sent.push(w.to_vec());
-    }
-    for (k, a) in acks.into_iter().enumerate() {
-        assert_eq!(a.await.unwrap(), Ok(()), "transaction {k} not acknowledged");
+        for (k, a) in acks.into_iter().enumerate() {
+            assert_eq!(a.await.unwrap(), Ok(()), "transaction {k} not acknowledged");
+        }
+    } else {
+        let mut acks = Vec::new();
+        for chunk in wires.chunks(batch) {
+            loop {
+                match client.submit_batch(&leader, chunk.to_vec()) {
+                    Ok(d) => {
+                        acks.push(d);
+                        break;
+                    }
+                    Err(TpuError::QueueFull(_)) => {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err(e) => panic!("submit_batch: {e}"),
+                }
+            }
+        }
+        for (k, a) in acks.into_iter().enumerate() {
+            let answers = a.await.unwrap();
+            assert_eq!(answers.len(), wires.chunks(batch).nth(k).unwrap().len());
+            assert!(
+                answers.iter().all(Result::is_ok),
+                "batch {k} not acknowledged: {answers:?}"
+            );
+        }
     }
     let want = before + n as usize;
     assert_eq!(
@@ -127,7 +163,7 @@ fn agave_delivers_the_tpu_routes_transactions_unstaked_and_staked() {
         // transaction still arrives, on one connection, with no close.
         let agave = AgaveTpu::start(&AgaveConfig::default(), &key(1)).unwrap();
         let client = TpuClient::new(TpuConfig::default(), &key(2)).unwrap();
-        let unstaked = send_and_check(&client, &agave, 0, 600).await;
+        let unstaked = send_and_check(&client, &agave, 0, 600, 1).await;
         assert_eq!(client.stats.connects.load(Ordering::Relaxed), 1);
         drop(agave);
 
@@ -139,10 +175,14 @@ fn agave_delivers_the_tpu_routes_transactions_unstaked_and_staked() {
         };
         let agave = AgaveTpu::start(&staked_cfg, &key(1)).unwrap();
         let client = TpuClient::new(TpuConfig::default(), &key(2)).unwrap();
-        let staked = send_and_check(&client, &agave, 100_000, 20_000).await;
+        let staked = send_and_check(&client, &agave, 100_000, 20_000, 1).await;
+        // The same in batches of 64 (as solana-tpu-client-next sends them).
+        let batched = send_and_check(&client, &agave, 200_000, 20_000, 64).await;
         assert_eq!(client.stats.connects.load(Ordering::Relaxed), 1);
+        assert_eq!(client.stats.delivered.load(Ordering::Relaxed), 40_000);
         println!(
-            "agave delivered: unstaked {unstaked:.0} tx/s (600), staked {staked:.0} tx/s (20 000)"
+            "agave delivered: unstaked {unstaked:.0} tx/s (600), staked {staked:.0} tx/s \
+             (20 000), staked in batches of 64 {batched:.0} tx/s (20 000)"
         );
         assert!(
             staked > 5.0 * unstaked,
@@ -167,6 +207,24 @@ fn agave_refuses_another_identity_and_the_route_never_sends_to_it() {
             matches!(r, Err(TpuError::Unreachable(..))),
             "a leader with another identity: {r:?}"
         );
+        // A batch to it: each transaction answered unreachable.
+        let rs = client
+            .submit_batch(&wrong, vec![tx(2, 0), tx(3, 0)])
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(rs.len(), 2);
+        assert!(
+            rs.iter()
+                .all(|r| matches!(r, Err(TpuError::Unreachable(..)))),
+            "{rs:?}"
+        );
+        // A batch larger than the streams in flight allowed is refused whole.
+        let max = TpuConfig::default().max_streams;
+        assert!(matches!(
+            client.submit_batch(&wrong, (0..=max as u32).map(|i| tx(i, 0)).collect()),
+            Err(TpuError::BatchTooLarge(n, m)) if n == max + 1 && m == max
+        ));
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(agave.received().is_empty());
     });

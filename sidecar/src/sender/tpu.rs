@@ -38,8 +38,9 @@ use super::cc::{CongestionConfig, PhaseBoostFactory, PhaseSignal};
 use super::tls;
 
 pub use gw_core::txwire::MAX_TX_BYTES;
-/// Concurrent streams a validator grants an unstaked client.
-pub const UNSTAKED_STREAMS: usize = 128;
+/// The most concurrent streams a validator grants a staked client (Agave's
+/// `QUIC_MAX_STAKED_CONCURRENT_STREAMS`).
+pub const STAKED_STREAMS_MAX: usize = 512;
 
 /// A leader's TPU endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,7 +61,9 @@ pub struct TpuConfig {
     /// Transactions waiting per leader before new ones are dropped.
     #[serde(default = "default_queue")]
     pub queue_per_leader: usize,
-    /// Streams in flight per connection (the validator's limit for unstaked peers is 128).
+    /// Streams in flight per connection, until acknowledged. The leader's own
+    /// limit (QUIC stream credit) bounds them first: Agave grants an unstaked peer
+    /// 128 and a staked one up to 512 by its stake.
     #[serde(default = "default_streams")]
     pub max_streams: usize,
     /// Handshake deadline, milliseconds.
@@ -107,7 +110,7 @@ fn default_queue() -> usize {
     1024
 }
 fn default_streams() -> usize {
-    UNSTAKED_STREAMS
+    STAKED_STREAMS_MAX
 }
 fn default_connect_timeout() -> u64 {
     2000
@@ -221,6 +224,9 @@ pub enum TpuError {
     /// The client was shut down.
     #[error("TPU client stopped")]
     Stopped,
+    /// A batch larger than the streams one connection may have in flight.
+    #[error("a batch of {0} transactions; at most max_streams = {1}")]
+    BatchTooLarge(usize, usize),
 }
 
 /// Counters (read by `/metrics` and the tests).
@@ -364,14 +370,49 @@ impl TpuStats {
     fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
+
+    fn add(c: &AtomicU64, n: usize) {
+        c.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 /// Answer to one submitted transaction.
 pub type Delivery = oneshot::Receiver<Result<(), TpuError>>;
 
-struct Job {
-    wire: Bytes,
-    done: oneshot::Sender<Result<(), TpuError>>,
+/// Answer to a submitted batch: one result per transaction, in order.
+pub type BatchDelivery = oneshot::Receiver<Vec<Result<(), TpuError>>>;
+
+enum Job {
+    One {
+        wire: Bytes,
+        done: oneshot::Sender<Result<(), TpuError>>,
+    },
+    Batch {
+        wires: Vec<Bytes>,
+        done: oneshot::Sender<Vec<Result<(), TpuError>>>,
+    },
+}
+
+impl Job {
+    /// Streams it takes.
+    fn streams(&self) -> usize {
+        match self {
+            Job::One { .. } => 1,
+            Job::Batch { wires, .. } => wires.len(),
+        }
+    }
+
+    /// Answers every transaction with `e()`.
+    fn fail(self, e: impl Fn() -> TpuError) {
+        match self {
+            Job::One { done, .. } => {
+                let _ = done.send(Err(e()));
+            }
+            Job::Batch { wires, done } => {
+                let _ = done.send(wires.iter().map(|_| Err(e())).collect());
+            }
+        }
+    }
 }
 
 struct Link {
@@ -435,12 +476,44 @@ impl TpuClient {
             return Err(TpuError::TooLarge(wire.len()));
         }
         let (done, rx) = oneshot::channel();
-        // Queued under the links lock (try_send never waits): no Sender clone per
-        // transaction.
-        match self.with_link(leader, |tx| tx.try_send(Job { wire, done }))? {
-            Ok(()) => Ok(rx),
+        self.queue(leader, Job::One { wire, done })?;
+        Ok(rx)
+    }
+
+    /// Queues `wires` for `leader` as one job: each on its own stream, in order,
+    /// opened one after another with nothing else in between; one answer for all
+    /// (a result per transaction) once the leader acknowledged them or they failed.
+    /// Cheaper per transaction than [`Self::submit`] (one job, one answer, one
+    /// future). Refused whole when a transaction is too large, the batch exceeds
+    /// `max_streams`, or the queue is full.
+    pub fn submit_batch(
+        &self,
+        leader: &Leader,
+        wires: Vec<Bytes>,
+    ) -> Result<BatchDelivery, TpuError> {
+        if let Some(w) = wires.iter().find(|w| w.len() > MAX_TX_BYTES) {
+            TpuStats::add(&self.stats.too_large, wires.len());
+            return Err(TpuError::TooLarge(w.len()));
+        }
+        if wires.len() > self.config.max_streams {
+            return Err(TpuError::BatchTooLarge(
+                wires.len(),
+                self.config.max_streams,
+            ));
+        }
+        let (done, rx) = oneshot::channel();
+        self.queue(leader, Job::Batch { wires, done })?;
+        Ok(rx)
+    }
+
+    /// Queues `job` under the links lock (try_send never waits): no Sender clone
+    /// per transaction.
+    fn queue(&self, leader: &Leader, job: Job) -> Result<(), TpuError> {
+        let n = job.streams();
+        match self.with_link(leader, |tx| tx.try_send(job))? {
+            Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
-                TpuStats::bump(&self.stats.dropped_full);
+                TpuStats::add(&self.stats.dropped_full, n);
                 Err(TpuError::QueueFull(leader.tpu_quic))
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(TpuError::Stopped),
@@ -553,6 +626,10 @@ impl TpuClient {
         let mut t = quinn::TransportConfig::default();
         t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok())
             .keep_alive_interval(Some(idle / 3))
+            // A transaction is of use to the leader only whole: a stream is sent to
+            // its end before the next begins (no round-robin between streams), so
+            // each one's last byte arrives sooner — as Agave's own clients do.
+            .send_fairness(false)
             // The leader never opens streams towards us.
             .max_concurrent_bidi_streams(0u32.into())
             .max_concurrent_uni_streams(0u32.into())
@@ -618,8 +695,10 @@ impl Worker {
             last_err: String::from("not connected yet"),
             live: None,
         };
-        // Streams in flight, driven by this task (no task per transaction).
+        // Jobs in flight, driven by this task (no task per transaction); each
+        // resolves to the streams it took.
         let mut inflight = FuturesUnordered::new();
+        let mut streams = 0usize;
         // Resolves when the current connection dies (made once per connection).
         let mut closed: Option<Closed> = None;
         let backoff_timer = tokio::time::sleep_until(st.retry_at.into());
@@ -638,11 +717,14 @@ impl Worker {
                 closed = self.connect_now(&mut st).await;
                 backoff_timer.as_mut().reset(st.retry_at.into());
             }
-            let room = inflight.len() < self.config.max_streams;
+            let room = streams < self.config.max_streams;
             let waiting = st.live.is_none() && !st.dormant;
             let next = tokio::select! {
                 biased;
-                Some(()) = inflight.next(), if !inflight.is_empty() => Next::Progress,
+                Some(n) = inflight.next(), if !inflight.is_empty() => {
+                    streams -= n;
+                    Next::Progress
+                }
                 j = rx.recv(), if room => Next::Job(j),
                 // A dead connection is noticed at once, not on the next job.
                 _ = async {
@@ -677,23 +759,26 @@ impl Worker {
             match &st.live {
                 Some(l) => {
                     let (conn, carried, since) = (&l.conn, &l.carried, l.since);
-                    let send = |job| {
-                        let stats = self.stats.clone();
-                        send_job(conn.clone(), job, stats, addr, carried.clone(), since)
+                    let link = || Sending {
+                        conn: conn.clone(),
+                        stats: self.stats.clone(),
+                        addr,
+                        carried: carried.clone(),
+                        since,
                     };
-                    inflight.push(send(job));
+                    streams += job.streams();
+                    inflight.push(link().job(job));
                     // Take what else is queued in one go (fewer trips through select).
-                    while inflight.len() < self.config.max_streams {
+                    while streams < self.config.max_streams {
                         let Ok(job) = rx.try_recv() else { break };
-                        inflight.push(send(job));
+                        streams += job.streams();
+                        inflight.push(link().job(job));
                     }
                 }
                 // Not connected: fail at once so the hedge can go.
                 None => {
-                    TpuStats::bump(&self.stats.unreachable);
-                    let _ = job
-                        .done
-                        .send(Err(TpuError::Unreachable(addr, st.last_err.clone())));
+                    TpuStats::add(&self.stats.unreachable, job.streams());
+                    job.fail(|| TpuError::Unreachable(addr, st.last_err.clone()));
                 }
             }
         }
@@ -787,35 +872,79 @@ impl Worker {
     }
 }
 
-async fn send_job(
+/// What sending a job on the worker's connection needs.
+struct Sending {
     conn: quinn::Connection,
-    job: Job,
     stats: Arc<TpuStats>,
     addr: SocketAddr,
     carried: Arc<std::sync::atomic::AtomicBool>,
     since: Instant,
-) {
-    let r = match send_one(&conn, &job.wire, since).await {
-        Ok(()) => {
-            TpuStats::bump(&stats.delivered);
-            carried.store(true, Ordering::Relaxed);
-            Ok(())
-        }
-        Err(e) => {
-            TpuStats::bump(&stats.failed);
-            Err(TpuError::Stream(addr, e))
-        }
-    };
-    let _ = job.done.send(r);
 }
 
-/// One transaction on its own unidirectional stream; done when the peer acknowledged
-/// every byte and, on a connection younger than two round trips (`since`), the
-/// connection is still open two round trips after it was made.
-async fn send_one(conn: &quinn::Connection, wire: &[u8], since: Instant) -> Result<(), String> {
+impl Sending {
+    /// Sends `job` and answers it; resolves to the streams it took.
+    async fn job(self, job: Job) -> usize {
+        match job {
+            Job::One { wire, done } => {
+                let r = match write_one(&self.conn, &wire).await {
+                    Ok(s) => confirm(&self.conn, s, self.since).await,
+                    Err(e) => Err(e),
+                };
+                let _ = done.send(self.count(r));
+                1
+            }
+            Job::Batch { wires, done } => {
+                // Every stream written before any acknowledgement is awaited: the
+                // batch is in flight at once, driven by this one future.
+                let mut sent = Vec::with_capacity(wires.len());
+                for w in &wires {
+                    sent.push(write_one(&self.conn, w).await);
+                }
+                let mut out = Vec::with_capacity(wires.len());
+                for s in sent {
+                    let r = match s {
+                        Ok(s) => confirm(&self.conn, s, self.since).await,
+                        Err(e) => Err(e),
+                    };
+                    out.push(self.count(r));
+                }
+                let _ = done.send(out);
+                wires.len()
+            }
+        }
+    }
+
+    fn count(&self, r: Result<(), String>) -> Result<(), TpuError> {
+        match r {
+            Ok(()) => {
+                TpuStats::bump(&self.stats.delivered);
+                self.carried.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                TpuStats::bump(&self.stats.failed);
+                Err(TpuError::Stream(self.addr, e))
+            }
+        }
+    }
+}
+
+/// One transaction written on its own unidirectional stream, finished.
+async fn write_one(conn: &quinn::Connection, wire: &[u8]) -> Result<quinn::SendStream, String> {
     let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
     s.write_all(wire).await.map_err(|e| e.to_string())?;
     s.finish().map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+/// Done when the peer acknowledged every byte of stream `s` and, on a connection
+/// younger than two round trips (`since`), the connection is still open two round
+/// trips after it was made.
+async fn confirm(
+    conn: &quinn::Connection,
+    s: quinn::SendStream,
+    since: Instant,
+) -> Result<(), String> {
     match s.stopped().await {
         Ok(None) => {}
         Ok(Some(code)) => return Err(format!("leader stopped the stream (code {code})")),
