@@ -21,7 +21,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
-use gw_sidecar::sender::tpu::{Leader, TpuClient, TpuConfig, TpuError};
+use gw_sidecar::sender::tpu::{
+    Leader, TpuClient, TpuConfig, TpuError, STAKED_STREAMS_MAX, UNSTAKED_STREAMS,
+};
 use gw_sidecar::sender::txwire;
 use testkit::agave_tpu::{AgaveConfig, AgaveTpu};
 
@@ -171,13 +173,15 @@ impl Ack {
     }
 }
 
-fn our_config() -> TpuConfig {
+/// Our client's configuration for an identity granted `streams` streams (what a
+/// staked or unstaked operator sets `max_streams` to; `GW_PARITY_STREAMS` overrides).
+fn our_config(streams: usize) -> TpuConfig {
     TpuConfig {
         queue_per_leader: 1 << 16,
         max_streams: std::env::var("GW_PARITY_STREAMS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(TpuConfig::default().max_streams),
+            .unwrap_or(streams),
         ..TpuConfig::default()
     }
 }
@@ -187,6 +191,7 @@ fn our_config() -> TpuConfig {
 async fn child_main() {
     let mut args = std::env::args().skip(1);
     let (mut server, mut seed, mut pin, mut txf, mut subf) = (None, None, None, None, None);
+    let mut streams = UNSTAKED_STREAMS;
     while let Some(flag) = args.next() {
         let v = args.next();
         match flag.as_str() {
@@ -195,6 +200,7 @@ async fn child_main() {
             "--server-identity" => pin = v,
             "--txs" => txf = v,
             "--submits" => subf = v,
+            "--max-streams" => streams = v.and_then(|v| v.parse().ok()).unwrap_or(streams),
             _ => {}
         }
     }
@@ -208,7 +214,7 @@ async fn child_main() {
         sent.push(Bytes::copy_from_slice(&tail[..n]));
         rest = &tail[n..];
     }
-    let client = TpuClient::new(our_config(), &SigningKey::from_bytes(&seed)).unwrap();
+    let client = TpuClient::new(our_config(streams), &SigningKey::from_bytes(&seed)).unwrap();
     let leader = Leader {
         tpu_quic: server.unwrap(),
         identity: Some(pin),
@@ -233,7 +239,7 @@ async fn child_main() {
 async fn ours_inproc(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Round {
     let before = agave.received().len();
     let cpu0 = cpu_us("self");
-    let client = TpuClient::new(our_config(), key).unwrap();
+    let client = TpuClient::new(our_config(STAKED_STREAMS_MAX), key).unwrap();
     let leader = Leader {
         tpu_quic: agave.addr,
         identity: Some(agave.identity),
@@ -250,17 +256,19 @@ async fn ours_inproc(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Roun
     r
 }
 
-/// Our client as a process of its own (this binary, `GW_PARITY_CHILD=ours`).
-async fn ours(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Round {
+/// Our client as a process of its own (this binary, `GW_PARITY_CHILD=ours`),
+/// configured for `streams` streams per connection.
+async fn ours(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes], streams: usize) -> Round {
     let me = std::env::current_exe().unwrap();
     let pin = hex::encode(agave.identity);
+    let streams = streams.to_string();
     process_client(
         agave,
         key,
         sent,
         &me,
         &[("GW_PARITY_CHILD", "ours")],
-        &["--server-identity", &pin],
+        &["--server-identity", &pin, "--max-streams", &streams],
     )
     .await
 }
@@ -335,17 +343,24 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-async fn compare(label: &str, agave: &AgaveTpu, key: &SigningKey, n: usize, rounds: u32) {
+async fn compare(
+    label: &str,
+    agave: &AgaveTpu,
+    key: &SigningKey,
+    n: usize,
+    rounds: u32,
+    streams: usize,
+) {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         // Interleaved, and alternating who goes first.
         let (x, y) = (txs(2 * r, n, 200), txs(2 * r + 1, n, 200));
         if r % 2 == 0 {
-            a.push(ours(agave, key, &x).await);
+            a.push(ours(agave, key, &x, streams).await);
             b.push(theirs(agave, key, &y).await);
         } else {
             b.push(theirs(agave, key, &y).await);
-            a.push(ours(agave, key, &x).await);
+            a.push(ours(agave, key, &x, streams).await);
         }
         let (l, m) = (a.last().unwrap(), b.last().unwrap());
         println!(
@@ -409,10 +424,10 @@ fn main() {
             ..AgaveConfig::default()
         };
         let agave = AgaveTpu::start(&staked, &SigningKey::from_bytes(&[1u8; 32])).unwrap();
-        compare("staked", &agave, &key, staked_n, rounds).await;
+        compare("staked", &agave, &key, staked_n, rounds, STAKED_STREAMS_MAX).await;
         drop(agave);
         let agave =
             AgaveTpu::start(&AgaveConfig::default(), &SigningKey::from_bytes(&[1u8; 32])).unwrap();
-        compare("unstaked", &agave, &key, 1_000, rounds).await;
+        compare("unstaked", &agave, &key, 1_000, rounds, UNSTAKED_STREAMS).await;
     });
 }
