@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
-use gw_sidecar::sender::rpc;
 use gw_sidecar::sender::tpu::{Leader, TpuClient, TpuConfig, TpuError, CLOSE_REASONS};
 use gw_sidecar::sender::txwire;
 use serde_json::json;
@@ -242,48 +241,65 @@ fn send_request(w: &[u8], opts: serde_json::Value) -> Vec<u8> {
     .unwrap()
 }
 
+/// `/api/rpc` of a running sidecar, over its HTTPS listener (HTTP/2, mutual TLS as
+/// from Envoy): `sendTransaction` with Solana's preflight against the RPC node, then
+/// the TPU route to Agave's server, which delivers each transaction byte-identical;
+/// with `maxRetries` the rebroadcasts arrive too.
 #[test]
-fn json_rpc_send_transaction_reaches_agave_byte_identical_with_its_retries() {
+fn json_rpc_send_transaction_over_https_reaches_agave_byte_identical_with_its_retries() {
     let _serial = serial();
     let node = RpcNode::start(2000);
-    rt().block_on(async {
-        let agave = AgaveTpu::start(&AgaveConfig::default(), &key(1)).unwrap();
-        let rig = common::rpc::RpcRig::new(
-            Leader {
-                tpu_quic: agave.addr,
-                identity: Some(agave.identity),
-            },
-            &node.url,
-            100,
-        );
-        let ctx = rig.ctx();
+    let d = testkit::TempDir::new("agave-rpc");
+    let agave = AgaveTpu::start(&AgaveConfig::default(), &key(1)).unwrap();
+    let mut cfg = common::config(&d.path().join("state"), true);
+    cfg.file.sender = Some(
+        serde_json::from_value(json!({
+            "tpu": {},
+            "leaders": {"static": [{
+                "tpu_quic": agave.addr.to_string(),
+                "identity": bs58::encode(agave.identity).into_string(),
+            }]},
+            "route_policy": "tpu_first",
+            "adaptive": false,
+            "rpc_node": {"url": node.url, "timeout_ms": 1000, "rebroadcast_ms": 100,
+                         "max_age_secs": 30},
+        }))
+        .unwrap(),
+    );
+    cfg.tpu_identity = Some(key(2));
+    let s = common::serve(cfg);
+    // JSON-RPC sends are gated by the arbitrage module: start it, signed.
+    let (status, r) = s.post_json("/api/control/module/arbitrage:start", &json!({}));
+    assert_eq!((status, &r["applied"]), (200, &json!(true)), "{r}");
+    let rpc = |w: &[u8], opts: serde_json::Value| {
+        let body: serde_json::Value = serde_json::from_slice(&send_request(w, opts)).unwrap();
+        let (status, r) = s.post_json("/api/rpc", &body);
+        assert_eq!(status, 200, "JSON-RPC answers HTTP 200: {r}");
+        r
+    };
+    let wait = |n: usize| s.rt.block_on(agave.wait_for(n, Duration::from_secs(20)));
 
-        // 50 transactions, one copy each (maxRetries 0), after a passing preflight.
-        let mut sent = Vec::new();
-        for i in 0..50u32 {
-            let w = tx(7_000 + i, (i as usize * 13) % 900);
-            let sig = txwire::parse(&w, true).unwrap().signature_b58();
-            let r = rpc::handle(&ctx, &send_request(&w, json!({"maxRetries": 0}))).await;
-            assert_eq!(r["result"], sig, "{r}");
-            sent.push(w.to_vec());
-        }
-        assert_eq!(agave.wait_for(50, Duration::from_secs(20)).await, 50);
-        assert_eq!(sorted(agave.received()), sorted(sent.clone()));
+    // 50 transactions, one copy each (maxRetries 0), after a passing preflight.
+    let mut sent = Vec::new();
+    for i in 0..50u32 {
+        let w = tx(7_000 + i, (i as usize * 13) % 900);
+        let sig = txwire::parse(&w, true).unwrap().signature_b58();
+        let r = rpc(&w, json!({"maxRetries": 0}));
+        assert_eq!(r["result"], sig, "{r}");
+        sent.push(w.to_vec());
+    }
+    assert_eq!(wait(50), 50);
+    assert_eq!(sorted(agave.received()), sorted(sent.clone()));
 
-        // maxRetries 2: the first send and two rebroadcasts reach the server,
-        // each byte-identical (deduplication is the validator's sigverify stage).
-        let w = tx(9_999, 100);
-        let r = rpc::handle(
-            &ctx,
-            &send_request(&w, json!({"skipPreflight": true, "maxRetries": 2})),
-        )
-        .await;
-        assert!(r["result"].is_string(), "{r}");
-        assert_eq!(agave.wait_for(53, Duration::from_secs(20)).await, 53);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let copies = agave.received().iter().filter(|r| **r == w[..]).count();
-        assert_eq!(copies, 3, "one send and two retries");
-    });
+    // maxRetries 2: the first send and two rebroadcasts reach the server, each
+    // byte-identical (deduplication is the validator's sigverify stage).
+    let w = tx(9_999, 100);
+    let r = rpc(&w, json!({"skipPreflight": true, "maxRetries": 2}));
+    assert!(r["result"].is_string(), "{r}");
+    assert_eq!(wait(53), 53);
+    std::thread::sleep(Duration::from_millis(500));
+    let copies = agave.received().iter().filter(|r| **r == w[..]).count();
+    assert_eq!(copies, 3, "one send and two retries");
 }
 
 #[test]
