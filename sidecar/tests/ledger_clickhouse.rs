@@ -460,6 +460,67 @@ fn every_http_decision_lands_in_the_chained_ledger() {
 
 /// Walking a hash chain cannot see a cut tail, nor a chain rebuilt from scratch
 /// (the hashes have no secret); the signed checkpoints the sidecar writes can.
+/// A decision durable in the journal and not yet in ClickHouse (shipped at most
+/// every `ledger_ship_every_ms`) is in `/api/ledger/request/…` and
+/// `/api/ledger/history` already.
+#[test]
+fn the_ledger_endpoints_show_rows_not_yet_shipped() {
+    use gw_core::Action;
+    use testkit::fixtures::signed_command;
+
+    let d = testkit::TempDir::new("ledger-pending");
+    let ch = ClickHouse::start(d.path());
+    let mut cfg = common::config(&d.path().join("state"), false);
+    cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
+    cfg.file.ledger_ship_every_ms = 10_000;
+    let served = common::serve(cfg);
+    let post = |n: u64| {
+        let body = signed_command(n, Action::Throttle, common::now(), "dashboard", &[]);
+        served.rt.block_on(async {
+            served
+                .http
+                .post(format!("{}/api/control/commands", served.base))
+                .header("content-type", "application/x-protobuf")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    // The first rows are shipped at once; the next wait up to 10 s.
+    assert_eq!(post(21), 200);
+    assert_eq!(wait_rows(&ch, 2).len(), 2);
+    assert_eq!(post(22), 200);
+    let by_id = served.get_json("/api/ledger/request/req-22");
+    let history = served.get_json("/api/ledger/history");
+    assert_eq!(
+        stored(&ch).len(),
+        2,
+        "req-22's rows are still in the journal only"
+    );
+    let summary: Vec<(&str, &str)> = by_id
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["stage"].as_str().unwrap(),
+                r["decision"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(summary, vec![("sidecar", "accepted"), ("agent", "applied")]);
+    let seqs: Vec<u64> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![4, 3, 2, 1], "newest first, each once");
+}
+
 #[test]
 fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
     use ed25519_dalek::SigningKey;

@@ -227,7 +227,10 @@ impl Ledger {
             .route("/api/ledger/refusals", get(refusals))
             .route("/api/ledger/sends", get(sends))
             .route("/api/ledger/checkpoints", get(checkpoints))
-            .with_state(self.queries.clone())
+            .with_state(Api {
+                queries: self.queries.clone(),
+                pending: self.queue.clone(),
+            })
     }
 }
 
@@ -315,10 +318,27 @@ async fn apply_migrations(client: &clickhouse::Client) {
     }
 }
 
-type Q = State<Option<Queries>>;
+/// What the ledger endpoints read: ClickHouse, and the rows still to ship.
+#[derive(Clone)]
+struct Api {
+    queries: Option<Queries>,
+    pending: Option<Arc<RowQueue>>,
+}
 
-fn queries(q: Option<Queries>) -> Result<Queries, ApiError> {
-    q.ok_or(ApiError::new(
+impl Api {
+    /// The newest `limit` rows not yet shipped that `keep` selects.
+    fn pending(&self, limit: usize, keep: impl Fn(&LedgerRow) -> bool) -> Vec<LedgerRow> {
+        self.pending
+            .as_ref()
+            .map(|q| q.newest_where(limit, keep))
+            .unwrap_or_default()
+    }
+}
+
+type Q = State<Api>;
+
+fn queries(api: Api) -> Result<Queries, ApiError> {
+    api.queries.ok_or(ApiError::new(
         Code::Unavailable,
         "no audit ledger configured (clickhouse_url)",
     ))
@@ -335,8 +355,17 @@ async fn history(
     h: Result<axum::extract::Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<DecisionView>>, ApiError> {
     let h = h.map_err(|e| ApiError::with(Code::Malformed, e.body_text()))?;
-    let limit = h.limit.unwrap_or(query::MAX_HISTORY);
-    Ok(Json(queries(q)?.history(limit).await?))
+    let limit = h
+        .limit
+        .unwrap_or(query::MAX_HISTORY)
+        .min(query::MAX_HISTORY);
+    // Rows durable in the journal and not yet shipped are decisions too: read
+    // them first (a row shipped meanwhile is then in ClickHouse's answer).
+    let pending = q.pending(limit, |_| true);
+    let mut all = query::with_pending(queries(q)?.history(limit).await?, pending);
+    all.sort_by(|a, b| (b.ts_ms, &a.chain_id, b.seq).cmp(&(a.ts_ms, &b.chain_id, a.seq)));
+    all.truncate(limit);
+    Ok(Json(all))
 }
 
 async fn refusals(State(q): Q) -> Result<Json<query::Refusals>, ApiError> {
@@ -355,7 +384,10 @@ async fn by_request(
     State(q): Q,
     UrlPath(request_id): UrlPath<String>,
 ) -> Result<Json<Vec<DecisionView>>, ApiError> {
-    Ok(Json(queries(q)?.by_request(&request_id).await?))
+    let pending = q.pending(usize::MAX, |r| r.request_id == request_id);
+    let mut all = query::with_pending(queries(q)?.by_request(&request_id).await?, pending);
+    all.sort_by(|a, b| (a.ts_ms, &a.chain_id, a.seq).cmp(&(b.ts_ms, &b.chain_id, b.seq)));
+    Ok(Json(all))
 }
 
 async fn policy_frequency(State(q): Q) -> Result<Json<Vec<PolicyWindow>>, ApiError> {

@@ -42,6 +42,46 @@ pub struct DecisionView {
     pub route: String,
 }
 
+impl From<&gw_core::ledger::LedgerRow> for DecisionView {
+    fn from(r: &gw_core::ledger::LedgerRow) -> Self {
+        DecisionView {
+            chain_id: r.chain_id.clone(),
+            seq: r.seq,
+            ts_ms: r.ts_ms,
+            stage: r.stage.clone(),
+            decision: r.decision.clone(),
+            code: r.code.clone(),
+            issuer: r.issuer.clone(),
+            module: r.module.clone(),
+            action: r.action.clone(),
+            request_id: r.request_id.clone(),
+            nonce: r.nonce,
+            requester: r.requester.clone(),
+            requester_roles: r.requester_roles.clone(),
+            token_issuer: r.token_issuer.clone(),
+            route: r.route.clone(),
+        }
+    }
+}
+
+/// `stored` (ClickHouse's answer) with the `pending` rows it does not hold yet
+/// (read from the journal's queue before ClickHouse was asked, so a row shipped
+/// in between is in `stored`), each `(chain_id, seq)` once.
+pub fn with_pending(
+    mut stored: Vec<DecisionView>,
+    pending: Vec<gw_core::ledger::LedgerRow>,
+) -> Vec<DecisionView> {
+    let have: std::collections::HashSet<(String, u64)> =
+        stored.iter().map(|d| (d.chain_id.clone(), d.seq)).collect();
+    stored.extend(
+        pending
+            .iter()
+            .filter(|r| !have.contains(&(r.chain_id.clone(), r.seq)))
+            .map(DecisionView::from),
+    );
+    stored
+}
+
 /// One five-minute window of applied POLICY commands.
 #[derive(Debug, clickhouse::Row, Serialize, Deserialize)]
 pub struct PolicyWindow {

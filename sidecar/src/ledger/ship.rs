@@ -266,6 +266,22 @@ impl RowQueue {
         self.rows.lock().back().map(|(_, r)| r.seq)
     }
 
+    /// The newest `limit` rows still to ship that `keep` selects, newest first,
+    /// among the newest [`PENDING_SCAN`] (what the ledger endpoints add to
+    /// ClickHouse's answer; the journal's writer waits on this lock).
+    pub fn newest_where(&self, limit: usize, keep: impl Fn(&LedgerRow) -> bool) -> Vec<LedgerRow> {
+        self.rows
+            .lock()
+            .iter()
+            .rev()
+            .take(PENDING_SCAN)
+            .map(|(_, r)| r)
+            .filter(|r| keep(r))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
     /// The queued rows `first..=last`.
     fn range(&self, first: u64, last: u64) -> Vec<LedgerRow> {
         self.rows
@@ -416,6 +432,11 @@ pub struct Shipper {
     /// ClickHouse's `os_thread_priority` for the inserts.
     nice: Option<u8>,
 }
+
+/// Rows still to ship that the ledger endpoints look through, newest first (a
+/// queue longer than this means ClickHouse has been away, and it is what they
+/// would ask first).
+pub const PENDING_SCAN: usize = 65_536;
 
 /// Rows that are shipped at once, however recent the last insert.
 pub const SHIP_NOW_ROWS: usize = 1_000;
