@@ -115,6 +115,11 @@ fn signed_commands_apply_once_even_across_a_restart() {
         metrics.contains("gw_sidecar_agent_total{module=\"mev\",outcome=\"applied\"} 1"),
         "{metrics}"
     );
+    // One command, one batch of one.
+    assert!(
+        metrics.contains("gw_sidecar_agent_batch_deliveries_count{module=\"mev\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[test]

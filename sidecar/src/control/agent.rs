@@ -970,6 +970,7 @@ impl Agent {
                 }
                 match self.handle(&batch, crate::now_secs()).await {
                     Ok(hs) => {
+                        self.env.metrics.agent_batch(name, batch.len());
                         for h in hs {
                             self.env.metrics.agent(name, h.as_str());
                         }

@@ -5,6 +5,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -18,11 +19,32 @@ struct AgentLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModuleLabel {
+    module: &'static str,
+}
+
+/// Deliveries per agent batch: 1, 2, 4, … 64 (`MAX_BATCH`).
+fn batch_histogram() -> Histogram {
+    Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
+}
+
 /// The control plane's counters.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ControlMetrics {
     decisions: Family<CodeLabel, Counter>,
     agent: Family<AgentLabels, Counter>,
+    batches: Family<ModuleLabel, Histogram, fn() -> Histogram>,
+}
+
+impl Default for ControlMetrics {
+    fn default() -> Self {
+        ControlMetrics {
+            decisions: Family::default(),
+            agent: Family::default(),
+            batches: Family::new_with_constructor(batch_histogram),
+        }
+    }
 }
 
 impl ControlMetrics {
@@ -33,6 +55,9 @@ impl ControlMetrics {
         // Series that exist from the start (a scrape sees 0, not nothing).
         let _ = m.decisions.get_or_create(&CodeLabel { code: "accepted" });
         for module in gw_core::Module::ALL {
+            let _ = m.batches.get_or_create(&ModuleLabel {
+                module: module.as_str(),
+            });
             for outcome in ["applied", "duplicate", "rejected"] {
                 let _ = m.agent.get_or_create(&AgentLabels {
                     module: module.as_str(),
@@ -50,7 +75,19 @@ impl ControlMetrics {
             "Deliveries handled by the module agents, by module and outcome",
             m.agent.clone(),
         );
+        registry.register(
+            "gw_sidecar_agent_batch_deliveries",
+            "Deliveries an agent decided in one journal transaction",
+            m.batches.clone(),
+        );
         m
+    }
+
+    /// Records that `module`'s agent decided `n` deliveries in one transaction.
+    pub fn agent_batch(&self, module: &'static str, n: usize) {
+        self.batches
+            .get_or_create(&ModuleLabel { module })
+            .observe(n as f64);
     }
 
     /// Counts one admission decision.
