@@ -123,6 +123,36 @@ fn a_steady_stream_of_rows_is_shipped_in_few_inserts() {
     assert!(made >= 2, "{made} inserts: shipped while rows came");
 }
 
+/// However long `every`, a thousand rows waiting are shipped at once, not after it.
+#[test]
+fn a_thousand_waiting_rows_are_shipped_without_waiting_for_the_interval() {
+    let d = testkit::TempDir::new("ledger-ch-burst");
+    let ch = ClickHouse::start(d.path());
+    create_table(&ch);
+    let client = client_of(&ch);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let n = node(&d.path().join("journal"), &client);
+    let journal = n.journal.clone();
+    let every = std::time::Duration::from_secs(60);
+    let shipping = rt.spawn(n.shipper.with_every(every).run(None));
+    // The first row is shipped at once; the interval starts then.
+    journal
+        .commit_blocking(Txn::of(vec![journal::Entry::Row(row(1))]))
+        .unwrap();
+    wait_rows(&ch, 1);
+    let burst: Vec<journal::Entry> = (2..=1_001).map(|i| journal::Entry::Row(row(i))).collect();
+    let started = std::time::Instant::now();
+    journal.commit_blocking(Txn::of(burst)).unwrap();
+    let rows = wait_rows(&ch, 1_001);
+    shipping.abort();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "the burst waited for the interval: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(verify_chain(&rows), Ok(1_001));
+}
+
 /// A ClickHouse whose settings profile forbids `os_thread_priority` refuses the
 /// first insert that asks for it; the shipper then ships without it, nothing lost.
 #[test]

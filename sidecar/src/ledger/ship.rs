@@ -586,7 +586,8 @@ impl Shipper {
     }
 
     /// Ships forever: after each wake-up (new rows, at most once per `every` unless
-    /// [`SHIP_NOW_ROWS`] wait, or a retry every 500 ms while ClickHouse is away);
+    /// [`SHIP_NOW_ROWS`] wait — then at once, even mid-wait — or a retry every
+    /// 500 ms while ClickHouse is away);
     /// checkpoints as they fall due.
     pub async fn run(mut self, mut checkpointer: Option<Checkpointer>) {
         let mut last_err = String::new();
@@ -595,8 +596,14 @@ impl Shipper {
         let mut last_insert: Option<tokio::time::Instant> = None;
         loop {
             if let Some(due) = last_insert.map(|t| t + self.every) {
-                if queue.len() < SHIP_NOW_ROWS {
-                    tokio::time::sleep_until(due).await;
+                // Until the insert is due, or SHIP_NOW_ROWS rows wait.
+                let sleep = tokio::time::sleep_until(due);
+                tokio::pin!(sleep);
+                while queue.len() < SHIP_NOW_ROWS {
+                    tokio::select! {
+                        () = &mut sleep => break,
+                        () = queue.grew.notified() => {}
+                    }
                 }
             }
             let woke = queue.grew.notified();
