@@ -10,6 +10,8 @@
 # The sidecar's transaction sender is on: JSON-RPC at /api/rpc and opportunities at
 # /api/opportunities, sending over QUIC to a local TPU (gw-tpu-sink, UDP 8009) and
 # hedging to a local Jito-style relay (gw-dev-relay, 8010); sends audited in tx_sends.
+# Searchers reach the hot path over QUIC (UDP 8011, ALPN gw-opportunities): only the
+# dev searcher key ($run/keys/searcher.sk.hex) is allow-listed.
 # Dev keys, a JWT secret and TLS certificates are made once under .run/. Ctrl-C
 # stops everything.
 #
@@ -87,8 +89,28 @@ for _ in $(seq 1 50); do grep -q identity "$run/tpu-sink.log" 2>/dev/null && bre
 sink_id=$(sed -n 's/.*identity \([1-9A-HJ-NP-Za-km-z]*\).*/\1/p' "$run/tpu-sink.log" | head -1)
 [[ -n "$sink_id" ]] || die "gw-tpu-sink did not start; see $run/tpu-sink.log"
 [[ -f "$run/keys/tpu-identity.hex" ]] || (umask 077 && openssl rand -hex 32 > "$run/keys/tpu-identity.hex")
-"$GW_VENV/bin/python" - "$run/sidecar.json" "$sink_id" <<'PY'
+[[ -f "$run/keys/searcher.sk.hex" ]] || (umask 077 && openssl rand -hex 32 > "$run/keys/searcher.sk.hex")
+"$GW_VENV/bin/python" - "$run/sidecar.json" "$sink_id" "$run/keys" <<'PY'
 import json, sys
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+def public(seed_file):
+    seed = bytes.fromhex(open(seed_file).read().strip())
+    return Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(
+        Encoding.Raw, PublicFormat.Raw)
+
+def b58(raw):
+    alphabet = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+    n, out = int.from_bytes(raw, "big"), ""
+    while n:
+        n, r = divmod(n, 58)
+        out = alphabet[r] + out
+    return "1" * (len(raw) - len(raw.lstrip(b"\0"))) + out
+
+keys = sys.argv[3]
+# The sender's identity, for searchers to pin the ingest endpoint by.
+open(f"{keys}/tpu-identity.pk.hex", "w").write(public(f"{keys}/tpu-identity.hex").hex())
 cfg = json.load(open("sidecar/config.example.json"))
 cfg["checkpoint_every_secs"] = 5
 cfg["sender"] = {
@@ -97,6 +119,7 @@ cfg["sender"] = {
     "leaders": {"static": [{"tpu_quic": "127.0.0.1:8009", "identity": sys.argv[2]}]},
     "hedge_delay_ms": 10,
     "route_policy": "tpu_first",
+    "strategy": {"ingest": {"bind": "127.0.0.1:8011", "allow": [b58(public(f"{keys}/searcher.sk.hex"))]}},
 }
 json.dump(cfg, open(sys.argv[1], "w"), indent=2)
 PY
@@ -161,6 +184,9 @@ Send a Solana transaction (JSON-RPC sendTransaction, base58 or base64):
       -H 'content-type: application/json' https://localhost:8443/api/rpc \
       -d '{"jsonrpc":"2.0","id":1,"method":"sendTransaction","params":["<tx>",{"encoding":"base64"}]}'
   (any Solana client works with the URL https://localhost:8443/api/rpc and that header)
+Searcher (QUIC ingest, UDP 8011; an aioquic client with the dev searcher key):
+  $GW_VENV/bin/python tests/searcher/searcher.py --endpoint 127.0.0.1:8011 --key $run/keys/searcher.sk.hex \\
+      --server-identity \$(cat $run/keys/tpu-identity.pk.hex) --module arbitrage --ev 1.0 <tx hex> …
 Sender status:   curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" https://localhost:8443/api/sender
                  local TPU: $run/tpu-sink.log   relay: $run/relay.log
 ClickHouse:      user gw_admin, password in $run/keys/clickhouse-admin.pw (the sidecar writes as gw_sidecar)
@@ -235,6 +261,20 @@ if (( smoke )); then
   done
   (( a >= 1 )) || die "smoke: the send is not audited in tx_sends"
   log "smoke: solders transaction $sig sent through Envoy → sidecar → QUIC TPU, audited"
+  # A searcher (aioquic) offers the other solders transaction to the hot path over
+  # the QUIC ingest; a key not on the allow-list is refused at the handshake.
+  tx2=$(sed -n 2p "$run/smoke-txs.jsonl")
+  hex2=$(echo "$tx2" | "$GW_VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["hex"])')
+  sig2=$(echo "$tx2" | "$GW_VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["signature"])')
+  searcher=("$GW_VENV/bin/python" tests/searcher/searcher.py --endpoint 127.0.0.1:8011
+    --server-identity "$(cat "$run/keys/tpu-identity.pk.hex")" --module arbitrage --ev 1.0)
+  "${searcher[@]}" --key "$run/keys/searcher.sk.hex" "$hex2" || die "smoke: the searcher could not send over the QUIC ingest"
+  for _ in $(seq 1 50); do grep -q "tx $sig2" "$run/tpu-sink.log" && break; sleep 0.1; done
+  grep -q "tx $sig2" "$run/tpu-sink.log" || die "smoke: the searcher's opportunity did not reach the local TPU"
+  openssl rand -hex 32 > "$run/stranger.sk.hex"
+  "${searcher[@]}" --key "$run/stranger.sk.hex" --expect-refused "$hex2" > /dev/null \
+    || die "smoke: a searcher key not on the allow-list was served"
+  log "smoke: a searcher's opportunity (aioquic, QUIC ingest) reached the local TPU as $sig2; a stranger was refused"
   # The chain against its signed checkpoint (written every checkpoint_every_secs).
   for _ in $(seq 1 100); do [[ -s "$run/sidecar/ledger/checkpoints.log" ]] && break; sleep 0.2; done
   "$bin/gwctl" ledger verify --clickhouse http://127.0.0.1:8123 \

@@ -203,6 +203,51 @@ fn allowed_searchers_frames_become_sends_byte_identical() {
     });
 }
 
+/// An independent QUIC stack (aioquic, `tests/searcher/searcher.py`) as the
+/// searcher: its self-signed Ed25519 certificate is accepted when allow-listed, it
+/// pins the server's key, and its frames become sends byte-identical; a key not on
+/// the list is refused at the handshake and sends nothing.
+#[test]
+fn an_aioquic_searcher_is_served_and_a_stranger_refused() {
+    let r = rig(json!({"bind": "127.0.0.1:0", "allow": allow(&[31])}));
+    let addr = r.hot.ingest_addr.expect("the endpoint listens");
+    let d = testkit::TempDir::new("ingest-aioquic");
+    let searcher = |seed: u8, extra: &[&str], txs: &[Vec<u8>]| {
+        let key_file = d.path().join(format!("searcher-{seed}.hex"));
+        std::fs::write(&key_file, hex::encode(key(seed).to_bytes())).unwrap();
+        let out = std::process::Command::new(testkit::venv_bin("python"))
+            .arg(testkit::workspace_root().join("tests/searcher/searcher.py"))
+            .args(["--endpoint", &addr.to_string()])
+            .arg("--key")
+            .arg(&key_file)
+            .args(["--server-identity", &hex::encode(server_key().unwrap())])
+            .args(["--module", "mev", "--ev", "1.0"])
+            .args(extra)
+            .args(txs.iter().map(hex::encode))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let txs: Vec<Vec<u8>> = (0..5).map(|i| tx(70_000 + i)).collect();
+    let (code, out) = searcher(31, &[], &txs);
+    assert_eq!((code, out.trim()), (Some(0), "sent 5"), "{out}");
+    r._rt.block_on(async {
+        assert_eq!(r.rx.wait_for(5, Duration::from_secs(10)).await, 5);
+    });
+    let got: Vec<Vec<u8>> = r.rx.received().into_iter().map(|x| x.bytes).collect();
+    assert_eq!(sorted(got), sorted(txs));
+
+    let (code, out) = searcher(32, &["--expect-refused"], &[tx(80_000)]);
+    assert_eq!(code, Some(0), "a stranger was served: {out}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(r.rx.count(), 5, "a stranger sends nothing");
+    assert!(r.hot.ingest_stats.refused.load(Ordering::Relaxed) >= 1);
+}
+
 #[test]
 fn strangers_are_refused_at_the_handshake_and_the_server_can_be_pinned() {
     let r = rig(json!({"bind": "127.0.0.1:0", "allow": allow(&[30]), "max_connections": 1}));
