@@ -135,22 +135,27 @@ fn a_thousand_waiting_rows_are_shipped_without_waiting_for_the_interval() {
     let journal = n.journal.clone();
     let every = std::time::Duration::from_secs(60);
     let shipping = rt.spawn(n.shipper.with_every(every).run(None));
-    // The first row is shipped at once; the interval starts then.
+    // The first row is shipped at once; the interval starts then. A second row
+    // sets the shipper waiting for it; the burst comes during that wait.
     journal
         .commit_blocking(Txn::of(vec![journal::Entry::Row(row(1))]))
         .unwrap();
     wait_rows(&ch, 1);
-    let burst: Vec<journal::Entry> = (2..=1_001).map(|i| journal::Entry::Row(row(i))).collect();
+    journal
+        .commit_blocking(Txn::of(vec![journal::Entry::Row(row(2))]))
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let burst: Vec<journal::Entry> = (3..=1_002).map(|i| journal::Entry::Row(row(i))).collect();
     let started = std::time::Instant::now();
     journal.commit_blocking(Txn::of(burst)).unwrap();
-    let rows = wait_rows(&ch, 1_001);
+    let rows = wait_rows(&ch, 1_002);
     shipping.abort();
     assert!(
         started.elapsed() < std::time::Duration::from_secs(20),
         "the burst waited for the interval: {:?}",
         started.elapsed()
     );
-    assert_eq!(verify_chain(&rows), Ok(1_001));
+    assert_eq!(verify_chain(&rows), Ok(1_002));
 }
 
 /// A ClickHouse whose settings profile forbids `os_thread_priority` refuses the
@@ -290,6 +295,32 @@ fn an_insert_that_lands_after_a_restart_is_not_stored_twice() {
         "each row once"
     );
     assert_eq!(verify_chain(&rows), Ok(5));
+}
+
+/// ClickHouse loses rows the node shipped (a restore, a replica behind): the range
+/// of the last insert, long shipped, is not sent again forever; shipping goes on
+/// with the rows since, and the gap is what `verify` then reports.
+#[test]
+fn an_old_insert_range_does_not_stop_shipping_after_clickhouse_lost_rows() {
+    let d = testkit::TempDir::new("ledger-lost");
+    let ch = ClickHouse::start(d.path());
+    create_table(&ch);
+    let client = client_of(&ch);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut n = node(&d.path().join("journal"), &client);
+    commit_rows(&n, 1, 3);
+    assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 3);
+    ch.query("DELETE FROM control_decisions WHERE seq >= 2");
+    assert_eq!(stored(&ch).len(), 1);
+    commit_rows(&n, 4, 5);
+    // As after a failed insert: the shipper asks ClickHouse where it stands.
+    rt.block_on(n.shipper.learn()).unwrap();
+    assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 2);
+    let seqs: Vec<u64> = stored(&ch).iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, vec![1, 4, 5]);
 }
 
 /// The spool of the version before the journal is shipped once (what it had not
@@ -488,8 +519,6 @@ fn every_http_decision_lands_in_the_chained_ledger() {
     assert!(gw_core::verify_command(&raw, &ring, None).is_ok());
 }
 
-/// Walking a hash chain cannot see a cut tail, nor a chain rebuilt from scratch
-/// (the hashes have no secret); the signed checkpoints the sidecar writes can.
 /// A decision durable in the journal and not yet in ClickHouse (shipped at most
 /// every `ledger_ship_every_ms`) is in `/api/ledger/request/…` and
 /// `/api/ledger/history` already.
@@ -507,22 +536,23 @@ fn the_ledger_endpoints_show_rows_not_yet_shipped() {
     let post = |n: u64| {
         let body = signed_command(n, Action::Throttle, common::now(), "dashboard", &[]);
         served.rt.block_on(async {
-            served
+            let r = served
                 .http
                 .post(format!("{}/api/control/commands", served.base))
                 .header("content-type", "application/x-protobuf")
                 .body(body)
                 .send()
                 .await
-                .unwrap()
-                .status()
-                .as_u16()
-        })
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert_eq!((status, &body["applied"]), (200, &true.into()), "{body}");
+        });
     };
     // The first rows are shipped at once; the next wait up to 10 s.
-    assert_eq!(post(21), 200);
+    post(21);
     assert_eq!(wait_rows(&ch, 2).len(), 2);
-    assert_eq!(post(22), 200);
+    post(22);
     let by_id = served.get_json("/api/ledger/request/req-22");
     let history = served.get_json("/api/ledger/history");
     assert_eq!(
@@ -551,6 +581,8 @@ fn the_ledger_endpoints_show_rows_not_yet_shipped() {
     assert_eq!(seqs, vec![4, 3, 2, 1], "newest first, each once");
 }
 
+/// Walking a hash chain cannot see a cut tail, nor a chain rebuilt from scratch
+/// (the hashes have no secret); the signed checkpoints the sidecar writes can.
 #[test]
 fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
     use ed25519_dalek::SigningKey;

@@ -327,10 +327,10 @@ struct Api {
 
 impl Api {
     /// The newest `limit` rows not yet shipped that `keep` selects.
-    fn pending(&self, limit: usize, keep: impl Fn(&LedgerRow) -> bool) -> Vec<LedgerRow> {
+    fn pending(&self, limit: usize, keep: impl Fn(&LedgerRow) -> bool) -> Vec<DecisionView> {
         self.pending
             .as_ref()
-            .map(|q| q.newest_where(limit, keep))
+            .map(|q| q.newest_where(limit, keep, |r| DecisionView::from(r)))
             .unwrap_or_default()
     }
 }
@@ -361,7 +361,8 @@ async fn history(
         .min(query::MAX_HISTORY);
     // Rows durable in the journal and not yet shipped are decisions too: read
     // them first (a row shipped meanwhile is then in ClickHouse's answer).
-    let pending = q.pending(limit, |_| true);
+    let day_ago = (crate::now_nanos() / 1_000_000).saturating_sub(86_400_000);
+    let pending = q.pending(limit, |r| r.ts_ms > day_ago);
     let mut all = query::with_pending(queries(q)?.history(limit).await?, pending);
     all.sort_by(|a, b| (b.ts_ms, &a.chain_id, b.seq).cmp(&(a.ts_ms, &b.chain_id, a.seq)));
     all.truncate(limit);

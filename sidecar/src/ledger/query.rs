@@ -69,15 +69,14 @@ impl From<&gw_core::ledger::LedgerRow> for DecisionView {
 /// in between is in `stored`), each `(chain_id, seq)` once.
 pub fn with_pending(
     mut stored: Vec<DecisionView>,
-    pending: Vec<gw_core::ledger::LedgerRow>,
+    pending: Vec<DecisionView>,
 ) -> Vec<DecisionView> {
     let have: std::collections::HashSet<(String, u64)> =
         stored.iter().map(|d| (d.chain_id.clone(), d.seq)).collect();
     stored.extend(
         pending
-            .iter()
-            .filter(|r| !have.contains(&(r.chain_id.clone(), r.seq)))
-            .map(DecisionView::from),
+            .into_iter()
+            .filter(|r| !have.contains(&(r.chain_id.clone(), r.seq))),
     );
     stored
 }

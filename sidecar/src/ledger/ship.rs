@@ -266,10 +266,16 @@ impl RowQueue {
         self.rows.lock().back().map(|(_, r)| r.seq)
     }
 
-    /// The newest `limit` rows still to ship that `keep` selects, newest first,
-    /// among the newest [`PENDING_SCAN`] (what the ledger endpoints add to
-    /// ClickHouse's answer; the journal's writer waits on this lock).
-    pub fn newest_where(&self, limit: usize, keep: impl Fn(&LedgerRow) -> bool) -> Vec<LedgerRow> {
+    /// `view` of the newest `limit` rows still to ship that `keep` selects,
+    /// newest first, among the newest [`PENDING_SCAN`] (what the ledger endpoints
+    /// add to ClickHouse's answer; the journal's writer waits on this lock, so
+    /// only what is shown is copied).
+    pub fn newest_where<T>(
+        &self,
+        limit: usize,
+        keep: impl Fn(&LedgerRow) -> bool,
+        view: impl Fn(&LedgerRow) -> T,
+    ) -> Vec<T> {
         self.rows
             .lock()
             .iter()
@@ -278,7 +284,7 @@ impl RowQueue {
             .map(|(_, r)| r)
             .filter(|r| keep(r))
             .take(limit)
-            .cloned()
+            .map(view)
             .collect()
     }
 
@@ -287,10 +293,18 @@ impl RowQueue {
         self.rows
             .lock()
             .iter()
-            .filter(|(_, r)| (first..=last).contains(&r.seq))
+            .skip_while(|(_, r)| r.seq < first)
+            .take_while(|(_, r)| r.seq <= last)
             .take(MAX_BATCH_ROWS)
             .map(|(_, r)| r.clone())
             .collect()
+    }
+
+    /// Whether every row `first..=last` is queued (the queue holds consecutive
+    /// seqs: rows are sealed in order and dropped from the front).
+    fn holds(&self, first: u64, last: u64) -> bool {
+        let q = self.rows.lock();
+        matches!((q.front(), q.back()), (Some((_, f)), Some((_, b))) if f.seq <= first && last <= b.seq)
     }
 
     /// The range of the latest insert begun, in this run or (from the journal) an
@@ -431,6 +445,8 @@ pub struct Shipper {
     every: Duration,
     /// ClickHouse's `os_thread_priority` for the inserts.
     nice: Option<u8>,
+    /// The intent of the insert being tried is in the journal (a recovered one is).
+    intent_durable: bool,
 }
 
 /// Rows still to ship that the ledger endpoints look through, newest first (a
@@ -460,6 +476,7 @@ impl Shipper {
             shipped: None,
             every: Duration::ZERO,
             nice: None,
+            intent_durable: true,
         }
     }
 
@@ -537,7 +554,7 @@ impl Shipper {
             let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
                 return Ok(n);
             };
-            if self.queue.intent() != Some((first.seq, last.seq)) {
+            if self.queue.intent() != Some((first.seq, last.seq)) || !self.intent_durable {
                 self.begin(first.seq, last.seq).await;
             }
             if let Err(e) = insert(&self.client, &self.table, &batch, self.nice).await {
@@ -560,12 +577,15 @@ impl Shipper {
     }
 
     /// The insert begun and not known to be in ClickHouse, which holds the chain
-    /// up to `stored`: it is the next one, whatever else is queued. (An intent
-    /// that does not follow `stored` is from before ClickHouse lost rows: moot.)
+    /// up to `stored`: it is the next one, whatever else is queued. An intent
+    /// whose rows are no longer all queued was shipped (ClickHouse has since lost
+    /// rows: a restore, a replica behind), and one that does not follow `stored`
+    /// is older than such a loss: both are moot, and shipping goes on from the
+    /// queue (the gap shows in `gwctl ledger verify`).
     fn redo(&self, stored: u64) -> Option<(u64, u64)> {
-        self.queue
-            .intent()
-            .filter(|&(first, last)| first >= 1 && first <= stored + 1 && stored < last)
+        self.queue.intent().filter(|&(first, last)| {
+            first >= 1 && first <= stored + 1 && stored < last && self.queue.holds(first, last)
+        })
     }
 
     /// Records that the insert of `first..=last` begins, durably before it does
@@ -575,8 +595,13 @@ impl Shipper {
     async fn begin(&mut self, first: u64, last: u64) {
         *self.queue.intent.lock() = Some((first, last));
         let txn = Txn::of(vec![journal::Entry::Shipping { first, last }]);
-        if let Err(e) = self.journal.commit(txn).await {
-            tracing::warn!(first, last, error = %e, "the ledger insert's range is not in the journal: shipping it anyway");
+        match self.journal.commit(txn).await {
+            Ok(_) => self.intent_durable = true,
+            Err(e) => {
+                // Tried again before each retry of this insert.
+                self.intent_durable = false;
+                tracing::warn!(first, last, error = %e, "the ledger insert's range is not in the journal: shipping it anyway");
+            }
         }
     }
 

@@ -492,7 +492,7 @@ impl TpuClient {
     /// (a result per transaction) once the leader acknowledged them or they failed.
     /// Cheaper per transaction than [`Self::submit`] (one job, one answer, one
     /// future). Refused whole when a transaction is too large, the batch exceeds
-    /// `max_streams`, or the queue is full.
+    /// `max_streams`, or the queue is full. An empty batch is answered at once.
     pub fn submit_batch(
         &self,
         leader: &Leader,
@@ -501,6 +501,11 @@ impl TpuClient {
         if let Some(w) = wires.iter().find(|w| w.len() > MAX_TX_BYTES) {
             TpuStats::add(&self.stats.too_large, wires.len());
             return Err(TpuError::TooLarge(w.len()));
+        }
+        if wires.is_empty() {
+            let (done, rx) = oneshot::channel();
+            let _ = done.send(Vec::new());
+            return Ok(rx);
         }
         if wires.len() > self.config.max_streams {
             return Err(TpuError::BatchTooLarge(
