@@ -528,7 +528,12 @@ async fn send(client: &reqwest::Client, url: &str, token: &str, body: Vec<u8>) -
         Err(e) => return Answer::Retry(format!("transport: {e}")),
     };
     let status = r.status().as_u16();
-    let text = r.text().await.unwrap_or_default();
+    // A reset after the status line (the sidecar killed between its headers and
+    // its body, Envoy resetting the stream) is no answer: send again.
+    let text = match r.text().await {
+        Ok(t) => t,
+        Err(e) => return Answer::Retry(format!("{status}, then the body was cut: {e}")),
+    };
     let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
     match status {
         200 if v["applied"] == json!(true) => Answer::Applied,
