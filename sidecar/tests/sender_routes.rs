@@ -997,3 +997,46 @@ fn leader_allow_and_deny_lists_apply_before_sending_and_connecting() {
         assert!(e.starts_with("sender.leader_deny"), "{e}");
     });
 }
+
+/// `max_streams` is a hard cap: a batch that would take the streams in flight past
+/// it waits until earlier ones are acknowledged. Over a path with 150 ms each way,
+/// a cap of 4 and two batches of 3: the second batch reaches the leader a round
+/// trip after the first, not with it.
+#[test]
+fn a_batch_that_does_not_fit_waits_for_acknowledgements() {
+    let rt = rt();
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let path = DelayProxy::start(rx.addr, Duration::from_millis(150));
+        let cfg = TpuConfig {
+            max_streams: 4,
+            ..TpuConfig::default()
+        };
+        let client = TpuClient::new(cfg, &key(2)).unwrap();
+        let l = Leader {
+            tpu_quic: path.addr,
+            identity: Some(rx.identity),
+        };
+        client.prewarm(&[l]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.connection(path.addr).is_none() {
+            assert!(Instant::now() < deadline, "no connection");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let first: Vec<Bytes> = (0..3).map(|i| tx(60_000 + i, 10).0).collect();
+        let second: Vec<Bytes> = (0..3).map(|i| tx(61_000 + i, 10).0).collect();
+        let a = client.submit_batch(&l, first.clone()).unwrap();
+        let b = client.submit_batch(&l, second.clone()).unwrap();
+        assert!(a.await.unwrap().iter().all(Result::is_ok));
+        assert!(b.await.unwrap().iter().all(Result::is_ok));
+        let got = rx.received();
+        let at = |w: &Bytes| got.iter().find(|r| r.bytes == w[..]).unwrap().at;
+        let first_done = first.iter().map(at).max().unwrap();
+        let second_begun = second.iter().map(at).min().unwrap();
+        let gap = second_begun.saturating_duration_since(first_done);
+        assert!(
+            gap >= Duration::from_millis(200),
+            "the second batch arrived {gap:?} after the first: it did not wait"
+        );
+    });
+}

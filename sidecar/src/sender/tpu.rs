@@ -711,6 +711,9 @@ impl Worker {
         // resolves to the streams it took.
         let mut inflight = FuturesUnordered::new();
         let mut streams = 0usize;
+        // A job taken from the queue that did not fit yet (the queue is not read
+        // while one waits).
+        let mut held: Option<Job> = None;
         // Resolves when the current connection dies (made once per connection).
         let mut closed: Option<Closed> = None;
         let backoff_timer = tokio::time::sleep_until(st.retry_at.into());
@@ -729,7 +732,8 @@ impl Worker {
                 closed = self.connect_now(&mut st).await;
                 backoff_timer.as_mut().reset(st.retry_at.into());
             }
-            let room = streams < self.config.max_streams;
+            let max = self.config.max_streams;
+            let room = held.is_none() && streams < max;
             let waiting = st.live.is_none() && !st.dormant;
             let next = tokio::select! {
                 biased;
@@ -750,7 +754,14 @@ impl Worker {
                 _ = &mut backoff_timer, if waiting => Next::Progress,
             };
             let job = match next {
-                Next::Progress => continue,
+                // Streams done: a job held back may fit now.
+                Next::Progress => match held.take() {
+                    Some(j) if fits(streams, &j, max) => j,
+                    other => {
+                        held = other;
+                        continue;
+                    }
+                },
                 Next::Closed => {
                     closed = None;
                     continue;
@@ -778,13 +789,19 @@ impl Worker {
                         carried: carried.clone(),
                         since,
                     };
-                    streams += job.streams();
-                    inflight.push(link().job(job));
-                    // Take what else is queued in one go (fewer trips through select).
-                    while streams < self.config.max_streams {
-                        let Ok(job) = rx.try_recv() else { break };
+                    // Take what else is queued in one go (fewer trips through select);
+                    // a job that would take the streams past max_streams waits.
+                    let mut next = Some(job);
+                    while let Some(job) = next.take() {
+                        if !fits(streams, &job, max) {
+                            held = Some(job);
+                            break;
+                        }
                         streams += job.streams();
                         inflight.push(link().job(job));
+                        if streams < max {
+                            next = rx.try_recv().ok();
+                        }
                     }
                 }
                 // Not connected: fail at once so the hedge can go.
@@ -882,6 +899,12 @@ impl Worker {
             Err(_) => Err(format!("no handshake within {timeout:?}")),
         }
     }
+}
+
+/// Whether `job` may start with `streams` in flight: within `max`, or alone (a
+/// batch is at most `max`, so this is only ever the first job).
+fn fits(streams: usize, job: &Job, max: usize) -> bool {
+    streams == 0 || streams + job.streams() <= max
 }
 
 /// What sending a job on the worker's connection needs.
