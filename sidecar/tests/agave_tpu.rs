@@ -68,6 +68,17 @@ fn sorted(mut v: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
     v
 }
 
+/// `submit` tried until the per-leader queue (bounded) has room.
+async fn with_room<T>(mut submit: impl FnMut() -> Result<T, TpuError>) -> T {
+    loop {
+        match submit() {
+            Ok(t) => return t,
+            Err(TpuError::QueueFull(_)) => tokio::time::sleep(Duration::from_millis(1)).await,
+            Err(e) => panic!("submit: {e}"),
+        }
+    }
+}
+
 /// Sends `n` transactions of varied sizes through `client` (one at a time, or in
 /// batches of `batch` with `submit_batch` when `batch` > 1), waits for every
 /// acknowledgement and for the server to deliver them all; returns the rate
@@ -91,20 +102,8 @@ async fn send_and_check(
     let sent: Vec<Vec<u8>> = wires.iter().map(|w| w.to_vec()).collect();
     if batch <= 1 {
         let mut acks = Vec::with_capacity(n as usize);
-        for (k, w) in wires.iter().enumerate() {
-            loop {
-                match client.submit(&leader, w.clone()) {
-                    Ok(d) => {
-                        acks.push(d);
-                        break;
-                    }
-                    // The per-leader queue is bounded; wait for room.
-                    Err(TpuError::QueueFull(_)) => {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                    Err(e) => panic!("submit {k}: {e}"),
-                }
-            }
+        for w in &wires {
+            acks.push(with_room(|| client.submit(&leader, w.clone())).await);
         }
         for (k, a) in acks.into_iter().enumerate() {
             assert_eq!(a.await.unwrap(), Ok(()), "transaction {k} not acknowledged");
@@ -112,18 +111,7 @@ async fn send_and_check(
     } else {
         let mut acks = Vec::new();
         for chunk in wires.chunks(batch) {
-            loop {
-                match client.submit_batch(&leader, chunk.to_vec()) {
-                    Ok(d) => {
-                        acks.push(d);
-                        break;
-                    }
-                    Err(TpuError::QueueFull(_)) => {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                    Err(e) => panic!("submit_batch: {e}"),
-                }
-            }
+            acks.push(with_room(|| client.submit_batch(&leader, chunk.to_vec())).await);
         }
         for (k, a) in acks.into_iter().enumerate() {
             let answers = a.await.unwrap();

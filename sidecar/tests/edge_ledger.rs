@@ -42,8 +42,7 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
     let d = testkit::TempDir::new("edge-ledger");
     let dir = d.path();
     let ch = ClickHouse::start(dir);
-    let mut cfg = common::config(&dir.join("state"), true);
-    cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
+    let cfg = common::config_with_clickhouse(&dir.join("state"), true, &ch);
     let s = common::serve(cfg);
     let sidecar_port: u16 = s.base.rsplit(':').next().unwrap().parse().unwrap();
 
@@ -227,8 +226,7 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
 fn bad_edge_reports_are_refused_whole() {
     let d = testkit::TempDir::new("edge-report-bad");
     let ch = ClickHouse::start(d.path());
-    let mut cfg = common::config(&d.path().join("state"), false);
-    cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
+    let cfg = common::config_with_clickhouse(&d.path().join("state"), false, &ch);
     let s = common::serve(cfg);
     let post = |body: Value| -> (u16, Value) {
         s.rt.block_on(async {

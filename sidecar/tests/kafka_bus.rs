@@ -35,17 +35,7 @@ fn config(dir: &std::path::Path, kafka: &Kafka, ch: &ClickHouse) -> Config {
 }
 
 fn post(s: &common::Served, body: Vec<u8>) -> (u16, Value) {
-    s.rt.block_on(async {
-        let r = s
-            .http
-            .post(format!("{}/api/control/commands", s.base))
-            .header("content-type", "application/x-protobuf")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    })
+    s.post_command(body)
 }
 
 fn modules(s: &common::Served) -> Value {

@@ -27,6 +27,23 @@ fn create_table(ch: &ClickHouse) {
 
 use common::stored;
 
+/// A ClickHouse with `control_decisions` in a new directory named `name`, and a
+/// client of it.
+fn with_table(name: &str) -> (testkit::TempDir, ClickHouse, clickhouse::Client) {
+    let d = testkit::TempDir::new(name);
+    let ch = ClickHouse::start(d.path());
+    create_table(&ch);
+    let client = client_of(&ch);
+    (d, ch, client)
+}
+
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A client of `ch` as its default user.
 fn client_of(ch: &ClickHouse) -> clickhouse::Client {
     clickhouse::Client::default().with_url(ch.url())
@@ -88,10 +105,7 @@ fn inserts(ch: &ClickHouse) -> u64 {
 /// thirds of the bench machine's CPU), and every row still lands once, in order.
 #[test]
 fn a_steady_stream_of_rows_is_shipped_in_few_inserts() {
-    let d = testkit::TempDir::new("ledger-ch-steady");
-    let ch = ClickHouse::start(d.path());
-    create_table(&ch);
-    let client = client_of(&ch);
+    let (d, ch, client) = with_table("ledger-ch-steady");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut n = node(&d.path().join("journal"), &client);
     // What ClickHouse holds is known before the stream starts.
@@ -126,10 +140,7 @@ fn a_steady_stream_of_rows_is_shipped_in_few_inserts() {
 /// However long `every`, a thousand rows waiting are shipped at once, not after it.
 #[test]
 fn a_thousand_waiting_rows_are_shipped_without_waiting_for_the_interval() {
-    let d = testkit::TempDir::new("ledger-ch-burst");
-    let ch = ClickHouse::start(d.path());
-    create_table(&ch);
-    let client = client_of(&ch);
+    let (d, ch, client) = with_table("ledger-ch-burst");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let n = node(&d.path().join("journal"), &client);
     let journal = n.journal.clone();
@@ -192,14 +203,8 @@ fn a_clickhouse_that_forbids_the_inserts_priority_still_gets_the_rows() {
 
 #[test]
 fn nothing_lost_nothing_duplicated_across_a_clickhouse_outage_and_a_restart() {
-    let d = testkit::TempDir::new("ledger-ch");
-    let mut ch = ClickHouse::start(d.path());
-    create_table(&ch);
-    let client = client_of(&ch);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (d, mut ch, client) = with_table("ledger-ch");
+    let rt = current_thread();
     let dir = d.path().join("journal");
     let mut n = node(&dir, &client);
     assert_eq!(commit_rows(&n, 1, 3), vec![1, 2, 3]);
@@ -246,14 +251,8 @@ fn nothing_lost_nothing_duplicated_across_a_clickhouse_outage_and_a_restart() {
 /// ClickHouse.)
 #[test]
 fn an_insert_that_lands_after_a_restart_is_not_stored_twice() {
-    let d = testkit::TempDir::new("ledger-late");
-    let ch = ClickHouse::start(d.path());
-    create_table(&ch);
-    let client = client_of(&ch);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (d, ch, client) = with_table("ledger-late");
+    let rt = current_thread();
     let dir = d.path().join("journal");
     let (http, tcp) = (ch.http_port, ch.tcp_port);
     let mut n = node(&dir, &client);
@@ -302,14 +301,8 @@ fn an_insert_that_lands_after_a_restart_is_not_stored_twice() {
 /// with the rows since, and the gap is what `verify` then reports.
 #[test]
 fn an_old_insert_range_does_not_stop_shipping_after_clickhouse_lost_rows() {
-    let d = testkit::TempDir::new("ledger-lost");
-    let ch = ClickHouse::start(d.path());
-    create_table(&ch);
-    let client = client_of(&ch);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (d, ch, client) = with_table("ledger-lost");
+    let rt = current_thread();
     let mut n = node(&d.path().join("journal"), &client);
     commit_rows(&n, 1, 3);
     assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 3);
@@ -329,14 +322,8 @@ fn an_old_insert_range_does_not_stop_shipping_after_clickhouse_lost_rows() {
 fn the_pre_journal_spool_is_shipped_once_and_the_chain_continues() {
     use gw_sidecar::ledger::ship::migrate_legacy_spool;
 
-    let d = testkit::TempDir::new("ledger-legacy");
-    let ch = ClickHouse::start(d.path());
-    create_table(&ch);
-    let client = client_of(&ch);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (d, ch, client) = with_table("ledger-legacy");
+    let rt = current_thread();
     let mut chain = Chain::new("node-1");
     let rows: Vec<_> = (1..=3).map(|i| chain.seal(row(i))).collect();
     // Row 1 had been shipped by the old version.
@@ -380,8 +367,7 @@ fn every_http_decision_lands_in_the_chained_ledger() {
 
     let d = testkit::TempDir::new("ledger-http");
     let ch = ClickHouse::start(d.path());
-    let mut cfg = common::config(&d.path().join("state"), false);
-    cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
+    let cfg = common::config_with_clickhouse(&d.path().join("state"), false, &ch);
     let served = common::serve(cfg);
     let (rt, http) = (&served.rt, &served.http);
     let url = format!("{}/api/control/commands", served.base);
@@ -529,25 +515,13 @@ fn the_ledger_endpoints_show_rows_not_yet_shipped() {
 
     let d = testkit::TempDir::new("ledger-pending");
     let ch = ClickHouse::start(d.path());
-    let mut cfg = common::config(&d.path().join("state"), false);
-    cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
+    let mut cfg = common::config_with_clickhouse(&d.path().join("state"), false, &ch);
     cfg.file.ledger_ship_every_ms = 10_000;
     let served = common::serve(cfg);
     let post = |n: u64| {
         let body = signed_command(n, Action::Throttle, common::now(), "dashboard", &[]);
-        served.rt.block_on(async {
-            let r = served
-                .http
-                .post(format!("{}/api/control/commands", served.base))
-                .header("content-type", "application/x-protobuf")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            let status = r.status().as_u16();
-            let body: serde_json::Value = r.json().await.unwrap();
-            assert_eq!((status, &body["applied"]), (200, &true.into()), "{body}");
-        });
+        let (status, body) = served.post_command(body);
+        assert_eq!((status, &body["applied"]), (200, &true.into()), "{body}");
     };
     // The first rows are shipped at once; the next wait up to 10 s.
     post(21);
@@ -592,8 +566,7 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
     let d = testkit::TempDir::new("ledger-checkpoint");
     let ch = ClickHouse::start(d.path());
     let state = d.path().join("state");
-    let mut cfg = common::config(&state, false);
-    cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
+    let mut cfg = common::config_with_clickhouse(&state, false, &ch);
     cfg.file.checkpoint_every_rows = 1;
     let ledger_key = SigningKey::from_bytes(&[7; 32]);
     cfg.ledger_key = Some(ledger_key.clone());

@@ -34,8 +34,7 @@ fn call(
 fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     let d = testkit::TempDir::new("peer-auth");
     let ch = ClickHouse::start(d.path());
-    let mut cfg = common::config(&d.path().join("state"), true);
-    cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
+    let cfg = common::config_with_clickhouse(&d.path().join("state"), true, &ch);
     let s = common::serve(cfg);
     let anonymous = s.certs.client(None);
     let other = s

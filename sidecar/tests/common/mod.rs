@@ -106,6 +106,23 @@ impl Served {
         })
     }
 
+    /// `POST /api/control/commands` of signed command bytes → status and JSON
+    /// (`null` when not JSON).
+    pub fn post_command(&self, body: Vec<u8>) -> (u16, serde_json::Value) {
+        self.rt.block_on(async {
+            let r = self
+                .http
+                .post(format!("{}/api/control/commands", self.base))
+                .header("content-type", "application/x-protobuf")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json().await.unwrap_or(serde_json::Value::Null))
+        })
+    }
+
     /// `POST path` with a JSON body → status and JSON (`null` when not JSON).
     pub fn post_json(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
         self.rt.block_on(async {
@@ -120,6 +137,13 @@ impl Served {
             (status, r.json().await.unwrap_or(serde_json::Value::Null))
         })
     }
+}
+
+/// [`config`], its ledger shipped to `ch` (as its default user).
+pub fn config_with_clickhouse(state_dir: &Path, with_signer: bool, ch: &ClickHouse) -> Config {
+    let mut cfg = config(state_dir, with_signer);
+    cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
+    cfg
 }
 
 /// Starts `cfg` and serves it.
