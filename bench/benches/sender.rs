@@ -2,12 +2,23 @@
 //! 1. Transactions/s over one QUIC connection to the local TPU receiver: raw quinn
 //!    (open_uni, write, finish, wait for the ACK; ≤ 128 streams in flight) vs our TPU
 //!    route (`TpuClient::submit`, per-leader queue and worker) vs the whole hedged
-//!    `Sender::send` (target ≥ 0.9× raw).
+//!    `Sender::send` (target ≥ 0.9× raw), TPU only and with a relay configured (the
+//!    hedge armed for every send). Two raw baselines: quinn's defaults (round-robin
+//!    between streams) and streams sent whole (`send_fairness(false)`, the route's
+//!    setting). Rounds alternate the paths; each ratio is against the raw run of its
+//!    own round, and the table gives medians (`GW_BENCH_SENDER_ROUNDS`, default 10;
+//!    one round on this shared VM varies by up to ±40 %). Also the process's CPU
+//!    time per transaction (the receiver's included: the same for every path). The
+//!    binary uses the sidecar's allocator (mimalloc).
 //! 2. Hedge timing: primary leader silent, relay answering; how late the hedge goes
 //!    out relative to `hedge_delay` (p50/p99).
 //!
 //! Run with `bash bench/run.sh sender`. Profiling aid: `GW_BENCH_HEDGED_ONLY=1`
 //! (e.g. under `perf record -e cpu-clock`).
+
+/// The sidecar binary's allocator (`sidecar/src/main.rs`), for raw quinn too.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,13 +42,21 @@ fn txs(n: usize) -> Vec<Bytes> {
         .collect()
 }
 
-async fn raw_quinn(addr: std::net::SocketAddr, txs: &[Bytes]) -> f64 {
+/// `whole`: streams sent one after another (`send_fairness(false)`, as the TPU
+/// route and Agave's clients send them); otherwise quinn's default round-robin.
+async fn raw_quinn(addr: std::net::SocketAddr, txs: &[Bytes], whole: bool) -> f64 {
     let id = tls::identity_cert(&SigningKey::from_bytes(&[6u8; 32])).unwrap();
     let crypto = tls::client_crypto(&id, None).unwrap();
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+    let mut cfg = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap(),
-    )));
+    ));
+    if whole {
+        let mut t = quinn::TransportConfig::default();
+        t.send_fairness(false);
+        cfg.transport_config(Arc::new(t));
+    }
+    ep.set_default_client_config(cfg);
     let conn = ep.connect(addr, "connect").unwrap().await.unwrap();
     let t = Instant::now();
     let mut inflight = FuturesUnordered::new();
@@ -85,13 +104,23 @@ async fn ours_tpu(addr: std::net::SocketAddr, txs: &[Bytes]) -> f64 {
     r
 }
 
-async fn ours_hedged(addr: std::net::SocketAddr, txs: &[Bytes]) -> f64 {
-    let cfg: SenderConfig = serde_json::from_value(serde_json::json!({
+/// `window`: sends the caller keeps outstanding (the route keeps at most 128
+/// streams in flight either way; the rest wait in the leader's queue).
+async fn ours_hedged(
+    addr: std::net::SocketAddr,
+    txs: &[Bytes],
+    relay: Option<&str>,
+    window: usize,
+) -> f64 {
+    let mut cfg = serde_json::json!({
         "tpu": {"queue_per_leader": 65536},
         "leaders": {"static": []},
         "adaptive": false,
-    }))
-    .unwrap();
+    });
+    if let Some(url) = relay {
+        cfg["relay"] = serde_json::json!({ "url": url });
+    }
+    let cfg: SenderConfig = serde_json::from_value(cfg).unwrap();
     let leaders: Arc<dyn LeaderSource> = Arc::new(StaticLeaders::from_leaders(vec![Leader {
         tpu_quic: addr,
         identity: None,
@@ -111,7 +140,7 @@ async fn ours_hedged(addr: std::net::SocketAddr, txs: &[Bytes]) -> f64 {
     let t = Instant::now();
     let mut inflight = FuturesUnordered::new();
     for w in txs {
-        if inflight.len() >= 128 {
+        if inflight.len() >= window {
             inflight.next().await;
         }
         let s = &sender;
@@ -126,6 +155,18 @@ async fn ours_hedged(addr: std::net::SocketAddr, txs: &[Bytes]) -> f64 {
     let r = txs.len() as f64 / t.elapsed().as_secs_f64();
     sender.tpu().unwrap().close();
     r
+}
+
+/// The process's CPU time (user + system) in clock ticks of 10 ms.
+fn cpu_ticks() -> u64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0;
+    };
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    let rest = s.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split(' ').collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    tick(11) + tick(12)
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -158,32 +199,71 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let txs = txs(50_000);
+        let relay = testkit::relay::Relay::start(None);
         // Warm up both paths once.
-        raw_quinn(rx.addr, &txs[..2000]).await;
+        raw_quinn(rx.addr, &txs[..2000], false).await;
         ours_tpu(rx.addr, &txs[..2000]).await;
-        let mut raw = 0f64;
-        let mut tpu = 0f64;
-        let mut hedged = 0f64;
+        // Sends a hedged-sender run keeps outstanding (`GW_BENCH_SENDER_WINDOW` for
+        // experiments; 1 024 changed little on 2026-12-02, `docs/benchmarks.md`).
+        let window: usize = std::env::var("GW_BENCH_SENDER_WINDOW")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(128)
+            .max(1);
         if std::env::var_os("GW_BENCH_HEDGED_ONLY").is_some() {
             for _ in 0..10 {
-                println!("hedged: {:.0} tx/s", ours_hedged(rx.addr, &txs).await);
+                println!("hedged: {:.0} tx/s", ours_hedged(rx.addr, &txs, None, window).await);
             }
             return;
         }
-        for _ in 0..5 {
-            raw = raw.max(raw_quinn(rx.addr, &txs).await);
-            tpu = tpu.max(ours_tpu(rx.addr, &txs).await);
-            hedged = hedged.max(ours_hedged(rx.addr, &txs).await);
+        let rounds: usize = std::env::var("GW_BENCH_SENDER_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10)
+            .max(1);
+        const PATHS: [&str; 5] = [
+            "raw quinn uni streams (baseline, quinn's defaults)",
+            "raw quinn, streams sent whole (the route's transport setting)",
+            "TPU route (queue + worker, `TpuClient::submit`)",
+            "hedged sender (`Sender::send`, TPU only, 128 sends outstanding)",
+            "hedged sender with a relay configured (hedge armed, 128 outstanding)",
+        ];
+        let mut rate = vec![Vec::new(); PATHS.len()];
+        let mut ratio = vec![Vec::new(); PATHS.len()];
+        let mut same = vec![Vec::new(); PATHS.len()];
+        let mut cpu = [0u64; PATHS.len()];
+        for _ in 0..rounds {
+            let mut round = [0f64; PATHS.len()];
+            for (i, r) in round.iter_mut().enumerate() {
+                let c0 = cpu_ticks();
+                *r = match i {
+                    0 => raw_quinn(rx.addr, &txs, false).await,
+                    1 => raw_quinn(rx.addr, &txs, true).await,
+                    2 => ours_tpu(rx.addr, &txs).await,
+                    3 => ours_hedged(rx.addr, &txs, None, window).await,
+                    _ => ours_hedged(rx.addr, &txs, Some(&relay.url), window).await,
+                };
+                cpu[i] += cpu_ticks() - c0;
+            }
+            for i in 0..PATHS.len() {
+                rate[i].push(round[i]);
+                ratio[i].push(round[i] / round[0]);
+                same[i].push(round[i] / round[1]);
+            }
         }
-        println!("\n## transactions/s over one QUIC connection to the local TPU receiver (50 000 × {} bytes, each acknowledged, best of 5 alternating rounds)", txs[0].len());
-        println!("| path | tx/s | vs raw quinn |");
-        println!("|---|---:|---:|");
-        println!("| raw quinn uni streams (baseline) | {raw:.0} | 1.00x |");
-        println!("| TPU route (queue + worker, `TpuClient::submit`) | {tpu:.0} | {:.2}x |", tpu / raw);
-        println!("| hedged sender (`Sender::send`, TPU only, 128 in flight) | {hedged:.0} | {:.2}x |", hedged / raw);
+        println!("\n## transactions/s over one QUIC connection to the local TPU receiver (50 000 × {} bytes, each acknowledged; {rounds} alternating rounds, medians)", txs[0].len());
+        println!("| path | tx/s | vs raw quinn (same round) | range | vs raw, streams whole | CPU µs/tx |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        for i in 0..PATHS.len() {
+            let med = percentile(&mut rate[i], 0.5);
+            let r = percentile(&mut ratio[i], 0.5);
+            let (lo, hi) = (ratio[i][0], ratio[i][ratio[i].len() - 1]);
+            let w = percentile(&mut same[i], 0.5);
+            let us = cpu[i] as f64 * 10_000.0 / (rounds * txs.len()) as f64;
+            println!("| {} | {med:.0} | {r:.2}x | {lo:.2}–{hi:.2} | {w:.2}x | {us:.2} |", PATHS[i]);
+        }
 
         // Hedge timing: the leader is silent (no answer, no error), the relay answers.
-        let relay = testkit::relay::Relay::start(None);
         let path = testkit::udp_delay::DelayProxy::start(rx.addr, Duration::ZERO);
         path.set_blackhole(true);
         println!("\n## hedge timing: primary silent, relay answering (200 sends each)");

@@ -1040,3 +1040,38 @@ fn a_batch_that_does_not_fit_waits_for_acknowledgements() {
         );
     });
 }
+
+/// With the TPU route alone there is nothing to hedge to: a send slower than
+/// `hedge_delay` is neither marked hedged nor given a "relay route is not
+/// configured" error (its audit row would claim a hedge that never went out).
+#[test]
+fn a_lone_route_slower_than_the_hedge_delay_is_not_hedged() {
+    let rt = rt();
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let path = DelayProxy::start(rx.addr, Duration::from_millis(40));
+        let cfg = sender_config(json!({
+            "tpu": {},
+            "leaders": {"static": []},
+            "hedge_delay_ms": 5,
+        }));
+        let sender = Sender::new(&cfg, &key(2), Some(leader(path.addr, None)), None).unwrap();
+        sender.refresh_leaders();
+        let tpu = sender.tpu().unwrap().clone();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tpu.connection(path.addr).is_none() {
+            assert!(Instant::now() < deadline, "no connection");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (w, sig) = tx(62_000, 10);
+        let out = sender.send(w, sig, &meta()).await;
+        assert_eq!(out.landed, Some(Route::Tpu), "{out:?}");
+        assert!(
+            out.latency > Duration::from_millis(5),
+            "the path is slower than the hedge delay: {out:?}"
+        );
+        assert!(!out.hedged && out.hedged_after.is_none(), "{out:?}");
+        assert_eq!(out.relay_error, None);
+        assert_eq!(sender.stats.hedged.load(Ordering::Relaxed), 0);
+    });
+}

@@ -388,6 +388,14 @@ impl Sender {
             .unwrap_or_default()
     }
 
+    /// Whether `route` is configured.
+    pub fn configured(&self, route: Route) -> bool {
+        match route {
+            Route::Tpu => self.tpu.is_some(),
+            Route::Relay => self.relay.is_some(),
+        }
+    }
+
     /// The route policy.
     pub fn policy(&self) -> RoutePolicy {
         self.policy
@@ -413,10 +421,10 @@ impl Sender {
             self.primary
         };
         // A route that is not configured cannot go first.
-        match want {
-            Route::Tpu if self.tpu.is_none() => Route::Relay,
-            Route::Relay if self.relay.is_none() => Route::Tpu,
-            r => r,
+        if self.configured(want) {
+            want
+        } else {
+            want.other()
         }
     }
 
@@ -471,6 +479,9 @@ impl Sender {
         let mut routes: [Option<RouteFuture>; 2] = [None, None];
         let timer = tokio::time::sleep_until((t0 + self.delay).into());
         tokio::pin!(timer);
+        // With one route there is nothing to hedge to: no timer to register, and no
+        // audit row saying a hedge went to a route that does not exist.
+        let can_hedge = self.configured(primary.other());
         let mut action = hedge.on(Event::Start, t0);
         loop {
             match action.take() {
@@ -482,7 +493,7 @@ impl Sender {
                 Some(Action::Failed) => break,
                 None => {}
             }
-            let armed = hedge.deadline().is_some();
+            let armed = can_hedge && hedge.deadline().is_some();
             let next = std::future::poll_fn(|cx| {
                 for (i, slot) in routes.iter_mut().enumerate() {
                     if let Some(f) = slot.as_mut() {

@@ -674,9 +674,54 @@ struct Worker {
 /// The worker's connection.
 struct Live {
     conn: quinn::Connection,
+    marks: Arc<Marks>,
+}
+
+/// What the worker and the streams of one connection learn about it, without
+/// taking the connection's lock (which its driver holds while it reads packets)
+/// for every acknowledged stream.
+struct Marks {
+    /// When the handshake completed.
     since: Instant,
     /// Set once a stream on it was acknowledged.
-    carried: Arc<std::sync::atomic::AtomicBool>,
+    carried: std::sync::atomic::AtomicBool,
+    /// Set once the connection outlived a refusal's window (two round trips,
+    /// at least 10 ms): its round-trip time need not be read again.
+    settled: std::sync::atomic::AtomicBool,
+    /// 0 while open; then 1 + its [`CLOSE_REASONS`] index, with
+    /// [`Marks::REFUSAL`] set for a refusal code. Set by the worker as it sees the
+    /// close, before it polls the streams again (see [`Worker::run`]).
+    closed: std::sync::atomic::AtomicU8,
+}
+
+impl Marks {
+    const REFUSAL: u8 = 0x80;
+
+    fn new() -> Marks {
+        Marks {
+            since: Instant::now(),
+            carried: std::sync::atomic::AtomicBool::new(false),
+            settled: std::sync::atomic::AtomicBool::new(false),
+            closed: std::sync::atomic::AtomicU8::new(0),
+        }
+    }
+
+    fn set_closed(&self, e: &quinn::ConnectionError) {
+        let (i, refusal) = close_reason(e);
+        let v = (i as u8 + 1) | if refusal { Marks::REFUSAL } else { 0 };
+        self.closed.store(v, Ordering::Release);
+    }
+
+    /// The close seen so far: its [`CLOSE_REASONS`] index and whether it is a refusal.
+    fn closed(&self) -> Option<(usize, bool)> {
+        match self.closed.load(Ordering::Acquire) {
+            0 => None,
+            v => Some((
+                usize::from((v & !Marks::REFUSAL) - 1),
+                v & Marks::REFUSAL != 0,
+            )),
+        }
+    }
 }
 
 /// What a worker knows between events.
@@ -737,18 +782,20 @@ impl Worker {
             let waiting = st.live.is_none() && !st.dormant;
             let next = tokio::select! {
                 biased;
-                Some(n) = inflight.next(), if !inflight.is_empty() => {
-                    streams -= n;
-                    Next::Progress
-                }
-                j = rx.recv(), if room => Next::Job(j),
-                // A dead connection is noticed at once, not on the next job.
+                // A dead connection is noticed at once, not on the next job, and
+                // before the streams are polled again: a close that arrived with
+                // their acknowledgements is marked when they look (`confirm`).
                 _ = async {
                     match closed.as_mut() {
                         Some(f) => f.await,
                         None => std::future::pending().await,
                     }
                 }, if closed.is_some() => Next::Closed,
+                Some(n) = inflight.next(), if !inflight.is_empty() => {
+                    streams -= n;
+                    Next::Progress
+                }
+                j = rx.recv(), if room => Next::Job(j),
                 // Backing off: reconnect when it ends even with nothing to send
                 // (not while the leader refuses us: then only for work).
                 _ = &mut backoff_timer, if waiting => Next::Progress,
@@ -781,13 +828,11 @@ impl Worker {
             backoff_timer.as_mut().reset(st.retry_at.into());
             match &st.live {
                 Some(l) => {
-                    let (conn, carried, since) = (&l.conn, &l.carried, l.since);
                     let link = || Sending {
-                        conn: conn.clone(),
+                        conn: l.conn.clone(),
                         stats: self.stats.clone(),
                         addr,
-                        carried: carried.clone(),
-                        since,
+                        marks: l.marks.clone(),
                     };
                     // Take what else is queued in one go (fewer trips through select);
                     // a job that would take the streams past max_streams waits.
@@ -818,17 +863,21 @@ impl Worker {
     /// (at once after a stable connection, after the refused backoff otherwise).
     /// True when it died.
     fn notice_loss(&self, st: &mut State) -> bool {
-        let Some(reason) = st.live.as_ref().and_then(|l| l.conn.close_reason()) else {
+        // The close watch marks it (no lock on the connection per event).
+        let Some((i, refusal)) = st.live.as_ref().and_then(|l| l.marks.closed()) else {
             return false;
         };
         let Some(live) = st.live.take() else {
             return false;
         };
         self.publish(None);
-        let (i, refusal) = close_reason(&reason);
+        let reason = live
+            .conn
+            .close_reason()
+            .map_or_else(|| CLOSE_REASONS[i].to_owned(), |r| r.to_string());
         TpuStats::bump(&self.stats.closes[i]);
-        let stable = live.carried.load(Ordering::Relaxed)
-            || live.since.elapsed() >= Duration::from_millis(self.config.stable_after_ms);
+        let stable = live.marks.carried.load(Ordering::Relaxed)
+            || live.marks.since.elapsed() >= Duration::from_millis(self.config.stable_after_ms);
         if stable && !refusal {
             st.unreachable.reset();
             st.refused.reset();
@@ -862,13 +911,14 @@ impl Worker {
                 st.unreachable.reset();
                 self.publish(Some(c.clone()));
                 let watch = c.clone();
+                let marks = Arc::new(Marks::new());
                 st.live = Some(Live {
                     conn: c,
-                    since: Instant::now(),
-                    carried: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                    marks: marks.clone(),
                 });
                 Some(Box::pin(async move {
-                    watch.closed().await;
+                    let e = watch.closed().await;
+                    marks.set_closed(&e);
                 }))
             }
             Err(e) => {
@@ -912,8 +962,7 @@ struct Sending {
     conn: quinn::Connection,
     stats: Arc<TpuStats>,
     addr: SocketAddr,
-    carried: Arc<std::sync::atomic::AtomicBool>,
-    since: Instant,
+    marks: Arc<Marks>,
 }
 
 impl Sending {
@@ -922,7 +971,7 @@ impl Sending {
         match job {
             Job::One { wire, done } => {
                 let r = match write_one(&self.conn, &wire).await {
-                    Ok(s) => confirm(&self.conn, s, self.since).await,
+                    Ok(s) => confirm(&self.conn, s, &self.marks).await,
                     Err(e) => Err(e),
                 };
                 let _ = done.send(self.count(r));
@@ -938,7 +987,7 @@ impl Sending {
                 let mut out = Vec::with_capacity(wires.len());
                 for s in sent {
                     let r = match s {
-                        Ok(s) => confirm(&self.conn, s, self.since).await,
+                        Ok(s) => confirm(&self.conn, s, &self.marks).await,
                         Err(e) => Err(e),
                     };
                     out.push(self.count(r));
@@ -953,7 +1002,7 @@ impl Sending {
         match r {
             Ok(()) => {
                 TpuStats::bump(&self.stats.delivered);
-                self.carried.store(true, Ordering::Relaxed);
+                self.marks.carried.store(true, Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {
@@ -973,12 +1022,13 @@ async fn write_one(conn: &quinn::Connection, wire: &[u8]) -> Result<quinn::SendS
 }
 
 /// Done when the peer acknowledged every byte of stream `s` and, on a connection
-/// younger than two round trips (`since`), the connection is still open two round
-/// trips after it was made.
+/// younger than two round trips (`marks.since`), the connection is still open two
+/// round trips after it was made; on an older one, when it has not been closed
+/// with a refusal code.
 async fn confirm(
     conn: &quinn::Connection,
     s: quinn::SendStream,
-    since: Instant,
+    marks: &Marks,
 ) -> Result<(), String> {
     match s.stopped().await {
         Ok(None) => {}
@@ -991,17 +1041,29 @@ async fn confirm(
     // handshake, so on a fresh connection the ACK counts only once the connection
     // outlived that. Otherwise a failure, and the hedge goes (a transaction sent
     // twice lands once: Solana deduplicates by signature).
-    let settled = since + (conn.rtt() * 2).max(Duration::from_millis(10));
-    let fresh = Instant::now() < settled;
-    if fresh {
-        tokio::time::sleep_until(settled.into()).await;
-    }
-    // On a fresh connection any close counts; later, a refusal code still does.
-    match conn.close_reason().map(|r| close_reason(&r)) {
-        Some((i, refusal)) if fresh || refusal => Err(format!(
+    let closed = |i: usize| {
+        format!(
             "the connection closed ({}) as the stream was acknowledged",
             CLOSE_REASONS[i]
-        )),
+        )
+    };
+    if !marks.settled.load(Ordering::Relaxed) {
+        let settled = marks.since + (conn.rtt() * 2).max(Duration::from_millis(10));
+        if Instant::now() < settled {
+            // On a fresh connection any close counts (read from the connection
+            // itself: fresh connections are few).
+            tokio::time::sleep_until(settled.into()).await;
+            return match conn.close_reason() {
+                Some(r) => Err(closed(close_reason(&r).0)),
+                None => Ok(()),
+            };
+        }
+        marks.settled.store(true, Ordering::Relaxed);
+    }
+    // Later a refusal code still counts. The worker marks the close before it
+    // polls this again, so a close that arrived with the acknowledgement is seen.
+    match marks.closed() {
+        Some((i, true)) => Err(closed(i)),
         _ => Ok(()),
     }
 }
@@ -1059,5 +1121,19 @@ mod tests {
         assert_eq!(named(&app(0)), ("application_other", false));
         assert_eq!(named(&ConnectionError::TimedOut), ("timed_out", false));
         assert_eq!(named(&ConnectionError::LocallyClosed), ("local", false));
+        // The worker's marks carry the same answer to the streams.
+        for e in [
+            app(1),
+            app(2),
+            app(3),
+            app(4),
+            app(0),
+            ConnectionError::Reset,
+        ] {
+            let m = Marks::new();
+            assert_eq!(m.closed(), None);
+            m.set_closed(&e);
+            assert_eq!(m.closed(), Some(close_reason(&e)), "{e}");
+        }
     }
 }
