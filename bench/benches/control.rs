@@ -13,6 +13,10 @@
 //! `cargo bench -p gw-bench --bench control` (bench/run.sh control). Needs the
 //! test venv (ClickHouse, Envoy) and the release filter .wasm.
 
+/// The sidecar binary's allocator (`sidecar/src/main.rs`): the sidecar runs in this process.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

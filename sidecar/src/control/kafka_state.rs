@@ -18,8 +18,12 @@
 //!
 //! Zombie fencing is not done here: a node that is paused (not dead) past its group
 //! session and then resumes could write one stale checkpoint. Kafka transactions
-//! (a transactional id per module) would fence it; tansu 0.6.0 was not tried with
-//! them.
+//! (a transactional id per module, the checkpoint read `read_committed`) would
+//! fence it, but tansu 0.6.0, the broker this project runs, does not end
+//! transactions: tried on 2026-12-02 with rust-rdkafka, `init_transactions` and
+//! `begin_transaction` succeed and `commit_transaction` fails with "EndTxnRequest
+//! (KIP-98) not supported by broker". Against a broker with transactions this is
+//! the way to fence; `docs/architecture.md` describes the gap.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
