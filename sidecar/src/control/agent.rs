@@ -285,7 +285,7 @@ pub struct Agent {
     /// The record that holds the module state (latest change or snapshot).
     state_lsn: Option<Lsn>,
     /// Records holding applied nonces still remembered, and until when.
-    applied_lsns: BTreeMap<Lsn, u64>,
+    applied_lsns: journal::Expiring,
     /// Kafka bus only.
     kafka: Option<KafkaSide>,
 }
@@ -329,7 +329,7 @@ impl Agent {
         let mut applied = NonceBook::new(env.limits);
         let mut next_offset = None;
         let mut state_lsn = None;
-        let mut applied_lsns = BTreeMap::new();
+        let mut applied_lsns = journal::Expiring::default();
         let mut journalled: BTreeMap<i32, i64> = BTreeMap::new();
         let mut journalled_lsn = None;
         let mut note = |p: Position, lsn: Lsn| {
@@ -346,8 +346,7 @@ impl Agent {
                         applied_lsns.clear();
                         for n in &s.applied {
                             let _ = applied.insert(&n.issuer, n.nonce, n.expires, n.seq, now);
-                            let e = applied_lsns.entry(*lsn).or_insert(0);
-                            *e = (*e).max(n.expires);
+                            applied_lsns.note(*lsn, n.expires);
                         }
                         state_lsn = Some(*lsn);
                         next_offset = s.next_offset.or(next_offset);
@@ -368,8 +367,7 @@ impl Agent {
                 }
                 if let Some(n) = &a.applied {
                     let _ = applied.insert(&n.issuer, n.nonce, n.expires, seq, now);
-                    let e = applied_lsns.entry(*lsn).or_insert(0);
-                    *e = (*e).max(n.expires);
+                    applied_lsns.note(*lsn, n.expires);
                 }
                 if let Some(o) = a.offset {
                     next_offset = Some(o + 1);
@@ -390,7 +388,7 @@ impl Agent {
         } else {
             env.modules.set(module, state.clone());
         }
-        let agent = Agent {
+        let mut agent = Agent {
             core: AgentCore::new(module, env.policy.clone(), state, applied, env.dedup_secs),
             env: env.clone(),
             next_offset,
@@ -637,8 +635,7 @@ impl Agent {
                     self.core.commit(*a, seq, now);
                     if let Some(l) = lsn {
                         self.state_lsn = Some(l);
-                        let e = self.applied_lsns.entry(l).or_insert(0);
-                        *e = (*e).max(expires);
+                        self.applied_lsns.note(l, expires);
                     }
                     self.announce(d, issuer, n, Ok(state), seq);
                     out.push(Handled::Applied);
@@ -816,12 +813,9 @@ impl Agent {
 
     /// Tells the journal what this agent still needs: the record of its state and
     /// those of nonces it still remembers.
-    fn release(&self, now: u64) {
-        let live = self
-            .applied_lsns
-            .iter()
-            .find(|(_, exp)| **exp >= now)
-            .map(|(l, _)| *l);
+    fn release(&mut self, now: u64) {
+        self.applied_lsns.expire(now);
+        let live = self.applied_lsns.oldest();
         let low = self.held_low(live).unwrap_or(Lsn::MAX);
         self.env.journal.hold(hold_name(self.core.module), low);
     }
@@ -836,8 +830,8 @@ impl Agent {
     /// Writes the agent's whole state when it holds back the journal (its oldest
     /// needed record is in a closed segment), so older records can go.
     async fn snapshot_if_needed(&mut self, now: u64) {
-        self.applied_lsns.retain(|_, exp| *exp >= now);
-        let live = self.applied_lsns.keys().next().copied();
+        self.applied_lsns.expire(now);
+        let live = self.applied_lsns.oldest();
         let low = self.held_low(live);
         if low.is_none_or(|l| l >= self.env.journal.segment_first()) {
             self.release(now);
@@ -875,7 +869,7 @@ impl Agent {
                 }
                 self.applied_lsns.clear();
                 if let Some(e) = max_exp {
-                    self.applied_lsns.insert(c.lsn, e);
+                    self.applied_lsns.note(c.lsn, e);
                 }
                 self.release(now);
             }

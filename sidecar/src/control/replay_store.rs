@@ -4,13 +4,11 @@
 //! the bus): a nonce is never taken by a command that was not durably accepted. At
 //! start the guard is rebuilt from the nonces that are still fresh.
 
-use std::collections::BTreeMap;
-
 use gw_core::ledger::{Decision, Stage};
 use gw_core::replay::{Digest, Limits, NonceBook, Refused, Seen};
 
 use crate::journal::txn::NonceEntry;
-use crate::journal::{self, Journal, Lsn, Txn};
+use crate::journal::{self, Expiring, Journal, Lsn, Txn};
 
 /// What an accepted nonce is remembered with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,7 +30,7 @@ pub struct ReplayStore {
     book: NonceBook<Accepted>,
     journal: Option<Journal>,
     /// Journal positions of the live nonces (to release what expired).
-    positions: BTreeMap<Lsn, u64>,
+    positions: Expiring,
 }
 
 const HOLD: &str = "replay";
@@ -43,7 +41,7 @@ impl ReplayStore {
         let mut s = ReplayStore {
             book: NonceBook::new(limits),
             journal: None,
-            positions: BTreeMap::new(),
+            positions: Expiring::default(),
         };
         for (lsn, t) in records {
             s.record(*lsn, t, now);
@@ -97,7 +95,7 @@ impl ReplayStore {
                     if let Err(r) = self.book.insert(&n.issuer, n.nonce, n.expires, a, now) {
                         tracing::error!(issuer = %n.issuer, nonce = n.nonce, refused = ?r.reject(&n.issuer, n.nonce), "accepted, but the replay guard in memory is full");
                     }
-                    self.positions.insert(lsn, n.expires);
+                    self.positions.note(lsn, n.expires);
                 }
                 _ => {}
             }
@@ -130,8 +128,8 @@ impl ReplayStore {
 
     /// Lets the journal drop the records of nonces that expired.
     fn release(&mut self, now: u64) {
-        self.positions.retain(|_, exp| *exp >= now);
-        let hold = self.positions.keys().next().copied().unwrap_or(Lsn::MAX);
+        self.positions.expire(now);
+        let hold = self.positions.oldest().unwrap_or(Lsn::MAX);
         if let Some(j) = &self.journal {
             j.hold(HOLD, hold);
         }

@@ -20,6 +20,7 @@
 //! order. A torn frame at the end of the last segment (a crash mid-write, never
 //! acknowledged) is cut off; damage anywhere else refuses to start.
 
+pub mod expiring;
 mod segment;
 pub mod txn;
 
@@ -30,6 +31,7 @@ use std::sync::{mpsc, Arc};
 
 use parking_lot::Mutex;
 
+pub use expiring::Expiring;
 use gw_core::ledger::{Chain, LedgerRow};
 use segment::{SegmentError, Writer};
 pub use txn::{Entry, Txn};
