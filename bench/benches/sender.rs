@@ -6,10 +6,11 @@
 //!    hedge armed for every send). Two raw baselines: quinn's defaults (round-robin
 //!    between streams) and streams sent whole (`send_fairness(false)`, the route's
 //!    setting). Rounds alternate the paths; each ratio is against the raw run of its
-//!    own round, and the table gives medians (`GW_BENCH_SENDER_ROUNDS`, default 10;
-//!    one round on this shared VM varies by up to ±40 %). Also the process's CPU
-//!    time per transaction (the receiver's included: the same for every path). The
-//!    binary uses the sidecar's allocator (mimalloc).
+//!    own round (each round starting at another path), and the table gives medians
+//!    (`GW_BENCH_SENDER_ROUNDS`, default 10; one round on this shared VM varies by up
+//!    to ±40 %). Also the process's CPU time per transaction (the receiver's
+//!    included: the same for every path). The binary uses the sidecar's allocator
+//!    (mimalloc).
 //! 2. Hedge timing: primary leader silent, relay answering; how late the hedge goes
 //!    out relative to `hedge_delay` (p50/p99).
 //!
@@ -169,9 +170,13 @@ fn cpu_ticks() -> u64 {
     tick(11) + tick(12)
 }
 
+/// The `p` quantile, interpolated between neighbours (the median of an even
+/// count is the mean of the middle two).
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
+    let x = (v.len() as f64 - 1.0) * p;
+    let (lo, hi) = (x.floor() as usize, x.ceil() as usize);
+    v[lo] + (v[hi] - v[lo]) * (x - lo as f64)
 }
 
 fn main() {
@@ -232,11 +237,14 @@ fn main() {
         let mut ratio = vec![Vec::new(); PATHS.len()];
         let mut same = vec![Vec::new(); PATHS.len()];
         let mut cpu = [0u64; PATHS.len()];
-        for _ in 0..rounds {
+        for n in 0..rounds {
             let mut round = [0f64; PATHS.len()];
-            for (i, r) in round.iter_mut().enumerate() {
+            // Each round starts at another path: a drift of the shared VM within a
+            // round does not always favour the same one.
+            for k in 0..PATHS.len() {
+                let i = (k + n) % PATHS.len();
                 let c0 = cpu_ticks();
-                *r = match i {
+                round[i] = match i {
                     0 => raw_quinn(rx.addr, &txs, false).await,
                     1 => raw_quinn(rx.addr, &txs, true).await,
                     2 => ours_tpu(rx.addr, &txs).await,

@@ -1073,5 +1073,83 @@ fn a_lone_route_slower_than_the_hedge_delay_is_not_hedged() {
         assert!(!out.hedged && out.hedged_after.is_none(), "{out:?}");
         assert_eq!(out.relay_error, None);
         assert_eq!(sender.stats.hedged.load(Ordering::Relaxed), 0);
+
+        // And when the lone route fails, the send fails: no hedge, no relay error.
+        let nobody = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let cfg = sender_config(json!({
+            "tpu": {"connect_timeout_ms": 300},
+            "leaders": {"static": []},
+            "hedge_delay_ms": 5,
+        }));
+        let dead = nobody.local_addr().unwrap();
+        let sender = Sender::new(&cfg, &key(2), Some(leader(dead, None)), None).unwrap();
+        let (w, sig) = tx(62_001, 10);
+        let out = sender.send(w, sig, &meta()).await;
+        assert_eq!(out.landed, None, "{out:?}");
+        assert!(out.tpu_error.is_some(), "{out:?}");
+        assert!(!out.hedged && out.relay_error.is_none(), "{out:?}");
+        assert_eq!(sender.stats.hedged.load(Ordering::Relaxed), 0);
+        assert_eq!(sender.stats.failed.load(Ordering::Relaxed), 1);
+    });
+}
+
+/// CPU time of the calling thread so far (Linux `/proc`, 10 ms ticks).
+fn thread_cpu() -> Duration {
+    let s = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    let rest = s.rsplit_once(") ").unwrap().1;
+    let f: Vec<u64> = rest
+        .split(' ')
+        .take(13)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    Duration::from_millis((f[11] + f[12]) * 10)
+}
+
+/// `tpu_first` waits `relay_failover_ms` for the TPU route, not `hedge_delay_ms`.
+/// The send's timer used to fire at `hedge_delay_ms` and, never re-armed, be ready
+/// on every poll until the failover deadline: the send spun on its thread for the
+/// whole wait. Over a path with 60 ms each way, the TPU route confirms after about
+/// 120 ms, unhedged, and the thread that awaited the send was not busy meanwhile.
+#[test]
+fn tpu_first_waits_for_the_failover_without_spinning() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let relay = Relay::start(None);
+        let path = DelayProxy::start(rx.addr, Duration::from_millis(60));
+        let cfg = sender_config(json!({
+            "tpu": {},
+            "relay": {"url": relay.url},
+            "leaders": {"static": []},
+            "route_policy": "tpu_first",
+            "hedge_delay_ms": 5,
+            "relay_failover_ms": 2000,
+        }));
+        let sender = Sender::new(&cfg, &key(2), Some(leader(path.addr, None)), None).unwrap();
+        sender.refresh_leaders();
+        let tpu = sender.tpu().unwrap().clone();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tpu.connection(path.addr).is_none() {
+            assert!(Instant::now() < deadline, "no connection");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Past the refusal window of a fresh connection (two round trips).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (w, sig) = tx(62_100, 10);
+        let cpu = thread_cpu();
+        let out = sender.send(w, sig, &meta()).await;
+        let used = thread_cpu() - cpu;
+        assert_eq!(out.landed, Some(Route::Tpu), "{out:?}");
+        assert!(!out.hedged, "{out:?}");
+        assert!(out.latency >= Duration::from_millis(100), "{out:?}");
+        assert!(
+            used < out.latency / 2,
+            "the thread was busy {used:?} of the send's {:?}",
+            out.latency
+        );
+        assert!(relay.calls().is_empty(), "the relay was not used");
     });
 }

@@ -447,8 +447,8 @@ impl Sender {
     /// routes; audited.
     pub async fn send(&self, wire: Bytes, signature: String, meta: &SendMeta) -> SendOutcome {
         let primary = self.preferred();
-        let mut hedge = match self.policy {
-            RoutePolicy::Latency => Hedge::new(primary, self.delay),
+        let hedge_after = match self.policy {
+            RoutePolicy::Latency => self.delay,
             // The relay hedges early only while the TPU route delivers too rarely;
             // otherwise it waits for the TPU route to fail or run out of time.
             RoutePolicy::TpuFirst
@@ -457,10 +457,11 @@ impl Sender {
                         .tpu_delivery()
                         .is_some_and(|l| l < self.relay_hedge_below) =>
             {
-                Hedge::new(primary, self.delay)
+                self.delay
             }
-            RoutePolicy::TpuFirst => Hedge::new(primary, self.relay_failover.max(self.delay)),
+            RoutePolicy::TpuFirst => self.relay_failover.max(self.delay),
         };
+        let mut hedge = Hedge::new(primary, hedge_after);
         let t0 = Instant::now();
         let mut out = SendOutcome {
             signature,
@@ -477,10 +478,14 @@ impl Sender {
         // running when the send is decided is handed to a task so its statistics
         // still count.
         let mut routes: [Option<RouteFuture>; 2] = [None, None];
-        let timer = tokio::time::sleep_until((t0 + self.delay).into());
+        // The hedge's own deadline (with `tpu_first` that is `relay_failover_ms`,
+        // not `hedge_delay_ms`: a timer at the shorter one would fire early and,
+        // never re-armed, be ready on every poll until the deadline — a spin).
+        let timer = tokio::time::sleep_until((t0 + hedge_after).into());
         tokio::pin!(timer);
-        // With one route there is nothing to hedge to: no timer to register, and no
-        // audit row saying a hedge went to a route that does not exist.
+        // With one route there is nothing to hedge to: no timer to register, and the
+        // route's failure is the send's (no audit row saying a hedge went to a route
+        // that does not exist).
         let can_hedge = self.configured(primary.other());
         let mut action = hedge.on(Event::Start, t0);
         loop {
@@ -512,7 +517,15 @@ impl Sender {
                 Some((route, r)) => self.settle(route, r, &mut out),
                 None => Event::Timer,
             };
-            action = hedge.on(event, Instant::now());
+            if !can_hedge && matches!(event, Event::Failed(_)) {
+                break;
+            }
+            let now = Instant::now();
+            action = hedge.on(event, now);
+            if let (Event::Timer, None, Some(d)) = (event, action, hedge.deadline()) {
+                // Early (the clock's granularity): wait for the deadline again.
+                timer.as_mut().reset(d.into());
+            }
         }
         for f in routes.into_iter().flatten() {
             tokio::spawn(f);

@@ -783,8 +783,10 @@ impl Worker {
             let next = tokio::select! {
                 biased;
                 // A dead connection is noticed at once, not on the next job, and
-                // before the streams are polled again: a close that arrived with
-                // their acknowledgements is marked when they look (`confirm`).
+                // before the streams are polled again: a close the worker was woken
+                // for is marked when they look (`confirm`). One that arrives while
+                // this task is being polled is marked on its next poll — as a close
+                // arriving just after an acknowledgement always could be.
                 _ = async {
                     match closed.as_mut() {
                         Some(f) => f.await,
@@ -856,7 +858,23 @@ impl Worker {
                 }
             }
         }
-        while inflight.next().await.is_some() {}
+        // Drain what is in flight, still marking a close (a refusal counts to the end).
+        loop {
+            tokio::select! {
+                biased;
+                _ = async {
+                    match closed.as_mut() {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                }, if closed.is_some() => closed = None,
+                n = inflight.next() => {
+                    if n.is_none() {
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     /// If the connection died: counts the reason and schedules the next attempt
@@ -1060,8 +1078,9 @@ async fn confirm(
         }
         marks.settled.store(true, Ordering::Relaxed);
     }
-    // Later a refusal code still counts. The worker marks the close before it
-    // polls this again, so a close that arrived with the acknowledgement is seen.
+    // Later a refusal code still counts, as the worker has marked it (it marks a
+    // close it was woken for before it polls the streams again; best effort, like
+    // any check of a close that may arrive a moment after the acknowledgement).
     match marks.closed() {
         Some((i, true)) => Err(closed(i)),
         _ => Ok(()),
