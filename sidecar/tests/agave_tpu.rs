@@ -212,6 +212,14 @@ fn agave_refuses_another_identity_and_the_route_never_sends_to_it() {
             client.submit_batch(&wrong, (0..=max as u32).map(|i| tx(i, 0)).collect()),
             Err(TpuError::BatchTooLarge(n, m)) if n == max + 1 && m == max
         ));
+        assert_eq!(
+            client
+                .stats
+                .batch_too_large
+                .load(std::sync::atomic::Ordering::Relaxed),
+            max as u64 + 1,
+            "counted, as `gw_sender_tpu_total{{event=\"batch_too_large\"}}`"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(agave.received().is_empty());
     });

@@ -90,6 +90,7 @@ impl Collector for SenderCollector {
                     ([("event", "unreachable")], load(&st.unreachable)),
                     ([("event", "dropped_queue_full")], load(&st.dropped_full)),
                     ([("event", "too_large")], load(&st.too_large)),
+                    ([("event", "batch_too_large")], load(&st.batch_too_large)),
                     ([("event", "connects")], load(&st.connects)),
                     ([("event", "connect_failures")], load(&st.connect_failures)),
                     (

@@ -249,6 +249,8 @@ pub struct TpuStats {
     pub dropped_full: AtomicU64,
     /// Transactions refused as too large.
     pub too_large: AtomicU64,
+    /// Transactions refused in batches of more than `max_streams`.
+    pub batch_too_large: AtomicU64,
     /// Handshakes completed.
     pub connects: AtomicU64,
     /// Handshakes failed.
@@ -508,6 +510,7 @@ impl TpuClient {
             return Ok(rx);
         }
         if wires.len() > self.config.max_streams {
+            TpuStats::add(&self.stats.batch_too_large, wires.len());
             return Err(TpuError::BatchTooLarge(
                 wires.len(),
                 self.config.max_streams,
