@@ -1041,6 +1041,19 @@ fn a_batch_that_does_not_fit_waits_for_acknowledgements() {
     });
 }
 
+/// A sender for `cfg` whose one leader is `addr`, once its TPU route is connected.
+async fn connected_sender(cfg: &SenderConfig, addr: SocketAddr) -> Arc<Sender> {
+    let sender = Sender::new(cfg, &key(2), Some(leader(addr, None)), None).unwrap();
+    sender.refresh_leaders();
+    let tpu = sender.tpu().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tpu.connection(addr).is_none() {
+        assert!(Instant::now() < deadline, "no connection");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sender
+}
+
 /// With the TPU route alone there is nothing to hedge to: a send slower than
 /// `hedge_delay` is neither marked hedged nor given a "relay route is not
 /// configured" error (its audit row would claim a hedge that never went out).
@@ -1055,14 +1068,7 @@ fn a_lone_route_slower_than_the_hedge_delay_is_not_hedged() {
             "leaders": {"static": []},
             "hedge_delay_ms": 5,
         }));
-        let sender = Sender::new(&cfg, &key(2), Some(leader(path.addr, None)), None).unwrap();
-        sender.refresh_leaders();
-        let tpu = sender.tpu().unwrap().clone();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tpu.connection(path.addr).is_none() {
-            assert!(Instant::now() < deadline, "no connection");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let sender = connected_sender(&cfg, path.addr).await;
         let (w, sig) = tx(62_000, 10);
         let out = sender.send(w, sig, &meta()).await;
         assert_eq!(out.landed, Some(Route::Tpu), "{out:?}");
@@ -1128,14 +1134,7 @@ fn tpu_first_waits_for_the_failover_without_spinning() {
             "hedge_delay_ms": 5,
             "relay_failover_ms": 2000,
         }));
-        let sender = Sender::new(&cfg, &key(2), Some(leader(path.addr, None)), None).unwrap();
-        sender.refresh_leaders();
-        let tpu = sender.tpu().unwrap().clone();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tpu.connection(path.addr).is_none() {
-            assert!(Instant::now() < deadline, "no connection");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let sender = connected_sender(&cfg, path.addr).await;
         // Past the refusal window of a fresh connection (two round trips).
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (w, sig) = tx(62_100, 10);
