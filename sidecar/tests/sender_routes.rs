@@ -1018,11 +1018,7 @@ fn a_batch_that_does_not_fit_waits_for_acknowledgements() {
             identity: Some(rx.identity),
         };
         client.prewarm(&[l]);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while client.connection(path.addr).is_none() {
-            assert!(Instant::now() < deadline, "no connection");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        connected(&client, path.addr).await;
         let first: Vec<Bytes> = (0..3).map(|i| tx(60_000 + i, 10).0).collect();
         let second: Vec<Bytes> = (0..3).map(|i| tx(61_000 + i, 10).0).collect();
         let a = client.submit_batch(&l, first.clone()).unwrap();
@@ -1045,13 +1041,17 @@ fn a_batch_that_does_not_fit_waits_for_acknowledgements() {
 async fn connected_sender(cfg: &SenderConfig, addr: SocketAddr) -> Arc<Sender> {
     let sender = Sender::new(cfg, &key(2), Some(leader(addr, None)), None).unwrap();
     sender.refresh_leaders();
-    let tpu = sender.tpu().unwrap().clone();
+    connected(sender.tpu().unwrap(), addr).await;
+    sender
+}
+
+/// Waits (at most 10 s) until `client` has a live connection to `addr`.
+async fn connected(client: &TpuClient, addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while tpu.connection(addr).is_none() {
-        assert!(Instant::now() < deadline, "no connection");
+    while client.connection(addr).is_none() {
+        assert!(Instant::now() < deadline, "no connection to {addr}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    sender
 }
 
 /// With the TPU route alone there is nothing to hedge to: a send slower than

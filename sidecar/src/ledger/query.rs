@@ -71,13 +71,15 @@ pub fn with_pending(
     mut stored: Vec<DecisionView>,
     pending: Vec<DecisionView>,
 ) -> Vec<DecisionView> {
-    let have: std::collections::HashSet<(String, u64)> =
-        stored.iter().map(|d| (d.chain_id.clone(), d.seq)).collect();
-    stored.extend(
-        pending
-            .into_iter()
-            .filter(|r| !have.contains(&(r.chain_id.clone(), r.seq))),
-    );
+    let have: std::collections::HashSet<(&str, u64)> = stored
+        .iter()
+        .map(|d| (d.chain_id.as_str(), d.seq))
+        .collect();
+    let missing: Vec<DecisionView> = pending
+        .into_iter()
+        .filter(|r| !have.contains(&(r.chain_id.as_str(), r.seq)))
+        .collect();
+    stored.extend(missing);
     stored
 }
 
