@@ -109,30 +109,23 @@ impl Served {
     /// `POST /api/control/commands` of signed command bytes → status and JSON
     /// (`null` when not JSON).
     pub fn post_command(&self, body: Vec<u8>) -> (u16, serde_json::Value) {
-        self.rt.block_on(async {
-            let r = self
-                .http
+        self.answer(
+            self.http
                 .post(format!("{}/api/control/commands", self.base))
                 .header("content-type", "application/x-protobuf")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            let status = r.status().as_u16();
-            (status, r.json().await.unwrap_or(serde_json::Value::Null))
-        })
+                .body(body),
+        )
     }
 
     /// `POST path` with a JSON body → status and JSON (`null` when not JSON).
     pub fn post_json(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        self.answer(self.http.post(format!("{}{path}", self.base)).json(body))
+    }
+
+    /// Sends `req` → status and JSON (`null` when not JSON).
+    fn answer(&self, req: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
         self.rt.block_on(async {
-            let r = self
-                .http
-                .post(format!("{}{path}", self.base))
-                .json(body)
-                .send()
-                .await
-                .unwrap();
+            let r = req.send().await.unwrap();
             let status = r.status().as_u16();
             (status, r.json().await.unwrap_or(serde_json::Value::Null))
         })
