@@ -28,7 +28,7 @@ use testkit::envoy;
 use testkit::fixtures::{bearer, command_key, filter_config};
 
 const LEDGER_ROWS: u64 = 5_000;
-const COMMANDS: u64 = 1_000;
+const COMMANDS: u64 = 8_000;
 const CONCURRENCY: usize = 16;
 /// Commands per round of the one-at-a-time measurement.
 const SEQUENTIAL: usize = 1000;

@@ -232,11 +232,11 @@ pub fn verify_command(
     if let Some(now) = now {
         key.check_validity(now)?;
     }
-    let signed_payload = if key.verify_strict(&parts.payload, sig_bytes) {
+    let signed_payload = if keyring.verify_strict(key, &parts.payload, sig_bytes) {
         parts.payload
     } else {
         match parts.canonical {
-            Some(c) if key.verify_strict(&c, sig_bytes) => c,
+            Some(c) if keyring.verify_strict(key, &c, sig_bytes) => c,
             _ => {
                 return Err(Reject::new(
                     Code::BadSignature,

@@ -2,6 +2,7 @@
 //! and the issuers, modules and actions the key may sign for.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -9,6 +10,7 @@ use crate::code::{Code, Reject};
 use crate::edverify::PrecomputedKey;
 use crate::jwk::{ed25519_from_hex, Jwk, JwkJson, KeyError, KeyMaterial};
 use crate::names::{Action, Module};
+use crate::sigmemo::SigMemo;
 
 /// One key as written in configuration. Scope lists that are absent allow anything;
 /// a present list (even empty) allows only what it names.
@@ -263,6 +265,8 @@ impl CommandKey {
 pub struct KeyRing {
     keys: BTreeMap<String, CommandKey>,
     precompute: bool,
+    /// Signatures already verified in this process, shared by the ring's clones.
+    memo: Option<Arc<SigMemo>>,
 }
 
 impl KeyRing {
@@ -300,6 +304,27 @@ impl KeyRing {
             k.precompute()?;
         }
         Ok(())
+    }
+
+    /// Remembers the newest `capacity` signatures that verified, in one memo shared
+    /// by this ring's clones, so the same bytes under the same key are verified once
+    /// per process (the sidecar: admission, then the agent). See [`crate::sigmemo`].
+    pub fn remember_verified(&mut self, capacity: usize) {
+        self.memo = Some(Arc::new(SigMemo::new(capacity)));
+    }
+
+    /// The ring's memo, when it keeps one.
+    pub fn memo(&self) -> Option<&Arc<SigMemo>> {
+        self.memo.as_ref()
+    }
+
+    /// Strict Ed25519 verification with `key` (one of this ring's keys), through the
+    /// ring's memo when it keeps one.
+    pub fn verify_strict(&self, key: &CommandKey, message: &[u8], signature: &[u8; 64]) -> bool {
+        match &self.memo {
+            Some(m) => m.verify_strict(key, message, signature),
+            None => key.verify_strict(message, signature),
+        }
     }
 
     /// Adds a key; ids must be unique.

@@ -25,6 +25,7 @@ pub mod module_state;
 pub mod names;
 pub mod replay;
 pub mod roles;
+pub mod sigmemo;
 pub mod txwire;
 pub mod wire;
 

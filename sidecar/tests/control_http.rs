@@ -120,6 +120,17 @@ fn signed_commands_apply_once_even_across_a_restart() {
         metrics.contains("gw_sidecar_agent_batch_deliveries_count{module=\"mev\"} 1"),
         "{metrics}"
     );
+    // Four signatures checked in full (the replay, the flipped byte, the stale
+    // command, the kill on the wrong route); the same kill bytes on the right route
+    // were answered from that check, at admission and again at the agent.
+    assert!(
+        metrics.contains("gw_sidecar_signature_checks_total{how=\"verified\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gw_sidecar_signature_checks_total{how=\"remembered\"} 2"),
+        "{metrics}"
+    );
 }
 
 #[test]

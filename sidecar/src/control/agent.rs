@@ -1087,6 +1087,37 @@ mod tests {
     }
 
     #[test]
+    fn bytes_admission_verified_are_remembered_and_a_changed_copy_is_not() {
+        let mut p = policy();
+        p.keyring.remember_verified(16);
+        let c = AgentCore::new(
+            Module::Mev,
+            p.clone(),
+            ModuleState::default(),
+            NonceBook::new(Limits::default()),
+            600,
+        );
+        let good = start(1);
+        // Admission's check, on a clone of the same ring (as the sidecar wires it).
+        p.check(&good, NOW, None).unwrap();
+        let mut bad = good.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let Step::Refuse(r) = c.decide(&delivery("mev", bad), NOW) else {
+            panic!("a changed copy of verified bytes was not refused")
+        };
+        assert_eq!(r.code, Code::BadSignature);
+        assert!(matches!(
+            c.decide(&delivery("mev", good), NOW),
+            Step::Apply(_)
+        ));
+        let memo = p.keyring.memo().unwrap();
+        // Admission and the changed copy did the arithmetic; the agent's check of
+        // the admitted bytes was answered.
+        assert_eq!(memo.counts(), (1, 2));
+    }
+
+    #[test]
     fn refuses_a_command_keyed_for_the_wrong_module() {
         let mut c = core();
         c.module = Module::Arbitrage;

@@ -181,3 +181,43 @@ impl prometheus_client::collector::Collector for JournalCollector {
 pub fn register_journal(registry: &mut Registry, journal: &crate::journal::Journal) {
     registry.register_collector(Box::new(JournalCollector(journal.clone())));
 }
+
+/// Collects `gw_sidecar_signature_checks_total` at scrape time from the key ring's
+/// memo of verified signatures.
+struct SignatureCollector(std::sync::Arc<gw_core::sigmemo::SigMemo>);
+
+impl std::fmt::Debug for SignatureCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SignatureCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for SignatureCollector {
+    fn encode(
+        &self,
+        mut enc: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        let (answered, computed) = self.0.counts();
+        let mut family = enc.encode_descriptor(
+            "gw_sidecar_signature_checks",
+            "Command signature checks: `verified` did the Ed25519 arithmetic, `remembered` found the same bytes already verified in this process",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (how, v) in [("verified", computed), ("remembered", answered)] {
+            let c = ConstCounter::new(v);
+            c.encode(family.encode_family(&[("how", how)])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Registers `gw_sidecar_signature_checks_total{how}`.
+pub fn register_signatures(
+    registry: &mut Registry,
+    memo: std::sync::Arc<gw_core::sigmemo::SigMemo>,
+) {
+    registry.register_collector(Box::new(SignatureCollector(memo)));
+}
