@@ -232,17 +232,20 @@ pub fn verify_command(
     if let Some(now) = now {
         key.check_validity(now)?;
     }
-    let signed_payload = if keyring.verify_strict(key, &parts.payload, sig_bytes) {
-        parts.payload
-    } else {
-        match parts.canonical {
-            Some(c) if keyring.verify_strict(key, &c, sig_bytes) => c,
-            _ => {
-                return Err(Reject::new(
-                    Code::BadSignature,
-                    "signature does not verify over the command",
-                ))
-            }
+    // The bytes as received, then (when the fields arrived out of order) in
+    // canonical order.
+    let verified = match &parts.canonical {
+        Some(c) => keyring.first_verified(key, &[&parts.payload, c], sig_bytes),
+        None => keyring.first_verified(key, &[&parts.payload], sig_bytes),
+    };
+    let signed_payload = match (verified, parts.canonical) {
+        (Some(0), _) => parts.payload,
+        (Some(_), Some(c)) => c,
+        _ => {
+            return Err(Reject::new(
+                Code::BadSignature,
+                "signature does not verify over the command",
+            ))
         }
     };
 

@@ -307,10 +307,13 @@ impl KeyRing {
     }
 
     /// Remembers the newest `capacity` signatures that verified, in one memo shared
-    /// by this ring's clones, so the same bytes under the same key are verified once
-    /// per process (the sidecar: admission, then the agent). See [`crate::sigmemo`].
-    pub fn remember_verified(&mut self, capacity: usize) {
-        self.memo = Some(Arc::new(SigMemo::new(capacity)));
+    /// by the clones of this ring made from now on, so the same bytes under the same
+    /// key are verified once per process (the sidecar: admission, then the agent).
+    /// See [`crate::sigmemo`]. Returns the memo (for its counts).
+    pub fn remember_verified(&mut self, capacity: usize) -> Arc<SigMemo> {
+        let m = Arc::new(SigMemo::new(capacity));
+        self.memo = Some(m.clone());
+        m
     }
 
     /// The ring's memo, when it keeps one.
@@ -318,12 +321,20 @@ impl KeyRing {
         self.memo.as_ref()
     }
 
-    /// Strict Ed25519 verification with `key` (one of this ring's keys), through the
-    /// ring's memo when it keeps one.
-    pub fn verify_strict(&self, key: &CommandKey, message: &[u8], signature: &[u8; 64]) -> bool {
+    /// The first of `messages` that `signature` verifies over under `key` (one of
+    /// this ring's keys; strict Ed25519), through the ring's memo when it keeps
+    /// one; `None` when none does.
+    pub fn first_verified(
+        &self,
+        key: &CommandKey,
+        messages: &[&[u8]],
+        signature: &[u8; 64],
+    ) -> Option<usize> {
         match &self.memo {
-            Some(m) => m.verify_strict(key, message, signature),
-            None => key.verify_strict(message, signature),
+            Some(m) => m.first_verified(key, messages, signature),
+            None => messages
+                .iter()
+                .position(|m| key.verify_strict(m, signature)),
         }
     }
 

@@ -26,8 +26,8 @@ use crate::sender::http::SenderApi;
 use crate::sender::plane::DataPlane;
 use crate::serve::{Gatekeeper, Tls};
 
-/// Signatures the sidecar remembers as verified (about 6 s of commands at 2 500/s;
-/// an agent further behind than that verifies in full).
+/// Signatures the sidecar remembers as verified (an agent further behind admission
+/// than this many commands verifies in full).
 const SIGNATURE_MEMO: usize = 16_384;
 
 /// A started sidecar: its capabilities and background tasks (stopped on drop).
@@ -214,10 +214,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let mut keyring = cfg.keyring;
     // Admission and the agents check each command's signature; in one process the
     // second check of the same bytes is answered from the first (gw_core::sigmemo).
-    keyring.remember_verified(SIGNATURE_MEMO);
-    if let Some(m) = keyring.memo() {
-        crate::ops::metrics::register_signatures(&mut registry, m.clone());
-    }
+    let memo = keyring.remember_verified(SIGNATURE_MEMO);
+    crate::ops::metrics::register_signatures(&mut registry, memo);
     let policy = ControlPolicy {
         keyring,
         max_skew: cfg.file.max_skew_secs,

@@ -563,3 +563,116 @@ fn a_repeated_args_key_is_malformed_even_when_signed() {
     ));
     assert!(verify_command(&body, &ring(), Some(NOW)).is_ok());
 }
+
+/// The ring with a memo of verified signatures (`crate::sigmemo`).
+fn remembering(mut r: KeyRing) -> (KeyRing, std::sync::Arc<crate::sigmemo::SigMemo>) {
+    let m = r.remember_verified(64);
+    (r, m)
+}
+
+#[test]
+fn a_remembered_signature_still_meets_the_keys_window_and_scope() {
+    let pk = hex::encode(sk(1).verifying_key().as_bytes());
+    let cfg: KeyRingConfig = serde_json::from_str(&format!(
+        r#"{{"keys":[{{"id":"op-admin-1","public_key_hex":"{pk}","not_after":{},
+             "actions":["throttle"]}}]}}"#,
+        NOW + 10
+    ))
+    .unwrap();
+    let (ring, memo) = remembering(KeyRing::from_config(&cfg).unwrap());
+    let ok = sign_command(&cmd(&[]), &sk(1), "op-admin-1");
+    assert!(verify_command(&ok, &ring, Some(NOW)).is_ok());
+    // Remembered, yet the key has expired since.
+    assert_eq!(
+        verify_command(&ok, &ring, Some(NOW + 11)).unwrap_err().code,
+        Code::KeyExpired
+    );
+    // A valid signature for an action the key may not sign: remembered as a
+    // signature, refused for its scope every time.
+    let mut c = cmd(&[]);
+    c.action = Action::Kill.to_proto() as i32;
+    let kill = sign_command(&c, &sk(1), "op-admin-1");
+    for _ in 0..2 {
+        assert_eq!(
+            verify_command(&kill, &ring, Some(NOW)).unwrap_err().code,
+            Code::KeyScope
+        );
+    }
+    // Computed: ok, kill; answered: the second kill (the expired key was refused
+    // before its signature was looked at).
+    assert_eq!(memo.counts(), (1, 2));
+}
+
+#[test]
+fn a_replaced_key_does_not_inherit_what_the_old_one_verified() {
+    let (ring, _memo) = remembering(ring());
+    let body = sign_command(&cmd(&[]), &sk(1), "op-admin-1");
+    assert!(verify_command(&body, &ring, Some(NOW)).is_ok());
+    // A clone shares the memo; the id now names another public key.
+    let mut rotated = ring.clone();
+    assert!(rotated
+        .set_public_key("op-admin-1", sk(2).verifying_key())
+        .unwrap());
+    assert_eq!(
+        verify_command(&body, &rotated, Some(NOW)).unwrap_err().code,
+        Code::BadSignature
+    );
+    assert!(verify_command(&body, &ring, Some(NOW)).is_ok());
+}
+
+#[test]
+fn out_of_order_fields_are_verified_once_with_the_memo() {
+    // Args in reverse order: the received bytes do not verify, the canonical do.
+    let c = cmd(&[("a", "1"), ("b", "2")]);
+    let signed = signing_payload(&c);
+    let recs = wire::records(&signed).unwrap();
+    let mut body = Vec::new();
+    for r in recs.iter().filter(|r| r.field < 4) {
+        body.extend_from_slice(&signed[r.span.clone()]);
+    }
+    for r in recs.iter().filter(|r| r.field == 4).rev() {
+        body.extend_from_slice(&signed[r.span.clone()]);
+    }
+    for r in recs.iter().filter(|r| r.field > 4) {
+        body.extend_from_slice(&signed[r.span.clone()]);
+    }
+    body.extend(sig_records(
+        &signed,
+        &sk(1),
+        "op-admin-1",
+        SIG_ALG_ED25519_V1,
+    ));
+    let (ring, memo) = remembering(ring());
+    for _ in 0..2 {
+        let v = verify_command(&body, &ring, Some(NOW)).unwrap();
+        assert_eq!(v.signed_payload, signed);
+    }
+    // First call: the received order failed, the canonical verified; second: one
+    // lookup answered it.
+    assert_eq!(memo.counts(), (1, 2));
+}
+
+proptest! {
+    #[test]
+    fn the_memo_never_changes_a_verdict(
+        idx in any::<prop::sample::Index>(),
+        bit in 0u8..8,
+        flip in any::<bool>(),
+    ) {
+        let body = sign_command(&cmd(&[("throttle_pct", "40"), ("ev_min", "0.1")]), &sk(1), "op-admin-1");
+        let mut b = body.clone();
+        if flip {
+            let i = idx.index(b.len());
+            b[i] ^= 1 << bit;
+        }
+        let plain = ring();
+        let (memo_ring, _m) = remembering(ring());
+        // The memo first learns the genuine bytes, then judges the candidate twice.
+        prop_assert!(verify_command(&body, &memo_ring, Some(NOW)).is_ok());
+        let want = verify_command(&b, &plain, Some(NOW)).map(|v| v.signed_payload).map_err(|e| e.code);
+        for _ in 0..2 {
+            let got = verify_command(&b, &memo_ring, Some(NOW)).map(|v| v.signed_payload).map_err(|e| e.code);
+            prop_assert_eq!(&got, &want);
+        }
+    }
+}
