@@ -53,6 +53,18 @@ fn sig_records(payload: &[u8], key: &SigningKey, id: &str, alg: &str) -> Vec<u8>
     out
 }
 
+/// `op-admin-1` (`sk(1)`) valid until `NOW + 10`, with the scope fields `scope`
+/// (JSON members).
+fn ring_until_now_plus_10(scope: &str) -> KeyRing {
+    let pk = hex::encode(sk(1).verifying_key().as_bytes());
+    let cfg: KeyRingConfig = serde_json::from_str(&format!(
+        r#"{{"keys":[{{"id":"op-admin-1","public_key_hex":"{pk}","not_after":{},{scope}}}]}}"#,
+        NOW + 10
+    ))
+    .unwrap();
+    KeyRing::from_config(&cfg).unwrap()
+}
+
 fn policy() -> ControlPolicy {
     ControlPolicy {
         keyring: ring(),
@@ -264,14 +276,9 @@ fn semantic_checks_after_the_signature() {
 
 #[test]
 fn key_scope_and_validity_are_enforced() {
-    let pk = hex::encode(sk(1).verifying_key().as_bytes());
-    let cfg: KeyRingConfig = serde_json::from_str(&format!(
-        r#"{{"keys":[{{"id":"op-admin-1","public_key_hex":"{pk}","not_after":{},
-             "issuers":["dashboard"],"modules":["mev"],"actions":["throttle"]}}]}}"#,
-        NOW + 10
-    ))
-    .unwrap();
-    let ring = KeyRing::from_config(&cfg).unwrap();
+    let ring = ring_until_now_plus_10(
+        r#""issuers":["dashboard"],"modules":["mev"],"actions":["throttle"]"#,
+    );
     let ok = sign_command(&cmd(&[]), &sk(1), "op-admin-1");
     assert!(verify_command(&ok, &ring, Some(NOW)).is_ok());
     assert_eq!(
@@ -572,14 +579,7 @@ fn remembering(mut r: KeyRing) -> (KeyRing, std::sync::Arc<crate::sigmemo::SigMe
 
 #[test]
 fn a_remembered_signature_still_meets_the_keys_window_and_scope() {
-    let pk = hex::encode(sk(1).verifying_key().as_bytes());
-    let cfg: KeyRingConfig = serde_json::from_str(&format!(
-        r#"{{"keys":[{{"id":"op-admin-1","public_key_hex":"{pk}","not_after":{},
-             "actions":["throttle"]}}]}}"#,
-        NOW + 10
-    ))
-    .unwrap();
-    let (ring, memo) = remembering(KeyRing::from_config(&cfg).unwrap());
+    let (ring, memo) = remembering(ring_until_now_plus_10(r#""actions":["throttle"]"#));
     let ok = sign_command(&cmd(&[]), &sk(1), "op-admin-1");
     assert!(verify_command(&ok, &ring, Some(NOW)).is_ok());
     // Remembered, yet the key has expired since.
