@@ -250,6 +250,21 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
         hex::encode(&calls.last().unwrap().txs[1]),
         txs[2]["hex"].as_str().unwrap()
     );
+    // A client that gives up mid-send (here its request times out while the relay
+    // takes 800 ms, and the HTTP/2 stream is reset) cancels neither the send nor its
+    // audit row: the bundle still reaches the relay, and is audited below.
+    relay.set_mode(testkit::relay::Mode::Delay(Duration::from_millis(800)));
+    let abandoned = s.rt.block_on(async {
+        s.http
+            .post(format!("{}/api/rpc", s.base))
+            .json(&json!({"jsonrpc": "2.0", "id": 10, "method": "sendBundle",
+                "params": [[txs[1]["b64"]], {"encoding": "base64"}]}))
+            .timeout(Duration::from_millis(150))
+            .send()
+            .await
+    });
+    assert!(abandoned.is_err_and(|e| e.is_timeout()));
+    relay.set_mode(testkit::relay::Mode::Accept);
     // Errors a Solana client understands.
     let r = rpc(
         &s,
@@ -301,7 +316,7 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
         .as_u64()
         .unwrap();
     assert_eq!(strategy_sends, 61, "the burst came while killed");
-    let total = strategy_sends + 4 + 1;
+    let total = strategy_sends + 4 + 2;
     let deadline = Instant::now() + Duration::from_secs(30);
     let rows: Vec<Value> = loop {
         let rows: Vec<Value> = if ch.query("EXISTS TABLE tx_sends").trim() == "1" {
@@ -319,7 +334,7 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
     };
     assert_eq!(rows.len() as u64, total, "one row per send");
     let rpc_rows: Vec<&Value> = rows.iter().filter(|r| r["source"] == "rpc").collect();
-    assert_eq!(rpc_rows.len(), 5);
+    assert_eq!(rpc_rows.len(), 6);
     for (r, t) in rpc_rows.iter().zip(&txs) {
         assert_eq!(r["signature"], t["signature"]);
         assert_eq!(
@@ -333,6 +348,18 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
         assert_eq!(r["leader"], rx.addr.to_string());
     }
     assert_eq!(rpc_rows[4]["kind"], "bundle");
+    let late = rpc_rows[5];
+    assert_eq!(
+        (late["kind"].as_str(), late["outcome"].as_str()),
+        (Some("bundle"), Some("landed")),
+        "the abandoned bundle: {late}"
+    );
+    let bundles = relay
+        .calls()
+        .iter()
+        .filter(|c| c.method == "sendBundle")
+        .count();
+    assert_eq!(bundles, 2, "both bundles reached the relay");
     let tipped = rows
         .iter()
         .find(|r| r["tip"].as_f64() == Some(1.5))

@@ -326,32 +326,37 @@ async fn send_transaction(ctx: &RpcContext<'_>, params: &Value) -> Result<String
             return Err(SendErr::Rpc(refused(ctx.module, why)));
         }
     }
+    // On a task of its own: a client that goes away mid-send (its stream reset, the
+    // handler dropped) cancels neither the send, nor its audit row, nor the
+    // rebroadcasts of a transaction that went (as a Solana node's RPC).
+    let sender = ctx.sender.clone();
+    let landing = ctx.landing.cloned();
+    let (modules, module, allow_stopped) = (ctx.modules.clone(), ctx.module, ctx.allow_stopped);
     let meta = rpc_meta(ctx);
-    let out = ctx
-        .sender
-        .send(wire.clone(), info.signature_b58(), &meta)
-        .await;
-    match out.landed {
-        Some(_) => {
-            if let Some(landing) = ctx.landing {
-                let retry = SendMeta {
-                    source: "rpc_retry",
-                    ..meta
-                };
-                let (modules, module, allow_stopped) =
-                    (ctx.modules.clone(), ctx.module, ctx.allow_stopped);
-                landing.track(
-                    ctx.sender.clone(),
-                    wire,
-                    out.signature.clone(),
-                    info.recent_blockhash,
-                    opts.max_retries,
-                    retry,
-                    Arc::new(move || state_refusal(&modules, module, allow_stopped).is_none()),
-                );
-            }
-            Ok(out.signature)
+    let sig = info.signature_b58();
+    let out = tokio::spawn(async move {
+        let out = sender.send(wire.clone(), sig, &meta).await;
+        if let (Some(_), Some(landing)) = (out.landed, landing) {
+            let retry = SendMeta {
+                source: "rpc_retry",
+                ..meta
+            };
+            landing.track(
+                sender,
+                wire,
+                out.signature.clone(),
+                info.recent_blockhash,
+                opts.max_retries,
+                retry,
+                Arc::new(move || state_refusal(&modules, module, allow_stopped).is_none()),
+            );
         }
+        out
+    })
+    .await
+    .map_err(|e| (code::SEND_FAILED, format!("send task failed: {e}")))?;
+    match out.landed {
+        Some(_) => Ok(out.signature),
         None => Err(SendErr::Rpc((
             code::SEND_FAILED,
             format!(
@@ -437,8 +442,10 @@ async fn send_bundle(ctx: &RpcContext<'_>, params: &Value) -> Result<String, Rpc
         txs.push(wire);
     }
     gate(ctx)?;
-    ctx.sender
-        .send_bundle(txs, first_sig, &rpc_meta(ctx))
+    // On a task of its own, as `sendTransaction`.
+    let (sender, m) = (ctx.sender.clone(), rpc_meta(ctx));
+    tokio::spawn(async move { sender.send_bundle(txs, first_sig, &m).await })
         .await
+        .map_err(|e| (code::SEND_FAILED, format!("send task failed: {e}")))?
         .map_err(|e| (code::SEND_FAILED, format!("bundle was not sent: {e}")))
 }
