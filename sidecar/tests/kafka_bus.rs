@@ -246,6 +246,18 @@ fn kafka_down_commands_wait_in_the_journal_and_apply_once_it_is_back() {
         (409, Some("replay"), Value::Bool(false)),
         "{body}"
     );
+    // A resend whose client hangs up while the sidecar waits for the agent (the
+    // answer would come after `apply_wait`) is refused and audited all the same.
+    let hung_up = s.rt.block_on(async {
+        s.http
+            .post(format!("{}/api/control/commands", s.base))
+            .header("content-type", "application/x-protobuf")
+            .body(kill.clone())
+            .timeout(Duration::from_millis(300))
+            .send()
+            .await
+    });
+    assert!(hung_up.is_err_and(|e| e.is_timeout()));
 
     // The broker comes back.
     kafka.process.signal("CONT");
@@ -264,7 +276,7 @@ fn kafka_down_commands_wait_in_the_journal_and_apply_once_it_is_back() {
     );
     assert!(body["ledger"]["applied_seq"].as_u64().is_some(), "{body}");
 
-    let rows = ledger_rows(&ch, 6);
+    let rows = ledger_rows(&ch, 7);
     assert_eq!(verify_chain(&rows), Ok(rows.len() as u64));
     // A command may come again after an outage; the agent drops it by nonce (a
     // `duplicate` row, never a second `applied`).
@@ -277,6 +289,7 @@ fn kafka_down_commands_wait_in_the_journal_and_apply_once_it_is_back() {
         row("sidecar", "accepted", "", "req-1"),
         row("agent", "applied", "", "req-1"),
         row("sidecar", "accepted", "", "req-2"),
+        row("sidecar", "rejected", "replay", "req-2"),
         row("sidecar", "rejected", "replay", "req-2"),
         row("agent", "applied", "", "req-2"),
         row("sidecar", "rejected", "replay", "req-2"),

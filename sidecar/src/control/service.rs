@@ -454,11 +454,17 @@ impl Control {
                 if let Some(c) = &r.command {
                     record_command(c);
                 }
-                let status = match (&r.command, r.reject.code) {
-                    (Some(c), Code::Replay) => self.resend_status(c, body, req.now).await,
+                let resent = match (&r.command, r.reject.code) {
+                    (Some(c), Code::Replay) => Some(c.clone()),
                     _ => None,
                 };
+                // The row first: a client that hangs up while a resend waits for
+                // its agent below does not take the refusal's row with it.
                 let e = self.refuse(r, body, requester, &path).await;
+                let status = match &resent {
+                    Some(c) => self.resend_status(c, body, req.now).await,
+                    None => None,
+                };
                 return Err(match status {
                     Some(fields) if e.code() == Code::Replay => e.with_fields(fields),
                     _ => e,
