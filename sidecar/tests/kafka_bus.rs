@@ -528,3 +528,104 @@ fn a_decision_the_checkpoint_has_and_the_journal_lost_is_written_at_start() {
     );
     assert_eq!(modules(&s)["mev"]["applied"], 2);
 }
+
+/// A command topic deleted and created again starts at offset 0, under a module
+/// checkpoint that says 50 commands were handled: the agent finds the topic ends
+/// before that, says so (an error log, `outcome="topic_replaced"`), and handles the
+/// new topic's commands — an old one already applied comes out a `duplicate` (the
+/// applied nonces live in Kafka), a new one is applied. Taken by its offset alone,
+/// each would have been "already handled" and never applied.
+#[test]
+fn a_command_topic_created_again_under_the_checkpoint_is_detected_and_its_commands_applied() {
+    use gw_sidecar::control::kafka_state::{Checkpoint, KafkaState, StoredNonce};
+
+    let d = testkit::TempDir::new("kafka-recreated");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let cfg = config(d.path(), &kafka, &ch);
+    let node = cfg.file.node_id.clone();
+    let k = cfg.file.kafka.clone().unwrap();
+    let old = signed_command(7, Action::Start, now(), "dashboard", &[]);
+    let mut state = gw_core::module_state::ModuleState::default();
+    state.apply(
+        Action::Start,
+        &gw_core::args::CommandArgs::default(),
+        "req-7",
+    );
+    // The module's state in Kafka after 50 commands on the old topic, the last of
+    // them nonce 7.
+    let cp = Checkpoint {
+        state,
+        next: [(0, 50)].into_iter().collect(),
+        recent: [StoredNonce {
+            issuer: "dashboard".into(),
+            nonce: 7,
+            expires: now() + 600,
+            chain: node.clone(),
+        }]
+        .into_iter()
+        .collect(),
+        last: BTreeMap::new(),
+        writer: node.clone(),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = KafkaState::new(&k).unwrap();
+    rt.block_on(async {
+        // The new topic holds nonce 7 again (a producer that resent it) at offset 0.
+        create_topic(&k, TOPIC).await;
+        let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
+        let sent = p
+            .send(
+                rdkafka::producer::FutureRecord::to(TOPIC)
+                    .key("mev")
+                    .payload(&old),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(sent.offset, 0);
+        store.prepare().await.unwrap();
+        store.save(Module::Mev, &cp).await.unwrap();
+    });
+
+    let s = common::serve(config(d.path(), &kafka, &ch));
+    let (status, body) = post(
+        &s,
+        signed_command(
+            8,
+            Action::Throttle,
+            now(),
+            "dashboard",
+            &[("throttle_pct", "40")],
+        ),
+    );
+    assert_eq!(
+        (status, body["applied"].clone()),
+        (200, Value::Bool(true)),
+        "the new topic's command is applied: {body}"
+    );
+    let m = modules(&s);
+    assert_eq!(
+        (m["mev"]["state"].clone(), m["mev"]["throttle_pct"].clone()),
+        ("running".into(), 40.into()),
+        "{m}"
+    );
+    let metrics = s.get_ops("/metrics");
+    assert!(
+        metrics.contains("gw_sidecar_agent_total{module=\"mev\",outcome=\"topic_replaced\"} 1"),
+        "{metrics}"
+    );
+    let rows = ledger_rows(&ch, 3);
+    assert_eq!(verify_chain(&rows), Ok(rows.len() as u64));
+    let agent: Vec<_> = summary(&rows)
+        .into_iter()
+        .filter(|r| r.0 == "agent")
+        .collect();
+    assert_eq!(
+        agent,
+        vec![
+            row("agent", "duplicate", "replay", "req-7"),
+            row("agent", "applied", "", "req-8"),
+        ]
+    );
+}

@@ -274,6 +274,10 @@ struct KafkaSide {
     journalled: BTreeMap<i32, i64>,
     /// The newest record that says so (held: a restart must still know it).
     journalled_lsn: Option<Lsn>,
+    /// Per partition, the last delivery taken as already handled since the
+    /// checkpoint was loaded, once the topic's end was found past the checkpoint's
+    /// offsets ([`Agent::topic_replaced`]).
+    behind: BTreeMap<i32, i64>,
 }
 
 /// One module's agent: the core and its effects.
@@ -400,6 +404,7 @@ impl Agent {
                 written: BTreeMap::new(),
                 journalled,
                 journalled_lsn,
+                behind: BTreeMap::new(),
             }),
         };
         agent.release(now);
@@ -504,14 +509,18 @@ impl Agent {
                 // Each decision verifies a signature: let other tasks run.
                 tokio::task::yield_now().await;
             }
-            if self.kafka.as_ref().is_some_and(|k| {
+            let handled_up_to = self.kafka.as_ref().and_then(|k| {
                 k.checkpoint
                     .next
                     .get(&d.position.partition)
-                    .is_some_and(|next| d.position.offset < *next)
-            }) {
-                decided.push(Decided::Done(Handled::Seen));
-                continue;
+                    .copied()
+                    .filter(|next| d.position.offset < *next)
+            });
+            if let Some(next) = handled_up_to {
+                if !self.topic_replaced(d.position, next).await? {
+                    decided.push(Decided::Done(Handled::Seen));
+                    continue;
+                }
             }
             let step = self.core.decide_after(&state, &pending, d, now);
             let (row, entry, next) = match step {
@@ -693,6 +702,44 @@ impl Agent {
         Ok(())
     }
 
+    /// Kafka bus: whether the command topic was replaced under the checkpoint, as
+    /// a delivery at `at`, before the checkpoint's `next` offset of its partition,
+    /// is about to be taken as already handled. Offsets are no identity: a topic
+    /// deleted and created again starts at 0, and its commands would all be taken
+    /// as handled — never applied. Its end is read on the first such delivery
+    /// after the checkpoint is loaded and whenever the consumer went back: a topic
+    /// that ends before `next` is not the one the checkpoint was written for. Its
+    /// commands are then handled from here (an old one comes out a `duplicate` or
+    /// `stale`, by the applied nonces Kafka keeps). Not detected: a new topic that
+    /// already holds more commands than the old one had handled.
+    async fn topic_replaced(&mut self, at: Position, next: i64) -> Result<bool, RetryLater> {
+        let module = self.core.module.as_str();
+        let Some(k) = self.kafka.as_mut() else {
+            return Ok(false);
+        };
+        if k.behind.get(&at.partition).is_some_and(|o| *o < at.offset) {
+            k.behind.insert(at.partition, at.offset);
+            return Ok(false);
+        }
+        let end = k.store.command_topic_end(at.partition).await?;
+        if end >= next {
+            k.behind.insert(at.partition, at.offset);
+            return Ok(false);
+        }
+        tracing::error!(
+            module,
+            partition = at.partition,
+            checkpoint_next = next,
+            topic_end = end,
+            "the command topic ends before the offset the module's checkpoint says was handled: it was deleted and created again (or truncated); its commands are handled from here"
+        );
+        self.env.metrics.agent(module, "topic_replaced");
+        k.checkpoint.next.remove(&at.partition);
+        k.journalled.remove(&at.partition);
+        k.behind.remove(&at.partition);
+        Ok(true)
+    }
+
     /// Kafka bus: takes the module's state from Kafka (at start and whenever the
     /// consumer is assigned partitions): the checkpoint, the applied nonces (writing
     /// again the record a crash may have lost), and this node's ledger row of its
@@ -758,6 +805,7 @@ impl Agent {
         if let Some(k) = self.kafka.as_mut() {
             k.checkpoint = cp;
             k.written = written;
+            k.behind.clear();
         }
     }
 

@@ -248,6 +248,20 @@ impl KafkaState {
 
     /// Reads `m`'s state topic to its end: the latest checkpoint and the nonces
     /// remembered at `now`.
+    /// Where partition `partition` of the command topic ends now (its high
+    /// watermark: the offset its next command will get).
+    pub async fn command_topic_end(&self, partition: i32) -> Result<i64, BusError> {
+        let client = self.cfg.client();
+        let topic = self.cfg.topic.clone();
+        let wait = Duration::from_millis(self.cfg.message_timeout_ms.max(1000));
+        tokio::task::spawn_blocking(move || {
+            let c: BaseConsumer = client.create()?;
+            Ok(c.fetch_watermarks(&topic, partition, wait)?.1)
+        })
+        .await
+        .map_err(|e| BusError::Encode(format!("watermark reader: {e}")))?
+    }
+
     pub async fn load(&self, m: Module, now: u64) -> Result<Loaded, BusError> {
         let client = self.cfg.client();
         let topic = self.topic(m);
