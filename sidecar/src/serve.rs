@@ -293,29 +293,51 @@ pub async fn not_found(State(g): State<Gatekeeper>, req: Request) -> Response {
     refuse(&g, Code::NotFound, "the sidecar has no such route", req).await
 }
 
+/// How long a refused caller's body is waited for; its row is then written with
+/// what arrived in time (nothing, if the body did not end).
+const REFUSED_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Answers `req` with `code`, after its row (the route and up to
-/// [`REFUSED_BODY_BYTES`] of its body) is durable.
+/// [`REFUSED_BODY_BYTES`] of its body) is durable. The body is read and the row
+/// written on a task of its own, the read bounded by [`REFUSED_BODY_WAIT`]: a caller
+/// that hangs up mid-body, or trickles it, neither keeps its refusal out of the
+/// ledger nor holds the answer.
 async fn refuse(g: &Gatekeeper, code: Code, detail: &'static str, req: Request) -> Response {
-    let path = req.uri().path().to_owned();
-    let body = axum::body::to_bytes(req.into_body(), REFUSED_BODY_BYTES)
+    let g = g.clone();
+    let recorded = tokio::spawn(async move {
+        let path = req.uri().path().to_owned();
+        let body = tokio::time::timeout(
+            REFUSED_BODY_WAIT,
+            axum::body::to_bytes(req.into_body(), REFUSED_BODY_BYTES),
+        )
         .await
+        .ok()
+        .and_then(Result::ok)
         .unwrap_or_default();
-    g.metrics.decision(code.as_str());
-    let recorded = g
-        .auditor
-        .record(Entry {
-            stage: Stage::Sidecar,
-            decision: Decision::Rejected,
-            code: Some(code),
-            body: &body,
-            command: None,
-            requester: None,
-            route: gw_core::contract::truncate_utf8(
-                &path,
-                gw_core::contract::MAX_REPORT_PATH_BYTES,
-            ),
-        })
-        .await;
+        g.metrics.decision(code.as_str());
+        g.auditor
+            .record(Entry {
+                stage: Stage::Sidecar,
+                decision: Decision::Rejected,
+                code: Some(code),
+                body: &body,
+                command: None,
+                requester: None,
+                route: gw_core::contract::truncate_utf8(
+                    &path,
+                    gw_core::contract::MAX_REPORT_PATH_BYTES,
+                ),
+            })
+            .await
+    })
+    .await;
+    let recorded = match recorded {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError::with(Code::Unavailable, format!("refusal not recorded: {e}"))
+                .into_response()
+        }
+    };
     match recorded {
         Ok(_) => ApiError::new(code, detail).into_response(),
         Err(e) => ApiError::from(e).into_response(),

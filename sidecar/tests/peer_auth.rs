@@ -3,11 +3,14 @@
 //! same CA gets 403 — on every route, whatever `x-gw-*` headers it sends — and each
 //! refusal is a ledger row that claims nothing about the edge.
 
+use std::sync::Arc;
+
 use gw_core::Action;
 use gw_sidecar::config::Config;
 use serde_json::{json, Value};
 use testkit::clickhouse::ClickHouse;
 use testkit::fixtures::signed_command;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
 use common::now;
@@ -28,6 +31,32 @@ fn call(
         let r = r.body(body).send().await.unwrap();
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     })
+}
+
+/// A TLS connection to the sidecar without a client certificate (HTTP/1.1).
+async fn raw_tls(s: &common::Served) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(&s.certs.ca).unwrap();
+    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(s.base.trim_start_matches("https://"))
+        .await
+        .unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap()
 }
 
 #[test]
@@ -78,6 +107,31 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
             refused += 1;
         }
     }
+    // A caller without a certificate that sends part of a body and hangs up, and
+    // one that trickles its body and never ends it: each is refused and recorded
+    // all the same, the second answered within the body wait (2 s), not held.
+    s.rt.block_on(async {
+        let mut hung_up = raw_tls(&s).await;
+        hung_up
+            .write_all(b"POST /api/control/commands HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100000\r\n\r\nabc")
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        drop(hung_up);
+        let mut trickle = raw_tls(&s).await;
+        trickle
+            .write_all(b"POST /api/rpc HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100000\r\n\r\n{")
+            .await
+            .unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), trickle.read(&mut answer))
+            .await
+            .expect("a trickled body held the refusal's answer")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    });
+    refused += 2;
     // Health needs no certificate.
     let (ok, _) = call(&s, &anonymous, "GET", "/healthz", &[], Vec::new());
     assert_eq!(ok, 200);
