@@ -210,6 +210,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .into_iter()
         .collect();
     let auditor = Auditor::new(ledger.enabled().then(|| journal.clone()));
+    realtime.set_auditor(auditor.clone());
 
     let mut keyring = cfg.keyring;
     // Admission and the agents check each command's signature; in one process the

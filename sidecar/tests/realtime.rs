@@ -215,6 +215,15 @@ fn committed_decisions_and_states_stream_to_bounded_clients() {
                 .is_some_and(|a| !a.is_empty()),
             "{refusals}"
         );
+        // The refused upgrades have their rows too.
+        for code in ["jwt_missing", "forbidden_role", "unavailable"] {
+            assert!(
+                refusals["by_code"].as_array().is_some_and(|a| a
+                    .iter()
+                    .any(|c| c["code"] == code && c["stage"] == "sidecar" && c["count"] == 1)),
+                "{code}: {refusals}"
+            );
+        }
         let (status, one) = get("/api/ledger/history?limit=1").await;
         assert_eq!(
             (status, one.as_array().map(Vec::len)),

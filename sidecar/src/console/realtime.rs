@@ -24,7 +24,8 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use gw_core::contract::EdgeIdentity;
+use gw_core::contract::{EdgeIdentity, Requester};
+use gw_core::ledger::{Decision, Stage};
 use gw_core::Code;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -39,6 +40,7 @@ use crate::config::OutOfBounds;
 use crate::control::modules::ModuleTable;
 use crate::error::ApiError;
 use crate::journal::{Entry, Lsn, Sink, Txn};
+use crate::ledger::{Auditor, Entry as AuditEntry};
 
 /// The subprotocol the stream speaks (the page offers it; the sidecar selects it).
 pub const SUBPROTOCOL: &str = "gw.realtime.v1";
@@ -166,6 +168,8 @@ pub struct Hub {
     per_sub: parking_lot::Mutex<std::collections::HashMap<String, usize>>,
     cfg: RealtimeConfig,
     modules: OnceLock<ModuleTable>,
+    /// Where refused upgrades are recorded.
+    auditor: OnceLock<Auditor>,
     node_id: String,
     metrics: Metrics,
     closing: tokio::sync::watch::Sender<bool>,
@@ -200,6 +204,7 @@ impl Hub {
             per_sub: parking_lot::Mutex::new(std::collections::HashMap::new()),
             cfg,
             modules: OnceLock::new(),
+            auditor: OnceLock::new(),
             node_id,
             metrics,
             closing: tokio::sync::watch::Sender::new(false),
@@ -210,6 +215,33 @@ impl Hub {
     /// started, after the journal this hub listens to).
     pub fn set_modules(&self, modules: ModuleTable) {
         let _ = self.modules.set(modules);
+    }
+
+    /// Gives the hub the ledger its refusals are recorded in.
+    pub fn set_auditor(&self, auditor: Auditor) {
+        let _ = self.auditor.set(auditor);
+    }
+
+    /// Answers a refused upgrade with `e` once its ledger row (the route, and who
+    /// asked as the edge said) is durable, as every refusal of the sidecar.
+    async fn refuse(&self, e: ApiError, requester: Option<&Requester>) -> Response {
+        if let Some(a) = self.auditor.get() {
+            let recorded = a
+                .record(AuditEntry {
+                    stage: Stage::Sidecar,
+                    decision: Decision::Rejected,
+                    code: Some(e.code()),
+                    body: &[],
+                    command: None,
+                    requester,
+                    route: PATH,
+                })
+                .await;
+            if let Err(err) = recorded {
+                return ApiError::from(err).into_response();
+            }
+        }
+        e.into_response()
     }
 
     /// Closes every stream with 1001 (the sidecar is stopping: its graceful
@@ -226,7 +258,7 @@ impl Hub {
     /// `GET /api/realtime` (and HTTP/2's `CONNECT`).
     pub fn router(self: &Arc<Self>) -> axum::Router {
         axum::Router::new()
-            .route("/api/realtime", axum::routing::any(upgrade))
+            .route(PATH, axum::routing::any(upgrade))
             .with_state(self.clone())
     }
 
@@ -366,6 +398,9 @@ fn accept_key(key: &[u8]) -> String {
 /// and its close).
 const MAX_CLIENT_MESSAGE: usize = 1024;
 
+/// The stream's route.
+const PATH: &str = "/api/realtime";
+
 async fn upgrade(
     State(hub): State<Arc<Hub>>,
     head: HeaderMap,
@@ -374,32 +409,31 @@ async fn upgrade(
     // The edge verified the token; check that it said so and what it allows.
     let Some(who) = EdgeIdentity::from_headers(|k| head.get(k).and_then(|v| v.to_str().ok()))
     else {
-        return ApiError::new(
+        let e = ApiError::new(
             Code::JwtMissing,
             "the stream needs a token verified by the edge",
-        )
-        .into_response();
+        );
+        return hub.refuse(e, None).await;
     };
     let roles: Vec<&str> = who.requester.roles.split(',').map(str::trim).collect();
     if !gw_core::roles::satisfies(&roles, ROLE) {
-        return ApiError::with(
+        let e = ApiError::with(
             Code::ForbiddenRole,
             format!("the stream needs role `{ROLE}`"),
-        )
-        .into_response();
+        );
+        return hub.refuse(e, Some(&who.requester)).await;
     }
     let ws = match ws {
         Ok(ws) => ws,
         Err(e) => {
-            return ApiError::with(
+            let e = ApiError::with(
                 Code::Malformed,
                 format!("not a WebSocket upgrade: {}", e.body_text()),
-            )
-            .into_response()
+            );
+            return hub.refuse(e, Some(&who.requester)).await;
         }
     };
-    let sub = who.requester.sub;
-    let place = match Place::take(&hub, &sub) {
+    let place = match Place::take(&hub, &who.requester.sub) {
         Ok(p) => p,
         Err(reason) => {
             hub.closed(reason);
@@ -414,9 +448,11 @@ async fn upgrade(
                     hub.cfg.max_per_sub
                 )
             };
-            return ApiError::with(Code::Unavailable, detail).into_response();
+            let e = ApiError::with(Code::Unavailable, detail);
+            return hub.refuse(e, Some(&who.requester)).await;
         }
     };
+    let sub = who.requester.sub;
     let mut resp = ws
         .protocols([SUBPROTOCOL])
         .max_message_size(MAX_CLIENT_MESSAGE)
