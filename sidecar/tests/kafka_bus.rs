@@ -537,53 +537,94 @@ fn a_decision_the_checkpoint_has_and_the_journal_lost_is_written_at_start() {
 /// each would have been "already handled" and never applied.
 #[test]
 fn a_command_topic_created_again_under_the_checkpoint_is_detected_and_its_commands_applied() {
-    use gw_sidecar::control::kafka_state::{Checkpoint, KafkaState, StoredNonce};
+    recreated_topic("kafka-recreated", 50, &[7], &[("req-7", "duplicate")]);
+}
 
-    let d = testkit::TempDir::new("kafka-recreated");
+/// The same when the new topic already reaches past the checkpoint's offsets: the
+/// record at the offset of the checkpoint's last decision is another command than
+/// the one decided there.
+#[test]
+fn a_command_topic_created_again_and_longer_than_the_old_is_detected_too() {
+    recreated_topic(
+        "kafka-recreated-longer",
+        2,
+        &[7, 10, 11],
+        &[
+            ("req-7", "duplicate"),
+            ("req-10", "applied"),
+            ("req-11", "applied"),
+        ],
+    );
+}
+
+/// A checkpoint of module mev that says the old topic was handled up to offset
+/// `next` (the last decision there, at `next - 1`, being nonce 9; nonce 7 applied
+/// before it), a new topic holding the commands `nonces` (start, in order), then a
+/// throttle command sent through the sidecar: the agent's rows are `want` and then
+/// the throttle's `applied`.
+fn recreated_topic(name: &str, next: i64, nonces: &[u64], want: &[(&str, &str)]) {
+    use gw_sidecar::control::bus::Position;
+    use gw_sidecar::control::kafka_state::{Checkpoint, KafkaState, LastDecision, StoredNonce};
+
+    let d = testkit::TempDir::new(name);
     let kafka = Kafka::start(d.path());
     let ch = ClickHouse::start(d.path());
     let cfg = config(d.path(), &kafka, &ch);
     let node = cfg.file.node_id.clone();
     let k = cfg.file.kafka.clone().unwrap();
-    let old = signed_command(7, Action::Start, now(), "dashboard", &[]);
     let mut state = gw_core::module_state::ModuleState::default();
     state.apply(
         Action::Start,
         &gw_core::args::CommandArgs::default(),
-        "req-7",
+        "req-9",
     );
-    // The module's state in Kafka after 50 commands on the old topic, the last of
-    // them nonce 7.
     let cp = Checkpoint {
         state,
-        next: [(0, 50)].into_iter().collect(),
-        recent: [StoredNonce {
-            issuer: "dashboard".into(),
-            nonce: 7,
-            expires: now() + 600,
-            chain: node.clone(),
-        }]
+        next: [(0, next)].into_iter().collect(),
+        recent: [7, 9]
+            .map(|nonce| StoredNonce {
+                issuer: "dashboard".into(),
+                nonce,
+                expires: now() + 600,
+                chain: node.clone(),
+            })
+            .into_iter()
+            .collect(),
+        last: [(
+            node.clone(),
+            LastDecision {
+                position: Position {
+                    partition: 0,
+                    offset: next - 1,
+                },
+                outcome: "applied".into(),
+                code: None,
+                payload: signed_command(9, Action::Start, now(), "dashboard", &[]),
+                requester: gw_core::contract::Requester::default(),
+            },
+        )]
         .into_iter()
         .collect(),
-        last: BTreeMap::new(),
         writer: node.clone(),
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store = KafkaState::new(&k).unwrap();
     rt.block_on(async {
-        // The new topic holds nonce 7 again (a producer that resent it) at offset 0.
         create_topic(&k, TOPIC).await;
         let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
-        let sent = p
-            .send(
-                rdkafka::producer::FutureRecord::to(TOPIC)
-                    .key("mev")
-                    .payload(&old),
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-        assert_eq!(sent.offset, 0);
+        for (i, n) in nonces.iter().enumerate() {
+            let c = signed_command(*n, Action::Start, now(), "dashboard", &[]);
+            let sent = p
+                .send(
+                    rdkafka::producer::FutureRecord::to(TOPIC)
+                        .key("mev")
+                        .payload(&c),
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
+            assert_eq!(sent.offset, i as i64);
+        }
         store.prepare().await.unwrap();
         store.save(Module::Mev, &cp).await.unwrap();
     });
@@ -592,7 +633,7 @@ fn a_command_topic_created_again_under_the_checkpoint_is_detected_and_its_comman
     let (status, body) = post(
         &s,
         signed_command(
-            8,
+            20,
             Action::Throttle,
             now(),
             "dashboard",
@@ -615,17 +656,23 @@ fn a_command_topic_created_again_under_the_checkpoint_is_detected_and_its_comman
         metrics.contains("gw_sidecar_agent_total{module=\"mev\",outcome=\"topic_replaced\"} 1"),
         "{metrics}"
     );
-    let rows = ledger_rows(&ch, 3);
+    let rows = ledger_rows(&ch, want.len() + 3);
     assert_eq!(verify_chain(&rows), Ok(rows.len() as u64));
     let agent: Vec<_> = summary(&rows)
         .into_iter()
         .filter(|r| r.0 == "agent")
         .collect();
-    assert_eq!(
-        agent,
-        vec![
-            row("agent", "duplicate", "replay", "req-7"),
-            row("agent", "applied", "", "req-8"),
-        ]
-    );
+    // First the row of the checkpoint's last decision, which this node's (new)
+    // journal lacks (written again at start).
+    let mut expected = vec![row("agent", "applied", "", "req-9")];
+    expected.extend(want.iter().map(|(id, decision)| {
+        let code = if *decision == "duplicate" {
+            "replay"
+        } else {
+            ""
+        };
+        row("agent", decision, code, id)
+    }));
+    expected.push(row("agent", "applied", "", "req-20"));
+    assert_eq!(agent, expected);
 }

@@ -706,12 +706,14 @@ impl Agent {
     /// a delivery at `at`, before the checkpoint's `next` offset of its partition,
     /// is about to be taken as already handled. Offsets are no identity: a topic
     /// deleted and created again starts at 0, and its commands would all be taken
-    /// as handled — never applied. Its end is read on the first such delivery
-    /// after the checkpoint is loaded and whenever the consumer went back: a topic
-    /// that ends before `next` is not the one the checkpoint was written for. Its
-    /// commands are then handled from here (an old one comes out a `duplicate` or
-    /// `stale`, by the applied nonces Kafka keeps). Not detected: a new topic that
-    /// already holds more commands than the old one had handled.
+    /// as handled — never applied. On the first such delivery after the checkpoint
+    /// is loaded, and whenever the consumer went back, the partition is read: a
+    /// topic that ends before `next`, or holds another command at the offset of the
+    /// checkpoint's newest decision than the one decided there, is not the topic
+    /// the checkpoint was written for. Its commands are then handled from here (an
+    /// old one comes out a `duplicate` or `stale`, by the applied nonces Kafka
+    /// keeps). Not detected: a new topic whose record at that offset is the same
+    /// command (it would have to be sent again to land at the same offset).
     async fn topic_replaced(&mut self, at: Position, next: i64) -> Result<bool, RetryLater> {
         let module = self.core.module.as_str();
         let Some(k) = self.kafka.as_mut() else {
@@ -721,17 +723,32 @@ impl Agent {
             k.behind.insert(at.partition, at.offset);
             return Ok(false);
         }
-        let end = k.store.command_topic_end(at.partition).await?;
-        if end >= next {
-            k.behind.insert(at.partition, at.offset);
-            return Ok(false);
-        }
+        let decided = k
+            .checkpoint
+            .last
+            .values()
+            .filter(|l| l.position.partition == at.partition && l.position.offset < next)
+            .max_by_key(|l| l.position.offset)
+            .map(|l| (l.position.offset, l.payload.clone()));
+        let (end, found) = k
+            .store
+            .probe_command_topic(at.partition, decided.as_ref().map(|d| d.0))
+            .await?;
+        let why = match (decided, found) {
+            _ if end < next => format!("it ends at offset {end}"),
+            (Some((o, want)), Some(got)) if got != want => {
+                format!("offset {o} holds another command than the one decided there")
+            }
+            _ => {
+                k.behind.insert(at.partition, at.offset);
+                return Ok(false);
+            }
+        };
         tracing::error!(
             module,
             partition = at.partition,
             checkpoint_next = next,
-            topic_end = end,
-            "the command topic ends before the offset the module's checkpoint says was handled: it was deleted and created again (or truncated); its commands are handled from here"
+            "the command topic is not the one the module's checkpoint was written for ({why}): it was deleted and created again; its commands are handled from here"
         );
         self.env.metrics.agent(module, "topic_replaced");
         k.checkpoint.next.remove(&at.partition);

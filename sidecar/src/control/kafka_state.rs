@@ -248,18 +248,20 @@ impl KafkaState {
 
     /// Reads `m`'s state topic to its end: the latest checkpoint and the nonces
     /// remembered at `now`.
-    /// Where partition `partition` of the command topic ends now (its high
-    /// watermark: the offset its next command will get).
-    pub async fn command_topic_end(&self, partition: i32) -> Result<i64, BusError> {
+    /// Partition `partition` of the command topic as it is now: where it ends (its
+    /// high watermark: the offset its next command will get) and, when `at` is
+    /// given and the partition still holds that offset, the payload there.
+    pub async fn probe_command_topic(
+        &self,
+        partition: i32,
+        at: Option<i64>,
+    ) -> Result<(i64, Option<Vec<u8>>), BusError> {
         let client = self.cfg.client();
         let topic = self.cfg.topic.clone();
         let wait = Duration::from_millis(self.cfg.message_timeout_ms.max(1000));
-        tokio::task::spawn_blocking(move || {
-            let c: BaseConsumer = client.create()?;
-            Ok(c.fetch_watermarks(&topic, partition, wait)?.1)
-        })
-        .await
-        .map_err(|e| BusError::Encode(format!("watermark reader: {e}")))?
+        tokio::task::spawn_blocking(move || probe(client, &topic, partition, at, wait))
+            .await
+            .map_err(|e| BusError::Encode(format!("command topic probe: {e}")))?
     }
 
     pub async fn load(&self, m: Module, now: u64) -> Result<Loaded, BusError> {
@@ -328,6 +330,45 @@ fn read_all(
             None => {}
         }
     }
+}
+
+/// See [`KafkaState::probe_command_topic`].
+fn probe(
+    mut client: ClientConfig,
+    topic: &str,
+    partition: i32,
+    at: Option<i64>,
+    wait: Duration,
+) -> Result<(i64, Option<Vec<u8>>), BusError> {
+    let c: BaseConsumer = client
+        .set("group.id", "gw-agent-topic-probe")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let (low, high) = c.fetch_watermarks(topic, partition, wait)?;
+    let Some(at) = at.filter(|o| (low..high).contains(o)) else {
+        return Ok((high, None));
+    };
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(at))?;
+    c.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < deadline {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) if m.offset() == at => {
+                return Ok((high, Some(m.payload().unwrap_or_default().to_vec())))
+            }
+            // Before it (a compacted or transactional log skips offsets): read on.
+            Some(Ok(m)) if m.offset() < at => {}
+            // Past it: the offset holds no record.
+            Some(Ok(_)) => return Ok((high, None)),
+            Some(Err(e)) => return Err(e.into()),
+            None => {}
+        }
+    }
+    Err(BusError::Encode(format!(
+        "reading {topic}/{partition}: nothing at offset {at} within {wait:?}"
+    )))
 }
 
 /// The latest value of every key, read as a checkpoint and nonces. A checkpoint
