@@ -425,8 +425,7 @@ fn a_consumer_resumes_inside_what_the_bus_produced() {
 /// writes nothing again.
 #[test]
 fn a_decision_the_checkpoint_has_and_the_journal_lost_is_written_at_start() {
-    use gw_sidecar::control::bus::Position;
-    use gw_sidecar::control::kafka_state::{Checkpoint, KafkaState, LastDecision, StoredNonce};
+    use gw_sidecar::control::kafka_state::{KafkaState, StoredNonce};
 
     let d = testkit::TempDir::new("kafka-reconcile");
     let kafka = Kafka::start(d.path());
@@ -435,59 +434,18 @@ fn a_decision_the_checkpoint_has_and_the_journal_lost_is_written_at_start() {
     let node = cfg.file.node_id.clone();
     let k = cfg.file.kafka.clone().unwrap();
     let kill = signed_command(7, Action::Kill, now(), "dashboard", &[]);
-    let mut state = gw_core::module_state::ModuleState::default();
-    state.apply(
-        Action::Kill,
-        &gw_core::args::CommandArgs::default(),
-        "req-7",
-    );
     let nonce = StoredNonce {
         issuer: "dashboard".into(),
         nonce: 7,
         expires: now() + 600,
         chain: node.clone(),
     };
-    let cp = Checkpoint {
-        state: state.clone(),
-        next: [(0, 1)].into_iter().collect(),
-        recent: [nonce.clone()].into_iter().collect(),
-        last: [(
-            node.clone(),
-            LastDecision {
-                position: Position {
-                    partition: 0,
-                    offset: 0,
-                },
-                outcome: "applied".into(),
-                code: None,
-                payload: kill.clone(),
-                requester: gw_core::contract::Requester::default(),
-            },
-        )]
-        .into_iter()
-        .collect(),
-        writer: node.clone(),
-    };
+    let cp = checkpoint_after(&node, Action::Kill, 7, kill.clone(), &[7], 1);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store = KafkaState::new(&k).unwrap();
-    rt.block_on(async {
-        // The command was on the topic (offset 0) and its agent had written the
-        // checkpoint when the node died.
-        create_topic(&k, TOPIC).await;
-        let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
-        let sent = p
-            .send(
-                rdkafka::producer::FutureRecord::to(TOPIC)
-                    .key("mev")
-                    .payload(&kill),
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-        assert_eq!(sent.offset, 0);
-        store.prepare().await.unwrap();
-        store.save(Module::Mev, &cp).await.unwrap();
-    });
+    // The command was on the topic (offset 0) and its agent had written the
+    // checkpoint when the node died.
+    rt.block_on(seed(&k, &store, std::slice::from_ref(&kill), &cp));
 
     let s = common::serve(config(d.path(), &kafka, &ch));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -563,8 +521,7 @@ fn a_command_topic_created_again_and_longer_than_the_old_is_detected_too() {
 /// throttle command sent through the sidecar: the agent's rows are `want` and then
 /// the throttle's `applied`.
 fn recreated_topic(name: &str, next: i64, nonces: &[u64], want: &[(&str, &str)]) {
-    use gw_sidecar::control::bus::Position;
-    use gw_sidecar::control::kafka_state::{Checkpoint, KafkaState, LastDecision, StoredNonce};
+    use gw_sidecar::control::kafka_state::KafkaState;
 
     let d = testkit::TempDir::new(name);
     let kafka = Kafka::start(d.path());
@@ -572,62 +529,15 @@ fn recreated_topic(name: &str, next: i64, nonces: &[u64], want: &[(&str, &str)])
     let cfg = config(d.path(), &kafka, &ch);
     let node = cfg.file.node_id.clone();
     let k = cfg.file.kafka.clone().unwrap();
-    let mut state = gw_core::module_state::ModuleState::default();
-    state.apply(
-        Action::Start,
-        &gw_core::args::CommandArgs::default(),
-        "req-9",
-    );
-    let cp = Checkpoint {
-        state,
-        next: [(0, next)].into_iter().collect(),
-        recent: [7, 9]
-            .map(|nonce| StoredNonce {
-                issuer: "dashboard".into(),
-                nonce,
-                expires: now() + 600,
-                chain: node.clone(),
-            })
-            .into_iter()
-            .collect(),
-        last: [(
-            node.clone(),
-            LastDecision {
-                position: Position {
-                    partition: 0,
-                    offset: next - 1,
-                },
-                outcome: "applied".into(),
-                code: None,
-                payload: signed_command(9, Action::Start, now(), "dashboard", &[]),
-                requester: gw_core::contract::Requester::default(),
-            },
-        )]
-        .into_iter()
-        .collect(),
-        writer: node.clone(),
-    };
+    let last = signed_command(9, Action::Start, now(), "dashboard", &[]);
+    let cp = checkpoint_after(&node, Action::Start, 9, last, &[7, 9], next);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store = KafkaState::new(&k).unwrap();
-    rt.block_on(async {
-        create_topic(&k, TOPIC).await;
-        let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
-        for (i, n) in nonces.iter().enumerate() {
-            let c = signed_command(*n, Action::Start, now(), "dashboard", &[]);
-            let sent = p
-                .send(
-                    rdkafka::producer::FutureRecord::to(TOPIC)
-                        .key("mev")
-                        .payload(&c),
-                    Duration::from_secs(5),
-                )
-                .await
-                .unwrap();
-            assert_eq!(sent.offset, i as i64);
-        }
-        store.prepare().await.unwrap();
-        store.save(Module::Mev, &cp).await.unwrap();
-    });
+    let commands: Vec<Vec<u8>> = nonces
+        .iter()
+        .map(|n| signed_command(*n, Action::Start, now(), "dashboard", &[]))
+        .collect();
+    rt.block_on(seed(&k, &store, &commands, &cp));
 
     let s = common::serve(config(d.path(), &kafka, &ch));
     let (status, body) = post(
@@ -675,4 +585,80 @@ fn recreated_topic(name: &str, next: i64, nonces: &[u64], want: &[(&str, &str)])
     }));
     expected.push(row("agent", "applied", "", "req-20"));
     assert_eq!(agent, expected);
+}
+
+/// Creates the command topic holding module mev's `commands` (offsets 0, 1, ...)
+/// and the state topics holding `cp`, before any sidecar starts.
+async fn seed(
+    k: &gw_sidecar::control::bus::KafkaConfig,
+    store: &gw_sidecar::control::kafka_state::KafkaState,
+    commands: &[Vec<u8>],
+    cp: &gw_sidecar::control::kafka_state::Checkpoint,
+) {
+    create_topic(k, TOPIC).await;
+    let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
+    for (i, c) in commands.iter().enumerate() {
+        let sent = p
+            .send(
+                rdkafka::producer::FutureRecord::to(TOPIC)
+                    .key("mev")
+                    .payload(c),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(sent.offset, i as i64);
+    }
+    store.prepare().await.unwrap();
+    store.save(Module::Mev, cp).await.unwrap();
+}
+
+/// Module mev's checkpoint once `node` decided `action` (the command `last`, nonce
+/// `last_nonce`) at offset `next - 1`, with the nonces `applied` remembered.
+fn checkpoint_after(
+    node: &str,
+    action: Action,
+    last_nonce: u64,
+    last: Vec<u8>,
+    applied: &[u64],
+    next: i64,
+) -> gw_sidecar::control::kafka_state::Checkpoint {
+    use gw_sidecar::control::bus::Position;
+    use gw_sidecar::control::kafka_state::{Checkpoint, LastDecision, StoredNonce};
+
+    let mut state = gw_core::module_state::ModuleState::default();
+    state.apply(
+        action,
+        &gw_core::args::CommandArgs::default(),
+        &format!("req-{last_nonce}"),
+    );
+    Checkpoint {
+        state,
+        next: [(0, next)].into_iter().collect(),
+        recent: applied
+            .iter()
+            .map(|nonce| StoredNonce {
+                issuer: "dashboard".into(),
+                nonce: *nonce,
+                expires: now() + 600,
+                chain: node.to_owned(),
+            })
+            .collect(),
+        last: [(
+            node.to_owned(),
+            LastDecision {
+                position: Position {
+                    partition: 0,
+                    offset: next - 1,
+                },
+                outcome: "applied".into(),
+                code: None,
+                payload: last,
+                requester: gw_core::contract::Requester::default(),
+            },
+        )]
+        .into_iter()
+        .collect(),
+        writer: node.to_owned(),
+    }
 }
