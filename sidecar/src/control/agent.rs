@@ -278,6 +278,9 @@ struct KafkaSide {
     /// checkpoint was loaded, once the topic's end was found past the checkpoint's
     /// offsets ([`Agent::topic_replaced`]).
     behind: BTreeMap<i32, i64>,
+    /// Partitions found replaced ([`Agent::topic_replaced`]) whose `journalled`
+    /// offset is still the old topic's.
+    replaced: BTreeSet<i32>,
 }
 
 /// One module's agent: the core and its effects.
@@ -405,6 +408,7 @@ impl Agent {
                 journalled,
                 journalled_lsn,
                 behind: BTreeMap::new(),
+                replaced: BTreeSet::new(),
             }),
         };
         agent.release(now);
@@ -473,11 +477,13 @@ impl Agent {
             self.next_offset = Some(u64::try_from(last.position.offset).unwrap_or(0) + 1);
         }
         if let Some(k) = &mut self.kafka {
-            let o = k
-                .journalled
-                .entry(last.position.partition)
-                .or_insert(last.position.offset);
-            *o = (*o).max(last.position.offset);
+            let p = last.position.partition;
+            let o = k.journalled.entry(p).or_insert(last.position.offset);
+            *o = if k.replaced.remove(&p) {
+                last.position.offset
+            } else {
+                (*o).max(last.position.offset)
+            };
             k.journalled_lsn = Some(c.lsn);
             self.release(crate::now_secs());
         }
@@ -516,10 +522,18 @@ impl Agent {
                     .copied()
                     .filter(|next| d.position.offset < *next)
             });
-            if let Some(next) = handled_up_to {
-                if !self.topic_replaced(d.position, next).await? {
-                    decided.push(Decided::Done(Handled::Seen));
-                    continue;
+            match handled_up_to {
+                Some(next) => {
+                    if !self.topic_replaced(d.position, next).await? {
+                        decided.push(Decided::Done(Handled::Seen));
+                        continue;
+                    }
+                }
+                // Caught up: a later step back is checked again.
+                None => {
+                    if let Some(k) = self.kafka.as_mut() {
+                        k.behind.remove(&d.position.partition);
+                    }
                 }
             }
             let step = self.core.decide_after(&state, &pending, d, now);
@@ -710,9 +724,10 @@ impl Agent {
     /// is loaded, and whenever the consumer went back, the partition is read: a
     /// topic that ends before `next`, or holds another command at the offset of the
     /// checkpoint's newest decision than the one decided there, is not the topic
-    /// the checkpoint was written for. Its commands are then handled from here (an
-    /// old one comes out a `duplicate` or `stale`, by the applied nonces Kafka
-    /// keeps). Not detected: a new topic whose record at that offset is the same
+    /// the checkpoint was written for. Its commands are then handled from here: an
+    /// old one whose nonce is still remembered (Kafka keeps the applied nonces)
+    /// comes out a `duplicate`; agents do not judge freshness, so one older than
+    /// that would be applied again. Not detected: a new topic whose record at that offset is the same
     /// command (it would have to be sent again to land at the same offset).
     async fn topic_replaced(&mut self, at: Position, next: i64) -> Result<bool, RetryLater> {
         let module = self.core.module.as_str();
@@ -752,7 +767,10 @@ impl Agent {
         );
         self.env.metrics.agent(module, "topic_replaced");
         k.checkpoint.next.remove(&at.partition);
-        k.journalled.remove(&at.partition);
+        // `journalled` keeps the old topic's offset until this partition's next
+        // decision replaces it (not the larger of the two): a reload meanwhile
+        // still knows the checkpoint's last decision is in the journal.
+        k.replaced.insert(at.partition);
         k.behind.remove(&at.partition);
         Ok(true)
     }

@@ -462,8 +462,10 @@ impl Control {
                 // its agent below does not take the refusal's row with it.
                 let e = self.refuse(r, body, requester, &path).await;
                 let status = match &resent {
-                    Some(c) => self.resend_status(c, body, req.now).await,
-                    None => None,
+                    Some(c) if e.code() == Code::Replay => {
+                        self.resend_status(c, body, req.now).await
+                    }
+                    _ => None,
                 };
                 return Err(match status {
                     Some(fields) if e.code() == Code::Replay => e.with_fields(fields),
