@@ -69,7 +69,10 @@ pub struct ControlConfig {
 struct CheckpointWatch {
     module: Module,
     me: String,
-    last: BTreeMap<String, Position>,
+    /// Per other node, its last decision announced here: where, and a digest of
+    /// the command (a command topic created again puts other commands at offsets
+    /// seen before).
+    last: BTreeMap<String, (Position, gw_core::replay::Digest)>,
     modules: ModuleTable,
     replay: SharedReplay,
     acks: broadcast::Sender<Ack>,
@@ -86,10 +89,11 @@ impl CheckpointWatch {
         let Some(d) = cp.last.get(&cp.writer) else {
             return;
         };
-        if self.last.get(&cp.writer) == Some(&d.position) {
+        let digest = gw_core::replay::digest(&d.payload);
+        if self.last.get(&cp.writer) == Some(&(d.position, digest)) {
             return;
         }
-        self.last.insert(cp.writer.clone(), d.position);
+        self.last.insert(cp.writer.clone(), (d.position, digest));
         let Ok(c) = <Command as prost::Message>::decode(d.payload.as_slice()) else {
             return;
         };
@@ -119,7 +123,7 @@ impl CheckpointWatch {
             outcome,
             seq: 0,
             applied_by: Some(cp.writer),
-            digest: gw_core::replay::digest(&d.payload),
+            digest,
         });
     }
 }
@@ -800,4 +804,66 @@ async fn edge_decisions(
         c.metrics.decision("edge_reported");
     }
     Ok(Json(json!({"ok": true, "recorded": reports.len()})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::kafka_state::LastDecision;
+
+    fn checkpoint(writer: &str, offset: i64, nonce: u64) -> Checkpoint {
+        let c = Command {
+            issuer: "dashboard".into(),
+            nonce,
+            ..Command::default()
+        };
+        Checkpoint {
+            last: [(
+                writer.to_owned(),
+                LastDecision {
+                    position: Position {
+                        partition: 0,
+                        offset,
+                    },
+                    outcome: "applied".into(),
+                    code: None,
+                    payload: prost::Message::encode_to_vec(&c),
+                    requester: Requester::default(),
+                },
+            )]
+            .into_iter()
+            .collect(),
+            writer: writer.to_owned(),
+            ..Checkpoint::default()
+        }
+    }
+
+    /// Another node's checkpoint is announced once per decision: the same one read
+    /// again is not, another command at a position seen before (a command topic
+    /// created again) is.
+    #[test]
+    fn another_nodes_decisions_are_told_apart_by_command_not_only_by_position() {
+        let (acks, mut rx) = broadcast::channel(8);
+        let now = crate::now_secs();
+        let mut w = CheckpointWatch {
+            module: Module::Mev,
+            me: "node-1".into(),
+            last: BTreeMap::new(),
+            modules: ModuleTable::from(Modules::default()),
+            replay: Arc::new(Mutex::new(ReplayStore::open(
+                &[],
+                gw_core::replay::Limits::default(),
+                now,
+            ))),
+            acks,
+        };
+        w.seen(checkpoint("node-2", 5, 1));
+        w.seen(checkpoint("node-2", 5, 1));
+        w.seen(checkpoint("node-2", 5, 2));
+        w.seen(checkpoint("node-1", 6, 3)); // this node's own: announced by its agent
+        let nonces: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|a| a.nonce)
+            .collect();
+        assert_eq!(nonces, vec![1, 2]);
+    }
 }
