@@ -13,7 +13,6 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use gw_core::ledger::{Decision, Stage};
 use gw_core::Code;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -26,7 +25,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt as _;
 
 use crate::error::ApiError;
-use crate::ledger::{Auditor, Entry};
+use crate::ledger::Auditor;
 use crate::ops::metrics::ControlMetrics;
 
 /// `tls` in the sidecar's configuration: its certificate, and whom it trusts.
@@ -315,31 +314,15 @@ async fn refuse(g: &Gatekeeper, code: Code, detail: &'static str, req: Request) 
         .and_then(Result::ok)
         .unwrap_or_default();
         g.metrics.decision(code.as_str());
-        g.auditor
-            .record(Entry {
-                stage: Stage::Sidecar,
-                decision: Decision::Rejected,
-                code: Some(code),
-                body: &body,
-                command: None,
-                requester: None,
-                route: gw_core::contract::truncate_utf8(
-                    &path,
-                    gw_core::contract::MAX_REPORT_PATH_BYTES,
-                ),
-            })
-            .await
+        let route =
+            gw_core::contract::truncate_utf8(&path, gw_core::contract::MAX_REPORT_PATH_BYTES);
+        g.auditor.refusal(code, &body, None, route).await
     })
     .await;
-    let recorded = match recorded {
-        Ok(r) => r,
-        Err(e) => {
-            return ApiError::with(Code::Unavailable, format!("refusal not recorded: {e}"))
-                .into_response()
-        }
-    };
     match recorded {
-        Ok(_) => ApiError::new(code, detail).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
+        Ok(Ok(())) => ApiError::new(code, detail),
+        Ok(Err(e)) => ApiError::from(e),
+        Err(e) => ApiError::with(Code::Unavailable, format!("refusal not recorded: {e}")),
     }
+    .into_response()
 }

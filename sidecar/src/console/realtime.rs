@@ -25,7 +25,6 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use gw_core::contract::{EdgeIdentity, Requester};
-use gw_core::ledger::{Decision, Stage};
 use gw_core::Code;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -40,7 +39,7 @@ use crate::config::OutOfBounds;
 use crate::control::modules::ModuleTable;
 use crate::error::ApiError;
 use crate::journal::{Entry, Lsn, Sink, Txn};
-use crate::ledger::{Auditor, Entry as AuditEntry};
+use crate::ledger::Auditor;
 
 /// The subprotocol the stream speaks (the page offers it; the sidecar selects it).
 pub const SUBPROTOCOL: &str = "gw.realtime.v1";
@@ -226,18 +225,7 @@ impl Hub {
     /// asked as the edge said) is durable, as every refusal of the sidecar.
     async fn refuse(&self, e: ApiError, requester: Option<&Requester>) -> Response {
         if let Some(a) = self.auditor.get() {
-            let recorded = a
-                .record(AuditEntry {
-                    stage: Stage::Sidecar,
-                    decision: Decision::Rejected,
-                    code: Some(e.code()),
-                    body: &[],
-                    command: None,
-                    requester,
-                    route: PATH,
-                })
-                .await;
-            if let Err(err) = recorded {
+            if let Err(err) = a.refusal(e.code(), &[], requester, PATH).await {
                 return ApiError::from(err).into_response();
             }
         }

@@ -275,8 +275,8 @@ struct KafkaSide {
     /// The newest record that says so (held: a restart must still know it).
     journalled_lsn: Option<Lsn>,
     /// Per partition, the last delivery taken as already handled since the
-    /// checkpoint was loaded, once the topic's end was found past the checkpoint's
-    /// offsets ([`Agent::topic_replaced`]).
+    /// checkpoint was loaded, once the topic was found to be the checkpoint's
+    /// ([`Agent::topic_replaced`]); cleared when the agent catches up.
     behind: BTreeMap<i32, i64>,
     /// Partitions found replaced ([`Agent::topic_replaced`]) whose `journalled`
     /// offset is still the old topic's.
@@ -727,8 +727,8 @@ impl Agent {
     /// the checkpoint was written for. Its commands are then handled from here: an
     /// old one whose nonce is still remembered (Kafka keeps the applied nonces)
     /// comes out a `duplicate`; agents do not judge freshness, so one older than
-    /// that would be applied again. Not detected: a new topic whose record at that offset is the same
-    /// command (it would have to be sent again to land at the same offset).
+    /// that would be applied again. Not detected: a new topic whose record at that
+    /// offset is the same command (sent again, it landed at the same offset).
     async fn topic_replaced(&mut self, at: Position, next: i64) -> Result<bool, RetryLater> {
         let module = self.core.module.as_str();
         let Some(k) = self.kafka.as_mut() else {

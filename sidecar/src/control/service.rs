@@ -458,22 +458,20 @@ impl Control {
                 if let Some(c) = &r.command {
                     record_command(c);
                 }
-                let resent = match (&r.command, r.reject.code) {
-                    (Some(c), Code::Replay) => Some(c.clone()),
-                    _ => None,
-                };
+                let resent = r.command.clone().filter(|_| r.reject.code == Code::Replay);
                 // The row first: a client that hangs up while a resend waits for
                 // its agent below does not take the refusal's row with it.
                 let e = self.refuse(r, body, requester, &path).await;
                 let status = match &resent {
+                    // (Not when the row could not be written: that is the answer.)
                     Some(c) if e.code() == Code::Replay => {
                         self.resend_status(c, body, req.now).await
                     }
                     _ => None,
                 };
                 return Err(match status {
-                    Some(fields) if e.code() == Code::Replay => e.with_fields(fields),
-                    _ => e,
+                    Some(fields) => e.with_fields(fields),
+                    None => e,
                 });
             }
             Verdict::Admitted(a) => a,

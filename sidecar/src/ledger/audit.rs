@@ -76,6 +76,29 @@ impl Auditor {
             .await?;
         Ok(c.rows.into_iter().next())
     }
+
+    /// Records the sidecar's refusal with `code` of a request on `route` that
+    /// carried no command it decoded (a caller, a route, a stream): its row holds
+    /// `body` and who asked, as the edge said.
+    pub async fn refusal(
+        &self,
+        code: Code,
+        body: &[u8],
+        requester: Option<&Requester>,
+        route: &str,
+    ) -> Result<(), AuditError> {
+        self.record(Entry {
+            stage: Stage::Sidecar,
+            decision: Decision::Rejected,
+            code: Some(code),
+            body,
+            command: None,
+            requester,
+            route,
+        })
+        .await
+        .map(drop)
+    }
 }
 
 /// The unsealed row of an entry (`seq` and hashes are set by the chain).
