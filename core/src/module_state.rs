@@ -235,6 +235,18 @@ impl Throttle {
         }
         true
     }
+
+    /// Gives back what an [`admit`](Throttle::admit) that answered `true` took,
+    /// with the same `pct` and `max_per_sec`, for a send that did not go after all
+    /// (its preflight failed, its client went away): as if it had never been asked.
+    pub fn refund(&mut self, pct: u8, max_per_sec: u32) {
+        let share = f64::from(pct.min(100)) / 100.0;
+        self.credit += 1.0 - share;
+        if max_per_sec > 0 {
+            let rate = f64::from(max_per_sec) * share;
+            self.tokens = (self.tokens + 1.0).min(rate.max(1.0));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -365,5 +377,39 @@ mod tests {
             .filter(|i| t.admit(50, 1000, t0 + Duration::from_micros(i * 100)))
             .count();
         assert!((495..=505).contains(&sent), "{sent}");
+    }
+
+    #[test]
+    fn a_refunded_send_leaves_the_throttle_as_if_never_asked() {
+        let now = Instant::now();
+        for pct in [25u8, 50, 73] {
+            // Every third admitted send is refunded (it did not go): of the asks
+            // not refunded, still exactly `pct` % went.
+            let (mut t, mut asked, mut went, mut refunded) = (Throttle::default(), 0, 0, 0);
+            while went < 500 {
+                asked += 1;
+                if t.admit(pct, 0, now) {
+                    if (went + refunded) % 3 == 2 {
+                        t.refund(pct, 0);
+                        refunded += 1;
+                    } else {
+                        went += 1;
+                    }
+                }
+            }
+            let want = (asked - refunded) * usize::from(pct) / 100;
+            assert!(
+                went.abs_diff(want) <= 1,
+                "pct {pct}: {went} of {}",
+                asked - refunded
+            );
+        }
+        // The rate cap's token comes back too (1 000/s: one token at a time).
+        let mut t = Throttle::default();
+        assert!(t.admit(100, 1000, now));
+        assert!(!t.admit(100, 1000, now));
+        t.refund(100, 1000);
+        assert!(t.admit(100, 1000, now));
+        assert!(!t.admit(100, 1000, now));
     }
 }

@@ -306,3 +306,134 @@ fn many_transactions_in_flight_are_polled_in_batches() {
         assert_eq!(landing.stats.rebroadcasts.load(Relaxed), 300);
     });
 }
+
+/// The gate counts only sends that go, and bounds the sends that outlive their
+/// clients: at `throttle_pct` 50 every second transaction that would go goes, and a
+/// transaction refused by its preflight, or whose client left during it, gives its
+/// share back; with `rpc_max_in_flight` 1, a second send while the first (its
+/// client long gone) still runs is refused `busy`, nothing sent, and the permit
+/// comes back when the first ends.
+#[test]
+fn only_sends_that_go_count_and_sends_in_flight_are_bounded() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let node = RpcNode::start(1010);
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let rig = common::rpc::RpcRig::new(
+            Leader {
+                tpu_quic: rx.addr,
+                identity: Some(rx.identity),
+            },
+            &node.url,
+            100,
+        );
+        rig.modules.set(
+            Module::Arbitrage,
+            ModuleState {
+                state: RunState::Running,
+                throttle_pct: 50,
+                ..ModuleState::default()
+            },
+        );
+        let ctx = rig.ctx();
+        let once = json!({"maxRetries": 0});
+        let throttled = |r: &Value| {
+            r["error"]["code"] == -32005
+                && r["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("throttled"))
+        };
+        // The first of two is throttled (the share starts with no credit).
+        let (_, b20, _, _) = tx(20, 0);
+        let r = rpc::handle(&ctx, &send(&b20, once.clone())).await;
+        assert!(throttled(&r), "{r}");
+        // The second would go, but its preflight fails: not sent, its share back.
+        node.set_simulation_err(Some(json!({"InstructionError": [0, {"Custom": 1}]})));
+        let (w21, b21, _, _) = tx(21, 0);
+        let r = rpc::handle(&ctx, &send(&b21, once.clone())).await;
+        assert_eq!(r["error"]["code"], -32002, "{r}");
+        node.set_simulation_err(None);
+        // The next would go, but its client leaves during the preflight.
+        node.set_delay(Duration::from_millis(600));
+        let (w22, b22, _, _) = tx(22, 0);
+        let left = tokio::time::timeout(
+            Duration::from_millis(150),
+            rpc::handle(&ctx, &send(&b22, once.clone())),
+        )
+        .await;
+        assert!(left.is_err(), "answered before its client left: {left:?}");
+        node.set_delay(Duration::ZERO);
+        // So the next goes, and the one after is throttled.
+        let (w23, b23, s23, _) = tx(23, 0);
+        let r = rpc::handle(&ctx, &send(&b23, once.clone())).await;
+        assert_eq!(r["result"], s23, "{r}");
+        let (_, b24, _, _) = tx(24, 0);
+        let r = rpc::handle(&ctx, &send(&b24, once.clone())).await;
+        assert!(throttled(&r), "{r}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while copies(&rx, &w23) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "w23 never arrived");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!((copies(&rx, &w21), copies(&rx, &w22)), (0, 0));
+
+        // One send in flight at most. The first goes to a leader that never answers
+        // (its handshake times out after the TPU route's connect timeout); its
+        // client leaves after 150 ms, the send goes on.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut rig = common::rpc::RpcRig::new(
+            Leader {
+                tpu_quic: silent.local_addr().unwrap(),
+                identity: None,
+            },
+            &node.url,
+            100,
+        );
+        rig.gate = rpc::RpcGate::new(1);
+        let ctx = rig.ctx();
+        let quick = json!({"skipPreflight": true, "maxRetries": 0});
+        let (_, b30, _, _) = tx(30, 0);
+        let left = tokio::time::timeout(
+            Duration::from_millis(150),
+            rpc::handle(&ctx, &send(&b30, quick.clone())),
+        )
+        .await;
+        assert!(left.is_err(), "answered before its client left: {left:?}");
+        assert_eq!(rig.gate.in_flight(), 1, "the send goes on");
+        let (_, b31, _, _) = tx(31, 0);
+        let r = rpc::handle(&ctx, &send(&b31, quick.clone())).await;
+        assert_eq!(r["error"]["code"], -32005, "{r}");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("busy:")),
+            "{r}"
+        );
+        // The first send ends (the leader never answered): the permit is back, and
+        // the busy one was never sent.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while rig.gate.in_flight() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the permit never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        let st = &rig.sender.stats;
+        let sends = || st.landed.load(Relaxed) + st.failed.load(Relaxed);
+        assert_eq!(sends(), 1, "only the first was sent");
+        assert_eq!(rig.gate.stats.busy.load(Relaxed), 1);
+        let r = rpc::handle(&ctx, &send(&b31, quick)).await;
+        assert_eq!(
+            r["error"]["code"], -32603,
+            "sent, and failed at the silent leader: {r}"
+        );
+        assert_eq!(sends(), 2);
+    });
+}

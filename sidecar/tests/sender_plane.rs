@@ -376,5 +376,14 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
         metrics.contains("gw_sender_tpu_total{event=\"delivered\"}"),
         "{metrics}"
     );
+    // The two JSON-RPC sends refused above (module stopped, then killed); none
+    // running now.
+    for line in [
+        "gw_sender_rpc_refused_total{reason=\"module\"} 2",
+        "gw_sender_rpc_refused_total{reason=\"busy\"} 0",
+        "gw_sender_rpc_in_flight 0",
+    ] {
+        assert!(metrics.contains(line), "{line}: {metrics}");
+    }
     drop(rx);
 }

@@ -7,6 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::Json;
@@ -20,6 +21,7 @@ struct Inner {
     statuses: HashMap<String, Value>,
     expired: HashSet<String>,
     simulation_err: Option<Value>,
+    delay: Duration,
     calls: Vec<(String, Value)>,
 }
 
@@ -80,6 +82,11 @@ impl RpcNode {
         self.with(|i| i.simulation_err = err);
     }
 
+    /// Every answer comes `delay` late (a slow or overloaded node).
+    pub fn set_delay(&self, delay: Duration) {
+        self.with(|i| i.delay = delay);
+    }
+
     /// The calls so far: method and params.
     pub fn calls(&self) -> Vec<(String, Value)> {
         self.with(|i| i.calls.clone())
@@ -95,8 +102,15 @@ async fn handle(State(sh): State<Shared>, Json(req): Json<Value>) -> Json<Value>
     let id = req.get("id").cloned().unwrap_or(Value::Null);
     let method = req["method"].as_str().unwrap_or("").to_owned();
     let params = req.get("params").cloned().unwrap_or(json!([]));
-    let mut i = sh.lock().expect("node state");
-    i.calls.push((method.clone(), params.clone()));
+    let delay = {
+        let mut i = sh.lock().expect("node state");
+        i.calls.push((method.clone(), params.clone()));
+        i.delay
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let i = sh.lock().expect("node state");
     let context = json!({"slot": i.slot, "apiVersion": "3.1.0"});
     let ok = |v: Value| Json(json!({"jsonrpc": "2.0", "result": v, "id": id}));
     let err = |code: i64, msg: &str, data: Option<Value>| {

@@ -81,7 +81,7 @@ async fn rpc(State(st): St, body: Bytes) -> Response {
         modules: &st.modules,
         module: dp.rpc_module,
         allow_stopped: dp.rpc_allow_stopped,
-        throttle: &dp.rpc_throttle,
+        gate: &dp.rpc_gate,
     };
     Json(rpc::handle(&ctx, &body).await).into_response()
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
 use super::plane::DataPlane;
@@ -139,6 +140,24 @@ impl Collector for SenderCollector {
                 ],
             )?;
         }
+        let gate = &dp.rpc_gate.stats;
+        counters(
+            &mut enc,
+            "gw_sender_rpc_refused",
+            "JSON-RPC sends the gate refused: the module stopped or killed, throttled, or busy (sender.rpc_max_in_flight sends running)",
+            &[
+                ([("reason", "module")], load(&gate.refused)),
+                ([("reason", "throttled")], load(&gate.throttled)),
+                ([("reason", "busy")], load(&gate.busy)),
+            ],
+        )?;
+        let running = ConstGauge::new(i64::try_from(dp.rpc_gate.in_flight()).unwrap_or(i64::MAX));
+        running.encode(enc.encode_descriptor(
+            "gw_sender_rpc_in_flight",
+            "JSON-RPC sends running now (at most sender.rpc_max_in_flight)",
+            None,
+            running.metric_type(),
+        )?)?;
         let hs = &dp.hot.stats;
         let mut rows = vec![
             ([("outcome", "sent")], load(&hs.sent)),

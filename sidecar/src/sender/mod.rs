@@ -82,6 +82,10 @@ pub struct SenderConfig {
     /// Let JSON-RPC sends through while the gating module is stopped (not killed).
     #[serde(default)]
     pub rpc_allow_stopped: bool,
+    /// JSON-RPC sends running at once (each runs to its end on a task of its own,
+    /// even when its client has gone); beyond, refused `busy` (-32005).
+    #[serde(default = "default_rpc_max_in_flight")]
+    pub rpc_max_in_flight: usize,
     /// How a transaction's routes are chosen ([`RoutePolicy`]).
     #[serde(default)]
     pub route_policy: RoutePolicy,
@@ -170,6 +174,10 @@ fn default_rpc_module() -> String {
     "arbitrage".into()
 }
 
+fn default_rpc_max_in_flight() -> usize {
+    1024
+}
+
 fn default_hedge_delay() -> u64 {
     10
 }
@@ -229,6 +237,12 @@ impl SenderConfig {
             ));
         }
         LeaderFilter::new(&self.leader_allow, &self.leader_deny)?;
+        if !(1..=1_000_000).contains(&self.rpc_max_in_flight) {
+            return Err(OutOfBounds::new(
+                "sender.rpc_max_in_flight",
+                "must be within 1..=1000000",
+            ));
+        }
         if let Some(n) = &self.rpc_node {
             n.validate()?;
         }

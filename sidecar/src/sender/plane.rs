@@ -5,9 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use gw_core::module_state::Throttle;
 use gw_core::Module;
-use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
 use super::audit::SendAudit;
@@ -27,8 +25,8 @@ pub struct DataPlane {
     pub rpc_module: Module,
     /// JSON-RPC sends go through while that module is stopped.
     pub rpc_allow_stopped: bool,
-    /// The JSON-RPC gate's throttle.
-    pub rpc_throttle: Mutex<Throttle>,
+    /// The JSON-RPC gate: throttle, sends in flight, refusals.
+    pub rpc_gate: super::rpc::RpcGate,
     /// The send audit, when ClickHouse is configured.
     pub audit: Option<SendAudit>,
     /// The leader source, for status.
@@ -134,7 +132,7 @@ pub fn start(
             hot,
             rpc_module,
             rpc_allow_stopped: config.rpc_allow_stopped,
-            rpc_throttle: Mutex::new(Throttle::default()),
+            rpc_gate: super::rpc::RpcGate::new(config.rpc_max_in_flight),
             audit,
             leaders,
             landing: config

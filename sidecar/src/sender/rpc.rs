@@ -12,10 +12,17 @@
 //! answers, or an error naming both routes' failures. Sends are gated by the configured
 //! module with the strategy's own gate ([`ModuleState::may_send`]): stopped or
 //! killed → refused with -32005 (a stopped module may send through JSON-RPC only
-//! with `sender.rpc_allow_stopped`); `throttle_pct` → only that share goes.
+//! with `sender.rpc_allow_stopped`); `throttle_pct` → only that share goes (a
+//! transaction that is not sent after all — its preflight failed, its client went
+//! away — gives its share back). At most `sender.rpc_max_in_flight` sends run at
+//! once (they run on tasks of their own, past their client's patience): beyond,
+//! -32005 with a message starting `busy:`, nothing sent.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use bytes::Bytes;
 use gw_core::Module;
@@ -44,7 +51,8 @@ pub mod code {
     pub const INVALID_PARAMS: i64 = -32602;
     /// No route took it.
     pub const SEND_FAILED: i64 = -32603;
-    /// Sends refused by the module state (killed, throttled).
+    /// Sends refused by the module state (killed, throttled), or while
+    /// `sender.rpc_max_in_flight` sends are running (the message starts `busy:`).
     pub const REFUSED: i64 = -32005;
 }
 
@@ -60,8 +68,46 @@ pub struct RpcContext<'a> {
     pub module: Module,
     /// Whether a stopped (not killed) module still lets RPC sends through.
     pub allow_stopped: bool,
-    /// The gate's throttle.
-    pub throttle: &'a Mutex<Throttle>,
+    /// The gate's throttle, permits and counters.
+    pub gate: &'a RpcGate,
+}
+
+/// What the JSON-RPC gate keeps between requests.
+pub struct RpcGate {
+    throttle: Mutex<Throttle>,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+    /// Sends refused by the gate, by why.
+    pub stats: GateStats,
+}
+
+/// The gate's refusals.
+#[derive(Debug, Default)]
+pub struct GateStats {
+    /// The module stopped or killed.
+    pub refused: AtomicU64,
+    /// Not this send's turn under `throttle_pct`.
+    pub throttled: AtomicU64,
+    /// `rpc_max_in_flight` sends were running.
+    pub busy: AtomicU64,
+}
+
+impl RpcGate {
+    /// At most `max_in_flight` sends running at once.
+    pub fn new(max_in_flight: usize) -> RpcGate {
+        RpcGate {
+            throttle: Mutex::new(Throttle::default()),
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
+            stats: GateStats::default(),
+        }
+    }
+
+    /// Sends running now.
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight
+            .saturating_sub(self.in_flight.available_permits())
+    }
 }
 
 /// Handles one HTTP body; returns the JSON-RPC answer.
@@ -260,7 +306,9 @@ fn state_refusal(modules: &ModuleTable, module: Module, allow_stopped: bool) -> 
     }
 }
 
-fn refused(module: Module, why: Refusal) -> RpcErr {
+fn refused(ctx: &RpcContext<'_>, why: Refusal) -> RpcErr {
+    ctx.gate.stats.refused.fetch_add(1, Ordering::Relaxed);
+    let module = ctx.module;
     (
         code::REFUSED,
         format!(
@@ -271,24 +319,64 @@ fn refused(module: Module, why: Refusal) -> RpcErr {
     )
 }
 
-fn gate(ctx: &RpcContext<'_>) -> Result<(), RpcErr> {
-    if let Some(why) = state_refusal(ctx.modules, ctx.module, ctx.allow_stopped) {
-        return Err(refused(ctx.module, why));
+/// A send the gate let through: its share of the throttle, given back when it is
+/// dropped unsent (a failed preflight, a module killed meanwhile, no permit to run,
+/// a client that went away): only sends that go count against `throttle_pct`.
+struct Admitted<'a> {
+    throttle: &'a Mutex<Throttle>,
+    pct: u8,
+    sent: bool,
+}
+
+impl Admitted<'_> {
+    /// The send goes: its share stays spent.
+    fn go(mut self) {
+        self.sent = true;
     }
-    let throttle_pct = ctx
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.throttle.lock().refund(self.pct, 0);
+        }
+    }
+}
+
+fn gate<'a>(ctx: &RpcContext<'a>) -> Result<Admitted<'a>, RpcErr> {
+    if let Some(why) = state_refusal(ctx.modules, ctx.module, ctx.allow_stopped) {
+        return Err(refused(ctx, why));
+    }
+    let pct = ctx
         .modules
         .with(ctx.module, |st: &ModuleState| st.throttle_pct);
-    if !ctx.throttle.lock().admit(throttle_pct, 0, Instant::now()) {
+    if !ctx.gate.throttle.lock().admit(pct, 0, Instant::now()) {
+        ctx.gate.stats.throttled.fetch_add(1, Ordering::Relaxed);
         return Err((
             code::REFUSED,
             format!(
                 "throttled: module {} sends {} % of transactions",
                 ctx.module.as_str(),
-                throttle_pct
+                pct
             ),
         ));
     }
-    Ok(())
+    Ok(Admitted {
+        throttle: &ctx.gate.throttle,
+        pct,
+        sent: false,
+    })
+}
+
+/// A permit to run one send (on a task of its own), or `busy`.
+fn permit(ctx: &RpcContext<'_>) -> Result<OwnedSemaphorePermit, RpcErr> {
+    ctx.gate.in_flight.clone().try_acquire_owned().map_err(|_| {
+        ctx.gate.stats.busy.fetch_add(1, Ordering::Relaxed);
+        (
+            code::REFUSED,
+            "busy: sender.rpc_max_in_flight sends are running; retry later".to_owned(),
+        )
+    })
 }
 
 fn rpc_meta(ctx: &RpcContext<'_>) -> SendMeta {
@@ -311,7 +399,7 @@ async fn send_transaction(ctx: &RpcContext<'_>, params: &Value) -> Result<String
     ))?;
     let (wire, info) = decode_tx_info(tx, encoding(p.get(1))?)?;
     let opts = send_options(p.get(1))?;
-    gate(ctx)?;
+    let admitted = gate(ctx)?;
     if let Some(landing) = ctx.landing {
         if !opts.skip_preflight {
             landing
@@ -323,9 +411,11 @@ async fn send_transaction(ctx: &RpcContext<'_>, params: &Value) -> Result<String
         }
         // The module may have been killed while the node answered.
         if let Some(why) = state_refusal(ctx.modules, ctx.module, ctx.allow_stopped) {
-            return Err(SendErr::Rpc(refused(ctx.module, why)));
+            return Err(SendErr::Rpc(refused(ctx, why)));
         }
     }
+    let permit = permit(ctx)?;
+    admitted.go();
     // On a task of its own: a client that goes away mid-send (its stream reset, the
     // handler dropped) cancels neither the send, nor its audit row, nor the
     // rebroadcasts of a transaction that went (as a Solana node's RPC).
@@ -335,6 +425,7 @@ async fn send_transaction(ctx: &RpcContext<'_>, params: &Value) -> Result<String
     let meta = rpc_meta(ctx);
     let sig = info.signature_b58();
     let out = tokio::spawn(async move {
+        let _permit = permit;
         let out = sender.send(wire.clone(), sig, &meta).await;
         if let (Some(_), Some(landing)) = (out.landed, landing) {
             let retry = SendMeta {
@@ -441,11 +532,16 @@ async fn send_bundle(ctx: &RpcContext<'_>, params: &Value) -> Result<String, Rpc
         }
         txs.push(wire);
     }
-    gate(ctx)?;
+    let admitted = gate(ctx)?;
+    let permit = permit(ctx)?;
+    admitted.go();
     // On a task of its own, as `sendTransaction`.
     let (sender, m) = (ctx.sender.clone(), rpc_meta(ctx));
-    tokio::spawn(async move { sender.send_bundle(txs, first_sig, &m).await })
-        .await
-        .map_err(|e| (code::SEND_FAILED, format!("send task failed: {e}")))?
-        .map_err(|e| (code::SEND_FAILED, format!("bundle was not sent: {e}")))
+    tokio::spawn(async move {
+        let _permit = permit;
+        sender.send_bundle(txs, first_sig, &m).await
+    })
+    .await
+    .map_err(|e| (code::SEND_FAILED, format!("send task failed: {e}")))?
+    .map_err(|e| (code::SEND_FAILED, format!("bundle was not sent: {e}")))
 }

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
-use gw_core::module_state::{ModuleState, RunState, Throttle};
+use gw_core::module_state::{ModuleState, RunState};
 use gw_core::Module;
 use gw_sidecar::control::ModuleTable;
 use gw_sidecar::sender::landing::{Landing, RpcNodeConfig};
 use gw_sidecar::sender::leaders::{LeaderSource, StaticLeaders};
-use gw_sidecar::sender::rpc::RpcContext;
+use gw_sidecar::sender::rpc::{RpcContext, RpcGate};
 use gw_sidecar::sender::tpu::Leader;
 use gw_sidecar::sender::{Sender, SenderConfig};
 use serde_json::json;
@@ -43,7 +43,7 @@ pub struct RpcRig {
     pub sender: Arc<Sender>,
     pub landing: Arc<Landing>,
     pub modules: ModuleTable,
-    pub throttle: parking_lot::Mutex<Throttle>,
+    pub gate: RpcGate,
 }
 
 impl RpcRig {
@@ -62,7 +62,7 @@ impl RpcRig {
             sender: tpu_first_sender(leader),
             landing,
             modules: arbitrage_running(),
-            throttle: parking_lot::Mutex::new(Throttle::default()),
+            gate: RpcGate::new(1024),
         }
     }
 
@@ -74,7 +74,7 @@ impl RpcRig {
             modules: &self.modules,
             module: Module::Arbitrage,
             allow_stopped: false,
-            throttle: &self.throttle,
+            gate: &self.gate,
         }
     }
 }
