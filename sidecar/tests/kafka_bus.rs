@@ -507,7 +507,48 @@ fn a_decision_the_checkpoint_has_and_the_journal_lost_is_written_at_start() {
 /// each would have been "already handled" and never applied.
 #[test]
 fn a_command_topic_created_again_under_the_checkpoint_is_detected_and_its_commands_applied() {
-    recreated_topic("kafka-recreated", 50, &[7], &[("req-7", "duplicate")]);
+    let (d, kafka, ch, s) = recreated_topic("kafka-recreated", 50, &[7], &[("req-7", "duplicate")]);
+    // Then the node dies between a decision's checkpoint in Kafka (the new topic's
+    // offset 2) and its journal entry. At start its journal's last position on the
+    // partition is the new topic's offset 1, not the old topic's 49: the row the
+    // crash lost is written, once.
+    use gw_sidecar::control::kafka_state::KafkaState;
+    drop(s);
+    let cfg = config(d.path(), &kafka, &ch);
+    let (node, k) = (cfg.file.node_id.clone(), cfg.file.kafka.clone().unwrap());
+    let kill = signed_command(21, Action::Kill, now(), "dashboard", &[]);
+    let cp = checkpoint_after(&node, Action::Kill, 21, kill.clone(), &[7, 9, 20, 21], 3);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
+        let sent = p
+            .send(
+                rdkafka::producer::FutureRecord::to(TOPIC)
+                    .key("mev")
+                    .payload(&kill),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(sent.offset, 2);
+        let store = KafkaState::new(&k).unwrap();
+        store.save(Module::Mev, &cp).await.unwrap();
+    });
+    let s = common::serve(cfg);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while modules(&s)["mev"]["state"] != "killed" {
+        assert!(Instant::now() < deadline, "{}", modules(&s));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The four rows before (three agent rows, the throttle's `accepted`) and one.
+    let rows = ledger_rows(&ch, 5);
+    assert_eq!(verify_chain(&rows), Ok(5));
+    let agent: Vec<_> = summary(&rows)
+        .into_iter()
+        .filter(|r| r.0 == "agent")
+        .skip(3)
+        .collect();
+    assert_eq!(agent, vec![row("agent", "applied", "", "req-21")]);
 }
 
 /// The same when the new topic already reaches past the checkpoint's offsets: the
@@ -515,7 +556,7 @@ fn a_command_topic_created_again_under_the_checkpoint_is_detected_and_its_comman
 /// the one decided there.
 #[test]
 fn a_command_topic_created_again_and_longer_than_the_old_is_detected_too() {
-    recreated_topic(
+    let _ = recreated_topic(
         "kafka-recreated-longer",
         2,
         &[7, 10, 11],
@@ -531,8 +572,13 @@ fn a_command_topic_created_again_and_longer_than_the_old_is_detected_too() {
 /// `next` (the last decision there, at `next - 1`, being nonce 9; nonce 7 applied
 /// before it), a new topic holding the commands `nonces` (start, in order), then a
 /// throttle command sent through the sidecar: the agent's rows are `want` and then
-/// the throttle's `applied`.
-fn recreated_topic(name: &str, next: i64, nonces: &[u64], want: &[(&str, &str)]) {
+/// the throttle's `applied`. Gives back the running parts.
+fn recreated_topic(
+    name: &str,
+    next: i64,
+    nonces: &[u64],
+    want: &[(&str, &str)],
+) -> (testkit::TempDir, Kafka, ClickHouse, common::Served) {
     use gw_sidecar::control::kafka_state::KafkaState;
 
     let d = testkit::TempDir::new(name);
@@ -597,6 +643,7 @@ fn recreated_topic(name: &str, next: i64, nonces: &[u64], want: &[(&str, &str)])
     }));
     expected.push(row("agent", "applied", "", "req-20"));
     assert_eq!(agent, expected);
+    (d, kafka, ch, s)
 }
 
 /// Creates the command topic holding module mev's `commands` (offsets 0, 1, ...)

@@ -339,9 +339,11 @@ impl Agent {
         let mut applied_lsns = journal::Expiring::default();
         let mut journalled: BTreeMap<i32, i64> = BTreeMap::new();
         let mut journalled_lsn = None;
+        // The last position written per partition, not the largest: a topic
+        // created again (`topic_replaced`) starts at offset 0 again, and its
+        // decisions come after the old topic's in the journal.
         let mut note = |p: Position, lsn: Lsn| {
-            let o = journalled.entry(p.partition).or_insert(p.offset);
-            *o = (*o).max(p.offset);
+            journalled.insert(p.partition, p.offset);
             journalled_lsn = Some(lsn);
         };
         for (lsn, t) in records {
