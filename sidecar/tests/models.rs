@@ -507,7 +507,24 @@ fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
         })
         .collect();
     let n = opps.len();
-    assert_eq!(hot.offer(opps), n);
+    // Opportunities whose features do not fit the model, each with a searcher's `ev`
+    // far above ev_min: the model alone scores this module, so none is sent.
+    let mut opps = opps;
+    for (k, features) in [vec![], vec![1.0; 5], vec![1.0; 9]].into_iter().enumerate() {
+        let wire = txwire::example_tx(&key, [200 + k as u8; 32], 0);
+        let signature = txwire::parse(&wire, false).unwrap().signature_b58();
+        opps.push(Opportunity {
+            module: Module::Mev,
+            features,
+            ev: Some(1e9),
+            txs: vec![SignedTx {
+                wire: wire.into(),
+                signature,
+            }],
+            received: std::time::Instant::now(),
+        });
+    }
+    assert_eq!(hot.offer(opps), n + 3);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while relay.calls().len() < expected.len() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -530,6 +547,12 @@ fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
         "exactly the opportunities the model scores >= ev_min"
     );
     assert_eq!(hot.stats.scored.load(Ordering::Relaxed), n as u64);
+    use gw_sidecar::sender::strategy::Skip;
+    assert_eq!(
+        hot.stats.skipped(Skip::NoScore),
+        3,
+        "the features that do not fit"
+    );
     drop(hot);
 }
 

@@ -144,12 +144,21 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
     assert_eq!(settle(&rx, &rrt, 61), 61);
     let last = rx.received().last().unwrap().bytes.clone();
     assert_eq!(last, variants[1], "EV 2.0 affords the 1.5 tip, not 3.0");
+    // Fewer variants than rungs: EV 5.0 affords the 3.0 tip, but the searcher signed
+    // one variant: it goes, audited with the tip it carries (its rung's, 0.5).
+    let single = tx(304);
+    offer(
+        &s,
+        vec![json!({"module": "mev", "ev": 5.0, "txs": [b64(&single)]})],
+    );
+    assert_eq!(settle(&rx, &rrt, 62), 62);
+    assert_eq!(rx.received().last().unwrap().bytes, single);
 
     // kill: zero sends.
     command(&s, "mev:kill", json!({}));
     let r = offer(&s, (0..8).map(|i| opp(400 + i, 5.0)).collect());
     assert_eq!(r["accepted"], 8);
-    nothing_more(&rx, 61); // a killed module sends nothing
+    nothing_more(&rx, 62); // a killed module sends nothing
     let st = s.get_json("/api/sender");
     assert_eq!(st["strategy"]["skipped"]["killed"], 8, "{st}");
     assert_eq!(st["strategy"]["skipped"]["throttled"], 20, "{st}");
@@ -315,7 +324,7 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
     let strategy_sends = s.get_json("/api/sender")["strategy"]["sent"]
         .as_u64()
         .unwrap();
-    assert_eq!(strategy_sends, 61, "the burst came while killed");
+    assert_eq!(strategy_sends, 62, "the burst came while killed");
     let total = strategy_sends + 4 + 2;
     let deadline = Instant::now() + Duration::from_secs(30);
     let rows: Vec<Value> = loop {
@@ -366,6 +375,16 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
         .expect("the tipped send");
     assert_eq!(tipped["module"], "mev");
     assert_eq!(tipped["score"].as_f64(), Some(2.0));
+    let single_sig = txwire::parse(&single, false).unwrap().signature_b58();
+    let row = rows
+        .iter()
+        .find(|r| r["signature"] == single_sig.as_str())
+        .expect("the single variant's send");
+    assert_eq!(
+        (row["tip"].as_f64(), row["score"].as_f64()),
+        (Some(0.5), Some(5.0)),
+        "{row}"
+    );
     let metrics = s.get_ops("/metrics");
     let killed = format!(
         "gw_strategy_opportunities_total{{outcome=\"killed\"}} {}",

@@ -151,7 +151,8 @@ pub enum Skip {
     BelowEvMin,
     /// Score below the lowest tip.
     BelowTip,
-    /// No model and no `ev`, or the model failed.
+    /// No model and no `ev`, the model failed, or the opportunity's features do
+    /// not fit its module's model (the searcher's own `ev` is then not taken).
     NoScore,
     /// No transaction attached.
     NoTx,
@@ -571,25 +572,29 @@ impl Worker {
                 continue;
             };
             let throttle = self.throttles.entry(name).or_default();
-            let (rung, tip) = match decide(state, throttle, self.max_per_sec, ev, now) {
-                Ok(r) => r,
+            let rung = match decide(state, throttle, self.max_per_sec, ev, now) {
+                Ok((rung, _)) => rung,
                 Err(why) => {
                     self.stats.skip(why);
                     continue;
                 }
             };
-            let Some(tx) = opp
-                .txs
-                .get(rung.min(opp.txs.len().saturating_sub(1)))
-                .cloned()
-            else {
-                self.stats.skip(Skip::NoTx);
+            // Fewer variants than rungs: the highest the searcher signed, audited
+            // with its own rung's tip.
+            let rung = rung.min(opp.txs.len().saturating_sub(1));
+            let tip = state.tip_ladder.get(rung).copied().unwrap_or(0.0);
+            let tx = opp.txs.get(rung).cloned();
+            let saturated = self.inflight.load(Ordering::Acquire) >= self.max_inflight;
+            let Some(tx) = tx.filter(|_| !saturated) else {
+                // Not sent: the throttle's share is given back (only sends count).
+                throttle.refund(state.throttle_pct, self.max_per_sec);
+                self.stats.skip(if saturated {
+                    Skip::Saturated
+                } else {
+                    Skip::NoTx
+                });
                 continue;
             };
-            if self.inflight.load(Ordering::Acquire) >= self.max_inflight {
-                self.stats.skip(Skip::Saturated);
-                continue;
-            }
             self.inflight.fetch_add(1, Ordering::AcqRel);
             let slot = InflightSlot(self.inflight.clone());
             self.stats.sent.fetch_add(1, Ordering::Relaxed);
@@ -610,7 +615,9 @@ impl Worker {
     }
 
     /// Each opportunity's score: its module's model over the whole batch when one
-    /// serves, else the opportunity's own `ev`.
+    /// serves, else the opportunity's own `ev`. Where a model serves, only the model
+    /// scores: an opportunity whose features do not fit it has no score (a
+    /// searcher does not get past the model by sending other features and an `ev`).
     fn score(&self, batch: &[Opportunity]) -> Vec<Option<f32>> {
         let mut out: Vec<Option<f32>> = batch.iter().map(|o| o.ev).collect();
         let Some(host) = &self.models else { return out };
@@ -619,9 +626,14 @@ impl Worker {
                 continue;
             };
             let n = model.n_features as usize;
-            let idx: Vec<usize> = (0..batch.len())
-                .filter(|i| batch[*i].module == m && batch[*i].features.len() == n)
-                .collect();
+            let mut idx = Vec::new();
+            for (i, o) in batch.iter().enumerate().filter(|(_, o)| o.module == m) {
+                if o.features.len() == n {
+                    idx.push(i);
+                } else {
+                    out[i] = None;
+                }
+            }
             if idx.is_empty() {
                 continue;
             }
