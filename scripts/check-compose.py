@@ -2,11 +2,15 @@
 """Checks docker-compose.yml and Dockerfile as far as a machine without a Docker
 engine can: structure, pinned images, build targets that exist, bind-mount sources
 and env files that exist (after scripts/compose-init.sh), dependencies that are
-services with health checks, and environment names the sidecar really reads.
+services with health checks, environment names the sidecar really reads, and the
+sidecar's TPU leader at the development TPU's fixed address on the compose network.
 
   check-compose.py [--run-dir DIR]   DIR replaces ./.run/compose (default: as written)
 """
 import argparse
+import glob
+import ipaddress
+import json
 import os
 import re
 import sys
@@ -42,8 +46,9 @@ def main():
         if img not in stages and (":" not in img or img.endswith(":latest")):
             fail(f"Dockerfile base image {img} is not pinned")
 
-    sidecar_src = open(os.path.join(ROOT, "sidecar/src/config.rs")).read()
-    sidecar_env = set(re.findall(r'env\("([A-Z0-9_]+)"\)', sidecar_src))
+    sidecar_env = set()
+    for src in glob.glob(os.path.join(ROOT, "sidecar/src/**/*.rs"), recursive=True):
+        sidecar_env |= set(re.findall(r'env\("([A-Z0-9_]+)"\)', open(src).read()))
 
     services = compose.get("services") or fail("no services")
     want = {"envoy", "sidecar", "kafka", "clickhouse"}
@@ -87,6 +92,15 @@ def main():
                 fail(f"{name}: depends on unknown service {dep}")
             if cond.get("condition") == "service_healthy" and "healthcheck" not in services[dep]:
                 fail(f"{name}: waits for {dep} to be healthy, but {dep} has no healthcheck")
+    # The sidecar's configuration sends to the development TPU at its fixed address.
+    sidecar_cfg = json.load(open(local("./.run/compose/sidecar.json")))
+    leaders = sidecar_cfg["sender"]["leaders"]["static"]
+    tpu_ip = services["tpu-sink"]["networks"]["default"]["ipv4_address"]
+    subnet = compose["networks"]["default"]["ipam"]["config"][0]["subnet"]
+    if ipaddress.ip_address(tpu_ip) not in ipaddress.ip_network(subnet):
+        fail(f"tpu-sink's address {tpu_ip} is outside the network's {subnet}")
+    if [l["tpu_quic"].rsplit(":", 1)[0] for l in leaders] != [tpu_ip]:
+        fail(f"the sidecar's TPU leaders {leaders} are not the development TPU at {tpu_ip}")
     print(f"compose: ok ({len(services)} services, Dockerfile stages {sorted(stages)})")
 
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Prepares .run/compose/ for `docker compose up`: dev secrets (scripts/dev-keys.sh),
 # the Envoy config rendered from the same template as the local run (host names of
-# the compose network, container paths), the sidecar's key environment and an admin
-# JWT (8 h). Needs openssl and python3. Development keys only.
+# the compose network, container paths), the sidecar's configuration written as the
+# local run writes its own (scripts/sidecar-config.py: the sender on, to the
+# development TPU and relay services), the sidecar's and the development TPU's key
+# environment and an admin JWT (8 h). Needs openssl and python3. Development keys
+# only.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -27,8 +30,15 @@ python3 envoy/render.py --filter-config "$run/filter.json" \
     echo "CTRL_PUBKEY_HEX=$(cat "$run/keys/op-admin-1.pk.hex")"
     echo "CTRL_SIGN_SK_HEX=$(cat "$run/keys/op-admin-1.sk.hex")"
     echo "GW_LEDGER_SK_HEX=$(cat "$run/keys/ledger.sk.hex")"
+    echo "GW_TPU_IDENTITY_HEX=$(cat "$run/keys/tpu-identity.sk.hex")"
   } > "$run/sidecar.env"
+  echo "GW_TPU_SINK_IDENTITY_HEX=$(cat "$run/keys/tpu-sink.sk.hex")" > "$run/tpu-sink.env"
 )
+# The development TPU has a fixed address on the compose network (docker-compose.yml):
+# a leader's TPU address is an IP address, as Solana's leader schedule gives it.
+python3 scripts/sidecar-config.py --keys "$run/keys" --tpu 172.30.0.9:8009 \
+  --relay http://relay:8010 --ingest 0.0.0.0:8011 -o "$run/sidecar.json"
+chmod 644 "$run/sidecar.json"
 # An admin token for the filter's JWT rules (same claims as `gwctl jwt`).
 python3 - "$run" <<'PY'
 import base64, hashlib, hmac, json, sys, time

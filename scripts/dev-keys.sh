@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Makes (once) the development secrets of a gateway in DIR: TLS certificates
-# (envoy/gen-dev-certs.sh), the command key op-admin-1 and the ledger checkpoint
-# key (Ed25519, raw hex, secrets 0600), the ClickHouse users (gw_admin, gw_sidecar;
+# (envoy/gen-dev-certs.sh), Ed25519 keys as raw hex (secrets 0600): the command key
+# op-admin-1, the ledger checkpoint key, the sender's TPU identity (tpu-identity:
+# its QUIC certificate to leaders and to searchers), the development TPU's
+# (tpu-sink) and a searcher's (searcher), the ClickHouse users (gw_admin, gw_sidecar;
 # passwords 0600), a JWT HS256 secret, and DIR/filter.json
 # (filter-wasm/config.example.json with these keys). Needs openssl and python3 only.
 # Never for production.
@@ -13,24 +15,30 @@ dir="${1:?usage: dev-keys.sh DIR}"
 mkdir -p "$dir/keys"
 bash "$root/envoy/gen-dev-certs.sh" "$dir/certs" >/dev/null
 hexof() { od -An -v -tx1 | tr -d ' \n'; }
-# An Ed25519 key pair as raw hex: DIR/keys/NAME.sk.hex (0600) and NAME.pk.hex.
+# An Ed25519 key pair as raw hex: DIR/keys/NAME.sk.hex (0600) and NAME.pk.hex (the
+# public key of an existing seed too).
 ed25519_pair() {
-  local name="$1"
-  [[ -f "$dir/keys/$name.sk.hex" ]] && return 0
+  local sk="$dir/keys/$1.sk.hex" pk="$dir/keys/$1.pk.hex"
+  [[ -f "$sk" && -f "$pk" ]] && return 0
   (
     umask 077
-    pem="$dir/keys/$name.pem"
-    openssl genpkey -algorithm ed25519 -out "$pem"
     # The last 32 bytes of the PKCS#8 / SPKI encodings are the raw seed / public key.
-    openssl pkey -in "$pem" -outform DER | tail -c 32 | hexof > "$dir/keys/$name.sk.hex"
-    openssl pkey -in "$pem" -pubout -outform DER | tail -c 32 | hexof > "$dir/keys/$name.pk.hex"
-    rm -f "$pem"
+    [[ -f "$sk" ]] || openssl genpkey -algorithm ed25519 -outform DER | tail -c 32 | hexof > "$sk"
+    der="302e020100300506032b657004220420$(tr -d ' \n' < "$sk")"
+    # shellcheck disable=SC2059  # the format is the key's bytes as \x escapes
+    printf "$(sed 's/../\\x&/g' <<< "$der")" \
+      | openssl pkey -inform DER -pubout -outform DER | tail -c 32 | hexof > "$pk"
   )
-  chmod 644 "$dir/keys/$name.pk.hex"
+  chmod 644 "$pk"
 }
 ed25519_pair op-admin-1
 # The key that signs ledger checkpoints (GW_LEDGER_SK_HEX; gwctl ledger verify --key).
 ed25519_pair ledger
+# The transaction sender (GW_TPU_IDENTITY_HEX), the development TPU it sends to
+# (gw-tpu-sink) and the searcher allowed on its QUIC ingest.
+ed25519_pair tpu-identity
+ed25519_pair tpu-sink
+ed25519_pair searcher
 # ClickHouse: the administrator's and the sidecar's passwords, and the users file
 # both shapes are made from (scripts/clickhouse-users.py).
 for who in clickhouse-admin clickhouse-sidecar; do

@@ -82,48 +82,16 @@ if (( kafka )); then
   for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/9092) 2>/dev/null && break; sleep 0.1; done
   (echo > /dev/tcp/127.0.0.1/9092) 2>/dev/null || die "kafka (tansu) did not start; see $run/tansu.log"
 fi
-# The sender's local peers: a TPU that enforces the protocol, and a relay.
-"$bin/gw-tpu-sink" 127.0.0.1:8009 > "$run/tpu-sink.log" 2>&1 & pids+=($!)
+# The sender's local peers: a TPU that enforces the protocol (its identity the dev
+# key tpu-sink, pinned by the sender), and a relay.
+GW_TPU_SINK_IDENTITY_HEX="$(cat "$run/keys/tpu-sink.sk.hex")" \
+  "$bin/gw-tpu-sink" 127.0.0.1:8009 > "$run/tpu-sink.log" 2>&1 & pids+=($!)
 "$bin/gw-dev-relay" 127.0.0.1:8010 > "$run/relay.log" 2>&1 & pids+=($!)
 for _ in $(seq 1 50); do grep -q identity "$run/tpu-sink.log" 2>/dev/null && break; sleep 0.1; done
-sink_id=$(sed -n 's/.*identity \([1-9A-HJ-NP-Za-km-z]*\).*/\1/p' "$run/tpu-sink.log" | head -1)
-[[ -n "$sink_id" ]] || die "gw-tpu-sink did not start; see $run/tpu-sink.log"
-[[ -f "$run/keys/tpu-identity.hex" ]] || (umask 077 && openssl rand -hex 32 > "$run/keys/tpu-identity.hex")
-[[ -f "$run/keys/searcher.sk.hex" ]] || (umask 077 && openssl rand -hex 32 > "$run/keys/searcher.sk.hex")
-"$GW_VENV/bin/python" - "$run/sidecar.json" "$sink_id" "$run/keys" <<'PY'
-import json, sys
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-def public(seed_file):
-    seed = bytes.fromhex(open(seed_file).read().strip())
-    return Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(
-        Encoding.Raw, PublicFormat.Raw)
-
-def b58(raw):
-    alphabet = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-    n, out = int.from_bytes(raw, "big"), ""
-    while n:
-        n, r = divmod(n, 58)
-        out = alphabet[r] + out
-    return "1" * (len(raw) - len(raw.lstrip(b"\0"))) + out
-
-keys = sys.argv[3]
-# The sender's identity, for searchers to pin the ingest endpoint by.
-open(f"{keys}/tpu-identity.pk.hex", "w").write(public(f"{keys}/tpu-identity.hex").hex())
-cfg = json.load(open("sidecar/config.example.json"))
-cfg["checkpoint_every_secs"] = 5
-cfg["sender"] = {
-    "tpu": {},
-    "relay": {"url": "http://127.0.0.1:8010"},
-    "leaders": {"static": [{"tpu_quic": "127.0.0.1:8009", "identity": sys.argv[2]}]},
-    "hedge_delay_ms": 10,
-    "route_policy": "tpu_first",
-    "strategy": {"ingest": {"bind": "127.0.0.1:8011", "allow": [b58(public(f"{keys}/searcher.sk.hex"))]}},
-}
-json.dump(cfg, open(sys.argv[1], "w"), indent=2)
-PY
-GW_TPU_IDENTITY_HEX="$(cat "$run/keys/tpu-identity.hex")" \
+grep -q identity "$run/tpu-sink.log" || die "gw-tpu-sink did not start; see $run/tpu-sink.log"
+"$GW_VENV/bin/python" scripts/sidecar-config.py --keys "$run/keys" --tpu 127.0.0.1:8009 \
+  --relay http://127.0.0.1:8010 --ingest 127.0.0.1:8011 -o "$run/sidecar.json"
+GW_TPU_IDENTITY_HEX="$(cat "$run/keys/tpu-identity.sk.hex")" \
 GW_MODELS_DIR="$run/models" GW_KAFKA_BROKERS="$brokers" GW_CLICKHOUSE_URL=http://127.0.0.1:8123 \
   GW_CLICKHOUSE_USER=gw_sidecar GW_CLICKHOUSE_PASSWORD_FILE="$run/keys/clickhouse-sidecar.pw" CTRL_PUBKEY_ID=op-admin-1 CTRL_PUBKEY_HEX="$(cat "$run/keys/op-admin-1.pk.hex")" \
   CTRL_SIGN_SK_HEX="$(cat "$run/keys/op-admin-1.sk.hex")" GW_LEDGER_SK_HEX="$(cat "$run/keys/ledger.sk.hex")" \

@@ -61,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
     if check {
         // The one line a person or a script reads; not a log line.
         println!(
-            "config ok: listen {} ({}), {} command key(s), JSON-route signer {}, bus {}, ledger {}",
+            "config ok: listen {} ({}), {} command key(s), JSON-route signer {}, bus {}, ledger {}, sender {}, models {}",
             cfg.file.listen,
             cfg.file.tls.as_ref().map_or_else(
                 || "INSECURE plain HTTP".to_string(),
@@ -80,6 +80,26 @@ async fn main() -> anyhow::Result<()> {
                     cfg.file.clickhouse_user.as_deref().unwrap_or("default")
                 )
             ),
+            cfg.file.sender.as_ref().map_or_else(
+                || "off".to_string(),
+                |s| {
+                    let routes = match (&s.tpu, &s.relay) {
+                        (Some(_), Some(_)) => "tpu+relay",
+                        (Some(_), None) => "tpu",
+                        _ => "relay",
+                    };
+                    let ingest = s
+                        .strategy
+                        .ingest
+                        .as_ref()
+                        .map_or_else(|| "off".to_string(), |i| i.bind.to_string());
+                    format!("{routes} (ingest {ingest})")
+                }
+            ),
+            cfg.file
+                .models
+                .as_ref()
+                .map_or_else(|| "off".to_string(), |m| m.dir.display().to_string()),
         );
         return Ok(());
     }

@@ -1,7 +1,8 @@
 //! docker-compose.yml as far as this machine (no Docker engine) can check it: the
 //! project's own init script makes the secrets and the Envoy config, the compose
 //! file and Dockerfile pass the structural checks, the real Envoy accepts the
-//! rendered config, and the sidecar accepts the environment compose gives it.
+//! rendered config, and the sidecar accepts the configuration and environment
+//! compose gives it (the sender on, to the development TPU compose runs).
 
 use std::process::Command;
 
@@ -42,11 +43,11 @@ fn compose_files_check_and_their_configs_load_in_the_real_programs() {
     std::fs::write(&checked, local).unwrap();
     testkit::envoy::validate(&checked).unwrap();
 
-    // The sidecar accepts the environment compose gives it.
+    // The sidecar accepts the configuration and environment compose gives it.
     let mut sidecar = Command::new(env!("CARGO_BIN_EXE_gw-sidecar"));
     sidecar.args([
         "--config",
-        root.join("sidecar/config.example.json").to_str().unwrap(),
+        run.join("sidecar.json").to_str().unwrap(),
         "--check",
     ]);
     sidecar.env_clear();
@@ -85,7 +86,8 @@ fn compose_files_check_and_their_configs_load_in_the_real_programs() {
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
         "config ok: listen 0.0.0.0:8080 (mutual TLS, edge envoy.local), 1 command key(s), \
-         JSON-route signer op-admin-1, bus kafka kafka:9092, ledger http://clickhouse:8123 as gw_sidecar",
+         JSON-route signer op-admin-1, bus kafka kafka:9092, ledger http://clickhouse:8123 as gw_sidecar, \
+         sender tpu+relay (ingest 0.0.0.0:8011), models /opt/gw/models",
         "{o:?}"
     );
 }

@@ -2,7 +2,8 @@
 //! receiver (ALPN `solana-tpu`, Ed25519 client certificate, unidirectional streams of
 //! at most 1232 bytes, 128 at once). Prints one line per transaction received.
 //!
-//! Usage: gw-tpu-sink [ADDR] [IDENTITY_SEED_HEX]   (default 127.0.0.1:8009, fresh key)
+//! Usage: gw-tpu-sink [ADDR] [IDENTITY_SEED_HEX]   (default 127.0.0.1:8009; the seed
+//! else from `GW_TPU_SINK_IDENTITY_HEX`, else a fresh key)
 
 use std::time::Duration;
 
@@ -19,7 +20,10 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let key = match args.next() {
+    let key = match args
+        .next()
+        .or_else(|| std::env::var("GW_TPU_SINK_IDENTITY_HEX").ok())
+    {
         Some(h) => match gw_core::jwk::ed25519_secret_from_hex(&h) {
             Ok(k) => k,
             Err(e) => {

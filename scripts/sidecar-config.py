@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Writes the sidecar configuration of a development gateway: sidecar/config.example.json
+with the transaction sender on — one TPU leader (the development TPU, pinned by its
+identity), a relay, route policy tpu_first, and the QUIC ingest allowing the dev
+searcher's key. The local run (scripts/run-gateway.sh) and compose
+(scripts/compose-init.sh) both write theirs with it, so they differ only in
+addresses. Standard library only.
+
+  sidecar-config.py --keys DIR --tpu IP:PORT --relay URL --ingest IP:PORT -o FILE
+
+DIR holds tpu-sink.pk.hex and searcher.pk.hex (scripts/dev-keys.sh).
+"""
+import argparse
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def b58(raw):
+    n, out = int.from_bytes(raw, "big"), ""
+    while n:
+        n, r = divmod(n, 58)
+        out = ALPHABET[r] + out
+    return "1" * (len(raw) - len(raw.lstrip(b"\0"))) + out
+
+
+def public_key(keys, name):
+    raw = bytes.fromhex(open(os.path.join(keys, f"{name}.pk.hex")).read().strip())
+    if len(raw) != 32:
+        raise SystemExit(f"sidecar-config: {name}.pk.hex is not an Ed25519 public key")
+    return b58(raw)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--keys", required=True)
+    ap.add_argument("--tpu", required=True, help="the leader's TPU QUIC address (IP:PORT)")
+    ap.add_argument("--relay", required=True, help="the relay's URL")
+    ap.add_argument("--ingest", required=True, help="where the QUIC ingest listens (IP:PORT)")
+    ap.add_argument("-o", "--out", required=True)
+    a = ap.parse_args()
+    cfg = json.load(open(os.path.join(ROOT, "sidecar/config.example.json")))
+    cfg["checkpoint_every_secs"] = 5
+    cfg["sender"] = {
+        "tpu": {},
+        "relay": {"url": a.relay},
+        "leaders": {"static": [{"tpu_quic": a.tpu, "identity": public_key(a.keys, "tpu-sink")}]},
+        "hedge_delay_ms": 10,
+        "route_policy": "tpu_first",
+        "strategy": {"ingest": {"bind": a.ingest, "allow": [public_key(a.keys, "searcher")]}},
+    }
+    with open(a.out, "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
