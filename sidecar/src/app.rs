@@ -293,6 +293,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         }
         _ => None,
     };
+    // Send rows not shipped yet are kept whether or not anything ships them now
+    // (no sender, no ClickHouse this time): a later start ships them.
+    sends.hold_unshipped(&journal);
+    if plane.as_ref().is_none_or(|p| p.audit.is_none()) && !sends.is_empty() {
+        tracing::warn!(
+            records = sends.len(),
+            "send audit rows wait in the journal for a start with the sender and ClickHouse"
+        );
+    }
     // Every owner has said what it needs: the journal may drop the rest.
     journal.hold(crate::journal::STARTUP_HOLD, crate::journal::Lsn::MAX);
     Ok(Running {

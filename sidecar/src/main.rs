@@ -141,6 +141,11 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut serving).await;
+    // Sends that went out are audited: the ones running end, their rows reach the
+    // journal (shipped to ClickHouse by the next start if not by now).
+    if let Some(dp) = running.plane() {
+        dp.quiesce(std::time::Duration::from_secs(3)).await;
+    }
     if let Some(t) = ops_task {
         t.abort();
     }

@@ -406,3 +406,132 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
     }
     drop(rx);
 }
+
+/// A sidecar asked to stop (SIGTERM) right after its sends went out audits every
+/// one: the sends running end, their rows reach the journal before the process
+/// exits, and the next start ships them, each once. (Before, the rows still in the
+/// audit queue — its last 20 ms — were lost with the process.)
+#[test]
+fn a_sidecar_stopped_right_after_its_sends_audits_every_one() {
+    let d = testkit::TempDir::new("sender-stop");
+    let ch = ClickHouse::start(d.path());
+    let rrt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let rx = rrt
+        .block_on(async {
+            TpuReceiver::start(
+                ReceiverConfig::default(),
+                &SigningKey::from_bytes(&[1u8; 32]),
+            )
+        })
+        .unwrap();
+    let state = d.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let certs = common::certs(&state);
+    let (port, ops) = (testkit::free_port(), testkit::free_port());
+    let cfg = json!({
+        "listen": format!("127.0.0.1:{port}"),
+        "tls": {"cert": certs.sidecar_cert, "key": certs.sidecar_key,
+                "client_ca": certs.ca, "edge_identities": ["envoy.local"]},
+        "ops_listen": format!("127.0.0.1:{ops}"),
+        "node_id": "stop-1",
+        "command_keys": {"keys": [{"id": "op-admin-1",
+            "public_key_hex": hex::encode(testkit::fixtures::command_key().verifying_key().as_bytes()),
+            "issuers": ["dashboard"]}]},
+        "state_dir": state,
+        "clickhouse_url": ch.url(),
+        "sender": {
+            "tpu": {},
+            "leaders": {"static": [{
+                "tpu_quic": rx.addr.to_string(),
+                "identity": bs58::encode(rx.identity).into_string(),
+            }]},
+            "route_policy": "tpu_first",
+            "rpc_allow_stopped": true,
+        },
+    });
+    let config = d.path().join("sidecar.json");
+    std::fs::write(&config, cfg.to_string()).unwrap();
+    let start = |n: u32| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gw-sidecar"));
+        cmd.arg("--config")
+            .arg(&config)
+            .env_remove("GW_KAFKA_BROKERS")
+            .env_remove("GW_CLICKHOUSE_URL");
+        let p = testkit::ProcessGuard::spawn(
+            "gw-sidecar",
+            &mut cmd,
+            &d.path().join(format!("sidecar-{n}.log")),
+        );
+        let url = format!("http://127.0.0.1:{ops}/healthz");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !rrt.block_on(async {
+            reqwest::get(&url)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        }) {
+            assert!(Instant::now() < deadline, "sidecar not up:\n{}", p.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        p
+    };
+    let mut sidecar = start(0);
+    // 60 sends at once through JSON-RPC, each answered once the TPU took it.
+    let client = certs.edge_client();
+    let wires: Vec<Vec<u8>> = (0..60).map(|i| tx(900 + i)).collect();
+    let sigs: Vec<String> = rrt.block_on(async {
+        let calls = wires.iter().map(|w| {
+            let body = json!({"jsonrpc": "2.0", "id": 1, "method": "sendTransaction",
+                "params": [b64(w), {"encoding": "base64", "skipPreflight": true, "maxRetries": 0}]});
+            let req = client
+                .post(format!("https://127.0.0.1:{port}/api/rpc"))
+                .json(&body);
+            async move {
+                let r: Value = req.send().await.unwrap().json().await.unwrap();
+                r["result"].as_str().unwrap_or_else(|| panic!("{r}")).to_owned()
+            }
+        });
+        futures_util::future::join_all(calls).await
+    });
+    drop(client);
+    // Asked to stop at once: the last rows are still in the audit queue.
+    sidecar.signal("TERM");
+    let status = sidecar.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}:\n{}",
+        sidecar.log()
+    );
+    // The next start ships whatever the last one had not.
+    let _sidecar = start(1);
+    let count = || {
+        if ch.query("EXISTS TABLE tx_sends").trim() != "1" {
+            return 0;
+        }
+        ch.query("SELECT count() FROM tx_sends")
+            .trim()
+            .parse::<usize>()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count() < sigs.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let stored: Vec<String> = ch
+        .query("SELECT signature FROM tx_sends ORDER BY signature")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let mut want = sigs.clone();
+    want.sort();
+    assert!(
+        stored == want,
+        "every send audited, once: {} rows for {} sends",
+        stored.len(),
+        want.len()
+    );
+}

@@ -211,6 +211,22 @@ impl ProcessGuard {
         assert!(ok, "kill -{signal} {} ({})", self.id(), self.name);
     }
 
+    /// Waits up to `timeout` for the process to exit on its own; its status, or
+    /// `None` while it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        let c = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops the process now.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -7,8 +7,12 @@
 //! ClickHouse with that record's deduplication token (a retry, or a restart between
 //! the insert and its mark, stores nothing twice) and marks it shipped. While
 //! ClickHouse is away the rows wait in the journal; a crash loses only rows not yet
-//! in the journal (the batcher's last few milliseconds). When the queue is full,
-//! rows are dropped and counted (`gw_sidecar_send_audit_total{event="dropped"}`).
+//! in the journal (the batcher's last few milliseconds), a shutdown none: it waits
+//! for the sends running and then [`SendAudit::flush`]es the queue into the
+//! journal. While the journal cannot be written the batcher retries, and rows that
+//! find the queue full are dropped and counted
+//! (`gw_sidecar_send_audit_total{event="dropped"}`). Rows not shipped yet are kept
+//! in the journal even by a start that ships nothing (no sender, no ClickHouse).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +21,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::journal::{self, Journal, Lsn, Sink, Txn};
 
@@ -110,6 +114,13 @@ impl Sink for SendsQueue {
 }
 
 impl SendsQueue {
+    /// Tells `journal` the oldest record with rows not yet shipped (none: nothing).
+    /// Set at every start before the journal may drop anything, shipper or not.
+    pub fn hold_unshipped(&self, journal: &Journal) {
+        let q = self.records.lock();
+        journal.hold(HOLD, q.front().map_or(Lsn::MAX, |(l, _)| *l));
+    }
+
     /// The rows of `records` not yet marked shipped.
     pub fn recovered(records: &[(Lsn, Txn)]) -> SendsQueue {
         let shipped: BTreeSet<Lsn> = records
@@ -140,10 +151,19 @@ impl SendsQueue {
     }
 }
 
+/// What the batcher is handed.
+// Nearly every item is a row: boxing it would cost an allocation per send.
+#[allow(clippy::large_enum_variant)]
+enum Item {
+    Row(SendRow),
+    /// Commit what came before now, then answer.
+    Flush(oneshot::Sender<()>),
+}
+
 /// The audit queue's sending side.
 #[derive(Clone)]
 pub struct SendAudit {
-    tx: mpsc::Sender<SendRow>,
+    tx: mpsc::Sender<Item>,
     /// Counters.
     pub stats: Arc<AuditStats>,
 }
@@ -163,7 +183,7 @@ impl SendAudit {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let stats = Arc::new(AuditStats::default());
         let tasks = vec![
-            tokio::spawn(batcher(rx, journal.clone())),
+            tokio::spawn(batcher(rx, journal.clone(), stats.clone())),
             tokio::spawn(shipper(
                 queue,
                 journal,
@@ -178,28 +198,71 @@ impl SendAudit {
 
     /// Queues `row`; dropped and counted when the queue is full.
     pub fn record(&self, row: SendRow) {
-        if self.tx.try_send(row).is_err() {
+        if self.tx.try_send(Item::Row(row)).is_err() {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Returns once every row recorded before it is in the journal (or the batcher
+    /// is gone).
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Item::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
         }
     }
 }
 
-/// Gathers rows for [`GATHER`] (or [`MAX_BATCH`]) and journals them.
-async fn batcher(mut rx: mpsc::Receiver<SendRow>, journal: Journal) {
+/// Gathers rows for [`GATHER`] (or [`MAX_BATCH`], or until a flush) and journals
+/// them.
+async fn batcher(mut rx: mpsc::Receiver<Item>, journal: Journal, stats: Arc<AuditStats>) {
     loop {
-        let Some(first) = rx.recv().await else { return };
-        let mut batch = vec![first];
+        let mut batch = match rx.recv().await {
+            None => return,
+            Some(Item::Flush(done)) => {
+                let _ = done.send(());
+                continue;
+            }
+            Some(Item::Row(r)) => vec![r],
+        };
+        let mut flushed = None;
         let deadline = tokio::time::Instant::now() + GATHER;
         while batch.len() < MAX_BATCH {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(r)) => batch.push(r),
+                Ok(Some(Item::Row(r))) => batch.push(r),
+                Ok(Some(Item::Flush(done))) => {
+                    flushed = Some(done);
+                    break;
+                }
                 Ok(None) | Err(_) => break,
             }
         }
-        let n = batch.len();
-        let txn = Txn::of(vec![journal::Entry::Sends { rows: batch }]);
-        if let Err(e) = journal.commit(txn).await {
-            tracing::error!(rows = n, error = %e, "send audit rows not journalled (lost)");
+        journal_rows(&journal, batch, &stats).await;
+        if let Some(done) = flushed {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Makes `rows` durable, retrying while the journal's disk fails (the queue in
+/// front fills meanwhile, and what no longer fits is dropped and counted).
+async fn journal_rows(journal: &Journal, rows: Vec<SendRow>, stats: &AuditStats) {
+    let n = rows.len();
+    let txn = Txn::of(vec![journal::Entry::Sends { rows }]);
+    for attempt in 0u32.. {
+        match journal.commit(txn.clone()).await {
+            Ok(_) => return,
+            Err(e @ journal::JournalError::Io { .. }) => {
+                if attempt == 0 {
+                    tracing::error!(rows = n, error = %e, "send audit rows not journalled yet (retrying)");
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => {
+                tracing::error!(rows = n, error = %e, "send audit rows not journalled (lost)");
+                stats.dropped.fetch_add(n as u64, Ordering::Relaxed);
+                return;
+            }
         }
     }
 }
@@ -216,11 +279,8 @@ async fn shipper(
     let mut last_err = String::new();
     loop {
         let woke = queue.grew.notified();
-        let next = {
-            let q = queue.records.lock();
-            journal.hold(HOLD, q.front().map_or(Lsn::MAX, |(l, _)| *l));
-            q.front().cloned()
-        };
+        queue.hold_unshipped(&journal);
+        let next = queue.records.lock().front().cloned();
         let Some((lsn, rows)) = next else {
             woke.await;
             continue;
@@ -263,4 +323,55 @@ async fn insert(
         ins.write(r).await.map_err(|e| e.to_string())?;
     }
     ins.end().await.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{Entry, Options, STARTUP_HOLD};
+
+    fn open(dir: &std::path::Path) -> (Journal, SendsQueue) {
+        let opened = Journal::open(
+            dir,
+            Options {
+                segment_bytes: 256,
+                ..Options::default()
+            },
+        )
+        .unwrap();
+        let q = SendsQueue::recovered(&opened.records);
+        (opened.start(None, Vec::new()).unwrap(), q)
+    }
+
+    /// Rows not shipped are kept by a start that ships nothing (no sender, no
+    /// ClickHouse): the journal rolls and drops its old segments around them, and
+    /// a later start still finds them.
+    #[test]
+    fn unshipped_rows_outlive_a_start_that_ships_nothing() {
+        let d = testkit::TempDir::new("sends-hold");
+        // A row journalled and never shipped (the start holds everything).
+        let (j, _) = open(d.path());
+        let row = SendRow {
+            signature: "kept".into(),
+            ..SendRow::default()
+        };
+        j.commit_blocking(Txn::of(vec![Entry::Sends { rows: vec![row] }]))
+            .unwrap();
+        drop(j);
+        // The start that ships nothing: it only says what it keeps.
+        let (j, q) = open(d.path());
+        assert_eq!(q.len(), 1);
+        q.hold_unshipped(&j);
+        j.hold(STARTUP_HOLD, Lsn::MAX);
+        for i in 0..40 {
+            j.commit_blocking(Txn::of(vec![Entry::Forwarded { lsn: i }]))
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        drop(j);
+        let (_, q) = open(d.path());
+        assert_eq!(q.len(), 1, "the unshipped row is still in the journal");
+        let front = q.records.lock().front().cloned().unwrap();
+        assert_eq!(front.1[0].signature, "kept");
+    }
 }

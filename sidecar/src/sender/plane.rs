@@ -35,6 +35,35 @@ pub struct DataPlane {
     pub landing: Option<Arc<super::landing::Landing>>,
 }
 
+impl DataPlane {
+    /// At shutdown, once the listeners have stopped: stops the hot path, waits (at
+    /// most `within`) for the sends running to end — each records its audit row —
+    /// then for those rows to be in the journal. Sends still running then are
+    /// given up (their rows with them), and logged.
+    pub async fn quiesce(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        self.hot.stop();
+        while !(self.hot.idle() && self.rpc_gate.in_flight() == 0) {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    rpc = self.rpc_gate.in_flight(),
+                    "sends still running at shutdown: their audit rows are lost"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some(a) = &self.audit {
+            if tokio::time::timeout_at(deadline + Duration::from_secs(2), a.flush())
+                .await
+                .is_err()
+            {
+                tracing::warn!("send audit rows not all journalled at shutdown");
+            }
+        }
+    }
+}
+
 /// The TPU identity: `identity_hex` / `GW_TPU_IDENTITY_HEX`, else a fresh key.
 pub fn identity(
     config: &SenderConfig,

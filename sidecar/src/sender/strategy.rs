@@ -294,6 +294,10 @@ pub struct HotPath {
     ingest: Option<tokio::sync::mpsc::Sender<Offer>>,
     strategy: std::thread::Thread,
     stop: Arc<AtomicBool>,
+    /// Set by the strategy thread when it has left its loop.
+    finished: Arc<AtomicBool>,
+    /// Sends the strategy started that have not ended.
+    inflight: Arc<AtomicUsize>,
     joins: Vec<std::thread::JoinHandle<()>>,
     /// Counters.
     pub stats: Arc<StrategyStats>,
@@ -338,6 +342,8 @@ impl HotPath {
         };
         let (producer, consumer) = rtrb::RingBuffer::new(config.ring_capacity);
         let stop = Arc::new(AtomicBool::new(false));
+        let finished = Arc::new(AtomicBool::new(false));
+        let inflight = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(StrategyStats::default());
         let worker = Worker {
             consumer,
@@ -346,11 +352,12 @@ impl HotPath {
             models,
             rt,
             stop: stop.clone(),
+            finished: finished.clone(),
             stats: stats.clone(),
             batch: config.batch,
             max_per_sec: config.max_sends_per_sec,
             max_inflight: config.max_inflight,
-            inflight: Arc::new(AtomicUsize::new(0)),
+            inflight: inflight.clone(),
             throttles: BTreeMap::new(),
         };
         let strategy = std::thread::Builder::new()
@@ -372,6 +379,8 @@ impl HotPath {
             ingest: Some(tx),
             strategy: strategy.thread().clone(),
             stop,
+            finished,
+            inflight,
             joins: vec![ingest_join, strategy],
             stats,
             ingest_addr: None,
@@ -382,6 +391,19 @@ impl HotPath {
             .recv()
             .map_err(|_| anyhow::anyhow!("the ingest thread ended while starting"))??;
         Ok(hot)
+    }
+
+    /// Stops deciding (at shutdown): the strategy thread leaves its loop after the
+    /// batch in hand; opportunities still in the ring are not sent.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.strategy.unpark();
+    }
+
+    /// Whether the strategy thread has stopped and every send it started has ended
+    /// (its audit row recorded).
+    pub fn idle(&self) -> bool {
+        self.finished.load(Ordering::Acquire) && self.inflight.load(Ordering::Acquire) == 0
     }
 
     fn hand_off(&self, items: Vec<Opportunity>, reply: Reply) -> Result<(), usize> {
@@ -510,6 +532,7 @@ struct Worker {
     models: Option<Arc<ModelHost>>,
     rt: tokio::runtime::Handle,
     stop: Arc<AtomicBool>,
+    finished: Arc<AtomicBool>,
     stats: Arc<StrategyStats>,
     batch: usize,
     max_per_sec: u32,
@@ -551,6 +574,7 @@ impl Worker {
             // The batch buffer is drained, not replaced: no allocation per batch.
             self.handle(&mut buf);
         }
+        self.finished.store(true, Ordering::Release);
     }
 
     fn handle(&mut self, batch: &mut Vec<Opportunity>) {
