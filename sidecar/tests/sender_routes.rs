@@ -1152,3 +1152,40 @@ fn tpu_first_waits_for_the_failover_without_spinning() {
         assert!(relay.calls().is_empty(), "the relay was not used");
     });
 }
+
+/// A leader's handshake budget (`max_handshakes_per_leader_per_min`) outlives its
+/// connection: with room for one leader connection, sends alternating between two
+/// leaders close and open each one again and again, and still no leader sees more
+/// than its budget of handshakes in the minute (each link used to start afresh).
+#[test]
+fn a_leaders_handshake_budget_outlives_its_connection() {
+    rt().block_on(async {
+        let a = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let b = TpuReceiver::start(ReceiverConfig::default(), &key(3)).unwrap();
+        let cfg: TpuConfig = serde_json::from_value(serde_json::json!({
+            "max_leaders": 1, "max_handshakes_per_leader_per_min": 2,
+        }))
+        .unwrap();
+        let client = TpuClient::new(cfg, &key(2)).unwrap();
+        let leaders = [&a, &b].map(|rx| Leader {
+            tpu_quic: rx.addr,
+            identity: Some(rx.identity),
+        });
+        for i in 0..5 {
+            for l in &leaders {
+                // Answered or not (a capped link waits for its budget): the next
+                // submit to the other leader closes this one.
+                let d = client.submit(l, tx(i, 0).0).unwrap();
+                let _ = tokio::time::timeout(Duration::from_millis(300), d).await;
+            }
+        }
+        let hs = |rx: &TpuReceiver| rx.stats.connections.load(Ordering::Relaxed);
+        assert!(
+            hs(&a) <= 2 && hs(&b) <= 2,
+            "handshakes per leader: {} and {} (budget 2 a minute)",
+            hs(&a),
+            hs(&b)
+        );
+        assert!(client.stats.handshakes_capped.load(Ordering::Relaxed) >= 1);
+    });
+}

@@ -218,6 +218,17 @@ impl SenderConfig {
         if self.fanout == 0 || self.fanout > 8 {
             return Err(OutOfBounds::new("sender.fanout", "must be within 1..=8"));
         }
+        if let Some(t) = &self.tpu {
+            let need = self.prewarm.max(self.fanout);
+            if t.max_leaders < need {
+                return Err(OutOfBounds::new(
+                    "sender.tpu.max_leaders",
+                    format!(
+                        "must be at least prewarm and fanout ({need}): fewer would close and open again the connections to upcoming leaders on every leader refresh"
+                    ),
+                ));
+            }
+        }
         if self.route_policy == RoutePolicy::TpuFirst && self.primary == Route::Relay {
             return Err(OutOfBounds::new(
                 "sender.primary",
@@ -739,5 +750,28 @@ mod tests {
         let sender = cfg.sender.expect("sender section");
         sender.validate().expect("valid");
         assert_eq!(sender.hedge_delay_ms, 10);
+    }
+
+    /// Fewer leader connections than upcoming leaders to keep warm (or to send to)
+    /// would close and reopen them on every refresh: refused.
+    #[test]
+    fn max_leaders_below_prewarm_or_fanout_is_refused() {
+        let cfg = |prewarm: usize, fanout: usize| -> super::SenderConfig {
+            serde_json::from_value(serde_json::json!({
+                "tpu": {"max_leaders": 8}, "leaders": {"static": []},
+                "prewarm": prewarm, "fanout": fanout,
+            }))
+            .expect("parses")
+        };
+        assert!(cfg(8, 1).validate().is_ok());
+        for (p, f) in [(12, 1), (4, 9)] {
+            let e = cfg(p, f).validate().expect_err("refused").to_string();
+            assert!(
+                e.contains("sender.tpu.max_leaders") || e.contains("fanout"),
+                "{e}"
+            );
+        }
+        let e = cfg(12, 1).validate().expect_err("refused").to_string();
+        assert!(e.contains("sender.tpu.max_leaders"), "{e}");
     }
 }

@@ -316,6 +316,14 @@ impl RateCap {
         }
     }
 
+    /// Whether the cap remembers no handshake (its bucket is full again).
+    fn is_full(&self) -> bool {
+        self.state.lock().is_ok_and(|st| {
+            let refill = st.1.elapsed().as_secs_f64() / self.every.as_secs_f64();
+            st.0 + refill >= self.burst
+        })
+    }
+
     /// Gives back a token taken for a handshake that was not made.
     fn refund(&self) {
         if let Ok(mut st) = self.state.lock() {
@@ -451,6 +459,10 @@ pub struct TpuClient {
     links: Mutex<HashMap<SocketAddr, Link>>,
     /// `max_handshakes_per_sec`, shared by every worker.
     handshakes: Arc<RateCap>,
+    /// `max_handshakes_per_leader_per_min` per leader, kept beyond its link: a
+    /// leader whose link was closed (least recently used) and opened again does not
+    /// start with a fresh budget.
+    leader_caps: Mutex<HashMap<SocketAddr, Arc<RateCap>>>,
     /// Counters.
     pub stats: Arc<TpuStats>,
 }
@@ -473,8 +485,29 @@ impl TpuClient {
             config,
             links: Mutex::new(HashMap::new()),
             handshakes,
+            leader_caps: Mutex::new(HashMap::new()),
             stats: Arc::new(TpuStats::default()),
         }))
+    }
+
+    /// `addr`'s handshake budget (the same one its earlier links used). Caps that
+    /// remember nothing and belong to no link (`links`) are forgotten.
+    fn leader_cap(&self, addr: SocketAddr, links: &HashMap<SocketAddr, Link>) -> Arc<RateCap> {
+        let mut caps = self
+            .leader_caps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if caps.len() >= 4 * self.config.max_leaders {
+            caps.retain(|a, c| links.contains_key(a) || !c.is_full());
+        }
+        caps.entry(addr)
+            .or_insert_with(|| {
+                Arc::new(RateCap::new(
+                    self.config.max_handshakes_per_leader_per_min,
+                    Duration::from_secs(60),
+                ))
+            })
+            .clone()
     }
 
     /// Queues `wire` for `leader`; the receiver answers once the leader acknowledged
@@ -608,10 +641,7 @@ impl TpuClient {
             stats: self.stats.clone(),
             conn: conn.clone(),
             global_cap: self.handshakes.clone(),
-            leader_cap: RateCap::new(
-                self.config.max_handshakes_per_leader_per_min,
-                Duration::from_secs(60),
-            ),
+            leader_cap: self.leader_cap(leader.tpu_quic, &links),
         };
         let task = tokio::spawn(worker.run(rx));
         let r = f(&tx);
@@ -671,7 +701,7 @@ struct Worker {
     stats: Arc<TpuStats>,
     conn: Arc<Mutex<Option<quinn::Connection>>>,
     global_cap: Arc<RateCap>,
-    leader_cap: RateCap,
+    leader_cap: Arc<RateCap>,
 }
 
 /// The worker's connection.
