@@ -167,6 +167,11 @@ fn send_transaction_has_a_solana_nodes_landing_semantics() {
                             "confirmationStatus": "confirmed", "status": {"Ok": null}});
         node.set_status(&s4, status.clone());
         node.expire_blockhash(&bh5);
+        // Two "not valid" answers after "valid" end it (one may be a lagging node).
+        until("w5's blockhash expired", || {
+            landing.stats.expired.load(std::sync::atomic::Ordering::Relaxed) == 1
+        })
+        .await;
         modules.set(
             Module::Arbitrage,
             ModuleState {

@@ -177,13 +177,17 @@ struct Tracked {
     running: bool,
 }
 
-/// The blockhash counts as expired once the node said it was valid and then not,
-/// or said "not valid" this many times in a row (a node that lags the client's
-/// blockhash source; a durable nonce's "blockhash").
+/// The blockhash counts as expired once the node said it was valid and then not
+/// [`INVALID_AFTER_VALID`] times in a row (one answer from a node behind a load
+/// balancer that has not seen it yet does not end the rebroadcast), or said "not
+/// valid" this many times in a row (a node that lags the client's blockhash source;
+/// a durable nonce's "blockhash").
 const INVALID_IN_A_ROW: u32 = 5;
+/// See [`INVALID_IN_A_ROW`].
+const INVALID_AFTER_VALID: u32 = 2;
 
 /// What the node said of one blockhash.
-#[derive(Default)]
+#[derive(Default, Debug)]
 struct Blockhash {
     /// It was valid once.
     was_valid: bool,
@@ -193,6 +197,27 @@ struct Blockhash {
     polled: Option<Instant>,
     /// It counts as expired.
     expired: bool,
+}
+
+impl Blockhash {
+    /// The node's answer to `isBlockhashValid` (`None`: no answer).
+    fn answered(&mut self, valid: Option<bool>) {
+        match valid {
+            Some(true) => (self.was_valid, self.invalid) = (true, 0),
+            Some(false) => {
+                self.invalid += 1;
+                let need = if self.was_valid {
+                    INVALID_AFTER_VALID
+                } else {
+                    INVALID_IN_A_ROW
+                };
+                if self.invalid >= need {
+                    self.expired = true;
+                }
+            }
+            None => {}
+        }
+    }
 }
 
 /// Node calls of one round at once at most.
@@ -492,16 +517,7 @@ impl Landing {
         for (h, v) in answers {
             let b = known.entry(h).or_default();
             b.polled = Some(now);
-            match v.as_ref().map(|v| &v["value"]) {
-                Some(Value::Bool(true)) => (b.was_valid, b.invalid) = (true, 0),
-                Some(Value::Bool(false)) => {
-                    b.invalid += 1;
-                    if b.was_valid || b.invalid >= INVALID_IN_A_ROW {
-                        b.expired = true;
-                    }
-                }
-                _ => {}
-            }
+            b.answered(v.as_ref().and_then(|v| v["value"].as_bool()));
         }
         hashes
             .into_iter()
@@ -660,6 +676,27 @@ fn describe(err: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blockhash_expires_on_answers_in_a_row_not_on_one() {
+        let run = |answers: &[Option<bool>]| {
+            let mut b = Blockhash::default();
+            for a in answers {
+                b.answered(*a);
+            }
+            b.expired
+        };
+        let (t, f) = (Some(true), Some(false));
+        assert!(!run(&[t, f]), "one lagging node's answer");
+        assert!(!run(&[t, f, t, f]), "flapping behind a load balancer");
+        assert!(!run(&[t, f, None, t]));
+        assert!(run(&[t, f, f]), "valid, then not, twice");
+        assert!(
+            !run(&[f, f, f, f]),
+            "never valid: the node may lag the client"
+        );
+        assert!(run(&[f, f, f, f, f]));
+    }
 
     #[test]
     fn errors_are_named_as_solana_names_them() {
