@@ -395,6 +395,15 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
         metrics.contains("gw_sender_tpu_total{event=\"delivered\"}"),
         "{metrics}"
     );
+    // Every row shipped: none pending.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s
+        .get_ops("/metrics")
+        .contains("gw_sidecar_send_audit_pending_rows 0")
+    {
+        assert!(Instant::now() < deadline, "{}", s.get_ops("/metrics"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // The two JSON-RPC sends refused above (module stopped, then killed); none
     // running now.
     for line in [
@@ -407,10 +416,36 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
     drop(rx);
 }
 
+/// `sendTransaction` of each of `wires` at once to the sidecar at `port`
+/// (skipPreflight, maxRetries 0): their signatures, once each was sent.
+fn send_all(
+    rt: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
+    port: u16,
+    wires: &[Vec<u8>],
+) -> Vec<String> {
+    rt.block_on(async {
+        let calls = wires.iter().map(|w| {
+            let body = json!({"jsonrpc": "2.0", "id": 1, "method": "sendTransaction",
+                "params": [b64(w), {"encoding": "base64", "skipPreflight": true, "maxRetries": 0}]});
+            let req = client
+                .post(format!("https://127.0.0.1:{port}/api/rpc"))
+                .json(&body);
+            async move {
+                let r: Value = req.send().await.unwrap().json().await.unwrap();
+                r["result"].as_str().unwrap_or_else(|| panic!("{r}")).to_owned()
+            }
+        });
+        futures_util::future::join_all(calls).await
+    })
+}
+
 /// A sidecar asked to stop (SIGTERM) right after its sends went out audits every
 /// one: the sends running end, their rows reach the journal before the process
 /// exits, and the next start ships them, each once. (Before, the rows still in the
-/// audit queue — its last 20 ms — were lost with the process.)
+/// audit queue — its last 20 ms — were lost with the process.) Then, ClickHouse
+/// frozen, the rows of more sends wait and `gw_sidecar_send_audit_pending_rows`
+/// counts them until it is back.
 #[test]
 fn a_sidecar_stopped_right_after_its_sends_audits_every_one() {
     let d = testkit::TempDir::new("sender-stop");
@@ -479,23 +514,10 @@ fn a_sidecar_stopped_right_after_its_sends_audits_every_one() {
         p
     };
     let mut sidecar = start(0);
-    // 60 sends at once through JSON-RPC, each answered once the TPU took it.
+    // Sends at once through JSON-RPC, each answered once the TPU took it.
     let client = certs.edge_client();
     let wires: Vec<Vec<u8>> = (0..60).map(|i| tx(900 + i)).collect();
-    let sigs: Vec<String> = rrt.block_on(async {
-        let calls = wires.iter().map(|w| {
-            let body = json!({"jsonrpc": "2.0", "id": 1, "method": "sendTransaction",
-                "params": [b64(w), {"encoding": "base64", "skipPreflight": true, "maxRetries": 0}]});
-            let req = client
-                .post(format!("https://127.0.0.1:{port}/api/rpc"))
-                .json(&body);
-            async move {
-                let r: Value = req.send().await.unwrap().json().await.unwrap();
-                r["result"].as_str().unwrap_or_else(|| panic!("{r}")).to_owned()
-            }
-        });
-        futures_util::future::join_all(calls).await
-    });
+    let mut sigs = send_all(&rrt, &client, port, &wires);
     drop(client);
     // Asked to stop at once: the last rows are still in the audit queue.
     sidecar.signal("TERM");
@@ -518,6 +540,37 @@ fn a_sidecar_stopped_right_after_its_sends_audits_every_one() {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while count() < sigs.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // ClickHouse frozen: the rows of 10 more sends wait, and the gauge says so.
+    ch.process.signal("STOP");
+    let client = certs.edge_client();
+    let more: Vec<Vec<u8>> = (0..10).map(|i| tx(990 + i)).collect();
+    sigs.extend(send_all(&rrt, &client, port, &more));
+    let metrics = || {
+        rrt.block_on(async {
+            reqwest::get(format!("http://127.0.0.1:{ops}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !metrics().contains("gw_sidecar_send_audit_pending_rows 10") {
+        assert!(Instant::now() < deadline, "{}", metrics());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ch.process.signal("CONT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(count() >= sigs.len() && metrics().contains("gw_sidecar_send_audit_pending_rows 0")) {
+        assert!(
+            Instant::now() < deadline,
+            "{} rows:\n{}",
+            count(),
+            metrics()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_millis(500));

@@ -97,6 +97,8 @@ const GATHER: Duration = Duration::from_millis(20);
 #[derive(Default)]
 pub struct SendsQueue {
     records: Mutex<VecDeque<(Lsn, Vec<SendRow>)>>,
+    /// Rows in `records`.
+    rows: AtomicU64,
     grew: Notify,
 }
 
@@ -105,6 +107,7 @@ impl Sink for SendsQueue {
         let mut q = self.records.lock();
         for e in &txn.entries {
             if let journal::Entry::Sends { rows } = e {
+                self.rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
                 q.push_back((lsn, rows.clone()));
             }
         }
@@ -140,6 +143,12 @@ impl SendsQueue {
         q
     }
 
+    /// Rows waiting for ClickHouse (in the journal, and held in memory until
+    /// shipped).
+    pub fn pending_rows(&self) -> u64 {
+        self.rows.load(Ordering::Relaxed)
+    }
+
     /// Records waiting.
     pub fn len(&self) -> usize {
         self.records.lock().len()
@@ -164,6 +173,7 @@ enum Item {
 #[derive(Clone)]
 pub struct SendAudit {
     tx: mpsc::Sender<Item>,
+    queue: Arc<SendsQueue>,
     /// Counters.
     pub stats: Arc<AuditStats>,
 }
@@ -185,7 +195,7 @@ impl SendAudit {
         let tasks = vec![
             tokio::spawn(batcher(rx, journal.clone(), stats.clone())),
             tokio::spawn(shipper(
-                queue,
+                queue.clone(),
                 journal,
                 client,
                 table.to_owned(),
@@ -193,7 +203,12 @@ impl SendAudit {
                 stats.clone(),
             )),
         ];
-        (SendAudit { tx, stats }, tasks)
+        (SendAudit { tx, queue, stats }, tasks)
+    }
+
+    /// Rows journalled and not yet in ClickHouse.
+    pub fn pending_rows(&self) -> u64 {
+        self.queue.pending_rows()
     }
 
     /// Queues `row`; dropped and counted when the queue is full.
@@ -291,7 +306,9 @@ async fn shipper(
                 stats
                     .written
                     .fetch_add(rows.len() as u64, Ordering::Relaxed);
-                queue.records.lock().pop_front();
+                if let Some((_, r)) = queue.records.lock().pop_front() {
+                    queue.rows.fetch_sub(r.len() as u64, Ordering::Relaxed);
+                }
                 journal.commit_detached(Txn::of(vec![journal::Entry::SendsShipped { lsn }]));
                 last_err.clear();
             }

@@ -232,6 +232,13 @@ impl Collector for SenderCollector {
                     ([("event", "insert_errors")], load(&a.stats.insert_errors)),
                 ],
             )?;
+            let pending = ConstGauge::new(i64::try_from(a.pending_rows()).unwrap_or(i64::MAX));
+            pending.encode(enc.encode_descriptor(
+                "gw_sidecar_send_audit_pending_rows",
+                "Send audit rows in the journal not yet in ClickHouse (also held in memory until shipped)",
+                None,
+                pending.metric_type(),
+            )?)?;
         }
         Ok(())
     }
