@@ -181,6 +181,10 @@ pub fn split_signed(body: &[u8]) -> Result<SignedParts<'_>, Reject> {
     })
 }
 
+/// Longest issuer name: it names replay state at the edge and in the sidecar, and
+/// travels in a header and in every ledger row.
+pub const MAX_ISSUER_BYTES: usize = 128;
+
 /// A command whose signature, key and scope were verified.
 #[derive(Debug, Clone)]
 pub struct VerifiedCommand {
@@ -261,6 +265,11 @@ pub fn verify_command(
                 command.schema_version.escape_debug()
             ),
         ));
+    }
+    if command.issuer.len() > MAX_ISSUER_BYTES || command.issuer.chars().any(char::is_control) {
+        return Err(malformed(format!(
+            "issuer must be at most {MAX_ISSUER_BYTES} bytes without control characters"
+        )));
     }
     key.check_scope(&command.issuer, module, action)?;
     if command.nonce == 0 {

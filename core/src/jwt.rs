@@ -218,13 +218,24 @@ fn roles_from(claims: &serde_json::Map<String, Value>, path: &str) -> Result<Vec
             .filter(|r| !r.is_empty())
             .map(str::to_owned)
             .collect()),
+        // Role names travel on as a comma-separated list (the stamped header, the
+        // ledger's requester): one holding a separator would turn into others.
         Some(Value::Array(a)) => a
             .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| err(Code::JwtClaims, "roles array holds a non-string"))
+            .map(|v| match v.as_str() {
+                Some(r)
+                    if r.chars()
+                        .any(|c| c == ',' || c.is_whitespace() || c.is_control()) =>
+                {
+                    Err(err(
+                        Code::JwtClaims,
+                        "a role name holds a comma, a space or a control character",
+                    ))
+                }
+                Some(r) => Ok(r.to_owned()),
+                None => Err(err(Code::JwtClaims, "roles array holds a non-string")),
             })
+            .filter(|r| r.as_ref().map_or(true, |r| !r.is_empty()))
             .collect(),
         Some(_) => Err(err(
             Code::JwtClaims,

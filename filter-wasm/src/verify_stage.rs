@@ -131,9 +131,21 @@ impl VerifyStage {
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
                 .map(|(_, v)| *v)
         };
+        // Every line of the subprotocol header, as one list (a second line must
+        // not carry a token past the rewrite below).
+        let ws_lines: Vec<&str> = headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(WS_PROTOCOL_HEADER))
+            .map(|(_, v)| *v)
+            .collect();
+        let ws_protocols = match ws_lines.as_slice() {
+            [] => None,
+            [one] => Some(std::borrow::Cow::Borrowed(*one)),
+            many => Some(std::borrow::Cow::Owned(many.join(", "))),
+        };
         // A token offered as a WebSocket subprotocol stops here, whatever the
         // decision (read below from the unmodified copy).
-        if let Some(rest) = get(WS_PROTOCOL_HEADER).and_then(without_bearer_offers) {
+        if let Some(rest) = ws_protocols.as_deref().and_then(without_bearer_offers) {
             let done = if rest.is_empty() {
                 abi::remove_request_header(WS_PROTOCOL_HEADER)
             } else {
@@ -160,7 +172,7 @@ impl VerifyStage {
             authorization: get("authorization"),
             content_length: get("content-length"),
             upgrade: get("upgrade"),
-            websocket_protocols: get("sec-websocket-protocol"),
+            websocket_protocols: ws_protocols.as_deref(),
             end_of_stream,
         };
         match edge.on_request_headers(&head, host::now_secs()) {

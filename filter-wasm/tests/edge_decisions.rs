@@ -135,6 +135,11 @@ fn routes_need_the_right_role() {
         reject_code(e.on_request_headers(&head("GET", "/api/modules", Some(&viewer)), NOW)),
         Code::ForbiddenRole
     );
+    // A host that gives no time (0): no token can be checked, none passes.
+    assert_eq!(
+        reject_code(e.on_request_headers(&head("GET", "/api/modules", Some(&op)), 0)),
+        Code::Unavailable
+    );
     match e.on_request_headers(&head("GET", "/api/ledger/history?x=1", Some(&viewer)), NOW) {
         HeadDecision::Forward(h) => {
             assert!(h.contains(&("x-gw-sub".into(), "alice".into())));

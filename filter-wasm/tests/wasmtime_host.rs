@@ -233,6 +233,74 @@ fn accepted_command_goes_upstream_with_verified_headers_only() {
     assert_eq!(out.header("x-gw-verified"), Some("jwt"));
 }
 
+/// A token offered as a WebSocket subprotocol never travels past the edge, also
+/// when the client splits the header over several lines (the host answers a
+/// header's first line only; the second used to go upstream as it came).
+#[test]
+fn a_subprotocol_token_on_a_second_header_line_stops_at_the_edge() {
+    let host = Host::new();
+    let mut vm = host.gateway(&config(), NOW).unwrap();
+    let viewer = bearer(&["viewer"]);
+    let offer = format!("bearer.{}", viewer.trim_start_matches("Bearer "));
+    let out = vm.request(
+        &[
+            (":method", "GET"),
+            (":path", "/api/realtime"),
+            ("upgrade", "websocket"),
+            ("connection", "upgrade"),
+            ("sec-websocket-protocol", "gw.realtime.v1"),
+            ("sec-websocket-protocol", &offer),
+        ],
+        b"",
+        1,
+    );
+    match &out {
+        Outcome::Forwarded { headers, .. } => {
+            let ws: Vec<_> = headers
+                .iter()
+                .filter(|(k, _)| k == "sec-websocket-protocol")
+                .collect();
+            assert_eq!(
+                ws,
+                vec![&(
+                    "sec-websocket-protocol".to_string(),
+                    "gw.realtime.v1".to_string()
+                )]
+            );
+            assert!(
+                !headers.iter().any(|(_, v)| v.contains("bearer.")),
+                "{headers:?}"
+            );
+            assert_eq!(out.header("x-gw-roles"), Some("viewer"));
+        }
+        other => panic!("{other:?}\n{:?}", vm.logs()),
+    }
+    // With an Authorization header too (the token checked is that one), the offer
+    // on the second line is still taken out.
+    let out = vm.request(
+        &[
+            (":method", "GET"),
+            (":path", "/api/realtime"),
+            ("authorization", &viewer),
+            ("upgrade", "websocket"),
+            ("connection", "upgrade"),
+            ("sec-websocket-protocol", "gw.realtime.v1"),
+            ("sec-websocket-protocol", &offer),
+        ],
+        b"",
+        1,
+    );
+    match &out {
+        Outcome::Forwarded { headers, .. } => {
+            assert!(
+                !headers.iter().any(|(_, v)| v.contains("bearer.")),
+                "{headers:?}"
+            );
+        }
+        other => panic!("{other:?}\n{:?}", vm.logs()),
+    }
+}
+
 #[test]
 fn every_rejection_has_its_status_and_code() {
     let host = Host::new();

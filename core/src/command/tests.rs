@@ -272,6 +272,17 @@ fn semantic_checks_after_the_signature() {
     assert_eq!(code(&c), Code::Malformed);
     let c = cmd(&[("throttle_pct", "140")]);
     assert_eq!(code(&c), Code::BadArgs);
+    // Issuers name replay state and travel in headers and ledger rows: bounded.
+    let mut c = cmd(&[]);
+    c.issuer = "x".repeat(MAX_ISSUER_BYTES + 1);
+    assert_eq!(code(&c), Code::Malformed);
+    let mut c = cmd(&[]);
+    c.issuer = "desk\n7".into();
+    assert_eq!(code(&c), Code::Malformed);
+    let mut c = cmd(&[]);
+    c.issuer = "x".repeat(MAX_ISSUER_BYTES);
+    let b = sign_command(&c, &sk(1), "op-admin-1");
+    assert!(verify_command(&b, &ring(), Some(NOW)).is_ok());
 }
 
 #[test]

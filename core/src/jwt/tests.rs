@@ -171,6 +171,13 @@ fn roles_claim_shapes() {
     let mut c = good_claims();
     c["roles"] = json!(["admin", 1]);
     assert_eq!(code(&mk(c), &hs_keys()), Code::JwtClaims);
+    // Roles travel on comma-separated: a name holding a separator would become
+    // other roles downstream ("guest,admin" read as guest here, admin there).
+    for bad in ["guest,admin", "guest admin", "guest\tadmin", "a\u{7}"] {
+        let mut c = good_claims();
+        c["roles"] = json!([bad]);
+        assert_eq!(code(&mk(c), &hs_keys()), Code::JwtClaims, "{bad:?}");
+    }
 }
 
 #[test]
