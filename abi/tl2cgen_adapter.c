@@ -19,11 +19,13 @@
  *
  * MODEL_TEST_FAULT (tests only) builds deliberately broken libraries:
  *   1 wrong ABI version, 2 predict always fails, 3 no export symbol, 4 init fails,
- *   5 outputs off by 1e-4 relative (a wrong model), 6 no golden vectors.
+ *   5 outputs off by 1e-4 relative (a wrong model), 6 no golden vectors,
+ *   7 init never returns (a hang).
  */
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "header.h"
 #include "golden.h"
@@ -72,6 +74,7 @@ _Static_assert(GW_GOLDEN_N_OUTPUTS == N_OUTPUTS,
 
 static int32_t adapter_init(void) {
     if (MODEL_TEST_FAULT == 4) return MODEL_ERR_INTERNAL;
+    if (MODEL_TEST_FAULT == 7) for (;;) sleep(3600);
     return get_num_feature() == GW_GOLDEN_N_FEATURES ? MODEL_OK : MODEL_ERR_INTERNAL;
 }
 

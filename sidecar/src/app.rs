@@ -252,11 +252,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     tracing::info!(bus = %bus.describe(), "command bus");
 
     let models = cfg.file.models.as_ref().map(|m| {
-        let host = Arc::new(ModelHost::new(
-            &m.dir,
-            |module| m.features_of(module),
-            m.policy(),
-        ));
+        let host = Arc::new(
+            ModelHost::new(&m.dir, |module| m.features_of(module), m.policy())
+                .with_load_timeout(Duration::from_millis(m.load_timeout_ms)),
+        );
         host.register(&mut registry);
         for line in host.poll() {
             tracing::info!("{line}");

@@ -127,6 +127,14 @@ pub struct ModelsConfig {
     /// (`golden_missing`).
     #[serde(default)]
     pub allow_unverified: bool,
+    /// How long opening and checking a library may take, milliseconds (beyond:
+    /// refused, `timeout`).
+    #[serde(default = "default_model_load_timeout")]
+    pub load_timeout_ms: u64,
+}
+
+fn default_model_load_timeout() -> u64 {
+    10_000
 }
 
 /// `models.features`: a module's feature count where it differs from
@@ -149,6 +157,7 @@ impl ModelsConfig {
             features: ModuleFeatures::default(),
             poll_ms: default_model_poll(),
             allow_unverified: false,
+            load_timeout_ms: default_model_load_timeout(),
         }
     }
 
@@ -447,6 +456,13 @@ impl Config {
         }
         if file.ledger_ship_every_ms > 10_000 {
             return Err(OutOfBounds::new("ledger_ship_every_ms", "must be 0..=10000").into());
+        }
+        if let Some(m) = &file.models {
+            if !(100..=600_000).contains(&m.load_timeout_ms) {
+                return Err(
+                    OutOfBounds::new("models.load_timeout_ms", "must be 100..=600000").into(),
+                );
+            }
         }
         if let Some(l) = env("GW_SIDECAR_LISTEN") {
             file.listen = l

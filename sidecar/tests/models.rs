@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use gw_sidecar::config::ModelsConfig;
 use gw_sidecar::models::{LoadError, LoadPolicy, Model, ModelHost, PredictError};
@@ -193,7 +194,7 @@ fn every_kind_of_bad_library_is_refused_with_its_reason_while_the_old_one_serves
     let d = testkit::TempDir::new("models-bad");
     let dir = d.path();
     build(dir, "good1", 7, 0, "mev");
-    let host = host(dir, 8, false);
+    let host = host(dir, 8, false).with_load_timeout(Duration::from_secs(3));
     host.poll();
     let serving = || host.current("mev").map(|m| m.version.clone());
     assert_eq!(serving().as_deref(), Some("good1"));
@@ -214,9 +215,24 @@ fn every_kind_of_bad_library_is_refused_with_its_reason_while_the_old_one_serves
             "golden vectors differ: row 0 output 0",
         ),
         (6, "golden_missing", "no golden vectors"),
+        // 7: init never returns. Refused once the load timeout passes; meanwhile
+        // what serves is shown at once (GET /api/models does not wait for it).
+        (7, "timeout", "init or predict hangs"),
     ] {
         build(dir, &format!("fault{fault}"), 7, fault, "mev");
-        let log = host.poll();
+        let log = std::thread::scope(|t| {
+            let polling = t.spawn(|| host.poll());
+            std::thread::sleep(Duration::from_millis(200));
+            let t0 = std::time::Instant::now();
+            let view = host.view();
+            assert!(
+                t0.elapsed() < Duration::from_millis(500),
+                "{:?}",
+                t0.elapsed()
+            );
+            assert_eq!(view[0].0, "mev");
+            polling.join().unwrap()
+        });
         assert!(
             log.iter()
                 .any(|l| l.contains(&format!("refused [{reason}]"))
@@ -263,7 +279,7 @@ fn every_kind_of_bad_library_is_refused_with_its_reason_while_the_old_one_serves
         })
     ));
     let slot = host.slot("mev").unwrap();
-    assert_eq!(slot.rejected(), 8);
+    assert_eq!(slot.rejected(), 9);
     let metrics = rejected_metrics(&host);
     for reason in [
         "abi",
@@ -272,6 +288,7 @@ fn every_kind_of_bad_library_is_refused_with_its_reason_while_the_old_one_serves
         "init",
         "golden_mismatch",
         "open",
+        "timeout",
     ] {
         assert!(
             metrics.contains(&format!(
@@ -299,6 +316,7 @@ fn every_kind_of_bad_library_is_refused_with_its_reason_while_the_old_one_serves
             "init",
             "golden_mismatch",
             "golden_missing",
+            "timeout",
             "open",
             "golden_missing"
         ]

@@ -111,7 +111,12 @@ pub struct ModelHost {
     /// `release` once, as the ABI promises (the system loader shares one handle
     /// per file).
     loaded: Mutex<HashMap<PathBuf, Weak<Model>>>,
+    /// How long opening and checking a library may take.
+    load_timeout: Duration,
 }
+
+/// Default of [`ModelHost::with_load_timeout`].
+pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What `GET /api/models` shows of a slot.
 #[derive(Debug, Serialize)]
@@ -177,20 +182,51 @@ impl ModelHost {
             loads,
             rejected,
             loaded: Mutex::new(HashMap::new()),
+            load_timeout: DEFAULT_LOAD_TIMEOUT,
         }
     }
 
     /// The live model of `target` for a slot fed `n_features`, or a fresh load.
+    /// Opening and checking a library may take at most `t` (a library whose
+    /// `init` or `predict` hangs is refused, `timeout`, instead of holding the
+    /// watcher, and the sidecar's start, for good).
+    #[must_use]
+    pub fn with_load_timeout(mut self, t: Duration) -> ModelHost {
+        self.load_timeout = t;
+        self
+    }
+
     fn load(&self, target: &Path, n_features: u32) -> Result<Arc<Model>, super::LoadError> {
-        let mut loaded = self.loaded.lock();
-        loaded.retain(|_, m| m.strong_count() > 0);
-        if let Some(m) = loaded.get(target).and_then(Weak::upgrade) {
-            if m.n_features == n_features {
-                return Ok(m);
+        {
+            let mut loaded = self.loaded.lock();
+            loaded.retain(|_, m| m.strong_count() > 0);
+            if let Some(m) = loaded.get(target).and_then(Weak::upgrade) {
+                if m.n_features == n_features {
+                    return Ok(m);
+                }
             }
         }
-        let m = Arc::new(Model::load(target, n_features, self.policy)?);
-        loaded.insert(target.to_path_buf(), Arc::downgrade(&m));
+        // On a thread of its own, waited for with a deadline: the library's code
+        // runs there (init, the self-test, the golden rows).
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (path, policy) = (target.to_path_buf(), self.policy);
+        let shown = target.display().to_string();
+        std::thread::Builder::new()
+            .name("gw-model-load".into())
+            .spawn(move || {
+                let _ = tx.send(Model::load(&path, n_features, policy));
+            })
+            .map_err(|e| super::LoadError::Open(shown.clone(), format!("no loader thread: {e}")))?;
+        let m = match rx.recv_timeout(self.load_timeout) {
+            Ok(r) => Arc::new(r?),
+            Err(_) => {
+                let ms = u64::try_from(self.load_timeout.as_millis()).unwrap_or(u64::MAX);
+                return Err(super::LoadError::Timeout(shown, ms));
+            }
+        };
+        self.loaded
+            .lock()
+            .insert(target.to_path_buf(), Arc::downgrade(&m));
         Ok(m)
     }
 
@@ -251,8 +287,8 @@ impl ModelHost {
             if s.current.load().as_ref().is_some_and(|m| m.path == target) {
                 continue;
             }
-            let mut refused = s.refused.lock();
-            if refused.as_ref().is_some_and(|(p, _)| *p == target) {
+            // Not held while the library loads: `view` (GET /api/models) reads it.
+            if s.refused.lock().as_ref().is_some_and(|(p, _)| *p == target) {
                 continue;
             }
             match self.load(&target, s.n_features) {
@@ -279,7 +315,7 @@ impl ModelHost {
                     s.record(&target, "served", m.version.clone());
                     s.current.store(Some(m));
                     s.loads.inc();
-                    *refused = None;
+                    *s.refused.lock() = None;
                 }
                 Err(e) => {
                     let kept = s
@@ -300,7 +336,7 @@ impl ModelHost {
                         })
                         .inc();
                     s.record(&target, e.reason(), e.to_string());
-                    *refused = Some((target, e.to_string()));
+                    *s.refused.lock() = Some((target, e.to_string()));
                 }
             }
         }

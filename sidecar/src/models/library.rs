@@ -125,11 +125,16 @@ pub enum LoadError {
     /// The library's answers differ from the training library's own.
     #[error("{0}: golden vectors differ: {1}")]
     GoldenMismatch(String, String),
+    /// Opening and checking it (`init`, the self-test, the golden rows) did not end
+    /// within `models.load_timeout_ms`: it is never served (its thread is left
+    /// behind, stuck in the library).
+    #[error("{0}: not loaded and checked within {1} ms (init or predict hangs)")]
+    Timeout(String, u64),
 }
 
 impl LoadError {
     /// Every reason label, in the order of the checks.
-    pub const REASONS: [&'static str; 8] = [
+    pub const REASONS: [&'static str; 9] = [
         "open",
         "symbol",
         "abi",
@@ -138,6 +143,7 @@ impl LoadError {
         "self_test",
         "golden_missing",
         "golden_mismatch",
+        "timeout",
     ];
 
     /// The stable reason label (one of [`LoadError::REASONS`]).
@@ -151,6 +157,7 @@ impl LoadError {
             LoadError::SelfTest(..) => "self_test",
             LoadError::GoldenMissing(..) => "golden_missing",
             LoadError::GoldenMismatch(..) => "golden_mismatch",
+            LoadError::Timeout(..) => "timeout",
         }
     }
 }
@@ -704,7 +711,8 @@ mod tests {
             LoadError::Init(p.clone(), 2),
             LoadError::SelfTest(p.clone(), p.clone()),
             LoadError::GoldenMissing(p.clone()),
-            LoadError::GoldenMismatch(p.clone(), p),
+            LoadError::GoldenMismatch(p.clone(), p.clone()),
+            LoadError::Timeout(p, 1),
         ];
         let reasons: Vec<&str> = all.iter().map(LoadError::reason).collect();
         assert_eq!(reasons, LoadError::REASONS);
