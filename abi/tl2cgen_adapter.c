@@ -20,7 +20,7 @@
  * MODEL_TEST_FAULT (tests only) builds deliberately broken libraries:
  *   1 wrong ABI version, 2 predict always fails, 3 no export symbol, 4 init fails,
  *   5 outputs off by 1e-4 relative (a wrong model), 6 no golden vectors,
- *   7 init never returns (a hang).
+ *   7 init never returns (a hang), 8 init aborts the process (a crash).
  */
 #include <math.h>
 #include <pthread.h>
@@ -75,6 +75,7 @@ _Static_assert(GW_GOLDEN_N_OUTPUTS == N_OUTPUTS,
 static int32_t adapter_init(void) {
     if (MODEL_TEST_FAULT == 4) return MODEL_ERR_INTERNAL;
     if (MODEL_TEST_FAULT == 7) for (;;) sleep(3600);
+    if (MODEL_TEST_FAULT == 8) abort();
     return get_num_feature() == GW_GOLDEN_N_FEATURES ? MODEL_OK : MODEL_ERR_INTERNAL;
 }
 

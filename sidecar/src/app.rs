@@ -254,7 +254,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let models = cfg.file.models.as_ref().map(|m| {
         let host = Arc::new(
             ModelHost::new(&m.dir, |module| m.features_of(module), m.policy())
-                .with_load_timeout(Duration::from_millis(m.load_timeout_ms)),
+                .with_load_timeout(Duration::from_millis(m.load_timeout_ms))
+                .with_crash_marker(cfg.file.state_dir.join("model-loading")),
         );
         host.register(&mut registry);
         for line in host.poll() {

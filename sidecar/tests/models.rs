@@ -784,3 +784,62 @@ fn every_training_library_goes_through_the_pipeline_into_a_running_sidecar() {
         .unwrap()
         .contains("takes 8 features, the module is configured for 5"));
 }
+
+/// A library that crashes the sidecar while it loads (here `abort()` in `init`)
+/// takes down one start, not every start: the next start finds the crash marker,
+/// refuses that library (`crashed`) without opening it, and serves.
+#[test]
+fn a_library_that_crashes_the_sidecar_is_refused_at_the_next_start() {
+    let d = testkit::TempDir::new("models-crash");
+    let models = d.path().join("models");
+    build(&models, "crash8", 7, 8, "mev");
+    let ops = testkit::free_port();
+    let start = |n: u32| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gw-sidecar"));
+        cmd.env_clear()
+            .env(
+                "CTRL_PUBKEY_HEX",
+                hex::encode(testkit::fixtures::command_key().verifying_key().as_bytes()),
+            )
+            .env("GW_SIDECAR_INSECURE_PLAINTEXT", "1")
+            .env(
+                "GW_SIDECAR_LISTEN",
+                format!("127.0.0.1:{}", testkit::free_port()),
+            )
+            .env("GW_OPS_LISTEN", format!("127.0.0.1:{ops}"))
+            .env("GW_MODELS_DIR", &models)
+            .current_dir(d.path());
+        testkit::ProcessGuard::spawn(
+            "gw-sidecar",
+            &mut cmd,
+            &d.path().join(format!("sidecar-{n}.log")),
+        )
+    };
+    let mut first = start(0);
+    let status = first.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the library's abort ends the first start: {status:?}\n{}",
+        first.log()
+    );
+    let mut second = start(1);
+    assert!(
+        testkit::wait_tcp(ops, Duration::from_secs(30)),
+        "the second start serves:\n{}",
+        second.log()
+    );
+    second.assert_running();
+    let metrics = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        reqwest::get(format!("http://127.0.0.1:{ops}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    assert!(
+        metrics.contains("gw_sidecar_model_rejected_total{module=\"mev\",reason=\"crashed\"} 1"),
+        "{metrics}"
+    );
+    assert!(second.log().contains("died loading"), "{}", second.log());
+}

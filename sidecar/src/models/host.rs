@@ -113,6 +113,11 @@ pub struct ModelHost {
     loaded: Mutex<HashMap<PathBuf, Weak<Model>>>,
     /// How long opening and checking a library may take.
     load_timeout: Duration,
+    /// A file naming the library being loaded, removed once it loaded or was
+    /// refused: found at start, the process died loading it.
+    marker: Option<PathBuf>,
+    /// The library the last process died loading (from the marker).
+    crashed: Option<PathBuf>,
 }
 
 /// Default of [`ModelHost::with_load_timeout`].
@@ -183,6 +188,8 @@ impl ModelHost {
             rejected,
             loaded: Mutex::new(HashMap::new()),
             load_timeout: DEFAULT_LOAD_TIMEOUT,
+            marker: None,
+            crashed: None,
         }
     }
 
@@ -196,7 +203,40 @@ impl ModelHost {
         self
     }
 
+    /// Keeps a crash marker at `path` (under the state directory): a library the
+    /// process dies loading (a segfault, an abort in `init`) is refused at the next
+    /// start (`crashed`) instead of taking every start down with it.
+    #[must_use]
+    pub fn with_crash_marker(mut self, path: PathBuf) -> ModelHost {
+        self.crashed = std::fs::read_to_string(&path)
+            .ok()
+            .map(|s| PathBuf::from(s.trim_end_matches('\n')))
+            .filter(|p| !p.as_os_str().is_empty());
+        if let Some(p) = &self.crashed {
+            tracing::error!(library = %p.display(), "the last process died loading this model library: it is refused until the link changes");
+        }
+        self.marker = Some(path);
+        self
+    }
+
     fn load(&self, target: &Path, n_features: u32) -> Result<Arc<Model>, super::LoadError> {
+        if self.crashed.as_deref() == Some(target) {
+            return Err(super::LoadError::Crashed(target.display().to_string()));
+        }
+        if let Some(m) = &self.marker {
+            // Written before the library's code runs; a process crash keeps it.
+            if let Err(e) = std::fs::write(m, format!("{}\n", target.display())) {
+                tracing::warn!(error = %e, "model crash marker not written");
+            }
+        }
+        let r = self.load_checked(target, n_features);
+        if let Some(m) = &self.marker {
+            let _ = std::fs::remove_file(m);
+        }
+        r
+    }
+
+    fn load_checked(&self, target: &Path, n_features: u32) -> Result<Arc<Model>, super::LoadError> {
         {
             let mut loaded = self.loaded.lock();
             loaded.retain(|_, m| m.strong_count() > 0);

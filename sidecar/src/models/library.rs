@@ -130,11 +130,15 @@ pub enum LoadError {
     /// behind, stuck in the library).
     #[error("{0}: not loaded and checked within {1} ms (init or predict hangs)")]
     Timeout(String, u64),
+    /// The sidecar died while it was loading this library (the crash marker
+    /// names it): it is not opened again until the link names another.
+    #[error("{0}: the sidecar died while loading it; not opened again until the link changes")]
+    Crashed(String),
 }
 
 impl LoadError {
     /// Every reason label, in the order of the checks.
-    pub const REASONS: [&'static str; 9] = [
+    pub const REASONS: [&'static str; 10] = [
         "open",
         "symbol",
         "abi",
@@ -144,6 +148,7 @@ impl LoadError {
         "golden_missing",
         "golden_mismatch",
         "timeout",
+        "crashed",
     ];
 
     /// The stable reason label (one of [`LoadError::REASONS`]).
@@ -158,6 +163,7 @@ impl LoadError {
             LoadError::GoldenMissing(..) => "golden_missing",
             LoadError::GoldenMismatch(..) => "golden_mismatch",
             LoadError::Timeout(..) => "timeout",
+            LoadError::Crashed(..) => "crashed",
         }
     }
 }
@@ -712,7 +718,8 @@ mod tests {
             LoadError::SelfTest(p.clone(), p.clone()),
             LoadError::GoldenMissing(p.clone()),
             LoadError::GoldenMismatch(p.clone(), p.clone()),
-            LoadError::Timeout(p, 1),
+            LoadError::Timeout(p.clone(), 1),
+            LoadError::Crashed(p),
         ];
         let reasons: Vec<&str> = all.iter().map(LoadError::reason).collect();
         assert_eq!(reasons, LoadError::REASONS);
