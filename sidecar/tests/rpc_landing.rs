@@ -44,28 +44,38 @@ fn send(b64: &str, opts: Value) -> Vec<u8> {
     .unwrap()
 }
 
+/// The runtime the tests run in.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// What `/api/rpc` serves from, sending to `rx` and landing with `node`.
+fn rig_to(rx: &TpuReceiver, node: &RpcNode, rebroadcast_ms: u64) -> common::rpc::RpcRig {
+    common::rpc::RpcRig::new(
+        Leader {
+            tpu_quic: rx.addr,
+            identity: Some(rx.identity),
+        },
+        &node.url,
+        rebroadcast_ms,
+    )
+}
+
 fn copies(rx: &TpuReceiver, wire: &[u8]) -> usize {
     rx.received().iter().filter(|r| r.bytes == wire).count()
 }
 
 #[test]
 fn send_transaction_has_a_solana_nodes_landing_semantics() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let node = RpcNode::start(1010);
     rt.block_on(async {
         let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
-        let rig = common::rpc::RpcRig::new(
-            Leader {
-                tpu_quic: rx.addr,
-                identity: Some(rx.identity),
-            },
-            &node.url,
-            100,
-        );
+        let rig = rig_to(&rx, &node, 100);
         let (landing, modules) = (&rig.landing, &rig.modules);
         let ctx = rig.ctx();
         let call = |body: Vec<u8>| {
@@ -233,22 +243,11 @@ fn send_transaction_has_a_solana_nodes_landing_semantics() {
 
 #[test]
 fn many_transactions_in_flight_are_polled_in_batches() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let node = RpcNode::start(1010);
     rt.block_on(async {
         let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
-        let rig = common::rpc::RpcRig::new(
-            Leader {
-                tpu_quic: rx.addr,
-                identity: Some(rx.identity),
-            },
-            &node.url,
-            200,
-        );
+        let rig = rig_to(&rx, &node, 200);
         let landing = &rig.landing;
         let ctx = rig.ctx();
         // 300 transactions on 3 blockhashes, in flight together, each to be sent
@@ -320,22 +319,11 @@ fn many_transactions_in_flight_are_polled_in_batches() {
 /// comes back when the first ends.
 #[test]
 fn only_sends_that_go_count_and_sends_in_flight_are_bounded() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let node = RpcNode::start(1010);
     rt.block_on(async {
         let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
-        let rig = common::rpc::RpcRig::new(
-            Leader {
-                tpu_quic: rx.addr,
-                identity: Some(rx.identity),
-            },
-            &node.url,
-            100,
-        );
+        let rig = rig_to(&rx, &node, 100);
         rig.modules.set(
             Module::Arbitrage,
             ModuleState {

@@ -28,6 +28,24 @@ fn tx(i: u32) -> Vec<u8> {
     txwire::example_tx(&SigningKey::from_bytes(&[77u8; 32]), bh, 64)
 }
 
+/// A runtime and, on it, the protocol-enforcing TPU receiver (identity `[1; 32]`).
+fn receiver() -> (tokio::runtime::Runtime, TpuReceiver) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let rx = rt
+        .block_on(async {
+            TpuReceiver::start(
+                ReceiverConfig::default(),
+                &SigningKey::from_bytes(&[1u8; 32]),
+            )
+        })
+        .unwrap();
+    (rt, rx)
+}
+
 fn command(s: &Served, spec: &str, body: Value) {
     let (status, r) = s.post_json(&format!("/api/control/module/{spec}"), &body);
     assert_eq!(status, 200, "{spec}: {r}");
@@ -65,19 +83,7 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
     let d = testkit::TempDir::new("sender-plane");
     let ch = ClickHouse::start(d.path());
     let relay = Relay::start(None);
-    let rrt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let rx = rrt
-        .block_on(async {
-            TpuReceiver::start(
-                ReceiverConfig::default(),
-                &SigningKey::from_bytes(&[1u8; 32]),
-            )
-        })
-        .unwrap();
+    let (rrt, rx) = receiver();
     let mut cfg = config(&d.path().join("state"), true);
     cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", ch.http_port));
     cfg.file.sender = Some(
@@ -450,19 +456,7 @@ fn send_all(
 fn a_sidecar_stopped_right_after_its_sends_audits_every_one() {
     let d = testkit::TempDir::new("sender-stop");
     let ch = ClickHouse::start(d.path());
-    let rrt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let rx = rrt
-        .block_on(async {
-            TpuReceiver::start(
-                ReceiverConfig::default(),
-                &SigningKey::from_bytes(&[1u8; 32]),
-            )
-        })
-        .unwrap();
+    let (rrt, rx) = receiver();
     let state = d.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     let certs = common::certs(&state);
