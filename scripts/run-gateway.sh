@@ -154,7 +154,8 @@ Send a Solana transaction (JSON-RPC sendTransaction, base58 or base64):
   (any Solana client works with the URL https://localhost:8443/api/rpc and that header)
 Searcher (QUIC ingest, UDP 8011; an aioquic client with the dev searcher key):
   $GW_VENV/bin/python tests/searcher/searcher.py --endpoint 127.0.0.1:8011 --key $run/keys/searcher.sk.hex \\
-      --server-identity \$(cat $run/keys/tpu-identity.pk.hex) --module arbitrage --ev 1.0 <tx hex> …
+      --server-identity \$(cat $run/keys/tpu-identity.pk.hex) --module arbitrage \\
+      --features 14,10.5,9,0.3,0.8,2,8,3 <tx hex> …   (the arbitrage model scores 8 features)
 Sender status:   curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" https://localhost:8443/api/sender
                  local TPU: $run/tpu-sink.log   relay: $run/relay.log
 ClickHouse:      user gw_admin, password in $run/keys/clickhouse-admin.pw (the sidecar writes as gw_sidecar)
@@ -235,7 +236,8 @@ if (( smoke )); then
   hex2=$(echo "$tx2" | "$GW_VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["hex"])')
   sig2=$(echo "$tx2" | "$GW_VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["signature"])')
   searcher=("$GW_VENV/bin/python" tests/searcher/searcher.py --endpoint 127.0.0.1:8011
-    --server-identity "$(cat "$run/keys/tpu-identity.pk.hex")" --module arbitrage --ev 1.0)
+    --server-identity "$(cat "$run/keys/tpu-identity.pk.hex")" --module arbitrage
+    --features 14,10.5,9,0.3,0.8,2,8,3)
   "${searcher[@]}" --key "$run/keys/searcher.sk.hex" "$hex2" || die "smoke: the searcher could not send over the QUIC ingest"
   for _ in $(seq 1 50); do grep -q "tx $sig2" "$run/tpu-sink.log" && break; sleep 0.1; done
   grep -q "tx $sig2" "$run/tpu-sink.log" || die "smoke: the searcher's opportunity did not reach the local TPU"

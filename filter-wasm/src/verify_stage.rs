@@ -146,11 +146,15 @@ impl VerifyStage {
         // A token offered as a WebSocket subprotocol stops here, whatever the
         // decision (read below from the unmodified copy).
         if let Some(rest) = ws_protocols.as_deref().and_then(without_bearer_offers) {
-            let done = if rest.is_empty() {
-                abi::remove_request_header(WS_PROTOCOL_HEADER)
-            } else {
-                abi::set_request_header(WS_PROTOCOL_HEADER, &header_safe(&rest))
-            };
+            // Every line goes (Envoy's replace changes only a header's first line),
+            // then what is left comes back as one.
+            let done = abi::remove_request_header(WS_PROTOCOL_HEADER).and_then(|()| {
+                if rest.is_empty() {
+                    Ok(())
+                } else {
+                    abi::set_request_header(WS_PROTOCOL_HEADER, &header_safe(&rest))
+                }
+            });
             if let Err(e) = done {
                 return self.reject(Reject::with(
                     Code::Unavailable,

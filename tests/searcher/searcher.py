@@ -40,10 +40,14 @@ def varint(n: int) -> bytes:
             return bytes(out)
 
 
-def opportunity(module: str, ev: float, tx: bytes) -> bytes:
-    """`hotpath.Opportunity` {module = 1, ev = 3, txs = 4}, protobuf by hand."""
+def opportunity(module: str, features: list[float], ev: float, tx: bytes) -> bytes:
+    """`hotpath.Opportunity` {module = 1, features = 2 (packed), ev = 3, txs = 4},
+    protobuf by hand."""
     m = module.encode()
     body = b"\x0a" + varint(len(m)) + m
+    if features:
+        packed = struct.pack(f"<{len(features)}f", *features)
+        body += b"\x12" + varint(len(packed)) + packed
     body += b"\x1d" + struct.pack("<f", ev)
     body += b"\x22" + varint(len(tx)) + tx
     return varint(len(body)) + body
@@ -120,11 +124,16 @@ def main() -> int:
     ap.add_argument("--key", required=True, help="file with the searcher's Ed25519 seed, hex")
     ap.add_argument("--server-identity", required=True, help="the sender's public key, hex")
     ap.add_argument("--module", default="arbitrage")
-    ap.add_argument("--ev", type=float, default=1.0)
+    ap.add_argument("--ev", type=float, default=1.0,
+                    help="the searcher's own score, used only where no model serves the module")
+    ap.add_argument("--features", default="",
+                    help="comma-separated model features (where a model serves the module, "
+                         "an opportunity whose features do not fit it is not sent)")
     ap.add_argument("--expect-refused", action="store_true")
     ap.add_argument("txs", nargs="*", help="signed transactions, hex wire bytes")
     a = ap.parse_args()
-    frames = b"".join(opportunity(a.module, a.ev, bytes.fromhex(t)) for t in a.txs)
+    features = [float(f) for f in a.features.split(",") if f.strip()]
+    frames = b"".join(opportunity(a.module, features, a.ev, bytes.fromhex(t)) for t in a.txs)
     try:
         asyncio.run(asyncio.wait_for(send(a, frames), timeout=10))
     except (ConnectionError, asyncio.TimeoutError, TimeoutError) as e:

@@ -118,6 +118,8 @@ pub struct ModelHost {
     marker: Option<PathBuf>,
     /// The library the last process died loading (from the marker).
     crashed: Option<PathBuf>,
+    /// A library whose loader timed out and is still inside it.
+    stuck: Arc<Mutex<Option<PathBuf>>>,
 }
 
 /// Default of [`ModelHost::with_load_timeout`].
@@ -190,6 +192,7 @@ impl ModelHost {
             load_timeout: DEFAULT_LOAD_TIMEOUT,
             marker: None,
             crashed: None,
+            stuck: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -220,23 +223,10 @@ impl ModelHost {
     }
 
     fn load(&self, target: &Path, n_features: u32) -> Result<Arc<Model>, super::LoadError> {
+        let shown = target.display().to_string();
         if self.crashed.as_deref() == Some(target) {
-            return Err(super::LoadError::Crashed(target.display().to_string()));
+            return Err(super::LoadError::Crashed(shown));
         }
-        if let Some(m) = &self.marker {
-            // Written before the library's code runs; a process crash keeps it.
-            if let Err(e) = std::fs::write(m, format!("{}\n", target.display())) {
-                tracing::warn!(error = %e, "model crash marker not written");
-            }
-        }
-        let r = self.load_checked(target, n_features);
-        if let Some(m) = &self.marker {
-            let _ = std::fs::remove_file(m);
-        }
-        r
-    }
-
-    fn load_checked(&self, target: &Path, n_features: u32) -> Result<Arc<Model>, super::LoadError> {
         {
             let mut loaded = self.loaded.lock();
             loaded.retain(|_, m| m.strong_count() > 0);
@@ -246,20 +236,50 @@ impl ModelHost {
                 }
             }
         }
+        if let Some(p) = self.stuck.lock().as_ref() {
+            return Err(super::LoadError::LoaderStuck(
+                shown,
+                p.display().to_string(),
+            ));
+        }
+        if let Some(m) = &self.marker {
+            // Written before the library's code runs; a process crash keeps it. The
+            // loader thread removes it once the library's code has returned.
+            if let Err(e) = std::fs::write(m, format!("{}\n", target.display())) {
+                tracing::warn!(error = %e, "model crash marker not written");
+            }
+        }
         // On a thread of its own, waited for with a deadline: the library's code
         // runs there (init, the self-test, the golden rows).
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let (path, policy) = (target.to_path_buf(), self.policy);
-        let shown = target.display().to_string();
+        let (stuck, marker) = (self.stuck.clone(), self.marker.clone());
         std::thread::Builder::new()
             .name("gw-model-load".into())
             .spawn(move || {
-                let _ = tx.send(Model::load(&path, n_features, policy));
+                let r = Model::load(&path, n_features, policy);
+                // Under the lock the waiter takes when it gives up: it then sees
+                // either this answer or a loader still inside the library.
+                let mut st = stuck.lock();
+                if st.as_deref() == Some(path.as_path()) {
+                    *st = None;
+                    tracing::warn!(library = %path.display(), "the timed-out model library returned at last");
+                }
+                if let Some(m) = &marker {
+                    let _ = std::fs::remove_file(m);
+                }
+                let _ = tx.send(r);
             })
             .map_err(|e| super::LoadError::Open(shown.clone(), format!("no loader thread: {e}")))?;
         let m = match rx.recv_timeout(self.load_timeout) {
             Ok(r) => Arc::new(r?),
             Err(_) => {
+                let mut st = self.stuck.lock();
+                if rx.try_recv().is_err() {
+                    // Still inside the library: no other is loaded (nor the marker
+                    // rewritten) until it returns; a crash it ends in names it.
+                    *st = Some(target.to_path_buf());
+                }
                 let ms = u64::try_from(self.load_timeout.as_millis()).unwrap_or(u64::MAX);
                 return Err(super::LoadError::Timeout(shown, ms));
             }

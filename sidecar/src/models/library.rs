@@ -134,11 +134,17 @@ pub enum LoadError {
     /// names it): it is not opened again until the link names another.
     #[error("{0}: the sidecar died while loading it; not opened again until the link changes")]
     Crashed(String),
+    /// The loader of an earlier library timed out and is still inside it: no
+    /// other library is opened until it returns (or the sidecar restarts).
+    #[error(
+        "{0}: not opened: the loader of {1} timed out and is still inside it (restart the sidecar)"
+    )]
+    LoaderStuck(String, String),
 }
 
 impl LoadError {
     /// Every reason label, in the order of the checks.
-    pub const REASONS: [&'static str; 10] = [
+    pub const REASONS: [&'static str; 11] = [
         "open",
         "symbol",
         "abi",
@@ -149,6 +155,7 @@ impl LoadError {
         "golden_mismatch",
         "timeout",
         "crashed",
+        "loader_stuck",
     ];
 
     /// The stable reason label (one of [`LoadError::REASONS`]).
@@ -164,6 +171,7 @@ impl LoadError {
             LoadError::GoldenMismatch(..) => "golden_mismatch",
             LoadError::Timeout(..) => "timeout",
             LoadError::Crashed(..) => "crashed",
+            LoadError::LoaderStuck(..) => "loader_stuck",
         }
     }
 }
@@ -719,7 +727,8 @@ mod tests {
             LoadError::GoldenMissing(p.clone()),
             LoadError::GoldenMismatch(p.clone(), p.clone()),
             LoadError::Timeout(p.clone(), 1),
-            LoadError::Crashed(p),
+            LoadError::Crashed(p.clone()),
+            LoadError::LoaderStuck(p.clone(), p),
         ];
         let reasons: Vec<&str> = all.iter().map(LoadError::reason).collect();
         assert_eq!(reasons, LoadError::REASONS);

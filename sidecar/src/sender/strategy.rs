@@ -552,6 +552,14 @@ impl Drop for InflightSlot {
 
 impl Worker {
     fn run(mut self) {
+        /// Says the thread has left its loop, also when it panics.
+        struct Finished(Arc<AtomicBool>);
+        impl Drop for Finished {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let _finished = Finished(self.finished.clone());
         let mut buf = Vec::with_capacity(self.batch);
         let mut idle = 0u32;
         while !self.stop.load(Ordering::Acquire) {
@@ -574,7 +582,6 @@ impl Worker {
             // The batch buffer is drained, not replaced: no allocation per batch.
             self.handle(&mut buf);
         }
-        self.finished.store(true, Ordering::Release);
     }
 
     fn handle(&mut self, batch: &mut Vec<Opportunity>) {

@@ -333,9 +333,13 @@ impl Host {
                 }
                 let key = String::from_utf8_lossy(&read(&mut c, kp, ks)).to_ascii_lowercase();
                 let val = String::from_utf8_lossy(&read(&mut c, vp, vs)).into_owned();
+                // As Envoy (`HeaderMap::setCopy`): the first line of the header is
+                // replaced, further lines stay; none: added.
                 let h = &mut c.data_mut().headers;
-                h.retain(|(k, _)| *k != key);
-                h.push((key, val));
+                match h.iter_mut().find(|(k, _)| *k == key) {
+                    Some(first) => first.1 = val,
+                    None => h.push((key, val)),
+                }
                 OK
             },
         )
