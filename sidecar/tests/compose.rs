@@ -6,6 +6,8 @@
 
 use std::process::Command;
 
+mod common;
+
 #[test]
 fn compose_files_check_and_their_configs_load_in_the_real_programs() {
     let root = testkit::workspace_root();
@@ -157,18 +159,7 @@ fn the_sidecar_probe_reports_health() {
     let d = testkit::TempDir::new("probe");
     let mut child = testkit::ProcessGuard::spawn(
         "gw-sidecar",
-        Command::new(bin)
-            .env(
-                "CTRL_PUBKEY_HEX",
-                hex::encode(testkit::fixtures::command_key().verifying_key().as_bytes()),
-            )
-            .env("GW_SIDECAR_INSECURE_PLAINTEXT", "1")
-            .env(
-                "GW_SIDECAR_LISTEN",
-                format!("127.0.0.1:{}", testkit::free_port()),
-            )
-            .env("GW_OPS_LISTEN", format!("127.0.0.1:{port}"))
-            .current_dir(d.path()),
+        &mut common::plain_sidecar(d.path(), port),
         &d.path().join("sidecar.log"),
     );
     assert!(testkit::wait_tcp(port, std::time::Duration::from_secs(20)));

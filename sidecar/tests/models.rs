@@ -826,20 +826,8 @@ fn a_library_that_crashes_the_sidecar_is_refused_at_the_next_start() {
     build(&models, "crash8", 7, 8, "mev");
     let ops = testkit::free_port();
     let start = |n: u32| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gw-sidecar"));
-        cmd.env_clear()
-            .env(
-                "CTRL_PUBKEY_HEX",
-                hex::encode(testkit::fixtures::command_key().verifying_key().as_bytes()),
-            )
-            .env("GW_SIDECAR_INSECURE_PLAINTEXT", "1")
-            .env(
-                "GW_SIDECAR_LISTEN",
-                format!("127.0.0.1:{}", testkit::free_port()),
-            )
-            .env("GW_OPS_LISTEN", format!("127.0.0.1:{ops}"))
-            .env("GW_MODELS_DIR", &models)
-            .current_dir(d.path());
+        let mut cmd = common::plain_sidecar(d.path(), ops);
+        cmd.env("GW_MODELS_DIR", &models);
         testkit::ProcessGuard::spawn(
             "gw-sidecar",
             &mut cmd,
@@ -860,14 +848,9 @@ fn a_library_that_crashes_the_sidecar_is_refused_at_the_next_start() {
         second.log()
     );
     second.assert_running();
-    let metrics = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        reqwest::get(format!("http://127.0.0.1:{ops}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    });
+    let metrics = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(common::get_text(&format!("http://127.0.0.1:{ops}/metrics")));
     assert!(
         metrics.contains("gw_sidecar_model_rejected_total{module=\"mev\",reason=\"crashed\"} 1"),
         "{metrics}"

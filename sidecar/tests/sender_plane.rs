@@ -541,16 +541,7 @@ fn a_sidecar_stopped_right_after_its_sends_audits_every_one() {
     let client = certs.edge_client();
     let more: Vec<Vec<u8>> = (0..10).map(|i| tx(990 + i)).collect();
     sigs.extend(send_all(&rrt, &client, port, &more));
-    let metrics = || {
-        rrt.block_on(async {
-            reqwest::get(format!("http://127.0.0.1:{ops}/metrics"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        })
-    };
+    let metrics = || rrt.block_on(common::get_text(&format!("http://127.0.0.1:{ops}/metrics")));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !metrics().contains("gw_sidecar_send_audit_pending_rows 10") {
         assert!(Instant::now() < deadline, "{}", metrics());

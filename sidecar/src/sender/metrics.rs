@@ -42,6 +42,17 @@ fn counters<const N: usize>(
     Ok(())
 }
 
+/// One gauge: `name` at `v`.
+fn gauge(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    v: u64,
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
 impl Collector for SenderCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let dp = &self.0;
@@ -151,13 +162,12 @@ impl Collector for SenderCollector {
                 ([("reason", "busy")], load(&gate.busy)),
             ],
         )?;
-        let running = ConstGauge::new(i64::try_from(dp.rpc_gate.in_flight()).unwrap_or(i64::MAX));
-        running.encode(enc.encode_descriptor(
+        gauge(
+            &mut enc,
             "gw_sender_rpc_in_flight",
             "JSON-RPC sends running now (at most sender.rpc_max_in_flight)",
-            None,
-            running.metric_type(),
-        )?)?;
+            dp.rpc_gate.in_flight() as u64,
+        )?;
         let hs = &dp.hot.stats;
         let mut rows = vec![
             ([("outcome", "sent")], load(&hs.sent)),
@@ -232,13 +242,12 @@ impl Collector for SenderCollector {
                     ([("event", "insert_errors")], load(&a.stats.insert_errors)),
                 ],
             )?;
-            let pending = ConstGauge::new(i64::try_from(a.pending_rows()).unwrap_or(i64::MAX));
-            pending.encode(enc.encode_descriptor(
+            gauge(
+                &mut enc,
                 "gw_sidecar_send_audit_pending_rows",
                 "Send audit rows in the journal not yet in ClickHouse (also held in memory until shipped)",
-                None,
-                pending.metric_type(),
-            )?)?;
+                a.pending_rows(),
+            )?;
         }
         Ok(())
     }

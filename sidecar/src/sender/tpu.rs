@@ -316,12 +316,17 @@ impl RateCap {
         }
     }
 
+    /// The tokens of `st` refilled up to `now`.
+    fn refilled(&self, st: &(f64, Instant), now: Instant) -> f64 {
+        let refill = now.duration_since(st.1).as_secs_f64() / self.every.as_secs_f64();
+        (st.0 + refill).min(self.burst)
+    }
+
     /// Whether the cap remembers no handshake (its bucket is full again).
     fn is_full(&self) -> bool {
-        self.state.lock().is_ok_and(|st| {
-            let refill = st.1.elapsed().as_secs_f64() / self.every.as_secs_f64();
-            st.0 + refill >= self.burst
-        })
+        self.state
+            .lock()
+            .is_ok_and(|st| self.refilled(&st, Instant::now()) >= self.burst)
     }
 
     /// Gives back a token taken for a handshake that was not made.
@@ -337,8 +342,7 @@ impl RateCap {
             return Ok(());
         };
         let now = Instant::now();
-        let refill = now.duration_since(st.1).as_secs_f64() / self.every.as_secs_f64();
-        st.0 = (st.0 + refill).min(self.burst);
+        st.0 = self.refilled(&st, now);
         st.1 = now;
         if st.0 >= 1.0 {
             st.0 -= 1.0;

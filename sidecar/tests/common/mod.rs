@@ -179,6 +179,31 @@ pub fn serve(cfg: Config) -> Served {
     }
 }
 
+/// `gw-sidecar` with the fixture key, plain HTTP on a free loopback port
+/// (development) and its ops listener on `ops_port`, nothing else from this
+/// environment; run in `dir`.
+pub fn plain_sidecar(dir: &Path, ops_port: u16) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gw-sidecar"));
+    cmd.env_clear()
+        .env(
+            "CTRL_PUBKEY_HEX",
+            hex::encode(command_key().verifying_key().as_bytes()),
+        )
+        .env("GW_SIDECAR_INSECURE_PLAINTEXT", "1")
+        .env(
+            "GW_SIDECAR_LISTEN",
+            format!("127.0.0.1:{}", testkit::free_port()),
+        )
+        .env("GW_OPS_LISTEN", format!("127.0.0.1:{ops_port}"))
+        .current_dir(dir);
+    cmd
+}
+
+/// The body of `GET url` (panics on a transport error).
+pub async fn get_text(url: &str) -> String {
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
 /// Unix seconds now.
 pub fn now() -> u64 {
     std::time::SystemTime::now()
