@@ -68,7 +68,11 @@ fn ledger_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         }
         let opened = Journal::open(&dir.join(format!("journal-{round}")), Options::default())
             .expect("journal");
-        let queue = Arc::new(RowQueue::recovered(&opened.records, Default::default()));
+        let queue = Arc::new(RowQueue::recovered(
+            &opened.records,
+            Default::default(),
+            gw_sidecar::ledger::ship::MEMORY_ROWS,
+        ));
         let journal = opened
             .start(
                 Some(Chain::new("bench")),

@@ -171,6 +171,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             every_rows: cfg.file.checkpoint_every_rows,
             every: Duration::from_secs(cfg.file.checkpoint_every_secs),
         },
+        cfg.file.audit_memory_rows,
         &mut registry,
     )
     .await?;
@@ -183,7 +184,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         cfg.file.replay_limits(),
         now,
     )));
-    let sends = Arc::new(SendsQueue::recovered(&opened.records));
+    let sends = Arc::new(SendsQueue::recovered(
+        &opened.records,
+        cfg.file.audit_memory_rows,
+    ));
     // The replay guard first: it knows a nonce before the bus delivers its command.
     let mut sinks: Vec<Arc<dyn Sink>> = vec![
         Arc::new(ReplaySink(replay.clone())),
@@ -294,11 +298,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         _ => None,
     };
     // Send rows not shipped yet are kept whether or not anything ships them now
-    // (no sender, no ClickHouse this time): a later start ships them.
-    sends.hold_unshipped(&journal);
+    // (no sender, no ClickHouse this time; the queue's `Sink::hold`): a later
+    // start ships them.
     if plane.as_ref().is_none_or(|p| p.audit.is_none()) && !sends.is_empty() {
         tracing::warn!(
-            records = sends.len(),
+            rows = sends.pending_rows(),
             "send audit rows wait in the journal for a start with the sender and ClickHouse"
         );
     }

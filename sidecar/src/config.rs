@@ -92,6 +92,11 @@ pub struct FileConfig {
     /// fewer than 1 000 wait (each insert is a part ClickHouse writes and merges).
     #[serde(default = "default_ledger_ship_every")]
     pub ledger_ship_every_ms: u64,
+    /// Rows of the ledger, and of the send audit, kept in memory while they wait
+    /// for ClickHouse; beyond it they wait in the journal on disk only and are read
+    /// back in order as the rows before them are shipped.
+    #[serde(default = "default_audit_memory_rows")]
+    pub audit_memory_rows: usize,
     /// Rows between two signed ledger checkpoints.
     #[serde(default = "default_checkpoint_rows")]
     pub checkpoint_every_rows: u64,
@@ -194,6 +199,9 @@ fn default_clickhouse_nice() -> u8 {
 }
 fn default_ledger_ship_every() -> u64 {
     200
+}
+fn default_audit_memory_rows() -> usize {
+    crate::ledger::ship::MEMORY_ROWS
 }
 fn default_checkpoint_secs() -> u64 {
     60
@@ -457,6 +465,9 @@ impl Config {
         if file.ledger_ship_every_ms > 10_000 {
             return Err(OutOfBounds::new("ledger_ship_every_ms", "must be 0..=10000").into());
         }
+        if !(100..=10_000_000).contains(&file.audit_memory_rows) {
+            return Err(OutOfBounds::new("audit_memory_rows", "must be 100..=10000000").into());
+        }
         if let Some(m) = &file.models {
             if !(100..=600_000).contains(&m.load_timeout_ms) {
                 return Err(
@@ -614,6 +625,7 @@ mod tests {
         for (json, key) in [
             (r#"{"ledger_ship_every_ms": 10001}"#, "ledger_ship_every_ms"),
             (r#"{"clickhouse_nice": 20}"#, "clickhouse_nice"),
+            (r#"{"audit_memory_rows": 99}"#, "audit_memory_rows"),
             (r#"{"node_id": "a b"}"#, "node_id"),
         ] {
             match with(json) {

@@ -60,24 +60,44 @@ fn wait_rows(ch: &ClickHouse, n: usize) -> Vec<LedgerRow> {
 /// shipped from its queue.
 struct Node {
     journal: Journal,
+    queue: Arc<RowQueue>,
     shipper: Shipper,
 }
 
 fn node(dir: &std::path::Path, client: &clickhouse::Client) -> Node {
-    let opened = Journal::open(dir, Options::default()).unwrap();
+    node_with(dir, client, Options::default(), 100_000)
+}
+
+/// A node whose journal has `opts` and whose queue keeps `memory_rows` in memory.
+fn node_with(
+    dir: &std::path::Path,
+    client: &clickhouse::Client,
+    opts: Options,
+    memory_rows: usize,
+) -> Node {
+    let opened = Journal::open(dir, opts).unwrap();
     let chain = Chain::resume("node-1", opened.last_row()).unwrap();
-    let queue = Arc::new(RowQueue::recovered(&opened.records, Gauge::default()));
+    let queue = Arc::new(RowQueue::recovered(
+        &opened.records,
+        Gauge::default(),
+        memory_rows,
+    ));
     let journal = opened
         .start(Some(chain), vec![queue.clone() as Arc<dyn Sink>])
         .unwrap();
+    journal.hold(journal::STARTUP_HOLD, journal::Lsn::MAX);
     let shipper = Shipper::new(
-        queue,
+        queue.clone(),
         journal.clone(),
         client.clone(),
         "control_decisions",
         "node-1",
     );
-    Node { journal, shipper }
+    Node {
+        journal,
+        queue,
+        shipper,
+    }
 }
 
 fn commit_rows(n: &Node, from: u64, to: u64) -> Vec<u64> {
@@ -241,6 +261,68 @@ fn nothing_lost_nothing_duplicated_across_a_clickhouse_outage_and_a_restart() {
     let count = ch.query("SELECT count() FROM control_decisions");
     assert_eq!(count.trim(), "8");
     assert_eq!(verify_chain(&stored(&ch)), Ok(8));
+}
+
+/// A ClickHouse outage longer than the memory's bound: the queue keeps the oldest
+/// rows in memory and the rest wait in the journal on disk only, also across a
+/// restart; when ClickHouse is back they are read back in order (across many small
+/// segments), every row lands once, and the journal drops what was shipped.
+#[test]
+fn rows_beyond_the_memory_bound_wait_on_disk_and_land_once() {
+    let (d, mut ch, client) = with_table("ledger-ch-disk");
+    let rt = current_thread();
+    let dir = d.path().join("journal");
+    let opts = Options {
+        segment_bytes: 16 << 10,
+        ..Options::default()
+    };
+    let (http, tcp) = (ch.http_port, ch.tcp_port);
+    ch.process.stop();
+    // Records of 1 to 7 rows each.
+    let commit = |n: &Node, from: u64, to: u64| {
+        let mut i = from;
+        while i <= to {
+            let last = (i + i % 7).min(to);
+            let rows = (i..=last).map(|k| journal::Entry::Row(row(k))).collect();
+            n.journal.commit_blocking(Txn::of(rows)).unwrap();
+            i = last + 1;
+        }
+    };
+    let n = node_with(&dir, &client, opts, 100);
+    commit(&n, 1, 1_000);
+    let in_memory = n.queue.len() as u64 - n.queue.on_disk();
+    assert_eq!(n.queue.len(), 1_000);
+    assert!(
+        (100..107).contains(&in_memory),
+        "{in_memory} rows in memory"
+    );
+    assert_eq!(
+        n.queue.newest_where(usize::MAX, |_| true, |r| r.seq).len() as u64,
+        in_memory
+    );
+
+    // A restart during the outage reads the tail back the same way.
+    drop(n);
+    let mut n = node_with(&dir, &client, opts, 100);
+    assert_eq!((n.queue.len(), n.queue.on_disk() > 800), (1_000, true));
+    commit(&n, 1_001, 1_200);
+    let segments = || std::fs::read_dir(&dir).unwrap().count();
+    let before = segments();
+    assert!(before > 10, "{before} segments");
+
+    let ch = ClickHouse::start_at(d.path(), http, tcp);
+    assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 1_200);
+    let rows = stored(&ch);
+    assert_eq!(
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=1_200).collect::<Vec<_>>()
+    );
+    assert_eq!(verify_chain(&rows), Ok(1_200));
+    assert_eq!((n.queue.len(), n.queue.on_disk()), (0, 0));
+    // New rows go to memory again, and the shipped segments are dropped.
+    commit(&n, 1_201, 1_201);
+    assert_eq!((n.queue.len(), n.queue.on_disk()), (1, 0));
+    assert!(segments() <= 2, "{} of {before} segments left", segments());
 }
 
 /// An insert that reaches ClickHouse only after its node was killed and restarted

@@ -10,7 +10,8 @@
 //! caller of the batch gets `Err`, the chain is rolled back and the segment is cut
 //! back to its last durable byte, so nothing that was refused is recovered later.
 //! [`Sink`]s are told of every durable transaction, in order, before its caller is
-//! answered (the ledger shipper, the embedded bus, the send audit).
+//! answered (the ledger shipper, the embedded bus, the send audit), and say which
+//! records they still need ([`Sink::hold`]).
 //!
 //! Records live in segments (`{first_lsn:020}.log`), each record framed as
 //! `len u32 | crc32 u32 | lsn u64 | payload` (little-endian; the CRC covers the LSN
@@ -23,6 +24,7 @@
 pub mod expiring;
 mod segment;
 pub mod txn;
+pub mod window;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +37,7 @@ pub use expiring::Expiring;
 use gw_core::ledger::{Chain, LedgerRow};
 use segment::{SegmentError, Writer};
 pub use txn::{Entry, Txn};
+pub use window::Window;
 
 /// A record's position in the journal (from 1, without gaps).
 pub type Lsn = u64;
@@ -154,6 +157,13 @@ pub struct Committed {
 pub trait Sink: Send + Sync {
     /// `txn` is durable at `lsn`.
     fn committed(&self, lsn: Lsn, txn: &Txn);
+
+    /// The oldest record this sink still needs (`Lsn::MAX`: none), asked by the
+    /// writer each time before it drops segments; with [`Journal::hold`] for owners
+    /// that are not sinks.
+    fn hold(&self) -> Lsn {
+        Lsn::MAX
+    }
 }
 
 struct Job {
@@ -168,6 +178,7 @@ struct Job {
 struct Shared {
     holds: Mutex<BTreeMap<&'static str, Lsn>>,
     stats: JournalStats,
+    dir: PathBuf,
 }
 
 /// The journal (cheap to clone).
@@ -208,6 +219,7 @@ impl Opened {
         let shared = Arc::new(Shared {
             holds: Mutex::new(BTreeMap::from([(STARTUP_HOLD, 0)])),
             stats: JournalStats::default(),
+            dir: self.dir.clone(),
         });
         self.writer.publish_stats(&shared.stats);
         let (tx, rx) = mpsc::channel::<Job>();
@@ -335,6 +347,37 @@ impl Journal {
         self.shared.holds.lock().insert(owner, lsn);
     }
 
+    /// Reads the durable records `from..=upto` back from disk, in order, until `f`
+    /// returns `false` (blocking: call it off the async runtime's workers). For a
+    /// sink whose records wait on disk only ([`Window`]): they must be durable (a
+    /// sink heard of them) and kept by the caller's hold.
+    pub fn read(
+        &self,
+        from: Lsn,
+        upto: Lsn,
+        f: &mut dyn FnMut(Lsn, Txn) -> bool,
+    ) -> Result<(), JournalError> {
+        let dir = &self.shared.dir;
+        let mut failed = None;
+        segment::read_range(
+            dir,
+            from,
+            upto,
+            &mut |lsn, payload| match Txn::decode(payload) {
+                Ok(t) => f(lsn, t),
+                Err(detail) => {
+                    failed = Some(JournalError::Corrupt {
+                        path: dir.clone(),
+                        offset: lsn,
+                        detail: format!("record {lsn}: {detail}"),
+                    });
+                    false
+                }
+            },
+        )?;
+        failed.map_or(Ok(()), Err)
+    }
+
     /// What the writer did so far.
     pub fn stats(&self) -> &JournalStats {
         &self.shared.stats
@@ -433,11 +476,15 @@ fn run(
         for m in markers {
             m();
         }
-        let low = shared.holds.lock().values().copied().min();
-        if let Some(low) = low {
-            if let Err(e) = writer.drop_below(low) {
-                tracing::warn!(error = %JournalError::from(e), "old journal segments not deleted");
-            }
+        let held = shared.holds.lock().values().copied().min();
+        let low = sinks
+            .iter()
+            .map(|s| s.hold())
+            .chain(held)
+            .min()
+            .unwrap_or(Lsn::MAX);
+        if let Err(e) = writer.drop_below(low) {
+            tracing::warn!(error = %JournalError::from(e), "old journal segments not deleted");
         }
         writer.publish_stats(&shared.stats);
     }

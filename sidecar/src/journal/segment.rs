@@ -139,20 +139,7 @@ impl Writer {
     /// cut off, and the records are returned in order.
     pub(super) fn open(dir: &Path, opts: Options) -> Result<(Writer, Records), SegmentError> {
         fs::create_dir_all(dir).map_err(io(dir))?;
-        let mut found: Vec<(Lsn, PathBuf)> = Vec::new();
-        for e in fs::read_dir(dir).map_err(io(dir))? {
-            let e = e.map_err(io(dir))?;
-            let name = e.file_name();
-            let Some(first) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".log"))
-                .and_then(|n| n.parse::<Lsn>().ok())
-            else {
-                continue;
-            };
-            found.push((first, e.path()));
-        }
-        found.sort();
+        let found = segments(dir)?;
         let mut records = Vec::new();
         let mut closed = Vec::new();
         let mut next_lsn: Lsn = found.first().map_or(1, |(f, _)| *f);
@@ -290,4 +277,113 @@ impl Writer {
         stats.bytes.store(bytes, Ordering::Relaxed);
         stats.segment_first.store(self.current.0, Ordering::Relaxed);
     }
+}
+
+/// The segments in `dir`, by first LSN.
+fn segments(dir: &Path) -> Result<Vec<(Lsn, PathBuf)>, SegmentError> {
+    let mut found = Vec::new();
+    for e in fs::read_dir(dir).map_err(io(dir))? {
+        let e = e.map_err(io(dir))?;
+        let name = e.file_name();
+        if let Some(first) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".log"))
+            .and_then(|n| n.parse::<Lsn>().ok())
+        {
+            found.push((first, e.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Reads the records `from..=upto` of the journal in `dir` back from disk, in
+/// order, handing each payload to `f` until it returns `false`. Only for records
+/// already durable (a sink has heard of them) and kept by a hold: the writer may
+/// be appending after them meanwhile. Memory: one record at a time.
+pub(super) fn read_range(
+    dir: &Path,
+    from: Lsn,
+    upto: Lsn,
+    f: &mut dyn FnMut(Lsn, &[u8]) -> bool,
+) -> Result<(), SegmentError> {
+    if from > upto {
+        return Ok(());
+    }
+    let all = segments(dir)?;
+    // The segment holding `from`: the last one that starts at or before it.
+    let start = all.iter().rposition(|(first, _)| *first <= from);
+    let Some(start) = start else {
+        return Err(SegmentError::Corrupt {
+            path: dir.to_path_buf(),
+            offset: 0,
+            detail: format!("record {from} is no longer in the journal"),
+        });
+    };
+    let mut expect = all[start].0;
+    for (first, path) in &all[start..] {
+        if *first > upto {
+            break;
+        }
+        if *first != expect {
+            return Err(SegmentError::Corrupt {
+                path: path.clone(),
+                offset: 0,
+                detail: format!("segment starts at {first}, {expect} was due"),
+            });
+        }
+        let file = File::open(path).map_err(io(path))?;
+        let mut r = std::io::BufReader::with_capacity(1 << 20, file);
+        let mut offset = 0u64;
+        let mut payload = Vec::new();
+        loop {
+            let mut head = [0u8; HEADER];
+            match r.read_exact(&mut head) {
+                Ok(()) => {}
+                // The end of this segment: the next one goes on.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(io(path)(e)),
+            }
+            let word =
+                |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+            let (len, sum) = (word(0) as usize, word(4));
+            let mut l = [0u8; 8];
+            l.copy_from_slice(&head[8..16]);
+            let lsn = u64::from_le_bytes(l);
+            let bad = |detail: String| SegmentError::Corrupt {
+                path: path.clone(),
+                offset,
+                detail,
+            };
+            if lsn != expect || len > MAX_RECORD_BYTES {
+                return Err(bad(format!(
+                    "record {lsn} ({len} bytes) where {expect} was due"
+                )));
+            }
+            if lsn > upto {
+                return Ok(());
+            }
+            payload.resize(len, 0);
+            r.read_exact(&mut payload).map_err(io(path))?;
+            if crc(lsn, &payload) != sum {
+                return Err(bad(format!("record {lsn}: checksum mismatch")));
+            }
+            if lsn >= from && !f(lsn, &payload) {
+                return Ok(());
+            }
+            if lsn == upto {
+                return Ok(());
+            }
+            expect += 1;
+            offset += (HEADER + len) as u64;
+        }
+    }
+    Err(SegmentError::Corrupt {
+        path: dir.to_path_buf(),
+        offset: 0,
+        detail: format!(
+            "the journal ends before record {upto} (read through {})",
+            expect.saturating_sub(1)
+        ),
+    })
 }

@@ -84,14 +84,15 @@ impl Ledger {
     /// seal into (the journal's last row; without one, what ClickHouse holds — this
     /// waits for ClickHouse), and the queue of rows still to ship. `clickhouse`
     /// `None`: nothing is recorded (development only). `dir` holds the checkpoints
-    /// (and a pre-journal spool, shipped once). Registers
-    /// `gw_sidecar_ledger_pending_rows`.
+    /// (and a pre-journal spool, shipped once). At most `memory_rows` rows wait in
+    /// memory. Registers `gw_sidecar_ledger_pending_rows{,_on_disk}`.
     pub async fn prepare(
         opened: &Opened,
         dir: &Path,
         chain_id: &str,
         clickhouse: Option<&clickhouse::Client>,
         checkpoints: CheckpointSettings,
+        memory_rows: usize,
         registry: &mut Registry,
     ) -> Result<(Ledger, Option<Chain>), LedgerError> {
         let Some(client) = clickhouse else {
@@ -152,7 +153,12 @@ impl Ledger {
             "Ledger rows not yet in ClickHouse",
             pending.clone(),
         );
-        let queue = Arc::new(RowQueue::recovered(&opened.records, pending));
+        let queue = Arc::new(RowQueue::recovered(&opened.records, pending, memory_rows));
+        registry.register(
+            "gw_sidecar_ledger_pending_rows_on_disk",
+            "Of the ledger rows not yet in ClickHouse, those waiting in the journal on disk only (beyond audit_memory_rows)",
+            queue.on_disk_gauge(),
+        );
         Ok((
             Ledger {
                 chain_id: chain_id.to_owned(),

@@ -5,8 +5,8 @@
 //! is what says what it holds: at start, and after an answer went missing, the
 //! shipper asks for the chain's `max(seq)` rather than trusting a local mark.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use gw_core::ledger::{Chain, ChainError, LedgerRow};
@@ -16,13 +16,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use super::checkpoint::Checkpointer;
-use crate::journal::{self, Journal, Lsn, Sink, Txn};
+use crate::journal::{self, Journal, Lsn, Sink, Txn, Window};
 
 /// The most rows one insert carries.
 pub const MAX_BATCH_ROWS: usize = 10_000;
-
-/// The journal hold of unshipped rows.
-const HOLD: &str = "ledger";
 
 /// The ClickHouse row of `control_decisions` (same fields as [`LedgerRow`]).
 #[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Serialize, Deserialize)]
@@ -170,6 +167,9 @@ pub enum ShipError {
     /// What ClickHouse holds of this chain does not continue the local one.
     #[error("ledger chain: {0}")]
     Chain(#[from] ChainError),
+    /// Rows waiting on disk only could not be read back from the journal.
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
     /// The pre-journal spool could not be read.
     #[error("legacy ledger spool {path}: {detail}")]
     Legacy {
@@ -180,50 +180,80 @@ pub enum ShipError {
     },
 }
 
-/// Sealed rows not yet in ClickHouse, in `seq` order, with their records' LSNs.
-#[derive(Default)]
+/// Sealed rows not yet in ClickHouse, in `seq` order, with their records' LSNs: the
+/// oldest in memory, at most the queue's bound (`audit_memory_rows`); the rest wait
+/// in the journal on disk and are read back as the rows before them are shipped
+/// ([`journal::Window`]).
 pub struct RowQueue {
-    rows: Mutex<VecDeque<(Lsn, LedgerRow)>>,
+    rows: Mutex<Window<LedgerRow>>,
     /// The record of the newest row: kept, so a restart knows the chain's head.
-    last: std::sync::atomic::AtomicU64,
+    last: AtomicU64,
+    /// The newest row's seq (in memory or on disk only).
+    newest: AtomicU64,
+    /// ClickHouse holds every row up to this seq: not read back from disk.
+    stored: AtomicU64,
     /// The range of the latest insert begun ([`journal::Entry::Shipping`]).
     intent: Mutex<Option<(u64, u64)>>,
     grew: Notify,
     pending: Gauge,
+    /// Of those, rows waiting on disk only.
+    pending_on_disk: Gauge,
+    /// Rows per insert at most: [`MAX_BATCH_ROWS`], or half the memory's bound, so
+    /// that an insert's range read back after a restart is in memory whole.
+    batch_rows: usize,
 }
+
+/// Rows of the ledger and of the send audit kept in memory while they wait for
+/// ClickHouse, by default (`audit_memory_rows`).
+pub const MEMORY_ROWS: usize = 100_000;
 
 impl Sink for RowQueue {
     fn committed(&self, lsn: Lsn, txn: &Txn) {
-        let mut q = self.rows.lock();
-        let before = q.len();
+        let mut rows = Vec::new();
         for e in &txn.entries {
             match e {
-                journal::Entry::Row(r) => {
-                    q.push_back((lsn, r.clone()));
-                    self.last.store(lsn, std::sync::atomic::Ordering::Relaxed);
-                }
+                journal::Entry::Row(r) => rows.push(r.clone()),
                 journal::Entry::Shipping { first, last } => {
                     *self.intent.lock() = Some((*first, *last));
                 }
                 _ => {}
             }
         }
-        if q.len() == before {
+        let Some(newest) = rows.last().map(|r| r.seq) else {
+            self.rows.lock().push(lsn, rows);
             return;
-        }
-        self.pending.set(i64::try_from(q.len()).unwrap_or(i64::MAX));
+        };
+        self.last.store(lsn, Ordering::Relaxed);
+        self.newest.store(newest, Ordering::Relaxed);
+        let mut q = self.rows.lock();
+        q.push(lsn, rows);
+        self.publish(&q);
         drop(q);
         self.grew.notify_one();
+    }
+
+    /// The oldest record with a row still to ship (in memory or on disk only), and
+    /// the record of the newest row (the chain's head for the next start).
+    fn hold(&self) -> Lsn {
+        let first = self.rows.lock().hold();
+        match self.last.load(Ordering::Relaxed) {
+            0 => first,
+            last => first.min(last),
+        }
     }
 }
 
 impl RowQueue {
-    /// A queue holding the recovered transactions' rows (all of them: the shipper
-    /// drops what ClickHouse already has).
-    pub fn recovered(records: &[(Lsn, Txn)], pending: Gauge) -> RowQueue {
+    /// A queue holding the recovered transactions' rows (all of them, at most
+    /// `memory_rows` in memory: the shipper drops what ClickHouse already has).
+    pub fn recovered(records: &[(Lsn, Txn)], pending: Gauge, memory_rows: usize) -> RowQueue {
         let q = RowQueue {
-            rows: Mutex::new(VecDeque::new()),
-            last: std::sync::atomic::AtomicU64::new(0),
+            rows: Mutex::new(Window::new(memory_rows)),
+            pending_on_disk: Gauge::default(),
+            batch_rows: (memory_rows / 2).clamp(1, MAX_BATCH_ROWS),
+            last: AtomicU64::new(0),
+            newest: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
             intent: Mutex::new(None),
             grew: Notify::new(),
             pending,
@@ -234,42 +264,73 @@ impl RowQueue {
         q
     }
 
-    /// Rows waiting.
+    /// Rows waiting (in memory and on disk only).
     pub fn len(&self) -> usize {
-        self.rows.lock().len()
+        usize::try_from(self.rows.lock().pending()).unwrap_or(usize::MAX)
     }
 
     /// Whether none wait.
     pub fn is_empty(&self) -> bool {
-        self.rows.lock().is_empty()
+        self.len() == 0
     }
 
-    /// What the journal must keep: the oldest record with a row still to ship, and
-    /// the record of the newest row (the chain's head for the next start).
-    fn hold(&self) -> Lsn {
-        let first = self.rows.lock().front().map_or(Lsn::MAX, |(l, _)| *l);
-        match self.last.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => first,
-            last => first.min(last),
-        }
+    /// Rows waiting on disk only.
+    pub fn on_disk(&self) -> u64 {
+        self.rows.lock().on_disk()
+    }
+
+    /// The gauge of rows waiting on disk only.
+    pub fn on_disk_gauge(&self) -> Gauge {
+        self.pending_on_disk.clone()
+    }
+
+    fn publish(&self, q: &Window<LedgerRow>) {
+        self.pending
+            .set(i64::try_from(q.pending()).unwrap_or(i64::MAX));
+        self.pending_on_disk
+            .set(i64::try_from(q.on_disk()).unwrap_or(i64::MAX));
     }
 
     fn drop_through(&self, seq: u64) {
+        self.stored.fetch_max(seq, Ordering::Relaxed);
         let mut q = self.rows.lock();
         while q.front().is_some_and(|(_, r)| r.seq <= seq) {
             q.pop_front();
         }
-        self.pending.set(i64::try_from(q.len()).unwrap_or(i64::MAX));
+        self.publish(&q);
     }
 
     fn newest_seq(&self) -> Option<u64> {
-        self.rows.lock().back().map(|(_, r)| r.seq)
+        (!self.is_empty()).then(|| self.newest.load(Ordering::Relaxed))
     }
 
-    /// `view` of the newest `limit` rows still to ship that `keep` selects,
-    /// newest first, among the newest [`PENDING_SCAN`] (what the ledger endpoints
-    /// add to ClickHouse's answer; the journal's writer waits on this lock, so
-    /// only what is shown is copied).
+    /// When the rows in memory are shipped and more wait on disk: reads the next
+    /// ones back from `journal` (blocking). `Ok(rows read back)`.
+    fn read_back(&self, journal: &Journal) -> Result<usize, journal::JournalError> {
+        let stored = self.stored.load(Ordering::Relaxed);
+        let n = Window::read_back(
+            &self.rows,
+            journal,
+            &mut |t| {
+                t.entries
+                    .iter()
+                    .filter_map(|e| match e {
+                        journal::Entry::Row(r) => Some(r.clone()),
+                        _ => None,
+                    })
+                    .collect()
+            },
+            &|_, r| r.seq > stored,
+        )?;
+        self.publish(&self.rows.lock());
+        Ok(n)
+    }
+
+    /// `view` of the newest `limit` rows in memory still to ship that `keep`
+    /// selects, newest first, among the newest [`PENDING_SCAN`] (what the ledger
+    /// endpoints add to ClickHouse's answer; the journal's writer waits on this
+    /// lock, so only what is shown is copied). Rows waiting on disk only (behind a
+    /// long ClickHouse outage) are not among them.
     pub fn newest_where<T>(
         &self,
         limit: usize,
@@ -288,20 +349,20 @@ impl RowQueue {
             .collect()
     }
 
-    /// The queued rows `first..=last`.
+    /// The queued rows `first..=last` in memory.
     fn range(&self, first: u64, last: u64) -> Vec<LedgerRow> {
         self.rows
             .lock()
             .iter()
             .skip_while(|(_, r)| r.seq < first)
             .take_while(|(_, r)| r.seq <= last)
-            .take(MAX_BATCH_ROWS)
+            .take(self.batch_rows)
             .map(|(_, r)| r.clone())
             .collect()
     }
 
-    /// Whether every row `first..=last` is queued (the queue holds consecutive
-    /// seqs: rows are sealed in order and dropped from the front).
+    /// Whether every row `first..=last` is queued in memory (the queue holds
+    /// consecutive seqs: rows are sealed in order and dropped from the front).
     fn holds(&self, first: u64, last: u64) -> bool {
         let q = self.rows.lock();
         matches!((q.front(), q.back()), (Some((_, f)), Some((_, b))) if f.seq <= first && last <= b.seq)
@@ -313,13 +374,13 @@ impl RowQueue {
         *self.intent.lock()
     }
 
-    /// The oldest rows, up to [`MAX_BATCH_ROWS`] and seq `until`.
+    /// The oldest rows in memory, up to `batch_rows` and seq `until`.
     fn batch(&self, until: u64) -> Vec<LedgerRow> {
         self.rows
             .lock()
             .iter()
             .take_while(|(_, r)| r.seq <= until)
-            .take(MAX_BATCH_ROWS)
+            .take(self.batch_rows)
             .map(|(_, r)| r.clone())
             .collect()
     }
@@ -466,7 +527,6 @@ impl Shipper {
         table: &str,
         chain_id: &str,
     ) -> Shipper {
-        journal.hold(HOLD, queue.hold());
         Shipper {
             queue,
             journal,
@@ -524,12 +584,19 @@ impl Shipper {
         }
         // An insert begun earlier (maybe by a process since killed) that ClickHouse
         // does not hold yet may still land: its rows are shipped again as that same
-        // insert (same range, same deduplication token) before any other.
+        // insert (same range, same deduplication token) before any other. Its rows
+        // are in memory once what ClickHouse holds is dropped and the rows after it
+        // are read back from disk (an insert is at most half the memory's bound).
+        let keep_from = self
+            .queue
+            .intent()
+            .map_or(seq, |(first, _)| seq.min(first.saturating_sub(1)));
+        self.queue.drop_through(keep_from);
+        self.read_back().await?;
         match self.redo(seq) {
             Some((first, _)) => self.queue.drop_through(first - 1),
             None => self.queue.drop_through(seq),
         }
-        self.journal.hold(HOLD, self.queue.hold());
         self.shipped = Some((seq, hash));
         Ok(())
     }
@@ -546,6 +613,7 @@ impl Shipper {
             return Ok(0);
         };
         loop {
+            self.read_back().await?;
             let stored = self.shipped.map_or(0, |(seq, _)| seq);
             let batch = match self.redo(stored) {
                 Some((first, last)) => self.queue.range(first, last),
@@ -570,10 +638,25 @@ impl Shipper {
             }
             let (seq, head) = (last.seq, hex_hash(&last.row_hash));
             self.queue.drop_through(seq);
-            self.journal.hold(HOLD, self.queue.hold());
             self.shipped = Some((seq, head));
             n += batch.len();
         }
+    }
+
+    /// When the rows in memory are shipped and more wait on disk only: reads the
+    /// next ones back (on a blocking thread).
+    async fn read_back(&self) -> Result<(), ShipError> {
+        if !self.queue.rows.lock().must_read_back() {
+            return Ok(());
+        }
+        let (queue, journal) = (self.queue.clone(), self.journal.clone());
+        tokio::task::spawn_blocking(move || queue.read_back(&journal))
+            .await
+            .map_err(|e| journal::JournalError::Io {
+                path: PathBuf::from("journal"),
+                detail: format!("reading ledger rows back: {e}"),
+            })??;
+        Ok(())
     }
 
     /// The insert begun and not known to be in ClickHouse, which holds the chain

@@ -14,7 +14,7 @@
 //! (`gw_sidecar_send_audit_total{event="dropped"}`). Rows not shipped yet are kept
 //! in the journal even by a start that ships nothing (no sender, no ClickHouse).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::journal::{self, Journal, Lsn, Sink, Txn};
+use crate::journal::{self, Journal, Lsn, Sink, Txn, Window};
 
 /// Rows per insert at most.
 pub const MAX_BATCH: usize = 10_000;
@@ -86,46 +86,53 @@ pub struct AuditStats {
     pub insert_errors: AtomicU64,
 }
 
-/// The journal hold of rows not yet in ClickHouse.
-const HOLD: &str = "sends";
-
 /// How long the batcher gathers rows before it commits them.
 const GATHER: Duration = Duration::from_millis(20);
 
 /// Journalled send rows not yet in ClickHouse, by record, in order (a journal
-/// [`Sink`]).
-#[derive(Default)]
+/// [`Sink`]): the oldest in memory, at most `audit_memory_rows`; the rest wait in
+/// the journal on disk only and are read back as the ones before them are shipped
+/// ([`journal::Window`]).
 pub struct SendsQueue {
-    records: Mutex<VecDeque<(Lsn, Vec<SendRow>)>>,
-    /// Rows in `records`.
-    rows: AtomicU64,
+    records: Mutex<Window<Vec<SendRow>>>,
+    /// Records waiting on disk only that an earlier run shipped (marked after the
+    /// first record on disk only): not read back.
+    shipped_on_disk: BTreeSet<Lsn>,
     grew: Notify,
+}
+
+/// A record's send rows.
+fn sends_of(txn: &Txn) -> Vec<Vec<SendRow>> {
+    txn.entries
+        .iter()
+        .filter_map(|e| match e {
+            journal::Entry::Sends { rows } => Some(rows.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 impl Sink for SendsQueue {
     fn committed(&self, lsn: Lsn, txn: &Txn) {
-        let mut q = self.records.lock();
-        for e in &txn.entries {
-            if let journal::Entry::Sends { rows } = e {
-                self.rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
-                q.push_back((lsn, rows.clone()));
-            }
+        let rows = sends_of(txn);
+        let grew = !rows.is_empty();
+        self.records.lock().push(lsn, rows);
+        if grew {
+            self.grew.notify_one();
         }
-        drop(q);
-        self.grew.notify_one();
+    }
+
+    /// The oldest record with rows not yet shipped, whether anything ships them in
+    /// this run or not (no sender, no ClickHouse): a later start does.
+    fn hold(&self) -> Lsn {
+        self.records.lock().hold()
     }
 }
 
 impl SendsQueue {
-    /// Tells `journal` the oldest record with rows not yet shipped (none: nothing).
-    /// Set at every start before the journal may drop anything, shipper or not.
-    pub fn hold_unshipped(&self, journal: &Journal) {
-        let q = self.records.lock();
-        journal.hold(HOLD, q.front().map_or(Lsn::MAX, |(l, _)| *l));
-    }
-
-    /// The rows of `records` not yet marked shipped.
-    pub fn recovered(records: &[(Lsn, Txn)]) -> SendsQueue {
+    /// The rows of `records` not yet marked shipped, at most `memory_rows` of them
+    /// in memory.
+    pub fn recovered(records: &[(Lsn, Txn)], memory_rows: usize) -> SendsQueue {
         let shipped: BTreeSet<Lsn> = records
             .iter()
             .flat_map(|(_, t)| t.entries.iter())
@@ -134,29 +141,45 @@ impl SendsQueue {
                 _ => None,
             })
             .collect();
-        let q = SendsQueue::default();
+        let mut window = Window::new(memory_rows);
         for (lsn, t) in records {
-            if !shipped.contains(lsn) {
-                q.committed(*lsn, t);
-            }
+            let rows = if shipped.contains(lsn) {
+                Vec::new()
+            } else {
+                sends_of(t)
+            };
+            window.push(*lsn, rows);
         }
-        q
+        let first_on_disk = window.first_on_disk().unwrap_or(Lsn::MAX);
+        SendsQueue {
+            records: Mutex::new(window),
+            shipped_on_disk: shipped.range(first_on_disk..).copied().collect(),
+            grew: Notify::new(),
+        }
     }
 
-    /// Rows waiting for ClickHouse (in the journal, and held in memory until
-    /// shipped).
+    /// Rows waiting for ClickHouse (in the journal, and the oldest of them in
+    /// memory until shipped).
     pub fn pending_rows(&self) -> u64 {
-        self.rows.load(Ordering::Relaxed)
+        self.records.lock().pending()
     }
 
-    /// Records waiting.
-    pub fn len(&self) -> usize {
-        self.records.lock().len()
+    /// Of those, rows waiting on disk only.
+    pub fn pending_rows_on_disk(&self) -> u64 {
+        self.records.lock().on_disk()
     }
 
     /// Whether none wait.
     pub fn is_empty(&self) -> bool {
-        self.records.lock().is_empty()
+        self.pending_rows() == 0
+    }
+
+    /// When the records in memory are shipped and more wait on disk only: reads
+    /// the next ones back (blocking).
+    fn read_back(&self, journal: &Journal) -> Result<usize, journal::JournalError> {
+        Window::read_back(&self.records, journal, &mut sends_of, &|lsn, _| {
+            !self.shipped_on_disk.contains(&lsn)
+        })
     }
 }
 
@@ -209,6 +232,11 @@ impl SendAudit {
     /// Rows journalled and not yet in ClickHouse.
     pub fn pending_rows(&self) -> u64 {
         self.queue.pending_rows()
+    }
+
+    /// Of those, rows waiting on disk only.
+    pub fn pending_rows_on_disk(&self) -> u64 {
+        self.queue.pending_rows_on_disk()
     }
 
     /// Queues `row`; dropped and counted when the queue is full.
@@ -294,7 +322,23 @@ async fn shipper(
     let mut last_err = String::new();
     loop {
         let woke = queue.grew.notified();
-        queue.hold_unshipped(&journal);
+        if queue.records.lock().must_read_back() {
+            let (q, j) = (queue.clone(), journal.clone());
+            let read = tokio::task::spawn_blocking(move || q.read_back(&j)).await;
+            let failed = match read {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = failed {
+                if e != last_err {
+                    tracing::error!(error = %e, "send audit rows not read back from the journal (retrying)");
+                    last_err = e;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        }
         let next = queue.records.lock().front().cloned();
         let Some((lsn, rows)) = next else {
             woke.await;
@@ -306,9 +350,7 @@ async fn shipper(
                 stats
                     .written
                     .fetch_add(rows.len() as u64, Ordering::Relaxed);
-                if let Some((_, r)) = queue.records.lock().pop_front() {
-                    queue.rows.fetch_sub(r.len() as u64, Ordering::Relaxed);
-                }
+                queue.records.lock().pop_front();
                 journal.commit_detached(Txn::of(vec![journal::Entry::SendsShipped { lsn }]));
                 last_err.clear();
             }
@@ -347,7 +389,7 @@ mod tests {
     use super::*;
     use crate::journal::{Entry, Options, STARTUP_HOLD};
 
-    fn open(dir: &std::path::Path) -> (Journal, SendsQueue) {
+    fn open(dir: &std::path::Path) -> (Journal, Arc<SendsQueue>) {
         let opened = Journal::open(
             dir,
             Options {
@@ -356,8 +398,9 @@ mod tests {
             },
         )
         .unwrap();
-        let q = SendsQueue::recovered(&opened.records);
-        (opened.start(None, Vec::new()).unwrap(), q)
+        let q = Arc::new(SendsQueue::recovered(&opened.records, 100));
+        let sinks = vec![q.clone() as Arc<dyn Sink>];
+        (opened.start(None, sinks).unwrap(), q)
     }
 
     /// Rows not shipped are kept by a start that ships nothing (no sender, no
@@ -377,8 +420,7 @@ mod tests {
         drop(j);
         // The start that ships nothing: it only says what it keeps.
         let (j, q) = open(d.path());
-        assert_eq!(q.len(), 1);
-        q.hold_unshipped(&j);
+        assert_eq!(q.pending_rows(), 1);
         j.hold(STARTUP_HOLD, Lsn::MAX);
         for i in 0..40 {
             j.commit_blocking(Txn::of(vec![Entry::Forwarded { lsn: i }]))
@@ -387,8 +429,79 @@ mod tests {
         std::thread::sleep(Duration::from_millis(200));
         drop(j);
         let (_, q) = open(d.path());
-        assert_eq!(q.len(), 1, "the unshipped row is still in the journal");
+        assert_eq!(
+            q.pending_rows(),
+            1,
+            "the unshipped row is still in the journal"
+        );
         let front = q.records.lock().front().cloned().unwrap();
         assert_eq!(front.1[0].signature, "kept");
+    }
+
+    /// Beyond `audit_memory_rows` the rows wait on disk only, across many segments
+    /// and a restart, and come back in order as the ones before them are shipped;
+    /// what an earlier run marked shipped is not read back.
+    #[test]
+    fn rows_beyond_the_memory_bound_are_read_back_in_order() {
+        let d = testkit::TempDir::new("sends-window");
+        let rows_of = |r: u32| -> Vec<SendRow> {
+            (0..10)
+                .map(|i| SendRow {
+                    signature: format!("{r}-{i}"),
+                    ..SendRow::default()
+                })
+                .collect()
+        };
+        let (j, q) = open(d.path());
+        j.hold(STARTUP_HOLD, Lsn::MAX);
+        let mut lsns = Vec::new();
+        for r in 0..30 {
+            let c = j
+                .commit_blocking(Txn::of(vec![Entry::Sends { rows: rows_of(r) }]))
+                .unwrap();
+            lsns.push(c.lsn);
+        }
+        assert_eq!((q.pending_rows(), q.pending_rows_on_disk()), (300, 200));
+        // An earlier run shipped the first 5 records (and marked them).
+        for lsn in &lsns[..5] {
+            j.commit_blocking(Txn::of(vec![Entry::SendsShipped { lsn: *lsn }]))
+                .unwrap();
+        }
+        drop((j, q));
+        let (j, q) = open(d.path());
+        j.hold(STARTUP_HOLD, Lsn::MAX);
+        assert_eq!((q.pending_rows(), q.pending_rows_on_disk()), (250, 150));
+        // Ship the way the shipper does, with rows still coming.
+        let mut shipped = Vec::new();
+        for r in 30..33 {
+            j.commit_blocking(Txn::of(vec![Entry::Sends { rows: rows_of(r) }]))
+                .unwrap();
+        }
+        loop {
+            if q.records.lock().must_read_back() {
+                q.read_back(&j).unwrap();
+            }
+            assert!(
+                q.records.lock().in_memory() <= 10,
+                "at most 100 rows in memory"
+            );
+            let Some((lsn, rows)) = q.records.lock().pop_front() else {
+                break;
+            };
+            j.commit_blocking(Txn::of(vec![Entry::SendsShipped { lsn }]))
+                .unwrap();
+            shipped.push(rows[0].signature.clone());
+        }
+        let want: Vec<String> = (5..33).map(|r| format!("{r}-0")).collect();
+        assert_eq!(shipped, want);
+        assert_eq!((q.pending_rows(), q.pending_rows_on_disk()), (0, 0));
+        // The window is whole again: a new record is in memory, and a restart
+        // finds only it.
+        j.commit_blocking(Txn::of(vec![Entry::Sends { rows: rows_of(99) }]))
+            .unwrap();
+        assert_eq!((q.pending_rows(), q.pending_rows_on_disk()), (10, 0));
+        drop((j, q));
+        let (_, q) = open(d.path());
+        assert_eq!(q.pending_rows(), 10);
     }
 }

@@ -245,8 +245,14 @@ impl Collector for SenderCollector {
             gauge(
                 &mut enc,
                 "gw_sidecar_send_audit_pending_rows",
-                "Send audit rows in the journal not yet in ClickHouse (also held in memory until shipped)",
+                "Send audit rows in the journal not yet in ClickHouse",
                 a.pending_rows(),
+            )?;
+            gauge(
+                &mut enc,
+                "gw_sidecar_send_audit_pending_rows_on_disk",
+                "Of the send audit rows not yet in ClickHouse, those waiting in the journal on disk only (beyond audit_memory_rows)",
+                a.pending_rows_on_disk(),
             )?;
         }
         Ok(())

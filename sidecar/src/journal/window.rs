@@ -1,0 +1,221 @@
+//! What a journal sink keeps in memory of the records it still has to ship
+//! elsewhere (the ledger's rows, the send audit's), bounded.
+//!
+//! While ClickHouse is away those records pile up. They are durable in the journal
+//! already, so memory needs only the oldest of them, the next to ship: a
+//! [`Window`] keeps items in memory up to a bound (in rows); once it is full, a
+//! record's items wait on disk only, and so does every record after it, so that
+//! order is kept. When the items in memory have been shipped, [`Window::read_back`]
+//! reads the next ones back from the journal. The sink's journal hold covers the
+//! oldest record still on disk only ([`Window::hold`]).
+
+use std::collections::VecDeque;
+
+use parking_lot::Mutex;
+
+use super::{Journal, JournalError, Lsn, Txn};
+
+/// An item's weight against a window's bound (rows).
+pub trait Weigh {
+    /// Rows this item counts for.
+    fn weight(&self) -> usize;
+}
+
+impl Weigh for gw_core::ledger::LedgerRow {
+    fn weight(&self) -> usize {
+        1
+    }
+}
+
+impl<T> Weigh for Vec<T> {
+    fn weight(&self) -> usize {
+        self.len()
+    }
+}
+
+/// Records committed while a read back ran that it reads too, under the window's
+/// lock (the journal's writer waits meanwhile), so that the window leaves disk and
+/// sinks new records into memory again; more than this and they wait for the next
+/// read back.
+const CATCH_UP: Lsn = 4096;
+
+/// A sink's items in journal order: the oldest in memory, up to a bound; the rest on
+/// disk only, from one record on.
+pub struct Window<T> {
+    items: VecDeque<(Lsn, T)>,
+    /// Weight of `items`.
+    held: usize,
+    cap: usize,
+    /// Items of this record and every later one wait on disk only.
+    disk: Option<Lsn>,
+    /// Their weight.
+    on_disk: u64,
+    /// The newest durable record the sink heard of.
+    heard: Lsn,
+}
+
+impl<T: Weigh> Window<T> {
+    /// A window holding at most `cap` rows in memory (at least one record's).
+    pub fn new(cap: usize) -> Window<T> {
+        Window {
+            items: VecDeque::new(),
+            held: 0,
+            cap: cap.max(1),
+            disk: None,
+            on_disk: 0,
+            heard: 0,
+        }
+    }
+
+    /// Record `lsn` is durable; `items` are this sink's part of it (none: the
+    /// record is heard of all the same). In memory while there is room and nothing
+    /// waits on disk only; otherwise on disk, in order.
+    pub fn push(&mut self, lsn: Lsn, items: Vec<T>) {
+        self.heard = self.heard.max(lsn);
+        if items.is_empty() {
+            return;
+        }
+        let w: usize = items.iter().map(Weigh::weight).sum();
+        if self.disk.is_some() || self.held >= self.cap {
+            self.disk.get_or_insert(lsn);
+            self.on_disk += w as u64;
+        } else {
+            self.held += w;
+            self.items.extend(items.into_iter().map(|i| (lsn, i)));
+        }
+    }
+
+    /// The oldest item in memory.
+    pub fn front(&self) -> Option<&(Lsn, T)> {
+        self.items.front()
+    }
+
+    /// The newest item in memory.
+    pub fn back(&self) -> Option<&(Lsn, T)> {
+        self.items.back()
+    }
+
+    /// The items in memory, oldest first.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &(Lsn, T)> {
+        self.items.iter()
+    }
+
+    /// Takes the oldest item in memory.
+    pub fn pop_front(&mut self) -> Option<(Lsn, T)> {
+        let x = self.items.pop_front()?;
+        self.held -= x.1.weight();
+        Some(x)
+    }
+
+    /// Items in memory.
+    pub fn in_memory(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Rows waiting, in memory and on disk only.
+    pub fn pending(&self) -> u64 {
+        self.held as u64 + self.on_disk
+    }
+
+    /// Rows waiting on disk only.
+    pub fn on_disk(&self) -> u64 {
+        self.on_disk
+    }
+
+    /// The first record whose items wait on disk only.
+    pub fn first_on_disk(&self) -> Option<Lsn> {
+        self.disk
+    }
+
+    /// Whether memory holds no items while some wait on disk only
+    /// ([`Self::read_back`] has work).
+    pub fn must_read_back(&self) -> bool {
+        self.items.is_empty() && self.disk.is_some()
+    }
+
+    /// The oldest record still needed (`Lsn::MAX`: none).
+    pub fn hold(&self) -> Lsn {
+        let front = self.items.front().map_or(Lsn::MAX, |(l, _)| *l);
+        front.min(self.disk.unwrap_or(Lsn::MAX))
+    }
+
+    /// When memory holds no items and some wait on disk only: reads them back from
+    /// `journal`, in order, until the bound. `extract` gives a record's items as
+    /// [`Self::push`] was given them; `keep` says which of them are still wanted
+    /// (those not kept count as read). `Ok(items now in memory)`. Blocking: call it
+    /// off the async runtime's workers.
+    pub fn read_back(
+        this: &Mutex<Window<T>>,
+        journal: &Journal,
+        extract: &mut dyn FnMut(&Txn) -> Vec<T>,
+        keep: &dyn Fn(Lsn, &T) -> bool,
+    ) -> Result<usize, JournalError> {
+        let (from, upto, cap) = {
+            let w = this.lock();
+            match (w.items.is_empty(), w.disk) {
+                (true, Some(from)) => (from, w.heard, w.cap),
+                _ => return Ok(0),
+            }
+        };
+        let mut r = Reading {
+            got: Vec::new(),
+            held: 0,
+            read: 0,
+            next: from,
+        };
+        journal.read(from, upto, &mut |lsn, txn| {
+            r.take(lsn, &txn, extract, keep, cap)
+        })?;
+        let mut w = this.lock();
+        let heard = w.heard;
+        if r.next > upto && heard > upto && heard - upto <= CATCH_UP && r.held < cap {
+            journal.read(upto + 1, heard, &mut |lsn, txn| {
+                r.take(lsn, &txn, extract, keep, cap)
+            })?;
+        }
+        let n = r.got.len();
+        w.items.extend(r.got);
+        w.held += r.held;
+        if r.next > heard {
+            w.disk = None;
+            w.on_disk = 0;
+        } else {
+            w.disk = Some(r.next);
+            w.on_disk = w.on_disk.saturating_sub(r.read);
+        }
+        Ok(n)
+    }
+}
+
+/// A read back under way.
+struct Reading<T> {
+    got: Vec<(Lsn, T)>,
+    /// Weight of `got`.
+    held: usize,
+    /// Weight read, kept or not.
+    read: u64,
+    /// The record after the last one read.
+    next: Lsn,
+}
+
+impl<T: Weigh> Reading<T> {
+    /// Takes record `lsn`'s items; `false` once `cap` is reached.
+    fn take(
+        &mut self,
+        lsn: Lsn,
+        txn: &Txn,
+        extract: &mut dyn FnMut(&Txn) -> Vec<T>,
+        keep: &dyn Fn(Lsn, &T) -> bool,
+        cap: usize,
+    ) -> bool {
+        for it in extract(txn) {
+            self.read += it.weight() as u64;
+            if keep(lsn, &it) {
+                self.held += it.weight();
+                self.got.push((lsn, it));
+            }
+        }
+        self.next = lsn + 1;
+        self.held < cap
+    }
+}
