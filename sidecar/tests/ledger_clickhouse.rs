@@ -325,6 +325,65 @@ fn rows_beyond_the_memory_bound_wait_on_disk_and_land_once() {
     assert!(segments() <= 2, "{} of {before} segments left", segments());
 }
 
+/// An insert begun before a crash whose rows the restart finds partly in memory
+/// and partly on disk only (beyond `audit_memory_rows`) is shipped again whole, as
+/// the same insert: when the first run's insert lands late, nothing is stored
+/// twice.
+#[test]
+fn an_insert_split_between_memory_and_disk_at_a_restart_is_shipped_whole() {
+    let (d, ch, client) = with_table("ledger-split");
+    let rt = current_thread();
+    let dir = d.path().join("journal");
+    let (http, tcp) = (ch.http_port, ch.tcp_port);
+    let mut n = node_with(&dir, &client, Options::default(), 170);
+    commit_rows(&n, 1, 150);
+    assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 150);
+    let mut ch = ch;
+    ch.process.stop();
+    let sealed: Vec<LedgerRow> = (151..=300)
+        .map(|i| {
+            let c = n
+                .journal
+                .commit_blocking(Txn::of(vec![journal::Entry::Row(row(i))]))
+                .unwrap();
+            c.rows[0].clone()
+        })
+        .collect();
+    // The insert of 151..=200 begins; its answer never comes.
+    let intent = journal::Entry::Shipping {
+        first: 151,
+        last: 200,
+    };
+    n.journal.commit_blocking(Txn::of(vec![intent])).unwrap();
+    drop(n);
+
+    // The journal still holds 1..=150 (one segment): the restart has 1..=170 in
+    // memory and the rest on disk only, so the insert's range is split.
+    let ch = ClickHouse::start_at(d.path(), http, tcp);
+    // (A new client: the first one's pooled connection died with ClickHouse.)
+    let client = client_of(&ch);
+    let mut n = node_with(&dir, &client, Options::default(), 170);
+    assert_eq!((n.queue.len(), n.queue.on_disk()), (300, 130));
+    rt.block_on(n.shipper.learn()).unwrap();
+    assert_eq!(n.shipper.shipped().map(|(seq, _)| seq), Some(150));
+    // The first run's insert lands now.
+    rt.block_on(gw_sidecar::ledger::ship::insert(
+        &client,
+        "control_decisions",
+        &sealed[..50],
+        None,
+    ))
+    .unwrap();
+    assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 150);
+    let rows = stored(&ch);
+    assert_eq!(
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=300).collect::<Vec<_>>(),
+        "each row once"
+    );
+    assert_eq!(verify_chain(&rows), Ok(300));
+}
+
 /// An insert that reaches ClickHouse only after its node was killed and restarted
 /// (the restart asked ClickHouse what it holds before that insert landed) is not
 /// stored twice: the restart ships that insert's range again, as the same insert,

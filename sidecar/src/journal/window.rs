@@ -34,10 +34,10 @@ impl<T> Weigh for Vec<T> {
 }
 
 /// Records committed while a read back ran that it reads too, under the window's
-/// lock (the journal's writer waits meanwhile), so that the window leaves disk and
-/// sinks new records into memory again; more than this and they wait for the next
-/// read back.
-const CATCH_UP: Lsn = 4096;
+/// lock (the journal's writer, and so every commit, waits meanwhile), so that the
+/// window leaves disk and new records go to memory again; more than this and they
+/// wait for the next read back, which runs outside the lock again.
+const CATCH_UP: Lsn = 64;
 
 /// A sink's items in journal order: the oldest in memory, up to a bound; the rest on
 /// disk only, from one record on.
@@ -90,6 +90,11 @@ impl<T: Weigh> Window<T> {
         self.items.front()
     }
 
+    /// Item `i` in memory, from the oldest.
+    pub fn get(&self, i: usize) -> Option<&(Lsn, T)> {
+        self.items.get(i)
+    }
+
     /// The newest item in memory.
     pub fn back(&self) -> Option<&(Lsn, T)> {
         self.items.back()
@@ -122,9 +127,26 @@ impl<T: Weigh> Window<T> {
         self.on_disk
     }
 
+    /// The newest durable record heard of.
+    pub fn heard(&self) -> Lsn {
+        self.heard
+    }
+
     /// The first record whose items wait on disk only.
     pub fn first_on_disk(&self) -> Option<Lsn> {
         self.disk
+    }
+
+    /// Puts the items in memory back on disk only (they are in the journal, held):
+    /// the next [`Self::read_back`] starts from the oldest of them.
+    pub fn unread(&mut self) {
+        let Some(&(front, _)) = self.items.front() else {
+            return;
+        };
+        self.disk = Some(front);
+        self.on_disk += self.held as u64;
+        self.items.clear();
+        self.held = 0;
     }
 
     /// Whether memory holds no items while some wait on disk only
@@ -140,20 +162,23 @@ impl<T: Weigh> Window<T> {
     }
 
     /// When memory holds no items and some wait on disk only: reads them back from
-    /// `journal`, in order, until the bound. `extract` gives a record's items as
-    /// [`Self::push`] was given them; `keep` says which of them are still wanted
-    /// (those not kept count as read). `Ok(items now in memory)`. Blocking: call it
-    /// off the async runtime's workers.
+    /// `journal`, in order, until the bound (or `at_least` rows, if more).
+    /// `extract` gives a record's items as [`Self::push`] was given them (none for
+    /// a record pushed without its items); `keep` says which of them are still
+    /// wanted (those not kept are gone for good).
+    /// `Ok(items now in memory)`. Blocking: call it off the async runtime's
+    /// workers, from one task at a time (the queue's shipper).
     pub fn read_back(
         this: &Mutex<Window<T>>,
         journal: &Journal,
-        extract: &mut dyn FnMut(&Txn) -> Vec<T>,
+        extract: &mut dyn FnMut(Lsn, &Txn) -> Vec<T>,
         keep: &dyn Fn(Lsn, &T) -> bool,
+        at_least: usize,
     ) -> Result<usize, JournalError> {
         let (from, upto, cap) = {
             let w = this.lock();
             match (w.items.is_empty(), w.disk) {
-                (true, Some(from)) => (from, w.heard, w.cap),
+                (true, Some(from)) => (from, w.heard, w.cap.max(at_least)),
                 _ => return Ok(0),
             }
         };
@@ -192,7 +217,7 @@ struct Reading<T> {
     got: Vec<(Lsn, T)>,
     /// Weight of `got`.
     held: usize,
-    /// Weight read, kept or not.
+    /// Weight read, kept or not (all of it was counted on disk).
     read: u64,
     /// The record after the last one read.
     next: Lsn,
@@ -204,11 +229,11 @@ impl<T: Weigh> Reading<T> {
         &mut self,
         lsn: Lsn,
         txn: &Txn,
-        extract: &mut dyn FnMut(&Txn) -> Vec<T>,
+        extract: &mut dyn FnMut(Lsn, &Txn) -> Vec<T>,
         keep: &dyn Fn(Lsn, &T) -> bool,
         cap: usize,
     ) -> bool {
-        for it in extract(txn) {
+        for it in extract(lsn, txn) {
             self.read += it.weight() as u64;
             if keep(lsn, &it) {
                 self.held += it.weight();

@@ -291,8 +291,10 @@ impl RowQueue {
             .set(i64::try_from(q.on_disk()).unwrap_or(i64::MAX));
     }
 
+    /// ClickHouse holds every row through `seq`: drops them from memory, and from
+    /// what is read back from disk.
     fn drop_through(&self, seq: u64) {
-        self.stored.fetch_max(seq, Ordering::Relaxed);
+        self.stored.store(seq, Ordering::Relaxed);
         let mut q = self.rows.lock();
         while q.front().is_some_and(|(_, r)| r.seq <= seq) {
             q.pop_front();
@@ -305,13 +307,18 @@ impl RowQueue {
     }
 
     /// When the rows in memory are shipped and more wait on disk: reads the next
-    /// ones back from `journal` (blocking). `Ok(rows read back)`.
-    fn read_back(&self, journal: &Journal) -> Result<usize, journal::JournalError> {
+    /// ones back from `journal` (blocking), `at_least` of them if the bound is
+    /// less. `Ok(rows read back)`.
+    fn read_back(
+        &self,
+        journal: &Journal,
+        at_least: usize,
+    ) -> Result<usize, journal::JournalError> {
         let stored = self.stored.load(Ordering::Relaxed);
         let n = Window::read_back(
             &self.rows,
             journal,
-            &mut |t| {
+            &mut |_, t| {
                 t.entries
                     .iter()
                     .filter_map(|e| match e {
@@ -321,6 +328,7 @@ impl RowQueue {
                     .collect()
             },
             &|_, r| r.seq > stored,
+            at_least,
         )?;
         self.publish(&self.rows.lock());
         Ok(n)
@@ -349,14 +357,52 @@ impl RowQueue {
             .collect()
     }
 
-    /// The queued rows `first..=last` in memory.
+    /// Row `seq`, when it is in memory.
+    fn find(&self, seq: u64) -> Option<LedgerRow> {
+        let q = self.rows.lock();
+        let front = q.front()?.1.seq;
+        // Consecutive seqs: row `seq` is at its distance from the front.
+        let at = usize::try_from(seq.checked_sub(front)?).ok()?;
+        let row = q.get(at).map(|(_, r)| r.clone());
+        row.filter(|r| r.seq == seq)
+    }
+
+    /// Row `seq` among the rows waiting on disk only (blocking; reads the journal
+    /// until it is found or passed).
+    fn find_on_disk(
+        &self,
+        journal: &Journal,
+        seq: u64,
+    ) -> Result<Option<LedgerRow>, journal::JournalError> {
+        let (from, upto) = {
+            let q = self.rows.lock();
+            match q.first_on_disk() {
+                Some(f) => (f, q.heard()),
+                None => return Ok(None),
+            }
+        };
+        let mut found = None;
+        journal.read(from, upto, &mut |_, t| {
+            for e in t.entries {
+                if let journal::Entry::Row(r) = e {
+                    if r.seq >= seq {
+                        found = (r.seq == seq).then_some(r);
+                        return false;
+                    }
+                }
+            }
+            true
+        })?;
+        Ok(found)
+    }
+
+    /// The queued rows `first..=last` in memory (an insert's range: however many).
     fn range(&self, first: u64, last: u64) -> Vec<LedgerRow> {
         self.rows
             .lock()
             .iter()
             .skip_while(|(_, r)| r.seq < first)
             .take_while(|(_, r)| r.seq <= last)
-            .take(self.batch_rows)
             .map(|(_, r)| r.clone())
             .collect()
     }
@@ -510,9 +556,9 @@ pub struct Shipper {
     intent_durable: bool,
 }
 
-/// Rows still to ship that the ledger endpoints look through, newest first (a
-/// queue longer than this means ClickHouse has been away, and it is what they
-/// would ask first).
+/// Rows still to ship in memory that the ledger endpoints look through, newest
+/// first (more than this means ClickHouse has been away; beyond
+/// `audit_memory_rows`, memory holds the oldest unshipped rows, not the newest).
 pub const PENDING_SCAN: usize = 65_536;
 
 /// Rows that are shipped at once, however recent the last insert.
@@ -571,28 +617,41 @@ impl Shipper {
             None => (0, [0; 32]),
         };
         // A row ClickHouse holds that is still queued here must be the same row:
-        // otherwise another writer used this chain id.
-        let clash = self
-            .queue
-            .rows
-            .lock()
-            .iter()
-            .find(|(_, r)| r.seq == seq)
-            .is_some_and(|(_, r)| hex_hash(&r.row_hash) != hash);
-        if clash {
+        // otherwise another writer used this chain id (nothing is dropped then).
+        let ours = self.queue.find(seq);
+        let ours = match ours {
+            Some(r) => Some(r),
+            None if self.queue.rows.lock().first_on_disk().is_some() => {
+                let (queue, journal) = (self.queue.clone(), self.journal.clone());
+                tokio::task::spawn_blocking(move || queue.find_on_disk(&journal, seq))
+                    .await
+                    .map_err(|e| journal::JournalError::Io {
+                        path: PathBuf::from("journal"),
+                        detail: format!("reading ledger rows back: {e}"),
+                    })??
+            }
+            None => None,
+        };
+        if ours.is_some_and(|r| hex_hash(&r.row_hash) != hash) {
             return Err(ChainError::Conflict(seq).into());
         }
         // An insert begun earlier (maybe by a process since killed) that ClickHouse
         // does not hold yet may still land: its rows are shipped again as that same
         // insert (same range, same deduplication token) before any other. Its rows
-        // are in memory once what ClickHouse holds is dropped and the rows after it
-        // are read back from disk (an insert is at most half the memory's bound).
-        let keep_from = self
+        // must be in memory, whole: when some wait on disk only, memory is read
+        // back from its first row on.
+        if let Some((first, last)) = self
             .queue
             .intent()
-            .map_or(seq, |(first, _)| seq.min(first.saturating_sub(1)));
-        self.queue.drop_through(keep_from);
-        self.read_back().await?;
+            .filter(|&(first, last)| first >= 1 && first <= seq + 1 && seq < last)
+        {
+            self.queue.drop_through(first - 1);
+            if !self.queue.holds(first, last) {
+                self.queue.rows.lock().unread();
+                let rows = usize::try_from(last - first + 1).unwrap_or(usize::MAX);
+                self.read_back(rows).await?;
+            }
+        }
         match self.redo(seq) {
             Some((first, _)) => self.queue.drop_through(first - 1),
             None => self.queue.drop_through(seq),
@@ -613,7 +672,7 @@ impl Shipper {
             return Ok(0);
         };
         loop {
-            self.read_back().await?;
+            self.read_back(1).await?;
             let stored = self.shipped.map_or(0, |(seq, _)| seq);
             let batch = match self.redo(stored) {
                 Some((first, last)) => self.queue.range(first, last),
@@ -645,12 +704,12 @@ impl Shipper {
 
     /// When the rows in memory are shipped and more wait on disk only: reads the
     /// next ones back (on a blocking thread).
-    async fn read_back(&self) -> Result<(), ShipError> {
+    async fn read_back(&self, at_least: usize) -> Result<(), ShipError> {
         if !self.queue.rows.lock().must_read_back() {
             return Ok(());
         }
         let (queue, journal) = (self.queue.clone(), self.journal.clone());
-        tokio::task::spawn_blocking(move || queue.read_back(&journal))
+        tokio::task::spawn_blocking(move || queue.read_back(&journal, at_least))
             .await
             .map_err(|e| journal::JournalError::Io {
                 path: PathBuf::from("journal"),
