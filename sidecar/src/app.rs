@@ -154,10 +154,30 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 
     // Everything durable is in the journal: read it, let each owner rebuild from
     // it, then start its writer with the owners' sinks.
+    // The audit queues (ledger rows and send rows still to ship to ClickHouse) are
+    // fed every record; the other owners get the records from the journal's
+    // horizon on (journal::HORIZON): a long ClickHouse outage does not make a start
+    // hold its whole backlog in memory.
     let t0 = std::time::Instant::now();
-    let mut opened = Journal::open(&dir.join("journal"), JournalOptions::default())?;
+    let rows = crate::ledger::ship::RowQueue::new(Default::default(), cfg.file.audit_memory_rows);
+    let mut sends = SendsQueue::new(cfg.file.audit_memory_rows);
+    let mut opened = Journal::open_with(
+        &dir.join("journal"),
+        JournalOptions {
+            segment_bytes: cfg.file.journal_segment_bytes,
+            ..JournalOptions::default()
+        },
+        &mut |lsn, t| {
+            crate::journal::Sink::committed(&rows, lsn, t);
+            sends.recover(lsn, t);
+        },
+        true,
+    )?;
     tracing::info!(
-        records = opened.records.len(),
+        records = opened.scanned,
+        kept = opened.records.len(),
+        ledger_rows = rows.len(),
+        send_rows = sends.pending_rows(),
         ms = t0.elapsed().as_millis(),
         "journal opened"
     );
@@ -171,7 +191,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             every_rows: cfg.file.checkpoint_every_rows,
             every: Duration::from_secs(cfg.file.checkpoint_every_secs),
         },
-        cfg.file.audit_memory_rows,
+        rows,
         &mut registry,
     )
     .await?;
@@ -184,10 +204,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         cfg.file.replay_limits(),
         now,
     )));
-    let sends = Arc::new(SendsQueue::recovered(
-        &opened.records,
-        cfg.file.audit_memory_rows,
-    ));
+    let sends = Arc::new(sends);
     // The replay guard first: it knows a nonce before the bus delivers its command.
     let mut sinks: Vec<Arc<dyn Sink>> = vec![
         Arc::new(ReplaySink(replay.clone())),

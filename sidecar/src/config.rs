@@ -97,6 +97,10 @@ pub struct FileConfig {
     /// back in order as the rows before them are shipped.
     #[serde(default = "default_audit_memory_rows")]
     pub audit_memory_rows: usize,
+    /// A journal segment is closed and a new one started beyond this size; whole
+    /// segments are what the journal deletes, and what its horizon cuts at.
+    #[serde(default = "default_journal_segment_bytes")]
+    pub journal_segment_bytes: u64,
     /// Rows between two signed ledger checkpoints.
     #[serde(default = "default_checkpoint_rows")]
     pub checkpoint_every_rows: u64,
@@ -202,6 +206,9 @@ fn default_ledger_ship_every() -> u64 {
 }
 fn default_audit_memory_rows() -> usize {
     crate::ledger::ship::MEMORY_ROWS
+}
+fn default_journal_segment_bytes() -> u64 {
+    crate::journal::Options::default().segment_bytes
 }
 fn default_checkpoint_secs() -> u64 {
     60
@@ -468,6 +475,11 @@ impl Config {
         if !(100..=10_000_000).contains(&file.audit_memory_rows) {
             return Err(OutOfBounds::new("audit_memory_rows", "must be 100..=10000000").into());
         }
+        if !((64 << 10)..=(1 << 30)).contains(&file.journal_segment_bytes) {
+            return Err(
+                OutOfBounds::new("journal_segment_bytes", "must be 65536..=1073741824").into(),
+            );
+        }
         if let Some(m) = &file.models {
             if !(100..=600_000).contains(&m.load_timeout_ms) {
                 return Err(
@@ -626,6 +638,10 @@ mod tests {
             (r#"{"ledger_ship_every_ms": 10001}"#, "ledger_ship_every_ms"),
             (r#"{"clickhouse_nice": 20}"#, "clickhouse_nice"),
             (r#"{"audit_memory_rows": 99}"#, "audit_memory_rows"),
+            (
+                r#"{"journal_segment_bytes": 1024}"#,
+                "journal_segment_bytes",
+            ),
             (r#"{"node_id": "a b"}"#, "node_id"),
         ] {
             match with(json) {

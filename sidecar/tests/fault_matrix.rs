@@ -118,6 +118,10 @@ impl Node {
             // Few rows in memory: the ClickHouse outage below leaves most of its
             // rows waiting on disk only, and they are read back from the journal.
             "audit_memory_rows": MEMORY_ROWS,
+            // Small segments: the journal deletes and its horizon cuts (what a
+            // start keeps decoded for the replay guard, the bus and the agents)
+            // many times over in each run, with every kill -9 and restart.
+            "journal_segment_bytes": 65_536,
         });
         if let Some(k) = kafka {
             cfg["kafka"] = json!({"brokers": k.brokers(), "message_timeout_ms": 3000});

@@ -45,6 +45,37 @@ pub type Lsn = u64;
 /// Largest payload of one record.
 pub const MAX_RECORD_BYTES: usize = 16 << 20;
 
+/// The file naming the journal's horizon: the first record of the segment that
+/// holds the oldest record any owner other than a sink needs ([`Journal::hold`]:
+/// the replay guard, the bus, the agents). The records before it are needed only
+/// by the sinks that say so themselves ([`Sink::hold`]: the ledger's and the send
+/// audit's queues, far behind while ClickHouse is away), so a start hands them to
+/// those queues and keeps only the horizon's tail decoded
+/// ([`Journal::open_with`]). It is the same cut the journal makes when it deletes
+/// segments with nothing left to ship: no owner may need a record below its own
+/// hold. Written by the writer thread, only ever moved forward, replaced
+/// atomically (a lost or stale file only makes a start decode more).
+pub const HORIZON: &str = "horizon";
+
+/// The journal's horizon in `dir` (0, everything, when there is none).
+fn read_horizon(dir: &Path) -> Lsn {
+    std::fs::read_to_string(dir.join(HORIZON))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Replaces the horizon in `dir` (the file's data synced before the rename: a
+/// crash leaves the old horizon or the new one).
+fn write_horizon(dir: &Path, lsn: Lsn) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{HORIZON}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "{lsn}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(HORIZON))
+}
+
 /// Journal settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
@@ -192,19 +223,19 @@ pub struct Journal {
 pub struct Opened {
     writer: Writer,
     dir: PathBuf,
-    /// Every retained transaction, in order.
+    /// Every retained transaction from the horizon on, in order (all of them when
+    /// opened with [`Journal::open`]).
     pub records: Vec<(Lsn, Txn)>,
+    /// Records read (before the horizon too).
+    pub scanned: u64,
+    last_row: Option<LedgerRow>,
+    horizon: Lsn,
 }
 
 impl Opened {
     /// The last ledger row recovered, if any.
     pub fn last_row(&self) -> Option<&LedgerRow> {
-        self.records.iter().rev().find_map(|(_, t)| {
-            t.entries.iter().rev().find_map(|e| match e {
-                Entry::Row(r) => Some(r),
-                _ => None,
-            })
-        })
+        self.last_row.as_ref()
     }
 
     /// Starts the writer thread: ledger rows are sealed into `chain` (none: a
@@ -227,7 +258,7 @@ impl Opened {
         let writer = self.writer;
         std::thread::Builder::new()
             .name("gw-journal".into())
-            .spawn(move || run(writer, &rx, &s, chain, &sinks))
+            .spawn(move || run(writer, &rx, &s, chain, &sinks, self.horizon))
             .map_err(|e| JournalError::Io {
                 path: self.dir.clone(),
                 detail: format!("cannot start the writer thread: {e}"),
@@ -237,23 +268,54 @@ impl Opened {
 }
 
 impl Journal {
-    /// Opens (or creates) the journal in `dir` and decodes what it holds; a record
-    /// that does not decode refuses the start (state would be lost otherwise).
+    /// Opens (or creates) the journal in `dir` and decodes what it holds, every
+    /// record kept in [`Opened::records`]; a record that does not decode refuses
+    /// the start (state would be lost otherwise).
     pub fn open(dir: &Path, opts: Options) -> Result<Opened, JournalError> {
-        let (writer, raw) = Writer::open(dir, opts)?;
-        let mut records = Vec::with_capacity(raw.len());
-        for (lsn, payload) in raw {
-            let txn = Txn::decode(&payload).map_err(|detail| JournalError::Corrupt {
+        Self::open_with(dir, opts, &mut |_, _| {}, false)
+    }
+
+    /// [`Self::open`] for a start whose audit queues (the ledger's rows, the send
+    /// audit's) may be far behind: every record is handed to `audit`, in order, and
+    /// with `horizon` only those from the journal's horizon on are kept in
+    /// [`Opened::records`] for the other owners (the records before it are needed
+    /// by no owner but the audit queues: see [`HORIZON`]). Memory then holds what
+    /// the audit queues keep (their bounded windows) and the horizon's tail.
+    pub fn open_with(
+        dir: &Path,
+        opts: Options,
+        audit: &mut dyn FnMut(Lsn, &Txn),
+        horizon: bool,
+    ) -> Result<Opened, JournalError> {
+        let from = if horizon { read_horizon(dir) } else { 0 };
+        let mut records = Vec::new();
+        let (mut scanned, mut last_row) = (0u64, None);
+        let writer = Writer::open(dir, opts, &mut |lsn, payload| {
+            let txn = Txn::decode(payload).map_err(|detail| SegmentError::Corrupt {
                 path: dir.to_path_buf(),
                 offset: lsn,
                 detail: format!("record {lsn}: {detail}"),
             })?;
-            records.push((lsn, txn));
-        }
+            scanned += 1;
+            audit(lsn, &txn);
+            if let Some(r) = txn.entries.iter().rev().find_map(|e| match e {
+                Entry::Row(r) => Some(r),
+                _ => None,
+            }) {
+                last_row = Some(r.clone());
+            }
+            if lsn >= from {
+                records.push((lsn, txn));
+            }
+            Ok(())
+        })?;
         Ok(Opened {
             writer,
             dir: dir.to_path_buf(),
             records,
+            scanned,
+            last_row,
+            horizon: from,
         })
     }
 
@@ -431,6 +493,7 @@ fn run(
     shared: &Shared,
     mut chain: Option<Chain>,
     sinks: &[Arc<dyn Sink>],
+    mut horizon: Lsn,
 ) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
@@ -476,15 +539,25 @@ fn run(
         for m in markers {
             m();
         }
-        let held = shared.holds.lock().values().copied().min();
-        let low = sinks
-            .iter()
-            .map(|s| s.hold())
-            .chain(held)
+        let held = shared
+            .holds
+            .lock()
+            .values()
+            .copied()
             .min()
             .unwrap_or(Lsn::MAX);
+        let low = sinks.iter().map(|s| s.hold()).fold(held, Lsn::min);
         if let Err(e) = writer.drop_below(low) {
             tracing::warn!(error = %JournalError::from(e), "old journal segments not deleted");
+        }
+        let floor = writer.segment_floor(held);
+        if floor > horizon {
+            match write_horizon(&shared.dir, floor) {
+                Ok(()) => horizon = floor,
+                Err(e) => {
+                    tracing::warn!(error = %e, "journal horizon not moved (a start decodes more)");
+                }
+            }
         }
         writer.publish_stats(&shared.stats);
     }

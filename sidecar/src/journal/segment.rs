@@ -117,8 +117,8 @@ fn sync_dir(dir: &Path) -> Result<(), SegmentError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
-/// Raw records: LSN and payload.
-pub(super) type Records = Vec<(Lsn, Vec<u8>)>;
+/// Told of each record found at start, in order: LSN and payload.
+pub(super) type Visit<'a> = &'a mut dyn FnMut(Lsn, &[u8]) -> Result<(), SegmentError>;
 
 /// The journal's files, owned by the writer thread.
 pub(super) struct Writer {
@@ -135,12 +135,15 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    /// Opens the journal in `dir`: every segment is read, a torn tail of the last is
-    /// cut off, and the records are returned in order.
-    pub(super) fn open(dir: &Path, opts: Options) -> Result<(Writer, Records), SegmentError> {
+    /// Opens the journal in `dir`: every segment is read, one at a time, and its
+    /// records handed to `visit` in order; a torn tail of the last is cut off.
+    pub(super) fn open(
+        dir: &Path,
+        opts: Options,
+        visit: Visit<'_>,
+    ) -> Result<Writer, SegmentError> {
         fs::create_dir_all(dir).map_err(io(dir))?;
         let found = segments(dir)?;
-        let mut records = Vec::new();
         let mut closed = Vec::new();
         let mut next_lsn: Lsn = found.first().map_or(1, |(f, _)| *f);
         let n = found.len();
@@ -162,7 +165,9 @@ impl Writer {
                 });
             }
             next_lsn = first + s.records.len() as u64;
-            records.extend(s.records);
+            for (lsn, payload) in &s.records {
+                visit(*lsn, payload)?;
+            }
             if last {
                 let f = OpenOptions::new()
                     .append(true)
@@ -182,7 +187,7 @@ impl Writer {
                     next_lsn,
                     buf: Vec::new(),
                 };
-                return Ok((w, records));
+                return Ok(w);
             }
             closed.push((first, path, s.good_len));
         }
@@ -203,7 +208,21 @@ impl Writer {
             next_lsn,
             buf: Vec::new(),
         };
-        Ok((w, records))
+        Ok(w)
+    }
+
+    /// The first LSN of the segment that holds `lsn` (of the segment being written
+    /// when `lsn` is in it or beyond).
+    pub(super) fn segment_floor(&self, lsn: Lsn) -> Lsn {
+        if lsn >= self.current.0 {
+            return self.current.0;
+        }
+        self.closed
+            .iter()
+            .rev()
+            .map(|s| s.0)
+            .find(|first| *first <= lsn)
+            .unwrap_or(lsn)
     }
 
     pub(super) fn batch_bytes(&self) -> usize {

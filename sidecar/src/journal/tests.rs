@@ -294,3 +294,151 @@ fn a_send_without_a_score_survives_the_journal() {
     };
     assert!(rows[0].score.is_nan() && rows[0].tip.is_nan());
 }
+
+/// A sink that keeps nothing and holds from a fixed record on (an audit queue far
+/// behind).
+struct Behind(Lsn);
+
+impl Sink for Behind {
+    fn committed(&self, _: Lsn, _: &Txn) {}
+    fn hold(&self) -> Lsn {
+        self.0
+    }
+}
+
+/// Opens `dir` with the horizon: `(every LSN handed to the audit feed, the LSNs
+/// kept for the other owners)`.
+fn open_horizon(dir: &Path) -> (Opened, Vec<Lsn>, Vec<Lsn>) {
+    let mut fed = Vec::new();
+    let opened = Journal::open_with(
+        dir,
+        Options {
+            segment_bytes: 64,
+            ..Options::default()
+        },
+        &mut |lsn, _| fed.push(lsn),
+        true,
+    )
+    .unwrap();
+    let kept = opened.records.iter().map(|(l, _)| *l).collect();
+    (opened, fed, kept)
+}
+
+/// While a sink (the ledger's queue, ClickHouse away) holds every segment, the
+/// horizon follows the other owners' holds: a start hands every record to the
+/// audit feed and keeps decoded only those from the horizon's segment on. The
+/// horizon never moves back, and without its file everything is kept.
+#[test]
+fn a_start_keeps_decoded_only_the_records_from_the_horizon_on() {
+    let d = testkit::TempDir::new("journal-horizon");
+    let opened = Journal::open(
+        d.path(),
+        Options {
+            segment_bytes: 64,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let j = opened
+        .start(None, vec![Arc::new(Behind(1)) as Arc<dyn Sink>])
+        .unwrap();
+    j.hold("owner", 1);
+    j.hold(STARTUP_HOLD, Lsn::MAX);
+    for i in 1..=20 {
+        commit(&j, i);
+    }
+    // The owner needs records from 15 on; the behind sink keeps every segment.
+    j.hold("owner", 15);
+    commit(&j, 21);
+    let horizon = |d: &Path| read_horizon(d);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while horizon(d.path()) <= 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let h = horizon(d.path());
+    assert!(
+        h > 1 && h <= 15,
+        "horizon {h}: the first record of 15's segment"
+    );
+    // The owner lowering its hold later does not move the horizon back.
+    j.hold("owner", 2);
+    commit(&j, 22);
+    drop(j);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(horizon(d.path()), h);
+    assert_eq!(
+        segments(d.path()).first().map(String::as_str),
+        Some("00000000000000000001.log")
+    );
+
+    let (opened, fed, kept) = open_horizon(d.path());
+    assert_eq!(
+        fed,
+        (1..=22).collect::<Vec<_>>(),
+        "the audit feed gets every record"
+    );
+    assert_eq!(
+        kept,
+        (h..=22).collect::<Vec<_>>(),
+        "the others get the horizon's tail"
+    );
+    assert_eq!(opened.scanned, 22);
+    // A damaged horizon file is no horizon: everything is kept.
+    std::fs::write(d.path().join(HORIZON), "not a number").unwrap();
+    drop(opened);
+    let (_, _, kept) = open_horizon(d.path());
+    assert_eq!(kept, (1..=22).collect::<Vec<_>>());
+}
+
+/// `read` hands back exactly `from..=upto` across segment boundaries, stops when
+/// told, and says so when a record is no longer there.
+#[test]
+fn records_are_read_back_across_segments() {
+    let d = testkit::TempDir::new("journal-read");
+    let (j, _) = open(d.path(), 64);
+    j.hold("all", 1);
+    j.hold(STARTUP_HOLD, Lsn::MAX);
+    for i in 1..=30 {
+        commit(&j, i);
+    }
+    assert!(segments(d.path()).len() >= 8);
+    let read = |from, upto, stop_after: usize| {
+        let mut got = Vec::new();
+        j.read(from, upto, &mut |lsn, t| {
+            assert_eq!(t, payload(lsn));
+            got.push(lsn);
+            got.len() < stop_after
+        })
+        .map(|()| got)
+    };
+    assert_eq!(
+        read(1, 30, usize::MAX).unwrap(),
+        (1..=30).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        read(7, 19, usize::MAX).unwrap(),
+        (7..=19).collect::<Vec<_>>()
+    );
+    assert_eq!(read(7, 19, 3).unwrap(), vec![7, 8, 9]);
+    assert_eq!(read(30, 30, usize::MAX).unwrap(), vec![30]);
+    assert!(read(12, 11, usize::MAX).unwrap().is_empty());
+    assert!(matches!(
+        read(25, 31, usize::MAX),
+        Err(JournalError::Corrupt { .. })
+    ));
+    // Segments below a hold that moved on are gone: their records cannot be read.
+    j.hold("all", 20);
+    commit(&j, 31);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while read(1, 1, 1).is_ok() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(matches!(
+        read(1, 5, usize::MAX),
+        Err(JournalError::Corrupt { .. })
+    ));
+    assert_eq!(
+        read(20, 31, usize::MAX).unwrap(),
+        (20..=31).collect::<Vec<_>>()
+    );
+}

@@ -90,6 +90,20 @@ impl<T: Weigh> Window<T> {
         self.items.front()
     }
 
+    /// Drops record `lsn`'s items from memory: `false` when none were there.
+    pub fn remove(&mut self, lsn: Lsn) -> bool {
+        // In LSN order; nearly always the oldest.
+        let at = self.items.partition_point(|(l, _)| *l < lsn);
+        let mut found = false;
+        while self.items.get(at).is_some_and(|(l, _)| *l == lsn) {
+            if let Some((_, it)) = self.items.remove(at) {
+                self.held -= it.weight();
+                found = true;
+            }
+        }
+        found
+    }
+
     /// Item `i` in memory, from the oldest.
     pub fn get(&self, i: usize) -> Option<&(Lsn, T)> {
         self.items.get(i)

@@ -19,7 +19,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use gw_core::ledger::{Chain, ChainError, LedgerRow};
 use gw_core::Code;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 
@@ -84,15 +83,16 @@ impl Ledger {
     /// seal into (the journal's last row; without one, what ClickHouse holds — this
     /// waits for ClickHouse), and the queue of rows still to ship. `clickhouse`
     /// `None`: nothing is recorded (development only). `dir` holds the checkpoints
-    /// (and a pre-journal spool, shipped once). At most `memory_rows` rows wait in
-    /// memory. Registers `gw_sidecar_ledger_pending_rows{,_on_disk}`.
+    /// (and a pre-journal spool, shipped once). `queue` holds the rows still to
+    /// ship, fed by the journal's start ([`Journal::open_with`]). Registers
+    /// `gw_sidecar_ledger_pending_rows{,_on_disk}`.
     pub async fn prepare(
         opened: &Opened,
         dir: &Path,
         chain_id: &str,
         clickhouse: Option<&clickhouse::Client>,
         checkpoints: CheckpointSettings,
-        memory_rows: usize,
+        queue: RowQueue,
         registry: &mut Registry,
     ) -> Result<(Ledger, Option<Chain>), LedgerError> {
         let Some(client) = clickhouse else {
@@ -147,13 +147,12 @@ impl Ledger {
                 (None, None, true)
             }
         };
-        let pending = Gauge::default();
         registry.register(
             "gw_sidecar_ledger_pending_rows",
             "Ledger rows not yet in ClickHouse",
-            pending.clone(),
+            queue.pending_gauge(),
         );
-        let queue = Arc::new(RowQueue::recovered(&opened.records, pending, memory_rows));
+        let queue = Arc::new(queue);
         registry.register(
             "gw_sidecar_ledger_pending_rows_on_disk",
             "Of the ledger rows not yet in ClickHouse, those waiting in the journal on disk only (beyond audit_memory_rows)",

@@ -247,7 +247,17 @@ impl RowQueue {
     /// A queue holding the recovered transactions' rows (all of them, at most
     /// `memory_rows` in memory: the shipper drops what ClickHouse already has).
     pub fn recovered(records: &[(Lsn, Txn)], pending: Gauge, memory_rows: usize) -> RowQueue {
-        let q = RowQueue {
+        let q = RowQueue::new(pending, memory_rows);
+        for (lsn, t) in records {
+            q.committed(*lsn, t);
+        }
+        q
+    }
+
+    /// An empty queue keeping at most `memory_rows` rows in memory; recovered
+    /// records are handed to it as [`Sink::committed`] ([`Journal::open_with`]).
+    pub fn new(pending: Gauge, memory_rows: usize) -> RowQueue {
+        RowQueue {
             rows: Mutex::new(Window::new(memory_rows)),
             pending_on_disk: Gauge::default(),
             batch_rows: (memory_rows / 2).clamp(1, MAX_BATCH_ROWS),
@@ -257,11 +267,12 @@ impl RowQueue {
             intent: Mutex::new(None),
             grew: Notify::new(),
             pending,
-        };
-        for (lsn, t) in records {
-            q.committed(*lsn, t);
         }
-        q
+    }
+
+    /// The gauge of rows waiting.
+    pub fn pending_gauge(&self) -> Gauge {
+        self.pending.clone()
     }
 
     /// Rows waiting (in memory and on disk only).
