@@ -58,6 +58,18 @@ pub fn signed_command(
     issuer: &str,
     args: &[(&str, &str)],
 ) -> Vec<u8> {
+    signed_command_for(Module::Mev, nonce, action, ts, issuer, args)
+}
+
+/// [`signed_command`] for `module`.
+pub fn signed_command_for(
+    module: Module,
+    nonce: u64,
+    action: Action,
+    ts: u64,
+    issuer: &str,
+    args: &[(&str, &str)],
+) -> Vec<u8> {
     let mut map = BTreeMap::new();
     if action == Action::Throttle {
         map.insert("throttle_pct".to_string(), "40".to_string());
@@ -65,7 +77,7 @@ pub fn signed_command(
     map.extend(args.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let c = Command {
         ts,
-        module: Module::Mev.to_proto() as i32,
+        module: module.to_proto() as i32,
         action: action.to_proto() as i32,
         args: map,
         request_id: format!("req-{nonce}"),

@@ -428,6 +428,12 @@ impl Sink for Outbox {
         drop(q);
         self.grew.notify_one();
     }
+
+    /// The oldest command not yet forwarded, as the writer sees it after each
+    /// batch (the forwarder's own hold lags).
+    fn hold(&self) -> Lsn {
+        lock(&self.queue).front().map_or(Lsn::MAX, |(l, _)| *l)
+    }
 }
 
 /// The journal hold of commands not yet forwarded or consumed.
@@ -660,6 +666,18 @@ impl Sink for InProcess {
         if grew {
             self.grew.notify_waiters();
         }
+    }
+
+    /// The oldest command not yet consumed, as the writer sees it after each batch
+    /// (the hold set as agents consume lags a command published into an empty
+    /// queue).
+    fn hold(&self) -> Lsn {
+        lock(&self.log)
+            .queues
+            .values()
+            .filter_map(|q| q.front().map(|(l, _)| *l))
+            .min()
+            .unwrap_or(Lsn::MAX)
     }
 }
 

@@ -46,23 +46,37 @@ pub type Lsn = u64;
 pub const MAX_RECORD_BYTES: usize = 16 << 20;
 
 /// The file naming the journal's horizon: the first record of the segment that
-/// holds the oldest record any owner other than a sink needs ([`Journal::hold`]:
-/// the replay guard, the bus, the agents). The records before it are needed only
-/// by the sinks that say so themselves ([`Sink::hold`]: the ledger's and the send
-/// audit's queues, far behind while ClickHouse is away), so a start hands them to
-/// those queues and keeps only the horizon's tail decoded
-/// ([`Journal::open_with`]). It is the same cut the journal makes when it deletes
-/// segments with nothing left to ship: no owner may need a record below its own
-/// hold. Written by the writer thread, only ever moved forward, replaced
-/// atomically (a lost or stale file only makes a start decode more).
+/// holds the oldest record any owner other than the audit queues needs — the
+/// replay guard, the bus and the agents, by [`Journal::hold`] or [`Sink::hold`] —
+/// and never a record committed in the last [`HORIZON_LAG`] (an owner learns of
+/// its record as the commit returns and says what it holds just after). The
+/// records before it are needed only by the audit queues ([`Sink::audit`]: the
+/// ledger's and the send audit's, far behind while ClickHouse is away), so a start
+/// hands every record to those queues and keeps only the horizon's tail decoded
+/// for the others ([`Journal::open_with`]). Written by the writer thread, moved
+/// only forward, replaced atomically; a lost or older file only makes a start
+/// decode more, and one beyond the journal's last segment (a journal replaced
+/// under it) is ignored.
 pub const HORIZON: &str = "horizon";
 
-/// The journal's horizon in `dir` (0, everything, when there is none).
+/// No record written this recently falls below the horizon (by default).
+pub const HORIZON_LAG: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The journal's horizon in `dir` (0, everything, when there is none, or when it
+/// lies beyond the journal's last segment).
 fn read_horizon(dir: &Path) -> Lsn {
-    std::fs::read_to_string(dir.join(HORIZON))
+    let h: Lsn = std::fs::read_to_string(dir.join(HORIZON))
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0);
+    let last = segment::last_first(dir).unwrap_or(None);
+    if last.is_none_or(|first| h > first) {
+        if h > 0 {
+            tracing::warn!(horizon = h, last_segment = ?last, "journal: a horizon beyond the journal's segments is ignored (everything is decoded)");
+        }
+        return 0;
+    }
+    h
 }
 
 /// Replaces the horizon in `dir` (the file's data synced before the rename: a
@@ -83,6 +97,8 @@ pub struct Options {
     pub segment_bytes: u64,
     /// Most bytes written in one batch (one fsync).
     pub batch_bytes: usize,
+    /// No record written this recently falls below the [`HORIZON`].
+    pub horizon_lag: std::time::Duration,
 }
 
 impl Default for Options {
@@ -90,6 +106,7 @@ impl Default for Options {
         Options {
             segment_bytes: 64 << 20,
             batch_bytes: 8 << 20,
+            horizon_lag: HORIZON_LAG,
         }
     }
 }
@@ -167,6 +184,12 @@ pub struct JournalStats {
     /// The first LSN of the segment being written (records below it are in
     /// closed segments, which holds can keep from being deleted).
     pub segment_first: AtomicU64,
+    /// Records read at start.
+    pub start_records: AtomicU64,
+    /// Of those, records kept decoded for the owners other than the audit queues.
+    pub start_kept: AtomicU64,
+    /// The horizon written last ([`HORIZON`]).
+    pub horizon: AtomicU64,
 }
 
 type Reply = Box<dyn FnOnce(Result<Committed, JournalError>) + Send>;
@@ -190,10 +213,16 @@ pub trait Sink: Send + Sync {
     fn committed(&self, lsn: Lsn, txn: &Txn);
 
     /// The oldest record this sink still needs (`Lsn::MAX`: none), asked by the
-    /// writer each time before it drops segments; with [`Journal::hold`] for owners
-    /// that are not sinks.
+    /// writer after each batch, before it drops segments; with [`Journal::hold`]
+    /// for owners that are not sinks.
     fn hold(&self) -> Lsn {
         Lsn::MAX
+    }
+
+    /// Whether this sink is an audit queue: it is handed every record at start
+    /// ([`Journal::open_with`]) and its hold does not keep the [`HORIZON`] back.
+    fn audit(&self) -> bool {
+        false
     }
 }
 
@@ -210,6 +239,8 @@ struct Shared {
     holds: Mutex<BTreeMap<&'static str, Lsn>>,
     stats: JournalStats,
     dir: PathBuf,
+    /// The horizon written last.
+    horizon: AtomicU64,
 }
 
 /// The journal (cheap to clone).
@@ -228,6 +259,8 @@ pub struct Opened {
     pub records: Vec<(Lsn, Txn)>,
     /// Records read (before the horizon too).
     pub scanned: u64,
+    /// Records kept in `records` when opened.
+    kept: u64,
     last_row: Option<LedgerRow>,
     horizon: Lsn,
 }
@@ -251,14 +284,19 @@ impl Opened {
             holds: Mutex::new(BTreeMap::from([(STARTUP_HOLD, 0)])),
             stats: JournalStats::default(),
             dir: self.dir.clone(),
+            horizon: AtomicU64::new(self.horizon),
         });
         self.writer.publish_stats(&shared.stats);
+        let st = &shared.stats;
+        st.start_records.store(self.scanned, Ordering::Relaxed);
+        st.start_kept.store(self.kept, Ordering::Relaxed);
+        st.horizon.store(self.horizon, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel::<Job>();
         let s = shared.clone();
         let writer = self.writer;
         std::thread::Builder::new()
             .name("gw-journal".into())
-            .spawn(move || run(writer, &rx, &s, chain, &sinks, self.horizon))
+            .spawn(move || run(writer, &rx, &s, chain, &sinks))
             .map_err(|e| JournalError::Io {
                 path: self.dir.clone(),
                 detail: format!("cannot start the writer thread: {e}"),
@@ -287,7 +325,12 @@ impl Journal {
         audit: &mut dyn FnMut(Lsn, &Txn),
         horizon: bool,
     ) -> Result<Opened, JournalError> {
-        let from = if horizon { read_horizon(dir) } else { 0 };
+        std::fs::create_dir_all(dir).map_err(|e| JournalError::Io {
+            path: dir.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        let persisted = read_horizon(dir);
+        let from = if horizon { persisted } else { 0 };
         let mut records = Vec::new();
         let (mut scanned, mut last_row) = (0u64, None);
         let writer = Writer::open(dir, opts, &mut |lsn, payload| {
@@ -309,13 +352,15 @@ impl Journal {
             }
             Ok(())
         })?;
+        let kept = records.len() as u64;
         Ok(Opened {
             writer,
             dir: dir.to_path_buf(),
             records,
             scanned,
+            kept,
             last_row,
-            horizon: from,
+            horizon: persisted,
         })
     }
 
@@ -406,6 +451,11 @@ impl Journal {
     /// `owner` needs the records from `lsn` on (it no longer needs older ones).
     /// Segments below every owner's hold are deleted as the journal grows.
     pub fn hold(&self, owner: &'static str, lsn: Lsn) {
+        let horizon = self.shared.horizon.load(Ordering::Relaxed);
+        if lsn < horizon && owner != STARTUP_HOLD {
+            // A start would not hand this owner records below the horizon.
+            tracing::warn!(owner, lsn, horizon, "journal: a hold below the horizon");
+        }
         self.shared.holds.lock().insert(owner, lsn);
     }
 
@@ -493,8 +543,10 @@ fn run(
     shared: &Shared,
     mut chain: Option<Chain>,
     sinks: &[Arc<dyn Sink>],
-    mut horizon: Lsn,
 ) {
+    let mut horizon = shared.horizon.load(Ordering::Relaxed);
+    let mut recent = Recent::new(writer.next_lsn(), writer.horizon_lag());
+    let mut retry_horizon = std::time::Instant::now();
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH_JOBS {
@@ -546,16 +598,30 @@ fn run(
             .copied()
             .min()
             .unwrap_or(Lsn::MAX);
-        let low = sinks.iter().map(|s| s.hold()).fold(held, Lsn::min);
+        let (mut low, mut others) = (held, held);
+        for s in sinks {
+            let h = s.hold();
+            low = low.min(h);
+            if !s.audit() {
+                others = others.min(h);
+            }
+        }
         if let Err(e) = writer.drop_below(low) {
             tracing::warn!(error = %JournalError::from(e), "old journal segments not deleted");
         }
-        let floor = writer.segment_floor(held);
-        if floor > horizon {
+        let now = std::time::Instant::now();
+        let settled = recent.settled(now, writer.next_lsn());
+        let floor = writer.segment_floor(others.min(settled));
+        if floor > horizon && now >= retry_horizon {
             match write_horizon(&shared.dir, floor) {
-                Ok(()) => horizon = floor,
+                Ok(()) => {
+                    horizon = floor;
+                    shared.horizon.store(floor, Ordering::Relaxed);
+                    shared.stats.horizon.store(floor, Ordering::Relaxed);
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "journal horizon not moved (a start decodes more)");
+                    retry_horizon = now + std::time::Duration::from_secs(5);
+                    tracing::warn!(error = %e, "journal horizon not moved (a start decodes more; retried in 5 s)");
                 }
             }
         }
@@ -604,6 +670,47 @@ fn write_part(
             for (job, _, _) in part {
                 (job.reply)(Err(e.clone()));
             }
+        }
+    }
+}
+
+/// When the journal's records were written, coarsely: marks of about a second
+/// each (a tenth of the lag), for as far back as the lag.
+struct Recent {
+    /// (opened, last batch, the next record's LSN after it), oldest first: every
+    /// record below that LSN was written by the mark's last batch.
+    marks: std::collections::VecDeque<(std::time::Instant, std::time::Instant, Lsn)>,
+    lag: std::time::Duration,
+}
+
+impl Recent {
+    fn new(next: Lsn, lag: std::time::Duration) -> Recent {
+        let now = std::time::Instant::now();
+        Recent {
+            marks: std::collections::VecDeque::from([(now, now, next)]),
+            lag,
+        }
+    }
+
+    /// Notes a batch that left `next` as the next LSN at `now`; the first record
+    /// that may have been written less than the lag ago (0 until the journal has
+    /// been written for that long in this run).
+    fn settled(&mut self, now: std::time::Instant, next: Lsn) -> Lsn {
+        let step = (self.lag / 10).min(std::time::Duration::from_secs(1));
+        match self.marks.back_mut() {
+            Some((opened, last, n)) if now.duration_since(*opened) < step => {
+                (*last, *n) = (now, next);
+            }
+            _ => self.marks.push_back((now, now, next)),
+        }
+        let lag = self.lag;
+        let old = |t: &std::time::Instant| now.duration_since(*t) >= lag;
+        while self.marks.get(1).is_some_and(|(_, t, _)| old(t)) {
+            self.marks.pop_front();
+        }
+        match self.marks.front() {
+            Some((_, t, lsn)) if old(t) => *lsn,
+            _ => 0,
         }
     }
 }

@@ -225,6 +225,15 @@ impl Writer {
             .unwrap_or(lsn)
     }
 
+    /// The LSN the next record gets.
+    pub(super) fn next_lsn(&self) -> Lsn {
+        self.next_lsn
+    }
+
+    pub(super) fn horizon_lag(&self) -> std::time::Duration {
+        self.opts.horizon_lag
+    }
+
     pub(super) fn batch_bytes(&self) -> usize {
         self.opts.batch_bytes
     }
@@ -324,6 +333,11 @@ fn segments(dir: &Path) -> Result<Vec<(Lsn, PathBuf)>, SegmentError> {
     }
     found.sort();
     Ok(found)
+}
+
+/// The first LSN of the last segment in `dir` (none without a segment).
+pub(super) fn last_first(dir: &Path) -> Result<Option<Lsn>, SegmentError> {
+    Ok(segments(dir)?.last().map(|(first, _)| *first))
 }
 
 /// Reads the records `from..=upto` of the journal in `dir` back from disk, in

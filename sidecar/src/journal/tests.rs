@@ -304,6 +304,9 @@ impl Sink for Behind {
     fn hold(&self) -> Lsn {
         self.0
     }
+    fn audit(&self) -> bool {
+        true
+    }
 }
 
 /// Opens `dir` with the horizon: `(every LSN handed to the audit feed, the LSNs
@@ -314,6 +317,7 @@ fn open_horizon(dir: &Path) -> (Opened, Vec<Lsn>, Vec<Lsn>) {
         dir,
         Options {
             segment_bytes: 64,
+            horizon_lag: std::time::Duration::ZERO,
             ..Options::default()
         },
         &mut |lsn, _| fed.push(lsn),
@@ -335,6 +339,7 @@ fn a_start_keeps_decoded_only_the_records_from_the_horizon_on() {
         d.path(),
         Options {
             segment_bytes: 64,
+            horizon_lag: std::time::Duration::ZERO,
             ..Options::default()
         },
     )
@@ -383,11 +388,20 @@ fn a_start_keeps_decoded_only_the_records_from_the_horizon_on() {
         "the others get the horizon's tail"
     );
     assert_eq!(opened.scanned, 22);
-    // A damaged horizon file is no horizon: everything is kept.
-    std::fs::write(d.path().join(HORIZON), "not a number").unwrap();
-    drop(opened);
-    let (_, _, kept) = open_horizon(d.path());
-    assert_eq!(kept, (1..=22).collect::<Vec<_>>());
+    // A writer started from this journal without the horizon's cut (and its
+    // owners not yet holding anything) does not move it back.
+    let j = opened.start(None, Vec::new()).unwrap();
+    commit(&j, 23);
+    drop(j);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(horizon(d.path()), h);
+    // A damaged horizon file is no horizon, nor is one beyond the last segment (a
+    // journal replaced under it): everything is kept.
+    for bad in ["not a number", "1000000"] {
+        std::fs::write(d.path().join(HORIZON), bad).unwrap();
+        let (_, _, kept) = open_horizon(d.path());
+        assert_eq!(kept, (1..=23).collect::<Vec<_>>(), "{bad}");
+    }
 }
 
 /// `read` hands back exactly `from..=upto` across segment boundaries, stops when

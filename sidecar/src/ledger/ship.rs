@@ -241,6 +241,10 @@ impl Sink for RowQueue {
             last => first.min(last),
         }
     }
+
+    fn audit(&self) -> bool {
+        true
+    }
 }
 
 impl RowQueue {
@@ -633,13 +637,7 @@ impl Shipper {
         let ours = match ours {
             Some(r) => Some(r),
             None if self.queue.rows.lock().first_on_disk().is_some() => {
-                let (queue, journal) = (self.queue.clone(), self.journal.clone());
-                tokio::task::spawn_blocking(move || queue.find_on_disk(&journal, seq))
-                    .await
-                    .map_err(|e| journal::JournalError::Io {
-                        path: PathBuf::from("journal"),
-                        detail: format!("reading ledger rows back: {e}"),
-                    })??
+                self.off_runtime(move |q, j| q.find_on_disk(j, seq)).await?
             }
             None => None,
         };
@@ -719,14 +717,24 @@ impl Shipper {
         if !self.queue.rows.lock().must_read_back() {
             return Ok(());
         }
+        self.off_runtime(move |q, j| q.read_back(j, at_least))
+            .await?;
+        Ok(())
+    }
+
+    /// Runs `f` (reading the journal's files) on a blocking thread.
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&RowQueue, &Journal) -> Result<T, journal::JournalError> + Send + 'static,
+    ) -> Result<T, ShipError> {
         let (queue, journal) = (self.queue.clone(), self.journal.clone());
-        tokio::task::spawn_blocking(move || queue.read_back(&journal, at_least))
+        let r = tokio::task::spawn_blocking(move || f(&queue, &journal))
             .await
             .map_err(|e| journal::JournalError::Io {
                 path: PathBuf::from("journal"),
                 detail: format!("reading ledger rows back: {e}"),
-            })??;
-        Ok(())
+            })?;
+        Ok(r?)
     }
 
     /// The insert begun and not known to be in ClickHouse, which holds the chain

@@ -169,6 +169,21 @@ impl prometheus_client::collector::Collector for JournalCollector {
                 "Bytes on disk",
                 s.bytes.load(Relaxed),
             ),
+            (
+                "gw_sidecar_journal_start_records",
+                "Records read at this start (every one handed to the audit queues)",
+                s.start_records.load(Relaxed),
+            ),
+            (
+                "gw_sidecar_journal_start_kept",
+                "Of those, records from the journal's horizon on, kept decoded for the replay guard, the bus and the agents",
+                s.start_kept.load(Relaxed),
+            ),
+            (
+                "gw_sidecar_journal_horizon",
+                "The journal's horizon: the first record a start keeps decoded for the owners other than the audit queues",
+                s.horizon.load(Relaxed),
+            ),
         ] {
             let g = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
             g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)?;

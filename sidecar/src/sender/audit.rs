@@ -127,6 +127,10 @@ impl Sink for SendsQueue {
     fn hold(&self) -> Lsn {
         self.records.lock().hold()
     }
+
+    fn audit(&self) -> bool {
+        true
+    }
 }
 
 impl SendsQueue {
