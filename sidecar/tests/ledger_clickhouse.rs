@@ -1030,22 +1030,29 @@ fn a_start_after_an_outage_keeps_only_the_horizons_tail_and_loses_nothing() {
     for n in 2..=150 {
         send(&s, command(n, Action::Throttle, n % 100));
     }
-    // The agents' maintenance (every 30 s) snapshots `arbitrage`'s state, whose
-    // record lies in a closed segment; the nonces above expire meanwhile.
-    std::thread::sleep(std::time::Duration::from_secs(33).saturating_sub(started.elapsed()));
-    for n in 151..=160 {
-        send(&s, command(n, Action::Throttle, n % 100));
-    }
-    let fresh = command(161, Action::Throttle, 61);
-    send(&s, fresh.clone());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // Wait for their nonces to expire (15 s), for them to age past the horizon's
+    // lag (10 s) and for the agents' maintenance (every 30 s) to snapshot
+    // `arbitrage`, whose record lies in a closed segment; then commands go on
+    // (the writer moves the horizon after a batch) until the horizon has moved.
+    let t150 = std::time::Instant::now();
+    let until = (started + std::time::Duration::from_secs(31))
+        .max(t150 + std::time::Duration::from_secs(16));
+    std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
+    let mut next = 151;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
     while metric(&s, "gw_sidecar_journal_horizon").unwrap_or(0) <= 1
         && std::time::Instant::now() < deadline
     {
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        send(&s, command(next, Action::Throttle, next % 100));
+        next += 1;
+        std::thread::sleep(std::time::Duration::from_millis(500));
     }
     let horizon = metric(&s, "gw_sidecar_journal_horizon").unwrap_or(0);
     assert!(horizon > 1, "the horizon moved on: {horizon}");
+    // Sent last: its nonce is fresh (15 s) across the restart.
+    let fresh_n = next;
+    let fresh = command(fresh_n, Action::Throttle, fresh_n % 100);
+    send(&s, fresh.clone());
     drop(s);
 
     let s = common::serve(config(&ch));
@@ -1068,7 +1075,7 @@ fn a_start_after_an_outage_keeps_only_the_horizons_tail_and_loses_nothing() {
     );
     assert_eq!(
         (&modules["mev"]["applied"], &modules["mev"]["throttle_pct"]),
-        (&Value::from(160), &Value::from(61)),
+        (&Value::from(fresh_n - 1), &Value::from(fresh_n % 100)),
         "{modules}"
     );
     // The fresh nonce is still known: the same bytes are a replay, said applied.
@@ -1078,7 +1085,8 @@ fn a_start_after_an_outage_keeps_only_the_horizons_tail_and_loses_nothing() {
         (409, Some("replay")),
         "{body}"
     );
-    send(&s, command(162, Action::Throttle, 62));
+    let last = fresh_n + 1;
+    send(&s, command(last, Action::Throttle, last % 100));
     let ch = ClickHouse::start_at(d.path(), http, tcp);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while metric(&s, "gw_sidecar_ledger_pending_rows") != Some(0)
@@ -1089,10 +1097,10 @@ fn a_start_after_an_outage_keeps_only_the_horizons_tail_and_loses_nothing() {
     let rows = stored(&ch);
     let n = rows.len() as u64;
     assert!(
-        n >= 2 * 162,
+        n >= 2 * last,
         "{n} rows: accepted and applied for each command"
     );
     assert_eq!(verify_chain(&rows), Ok(n), "every row once, in one chain");
-    let applied = rows.iter().filter(|r| r.decision == "applied").count();
-    assert_eq!(applied, 162);
+    let applied = rows.iter().filter(|r| r.decision == "applied").count() as u64;
+    assert_eq!(applied, last);
 }

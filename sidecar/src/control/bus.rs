@@ -721,7 +721,10 @@ impl InProcess {
     }
 
     fn release(&self) {
-        let low = lock(&self.log)
+        // Set under the log's lock: two agents releasing at once cannot set an
+        // older hold after a newer one.
+        let log = lock(&self.log);
+        let low = log
             .queues
             .values()
             .filter_map(|q| q.front().map(|(l, _)| *l))
@@ -730,6 +733,7 @@ impl InProcess {
         if let Some(j) = lock(&self.journal).as_ref() {
             j.hold(BUS_HOLD, low);
         }
+        drop(log);
     }
 
     /// Commands not yet consumed (every module).

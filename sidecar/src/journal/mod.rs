@@ -69,14 +69,25 @@ fn read_horizon(dir: &Path) -> Lsn {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
-    let last = segment::last_first(dir).unwrap_or(None);
-    if last.is_none_or(|first| h > first) {
-        if h > 0 {
-            tracing::warn!(horizon = h, last_segment = ?last, "journal: a horizon beyond the journal's segments is ignored (everything is decoded)");
-        }
+    if h == 0 {
         return 0;
     }
-    h
+    // Written, it is below the first retained segment or one segment's first.
+    match segment::firsts(dir) {
+        Ok(firsts) if firsts.first().is_some_and(|f| h <= *f) || firsts.contains(&h) => h,
+        Ok(firsts) => {
+            tracing::warn!(
+                horizon = h,
+                segments = firsts.len(),
+                "journal: a horizon that is no segment's start is ignored (everything is decoded)"
+            );
+            0
+        }
+        Err(e) => {
+            tracing::warn!(error = ?e, "journal: segments not listed; the horizon is ignored");
+            0
+        }
+    }
 }
 
 /// Replaces the horizon in `dir` (the file's data synced before the rename: a
@@ -452,11 +463,12 @@ impl Journal {
     /// Segments below every owner's hold are deleted as the journal grows.
     pub fn hold(&self, owner: &'static str, lsn: Lsn) {
         let horizon = self.shared.horizon.load(Ordering::Relaxed);
-        if lsn < horizon && owner != STARTUP_HOLD {
-            // A start would not hand this owner records below the horizon.
+        let before = self.shared.holds.lock().insert(owner, lsn);
+        // A start would not hand this owner records below the horizon (said once
+        // as the hold falls below it).
+        if lsn < horizon && owner != STARTUP_HOLD && before.is_none_or(|b| b >= horizon) {
             tracing::warn!(owner, lsn, horizon, "journal: a hold below the horizon");
         }
-        self.shared.holds.lock().insert(owner, lsn);
     }
 
     /// Reads the durable records `from..=upto` back from disk, in order, until `f`

@@ -335,9 +335,9 @@ fn segments(dir: &Path) -> Result<Vec<(Lsn, PathBuf)>, SegmentError> {
     Ok(found)
 }
 
-/// The first LSN of the last segment in `dir` (none without a segment).
-pub(super) fn last_first(dir: &Path) -> Result<Option<Lsn>, SegmentError> {
-    Ok(segments(dir)?.last().map(|(first, _)| *first))
+/// The first LSN of each segment in `dir`, in order.
+pub(super) fn firsts(dir: &Path) -> Result<Vec<Lsn>, SegmentError> {
+    Ok(segments(dir)?.into_iter().map(|(first, _)| first).collect())
 }
 
 /// Reads the records `from..=upto` of the journal in `dir` back from disk, in

@@ -388,9 +388,22 @@ fn a_start_keeps_decoded_only_the_records_from_the_horizon_on() {
         "the others get the horizon's tail"
     );
     assert_eq!(opened.scanned, 22);
-    // A writer started from this journal without the horizon's cut (and its
-    // owners not yet holding anything) does not move it back.
-    let j = opened.start(None, Vec::new()).unwrap();
+    // A writer started from this journal opened without the cut, whose owner
+    // holds from record 1 again, does not move the horizon back.
+    drop(opened);
+    let j = Journal::open(
+        d.path(),
+        Options {
+            segment_bytes: 64,
+            horizon_lag: std::time::Duration::ZERO,
+            ..Options::default()
+        },
+    )
+    .unwrap()
+    .start(None, Vec::new())
+    .unwrap();
+    j.hold("owner", 1);
+    j.hold(STARTUP_HOLD, Lsn::MAX);
     commit(&j, 23);
     drop(j);
     std::thread::sleep(std::time::Duration::from_millis(50));
