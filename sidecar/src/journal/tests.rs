@@ -309,21 +309,20 @@ impl Sink for Behind {
     }
 }
 
+/// 64-byte segments, and a horizon that follows the holds at once.
+fn tiny_no_lag() -> Options {
+    Options {
+        segment_bytes: 64,
+        horizon_lag: std::time::Duration::ZERO,
+        ..Options::default()
+    }
+}
+
 /// Opens `dir` with the horizon: `(every LSN handed to the audit feed, the LSNs
 /// kept for the other owners)`.
 fn open_horizon(dir: &Path) -> (Opened, Vec<Lsn>, Vec<Lsn>) {
     let mut fed = Vec::new();
-    let opened = Journal::open_with(
-        dir,
-        Options {
-            segment_bytes: 64,
-            horizon_lag: std::time::Duration::ZERO,
-            ..Options::default()
-        },
-        &mut |lsn, _| fed.push(lsn),
-        true,
-    )
-    .unwrap();
+    let opened = Journal::open_with(dir, tiny_no_lag(), &mut |lsn, _| fed.push(lsn), true).unwrap();
     let kept = opened.records.iter().map(|(l, _)| *l).collect();
     (opened, fed, kept)
 }
@@ -335,15 +334,7 @@ fn open_horizon(dir: &Path) -> (Opened, Vec<Lsn>, Vec<Lsn>) {
 #[test]
 fn a_start_keeps_decoded_only_the_records_from_the_horizon_on() {
     let d = testkit::TempDir::new("journal-horizon");
-    let opened = Journal::open(
-        d.path(),
-        Options {
-            segment_bytes: 64,
-            horizon_lag: std::time::Duration::ZERO,
-            ..Options::default()
-        },
-    )
-    .unwrap();
+    let opened = Journal::open(d.path(), tiny_no_lag()).unwrap();
     let j = opened
         .start(None, vec![Arc::new(Behind(1)) as Arc<dyn Sink>])
         .unwrap();
@@ -391,17 +382,10 @@ fn a_start_keeps_decoded_only_the_records_from_the_horizon_on() {
     // A writer started from this journal opened without the cut, whose owner
     // holds from record 1 again, does not move the horizon back.
     drop(opened);
-    let j = Journal::open(
-        d.path(),
-        Options {
-            segment_bytes: 64,
-            horizon_lag: std::time::Duration::ZERO,
-            ..Options::default()
-        },
-    )
-    .unwrap()
-    .start(None, Vec::new())
-    .unwrap();
+    let j = Journal::open(d.path(), tiny_no_lag())
+        .unwrap()
+        .start(None, Vec::new())
+        .unwrap();
     j.hold("owner", 1);
     j.hold(STARTUP_HOLD, Lsn::MAX);
     commit(&j, 23);
