@@ -27,6 +27,12 @@ impl Weigh for gw_core::ledger::LedgerRow {
     }
 }
 
+impl<T: Weigh> Weigh for std::sync::Arc<T> {
+    fn weight(&self) -> usize {
+        (**self).weight()
+    }
+}
+
 impl<T> Weigh for Vec<T> {
     fn weight(&self) -> usize {
         self.len()

@@ -5,8 +5,10 @@
 //! is what says what it holds: at start, and after an answer went missing, the
 //! shipper asks for the chain's `max(seq)` rather than trusting a local mark.
 
+use std::borrow::Borrow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use gw_core::ledger::{Chain, ChainError, LedgerRow};
@@ -183,9 +185,10 @@ pub enum ShipError {
 /// Sealed rows not yet in ClickHouse, in `seq` order, with their records' LSNs: the
 /// oldest in memory, at most the queue's bound (`audit_memory_rows`); the rest wait
 /// in the journal on disk and are read back as the rows before them are shipped
-/// ([`journal::Window`]).
+/// ([`journal::Window`]). Shared (`Arc`), so that an insert takes its rows without
+/// copying them under the lock the journal's writer waits on.
 pub struct RowQueue {
-    rows: Mutex<Window<LedgerRow>>,
+    rows: Mutex<Window<Arc<LedgerRow>>>,
     /// The record of the newest row: kept, so a restart knows the chain's head.
     last: AtomicU64,
     /// The newest row's seq (in memory or on disk only).
@@ -212,7 +215,7 @@ impl Sink for RowQueue {
         let mut rows = Vec::new();
         for e in &txn.entries {
             match e {
-                journal::Entry::Row(r) => rows.push(r.clone()),
+                journal::Entry::Row(r) => rows.push(Arc::new(r.clone())),
                 journal::Entry::Shipping { first, last } => {
                     *self.intent.lock() = Some((*first, *last));
                 }
@@ -299,7 +302,7 @@ impl RowQueue {
         self.pending_on_disk.clone()
     }
 
-    fn publish(&self, q: &Window<LedgerRow>) {
+    fn publish(&self, q: &Window<Arc<LedgerRow>>) {
         self.pending
             .set(i64::try_from(q.pending()).unwrap_or(i64::MAX));
         self.pending_on_disk
@@ -337,7 +340,7 @@ impl RowQueue {
                 t.entries
                     .iter()
                     .filter_map(|e| match e {
-                        journal::Entry::Row(r) => Some(r.clone()),
+                        journal::Entry::Row(r) => Some(Arc::new(r.clone())),
                         _ => None,
                     })
                     .collect()
@@ -365,7 +368,7 @@ impl RowQueue {
             .iter()
             .rev()
             .take(PENDING_SCAN)
-            .map(|(_, r)| r)
+            .map(|(_, r)| &**r)
             .filter(|r| keep(r))
             .take(limit)
             .map(view)
@@ -378,7 +381,7 @@ impl RowQueue {
         let front = q.front()?.1.seq;
         // Consecutive seqs: row `seq` is at its distance from the front.
         let at = usize::try_from(seq.checked_sub(front)?).ok()?;
-        let row = q.get(at).map(|(_, r)| r.clone());
+        let row = q.get(at).map(|(_, r)| LedgerRow::clone(r));
         row.filter(|r| r.seq == seq)
     }
 
@@ -412,7 +415,7 @@ impl RowQueue {
     }
 
     /// The queued rows `first..=last` in memory (an insert's range: however many).
-    fn range(&self, first: u64, last: u64) -> Vec<LedgerRow> {
+    fn range(&self, first: u64, last: u64) -> Vec<Arc<LedgerRow>> {
         self.rows
             .lock()
             .iter()
@@ -436,7 +439,7 @@ impl RowQueue {
     }
 
     /// The oldest rows in memory, up to `batch_rows` and seq `until`.
-    fn batch(&self, until: u64) -> Vec<LedgerRow> {
+    fn batch(&self, until: u64) -> Vec<Arc<LedgerRow>> {
         self.rows
             .lock()
             .iter()
@@ -534,12 +537,13 @@ pub async fn initial_chain(
 pub async fn insert(
     client: &clickhouse::Client,
     table: &str,
-    rows: &[LedgerRow],
+    rows: &[impl Borrow<LedgerRow>],
     nice: Option<u8>,
 ) -> Result<(), clickhouse::error::Error> {
     let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
         return Ok(());
     };
+    let (first, last) = (first.borrow(), last.borrow());
     let token = format!("gw-ledger-{}-{}-{}", first.chain_id, first.seq, last.seq);
     let mut client = client
         .clone()
@@ -549,7 +553,7 @@ pub async fn insert(
     }
     let mut ins = client.insert::<DecisionRowRef<'_>>(table).await?;
     for r in rows {
-        ins.write(&DecisionRowRef::from(r)).await?;
+        ins.write(&DecisionRowRef::from(r.borrow())).await?;
     }
     ins.end().await
 }

@@ -92,9 +92,10 @@ const GATHER: Duration = Duration::from_millis(20);
 /// Journalled send rows not yet in ClickHouse, by record, in order (a journal
 /// [`Sink`]): the oldest in memory, at most `audit_memory_rows`; the rest wait in
 /// the journal on disk only and are read back as the ones before them are shipped
-/// ([`journal::Window`]).
+/// ([`journal::Window`]). Shared (`Arc`), so that an insert takes its record
+/// without copying it under the lock the journal's writer waits on.
 pub struct SendsQueue {
-    records: Mutex<Window<Vec<SendRow>>>,
+    records: Mutex<Window<Arc<Vec<SendRow>>>>,
     /// Records waiting on disk only that an earlier run shipped (marked after the
     /// first record on disk only): not read back.
     shipped_on_disk: BTreeSet<Lsn>,
@@ -102,11 +103,11 @@ pub struct SendsQueue {
 }
 
 /// A record's send rows.
-fn sends_of(txn: &Txn) -> Vec<Vec<SendRow>> {
+fn sends_of(txn: &Txn) -> Vec<Arc<Vec<SendRow>>> {
     txn.entries
         .iter()
         .filter_map(|e| match e {
-            journal::Entry::Sends { rows } => Some(rows.clone()),
+            journal::Entry::Sends { rows } => Some(Arc::new(rows.clone())),
             _ => None,
         })
         .collect()
