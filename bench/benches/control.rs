@@ -34,6 +34,8 @@ use testkit::fixtures::{bearer, command_key, filter_config};
 const LEDGER_ROWS: u64 = 10_000;
 /// Rounds of the ledger benchmark (raw and ours alternate which goes first).
 const LEDGER_ROUNDS: usize = 5;
+// Odd, so that the median is one round's value.
+const _: () = assert!(LEDGER_ROUNDS % 2 == 1);
 const COMMANDS: u64 = 8_000;
 const CONCURRENCY: usize = 16;
 /// Commands per round of the one-at-a-time measurement.
@@ -153,8 +155,9 @@ fn ledger_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
             assert_eq!(n.trim(), LEDGER_ROWS.to_string(), "{t}");
         }
     }
-    // Medians over the rounds (one round of ≈ 50–100 ms varies by ±30 % here);
-    // the ratio is the median of each round's own ratio.
+    // Medians over the rounds (one round of ≈ 50–100 ms varies widely on a shared
+    // VM: docs/benchmarks.md); the ratio is the median of each round's own ratio,
+    // so it need not equal the two medians' quotient.
     let median = |i: usize| {
         let mut v: Vec<f64> = rounds.iter().map(|r| r[i]).collect();
         v.sort_by(f64::total_cmp);
@@ -277,11 +280,12 @@ fn commands(first_nonce: u64) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// CPU time so far: of the processes asked for (user + system, all threads) and of
-/// the whole machine (busy, steal, all), in clock ticks of `/proc` (100 per second).
+/// CPU time so far: of the processes asked for (user + system, all threads; `None`
+/// when `/proc` did not say) and of the whole machine (busy, steal, all), in clock
+/// ticks of `/proc` (USER_HZ, 100 per second on Linux).
 #[derive(Clone, Copy, Default)]
 struct Cpu {
-    procs: [u64; 3],
+    procs: [Option<u64>; 3],
     busy: u64,
     steal: u64,
     all: u64,
@@ -293,12 +297,13 @@ impl Cpu {
         let mut c = Cpu::default();
         for (slot, pid) in c.procs.iter_mut().zip(pids) {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // After the command name's closing parenthesis (state first): utime and
-            // stime are the 12th and 13th fields.
+            // utime and stime are fields (14) and (15) of proc(5); counted from the
+            // state, the first field after the command name's closing parenthesis,
+            // they are the 12th and 13th.
             let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
             let f: Vec<&str> = rest.split_whitespace().collect();
-            let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            *slot = field(11) + field(12);
+            let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+            *slot = field(11).zip(field(12)).map(|(u, s)| u + s);
         }
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
         if let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) {
@@ -317,10 +322,16 @@ impl Cpu {
         c
     }
 
-    /// µs of CPU per command of each process between `self` and `later`, and the
-    /// machine's busy and stolen shares (%).
-    fn per_command(&self, later: &Cpu, commands: u64) -> ([f64; 3], f64, f64) {
-        let us = |a: u64, b: u64| (b.saturating_sub(a)) as f64 * 10_000.0 / commands as f64;
+    /// µs of CPU per command of each process between `self` and `later` (`n/a`
+    /// when `/proc` did not say), and the machine's busy and stolen shares (%).
+    fn per_command(&self, later: &Cpu, commands: u64) -> ([String; 3], f64, f64) {
+        let us = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => format!(
+                "{:.0}",
+                b.saturating_sub(a) as f64 * 10_000.0 / commands as f64
+            ),
+            _ => "n/a".into(),
+        };
         let all = later.all.saturating_sub(self.all).max(1) as f64;
         (
             [0, 1, 2].map(|i| us(self.procs[i], later.procs[i])),
@@ -441,7 +452,7 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     for (round, name, s, (us, busy, steal)) in &runs {
         let rate = COMMANDS as f64 / s.elapsed.as_secs_f64();
         println!(
-            "| {name} | {round} | {rate:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {busy:.0} % | {steal:.0} % |",
+            "| {name} | {round} | {rate:.0} | {:.2} | {:.2} | {} | {} | {} | {busy:.0} % | {steal:.0} % |",
             pct(&s.latencies, 0.5),
             pct(&s.latencies, 0.99),
             us[0],
@@ -473,6 +484,7 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     println!(
         "\n## one command at a time (HTTP/2), {SEQUENTIAL} commands per round, {rounds} rounds"
     );
+    println!("(CPU per command here includes background work — ClickHouse's merges, the ledger's inserts — spread over only {SEQUENTIAL} commands: read it with the busy share.)");
     println!("| path | round | p50 ms | p99 ms | max ms | p99 / p50 | CPU Envoy | CPU sidecar + client | CPU ClickHouse | busy | steal |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for round in 0..rounds {
@@ -492,7 +504,7 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
             let (p50, p99) = (pct(&s.latencies, 0.5), pct(&s.latencies, 0.99));
             let max = s.latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3);
             println!(
-                "| {name} | {round} | {p50:.2} | {p99:.2} | {max:.2} | {:.2}x | {:.0} | {:.0} | {:.0} | {busy:.0} % | {steal:.0} % |",
+                "| {name} | {round} | {p50:.2} | {p99:.2} | {max:.2} | {:.2}x | {} | {} | {} | {busy:.0} % | {steal:.0} % |",
                 p99 / p50,
                 us[0],
                 us[1],

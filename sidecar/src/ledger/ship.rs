@@ -355,24 +355,26 @@ impl RowQueue {
     /// `view` of the newest `limit` rows in memory still to ship that `keep`
     /// selects, newest first, among the newest [`PENDING_SCAN`] (what the ledger
     /// endpoints add to ClickHouse's answer; the journal's writer waits on this
-    /// lock, so only what is shown is copied). Rows waiting on disk only (behind a
-    /// long ClickHouse outage) are not among them.
+    /// lock, so the rows shown are taken under it and viewed after). Rows waiting
+    /// on disk only (behind a long ClickHouse outage) are not among them.
     pub fn newest_where<T>(
         &self,
         limit: usize,
         keep: impl Fn(&LedgerRow) -> bool,
         view: impl Fn(&LedgerRow) -> T,
     ) -> Vec<T> {
-        self.rows
+        let shown: Vec<Arc<LedgerRow>> = self
+            .rows
             .lock()
             .iter()
             .rev()
             .take(PENDING_SCAN)
-            .map(|(_, r)| &**r)
+            .map(|(_, r)| r)
             .filter(|r| keep(r))
             .take(limit)
-            .map(view)
-            .collect()
+            .cloned()
+            .collect();
+        shown.iter().map(|r| view(r)).collect()
     }
 
     /// Row `seq`, when it is in memory.
@@ -381,8 +383,9 @@ impl RowQueue {
         let front = q.front()?.1.seq;
         // Consecutive seqs: row `seq` is at its distance from the front.
         let at = usize::try_from(seq.checked_sub(front)?).ok()?;
-        let row = q.get(at).map(|(_, r)| LedgerRow::clone(r));
-        row.filter(|r| r.seq == seq)
+        let row = q.get(at).map(|(_, r)| Arc::clone(r));
+        drop(q);
+        row.filter(|r| r.seq == seq).map(|r| LedgerRow::clone(&r))
     }
 
     /// Row `seq` among the rows waiting on disk only (blocking; reads the journal
