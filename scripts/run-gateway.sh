@@ -83,7 +83,10 @@ if (( kafka )); then
   (echo > /dev/tcp/127.0.0.1/9092) 2>/dev/null || die "kafka (tansu) did not start; see $run/tansu.log"
 fi
 # The sender's local peers: a TPU that enforces the protocol (its identity the dev
-# key tpu-sink, pinned by the sender), and a relay.
+# key tpu-sink, pinned by the sender), and a relay. Their logs go first: a log left
+# by an earlier run (the smoke runs share .run) must not pass for this one's before
+# the new process has truncated it.
+rm -f "$run/tpu-sink.log" "$run/relay.log"
 GW_TPU_SINK_IDENTITY_HEX="$(cat "$run/keys/tpu-sink.sk.hex")" \
   "$bin/gw-tpu-sink" 127.0.0.1:8009 > "$run/tpu-sink.log" 2>&1 & pids+=($!)
 "$bin/gw-dev-relay" 127.0.0.1:8010 > "$run/relay.log" 2>&1 & pids+=($!)
