@@ -62,9 +62,9 @@ pub const HORIZON: &str = "horizon";
 /// No record written this recently falls below the horizon (by default).
 pub const HORIZON_LAG: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The journal's horizon in `dir` (0, everything, when there is none, or when it
-/// lies beyond the journal's last segment).
-fn read_horizon(dir: &Path) -> Lsn {
+/// The journal's horizon in `dir`, whose segments are `found` (0, everything, when
+/// there is none, or when it is no segment's start).
+fn read_horizon(dir: &Path, found: &[(Lsn, PathBuf)]) -> Lsn {
     let h: Lsn = std::fs::read_to_string(dir.join(HORIZON))
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -73,21 +73,15 @@ fn read_horizon(dir: &Path) -> Lsn {
         return 0;
     }
     // Written, it is below the first retained segment or one segment's first.
-    match segment::firsts(dir) {
-        Ok(firsts) if firsts.first().is_some_and(|f| h <= *f) || firsts.contains(&h) => h,
-        Ok(firsts) => {
-            tracing::warn!(
-                horizon = h,
-                segments = firsts.len(),
-                "journal: a horizon that is no segment's start is ignored (everything is decoded)"
-            );
-            0
-        }
-        Err(e) => {
-            tracing::warn!(error = ?e, "journal: segments not listed; the horizon is ignored");
-            0
-        }
+    if found.first().is_some_and(|(f, _)| h <= *f) || found.iter().any(|(f, _)| *f == h) {
+        return h;
     }
+    tracing::warn!(
+        horizon = h,
+        segments = found.len(),
+        "journal: a horizon that is no segment's start is ignored (everything is decoded)"
+    );
+    0
 }
 
 /// Replaces the horizon in `dir` (the file's data synced before the rename: a
@@ -340,11 +334,12 @@ impl Journal {
             path: dir.to_path_buf(),
             detail: e.to_string(),
         })?;
-        let persisted = read_horizon(dir);
+        let found = segment::segments(dir)?;
+        let persisted = read_horizon(dir, &found);
         let from = if horizon { persisted } else { 0 };
         let mut records = Vec::new();
         let (mut scanned, mut last_row) = (0u64, None);
-        let writer = Writer::open(dir, opts, &mut |lsn, payload| {
+        let writer = Writer::open(dir, found, opts, &mut |lsn, payload| {
             let txn = Txn::decode(payload).map_err(|detail| SegmentError::Corrupt {
                 path: dir.to_path_buf(),
                 offset: lsn,

@@ -135,15 +135,15 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    /// Opens the journal in `dir`: every segment is read, one at a time, and its
-    /// records handed to `visit` in order; a torn tail of the last is cut off.
+    /// Opens the journal in `dir` (which exists), whose segments are `found`
+    /// ([`segments`]): every segment is read, one at a time, and its records
+    /// handed to `visit` in order; a torn tail of the last is cut off.
     pub(super) fn open(
         dir: &Path,
+        found: Vec<(Lsn, PathBuf)>,
         opts: Options,
         visit: Visit<'_>,
     ) -> Result<Writer, SegmentError> {
-        fs::create_dir_all(dir).map_err(io(dir))?;
-        let found = segments(dir)?;
         let mut closed = Vec::new();
         let mut next_lsn: Lsn = found.first().map_or(1, |(f, _)| *f);
         let n = found.len();
@@ -317,8 +317,9 @@ impl Writer {
     }
 }
 
-/// The segments in `dir`, by first LSN.
-fn segments(dir: &Path) -> Result<Vec<(Lsn, PathBuf)>, SegmentError> {
+/// The segments in `dir`, by first LSN (listed once at start: for the horizon's
+/// check and for [`Writer::open`]).
+pub(super) fn segments(dir: &Path) -> Result<Vec<(Lsn, PathBuf)>, SegmentError> {
     let mut found = Vec::new();
     for e in fs::read_dir(dir).map_err(io(dir))? {
         let e = e.map_err(io(dir))?;
@@ -333,11 +334,6 @@ fn segments(dir: &Path) -> Result<Vec<(Lsn, PathBuf)>, SegmentError> {
     }
     found.sort();
     Ok(found)
-}
-
-/// The first LSN of each segment in `dir`, in order.
-pub(super) fn firsts(dir: &Path) -> Result<Vec<Lsn>, SegmentError> {
-    Ok(segments(dir)?.into_iter().map(|(first, _)| first).collect())
 }
 
 /// Reads the records `from..=upto` of the journal in `dir` back from disk, in

@@ -346,7 +346,7 @@ fn a_start_keeps_decoded_only_the_records_from_the_horizon_on() {
     // The owner needs records from 15 on; the behind sink keeps every segment.
     j.hold("owner", 15);
     commit(&j, 21);
-    let horizon = |d: &Path| read_horizon(d);
+    let horizon = |d: &Path| read_horizon(d, &super::segment::segments(d).unwrap());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while horizon(d.path()) <= 1 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
