@@ -341,6 +341,43 @@ impl Cpu {
     }
 }
 
+/// The journal's batches so far, from the sidecar's `/metrics`.
+#[derive(Default)]
+struct Batches {
+    total: u64,
+    over_1ms: u64,
+    over_2_5ms: u64,
+}
+
+impl Batches {
+    fn since(&self, before: &Batches) -> Batches {
+        Batches {
+            total: self.total - before.total,
+            over_1ms: self.over_1ms - before.over_1ms,
+            over_2_5ms: self.over_2_5ms - before.over_2_5ms,
+        }
+    }
+}
+
+fn journal_batches(rt: &tokio::runtime::Runtime, url: &str) -> Batches {
+    let text = rt
+        .block_on(async { reqwest::get(url).await?.text().await })
+        .expect("the sidecar's /metrics");
+    let bucket = |le: &str| -> u64 {
+        let key = format!("gw_sidecar_journal_batch_seconds_bucket{{le=\"{le}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in the sidecar's /metrics:\n{text}"))
+    };
+    let total = bucket("+Inf");
+    Batches {
+        total,
+        over_1ms: total - bucket("0.001"),
+        over_2_5ms: total - bucket("0.0025"),
+    }
+}
+
 fn pct(l: &[Duration], p: f64) -> f64 {
     let i = ((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1));
     l.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
@@ -376,6 +413,16 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         .expect("bind");
     let sidecar_port = listener.local_addr().expect("addr").port();
     rt.spawn(running.serving_task(listener));
+    // The ops listener, as an operator scrapes it: the journal's batch times.
+    let ops = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let ops_url = format!("http://{}/metrics", ops.local_addr().expect("addr"));
+    let ops_router = running.ops_router();
+    rt.spawn(async move {
+        let _ = axum::serve(ops, ops_router).await;
+    });
+    let journal = || journal_batches(rt, &ops_url);
 
     let mut fc = filter_config(65536);
     fc["replay_max_per_issuer"] = serde_json::json!(262_144);
@@ -485,8 +532,9 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         "\n## one command at a time (HTTP/2), {SEQUENTIAL} commands per round, {rounds} rounds"
     );
     println!("(CPU per command here includes background work — ClickHouse's merges, the ledger's inserts — spread over only {SEQUENTIAL} commands: read it with the busy share.)");
-    println!("| path | round | p50 ms | p99 ms | max ms | p99 / p50 | CPU Envoy | CPU sidecar + client | CPU ClickHouse | busy | steal |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("Journal batches: how many of the round's batches (two per command) took longer than 1 ms and 2.5 ms to write and fdatasync (the sidecar's gw_sidecar_journal_batch_seconds).");
+    println!("| path | round | p50 ms | p99 ms | max ms | p99 / p50 | CPU Envoy | CPU sidecar + client | CPU ClickHouse | busy | steal | journal batches | > 1 ms | > 2.5 ms |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for round in 0..rounds {
         for (name, client, url) in [
             ("through Envoy", &tls, &envoy_url),
@@ -494,8 +542,10 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         ] {
             let bodies = next(&mut nonce)[..SEQUENTIAL].to_vec();
             let before = Cpu::now(pids);
+            let batches = journal();
             let s = fire(rt, client, url, &token, bodies, 1);
             let (us, busy, steal) = before.per_command(&Cpu::now(pids), SEQUENTIAL as u64);
+            let batches = journal().since(&batches);
             assert_eq!(
                 s.failures, 0,
                 "sequential {name}: {} commands not applied",
@@ -504,11 +554,14 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
             let (p50, p99) = (pct(&s.latencies, 0.5), pct(&s.latencies, 0.99));
             let max = s.latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3);
             println!(
-                "| {name} | {round} | {p50:.2} | {p99:.2} | {max:.2} | {:.2}x | {} | {} | {} | {busy:.0} % | {steal:.0} % |",
+                "| {name} | {round} | {p50:.2} | {p99:.2} | {max:.2} | {:.2}x | {} | {} | {} | {busy:.0} % | {steal:.0} % | {} | {} | {} |",
                 p99 / p50,
                 us[0],
                 us[1],
-                us[2]
+                us[2],
+                batches.total,
+                batches.over_1ms,
+                batches.over_2_5ms,
             );
         }
     }

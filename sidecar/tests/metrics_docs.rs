@@ -72,4 +72,30 @@ fn every_documented_metric_is_exported_and_every_exported_one_documented() {
     for name in &got {
         assert!(docs.contains(name), "exported but not documented: {name}");
     }
+    // Every histogram series ends in the bucket Prometheus requires, `le="+Inf"`
+    // (prometheus-client writes it only for an upper bound of f64::MAX).
+    let histograms: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" histogram"))
+        .collect();
+    assert!(
+        histograms.contains(&"gw_sidecar_journal_batch_seconds")
+            && histograms.contains(&"gw_strategy_decision_latency_us"),
+        "{text}"
+    );
+    for name in histograms {
+        let series = |suffix: &str, le: Option<&str>| {
+            let prefix = format!("{name}_{suffix}");
+            text.lines()
+                .filter(|l| l.starts_with(&prefix))
+                .filter(|l| le.is_none_or(|le| l.contains(&format!("le=\"{le}\""))))
+                .count()
+        };
+        assert_eq!(
+            series("bucket", Some("+Inf")),
+            series("count", None),
+            "{name}: a series without its +Inf bucket\n{text}"
+        );
+    }
 }

@@ -171,6 +171,11 @@ impl From<SegmentError> for JournalError {
     }
 }
 
+/// Upper bounds, in µs, of [`JournalStats::write_hist`]'s buckets.
+pub const WRITE_BOUNDS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
 /// What the writer did so far (for metrics).
 #[derive(Debug, Default)]
 pub struct JournalStats {
@@ -182,6 +187,10 @@ pub struct JournalStats {
     pub failures: AtomicU64,
     /// Microseconds spent writing and syncing (sum over batches).
     pub write_us: AtomicU64,
+    /// Batches by their write-and-sync time: a count per bound of
+    /// [`WRITE_BOUNDS_US`] (at most that long, above the bound before) and one for
+    /// the longer ones. A command waits for two batches; their tail is its tail.
+    pub write_hist: [AtomicU64; WRITE_BOUNDS_US.len() + 1],
     /// Segments on disk.
     pub segments: AtomicU64,
     /// Bytes on disk.
@@ -654,6 +663,10 @@ fn write_part(
     let written = writer.write_batch(&payloads);
     let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
     shared.stats.write_us.fetch_add(us, Ordering::Relaxed);
+    let bucket = WRITE_BOUNDS_US.partition_point(|&b| b < us);
+    if let Some(c) = shared.stats.write_hist.get(bucket) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
     match written {
         Ok(first_lsn) => {
             shared

@@ -188,6 +188,27 @@ impl prometheus_client::collector::Collector for JournalCollector {
             let g = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
             g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)?;
         }
+        // Per bucket here; the encoder makes them cumulative and writes the
+        // f64::MAX bound as `+Inf`.
+        let buckets: Vec<(f64, u64)> = crate::journal::WRITE_BOUNDS_US
+            .iter()
+            .map(|&b| b as f64 / 1e6)
+            .chain([f64::MAX])
+            .zip(s.write_hist.iter().map(|c| c.load(Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let mut family = enc.encode_descriptor(
+            "gw_sidecar_journal_batch_seconds",
+            "Write and fdatasync time of each journal batch (a command waits for two)",
+            None,
+            prometheus_client::metrics::MetricType::Histogram,
+        )?;
+        family.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            s.write_us.load(Relaxed) as f64 / 1e6,
+            count,
+            &buckets,
+            None,
+        )?;
         Ok(())
     }
 }

@@ -191,7 +191,8 @@ impl Collector for SenderCollector {
             .map(|(le, n)| {
                 (
                     if le == u64::MAX {
-                        f64::INFINITY
+                        // The encoder writes this bound as `+Inf`.
+                        f64::MAX
                     } else {
                         le as f64
                     },
@@ -204,7 +205,7 @@ impl Collector for SenderCollector {
         // counts only.
         let sum: f64 = buckets
             .iter()
-            .filter(|(le, _)| le.is_finite())
+            .filter(|(le, _)| *le < f64::MAX)
             .map(|(le, n)| le * 0.75 * *n as f64)
             .sum();
         let mut family = enc.encode_descriptor(
