@@ -78,7 +78,7 @@ impl Decision {
 pub const GENESIS: [u8; 32] = [0; 32];
 
 /// One ledger row: a decision about a command at one stage, in one chain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerRow {
     /// The chain (the gateway node that wrote it).
     #[serde(default)]

@@ -6,8 +6,8 @@
 //! several points of their way (before, during and after the journal commit, the
 //! bus, the agent and the shipper); ClickHouse gone for `GW_FAULT_CH_SECS` (30 by
 //! default) with a `kill -9` of the sidecar in the middle; Envoy killed and restarted
-//! mid-stream; the journal's disk full (a small tmpfs: write error → 503, nothing
-//! applied, the nonce not burnt). The broker frozen and back is
+//! mid-stream; the journal's disk full (a small tmpfs: once the room the journal
+//! wrote ahead is used up, write error → 503, nothing applied, the nonce not burnt). The broker frozen and back is
 //! `kafka_bus.rs::kafka_down_…`.
 //!
 //! Afterwards: every command was applied exactly once (one `applied` row each; the
@@ -804,7 +804,6 @@ fn a_full_journal_disk_refuses_with_503_and_burns_no_nonce() {
     rig.stream(&warm, Duration::ZERO, |_| {});
     rig.settle();
 
-    let before = rig.modules();
     // Fill the disk.
     let filler = journal.join("filler");
     {
@@ -814,8 +813,25 @@ fn a_full_journal_disk_refuses_with_503_and_burns_no_nonce() {
         while f.write_all(&chunk).is_ok() {}
         let _ = f.sync_all();
     }
-    let batch = rig.new_commands(5);
+    // The journal goes on in the zeros it wrote ahead of its records (64 KiB at
+    // least, journal/segment.rs) and refuses once they are used up.
+    let mut room = 0;
+    let first_refused = loop {
+        let one = rig.new_commands(1);
+        rig.stream(&one, Duration::ZERO, |_| {});
+        match &rig.cmds[&one[0]].first {
+            // Accepted, and applied (or, when the agent's own commit found the
+            // room gone, applied once there is room again: checked below).
+            Some(Answer::Applied | Answer::Pending) => room += 1,
+            Some(Answer::Retry(s)) if s.starts_with("503") => break one[0],
+            other => panic!("command {} with a full disk: {other:?}", one[0]),
+        }
+        assert!(room < 1000, "the journal never ran out of room");
+    };
+    let before = rig.modules();
+    let mut batch = rig.new_commands(5);
     rig.stream(&batch, Duration::ZERO, |_| {});
+    batch.push(first_refused);
     for n in &batch {
         match &rig.cmds[n].first {
             Some(Answer::Retry(s)) => assert!(s.starts_with("503"), "{n}: {s}"),

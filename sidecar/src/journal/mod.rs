@@ -17,9 +17,11 @@
 //! `len u32 | crc32 u32 | lsn u64 | payload` (little-endian; the CRC covers the LSN
 //! and the payload). Owners say which records they still need with
 //! [`Journal::hold`]; a segment whose records are all below every hold is deleted.
-//! At start, [`Journal::open`] returns the records of the retained segments in
-//! order. A torn frame at the end of the last segment (a crash mid-write, never
-//! acknowledged) is cut off; damage anywhere else refuses to start.
+//! Records are written over zeros written ahead of them (`segment::Writer::write_batch`),
+//! which read as a segment's end. At start, [`Journal::open`] returns the records
+//! of the retained segments in order. A torn frame at the end of the last segment
+//! (a crash mid-write, never acknowledged) is cut off; damage anywhere else refuses
+//! to start.
 
 pub mod expiring;
 mod segment;
@@ -532,7 +534,7 @@ fn prepare(
             let Some(c) = chain.as_mut() else {
                 return Err(JournalError::NoChain);
             };
-            *r = c.seal(r.clone());
+            *r = c.seal(std::mem::take(r));
             rows.push(r.clone());
         }
     }

@@ -1,7 +1,8 @@
 //! Segment files: framing, recovery, appending, rolling and deleting.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
@@ -9,6 +10,9 @@ use super::{JournalStats, Lsn, Options, MAX_RECORD_BYTES};
 
 /// Bytes of a frame's header: length, CRC, LSN.
 const HEADER: usize = 16;
+
+/// Zeros written ahead of the records, at least (see [`Writer::write_batch`]).
+const PREALLOCATE: u64 = 64 << 10;
 
 #[derive(Debug)]
 pub(super) enum SegmentError {
@@ -51,8 +55,10 @@ struct Scan {
     records: Vec<(Lsn, Vec<u8>)>,
     /// Bytes of whole, valid frames from the start.
     good_len: u64,
-    /// Whether something followed the last valid frame.
+    /// Whether bytes other than zeros followed the last valid frame.
     torn: bool,
+    /// The file's size.
+    len: u64,
 }
 
 fn scan(path: &Path, first: Lsn, max_torn: usize) -> Result<Scan, SegmentError> {
@@ -93,19 +99,24 @@ fn scan(path: &Path, first: Lsn, max_torn: usize) -> Result<Scan, SegmentError> 
         expect += 1;
         pos += HEADER + len;
     }
-    // A crash leaves at most the last, unacknowledged batch torn; more than that
-    // after a bad frame is damage, not a crash.
-    if bytes.len() - pos > max_torn {
+    // After the last valid frame: the zeros written ahead of the records (an
+    // all-zero frame never checks: its CRC would be that of LSN 0), and at most the
+    // last, unacknowledged batch torn by a crash. Bytes other than zeros further on
+    // are damage, not a crash.
+    let rest = bytes.get(pos..).unwrap_or_default();
+    let dirty = rest.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    if dirty > max_torn {
         return Err(SegmentError::Corrupt {
             path: path.to_path_buf(),
             offset: pos as u64,
-            detail: format!("{} bytes after a damaged record", bytes.len() - pos),
+            detail: format!("{dirty} bytes after a damaged record"),
         });
     }
     Ok(Scan {
         records,
         good_len: pos as u64,
-        torn: pos < bytes.len(),
+        torn: dirty > 0,
+        len: bytes.len() as u64,
     })
 }
 
@@ -128,8 +139,10 @@ pub(super) struct Writer {
     closed: Vec<(Lsn, PathBuf, u64)>,
     /// The open segment.
     current: (Lsn, PathBuf, File),
-    /// Its durable size.
+    /// Its durable size: its records' end.
     good_len: u64,
+    /// Its file's size: zeros from `good_len` on.
+    allocated: u64,
     next_lsn: Lsn,
     buf: Vec<u8>,
 }
@@ -170,13 +183,15 @@ impl Writer {
             }
             if last {
                 let f = OpenOptions::new()
-                    .append(true)
+                    .write(true)
                     .open(&path)
                     .map_err(io(&path))?;
+                let mut allocated = s.len;
                 if s.torn {
                     tracing::warn!(segment = %path.display(), at = s.good_len, "journal: a torn last record (never acknowledged) was cut off");
                     f.set_len(s.good_len).map_err(io(&path))?;
                     f.sync_all().map_err(io(&path))?;
+                    allocated = s.good_len;
                 }
                 let w = Writer {
                     dir: dir.to_path_buf(),
@@ -184,6 +199,7 @@ impl Writer {
                     closed,
                     current: (first, path, f),
                     good_len: s.good_len,
+                    allocated,
                     next_lsn,
                     buf: Vec::new(),
                 };
@@ -195,7 +211,8 @@ impl Writer {
         let path = dir.join(segment_name(next_lsn));
         let f = OpenOptions::new()
             .create(true)
-            .append(true)
+            .write(true)
+            .truncate(true)
             .open(&path)
             .map_err(io(&path))?;
         sync_dir(dir)?;
@@ -205,6 +222,7 @@ impl Writer {
             closed,
             current: (next_lsn, path, f),
             good_len: 0,
+            allocated: 0,
             next_lsn,
             buf: Vec::new(),
         };
@@ -240,6 +258,13 @@ impl Writer {
 
     /// Writes `payloads` as consecutive records and syncs: the first one's LSN. On
     /// an error the segment is cut back to its durable size.
+    ///
+    /// Records are written over zeros written ahead of them (at least
+    /// [`PREALLOCATE`] bytes at a time, synced with the batch that writes them), as
+    /// Postgres and etcd preallocate their logs: a batch that does not grow the
+    /// file leaves its `fdatasync` no size or extent to record in the file
+    /// system's own journal, only the data to flush (on ext4 here ≈ 35 % less
+    /// time per sync, `bench/fsync_probe.py`).
     pub(super) fn write_batch(&mut self, payloads: &[&[u8]]) -> Result<Lsn, SegmentError> {
         let first = self.next_lsn;
         self.buf.clear();
@@ -247,11 +272,24 @@ impl Writer {
             frame(&mut self.buf, first + i as u64, p);
         }
         let (_, path, file) = &mut self.current;
-        let written = file.write_all(&self.buf).and_then(|()| file.sync_data());
+        let end = self.good_len + self.buf.len() as u64;
+        let mut written = Ok(());
+        if end > self.allocated {
+            let to = end + PREALLOCATE;
+            written = zeros(file, self.allocated, to);
+            if written.is_ok() {
+                self.allocated = to;
+            }
+        }
+        let written = written
+            .and_then(|()| file.write_all_at(&self.buf, self.good_len))
+            .and_then(|()| file.sync_data());
         if let Err(source) = written {
             // Nothing of the batch may be recovered later: cut it off (best effort;
-            // a torn frame left behind is cut off at the next start too).
+            // a torn frame left behind is cut off at the next start too, and the
+            // next batch is written over it).
             let _ = file.set_len(self.good_len);
+            self.allocated = self.good_len;
             return Err(SegmentError::Io {
                 path: path.clone(),
                 source,
@@ -273,7 +311,8 @@ impl Writer {
         let path = self.dir.join(segment_name(self.next_lsn));
         let f = OpenOptions::new()
             .create(true)
-            .append(true)
+            .write(true)
+            .truncate(true)
             .open(&path)
             .map_err(io(&path))?;
         if let Err(e) = sync_dir(&self.dir) {
@@ -283,9 +322,15 @@ impl Writer {
             let _ = fs::remove_file(&path);
             return Err(e);
         }
-        let (first, old_path, _) = std::mem::replace(&mut self.current, (self.next_lsn, path, f));
+        let (first, old_path, old) = std::mem::replace(&mut self.current, (self.next_lsn, path, f));
+        // A closed segment keeps its records only. Not synced: a zero tail left by a
+        // crash reads as the segment's end too.
+        if let Err(e) = old.set_len(self.good_len) {
+            tracing::warn!(segment = %old_path.display(), error = %e, "journal: the zeros after a closed segment's records were not cut off (harmless)");
+        }
         self.closed.push((first, old_path, self.good_len));
         self.good_len = 0;
+        self.allocated = 0;
         Ok(())
     }
 
@@ -315,6 +360,18 @@ impl Writer {
         stats.bytes.store(bytes, Ordering::Relaxed);
         stats.segment_first.store(self.current.0, Ordering::Relaxed);
     }
+}
+
+/// Writes zeros to `file` over `from..to`.
+fn zeros(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    static PIECE: [u8; 64 << 10] = [0; 64 << 10];
+    let mut at = from;
+    while at < to {
+        let n = usize::try_from(to - at).map_or(PIECE.len(), |n| n.min(PIECE.len()));
+        file.write_all_at(&PIECE[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// The segments in `dir`, by first LSN (listed once at start: for the horizon's
@@ -389,6 +446,11 @@ pub(super) fn read_range(
             let mut l = [0u8; 8];
             l.copy_from_slice(&head[8..16]);
             let lsn = u64::from_le_bytes(l);
+            if head == [0u8; HEADER] {
+                // The zeros after a segment's records (written ahead of them, or
+                // left by a crash before a closed segment was cut back).
+                break;
+            }
             let bad = |detail: String| SegmentError::Corrupt {
                 path: path.clone(),
                 offset,

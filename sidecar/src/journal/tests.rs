@@ -111,26 +111,114 @@ async fn async_appends_return_once_durable() {
     assert_eq!(j.commit(payload(2)).await.unwrap().lsn, 2);
 }
 
+/// The bytes of frames `lsns` of [`payload`] transactions.
+fn frames(lsns: std::ops::RangeInclusive<u64>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in lsns {
+        segment_frame(&mut out, i, &payload(i).encode().unwrap());
+    }
+    out
+}
+
 #[test]
-fn a_torn_last_record_is_cut_off_and_nothing_else_is_lost() {
-    let d = testkit::TempDir::new("journal-torn");
+fn appends_write_over_zeros_written_ahead_and_a_restart_goes_on_after_the_records() {
+    let d = testkit::TempDir::new("journal-prealloc");
     let (j, _) = open(d.path(), 1 << 20);
     for i in 1..=3 {
         commit(&j, i);
     }
-    drop(j);
     let seg = d.path().join(&segments(d.path())[0]);
-    let len = std::fs::metadata(&seg).unwrap().len();
-    // A crash in the middle of writing the fourth record.
-    let mut torn = std::fs::read(&seg).unwrap();
-    let mut fourth = Vec::new();
-    segment_frame(&mut fourth, 4, &payload(4).encode().unwrap());
-    torn.extend_from_slice(&fourth[..fourth.len() - 3]);
-    std::fs::write(&seg, &torn).unwrap();
+    let b = std::fs::read(&seg).unwrap();
+    let records = frames(1..=3);
+    // The records, then zeros: the next batches do not grow the file.
+    assert!(b.len() >= 64 << 10, "{}", b.len());
+    assert_eq!(&b[..records.len()], &records[..]);
+    assert!(b[records.len()..].iter().all(|&x| x == 0));
+    drop(j);
     let (j, rec) = open(d.path(), 1 << 20);
-    assert_eq!(rec.len(), 3);
-    assert_eq!(std::fs::metadata(&seg).unwrap().len(), len, "cut back");
+    assert_eq!(rec, vec![(1, 1), (2, 2), (3, 3)]);
     assert_eq!(commit(&j, 4), 4);
+    let b = std::fs::read(&seg).unwrap();
+    assert_eq!(
+        &b[..frames(1..=4).len()],
+        &frames(1..=4)[..],
+        "written at the records' end, not after the zeros"
+    );
+    drop(j);
+    let (_, rec) = open(d.path(), 1 << 20);
+    assert_eq!(rec.len(), 4);
+}
+
+#[test]
+fn a_torn_last_record_is_cut_off_and_nothing_else_is_lost() {
+    for zeros_after in [false, true] {
+        let d = testkit::TempDir::new("journal-torn");
+        let (j, _) = open(d.path(), 1 << 20);
+        for i in 1..=3 {
+            commit(&j, i);
+        }
+        drop(j);
+        let seg = d.path().join(&segments(d.path())[0]);
+        let len = frames(1..=3).len();
+        // A crash in the middle of writing the fourth record: its first bytes
+        // reached the disk, the rest not (then the zeros written ahead, or the
+        // file's end).
+        let mut torn = std::fs::read(&seg).unwrap();
+        let fourth = frames(4..=4);
+        torn[len..len + fourth.len() - 3].copy_from_slice(&fourth[..fourth.len() - 3]);
+        if !zeros_after {
+            torn.truncate(len + fourth.len() - 3);
+        }
+        std::fs::write(&seg, &torn).unwrap();
+        let (j, rec) = open(d.path(), 1 << 20);
+        assert_eq!(rec.len(), 3);
+        assert_eq!(
+            std::fs::metadata(&seg).unwrap().len(),
+            len as u64,
+            "cut back"
+        );
+        assert_eq!(commit(&j, 4), 4);
+        drop(j);
+        let (_, rec) = open(d.path(), 1 << 20);
+        assert_eq!(rec.len(), 4);
+    }
+}
+
+/// A crash after a segment was rolled and before the zeros after its records were
+/// cut off: they read as its end, at start and when records are read back.
+#[test]
+fn zeros_left_after_a_closed_segment_read_as_its_end() {
+    let d = testkit::TempDir::new("journal-closed-zeros");
+    let (j, _) = open(d.path(), 64);
+    j.hold("all", 1);
+    j.hold(STARTUP_HOLD, Lsn::MAX);
+    for i in 1..=6 {
+        commit(&j, i);
+    }
+    drop(j);
+    let segs = segments(d.path());
+    assert!(segs.len() > 2, "{segs:?}");
+    let first = d.path().join(&segs[0]);
+    let mut b = std::fs::read(&first).unwrap();
+    assert_eq!(
+        b.last(),
+        frames(1..=6).get(b.len() - 1),
+        "a closed segment is cut back to its records"
+    );
+    b.extend_from_slice(&[0; 4096]);
+    std::fs::write(&first, &b).unwrap();
+    let (j, rec) = open(d.path(), 64);
+    assert_eq!(
+        rec.iter().map(|r| r.0).collect::<Vec<_>>(),
+        (1..=6).collect::<Vec<_>>()
+    );
+    let mut got = Vec::new();
+    j.read(1, 6, &mut |lsn, _| {
+        got.push(lsn);
+        true
+    })
+    .unwrap();
+    assert_eq!(got, (1..=6).collect::<Vec<_>>());
 }
 
 fn segment_frame(out: &mut Vec<u8>, lsn: Lsn, p: &[u8]) {
@@ -163,6 +251,26 @@ fn damage_before_the_tail_refuses_to_start() {
         Journal::open(d.path(), Options::default()),
         Err(JournalError::Corrupt { .. })
     ));
+    // In the last segment, bytes other than zeros beyond what one torn batch can
+    // leave, after a damaged record, are damage too.
+    let d = testkit::TempDir::new("journal-damage-far");
+    let (j, _) = open(d.path(), 1 << 20);
+    for i in 1..=3 {
+        commit(&j, i);
+    }
+    drop(j);
+    let seg = d.path().join(&segments(d.path())[0]);
+    let mut b = std::fs::read(&seg).unwrap();
+    let second = frames(1..=1).len();
+    b[second] ^= 0xff;
+    let far = Options::default().batch_bytes + MAX_RECORD_BYTES + 64;
+    b.resize(second + far, 0);
+    b.push(1);
+    std::fs::write(&seg, &b).unwrap();
+    assert!(matches!(
+        Journal::open(d.path(), Options::default()),
+        Err(JournalError::Corrupt { .. })
+    ));
     // A record that does not decode is damage too.
     let d = testkit::TempDir::new("journal-undecodable");
     let (j, _) = open(d.path(), 1 << 20);
@@ -170,7 +278,10 @@ fn damage_before_the_tail_refuses_to_start() {
     drop(j);
     let seg = d.path().join(&segments(d.path())[0]);
     let mut b = std::fs::read(&seg).unwrap();
-    segment_frame(&mut b, 2, b"\x09not a transaction");
+    let mut bad = Vec::new();
+    segment_frame(&mut bad, 2, b"\x09not a transaction");
+    let end = frames(1..=1).len();
+    b[end..end + bad.len()].copy_from_slice(&bad);
     std::fs::write(&seg, &b).unwrap();
     assert!(matches!(
         Journal::open(d.path(), Options::default()),
