@@ -484,8 +484,10 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
                 &direct_url,
             ),
         ] {
+            // Signed before the phase: the clients' CPU is sending, not signing.
+            let bodies = next(&mut nonce);
             let before = Cpu::now(pids);
-            let s = fire(rt, clients, url, &token, next(&mut nonce), CONCURRENCY);
+            let s = fire(rt, clients, url, &token, bodies, CONCURRENCY);
             let cpu = before.per_command(&Cpu::now(pids), COMMANDS);
             assert_eq!(s.failures, 0, "{name}: {} commands not applied", s.failures);
             runs.push((round, name, s, cpu));
