@@ -35,7 +35,7 @@ def run(mode):
     os.close(fd); os.unlink(p)
     lat.sort()
     q = lambda x: lat[min(len(lat)-1, int(x * len(lat)))] * 1e6
-    print(f"{mode:7s} bg={bg} p50 {q(.5):6.0f} p90 {q(.9):6.0f} p99 {q(.99):6.0f} p99.9 {q(.999):6.0f} max {lat[-1]*1e6:6.0f} µs; >1ms {sum(1 for l in lat if l>1e-3)}")
+    print(f"{mode:7s} bg={bg} p50 {q(.5):6.0f} p90 {q(.9):6.0f} p99 {q(.99):6.0f} p99.9 {q(.999):6.0f} max {lat[-1]*1e6:6.0f} mean {sum(lat) / len(lat) * 1e6:5.0f} µs; >1ms {sum(1 for l in lat if l>1e-3)}")
 for r in range(3):
     run("append"); run("zeroed")
 stop = True

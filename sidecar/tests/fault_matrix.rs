@@ -816,19 +816,20 @@ fn a_full_journal_disk_refuses_with_503_and_burns_no_nonce() {
     // The journal goes on in the zeros it wrote ahead of its records (64 KiB at
     // least, journal/segment.rs) and refuses once they are used up.
     let mut room = 0;
-    let first_refused = loop {
+    let (first_refused, before) = loop {
+        let before = rig.modules();
         let one = rig.new_commands(1);
         rig.stream(&one, Duration::ZERO, |_| {});
         match &rig.cmds[&one[0]].first {
             // Accepted, and applied (or, when the agent's own commit found the
             // room gone, applied once there is room again: checked below).
             Some(Answer::Applied | Answer::Pending) => room += 1,
-            Some(Answer::Retry(s)) if s.starts_with("503") => break one[0],
+            Some(Answer::Retry(s)) if s.starts_with("503") => break (one[0], before),
             other => panic!("command {} with a full disk: {other:?}", one[0]),
         }
         assert!(room < 1000, "the journal never ran out of room");
     };
-    let before = rig.modules();
+    assert_eq!(rig.modules(), before, "the refused command was not applied");
     let mut batch = rig.new_commands(5);
     rig.stream(&batch, Duration::ZERO, |_| {});
     batch.push(first_refused);
