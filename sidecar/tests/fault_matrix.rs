@@ -814,7 +814,8 @@ fn a_full_journal_disk_refuses_with_503_and_burns_no_nonce() {
         let _ = f.sync_all();
     }
     // The journal goes on in the zeros it wrote ahead of its records (64 KiB at
-    // least, journal/segment.rs) and refuses once they are used up.
+    // least, journal/segment.rs) and refuses once they are used up: the disk is
+    // full, no batch fits.
     let mut room = 0;
     let (first_refused, before) = loop {
         let before = rig.modules();

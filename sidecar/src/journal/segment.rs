@@ -162,11 +162,19 @@ impl Writer {
         // neither sync into the directory nor remove (`roll`): records went on in
         // the segment before it, and none was ever written to it. (The newest
         // segment may be empty: just rolled; or such a leftover, told apart below.)
+        // Removed once the journal has opened.
         let n = found.len();
+        let mut stale = Vec::new();
         let mut found: Vec<(Lsn, PathBuf)> = found
             .into_iter()
             .enumerate()
-            .filter_map(|(i, seg)| (i + 1 == n || !leftover(&seg.1)).then_some(seg))
+            .filter_map(|(i, seg)| {
+                if i + 1 < n && empty(&seg.1) {
+                    stale.push(seg.1);
+                    return None;
+                }
+                Some(seg)
+            })
             .collect();
         let mut next_lsn: Lsn = found.first().map_or(1, |(f, _)| *f);
         let mut i = 0;
@@ -185,8 +193,13 @@ impl Writer {
             let max_torn = opts.batch_bytes + MAX_RECORD_BYTES + HEADER * (MAX_BATCH_JOBS + 1);
             let s = scan(&path, first, max_torn)?;
             next_lsn = first + s.records.len() as u64;
-            if i + 1 == found.len() && found[i].0 != next_lsn && leftover(&found[i].1) {
-                found.truncate(i);
+            // The newest is a leftover too when it is not named for the record
+            // after this segment's last, or when this one ends torn (a roll
+            // follows only a batch made durable whole).
+            if i + 1 == found.len() && (found[i].0 != next_lsn || s.torn) && empty(&found[i].1) {
+                if let Some((_, p)) = found.pop() {
+                    stale.push(p);
+                }
             }
             let last = i == found.len();
             if s.torn && !last {
@@ -221,6 +234,7 @@ impl Writer {
                     next_lsn,
                     buf: Vec::new(),
                 };
+                remove_stale(dir, &stale);
                 return Ok(w);
             }
             closed.push((first, path, s.good_len));
@@ -244,6 +258,7 @@ impl Writer {
             next_lsn,
             buf: Vec::new(),
         };
+        remove_stale(dir, &stale);
         Ok(w)
     }
 
@@ -291,19 +306,21 @@ impl Writer {
         }
         let (_, path, file) = &mut self.current;
         let end = self.good_len + self.buf.len() as u64;
-        if end > self.allocated {
-            // The batch itself covers up to `end`. Without room for the zeros after
-            // it (a full disk), the batch is written alone, growing the file as an
-            // append does: refused only when it does not fit itself.
+        let mut written = file.write_all_at(&self.buf, self.good_len);
+        if written.is_ok() && end > self.allocated {
+            // The batch is written first, so that a full disk refuses it only when
+            // it does not fit itself; without room for the zeros after it, it
+            // goes alone, growing the file as an append does.
             let to = end + PREALLOCATE;
             self.allocated = match zeros(file, end, to) {
                 Ok(()) => to,
-                Err(_) => end,
+                Err(e) => {
+                    tracing::debug!(error = %e, "journal: no room for zeros ahead of the records");
+                    end
+                }
             };
         }
-        let written = file
-            .write_all_at(&self.buf, self.good_len)
-            .and_then(|()| file.sync_data());
+        written = written.and_then(|()| file.sync_data());
         if let Err(source) = written {
             // Nothing of the batch may be recovered later: cut it off (best effort;
             // a torn frame left behind is cut off at the next start too, and the
@@ -382,17 +399,29 @@ impl Writer {
     }
 }
 
-/// Whether the segment at `path` is empty; an empty one is removed (see
-/// [`Writer::open`]: only called for a segment that is not where records go on).
-fn leftover(path: &Path) -> bool {
-    if fs::metadata(path).map_or(true, |m| m.len() != 0) {
-        return false;
+/// Whether the segment file at `path` is empty (0 bytes).
+fn empty(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.len() == 0)
+}
+
+/// Removes the empty segments a failed roll left ([`Writer::open`]), once the
+/// journal has opened (best effort: one left behind is found again next time).
+fn remove_stale(dir: &Path, stale: &[PathBuf]) {
+    for path in stale {
+        match fs::remove_file(path) {
+            Ok(()) => {
+                tracing::warn!(segment = %path.display(), "journal: an empty segment left by a failed roll was removed");
+            }
+            Err(e) => {
+                tracing::warn!(segment = %path.display(), error = %e, "journal: an empty segment left by a failed roll could not be removed");
+            }
+        }
     }
-    tracing::warn!(segment = %path.display(), "journal: an empty segment left by a failed roll was removed");
-    if let Err(e) = fs::remove_file(path) {
-        tracing::warn!(segment = %path.display(), error = %e, "journal: the empty segment could not be removed");
+    if !stale.is_empty() {
+        if let Err(e) = sync_dir(dir) {
+            tracing::warn!(error = ?e, "journal: the directory was not synced after removing empty segments");
+        }
     }
-    true
 }
 
 /// Writes zeros to `file` over `from..to`.

@@ -111,6 +111,19 @@ async fn async_appends_return_once_durable() {
     assert_eq!(j.commit(payload(2)).await.unwrap().lsn, 2);
 }
 
+/// A journal of records 1–3 in one segment, closed (its writer dropped): the
+/// directory and that segment's path.
+fn three_records(name: &str) -> (testkit::TempDir, std::path::PathBuf) {
+    let d = testkit::TempDir::new(name);
+    let (j, _) = open(d.path(), 1 << 20);
+    for i in 1..=3 {
+        commit(&j, i);
+    }
+    drop(j);
+    let seg = d.path().join(&segments(d.path())[0]);
+    (d, seg)
+}
+
 /// The bytes of frames `lsns` of [`payload`] transactions.
 fn frames(lsns: std::ops::RangeInclusive<u64>) -> Vec<u8> {
     let mut out = Vec::new();
@@ -164,13 +177,7 @@ fn appends_write_over_zeros_written_ahead_and_a_restart_goes_on_after_the_record
 #[test]
 fn a_torn_last_record_is_cut_off_and_nothing_else_is_lost() {
     for zeros_after in [false, true] {
-        let d = testkit::TempDir::new("journal-torn");
-        let (j, _) = open(d.path(), 1 << 20);
-        for i in 1..=3 {
-            commit(&j, i);
-        }
-        drop(j);
-        let seg = d.path().join(&segments(d.path())[0]);
+        let (d, seg) = three_records("journal-torn");
         let len = frames(1..=3).len();
         // A crash in the middle of writing the fourth record: its first bytes
         // reached the disk, the rest not (then the zeros written ahead, or the
@@ -202,12 +209,7 @@ fn a_torn_last_record_is_cut_off_and_nothing_else_is_lost() {
 #[test]
 fn an_empty_segment_left_by_a_failed_roll_is_removed_at_start() {
     for later_roll in [false, true] {
-        let d = testkit::TempDir::new("journal-leftover");
-        let (j, _) = open(d.path(), 1 << 20);
-        for i in 1..=3 {
-            commit(&j, i);
-        }
-        drop(j);
+        let (d, _) = three_records("journal-leftover");
         let leftover = d.path().join("00000000000000000002.log");
         std::fs::write(&leftover, b"").unwrap();
         if later_roll {
@@ -224,6 +226,20 @@ fn an_empty_segment_left_by_a_failed_roll_is_removed_at_start() {
         drop(j);
         assert_eq!(open(d.path(), 1 << 20).1.len() as u64, n + 1);
     }
+    // The roll that failed was the newest thing, and a crash then tore the next
+    // batch before one of its records was whole: the empty segment is named for
+    // the record after the last whole one, and the torn tail is cut as usual.
+    let (d, seg) = three_records("journal-leftover-torn");
+    let mut b = std::fs::read(&seg).unwrap();
+    let (len, fourth) = (frames(1..=3).len(), frames(4..=4));
+    b[len..len + fourth.len() - 3].copy_from_slice(&fourth[..fourth.len() - 3]);
+    std::fs::write(&seg, &b).unwrap();
+    let leftover = d.path().join("00000000000000000004.log");
+    std::fs::write(&leftover, b"").unwrap();
+    let (j, rec) = open(d.path(), 1 << 20);
+    assert_eq!(rec.len(), 3);
+    assert!(!leftover.exists());
+    assert_eq!(commit(&j, 4), 4);
 }
 
 /// A crash after a segment was rolled and before the zeros after its records were
@@ -294,13 +310,7 @@ fn damage_before_the_tail_refuses_to_start() {
     ));
     // In the last segment, bytes other than zeros beyond what one torn batch can
     // leave, after a damaged record, are damage too.
-    let d = testkit::TempDir::new("journal-damage-far");
-    let (j, _) = open(d.path(), 1 << 20);
-    for i in 1..=3 {
-        commit(&j, i);
-    }
-    drop(j);
-    let seg = d.path().join(&segments(d.path())[0]);
+    let (d, seg) = three_records("journal-damage-far");
     let mut b = std::fs::read(&seg).unwrap();
     let second = frames(1..=1).len();
     b[second] ^= 0xff;
