@@ -173,6 +173,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         },
         true,
     )?;
+    sends.recovered_all();
     tracing::info!(
         records = opened.scanned,
         kept = opened.records.len(),

@@ -468,7 +468,13 @@ pub(super) fn read_range(
     if from > upto {
         return Ok(());
     }
-    let all = segments(dir)?;
+    // An empty file holds no durable record: it is the newest segment, just
+    // rolled, or one a failed roll left that could not be removed (its name would
+    // hide the segment that holds its records).
+    let all: Vec<_> = segments(dir)?
+        .into_iter()
+        .filter(|(_, p)| !empty(p))
+        .collect();
     // The segment holding `from`: the last one that starts at or before it.
     let start = all.iter().rposition(|(first, _)| *first <= from);
     let Some(start) = start else {

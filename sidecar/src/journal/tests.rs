@@ -124,6 +124,21 @@ fn three_records(name: &str) -> (testkit::TempDir, std::path::PathBuf) {
     (d, seg)
 }
 
+/// A crash in the middle of writing a fourth record after [`three_records`]: its
+/// first bytes reached the disk, the rest not (then the zeros written ahead when
+/// `zeros_after`, else the file's end). Returns the length of the three records.
+fn tear_a_fourth_record(seg: &std::path::Path, zeros_after: bool) -> usize {
+    let len = frames(1..=3).len();
+    let fourth = frames(4..=4);
+    let mut torn = std::fs::read(seg).unwrap();
+    torn[len..len + fourth.len() - 3].copy_from_slice(&fourth[..fourth.len() - 3]);
+    if !zeros_after {
+        torn.truncate(len + fourth.len() - 3);
+    }
+    std::fs::write(seg, &torn).unwrap();
+    len
+}
+
 /// The bytes of frames `lsns` of [`payload`] transactions.
 fn frames(lsns: std::ops::RangeInclusive<u64>) -> Vec<u8> {
     let mut out = Vec::new();
@@ -178,17 +193,7 @@ fn appends_write_over_zeros_written_ahead_and_a_restart_goes_on_after_the_record
 fn a_torn_last_record_is_cut_off_and_nothing_else_is_lost() {
     for zeros_after in [false, true] {
         let (d, seg) = three_records("journal-torn");
-        let len = frames(1..=3).len();
-        // A crash in the middle of writing the fourth record: its first bytes
-        // reached the disk, the rest not (then the zeros written ahead, or the
-        // file's end).
-        let mut torn = std::fs::read(&seg).unwrap();
-        let fourth = frames(4..=4);
-        torn[len..len + fourth.len() - 3].copy_from_slice(&fourth[..fourth.len() - 3]);
-        if !zeros_after {
-            torn.truncate(len + fourth.len() - 3);
-        }
-        std::fs::write(&seg, &torn).unwrap();
+        let len = tear_a_fourth_record(&seg, zeros_after);
         let (j, rec) = open(d.path(), 1 << 20);
         assert_eq!(rec.len(), 3);
         assert_eq!(
@@ -230,16 +235,23 @@ fn an_empty_segment_left_by_a_failed_roll_is_removed_at_start() {
     // batch before one of its records was whole: the empty segment is named for
     // the record after the last whole one, and the torn tail is cut as usual.
     let (d, seg) = three_records("journal-leftover-torn");
-    let mut b = std::fs::read(&seg).unwrap();
-    let (len, fourth) = (frames(1..=3).len(), frames(4..=4));
-    b[len..len + fourth.len() - 3].copy_from_slice(&fourth[..fourth.len() - 3]);
-    std::fs::write(&seg, &b).unwrap();
+    tear_a_fourth_record(&seg, true);
     let leftover = d.path().join("00000000000000000004.log");
     std::fs::write(&leftover, b"").unwrap();
     let (j, rec) = open(d.path(), 1 << 20);
     assert_eq!(rec.len(), 3);
     assert!(!leftover.exists());
     assert_eq!(commit(&j, 4), 4);
+    // One whose removal failed does not hide the records after its name from a
+    // read back.
+    std::fs::write(d.path().join("00000000000000000002.log"), b"").unwrap();
+    let mut got = Vec::new();
+    j.read(3, 4, &mut |lsn, _| {
+        got.push(lsn);
+        true
+    })
+    .unwrap();
+    assert_eq!(got, vec![3, 4]);
 }
 
 /// A crash after a segment was rolled and before the zeros after its records were

@@ -152,6 +152,13 @@ impl<T: Weigh> Window<T> {
         self.heard
     }
 
+    /// Items of `weight` that waited on disk only are not wanted any more (a
+    /// recovered record marked shipped): the gauge no longer counts them; the
+    /// caller's `extract` gives none for them at [`Self::read_back`].
+    pub fn forget_on_disk(&mut self, weight: u64) {
+        self.on_disk = self.on_disk.saturating_sub(weight);
+    }
+
     /// The first record whose items wait on disk only.
     pub fn first_on_disk(&self) -> Option<Lsn> {
         self.disk

@@ -14,7 +14,7 @@
 //! (`gw_sidecar_send_audit_total{event="dropped"}`). Rows not shipped yet are kept
 //! in the journal even by a start that ships nothing (no sender, no ClickHouse).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,6 +99,12 @@ pub struct SendsQueue {
     /// Records waiting on disk only that an earlier run shipped (marked after the
     /// first record on disk only): not read back.
     shipped_on_disk: BTreeSet<Lsn>,
+    /// While recovering: the weight of each record pushed on disk only, so that a
+    /// later mark that it was shipped takes it off the on-disk gauge
+    /// ([`Self::recovered_all`] drops it). At most `memory_rows` records, as the
+    /// window's bound: beyond them a shipped record is counted until read back.
+    recovering: BTreeMap<Lsn, u64>,
+    memory_rows: usize,
     grew: Notify,
 }
 
@@ -142,6 +148,7 @@ impl SendsQueue {
         for (lsn, t) in records {
             q.recover(*lsn, t);
         }
+        q.recovered_all();
         q
     }
 
@@ -151,24 +158,43 @@ impl SendsQueue {
         SendsQueue {
             records: Mutex::new(Window::new(memory_rows)),
             shipped_on_disk: BTreeSet::new(),
+            recovering: BTreeMap::new(),
+            memory_rows,
             grew: Notify::new(),
         }
     }
 
     /// Record `lsn`, read back at start: its rows wait, until a later record says
-    /// they were shipped (a row shipped after its record went to disk only is
-    /// remembered and not read back; the on-disk gauge counts it until then).
+    /// they were shipped (a record shipped after it went to disk only is
+    /// remembered, not read back, and taken off the on-disk gauge).
+    /// [`Self::recovered_all`] follows the last.
     pub fn recover(&mut self, lsn: Lsn, txn: &Txn) {
         let w = self.records.get_mut();
-        w.push(lsn, sends_of(txn));
+        let rows = sends_of(txn);
+        let weight: u64 = rows.iter().map(|r| r.len() as u64).sum();
+        w.push(lsn, rows);
+        if weight > 0
+            && w.first_on_disk().is_some_and(|d| lsn >= d)
+            && self.recovering.len() < self.memory_rows
+        {
+            self.recovering.insert(lsn, weight);
+        }
         for e in &txn.entries {
             if let journal::Entry::SendsShipped { lsn: shipped } = e {
-                let on_disk = w.first_on_disk().is_some_and(|d| *shipped >= d);
-                if !w.remove(*shipped) && on_disk {
-                    self.shipped_on_disk.insert(*shipped);
+                if w.remove(*shipped) || w.first_on_disk().is_none_or(|d| *shipped < d) {
+                    continue;
+                }
+                self.shipped_on_disk.insert(*shipped);
+                if let Some(weight) = self.recovering.remove(shipped) {
+                    w.forget_on_disk(weight);
                 }
             }
         }
+    }
+
+    /// The last record was recovered: what only recovery needed is dropped.
+    pub fn recovered_all(&mut self) {
+        self.recovering = BTreeMap::new();
     }
 
     /// Rows waiting for ClickHouse (in the journal, and the oldest of them in
@@ -481,17 +507,30 @@ mod tests {
             lsns.push(c.lsn);
         }
         assert_eq!((q.pending_rows(), q.pending_rows_on_disk()), (300, 200));
-        // An earlier run shipped the first 5 records (and marked them).
-        for lsn in &lsns[..5] {
+        // An earlier run shipped the first 5 records and 3 of those on disk only
+        // (and marked them).
+        for lsn in lsns[..5].iter().chain(&lsns[12..15]) {
             j.commit_blocking(Txn::of(vec![Entry::SendsShipped { lsn: *lsn }]))
                 .unwrap();
         }
         drop((j, q));
+        // With room to remember only 10 records' weights, the shipped ones beyond
+        // them are still not read back, and counted until they would be.
+        let opened = Journal::open(d.path(), Options::default()).unwrap();
+        let small = SendsQueue::recovered(&opened.records, 10);
+        drop(opened);
+        assert_eq!(
+            (small.pending_rows(), small.pending_rows_on_disk()),
+            (250, 250)
+        );
+        let skipped: Vec<Lsn> = small.shipped_on_disk.iter().copied().collect();
+        assert_eq!(skipped, [&lsns[1..5], &lsns[12..15]].concat());
         let (j, q) = open(d.path());
         j.hold(STARTUP_HOLD, Lsn::MAX);
         // Recovery is one pass: the first 10 records went to memory, the 5 marked
-        // shipped left it again, and the other 20 wait on disk only.
-        assert_eq!((q.pending_rows(), q.pending_rows_on_disk()), (250, 200));
+        // shipped left it again, and the other 20 wait on disk only, of which the
+        // 3 marked shipped are not counted.
+        assert_eq!((q.pending_rows(), q.pending_rows_on_disk()), (220, 170));
         // Ship the way the shipper does, with rows still coming.
         let mut shipped = Vec::new();
         for r in 30..33 {
@@ -513,7 +552,7 @@ mod tests {
                 .unwrap();
             shipped.push(rows[0].signature.clone());
         }
-        let want: Vec<String> = (5..33).map(|r| format!("{r}-0")).collect();
+        let want: Vec<String> = (5..12).chain(15..33).map(|r| format!("{r}-0")).collect();
         assert_eq!(shipped, want);
         assert_eq!((q.pending_rows(), q.pending_rows_on_disk()), (0, 0));
         // The window is whole again: a new record is in memory, and a restart
