@@ -188,29 +188,45 @@ impl prometheus_client::collector::Collector for JournalCollector {
             let g = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
             g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)?;
         }
-        // Per bucket here; the encoder makes them cumulative and writes the
-        // f64::MAX bound as `+Inf`.
-        let buckets: Vec<(f64, u64)> = crate::journal::WRITE_BOUNDS_US
-            .iter()
-            .map(|&b| b as f64 / 1e6)
-            .chain([f64::MAX])
-            .zip(s.write_hist.iter().map(|c| c.load(Relaxed)))
-            .collect();
-        let count = buckets.iter().map(|(_, n)| n).sum();
-        let mut family = enc.encode_descriptor(
+        let bounds = crate::journal::WRITE_BOUNDS_US.map(|b| b as f64 / 1e6);
+        let counts: Vec<u64> = s.write_hist.iter().map(|c| c.load(Relaxed)).collect();
+        histogram(
+            &mut enc,
             "gw_sidecar_journal_batch_seconds",
             "Write and fdatasync time of each journal batch (a command waits for two)",
-            None,
-            prometheus_client::metrics::MetricType::Histogram,
-        )?;
-        family.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            &bounds,
+            &counts,
             s.write_us.load(Relaxed) as f64 / 1e6,
-            count,
-            &buckets,
-            None,
-        )?;
-        Ok(())
+        )
     }
+}
+
+/// Encodes a histogram kept as a count per bucket: `counts[i]` for the values at
+/// most `bounds[i]` (above the bound before), one more for the values above the
+/// last bound. The encoder makes the counts cumulative and writes the f64::MAX
+/// bound given for the last as `le="+Inf"`, as Prometheus requires.
+pub(crate) fn histogram(
+    enc: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    bounds: &[f64],
+    counts: &[u64],
+    sum: f64,
+) -> Result<(), std::fmt::Error> {
+    let buckets: Vec<(f64, u64)> = bounds
+        .iter()
+        .copied()
+        .chain([f64::MAX])
+        .zip(counts.iter().copied())
+        .collect();
+    let count = counts.iter().sum();
+    enc.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Histogram,
+    )?
+    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
 }
 
 /// Registers the journal's metrics (`gw_sidecar_journal_*`).

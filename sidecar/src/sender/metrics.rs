@@ -184,38 +184,29 @@ impl Collector for SenderCollector {
             "Opportunities by outcome (sent, ring_full, or why skipped)",
             &rows,
         )?;
-        // Received → send decision (µs), for each opportunity sent.
-        let buckets: Vec<(f64, u64)> = hs
-            .decision_buckets()
-            .into_iter()
-            .map(|(le, n)| {
-                (
-                    if le == u64::MAX {
-                        // The encoder writes this bound as `+Inf`.
-                        f64::MAX
-                    } else {
-                        le as f64
-                    },
-                    n,
-                )
-            })
-            .collect();
-        let count: u64 = buckets.iter().map(|(_, n)| n).sum();
-        // The sum is estimated from the buckets (their midpoints): the hot path keeps
-        // counts only.
-        let sum: f64 = buckets
+        // Received → send decision (µs), for each opportunity sent; the last
+        // bucket (u64::MAX) holds the longer ones.
+        let buckets = hs.decision_buckets();
+        let counts: Vec<u64> = buckets.iter().map(|(_, n)| *n).collect();
+        let bounds: Vec<f64> = buckets
             .iter()
-            .filter(|(le, _)| *le < f64::MAX)
+            .filter(|(le, _)| *le != u64::MAX)
+            .map(|(le, _)| *le as f64)
+            .collect();
+        // The sum is estimated from the bounded buckets (their midpoints): the hot
+        // path keeps counts only.
+        let sum: f64 = bounds
+            .iter()
+            .zip(&counts)
             .map(|(le, n)| le * 0.75 * *n as f64)
             .sum();
-        let mut family = enc.encode_descriptor(
+        crate::ops::metrics::histogram(
+            &mut enc,
             "gw_strategy_decision_latency_us",
             "Opportunity received (HTTP or QUIC ingest) to send decision, in µs",
-            None,
-            MetricType::Histogram,
-        )?;
-        family.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-            sum, count, &buckets, None,
+            &bounds,
+            &counts,
+            sum,
         )?;
         if dp.hot.ingest_addr.is_some() {
             let st = &dp.hot.ingest_stats;
