@@ -92,6 +92,18 @@ async fn until(ws: &mut Ws, what: &str, pred: impl Fn(&Value) -> bool) -> Value 
     }
 }
 
+/// Reads `ws` (answering its pings) until its close frame; that frame's code.
+async fn close_code(mut ws: Ws) -> Option<CloseCode> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Close(f)))) => return f.map(|f| f.code),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    }
+}
+
 fn closed_count(s: &common::Served, reason: &str) -> u64 {
     let metrics = s.get_ops("/metrics");
     let line = format!("gw_sidecar_realtime_closed_total{{reason=\"{reason}\"}} ");
@@ -187,6 +199,10 @@ fn committed_decisions_and_states_stream_to_bounded_clients() {
         })
         .await;
         assert_eq!(refused["decision"], "rejected");
+        // From here b is only read in the background: a client that stops reading
+        // stops answering pings too, and would be closed as `no_pong` if the reads
+        // below outlast two and a half pings on a slow machine.
+        let b = tokio::spawn(close_code(b));
         // The console's reads of the same ledger, once ClickHouse has the rows.
         let get = |path: &'static str| {
             let (client, base) = (client.clone(), base.clone());
@@ -264,6 +280,7 @@ fn committed_decisions_and_states_stream_to_bounded_clients() {
             }
         };
         assert_eq!(frame.map(|f| f.code), Some(CloseCode::Away));
+        assert_eq!(b.await.unwrap(), Some(CloseCode::Away), "b at shutdown");
     });
     // b and c were open; each stream counts itself once its close frame is out.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
