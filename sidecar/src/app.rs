@@ -41,17 +41,29 @@ pub struct Running {
     realtime: Arc<Hub>,
     registry: Arc<Registry>,
     tasks: Vec<JoinHandle<()>>,
+    journal: Journal,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.stop();
     }
 }
 
 impl Running {
+    /// Stops the background tasks, then the journal's writer (blocking for at
+    /// most the batch it is writing): whatever was committed before is on disk,
+    /// and the state directory is left to the next start — in this process too
+    /// (tests restart in-process; a writer still deleting segments or writing a
+    /// queued row would race the new one). Later commits are refused. Dropping
+    /// does the same.
+    pub fn stop(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.journal.stop();
+    }
+
     /// The main listener's routes: every API, for the edge only (anyone else is
     /// refused and recorded), and `/healthz`.
     pub fn router(&self) -> axum::Router {
@@ -336,5 +348,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         realtime,
         registry: Arc::new(registry),
         tasks,
+        journal,
     })
 }

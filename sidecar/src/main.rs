@@ -154,6 +154,8 @@ async fn main() -> anyhow::Result<()> {
             tracing::warn!(error = %e, "kafka flush at shutdown");
         }
     }
+    // The journal's writer ends after what is queued (detached rows included).
+    tokio::task::block_in_place(|| running.stop());
     // Everything durable is already on disk (replay guard, agent state, ledger spool);
     // do not wait for Kafka consumers to leave their groups (they hang while the
     // broker is away): uncommitted deliveries are redelivered and deduplicated.

@@ -30,7 +30,7 @@ pub mod window;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
 use parking_lot::Mutex;
@@ -257,6 +257,11 @@ struct Shared {
     dir: PathBuf,
     /// The horizon written last.
     horizon: AtomicU64,
+    /// Set on the writer thread by [`Journal::stop`]'s marker: the writer ends
+    /// after the batch that carried it.
+    stopping: AtomicBool,
+    /// The writer thread, joined by [`Journal::stop`].
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// The journal (cheap to clone).
@@ -301,6 +306,8 @@ impl Opened {
             stats: JournalStats::default(),
             dir: self.dir.clone(),
             horizon: AtomicU64::new(self.horizon),
+            stopping: AtomicBool::new(false),
+            thread: Mutex::new(None),
         });
         self.writer.publish_stats(&shared.stats);
         let st = &shared.stats;
@@ -310,13 +317,14 @@ impl Opened {
         let (tx, rx) = mpsc::channel::<Job>();
         let s = shared.clone();
         let writer = self.writer;
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("gw-journal".into())
             .spawn(move || run(writer, &rx, &s, chain, &sinks))
             .map_err(|e| JournalError::Io {
                 path: self.dir.clone(),
                 detail: format!("cannot start the writer thread: {e}"),
             })?;
+        *shared.thread.lock() = Some(thread);
         Ok(Journal { tx, shared })
     }
 }
@@ -443,6 +451,27 @@ impl Journal {
             // The writer is gone: nothing queued will be answered any more.
             if let Some(f) = job.marker.take() {
                 f();
+            }
+        }
+    }
+
+    /// Stops the writer and waits for its thread to end: every transaction queued
+    /// before this call is written and answered (its sinks told), and the
+    /// segments no owner holds any more are deleted, as after any batch. Later
+    /// commits, from any clone, are refused with [`JournalError::Closed`]. The
+    /// directory may then be opened again in this process (a dropped journal's
+    /// writer ends only once every clone is gone, and may still be deleting
+    /// segments when a reopen lists them). Blocks: call it outside the async
+    /// runtime's workers. Stopping twice, or from two clones, waits once.
+    pub fn stop(&self) {
+        let shared = self.shared.clone();
+        self.after_queued(Box::new(move || {
+            shared.stopping.store(true, Ordering::Release);
+        }));
+        let thread = self.shared.thread.lock().take();
+        if let Some(t) = thread {
+            if t.join().is_err() {
+                tracing::error!("the journal's writer thread panicked");
             }
         }
     }
@@ -644,6 +673,18 @@ fn run(
             }
         }
         writer.publish_stats(&shared.stats);
+        if shared.stopping.load(Ordering::Acquire) {
+            break;
+        }
+    }
+    // Stopped: whatever was queued after the stop is refused (a job sent between
+    // this and the channel's end is dropped with it, which its caller reads as
+    // `Closed` too).
+    while let Ok(mut job) = rx.try_recv() {
+        match job.marker.take() {
+            Some(m) => m(),
+            None => (job.reply)(Err(JournalError::Closed)),
+        }
     }
 }
 

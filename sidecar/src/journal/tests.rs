@@ -44,6 +44,36 @@ fn segments(dir: &Path) -> Vec<String> {
     v
 }
 
+/// `stop` writes what was queued before it, ends the writer (any clone's later
+/// commit is refused), and leaves the directory to a reopen in this process.
+#[test]
+fn stop_writes_what_was_queued_and_refuses_the_rest() {
+    let d = testkit::TempDir::new("journal-stop");
+    let (j, _) = open(d.path(), 4096);
+    let other = j.clone();
+    // Queued without waiting: still written, since they precede the stop.
+    for i in 1..=300 {
+        j.commit_detached(payload(i));
+    }
+    j.stop();
+    assert!(matches!(
+        other.commit_blocking(payload(301)),
+        Err(JournalError::Closed)
+    ));
+    let (tx, rx) = std::sync::mpsc::channel();
+    other.after_queued(Box::new(move || {
+        let _ = tx.send(());
+    }));
+    assert!(rx.recv().is_ok(), "a marker after the stop is still called");
+    // A second stop, from another clone, has nothing to wait for.
+    other.stop();
+    let (j, rec) = open(d.path(), 4096);
+    assert_eq!(rec.len(), 300);
+    assert!(rec.iter().enumerate().all(|(k, &(_, i))| i == k as u64 + 1));
+    assert_eq!(commit(&j, 301), 301);
+    j.stop();
+}
+
 #[test]
 fn appends_are_recovered_in_order_after_a_restart() {
     let d = testkit::TempDir::new("journal-reopen");
@@ -52,7 +82,7 @@ fn appends_are_recovered_in_order_after_a_restart() {
     assert_eq!(commit(&j, 1), 1);
     assert_eq!(commit(&j, 2), 2);
     assert_eq!(commit(&j, 3), 3);
-    drop(j);
+    j.stop();
     let (j, rec) = open(d.path(), 1 << 20);
     assert_eq!(rec, vec![(1, 1), (2, 2), (3, 3)]);
     assert_eq!(commit(&j, 4), 4);
@@ -79,7 +109,7 @@ fn concurrent_appends_share_fsyncs() {
         batches < 1600,
         "group commit: {batches} fsyncs for 1600 records"
     );
-    drop(j);
+    j.stop();
     let (_, rec) = open(d.path(), 1 << 30);
     assert_eq!(rec.len(), 1600);
     assert!(rec.windows(2).all(|w| w[1].0 == w[0].0 + 1));
@@ -119,7 +149,7 @@ fn three_records(name: &str) -> (testkit::TempDir, std::path::PathBuf) {
     for i in 1..=3 {
         commit(&j, i);
     }
-    drop(j);
+    j.stop();
     let seg = d.path().join(&segments(d.path())[0]);
     (d, seg)
 }
@@ -162,7 +192,7 @@ fn appends_write_over_zeros_written_ahead_and_a_restart_goes_on_after_the_record
     assert!(b.len() >= 64 << 10, "{}", b.len());
     assert_eq!(&b[..records.len()], &records[..]);
     assert!(b[records.len()..].iter().all(|&x| x == 0));
-    drop(j);
+    j.stop();
     let (j, rec) = open(d.path(), 1 << 20);
     assert_eq!(rec, vec![(1, 1), (2, 2), (3, 3)]);
     assert_eq!(commit(&j, 4), 4);
@@ -184,7 +214,7 @@ fn appends_write_over_zeros_written_ahead_and_a_restart_goes_on_after_the_record
         j.read(3, 5, &mut |_, _| true),
         Err(JournalError::Corrupt { .. })
     ));
-    drop(j);
+    j.stop();
     let (_, rec) = open(d.path(), 1 << 20);
     assert_eq!(rec.len(), 4);
 }
@@ -202,7 +232,7 @@ fn a_torn_last_record_is_cut_off_and_nothing_else_is_lost() {
             "cut back"
         );
         assert_eq!(commit(&j, 4), 4);
-        drop(j);
+        j.stop();
         let (_, rec) = open(d.path(), 1 << 20);
         assert_eq!(rec.len(), 4);
     }
@@ -228,7 +258,7 @@ fn an_empty_segment_left_by_a_failed_roll_is_removed_at_start() {
         );
         assert!(!leftover.exists());
         assert_eq!(commit(&j, n + 1), n + 1);
-        drop(j);
+        j.stop();
         assert_eq!(open(d.path(), 1 << 20).1.len() as u64, n + 1);
     }
     // The roll that failed was the newest thing, and a crash then tore the next
@@ -265,7 +295,7 @@ fn zeros_left_after_a_closed_segment_read_as_its_end() {
     for i in 1..=6 {
         commit(&j, i);
     }
-    drop(j);
+    j.stop();
     let segs = segments(d.path());
     assert!(segs.len() > 2, "{segs:?}");
     let first = d.path().join(&segs[0]);
@@ -308,7 +338,7 @@ fn damage_before_the_tail_refuses_to_start() {
     for i in 1..=6 {
         commit(&j, i);
     }
-    drop(j);
+    j.stop();
     let segs = segments(d.path());
     assert!(segs.len() > 2, "{segs:?}");
     let first = d.path().join(&segs[0]);
@@ -339,7 +369,7 @@ fn damage_before_the_tail_refuses_to_start() {
     let d = testkit::TempDir::new("journal-undecodable");
     let (j, _) = open(d.path(), 1 << 20);
     commit(&j, 1);
-    drop(j);
+    j.stop();
     let seg = d.path().join(&segments(d.path())[0]);
     let mut b = std::fs::read(&seg).unwrap();
     let mut bad = Vec::new();
@@ -376,7 +406,7 @@ fn segments_below_every_hold_are_deleted() {
     while segments(d.path()).len() >= all && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    drop(j);
+    j.stop();
     let (_, rec) = open(d.path(), 64);
     assert!(rec.first().unwrap().0 <= 9, "what is held is kept");
     assert!(rec.first().unwrap().0 > 1, "what no one holds is gone");
@@ -412,7 +442,7 @@ fn rows_are_sealed_in_order_and_continue_after_a_restart() {
     assert!(j.commit_blocking(huge).is_err());
     let b = j.commit_blocking(Txn::of(vec![row(4)])).unwrap();
     assert_eq!(b.rows[0].seq, 3, "the refused row took no seq");
-    drop(j);
+    j.stop();
     let opened = Journal::open(d.path(), Options::default()).unwrap();
     let last = opened.last_row().cloned();
     let rows: Vec<_> = opened
@@ -534,8 +564,7 @@ fn a_start_keeps_decoded_only_the_records_from_the_horizon_on() {
     // The owner lowering its hold later does not move the horizon back.
     j.hold("owner", 2);
     commit(&j, 22);
-    drop(j);
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    j.stop();
     assert_eq!(horizon(d.path()), h);
     assert_eq!(
         segments(d.path()).first().map(String::as_str),
@@ -564,8 +593,7 @@ fn a_start_keeps_decoded_only_the_records_from_the_horizon_on() {
     j.hold("owner", 1);
     j.hold(STARTUP_HOLD, Lsn::MAX);
     commit(&j, 23);
-    drop(j);
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    j.stop();
     assert_eq!(horizon(d.path()), h);
     // A damaged horizon file is no horizon, nor is one beyond the last segment (a
     // journal replaced under it): everything is kept.

@@ -448,15 +448,6 @@ mod tests {
         (opened.start(None, sinks).unwrap(), q)
     }
 
-    /// Closes `j` for a reopen of its directory in this process: its writer
-    /// drops the segments no hold needs after it has answered a batch, so one
-    /// more record (that changes no hold) is committed first; a reopen listing
-    /// the segments meanwhile would find one gone.
-    fn close(j: Journal) {
-        j.commit_blocking(Txn::of(vec![Entry::Forwarded { lsn: 0 }]))
-            .unwrap();
-    }
-
     /// Rows not shipped are kept by a start that ships nothing (no sender, no
     /// ClickHouse): the journal rolls and drops its old segments around them, and
     /// a later start still finds them.
@@ -471,7 +462,7 @@ mod tests {
         };
         j.commit_blocking(Txn::of(vec![Entry::Sends { rows: vec![row] }]))
             .unwrap();
-        drop(j);
+        j.stop();
         // The start that ships nothing: it only says what it keeps.
         let (j, q) = open(d.path());
         assert_eq!(q.pending_rows(), 1);
@@ -480,8 +471,7 @@ mod tests {
             j.commit_blocking(Txn::of(vec![Entry::Forwarded { lsn: i }]))
                 .unwrap();
         }
-        std::thread::sleep(Duration::from_millis(200));
-        drop(j);
+        j.stop();
         let (_, q) = open(d.path());
         assert_eq!(
             q.pending_rows(),
@@ -522,7 +512,7 @@ mod tests {
             j.commit_blocking(Txn::of(vec![Entry::SendsShipped { lsn: *lsn }]))
                 .unwrap();
         }
-        close(j);
+        j.stop();
         drop(q);
         // With room to remember only 10 records' weights, the shipped ones beyond
         // them are still not read back, and counted until they would be.
@@ -570,7 +560,7 @@ mod tests {
         j.commit_blocking(Txn::of(vec![Entry::Sends { rows: rows_of(99) }]))
             .unwrap();
         assert_eq!((q.pending_rows(), q.pending_rows_on_disk()), (10, 0));
-        close(j);
+        j.stop();
         drop(q);
         let (_, q) = open(d.path());
         assert_eq!(q.pending_rows(), 10);
