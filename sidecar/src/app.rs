@@ -51,8 +51,8 @@ impl Drop for Running {
 }
 
 impl Running {
-    /// Stops the background tasks, then the journal's writer (blocking for at
-    /// most the batch it is writing): whatever was committed before is on disk,
+    /// Stops the background tasks, then the journal's writer (blocking until it
+    /// has written what was queued): whatever was committed before is on disk,
     /// and the state directory is left to the next start — in this process too
     /// (tests restart in-process; a writer still deleting segments or writing a
     /// queued row would race the new one). Later commits are refused. Dropping

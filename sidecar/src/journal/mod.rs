@@ -248,7 +248,27 @@ struct Job {
     /// The chain to seal into from this job on, when the journal has none yet.
     install: Option<Chain>,
     /// Not a transaction: called once every job queued before it was answered.
-    marker: Option<Box<dyn FnOnce() + Send>>,
+    marker: Option<Marker>,
+}
+
+/// A callback queued as a job: called once, by the writer in its turn, or when
+/// it is dropped unanswered (the writer gone).
+struct Marker(Option<Box<dyn FnOnce() + Send>>);
+
+impl Marker {
+    fn call(mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+impl Drop for Marker {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
 }
 
 struct Shared {
@@ -439,37 +459,40 @@ impl Journal {
     }
 
     /// Calls `f` on the writer thread once every transaction queued before this
-    /// call has been answered (and its sinks told), without writing anything.
+    /// call has been answered (and its sinks told), without writing anything; on a
+    /// stopped journal, at once or as the writer's queue is dropped.
     pub fn after_queued(&self, f: Box<dyn FnOnce() + Send>) {
         let job = Job {
             txn: Txn::default(),
             reply: Box::new(|_| {}),
             install: None,
-            marker: Some(f),
+            marker: Some(Marker(Some(f))),
         };
         if let Err(mpsc::SendError(mut job)) = self.tx.send(job) {
             // The writer is gone: nothing queued will be answered any more.
-            if let Some(f) = job.marker.take() {
-                f();
+            if let Some(m) = job.marker.take() {
+                m.call();
             }
         }
     }
 
     /// Stops the writer and waits for its thread to end: every transaction queued
-    /// before this call is written and answered (its sinks told), and the
+    /// before the first stop is written and answered (its sinks told), and the
     /// segments no owner holds any more are deleted, as after any batch. Later
     /// commits, from any clone, are refused with [`JournalError::Closed`]. The
     /// directory may then be opened again in this process (a dropped journal's
     /// writer ends only once every clone is gone, and may still be deleting
-    /// segments when a reopen lists them). Blocks: call it outside the async
-    /// runtime's workers. Stopping twice, or from two clones, waits once.
+    /// segments when a reopen lists them). Blocks until the writer has ended,
+    /// also when called again or from several clones at once: call it outside
+    /// the async runtime's workers (or in `block_in_place`).
     pub fn stop(&self) {
         let shared = self.shared.clone();
         self.after_queued(Box::new(move || {
             shared.stopping.store(true, Ordering::Release);
         }));
-        let thread = self.shared.thread.lock().take();
-        if let Some(t) = thread {
+        // Held across the join: a concurrent stop returns only once it is done.
+        let mut thread = self.shared.thread.lock();
+        if let Some(t) = thread.take() {
             if t.join().is_err() {
                 tracing::error!("the journal's writer thread panicked");
             }
@@ -636,7 +659,7 @@ fn run(
             write_part(&mut writer, shared, part, part_start, &mut chain, sinks);
         }
         for m in markers {
-            m();
+            m.call();
         }
         let held = shared
             .holds
@@ -679,10 +702,10 @@ fn run(
     }
     // Stopped: whatever was queued after the stop is refused (a job sent between
     // this and the channel's end is dropped with it, which its caller reads as
-    // `Closed` too).
+    // `Closed` too, and a marker's drop calls it).
     while let Ok(mut job) = rx.try_recv() {
         match job.marker.take() {
-            Some(m) => m(),
+            Some(m) => m.call(),
             None => (job.reply)(Err(JournalError::Closed)),
         }
     }
