@@ -7,7 +7,9 @@
 //! bus, the agent and the shipper); ClickHouse gone for `GW_FAULT_CH_SECS` (30 by
 //! default) with a `kill -9` of the sidecar in the middle; Envoy killed and restarted
 //! mid-stream; the journal's disk full (a small tmpfs: once the room the journal
-//! wrote ahead is used up, write error → 503, nothing applied, the nonce not burnt). The broker frozen and back is
+//! wrote ahead is used up, write error → 503, nothing applied, the nonce not burnt);
+//! the journal's disk failing (its syncs answer `EIO`) and losing power
+//! (`testkit::faultfs`, a FUSE filesystem). The broker frozen and back is
 //! `kafka_bus.rs::kafka_down_…`.
 //!
 //! Afterwards: every command was applied exactly once (one `applied` row each; the
@@ -850,6 +852,89 @@ fn a_full_journal_disk_refuses_with_503_and_burns_no_nonce() {
         assert_eq!(rig.cmds[n].last, Some(Answer::Applied), "command {n}");
     }
     rig.check("full disk");
+    drop(rig);
+    drop(disk);
+}
+
+/// The journal on a disk that fails and loses power (`testkit::faultfs`: a FUSE
+/// filesystem, so the sidecar gets the kernel's own `EIO`). First a power cut with
+/// 40 commands in flight: the sidecar killed, every journal file set back to what
+/// its last successful `fdatasync` made durable (and the directory to its last
+/// synced listing), the sidecar started again — every command that got 200 is
+/// still applied, as every acknowledgement waits for its sync. Then the disk's
+/// syncs fail (writes still land, not durably): commands get 503 and nothing is
+/// applied; healed, the same bytes apply once. Killed while failing — with the
+/// page cache kept, or with a power cut — the sidecar comes back with none of them
+/// (the journal cut off the records it wrote for them; never synced, they are
+/// gone anyway after the power cut), and resent they apply once.
+#[test]
+fn a_failing_journal_disk_and_a_power_cut_lose_nothing_acknowledged() {
+    let d = testkit::TempDir::new("fault-eio");
+    let journal = d.path().join("fault-node/state/journal");
+    let disk = testkit::faultfs::FaultFs::mount(&journal)
+        .expect("the failing-disk test mounts a FUSE filesystem (needs root and /dev/fuse)");
+    let mut rig = Rig::start(d.path(), false);
+    let warm = rig.new_commands(3);
+    rig.stream(&warm, Duration::ZERO, |_| {});
+    rig.settle();
+
+    // A power cut with commands in flight.
+    let cmds = rig.new_commands(40);
+    rig.stream(&cmds, Duration::from_millis(40), |rig| {
+        rig.kill_sidecar();
+        disk.power_cut();
+        rig.start_sidecar();
+    });
+    let acked = rig.count(|a| *a == Answer::Applied);
+    eprintln!("power cut: {acked} of 43 commands had been answered 200 applied");
+    rig.settle();
+    rig.check("power cut");
+
+    // The disk's syncs fail: 503, nothing applied, the nonce not burnt; healed,
+    // the same process applies the same bytes once.
+    let refused = |rig: &mut Rig| {
+        disk.fail_syncs();
+        let before = rig.modules();
+        let batch = rig.new_commands(5);
+        rig.stream(&batch, Duration::ZERO, |_| {});
+        for n in &batch {
+            match &rig.cmds[n].first {
+                Some(Answer::Retry(s)) => assert!(s.starts_with("503"), "{n}: {s}"),
+                other => panic!("command {n} with failing syncs: {other:?}"),
+            }
+        }
+        assert_eq!(rig.modules(), before, "a refused command was applied");
+        (batch, before)
+    };
+    let (batch, _) = refused(&mut rig);
+    assert!(disk.syncs_failed() > 0, "no sync failed");
+    disk.heal();
+    rig.settle();
+    for n in &batch {
+        assert_eq!(rig.cmds[n].last, Some(Answer::Applied), "command {n}");
+    }
+    // Failing again, then killed: the journal cut off what it had written for
+    // the refused commands (the page cache keeps what a process wrote), so a new
+    // start does not find them; and again with a power cut (never synced: gone).
+    for power_cut in [false, true] {
+        let (batch, before) = refused(&mut rig);
+        rig.kill_sidecar();
+        if power_cut {
+            disk.power_cut();
+        }
+        disk.heal();
+        rig.start_sidecar();
+        assert_eq!(
+            rig.modules(),
+            before,
+            "a refused command came back at the next start (power cut: {power_cut})"
+        );
+        rig.settle();
+        for n in &batch {
+            assert_eq!(rig.cmds[n].last, Some(Answer::Applied), "command {n}");
+        }
+    }
+    rig.check("failing disk, power cut");
     drop(rig);
     drop(disk);
 }

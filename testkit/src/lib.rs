@@ -13,6 +13,7 @@ pub mod agave_tpu;
 pub mod clickhouse;
 pub mod echo;
 pub mod envoy;
+pub mod faultfs;
 pub mod fixtures;
 pub mod http_thread;
 pub mod kafka;
