@@ -866,7 +866,8 @@ fn a_full_journal_disk_refuses_with_503_and_burns_no_nonce() {
 /// applied; healed, the same bytes apply once. Killed while failing — with the
 /// page cache kept, or with a power cut — the sidecar comes back with none of them
 /// (the journal cut off the records it wrote for them; never synced, they are
-/// gone anyway after the power cut), and resent they apply once.
+/// gone anyway after the power cut), and resent they apply once. The same with a
+/// disk that refuses every change, truncation included.
 #[test]
 fn a_failing_journal_disk_and_a_power_cut_lose_nothing_acknowledged() {
     let d = testkit::TempDir::new("fault-eio");
@@ -892,8 +893,12 @@ fn a_failing_journal_disk_and_a_power_cut_lose_nothing_acknowledged() {
 
     // The disk's syncs fail: 503, nothing applied, the nonce not burnt; healed,
     // the same process applies the same bytes once.
-    let refused = |rig: &mut Rig| {
-        disk.fail_syncs();
+    let refused = |rig: &mut Rig, every_change: bool| {
+        if every_change {
+            disk.fail_all();
+        } else {
+            disk.fail_syncs();
+        }
         let before = rig.modules();
         let batch = rig.new_commands(5);
         rig.stream(&batch, Duration::ZERO, |_| {});
@@ -906,7 +911,7 @@ fn a_failing_journal_disk_and_a_power_cut_lose_nothing_acknowledged() {
         assert_eq!(rig.modules(), before, "a refused command was applied");
         (batch, before)
     };
-    let (batch, _) = refused(&mut rig);
+    let (batch, _) = refused(&mut rig, false);
     assert!(disk.syncs_failed() > 0, "no sync failed");
     disk.heal();
     rig.settle();
@@ -916,8 +921,9 @@ fn a_failing_journal_disk_and_a_power_cut_lose_nothing_acknowledged() {
     // Failing again, then killed: the journal cut off what it had written for
     // the refused commands (the page cache keeps what a process wrote), so a new
     // start does not find them; and again with a power cut (never synced: gone).
-    for power_cut in [false, true] {
-        let (batch, before) = refused(&mut rig);
+    // Last, a disk that refuses every change (writes and truncation too).
+    for (power_cut, every_change) in [(false, false), (true, false), (false, true)] {
+        let (batch, before) = refused(&mut rig, every_change);
         rig.kill_sidecar();
         if power_cut {
             disk.power_cut();
@@ -927,7 +933,7 @@ fn a_failing_journal_disk_and_a_power_cut_lose_nothing_acknowledged() {
         assert_eq!(
             rig.modules(),
             before,
-            "a refused command came back at the next start (power cut: {power_cut})"
+            "a refused command came back at the next start (power cut: {power_cut}, every change failing: {every_change})"
         );
         rig.settle();
         for n in &batch {
