@@ -168,56 +168,197 @@ fn attr(ino: u64, size: u64) -> FileAttr {
     }
 }
 
+/// An errno.
+type Errno = i32;
+
 impl State {
-    fn attr_of(&self, ino: u64) -> Option<FileAttr> {
+    fn attr_of(&self, ino: u64) -> Result<FileAttr, Errno> {
         if ino == ROOT {
-            return Some(attr(ROOT, 0));
+            return Ok(attr(ROOT, 0));
         }
-        self.files.get(&ino).map(|f| attr(ino, f.data.len() as u64))
+        self.files
+            .get(&ino)
+            .map(|f| attr(ino, f.data.len() as u64))
+            .ok_or(ENOENT)
     }
 
-    fn refuse_change(&self) -> bool {
-        self.mode == Mode::FailAll
+    /// `EIO` while every change fails.
+    fn change(&self) -> Result<(), Errno> {
+        if self.mode == Mode::FailAll {
+            Err(EIO)
+        } else {
+            Ok(())
+        }
     }
 
-    fn sync_fails(&mut self) -> bool {
+    /// `EIO` (counted) while syncs fail.
+    fn sync(&mut self) -> Result<(), Errno> {
         if self.mode == Mode::Healthy {
-            false
+            Ok(())
         } else {
             self.syncs_failed += 1;
-            true
+            Err(EIO)
         }
+    }
+
+    fn file(&mut self, ino: u64) -> Result<&mut File, Errno> {
+        self.files.get_mut(&ino).ok_or(ENOENT)
+    }
+
+    /// Forgets file `ino` unless the durable listing still names it (a power cut
+    /// before the directory's next sync brings it back).
+    fn release_ino(&mut self, ino: u64) {
+        if !self.durable_names.values().any(|&i| i == ino) {
+            self.files.remove(&ino);
+        }
+    }
+
+    fn lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr, Errno> {
+        let ino = self.names.get(&entry(parent, name)?).ok_or(ENOENT)?;
+        self.attr_of(*ino)
+    }
+
+    fn truncate(&mut self, ino: u64, size: Option<u64>) -> Result<FileAttr, Errno> {
+        if let Some(len) = size {
+            self.change()?;
+            let len = usize::try_from(len).map_err(|_| EIO)?;
+            self.file(ino)?.data.resize(len, 0);
+        }
+        self.attr_of(ino)
+    }
+
+    fn create(&mut self, parent: u64, name: &OsStr, flags: i32) -> Result<FileAttr, Errno> {
+        let name = entry(parent, name)?;
+        self.change()?;
+        let ino = match self.names.get(&name) {
+            Some(_) if flags & O_EXCL != 0 => return Err(EEXIST),
+            Some(&ino) => ino,
+            None => {
+                let ino = self.next_ino;
+                self.next_ino += 1;
+                self.names.insert(name, ino);
+                self.files.insert(ino, File::default());
+                ino
+            }
+        };
+        if flags & O_TRUNC != 0 {
+            self.file(ino)?.data.clear();
+        }
+        self.attr_of(ino)
+    }
+
+    fn read(&mut self, ino: u64, offset: i64, size: u32) -> Result<Vec<u8>, Errno> {
+        let data = &self.file(ino)?.data;
+        let from = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        let to = from.saturating_add(size as usize).min(data.len());
+        Ok(data[from..to].to_vec())
+    }
+
+    fn write(&mut self, ino: u64, offset: i64, bytes: &[u8]) -> Result<u32, Errno> {
+        self.change()?;
+        let at = usize::try_from(offset).map_err(|_| EIO)?;
+        let data = &mut self.file(ino)?.data;
+        let end = at + bytes.len();
+        if data.len() < end {
+            data.resize(end, 0);
+        }
+        data[at..end].copy_from_slice(bytes);
+        u32::try_from(bytes.len()).map_err(|_| EIO)
+    }
+
+    fn fsync(&mut self, ino: u64) -> Result<(), Errno> {
+        self.sync()?;
+        let f = self.file(ino)?;
+        f.durable = f.data.clone();
+        Ok(())
+    }
+
+    fn fsyncdir(&mut self) -> Result<(), Errno> {
+        self.sync()?;
+        self.durable_names = self.names.clone();
+        Ok(())
+    }
+
+    fn unlink(&mut self, parent: u64, name: &OsStr) -> Result<(), Errno> {
+        let name = entry(parent, name)?;
+        self.change()?;
+        let ino = self.names.remove(&name).ok_or(ENOENT)?;
+        self.release_ino(ino);
+        Ok(())
+    }
+
+    fn rename(
+        &mut self,
+        (parent, name): (u64, &OsStr),
+        (newparent, newname): (u64, &OsStr),
+    ) -> Result<(), Errno> {
+        let (from, to) = (entry(parent, name)?, entry(newparent, newname)?);
+        self.change()?;
+        let ino = self.names.remove(&from).ok_or(ENOENT)?;
+        if let Some(old) = self.names.insert(to, ino) {
+            self.release_ino(old);
+        }
+        Ok(())
+    }
+
+    fn listing(&self, ino: u64) -> Result<Vec<(u64, FileType, String)>, Errno> {
+        if ino != ROOT {
+            return Err(ENOENT);
+        }
+        let mut entries = vec![
+            (ROOT, FileType::Directory, ".".to_owned()),
+            (ROOT, FileType::Directory, "..".to_owned()),
+        ];
+        entries.extend(
+            self.names
+                .iter()
+                .map(|(n, &i)| (i, FileType::RegularFile, n.clone())),
+        );
+        Ok(entries)
     }
 }
 
-fn name_of(name: &OsStr) -> Option<String> {
-    name.to_str().map(str::to_owned)
+/// A name in the one directory (`EPERM` elsewhere, or for a name that is not UTF-8).
+fn entry(parent: u64, name: &OsStr) -> Result<String, Errno> {
+    match name.to_str() {
+        Some(n) if parent == ROOT => Ok(n.to_owned()),
+        _ => Err(EPERM),
+    }
+}
+
+impl Served {
+    fn run<T>(&self, f: impl FnOnce(&mut State) -> Result<T, Errno>) -> Result<T, Errno> {
+        let mut s = self.0.lock().map_err(|_| EIO)?;
+        f(&mut s)
+    }
+}
+
+fn empty(reply: ReplyEmpty, r: Result<(), Errno>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn attr_reply(reply: ReplyAttr, r: Result<FileAttr, Errno>) {
+    match r {
+        Ok(a) => reply.attr(&TTL, &a),
+        Err(e) => reply.error(e),
+    }
 }
 
 impl Filesystem for Served {
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
-        let Ok(s) = self.0.lock() else {
-            return reply.error(EIO);
-        };
-        let found = (parent == ROOT)
-            .then(|| name_of(name))
-            .flatten()
-            .and_then(|n| s.names.get(&n).copied())
-            .and_then(|ino| s.attr_of(ino));
-        match found {
-            Some(a) => reply.entry(&TTL, &a, 0),
-            None => reply.error(ENOENT),
+        match self.run(|s| s.lookup(parent, name)) {
+            Ok(a) => reply.entry(&TTL, &a, 0),
+            Err(e) => reply.error(e),
         }
     }
 
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
-        let Ok(s) = self.0.lock() else {
-            return reply.error(EIO);
-        };
-        match s.attr_of(ino) {
-            Some(a) => reply.attr(&TTL, &a),
-            None => reply.error(ENOENT),
-        }
+        attr_reply(reply, self.run(|s| s.attr_of(ino)));
     }
 
     fn setattr(
@@ -238,25 +379,7 @@ impl Filesystem for Served {
         _flags: Option<u32>,
         reply: ReplyAttr,
     ) {
-        let Ok(mut s) = self.0.lock() else {
-            return reply.error(EIO);
-        };
-        if let Some(len) = size {
-            if s.refuse_change() {
-                return reply.error(EIO);
-            }
-            let Some(f) = s.files.get_mut(&ino) else {
-                return reply.error(ENOENT);
-            };
-            let Ok(len) = usize::try_from(len) else {
-                return reply.error(EIO);
-            };
-            f.data.resize(len, 0);
-        }
-        match s.attr_of(ino) {
-            Some(a) => reply.attr(&TTL, &a),
-            None => reply.error(ENOENT),
-        }
+        attr_reply(reply, self.run(|s| s.truncate(ino, size)));
     }
 
     fn create(
@@ -269,34 +392,9 @@ impl Filesystem for Served {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let Ok(mut s) = self.0.lock() else {
-            return reply.error(EIO);
-        };
-        let Some(name) = (parent == ROOT).then(|| name_of(name)).flatten() else {
-            return reply.error(EPERM);
-        };
-        if s.refuse_change() {
-            return reply.error(EIO);
-        }
-        let ino = match s.names.get(&name) {
-            Some(_) if flags & O_EXCL != 0 => return reply.error(EEXIST),
-            Some(&ino) => ino,
-            None => {
-                let ino = s.next_ino;
-                s.next_ino += 1;
-                s.names.insert(name, ino);
-                s.files.insert(ino, File::default());
-                ino
-            }
-        };
-        if flags & O_TRUNC != 0 {
-            if let Some(f) = s.files.get_mut(&ino) {
-                f.data.clear();
-            }
-        }
-        match s.attr_of(ino) {
-            Some(a) => reply.created(&TTL, &a, 0, 0, 0),
-            None => reply.error(ENOENT),
+        match self.run(|s| s.create(parent, name, flags)) {
+            Ok(a) => reply.created(&TTL, &a, 0, 0, 0),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -311,17 +409,10 @@ impl Filesystem for Served {
         _lock_owner: Option<u64>,
         reply: ReplyData,
     ) {
-        let Ok(s) = self.0.lock() else {
-            return reply.error(EIO);
-        };
-        let Some(f) = s.files.get(&ino) else {
-            return reply.error(ENOENT);
-        };
-        let from = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(f.data.len());
-        let to = from.saturating_add(size as usize).min(f.data.len());
-        reply.data(&f.data[from..to]);
+        match self.run(|s| s.read(ino, offset, size)) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn write(
@@ -336,24 +427,10 @@ impl Filesystem for Served {
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
-        let Ok(mut s) = self.0.lock() else {
-            return reply.error(EIO);
-        };
-        if s.refuse_change() {
-            return reply.error(EIO);
+        match self.run(|s| s.write(ino, offset, data)) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
         }
-        let Some(f) = s.files.get_mut(&ino) else {
-            return reply.error(ENOENT);
-        };
-        let Ok(at) = usize::try_from(offset) else {
-            return reply.error(EIO);
-        };
-        let end = at + data.len();
-        if f.data.len() < end {
-            f.data.resize(end, 0);
-        }
-        f.data[at..end].copy_from_slice(data);
-        reply.written(u32::try_from(data.len()).unwrap_or(u32::MAX));
     }
 
     fn flush(
@@ -375,19 +452,7 @@ impl Filesystem for Served {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let Ok(mut s) = self.0.lock() else {
-            return reply.error(EIO);
-        };
-        if s.sync_fails() {
-            return reply.error(EIO);
-        }
-        match s.files.get_mut(&ino) {
-            Some(f) => {
-                f.durable = f.data.clone();
-                reply.ok();
-            }
-            None => reply.error(ENOENT),
-        }
+        empty(reply, self.run(|s| s.fsync(ino)));
     }
 
     fn fsyncdir(
@@ -398,37 +463,11 @@ impl Filesystem for Served {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let Ok(mut s) = self.0.lock() else {
-            return reply.error(EIO);
-        };
-        if s.sync_fails() {
-            return reply.error(EIO);
-        }
-        s.durable_names = s.names.clone();
-        reply.ok();
+        empty(reply, self.run(State::fsyncdir));
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        let Ok(mut s) = self.0.lock() else {
-            return reply.error(EIO);
-        };
-        if s.refuse_change() {
-            return reply.error(EIO);
-        }
-        let Some(name) = (parent == ROOT).then(|| name_of(name)).flatten() else {
-            return reply.error(ENOENT);
-        };
-        match s.names.remove(&name) {
-            Some(ino) => {
-                // Kept while the durable listing still names it (a power cut
-                // before the directory's next sync brings it back).
-                if !s.durable_names.values().any(|&i| i == ino) {
-                    s.files.remove(&ino);
-                }
-                reply.ok();
-            }
-            None => reply.error(ENOENT),
-        }
+        empty(reply, self.run(|s| s.unlink(parent, name)));
     }
 
     fn rename(
@@ -441,27 +480,10 @@ impl Filesystem for Served {
         _flags: u32,
         reply: ReplyEmpty,
     ) {
-        let Ok(mut s) = self.0.lock() else {
-            return reply.error(EIO);
-        };
-        if s.refuse_change() {
-            return reply.error(EIO);
-        }
-        let (Some(from), Some(to)) = (
-            (parent == ROOT).then(|| name_of(name)).flatten(),
-            (newparent == ROOT).then(|| name_of(newname)).flatten(),
-        ) else {
-            return reply.error(EPERM);
-        };
-        let Some(ino) = s.names.remove(&from) else {
-            return reply.error(ENOENT);
-        };
-        if let Some(old) = s.names.insert(to, ino) {
-            if !s.durable_names.values().any(|&i| i == old) {
-                s.files.remove(&old);
-            }
-        }
-        reply.ok();
+        empty(
+            reply,
+            self.run(|s| s.rename((parent, name), (newparent, newname))),
+        );
     }
 
     fn readdir(
@@ -472,21 +494,10 @@ impl Filesystem for Served {
         offset: i64,
         mut reply: ReplyDirectory,
     ) {
-        if ino != ROOT {
-            return reply.error(ENOENT);
-        }
-        let Ok(s) = self.0.lock() else {
-            return reply.error(EIO);
+        let entries = match self.run(|s| s.listing(ino)) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
         };
-        let mut entries = vec![
-            (ROOT, FileType::Directory, ".".to_owned()),
-            (ROOT, FileType::Directory, "..".to_owned()),
-        ];
-        entries.extend(
-            s.names
-                .iter()
-                .map(|(n, &i)| (i, FileType::RegularFile, n.clone())),
-        );
         let skip = usize::try_from(offset).unwrap_or(0);
         for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(skip) {
             if reply.add(ino, i as i64 + 1, kind, name) {
