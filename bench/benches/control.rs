@@ -194,6 +194,14 @@ struct Sent {
     failures: usize,
 }
 
+/// One request of a phase: a signed command (counted when applied), or a GET of a
+/// JWT-only route (counted when answered 200), the floor of a request through Envoy.
+#[derive(Clone)]
+enum Req {
+    Command(Vec<u8>),
+    Get,
+}
+
 /// Sends `bodies` from `concurrency` clients, client `i` over `clients[i % len]`
 /// (a `reqwest::Client` is one HTTP/2 connection per host).
 fn fire(
@@ -201,7 +209,7 @@ fn fire(
     clients: &[reqwest::Client],
     url: &str,
     token: &str,
-    bodies: Vec<Vec<u8>>,
+    bodies: Vec<Req>,
     concurrency: usize,
 ) -> Sent {
     rt.block_on(async {
@@ -219,22 +227,35 @@ fn fire(
                 let mut lat = Vec::new();
                 let mut failures = 0;
                 loop {
-                    let Some(body) = queue.lock().expect("queue").next() else {
+                    let Some(req) = queue.lock().expect("queue").next() else {
                         break;
                     };
                     let s = Instant::now();
-                    let r = client
-                        .post(&url)
-                        .header("authorization", &token)
-                        .header("content-type", "application/x-protobuf")
-                        .body(body)
-                        .send()
-                        .await;
+                    let (r, command) = match req {
+                        Req::Command(body) => (
+                            client
+                                .post(&url)
+                                .header("authorization", &token)
+                                .header("content-type", "application/x-protobuf")
+                                .body(body)
+                                .send()
+                                .await,
+                            true,
+                        ),
+                        Req::Get => (
+                            client
+                                .get(&url)
+                                .header("authorization", &token)
+                                .send()
+                                .await,
+                            false,
+                        ),
+                    };
                     let ok = match r {
-                        Ok(r) if r.status() == 200 => r
-                            .json::<serde_json::Value>()
-                            .await
-                            .is_ok_and(|v| v["applied"] == true),
+                        Ok(r) if r.status() == 200 => {
+                            let v = r.json::<serde_json::Value>().await;
+                            v.is_ok_and(|v| !command || v["applied"] == true)
+                        }
                         _ => false,
                     };
                     lat.push(s.elapsed());
@@ -261,7 +282,7 @@ fn fire(
     })
 }
 
-fn commands(first_nonce: u64) -> Vec<Vec<u8>> {
+fn commands(first_nonce: u64) -> Vec<Req> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -269,13 +290,13 @@ fn commands(first_nonce: u64) -> Vec<Vec<u8>> {
     (first_nonce..first_nonce + COMMANDS)
         .map(|n| {
             let pct = (n % 100).to_string();
-            testkit::fixtures::signed_command(
+            Req::Command(testkit::fixtures::signed_command(
                 n,
                 Action::Throttle,
                 now,
                 "dashboard",
                 &[("throttle_pct", pct.as_str())],
-            )
+            ))
         })
         .collect()
 }
@@ -383,6 +404,9 @@ fn pct(l: &[Duration], p: f64) -> f64 {
     l.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
+/// The phase of GETs that measures Envoy's own cost per request.
+const FLOOR: &str = "through Envoy, GET /api/modules (JWT only, no command: Envoy's floor)";
+
 fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     std::fs::create_dir_all(dir.join("ch")).expect("dir");
     let ch = ClickHouse::start(&dir.join("ch"));
@@ -453,6 +477,9 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     // Warm up both paths (V8 tier-up, connections), then measure alternately.
     let envoy_url = format!("https://localhost:{port}/api/control/commands");
     let direct_url = format!("https://127.0.0.1:{sidecar_port}/api/control/commands");
+    // Envoy's floor in this run: the same clients' GET of a JWT-only route through
+    // the same listener and filters (nothing journaled or applied).
+    let floor_url = format!("https://localhost:{port}/api/modules");
     let mut nonce = 1;
     let next = |n: &mut u64| {
         let b = commands(*n);
@@ -472,6 +499,7 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     for round in 0..2 {
         for (name, clients, url) in [
             ("through Envoy (HTTP/2+TLS, gw_edge)", &tls[..], &envoy_url),
+            (FLOOR, &tls[..], &floor_url),
             (
                 "straight to the sidecar (HTTP/2, mutual TLS)",
                 &direct[..],
@@ -485,16 +513,21 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
             ),
         ] {
             // Signed before the phase: the clients' CPU is sending, not signing.
-            let bodies = next(&mut nonce);
+            let bodies = if name == FLOOR {
+                vec![Req::Get; COMMANDS as usize]
+            } else {
+                next(&mut nonce)
+            };
             let before = Cpu::now(pids);
             let s = fire(rt, clients, url, &token, bodies, CONCURRENCY);
             let cpu = before.per_command(&Cpu::now(pids), COMMANDS);
-            assert_eq!(s.failures, 0, "{name}: {} commands not applied", s.failures);
+            assert_eq!(s.failures, 0, "{name}: {} requests failed", s.failures);
             runs.push((round, name, s, cpu));
         }
     }
     println!("\n## commands/s end to end ({COMMANDS} distinct signed commands, {CONCURRENCY} concurrent clients each on its own HTTP/2 connection, or all on one; each applied and audited)");
     println!("CPU per command (µs, /proc: 10 ms ticks): of Envoy, of this process (the sidecar and the clients), of ClickHouse; the machine's busy and stolen shares over the phase.");
+    println!("The GET row counts requests, not commands: what Envoy, the filter's JWT check and the sidecar's answer cost without a command, with the same clients.");
     println!("| path | round | commands/s | p50 ms | p99 ms | CPU Envoy | CPU sidecar + clients | CPU ClickHouse | busy | steal |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut best = std::collections::BTreeMap::new();
