@@ -186,6 +186,25 @@ impl Checkpoint {
     }
 }
 
+/// How many leading bytes of an append-only file of notes are whole notes: up to
+/// the end of its last signature line. Anything after it is a note whose append
+/// was cut short (a crash, a full or failing disk) and carries no signature, not
+/// even a complete one: the writer cuts it off before appending again, and a
+/// reader ignores it (a signed note can only be a prefix's last line, so nothing
+/// a key signed is ever in that tail).
+pub fn whole_len(file: &[u8]) -> usize {
+    let sig = SIG_LINE.as_bytes();
+    let (mut whole, mut start) = (0, 0);
+    while let Some(nl) = file[start..].iter().position(|&b| b == b'\n') {
+        let end = start + nl + 1;
+        if file[start..end].starts_with(sig) {
+            whole = end;
+        }
+        start = end;
+    }
+    whole
+}
+
 /// Splits an append-only file of notes into notes (each ends after its signature
 /// lines).
 pub fn notes(text: &str) -> Vec<String> {
@@ -305,6 +324,27 @@ mod tests {
             })
             .collect();
         assert_eq!(cp.check(&rewritten), Err(CheckpointError::Rewritten(5)));
+    }
+
+    #[test]
+    fn a_note_cut_short_anywhere_is_outside_the_whole_length() {
+        let r = rows(3);
+        let a = checkpoint(&r[..1]).sign("gw-ledger", &key());
+        let b = checkpoint(&r).sign("gw-ledger", &key());
+        let file = format!("{a}{b}");
+        assert_eq!(whole_len(file.as_bytes()), file.len());
+        assert_eq!(whole_len(b""), 0);
+        // Every cut inside the second note (the em dash's bytes included) keeps
+        // exactly the first, which still opens.
+        for cut in a.len()..file.len() {
+            let torn = &file.as_bytes()[..cut];
+            assert_eq!(whole_len(torn), a.len(), "cut at {cut}");
+            let kept = std::str::from_utf8(&torn[..whole_len(torn)]).unwrap();
+            assert_eq!(notes(kept), vec![a.clone()]);
+        }
+        for cut in 0..a.len() {
+            assert_eq!(whole_len(&file.as_bytes()[..cut]), 0, "cut at {cut}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gw_core::checkpoint::{notes, Checkpoint};
+use gw_core::checkpoint::{notes, whole_len, Checkpoint};
 use gw_core::ledger::{by_chain, verify_chain, LedgerRow};
 
 /// `gwctl ledger verify` arguments.
@@ -51,10 +51,21 @@ fn checkpoints(
         None => key.to_owned(),
     };
     let vk = gw_core::jwk::ed25519_from_hex(&hex_key).context("--key")?;
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // A last note cut short (the writer crashed, or its disk failed, mid-append)
+    // holds no signature: it is not read, and the sidecar cuts it off.
+    let whole = whole_len(&file);
+    if whole < file.len() {
+        eprintln!(
+            "gwctl: {}: ignored {} bytes after the last whole checkpoint (a write cut short; the sidecar cuts them off)",
+            path.display(),
+            file.len() - whole
+        );
+    }
+    let text = std::str::from_utf8(&file[..whole])
+        .with_context(|| format!("{} is not text", path.display()))?;
     let mut newest: std::collections::BTreeMap<String, Checkpoint> = Default::default();
-    for note in notes(&text) {
+    for note in notes(text) {
         let cp = Checkpoint::open(&note, key_name, &vk)
             .with_context(|| format!("a checkpoint in {} does not verify", path.display()))?;
         let chain = cp

@@ -770,6 +770,36 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
     let (code, out) = gwctl(&with_cp);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("matches its checkpoint of 4 rows"), "{out}");
+    // A last checkpoint cut short (the sidecar's disk failed mid-append) is not
+    // read, and the whole ones still vouch for the chain.
+    let whole = std::fs::read(&log).unwrap();
+    let mut torn = whole.clone();
+    torn.extend_from_slice(
+        "gw-ledger/x\n9\nAAAA\n\n\u{2014}"
+            .as_bytes()
+            .split_last()
+            .unwrap()
+            .1,
+    );
+    std::fs::write(&log, &torn).unwrap();
+    let o = std::process::Command::new(testkit::gwctl_bin())
+        .args(["ledger", "verify", "--clickhouse"])
+        .arg(format!("http://127.0.0.1:{}", ch.http_port))
+        .args(with_cp)
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(out.contains("matches its checkpoint of 4 rows"), "{out}");
+    let ignored = format!(
+        "ignored {} bytes after the last whole checkpoint",
+        torn.len() - whole.len()
+    );
+    assert!(err.contains(&ignored), "{err}");
+    std::fs::write(&log, &whole).unwrap();
     // Another key does not vouch for these checkpoints.
     let other = hex::encode(SigningKey::from_bytes(&[8; 32]).verifying_key().as_bytes());
     let (code, _) = gwctl(&["--checkpoint", log.to_str().unwrap(), "--key", &other]);

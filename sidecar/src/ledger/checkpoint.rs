@@ -4,12 +4,12 @@
 //! cut or rewritten in ClickHouse is caught by `gwctl ledger verify --checkpoint`.
 
 use std::fs::OpenOptions;
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use gw_core::checkpoint::{notes, Checkpoint};
+use gw_core::checkpoint::{notes, whole_len, Checkpoint};
 use serde::{Deserialize, Serialize};
 
 /// The key name checkpoints are signed under.
@@ -40,33 +40,70 @@ pub struct Checkpointer {
     every: Duration,
     last_size: u64,
     last_at: Instant,
+    /// Bytes of whole notes in the file: where the next one goes.
+    whole: u64,
+    /// Whether this process made the file's directory entry durable.
+    entry_synced: bool,
     /// Written to the file, not yet to ClickHouse.
     unsent: Vec<CheckpointRow>,
 }
 
 impl Checkpointer {
     /// Checkpoints signed with `key`, appended to `dir/checkpoints.log`.
-    /// Continues after the newest checkpoint already in the file.
+    /// Continues after the newest checkpoint already in the file, and cuts off a
+    /// checkpoint whose append was cut short (see [`gw_core::checkpoint::whole_len`]):
+    /// left there, the next note would be appended to it and neither would open.
     pub fn new(key: SigningKey, dir: &Path, every_rows: u64, every: Duration) -> Checkpointer {
         let path = dir.join("checkpoints.log");
         let vk = key.verifying_key();
-        let last_size = std::fs::read_to_string(&path).map_or(0, |text| {
-            notes(&text)
-                .iter()
-                .filter_map(|n| Checkpoint::open(n, KEY_NAME, &vk).ok())
-                .map(|c| c.size)
-                .max()
-                .unwrap_or(0)
-        });
-        Checkpointer {
+        let file = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::error!(path = %path.display(), error = %e, "ledger checkpoint: the file cannot be read (read again before the next checkpoint)");
+                }
+                Vec::new()
+            }
+        };
+        let whole = whole_len(&file);
+        let last_size = notes(&String::from_utf8_lossy(&file[..whole]))
+            .iter()
+            .filter_map(|n| Checkpoint::open(n, KEY_NAME, &vk).ok())
+            .map(|c| c.size)
+            .max()
+            .unwrap_or(0);
+        let c = Checkpointer {
             key,
             path,
             every_rows: every_rows.max(1),
             every,
             last_size,
             last_at: Instant::now(),
+            whole: whole as u64,
+            entry_synced: false,
             unsent: Vec::new(),
+        };
+        if whole < file.len() {
+            // Only what follows the last signature line: no signed note is cut.
+            let torn = file.len() - whole;
+            match c.cut() {
+                Ok(()) => {
+                    tracing::warn!(path = %c.path.display(), bytes = torn, "ledger checkpoint: cut off a checkpoint whose write was cut short");
+                }
+                // Tried again before the next checkpoint is appended.
+                Err(e) => {
+                    tracing::error!(path = %c.path.display(), bytes = torn, error = %e, "ledger checkpoint: a checkpoint whose write was cut short is not cut off yet");
+                }
+            }
         }
+        c
+    }
+
+    /// Cuts the file back to its whole notes.
+    fn cut(&self) -> std::io::Result<()> {
+        let f = OpenOptions::new().write(true).open(&self.path)?;
+        f.set_len(self.whole)?;
+        f.sync_data()
     }
 
     /// The checkpoint file.
@@ -83,12 +120,14 @@ impl Checkpointer {
             return Ok(false);
         }
         let note = Checkpoint::for_chain(chain_id, size, head).sign(KEY_NAME, &self.key);
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        f.write_all(note.as_bytes())?;
-        f.sync_data()?;
+        let written = self.append(note.as_bytes());
+        if written.is_err() {
+            // Nothing of a note that failed may stay for the next to be appended
+            // to (best effort; `new` cuts it off too).
+            let _ = self.cut();
+            written?;
+        }
+        self.whole += note.len() as u64;
         self.last_size = size;
         self.last_at = Instant::now();
         self.unsent.push(CheckpointRow {
@@ -99,6 +138,36 @@ impl Checkpointer {
             ts_ms: crate::now_nanos() / 1_000_000,
         });
         Ok(true)
+    }
+
+    /// Writes `note` after the whole notes and makes it durable (the file's entry
+    /// too, once per process).
+    fn append(&mut self, note: &[u8]) -> std::io::Result<()> {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .read(true)
+            .open(&self.path)?;
+        let len = f.metadata()?.len();
+        if len != self.whole {
+            // Not what this process wrote (a tail cut short by the last failure,
+            // or a file `new` could not read): the file itself says where its
+            // whole notes end, and nothing before that is ever cut.
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut &f, &mut bytes)?;
+            self.whole = whole_len(&bytes) as u64;
+            if len != self.whole {
+                f.set_len(self.whole)?;
+            }
+        }
+        f.write_all_at(note, self.whole)?;
+        f.sync_data()?;
+        if !self.entry_synced {
+            crate::durable::sync_parent(&self.path)?;
+            self.entry_synced = true;
+        }
+        Ok(())
     }
 
     /// Inserts the checkpoints not yet in ClickHouse (kept for the next try on error).
@@ -116,5 +185,65 @@ impl Checkpointer {
         insert.end().await?;
         self.unsent.clear();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opened(path: &Path, key: &SigningKey) -> Vec<u64> {
+        let text = std::fs::read_to_string(path).unwrap();
+        notes(&text)
+            .iter()
+            .map(|n| {
+                Checkpoint::open(n, KEY_NAME, &key.verifying_key())
+                    .unwrap()
+                    .size
+            })
+            .collect()
+    }
+
+    /// A checkpoint whose append was cut short (cut here inside its signature
+    /// line's em dash, so the file is not even UTF-8) is cut off at the next start,
+    /// and the checkpoints written next open, as do those before it.
+    #[test]
+    fn a_checkpoint_cut_short_is_cut_off_and_the_next_ones_open() {
+        let d = testkit::TempDir::new("checkpoint-torn");
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let mut c = Checkpointer::new(key.clone(), d.path(), 1, Duration::from_secs(60));
+        assert!(c.tick("node-1", 3, [1; 32]).unwrap());
+        assert!(
+            !c.tick("node-1", 3, [1; 32]).unwrap(),
+            "not due: no row added"
+        );
+        let path = c.path().to_owned();
+        drop(c);
+        let note = Checkpoint::for_chain("node-1", 5, [2; 32]).sign(KEY_NAME, &key);
+        let cut = note.find('\u{2014}').unwrap() + 1;
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut f, &note.as_bytes()[..cut]).unwrap();
+        drop(f);
+        assert!(
+            std::fs::read_to_string(&path).is_err(),
+            "cut inside the dash"
+        );
+
+        let mut c = Checkpointer::new(key.clone(), d.path(), 1, Duration::from_secs(60));
+        assert_eq!(opened(&path, &key), vec![3], "the torn note is gone");
+        assert!(
+            !c.tick("node-1", 3, [1; 32]).unwrap(),
+            "continues after size 3"
+        );
+        assert!(c.tick("node-1", 6, [3; 32]).unwrap());
+        assert_eq!(opened(&path, &key), vec![3, 6]);
+
+        // Torn again while this process runs (another writer's bytes, or a
+        // failure's left-overs): the next append still starts after whole notes.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut f, b"gw-ledger/node-1\n7\n").unwrap();
+        drop(f);
+        assert!(c.tick("node-1", 8, [4; 32]).unwrap());
+        assert_eq!(opened(&path, &key), vec![3, 6, 8]);
     }
 }
