@@ -54,6 +54,7 @@ struct State {
     /// The listing as of the directory's last successful sync.
     durable_names: BTreeMap<String, u64>,
     syncs_failed: u64,
+    changes_failed: u64,
 }
 
 /// A mounted [`FaultFs`]: unmounted when dropped.
@@ -74,6 +75,7 @@ impl FaultFs {
             files: HashMap::new(),
             durable_names: BTreeMap::new(),
             syncs_failed: 0,
+            changes_failed: 0,
         }));
         let session = fuser::spawn_mount2(
             Served(state.clone()),
@@ -115,6 +117,12 @@ impl FaultFs {
     /// Syncs answered `EIO` so far.
     pub fn syncs_failed(&self) -> u64 {
         self.state.lock().map_or(0, |s| s.syncs_failed)
+    }
+
+    /// Changes (writes, truncations, creations, renames, removals) answered `EIO`
+    /// so far.
+    pub fn changes_failed(&self) -> u64 {
+        self.state.lock().map_or(0, |s| s.changes_failed)
     }
 
     /// Back to what was durable: see the module's documentation.
@@ -182,9 +190,10 @@ impl State {
             .ok_or(ENOENT)
     }
 
-    /// `EIO` while every change fails.
-    fn change(&self) -> Result<(), Errno> {
+    /// `EIO` (counted) while every change fails.
+    fn change(&mut self) -> Result<(), Errno> {
         if self.mode == Mode::FailAll {
+            self.changes_failed += 1;
             Err(EIO)
         } else {
             Ok(())
