@@ -111,12 +111,17 @@ impl Checkpointer {
         &self.path
     }
 
-    /// Writes a checkpoint of chain `chain_id` (`size` rows, head `head`) when one
-    /// is due; `Ok(true)` when written.
-    pub fn tick(&mut self, chain_id: &str, size: u64, head: [u8; 32]) -> std::io::Result<bool> {
+    /// Whether a checkpoint of a chain of `size` rows is due.
+    pub fn due(&self, size: u64) -> bool {
         let grown = size.saturating_sub(self.last_size);
-        let due = grown >= self.every_rows || (grown > 0 && self.last_at.elapsed() >= self.every);
-        if !due {
+        grown >= self.every_rows || (grown > 0 && self.last_at.elapsed() >= self.every)
+    }
+
+    /// Writes a checkpoint of chain `chain_id` (`size` rows, head `head`) when one
+    /// is due ([`Checkpointer::due`]); `Ok(true)` when written. Blocks for the
+    /// append's `fsync`: call it off the async runtime's workers.
+    pub fn tick(&mut self, chain_id: &str, size: u64, head: [u8; 32]) -> std::io::Result<bool> {
+        if !self.due(size) {
             return Ok(false);
         }
         let note = Checkpoint::for_chain(chain_id, size, head).sign(KEY_NAME, &self.key);

@@ -815,23 +815,43 @@ impl Shipper {
                     }
                 }
             }
-            if let (Some(c), Some((seq, head))) = (&mut checkpointer, self.shipped) {
-                match c.tick(&self.chain_id, seq, head) {
-                    Ok(true) => {
-                        tracing::debug!(seq, "ledger checkpoint written");
-                        last_cp_err.clear();
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        let e = e.to_string();
-                        if e != last_cp_err {
-                            tracing::error!(path = %c.path().display(), error = %e, "ledger checkpoint not written");
-                            last_cp_err = e;
+            if let Some((seq, head)) = self.shipped {
+                let due = checkpointer.as_ref().is_some_and(|c| c.due(seq));
+                if let Some(mut c) = checkpointer.take_if(|_| due) {
+                    // The append and its fsync run off the async workers.
+                    let (chain, path) = (self.chain_id.clone(), c.path().to_owned());
+                    let written = tokio::task::spawn_blocking(move || {
+                        let r = c.tick(&chain, seq, head);
+                        (c, r)
+                    })
+                    .await;
+                    match written {
+                        Ok((c, r)) => {
+                            checkpointer = Some(c);
+                            match r {
+                                Ok(true) => {
+                                    tracing::debug!(seq, "ledger checkpoint written");
+                                    last_cp_err.clear();
+                                }
+                                Ok(false) => {}
+                                Err(e) => {
+                                    let e = e.to_string();
+                                    if e != last_cp_err {
+                                        tracing::error!(path = %path.display(), error = %e, "ledger checkpoint not written");
+                                        last_cp_err = e;
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(path = %path.display(), error = %e, "ledger checkpoints stopped: their writer failed");
                         }
                     }
                 }
-                if let Err(e) = c.ship(&self.client).await {
-                    tracing::debug!(error = %e, "ledger checkpoints kept for ClickHouse");
+                if let Some(c) = checkpointer.as_mut() {
+                    if let Err(e) = c.ship(&self.client).await {
+                        tracing::debug!(error = %e, "ledger checkpoints kept for ClickHouse");
+                    }
                 }
             }
             if last_err.is_empty() {
