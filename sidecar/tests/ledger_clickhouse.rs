@@ -764,10 +764,11 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
         (
             o.status.code(),
             String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
         )
     };
     let with_cp = ["--checkpoint", log.to_str().unwrap(), "--key", &pk];
-    let (code, out) = gwctl(&with_cp);
+    let (code, out, _) = gwctl(&with_cp);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("matches its checkpoint of 4 rows"), "{out}");
     // A last checkpoint cut short (the sidecar's disk failed mid-append) is not
@@ -782,17 +783,8 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
             .1,
     );
     std::fs::write(&log, &torn).unwrap();
-    let o = std::process::Command::new(testkit::gwctl_bin())
-        .args(["ledger", "verify", "--clickhouse"])
-        .arg(format!("http://127.0.0.1:{}", ch.http_port))
-        .args(with_cp)
-        .output()
-        .unwrap();
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-    );
-    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    let (code, out, err) = gwctl(&with_cp);
+    assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("matches its checkpoint of 4 rows"), "{out}");
     let ignored = format!(
         "ignored {} bytes after the last whole checkpoint",
@@ -802,14 +794,14 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
     std::fs::write(&log, &whole).unwrap();
     // Another key does not vouch for these checkpoints.
     let other = hex::encode(SigningKey::from_bytes(&[8; 32]).verifying_key().as_bytes());
-    let (code, _) = gwctl(&["--checkpoint", log.to_str().unwrap(), "--key", &other]);
+    let (code, ..) = gwctl(&["--checkpoint", log.to_str().unwrap(), "--key", &other]);
     assert_ne!(code, Some(0));
 
     // The tail is cut: the walk alone still says ok, the checkpoint does not.
     ch.query("DELETE FROM control_decisions WHERE seq >= 3");
-    let (code, out) = gwctl(&[]);
+    let (code, out, _) = gwctl(&[]);
     assert_eq!((code, out.trim()), (Some(0), "ok 2 rows"));
-    let (code, out) = gwctl(&with_cp);
+    let (code, out, _) = gwctl(&with_cp);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("the chain was cut: 2 rows stored"), "{out}");
 
@@ -836,9 +828,9 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
             None,
         ))
         .unwrap();
-    let (code, out) = gwctl(&[]);
+    let (code, out, _) = gwctl(&[]);
     assert_eq!((code, out.trim()), (Some(0), "ok 4 rows"));
-    let (code, out) = gwctl(&with_cp);
+    let (code, out, _) = gwctl(&with_cp);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("row 4 differs from the checkpoint"), "{out}");
 }
