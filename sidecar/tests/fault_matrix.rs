@@ -1097,6 +1097,61 @@ fn failing_disk(kafka: bool) {
     drop((journal, ledger));
 }
 
+/// The checkpoint log's writer on a failing disk, with no sidecar around it: a
+/// note the disk tore (half of it landed, then `EIO`) is cut back off at once, so
+/// the file ends with whole notes before anything else is written; one whose
+/// sync failed, or that the disk refused, leaves no bytes either; a power cut
+/// keeps every note that was synced; and the next due checkpoint is written.
+#[test]
+fn a_checkpoint_the_disk_tore_or_refused_is_cut_back_at_once() {
+    use gw_core::checkpoint::{notes, whole_len, Checkpoint};
+    use gw_sidecar::ledger::checkpoint::{Checkpointer, KEY_NAME};
+    let d = testkit::TempDir::new("fault-checkpoint");
+    let disk = testkit::faultfs::FaultFs::mount(&d.path().join("ledger"))
+        .expect("the failing-disk test mounts a FUSE filesystem (needs root and /dev/fuse)");
+    let log = d.path().join("ledger/checkpoints.log");
+    let key = ed25519_dalek::SigningKey::from_bytes(&LEDGER_SK);
+    let sizes = || -> Vec<u64> {
+        let file = std::fs::read(&log).unwrap();
+        assert_eq!(
+            whole_len(&file),
+            file.len(),
+            "a note cut short is left in the file"
+        );
+        notes(std::str::from_utf8(&file).unwrap())
+            .iter()
+            .map(|n| {
+                Checkpoint::open(n, KEY_NAME, &key.verifying_key())
+                    .unwrap()
+                    .size
+            })
+            .collect()
+    };
+    let mut c = Checkpointer::new(key.clone(), &d.path().join("ledger"), 1, Duration::ZERO);
+    assert!(c.tick("node-1", 1, [1; 32]).unwrap());
+    disk.tear_next_write();
+    assert!(c.tick("node-1", 2, [2; 32]).is_err(), "the torn write");
+    assert_eq!(sizes(), vec![1]);
+    disk.fail_syncs();
+    assert!(c.tick("node-1", 3, [3; 32]).is_err(), "the failed sync");
+    assert_eq!(sizes(), vec![1]);
+    disk.fail_all();
+    assert!(c.tick("node-1", 4, [4; 32]).is_err(), "the refused write");
+    assert_eq!(sizes(), vec![1]);
+    disk.heal();
+    assert!(c.tick("node-1", 5, [5; 32]).unwrap());
+    assert_eq!(sizes(), vec![1, 5]);
+    drop(c);
+    disk.power_cut();
+    assert_eq!(
+        sizes(),
+        vec![1, 5],
+        "a synced checkpoint lost in a power cut"
+    );
+    // The torn write; the refused write and its refused cut-back.
+    assert_eq!(disk.changes_failed(), 3);
+}
+
 /// Disks that fail and lose power together.
 struct Disks<'a>([&'a testkit::faultfs::FaultFs; 2]);
 

@@ -9,12 +9,14 @@
 //!   writes still land in "the page cache" (they read back) but are not durable.
 //! - [`FaultFs::fail_all`]: every change (write, truncate, create, rename, unlink,
 //!   sync) answers `EIO`.
+//! - [`FaultFs::tear_next_write`]: the next write lands its first half only and
+//!   answers `EIO`, as a write cut short.
 //! - [`FaultFs::power_cut`]: every file goes back to what its last successful sync
 //!   made durable, and the directory to its last synced listing (a file never
 //!   synced into it is gone; one removed since is back), as after a power loss.
 //!   Stop the process using it first (`kill -9`).
 //!
-//! Only what the sidecar's journal uses is served: one flat directory of regular
+//! Only what the sidecar's journal and ledger directory use is served: one flat directory of regular
 //! files. Everything else answers `ENOSYS`/`EPERM`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -38,6 +40,7 @@ enum Mode {
     Healthy,
     FailSyncs,
     FailAll,
+    TearNextWrite,
 }
 
 #[derive(Default)]
@@ -107,6 +110,12 @@ impl FaultFs {
     /// Every change fails with `EIO` from now on.
     pub fn fail_all(&self) {
         self.set(Mode::FailAll);
+    }
+
+    /// The next write lands only its first half and answers `EIO` (a write cut
+    /// short, as by a full device or a crash); the device works again after it.
+    pub fn tear_next_write(&self) {
+        self.set(Mode::TearNextWrite);
     }
 
     /// The device works again.
@@ -267,6 +276,14 @@ impl State {
 
     fn write(&mut self, ino: u64, offset: i64, bytes: &[u8]) -> Result<u32, Errno> {
         self.change()?;
+        let torn = self.mode == Mode::TearNextWrite;
+        let bytes = if torn {
+            self.mode = Mode::Healthy;
+            self.changes_failed += 1;
+            &bytes[..bytes.len() / 2]
+        } else {
+            bytes
+        };
         let at = usize::try_from(offset).map_err(|_| EIO)?;
         let data = &mut self.file(ino)?.data;
         let end = at + bytes.len();
@@ -274,6 +291,9 @@ impl State {
             data.resize(end, 0);
         }
         data[at..end].copy_from_slice(bytes);
+        if torn {
+            return Err(EIO);
+        }
         u32::try_from(bytes.len()).map_err(|_| EIO)
     }
 

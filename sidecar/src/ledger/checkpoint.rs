@@ -40,8 +40,9 @@ pub struct Checkpointer {
     every: Duration,
     last_size: u64,
     last_at: Instant,
-    /// Bytes of whole notes in the file: where the next one goes.
-    whole: u64,
+    /// Bytes of whole notes in the file: where the next one goes (`None` until
+    /// the file could be read).
+    whole: Option<u64>,
     /// Whether this process made the file's directory entry durable.
     entry_synced: bool,
     /// Written to the file, not yet to ClickHouse.
@@ -56,54 +57,60 @@ impl Checkpointer {
     pub fn new(key: SigningKey, dir: &Path, every_rows: u64, every: Duration) -> Checkpointer {
         let path = dir.join("checkpoints.log");
         let vk = key.verifying_key();
-        let file = match std::fs::read(&path) {
-            Ok(b) => b,
+        let (file, whole) = match std::fs::read(&path) {
+            Ok(b) => {
+                let whole = whole_len(&b);
+                (b, Some(whole))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), Some(0)),
             Err(e) => {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::error!(path = %path.display(), error = %e, "ledger checkpoint: the file cannot be read (read again before the next checkpoint)");
-                }
-                Vec::new()
+                // Nothing is cut or written until the file is read (at the next
+                // checkpoint).
+                tracing::error!(path = %path.display(), error = %e, "ledger checkpoint: the file cannot be read");
+                (Vec::new(), None)
             }
         };
-        let whole = whole_len(&file);
-        let last_size = notes(&String::from_utf8_lossy(&file[..whole]))
-            .iter()
-            .filter_map(|n| Checkpoint::open(n, KEY_NAME, &vk).ok())
-            .map(|c| c.size)
-            .max()
-            .unwrap_or(0);
-        let c = Checkpointer {
+        let kept = &file[..whole.unwrap_or(0)];
+        let (mut last_size, mut bad) = (0, 0);
+        for n in notes(&String::from_utf8_lossy(kept)) {
+            match Checkpoint::open(&n, KEY_NAME, &vk) {
+                Ok(c) => last_size = last_size.max(c.size),
+                Err(_) => bad += 1,
+            }
+        }
+        if bad > 0 {
+            // Not cut off (only a tail without a whole signature line is):
+            // `gwctl ledger verify --checkpoint` refuses the file until someone
+            // looks at it.
+            tracing::error!(path = %path.display(), notes = bad, "ledger checkpoint: whole notes in the file do not verify with this key");
+        }
+        if let Some(whole) = whole.filter(|w| *w < file.len()) {
+            let torn = file.len() - whole;
+            let cut = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_len(whole as u64).and_then(|()| f.sync_data()));
+            match cut {
+                Ok(()) => {
+                    tracing::warn!(path = %path.display(), bytes = torn, "ledger checkpoint: cut off a checkpoint whose write was cut short");
+                }
+                // Cut before the next checkpoint is appended.
+                Err(e) => {
+                    tracing::error!(path = %path.display(), bytes = torn, error = %e, "ledger checkpoint: a checkpoint whose write was cut short is not cut off yet");
+                }
+            }
+        }
+        Checkpointer {
             key,
             path,
             every_rows: every_rows.max(1),
             every,
             last_size,
             last_at: Instant::now(),
-            whole: whole as u64,
+            whole: whole.map(|w| w as u64),
             entry_synced: false,
             unsent: Vec::new(),
-        };
-        if whole < file.len() {
-            // Only what follows the last signature line: no signed note is cut.
-            let torn = file.len() - whole;
-            match c.cut() {
-                Ok(()) => {
-                    tracing::warn!(path = %c.path.display(), bytes = torn, "ledger checkpoint: cut off a checkpoint whose write was cut short");
-                }
-                // Tried again before the next checkpoint is appended.
-                Err(e) => {
-                    tracing::error!(path = %c.path.display(), bytes = torn, error = %e, "ledger checkpoint: a checkpoint whose write was cut short is not cut off yet");
-                }
-            }
         }
-        c
-    }
-
-    /// Cuts the file back to its whole notes.
-    fn cut(&self) -> std::io::Result<()> {
-        let f = OpenOptions::new().write(true).open(&self.path)?;
-        f.set_len(self.whole)?;
-        f.sync_data()
     }
 
     /// The checkpoint file.
@@ -125,14 +132,7 @@ impl Checkpointer {
             return Ok(false);
         }
         let note = Checkpoint::for_chain(chain_id, size, head).sign(KEY_NAME, &self.key);
-        let written = self.append(note.as_bytes());
-        if written.is_err() {
-            // Nothing of a note that failed may stay for the next to be appended
-            // to (best effort; `new` cuts it off too).
-            let _ = self.cut();
-            written?;
-        }
-        self.whole += note.len() as u64;
+        self.append(note.as_bytes())?;
         self.last_size = size;
         self.last_at = Instant::now();
         self.unsent.push(CheckpointRow {
@@ -145,8 +145,9 @@ impl Checkpointer {
         Ok(true)
     }
 
-    /// Writes `note` after the whole notes and makes it durable (the file's entry
-    /// too, once per process).
+    /// Writes `note` after the whole notes and makes it durable; a note that
+    /// failed is cut back off (best effort: the next append and the next start cut
+    /// it off too). The file's directory entry is synced once per process.
     fn append(&mut self, note: &[u8]) -> std::io::Result<()> {
         let f = OpenOptions::new()
             .create(true)
@@ -155,22 +156,35 @@ impl Checkpointer {
             .read(true)
             .open(&self.path)?;
         let len = f.metadata()?.len();
-        if len != self.whole {
-            // Not what this process wrote (a tail cut short by the last failure,
-            // or a file `new` could not read): the file itself says where its
-            // whole notes end, and nothing before that is ever cut.
-            let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut &f, &mut bytes)?;
-            self.whole = whole_len(&bytes) as u64;
-            if len != self.whole {
-                f.set_len(self.whole)?;
+        let whole = match self.whole {
+            Some(w) if w == len => w,
+            _ => {
+                // Not what this process wrote (a tail cut short by a failure, or a
+                // file `new` could not read): the file itself says where its whole
+                // notes end, and nothing before that is ever cut.
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut &f, &mut bytes)?;
+                let w = whole_len(&bytes) as u64;
+                self.whole = Some(w);
+                if w != len {
+                    f.set_len(w)?;
+                }
+                w
             }
+        };
+        if let Err(e) = f.write_all_at(note, whole).and_then(|()| f.sync_data()) {
+            let _ = f.set_len(whole).and_then(|()| f.sync_data());
+            return Err(e);
         }
-        f.write_all_at(note, self.whole)?;
-        f.sync_data()?;
+        self.whole = Some(whole + note.len() as u64);
         if !self.entry_synced {
-            crate::durable::sync_parent(&self.path)?;
-            self.entry_synced = true;
+            // The note is durable in the file; its entry is retried with the next.
+            match crate::durable::sync_parent(&self.path) {
+                Ok(()) => self.entry_synced = true,
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "ledger checkpoint: the file's directory entry is not synced yet");
+                }
+            }
         }
         Ok(())
     }
