@@ -158,7 +158,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         }
     };
     let dir = cfg.file.state_dir.clone();
-    std::fs::create_dir_all(&dir)
+    crate::durable::create_dir(&dir)
         .with_context(|| format!("cannot create state dir {}", dir.display()))?;
     let mut registry = Registry::default();
     let clickhouse = cfg.clickhouse();

@@ -21,12 +21,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     sync_parent(path)
 }
 
+/// Creates `dir` and its missing parents so that they survive a power cut: each
+/// directory created is synced into its parent.
+pub fn create_dir(dir: &Path) -> std::io::Result<()> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
+    fs::create_dir_all(dir)?;
+    missing.iter().try_for_each(|d| sync_parent(d))
+}
+
 /// Makes `path`'s entry in its directory durable (after creating or renaming it).
 pub fn sync_parent(path: &Path) -> std::io::Result<()> {
-    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(dir) => File::open(dir)?.sync_all(),
-        None => Ok(()),
-    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -40,5 +52,16 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert!(!p.with_extension("tmp").exists());
         assert!(super::write_atomic(&d.path().join("no/such/dir"), b"x").is_err());
+    }
+
+    #[test]
+    fn creates_missing_directories() {
+        let d = testkit::TempDir::new("durable-dir");
+        let deep = d.path().join("a/b/c");
+        super::create_dir(&deep).unwrap();
+        assert!(deep.is_dir());
+        super::create_dir(&deep).unwrap();
+        std::fs::write(d.path().join("file"), b"x").unwrap();
+        assert!(super::create_dir(&d.path().join("file/below")).is_err());
     }
 }

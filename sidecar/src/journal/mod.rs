@@ -366,7 +366,7 @@ impl Journal {
         audit: &mut dyn FnMut(Lsn, &Txn),
         horizon: bool,
     ) -> Result<Opened, JournalError> {
-        std::fs::create_dir_all(dir).map_err(|e| JournalError::Io {
+        crate::durable::create_dir(dir).map_err(|e| JournalError::Io {
             path: dir.to_path_buf(),
             detail: e.to_string(),
         })?;

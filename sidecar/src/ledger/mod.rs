@@ -110,7 +110,7 @@ impl Ledger {
                 None,
             ));
         };
-        std::fs::create_dir_all(dir)
+        crate::durable::create_dir(dir)
             .map_err(|e| LedgerError::Io(format!("cannot create {}: {e}", dir.display())))?;
         let checkpointer = match checkpoints.key {
             Some(k) => Some(Checkpointer::new(
