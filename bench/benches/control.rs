@@ -498,8 +498,10 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     let mut runs = Vec::new();
     for round in 0..2 {
         for (name, clients, url) in [
-            ("through Envoy (HTTP/2+TLS, gw_edge)", &tls[..], &envoy_url),
+            // First: the previous phase's ledger inserts would spill into its
+            // sidecar column.
             (FLOOR, &tls[..], &floor_url),
+            ("through Envoy (HTTP/2+TLS, gw_edge)", &tls[..], &envoy_url),
             (
                 "straight to the sidecar (HTTP/2, mutual TLS)",
                 &direct[..],
