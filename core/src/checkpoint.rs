@@ -205,6 +205,18 @@ pub fn whole_len(file: &[u8]) -> usize {
     whole
 }
 
+/// Every note of an append-only file of notes, opened with `key_name`'s key `vk`.
+pub fn open_all(
+    text: &str,
+    key_name: &str,
+    vk: &VerifyingKey,
+) -> Vec<Result<Checkpoint, CheckpointError>> {
+    notes(text)
+        .iter()
+        .map(|n| Checkpoint::open(n, key_name, vk))
+        .collect()
+}
+
 /// Splits an append-only file of notes into notes (each ends after its signature
 /// lines).
 pub fn notes(text: &str) -> Vec<String> {

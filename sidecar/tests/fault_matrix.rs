@@ -1104,7 +1104,7 @@ fn failing_disk(kafka: bool) {
 /// keeps every note that was synced; and the next due checkpoint is written.
 #[test]
 fn a_checkpoint_the_disk_tore_or_refused_is_cut_back_at_once() {
-    use gw_core::checkpoint::{notes, whole_len, Checkpoint};
+    use gw_core::checkpoint::{open_all, whole_len};
     use gw_sidecar::ledger::checkpoint::{Checkpointer, KEY_NAME};
     let d = testkit::TempDir::new("fault-checkpoint");
     let disk = testkit::faultfs::FaultFs::mount(&d.path().join("ledger"))
@@ -1118,14 +1118,14 @@ fn a_checkpoint_the_disk_tore_or_refused_is_cut_back_at_once() {
             file.len(),
             "a note cut short is left in the file"
         );
-        notes(std::str::from_utf8(&file).unwrap())
-            .iter()
-            .map(|n| {
-                Checkpoint::open(n, KEY_NAME, &key.verifying_key())
-                    .unwrap()
-                    .size
-            })
-            .collect()
+        open_all(
+            std::str::from_utf8(&file).unwrap(),
+            KEY_NAME,
+            &key.verifying_key(),
+        )
+        .into_iter()
+        .map(|c| c.unwrap().size)
+        .collect()
     };
     let mut c = Checkpointer::new(key.clone(), &d.path().join("ledger"), 1, Duration::ZERO);
     assert!(c.tick("node-1", 1, [1; 32]).unwrap());

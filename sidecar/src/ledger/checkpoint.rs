@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use gw_core::checkpoint::{notes, whole_len, Checkpoint};
+use gw_core::checkpoint::{open_all, whole_len, Checkpoint};
 use serde::{Deserialize, Serialize};
 
 /// The key name checkpoints are signed under.
@@ -72,8 +72,8 @@ impl Checkpointer {
         };
         let kept = &file[..whole.unwrap_or(0)];
         let (mut last_size, mut bad) = (0, 0);
-        for n in notes(&String::from_utf8_lossy(kept)) {
-            match Checkpoint::open(&n, KEY_NAME, &vk) {
+        for r in open_all(&String::from_utf8_lossy(kept), KEY_NAME, &vk) {
+            match r {
                 Ok(c) => last_size = last_size.max(c.size),
                 Err(_) => bad += 1,
             }
@@ -213,13 +213,9 @@ mod tests {
 
     fn opened(path: &Path, key: &SigningKey) -> Vec<u64> {
         let text = std::fs::read_to_string(path).unwrap();
-        notes(&text)
-            .iter()
-            .map(|n| {
-                Checkpoint::open(n, KEY_NAME, &key.verifying_key())
-                    .unwrap()
-                    .size
-            })
+        open_all(&text, KEY_NAME, &key.verifying_key())
+            .into_iter()
+            .map(|c| c.unwrap().size)
             .collect()
     }
 
