@@ -338,11 +338,18 @@ mod tests {
         assert_eq!(cp.check(&rewritten), Err(CheckpointError::Rewritten(5)));
     }
 
+    /// Two signed notes, of one row and of three.
+    fn two_notes() -> (String, String) {
+        let r = rows(3);
+        (
+            checkpoint(&r[..1]).sign("gw-ledger", &key()),
+            checkpoint(&r).sign("gw-ledger", &key()),
+        )
+    }
+
     #[test]
     fn a_note_cut_short_anywhere_is_outside_the_whole_length() {
-        let r = rows(3);
-        let a = checkpoint(&r[..1]).sign("gw-ledger", &key());
-        let b = checkpoint(&r).sign("gw-ledger", &key());
+        let (a, b) = two_notes();
         let file = format!("{a}{b}");
         assert_eq!(whole_len(file.as_bytes()), file.len());
         assert_eq!(whole_len(b""), 0);
@@ -361,9 +368,7 @@ mod tests {
 
     #[test]
     fn a_file_of_notes_splits_into_notes() {
-        let r = rows(3);
-        let a = checkpoint(&r[..1]).sign("gw-ledger", &key());
-        let b = checkpoint(&r).sign("gw-ledger", &key());
+        let (a, b) = two_notes();
         let file = format!("{a}{b}");
         let n = notes(&file);
         assert_eq!(n, vec![a, b]);

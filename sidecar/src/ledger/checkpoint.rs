@@ -52,27 +52,23 @@ pub struct Checkpointer {
 impl Checkpointer {
     /// Checkpoints signed with `key`, appended to `dir/checkpoints.log`.
     /// Continues after the newest checkpoint already in the file, and cuts off a
-    /// checkpoint whose append was cut short (see [`gw_core::checkpoint::whole_len`]):
-    /// left there, the next note would be appended to it and neither would open.
+    /// checkpoint whose append was cut short ([`whole_notes`]).
     pub fn new(key: SigningKey, dir: &Path, every_rows: u64, every: Duration) -> Checkpointer {
         let path = dir.join("checkpoints.log");
         let vk = key.verifying_key();
-        let (file, whole) = match std::fs::read(&path) {
-            Ok(b) => {
-                let whole = whole_len(&b);
-                (b, Some(whole))
-            }
+        let file = OpenOptions::new().read(true).write(true).open(&path);
+        let (kept, whole) = match file.and_then(|f| whole_notes(&f, &path)) {
+            Ok((kept, whole)) => (kept, Some(whole)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), Some(0)),
             Err(e) => {
-                // Nothing is cut or written until the file is read (at the next
+                // Nothing is written until the file is read (at the next
                 // checkpoint).
-                tracing::error!(path = %path.display(), error = %e, "ledger checkpoint: the file cannot be read");
+                tracing::error!(path = %path.display(), error = %e, "ledger checkpoint: the file cannot be read, or a checkpoint cut short in it cannot be cut off");
                 (Vec::new(), None)
             }
         };
-        let kept = &file[..whole.unwrap_or(0)];
         let (mut last_size, mut bad) = (0, 0);
-        for r in open_all(&String::from_utf8_lossy(kept), KEY_NAME, &vk) {
+        for r in open_all(&String::from_utf8_lossy(&kept), KEY_NAME, &vk) {
             match r {
                 Ok(c) => last_size = last_size.max(c.size),
                 Err(_) => bad += 1,
@@ -84,22 +80,6 @@ impl Checkpointer {
             // looks at it.
             tracing::error!(path = %path.display(), notes = bad, "ledger checkpoint: whole notes in the file do not verify with this key");
         }
-        if let Some(whole) = whole.filter(|w| *w < file.len()) {
-            let torn = file.len() - whole;
-            let cut = OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .and_then(|f| f.set_len(whole as u64).and_then(|()| f.sync_data()));
-            match cut {
-                Ok(()) => {
-                    tracing::warn!(path = %path.display(), bytes = torn, "ledger checkpoint: cut off a checkpoint whose write was cut short");
-                }
-                // Cut before the next checkpoint is appended.
-                Err(e) => {
-                    tracing::error!(path = %path.display(), bytes = torn, error = %e, "ledger checkpoint: a checkpoint whose write was cut short is not cut off yet");
-                }
-            }
-        }
         Checkpointer {
             key,
             path,
@@ -107,7 +87,7 @@ impl Checkpointer {
             every,
             last_size,
             last_at: Instant::now(),
-            whole: whole.map(|w| w as u64),
+            whole,
             entry_synced: false,
             unsent: Vec::new(),
         }
@@ -158,20 +138,12 @@ impl Checkpointer {
         let len = f.metadata()?.len();
         let whole = match self.whole {
             Some(w) if w == len => w,
-            _ => {
-                // Not what this process wrote (a tail cut short by a failure, or a
-                // file `new` could not read): the file itself says where its whole
-                // notes end, and nothing before that is ever cut.
-                let mut bytes = Vec::new();
-                std::io::Read::read_to_end(&mut &f, &mut bytes)?;
-                let w = whole_len(&bytes) as u64;
-                self.whole = Some(w);
-                if w != len {
-                    f.set_len(w)?;
-                }
-                w
-            }
+            // Not what this process wrote (a tail cut short by a failure, or a
+            // file `new` could not read): the file itself says where its whole
+            // notes end, and nothing before that is ever cut.
+            _ => whole_notes(&f, &self.path)?.1,
         };
+        self.whole = Some(whole);
         if let Err(e) = f.write_all_at(note, whole).and_then(|()| f.sync_data()) {
             let _ = f.set_len(whole).and_then(|()| f.sync_data());
             return Err(e);
@@ -205,6 +177,23 @@ impl Checkpointer {
         self.unsent.clear();
         Ok(())
     }
+}
+
+/// The whole notes of the file open as `f` (at its start) and their length; a
+/// tail after them (a checkpoint whose write was cut short) is cut off durably
+/// first: left there, the next note would be appended to it and neither would
+/// open.
+fn whole_notes(f: &std::fs::File, path: &Path) -> std::io::Result<(Vec<u8>, u64)> {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut &*f, &mut bytes)?;
+    let whole = whole_len(&bytes);
+    if whole < bytes.len() {
+        f.set_len(whole as u64)?;
+        f.sync_data()?;
+        tracing::warn!(path = %path.display(), bytes = bytes.len() - whole, "ledger checkpoint: cut off a checkpoint whose write was cut short");
+        bytes.truncate(whole);
+    }
+    Ok((bytes, whole as u64))
 }
 
 #[cfg(test)]
