@@ -10,8 +10,15 @@
 //! submit to the server handing it to its consumer (the server's clock; both
 //! processes on this machine). Medians over rounds; the ratio is ours / theirs.
 //!
+//! Two loads, staked: all of a round queued at once (the rate, and latencies that
+//! are mostly queueing), and paced, one transaction every `GW_PARITY_PACE_US` µs
+//! (1 000), as a node sends what it finds: latencies that are the path's own.
+//!
 //! Run with `bash bench/run.sh parity` (it builds both Agave binaries). Rounds:
-//! `GW_PARITY_ROUNDS` (default 3 each), staked round size `GW_PARITY_TXS` (50 000).
+//! `GW_PARITY_ROUNDS` (default 3 each), staked round size `GW_PARITY_TXS` (50 000),
+//! paced round size `GW_PARITY_PACED_TXS` (10 000), loads `GW_PARITY_LOADS`
+//! (`staked,paced,unstaked`). Agave's server allows 8 new connections per minute
+//! from one IP, so every 3 rounds start a server of their own.
 //! Profiling aid: `GW_PARITY_PROFILE=1` runs only our client, in this process.
 
 use std::collections::HashMap;
@@ -26,6 +33,14 @@ use gw_sidecar::sender::tpu::{
 };
 use gw_sidecar::sender::txwire;
 use testkit::agave_tpu::{AgaveConfig, AgaveTpu};
+
+/// The environment variable `key` parsed, or `default` when unset or unparsable.
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 fn now_ns() -> u64 {
     SystemTime::now()
@@ -109,13 +124,15 @@ const BATCH: usize = 64;
 
 /// Our client sends `sent` to `leader` the way `next-load` does (the first alone,
 /// 500 ms, then the rest in batches of [`BATCH`] with `submit_batch`; one at a
-/// time with `GW_PARITY_BATCH=1`); returns each one's submit time and the
-/// acknowledgements to wait for.
-async fn our_submits(client: &TpuClient, leader: &Leader, sent: &[Bytes]) -> (Vec<u64>, Vec<Ack>) {
-    let batch: usize = std::env::var("GW_PARITY_BATCH")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(BATCH);
+/// time with `GW_PARITY_BATCH=1`, or one every `pace` µs); returns each one's
+/// submit time and the acknowledgements to wait for.
+async fn our_submits(
+    client: &TpuClient,
+    leader: &Leader,
+    sent: &[Bytes],
+    pace: Option<u64>,
+) -> (Vec<u64>, Vec<Ack>) {
+    let batch: usize = env_or("GW_PARITY_BATCH", BATCH);
     let mut submits = Vec::with_capacity(sent.len());
     submits.push(now_ns());
     client
@@ -126,6 +143,16 @@ async fn our_submits(client: &TpuClient, leader: &Leader, sent: &[Bytes]) -> (Ve
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut acks = Vec::with_capacity(sent.len());
+    if let Some(pace) = pace {
+        let start = tokio::time::Instant::now();
+        for (i, w) in sent[1..].iter().enumerate() {
+            let due = Duration::from_micros(pace.saturating_mul(i as u64));
+            tokio::time::sleep_until(start + due).await;
+            submits.push(now_ns());
+            acks.push(Ack::One(client.submit(leader, w.clone()).unwrap()));
+        }
+        return (submits, acks);
+    }
     if batch <= 1 {
         for w in &sent[1..] {
             submits.push(now_ns());
@@ -178,10 +205,7 @@ impl Ack {
 fn our_config(streams: usize) -> TpuConfig {
     TpuConfig {
         queue_per_leader: 1 << 16,
-        max_streams: std::env::var("GW_PARITY_STREAMS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(streams),
+        max_streams: env_or("GW_PARITY_STREAMS", streams),
         ..TpuConfig::default()
     }
 }
@@ -192,6 +216,7 @@ async fn child_main() {
     let mut args = std::env::args().skip(1);
     let (mut server, mut seed, mut pin, mut txf, mut subf) = (None, None, None, None, None);
     let mut streams = UNSTAKED_STREAMS;
+    let mut pace = None;
     while let Some(flag) = args.next() {
         let v = args.next();
         match flag.as_str() {
@@ -201,6 +226,7 @@ async fn child_main() {
             "--txs" => txf = v,
             "--submits" => subf = v,
             "--max-streams" => streams = v.and_then(|v| v.parse().ok()).unwrap_or(streams),
+            "--pace-us" => pace = v.and_then(|v| v.parse().ok()),
             _ => {}
         }
     }
@@ -219,7 +245,7 @@ async fn child_main() {
         tpu_quic: server.unwrap(),
         identity: Some(pin),
     };
-    let (submits, acks) = our_submits(&client, &leader, &sent).await;
+    let (submits, acks) = our_submits(&client, &leader, &sent, pace).await;
     let out: Vec<u8> = submits.iter().flat_map(|t| t.to_le_bytes()).collect();
     std::fs::write(subf.unwrap(), out).unwrap();
     println!("sent");
@@ -244,7 +270,7 @@ async fn ours_inproc(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Roun
         tpu_quic: agave.addr,
         identity: Some(agave.identity),
     };
-    let (submits, acks) = our_submits(&client, &leader, sent).await;
+    let (submits, acks) = our_submits(&client, &leader, sent, None).await;
     for a in acks {
         a.expect_ok().await;
     }
@@ -256,27 +282,44 @@ async fn ours_inproc(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Roun
     r
 }
 
+/// `--pace-us` and its value, when paced.
+fn pace_args(pace: Option<u64>) -> Vec<String> {
+    pace.map(|p| vec!["--pace-us".to_owned(), p.to_string()])
+        .unwrap_or_default()
+}
+
 /// Our client as a process of its own (this binary, `GW_PARITY_CHILD=ours`),
 /// configured for `streams` streams per connection.
-async fn ours(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes], streams: usize) -> Round {
+async fn ours(
+    agave: &AgaveTpu,
+    key: &SigningKey,
+    sent: &[Bytes],
+    streams: usize,
+    pace: Option<u64>,
+) -> Round {
     let me = std::env::current_exe().unwrap();
     let pin = hex::encode(agave.identity);
     let streams = streams.to_string();
+    let mut extra = vec!["--server-identity", &pin, "--max-streams", &streams];
+    let paced = pace_args(pace);
+    extra.extend(paced.iter().map(String::as_str));
     process_client(
         agave,
         key,
         sent,
         &me,
         &[("GW_PARITY_CHILD", "ours")],
-        &["--server-identity", &pin, "--max-streams", &streams],
+        &extra,
     )
     .await
 }
 
 /// `solana-tpu-client-next` (`next-load`).
-async fn theirs(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes]) -> Round {
+async fn theirs(agave: &AgaveTpu, key: &SigningKey, sent: &[Bytes], pace: Option<u64>) -> Round {
     let bin = testkit::agave_tpu::binary().with_file_name("next-load");
-    process_client(agave, key, sent, &bin, &[], &[]).await
+    let paced = pace_args(pace);
+    let extra: Vec<&str> = paced.iter().map(String::as_str).collect();
+    process_client(agave, key, sent, &bin, &[], &extra).await
 }
 
 /// Runs a client process with `next-load`'s protocol and measures its round.
@@ -345,22 +388,35 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 async fn compare(
     label: &str,
-    agave: &AgaveTpu,
+    config: &AgaveConfig,
     key: &SigningKey,
     n: usize,
     rounds: u32,
     streams: usize,
+    pace: Option<u64>,
 ) {
     let (mut a, mut b) = (Vec::new(), Vec::new());
+    let mut agave = None;
     for r in 0..rounds {
+        // Agave allows 8 new connections per minute per IP: a new server every
+        // 3 rounds (6 connections).
+        if r % 3 == 0 {
+            drop(agave.take());
+            agave = Some(AgaveTpu::start(config, &SigningKey::from_bytes(&[1u8; 32])).unwrap());
+        }
+        let Some(agave) = agave.as_ref() else {
+            unreachable!("started above")
+        };
         // Interleaved, and alternating who goes first.
-        let (x, y) = (txs(2 * r, n, 200), txs(2 * r + 1, n, 200));
+        // Paced rounds send other transactions than the queued ones.
+        let tag = 2 * r + if pace.is_some() { 1_000 } else { 0 };
+        let (x, y) = (txs(tag, n, 200), txs(tag + 1, n, 200));
         if r % 2 == 0 {
-            a.push(ours(agave, key, &x, streams).await);
-            b.push(theirs(agave, key, &y).await);
+            a.push(ours(agave, key, &x, streams, pace).await);
+            b.push(theirs(agave, key, &y, pace).await);
         } else {
-            b.push(theirs(agave, key, &y).await);
-            a.push(ours(agave, key, &x, streams).await);
+            b.push(theirs(agave, key, &y, pace).await);
+            a.push(ours(agave, key, &x, streams, pace).await);
         }
         let (l, m) = (a.last().unwrap(), b.last().unwrap());
         println!(
@@ -385,14 +441,10 @@ async fn compare(
 }
 
 fn main() {
-    let rounds: u32 = std::env::var("GW_PARITY_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let staked_n: usize = std::env::var("GW_PARITY_TXS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50_000);
+    let rounds: u32 = env_or("GW_PARITY_ROUNDS", 3);
+    let staked_n: usize = env_or("GW_PARITY_TXS", 50_000);
+    let pace_us: u64 = env_or("GW_PARITY_PACE_US", 1_000);
+    let paced_n: usize = env_or("GW_PARITY_PACED_TXS", 10_000);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -423,11 +475,47 @@ fn main() {
             stakes: vec![(key.verifying_key().to_bytes(), 1_000_000_000_000_000)],
             ..AgaveConfig::default()
         };
-        let agave = AgaveTpu::start(&staked, &SigningKey::from_bytes(&[1u8; 32])).unwrap();
-        compare("staked", &agave, &key, staked_n, rounds, STAKED_STREAMS_MAX).await;
-        drop(agave);
-        let agave =
-            AgaveTpu::start(&AgaveConfig::default(), &SigningKey::from_bytes(&[1u8; 32])).unwrap();
-        compare("unstaked", &agave, &key, 1_000, rounds, UNSTAKED_STREAMS).await;
+        // GW_PARITY_LOADS: which loads to run (default all three).
+        let loads =
+            std::env::var("GW_PARITY_LOADS").unwrap_or_else(|_| "staked,paced,unstaked".to_owned());
+        let run = |l: &str| loads.split(',').any(|x| x.trim() == l);
+        if run("staked") {
+            compare(
+                "staked",
+                &staked,
+                &key,
+                staked_n,
+                rounds,
+                STAKED_STREAMS_MAX,
+                None,
+            )
+            .await;
+        }
+        if run("paced") {
+            let paced = format!("staked, one every {pace_us} µs");
+            compare(
+                &paced,
+                &staked,
+                &key,
+                paced_n,
+                rounds,
+                STAKED_STREAMS_MAX,
+                Some(pace_us),
+            )
+            .await;
+        }
+        if run("unstaked") {
+            let unstaked = AgaveConfig::default();
+            compare(
+                "unstaked",
+                &unstaked,
+                &key,
+                1_000,
+                rounds,
+                UNSTAKED_STREAMS,
+                None,
+            )
+            .await;
+        }
     });
 }

@@ -5,11 +5,13 @@
 //!
 //! ```text
 //! next-load --server ADDR --identity-seed HEX64 --txs FILE --submits OUT [--batch 64]
+//!           [--pace-us N]
 //! ```
 //!
 //! `FILE`: `u32` little-endian length then the bytes, per transaction. The first
 //! transaction goes alone (connection set-up), then, 500 ms later, the rest in
-//! batches. `OUT`: one `u64` little-endian per transaction, Unix nanoseconds when
+//! batches, or with `--pace-us` one at a time, the next `N` µs after the last was
+//! due (as a node sends what it finds, not a backlog). `OUT`: one `u64` little-endian per transaction, Unix nanoseconds when
 //! its batch was handed over. Prints `sent` when done; exits when stdin closes.
 
 use std::io::{Read, Write};
@@ -57,8 +59,8 @@ fn read_txs(path: &str) -> anyhow::Result<Vec<Vec<u8>>> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let (mut server, mut seed, mut txs, mut submits, mut batch) =
-        (None, None, None, None, 64usize);
+    let (mut server, mut seed, mut txs, mut submits, mut batch) = (None, None, None, None, 64usize);
+    let mut pace_us: Option<u64> = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
@@ -68,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
             "--txs" => txs = Some(value),
             "--submits" => submits = Some(value),
             "--batch" => batch = value.parse()?,
+            "--pace-us" => pace_us = Some(value.parse()?),
             other => bail!("unknown flag {other}"),
         }
     }
@@ -113,10 +116,22 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let rest: Vec<Vec<u8>> = rest.collect();
-    for chunk in rest.chunks(batch.max(1)) {
-        let at = now_ns();
-        times.extend(std::iter::repeat_n(at, chunk.len()));
-        tx_sender.send(TransactionBatch::new(chunk.to_vec())).await?;
+    if let Some(pace) = pace_us {
+        let start = tokio::time::Instant::now();
+        for (i, tx) in rest.into_iter().enumerate() {
+            let due = Duration::from_micros(pace.saturating_mul(i as u64));
+            tokio::time::sleep_until(start + due).await;
+            times.push(now_ns());
+            tx_sender.send(TransactionBatch::new(vec![tx])).await?;
+        }
+    } else {
+        for chunk in rest.chunks(batch.max(1)) {
+            let at = now_ns();
+            times.extend(std::iter::repeat_n(at, chunk.len()));
+            tx_sender
+                .send(TransactionBatch::new(chunk.to_vec()))
+                .await?;
+        }
     }
     let mut out = Vec::with_capacity(times.len() * 8);
     for t in &times {
