@@ -89,7 +89,7 @@ fn ledger_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         let sealed = parking_lot::Mutex::new(Vec::with_capacity(LEDGER_ROWS as usize));
         let one = |i: u64| {
             let c = journal
-                .commit_blocking(Txn::of(vec![journal::Entry::Row(row(i))]))
+                .commit_blocking(Txn::of(vec![journal::Entry::row(row(i))]))
                 .expect("commit");
             sealed.lock().extend(c.rows);
         };
@@ -120,7 +120,7 @@ fn ledger_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         rt.block_on(shipper.learn()).expect("learn");
         let mut sealed = sealed.into_inner();
         sealed.sort_by_key(|r| r.seq);
-        let raw_rows: Vec<DecisionRow> = sealed.iter().map(DecisionRow::from).collect();
+        let raw_rows: Vec<DecisionRow> = sealed.iter().map(|r| DecisionRow::from(&**r)).collect();
         // Raw and ours alternate which goes first.
         let run_raw = || {
             rt.block_on(async {

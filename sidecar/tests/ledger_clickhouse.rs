@@ -106,9 +106,9 @@ fn commit_sealed(n: &Node, from: u64, to: u64) -> Vec<LedgerRow> {
         .map(|i| {
             let c = n
                 .journal
-                .commit_blocking(Txn::of(vec![journal::Entry::Row(row(i))]))
+                .commit_blocking(Txn::of(vec![journal::Entry::row(row(i))]))
                 .unwrap();
-            c.rows[0].clone()
+            LedgerRow::clone(&c.rows[0])
         })
         .collect()
 }
@@ -145,7 +145,7 @@ fn a_steady_stream_of_rows_is_shipped_in_few_inserts() {
     while started.elapsed() < std::time::Duration::from_secs(2) {
         i += 1;
         journal
-            .commit_blocking(Txn::of(vec![journal::Entry::Row(row(i))]))
+            .commit_blocking(Txn::of(vec![journal::Entry::row(row(i))]))
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
@@ -174,14 +174,14 @@ fn a_thousand_waiting_rows_are_shipped_without_waiting_for_the_interval() {
     // The first row is shipped at once; the interval starts then. A second row
     // sets the shipper waiting for it; the burst comes during that wait.
     journal
-        .commit_blocking(Txn::of(vec![journal::Entry::Row(row(1))]))
+        .commit_blocking(Txn::of(vec![journal::Entry::row(row(1))]))
         .unwrap();
     wait_rows(&ch, 1);
     journal
-        .commit_blocking(Txn::of(vec![journal::Entry::Row(row(2))]))
+        .commit_blocking(Txn::of(vec![journal::Entry::row(row(2))]))
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let burst: Vec<journal::Entry> = (3..=1_002).map(|i| journal::Entry::Row(row(i))).collect();
+    let burst: Vec<journal::Entry> = (3..=1_002).map(|i| journal::Entry::row(row(i))).collect();
     let started = std::time::Instant::now();
     journal.commit_blocking(Txn::of(burst)).unwrap();
     let rows = wait_rows(&ch, 1_002);
@@ -288,7 +288,7 @@ fn rows_beyond_the_memory_bound_wait_on_disk_and_land_once() {
         let mut i = from;
         while i <= to {
             let last = (i + i % 7).min(to);
-            let rows = (i..=last).map(|k| journal::Entry::Row(row(k))).collect();
+            let rows = (i..=last).map(|k| journal::Entry::row(row(k))).collect();
             n.journal.commit_blocking(Txn::of(rows)).unwrap();
             i = last + 1;
         }

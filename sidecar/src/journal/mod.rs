@@ -218,8 +218,9 @@ pub const STARTUP_HOLD: &str = "startup";
 pub struct Committed {
     /// The record.
     pub lsn: Lsn,
-    /// The transaction's ledger rows with their `seq` and hashes, in order.
-    pub rows: Vec<LedgerRow>,
+    /// The transaction's ledger rows with their `seq` and hashes, in order (the
+    /// rows the record holds, not copies).
+    pub rows: Vec<Arc<LedgerRow>>,
 }
 
 /// Told of every durable transaction, in LSN order, on the writer thread (before
@@ -387,7 +388,7 @@ impl Journal {
                 Entry::Row(r) => Some(r),
                 _ => None,
             }) {
-                last_row = Some(r.clone());
+                last_row = Some(LedgerRow::clone(r));
             }
             if lsn >= from {
                 records.push((lsn, txn));
@@ -572,7 +573,7 @@ impl Journal {
 fn prepare(
     job: &mut Job,
     chain: &mut Option<Chain>,
-) -> Result<(Vec<u8>, Vec<LedgerRow>), JournalError> {
+) -> Result<(Vec<u8>, Vec<Arc<LedgerRow>>), JournalError> {
     if let Some(c) = job.install.take() {
         chain.get_or_insert(c);
     }
@@ -583,8 +584,10 @@ fn prepare(
             let Some(c) = chain.as_mut() else {
                 return Err(JournalError::NoChain);
             };
-            *r = c.seal(std::mem::take(r));
-            rows.push(r.clone());
+            // The row is the caller's alone until sealed: no copy is made here.
+            let row = Arc::make_mut(r);
+            *row = c.seal(std::mem::take(row));
+            rows.push(Arc::clone(r));
         }
     }
     let bytes = match job.txn.encode() {
@@ -709,7 +712,7 @@ fn run(
 }
 
 /// A transaction ready to write: its job, record and sealed rows.
-type Prepared = (Job, Vec<u8>, Vec<LedgerRow>);
+type Prepared = (Job, Vec<u8>, Vec<Arc<LedgerRow>>);
 
 /// Writes `part` with one fsync; on failure the chain goes back to `rollback` and
 /// every caller of the part is refused.

@@ -134,7 +134,7 @@ async fn async_appends_return_once_durable() {
     assert!(matches!(r, Err(JournalError::TooLarge(_))), "{r:?}");
     // Rows without a chain are refused, and nothing was written for either.
     assert!(matches!(
-        j.commit(Txn::of(vec![Entry::Row(testkit::fixtures::ledger_row(1))]))
+        j.commit(Txn::of(vec![Entry::row(testkit::fixtures::ledger_row(1))]))
             .await,
         Err(JournalError::NoChain)
     ));
@@ -424,7 +424,7 @@ fn rows_are_sealed_in_order_and_continue_after_a_restart() {
     let j = opened
         .start(Some(Chain::new("node-1")), Vec::new())
         .unwrap();
-    let row = |i| Entry::Row(testkit::fixtures::ledger_row(i));
+    let row = |i| Entry::row(testkit::fixtures::ledger_row(i));
     let a = j.commit_blocking(Txn::of(vec![row(1), row(2)])).unwrap();
     assert_eq!(a.rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
     let huge = Txn::of(vec![
@@ -450,7 +450,7 @@ fn rows_are_sealed_in_order_and_continue_after_a_restart() {
         .iter()
         .flat_map(|(_, t)| t.entries.iter())
         .filter_map(|e| match e {
-            Entry::Row(r) => Some(r.clone()),
+            Entry::Row(r) => Some(LedgerRow::clone(r)),
             _ => None,
         })
         .collect();

@@ -2,6 +2,8 @@
 //! whole (one frame, one checksum). Ledger rows are sealed into the chain by the
 //! writer as it writes them, so the chain's order is the journal's.
 
+use std::sync::Arc;
+
 use gw_core::contract::Requester;
 use gw_core::ledger::{Decision, LedgerRow, Stage};
 use gw_core::module_state::ModuleState;
@@ -16,8 +18,10 @@ use crate::sender::audit::SendRow;
 #[serde(tag = "t", rename_all = "snake_case")]
 #[allow(clippy::large_enum_variant)] // Built once per transaction, never in bulk.
 pub enum Entry {
-    /// A ledger row (sealed: `chain_id`, `seq` and the hashes are the writer's).
-    Row(LedgerRow),
+    /// A ledger row (sealed: `chain_id`, `seq` and the hashes are the writer's),
+    /// shared: the writer seals it once and the audit queue and the caller keep
+    /// the same row (written as the row itself).
+    Row(Arc<LedgerRow>),
     /// The replay guard accepted `(issuer, nonce)` until `expires`.
     Nonce(NonceEntry),
     /// A command for a module's agents: on the embedded bus its offset is this
@@ -176,6 +180,13 @@ pub struct Txn {
     pub entries: Vec<Entry>,
 }
 
+impl Entry {
+    /// The entry of a ledger row not yet sealed.
+    pub fn row(row: LedgerRow) -> Entry {
+        Entry::Row(Arc::new(row))
+    }
+}
+
 impl Txn {
     /// A transaction of `entries`.
     pub fn of(entries: Vec<Entry>) -> Txn {
@@ -241,7 +252,7 @@ mod tests {
     #[test]
     fn a_transaction_round_trips() {
         let t = Txn::of(vec![
-            Entry::Row(testkit::fixtures::ledger_row(1)),
+            Entry::row(testkit::fixtures::ledger_row(1)),
             Entry::Nonce(NonceEntry {
                 issuer: "dashboard".into(),
                 nonce: 7,

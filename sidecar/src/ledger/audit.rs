@@ -3,6 +3,8 @@
 //! row durable on its own; callers with more to make durable at once put the row
 //! in their own transaction.
 
+use std::sync::Arc;
+
 use gw_core::contract::Requester;
 use gw_core::ledger::{Decision, LedgerRow, Stage};
 use gw_core::{Action, Code, Command, Module};
@@ -62,7 +64,7 @@ impl Auditor {
 
     /// The row of `e`, unsealed (`None` when decisions are not recorded).
     pub fn row(&self, e: &Entry<'_>) -> Option<journal::Entry> {
-        self.journal.as_ref().map(|_| journal::Entry::Row(row(e)))
+        self.journal.as_ref().map(|_| journal::Entry::row(row(e)))
     }
 
     /// Makes one decision durable (sealed into the chain, fsynced) before returning
@@ -72,9 +74,9 @@ impl Auditor {
             return Ok(None);
         };
         let c = j
-            .commit(Txn::of(vec![journal::Entry::Row(row(&e))]))
+            .commit(Txn::of(vec![journal::Entry::row(row(&e))]))
             .await?;
-        Ok(c.rows.into_iter().next())
+        Ok(c.rows.into_iter().next().map(Arc::unwrap_or_clone))
     }
 
     /// Records the sidecar's refusal with `code` of a request on `route` that

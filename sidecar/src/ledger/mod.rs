@@ -198,7 +198,7 @@ impl Ledger {
         };
         if let Some(after) = self.resumed_after.take() {
             journal
-                .commit(Txn::of(vec![journal::Entry::Row(resumed_row(after))]))
+                .commit(Txn::of(vec![journal::Entry::row(resumed_row(after))]))
                 .await?;
         }
         let shipper = Shipper::new(
@@ -246,7 +246,7 @@ async fn learn_chain(journal: &Journal, chain_id: &str, client: &clickhouse::Cli
         match ship::initial_chain(chain_id, None, client, TABLE).await {
             Ok((chain, after)) => {
                 let rows = after
-                    .map(|a| journal::Entry::Row(resumed_row(a)))
+                    .map(|a| journal::Entry::row(resumed_row(a)))
                     .into_iter()
                     .collect();
                 match journal.commit_installing(chain, Txn::of(rows)).await {

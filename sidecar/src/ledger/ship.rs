@@ -215,7 +215,7 @@ impl Sink for RowQueue {
         let mut rows = Vec::new();
         for e in &txn.entries {
             match e {
-                journal::Entry::Row(r) => rows.push(Arc::new(r.clone())),
+                journal::Entry::Row(r) => rows.push(Arc::clone(r)),
                 journal::Entry::Shipping { first, last } => {
                     *self.intent.lock() = Some((*first, *last));
                 }
@@ -340,7 +340,7 @@ impl RowQueue {
                 t.entries
                     .iter()
                     .filter_map(|e| match e {
-                        journal::Entry::Row(r) => Some(Arc::new(r.clone())),
+                        journal::Entry::Row(r) => Some(Arc::clone(r)),
                         _ => None,
                     })
                     .collect()
@@ -407,7 +407,7 @@ impl RowQueue {
             for e in t.entries {
                 if let journal::Entry::Row(r) = e {
                     if r.seq >= seq {
-                        found = (r.seq == seq).then_some(r);
+                        found = (r.seq == seq).then(|| Arc::unwrap_or_clone(r));
                         return false;
                     }
                 }
