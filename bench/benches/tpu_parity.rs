@@ -67,6 +67,30 @@ struct Round {
     p99_ms: f64,
     /// The client's CPU time (user + system) per transaction, µs.
     cpu_us: f64,
+    /// How long the client took to take the round's transactions after the
+    /// warm-up (last submit − first), ms: a client whose submit call waits spreads
+    /// its submit times, and each latency then starts later.
+    span_ms: f64,
+    /// p99 counted from the round's first submit for every transaction (the time
+    /// a queued load meant to send them all), ms.
+    p99_start_ms: f64,
+}
+
+impl Round {
+    /// The round as printed; `queued`: with the figures from the round's start.
+    fn line(&self, queued: bool) -> String {
+        let mut out = format!(
+            "{:.0} tx/s p50 {:.2} p99 {:.2} ms cpu {:.1} µs/tx",
+            self.rate, self.p50_ms, self.p99_ms, self.cpu_us
+        );
+        if queued {
+            out += &format!(
+                ", submits over {:.1} ms, p99 from the start {:.2} ms",
+                self.span_ms, self.p99_start_ms
+            );
+        }
+        out
+    }
 }
 
 /// User + system CPU time of process `pid` so far, µs (Linux `/proc`).
@@ -109,13 +133,20 @@ async fn measure(agave: &AgaveTpu, before: usize, sent: &[Bytes], submits: &[u64
     }
     // The first transaction is the warm-up (connection set-up) for both clients.
     let first = submits[1];
+    let mut from_start: Vec<u64> = deliveries[before..]
+        .iter()
+        .map(|(at, _)| at.saturating_sub(first))
+        .collect();
     lat.sort_unstable();
-    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1e6;
+    from_start.sort_unstable();
+    let pct = |l: &[u64], p: f64| l[((l.len() - 1) as f64 * p) as usize] as f64 / 1e6;
     Round {
         rate: (n - 1) as f64 / ((last - first) as f64 / 1e9),
-        p50_ms: pct(0.5),
-        p99_ms: pct(0.99),
+        p50_ms: pct(&lat, 0.5),
+        p99_ms: pct(&lat, 0.99),
         cpu_us: 0.0,
+        span_ms: submits[n - 1].saturating_sub(first) as f64 / 1e6,
+        p99_start_ms: pct(&from_start, 0.99),
     }
 }
 
@@ -419,17 +450,30 @@ async fn compare(
             a.push(ours(agave, key, &x, streams, pace).await);
         }
         let (l, m) = (a.last().unwrap(), b.last().unwrap());
+        let queued = pace.is_none();
         println!(
-            "  {label} round {r}: ours {:.0} tx/s p50 {:.2} p99 {:.2} ms cpu {:.1} µs/tx | tpu-client-next {:.0} tx/s p50 {:.2} p99 {:.2} ms cpu {:.1} µs/tx",
-            l.rate, l.p50_ms, l.p99_ms, l.cpu_us, m.rate, m.p50_ms, m.p99_ms, m.cpu_us
+            "  {label} round {r}: ours {} | tpu-client-next {}",
+            l.line(queued),
+            m.line(queued)
         );
         std::io::stdout().flush().unwrap();
     }
     let med = |v: &[Round], f: fn(&Round) -> f64| median(v.iter().map(f).collect());
     let (ra, rb) = (med(&a, |r| r.rate), med(&b, |r| r.rate));
+    let queued = if pace.is_none() {
+        format!(
+            ", {:.2} vs {:.2} ms from the round's start (submits over {:.1} vs {:.1} ms)",
+            med(&a, |r| r.p99_start_ms),
+            med(&b, |r| r.p99_start_ms),
+            med(&a, |r| r.span_ms),
+            med(&b, |r| r.span_ms),
+        )
+    } else {
+        String::new()
+    };
     println!(
         "{label}: {n} tx per round, {rounds} rounds each, medians: ours {ra:.0} tx/s vs tpu-client-next {rb:.0} tx/s = {:.2}×; \
-         p50 {:.2} vs {:.2} ms; p99 {:.2} vs {:.2} ms; client CPU {:.1} vs {:.1} µs/tx",
+         p50 {:.2} vs {:.2} ms; p99 {:.2} vs {:.2} ms from each submit{queued}; client CPU {:.1} vs {:.1} µs/tx",
         ra / rb,
         med(&a, |r| r.p50_ms),
         med(&b, |r| r.p50_ms),
