@@ -432,12 +432,11 @@ async fn compare(
         // Agave allows 8 new connections per minute per IP: a new server every
         // 3 rounds (6 connections).
         if r % 3 == 0 {
-            drop(agave.take());
-            agave = Some(AgaveTpu::start(config, &SigningKey::from_bytes(&[1u8; 32])).unwrap());
+            agave = None; // the old server goes before the new one starts
         }
-        let Some(agave) = agave.as_ref() else {
-            unreachable!("started above")
-        };
+        let agave = &*agave.get_or_insert_with(|| {
+            AgaveTpu::start(config, &SigningKey::from_bytes(&[1u8; 32])).unwrap()
+        });
         // Interleaved, and alternating who goes first.
         // Paced rounds send other transactions than the queued ones.
         let tag = 2 * r + if pace.is_some() { 1_000 } else { 0 };

@@ -11,8 +11,9 @@
 //! `FILE`: `u32` little-endian length then the bytes, per transaction. The first
 //! transaction goes alone (connection set-up), then, 500 ms later, the rest in
 //! batches, or with `--pace-us` one at a time, the next `N` µs after the last was
-//! due (as a node sends what it finds, not a backlog). `OUT`: one `u64` little-endian per transaction, Unix nanoseconds when
-//! its batch was handed over. Prints `sent` when done; exits when stdin closes.
+//! due (as a node sends what it finds, not a backlog). `OUT`: one `u64`
+//! little-endian per transaction, Unix nanoseconds when its batch was handed over.
+//! Prints `sent` when done; exits when stdin closes.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
