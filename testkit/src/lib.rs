@@ -268,9 +268,13 @@ impl TempDir {
 }
 
 impl Drop for TempDir {
-    /// Removes the directory, unless `GW_KEEP_TMP` is set (for debugging).
+    /// Removes the directory, unless `GW_KEEP_TMP` is set (for debugging) or the
+    /// test is failing: then its logs stay for whoever reads the failure, and the
+    /// path is printed.
     fn drop(&mut self) {
-        if std::env::var_os("GW_KEEP_TMP").is_none() {
+        if std::thread::panicking() {
+            eprintln!("test failed: its files stay in {}", self.0.display());
+        } else if std::env::var_os("GW_KEEP_TMP").is_none() {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
