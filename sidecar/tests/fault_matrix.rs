@@ -46,6 +46,9 @@ use testkit::ProcessGuard;
 /// (`audit_memory_rows`, the least it takes).
 const MEMORY_ROWS: u64 = 100;
 
+/// The gauge of the partitions of `mev`'s commands a node's agent consumes.
+const MEV_PARTITIONS: &str = "gw_sidecar_agent_partitions{module=\"mev\"}";
+
 mod common;
 
 /// What a send got back.
@@ -402,8 +405,13 @@ impl Rig {
                     .filter(|l| !l.contains(" INFO command{"))
                     .take(60)
                     .collect();
+                let held: Vec<Option<u64>> = self
+                    .nodes
+                    .iter()
+                    .map(|n| n.sidecar.as_ref().and(n.gauge(&self.rt, MEV_PARTITIONS)))
+                    .collect();
                 panic!(
-                    "not applied after resending for 120 s: {:?}\nrows:\n{rows}\nsidecar log (newest first):\n{}",
+                    "not applied after resending for 120 s: {:?}\nmev's partitions held by each node: {held:?}\nrows:\n{rows}\nsidecar log (newest first):\n{}",
                     open.iter()
                         .map(|n| (n, self.cmds[n].last.clone()))
                         .collect::<Vec<_>>(),
@@ -783,6 +791,22 @@ fn two_nodes_one_kafka_one_clickhouse_survive_a_kill() {
         other => panic!("probe applied by {other:?}"),
     };
     let other = 1 - owner;
+    // One node's agent holds the module's partition, the other stands by (read
+    // until the group is settled: a rebalance revokes before it assigns).
+    let held = |rig: &Rig, want: [Option<u64>; 2], what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = [0, 1].map(|i| rig.nodes[i].gauge(&rig.rt, MEV_PARTITIONS));
+            if now == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {now:?}, not {want:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let mut want = [Some(0), Some(0)];
+    want[owner] = Some(1);
+    held(&rig, want, "mev's partitions held by each node");
 
     let batch = rig.new_commands(40);
     rig.stream(&batch, Duration::from_millis(100), |r| {
@@ -796,6 +820,13 @@ fn two_nodes_one_kafka_one_clickhouse_survive_a_kill() {
     // The operator resends through the surviving node.
     rig.routes = vec![other];
     rig.settle();
+    let mut want = [None, None];
+    want[other] = Some(1);
+    held(
+        &rig,
+        want,
+        "mev's partitions after the kill (the killed node has none to read)",
+    );
     let more = rig.new_commands(20);
     rig.stream(&more, Duration::ZERO, |_| {});
     rig.settle();
@@ -980,9 +1011,7 @@ fn failing_disk(kafka: bool) {
         .iter()
         .filter(|n| rig.cmds[n].first == Some(Answer::Applied))
         .count();
-    eprintln!(
-        "power cut: {acked} of {IN_FLIGHT} commands in flight had been answered 200 applied"
-    );
+    eprintln!("power cut: {acked} of {IN_FLIGHT} commands in flight had been answered 200 applied");
     assert!(
         (1..IN_FLIGHT).contains(&acked),
         "the power cut did not fall among the commands ({acked} of {IN_FLIGHT} answered 200)"

@@ -28,6 +28,7 @@ use gw_core::Module;
 use super::kafka_state::KafkaState;
 use crate::journal::txn::PublishEntry;
 use crate::journal::{self, Journal, Lsn, Sink, Txn};
+use prometheus_client::metrics::gauge::Gauge;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::consumer::{
@@ -339,16 +340,23 @@ impl Bus {
     }
 
     /// A consumer in group `ctrl-proto-{module}`, starting at the group's committed
-    /// position (or the beginning).
-    pub fn consumer(&self, module: Module) -> Result<BusConsumer, BusError> {
+    /// position (or the beginning). `held` shows how many partitions of the
+    /// module's commands it consumes (the embedded bus: its one; Kafka: what the
+    /// group assigned it, 0 on a standby node — and on every node while the group
+    /// has not assigned the partition to anyone).
+    pub fn consumer(&self, module: Module, held: Gauge) -> Result<BusConsumer, BusError> {
         let group = group_name(module);
         match self {
-            Bus::InProcess(b) => Ok(BusConsumer::InProcess {
-                bus: b.clone(),
-                next: b.next_for(module),
-                module,
-            }),
+            Bus::InProcess(b) => {
+                held.set(1);
+                Ok(BusConsumer::InProcess {
+                    bus: b.clone(),
+                    next: b.next_for(module),
+                    module,
+                })
+            }
             Bus::Kafka(k) => {
+                held.set(0);
                 let assigned = Arc::new(AtomicBool::new(false));
                 let c: StreamConsumer<AssignWatch> = k
                     .cfg
@@ -358,7 +366,11 @@ impl Bus {
                     .set("enable.auto.offset.store", "false")
                     .set("auto.offset.reset", "earliest")
                     .set("session.timeout.ms", k.cfg.session_timeout_ms.to_string())
-                    .create_with_context(AssignWatch(assigned.clone()))?;
+                    .create_with_context(AssignWatch {
+                        module,
+                        assigned: assigned.clone(),
+                        held,
+                    })?;
                 c.subscribe(&[&k.cfg.topic])?;
                 Ok(BusConsumer::Kafka {
                     consumer: CloseOffRuntime::new(c),
@@ -371,16 +383,42 @@ impl Bus {
 }
 
 /// Raises a flag when the group assigns the consumer partitions (the agent then
-/// loads the module's state again: another node may have moved it on).
-pub struct AssignWatch(Arc<AtomicBool>);
+/// loads the module's state again: another node may have moved it on), and keeps
+/// the count of partitions held in a gauge (the group's rebalances are rare: each
+/// is logged).
+pub struct AssignWatch {
+    module: Module,
+    assigned: Arc<AtomicBool>,
+    held: Gauge,
+}
 
 impl ClientContext for AssignWatch {}
 
 impl ConsumerContext for AssignWatch {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            if tpl.count() > 0 {
-                self.0.store(true, Ordering::SeqCst);
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let n = tpl.count();
+                self.held.set(i64::try_from(n).unwrap_or(i64::MAX));
+                tracing::info!(
+                    module = self.module.as_str(),
+                    partitions = n,
+                    "command partitions assigned to this node's agent"
+                );
+                if n > 0 {
+                    self.assigned.store(true, Ordering::SeqCst);
+                }
+            }
+            Rebalance::Revoke(tpl) => {
+                self.held.set(0);
+                tracing::info!(
+                    module = self.module.as_str(),
+                    partitions = tpl.count(),
+                    "command partitions revoked from this node's agent"
+                );
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(module = self.module.as_str(), error = %e, "consumer group rebalance failed");
             }
         }
     }
@@ -927,8 +965,8 @@ mod tests {
         let bus = Bus::in_process(&opened.records);
         let j = opened.start(None, vec![bus.sink()]).unwrap();
         bus.start(&j);
-        let mut mev = bus.consumer(Module::Mev).unwrap();
-        let mut arb = bus.consumer(Module::Arbitrage).unwrap();
+        let mut mev = bus.consumer(Module::Mev, Gauge::default()).unwrap();
+        let mut arb = bus.consumer(Module::Arbitrage, Gauge::default()).unwrap();
         for (m, p) in [(Module::Mev, 0), (Module::Arbitrage, 1), (Module::Mev, 2)] {
             j.commit(publish(m, p)).await.unwrap();
         }
@@ -959,8 +997,8 @@ mod tests {
         let bus = Bus::in_process(&opened.records);
         let j = opened.start(None, vec![bus.sink()]).unwrap();
         bus.start(&j);
-        let mut mev = bus.consumer(Module::Mev).unwrap();
-        let mut arb = bus.consumer(Module::Arbitrage).unwrap();
+        let mut mev = bus.consumer(Module::Mev, Gauge::default()).unwrap();
+        let mut arb = bus.consumer(Module::Arbitrage, Gauge::default()).unwrap();
         assert_eq!(mev.next().await.unwrap().payload, vec![2]);
         assert_eq!(arb.next().await.unwrap().payload, vec![1]);
         // A new command reaches a waiting consumer.

@@ -192,7 +192,7 @@ impl Control {
         }
         for m in Module::ALL {
             let agent = Agent::open(m, &env, records);
-            let consumer = c.bus.consumer(m)?;
+            let consumer = c.bus.consumer(m, c.metrics.partitions(m.as_str()))?;
             let span = tracing::info_span!("agent", module = m.as_str());
             tasks.push(tokio::spawn(agent.run(consumer).instrument(span)));
         }

@@ -5,6 +5,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -35,6 +36,7 @@ pub struct ControlMetrics {
     decisions: Family<CodeLabel, Counter>,
     agent: Family<AgentLabels, Counter>,
     batches: Family<ModuleLabel, Histogram, fn() -> Histogram>,
+    partitions: Family<ModuleLabel, Gauge>,
 }
 
 impl Default for ControlMetrics {
@@ -43,6 +45,7 @@ impl Default for ControlMetrics {
             decisions: Family::default(),
             agent: Family::default(),
             batches: Family::new_with_constructor(batch_histogram),
+            partitions: Family::default(),
         }
     }
 }
@@ -55,9 +58,11 @@ impl ControlMetrics {
         // Series that exist from the start (a scrape sees 0, not nothing).
         let _ = m.decisions.get_or_create(&CodeLabel { code: "accepted" });
         for module in gw_core::Module::ALL {
-            let _ = m.batches.get_or_create(&ModuleLabel {
+            let label = ModuleLabel {
                 module: module.as_str(),
-            });
+            };
+            let _ = m.batches.get_or_create(&label);
+            let _ = m.partitions.get_or_create(&label);
             for outcome in ["applied", "duplicate", "rejected"] {
                 let _ = m.agent.get_or_create(&AgentLabels {
                     module: module.as_str(),
@@ -80,7 +85,20 @@ impl ControlMetrics {
             "Deliveries an agent decided in one journal transaction",
             m.batches.clone(),
         );
+        registry.register(
+            "gw_sidecar_agent_partitions",
+            "Partitions of a module's commands this node's agent consumes (embedded bus: 1; Kafka: what the consumer group assigned it)",
+            m.partitions.clone(),
+        );
         m
+    }
+
+    /// The gauge of the partitions `module`'s agent on this node consumes (set by
+    /// its bus consumer).
+    pub fn partitions(&self, module: &'static str) -> Gauge {
+        self.partitions
+            .get_or_create(&ModuleLabel { module })
+            .clone()
     }
 
     /// Records that `module`'s agent decided `n` deliveries in one transaction.
