@@ -243,7 +243,8 @@ impl Drop for ProcessGuard {
     }
 }
 
-/// A fresh temporary directory under the system temp dir, removed on drop.
+/// A fresh temporary directory under the system temp dir, removed on drop (kept
+/// when the test fails, or with `GW_KEEP_TMP`).
 pub struct TempDir(PathBuf);
 
 impl TempDir {

@@ -395,31 +395,33 @@ pub struct AssignWatch {
 impl ClientContext for AssignWatch {}
 
 impl ConsumerContext for AssignWatch {
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    /// Called after the client assigned or revoked: the gauge is read from the
+    /// consumer's assignment itself (right under eager and cooperative
+    /// rebalancing alike, and after a failed rebalance, which unassigns).
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let held = consumer.assignment().map_or(0, |t| t.count());
+        self.held.set(i64::try_from(held).unwrap_or(i64::MAX));
+        let module = self.module.as_str();
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let n = tpl.count();
-                self.held.set(i64::try_from(n).unwrap_or(i64::MAX));
                 tracing::info!(
-                    module = self.module.as_str(),
-                    partitions = n,
-                    "command partitions assigned to this node's agent"
+                    module,
+                    partitions = held,
+                    "consumer group rebalanced: this node's agent holds {held} command partition(s)"
                 );
-                if n > 0 {
+                if tpl.count() > 0 {
                     self.assigned.store(true, Ordering::SeqCst);
                 }
             }
             Rebalance::Revoke(tpl) => {
-                self.held.set(0);
                 tracing::info!(
-                    module = self.module.as_str(),
-                    partitions = tpl.count(),
+                    module,
+                    revoked = tpl.count(),
                     "command partitions revoked from this node's agent"
                 );
             }
-            Rebalance::Error(e) => {
-                tracing::warn!(module = self.module.as_str(), error = %e, "consumer group rebalance failed");
-            }
+            // The client library logs the error itself.
+            Rebalance::Error(_) => {}
         }
     }
 }
