@@ -329,9 +329,20 @@ impl Rig {
     /// Starts sending each of `nonces` (its same bytes) at once; each task ends with
     /// the nonce and its answer.
     fn spawn_sends(&self, nonces: &[u64]) -> Vec<tokio::task::JoinHandle<(u64, Answer)>> {
+        self.spawn_sends_paced(nonces, Duration::ZERO)
+    }
+
+    /// As [`Self::spawn_sends`], the `i`-th send starting `i × gap` after the first.
+    fn spawn_sends_paced(
+        &self,
+        nonces: &[u64],
+        gap: Duration,
+    ) -> Vec<tokio::task::JoinHandle<(u64, Answer)>> {
+        let gaps = (0u32..).map(|i| gap * i);
         nonces
             .iter()
-            .map(|&n| {
+            .zip(gaps)
+            .map(|(&n, wait)| {
                 let node =
                     &self.nodes[self.routes[usize::try_from(n).unwrap() % self.routes.len()]];
                 let (client, url, token, body) = (
@@ -340,8 +351,12 @@ impl Rig {
                     self.token.clone(),
                     self.cmds[&n].body.clone(),
                 );
-                self.rt
-                    .spawn(async move { (n, send(&client, &url, &token, body).await) })
+                self.rt.spawn(async move {
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    (n, send(&client, &url, &token, body).await)
+                })
             })
             .collect()
     }
@@ -349,7 +364,18 @@ impl Rig {
     /// Sends `nonces` concurrently; `fault` runs `after` the first send went out,
     /// while they are in flight. Records each first answer.
     fn stream(&mut self, nonces: &[u64], after: Duration, fault: impl FnOnce(&mut Rig)) {
-        let sends = self.spawn_sends(nonces);
+        self.stream_paced(nonces, Duration::ZERO, after, fault);
+    }
+
+    /// As [`Self::stream`], one send every `gap`.
+    fn stream_paced(
+        &mut self,
+        nonces: &[u64],
+        gap: Duration,
+        after: Duration,
+        fault: impl FnOnce(&mut Rig),
+    ) {
+        let sends = self.spawn_sends_paced(nonces, gap);
         std::thread::sleep(after);
         fault(self);
         for s in sends {
@@ -1011,14 +1037,14 @@ fn failing_disk(kafka: bool) {
     std::thread::sleep(Duration::from_millis(300));
     let checkpoints = std::fs::read(&log).unwrap();
 
-    // A power cut with commands in flight, once five of them were applied. 120 of
-    // them: with 40, all were sometimes applied between two looks at the count
-    // (seen with the other fault tests running beside this one).
+    // A power cut with commands in flight, once five of them were applied. Sent one
+    // every millisecond: all at once, they were sometimes all applied between two
+    // looks at the count (seen with the other fault tests running beside this one).
     const IN_FLIGHT: usize = 120;
     let cmds = rig.new_commands(IN_FLIGHT);
     let applied = |rig: &Rig| rig.modules()["mev"]["applied"].as_u64().unwrap_or(0);
     let warm_applied = applied(&rig);
-    rig.stream(&cmds, Duration::ZERO, |rig| {
+    rig.stream_paced(&cmds, Duration::from_millis(1), Duration::ZERO, |rig| {
         let deadline = Instant::now() + Duration::from_secs(10);
         while applied(rig) < warm_applied + 5 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
