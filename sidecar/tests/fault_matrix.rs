@@ -49,6 +49,9 @@ const MEMORY_ROWS: u64 = 100;
 /// The gauge of the partitions of `mev`'s commands a node's agent consumes.
 const MEV_PARTITIONS: &str = "gw_sidecar_agent_partitions{module=\"mev\"}";
 
+/// The counter of the rebalances a node's `mev` agent took part in.
+const MEV_REBALANCES: &str = "gw_sidecar_agent_rebalances_total{module=\"mev\"}";
+
 mod common;
 
 /// What a send got back.
@@ -809,24 +812,41 @@ fn two_nodes_one_kafka_one_clickhouse_survive_a_kill() {
     rig.stream(&warm, Duration::ZERO, |_| {});
     rig.settle();
     rig.check("two nodes, warm");
-    // Which node applies mev now.
+    // Which node applies mev now: once both nodes' agents took part in a rebalance
+    // (both members are in the group; a node joining later moves the partition),
+    // the one holding mev's partition.
+    let mev = |rig: &Rig, name: &str| [0, 1].map(|i| rig.nodes[i].gauge(&rig.rt, name));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let owner = loop {
+        let rebalances = mev(&rig, MEV_REBALANCES);
+        let joined = rebalances.iter().all(|r| r.unwrap_or(0) > 0);
+        match mev(&rig, MEV_PARTITIONS) {
+            [Some(1), Some(0)] if joined => break 0,
+            [Some(0), Some(1)] if joined => break 1,
+            now => assert!(
+                Instant::now() < deadline,
+                "mev's partitions held by each node: {now:?}, rebalances {rebalances:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let other = 1 - owner;
     let probe = rig.new_commands(1);
     rig.stream(&probe, Duration::ZERO, |_| {});
     rig.settle();
     rig.check("two nodes, probe");
     let chain = rig.applied_by(probe[0]);
-    let owner = match chain.as_str() {
-        "node-a" => 0,
-        "node-b" => 1,
-        other => panic!("probe applied by {other:?}"),
-    };
-    let other = 1 - owner;
-    // One node's agent holds the module's partition, the other stands by (read
-    // until the group is settled: a rebalance revokes before it assigns).
+    assert_eq!(
+        chain,
+        ["node-a", "node-b"][owner],
+        "the probe is applied by the node holding mev"
+    );
+    // Until the group settles again after the kill (a rebalance revokes before it
+    // assigns).
     let held = |rig: &Rig, want: [Option<u64>; 2], what: &str| {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let now = [0, 1].map(|i| rig.nodes[i].gauge(&rig.rt, MEV_PARTITIONS));
+            let now = mev(rig, MEV_PARTITIONS);
             if now == want {
                 return;
             }
@@ -834,11 +854,6 @@ fn two_nodes_one_kafka_one_clickhouse_survive_a_kill() {
             std::thread::sleep(Duration::from_millis(200));
         }
     };
-    let mut want = [Some(0), Some(0)];
-    want[owner] = Some(1);
-    // (A rebalance moving the partition after the probe would fail this too; the
-    // test's premise, that the probe's node owns mev, would not hold either.)
-    held(&rig, want, "mev's partitions held by each node");
 
     let batch = rig.new_commands(40);
     rig.stream(&batch, Duration::from_millis(100), |r| {
@@ -873,7 +888,7 @@ fn two_nodes_one_kafka_one_clickhouse_survive_a_kill() {
     // and one node holds the partition again.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let now = [0, 1].map(|i| rig.nodes[i].gauge(&rig.rt, MEV_PARTITIONS));
+        let now = mev(&rig, MEV_PARTITIONS);
         if matches!(now, [Some(1), Some(0)] | [Some(0), Some(1)]) {
             break;
         }

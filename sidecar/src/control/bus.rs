@@ -28,6 +28,7 @@ use gw_core::Module;
 use super::kafka_state::KafkaState;
 use crate::journal::txn::PublishEntry;
 use crate::journal::{self, Journal, Lsn, Sink, Txn};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
@@ -340,11 +341,12 @@ impl Bus {
     }
 
     /// A consumer in group `ctrl-proto-{module}`, starting at the group's committed
-    /// position (or the beginning). `held` shows how many partitions of the
+    /// position (or the beginning). `group` shows how many partitions of the
     /// module's commands it consumes (the embedded bus: its one; Kafka: what the
     /// group assigned it, 0 on a standby node — and on every node while the group
-    /// has not assigned the partition to anyone).
-    pub fn consumer(&self, module: Module, held: Gauge) -> Result<BusConsumer, BusError> {
+    /// has not assigned the partition to anyone) and counts the group's rebalances.
+    pub fn consumer(&self, module: Module, group: GroupMetrics) -> Result<BusConsumer, BusError> {
+        let GroupMetrics { held, rebalances } = group;
         let group = group_name(module);
         match self {
             Bus::InProcess(b) => {
@@ -370,6 +372,7 @@ impl Bus {
                         module,
                         assigned: assigned.clone(),
                         held,
+                        rebalances,
                     })?;
                 c.subscribe(&[&k.cfg.topic])?;
                 Ok(BusConsumer::Kafka {
@@ -390,6 +393,17 @@ pub struct AssignWatch {
     module: Module,
     assigned: Arc<AtomicBool>,
     held: Gauge,
+    rebalances: Counter,
+}
+
+/// What a consumer shows of its group: the partitions it holds, the rebalances it
+/// took part in.
+#[derive(Default)]
+pub struct GroupMetrics {
+    /// Partitions of the command topic held.
+    pub held: Gauge,
+    /// Assignments received (one per rebalance, none included).
+    pub rebalances: Counter,
 }
 
 impl ClientContext for AssignWatch {}
@@ -404,6 +418,7 @@ impl ConsumerContext for AssignWatch {
         let module = self.module.as_str();
         match rebalance {
             Rebalance::Assign(tpl) => {
+                self.rebalances.inc();
                 tracing::info!(
                     module,
                     partitions = held,
@@ -967,8 +982,10 @@ mod tests {
         let bus = Bus::in_process(&opened.records);
         let j = opened.start(None, vec![bus.sink()]).unwrap();
         bus.start(&j);
-        let mut mev = bus.consumer(Module::Mev, Gauge::default()).unwrap();
-        let mut arb = bus.consumer(Module::Arbitrage, Gauge::default()).unwrap();
+        let mut mev = bus.consumer(Module::Mev, GroupMetrics::default()).unwrap();
+        let mut arb = bus
+            .consumer(Module::Arbitrage, GroupMetrics::default())
+            .unwrap();
         for (m, p) in [(Module::Mev, 0), (Module::Arbitrage, 1), (Module::Mev, 2)] {
             j.commit(publish(m, p)).await.unwrap();
         }
@@ -999,8 +1016,10 @@ mod tests {
         let bus = Bus::in_process(&opened.records);
         let j = opened.start(None, vec![bus.sink()]).unwrap();
         bus.start(&j);
-        let mut mev = bus.consumer(Module::Mev, Gauge::default()).unwrap();
-        let mut arb = bus.consumer(Module::Arbitrage, Gauge::default()).unwrap();
+        let mut mev = bus.consumer(Module::Mev, GroupMetrics::default()).unwrap();
+        let mut arb = bus
+            .consumer(Module::Arbitrage, GroupMetrics::default())
+            .unwrap();
         assert_eq!(mev.next().await.unwrap().payload, vec![2]);
         assert_eq!(arb.next().await.unwrap().payload, vec![1]);
         // A new command reaches a waiting consumer.

@@ -37,6 +37,7 @@ pub struct ControlMetrics {
     agent: Family<AgentLabels, Counter>,
     batches: Family<ModuleLabel, Histogram, fn() -> Histogram>,
     partitions: Family<ModuleLabel, Gauge>,
+    rebalances: Family<ModuleLabel, Counter>,
 }
 
 impl Default for ControlMetrics {
@@ -46,6 +47,7 @@ impl Default for ControlMetrics {
             agent: Family::default(),
             batches: Family::new_with_constructor(batch_histogram),
             partitions: Family::default(),
+            rebalances: Family::default(),
         }
     }
 }
@@ -63,6 +65,7 @@ impl ControlMetrics {
             };
             let _ = m.batches.get_or_create(&label);
             let _ = m.partitions.get_or_create(&label);
+            let _ = m.rebalances.get_or_create(&label);
             for outcome in ["applied", "duplicate", "rejected"] {
                 let _ = m.agent.get_or_create(&AgentLabels {
                     module: module.as_str(),
@@ -90,15 +93,22 @@ impl ControlMetrics {
             "Partitions of a module's commands this node's agent consumes (embedded bus: 1; Kafka: what the consumer group assigned it)",
             m.partitions.clone(),
         );
+        registry.register(
+            "gw_sidecar_agent_rebalances",
+            "Consumer group rebalances a module's agent on this node took part in (Kafka: each assignment it received, none included)",
+            m.rebalances.clone(),
+        );
         m
     }
 
-    /// The gauge of the partitions `module`'s agent on this node consumes (set by
-    /// its bus consumer).
-    pub fn partitions(&self, module: &'static str) -> Gauge {
-        self.partitions
-            .get_or_create(&ModuleLabel { module })
-            .clone()
+    /// The gauge of the partitions `module`'s agent on this node consumes and the
+    /// counter of its group's rebalances (both kept by its bus consumer).
+    pub fn group(&self, module: &'static str) -> (Gauge, Counter) {
+        let label = ModuleLabel { module };
+        (
+            self.partitions.get_or_create(&label).clone(),
+            self.rebalances.get_or_create(&label).clone(),
+        )
     }
 
     /// Records that `module`'s agent decided `n` deliveries in one transaction.
