@@ -95,7 +95,7 @@ impl ControlMetrics {
         );
         registry.register(
             "gw_sidecar_agent_rebalances",
-            "Consumer group rebalances a module's agent on this node took part in (Kafka: each assignment it received, none included)",
+            "Consumer group rebalances a module's agent on this node took part in (Kafka: one per assignment it received, an empty one included)",
             m.rebalances.clone(),
         );
         m
