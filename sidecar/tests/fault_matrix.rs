@@ -816,20 +816,17 @@ fn two_nodes_one_kafka_one_clickhouse_survive_a_kill() {
     // (both members are in the group; a node joining later moves the partition),
     // the one holding mev's partition.
     let mev = |rig: &Rig, name: &str| [0, 1].map(|i| rig.nodes[i].gauge(&rig.rt, name));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let owner = loop {
+    let owner = within_30s(|| {
         let rebalances = mev(&rig, MEV_REBALANCES);
         let joined = rebalances.iter().all(|r| r.unwrap_or(0) > 0);
         match mev(&rig, MEV_PARTITIONS) {
-            [Some(1), Some(0)] if joined => break 0,
-            [Some(0), Some(1)] if joined => break 1,
-            now => assert!(
-                Instant::now() < deadline,
+            [Some(1), Some(0)] if joined => Ok(0),
+            [Some(0), Some(1)] if joined => Ok(1),
+            now => Err(format!(
                 "mev's partitions held by each node: {now:?}, rebalances {rebalances:?}"
-            ),
+            )),
         }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    });
     let other = 1 - owner;
     let probe = rig.new_commands(1);
     rig.stream(&probe, Duration::ZERO, |_| {});
@@ -844,15 +841,10 @@ fn two_nodes_one_kafka_one_clickhouse_survive_a_kill() {
     // Until the group settles again after the kill (a rebalance revokes before it
     // assigns).
     let held = |rig: &Rig, want: [Option<u64>; 2], what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let now = mev(rig, MEV_PARTITIONS);
-            if now == want {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{what}: {now:?}, not {want:?}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        within_30s(|| match mev(rig, MEV_PARTITIONS) {
+            now if now == want => Ok(()),
+            now => Err(format!("{what}: {now:?}, not {want:?}")),
+        });
     };
 
     let batch = rig.new_commands(40);
@@ -886,18 +878,10 @@ fn two_nodes_one_kafka_one_clickhouse_survive_a_kill() {
     rig.settle();
     // The restarted node's member joined: the group rebalanced (revoked, assigned)
     // and one node holds the partition again.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let now = mev(&rig, MEV_PARTITIONS);
-        if matches!(now, [Some(1), Some(0)] | [Some(0), Some(1)]) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "mev's partitions after the restart: {now:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    within_30s(|| match mev(&rig, MEV_PARTITIONS) {
+        [Some(1), Some(0)] | [Some(0), Some(1)] => Ok(()),
+        now => Err(format!("mev's partitions after the restart: {now:?}")),
+    });
     rig.check("two nodes, after kill -9 of the owner");
     // The survivor applied what came while the owner was gone.
     let survivor = if other == 0 { "node-a" } else { "node-b" };
@@ -905,6 +889,19 @@ fn two_nodes_one_kafka_one_clickhouse_survive_a_kill() {
         assert_eq!(rig.applied_by(*n), survivor, "command {n}");
     }
     assert!(hit > 0, "the kill hit no command in flight");
+}
+
+/// Asks `f` every 200 ms until it answers `Ok`; panics with its last `Err` after
+/// 30 s.
+fn within_30s<T>(mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// A tmpfs of `size` mounted at `at`, unmounted when dropped.

@@ -28,6 +28,7 @@ use gw_core::Module;
 use super::kafka_state::KafkaState;
 use crate::journal::txn::PublishEntry;
 use crate::journal::{self, Journal, Lsn, Sink, Txn};
+use crate::ops::metrics::GroupMetrics;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -341,12 +342,12 @@ impl Bus {
     }
 
     /// A consumer in group `ctrl-proto-{module}`, starting at the group's committed
-    /// position (or the beginning). `group` shows how many partitions of the
+    /// position (or the beginning). `metrics` shows how many partitions of the
     /// module's commands it consumes (the embedded bus: its one; Kafka: what the
     /// group assigned it, 0 on a standby node — and on every node while the group
     /// has not assigned the partition to anyone) and counts the group's rebalances.
-    pub fn consumer(&self, module: Module, group: GroupMetrics) -> Result<BusConsumer, BusError> {
-        let GroupMetrics { held, rebalances } = group;
+    pub fn consumer(&self, module: Module, metrics: GroupMetrics) -> Result<BusConsumer, BusError> {
+        let GroupMetrics { held, rebalances } = metrics;
         let group = group_name(module);
         match self {
             Bus::InProcess(b) => {
@@ -394,16 +395,6 @@ pub struct AssignWatch {
     assigned: Arc<AtomicBool>,
     held: Gauge,
     rebalances: Counter,
-}
-
-/// What a consumer shows of its group: the partitions it holds, the rebalances it
-/// took part in.
-#[derive(Default)]
-pub struct GroupMetrics {
-    /// Partitions of the command topic held.
-    pub held: Gauge,
-    /// Assignments received (one per rebalance, none included).
-    pub rebalances: Counter,
 }
 
 impl ClientContext for AssignWatch {}

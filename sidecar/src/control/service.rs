@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use super::admission::{Admission, Admitted, Refused, Request, Row, Verdict};
 use super::agent::{Ack, Agent, AgentEnv};
-use super::bus::{Bus, GroupMetrics, Position};
+use super::bus::{Bus, Position};
 use super::json_route::{self, JsonSigner};
 use super::kafka_state::Checkpoint;
 use super::modules::ModuleTable;
@@ -192,8 +192,7 @@ impl Control {
         }
         for m in Module::ALL {
             let agent = Agent::open(m, &env, records);
-            let (held, rebalances) = c.metrics.group(m.as_str());
-            let consumer = c.bus.consumer(m, GroupMetrics { held, rebalances })?;
+            let consumer = c.bus.consumer(m, c.metrics.group(m.as_str()))?;
             let span = tracing::info_span!("agent", module = m.as_str());
             tasks.push(tokio::spawn(agent.run(consumer).instrument(span)));
         }

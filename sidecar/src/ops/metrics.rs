@@ -30,6 +30,16 @@ fn batch_histogram() -> Histogram {
     Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
 }
 
+/// What a module's bus consumer shows of its group: the partitions it holds, the
+/// rebalances it took part in.
+#[derive(Clone, Debug, Default)]
+pub struct GroupMetrics {
+    /// Partitions of the command topic held.
+    pub held: Gauge,
+    /// Assignments received (one per rebalance, an empty one included).
+    pub rebalances: Counter,
+}
+
 /// The control plane's counters.
 #[derive(Clone, Debug)]
 pub struct ControlMetrics {
@@ -101,14 +111,14 @@ impl ControlMetrics {
         m
     }
 
-    /// The gauge of the partitions `module`'s agent on this node consumes and the
-    /// counter of its group's rebalances (both kept by its bus consumer).
-    pub fn group(&self, module: &'static str) -> (Gauge, Counter) {
+    /// What `module`'s agent on this node shows of its consumer group (kept by its
+    /// bus consumer).
+    pub fn group(&self, module: &'static str) -> GroupMetrics {
         let label = ModuleLabel { module };
-        (
-            self.partitions.get_or_create(&label).clone(),
-            self.rebalances.get_or_create(&label).clone(),
-        )
+        GroupMetrics {
+            held: self.partitions.get_or_create(&label).clone(),
+            rebalances: self.rebalances.get_or_create(&label).clone(),
+        }
     }
 
     /// Records that `module`'s agent decided `n` deliveries in one transaction.
