@@ -406,6 +406,8 @@ fn pct(l: &[Duration], p: f64) -> f64 {
 
 /// The phase of GETs that measures Envoy's own cost per request.
 const FLOOR: &str = "through Envoy, GET /api/modules (JWT only, no command: Envoy's floor)";
+/// The same, one request at a time.
+const SEQ_FLOOR: &str = "through Envoy, GET /api/modules (no command)";
 
 fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     std::fs::create_dir_all(dir.join("ch")).expect("dir");
@@ -496,7 +498,13 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     );
     let pids = [_envoy.id(), std::process::id(), ch.process.id()];
     let mut runs = Vec::new();
-    for round in 0..2 {
+    // GW_BENCH_SEQ_ONLY: only the one-at-a-time rounds below (a quicker look).
+    let loaded_rounds = if std::env::var_os("GW_BENCH_SEQ_ONLY").is_some() {
+        0
+    } else {
+        2
+    };
+    for round in 0..loaded_rounds {
         for (name, clients, url) in [
             // First: the previous phase's ledger inserts would spill into its
             // sidecar column.
@@ -569,15 +577,21 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         "\n## one command at a time (HTTP/2), {SEQUENTIAL} commands per round, {rounds} rounds"
     );
     println!("(CPU per command here includes background work — ClickHouse's merges, the ledger's inserts — spread over only {SEQUENTIAL} commands: read it with the busy share.)");
-    println!("Journal batches: how many of the round's batches (two per command) took longer than 1 ms and 2.5 ms to write and fdatasync (the sidecar's gw_sidecar_journal_batch_seconds).");
+    println!("Journal batches: how many of the round's batches (two per command) took longer than 1 ms and 2.5 ms to write and fdatasync (the sidecar's gw_sidecar_journal_batch_seconds). The GET rows send no command: nothing journaled or applied, the spread of Envoy and the machine alone.");
     println!("| path | round | p50 ms | p99 ms | max ms | p99 / p50 | CPU Envoy | CPU sidecar + client | CPU ClickHouse | busy | steal | journal batches | > 1 ms | > 2.5 ms |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for round in 0..rounds {
         for (name, client, url) in [
             ("through Envoy", &tls, &envoy_url),
             ("straight to the sidecar", &direct, &direct_url),
+            // The floor, one at a time: Envoy's and the machine's own spread.
+            (SEQ_FLOOR, &tls, &floor_url),
         ] {
-            let bodies = next(&mut nonce)[..SEQUENTIAL].to_vec();
+            let bodies = if name == SEQ_FLOOR {
+                vec![Req::Get; SEQUENTIAL]
+            } else {
+                next(&mut nonce)[..SEQUENTIAL].to_vec()
+            };
             let before = Cpu::now(pids);
             let batches = journal();
             let s = fire(rt, client, url, &token, bodies, 1);
