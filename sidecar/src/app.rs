@@ -268,6 +268,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             signer: cfg
                 .signer
                 .map(|(key, id)| JsonSigner::new(key, id, cfg.file.json_issuer.clone())),
+            command_role: cfg.file.command_role.clone(),
             bus: bus.clone(),
             auditor,
             journal: journal.clone(),

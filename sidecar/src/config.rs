@@ -59,6 +59,11 @@ pub struct FileConfig {
     /// Issuer written into commands the JSON route signs.
     #[serde(default = "default_issuer")]
     pub json_issuer: String,
+    /// The role the JSON control route needs in the token the edge verified (the
+    /// filter's `command_role`): the sidecar signs those commands itself, so it
+    /// checks the role too.
+    #[serde(default = "default_command_role")]
+    pub command_role: String,
     /// ClickHouse HTTP URL for the audit ledger (e.g. `http://127.0.0.1:8123`);
     /// without it decisions are not audited (development only).
     #[serde(default)]
@@ -245,6 +250,10 @@ fn default_apply_wait() -> u64 {
 }
 fn default_issuer() -> String {
     "dashboard".into()
+}
+
+fn default_command_role() -> String {
+    "admin".into()
 }
 
 impl FileConfig {
@@ -466,6 +475,9 @@ impl Config {
             )
             .into());
         }
+        if file.command_role.trim().is_empty() || file.command_role.contains(',') {
+            return Err(OutOfBounds::new("command_role", "must be one role name").into());
+        }
         if file.clickhouse_nice > 19 {
             return Err(OutOfBounds::new("clickhouse_nice", "must be 0..=19").into());
         }
@@ -643,6 +655,8 @@ mod tests {
                 "journal_segment_bytes",
             ),
             (r#"{"node_id": "a b"}"#, "node_id"),
+            (r#"{"command_role": ""}"#, "command_role"),
+            (r#"{"command_role": "admin,viewer"}"#, "command_role"),
         ] {
             match with(json) {
                 Err(ConfigError::OutOfBounds(e)) => assert_eq!(e.key, key, "{json}"),

@@ -19,12 +19,16 @@ fn start(state_dir: &Path, with_signer: bool) -> Sidecar {
 }
 
 impl Sidecar {
+    /// A JSON body goes as an admin's request stamped by the edge.
     fn post(&self, path: &str, ct: &str, body: Vec<u8>) -> (u16, Value) {
+        let req = self.0.http.post(format!("{}{path}", self.0.base));
+        let req = if ct == "application/json" {
+            common::as_admin(req)
+        } else {
+            req
+        };
         self.0.rt.block_on(async {
-            let r = self
-                .0
-                .http
-                .post(format!("{}{path}", self.0.base))
+            let r = req
                 .header("content-type", ct)
                 .body(body)
                 .send()
@@ -226,4 +230,61 @@ fn configuration_errors_are_clear() {
         *merged.keyring.get("op-admin-1").unwrap().key(),
         command_key().verifying_key()
     );
+}
+
+/// The sidecar signs the JSON route's commands itself, so it checks the token's
+/// role too: a request the edge did not stamp, or stamped for a token without the
+/// command role, is refused (and counted, and recorded), and nothing is signed.
+#[test]
+fn the_json_route_needs_the_command_role_from_the_edge() {
+    let d = testkit::TempDir::new("sidecar-json-role");
+    let s = start(d.path(), true);
+    let send = |stamp: Option<&str>| -> (u16, Value) {
+        let req =
+            s.0.http
+                .post(format!("{}/api/control/module/mev:kill", s.0.base))
+                .header("content-type", "application/json")
+                .body("{}");
+        let req = match stamp {
+            Some(roles) => common::as_role(req, roles),
+            None => req,
+        };
+        s.0.rt.block_on(async {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        })
+    };
+    let (status, body) = send(None);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("jwt_missing")),
+        "{body}"
+    );
+    for roles in ["viewer", "", "operator-admin"] {
+        let (status, body) = send(Some(roles));
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (403, Some("forbidden_role")),
+            "{roles}: {body}"
+        );
+        assert!(
+            body["detail"].as_str().unwrap().contains("`admin`"),
+            "{body}"
+        );
+    }
+    let modules: Value = serde_json::from_str(&s.get("/api/modules")).unwrap();
+    assert_eq!(
+        modules["mev"]["applied"], 0,
+        "nothing was signed: {modules}"
+    );
+    let metrics = s.0.get_ops("/metrics");
+    for (code, n) in [("jwt_missing", 1), ("forbidden_role", 3)] {
+        let line = format!("gw_sidecar_decisions_total{{code=\"{code}\"}} {n}");
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
+    // The role ladder as at the edge: admin, and several roles with it, pass.
+    let (status, body) = send(Some("viewer, admin"));
+    assert_eq!(status, 200, "{body}");
+    let modules: Value = serde_json::from_str(&s.get("/api/modules")).unwrap();
+    assert_eq!(modules["mev"]["applied"], 1, "{modules}");
 }

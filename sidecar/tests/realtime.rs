@@ -156,15 +156,15 @@ fn committed_decisions_and_states_stream_to_bounded_clients() {
         assert_eq!((status, body["error"].as_str()), (503, Some("unavailable")));
 
         let client = reqwest::Client::new();
-        let r: Value = client
-            .post(format!("{base}/api/control/module/mev:throttle"))
-            .json(&json!({"throttle_pct": 33}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r: Value =
+            common::as_admin(client.post(format!("{base}/api/control/module/mev:throttle")))
+                .json(&json!({"throttle_pct": 33}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
         assert_eq!(r["applied"], true, "{r}");
         let rid = r["request_id"].as_str().unwrap().to_owned();
         for ws in [&mut a, &mut b] {
@@ -187,8 +187,7 @@ fn committed_decisions_and_states_stream_to_bounded_clients() {
             assert_eq!(st["state"]["throttle_pct"], 33);
         }
         // A refused command: its row, with its code, on the stream.
-        let r = client
-            .post(format!("{base}/api/control/module/mev:throttle"))
+        let r = common::as_admin(client.post(format!("{base}/api/control/module/mev:throttle")))
             .json(&json!({"throttle_pct": 150}))
             .send()
             .await

@@ -43,6 +43,8 @@ pub struct ControlConfig {
     pub replay: SharedReplay,
     /// The JSON route's signer, when configured.
     pub signer: Option<JsonSigner>,
+    /// The role the JSON route needs in the edge-verified token.
+    pub command_role: String,
     /// The command bus.
     pub bus: Bus,
     /// Where decisions are recorded.
@@ -140,6 +142,7 @@ pub struct Control {
     /// locks only this one.
     replay: SharedReplay,
     signer: Option<JsonSigner>,
+    command_role: String,
     auditor: Auditor,
     journal: Journal,
     node_id: String,
@@ -220,6 +223,7 @@ impl Control {
             })),
             replay: c.replay,
             signer: c.signer,
+            command_role: c.command_role,
             auditor: c.auditor,
             journal: c.journal,
             node_id: c.node_id,
@@ -585,6 +589,24 @@ impl Control {
         edge: Option<&EdgeIdentity>,
     ) -> Result<Json<Value>, ApiError> {
         let path = route_path(Some(route));
+        // The sidecar signs these commands itself: their authority is the token's
+        // role. The edge checked it on its control routes; checked here again, so
+        // that no other way in (a route the edge took for another path) signs.
+        let Some(who) = edge else {
+            let r = Reject::new(
+                Code::JwtMissing,
+                "the JSON control route needs a token verified by the edge",
+            );
+            return Err(self.refuse_early(r, body, edge, &path).await);
+        };
+        let roles: Vec<&str> = who.requester.roles.split(',').map(str::trim).collect();
+        if !gw_core::roles::satisfies(&roles, &self.command_role) {
+            let r = Reject::with(
+                Code::ForbiddenRole,
+                format!("the JSON control route needs role `{}`", self.command_role),
+            );
+            return Err(self.refuse_early(r, body, edge, &path).await);
+        }
         let args = match json_route::parse_args(body, route.1) {
             Ok(a) => a,
             Err(r) => return Err(self.refuse_early(r, body, edge, &path).await),

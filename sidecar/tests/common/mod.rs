@@ -117,9 +117,10 @@ impl Served {
         )
     }
 
-    /// `POST path` with a JSON body → status and JSON (`null` when not JSON).
+    /// `POST path` with a JSON body, stamped as the edge stamps an admin's token
+    /// ([`as_admin`]) → status and JSON (`null` when not JSON).
     pub fn post_json(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
-        self.answer(self.http.post(format!("{}{path}", self.base)).json(body))
+        self.answer(as_admin(self.http.post(format!("{}{path}", self.base))).json(body))
     }
 
     /// Sends `req` → status and JSON (`null` when not JSON).
@@ -236,4 +237,18 @@ pub fn wait_rows(ch: &ClickHouse, n: usize) -> Vec<LedgerRow> {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// `req` with the headers the edge stamps on a request whose token it verified,
+/// for a token with role `admin` (the JSON control route checks them).
+pub fn as_admin(req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    as_role(req, "admin")
+}
+
+/// `req` as the edge stamps a verified token with `roles`.
+pub fn as_role(req: reqwest::RequestBuilder, roles: &str) -> reqwest::RequestBuilder {
+    req.header("x-gw-verified", "jwt")
+        .header("x-gw-sub", "operator-1")
+        .header("x-gw-roles", roles)
+        .header("x-gw-token-issuer", "tests")
 }
