@@ -7,6 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -14,7 +15,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use gw_core::Code;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -180,6 +181,24 @@ impl Tls {
     }
 }
 
+/// How long a connection may take to finish its TLS handshake, and an HTTP/1.1
+/// request to send its headers: a peer that stalls is dropped, not kept (each one
+/// holds a task and a file descriptor).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long accepting pauses after an error that is not one connection's (out of
+/// file descriptors, say): retrying at once would spin.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(500);
+
+/// Whether an `accept` error concerns only the connection being accepted.
+fn connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    )
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then drains open
 /// connections. With `tls`, every connection is TLS and every request carries its
 /// [`Peer`]; without, requests are [`Peer::Plaintext`].
@@ -195,9 +214,13 @@ pub async fn serve(
         let (tcp, from) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
+                Err(e) if connection_error(&e) => continue,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept");
-                    continue;
+                    tracing::warn!(error = %e, pause_ms = ACCEPT_PAUSE.as_millis() as u64, "accept failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(ACCEPT_PAUSE) => continue,
+                        () = &mut shutdown => break,
+                    }
                 }
             },
             () = &mut shutdown => break,
@@ -211,12 +234,25 @@ pub async fn serve(
             // WebSockets (`/api/realtime`): HTTP/1.1 upgrades, and RFC 8441's
             // extended CONNECT when the edge multiplexes them over HTTP/2.
             builder.http2().enable_connect_protocol();
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HANDSHAKE_TIMEOUT);
             match tls {
                 Some(tls) => {
-                    let stream = match tls.acceptor.accept(tcp).await {
-                        Ok(s) => s,
-                        Err(e) => {
+                    let stream = match tokio::time::timeout(
+                        HANDSHAKE_TIMEOUT,
+                        tls.acceptor.accept(tcp),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
                             tracing::debug!(%from, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%from, "TLS handshake not finished in time: dropped");
                             return;
                         }
                     };

@@ -206,3 +206,48 @@ fn plain_http_only_on_loopback_and_only_when_asked_for() {
     let ok = load(&[("GW_SIDECAR_INSECURE_PLAINTEXT", "1")]).unwrap();
     assert!(ok.file.insecure_plaintext && ok.file.tls.is_none());
 }
+
+/// A peer that opens a connection and stalls — before its TLS handshake is done,
+/// or before its request's headers are — is dropped after
+/// `serve::HANDSHAKE_TIMEOUT`, not held (each would keep a task and a file
+/// descriptor of the sidecar's for as long as it liked).
+#[test]
+fn a_peer_that_stalls_its_handshake_or_its_headers_is_dropped() {
+    let d = testkit::TempDir::new("sidecar-stall");
+    let s = common::serve(common::config(d.path(), false));
+    let limit = gw_sidecar::serve::HANDSHAKE_TIMEOUT + std::time::Duration::from_secs(5);
+    s.rt.block_on(async {
+        let started = std::time::Instant::now();
+        // TCP only: not one byte of a ClientHello.
+        let mut silent = tokio::net::TcpStream::connect(s.base.trim_start_matches("https://"))
+            .await
+            .unwrap();
+        // TLS done, then half a request line.
+        let mut slow = raw_tls(&s).await;
+        slow.write_all(b"GET /api/modules HTTP/1.1\r\nhost: loc")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(limit, silent.read(&mut buf))
+            .await
+            .expect("a connection without a handshake was held");
+        assert!(matches!(n, Ok(0) | Err(_)), "closed, not answered: {n:?}");
+        let n = tokio::time::timeout(limit, slow.read(&mut buf))
+            .await
+            .expect("a request without its headers was held");
+        // hyper may answer 408 before it closes.
+        if let Ok(n) = n {
+            let got = String::from_utf8_lossy(&buf[..n]).to_string();
+            assert!(n == 0 || got.starts_with("HTTP/1.1 408"), "{got}");
+        }
+        assert!(
+            started.elapsed()
+                >= gw_sidecar::serve::HANDSHAKE_TIMEOUT - std::time::Duration::from_secs(1),
+            "dropped only once the time was up: {:?}",
+            started.elapsed()
+        );
+    });
+    // The sidecar still serves the edge.
+    let (status, _) = call(&s, &s.http, "GET", "/api/modules", &[], Vec::new());
+    assert_eq!(status, 200);
+}
