@@ -104,9 +104,29 @@ fn signed_commands_apply_once_even_across_a_restart() {
     );
     let (status, _) = s.post("/api/control/module/mev:kill", PB, kill);
     assert_eq!(status, 200);
-    let (status, _) = s.post("/api/control/commands", PB, vec![0u8; 5000]);
-    assert_eq!(status, 413);
+    // Larger than max_body_bytes (4096 here): refused with its code, counted and
+    // recorded like any refusal, on both routes.
+    let (status, body) = s.post("/api/control/commands", PB, vec![0u8; 5000]);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("too_large")),
+        "{body}"
+    );
+    let (status, body) = s.post(
+        "/api/control/module/mev:throttle",
+        "application/json",
+        vec![b' '; 5000],
+    );
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("too_large")),
+        "{body}"
+    );
     let metrics = s.0.get_ops("/metrics");
+    assert!(
+        metrics.contains("gw_sidecar_decisions_total{code=\"too_large\"} 2"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("gw_sidecar_decisions_total{code=\"replay\"} 1"),
         "{metrics}"

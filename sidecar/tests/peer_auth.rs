@@ -152,8 +152,25 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     let (status, body) = call(&s, &s.http, "POST", "/api/nope", &[], b"x".to_vec());
     assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
 
+    // A body over max_body_bytes (4096 here), from the edge: 413 too_large, and
+    // its row too (without the bytes it did not read).
+    let (status, body) = call(
+        &s,
+        &s.http,
+        "POST",
+        "/api/control/commands",
+        &[("content-type", "application/x-protobuf")],
+        vec![7u8; 5000],
+    );
+    assert_eq!((status, body["error"].as_str()), (413, Some("too_large")));
+
     // Every refusal is a sidecar row with its code; no row claims the edge.
-    let rows = common::wait_rows(&ch, refused + 3);
+    let rows = common::wait_rows(&ch, refused + 4);
+    let big: Vec<_> = rows.iter().filter(|r| r.code == "too_large").collect();
+    assert_eq!(
+        (big.len(), big[0].route.as_str(), big[0].raw_hex.as_str()),
+        (1, "/api/control/commands", "")
+    );
     let nf: Vec<_> = rows.iter().filter(|r| r.code == "not_found").collect();
     assert_eq!(
         (nf.len(), nf[0].route.as_str(), nf[0].raw_hex.as_str()),

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gw_core::contract::{self, EdgeIdentity, Requester};
@@ -731,12 +732,40 @@ fn content_type(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+/// The body, or the refusal of one that could not be read whole — larger than
+/// `max_body_bytes`, or cut off — recorded like every other (without its bytes).
+async fn read_body(
+    c: &Control,
+    body: Result<Bytes, BytesRejection>,
+    edge: Option<&EdgeIdentity>,
+    route: &str,
+) -> Result<Bytes, ApiError> {
+    match body {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let r = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Reject::with(
+                    Code::TooLarge,
+                    format!("the body is larger than {} bytes", c.max_body),
+                )
+            } else {
+                Reject::with(
+                    Code::Malformed,
+                    format!("the body could not be read: {}", e.body_text()),
+                )
+            };
+            Err(c.refuse_early(r, &[], edge, route).await)
+        }
+    }
+}
+
 async fn post_command(
     State(c): State<Arc<Control>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let edge = edge_identity(&headers);
+    let body = read_body(&c, body, edge.as_ref(), contract::COMMAND_PATH).await?;
     if !contract::is_command_media_type(content_type(&headers)) {
         return Err(c
             .refuse_early(
@@ -757,20 +786,22 @@ async fn post_module(
     State(c): State<Arc<Control>>,
     Path(spec): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let edge = edge_identity(&headers);
+    let route_of_spec = format!(
+        "{}{}",
+        contract::MODULE_ROUTE_PREFIX,
+        contract::truncate_utf8(&spec, 64)
+    );
+    let body = read_body(&c, body, edge.as_ref(), &route_of_spec).await?;
     let Some(route) = parse_module_spec(&spec) else {
         return Err(c
             .refuse_early(
                 Reject::new(Code::Malformed, "route names an unknown module or action"),
                 &body,
                 edge.as_ref(),
-                &format!(
-                    "{}{}",
-                    contract::MODULE_ROUTE_PREFIX,
-                    contract::truncate_utf8(&spec, 64)
-                ),
+                &route_of_spec,
             )
             .await);
     };
