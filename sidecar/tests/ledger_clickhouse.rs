@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use gw_core::ledger::{verify_chain, Chain, LedgerRow};
 use gw_sidecar::journal::{self, Journal, Options, Sink, Txn};
-use gw_sidecar::ledger::ship::{RowQueue, Shipper};
+use gw_sidecar::ledger::ship::{RowQueue, ShipError, Shipper};
 use prometheus_client::metrics::gauge::Gauge;
 use testkit::clickhouse::ClickHouse;
 
@@ -77,6 +77,7 @@ fn node_with(
 ) -> Node {
     let opened = Journal::open(dir, opts).unwrap();
     let chain = Chain::resume("node-1", opened.last_row()).unwrap();
+    let opened_head = opened.last_row().map(|r| r.seq);
     let queue = Arc::new(RowQueue::recovered(
         &opened.records,
         Gauge::default(),
@@ -86,13 +87,16 @@ fn node_with(
         .start(Some(chain), vec![queue.clone() as Arc<dyn Sink>])
         .unwrap();
     journal.hold(journal::STARTUP_HOLD, journal::Lsn::MAX);
+    // As the sidecar does: ClickHouse may not hold more of the chain than the
+    // journal's last row at start.
     let shipper = Shipper::new(
         queue.clone(),
         journal.clone(),
         client.clone(),
         "control_decisions",
         "node-1",
-    );
+    )
+    .with_journal_head(opened_head);
     Node {
         journal,
         queue,
@@ -460,6 +464,116 @@ fn an_old_insert_range_does_not_stop_shipping_after_clickhouse_lost_rows() {
     assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 2);
     let seqs: Vec<u64> = stored(&ch).iter().map(|r| r.seq).collect();
     assert_eq!(seqs, vec![1, 4, 5]);
+}
+
+/// Copies directory `from` (files only, as a journal is) to `to`.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// A journal put back from an older copy ends before what it had shipped: the
+/// rows it seals next take positions ClickHouse already holds, different. The
+/// shipper refuses to ship them — it used to drop them as already shipped, silently
+/// — and keeps them in the journal; ClickHouse's chain stays whole.
+#[test]
+fn a_journal_older_than_clickhouse_is_not_shipped_over() {
+    let (d, ch, client) = with_table("ledger-behind");
+    let rt = current_thread();
+    let (dir, old) = (d.path().join("journal"), d.path().join("journal-copy"));
+    let n = node(&dir, &client);
+    commit_rows(&n, 1, 2);
+    let mut n = n;
+    assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 2);
+    n.journal.stop();
+    drop(n);
+    copy_dir(&dir, &old);
+    let mut n = node(&dir, &client);
+    commit_rows(&n, 3, 4);
+    assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 2);
+    n.journal.stop();
+    drop(n);
+
+    // The older copy: its chain ends at row 2, ClickHouse's at 4.
+    let mut n = node(&old, &client);
+    commit_rows(&n, 3, 5);
+    match rt.block_on(n.shipper.ship_once()) {
+        Err(ShipError::Behind(e)) => {
+            assert_eq!((e.journal, e.stored), (2, 4));
+            let msg = e.to_string();
+            assert!(msg.contains("restored from an older copy"), "{msg}");
+        }
+        other => panic!("shipped over ClickHouse's rows: {other:?}"),
+    }
+    // Nothing shipped, nothing dropped: the new rows wait in the journal (with
+    // the copy's two, which it had not seen shipped).
+    assert_eq!(n.queue.len(), 5);
+    let rows = stored(&ch);
+    assert_eq!(verify_chain(&rows), Ok(4));
+    // And again on the next try (the shipper retries): still refused.
+    assert!(matches!(
+        rt.block_on(n.shipper.ship_once()),
+        Err(ShipError::Behind(_))
+    ));
+    assert_eq!(stored(&ch).len(), 4);
+}
+
+/// The same at a sidecar's start while ClickHouse answers: it refuses to start,
+/// and says why.
+#[test]
+fn a_sidecar_whose_journal_is_older_than_clickhouse_refuses_to_start() {
+    use gw_core::Action;
+    use testkit::fixtures::signed_command;
+
+    let d = testkit::TempDir::new("ledger-behind-start");
+    let ch = ClickHouse::start(d.path());
+    let state = d.path().join("state");
+    let cfg = || {
+        let mut c = common::config(&state, false);
+        c.file.clickhouse_url = Some(ch.url());
+        c
+    };
+    let post = |s: &common::Served, nonce: u64| {
+        let body = signed_command(nonce, Action::Throttle, common::now(), "dashboard", &[]);
+        s.rt.block_on(async {
+            s.http
+                .post(format!("{}/api/control/commands", s.base))
+                .header("content-type", "application/x-protobuf")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    let s = common::serve(cfg());
+    assert_eq!(post(&s, 81), 200);
+    wait_rows(&ch, 2);
+    drop(s);
+    let (journal, copy) = (state.join("journal"), d.path().join("journal-copy"));
+    copy_dir(&journal, &copy);
+    let s = common::serve(cfg());
+    assert_eq!(post(&s, 82), 200);
+    wait_rows(&ch, 4);
+    drop(s);
+    std::fs::remove_dir_all(&journal).unwrap();
+    copy_dir(&copy, &journal);
+
+    let rt = current_thread();
+    let err = match rt.block_on(gw_sidecar::app::start(cfg())) {
+        Ok(_) => panic!("started on a journal older than ClickHouse"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("last ledger row of chain `node-1` is 2")
+            && err.contains("ClickHouse holds rows up to 4"),
+        "{err}"
+    );
+    assert_eq!(verify_chain(&stored(&ch)), Ok(4));
 }
 
 /// The spool of the version before the journal is shipped once (what it had not

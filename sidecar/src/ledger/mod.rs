@@ -45,6 +45,8 @@ pub struct Ledger {
     /// The chain is still to be learned from ClickHouse (it did not answer at
     /// start): rows are refused until it is.
     deferred: bool,
+    /// The journal's last row at start.
+    journal_head: Option<u64>,
 }
 
 /// How long start-up waits for ClickHouse to say where the chain stands before the
@@ -73,6 +75,9 @@ pub enum LedgerError {
     /// The journal refused a row.
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
+    /// The journal lost rows it had shipped.
+    #[error(transparent)]
+    Behind(#[from] ship::JournalBehind),
     /// The ledger's directory cannot be made.
     #[error("ledger: {0}")]
     Io(String),
@@ -106,6 +111,7 @@ impl Ledger {
                     queue: None,
                     resumed_after: None,
                     deferred: false,
+                    journal_head: None,
                 },
                 None,
             ));
@@ -128,6 +134,19 @@ impl Ledger {
         if last.is_none() && dir.join("ledger.spool.jsonl").exists() {
             apply_migrations(client).await;
             last = ship::migrate_legacy_spool(dir, client, TABLE).await?;
+        }
+        // A journal whose rows end before ClickHouse's lost rows it had shipped:
+        // refused at once when ClickHouse answers now, else by the shipper later
+        // (nothing is shipped then; commands go on, their rows kept).
+        let journal_head = last.as_ref().map(|r| r.seq);
+        if let Some(head) = journal_head {
+            let check = ship::check_not_behind(client, TABLE, chain_id, head);
+            match tokio::time::timeout(CHAIN_WAIT, check).await {
+                Ok(Err(ShipError::Behind(e))) => return Err(e.into()),
+                Ok(Err(e)) => tracing::warn!(error = %e, "ClickHouse not asked whether it holds more of the chain than the journal: the shipper asks before its first insert"),
+                Ok(Ok(())) => {}
+                Err(_) => tracing::warn!("ClickHouse does not answer: the shipper asks before its first insert whether it holds more of the chain than the journal"),
+            }
         }
         let (chain, resumed_after, deferred) = match tokio::time::timeout(
             CHAIN_WAIT,
@@ -167,6 +186,7 @@ impl Ledger {
                 queue: Some(queue),
                 resumed_after,
                 deferred,
+                journal_head,
             },
             chain,
         ))
@@ -209,7 +229,8 @@ impl Ledger {
             &self.chain_id,
         )
         .with_every(ship_every)
-        .with_nice(nice);
+        .with_nice(nice)
+        .with_journal_head(self.journal_head);
         let checkpointer = self.checkpointer.take();
         let deferred = std::mem::take(&mut self.deferred);
         let (journal, chain_id) = (journal.clone(), self.chain_id.clone());

@@ -172,6 +172,9 @@ pub enum ShipError {
     /// Rows waiting on disk only could not be read back from the journal.
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
+    /// ClickHouse holds rows of this chain beyond the journal's last one at start.
+    #[error(transparent)]
+    Behind(#[from] JournalBehind),
     /// The pre-journal spool could not be read.
     #[error("legacy ledger spool {path}: {detail}")]
     Legacy {
@@ -180,6 +183,46 @@ pub enum ShipError {
         /// What.
         detail: String,
     },
+}
+
+/// The journal's ledger rows end before ClickHouse's rows of the same chain: it
+/// lost rows it had shipped (a state directory restored from an older copy, or
+/// writes lost at its end). Its chain cannot go on: the rows it would seal next
+/// already exist, different, in ClickHouse — and its nonces and agent state are
+/// as old as its rows.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the journal's last ledger row of chain `{chain}` is {journal}, but ClickHouse holds rows up to {stored}:      the journal lost rows it had shipped (restored from an older copy?). Its chain, nonces and agent state      are out of date; nothing is shipped. Put back the newest journal, or move the state directory's      journal aside: the chain then resumes after ClickHouse's row {stored}, recorded in a `resumed` row      (docs/operations.md)"
+)]
+pub struct JournalBehind {
+    /// The chain.
+    pub chain: String,
+    /// The journal's last row.
+    pub journal: u64,
+    /// ClickHouse's last row.
+    pub stored: u64,
+}
+
+/// Whether ClickHouse's last row of `chain_id` lies beyond the journal's last row
+/// `journal_head` (see [`JournalBehind`]); `Ok(())` also when ClickHouse holds
+/// nothing of it.
+pub async fn check_not_behind(
+    client: &clickhouse::Client,
+    table: &str,
+    chain_id: &str,
+    journal_head: u64,
+) -> Result<(), ShipError> {
+    match stored_head(client, table, chain_id).await {
+        Ok(Some((stored, _))) if stored > journal_head => Err(JournalBehind {
+            chain: chain_id.to_owned(),
+            journal: journal_head,
+            stored,
+        }
+        .into()),
+        Ok(_) => Ok(()),
+        Err(e) if e.to_string().contains("UNKNOWN_TABLE") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Sealed rows not yet in ClickHouse, in `seq` order, with their records' LSNs: the
@@ -576,6 +619,9 @@ pub struct Shipper {
     nice: Option<u8>,
     /// The intent of the insert being tried is in the journal (a recovered one is).
     intent_durable: bool,
+    /// The journal's last row at start, when it had one: ClickHouse may not hold
+    /// more of the chain than that ([`JournalBehind`]).
+    journal_head: Option<u64>,
 }
 
 /// Rows still to ship in memory that the ledger endpoints look through, newest
@@ -605,7 +651,16 @@ impl Shipper {
             every: Duration::ZERO,
             nice: None,
             intent_durable: true,
+            journal_head: None,
         }
+    }
+
+    /// The journal's last row at start was `seq`: [`Self::learn`] refuses to ship
+    /// when ClickHouse holds more of the chain ([`JournalBehind`]) — rows sealed
+    /// since would take positions ClickHouse has, and be dropped as shipped.
+    pub fn with_journal_head(mut self, seq: Option<u64>) -> Shipper {
+        self.journal_head = seq;
+        self
     }
 
     /// Inserts at most once per `every` while fewer than [`SHIP_NOW_ROWS`] rows
@@ -638,6 +693,14 @@ impl Shipper {
             ),
             None => (0, [0; 32]),
         };
+        if let Some(journal) = self.journal_head.filter(|&j| seq > j) {
+            return Err(JournalBehind {
+                chain: self.chain_id.clone(),
+                journal,
+                stored: seq,
+            }
+            .into());
+        }
         // A row ClickHouse holds that is still queued here must be the same row:
         // otherwise another writer used this chain id (nothing is dropped then).
         let ours = self.queue.find(seq);
