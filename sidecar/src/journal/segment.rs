@@ -11,6 +11,11 @@ use super::{JournalStats, Lsn, Options, MAX_BATCH_JOBS, MAX_RECORD_BYTES};
 /// Bytes of a frame's header: length, CRC, LSN.
 const HEADER: usize = 16;
 
+/// The unit a disk writes whole (or not at all) after a crash: a torn write leaves
+/// each sector of it either written or as it was — zeros, over the zeros written
+/// ahead of the records or a file's new end.
+const SECTOR: usize = 512;
+
 /// Zeros written ahead of the records, at least (see [`Writer::write_batch`]).
 const PREALLOCATE: u64 = 64 << 10;
 
@@ -61,6 +66,102 @@ struct Scan {
     len: u64,
 }
 
+/// The frame at `pos`: its length, checksum and LSN, when its header is there.
+fn header(bytes: &[u8], pos: usize) -> Option<(usize, u32, Lsn)> {
+    let head = bytes.get(pos..pos.checked_add(HEADER)?)?;
+    let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+    let mut l = [0u8; 8];
+    l.copy_from_slice(&head[8..16]);
+    Some((word(0) as usize, word(4), u64::from_le_bytes(l)))
+}
+
+/// The payload of a whole, valid frame at `pos` with LSN `lsn`.
+fn valid_at(bytes: &[u8], pos: usize) -> Option<(Lsn, &[u8])> {
+    let (len, sum, lsn) = header(bytes, pos)?;
+    if len > MAX_RECORD_BYTES {
+        return None;
+    }
+    let payload = bytes.get(pos + HEADER..pos + HEADER + len)?;
+    (crc(lsn, payload) == sum).then_some((lsn, payload))
+}
+
+/// Whether some sector's share of `bytes[from..to]` is all zeros: a part of a write
+/// that had not reached the disk when it stopped.
+fn unwritten_part(bytes: &[u8], from: usize, to: usize) -> bool {
+    let to = to.min(bytes.len());
+    let mut at = from;
+    while at < to {
+        let end = ((at / SECTOR + 1) * SECTOR).min(to);
+        if bytes
+            .get(at..end)
+            .is_some_and(|c| c.iter().all(|&b| b == 0))
+        {
+            return true;
+        }
+        at = end;
+    }
+    false
+}
+
+/// The first whole, valid frame after `from` and before `end` whose LSN is past
+/// `expect` (at most one per header's worth of bytes further on).
+fn next_valid(bytes: &[u8], from: usize, end: usize, expect: Lsn) -> Option<(usize, Lsn)> {
+    let most = expect.saturating_add(((end - from) / HEADER) as u64 + 1);
+    (from..end.saturating_sub(HEADER)).find_map(|q| {
+        let (_, _, lsn) = header(bytes, q)?;
+        if lsn <= expect || lsn > most {
+            return None;
+        }
+        valid_at(bytes, q).map(|(lsn, _)| (q, lsn))
+    })
+}
+
+/// Whether the frame at `pos`, the first that does not check (record `expect`),
+/// is the start of a torn last batch (`Ok`), or damage (`Err`, what). Non-zero
+/// bytes end at `dirty_end`. A crash tears only a write that had not finished, so
+/// some sector of the torn record was not written: a part of it reads as zeros,
+/// or the file ends inside it. A record whose every part was written, or one
+/// after which another whole record follows with nothing unwritten in between,
+/// was damaged after it was written — maybe after it was acknowledged.
+fn torn_or_damaged(bytes: &[u8], pos: usize, dirty_end: usize, expect: Lsn) -> Result<(), String> {
+    if let Some((q, lsn)) = next_valid(bytes, pos + 1, dirty_end, expect) {
+        return if unwritten_part(bytes, pos, q) {
+            Ok(())
+        } else {
+            Err(format!(
+                "record {expect} does not check, and record {lsn} at {q} after it does"
+            ))
+        };
+    }
+    let Some((len, sum, lsn)) = header(bytes, pos) else {
+        return Ok(()); // the file ends inside the header
+    };
+    if len > MAX_RECORD_BYTES {
+        return if unwritten_part(bytes, pos, pos + HEADER) {
+            Ok(())
+        } else {
+            Err(format!("record {expect} has an impossible length ({len})"))
+        };
+    }
+    // Whole but for its length field: the payload's bytes up to the zeros check.
+    if let Some(p) = bytes.get(pos + HEADER..dirty_end) {
+        if p.len() != len && !p.is_empty() && crc(lsn, p) == sum {
+            return Err(format!(
+                "record {expect}'s length field says {len}, its checksum {} bytes",
+                p.len()
+            ));
+        }
+    }
+    let end = pos + HEADER + len;
+    if end > bytes.len() || unwritten_part(bytes, pos, end) {
+        Ok(())
+    } else {
+        Err(format!(
+            "record {expect} does not check and every part of it was written"
+        ))
+    }
+}
+
 fn scan(path: &Path, first: Lsn, max_torn: usize) -> Result<Scan, SegmentError> {
     let mut bytes = Vec::new();
     File::open(path)
@@ -70,24 +171,9 @@ fn scan(path: &Path, first: Lsn, max_torn: usize) -> Result<Scan, SegmentError> 
     let mut pos = 0usize;
     let mut expect = first;
     while pos < bytes.len() {
-        let Some(head) = bytes.get(pos..pos + HEADER) else {
+        let Some((lsn, payload)) = valid_at(&bytes, pos) else {
             break;
         };
-        let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
-        let len = word(0) as usize;
-        let sum = word(4);
-        let mut l = [0u8; 8];
-        l.copy_from_slice(&head[8..16]);
-        let lsn = u64::from_le_bytes(l);
-        if len > MAX_RECORD_BYTES {
-            break;
-        }
-        let Some(payload) = bytes.get(pos + HEADER..pos + HEADER + len) else {
-            break;
-        };
-        if crc(lsn, payload) != sum {
-            break;
-        }
         if lsn != expect {
             return Err(SegmentError::Corrupt {
                 path: path.to_path_buf(),
@@ -97,7 +183,7 @@ fn scan(path: &Path, first: Lsn, max_torn: usize) -> Result<Scan, SegmentError> 
         }
         records.push((lsn, payload.to_vec()));
         expect += 1;
-        pos += HEADER + len;
+        pos += HEADER + payload.len();
     }
     // After the last valid frame: the zeros written ahead of the records (an
     // all-zero frame never checks: its CRC would be that of LSN 0), and at most the
@@ -111,6 +197,15 @@ fn scan(path: &Path, first: Lsn, max_torn: usize) -> Result<Scan, SegmentError> 
             offset: pos as u64,
             detail: format!("{dirty} bytes after a damaged record"),
         });
+    }
+    if dirty > 0 {
+        torn_or_damaged(&bytes, pos, pos + dirty, expect).map_err(|detail| {
+            SegmentError::Corrupt {
+                path: path.to_path_buf(),
+                offset: pos as u64,
+                detail,
+            }
+        })?;
     }
     Ok(Scan {
         records,

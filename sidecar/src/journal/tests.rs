@@ -154,16 +154,21 @@ fn three_records(name: &str) -> (testkit::TempDir, std::path::PathBuf) {
     (d, seg)
 }
 
-/// A crash in the middle of writing a fourth record after [`three_records`]: its
-/// first bytes reached the disk, the rest not (then the zeros written ahead when
-/// `zeros_after`, else the file's end). Returns the length of the three records.
+/// A crash in the middle of writing a fourth record after [`three_records`]: the
+/// sector holding its first bytes reached the disk, the next not (then the zeros
+/// written ahead when `zeros_after`, else the file's end there). Returns the
+/// length of the three records.
 fn tear_a_fourth_record(seg: &std::path::Path, zeros_after: bool) -> usize {
     let len = frames(1..=3).len();
-    let fourth = frames(4..=4);
+    // Long enough to reach into the next sector.
+    let mut fourth = Vec::new();
+    segment_frame(&mut fourth, 4, &[b'x'; 700]);
+    let written = (len / 512 + 1) * 512 - len;
+    assert!(written < fourth.len());
     let mut torn = std::fs::read(seg).unwrap();
-    torn[len..len + fourth.len() - 3].copy_from_slice(&fourth[..fourth.len() - 3]);
+    torn[len..len + written].copy_from_slice(&fourth[..written]);
     if !zeros_after {
-        torn.truncate(len + fourth.len() - 3);
+        torn.truncate(len + written);
     }
     std::fs::write(seg, &torn).unwrap();
     len
@@ -236,6 +241,66 @@ fn a_torn_last_record_is_cut_off_and_nothing_else_is_lost() {
         let (_, rec) = open(d.path(), 1 << 20);
         assert_eq!(rec.len(), 4);
     }
+}
+
+/// Damage to a record that was written whole — a flipped bit, a bad sector read
+/// back as other bytes — is not a torn write, however near the end it lies: the
+/// journal refuses to start rather than cut it off with the records after it
+/// (acknowledged, all of them: their nonces and state would be lost).
+#[test]
+fn damage_near_the_end_is_not_taken_for_a_torn_write() {
+    let one = frames(1..=1).len();
+    let two = frames(1..=2).len();
+    // (what, which byte gets a bit flipped)
+    let cases = [
+        ("a byte of record 2", one + 20),
+        ("a byte of the last record", two + 20),
+        // The length then reaches into the zeros after the records.
+        ("the last record's length", two + 1),
+        ("record 2's length", one + 1),
+    ];
+    for (what, at) in cases {
+        let (d, seg) = three_records("journal-bitrot");
+        let mut b = std::fs::read(&seg).unwrap();
+        b[at] ^= 0x01;
+        std::fs::write(&seg, &b).unwrap();
+        match Journal::open(d.path(), Options::default()) {
+            Err(JournalError::Corrupt { detail, .. }) => {
+                assert!(detail.contains("record"), "{what}: {detail}");
+            }
+            Err(e) => panic!("{what}: {e}"),
+            Ok(o) => panic!("{what}: opened with {} records", o.records.len()),
+        }
+        assert_eq!(std::fs::read(&seg).unwrap(), b, "{what}: nothing cut");
+    }
+}
+
+/// A crash can leave a later sector of the last batch written and an earlier one
+/// not: the batch is cut at its first torn record, whole records after it
+/// included (the batch was never acknowledged).
+#[test]
+fn a_torn_batch_with_a_later_sector_written_is_cut_at_the_tear() {
+    let (d, seg) = three_records("journal-torn-middle");
+    let len = frames(1..=3).len();
+    let mut batch = Vec::new();
+    segment_frame(&mut batch, 4, &[b'x'; 1200]);
+    let fifth = batch.len();
+    segment_frame(&mut batch, 5, b"{}");
+    let mut b = std::fs::read(&seg).unwrap();
+    b[len..len + batch.len()].copy_from_slice(&batch);
+    // The sector after the one where record 4 starts was not written.
+    let hole = (len / 512 + 1) * 512;
+    b[hole..hole + 512].fill(0);
+    assert!(hole + 512 < len + fifth, "the hole is inside record 4");
+    std::fs::write(&seg, &b).unwrap();
+    let (j, rec) = open(d.path(), 1 << 20);
+    assert_eq!(rec, vec![(1, 1), (2, 2), (3, 3)]);
+    assert_eq!(
+        std::fs::metadata(&seg).unwrap().len(),
+        len as u64,
+        "cut back"
+    );
+    assert_eq!(commit(&j, 4), 4);
 }
 
 /// A roll that could neither sync the directory nor remove the file it had created
