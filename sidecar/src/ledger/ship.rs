@@ -192,7 +192,7 @@ pub enum ShipError {
 /// as old as its rows.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the journal's last ledger row of chain `{chain}` is {journal}, but ClickHouse holds rows up to {stored}:      the journal lost rows it had shipped (restored from an older copy?). Its chain, nonces and agent state      are out of date; nothing is shipped. Put back the newest journal, or move the state directory's      journal aside: the chain then resumes after ClickHouse's row {stored}, recorded in a `resumed` row      (docs/operations.md)"
+    "the journal's last ledger row of chain `{chain}` is {journal}, but ClickHouse holds rows up to {stored}: the journal lost rows it had shipped (restored from an older copy?), and its nonces and agent state are as old; nothing is shipped. Put back the newest journal, or move the journal aside: the chain then resumes after ClickHouse's row {stored}, with a `resumed` row that says so (docs/architecture.md, The control path)"
 )]
 pub struct JournalBehind {
     /// The chain.
@@ -620,7 +620,8 @@ pub struct Shipper {
     /// The intent of the insert being tried is in the journal (a recovered one is).
     intent_durable: bool,
     /// The journal's last row at start, when it had one: ClickHouse may not hold
-    /// more of the chain than that ([`JournalBehind`]).
+    /// more of the chain than that ([`JournalBehind`]) when it is first asked
+    /// (later it holds what this process shipped too).
     journal_head: Option<u64>,
 }
 
@@ -655,9 +656,10 @@ impl Shipper {
         }
     }
 
-    /// The journal's last row at start was `seq`: [`Self::learn`] refuses to ship
-    /// when ClickHouse holds more of the chain ([`JournalBehind`]) — rows sealed
-    /// since would take positions ClickHouse has, and be dropped as shipped.
+    /// The journal's last row at start was `seq`: the first [`Self::learn`] that
+    /// hears from ClickHouse refuses to ship when it holds more of the chain
+    /// ([`JournalBehind`]) — rows sealed since would take positions ClickHouse
+    /// has, and be dropped as shipped.
     pub fn with_journal_head(mut self, seq: Option<u64>) -> Shipper {
         self.journal_head = seq;
         self
@@ -693,6 +695,7 @@ impl Shipper {
             ),
             None => (0, [0; 32]),
         };
+        // Only the first time: later, ClickHouse holds what this process shipped.
         if let Some(journal) = self.journal_head.filter(|&j| seq > j) {
             return Err(JournalBehind {
                 chain: self.chain_id.clone(),
@@ -701,6 +704,7 @@ impl Shipper {
             }
             .into());
         }
+        self.journal_head = None;
         // A row ClickHouse holds that is still queued here must be the same row:
         // otherwise another writer used this chain id (nothing is dropped then).
         let ours = self.queue.find(seq);
@@ -871,9 +875,14 @@ impl Shipper {
                     last_err.clear();
                 }
                 Err(e) => {
+                    let behind = matches!(e, ShipError::Behind(_));
                     let e = e.to_string();
                     if e != last_err {
-                        tracing::warn!(error = %e, rows = self.queue.len(), "ledger rows kept in the journal");
+                        if behind {
+                            tracing::error!(error = %e, rows = self.queue.len(), "ledger rows kept in the journal");
+                        } else {
+                            tracing::warn!(error = %e, rows = self.queue.len(), "ledger rows kept in the journal");
+                        }
                         last_err = e;
                     }
                 }
