@@ -124,42 +124,65 @@ fn next_valid(bytes: &[u8], from: usize, end: usize, expect: Lsn) -> Option<(usi
 /// after which another whole record follows with nothing unwritten in between,
 /// was damaged after it was written — maybe after it was acknowledged.
 fn torn_or_damaged(bytes: &[u8], pos: usize, dirty_end: usize, expect: Lsn) -> Result<(), String> {
-    if let Some((q, lsn)) = next_valid(bytes, pos + 1, dirty_end, expect) {
-        return if unwritten_part(bytes, pos, q) {
-            Ok(())
-        } else {
-            Err(format!(
-                "record {expect} does not check, and record {lsn} at {q} after it does"
-            ))
-        };
+    let next = next_valid(bytes, pos + 1, dirty_end, expect);
+    let head = header(bytes, pos);
+    // The record ends before the next whole one, else where its length says.
+    let claimed_end =
+        head.and_then(|(len, _, _)| (len <= MAX_RECORD_BYTES).then_some(pos + HEADER + len));
+    let end = next.map(|(q, _)| q).or(claimed_end).unwrap_or(pos + HEADER);
+    // When the record's first sector holds only the start of its header, its share
+    // there may be zeros of the length field's own; that share is judged below.
+    let lead = match SECTOR - pos % SECTOR {
+        n if n < HEADER => n,
+        _ => 0,
+    };
+    if unwritten_part(bytes, pos + lead, end) {
+        return Ok(());
     }
-    let Some((len, sum, lsn)) = header(bytes, pos) else {
+    let Some((len, sum, lsn)) = head else {
         return Ok(()); // the file ends inside the header
     };
-    if len > MAX_RECORD_BYTES {
-        return if unwritten_part(bytes, pos, pos + HEADER) {
-            Ok(())
+    // The payload as written: up to the next whole record, else up to the zeros.
+    let written = bytes
+        .get(pos + HEADER..next.map_or(dirty_end, |(q, _)| q))
+        .unwrap_or_default();
+    let checks = !written.is_empty() && crc(lsn, written) == sum;
+    if lead > 0
+        && bytes
+            .get(pos..pos + lead)
+            .is_some_and(|b| b.iter().all(|&x| x == 0))
+    {
+        // Unwritten, or zeros of the length field (a low byte of a length that is a
+        // multiple of 256). With the checksum and LSN written, the payload says
+        // which: whole, only the first sector was missed (torn).
+        return if lead <= 4 && !checks {
+            Err(format!(
+                "record {expect} does not check and every part of it but its length's first bytes was written"
+            ))
         } else {
-            Err(format!("record {expect} has an impossible length ({len})"))
+            Ok(())
         };
     }
-    // Whole but for its length field: the payload's bytes up to the zeros check.
-    if let Some(p) = bytes.get(pos + HEADER..dirty_end) {
-        if p.len() != len && !p.is_empty() && crc(lsn, p) == sum {
-            return Err(format!(
-                "record {expect}'s length field says {len}, its checksum {} bytes",
-                p.len()
-            ));
-        }
+    if let Some((q, lsn)) = next {
+        return Err(format!(
+            "record {expect} does not check, and record {lsn} at {q} after it does"
+        ));
     }
-    let end = pos + HEADER + len;
-    if end > bytes.len() || unwritten_part(bytes, pos, end) {
-        Ok(())
-    } else {
-        Err(format!(
-            "record {expect} does not check and every part of it was written"
-        ))
+    if len > MAX_RECORD_BYTES {
+        return Err(format!("record {expect} has an impossible length ({len})"));
     }
+    if checks && written.len() != len {
+        return Err(format!(
+            "record {expect}'s length field says {len}, its checksum {} bytes",
+            written.len()
+        ));
+    }
+    if pos + HEADER + len > bytes.len() {
+        return Ok(()); // the file ends inside it
+    }
+    Err(format!(
+        "record {expect} does not check and every part of it was written"
+    ))
 }
 
 fn scan(path: &Path, first: Lsn, max_torn: usize) -> Result<Scan, SegmentError> {

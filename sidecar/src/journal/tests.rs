@@ -275,6 +275,63 @@ fn damage_near_the_end_is_not_taken_for_a_torn_write() {
     }
 }
 
+/// The encoded [`payload`] `i`, `pad` spaces longer (JSON allows them at its end).
+fn padded(i: u64, pad: usize) -> Vec<u8> {
+    let mut p = payload(i).encode().unwrap();
+    p.resize(p.len() + pad, b' ');
+    p
+}
+
+/// A segment of record 1, sized so that record 2 starts at byte 511: one byte of
+/// record 2's header — its length's low byte — shares a sector with record 1.
+/// Record 2's payload is `len2` bytes. Returns the directory, the segment and its
+/// bytes (record 2 then zeros).
+fn record_2_at_511(name: &str, len2: usize) -> (testkit::TempDir, std::path::PathBuf, Vec<u8>) {
+    let d = testkit::TempDir::new(name);
+    let base = payload(1).encode().unwrap().len();
+    let mut b = Vec::new();
+    segment_frame(&mut b, 1, &padded(1, 511 - 16 - base));
+    assert_eq!(b.len(), 511);
+    let two = padded(2, len2 - base);
+    segment_frame(&mut b, 2, &two);
+    b.resize(b.len() + 4096, 0);
+    let seg = d.path().join("00000000000000000001.log");
+    std::fs::write(&seg, &b).unwrap();
+    (d, seg, b)
+}
+
+/// Record 2 torn so that the sector holding its first byte was not written and
+/// the ones after were: that byte reads as zero, the rest of the record checks
+/// but for its length. Torn, not damage: cut off.
+#[test]
+fn a_record_torn_in_its_first_bytes_sector_only_is_cut_off() {
+    let (d, seg, mut b) = record_2_at_511("journal-torn-lead", 700);
+    b[511] = 0;
+    std::fs::write(&seg, &b).unwrap();
+    let (_, rec) = open(d.path(), 1 << 20);
+    assert_eq!(rec, vec![(1, 1)]);
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), 511, "cut back");
+}
+
+/// The same layout with record 2 whole, its length a multiple of 256 (so that
+/// the byte in the first sector is a zero of its own) and a bit flipped in its
+/// payload: damage, not a torn write.
+#[test]
+fn a_zero_length_byte_of_its_own_does_not_make_damage_a_torn_write() {
+    let (d, seg, mut b) = record_2_at_511("journal-lead-zero", 768);
+    assert_eq!(b[511], 0, "the length's low byte");
+    assert!(
+        Journal::open(d.path(), Options::default()).is_ok(),
+        "whole, it opens"
+    );
+    b[511 + 16 + 100] ^= 0x01;
+    std::fs::write(&seg, &b).unwrap();
+    assert!(matches!(
+        Journal::open(d.path(), Options::default()),
+        Err(JournalError::Corrupt { .. })
+    ));
+}
+
 /// A crash can leave a later sector of the last batch written and an earlier one
 /// not: the batch is cut at its first torn record, whole records after it
 /// included (the batch was never acknowledged).
