@@ -22,6 +22,7 @@ use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::net::TcpListener;
 use tower::ServiceExt as _;
 
@@ -181,9 +182,9 @@ impl Tls {
     }
 }
 
-/// How long a connection may take to finish its TLS handshake, and an HTTP/1.1
-/// request to send its headers: a peer that stalls is dropped, not kept (each one
-/// holds a task and a file descriptor).
+/// How long a connection may take to finish its TLS handshake and send its first
+/// bytes, and an HTTP/1.1 request to send its headers: a peer that stalls is
+/// dropped, not kept (each one holds a task and a file descriptor).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long accepting pauses after an error that is not one connection's (out of
@@ -238,13 +239,11 @@ pub async fn serve(
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HANDSHAKE_TIMEOUT);
+            let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
             match tls {
                 Some(tls) => {
-                    let stream = match tokio::time::timeout(
-                        HANDSHAKE_TIMEOUT,
-                        tls.acceptor.accept(tcp),
-                    )
-                    .await
+                    let stream = match tokio::time::timeout_at(deadline, tls.acceptor.accept(tcp))
+                        .await
                     {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
@@ -257,11 +256,19 @@ pub async fn serve(
                         }
                     };
                     let peer = tls.peer(stream.get_ref().1.peer_certificates());
+                    let Some(stream) = first_bytes(stream, deadline).await else {
+                        tracing::debug!(%from, "no request in time after the TLS handshake: dropped");
+                        return;
+                    };
                     let svc = with_peer(app, peer, from);
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     let _ = watcher.watch(conn.into_owned()).await;
                 }
                 None => {
+                    let Some(tcp) = first_bytes(tcp, deadline).await else {
+                        tracing::debug!(%from, "no request in time: dropped");
+                        return;
+                    };
                     let svc = with_peer(app, Peer::Plaintext, from);
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
                     let _ = watcher.watch(conn.into_owned()).await;
@@ -270,6 +277,22 @@ pub async fn serve(
         });
     }
     graceful.shutdown().await;
+}
+
+/// `io` once its peer has sent its first bytes, before `deadline` (`None`: it
+/// sent none, or hung up). hyper reads those bytes to tell HTTP/1.1 from HTTP/2
+/// without a timer of its own, and an HTTP/2 connection without its preface would
+/// be held as long as the peer liked.
+async fn first_bytes<S>(io: S, deadline: tokio::time::Instant) -> Option<BufReader<S>>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let mut r = BufReader::new(io);
+    let got = matches!(
+        tokio::time::timeout_at(deadline, r.fill_buf()).await,
+        Ok(Ok(b)) if !b.is_empty()
+    );
+    got.then_some(r)
 }
 
 fn with_peer(
