@@ -254,22 +254,28 @@ fn configuration_errors_are_clear() {
 
 /// The sidecar signs the JSON route's commands itself, so it checks the token's
 /// role too: a request the edge did not stamp, or stamped for a token without the
-/// command role, is refused (and counted, and recorded), and nothing is signed.
+/// command role, is refused, counted and recorded (the edge's row, then the
+/// sidecar's refusal, with who asked), and nothing is signed.
 #[test]
 fn the_json_route_needs_the_command_role_from_the_edge() {
     let d = testkit::TempDir::new("sidecar-json-role");
-    let s = start(d.path(), true);
+    let ch = testkit::clickhouse::ClickHouse::start(d.path());
+    let s = common::serve(common::config_with_clickhouse(
+        &d.path().join("state"),
+        true,
+        &ch,
+    ));
     let send = |stamp: Option<&str>| -> (u16, Value) {
-        let req =
-            s.0.http
-                .post(format!("{}/api/control/module/mev:kill", s.0.base))
-                .header("content-type", "application/json")
-                .body("{}");
+        let req = s
+            .http
+            .post(format!("{}/api/control/module/mev:kill", s.base))
+            .header("content-type", "application/json")
+            .body("{}");
         let req = match stamp {
             Some(roles) => common::as_role(req, roles),
             None => req,
         };
-        s.0.rt.block_on(async {
+        s.rt.block_on(async {
             let r = req.send().await.unwrap();
             (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
         })
@@ -292,12 +298,12 @@ fn the_json_route_needs_the_command_role_from_the_edge() {
             "{body}"
         );
     }
-    let modules: Value = serde_json::from_str(&s.get("/api/modules")).unwrap();
+    let modules = s.get_json("/api/modules");
     assert_eq!(
         modules["mev"]["applied"], 0,
         "nothing was signed: {modules}"
     );
-    let metrics = s.0.get_ops("/metrics");
+    let metrics = s.get_ops("/metrics");
     for (code, n) in [("jwt_missing", 1), ("forbidden_role", 3)] {
         let line = format!("gw_sidecar_decisions_total{{code=\"{code}\"}} {n}");
         assert!(metrics.contains(&line), "{line} in {metrics}");
@@ -305,6 +311,23 @@ fn the_json_route_needs_the_command_role_from_the_edge() {
     // The role ladder as at the edge: admin, and several roles with it, pass.
     let (status, body) = send(Some("viewer, admin"));
     assert_eq!(status, 200, "{body}");
-    let modules: Value = serde_json::from_str(&s.get("/api/modules")).unwrap();
-    assert_eq!(modules["mev"]["applied"], 1, "{modules}");
+    assert_eq!(s.get_json("/api/modules")["mev"]["applied"], 1);
+    // The rows: the unstamped request's refusal claims no edge and no one; each
+    // stamped one has the edge's row and the refusal, both naming who asked.
+    let rows = common::wait_rows(&ch, 1 + 3 * 2 + 3);
+    assert_eq!(gw_core::ledger::verify_chain(&rows), Ok(rows.len() as u64));
+    let of = |code: &str| rows.iter().filter(|r| r.code == code).collect::<Vec<_>>();
+    let missing = of("jwt_missing");
+    assert_eq!(missing.len(), 1);
+    assert!(missing[0].requester.is_empty() && missing[0].stage == "sidecar");
+    let forbidden = of("forbidden_role");
+    assert_eq!(forbidden.len(), 3);
+    assert!(forbidden
+        .iter()
+        .all(|r| r.stage == "sidecar" && r.requester.contains("operator-1")));
+    assert_eq!(
+        rows.iter().filter(|r| r.stage == "edge").count(),
+        4,
+        "{rows:#?}"
+    );
 }
