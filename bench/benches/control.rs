@@ -562,10 +562,12 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         .get("straight to the sidecar (HTTP/2, mutual TLS)")
         .copied()
         .unwrap_or(1.0);
-    println!(
-        "through Envoy / straight to the sidecar (best rounds): {:.2}x",
-        via / straight
-    );
+    if loaded_rounds > 0 {
+        println!(
+            "through Envoy / straight to the sidecar (best rounds): {:.2}x",
+            via / straight
+        );
+    }
     // One command at a time through Envoy: does anything stall the control path?
     // The same straight to the sidecar says where the time goes.
     // GW_BENCH_SEQ_ROUNDS: more rounds, to see whether the latency drifts.
