@@ -352,8 +352,29 @@ pub async fn not_found(State(g): State<Gatekeeper>, req: Request) -> Response {
 }
 
 /// How long a refused caller's body is waited for; its row is then written with
-/// what arrived in time (nothing, if the body did not end).
+/// what arrived in time.
 const REFUSED_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The first `max` bytes of `body`, or what of them arrived within `wait` (a body
+/// cut off, or longer, still leaves its start).
+async fn body_prefix(body: Body, max: usize, wait: std::time::Duration) -> Vec<u8> {
+    use futures_util::StreamExt as _;
+    let mut out = Vec::new();
+    let mut data = body.into_data_stream();
+    let _ = tokio::time::timeout(wait, async {
+        while out.len() < max {
+            match data.next().await {
+                Some(Ok(chunk)) => {
+                    let take = chunk.len().min(max - out.len());
+                    out.extend_from_slice(&chunk[..take]);
+                }
+                _ => break,
+            }
+        }
+    })
+    .await;
+    out
+}
 
 /// Answers `req` with `code`, after its row (the route and up to
 /// [`REFUSED_BODY_BYTES`] of its body) is durable. The body is read and the row
@@ -364,14 +385,7 @@ async fn refuse(g: &Gatekeeper, code: Code, detail: &'static str, req: Request) 
     let g = g.clone();
     let recorded = tokio::spawn(async move {
         let path = req.uri().path().to_owned();
-        let body = tokio::time::timeout(
-            REFUSED_BODY_WAIT,
-            axum::body::to_bytes(req.into_body(), REFUSED_BODY_BYTES),
-        )
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default();
+        let body = body_prefix(req.into_body(), REFUSED_BODY_BYTES, REFUSED_BODY_WAIT).await;
         g.metrics.decision(code.as_str());
         let route =
             gw_core::contract::truncate_utf8(&path, gw_core::contract::MAX_REPORT_PATH_BYTES);

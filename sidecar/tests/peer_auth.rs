@@ -132,6 +132,10 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
         assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
     });
     refused += 2;
+    // A refused body longer than a row keeps: its first 64 KiB are recorded.
+    let (status, _) = call(&s, &anonymous, "POST", "/api/rpc", &[], vec![b'z'; 70_000]);
+    assert_eq!(status, 401);
+    refused += 1;
     // Health needs no certificate.
     let (ok, _) = call(&s, &anonymous, "GET", "/healthz", &[], Vec::new());
     assert_eq!(ok, 200);
@@ -181,6 +185,11 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
         .filter(|r| r.code == "unauthenticated" || r.code == "forbidden_peer")
         .collect();
     assert_eq!(refusals.len(), refused, "{rows:#?}");
+    // What arrived of a body cut off, and the start of one too long, are kept.
+    assert!(refusals.iter().any(|r| r.raw_hex == "616263"), "{rows:#?}");
+    assert!(refusals
+        .iter()
+        .any(|r| r.raw_hex.len() == 2 * 65_536 && r.raw_hex.bytes().all(|b| b"7a".contains(&b))));
     assert!(refusals
         .iter()
         .all(|r| r.stage == "sidecar" && r.decision == "rejected" && r.requester.is_empty()));
