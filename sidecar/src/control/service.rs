@@ -513,11 +513,7 @@ impl Control {
         let committed = match result {
             Ok(done) => done,
             Err(e) => {
-                let r = self
-                    .gate
-                    .lock()
-                    .admission
-                    .journal_failed(&a, &e.to_string());
+                let r = self.gate.lock().admission.journal_failed(&a, &e.public());
                 return Err(self.refuse(r, body, requester, &path).await);
             }
         };

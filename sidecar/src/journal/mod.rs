@@ -153,6 +153,18 @@ pub enum JournalError {
     NoChain,
 }
 
+impl JournalError {
+    /// What a client may be told: the error without the server's file paths (the
+    /// sidecar's log has them).
+    pub fn public(&self) -> String {
+        match self {
+            JournalError::Io { detail, .. } => format!("the journal's disk failed: {detail}"),
+            JournalError::Corrupt { .. } => "the journal is damaged".into(),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl From<SegmentError> for JournalError {
     fn from(e: SegmentError) -> Self {
         match e {

@@ -47,7 +47,7 @@ pub struct AuditError(#[from] pub JournalError);
 
 impl From<AuditError> for ApiError {
     fn from(e: AuditError) -> Self {
-        ApiError::with(Code::Unavailable, e.to_string())
+        ApiError::with(Code::Unavailable, format!("audit ledger: {}", e.0.public()))
     }
 }
 
