@@ -475,6 +475,35 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
+/// A sidecar's configuration with its state in `state`, shipping to `ch`.
+fn config_on(state: &std::path::Path, ch: &ClickHouse) -> gw_sidecar::config::Config {
+    let mut c = common::config(state, false);
+    c.file.clickhouse_url = Some(ch.url());
+    c
+}
+
+/// Posts a signed throttle command with `nonce` to `s`: the status.
+fn post_throttle(s: &common::Served, nonce: u64) -> u16 {
+    let body = testkit::fixtures::signed_command(
+        nonce,
+        gw_core::Action::Throttle,
+        common::now(),
+        "dashboard",
+        &[],
+    );
+    s.rt.block_on(async {
+        s.http
+            .post(format!("{}/api/control/commands", s.base))
+            .header("content-type", "application/x-protobuf")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    })
+}
+
 /// A journal put back from an older copy ends before what it had shipped: the
 /// rows it seals next take positions ClickHouse already holds, different. The
 /// shipper refuses to ship them — it used to drop them as already shipped, silently
@@ -530,39 +559,18 @@ fn a_journal_older_than_clickhouse_is_not_shipped_over() {
 /// and says why.
 #[test]
 fn a_sidecar_whose_journal_is_older_than_clickhouse_refuses_to_start() {
-    use gw_core::Action;
-    use testkit::fixtures::signed_command;
-
     let d = testkit::TempDir::new("ledger-behind-start");
     let ch = ClickHouse::start(d.path());
     let state = d.path().join("state");
-    let cfg = || {
-        let mut c = common::config(&state, false);
-        c.file.clickhouse_url = Some(ch.url());
-        c
-    };
-    let post = |s: &common::Served, nonce: u64| {
-        let body = signed_command(nonce, Action::Throttle, common::now(), "dashboard", &[]);
-        s.rt.block_on(async {
-            s.http
-                .post(format!("{}/api/control/commands", s.base))
-                .header("content-type", "application/x-protobuf")
-                .body(body)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        })
-    };
+    let cfg = || config_on(&state, &ch);
     let s = common::serve(cfg());
-    assert_eq!(post(&s, 81), 200);
+    assert_eq!(post_throttle(&s, 81), 200);
     wait_rows(&ch, 2);
     drop(s);
     let (journal, copy) = (state.join("journal"), d.path().join("journal-copy"));
     copy_dir(&journal, &copy);
     let s = common::serve(cfg());
-    assert_eq!(post(&s, 82), 200);
+    assert_eq!(post_throttle(&s, 82), 200);
     wait_rows(&ch, 4);
     drop(s);
     std::fs::remove_dir_all(&journal).unwrap();
@@ -1055,39 +1063,18 @@ fn the_sidecar_writes_as_a_user_that_cannot_cut_the_ledger() {
 /// and its first row says so.
 #[test]
 fn a_node_whose_journal_is_lost_continues_after_clickhouse_and_says_so() {
-    use gw_core::Action;
-    use testkit::fixtures::signed_command;
-
     let d = testkit::TempDir::new("ledger-resume");
     let ch = ClickHouse::start(d.path());
     let state = d.path().join("state");
-    let cfg = || {
-        let mut c = common::config(&state, false);
-        c.file.clickhouse_url = Some(ch.url());
-        c
-    };
-    let post = |s: &common::Served, nonce: u64| {
-        let body = signed_command(nonce, Action::Throttle, common::now(), "dashboard", &[]);
-        s.rt.block_on(async {
-            s.http
-                .post(format!("{}/api/control/commands", s.base))
-                .header("content-type", "application/x-protobuf")
-                .body(body)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        })
-    };
+    let cfg = || config_on(&state, &ch);
     let s = common::serve(cfg());
-    assert_eq!(post(&s, 71), 200);
+    assert_eq!(post_throttle(&s, 71), 200);
     wait_rows(&ch, 2);
     drop(s);
     std::fs::remove_dir_all(state.join("journal")).unwrap();
 
     let s = common::serve(cfg());
-    assert_eq!(post(&s, 72), 200);
+    assert_eq!(post_throttle(&s, 72), 200);
     let rows = wait_rows(&ch, 5);
     assert_eq!(verify_chain(&rows), Ok(5));
     assert_eq!(rows[2].decision, "resumed");

@@ -233,11 +233,25 @@ fn plain_http_only_on_loopback_and_only_when_asked_for() {
     assert!(ok.file.insecure_plaintext && ok.file.tls.is_none());
 }
 
+/// Asserts that the sidecar closes `conn` (`what`) within `limit`, unanswered.
+async fn closed_within<S>(conn: &mut S, limit: std::time::Duration, what: &str)
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(limit, conn.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("{what} was held"));
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "{what}: closed, not answered: {n:?}"
+    );
+}
+
 /// A peer that opens a connection and stalls — before its TLS handshake is done,
 /// before its first bytes after it, or before its request's headers are done —
-/// is dropped after
-/// `serve::HANDSHAKE_TIMEOUT`, not held (each would keep a task and a file
-/// descriptor of the sidecar's for as long as it liked).
+/// is dropped after `serve::HANDSHAKE_TIMEOUT`, not held (each would keep a task
+/// and a file descriptor of the sidecar's for as long as it liked).
 #[test]
 fn a_peer_that_stalls_its_handshake_or_its_headers_is_dropped() {
     let d = testkit::TempDir::new("sidecar-stall");
@@ -256,15 +270,9 @@ fn a_peer_that_stalls_its_handshake_or_its_headers_is_dropped() {
         slow.write_all(b"GET /api/modules HTTP/1.1\r\nhost: loc")
             .await
             .unwrap();
+        closed_within(&mut silent, limit, "a connection without a handshake").await;
+        closed_within(&mut idle, limit, "a connection silent after its handshake").await;
         let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(limit, silent.read(&mut buf))
-            .await
-            .expect("a connection without a handshake was held");
-        assert!(matches!(n, Ok(0) | Err(_)), "closed, not answered: {n:?}");
-        let n = tokio::time::timeout(limit, idle.read(&mut buf))
-            .await
-            .expect("a connection that sent nothing after its handshake was held");
-        assert!(matches!(n, Ok(0) | Err(_)), "closed, not answered: {n:?}");
         let n = tokio::time::timeout(limit, slow.read(&mut buf))
             .await
             .expect("a request without its headers was held");
