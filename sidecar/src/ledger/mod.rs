@@ -53,6 +53,11 @@ pub struct Ledger {
 /// sidecar serves without a chain (refusing commands with 503 until it knows).
 const CHAIN_WAIT: Duration = Duration::from_secs(5);
 
+/// How long start-up asks ClickHouse whether it holds more of the chain than the
+/// journal: a start with a journal does not wait for ClickHouse (the shipper asks
+/// again before its first insert).
+const BEHIND_WAIT: Duration = Duration::from_secs(1);
+
 /// How this node's chain is checkpointed.
 pub struct CheckpointSettings {
     /// The ledger key (`GW_LEDGER_SK_HEX`); no checkpoints without it.
@@ -141,7 +146,7 @@ impl Ledger {
         let journal_head = last.as_ref().map(|r| r.seq);
         if let Some(head) = journal_head {
             let check = ship::check_not_behind(client, TABLE, chain_id, head);
-            match tokio::time::timeout(CHAIN_WAIT, check).await {
+            match tokio::time::timeout(BEHIND_WAIT, check).await {
                 Ok(Err(ShipError::Behind(e))) => return Err(e.into()),
                 Ok(Err(e)) => tracing::warn!(error = %e, "ClickHouse not asked whether it holds more of the chain than the journal: the shipper asks before its first insert"),
                 Ok(Ok(())) => {}
