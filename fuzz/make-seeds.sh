@@ -9,7 +9,7 @@ cd "$GW_ROOT"
 gwctl="$CARGO_TARGET_DIR/debug/gwctl"
 [[ -x "$gwctl" ]] || cargo build -q -p gwctl
 c=fuzz/corpus
-rm -rf "$c" && mkdir -p "$c"/{command,ed25519_differential,jwt,filter_config,rpc_transaction,edge_report,sidecar_config}
+rm -rf "$c" && mkdir -p "$c"/{command,ed25519_differential,jwt,filter_config,rpc_transaction,edge_report,sidecar_config,journal_segment}
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 printf '07%.0s' $(seq 32) > "$tmp/fuzz.sk.hex"   # the key fuzz_targets/command.rs trusts
 
@@ -94,6 +94,23 @@ batch = [{"decision": "rejected", "code": "replay", "path": "/api/control/comman
          {"decision": "accepted", "code": "", "path": "/api/control/commands", "raw_hex": "", "ts_ms": 1}]
 put("edge_report", json.dumps(batch).encode())
 put("edge_report", b"[]")
+
+# journal_segment: records as the journal frames them (len u32 | crc32 of LSN and
+# payload u32 | LSN u64 | payload, little-endian; payload: version 2, then JSON),
+# over zeros written ahead; then torn (the file cut, a sector unwritten) and damaged.
+import struct, zlib
+def frame(lsn, payload):
+    l = struct.pack("<Q", lsn)
+    return struct.pack("<II", len(payload), zlib.crc32(l + payload)) + l + payload
+recs = b"".join(frame(i, b"\x02" + json.dumps({"entries": [{"forwarded": {"lsn": i}}]}).encode()) for i in range(1, 4))
+big = frame(4, b"\x02" + json.dumps({"entries": [{"forwarded": {"lsn": 4}}], "pad": "x" * 900}).encode())
+put("journal_segment", recs + bytes(2048))
+put("journal_segment", recs + big + bytes(1024))
+put("journal_segment", (recs + big)[:512])
+torn = bytearray(recs + big + bytes(1024)); torn[512:1024] = bytes(512)
+put("journal_segment", bytes(torn))
+bad = bytearray(recs + bytes(1024)); bad[40] ^= 1
+put("journal_segment", bytes(bad))
 PY
 # rpc_transaction: solders transactions, raw (mode 0), base58 (1), base64 (2).
 "$GW_VENV/bin/python" sidecar/tests/py/solana_txs.py 2 | "$GW_VENV/bin/python" -c '

@@ -153,6 +153,14 @@ pub enum JournalError {
     NoChain,
 }
 
+/// Fuzzing only: how many records a start keeps of `bytes` read as a segment
+/// (`None`: it refuses them as damaged), panicking if what it keeps is not
+/// consistent. Not an API.
+#[doc(hidden)]
+pub fn fuzz_scan(bytes: &[u8]) -> Option<usize> {
+    segment::fuzz_scan(bytes, 1 << 16)
+}
+
 impl JournalError {
     /// What a client may be told: the error without the server's file paths (the
     /// sidecar's log has them).

@@ -190,19 +190,25 @@ fn scan(path: &Path, first: Lsn, max_torn: usize) -> Result<Scan, SegmentError> 
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(io(path))?;
+    scan_bytes(&bytes, first, max_torn).map_err(|(offset, detail)| SegmentError::Corrupt {
+        path: path.to_path_buf(),
+        offset,
+        detail,
+    })
+}
+
+/// [`scan`] of a segment's bytes, its first record `first`: `Err((offset, what))`
+/// for damage.
+fn scan_bytes(bytes: &[u8], first: Lsn, max_torn: usize) -> Result<Scan, (u64, String)> {
     let mut records = Vec::new();
     let mut pos = 0usize;
     let mut expect = first;
     while pos < bytes.len() {
-        let Some((lsn, payload)) = valid_at(&bytes, pos) else {
+        let Some((lsn, payload)) = valid_at(bytes, pos) else {
             break;
         };
         if lsn != expect {
-            return Err(SegmentError::Corrupt {
-                path: path.to_path_buf(),
-                offset: pos as u64,
-                detail: format!("record {lsn} where {expect} was due"),
-            });
+            return Err((pos as u64, format!("record {lsn} where {expect} was due")));
         }
         records.push((lsn, payload.to_vec()));
         expect += 1;
@@ -215,20 +221,10 @@ fn scan(path: &Path, first: Lsn, max_torn: usize) -> Result<Scan, SegmentError> 
     let rest = bytes.get(pos..).unwrap_or_default();
     let dirty = rest.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     if dirty > max_torn {
-        return Err(SegmentError::Corrupt {
-            path: path.to_path_buf(),
-            offset: pos as u64,
-            detail: format!("{dirty} bytes after a damaged record"),
-        });
+        return Err((pos as u64, format!("{dirty} bytes after a damaged record")));
     }
     if dirty > 0 {
-        torn_or_damaged(&bytes, pos, pos + dirty, expect).map_err(|detail| {
-            SegmentError::Corrupt {
-                path: path.to_path_buf(),
-                offset: pos as u64,
-                detail,
-            }
-        })?;
+        torn_or_damaged(bytes, pos, pos + dirty, expect).map_err(|detail| (pos as u64, detail))?;
     }
     Ok(Scan {
         records,
@@ -236,6 +232,30 @@ fn scan(path: &Path, first: Lsn, max_torn: usize) -> Result<Scan, SegmentError> 
         torn: dirty > 0,
         len: bytes.len() as u64,
     })
+}
+
+/// For fuzzing ([`super::fuzz_scan`]): the records a start would keep of `bytes`
+/// as a segment starting at record 1 (`None`: damage), checked against what they
+/// must be — consecutive from 1, whole frames up to the cut, and the same again
+/// when only the kept bytes are read.
+pub(super) fn fuzz_scan(bytes: &[u8], max_torn: usize) -> Option<usize> {
+    let s = scan_bytes(bytes, 1, max_torn).ok()?;
+    let framed: u64 = s
+        .records
+        .iter()
+        .map(|(_, p)| (HEADER + p.len()) as u64)
+        .sum();
+    assert_eq!(
+        framed, s.good_len,
+        "the kept records are the bytes before the cut"
+    );
+    assert!(s.good_len <= s.len);
+    assert!(s.records.iter().zip(1..).all(|((lsn, _), n)| *lsn == n));
+    let kept = bytes.get(..s.good_len as usize).unwrap_or_default();
+    let again = scan_bytes(kept, 1, max_torn).expect("the kept bytes read back");
+    assert_eq!(again.records, s.records);
+    assert!(!again.torn);
+    Some(s.records.len())
 }
 
 fn segment_name(first: Lsn) -> String {
