@@ -143,14 +143,18 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     let (status, modules) = call(&s, &s.http, "GET", "/api/modules", &[], Vec::new());
     assert_eq!(status, 200);
     assert_eq!(modules["mev"]["applied"], 0, "{modules}");
-    let (status, body) = call(
-        &s,
-        &s.http,
-        "POST",
-        "/api/control/commands",
-        &[("content-type", "application/x-protobuf")],
-        cmd(),
-    );
+    // From the edge, a signed command.
+    let post_command = |body: Vec<u8>| {
+        call(
+            &s,
+            &s.http,
+            "POST",
+            "/api/control/commands",
+            &[("content-type", "application/x-protobuf")],
+            body,
+        )
+    };
+    let (status, body) = post_command(cmd());
     assert_eq!(status, 200, "{body}");
     // A path the sidecar does not serve: 404 not_found, with its row too.
     let (status, body) = call(&s, &s.http, "POST", "/api/nope", &[], b"x".to_vec());
@@ -158,14 +162,7 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
 
     // A body over max_body_bytes (4096 here), from the edge: 413 too_large, and
     // its row too (without the bytes it did not read).
-    let (status, body) = call(
-        &s,
-        &s.http,
-        "POST",
-        "/api/control/commands",
-        &[("content-type", "application/x-protobuf")],
-        vec![7u8; 5000],
-    );
+    let (status, body) = post_command(vec![7u8; 5000]);
     assert_eq!((status, body["error"].as_str()), (413, Some("too_large")));
 
     // Every refusal is a sidecar row with its code; no row claims the edge.

@@ -66,13 +66,22 @@ struct Scan {
     len: u64,
 }
 
-/// The frame at `pos`: its length, checksum and LSN, when its header is there.
-fn header(bytes: &[u8], pos: usize) -> Option<(usize, u32, Lsn)> {
-    let head = bytes.get(pos..pos.checked_add(HEADER)?)?;
+/// A frame header's length, checksum and LSN.
+fn decode_header(head: &[u8; HEADER]) -> (usize, u32, Lsn) {
     let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
     let mut l = [0u8; 8];
     l.copy_from_slice(&head[8..16]);
-    Some((word(0) as usize, word(4), u64::from_le_bytes(l)))
+    (word(0) as usize, word(4), u64::from_le_bytes(l))
+}
+
+/// The frame at `pos`: its length, checksum and LSN, when its header is there.
+fn header(bytes: &[u8], pos: usize) -> Option<(usize, u32, Lsn)> {
+    let head = bytes.get(pos..pos.checked_add(HEADER)?)?;
+    Some(decode_header(head.try_into().ok()?))
+}
+
+fn all_zero(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
 }
 
 /// The payload of a whole, valid frame at `pos` with LSN `lsn`.
@@ -92,10 +101,7 @@ fn unwritten_part(bytes: &[u8], from: usize, to: usize) -> bool {
     let mut at = from;
     while at < to {
         let end = ((at / SECTOR + 1) * SECTOR).min(to);
-        if bytes
-            .get(at..end)
-            .is_some_and(|c| c.iter().all(|&b| b == 0))
-        {
+        if bytes.get(at..end).is_some_and(all_zero) {
             return true;
         }
         at = end;
@@ -147,11 +153,7 @@ fn torn_or_damaged(bytes: &[u8], pos: usize, dirty_end: usize, expect: Lsn) -> R
         .get(pos + HEADER..next.map_or(dirty_end, |(q, _)| q))
         .unwrap_or_default();
     let checks = !written.is_empty() && crc(lsn, written) == sum;
-    if lead > 0
-        && bytes
-            .get(pos..pos + lead)
-            .is_some_and(|b| b.iter().all(|&x| x == 0))
-    {
+    if lead > 0 && bytes.get(pos..pos + lead).is_some_and(all_zero) {
         // Unwritten, or zeros of the length field (a low byte of a length that is a
         // multiple of 256). With the checksum and LSN written, the payload says
         // which: whole, only the first sector was missed (torn).
@@ -646,13 +648,8 @@ pub(super) fn read_range(
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
                 Err(e) => return Err(io(path)(e)),
             }
-            let word =
-                |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
-            let (len, sum) = (word(0) as usize, word(4));
-            let mut l = [0u8; 8];
-            l.copy_from_slice(&head[8..16]);
-            let lsn = u64::from_le_bytes(l);
-            if head == [0u8; HEADER] {
+            let (len, sum, lsn) = decode_header(&head);
+            if all_zero(&head) {
                 // The zeros after a segment's records (written ahead of them, or
                 // left by a crash before a closed segment was cut back).
                 break;

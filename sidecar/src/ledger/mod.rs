@@ -45,7 +45,8 @@ pub struct Ledger {
     /// The chain is still to be learned from ClickHouse (it did not answer at
     /// start): rows are refused until it is.
     deferred: bool,
-    /// The journal's last row at start.
+    /// The journal's last row at start, when start-up could not compare it with
+    /// ClickHouse's (the shipper does).
     journal_head: Option<u64>,
 }
 
@@ -143,13 +144,13 @@ impl Ledger {
         // A journal whose rows end before ClickHouse's lost rows it had shipped:
         // refused at once when ClickHouse answers now, else by the shipper later
         // (nothing is shipped then; commands go on, their rows kept).
-        let journal_head = last.as_ref().map(|r| r.seq);
+        let mut journal_head = last.as_ref().map(|r| r.seq);
         if let Some(head) = journal_head {
             let check = ship::check_not_behind(client, TABLE, chain_id, head);
             match tokio::time::timeout(BEHIND_WAIT, check).await {
                 Ok(Err(ShipError::Behind(e))) => return Err(e.into()),
                 Ok(Err(e)) => tracing::warn!(error = %e, "ClickHouse not asked whether it holds more of the chain than the journal: the shipper asks before its first insert"),
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => journal_head = None,
                 Err(_) => tracing::warn!("ClickHouse does not answer: the shipper asks before its first insert whether it holds more of the chain than the journal"),
             }
         }

@@ -203,6 +203,21 @@ pub struct JournalBehind {
     pub stored: u64,
 }
 
+impl JournalBehind {
+    /// `Err` when ClickHouse's last row of `chain`, `stored`, lies beyond the
+    /// journal's, `journal`.
+    fn check(chain: &str, journal: u64, stored: u64) -> Result<(), JournalBehind> {
+        if stored <= journal {
+            return Ok(());
+        }
+        Err(JournalBehind {
+            chain: chain.to_owned(),
+            journal,
+            stored,
+        })
+    }
+}
+
 /// Whether ClickHouse's last row of `chain_id` lies beyond the journal's last row
 /// `journal_head` (see [`JournalBehind`]); `Ok(())` also when ClickHouse holds
 /// nothing of it.
@@ -213,13 +228,8 @@ pub async fn check_not_behind(
     journal_head: u64,
 ) -> Result<(), ShipError> {
     match stored_head(client, table, chain_id).await {
-        Ok(Some((stored, _))) if stored > journal_head => Err(JournalBehind {
-            chain: chain_id.to_owned(),
-            journal: journal_head,
-            stored,
-        }
-        .into()),
-        Ok(_) => Ok(()),
+        Ok(Some((stored, _))) => Ok(JournalBehind::check(chain_id, journal_head, stored)?),
+        Ok(None) => Ok(()),
         Err(e) if e.to_string().contains("UNKNOWN_TABLE") => Ok(()),
         Err(e) => Err(e.into()),
     }
@@ -656,10 +666,10 @@ impl Shipper {
         }
     }
 
-    /// The journal's last row at start was `seq`: the first [`Self::learn`] that
-    /// hears from ClickHouse refuses to ship when it holds more of the chain
-    /// ([`JournalBehind`]) — rows sealed since would take positions ClickHouse
-    /// has, and be dropped as shipped.
+    /// The journal's last row at start was `seq`, not yet compared with
+    /// ClickHouse's: the first [`Self::learn`] that hears from ClickHouse refuses
+    /// to ship when it holds more of the chain ([`JournalBehind`]) — rows sealed
+    /// since would take positions ClickHouse has, and be dropped as shipped.
     pub fn with_journal_head(mut self, seq: Option<u64>) -> Shipper {
         self.journal_head = seq;
         self
@@ -696,13 +706,8 @@ impl Shipper {
             None => (0, [0; 32]),
         };
         // Only the first time: later, ClickHouse holds what this process shipped.
-        if let Some(journal) = self.journal_head.filter(|&j| seq > j) {
-            return Err(JournalBehind {
-                chain: self.chain_id.clone(),
-                journal,
-                stored: seq,
-            }
-            .into());
+        if let Some(journal) = self.journal_head {
+            JournalBehind::check(&self.chain_id, journal, seq)?;
         }
         self.journal_head = None;
         // A row ClickHouse holds that is still queued here must be the same row:
