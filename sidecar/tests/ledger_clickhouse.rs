@@ -482,6 +482,14 @@ fn config_on(state: &std::path::Path, ch: &ClickHouse) -> gw_sidecar::config::Co
     c
 }
 
+/// A sidecar on `state` applies one throttle command (`nonce`) and stops once
+/// ClickHouse holds `rows` rows.
+fn one_command_shipped(state: &std::path::Path, ch: &ClickHouse, nonce: u64, rows: usize) {
+    let s = common::serve(config_on(state, ch));
+    assert_eq!(post_throttle(&s, nonce), 200);
+    wait_rows(ch, rows);
+}
+
 /// Posts a signed throttle command with `nonce` to `s`: the status.
 fn post_throttle(s: &common::Served, nonce: u64) -> u16 {
     let body = testkit::fixtures::signed_command(
@@ -563,16 +571,10 @@ fn a_sidecar_whose_journal_is_older_than_clickhouse_refuses_to_start() {
     let ch = ClickHouse::start(d.path());
     let state = d.path().join("state");
     let cfg = || config_on(&state, &ch);
-    let s = common::serve(cfg());
-    assert_eq!(post_throttle(&s, 81), 200);
-    wait_rows(&ch, 2);
-    drop(s);
+    one_command_shipped(&state, &ch, 81, 2);
     let (journal, copy) = (state.join("journal"), d.path().join("journal-copy"));
     copy_dir(&journal, &copy);
-    let s = common::serve(cfg());
-    assert_eq!(post_throttle(&s, 82), 200);
-    wait_rows(&ch, 4);
-    drop(s);
+    one_command_shipped(&state, &ch, 82, 4);
     std::fs::remove_dir_all(&journal).unwrap();
     copy_dir(&copy, &journal);
 
@@ -1067,10 +1069,7 @@ fn a_node_whose_journal_is_lost_continues_after_clickhouse_and_says_so() {
     let ch = ClickHouse::start(d.path());
     let state = d.path().join("state");
     let cfg = || config_on(&state, &ch);
-    let s = common::serve(cfg());
-    assert_eq!(post_throttle(&s, 71), 200);
-    wait_rows(&ch, 2);
-    drop(s);
+    one_command_shipped(&state, &ch, 71, 2);
     std::fs::remove_dir_all(state.join("journal")).unwrap();
 
     let s = common::serve(cfg());
