@@ -64,6 +64,13 @@ pub struct FileConfig {
     /// checks the role too.
     #[serde(default = "default_command_role")]
     pub command_role: String,
+    /// The scheduling slice each of the sidecar's threads asks Linux for, in µs
+    /// (100..=100000; 0 keeps the kernel's, 0.75 ms times a factor for the CPU
+    /// count). Short slices run a woken thread sooner: a command hands itself
+    /// between threads five times (crate::sched). Linux 6.12 or later; older
+    /// kernels keep theirs.
+    #[serde(default = "default_sched_slice_us")]
+    pub sched_slice_us: u64,
     /// ClickHouse HTTP URL for the audit ledger (e.g. `http://127.0.0.1:8123`);
     /// without it decisions are not audited (development only).
     #[serde(default)]
@@ -254,6 +261,9 @@ fn default_issuer() -> String {
 
 fn default_command_role() -> String {
     "admin".into()
+}
+fn default_sched_slice_us() -> u64 {
+    crate::sched::DEFAULT_US
 }
 
 impl FileConfig {
@@ -478,6 +488,9 @@ impl Config {
         if file.command_role.trim().is_empty() || file.command_role.contains(',') {
             return Err(OutOfBounds::new("command_role", "must be one role name").into());
         }
+        if file.sched_slice_us != 0 && !crate::sched::RANGE_US.contains(&file.sched_slice_us) {
+            return Err(OutOfBounds::new("sched_slice_us", "must be 0 or 100..=100000").into());
+        }
         if file.clickhouse_nice > 19 {
             return Err(OutOfBounds::new("clickhouse_nice", "must be 0..=19").into());
         }
@@ -657,6 +670,8 @@ mod tests {
             (r#"{"node_id": "a b"}"#, "node_id"),
             (r#"{"command_role": ""}"#, "command_role"),
             (r#"{"command_role": "admin,viewer"}"#, "command_role"),
+            (r#"{"sched_slice_us": 50}"#, "sched_slice_us"),
+            (r#"{"sched_slice_us": 100001}"#, "sched_slice_us"),
         ] {
             match with(json) {
                 Err(ConfigError::OutOfBounds(e)) => assert_eq!(e.key, key, "{json}"),

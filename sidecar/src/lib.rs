@@ -12,6 +12,7 @@
 //! - [`sender`]: Solana transactions over QUIC to the TPU and a relay, hedged; the
 //!   hot path; the JSON-RPC endpoint.
 //! - [`ops`]: health and Prometheus metrics.
+//! - [`sched`]: short scheduling slices for the sidecar's threads.
 //!
 //! [`app`] builds them from a [`config`] and merges their routers; errors answer
 //! through [`error::ApiError`]; logs go through [`telemetry`].
@@ -26,6 +27,7 @@ pub mod journal;
 pub mod ledger;
 pub mod models;
 pub mod ops;
+pub mod sched;
 pub mod sender;
 pub mod serve;
 pub mod telemetry;

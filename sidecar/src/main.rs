@@ -21,8 +21,7 @@ use gw_sidecar::config::Config;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if let [flag, addr] = args.as_slice() {
         if flag == "--probe" {
@@ -42,25 +41,52 @@ async fn main() -> anyhow::Result<()> {
         ),
     };
     if setup {
-        let client = Config::clickhouse_only(path.as_deref(), &|k| std::env::var(k).ok())?
-            .context("--setup-clickhouse needs clickhouse_url (GW_CLICKHOUSE_URL)")?;
-        let done = gw_sidecar::ledger::migrations::apply(&client).await?;
-        anyhow::ensure!(
-            done.existing.is_empty() && done.skipped.is_empty(),
-            "this ClickHouse user may not create {:?}: run --setup-clickhouse as an administrator",
-            [done.existing, done.skipped].concat()
-        );
-        println!(
-            "clickhouse ready: {} statements applied; grant the sidecar's user SELECT, INSERT on {}",
-            done.ran,
-            gw_sidecar::ledger::migrations::TABLES.join(", ")
-        );
-        return Ok(());
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(setup_clickhouse(path.as_deref()));
     }
     let cfg = Config::load(path.as_deref(), &|k| std::env::var(k).ok())?;
     if check {
-        // The one line a person or a script reads; not a log line.
-        println!(
+        print_check(&cfg);
+        return Ok(());
+    }
+    gw_sidecar::telemetry::init(cfg.file.log_format);
+    // Before any other thread starts: they inherit it (and the runtime's threads
+    // and the sidecar's own take it explicitly).
+    gw_sidecar::sched::configure(cfg.file.sched_slice_us);
+    match gw_sidecar::sched::apply_here() {
+        Ok(s) => tracing::info!(slice = %s, "scheduling slice"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot set the scheduling slice: the kernel's applies");
+        }
+    }
+    gw_sidecar::sched::runtime(None)
+        .context("cannot start the runtime")?
+        .block_on(run(cfg))
+}
+
+/// `--setup-clickhouse`.
+async fn setup_clickhouse(path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let client = Config::clickhouse_only(path, &|k| std::env::var(k).ok())?
+        .context("--setup-clickhouse needs clickhouse_url (GW_CLICKHOUSE_URL)")?;
+    let done = gw_sidecar::ledger::migrations::apply(&client).await?;
+    anyhow::ensure!(
+        done.existing.is_empty() && done.skipped.is_empty(),
+        "this ClickHouse user may not create {:?}: run --setup-clickhouse as an administrator",
+        [done.existing, done.skipped].concat()
+    );
+    println!(
+        "clickhouse ready: {} statements applied; grant the sidecar's user SELECT, INSERT on {}",
+        done.ran,
+        gw_sidecar::ledger::migrations::TABLES.join(", ")
+    );
+    Ok(())
+}
+
+/// `--check`: the one line a person or a script reads; not a log line.
+fn print_check(cfg: &Config) {
+    println!(
             "config ok: listen {} ({}), {} command key(s), JSON-route signer {}, bus {}, ledger {}, sender {}, models {}",
             cfg.file.listen,
             cfg.file.tls.as_ref().map_or_else(
@@ -101,9 +127,10 @@ async fn main() -> anyhow::Result<()> {
                 .as_ref()
                 .map_or_else(|| "off".to_string(), |m| m.dir.display().to_string()),
         );
-        return Ok(());
-    }
-    gw_sidecar::telemetry::init(cfg.file.log_format);
+}
+
+/// Serves until SIGTERM or Ctrl-C, then stops in order and exits.
+async fn run(cfg: Config) -> anyhow::Result<()> {
     let (listen, ops_listen) = (cfg.file.listen, cfg.file.ops_listen);
     let running = gw_sidecar::app::start(cfg).await?;
     let listener = tokio::net::TcpListener::bind(listen)

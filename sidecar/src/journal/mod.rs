@@ -357,7 +357,11 @@ impl Opened {
         let writer = self.writer;
         let thread = std::thread::Builder::new()
             .name("gw-journal".into())
-            .spawn(move || run(writer, &rx, &s, chain, &sinks))
+            .spawn(move || {
+                // Every command waits for this thread twice.
+                let _ = crate::sched::apply_here();
+                run(writer, &rx, &s, chain, &sinks);
+            })
             .map_err(|e| JournalError::Io {
                 path: self.dir.clone(),
                 detail: format!("cannot start the writer thread: {e}"),

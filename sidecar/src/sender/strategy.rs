@@ -362,7 +362,10 @@ impl HotPath {
         };
         let strategy = std::thread::Builder::new()
             .name("gw-strategy".into())
-            .spawn(move || worker.run())?;
+            .spawn(move || {
+                let _ = crate::sched::apply_here();
+                worker.run();
+            })?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Offer>(INGEST_QUEUE);
         let ingest = Ingest {
             producer,
@@ -372,9 +375,13 @@ impl HotPath {
         let ingest_stats = Arc::new(IngestStats::default());
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let ist = ingest_stats.clone();
-        let ingest_join = std::thread::Builder::new()
-            .name("gw-ingest".into())
-            .spawn(move || ingest.run(rx, setup, ist, &ready_tx))?;
+        let ingest_join =
+            std::thread::Builder::new()
+                .name("gw-ingest".into())
+                .spawn(move || {
+                    let _ = crate::sched::apply_here();
+                    ingest.run(rx, setup, ist, &ready_tx);
+                })?;
         let mut hot = HotPath {
             ingest: Some(tx),
             strategy: strategy.thread().clone(),
