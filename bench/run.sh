@@ -6,7 +6,8 @@
 #   bash bench/run.sh control    ledger rows/s vs raw INSERT RowBinary; commands/s end to end
 #                                (GW_BENCH_SKIP_LEDGER=1: only the commands;
 #                                GW_BENCH_SKIP_COMMANDS=1: only the ledger;
-#                                GW_BENCH_SEQ_ONLY=1: of the commands, one at a time only)
+#                                GW_BENCH_SEQ_ONLY=1: of the commands, one at a time only;
+#                                GW_BENCH_SLICE_US=N: the sidecar's scheduling slice, 0 the kernel's)
 #   bash bench/run.sh models     predict through the model ABI host vs tl2cgen statically linked
 #   bash bench/run.sh sender     tx/s ours vs raw quinn; hedge timing error
 #   bash bench/run.sh hotpath    QUIC ingest frame → TPU vs a direct in-process offer (latency)

@@ -38,8 +38,10 @@ const LEDGER_ROUNDS: usize = 5;
 const _: () = assert!(LEDGER_ROUNDS % 2 == 1);
 const COMMANDS: u64 = 8_000;
 const CONCURRENCY: usize = 16;
-/// Commands per round of the one-at-a-time measurement.
-const SEQUENTIAL: usize = 1000;
+/// Commands per round of the one-at-a-time measurement: p99 is then the 40th
+/// slowest, not a handful of outliers (one batch of `next`).
+const SEQUENTIAL: usize = 4000;
+const _: () = assert!(SEQUENTIAL as u64 <= COMMANDS);
 
 /// The statements of `sql/11` for a table named `table`.
 fn ddl(table: &str) -> Vec<String> {
@@ -571,18 +573,30 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     // One command at a time through Envoy: does anything stall the control path?
     // The same straight to the sidecar says where the time goes.
     // GW_BENCH_SEQ_ROUNDS: more rounds, to see whether the latency drifts.
+    // Rounds alternate the sidecar's threads (and this process's clients) between
+    // the configured short scheduling slice and the kernel's (sidecar/src/sched.rs).
     let rounds: usize = std::env::var("GW_BENCH_SEQ_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(6);
+    let slice_us = slice_us();
     println!(
-        "\n## one command at a time (HTTP/2), {SEQUENTIAL} commands per round, {rounds} rounds"
+        "\n## one command at a time (HTTP/2), {SEQUENTIAL} commands per round, {rounds} rounds; even rounds with {slice_us} µs scheduling slices (sched_slice_us), odd rounds with the kernel's"
     );
     println!("(CPU per command here includes background work — ClickHouse's merges, the ledger's inserts — spread over only {SEQUENTIAL} commands: read it with the busy share.)");
     println!("Journal batches: how many of the round's batches (two per command) took longer than 1 ms and 2.5 ms to write and fdatasync (the sidecar's gw_sidecar_journal_batch_seconds). The GET rows send no command: nothing journaled or applied, the spread of Envoy and the machine alone.");
-    println!("| path | round | p50 ms | p99 ms | max ms | p99 / p50 | CPU Envoy | CPU sidecar + client | CPU ClickHouse | busy | steal | journal batches | > 1 ms | > 2.5 ms |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| path | round | slice | p50 ms | p99 ms | max ms | p99 / p50 | CPU Envoy | CPU sidecar + client | CPU ClickHouse | busy | steal | journal batches | > 1 ms | > 2.5 ms |");
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    // p99 / p50 per path, with short slices and with the kernel's.
+    let mut ratios: std::collections::BTreeMap<(&str, bool), Vec<f64>> = Default::default();
     for round in 0..rounds {
+        let short = round % 2 == 0;
+        gw_sidecar::sched::set_process(if short { slice_us } else { 0 }).expect("sched");
+        let slice = if short {
+            format!("{slice_us} µs")
+        } else {
+            "kernel's".to_string()
+        };
         for (name, client, url) in [
             ("through Envoy", &tls, &envoy_url),
             ("straight to the sidecar", &direct, &direct_url),
@@ -606,8 +620,9 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
             );
             let (p50, p99) = (pct(&s.latencies, 0.5), pct(&s.latencies, 0.99));
             let max = s.latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3);
+            ratios.entry((name, short)).or_default().push(p99 / p50);
             println!(
-                "| {name} | {round} | {p50:.2} | {p99:.2} | {max:.2} | {:.2}x | {} | {} | {} | {busy:.0} % | {steal:.0} % | {} | {} | {} |",
+                "| {name} | {round} | {slice} | {p50:.2} | {p99:.2} | {max:.2} | {:.2}x | {} | {} | {} | {busy:.0} % | {steal:.0} % | {} | {} | {} |",
                 p99 / p50,
                 us[0],
                 us[1],
@@ -617,6 +632,20 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
                 batches.over_2_5ms,
             );
         }
+    }
+    gw_sidecar::sched::set_process(slice_us).expect("sched");
+    println!(
+        "\nOne at a time, p99 / p50, median of the rounds ({slice_us} µs slices | the kernel's):"
+    );
+    for name in ["through Envoy", "straight to the sidecar", SEQ_FLOOR] {
+        let median = |short: bool| {
+            let mut v = ratios.get(&(name, short)).cloned().unwrap_or_default();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len().saturating_sub(1) / 2)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        println!("    {name}: {:.2}x | {:.2}x", median(true), median(false));
     }
     // Where the time goes through Envoy, one at a time: Envoy's own histograms of
     // the whole request and of the sidecar's answer. Envoy reports a histogram's
@@ -659,16 +688,27 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     println!("ledger rows in ClickHouse after the run: {}", rows.trim());
 }
 
+/// The scheduling slice the sidecar's threads ask for here: `sched_slice_us`'s
+/// default unless `GW_BENCH_SLICE_US` says otherwise.
+fn slice_us() -> u64 {
+    std::env::var("GW_BENCH_SLICE_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(gw_sidecar::sched::DEFAULT_US)
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing useful here.
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    // The runtime as gw-sidecar builds it (its threads ask for the configured
+    // scheduling slice); this main thread, which starts Envoy and ClickHouse,
+    // keeps the kernel's, as they do in a deployment.
+    // GW_BENCH_SLICE_US: another slice (0: the kernel's) for everything but the
+    // one-at-a-time rounds, which alternate it with the kernel's.
+    gw_sidecar::sched::configure(slice_us());
+    let rt = gw_sidecar::sched::runtime(Some(2)).expect("runtime");
     let d = testkit::TempDir::new("bench-control");
     let ledger_dir = d.path().join("ledger");
     std::fs::create_dir_all(&ledger_dir).expect("dir");
