@@ -17,8 +17,10 @@
 //! Run with `bash bench/run.sh parity` (it builds both Agave binaries). Rounds:
 //! `GW_PARITY_ROUNDS` (default 3 each), staked round size `GW_PARITY_TXS` (50 000),
 //! paced round size `GW_PARITY_PACED_TXS` (10 000), loads `GW_PARITY_LOADS`
-//! (`staked,paced,unstaked`). Agave's server allows 8 new connections per minute
-//! from one IP, so every 3 rounds start a server of their own.
+//! (`staked,paced,unstaked`), our client's scheduling slice `GW_PARITY_SLICE_US`
+//! (µs; 0, the kernel's, as gw-sidecar keeps it with a sender). Agave's server
+//! allows 8 new connections per minute from one IP, so every 3 rounds start a
+//! server of their own.
 //! Profiling aid: `GW_PARITY_PROFILE=1` runs only our client, in this process.
 
 use std::collections::HashMap;
@@ -488,15 +490,20 @@ fn main() {
     let staked_n: usize = env_or("GW_PARITY_TXS", 50_000);
     let pace_us: u64 = env_or("GW_PARITY_PACE_US", 1_000);
     let paced_n: usize = env_or("GW_PARITY_PACED_TXS", 10_000);
+    if std::env::var("GW_PARITY_CHILD").as_deref() == Ok("ours") {
+        // As gw-sidecar runs it: with a sender configured its threads keep the
+        // kernel's scheduling slice unless `sched_slice_us` asks for another
+        // (GW_PARITY_SLICE_US, µs: the data plane with short slices).
+        gw_sidecar::sched::configure(env_or("GW_PARITY_SLICE_US", 0));
+        let rt = gw_sidecar::sched::runtime(Some(2)).unwrap();
+        rt.block_on(child_main());
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    if std::env::var("GW_PARITY_CHILD").as_deref() == Ok("ours") {
-        rt.block_on(child_main());
-        return;
-    }
     let key = SigningKey::from_bytes(&[2u8; 32]);
     rt.block_on(async {
         if std::env::var_os("GW_PARITY_PROFILE").is_some() {

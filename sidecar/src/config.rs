@@ -65,12 +65,13 @@ pub struct FileConfig {
     #[serde(default = "default_command_role")]
     pub command_role: String,
     /// The scheduling slice each of the sidecar's threads asks Linux for, in µs
-    /// (100..=100000; 0 keeps the kernel's, 0.75 ms times a factor for the CPU
-    /// count). Short slices run a woken thread sooner: a command hands itself
-    /// between threads five times (crate::sched). Linux 6.12 or later; older
-    /// kernels keep theirs.
-    #[serde(default = "default_sched_slice_us")]
-    pub sched_slice_us: u64,
+    /// (100..=100000; 0 keeps the kernel's). Unset: 100 on a node without a
+    /// `sender`, the kernel's with one. Short slices run a woken thread sooner (a
+    /// command hands itself between threads five times) but cut longer bursts of
+    /// work into more turns: the control path's tail shrinks, the data plane's paced
+    /// p99 grew (docs/benchmarks.md). Linux 6.12 or later; older kernels keep theirs.
+    #[serde(default)]
+    pub sched_slice_us: Option<u64>,
     /// ClickHouse HTTP URL for the audit ledger (e.g. `http://127.0.0.1:8123`);
     /// without it decisions are not audited (development only).
     #[serde(default)]
@@ -262,9 +263,6 @@ fn default_issuer() -> String {
 fn default_command_role() -> String {
     "admin".into()
 }
-fn default_sched_slice_us() -> u64 {
-    crate::sched::DEFAULT_US
-}
 
 impl FileConfig {
     /// The replay guard's bounds.
@@ -409,6 +407,20 @@ fn client(file: &FileConfig, password: Option<&str>) -> Option<clickhouse::Clien
 }
 
 impl Config {
+    /// The scheduling slice to ask for, µs (0: the kernel's): `sched_slice_us`, or
+    /// unset, [`crate::sched::DEFAULT_US`] on a node without a sender (what is
+    /// measured to help the control path) and the kernel's with one (what is
+    /// measured to keep the data plane's paced tail).
+    pub fn sched_slice_us(&self) -> u64 {
+        self.file
+            .sched_slice_us
+            .unwrap_or(if self.file.sender.is_some() {
+                0
+            } else {
+                crate::sched::DEFAULT_US
+            })
+    }
+
     /// The ClickHouse client of the ledger and the send audit, with the configured
     /// user and password; `None` without `clickhouse_url`.
     pub fn clickhouse(&self) -> Option<clickhouse::Client> {
@@ -488,7 +500,10 @@ impl Config {
         if file.command_role.trim().is_empty() || file.command_role.contains(',') {
             return Err(OutOfBounds::new("command_role", "must be one role name").into());
         }
-        if file.sched_slice_us != 0 && !crate::sched::RANGE_US.contains(&file.sched_slice_us) {
+        if file
+            .sched_slice_us
+            .is_some_and(|us| us != 0 && !crate::sched::RANGE_US.contains(&us))
+        {
             return Err(OutOfBounds::new("sched_slice_us", "must be 0 or 100..=100000").into());
         }
         if file.clickhouse_nice > 19 {
@@ -655,6 +670,21 @@ mod tests {
             _ => None,
         };
         Config::from_json(json, std::path::Path::new("test.json"), &env)
+    }
+
+    #[test]
+    fn the_scheduling_slice_is_short_without_a_sender_and_the_kernels_with_one() {
+        let slice = |json: &str| with(json).expect("config").sched_slice_us();
+        assert_eq!(slice("{}"), crate::sched::DEFAULT_US);
+        assert_eq!(slice(r#"{"sched_slice_us": 0}"#), 0);
+        assert_eq!(slice(r#"{"sched_slice_us": 300}"#), 300);
+        let sender = r#""sender": {"tpu": {}, "leaders": {"static": [{"tpu_quic": "127.0.0.1:8009",
+            "identity": "11111111111111111111111111111111"}]}}"#;
+        assert_eq!(slice(&format!("{{{sender}}}")), 0);
+        assert_eq!(
+            slice(&format!(r#"{{{sender}, "sched_slice_us": 100}}"#)),
+            100
+        );
     }
 
     #[test]

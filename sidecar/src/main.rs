@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
     gw_sidecar::telemetry::init(cfg.file.log_format);
     // Before any other thread starts: they inherit it (and the runtime's threads
     // and the sidecar's own take it explicitly).
-    gw_sidecar::sched::configure(cfg.file.sched_slice_us);
+    gw_sidecar::sched::configure(cfg.sched_slice_us());
     match gw_sidecar::sched::apply_here() {
         Ok(s) => tracing::info!(slice = %s, "scheduling slice"),
         Err(e) => {

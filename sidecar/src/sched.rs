@@ -14,6 +14,11 @@
 //! turns. Its share of the CPU does not change (that is its weight, its nice value).
 //! Older kernels accept the call and keep their slice; the start-up log says which.
 //!
+//! It is a trade: the runtime's workers also carry the data plane's tasks, whose
+//! work per transaction is about a slice long, and there short slices made the
+//! paced p99 worse against `solana-tpu-client-next`. So a node with a sender keeps
+//! the kernel's slice unless configured otherwise ([`crate::config::Config::sched_slice_us`]).
+//!
 //! The slice is a process-wide setting ([`configure`]) that each thread takes for
 //! itself ([`apply_here`]): the runtime's threads when they start ([`runtime`]), the
 //! journal's writer and the hot path's threads, and `gw-sidecar`'s main thread
@@ -27,13 +32,13 @@ static SLICE_NS: AtomicU64 = AtomicU64::new(0);
 
 /// The slices Linux accepts for a normal thread.
 pub const RANGE_US: std::ops::RangeInclusive<u64> = 100..=100_000;
-/// The default `sched_slice_us`: Linux's shortest.
+/// `sched_slice_us` on a node without a sender: Linux's shortest.
 pub const DEFAULT_US: u64 = 100;
 
 /// What a thread runs with after [`apply_here`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slice {
-    /// Nothing asked (`sched_slice_us: 0`, or not Linux).
+    /// Nothing asked (a slice of 0, or not Linux).
     Untouched,
     /// The kernel runs this thread with this slice.
     Short(Duration),
@@ -47,7 +52,7 @@ pub enum Slice {
 impl std::fmt::Display for Slice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Slice::Untouched => f.write_str("the kernel's (sched_slice_us is 0)"),
+            Slice::Untouched => f.write_str("the kernel's (none asked)"),
             Slice::Short(d) => write!(f, "{} µs", d.as_micros()),
             Slice::KernelDefault => {
                 f.write_str("the kernel's (custom slices need Linux 6.12 or later)")
