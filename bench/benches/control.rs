@@ -577,11 +577,13 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     // the configured short scheduling slice and the kernel's (sidecar/src/sched.rs).
     let rounds: usize = std::env::var("GW_BENCH_SEQ_ROUNDS")
         .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6);
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(6)
+        // Pairs, in the order short, kernel's, kernel's, short, ...: equal arms.
+        .next_multiple_of(2);
     let slice_us = slice_us();
     println!(
-        "\n## one command at a time (HTTP/2), {SEQUENTIAL} commands per round, {rounds} rounds; even rounds with {slice_us} µs scheduling slices (sched_slice_us), odd rounds with the kernel's"
+        "\n## one command at a time (HTTP/2), {SEQUENTIAL} commands per round, {rounds} rounds; half the rounds with {slice_us} µs scheduling slices (sched_slice_us), half with the kernel's, alternating in pairs (0 µs: the kernel's in both)"
     );
     println!("(CPU per command here includes background work — ClickHouse's merges, the ledger's inserts — spread over only {SEQUENTIAL} commands: read it with the busy share.)");
     println!("Journal batches: how many of the round's batches (two per command) took longer than 1 ms and 2.5 ms to write and fdatasync (the sidecar's gw_sidecar_journal_batch_seconds). The GET rows send no command: nothing journaled or applied, the spread of Envoy and the machine alone.");
@@ -590,7 +592,7 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     // p99 / p50 per path, with short slices and with the kernel's.
     let mut ratios: std::collections::BTreeMap<(&str, bool), Vec<f64>> = Default::default();
     for round in 0..rounds {
-        let short = round % 2 == 0;
+        let short = matches!(round % 4, 0 | 3);
         gw_sidecar::sched::set_process(if short { slice_us } else { 0 }).expect("sched");
         let slice = if short {
             format!("{slice_us} µs")
@@ -634,10 +636,15 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         }
     }
     gw_sidecar::sched::set_process(slice_us).expect("sched");
-    println!(
-        "\nOne at a time, p99 / p50, median of the rounds ({slice_us} µs slices | the kernel's):"
-    );
-    for name in ["through Envoy", "straight to the sidecar", SEQ_FLOOR] {
+    if rounds > 0 {
+        println!(
+            "\nOne at a time, p99 / p50, median of the rounds ({slice_us} µs slices | the kernel's):"
+        );
+    }
+    for name in ["through Envoy", "straight to the sidecar", SEQ_FLOOR]
+        .into_iter()
+        .filter(|_| rounds > 0)
+    {
         let median = |short: bool| {
             let mut v = ratios.get(&(name, short)).cloned().unwrap_or_default();
             v.sort_by(f64::total_cmp);

@@ -496,6 +496,8 @@ fn main() {
         // (GW_PARITY_SLICE_US, µs: the data plane with short slices).
         gw_sidecar::sched::configure(env_or("GW_PARITY_SLICE_US", 0));
         let rt = gw_sidecar::sched::runtime(Some(2)).unwrap();
+        // This thread runs the submitting loop: as gw-sidecar's main thread, it asks too.
+        let _ = gw_sidecar::sched::apply_here();
         rt.block_on(child_main());
         return;
     }

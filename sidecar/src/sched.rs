@@ -4,7 +4,8 @@
 //! journal's writer, the module's agent, the writer again, the connection. Each
 //! hand-off wakes a thread, and on a busy machine a woken thread can wait for the
 //! rest of another thread's slice first: Linux's EEVDF scheduler (6.6 on) gives
-//! every task a 0.75 ms base slice, scaled up with the number of CPUs (1.4 ms on 2),
+//! every task the kernel's base slice × (1 + log₂ CPUs, CPUs counted up to 8):
+//! 1.4 ms on the 2-CPU machine of docs/benchmarks.md (`se.slice` in `/proc/*/sched`),
 //! so one command at a time spreads from a p50 near 1 ms to a p99 several times it
 //! (`bench control`, docs/benchmarks.md).
 //!
@@ -20,9 +21,11 @@
 //! the kernel's slice unless configured otherwise ([`crate::config::Config::sched_slice_us`]).
 //!
 //! The slice is a process-wide setting ([`configure`]) that each thread takes for
-//! itself ([`apply_here`]): the runtime's threads when they start ([`runtime`]), the
-//! journal's writer and the hot path's threads, and `gw-sidecar`'s main thread
-//! (threads and processes started afterwards inherit it from their parent).
+//! itself ([`apply_here`]): `gw-sidecar`'s main thread before any other starts (so
+//! every later thread inherits it), and, for a sidecar embedded in another process
+//! (tests, benchmarks), the runtime's threads when they start ([`runtime`]), the
+//! journal's writer and the hot path's threads. A slice of 0 asks nothing: a thread
+//! keeps what it inherited, usually the kernel's.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -44,8 +47,8 @@ pub enum Slice {
     Short(Duration),
     /// The kernel took the request and kept its own slice (Linux before 6.12).
     KernelDefault,
-    /// The thread runs under another policy (a real-time one an operator set):
-    /// left as it is.
+    /// The thread runs under another policy than `SCHED_OTHER` (real-time, batch or
+    /// idle, set by an operator): left as it is.
     OtherPolicy(u32),
 }
 
@@ -77,9 +80,11 @@ pub fn apply_here() -> std::io::Result<Slice> {
 }
 
 /// Sets `slice_us` (0: back to the kernel's) on every thread of this process now,
-/// whatever [`configure`] says: for a benchmark that measures both in one run.
-/// Returns how many threads took it.
+/// and on threads the runtime starts later: for a benchmark that measures both in
+/// one run. Returns how many threads took it.
+#[doc(hidden)]
 pub fn set_process(slice_us: u64) -> std::io::Result<usize> {
+    configure(slice_us);
     let mut n = 0;
     for e in std::fs::read_dir("/proc/self/task")? {
         let Some(tid) = e?.file_name().to_str().and_then(|t| t.parse().ok()) else {
@@ -94,20 +99,17 @@ pub fn set_process(slice_us: u64) -> std::io::Result<usize> {
 }
 
 /// A multi-threaded tokio runtime whose threads (workers and the blocking pool)
-/// take the slice configured now when they start.
+/// take the configured slice when they start.
 pub fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let ns = SLICE_NS.load(Ordering::Relaxed);
     let mut b = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = worker_threads {
         b.worker_threads(n);
     }
     b.enable_all()
-        .on_thread_start(move || {
+        .on_thread_start(|| {
             // Logged once, by the main thread, at start; a thread that fails runs
-            // with the kernel's slice, as before.
-            if ns > 0 {
-                let _ = imp::set(0, ns);
-            }
+            // with the slice it inherited, as before.
+            let _ = apply_here();
         })
         .build()
 }
@@ -119,6 +121,11 @@ mod imp {
     use std::time::Duration;
 
     const SCHED_OTHER: u32 = 0;
+    /// `SCHED_ATTR_SIZE_VER0`: the fields `libc::sched_attr` has.
+    const SIZE: u32 = 48;
+    const _: () = assert!(std::mem::size_of::<libc::sched_attr>() == SIZE as usize);
+    /// Kept as an operator set it (systemd's `CPUSchedulingResetOnFork=`).
+    const RESET_ON_FORK: u64 = libc::SCHED_FLAG_RESET_ON_FORK as u64;
 
     fn attr() -> libc::sched_attr {
         libc::sched_attr {
@@ -136,15 +143,14 @@ mod imp {
     /// Thread `tid`'s attributes (0: the calling thread).
     pub(super) fn get(tid: libc::pid_t) -> std::io::Result<libc::sched_attr> {
         let mut a = attr();
-        let size = u32::try_from(std::mem::size_of::<libc::sched_attr>()).unwrap_or(48);
-        // SAFETY: sched_getattr(2) writes at most `size` bytes into `a`, a live
+        // SAFETY: sched_getattr(2) writes at most `SIZE` bytes into `a`, a live
         // `sched_attr` of that size; `tid` is only a number to the kernel.
         let r = unsafe {
             libc::syscall(
                 libc::SYS_sched_getattr,
                 tid,
                 std::ptr::addr_of_mut!(a),
-                size,
+                SIZE,
                 0,
             )
         };
@@ -162,8 +168,8 @@ mod imp {
             return Ok(Slice::OtherPolicy(a.sched_policy));
         }
         // The policy and nice value as they are; only the slice changes.
-        a.size = u32::try_from(std::mem::size_of::<libc::sched_attr>()).unwrap_or(48);
-        a.sched_flags = 0;
+        a.size = SIZE;
+        a.sched_flags &= RESET_ON_FORK;
         a.sched_runtime = ns;
         // SAFETY: sched_setattr(2) reads `a.size` bytes from `a`, a live,
         // initialised `sched_attr`; `tid` is only a number to the kernel.
@@ -193,20 +199,33 @@ mod imp {
 mod tests {
     use super::*;
 
-    fn kernel_at_least(major: u32, minor: u32) -> bool {
-        let Ok(r) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
-            return false;
-        };
+    /// The setting is process-wide: one test at a time changes it.
+    static SETTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+        SETTING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether this kernel has custom slices (6.12); says so when it has not, so a
+    /// run on an older kernel shows what it did not test.
+    fn custom_slices(test: &str) -> bool {
+        let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let mut it = r
             .trim()
             .split(['.', '-'])
             .map(|p| p.parse::<u32>().unwrap_or(0));
         let (a, b) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-        (a, b) >= (major, minor)
+        let yes = (a, b) >= (6, 12);
+        if !yes {
+            eprintln!(
+                "{test}: skipped, kernel {} has no custom slices (6.12)",
+                r.trim()
+            );
+        }
+        yes
     }
-
-    /// The setting is process-wide: one test at a time changes it.
-    static SETTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     fn slice_now() -> u64 {
         imp::get(0).expect("sched_getattr").sched_runtime
@@ -214,9 +233,7 @@ mod tests {
 
     #[test]
     fn a_thread_takes_the_configured_slice_and_its_own_threads_inherit_it() {
-        let _one = SETTING
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _one = one_at_a_time();
         // Its own thread: the kernel's state is per thread, so nothing here leaks
         // into other tests' threads.
         std::thread::spawn(|| {
@@ -225,7 +242,7 @@ mod tests {
             configure(250);
             let got = apply_here().expect("sched_setattr");
             configure(0);
-            if !kernel_at_least(6, 12) {
+            if !custom_slices("a_thread_takes_the_configured_slice") {
                 assert_eq!(got, Slice::KernelDefault);
                 return;
             }
@@ -241,12 +258,10 @@ mod tests {
 
     #[test]
     fn a_benchmark_sets_every_thread_of_the_process_and_back() {
-        if !kernel_at_least(6, 12) {
+        if !custom_slices("a_benchmark_sets_every_thread_of_the_process_and_back") {
             return;
         }
-        let _one = SETTING
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _one = one_at_a_time();
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let (back, read) = std::sync::mpsc::channel();
         let other = std::thread::spawn(move || {
@@ -258,33 +273,38 @@ mod tests {
         assert!(set_process(400).expect("set") >= 2);
         tx.send(()).expect("send");
         assert_eq!(read.recv().expect("read"), 400_000);
+        // Threads started from now on take it too.
+        assert_eq!(
+            std::thread::spawn(apply_here)
+                .join()
+                .expect("join")
+                .expect("set"),
+            Slice::Short(Duration::from_micros(400))
+        );
         assert!(set_process(0).expect("reset") >= 2);
         tx.send(()).expect("send");
         assert_eq!(read.recv().expect("read"), kernels);
+        assert_eq!(apply_here().expect("untouched"), Slice::Untouched);
         drop(tx);
         other.join().expect("join");
     }
 
     #[test]
     fn the_runtimes_threads_take_the_slice() {
-        if !kernel_at_least(6, 12) {
+        if !custom_slices("the_runtimes_threads_take_the_slice") {
             return;
         }
-        let rt = {
-            let _one = SETTING
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            configure(300);
-            let rt = runtime(Some(1)).expect("runtime");
-            configure(0);
-            rt
-        };
-        // A worker and a blocking thread, both started after the setting changed.
+        // Held throughout: another test's `set_process` would change these threads.
+        let _one = one_at_a_time();
+        configure(300);
+        let rt = runtime(Some(1)).expect("runtime");
+        // A worker and a blocking thread, both started by the runtime.
         let (worker, blocking) = rt.block_on(async {
             let w = tokio::spawn(async { slice_now() }).await.expect("task");
             let b = tokio::task::spawn_blocking(slice_now).await.expect("task");
             (w, b)
         });
+        configure(0);
         assert_eq!((worker, blocking), (300_000, 300_000));
     }
 }

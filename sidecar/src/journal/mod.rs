@@ -358,7 +358,8 @@ impl Opened {
         let thread = std::thread::Builder::new()
             .name("gw-journal".into())
             .spawn(move || {
-                // Every command waits for this thread twice.
+                // Every command waits for this thread twice. (In gw-sidecar it
+                // inherited the slice already; this is for an embedding process.)
                 let _ = crate::sched::apply_here();
                 run(writer, &rx, &s, chain, &sinks);
             })
