@@ -65,11 +65,11 @@ pub struct FileConfig {
     #[serde(default = "default_command_role")]
     pub command_role: String,
     /// The scheduling slice each of the sidecar's threads asks Linux for, in µs
-    /// (100..=100000; 0 keeps the kernel's). Unset: 100 on a node without a
-    /// `sender`, the kernel's with one. Short slices run a woken thread sooner (a
-    /// command hands itself between threads five times) but cut longer bursts of
-    /// work into more turns: the control path's tail shrinks, the data plane's paced
-    /// p99 grew (docs/benchmarks.md). Linux 6.12 or later; older kernels keep theirs.
+    /// (100..=100000; 0 asks nothing). Unset: 100 on a node without a `sender`,
+    /// nothing with one. Short slices run a woken thread sooner (a command hands
+    /// itself between threads five times) but cut longer bursts of work into more
+    /// turns: the control path's tail shrinks, the data plane gained nothing
+    /// (docs/benchmarks.md). Linux 6.12 or later; older kernels keep theirs.
     #[serde(default)]
     pub sched_slice_us: Option<u64>,
     /// ClickHouse HTTP URL for the audit ledger (e.g. `http://127.0.0.1:8123`);

@@ -15,10 +15,11 @@
 //! turns. Its share of the CPU does not change (that is its weight, its nice value).
 //! Older kernels accept the call and keep their slice; the start-up log says which.
 //!
-//! It is a trade: the runtime's workers also carry the data plane's tasks, whose
-//! work per transaction is about a slice long, and there short slices made the
-//! paced p99 worse against `solana-tpu-client-next`. So a node with a sender keeps
-//! the kernel's slice unless configured otherwise ([`crate::config::Config::sched_slice_us`]).
+//! It is a trade: the runtime's workers also carry the data plane's tasks, and
+//! there short slices gained nothing; the paced p99 against
+//! `solana-tpu-client-next` was, if anything, a little worse. So a node with a
+//! sender keeps the kernel's slice unless configured otherwise
+//! ([`crate::config::Config::sched_slice_us`]).
 //!
 //! The slice is a process-wide setting ([`configure`]) that each thread takes for
 //! itself ([`apply_here`]): `gw-sidecar`'s main thread before any other starts (so
@@ -30,7 +31,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// The slice asked for, in nanoseconds; 0 leaves the kernel's.
+/// The slice asked for, in nanoseconds; 0 asks nothing.
 static SLICE_NS: AtomicU64 = AtomicU64::new(0);
 
 /// The slices Linux accepts for a normal thread.
@@ -65,8 +66,8 @@ impl std::fmt::Display for Slice {
     }
 }
 
-/// Sets the slice the sidecar's threads ask for; `0` leaves the kernel's. Call
-/// before starting threads (it does not change running ones).
+/// Sets the slice the sidecar's threads ask for; `0` asks nothing. Call before
+/// starting threads (it does not change running ones).
 pub fn configure(slice_us: u64) {
     SLICE_NS.store(slice_us.saturating_mul(1_000), Ordering::Relaxed);
 }
