@@ -13,7 +13,7 @@
 //! What it accepts is exactly what `ed25519_dalek::VerifyingKey::verify_strict`
 //! accepts (the differential tests in `tests` hold it to that):
 //! - `s` must be canonical (< ℓ);
-//! - R must equal, byte for byte, the canonical encoding of [s]B − [k]A with
+//! - R must equal, byte for byte, the canonical encoding of `[s]B − [k]A` with
 //!   k = SHA-512(R ‖ A ‖ M) mod ℓ — so non-canonical and off-curve R never match;
 //! - R must not be of small order (its encoding, equal to the recomputed point's,
 //!   is none of the eight small-order encodings);

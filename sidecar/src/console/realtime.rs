@@ -2,7 +2,7 @@
 //! decisions (ledger rows), module state changes and send outcomes — as JSON
 //! messages (schema in `docs/console.md`).
 //!
-//! The journal's writer thread hands every committed transaction to [`RealtimeSink`],
+//! The journal's writer thread hands every committed transaction to `RealtimeSink`,
 //! which serialises it (only while someone listens) into a bounded
 //! `tokio::sync::broadcast` channel: a send there never waits, so the control path
 //! never waits for a viewer. Each client reads the channel at its own pace; one that

@@ -13,7 +13,7 @@
 //!   after a restart, again if it was not committed.
 //! - [`Bus::kafka`]: `rdkafka`, idempotent producer with `acks=all`; the topic is
 //!   created when missing. Journalled commands are forwarded to the topic in order
-//!   (an outbox, [`Forwarder`]); one not yet forwarded at a crash is forwarded after
+//!   (an outbox, forwarded by [`KafkaBus`]'s own task); one not yet forwarded at a crash is forwarded after
 //!   the restart. The agents keep module state in Kafka too
 //!   ([`super::kafka_state`]), so any node's agent can take a module over.
 

@@ -109,7 +109,8 @@ impl ReplayStore {
     }
 
     /// The journal entry that accepts `(issuer, nonce)` until `expires`: commit it
-    /// (with the command's rows and the command), then [`Self::accepted`].
+    /// (with the command's rows and the command); the journal's sink then records
+    /// it here ([`Self::record`], through [`ReplaySink`]).
     pub fn entry(
         issuer: &str,
         nonce: u64,

@@ -52,7 +52,7 @@ pub struct Checkpointer {
 impl Checkpointer {
     /// Checkpoints signed with `key`, appended to `dir/checkpoints.log`.
     /// Continues after the newest checkpoint already in the file, and cuts off a
-    /// checkpoint whose append was cut short ([`whole_notes`]).
+    /// checkpoint whose append was cut short (`whole_notes`).
     pub fn new(key: SigningKey, dir: &Path, every_rows: u64, every: Duration) -> Checkpointer {
         let path = dir.join("checkpoints.log");
         let vk = key.verifying_key();

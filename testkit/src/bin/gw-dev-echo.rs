@@ -1,6 +1,6 @@
 //! Development upstream: answers every request with a JSON echo of what the gateway
 //! forwarded (headers included), so the local run shows what the edge verified.
-//! Usage: gw-dev-echo [ADDR] (default 127.0.0.1:8080).
+//! Usage: `gw-dev-echo [ADDR]` (default 127.0.0.1:8080).
 
 fn main() {
     let addr = std::env::args()

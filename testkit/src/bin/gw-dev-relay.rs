@@ -1,6 +1,6 @@
 //! Development block-engine relay: answers Jito's `sendTransaction` and `sendBundle`
 //! JSON-RPC like a real engine would (signature / bundle id) and logs each call, so
-//! the local run has a second route to hedge to. Usage: gw-dev-relay [ADDR]
+//! the local run has a second route to hedge to. Usage: `gw-dev-relay [ADDR]`
 //! (default 127.0.0.1:8010).
 
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! receiver (ALPN `solana-tpu`, Ed25519 client certificate, unidirectional streams of
 //! at most 1232 bytes, 128 at once). Prints one line per transaction received.
 //!
-//! Usage: gw-tpu-sink [ADDR] [IDENTITY_SEED_HEX]   (default 127.0.0.1:8009; the seed
+//! Usage: `gw-tpu-sink [ADDR] [IDENTITY_SEED_HEX]`   (default 127.0.0.1:8009; the seed
 //! else from `GW_TPU_SINK_IDENTITY_HEX`, else a fresh key)
 
 use std::time::Duration;
