@@ -847,10 +847,17 @@ fn two_nodes_one_kafka_one_clickhouse_survive_a_kill() {
         });
     };
 
+    // One send every 5 ms, the kill at 100 ms: sends are still starting when it
+    // lands (sent all at once, the 40 could all be answered before it).
     let batch = rig.new_commands(40);
-    rig.stream(&batch, Duration::from_millis(100), |r| {
-        r.nodes[owner].kill_sidecar();
-    });
+    rig.stream_paced(
+        &batch,
+        Duration::from_millis(5),
+        Duration::from_millis(100),
+        |r| {
+            r.nodes[owner].kill_sidecar();
+        },
+    );
     let hit = batch
         .iter()
         .filter(|n| matches!(rig.cmds[n].first, Some(Answer::Retry(_))))
