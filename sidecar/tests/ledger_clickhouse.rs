@@ -835,8 +835,6 @@ fn the_ledger_endpoints_show_rows_not_yet_shipped() {
 #[test]
 fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
     use ed25519_dalek::SigningKey;
-    use gw_core::Action;
-    use testkit::fixtures::signed_command;
 
     let d = testkit::TempDir::new("ledger-checkpoint");
     let ch = ClickHouse::start(d.path());
@@ -846,21 +844,8 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
     let ledger_key = SigningKey::from_bytes(&[7; 32]);
     cfg.ledger_key = Some(ledger_key.clone());
     let served = common::serve(cfg);
-    let now = common::now();
     for i in 1..=2 {
-        let body = signed_command(40 + i, Action::Throttle, now, "dashboard", &[]);
-        let status = served.rt.block_on(async {
-            served
-                .http
-                .post(format!("{}/api/control/commands", served.base))
-                .header("content-type", "application/x-protobuf")
-                .body(body)
-                .send()
-                .await
-                .unwrap()
-                .status()
-        });
-        assert_eq!(status, 200);
+        assert_eq!(post_throttle(&served, 40 + i), 200);
     }
     let rows = wait_rows(&ch, 4);
     // The checkpoint of all four rows reaches the file and ClickHouse.
@@ -971,9 +956,6 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
 /// sidecar's user can neither cut nor rewrite them.
 #[test]
 fn the_sidecar_writes_as_a_user_that_cannot_cut_the_ledger() {
-    use gw_core::Action;
-    use testkit::fixtures::signed_command;
-
     let d = testkit::TempDir::new("ledger-user");
     let ch = ClickHouse::start_secured(d.path());
     let users = ch.users.clone().unwrap();
@@ -982,19 +964,7 @@ fn the_sidecar_writes_as_a_user_that_cannot_cut_the_ledger() {
     cfg.file.clickhouse_user = Some(users.sidecar.user.clone());
     cfg.clickhouse_password = Some(users.sidecar.password.clone());
     let served = common::serve(cfg);
-    let body = signed_command(61, Action::Throttle, common::now(), "dashboard", &[]);
-    let status = served.rt.block_on(async {
-        served
-            .http
-            .post(format!("{}/api/control/commands", served.base))
-            .header("content-type", "application/x-protobuf")
-            .body(body)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    });
-    assert_eq!(status, 200);
+    assert_eq!(post_throttle(&served, 61), 200);
     std::thread::sleep(std::time::Duration::from_millis(800));
     assert_eq!(ch.query("EXISTS TABLE control_decisions").trim(), "0");
 
