@@ -1037,6 +1037,97 @@ fn a_batch_that_does_not_fit_waits_for_acknowledgements() {
     });
 }
 
+/// `TpuClient::send` writes on the caller's task when the connection is up, nothing
+/// is queued and a stream is free; its delivery is what sends it. Those streams
+/// count against the same `max_streams` as the worker's: with a cap of 1 held by a
+/// delivery not yet polled, the next transaction is queued and waits for it.
+#[test]
+fn sends_on_the_callers_task_share_the_stream_cap_with_the_worker() {
+    let rt = rt();
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let cfg = TpuConfig {
+            max_streams: 1,
+            ..TpuConfig::default()
+        };
+        let client = TpuClient::new(cfg, &key(2)).unwrap();
+        let l = Leader {
+            tpu_quic: rx.addr,
+            identity: Some(rx.identity),
+        };
+        client.prewarm(&[l]);
+        connected(&client, rx.addr).await;
+        let (a, b, c) = (tx(70_001, 0).0, tx(70_002, 0).0, tx(70_003, 0).0);
+        let da = client.send(&l, a.clone()).unwrap();
+        let mut db = client.send(&l, b.clone()).unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut db)
+                .await
+                .is_err(),
+            "the second transaction went past max_streams = 1"
+        );
+        assert_eq!(rx.count(), 0, "a delivery on the caller's task sent itself");
+        da.await.unwrap().unwrap();
+        db.await.unwrap().unwrap();
+        // Nothing queued now: the third goes on this task again.
+        client.send(&l, c.clone()).unwrap().await.unwrap().unwrap();
+        assert_eq!(rx.wait_for(3, Duration::from_secs(2)).await, 3);
+        let got: Vec<Vec<u8>> = rx.received().into_iter().map(|r| r.bytes).collect();
+        assert_eq!(got, vec![a.to_vec(), b.to_vec(), c.to_vec()]);
+        assert_eq!(client.stats.delivered.load(Ordering::Relaxed), 3);
+    });
+}
+
+/// With `fanout` 2 a send answers at the first leader's acknowledgement, and the
+/// slower leader still gets its copy, acknowledged and counted (the send hands the
+/// copies still in flight to a task of their own).
+#[test]
+fn every_upcoming_leader_gets_its_copy_after_the_first_acknowledges() {
+    let rt = rt();
+    rt.block_on(async {
+        let near = TpuReceiver::start(ReceiverConfig::default(), &key(11)).unwrap();
+        let far_rx = TpuReceiver::start(ReceiverConfig::default(), &key(12)).unwrap();
+        let far = DelayProxy::start(far_rx.addr, Duration::from_millis(100));
+        let both: Arc<dyn LeaderSource> = Arc::new(StaticLeaders::from_leaders(vec![
+            Leader {
+                tpu_quic: near.addr,
+                identity: Some(near.identity),
+            },
+            Leader {
+                tpu_quic: far.addr,
+                identity: Some(far_rx.identity),
+            },
+        ]));
+        let cfg = sender_config(json!({
+            "tpu": {}, "leaders": {"static": []}, "fanout": 2,
+        }));
+        let sender = Sender::new(&cfg, &key(2), Some(both), None).unwrap();
+        sender.refresh_leaders();
+        let tpu = sender.tpu().unwrap();
+        connected(tpu, near.addr).await;
+        connected(tpu, far.addr).await;
+        let (w, sig) = tx(3, 0);
+        let out = sender.send(w.clone(), sig, &meta()).await;
+        assert_eq!(out.landed, Some(Route::Tpu), "{out:?}");
+        assert!(
+            out.latency < Duration::from_millis(150),
+            "answered after {:?}: it waited for the slower leader",
+            out.latency
+        );
+        assert_eq!(far_rx.wait_for(1, Duration::from_secs(3)).await, 1);
+        assert_eq!(far_rx.received()[0].bytes, w.to_vec());
+        assert_eq!(near.received()[0].bytes, w.to_vec());
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while tpu.stats.delivered.load(Ordering::Relaxed) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the slower copy was not acknowledged and counted"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+}
+
 /// A sender for `cfg` whose one leader is `addr`, once its TPU route is connected.
 async fn connected_sender(cfg: &SenderConfig, addr: SocketAddr) -> Arc<Sender> {
     let sender = Sender::new(cfg, &key(2), Some(leader(addr, None)), None).unwrap();

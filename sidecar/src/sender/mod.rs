@@ -352,9 +352,9 @@ pub struct Sender {
     pub stats: SenderStats,
 }
 
-/// A started route's answer: `Ok(latency)` or why it failed; `None` when the route
-/// is not configured (not counted against it).
-type RouteResult = Result<Duration, Option<String>>;
+/// A started route's answer: `Ok(when it confirmed)` or why it failed; `None` when
+/// the route is not configured (not counted against it).
+type RouteResult = Result<Instant, Option<String>>;
 
 /// A started route.
 type RouteFuture = std::pin::Pin<Box<dyn std::future::Future<Output = RouteResult> + Send>>;
@@ -503,19 +503,24 @@ impl Sender {
         // running when the send is decided is handed to a task so its statistics
         // still count.
         let mut routes: [Option<RouteFuture>; 2] = [None, None];
+        // With one route there is nothing to hedge to: no timer, and the route's
+        // failure is the send's (no audit row saying a hedge went to a route that
+        // does not exist).
+        let can_hedge = self.configured(primary.other());
         // The hedge's own deadline (with `tpu_first` that is `relay_failover_ms`,
         // not `hedge_delay_ms`: a timer at the shorter one would fire early and,
         // never re-armed, be ready on every poll until the deadline — a spin).
-        let timer = tokio::time::sleep_until((t0 + hedge_after).into());
+        // None is made without a second route: tokio takes its timer driver's lock,
+        // which every worker's timers share, to drop even a timer never polled.
+        let timer = can_hedge.then(|| tokio::time::sleep_until((t0 + hedge_after).into()));
         tokio::pin!(timer);
-        // With one route there is nothing to hedge to: no timer to register, and the
-        // route's failure is the send's (no audit row saying a hedge went to a route
-        // that does not exist).
-        let can_hedge = self.configured(primary.other());
+        let mut now = t0;
         let mut action = hedge.on(Event::Start, t0);
         loop {
             match action.take() {
-                Some(Action::Send(r)) => routes[r.index()] = Some(self.launch(r, &wire, &mut out)),
+                Some(Action::Send(r)) => {
+                    routes[r.index()] = Some(self.launch(r, &wire, now, &mut out));
+                }
                 Some(Action::Landed(r)) => {
                     out.landed = Some(r);
                     break;
@@ -533,29 +538,43 @@ impl Sender {
                         }
                     }
                 }
-                if armed && timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(None);
+                if let (true, Some(t)) = (armed, timer.as_mut().as_pin_mut()) {
+                    if t.poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
                 }
                 Poll::Pending
             });
+            // The time of the event: a route's answer carries it (one clock read
+            // per answer, not two).
             let event = match next.await {
-                Some((route, r)) => self.settle(route, r, &mut out),
-                None => Event::Timer,
+                Some((route, r)) => {
+                    now = match &r {
+                        Ok(at) => *at,
+                        Err(_) => Instant::now(),
+                    };
+                    self.settle(route, r, &mut out)
+                }
+                None => {
+                    now = Instant::now();
+                    Event::Timer
+                }
             };
             if !can_hedge && matches!(event, Event::Failed(_)) {
                 break;
             }
-            let now = Instant::now();
             action = hedge.on(event, now);
-            if let (Event::Timer, None, Some(d)) = (event, action, hedge.deadline()) {
+            if let (Event::Timer, None, Some(d), Some(t)) =
+                (event, action, hedge.deadline(), timer.as_mut().as_pin_mut())
+            {
                 // Early (the clock's granularity): wait for the deadline again.
-                timer.as_mut().reset(d.into());
+                t.reset(d.into());
             }
         }
         for f in routes.into_iter().flatten() {
             tokio::spawn(f);
         }
-        out.latency = t0.elapsed();
+        out.latency = now.saturating_duration_since(t0);
         out.hedged = hedge.hedged();
         out.hedged_after = hedge.hedged_at().map(|t| t.saturating_duration_since(t0));
         self.count(&out);
@@ -576,10 +595,16 @@ impl Sender {
         Event::Failed(route)
     }
 
-    /// Starts `route`: the future answers when it confirmed or failed and records
-    /// the outcome in the route statistics itself.
-    fn launch(&self, route: Route, wire: &Bytes, out: &mut SendOutcome) -> RouteFuture {
-        let t0 = Instant::now();
+    /// Starts `route` at `t0`: the future answers when it confirmed (with the
+    /// time it did) or failed, and records the outcome in the route statistics
+    /// itself.
+    fn launch(
+        &self,
+        route: Route,
+        wire: &Bytes,
+        t0: Instant,
+        out: &mut SendOutcome,
+    ) -> RouteFuture {
         let stats = self.routes.clone();
         match route {
             Route::Tpu => {
@@ -613,7 +638,7 @@ impl Sender {
                 let mut deliveries = Vec::with_capacity(leaders.len());
                 let mut last_err = None;
                 for l in &leaders {
-                    match tpu.submit(l, wire.clone()) {
+                    match tpu.send(l, wire.clone()) {
                         Ok(d) => deliveries.push(d),
                         Err(e) => last_err = Some(e.to_string()),
                     }
@@ -626,9 +651,14 @@ impl Sender {
                         set = rest;
                         match r {
                             Ok(Ok(())) => {
-                                let lat = t0.elapsed();
-                                record(&stats, route, Ok(lat));
-                                return Ok(lat);
+                                let at = Instant::now();
+                                record(&stats, route, Ok(at.saturating_duration_since(t0)));
+                                if !set.is_empty() {
+                                    // The other leaders' copies still go out: one sent
+                                    // on this task is sent by its delivery.
+                                    tokio::spawn(futures_util::future::join_all(set));
+                                }
+                                return Ok(at);
                             }
                             Ok(Err(e)) => last_err = Some(e.to_string()),
                             Err(_) => last_err = Some("TPU worker stopped".into()),
@@ -645,9 +675,10 @@ impl Sender {
                 let wire = wire.clone();
                 Box::pin(async move {
                     let r = relay.send_transaction(&wire).await;
-                    let lat = t0.elapsed();
+                    let at = Instant::now();
+                    let lat = at.saturating_duration_since(t0);
                     record(&stats, route, r.as_ref().map(|_| lat).map_err(|_| ()));
-                    r.map(|_| lat).map_err(|e| Some(e.to_string()))
+                    r.map(|_| at).map_err(|e| Some(e.to_string()))
                 })
             }
         }

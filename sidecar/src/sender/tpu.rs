@@ -3,6 +3,10 @@
 //! One connection per leader, owned by that leader's worker task; the worker
 //! connects as soon as the leader is known (pre-warm), reconnects with exponential
 //! backoff and jitter, and sends each transaction on its own unidirectional stream.
+//! [`TpuClient::send`] writes the stream on the caller's own task instead when the
+//! connection is up, nothing waits in the leader's queue and a stream is free (the
+//! worker and the callers share the `max_streams` permits), saving the hand-over
+//! to the worker and back.
 //!
 //! Connection hygiene (a validator sees every handshake): a connection the leader
 //! closes before it carried a stream or stayed up `stable_after_ms`, or closes with
@@ -20,6 +24,7 @@
 
 use crate::config::OutOfBounds;
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,7 +36,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::cc::{CongestionConfig, PhaseBoostFactory, PhaseSignal};
@@ -397,8 +402,32 @@ impl TpuStats {
     }
 }
 
-/// Answer to one submitted transaction.
-pub type Delivery = oneshot::Receiver<Result<(), TpuError>>;
+/// Answer to one transaction: resolves once the leader acknowledged it (or it
+/// failed); `Err(RecvError)` when the client stopped before answering. One that
+/// went through the leader's queue ([`TpuClient::submit`]) is sent whether or not
+/// anyone awaits this; one [`TpuClient::send`] sent on the caller's task is sent
+/// by this future.
+#[must_use = "a delivery does nothing unless polled"]
+pub struct Delivery(Pending);
+
+enum Pending {
+    Queued(oneshot::Receiver<Result<(), TpuError>>),
+    Direct(std::pin::Pin<Box<dyn Future<Output = Result<(), TpuError>> + Send>>),
+}
+
+impl Future for Delivery {
+    type Output = Result<Result<(), TpuError>, oneshot::error::RecvError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut self.0 {
+            Pending::Queued(rx) => std::pin::Pin::new(rx).poll(cx),
+            Pending::Direct(f) => f.as_mut().poll(cx).map(Ok),
+        }
+    }
+}
 
 /// Answer to a submitted batch: one result per transaction, in order.
 pub type BatchDelivery = oneshot::Receiver<Vec<Result<(), TpuError>>>;
@@ -439,19 +468,34 @@ impl Job {
 struct Link {
     tx: mpsc::Sender<Job>,
     phase: Arc<PhaseSignal>,
-    conn: Arc<Mutex<Option<quinn::Connection>>>,
-    last_used: Instant,
+    shared: Arc<Shared>,
+    /// When it was last used, in [`TpuClient::uses`] (the order is all that
+    /// counts; no clock read per transaction).
+    last_used: u64,
     task: JoinHandle<()>,
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
         self.task.abort();
-        if let Ok(c) = self.conn.lock() {
-            if let Some(c) = c.as_ref() {
-                c.close(0u32.into(), b"evicted");
-            }
+        if let Some(l) = self.shared.live() {
+            l.conn.close(0u32.into(), b"evicted");
         }
+    }
+}
+
+/// What a leader's worker shares with the tasks that submit to it.
+struct Shared {
+    /// The live connection, set and cleared by the worker.
+    live: Mutex<Option<Live>>,
+    /// Streams in flight to the leader, the worker's and those sent on the
+    /// callers' tasks together: `max_streams` permits.
+    streams: Arc<Semaphore>,
+}
+
+impl Shared {
+    fn live(&self) -> Option<Live> {
+        self.live.lock().ok()?.clone()
     }
 }
 
@@ -461,6 +505,8 @@ pub struct TpuClient {
     identity: Arc<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
     config: TpuConfig,
     links: Mutex<HashMap<SocketAddr, Link>>,
+    /// Uses of the links so far (their least-recently-used order).
+    uses: AtomicU64,
     /// `max_handshakes_per_sec`, shared by every worker.
     handshakes: Arc<RateCap>,
     /// `max_handshakes_per_leader_per_min` per leader, kept beyond its link: a
@@ -488,6 +534,7 @@ impl TpuClient {
             identity,
             config,
             links: Mutex::new(HashMap::new()),
+            uses: AtomicU64::new(0),
             handshakes,
             leader_caps: Mutex::new(HashMap::new()),
             stats: Arc::new(TpuStats::default()),
@@ -523,7 +570,55 @@ impl TpuClient {
         }
         let (done, rx) = oneshot::channel();
         self.queue(leader, Job::One { wire, done })?;
-        Ok(rx)
+        Ok(Delivery(Pending::Queued(rx)))
+    }
+
+    /// Sends `wire` to `leader` on the caller's task when it can, else queues it as
+    /// [`Self::submit`] does. On the caller's task (the leader's connection up,
+    /// nothing waiting in its queue, a stream free) there is no hand-over to the
+    /// leader's worker and back — two wake-ups of other tasks per transaction —
+    /// but the returned future is what sends it: it must be polled, and dropping
+    /// it before it resolves abandons the transaction (a stream cut short is
+    /// discarded by the leader). For callers that await the answer at once, as
+    /// [`super::Sender::send`] does.
+    pub fn send(&self, leader: &Leader, wire: Bytes) -> Result<Delivery, TpuError> {
+        if wire.len() > MAX_TX_BYTES {
+            TpuStats::bump(&self.stats.too_large);
+            return Err(TpuError::TooLarge(wire.len()));
+        }
+        match self.direct(leader, &wire) {
+            Some(d) => Ok(d),
+            None => self.submit(leader, wire),
+        }
+    }
+
+    fn direct(&self, leader: &Leader, wire: &Bytes) -> Option<Delivery> {
+        let shared = {
+            let mut links = self.links.lock().ok()?;
+            let l = links.get_mut(&leader.tpu_quic)?;
+            if l.tx.capacity() < l.tx.max_capacity() || l.task.is_finished() {
+                return None;
+            }
+            l.last_used = self.uses.fetch_add(1, Ordering::Relaxed);
+            l.shared.clone()
+        };
+        let live = shared.live()?;
+        if live.marks.closed().is_some() {
+            return None;
+        }
+        let permit = shared.streams.clone().try_acquire_owned().ok()?;
+        let sending = Sending {
+            conn: live.conn,
+            stats: self.stats.clone(),
+            addr: leader.tpu_quic,
+            marks: live.marks,
+        };
+        let wire = wire.clone();
+        Some(Delivery(Pending::Direct(Box::pin(async move {
+            let r = sending.one(&wire).await;
+            drop(permit);
+            r
+        }))))
     }
 
     /// Queues `wires` for `leader` as one job: each on its own stream, in order,
@@ -592,8 +687,8 @@ impl TpuClient {
     /// The live connection to `leader`, if any (statistics, tests).
     pub fn connection(&self, leader: SocketAddr) -> Option<quinn::Connection> {
         let links = self.links.lock().ok()?;
-        let conn = links.get(&leader)?.conn.lock().ok()?.clone();
-        conn.filter(|c| c.close_reason().is_none())
+        let conn = links.get(&leader)?.shared.live()?.conn;
+        (conn.close_reason().is_none()).then_some(conn)
     }
 
     /// Leaders with a worker now.
@@ -621,7 +716,7 @@ impl TpuClient {
         let mut links = self.links.lock().map_err(|_| TpuError::Stopped)?;
         if let Some(l) = links.get_mut(&leader.tpu_quic) {
             if !l.task.is_finished() {
-                l.last_used = Instant::now();
+                l.last_used = self.uses.fetch_add(1, Ordering::Relaxed);
                 return Ok(f(&l.tx));
             }
         }
@@ -636,14 +731,17 @@ impl TpuClient {
         }
         let (tx, rx) = mpsc::channel(self.config.queue_per_leader);
         let phase = PhaseSignal::new();
-        let conn = Arc::new(Mutex::new(None));
+        let shared = Arc::new(Shared {
+            live: Mutex::new(None),
+            streams: Arc::new(Semaphore::new(self.config.max_streams)),
+        });
         let worker = Worker {
             endpoint: self.endpoint.clone(),
             leader: *leader,
             client: self.client_config(leader, phase.clone()),
             config: self.config.clone(),
             stats: self.stats.clone(),
-            conn: conn.clone(),
+            shared: shared.clone(),
             global_cap: self.handshakes.clone(),
             leader_cap: self.leader_cap(leader.tpu_quic, &links),
         };
@@ -654,8 +752,8 @@ impl TpuClient {
             Link {
                 tx,
                 phase,
-                conn,
-                last_used: Instant::now(),
+                shared,
+                last_used: self.uses.fetch_add(1, Ordering::Relaxed),
                 task,
             },
         );
@@ -703,12 +801,13 @@ struct Worker {
     client: Result<quinn::ClientConfig, String>,
     config: TpuConfig,
     stats: Arc<TpuStats>,
-    conn: Arc<Mutex<Option<quinn::Connection>>>,
+    shared: Arc<Shared>,
     global_cap: Arc<RateCap>,
     leader_cap: Arc<RateCap>,
 }
 
 /// The worker's connection.
+#[derive(Clone)]
 struct Live {
     conn: quinn::Connection,
     marks: Arc<Marks>,
@@ -776,6 +875,9 @@ struct State {
 }
 
 type Closed = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+type PermitWait = std::pin::Pin<
+    Box<dyn Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>,
+>;
 
 impl Worker {
     async fn run(self, mut rx: mpsc::Receiver<Job>) {
@@ -789,19 +891,19 @@ impl Worker {
             last_err: String::from("not connected yet"),
             live: None,
         };
-        // Jobs in flight, driven by this task (no task per transaction); each
-        // resolves to the streams it took.
+        // Jobs in flight, driven by this task (no task per transaction); each holds
+        // the permits of its streams until it is answered.
         let mut inflight = FuturesUnordered::new();
-        let mut streams = 0usize;
-        // A job taken from the queue that did not fit yet (the queue is not read
-        // while one waits).
-        let mut held: Option<Job> = None;
+        // A job taken from the queue that waits for permits (the queue is not read
+        // while one waits; permits released meanwhile go to it first), and its wait.
+        let mut held: Option<(Job, PermitWait)> = None;
         // Resolves when the current connection dies (made once per connection).
         let mut closed: Option<Closed> = None;
         let backoff_timer = tokio::time::sleep_until(st.retry_at.into());
         tokio::pin!(backoff_timer);
         enum Next {
             Job(Option<Job>),
+            Permits(Job, Option<OwnedSemaphorePermit>),
             Closed,
             Progress,
         }
@@ -814,8 +916,6 @@ impl Worker {
                 closed = self.connect_now(&mut st).await;
                 backoff_timer.as_mut().reset(st.retry_at.into());
             }
-            let max = self.config.max_streams;
-            let room = held.is_none() && streams < max;
             let waiting = st.live.is_none() && !st.dormant;
             let next = tokio::select! {
                 biased;
@@ -830,29 +930,33 @@ impl Worker {
                         None => std::future::pending().await,
                     }
                 }, if closed.is_some() => Next::Closed,
-                Some(n) = inflight.next(), if !inflight.is_empty() => {
-                    streams -= n;
-                    Next::Progress
-                }
-                j = rx.recv(), if room => Next::Job(j),
+                Some(()) = inflight.next(), if !inflight.is_empty() => Next::Progress,
+                p = async {
+                    match held.as_mut() {
+                        Some((_, wait)) => wait.await.ok(),
+                        None => std::future::pending().await,
+                    }
+                }, if held.is_some() => match held.take() {
+                    Some((job, _)) => Next::Permits(job, p),
+                    None => Next::Progress,
+                },
+                j = rx.recv(), if held.is_none() => Next::Job(j),
                 // Backing off: reconnect when it ends even with nothing to send
                 // (not while the leader refuses us: then only for work).
                 _ = &mut backoff_timer, if waiting => Next::Progress,
             };
-            let job = match next {
-                // Streams done: a job held back may fit now.
-                Next::Progress => match held.take() {
-                    Some(j) if fits(streams, &j, max) => j,
-                    other => {
-                        held = other;
-                        continue;
-                    }
-                },
+            let (job, permits) = match next {
+                Next::Progress => continue,
                 Next::Closed => {
                     closed = None;
                     continue;
                 }
-                Next::Job(Some(job)) => job,
+                Next::Permits(job, Some(p)) => (job, Some(p)),
+                Next::Permits(job, None) => {
+                    job.fail(|| TpuError::Stopped);
+                    continue;
+                }
+                Next::Job(Some(job)) => (job, None),
                 Next::Job(None) => break,
             };
             if self.notice_loss(&mut st) {
@@ -874,18 +978,23 @@ impl Worker {
                         marks: l.marks.clone(),
                     };
                     // Take what else is queued in one go (fewer trips through select);
-                    // a job that would take the streams past max_streams waits.
-                    let mut next = Some(job);
-                    while let Some(job) = next.take() {
-                        if !fits(streams, &job, max) {
-                            held = Some(job);
-                            break;
+                    // a job whose streams are not free waits for them.
+                    let mut next = Some((job, permits));
+                    while let Some((job, permits)) = next.take() {
+                        let n = u32::try_from(job.streams()).unwrap_or(u32::MAX);
+                        let got = match permits {
+                            Some(p) => Ok(p),
+                            None => self.shared.streams.clone().try_acquire_many_owned(n),
+                        };
+                        match got {
+                            Ok(p) => inflight.push(link().job(job, p)),
+                            Err(_) => {
+                                let wait = self.shared.streams.clone().acquire_many_owned(n);
+                                held = Some((job, Box::pin(wait)));
+                                break;
+                            }
                         }
-                        streams += job.streams();
-                        inflight.push(link().job(job));
-                        if streams < max {
-                            next = rx.try_recv().ok();
-                        }
+                        next = rx.try_recv().ok().map(|j| (j, None));
                     }
                 }
                 // Not connected: fail at once so the hedge can go.
@@ -964,13 +1073,14 @@ impl Worker {
             Ok(c) => {
                 TpuStats::bump(&self.stats.connects);
                 st.unreachable.reset();
-                self.publish(Some(c.clone()));
                 let watch = c.clone();
                 let marks = Arc::new(Marks::new());
-                st.live = Some(Live {
+                let live = Live {
                     conn: c,
                     marks: marks.clone(),
-                });
+                };
+                self.publish(Some(live.clone()));
+                st.live = Some(live);
                 Some(Box::pin(async move {
                     let e = watch.closed().await;
                     marks.set_closed(&e);
@@ -985,9 +1095,9 @@ impl Worker {
         }
     }
 
-    fn publish(&self, c: Option<quinn::Connection>) {
-        if let Ok(mut slot) = self.conn.lock() {
-            *slot = c;
+    fn publish(&self, l: Option<Live>) {
+        if let Ok(mut slot) = self.shared.live.lock() {
+            *slot = l;
         }
     }
 
@@ -1006,12 +1116,6 @@ impl Worker {
     }
 }
 
-/// Whether `job` may start with `streams` in flight: within `max`, or alone (a
-/// batch is at most `max`, so this is only ever the first job).
-fn fits(streams: usize, job: &Job, max: usize) -> bool {
-    streams == 0 || streams + job.streams() <= max
-}
-
 /// What sending a job on the worker's connection needs.
 struct Sending {
     conn: quinn::Connection,
@@ -1021,16 +1125,22 @@ struct Sending {
 }
 
 impl Sending {
-    /// Sends `job` and answers it; resolves to the streams it took.
-    async fn job(self, job: Job) -> usize {
+    /// One transaction on its own stream, counted; done once acknowledged.
+    async fn one(&self, wire: &[u8]) -> Result<(), TpuError> {
+        let r = match write_one(&self.conn, wire).await {
+            Ok(s) => confirm(&self.conn, s, &self.marks).await,
+            Err(e) => Err(e),
+        };
+        self.count(r)
+    }
+
+    /// Sends `job` and answers it, holding its streams' permits until then.
+    async fn job(self, job: Job, permits: OwnedSemaphorePermit) {
         match job {
             Job::One { wire, done } => {
-                let r = match write_one(&self.conn, &wire).await {
-                    Ok(s) => confirm(&self.conn, s, &self.marks).await,
-                    Err(e) => Err(e),
-                };
-                let _ = done.send(self.count(r));
-                1
+                let r = self.one(&wire).await;
+                drop(permits);
+                let _ = done.send(r);
             }
             Job::Batch { wires, done } => {
                 // Every stream written before any acknowledgement is awaited: the
@@ -1047,8 +1157,8 @@ impl Sending {
                     };
                     out.push(self.count(r));
                 }
+                drop(permits);
                 let _ = done.send(out);
-                wires.len()
             }
         }
     }
