@@ -1,21 +1,28 @@
 //! The sender's data plane, same run, ratios against baselines measured here:
 //! 1. Transactions/s over one QUIC connection to the local TPU receiver: raw quinn
 //!    (open_uni, write, finish, wait for the ACK; ≤ 128 streams in flight) vs our TPU
-//!    route (`TpuClient::submit`, per-leader queue and worker) vs the whole hedged
-//!    `Sender::send` (target ≥ 0.9× raw), TPU only and with a relay configured (the
-//!    hedge armed for every send). Two raw baselines: quinn's defaults (round-robin
-//!    between streams) and streams sent whole (`send_fairness(false)`, the route's
-//!    setting). Rounds alternate the paths; each ratio is against the raw run of its
-//!    own round (each round starting at another path), and the table gives medians
-//!    (`GW_BENCH_SENDER_ROUNDS`, default 10; one round on this shared VM varies by up
-//!    to ±40 %). Also the process's CPU time per transaction (the receiver's
-//!    included: the same for every path). The binary uses the sidecar's allocator
-//!    (mimalloc).
+//!    route (all queued at once with `TpuClient::submit`: per-leader queue and
+//!    worker; and one at a time, 128 outstanding, with `TpuClient::send`, as the
+//!    hedged send uses it) vs the whole hedged `Sender::send` (target ≥ 0.9× raw),
+//!    TPU only and with a relay configured (the hedge armed for every send). Two raw
+//!    baselines: quinn's defaults (round-robin between streams) and streams sent
+//!    whole (`send_fairness(false)`, the route's setting). Rounds alternate the
+//!    paths; each ratio is against the raw run of its own round (each round starting
+//!    at another path), and the table gives medians (`GW_BENCH_SENDER_ROUNDS`,
+//!    default 10); each round's rates are printed too. Also the process's CPU time
+//!    per transaction (the receiver's included: the same for every path). The
+//!    binary uses the sidecar's allocator (mimalloc).
+//!
+//!    Every path runs in a task on the runtime's two workers, as gw-sidecar's sends
+//!    do (a task per request). `GW_BENCH_SENDER_ON_MAIN=1` runs them from the main
+//!    thread (`block_on`, how this benchmark ran before 2026-12-04, night): a third
+//!    thread on the two cores, where raw quinn's rate jumps between ≈ 130 k, 340 k
+//!    and 560 k tx/s from one connection to the next.
 //! 2. Hedge timing: primary leader silent, relay answering; how late the hedge goes
 //!    out relative to `hedge_delay` (p50/p99).
 //!
-//! Run with `bash bench/run.sh sender`. Profiling aid: `GW_BENCH_HEDGED_ONLY=1`
-//! (e.g. under `perf record -e cpu-clock`).
+//! Run with `bash bench/run.sh sender`. Profiling aid: `GW_BENCH_ONLY=<path's row,
+//! from 0>` runs that path alone, 20 times (e.g. under `perf record -e cpu-clock`).
 
 /// The sidecar binary's allocator (`sidecar/src/main.rs`), for raw quinn too.
 #[global_allocator]
@@ -99,6 +106,36 @@ async fn ours_tpu(addr: std::net::SocketAddr, txs: &[Bytes]) -> f64 {
         .collect();
     for w in waits {
         w.await.unwrap().unwrap();
+    }
+    let r = txs.len() as f64 / t.elapsed().as_secs_f64();
+    client.close();
+    r
+}
+
+/// One at a time with `TpuClient::send`, `window` outstanding (on this task when
+/// the connection is up and a stream free, as `Sender::send` sends).
+async fn ours_tpu_send(addr: std::net::SocketAddr, txs: &[Bytes], window: usize) -> f64 {
+    let cfg: TpuConfig =
+        serde_json::from_value(serde_json::json!({"queue_per_leader": 65536})).unwrap();
+    let client = TpuClient::new(cfg, &SigningKey::from_bytes(&[6u8; 32])).unwrap();
+    let l = Leader {
+        tpu_quic: addr,
+        identity: None,
+    };
+    client.prewarm(&[l]);
+    while client.connection(addr).is_none() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let t = Instant::now();
+    let mut inflight = FuturesUnordered::new();
+    for w in txs {
+        if inflight.len() >= window {
+            inflight.next().await;
+        }
+        inflight.push(client.send(&l, w.clone()).unwrap());
+    }
+    while let Some(r) = inflight.next().await {
+        r.unwrap().unwrap();
     }
     let r = txs.len() as f64 / t.elapsed().as_secs_f64();
     client.close();
@@ -202,12 +239,13 @@ fn main() {
             )
         })
         .unwrap();
-    rt.block_on(async {
+    let rx_addr = rx.addr;
+    let driver = async move {
         let txs = txs(50_000);
         let relay = testkit::relay::Relay::start(None);
         // Warm up both paths once.
-        raw_quinn(rx.addr, &txs[..2000], false).await;
-        ours_tpu(rx.addr, &txs[..2000]).await;
+        raw_quinn(rx_addr, &txs[..2000], false).await;
+        ours_tpu(rx_addr, &txs[..2000]).await;
         // Sends a hedged-sender run keeps outstanding (`GW_BENCH_SENDER_WINDOW` for
         // experiments; 1 024 changed little on 2026-12-02, `docs/benchmarks.md`).
         let window: usize = std::env::var("GW_BENCH_SENDER_WINDOW")
@@ -215,9 +253,25 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(128)
             .max(1);
-        if std::env::var_os("GW_BENCH_HEDGED_ONLY").is_some() {
-            for _ in 0..10 {
-                println!("hedged: {:.0} tx/s", ours_hedged(rx.addr, &txs, None, window).await);
+        let run = |i: usize| {
+            let (txs, relay) = (&txs, &relay.url);
+            async move {
+                match i {
+                    0 => raw_quinn(rx_addr, txs, false).await,
+                    1 => raw_quinn(rx_addr, txs, true).await,
+                    2 => ours_tpu(rx_addr, txs).await,
+                    3 => ours_tpu_send(rx_addr, txs, window).await,
+                    4 => ours_hedged(rx_addr, txs, None, window).await,
+                    _ => ours_hedged(rx_addr, txs, Some(relay), window).await,
+                }
+            }
+        };
+        if let Some(only) = std::env::var("GW_BENCH_ONLY")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            for _ in 0..20 {
+                println!("path {only}: {:.0} tx/s", run(only).await);
             }
             return;
         }
@@ -226,10 +280,11 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(10)
             .max(1);
-        const PATHS: [&str; 5] = [
+        const PATHS: [&str; 6] = [
             "raw quinn uni streams (baseline, quinn's defaults)",
             "raw quinn, streams sent whole (the route's transport setting)",
-            "TPU route (queue + worker, `TpuClient::submit`)",
+            "TPU route, all queued at once (queue + worker, `TpuClient::submit`)",
+            "TPU route, one at a time (`TpuClient::send`, 128 outstanding)",
             "hedged sender (`Sender::send`, TPU only, 128 sends outstanding)",
             "hedged sender with a relay configured (hedge armed, 128 outstanding)",
         ];
@@ -244,15 +299,17 @@ fn main() {
             for k in 0..PATHS.len() {
                 let i = (k + n) % PATHS.len();
                 let c0 = cpu_ticks();
-                round[i] = match i {
-                    0 => raw_quinn(rx.addr, &txs, false).await,
-                    1 => raw_quinn(rx.addr, &txs, true).await,
-                    2 => ours_tpu(rx.addr, &txs).await,
-                    3 => ours_hedged(rx.addr, &txs, None, window).await,
-                    _ => ours_hedged(rx.addr, &txs, Some(&relay.url), window).await,
-                };
+                round[i] = run(i).await;
                 cpu[i] += cpu_ticks() - c0;
             }
+            println!(
+                "round {n}: {} tx/s",
+                round
+                    .iter()
+                    .map(|r| format!("{r:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            );
             for i in 0..PATHS.len() {
                 rate[i].push(round[i]);
                 ratio[i].push(round[i] / round[0]);
@@ -268,11 +325,14 @@ fn main() {
             let (lo, hi) = (ratio[i][0], ratio[i][ratio[i].len() - 1]);
             let w = percentile(&mut same[i], 0.5);
             let us = cpu[i] as f64 * 10_000.0 / (rounds * txs.len()) as f64;
-            println!("| {} | {med:.0} | {r:.2}x | {lo:.2}–{hi:.2} | {w:.2}x | {us:.2} |", PATHS[i]);
+            println!(
+                "| {} | {med:.0} | {r:.2}x | {lo:.2}–{hi:.2} | {w:.2}x | {us:.2} |",
+                PATHS[i]
+            );
         }
 
         // Hedge timing: the leader is silent (no answer, no error), the relay answers.
-        let path = testkit::udp_delay::DelayProxy::start(rx.addr, Duration::ZERO);
+        let path = testkit::udp_delay::DelayProxy::start(rx_addr, Duration::ZERO);
         path.set_blackhole(true);
         println!("\n## hedge timing: primary silent, relay answering (200 sends each)");
         println!("| hedge_delay | hedge sent after, p50 | p99 | error p50 | error p99 |");
@@ -286,21 +346,40 @@ fn main() {
                 "adaptive": false,
             }))
             .unwrap();
-            let leaders: Arc<dyn LeaderSource> = Arc::new(StaticLeaders::from_leaders(vec![Leader {
-                tpu_quic: path.addr,
-                identity: None,
-            }]));
-            let sender = Sender::new(&cfg, &SigningKey::from_bytes(&[6u8; 32]), Some(leaders), None).unwrap();
+            let leaders: Arc<dyn LeaderSource> =
+                Arc::new(StaticLeaders::from_leaders(vec![Leader {
+                    tpu_quic: path.addr,
+                    identity: None,
+                }]));
+            let sender = Sender::new(
+                &cfg,
+                &SigningKey::from_bytes(&[6u8; 32]),
+                Some(leaders),
+                None,
+            )
+            .unwrap();
             let mut after = Vec::new();
             for w in txs.iter().take(200) {
-                let out = sender.send(w.clone(), String::new(), &SendMeta::default()).await;
+                let out = sender
+                    .send(w.clone(), String::new(), &SendMeta::default())
+                    .await;
                 assert!(out.hedged && out.landed.is_some(), "{out:?}");
                 after.push(out.hedged_after.unwrap().as_secs_f64() * 1e3);
             }
             let d = delay_ms as f64;
             let (p50, p99) = (percentile(&mut after, 0.5), percentile(&mut after, 0.99));
-            println!("| {delay_ms} ms | {p50:.3} ms | {p99:.3} ms | +{:.3} ms | +{:.3} ms |", p50 - d, p99 - d);
+            println!(
+                "| {delay_ms} ms | {p50:.3} ms | {p99:.3} ms | +{:.3} ms | +{:.3} ms |",
+                p50 - d,
+                p99 - d
+            );
             sender.tpu().unwrap().close();
         }
-    });
+    };
+    if std::env::var_os("GW_BENCH_SENDER_ON_MAIN").is_some() {
+        rt.block_on(driver);
+    } else {
+        rt.block_on(rt.spawn(driver)).unwrap();
+    }
+    drop(rx);
 }

@@ -13,6 +13,10 @@
 //! Two loads, staked: all of a round queued at once (the rate, and latencies that
 //! are mostly queueing), and paced, one transaction every `GW_PARITY_PACE_US` µs
 //! (1 000), as a node sends what it finds: latencies that are the path's own.
+//! Paced, ours sends each as gw-sidecar does: `TpuClient::send` (on the sending
+//! task when the connection is up and a stream free) in a task of its own per
+//! transaction; `GW_PARITY_PACED_API=submit` queues each to the leader's worker
+//! instead.
 //!
 //! Run with `bash bench/run.sh parity` (it builds both Agave binaries). Rounds:
 //! `GW_PARITY_ROUNDS` (default 3 each), staked round size `GW_PARITY_TXS` (50 000),
@@ -166,6 +170,7 @@ async fn our_submits(
     pace: Option<u64>,
 ) -> (Vec<u64>, Vec<Ack>) {
     let batch: usize = env_or("GW_PARITY_BATCH", BATCH);
+    let paced_queued = std::env::var("GW_PARITY_PACED_API").is_ok_and(|v| v == "submit");
     let mut submits = Vec::with_capacity(sent.len());
     submits.push(now_ns());
     client
@@ -182,7 +187,15 @@ async fn our_submits(
             let due = Duration::from_micros(pace.saturating_mul(i as u64));
             tokio::time::sleep_until(start + due).await;
             submits.push(now_ns());
-            acks.push(Ack::One(client.submit(leader, w.clone()).unwrap()));
+            if paced_queued {
+                acks.push(Ack::One(client.submit(leader, w.clone()).unwrap()));
+            } else {
+                // As gw-sidecar sends one: `Sender::send` in a task of its own
+                // (the strategy thread spawns one per transaction, the RPC handler
+                // is one), through `TpuClient::send`.
+                let d = client.send(leader, w.clone()).unwrap();
+                acks.push(Ack::Task(tokio::spawn(d)));
+            }
         }
         return (submits, acks);
     }
@@ -216,6 +229,9 @@ async fn our_submits(
 /// What `our_submits` waits for.
 enum Ack {
     One(gw_sidecar::sender::tpu::Delivery),
+    Task(
+        tokio::task::JoinHandle<<gw_sidecar::sender::tpu::Delivery as std::future::Future>::Output>,
+    ),
     Batch(gw_sidecar::sender::tpu::BatchDelivery),
 }
 
@@ -224,6 +240,7 @@ impl Ack {
     async fn expect_ok(self) {
         match self {
             Ack::One(d) => d.await.unwrap().unwrap(),
+            Ack::Task(t) => t.await.unwrap().unwrap().unwrap(),
             Ack::Batch(d) => {
                 for r in d.await.unwrap() {
                     r.unwrap();
