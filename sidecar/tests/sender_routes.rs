@@ -1038,43 +1038,67 @@ fn a_batch_that_does_not_fit_waits_for_acknowledgements() {
 }
 
 /// `TpuClient::send` writes on the caller's task when the connection is up, nothing
-/// is queued and a stream is free; its delivery is what sends it. Those streams
-/// count against the same `max_streams` as the worker's: with a cap of 1 held by a
-/// delivery not yet polled, the next transaction is queued and waits for it.
+/// is queued to the worker and a stream is free. Those streams count against the
+/// same `max_streams` as the worker's, and one caller's transactions keep their
+/// order: with a cap of 1 and the one stream in flight over a path of 100 ms each
+/// way, the next is queued to the worker and waits for that acknowledgement, and
+/// the one after queues behind it. A delivery not yet polled holds no stream.
 #[test]
-fn sends_on_the_callers_task_share_the_stream_cap_with_the_worker() {
+fn sends_on_the_callers_task_share_the_stream_cap_and_keep_their_order() {
     let rt = rt();
     rt.block_on(async {
         let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let path = DelayProxy::start(rx.addr, Duration::from_millis(100));
         let cfg = TpuConfig {
             max_streams: 1,
             ..TpuConfig::default()
         };
         let client = TpuClient::new(cfg, &key(2)).unwrap();
         let l = Leader {
-            tpu_quic: rx.addr,
+            tpu_quic: path.addr,
             identity: Some(rx.identity),
         };
         client.prewarm(&[l]);
-        connected(&client, rx.addr).await;
-        let (a, b, c) = (tx(70_001, 0).0, tx(70_002, 0).0, tx(70_003, 0).0);
-        let da = client.send(&l, a.clone()).unwrap();
-        let mut db = client.send(&l, b.clone()).unwrap();
+        connected(&client, path.addr).await;
+        let w: Vec<Bytes> = (0..5).map(|i| tx(70_000 + i, 0).0).collect();
+        let da = client.send(&l, w[0].clone()).unwrap();
         assert!(
-            tokio::time::timeout(Duration::from_millis(300), &mut db)
-                .await
-                .is_err(),
-            "the second transaction went past max_streams = 1"
+            da.is_direct(),
+            "connection up, a stream free: sent on this task"
         );
-        assert_eq!(rx.count(), 0, "a delivery on the caller's task sent itself");
-        da.await.unwrap().unwrap();
+        let ta = tokio::spawn(da);
+        tokio::time::sleep(Duration::from_millis(30)).await; // written, not yet acknowledged
+        let db = client.send(&l, w[1].clone()).unwrap();
+        assert!(
+            !db.is_direct(),
+            "the one stream is taken: queued to the worker"
+        );
+        let dc = client.send(&l, w[2].clone()).unwrap();
+        assert!(!dc.is_direct(), "something is queued: queued behind it");
+        ta.await.unwrap().unwrap().unwrap();
         db.await.unwrap().unwrap();
-        // Nothing queued now: the third goes on this task again.
-        client.send(&l, c.clone()).unwrap().await.unwrap().unwrap();
-        assert_eq!(rx.wait_for(3, Duration::from_secs(2)).await, 3);
-        let got: Vec<Vec<u8>> = rx.received().into_iter().map(|r| r.bytes).collect();
-        assert_eq!(got, vec![a.to_vec(), b.to_vec(), c.to_vec()]);
-        assert_eq!(client.stats.delivered.load(Ordering::Relaxed), 3);
+        dc.await.unwrap().unwrap();
+        let got = rx.received();
+        let order: Vec<&[u8]> = got.iter().map(|r| &r.bytes[..]).collect();
+        assert_eq!(order, vec![&w[0][..], &w[1][..], &w[2][..]]);
+        let gap = got[1].at.saturating_duration_since(got[0].at);
+        assert!(
+            gap >= Duration::from_millis(150),
+            "the second arrived {gap:?} after the first: it did not wait for the stream"
+        );
+        // Nothing queued now: both go on this task, and the first, not yet polled,
+        // holds no stream — the second, awaited first, is not held up by it.
+        let dd = client.send(&l, w[3].clone()).unwrap();
+        let de = client.send(&l, w[4].clone()).unwrap();
+        assert!(dd.is_direct() && de.is_direct());
+        tokio::time::timeout(Duration::from_secs(5), de)
+            .await
+            .expect("a delivery not yet polled held the one stream")
+            .unwrap()
+            .unwrap();
+        dd.await.unwrap().unwrap();
+        assert_eq!(rx.wait_for(5, Duration::from_secs(2)).await, 5);
+        assert_eq!(client.stats.delivered.load(Ordering::Relaxed), 5);
     });
 }
 

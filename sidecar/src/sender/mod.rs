@@ -500,8 +500,8 @@ impl Sender {
             relay_error: None,
         };
         // The routes' futures are polled right here (no task per send); one still
-        // running when the send is decided is handed to a task so its statistics
-        // still count.
+        // running when the send is decided is handed to a task: its statistics still
+        // count, and a TPU copy sent on this task is still sent by it.
         let mut routes: [Option<RouteFuture>; 2] = [None, None];
         // With one route there is nothing to hedge to: no timer, and the route's
         // failure is the send's (no audit row saying a hedge went to a route that
@@ -653,9 +653,11 @@ impl Sender {
                             Ok(Ok(())) => {
                                 let at = Instant::now();
                                 record(&stats, route, Ok(at.saturating_duration_since(t0)));
+                                // The other leaders' copies still go out: one sent on
+                                // this task is sent by its delivery (a queued one by the
+                                // leader's worker, whether or not it is awaited).
+                                set.retain(tpu::Delivery::is_direct);
                                 if !set.is_empty() {
-                                    // The other leaders' copies still go out: one sent
-                                    // on this task is sent by its delivery.
                                     tokio::spawn(futures_util::future::join_all(set));
                                 }
                                 return Ok(at);

@@ -26,7 +26,7 @@ use crate::config::OutOfBounds;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -405,10 +405,18 @@ impl TpuStats {
 /// Answer to one transaction: resolves once the leader acknowledged it (or it
 /// failed); `Err(RecvError)` when the client stopped before answering. One that
 /// went through the leader's queue ([`TpuClient::submit`]) is sent whether or not
-/// anyone awaits this; one [`TpuClient::send`] sent on the caller's task is sent
-/// by this future.
-#[must_use = "a delivery does nothing unless polled"]
+/// anyone awaits this; one [`TpuClient::send`] sends on the caller's task is sent
+/// by this future (see there).
+#[must_use = "a delivery answers only when awaited, and one sent on the caller's task is sent by it"]
 pub struct Delivery(Pending);
+
+impl Delivery {
+    /// Whether this future is what sends its transaction (sent on the caller's
+    /// task) rather than an answer from the leader's worker.
+    pub fn is_direct(&self) -> bool {
+        matches!(self.0, Pending::Direct(_))
+    }
+}
 
 enum Pending {
     Queued(oneshot::Receiver<Result<(), TpuError>>),
@@ -491,6 +499,12 @@ struct Shared {
     /// Streams in flight to the leader, the worker's and those sent on the
     /// callers' tasks together: `max_streams` permits.
     streams: Arc<Semaphore>,
+    /// Set while the worker holds a job taken from the queue that waits for
+    /// permits. While it does, or anything is in the queue, sends queue behind it,
+    /// so that one caller's transactions keep their order (all but a job the
+    /// worker is taking at that moment: it is not counted per job, which would
+    /// bounce a shared counter between the cores for every transaction).
+    holding: AtomicBool,
 }
 
 impl Shared {
@@ -575,12 +589,12 @@ impl TpuClient {
 
     /// Sends `wire` to `leader` on the caller's task when it can, else queues it as
     /// [`Self::submit`] does. On the caller's task (the leader's connection up,
-    /// nothing waiting in its queue, a stream free) there is no hand-over to the
-    /// leader's worker and back — two wake-ups of other tasks per transaction —
-    /// but the returned future is what sends it: it must be polled, and dropping
-    /// it before it resolves abandons the transaction (a stream cut short is
-    /// discarded by the leader). For callers that await the answer at once, as
-    /// [`super::Sender::send`] does.
+    /// nothing queued to its worker, a stream free) there is no hand-over to the
+    /// worker and back — two wake-ups of other tasks per transaction — but the
+    /// returned future is what sends it: nothing goes, and no stream is taken,
+    /// until it is polled; dropped before the transaction is written, it is not
+    /// sent (once written it still goes, but is not counted). For callers that
+    /// await the answer at once, as [`super::Sender::send`] does.
     pub fn send(&self, leader: &Leader, wire: Bytes) -> Result<Delivery, TpuError> {
         if wire.len() > MAX_TX_BYTES {
             TpuStats::bump(&self.stats.too_large);
@@ -596,25 +610,43 @@ impl TpuClient {
         let shared = {
             let mut links = self.links.lock().ok()?;
             let l = links.get_mut(&leader.tpu_quic)?;
-            if l.tx.capacity() < l.tx.max_capacity() || l.task.is_finished() {
+            if l.tx.capacity() < l.tx.max_capacity()
+                || l.shared.holding.load(Ordering::Acquire)
+                || l.task.is_finished()
+            {
                 return None;
             }
             l.last_used = self.uses.fetch_add(1, Ordering::Relaxed);
             l.shared.clone()
         };
+        // A connection closed but not yet noticed by the worker is left to it: it
+        // reconnects and sends (one read of the connection's state per send).
         let live = shared.live()?;
-        if live.marks.closed().is_some() {
+        if live.marks.closed().is_some()
+            || live.conn.close_reason().is_some()
+            || shared.streams.available_permits() == 0
+        {
             return None;
         }
-        let permit = shared.streams.clone().try_acquire_owned().ok()?;
         let sending = Sending {
             conn: live.conn,
             stats: self.stats.clone(),
             addr: leader.tpu_quic,
             marks: live.marks,
+            direct: true,
         };
         let wire = wire.clone();
         Some(Delivery(Pending::Direct(Box::pin(async move {
+            // The permit is taken when polled (an unpolled delivery holds none);
+            // if another took the last one meanwhile, this waits its turn with the
+            // worker's jobs.
+            let permit = match shared.streams.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => match shared.streams.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return Err(TpuError::Stopped),
+                },
+            };
             let r = sending.one(&wire).await;
             drop(permit);
             r
@@ -622,7 +654,7 @@ impl TpuClient {
     }
 
     /// Queues `wires` for `leader` as one job: each on its own stream, in order,
-    /// opened one after another with nothing else in between; one answer for all
+    /// opened one after another by one future; one answer for all
     /// (a result per transaction) once the leader acknowledged them or they failed.
     /// Cheaper per transaction than [`Self::submit`] (one job, one answer, one
     /// future). Refused whole when a transaction is too large, the batch exceeds
@@ -657,7 +689,8 @@ impl TpuClient {
     /// per transaction.
     fn queue(&self, leader: &Leader, job: Job) -> Result<(), TpuError> {
         let n = job.streams();
-        match self.with_link(leader, |tx| tx.try_send(job))? {
+        let sent = self.with_link(leader, |l| l.tx.try_send(job))?;
+        match sent {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 TpuStats::add(&self.stats.dropped_full, n);
@@ -708,16 +741,12 @@ impl TpuClient {
     }
 
     /// Runs `f` on the leader's queue, starting its worker first if needed.
-    fn with_link<R>(
-        &self,
-        leader: &Leader,
-        f: impl FnOnce(&mpsc::Sender<Job>) -> R,
-    ) -> Result<R, TpuError> {
+    fn with_link<R>(&self, leader: &Leader, f: impl FnOnce(&Link) -> R) -> Result<R, TpuError> {
         let mut links = self.links.lock().map_err(|_| TpuError::Stopped)?;
         if let Some(l) = links.get_mut(&leader.tpu_quic) {
             if !l.task.is_finished() {
                 l.last_used = self.uses.fetch_add(1, Ordering::Relaxed);
-                return Ok(f(&l.tx));
+                return Ok(f(l));
             }
         }
         if links.len() >= self.config.max_leaders {
@@ -734,6 +763,7 @@ impl TpuClient {
         let shared = Arc::new(Shared {
             live: Mutex::new(None),
             streams: Arc::new(Semaphore::new(self.config.max_streams)),
+            holding: AtomicBool::new(false),
         });
         let worker = Worker {
             endpoint: self.endpoint.clone(),
@@ -745,18 +775,15 @@ impl TpuClient {
             global_cap: self.handshakes.clone(),
             leader_cap: self.leader_cap(leader.tpu_quic, &links),
         };
-        let task = tokio::spawn(worker.run(rx));
-        let r = f(&tx);
-        links.insert(
-            leader.tpu_quic,
-            Link {
-                tx,
-                phase,
-                shared,
-                last_used: self.uses.fetch_add(1, Ordering::Relaxed),
-                task,
-            },
-        );
+        let link = Link {
+            tx,
+            phase,
+            shared,
+            last_used: self.uses.fetch_add(1, Ordering::Relaxed),
+            task: tokio::spawn(worker.run(rx)),
+        };
+        let r = f(&link);
+        links.insert(leader.tpu_quic, link);
         Ok(r)
     }
 
@@ -951,8 +978,12 @@ impl Worker {
                     closed = None;
                     continue;
                 }
-                Next::Permits(job, Some(p)) => (job, Some(p)),
+                Next::Permits(job, Some(p)) => {
+                    self.shared.holding.store(false, Ordering::Release);
+                    (job, Some(p))
+                }
                 Next::Permits(job, None) => {
+                    self.shared.holding.store(false, Ordering::Release);
                     job.fail(|| TpuError::Stopped);
                     continue;
                 }
@@ -976,6 +1007,7 @@ impl Worker {
                         stats: self.stats.clone(),
                         addr,
                         marks: l.marks.clone(),
+                        direct: false,
                     };
                     // Take what else is queued in one go (fewer trips through select);
                     // a job whose streams are not free waits for them.
@@ -986,13 +1018,32 @@ impl Worker {
                             Some(p) => Ok(p),
                             None => self.shared.streams.clone().try_acquire_many_owned(n),
                         };
-                        match got {
-                            Ok(p) => inflight.push(link().job(job, p)),
+                        let got = match got {
+                            Ok(p) => Some(p),
                             Err(_) => {
-                                let wait = self.shared.streams.clone().acquire_many_owned(n);
-                                held = Some((job, Box::pin(wait)));
-                                break;
+                                // Polled once here, so that it queues for permits at
+                                // once: released ones go to it before any send on a
+                                // caller's task takes them.
+                                let mut wait: PermitWait =
+                                    Box::pin(self.shared.streams.clone().acquire_many_owned(n));
+                                let mut cx =
+                                    std::task::Context::from_waker(std::task::Waker::noop());
+                                match wait.as_mut().poll(&mut cx) {
+                                    std::task::Poll::Ready(Ok(p)) => Some(p),
+                                    std::task::Poll::Ready(Err(_)) => {
+                                        job.fail(|| TpuError::Stopped);
+                                        break;
+                                    }
+                                    std::task::Poll::Pending => {
+                                        self.shared.holding.store(true, Ordering::Release);
+                                        held = Some((job, wait));
+                                        break;
+                                    }
+                                }
                             }
+                        };
+                        if let Some(p) = got {
+                            inflight.push(link().job(job, p));
                         }
                         next = rx.try_recv().ok().map(|j| (j, None));
                     }
@@ -1122,13 +1173,16 @@ struct Sending {
     stats: Arc<TpuStats>,
     addr: SocketAddr,
     marks: Arc<Marks>,
+    /// Sent on the caller's task, not by the worker (which marks a close before it
+    /// polls its streams again; a caller's task does not know of it).
+    direct: bool,
 }
 
 impl Sending {
     /// One transaction on its own stream, counted; done once acknowledged.
     async fn one(&self, wire: &[u8]) -> Result<(), TpuError> {
         let r = match write_one(&self.conn, wire).await {
-            Ok(s) => confirm(&self.conn, s, &self.marks).await,
+            Ok(s) => confirm(&self.conn, s, &self.marks, self.direct).await,
             Err(e) => Err(e),
         };
         self.count(r)
@@ -1152,7 +1206,7 @@ impl Sending {
                 let mut out = Vec::with_capacity(wires.len());
                 for s in sent {
                     let r = match s {
-                        Ok(s) => confirm(&self.conn, s, &self.marks).await,
+                        Ok(s) => confirm(&self.conn, s, &self.marks, false).await,
                         Err(e) => Err(e),
                     };
                     out.push(self.count(r));
@@ -1189,11 +1243,12 @@ async fn write_one(conn: &quinn::Connection, wire: &[u8]) -> Result<quinn::SendS
 /// Done when the peer acknowledged every byte of stream `s` and, on a connection
 /// younger than two round trips (`marks.since`), the connection is still open two
 /// round trips after it was made; on an older one, when it has not been closed
-/// with a refusal code.
+/// with a refusal code. `direct`: polled on a caller's task, not the worker's.
 async fn confirm(
     conn: &quinn::Connection,
     s: quinn::SendStream,
     marks: &Marks,
+    direct: bool,
 ) -> Result<(), String> {
     match s.stopped().await {
         Ok(None) => {}
@@ -1227,7 +1282,14 @@ async fn confirm(
     }
     // Later a refusal code still counts, as the worker has marked it (it marks a
     // close it was woken for before it polls the streams again; best effort, like
-    // any check of a close that may arrive a moment after the acknowledgement).
+    // any check of a close that may arrive a moment after the acknowledgement). A
+    // caller's task may run before the worker has seen a close that came with the
+    // acknowledgement: it reads the connection itself (one take of its lock).
+    if direct && marks.closed().is_none() {
+        if let Some(r) = conn.close_reason() {
+            marks.set_closed(&r);
+        }
+    }
     match marks.closed() {
         Some((i, true)) => Err(closed(i)),
         _ => Ok(()),
