@@ -87,7 +87,8 @@ async fn raw_quinn(addr: std::net::SocketAddr, txs: &[Bytes], whole: bool) -> f6
     r
 }
 
-async fn ours_tpu(addr: std::net::SocketAddr, txs: &[Bytes]) -> f64 {
+/// A TPU client connected to the receiver at `addr`, and that leader.
+async fn connected_client(addr: std::net::SocketAddr) -> (Arc<TpuClient>, Leader) {
     let cfg: TpuConfig =
         serde_json::from_value(serde_json::json!({"queue_per_leader": 65536})).unwrap();
     let client = TpuClient::new(cfg, &SigningKey::from_bytes(&[6u8; 32])).unwrap();
@@ -99,6 +100,11 @@ async fn ours_tpu(addr: std::net::SocketAddr, txs: &[Bytes]) -> f64 {
     while client.connection(addr).is_none() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    (client, l)
+}
+
+async fn ours_tpu(addr: std::net::SocketAddr, txs: &[Bytes]) -> f64 {
+    let (client, l) = connected_client(addr).await;
     let t = Instant::now();
     let waits: Vec<_> = txs
         .iter()
@@ -115,17 +121,7 @@ async fn ours_tpu(addr: std::net::SocketAddr, txs: &[Bytes]) -> f64 {
 /// One at a time with `TpuClient::send`, `window` outstanding (on this task when
 /// the connection is up and a stream free, as `Sender::send` sends).
 async fn ours_tpu_send(addr: std::net::SocketAddr, txs: &[Bytes], window: usize) -> f64 {
-    let cfg: TpuConfig =
-        serde_json::from_value(serde_json::json!({"queue_per_leader": 65536})).unwrap();
-    let client = TpuClient::new(cfg, &SigningKey::from_bytes(&[6u8; 32])).unwrap();
-    let l = Leader {
-        tpu_quic: addr,
-        identity: None,
-    };
-    client.prewarm(&[l]);
-    while client.connection(addr).is_none() {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (client, l) = connected_client(addr).await;
     let t = Instant::now();
     let mut inflight = FuturesUnordered::new();
     for w in txs {
@@ -140,6 +136,21 @@ async fn ours_tpu_send(addr: std::net::SocketAddr, txs: &[Bytes], window: usize)
     let r = txs.len() as f64 / t.elapsed().as_secs_f64();
     client.close();
     r
+}
+
+/// A sender for `cfg` whose one leader is the TPU at `addr`.
+fn one_leader_sender(cfg: &SenderConfig, addr: std::net::SocketAddr) -> Arc<Sender> {
+    let leaders: Arc<dyn LeaderSource> = Arc::new(StaticLeaders::from_leaders(vec![Leader {
+        tpu_quic: addr,
+        identity: None,
+    }]));
+    Sender::new(
+        cfg,
+        &SigningKey::from_bytes(&[6u8; 32]),
+        Some(leaders),
+        None,
+    )
+    .unwrap()
 }
 
 /// `window`: sends the caller keeps outstanding (the route keeps at most 128
@@ -159,17 +170,7 @@ async fn ours_hedged(
         cfg["relay"] = serde_json::json!({ "url": url });
     }
     let cfg: SenderConfig = serde_json::from_value(cfg).unwrap();
-    let leaders: Arc<dyn LeaderSource> = Arc::new(StaticLeaders::from_leaders(vec![Leader {
-        tpu_quic: addr,
-        identity: None,
-    }]));
-    let sender = Sender::new(
-        &cfg,
-        &SigningKey::from_bytes(&[6u8; 32]),
-        Some(leaders),
-        None,
-    )
-    .unwrap();
+    let sender = one_leader_sender(&cfg, addr);
     sender.refresh_leaders();
     while sender.tpu().unwrap().connection(addr).is_none() {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -346,18 +347,7 @@ fn main() {
                 "adaptive": false,
             }))
             .unwrap();
-            let leaders: Arc<dyn LeaderSource> =
-                Arc::new(StaticLeaders::from_leaders(vec![Leader {
-                    tpu_quic: path.addr,
-                    identity: None,
-                }]));
-            let sender = Sender::new(
-                &cfg,
-                &SigningKey::from_bytes(&[6u8; 32]),
-                Some(leaders),
-                None,
-            )
-            .unwrap();
+            let sender = one_leader_sender(&cfg, path.addr);
             let mut after = Vec::new();
             for w in txs.iter().take(200) {
                 let out = sender

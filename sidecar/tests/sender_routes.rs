@@ -1006,19 +1006,7 @@ fn leader_allow_and_deny_lists_apply_before_sending_and_connecting() {
 fn a_batch_that_does_not_fit_waits_for_acknowledgements() {
     let rt = rt();
     rt.block_on(async {
-        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
-        let path = DelayProxy::start(rx.addr, Duration::from_millis(150));
-        let cfg = TpuConfig {
-            max_streams: 4,
-            ..TpuConfig::default()
-        };
-        let client = TpuClient::new(cfg, &key(2)).unwrap();
-        let l = Leader {
-            tpu_quic: path.addr,
-            identity: Some(rx.identity),
-        };
-        client.prewarm(&[l]);
-        connected(&client, path.addr).await;
+        let (rx, _path, client, l) = over_a_slow_path(150, 4).await;
         let first: Vec<Bytes> = (0..3).map(|i| tx(60_000 + i, 10).0).collect();
         let second: Vec<Bytes> = (0..3).map(|i| tx(61_000 + i, 10).0).collect();
         let a = client.submit_batch(&l, first.clone()).unwrap();
@@ -1047,19 +1035,7 @@ fn a_batch_that_does_not_fit_waits_for_acknowledgements() {
 fn sends_on_the_callers_task_share_the_stream_cap_and_keep_their_order() {
     let rt = rt();
     rt.block_on(async {
-        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
-        let path = DelayProxy::start(rx.addr, Duration::from_millis(100));
-        let cfg = TpuConfig {
-            max_streams: 1,
-            ..TpuConfig::default()
-        };
-        let client = TpuClient::new(cfg, &key(2)).unwrap();
-        let l = Leader {
-            tpu_quic: path.addr,
-            identity: Some(rx.identity),
-        };
-        client.prewarm(&[l]);
-        connected(&client, path.addr).await;
+        let (rx, _path, client, l) = over_a_slow_path(100, 1).await;
         let w: Vec<Bytes> = (0..5).map(|i| tx(70_000 + i, 0).0).collect();
         let da = client.send(&l, w[0].clone()).unwrap();
         assert!(
@@ -1150,6 +1126,28 @@ fn every_upcoming_leader_gets_its_copy_after_the_first_acknowledges() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
+}
+
+/// A receiver behind a path of `ms` milliseconds each way, and a TPU client with
+/// `max_streams` connected to it through that path (the leader).
+async fn over_a_slow_path(
+    ms: u64,
+    max_streams: usize,
+) -> (TpuReceiver, DelayProxy, Arc<TpuClient>, Leader) {
+    let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+    let path = DelayProxy::start(rx.addr, Duration::from_millis(ms));
+    let cfg = TpuConfig {
+        max_streams,
+        ..TpuConfig::default()
+    };
+    let client = TpuClient::new(cfg, &key(2)).unwrap();
+    let l = Leader {
+        tpu_quic: path.addr,
+        identity: Some(rx.identity),
+    };
+    client.prewarm(&[l]);
+    connected(&client, path.addr).await;
+    (rx, path, client, l)
 }
 
 /// A sender for `cfg` whose one leader is `addr`, once its TPU route is connected.
