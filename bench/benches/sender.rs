@@ -21,8 +21,12 @@
 //! 2. Hedge timing: primary leader silent, relay answering; how late the hedge goes
 //!    out relative to `hedge_delay` (p50/p99).
 //!
+//! 3. What one clock read costs, `std::time::Instant` vs `quanta::Instant`.
+//!
 //! Run with `bash bench/run.sh sender`. Profiling aid: `GW_BENCH_ONLY=<path's row,
 //! from 0>` runs that path alone, 20 times (e.g. under `perf record -e cpu-clock`).
+//! A/B aid: `GW_BENCH_PATHS=0,3,4` alternates only those rows, 40 rounds, and prints
+//! each one's median.
 
 /// The sidecar binary's allocator (`sidecar/src/main.rs`), for raw quinn too.
 #[global_allocator]
@@ -267,6 +271,28 @@ fn main() {
                 }
             }
         };
+        // Only some paths, alternating, 40 rounds (A/B experiments: the rounds of
+        // one run are what can be compared on this VM).
+        if let Ok(list) = std::env::var("GW_BENCH_PATHS") {
+            let paths: Vec<usize> = list
+                .split(',')
+                .filter_map(|p| p.trim().parse().ok())
+                .collect();
+            let mut rates = vec![Vec::new(); paths.len()];
+            for n in 0..40 {
+                for k in 0..paths.len() {
+                    let j = (k + n) % paths.len();
+                    rates[j].push(run(paths[j]).await);
+                }
+            }
+            for (p, r) in paths.iter().zip(&mut rates) {
+                println!(
+                    "path {p}: median {:.0} tx/s over 40 rounds",
+                    percentile(r, 0.5)
+                );
+            }
+            return;
+        }
         if let Some(only) = std::env::var("GW_BENCH_ONLY")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
@@ -331,6 +357,27 @@ fn main() {
                 PATHS[i]
             );
         }
+
+        // What a clock read costs: the one-route send reads the CPU's counter
+        // (`quanta`) instead of the system's monotonic clock.
+        let per_read = |f: &dyn Fn()| {
+            let t = Instant::now();
+            for _ in 0..5_000_000 {
+                f();
+            }
+            t.elapsed().as_secs_f64() * 1e9 / 5e6
+        };
+        let _ = quanta::Instant::now();
+        let std_ns = per_read(&|| {
+            std::hint::black_box(Instant::now());
+        });
+        let quanta_ns = per_read(&|| {
+            std::hint::black_box(quanta::Instant::now());
+        });
+        println!(
+            "\n## a clock read: std::time::Instant {std_ns:.1} ns, quanta::Instant {quanta_ns:.1} ns ({:.2}x)",
+            quanta_ns / std_ns
+        );
 
         // Hedge timing: the leader is silent (no answer, no error), the relay answers.
         let path = testkit::udp_delay::DelayProxy::start(rx_addr, Duration::ZERO);

@@ -513,12 +513,17 @@ impl Shared {
     }
 }
 
+/// The leaders' links.
+type Links = HashMap<SocketAddr, Link, foldhash::fast::RandomState>;
+
 /// The TPU client: an endpoint and one worker per leader.
 pub struct TpuClient {
     endpoint: quinn::Endpoint,
     identity: Arc<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
     config: TpuConfig,
-    links: Mutex<HashMap<SocketAddr, Link>>,
+    /// By leader; looked up on every send (a fast hash: the keys are leaders'
+    /// addresses from the leader source, not a client's input).
+    links: Mutex<Links>,
     /// Uses of the links so far (their least-recently-used order).
     uses: AtomicU64,
     /// `max_handshakes_per_sec`, shared by every worker.
@@ -547,7 +552,7 @@ impl TpuClient {
             endpoint,
             identity,
             config,
-            links: Mutex::new(HashMap::new()),
+            links: Mutex::new(Links::default()),
             uses: AtomicU64::new(0),
             handshakes,
             leader_caps: Mutex::new(HashMap::new()),
@@ -557,7 +562,7 @@ impl TpuClient {
 
     /// `addr`'s handshake budget (the same one its earlier links used). Caps that
     /// remember nothing and belong to no link (`links`) are forgotten.
-    fn leader_cap(&self, addr: SocketAddr, links: &HashMap<SocketAddr, Link>) -> Arc<RateCap> {
+    fn leader_cap(&self, addr: SocketAddr, links: &Links) -> Arc<RateCap> {
         let mut caps = self
             .leader_caps
             .lock()
@@ -1221,7 +1226,11 @@ impl Sending {
         match r {
             Ok(()) => {
                 TpuStats::bump(&self.stats.delivered);
-                self.marks.carried.store(true, Ordering::Relaxed);
+                // Read first: once set, the line is only read (every stream's
+                // send reads `closed` and `settled` beside it).
+                if !self.marks.carried.load(Ordering::Relaxed) {
+                    self.marks.carried.store(true, Ordering::Relaxed);
+                }
                 Ok(())
             }
             Err(e) => {
