@@ -312,7 +312,7 @@ fn main() {
             "raw quinn, streams sent whole (the route's transport setting)",
             "TPU route, all queued at once (queue + worker, `TpuClient::submit`)",
             "TPU route, one at a time (`TpuClient::send`, 128 outstanding)",
-            "hedged sender (`Sender::send`, TPU only, 128 sends outstanding)",
+            "sender (`Sender::send`, TPU only: nothing to hedge to; 128 sends outstanding)",
             "hedged sender with a relay configured (hedge armed, 128 outstanding)",
         ];
         let mut rate = vec![Vec::new(); PATHS.len()];

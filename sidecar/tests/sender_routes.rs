@@ -1188,9 +1188,11 @@ fn a_lone_route_slower_than_the_hedge_delay_is_not_hedged() {
         let took = t.elapsed();
         assert_eq!(out.landed, Some(Route::Tpu), "{out:?}");
         // The latency is the send's own (its clock is the CPU's counter, not the
-        // system's): at least the path's round trip, at most the call's time.
+        // system's): at least the path's round trip, at most the call's time (give
+        // or take the two clocks' rates: 1 ms is 1.2 % of the round trip).
         assert!(
-            out.latency >= Duration::from_millis(80) && out.latency <= took,
+            out.latency >= Duration::from_millis(80)
+                && out.latency <= took + Duration::from_millis(1),
             "a round trip over 40 ms each way, within the call's {took:?}: {out:?}"
         );
         assert!(!out.hedged && out.hedged_after.is_none(), "{out:?}");

@@ -359,8 +359,9 @@ type RouteResult = Result<(), Option<String>>;
 /// The relay route's send.
 type RouteFuture = std::pin::Pin<Box<dyn std::future::Future<Output = RouteResult> + Send>>;
 
-/// A started route, polled in place by [`Sender::send`]: the TPU route's
-/// deliveries are neither boxed nor given a task (this is the send's hot path).
+/// A started route, polled in place by [`Sender::send`]: no box around the TPU
+/// route and no task for it (this is the send's hot path). Polled until it is
+/// ready, and not after.
 enum Attempt {
     /// Every upcoming leader's delivery.
     Tpu(TpuAttempt),
@@ -571,7 +572,7 @@ impl Sender {
             let attempt = self.launch(primary, &wire, &mut out);
             let counted = attempt.counted();
             let r = attempt.await;
-            out.latency = quanta::Instant::now().duration_since(t0);
+            out.latency = quanta::Instant::now().saturating_duration_since(t0);
             if counted {
                 let lat = r.as_ref().map(|()| out.latency).map_err(|_| ());
                 record(&self.routes, primary, lat);
