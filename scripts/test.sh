@@ -25,6 +25,16 @@ command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cm
 if [[ -d "$CARGO_TARGET_DIR/debug/deps" ]]; then
   find "$CARGO_TARGET_DIR/debug/deps" -maxdepth 1 -type f ! -name '*.*' -mtime +1 -delete || true
 fi
+# The incremental caches are never pruned by cargo and grew to 24 GB in a day of
+# edits (2026-12-05: the disk ran out mid-run with 23 MB free). With less than
+# 20 GB free, drop them and the test binaries not rebuilt for 3 hours: the next
+# build recompiles the workspace's crates (a few minutes), not the dependencies.
+free_kb=$(df --output=avail -k "$CARGO_TARGET_DIR" 2>/dev/null | tail -1 || echo 0)
+if [[ -d "$CARGO_TARGET_DIR/debug" ]] && (( ${free_kb:-0} < 20 * 1024 * 1024 )); then
+  log "less than 20 GB free beside $CARGO_TARGET_DIR: dropping incremental caches and old test binaries"
+  rm -rf "$CARGO_TARGET_DIR/debug/incremental"
+  find "$CARGO_TARGET_DIR/debug/deps" -maxdepth 1 -type f ! -name '*.*' -mmin +180 -delete || true
+fi
 log "cargo test (target dir: $CARGO_TARGET_DIR)"
 out="$(mktemp)"
 trap 'rm -f "$out"' EXIT
