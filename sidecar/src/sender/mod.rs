@@ -573,11 +573,8 @@ impl Sender {
             let counted = attempt.counted();
             let r = attempt.await;
             out.latency = quanta::Instant::now().saturating_duration_since(t0);
-            if counted {
-                let lat = r.as_ref().map(|()| out.latency).map_err(|_| ());
-                record(&self.routes, primary, lat);
-            }
-            if let Event::Confirmed(route) = self.settle(primary, r, &mut out) {
+            let lat = counted.then_some(out.latency);
+            if let Event::Confirmed(route) = self.answered(primary, r, lat, &mut out) {
                 out.landed = Some(route);
             }
         }
@@ -651,11 +648,8 @@ impl Sender {
             now = Instant::now();
             let event = match answer {
                 Some((route, r)) => {
-                    if let Some(t) = started[route.index()] {
-                        let lat = r.as_ref().map(|()| now.saturating_duration_since(t));
-                        record(&self.routes, route, lat.map_err(|_| ()));
-                    }
-                    self.settle(route, r, out)
+                    let lat = started[route.index()].map(|t| now.saturating_duration_since(t));
+                    self.answered(route, r, lat, out)
                 }
                 None => Event::Timer,
             };
@@ -680,7 +674,22 @@ impl Sender {
         out.hedged_after = hedge.hedged_at().map(|t| t.saturating_duration_since(t0));
     }
 
-    fn settle(&self, route: Route, r: RouteResult, out: &mut SendOutcome) -> Event {
+    /// `route` answered `r` after `lat`: recorded in its statistics when it is
+    /// counted (`lat` is `Some`); its error, if any, goes into `out`.
+    fn answered(
+        &self,
+        route: Route,
+        r: RouteResult,
+        lat: Option<Duration>,
+        out: &mut SendOutcome,
+    ) -> Event {
+        if let Some(lat) = lat {
+            record(
+                &self.routes,
+                route,
+                r.as_ref().map(|()| lat).map_err(|_| ()),
+            );
+        }
         let err = match r {
             Ok(_) => return Event::Confirmed(route),
             Err(Some(e)) => e,

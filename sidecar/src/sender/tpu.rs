@@ -26,8 +26,10 @@ use crate::config::OutOfBounds;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -420,18 +422,15 @@ impl Delivery {
 
 enum Pending {
     Queued(oneshot::Receiver<Result<(), TpuError>>),
-    Direct(std::pin::Pin<Box<dyn Future<Output = Result<(), TpuError>> + Send>>),
+    Direct(Pin<Box<dyn Future<Output = Result<(), TpuError>> + Send>>),
 }
 
 impl Future for Delivery {
     type Output = Result<Result<(), TpuError>, oneshot::error::RecvError>;
 
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.0 {
-            Pending::Queued(rx) => std::pin::Pin::new(rx).poll(cx),
+            Pending::Queued(rx) => Pin::new(rx).poll(cx),
             Pending::Direct(f) => f.as_mut().poll(cx).map(Ok),
         }
     }
@@ -906,10 +905,9 @@ struct State {
     live: Option<Live>,
 }
 
-type Closed = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-type PermitWait = std::pin::Pin<
-    Box<dyn Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>,
->;
+type Closed = Pin<Box<dyn Future<Output = ()> + Send>>;
+type PermitWait =
+    Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>>;
 
 impl Worker {
     async fn run(self, mut rx: mpsc::Receiver<Job>) {
@@ -935,7 +933,8 @@ impl Worker {
         tokio::pin!(backoff_timer);
         enum Next {
             Job(Option<Job>),
-            Permits(Job, Option<OwnedSemaphorePermit>),
+            /// The held job's permits (`None`: the semaphore closed).
+            Permits(Option<OwnedSemaphorePermit>),
             Closed,
             Progress,
         }
@@ -968,10 +967,7 @@ impl Worker {
                         Some((_, wait)) => wait.await.ok(),
                         None => std::future::pending().await,
                     }
-                }, if held.is_some() => match held.take() {
-                    Some((job, _)) => Next::Permits(job, p),
-                    None => Next::Progress,
-                },
+                }, if held.is_some() => Next::Permits(p),
                 j = rx.recv(), if held.is_none() => Next::Job(j),
                 // Backing off: reconnect when it ends even with nothing to send
                 // (not while the leader refuses us: then only for work).
@@ -983,14 +979,18 @@ impl Worker {
                     closed = None;
                     continue;
                 }
-                Next::Permits(job, Some(p)) => {
+                Next::Permits(p) => {
                     self.shared.holding.store(false, Ordering::Release);
-                    (job, Some(p))
-                }
-                Next::Permits(job, None) => {
-                    self.shared.holding.store(false, Ordering::Release);
-                    job.fail(|| TpuError::Stopped);
-                    continue;
+                    let Some((job, _)) = held.take() else {
+                        continue;
+                    };
+                    match p {
+                        Some(p) => (job, Some(p)),
+                        None => {
+                            job.fail(|| TpuError::Stopped);
+                            continue;
+                        }
+                    }
                 }
                 Next::Job(Some(job)) => (job, None),
                 Next::Job(None) => break,
@@ -1031,15 +1031,14 @@ impl Worker {
                                 // caller's task takes them.
                                 let mut wait: PermitWait =
                                     Box::pin(self.shared.streams.clone().acquire_many_owned(n));
-                                let mut cx =
-                                    std::task::Context::from_waker(std::task::Waker::noop());
+                                let mut cx = Context::from_waker(Waker::noop());
                                 match wait.as_mut().poll(&mut cx) {
-                                    std::task::Poll::Ready(Ok(p)) => Some(p),
-                                    std::task::Poll::Ready(Err(_)) => {
+                                    Poll::Ready(Ok(p)) => Some(p),
+                                    Poll::Ready(Err(_)) => {
                                         job.fail(|| TpuError::Stopped);
                                         break;
                                     }
-                                    std::task::Poll::Pending => {
+                                    Poll::Pending => {
                                         self.shared.holding.store(true, Ordering::Release);
                                         held = Some((job, wait));
                                         break;
