@@ -77,8 +77,9 @@ struct Round {
     /// warm-up (last submit − first), ms: a client whose submit call waits spreads
     /// its submit times, and each latency then starts later.
     span_ms: f64,
-    /// p99 counted from the round's first submit for every transaction (the time
-    /// a queued load meant to send them all), ms.
+    /// p50 and p99 counted from the round's first submit for every transaction
+    /// (the time a queued load meant to send them all), ms.
+    p50_start_ms: f64,
     p99_start_ms: f64,
 }
 
@@ -91,8 +92,8 @@ impl Round {
         );
         if queued {
             out += &format!(
-                ", submits over {:.1} ms, p99 from the start {:.2} ms",
-                self.span_ms, self.p99_start_ms
+                ", submits over {:.1} ms, p50 / p99 from the start {:.2} / {:.2} ms",
+                self.span_ms, self.p50_start_ms, self.p99_start_ms
             );
         }
         out
@@ -152,6 +153,7 @@ async fn measure(agave: &AgaveTpu, before: usize, sent: &[Bytes], submits: &[u64
         p99_ms: pct(&lat, 0.99),
         cpu_us: 0.0,
         span_ms: submits[n - 1].saturating_sub(first) as f64 / 1e6,
+        p50_start_ms: pct(&from_start, 0.5),
         p99_start_ms: pct(&from_start, 0.99),
     }
 }
@@ -480,7 +482,9 @@ async fn compare(
     let (ra, rb) = (med(&a, |r| r.rate), med(&b, |r| r.rate));
     let queued = if pace.is_none() {
         format!(
-            ", {:.2} vs {:.2} ms from the round's start (submits over {:.1} vs {:.1} ms)",
+            "; from the round's start p50 {:.2} vs {:.2} ms, p99 {:.2} vs {:.2} ms (submits over {:.1} vs {:.1} ms)",
+            med(&a, |r| r.p50_start_ms),
+            med(&b, |r| r.p50_start_ms),
             med(&a, |r| r.p99_start_ms),
             med(&b, |r| r.p99_start_ms),
             med(&a, |r| r.span_ms),
