@@ -657,7 +657,12 @@ impl Sender {
                     let lat = started[route.index()].map(|t| now.saturating_duration_since(t));
                     self.answered(route, r, lat, out)
                 }
-                None => Event::Timer,
+                None => {
+                    // tokio fires a timer only once the system clock has passed its
+                    // deadline; the time read through the counter may lag by µs.
+                    now = now.max(timer.deadline().into_std());
+                    Event::Timer
+                }
             };
             action = hedge.on(event, now);
             if let (Event::Timer, None, Some(d)) = (event, action, hedge.deadline()) {
