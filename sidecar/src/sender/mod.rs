@@ -7,7 +7,6 @@
 
 pub mod audit;
 pub mod cc;
-pub mod clock;
 pub mod hedge;
 pub mod http;
 pub mod ingest;
@@ -348,7 +347,6 @@ pub struct Sender {
     relay_failover: Duration,
     leader_filter: LeaderFilter,
     routes: Arc<Mutex<RouteStats>>,
-    clock: clock::SendClock,
     audit: Option<SendAudit>,
     /// Counters.
     pub stats: SenderStats,
@@ -446,7 +444,7 @@ impl Sender {
         config.validate()?;
         // `quanta` calibrates its clock against the system's on first use (up to
         // 200 ms): here, not in the first send.
-        let clock = clock::SendClock::new();
+        let _ = quanta::Instant::now();
         let tpu = match &config.tpu {
             Some(t) => Some(TpuClient::new(t.clone(), identity)?),
             None => None,
@@ -469,7 +467,6 @@ impl Sender {
             relay_failover: Duration::from_millis(config.relay_failover_ms),
             leader_filter: LeaderFilter::new(&config.leader_allow, &config.leader_deny)?,
             routes: Arc::new(Mutex::new(RouteStats::default())),
-            clock,
             audit,
             stats: SenderStats::default(),
         }))
@@ -564,7 +561,7 @@ impl Sender {
             relay_error: None,
         };
         if self.configured(primary.other()) {
-            self.hedged(&wire, &mut out).await;
+            self.hedged(&wire, Instant::now(), &mut out).await;
         } else {
             // One route: nothing to hedge to (no timer, no hedging state), and the
             // route's failure is the send's (no audit row saying a hedge went to a
@@ -586,12 +583,9 @@ impl Sender {
         out
     }
 
-    /// Races the two routes from now (the primary first, the other after the
+    /// Races the two routes from `t0` (the primary first, the other after the
     /// hedge delay or on the primary's failure), filling `out`.
-    async fn hedged(&self, wire: &Bytes, out: &mut SendOutcome) {
-        // The system clock read through the CPU's counter (`clock`): tokio's timer
-        // needs the system clock's time, and each read of it showed in the rate.
-        let t0 = self.clock.now();
+    async fn hedged(&self, wire: &Bytes, t0: Instant, out: &mut SendOutcome) {
         let primary = out.primary;
         let hedge_after = match self.policy {
             RoutePolicy::Latency => self.delay,
@@ -651,18 +645,13 @@ impl Sender {
                 Poll::Pending
             });
             let answer = next.await;
-            now = self.clock.now();
+            now = Instant::now();
             let event = match answer {
                 Some((route, r)) => {
                     let lat = started[route.index()].map(|t| now.saturating_duration_since(t));
                     self.answered(route, r, lat, out)
                 }
-                None => {
-                    // tokio fires a timer only once the system clock has passed its
-                    // deadline; the time read through the counter may lag by µs.
-                    now = now.max(timer.deadline().into_std());
-                    Event::Timer
-                }
+                None => Event::Timer,
             };
             action = hedge.on(event, now);
             if let (Event::Timer, None, Some(d)) = (event, action, hedge.deadline()) {
