@@ -266,6 +266,29 @@ fn a_silent_primary_is_hedged_after_the_delay_and_the_relay_lands_it() {
         );
         assert_eq!(calls[0].auth.as_deref(), Some("token-1"));
         assert_eq!(calls[0].method, "sendTransaction");
+        // The timer is asked a tick before the deadline (tokio's rounding): the
+        // hedge still never goes out early, timed from outside the sender — also
+        // while another task keeps a worker busy, so that the driver turns often and
+        // the early timer fires before the deadline and is re-armed.
+        let busy = tokio::spawn(async {
+            loop {
+                tokio::task::yield_now().await;
+            }
+        });
+        for i in 0..20u32 {
+            let (w, sig) = tx(100 + i, 100);
+            let start = Instant::now();
+            let out = sender.send(w, sig, &meta()).await;
+            assert_eq!(out.landed, Some(Route::Relay), "{out:?}");
+            let at = relay.calls().last().map(|c| c.at).unwrap();
+            let after = at.duration_since(start);
+            assert!(
+                after >= Duration::from_millis(10),
+                "send {i}: the relay had it {after:?} after the start; the delay is 10 ms"
+            );
+            assert!(out.hedged_after.unwrap() >= Duration::from_millis(10));
+        }
+        busy.abort();
         // The leader comes back: the TPU route takes it and nothing is hedged.
         path.set_blackhole(false);
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -352,6 +352,9 @@ pub struct Sender {
     pub stats: SenderStats,
 }
 
+/// tokio's timer resolution.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
 /// A started route's answer: `Ok` when it confirmed, or why it failed (`None`
 /// when the route is not configured). Whoever polls it reads the clock.
 type RouteResult = Result<(), Option<String>>;
@@ -611,7 +614,17 @@ impl Sender {
         // The hedge's own deadline (with `tpu_first` that is `relay_failover_ms`,
         // not `hedge_delay_ms`: a timer at the shorter one would fire early and,
         // never re-armed, be ready on every poll until the deadline — a spin).
-        let timer = tokio::time::sleep_until((t0 + hedge_after).into());
+        //
+        // Asked one tick sooner: tokio's timer counts whole milliseconds, rounds a
+        // deadline up to one, and a driver that parks at once sleeps that many
+        // ticks from its current time, so a timer asked for `d` fired ≈ 1.1 ms
+        // after `d` (`bench sender`, hedge timing). Asked for `d` − 1 ms it fires at
+        // ≈ `d` on a quiet runtime; when it fires before `d` (a busy driver turns
+        // sooner) the hedge is not due yet and the timer is re-armed at `d`
+        // itself: never early, at worst as late as before.
+        let deadline = t0 + hedge_after;
+        let asked = deadline.checked_sub(TIMER_TICK).unwrap_or(deadline);
+        let timer = tokio::time::sleep_until(asked.into());
         tokio::pin!(timer);
         let mut now = t0;
         let mut action = hedge.on(Event::Start, t0);
@@ -655,7 +668,7 @@ impl Sender {
             };
             action = hedge.on(event, now);
             if let (Event::Timer, None, Some(d)) = (event, action, hedge.deadline()) {
-                // Early (the clock's granularity): wait for the deadline again.
+                // Early (asked a tick sooner, above): wait for the deadline itself.
                 timer.as_mut().reset(d.into());
             }
         }
