@@ -275,11 +275,19 @@ fn a_silent_primary_is_hedged_after_the_delay_and_the_relay_lands_it() {
                 tokio::task::yield_now().await;
             }
         });
+        let mut timed = 0;
         for i in 0..20u32 {
             let (w, sig) = tx(100 + i, 100);
             let start = Instant::now();
             let out = sender.send(w, sig, &meta()).await;
             assert_eq!(out.landed, Some(Route::Relay), "{out:?}");
+            if out.tpu_error.is_some() {
+                // The TPU route failed at once (on a loaded machine the silent
+                // leader's handshake may time out, and sends in its retry window
+                // fail): a hedge on failure is due at once, not after the delay.
+                continue;
+            }
+            timed += 1;
             let at = relay.calls().last().map(|c| c.at).unwrap();
             let after = at.duration_since(start);
             assert!(
@@ -289,6 +297,10 @@ fn a_silent_primary_is_hedged_after_the_delay_and_the_relay_lands_it() {
             assert!(out.hedged_after.unwrap() >= Duration::from_millis(10));
         }
         busy.abort();
+        assert!(
+            timed >= 10,
+            "only {timed} of 20 hedges went out on the timer"
+        );
         // The leader comes back: the TPU route takes it and nothing is hedged.
         path.set_blackhole(false);
         let deadline = Instant::now() + Duration::from_secs(10);
