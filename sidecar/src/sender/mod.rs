@@ -619,9 +619,10 @@ impl Sender {
         // deadline up to one, and a driver that parks at once sleeps that many
         // ticks from its current time, so a timer asked for `d` fired ≈ 1.1 ms
         // after `d` (`bench sender`, hedge timing). Asked for `d` − 1 ms it fires at
-        // ≈ `d` on a quiet runtime; when it fires before `d` (a busy driver turns
-        // sooner) the hedge is not due yet and the timer is re-armed at `d`
-        // itself: never early, at worst as late as before.
+        // ≈ `d` on a quiet runtime. When it fires before `d` (a busy driver turns
+        // sooner, or a park crossed a millisecond boundary) the hedge is not due
+        // yet and the timer is re-armed at `d` itself: never early, at worst about
+        // as late as before (a tick after `d`, from when this task re-arms it).
         let deadline = t0 + hedge_after;
         let asked = deadline.checked_sub(TIMER_TICK).unwrap_or(deadline);
         let timer = tokio::time::sleep_until(asked.into());
