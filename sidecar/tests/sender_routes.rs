@@ -269,7 +269,8 @@ fn a_silent_primary_is_hedged_after_the_delay_and_the_relay_lands_it() {
         // The timer is asked a tick before the deadline (tokio's rounding): the
         // hedge still never goes out early, timed from outside the sender — also
         // while another task keeps a worker busy, so that the driver turns often and
-        // the early timer fires before the deadline and is re-armed.
+        // the early timer is likely to fire before the deadline and be re-armed
+        // (the state machine's unit tests check early timers deterministically).
         let busy = tokio::spawn(async {
             loop {
                 tokio::task::yield_now().await;

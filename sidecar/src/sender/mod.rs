@@ -679,7 +679,7 @@ impl Sender {
             tokio::spawn(async move {
                 let r = a.await;
                 if let Some(t) = t {
-                    record(&stats, route, r.map(|()| t.elapsed()).map_err(|_| ()));
+                    record(&stats, route, &r, t.elapsed());
                 }
             });
         }
@@ -698,11 +698,7 @@ impl Sender {
         out: &mut SendOutcome,
     ) -> Event {
         if let Some(lat) = lat {
-            record(
-                &self.routes,
-                route,
-                r.as_ref().map(|()| lat).map_err(|_| ()),
-            );
+            record(&self.routes, route, &r, lat);
         }
         let err = match r {
             Ok(_) => return Event::Confirmed(route),
@@ -843,9 +839,10 @@ impl Sender {
     }
 }
 
-fn record(stats: &Mutex<RouteStats>, route: Route, r: Result<Duration, ()>) {
+/// Records `route`'s answer `r`, given after `lat`, in its statistics.
+fn record(stats: &Mutex<RouteStats>, route: Route, r: &RouteResult, lat: Duration) {
     if let Ok(mut s) = stats.lock() {
-        s.record(route, r);
+        s.record(route, r.as_ref().map(|()| lat).map_err(|_| ()));
     }
 }
 
