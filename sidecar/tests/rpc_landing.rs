@@ -4,7 +4,8 @@
 //! failures answered as Solana answers them (-32002, nothing sent),
 //! `minContextSlot` (-32016), `maxRetries` (0, N, absent = until seen or expired),
 //! and `getSignatureStatuses` from the node plus what the gateway saw; many
-//! transactions in flight polled in batches, not one call each.
+//! transactions in flight polled in batches, not one call each; and upstreams that
+//! answer without end or not at all: bounded reads, errors that never show the URL.
 
 use std::time::Duration;
 
@@ -428,5 +429,138 @@ fn only_sends_that_go_count_and_sends_in_flight_are_bounded() {
             "sent, and failed at the silent leader: {r}"
         );
         assert_eq!(sends(), 2);
+    });
+}
+
+/// An RPC node and a relay that answer without end, with something that is not
+/// an id, or not at all, behind URLs that carry a key: the gateway reads at most
+/// a bounded answer (an endless one fails fast, not at the deadline), and its
+/// errors — which reach JSON-RPC callers and audit rows — never show the URL.
+#[test]
+fn upstream_answers_are_bounded_and_errors_never_show_the_url() {
+    use gw_sidecar::sender::landing::{Landing, RpcNodeConfig};
+    use gw_sidecar::sender::relay::{RelayClient, RelayConfig, RelayError};
+    use std::time::Instant;
+    use testkit::http_thread::HttpThread;
+
+    const KEY: &str = "k3y-SECRET-4f1c";
+    let local = || "127.0.0.1:0".parse().unwrap();
+    // Whitespace without end: a JSON answer's valid beginning.
+    let endless = HttpThread::start(
+        local(),
+        axum::Router::new().fallback(|| async {
+            let chunk = bytes::Bytes::from(vec![b' '; 64 << 10]);
+            axum::body::Body::from_stream(futures_util::stream::repeat_with(move || {
+                Ok::<_, std::io::Error>(chunk.clone())
+            }))
+        }),
+    );
+    // A JSON-RPC result of 10 000 characters: not a signature or a bundle id.
+    let huge_result = HttpThread::start(
+        local(),
+        axum::Router::new().fallback(|| async {
+            axum::Json(json!({"jsonrpc": "2.0", "id": 1, "result": "x".repeat(10_000)}))
+        }),
+    );
+    // Takes connections (the kernel's backlog) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Nobody listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        for (url, expect) in [
+            (
+                format!("http://{}/?api-key={KEY}", endless.addr),
+                "larger than 8388608 bytes",
+            ),
+            (
+                format!("http://{}/{KEY}/", silent.local_addr().unwrap()),
+                "no answer within the deadline",
+            ),
+            (
+                format!("http://{closed}/?api-key={KEY}"),
+                "error sending request",
+            ),
+        ] {
+            let cfg: RpcNodeConfig =
+                serde_json::from_value(json!({"url": url, "timeout_ms": 1500})).unwrap();
+            let landing = Landing::new(cfg).unwrap();
+            let t = Instant::now();
+            let e = landing.call("getSlot", json!([])).await.unwrap_err();
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "{url}: {:?}",
+                t.elapsed()
+            );
+            assert_eq!(e.code, -32603, "{url}: {}", e.message);
+            assert!(e.message.contains(expect), "{url}: {}", e.message);
+            assert!(!e.message.contains(KEY), "{url}: {}", e.message);
+            assert!(!e.message.contains("127.0.0.1"), "{url}: {}", e.message);
+        }
+        // The endless answer fails as soon as it passes the bound, long before
+        // the deadline.
+        let cfg: RpcNodeConfig = serde_json::from_value(
+            json!({"url": format!("http://{}/?api-key={KEY}", endless.addr), "timeout_ms": 30_000}),
+        )
+        .unwrap();
+        let t = Instant::now();
+        let e = Landing::new(cfg)
+            .unwrap()
+            .call("getSlot", json!([]))
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("larger than"), "{}", e.message);
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+
+        // Through `/api/rpc`: the preflight's failure, as the caller sees it.
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let rig = common::rpc::RpcRig::new(
+            Leader {
+                tpu_quic: rx.addr,
+                identity: Some(rx.identity),
+            },
+            &format!("http://{}/?api-key={KEY}", endless.addr),
+            100,
+        );
+        let ctx = rig.ctx();
+        let (_, b64, _, _) = tx(9, 0);
+        let r = rpc::handle(&ctx, &send(&b64, json!({}))).await;
+        let msg = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("larger than"), "{r}");
+        assert!(!r.to_string().contains(KEY), "{r}");
+
+        // The relay: the same bound (smaller: its answers are ids), a result that
+        // is not an id, and a refused connection to a URL with a key in its path.
+        let relay = |url: String| {
+            let cfg: RelayConfig =
+                serde_json::from_value(json!({"url": url, "timeout_ms": 1500})).unwrap();
+            RelayClient::new(&cfg).unwrap()
+        };
+        let (wire, _, _, _) = tx(10, 0);
+        let e = relay(format!("http://{}", endless.addr))
+            .send_transaction(&wire)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, RelayError::BadResponse(m) if m.contains("larger than 65536 bytes")),
+            "{e}"
+        );
+        let e = relay(format!("http://{}", huge_result.addr))
+            .send_transaction(&wire)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, RelayError::BadResponse(m) if m.contains("a result of 10000 bytes")),
+            "{e}"
+        );
+        let e = relay(format!("http://{closed}/{KEY}"))
+            .send_transaction(&wire)
+            .await
+            .unwrap_err();
+        assert!(matches!(&e, RelayError::Transport(_)), "{e}");
+        assert!(!e.to_string().contains(KEY), "{e}");
     });
 }

@@ -453,33 +453,15 @@ fn leaders_follow_a_solana_rpc_node() {
             {"pubkey": idb, "tpuQuic": b.addr.to_string()},
             {"pubkey": idc, "tpuQuic": null},
         ]);
-        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-        let seen2 = seen.clone();
-        let app = axum::Router::new().route(
-            "/",
-            axum::routing::post(move |axum::Json(req): axum::Json<serde_json::Value>| {
-                let (schedule, nodes, seen) = (schedule.clone(), nodes.clone(), seen2.clone());
-                async move {
-                    let m = req["method"].as_str().unwrap_or("").to_owned();
-                    seen.lock().unwrap().push(m.clone());
-                    let result = match m.as_str() {
-                        "getSlot" => json!(1010),
-                        "getEpochInfo" => json!({"epoch": 7, "slotIndex": 10, "absoluteSlot": 1010, "slotsInEpoch": 432000}),
-                        "getLeaderSchedule" => schedule,
-                        "getClusterNodes" => nodes,
-                        _ => return axum::Json(json!({"jsonrpc":"2.0","error":{"code":-32601,"message":"no"},"id":1})),
-                    };
-                    axum::Json(json!({"jsonrpc": "2.0", "result": result, "id": req["id"]}))
-                }
-            }),
-        );
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", l.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(l, app).await });
+        let (url, seen) = leader_node(schedule, nodes).await;
         let src = RpcLeaders::start(&url, Duration::from_millis(100)).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !src.ready() {
-            assert!(Instant::now() < deadline, "never ready; calls: {:?}", seen.lock().unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "never ready; calls: {:?}",
+                seen.lock().unwrap()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let up = src.upcoming(3);
@@ -490,13 +472,23 @@ fn leaders_follow_a_solana_rpc_node() {
         );
         assert_eq!(up[0].identity, Some(a.identity));
         // Sending through it reaches the current leader, pinned to its identity.
-        let cfg = sender_config(json!({"tpu": {}, "leaders": {"rpc": {"url": url}}, "hedge_delay_ms": 50}));
+        let cfg = sender_config(
+            json!({"tpu": {}, "leaders": {"rpc": {"url": url}}, "hedge_delay_ms": 50}),
+        );
         let sender = Sender::new(&cfg, &key(2), Some(src as Arc<dyn LeaderSource>), None).unwrap();
         // Upcoming leaders are connected before anything is sent to them.
         sender.refresh_leaders();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while b.stats.connections.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-            assert!(Instant::now() < deadline, "the next leader was not pre-warmed");
+        while b
+            .stats
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the next leader was not pre-warmed"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let (w, sig) = tx(5, 0);
@@ -505,8 +497,87 @@ fn leaders_follow_a_solana_rpc_node() {
         assert_eq!(a.wait_for(1, Duration::from_secs(2)).await, 1);
         assert_eq!(b.count(), 0);
         let calls = seen.lock().unwrap().clone();
-        for m in ["getSlot", "getEpochInfo", "getLeaderSchedule", "getClusterNodes"] {
+        for m in [
+            "getSlot",
+            "getEpochInfo",
+            "getLeaderSchedule",
+            "getClusterNodes",
+        ] {
             assert!(calls.iter().any(|c| c == m), "{m} was used: {calls:?}");
+        }
+    });
+}
+
+/// A Solana RPC node for a leader source at `/`, in epoch 7 (from slot 1000) at
+/// slot 1010, with `schedule` and `nodes`: its URL, and the methods called.
+async fn leader_node(
+    schedule: serde_json::Value,
+    nodes: serde_json::Value,
+) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen2 = seen.clone();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::post(move |axum::Json(req): axum::Json<serde_json::Value>| {
+            let (schedule, nodes, seen) = (schedule.clone(), nodes.clone(), seen2.clone());
+            async move {
+                let m = req["method"].as_str().unwrap_or("").to_owned();
+                seen.lock().unwrap().push(m.clone());
+                let result = match m.as_str() {
+                    "getSlot" => json!(1010),
+                    "getEpochInfo" => json!({"epoch": 7, "slotIndex": 10, "absoluteSlot": 1010, "slotsInEpoch": 432000}),
+                    "getLeaderSchedule" => schedule,
+                    "getClusterNodes" => nodes,
+                    _ => return axum::Json(json!({"jsonrpc":"2.0","error":{"code":-32601,"message":"no"},"id":1})),
+                };
+                axum::Json(json!({"jsonrpc": "2.0", "result": result, "id": req["id"]}))
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (url, seen)
+}
+
+/// A leader schedule with a slot index no epoch has is refused whole (the source
+/// never becomes ready on it), where the same schedule without it is taken; the
+/// source describes its node without the URL's path and query.
+#[test]
+fn a_leader_schedule_beyond_an_epoch_is_refused() {
+    let rt = rt();
+    rt.block_on(async {
+        let a = TpuReceiver::start(ReceiverConfig::default(), &key(11)).unwrap();
+        let ida = bs58::encode(a.identity).into_string();
+        let nodes = json!([{"pubkey": ida, "tpuQuic": a.addr.to_string()}]);
+        for (indexes, taken) in [
+            (json!([8, 9, 10, 11, 1u64 << 20]), false),
+            (json!([8, 9, 10, 11, u64::MAX]), false),
+            (json!([8, 9, 10, 11, 20]), true),
+        ] {
+            let (url, seen) = leader_node(json!({ida.clone(): indexes}), nodes.clone()).await;
+            let src = RpcLeaders::start(
+                &format!("{url}/?api-key=k3y-SECRET"),
+                Duration::from_millis(50),
+            )
+            .unwrap();
+            assert!(!src.describe().contains("SECRET"), "{}", src.describe());
+            let deadline = Instant::now() + Duration::from_millis(1500);
+            while !src.ready() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let schedules = seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|m| *m == "getLeaderSchedule")
+                .count();
+            if !taken {
+                // Refused, so asked for again at each refresh.
+                assert!(schedules >= 2, "{indexes}: {schedules} schedule calls");
+            }
+            assert_eq!(src.ready(), taken, "{indexes}");
+            assert_eq!(src.upcoming(1).len(), usize::from(taken), "{indexes}");
         }
     });
 }

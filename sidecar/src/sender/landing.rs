@@ -40,7 +40,7 @@ use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{SendMeta, Sender};
+use super::{upstream, SendMeta, Sender};
 use crate::config::OutOfBounds;
 
 /// Solana's code for a failed preflight.
@@ -261,14 +261,12 @@ impl Landing {
             message: format!("the RPC node did not answer {method}: {e}"),
             data: None,
         };
-        let r = self
-            .http
-            .post(&self.cfg.url)
-            .json(&body)
-            .send()
+        // Read within a bound, and with the node's URL kept out of the message:
+        // it goes to JSON-RPC callers and audit rows, and a provider's key is
+        // often in the URL.
+        let v = upstream::post_json(&self.http, &self.cfg.url, &body, upstream::MAX_ANSWER_BYTES)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let v: Value = r.json().await.map_err(|e| unreachable(e.to_string()))?;
         if let Some(e) = v.get("error") {
             return Err(NodeError {
                 code: e.get("code").and_then(Value::as_i64).unwrap_or(-32603),

@@ -14,11 +14,17 @@ use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
 use super::tpu::Leader;
+use super::upstream;
 
 /// Slots each leader holds in a row.
 pub const SLOTS_PER_LEADER: u64 = 4;
 /// Nominal slot time.
 pub const SLOT_MS: u64 = 400;
+
+/// The most slots an epoch's leader schedule may index (mainnet's epochs have
+/// 432 000): a schedule from the RPC node with an index beyond is refused, which
+/// also bounds the schedule kept in memory.
+const MAX_EPOCH_SLOTS: u64 = 1 << 20;
 
 /// Who leads now and next.
 pub trait LeaderSource: Send + Sync {
@@ -164,7 +170,7 @@ impl LeaderSource for RpcLeaders {
             return Vec::new();
         };
         // The slot moves on between polls: extrapolate at the nominal slot time.
-        let now = slot + (at.elapsed().as_millis() as u64) / SLOT_MS;
+        let now = slot.saturating_add((at.elapsed().as_millis() as u64) / SLOT_MS);
         let mut out: Vec<Leader> = Vec::new();
         for (_, id) in s.schedule.range(now..) {
             if out.len() >= n {
@@ -182,7 +188,7 @@ impl LeaderSource for RpcLeaders {
         out
     }
     fn describe(&self) -> String {
-        format!("leaders from RPC {}", self.url)
+        format!("leaders from RPC {}", upstream::redact(&self.url))
     }
 }
 
@@ -193,13 +199,7 @@ async fn rpc(
     params: Value,
 ) -> Result<Value, String> {
     let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-    let v: Value = http
-        .post(url)
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| format!("{method}: {e}"))?
-        .json()
+    let v = upstream::post_json(http, url, &body, upstream::MAX_SCHEDULE_BYTES)
         .await
         .map_err(|e| format!("{method}: {e}"))?;
     if let Some(e) = v.get("error") {
@@ -220,7 +220,7 @@ async fn refresh_loop(
     loop {
         if let Err(e) = refresh_once(&http, &url, &snapshot).await {
             if e != last_err {
-                tracing::warn!(%url, error = %e, "leader schedule");
+                tracing::warn!(url = %upstream::redact(&url), error = %e, "leader schedule");
                 last_err = e;
             }
         } else {
@@ -279,8 +279,14 @@ async fn refresh_once(
         for (id, slots) in map {
             let key = pubkey_from_b58(id)?;
             for s in slots.as_array().ok_or("getLeaderSchedule: slots")? {
-                let i = s.as_u64().ok_or("getLeaderSchedule: slot index")?;
-                schedule.insert(first + i, key);
+                let i = s
+                    .as_u64()
+                    .filter(|i| *i < MAX_EPOCH_SLOTS)
+                    .ok_or("getLeaderSchedule: a slot index that is not one of an epoch")?;
+                let slot = first
+                    .checked_add(i)
+                    .ok_or("getLeaderSchedule: a slot beyond u64")?;
+                schedule.insert(slot, key);
             }
         }
         next.schedule = schedule;

@@ -19,6 +19,7 @@ pub mod rpc;
 pub mod strategy;
 pub mod tls;
 pub mod tpu;
+pub mod upstream;
 pub use gw_core::txwire;
 
 use crate::config::OutOfBounds;

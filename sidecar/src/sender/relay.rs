@@ -13,8 +13,14 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::upstream;
+
 /// Most transactions in one bundle.
 pub const MAX_BUNDLE: usize = 5;
+
+/// The longest result taken as a transaction's signature or a bundle's id (a
+/// signature is 88 characters of base58, a bundle id 64 hex digits).
+const MAX_ANSWER_ID: usize = 256;
 
 /// `relay` in the sender configuration.
 #[derive(Clone, Deserialize)]
@@ -164,8 +170,15 @@ impl RelayClient {
         }
         let resp = req.send().await.map_err(|e| self.transport(e))?;
         let status = resp.status();
-        let text = resp.text().await.map_err(|e| self.transport(e))?;
-        let parsed: Option<Value> = serde_json::from_str(&text).ok();
+        let body = upstream::read_capped(resp, upstream::MAX_RELAY_ANSWER_BYTES)
+            .await
+            .map_err(|e| match e {
+                upstream::ReadError::Timeout => RelayError::Timeout(self.timeout),
+                upstream::ReadError::Transport(e) => RelayError::Transport(snippet(&e)),
+                e @ upstream::ReadError::TooLarge(_) => RelayError::BadResponse(e.to_string()),
+            })?;
+        let text = String::from_utf8_lossy(&body);
+        let parsed: Option<Value> = serde_json::from_slice(&body).ok();
         if let Some(err) = parsed.as_ref().and_then(|v| v.get("error")) {
             let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
             let msg = err
@@ -177,19 +190,29 @@ impl RelayClient {
         if !status.is_success() {
             return Err(RelayError::Http(status.as_u16(), snippet(&text)));
         }
-        match parsed.as_ref().and_then(|v| v.get("result")) {
-            Some(Value::String(s)) => Ok(s.clone()),
-            Some(other) => Ok(other.to_string()),
-            None => Err(RelayError::BadResponse(snippet(&text))),
+        // The answer names the transaction or bundle (a signature, a bundle id);
+        // it goes into the audit row, so it is bounded too.
+        let id = match parsed.as_ref().and_then(|v| v.get("result")) {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => return Err(RelayError::BadResponse(snippet(&text))),
+        };
+        if id.len() > MAX_ANSWER_ID {
+            return Err(RelayError::BadResponse(format!(
+                "a result of {} bytes, not an id: {}",
+                id.len(),
+                snippet(&id)
+            )));
         }
+        Ok(id)
     }
 
     fn transport(&self, e: reqwest::Error) -> RelayError {
         if e.is_timeout() {
             RelayError::Timeout(self.timeout)
         } else {
-            // reqwest's Display includes the URL (no secrets: auth is a header).
-            RelayError::Transport(snippet(&e.to_string()))
+            // Without the URL: a relay's key may be part of it.
+            RelayError::Transport(snippet(&upstream::describe(e)))
         }
     }
 }
