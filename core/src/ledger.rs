@@ -196,7 +196,7 @@ impl Chain {
             None => Ok(Chain::new(chain_id)),
             Some(r) => Ok(Chain {
                 chain_id: chain_id.to_owned(),
-                next_seq: r.seq + 1,
+                next_seq: r.seq.checked_add(1).ok_or(ChainError::Full(r.seq))?,
                 last: parse_hash(&r.row_hash).ok_or(ChainError::BadHash(r.seq))?,
             }),
         }
@@ -261,6 +261,9 @@ pub enum ChainError {
     /// A hash is not 32 bytes of hex.
     #[error("row {0} has a malformed hash")]
     BadHash(u64),
+    /// A row claims the last seq there is: nothing can follow it.
+    #[error("row {0} has the highest seq a chain can number")]
+    Full(u64),
     /// Two different rows claim one position.
     #[error("row {0} appears twice with different content")]
     Conflict(u64),

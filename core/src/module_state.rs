@@ -120,7 +120,7 @@ impl ModuleState {
                 // A restart does not revive a killed module: only `start` does.
                 if self.state != RunState::Killed {
                     self.state = RunState::Running;
-                    self.restarts += 1;
+                    self.restarts = self.restarts.saturating_add(1);
                 }
             }
             Action::Throttle => {
@@ -138,7 +138,7 @@ impl ModuleState {
             }
             Action::Kill => self.state = RunState::Killed,
         }
-        self.applied += 1;
+        self.applied = self.applied.saturating_add(1);
         self.last_request_id = Some(request_id.to_owned());
     }
 }

@@ -247,6 +247,10 @@ fn default_max_per_issuer() -> usize {
 fn default_max_issuers() -> usize {
     gw_core::replay::DEFAULT_MAX_ISSUERS
 }
+/// The longest `agent_dedup_secs` (30 days): an agent remembers each applied nonce
+/// that long beyond its command's freshness.
+const MAX_DEDUP_SECS: u64 = 30 * 86_400;
+
 fn default_dedup() -> u64 {
     600
 }
@@ -506,6 +510,11 @@ impl Config {
         {
             return Err(OutOfBounds::new("sched_slice_us", "must be 0 or 100..=100000").into());
         }
+        if file.agent_dedup_secs > MAX_DEDUP_SECS {
+            return Err(
+                OutOfBounds::new("agent_dedup_secs", "must be 0..=2592000 (30 days)").into(),
+            );
+        }
         if file.clickhouse_nice > 19 {
             return Err(OutOfBounds::new("clickhouse_nice", "must be 0..=19").into());
         }
@@ -692,6 +701,7 @@ mod tests {
         for (json, key) in [
             (r#"{"ledger_ship_every_ms": 10001}"#, "ledger_ship_every_ms"),
             (r#"{"clickhouse_nice": 20}"#, "clickhouse_nice"),
+            (r#"{"agent_dedup_secs": 2592001}"#, "agent_dedup_secs"),
             (r#"{"audit_memory_rows": 99}"#, "audit_memory_rows"),
             (
                 r#"{"journal_segment_bytes": 1024}"#,

@@ -186,8 +186,11 @@ impl AgentCore {
         {
             return Step::Duplicate(Box::new(v.command));
         }
-        let expires =
-            gw_core::replay::expiry(c.ts, self.policy.max_skew).max(now) + self.dedup_secs;
+        // Saturating: a validly signed command's `ts` is not checked for freshness
+        // here (it may arrive late over the bus), so it can be anything.
+        let expires = gw_core::replay::expiry(c.ts, self.policy.max_skew)
+            .max(now)
+            .saturating_add(self.dedup_secs);
         let mut state = state.clone();
         state.apply(v.action, &v.args, &c.request_id);
         Step::Apply(Box::new(Applied {
@@ -866,7 +869,7 @@ impl Agent {
                 command.as_ref().map(|c| AppliedNonce {
                     issuer: c.issuer.clone(),
                     nonce: c.nonce,
-                    expires: now + self.env.dedup_secs,
+                    expires: now.saturating_add(self.env.dedup_secs),
                     seq: 0,
                 }),
             ),

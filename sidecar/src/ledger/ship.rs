@@ -584,7 +584,8 @@ pub async fn initial_chain(
                 after = seq,
                 "the journal holds no ledger rows: the chain continues after ClickHouse's last row"
             );
-            Ok((Chain::at(chain_id, seq + 1, head), Some(seq)))
+            let next = seq.checked_add(1).ok_or(ChainError::Full(seq))?;
+            Ok((Chain::at(chain_id, next, head), Some(seq)))
         }
     }
 }
