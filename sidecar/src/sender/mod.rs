@@ -38,6 +38,25 @@ use leaders::{LeaderSource, LeadersConfig};
 use relay::{RelayClient, RelayConfig};
 use tpu::{TpuClient, TpuConfig};
 
+/// A secret from the configuration file (a key as hex): its `Debug` says only that
+/// it is set.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct SecretString(String);
+
+impl SecretString {
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<set>")
+    }
+}
+
 /// `sender` in the sidecar configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,7 +73,7 @@ pub struct SenderConfig {
     /// Identity key of the TPU client certificate, 32-byte seed as hex (also
     /// `GW_TPU_IDENTITY_HEX`); a fresh key each start without it (unstaked anyway).
     #[serde(default)]
-    pub identity_hex: Option<String>,
+    pub identity_hex: Option<SecretString>,
     /// How long the preferred route has to confirm before the other is tried.
     #[serde(default = "default_hedge_delay")]
     pub hedge_delay_ms: u64,

@@ -69,7 +69,8 @@ pub fn identity(
     config: &SenderConfig,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> anyhow::Result<SigningKey> {
-    let hex_key = env("GW_TPU_IDENTITY_HEX").or_else(|| config.identity_hex.clone());
+    let hex_key = env("GW_TPU_IDENTITY_HEX")
+        .or_else(|| config.identity_hex.as_ref().map(|s| s.expose().to_owned()));
     match hex_key {
         Some(h) => gw_core::jwk::ed25519_secret_from_hex(&h)
             .map_err(|e| anyhow::anyhow!("TPU identity: {e}")),
