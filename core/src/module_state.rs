@@ -343,6 +343,25 @@ mod tests {
     }
 
     #[test]
+    fn the_counters_stop_at_their_maximum() {
+        // A state learned from elsewhere (a checkpoint) may carry any count.
+        let mut s = Modules::new();
+        s.set(
+            Module::Mev,
+            ModuleState {
+                state: RunState::Running,
+                applied: u64::MAX,
+                restarts: u64::MAX,
+                ..ModuleState::default()
+            },
+        );
+        s.apply(Module::Mev, Action::Restart, &CommandArgs::default(), "r");
+        let m = s.get(Module::Mev);
+        assert_eq!((m.applied, m.restarts), (u64::MAX, u64::MAX));
+        assert_eq!(m.last_request_id.as_deref(), Some("r"));
+    }
+
+    #[test]
     fn kill_is_sticky_until_start() {
         let mut s = Modules::new();
         let none = CommandArgs::default();

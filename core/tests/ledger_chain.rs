@@ -17,6 +17,18 @@ fn chain(n: u64) -> Vec<LedgerRow> {
 }
 
 #[test]
+fn a_row_with_the_last_seq_cannot_be_resumed_after() {
+    // A stored row (ClickHouse's, the journal's) numbered u64::MAX: nothing can
+    // follow it, and resuming says so instead of wrapping to row 0.
+    let mut last = chain(1).remove(0);
+    last.seq = u64::MAX;
+    assert!(matches!(
+        Chain::resume("node-1", Some(&last)),
+        Err(ChainError::Full(u64::MAX))
+    ));
+}
+
+#[test]
 fn an_intact_chain_verifies_and_resumes() {
     let mut rows = chain(5);
     assert_eq!(verify_chain(&rows), Ok(5));

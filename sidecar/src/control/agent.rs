@@ -1156,6 +1156,21 @@ mod tests {
     }
 
     #[test]
+    fn a_command_dated_far_ahead_is_remembered_not_wrapped() {
+        // Freshness is admission's: over the bus a signed command's ts can be
+        // anything, and its nonce's expiry saturates instead of wrapping into the
+        // past (forgotten at once: a redelivery applied twice).
+        let mut c = core();
+        let body = testkit::fixtures::signed_command(7, Action::Start, u64::MAX, "dashboard", &[]);
+        let d = delivery("mev", body);
+        let Step::Apply(a) = c.decide(&d, NOW) else {
+            panic!("not applied")
+        };
+        c.commit(*a, 2, NOW);
+        assert!(matches!(c.decide(&d, NOW + 86_400), Step::Duplicate(_)));
+    }
+
+    #[test]
     fn a_lagging_consumer_still_applies() {
         assert!(matches!(
             core().decide(&delivery("mev", start(1)), NOW + 86_400),
