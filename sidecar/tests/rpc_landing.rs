@@ -455,11 +455,26 @@ fn upstream_answers_are_bounded_and_errors_never_show_the_url() {
             }))
         }),
     );
+    // 9 MiB with its length announced: refused by the length, nothing read.
+    let announced = HttpThread::start(
+        local(),
+        axum::Router::new().fallback(|| async { vec![b' '; 9 << 20] }),
+    );
     // A JSON-RPC result of 10 000 characters: not a signature or a bundle id.
     let huge_result = HttpThread::start(
         local(),
         axum::Router::new().fallback(|| async {
             axum::Json(json!({"jsonrpc": "2.0", "id": 1, "result": "x".repeat(10_000)}))
+        }),
+    );
+    // An error status with a large page.
+    let busy_page = HttpThread::start(
+        local(),
+        axum::Router::new().fallback(|| async {
+            (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                vec![b'x'; 100_000],
+            )
         }),
     );
     // Takes connections (the kernel's backlog) and never answers.
@@ -471,27 +486,37 @@ fn upstream_answers_are_bounded_and_errors_never_show_the_url() {
         .unwrap();
     let rt = runtime();
     rt.block_on(async {
-        for (url, expect) in [
+        // (url, the call's deadline, what the error says)
+        for (url, timeout_ms, expect) in [
+            // Read until it passes the bound, long before the deadline.
             (
                 format!("http://{}/?api-key={KEY}", endless.addr),
+                30_000,
+                "larger than 8388608 bytes",
+            ),
+            (
+                format!("http://{}/?api-key={KEY}", announced.addr),
+                30_000,
                 "larger than 8388608 bytes",
             ),
             (
                 format!("http://{}/{KEY}/", silent.local_addr().unwrap()),
+                1500,
                 "no answer within the deadline",
             ),
             (
                 format!("http://{closed}/?api-key={KEY}"),
+                1500,
                 "error sending request",
             ),
         ] {
             let cfg: RpcNodeConfig =
-                serde_json::from_value(json!({"url": url, "timeout_ms": 1500})).unwrap();
+                serde_json::from_value(json!({"url": url, "timeout_ms": timeout_ms})).unwrap();
             let landing = Landing::new(cfg).unwrap();
             let t = Instant::now();
             let e = landing.call("getSlot", json!([])).await.unwrap_err();
             assert!(
-                t.elapsed() < Duration::from_secs(5),
+                t.elapsed() < Duration::from_secs(10),
                 "{url}: {:?}",
                 t.elapsed()
             );
@@ -500,21 +525,6 @@ fn upstream_answers_are_bounded_and_errors_never_show_the_url() {
             assert!(!e.message.contains(KEY), "{url}: {}", e.message);
             assert!(!e.message.contains("127.0.0.1"), "{url}: {}", e.message);
         }
-        // The endless answer fails as soon as it passes the bound, long before
-        // the deadline.
-        let cfg: RpcNodeConfig = serde_json::from_value(
-            json!({"url": format!("http://{}/?api-key={KEY}", endless.addr), "timeout_ms": 30_000}),
-        )
-        .unwrap();
-        let t = Instant::now();
-        let e = Landing::new(cfg)
-            .unwrap()
-            .call("getSlot", json!([]))
-            .await
-            .unwrap_err();
-        assert!(e.message.contains("larger than"), "{}", e.message);
-        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
-
         // Through `/api/rpc`: the preflight's failure, as the caller sees it.
         let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
         let rig = common::rpc::RpcRig::new(
@@ -522,7 +532,7 @@ fn upstream_answers_are_bounded_and_errors_never_show_the_url() {
                 tpu_quic: rx.addr,
                 identity: Some(rx.identity),
             },
-            &format!("http://{}/?api-key={KEY}", endless.addr),
+            &format!("http://{}/?api-key={KEY}", announced.addr),
             100,
         );
         let ctx = rig.ctx();
@@ -546,6 +556,14 @@ fn upstream_answers_are_bounded_and_errors_never_show_the_url() {
             .unwrap_err();
         assert!(
             matches!(&e, RelayError::BadResponse(m) if m.contains("larger than 65536 bytes")),
+            "{e}"
+        );
+        let e = relay(format!("http://{}", busy_page.addr))
+            .send_transaction(&wire)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, RelayError::Http(503, m) if m.contains("larger than 65536 bytes")),
             "{e}"
         );
         let e = relay(format!("http://{}", huge_result.addr))

@@ -562,7 +562,9 @@ fn a_leader_schedule_beyond_an_epoch_is_refused() {
             )
             .unwrap();
             assert!(!src.describe().contains("SECRET"), "{}", src.describe());
-            let deadline = Instant::now() + Duration::from_millis(1500);
+            // Refused ones are asked for again every 50 ms: 1.5 s is 30 refreshes.
+            let wait = if taken { 10_000 } else { 1500 };
+            let deadline = Instant::now() + Duration::from_millis(wait);
             while !src.ready() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

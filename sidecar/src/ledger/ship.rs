@@ -732,7 +732,7 @@ impl Shipper {
         if let Some((first, last)) = self
             .queue
             .intent()
-            .filter(|&(first, last)| first >= 1 && first <= seq + 1 && seq < last)
+            .filter(|&(first, last)| first >= 1 && first - 1 <= seq && seq < last)
         {
             self.queue.drop_through(first - 1);
             if !self.queue.holds(first, last) {
@@ -825,7 +825,7 @@ impl Shipper {
     /// queue (the gap shows in `gwctl ledger verify`).
     fn redo(&self, stored: u64) -> Option<(u64, u64)> {
         self.queue.intent().filter(|&(first, last)| {
-            first >= 1 && first <= stored + 1 && stored < last && self.queue.holds(first, last)
+            first >= 1 && first - 1 <= stored && stored < last && self.queue.holds(first, last)
         })
     }
 

@@ -53,7 +53,7 @@ pub const MAX_STATUS_SIGNATURES: usize = 256;
 const SEEN_KEPT: usize = 65_536;
 
 /// `sender.rpc_node`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RpcNodeConfig {
     /// JSON-RPC URL of a Solana node.
@@ -71,6 +71,19 @@ pub struct RpcNodeConfig {
     /// Transactions rebroadcast at once.
     #[serde(default = "default_max_pending")]
     pub max_pending: usize,
+}
+
+impl std::fmt::Debug for RpcNodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL without its path and query: a provider's key may be in either.
+        f.debug_struct("RpcNodeConfig")
+            .field("url", &upstream::redact(&self.url))
+            .field("timeout_ms", &self.timeout_ms)
+            .field("rebroadcast_ms", &self.rebroadcast_ms)
+            .field("max_age_secs", &self.max_age_secs)
+            .field("max_pending", &self.max_pending)
+            .finish()
+    }
 }
 
 fn default_timeout() -> u64 {

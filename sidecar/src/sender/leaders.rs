@@ -35,7 +35,7 @@ pub trait LeaderSource: Send + Sync {
 }
 
 /// `leaders` in the sender configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum LeadersConfig {
     /// A fixed list, the current leader first.
@@ -48,6 +48,20 @@ pub enum LeadersConfig {
         #[serde(default = "default_refresh")]
         refresh_ms: u64,
     },
+}
+
+impl std::fmt::Debug for LeadersConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LeadersConfig::Static(l) => f.debug_tuple("Static").field(l).finish(),
+            // The URL without its path and query: a provider's key may be in either.
+            LeadersConfig::Rpc { url, refresh_ms } => f
+                .debug_struct("Rpc")
+                .field("url", &upstream::redact(url))
+                .field("refresh_ms", refresh_ms)
+                .finish(),
+        }
+    }
 }
 
 fn default_refresh() -> u64 {

@@ -884,6 +884,28 @@ mod tests {
         assert_eq!(sender.hedge_delay_ms, 10);
     }
 
+    /// The configuration's `Debug` (what a `?config` in a log would print) shows no
+    /// key: not the TPU identity, the relay's token, or a key in an RPC URL.
+    #[test]
+    fn the_configurations_debug_shows_no_secret() {
+        let seed = "7a".repeat(32);
+        let cfg: super::SenderConfig = serde_json::from_value(serde_json::json!({
+            "tpu": {}, "identity_hex": seed,
+            "relay": {"url": "https://relay.example:8443/SECRET-1", "auth": "SECRET-2"},
+            "leaders": {"rpc": {"url": "https://rpc.example/?api-key=SECRET-3"}},
+            "rpc_node": {"url": "https://user:SECRET-4@rpc.example/SECRET-5/"},
+        }))
+        .expect("parses");
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("SECRET") && !shown.contains(&seed),
+            "{shown}"
+        );
+        for part in ["relay.example:8443/…", "rpc.example/…", "<set>"] {
+            assert!(shown.contains(part), "{part}: {shown}");
+        }
+    }
+
     /// Fewer leader connections than upcoming leaders to keep warm (or to send to)
     /// would close and reopen them on every refresh: refused.
     #[test]

@@ -18,8 +18,8 @@ use super::upstream;
 /// Most transactions in one bundle.
 pub const MAX_BUNDLE: usize = 5;
 
-/// The longest result taken as a transaction's signature or a bundle's id (a
-/// signature is 88 characters of base58, a bundle id 64 hex digits).
+/// The longest result, in bytes, taken as a transaction's signature or a bundle's
+/// id (a signature is 88 characters of base58, a bundle id 64 hex digits).
 const MAX_ANSWER_ID: usize = 256;
 
 /// `relay` in the sender configuration.
@@ -43,7 +43,7 @@ fn default_timeout() -> u64 {
 impl std::fmt::Debug for RelayConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RelayConfig")
-            .field("url", &self.url)
+            .field("url", &upstream::redact(&self.url))
             .field("auth", &self.auth.as_ref().map(|_| "<set>"))
             .field("timeout_ms", &self.timeout_ms)
             .finish()
@@ -99,7 +99,8 @@ impl RelayClient {
         let base = config.url.trim_end_matches('/');
         anyhow::ensure!(
             base.starts_with("http://") || base.starts_with("https://"),
-            "relay.url must start with http:// or https://, got {base:?}"
+            "relay.url must start with http:// or https://, got {}",
+            upstream::redact(base)
         );
         let timeout = Duration::from_millis(config.timeout_ms.max(1));
         let auth = match &config.auth {
@@ -175,6 +176,10 @@ impl RelayClient {
             .map_err(|e| match e {
                 upstream::ReadError::Timeout => RelayError::Timeout(self.timeout),
                 upstream::ReadError::Transport(e) => RelayError::Transport(snippet(&e)),
+                // A large error page still says what the status was.
+                e @ upstream::ReadError::TooLarge(_) if !status.is_success() => {
+                    RelayError::Http(status.as_u16(), e.to_string())
+                }
                 e @ upstream::ReadError::TooLarge(_) => RelayError::BadResponse(e.to_string()),
             })?;
         let text = String::from_utf8_lossy(&body);

@@ -100,7 +100,8 @@ pub fn redact(url: &str) -> String {
     if let Some(p) = u.port() {
         out.push_str(&format!(":{p}"));
     }
-    if u.path() != "/" || u.query().is_some() || !u.username().is_empty() {
+    if u.path() != "/" || u.query().is_some() || !u.username().is_empty() || u.password().is_some()
+    {
         out.push_str("/…");
     }
     out
@@ -121,6 +122,8 @@ mod tests {
             "https://node.example:8899/…"
         );
         assert_eq!(redact("http://127.0.0.1:8899"), "http://127.0.0.1:8899");
+        assert_eq!(redact("https://:pw@h.example/"), "https://h.example/…");
+        assert_eq!(redact("http://[::1]:8899/?k=SECRET"), "http://[::1]:8899/…");
         assert_eq!(redact("not a url SECRET"), "(an unparsable URL)");
     }
 }
