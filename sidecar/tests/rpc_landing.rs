@@ -544,40 +544,29 @@ fn upstream_answers_are_bounded_and_errors_never_show_the_url() {
 
         // The relay: the same bound (smaller: its answers are ids), a result that
         // is not an id, and a refused connection to a URL with a key in its path.
-        let relay = |url: String| {
+        let (wire, _, _, _) = tx(10, 0);
+        let fails = |url: String| {
             let cfg: RelayConfig =
                 serde_json::from_value(json!({"url": url, "timeout_ms": 1500})).unwrap();
-            RelayClient::new(&cfg).unwrap()
+            let (relay, wire) = (RelayClient::new(&cfg).unwrap(), &wire);
+            async move { relay.send_transaction(wire).await.unwrap_err() }
         };
-        let (wire, _, _, _) = tx(10, 0);
-        let e = relay(format!("http://{}", endless.addr))
-            .send_transaction(&wire)
-            .await
-            .unwrap_err();
+        let e = fails(format!("http://{}", endless.addr)).await;
         assert!(
             matches!(&e, RelayError::BadResponse(m) if m.contains("larger than 65536 bytes")),
             "{e}"
         );
-        let e = relay(format!("http://{}", busy_page.addr))
-            .send_transaction(&wire)
-            .await
-            .unwrap_err();
+        let e = fails(format!("http://{}", busy_page.addr)).await;
         assert!(
             matches!(&e, RelayError::Http(503, m) if m.contains("larger than 65536 bytes")),
             "{e}"
         );
-        let e = relay(format!("http://{}", huge_result.addr))
-            .send_transaction(&wire)
-            .await
-            .unwrap_err();
+        let e = fails(format!("http://{}", huge_result.addr)).await;
         assert!(
             matches!(&e, RelayError::BadResponse(m) if m.contains("a result of 10000 bytes")),
             "{e}"
         );
-        let e = relay(format!("http://{closed}/{KEY}"))
-            .send_transaction(&wire)
-            .await
-            .unwrap_err();
+        let e = fails(format!("http://{closed}/{KEY}")).await;
         assert!(matches!(&e, RelayError::Transport(_)), "{e}");
         assert!(!e.to_string().contains(KEY), "{e}");
     });

@@ -169,18 +169,16 @@ impl RelayClient {
         if let Some(a) = &self.auth {
             req = req.header("x-jito-auth", a.clone());
         }
-        let resp = req.send().await.map_err(|e| self.transport(e))?;
+        let resp = req.send().await.map_err(|e| self.failed(e.into()))?;
         let status = resp.status();
         let body = upstream::read_capped(resp, upstream::MAX_RELAY_ANSWER_BYTES)
             .await
             .map_err(|e| match e {
-                upstream::ReadError::Timeout => RelayError::Timeout(self.timeout),
-                upstream::ReadError::Transport(e) => RelayError::Transport(snippet(&e)),
                 // A large error page still says what the status was.
                 e @ upstream::ReadError::TooLarge(_) if !status.is_success() => {
                     RelayError::Http(status.as_u16(), e.to_string())
                 }
-                e @ upstream::ReadError::TooLarge(_) => RelayError::BadResponse(e.to_string()),
+                e => self.failed(e),
             })?;
         let text = String::from_utf8_lossy(&body);
         let parsed: Option<Value> = serde_json::from_slice(&body).ok();
@@ -212,12 +210,13 @@ impl RelayClient {
         Ok(id)
     }
 
-    fn transport(&self, e: reqwest::Error) -> RelayError {
-        if e.is_timeout() {
-            RelayError::Timeout(self.timeout)
-        } else {
-            // Without the URL: a relay's key may be part of it.
-            RelayError::Transport(snippet(&upstream::describe(e)))
+    /// The relay's failure to answer (`upstream` renders transport errors without
+    /// the URL: a relay's key may be part of it).
+    fn failed(&self, e: upstream::ReadError) -> RelayError {
+        match e {
+            upstream::ReadError::Timeout => RelayError::Timeout(self.timeout),
+            upstream::ReadError::Transport(e) => RelayError::Transport(snippet(&e)),
+            e @ upstream::ReadError::TooLarge(_) => RelayError::BadResponse(e.to_string()),
         }
     }
 }
