@@ -209,7 +209,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     )
     .await?;
     let bus = match cfg.file.kafka.clone() {
-        Some(k) => Bus::kafka(k, &opened.records).context("kafka client")?,
+        Some(k) => {
+            let signer = cfg
+                .state_signer()
+                .context("module state key")?
+                .context("kafka is configured")?;
+            tracing::info!(
+                node = signer.me(),
+                public_key = %signer.public_hex(),
+                "module state records in Kafka are signed with this node's state key"
+            );
+            Bus::kafka(k, signer, &opened.records).context("kafka client")?
+        }
         None => Bus::in_process(&opened.records),
     };
     let replay = Arc::new(parking_lot::Mutex::new(ReplayStore::open(

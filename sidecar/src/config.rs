@@ -284,6 +284,15 @@ impl Default for FileConfig {
     }
 }
 
+/// Whether `id` may name a node: 1..=64 letters, digits, '.', '_' or '-'.
+pub fn node_id_ok(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
 /// The validated configuration.
 pub struct Config {
     /// File values.
@@ -296,6 +305,10 @@ pub struct Config {
     pub tpu_identity: Option<SigningKey>,
     /// The key that signs ledger checkpoints (`GW_LEDGER_SK_HEX`).
     pub ledger_key: Option<SigningKey>,
+    /// The key that signs this node's module state records in Kafka
+    /// (`GW_STATE_SK_HEX`; unset: [`Config::state_signer`] keeps one in
+    /// `state_dir`).
+    pub state_key: Option<SigningKey>,
     /// The ClickHouse password (`GW_CLICKHOUSE_PASSWORD[_FILE]`); never logged.
     pub clickhouse_password: Option<String>,
 }
@@ -411,6 +424,27 @@ fn client(file: &FileConfig, password: Option<&str>) -> Option<clickhouse::Clien
 }
 
 impl Config {
+    /// Kafka bus: what signs this node's module state records and verifies every
+    /// node's (the key of `GW_STATE_SK_HEX`, or the one kept in
+    /// `{state_dir}/state.sk.hex`, created when missing). `None` without Kafka.
+    pub fn state_signer(
+        &self,
+    ) -> Result<Option<crate::control::state_sign::StateSigner>, anyhow::Error> {
+        let Some(k) = &self.file.kafka else {
+            return Ok(None);
+        };
+        let key = match &self.state_key {
+            Some(key) => key.clone(),
+            None => crate::control::state_sign::node_key(&self.file.state_dir)?,
+        };
+        Ok(Some(crate::control::state_sign::StateSigner::new(
+            &self.file.node_id,
+            key,
+            &k.state_keys,
+            k.state_adopt_unverified,
+        )?))
+    }
+
     /// The scheduling slice to ask for, µs (0: the kernel's): `sched_slice_us`, or
     /// unset, [`crate::sched::DEFAULT_US`] on a node without a sender (what is
     /// measured to help the control path) and the kernel's with one (what is
@@ -488,13 +522,7 @@ impl Config {
         if let Some(n) = env("GW_NODE_ID").filter(|n| !n.trim().is_empty()) {
             file.node_id = n.trim().to_owned();
         }
-        let id_ok = !file.node_id.is_empty()
-            && file.node_id.len() <= 64
-            && file
-                .node_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-        if !id_ok {
+        if !node_id_ok(&file.node_id) {
             return Err(OutOfBounds::new(
                 "node_id",
                 "must be 1..=64 letters, digits, '.', '_' or '-'",
@@ -655,12 +683,23 @@ impl Config {
             ),
             None => None,
         };
+        let state_key = match env("GW_STATE_SK_HEX") {
+            Some(h) => Some(
+                gw_core::jwk::ed25519_secret_from_hex(&h)
+                    .map_err(|e| ConfigError::Env("GW_STATE_SK_HEX", e.to_string()))?,
+            ),
+            None => None,
+        };
+        if let Some(k) = &file.kafka {
+            crate::control::state_sign::parse_keys(&k.state_keys)?;
+        }
         Ok(Config {
             file,
             keyring,
             signer,
             tpu_identity,
             ledger_key,
+            state_key,
             clickhouse_password,
         })
     }

@@ -21,6 +21,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     sync_parent(path)
 }
 
+/// Creates `path` holding `bytes`, readable by its owner only (mode 0600), durably;
+/// fails when `path` exists (a secret is never overwritten).
+pub fn write_secret_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut opts = OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    sync_parent(path)
+}
+
 /// Creates `dir` and its missing parents so that they survive a power cut: each
 /// directory created is synced into its parent.
 pub fn create_dir(dir: &Path) -> std::io::Result<()> {

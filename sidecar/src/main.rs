@@ -48,8 +48,7 @@ fn main() -> anyhow::Result<()> {
     }
     let cfg = Config::load(path.as_deref(), &|k| std::env::var(k).ok())?;
     if check {
-        print_check(&cfg);
-        return Ok(());
+        return print_check(&cfg);
     }
     gw_sidecar::telemetry::init(cfg.file.log_format);
     // Before any other thread starts: they inherit it (and the runtime's threads
@@ -84,8 +83,26 @@ async fn setup_clickhouse(path: Option<&std::path::Path>) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// `--check`: the one line a person or a script reads; not a log line.
-fn print_check(cfg: &Config) {
+/// `--check`: the one line a person or a script reads; not a log line. Creates
+/// nothing: a state key still to be made at the first start is said so.
+fn print_check(cfg: &Config) -> anyhow::Result<()> {
+    let bus = match &cfg.file.kafka {
+        None => "in-process".to_string(),
+        Some(k) => {
+            let kept = cfg
+                .file
+                .state_dir
+                .join(gw_sidecar::control::state_sign::KEY_FILE);
+            let key = if cfg.state_key.is_some() || kept.exists() {
+                let signer = cfg.state_signer()?.context("kafka is configured")?;
+                format!("state key {}", signer.public_hex())
+            } else {
+                format!("state key made at the first start in {}", kept.display())
+            };
+            let trusted = k.state_keys.len().max(1);
+            format!("kafka {} ({key}, {trusted} node(s) trusted)", k.brokers)
+        }
+    };
     println!(
             "config ok: listen {} ({}), {} command key(s), JSON-route signer {}, bus {}, ledger {}, sender {}, models {}",
             cfg.file.listen,
@@ -95,10 +112,7 @@ fn print_check(cfg: &Config) {
             ),
             cfg.keyring.len(),
             cfg.signer.as_ref().map_or("none", |(_, id)| id.as_str()),
-            cfg.file
-                .kafka
-                .as_ref()
-                .map_or("in-process".to_string(), |k| format!("kafka {}", k.brokers)),
+            bus,
             cfg.file.clickhouse_url.as_deref().map_or_else(
                 || "none (not audited)".to_string(),
                 |u| format!(
@@ -127,6 +141,7 @@ fn print_check(cfg: &Config) {
                 .as_ref()
                 .map_or_else(|| "off".to_string(), |m| m.dir.display().to_string()),
         );
+    Ok(())
 }
 
 /// Serves until SIGTERM or Ctrl-C, then stops in order and exits.

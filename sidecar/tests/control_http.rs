@@ -252,6 +252,76 @@ fn configuration_errors_are_clear() {
     );
 }
 
+/// `gw-sidecar --check` with the Kafka bus: the node's state key must be the one
+/// `kafka.state_keys` gives it; a list that leaves it out or names another key is
+/// refused with the node's public key (never the secret), and a key still to be
+/// made is said so, not made.
+#[test]
+fn the_state_key_list_must_name_this_node_with_its_key() {
+    let d = testkit::TempDir::new("sidecar-state-keys");
+    let seed = [0x33u8; 32];
+    let mine = hex::encode(
+        ed25519_dalek::SigningKey::from_bytes(&seed)
+            .verifying_key()
+            .as_bytes(),
+    );
+    let other = hex::encode(command_key().verifying_key().as_bytes());
+    let check = |keys: serde_json::Value, env_key: Option<&str>| {
+        let file = d.path().join("sidecar.json");
+        let cfg = serde_json::json!({
+            "node_id": "node-a",
+            "state_dir": d.path().join("state"),
+            "kafka": {"brokers": "127.0.0.1:1", "state_keys": keys},
+        });
+        std::fs::write(&file, cfg.to_string()).unwrap();
+        let mut cmd = common::plain_sidecar(d.path(), testkit::free_port());
+        cmd.arg("--config").arg(&file).arg("--check");
+        if let Some(k) = env_key {
+            cmd.env("GW_STATE_SK_HEX", k);
+        }
+        let o = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.success(), text)
+    };
+    let secret = hex::encode(seed);
+    let (ok, text) = check(serde_json::json!({}), None);
+    assert!(
+        ok && text.contains("state key made at the first start"),
+        "{text}"
+    );
+    assert!(
+        !d.path().join("state/state.sk.hex").exists(),
+        "--check makes nothing"
+    );
+    let (ok, text) = check(serde_json::json!({"node-b": other}), Some(&secret));
+    assert!(
+        !ok && text.contains("must list this node `node-a`") && text.contains(&mine),
+        "{text}"
+    );
+    assert!(!text.contains(&secret), "never the secret: {text}");
+    let (ok, text) = check(serde_json::json!({"node-a": other}), Some(&secret));
+    assert!(!ok && text.contains("another key"), "{text}");
+    let (ok, text) = check(
+        serde_json::json!({"node-a": mine, "node-b": other}),
+        Some(&secret),
+    );
+    assert!(
+        ok && text.contains(&format!("state key {mine}, 2 node(s) trusted")),
+        "{text}"
+    );
+    let (ok, text) = check(serde_json::json!({"node-a": "zz"}), Some(&secret));
+    assert!(!ok && text.contains("kafka.state_keys"), "{text}");
+    let (ok, text) = check(serde_json::json!({}), Some("abcd"));
+    assert!(
+        !ok && text.contains("GW_STATE_SK_HEX") && !text.contains("abcd"),
+        "{text}"
+    );
+}
+
 /// The sidecar signs the JSON route's commands itself, so it checks the token's
 /// role too: a request the edge did not stamp, or stamped for a token without the
 /// command role, is refused, counted and recorded (the edge's row, then the

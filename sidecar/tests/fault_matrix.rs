@@ -92,6 +92,15 @@ struct Node {
 /// The key that signs every node's ledger checkpoints.
 const LEDGER_SK: [u8; 32] = [11; 32];
 
+/// Node `id`'s state key (the one the sidecar keeps in its state directory).
+fn state_key(id: &str) -> ed25519_dalek::SigningKey {
+    let mut seed = [0x5a; 32];
+    for (s, b) in seed.iter_mut().zip(id.bytes()) {
+        *s = b;
+    }
+    ed25519_dalek::SigningKey::from_bytes(&seed)
+}
+
 struct Rig {
     ch: ClickHouse,
     /// The broker, kept running for the rig's life.
@@ -107,8 +116,10 @@ struct Rig {
 }
 
 impl Node {
-    /// Writes the node's sidecar configuration and Envoy's; starts nothing.
-    fn new(dir: &Path, id: &str, ch: &ClickHouse, kafka: Option<&Kafka>) -> Node {
+    /// Writes the node's sidecar configuration and Envoy's; starts nothing. With
+    /// Kafka, the node's state key is in its state directory and every node of
+    /// `cluster` is trusted.
+    fn new(dir: &Path, id: &str, cluster: &[&str], ch: &ClickHouse, kafka: Option<&Kafka>) -> Node {
         let state = dir.join("state");
         std::fs::create_dir_all(&state).unwrap();
         let certs = common::certs(&state);
@@ -139,7 +150,20 @@ impl Node {
             "checkpoint_every_secs": 1,
         });
         if let Some(k) = kafka {
-            cfg["kafka"] = json!({"brokers": k.brokers(), "message_timeout_ms": 3000});
+            std::fs::write(
+                state.join("state.sk.hex"),
+                hex::encode(state_key(id).to_bytes()),
+            )
+            .unwrap();
+            let keys: serde_json::Map<String, Value> = cluster
+                .iter()
+                .map(|n| {
+                    let pk = state_key(n).verifying_key();
+                    ((*n).to_owned(), json!(hex::encode(pk.as_bytes())))
+                })
+                .collect();
+            cfg["kafka"] = json!({"brokers": k.brokers(), "message_timeout_ms": 3000,
+                                  "state_keys": keys});
             if let Ok(debug) = std::env::var("GW_FAULT_KAFKA_DEBUG") {
                 cfg["kafka"]["debug"] = json!(debug);
             }
@@ -281,7 +305,7 @@ impl Rig {
         };
         // One after the other: a node's free ports are taken before the next picks.
         for id in ids {
-            let mut node = Node::new(&dir.join(id), id, &rig.ch, rig._kafka.as_ref());
+            let mut node = Node::new(&dir.join(id), id, ids, &rig.ch, rig._kafka.as_ref());
             node.start_sidecar(&rig.rt);
             node.start_envoy();
             rig.nodes.push(node);

@@ -454,7 +454,7 @@ fn a_decision_the_checkpoint_has_and_the_journal_lost_is_written_at_start() {
     };
     let cp = checkpoint_after(&node, Action::Kill, 7, kill.clone(), &[7], 1);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let store = KafkaState::new(&k).unwrap();
+    let store = KafkaState::new(&k, cfg.state_signer().unwrap().unwrap()).unwrap();
     // The command was on the topic (offset 0) and its agent had written the
     // checkpoint when the node died.
     rt.block_on(seed(&k, &store, std::slice::from_ref(&kill), &cp));
@@ -531,7 +531,7 @@ fn a_command_topic_created_again_under_the_checkpoint_is_detected_and_its_comman
             .await
             .unwrap();
         assert_eq!(sent.offset, 2);
-        let store = KafkaState::new(&k).unwrap();
+        let store = KafkaState::new(&k, cfg.state_signer().unwrap().unwrap()).unwrap();
         store.save(Module::Mev, &cp).await.unwrap();
     });
     let s = common::serve(cfg);
@@ -590,7 +590,7 @@ fn recreated_topic(
     let last = signed_command(9, Action::Start, now(), "dashboard", &[]);
     let cp = checkpoint_after(&node, Action::Start, 9, last, &[7, 9], next);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let store = KafkaState::new(&k).unwrap();
+    let store = KafkaState::new(&k, cfg.state_signer().unwrap().unwrap()).unwrap();
     let commands: Vec<Vec<u8>> = nonces
         .iter()
         .map(|n| signed_command(*n, Action::Start, now(), "dashboard", &[]))
@@ -720,4 +720,282 @@ fn checkpoint_after(
         .collect(),
         writer: node.to_owned(),
     }
+}
+
+/// Every record of `topic` (partition 0) as key and value (`None`: a tombstone),
+/// read from its start by an independent client.
+fn state_records(brokers: &str, topic: &str) -> Vec<(String, Option<Vec<u8>>)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!("test-state-reader-{}", std::process::id()),
+        )
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let (low, high) = c
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(low))
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (out.len() as i64) < high - low && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            out.push((
+                String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                m.payload().map(<[u8]>::to_vec),
+            ));
+        }
+    }
+    out
+}
+
+/// Writes `value` (`None`: a tombstone) under `key` to `topic`, as any client
+/// allowed to write there can (tansu has no ACLs).
+async fn write_raw(
+    k: &gw_sidecar::control::bus::KafkaConfig,
+    topic: &str,
+    key: &str,
+    value: Option<&[u8]>,
+) {
+    let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
+    let mut r = rdkafka::producer::FutureRecord::<str, [u8]>::to(topic)
+        .key(key)
+        .partition(0);
+    if let Some(v) = value {
+        r = r.payload(v);
+    }
+    p.send(r, Duration::from_secs(5)).await.unwrap();
+}
+
+/// The module state in Kafka is taken only as a listed node signed it. A client
+/// that may write to the state topics forges records there: for `mev`, before any
+/// node ran, a checkpoint alone (as if compaction had left nothing signed); for
+/// `arbitrage`, after the node's own, a checkpoint claiming 999 commands applied
+/// (bare, and signed with a key no node lists) and a used nonce for a command not
+/// sent yet. The node skips the forged `arbitrage` records (its state is what it
+/// signed, the command is applied) and does not load `mev` (its commands wait,
+/// the refusal is counted and logged). With `kafka.state_adopt_unverified` the
+/// node takes the `mev` checkpoint, applies the waiting command and writes the
+/// state again signed, and loads without the flag from then on. A watcher (how
+/// the other nodes learn of decisions) never sees a forged checkpoint.
+#[test]
+fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
+    use gw_sidecar::control::kafka_state::{Checkpoint, KafkaState, StoredNonce};
+    use gw_sidecar::control::state_sign::{Opened, StateSigner};
+
+    let d = testkit::TempDir::new("kafka-state-signed");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let mut cfg = config(d.path(), &kafka, &ch);
+    cfg.file.apply_wait_ms = 3000;
+    let node = cfg.file.node_id.clone();
+    let k = cfg.file.kafka.clone().unwrap();
+    let signer = cfg.state_signer().unwrap().unwrap();
+    let store = std::sync::Arc::new(KafkaState::new(&k, signer.clone()).unwrap());
+    let (mev_topic, arb_topic) = (store.topic(Module::Mev), store.topic(Module::Arbitrage));
+    let stranger = StateSigner::new(
+        &node,
+        ed25519_dalek::SigningKey::from_bytes(&[0x42; 32]),
+        &BTreeMap::new(),
+        false,
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // mev's topic holds only a forged checkpoint: killed, 5 commands applied.
+    let mut fake = Checkpoint {
+        writer: node.clone(),
+        ..Checkpoint::default()
+    };
+    fake.state.applied = 4;
+    fake.state
+        .apply(Action::Kill, &Default::default(), "req-forged");
+    let fake_json = serde_json::to_vec(&fake).unwrap();
+    rt.block_on(async {
+        store.prepare().await.unwrap();
+        write_raw(&k, &mev_topic, "state", Some(&fake_json)).await;
+    });
+
+    let s = common::serve(cfg);
+    let metric = |s: &common::Served, module: &str| {
+        let text = s.get_ops("/metrics");
+        let needle =
+            format!("gw_sidecar_agent_total{{module=\"{module}\",outcome=\"state_untrusted\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(needle.as_str()))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    let (status, body) = post(&s, arbitrage_command(1, Action::Start));
+    assert_eq!(
+        (status, body["applied"].clone()),
+        (200, Value::Bool(true)),
+        "{body}"
+    );
+    let start_mev = signed_command(2, Action::Start, now(), "dashboard", &[]);
+    let (status, body) = post(&s, start_mev);
+    assert_eq!(
+        (status, body["applied"].clone(), body["pending"].clone()),
+        (200, Value::Bool(false), Value::Bool(true)),
+        "mev's agent has no state it trusts: the command waits: {body}"
+    );
+    let m = modules(&s);
+    assert_ne!(m["mev"]["applied"], 5, "{m}");
+    assert_ne!(m["mev"]["last_request_id"], "req-forged", "{m}");
+    assert!(metric(&s, "mev") >= 1);
+    drop(s);
+
+    // The node signed what it wrote.
+    let records = state_records(&kafka.brokers(), &arb_topic);
+    let Some((_, Some(genuine))) = records.iter().rev().find(|(k, _)| k == "state") else {
+        panic!("no checkpoint of arbitrage: {records:?}");
+    };
+    let Opened::Signed { writer, body } = signer.open(Module::Arbitrage, "state", genuine) else {
+        panic!("{}", String::from_utf8_lossy(genuine));
+    };
+    assert_eq!(writer, node);
+    let mut more: Checkpoint = serde_json::from_slice(body).unwrap();
+    more.state.applied = 999;
+    more.state
+        .apply(Action::Kill, &Default::default(), "req-forged");
+    let more_json = serde_json::to_vec(&more).unwrap();
+    let used = StoredNonce {
+        issuer: "dashboard".into(),
+        nonce: 3,
+        expires: now() + 600,
+        chain: node.clone(),
+    };
+    rt.block_on(async {
+        write_raw(&k, &arb_topic, "state", Some(&more_json)).await;
+        write_raw(
+            &k,
+            &arb_topic,
+            "state",
+            Some(&stranger.seal(Module::Arbitrage, "state", &more_json)),
+        )
+        .await;
+        write_raw(
+            &k,
+            &arb_topic,
+            &used.key(),
+            Some(&serde_json::to_vec(&used).unwrap()),
+        )
+        .await;
+    });
+
+    // Restarted with the adoption flag: arbitrage keeps what the node signed (the
+    // flag takes nothing while a signed checkpoint is left), mev takes the forged
+    // one the operator chose to adopt and applies the command that waited.
+    let mut cfg = config(d.path(), &kafka, &ch);
+    cfg.file.kafka.as_mut().unwrap().state_adopt_unverified = true;
+    let s = common::serve(cfg);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while modules(&s)["mev"]["state"] != "running" {
+        assert!(Instant::now() < deadline, "never applied: {}", modules(&s));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let m = modules(&s);
+    assert_eq!(m["mev"]["applied"], 6, "adopted, then one more: {m}");
+    assert_eq!(
+        (
+            m["arbitrage"]["applied"].clone(),
+            m["arbitrage"]["state"].clone()
+        ),
+        (1.into(), "running".into()),
+        "{m}"
+    );
+    assert!(metric(&s, "arbitrage") >= 3, "three forged records skipped");
+    let (status, body) = post(&s, arbitrage_command(3, Action::Kill));
+    assert_eq!(
+        (status, body["applied"].clone()),
+        (200, Value::Bool(true)),
+        "the forged used nonce is not taken: {body}"
+    );
+    drop(s);
+    // mev's checkpoint was written again signed as adopted (before the command
+    // that waited), and the newest is the node's, signed.
+    let records = state_records(&kafka.brokers(), &mev_topic);
+    let signed: Vec<Checkpoint> = records
+        .iter()
+        .filter(|(k, _)| k == "state")
+        .filter_map(
+            |(_, v)| match signer.open(Module::Mev, "state", v.as_deref()?) {
+                Opened::Signed { body, .. } => Some(serde_json::from_slice(body).unwrap()),
+                Opened::Unverified { .. } => None,
+            },
+        )
+        .collect();
+    assert_eq!(
+        signed.iter().map(|c| c.state.applied).collect::<Vec<_>>(),
+        vec![5, 6],
+        "{signed:?}"
+    );
+    let last = records
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "state")
+        .and_then(|(_, v)| v.clone())
+        .unwrap();
+    assert!(matches!(
+        signer.open(Module::Mev, "state", &last),
+        Opened::Signed { .. }
+    ));
+
+    // Without the flag: both load.
+    let s = common::serve(config(d.path(), &kafka, &ch));
+    let m = modules(&s);
+    assert_eq!(
+        (
+            m["mev"]["applied"].clone(),
+            m["arbitrage"]["applied"].clone()
+        ),
+        (6.into(), 2.into()),
+        "{m}"
+    );
+    assert_eq!(metric(&s, "mev"), 0);
+
+    // A watcher sees every checkpoint the node signed and no forged one.
+    let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    rt.spawn(
+        store
+            .clone()
+            .watch(Module::Arbitrage, move |cp| sink.lock().push(cp)),
+    );
+    rt.block_on(write_raw(&k, &arb_topic, "state", Some(&more_json)));
+    let (status, body) = post(&s, arbitrage_command(4, Action::Start));
+    assert_eq!(
+        (status, body["applied"].clone()),
+        (200, Value::Bool(true)),
+        "{body}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen
+        .lock()
+        .iter()
+        .any(|c: &Checkpoint| c.state.applied == 3)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the watcher saw {:?}",
+            seen.lock()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let signed: Vec<Checkpoint> = state_records(&kafka.brokers(), &arb_topic)
+        .into_iter()
+        .filter(|(k, _)| k == "state")
+        .filter_map(
+            |(_, v)| match signer.open(Module::Arbitrage, "state", &v?) {
+                Opened::Signed { body, .. } => Some(serde_json::from_slice(body).unwrap()),
+                Opened::Unverified { .. } => None,
+            },
+        )
+        .collect();
+    assert_eq!(*seen.lock(), signed);
+    assert!(seen.lock().iter().all(|c| c.state.applied <= 3));
 }

@@ -79,6 +79,17 @@ pub struct KafkaConfig {
     /// debug level under `librdkafka`.
     #[serde(default)]
     pub debug: Option<String>,
+    /// The nodes whose module state records (`{topic}-state-*`) are trusted: node
+    /// id → the Ed25519 public key (hex) of its state key. Empty: this node alone.
+    /// Every node of a cluster lists every node, itself included.
+    #[serde(default)]
+    pub state_keys: std::collections::BTreeMap<String, String>,
+    /// At load, take the newest checkpoint even though no listed node signed it,
+    /// when the state topic holds no signed one (records written before they were
+    /// signed; or a recovery). The node then writes it again signed. Turn it off
+    /// once the node has started.
+    #[serde(default)]
+    pub state_adopt_unverified: bool,
 }
 
 fn default_topic() -> String {
@@ -112,6 +123,8 @@ impl KafkaConfig {
             session_timeout_ms: default_session_timeout(),
             batch_messages: default_batch_messages(),
             debug: None,
+            state_keys: std::collections::BTreeMap::new(),
+            state_adopt_unverified: false,
         }
     }
 
@@ -167,6 +180,9 @@ pub enum BusError {
     /// A record could not be encoded or read (agent state).
     #[error("kafka: {0}")]
     Encode(String),
+    /// The agent state in Kafka is not signed by a node of `kafka.state_keys`.
+    #[error("kafka: {0}")]
+    Untrusted(String),
     /// The idempotent producer failed fatally (a fresh one serves the next request).
     #[error("kafka producer failed ({code}): {reason}")]
     ProducerFailed {
@@ -268,7 +284,11 @@ impl Bus {
     /// A Kafka bus; `records` are what the journal recovered (commands accepted but
     /// not yet forwarded are forwarded first). Creating the clients does not need a
     /// broker; [`Bus::prepare`] creates the topic once one answers.
-    pub fn kafka(cfg: KafkaConfig, records: &[(Lsn, Txn)]) -> Result<Bus, BusError> {
+    pub fn kafka(
+        cfg: KafkaConfig,
+        signer: super::state_sign::StateSigner,
+        records: &[(Lsn, Txn)],
+    ) -> Result<Bus, BusError> {
         let producer = Mutex::new(Arc::new(KafkaBus::producer(&cfg)?));
         let outbox = Outbox::default();
         let mut forwarded = std::collections::BTreeSet::new();
@@ -285,7 +305,7 @@ impl Bus {
             }
         }
         Ok(Bus::Kafka(Arc::new(KafkaBus {
-            state: Arc::new(KafkaState::new(&cfg)?),
+            state: Arc::new(KafkaState::new(&cfg, signer)?),
             cfg,
             producer,
             outbox: Arc::new(outbox),

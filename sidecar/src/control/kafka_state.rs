@@ -16,6 +16,10 @@
 //! the nonce record (the next owner writes it again from `recent`) and the node's
 //! ledger row (the node writes it at its restart, from `last`).
 //!
+//! Every record a node writes is signed with its state key, and only records a
+//! node of `kafka.state_keys` signed are read ([`super::state_sign`]): a client
+//! that may write to the topic cannot forge a checkpoint or a used nonce.
+//!
 //! Zombie fencing is not done here: a node that is paused (not dead) past its group
 //! session and then resumes could write one stale checkpoint. Kafka transactions
 //! (a transactional id per module, the checkpoint read `read_committed`) would
@@ -41,6 +45,7 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use super::bus::{BusError, CloseOffRuntime, KafkaConfig, Position};
+use super::state_sign::{Opened, StateSigner};
 
 /// How many applied nonces a checkpoint repeats (the nonce records are written
 /// after it; a crash can lose the last one).
@@ -122,21 +127,29 @@ pub struct Loaded {
     pub missing: Vec<StoredNonce>,
     /// Keys of nonce records no longer remembered (to tombstone).
     pub expired: Vec<String>,
+    /// The checkpoint is one no listed node signed, taken because
+    /// `kafka.state_adopt_unverified` is set (to write again, signed).
+    pub adopted: bool,
+    /// Records ignored because no listed node signed them.
+    pub untrusted: usize,
 }
 
 /// The state topics.
 pub struct KafkaState {
     cfg: KafkaConfig,
     producer: FutureProducer,
+    signer: StateSigner,
 }
 
 impl KafkaState {
-    /// Clients for `cfg` (no broker needed yet).
-    pub fn new(cfg: &KafkaConfig) -> Result<KafkaState, BusError> {
+    /// Clients for `cfg` (no broker needed yet), signing and verifying with
+    /// `signer`.
+    pub fn new(cfg: &KafkaConfig, signer: StateSigner) -> Result<KafkaState, BusError> {
         let producer = cfg.producer().create()?;
         Ok(KafkaState {
             cfg: cfg.clone(),
             producer,
+            signer,
         })
     }
 
@@ -158,10 +171,12 @@ impl KafkaState {
         self.cfg.create_topics(&topics).await
     }
 
-    async fn put(&self, m: Module, key: &str, value: Option<&[u8]>) -> Result<(), BusError> {
+    /// Writes record `key` holding `body` (signed), or its tombstone (`None`).
+    async fn put(&self, m: Module, key: &str, body: Option<&[u8]>) -> Result<(), BusError> {
         let topic = self.topic(m);
+        let value = body.map(|b| self.signer.seal(m, key, b));
         let mut record = FutureRecord::<str, [u8]>::to(&topic).key(key).partition(0);
-        if let Some(v) = value {
+        if let Some(v) = &value {
             record = record.payload(v);
         }
         let wait = Duration::from_millis(self.cfg.message_timeout_ms);
@@ -192,8 +207,8 @@ impl KafkaState {
         Ok(())
     }
 
-    /// Calls `f` with every checkpoint of `m` written from now on (by any node),
-    /// forever.
+    /// Calls `f` with every checkpoint of `m` written from now on by a listed node,
+    /// forever (one no listed node signed is logged and skipped).
     pub async fn watch(self: Arc<Self>, m: Module, mut f: impl FnMut(Checkpoint) + Send) {
         let topic = self.topic(m);
         loop {
@@ -228,12 +243,17 @@ impl KafkaState {
             loop {
                 match c.recv().await {
                     Ok(msg) if msg.key() == Some(STATE_KEY.as_bytes()) => {
-                        match msg.payload().map(serde_json::from_slice::<Checkpoint>) {
-                            Some(Ok(cp)) => f(cp),
-                            Some(Err(e)) => {
-                                tracing::warn!(error = %e, "agent checkpoint unreadable");
+                        let Some(v) = msg.payload() else { continue };
+                        match checkpoint_of(self.signer.open(m, STATE_KEY, v)) {
+                            Ok(Ok(cp)) => f(cp),
+                            Ok(Err(e)) => {
+                                tracing::warn!(module = m.as_str(), error = %e, "agent checkpoint unreadable");
                             }
-                            None => {}
+                            Err(why) => tracing::warn!(
+                                module = m.as_str(),
+                                offset = msg.offset(),
+                                "agent checkpoint ignored: {why}"
+                            ),
                         }
                     }
                     Ok(_) => {}
@@ -271,7 +291,7 @@ impl KafkaState {
         let records = tokio::task::spawn_blocking(move || read_all(client, &topic, wait))
             .await
             .map_err(|e| BusError::Encode(format!("state loader: {e}")))??;
-        fold(records, now)
+        fold(records, now, m, &self.signer)
     }
 }
 
@@ -380,32 +400,133 @@ fn probe(
     Ok((high, None))
 }
 
-/// The latest value of every key, read as a checkpoint and nonces. A checkpoint
-/// that does not decode is an error (never start over from nothing: the next
-/// checkpoint would overwrite every node's progress).
-fn fold(records: Vec<Record>, now: u64) -> Result<Loaded, BusError> {
-    let mut latest: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
-    for (k, v) in records {
-        latest.insert(k, v);
-    }
-    let mut loaded = Loaded::default();
-    let mut keys = std::collections::BTreeSet::new();
-    for (k, v) in latest {
-        let Some(v) = v else { continue };
-        if k == STATE_KEY {
-            let c = serde_json::from_slice(&v)
-                .map_err(|e| BusError::Encode(format!("agent checkpoint unreadable: {e}")))?;
-            loaded.checkpoint = Some(c);
-            continue;
-        }
-        match serde_json::from_slice::<StoredNonce>(&v) {
-            Ok(n) if n.expires >= now => {
-                keys.insert(k);
-                loaded.nonces.push(n);
+/// A checkpoint record opened: the checkpoint a listed node signed (or an error
+/// when it does not decode), or why it is not trusted.
+fn checkpoint_of(o: Opened<'_>) -> Result<Result<Checkpoint, String>, String> {
+    match o {
+        Opened::Signed { writer, body } => Ok(match serde_json::from_slice::<Checkpoint>(body) {
+            Ok(cp) if cp.writer != writer => {
+                return Err(format!(
+                    "signed by node `{writer}` but names `{}` as its writer",
+                    cp.writer
+                ))
             }
-            Ok(_) => loaded.expired.push(k),
+            Ok(cp) => Ok(cp),
+            Err(e) => Err(e.to_string()),
+        }),
+        Opened::Unverified { why, .. } => Err(why),
+    }
+}
+
+/// The latest value of every key, read as a checkpoint and nonces, trusting only
+/// records a listed node signed: an untrusted record is skipped, as if it had not
+/// been written. When the newest checkpoint record is untrusted and no signed one
+/// is left before it (compaction keeps the newest record of a key only), the load
+/// fails — unless `kafka.state_adopt_unverified` takes it. A checkpoint that does
+/// not decode is an error too: never start over from nothing (the next checkpoint
+/// would overwrite every node's progress).
+fn fold(
+    records: Vec<Record>,
+    now: u64,
+    m: Module,
+    signer: &StateSigner,
+) -> Result<Loaded, BusError> {
+    let mut loaded = Loaded::default();
+    // The newest signed checkpoint, and the newest checkpoint record when it is
+    // not signed (why, and its body).
+    let mut signed: Option<Result<Checkpoint, String>> = None;
+    let mut tail: Option<(String, Option<Vec<u8>>)> = None;
+    for (_, v) in records.iter().filter(|(k, _)| k == STATE_KEY) {
+        let Some(v) = v else {
+            loaded.untrusted += 1;
+            tail = Some(("a tombstone (no node deletes a checkpoint)".into(), None));
+            continue;
+        };
+        let opened = signer.open(m, STATE_KEY, v);
+        let body = match &opened {
+            Opened::Unverified { body, .. } => body.map(<[u8]>::to_vec),
+            Opened::Signed { .. } => None,
+        };
+        match checkpoint_of(opened) {
+            Ok(c) => {
+                signed = Some(c);
+                tail = None;
+            }
+            Err(why) => {
+                loaded.untrusted += 1;
+                tail = Some((why, body));
+            }
+        }
+    }
+    let unreadable = |e: String| BusError::Encode(format!("agent checkpoint unreadable: {e}"));
+    loaded.checkpoint = match (tail, signed) {
+        (None, None) => None,
+        (None, Some(c)) => Some(c.map_err(unreadable)?),
+        (Some((why, _)), Some(c)) => {
+            tracing::warn!(
+                module = m.as_str(),
+                "the newest agent checkpoint is ignored ({why}); the newest signed one is taken"
+            );
+            Some(c.map_err(unreadable)?)
+        }
+        (Some((why, body)), None) if signer.adopts_unverified() => {
+            tracing::warn!(
+                module = m.as_str(),
+                "kafka.state_adopt_unverified: taking an agent checkpoint no listed node signed ({why}); it is written again signed"
+            );
+            loaded.adopted = true;
+            match body {
+                Some(b) => Some(serde_json::from_slice(&b).map_err(|e| unreadable(e.to_string()))?),
+                None => None,
+            }
+        }
+        (Some((why, _)), None) => {
+            return Err(BusError::Untrusted(format!(
+                "module {}: the newest agent checkpoint is not trusted ({why}) and no checkpoint a node of kafka.state_keys signed is left before it",
+                m.as_str()
+            )))
+        }
+    };
+    // The nonces: the newest value of each key a listed node signed (or, with an
+    // adopted checkpoint, any), tombstones forgetting.
+    let mut nonces: BTreeMap<String, Option<(StoredNonce, bool)>> = BTreeMap::new();
+    for (k, v) in records.into_iter().filter(|(k, _)| k != STATE_KEY) {
+        let Some(v) = v else {
+            nonces.insert(k, None);
+            continue;
+        };
+        let (body, trusted) = match signer.open(m, &k, &v) {
+            Opened::Signed { body, .. } => (body, true),
+            Opened::Unverified {
+                body: Some(body), ..
+            } if loaded.adopted => (body, false),
+            Opened::Unverified { why, .. } => {
+                loaded.untrusted += 1;
+                tracing::warn!(module = m.as_str(), key = %k, "nonce record ignored: {why}");
+                continue;
+            }
+        };
+        match serde_json::from_slice::<StoredNonce>(body) {
+            Ok(n) if n.key() == k => {
+                nonces.insert(k, Some((n, trusted)));
+            }
+            Ok(_) => tracing::warn!(key = %k, "nonce record under another key; ignored"),
             Err(e) => tracing::warn!(key = %k, error = %e, "nonce record unreadable; ignored"),
         }
+    }
+    let mut keys = std::collections::BTreeSet::new();
+    for (k, v) in nonces {
+        let Some((n, trusted)) = v else { continue };
+        if n.expires < now {
+            loaded.expired.push(k);
+            continue;
+        }
+        keys.insert(k);
+        if !trusted {
+            // Adopted: written again, signed.
+            loaded.missing.push(n.clone());
+        }
+        loaded.nonces.push(n);
     }
     if let Some(c) = &loaded.checkpoint {
         for n in &c.recent {
@@ -421,6 +542,9 @@ fn fold(records: Vec<Record>, now: u64) -> Result<Loaded, BusError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ed25519_dalek::SigningKey;
+
+    const M: Module = Module::Mev;
 
     fn nonce(n: u64, expires: u64) -> StoredNonce {
         StoredNonce {
@@ -431,26 +555,53 @@ mod tests {
         }
     }
 
-    fn rec<T: Serialize>(k: &str, v: &T) -> Record {
+    /// Node `me` (key seed 1 for `a`, 2 for `b`) in a cluster of `a` and `b`.
+    fn node(me: &str, adopt: bool) -> StateSigner {
+        let pk = |s: u8| hex::encode(SigningKey::from_bytes(&[s; 32]).verifying_key().as_bytes());
+        let keys = [("a".to_owned(), pk(1)), ("b".to_owned(), pk(2))].into();
+        let seed = if me == "a" { 1 } else { 2 };
+        StateSigner::new(me, SigningKey::from_bytes(&[seed; 32]), &keys, adopt).unwrap()
+    }
+
+    /// A record written by `by`.
+    fn rec<T: Serialize>(by: &StateSigner, k: &str, v: &T) -> Record {
+        (
+            k.into(),
+            Some(by.seal(M, k, &serde_json::to_vec(v).unwrap())),
+        )
+    }
+
+    /// A record as a client without a node's key writes it (bare JSON).
+    fn forged<T: Serialize>(k: &str, v: &T) -> Record {
         (k.into(), Some(serde_json::to_vec(v).unwrap()))
+    }
+
+    fn checkpoint(writer: &str, next: i64) -> Checkpoint {
+        let mut c = Checkpoint {
+            writer: writer.into(),
+            ..Checkpoint::default()
+        };
+        c.next.insert(0, next);
+        c
     }
 
     #[test]
     fn the_latest_value_of_each_key_wins_and_tombstones_forget() {
-        let mut c = Checkpoint::default();
-        c.next.insert(0, 7);
-        let mut later = c.clone();
-        later.next.insert(0, 9);
+        let (a, b) = (node("a", false), node("b", false));
+        let c = checkpoint("a", 7);
+        let mut later = checkpoint("b", 9);
         later.recent.push_back(nonce(3, 200));
         let l = fold(
             vec![
-                rec("state", &c),
-                rec("n/dashboard/1", &nonce(1, 200)),
-                rec("n/dashboard/2", &nonce(2, 50)),
-                rec("state", &later),
+                rec(&a, "state", &c),
+                rec(&a, "n/dashboard/1", &nonce(1, 200)),
+                rec(&a, "n/dashboard/2", &nonce(2, 50)),
+                rec(&b, "state", &later),
                 ("n/dashboard/1".into(), None),
             ],
             100,
+            M,
+            &a,
         )
         .unwrap();
         assert_eq!(l.checkpoint, Some(later));
@@ -458,16 +609,107 @@ mod tests {
         assert_eq!(l.nonces, vec![nonce(3, 200)]);
         assert_eq!(l.missing, vec![nonce(3, 200)]);
         assert_eq!(l.expired, vec!["n/dashboard/2".to_string()]);
+        assert_eq!((l.adopted, l.untrusted), (false, 0));
     }
 
     #[test]
     fn an_empty_topic_has_no_checkpoint() {
-        let l = fold(Vec::new(), 0).unwrap();
+        let l = fold(Vec::new(), 0, M, &node("a", false)).unwrap();
         assert!(l.checkpoint.is_none() && l.nonces.is_empty());
     }
 
     #[test]
     fn an_unreadable_checkpoint_is_an_error_not_a_fresh_start() {
-        assert!(fold(vec![("state".into(), Some(b"{".to_vec()))], 0).is_err());
+        let a = node("a", false);
+        let l = fold(vec![rec(&a, "state", &checkpoint("a", 1))], 0, M, &a).unwrap();
+        assert_eq!(l.checkpoint, Some(checkpoint("a", 1)));
+        let v = a.seal(M, "state", b"[]");
+        assert!(matches!(
+            fold(vec![("state".into(), Some(v))], 0, M, &a),
+            Err(BusError::Encode(_))
+        ));
+    }
+
+    #[test]
+    fn records_no_listed_node_signed_are_skipped_as_if_never_written() {
+        let (a, b) = (node("a", false), node("b", false));
+        let genuine = checkpoint("b", 4);
+        // A checkpoint claiming more, bare, then one signed by `a` claiming to be
+        // `b`'s, then one signed by a key nobody listed.
+        let mut more = checkpoint("b", 1_000);
+        more.state.applied = 999;
+        let relabelled = (
+            "state".to_owned(),
+            Some(a.seal(M, "state", &serde_json::to_vec(&more).unwrap())),
+        );
+        let stranger = StateSigner::new(
+            "b",
+            SigningKey::from_bytes(&[9; 32]),
+            &BTreeMap::new(),
+            false,
+        )
+        .unwrap();
+        let attacks = [
+            forged("state", &more),
+            relabelled,
+            rec(&stranger, "state", &more),
+            ("state".into(), None),
+        ];
+        // The adoption flag changes nothing while a signed checkpoint is left.
+        for (attack, reader) in attacks
+            .into_iter()
+            .flat_map(|a| [(a.clone(), node("a", false)), (a, node("a", true))])
+        {
+            let l = fold(
+                vec![
+                    rec(&b, "state", &genuine),
+                    rec(&b, "n/dashboard/1", &nonce(1, 200)),
+                    attack,
+                    forged("n/dashboard/2", &nonce(2, 200)),
+                ],
+                100,
+                M,
+                &reader,
+            )
+            .unwrap();
+            assert_eq!(l.checkpoint, Some(genuine.clone()));
+            assert_eq!(l.nonces, vec![nonce(1, 200)]);
+            assert!(l.missing.is_empty() && !l.adopted);
+            assert_eq!(l.untrusted, 2);
+        }
+        // A signed record moved to another key is not that key's.
+        let moved = (
+            "n/dashboard/5".to_owned(),
+            rec(&b, "n/dashboard/1", &nonce(1, 200)).1,
+        );
+        let l = fold(vec![moved], 100, M, &a).unwrap();
+        assert!(l.nonces.is_empty() && l.untrusted == 1);
+    }
+
+    #[test]
+    fn only_untrusted_checkpoints_fail_the_load_unless_adopted_and_then_are_written_again() {
+        let a = node("a", false);
+        let mut old = checkpoint("a", 5);
+        old.recent.push_back(nonce(4, 200));
+        let records = vec![
+            forged("state", &old),
+            forged("n/dashboard/3", &nonce(3, 200)),
+        ];
+        match fold(records.clone(), 100, M, &a) {
+            Err(BusError::Untrusted(e)) => {
+                assert!(e.contains("module mev") && e.contains("not signed"), "{e}");
+            }
+            o => panic!("{o:?}"),
+        }
+        let l = fold(records, 100, M, &node("a", true)).unwrap();
+        assert_eq!(l.checkpoint, Some(old));
+        assert!(l.adopted);
+        // Both nonces are remembered and written again, signed.
+        assert_eq!(l.nonces, vec![nonce(3, 200), nonce(4, 200)]);
+        assert_eq!(l.missing, vec![nonce(3, 200), nonce(4, 200)]);
+        // A tombstone alone: adopted, nothing to take.
+        assert!(fold(vec![("state".into(), None)], 0, M, &a).is_err());
+        let l = fold(vec![("state".into(), None)], 0, M, &node("a", true)).unwrap();
+        assert!(l.checkpoint.is_none() && l.adopted);
     }
 }

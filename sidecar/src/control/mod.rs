@@ -7,7 +7,8 @@
 //! - [`agent`]: one consumer per module that verifies again, applies, persists and
 //!   commits; [`modules`] is the table of module states the agents publish;
 //!   [`kafka_state`] keeps an agent's state in Kafka (the Kafka bus), so another
-//!   node's agent can take a module over.
+//!   node's agent can take a module over; [`state_sign`] signs and verifies
+//!   those records.
 //! - [`replay_store`]: the durable replay guard.
 //! - [`json_route`]: the original API's JSON route, signed by the sidecar.
 
@@ -19,6 +20,7 @@ pub mod kafka_state;
 pub mod modules;
 pub mod replay_store;
 pub mod service;
+pub mod state_sign;
 
 pub use modules::ModuleTable;
 pub use service::{Control, ControlConfig, StartError};

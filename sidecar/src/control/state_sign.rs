@@ -1,0 +1,428 @@
+//! Signatures on the agents' state records in Kafka ([`super::kafka_state`]).
+//!
+//! A checkpoint or nonce record in `{topic}-state-{module}` decides what every node
+//! believes about a module: how many commands were applied, which delivery was
+//! decided, which nonces are used. Anyone who may write to the topic could
+//! otherwise forge them. Each node signs what it writes with its own Ed25519 key
+//! (the *state key*: `GW_STATE_SK_HEX`, or `{state_dir}/state.sk.hex`, created at
+//! the first start), and reads only records signed by a node listed in
+//! `kafka.state_keys` (node id → public key; unset: this node alone).
+//!
+//! A record's value is a JSON envelope, readable with any Kafka tool:
+//! `{"writer":"node-a","sig":"<64 bytes hex>","body":{…}}`. The signature covers a
+//! domain tag and, each prefixed by its length, the module, the record key, the
+//! writer and the body's exact bytes, so a record cannot be moved to another
+//! module or key, nor relabelled to another node.
+//!
+//! What a signature cannot cover: a tombstone (Kafka's delete has no value), and a
+//! genuine record written again later (a replay). Both need write access to the
+//! topic; `docs/architecture.md` says what they can do and that Kafka ACLs are
+//! still the first line.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use gw_core::Module;
+use serde::Deserialize;
+
+use crate::config::OutOfBounds;
+
+/// Domain tag of every signed state record (version 1 of the envelope).
+const DOMAIN: &[u8] = b"gw-kafka-state/1";
+
+/// The file a node keeps its state key in when `GW_STATE_SK_HEX` is not set.
+pub const KEY_FILE: &str = "state.sk.hex";
+
+/// Signs this node's state records and verifies every node's.
+#[derive(Clone)]
+pub struct StateSigner {
+    me: String,
+    key: SigningKey,
+    trusted: BTreeMap<String, VerifyingKey>,
+    adopt_unverified: bool,
+}
+
+impl std::fmt::Debug for StateSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateSigner")
+            .field("me", &self.me)
+            .field("public_key", &self.public_hex())
+            .field("trusted", &self.trusted.keys().collect::<Vec<_>>())
+            .field("adopt_unverified", &self.adopt_unverified)
+            .finish()
+    }
+}
+
+/// A record read back: who signed it and its body, or why it is not trusted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Opened<'a> {
+    /// Signed by `writer`, a listed node.
+    Signed {
+        /// The node that wrote it.
+        writer: String,
+        /// The body's exact bytes.
+        body: &'a [u8],
+    },
+    /// Not signed by a listed node.
+    Unverified {
+        /// Why (for logs; names the claimed writer, never a key).
+        why: String,
+        /// The body, when one could be found (an envelope, or a record written
+        /// before records were signed), for [`StateSigner::adopts_unverified`].
+        body: Option<&'a [u8]>,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope<'a> {
+    writer: String,
+    sig: String,
+    #[serde(borrow)]
+    body: &'a serde_json::value::RawValue,
+}
+
+/// The bytes a record's signature covers.
+fn message(module: Module, key: &str, writer: &str, body: &[u8]) -> Vec<u8> {
+    let parts: [&[u8]; 4] = [
+        module.as_str().as_bytes(),
+        key.as_bytes(),
+        writer.as_bytes(),
+        body,
+    ];
+    let mut m =
+        Vec::with_capacity(DOMAIN.len() + 32 + parts.iter().map(|p| p.len()).sum::<usize>());
+    m.extend_from_slice(DOMAIN);
+    for p in parts {
+        m.extend_from_slice(&(p.len() as u64).to_be_bytes());
+        m.extend_from_slice(p);
+    }
+    m
+}
+
+impl StateSigner {
+    /// This node (`me`, signing with `key`) trusting the nodes of `state_keys`
+    /// (node id → public key hex; empty: `me` alone). A non-empty list must name
+    /// `me` with `key`'s public key.
+    pub fn new(
+        me: &str,
+        key: SigningKey,
+        state_keys: &BTreeMap<String, String>,
+        adopt_unverified: bool,
+    ) -> Result<StateSigner, OutOfBounds> {
+        let mine = key.verifying_key();
+        let mut trusted = parse_keys(state_keys)?;
+        match trusted.get(me) {
+            None if trusted.is_empty() => {
+                trusted.insert(me.to_owned(), mine);
+            }
+            Some(k) if *k == mine => {}
+            Some(_) => {
+                return Err(OutOfBounds::new(
+                    "kafka.state_keys",
+                    format!(
+                    "lists node `{me}` with another key than this node's state key (public key {})",
+                    hex::encode(mine.as_bytes())
+                ),
+                ))
+            }
+            None => {
+                return Err(OutOfBounds::new(
+                    "kafka.state_keys",
+                    format!(
+                        "must list this node `{me}` too (its state key's public key is {})",
+                        hex::encode(mine.as_bytes())
+                    ),
+                ))
+            }
+        }
+        Ok(StateSigner {
+            me: me.to_owned(),
+            key,
+            trusted,
+            adopt_unverified,
+        })
+    }
+
+    /// This node's id.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// This node's public state key, hex.
+    pub fn public_hex(&self) -> String {
+        hex::encode(self.key.verifying_key().as_bytes())
+    }
+
+    /// Whether a load may take a checkpoint no listed node signed when the topic
+    /// holds no signed one (`kafka.state_adopt_unverified`: records written before
+    /// they were signed, or a recovery the operator decided on).
+    pub fn adopts_unverified(&self) -> bool {
+        self.adopt_unverified
+    }
+
+    /// The value of record `key` of `module`'s state topic holding `body` (JSON).
+    pub fn seal(&self, module: Module, key: &str, body: &[u8]) -> Vec<u8> {
+        let sig = self.key.sign(&message(module, key, &self.me, body));
+        let writer = serde_json::Value::from(self.me.as_str()).to_string();
+        let mut v = Vec::with_capacity(body.len() + 180);
+        v.extend_from_slice(br#"{"writer":"#);
+        v.extend_from_slice(writer.as_bytes());
+        v.extend_from_slice(br#","sig":""#);
+        v.extend_from_slice(hex::encode(sig.to_bytes()).as_bytes());
+        v.extend_from_slice(br#"","body":"#);
+        v.extend_from_slice(body);
+        v.push(b'}');
+        v
+    }
+
+    /// Reads the value of record `key` of `module`'s state topic.
+    pub fn open<'a>(&self, module: Module, key: &str, value: &'a [u8]) -> Opened<'a> {
+        let env: Envelope<'a> = match serde_json::from_slice(value) {
+            Ok(e) => e,
+            Err(_) => {
+                // Not an envelope: a record from before records were signed (a
+                // JSON object), or anything else.
+                let legacy = serde_json::from_slice::<serde::de::IgnoredAny>(value).is_ok()
+                    && value.trim_ascii_start().first() == Some(&b'{');
+                return Opened::Unverified {
+                    why: "not signed (no signature envelope)".into(),
+                    body: legacy.then_some(value),
+                };
+            }
+        };
+        let body = env.body.get().as_bytes();
+        let unverified = |why: String| Opened::Unverified {
+            why,
+            body: Some(body),
+        };
+        let Some(vk) = self.trusted.get(&env.writer) else {
+            return unverified(format!(
+                "signed as node `{}`, which kafka.state_keys does not list",
+                env.writer.escape_debug()
+            ));
+        };
+        let Some(sig) = hex::decode(&env.sig)
+            .ok()
+            .and_then(|b| Signature::from_slice(&b).ok())
+        else {
+            return unverified("its signature is not 64 bytes of hex".into());
+        };
+        if vk
+            .verify_strict(&message(module, key, &env.writer, body), &sig)
+            .is_err()
+        {
+            return unverified(format!(
+                "its signature does not verify with node `{}`'s key",
+                env.writer
+            ));
+        }
+        Opened::Signed {
+            writer: env.writer,
+            body,
+        }
+    }
+}
+
+/// `kafka.state_keys`: node id → public key.
+pub fn parse_keys(
+    state_keys: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, VerifyingKey>, OutOfBounds> {
+    state_keys
+        .iter()
+        .map(|(id, h)| {
+            if !crate::config::node_id_ok(id) {
+                return Err(OutOfBounds::new(
+                    "kafka.state_keys",
+                    format!("`{}` is not a node id", id.escape_debug()),
+                ));
+            }
+            gw_core::jwk::ed25519_from_hex(h)
+                .map(|k| (id.clone(), k))
+                .map_err(|e| OutOfBounds::new("kafka.state_keys", format!("node `{id}`: {e}")))
+        })
+        .collect()
+}
+
+/// Why the state key cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum StateKeyError {
+    /// `GW_STATE_SK_HEX` or the key file is not a key.
+    #[error("state key {0}: {1}")]
+    Invalid(String, String),
+    /// The key file cannot be read or created.
+    #[error("state key {0}: {1}")]
+    Io(PathBuf, #[source] std::io::Error),
+}
+
+/// The node's state key kept in `{state_dir}/state.sk.hex` (hex seed), created
+/// (mode 0600) when missing.
+pub fn node_key(state_dir: &Path) -> Result<SigningKey, StateKeyError> {
+    let path = state_dir.join(KEY_FILE);
+    let read = || -> Result<SigningKey, StateKeyError> {
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(&path).map_err(|e| StateKeyError::Io(path.clone(), e))?,
+        );
+        gw_core::jwk::ed25519_secret_from_hex(&text)
+            .map_err(|e| StateKeyError::Invalid(path.display().to_string(), e.to_string()))
+    };
+    if path.exists() {
+        return read();
+    }
+    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+    rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, seed.as_mut()).map_err(|e| {
+        StateKeyError::Invalid(path.display().to_string(), format!("no randomness: {e}"))
+    })?;
+    let text = zeroize::Zeroizing::new(format!("{}\n", hex::encode(seed.as_ref())));
+    crate::durable::create_dir(state_dir).map_err(|e| StateKeyError::Io(state_dir.into(), e))?;
+    match crate::durable::write_secret_new(&path, text.as_bytes()) {
+        // Another process created it meanwhile: what is on disk is the key.
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(StateKeyError::Io(path.clone(), e)),
+    }
+    read()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer(me: &str, seed: u8, keys: &[(&str, u8)]) -> StateSigner {
+        let keys = keys
+            .iter()
+            .map(|(id, s)| {
+                let vk = SigningKey::from_bytes(&[*s; 32]).verifying_key();
+                ((*id).to_owned(), hex::encode(vk.as_bytes()))
+            })
+            .collect();
+        StateSigner::new(me, SigningKey::from_bytes(&[seed; 32]), &keys, false).unwrap()
+    }
+
+    #[test]
+    fn a_record_a_listed_node_sealed_opens_and_nothing_else_does() {
+        let a = signer("a", 1, &[("a", 1), ("b", 2)]);
+        let b = signer("b", 2, &[("a", 1), ("b", 2)]);
+        let body = br#"{"state":{},"writer":"b"}"#;
+        let v = b.seal(Module::Mev, "state", body);
+        assert_eq!(
+            a.open(Module::Mev, "state", &v),
+            Opened::Signed {
+                writer: "b".into(),
+                body
+            }
+        );
+        // Another module, another key: not the record that was signed.
+        assert!(matches!(
+            a.open(Module::Arbitrage, "state", &v),
+            Opened::Unverified { .. }
+        ));
+        assert!(matches!(
+            a.open(Module::Mev, "n/x/1", &v),
+            Opened::Unverified { .. }
+        ));
+        // Relabelled to another listed writer.
+        let s = String::from_utf8(v.clone()).unwrap();
+        let relabelled = s.replacen(r#""writer":"b""#, r#""writer":"a""#, 1);
+        assert!(matches!(
+            a.open(Module::Mev, "state", relabelled.as_bytes()),
+            Opened::Unverified { .. }
+        ));
+        // One byte of the body changed.
+        let tampered = s.replacen(r#""state":{}"#, r#""state":[]"#, 1);
+        match a.open(Module::Mev, "state", tampered.as_bytes()) {
+            Opened::Unverified { why, body } => {
+                assert!(why.contains("does not verify"), "{why}");
+                assert_eq!(body, Some(br#"{"state":[],"writer":"b"}"#.as_slice()));
+            }
+            o => panic!("{o:?}"),
+        }
+        // A node not listed, with a well-formed signature of its own.
+        let c = signer("c", 3, &[]);
+        match a.open(Module::Mev, "state", &c.seal(Module::Mev, "state", body)) {
+            Opened::Unverified { why, .. } => assert!(why.contains("does not list"), "{why}"),
+            o => panic!("{o:?}"),
+        }
+        // A bare JSON record (written before signing) and garbage.
+        assert_eq!(
+            a.open(Module::Mev, "state", body),
+            Opened::Unverified {
+                why: "not signed (no signature envelope)".into(),
+                body: Some(body)
+            }
+        );
+        assert!(matches!(
+            a.open(Module::Mev, "state", b"\xff{"),
+            Opened::Unverified { body: None, .. }
+        ));
+        // An envelope with a field more is not an envelope.
+        let extra = s.replacen('{', r#"{"x":1,"#, 1);
+        assert!(matches!(
+            a.open(Module::Mev, "state", extra.as_bytes()),
+            Opened::Unverified { .. }
+        ));
+    }
+
+    #[test]
+    fn without_a_list_a_node_trusts_itself_alone_and_a_list_must_name_it_with_its_key() {
+        let alone = signer("a", 1, &[]);
+        let v = alone.seal(Module::Mev, "state", b"{}");
+        assert!(matches!(
+            alone.open(Module::Mev, "state", &v),
+            Opened::Signed { .. }
+        ));
+        let other = signer("b", 2, &[]);
+        assert!(matches!(
+            other.open(Module::Mev, "state", &v),
+            Opened::Unverified { .. }
+        ));
+
+        let key = |s: u8| hex::encode(SigningKey::from_bytes(&[s; 32]).verifying_key().as_bytes());
+        let list = |e: &[(&str, String)]| {
+            e.iter()
+                .map(|(a, b)| ((*a).to_owned(), b.clone()))
+                .collect()
+        };
+        let me = || SigningKey::from_bytes(&[1; 32]);
+        let e = StateSigner::new("a", me(), &list(&[("b", key(2))]), false).unwrap_err();
+        assert!(
+            e.reason.contains("must list this node `a`") && e.reason.contains(&key(1)),
+            "{e}"
+        );
+        let e = StateSigner::new("a", me(), &list(&[("a", key(2))]), false).unwrap_err();
+        assert!(e.reason.contains("another key"), "{e}");
+        let e = StateSigner::new("a", me(), &list(&[("a", "zz".into())]), false).unwrap_err();
+        assert_eq!(e.key, "kafka.state_keys");
+        let e = StateSigner::new("a", me(), &list(&[("a b", key(1))]), false).unwrap_err();
+        assert!(e.reason.contains("not a node id"), "{e}");
+        // The Debug shows the public key, never the secret.
+        let d = format!("{alone:?}");
+        assert!(
+            d.contains(&key(1)) && !d.contains(&hex::encode([1u8; 32])),
+            "{d}"
+        );
+    }
+
+    #[test]
+    fn the_key_file_is_created_once_and_read_back() {
+        let dir = testkit::TempDir::new("state-key");
+        let k1 = node_key(dir.path()).unwrap();
+        let k2 = node_key(dir.path()).unwrap();
+        assert_eq!(k1.to_bytes(), k2.to_bytes());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        std::fs::write(dir.path().join(KEY_FILE), "not a key").unwrap();
+        match node_key(dir.path()) {
+            Err(StateKeyError::Invalid(_, e)) => assert!(!e.contains("not a key"), "{e}"),
+            o => panic!("{:?}", o.map(|_| ())),
+        }
+    }
+}
