@@ -520,18 +520,19 @@ fn a_command_topic_created_again_under_the_checkpoint_is_detected_and_its_comman
     let cp = checkpoint_after(&node, Action::Kill, 21, kill.clone(), &[7, 9, 20, 21], 3);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
+        let store = KafkaState::new(&k, cfg.state_signer().unwrap().unwrap()).unwrap();
         let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
         let sent = p
             .send(
                 rdkafka::producer::FutureRecord::to(TOPIC)
                     .key("mev")
-                    .payload(&kill),
+                    .payload(&kill)
+                    .headers(forwarded(&store, &kill)),
                 Duration::from_secs(5),
             )
             .await
             .unwrap();
         assert_eq!(sent.offset, 2);
-        let store = KafkaState::new(&k, cfg.state_signer().unwrap().unwrap()).unwrap();
         store.save(Module::Mev, &cp).await.unwrap();
     });
     let s = common::serve(cfg);
@@ -661,7 +662,8 @@ async fn seed(
             .send(
                 rdkafka::producer::FutureRecord::to(TOPIC)
                     .key("mev")
-                    .payload(c),
+                    .payload(c)
+                    .headers(forwarded(store, c)),
                 Duration::from_secs(5),
             )
             .await
@@ -670,6 +672,20 @@ async fn seed(
     }
     store.prepare().await.unwrap();
     store.save(Module::Mev, cp).await.unwrap();
+}
+
+/// The headers of `mev` command `c` as the node of `store` forwards it (no
+/// requester).
+fn forwarded(
+    store: &gw_sidecar::control::kafka_state::KafkaState,
+    c: &[u8],
+) -> rdkafka::message::OwnedHeaders {
+    gw_sidecar::control::bus::forward_headers(
+        store.signer(),
+        b"mev",
+        c,
+        &gw_core::contract::Requester::default(),
+    )
 }
 
 /// Module mev's checkpoint once `node` decided `action` (the command `last`, nonce
@@ -998,4 +1014,167 @@ fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
         .collect();
     assert_eq!(*seen.lock(), signed);
     assert!(seen.lock().iter().all(|c| c.state.applied <= 3));
+}
+
+/// A command reaches the agents only as a gateway node forwarded it: admitted
+/// there (the edge's token and roles, the replay guard) and signed by the node
+/// with who sent it. Operator-signed commands published to the command topic by
+/// any other client — without the node's headers, with a forwarded record's
+/// headers on another command, or signed as the node with a key nobody lists —
+/// are refused (`forbidden_peer`) with their audit rows, and the requester they
+/// claim is not recorded. `kafka.accept_unforwarded` applies such a command,
+/// audited without a requester.
+#[test]
+fn a_command_no_gateway_node_forwarded_is_refused_and_audited() {
+    use gw_core::contract::Requester;
+    use gw_sidecar::control::bus::forward_headers;
+    use gw_sidecar::control::state_sign::StateSigner;
+    use rdkafka::message::{Header, Headers, OwnedHeaders};
+
+    let d = testkit::TempDir::new("kafka-unforwarded");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let cfg = config(d.path(), &kafka, &ch);
+    let k = cfg.file.kafka.clone().unwrap();
+    let s = common::serve(cfg);
+    let (status, body) = post(
+        &s,
+        signed_command(1, Action::Start, now(), "dashboard", &[]),
+    );
+    assert_eq!(
+        (status, body["applied"].clone()),
+        (200, Value::Bool(true)),
+        "{body}"
+    );
+
+    // What the node forwarded carries its name and signature.
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .set("group.id", "test-headers")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let genuine: OwnedHeaders = loop {
+        assert!(Instant::now() < deadline, "nothing on the topic");
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            break m.headers().unwrap().detach();
+        }
+    };
+    let names: Vec<&str> = genuine.iter().map(|h| h.key).collect();
+    assert!(
+        names.contains(&"gw-node") && names.contains(&"gw-node-sig"),
+        "{names:?}"
+    );
+
+    let stranger = StateSigner::new(
+        "node-1",
+        ed25519_dalek::SigningKey::from_bytes(&[0x42; 32]),
+        &BTreeMap::new(),
+        false,
+    )
+    .unwrap();
+    let claimed = Requester {
+        sub: "mallory".into(),
+        roles: "admin".into(),
+        token_issuer: "https://idp.example".into(),
+    };
+    let bare = OwnedHeaders::new().insert(Header {
+        key: "gw-requester",
+        value: Some("mallory"),
+    });
+    let kill = |n| signed_command(n, Action::Kill, now(), "dashboard", &[]);
+    publish_mev(&k, kill(2), bare);
+    publish_mev(&k, kill(3), genuine);
+    publish_mev(
+        &k,
+        kill(4),
+        forward_headers(&stranger, b"mev", &kill(4), &claimed),
+    );
+
+    // Refused, each with its row; the module runs on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rows = loop {
+        let rows = common::stored(&ch);
+        if rows.iter().filter(|r| r.code == "forbidden_peer").count() >= 3 {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "{:?}", summary(&rows));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(verify_chain(&rows), Ok(rows.len() as u64));
+    let refused: Vec<_> = rows.iter().filter(|r| r.code == "forbidden_peer").collect();
+    for r in &refused {
+        assert_eq!(
+            (r.stage.as_str(), r.decision.as_str()),
+            ("agent", "rejected")
+        );
+        assert_eq!(
+            (r.requester.as_str(), r.requester_roles.as_str()),
+            ("", ""),
+            "{r:?}"
+        );
+    }
+    let mut ids: Vec<&str> = refused.iter().map(|r| r.request_id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["req-2", "req-3", "req-4"]);
+    let m = modules(&s);
+    assert_eq!(
+        (m["mev"]["state"].clone(), m["mev"]["applied"].clone()),
+        ("running".into(), 1.into()),
+        "{m}"
+    );
+    drop(s);
+
+    // Accepted when the operator says so: applied, audited without a requester.
+    let mut cfg = config(d.path(), &kafka, &ch);
+    cfg.file.kafka.as_mut().unwrap().accept_unforwarded = true;
+    let s = common::serve(cfg);
+    publish_mev(
+        &k,
+        kill(5),
+        forward_headers(&stranger, b"mev", &kill(5), &claimed),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while modules(&s)["mev"]["state"] != "killed" {
+        assert!(Instant::now() < deadline, "never applied: {}", modules(&s));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let applied = loop {
+        if let Some(r) = common::stored(&ch)
+            .into_iter()
+            .find(|r| r.request_id == "req-5")
+        {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no row of req-5");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        (applied.decision.as_str(), applied.requester.as_str()),
+        ("applied", "")
+    );
+}
+
+/// Publishes `mev` command `payload` with `headers` to the command topic.
+fn publish_mev(
+    k: &gw_sidecar::control::bus::KafkaConfig,
+    payload: Vec<u8>,
+    headers: rdkafka::message::OwnedHeaders,
+) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
+        p.send(
+            rdkafka::producer::FutureRecord::to(TOPIC)
+                .key("mev")
+                .payload(&payload)
+                .headers(headers),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    });
 }

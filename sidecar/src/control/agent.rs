@@ -27,7 +27,7 @@ use gw_core::replay::{Limits, NonceBook, Refused};
 use gw_core::{Code, Command, ControlPolicy, Module, Reject, VerifiedCommand};
 use tokio::sync::broadcast;
 
-use super::bus::{BusConsumer, BusError, Delivery, Position};
+use super::bus::{BusConsumer, BusError, Delivery, Origin, Position};
 use super::kafka_state::{Checkpoint, KafkaState, LastDecision, StoredNonce, RECENT};
 use super::modules::ModuleTable;
 use crate::journal::txn::{AgentEntry, AppliedNonce, SnapshotEntry};
@@ -175,6 +175,16 @@ impl AgentCore {
     ) -> Step {
         if d.key != self.module.as_str().as_bytes() {
             return Step::NotMine;
+        }
+        if let Origin::Unverified {
+            why,
+            accepted: false,
+        } = &d.origin
+        {
+            return Step::Refuse(Reject::with(
+                Code::ForbiddenPeer,
+                format!("the command topic's record was not forwarded by a gateway node: {why}"),
+            ));
         }
         let v = match self.policy.verify_for_apply(&d.payload, self.module, now) {
             Ok(v) => v,
@@ -882,6 +892,7 @@ impl Agent {
             payload: last.payload.clone(),
             requester: last.requester.clone(),
             position: last.position,
+            origin: Origin::Local,
         };
         let command = <Command as prost::Message>::decode(d.payload.as_slice()).ok();
         let code = last
@@ -1151,6 +1162,7 @@ mod tests {
                 partition: 0,
                 offset: 0,
             },
+            origin: Origin::Local,
         }
     }
 
@@ -1164,6 +1176,43 @@ mod tests {
             core().decide(&delivery("arbitrage", start(1)), NOW),
             Step::NotMine
         ));
+    }
+
+    #[test]
+    fn a_command_no_gateway_node_forwarded_is_refused_unless_accepted() {
+        let unverified = |accepted| Delivery {
+            origin: Origin::Unverified {
+                why: "no gateway node's signature".into(),
+                accepted,
+            },
+            ..delivery("mev", start(1))
+        };
+        match core().decide(&unverified(false), NOW) {
+            Step::Refuse(r) => {
+                assert_eq!(r.code, Code::ForbiddenPeer);
+                assert!(
+                    r.detail.contains("no gateway node's signature"),
+                    "{}",
+                    r.detail
+                );
+            }
+            s => panic!("{s:?}"),
+        }
+        assert!(matches!(
+            core().decide(&unverified(true), NOW),
+            Step::Apply(_)
+        ));
+        let node = Delivery {
+            origin: Origin::Node("node-b".into()),
+            ..delivery("mev", start(1))
+        };
+        assert!(matches!(core().decide(&node, NOW), Step::Apply(_)));
+        // Keyed for another module: not this agent's to judge.
+        let other = Delivery {
+            key: b"arbitrage".to_vec(),
+            ..unverified(false)
+        };
+        assert!(matches!(core().decide(&other, NOW), Step::NotMine));
     }
 
     #[test]

@@ -26,6 +26,7 @@ use gw_core::contract::Requester;
 use gw_core::Module;
 
 use super::kafka_state::KafkaState;
+use super::state_sign::StateSigner;
 use crate::journal::txn::PublishEntry;
 use crate::journal::{self, Journal, Lsn, Sink, Txn};
 use crate::ops::metrics::GroupMetrics;
@@ -90,6 +91,12 @@ pub struct KafkaConfig {
     /// once the node has started.
     #[serde(default)]
     pub state_adopt_unverified: bool,
+    /// Apply commands on the command topic that no gateway node of
+    /// `kafka.state_keys` forwarded (published there by another client, e.g. the
+    /// original Python API), audited without a requester. Off: they are refused
+    /// (`forbidden_peer`), each with its audit row.
+    #[serde(default)]
+    pub accept_unforwarded: bool,
 }
 
 fn default_topic() -> String {
@@ -125,6 +132,7 @@ impl KafkaConfig {
             debug: None,
             state_keys: std::collections::BTreeMap::new(),
             state_adopt_unverified: false,
+            accept_unforwarded: false,
         }
     }
 
@@ -202,23 +210,71 @@ pub struct Delivery {
     pub key: Vec<u8>,
     /// The exact signed bytes.
     pub payload: Vec<u8>,
-    /// Who sent it, as the edge verified it (Kafka headers `gw-requester*`).
+    /// Who sent it, as the edge verified it (Kafka headers `gw-requester*`;
+    /// empty when [`Origin::Unverified`]).
     pub requester: Requester,
     /// Where it was read.
     pub position: Position,
+    /// Who put it on the bus.
+    pub origin: Origin,
+}
+
+/// Who put a delivery on the bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// This node's journal (the embedded bus), or a decision written again from
+    /// the module's checkpoint.
+    Local,
+    /// A gateway node of `kafka.state_keys`, which admitted it: its signature over
+    /// the record key, the command and the requester (headers `gw-node`,
+    /// `gw-node-sig`) verifies.
+    Node(String),
+    /// Not forwarded by a listed node (published to the command topic some other
+    /// way): refused by the agent unless `accepted` (`kafka.accept_unforwarded`).
+    Unverified {
+        /// Why.
+        why: String,
+        /// `kafka.accept_unforwarded`.
+        accepted: bool,
+    },
 }
 
 /// Kafka header names carrying the requester.
 const H_SUB: &str = "gw-requester";
 const H_ROLES: &str = "gw-requester-roles";
 const H_ISS: &str = "gw-token-issuer";
+/// Kafka header names of the forwarding node and its signature.
+const H_NODE: &str = "gw-node";
+const H_NODE_SIG: &str = "gw-node-sig";
 
-fn requester_headers(r: &Requester) -> OwnedHeaders {
+/// What a forwarding node signs: the record key, the command, who sent it.
+fn forward_parts<'a>(key: &'a [u8], payload: &'a [u8], r: &'a Requester) -> [&'a [u8]; 5] {
+    [
+        key,
+        payload,
+        r.sub.as_bytes(),
+        r.roles.as_bytes(),
+        r.token_issuer.as_bytes(),
+    ]
+}
+
+/// The headers of a command this node forwards to the command topic: who sent it
+/// (`gw-requester*`) and this node's signature over them, the key and the command
+/// (`gw-node`, `gw-node-sig`).
+pub fn forward_headers(
+    signer: &StateSigner,
+    key: &[u8],
+    payload: &[u8],
+    r: &Requester,
+) -> OwnedHeaders {
+    let sig = signer.sign_forward(&forward_parts(key, payload, r));
     let mut h = OwnedHeaders::new();
     for (key, v) in [
-        (H_SUB, &r.sub),
-        (H_ROLES, &r.roles),
-        (H_ISS, &r.token_issuer),
+        (H_SUB, r.sub.as_str()),
+        (H_ROLES, r.roles.as_str()),
+        (H_ISS, r.token_issuer.as_str()),
+        (H_NODE, signer.me()),
+        (H_NODE_SIG, sig.as_str()),
     ] {
         if !v.is_empty() {
             h = h.insert(Header {
@@ -228,6 +284,44 @@ fn requester_headers(r: &Requester) -> OwnedHeaders {
         }
     }
     h
+}
+
+/// Who put `m` on the command topic, and who sent it (empty unless a listed node
+/// forwarded it).
+fn origin_of(m: &impl Message, signer: &StateSigner, accept: bool) -> (Origin, Requester) {
+    let requester = requester_of(m);
+    let header = |name: &str| {
+        m.headers().and_then(|h| {
+            h.iter()
+                .filter(|hd| hd.key == name)
+                .last()
+                .map(|hd| String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned())
+        })
+    };
+    let verdict = match (header(H_NODE), header(H_NODE_SIG)) {
+        (Some(node), Some(sig)) => signer
+            .verify_forward(
+                &node,
+                &sig,
+                &forward_parts(
+                    m.key().unwrap_or_default(),
+                    m.payload().unwrap_or_default(),
+                    &requester,
+                ),
+            )
+            .map(|()| node),
+        _ => Err("no gateway node's signature (not forwarded by a node)".to_owned()),
+    };
+    match verdict {
+        Ok(node) => (Origin::Node(node), requester),
+        Err(why) => (
+            Origin::Unverified {
+                why,
+                accepted: accept,
+            },
+            Requester::default(),
+        ),
+    }
 }
 
 fn requester_of(m: &impl Message) -> Requester {
@@ -400,6 +494,8 @@ impl Bus {
                     consumer: CloseOffRuntime::new(c),
                     topic: k.cfg.topic.clone(),
                     assigned,
+                    signer: k.state.signer().clone(),
+                    accept_unforwarded: k.cfg.accept_unforwarded,
                 })
             }
         }
@@ -542,7 +638,12 @@ impl KafkaBus {
             let record = FutureRecord::to(&self.cfg.topic)
                 .key(key)
                 .payload(payload)
-                .headers(requester_headers(requester));
+                .headers(forward_headers(
+                    self.state.signer(),
+                    key,
+                    payload,
+                    requester,
+                ));
             let wait = Duration::from_millis(self.cfg.message_timeout_ms);
             let sent = producer.send(record, wait).await;
             if let Some((code, reason)) = producer.client().fatal_error() {
@@ -768,6 +869,7 @@ impl InProcess {
                 partition: 0,
                 offset: i64::try_from(*lsn).unwrap_or(i64::MAX),
             },
+            origin: Origin::Local,
         })
     }
 
@@ -827,6 +929,10 @@ pub enum BusConsumer {
         topic: String,
         /// Set when partitions were assigned since the last look.
         assigned: Arc<AtomicBool>,
+        /// Verifies the forwarding node's signature.
+        signer: StateSigner,
+        /// `kafka.accept_unforwarded`.
+        accept_unforwarded: bool,
     },
 }
 
@@ -893,7 +999,12 @@ impl BusConsumer {
                 }
                 grew.await;
             },
-            BusConsumer::Kafka { consumer, .. } => {
+            BusConsumer::Kafka {
+                consumer,
+                signer,
+                accept_unforwarded,
+                ..
+            } => {
                 // Polled again every second: after a rebalance a message can sit in
                 // the consumer's queue without waking a pending `recv` (seen with
                 // two group members: an assigned partition that never delivered).
@@ -902,14 +1013,16 @@ impl BusConsumer {
                         break m?;
                     }
                 };
+                let (origin, requester) = origin_of(&m, signer, *accept_unforwarded);
                 Ok(Delivery {
                     key: m.key().unwrap_or_default().to_vec(),
                     payload: m.payload().unwrap_or_default().to_vec(),
-                    requester: requester_of(&m),
+                    requester,
                     position: Position {
                         partition: m.partition(),
                         offset: m.offset(),
                     },
+                    origin,
                 })
             }
         }

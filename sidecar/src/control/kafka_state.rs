@@ -153,6 +153,11 @@ impl KafkaState {
         })
     }
 
+    /// What signs and verifies the records (and the commands this node forwards).
+    pub fn signer(&self) -> &StateSigner {
+        &self.signer
+    }
+
     /// The state topic of `m`.
     pub fn topic(&self, m: Module) -> String {
         format!("{}-state-{}", self.cfg.topic, m.as_str())

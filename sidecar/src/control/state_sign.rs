@@ -83,23 +83,42 @@ struct Envelope<'a> {
     body: &'a serde_json::value::RawValue,
 }
 
-/// The bytes a record's signature covers.
-fn message(module: Module, key: &str, writer: &str, body: &[u8]) -> Vec<u8> {
-    let parts: [&[u8]; 4] = [
-        module.as_str().as_bytes(),
-        key.as_bytes(),
-        writer.as_bytes(),
-        body,
-    ];
-    let mut m =
-        Vec::with_capacity(DOMAIN.len() + 32 + parts.iter().map(|p| p.len()).sum::<usize>());
-    m.extend_from_slice(DOMAIN);
+/// The bytes a signature under `domain` covers: the tag, then each part prefixed
+/// by its length.
+fn message(domain: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(
+        domain.len() + 8 * parts.len() + parts.iter().map(|p| p.len()).sum::<usize>(),
+    );
+    m.extend_from_slice(domain);
     for p in parts {
         m.extend_from_slice(&(p.len() as u64).to_be_bytes());
         m.extend_from_slice(p);
     }
     m
 }
+
+/// The bytes a state record's signature covers.
+fn record_message(module: Module, key: &str, writer: &str, body: &[u8]) -> Vec<u8> {
+    message(
+        DOMAIN,
+        &[
+            module.as_str().as_bytes(),
+            key.as_bytes(),
+            writer.as_bytes(),
+            body,
+        ],
+    )
+}
+
+/// A signature as hex.
+fn parse_sig(h: &str) -> Option<Signature> {
+    hex::decode(h)
+        .ok()
+        .and_then(|b| Signature::from_slice(&b).ok())
+}
+
+/// Domain tag of a forwarded command's signature (the command topic's headers).
+const FORWARD_DOMAIN: &[u8] = b"gw-kafka-command/1";
 
 impl StateSigner {
     /// This node (`me`, signing with `key`) trusting the nodes of `state_keys`
@@ -164,7 +183,7 @@ impl StateSigner {
 
     /// The value of record `key` of `module`'s state topic holding `body` (JSON).
     pub fn seal(&self, module: Module, key: &str, body: &[u8]) -> Vec<u8> {
-        let sig = self.key.sign(&message(module, key, &self.me, body));
+        let sig = self.key.sign(&record_message(module, key, &self.me, body));
         let writer = serde_json::Value::from(self.me.as_str()).to_string();
         let mut v = Vec::with_capacity(body.len() + 180);
         v.extend_from_slice(br#"{"writer":"#);
@@ -203,14 +222,11 @@ impl StateSigner {
                 env.writer.escape_debug()
             ));
         };
-        let Some(sig) = hex::decode(&env.sig)
-            .ok()
-            .and_then(|b| Signature::from_slice(&b).ok())
-        else {
+        let Some(sig) = parse_sig(&env.sig) else {
             return unverified("its signature is not 64 bytes of hex".into());
         };
         if vk
-            .verify_strict(&message(module, key, &env.writer, body), &sig)
+            .verify_strict(&record_message(module, key, &env.writer, body), &sig)
             .is_err()
         {
             return unverified(format!(
@@ -222,6 +238,35 @@ impl StateSigner {
             writer: env.writer,
             body,
         }
+    }
+}
+
+impl StateSigner {
+    /// This node's signature (hex) of a command it forwards to the command topic:
+    /// its `parts` (the record key, the signed command bytes, who sent it), as
+    /// forwarded by this node.
+    pub fn sign_forward(&self, parts: &[&[u8]]) -> String {
+        let mut all = parts.to_vec();
+        all.push(self.me.as_bytes());
+        hex::encode(self.key.sign(&message(FORWARD_DOMAIN, &all)).to_bytes())
+    }
+
+    /// Whether node `node`, listed, signed `sig` (hex) over `parts` forwarded by
+    /// it; why not otherwise.
+    pub fn verify_forward(&self, node: &str, sig: &str, parts: &[&[u8]]) -> Result<(), String> {
+        let Some(vk) = self.trusted.get(node) else {
+            return Err(format!(
+                "forwarded as node `{}`, which kafka.state_keys does not list",
+                node.escape_debug()
+            ));
+        };
+        let Some(sig) = parse_sig(sig) else {
+            return Err("its node signature is not 64 bytes of hex".into());
+        };
+        let mut all = parts.to_vec();
+        all.push(node.as_bytes());
+        vk.verify_strict(&message(FORWARD_DOMAIN, &all), &sig)
+            .map_err(|_| format!("its signature does not verify with node `{node}`'s key"))
     }
 }
 
@@ -362,6 +407,34 @@ mod tests {
             a.open(Module::Mev, "state", extra.as_bytes()),
             Opened::Unverified { .. }
         ));
+    }
+
+    #[test]
+    fn a_forwarded_command_verifies_only_as_its_node_signed_it() {
+        let a = signer("a", 1, &[("a", 1), ("b", 2)]);
+        let b = signer("b", 2, &[("a", 1), ("b", 2)]);
+        let parts: [&[u8]; 3] = [b"mev", b"command", b"alice"];
+        let sig = b.sign_forward(&parts);
+        assert_eq!(a.verify_forward("b", &sig, &parts), Ok(()));
+        // As another node, over other parts, or with a part moved across a boundary.
+        assert!(a.verify_forward("a", &sig, &parts).is_err());
+        assert!(a
+            .verify_forward("b", &sig, &[b"mev", b"command", b"mallory"])
+            .is_err());
+        assert!(a
+            .verify_forward("b", &sig, &[b"mev", b"commanda", b"lice"])
+            .is_err());
+        let e = a.verify_forward("c", &sig, &parts).unwrap_err();
+        assert!(e.contains("does not list"), "{e}");
+        let e = a.verify_forward("b", "zz", &parts).unwrap_err();
+        assert!(e.contains("64 bytes"), "{e}");
+        // A state record's signature is not a forward's, nor the other way round.
+        let record = b.seal(Module::Mev, "state", b"{}");
+        let env: serde_json::Value = serde_json::from_slice(&record).unwrap();
+        let record_sig = env["sig"].as_str().unwrap();
+        assert!(a
+            .verify_forward("b", record_sig, &[b"mev", b"state", b"{}"])
+            .is_err());
     }
 
     #[test]
