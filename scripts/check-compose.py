@@ -48,7 +48,7 @@ def main():
 
     sidecar_env = set()
     for src in glob.glob(os.path.join(ROOT, "sidecar/src/**/*.rs"), recursive=True):
-        sidecar_env |= set(re.findall(r'env\("([A-Z0-9_]+)"\)', open(src).read()))
+        sidecar_env |= set(re.findall(r'(?:env\(|secret_key\(env,\s*)"([A-Z0-9_]+)"', open(src).read()))
 
     services = compose.get("services") or fail("no services")
     want = {"envoy", "sidecar", "kafka", "clickhouse"}

@@ -410,6 +410,20 @@ fn clickhouse_env(
     )
 }
 
+/// The Ed25519 key (32-byte seed, hex) in environment variable `name`, if set
+/// (its value is never echoed).
+fn secret_key(
+    env: &dyn Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<Option<SigningKey>, ConfigError> {
+    env(name)
+        .map(|h| {
+            gw_core::jwk::ed25519_secret_from_hex(&h)
+                .map_err(|e| ConfigError::Env(name, e.to_string()))
+        })
+        .transpose()
+}
+
 /// A ClickHouse client for `file`'s URL and user.
 fn client(file: &FileConfig, password: Option<&str>) -> Option<clickhouse::Client> {
     let url = file.clickhouse_url.as_ref()?;
@@ -441,7 +455,7 @@ impl Config {
             &self.file.node_id,
             key,
             &k.state_keys,
-            k.state_adopt_unverified,
+            k.state_recovery,
         )?))
     }
 
@@ -676,20 +690,8 @@ impl Config {
             }
             _ => {}
         }
-        let ledger_key = match env("GW_LEDGER_SK_HEX") {
-            Some(h) => Some(
-                gw_core::jwk::ed25519_secret_from_hex(&h)
-                    .map_err(|e| ConfigError::Env("GW_LEDGER_SK_HEX", e.to_string()))?,
-            ),
-            None => None,
-        };
-        let state_key = match env("GW_STATE_SK_HEX") {
-            Some(h) => Some(
-                gw_core::jwk::ed25519_secret_from_hex(&h)
-                    .map_err(|e| ConfigError::Env("GW_STATE_SK_HEX", e.to_string()))?,
-            ),
-            None => None,
-        };
+        let ledger_key = secret_key(env, "GW_LEDGER_SK_HEX")?;
+        let state_key = secret_key(env, "GW_STATE_SK_HEX")?;
         if let Some(k) = &file.kafka {
             crate::control::state_sign::parse_keys(&k.state_keys)?;
         }

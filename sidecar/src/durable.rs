@@ -21,19 +21,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     sync_parent(path)
 }
 
-/// Creates `path` holding `bytes`, readable by its owner only (mode 0600), durably;
-/// fails when `path` exists (a secret is never overwritten).
+/// Creates `path` holding `bytes`, readable by its owner only (mode 0600), durably
+/// and whole: written to a temporary file, synced, then linked in place, so a
+/// crash never leaves `path` empty or half-written. Fails with `AlreadyExists`
+/// when `path` exists (a secret is never overwritten).
 pub fn write_secret_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut opts = OpenOptions::new();
-    opts.write(true).create_new(true);
+    opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
+    let written = opts.open(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    let linked = written.and_then(|()| fs::hard_link(&tmp, path));
+    let _ = fs::remove_file(&tmp);
+    linked?;
     sync_parent(path)
 }
 
@@ -68,6 +75,24 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert!(!p.with_extension("tmp").exists());
         assert!(super::write_atomic(&d.path().join("no/such/dir"), b"x").is_err());
+    }
+
+    #[test]
+    fn a_secret_is_created_whole_owner_only_and_never_overwritten() {
+        let d = testkit::TempDir::new("durable-secret");
+        let p = d.path().join("state.sk.hex");
+        super::write_secret_new(&p, b"one").unwrap();
+        let e = super::write_secret_new(&p, b"two").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&p).unwrap(), b"one");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left");
     }
 
     #[test]

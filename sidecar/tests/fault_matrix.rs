@@ -150,9 +150,11 @@ impl Node {
             "checkpoint_every_secs": 1,
         });
         if let Some(k) = kafka {
-            std::fs::write(
-                state.join("state.sk.hex"),
-                hex::encode(state_key(id).to_bytes()),
+            let key_file = state.join("state.sk.hex");
+            std::fs::write(&key_file, hex::encode(state_key(id).to_bytes())).unwrap();
+            std::fs::set_permissions(
+                &key_file,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
             )
             .unwrap();
             let keys: serde_json::Map<String, Value> = cluster

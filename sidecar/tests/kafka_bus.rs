@@ -682,6 +682,7 @@ fn forwarded(
 ) -> rdkafka::message::OwnedHeaders {
     gw_sidecar::control::bus::forward_headers(
         store.signer(),
+        TOPIC,
         b"mev",
         c,
         &gw_core::contract::Requester::default(),
@@ -790,25 +791,35 @@ async fn write_raw(
 
 /// The module state in Kafka is taken only as a listed node signed it. A client
 /// that may write to the state topics forges records there: for `mev`, before any
-/// node ran, a checkpoint alone (as if compaction had left nothing signed); for
-/// `arbitrage`, after the node's own, a checkpoint claiming 999 commands applied
-/// (bare, and signed with a key no node lists) and a used nonce for a command not
-/// sent yet. The node skips the forged `arbitrage` records (its state is what it
-/// signed, the command is applied) and does not load `mev` (its commands wait,
-/// the refusal is counted and logged). With `kafka.state_adopt_unverified` the
-/// node takes the `mev` checkpoint, applies the waiting command and writes the
-/// state again signed, and loads without the flag from then on. A watcher (how
-/// the other nodes learn of decisions) never sees a forged checkpoint.
+/// node ran, a checkpoint alone; for `arbitrage`, after the node's own, a
+/// checkpoint claiming 999 commands applied (bare, and signed with a key no node
+/// lists) and a used nonce for a command not sent yet. Neither module's agent
+/// takes a forged checkpoint: `mev`'s does not load (its command waits, counted
+/// and logged), nor does `arbitrage`'s after a restart (the newest checkpoint is
+/// forged). The operator decides: `kafka.state_recovery: newest_signed` takes
+/// `arbitrage`'s own signed checkpoint (the forged nonce is not taken: the next
+/// command applies) and finds nothing signed for `mev`; `adopt_newest` takes `mev`'s
+/// as it is and applies the command that waited. Each recovered state is written
+/// again signed, and the node loads without the option from then on. A watcher
+/// (how the other nodes learn of decisions) never sees a forged checkpoint.
 #[test]
 fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
     use gw_sidecar::control::kafka_state::{Checkpoint, KafkaState, StoredNonce};
-    use gw_sidecar::control::state_sign::{Opened, StateSigner};
+    use gw_sidecar::control::state_sign::{Opened, StateRecovery, StateSigner};
 
     let d = testkit::TempDir::new("kafka-state-signed");
     let kafka = Kafka::start(d.path());
     let ch = ClickHouse::start(d.path());
-    let mut cfg = config(d.path(), &kafka, &ch);
-    cfg.file.apply_wait_ms = 3000;
+    let serve_with = |recovery: Option<StateRecovery>| {
+        let mut cfg = config(d.path(), &kafka, &ch);
+        cfg.file.kafka.as_mut().unwrap().state_recovery = recovery;
+        if recovery.is_none() {
+            // A command is expected to wait: the answer says so after this long.
+            cfg.file.apply_wait_ms = 3000;
+        }
+        common::serve(cfg)
+    };
+    let cfg = config(d.path(), &kafka, &ch);
     let node = cfg.file.node_id.clone();
     let k = cfg.file.kafka.clone().unwrap();
     let signer = cfg.state_signer().unwrap().unwrap();
@@ -818,10 +829,36 @@ fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
         &node,
         ed25519_dalek::SigningKey::from_bytes(&[0x42; 32]),
         &BTreeMap::new(),
-        false,
+        None,
     )
     .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let metric = |s: &common::Served, module: &str| {
+        let text = s.get_ops("/metrics");
+        let needle =
+            format!("gw_sidecar_agent_total{{module=\"{module}\",outcome=\"state_untrusted\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(needle.as_str()))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    // The checkpoints of `topic` a listed node signed, oldest first.
+    let signed_checkpoints = |topic: &str| -> Vec<Checkpoint> {
+        state_records(&kafka.brokers(), topic)
+            .into_iter()
+            .filter(|(k, _)| k == "state")
+            .filter_map(|(_, v)| match signer.open(topic, "state", &v?) {
+                Opened::Signed { body, .. } => Some(serde_json::from_slice(body).unwrap()),
+                Opened::Unverified { .. } => None,
+            })
+            .collect()
+    };
+    let wait_for = |s: &common::Served, what: &dyn Fn(&Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !what(&modules(s)) {
+            assert!(Instant::now() < deadline, "{}", modules(s));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
 
     // mev's topic holds only a forged checkpoint: killed, 5 commands applied.
     let mut fake = Checkpoint {
@@ -837,23 +874,19 @@ fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
         write_raw(&k, &mev_topic, "state", Some(&fake_json)).await;
     });
 
+    let mut cfg = config(d.path(), &kafka, &ch);
+    cfg.file.apply_wait_ms = 3000;
     let s = common::serve(cfg);
-    let metric = |s: &common::Served, module: &str| {
-        let text = s.get_ops("/metrics");
-        let needle =
-            format!("gw_sidecar_agent_total{{module=\"{module}\",outcome=\"state_untrusted\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(needle.as_str()))
-            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
-    };
     let (status, body) = post(&s, arbitrage_command(1, Action::Start));
     assert_eq!(
         (status, body["applied"].clone()),
         (200, Value::Bool(true)),
         "{body}"
     );
-    let start_mev = signed_command(2, Action::Start, now(), "dashboard", &[]);
-    let (status, body) = post(&s, start_mev);
+    let (status, body) = post(
+        &s,
+        signed_command(2, Action::Start, now(), "dashboard", &[]),
+    );
     assert_eq!(
         (status, body["applied"].clone(), body["pending"].clone()),
         (200, Value::Bool(false), Value::Bool(true)),
@@ -865,17 +898,15 @@ fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
     assert!(metric(&s, "mev") >= 1);
     drop(s);
 
-    // The node signed what it wrote.
-    let records = state_records(&kafka.brokers(), &arb_topic);
-    let Some((_, Some(genuine))) = records.iter().rev().find(|(k, _)| k == "state") else {
-        panic!("no checkpoint of arbitrage: {records:?}");
-    };
-    let Opened::Signed { writer, body } = signer.open(Module::Arbitrage, "state", genuine) else {
-        panic!("{}", String::from_utf8_lossy(genuine));
-    };
-    assert_eq!(writer, node);
-    let mut more: Checkpoint = serde_json::from_slice(body).unwrap();
-    more.state.applied = 999;
+    // What the node wrote is signed; the attacker appends forgeries after it.
+    let genuine = signed_checkpoints(&arb_topic);
+    assert_eq!(
+        genuine.last().map(|c| c.state.applied),
+        Some(1),
+        "{genuine:?}"
+    );
+    let mut more = genuine.last().unwrap().clone();
+    more.state.applied = 998;
     more.state
         .apply(Action::Kill, &Default::default(), "req-forged");
     let more_json = serde_json::to_vec(&more).unwrap();
@@ -887,94 +918,86 @@ fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
     };
     rt.block_on(async {
         write_raw(&k, &arb_topic, "state", Some(&more_json)).await;
-        write_raw(
-            &k,
-            &arb_topic,
-            "state",
-            Some(&stranger.seal(Module::Arbitrage, "state", &more_json)),
-        )
-        .await;
-        write_raw(
-            &k,
-            &arb_topic,
-            &used.key(),
-            Some(&serde_json::to_vec(&used).unwrap()),
-        )
-        .await;
+        let sealed = stranger.seal(&arb_topic, "state", &more_json);
+        write_raw(&k, &arb_topic, "state", Some(&sealed)).await;
+        let used_json = serde_json::to_vec(&used).unwrap();
+        write_raw(&k, &arb_topic, &used.key(), Some(&used_json)).await;
     });
 
-    // Restarted with the adoption flag: arbitrage keeps what the node signed (the
-    // flag takes nothing while a signed checkpoint is left), mev takes the forged
-    // one the operator chose to adopt and applies the command that waited.
-    let mut cfg = config(d.path(), &kafka, &ch);
-    cfg.file.kafka.as_mut().unwrap().state_adopt_unverified = true;
-    let s = common::serve(cfg);
+    // Without a recovery neither module loads: no forged state shows.
+    let s = serve_with(None);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while modules(&s)["mev"]["state"] != "running" {
-        assert!(Instant::now() < deadline, "never applied: {}", modules(&s));
+    while metric(&s, "arbitrage") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "arbitrage's forged checkpoint not refused"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let m = modules(&s);
-    assert_eq!(m["mev"]["applied"], 6, "adopted, then one more: {m}");
+    // Not loaded (an older signed checkpoint is not taken on its own either): a
+    // command waits.
+    let (status, body) = post(&s, arbitrage_command(10, Action::Restart));
     assert_eq!(
-        (
-            m["arbitrage"]["applied"].clone(),
-            m["arbitrage"]["state"].clone()
-        ),
-        (1.into(), "running".into()),
+        (status, body["applied"].clone(), body["pending"].clone()),
+        (200, Value::Bool(false), Value::Bool(true)),
+        "{body}"
+    );
+    let m = modules(&s);
+    assert!(
+        m["arbitrage"]["applied"] != 999 && m["mev"]["applied"] != 5,
         "{m}"
     );
-    assert!(metric(&s, "arbitrage") >= 3, "three forged records skipped");
+    drop(s);
+
+    // newest_signed: arbitrage takes its own signed checkpoint; the forged nonce
+    // is not taken. mev has nothing signed: it still waits.
+    let s = serve_with(Some(StateRecovery::NewestSigned));
+    // The command that waited (nonce 10) is applied after the recovery.
+    wait_for(&s, &|m| m["arbitrage"]["applied"] == 2);
     let (status, body) = post(&s, arbitrage_command(3, Action::Kill));
     assert_eq!(
         (status, body["applied"].clone()),
         (200, Value::Bool(true)),
         "the forged used nonce is not taken: {body}"
     );
-    drop(s);
-    // mev's checkpoint was written again signed as adopted (before the command
-    // that waited), and the newest is the node's, signed.
-    let records = state_records(&kafka.brokers(), &mev_topic);
-    let signed: Vec<Checkpoint> = records
-        .iter()
-        .filter(|(k, _)| k == "state")
-        .filter_map(
-            |(_, v)| match signer.open(Module::Mev, "state", v.as_deref()?) {
-                Opened::Signed { body, .. } => Some(serde_json::from_slice(body).unwrap()),
-                Opened::Unverified { .. } => None,
-            },
-        )
-        .collect();
-    assert_eq!(
-        signed.iter().map(|c| c.state.applied).collect::<Vec<_>>(),
-        vec![5, 6],
-        "{signed:?}"
-    );
-    let last = records
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "state")
-        .and_then(|(_, v)| v.clone())
-        .unwrap();
-    assert!(matches!(
-        signer.open(Module::Mev, "state", &last),
-        Opened::Signed { .. }
-    ));
-
-    // Without the flag: both load.
-    let s = common::serve(config(d.path(), &kafka, &ch));
     let m = modules(&s);
     assert_eq!(
-        (
-            m["mev"]["applied"].clone(),
-            m["arbitrage"]["applied"].clone()
-        ),
-        (6.into(), 2.into()),
+        (m["arbitrage"]["applied"].clone(), m["mev"]["state"].clone()),
+        (3.into(), "stopped".into()),
         "{m}"
     );
+    drop(s);
+
+    // adopt_newest: mev takes the forged checkpoint the operator chose to adopt,
+    // writes it again signed and applies the command that waited.
+    let s = serve_with(Some(StateRecovery::AdoptNewest));
+    wait_for(&s, &|m| m["mev"]["state"] == "running");
+    assert_eq!(modules(&s)["mev"]["applied"], 6);
+    drop(s);
+    let applied = |topic: &str| -> Vec<u64> {
+        signed_checkpoints(topic)
+            .iter()
+            .map(|c| c.state.applied)
+            .collect()
+    };
+    assert_eq!(
+        applied(&mev_topic),
+        vec![5, 6],
+        "adopted, written again, then the command"
+    );
+    // arbitrage: its own, its own again at the recovery, the restart that
+    // waited, the kill.
+    assert_eq!(applied(&arb_topic), vec![1, 1, 2, 3]);
+
+    // Without a recovery: both load.
+    let s = common::serve(config(d.path(), &kafka, &ch));
+    wait_for(&s, &|m| {
+        m["mev"]["applied"] == 6 && m["arbitrage"]["applied"] == 3
+    });
     assert_eq!(metric(&s, "mev"), 0);
 
-    // A watcher sees every checkpoint the node signed and no forged one.
+    // A watcher, reading the topic from its start (the forged records included),
+    // sees every checkpoint the node signed and no forged one.
     let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
     let sink = seen.clone();
     rt.spawn(
@@ -982,7 +1005,6 @@ fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
             .clone()
             .watch(Module::Arbitrage, move |cp| sink.lock().push(cp)),
     );
-    rt.block_on(write_raw(&k, &arb_topic, "state", Some(&more_json)));
     let (status, body) = post(&s, arbitrage_command(4, Action::Start));
     assert_eq!(
         (status, body["applied"].clone()),
@@ -993,7 +1015,7 @@ fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
     while !seen
         .lock()
         .iter()
-        .any(|c: &Checkpoint| c.state.applied == 3)
+        .any(|c: &Checkpoint| c.state.applied == 4)
     {
         assert!(
             Instant::now() < deadline,
@@ -1002,18 +1024,8 @@ fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let signed: Vec<Checkpoint> = state_records(&kafka.brokers(), &arb_topic)
-        .into_iter()
-        .filter(|(k, _)| k == "state")
-        .filter_map(
-            |(_, v)| match signer.open(Module::Arbitrage, "state", &v?) {
-                Opened::Signed { body, .. } => Some(serde_json::from_slice(body).unwrap()),
-                Opened::Unverified { .. } => None,
-            },
-        )
-        .collect();
-    assert_eq!(*seen.lock(), signed);
-    assert!(seen.lock().iter().all(|c| c.state.applied <= 3));
+    assert_eq!(*seen.lock(), signed_checkpoints(&arb_topic));
+    assert!(seen.lock().iter().all(|c| c.state.applied <= 4));
 }
 
 /// A command reaches the agents only as a gateway node forwarded it: admitted
@@ -1072,7 +1084,7 @@ fn a_command_no_gateway_node_forwarded_is_refused_and_audited() {
         "node-1",
         ed25519_dalek::SigningKey::from_bytes(&[0x42; 32]),
         &BTreeMap::new(),
-        false,
+        None,
     )
     .unwrap();
     let claimed = Requester {
@@ -1090,7 +1102,7 @@ fn a_command_no_gateway_node_forwarded_is_refused_and_audited() {
     publish_mev(
         &k,
         kill(4),
-        forward_headers(&stranger, b"mev", &kill(4), &claimed),
+        forward_headers(&stranger, TOPIC, b"mev", &kill(4), &claimed),
     );
 
     // Refused, each with its row; the module runs on.
@@ -1134,7 +1146,7 @@ fn a_command_no_gateway_node_forwarded_is_refused_and_audited() {
     publish_mev(
         &k,
         kill(5),
-        forward_headers(&stranger, b"mev", &kill(5), &claimed),
+        forward_headers(&stranger, TOPIC, b"mev", &kill(5), &claimed),
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while modules(&s)["mev"]["state"] != "killed" {

@@ -803,20 +803,17 @@ impl Agent {
         let loaded = loop {
             match store.load(module, crate::now_secs()).await {
                 Ok(l) => break l,
-                Err(e @ BusError::Untrusted(_)) => {
-                    // Nothing to take: commands wait (`pending`) until an operator
-                    // decides (`docs/architecture.md`, *Scale-out*).
-                    if failures.is_multiple_of(40) {
-                        self.env.metrics.agent(module.as_str(), "state_untrusted");
-                        tracing::error!(module = module.as_str(), error = %e, failures, "agent state in Kafka not trusted; the module's agent waits");
-                    }
-                    failures += 1;
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
                 Err(e) => {
-                    // The agent consumes nothing meanwhile: say so now and then.
+                    // The agent consumes nothing meanwhile: say so now and then. A
+                    // state no listed node signed waits for an operator
+                    // (`kafka.state_recovery`, `docs/architecture.md`, *Scale-out*).
                     if failures.is_multiple_of(40) {
-                        tracing::warn!(module = module.as_str(), error = %e, failures, "agent state not loaded from Kafka yet (retrying)");
+                        if matches!(e, BusError::Untrusted(_)) {
+                            self.env.metrics.agent(module.as_str(), "state_untrusted");
+                            tracing::error!(module = module.as_str(), error = %e, failures, "agent state in Kafka not trusted; the module's agent waits");
+                        } else {
+                            tracing::warn!(module = module.as_str(), error = %e, failures, "agent state not loaded from Kafka yet (retrying)");
+                        }
                     }
                     failures += 1;
                     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -827,15 +824,12 @@ impl Agent {
         for _ in 0..loaded.untrusted {
             self.env.metrics.agent(module.as_str(), "state_untrusted");
         }
-        if loaded.adopted {
-            // Written again signed, so the next load trusts it without the flag.
-            let mut cp = loaded.checkpoint.clone().unwrap_or_else(|| Checkpoint {
-                state: self.core.state().clone(),
-                ..Checkpoint::default()
-            });
+        if let (true, Some(cp)) = (loaded.recovered, &loaded.checkpoint) {
+            // Written again signed, so the next load needs no recovery.
+            let mut cp = cp.clone();
             cp.writer = self.env.chain.clone();
             while let Err(e) = store.save(module, &cp).await {
-                tracing::warn!(module = module.as_str(), error = %e, "adopted agent checkpoint not written yet (retrying)");
+                tracing::warn!(module = module.as_str(), error = %e, "recovered agent checkpoint not written yet (retrying)");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }

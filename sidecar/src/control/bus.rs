@@ -85,12 +85,11 @@ pub struct KafkaConfig {
     /// Every node of a cluster lists every node, itself included.
     #[serde(default)]
     pub state_keys: std::collections::BTreeMap<String, String>,
-    /// At load, take the newest checkpoint even though no listed node signed it,
-    /// when the state topic holds no signed one (records written before they were
-    /// signed; or a recovery). The node then writes it again signed. Turn it off
-    /// once the node has started.
+    /// What a load takes when a module's newest checkpoint is not signed by a
+    /// listed node (unset: nothing; the module's agent waits). The node then writes
+    /// what it took again, signed. Remove it once the node has started.
     #[serde(default)]
-    pub state_adopt_unverified: bool,
+    pub state_recovery: Option<super::state_sign::StateRecovery>,
     /// Apply commands on the command topic that no gateway node of
     /// `kafka.state_keys` forwarded (published there by another client, e.g. the
     /// original Python API), audited without a requester. Off: they are refused
@@ -131,7 +130,7 @@ impl KafkaConfig {
             batch_messages: default_batch_messages(),
             debug: None,
             state_keys: std::collections::BTreeMap::new(),
-            state_adopt_unverified: false,
+            state_recovery: None,
             accept_unforwarded: false,
         }
     }
@@ -247,9 +246,16 @@ const H_ISS: &str = "gw-token-issuer";
 const H_NODE: &str = "gw-node";
 const H_NODE_SIG: &str = "gw-node-sig";
 
-/// What a forwarding node signs: the record key, the command, who sent it.
-fn forward_parts<'a>(key: &'a [u8], payload: &'a [u8], r: &'a Requester) -> [&'a [u8]; 5] {
+/// What a forwarding node signs: the topic, the record key, the command, who
+/// sent it.
+fn forward_parts<'a>(
+    topic: &'a str,
+    key: &'a [u8],
+    payload: &'a [u8],
+    r: &'a Requester,
+) -> [&'a [u8]; 6] {
     [
+        topic.as_bytes(),
         key,
         payload,
         r.sub.as_bytes(),
@@ -258,16 +264,17 @@ fn forward_parts<'a>(key: &'a [u8], payload: &'a [u8], r: &'a Requester) -> [&'a
     ]
 }
 
-/// The headers of a command this node forwards to the command topic: who sent it
-/// (`gw-requester*`) and this node's signature over them, the key and the command
-/// (`gw-node`, `gw-node-sig`).
+/// The headers of a command this node forwards to the command topic `topic`: who
+/// sent it (`gw-requester*`) and this node's signature over them, the topic, the
+/// key and the command (`gw-node`, `gw-node-sig`).
 pub fn forward_headers(
     signer: &StateSigner,
+    topic: &str,
     key: &[u8],
     payload: &[u8],
     r: &Requester,
 ) -> OwnedHeaders {
-    let sig = signer.sign_forward(&forward_parts(key, payload, r));
+    let sig = signer.sign_forward(&forward_parts(topic, key, payload, r));
     let mut h = OwnedHeaders::new();
     for (key, v) in [
         (H_SUB, r.sub.as_str()),
@@ -304,6 +311,7 @@ fn origin_of(m: &impl Message, signer: &StateSigner, accept: bool) -> (Origin, R
                 &node,
                 &sig,
                 &forward_parts(
+                    m.topic(),
                     m.key().unwrap_or_default(),
                     m.payload().unwrap_or_default(),
                     &requester,
@@ -494,7 +502,7 @@ impl Bus {
                     consumer: CloseOffRuntime::new(c),
                     topic: k.cfg.topic.clone(),
                     assigned,
-                    signer: k.state.signer().clone(),
+                    signer: k.state.shared_signer(),
                     accept_unforwarded: k.cfg.accept_unforwarded,
                 })
             }
@@ -640,6 +648,7 @@ impl KafkaBus {
                 .payload(payload)
                 .headers(forward_headers(
                     self.state.signer(),
+                    &self.cfg.topic,
                     key,
                     payload,
                     requester,
@@ -930,7 +939,7 @@ pub enum BusConsumer {
         /// Set when partitions were assigned since the last look.
         assigned: Arc<AtomicBool>,
         /// Verifies the forwarding node's signature.
-        signer: StateSigner,
+        signer: Arc<StateSigner>,
         /// `kafka.accept_unforwarded`.
         accept_unforwarded: bool,
     },

@@ -45,7 +45,7 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use super::bus::{BusError, CloseOffRuntime, KafkaConfig, Position};
-use super::state_sign::{Opened, StateSigner};
+use super::state_sign::{Opened, StateRecovery, StateSigner};
 
 /// How many applied nonces a checkpoint repeats (the nonce records are written
 /// after it; a crash can lose the last one).
@@ -127,9 +127,10 @@ pub struct Loaded {
     pub missing: Vec<StoredNonce>,
     /// Keys of nonce records no longer remembered (to tombstone).
     pub expired: Vec<String>,
-    /// The checkpoint is one no listed node signed, taken because
-    /// `kafka.state_adopt_unverified` is set (to write again, signed).
-    pub adopted: bool,
+    /// The newest checkpoint record was not signed by a listed node and
+    /// `kafka.state_recovery` decided what was taken: to write again, signed, so
+    /// that the next load needs no recovery.
+    pub recovered: bool,
     /// Records ignored because no listed node signed them.
     pub untrusted: usize,
 }
@@ -138,7 +139,7 @@ pub struct Loaded {
 pub struct KafkaState {
     cfg: KafkaConfig,
     producer: FutureProducer,
-    signer: StateSigner,
+    signer: Arc<StateSigner>,
 }
 
 impl KafkaState {
@@ -149,13 +150,18 @@ impl KafkaState {
         Ok(KafkaState {
             cfg: cfg.clone(),
             producer,
-            signer,
+            signer: Arc::new(signer),
         })
     }
 
     /// What signs and verifies the records (and the commands this node forwards).
     pub fn signer(&self) -> &StateSigner {
         &self.signer
+    }
+
+    /// The same, shared.
+    pub(crate) fn shared_signer(&self) -> Arc<StateSigner> {
+        self.signer.clone()
     }
 
     /// The state topic of `m`.
@@ -179,7 +185,7 @@ impl KafkaState {
     /// Writes record `key` holding `body` (signed), or its tombstone (`None`).
     async fn put(&self, m: Module, key: &str, body: Option<&[u8]>) -> Result<(), BusError> {
         let topic = self.topic(m);
-        let value = body.map(|b| self.signer.seal(m, key, b));
+        let value = body.map(|b| self.signer.seal(&topic, key, b));
         let mut record = FutureRecord::<str, [u8]>::to(&topic).key(key).partition(0);
         if let Some(v) = &value {
             record = record.payload(v);
@@ -213,9 +219,10 @@ impl KafkaState {
     }
 
     /// Calls `f` with every checkpoint of `m` written from now on by a listed node,
-    /// forever (one no listed node signed is logged and skipped).
+    /// forever (one no listed node signed is skipped, logged at most every 10 s).
     pub async fn watch(self: Arc<Self>, m: Module, mut f: impl FnMut(Checkpoint) + Send) {
         let topic = self.topic(m);
+        let mut skipped = Skipped::default();
         loop {
             // Closed off the runtime when dropped (a broker that is away must not
             // hold up shutdown).
@@ -249,16 +256,12 @@ impl KafkaState {
                 match c.recv().await {
                     Ok(msg) if msg.key() == Some(STATE_KEY.as_bytes()) => {
                         let Some(v) = msg.payload() else { continue };
-                        match checkpoint_of(self.signer.open(m, STATE_KEY, v)) {
+                        match checkpoint_of(self.signer.open(&topic, STATE_KEY, v)) {
                             Ok(Ok(cp)) => f(cp),
                             Ok(Err(e)) => {
                                 tracing::warn!(module = m.as_str(), error = %e, "agent checkpoint unreadable");
                             }
-                            Err(why) => tracing::warn!(
-                                module = m.as_str(),
-                                offset = msg.offset(),
-                                "agent checkpoint ignored: {why}"
-                            ),
+                            Err(why) => skipped.note(m, msg.offset(), &why),
                         }
                     }
                     Ok(_) => {}
@@ -293,10 +296,11 @@ impl KafkaState {
         let client = self.cfg.client();
         let topic = self.topic(m);
         let wait = Duration::from_millis(self.cfg.message_timeout_ms.max(1000));
-        let records = tokio::task::spawn_blocking(move || read_all(client, &topic, wait))
+        let t = topic.clone();
+        let records = tokio::task::spawn_blocking(move || read_all(client, &t, wait))
             .await
             .map_err(|e| BusError::Encode(format!("state loader: {e}")))??;
-        fold(records, now, m, &self.signer)
+        fold(records, now, m, &topic, &self.signer)
     }
 }
 
@@ -354,6 +358,34 @@ fn read_all(
             Some(Err(e)) => return Err(e.into()),
             None => {}
         }
+    }
+}
+
+/// Checkpoints a watcher skipped, logged at most every 10 s (anyone who may write
+/// to the topic could otherwise fill the logs).
+#[derive(Default)]
+struct Skipped {
+    since_log: u64,
+    logged: Option<std::time::Instant>,
+}
+
+impl Skipped {
+    fn note(&mut self, m: Module, offset: i64, why: &str) {
+        self.since_log += 1;
+        if self
+            .logged
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        tracing::warn!(
+            module = m.as_str(),
+            offset,
+            skipped = self.since_log,
+            "agent checkpoint no listed node signed, skipped: {why}"
+        );
+        self.since_log = 0;
+        self.logged = Some(std::time::Instant::now());
     }
 }
 
@@ -424,16 +456,19 @@ fn checkpoint_of(o: Opened<'_>) -> Result<Result<Checkpoint, String>, String> {
 }
 
 /// The latest value of every key, read as a checkpoint and nonces, trusting only
-/// records a listed node signed: an untrusted record is skipped, as if it had not
-/// been written. When the newest checkpoint record is untrusted and no signed one
-/// is left before it (compaction keeps the newest record of a key only), the load
-/// fails — unless `kafka.state_adopt_unverified` takes it. A checkpoint that does
-/// not decode is an error too: never start over from nothing (the next checkpoint
-/// would overwrite every node's progress).
+/// records a listed node signed. The newest checkpoint record must be one: when
+/// it is not (forged, a tombstone, written by a node not listed or by a version
+/// that did not sign), the load fails — an older signed checkpoint is not taken
+/// instead, as the newer one may be genuine and taking the older would handle its
+/// commands again — unless `kafka.state_recovery` says what to take. An untrusted
+/// nonce record is skipped (unless the checkpoint is adopted as it is). A
+/// checkpoint that does not decode is an error too: never start over from
+/// nothing (the next checkpoint would overwrite every node's progress).
 fn fold(
     records: Vec<Record>,
     now: u64,
     m: Module,
+    topic: &str,
     signer: &StateSigner,
 ) -> Result<Loaded, BusError> {
     let mut loaded = Loaded::default();
@@ -447,10 +482,10 @@ fn fold(
             tail = Some(("a tombstone (no node deletes a checkpoint)".into(), None));
             continue;
         };
-        let opened = signer.open(m, STATE_KEY, v);
+        let opened = signer.open(topic, STATE_KEY, v);
         let body = match &opened {
             Opened::Unverified { body, .. } => body.map(<[u8]>::to_vec),
-            Opened::Signed { .. } => None,
+            Opened::Signed { body, .. } => Some(body.to_vec()),
         };
         match checkpoint_of(opened) {
             Ok(c) => {
@@ -464,33 +499,34 @@ fn fold(
         }
     }
     let unreadable = |e: String| BusError::Encode(format!("agent checkpoint unreadable: {e}"));
-    loaded.checkpoint = match (tail, signed) {
-        (None, None) => None,
-        (None, Some(c)) => Some(c.map_err(unreadable)?),
-        (Some((why, _)), Some(c)) => {
-            tracing::warn!(
-                module = m.as_str(),
-                "the newest agent checkpoint is ignored ({why}); the newest signed one is taken"
-            );
-            Some(c.map_err(unreadable)?)
-        }
-        (Some((why, body)), None) if signer.adopts_unverified() => {
-            tracing::warn!(
-                module = m.as_str(),
-                "kafka.state_adopt_unverified: taking an agent checkpoint no listed node signed ({why}); it is written again signed"
-            );
-            loaded.adopted = true;
-            match body {
-                Some(b) => Some(serde_json::from_slice(&b).map_err(|e| unreadable(e.to_string()))?),
-                None => None,
+    let module = m.as_str();
+    let mut adopted = false;
+    loaded.checkpoint = match tail {
+        None => signed.map(|c| c.map_err(unreadable)).transpose()?,
+        Some((why, body)) => match (signer.recovery(), signed, body) {
+            (Some(StateRecovery::NewestSigned), Some(c), _) => {
+                tracing::warn!(module, "kafka.state_recovery newest_signed: the newest agent checkpoint is skipped ({why}); the newest signed one is taken and written again");
+                loaded.recovered = true;
+                Some(c.map_err(unreadable)?)
             }
-        }
-        (Some((why, _)), None) => {
-            return Err(BusError::Untrusted(format!(
-                "module {}: the newest agent checkpoint is not trusted ({why}) and no checkpoint a node of kafka.state_keys signed is left before it",
-                m.as_str()
-            )))
-        }
+            (Some(StateRecovery::AdoptNewest), _, Some(b)) => {
+                tracing::warn!(module, "kafka.state_recovery adopt_newest: taking the newest agent checkpoint although no listed node signed it ({why}); it is written again signed");
+                loaded.recovered = true;
+                adopted = true;
+                Some(serde_json::from_slice(&b).map_err(|e| unreadable(e.to_string()))?)
+            }
+            (recovery, signed, _) => {
+                let what = match recovery {
+                    Some(StateRecovery::NewestSigned) => "newest_signed finds no signed checkpoint before it",
+                    Some(StateRecovery::AdoptNewest) => "adopt_newest finds no checkpoint in it to adopt",
+                    None if signed.is_some() => "an older one is signed, but the newer may be genuine: set kafka.state_recovery",
+                    None => "none before it is signed: set kafka.state_recovery",
+                };
+                return Err(BusError::Untrusted(format!(
+                    "module {module}: the newest agent checkpoint is not signed by a node of kafka.state_keys ({why}); {what}"
+                )));
+            }
+        },
     };
     // The nonces: the newest value of each key a listed node signed (or, with an
     // adopted checkpoint, any), tombstones forgetting.
@@ -500,14 +536,14 @@ fn fold(
             nonces.insert(k, None);
             continue;
         };
-        let (body, trusted) = match signer.open(m, &k, &v) {
+        let (body, trusted) = match signer.open(topic, &k, &v) {
             Opened::Signed { body, .. } => (body, true),
             Opened::Unverified {
                 body: Some(body), ..
-            } if loaded.adopted => (body, false),
+            } if adopted => (body, false),
             Opened::Unverified { why, .. } => {
                 loaded.untrusted += 1;
-                tracing::warn!(module = m.as_str(), key = %k, "nonce record ignored: {why}");
+                tracing::warn!(module, key = %k, "nonce record ignored: {why}");
                 continue;
             }
         };
@@ -550,6 +586,7 @@ mod tests {
     use ed25519_dalek::SigningKey;
 
     const M: Module = Module::Mev;
+    const T: &str = "control-commands-proto-state-mev";
 
     fn nonce(n: u64, expires: u64) -> StoredNonce {
         StoredNonce {
@@ -561,18 +598,18 @@ mod tests {
     }
 
     /// Node `me` (key seed 1 for `a`, 2 for `b`) in a cluster of `a` and `b`.
-    fn node(me: &str, adopt: bool) -> StateSigner {
+    fn node(me: &str, recovery: Option<StateRecovery>) -> StateSigner {
         let pk = |s: u8| hex::encode(SigningKey::from_bytes(&[s; 32]).verifying_key().as_bytes());
         let keys = [("a".to_owned(), pk(1)), ("b".to_owned(), pk(2))].into();
         let seed = if me == "a" { 1 } else { 2 };
-        StateSigner::new(me, SigningKey::from_bytes(&[seed; 32]), &keys, adopt).unwrap()
+        StateSigner::new(me, SigningKey::from_bytes(&[seed; 32]), &keys, recovery).unwrap()
     }
 
     /// A record written by `by`.
     fn rec<T: Serialize>(by: &StateSigner, k: &str, v: &T) -> Record {
         (
             k.into(),
-            Some(by.seal(M, k, &serde_json::to_vec(v).unwrap())),
+            Some(by.seal(T, k, &serde_json::to_vec(v).unwrap())),
         )
     }
 
@@ -590,9 +627,16 @@ mod tests {
         c
     }
 
+    fn untrusted(r: Result<Loaded, BusError>) -> String {
+        match r {
+            Err(BusError::Untrusted(e)) => e,
+            o => panic!("{o:?}"),
+        }
+    }
+
     #[test]
     fn the_latest_value_of_each_key_wins_and_tombstones_forget() {
-        let (a, b) = (node("a", false), node("b", false));
+        let (a, b) = (node("a", None), node("b", None));
         let c = checkpoint("a", 7);
         let mut later = checkpoint("b", 9);
         later.recent.push_back(nonce(3, 200));
@@ -606,6 +650,7 @@ mod tests {
             ],
             100,
             M,
+            T,
             &a,
         )
         .unwrap();
@@ -614,107 +659,169 @@ mod tests {
         assert_eq!(l.nonces, vec![nonce(3, 200)]);
         assert_eq!(l.missing, vec![nonce(3, 200)]);
         assert_eq!(l.expired, vec!["n/dashboard/2".to_string()]);
-        assert_eq!((l.adopted, l.untrusted), (false, 0));
+        assert_eq!((l.recovered, l.untrusted), (false, 0));
     }
 
     #[test]
     fn an_empty_topic_has_no_checkpoint() {
-        let l = fold(Vec::new(), 0, M, &node("a", false)).unwrap();
+        let l = fold(Vec::new(), 0, M, T, &node("a", None)).unwrap();
         assert!(l.checkpoint.is_none() && l.nonces.is_empty());
     }
 
     #[test]
     fn an_unreadable_checkpoint_is_an_error_not_a_fresh_start() {
-        let a = node("a", false);
-        let l = fold(vec![rec(&a, "state", &checkpoint("a", 1))], 0, M, &a).unwrap();
+        let a = node("a", None);
+        let l = fold(vec![rec(&a, "state", &checkpoint("a", 1))], 0, M, T, &a).unwrap();
         assert_eq!(l.checkpoint, Some(checkpoint("a", 1)));
-        let v = a.seal(M, "state", b"[]");
+        let v = a.seal(T, "state", b"[]");
         assert!(matches!(
-            fold(vec![("state".into(), Some(v))], 0, M, &a),
+            fold(vec![("state".into(), Some(v))], 0, M, T, &a),
             Err(BusError::Encode(_))
         ));
     }
 
     #[test]
-    fn records_no_listed_node_signed_are_skipped_as_if_never_written() {
-        let (a, b) = (node("a", false), node("b", false));
+    fn nonce_records_no_listed_node_signed_are_skipped() {
+        let (a, b) = (node("a", None), node("b", None));
+        let mut cp = checkpoint("b", 4);
+        cp.recent.push_back(nonce(1, 200));
+        // A signed record moved to another key is not that key's either.
+        let moved = (
+            "n/dashboard/5".to_owned(),
+            rec(&b, "n/dashboard/1", &nonce(1, 200)).1,
+        );
+        for reader in [
+            a.clone(),
+            node("a", Some(StateRecovery::NewestSigned)),
+            node("a", Some(StateRecovery::AdoptNewest)),
+        ] {
+            let l = fold(
+                vec![
+                    rec(&b, "n/dashboard/1", &nonce(1, 200)),
+                    forged("n/dashboard/2", &nonce(2, 200)),
+                    moved.clone(),
+                    rec(&b, "state", &cp),
+                ],
+                100,
+                M,
+                T,
+                &reader,
+            )
+            .unwrap();
+            assert_eq!(l.checkpoint, Some(cp.clone()));
+            assert_eq!(l.nonces, vec![nonce(1, 200)]);
+            assert!(l.missing.is_empty() && !l.recovered);
+            assert_eq!(l.untrusted, 2);
+        }
+    }
+
+    #[test]
+    fn an_untrusted_newest_checkpoint_stops_the_load_until_the_operator_says_what_to_take() {
+        let (a, b) = (node("a", None), node("b", None));
         let genuine = checkpoint("b", 4);
-        // A checkpoint claiming more, bare, then one signed by `a` claiming to be
-        // `b`'s, then one signed by a key nobody listed.
         let mut more = checkpoint("b", 1_000);
         more.state.applied = 999;
         let relabelled = (
             "state".to_owned(),
-            Some(a.seal(M, "state", &serde_json::to_vec(&more).unwrap())),
+            Some(a.seal(T, "state", &serde_json::to_vec(&more).unwrap())),
+        );
+        let other_topic = (
+            "state".to_owned(),
+            Some(b.seal(
+                "elsewhere-state-mev",
+                "state",
+                &serde_json::to_vec(&more).unwrap(),
+            )),
         );
         let stranger = StateSigner::new(
             "b",
             SigningKey::from_bytes(&[9; 32]),
             &BTreeMap::new(),
-            false,
+            None,
         )
         .unwrap();
         let attacks = [
             forged("state", &more),
             relabelled,
+            other_topic,
             rec(&stranger, "state", &more),
             ("state".into(), None),
+            ("state".into(), Some(b"\xff{".to_vec())),
         ];
-        // The adoption flag changes nothing while a signed checkpoint is left.
-        for (attack, reader) in attacks
-            .into_iter()
-            .flat_map(|a| [(a.clone(), node("a", false)), (a, node("a", true))])
-        {
+        for (i, attack) in attacks.into_iter().enumerate() {
+            let records = vec![rec(&b, "state", &genuine), attack];
+            // The newer record may be genuine (a node not listed yet, an older
+            // version): the older signed one is not taken on its own.
+            let e = untrusted(fold(records.clone(), 100, M, T, &a));
+            assert!(
+                e.contains("module mev") && e.contains("an older one is signed"),
+                "{e}"
+            );
             let l = fold(
-                vec![
-                    rec(&b, "state", &genuine),
-                    rec(&b, "n/dashboard/1", &nonce(1, 200)),
-                    attack,
-                    forged("n/dashboard/2", &nonce(2, 200)),
-                ],
+                records.clone(),
                 100,
                 M,
-                &reader,
+                T,
+                &node("a", Some(StateRecovery::NewestSigned)),
             )
             .unwrap();
             assert_eq!(l.checkpoint, Some(genuine.clone()));
-            assert_eq!(l.nonces, vec![nonce(1, 200)]);
-            assert!(l.missing.is_empty() && !l.adopted);
-            assert_eq!(l.untrusted, 2);
+            assert!(l.recovered);
+            let adopt = fold(
+                records,
+                100,
+                M,
+                T,
+                &node("a", Some(StateRecovery::AdoptNewest)),
+            );
+            if i < 4 {
+                let l = adopt.unwrap();
+                assert_eq!(l.checkpoint, Some(more.clone()), "attack {i}");
+                assert!(l.recovered);
+            } else {
+                // A tombstone or garbage holds nothing to adopt.
+                assert!(untrusted(adopt).contains("adopt_newest finds no checkpoint"));
+            }
         }
-        // A signed record moved to another key is not that key's.
-        let moved = (
-            "n/dashboard/5".to_owned(),
-            rec(&b, "n/dashboard/1", &nonce(1, 200)).1,
-        );
-        let l = fold(vec![moved], 100, M, &a).unwrap();
-        assert!(l.nonces.is_empty() && l.untrusted == 1);
     }
 
     #[test]
-    fn only_untrusted_checkpoints_fail_the_load_unless_adopted_and_then_are_written_again() {
-        let a = node("a", false);
+    fn state_written_before_signing_is_adopted_with_its_nonces_and_written_again() {
+        let a = node("a", None);
         let mut old = checkpoint("a", 5);
         old.recent.push_back(nonce(4, 200));
         let records = vec![
             forged("state", &old),
             forged("n/dashboard/3", &nonce(3, 200)),
         ];
-        match fold(records.clone(), 100, M, &a) {
-            Err(BusError::Untrusted(e)) => {
-                assert!(e.contains("module mev") && e.contains("not signed"), "{e}");
-            }
-            o => panic!("{o:?}"),
-        }
-        let l = fold(records, 100, M, &node("a", true)).unwrap();
+        let e = untrusted(fold(records.clone(), 100, M, T, &a));
+        assert!(
+            e.contains("not signed") && e.contains("none before it is signed"),
+            "{e}"
+        );
+        let e = untrusted(fold(
+            records.clone(),
+            100,
+            M,
+            T,
+            &node("a", Some(StateRecovery::NewestSigned)),
+        ));
+        assert!(
+            e.contains("newest_signed finds no signed checkpoint"),
+            "{e}"
+        );
+        let l = fold(
+            records,
+            100,
+            M,
+            T,
+            &node("a", Some(StateRecovery::AdoptNewest)),
+        )
+        .unwrap();
         assert_eq!(l.checkpoint, Some(old));
-        assert!(l.adopted);
+        assert!(l.recovered);
         // Both nonces are remembered and written again, signed.
         assert_eq!(l.nonces, vec![nonce(3, 200), nonce(4, 200)]);
         assert_eq!(l.missing, vec![nonce(3, 200), nonce(4, 200)]);
-        // A tombstone alone: adopted, nothing to take.
-        assert!(fold(vec![("state".into(), None)], 0, M, &a).is_err());
-        let l = fold(vec![("state".into(), None)], 0, M, &node("a", true)).unwrap();
-        assert!(l.checkpoint.is_none() && l.adopted);
     }
 }

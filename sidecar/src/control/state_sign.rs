@@ -10,9 +10,9 @@
 //!
 //! A record's value is a JSON envelope, readable with any Kafka tool:
 //! `{"writer":"node-a","sig":"<64 bytes hex>","body":{…}}`. The signature covers a
-//! domain tag and, each prefixed by its length, the module, the record key, the
+//! domain tag and, each prefixed by its length, the topic, the record key, the
 //! writer and the body's exact bytes, so a record cannot be moved to another
-//! module or key, nor relabelled to another node.
+//! module, cluster topic or key, nor relabelled to another node.
 //!
 //! What a signature cannot cover: a tombstone (Kafka's delete has no value), and a
 //! genuine record written again later (a replay). Both need write access to the
@@ -23,7 +23,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
-use gw_core::Module;
 use serde::Deserialize;
 
 use crate::config::OutOfBounds;
@@ -40,7 +39,20 @@ pub struct StateSigner {
     me: String,
     key: SigningKey,
     trusted: BTreeMap<String, VerifyingKey>,
-    adopt_unverified: bool,
+    recovery: Option<StateRecovery>,
+}
+
+/// What a load takes when a module's newest checkpoint is not signed by a listed
+/// node (`kafka.state_recovery`; unset: nothing, the module's agent waits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateRecovery {
+    /// The newest signed checkpoint: the operator judged the newer records forged.
+    NewestSigned,
+    /// The newest checkpoint as it is, with the nonce records no listed node
+    /// signed: records written before they were signed (an upgrade), or by a node
+    /// the operator had not listed yet.
+    AdoptNewest,
 }
 
 impl std::fmt::Debug for StateSigner {
@@ -49,7 +61,7 @@ impl std::fmt::Debug for StateSigner {
             .field("me", &self.me)
             .field("public_key", &self.public_hex())
             .field("trusted", &self.trusted.keys().collect::<Vec<_>>())
-            .field("adopt_unverified", &self.adopt_unverified)
+            .field("recovery", &self.recovery)
             .finish()
     }
 }
@@ -69,7 +81,7 @@ pub enum Opened<'a> {
         /// Why (for logs; names the claimed writer, never a key).
         why: String,
         /// The body, when one could be found (an envelope, or a record written
-        /// before records were signed), for [`StateSigner::adopts_unverified`].
+        /// before records were signed), for [`StateRecovery::AdoptNewest`].
         body: Option<&'a [u8]>,
     },
 }
@@ -98,15 +110,10 @@ fn message(domain: &[u8], parts: &[&[u8]]) -> Vec<u8> {
 }
 
 /// The bytes a state record's signature covers.
-fn record_message(module: Module, key: &str, writer: &str, body: &[u8]) -> Vec<u8> {
+fn record_message(topic: &str, key: &str, writer: &str, body: &[u8]) -> Vec<u8> {
     message(
         DOMAIN,
-        &[
-            module.as_str().as_bytes(),
-            key.as_bytes(),
-            writer.as_bytes(),
-            body,
-        ],
+        &[topic.as_bytes(), key.as_bytes(), writer.as_bytes(), body],
     )
 }
 
@@ -128,7 +135,7 @@ impl StateSigner {
         me: &str,
         key: SigningKey,
         state_keys: &BTreeMap<String, String>,
-        adopt_unverified: bool,
+        recovery: Option<StateRecovery>,
     ) -> Result<StateSigner, OutOfBounds> {
         let mine = key.verifying_key();
         let mut trusted = parse_keys(state_keys)?;
@@ -160,7 +167,7 @@ impl StateSigner {
             me: me.to_owned(),
             key,
             trusted,
-            adopt_unverified,
+            recovery,
         })
     }
 
@@ -174,16 +181,14 @@ impl StateSigner {
         hex::encode(self.key.verifying_key().as_bytes())
     }
 
-    /// Whether a load may take a checkpoint no listed node signed when the topic
-    /// holds no signed one (`kafka.state_adopt_unverified`: records written before
-    /// they were signed, or a recovery the operator decided on).
-    pub fn adopts_unverified(&self) -> bool {
-        self.adopt_unverified
+    /// `kafka.state_recovery`.
+    pub fn recovery(&self) -> Option<StateRecovery> {
+        self.recovery
     }
 
-    /// The value of record `key` of `module`'s state topic holding `body` (JSON).
-    pub fn seal(&self, module: Module, key: &str, body: &[u8]) -> Vec<u8> {
-        let sig = self.key.sign(&record_message(module, key, &self.me, body));
+    /// The value of record `key` of state topic `topic` holding `body` (JSON).
+    pub fn seal(&self, topic: &str, key: &str, body: &[u8]) -> Vec<u8> {
+        let sig = self.key.sign(&record_message(topic, key, &self.me, body));
         let writer = serde_json::Value::from(self.me.as_str()).to_string();
         let mut v = Vec::with_capacity(body.len() + 180);
         v.extend_from_slice(br#"{"writer":"#);
@@ -196,8 +201,8 @@ impl StateSigner {
         v
     }
 
-    /// Reads the value of record `key` of `module`'s state topic.
-    pub fn open<'a>(&self, module: Module, key: &str, value: &'a [u8]) -> Opened<'a> {
+    /// Reads the value of record `key` of state topic `topic`.
+    pub fn open<'a>(&self, topic: &str, key: &str, value: &'a [u8]) -> Opened<'a> {
         let env: Envelope<'a> = match serde_json::from_slice(value) {
             Ok(e) => e,
             Err(_) => {
@@ -226,7 +231,7 @@ impl StateSigner {
             return unverified("its signature is not 64 bytes of hex".into());
         };
         if vk
-            .verify_strict(&record_message(module, key, &env.writer, body), &sig)
+            .verify_strict(&record_message(topic, key, &env.writer, body), &sig)
             .is_err()
         {
             return unverified(format!(
@@ -313,6 +318,17 @@ pub fn node_key(state_dir: &Path) -> Result<SigningKey, StateKeyError> {
             .map_err(|e| StateKeyError::Invalid(path.display().to_string(), e.to_string()))
     };
     if path.exists() {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path)
+                .map_err(|e| StateKeyError::Io(path.clone(), e))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "the state key file may be read by others than its owner (chmod 600)");
+            }
+        }
         return read();
     }
     let mut seed = zeroize::Zeroizing::new([0u8; 32]);
@@ -342,7 +358,7 @@ mod tests {
                 ((*id).to_owned(), hex::encode(vk.as_bytes()))
             })
             .collect();
-        StateSigner::new(me, SigningKey::from_bytes(&[seed; 32]), &keys, false).unwrap()
+        StateSigner::new(me, SigningKey::from_bytes(&[seed; 32]), &keys, None).unwrap()
     }
 
     #[test]
@@ -350,9 +366,9 @@ mod tests {
         let a = signer("a", 1, &[("a", 1), ("b", 2)]);
         let b = signer("b", 2, &[("a", 1), ("b", 2)]);
         let body = br#"{"state":{},"writer":"b"}"#;
-        let v = b.seal(Module::Mev, "state", body);
+        let v = b.seal("t-state-mev", "state", body);
         assert_eq!(
-            a.open(Module::Mev, "state", &v),
+            a.open("t-state-mev", "state", &v),
             Opened::Signed {
                 writer: "b".into(),
                 body
@@ -360,23 +376,23 @@ mod tests {
         );
         // Another module, another key: not the record that was signed.
         assert!(matches!(
-            a.open(Module::Arbitrage, "state", &v),
+            a.open("t-state-arbitrage", "state", &v),
             Opened::Unverified { .. }
         ));
         assert!(matches!(
-            a.open(Module::Mev, "n/x/1", &v),
+            a.open("t-state-mev", "n/x/1", &v),
             Opened::Unverified { .. }
         ));
         // Relabelled to another listed writer.
         let s = String::from_utf8(v.clone()).unwrap();
         let relabelled = s.replacen(r#""writer":"b""#, r#""writer":"a""#, 1);
         assert!(matches!(
-            a.open(Module::Mev, "state", relabelled.as_bytes()),
+            a.open("t-state-mev", "state", relabelled.as_bytes()),
             Opened::Unverified { .. }
         ));
         // One byte of the body changed.
         let tampered = s.replacen(r#""state":{}"#, r#""state":[]"#, 1);
-        match a.open(Module::Mev, "state", tampered.as_bytes()) {
+        match a.open("t-state-mev", "state", tampered.as_bytes()) {
             Opened::Unverified { why, body } => {
                 assert!(why.contains("does not verify"), "{why}");
                 assert_eq!(body, Some(br#"{"state":[],"writer":"b"}"#.as_slice()));
@@ -385,26 +401,30 @@ mod tests {
         }
         // A node not listed, with a well-formed signature of its own.
         let c = signer("c", 3, &[]);
-        match a.open(Module::Mev, "state", &c.seal(Module::Mev, "state", body)) {
+        match a.open(
+            "t-state-mev",
+            "state",
+            &c.seal("t-state-mev", "state", body),
+        ) {
             Opened::Unverified { why, .. } => assert!(why.contains("does not list"), "{why}"),
             o => panic!("{o:?}"),
         }
         // A bare JSON record (written before signing) and garbage.
         assert_eq!(
-            a.open(Module::Mev, "state", body),
+            a.open("t-state-mev", "state", body),
             Opened::Unverified {
                 why: "not signed (no signature envelope)".into(),
                 body: Some(body)
             }
         );
         assert!(matches!(
-            a.open(Module::Mev, "state", b"\xff{"),
+            a.open("t-state-mev", "state", b"\xff{"),
             Opened::Unverified { body: None, .. }
         ));
         // An envelope with a field more is not an envelope.
         let extra = s.replacen('{', r#"{"x":1,"#, 1);
         assert!(matches!(
-            a.open(Module::Mev, "state", extra.as_bytes()),
+            a.open("t-state-mev", "state", extra.as_bytes()),
             Opened::Unverified { .. }
         ));
     }
@@ -429,7 +449,7 @@ mod tests {
         let e = a.verify_forward("b", "zz", &parts).unwrap_err();
         assert!(e.contains("64 bytes"), "{e}");
         // A state record's signature is not a forward's, nor the other way round.
-        let record = b.seal(Module::Mev, "state", b"{}");
+        let record = b.seal("t-state-mev", "state", b"{}");
         let env: serde_json::Value = serde_json::from_slice(&record).unwrap();
         let record_sig = env["sig"].as_str().unwrap();
         assert!(a
@@ -440,14 +460,14 @@ mod tests {
     #[test]
     fn without_a_list_a_node_trusts_itself_alone_and_a_list_must_name_it_with_its_key() {
         let alone = signer("a", 1, &[]);
-        let v = alone.seal(Module::Mev, "state", b"{}");
+        let v = alone.seal("t-state-mev", "state", b"{}");
         assert!(matches!(
-            alone.open(Module::Mev, "state", &v),
+            alone.open("t-state-mev", "state", &v),
             Opened::Signed { .. }
         ));
         let other = signer("b", 2, &[]);
         assert!(matches!(
-            other.open(Module::Mev, "state", &v),
+            other.open("t-state-mev", "state", &v),
             Opened::Unverified { .. }
         ));
 
@@ -458,16 +478,16 @@ mod tests {
                 .collect()
         };
         let me = || SigningKey::from_bytes(&[1; 32]);
-        let e = StateSigner::new("a", me(), &list(&[("b", key(2))]), false).unwrap_err();
+        let e = StateSigner::new("a", me(), &list(&[("b", key(2))]), None).unwrap_err();
         assert!(
             e.reason.contains("must list this node `a`") && e.reason.contains(&key(1)),
             "{e}"
         );
-        let e = StateSigner::new("a", me(), &list(&[("a", key(2))]), false).unwrap_err();
+        let e = StateSigner::new("a", me(), &list(&[("a", key(2))]), None).unwrap_err();
         assert!(e.reason.contains("another key"), "{e}");
-        let e = StateSigner::new("a", me(), &list(&[("a", "zz".into())]), false).unwrap_err();
+        let e = StateSigner::new("a", me(), &list(&[("a", "zz".into())]), None).unwrap_err();
         assert_eq!(e.key, "kafka.state_keys");
-        let e = StateSigner::new("a", me(), &list(&[("a b", key(1))]), false).unwrap_err();
+        let e = StateSigner::new("a", me(), &list(&[("a b", key(1))]), None).unwrap_err();
         assert!(e.reason.contains("not a node id"), "{e}");
         // The Debug shows the public key, never the secret.
         let d = format!("{alone:?}");
@@ -492,9 +512,14 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        std::fs::write(dir.path().join(KEY_FILE), "not a key").unwrap();
+        // A secret of the wrong length is refused without being echoed.
+        let short = "ab".repeat(31);
+        std::fs::write(dir.path().join(KEY_FILE), &short).unwrap();
         match node_key(dir.path()) {
-            Err(StateKeyError::Invalid(_, e)) => assert!(!e.contains("not a key"), "{e}"),
+            Err(e @ StateKeyError::Invalid(..)) => {
+                let e = e.to_string();
+                assert!(e.contains("32 bytes") && !e.contains(&short), "{e}");
+            }
             o => panic!("{:?}", o.map(|_| ())),
         }
     }
