@@ -26,9 +26,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// crash never leaves `path` empty or half-written. Fails with `AlreadyExists`
 /// when `path` exists (a secret is never overwritten).
 pub fn write_secret_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut suffix = [0u8; 8];
+    rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut suffix)
+        .map_err(std::io::Error::other)?;
+    // A new file of an unguessable name: never one that exists (or a link).
+    let tmp = path.with_extension(format!("tmp.{}", u64::from_le_bytes(suffix)));
     let mut opts = OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;

@@ -110,8 +110,14 @@ pub struct Applied {
 enum Decided {
     /// Nothing to write.
     Done(Handled),
-    /// Refused; `has_row`: audited.
-    Rejected { r: Reject, has_row: bool },
+    /// Refused; `has_row`: audited; `announce`: told to whoever waits for the
+    /// command (not for a copy no gateway node forwarded: the command it copies
+    /// may still come, forwarded).
+    Rejected {
+        r: Reject,
+        has_row: bool,
+        announce: bool,
+    },
     /// Applied before; announced with the state as of its place in the batch.
     Duplicate {
         issuer: String,
@@ -324,6 +330,9 @@ async fn put_nonce(store: &KafkaState, m: Module, n: &StoredNonce) {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// The checkpoint outcome of a refused delivery no gateway node forwarded.
+pub const UNFORWARDED: &str = "unforwarded";
 
 /// Most deliveries an agent decides on in one journal transaction.
 const MAX_BATCH: usize = 64;
@@ -558,12 +567,25 @@ impl Agent {
                     continue;
                 }
                 Step::Refuse(r) => {
-                    self.checkpoint(d, "rejected", Some(r.code), None, None)
+                    // Other nodes' watchers ignore an `unforwarded` decision (see
+                    // `Decided::Rejected`); written again as a refusal all the same.
+                    let unforwarded = matches!(d.origin, Origin::Unverified { .. });
+                    let outcome = if unforwarded { UNFORWARDED } else { "rejected" };
+                    self.checkpoint(d, outcome, Some(r.code), None, None)
                         .await?;
                     let row = self.row(Decision::Rejected, Some(r.code), d, None);
                     let has_row = row.is_some();
                     let entry = self.agent_entry(d, None, None);
-                    (row, entry, Decided::Rejected { r, has_row })
+                    let announce = !unforwarded;
+                    (
+                        row,
+                        entry,
+                        Decided::Rejected {
+                            r,
+                            has_row,
+                            announce,
+                        },
+                    )
                 }
                 Step::Duplicate(c) => {
                     self.checkpoint(d, "duplicate", Some(Code::Replay), None, None)
@@ -643,9 +665,16 @@ impl Agent {
         for (d, x) in batch.iter().zip(decided) {
             match x {
                 Decided::Done(h) => out.push(h),
-                Decided::Rejected { r, has_row } => {
+                Decided::Rejected {
+                    r,
+                    has_row,
+                    announce,
+                } => {
                     let code = r.code;
-                    self.announce_raw(d, Err(r), seq_of(has_row));
+                    let seq = seq_of(has_row);
+                    if announce {
+                        self.announce_raw(d, Err(r), seq);
+                    }
                     out.push(Handled::Rejected(code));
                 }
                 Decided::Duplicate {

@@ -297,15 +297,7 @@ pub fn forward_headers(
 /// forwarded it).
 fn origin_of(m: &impl Message, signer: &StateSigner, accept: bool) -> (Origin, Requester) {
     let requester = requester_of(m);
-    let header = |name: &str| {
-        m.headers().and_then(|h| {
-            h.iter()
-                .filter(|hd| hd.key == name)
-                .last()
-                .map(|hd| String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned())
-        })
-    };
-    let verdict = match (header(H_NODE), header(H_NODE_SIG)) {
+    let verdict = match (last_header(m, H_NODE), last_header(m, H_NODE_SIG)) {
         (Some(node), Some(sig)) => signer
             .verify_forward(
                 &node,
@@ -332,21 +324,23 @@ fn origin_of(m: &impl Message, signer: &StateSigner, accept: bool) -> (Origin, R
     }
 }
 
+/// The value of `m`'s last header `name` (one without a value: empty).
+fn last_header(m: &impl Message, name: &str) -> Option<String> {
+    m.headers().and_then(|h| {
+        h.iter()
+            .filter(|hd| hd.key == name)
+            .last()
+            .map(|hd| String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned())
+    })
+}
+
 fn requester_of(m: &impl Message) -> Requester {
-    let mut r = Requester::default();
-    if let Some(h) = m.headers() {
-        for i in 0..h.count() {
-            let hd = h.get(i);
-            let v = String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned();
-            match hd.key {
-                H_SUB => r.sub = v,
-                H_ROLES => r.roles = v,
-                H_ISS => r.token_issuer = v,
-                _ => {}
-            }
-        }
+    let get = |name| last_header(m, name).unwrap_or_default();
+    Requester {
+        sub: get(H_SUB),
+        roles: get(H_ROLES),
+        token_issuer: get(H_ISS),
     }
-    r
 }
 
 /// The bus (cheap to clone).
@@ -1087,6 +1081,86 @@ mod tests {
     use super::*;
     use crate::journal::txn::AgentEntry;
     use crate::journal::Options;
+
+    #[test]
+    fn a_forward_verifies_only_with_the_topic_command_and_requester_its_node_signed() {
+        use rdkafka::message::{OwnedMessage, Timestamp};
+
+        let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let signer =
+            StateSigner::new("node-a", key, &std::collections::BTreeMap::new(), None).unwrap();
+        let alice = Requester {
+            sub: "alice".into(),
+            roles: "admin".into(),
+            token_issuer: "https://idp".into(),
+        };
+        let msg = |topic: &str, payload: &[u8], headers: OwnedHeaders| {
+            OwnedMessage::new(
+                Some(payload.to_vec()),
+                Some(b"mev".to_vec()),
+                topic.into(),
+                Timestamp::NotAvailable,
+                0,
+                7,
+                Some(headers),
+            )
+        };
+        let genuine = forward_headers(&signer, "cmds", b"mev", b"cmd", &alice);
+        assert_eq!(
+            origin_of(&msg("cmds", b"cmd", genuine.clone()), &signer, false),
+            (Origin::Node("node-a".into()), alice.clone())
+        );
+        let refused = |m: OwnedMessage, accept: bool| {
+            let (o, r) = origin_of(&m, &signer, accept);
+            assert_eq!(r, Requester::default(), "the claimed requester is dropped");
+            match o {
+                Origin::Unverified { why, accepted } => {
+                    assert_eq!(accepted, accept);
+                    why
+                }
+                o => panic!("{o:?}"),
+            }
+        };
+        // Another topic, another command.
+        refused(msg("elsewhere", b"cmd", genuine.clone()), false);
+        refused(msg("cmds", b"other", genuine.clone()), true);
+        // A second `gw-requester` (the last one counts) or another requester.
+        let appended = genuine.clone().insert(Header {
+            key: H_SUB,
+            value: Some("mallory"),
+        });
+        refused(msg("cmds", b"cmd", appended), false);
+        let mallory = Requester {
+            sub: "mallory".into(),
+            ..alice.clone()
+        };
+        let mut swapped = OwnedHeaders::new();
+        for h in genuine.iter() {
+            let value = if h.key == H_SUB {
+                Some(b"mallory".as_slice())
+            } else {
+                h.value
+            };
+            swapped = swapped.insert(Header { key: h.key, value });
+        }
+        assert_eq!(requester_of(&msg("cmds", b"cmd", swapped.clone())), mallory);
+        refused(msg("cmds", b"cmd", swapped), false);
+        // No node headers, or a node header without a value.
+        let why = refused(msg("cmds", b"cmd", OwnedHeaders::new()), false);
+        assert!(why.contains("no gateway node"), "{why}");
+        let sig = last_header(&msg("cmds", b"cmd", genuine), H_NODE_SIG).unwrap();
+        let empty = OwnedHeaders::new()
+            .insert(Header::<&[u8]> {
+                key: H_NODE,
+                value: None,
+            })
+            .insert(Header {
+                key: H_NODE_SIG,
+                value: Some(sig.as_str()),
+            });
+        let why = refused(msg("cmds", b"cmd", empty), false);
+        assert!(why.contains("does not list"), "{why}");
+    }
 
     fn publish(m: Module, payload: u8) -> Txn {
         Txn::of(vec![journal::Entry::Publish(PublishEntry {

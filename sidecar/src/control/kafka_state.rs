@@ -104,7 +104,8 @@ fn nonce_key(issuer: &str, nonce: u64) -> String {
 pub struct LastDecision {
     /// Where the command was read.
     pub position: Position,
-    /// `applied`, `duplicate` or `rejected`.
+    /// `applied`, `duplicate`, `rejected`, or `unforwarded` (refused: no gateway
+    /// node forwarded it).
     pub outcome: String,
     /// The refusal code (`rejected`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -505,15 +506,21 @@ fn fold(
         None => signed.map(|c| c.map_err(unreadable)).transpose()?,
         Some((why, body)) => match (signer.recovery(), signed, body) {
             (Some(StateRecovery::NewestSigned), Some(c), _) => {
-                tracing::warn!(module, "kafka.state_recovery newest_signed: the newest agent checkpoint is skipped ({why}); the newest signed one is taken and written again");
+                tracing::error!(module, "kafka.state_recovery newest_signed: the newest agent checkpoint is skipped ({why}); the newest signed one is taken and written again (remove the option once started)");
                 loaded.recovered = true;
                 Some(c.map_err(unreadable)?)
             }
             (Some(StateRecovery::AdoptNewest), _, Some(b)) => {
-                tracing::warn!(module, "kafka.state_recovery adopt_newest: taking the newest agent checkpoint although no listed node signed it ({why}); it is written again signed");
+                tracing::error!(module, "kafka.state_recovery adopt_newest: taking the newest agent checkpoint although no listed node signed it ({why}); it is written again signed (remove the option once started)");
                 loaded.recovered = true;
                 adopted = true;
-                Some(serde_json::from_slice(&b).map_err(|e| unreadable(e.to_string()))?)
+                let mut c: Checkpoint =
+                    serde_json::from_slice(&b).map_err(|e| unreadable(e.to_string()))?;
+                // Its state, offsets and nonces are taken; its record of the
+                // deliveries each node decided is not: a node would write an audit
+                // row of it, and the other nodes answer waiting requests from it.
+                c.last.clear();
+                Some(c)
             }
             (recovery, signed, _) => {
                 let what = match recovery {
@@ -531,6 +538,7 @@ fn fold(
     // The nonces: the newest value of each key a listed node signed (or, with an
     // adopted checkpoint, any), tombstones forgetting.
     let mut nonces: BTreeMap<String, Option<(StoredNonce, bool)>> = BTreeMap::new();
+    let mut skipped_nonce: Option<(String, String)> = None;
     for (k, v) in records.into_iter().filter(|(k, _)| k != STATE_KEY) {
         let Some(v) = v else {
             nonces.insert(k, None);
@@ -543,7 +551,7 @@ fn fold(
             } if adopted => (body, false),
             Opened::Unverified { why, .. } => {
                 loaded.untrusted += 1;
-                tracing::warn!(module, key = %k, "nonce record ignored: {why}");
+                skipped_nonce.get_or_insert((k, why));
                 continue;
             }
         };
@@ -554,6 +562,11 @@ fn fold(
             Ok(_) => tracing::warn!(key = %k, "nonce record under another key; ignored"),
             Err(e) => tracing::warn!(key = %k, error = %e, "nonce record unreadable; ignored"),
         }
+    }
+    if let Some((k, why)) = skipped_nonce {
+        // One line per load: anyone who may write to the topic could otherwise
+        // fill the logs.
+        tracing::warn!(module, key = %k, untrusted = loaded.untrusted, "nonce records no listed node signed are ignored; the first: {why}");
     }
     let mut keys = std::collections::BTreeSet::new();
     for (k, v) in nonces {
@@ -790,8 +803,22 @@ mod tests {
         let a = node("a", None);
         let mut old = checkpoint("a", 5);
         old.recent.push_back(nonce(4, 200));
+        let mut with_last = old.clone();
+        with_last.last.insert(
+            "a".into(),
+            LastDecision {
+                position: Position {
+                    partition: 0,
+                    offset: 4,
+                },
+                outcome: "applied".into(),
+                code: None,
+                payload: b"anything".to_vec(),
+                requester: gw_core::contract::Requester::default(),
+            },
+        );
         let records = vec![
-            forged("state", &old),
+            forged("state", &with_last),
             forged("n/dashboard/3", &nonce(3, 200)),
         ];
         let e = untrusted(fold(records.clone(), 100, M, T, &a));
@@ -818,6 +845,8 @@ mod tests {
             &node("a", Some(StateRecovery::AdoptNewest)),
         )
         .unwrap();
+        // Adopted without its record of each node's last decision: no audit row or
+        // answer is made from an unsigned one.
         assert_eq!(l.checkpoint, Some(old));
         assert!(l.recovered);
         // Both nonces are remembered and written again, signed.

@@ -92,6 +92,11 @@ impl CheckpointWatch {
         let Some(d) = cp.last.get(&cp.writer) else {
             return;
         };
+        if d.outcome == super::agent::UNFORWARDED {
+            // A copy no gateway node forwarded: no answer to anyone waiting for
+            // the command it copies, which may still come.
+            return;
+        }
         let digest = gw_core::replay::digest(&d.payload);
         if self.last.get(&cp.writer) == Some(&(d.position, digest)) {
             return;
@@ -908,6 +913,14 @@ mod tests {
         w.seen(checkpoint("node-2", 5, 1));
         w.seen(checkpoint("node-2", 5, 2));
         w.seen(checkpoint("node-1", 6, 3)); // this node's own: announced by its agent
+                                            // A copy no gateway node forwarded, refused by node-2: not an answer to
+                                            // anyone waiting for the command it copies.
+        let mut copy = checkpoint("node-2", 7, 4);
+        if let Some(d) = copy.last.get_mut("node-2") {
+            d.outcome = crate::control::agent::UNFORWARDED.into();
+            d.code = Some("forbidden_peer".into());
+        }
+        w.seen(copy);
         let nonces: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
             .map(|a| a.nonce)
             .collect();
