@@ -80,9 +80,10 @@ pub struct KafkaConfig {
     /// debug level under `librdkafka`.
     #[serde(default)]
     pub debug: Option<String>,
-    /// The nodes whose module state records (`{topic}-state-*`) are trusted: node
-    /// id → the Ed25519 public key (hex) of its state key. Empty: this node alone.
-    /// Every node of a cluster lists every node, itself included.
+    /// The nodes whose module state records (`{topic}-state-*`) and forwarded
+    /// commands are trusted: node id → the Ed25519 public key (hex) of its state
+    /// key. Empty: this node alone. Every node of a cluster lists every node,
+    /// itself included.
     #[serde(default)]
     pub state_keys: std::collections::BTreeMap<String, String>,
     /// What a load takes when a module's newest checkpoint is not signed by a
@@ -225,8 +226,8 @@ pub enum Origin {
     /// the module's checkpoint.
     Local,
     /// A gateway node of `kafka.state_keys`, which admitted it: its signature over
-    /// the record key, the command and the requester (headers `gw-node`,
-    /// `gw-node-sig`) verifies.
+    /// the topic, the record key, the command and the requester (headers
+    /// `gw-node`, `gw-node-sig`) verifies.
     Node(String),
     /// Not forwarded by a listed node (published to the command topic some other
     /// way): refused by the agent unless `accepted` (`kafka.accept_unforwarded`).
