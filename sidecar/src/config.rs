@@ -694,6 +694,18 @@ impl Config {
         let state_key = secret_key(env, "GW_STATE_SK_HEX")?;
         if let Some(k) = &file.kafka {
             crate::control::state_sign::parse_keys(&k.state_keys)?;
+            if let Some(t) = &k.tls {
+                if t.cert.is_some() != t.key.is_some() {
+                    return Err(OutOfBounds::new(
+                        "kafka.tls",
+                        "cert and key go together (mutual TLS) or are both left out",
+                    )
+                    .into());
+                }
+                for p in std::iter::once(&t.ca).chain(&t.cert).chain(&t.key) {
+                    std::fs::metadata(p).map_err(|e| ConfigError::Read(p.clone(), e))?;
+                }
+            }
         }
         Ok(Config {
             file,
@@ -735,6 +747,25 @@ mod tests {
             slice(&format!(r#"{{{sender}, "sched_slice_us": 100}}"#)),
             100
         );
+    }
+
+    #[test]
+    fn kafka_tls_needs_its_files_and_a_key_with_its_certificate() {
+        let tls = |t: &str| {
+            with(&format!(
+                r#"{{"kafka": {{"brokers": "127.0.0.1:9", "tls": {t}}}}}"#
+            ))
+        };
+        match tls(r#"{"ca": "/dev/null", "cert": "/dev/null"}"#) {
+            Err(ConfigError::OutOfBounds(e)) => assert_eq!(e.key, "kafka.tls"),
+            other => panic!("{:?}", other.err()),
+        }
+        match tls(r#"{"ca": "/no/such/ca.pem"}"#) {
+            Err(ConfigError::Read(p, _)) => assert_eq!(p, PathBuf::from("/no/such/ca.pem")),
+            other => panic!("{:?}", other.err()),
+        }
+        let ok = tls(r#"{"ca": "/dev/null", "cert": "/dev/null", "key": "/dev/null"}"#);
+        assert!(ok.is_ok(), "{:?}", ok.err());
     }
 
     #[test]

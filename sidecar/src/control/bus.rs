@@ -97,6 +97,26 @@ pub struct KafkaConfig {
     /// (`forbidden_peer`), each with its audit row.
     #[serde(default)]
     pub accept_unforwarded: bool,
+    /// TLS to the brokers (`security.protocol=ssl`), for every client the sidecar
+    /// makes. Unset: plain text.
+    #[serde(default)]
+    pub tls: Option<KafkaTls>,
+}
+
+/// TLS to the brokers: the CA their certificates chain to (their name is checked
+/// against the address dialled), and the node's client certificate, which the
+/// brokers' ACLs name as its principal.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaTls {
+    /// PEM CA certificates the brokers' certificates chain to.
+    pub ca: std::path::PathBuf,
+    /// PEM client certificate chain (with `key`): mutual TLS.
+    #[serde(default)]
+    pub cert: Option<std::path::PathBuf>,
+    /// Its PEM private key.
+    #[serde(default)]
+    pub key: Option<std::path::PathBuf>,
 }
 
 fn default_topic() -> String {
@@ -133,6 +153,7 @@ impl KafkaConfig {
             state_keys: std::collections::BTreeMap::new(),
             state_recovery: None,
             accept_unforwarded: false,
+            tls: None,
         }
     }
 
@@ -164,6 +185,16 @@ impl KafkaConfig {
     pub fn client(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
+        if let Some(t) = &self.tls {
+            c.set("security.protocol", "ssl")
+                .set("ssl.ca.location", t.ca.display().to_string())
+                // The broker's certificate must name the host dialled.
+                .set("ssl.endpoint.identification.algorithm", "https");
+            if let (Some(cert), Some(key)) = (&t.cert, &t.key) {
+                c.set("ssl.certificate.location", cert.display().to_string())
+                    .set("ssl.key.location", key.display().to_string());
+            }
+        }
         if let Some(d) = &self.debug {
             c.set("debug", d);
         }
