@@ -100,7 +100,11 @@ fn print_check(cfg: &Config) -> anyhow::Result<()> {
                 format!("state key made at the first start in {}", kept.display())
             };
             let trusted = k.state_keys.len().max(1);
-            format!("kafka {} ({key}, {trusted} node(s) trusted)", k.brokers)
+            format!(
+                "kafka {} in {} ({key}, {trusted} node(s) trusted)",
+                k.brokers,
+                k.transport()
+            )
         }
     };
     println!(

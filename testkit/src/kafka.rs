@@ -99,9 +99,16 @@ impl TlsKafka {
             &format!("tcp://127.0.0.1:{front}"),
         );
         let acceptor = tls_acceptor(ca, cert, key);
-        let listener =
-            std::net::TcpListener::bind(("127.0.0.1", front)).expect("bind the TLS front");
-        listener.set_nonblocking(true).expect("nonblocking");
+        // On 127.0.0.1, which `cert` names, and on 127.0.0.2, which it does not (a
+        // client that checks the broker's name refuses that one).
+        let listeners: Vec<std::net::TcpListener> = ["127.0.0.1", "127.0.0.2"]
+            .into_iter()
+            .map(|ip| {
+                let l = std::net::TcpListener::bind((ip, front)).expect("bind the TLS front");
+                l.set_nonblocking(true).expect("nonblocking");
+                l
+            })
+            .collect();
         let (accepted, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (tx, mut stop) = tokio::sync::oneshot::channel::<()>();
         let (a, r) = (accepted.clone(), refused.clone());
@@ -111,26 +118,30 @@ impl TlsKafka {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                loop {
-                    let (tcp, _) = tokio::select! {
-                        c = listener.accept() => match c { Ok(c) => c, Err(_) => continue },
-                        _ = &mut stop => return,
-                    };
+                for listener in listeners {
+                    let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                     let (acceptor, a, r) = (acceptor.clone(), a.clone(), r.clone());
                     tokio::spawn(async move {
-                        let Ok(mut tls) = acceptor.accept(tcp).await else {
-                            r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            return;
-                        };
-                        a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        if let Ok(mut up) =
-                            tokio::net::TcpStream::connect(("127.0.0.1", inner)).await
-                        {
-                            let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                        loop {
+                            let Ok((tcp, _)) = listener.accept().await else {
+                                continue;
+                            };
+                            let (acceptor, a, r) = (acceptor.clone(), a.clone(), r.clone());
+                            tokio::spawn(async move {
+                                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                                    r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                    return;
+                                };
+                                a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                let up = tokio::net::TcpStream::connect(("127.0.0.1", inner));
+                                if let Ok(mut up) = up.await {
+                                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                                }
+                            });
                         }
                     });
                 }
+                let _ = (&mut stop).await;
             });
         });
         TlsKafka {

@@ -157,6 +157,16 @@ impl KafkaConfig {
         }
     }
 
+    /// How the clients reach the brokers, for a person: `plain text`, `TLS`, or
+    /// `mutual TLS`.
+    pub fn transport(&self) -> &'static str {
+        match &self.tls {
+            None => "plain text",
+            Some(t) if t.cert.is_some() => "mutual TLS",
+            Some(_) => "TLS",
+        }
+    }
+
     /// An idempotent producer's configuration (`acks=all`, no linger).
     pub fn producer(&self) -> ClientConfig {
         let mut c = self.client();
@@ -465,7 +475,12 @@ impl Bus {
     pub fn describe(&self) -> String {
         match self {
             Bus::InProcess(_) => "in-process bus".into(),
-            Bus::Kafka(k) => format!("kafka {} topic {}", k.cfg.brokers, k.cfg.topic),
+            Bus::Kafka(k) => format!(
+                "kafka {} ({}) topic {}",
+                k.cfg.brokers,
+                k.cfg.transport(),
+                k.cfg.topic
+            ),
         }
     }
 
