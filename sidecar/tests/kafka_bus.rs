@@ -38,6 +38,17 @@ fn post(s: &common::Served, body: Vec<u8>) -> (u16, Value) {
     s.post_command(body)
 }
 
+/// Posts `body` and asserts it was applied (200, `applied: true`).
+fn post_applied(s: &common::Served, body: Vec<u8>) -> Value {
+    let (status, answer) = post(s, body);
+    assert_eq!(
+        (status, answer["applied"].clone()),
+        (200, Value::Bool(true)),
+        "{answer}"
+    );
+    answer
+}
+
 fn modules(s: &common::Served) -> Value {
     s.get_json("/api/modules")
 }
@@ -137,12 +148,7 @@ fn commands_cross_kafka_to_their_module_agent_once_even_across_a_restart() {
     assert!(body["journal_lsn"].as_u64().is_some(), "{body}");
     assert_eq!(body["ledger"]["chain_id"], "node-1", "{body}");
     let start_arb = arbitrage_command(2, Action::Start);
-    let (status, body) = post(&s, start_arb.clone());
-    assert_eq!(
-        (status, body["applied"].clone()),
-        (200, Value::Bool(true)),
-        "{body}"
-    );
+    post_applied(&s, start_arb.clone());
     assert_eq!(post(&s, throttle.clone()).0, 409);
 
     // The topic holds the exact signed bytes, keyed by module.
@@ -175,12 +181,7 @@ fn commands_cross_kafka_to_their_module_agent_once_even_across_a_restart() {
     drop(s);
     let s = common::serve(config(d.path(), &kafka, &ch));
     assert_eq!(post(&s, throttle).1["error"], "replay");
-    let (status, body) = post(&s, signed_command(3, Action::Kill, now(), "dashboard", &[]));
-    assert_eq!(
-        (status, body["applied"].clone()),
-        (200, Value::Bool(true)),
-        "{body}"
-    );
+    post_applied(&s, signed_command(3, Action::Kill, now(), "dashboard", &[]));
     let m = modules(&s);
     assert_eq!(m["mev"]["applied"], 2, "{m}");
     assert_eq!(m["mev"]["state"], "killed");
@@ -521,18 +522,8 @@ fn a_command_topic_created_again_under_the_checkpoint_is_detected_and_its_comman
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let store = KafkaState::new(&k, cfg.state_signer().unwrap().unwrap()).unwrap();
-        let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
-        let sent = p
-            .send(
-                rdkafka::producer::FutureRecord::to(TOPIC)
-                    .key("mev")
-                    .payload(&kill)
-                    .headers(forwarded(&store, &kill)),
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-        assert_eq!(sent.offset, 2);
+        let at = produce(&k, TOPIC, "mev", Some(&kill), forwarded(&store, &kill)).await;
+        assert_eq!(at, 2);
         store.save(Module::Mev, &cp).await.unwrap();
     });
     let s = common::serve(cfg);
@@ -656,19 +647,9 @@ async fn seed(
     cp: &gw_sidecar::control::kafka_state::Checkpoint,
 ) {
     create_topic(k, TOPIC).await;
-    let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
     for (i, c) in commands.iter().enumerate() {
-        let sent = p
-            .send(
-                rdkafka::producer::FutureRecord::to(TOPIC)
-                    .key("mev")
-                    .payload(c)
-                    .headers(forwarded(store, c)),
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-        assert_eq!(sent.offset, i as i64);
+        let at = produce(k, TOPIC, "mev", Some(c), forwarded(store, c)).await;
+        assert_eq!(at, i as i64);
     }
     store.prepare().await.unwrap();
     store.save(Module::Mev, cp).await.unwrap();
@@ -771,22 +752,46 @@ fn state_records(brokers: &str, topic: &str) -> Vec<(String, Option<Vec<u8>>)> {
     out
 }
 
-/// Writes `value` (`None`: a tombstone) under `key` to `topic`, as any client
-/// allowed to write there can (tansu has no ACLs).
+/// Writes `value` (`None`: a tombstone) with `headers` under `key` to partition 0
+/// of `topic`, as any client allowed to write there can (tansu has no ACLs);
+/// returns its offset.
+async fn produce(
+    k: &gw_sidecar::control::bus::KafkaConfig,
+    topic: &str,
+    key: &str,
+    value: Option<&[u8]>,
+    headers: rdkafka::message::OwnedHeaders,
+) -> i64 {
+    let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
+    let mut r = rdkafka::producer::FutureRecord::<str, [u8]>::to(topic)
+        .key(key)
+        .partition(0)
+        .headers(headers);
+    if let Some(v) = value {
+        r = r.payload(v);
+    }
+    p.send(r, Duration::from_secs(5)).await.unwrap().offset
+}
+
+/// [`produce`] without headers.
 async fn write_raw(
     k: &gw_sidecar::control::bus::KafkaConfig,
     topic: &str,
     key: &str,
     value: Option<&[u8]>,
 ) {
-    let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
-    let mut r = rdkafka::producer::FutureRecord::<str, [u8]>::to(topic)
-        .key(key)
-        .partition(0);
-    if let Some(v) = value {
-        r = r.payload(v);
-    }
-    p.send(r, Duration::from_secs(5)).await.unwrap();
+    produce(k, topic, key, value, rdkafka::message::OwnedHeaders::new()).await;
+}
+
+/// A node's signer with a key no node lists (an attacker's).
+fn stranger(node: &str) -> gw_sidecar::control::state_sign::StateSigner {
+    gw_sidecar::control::state_sign::StateSigner::new(
+        node,
+        ed25519_dalek::SigningKey::from_bytes(&[0x42; 32]),
+        &BTreeMap::new(),
+        None,
+    )
+    .unwrap()
 }
 
 /// The module state in Kafka is taken only as a listed node signed it. A client
@@ -805,7 +810,7 @@ async fn write_raw(
 #[test]
 fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
     use gw_sidecar::control::kafka_state::{Checkpoint, KafkaState, StoredNonce};
-    use gw_sidecar::control::state_sign::{Opened, StateRecovery, StateSigner};
+    use gw_sidecar::control::state_sign::{Opened, StateRecovery};
 
     let d = testkit::TempDir::new("kafka-state-signed");
     let kafka = Kafka::start(d.path());
@@ -825,13 +830,7 @@ fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
     let signer = cfg.state_signer().unwrap().unwrap();
     let store = std::sync::Arc::new(KafkaState::new(&k, signer.clone()).unwrap());
     let (mev_topic, arb_topic) = (store.topic(Module::Mev), store.topic(Module::Arbitrage));
-    let stranger = StateSigner::new(
-        &node,
-        ed25519_dalek::SigningKey::from_bytes(&[0x42; 32]),
-        &BTreeMap::new(),
-        None,
-    )
-    .unwrap();
+    let stranger = stranger(&node);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let metric = |s: &common::Served, module: &str| {
         let text = s.get_ops("/metrics");
@@ -877,12 +876,7 @@ fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
     let mut cfg = config(d.path(), &kafka, &ch);
     cfg.file.apply_wait_ms = 3000;
     let s = common::serve(cfg);
-    let (status, body) = post(&s, arbitrage_command(1, Action::Start));
-    assert_eq!(
-        (status, body["applied"].clone()),
-        (200, Value::Bool(true)),
-        "{body}"
-    );
+    post_applied(&s, arbitrage_command(1, Action::Start));
     let (status, body) = post(
         &s,
         signed_command(2, Action::Start, now(), "dashboard", &[]),
@@ -1005,12 +999,7 @@ fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
             .clone()
             .watch(Module::Arbitrage, move |cp| sink.lock().push(cp)),
     );
-    let (status, body) = post(&s, arbitrage_command(4, Action::Start));
-    assert_eq!(
-        (status, body["applied"].clone()),
-        (200, Value::Bool(true)),
-        "{body}"
-    );
+    post_applied(&s, arbitrage_command(4, Action::Start));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !seen
         .lock()
@@ -1040,7 +1029,6 @@ fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
 fn a_command_no_gateway_node_forwarded_is_refused_and_audited() {
     use gw_core::contract::Requester;
     use gw_sidecar::control::bus::forward_headers;
-    use gw_sidecar::control::state_sign::StateSigner;
     use rdkafka::message::{Header, Headers, OwnedHeaders};
 
     let d = testkit::TempDir::new("kafka-unforwarded");
@@ -1080,13 +1068,7 @@ fn a_command_no_gateway_node_forwarded_is_refused_and_audited() {
         "{names:?}"
     );
 
-    let stranger = StateSigner::new(
-        "node-1",
-        ed25519_dalek::SigningKey::from_bytes(&[0x42; 32]),
-        &BTreeMap::new(),
-        None,
-    )
-    .unwrap();
+    let stranger = stranger("node-1");
     let claimed = Requester {
         sub: "mallory".into(),
         roles: "admin".into(),
@@ -1177,18 +1159,7 @@ fn publish_mev(
     headers: rdkafka::message::OwnedHeaders,
 ) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
-        p.send(
-            rdkafka::producer::FutureRecord::to(TOPIC)
-                .key("mev")
-                .payload(&payload)
-                .headers(headers),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-    });
+    rt.block_on(produce(k, TOPIC, "mev", Some(&payload), headers));
 }
 
 /// The bus over mutual TLS: the broker's listener requires a client certificate
@@ -1231,12 +1202,7 @@ fn the_bus_runs_over_mutual_tls_and_a_client_without_a_certificate_is_refused() 
     );
     drop(s);
     let s = serve();
-    let (status, body) = post(&s, signed_command(2, Action::Kill, now(), "dashboard", &[]));
-    assert_eq!(
-        (status, body["applied"].clone()),
-        (200, Value::Bool(true)),
-        "{body}"
-    );
+    post_applied(&s, signed_command(2, Action::Kill, now(), "dashboard", &[]));
     let m = modules(&s);
     assert_eq!(
         (m["mev"]["applied"].clone(), m["mev"]["state"].clone()),
