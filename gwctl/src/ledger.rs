@@ -12,9 +12,19 @@ use gw_core::ledger::{by_chain, verify_chain, LedgerRow};
 /// `gwctl ledger verify` arguments.
 #[derive(Args)]
 pub struct VerifyArgs {
-    /// ClickHouse HTTP URL.
+    /// ClickHouse HTTP URL (`https://` for its `https_port`, with `--clickhouse-ca`).
     #[arg(long, default_value = "http://127.0.0.1:8123")]
     clickhouse: String,
+    /// PEM CA certificates ClickHouse's certificate chains to (then only these are
+    /// trusted); the sidecar's `clickhouse_tls.ca`.
+    #[arg(long)]
+    clickhouse_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate, for a ClickHouse that requires one (mutual TLS).
+    #[arg(long, requires_all = ["clickhouse_ca", "clickhouse_key"])]
+    clickhouse_cert: Option<std::path::PathBuf>,
+    /// Its PEM private key.
+    #[arg(long, requires = "clickhouse_cert")]
+    clickhouse_key: Option<std::path::PathBuf>,
     /// Table holding the decisions.
     #[arg(long, default_value = "control_decisions")]
     table: String,
@@ -80,6 +90,42 @@ fn checkpoints(
     Ok(newest)
 }
 
+/// The HTTP client for ClickHouse: with `--clickhouse-ca`, only that CA is
+/// trusted, and the client certificate is presented when given.
+fn http_client(a: &VerifyArgs) -> Result<reqwest::Client> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    let mut b = reqwest::Client::builder();
+    if a.clickhouse_ca.is_some() && !a.clickhouse.to_ascii_lowercase().starts_with("https://") {
+        anyhow::bail!(
+            "--clickhouse-ca is for an https:// --clickhouse URL (over http:// the password travels in plain text)"
+        );
+    }
+    if let Some(ca) = &a.clickhouse_ca {
+        b = b.tls_built_in_root_certs(false);
+        for c in reqwest::Certificate::from_pem_bundle(&read(ca)?)
+            .with_context(|| format!("{}: not PEM certificates", ca.display()))?
+        {
+            b = b.add_root_certificate(c);
+        }
+    }
+    if let (Some(cert), Some(key)) = (&a.clickhouse_cert, &a.clickhouse_key) {
+        let mut pem = read(cert)?;
+        pem.push(b'\n');
+        pem.extend(read(key)?);
+        let id = reqwest::Identity::from_pem(&pem).with_context(|| {
+            format!(
+                "{} and {}: not a PEM certificate and private key",
+                cert.display(),
+                key.display()
+            )
+        })?;
+        b = b.identity(id);
+    }
+    b.build().context("cannot set up the HTTP client")
+}
+
 /// `gwctl ledger verify`.
 pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
     if !a
@@ -97,8 +143,9 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let client = http_client(a)?;
     let body = rt.block_on(async {
-        let mut req = reqwest::Client::new().post(&a.clickhouse).body(sql);
+        let mut req = client.post(&a.clickhouse).body(sql);
         if let Some(u) = &a.user {
             req = req.header("x-clickhouse-user", u);
         }

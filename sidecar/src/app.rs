@@ -161,7 +161,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     crate::durable::create_dir(&dir)
         .with_context(|| format!("cannot create state dir {}", dir.display()))?;
     let mut registry = Registry::default();
-    let clickhouse = cfg.clickhouse();
+    let clickhouse = cfg.clickhouse()?;
+    if cfg.clickhouse_in_clear() {
+        // The URL holds no credentials (refused at load).
+        tracing::warn!(
+            url = cfg.file.clickhouse_url.as_deref().unwrap_or_default(),
+            "ClickHouse over plain HTTP to a host that is not loopback: its password and the ledger's rows cross the network in clear (set clickhouse_tls and an https:// URL)"
+        );
+    }
     let now = crate::now_secs();
 
     // Everything durable is in the journal: read it, let each owner rebuild from

@@ -89,6 +89,13 @@ pub struct FileConfig {
     /// inserts without it (logged).
     #[serde(default = "default_clickhouse_nice")]
     pub clickhouse_nice: u8,
+    /// TLS to ClickHouse (its `https_port`; `clickhouse_url` is then `https://`):
+    /// the CA its certificate chains to, its name checked against the URL's host,
+    /// and the node's client certificate when ClickHouse requires one. Unset: the
+    /// password and the ledger's rows travel in plain text (a warning at start
+    /// unless the URL's host is a loopback address).
+    #[serde(default)]
+    pub clickhouse_tls: Option<crate::tls::ClientTls>,
     /// Kafka for the command bus; without it the embedded in-process bus is used.
     #[serde(default)]
     pub kafka: Option<crate::control::bus::KafkaConfig>,
@@ -393,21 +400,65 @@ fn clickhouse_env(
     if let Some(u) = env("GW_CLICKHOUSE_USER").filter(|u| !u.trim().is_empty()) {
         file.clickhouse_user = Some(u);
     }
-    Ok(
-        match (
-            env("GW_CLICKHOUSE_PASSWORD"),
-            env("GW_CLICKHOUSE_PASSWORD_FILE"),
-        ) {
-            (Some(p), _) => Some(p),
-            (None, Some(f)) => Some(
-                std::fs::read_to_string(&f)
-                    .map_err(|e| ConfigError::Read(f.clone().into(), e))?
-                    .trim_end_matches(['\r', '\n'])
-                    .to_owned(),
-            ),
-            (None, None) => None,
-        },
-    )
+    let password = match (
+        env("GW_CLICKHOUSE_PASSWORD"),
+        env("GW_CLICKHOUSE_PASSWORD_FILE"),
+    ) {
+        (Some(p), _) => Some(p),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(&f)
+                .map_err(|e| ConfigError::Read(f.clone().into(), e))?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    check_clickhouse(file)?;
+    Ok(password)
+}
+
+/// `clickhouse_url` and `clickhouse_tls` agree: an `https://` URL has the CA to
+/// check the server with, TLS files are not given for a plain `http://` URL, and
+/// the files are there and hold what they should.
+fn check_clickhouse(file: &FileConfig) -> Result<(), ConfigError> {
+    let Some(url) = &file.clickhouse_url else {
+        return match file.clickhouse_tls {
+            Some(_) => Err(OutOfBounds::new("clickhouse_tls", "needs clickhouse_url").into()),
+            None => Ok(()),
+        };
+    };
+    let parsed = reqwest::Url::parse(url)
+        .ok()
+        .filter(|u| u.host_str().is_some())
+        .ok_or_else(|| OutOfBounds::new("clickhouse_url", "not a URL (http://host:port)"))?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        // It would be shown by `--check` and the logs.
+        return Err(OutOfBounds::new(
+            "clickhouse_url",
+            "holds a user or password: give them as GW_CLICKHOUSE_USER and GW_CLICKHOUSE_PASSWORD(_FILE)",
+        )
+        .into());
+    }
+    match (parsed.scheme(), &file.clickhouse_tls) {
+        ("https", Some(t)) => {
+            t.check("clickhouse_tls")?;
+            t.client_config()
+                .map_err(|e| OutOfBounds::new("clickhouse_tls", e.to_string()))?;
+            Ok(())
+        }
+        ("https", None) => Err(OutOfBounds::new(
+            "clickhouse_tls",
+            "an https:// clickhouse_url needs clickhouse_tls.ca (the CA ClickHouse's certificate chains to)",
+        )
+        .into()),
+        ("http", Some(_)) => Err(OutOfBounds::new(
+            "clickhouse_url",
+            "is http:// but clickhouse_tls is set: use https:// (ClickHouse's https_port)",
+        )
+        .into()),
+        ("http", None) => Ok(()),
+        _ => Err(OutOfBounds::new("clickhouse_url", "must be http:// or https://").into()),
+    }
 }
 
 /// The Ed25519 key (32-byte seed, hex) in environment variable `name`, if set
@@ -424,17 +475,51 @@ fn secret_key(
         .transpose()
 }
 
-/// A ClickHouse client for `file`'s URL and user.
-fn client(file: &FileConfig, password: Option<&str>) -> Option<clickhouse::Client> {
-    let url = file.clickhouse_url.as_ref()?;
-    let mut c = clickhouse::Client::default().with_url(url.clone());
+/// A ClickHouse client for `file`'s URL, user and TLS.
+fn client(
+    file: &FileConfig,
+    password: Option<&str>,
+) -> Result<Option<clickhouse::Client>, crate::tls::TlsError> {
+    let Some(url) = &file.clickhouse_url else {
+        return Ok(None);
+    };
+    let mut c = match &file.clickhouse_tls {
+        // Idle connections are kept 2 s (ClickHouse closes them after 3 s), as
+        // the crate's own client does.
+        Some(t) => clickhouse::Client::with_http_client(
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(std::time::Duration::from_secs(2))
+                .build(https_connector(t)?),
+        ),
+        None => clickhouse::Client::default(),
+    }
+    .with_url(url.clone());
     if let Some(u) = &file.clickhouse_user {
         c = c.with_user(u.clone());
     }
     if let Some(p) = password {
         c = c.with_password(p.to_owned());
     }
-    Some(c)
+    Ok(Some(c))
+}
+
+/// The connector under a ClickHouse client over TLS: HTTPS only (a server that
+/// answers in plain text is refused), HTTP/1.1.
+fn https_connector(
+    tls: &crate::tls::ClientTls,
+) -> Result<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    crate::tls::TlsError,
+> {
+    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+    tcp.set_keepalive(Some(std::time::Duration::from_secs(60)));
+    tcp.set_nodelay(true);
+    tcp.enforce_http(false);
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls.client_config()?)
+        .https_only()
+        .enable_http1()
+        .wrap_connector(tcp))
 }
 
 impl Config {
@@ -475,19 +560,45 @@ impl Config {
 
     /// The ClickHouse client of the ledger and the send audit, with the configured
     /// user and password; `None` without `clickhouse_url`.
-    pub fn clickhouse(&self) -> Option<clickhouse::Client> {
+    pub fn clickhouse(&self) -> Result<Option<clickhouse::Client>, crate::tls::TlsError> {
         client(&self.file, self.clickhouse_password.as_deref())
     }
 
+    /// How the sidecar reaches ClickHouse, for a person: `plain text`, `TLS` or
+    /// `mutual TLS`.
+    pub fn clickhouse_transport(&self) -> &'static str {
+        crate::tls::ClientTls::transport(self.file.clickhouse_tls.as_ref())
+    }
+
+    /// Whether the sidecar's ClickHouse password and ledger rows would cross a
+    /// network in plain text: an `http://` URL whose host is not a loopback
+    /// address (`localhost` counts as loopback).
+    pub fn clickhouse_in_clear(&self) -> bool {
+        let Some(url) = self.file.clickhouse_url.as_deref() else {
+            return false;
+        };
+        let Ok(u) = reqwest::Url::parse(url) else {
+            return false;
+        };
+        let host = u.host_str().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|a| a.is_loopback());
+        u.scheme() == "http" && !loopback
+    }
+
     /// Only the ClickHouse client of `path` and `env` (what `--setup-clickhouse`
-    /// needs: no keys, no TLS).
+    /// needs: no keys, no listener).
     pub fn clickhouse_only(
         path: Option<&std::path::Path>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Option<clickhouse::Client>, ConfigError> {
         let mut file = read_file(path)?;
         let password = clickhouse_env(&mut file, env)?;
-        Ok(client(&file, password.as_deref()))
+        client(&file, password.as_deref())
+            .map_err(|e| OutOfBounds::new("clickhouse_tls", e.to_string()).into())
     }
 
     /// Loads `path` (if any), then applies `env` (the original API's variables:
@@ -695,16 +806,7 @@ impl Config {
         if let Some(k) = &file.kafka {
             crate::control::state_sign::parse_keys(&k.state_keys)?;
             if let Some(t) = &k.tls {
-                if t.cert.is_some() != t.key.is_some() {
-                    return Err(OutOfBounds::new(
-                        "kafka.tls",
-                        "cert and key go together (mutual TLS) or are both left out",
-                    )
-                    .into());
-                }
-                for p in std::iter::once(&t.ca).chain(&t.cert).chain(&t.key) {
-                    std::fs::metadata(p).map_err(|e| ConfigError::Read(p.clone(), e))?;
-                }
+                t.check("kafka.tls")?;
             }
         }
         Ok(Config {
@@ -766,6 +868,75 @@ mod tests {
         }
         let ok = tls(r#"{"ca": "/dev/null", "cert": "/dev/null", "key": "/dev/null"}"#);
         assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+
+    #[test]
+    fn clickhouse_tls_and_the_urls_scheme_agree() {
+        let d = std::env::temp_dir().join(format!("gw-config-ch-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let ca = d.join("ca.pem");
+        let made = rcgen::generate_simple_self_signed(vec!["clickhouse".into()]).unwrap();
+        std::fs::write(&ca, made.cert.pem()).unwrap();
+        let ch = |url: Option<&str>, ca: Option<&std::path::Path>| {
+            let mut json = serde_json::json!({});
+            if let Some(u) = url {
+                json["clickhouse_url"] = u.into();
+            }
+            if let Some(ca) = ca {
+                json["clickhouse_tls"] = serde_json::json!({ "ca": ca });
+            }
+            with(&json.to_string())
+        };
+        let refused = |r: Result<Config, ConfigError>| match r {
+            Err(ConfigError::OutOfBounds(e)) => e.key,
+            other => panic!("{:?}", other.map(|_| ())),
+        };
+        for (url, tls, key) in [
+            (Some("https://clickhouse:8443"), None, "clickhouse_tls"),
+            (
+                Some("http://clickhouse:8123"),
+                Some(ca.as_path()),
+                "clickhouse_url",
+            ),
+            (None, Some(ca.as_path()), "clickhouse_tls"),
+            (Some("ftp://clickhouse:8123"), None, "clickhouse_url"),
+            (Some("clickhouse:8123"), None, "clickhouse_url"),
+            (
+                Some("http://gw:secret@clickhouse:8123"),
+                None,
+                "clickhouse_url",
+            ),
+            // A CA file without a certificate.
+            (
+                Some("https://clickhouse:8443"),
+                Some(std::path::Path::new("/dev/null")),
+                "clickhouse_tls",
+            ),
+        ] {
+            assert_eq!(refused(ch(url, tls)), key, "{url:?} {tls:?}");
+        }
+        let ok = ch(Some("https://clickhouse:8443"), Some(&ca)).unwrap();
+        assert_eq!(ok.clickhouse_transport(), "TLS");
+        assert!(!ok.clickhouse_in_clear());
+        assert!(ok.clickhouse().unwrap().is_some());
+        for (url, clear) in [
+            ("http://127.0.0.1:8123", false),
+            ("http://127.0.0.7:8123", false),
+            ("http://LOCALHOST:8123", false),
+            ("http://[::1]:8123", false),
+            ("http://clickhouse:8123", true),
+            ("http://10.0.0.5:8123", true),
+            ("http://[fd00::5]:8123", true),
+        ] {
+            let c = ch(Some(url), None).unwrap();
+            assert_eq!(
+                (c.clickhouse_in_clear(), c.clickhouse_transport()),
+                (clear, "plain text"),
+                "{url}"
+            );
+        }
+        assert!(!ch(None, None).unwrap().clickhouse_in_clear());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub mod sched;
 pub mod sender;
 pub mod serve;
 pub mod telemetry;
+pub mod tls;
 
 /// Unix time in nanoseconds (0 before 1970, saturating far in the future).
 pub fn now_nanos() -> u64 {

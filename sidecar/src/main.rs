@@ -120,8 +120,14 @@ fn print_check(cfg: &Config) -> anyhow::Result<()> {
             cfg.file.clickhouse_url.as_deref().map_or_else(
                 || "none (not audited)".to_string(),
                 |u| format!(
-                    "{u} as {}",
-                    cfg.file.clickhouse_user.as_deref().unwrap_or("default")
+                    "{u} as {} in {}{}",
+                    cfg.file.clickhouse_user.as_deref().unwrap_or("default"),
+                    cfg.clickhouse_transport(),
+                    if cfg.clickhouse_in_clear() {
+                        " (not loopback: password and rows readable on the network)"
+                    } else {
+                        ""
+                    }
                 )
             ),
             cfg.file.sender.as_ref().map_or_else(

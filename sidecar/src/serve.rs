@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -62,49 +62,8 @@ pub enum Peer {
     Plaintext,
 }
 
-/// Why TLS could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A file could not be read.
-    #[error("tls: {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// A file holds no usable certificate or key.
-    #[error("tls: {path}: {detail}")]
-    Content {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        detail: String,
-    },
-    /// rustls refused the configuration.
-    #[error("tls: {0}")]
-    Rustls(String),
-}
-
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Content {
-            path: path.to_path_buf(),
-            detail: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Content {
-            path: path.to_path_buf(),
-            detail: "no certificate".into(),
-        });
-    }
-    Ok(certs)
-}
+use crate::tls::certs;
+pub use crate::tls::TlsError;
 
 /// The sidecar's TLS: the rustls configuration and the edge's names.
 #[derive(Clone)]
@@ -118,26 +77,8 @@ impl Tls {
     /// for and, when given, must chain to `client_ca`.
     pub fn load(c: &TlsConfig) -> Result<Tls, TlsError> {
         let chain = certs(&c.cert)?;
-        let key_pem = std::fs::read(&c.key).map_err(|source| TlsError::Read {
-            path: c.key.clone(),
-            source,
-        })?;
-        let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
-            .map_err(|e| TlsError::Content {
-                path: c.key.clone(),
-                detail: e.to_string(),
-            })?
-            .ok_or_else(|| TlsError::Content {
-                path: c.key.clone(),
-                detail: "no private key".into(),
-            })?;
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in certs(&c.client_ca)? {
-            roots.add(ca).map_err(|e| TlsError::Content {
-                path: c.client_ca.clone(),
-                detail: e.to_string(),
-            })?;
-        }
+        let key = crate::tls::private_key(&c.key)?;
+        let roots = crate::tls::roots(&c.client_ca)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())

@@ -1169,7 +1169,8 @@ fn publish_mev(
 /// are refused at the handshake.
 #[test]
 fn the_bus_runs_over_mutual_tls_and_a_client_without_a_certificate_is_refused() {
-    use gw_sidecar::control::bus::{KafkaConfig, KafkaTls};
+    use gw_sidecar::control::bus::KafkaConfig;
+    use gw_sidecar::tls::ClientTls;
     use std::sync::atomic::Ordering;
 
     let d = testkit::TempDir::new("kafka-tls");
@@ -1179,7 +1180,7 @@ fn the_bus_runs_over_mutual_tls_and_a_client_without_a_certificate_is_refused() 
     let kafka = testkit::kafka::TlsKafka::start(d.path(), &certs.ca, &certs.cert, &certs.key);
     let mut k = KafkaConfig::with_brokers(&kafka.brokers());
     k.message_timeout_ms = 3000;
-    k.tls = Some(KafkaTls {
+    k.tls = Some(ClientTls {
         ca: certs.ca.clone(),
         cert: Some(certs.edge_cert.clone()),
         key: Some(certs.edge_key.clone()),
@@ -1209,34 +1210,34 @@ fn the_bus_runs_over_mutual_tls_and_a_client_without_a_certificate_is_refused() 
         (2.into(), "killed".into()),
         "{m}"
     );
-    assert!(kafka.accepted.load(Ordering::SeqCst) > 0);
+    assert!(kafka.front.accepted.load(Ordering::SeqCst) > 0);
     drop(s);
 
     // Refused at the handshake, each: a client without a certificate, one in
     // plain text, and one dialling an address the broker's certificate does not
     // name (127.0.0.2: its name is checked, not only its CA).
     let mut bare = k.clone();
-    bare.tls = Some(KafkaTls {
+    bare.tls = Some(ClientTls {
         ca: certs.ca.clone(),
         cert: None,
         key: None,
     });
     let plain = KafkaConfig::with_brokers(&kafka.brokers());
     let mut misnamed = k.clone();
-    misnamed.brokers = format!("127.0.0.2:{}", kafka.port);
+    misnamed.brokers = format!("127.0.0.2:{}", kafka.front.port);
     for (what, cfg) in [
         ("no certificate", bare),
         ("plain text", plain),
         ("another name", misnamed),
     ] {
-        let before = kafka.refused.load(Ordering::SeqCst);
+        let before = kafka.front.refused.load(Ordering::SeqCst);
         let c: BaseConsumer = cfg.client().create().unwrap();
         assert!(
             c.fetch_metadata(None, Duration::from_secs(5)).is_err(),
             "{what}"
         );
         assert!(
-            kafka.refused.load(Ordering::SeqCst) > before,
+            kafka.front.refused.load(Ordering::SeqCst) > before,
             "{what}: not refused at the front"
         );
     }

@@ -1201,3 +1201,177 @@ fn a_start_after_an_outage_keeps_only_the_horizons_tail_and_loses_nothing() {
     let applied = rows.iter().filter(|r| r.decision == "applied").count() as u64;
     assert_eq!(applied, last);
 }
+
+/// The sidecar reaches ClickHouse over mutual TLS: the tables made by
+/// `--setup-clickhouse`, the ledger's rows shipped and the chain read back by
+/// `gwctl ledger verify`, each through a listener that requires a client
+/// certificate from the CA — what ClickHouse's `https_port` with
+/// `verificationMode` strict is. chdb has no TLS listener (`SYSTEM START LISTEN
+/// HTTPS` is refused in its embedded server), so a TLS front before its HTTP port
+/// stands in. A client without a certificate, one in plain text and one dialling
+/// an address the server's certificate does not name are refused at the handshake.
+#[test]
+fn the_ledger_ships_over_mutual_tls_and_a_client_without_a_certificate_is_refused() {
+    use gw_sidecar::tls::ClientTls;
+    use std::sync::atomic::Ordering;
+
+    let d = testkit::TempDir::new("ledger-tls");
+    let ch = ClickHouse::start_secured(d.path());
+    let users = ch.users.clone().unwrap();
+    let certs_dir = d.path().join("clickhouse-certs");
+    std::fs::create_dir_all(&certs_dir).unwrap();
+    let certs = testkit::envoy::dev_certs(&certs_dir);
+    let front =
+        testkit::tls_front::TlsFront::start(ch.http_port, &certs.ca, &certs.cert, &certs.key);
+    let url = format!("https://127.0.0.1:{}", front.port);
+    let tls = ClientTls {
+        ca: certs.ca.clone(),
+        cert: Some(certs.other_cert.clone()),
+        key: Some(certs.other_key.clone()),
+    };
+    let file = d.path().join("sidecar.json");
+    std::fs::write(
+        &file,
+        serde_json::json!({
+            "state_dir": d.path().join("check-state"),
+            "clickhouse_url": url,
+            "clickhouse_tls": {"ca": tls.ca, "cert": tls.cert, "key": tls.key},
+        })
+        .to_string(),
+    )
+    .unwrap();
+
+    // What the operator reads before starting.
+    let o = common::plain_sidecar(d.path(), testkit::free_port())
+        .arg("--config")
+        .arg(&file)
+        .arg("--check")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!("ledger {url} as default in mutual TLS, ")),
+        "{o:?}"
+    );
+
+    // The tables, made by the administrator over TLS.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_gw-sidecar"))
+        .arg("--config")
+        .arg(&file)
+        .arg("--setup-clickhouse")
+        .env("GW_CLICKHOUSE_USER", &users.admin.user)
+        .env("GW_CLICKHOUSE_PASSWORD", &users.admin.password)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(ch.query("EXISTS TABLE control_decisions").trim(), "1");
+
+    // The ledger, shipped as the sidecar's user over TLS.
+    let before = front.accepted.load(Ordering::SeqCst);
+    let mut cfg = common::config(&d.path().join("state"), false);
+    cfg.file.clickhouse_url = Some(url.clone());
+    cfg.file.clickhouse_tls = Some(tls.clone());
+    cfg.file.clickhouse_user = Some(users.sidecar.user.clone());
+    cfg.clickhouse_password = Some(users.sidecar.password.clone());
+    let served = common::serve(cfg);
+    assert_eq!(post_throttle(&served, 81), 200);
+    let rows = common::wait_rows(&ch, 2);
+    assert_eq!(verify_chain(&rows), Ok(2));
+    assert!(front.accepted.load(Ordering::SeqCst) > before);
+
+    let verify = |extra: &[&std::ffi::OsStr]| {
+        std::process::Command::new(testkit::gwctl_bin())
+            .args(["ledger", "verify", "--clickhouse", &url])
+            .args(extra)
+            .env("GW_CLICKHOUSE_USER", &users.admin.user)
+            .env("GW_CLICKHOUSE_PASSWORD", &users.admin.password)
+            .output()
+            .unwrap()
+    };
+    let o = verify(&[
+        "--clickhouse-ca".as_ref(),
+        certs.ca.as_os_str(),
+        "--clickhouse-cert".as_ref(),
+        certs.other_cert.as_os_str(),
+        "--clickhouse-key".as_ref(),
+        certs.other_key.as_os_str(),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "ok 2 rows",
+        "{o:?}"
+    );
+    // gwctl without the CA does not trust the server; without its certificate,
+    // the server does not take it.
+    let o = verify(&[]);
+    assert!(!o.status.success(), "{o:?}");
+    let o = verify(&["--clickhouse-ca".as_ref(), certs.ca.as_os_str()]);
+    assert!(!o.status.success(), "{o:?}");
+    // TLS settings for a plain-text URL are refused, not ignored.
+    let o = std::process::Command::new(testkit::gwctl_bin())
+        .args(["ledger", "verify", "--clickhouse"])
+        .arg(format!("http://127.0.0.1:{}", ch.http_port))
+        .arg("--clickhouse-ca")
+        .arg(&certs.ca)
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("https://"),
+        "{o:?}"
+    );
+
+    // Refused at the handshake, each.
+    let rt = current_thread();
+    let client = |url: String, tls: Option<ClientTls>| {
+        let mut cfg = common::config(&d.path().join("client-state"), false);
+        cfg.file.clickhouse_url = Some(url);
+        cfg.file.clickhouse_tls = tls;
+        cfg.file.clickhouse_user = Some(users.sidecar.user.clone());
+        cfg.clickhouse_password = Some(users.sidecar.password.clone());
+        cfg.clickhouse().unwrap().unwrap()
+    };
+    let bare = ClientTls {
+        cert: None,
+        key: None,
+        ..tls.clone()
+    };
+    for (what, c) in [
+        ("no certificate", client(url.clone(), Some(bare))),
+        (
+            "plain text",
+            client(format!("http://127.0.0.1:{}", front.port), None),
+        ),
+        (
+            "another name",
+            client(
+                format!("https://127.0.0.2:{}", front.port),
+                Some(tls.clone()),
+            ),
+        ),
+    ] {
+        let before = front.refused.load(Ordering::SeqCst);
+        let r = rt.block_on(
+            c.query("SELECT count() FROM control_decisions")
+                .fetch_one::<u64>(),
+        );
+        assert!(r.is_err(), "{what}: {r:?}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while front.refused.load(Ordering::SeqCst) == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: not refused at the front"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    // The sidecar's own client, for comparison, is let in.
+    let ok = client(url.clone(), Some(tls));
+    assert_eq!(
+        rt.block_on(
+            ok.query("SELECT count() FROM control_decisions")
+                .fetch_one::<u64>()
+        )
+        .unwrap(),
+        2
+    );
+}

@@ -21,6 +21,7 @@ pub mod kafka;
 pub mod proxy_wasm;
 pub mod relay;
 pub mod rpc_node;
+pub mod tls_front;
 pub mod tpu_receiver;
 pub mod udp_delay;
 

@@ -100,23 +100,7 @@ pub struct KafkaConfig {
     /// TLS to the brokers (`security.protocol=ssl`), for every client the sidecar
     /// makes. Unset: plain text.
     #[serde(default)]
-    pub tls: Option<KafkaTls>,
-}
-
-/// TLS to the brokers: the CA their certificates chain to (their name is checked
-/// against the address dialled), and the node's client certificate, which the
-/// brokers' ACLs name as its principal.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaTls {
-    /// PEM CA certificates the brokers' certificates chain to.
-    pub ca: std::path::PathBuf,
-    /// PEM client certificate chain (with `key`): mutual TLS.
-    #[serde(default)]
-    pub cert: Option<std::path::PathBuf>,
-    /// Its PEM private key.
-    #[serde(default)]
-    pub key: Option<std::path::PathBuf>,
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 fn default_topic() -> String {
@@ -160,11 +144,7 @@ impl KafkaConfig {
     /// How the clients reach the brokers, for a person: `plain text`, `TLS`, or
     /// `mutual TLS`.
     pub fn transport(&self) -> &'static str {
-        match &self.tls {
-            None => "plain text",
-            Some(t) if t.cert.is_some() => "mutual TLS",
-            Some(_) => "TLS",
-        }
+        crate::tls::ClientTls::transport(self.tls.as_ref())
     }
 
     /// An idempotent producer's configuration (`acks=all`, no linger).
