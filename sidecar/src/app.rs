@@ -226,7 +226,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 public_key = %signer.public_hex(),
                 "module state records in Kafka are signed with this node's state key"
             );
-            Bus::kafka(k, signer, &opened.records).context("kafka client")?
+            let epoch = crate::control::bus::forward_epoch(&dir).with_context(|| {
+                format!(
+                    "cannot keep the forward epoch in {}",
+                    dir.join(crate::control::bus::EPOCH_FILE).display()
+                )
+            })?;
+            Bus::kafka(k, signer, epoch, &opened.records).context("kafka client")?
         }
         None => Bus::in_process(&opened.records),
     };

@@ -656,17 +656,24 @@ async fn seed(
 }
 
 /// The headers of `mev` command `c` as the node of `store` forwards it (no
-/// requester).
+/// requester), numbered as from a start long before the node's next (epoch 1),
+/// each forward after the one before.
 fn forwarded(
     store: &gw_sidecar::control::kafka_state::KafkaState,
     c: &[u8],
 ) -> rdkafka::message::OwnedHeaders {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     gw_sidecar::control::bus::forward_headers(
         store.signer(),
         TOPIC,
+        0,
         b"mev",
         c,
         &gw_core::contract::Requester::default(),
+        gw_sidecar::control::bus::ForwardSeq {
+            epoch: 1,
+            seq: SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        },
     )
 }
 
@@ -717,6 +724,7 @@ fn checkpoint_after(
         .into_iter()
         .collect(),
         writer: node.to_owned(),
+        forwards: BTreeMap::new(),
     }
 }
 
@@ -1064,9 +1072,12 @@ fn a_command_no_gateway_node_forwarded_is_refused_and_audited() {
     };
     let names: Vec<&str> = genuine.iter().map(|h| h.key).collect();
     assert!(
-        names.contains(&"gw-node") && names.contains(&"gw-node-sig"),
+        ["gw-node", "gw-node-seq", "gw-node-sig"]
+            .iter()
+            .all(|h| names.contains(h)),
         "{names:?}"
     );
+    let first = gw_sidecar::control::bus::ForwardSeq { epoch: 1, seq: 1 };
 
     let stranger = stranger("node-1");
     let claimed = Requester {
@@ -1084,7 +1095,7 @@ fn a_command_no_gateway_node_forwarded_is_refused_and_audited() {
     publish_mev(
         &k,
         kill(4),
-        forward_headers(&stranger, TOPIC, b"mev", &kill(4), &claimed),
+        forward_headers(&stranger, TOPIC, 0, b"mev", &kill(4), &claimed, first),
     );
 
     // Refused, each with its row; the module runs on.
@@ -1128,7 +1139,7 @@ fn a_command_no_gateway_node_forwarded_is_refused_and_audited() {
     publish_mev(
         &k,
         kill(5),
-        forward_headers(&stranger, TOPIC, b"mev", &kill(5), &claimed),
+        forward_headers(&stranger, TOPIC, 0, b"mev", &kill(5), &claimed, first),
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while modules(&s)["mev"]["state"] != "killed" {
@@ -1150,6 +1161,145 @@ fn a_command_no_gateway_node_forwarded_is_refused_and_audited() {
         (applied.decision.as_str(), applied.requester.as_str()),
         ("applied", "")
     );
+}
+
+/// A forwarded record copied, headers and all, to a later offset of the command
+/// topic — by anyone who may write there — is refused as a `replay` by the
+/// node's forward sequence, also once the agents forgot its nonce (where it
+/// would otherwise be applied again), and also after the node restarted (a new
+/// start's forwards are numbered after the old one's). The copy answers nobody
+/// and is audited.
+#[test]
+fn a_forwarded_command_copied_to_a_later_offset_is_refused_even_once_its_nonce_is_forgotten() {
+    use rdkafka::message::{Headers, OwnedHeaders};
+
+    let d = testkit::TempDir::new("kafka-copied");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let skew = gw_core::freshness::DEFAULT_MAX_SKEW_SECS;
+    let serve = || {
+        let mut cfg = config(d.path(), &kafka, &ch);
+        // Nonces are forgotten as soon as their commands are stale.
+        cfg.file.agent_dedup_secs = 0;
+        common::serve(cfg)
+    };
+    let k = config(d.path(), &kafka, &ch).file.kafka.unwrap();
+    let s = serve();
+    // A kill that goes stale in 3 s, then a start.
+    let kill = signed_command(1, Action::Kill, now() - skew + 3, "dashboard", &[]);
+    post_applied(&s, kill.clone());
+    post_applied(
+        &s,
+        signed_command(2, Action::Start, now(), "dashboard", &[]),
+    );
+
+    // The two records as forwarded.
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .set("group.id", "test-copies")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    let mut records: Vec<(Vec<u8>, OwnedHeaders)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while records.len() < 2 {
+        assert!(Instant::now() < deadline, "{} records", records.len());
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            records.push((
+                m.payload().unwrap_or_default().to_vec(),
+                m.headers().unwrap().detach(),
+            ));
+        }
+    }
+    assert_eq!(records[0].0, kill);
+    let seq_of = |h: &OwnedHeaders| {
+        h.iter()
+            .find(|x| x.key == "gw-node-seq")
+            .map(|x| String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())
+            .unwrap()
+    };
+    let (e0, s0) = seq_of(&records[0].1)
+        .split_once('.')
+        .map(|(e, s)| (e.to_owned(), s.to_owned()))
+        .unwrap();
+    let (e1, s1) = seq_of(&records[1].1)
+        .split_once('.')
+        .map(|(e, s)| (e.to_owned(), s.to_owned()))
+        .unwrap();
+    assert_eq!(e0, e1, "one start");
+    assert!(s1.parse::<u64>().unwrap() > s0.parse::<u64>().unwrap());
+
+    // Once the kill's nonce is forgotten, its copy: refused, the module runs on.
+    std::thread::sleep(Duration::from_secs(4));
+    let copied_rows = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let rows = common::stored(&ch);
+            let copies: Vec<LedgerRow> = rows
+                .iter()
+                .filter(|r| r.stage == "agent" && r.decision == "rejected" && r.code == "replay")
+                .cloned()
+                .collect();
+            if copies.len() >= n {
+                assert_eq!(verify_chain(&rows), Ok(rows.len() as u64));
+                return copies;
+            }
+            assert!(Instant::now() < deadline, "{:?}", summary(&rows));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    publish_mev(&k, kill.clone(), records[0].1.clone());
+    let copies = copied_rows(1);
+    assert_eq!(copies[0].request_id, "req-1");
+    let m = modules(&s);
+    assert_eq!(
+        (m["mev"]["state"].clone(), m["mev"]["applied"].clone()),
+        ("running".into(), 2.into()),
+        "{m}"
+    );
+    let metrics = s.get_ops("/metrics");
+    assert!(
+        metrics.contains("gw_sidecar_agent_total{module=\"mev\",outcome=\"rejected\"} 1"),
+        "{metrics}"
+    );
+    drop(s);
+
+    // After a restart (a new start, numbered after the old one): the node's
+    // next forward is applied, a copy of the old start's start command is not.
+    let s = serve();
+    post_applied(
+        &s,
+        signed_command(
+            3,
+            Action::Throttle,
+            now(),
+            "dashboard",
+            &[("throttle_pct", "50")],
+        ),
+    );
+    publish_mev(&k, records[1].0.clone(), records[1].1.clone());
+    let copies = copied_rows(2);
+    assert_eq!(copies[1].request_id, "req-2");
+    let m = modules(&s);
+    assert_eq!(
+        (
+            m["mev"]["state"].clone(),
+            m["mev"]["applied"].clone(),
+            m["mev"]["throttle_pct"].clone()
+        ),
+        ("running".into(), 3.into(), 50.into()),
+        "{m}"
+    );
+    let epoch: u64 = std::fs::read_to_string(
+        d.path()
+            .join("state")
+            .join(gw_sidecar::control::bus::EPOCH_FILE),
+    )
+    .unwrap()
+    .parse()
+    .unwrap();
+    assert!(epoch > e0.parse::<u64>().unwrap());
 }
 
 /// Publishes `mev` command `payload` with `headers` to the command topic.

@@ -111,8 +111,8 @@ enum Decided {
     /// Nothing to write.
     Done(Handled),
     /// Refused; `has_row`: audited; `announce`: told to whoever waits for the
-    /// command (not for a copy no gateway node forwarded: the command it copies
-    /// may still come, forwarded).
+    /// command (not for a copy no gateway node forwarded, nor a copy of a
+    /// forward: the command it copies may still come, or has its own answer).
     Rejected {
         r: Reject,
         has_row: bool,
@@ -333,6 +333,8 @@ async fn put_nonce(store: &KafkaState, m: Module, n: &StoredNonce) {
 
 /// The checkpoint outcome of a refused delivery no gateway node forwarded.
 pub const UNFORWARDED: &str = "unforwarded";
+/// The checkpoint outcome of a refused copy of a forward decided on before.
+pub const COPIED: &str = "copied";
 
 /// Most deliveries an agent decides on in one journal transaction.
 const MAX_BATCH: usize = 64;
@@ -560,23 +562,33 @@ impl Agent {
                     }
                 }
             }
-            let step = self.core.decide_after(&state, &pending, d, now);
+            let copied = self.copied_forward(d);
+            let step = match (self.core.decide_after(&state, &pending, d, now), &copied) {
+                (Step::NotMine, _) => Step::NotMine,
+                (_, Some(why)) => Step::Refuse(Reject::with(Code::Replay, why.clone())),
+                (step, None) => step,
+            };
             let (row, entry, next) = match step {
                 Step::NotMine => {
                     decided.push(Decided::Done(Handled::NotMine));
                     continue;
                 }
                 Step::Refuse(r) => {
-                    // Other nodes' watchers ignore an `unforwarded` decision (see
-                    // `Decided::Rejected`); written again as a refusal all the same.
+                    // Other nodes' watchers ignore an `unforwarded` or `copied`
+                    // decision (see `Decided::Rejected`); written again as a
+                    // refusal all the same.
                     let unforwarded = matches!(d.origin, Origin::Unverified { .. });
-                    let outcome = if unforwarded { UNFORWARDED } else { "rejected" };
+                    let outcome = match (unforwarded, copied.is_some()) {
+                        (true, _) => UNFORWARDED,
+                        (false, true) => COPIED,
+                        (false, false) => "rejected",
+                    };
                     self.checkpoint(d, outcome, Some(r.code), None, None)
                         .await?;
                     let row = self.row(Decision::Rejected, Some(r.code), d, None);
                     let has_row = row.is_some();
                     let entry = self.agent_entry(d, None, None);
-                    let announce = !unforwarded;
+                    let announce = !unforwarded && copied.is_none();
                     (
                         row,
                         entry,
@@ -751,6 +763,14 @@ impl Agent {
             },
         );
         cp.writer = chain;
+        if let Origin::Node { node, forward } = &d.origin {
+            cp.forwards
+                .entry(node.clone())
+                .or_default()
+                .entry(d.position.partition)
+                .or_default()
+                .note(*forward);
+        }
         k.store.save(module, &cp).await?;
         k.checkpoint = cp;
         if let Some(n) = nonce {
@@ -758,6 +778,34 @@ impl Agent {
             k.written.entry(n.expires).or_default().push(n.key());
         }
         Ok(())
+    }
+
+    /// Kafka bus: why `d` is a copy of a forward this module's agents decided on
+    /// before, if it is one (see [`super::kafka_state::ForwardWindow`]).
+    fn copied_forward(&self, d: &Delivery) -> Option<String> {
+        let (Origin::Node { node, forward }, Some(k)) = (&d.origin, &self.kafka) else {
+            return None;
+        };
+        let w = k
+            .checkpoint
+            .forwards
+            .get(node)?
+            .get(&d.position.partition)?;
+        let why = w.check(*forward).err()?;
+        if *node == self.env.chain && forward.epoch < w.epoch {
+            // Not a copy anyone made: this node numbers from a start older than
+            // one of its own seen before.
+            tracing::error!(
+                module = self.core.module.as_str(),
+                epoch = forward.epoch,
+                seen = w.epoch,
+                "this node's own forward is refused: it numbers its forwards from a start older than one seen from it before (its clock went back and forward.epoch was lost, or another process runs as this node); restart it once its clock is past the start seen"
+            );
+        }
+        Some(format!(
+            "a copy of node `{node}`'s forward {}.{}: {why}",
+            forward.epoch, forward.seq
+        ))
     }
 
     /// Kafka bus: whether the command topic was replaced under the checkpoint, as
@@ -1226,7 +1274,10 @@ mod tests {
             Step::Apply(_)
         ));
         let node = Delivery {
-            origin: Origin::Node("node-b".into()),
+            origin: Origin::Node {
+                node: "node-b".into(),
+                forward: crate::control::bus::ForwardSeq { epoch: 1, seq: 1 },
+            },
             ..delivery("mev", start(1))
         };
         assert!(matches!(core().decide(&node, NOW), Step::Apply(_)));

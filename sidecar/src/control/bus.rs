@@ -247,9 +247,15 @@ pub enum Origin {
     /// the module's checkpoint.
     Local,
     /// A gateway node of `kafka.state_keys`, which admitted it: its signature over
-    /// the topic, the record key, the command and the requester (headers
-    /// `gw-node`, `gw-node-sig`) verifies.
-    Node(String),
+    /// the topic, the record key, the command, the requester and the forward's
+    /// place in the node's sequence (headers `gw-node`, `gw-node-seq`,
+    /// `gw-node-sig`) verifies.
+    Node {
+        /// The node.
+        node: String,
+        /// Where this forward is in the node's sequence.
+        forward: ForwardSeq,
+    },
     /// Not forwarded by a listed node (published to the command topic some other
     /// way): refused by the agent unless `accepted` (`kafka.accept_unforwarded`).
     Unverified {
@@ -260,6 +266,68 @@ pub enum Origin {
     },
 }
 
+/// Where one forward is in its node's sequence: `epoch` is fixed while the node
+/// runs and grows with each start ([`forward_epoch`]), `seq` grows with each
+/// record the node hands to its producer. A node's records reach a partition in
+/// the order they were handed over (the producer is idempotent), so a record
+/// copied to a later offset comes after records with higher numbers: agents
+/// refuse it ([`super::kafka_state::ForwardWindow`]) even after its nonce is
+/// forgotten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, Deserialize)]
+pub struct ForwardSeq {
+    /// The node's start (µs since the epoch, or one more than the last start's).
+    pub epoch: u64,
+    /// The forward's number within the start, from 1.
+    pub seq: u64,
+}
+
+impl ForwardSeq {
+    /// `{epoch}.{seq}`, as in the header.
+    fn header(self) -> String {
+        format!("{}.{}", self.epoch, self.seq)
+    }
+
+    fn parse(h: &str) -> Option<ForwardSeq> {
+        let (e, s) = h.split_once('.')?;
+        let digits =
+            |x: &str| !x.is_empty() && x.len() <= 20 && x.bytes().all(|b| b.is_ascii_digit());
+        if !digits(e) || !digits(s) {
+            return None;
+        }
+        Some(ForwardSeq {
+            epoch: e.parse().ok()?,
+            seq: s.parse().ok()?,
+        })
+    }
+}
+
+/// The file in the state directory holding the last start's forward epoch.
+pub const EPOCH_FILE: &str = "forward.epoch";
+
+/// This start's forward epoch: the time in µs, or one more than the last start's
+/// when the clock went back (kept in `{state_dir}/forward.epoch`, written before
+/// the node forwards anything). Other nodes refuse forwards from an epoch older
+/// than one they saw from this node, so it must never go back.
+pub fn forward_epoch(state_dir: &std::path::Path) -> std::io::Result<u64> {
+    let path = state_dir.join(EPOCH_FILE);
+    let last = match std::fs::read_to_string(&path) {
+        Ok(t) => t.trim().parse::<u64>().map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    let epoch = now.max(last.saturating_add(1));
+    crate::durable::write_atomic(&path, epoch.to_string().as_bytes())?;
+    Ok(epoch)
+}
+
 /// Kafka header names carrying the requester.
 const H_SUB: &str = "gw-requester";
 const H_ROLES: &str = "gw-requester-roles";
@@ -267,42 +335,62 @@ const H_ISS: &str = "gw-token-issuer";
 /// Kafka header names of the forwarding node and its signature.
 const H_NODE: &str = "gw-node";
 const H_NODE_SIG: &str = "gw-node-sig";
+const H_NODE_SEQ: &str = "gw-node-seq";
 
-/// What a forwarding node signs: the topic, the record key, the command, who
-/// sent it.
+/// What a forwarding node signs: the topic and partition, the record key, the
+/// command, who sent it, and the forward's place in the node's sequence.
 fn forward_parts<'a>(
     topic: &'a str,
+    partition: &'a str,
     key: &'a [u8],
     payload: &'a [u8],
     r: &'a Requester,
-) -> [&'a [u8]; 6] {
+    seq: &'a str,
+) -> [&'a [u8]; 8] {
     [
         topic.as_bytes(),
+        partition.as_bytes(),
         key,
         payload,
         r.sub.as_bytes(),
         r.roles.as_bytes(),
         r.token_issuer.as_bytes(),
+        seq.as_bytes(),
     ]
 }
 
-/// The headers of a command this node forwards to the command topic `topic`: who
-/// sent it (`gw-requester*`) and this node's signature over them, the topic, the
-/// key and the command (`gw-node`, `gw-node-sig`).
+/// The partition of the command topic a node forwards a command keyed `key`
+/// to, of `partitions`: CRC-32 of the key, as librdkafka's default partitioner
+/// picks. Chosen (and signed) by the node, so that a copy put in another
+/// partition does not verify.
+pub fn partition_of(key: &[u8], partitions: i32) -> i32 {
+    let n = u32::try_from(partitions.max(1)).unwrap_or(1);
+    i32::try_from(crc32fast::hash(key) % n).unwrap_or(0)
+}
+
+/// The headers of a command this node forwards to partition `partition` of the
+/// command topic `topic` as its forward `seq`: who sent it (`gw-requester*`)
+/// and this node's signature over them, the topic, the partition, the key, the
+/// command and `seq` (`gw-node`, `gw-node-seq`, `gw-node-sig`).
 pub fn forward_headers(
     signer: &StateSigner,
     topic: &str,
+    partition: i32,
     key: &[u8],
     payload: &[u8],
     r: &Requester,
+    seq: ForwardSeq,
 ) -> OwnedHeaders {
-    let sig = signer.sign_forward(&forward_parts(topic, key, payload, r));
+    let seq = seq.header();
+    let partition = partition.to_string();
+    let sig = signer.sign_forward(&forward_parts(topic, &partition, key, payload, r, &seq));
     let mut h = OwnedHeaders::new();
     for (key, v) in [
         (H_SUB, r.sub.as_str()),
         (H_ROLES, r.roles.as_str()),
         (H_ISS, r.token_issuer.as_str()),
         (H_NODE, signer.me()),
+        (H_NODE_SEQ, seq.as_str()),
         (H_NODE_SIG, sig.as_str()),
     ] {
         if !v.is_empty() {
@@ -319,23 +407,36 @@ pub fn forward_headers(
 /// forwarded it).
 fn origin_of(m: &impl Message, signer: &StateSigner, accept: bool) -> (Origin, Requester) {
     let requester = requester_of(m);
-    let verdict = match (last_header(m, H_NODE), last_header(m, H_NODE_SIG)) {
-        (Some(node), Some(sig)) => signer
+    let verdict = match (
+        last_header(m, H_NODE),
+        last_header(m, H_NODE_SIG),
+        last_header(m, H_NODE_SEQ),
+    ) {
+        (Some(node), Some(sig), Some(seq)) => signer
             .verify_forward(
                 &node,
                 &sig,
                 &forward_parts(
                     m.topic(),
+                    &m.partition().to_string(),
                     m.key().unwrap_or_default(),
                     m.payload().unwrap_or_default(),
                     &requester,
+                    &seq,
                 ),
             )
-            .map(|()| node),
+            .and_then(|()| {
+                ForwardSeq::parse(&seq)
+                    .ok_or_else(|| "its forward sequence is not EPOCH.SEQ".to_owned())
+            })
+            .map(|forward| (node, forward)),
+        (Some(_), Some(_), None) => {
+            Err("no forward sequence (forwarded by a node before 2026-12-05?)".to_owned())
+        }
         _ => Err("no gateway node's signature (not forwarded by a node)".to_owned()),
     };
     match verdict {
-        Ok(node) => (Origin::Node(node), requester),
+        Ok((node, forward)) => (Origin::Node { node, forward }, requester),
         Err(why) => (
             Origin::Unverified {
                 why,
@@ -402,9 +503,11 @@ impl Bus {
     /// A Kafka bus; `records` are what the journal recovered (commands accepted but
     /// not yet forwarded are forwarded first). Creating the clients does not need a
     /// broker; [`Bus::prepare`] creates the topic once one answers.
+    /// `epoch` is this start's forward epoch ([`forward_epoch`]).
     pub fn kafka(
         cfg: KafkaConfig,
         signer: super::state_sign::StateSigner,
+        epoch: u64,
         records: &[(Lsn, Txn)],
     ) -> Result<Bus, BusError> {
         let producer = Mutex::new(Arc::new(KafkaBus::producer(&cfg)?));
@@ -428,6 +531,9 @@ impl Bus {
             producer,
             outbox: Arc::new(outbox),
             failures: std::sync::atomic::AtomicU32::new(0),
+            epoch,
+            next_seq: Mutex::new(1),
+            partitions: std::sync::atomic::AtomicI32::new(0),
         })))
     }
 
@@ -596,7 +702,22 @@ pub struct KafkaBus {
     outbox: Arc<Outbox>,
     /// Sends failed in a row.
     failures: std::sync::atomic::AtomicU32,
+    /// This start's forward epoch ([`forward_epoch`]).
+    epoch: u64,
+    /// The next forward's number; held while a record is numbered and handed to
+    /// the producer, so the numbers reach the topic in order.
+    next_seq: Mutex<u64>,
+    /// The command topic's partitions, as the broker last said (0: not asked
+    /// yet, or asked again after the producer was replaced).
+    partitions: std::sync::atomic::AtomicI32,
 }
+
+// A forward is overtaken by at most the numbers one window of the forwarder
+// takes, two per record (see `publish`): the agents' window must cover them.
+const _: () = assert!(
+    2 * FORWARD_WINDOW as u64 <= super::kafka_state::FORWARD_WINDOW,
+    "the agents' forward window must cover a whole window of the forwarder"
+);
 
 /// Failed sends in a row after which the producer is recreated.
 const RECREATE_AFTER_FAILURES: u32 = 3;
@@ -638,6 +759,48 @@ impl KafkaBus {
         Ok(cfg.producer().create()?)
     }
 
+    /// A fresh producer for the next sends.
+    fn replace_producer(&self) -> Result<(), BusError> {
+        let fresh = Arc::new(Self::producer(&self.cfg)?);
+        *self
+            .producer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        Ok(())
+    }
+
+    /// The command topic's partition count, asked of the broker once (again
+    /// after the topic had to be created).
+    async fn partition_count(&self) -> Result<i32, KafkaError> {
+        let known = self.partitions.load(std::sync::atomic::Ordering::Relaxed);
+        if known > 0 {
+            return Ok(known);
+        }
+        let (p, topic) = (self.current(), self.cfg.topic.clone());
+        let n = tokio::task::spawn_blocking(move || {
+            let md = p
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))?;
+            Ok::<_, KafkaError>(
+                md.topics()
+                    .iter()
+                    .find(|t| t.name() == topic && t.error().is_none())
+                    .map_or(0, |t| t.partitions().len()),
+            )
+        })
+        .await
+        .map_err(|_| KafkaError::Canceled)??;
+        let n = i32::try_from(n).unwrap_or(i32::MAX);
+        if n == 0 {
+            return Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::UnknownTopicOrPartition,
+            ));
+        }
+        self.partitions
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+
     fn current(&self) -> Arc<FutureProducer> {
         self.producer
             .lock()
@@ -660,32 +823,22 @@ impl KafkaBus {
         key: &[u8],
         payload: &[u8],
         requester: &Requester,
+        partitions: i32,
     ) -> Result<Position, BusError> {
         let mut created = false;
+        let partition = partition_of(key, partitions);
         loop {
             let producer = self.current();
-            let record = FutureRecord::to(&self.cfg.topic)
-                .key(key)
-                .payload(payload)
-                .headers(forward_headers(
-                    self.state.signer(),
-                    &self.cfg.topic,
-                    key,
-                    payload,
-                    requester,
-                ));
             let wait = Duration::from_millis(self.cfg.message_timeout_ms);
-            let sent = producer.send(record, wait).await;
+            let sent = self
+                .send(&producer, partition, key, payload, requester, wait)
+                .await;
             if let Some((code, reason)) = producer.client().fatal_error() {
                 // An idempotent producer that failed fatally cannot send again: the
                 // next request gets a fresh one. This request fails (it may not have
                 // been written, and is not retried here).
                 tracing::error!(%code, %reason, "kafka producer failed fatally; recreating it");
-                let fresh = Arc::new(Self::producer(&self.cfg)?);
-                *self
-                    .producer
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                self.replace_producer()?;
                 return Err(BusError::ProducerFailed { code, reason });
             }
             match sent {
@@ -697,24 +850,21 @@ impl KafkaBus {
                     });
                 }
                 // A broker that lost the topic (or never had it): create it once, retry.
-                Err((
-                    KafkaError::MessageProduction(
-                        RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
-                    ),
-                    _,
+                Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
                 )) if !created => {
                     created = true;
                     self.create_topic().await?;
+                    // Its partitions are asked again before the next window.
+                    self.partitions
+                        .store(0, std::sync::atomic::Ordering::Relaxed);
                     // A producer that met the broker before the topic existed may be
                     // unknown to the new partitions (tansu answers its sends with
-                    // UNKNOWN_PRODUCER_ID): start afresh.
-                    let fresh = Arc::new(Self::producer(&self.cfg)?);
-                    *self
-                        .producer
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                    // UNKNOWN_PRODUCER_ID): start afresh. This record is then sent
+                    // again as a new forward (the second number it takes).
+                    self.replace_producer()?;
                 }
-                Err((e, _)) => {
+                Err(e) => {
                     // A producer that keeps timing out may hold state the broker no
                     // longer knows (a broker that restarted without its log answers
                     // every send with UNKNOWN_PRODUCER_ID): start afresh.
@@ -729,14 +879,67 @@ impl KafkaBus {
                         if let Err(e) = self.create_topic().await {
                             tracing::debug!(error = %e, "topic not created");
                         }
-                        let fresh = Arc::new(Self::producer(&self.cfg)?);
-                        *self
-                            .producer
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                        self.replace_producer()?;
                     }
                     return Err(e.into());
                 }
+            }
+        }
+    }
+
+    /// Sends one command as this node's next forward and waits for the broker
+    /// (a full local queue is waited out for up to `wait`). Each attempt is a new
+    /// forward with a new number.
+    async fn send(
+        &self,
+        producer: &FutureProducer,
+        partition: i32,
+        key: &[u8],
+        payload: &[u8],
+        requester: &Requester,
+        wait: Duration,
+    ) -> Result<rdkafka::producer::future_producer::Delivery, KafkaError> {
+        let start = std::time::Instant::now();
+        loop {
+            let queued = {
+                let mut next = lock(&self.next_seq);
+                let seq = ForwardSeq {
+                    epoch: self.epoch,
+                    seq: *next,
+                };
+                let record = FutureRecord::to(&self.cfg.topic)
+                    .partition(partition)
+                    .key(key)
+                    .payload(payload)
+                    .headers(forward_headers(
+                        self.state.signer(),
+                        &self.cfg.topic,
+                        partition,
+                        key,
+                        payload,
+                        requester,
+                        seq,
+                    ));
+                let queued = producer.send_result(record).map_err(|(e, _)| e);
+                if queued.is_ok() {
+                    *next += 1;
+                }
+                queued
+            };
+            match queued {
+                Ok(delivery) => {
+                    return match delivery.await {
+                        Ok(Ok(d)) => Ok(d),
+                        Ok(Err((e, _))) => Err(e),
+                        Err(_) => Err(KafkaError::Canceled),
+                    }
+                }
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull))
+                    if start.elapsed() < wait =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -758,8 +961,33 @@ impl KafkaBus {
                 woke.await;
                 continue;
             }
+            let partitions = match self.partition_count().await {
+                Ok(n) => n,
+                Err(e) => {
+                    if matches!(
+                        e,
+                        KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition)
+                    ) {
+                        if let Err(e) = self.create_topic().await {
+                            tracing::debug!(error = %e, "topic not created");
+                        }
+                    }
+                    let e = e.to_string();
+                    if e != last_err {
+                        tracing::warn!(error = %e, "commands wait in the journal for Kafka");
+                        last_err = e;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+            };
             let sent = futures_util::future::join_all(window.iter().map(|(_, p)| {
-                self.publish(p.module.as_str().as_bytes(), &p.payload, &p.requester)
+                self.publish(
+                    p.module.as_str().as_bytes(),
+                    &p.payload,
+                    &p.requester,
+                    partitions,
+                )
             }))
             .await;
             let mut done = Vec::new();
@@ -1132,10 +1360,17 @@ mod tests {
                 Some(headers),
             )
         };
-        let genuine = forward_headers(&signer, "cmds", b"mev", b"cmd", &alice);
+        let seq = ForwardSeq { epoch: 7, seq: 3 };
+        let genuine = forward_headers(&signer, "cmds", 0, b"mev", b"cmd", &alice, seq);
         assert_eq!(
             origin_of(&msg("cmds", b"cmd", genuine.clone()), &signer, false),
-            (Origin::Node("node-a".into()), alice.clone())
+            (
+                Origin::Node {
+                    node: "node-a".into(),
+                    forward: seq
+                },
+                alice.clone()
+            )
         );
         let refused = |m: OwnedMessage, accept: bool| {
             let (o, r) = origin_of(&m, &signer, accept);
@@ -1148,8 +1383,18 @@ mod tests {
                 o => panic!("{o:?}"),
             }
         };
-        // Another topic, another command.
+        // Another topic, another command, another partition.
         refused(msg("elsewhere", b"cmd", genuine.clone()), false);
+        let moved = OwnedMessage::new(
+            Some(b"cmd".to_vec()),
+            Some(b"mev".to_vec()),
+            "cmds".into(),
+            Timestamp::NotAvailable,
+            1,
+            7,
+            Some(genuine.clone()),
+        );
+        refused(moved, false);
         refused(msg("cmds", b"other", genuine.clone()), true);
         // A second `gw-requester` (the last one counts) or another requester.
         let appended = genuine.clone().insert(Header {
@@ -1172,6 +1417,22 @@ mod tests {
         }
         assert_eq!(requester_of(&msg("cmds", b"cmd", swapped.clone())), mallory);
         refused(msg("cmds", b"cmd", swapped), false);
+        // Another place in the node's sequence (a later number on an old
+        // forward), or none.
+        let renumbered = genuine.clone().insert(Header {
+            key: H_NODE_SEQ,
+            value: Some("7.900"),
+        });
+        refused(msg("cmds", b"cmd", renumbered), false);
+        let mut unnumbered = OwnedHeaders::new();
+        for h in genuine.iter().filter(|h| h.key != H_NODE_SEQ) {
+            unnumbered = unnumbered.insert(Header {
+                key: h.key,
+                value: h.value,
+            });
+        }
+        let why = refused(msg("cmds", b"cmd", unnumbered), false);
+        assert!(why.contains("no forward sequence"), "{why}");
         // No node headers, or a node header without a value.
         let why = refused(msg("cmds", b"cmd", OwnedHeaders::new()), false);
         assert!(why.contains("no gateway node"), "{why}");
@@ -1184,9 +1445,78 @@ mod tests {
             .insert(Header {
                 key: H_NODE_SIG,
                 value: Some(sig.as_str()),
+            })
+            .insert(Header {
+                key: H_NODE_SEQ,
+                value: Some("7.3"),
             });
         let why = refused(msg("cmds", b"cmd", empty), false);
         assert!(why.contains("does not list"), "{why}");
+    }
+
+    #[test]
+    fn a_modules_commands_go_to_one_partition_as_librdkafka_would_put_them() {
+        // librdkafka's `consistent_random`: CRC-32 (IEEE) of the key modulo the
+        // partitions (the check value of CRC-32 over "123456789" is cbf43926).
+        assert_eq!(crc32fast::hash(b"123456789"), 0xcbf4_3926);
+        for key in [b"mev".as_slice(), b"arbitrage"] {
+            assert_eq!(partition_of(key, 1), 0);
+            let n = 7;
+            assert_eq!(
+                partition_of(key, n),
+                i32::try_from(crc32fast::hash(key) % 7).unwrap()
+            );
+        }
+        assert_eq!(partition_of(b"mev", 0), 0, "never out of range");
+    }
+
+    #[test]
+    fn a_forward_sequence_header_is_two_decimal_numbers() {
+        assert_eq!(
+            ForwardSeq::parse("1764900000000000.42"),
+            Some(ForwardSeq {
+                epoch: 1_764_900_000_000_000,
+                seq: 42
+            })
+        );
+        for bad in [
+            "",
+            ".",
+            "1.",
+            ".1",
+            "1.2.3",
+            "+1.2",
+            "1.-2",
+            " 1.2",
+            "0x1.2",
+            "99999999999999999999.1",
+            "1.2 ",
+        ] {
+            assert_eq!(ForwardSeq::parse(bad), None, "{bad:?}");
+        }
+        let f = ForwardSeq { epoch: 9, seq: 1 };
+        assert_eq!(ForwardSeq::parse(&f.header()), Some(f));
+    }
+
+    #[test]
+    fn each_start_forwards_from_a_later_epoch_even_when_the_clock_went_back() {
+        let dir = std::env::temp_dir().join(format!("gw-epoch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let first = forward_epoch(&dir).unwrap();
+        let second = forward_epoch(&dir).unwrap();
+        assert!(second > first);
+        // A clock far behind the last start's epoch: one more than it.
+        let ahead = u64::MAX / 2;
+        std::fs::write(dir.join(EPOCH_FILE), ahead.to_string()).unwrap();
+        assert_eq!(forward_epoch(&dir).unwrap(), ahead + 1);
+        assert_eq!(
+            std::fs::read_to_string(dir.join(EPOCH_FILE)).unwrap(),
+            (ahead + 1).to_string()
+        );
+        // A file that is not a number stops the start rather than guess.
+        std::fs::write(dir.join(EPOCH_FILE), "garbage").unwrap();
+        assert!(forward_epoch(&dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn publish(m: Module, payload: u8) -> Txn {

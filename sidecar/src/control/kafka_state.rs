@@ -73,6 +73,91 @@ pub struct Checkpoint {
     /// The chain that wrote this checkpoint.
     #[serde(default)]
     pub writer: String,
+    /// Per gateway node and partition of the command topic, which of its
+    /// forwards the module's agents have decided on: a copy of one, at a later
+    /// offset, is refused even once its nonce is forgotten.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub forwards: BTreeMap<String, BTreeMap<i32, ForwardWindow>>,
+}
+
+/// How far below a node's newest forward an older one is still taken, once:
+/// the newest number and the 127 below it. A genuine forward is overtaken only
+/// within one window of the node's forwarder, by at most two numbers per
+/// record (a record sent again by a new producer once the topic was created);
+/// the assertion in `bus.rs` keeps the two in step.
+pub const FORWARD_WINDOW: u64 = 128;
+
+/// Which of one node's forwards to one partition were decided on: its newest
+/// start (`epoch`), the highest number seen in it, and which of the
+/// [`FORWARD_WINDOW`] numbers up to it were seen — the anti-replay window of
+/// IPsec (RFC 4303 §3.4.3). A node hands its records to an idempotent producer
+/// one at a time, in order, so they reach a partition in order; the window only
+/// lets through one that a replaced producer let a later one overtake.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardWindow {
+    /// The node's newest start seen.
+    pub epoch: u64,
+    /// The highest forward number seen from that start.
+    pub top: u64,
+    /// Bit `i`: forward `top - i` was seen (bit 0 is `top`).
+    pub seen: u128,
+}
+
+impl ForwardWindow {
+    /// Whether `f` was not decided on before: `Err` says why it is a copy.
+    pub fn check(&self, f: super::bus::ForwardSeq) -> Result<(), String> {
+        if f.epoch != self.epoch {
+            return if f.epoch > self.epoch {
+                Ok(())
+            } else {
+                Err(format!(
+                    "it is from the node's start {}, and forwards from its later start {} were decided on",
+                    f.epoch, self.epoch
+                ))
+            };
+        }
+        if f.seq > self.top {
+            return Ok(());
+        }
+        let back = self.top - f.seq;
+        if back >= FORWARD_WINDOW {
+            return Err(format!(
+                "forward {} is {back} behind the newest decided on ({}), beyond the window of {FORWARD_WINDOW}",
+                f.seq, self.top
+            ));
+        }
+        if self.seen & (1u128 << back) != 0 {
+            return Err(format!(
+                "forward {} of this start was decided on before",
+                f.seq
+            ));
+        }
+        Ok(())
+    }
+
+    /// Notes `f` as decided on.
+    pub fn note(&mut self, f: super::bus::ForwardSeq) {
+        if f.epoch > self.epoch {
+            *self = ForwardWindow {
+                epoch: f.epoch,
+                top: f.seq,
+                seen: 1,
+            };
+        } else if f.epoch == self.epoch {
+            if f.seq > self.top {
+                let shift = f.seq - self.top;
+                self.seen = if shift >= FORWARD_WINDOW {
+                    0
+                } else {
+                    self.seen << shift
+                };
+                self.seen |= 1;
+                self.top = f.seq;
+            } else if self.top - f.seq < FORWARD_WINDOW {
+                self.seen |= 1u128 << (self.top - f.seq);
+            }
+        }
+    }
 }
 
 /// An applied nonce.
@@ -104,8 +189,9 @@ fn nonce_key(issuer: &str, nonce: u64) -> String {
 pub struct LastDecision {
     /// Where the command was read.
     pub position: Position,
-    /// `applied`, `duplicate`, `rejected`, or `unforwarded` (refused: no gateway
-    /// node forwarded it).
+    /// `applied`, `duplicate`, `rejected`, `unforwarded` (refused: no gateway
+    /// node forwarded it), or `copied` (refused: a copy of a forward decided on
+    /// before).
     pub outcome: String,
     /// The refusal code (`rejected`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -520,6 +606,9 @@ fn fold(
                 // deliveries each node decided is not: a node would write an audit
                 // row of it, and the other nodes answer waiting requests from it.
                 c.last.clear();
+                // Nor its record of each node's forwards: an unsigned one could
+                // close a node's numbering for good (a start far in the future).
+                c.forwards.clear();
                 Some(c)
             }
             (recovery, signed, _) => {
@@ -597,6 +686,63 @@ fn fold(
 mod tests {
     use super::*;
     use ed25519_dalek::SigningKey;
+
+    #[test]
+    fn a_nodes_forward_is_taken_once_and_never_after_a_later_start() {
+        use super::super::bus::ForwardSeq;
+        let f = |epoch, seq| ForwardSeq { epoch, seq };
+        let mut w = ForwardWindow::default();
+        let take = |w: &mut ForwardWindow, x: ForwardSeq| {
+            let r = w.check(x);
+            if r.is_ok() {
+                w.note(x);
+            }
+            r
+        };
+        assert!(take(&mut w, f(10, 5)).is_ok());
+        assert!(take(&mut w, f(10, 5)).unwrap_err().contains("before"));
+        // Gaps (the other module's forwards) are normal.
+        assert!(take(&mut w, f(10, 9)).is_ok());
+        // One overtaken within the window is taken once.
+        assert!(take(&mut w, f(10, 7)).is_ok());
+        assert!(take(&mut w, f(10, 7)).is_err());
+        assert!(take(&mut w, f(10, 6)).is_ok());
+        assert!(take(&mut w, f(10, 9)).is_err());
+        // Beyond the window: refused, seen or not.
+        assert!(take(&mut w, f(10, 9 + FORWARD_WINDOW)).is_ok());
+        assert!(take(&mut w, f(10, 9))
+            .unwrap_err()
+            .contains("beyond the window"));
+        assert!(take(&mut w, f(10, 10)).is_ok(), "just inside");
+        assert!(take(&mut w, f(10, 10)).is_err());
+        // A jump of more than the window forgets the bits (all below are old).
+        assert!(take(&mut w, f(10, 10_000)).is_ok());
+        assert!(take(&mut w, f(10, 9_999)).is_ok());
+        assert!(take(&mut w, f(10, 9_999)).is_err());
+        // A later start resets the window; the earlier start is closed for good.
+        assert!(take(&mut w, f(11, 1)).is_ok());
+        assert!(take(&mut w, f(10, 20_000))
+            .unwrap_err()
+            .contains("later start"));
+        assert!(take(&mut w, f(11, 1)).is_err());
+        assert!(take(&mut w, f(11, 2)).is_ok());
+        // Kept in the checkpoint exactly (128 bits as a JSON number).
+        w.note(f(11, 2 + FORWARD_WINDOW - 1));
+        w.note(f(11, 2));
+        let cp = Checkpoint {
+            forwards: [("node-a".to_owned(), [(3, w)].into())].into(),
+            ..Checkpoint::default()
+        };
+        let back: Checkpoint = serde_json::from_str(&serde_json::to_string(&cp).unwrap()).unwrap();
+        assert_eq!(back, cp);
+        assert_eq!(back.forwards["node-a"][&3].seen >> 127, 1);
+        // A checkpoint written before forwards were numbered (no `forwards`)
+        // reads as none seen.
+        let old = serde_json::to_string(&Checkpoint::default()).unwrap();
+        assert!(!old.contains("forwards"), "{old}");
+        let old: Checkpoint = serde_json::from_str(&old).unwrap();
+        assert!(old.forwards.is_empty());
+    }
 
     const M: Module = Module::Mev;
     const T: &str = "control-commands-proto-state-mev";
@@ -817,6 +963,20 @@ mod tests {
                 requester: gw_core::contract::Requester::default(),
             },
         );
+        // Nor its record of the nodes' forwards (a start far ahead would close
+        // node a's numbering for good).
+        with_last.forwards.insert(
+            "a".into(),
+            [(
+                0,
+                ForwardWindow {
+                    epoch: u64::MAX,
+                    top: 1,
+                    seen: 1,
+                },
+            )]
+            .into(),
+        );
         let records = vec![
             forged("state", &with_last),
             forged("n/dashboard/3", &nonce(3, 200)),
@@ -845,8 +1005,8 @@ mod tests {
             &node("a", Some(StateRecovery::AdoptNewest)),
         )
         .unwrap();
-        // Adopted without its record of each node's last decision: no audit row or
-        // answer is made from an unsigned one.
+        // Adopted without its record of each node's last decision (no audit row or
+        // answer is made from an unsigned one) nor of its forwards.
         assert_eq!(l.checkpoint, Some(old));
         assert!(l.recovered);
         // Both nonces are remembered and written again, signed.

@@ -92,9 +92,10 @@ impl CheckpointWatch {
         let Some(d) = cp.last.get(&cp.writer) else {
             return;
         };
-        if d.outcome == super::agent::UNFORWARDED {
-            // A copy no gateway node forwarded: no answer to anyone waiting for
-            // the command it copies, which may still come.
+        if d.outcome == super::agent::UNFORWARDED || d.outcome == super::agent::COPIED {
+            // A copy no gateway node forwarded, or a copy of a forward: no answer
+            // to anyone waiting for the command it copies, which may still come
+            // or has its own answer.
             return;
         }
         let digest = gw_core::replay::digest(&d.payload);
@@ -919,6 +920,13 @@ mod tests {
         if let Some(d) = copy.last.get_mut("node-2") {
             d.outcome = crate::control::agent::UNFORWARDED.into();
             d.code = Some("forbidden_peer".into());
+        }
+        w.seen(copy);
+        // A copy of a forward decided on before, refused by node-2: the same.
+        let mut copy = checkpoint("node-2", 8, 5);
+        if let Some(d) = copy.last.get_mut("node-2") {
+            d.outcome = crate::control::agent::COPIED.into();
+            d.code = Some("replay".into());
         }
         w.seen(copy);
         let nonces: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())

@@ -147,7 +147,7 @@ fn parse_sig(h: &str) -> Option<Signature> {
 }
 
 /// Domain tag of a forwarded command's signature (the command topic's headers).
-const FORWARD_DOMAIN: &[u8] = b"gw-kafka-command/1";
+const FORWARD_DOMAIN: &[u8] = b"gw-kafka-command/2";
 
 impl StateSigner {
     /// This node (`me`, signing with `key`) trusting the nodes of `state_keys`
