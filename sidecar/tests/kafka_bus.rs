@@ -1281,6 +1281,26 @@ fn a_forwarded_command_copied_to_a_later_offset_is_refused_even_once_its_nonce_i
     publish_mev(&k, records[1].0.clone(), records[1].1.clone());
     let copies = copied_rows(2);
     assert_eq!(copies[1].request_id, "req-2");
+    // A number the old start never used, signed with the node's own key (what a
+    // node left running from before its restart would send): its start is over.
+    let cfg = config(d.path(), &kafka, &ch);
+    let signer = cfg.state_signer().unwrap().unwrap();
+    let late = signed_command(4, Action::Kill, now(), "dashboard", &[]);
+    let headers = gw_sidecar::control::bus::forward_headers(
+        &signer,
+        TOPIC,
+        0,
+        b"mev",
+        &late,
+        &gw_core::contract::Requester::default(),
+        gw_sidecar::control::bus::ForwardSeq {
+            epoch: e0.parse().unwrap(),
+            seq: 1_000,
+        },
+    );
+    publish_mev(&k, late, headers);
+    let copies = copied_rows(3);
+    assert_eq!(copies[2].request_id, "req-4");
     let m = modules(&s);
     assert_eq!(
         (
