@@ -26,6 +26,7 @@ pub mod names;
 pub mod replay;
 pub mod roles;
 pub mod sigmemo;
+pub mod transport;
 pub mod txwire;
 pub mod wire;
 

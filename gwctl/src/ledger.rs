@@ -90,13 +90,27 @@ fn checkpoints(
     Ok(newest)
 }
 
+/// Whether `url` is plain `http://` to a host that is not loopback.
+fn in_clear(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    gw_core::transport::plain_beyond_loopback(u.scheme(), u.host_str().unwrap_or_default())
+}
+
 /// The HTTP client for ClickHouse: with `--clickhouse-ca`, only that CA is
 /// trusted, and the client certificate is presented when given.
 fn http_client(a: &VerifyArgs) -> Result<reqwest::Client> {
     let read = |p: &std::path::Path| {
         std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
     };
-    let mut b = reqwest::Client::builder();
+    // A redirect would carry the password header to wherever it points.
+    let mut b = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
+    if a.password.is_some() && in_clear(&a.clickhouse) {
+        eprintln!(
+            "gwctl: warning: --clickhouse is plain http:// to a host that is not loopback: the password crosses the network in clear (use https:// and --clickhouse-ca)"
+        );
+    }
     if a.clickhouse_ca.is_some() && !a.clickhouse.to_ascii_lowercase().starts_with("https://") {
         anyhow::bail!(
             "--clickhouse-ca is for an https:// --clickhouse URL (over http:// the password travels in plain text)"

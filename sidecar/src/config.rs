@@ -431,11 +431,16 @@ fn check_clickhouse(file: &FileConfig) -> Result<(), ConfigError> {
         .ok()
         .filter(|u| u.host_str().is_some())
         .ok_or_else(|| OutOfBounds::new("clickhouse_url", "not a URL (http://host:port)"))?;
-    if !parsed.username().is_empty() || parsed.password().is_some() {
-        // It would be shown by `--check` and the logs.
+    if !parsed.username().is_empty()
+        || parsed.password().is_some()
+        || parsed.query().is_some()
+        || parsed.fragment().is_some()
+    {
+        // A user or password in it would be shown by `--check` and the logs (and
+        // the client drops query parameters anyway).
         return Err(OutOfBounds::new(
             "clickhouse_url",
-            "holds a user or password: give them as GW_CLICKHOUSE_USER and GW_CLICKHOUSE_PASSWORD(_FILE)",
+            "is scheme://host:port only: give the user and password as GW_CLICKHOUSE_USER and GW_CLICKHOUSE_PASSWORD(_FILE)",
         )
         .into());
     }
@@ -473,6 +478,15 @@ fn secret_key(
                 .map_err(|e| ConfigError::Env(name, e.to_string()))
         })
         .transpose()
+}
+
+/// Whether a request to `url` crosses a network in plain text: `http://` to a
+/// host that is not a loopback address (`localhost` counts as loopback).
+pub fn in_clear(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    gw_core::transport::plain_beyond_loopback(u.scheme(), u.host_str().unwrap_or_default())
 }
 
 /// A ClickHouse client for `file`'s URL, user and TLS.
@@ -574,31 +588,22 @@ impl Config {
     /// network in plain text: an `http://` URL whose host is not a loopback
     /// address (`localhost` counts as loopback).
     pub fn clickhouse_in_clear(&self) -> bool {
-        let Some(url) = self.file.clickhouse_url.as_deref() else {
-            return false;
-        };
-        let Ok(u) = reqwest::Url::parse(url) else {
-            return false;
-        };
-        let host = u.host_str().unwrap_or_default();
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let loopback = host.eq_ignore_ascii_case("localhost")
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|a| a.is_loopback());
-        u.scheme() == "http" && !loopback
+        self.file.clickhouse_url.as_deref().is_some_and(in_clear)
     }
 
     /// Only the ClickHouse client of `path` and `env` (what `--setup-clickhouse`
-    /// needs: no keys, no listener).
+    /// needs: no keys, no listener), and whether it talks in plain text beyond
+    /// loopback ([`in_clear`]).
     pub fn clickhouse_only(
         path: Option<&std::path::Path>,
         env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Option<clickhouse::Client>, ConfigError> {
+    ) -> Result<Option<(clickhouse::Client, bool)>, ConfigError> {
         let mut file = read_file(path)?;
         let password = clickhouse_env(&mut file, env)?;
-        client(&file, password.as_deref())
-            .map_err(|e| OutOfBounds::new("clickhouse_tls", e.to_string()).into())
+        let clear = file.clickhouse_url.as_deref().is_some_and(in_clear);
+        Ok(client(&file, password.as_deref())
+            .map_err(|e| OutOfBounds::new("clickhouse_tls", e.to_string()))?
+            .map(|c| (c, clear)))
     }
 
     /// Loads `path` (if any), then applies `env` (the original API's variables:
@@ -903,6 +908,11 @@ mod tests {
             (Some("clickhouse:8123"), None, "clickhouse_url"),
             (
                 Some("http://gw:secret@clickhouse:8123"),
+                None,
+                "clickhouse_url",
+            ),
+            (
+                Some("http://clickhouse:8123/?password=secret"),
                 None,
                 "clickhouse_url",
             ),

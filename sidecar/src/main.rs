@@ -67,8 +67,13 @@ fn main() -> anyhow::Result<()> {
 
 /// `--setup-clickhouse`.
 async fn setup_clickhouse(path: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let client = Config::clickhouse_only(path, &|k| std::env::var(k).ok())?
+    let (client, clear) = Config::clickhouse_only(path, &|k| std::env::var(k).ok())?
         .context("--setup-clickhouse needs clickhouse_url (GW_CLICKHOUSE_URL)")?;
+    if clear {
+        eprintln!(
+            "warning: ClickHouse over plain HTTP to a host that is not loopback: the administrator's password crosses the network in clear (set clickhouse_tls and an https:// URL)"
+        );
+    }
     let done = gw_sidecar::ledger::migrations::apply(&client).await?;
     anyhow::ensure!(
         done.existing.is_empty() && done.skipped.is_empty(),

@@ -792,14 +792,24 @@ impl Agent {
             .get(node)?
             .get(&d.position.partition)?;
         let why = w.check(*forward).err()?;
-        if *node == self.env.chain && forward.epoch < w.epoch {
-            // Not a copy anyone made: this node numbers from a start older than
-            // one of its own seen before.
+        if forward.epoch < w.epoch {
+            // A copy of an old record, or a node numbering from a start older
+            // than one seen from it: its clock went back and forward.epoch was
+            // lost, or a second process runs as it (its forwards are lost here).
             tracing::error!(
                 module = self.core.module.as_str(),
+                node = %node,
                 epoch = forward.epoch,
                 seen = w.epoch,
-                "this node's own forward is refused: it numbers its forwards from a start older than one seen from it before (its clock went back and forward.epoch was lost, or another process runs as this node); restart it once its clock is past the start seen"
+                "a forward from a start of its node older than one seen is refused: a copy of an old record, or the node numbers from a start that is over (its clock went back and forward.epoch was lost, or a second process runs as that node)"
+            );
+        } else {
+            tracing::warn!(
+                module = self.core.module.as_str(),
+                node = %node,
+                epoch = forward.epoch,
+                seq = forward.seq,
+                "a copy of a forward decided on before is refused (someone wrote it to the command topic again)"
             );
         }
         Some(format!(

@@ -57,7 +57,9 @@ pub struct KafkaConfig {
     /// Topic of signed command bytes.
     #[serde(default = "default_topic")]
     pub topic: String,
-    /// Partitions when the sidecar creates the topic.
+    /// The command topic's partitions: the sidecar creates the topic with this
+    /// many, and forwards each module's commands to one of them (the same on
+    /// every node: give every node the same value, at most the topic's count).
     #[serde(default = "default_partitions")]
     pub partitions: i32,
     /// Replication factor when the sidecar creates the topic.
@@ -360,9 +362,9 @@ fn forward_parts<'a>(
 }
 
 /// The partition of the command topic a node forwards a command keyed `key`
-/// to, of `partitions`: CRC-32 of the key, as librdkafka's default partitioner
-/// picks. Chosen (and signed) by the node, so that a copy put in another
-/// partition does not verify.
+/// to, of `partitions` (`kafka.partitions`): CRC-32 of the key, as librdkafka's
+/// default partitioner picks. Chosen (and signed) by the node, so that a copy
+/// put in another partition does not verify.
 pub fn partition_of(key: &[u8], partitions: i32) -> i32 {
     let n = u32::try_from(partitions.max(1)).unwrap_or(1);
     i32::try_from(crc32fast::hash(key) % n).unwrap_or(0)
@@ -533,7 +535,6 @@ impl Bus {
             failures: std::sync::atomic::AtomicU32::new(0),
             epoch,
             next_seq: Mutex::new(1),
-            partitions: std::sync::atomic::AtomicI32::new(0),
         })))
     }
 
@@ -707,9 +708,6 @@ pub struct KafkaBus {
     /// The next forward's number; held while a record is numbered and handed to
     /// the producer, so the numbers reach the topic in order.
     next_seq: Mutex<u64>,
-    /// The command topic's partitions, as the broker last said (0: not asked
-    /// yet, or asked again after the producer was replaced).
-    partitions: std::sync::atomic::AtomicI32,
 }
 
 // A forward is overtaken by at most the numbers one window of the forwarder
@@ -769,38 +767,6 @@ impl KafkaBus {
         Ok(())
     }
 
-    /// The command topic's partition count, asked of the broker once (again
-    /// after the topic had to be created).
-    async fn partition_count(&self) -> Result<i32, KafkaError> {
-        let known = self.partitions.load(std::sync::atomic::Ordering::Relaxed);
-        if known > 0 {
-            return Ok(known);
-        }
-        let (p, topic) = (self.current(), self.cfg.topic.clone());
-        let n = tokio::task::spawn_blocking(move || {
-            let md = p
-                .client()
-                .fetch_metadata(Some(&topic), Duration::from_secs(5))?;
-            Ok::<_, KafkaError>(
-                md.topics()
-                    .iter()
-                    .find(|t| t.name() == topic && t.error().is_none())
-                    .map_or(0, |t| t.partitions().len()),
-            )
-        })
-        .await
-        .map_err(|_| KafkaError::Canceled)??;
-        let n = i32::try_from(n).unwrap_or(i32::MAX);
-        if n == 0 {
-            return Err(KafkaError::MessageProduction(
-                RDKafkaErrorCode::UnknownTopicOrPartition,
-            ));
-        }
-        self.partitions
-            .store(n, std::sync::atomic::Ordering::Relaxed);
-        Ok(n)
-    }
-
     fn current(&self) -> Arc<FutureProducer> {
         self.producer
             .lock()
@@ -855,9 +821,6 @@ impl KafkaBus {
                 )) if !created => {
                     created = true;
                     self.create_topic().await?;
-                    // Its partitions are asked again before the next window.
-                    self.partitions
-                        .store(0, std::sync::atomic::Ordering::Relaxed);
                     // A producer that met the broker before the topic existed may be
                     // unknown to the new partitions (tansu answers its sends with
                     // UNKNOWN_PRODUCER_ID): start afresh. This record is then sent
@@ -961,26 +924,9 @@ impl KafkaBus {
                 woke.await;
                 continue;
             }
-            let partitions = match self.partition_count().await {
-                Ok(n) => n,
-                Err(e) => {
-                    if matches!(
-                        e,
-                        KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition)
-                    ) {
-                        if let Err(e) = self.create_topic().await {
-                            tracing::debug!(error = %e, "topic not created");
-                        }
-                    }
-                    let e = e.to_string();
-                    if e != last_err {
-                        tracing::warn!(error = %e, "commands wait in the journal for Kafka");
-                        last_err = e;
-                    }
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                    continue;
-                }
-            };
+            // Every node spreads the modules over the same partitions:
+            // `kafka.partitions`, not what a broker said when it last asked.
+            let partitions = self.cfg.partitions.max(1);
             let sent = futures_util::future::join_all(window.iter().map(|(_, p)| {
                 self.publish(
                     p.module.as_str().as_bytes(),
