@@ -562,11 +562,18 @@ impl Agent {
                     }
                 }
             }
-            let copied = self.copied_forward(d);
-            let step = match (self.core.decide_after(&state, &pending, d, now), &copied) {
-                (Step::NotMine, _) => Step::NotMine,
-                (_, Some(why)) => Step::Refuse(Reject::with(Code::Replay, why.clone())),
-                (step, None) => step,
+            // A copy of a forward is refused whatever it holds (only this
+            // module's records are judged: the window is this module's).
+            let mut copied = false;
+            let step = match self.core.decide_after(&state, &pending, d, now) {
+                Step::NotMine => Step::NotMine,
+                step => match self.copied_forward(d) {
+                    Some(why) => {
+                        copied = true;
+                        Step::Refuse(Reject::with(Code::Replay, why))
+                    }
+                    None => step,
+                },
             };
             let (row, entry, next) = match step {
                 Step::NotMine => {
@@ -578,7 +585,7 @@ impl Agent {
                     // decision (see `Decided::Rejected`); written again as a
                     // refusal all the same.
                     let unforwarded = matches!(d.origin, Origin::Unverified { .. });
-                    let outcome = match (unforwarded, copied.is_some()) {
+                    let outcome = match (unforwarded, copied) {
                         (true, _) => UNFORWARDED,
                         (false, true) => COPIED,
                         (false, false) => "rejected",
@@ -588,7 +595,7 @@ impl Agent {
                     let row = self.row(Decision::Rejected, Some(r.code), d, None);
                     let has_row = row.is_some();
                     let entry = self.agent_entry(d, None, None);
-                    let announce = !unforwarded && copied.is_none();
+                    let announce = !unforwarded && !copied;
                     (
                         row,
                         entry,
@@ -792,30 +799,20 @@ impl Agent {
             .get(node)?
             .get(&d.position.partition)?;
         let why = w.check(*forward).err()?;
-        if forward.epoch < w.epoch {
-            // A copy of an old record, or a node numbering from a start older
-            // than one seen from it: its clock went back and forward.epoch was
-            // lost, or a second process runs as it (its forwards are lost here).
-            tracing::error!(
-                module = self.core.module.as_str(),
-                node = %node,
-                epoch = forward.epoch,
-                seen = w.epoch,
-                "a forward from a start of its node older than one seen is refused: a copy of an old record, or the node numbers from a start that is over (its clock went back and forward.epoch was lost, or a second process runs as that node)"
-            );
-        } else {
-            tracing::warn!(
-                module = self.core.module.as_str(),
-                node = %node,
-                epoch = forward.epoch,
-                seq = forward.seq,
-                "a copy of a forward decided on before is refused (someone wrote it to the command topic again)"
-            );
-        }
-        Some(format!(
+        let detail = format!(
             "a copy of node `{node}`'s forward {}.{}: {why}",
             forward.epoch, forward.seq
-        ))
+        );
+        let module = self.core.module.as_str();
+        if forward.epoch < w.epoch {
+            // Also what a node numbering from a start that is over sends (its
+            // clock went back and forward.epoch was lost, or a second process
+            // runs as it): those forwards are lost here.
+            tracing::error!(module, %detail, "refused a forward from an older start of its node: a copy of an old record, or that node numbers from a start that is over");
+        } else {
+            tracing::warn!(module, %detail, "refused a copy of a forward decided on before");
+        }
+        Some(detail)
     }
 
     /// Kafka bus: whether the command topic was replaced under the checkpoint, as

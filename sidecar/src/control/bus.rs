@@ -789,10 +789,11 @@ impl KafkaBus {
         key: &[u8],
         payload: &[u8],
         requester: &Requester,
-        partitions: i32,
     ) -> Result<Position, BusError> {
         let mut created = false;
-        let partition = partition_of(key, partitions);
+        // Every node spreads the modules over the same partitions:
+        // `kafka.partitions`, not what a broker said when it last asked.
+        let partition = partition_of(key, self.cfg.partitions);
         loop {
             let producer = self.current();
             let wait = Duration::from_millis(self.cfg.message_timeout_ms);
@@ -924,16 +925,8 @@ impl KafkaBus {
                 woke.await;
                 continue;
             }
-            // Every node spreads the modules over the same partitions:
-            // `kafka.partitions`, not what a broker said when it last asked.
-            let partitions = self.cfg.partitions.max(1);
             let sent = futures_util::future::join_all(window.iter().map(|(_, p)| {
-                self.publish(
-                    p.module.as_str().as_bytes(),
-                    &p.payload,
-                    &p.requester,
-                    partitions,
-                )
+                self.publish(p.module.as_str().as_bytes(), &p.payload, &p.requester)
             }))
             .await;
             let mut done = Vec::new();
