@@ -7,5 +7,6 @@ GW_MODELS_VENV="${GW_MODELS_VENV:-$GW_CACHE/venv-models}"
 export GW_ROOT GW_CACHE GW_VENV GW_MODELS_VENV
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$GW_CACHE/target}"
 
-log() { printf '==> %s\n' "$*" >&2; }
+# Each step's wall-clock time, so a slow run's log says where its time went.
+log() { printf '==> %s %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

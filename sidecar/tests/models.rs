@@ -39,11 +39,13 @@ fn build_abi(out: &Path, sha: &str, seed: u64, fault: u32, models: &str, abi: u3
     );
 }
 
-/// Both models built once per test binary (seed 7, version `t1`).
+/// Both models built once per run of this test binary (seed 7, version `t1`), in
+/// Cargo's directory for integration tests' files (no process would remove it from
+/// the system's temporary directory: a static is never dropped).
 fn built() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("gw-models-{}", std::process::id()));
+        let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gw-models");
         let _ = std::fs::remove_dir_all(&d);
         // The gateway's own models, full size (120 rounds).
         build_abi(&d, "t1", 7, 0, "mev,arb", 2, 120);

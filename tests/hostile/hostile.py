@@ -14,10 +14,12 @@ Exit status 0 when every case holds; otherwise each failing case is printed.
 """
 import argparse
 import asyncio
+import atexit
 import base64
 import hashlib
 import json
 import os
+import shutil
 import socket
 import ssl
 import sys
@@ -52,6 +54,7 @@ PB = "application/x-protobuf"
 def load_protos():
     from grpc_tools import protoc
     out = tempfile.mkdtemp(prefix="gw-hostile-pb-")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     rc = protoc.main(["protoc", f"-I{os.path.join(ROOT, 'proto')}", f"--python_out={out}", "control.proto"])
     if rc != 0:
         sys.exit("protoc failed")

@@ -6,8 +6,10 @@ protobuf + PyNaCl, exactly as ORIGINAL_SPEC §3.2 signs) and PyJWT.
                                       Python agent would (decode, clear, deterministic
                                       re-serialize, PyNaCl verify); prints JSON results
 """
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -20,6 +22,7 @@ PROTO_DIR = os.path.join(HERE, "..", "..", "..", "proto")
 
 def load_protos():
     out = tempfile.mkdtemp(prefix="gw-pb-")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     for inc, name in ((PROTO_DIR, "control.proto"), (HERE, "control_v2.proto")):
         rc = protoc.main(["protoc", f"-I{inc}", f"--python_out={out}", name])
         if rc != 0:

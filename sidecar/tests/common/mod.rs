@@ -29,15 +29,10 @@ pub struct Served {
     pub rt: tokio::runtime::Runtime,
 }
 
-/// The dev certificates of a test's sidecar, made once in `state_dir/../certs`.
+/// The dev certificates of a test's sidecar, made once in `state_dir/test-certs`
+/// (inside the state directory, so they go with the test's temporary directory).
 pub fn certs(state_dir: &Path) -> DevCerts {
-    let dir = state_dir.parent().unwrap_or(state_dir).join(format!(
-        "certs-{}",
-        state_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("x")
-    ));
+    let dir = state_dir.join("test-certs");
     std::fs::create_dir_all(&dir).unwrap();
     testkit::envoy::dev_certs(&dir)
 }
