@@ -151,6 +151,16 @@ impl<V> Default for IssuerNonces<V> {
 }
 
 impl<V> IssuerNonces<V> {
+    /// Nonces still live at `now` (expiring at `now` or later).
+    fn live(&self, now: u64) -> usize {
+        self.seen.len() - self.by_expiry.range(..(now, 0)).count()
+    }
+
+    /// Whether any nonce is live at `now` (the latest expiry is not past).
+    fn any_live(&self, now: u64) -> bool {
+        self.by_expiry.last().is_some_and(|&(e, _)| e >= now)
+    }
+
     fn prune(&mut self, now: u64) {
         while let Some(&(exp, nonce)) = self.by_expiry.first() {
             if exp >= now {
@@ -197,25 +207,37 @@ impl<V: Clone> NonceBook<V> {
 
     /// Whether `(issuer, nonce)` would be accepted at `now`.
     pub fn check(&self, issuer: &str, nonce: u64, now: u64) -> Result<(), Refused<V>> {
+        self.check_reserved(issuer, nonce, now, &HashMap::new())
+    }
+
+    /// Whether `(issuer, nonce)` would be accepted at `now` while `reserved` nonces
+    /// (per issuer) were accepted but are not in the book yet — a guard whose
+    /// nonces become durable after the decision counts them, so that requests
+    /// decided together cannot take it past its bounds between them.
+    pub fn check_reserved(
+        &self,
+        issuer: &str,
+        nonce: u64,
+        now: u64,
+        reserved: &HashMap<String, usize>,
+    ) -> Result<(), Refused<V>> {
         if let Some(s) = self.get(issuer, nonce, now) {
             return Err(Refused::Replay(s.value.clone()));
         }
-        match self.issuers.get(issuer) {
-            Some(i) => {
-                let live = i.seen.len() - i.by_expiry.range(..(now, 0)).count();
-                if live >= self.limits.max_per_issuer {
-                    return Err(Refused::IssuerFull);
-                }
-            }
-            None => {
-                if self.issuers.len() >= self.limits.max_issuers
-                    && !self
-                        .issuers
-                        .values()
-                        .any(|i| i.by_expiry.last().is_none_or(|(e, _)| *e < now))
-                {
-                    return Err(Refused::TooManyIssuers);
-                }
+        let held = reserved.get(issuer).copied().unwrap_or(0);
+        let live = self.issuers.get(issuer).map_or(0, |i| i.live(now));
+        if live.saturating_add(held) >= self.limits.max_per_issuer {
+            return Err(Refused::IssuerFull);
+        }
+        if held == 0 && live == 0 {
+            // A new issuer: the book's live issuers and those only reserved.
+            let live_issuers = self.issuers.values().filter(|i| i.any_live(now)).count();
+            let only_reserved = reserved
+                .iter()
+                .filter(|(k, n)| **n > 0 && !self.issuers.get(*k).is_some_and(|i| i.any_live(now)))
+                .count();
+            if live_issuers.saturating_add(only_reserved) >= self.limits.max_issuers {
+                return Err(Refused::TooManyIssuers);
             }
         }
         Ok(())
@@ -247,6 +269,31 @@ impl<V: Clone> NonceBook<V> {
         i.by_expiry.insert((expires, nonce));
         self.len += 1;
         Ok(())
+    }
+
+    /// Remembers `(issuer, nonce)` with `value` until `expires`, within the bounds or
+    /// not: for a nonce that is already a durable fact (accepted in the journal,
+    /// applied by an agent), which forgetting would open to a replay. The bounds are
+    /// kept by whoever decides to accept ([`Self::check_reserved`]); past them (the
+    /// bounds lowered across a restart), the book is over them until its nonces
+    /// expire and every new one is refused meanwhile. A nonce already live keeps the
+    /// later expiry and takes `value`. Forgets what expired before `now` first.
+    pub fn remember(&mut self, issuer: &str, nonce: u64, expires: u64, value: V, now: u64) {
+        let i = self.issuers.entry(issuer.to_owned()).or_default();
+        let before = i.seen.len();
+        i.prune(now);
+        self.len -= before - i.seen.len();
+        let expires = match i.seen.remove(&nonce) {
+            Some(old) => {
+                i.by_expiry.remove(&(old.expires, nonce));
+                self.len -= 1;
+                expires.max(old.expires)
+            }
+            None => expires,
+        };
+        i.seen.insert(nonce, Seen { expires, value });
+        i.by_expiry.insert((expires, nonce));
+        self.len += 1;
     }
 
     /// Forgets `(issuer, nonce)` (a command whose acceptance was not made durable).
@@ -489,6 +536,71 @@ mod tests {
             Err(Refused::TooManyIssuers)
         );
         b.insert("c", 1, NOW + 100, 0, NOW + 31).unwrap();
+    }
+
+    #[test]
+    fn reserved_nonces_count_against_the_bounds() {
+        let mut b = book();
+        for n in 1..=62 {
+            b.insert("ops", n, NOW + 30, 0, NOW).unwrap();
+        }
+        let none = HashMap::new();
+        let mut reserved = HashMap::from([("ops".to_string(), 2)]);
+        // 62 in the book and 2 reserved: the issuer is full.
+        assert_eq!(b.check_reserved("ops", 63, NOW, &none), Ok(()));
+        assert_eq!(
+            b.check_reserved("ops", 63, NOW, &reserved),
+            Err(Refused::IssuerFull)
+        );
+        // A replay is still told as one.
+        assert_eq!(
+            b.check_reserved("ops", 5, NOW, &reserved),
+            Err(Refused::Replay(0))
+        );
+        // Issuers: "ops" in the book, "b" only reserved — a third is one too many
+        // (the bound is 2), a second nonce of "b" is not a new issuer.
+        reserved.insert("b".into(), 1);
+        assert_eq!(
+            b.check_reserved("c", 1, NOW, &reserved),
+            Err(Refused::TooManyIssuers)
+        );
+        assert_eq!(b.check_reserved("b", 2, NOW, &reserved), Ok(()));
+        // Once the book's issuer expired, "b" (reserved) and a new one fit — unless
+        // the expired one has nonces reserved again.
+        assert_eq!(
+            b.check_reserved("c", 1, NOW + 31, &reserved),
+            Err(Refused::TooManyIssuers)
+        );
+        reserved.remove("ops");
+        assert_eq!(b.check_reserved("c", 1, NOW + 31, &reserved), Ok(()));
+        // A zero count is no reservation.
+        reserved.insert("b".into(), 0);
+        assert_eq!(b.check_reserved("c", 1, NOW, &reserved), Ok(()));
+    }
+
+    #[test]
+    fn a_durable_nonce_is_remembered_past_the_bounds() {
+        let mut b = book();
+        for n in 1..=64 {
+            b.insert("ops", n, NOW + 30, 0, NOW).unwrap();
+        }
+        b.insert("b", 1, NOW + 30, 0, NOW).unwrap();
+        // Full per issuer and in issuers; remembered all the same, and then a
+        // resend of either is a replay.
+        b.remember("ops", 65, NOW + 30, 1, NOW);
+        b.remember("c", 1, NOW + 30, 2, NOW);
+        assert_eq!(b.check("ops", 65, NOW), Err(Refused::Replay(1)));
+        assert_eq!(b.check("c", 1, NOW), Err(Refused::Replay(2)));
+        assert_eq!(b.len(), 67);
+        // Remembered again: the later expiry and the new value.
+        b.remember("c", 1, NOW + 10, 3, NOW);
+        assert_eq!(b.get("c", 1, NOW + 30).map(|s| s.value), Some(3));
+        // New nonces are refused until the book is back within its bounds.
+        assert_eq!(b.check("ops", 66, NOW), Err(Refused::IssuerFull));
+        assert_eq!(b.check("d", 1, NOW), Err(Refused::TooManyIssuers));
+        b.prune(NOW + 31);
+        assert!(b.is_empty());
+        assert_eq!(b.check("d", 1, NOW + 31), Ok(()));
     }
 
     #[test]

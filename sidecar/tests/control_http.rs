@@ -401,3 +401,68 @@ fn the_json_route_needs_the_command_role_from_the_edge() {
         "{rows:#?}"
     );
 }
+
+/// A signed command that reached the sidecar as another route's request (the edge
+/// stamped `x-gw-verified: jwt`: it checked the token for that route, not the
+/// command's body nor the command role) needs the command role all the same, and
+/// the ledger does not record the edge as having accepted it.
+#[test]
+fn a_signed_command_the_edge_did_not_verify_needs_the_command_role() {
+    let d = testkit::TempDir::new("sidecar-signed-role");
+    let ch = testkit::clickhouse::ClickHouse::start(d.path());
+    let s = common::serve(common::config_with_clickhouse(
+        &d.path().join("state"),
+        false,
+        &ch,
+    ));
+    let send = |nonce: u64, roles: &str| -> (u16, Value) {
+        let body = signed_command(nonce, Action::Start, now(), "dashboard", &[]);
+        let req = s
+            .http
+            .post(format!("{}/api/control/commands", s.base))
+            .header("content-type", "application/x-protobuf")
+            .body(body);
+        s.rt.block_on(async {
+            let r = common::as_role(req, roles).send().await.unwrap();
+            (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        })
+    };
+    let (status, body) = send(1, "operator");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("forbidden_role")),
+        "{body}"
+    );
+    assert_eq!(s.get_json("/api/modules")["mev"]["applied"], 0);
+    let (status, body) = send(2, "admin");
+    assert_eq!(
+        (status, body["applied"].clone()),
+        (200, Value::Bool(true)),
+        "{body}"
+    );
+    // Rows: the refused one's request as the edge forwarded it, then its refusal;
+    // the admitted one's acceptance by the sidecar alone, and its application.
+    let rows = common::wait_rows(&ch, 4);
+    assert_eq!(gw_core::ledger::verify_chain(&rows), Ok(rows.len() as u64));
+    let got: Vec<(&str, &str, &str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.stage.as_str(),
+                r.decision.as_str(),
+                r.code.as_str(),
+                r.request_id.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("edge", "accepted", "", "req-1"),
+            ("sidecar", "rejected", "forbidden_role", "req-1"),
+            ("sidecar", "accepted", "", "req-2"),
+            ("agent", "applied", "", "req-2"),
+        ],
+        "{rows:#?}"
+    );
+}

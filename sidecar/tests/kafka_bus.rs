@@ -1268,16 +1268,14 @@ fn a_forwarded_command_copied_to_a_later_offset_is_refused_even_once_its_nonce_i
     // After a restart (a new start, numbered after the old one): the node's
     // next forward is applied, a copy of the old start's start command is not.
     let s = serve();
-    post_applied(
-        &s,
-        signed_command(
-            3,
-            Action::Throttle,
-            now(),
-            "dashboard",
-            &[("throttle_pct", "50")],
-        ),
+    let throttle = signed_command(
+        3,
+        Action::Throttle,
+        now(),
+        "dashboard",
+        &[("throttle_pct", "50")],
     );
+    post_applied(&s, throttle.clone());
     publish_mev(&k, records[1].0.clone(), records[1].1.clone());
     let copies = copied_rows(2);
     assert_eq!(copies[1].request_id, "req-2");
@@ -1301,6 +1299,51 @@ fn a_forwarded_command_copied_to_a_later_offset_is_refused_even_once_its_nonce_i
     publish_mev(&k, late, headers);
     let copies = copied_rows(3);
     assert_eq!(copies[2].request_id, "req-4");
+    // A number of this start below the throttle's that was never decided on (what
+    // a record overtaken on the topic by a later one of its node carries): refused,
+    // so that the module's commands apply in the node's order — and answered.
+    let until = Instant::now() + Duration::from_secs(30);
+    let throttle_seq = loop {
+        assert!(Instant::now() < until, "the throttle's record");
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            if m.payload() == Some(throttle.as_slice()) {
+                let h = m.headers().unwrap().detach();
+                break seq_of(&h);
+            }
+        }
+    };
+    let (epoch, seq) = throttle_seq.split_once('.').unwrap();
+    let overtaken = signed_command(5, Action::Kill, now(), "dashboard", &[]);
+    let headers = gw_sidecar::control::bus::forward_headers(
+        &signer,
+        TOPIC,
+        0,
+        b"mev",
+        &overtaken,
+        &gw_core::contract::Requester::default(),
+        gw_sidecar::control::bus::ForwardSeq {
+            epoch: epoch.parse().unwrap(),
+            seq: seq.parse::<u64>().unwrap() - 1,
+        },
+    );
+    publish_mev(&k, overtaken, headers);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = common::stored(&ch);
+        let row = rows
+            .iter()
+            .find(|r| r.stage == "agent" && r.request_id == "req-5");
+        if let Some(r) = row {
+            assert_eq!(
+                (r.decision.as_str(), r.code.as_str()),
+                ("rejected", "unavailable")
+            );
+            assert_eq!(verify_chain(&rows), Ok(rows.len() as u64));
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", summary(&rows));
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let m = modules(&s);
     assert_eq!(
         (
@@ -1320,6 +1363,137 @@ fn a_forwarded_command_copied_to_a_later_offset_is_refused_even_once_its_nonce_i
     .parse()
     .unwrap();
     assert!(epoch > e0.parse::<u64>().unwrap());
+}
+
+/// A node whose disk lost its `forwarded` marks sends those commands again after
+/// its restart — here its state directory is put back as it was before it
+/// forwarded a command, what a crash just after the broker took the record, or a
+/// disk that lost its last writes, leaves. The command goes out with the number
+/// it had, so its module's agent refuses the copy even once its nonce is
+/// forgotten; before (a new number per send), it was applied a second time.
+#[test]
+fn a_command_forwarded_again_after_its_mark_was_lost_is_not_applied_twice() {
+    use rdkafka::message::Headers;
+
+    let d = testkit::TempDir::new("kafka-mark-lost");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let skew = gw_core::freshness::DEFAULT_MAX_SKEW_SECS;
+    let serve = |clickhouse: bool| {
+        let mut cfg = config(d.path(), &kafka, &ch);
+        // Nonces are forgotten as soon as their commands are stale.
+        cfg.file.agent_dedup_secs = 0;
+        cfg.file.apply_wait_ms = 1500;
+        if !clickhouse {
+            // Nothing listens there: the run's ledger rows stay in its journal.
+            cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", testkit::free_port()));
+        }
+        common::serve(cfg)
+    };
+    let wait_for = |s: &common::Served, state: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while modules(s)["mev"]["state"] != state {
+            assert!(Instant::now() < deadline, "not {state}: {}", modules(s));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // Run 1: the module starts; with the broker stopped, a kill (stale in 5 s)
+    // is accepted and waits in the journal.
+    let s = serve(true);
+    post(
+        &s,
+        signed_command(1, Action::Start, now(), "dashboard", &[]),
+    );
+    wait_for(&s, "running");
+    kafka.process.signal("STOP");
+    let kill = signed_command(2, Action::Kill, now() - skew + 5, "dashboard", &[]);
+    let (status, body) = post(&s, kill.clone());
+    assert_eq!(
+        (status, body["pending"].clone()),
+        (200, Value::Bool(true)),
+        "{body}"
+    );
+    drop(s);
+    let state = d.path().join("state");
+    let before = d.path().join("state-before");
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&state)
+        .arg(&before)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+
+    // Run 2, ClickHouse away: the kill is forwarded and applied.
+    kafka.process.signal("CONT");
+    let s = serve(false);
+    wait_for(&s, "killed");
+    assert_eq!(modules(&s)["mev"]["applied"], 2);
+    drop(s);
+
+    // The disk loses what run 2 wrote, the kill's `forwarded` mark with it.
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::rename(&before, &state).unwrap();
+    // Past the kill's freshness: no agent remembers its nonce.
+    std::thread::sleep(Duration::from_secs(6));
+
+    // Run 3 forwards the kill again, as the same forward.
+    let s = serve(true);
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .set("group.id", "test-mark-lost")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    let mut kills = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while kills.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{} copies of the kill",
+            kills.len()
+        );
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            if m.payload() == Some(kill.as_slice()) {
+                let seq = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|x| x.key == "gw-node-seq"))
+                    .and_then(|x| x.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned());
+                kills.push(seq);
+            }
+        }
+    }
+    assert!(kills[0].is_some());
+    assert_eq!(kills[0], kills[1], "sent again with its number");
+
+    // The copy is refused and audited; the kill was applied once.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rows = loop {
+        let rows = common::stored(&ch);
+        let refused = rows.iter().any(|r| {
+            (
+                r.stage.as_str(),
+                r.decision.as_str(),
+                r.code.as_str(),
+                r.request_id.as_str(),
+            ) == ("agent", "rejected", "replay", "req-2")
+        });
+        if refused {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "{:?}", summary(&rows));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(verify_chain(&rows), Ok(rows.len() as u64));
+    let m = modules(&s);
+    assert_eq!(
+        (m["mev"]["state"].clone(), m["mev"]["applied"].clone()),
+        ("killed".into(), 2.into()),
+        "{m}"
+    );
 }
 
 /// Publishes `mev` command `payload` with `headers` to the command topic.

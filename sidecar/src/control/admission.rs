@@ -8,11 +8,14 @@
 //!
 //! A nonce is *reserved* from the verdict until the shell calls
 //! [`Admission::release`]: a second copy of the same command arriving meanwhile is
-//! refused as a replay even before the first one's nonce is durable.
+//! refused as a replay even before the first one's nonce is durable, and the
+//! guard's bounds count the reserved nonces: requests decided together cannot take
+//! it past them between them (a nonce accepted past its bounds would be durable but
+//! not remembered).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use gw_core::contract::EdgeIdentity;
+use gw_core::contract::{EdgeIdentity, Verified};
 use gw_core::ledger::{Decision, Stage};
 use gw_core::replay::{self, Digest, NonceBook};
 use gw_core::{Action, Code, Command, ControlPolicy, Module, Reject, VerifiedCommand};
@@ -21,21 +24,44 @@ use super::replay_store::Accepted;
 
 /// What admission knows about nonces already accepted (the durable replay guard).
 pub trait SeenNonces {
-    /// Whether `(issuer, nonce)` may be accepted at `now`: `replay` when it was
-    /// (the detail says whether by these very bytes, `digest`), `replay_capacity`
-    /// when the guard is full.
-    fn check(&self, issuer: &str, nonce: u64, digest: &Digest, now: u64) -> Result<(), Reject>;
+    /// Whether `(issuer, nonce)` may be accepted at `now` while `reserved` nonces
+    /// per issuer are admitted but not yet in the guard: `replay` when it was (the
+    /// detail says whether by these very bytes, `digest`), `replay_capacity` when
+    /// the guard, with the reserved ones, is full.
+    fn check(
+        &self,
+        issuer: &str,
+        nonce: u64,
+        digest: &Digest,
+        now: u64,
+        reserved: &HashMap<String, usize>,
+    ) -> Result<(), Reject>;
 }
 
 impl SeenNonces for NonceBook<Accepted> {
-    fn check(&self, issuer: &str, nonce: u64, digest: &Digest, now: u64) -> Result<(), Reject> {
-        NonceBook::check(self, issuer, nonce, now).map_err(|r| refusal(&r, issuer, nonce, digest))
+    fn check(
+        &self,
+        issuer: &str,
+        nonce: u64,
+        digest: &Digest,
+        now: u64,
+        reserved: &HashMap<String, usize>,
+    ) -> Result<(), Reject> {
+        self.check_reserved(issuer, nonce, now, reserved)
+            .map_err(|r| refusal(&r, issuer, nonce, digest))
     }
 }
 
 impl SeenNonces for super::replay_store::ReplayStore {
-    fn check(&self, issuer: &str, nonce: u64, digest: &Digest, now: u64) -> Result<(), Reject> {
-        super::replay_store::ReplayStore::check(self, issuer, nonce, now)
+    fn check(
+        &self,
+        issuer: &str,
+        nonce: u64,
+        digest: &Digest,
+        now: u64,
+        reserved: &HashMap<String, usize>,
+    ) -> Result<(), Reject> {
+        super::replay_store::ReplayStore::check(self, issuer, nonce, now, reserved)
             .map_err(|r| refusal(&r, issuer, nonce, digest))
     }
 }
@@ -120,6 +146,8 @@ pub enum Verdict {
 pub struct Admission {
     policy: ControlPolicy,
     in_flight: HashSet<(String, u64)>,
+    /// `in_flight` counted per issuer, for the guard's bounds.
+    reserved: HashMap<String, usize>,
 }
 
 const EDGE_ACCEPTED: Row = Row {
@@ -142,6 +170,7 @@ impl Admission {
         Admission {
             policy,
             in_flight: HashSet::new(),
+            reserved: HashMap::new(),
         }
     }
 
@@ -156,7 +185,10 @@ impl Admission {
     /// nonces in flight. An admitted command's nonce is reserved.
     pub fn decide(&mut self, req: &Request<'_>, seen: &impl SeenNonces) -> Verdict {
         let mut rows = Vec::with_capacity(2);
-        if req.edge.is_some() {
+        // Only an edge that verified the signed body accepted the command: one
+        // that checked the token alone (a route it did not take for a command
+        // route) is not recorded as having accepted it.
+        if req.edge.is_some_and(|e| e.verified == Verified::Edge) {
             rows.push(EDGE_ACCEPTED);
         }
         let v = match self.policy.check(req.body, req.now, req.route) {
@@ -173,7 +205,7 @@ impl Admission {
         let c = &v.command;
         let digest = gw_core::replay::digest(req.body);
         let replay = seen
-            .check(&c.issuer, c.nonce, &digest, req.now)
+            .check(&c.issuer, c.nonce, &digest, req.now, &self.reserved)
             .and_then(|()| {
                 if self.in_flight.contains(&(c.issuer.clone(), c.nonce)) {
                     Err(Reject::new(
@@ -193,6 +225,7 @@ impl Admission {
             });
         }
         self.in_flight.insert((c.issuer.clone(), c.nonce));
+        *self.reserved.entry(c.issuer.clone()).or_default() += 1;
         rows.push(Row {
             stage: Stage::Sidecar,
             decision: Decision::Accepted,
@@ -227,7 +260,14 @@ impl Admission {
     /// durable in the replay guard, or failed and free to be sent again).
     pub fn release(&mut self, a: &Admitted) {
         let c = &a.verified.command;
-        self.in_flight.remove(&(c.issuer.clone(), c.nonce));
+        if self.in_flight.remove(&(c.issuer.clone(), c.nonce)) {
+            if let Some(n) = self.reserved.get_mut(&c.issuer) {
+                *n -= 1;
+                if *n == 0 {
+                    self.reserved.remove(&c.issuer);
+                }
+            }
+        }
     }
 
     /// Nonces reserved now.
@@ -243,7 +283,6 @@ mod tests {
     use std::collections::BTreeMap;
 
     use ed25519_dalek::SigningKey;
-    use gw_core::contract::Verified;
     use gw_core::keyring::KeyRing;
     use gw_core::replay::Limits;
     use gw_core::sign_command;
@@ -386,6 +425,26 @@ mod tests {
         assert_eq!(a.in_flight(), 1);
         a.release(&ok);
         assert_eq!(a.in_flight(), 0);
+    }
+
+    #[test]
+    fn an_edge_that_checked_only_the_token_is_not_recorded_as_accepting() {
+        let mut a = Admission::new(policy());
+        let mut id = edge();
+        id.verified = Verified::Jwt;
+        let Verdict::Admitted(ok) = a.decide(
+            &Request {
+                body: &signed(&command()),
+                route: None,
+                edge: Some(&id),
+                now: NOW,
+            },
+            &book(),
+        ) else {
+            panic!("refused")
+        };
+        assert_eq!(ok.rows.len(), 1);
+        assert_eq!(ok.rows[0].stage, Stage::Sidecar);
     }
 
     #[test]
@@ -576,6 +635,62 @@ mod tests {
             Code::ReplayCapacity,
         );
         assert_eq!(r.reject.code.http_status(), 429);
+    }
+
+    #[test]
+    fn commands_in_flight_count_against_the_guards_bounds() {
+        // 63 of the issuer's 64 in the guard: one more may be admitted, and a
+        // second one decided before the first is durable must be refused — both
+        // admitted, one of them would be durable but past the guard's bound.
+        let mut seen = book();
+        for n in 100..163 {
+            seen.insert("dashboard", n, NOW + 30, accepted(b"x"), NOW)
+                .unwrap();
+        }
+        let mut a = Admission::new(policy());
+        let (one, two) = (signed(&command()), with(|c| c.nonce = 8));
+        fn req(body: &[u8]) -> Request<'_> {
+            Request {
+                body,
+                route: None,
+                edge: None,
+                now: NOW,
+            }
+        }
+        let Verdict::Admitted(first) = a.decide(&req(&one), &seen) else {
+            panic!("refused")
+        };
+        refused(a.decide(&req(&two), &seen), Code::ReplayCapacity);
+        // Its fate settled (here: not durable), the room is free again; a second
+        // release of the same command frees nothing more.
+        a.release(&first);
+        a.release(&first);
+        assert!(matches!(a.decide(&req(&two), &seen), Verdict::Admitted(_)));
+        refused(a.decide(&req(&one), &seen), Code::ReplayCapacity);
+        // Issuers: the guard keeps 4; "dashboard" and three others reserved fill it.
+        let mut a = Admission::new(policy());
+        let seen = book();
+        let mut held = Vec::new();
+        for issuer in ["dashboard", "ops-1", "ops-2", "ops-3"] {
+            let body = with(|c| c.issuer = issuer.into());
+            let Verdict::Admitted(ok) = a.decide(&req(&body), &seen) else {
+                panic!("{issuer} refused")
+            };
+            held.push(ok);
+        }
+        let fifth = with(|c| c.issuer = "ops-4".into());
+        refused(a.decide(&req(&fifth), &seen), Code::ReplayCapacity);
+        // Another nonce of an issuer already reserved is not a new issuer.
+        let again = with(|c| c.nonce = 9);
+        assert!(matches!(
+            a.decide(&req(&again), &seen),
+            Verdict::Admitted(_)
+        ));
+        a.release(&held[3]);
+        assert!(matches!(
+            a.decide(&req(&fifth), &seen),
+            Verdict::Admitted(_)
+        ));
     }
 
     #[test]

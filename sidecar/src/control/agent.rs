@@ -23,12 +23,12 @@ use std::time::Duration;
 
 use gw_core::ledger::{Decision, Stage};
 use gw_core::module_state::ModuleState;
-use gw_core::replay::{Limits, NonceBook, Refused};
+use gw_core::replay::{Limits, NonceBook};
 use gw_core::{Code, Command, ControlPolicy, Module, Reject, VerifiedCommand};
 use tokio::sync::broadcast;
 
 use super::bus::{BusConsumer, BusError, Delivery, Origin, Position};
-use super::kafka_state::{Checkpoint, KafkaState, LastDecision, StoredNonce, RECENT};
+use super::kafka_state::{Behind, Checkpoint, KafkaState, LastDecision, StoredNonce, RECENT};
 use super::modules::ModuleTable;
 use crate::journal::txn::{AgentEntry, AppliedNonce, SnapshotEntry};
 use crate::journal::{self, Journal, JournalError, Lsn, Txn};
@@ -220,13 +220,11 @@ impl AgentCore {
     pub fn commit(&mut self, a: Applied, seq: u64, now: u64) {
         self.state = a.state;
         let c = &a.verified.command;
-        if let Err(Refused::IssuerFull | Refused::TooManyIssuers) =
-            self.applied.insert(&c.issuer, c.nonce, a.expires, seq, now)
-        {
-            // Never refuse to apply what admission accepted; this nonce is just not
-            // remembered for deduplication.
-            tracing::warn!(module = self.module.as_str(), issuer = %c.issuer, nonce = c.nonce, "agent dedup memory full");
-        }
+        // Every applied nonce is remembered for its whole window, bounds or not:
+        // forgetting one would let a second copy of the command apply. What the
+        // agents remember is bounded by what admission accepted over that window.
+        self.applied
+            .remember(&c.issuer, c.nonce, a.expires, seq, now);
     }
 
     /// Every applied nonce still remembered at `now`.
@@ -378,7 +376,7 @@ impl Agent {
                         applied = NonceBook::new(env.limits);
                         applied_lsns.clear();
                         for n in &s.applied {
-                            let _ = applied.insert(&n.issuer, n.nonce, n.expires, n.seq, now);
+                            applied.remember(&n.issuer, n.nonce, n.expires, n.seq, now);
                             applied_lsns.note(*lsn, n.expires);
                         }
                         state_lsn = Some(*lsn);
@@ -399,7 +397,7 @@ impl Agent {
                     state_lsn = Some(*lsn);
                 }
                 if let Some(n) = &a.applied {
-                    let _ = applied.insert(&n.issuer, n.nonce, n.expires, seq, now);
+                    applied.remember(&n.issuer, n.nonce, n.expires, seq, now);
                     applied_lsns.note(*lsn, n.expires);
                 }
                 if let Some(o) = a.offset {
@@ -562,17 +560,24 @@ impl Agent {
                     }
                 }
             }
-            // A copy of a forward is refused whatever it holds (only this
-            // module's records are judged: the window is this module's).
+            // A forward behind its node's newest one decided on is refused
+            // whatever it holds (only this module's records are judged: the
+            // window is this module's): a copy silently, one overtaken with an
+            // answer — unless it is a duplicate, which was applied.
             let mut copied = false;
             let step = match self.core.decide_after(&state, &pending, d, now) {
                 Step::NotMine => Step::NotMine,
-                step => match self.copied_forward(d) {
-                    Some(why) => {
+                step => match (self.behind_forward(d), step) {
+                    (Some(Behind::Copy(why)), _) => {
                         copied = true;
                         Step::Refuse(Reject::with(Code::Replay, why))
                     }
-                    None => step,
+                    (Some(Behind::Overtaken(_)), step @ Step::Duplicate(_)) => step,
+                    (Some(Behind::Overtaken(why)), _) => Step::Refuse(Reject::with(
+                        Code::Unavailable,
+                        format!("{why}; not applied, so that the module's commands apply in order: sign it again and send it if it is still wanted"),
+                    )),
+                    (None, step) => step,
                 },
             };
             let (row, entry, next) = match step {
@@ -787,9 +792,10 @@ impl Agent {
         Ok(())
     }
 
-    /// Kafka bus: why `d` is a copy of a forward this module's agents decided on
-    /// before, if it is one (see [`super::kafka_state::ForwardWindow`]).
-    fn copied_forward(&self, d: &Delivery) -> Option<String> {
+    /// Kafka bus: why `d` may not be taken, if it is behind its node's newest
+    /// forward this module's agents decided on (see
+    /// [`super::kafka_state::ForwardWindow`]).
+    fn behind_forward(&self, d: &Delivery) -> Option<Behind> {
         let (Origin::Node { node, forward }, Some(k)) = (&d.origin, &self.kafka) else {
             return None;
         };
@@ -798,21 +804,33 @@ impl Agent {
             .forwards
             .get(node)?
             .get(&d.position.partition)?;
-        let why = w.check(*forward).err()?;
-        let detail = format!(
-            "a copy of node `{node}`'s forward {}.{}: {why}",
-            forward.epoch, forward.seq
-        );
+        let behind = w.check(*forward).err()?;
+        let what = |why: &str| {
+            format!(
+                "node `{node}`'s forward {}.{}: {why}",
+                forward.epoch, forward.seq
+            )
+        };
         let module = self.core.module.as_str();
-        if forward.epoch < w.epoch {
-            // Also what a node numbering from a start that is over sends (its
-            // clock went back and forward.epoch was lost, or a second process
-            // runs as it): those forwards are lost here.
-            tracing::error!(module, %detail, "refused a forward from an older start of its node: a copy of an old record, or that node numbers from a start that is over");
-        } else {
-            tracing::warn!(module, %detail, "refused a copy of a forward decided on before");
-        }
-        Some(detail)
+        Some(match behind {
+            Behind::Copy(why) => {
+                let detail = format!("a copy of {}", what(&why));
+                if forward.epoch < w.epoch {
+                    // Also what a node numbering from a start that is over sends
+                    // (its clock went back and forward.epoch was lost, or a second
+                    // process runs as it): those forwards are lost here.
+                    tracing::error!(module, %detail, "refused a forward from an older start of its node: a copy of an old record, or that node numbers from a start that is over");
+                } else {
+                    tracing::warn!(module, %detail, "refused a copy of a forward decided on before");
+                }
+                Behind::Copy(detail)
+            }
+            Behind::Overtaken(why) => {
+                let detail = what(&why);
+                tracing::warn!(module, %detail, "refused a forward behind a later one of its node (overtaken on the topic, or a copy older than the window)");
+                Behind::Overtaken(detail)
+            }
+        })
     }
 
     /// Kafka bus: whether the command topic was replaced under the checkpoint, as
@@ -943,7 +961,7 @@ impl Agent {
         let mut book = NonceBook::new(self.env.limits);
         let mut written: BTreeMap<u64, Vec<String>> = BTreeMap::new();
         for n in &loaded.nonces {
-            let _ = book.insert(&n.issuer, n.nonce, n.expires, 0, now);
+            book.remember(&n.issuer, n.nonce, n.expires, 0, now);
             written.entry(n.expires).or_default().push(n.key());
         }
         self.core = AgentCore::new(

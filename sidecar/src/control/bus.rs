@@ -268,18 +268,20 @@ pub enum Origin {
     },
 }
 
-/// Where one forward is in its node's sequence: `epoch` is fixed while the node
-/// runs and grows with each start ([`forward_epoch`]), `seq` grows with each
-/// record the node hands to its producer. A node's records reach a partition in
-/// the order they were handed over (the producer is idempotent), so a record
-/// copied to a later offset comes after records with higher numbers: agents
-/// refuse it ([`super::kafka_state::ForwardWindow`]) even after its nonce is
-/// forgotten.
+/// Where one forward is in its node's sequence: `epoch` is the start of the node
+/// that accepted the command (fixed while it runs, grows with each start:
+/// [`forward_epoch`]), `seq` the command's journal LSN. A command keeps its number
+/// wherever it is sent again — a send that failed, or one whose `forwarded` mark a
+/// crash lost — and a node hands its records to its idempotent producer in journal
+/// order, so they reach a partition in number order. Agents apply a node's
+/// forwards only in that order ([`super::kafka_state::ForwardWindow`]): a second
+/// copy of a record that reached the topic, however late and whether or not its
+/// nonce is still remembered, and a record that a later one overtook, are refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, Deserialize)]
 pub struct ForwardSeq {
-    /// The node's start (µs since the epoch, or one more than the last start's).
+    /// The accepting start (µs since the epoch, or one more than the last start's).
     pub epoch: u64,
-    /// The forward's number within the start, from 1.
+    /// The command's journal LSN.
     pub seq: u64,
 }
 
@@ -534,8 +536,16 @@ impl Bus {
             outbox: Arc::new(outbox),
             failures: std::sync::atomic::AtomicU32::new(0),
             epoch,
-            next_seq: Mutex::new(1),
         })))
+    }
+
+    /// Kafka bus: this start's forward epoch, which the commands it accepts are
+    /// journalled with ([`PublishEntry::forward_epoch`]).
+    pub fn forward_epoch(&self) -> Option<u64> {
+        match self {
+            Bus::InProcess(_) => None,
+            Bus::Kafka(k) => Some(k.epoch),
+        }
     }
 
     /// The journal sink that feeds the bus: the embedded log, or Kafka's outbox.
@@ -705,19 +715,9 @@ pub struct KafkaBus {
     failures: std::sync::atomic::AtomicU32,
     /// This start's forward epoch ([`forward_epoch`]).
     epoch: u64,
-    /// The next forward's number; held while a record is numbered and handed to
-    /// the producer, so the numbers reach the topic in order.
-    next_seq: Mutex<u64>,
 }
 
-// A forward is overtaken by at most the numbers one window of the forwarder
-// takes, two per record (see `publish`): the agents' window must cover them.
-const _: () = assert!(
-    2 * FORWARD_WINDOW as u64 <= super::kafka_state::FORWARD_WINDOW,
-    "the agents' forward window must cover a whole window of the forwarder"
-);
-
-/// Failed sends in a row after which the producer is recreated.
+/// Failed windows in a row after which the producer is recreated.
 const RECREATE_AFTER_FAILURES: u32 = 3;
 
 /// Journalled commands waiting to be forwarded to Kafka, in journal order.
@@ -784,134 +784,123 @@ impl KafkaBus {
             .await
     }
 
-    async fn publish(
+    /// Hands the command journalled at `lsn` to `producer` as this node's forward
+    /// `lsn` (not waiting for the broker). The same command always goes out with the
+    /// same number, at every attempt and after a restart, so a second copy of one
+    /// that reached the topic is known as one by the agents.
+    fn hand_over(
         &self,
-        key: &[u8],
-        payload: &[u8],
-        requester: &Requester,
-    ) -> Result<Position, BusError> {
-        let mut created = false;
+        producer: &FutureProducer,
+        lsn: Lsn,
+        p: &PublishEntry,
+    ) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
+        let key = p.module.as_str().as_bytes();
         // Every node spreads the modules over the same partitions:
         // `kafka.partitions`, not what a broker said when it last asked.
         let partition = partition_of(key, self.cfg.partitions);
-        loop {
-            let producer = self.current();
-            let wait = Duration::from_millis(self.cfg.message_timeout_ms);
-            let sent = self
-                .send(&producer, partition, key, payload, requester, wait)
-                .await;
-            if let Some((code, reason)) = producer.client().fatal_error() {
-                // An idempotent producer that failed fatally cannot send again: the
-                // next request gets a fresh one. This request fails (it may not have
-                // been written, and is not retried here).
-                tracing::error!(%code, %reason, "kafka producer failed fatally; recreating it");
-                self.replace_producer()?;
-                return Err(BusError::ProducerFailed { code, reason });
-            }
-            match sent {
-                Ok(d) => {
-                    self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
-                    return Ok(Position {
-                        partition: d.partition,
-                        offset: d.offset,
-                    });
+        let seq = ForwardSeq {
+            epoch: p.forward_epoch.unwrap_or(self.epoch),
+            seq: lsn,
+        };
+        let record = FutureRecord::to(&self.cfg.topic)
+            .partition(partition)
+            .key(key)
+            .payload(&p.payload)
+            .headers(forward_headers(
+                self.state.signer(),
+                &self.cfg.topic,
+                partition,
+                key,
+                &p.payload,
+                &p.requester,
+                seq,
+            ));
+        producer.send_result(record).map_err(|(e, _)| e)
+    }
+
+    /// Sends `window` (the outbox's oldest commands, in journal order) and says
+    /// how many of its first ones the broker took, and the first failure, if any.
+    /// Commands are handed to the one idempotent producer in journal order, and
+    /// none after one it refused, so a module's commands reach its partition in
+    /// journal order; the next window starts from the first that failed.
+    async fn send_window(&self, window: &[(Lsn, PublishEntry)]) -> (usize, Option<KafkaError>) {
+        let producer = self.current();
+        let mut deliveries = Vec::with_capacity(window.len());
+        let mut refused = None;
+        for (lsn, p) in window {
+            match self.hand_over(&producer, *lsn, p) {
+                Ok(d) => deliveries.push(d),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
                 }
-                // A broker that lost the topic (or never had it): create it once, retry.
-                Err(KafkaError::MessageProduction(
-                    RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
-                )) if !created => {
-                    created = true;
-                    self.create_topic().await?;
-                    // A producer that met the broker before the topic existed may be
-                    // unknown to the new partitions (tansu answers its sends with
-                    // UNKNOWN_PRODUCER_ID): start afresh. This record is then sent
-                    // again as a new forward (the second number it takes).
+            }
+        }
+        let results = futures_util::future::join_all(deliveries).await;
+        let mut taken = 0;
+        let mut failed = None;
+        for r in results {
+            match r {
+                Ok(Ok(_)) if failed.is_none() => taken += 1,
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    failed.get_or_insert(e);
+                }
+                Err(_) => {
+                    failed.get_or_insert(KafkaError::Canceled);
+                }
+            }
+        }
+        (taken, failed.or(refused))
+    }
+
+    /// After a window that failed with `e`: a fresh producer when the one in use
+    /// cannot go on, and the topic created when the broker does not have it.
+    async fn after_failure(&self, e: &KafkaError) -> Result<(), BusError> {
+        if let Some((code, reason)) = self.current().client().fatal_error() {
+            // An idempotent producer that failed fatally cannot send again.
+            tracing::error!(%code, %reason, "kafka producer failed fatally; recreating it");
+            return self.replace_producer();
+        }
+        match e {
+            // A broker that lost the topic (or never had it). A producer that met
+            // the broker before the topic existed may be unknown to the new
+            // partitions (tansu answers its sends with UNKNOWN_PRODUCER_ID): start
+            // afresh.
+            KafkaError::MessageProduction(
+                RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
+            ) => {
+                self.create_topic().await?;
+                self.replace_producer()
+            }
+            // A full local queue: wait for it to drain.
+            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => Ok(()),
+            _ => {
+                // A producer that keeps failing may hold state the broker no longer
+                // knows (a broker that restarted without its log answers every
+                // send with UNKNOWN_PRODUCER_ID): start afresh, once when failures
+                // start, then every few windows.
+                let n = self
+                    .failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                if n == RECREATE_AFTER_FAILURES || n.is_multiple_of(4 * RECREATE_AFTER_FAILURES) {
+                    tracing::warn!(error = %e, "kafka producer keeps failing; recreating it");
+                    if let Err(e) = self.create_topic().await {
+                        tracing::debug!(error = %e, "topic not created");
+                    }
                     self.replace_producer()?;
                 }
-                Err(e) => {
-                    // A producer that keeps timing out may hold state the broker no
-                    // longer knows (a broker that restarted without its log answers
-                    // every send with UNKNOWN_PRODUCER_ID): start afresh.
-                    let n = self
-                        .failures
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    // Once when failures start, then every few windows: not once per
-                    // message of a window that failed together.
-                    let n = n + 1;
-                    if n == RECREATE_AFTER_FAILURES || n.is_multiple_of(4 * FORWARD_WINDOW as u32) {
-                        tracing::warn!(error = %e, "kafka producer keeps failing; recreating it");
-                        if let Err(e) = self.create_topic().await {
-                            tracing::debug!(error = %e, "topic not created");
-                        }
-                        self.replace_producer()?;
-                    }
-                    return Err(e.into());
-                }
+                Ok(())
             }
         }
     }
 
-    /// Sends one command as this node's next forward and waits for the broker
-    /// (a full local queue is waited out for up to `wait`). Each attempt is a new
-    /// forward with a new number.
-    async fn send(
-        &self,
-        producer: &FutureProducer,
-        partition: i32,
-        key: &[u8],
-        payload: &[u8],
-        requester: &Requester,
-        wait: Duration,
-    ) -> Result<rdkafka::producer::future_producer::Delivery, KafkaError> {
-        let start = std::time::Instant::now();
-        loop {
-            let queued = {
-                let mut next = lock(&self.next_seq);
-                let seq = ForwardSeq {
-                    epoch: self.epoch,
-                    seq: *next,
-                };
-                let record = FutureRecord::to(&self.cfg.topic)
-                    .partition(partition)
-                    .key(key)
-                    .payload(payload)
-                    .headers(forward_headers(
-                        self.state.signer(),
-                        &self.cfg.topic,
-                        partition,
-                        key,
-                        payload,
-                        requester,
-                        seq,
-                    ));
-                let queued = producer.send_result(record).map_err(|(e, _)| e);
-                if queued.is_ok() {
-                    *next += 1;
-                }
-                queued
-            };
-            match queued {
-                Ok(delivery) => {
-                    return match delivery.await {
-                        Ok(Ok(d)) => Ok(d),
-                        Ok(Err((e, _))) => Err(e),
-                        Err(_) => Err(KafkaError::Canceled),
-                    }
-                }
-                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull))
-                    if start.elapsed() < wait =>
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Forwards the outbox to the topic forever, in journal order (the idempotent
-    /// producer keeps the order of a window in flight); each forwarded command is
-    /// marked in the journal so a restart does not send it again (and if the mark is
-    /// lost, the agents drop the second copy by nonce).
+    /// Forwards the outbox to the topic forever, in journal order, a window of up
+    /// to [`FORWARD_WINDOW`] in flight at a time; what the broker took is marked
+    /// in the journal so a restart does not send it again. A command whose mark
+    /// was lost (a crash just after the broker took it) is sent again after the
+    /// restart with the same number, and the agents refuse that copy.
     async fn forward(self: Arc<Self>, journal: Journal) {
         let mut last_err = String::new();
         loop {
@@ -925,38 +914,38 @@ impl KafkaBus {
                 woke.await;
                 continue;
             }
-            let sent = futures_util::future::join_all(window.iter().map(|(_, p)| {
-                self.publish(p.module.as_str().as_bytes(), &p.payload, &p.requester)
-            }))
-            .await;
-            let mut done = Vec::new();
-            for ((lsn, _), r) in window.iter().zip(sent) {
-                match r {
-                    Ok(_) => done.push(*lsn),
-                    Err(e) => {
-                        let e = e.to_string();
-                        if e != last_err {
-                            tracing::warn!(error = %e, "commands wait in the journal for Kafka");
-                            last_err = e;
-                        }
-                        break;
-                    }
-                }
-            }
-            if !done.is_empty() {
-                last_err.clear();
+            let (taken, failed) = self.send_window(&window).await;
+            if taken > 0 {
                 let mut q = lock(&self.outbox.queue);
-                for _ in 0..done.len() {
+                for _ in 0..taken {
                     q.pop_front();
                 }
                 drop(q);
                 journal.commit_detached(Txn::of(
-                    done.into_iter()
-                        .map(|lsn| journal::Entry::Forwarded { lsn })
+                    window[..taken]
+                        .iter()
+                        .map(|(lsn, _)| journal::Entry::Forwarded { lsn: *lsn })
                         .collect(),
                 ));
-            } else {
-                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            match failed {
+                None => {
+                    self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
+                    last_err.clear();
+                }
+                Some(e) => {
+                    let shown = e.to_string();
+                    if shown != last_err {
+                        tracing::warn!(error = %shown, forwarded = taken, "commands wait in the journal for Kafka");
+                        last_err = shown;
+                    }
+                    if let Err(e) = self.after_failure(&e).await {
+                        tracing::warn!(error = %e, "kafka producer not recreated");
+                    }
+                    if taken == 0 {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
             }
         }
     }
@@ -1463,6 +1452,7 @@ mod tests {
             module: m,
             payload: vec![payload],
             requester: Requester::default(),
+            forward_epoch: None,
         })])
     }
 

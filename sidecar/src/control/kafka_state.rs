@@ -80,59 +80,68 @@ pub struct Checkpoint {
     pub forwards: BTreeMap<String, BTreeMap<i32, ForwardWindow>>,
 }
 
-/// How far below a node's newest forward an older one is still taken, once:
-/// the newest number and the 127 below it. A genuine forward is overtaken only
-/// within one window of the node's forwarder, by at most two numbers per
-/// record (a record sent again by a new producer once the topic was created);
-/// the assertion in `bus.rs` keeps the two in step.
+/// How many numbers below a node's newest forward the window remembers which
+/// were decided on (a copy of one of them is known as one).
 pub const FORWARD_WINDOW: u64 = 128;
 
+/// Why a forward is not taken: it is behind the newest one decided on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Behind {
+    /// Decided on before (within the window), or from an older start of the node:
+    /// a copy of a record, refused and answered to nobody.
+    Copy(String),
+    /// Not known to be decided on: overtaken on the topic by a later record of
+    /// the node (its send failed and was retried after the later one went), or a
+    /// copy older than the window. Refused, so that a module's commands apply in
+    /// their node's order, and answered.
+    Overtaken(String),
+}
+
 /// Which of one node's forwards to one partition were decided on: its newest
-/// start (`epoch`), the highest number seen in it, and which of the
-/// [`FORWARD_WINDOW`] numbers up to it were seen — the anti-replay window of
-/// IPsec (RFC 4303 §3.4.3). A node hands its records to an idempotent producer
-/// one at a time, in order, so they reach a partition in order; the window only
-/// lets through one that a replaced producer let a later one overtake.
+/// start (`epoch`), the highest number decided on in it, and which of the
+/// [`FORWARD_WINDOW`] numbers up to it were — the anti-replay window of IPsec
+/// (RFC 4303 §3.4.3), with one rule more: only a number above the highest is
+/// taken. A node hands its records to an idempotent producer in journal order
+/// and sends a failed one again with the same number, so a record below the
+/// highest is a copy, or one that a later record overtook (taking it would apply
+/// the module's commands out of order).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForwardWindow {
     /// The node's newest start seen.
     pub epoch: u64,
-    /// The highest forward number seen from that start.
+    /// The highest forward number decided on in that start.
     pub top: u64,
-    /// Bit `i`: forward `top - i` was seen (bit 0 is `top`).
+    /// Bit `i`: forward `top - i` was decided on (bit 0 is `top`).
     pub seen: u128,
 }
 
 impl ForwardWindow {
-    /// Whether `f` was not decided on before: `Err` says why it is a copy.
-    pub fn check(&self, f: super::bus::ForwardSeq) -> Result<(), String> {
+    /// Whether `f` may be taken: `Err` says why not.
+    pub fn check(&self, f: super::bus::ForwardSeq) -> Result<(), Behind> {
         if f.epoch != self.epoch {
             return if f.epoch > self.epoch {
                 Ok(())
             } else {
-                Err(format!(
+                Err(Behind::Copy(format!(
                     "it is from the node's start {}, and forwards from its later start {} were decided on",
                     f.epoch, self.epoch
-                ))
+                )))
             };
         }
         if f.seq > self.top {
             return Ok(());
         }
         let back = self.top - f.seq;
-        if back >= FORWARD_WINDOW {
-            return Err(format!(
-                "forward {} is {back} behind the newest decided on ({}), beyond the window of {FORWARD_WINDOW}",
-                f.seq, self.top
-            ));
-        }
-        if self.seen & (1u128 << back) != 0 {
-            return Err(format!(
+        if back < FORWARD_WINDOW && self.seen & (1u128 << back) != 0 {
+            return Err(Behind::Copy(format!(
                 "forward {} of this start was decided on before",
                 f.seq
-            ));
+            )));
         }
-        Ok(())
+        Err(Behind::Overtaken(format!(
+            "forward {} comes after the node's forward {} was decided on",
+            f.seq, self.top
+        )))
     }
 
     /// Notes `f` as decided on.
@@ -688,43 +697,46 @@ mod tests {
     use ed25519_dalek::SigningKey;
 
     #[test]
-    fn a_nodes_forward_is_taken_once_and_never_after_a_later_start() {
+    fn a_nodes_forwards_are_taken_once_in_order_and_never_after_a_later_start() {
         use super::super::bus::ForwardSeq;
         let f = |epoch, seq| ForwardSeq { epoch, seq };
         let mut w = ForwardWindow::default();
+        // Refusals are noted too, as the agent does (each is a decision).
         let take = |w: &mut ForwardWindow, x: ForwardSeq| {
             let r = w.check(x);
-            if r.is_ok() {
-                w.note(x);
-            }
+            w.note(x);
             r
         };
+        let copy = |r: Result<(), Behind>| matches!(r, Err(Behind::Copy(_)));
+        let overtaken = |r: Result<(), Behind>| matches!(r, Err(Behind::Overtaken(_)));
         assert!(take(&mut w, f(10, 5)).is_ok());
-        assert!(take(&mut w, f(10, 5)).unwrap_err().contains("before"));
-        // Gaps (the other module's forwards) are normal.
+        assert!(copy(take(&mut w, f(10, 5))));
+        // Gaps (other journal records, the other module's forwards) are normal.
         assert!(take(&mut w, f(10, 9)).is_ok());
-        // One overtaken within the window is taken once.
-        assert!(take(&mut w, f(10, 7)).is_ok());
-        assert!(take(&mut w, f(10, 7)).is_err());
-        assert!(take(&mut w, f(10, 6)).is_ok());
-        assert!(take(&mut w, f(10, 9)).is_err());
-        // Beyond the window: refused, seen or not.
+        // One overtaken is refused (the module's order), and answered; a copy of
+        // it after that is a copy.
+        assert!(overtaken(take(&mut w, f(10, 7))));
+        assert!(copy(take(&mut w, f(10, 7))));
+        assert!(copy(take(&mut w, f(10, 9))));
+        // Beyond the window: not known to be decided, refused all the same.
         assert!(take(&mut w, f(10, 9 + FORWARD_WINDOW)).is_ok());
-        assert!(take(&mut w, f(10, 9))
-            .unwrap_err()
-            .contains("beyond the window"));
-        assert!(take(&mut w, f(10, 10)).is_ok(), "just inside");
-        assert!(take(&mut w, f(10, 10)).is_err());
+        assert!(overtaken(take(&mut w, f(10, 9))));
+        assert!(
+            overtaken(take(&mut w, f(10, 10))),
+            "just inside, never decided"
+        );
+        assert!(copy(take(&mut w, f(10, 10))));
         // A jump of more than the window forgets the bits (all below are old).
         assert!(take(&mut w, f(10, 10_000)).is_ok());
-        assert!(take(&mut w, f(10, 9_999)).is_ok());
-        assert!(take(&mut w, f(10, 9_999)).is_err());
+        assert!(overtaken(take(&mut w, f(10, 9_999))));
         // A later start resets the window; the earlier start is closed for good.
         assert!(take(&mut w, f(11, 1)).is_ok());
-        assert!(take(&mut w, f(10, 20_000))
-            .unwrap_err()
-            .contains("later start"));
-        assert!(take(&mut w, f(11, 1)).is_err());
+        let older = take(&mut w, f(10, 20_000));
+        assert!(
+            matches!(&older, Err(Behind::Copy(why)) if why.contains("later start")),
+            "{older:?}"
+        );
+        assert!(copy(take(&mut w, f(11, 1))));
         assert!(take(&mut w, f(11, 2)).is_ok());
         // Kept in the checkpoint exactly (128 bits as a JSON number).
         w.note(f(11, 2 + FORWARD_WINDOW - 1));

@@ -4,6 +4,8 @@
 //! the bus): a nonce is never taken by a command that was not durably accepted. At
 //! start the guard is rebuilt from the nonces that are still fresh.
 
+use std::collections::HashMap;
+
 use gw_core::ledger::{Decision, Stage};
 use gw_core::replay::{Digest, Limits, NonceBook, Refused, Seen};
 
@@ -64,10 +66,17 @@ impl ReplayStore {
         self.release(now);
     }
 
-    /// Whether `(issuer, nonce)` would be accepted at `now` (what it was accepted
-    /// with, if it was).
-    pub fn check(&self, issuer: &str, nonce: u64, now: u64) -> Result<(), Refused<Accepted>> {
-        self.book.check(issuer, nonce, now)
+    /// Whether `(issuer, nonce)` would be accepted at `now` with `reserved` nonces
+    /// per issuer admitted but not durable yet (what it was accepted with, if it
+    /// was).
+    pub fn check(
+        &self,
+        issuer: &str,
+        nonce: u64,
+        now: u64,
+        reserved: &HashMap<String, usize>,
+    ) -> Result<(), Refused<Accepted>> {
+        self.book.check_reserved(issuer, nonce, now, reserved)
     }
 
     /// What `(issuer, nonce)` was accepted with, if it is live.
@@ -80,8 +89,10 @@ impl ReplayStore {
     /// by [`ReplaySink`] on the journal's writer thread before the transaction's
     /// caller is answered), so the guard knows a nonce the moment it is durable —
     /// even when the request that sent it was cancelled — and an `applied` after
-    /// its `accepted`. A guard at its bound keeps what it has and logs: the journal
-    /// still holds the nonce, and a restart takes it in.
+    /// its `accepted`. A durable nonce is always remembered, within the bounds or
+    /// not: admission keeps the bounds, counting what it reserved; only bounds
+    /// lowered across a restart leave the guard over them (and refusing every new
+    /// nonce) until enough expire.
     pub fn record(&mut self, lsn: Lsn, t: &Txn, now: u64) {
         for e in &t.entries {
             match e {
@@ -92,9 +103,7 @@ impl ReplayStore {
                         seq: accepted_seq(t),
                         applied: None,
                     };
-                    if let Err(r) = self.book.insert(&n.issuer, n.nonce, n.expires, a, now) {
-                        tracing::error!(issuer = %n.issuer, nonce = n.nonce, refused = ?r.reject(&n.issuer, n.nonce), "accepted, but the replay guard in memory is full");
-                    }
+                    self.book.remember(&n.issuer, n.nonce, n.expires, a, now);
                     self.positions.note(lsn, n.expires);
                 }
                 _ => {}
@@ -219,11 +228,14 @@ mod tests {
         drop((s, j));
         let (s, _j) = open(d.path(), now);
         assert_eq!(s.lock().len(), 3);
-        match s.lock().check("dashboard", 8, now) {
+        match s.lock().check("dashboard", 8, now, &HashMap::new()) {
             Err(Refused::Replay(a)) => assert_eq!(a.request_id, "b"),
             other => panic!("{other:?}"),
         }
-        assert!(s.lock().check("dashboard", 9, now).is_ok(), "never seen");
+        assert!(
+            s.lock().check("dashboard", 9, now, &HashMap::new()).is_ok(),
+            "never seen"
+        );
         drop((s, _j));
         // After the commands went stale, a restart forgets them.
         let (s, _j) = open(d.path(), now + 31);
@@ -236,6 +248,44 @@ mod tests {
         let (s, _j) = open(d.path(), NOW);
         // The entry never reached the journal: the guard does not know the nonce.
         let _ = ReplayStore::entry("x", 1, NOW + 30, digest(b"r"), "r");
-        assert!(s.lock().check("x", 1, NOW).is_ok());
+        assert!(s.lock().check("x", 1, NOW, &HashMap::new()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_durable_nonce_is_remembered_when_the_guard_is_over_its_bounds() {
+        // Bounds lowered across a restart: the journal holds more fresh nonces of
+        // the issuer than the guard may keep. Every one is remembered (a resend is
+        // a replay), and new ones are refused until enough expire.
+        let now = crate::now_secs();
+        let d = testkit::TempDir::new("replay-over");
+        let (s, j) = open(d.path(), now);
+        for n in 0..70u64 {
+            let e = ReplayStore::entry("dashboard", n, now + 30, digest(&n.to_le_bytes()), "r");
+            j.commit(Txn::of(vec![e])).await.unwrap();
+        }
+        drop((s, j));
+        let opened = Journal::open(d.path(), Options::default()).unwrap();
+        let low = Limits {
+            max_per_issuer: 64,
+            max_issuers: 1,
+        };
+        let s = ReplayStore::open(&opened.records, low, now);
+        assert_eq!(s.len(), 70);
+        let none = HashMap::new();
+        for n in [0, 63, 64, 69] {
+            assert!(
+                matches!(s.check("dashboard", n, now, &none), Err(Refused::Replay(_))),
+                "nonce {n}"
+            );
+        }
+        assert!(matches!(
+            s.check("dashboard", 70, now, &none),
+            Err(Refused::IssuerFull)
+        ));
+        assert!(matches!(
+            s.check("other", 1, now, &none),
+            Err(Refused::TooManyIssuers)
+        ));
+        assert!(s.check("dashboard", 70, now + 31, &none).is_ok());
     }
 }

@@ -375,10 +375,21 @@ impl Control {
             module = tracing::field::Empty,
         );
         let requester = edge.map(|e| e.requester.clone()).unwrap_or_default();
-        let result = self
-            .admit_inner(body, route, edge, &requester, Vec::new())
-            .instrument(span.clone())
-            .await;
+        let result = match self.edge_checked_only_the_token(edge) {
+            // The edge verifies a signed command and the token's command role on
+            // its command routes; a command it forwarded as another route's
+            // request (a route of Envoy's that sent it under another path) had
+            // its token's role checked for that route only: checked here.
+            Some(r) => Err(self
+                .refuse_early(r, body, edge, &route_path(route))
+                .instrument(span.clone())
+                .await),
+            None => {
+                self.admit_inner(body, route, edge, &requester, Vec::new())
+                    .instrument(span.clone())
+                    .await
+            }
+        };
         match &result {
             Ok(_) => self.metrics.decision("accepted"),
             Err(e) => {
@@ -439,6 +450,28 @@ impl Control {
         }
         m.insert("ledger".into(), ledger);
         Some(m)
+    }
+
+    /// Whether the token the edge verified for `who` has the command role.
+    fn has_command_role(&self, who: &EdgeIdentity) -> bool {
+        let roles: Vec<&str> = who.requester.roles.split(',').map(str::trim).collect();
+        gw_core::roles::satisfies(&roles, &self.command_role)
+    }
+
+    /// Why a signed command the edge forwarded without verifying it (`jwt`: the
+    /// token alone, for whatever route it took the path for) may not be
+    /// admitted: its token lacks the command role.
+    fn edge_checked_only_the_token(&self, edge: Option<&EdgeIdentity>) -> Option<Reject> {
+        let who = edge.filter(|e| e.verified != contract::Verified::Edge)?;
+        (!self.has_command_role(who)).then(|| {
+            Reject::with(
+                Code::ForbiddenRole,
+                format!(
+                    "a signed command needs role `{}` (the edge did not take this path for a command route)",
+                    self.command_role
+                ),
+            )
+        })
     }
 
     /// Admission of `body`. `edge`: the edge forwarded exactly this body (its row
@@ -512,6 +545,7 @@ impl Control {
             module: a.verified.module,
             payload: body.to_vec(),
             requester: requester.clone(),
+            forward_epoch: self.bus.forward_epoch(),
         }));
         let mut acks = self.acks.subscribe();
         let result = self.journal.commit(Txn::of(entries)).await;
@@ -528,17 +562,8 @@ impl Control {
             .iter()
             .find(|r| r.stage == Stage::Sidecar.as_str())
             .map_or(0, |r| r.seq);
-        // The journal's sink put the nonce in the guard before the commit returned.
-        if self
-            .replay
-            .lock()
-            .get(&c.issuer, c.nonce, req.now)
-            .is_none()
-        {
-            // Durable in the journal (a restart knows it); only this process's
-            // guard could not take it (it is full).
-            self.metrics.decision("replay_not_persisted");
-        }
+        // The journal's sink put the nonce in the guard before the commit returned
+        // (a durable nonce is always remembered: `ReplayStore::record`).
         let outcome = tokio::time::timeout(self.apply_wait, async {
             loop {
                 match acks.recv().await {
@@ -602,8 +627,7 @@ impl Control {
             );
             return Err(self.refuse_early(r, body, edge, &path).await);
         };
-        let roles: Vec<&str> = who.requester.roles.split(',').map(str::trim).collect();
-        if !gw_core::roles::satisfies(&roles, &self.command_role) {
+        if !self.has_command_role(who) {
             let r = Reject::with(
                 Code::ForbiddenRole,
                 format!("the JSON control route needs role `{}`", self.command_role),

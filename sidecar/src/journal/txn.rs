@@ -84,6 +84,13 @@ pub struct PublishEntry {
     pub payload: Vec<u8>,
     /// Who sent it.
     pub requester: Requester,
+    /// Kafka bus: the forward epoch of the start that accepted it
+    /// ([`crate::control::bus::forward_epoch`]); the command is forwarded as that
+    /// start's forward number `LSN`, after a restart too. Absent in entries of the
+    /// embedded bus and of versions before 2026-12-05 (forwarded with the current
+    /// start's epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_epoch: Option<u64>,
 }
 
 /// Where a published command landed.
@@ -264,6 +271,13 @@ mod tests {
                 module: Module::Mev,
                 payload: vec![1, 2, 3],
                 requester: Requester::default(),
+                forward_epoch: None,
+            }),
+            Entry::Publish(PublishEntry {
+                module: Module::Arbitrage,
+                payload: vec![4],
+                requester: Requester::default(),
+                forward_epoch: Some(1_764_900_000_000_000),
             }),
             Entry::Forwarded { lsn: 4 },
         ]);

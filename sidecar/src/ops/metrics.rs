@@ -85,7 +85,7 @@ impl ControlMetrics {
         }
         registry.register(
             "gw_sidecar_decisions",
-            "Admission decisions by code (accepted, a rejection code, edge_reported, replay_not_persisted)",
+            "Admission decisions by code (accepted, a rejection code, edge_reported)",
             m.decisions.clone(),
         );
         registry.register(
