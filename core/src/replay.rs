@@ -230,13 +230,18 @@ impl<V: Clone> NonceBook<V> {
             return Err(Refused::IssuerFull);
         }
         if held == 0 && live == 0 {
-            // A new issuer: the book's live issuers and those only reserved.
-            let live_issuers = self.issuers.values().filter(|i| i.any_live(now)).count();
+            // A new issuer: the book's live issuers and those only reserved. The
+            // book's issuers are counted one by one (some may have expired) only
+            // when all of them, live or not, would not leave room.
             let only_reserved = reserved
                 .iter()
                 .filter(|(k, n)| **n > 0 && !self.issuers.get(*k).is_some_and(|i| i.any_live(now)))
                 .count();
-            if live_issuers.saturating_add(only_reserved) >= self.limits.max_issuers {
+            let room =
+                |issuers: usize| issuers.saturating_add(only_reserved) < self.limits.max_issuers;
+            if !room(self.issuers.len())
+                && !room(self.issuers.values().filter(|i| i.any_live(now)).count())
+            {
                 return Err(Refused::TooManyIssuers);
             }
         }

@@ -236,6 +236,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         }
         None => Bus::in_process(&opened.records),
     };
+    if let Some(g) = bus.outbox_gauge() {
+        registry.register(
+            "gw_sidecar_kafka_outbox_commands",
+            "Commands accepted and journalled, not yet on the command topic",
+            g,
+        );
+    }
     let replay = Arc::new(parking_lot::Mutex::new(ReplayStore::open(
         &opened.records,
         cfg.file.replay_limits(),

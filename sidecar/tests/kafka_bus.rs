@@ -1238,7 +1238,12 @@ fn a_forwarded_command_copied_to_a_later_offset_is_refused_even_once_its_nonce_i
             let rows = common::stored(&ch);
             let copies: Vec<LedgerRow> = rows
                 .iter()
-                .filter(|r| r.stage == "agent" && r.decision == "rejected" && r.code == "replay")
+                .filter(|r| {
+                    r.stage == "agent"
+                        && (r.decision == "duplicate"
+                            || r.decision == "rejected"
+                                && (r.code == "replay" || r.code == "unavailable"))
+                })
                 .cloned()
                 .collect();
             if copies.len() >= n {
@@ -1251,7 +1256,11 @@ fn a_forwarded_command_copied_to_a_later_offset_is_refused_even_once_its_nonce_i
     };
     publish_mev(&k, kill.clone(), records[0].1.clone());
     let copies = copied_rows(1);
-    assert_eq!(copies[0].request_id, "req-1");
+    assert_eq!(
+        (copies[0].request_id.as_str(), copies[0].code.as_str()),
+        ("req-1", "replay"),
+        "a copy of a forward decided on"
+    );
     let m = modules(&s);
     assert_eq!(
         (m["mev"]["state"].clone(), m["mev"]["applied"].clone()),
@@ -1278,7 +1287,23 @@ fn a_forwarded_command_copied_to_a_later_offset_is_refused_even_once_its_nonce_i
     post_applied(&s, throttle.clone());
     publish_mev(&k, records[1].0.clone(), records[1].1.clone());
     let copies = copied_rows(2);
-    assert_eq!(copies[1].request_id, "req-2");
+    // From an older start: refused whatever it is (a copy, or a record the later
+    // start overtook), and answered — or, while its nonce is still remembered (its
+    // command was signed just now: 30 s), a duplicate of the applied command.
+    let (id, decision, code) = (
+        copies[1].request_id.as_str(),
+        copies[1].decision.as_str(),
+        copies[1].code.as_str(),
+    );
+    assert!(
+        id == "req-2"
+            && matches!(
+                (decision, code),
+                ("rejected", "unavailable") | ("duplicate", "replay")
+            ),
+        "{:?}",
+        copies[1]
+    );
     // A number the old start never used, signed with the node's own key (what a
     // node left running from before its restart would send): its start is over.
     let cfg = config(d.path(), &kafka, &ch);
@@ -1298,7 +1323,10 @@ fn a_forwarded_command_copied_to_a_later_offset_is_refused_even_once_its_nonce_i
     );
     publish_mev(&k, late, headers);
     let copies = copied_rows(3);
-    assert_eq!(copies[2].request_id, "req-4");
+    assert_eq!(
+        (copies[2].request_id.as_str(), copies[2].code.as_str()),
+        ("req-4", "unavailable")
+    );
     // A number of this start below the throttle's that was never decided on (what
     // a record overtaken on the topic by a later one of its node carries): refused,
     // so that the module's commands apply in the node's order — and answered.

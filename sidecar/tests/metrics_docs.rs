@@ -47,6 +47,9 @@ fn every_documented_metric_is_exported_and_every_exported_one_documented() {
     // Every capability on, pointed at peers that are not there: the metrics exist
     // from the start.
     cfg.file.clickhouse_url = Some(format!("http://127.0.0.1:{}", testkit::free_port()));
+    cfg.file.kafka = Some(gw_sidecar::control::bus::KafkaConfig::with_brokers(
+        &format!("127.0.0.1:{}", testkit::free_port()),
+    ));
     cfg.file.models = Some(serde_json::from_value(json!({"dir": models})).expect("models section"));
     let sender = json!({
         "tpu": {},

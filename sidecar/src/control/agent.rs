@@ -485,13 +485,26 @@ impl Agent {
         last: &Delivery,
     ) -> Result<journal::Committed, RetryLater> {
         let txn = Txn::of(entries);
+        let module = self.core.module.as_str();
+        let mut failed: u64 = 0;
+        let mut logged: Option<std::time::Instant> = None;
         let c = loop {
             match self.env.journal.commit(txn.clone()).await {
-                Ok(c) => break c,
+                Ok(c) => {
+                    if failed > 0 {
+                        tracing::info!(module, attempts = failed + 1, "agent row written");
+                    }
+                    break c;
+                }
                 // Kafka: the checkpoint already says this delivery was handled (it
-                // will not come again): the row must be written, so wait for the disk.
+                // will not come again): the row must be written, so wait for the
+                // disk (or the chain). Logged when it starts, then every 10 s.
                 Err(e) if self.kafka.is_some() => {
-                    tracing::warn!(module = self.core.module.as_str(), error = %e, "agent row not written yet (retrying)");
+                    failed += 1;
+                    if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        tracing::warn!(module, error = %e, attempts = failed, "agent row not written yet (retrying every 250 ms)");
+                        logged = Some(std::time::Instant::now());
+                    }
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 Err(e) => return Err(e.into()),

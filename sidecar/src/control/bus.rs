@@ -539,6 +539,15 @@ impl Bus {
         })))
     }
 
+    /// Kafka bus: the gauge of commands journalled and not yet on the topic
+    /// (`gw_sidecar_kafka_outbox_commands`).
+    pub fn outbox_gauge(&self) -> Option<prometheus_client::metrics::gauge::Gauge> {
+        match self {
+            Bus::InProcess(_) => None,
+            Bus::Kafka(k) => Some(k.outbox.waiting.clone()),
+        }
+    }
+
     /// Kafka bus: this start's forward epoch, which the commands it accepts are
     /// journalled with ([`PublishEntry::forward_epoch`]).
     pub fn forward_epoch(&self) -> Option<u64> {
@@ -725,6 +734,19 @@ const RECREATE_AFTER_FAILURES: u32 = 3;
 pub struct Outbox {
     queue: Mutex<VecDeque<(Lsn, PublishEntry)>>,
     grew: Notify,
+    /// `gw_sidecar_kafka_outbox_commands`: the queue's length.
+    waiting: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Outbox {
+    /// Takes the first `n` commands off the queue (the broker took them).
+    fn forwarded(&self, n: usize) {
+        let mut q = lock(&self.queue);
+        for _ in 0..n {
+            q.pop_front();
+        }
+        self.waiting.set(i64::try_from(q.len()).unwrap_or(i64::MAX));
+    }
 }
 
 impl Sink for Outbox {
@@ -735,6 +757,7 @@ impl Sink for Outbox {
                 q.push_back((lsn, p.clone()));
             }
         }
+        self.waiting.set(i64::try_from(q.len()).unwrap_or(i64::MAX));
         drop(q);
         self.grew.notify_one();
     }
@@ -916,11 +939,7 @@ impl KafkaBus {
             }
             let (taken, failed) = self.send_window(&window).await;
             if taken > 0 {
-                let mut q = lock(&self.outbox.queue);
-                for _ in 0..taken {
-                    q.pop_front();
-                }
-                drop(q);
+                self.outbox.forwarded(taken);
                 journal.commit_detached(Txn::of(
                     window[..taken]
                         .iter()

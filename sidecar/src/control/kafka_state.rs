@@ -87,13 +87,14 @@ pub const FORWARD_WINDOW: u64 = 128;
 /// Why a forward is not taken: it is behind the newest one decided on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Behind {
-    /// Decided on before (within the window), or from an older start of the node:
-    /// a copy of a record, refused and answered to nobody.
+    /// Decided on before (within the window): a copy of a record, refused and
+    /// answered to nobody.
     Copy(String),
     /// Not known to be decided on: overtaken on the topic by a later record of
-    /// the node (its send failed and was retried after the later one went), or a
-    /// copy older than the window. Refused, so that a module's commands apply in
-    /// their node's order, and answered.
+    /// the node (its send failed and was retried after the later one went; a
+    /// command of an earlier start still waiting to be sent counts too), or a copy
+    /// older than the window or from an older start. Refused, so that a module's
+    /// commands apply in their node's order, and answered.
     Overtaken(String),
 }
 
@@ -122,7 +123,7 @@ impl ForwardWindow {
             return if f.epoch > self.epoch {
                 Ok(())
             } else {
-                Err(Behind::Copy(format!(
+                Err(Behind::Overtaken(format!(
                     "it is from the node's start {}, and forwards from its later start {} were decided on",
                     f.epoch, self.epoch
                 )))
@@ -733,7 +734,7 @@ mod tests {
         assert!(take(&mut w, f(11, 1)).is_ok());
         let older = take(&mut w, f(10, 20_000));
         assert!(
-            matches!(&older, Err(Behind::Copy(why)) if why.contains("later start")),
+            matches!(&older, Err(Behind::Overtaken(why)) if why.contains("later start")),
             "{older:?}"
         );
         assert!(copy(take(&mut w, f(11, 1))));

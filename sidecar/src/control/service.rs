@@ -375,21 +375,22 @@ impl Control {
             module = tracing::field::Empty,
         );
         let requester = edge.map(|e| e.requester.clone()).unwrap_or_default();
-        let result = match self.edge_checked_only_the_token(edge) {
-            // The edge verifies a signed command and the token's command role on
-            // its command routes; a command it forwarded as another route's
-            // request (a route of Envoy's that sent it under another path) had
-            // its token's role checked for that route only: checked here.
-            Some(r) => Err(self
+        // The edge verifies a signed command and the token's command role on its
+        // command routes; a command it forwarded as another route's request (a
+        // route of Envoy's that sent it under another path) had its token's role
+        // checked for that route only: checked here (counted by `refuse_early`).
+        if let Some(r) = self.edge_checked_only_the_token(edge) {
+            let e = self
                 .refuse_early(r, body, edge, &route_path(route))
                 .instrument(span.clone())
-                .await),
-            None => {
-                self.admit_inner(body, route, edge, &requester, Vec::new())
-                    .instrument(span.clone())
-                    .await
-            }
-        };
+                .await;
+            span.in_scope(|| tracing::info!(code = %e.code(), detail = e.detail(), "refused"));
+            return Err(e);
+        }
+        let result = self
+            .admit_inner(body, route, edge, &requester, Vec::new())
+            .instrument(span.clone())
+            .await;
         match &result {
             Ok(_) => self.metrics.decision("accepted"),
             Err(e) => {
@@ -715,15 +716,21 @@ struct Reservation<'a> {
 }
 
 impl Reservation<'_> {
+    /// The journal answered: the nonce is released at once (durable, the guard
+    /// holds it and refuses a resend; failed, the same bytes may come again), so
+    /// that a request waiting for its agent does not hold a place in the guard's
+    /// bounds twice.
     fn settled(&mut self) {
-        self.settled = true;
+        if !self.settled {
+            self.control.gate.lock().admission.release(self.admitted);
+            self.settled = true;
+        }
     }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         if self.settled {
-            self.control.gate.lock().admission.release(self.admitted);
             return;
         }
         // The request was cancelled (its client went away) while its commit was

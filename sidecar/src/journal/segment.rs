@@ -462,10 +462,15 @@ impl Writer {
         }
         written = written.and_then(|()| file.sync_data());
         if let Err(source) = written {
-            // Nothing of the batch may be recovered later: cut it off (best effort;
-            // a torn frame left behind is cut off at the next start too, and the
-            // next batch is written over it).
-            let _ = file.set_len(self.good_len);
+            // Nothing of the batch may be recovered later: the caller is told it
+            // was not written. Cut it off, and make the cut durable — a batch whose
+            // bytes reached the disk although its sync failed would otherwise come
+            // back at the next start if the machine stopped before the cut did
+            // (best effort: a disk that fails that too is reported, and the next
+            // batch is written over it).
+            if let Err(e) = file.set_len(self.good_len).and_then(|()| file.sync_data()) {
+                tracing::error!(path = %path.display(), error = %e, "journal: a refused batch could not be cut off durably; it may come back at the next start");
+            }
             self.allocated = self.good_len;
             return Err(SegmentError::Io {
                 path: path.clone(),
