@@ -199,6 +199,14 @@ if (( smoke )); then
   (( n >= 8 )) || die "smoke: expected 8 new audited decisions in ClickHouse, found $n"
   replays=$(chq "SELECT+count()+FROM+control_decisions+WHERE+stage='sidecar'+AND+code='replay'" || echo 0)
   (( replays >= 1 )) || die "smoke: the replay's refusal is not in the ledger"
+  # The JSON route retried with its Idempotency-Key, through Envoy: applied once.
+  idem() { curl -sS --cacert "$run/certs/ca.pem" -H "authorization: Bearer $token" -H 'content-type: application/json' \
+    -H "idempotency-key: smoke-$$" -d '{"throttle_pct": 60}' https://localhost:8443/api/control/module/arbitrage:throttle; }
+  first=$(idem)
+  echo "$first" | grep -q '"applied":true' || die "smoke: the JSON route with an idempotency key failed: $first"
+  retry=$(idem)
+  echo "$retry" | grep -q '"error":"replay"' && echo "$retry" | grep -q '"applied":true' \
+    || die "smoke: a retry with the same idempotency key was not answered as the first: $retry"
   "$bin/gwctl" ledger verify --clickhouse http://127.0.0.1:8123 || die "smoke: the ledger chain does not verify"
   models=$(curl -sf --cacert "$run/certs/ca.pem" -H "authorization: Bearer $token" https://localhost:8443/api/models)
   echo "$models" | grep -q '"name":"mev"' || die "smoke: no mev model serving: $models"
@@ -263,7 +271,7 @@ if (( smoke )); then
     (( k >= 2 )) || die "smoke: the Kafka engine did not ingest the published commands ($k rows)"
     log "smoke: commands crossed Kafka; ClickHouse's Kafka engine ingested $k into control_ledger"
   fi
-  log "smoke: signed command applied once over HTTP/3 (mev 40%), replay refused over HTTP/2, JSON route signed and applied (arbitrage 50%)"
+  log "smoke: signed command applied once over HTTP/3 (mev 40%), replay refused over HTTP/2, JSON route signed and applied (arbitrage 50%), its retry with an idempotency key answered as the first"
   # The live stream through Envoy on all three protocols, then the console in a
   # real browser (Debian's Chromium, playwright-core from tests/console's lock file).
   timeout 120 "$GW_VENV/bin/python" tests/console/realtime.py --run "$run" --gwctl "$bin/gwctl" \

@@ -466,3 +466,91 @@ fn a_signed_command_the_edge_did_not_verify_needs_the_command_role() {
         "{rows:#?}"
     );
 }
+
+/// The JSON route with an `Idempotency-Key`: a retry of the request (its client
+/// timed out, say) is not signed and applied again — it is answered with what
+/// became of the first (409 `replay`, `applied`, the first's request id) — while
+/// another key, or another requester's same key, is another command.
+#[test]
+fn a_json_request_retried_with_its_idempotency_key_is_applied_once() {
+    let d = testkit::TempDir::new("sidecar-json-idem");
+    let ch = testkit::clickhouse::ClickHouse::start(d.path());
+    let s = common::serve(common::config_with_clickhouse(
+        &d.path().join("state"),
+        true,
+        &ch,
+    ));
+    let send = |key: Option<&[u8]>, sub: &str| -> (u16, Value) {
+        let mut req = s
+            .http
+            .post(format!("{}/api/control/module/mev:throttle", s.base))
+            .header("content-type", "application/json")
+            .header("x-gw-verified", "jwt")
+            .header("x-gw-sub", sub)
+            .header("x-gw-roles", "admin")
+            .body(r#"{"throttle_pct": 40}"#);
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        s.rt.block_on(async {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        })
+    };
+    let applied = || s.get_json("/api/modules")["mev"]["applied"].clone();
+    let (status, first) = send(Some(b"order-42"), "alice");
+    assert_eq!(
+        (status, first["applied"].clone()),
+        (200, Value::Bool(true)),
+        "{first}"
+    );
+    let (status, again) = send(Some(b"order-42"), "alice");
+    assert_eq!(
+        (
+            status,
+            again["error"].as_str(),
+            again["applied"].clone(),
+            again["request_id"].clone()
+        ),
+        (
+            409,
+            Some("replay"),
+            Value::Bool(true),
+            first["request_id"].clone()
+        ),
+        "{again}"
+    );
+    assert_eq!(applied(), 1);
+    // Another key, and the same key from another requester: other commands.
+    assert_eq!(send(Some(b"order-43"), "alice").0, 200);
+    assert_eq!(send(Some(b"order-42"), "bob").0, 200);
+    assert_eq!(applied(), 3);
+    // No key: each request is its own command, as in the original API.
+    assert_eq!(send(None, "alice").0, 200);
+    assert_eq!(send(None, "alice").0, 200);
+    assert_eq!(applied(), 5);
+    // A key that is not 1–128 visible ASCII characters is refused, and audited.
+    let (status, body) = send(Some(b"has space"), "alice");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("bad_args")),
+        "{body}"
+    );
+    assert_eq!(applied(), 5);
+    let rows = common::wait_rows(&ch, 1);
+    assert_eq!(gw_core::ledger::verify_chain(&rows), Ok(rows.len() as u64));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let rows = common::stored(&ch);
+        let refusals: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.stage == "sidecar" && r.decision == "rejected")
+            .map(|r| r.code.as_str())
+            .collect();
+        if refusals == ["replay", "bad_args"] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{refusals:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -20,6 +20,41 @@ pub fn is_json_media_type(content_type: Option<&str>) -> bool {
     })
 }
 
+/// The request header naming a JSON-route request, so that a retry of it (after a
+/// timeout, say) does not sign and apply the command again.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The idempotency key of a request, if it gave one: 1–128 visible ASCII
+/// characters.
+pub fn idempotency_key(raw: Option<&[u8]>) -> Result<Option<&str>, Reject> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    if raw.is_empty() || raw.len() > 128 || !raw.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(Reject::new(
+            Code::BadArgs,
+            "idempotency-key must be 1 to 128 visible ASCII characters",
+        ));
+    }
+    Ok(std::str::from_utf8(raw).ok())
+}
+
+/// The nonce a JSON-route command of requester `sub` with idempotency key `key`
+/// is signed with: the same for every retry, so the replay guard and the agents
+/// know the command (a different one for another requester's same key). Its top
+/// bit is set: the signer's clock-made nonces (nanoseconds) stay below 2^63.
+pub fn idempotent_nonce(sub: &str, key: &str) -> u64 {
+    let mut input = Vec::with_capacity(32 + sub.len() + key.len());
+    input.extend_from_slice(b"gw-json-idempotency/1\0");
+    input.extend_from_slice(sub.as_bytes());
+    input.push(0);
+    input.extend_from_slice(key.as_bytes());
+    let d = gw_core::replay::digest(&input);
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(n) | 1 << 63
+}
+
 /// The original API's JSON body.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,12 +115,19 @@ impl JsonSigner {
         }
     }
 
-    /// A signed command for `route` with `args`, stamped `now_nanos`.
+    /// The issuer of the commands it signs.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// A signed command for `route` with `args`, stamped `now_nanos`, with
+    /// `nonce` (an idempotency key's) or the next of the signer's own.
     pub fn sign(
         &self,
         (module, action): (Module, Action),
         args: BTreeMap<String, String>,
         now_nanos: u64,
+        nonce: Option<u64>,
     ) -> Result<Vec<u8>, Reject> {
         NewCommand {
             module,
@@ -94,7 +136,7 @@ impl JsonSigner {
             issuer: self.issuer.clone(),
             request_id: uuid::Uuid::new_v4().to_string(),
             ts: now_nanos / 1_000_000_000,
-            nonce: self.nonces.next(now_nanos),
+            nonce: nonce.unwrap_or_else(|| self.nonces.next(now_nanos)),
         }
         .sign(&self.key, &self.key_id)
     }
@@ -156,9 +198,11 @@ mod tests {
         let route = (Module::Mev, Action::Throttle);
         let args = parse_args(br#"{"throttle_pct": 5}"#, Action::Throttle).unwrap();
         let a = s
-            .sign(route, args.clone(), 1_750_000_000_000_000_000)
+            .sign(route, args.clone(), 1_750_000_000_000_000_000, None)
             .unwrap();
-        let b = s.sign(route, args, 1_750_000_000_000_000_000).unwrap();
+        let b = s
+            .sign(route, args, 1_750_000_000_000_000_000, None)
+            .unwrap();
         let (va, vb) = (
             gw_core::verify_command(&a, &ring, None).unwrap(),
             gw_core::verify_command(&b, &ring, None).unwrap(),
@@ -169,11 +213,47 @@ mod tests {
             s.sign(
                 route,
                 parse_args(br#"{"throttle_pct": 500}"#, Action::Throttle).unwrap(),
-                1
+                1,
+                None
             )
             .unwrap_err()
             .code,
             Code::BadArgs
         );
+    }
+
+    #[test]
+    fn an_idempotency_key_names_one_nonce_per_requester() {
+        assert_eq!(idempotency_key(None), Ok(None));
+        assert_eq!(idempotency_key(Some(b"order-42")), Ok(Some("order-42")));
+        for bad in [&b""[..], b"has space", b"\xff", &[b'k'; 129]] {
+            assert_eq!(
+                idempotency_key(Some(bad)).unwrap_err().code,
+                Code::BadArgs,
+                "{bad:?}"
+            );
+        }
+        let n = idempotent_nonce("alice", "order-42");
+        assert_eq!(n, idempotent_nonce("alice", "order-42"));
+        assert_ne!(n, idempotent_nonce("bob", "order-42"));
+        assert_ne!(n, idempotent_nonce("alice", "order-43"));
+        // Apart from the clock-made nonces (nanoseconds, below 2^63).
+        assert!(n >= 1 << 63);
+        // The key's nonce is the command's.
+        let s = JsonSigner::new(
+            testkit::fixtures::command_key(),
+            "op-admin-1".into(),
+            "dashboard".into(),
+        );
+        let body = s
+            .sign(
+                (Module::Mev, Action::Start),
+                BTreeMap::new(),
+                1_750_000_000_000_000_000,
+                Some(n),
+            )
+            .unwrap();
+        let c = <gw_core::Command as prost::Message>::decode(body.as_slice()).unwrap();
+        assert_eq!(c.nonce, n);
     }
 }

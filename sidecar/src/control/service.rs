@@ -410,23 +410,38 @@ impl Control {
         body: &[u8],
         now: u64,
     ) -> Option<Map<String, Value>> {
-        let digest = gw_core::replay::digest(body);
+        self.accepted_status(&c.issuer, c.nonce, Some(gw_core::replay::digest(body)), now)
+            .await
+    }
+
+    /// What became of the command accepted with `(issuer, nonce)` (of these bytes,
+    /// `digest`, when given): its request id, whether it was applied (waited for
+    /// up to `apply_wait`), and its ledger rows; `None` when the guard does not
+    /// hold it.
+    async fn accepted_status(
+        &self,
+        issuer: &str,
+        nonce: u64,
+        digest: Option<gw_core::replay::Digest>,
+        now: u64,
+    ) -> Option<Map<String, Value>> {
         let mut acks = self.acks.subscribe();
         let seen = |me: &Self| {
             me.replay
                 .lock()
-                .get(&c.issuer, c.nonce, now)
+                .get(issuer, nonce, now)
                 .map(|s| s.value.clone())
         };
-        let a = seen(self).filter(|a| a.digest == digest)?;
+        let a = seen(self).filter(|a| digest.is_none_or(|d| a.digest == d))?;
+        let digest = a.digest;
         let applied = match a.applied {
             Some(seq) => Some(seq),
             None => tokio::time::timeout(self.apply_wait, async {
                 loop {
                     match acks.recv().await {
                         Ok(ack)
-                            if ack.issuer == c.issuer
-                                && ack.nonce == c.nonce
+                            if ack.issuer == issuer
+                                && ack.nonce == nonce
                                 && ack.digest == digest =>
                         {
                             return ack.outcome.is_ok().then_some(ack.seq)
@@ -616,6 +631,7 @@ impl Control {
         body: &[u8],
         route: (Module, Action),
         edge: Option<&EdgeIdentity>,
+        idempotency_key: Result<Option<&str>, Reject>,
     ) -> Result<Json<Value>, ApiError> {
         let path = route_path(Some(route));
         // The sidecar signs these commands itself: their authority is the token's
@@ -652,7 +668,37 @@ impl Control {
                 )
                 .await);
         };
-        let signed = match signer.sign(route, args, crate::now_nanos()) {
+        // With an idempotency key the command's nonce is the key's: a retry finds
+        // it in the replay guard and is answered with what became of the first
+        // (409 `replay`, `applied`), never signed again; once the guard forgot it
+        // (its freshness passed), an agent still knows the nonce for
+        // `agent_dedup_secs` and the retry comes out a `duplicate`.
+        let nonce = match idempotency_key {
+            Ok(None) => None,
+            Ok(Some(key)) => Some(json_route::idempotent_nonce(&who.requester.sub, key)),
+            Err(r) => return Err(self.refuse_early(r, body, edge, &path).await),
+        };
+        if let Some(n) = nonce {
+            let now = crate::now_secs();
+            let used_by = self
+                .replay
+                .lock()
+                .get(signer.issuer(), n, now)
+                .map(|s| s.value.request_id.clone());
+            if let Some(first) = used_by {
+                let r = Reject::with(
+                    Code::Replay,
+                    format!("this idempotency key was used by request {first}: not signed again"),
+                );
+                let e = self.refuse_early(r, body, edge, &path).await;
+                let status = self.accepted_status(signer.issuer(), n, None, now).await;
+                return Err(match status {
+                    Some(fields) if e.code() == Code::Replay => e.with_fields(fields),
+                    _ => e,
+                });
+            }
+        }
+        let signed = match signer.sign(route, args, crate::now_nanos(), nonce) {
             Ok(s) => s,
             Err(r) => return Err(self.refuse_early(r, body, edge, &path).await),
         };
@@ -853,7 +899,12 @@ async fn post_module(
             &route_path(Some(route)),
         ).await);
     }
-    c.admit_json(&body, route, edge.as_ref()).await
+    let key = json_route::idempotency_key(
+        headers
+            .get(json_route::IDEMPOTENCY_KEY)
+            .map(axum::http::HeaderValue::as_bytes),
+    );
+    c.admit_json(&body, route, edge.as_ref(), key).await
 }
 
 async fn get_modules(State(c): State<Arc<Control>>) -> Json<Modules> {
