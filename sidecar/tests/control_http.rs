@@ -444,17 +444,7 @@ fn a_signed_command_the_edge_did_not_verify_needs_the_command_role() {
     // the admitted one's acceptance by the sidecar alone, and its application.
     let rows = common::wait_rows(&ch, 4);
     assert_eq!(gw_core::ledger::verify_chain(&rows), Ok(rows.len() as u64));
-    let got: Vec<(&str, &str, &str, &str)> = rows
-        .iter()
-        .map(|r| {
-            (
-                r.stage.as_str(),
-                r.decision.as_str(),
-                r.code.as_str(),
-                r.request_id.as_str(),
-            )
-        })
-        .collect();
+    let got = common::row_summary(&rows);
     assert_eq!(
         got,
         vec![

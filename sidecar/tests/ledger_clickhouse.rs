@@ -671,17 +671,7 @@ fn every_http_decision_lands_in_the_chained_ledger() {
     // The sidecar's shipper delivers the rows in the background.
     let rows = wait_rows(&ch, 6);
     assert_eq!(verify_chain(&rows), Ok(6));
-    let summary: Vec<(&str, &str, &str, &str)> = rows
-        .iter()
-        .map(|r| {
-            (
-                r.stage.as_str(),
-                r.decision.as_str(),
-                r.code.as_str(),
-                r.request_id.as_str(),
-            )
-        })
-        .collect();
+    let summary = common::row_summary(&rows);
     assert_eq!(
         summary,
         vec![

@@ -613,13 +613,19 @@ mod tests {
         );
     }
 
-    #[test]
-    fn refuses_a_fresh_command_when_the_guard_is_full() {
+    /// The guard with `n` of the issuer's 64 nonces taken.
+    fn book_holding(n: u64) -> NonceBook<Accepted> {
         let mut seen = book();
-        for n in 100..164 {
-            seen.insert("dashboard", n, NOW + 30, accepted(b"x"), NOW)
+        for nonce in 100..100 + n {
+            seen.insert("dashboard", nonce, NOW + 30, accepted(b"x"), NOW)
                 .unwrap();
         }
+        seen
+    }
+
+    #[test]
+    fn refuses_a_fresh_command_when_the_guard_is_full() {
+        let seen = book_holding(64);
         let mut a = Admission::new(policy());
         let body = signed(&command());
         let r = refused(
@@ -642,11 +648,7 @@ mod tests {
         // 63 of the issuer's 64 in the guard: one more may be admitted, and a
         // second one decided before the first is durable must be refused — both
         // admitted, one of them would be durable but past the guard's bound.
-        let mut seen = book();
-        for n in 100..163 {
-            seen.insert("dashboard", n, NOW + 30, accepted(b"x"), NOW)
-                .unwrap();
-        }
+        let seen = book_holding(63);
         let mut a = Admission::new(policy());
         let (one, two) = (signed(&command()), with(|c| c.nonce = 8));
         fn req(body: &[u8]) -> Request<'_> {

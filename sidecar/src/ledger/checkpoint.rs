@@ -45,9 +45,14 @@ pub struct Checkpointer {
     whole: Option<u64>,
     /// Whether this process made the file's directory entry durable.
     entry_synced: bool,
-    /// Written to the file, not yet to ClickHouse.
+    /// Written to the file, not yet to ClickHouse: the newest [`MAX_UNSENT`] (the
+    /// file keeps every one; ClickHouse's copy is for reading them).
     unsent: Vec<CheckpointRow>,
 }
+
+/// Checkpoints kept for ClickHouse while it is away (one a minute by default:
+/// a week's).
+const MAX_UNSENT: usize = 10_080;
 
 impl Checkpointer {
     /// Checkpoints signed with `key`, appended to `dir/checkpoints.log`.
@@ -122,6 +127,9 @@ impl Checkpointer {
             note,
             ts_ms: crate::now_nanos() / 1_000_000,
         });
+        if let Some(over) = self.unsent.len().checked_sub(MAX_UNSENT) {
+            self.unsent.drain(..over);
+        }
         Ok(true)
     }
 

@@ -858,6 +858,7 @@ impl Shipper {
     pub async fn run(mut self, mut checkpointer: Option<Checkpointer>) {
         let mut last_err = String::new();
         let mut last_cp_err = String::new();
+        let mut last_cp_ship_err = String::new();
         let queue = self.queue.clone();
         let mut last_insert: Option<tokio::time::Instant> = None;
         loop {
@@ -927,8 +928,15 @@ impl Shipper {
                     }
                 }
                 if let Some(c) = checkpointer.as_mut() {
-                    if let Err(e) = c.ship(&self.client).await {
-                        tracing::debug!(error = %e, "ledger checkpoints kept for ClickHouse");
+                    match c.ship(&self.client).await {
+                        Ok(()) => last_cp_ship_err.clear(),
+                        Err(e) => {
+                            let e = e.to_string();
+                            if e != last_cp_ship_err {
+                                tracing::warn!(error = %e, "ledger checkpoints not in ClickHouse yet (kept in the file, sent again)");
+                                last_cp_ship_err = e;
+                            }
+                        }
                     }
                 }
             }

@@ -221,6 +221,21 @@ pub fn stored(ch: &ClickHouse) -> Vec<LedgerRow> {
         .collect()
 }
 
+/// Each row as `(stage, decision, code, request_id)`, for comparing a ledger
+/// with what a test expects.
+pub fn row_summary(rows: &[LedgerRow]) -> Vec<(&str, &str, &str, &str)> {
+    rows.iter()
+        .map(|r| {
+            (
+                r.stage.as_str(),
+                r.decision.as_str(),
+                r.code.as_str(),
+                r.request_id.as_str(),
+            )
+        })
+        .collect()
+}
+
 /// The stored rows once there are at least `n` (the sidecar ships in the
 /// background), or whatever is there after 30 s.
 pub fn wait_rows(ch: &ClickHouse, n: usize) -> Vec<LedgerRow> {
