@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use gw_core::contract::{self, EdgeIdentity, Requester};
 use gw_core::ledger::{Decision, Stage};
-use gw_core::module_state::Modules;
+use gw_core::module_state::{ModuleState, Modules};
 use gw_core::names::parse_module_spec;
 use gw_core::{Action, Code, Command, Module, Reject};
 use parking_lot::Mutex;
@@ -468,6 +468,18 @@ impl Control {
         Some(m)
     }
 
+    /// The answer for command `c` of `module` when the replay guard says it was
+    /// applied (a waiter that missed its agent's answer): applied, with the
+    /// module's state now.
+    fn applied_now(&self, c: &Command, module: Module, now: u64) -> Option<Outcome> {
+        let seq = self
+            .replay
+            .lock()
+            .get(&c.issuer, c.nonce, now)
+            .and_then(|s| s.value.applied)?;
+        Some((Ok(self.modules.get(module)), seq, None))
+    }
+
     /// Whether the token the edge verified for `who` has the command role.
     fn has_command_role(&self, who: &EdgeIdentity) -> bool {
         let roles: Vec<&str> = who.requester.roles.split(',').map(str::trim).collect();
@@ -580,6 +592,7 @@ impl Control {
             .map_or(0, |r| r.seq);
         // The journal's sink put the nonce in the guard before the commit returned
         // (a durable nonce is always remembered: `ReplayStore::record`).
+        let v = &a.verified;
         let outcome = tokio::time::timeout(self.apply_wait, async {
             loop {
                 match acks.recv().await {
@@ -590,15 +603,22 @@ impl Control {
                     {
                         return Some((ack.outcome, ack.seq, ack.applied_by))
                     }
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Ok(_) => {}
+                    // Answers this waiter did not read in time: the guard knows
+                    // whether the command was applied.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if let Some(applied) = self.applied_now(c, v.module, req.now) {
+                            return Some(applied);
+                        }
+                    }
                     Err(broadcast::error::RecvError::Closed) => return None,
                 }
             }
         })
         .await
         .ok()
-        .flatten();
-        let v = &a.verified;
+        .flatten()
+        .or_else(|| self.applied_now(c, v.module, req.now));
         let mut ledger = json!({"chain_id": self.node_id, "accepted_seq": accepted_seq});
         let mut out = json!({"ok": true, "request_id": c.request_id, "module": v.module.as_str(),
                               "action": v.action.as_str(), "nonce": c.nonce,
@@ -729,6 +749,11 @@ impl Control {
         result.map(Json)
     }
 }
+
+/// What became of an admitted command, as its agent answered it: the module's
+/// state or the refusal, the `seq` of its row, and the chain that applied it
+/// when another node's did.
+type Outcome = (Result<ModuleState, Reject>, u64, Option<String>);
 
 /// The route a command came in on: the command endpoint, or a module route.
 fn route_path(route: Option<(Module, Action)>) -> String {
