@@ -470,7 +470,7 @@ fn a_json_request_retried_with_its_idempotency_key_is_applied_once() {
         true,
         &ch,
     ));
-    let send = |key: Option<&[u8]>, sub: &str| -> (u16, Value) {
+    let send_body = |key: Option<&[u8]>, sub: &str, body: &'static str| -> (u16, Value) {
         let mut req = s
             .http
             .post(format!("{}/api/control/module/mev:throttle", s.base))
@@ -478,7 +478,7 @@ fn a_json_request_retried_with_its_idempotency_key_is_applied_once() {
             .header("x-gw-verified", "jwt")
             .header("x-gw-sub", sub)
             .header("x-gw-roles", "admin")
-            .body(r#"{"throttle_pct": 40}"#);
+            .body(body);
         if let Some(k) = key {
             req = req.header("idempotency-key", k);
         }
@@ -487,6 +487,7 @@ fn a_json_request_retried_with_its_idempotency_key_is_applied_once() {
             (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
         })
     };
+    let send = |key: Option<&[u8]>, sub: &str| send_body(key, sub, r#"{"throttle_pct": 40}"#);
     let applied = || s.get_json("/api/modules")["mev"]["applied"].clone();
     let (status, first) = send(Some(b"order-42"), "alice");
     assert_eq!(
@@ -509,6 +510,14 @@ fn a_json_request_retried_with_its_idempotency_key_is_applied_once() {
             first["request_id"].clone()
         ),
         "{again}"
+    );
+    assert_eq!(applied(), 1);
+    // Another request under the same key: refused, not taken for a retry.
+    let (status, body) = send_body(Some(b"order-42"), "alice", r#"{"throttle_pct": 41}"#);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("bad_args")),
+        "{body}"
     );
     assert_eq!(applied(), 1);
     // Another key, and the same key from another requester: other commands.
@@ -537,7 +546,7 @@ fn a_json_request_retried_with_its_idempotency_key_is_applied_once() {
             .filter(|r| r.stage == "sidecar" && r.decision == "rejected")
             .map(|r| r.code.as_str())
             .collect();
-        if refusals == ["replay", "bad_args"] {
+        if refusals == ["replay", "bad_args", "bad_args"] {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{refusals:?}");

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use gw_core::ledger::{Decision, Stage};
 use gw_core::module_state::ModuleState;
-use gw_core::replay::{Limits, NonceBook};
+use gw_core::replay::{Limits, NonceBook, Refused};
 use gw_core::{Code, Command, ControlPolicy, Module, Reject, VerifiedCommand};
 use tokio::sync::broadcast;
 
@@ -220,11 +220,15 @@ impl AgentCore {
     pub fn commit(&mut self, a: Applied, seq: u64, now: u64) {
         self.state = a.state;
         let c = &a.verified.command;
-        // Every applied nonce is remembered for its whole window, bounds or not:
-        // forgetting one would let a second copy of the command apply. What the
-        // agents remember is bounded by what admission accepted over that window.
-        self.applied
-            .remember(&c.issuer, c.nonce, a.expires, seq, now);
+        if let Err(Refused::IssuerFull | Refused::TooManyIssuers) =
+            self.applied.insert(&c.issuer, c.nonce, a.expires, seq, now)
+        {
+            // Never refuse to apply what admission accepted; this nonce is just not
+            // remembered for deduplication (a copy of its forward is still refused
+            // by its number; the same bytes admitted at another node are not). The
+            // bound keeps the agent's memory, and its snapshot, bounded.
+            tracing::warn!(module = self.module.as_str(), issuer = %c.issuer, nonce = c.nonce, "agent dedup memory full");
+        }
     }
 
     /// Every applied nonce still remembered at `now`.
@@ -376,7 +380,7 @@ impl Agent {
                         applied = NonceBook::new(env.limits);
                         applied_lsns.clear();
                         for n in &s.applied {
-                            applied.remember(&n.issuer, n.nonce, n.expires, n.seq, now);
+                            let _ = applied.insert(&n.issuer, n.nonce, n.expires, n.seq, now);
                             applied_lsns.note(*lsn, n.expires);
                         }
                         state_lsn = Some(*lsn);
@@ -397,7 +401,7 @@ impl Agent {
                     state_lsn = Some(*lsn);
                 }
                 if let Some(n) = &a.applied {
-                    applied.remember(&n.issuer, n.nonce, n.expires, seq, now);
+                    let _ = applied.insert(&n.issuer, n.nonce, n.expires, seq, now);
                     applied_lsns.note(*lsn, n.expires);
                 }
                 if let Some(o) = a.offset {
@@ -828,19 +832,19 @@ impl Agent {
         Some(match behind {
             Behind::Copy(why) => {
                 let detail = format!("a copy of {}", what(&why));
-                if forward.epoch < w.epoch {
-                    // Also what a node numbering from a start that is over sends
-                    // (its clock went back and forward.epoch was lost, or a second
-                    // process runs as it): those forwards are lost here.
-                    tracing::error!(module, %detail, "refused a forward from an older start of its node: a copy of an old record, or that node numbers from a start that is over");
-                } else {
-                    tracing::warn!(module, %detail, "refused a copy of a forward decided on before");
-                }
+                tracing::warn!(module, %detail, "refused a copy of a forward decided on before");
                 Behind::Copy(detail)
             }
             Behind::Overtaken(why) => {
                 let detail = what(&why);
-                tracing::warn!(module, %detail, "refused a forward behind a later one of its node (overtaken on the topic, or a copy older than the window)");
+                if forward.epoch < w.epoch {
+                    // Also what a node numbering from a start that is over sends
+                    // (its clock went back and forward.epoch was lost, or a second
+                    // process runs as it): those forwards are refused here.
+                    tracing::error!(module, %detail, "refused a forward from an older start of its node: overtaken by the later start's, a copy of an old record, or that node numbers from a start that is over");
+                } else {
+                    tracing::warn!(module, %detail, "refused a forward behind a later one of its node (overtaken on the topic, or a copy older than the window)");
+                }
                 Behind::Overtaken(detail)
             }
         })
@@ -974,7 +978,7 @@ impl Agent {
         let mut book = NonceBook::new(self.env.limits);
         let mut written: BTreeMap<u64, Vec<String>> = BTreeMap::new();
         for n in &loaded.nonces {
-            book.remember(&n.issuer, n.nonce, n.expires, 0, now);
+            let _ = book.insert(&n.issuer, n.nonce, n.expires, 0, now);
             written.entry(n.expires).or_default().push(n.key());
         }
         self.core = AgentCore::new(

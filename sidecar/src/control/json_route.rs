@@ -39,20 +39,70 @@ pub fn idempotency_key(raw: Option<&[u8]>) -> Result<Option<&str>, Reject> {
     Ok(std::str::from_utf8(raw).ok())
 }
 
-/// The nonce a JSON-route command of requester `sub` with idempotency key `key`
-/// is signed with: the same for every retry, so the replay guard and the agents
-/// know the command (a different one for another requester's same key). Its top
-/// bit is set: the signer's clock-made nonces (nanoseconds) stay below 2^63.
-pub fn idempotent_nonce(sub: &str, key: &str) -> u64 {
-    let mut input = Vec::with_capacity(32 + sub.len() + key.len());
-    input.extend_from_slice(b"gw-json-idempotency/1\0");
-    input.extend_from_slice(sub.as_bytes());
-    input.push(0);
-    input.extend_from_slice(key.as_bytes());
-    let d = gw_core::replay::digest(&input);
-    let mut n = [0u8; 8];
-    n.copy_from_slice(&d[..8]);
-    u64::from_be_bytes(n) | 1 << 63
+/// A JSON-route request made idempotent by its key: the nonce and request id its
+/// command is signed with, the same for every retry of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotent {
+    /// Made from the token's issuer, its subject and the key, so that the replay
+    /// guard and the agents know a retry (and another requester's same key is
+    /// another command). Its top bit is set: the signer's clock-made nonces
+    /// (nanoseconds) stay below 2^63.
+    pub nonce: u64,
+    /// `idem-{nonce}-{request}`: `request` is a digest of the route and the JSON
+    /// body, so a retry can be told from another request under the same key.
+    pub request_id: String,
+}
+
+impl Idempotent {
+    /// For key `key` of the requester `sub` of a token from `token_issuer`, on
+    /// `route` with JSON `body`. A token without a subject cannot scope a key.
+    pub fn new(
+        token_issuer: &str,
+        sub: &str,
+        key: &str,
+        (module, action): (Module, Action),
+        body: &[u8],
+    ) -> Result<Idempotent, Reject> {
+        if sub.is_empty() {
+            return Err(Reject::new(
+                Code::BadArgs,
+                "idempotency-key needs a token with a subject (`sub`)",
+            ));
+        }
+        let half = |parts: &[&[u8]]| {
+            let mut input = Vec::new();
+            for p in parts {
+                input.extend_from_slice(&(p.len() as u64).to_be_bytes());
+                input.extend_from_slice(p);
+            }
+            let d = gw_core::replay::digest(&input);
+            let mut n = [0u8; 8];
+            n.copy_from_slice(&d[..8]);
+            u64::from_be_bytes(n)
+        };
+        let nonce = half(&[
+            b"gw-json-idempotency/1",
+            token_issuer.as_bytes(),
+            sub.as_bytes(),
+            key.as_bytes(),
+        ]) | 1 << 63;
+        let request = half(&[
+            b"gw-json-request/1",
+            module.as_str().as_bytes(),
+            action.as_str().as_bytes(),
+            body,
+        ]);
+        Ok(Idempotent {
+            nonce,
+            request_id: format!("idem-{nonce:016x}-{request:016x}"),
+        })
+    }
+
+    /// Whether the command accepted as `request_id` was this request (and not
+    /// another one under the same key).
+    pub fn same_request(&self, request_id: &str) -> bool {
+        request_id == self.request_id
+    }
 }
 
 /// The original API's JSON body.
@@ -120,23 +170,31 @@ impl JsonSigner {
         &self.issuer
     }
 
-    /// A signed command for `route` with `args`, stamped `now_nanos`, with
-    /// `nonce` (an idempotency key's) or the next of the signer's own.
+    /// A signed command for `route` with `args`, stamped `now_nanos`, with an
+    /// idempotent request's nonce and request id, or the next of the signer's own
+    /// nonces and a fresh id.
     pub fn sign(
         &self,
         (module, action): (Module, Action),
         args: BTreeMap<String, String>,
         now_nanos: u64,
-        nonce: Option<u64>,
+        idempotent: Option<&Idempotent>,
     ) -> Result<Vec<u8>, Reject> {
+        let (nonce, request_id) = match idempotent {
+            Some(i) => (i.nonce, i.request_id.clone()),
+            None => (
+                self.nonces.next(now_nanos),
+                uuid::Uuid::new_v4().to_string(),
+            ),
+        };
         NewCommand {
             module,
             action,
             args,
             issuer: self.issuer.clone(),
-            request_id: uuid::Uuid::new_v4().to_string(),
+            request_id,
             ts: now_nanos / 1_000_000_000,
-            nonce: nonce.unwrap_or_else(|| self.nonces.next(now_nanos)),
+            nonce,
         }
         .sign(&self.key, &self.key_id)
     }
@@ -233,27 +291,63 @@ mod tests {
                 "{bad:?}"
             );
         }
-        let n = idempotent_nonce("alice", "order-42");
-        assert_eq!(n, idempotent_nonce("alice", "order-42"));
-        assert_ne!(n, idempotent_nonce("bob", "order-42"));
-        assert_ne!(n, idempotent_nonce("alice", "order-43"));
+        let route = (Module::Mev, Action::Throttle);
+        let body = br#"{"throttle_pct": 40}"#;
+        let i = |iss: &str, sub: &str, key: &str, route, body: &[u8]| {
+            Idempotent::new(iss, sub, key, route, body).unwrap()
+        };
+        let a = i("idp", "alice", "order-42", route, body);
+        assert_eq!(a, i("idp", "alice", "order-42", route, body));
+        // Another requester, another token issuer, another key: another nonce.
+        for other in [
+            i("idp", "bob", "order-42", route, body),
+            i("idp-2", "alice", "order-42", route, body),
+            i("idp", "alice", "order-43", route, body),
+            // The fields cannot run into each other.
+            i("idp", "alic", "eorder-42", route, body),
+        ] {
+            assert_ne!(a.nonce, other.nonce);
+        }
+        // Another request under the same key: the same nonce, told apart.
+        let b = i(
+            "idp",
+            "alice",
+            "order-42",
+            (Module::Arbitrage, Action::Throttle),
+            body,
+        );
+        let c = i(
+            "idp",
+            "alice",
+            "order-42",
+            route,
+            br#"{"throttle_pct": 41}"#,
+        );
+        for other in [&b, &c] {
+            assert_eq!(a.nonce, other.nonce);
+            assert!(!a.same_request(&other.request_id));
+        }
+        assert!(a.same_request(&a.request_id));
         // Apart from the clock-made nonces (nanoseconds, below 2^63).
-        assert!(n >= 1 << 63);
-        // The key's nonce is the command's.
+        assert!(a.nonce >= 1 << 63);
+        // No subject, no scope.
+        assert_eq!(
+            Idempotent::new("idp", "", "k", route, body)
+                .unwrap_err()
+                .code,
+            Code::BadArgs
+        );
+        // The command carries them.
         let s = JsonSigner::new(
             testkit::fixtures::command_key(),
             "op-admin-1".into(),
             "dashboard".into(),
         );
-        let body = s
-            .sign(
-                (Module::Mev, Action::Start),
-                BTreeMap::new(),
-                1_750_000_000_000_000_000,
-                Some(n),
-            )
+        let args = parse_args(body, Action::Throttle).unwrap();
+        let signed = s
+            .sign(route, args, 1_750_000_000_000_000_000, Some(&a))
             .unwrap();
-        let c = <gw_core::Command as prost::Message>::decode(body.as_slice()).unwrap();
-        assert_eq!(c.nonce, n);
+        let cmd = <gw_core::Command as prost::Message>::decode(signed.as_slice()).unwrap();
+        assert_eq!((cmd.nonce, cmd.request_id), (a.nonce, a.request_id));
     }
 }

@@ -688,37 +688,57 @@ impl Control {
                 )
                 .await);
         };
-        // With an idempotency key the command's nonce is the key's: a retry finds
-        // it in the replay guard and is answered with what became of the first
-        // (409 `replay`, `applied`), never signed again; once the guard forgot it
-        // (its freshness passed), an agent still knows the nonce for
-        // `agent_dedup_secs` and the retry comes out a `duplicate`.
-        let nonce = match idempotency_key {
-            Ok(None) => None,
-            Ok(Some(key)) => Some(json_route::idempotent_nonce(&who.requester.sub, key)),
+        // With an idempotency key the command's nonce and request id are the
+        // key's: a retry finds them in the replay guard and is answered with what
+        // became of the first (409 `replay`, `applied`), never signed again; once
+        // the guard forgot them (the command's freshness passed), an agent still
+        // knows the nonce for `agent_dedup_secs` and the retry comes out a
+        // `duplicate`. Another request under the same key is refused.
+        let idempotent = match idempotency_key.and_then(|k| {
+            k.map(|k| {
+                json_route::Idempotent::new(
+                    &who.requester.token_issuer,
+                    &who.requester.sub,
+                    k,
+                    route,
+                    body,
+                )
+            })
+            .transpose()
+        }) {
+            Ok(i) => i,
             Err(r) => return Err(self.refuse_early(r, body, edge, &path).await),
         };
-        if let Some(n) = nonce {
+        if let Some(i) = &idempotent {
             let now = crate::now_secs();
             let used_by = self
                 .replay
                 .lock()
-                .get(signer.issuer(), n, now)
+                .get(signer.issuer(), i.nonce, now)
                 .map(|s| s.value.request_id.clone());
             if let Some(first) = used_by {
+                if !i.same_request(&first) {
+                    let r = Reject::with(
+                        Code::BadArgs,
+                        format!("this idempotency key was used for another request ({first})"),
+                    );
+                    return Err(self.refuse_early(r, body, edge, &path).await);
+                }
                 let r = Reject::with(
                     Code::Replay,
-                    format!("this idempotency key was used by request {first}: not signed again"),
+                    format!("this request ({first}) was accepted before: not signed again"),
                 );
                 let e = self.refuse_early(r, body, edge, &path).await;
-                let status = self.accepted_status(signer.issuer(), n, None, now).await;
+                let status = self
+                    .accepted_status(signer.issuer(), i.nonce, None, now)
+                    .await;
                 return Err(match status {
                     Some(fields) if e.code() == Code::Replay => e.with_fields(fields),
                     _ => e,
                 });
             }
         }
-        let signed = match signer.sign(route, args, crate::now_nanos(), nonce) {
+        let signed = match signer.sign(route, args, crate::now_nanos(), idempotent.as_ref()) {
             Ok(s) => s,
             Err(r) => return Err(self.refuse_early(r, body, edge, &path).await),
         };

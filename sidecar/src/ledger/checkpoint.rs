@@ -50,8 +50,8 @@ pub struct Checkpointer {
     unsent: Vec<CheckpointRow>,
 }
 
-/// Checkpoints kept for ClickHouse while it is away (one a minute by default:
-/// a week's).
+/// Checkpoints kept for ClickHouse while it is away (a week's at one a minute,
+/// fewer hours when rows come fast: one per `checkpoint_every_rows`).
 const MAX_UNSENT: usize = 10_080;
 
 impl Checkpointer {
@@ -128,6 +128,9 @@ impl Checkpointer {
             ts_ms: crate::now_nanos() / 1_000_000,
         });
         if let Some(over) = self.unsent.len().checked_sub(MAX_UNSENT) {
+            if over > 0 && self.unsent.len() == MAX_UNSENT + 1 {
+                tracing::warn!(kept = MAX_UNSENT, "ledger checkpoints: ClickHouse has not taken them for long; only the newest are kept for it (the file keeps every one)");
+            }
             self.unsent.drain(..over);
         }
         Ok(true)
