@@ -469,8 +469,19 @@ impl Rig {
                             .and_then(|_| n.gauge(&self.rt, MEV_PARTITIONS))
                     })
                     .collect();
+                // Every live node's agent assigned nothing: the broker's group
+                // stranded the partition (see `once_more_if_stranded`).
+                let live: Vec<u64> = held.iter().flatten().copied().collect();
+                let stranded = if self._kafka.is_some()
+                    && live.len() == self.nodes.iter().filter(|n| n.sidecar.is_some()).count()
+                    && live.iter().all(|h| *h == 0)
+                {
+                    STRANDED
+                } else {
+                    ""
+                };
                 panic!(
-                    "not applied after resending for 120 s: {:?}\nmev's partitions held by each node: {held:?}\nrows:\n{rows}\nsidecar log (newest first):\n{}",
+                    "{stranded}not applied after resending for 120 s: {:?}\nmev's partitions held by each node: {held:?}\nrows:\n{rows}\nsidecar log (newest first):\n{}",
                     open.iter()
                         .map(|n| (n, self.cmds[n].last.clone()))
                         .collect::<Vec<_>>(),
@@ -729,11 +740,9 @@ fn clickhouse_outage(rig: &mut Rig, label: &str, kafka: bool) {
         );
     }
     if kafka {
-        // Let the consumer group settle first. tansu 0.6.0 keeps a member killed
-        // between its JoinGroup and SyncGroup as the group's leader for good (seen
-        // here: the restarted node's member assigned no partition for 2 min, the
-        // killed one still leading), where Kafka expires it after
-        // `session.timeout.ms`; the kill rounds above already kill mid-stream.
+        // Let the consumer group settle first: tansu 0.6.0's group can strand the
+        // partition when a member dies mid-rebalance (`once_more_if_stranded`);
+        // the kill rounds above already kill mid-stream.
         rig.settle();
     }
     let batch = rig.new_commands(30);
@@ -806,7 +815,37 @@ fn fault_matrix_embedded_bus() {
 
 #[test]
 fn fault_matrix_kafka_bus() {
-    run_matrix(true);
+    once_more_if_stranded(|| run_matrix(true));
+}
+
+/// How `Rig::settle` starts its panic message when every live node's `mev` agent
+/// was assigned no partition for its 120 s.
+const STRANDED: &str = "the broker's consumer group gave mev's partition to no live node: ";
+
+/// Runs a Kafka scenario, and once more from the start (a new broker, ClickHouse and
+/// nodes) if it failed because the broker stranded `mev`'s partition.
+///
+/// tansu 0.6.0's group coordinator can leave a partition with no live member
+/// after a member dies (`docs/architecture.md`, "tansu 0.6's consumer groups"):
+/// it failed 2 of 6 fresh-clone CI runs in the week of 2026-12-05, each time in one
+/// of these scenarios. Kafka's coordinator does not do this, and nothing a member
+/// can do undoes it short of restarting the broker (the local run's broker keeps
+/// its topics in memory). Any other failure, or the same one twice, fails the test;
+/// the first attempt's files stay for whoever reads the log.
+fn once_more_if_stranded(scenario: impl Fn()) {
+    let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&scenario)) else {
+        return;
+    };
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("");
+    if !message.starts_with(STRANDED) {
+        std::panic::resume_unwind(panic);
+    }
+    eprintln!("tansu stranded mev's partition; running the scenario once more from the start");
+    scenario();
 }
 
 impl Rig {
@@ -831,6 +870,10 @@ impl Rig {
 /// back with the same command line and both chains verify.
 #[test]
 fn two_nodes_one_kafka_one_clickhouse_survive_a_kill() {
+    once_more_if_stranded(two_nodes);
+}
+
+fn two_nodes() {
     let d = testkit::TempDir::new("two-nodes");
     let mut rig = Rig::start_nodes(d.path(), true, &["node-a", "node-b"]);
     rig.routes = vec![0, 1];
@@ -1053,7 +1096,7 @@ fn a_failing_journal_disk_and_a_power_cut_lose_nothing_acknowledged() {
 
 #[test]
 fn a_failing_journal_disk_and_a_power_cut_lose_nothing_acknowledged_kafka() {
-    failing_disk(true);
+    once_more_if_stranded(|| failing_disk(true));
 }
 
 fn failing_disk(kafka: bool) {
@@ -1183,11 +1226,9 @@ fn failing_disk(kafka: bool) {
     // checkpoints due are refused and none is left half written for the next to be
     // appended to. Its syncs failing, it heals in place; every change failing, it
     // loses power with the sidecar killed. Either way the newest checkpoint then
-    // vouches for every row again (`check`). (One restart only: tansu 0.6 can
-    // leave a consumer group's partition with a member killed seconds after it
-    // joined, for good — it does not expire it — so two kills in quick succession
-    // would strand the Kafka bus's commands; Kafka expires it after the session
-    // timeout.)
+    // vouches for every row again (`check`). (One restart only: each kill soon
+    // after a rebalance is a chance for tansu 0.6.0's group to strand the Kafka
+    // bus's partition, `once_more_if_stranded`.)
     for every_change in [false, true] {
         let failures = ledger.syncs_failed() + ledger.changes_failed();
         if every_change {
