@@ -575,15 +575,7 @@ mod tests {
         seen.insert("dashboard", 7, NOW + 30, accepted(&body), NOW)
             .unwrap();
         let mut a = Admission::new(policy());
-        let v = a.decide(
-            &Request {
-                body: &body,
-                route: None,
-                edge: None,
-                now: NOW,
-            },
-            &seen,
-        );
+        let v = a.decide(&req(&body), &seen);
         let r = refused(v, Code::Replay);
         assert_eq!(r.command.map(|c| c.nonce), Some(7), "the row names it");
         assert!(
@@ -594,23 +586,22 @@ mod tests {
         assert_eq!(a.in_flight(), 0);
         // Another command reusing the nonce is told so.
         let other = with(|c| c.request_id = "req-2".into());
-        let r = refused(
-            a.decide(
-                &Request {
-                    body: &other,
-                    route: None,
-                    edge: None,
-                    now: NOW,
-                },
-                &seen,
-            ),
-            Code::Replay,
-        );
+        let r = refused(a.decide(&req(&other), &seen), Code::Replay);
         assert!(
             r.reject.detail.contains("already used by request"),
             "{}",
             r.reject
         );
+    }
+
+    /// A request for `body` at `NOW`, on no route, with no edge identity.
+    fn req(body: &[u8]) -> Request<'_> {
+        Request {
+            body,
+            route: None,
+            edge: None,
+            now: NOW,
+        }
     }
 
     /// The guard with `n` of the issuer's 64 nonces taken.
@@ -628,18 +619,7 @@ mod tests {
         let seen = book_holding(64);
         let mut a = Admission::new(policy());
         let body = signed(&command());
-        let r = refused(
-            a.decide(
-                &Request {
-                    body: &body,
-                    route: None,
-                    edge: None,
-                    now: NOW,
-                },
-                &seen,
-            ),
-            Code::ReplayCapacity,
-        );
+        let r = refused(a.decide(&req(&body), &seen), Code::ReplayCapacity);
         assert_eq!(r.reject.code.http_status(), 429);
     }
 
@@ -651,14 +631,6 @@ mod tests {
         let seen = book_holding(63);
         let mut a = Admission::new(policy());
         let (one, two) = (signed(&command()), with(|c| c.nonce = 8));
-        fn req(body: &[u8]) -> Request<'_> {
-            Request {
-                body,
-                route: None,
-                edge: None,
-                now: NOW,
-            }
-        }
         let Verdict::Admitted(first) = a.decide(&req(&one), &seen) else {
             panic!("refused")
         };
@@ -700,12 +672,7 @@ mod tests {
         let mut a = Admission::new(policy());
         let seen = book();
         let body = signed(&command());
-        let req = Request {
-            body: &body,
-            route: None,
-            edge: None,
-            now: NOW,
-        };
+        let req = req(&body);
         let Verdict::Admitted(first) = a.decide(&req, &seen) else {
             panic!("refused")
         };

@@ -454,7 +454,7 @@ impl Control {
             .await
             .ok()
             .flatten()
-            .or_else(|| seen(self).and_then(|a| a.applied)),
+            .or_else(|| self.guard_applied(issuer, nonce, now)),
         };
         let mut m = Map::new();
         m.insert("request_id".into(), a.request_id.clone().into());
@@ -472,12 +472,18 @@ impl Control {
     /// applied (a waiter that missed its agent's answer): applied, with the
     /// module's state now.
     fn applied_now(&self, c: &Command, module: Module, now: u64) -> Option<Outcome> {
-        let seq = self
-            .replay
-            .lock()
-            .get(&c.issuer, c.nonce, now)
-            .and_then(|s| s.value.applied)?;
+        let seq = self.guard_applied(&c.issuer, c.nonce, now)?;
         Some((Ok(self.modules.get(module)), seq, None))
+    }
+
+    /// The ledger seq of the `applied` row of the command accepted as `(issuer,
+    /// nonce)`, as the replay guard knows it (0: applied by another node); `None`
+    /// when it was not applied yet, or the guard does not hold it.
+    fn guard_applied(&self, issuer: &str, nonce: u64, now: u64) -> Option<u64> {
+        self.replay
+            .lock()
+            .get(issuer, nonce, now)
+            .and_then(|s| s.value.applied)
     }
 
     /// Whether the token the edge verified for `who` has the command role.
@@ -717,7 +723,9 @@ impl Control {
                 .get(signer.issuer(), i.nonce, now)
                 .map(|s| s.value.request_id.clone());
             if let Some(first) = used_by {
-                if !i.same_request(&first) {
+                // The same request under the key has the same id (its route and
+                // body are part of it).
+                if first != i.request_id {
                     let r = Reject::with(
                         Code::BadArgs,
                         format!("this idempotency key was used for another request ({first})"),
