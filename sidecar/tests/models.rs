@@ -432,12 +432,146 @@ fn hot_swap_under_concurrent_predictions_loses_nothing() {
     assert_eq!(host.slot("mev").unwrap().loads(), 21);
 }
 
-#[test]
-fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
+/// The hot path over `host`, both modules running with `ev_min`, sending to a
+/// relay (each send shows there).
+struct Hot {
+    hot: gw_sidecar::sender::strategy::HotPath,
+    relay: testkit::relay::Relay,
+    /// The key the test signs its transactions with.
+    key: ed25519_dalek::SigningKey,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn hot_path(host: Arc<ModelHost>, ev_min: f64) -> Hot {
     use gw_core::module_state::{ModuleState, Modules, RunState};
     use gw_core::Module;
-    use gw_sidecar::sender::strategy::{HotPath, Opportunity, SignedTx, StrategyConfig};
-    use gw_sidecar::sender::{txwire, Sender, SenderConfig};
+    use gw_sidecar::sender::strategy::{HotPath, StrategyConfig};
+    use gw_sidecar::sender::{Sender, SenderConfig};
+
+    let relay = testkit::relay::Relay::start(None);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cfg: SenderConfig = serde_json::from_value(json!({"relay": {"url": relay.url}})).unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[4u8; 32]);
+    let sender = rt.block_on(async { Sender::new(&cfg, &key, None, None).unwrap() });
+    let mut modules = Modules::new();
+    for m in Module::ALL {
+        modules.set(
+            m,
+            ModuleState {
+                state: RunState::Running,
+                ev_min: Some(ev_min),
+                ..ModuleState::default()
+            },
+        );
+    }
+    let hot = HotPath::start(
+        &StrategyConfig::default(),
+        sender,
+        gw_sidecar::control::ModuleTable::from(modules),
+        Some(host),
+        rt.handle().clone(),
+        None,
+    )
+    .unwrap();
+    Hot {
+        hot,
+        relay,
+        key,
+        _rt: rt,
+    }
+}
+
+/// An opportunity of `module` with one transaction (told apart by `tag`).
+fn opportunity(
+    key: &ed25519_dalek::SigningKey,
+    module: gw_core::Module,
+    tag: [u8; 32],
+    features: Vec<f32>,
+    ev: Option<f32>,
+) -> (gw_sidecar::sender::strategy::Opportunity, Vec<u8>) {
+    use gw_sidecar::sender::strategy::{Opportunity, SignedTx};
+    use gw_sidecar::sender::txwire;
+    let wire = txwire::example_tx(key, tag, 0);
+    let signature = txwire::parse(&wire, false).unwrap().signature_b58();
+    let o = Opportunity {
+        module,
+        features,
+        ev,
+        txs: vec![SignedTx {
+            wire: wire.clone().into(),
+            signature,
+        }],
+        received: std::time::Instant::now(),
+    };
+    (o, wire)
+}
+
+/// A module whose library was refused (here at start, as after a bad build was
+/// activated while the sidecar was down) has no model serving: its opportunities
+/// are not sent whatever `ev` they claim (`no_score`), while a module with no
+/// link at all is scored by the opportunity's own `ev`. A link removed later
+/// changes nothing and is said once.
+#[test]
+fn a_module_whose_model_does_not_serve_trusts_no_searchers_ev() {
+    use gw_core::Module;
+    use gw_sidecar::sender::strategy::Skip;
+
+    let d = testkit::TempDir::new("models-not-serving");
+    let dir = d.path();
+    std::fs::write(dir.join("junk.so"), b"not a shared library").unwrap();
+    std::os::unix::fs::symlink("junk.so", dir.join("libmev_latest.so")).unwrap();
+    let host = Arc::new(host(dir, 8, false));
+    host.poll();
+    let mev = host.slot("mev").unwrap();
+    assert!(host.current("mev").is_none() && mev.rejected() == 1 && mev.linked());
+    assert!(!host.linked("arbitrage"));
+    let Hot {
+        hot,
+        relay,
+        key,
+        _rt,
+    } = hot_path(host.clone(), 0.0);
+    let (refused, _) = opportunity(&key, Module::Mev, [1; 32], vec![1.0; 8], Some(1e9));
+    let (no_model, sent) = opportunity(&key, Module::Arbitrage, [2; 32], vec![], Some(1e9));
+    assert_eq!(hot.offer(vec![refused, no_model]), 2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while relay.calls().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let got: Vec<Vec<u8>> = relay
+        .calls()
+        .into_iter()
+        .map(|c| c.txs[0].clone())
+        .collect();
+    assert_eq!(
+        got,
+        vec![sent],
+        "only the module without a model, on its ev"
+    );
+    assert_eq!(hot.stats.skipped(Skip::NoScore), 1);
+    drop(hot);
+
+    // The link removed: nothing changes, and the history says so once.
+    std::fs::remove_file(dir.join("libmev_latest.so")).unwrap();
+    let lines = [host.poll(), host.poll()].concat();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("gone or dangling") && lines[0].contains("still serving nothing"));
+    let view = host.view();
+    let (_, slot) = view.iter().find(|(m, _)| *m == "mev").unwrap();
+    let outcomes: Vec<&str> = slot.history.iter().map(|e| e.outcome).collect();
+    assert_eq!(outcomes, ["open", "link_lost"]);
+    assert!(slot.linked && slot.serving.is_none());
+}
+
+#[test]
+fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
+    use gw_core::Module;
+    use gw_sidecar::sender::strategy::Opportunity;
 
     let dir = built();
     let host = Arc::new(host(dir, 8, false));
@@ -457,33 +591,12 @@ fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
     sorted.sort_by(f64::total_cmp);
     let mid = sorted.len() / 2;
     let ev_min = (sorted[mid - 1] + sorted[mid]) / 2.0;
-    let relay = testkit::relay::Relay::start(None);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let cfg: SenderConfig = serde_json::from_value(json!({"relay": {"url": relay.url}})).unwrap();
-    let key = ed25519_dalek::SigningKey::from_bytes(&[4u8; 32]);
-    let sender = rt.block_on(async { Sender::new(&cfg, &key, None, None).unwrap() });
-    let mut modules = Modules::new();
-    modules.set(
-        Module::Mev,
-        ModuleState {
-            state: RunState::Running,
-            ev_min: Some(ev_min),
-            ..ModuleState::default()
-        },
-    );
-    let hot = HotPath::start(
-        &StrategyConfig::default(),
-        sender,
-        gw_sidecar::control::ModuleTable::from(modules),
-        Some(host),
-        rt.handle().clone(),
-        None,
-    )
-    .unwrap();
+    let Hot {
+        hot,
+        relay,
+        key,
+        _rt,
+    } = hot_path(host, ev_min);
     let mut expected = Vec::new();
     let opps: Vec<Opportunity> = rows
         .chunks_exact(8)
@@ -492,21 +605,12 @@ fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
         .map(|(i, (features, pred))| {
             let mut bh = [9u8; 32];
             bh[..4].copy_from_slice(&(i as u32).to_le_bytes());
-            let wire = txwire::example_tx(&key, bh, 0);
+            // `ev: None`: the model scores it.
+            let (o, wire) = opportunity(&key, Module::Mev, bh, features.to_vec(), None);
             if *pred >= ev_min {
-                expected.push(wire.clone());
+                expected.push(wire);
             }
-            let signature = txwire::parse(&wire, false).unwrap().signature_b58();
-            Opportunity {
-                module: Module::Mev,
-                features: features.to_vec(),
-                ev: None, // the model scores it
-                txs: vec![SignedTx {
-                    wire: wire.into(),
-                    signature,
-                }],
-                received: std::time::Instant::now(),
-            }
+            o
         })
         .collect();
     let n = opps.len();
@@ -514,18 +618,8 @@ fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
     // far above ev_min: the model alone scores this module, so none is sent.
     let mut opps = opps;
     for (k, features) in [vec![], vec![1.0; 5], vec![1.0; 9]].into_iter().enumerate() {
-        let wire = txwire::example_tx(&key, [200 + k as u8; 32], 0);
-        let signature = txwire::parse(&wire, false).unwrap().signature_b58();
-        opps.push(Opportunity {
-            module: Module::Mev,
-            features,
-            ev: Some(1e9),
-            txs: vec![SignedTx {
-                wire: wire.into(),
-                signature,
-            }],
-            received: std::time::Instant::now(),
-        });
+        let tag = [200 + k as u8; 32];
+        opps.push(opportunity(&key, Module::Mev, tag, features, Some(1e9)).0);
     }
     assert_eq!(hot.offer(opps), n + 3);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -41,7 +41,8 @@ pub struct SwapEvent {
     pub at_ms: u64,
     /// The library file.
     pub path: String,
-    /// `served` or the refusal's reason label.
+    /// `served`, the refusal's reason label, or `link_lost` (the link is gone or
+    /// dangling; `path` is the link's).
     pub outcome: &'static str,
     /// The version served, or why it was refused.
     pub detail: String,
@@ -62,6 +63,11 @@ pub struct Slot {
     /// Features per row, from the module's configuration.
     pub n_features: u32,
     current: ArcSwapOption<Model>,
+    /// A `lib<stem>_latest.so` link was seen since start: the module is scored by
+    /// its model alone, and scores nothing while none serves.
+    linked: AtomicBool,
+    /// The link is missing or dangling now (logged once per change).
+    link_lost: AtomicBool,
     /// Link target refused last (not retried until the link changes).
     refused: Mutex<Option<(PathBuf, String)>>,
     /// Last swaps and refusals, oldest first.
@@ -81,6 +87,13 @@ impl Slot {
     /// Libraries refused since start.
     pub fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Whether the module has a model (its link was seen since start), serving or
+    /// not: such a module is scored by its model alone, never by an
+    /// opportunity's own `ev`.
+    pub fn linked(&self) -> bool {
+        self.linked.load(Ordering::Acquire)
     }
 
     fn record(&self, path: &Path, outcome: &'static str, detail: String) {
@@ -138,6 +151,9 @@ pub struct SlotView {
     pub rejected: u64,
     /// Features per row the module is configured for.
     pub n_features: u32,
+    /// Whether the module has a model (a link was seen since start): while none
+    /// serves, its opportunities are not scored (`no_score`).
+    pub linked: bool,
     /// Last swaps and refusals, oldest first.
     pub history: Vec<SwapEvent>,
 }
@@ -164,6 +180,8 @@ impl ModelHost {
                 stem,
                 n_features: n_features(module),
                 current: ArcSwapOption::empty(),
+                linked: AtomicBool::new(false),
+                link_lost: AtomicBool::new(false),
                 refused: Mutex::new(None),
                 history: Mutex::new(VecDeque::with_capacity(HISTORY)),
                 // A family's counter is shared: the slot and the family count as one.
@@ -320,6 +338,11 @@ impl ModelHost {
         self.slot(module).and_then(|s| s.current.load_full())
     }
 
+    /// Whether `module` has a model, serving or not ([`Slot::linked`]).
+    pub fn linked(&self, module: &str) -> bool {
+        self.slot(module).is_some_and(Slot::linked)
+    }
+
     /// Scores `rows` with the model serving `module` into `out` (`n_outputs` per
     /// row), without taking a reference count or allocating: the hot path's call.
     /// The model stays loaded for the call (arc-swap's guard).
@@ -341,9 +364,30 @@ impl ModelHost {
         let mut log = Vec::new();
         for s in &self.slots {
             let link = self.dir.join(format!("lib{}_latest.so", s.stem));
-            let Ok(target) = std::fs::canonicalize(&link) else {
-                continue; // no link yet: nothing to serve
+            let target = match std::fs::canonicalize(&link) {
+                Ok(t) => t,
+                Err(e) => {
+                    // No link yet: nothing to serve. A link gone or dangling after
+                    // one was seen changes nothing (the model serving goes on; none
+                    // serving, the module still scores nothing): said once.
+                    if s.linked() && !s.link_lost.swap(true, Ordering::AcqRel) {
+                        let kept = s
+                            .current
+                            .load()
+                            .as_ref()
+                            .map_or("nothing".to_string(), |m| m.version.clone());
+                        log.push(format!(
+                            "model {}: {} is gone or dangling ({e}); still serving {kept} (point the link at another build to change it)",
+                            s.module,
+                            link.display()
+                        ));
+                        s.record(&link, "link_lost", e.to_string());
+                    }
+                    continue;
+                }
             };
+            s.linked.store(true, Ordering::Release);
+            s.link_lost.store(false, Ordering::Release);
             if s.current.load().as_ref().is_some_and(|m| m.path == target) {
                 continue;
             }
@@ -422,6 +466,7 @@ impl ModelHost {
                         loads: s.loads.get(),
                         rejected: s.rejected(),
                         n_features: s.n_features,
+                        linked: s.linked(),
                         history: s.history.lock().iter().cloned().collect(),
                     },
                 )

@@ -652,15 +652,22 @@ impl Worker {
         }
     }
 
-    /// Each opportunity's score: its module's model over the whole batch when one
-    /// serves, else the opportunity's own `ev`. Where a model serves, only the model
-    /// scores: an opportunity whose features do not fit it has no score (a
-    /// searcher does not get past the model by sending other features and an `ev`).
+    /// Each opportunity's score: its module's model over the whole batch when the
+    /// module has one, else the opportunity's own `ev`. Where a module has a model,
+    /// only the model scores: an opportunity whose features do not fit it has no
+    /// score (a searcher does not get past the model by sending other features and
+    /// an `ev`), nor has any while no model serves (refused at start, still
+    /// loading): a searcher's own `ev` is never taken for a model that is missing.
     fn score(&self, batch: &[Opportunity]) -> Vec<Option<f32>> {
         let mut out: Vec<Option<f32>> = batch.iter().map(|o| o.ev).collect();
         let Some(host) = &self.models else { return out };
         for m in Module::ALL {
             let Some(model) = host.current(m.as_str()) else {
+                if host.linked(m.as_str()) {
+                    for (i, _) in batch.iter().enumerate().filter(|(_, o)| o.module == m) {
+                        out[i] = None;
+                    }
+                }
                 continue;
             };
             let n = model.n_features as usize;
