@@ -13,6 +13,22 @@ pub const MAX_BASE58: usize = 1683;
 /// Largest base64 transaction (Solana's `MAX_BASE64_SIZE`).
 pub const MAX_BASE64: usize = 1644;
 
+/// Decodes base58 `s` into exactly `N` bytes (a signature: 64, a public key: 32),
+/// or `None`. Text longer than `N` bytes can take is refused before decoding:
+/// base58's decode is quadratic in its input (a megabyte of it takes minutes), so
+/// nothing from outside may reach it unbounded.
+pub fn b58_exact<const N: usize>(s: &str) -> Option<[u8; N]> {
+    // `N` bytes are at most ⌈N · log 256 / log 58⌉ = ⌈1.3657 · N⌉ characters.
+    if s.len() > N * 137 / 100 + 1 {
+        return None;
+    }
+    let mut out = [0u8; N];
+    match bs58::decode(s).onto(&mut out[..]) {
+        Ok(n) if n == N => Some(out),
+        _ => None,
+    }
+}
+
 /// How a transaction is encoded in a JSON-RPC request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
@@ -263,6 +279,49 @@ mod tests {
     use super::*;
     use ed25519_dalek::SigningKey;
     use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever bytes: their base58 decodes back, at the right length only.
+        #[test]
+        fn b58_exact_takes_what_the_library_writes(
+            sig in proptest::array::uniform32(any::<u8>()),
+            tail in proptest::array::uniform32(any::<u8>()),
+            zeros in 0usize..=64,
+        ) {
+            let mut s64 = [0u8; 64];
+            s64[..32].copy_from_slice(&sig);
+            s64[32..].copy_from_slice(&tail);
+            s64[..zeros].fill(0); // leading zero bytes: one '1' each
+            let text = bs58::encode(s64).into_string();
+            prop_assert_eq!(b58_exact::<64>(&text), Some(s64));
+            prop_assert_eq!(b58_exact::<32>(&text), None);
+            let key = bs58::encode(sig).into_string();
+            prop_assert_eq!(b58_exact::<32>(&key), Some(sig));
+            prop_assert_eq!(b58_exact::<64>(&key), None);
+        }
+    }
+
+    #[test]
+    fn b58_exact_refuses_long_text_before_decoding_it() {
+        // A megabyte of valid base58 (quadratic to decode: minutes; this test would
+        // hang without the bound).
+        assert_eq!(b58_exact::<64>(&"2".repeat(1 << 20)), None);
+        assert_eq!(b58_exact::<64>(&"2".repeat(89)), None);
+        // The longest texts of 64 and 32 bytes are within the bound.
+        assert_eq!(bs58::encode([0xff; 64]).into_string().len(), 88);
+        assert_eq!(
+            b58_exact::<64>(&bs58::encode([0xff; 64]).into_string()),
+            Some([0xff; 64])
+        );
+        assert_eq!(
+            b58_exact::<32>(&bs58::encode([0xff; 32]).into_string()),
+            Some([0xff; 32])
+        );
+        assert_eq!(b58_exact::<64>(&"1".repeat(64)), Some([0; 64]));
+        for bad in ["", "0", "I", "l", "O", "not base58!"] {
+            assert_eq!(b58_exact::<32>(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn a_signed_transaction_parses_and_verifies() {

@@ -234,6 +234,12 @@ fn send_transaction_has_a_solana_nodes_landing_semantics() {
         );
         let r = call(q(json!(["not-a-signature"]))).await;
         assert_eq!(r["error"]["code"], -32602, "{r}");
+        // Half a megabyte of valid base58 (quadratic to decode: minutes of a worker,
+        // without the bound): refused, and not echoed whole.
+        let r = call(q(json!(["2".repeat(1 << 19)]))).await;
+        assert_eq!(r["error"]["code"], -32602);
+        let message = r["error"]["message"].as_str().unwrap();
+        assert!(message.len() < 200 && message.contains('…'), "{message}");
         let r = call(q(Value::Array(vec![json!(s4); 257]))).await;
         assert_eq!(r["error"]["code"], -32602, "{r}");
         // Bad options are refused before anything is sent.

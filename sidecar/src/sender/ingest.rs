@@ -148,16 +148,12 @@ impl IngestConfig {
         self.allow
             .iter()
             .map(|k| {
-                bs58::decode(k)
-                    .into_vec()
-                    .ok()
-                    .and_then(|v| <[u8; 32]>::try_from(v).ok())
-                    .ok_or_else(|| {
-                        OutOfBounds::new(
-                            "sender.strategy.ingest.allow",
-                            "every entry must be a base58 Ed25519 public key (32 bytes)",
-                        )
-                    })
+                gw_core::txwire::b58_exact::<32>(k).ok_or_else(|| {
+                    OutOfBounds::new(
+                        "sender.strategy.ingest.allow",
+                        "every entry must be a base58 Ed25519 public key (32 bytes)",
+                    )
+                })
             })
             .collect()
     }

@@ -81,11 +81,10 @@ pub struct LeaderEntry {
 
 /// Decodes a base58 Solana public key.
 pub fn pubkey_from_b58(s: &str) -> Result<[u8; 32], String> {
-    let v = bs58::decode(s.trim())
-        .into_vec()
-        .map_err(|e| format!("{s:?} is not base58: {e}"))?;
-    v.try_into()
-        .map_err(|v: Vec<u8>| format!("{s:?} decodes to {} bytes, not 32", v.len()))
+    gw_core::txwire::b58_exact::<32>(s.trim()).ok_or_else(|| {
+        let shown: String = s.chars().take(64).collect();
+        format!("{shown:?} is not a base58 public key (32 bytes)")
+    })
 }
 
 /// A fixed list.

@@ -479,14 +479,19 @@ async fn signature_statuses(ctx: &RpcContext<'_>, params: &Value) -> Result<Valu
     for s in list {
         let ok = s
             .as_str()
-            .filter(|s| bs58::decode(s).into_vec().is_ok_and(|b| b.len() == 64));
+            .filter(|s| gw_core::txwire::b58_exact::<64>(s).is_some());
         match ok {
             Some(s) => sigs.push(s.to_owned()),
             None => {
+                let mut shown = s.to_string();
+                if shown.len() > 100 {
+                    shown.truncate(shown.floor_char_boundary(96));
+                    shown.push('…');
+                }
                 return Err(SendErr::Rpc((
                     code::INVALID_PARAMS,
-                    format!("Invalid param: {s} is not a signature"),
-                )))
+                    format!("Invalid param: {shown} is not a signature"),
+                )));
             }
         }
     }
