@@ -398,3 +398,93 @@ fn one_identity_cannot_take_every_connection() {
         assert_eq!(r.hot.ingest_stats.connections.load(Ordering::Relaxed), 2);
     });
 }
+
+/// A UDP relay in front of `server` that passes each client's first `pass`
+/// datagrams (and every answer) and drops the rest: with `pass` 2 (the first
+/// Initial, answered with a Retry, then the Initial with the token), the server
+/// takes the handshake in and then hears nothing more — a stalled handshake, from
+/// the relay's address.
+async fn stalling_relay(server: std::net::SocketAddr, pass: usize) -> std::net::SocketAddr {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use tokio::net::UdpSocket;
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = front.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut clients: HashMap<std::net::SocketAddr, (Arc<UdpSocket>, usize)> = HashMap::new();
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = front.recv_from(&mut buf).await {
+            let (up, sent) = match clients.get_mut(&from) {
+                Some(c) => c,
+                None => {
+                    let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                    let (back, front, up2) = (from, front.clone(), up.clone());
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65536];
+                        while let Ok(n) = up2.recv(&mut buf).await {
+                            let _ = front.send_to(&buf[..n], back).await;
+                        }
+                    });
+                    up.connect(server).await.unwrap();
+                    clients.entry(from).or_insert((up, 0))
+                }
+            };
+            if *sent < pass {
+                *sent += 1;
+                let _ = up.send(&buf[..n]).await;
+            }
+        }
+    });
+    addr
+}
+
+/// One host that starts handshakes and stalls them (here 8 of them, through a
+/// relay that drops everything after the client's second Initial) takes at most
+/// `MAX_HANDSHAKES_PER_IP` of the `max_connections` handshake slots: a searcher
+/// from another address still gets in and its frames are sent.
+#[test]
+fn one_address_stalling_handshakes_cannot_lock_searchers_out() {
+    let r = rig(json!({
+        "bind": "127.0.0.1:0", "allow": allow(&[30, 31]), "max_connections": 6,
+    }));
+    let addr = r.hot.ingest_addr.unwrap();
+    r._rt.block_on(async {
+        let relay = stalling_relay(addr, 2).await;
+        let mut stalled = Vec::new();
+        for _ in 0..8 {
+            stalled.push(tokio::spawn(async move {
+                ingest::connect(relay, &key(30), server_key()).await
+            }));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Every stalled client was answered (a Retry, then a handshake or a
+        // refusal) before the searcher comes.
+        let refused = &r.hot.ingest_stats.refused;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while refused.load(Ordering::Relaxed) < (8 - ingest::MAX_HANDSHAKES_PER_IP) as u64 {
+            assert!(Instant::now() < deadline, "refused {refused:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let searcher =
+            ingest::connect_from("127.0.0.2:0".parse().unwrap(), addr, &key(31), server_key())
+                .await
+                .expect("a searcher from another address gets in");
+        assert_eq!(write_stream(&searcher, &ingest::frame(&opp(1))).await, None);
+        assert_eq!(r.rx.wait_for(1, Duration::from_secs(5)).await, 1);
+        assert_eq!(
+            refused.load(Ordering::Relaxed),
+            (8 - ingest::MAX_HANDSHAKES_PER_IP) as u64,
+            "only the handshakes beyond the address's share were refused so far"
+        );
+        // The stalled ones end at the server's handshake timeout, refused too
+        // (a client deems its handshake done once it sent its Finished, which
+        // the relay dropped: only the server knows).
+        let deadline = Instant::now() + ingest::HANDSHAKE_TIMEOUT * 3;
+        while refused.load(Ordering::Relaxed) < 8 {
+            assert!(Instant::now() < deadline, "refused {refused:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(r.hot.ingest_stats.connections.load(Ordering::Relaxed), 1);
+        drop(stalled);
+    });
+}

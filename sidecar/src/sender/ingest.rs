@@ -20,7 +20,9 @@
 //!
 //! Nothing unauthenticated holds resources for long: a client whose address is
 //! not yet validated gets a QUIC Retry first (no spoofed floods), handshakes in
-//! progress are capped at `max_connections` and must finish within
+//! progress are capped at `max_connections` in all and at
+//! [`MAX_HANDSHAKES_PER_IP`] per address (one host that starts handshakes and
+//! stalls them cannot lock the searchers out), each must finish within
 //! [`HANDSHAKE_TIMEOUT`], and only authenticated connections count against
 //! `max_connections` and `max_connections_per_identity`. Each stream's and each
 //! connection's flow-control window is bounded by `max_frame_bytes`, and the
@@ -28,7 +30,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -57,6 +59,8 @@ pub const MAX_VARIANTS: usize = 8;
 pub const MAX_FEATURES: usize = 256;
 /// A handshake must finish within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most handshakes in progress from one IP address.
+pub const MAX_HANDSHAKES_PER_IP: usize = 4;
 
 /// `sender.strategy.ingest`.
 #[derive(Debug, Clone, Deserialize)]
@@ -218,6 +222,7 @@ pub(crate) async fn serve(
     push: Rc<dyn Fn(Vec<Opportunity>)>,
 ) {
     let handshaking = Rc::new(Cell::new(0usize));
+    let handshaking_from: Rc<RefCell<HashMap<IpAddr, usize>>> = Rc::default();
     let open: Rc<RefCell<HashMap<[u8; 32], usize>>> = Rc::default();
     while let Some(incoming) = endpoint.accept().await {
         // A client proves it owns its address (one round trip, once per
@@ -226,22 +231,35 @@ pub(crate) async fn serve(
             let _ = incoming.retry();
             continue;
         }
-        if handshaking.get() >= config.max_connections {
+        let ip = incoming.remote_address().ip();
+        let from_ip = handshaking_from.borrow().get(&ip).copied().unwrap_or(0);
+        if handshaking.get() >= config.max_connections || from_ip >= MAX_HANDSHAKES_PER_IP {
             stats.refused.fetch_add(1, Ordering::Relaxed);
             incoming.refuse();
             continue;
         }
         handshaking.set(handshaking.get() + 1);
-        let (stats, push, open, handshaking, config) = (
+        *handshaking_from.borrow_mut().entry(ip).or_insert(0) += 1;
+        let (stats, push, open, handshaking, handshaking_from, config) = (
             stats.clone(),
             push.clone(),
             open.clone(),
             handshaking.clone(),
+            handshaking_from.clone(),
             config.clone(),
         );
         tokio::task::spawn_local(async move {
             let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
             handshaking.set(handshaking.get() - 1);
+            {
+                let mut from = handshaking_from.borrow_mut();
+                if let Some(n) = from.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        from.remove(&ip);
+                    }
+                }
+            }
             let Ok(Ok(conn)) = conn else {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
                 return;
@@ -303,9 +321,10 @@ async fn read_stream(
         let framing = drain_frames(&mut buf, max_frame, arrived, &stats, &mut batch);
         if !batch.is_empty() {
             push(batch);
-            // Other streams, connections and HTTP's offers get the thread too.
-            tokio::task::yield_now().await;
         }
+        // Other streams, connections and HTTP's offers get the thread too (after
+        // every chunk, valid or not).
+        tokio::task::yield_now().await;
         if framing.is_err() {
             stats.malformed.fetch_add(1, Ordering::Relaxed);
             let _ = recv.stop(STOP_MALFORMED.into());
@@ -440,10 +459,26 @@ pub async fn connect(
     identity: &SigningKey,
     server_key: Option<[u8; 32]>,
 ) -> anyhow::Result<quinn::Connection> {
+    connect_from(
+        (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+        addr,
+        identity,
+        server_key,
+    )
+    .await
+}
+
+/// [`connect`] from a socket bound to `local`.
+pub async fn connect_from(
+    local: SocketAddr,
+    addr: SocketAddr,
+    identity: &SigningKey,
+    server_key: Option<[u8; 32]>,
+) -> anyhow::Result<quinn::Connection> {
     let id = tls::identity_cert(identity)?;
     let mut crypto = tls::client_crypto(&id, server_key)?;
     crypto.alpn_protocols = vec![ALPN_OPPORTUNITIES.to_vec()];
-    let mut ep = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
+    let mut ep = quinn::Endpoint::client(local)?;
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?,
     )));
