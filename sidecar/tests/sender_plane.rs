@@ -189,6 +189,23 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
     );
     assert_eq!(status, 400, "{r}");
     assert!(r["detail"].as_str().unwrap().contains("signature"), "{r}");
+    // The same behind 64 good ones (a body decoded off the runtime's workers):
+    // nothing of it reaches the ring.
+    let mut opps: Vec<Value> = (0..64).map(|i| opp(700 + i, 5.0)).collect();
+    opps.push(json!({"module": "mev", "ev": 1.0, "txs": [b64(&bad)]}));
+    let body = json!({ "opportunities": opps });
+    assert!(body.to_string().len() > 16 << 10);
+    let offered = s.get_json("/api/sender")["strategy"]["offered"].clone();
+    let (status, r) = s.post_json("/api/opportunities", &body);
+    assert_eq!(status, 400, "{r}");
+    assert!(
+        r["detail"]
+            .as_str()
+            .unwrap()
+            .contains("opportunity 64 tx 0"),
+        "{r}"
+    );
+    assert_eq!(s.get_json("/api/sender")["strategy"]["offered"], offered);
 
     // JSON-RPC: real transactions from solders, base58 and base64, legacy and v0.
     let out = testkit::run_python(

@@ -143,6 +143,28 @@ fn opportunity(
     })
 }
 
+/// The largest `/api/opportunities` body decoded on the runtime's worker.
+const INLINE_BODY_BYTES: usize = 16 << 10;
+
+/// Every opportunity of a `/api/opportunities` body, validated.
+fn decode_opportunities(
+    body: &[u8],
+    received: std::time::Instant,
+) -> Result<Vec<Opportunity>, String> {
+    let req: OpportunitiesIn =
+        serde_json::from_slice(body).map_err(|e| format!("opportunities body: {e}"))?;
+    if req.opportunities.len() > MAX_OPPORTUNITIES {
+        return Err(format!(
+            "at most {MAX_OPPORTUNITIES} opportunities per request"
+        ));
+    }
+    req.opportunities
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| opportunity(i, o, received))
+        .collect()
+}
+
 /// `POST /api/opportunities`: validates every opportunity (each transaction parsed
 /// and its signatures verified), then offers them all to the ring. The answer says
 /// how many the ring took; the rest were dropped because it was full (429 when none
@@ -153,23 +175,22 @@ async fn opportunities(State(st): St, body: Bytes) -> Response {
     let Some(dp) = &st.plane else {
         return unavailable();
     };
-    let req: OpportunitiesIn = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return bad(format!("opportunities body: {e}")),
-    };
-    if req.opportunities.len() > MAX_OPPORTUNITIES {
-        return bad(format!(
-            "at most {MAX_OPPORTUNITIES} opportunities per request"
-        ));
-    }
-    let n = req.opportunities.len();
-    let mut items = Vec::with_capacity(n);
-    for (i, o) in req.opportunities.into_iter().enumerate() {
-        match opportunity(i, o, received) {
-            Ok(o) => items.push(o),
-            Err(e) => return bad(e),
+    // A large body (up to hundreds of transactions, each signature verified) is
+    // decoded on a blocking thread, not on a runtime worker that every other route
+    // shares; a small one at once, sparing it the hand-over.
+    let items = if body.len() <= INLINE_BODY_BYTES {
+        decode_opportunities(&body, received)
+    } else {
+        match tokio::task::spawn_blocking(move || decode_opportunities(&body, received)).await {
+            Ok(r) => r,
+            Err(e) => Err(format!("decoding stopped: {e}")),
         }
-    }
+    };
+    let items = match items {
+        Ok(items) => items,
+        Err(e) => return bad(e),
+    };
+    let n = items.len();
     let took = dp.hot.offer_async(items).await;
     let status = if took == 0 && n > 0 {
         StatusCode::TOO_MANY_REQUESTS
