@@ -122,6 +122,7 @@ const S = {
   decisions: [],
   sends: [],
   ws: null,
+  wsOpened: 0,
   wsRetry: 1000,
   reconnect: null,
   timers: [],
@@ -214,6 +215,7 @@ async function login(token) {
   } catch (e) {
     if (e.status === 401 || e.status === 403) {
       S.token = null;
+      sessionStorage.removeItem("gw.jwt");
       showLogin(`refused by the gateway: ${e.code} — ${e.detail}`);
       return;
     }
@@ -253,6 +255,10 @@ function setLive(on, text) {
   el.textContent = text;
 }
 
+// A stream that stayed up this long reconnects at once when it closes; one that
+// closed sooner waits twice as long as the last time.
+const STREAM_STABLE_MS = 10000;
+
 function connect() {
   if (!S.token) return;
   const url = `wss://${location.host}/api/realtime`;
@@ -264,7 +270,7 @@ function connect() {
     return;
   }
   S.ws = ws;
-  ws.onopen = () => { if (S.ws === ws) { S.wsRetry = 1000; setLive(true, "live"); } };
+  ws.onopen = () => { if (S.ws === ws) { S.wsOpened = Date.now(); setLive(true, "live"); } };
   ws.onmessage = (ev) => {
     if (S.ws !== ws) return;
     let m;
@@ -282,10 +288,29 @@ function connect() {
       return;
     }
     if (S.token) {
+      // The wait doubles (to 30 s) unless the stream stayed up a while: one
+      // closed soon after it opened (too slow under a flood, say) is not
+      // reopened every second.
+      if (S.wsOpened && Date.now() - S.wsOpened >= STREAM_STABLE_MS) S.wsRetry = 1000;
+      S.wsOpened = 0;
       S.reconnect = setTimeout(connect, S.wsRetry);
       S.wsRetry = Math.min(S.wsRetry * 2, 30000);
     }
   };
+}
+
+// Tables are drawn at most once per frame, however fast events come: a flood
+// (edge refusals, sends) costs one redraw per frame, not one per event.
+const redraws = new Set();
+function redraw(render) {
+  if (redraws.size === 0) {
+    requestAnimationFrame(() => {
+      const due = [...redraws];
+      redraws.clear();
+      for (const r of due) r();
+    });
+  }
+  redraws.add(render);
 }
 
 function onEvent(m) {
@@ -301,14 +326,14 @@ function onEvent(m) {
   if (m.type === "decision") {
     S.decisions.unshift(m);
     S.decisions.length = Math.min(S.decisions.length, MAX_ROWS);
-    renderDecisions();
+    redraw(renderDecisions);
   } else if (m.type === "module") {
     S.modules[m.module] = m.state;
-    renderModules();
+    redraw(renderModules);
   } else if (m.type === "send") {
     S.sends.unshift(m);
     S.sends.length = Math.min(S.sends.length, MAX_ROWS);
-    renderSends();
+    redraw(renderSends);
   }
 }
 

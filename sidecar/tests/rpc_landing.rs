@@ -234,6 +234,26 @@ fn send_transaction_has_a_solana_nodes_landing_semantics() {
         );
         let r = call(q(json!(["not-a-signature"]))).await;
         assert_eq!(r["error"]["code"], -32602, "{r}");
+        // Only Solana's option reaches the node; a bad one is refused.
+        let with = |opts: Value| {
+            serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": 1,
+                "method": "getSignatureStatuses", "params": [[s4], opts]}))
+            .unwrap()
+        };
+        let r = call(with(
+            json!({"searchTransactionHistory": true, "junk": "x".repeat(4096)}),
+        ))
+        .await;
+        assert_eq!(r["result"]["value"][0], status, "{r}");
+        let forwarded = node.calls().into_iter().rev().find(|(m, _)| m == "getSignatureStatuses");
+        assert_eq!(
+            forwarded.map(|(_, p)| p[1].clone()),
+            Some(json!({"searchTransactionHistory": true}))
+        );
+        for bad in [json!({"searchTransactionHistory": "yes"}), json!([true]), json!(7)] {
+            let r = call(with(bad.clone())).await;
+            assert_eq!(r["error"]["code"], -32602, "{bad}: {r}");
+        }
         // Half a megabyte of valid base58 (quadratic to decode: minutes of a worker,
         // without the bound): refused, and not echoed whole.
         let r = call(q(json!(["2".repeat(1 << 19)]))).await;

@@ -495,7 +495,31 @@ async fn signature_statuses(ctx: &RpcContext<'_>, params: &Value) -> Result<Valu
             }
         }
     }
-    let opts = p.get(1).cloned().unwrap_or(json!({}));
+    // Only the option Solana defines goes to the node (as Agave, other fields are
+    // ignored; a client's JSON is not forwarded as it came).
+    let history = match p.get(1) {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(o)) => match o.get("searchTransactionHistory") {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(_) => {
+                return Err(SendErr::Rpc((
+                    code::INVALID_PARAMS,
+                    "Invalid params: searchTransactionHistory must be a boolean".to_owned(),
+                )))
+            }
+        },
+        Some(_) => {
+            return Err(SendErr::Rpc((
+                code::INVALID_PARAMS,
+                "Invalid params: params[1] must be an object".to_owned(),
+            )))
+        }
+    };
+    let opts = match history {
+        Some(b) => json!({ "searchTransactionHistory": b }),
+        None => json!({}),
+    };
     match ctx.landing {
         Some(l) => Ok(l.statuses(&sigs, opts).await?),
         // No node: the gateway knows no statuses (null = unknown, as Solana says).
