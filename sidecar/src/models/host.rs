@@ -289,19 +289,18 @@ impl ModelHost {
                 let _ = tx.send(r);
             })
             .map_err(|e| super::LoadError::Open(shown.clone(), format!("no loader thread: {e}")))?;
-        let m = match rx.recv_timeout(self.load_timeout) {
-            Ok(r) => Arc::new(r?),
-            Err(_) => {
-                let mut st = self.stuck.lock();
-                if rx.try_recv().is_err() {
-                    // Still inside the library: no other is loaded (nor the marker
-                    // rewritten) until it returns; a crash it ends in names it.
-                    *st = Some(target.to_path_buf());
-                }
+        let answer = rx.recv_timeout(self.load_timeout).or_else(|_| {
+            let mut st = self.stuck.lock();
+            // An answer that came between the deadline and this lock is taken.
+            rx.try_recv().map_err(|_| {
+                // Still inside the library: no other is loaded (nor the marker
+                // rewritten) until it returns; a crash it ends in names it.
+                *st = Some(target.to_path_buf());
                 let ms = u64::try_from(self.load_timeout.as_millis()).unwrap_or(u64::MAX);
-                return Err(super::LoadError::Timeout(shown, ms));
-            }
-        };
+                super::LoadError::Timeout(shown, ms)
+            })
+        });
+        let m = Arc::new(answer??);
         self.loaded
             .lock()
             .insert(target.to_path_buf(), Arc::downgrade(&m));
