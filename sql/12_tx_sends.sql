@@ -16,6 +16,9 @@ CREATE TABLE IF NOT EXISTS tx_sends
     leader       String,
     tip          Float64,
     score        Float64,
+    -- what gave the score: a model's name@version, 'ev' (the opportunity's own, for
+    -- a module without a model), '' (not scored: JSON-RPC)
+    scored_by    LowCardinality(String),
     tpu_error    String,
     relay_error  String,
     bytes        UInt32
@@ -24,3 +27,6 @@ ENGINE = MergeTree
 ORDER BY (ts_us, signature)
 TTL toDateTime(intDiv(ts_us, 1000000)) + INTERVAL 30 DAY
 SETTINGS non_replicated_deduplication_window = 1000;
+
+-- Tables made before 2026-12-05.
+ALTER TABLE tx_sends ADD COLUMN IF NOT EXISTS scored_by LowCardinality(String) AFTER score;

@@ -1020,6 +1020,46 @@ fn the_sidecar_writes_as_a_user_that_cannot_cut_the_ledger() {
     assert_eq!(stored(&ch).len(), 2);
 }
 
+/// A table made by an older version lacks a column this one writes: the sidecar's
+/// user (which may not alter it) is told to run the setup as an administrator —
+/// its rows wait — rather than finding out at every insert; the setup adds the
+/// column, and the sidecar's user then finds everything it writes.
+#[test]
+fn an_older_table_is_named_until_an_administrator_adds_its_columns() {
+    use gw_sidecar::ledger::migrations;
+    let d = testkit::TempDir::new("ledger-older-table");
+    let ch = ClickHouse::start_secured(d.path());
+    let users = ch.users.clone().unwrap();
+    let client = |who: &testkit::clickhouse::Credentials| {
+        clickhouse::Client::default()
+            .with_url(ch.url())
+            .with_user(&who.user)
+            .with_password(&who.password)
+    };
+    let rt = current_thread();
+    rt.block_on(async {
+        migrations::apply(&client(&users.admin)).await.unwrap();
+        // As a table of 2026-12-04 was.
+        client(&users.admin)
+            .query("ALTER TABLE tx_sends DROP COLUMN scored_by")
+            .execute()
+            .await
+            .unwrap();
+        let e = migrations::apply(&client(&users.sidecar))
+            .await
+            .unwrap_err();
+        assert_eq!(e.file, "12_tx_sends.sql");
+        let shown = e.to_string();
+        assert!(
+            shown.contains("scored_by") && shown.contains("--setup-clickhouse"),
+            "{shown}"
+        );
+        migrations::apply(&client(&users.admin)).await.unwrap();
+        let done = migrations::apply(&client(&users.sidecar)).await.unwrap();
+        assert!(done.existing.contains(&"tx_sends"), "{done:?}");
+    });
+}
+
 /// A node whose journal is lost (a new disk, a wiped state directory) continues its
 /// chain after ClickHouse's last row instead of starting a second chain at seq 1,
 /// and its first row says so.

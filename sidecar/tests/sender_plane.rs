@@ -398,6 +398,12 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
         .expect("the tipped send");
     assert_eq!(tipped["module"], "mev");
     assert_eq!(tipped["score"].as_f64(), Some(2.0));
+    // No model here: the hot path's sends were scored by their own `ev`; JSON-RPC's
+    // by nothing.
+    for r in &rows {
+        let by = if r["source"] == "strategy" { "ev" } else { "" };
+        assert_eq!(r["scored_by"], by, "{r}");
+    }
     let single_sig = txwire::parse(&single, false).unwrap().signature_b58();
     let row = rows
         .iter()

@@ -323,6 +323,7 @@ impl Sink for RealtimeSink {
                             "outcome": s.outcome,
                             "latency_us": s.latency_us,
                             "leader": s.leader,
+                            "scored_by": s.scored_by,
                             "bytes": s.bytes,
                             "tpu_error": s.tpu_error,
                             "relay_error": s.relay_error,

@@ -11,6 +11,9 @@ pub struct Migration {
     pub sql: &'static str,
     /// The table it creates.
     pub table: &'static str,
+    /// The columns the sidecar writes to it (none: it does not write there). A
+    /// user that may not create or alter the table needs them all to exist.
+    pub columns: &'static [&'static str],
 }
 
 /// Every migration, in order. The Kafka-engine path (`sql/14_control_proto_kafka.sql`)
@@ -20,21 +23,25 @@ pub const MIGRATIONS: [Migration; 4] = [
         file: "10_control_ledger.sql",
         sql: include_str!("../../../sql/10_control_ledger.sql"),
         table: "control_ledger",
+        columns: &[],
     },
     Migration {
         file: "11_control_decisions.sql",
         sql: include_str!("../../../sql/11_control_decisions.sql"),
         table: "control_decisions",
+        columns: <super::ship::DecisionRow as clickhouse::Row>::COLUMN_NAMES,
     },
     Migration {
         file: "12_tx_sends.sql",
         sql: include_str!("../../../sql/12_tx_sends.sql"),
         table: "tx_sends",
+        columns: <crate::sender::audit::SendRow as clickhouse::Row>::COLUMN_NAMES,
     },
     Migration {
         file: "13_control_checkpoints.sql",
         sql: include_str!("../../../sql/13_control_checkpoints.sql"),
         table: "control_checkpoints",
+        columns: <super::checkpoint::CheckpointRow as clickhouse::Row>::COLUMN_NAMES,
     },
 ];
 
@@ -85,9 +92,11 @@ fn access_denied(e: &clickhouse::error::Error) -> bool {
     s.contains("ACCESS_DENIED") || s.contains("Code: 497")
 }
 
-/// Applies every migration (each is `CREATE ... IF NOT EXISTS`). Where this user
-/// may not create a table, it is enough that the table exists and is readable; a
-/// missing table of [`TABLES`] is an error that names the setup command.
+/// Applies every migration (each is `CREATE ... IF NOT EXISTS`, then `ALTER ...
+/// ADD COLUMN IF NOT EXISTS` for columns added since). Where this user may not
+/// create a table, it is enough that the table exists, is readable and has every
+/// column the sidecar writes; a table of [`TABLES`] that is missing, or made by an
+/// older version and lacking a column, is an error that names the setup command.
 pub async fn apply(client: &clickhouse::Client) -> Result<Applied, MigrationError> {
     let mut done = Applied::default();
     for m in &MIGRATIONS {
@@ -95,17 +104,25 @@ pub async fn apply(client: &clickhouse::Client) -> Result<Applied, MigrationErro
             match client.query(&stmt).execute().await {
                 Ok(()) => done.ran += 1,
                 Err(e) if access_denied(&e) => {
-                    let probe = format!("SELECT count() FROM {} WHERE 0", m.table);
+                    let columns = if m.columns.is_empty() {
+                        "count()".to_owned()
+                    } else {
+                        m.columns.join(", ")
+                    };
+                    let probe = format!("SELECT {columns} FROM {} WHERE 0", m.table);
                     match client.query(&probe).execute().await {
                         Ok(()) => done.existing.push(m.table),
                         Err(_) if !TABLES.contains(&m.table) => done.skipped.push(m.table),
-                        Err(_) => {
+                        // What the probe met (no such table, or a column missing)
+                        // says more than the refused `CREATE`.
+                        Err(source) => {
                             return Err(MigrationError {
                                 file: m.file,
-                                source: e,
-                                hint: " (this ClickHouse user may not create the table and it \
-                                       does not exist: run `gw-sidecar --setup-clickhouse` \
-                                       once as an administrator)",
+                                source,
+                                hint: " (this ClickHouse user may not create or alter the \
+                                       table, and it does not exist or was made by an older \
+                                       version and lacks a column this one writes: run \
+                                       `gw-sidecar --setup-clickhouse` once as an administrator)",
                             })
                         }
                     }

@@ -9,6 +9,7 @@
 
 use std::ffi::{c_char, CStr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -241,6 +242,9 @@ pub struct Model {
     /// The library file (the link target, not the link).
     #[serde(serialize_with = "lossy_path")]
     pub path: PathBuf,
+    /// `name@version`: what a send's audit row names as its scorer.
+    #[serde(skip)]
+    pub label: Arc<str>,
     #[serde(skip)]
     predict: PredictFn,
     #[serde(skip)]
@@ -561,6 +565,7 @@ impl Model {
         }
         let golden = t.golden;
         let mut model = Model {
+            label: format!("{}@{}", t.name, t.version).into(),
             name: t.name,
             version: t.version,
             abi: t.abi,

@@ -61,6 +61,11 @@ pub struct SendRow {
     /// `null`, read back as NaN).
     #[serde(deserialize_with = "nan_when_null")]
     pub score: f64,
+    /// What gave the score: the model's `name@version`, `ev` (the opportunity's
+    /// own, for a module without a model), or `""` (not scored: JSON-RPC). Absent
+    /// from rows journalled before 2026-12-05: `""`.
+    #[serde(default)]
+    pub scored_by: String,
     /// Why the TPU route failed (`""` if it did not).
     pub tpu_error: String,
     /// Why the relay route failed (`""` if it did not).

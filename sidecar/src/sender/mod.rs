@@ -298,6 +298,9 @@ pub struct SendMeta {
     pub tip: f64,
     /// Model score.
     pub score: Option<f32>,
+    /// What gave the score: a model's `name@version`, or `ev` (the opportunity's
+    /// own); `None` when nothing scored the send (JSON-RPC).
+    pub scored_by: Option<Arc<str>>,
 }
 
 /// How one send ended.
@@ -852,6 +855,7 @@ impl Sender {
             leader: out.leader.map(|l| l.to_string()).unwrap_or_default(),
             tip: meta.tip,
             score: meta.score.map_or(f64::NAN, f64::from),
+            scored_by: meta.scored_by.as_deref().unwrap_or_default().to_owned(),
             tpu_error: out.tpu_error.clone().unwrap_or_default(),
             relay_error: out.relay_error.clone().unwrap_or_default(),
             bytes: u32::try_from(bytes).unwrap_or(u32::MAX),

@@ -385,6 +385,7 @@ fn rpc_meta(ctx: &RpcContext<'_>) -> SendMeta {
         module: ctx.module.as_str(),
         tip: 0.0,
         score: None,
+        scored_by: None,
     }
 }
 

@@ -359,6 +359,7 @@ impl HotPath {
             max_inflight: config.max_inflight,
             inflight: inflight.clone(),
             throttles: BTreeMap::new(),
+            ev_label: Arc::from("ev"),
         };
         let strategy = std::thread::Builder::new()
             .name("gw-strategy".into())
@@ -546,7 +547,13 @@ struct Worker {
     max_inflight: usize,
     inflight: Arc<AtomicUsize>,
     throttles: BTreeMap<&'static str, Throttle>,
+    /// The audit's `scored_by` of a send scored by its opportunity's own `ev`.
+    ev_label: Arc<str>,
 }
+
+/// The label of the model that scored each module's opportunities in a batch
+/// (modules not named were scored by their own `ev`).
+type Scorers = Vec<(Module, Arc<str>)>;
 
 /// Gives back one in-flight slot when a send ends (or its task is dropped).
 struct InflightSlot(Arc<AtomicUsize>);
@@ -598,7 +605,7 @@ impl Worker {
             .iter()
             .map(|x| (x.as_str(), snapshot.get(*x)))
             .collect();
-        let scores = self.score(batch);
+        let (scores, scorers) = self.score(batch);
         let now = Instant::now();
         for (opp, ev) in batch.drain(..).zip(scores) {
             let name = opp.module.as_str();
@@ -639,11 +646,16 @@ impl Worker {
             self.stats
                 .decided(now.saturating_duration_since(opp.received));
             let sender = self.sender.clone();
+            let scored_by = scorers
+                .iter()
+                .find(|(m, _)| *m == opp.module)
+                .map_or_else(|| self.ev_label.clone(), |(_, l)| l.clone());
             let meta = SendMeta {
                 source: "strategy",
                 module: name,
                 tip,
                 score: Some(ev),
+                scored_by: Some(scored_by),
             };
             self.rt.spawn(async move {
                 sender.send(tx.wire, tx.signature, &meta).await;
@@ -658,9 +670,15 @@ impl Worker {
     /// score (a searcher does not get past the model by sending other features and
     /// an `ev`), nor has any while no model serves (refused at start, still
     /// loading): a searcher's own `ev` is never taken for a model that is missing.
-    fn score(&self, batch: &[Opportunity]) -> Vec<Option<f32>> {
+    ///
+    /// Also returns, per module a model scored, the model's label (the others'
+    /// scores are their own `ev`).
+    fn score(&self, batch: &[Opportunity]) -> (Vec<Option<f32>>, Scorers) {
         let mut out: Vec<Option<f32>> = batch.iter().map(|o| o.ev).collect();
-        let Some(host) = &self.models else { return out };
+        let mut scorers = Vec::new();
+        let Some(host) = &self.models else {
+            return (out, scorers);
+        };
         for m in Module::ALL {
             let Some(model) = host.current(m.as_str()) else {
                 if host.linked(m.as_str()) {
@@ -670,6 +688,7 @@ impl Worker {
                 }
                 continue;
             };
+            scorers.push((m, model.label.clone()));
             let n = model.n_features as usize;
             let mut idx = Vec::new();
             for (i, o) in batch.iter().enumerate().filter(|(_, o)| o.module == m) {
@@ -703,7 +722,7 @@ impl Worker {
                 }
             }
         }
-        out
+        (out, scorers)
     }
 }
 
