@@ -541,8 +541,9 @@ impl Model {
         let real = std::fs::canonicalize(path)
             .map_err(|e| LoadError::Open(path.display().to_string(), e.to_string()))?;
         let shown = real.display().to_string();
-        // SAFETY: loading runs the library's initialisers; only libraries from the
-        // configured models directory are loaded (operators' own builds).
+        // SAFETY: loading runs the library's initialisers: only libraries the
+        // configured models directory's links name are loaded (operators' own
+        // builds; whoever may write that directory chooses the code that runs).
         let lib = unsafe { libloading::Library::new(&real) }
             .map_err(|e| LoadError::Open(shown.clone(), e.to_string()))?;
         let t = read_table(&lib).map_err(|e| match e {
