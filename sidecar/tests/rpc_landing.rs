@@ -234,24 +234,42 @@ fn send_transaction_has_a_solana_nodes_landing_semantics() {
         );
         let r = call(q(json!(["not-a-signature"]))).await;
         assert_eq!(r["error"]["code"], -32602, "{r}");
-        // Only Solana's option reaches the node; a bad one is refused.
-        let with = |opts: Value| {
+        // The configuration as Agave reads it, and only Solana's option reaches the
+        // node (which, like Agave, refuses one without it).
+        let with = |opts: Option<Value>| {
+            let mut params = json!([[s4]]);
+            if let Some(o) = opts {
+                params.as_array_mut().unwrap().push(o);
+            }
             serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": 1,
-                "method": "getSignatureStatuses", "params": [[s4], opts]}))
+                "method": "getSignatureStatuses", "params": params}))
             .unwrap()
         };
-        let r = call(with(
-            json!({"searchTransactionHistory": true, "junk": "x".repeat(4096)}),
-        ))
-        .await;
-        assert_eq!(r["result"]["value"][0], status, "{r}");
-        let forwarded = node.calls().into_iter().rev().find(|(m, _)| m == "getSignatureStatuses");
-        assert_eq!(
-            forwarded.map(|(_, p)| p[1].clone()),
-            Some(json!({"searchTransactionHistory": true}))
-        );
-        for bad in [json!({"searchTransactionHistory": "yes"}), json!([true]), json!(7)] {
-            let r = call(with(bad.clone())).await;
+        let last_forwarded = || {
+            let (_, p) = node.calls().into_iter().rev().find(|(m, _)| m == "getSignatureStatuses").unwrap();
+            p
+        };
+        for (opts, forwarded) in [
+            (
+                Some(json!({"searchTransactionHistory": true, "junk": "x".repeat(4096)})),
+                json!([[s4], {"searchTransactionHistory": true}]),
+            ),
+            (Some(json!([false])), json!([[s4], {"searchTransactionHistory": false}])),
+            (None, json!([[s4]])),
+            (Some(Value::Null), json!([[s4]])),
+        ] {
+            let r = call(with(opts.clone())).await;
+            assert_eq!(r["result"]["value"][0], status, "{opts:?}: {r}");
+            assert_eq!(last_forwarded(), forwarded, "{opts:?}");
+        }
+        for bad in [
+            json!({}),
+            json!({"searchTransactionHistory": "yes"}),
+            json!({"searchTransactionHistory": null}),
+            json!([true, 1]),
+            json!(7),
+        ] {
+            let r = call(with(Some(bad.clone()))).await;
             assert_eq!(r["error"]["code"], -32602, "{bad}: {r}");
         }
         // Half a megabyte of valid base58 (quadratic to decode: minutes of a worker,

@@ -124,6 +124,23 @@ async fn handle(State(sh): State<Shared>, Json(req): Json<Value>) -> Json<Value>
         "getHealth" => ok(json!("ok")),
         "getSlot" => ok(json!(i.slot)),
         "getSignatureStatuses" => {
+            // As Agave reads its configuration (`Option<RpcSignatureStatusConfig>`,
+            // whose one field has no default).
+            let config_ok = match params.get(1) {
+                None | Some(Value::Null) => true,
+                Some(Value::Object(o)) => o
+                    .get("searchTransactionHistory")
+                    .is_some_and(Value::is_boolean),
+                Some(Value::Array(a)) => a.len() == 1 && a[0].is_boolean(),
+                Some(_) => false,
+            };
+            if !config_ok {
+                return err(
+                    -32602,
+                    "Invalid params: missing field `searchTransactionHistory`",
+                    None,
+                );
+            }
             let sigs = params[0].as_array().cloned().unwrap_or_default();
             let value: Vec<Value> = sigs
                 .iter()

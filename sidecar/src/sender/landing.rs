@@ -632,10 +632,16 @@ impl Landing {
 
     /// `getSignatureStatuses`: the node's answer, with what the rebroadcast loop saw
     /// filled in where the node has nothing.
-    pub async fn statuses(&self, signatures: &[String], opts: Value) -> Result<Value, NodeError> {
-        let mut r = self
-            .call("getSignatureStatuses", json!([signatures, opts]))
-            .await?;
+    pub async fn statuses(
+        &self,
+        signatures: &[String],
+        search_history: Option<bool>,
+    ) -> Result<Value, NodeError> {
+        let params = match search_history {
+            Some(b) => json!([signatures, { "searchTransactionHistory": b }]),
+            None => json!([signatures]),
+        };
+        let mut r = self.call("getSignatureStatuses", params).await?;
         let seen = self.seen.lock();
         if let Some(values) = r.get_mut("value").and_then(Value::as_array_mut) {
             for (v, sig) in values.iter_mut().zip(signatures) {

@@ -486,8 +486,7 @@ async fn signature_statuses(ctx: &RpcContext<'_>, params: &Value) -> Result<Valu
             None => {
                 let mut shown = s.to_string();
                 if shown.len() > 100 {
-                    shown.truncate(shown.floor_char_boundary(96));
-                    shown.push('…');
+                    shown = shown.chars().take(96).chain(['…']).collect();
                 }
                 return Err(SendErr::Rpc((
                     code::INVALID_PARAMS,
@@ -496,33 +495,29 @@ async fn signature_statuses(ctx: &RpcContext<'_>, params: &Value) -> Result<Valu
             }
         }
     }
-    // Only the option Solana defines goes to the node (as Agave, other fields are
-    // ignored; a client's JSON is not forwarded as it came).
+    // The configuration as Agave reads it (`Option<RpcSignatureStatusConfig>`:
+    // absent or null, else an object — or a one-element array — whose
+    // `searchTransactionHistory` is a boolean; other fields ignored), and only that
+    // goes to the node: a client's JSON is not forwarded as it came.
     let history = match p.get(1) {
         None | Some(Value::Null) => None,
-        Some(Value::Object(o)) => match o.get("searchTransactionHistory") {
-            None | Some(Value::Null) => None,
-            Some(Value::Bool(b)) => Some(*b),
-            Some(_) => {
-                return Err(SendErr::Rpc((
-                    code::INVALID_PARAMS,
-                    "Invalid params: searchTransactionHistory must be a boolean".to_owned(),
-                )))
-            }
-        },
+        Some(Value::Object(o)) => Some(o.get("searchTransactionHistory")),
+        Some(Value::Array(a)) if a.len() == 1 => Some(a.first()),
+        Some(_) => Some(None),
+    };
+    let history = match history {
+        None => None,
+        Some(Some(Value::Bool(b))) => Some(*b),
         Some(_) => {
             return Err(SendErr::Rpc((
                 code::INVALID_PARAMS,
-                "Invalid params: params[1] must be an object".to_owned(),
+                "Invalid params: params[1] must be {\"searchTransactionHistory\": <bool>}"
+                    .to_owned(),
             )))
         }
     };
-    let opts = match history {
-        Some(b) => json!({ "searchTransactionHistory": b }),
-        None => json!({}),
-    };
     match ctx.landing {
-        Some(l) => Ok(l.statuses(&sigs, opts).await?),
+        Some(l) => Ok(l.statuses(&sigs, history).await?),
         // No node: the gateway knows no statuses (null = unknown, as Solana says).
         None => Ok(json!({"context": {"slot": 0}, "value": vec![Value::Null; sigs.len()]})),
     }
