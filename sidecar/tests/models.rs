@@ -524,7 +524,8 @@ fn a_module_whose_model_does_not_serve_trusts_no_searchers_ev() {
     let dir = d.path();
     std::fs::write(dir.join("junk.so"), b"not a shared library").unwrap();
     std::os::unix::fs::symlink("junk.so", dir.join("libmev_latest.so")).unwrap();
-    let host = Arc::new(host(dir, 8, false));
+    let served = Arc::new(host(dir, 8, false));
+    let host = &served;
     host.poll();
     let mev = host.slot("mev").unwrap();
     assert!(host.current("mev").is_none() && mev.rejected() == 1 && mev.linked());
@@ -566,6 +567,19 @@ fn a_module_whose_model_does_not_serve_trusts_no_searchers_ev() {
     let outcomes: Vec<&str> = slot.history.iter().map(|e| e.outcome).collect();
     assert_eq!(outcomes, ["open", "link_lost"]);
     assert!(slot.linked && slot.serving.is_none());
+
+    // A link that dangles from the start (linked before its file was copied) is a
+    // model too: nothing is sent on a searcher's `ev` meanwhile.
+    let d = testkit::TempDir::new("models-dangling");
+    std::os::unix::fs::symlink("libarb-not-yet.so", d.path().join("libarb_latest.so")).unwrap();
+    let early = self::host(d.path(), 8, false);
+    let lines = early.poll();
+    assert!(early.linked("arbitrage") && early.current("arbitrage").is_none());
+    assert!(!early.linked("mev"));
+    assert!(
+        lines.len() == 1 && lines[0].contains("gone or dangling"),
+        "{lines:?}"
+    );
 }
 
 #[test]

@@ -363,6 +363,13 @@ impl ModelHost {
         let mut log = Vec::new();
         for s in &self.slots {
             let link = self.dir.join(format!("lib{}_latest.so", s.stem));
+            // The link itself (even dangling: a deploy that links before the file
+            // is there) says the module has a model; so does a directory that
+            // cannot be read (it cannot say the module has none).
+            match std::fs::symlink_metadata(&link) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                _ => s.linked.store(true, Ordering::Release),
+            }
             let target = match std::fs::canonicalize(&link) {
                 Ok(t) => t,
                 Err(e) => {
