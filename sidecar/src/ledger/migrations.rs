@@ -76,7 +76,7 @@ pub struct MigrationError {
 }
 
 /// What [`apply`] did.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Applied {
     /// Statements ClickHouse ran.
     pub ran: usize,
@@ -84,6 +84,8 @@ pub struct Applied {
     pub existing: Vec<&'static str>,
     /// Tables neither created nor readable that the sidecar does not need.
     pub skipped: Vec<&'static str>,
+    /// Tables of [`TABLES`] not ready ([`apply_for`]: outside the ones asked for).
+    pub not_ready: Vec<MigrationError>,
 }
 
 /// ClickHouse's `ACCESS_DENIED` (code 497).
@@ -98,47 +100,71 @@ fn access_denied(e: &clickhouse::error::Error) -> bool {
 /// column the sidecar writes; a table of [`TABLES`] that is missing, or made by an
 /// older version and lacking a column, is an error that names the setup command.
 pub async fn apply(client: &clickhouse::Client) -> Result<Applied, MigrationError> {
+    apply_for(client, &TABLES).await
+}
+
+/// As [`apply`], but only a table of `needed` that is not ready is an error; the
+/// others are listed in [`Applied::not_ready`] (a shipper of one table does not
+/// wait for another's setup).
+pub async fn apply_for(
+    client: &clickhouse::Client,
+    needed: &[&str],
+) -> Result<Applied, MigrationError> {
     let mut done = Applied::default();
     for m in &MIGRATIONS {
-        for stmt in statements(m.sql) {
-            match client.query(&stmt).execute().await {
-                Ok(()) => done.ran += 1,
-                Err(e) if access_denied(&e) => {
-                    let columns = if m.columns.is_empty() {
-                        "count()".to_owned()
-                    } else {
-                        m.columns.join(", ")
-                    };
-                    let probe = format!("SELECT {columns} FROM {} WHERE 0", m.table);
-                    match client.query(&probe).execute().await {
-                        Ok(()) => done.existing.push(m.table),
-                        Err(_) if !TABLES.contains(&m.table) => done.skipped.push(m.table),
-                        // What the probe met (no such table, or a column missing)
-                        // says more than the refused `CREATE`.
-                        Err(source) => {
-                            return Err(MigrationError {
-                                file: m.file,
-                                source,
-                                hint: " (this ClickHouse user may not create or alter the \
-                                       table, and it does not exist or was made by an older \
-                                       version and lacks a column this one writes: run \
-                                       `gw-sidecar --setup-clickhouse` once as an administrator)",
-                            })
-                        }
-                    }
-                    break;
-                }
-                Err(source) => {
-                    return Err(MigrationError {
-                        file: m.file,
-                        source,
-                        hint: "",
-                    })
-                }
-            }
+        match apply_one(client, m, &mut done).await {
+            Ok(()) => {}
+            Err(e) if !needed.contains(&m.table) => done.not_ready.push(e),
+            Err(e) => return Err(e),
         }
     }
     Ok(done)
+}
+
+/// One migration's statements.
+async fn apply_one(
+    client: &clickhouse::Client,
+    m: &Migration,
+    done: &mut Applied,
+) -> Result<(), MigrationError> {
+    for stmt in statements(m.sql) {
+        match client.query(&stmt).execute().await {
+            Ok(()) => done.ran += 1,
+            Err(e) if access_denied(&e) => {
+                let columns = if m.columns.is_empty() {
+                    "count()".to_owned()
+                } else {
+                    m.columns.join(", ")
+                };
+                let probe = format!("SELECT {columns} FROM {} WHERE 0", m.table);
+                match client.query(&probe).execute().await {
+                    Ok(()) => done.existing.push(m.table),
+                    Err(_) if !TABLES.contains(&m.table) => done.skipped.push(m.table),
+                    // What the probe met (no such table, or a column missing)
+                    // says more than the refused `CREATE`.
+                    Err(source) => {
+                        return Err(MigrationError {
+                            file: m.file,
+                            source,
+                            hint: " (this ClickHouse user may not create or alter the \
+                                       table, and it does not exist or was made by an older \
+                                       version and lacks a column this one writes: run \
+                                       `gw-sidecar --setup-clickhouse` once as an administrator)",
+                        })
+                    }
+                }
+                break;
+            }
+            Err(source) => {
+                return Err(MigrationError {
+                    file: m.file,
+                    source,
+                    hint: "",
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

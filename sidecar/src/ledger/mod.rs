@@ -323,11 +323,13 @@ fn resumed_row(after: u64) -> LedgerRow {
     }
 }
 
-/// Applies the migrations, retrying until ClickHouse answers.
+/// Applies the migrations, retrying until ClickHouse answers and the ledger's
+/// tables (decisions, checkpoints) are ready; another table that is not (an older
+/// `tx_sends` this user may not alter) is logged, and its rows wait on their own.
 async fn apply_migrations(client: &clickhouse::Client) {
     let mut last_err = String::new();
     loop {
-        match migrations::apply(client).await {
+        match migrations::apply_for(client, &[TABLE, checkpoint::TABLE]).await {
             Ok(done) => {
                 if !done.existing.is_empty() || !done.skipped.is_empty() {
                     tracing::info!(
@@ -335,6 +337,9 @@ async fn apply_migrations(client: &clickhouse::Client) {
                         not_ours = ?done.skipped,
                         "ClickHouse tables set up by an administrator"
                     );
+                }
+                for e in &done.not_ready {
+                    tracing::warn!(error = %e, "a ClickHouse table is not ready: its rows wait in the journal");
                 }
                 return;
             }
