@@ -23,12 +23,21 @@ use crate::control::ModuleTable;
 pub struct SenderApi {
     plane: Option<Arc<DataPlane>>,
     modules: ModuleTable,
+    /// Large `/api/opportunities` bodies decoded at once (one per core): more
+    /// wait their turn rather than fill the blocking pool the ledger's shipping
+    /// also uses.
+    decoding: Arc<tokio::sync::Semaphore>,
 }
 
 impl SenderApi {
     /// The routes over `plane` (none: every call answers `unavailable`).
     pub fn new(plane: Option<Arc<DataPlane>>, modules: ModuleTable) -> SenderApi {
-        SenderApi { plane, modules }
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        SenderApi {
+            plane,
+            modules,
+            decoding: Arc::new(tokio::sync::Semaphore::new(cores)),
+        }
     }
 
     /// `/api/rpc`, `/api/opportunities`, `/api/sender`.
@@ -181,9 +190,19 @@ async fn opportunities(State(st): St, body: Bytes) -> Response {
     let items = if body.len() <= INLINE_BODY_BYTES {
         decode_opportunities(&body, received)
     } else {
+        let Ok(_turn) = st.decoding.acquire().await else {
+            return unavailable();
+        };
         match tokio::task::spawn_blocking(move || decode_opportunities(&body, received)).await {
             Ok(r) => r,
-            Err(e) => Err(format!("decoding stopped: {e}")),
+            Err(e) => {
+                tracing::error!(error = %e, "decoding opportunities failed");
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"error": "unavailable", "detail": "decoding the opportunities failed; send them again"})),
+                )
+                    .into_response();
+            }
         }
     };
     let items = match items {
