@@ -36,12 +36,22 @@ if [[ -d "$CARGO_TARGET_DIR/debug" ]] && (( ${free_kb:-0} < 20 * 1024 * 1024 ));
   find "$CARGO_TARGET_DIR/debug/deps" -maxdepth 1 -type f ! -name '*.*' -mmin +180 -delete || true
 fi
 log "cargo test (target dir: $CARGO_TARGET_DIR)"
+reruns="$CARGO_TARGET_DIR/tmp/stranded-reruns.log"
+rm -f "$reruns"
 out="$(mktemp)"
 trap 'rm -f "$out"' EXIT
 cargo test --workspace --locked --lib --bins --tests "$@" 2>&1 | tee "$out"
 # One closing line for the whole run (cargo prints one per test binary).
 summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
                END { printf "tests: %d passed, %d failed\n", p, f }' "$out")
+# Kafka fault scenarios run again because the test broker stranded a partition
+# (sidecar/tests/fault_matrix.rs, once_more_if_stranded): passed, but said.
+if [[ -s "$reruns" ]]; then
+  log "Kafka fault scenarios run twice (tansu stranded mev's partition in the first run):"
+  cat "$reruns"
+  summary="$summary ($(wc -l < "$reruns") scenario(s) run twice: tansu's consumer group)"
+fi
+rm -f "$reruns"
 mkdir -p "$GW_CACHE"
 echo "$summary" | tee "$GW_CACHE/last-test-summary"
 # Every fuzz target for a bounded time (FUZZ_SECS each; 0 skips), from its seeds.
