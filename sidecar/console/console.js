@@ -241,6 +241,8 @@ function logout() {
   for (const t of S.timers) clearInterval(t);
   S.timers = [];
   clearTimeout(S.reconnect);
+  S.wsRetry = 1000;
+  S.wsOpened = 0;
   const ws = S.ws;
   S.ws = null;
   if (ws) ws.close(1000, "logout");
@@ -255,8 +257,8 @@ function setLive(on, text) {
   el.textContent = text;
 }
 
-// A stream that stayed up this long reconnects at once when it closes; one that
-// closed sooner waits twice as long as the last time.
+// A stream that stayed up this long reconnects after 1 s when it closes; one that
+// closed sooner waits twice as long as the last time (up to 30 s).
 const STREAM_STABLE_MS = 10000;
 
 function connect() {
@@ -307,7 +309,9 @@ function redraw(render) {
     requestAnimationFrame(() => {
       const due = [...redraws];
       redraws.clear();
-      for (const r of due) r();
+      for (const r of due) {
+        try { r(); } catch (e) { console.error(e); }
+      }
     });
   }
   redraws.add(render);

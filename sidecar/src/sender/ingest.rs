@@ -231,7 +231,7 @@ pub(crate) async fn serve(
             let _ = incoming.retry();
             continue;
         }
-        let ip = incoming.remote_address().ip();
+        let ip = handshake_source(incoming.remote_address().ip());
         let from_ip = handshaking_from.borrow().get(&ip).copied().unwrap_or(0);
         if handshaking.get() >= config.max_connections || from_ip >= MAX_HANDSHAKES_PER_IP {
             stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -293,6 +293,20 @@ pub(crate) async fn serve(
                 }
             }
         });
+    }
+}
+
+/// Whose share of the handshake slots a client's address counts against: the
+/// address itself (IPv4, or IPv4-mapped IPv6), an IPv6 address's /64 (one host
+/// commonly holds a whole /64).
+fn handshake_source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let mut o = v6.octets();
+            o[8..].fill(0);
+            IpAddr::V6(std::net::Ipv6Addr::from(o))
+        }
+        other => other,
     }
 }
 
@@ -505,6 +519,28 @@ mod tests {
             ev: Some(2.5),
             txs,
         }
+    }
+
+    #[test]
+    fn handshakes_count_per_address_and_per_ipv6_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(handshake_source(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(
+            handshake_source(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(
+            handshake_source(ip("2001:db8:1:2::1")),
+            handshake_source(ip("2001:db8:1:2:ffff::9"))
+        );
+        assert_ne!(
+            handshake_source(ip("2001:db8:1:2::1")),
+            handshake_source(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(
+            handshake_source(ip("::ffff:192.0.2.7")),
+            ip("::ffff:192.0.2.7")
+        );
     }
 
     #[test]
