@@ -96,6 +96,14 @@ impl Slot {
         self.linked.load(Ordering::Acquire)
     }
 
+    /// The version serving now, or `nothing`.
+    fn serving_version(&self) -> String {
+        self.current
+            .load()
+            .as_ref()
+            .map_or("nothing".to_string(), |m| m.version.clone())
+    }
+
     fn record(&self, path: &Path, outcome: &'static str, detail: String) {
         let mut h = self.history.lock();
         if h.len() == HISTORY {
@@ -377,11 +385,7 @@ impl ModelHost {
                     // one was seen changes nothing (the model serving goes on; none
                     // serving, the module still scores nothing): said once.
                     if s.linked() && !s.link_lost.swap(true, Ordering::AcqRel) {
-                        let kept = s
-                            .current
-                            .load()
-                            .as_ref()
-                            .map_or("nothing".to_string(), |m| m.version.clone());
+                        let kept = s.serving_version();
                         log.push(format!(
                             "model {}: {} is gone or dangling ({e}); still serving {kept} (point the link at another build to change it)",
                             s.module,
@@ -428,11 +432,7 @@ impl ModelHost {
                     *s.refused.lock() = None;
                 }
                 Err(e) => {
-                    let kept = s
-                        .current
-                        .load()
-                        .as_ref()
-                        .map_or("nothing".to_string(), |m| m.version.clone());
+                    let kept = s.serving_version();
                     log.push(format!(
                         "model {}: refused [{}] ({e}); still serving {kept}",
                         s.module,
