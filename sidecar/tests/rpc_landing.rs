@@ -262,6 +262,19 @@ fn send_transaction_has_a_solana_nodes_landing_semantics() {
             assert_eq!(r["result"]["value"][0], status, "{opts:?}: {r}");
             assert_eq!(last_forwarded(), forwarded, "{opts:?}");
         }
+        // A batch of 64 status calls reaches the node 8 at a time at most (no
+        // rebroadcast is polling meanwhile).
+        assert_eq!(landing.pending(), 0);
+        node.recount();
+        node.set_delay(Duration::from_millis(100));
+        let batch: Vec<Value> = (0..64)
+            .map(|i| json!({"jsonrpc": "2.0", "id": i, "method": "getSignatureStatuses", "params": [[s4]]}))
+            .collect();
+        let r = call(serde_json::to_vec(&batch).unwrap()).await;
+        assert_eq!(r.as_array().map(Vec::len), Some(64));
+        assert!(r.as_array().unwrap().iter().all(|a| a["result"]["value"][0] == status), "{r}");
+        node.set_delay(Duration::ZERO);
+        assert_eq!(node.most_in_flight(), 8, "the batch's calls at once");
         for bad in [
             json!({}),
             json!({"searchTransactionHistory": "yes"}),

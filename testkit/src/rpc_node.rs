@@ -23,6 +23,9 @@ struct Inner {
     simulation_err: Option<Value>,
     delay: Duration,
     calls: Vec<(String, Value)>,
+    /// Calls being answered now, and the most there were at once.
+    in_flight: usize,
+    most_in_flight: usize,
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -92,6 +95,16 @@ impl RpcNode {
         self.with(|i| i.calls.clone())
     }
 
+    /// The most calls it was answering at once since the last [`Self::recount`].
+    pub fn most_in_flight(&self) -> usize {
+        self.with(|i| i.most_in_flight)
+    }
+
+    /// Starts [`Self::most_in_flight`] again from the calls being answered now.
+    pub fn recount(&self) {
+        self.with(|i| i.most_in_flight = i.in_flight);
+    }
+
     /// How many calls of `method`.
     pub fn count(&self, method: &str) -> usize {
         self.with(|i| i.calls.iter().filter(|(m, _)| m == method).count())
@@ -105,8 +118,20 @@ async fn handle(State(sh): State<Shared>, Json(req): Json<Value>) -> Json<Value>
     let delay = {
         let mut i = sh.lock().expect("node state");
         i.calls.push((method.clone(), params.clone()));
+        i.in_flight += 1;
+        i.most_in_flight = i.most_in_flight.max(i.in_flight);
         i.delay
     };
+    // Counted out however the call ends (its client may hang up mid-delay).
+    struct Answering(Shared);
+    impl Drop for Answering {
+        fn drop(&mut self) {
+            if let Ok(mut i) = self.0.lock() {
+                i.in_flight -= 1;
+            }
+        }
+    }
+    let _answering = Answering(sh.clone());
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }

@@ -235,6 +235,9 @@ impl Blockhash {
 
 /// Node calls of one round at once at most.
 const ROUND_CONCURRENCY: usize = 8;
+/// Clients' `getSignatureStatuses` calls to the node at once at most (a batch of
+/// 64 is 64 calls; more wait their turn).
+const STATUS_CONCURRENCY: usize = 8;
 
 /// The landing semantics, with a node.
 pub struct Landing {
@@ -244,6 +247,8 @@ pub struct Landing {
     /// What the node said of each blockhash in use.
     blockhashes: Mutex<HashMap<String, Blockhash>>,
     seen: Mutex<(HashMap<String, Value>, VecDeque<String>)>,
+    /// Turns of clients' status calls ([`STATUS_CONCURRENCY`]).
+    status_calls: tokio::sync::Semaphore,
     /// Counters.
     pub stats: LandingStats,
 }
@@ -261,6 +266,7 @@ impl Landing {
             pending: Mutex::new(Tracked::default()),
             blockhashes: Mutex::new(HashMap::new()),
             seen: Mutex::new((HashMap::new(), VecDeque::new())),
+            status_calls: tokio::sync::Semaphore::new(STATUS_CONCURRENCY),
             stats: LandingStats::default(),
         }))
     }
@@ -641,7 +647,14 @@ impl Landing {
             Some(b) => json!([signatures, { "searchTransactionHistory": b }]),
             None => json!([signatures]),
         };
-        let mut r = self.call("getSignatureStatuses", params).await?;
+        let mut r = {
+            let _turn = self.status_calls.acquire().await.map_err(|_| NodeError {
+                code: -32603,
+                message: "shutting down".to_owned(),
+                data: None,
+            })?;
+            self.call("getSignatureStatuses", params).await?
+        };
         let seen = self.seen.lock();
         if let Some(values) = r.get_mut("value").and_then(Value::as_array_mut) {
             for (v, sig) in values.iter_mut().zip(signatures) {
