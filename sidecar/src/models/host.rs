@@ -297,7 +297,15 @@ impl ModelHost {
                 let _ = tx.send(r);
             })
             .map_err(|e| super::LoadError::Open(shown.clone(), format!("no loader thread: {e}")))?;
-        let answer = rx.recv_timeout(self.load_timeout).or_else(|_| {
+        let answer = rx.recv_timeout(self.load_timeout).or_else(|why| {
+            if why == std::sync::mpsc::RecvTimeoutError::Disconnected {
+                // The loader ended without an answer (it panicked): not inside
+                // the library any more, nothing is stuck.
+                return Err(super::LoadError::Open(
+                    shown.clone(),
+                    "the loader thread ended without an answer".to_owned(),
+                ));
+            }
             let mut st = self.stuck.lock();
             // An answer that came between the deadline and this lock is taken.
             rx.try_recv().map_err(|_| {
