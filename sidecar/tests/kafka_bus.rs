@@ -19,7 +19,7 @@ use testkit::fixtures::{command_key, signed_command};
 use testkit::kafka::Kafka;
 
 mod common;
-use common::now;
+use common::{now, row_summary};
 
 const TOPIC: &str = "control-commands-proto";
 
@@ -111,23 +111,6 @@ fn ledger_rows(ch: &ClickHouse, at_least: usize) -> Vec<LedgerRow> {
     rows
 }
 
-fn summary(rows: &[LedgerRow]) -> Vec<(String, String, String, String)> {
-    rows.iter()
-        .map(|r| {
-            (
-                r.stage.clone(),
-                r.decision.clone(),
-                r.code.clone(),
-                r.request_id.clone(),
-            )
-        })
-        .collect()
-}
-
-fn row(stage: &str, decision: &str, code: &str, id: &str) -> (String, String, String, String) {
-    (stage.into(), decision.into(), code.into(), id.into())
-}
-
 #[test]
 fn commands_cross_kafka_to_their_module_agent_once_even_across_a_restart() {
     let d = testkit::TempDir::new("kafka-bus");
@@ -191,16 +174,16 @@ fn commands_cross_kafka_to_their_module_agent_once_even_across_a_restart() {
     let rows = ledger_rows(&ch, 8);
     assert_eq!(verify_chain(&rows), Ok(8));
     assert_eq!(
-        summary(&rows),
+        row_summary(&rows),
         vec![
-            row("sidecar", "accepted", "", "req-1"),
-            row("agent", "applied", "", "req-1"),
-            row("sidecar", "accepted", "", "req-2"),
-            row("agent", "applied", "", "req-2"),
-            row("sidecar", "rejected", "replay", "req-1"),
-            row("sidecar", "rejected", "replay", "req-1"),
-            row("sidecar", "accepted", "", "req-3"),
-            row("agent", "applied", "", "req-3"),
+            ("sidecar", "accepted", "", "req-1"),
+            ("agent", "applied", "", "req-1"),
+            ("sidecar", "accepted", "", "req-2"),
+            ("agent", "applied", "", "req-2"),
+            ("sidecar", "rejected", "replay", "req-1"),
+            ("sidecar", "rejected", "replay", "req-1"),
+            ("sidecar", "accepted", "", "req-3"),
+            ("agent", "applied", "", "req-3"),
         ]
     );
 }
@@ -293,19 +276,19 @@ fn kafka_down_commands_wait_in_the_journal_and_apply_once_it_is_back() {
     assert_eq!(verify_chain(&rows), Ok(rows.len() as u64));
     // A command may come again after an outage; the agent drops it by nonce (a
     // `duplicate` row, never a second `applied`).
-    let mut got: Vec<_> = summary(&rows)
+    let mut got: Vec<_> = row_summary(&rows)
         .into_iter()
         .filter(|r| r.1 != "duplicate")
         .collect();
     got.sort();
     let mut want = vec![
-        row("sidecar", "accepted", "", "req-1"),
-        row("agent", "applied", "", "req-1"),
-        row("sidecar", "accepted", "", "req-2"),
-        row("sidecar", "rejected", "replay", "req-2"),
-        row("sidecar", "rejected", "replay", "req-2"),
-        row("agent", "applied", "", "req-2"),
-        row("sidecar", "rejected", "replay", "req-2"),
+        ("sidecar", "accepted", "", "req-1"),
+        ("agent", "applied", "", "req-1"),
+        ("sidecar", "accepted", "", "req-2"),
+        ("sidecar", "rejected", "replay", "req-2"),
+        ("sidecar", "rejected", "replay", "req-2"),
+        ("agent", "applied", "", "req-2"),
+        ("sidecar", "rejected", "replay", "req-2"),
     ];
     want.sort();
     assert_eq!(got, want);
@@ -468,7 +451,7 @@ fn a_decision_the_checkpoint_has_and_the_journal_lost_is_written_at_start() {
     }
     assert_eq!(modules(&s)["mev"]["applied"], 1);
     let rows = ledger_rows(&ch, 1);
-    assert_eq!(summary(&rows), vec![row("agent", "applied", "", "req-7")]);
+    assert_eq!(row_summary(&rows), vec![("agent", "applied", "", "req-7")]);
     // The lost nonce record is back; the resend of the same bytes is a replay.
     let loaded = rt.block_on(store.load(Module::Mev, now())).unwrap();
     assert_eq!((loaded.nonces, loaded.missing), (vec![nonce], vec![]));
@@ -488,13 +471,13 @@ fn a_decision_the_checkpoint_has_and_the_journal_lost_is_written_at_start() {
     let rows = ledger_rows(&ch, 3);
     assert_eq!(verify_chain(&rows), Ok(3));
     assert_eq!(
-        summary(&rows)
+        row_summary(&rows)
             .into_iter()
             .filter(|r| r.0 == "agent")
             .collect::<Vec<_>>(),
         vec![
-            row("agent", "applied", "", "req-7"),
-            row("agent", "applied", "", "req-8"),
+            ("agent", "applied", "", "req-7"),
+            ("agent", "applied", "", "req-8"),
         ]
     );
     assert_eq!(modules(&s)["mev"]["applied"], 2);
@@ -535,12 +518,12 @@ fn a_command_topic_created_again_under_the_checkpoint_is_detected_and_its_comman
     // The four rows before (three agent rows, the throttle's `accepted`) and one.
     let rows = ledger_rows(&ch, 5);
     assert_eq!(verify_chain(&rows), Ok(5));
-    let agent: Vec<_> = summary(&rows)
+    let agent: Vec<_> = row_summary(&rows)
         .into_iter()
         .filter(|r| r.0 == "agent")
         .skip(3)
         .collect();
-    assert_eq!(agent, vec![row("agent", "applied", "", "req-21")]);
+    assert_eq!(agent, vec![("agent", "applied", "", "req-21")]);
 }
 
 /// The same when the new topic already reaches past the checkpoint's offsets: the
@@ -618,22 +601,22 @@ fn recreated_topic(
     );
     let rows = ledger_rows(&ch, want.len() + 3);
     assert_eq!(verify_chain(&rows), Ok(rows.len() as u64));
-    let agent: Vec<_> = summary(&rows)
+    let agent: Vec<_> = row_summary(&rows)
         .into_iter()
         .filter(|r| r.0 == "agent")
         .collect();
     // First the row of the checkpoint's last decision, which this node's (new)
     // journal lacks (written again at start).
-    let mut expected = vec![row("agent", "applied", "", "req-9")];
+    let mut expected = vec![("agent", "applied", "", "req-9")];
     expected.extend(want.iter().map(|(id, decision)| {
         let code = if *decision == "duplicate" {
             "replay"
         } else {
             ""
         };
-        row("agent", decision, code, id)
+        ("agent", *decision, code, *id)
     }));
-    expected.push(row("agent", "applied", "", "req-20"));
+    expected.push(("agent", "applied", "", "req-20"));
     assert_eq!(agent, expected);
     (d, kafka, ch, s)
 }
@@ -1105,7 +1088,7 @@ fn a_command_no_gateway_node_forwarded_is_refused_and_audited() {
         if rows.iter().filter(|r| r.code == "forbidden_peer").count() >= 3 {
             break rows;
         }
-        assert!(Instant::now() < deadline, "{:?}", summary(&rows));
+        assert!(Instant::now() < deadline, "{:?}", row_summary(&rows));
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(verify_chain(&rows), Ok(rows.len() as u64));
@@ -1250,7 +1233,7 @@ fn a_forwarded_command_copied_to_a_later_offset_is_refused_even_once_its_nonce_i
                 assert_eq!(verify_chain(&rows), Ok(rows.len() as u64));
                 return copies;
             }
-            assert!(Instant::now() < deadline, "{:?}", summary(&rows));
+            assert!(Instant::now() < deadline, "{:?}", row_summary(&rows));
             std::thread::sleep(Duration::from_millis(200));
         }
     };
@@ -1369,7 +1352,7 @@ fn a_forwarded_command_copied_to_a_later_offset_is_refused_even_once_its_nonce_i
             assert_eq!(verify_chain(&rows), Ok(rows.len() as u64));
             break;
         }
-        assert!(Instant::now() < deadline, "{:?}", summary(&rows));
+        assert!(Instant::now() < deadline, "{:?}", row_summary(&rows));
         std::thread::sleep(Duration::from_millis(200));
     }
     let m = modules(&s);
@@ -1512,7 +1495,7 @@ fn a_command_forwarded_again_after_its_mark_was_lost_is_not_applied_twice() {
         if refused {
             break rows;
         }
-        assert!(Instant::now() < deadline, "{:?}", summary(&rows));
+        assert!(Instant::now() < deadline, "{:?}", row_summary(&rows));
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(verify_chain(&rows), Ok(rows.len() as u64));
