@@ -69,13 +69,9 @@ impl Idempotent {
                 "idempotency-key needs a token with a subject (`sub`)",
             ));
         }
+        // Every part length-prefixed, the tag too (an empty domain).
         let half = |parts: &[&[u8]]| {
-            let mut input = Vec::new();
-            for p in parts {
-                input.extend_from_slice(&(p.len() as u64).to_be_bytes());
-                input.extend_from_slice(p);
-            }
-            let d = gw_core::replay::digest(&input);
+            let d = gw_core::replay::digest(&super::state_sign::message(b"", parts));
             let mut n = [0u8; 8];
             n.copy_from_slice(&d[..8]);
             u64::from_be_bytes(n)

@@ -95,9 +95,9 @@ struct Envelope<'a> {
     body: &'a serde_json::value::RawValue,
 }
 
-/// The bytes a signature under `domain` covers: the tag, then each part prefixed
-/// by its length.
-fn message(domain: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+/// The bytes a signature (or a digest) under `domain` covers: the tag, then each
+/// part prefixed by its length, so that no two lists of parts encode alike.
+pub(crate) fn message(domain: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     let mut m = Vec::with_capacity(
         domain.len() + 8 * parts.len() + parts.iter().map(|p| p.len()).sum::<usize>(),
     );
