@@ -3,6 +3,7 @@
 //! local file (fsync) and inserted into ClickHouse `control_checkpoints`, so a chain
 //! cut or rewritten in ClickHouse is caught by `gwctl ledger verify --checkpoint`.
 
+use std::collections::VecDeque;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -47,7 +48,10 @@ pub struct Checkpointer {
     entry_synced: bool,
     /// Written to the file, not yet to ClickHouse: the newest [`MAX_UNSENT`] (the
     /// file keeps every one; ClickHouse's copy is for reading them).
-    unsent: Vec<CheckpointRow>,
+    unsent: VecDeque<CheckpointRow>,
+    /// Old ones were dropped from `unsent` since ClickHouse last took them (said
+    /// once).
+    dropping: bool,
 }
 
 /// Checkpoints kept for ClickHouse while it is away (a week's at one a minute,
@@ -94,7 +98,8 @@ impl Checkpointer {
             last_at: Instant::now(),
             whole,
             entry_synced: false,
-            unsent: Vec::new(),
+            unsent: VecDeque::new(),
+            dropping: false,
         }
     }
 
@@ -120,18 +125,18 @@ impl Checkpointer {
         self.append(note.as_bytes())?;
         self.last_size = size;
         self.last_at = Instant::now();
-        self.unsent.push(CheckpointRow {
+        self.unsent.push_back(CheckpointRow {
             chain_id: chain_id.to_owned(),
             size,
             head: hex::encode(head),
             note,
             ts_ms: crate::now_nanos() / 1_000_000,
         });
-        if let Some(over) = self.unsent.len().checked_sub(MAX_UNSENT) {
-            if over > 0 && self.unsent.len() == MAX_UNSENT + 1 {
+        if self.unsent.len() > MAX_UNSENT {
+            self.unsent.pop_front();
+            if !std::mem::replace(&mut self.dropping, true) {
                 tracing::warn!(kept = MAX_UNSENT, "ledger checkpoints: ClickHouse has not taken them for long; only the newest are kept for it (the file keeps every one)");
             }
-            self.unsent.drain(..over);
         }
         Ok(true)
     }
@@ -186,6 +191,7 @@ impl Checkpointer {
         }
         insert.end().await?;
         self.unsent.clear();
+        self.dropping = false;
         Ok(())
     }
 }
