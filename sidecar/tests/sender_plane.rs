@@ -333,6 +333,40 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
     );
     let (status, _) = s.post_json("/api/rpc", &json!("x"));
     assert_eq!(status, 200);
+    // A full batch (a body decoded off the runtime's workers): each request
+    // answered in its place, the one that does not verify refused, the others sent.
+    let batch: Vec<Vec<u8>> = (0..63).map(|i| tx(900 + i)).collect();
+    let mut calls: Vec<Value> = batch
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            json!({"jsonrpc": "2.0", "id": i, "method": "sendTransaction",
+            "params": [b64(t), {"encoding": "base64", "skipPreflight": true}]})
+        })
+        .collect();
+    calls.insert(
+        7,
+        json!({"jsonrpc": "2.0", "id": "bad", "method": "sendTransaction",
+            "params": [b64(&tampered), {"encoding": "base64"}]}),
+    );
+    let body = Value::Array(calls);
+    assert!(body.to_string().len() > 16 << 10);
+    let before = rx.count();
+    let r = rpc(&s, body);
+    let answers = r.as_array().expect("a batch's answer is a list");
+    assert_eq!(answers.len(), 64, "{r}");
+    assert_eq!(answers[7]["id"], "bad");
+    assert_eq!(answers[7]["error"]["code"], -32602, "{r}");
+    let sent: Vec<&Value> = answers.iter().filter(|a| a["id"] != "bad").collect();
+    for (i, (a, t)) in sent.iter().zip(&batch).enumerate() {
+        assert_eq!(a["id"], i, "answers keep the batch's order: {r}");
+        assert_eq!(
+            a["result"].as_str(),
+            Some(bs58::encode(&t[1..65]).into_string().as_str()),
+            "{a}"
+        );
+    }
+    assert_eq!(settle(&rx, &rrt, before + 63), before + 63);
     // The RPC gate follows its module (arbitrage): killed → refused, nothing sent.
     command(&s, "arbitrage:kill", json!({}));
     let n_before = rx.count();
@@ -348,7 +382,7 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
         .as_u64()
         .unwrap();
     assert_eq!(strategy_sends, 62, "the burst came while killed");
-    let total = strategy_sends + 4 + 2;
+    let total = strategy_sends + 4 + 2 + 63;
     let deadline = Instant::now() + Duration::from_secs(30);
     let rows: Vec<Value> = loop {
         let rows: Vec<Value> = if ch.query("EXISTS TABLE tx_sends").trim() == "1" {
@@ -365,8 +399,19 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(rows.len() as u64, total, "one row per send");
-    let rpc_rows: Vec<&Value> = rows.iter().filter(|r| r["source"] == "rpc").collect();
+    let batched: Vec<String> = batch
+        .iter()
+        .map(|t| bs58::encode(&t[1..65]).into_string())
+        .collect();
+    let (batch_rows, rpc_rows): (Vec<&Value>, Vec<&Value>) =
+        rows.iter().filter(|r| r["source"] == "rpc").partition(|r| {
+            r["signature"]
+                .as_str()
+                .is_some_and(|s| batched.iter().any(|b| b == s))
+        });
     assert_eq!(rpc_rows.len(), 6);
+    assert_eq!(batch_rows.len(), 63, "one row per batched send");
+    assert!(batch_rows.iter().all(|r| r["outcome"] == "landed"));
     for (r, t) in rpc_rows.iter().zip(&txs) {
         assert_eq!(r["signature"], t["signature"]);
         assert_eq!(

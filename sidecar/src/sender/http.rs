@@ -23,9 +23,8 @@ use crate::control::ModuleTable;
 pub struct SenderApi {
     plane: Option<Arc<DataPlane>>,
     modules: ModuleTable,
-    /// Large `/api/opportunities` bodies decoded at once (one per core): more
-    /// wait their turn rather than fill the blocking pool the ledger's shipping
-    /// also uses.
+    /// Large bodies decoded at once (one per core): more wait their turn rather
+    /// than fill the blocking pool the ledger's shipping also uses.
     decoding: Arc<tokio::sync::Semaphore>,
 }
 
@@ -38,6 +37,33 @@ impl SenderApi {
             modules,
             decoding: Arc::new(tokio::sync::Semaphore::new(cores)),
         }
+    }
+
+    /// `decode(body)`: at once for a small body; a large one (hundreds of
+    /// transactions, each signature verified) on the blocking pool, not on a
+    /// runtime worker every other route shares. `Err`: the answer when the
+    /// decoding could not run.
+    async fn decode<T: Send + 'static>(
+        &self,
+        body: Bytes,
+        decode: impl FnOnce(&[u8]) -> T + Send + 'static,
+    ) -> Result<T, Response> {
+        if body.len() <= INLINE_BODY_BYTES {
+            return Ok(decode(&body));
+        }
+        let Ok(_turn) = self.decoding.acquire().await else {
+            return Err(unavailable());
+        };
+        tokio::task::spawn_blocking(move || decode(&body))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "decoding a request body failed");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"error": "unavailable", "detail": "decoding the request failed; send it again"})),
+                )
+                    .into_response()
+            })
     }
 
     /// `/api/rpc`, `/api/opportunities`, `/api/sender`.
@@ -84,6 +110,10 @@ async fn rpc(State(st): St, body: Bytes) -> Response {
     let Some(dp) = &st.plane else {
         return unavailable();
     };
+    let request = match st.decode(body, rpc::Request::parse).await {
+        Ok(r) => r,
+        Err(answer) => return answer,
+    };
     let ctx = RpcContext {
         sender: &dp.sender,
         landing: dp.landing.as_ref(),
@@ -92,7 +122,7 @@ async fn rpc(State(st): St, body: Bytes) -> Response {
         allow_stopped: dp.rpc_allow_stopped,
         gate: &dp.rpc_gate,
     };
-    Json(rpc::handle(&ctx, &body).await).into_response()
+    Json(request.run(&ctx).await).into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,7 +182,7 @@ fn opportunity(
     })
 }
 
-/// The largest `/api/opportunities` body decoded on the runtime's worker.
+/// The largest body decoded on the runtime's worker.
 const INLINE_BODY_BYTES: usize = 16 << 10;
 
 /// Every opportunity of a `/api/opportunities` body, validated.
@@ -184,30 +214,13 @@ async fn opportunities(State(st): St, body: Bytes) -> Response {
     let Some(dp) = &st.plane else {
         return unavailable();
     };
-    // A large body (up to hundreds of transactions, each signature verified) is
-    // decoded on a blocking thread, not on a runtime worker that every other route
-    // shares; a small one at once, sparing it the hand-over.
-    let items = if body.len() <= INLINE_BODY_BYTES {
-        decode_opportunities(&body, received)
-    } else {
-        let Ok(_turn) = st.decoding.acquire().await else {
-            return unavailable();
-        };
-        match tokio::task::spawn_blocking(move || decode_opportunities(&body, received)).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "decoding opportunities failed");
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Json(json!({"error": "unavailable", "detail": "decoding the opportunities failed; send them again"})),
-                )
-                    .into_response();
-            }
-        }
-    };
-    let items = match items {
-        Ok(items) => items,
-        Err(e) => return bad(e),
+    let items = match st
+        .decode(body, move |b| decode_opportunities(b, received))
+        .await
+    {
+        Ok(Ok(items)) => items,
+        Ok(Err(e)) => return bad(e),
+        Err(answer) => return answer,
     };
     let n = items.len();
     let took = dp.hot.offer_async(items).await;

@@ -110,25 +110,89 @@ impl RpcGate {
     }
 }
 
-/// Handles one HTTP body; returns the JSON-RPC answer.
+/// Handles one HTTP body; returns the JSON-RPC answer ([`Request::parse`], then
+/// [`Request::run`], both here).
 pub async fn handle(ctx: &RpcContext<'_>, body: &[u8]) -> Value {
-    let req: Value = match serde_json::from_slice(body) {
-        Ok(v) => v,
-        Err(e) => return error(Value::Null, code::PARSE, &format!("parse error: {e}")),
-    };
-    match req {
-        Value::Array(items) => {
-            if items.is_empty() || items.len() > MAX_BATCH {
-                return error(
+    Request::parse(body).run(ctx).await
+}
+
+/// A JSON-RPC body read and checked: every transaction in it decoded and its
+/// signatures verified, every parameter read. What is left needs the runtime: the
+/// gate, the node, the sends. Parsing is synchronous and can take tens of
+/// milliseconds for a full batch, so a caller parses a large body off the
+/// runtime's workers (`/api/rpc` does, on the blocking pool).
+pub struct Request(Parsed);
+
+enum Parsed {
+    /// Answered already (not JSON, an empty or oversized batch).
+    Answer(Value),
+    One(Call),
+    Batch(Vec<Call>),
+}
+
+/// One request of a body: its id, and its method with its parameters read, or
+/// the error to answer.
+struct Call {
+    id: Value,
+    method: Result<Method, RpcErr>,
+}
+
+enum Method {
+    Health,
+    Send {
+        wire: Bytes,
+        info: txwire::TxInfo,
+        opts: SendOptions,
+    },
+    Statuses {
+        sigs: Vec<String>,
+        history: Option<bool>,
+    },
+    Bundle {
+        txs: Vec<Bytes>,
+        first_sig: String,
+    },
+}
+
+impl Request {
+    /// Reads `body`: everything a request can be refused for before the gate.
+    pub fn parse(body: &[u8]) -> Request {
+        let req: Value = match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => {
+                return Request(Parsed::Answer(error(
                     Value::Null,
-                    code::INVALID_REQUEST,
-                    &format!("a batch holds 1 to {MAX_BATCH} requests"),
-                );
+                    code::PARSE,
+                    &format!("parse error: {e}"),
+                )))
             }
-            let answers = futures_util::future::join_all(items.iter().map(|r| one(ctx, r))).await;
-            Value::Array(answers)
+        };
+        Request(match req {
+            Value::Array(items) => {
+                if items.is_empty() || items.len() > MAX_BATCH {
+                    Parsed::Answer(error(
+                        Value::Null,
+                        code::INVALID_REQUEST,
+                        &format!("a batch holds 1 to {MAX_BATCH} requests"),
+                    ))
+                } else {
+                    Parsed::Batch(items.iter().map(parse_call).collect())
+                }
+            }
+            other => Parsed::One(parse_call(&other)),
+        })
+    }
+
+    /// Gates and sends what was parsed; the JSON-RPC answer (a batch's requests
+    /// run at once).
+    pub async fn run(self, ctx: &RpcContext<'_>) -> Value {
+        match self.0 {
+            Parsed::Answer(v) => v,
+            Parsed::One(call) => run_call(ctx, call).await,
+            Parsed::Batch(calls) => Value::Array(
+                futures_util::future::join_all(calls.into_iter().map(|c| run_call(ctx, c))).await,
+            ),
         }
-        other => one(ctx, &other).await,
     }
 }
 
@@ -148,42 +212,59 @@ fn result(id: Value, v: Value) -> Value {
     json!({"jsonrpc": "2.0", "result": v, "id": id})
 }
 
-async fn one(ctx: &RpcContext<'_>, req: &Value) -> Value {
+fn parse_call(req: &Value) -> Call {
     let id = req.get("id").cloned().unwrap_or(Value::Null);
+    Call {
+        method: parse_method(req),
+        id,
+    }
+}
+
+fn parse_method(req: &Value) -> Result<Method, RpcErr> {
     if req.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
-        return error(id, code::INVALID_REQUEST, "not a JSON-RPC 2.0 request");
+        return Err((
+            code::INVALID_REQUEST,
+            "not a JSON-RPC 2.0 request".to_owned(),
+        ));
     }
     let Some(method) = req.get("method").and_then(Value::as_str) else {
-        return error(id, code::INVALID_REQUEST, "no method");
+        return Err((code::INVALID_REQUEST, "no method".to_owned()));
     };
-    let params = req
-        .get("params")
-        .cloned()
-        .unwrap_or(Value::Array(Vec::new()));
+    let no_params = Value::Array(Vec::new());
+    let params = req.get("params").unwrap_or(&no_params);
     match method {
-        "getHealth" => result(id, json!("ok")),
-        "sendTransaction" => match send_transaction(ctx, &params).await {
-            Ok(sig) => result(id, json!(sig)),
-            Err(SendErr::Rpc((c, m))) => error(id, c, &m),
-            Err(SendErr::Node(e)) => node_error(id, &e),
-        },
-        "getSignatureStatuses" => match signature_statuses(ctx, &params).await {
-            Ok(v) => result(id, v),
-            Err(SendErr::Rpc((c, m))) => error(id, c, &m),
-            Err(SendErr::Node(e)) => node_error(id, &e),
-        },
-        "sendBundle" => match send_bundle(ctx, &params).await {
-            Ok(bundle) => result(id, json!(bundle)),
-            Err((c, m)) => error(id, c, &m),
-        },
-        other => error(
-            id,
+        "getHealth" => Ok(Method::Health),
+        "sendTransaction" => parse_send(params),
+        "getSignatureStatuses" => parse_statuses(params),
+        "sendBundle" => parse_bundle(params),
+        other => Err((
             code::METHOD_NOT_FOUND,
-            &format!(
+            format!(
                 "method {:?} is not served by the gateway (sendTransaction, getSignatureStatuses, sendBundle, getHealth)",
                 other.escape_debug().to_string()
             ),
-        ),
+        )),
+    }
+}
+
+async fn run_call(ctx: &RpcContext<'_>, call: Call) -> Value {
+    let Call { id, method } = call;
+    let answer = match method {
+        Err(e) => Err(SendErr::Rpc(e)),
+        Ok(Method::Health) => Ok(json!("ok")),
+        Ok(Method::Send { wire, info, opts }) => send_transaction(ctx, wire, info, opts)
+            .await
+            .map(|sig| json!(sig)),
+        Ok(Method::Statuses { sigs, history }) => signature_statuses(ctx, &sigs, history).await,
+        Ok(Method::Bundle { txs, first_sig }) => send_bundle(ctx, txs, first_sig)
+            .await
+            .map(|b| json!(b))
+            .map_err(SendErr::Rpc),
+    };
+    match answer {
+        Ok(v) => result(id, v),
+        Err(SendErr::Rpc((c, m))) => error(id, c, &m),
+        Err(SendErr::Node(e)) => node_error(id, &e),
     }
 }
 
@@ -389,7 +470,7 @@ fn rpc_meta(ctx: &RpcContext<'_>) -> SendMeta {
     }
 }
 
-async fn send_transaction(ctx: &RpcContext<'_>, params: &Value) -> Result<String, SendErr> {
+fn parse_send(params: &Value) -> Result<Method, RpcErr> {
     let p = params.as_array().ok_or((
         code::INVALID_PARAMS,
         "params must be [transaction, options]".to_owned(),
@@ -400,6 +481,15 @@ async fn send_transaction(ctx: &RpcContext<'_>, params: &Value) -> Result<String
     ))?;
     let (wire, info) = decode_tx_info(tx, encoding(p.get(1))?)?;
     let opts = send_options(p.get(1))?;
+    Ok(Method::Send { wire, info, opts })
+}
+
+async fn send_transaction(
+    ctx: &RpcContext<'_>,
+    wire: Bytes,
+    info: txwire::TxInfo,
+    opts: SendOptions,
+) -> Result<String, SendErr> {
     let admitted = gate(ctx)?;
     if let Some(landing) = ctx.landing {
         if !opts.skip_preflight {
@@ -460,8 +550,8 @@ async fn send_transaction(ctx: &RpcContext<'_>, params: &Value) -> Result<String
     }
 }
 
-/// `getSignatureStatuses([signatures], {searchTransactionHistory})`.
-async fn signature_statuses(ctx: &RpcContext<'_>, params: &Value) -> Result<Value, SendErr> {
+/// `getSignatureStatuses([signatures], {searchTransactionHistory})`'s parameters.
+fn parse_statuses(params: &Value) -> Result<Method, RpcErr> {
     let p = params.as_array().ok_or((
         code::INVALID_PARAMS,
         "params must be [[signatures], options]".to_owned(),
@@ -471,10 +561,10 @@ async fn signature_statuses(ctx: &RpcContext<'_>, params: &Value) -> Result<Valu
         "params[0] must be a list of signatures".to_owned(),
     ))?;
     if list.len() > MAX_STATUS_SIGNATURES {
-        return Err(SendErr::Rpc((
+        return Err((
             code::INVALID_PARAMS,
             format!("Too many inputs provided; max {MAX_STATUS_SIGNATURES}"),
-        )));
+        ));
     }
     let mut sigs = Vec::with_capacity(list.len());
     for s in list {
@@ -488,10 +578,10 @@ async fn signature_statuses(ctx: &RpcContext<'_>, params: &Value) -> Result<Valu
                 if shown.len() > 100 {
                     shown = shown.chars().take(96).chain(['…']).collect();
                 }
-                return Err(SendErr::Rpc((
+                return Err((
                     code::INVALID_PARAMS,
                     format!("Invalid param: {shown} is not a signature"),
-                )));
+                ));
             }
         }
     }
@@ -509,21 +599,30 @@ async fn signature_statuses(ctx: &RpcContext<'_>, params: &Value) -> Result<Valu
         None => None,
         Some(Some(Value::Bool(b))) => Some(*b),
         Some(_) => {
-            return Err(SendErr::Rpc((
+            return Err((
                 code::INVALID_PARAMS,
                 "Invalid params: params[1] must be {\"searchTransactionHistory\": <bool>}"
                     .to_owned(),
-            )))
+            ))
         }
     };
+    Ok(Method::Statuses { sigs, history })
+}
+
+/// `getSignatureStatuses`: the node's answer, or none known without a node.
+async fn signature_statuses(
+    ctx: &RpcContext<'_>,
+    sigs: &[String],
+    history: Option<bool>,
+) -> Result<Value, SendErr> {
     match ctx.landing {
-        Some(l) => Ok(l.statuses(&sigs, history).await?),
+        Some(l) => Ok(l.statuses(sigs, history).await?),
         // No node: the gateway knows no statuses (null = unknown, as Solana says).
         None => Ok(json!({"context": {"slot": 0}, "value": vec![Value::Null; sigs.len()]})),
     }
 }
 
-async fn send_bundle(ctx: &RpcContext<'_>, params: &Value) -> Result<String, RpcErr> {
+fn parse_bundle(params: &Value) -> Result<Method, RpcErr> {
     let p = params.as_array().ok_or((
         code::INVALID_PARAMS,
         "params must be [[transactions], options]".to_owned(),
@@ -557,6 +656,14 @@ async fn send_bundle(ctx: &RpcContext<'_>, params: &Value) -> Result<String, Rpc
         }
         txs.push(wire);
     }
+    Ok(Method::Bundle { txs, first_sig })
+}
+
+async fn send_bundle(
+    ctx: &RpcContext<'_>,
+    txs: Vec<Bytes>,
+    first_sig: String,
+) -> Result<String, RpcErr> {
     let admitted = gate(ctx)?;
     let permit = permit(ctx)?;
     admitted.go();
