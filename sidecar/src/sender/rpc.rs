@@ -126,7 +126,7 @@ pub struct Request(Parsed);
 enum Parsed {
     /// Answered already (not JSON, an empty or oversized batch).
     Answer(Value),
-    One(Call),
+    One(Box<Call>),
     Batch(Vec<Call>),
 }
 
@@ -179,7 +179,7 @@ impl Request {
                     Parsed::Batch(items.iter().map(parse_call).collect())
                 }
             }
-            other => Parsed::One(parse_call(&other)),
+            other => Parsed::One(Box::new(parse_call(&other))),
         })
     }
 
@@ -188,7 +188,7 @@ impl Request {
     pub async fn run(self, ctx: &RpcContext<'_>) -> Value {
         match self.0 {
             Parsed::Answer(v) => v,
-            Parsed::One(call) => run_call(ctx, call).await,
+            Parsed::One(call) => run_call(ctx, *call).await,
             Parsed::Batch(calls) => Value::Array(
                 futures_util::future::join_all(calls.into_iter().map(|c| run_call(ctx, c))).await,
             ),
