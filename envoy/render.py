@@ -20,7 +20,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 PLACEHOLDER = re.compile(r"\$\{([A-Z0-9_]+)\}")
 PATH_VARS = {"GW_TLS_CERT", "GW_TLS_KEY", "GW_FILTER_WASM", "GW_UPSTREAM_CLIENT_CERT",
-             "GW_UPSTREAM_CLIENT_KEY", "GW_UPSTREAM_CA"}
+             "GW_UPSTREAM_CLIENT_KEY", "GW_UPSTREAM_CA", "GW_ADMIN_SOCKET"}
 
 
 def load_defaults():
@@ -99,7 +99,10 @@ def main():
 
     with open(a.template) as f:
         rendered = substitute(f.read(), values)
-    with open(a.out, "w") as f:
+    # The rendered file holds the filter's JWT keys: readable by its owner only.
+    fd = os.open(a.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
         f.write(rendered)
 
 

@@ -67,6 +67,12 @@ def main():
                 fail(f"{name}: build target {target!r} is not a Dockerfile stage {sorted(stages)}")
         else:
             fail(f"{name}: neither image nor build")
+        for port in svc.get("ports", []):
+            # Published on an address the operator chose (loopback unless told),
+            # never on every interface by default.
+            if not str(port).startswith("${GW_PUBLISH_ADDRESS:-127.0.0.1}:"):
+                fail(f"{name}: port {port} is published on every interface; "
+                     "publish it on ${GW_PUBLISH_ADDRESS:-127.0.0.1}")
         for vol in svc.get("volumes", []):
             src = vol.split(":")[0]
             if src.startswith("./") and not os.path.exists(local(src)):

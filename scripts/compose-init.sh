@@ -22,7 +22,11 @@ python3 envoy/render.py --filter-config "$run/filter.json" \
   --set GW_UPSTREAM_CA=/etc/gw/certs/ca.pem \
   --set GW_UPSTREAM_CLIENT_CERT=/etc/gw/certs/envoy-client.pem \
   --set GW_UPSTREAM_CLIENT_KEY=/etc/gw/certs/envoy-client.key \
-  --set GW_FILTER_WASM=/etc/gw/gw_filter.wasm -o "$run/envoy.yaml"
+  --set GW_FILTER_WASM=/etc/gw/gw_filter.wasm --set GW_ADMIN_SOCKET=/tmp/envoy-admin.sock \
+  -o "$run/envoy.yaml"
+# render.py writes it 0600 (it holds the filter's JWT keys); Envoy's image runs as
+# its own user, which must read it (development keys only, as above).
+chmod 644 "$run/envoy.yaml"
 (
   umask 077
   {
@@ -41,7 +45,7 @@ python3 scripts/sidecar-config.py --keys "$run/keys" --tpu 172.30.0.9:8009 \
 chmod 644 "$run/sidecar.json"
 # An admin token for the filter's JWT rules (same claims as `gwctl jwt`).
 python3 - "$run" <<'PY'
-import base64, hashlib, hmac, json, sys, time
+import base64, hashlib, hmac, json, os, sys, time
 run = sys.argv[1]
 secret = bytes.fromhex(open(f"{run}/keys/jwt.secret.hex").read().strip())
 b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
@@ -51,6 +55,9 @@ claims = {"iss": "defi-dashboard", "aud": "defi-users", "sub": "compose-admin",
           "roles": ["admin"], "iat": now, "exp": now + 8 * 3600}
 signing = f"{b64(json.dumps(head).encode())}.{b64(json.dumps(claims).encode())}"
 sig = hmac.new(secret, signing.encode(), hashlib.sha256).digest()
-open(f"{run}/admin.jwt", "w").write(f"{signing}.{b64(sig)}\n")
+fd = os.open(f"{run}/admin.jwt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+os.fchmod(fd, 0o600)
+os.write(fd, f"{signing}.{b64(sig)}\n".encode())
+os.close(fd)
 PY
 echo "compose files written to $run: now run: docker compose up --build"

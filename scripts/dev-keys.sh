@@ -53,11 +53,15 @@ if [[ ! -f "$dir/keys/jwt.secret.hex" ]]; then
   (umask 077; openssl rand -hex 32 > "$dir/keys/jwt.secret.hex")
 fi
 python3 - "$dir" "$root/filter-wasm/config.example.json" <<'PY'
-import base64, json, sys
+import base64, json, os, sys
 d, example = sys.argv[1], sys.argv[2]
 cfg = json.load(open(example))
 cfg["command_keys"]["keys"][0]["public_key_hex"] = open(f"{d}/keys/op-admin-1.pk.hex").read().strip()
 secret = bytes.fromhex(open(f"{d}/keys/jwt.secret.hex").read().strip())
 cfg["jwt"]["jwks"]["keys"][0]["k"] = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
-json.dump(cfg, open(f"{d}/filter.json", "w"), indent=2)
+# It holds the JWT secret: readable by its owner only.
+fd = os.open(f"{d}/filter.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+os.fchmod(fd, 0o600)
+with os.fdopen(fd, "w") as f:
+    json.dump(cfg, f, indent=2)
 PY

@@ -57,7 +57,7 @@ fi
 cp "$CARGO_TARGET_DIR/wasm32-wasip1/release/gw_filter.wasm" "$run/gw_filter.wasm"
 "$GW_VENV/bin/python" envoy/render.py --filter-config "$run/filter.json" \
   --set GW_TLS_CERT="$run/certs/server.pem" --set GW_TLS_KEY="$run/certs/server.key" \
-  --set GW_FILTER_WASM="$run/gw_filter.wasm" -o "$run/envoy.yaml"
+  --set GW_FILTER_WASM="$run/gw_filter.wasm" --set GW_ADMIN_SOCKET="$run/envoy-admin.sock" -o "$run/envoy.yaml"
 envoy_bin=$(ls "$GW_VENV"/lib/python*/site-packages/envoy/_bin/envoy)
 "$envoy_bin" --mode validate -c "$run/envoy.yaml" >"$run/validate.log" 2>&1 || { cat "$run/validate.log"; die "envoy rejected $run/envoy.yaml"; }
 
@@ -102,10 +102,10 @@ GW_MODELS_DIR="$run/models" GW_KAFKA_BROKERS="$brokers" GW_CLICKHOUSE_URL=http:/
   "$bin/gw-sidecar" --config "$run/sidecar.json" & pids+=($!)
 "$envoy_bin" -c "$run/envoy.yaml" --concurrency 2 --disable-hot-restart --log-level warn & pids+=($!)
 for _ in $(seq 1 100); do
-  curl -sf http://127.0.0.1:9901/ready >/dev/null 2>&1 && break
+  curl -sf --unix-socket "$run/envoy-admin.sock" http://admin/ready >/dev/null 2>&1 && break
   sleep 0.1
 done
-curl -sf http://127.0.0.1:9901/ready >/dev/null || die "envoy did not become ready"
+curl -sf --unix-socket "$run/envoy-admin.sock" http://admin/ready >/dev/null || die "envoy did not become ready"
 if (( kafka )); then
   # The original Kafka-engine path (raw topic → control_ledger), beside the verified ledger.
   mkdir -p "$run/clickhouse/format_schemas"
@@ -125,7 +125,7 @@ PY
 fi
 
 token=$("$bin/gwctl" jwt --secret-file "$run/keys/jwt.secret.hex" --sub "${USER:-operator}-dev" --role admin --ttl 8h --kid dev)
-echo "$token" > "$run/admin.jwt"
+(umask 077; rm -f "$run/admin.jwt"; echo "$token" > "$run/admin.jwt")
 "$bin/gwctl" sign --key "$run/keys/op-admin-1.sk.hex" --key-id op-admin-1 --module mev \
   --action throttle --arg throttle_pct=40 --issuer dashboard --out "$run/throttle.bin" 2>/dev/null
 cat <<MSG
@@ -164,7 +164,7 @@ Sender status:   curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$
 ClickHouse:      user gw_admin, password in $run/keys/clickhouse-admin.pw (the sidecar writes as gw_sidecar)
 Sends audited:   curl -s -u gw_admin:\$(cat $run/keys/clickhouse-admin.pw) 'http://127.0.0.1:8123/?query=SELECT+signature,route,hedged,outcome,latency_us+FROM+tx_sends+ORDER+BY+ts_us'
 Bus:             ${brokers:-in-process (start with --kafka for Kafka)}
-Edge decisions:  curl -s http://127.0.0.1:9901/stats?filter=gw_edge
+Edge decisions:  curl -s --unix-socket $run/envoy-admin.sock http://admin/stats?filter=gw_edge
 Audit ledger:    curl -s -u gw_admin:\$(cat $run/keys/clickhouse-admin.pw) 'http://127.0.0.1:8123/?query=SELECT+seq,stage,decision,code,request_id+FROM+control_decisions+ORDER+BY+seq'
                  GW_CLICKHOUSE_USER=gw_admin GW_CLICKHOUSE_PASSWORD=\$(cat $run/keys/clickhouse-admin.pw) \\
                  $bin/gwctl ledger verify --clickhouse http://127.0.0.1:8123 \

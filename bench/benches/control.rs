@@ -457,7 +457,7 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     fc["max_skew_secs"] = serde_json::json!(120);
     let gw = envoy::render_gateway(dir, &fc.to_string(), sidecar_port, &certs);
     let port = gw.port;
-    let _envoy = envoy::start_envoy_ready(&gw.config, gw.admin, dir);
+    let _envoy = envoy::start_envoy_ready(&gw.config, &gw.admin, dir);
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&certs.ca).expect("ca")).expect("pem");
     let client = || {
         reqwest::Client::builder()
@@ -667,7 +667,7 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
             sent += chunk.len();
         }
     }
-    if let Some((_, stats)) = envoy::admin_get(gw.admin, "/stats?filter=rq_time$") {
+    if let Some((_, stats)) = envoy::admin_get(&gw.admin, "/stats?filter=rq_time$") {
         println!("\nEnvoy's view, one command at a time ({sent} sent for {:.0?}), P50 / P99 of the last 5 s interval (ms):", started.elapsed());
         for l in stats.lines() {
             let interval = |p: &str| {

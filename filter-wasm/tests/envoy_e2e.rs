@@ -114,14 +114,14 @@ struct Edge {
     certs: envoy::DevCerts,
     echo: testkit::echo::EchoServer,
     port: u16,
-    admin: u16,
+    admin: std::path::PathBuf,
     proc: testkit::ProcessGuard,
 }
 
 fn start_edge(dir: &Path, filter_config: &str) -> Edge {
     let certs = envoy::dev_certs(dir);
     let echo = testkit::echo::EchoServer::start();
-    let (port, admin) = (testkit::free_port(), testkit::free_port());
+    let (port, admin) = (testkit::free_port(), envoy::admin_socket(dir));
     let upstream = echo.port().to_string();
     let cfg = envoy::render(
         dir,
@@ -129,7 +129,7 @@ fn start_edge(dir: &Path, filter_config: &str) -> Edge {
         filter_config,
         &[
             ("GW_PORT", port.to_string()),
-            ("GW_ADMIN_PORT", admin.to_string()),
+            ("GW_ADMIN_SOCKET", admin.display().to_string()),
             ("GW_TLS_CERT", certs.cert.display().to_string()),
             ("GW_TLS_KEY", certs.key.display().to_string()),
             (
@@ -140,7 +140,7 @@ fn start_edge(dir: &Path, filter_config: &str) -> Edge {
         ],
         false,
     );
-    let proc = envoy::start_envoy_ready(&cfg, admin, dir);
+    let proc = envoy::start_envoy_ready(&cfg, &admin, dir);
     Edge {
         certs,
         echo,
@@ -456,8 +456,15 @@ fn edge_filter_in_real_envoy_over_http3_and_http2() {
     );
     assert_eq!(c.status, 400);
 
+    // --- Envoy's admin interface (it prints the JWT keys, it can stop Envoy) is a
+    // socket only Envoy's user may open, and the rendered config only it may read.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&admin), 0o600, "admin socket {}", admin.display());
+    assert_eq!(mode(&dir.join("envoy.yaml")), 0o600);
+
     // --- Metrics per decision, visible in Envoy's stats.
-    let (_, stats) = envoy::admin_get(admin, "/stats?filter=gw_edge").unwrap();
+    let (_, stats) = envoy::admin_get(&admin, "/stats?filter=gw_edge").unwrap();
     let counter = |name: &str| -> u64 {
         stats
             .lines()

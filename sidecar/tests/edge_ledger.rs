@@ -49,8 +49,8 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
     let mut fc = filter_config(4096);
     fc["report"] = json!({"cluster": "sidecar", "period_ms": 50});
     let gw = envoy::render_gateway(dir, &fc.to_string(), sidecar_port, &s.certs);
-    let (port, admin, certs) = (gw.port, gw.admin, &gw.certs);
-    let envoy_proc = envoy::start_envoy_ready(&gw.config, admin, dir);
+    let (port, admin, certs) = (gw.port, gw.admin.clone(), &gw.certs);
+    let envoy_proc = envoy::start_envoy_ready(&gw.config, &admin, dir);
     let t = now();
     let admin_tok = bearer(&["admin"], t);
     let admin_tok = admin_tok.trim_start_matches("Bearer ");
@@ -213,7 +213,7 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
     // Envoy counted the reports it delivered.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, stats) = envoy::admin_get(admin, "/stats?filter=gw_edge.report").unwrap();
+        let (_, stats) = envoy::admin_get(&admin, "/stats?filter=gw_edge.report").unwrap();
         if stats.contains("gw_edge.report.sent: 3") {
             break;
         }

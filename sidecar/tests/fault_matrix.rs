@@ -234,7 +234,7 @@ impl Node {
     fn start_envoy(&mut self) {
         self.envoy = Some(envoy::start_envoy_ready(
             &self.gw.config,
-            self.gw.admin,
+            &self.gw.admin,
             &self.dir,
         ));
     }

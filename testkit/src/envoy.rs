@@ -198,8 +198,8 @@ pub struct GatewayConfig {
     pub config: PathBuf,
     /// HTTPS / HTTP/3 port.
     pub port: u16,
-    /// Admin port (127.0.0.1).
-    pub admin: u16,
+    /// Envoy's admin socket.
+    pub admin: PathBuf,
     /// Dev TLS material (clients trust `certs.ca`).
     pub certs: DevCerts,
 }
@@ -214,10 +214,11 @@ pub fn render_gateway(
     certs: &DevCerts,
 ) -> GatewayConfig {
     let certs = certs.clone();
-    let (port, admin) = (free_port(), free_port());
+    let port = free_port();
+    let admin = admin_socket(dir);
     let mut sets = vec![
         ("GW_PORT", port.to_string()),
-        ("GW_ADMIN_PORT", admin.to_string()),
+        ("GW_ADMIN_SOCKET", admin.display().to_string()),
         ("GW_TLS_CERT", certs.cert.display().to_string()),
         ("GW_TLS_KEY", certs.key.display().to_string()),
         ("GW_FILTER_WASM", crate::filter_wasm().display().to_string()),
@@ -251,10 +252,15 @@ pub fn validate(config: &Path) -> Result<(), String> {
     }
 }
 
-/// A plain HTTP/1.1 GET to 127.0.0.1 (Envoy's admin): status and body.
-pub fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
+/// Where Envoy's admin socket goes for a gateway rendered in `dir`.
+pub fn admin_socket(dir: &Path) -> PathBuf {
+    dir.join("envoy-admin.sock")
+}
+
+/// A plain HTTP/1.1 GET to Envoy's admin socket: status and body.
+pub fn admin_get(socket: &Path, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         s,
@@ -272,11 +278,11 @@ pub fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
 }
 
 /// Starts Envoy and waits until its admin `/ready` answers 200 (all listeners up).
-pub fn start_envoy_ready(config: &Path, admin_port: u16, dir: &Path) -> ProcessGuard {
+pub fn start_envoy_ready(config: &Path, admin: &Path, dir: &Path) -> ProcessGuard {
     let mut g = spawn_envoy(config, dir);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while std::time::Instant::now() < deadline {
-        if matches!(admin_get(admin_port, "/ready"), Some((200, _))) {
+        if matches!(admin_get(admin, "/ready"), Some((200, _))) {
             return g;
         }
         g.assert_running();
