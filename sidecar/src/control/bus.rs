@@ -1521,6 +1521,8 @@ mod tests {
             2,
             "mev's second and arbitrage's first are not consumed"
         );
+        // A journal has one writer: the old one ends before the directory reopens.
+        j.stop();
         drop((mev, arb, bus, j));
 
         // Restart: mev's first is consumed; its second and arbitrage's come again.

@@ -225,6 +225,8 @@ mod tests {
             let a = s.lock().get("dashboard", n, now).map(|x| x.value.clone());
             assert_eq!(a.map(|a| a.request_id), Some(req.to_owned()));
         }
+        // A journal has one writer: the old one ends before the directory reopens.
+        j.stop();
         drop((s, j));
         let (s, _j) = open(d.path(), now);
         assert_eq!(s.lock().len(), 3);
@@ -236,6 +238,7 @@ mod tests {
             s.lock().check("dashboard", 9, now, &HashMap::new()).is_ok(),
             "never seen"
         );
+        _j.stop();
         drop((s, _j));
         // After the commands went stale, a restart forgets them.
         let (s, _j) = open(d.path(), now + 31);
@@ -263,6 +266,8 @@ mod tests {
             let e = ReplayStore::entry("dashboard", n, now + 30, digest(&n.to_le_bytes()), "r");
             j.commit(Txn::of(vec![e])).await.unwrap();
         }
+        // A journal has one writer: the old one ends before the directory reopens.
+        j.stop();
         drop((s, j));
         let opened = Journal::open(d.path(), Options::default()).unwrap();
         let low = Limits {

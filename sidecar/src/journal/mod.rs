@@ -86,6 +86,43 @@ fn read_horizon(dir: &Path, found: &[(Lsn, PathBuf)]) -> Lsn {
     0
 }
 
+/// The file a journal's writer holds locked (`flock`, exclusive) while it runs: a
+/// second process on the same state directory would cut the live writer's batch
+/// as torn and write over its records.
+pub const LOCK: &str = "lock";
+
+/// How long an open waits for the lock: a writer of this process that is still
+/// ending, or a previous process still stopping.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Takes `dir`'s [`LOCK`], waiting up to [`LOCK_WAIT`] for its holder to end.
+fn lock(dir: &Path) -> Result<std::fs::File, JournalError> {
+    let path = dir.join(LOCK);
+    let io = |e: std::io::Error| JournalError::Io {
+        path: path.clone(),
+        detail: e.to_string(),
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(JournalError::Locked(dir.to_path_buf()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+    }
+}
+
 /// Replaces the horizon in `dir` (the file's data synced before the rename: a
 /// crash leaves the old horizon or the new one).
 fn write_horizon(dir: &Path, lsn: Lsn) -> std::io::Result<()> {
@@ -145,6 +182,12 @@ pub enum JournalError {
     /// The writer thread is gone (the journal was closed).
     #[error("the journal is closed")]
     Closed,
+    /// Another writer holds the journal: a second process on the same state
+    /// directory (its [`LOCK`] file).
+    #[error(
+        "journal {0} is in use by another process (another gw-sidecar on the same state_dir?)"
+    )]
+    Locked(PathBuf),
     /// A transaction could not be encoded (a bug: nothing was written).
     #[error("a journal transaction does not encode: {0}")]
     Encode(String),
@@ -396,6 +439,7 @@ impl Journal {
             path: dir.to_path_buf(),
             detail: e.to_string(),
         })?;
+        let lock = lock(dir)?;
         let found = segment::segments(dir)?;
         let persisted = read_horizon(dir, &found);
         let from = if horizon { persisted } else { 0 };
@@ -419,7 +463,8 @@ impl Journal {
                 records.push((lsn, txn));
             }
             Ok(())
-        })?;
+        })?
+        .holding(lock);
         let kept = records.len() as u64;
         Ok(Opened {
             writer,

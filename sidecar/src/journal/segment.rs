@@ -11,6 +11,16 @@ use super::{JournalStats, Lsn, Options, MAX_BATCH_JOBS, MAX_RECORD_BYTES};
 /// Bytes of a frame's header: length, CRC, LSN.
 const HEADER: usize = 16;
 
+/// The length word's top bit: the frame is the last of its batch (the records one
+/// write and one `fdatasync` made durable together). Lengths stay below 2^24
+/// ([`MAX_RECORD_BYTES`]). A start tells by it whether whole records after a torn
+/// one are of the same batch — never acknowledged, cut with it — or of a later
+/// batch, which makes the torn-looking record damage to an acknowledged one.
+/// Frames written before the mark existed have none: for them a start cuts as it
+/// did (at most one batch's worth of bytes). Not covered by the checksum: a mark
+/// set by damage refuses a start, one cleared by damage falls back to that.
+const BATCH_END: u32 = 1 << 31;
+
 /// The unit a disk writes whole (or not at all) after a crash: a torn write leaves
 /// each sector of it either written or as it was — zeros, over the zeros written
 /// ahead of the records or a file's new end.
@@ -46,9 +56,10 @@ fn crc(lsn: Lsn, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// Appends one frame to `out`.
-fn frame(out: &mut Vec<u8>, lsn: Lsn, payload: &[u8]) {
-    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+/// Appends one frame to `out`; `last`: the last of its batch ([`BATCH_END`]).
+fn frame(out: &mut Vec<u8>, lsn: Lsn, payload: &[u8], last: bool) {
+    let len =
+        u32::try_from(payload.len()).map_or(u32::MAX, |l| if last { l | BATCH_END } else { l });
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&crc(lsn, payload).to_le_bytes());
     out.extend_from_slice(&lsn.to_le_bytes());
@@ -66,12 +77,21 @@ struct Scan {
     len: u64,
 }
 
-/// A frame header's length, checksum and LSN.
+/// A frame header's length (without the [`BATCH_END`] mark), checksum and LSN.
 fn decode_header(head: &[u8; HEADER]) -> (usize, u32, Lsn) {
     let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
     let mut l = [0u8; 8];
     l.copy_from_slice(&head[8..16]);
-    (word(0) as usize, word(4), u64::from_le_bytes(l))
+    (
+        (word(0) & !BATCH_END) as usize,
+        word(4),
+        u64::from_le_bytes(l),
+    )
+}
+
+/// Whether the frame at `pos` carries the [`BATCH_END`] mark.
+fn ends_batch(bytes: &[u8], pos: usize) -> bool {
+    bytes.get(pos + 3).is_some_and(|b| b & 0x80 != 0)
 }
 
 /// The frame at `pos`: its length, checksum and LSN, when its header is there.
@@ -112,7 +132,7 @@ fn unwritten_part(bytes: &[u8], from: usize, to: usize) -> bool {
 /// The first whole, valid frame after `from` and before `end` whose LSN is past
 /// `expect` (at most one per header's worth of bytes further on).
 fn next_valid(bytes: &[u8], from: usize, end: usize, expect: Lsn) -> Option<(usize, Lsn)> {
-    let most = expect.saturating_add(((end - from) / HEADER) as u64 + 1);
+    let most = expect.saturating_add((end.saturating_sub(from) / HEADER) as u64 + 1);
     (from..end.saturating_sub(HEADER)).find_map(|q| {
         let (_, _, lsn) = header(bytes, q)?;
         if lsn <= expect || lsn > most {
@@ -142,6 +162,29 @@ fn torn_or_damaged(bytes: &[u8], pos: usize, dirty_end: usize, expect: Lsn) -> R
         n if n < HEADER => n,
         _ => 0,
     };
+    let lead_zero = lead > 0 && bytes.get(pos..pos + lead).is_some_and(all_zero);
+    // Whole records of a later batch after it: that batch was written after this
+    // record's was made durable, so this one was whole once (acknowledged, maybe),
+    // whatever zeros it reads as now.
+    if let Some((q, _)) = next {
+        if let Some(later) = later_batch(bytes, pos, q, dirty_end) {
+            return Err(format!(
+                "record {expect} does not check, and a batch written after it (through record {later}) does"
+            ));
+        }
+    }
+    // The last record, written whole (its payload checks as far as it is there),
+    // but for its length: damage to the length field, which would otherwise reach
+    // into the zeros after the records and read as a torn write.
+    if let (None, Some((len, sum, lsn)), false) = (next, head, lead_zero) {
+        if let Some(whole) = checked_len(bytes, pos, dirty_end, lsn, sum) {
+            if whole != len {
+                return Err(format!(
+                    "record {expect}'s length field says {len}, its checksum {whole} bytes"
+                ));
+            }
+        }
+    }
     if unwritten_part(bytes, pos + lead, end) {
         return Ok(());
     }
@@ -153,7 +196,7 @@ fn torn_or_damaged(bytes: &[u8], pos: usize, dirty_end: usize, expect: Lsn) -> R
         .get(pos + HEADER..next.map_or(dirty_end, |(q, _)| q))
         .unwrap_or_default();
     let checks = !written.is_empty() && crc(lsn, written) == sum;
-    if lead > 0 && bytes.get(pos..pos + lead).is_some_and(all_zero) {
+    if lead_zero {
         // Unwritten, or zeros of the length field (a low byte of a length that is a
         // multiple of 256). With the checksum and LSN written, the payload says
         // which: whole, only the first sector was missed (torn).
@@ -185,6 +228,55 @@ fn torn_or_damaged(bytes: &[u8], pos: usize, dirty_end: usize, expect: Lsn) -> R
     Err(format!(
         "record {expect} does not check and every part of it was written"
     ))
+}
+
+/// The last valid frame of a batch found among the whole records from `q` (the
+/// first after the one at `pos` that does not check) with more written after it
+/// — or the record at `pos` itself marked as its batch's last: the LSN of that
+/// batch's last record. `None`: every whole record from `q` on may be of the
+/// batch the record at `pos` was torn in.
+fn later_batch(bytes: &[u8], pos: usize, q: usize, dirty_end: usize) -> Option<Lsn> {
+    if ends_batch(bytes, pos) {
+        return header(bytes, pos).map(|(_, _, lsn)| lsn);
+    }
+    let mut at = q;
+    while at < dirty_end {
+        let Some((lsn, payload)) = valid_at(bytes, at) else {
+            break;
+        };
+        let end = at + HEADER + payload.len();
+        if ends_batch(bytes, at) && end < dirty_end {
+            return Some(lsn);
+        }
+        at = end;
+        // A further torn record is the same batch's (or damage found below).
+        if at < dirty_end && valid_at(bytes, at).is_none() {
+            at = next_valid(bytes, at + 1, dirty_end, lsn)?.0;
+        }
+    }
+    None
+}
+
+/// The length at which the payload of the record at `pos` checks against `sum`,
+/// its bytes being those up to `dirty_end` and then zeros (up to a sector more:
+/// a payload may end in zero bytes of its own). `None`: no such length.
+fn checked_len(bytes: &[u8], pos: usize, dirty_end: usize, lsn: Lsn, sum: u32) -> Option<usize> {
+    let written = bytes.get(pos + HEADER..dirty_end)?;
+    if written.is_empty() {
+        return None;
+    }
+    let mut h = crc32fast::Hasher::new();
+    h.update(&lsn.to_le_bytes());
+    h.update(written);
+    let mut len = written.len();
+    while len <= MAX_RECORD_BYTES && len <= written.len() + SECTOR {
+        if h.clone().finalize() == sum {
+            return Some(len);
+        }
+        h.update(&[0]);
+        len += 1;
+    }
+    None
 }
 
 fn scan(path: &Path, first: Lsn, max_torn: usize) -> Result<Scan, SegmentError> {
@@ -285,9 +377,17 @@ pub(super) struct Writer {
     allocated: u64,
     next_lsn: Lsn,
     buf: Vec<u8>,
+    /// The directory's lock, held as long as the writer lives.
+    lock: Option<File>,
 }
 
 impl Writer {
+    /// The writer, holding `lock` (the directory's) until it is dropped.
+    pub(super) fn holding(mut self, lock: File) -> Writer {
+        self.lock = Some(lock);
+        self
+    }
+
     /// Opens the journal in `dir` (which exists), whose segments are `found`
     /// ([`segments`]): every segment is read, one at a time, and its records
     /// handed to `visit` in order; a torn tail of the last is cut off.
@@ -361,9 +461,13 @@ impl Writer {
                 if s.torn {
                     tracing::warn!(segment = %path.display(), at = s.good_len, "journal: a torn last record (never acknowledged) was cut off");
                     f.set_len(s.good_len).map_err(io(&path))?;
-                    f.sync_all().map_err(io(&path))?;
                     allocated = s.good_len;
                 }
+                // Records a process killed before its sync wrote may be in the page
+                // cache only: durable before anything is told of them (a client's
+                // retry answered "already accepted", rows shipped), as a record is
+                // before it is acknowledged.
+                f.sync_all().map_err(io(&path))?;
                 let w = Writer {
                     dir: dir.to_path_buf(),
                     opts,
@@ -373,6 +477,7 @@ impl Writer {
                     allocated,
                     next_lsn,
                     buf: Vec::new(),
+                    lock: None,
                 };
                 remove_stale(dir, &stale);
                 return Ok(w);
@@ -397,6 +502,7 @@ impl Writer {
             allocated: 0,
             next_lsn,
             buf: Vec::new(),
+            lock: None,
         };
         remove_stale(dir, &stale);
         Ok(w)
@@ -442,7 +548,7 @@ impl Writer {
         let first = self.next_lsn;
         self.buf.clear();
         for (i, p) in payloads.iter().enumerate() {
-            frame(&mut self.buf, first + i as u64, p);
+            frame(&mut self.buf, first + i as u64, p, i + 1 == payloads.len());
         }
         let (_, path, file) = &mut self.current;
         let end = self.good_len + self.buf.len() as u64;
@@ -524,8 +630,20 @@ impl Writer {
             if next_first > low {
                 break;
             }
-            let (_, path, _) = self.closed.remove(0);
-            fs::remove_file(&path).map_err(io(&path))?;
+            // Forgotten only once deleted: a segment that could not be deleted
+            // stays the oldest, and is tried again before any later one (a later
+            // one deleted before it would leave a gap no start accepts).
+            let Some((_, path, _)) = self.closed.first() else {
+                break;
+            };
+            let path = path.clone();
+            if let Err(e) = fs::remove_file(&path) {
+                if deleted {
+                    sync_dir(&self.dir)?;
+                }
+                return Err(io(&path)(e));
+            }
+            self.closed.remove(0);
             deleted = true;
         }
         if deleted {

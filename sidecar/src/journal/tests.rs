@@ -251,18 +251,24 @@ fn a_torn_last_record_is_cut_off_and_nothing_else_is_lost() {
 fn damage_near_the_end_is_not_taken_for_a_torn_write() {
     let one = frames(1..=1).len();
     let two = frames(1..=2).len();
-    // (what, which byte gets a bit flipped)
+    // (what, which byte gets which bit flipped)
     let cases = [
-        ("a byte of record 2", one + 20),
-        ("a byte of the last record", two + 20),
-        // The length then reaches into the zeros after the records.
-        ("the last record's length", two + 1),
-        ("record 2's length", one + 1),
+        ("a byte of record 2", one + 20, 0x01),
+        ("a byte of the last record", two + 20, 0x01),
+        // The length then reaches into the zeros after the records: by 256 bytes,
+        // by 512 (a sector further: the zeros there read as one never written), by
+        // 64 KiB.
+        ("the last record's length", two + 1, 0x01),
+        ("the last record's length, a sector on", two + 1, 0x02),
+        ("the last record's length, 64 KiB on", two + 2, 0x01),
+        ("the last record's length, shorter", two, 0x04),
+        ("record 2's length", one + 1, 0x01),
+        ("record 2's length, a sector on", one + 1, 0x02),
     ];
-    for (what, at) in cases {
+    for (what, at, bit) in cases {
         let (d, seg) = three_records("journal-bitrot");
         let mut b = std::fs::read(&seg).unwrap();
-        b[at] ^= 0x01;
+        b[at] ^= bit;
         std::fs::write(&seg, &b).unwrap();
         match Journal::open(d.path(), Options::default()) {
             Err(JournalError::Corrupt { detail, .. }) => {
@@ -273,6 +279,57 @@ fn damage_near_the_end_is_not_taken_for_a_torn_write() {
         }
         assert_eq!(std::fs::read(&seg).unwrap(), b, "{what}: nothing cut");
     }
+}
+
+/// A sector of acknowledged records lost (read back as zeros: a lost write, a
+/// zeroed block) is damage, even near the end of the newest segment, within what
+/// one torn batch could span: whole batches written after it say it was durable.
+#[test]
+fn a_lost_sector_under_acknowledged_records_is_not_taken_for_a_torn_write() {
+    let d = testkit::TempDir::new("journal-lost-sector");
+    let (j, _) = open(d.path(), 1 << 20);
+    for i in 1..=200 {
+        commit(&j, i);
+    }
+    j.stop();
+    let seg = d.path().join(&segments(d.path())[0]);
+    let mut b = std::fs::read(&seg).unwrap();
+    assert!(frames(1..=200).len() > 8192, "the sector is well inside");
+    b[4096..4608].fill(0);
+    std::fs::write(&seg, &b).unwrap();
+    match Journal::open(d.path(), Options::default()) {
+        Err(JournalError::Corrupt { detail, .. }) => {
+            assert!(detail.contains("a batch written after it"), "{detail}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(o) => panic!("opened with {} of 200 records", o.records.len()),
+    }
+    assert_eq!(std::fs::read(&seg).unwrap(), b, "nothing cut");
+}
+
+/// One writer per journal: a second open of a directory whose writer runs (a
+/// second sidecar on the same state directory) is refused after a short wait,
+/// and succeeds once that writer has stopped.
+#[test]
+fn a_journal_in_use_is_not_opened_twice() {
+    let d = testkit::TempDir::new("journal-lock");
+    let (j, _) = open(d.path(), 1 << 20);
+    commit(&j, 1);
+    let t = std::time::Instant::now();
+    match Journal::open(d.path(), Options::default()) {
+        Err(JournalError::Locked(dir)) => assert_eq!(dir, d.path()),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("opened while its writer runs"),
+    }
+    assert!(
+        t.elapsed() >= std::time::Duration::from_secs(4),
+        "it waited"
+    );
+    // The first writer's records are untouched, and it goes on.
+    assert_eq!(commit(&j, 2), 2);
+    j.stop();
+    let (_, rec) = open(d.path(), 1 << 20);
+    assert_eq!(rec, vec![(1, 1), (2, 2)]);
 }
 
 /// The encoded [`payload`] `i`, `pad` spaces longer (JSON allows them at its end).
@@ -340,7 +397,7 @@ fn a_torn_batch_with_a_later_sector_written_is_cut_at_the_tear() {
     let (d, seg) = three_records("journal-torn-middle");
     let len = frames(1..=3).len();
     let mut batch = Vec::new();
-    segment_frame(&mut batch, 4, &[b'x'; 1200]);
+    batch_frame(&mut batch, 4, &[b'x'; 1200], false);
     let fifth = batch.len();
     segment_frame(&mut batch, 5, b"{}");
     let mut b = std::fs::read(&seg).unwrap();
@@ -442,8 +499,14 @@ fn zeros_left_after_a_closed_segment_read_as_its_end() {
     assert_eq!(got, (1..=6).collect::<Vec<_>>());
 }
 
+/// A frame as the journal writes the last (or only) record of a batch.
 fn segment_frame(out: &mut Vec<u8>, lsn: Lsn, p: &[u8]) {
-    let len = u32::try_from(p.len()).unwrap();
+    batch_frame(out, lsn, p, true);
+}
+
+/// A frame; `last`: the last of its batch (the mark in its length's top bit).
+fn batch_frame(out: &mut Vec<u8>, lsn: Lsn, p: &[u8], last: bool) {
+    let len = u32::try_from(p.len()).unwrap() | if last { 1 << 31 } else { 0 };
     let mut h = crc32fast::Hasher::new();
     h.update(&lsn.to_le_bytes());
     h.update(p);
