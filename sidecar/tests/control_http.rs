@@ -256,6 +256,48 @@ fn configuration_errors_are_clear() {
 /// `kafka.state_keys` gives it; a list that leaves it out or names another key is
 /// refused with the node's public key (never the secret), and a key still to be
 /// made is said so, not made.
+/// One sidecar per state directory: a second one started on the directory whose
+/// journal a running sidecar writes refuses to start (after the lock's wait, with
+/// a message that says why), and the first one goes on serving.
+#[test]
+fn a_second_sidecar_on_the_same_state_dir_refuses_to_start() {
+    let d = testkit::TempDir::new("second-sidecar");
+    let ops = testkit::free_port();
+    let mut first = testkit::ProcessGuard::spawn(
+        "gw-sidecar",
+        &mut common::plain_sidecar(d.path(), ops),
+        &d.path().join("first.log"),
+    );
+    assert!(testkit::wait_tcp(ops, std::time::Duration::from_secs(20)));
+    let mut second = common::plain_sidecar(d.path(), testkit::free_port())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while second.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second sidecar on the same state directory kept running");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let second = second.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&second.stdout),
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(!second.status.success(), "{text}");
+    assert!(text.contains("in use by another process"), "{text}");
+    first.assert_running();
+    let probe = std::process::Command::new(env!("CARGO_BIN_EXE_gw-sidecar"))
+        .args(["--probe", &format!("127.0.0.1:{ops}")])
+        .output()
+        .unwrap();
+    assert!(probe.status.success(), "the first still serves: {probe:?}");
+}
+
 #[test]
 fn the_state_key_list_must_name_this_node_with_its_key() {
     let d = testkit::TempDir::new("sidecar-state-keys");
