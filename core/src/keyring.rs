@@ -67,6 +67,11 @@ pub enum KeyRingError {
     /// Two keys share an id.
     #[error("duplicate key id `{0}`")]
     Duplicate(String),
+    /// Two ids share a public key: a command's key id is not signed, so a command
+    /// signed by that key could be relabelled to either id (and its scope, window
+    /// and ledger attribution).
+    #[error("keys `{0}` and `{1}` are the same public key: give each key one id")]
+    SharedKey(String, String),
     /// An empty key id.
     #[error("a key has an empty id")]
     EmptyId,
@@ -338,7 +343,19 @@ impl KeyRing {
         }
     }
 
-    /// Adds a key; ids must be unique.
+    /// `Err` when a key other than `id` is `key`.
+    fn unshared(&self, id: &str, key: &ed25519_dalek::VerifyingKey) -> Result<(), KeyRingError> {
+        match self
+            .keys
+            .values()
+            .find(|k| k.id != id && k.key.as_bytes() == key.as_bytes())
+        {
+            Some(other) => Err(KeyRingError::SharedKey(other.id.clone(), id.to_owned())),
+            None => Ok(()),
+        }
+    }
+
+    /// Adds a key; ids and public keys must be unique.
     pub fn insert(&mut self, mut key: CommandKey) -> Result<(), KeyRingError> {
         if key.id.is_empty() {
             return Err(KeyRingError::EmptyId);
@@ -346,6 +363,7 @@ impl KeyRing {
         if self.keys.contains_key(&key.id) {
             return Err(KeyRingError::Duplicate(key.id));
         }
+        self.unshared(&key.id, &key.key)?;
         if self.precompute && self.keys.len() >= MAX_TABLE_KEYS {
             return Err(KeyRingError::TooManyKeys(self.keys.len() + 1));
         }
@@ -366,6 +384,7 @@ impl KeyRing {
         let Some(old) = self.keys.get(id) else {
             return Ok(false);
         };
+        self.unshared(id, &key)?;
         // Build the replacement whole, so a key never sits beside another key's table.
         let mut new = CommandKey {
             key,
@@ -429,6 +448,32 @@ mod tests {
         ] {
             assert_eq!(k.check_scope(i, m, a).unwrap_err().code, Code::KeyScope);
         }
+    }
+
+    /// A command's key id is not signed: one public key under two ids would let
+    /// its commands be relabelled to the id with the wider scope or window.
+    #[test]
+    fn one_public_key_has_one_id() {
+        let json = format!(
+            r#"{{"keys":[{{"id":"a","public_key_hex":"{0}","modules":["mev"]}},{{"id":"b","public_key_hex":"{0}"}}]}}"#,
+            pk_hex(1)
+        );
+        let err = KeyRing::from_json(&json).unwrap_err();
+        assert_eq!(err, KeyRingError::SharedKey("a".into(), "b".into()));
+        // Nor by replacing a key's material with another id's.
+        let json = format!(
+            r#"{{"keys":[{{"id":"a","public_key_hex":"{}"}},{{"id":"b","public_key_hex":"{}"}}]}}"#,
+            pk_hex(1),
+            pk_hex(2)
+        );
+        let mut ring = KeyRing::from_json(&json).unwrap();
+        let a = *ring.get("a").unwrap().key();
+        assert_eq!(
+            ring.set_public_key("b", a),
+            Err(KeyRingError::SharedKey("a".into(), "b".into()))
+        );
+        // Its own key again is no conflict.
+        assert_eq!(ring.set_public_key("a", a), Ok(true));
     }
 
     #[test]

@@ -535,6 +535,43 @@ fn control_routes_follow_the_filter_configuration() {
     envoy_proc.assert_running();
 }
 
+/// The limits a client meets at the edge, seen by independent clients: no 0-RTT
+/// over HTTP/3 (early data can be replayed by anyone on the path, and a JWT-only
+/// POST carries no nonce), at most 100 streams per HTTP/2 connection, and a body
+/// sent to no page is not waited for (answered at its headers, not buffered).
+#[test]
+fn a_client_meets_the_edges_limits() {
+    let d = testkit::TempDir::new("envoy-limits");
+    let Edge {
+        certs,
+        echo: _echo,
+        port,
+        proc: mut envoy_proc,
+        ..
+    } = start_edge(d.path(), &filter_config());
+    let script = testkit::workspace_root().join("testkit/py/edge_limits.py");
+    let out = testkit::run_python(
+        &[
+            script.to_str().unwrap(),
+            "127.0.0.1",
+            &port.to_string(),
+            "localhost",
+            certs.ca.to_str().unwrap(),
+        ],
+        b"",
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["quic_ticket"], true, "resumption stays: {r}");
+    // The ticket carries no early_data extension (or allows 0 bytes); with 0-RTT
+    // on, Envoy allows 2^32 - 1.
+    let early = &r["quic_max_early_data"];
+    assert!(early.is_null() || *early == 0, "no 0-RTT: {r}");
+    assert_eq!(r["h2_max_concurrent_streams"], 100, "{r}");
+    assert_eq!(r["unrouted_status"], 404, "{r}");
+    assert!(r["unrouted_secs"].as_f64().unwrap() < 5.0, "{r}");
+    envoy_proc.assert_running();
+}
+
 #[test]
 fn every_rendered_config_validates() {
     let d = testkit::TempDir::new("envoy-validate");

@@ -295,12 +295,18 @@ mod tests {
         testkit::fixtures::command_key()
     }
 
+    /// The key of `mev-only` (a key has one id: its id is not signed).
+    fn mev_key() -> SigningKey {
+        SigningKey::from_bytes(&[42; 32])
+    }
+
     fn policy() -> ControlPolicy {
         let pk = hex::encode(key().verifying_key().as_bytes());
+        let mev_pk = hex::encode(mev_key().verifying_key().as_bytes());
         let keyring = KeyRing::from_json(
             &serde_json::json!({"keys": [
                 {"id": "op-admin-1", "public_key_hex": pk},
-                {"id": "mev-only", "public_key_hex": pk, "modules": ["mev"],
+                {"id": "mev-only", "public_key_hex": mev_pk, "modules": ["mev"],
                  "not_before": NOW - 100, "not_after": NOW + 100},
             ]})
             .to_string(),
@@ -326,6 +332,7 @@ mod tests {
             request_id: "req-1".into(),
             seq: 1,
             applied: None,
+            refused: None,
         }
     }
 
@@ -510,13 +517,13 @@ mod tests {
 
     #[test]
     fn refuses_key_expired() {
-        let body = sign_command(&command(), &key(), "mev-only");
+        let body = sign_command(&command(), &mev_key(), "mev-only");
         refused(decide_at(&body, NOW + 101, None), Code::KeyExpired);
     }
 
     #[test]
     fn refuses_key_not_yet_valid() {
-        let body = sign_command(&command(), &key(), "mev-only");
+        let body = sign_command(&command(), &mev_key(), "mev-only");
         refused(decide_at(&body, NOW - 101, None), Code::KeyNotYetValid);
     }
 
@@ -532,7 +539,7 @@ mod tests {
     fn refuses_key_scope() {
         let mut c = command();
         c.module = Module::Arbitrage.to_proto() as i32;
-        refuse(&sign_command(&c, &key(), "mev-only"), Code::KeyScope);
+        refuse(&sign_command(&c, &mev_key(), "mev-only"), Code::KeyScope);
     }
 
     #[test]
