@@ -514,7 +514,7 @@ impl Bus {
         epoch: u64,
         records: &[(Lsn, Txn)],
     ) -> Result<Bus, BusError> {
-        let producer = Mutex::new(Arc::new(KafkaBus::producer(&cfg)?));
+        let producer = ProducerSlot::new(&cfg)?;
         let outbox = Outbox::default();
         let mut forwarded = std::collections::BTreeSet::new();
         for (_, t) in records {
@@ -534,7 +534,6 @@ impl Bus {
             cfg,
             producer,
             outbox: Arc::new(outbox),
-            failures: std::sync::atomic::AtomicU32::new(0),
             epoch,
         })))
     }
@@ -717,17 +716,81 @@ pub struct KafkaBus {
     /// The agents' state topics.
     state: Arc<KafkaState>,
     /// Replaced when the idempotent producer fails fatally.
-    producer: Mutex<Arc<FutureProducer>>,
+    producer: ProducerSlot,
     /// Journalled commands not yet on the topic.
     outbox: Arc<Outbox>,
-    /// Sends failed in a row.
-    failures: std::sync::atomic::AtomicU32,
     /// This start's forward epoch ([`forward_epoch`]).
     epoch: u64,
 }
 
-/// Failed windows in a row after which the producer is recreated.
+/// Failed sends in a row after which the producer is recreated.
 const RECREATE_AFTER_FAILURES: u32 = 3;
+
+/// An idempotent producer, replaced by a fresh one when it cannot go on: it
+/// failed fatally (an idempotent producer that did never sends again), or it
+/// keeps failing (it may hold state a broker that restarted without its log no
+/// longer knows, and answers UNKNOWN_PRODUCER_ID to forever). The command
+/// forwarder and the agents' state records each have one.
+pub(crate) struct ProducerSlot {
+    cfg: KafkaConfig,
+    current: Mutex<Arc<FutureProducer>>,
+    /// Failed sends (or windows) in a row.
+    failures: std::sync::atomic::AtomicU32,
+}
+
+impl ProducerSlot {
+    pub(crate) fn new(cfg: &KafkaConfig) -> Result<ProducerSlot, BusError> {
+        Ok(ProducerSlot {
+            cfg: cfg.clone(),
+            current: Mutex::new(Arc::new(cfg.producer().create()?)),
+            failures: std::sync::atomic::AtomicU32::new(0),
+        })
+    }
+
+    /// The producer for the next sends.
+    pub(crate) fn current(&self) -> Arc<FutureProducer> {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A fresh producer for the next sends.
+    pub(crate) fn replace(&self) -> Result<(), BusError> {
+        let fresh = Arc::new(self.cfg.producer().create()?);
+        *self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        Ok(())
+    }
+
+    /// A send (or window) went through.
+    pub(crate) fn succeeded(&self) {
+        self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// After a failed send: `Ok(true)` when the producer was replaced because it
+    /// failed fatally.
+    pub(crate) fn replace_if_fatal(&self, what: &str) -> Result<bool, BusError> {
+        let Some((code, reason)) = self.current().client().fatal_error() else {
+            return Ok(false);
+        };
+        tracing::error!(%code, %reason, producer = what, "kafka producer failed fatally; recreating it");
+        self.replace()?;
+        Ok(true)
+    }
+
+    /// After a failed send that was not fatal: `true` when it is time to start
+    /// afresh (once when failures start, then every few).
+    pub(crate) fn keeps_failing(&self) -> bool {
+        let n = self
+            .failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        n == RECREATE_AFTER_FAILURES || n.is_multiple_of(4 * RECREATE_AFTER_FAILURES)
+    }
+}
 
 /// Journalled commands waiting to be forwarded to Kafka, in journal order.
 #[derive(Default)]
@@ -776,27 +839,6 @@ const BUS_HOLD: &str = "bus";
 const FORWARD_WINDOW: usize = 64;
 
 impl KafkaBus {
-    fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, BusError> {
-        Ok(cfg.producer().create()?)
-    }
-
-    /// A fresh producer for the next sends.
-    fn replace_producer(&self) -> Result<(), BusError> {
-        let fresh = Arc::new(Self::producer(&self.cfg)?);
-        *self
-            .producer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
-        Ok(())
-    }
-
-    fn current(&self) -> Arc<FutureProducer> {
-        self.producer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
     async fn create_topic(&self) -> Result<(), BusError> {
         self.cfg
             .create_topics(&[NewTopic::new(
@@ -847,7 +889,7 @@ impl KafkaBus {
     /// none after one it refused, so a module's commands reach its partition in
     /// journal order; the next window starts from the first that failed.
     async fn send_window(&self, window: &[(Lsn, PublishEntry)]) -> (usize, Option<KafkaError>) {
-        let producer = self.current();
+        let producer = self.producer.current();
         let mut deliveries = Vec::with_capacity(window.len());
         let mut refused = None;
         for (lsn, p) in window {
@@ -880,10 +922,8 @@ impl KafkaBus {
     /// After a window that failed with `e`: a fresh producer when the one in use
     /// cannot go on, and the topic created when the broker does not have it.
     async fn after_failure(&self, e: &KafkaError) -> Result<(), BusError> {
-        if let Some((code, reason)) = self.current().client().fatal_error() {
-            // An idempotent producer that failed fatally cannot send again.
-            tracing::error!(%code, %reason, "kafka producer failed fatally; recreating it");
-            return self.replace_producer();
+        if self.producer.replace_if_fatal("commands")? {
+            return Ok(());
         }
         match e {
             // A broker that lost the topic (or never had it). A producer that met
@@ -894,7 +934,7 @@ impl KafkaBus {
                 RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
             ) => {
                 self.create_topic().await?;
-                self.replace_producer()
+                self.producer.replace()
             }
             // A full local queue: wait for it to drain.
             KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => Ok(()),
@@ -903,16 +943,12 @@ impl KafkaBus {
                 // knows (a broker that restarted without its log answers every
                 // send with UNKNOWN_PRODUCER_ID): start afresh, once when failures
                 // start, then every few windows.
-                let n = self
-                    .failures
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    + 1;
-                if n == RECREATE_AFTER_FAILURES || n.is_multiple_of(4 * RECREATE_AFTER_FAILURES) {
+                if self.producer.keeps_failing() {
                     tracing::warn!(error = %e, "kafka producer keeps failing; recreating it");
                     if let Err(e) = self.create_topic().await {
                         tracing::debug!(error = %e, "topic not created");
                     }
-                    self.replace_producer()?;
+                    self.producer.replace()?;
                 }
                 Ok(())
             }
@@ -949,7 +985,7 @@ impl KafkaBus {
             }
             match failed {
                 None => {
-                    self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
+                    self.producer.succeeded();
                     last_err.clear();
                 }
                 Some(e) => {
@@ -971,7 +1007,7 @@ impl KafkaBus {
 
     /// Waits for every queued message (shutdown).
     pub fn flush(&self, timeout: Duration) -> Result<(), BusError> {
-        self.current().flush(timeout).map_err(Into::into)
+        self.producer.current().flush(timeout).map_err(Into::into)
     }
 }
 
@@ -1477,6 +1513,7 @@ mod tests {
 
     fn consumed(m: Module, offset: i64) -> Txn {
         Txn::of(vec![journal::Entry::Agent(AgentEntry {
+            refused: None,
             module: m,
             kafka: None,
             offset: Some(u64::try_from(offset).unwrap()),

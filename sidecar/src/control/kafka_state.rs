@@ -39,12 +39,12 @@ use gw_core::Module;
 use rdkafka::admin::{NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use super::bus::{BusError, CloseOffRuntime, KafkaConfig, Position};
+use super::bus::{BusError, CloseOffRuntime, KafkaConfig, Position, ProducerSlot};
 use super::state_sign::{Opened, StateRecovery, StateSigner};
 
 /// How many applied nonces a checkpoint repeats (the nonce records are written
@@ -235,7 +235,10 @@ pub struct Loaded {
 /// The state topics.
 pub struct KafkaState {
     cfg: KafkaConfig,
-    producer: FutureProducer,
+    /// Replaced when it cannot go on, as the command forwarder's: an agent
+    /// retries its state records until they are written, and must not retry
+    /// through a producer that will never send again.
+    producer: ProducerSlot,
     signer: Arc<StateSigner>,
 }
 
@@ -243,7 +246,7 @@ impl KafkaState {
     /// Clients for `cfg` (no broker needed yet), signing and verifying with
     /// `signer`.
     pub fn new(cfg: &KafkaConfig, signer: StateSigner) -> Result<KafkaState, BusError> {
-        let producer = cfg.producer().create()?;
+        let producer = ProducerSlot::new(cfg)?;
         Ok(KafkaState {
             cfg: cfg.clone(),
             producer,
@@ -288,11 +291,21 @@ impl KafkaState {
             record = record.payload(v);
         }
         let wait = Duration::from_millis(self.cfg.message_timeout_ms);
-        self.producer
-            .send(record, wait)
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| e.into())
+        let sent = self.producer.current().send(record, wait).await;
+        match sent {
+            Ok(_) => {
+                self.producer.succeeded();
+                Ok(())
+            }
+            Err((e, _)) => {
+                if !self.producer.replace_if_fatal("agent state")? && self.producer.keeps_failing()
+                {
+                    tracing::warn!(error = %e, topic, "kafka state producer keeps failing; recreating it");
+                    self.producer.replace()?;
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// Writes `m`'s checkpoint (acknowledged by every in-sync replica).
