@@ -30,7 +30,7 @@ use tokio::sync::broadcast;
 use super::bus::{BusConsumer, BusError, Delivery, Origin, Position};
 use super::kafka_state::{Behind, Checkpoint, KafkaState, LastDecision, StoredNonce, RECENT};
 use super::modules::ModuleTable;
-use crate::journal::txn::{AgentEntry, AppliedNonce, SnapshotEntry};
+use crate::journal::txn::{AgentEntry, AppliedNonce, RefusedCommand, SnapshotEntry};
 use crate::journal::{self, Journal, JournalError, Lsn, Txn};
 use crate::ledger::{Auditor, Entry};
 use crate::ops::metrics::ControlMetrics;
@@ -478,7 +478,25 @@ impl Agent {
                 .then(|| u64::try_from(d.position.offset).unwrap_or(0)),
             state,
             applied,
+            refused: None,
         })
+    }
+
+    /// [`Self::agent_entry`] of a delivery refused with `code`: the command it
+    /// decodes to is named (for the replay guard), when it decodes.
+    fn refusal_entry(&self, d: &Delivery, code: Code) -> journal::Entry {
+        let mut entry = self.agent_entry(d, None, None);
+        if let journal::Entry::Agent(a) = &mut entry {
+            a.refused = <Command as prost::Message>::decode(d.payload.as_slice())
+                .ok()
+                .map(|c| RefusedCommand {
+                    issuer: c.issuer,
+                    nonce: c.nonce,
+                    digest: gw_core::replay::digest(&d.payload),
+                    code: code.as_str().to_owned(),
+                });
+        }
+        entry
     }
 
     /// Makes what was decided durable in one journal transaction: each delivery's
@@ -616,8 +634,14 @@ impl Agent {
                         .await?;
                     let row = self.row(Decision::Rejected, Some(r.code), d, None);
                     let has_row = row.is_some();
-                    let entry = self.agent_entry(d, None, None);
                     let announce = !unforwarded && !copied;
+                    // A copy's refusal is not the command's: that was decided at
+                    // its first delivery.
+                    let entry = if announce {
+                        self.refusal_entry(d, r.code)
+                    } else {
+                        self.agent_entry(d, None, None)
+                    };
                     (
                         row,
                         entry,
@@ -1008,10 +1032,7 @@ impl Agent {
             origin: Origin::Local,
         };
         let command = <Command as prost::Message>::decode(d.payload.as_slice()).ok();
-        let code = last
-            .code
-            .as_deref()
-            .and_then(|c| Code::ALL.iter().copied().find(|k| k.as_str() == c));
+        let code = last.code.as_deref().and_then(Code::parse);
         let (decision, applied) = match last.outcome.as_str() {
             "applied" => (
                 Decision::Applied,
@@ -1028,7 +1049,10 @@ impl Agent {
         let row = self.row(decision, code, &d, command.as_ref());
         tracing::warn!(module = self.core.module.as_str(), position = ?last.position, outcome = %last.outcome, "writing the ledger row a crash lost");
         let mut entries: Vec<journal::Entry> = row.into_iter().collect();
-        entries.push(self.agent_entry(&d, None, applied));
+        entries.push(match (last.outcome.as_str(), code) {
+            ("rejected", Some(code)) => self.refusal_entry(&d, code),
+            _ => self.agent_entry(&d, None, applied),
+        });
         if let Err(e) = self.commit(entries, &d).await {
             tracing::warn!(error = %e, "ledger row not written again");
         }
@@ -1548,6 +1572,14 @@ mod tests {
             .map(|(_, s)| *s)
             .collect();
         assert_eq!(seqs, vec![1, 0, 0, 4]);
+        // The refusal names its command, for the replay guard.
+        let refused: Vec<(u64, String)> = agents[0]
+            .1
+            .agent_entries()
+            .iter()
+            .filter_map(|(a, _)| a.refused.as_ref().map(|r| (r.nonce, r.code.clone())))
+            .collect();
+        assert_eq!(refused, vec![(5, "bad_signature".to_owned())]);
         let journal = opened.start(None, Vec::new()).unwrap();
         let (env, _) = agent_env(&journal, false);
         let again = Agent::open(Module::Mev, &env, &records);

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use gw_core::ledger::{Decision, Stage};
 use gw_core::replay::{Digest, Limits, NonceBook, Refused, Seen};
 
-use crate::journal::txn::NonceEntry;
+use crate::journal::txn::{NonceEntry, RefusedCommand};
 use crate::journal::{self, Expiring, Journal, Lsn, Txn};
 
 /// What an accepted nonce is remembered with.
@@ -25,6 +25,8 @@ pub struct Accepted {
     /// Once its agent applied it: the `seq` of the `applied` row (0 when not
     /// audited).
     pub applied: Option<u64>,
+    /// When this node's agent refused to apply it: the refusal's code.
+    pub refused: Option<String>,
 }
 
 /// The replay guard.
@@ -56,7 +58,22 @@ impl ReplayStore {
         if let Some(seen) = self.book.get(issuer, nonce, now) {
             let mut a = seen.value.clone();
             a.applied = Some(seq);
+            a.refused = None;
             self.book.update(issuer, nonce, a);
+        }
+    }
+
+    /// This node's agent refused the command of `(issuer, nonce)` with these
+    /// bytes (`digest`) with `code` — unless it was applied (a later refusal of
+    /// the same bytes, say once its nonce was forgotten, does not undo that).
+    fn mark_refused(&mut self, r: &RefusedCommand, now: u64) {
+        if let Some(seen) = self.book.get(&r.issuer, r.nonce, now) {
+            if seen.value.digest != r.digest || seen.value.applied.is_some() {
+                return;
+            }
+            let mut a = seen.value.clone();
+            a.refused = Some(r.code.clone());
+            self.book.update(&r.issuer, r.nonce, a);
         }
     }
 
@@ -102,6 +119,7 @@ impl ReplayStore {
                         request_id: n.request_id.clone(),
                         seq: accepted_seq(t),
                         applied: None,
+                        refused: None,
                     };
                     self.book.remember(&n.issuer, n.nonce, n.expires, a, now);
                     self.positions.note(lsn, n.expires);
@@ -112,6 +130,9 @@ impl ReplayStore {
         for (a, seq) in t.agent_entries() {
             if let Some(n) = &a.applied {
                 self.mark_applied(&n.issuer, n.nonce, seq, now);
+            }
+            if let Some(r) = &a.refused {
+                self.mark_refused(r, now);
             }
         }
         self.release(now);
@@ -243,6 +264,61 @@ mod tests {
         // After the commands went stale, a restart forgets them.
         let (s, _j) = open(d.path(), now + 31);
         assert!(s.lock().is_empty());
+    }
+
+    /// What this node's agent refused is known to the guard from the journal (a
+    /// resend, or a request that missed the agent's answer, is told the refusal,
+    /// not "not applied yet"), across a restart; only for the bytes accepted, and
+    /// never over an application.
+    #[test]
+    fn the_guard_learns_a_refusal_from_the_journal() {
+        use crate::journal::txn::{AgentEntry, RefusedCommand};
+        let agent = |nonce: u64, bytes: &[u8], code: &str| {
+            journal::Entry::Agent(AgentEntry {
+                module: gw_core::Module::Mev,
+                offset: None,
+                kafka: None,
+                state: None,
+                applied: None,
+                refused: Some(RefusedCommand {
+                    issuer: "dashboard".into(),
+                    nonce,
+                    digest: digest(bytes),
+                    code: code.into(),
+                }),
+            })
+        };
+        let accepted = |n: u64, bytes: &[u8]| {
+            Txn::of(vec![ReplayStore::entry(
+                "dashboard",
+                n,
+                NOW + 30,
+                digest(bytes),
+                "r",
+            )])
+        };
+        let records = vec![
+            (1, accepted(1, b"one")),
+            (2, accepted(2, b"two")),
+            (3, accepted(3, b"three")),
+            (4, Txn::of(vec![agent(1, b"one", "key_expired")])),
+            // Other bytes under nonce 2: not the command accepted.
+            (5, Txn::of(vec![agent(2, b"other", "bad_signature")])),
+        ];
+        let mut s = ReplayStore::open(&records, Limits::default(), NOW);
+        let refused =
+            |s: &ReplayStore, n| s.get("dashboard", n, NOW).unwrap().value.refused.clone();
+        assert_eq!(refused(&s, 1).as_deref(), Some("key_expired"));
+        assert_eq!(refused(&s, 2), None);
+        // Applied after all (another node's agent, say): applied it is, and a later
+        // refusal of the same bytes does not undo that.
+        s.mark_applied("dashboard", 1, 7, NOW);
+        s.record(6, &Txn::of(vec![agent(1, b"one", "replay")]), NOW);
+        s.mark_applied("dashboard", 3, 8, NOW);
+        s.record(7, &Txn::of(vec![agent(3, b"three", "replay")]), NOW);
+        let got = |n| s.get("dashboard", n, NOW).unwrap().value.clone();
+        assert_eq!((got(1).applied, got(1).refused), (Some(7), None));
+        assert_eq!((got(3).applied, got(3).refused), (Some(8), None));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use super::bus::{Bus, Position};
 use super::json_route::{self, JsonSigner};
 use super::kafka_state::Checkpoint;
 use super::modules::ModuleTable;
-use super::replay_store::{ReplayStore, SharedReplay};
+use super::replay_store::{Accepted, ReplayStore, SharedReplay};
 use crate::error::ApiError;
 use crate::journal::txn::PublishEntry;
 use crate::journal::{self, Journal, Lsn, Txn};
@@ -118,7 +118,7 @@ impl CheckpointWatch {
                 let code = d
                     .code
                     .as_deref()
-                    .and_then(|n| Code::ALL.iter().copied().find(|k| k.as_str() == n))
+                    .and_then(Code::parse)
                     .unwrap_or(Code::Malformed);
                 Err(Reject::with(
                     code,
@@ -434,8 +434,14 @@ impl Control {
         };
         let a = seen(self).filter(|a| digest.is_none_or(|d| a.digest == d))?;
         let digest = a.digest;
-        let applied = match a.applied {
-            Some(seq) => Some(seq),
+        // Applied (its row's seq), or refused (why).
+        let decided = |a: &Accepted| match (&a.applied, &a.refused) {
+            (Some(seq), _) => Some(Ok(*seq)),
+            (None, Some(code)) => Some(Err(agent_refusal(code))),
+            (None, None) => None,
+        };
+        let outcome = match decided(&a) {
+            Some(known) => Some(known),
             None => tokio::time::timeout(self.apply_wait, async {
                 loop {
                     match acks.recv().await {
@@ -444,7 +450,7 @@ impl Control {
                                 && ack.nonce == nonce
                                 && ack.digest == digest =>
                         {
-                            return ack.outcome.is_ok().then_some(ack.seq)
+                            return Some(ack.outcome.map(|_| ack.seq));
                         }
                         Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                         Err(broadcast::error::RecvError::Closed) => return None,
@@ -454,11 +460,18 @@ impl Control {
             .await
             .ok()
             .flatten()
-            .or_else(|| self.guard_applied(issuer, nonce, now)),
+            .or_else(|| seen(self).as_ref().and_then(decided)),
         };
+        let applied = outcome.as_ref().and_then(|o| o.as_ref().ok().copied());
         let mut m = Map::new();
         m.insert("request_id".into(), a.request_id.clone().into());
         m.insert("applied".into(), applied.is_some().into());
+        if let Some(Err(r)) = &outcome {
+            m.insert(
+                "apply_error".into(),
+                json!({"error": r.code.as_str(), "detail": r.detail}),
+            );
+        }
         let mut ledger = json!({"chain_id": self.node_id, "accepted_seq": a.seq});
         // 0: applied by another node (its chain has the row).
         if let Some(seq) = applied.filter(|s| *s > 0) {
@@ -468,22 +481,21 @@ impl Control {
         Some(m)
     }
 
-    /// The answer for command `c` of `module` when the replay guard says it was
-    /// applied (a waiter that missed its agent's answer): applied, with the
-    /// module's state now.
-    fn applied_now(&self, c: &Command, module: Module, now: u64) -> Option<Outcome> {
-        let seq = self.guard_applied(&c.issuer, c.nonce, now)?;
-        Some((Ok(self.modules.get(module)), seq, None))
-    }
-
-    /// The ledger seq of the `applied` row of the command accepted as `(issuer,
-    /// nonce)`, as the replay guard knows it (0: applied by another node); `None`
-    /// when it was not applied yet, or the guard does not hold it.
-    fn guard_applied(&self, issuer: &str, nonce: u64, now: u64) -> Option<u64> {
-        self.replay
+    /// The answer for command `c` of `module` when the replay guard knows what
+    /// became of it (a waiter that missed its agent's answer): applied, with the
+    /// module's state now, or refused by this node's agent.
+    fn decided_now(&self, c: &Command, module: Module, now: u64) -> Option<Outcome> {
+        let a = self
+            .replay
             .lock()
-            .get(issuer, nonce, now)
-            .and_then(|s| s.value.applied)
+            .get(&c.issuer, c.nonce, now)?
+            .value
+            .clone();
+        match (a.applied, a.refused) {
+            (Some(seq), _) => Some((Ok(self.modules.get(module)), seq, None)),
+            (None, Some(code)) => Some((Err(agent_refusal(&code)), 0, None)),
+            (None, None) => None,
+        }
     }
 
     /// Whether the token the edge verified for `who` has the command role.
@@ -611,10 +623,10 @@ impl Control {
                     }
                     Ok(_) => {}
                     // Answers this waiter did not read in time: the guard knows
-                    // whether the command was applied.
+                    // whether the command was applied, or refused here.
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if let Some(applied) = self.applied_now(c, v.module, req.now) {
-                            return Some(applied);
+                        if let Some(decided) = self.decided_now(c, v.module, req.now) {
+                            return Some(decided);
                         }
                     }
                     Err(broadcast::error::RecvError::Closed) => return None,
@@ -624,7 +636,7 @@ impl Control {
         .await
         .ok()
         .flatten()
-        .or_else(|| self.applied_now(c, v.module, req.now));
+        .or_else(|| self.decided_now(c, v.module, req.now));
         let mut ledger = json!({"chain_id": self.node_id, "accepted_seq": accepted_seq});
         let mut out = json!({"ok": true, "request_id": c.request_id, "module": v.module.as_str(),
                               "action": v.action.as_str(), "nonce": c.nonce,
@@ -784,6 +796,15 @@ impl Control {
 type Outcome = (Result<ModuleState, Reject>, u64, Option<String>);
 
 /// The route a command came in on: the command endpoint, or a module route.
+/// The refusal this node's agent recorded (its code, as the replay guard keeps it).
+fn agent_refusal(code: &str) -> Reject {
+    let code = Code::parse(code).unwrap_or(Code::Malformed);
+    Reject::with(
+        code,
+        "refused by its module's agent (the ledger's agent row says why)".to_owned(),
+    )
+}
+
 fn route_path(route: Option<(Module, Action)>) -> String {
     match route {
         None => contract::COMMAND_PATH.to_owned(),

@@ -119,6 +119,25 @@ pub struct AgentEntry {
     /// The nonce it applied (or found applied before: a duplicate) and until when
     /// it is remembered (absent otherwise).
     pub applied: Option<AppliedNonce>,
+    /// The command it refused to apply, when it decodes (absent otherwise): the
+    /// replay guard answers a resend of it, or a request that missed the agent's
+    /// answer, with the refusal rather than "not applied yet".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<RefusedCommand>,
+}
+
+/// A command an agent refused to apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedCommand {
+    /// Issuer.
+    pub issuer: String,
+    /// Nonce.
+    pub nonce: u64,
+    /// The digest of the bytes refused (another command under the nonce is not
+    /// this one).
+    pub digest: gw_core::replay::Digest,
+    /// Why: the refusal's stable code.
+    pub code: String,
 }
 
 /// A nonce an agent applied.
@@ -291,6 +310,7 @@ mod tests {
             Entry::SendsShipped { lsn: 1 },
             Entry::Shipping { first: 1, last: 2 },
             Entry::Agent(AgentEntry {
+                refused: None,
                 module: Module::Mev,
                 kafka: None,
                 offset: Some(3),
