@@ -139,7 +139,7 @@ Gateway is up: https://localhost:8443 (HTTP/3 over UDP, HTTP/2 + HTTP/1.1 over T
 
 Send a signed command over HTTP/3:
   $bin/gwctl send https://127.0.0.1:8443/api/control/commands $run/throttle.bin \\
-      --token \$(cat $run/admin.jwt) --ca $run/certs/ca.pem
+      --token-file $run/admin.jwt --ca $run/certs/ca.pem
 Sign another:
   $bin/gwctl sign --key $run/keys/op-admin-1.sk.hex --key-id op-admin-1 --module mev \\
       --action policy --arg ev_min=0.2 --arg tip_ladder=0.1,0.2 --issuer dashboard --out cmd.bin
@@ -177,10 +177,12 @@ if (( smoke )); then
   n0=$(count)
   kcount() { chq 'SELECT+count()+FROM+control_ledger' || echo 0; }
   k0=$(kcount)
-  out=$("$bin/gwctl" send https://127.0.0.1:8443/api/control/commands "$run/throttle.bin" --token "$token" --ca "$run/certs/ca.pem")
+  out=$("$bin/gwctl" send https://127.0.0.1:8443/api/control/commands "$run/throttle.bin" --token-file "$run/admin.jwt" --ca "$run/certs/ca.pem")
   echo "$out" | head -1
   echo "$out" | grep -q '"applied":true' || die "smoke: the sidecar did not apply the command: $out"
-  again=$("$bin/gwctl" send https://127.0.0.1:8443/api/control/commands "$run/throttle.bin" --token "$token" --ca "$run/certs/ca.pem" --http2 || true)
+  # The same bytes again: refused as a replay, and gwctl exits 0 (applied before).
+  again=$("$bin/gwctl" send https://127.0.0.1:8443/api/control/commands "$run/throttle.bin" --token-file "$run/admin.jwt" --ca "$run/certs/ca.pem" --http2) \
+    || die "smoke: gwctl send of an applied command's bytes did not exit 0: $again"
   echo "$again" | head -1 | grep -q '409' || die "smoke: a replay was not refused: $again"
   json=$(curl -sS --cacert "$run/certs/ca.pem" -H "authorization: Bearer $token" -H 'content-type: application/json' \
     -d '{"throttle_pct": 50}' https://localhost:8443/api/control/module/arbitrage:throttle)

@@ -10,6 +10,18 @@ use ed25519_dalek::SigningKey;
 use gw_core::jwk::ed25519_public_jwk;
 
 fn write_new(path: &Path, contents: &str, secret: bool, force: bool) -> Result<()> {
+    // A secret is not written through a link to somewhere else.
+    if secret
+        && force
+        && path
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+    {
+        bail!(
+            "{} is a symbolic link; not overwriting a key through it",
+            path.display()
+        );
+    }
     let mut opts = OpenOptions::new();
     opts.write(true);
     if force {
@@ -30,6 +42,13 @@ fn write_new(path: &Path, contents: &str, secret: bool, force: bool) -> Result<(
             format!("cannot write {}", path.display())
         }
     })?;
+    // An existing file overwritten (`--force`) keeps its mode otherwise.
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot make {} private", path.display()))?;
+    }
     f.write_all(contents.as_bytes())
         .and_then(|()| f.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))

@@ -1,8 +1,11 @@
 //! `gwctl`: the operator CLI of the edge gateway.
 //!
 //! Exit codes: 0 success; 1 a verdict that is "no" (a rejected command, a non-2xx
-//! HTTP answer); 2 an error (bad arguments, unreadable file, network failure), printed
-//! as one line on stderr.
+//! HTTP answer, a command its module refused to apply); 2 an error (bad arguments,
+//! unreadable file, network failure), printed as one line on stderr; 3 (`send`) a
+//! command accepted but not applied yet — send the same file again later. `send`
+//! exits 0 for a command applied, also when an earlier send of the same bytes
+//! applied it (`409 replay` with `"applied": true`).
 
 #![forbid(unsafe_code)]
 

@@ -59,6 +59,30 @@ fn keygen_sign_verify_round_trip() {
     ]);
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    // --force over a key file someone made readable: the new key is private again,
+    // and a key is not written through a symbolic link.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let keys = d.path().join("forced");
+        std::fs::create_dir(&keys).unwrap();
+        let sk = keys.join("op-2.sk.hex");
+        std::fs::write(&sk, "old").unwrap();
+        std::fs::set_permissions(&sk, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let out = keys.to_str().unwrap();
+        let o = gwctl(&["keygen", "--id", "op-2", "--out", out, "--force"]);
+        assert!(o.status.success(), "{o:?}");
+        let mode = std::fs::metadata(&sk).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        assert_eq!(std::fs::read_to_string(&sk).unwrap().trim().len(), 64);
+        let elsewhere = keys.join("elsewhere");
+        std::fs::write(&elsewhere, "x").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, keys.join("op-3.sk.hex")).unwrap();
+        let o = gwctl(&["keygen", "--id", "op-3", "--out", out, "--force"]);
+        assert_eq!(o.status.code(), Some(2), "{o:?}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("symbolic link"));
+        assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "x");
+    }
 
     let cmd = dir.join("cmd.bin");
     let o = gwctl(&[

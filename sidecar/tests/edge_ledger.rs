@@ -79,11 +79,12 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
     );
     // The same bytes again: the edge lets a resend through, the sidecar (which knows
     // it was applied) refuses it as a replay and says so.
-    let (out, _) = gwctl_send(&url, &good, admin_tok, &certs.ca);
+    let (out, code) = gwctl_send(&url, &good, admin_tok, &certs.ca);
     assert!(
         out.starts_with("HTTP/3 409") && out.contains("already accepted"),
         "{out}"
     );
+    assert_eq!(code, Some(0), "applied by the first send: {out}");
     // Rejected at the edge: another command reusing the nonce, a tampered signature,
     // a viewer sending a command.
     let reuse = dir.join("reuse.bin");
@@ -98,11 +99,12 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
         ),
     )
     .unwrap();
-    let (out, _) = gwctl_send(&url, &reuse, admin_tok, &certs.ca);
+    let (out, code) = gwctl_send(&url, &reuse, admin_tok, &certs.ca);
     assert!(
         out.starts_with("HTTP/3 409") && out.contains("replay"),
         "{out}"
     );
+    assert_eq!(code, Some(1), "another command on a used nonce: {out}");
     let mut tampered = signed_command(2, Action::Start, t, "dashboard", &[]);
     let i = tampered.windows(4).position(|w| w == b"req-").unwrap();
     tampered[i] = b'X';

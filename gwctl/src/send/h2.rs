@@ -11,15 +11,19 @@ pub async fn send(req: &Request<'_>) -> Result<Answer> {
         b = b.danger_accept_invalid_certs(true);
     }
     if let Some(ca) = &req.tls.ca {
+        // Pinned: that CA alone (as over HTTP/3).
+        b = b.tls_built_in_root_certs(false);
         for c in tls::read_pem_certs(ca)? {
             b = b.add_root_certificate(
                 reqwest::Certificate::from_der(&c).context("CA certificate")?,
             );
         }
     }
-    if let (Some(name), Some(host), Some(port)) =
-        (&req.tls.server_name, req.url.host(), req.url.port_u16())
-    {
+    let port = req.url.port_u16().unwrap_or(match req.url.scheme_str() {
+        Some("http") => 80,
+        _ => 443,
+    });
+    if let (Some(name), Some(host)) = (&req.tls.server_name, req.url.host()) {
         // Connect to the URL's address while presenting and verifying `name`.
         let ip: std::net::IpAddr = host
             .trim_start_matches('[')

@@ -19,13 +19,18 @@ pub struct SendArgs {
     url: String,
     /// The signed command file (from `gwctl sign`).
     file: PathBuf,
-    /// Bearer token (JWT).
-    #[arg(long)]
+    /// Bearer token (JWT). On a shared host prefer --token-file: a process's
+    /// arguments are visible to every local user.
+    #[arg(long, conflicts_with = "token_file")]
     token: Option<String>,
+    /// File holding the bearer token (JWT), e.g. .run/admin.jwt.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Use HTTP/2 over TLS (h2 ALPN), or h2c for http:// URLs, instead of HTTP/3.
     #[arg(long)]
     http2: bool,
-    /// PEM file of a CA to trust (e.g. the dev CA from envoy/gen-dev-certs.sh).
+    /// PEM file of the CA to trust, alone: the public web roots are then not trusted
+    /// (e.g. the dev CA from envoy/gen-dev-certs.sh).
     #[arg(long)]
     ca: Option<PathBuf>,
     /// Do not verify the server certificate (development only).
@@ -73,10 +78,19 @@ pub fn run(a: &SendArgs) -> Result<ExitCode> {
     let body =
         std::fs::read(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
     let timeout = Duration::from_secs(crate::duration::parse_secs(&a.timeout)?);
+    let token = match &a.token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => a.token.clone(),
+    };
     let req = Request {
         url: &url,
         body,
-        token: a.token.as_deref(),
+        token: token.as_deref(),
         content_type: &a.content_type,
         tls: tls::TlsOptions {
             ca: a.ca.clone(),
@@ -102,9 +116,124 @@ pub fn run(a: &SendArgs) -> Result<ExitCode> {
     })?;
     println!("{} {}", answer.proto, answer.status);
     println!("{}", String::from_utf8_lossy(&answer.body));
-    Ok(if (200..300).contains(&answer.status) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    let verdict = verdict(answer.status, &answer.body);
+    if let Some(note) = verdict.note() {
+        eprintln!("gwctl: {note}");
+    }
+    Ok(verdict.exit_code())
+}
+
+/// What an answer means for the command sent, as the exit code says it.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Applied (2xx, `"applied": true`), or a 2xx that is not about a command.
+    Done,
+    /// These bytes were sent before and applied then (`409 replay`, `"applied":
+    /// true`): the command is in effect; nothing was applied twice.
+    AlreadyApplied,
+    /// Accepted durably, not applied yet (`"pending": true`, or a `409 replay`
+    /// of these bytes with `"applied": false`): resend the same bytes later to
+    /// learn the outcome — never re-sign.
+    Pending,
+    /// Accepted, and its module's agent refused to apply it (`apply_error`, also
+    /// in a `409 replay` of these bytes).
+    NotApplied,
+    /// Refused (any other status).
+    Refused,
+}
+
+impl Verdict {
+    /// 0 done or already applied; 1 refused or not applied; 3 pending (2 is
+    /// gwctl's own error).
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            Verdict::Done | Verdict::AlreadyApplied => ExitCode::SUCCESS,
+            Verdict::NotApplied | Verdict::Refused => ExitCode::from(1),
+            Verdict::Pending => ExitCode::from(3),
+        }
+    }
+
+    fn note(&self) -> Option<&'static str> {
+        match self {
+            Verdict::AlreadyApplied => Some("already applied: an earlier send of these bytes was applied"),
+            Verdict::Pending => Some("accepted, not applied yet: send the same file again later to learn the outcome (do not sign it again)"),
+            Verdict::NotApplied => Some("accepted, but its module refused to apply it (apply_error)"),
+            Verdict::Done | Verdict::Refused => None,
+        }
+    }
+}
+
+fn verdict(status: u16, body: &[u8]) -> Verdict {
+    let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let field = |k: &str| json.as_ref().and_then(|j| j.get(k));
+    let applied = field("applied").and_then(serde_json::Value::as_bool);
+    match status {
+        200..=299 if field("apply_error").is_some() => Verdict::NotApplied,
+        200..=299 if field("pending").and_then(serde_json::Value::as_bool) == Some(true) => {
+            Verdict::Pending
+        }
+        200..=299 => Verdict::Done,
+        409 if field("error").and_then(serde_json::Value::as_str) == Some("replay") => {
+            match applied {
+                Some(true) => Verdict::AlreadyApplied,
+                Some(false) if field("apply_error").is_some() => Verdict::NotApplied,
+                Some(false) => Verdict::Pending,
+                // Another command used the nonce.
+                None => Verdict::Refused,
+            }
+        }
+        _ => Verdict::Refused,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{verdict, Verdict};
+
+    #[test]
+    fn each_answer_has_its_verdict() {
+        let cases: [(u16, &str, Verdict); 10] = [
+            (
+                200,
+                r#"{"ok":true,"applied":true,"state":{}}"#,
+                Verdict::Done,
+            ),
+            (
+                200,
+                r#"{"ok":true,"applied":false,"pending":true}"#,
+                Verdict::Pending,
+            ),
+            (
+                200,
+                r#"{"ok":true,"applied":false,"apply_error":{"error":"x"}}"#,
+                Verdict::NotApplied,
+            ),
+            (200, "not json", Verdict::Done),
+            (
+                409,
+                r#"{"error":"replay","applied":true,"request_id":"r"}"#,
+                Verdict::AlreadyApplied,
+            ),
+            (
+                409,
+                r#"{"error":"replay","applied":false,"request_id":"r"}"#,
+                Verdict::Pending,
+            ),
+            (
+                409,
+                r#"{"error":"replay","applied":false,"apply_error":{"error":"x"}}"#,
+                Verdict::NotApplied,
+            ),
+            (
+                409,
+                r#"{"error":"replay","detail":"nonce used"}"#,
+                Verdict::Refused,
+            ),
+            (409, r#"{"error":"other","applied":true}"#, Verdict::Refused),
+            (503, r#"{"error":"unavailable"}"#, Verdict::Refused),
+        ];
+        for (status, body, want) in cases {
+            assert_eq!(verdict(status, body.as_bytes()), want, "{status} {body}");
+        }
+    }
 }

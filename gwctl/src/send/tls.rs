@@ -94,12 +94,17 @@ pub fn client_config(opts: &TlsOptions, alpn: &[&[u8]]) -> Result<rustls::Client
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
             .with_no_client_auth()
     } else {
+        // `--ca` pins the gateway's CA: it alone is trusted, not the public web's
+        // roots besides it (a certificate any public CA issued for the name would
+        // otherwise do).
         let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(ca) = &opts.ca {
-            for c in read_pem_certs(ca)? {
-                roots.add(c).context("CA certificate is not usable")?;
+        match &opts.ca {
+            Some(ca) => {
+                for c in read_pem_certs(ca)? {
+                    roots.add(c).context("CA certificate is not usable")?;
+                }
             }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
