@@ -19,7 +19,14 @@ const HEADER: usize = 16;
 /// Frames written before the mark existed have none: for them a start cuts as it
 /// did (at most one batch's worth of bytes). Not covered by the checksum: a mark
 /// set by damage refuses a start, one cleared by damage falls back to that.
+/// [`BATCH_START`] marks the first.
 const BATCH_END: u32 = 1 << 31;
+
+/// The length word's next bit: the frame is the first of its batch. A record of
+/// the last batch is followed by records of that batch only: a whole record that
+/// starts a batch, after one that does not check, says the latter was durable
+/// before — also when the hole took that batch's own end mark.
+const BATCH_START: u32 = 1 << 30;
 
 /// The unit a disk writes whole (or not at all) after a crash: a torn write leaves
 /// each sector of it either written or as it was — zeros, over the zeros written
@@ -56,10 +63,11 @@ fn crc(lsn: Lsn, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// Appends one frame to `out`; `last`: the last of its batch ([`BATCH_END`]).
-fn frame(out: &mut Vec<u8>, lsn: Lsn, payload: &[u8], last: bool) {
-    let len =
-        u32::try_from(payload.len()).map_or(u32::MAX, |l| if last { l | BATCH_END } else { l });
+/// Appends one frame to `out`; `first`, `last`: the first, the last of its batch
+/// ([`BATCH_START`], [`BATCH_END`]).
+fn frame(out: &mut Vec<u8>, lsn: Lsn, payload: &[u8], first: bool, last: bool) {
+    let marks = if first { BATCH_START } else { 0 } | if last { BATCH_END } else { 0 };
+    let len = u32::try_from(payload.len()).map_or(u32::MAX, |l| l | marks);
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&crc(lsn, payload).to_le_bytes());
     out.extend_from_slice(&lsn.to_le_bytes());
@@ -77,13 +85,13 @@ struct Scan {
     len: u64,
 }
 
-/// A frame header's length (without the [`BATCH_END`] mark), checksum and LSN.
+/// A frame header's length (without the batch marks), checksum and LSN.
 fn decode_header(head: &[u8; HEADER]) -> (usize, u32, Lsn) {
     let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
     let mut l = [0u8; 8];
     l.copy_from_slice(&head[8..16]);
     (
-        (word(0) & !BATCH_END) as usize,
+        (word(0) & !(BATCH_END | BATCH_START)) as usize,
         word(4),
         u64::from_le_bytes(l),
     )
@@ -92,6 +100,11 @@ fn decode_header(head: &[u8; HEADER]) -> (usize, u32, Lsn) {
 /// Whether the frame at `pos` carries the [`BATCH_END`] mark.
 fn ends_batch(bytes: &[u8], pos: usize) -> bool {
     bytes.get(pos + 3).is_some_and(|b| b & 0x80 != 0)
+}
+
+/// Whether the frame at `pos` carries the [`BATCH_START`] mark.
+fn starts_batch(bytes: &[u8], pos: usize) -> bool {
+    bytes.get(pos + 3).is_some_and(|b| b & 0x40 != 0)
 }
 
 /// The frame at `pos`: its length, checksum and LSN, when its header is there.
@@ -230,11 +243,12 @@ fn torn_or_damaged(bytes: &[u8], pos: usize, dirty_end: usize, expect: Lsn) -> R
     ))
 }
 
-/// The last valid frame of a batch found among the whole records from `q` (the
-/// first after the one at `pos` that does not check) with more written after it
-/// — or the record at `pos` itself marked as its batch's last: the LSN of that
-/// batch's last record. `None`: every whole record from `q` on may be of the
-/// batch the record at `pos` was torn in.
+/// A record of a batch later than the one the record at `pos` (which does not
+/// check) was written in, among the whole records from `q` (the first whole one
+/// after it): one that starts a batch, or one that ends a batch with more written
+/// after it — or the record at `pos` itself marked as its batch's last. Its LSN;
+/// `None`: every whole record from `q` on may be of the batch the record at
+/// `pos` was torn in.
 fn later_batch(bytes: &[u8], pos: usize, q: usize, dirty_end: usize) -> Option<Lsn> {
     if ends_batch(bytes, pos) {
         return header(bytes, pos).map(|(_, _, lsn)| lsn);
@@ -245,7 +259,7 @@ fn later_batch(bytes: &[u8], pos: usize, q: usize, dirty_end: usize) -> Option<L
             break;
         };
         let end = at + HEADER + payload.len();
-        if ends_batch(bytes, at) && end < dirty_end {
+        if starts_batch(bytes, at) || (ends_batch(bytes, at) && end < dirty_end) {
             return Some(lsn);
         }
         at = end;
@@ -548,7 +562,13 @@ impl Writer {
         let first = self.next_lsn;
         self.buf.clear();
         for (i, p) in payloads.iter().enumerate() {
-            frame(&mut self.buf, first + i as u64, p, i + 1 == payloads.len());
+            frame(
+                &mut self.buf,
+                first + i as u64,
+                p,
+                i == 0,
+                i + 1 == payloads.len(),
+            );
         }
         let (_, path, file) = &mut self.current;
         let end = self.good_len + self.buf.len() as u64;
@@ -637,7 +657,12 @@ impl Writer {
                 break;
             };
             let path = path.clone();
-            if let Err(e) = fs::remove_file(&path) {
+            // Gone already (removed by hand): as good as deleted.
+            let removed = fs::remove_file(&path).or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            });
+            if let Err(e) = removed {
                 if deleted {
                     sync_dir(&self.dir)?;
                 }

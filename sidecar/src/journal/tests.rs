@@ -307,6 +307,48 @@ fn a_lost_sector_under_acknowledged_records_is_not_taken_for_a_torn_write() {
     assert_eq!(std::fs::read(&seg).unwrap(), b, "nothing cut");
 }
 
+/// Two batches of three records, the second the last: a sector lost under the
+/// first batch's end (its last record's header, the end of the one before) is
+/// damage, although the hole took that batch's end mark: the record after it
+/// starts a batch. Without the marks (a journal written before them) the same
+/// hole reads as a torn last batch, as it always did.
+#[test]
+fn a_hole_that_took_a_batchs_end_mark_is_still_damage() {
+    for marked in [true, false] {
+        let d = testkit::TempDir::new("journal-lost-mark");
+        let mut b = Vec::new();
+        let mut starts = Vec::new();
+        for i in 1..=6u64 {
+            starts.push(b.len());
+            let (first, last) = (i == 1 || i == 4, i == 3 || i == 6);
+            batch_frame(&mut b, i, &padded(i, 700), marked && first, marked && last);
+        }
+        let end = b.len();
+        b.resize(end + 4096, 0);
+        // The sector holding record 3's header, and not record 4's.
+        let sector = starts[2] / 512 * 512;
+        assert!(
+            sector + 512 <= starts[3] && sector > starts[1],
+            "{starts:?}"
+        );
+        b[sector..sector + 512].fill(0);
+        let seg = d.path().join("00000000000000000001.log");
+        std::fs::write(&seg, &b).unwrap();
+        match (marked, Journal::open(d.path(), Options::default())) {
+            (true, Err(JournalError::Corrupt { detail, .. })) => {
+                assert!(detail.contains("a batch written after it"), "{detail}");
+                assert_eq!(std::fs::read(&seg).unwrap(), b, "nothing cut");
+            }
+            (false, Ok(o)) => {
+                let kept = if sector < starts[2] { 1 } else { 2 };
+                assert_eq!(o.records.len(), kept, "cut at the hole");
+            }
+            (m, Err(e)) => panic!("marked {m}: {e}"),
+            (m, Ok(o)) => panic!("marked {m}: opened with {} records", o.records.len()),
+        }
+    }
+}
+
 /// One writer per journal: a second open of a directory whose writer runs (a
 /// second sidecar on the same state directory) is refused after a short wait,
 /// and succeeds once that writer has stopped.
@@ -397,9 +439,9 @@ fn a_torn_batch_with_a_later_sector_written_is_cut_at_the_tear() {
     let (d, seg) = three_records("journal-torn-middle");
     let len = frames(1..=3).len();
     let mut batch = Vec::new();
-    batch_frame(&mut batch, 4, &[b'x'; 1200], false);
+    batch_frame(&mut batch, 4, &[b'x'; 1200], true, false);
     let fifth = batch.len();
-    segment_frame(&mut batch, 5, b"{}");
+    batch_frame(&mut batch, 5, b"{}", false, true);
     let mut b = std::fs::read(&seg).unwrap();
     b[len..len + batch.len()].copy_from_slice(&batch);
     // The sector after the one where record 4 starts was not written.
@@ -499,14 +541,17 @@ fn zeros_left_after_a_closed_segment_read_as_its_end() {
     assert_eq!(got, (1..=6).collect::<Vec<_>>());
 }
 
-/// A frame as the journal writes the last (or only) record of a batch.
+/// A frame as the journal writes a batch of one record.
 fn segment_frame(out: &mut Vec<u8>, lsn: Lsn, p: &[u8]) {
-    batch_frame(out, lsn, p, true);
+    batch_frame(out, lsn, p, true, true);
 }
 
-/// A frame; `last`: the last of its batch (the mark in its length's top bit).
-fn batch_frame(out: &mut Vec<u8>, lsn: Lsn, p: &[u8], last: bool) {
-    let len = u32::try_from(p.len()).unwrap() | if last { 1 << 31 } else { 0 };
+/// A frame; `first`, `last`: the first, the last of its batch (the marks in its
+/// length's two top bits). Neither: a frame written before the marks existed, or
+/// one in the middle of its batch.
+fn batch_frame(out: &mut Vec<u8>, lsn: Lsn, p: &[u8], first: bool, last: bool) {
+    let marks = if first { 1 << 30 } else { 0 } | if last { 1 << 31 } else { 0 };
+    let len = u32::try_from(p.len()).unwrap() | marks;
     let mut h = crc32fast::Hasher::new();
     h.update(&lsn.to_le_bytes());
     h.update(p);
