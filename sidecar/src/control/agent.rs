@@ -483,9 +483,24 @@ impl Agent {
     }
 
     /// [`Self::agent_entry`] of a delivery refused with `code`: the command it
-    /// decodes to is named (for the replay guard), when it decodes.
+    /// decodes to is named (for the replay guard), when it decodes, when the
+    /// delivery is this node's own (the embedded bus, or this node's forward),
+    /// and when the refusal is about the command, not about the delivery (a
+    /// forward out of its node's order, an unlisted writer).
     fn refusal_entry(&self, d: &Delivery, code: Code) -> journal::Entry {
         let mut entry = self.agent_entry(d, None, None);
+        let own = match &d.origin {
+            Origin::Local => true,
+            Origin::Node { node, .. } => *node == self.env.chain,
+            Origin::Unverified { .. } => false,
+        };
+        let about_the_delivery = matches!(
+            code,
+            Code::Replay | Code::ForbiddenPeer | Code::Unavailable | Code::ReplayUnavailable
+        );
+        if !own || about_the_delivery {
+            return entry;
+        }
         if let journal::Entry::Agent(a) = &mut entry {
             a.refused = <Command as prost::Message>::decode(d.payload.as_slice())
                 .ok()
@@ -1049,10 +1064,9 @@ impl Agent {
         let row = self.row(decision, code, &d, command.as_ref());
         tracing::warn!(module = self.core.module.as_str(), position = ?last.position, outcome = %last.outcome, "writing the ledger row a crash lost");
         let mut entries: Vec<journal::Entry> = row.into_iter().collect();
-        entries.push(match (last.outcome.as_str(), code) {
-            ("rejected", Some(code)) => self.refusal_entry(&d, code),
-            _ => self.agent_entry(&d, None, applied),
-        });
+        // (A refusal written again is not named for the replay guard: which node's
+        // delivery it was is not kept.)
+        entries.push(self.agent_entry(&d, None, applied));
         if let Err(e) = self.commit(entries, &d).await {
             tracing::warn!(error = %e, "ledger row not written again");
         }
