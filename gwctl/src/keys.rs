@@ -9,49 +9,49 @@ use clap::Args;
 use ed25519_dalek::SigningKey;
 use gw_core::jwk::ed25519_public_jwk;
 
+/// Writes `contents` to `path`: a new file, or with `force` a replacement made
+/// whole beside it and renamed over it (a link at `path` is replaced, not
+/// written through; a failure leaves the old file as it was). `secret`: mode
+/// 0600 from the start.
 fn write_new(path: &Path, contents: &str, secret: bool, force: bool) -> Result<()> {
-    // A secret is not written through a link to somewhere else.
-    if secret
-        && force
-        && path
-            .symlink_metadata()
-            .is_ok_and(|m| m.file_type().is_symlink())
-    {
-        bail!(
-            "{} is a symbolic link; not overwriting a key through it",
-            path.display()
-        );
-    }
-    let mut opts = OpenOptions::new();
-    opts.write(true);
-    if force {
-        opts.create(true).truncate(true);
+    let target = if force {
+        let name = path.file_name().context("no file name")?.to_string_lossy();
+        path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
     } else {
-        opts.create_new(true);
-    }
+        path.to_path_buf()
+    };
+    let mut opts = OpenOptions::new();
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     if secret {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
     let _ = secret;
-    let mut f = opts.open(path).with_context(|| {
+    let mut f = opts.open(&target).with_context(|| {
         if path.exists() && !force {
             format!("{} exists (use --force to overwrite)", path.display())
         } else {
-            format!("cannot write {}", path.display())
+            format!("cannot write {}", target.display())
         }
     })?;
-    // An existing file overwritten (`--force`) keeps its mode otherwise.
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("cannot make {} private", path.display()))?;
-    }
-    f.write_all(contents.as_bytes())
+    let written = f
+        .write_all(contents.as_bytes())
         .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))
+        .and_then(|()| {
+            if force {
+                std::fs::rename(&target, path)
+            } else {
+                Ok(())
+            }
+        });
+    if let Err(e) = written {
+        if force {
+            let _ = std::fs::remove_file(&target);
+        }
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    Ok(())
 }
 
 /// `gwctl keygen`.

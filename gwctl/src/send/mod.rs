@@ -138,6 +138,9 @@ enum Verdict {
     /// Accepted, and its module's agent refused to apply it (`apply_error`, also
     /// in a `409 replay` of these bytes).
     NotApplied,
+    /// Refused as too old (`stale`): when these bytes were sent before, this
+    /// says nothing of that send (its outcome is in the ledger).
+    Stale,
     /// Refused (any other status).
     Refused,
 }
@@ -148,7 +151,7 @@ impl Verdict {
     fn exit_code(&self) -> ExitCode {
         match self {
             Verdict::Done | Verdict::AlreadyApplied => ExitCode::SUCCESS,
-            Verdict::NotApplied | Verdict::Refused => ExitCode::from(1),
+            Verdict::NotApplied | Verdict::Stale | Verdict::Refused => ExitCode::from(1),
             Verdict::Pending => ExitCode::from(3),
         }
     }
@@ -158,6 +161,7 @@ impl Verdict {
             Verdict::AlreadyApplied => Some("already applied: an earlier send of these bytes was applied"),
             Verdict::Pending => Some("accepted, not applied yet: send the same file again later to learn the outcome (do not sign it again)"),
             Verdict::NotApplied => Some("accepted, but its module refused to apply it (apply_error)"),
+            Verdict::Stale => Some("refused as stale: if this file was sent before, this answer says nothing of that send; find its request_id in the ledger before signing the command again"),
             Verdict::Done | Verdict::Refused => None,
         }
     }
@@ -182,6 +186,7 @@ fn verdict(status: u16, body: &[u8]) -> Verdict {
                 None => Verdict::Refused,
             }
         }
+        _ if field("error").and_then(serde_json::Value::as_str) == Some("stale") => Verdict::Stale,
         _ => Verdict::Refused,
     }
 }
@@ -192,7 +197,7 @@ mod tests {
 
     #[test]
     fn each_answer_has_its_verdict() {
-        let cases: [(u16, &str, Verdict); 10] = [
+        let cases: [(u16, &str, Verdict); 11] = [
             (
                 200,
                 r#"{"ok":true,"applied":true,"state":{}}"#,
@@ -231,6 +236,11 @@ mod tests {
             ),
             (409, r#"{"error":"other","applied":true}"#, Verdict::Refused),
             (503, r#"{"error":"unavailable"}"#, Verdict::Refused),
+            (
+                401,
+                r#"{"error":"stale","detail":"too old"}"#,
+                Verdict::Stale,
+            ),
         ];
         for (status, body, want) in cases {
             assert_eq!(verdict(status, body.as_bytes()), want, "{status} {body}");
