@@ -252,10 +252,6 @@ fn configuration_errors_are_clear() {
     );
 }
 
-/// `gw-sidecar --check` with the Kafka bus: the node's state key must be the one
-/// `kafka.state_keys` gives it; a list that leaves it out or names another key is
-/// refused with the node's public key (never the secret), and a key still to be
-/// made is said so, not made.
 /// One sidecar per state directory: a second one started on the directory whose
 /// journal a running sidecar writes refuses to start (after the lock's wait, with
 /// a message that says why), and the first one goes on serving.
@@ -298,6 +294,10 @@ fn a_second_sidecar_on_the_same_state_dir_refuses_to_start() {
     assert!(probe.status.success(), "the first still serves: {probe:?}");
 }
 
+/// `gw-sidecar --check` with the Kafka bus: the node's state key must be the one
+/// `kafka.state_keys` gives it; a list that leaves it out or names another key is
+/// refused with the node's public key (never the secret), and a key still to be
+/// made is said so, not made.
 #[test]
 fn the_state_key_list_must_name_this_node_with_its_key() {
     let d = testkit::TempDir::new("sidecar-state-keys");

@@ -23,9 +23,11 @@ use crate::control::ModuleTable;
 pub struct SenderApi {
     plane: Option<Arc<DataPlane>>,
     modules: ModuleTable,
-    /// Large bodies decoded at once (one per core): more wait their turn rather
-    /// than fill the blocking pool the ledger's shipping also uses.
-    decoding: Arc<tokio::sync::Semaphore>,
+    /// Large bodies decoded at once, per route (one per core each): more wait
+    /// their turn rather than fill the blocking pool the ledger's shipping also
+    /// uses, and JSON-RPC batches never queue the hot path's opportunities.
+    decoding_rpc: tokio::sync::Semaphore,
+    decoding_opportunities: tokio::sync::Semaphore,
 }
 
 impl SenderApi {
@@ -35,23 +37,24 @@ impl SenderApi {
         SenderApi {
             plane,
             modules,
-            decoding: Arc::new(tokio::sync::Semaphore::new(cores)),
+            decoding_rpc: tokio::sync::Semaphore::new(cores),
+            decoding_opportunities: tokio::sync::Semaphore::new(cores),
         }
     }
 
     /// `decode(body)`: at once for a small body; a large one (hundreds of
-    /// transactions, each signature verified) on the blocking pool, not on a
-    /// runtime worker every other route shares. `Err`: the answer when the
+    /// transactions, each signature verified) on the blocking pool, one of
+    /// `turns` at a time, not on a runtime worker every other route shares. `Err`: the answer when the
     /// decoding could not run.
     async fn decode<T: Send + 'static>(
-        &self,
+        turns: &tokio::sync::Semaphore,
         body: Bytes,
         decode: impl FnOnce(&[u8]) -> T + Send + 'static,
     ) -> Result<T, Response> {
         if body.len() <= INLINE_BODY_BYTES {
             return Ok(decode(&body));
         }
-        let Ok(_turn) = self.decoding.acquire().await else {
+        let Ok(_turn) = turns.acquire().await else {
             return Err(unavailable());
         };
         tokio::task::spawn_blocking(move || decode(&body))
@@ -110,7 +113,7 @@ async fn rpc(State(st): St, body: Bytes) -> Response {
     let Some(dp) = &st.plane else {
         return unavailable();
     };
-    let request = match st.decode(body, rpc::Request::parse).await {
+    let request = match SenderApi::decode(&st.decoding_rpc, body, rpc::Request::parse).await {
         Ok(r) => r,
         Err(answer) => return answer,
     };
@@ -214,10 +217,10 @@ async fn opportunities(State(st): St, body: Bytes) -> Response {
     let Some(dp) = &st.plane else {
         return unavailable();
     };
-    let items = match st
-        .decode(body, move |b| decode_opportunities(b, received))
-        .await
-    {
+    let decoded = SenderApi::decode(&st.decoding_opportunities, body, move |b| {
+        decode_opportunities(b, received)
+    });
+    let items = match decoded.await {
         Ok(Ok(items)) => items,
         Ok(Err(e)) => return bad(e),
         Err(answer) => return answer,
