@@ -171,13 +171,14 @@ fn verdict(status: u16, body: &[u8]) -> Verdict {
     let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
     let field = |k: &str| json.as_ref().and_then(|j| j.get(k));
     let applied = field("applied").and_then(serde_json::Value::as_bool);
+    let error = field("error").and_then(serde_json::Value::as_str);
     match status {
         200..=299 if field("apply_error").is_some() => Verdict::NotApplied,
         200..=299 if field("pending").and_then(serde_json::Value::as_bool) == Some(true) => {
             Verdict::Pending
         }
         200..=299 => Verdict::Done,
-        409 if field("error").and_then(serde_json::Value::as_str) == Some("replay") => {
+        409 if error == Some("replay") => {
             match applied {
                 Some(true) => Verdict::AlreadyApplied,
                 Some(false) if field("apply_error").is_some() => Verdict::NotApplied,
@@ -186,7 +187,7 @@ fn verdict(status: u16, body: &[u8]) -> Verdict {
                 None => Verdict::Refused,
             }
         }
-        _ if field("error").and_then(serde_json::Value::as_str) == Some("stale") => Verdict::Stale,
+        _ if error == Some("stale") => Verdict::Stale,
         _ => Verdict::Refused,
     }
 }

@@ -29,6 +29,18 @@ pub struct Accepted {
     pub refused: Option<String>,
 }
 
+impl Accepted {
+    /// What became of the command, as far as the guard knows: applied (the seq
+    /// of its row), refused by this node's agent (the code), or nothing yet.
+    pub fn decided(&self) -> Option<Result<u64, &str>> {
+        match (self.applied, &self.refused) {
+            (Some(seq), _) => Some(Ok(seq)),
+            (None, Some(code)) => Some(Err(code)),
+            (None, None) => None,
+        }
+    }
+}
+
 /// The replay guard.
 pub struct ReplayStore {
     book: NonceBook<Accepted>,

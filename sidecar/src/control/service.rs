@@ -435,11 +435,7 @@ impl Control {
         let a = seen(self).filter(|a| digest.is_none_or(|d| a.digest == d))?;
         let digest = a.digest;
         // Applied (its row's seq), or refused (why).
-        let decided = |a: &Accepted| match (&a.applied, &a.refused) {
-            (Some(seq), _) => Some(Ok(*seq)),
-            (None, Some(code)) => Some(Err(agent_refusal(code))),
-            (None, None) => None,
-        };
+        let decided = |a: &Accepted| a.decided().map(|d| d.map_err(agent_refusal));
         let outcome = match decided(&a) {
             Some(known) => Some(known),
             None => tokio::time::timeout(self.apply_wait, async {
@@ -485,17 +481,17 @@ impl Control {
     /// became of it (a waiter that missed its agent's answer): applied, with the
     /// module's state now, or refused by this node's agent.
     fn decided_now(&self, c: &Command, module: Module, now: u64) -> Option<Outcome> {
-        let a = self
+        let decided = self
             .replay
             .lock()
             .get(&c.issuer, c.nonce, now)?
             .value
-            .clone();
-        match (a.applied, a.refused) {
-            (Some(seq), _) => Some((Ok(self.modules.get(module)), seq, None)),
-            (None, Some(code)) => Some((Err(agent_refusal(&code)), 0, None)),
-            (None, None) => None,
-        }
+            .decided()?
+            .map_err(agent_refusal);
+        Some(match decided {
+            Ok(seq) => (Ok(self.modules.get(module)), seq, None),
+            Err(r) => (Err(r), 0, None),
+        })
     }
 
     /// Whether the token the edge verified for `who` has the command role.

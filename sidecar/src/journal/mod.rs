@@ -445,7 +445,7 @@ impl Journal {
         let from = if horizon { persisted } else { 0 };
         let mut records = Vec::new();
         let (mut scanned, mut last_row) = (0u64, None);
-        let writer = Writer::open(dir, found, opts, &mut |lsn, payload| {
+        let writer = Writer::open(dir, found, opts, lock, &mut |lsn, payload| {
             let txn = Txn::decode(payload).map_err(|detail| SegmentError::Corrupt {
                 path: dir.to_path_buf(),
                 offset: lsn,
@@ -463,8 +463,7 @@ impl Journal {
                 records.push((lsn, txn));
             }
             Ok(())
-        })?
-        .holding(lock);
+        })?;
         let kept = records.len() as u64;
         Ok(Opened {
             writer,

@@ -97,14 +97,13 @@ fn decode_header(head: &[u8; HEADER]) -> (usize, u32, Lsn) {
     )
 }
 
-/// Whether the frame at `pos` carries the [`BATCH_END`] mark.
-fn ends_batch(bytes: &[u8], pos: usize) -> bool {
-    bytes.get(pos + 3).is_some_and(|b| b & 0x80 != 0)
-}
-
-/// Whether the frame at `pos` carries the [`BATCH_START`] mark.
-fn starts_batch(bytes: &[u8], pos: usize) -> bool {
-    bytes.get(pos + 3).is_some_and(|b| b & 0x40 != 0)
+/// Whether the frame at `pos` carries `mark` ([`BATCH_START`], [`BATCH_END`]) in
+/// its length word.
+fn marked(bytes: &[u8], pos: usize, mark: u32) -> bool {
+    bytes
+        .get(pos..pos + 4)
+        .and_then(|w| <[u8; 4]>::try_from(w).ok())
+        .is_some_and(|w| u32::from_le_bytes(w) & mark != 0)
 }
 
 /// The frame at `pos`: its length, checksum and LSN, when its header is there.
@@ -250,7 +249,7 @@ fn torn_or_damaged(bytes: &[u8], pos: usize, dirty_end: usize, expect: Lsn) -> R
 /// `None`: every whole record from `q` on may be of the batch the record at
 /// `pos` was torn in.
 fn later_batch(bytes: &[u8], pos: usize, q: usize, dirty_end: usize) -> Option<Lsn> {
-    if ends_batch(bytes, pos) {
+    if marked(bytes, pos, BATCH_END) {
         return header(bytes, pos).map(|(_, _, lsn)| lsn);
     }
     let mut at = q;
@@ -259,7 +258,7 @@ fn later_batch(bytes: &[u8], pos: usize, q: usize, dirty_end: usize) -> Option<L
             break;
         };
         let end = at + HEADER + payload.len();
-        if starts_batch(bytes, at) || (ends_batch(bytes, at) && end < dirty_end) {
+        if marked(bytes, at, BATCH_START) || (marked(bytes, at, BATCH_END) && end < dirty_end) {
             return Some(lsn);
         }
         at = end;
@@ -392,23 +391,19 @@ pub(super) struct Writer {
     next_lsn: Lsn,
     buf: Vec<u8>,
     /// The directory's lock, held as long as the writer lives.
-    lock: Option<File>,
+    _lock: File,
 }
 
 impl Writer {
-    /// The writer, holding `lock` (the directory's) until it is dropped.
-    pub(super) fn holding(mut self, lock: File) -> Writer {
-        self.lock = Some(lock);
-        self
-    }
-
     /// Opens the journal in `dir` (which exists), whose segments are `found`
     /// ([`segments`]): every segment is read, one at a time, and its records
-    /// handed to `visit` in order; a torn tail of the last is cut off.
+    /// handed to `visit` in order; a torn tail of the last is cut off. The writer
+    /// holds `lock` (the directory's) until it is dropped.
     pub(super) fn open(
         dir: &Path,
         found: Vec<(Lsn, PathBuf)>,
         opts: Options,
+        lock: File,
         visit: Visit<'_>,
     ) -> Result<Writer, SegmentError> {
         let mut closed = Vec::new();
@@ -491,7 +486,7 @@ impl Writer {
                     allocated,
                     next_lsn,
                     buf: Vec::new(),
-                    lock: None,
+                    _lock: lock,
                 };
                 remove_stale(dir, &stale);
                 return Ok(w);
@@ -516,7 +511,7 @@ impl Writer {
             allocated: 0,
             next_lsn,
             buf: Vec::new(),
-            lock: None,
+            _lock: lock,
         };
         remove_stale(dir, &stale);
         Ok(w)
@@ -645,28 +640,22 @@ impl Writer {
     /// Deletes the closed segments whose records are all below `low`.
     pub(super) fn drop_below(&mut self, low: Lsn) -> Result<(), SegmentError> {
         let mut deleted = false;
-        while !self.closed.is_empty() {
+        let mut failed = Ok(());
+        while let Some((_, path, _)) = self.closed.first() {
             let next_first = self.closed.get(1).map_or(self.current.0, |s| s.0);
             if next_first > low {
                 break;
             }
             // Forgotten only once deleted: a segment that could not be deleted
             // stays the oldest, and is tried again before any later one (a later
-            // one deleted before it would leave a gap no start accepts).
-            let Some((_, path, _)) = self.closed.first() else {
-                break;
-            };
-            let path = path.clone();
-            // Gone already (removed by hand): as good as deleted.
-            let removed = fs::remove_file(&path).or_else(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Ok(()),
-                _ => Err(e),
-            });
-            if let Err(e) = removed {
-                if deleted {
-                    sync_dir(&self.dir)?;
+            // one deleted before it would leave a gap no start accepts). One gone
+            // already (removed by hand) is as good as deleted.
+            match fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    failed = Err(io(path)(e));
+                    break;
                 }
-                return Err(io(&path)(e));
+                _ => {}
             }
             self.closed.remove(0);
             deleted = true;
@@ -674,7 +663,7 @@ impl Writer {
         if deleted {
             sync_dir(&self.dir)?;
         }
-        Ok(())
+        failed
     }
 
     pub(super) fn publish_stats(&self, stats: &JournalStats) {

@@ -269,16 +269,22 @@ fn damage_near_the_end_is_not_taken_for_a_torn_write() {
         let (d, seg) = three_records("journal-bitrot");
         let mut b = std::fs::read(&seg).unwrap();
         b[at] ^= bit;
-        std::fs::write(&seg, &b).unwrap();
-        match Journal::open(d.path(), Options::default()) {
-            Err(JournalError::Corrupt { detail, .. }) => {
-                assert!(detail.contains("record"), "{what}: {detail}");
-            }
-            Err(e) => panic!("{what}: {e}"),
-            Ok(o) => panic!("{what}: opened with {} records", o.records.len()),
-        }
-        assert_eq!(std::fs::read(&seg).unwrap(), b, "{what}: nothing cut");
+        refused_as_damaged(d.path(), &seg, &b, "record", what);
     }
+}
+
+/// Writes `bytes` as segment `seg` of the journal in `dir`, whose start must
+/// refuse them as damaged (the detail saying `says`) and cut nothing.
+fn refused_as_damaged(dir: &Path, seg: &Path, bytes: &[u8], says: &str, what: &str) {
+    std::fs::write(seg, bytes).unwrap();
+    match Journal::open(dir, Options::default()) {
+        Err(JournalError::Corrupt { detail, .. }) => {
+            assert!(detail.contains(says), "{what}: {detail}");
+        }
+        Err(e) => panic!("{what}: {e}"),
+        Ok(o) => panic!("{what}: opened with {} records", o.records.len()),
+    }
+    assert_eq!(std::fs::read(seg).unwrap(), bytes, "{what}: nothing cut");
 }
 
 /// A sector of acknowledged records lost (read back as zeros: a lost write, a
@@ -296,15 +302,13 @@ fn a_lost_sector_under_acknowledged_records_is_not_taken_for_a_torn_write() {
     let mut b = std::fs::read(&seg).unwrap();
     assert!(frames(1..=200).len() > 8192, "the sector is well inside");
     b[4096..4608].fill(0);
-    std::fs::write(&seg, &b).unwrap();
-    match Journal::open(d.path(), Options::default()) {
-        Err(JournalError::Corrupt { detail, .. }) => {
-            assert!(detail.contains("a batch written after it"), "{detail}");
-        }
-        Err(e) => panic!("{e}"),
-        Ok(o) => panic!("opened with {} of 200 records", o.records.len()),
-    }
-    assert_eq!(std::fs::read(&seg).unwrap(), b, "nothing cut");
+    refused_as_damaged(
+        d.path(),
+        &seg,
+        &b,
+        "a batch written after it",
+        "a lost sector",
+    );
 }
 
 /// Two batches of three records, the second the last: a sector lost under the
@@ -333,18 +337,13 @@ fn a_hole_that_took_a_batchs_end_mark_is_still_damage() {
         );
         b[sector..sector + 512].fill(0);
         let seg = d.path().join("00000000000000000001.log");
-        std::fs::write(&seg, &b).unwrap();
-        match (marked, Journal::open(d.path(), Options::default())) {
-            (true, Err(JournalError::Corrupt { detail, .. })) => {
-                assert!(detail.contains("a batch written after it"), "{detail}");
-                assert_eq!(std::fs::read(&seg).unwrap(), b, "nothing cut");
-            }
-            (false, Ok(o)) => {
-                let kept = if sector < starts[2] { 1 } else { 2 };
-                assert_eq!(o.records.len(), kept, "cut at the hole");
-            }
-            (m, Err(e)) => panic!("marked {m}: {e}"),
-            (m, Ok(o)) => panic!("marked {m}: opened with {} records", o.records.len()),
+        if marked {
+            refused_as_damaged(d.path(), &seg, &b, "a batch written after it", "marked");
+        } else {
+            std::fs::write(&seg, &b).unwrap();
+            let o = Journal::open(d.path(), Options::default()).unwrap();
+            let kept = if sector < starts[2] { 1 } else { 2 };
+            assert_eq!(o.records.len(), kept, "unmarked: cut at the hole");
         }
     }
 }

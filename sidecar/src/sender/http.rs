@@ -42,33 +42,6 @@ impl SenderApi {
         }
     }
 
-    /// `decode(body)`: at once for a small body; a large one (hundreds of
-    /// transactions, each signature verified) on the blocking pool, one of
-    /// `turns` at a time, not on a runtime worker every other route shares. `Err`: the answer when the
-    /// decoding could not run.
-    async fn decode<T: Send + 'static>(
-        turns: &tokio::sync::Semaphore,
-        body: Bytes,
-        decode: impl FnOnce(&[u8]) -> T + Send + 'static,
-    ) -> Result<T, Response> {
-        if body.len() <= INLINE_BODY_BYTES {
-            return Ok(decode(&body));
-        }
-        let Ok(_turn) = turns.acquire().await else {
-            return Err(unavailable());
-        };
-        tokio::task::spawn_blocking(move || decode(&body))
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "decoding a request body failed");
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Json(json!({"error": "unavailable", "detail": "decoding the request failed; send it again"})),
-                )
-                    .into_response()
-            })
-    }
-
     /// `/api/rpc`, `/api/opportunities`, `/api/sender`.
     pub fn router(self) -> Router {
         Router::new()
@@ -113,7 +86,7 @@ async fn rpc(State(st): St, body: Bytes) -> Response {
     let Some(dp) = &st.plane else {
         return unavailable();
     };
-    let request = match SenderApi::decode(&st.decoding_rpc, body, rpc::Request::parse).await {
+    let request = match decode_off_runtime(&st.decoding_rpc, body, rpc::Request::parse).await {
         Ok(r) => r,
         Err(answer) => return answer,
     };
@@ -185,6 +158,33 @@ fn opportunity(
     })
 }
 
+/// `decode(body)`: at once for a small body; a large one (hundreds of
+/// transactions, each signature verified) on the blocking pool, one of `turns`
+/// at a time, not on a runtime worker every other route shares. `Err`: the
+/// answer when the decoding could not run.
+async fn decode_off_runtime<T: Send + 'static>(
+    turns: &tokio::sync::Semaphore,
+    body: Bytes,
+    decode: impl FnOnce(&[u8]) -> T + Send + 'static,
+) -> Result<T, Response> {
+    if body.len() <= INLINE_BODY_BYTES {
+        return Ok(decode(&body));
+    }
+    let Ok(_turn) = turns.acquire().await else {
+        return Err(unavailable());
+    };
+    tokio::task::spawn_blocking(move || decode(&body))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "decoding a request body failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": "unavailable", "detail": "decoding the request failed; send it again"})),
+            )
+                .into_response()
+        })
+}
+
 /// The largest body decoded on the runtime's worker.
 const INLINE_BODY_BYTES: usize = 16 << 10;
 
@@ -217,7 +217,7 @@ async fn opportunities(State(st): St, body: Bytes) -> Response {
     let Some(dp) = &st.plane else {
         return unavailable();
     };
-    let decoded = SenderApi::decode(&st.decoding_opportunities, body, move |b| {
+    let decoded = decode_off_runtime(&st.decoding_opportunities, body, move |b| {
         decode_opportunities(b, received)
     });
     let items = match decoded.await {
