@@ -3,7 +3,8 @@
 //! Exit codes: 0 success; 1 a verdict that is "no" (a rejected command, a non-2xx
 //! HTTP answer, a command its module refused to apply); 2 an error (bad arguments,
 //! unreadable file, network failure), printed as one line on stderr; 3 (`send`) a
-//! command accepted but not applied yet — send the same file again later. `send`
+//! command accepted but not applied yet, or a 5xx (not known to be accepted) —
+//! send the same file again later, never sign it again. `send`
 //! exits 0 for a command applied, also when an earlier send of the same bytes
 //! applied it (`409 replay` with `"applied": true`).
 

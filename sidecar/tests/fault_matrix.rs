@@ -1123,7 +1123,9 @@ fn a_full_journal_disk_refuses_with_503_and_burns_no_nonce() {
 /// page cache kept, or with a power cut — the sidecar comes back with none of them
 /// (the journal cut off the records it wrote for them; never synced, they are
 /// gone anyway after the power cut), and resent they apply once. The same with a
-/// disk that refuses every change, truncation included. The node's signed ledger
+/// disk that refuses every change, truncation included. Then a disk whose syncs
+/// fail although the writes reached it, and a power cut: what it kept of the
+/// refused commands comes back applied, and resent each says so. The node's signed ledger
 /// checkpoints are on a second such disk, failing and losing power with the
 /// journal's (none synced is lost), and then alone while commands apply.
 /// Both buses: with Kafka the journal is the outbox, and a power cut can lose the
@@ -1173,7 +1175,8 @@ fn failing_disk(kafka: bool) {
     // looks at the count (seen with the other fault tests running beside this one).
     const IN_FLIGHT: usize = 120;
     let cmds = rig.new_commands(IN_FLIGHT);
-    let applied = |rig: &Rig| rig.modules()["mev"]["applied"].as_u64().unwrap_or(0);
+    let applied_of = |m: &Value| m["mev"]["applied"].as_u64().unwrap_or(0);
+    let applied = |rig: &Rig| applied_of(&rig.modules());
     let warm_applied = applied(&rig);
     rig.stream_paced(&cmds, Duration::from_millis(1), Duration::ZERO, |rig| {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1208,24 +1211,39 @@ fn failing_disk(kafka: bool) {
     // refused command is back at the next start, and resent each applies once
     // (with Kafka a first resend may be answered 200 `pending` and the next a
     // replay that says applied; `check` counts the applied rows).
+    // Last, a disk whose syncs fail although the writes reached it (written back
+    // before the device failed), then a power cut: the first refused batch comes
+    // back at the next start and is applied, as its 503 warned (nothing is written
+    // over it: `journal::tests::a_refused_batch_a_failing_disk_kept_comes_back_whole_or_not_at_all`);
+    // the resend of its bytes says so, and every command is applied once (`check`).
     // `restart`: `None`, healed in place; `Some(power_cut)`, killed first.
-    for (restart, every_change) in [
-        (None, false),
-        (Some(false), false),
-        (Some(true), false),
-        (Some(false), true),
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Fails {
+        Syncs,
+        EveryChange,
+        SyncsAfterWriteback,
+    }
+    for (restart, fails) in [
+        (None, Fails::Syncs),
+        (Some(false), Fails::Syncs),
+        (Some(true), Fails::Syncs),
+        (Some(false), Fails::EveryChange),
+        (Some(true), Fails::SyncsAfterWriteback),
     ] {
-        if every_change {
-            disk.fail_all();
-        } else {
-            disk.fail_syncs();
+        match fails {
+            Fails::Syncs => disk.fail_syncs(),
+            Fails::EveryChange => disk.fail_all(),
+            Fails::SyncsAfterWriteback => disk.fail_syncs_after_writeback(),
         }
         let before = rig.modules();
         let batch = rig.new_commands(5);
         rig.stream(&batch, Duration::ZERO, |_| {});
         for n in &batch {
             match &rig.cmds[n].first {
-                Some(Answer::Retry(s)) => assert!(s.starts_with("503"), "{n}: {s}"),
+                Some(Answer::Retry(s)) => assert!(
+                    s.starts_with("503") && s.contains("send the same bytes again"),
+                    "{n}: {s}"
+                ),
                 other => panic!("command {n} on a failing disk: {other:?}"),
             }
         }
@@ -1239,11 +1257,19 @@ fn failing_disk(kafka: bool) {
         disk.heal();
         if restart.is_some() {
             rig.start_sidecar();
-            assert_eq!(
-                rig.modules(),
-                before,
-                "a refused command came back at the next start ({restart:?}, every change failing: {every_change})"
-            );
+            if fails == Fails::SyncsAfterWriteback {
+                let came_back = applied(&rig) - applied_of(&before);
+                eprintln!("failing disk after writeback, power cut: {came_back} of 5 refused commands came back");
+                // None when the batch went past the file's durable end (its
+                // size change is not written back): torn, cut at the start.
+                assert!(came_back <= 5, "{came_back} of 5 came back");
+            } else {
+                assert_eq!(
+                    rig.modules(),
+                    before,
+                    "a refused command came back at the next start ({restart:?}, {fails:?})"
+                );
+            }
         }
         rig.settle();
         for n in &batch {
@@ -1370,6 +1396,9 @@ impl Disks<'_> {
     }
     fn fail_all(&self) {
         self.0.iter().for_each(|d| d.fail_all());
+    }
+    fn fail_syncs_after_writeback(&self) {
+        self.0.iter().for_each(|d| d.fail_syncs_after_writeback());
     }
     fn heal(&self) {
         self.0.iter().for_each(|d| d.heal());

@@ -7,6 +7,10 @@
 //! - [`FaultFs::fail_syncs`]: from now on `fsync`/`fdatasync` (files and the
 //!   directory) answer `EIO`, as a device whose writes stopped reaching the media;
 //!   writes still land in "the page cache" (they read back) but are not durable.
+//! - [`FaultFs::fail_syncs_after_writeback`]: syncs answer `EIO` as above, yet
+//!   every write already reached the media (the kernel's flusher wrote it back
+//!   before the device failed): a write over a file's durable bytes is durable at
+//!   once; a size change (a truncation, bytes past the durable end) is not.
 //! - [`FaultFs::fail_all`]: every change (write, truncate, create, rename, unlink,
 //!   sync) answers `EIO`.
 //! - [`FaultFs::tear_next_write`]: the next write lands its first half only and
@@ -39,6 +43,7 @@ const TTL: Duration = Duration::ZERO;
 enum Mode {
     Healthy,
     FailSyncs,
+    Writeback,
     FailAll,
     TearNextWrite,
 }
@@ -105,6 +110,12 @@ impl FaultFs {
     /// Syncs fail with `EIO` from now on (writes still succeed, not durably).
     pub fn fail_syncs(&self) {
         self.set(Mode::FailSyncs);
+    }
+
+    /// Syncs fail with `EIO` from now on, yet a write over a file's durable bytes
+    /// is durable at once (written back before the failure); size changes are not.
+    pub fn fail_syncs_after_writeback(&self) {
+        self.set(Mode::Writeback);
     }
 
     /// Every change fails with `EIO` from now on.
@@ -285,12 +296,17 @@ impl State {
             bytes
         };
         let at = usize::try_from(offset).map_err(|_| EIO)?;
-        let data = &mut self.file(ino)?.data;
+        let writeback = self.mode == Mode::Writeback;
+        let f = self.file(ino)?;
         let end = at + bytes.len();
-        if data.len() < end {
-            data.resize(end, 0);
+        if f.data.len() < end {
+            f.data.resize(end, 0);
         }
-        data[at..end].copy_from_slice(bytes);
+        f.data[at..end].copy_from_slice(bytes);
+        if writeback && at < f.durable.len() {
+            let to = end.min(f.durable.len());
+            f.durable[at..to].copy_from_slice(&bytes[..to - at]);
+        }
         if torn {
             return Err(EIO);
         }

@@ -141,18 +141,22 @@ enum Verdict {
     /// Refused as too old (`stale`): when these bytes were sent before, this
     /// says nothing of that send (its outcome is in the ledger).
     Stale,
+    /// A 5xx: the gateway or a component behind it failed; the command is not
+    /// known to be accepted (a failing journal disk may have kept it): send the
+    /// same bytes again, which tells — never re-sign.
+    Retry,
     /// Refused (any other status).
     Refused,
 }
 
 impl Verdict {
-    /// 0 done or already applied; 1 refused or not applied; 3 pending (2 is
-    /// gwctl's own error).
+    /// 0 done or already applied; 1 refused or not applied; 3 pending or a 5xx:
+    /// send the same file again (2 is gwctl's own error).
     fn exit_code(&self) -> ExitCode {
         match self {
             Verdict::Done | Verdict::AlreadyApplied => ExitCode::SUCCESS,
             Verdict::NotApplied | Verdict::Stale | Verdict::Refused => ExitCode::from(1),
-            Verdict::Pending => ExitCode::from(3),
+            Verdict::Pending | Verdict::Retry => ExitCode::from(3),
         }
     }
 
@@ -162,6 +166,7 @@ impl Verdict {
             Verdict::Pending => Some("accepted, not applied yet: send the same file again later to learn the outcome (do not sign it again)"),
             Verdict::NotApplied => Some("accepted, but its module refused to apply it (apply_error)"),
             Verdict::Stale => Some("refused as stale: if this file was sent before, this answer says nothing of that send; find its request_id in the ledger before signing the command again"),
+            Verdict::Retry => Some("not known to be accepted (the gateway failed): send the same file again to learn the outcome (do not sign it again)"),
             Verdict::Done | Verdict::Refused => None,
         }
     }
@@ -188,6 +193,7 @@ fn verdict(status: u16, body: &[u8]) -> Verdict {
             }
         }
         _ if error == Some("stale") => Verdict::Stale,
+        500..=599 => Verdict::Retry,
         _ => Verdict::Refused,
     }
 }
@@ -198,7 +204,7 @@ mod tests {
 
     #[test]
     fn each_answer_has_its_verdict() {
-        let cases: [(u16, &str, Verdict); 11] = [
+        let cases: [(u16, &str, Verdict); 13] = [
             (
                 200,
                 r#"{"ok":true,"applied":true,"state":{}}"#,
@@ -236,7 +242,10 @@ mod tests {
                 Verdict::Refused,
             ),
             (409, r#"{"error":"other","applied":true}"#, Verdict::Refused),
-            (503, r#"{"error":"unavailable"}"#, Verdict::Refused),
+            (503, r#"{"error":"unavailable"}"#, Verdict::Retry),
+            // Envoy's own answer with the sidecar away.
+            (503, "upstream connect error", Verdict::Retry),
+            (429, r#"{"error":"replay_capacity"}"#, Verdict::Refused),
             (
                 401,
                 r#"{"error":"stale","detail":"too old"}"#,

@@ -235,7 +235,9 @@ impl Admission {
     }
 
     /// The journal did not take an admitted command (its rows, nonce and bus
-    /// entry): nothing was accepted, and the same bytes may be sent again. The
+    /// entry): not accepted — unless a failing disk kept what was written for it,
+    /// which then comes back at the next start — and the same bytes may be sent
+    /// again, which tells. The
     /// refusal's rows (the edge's acceptance, then this) replace the `accepted` one;
     /// the nonce stays reserved until released.
     pub fn journal_failed(&self, a: &Admitted, why: &str) -> Refused {
@@ -250,7 +252,10 @@ impl Admission {
             rows,
             reject: Reject::with(
                 Code::Unavailable,
-                format!("{why}; nothing was accepted: the same bytes may be sent again"),
+                format!(
+                    "{why}; not accepted, unless the failing disk kept what was written for it: \
+                     send the same bytes again, which tells (never sign the command again)"
+                ),
             ),
             command: Some(a.verified.command.clone()),
         }
@@ -705,7 +710,7 @@ mod tests {
         };
         let r = a.journal_failed(&ok, "journal: no space left on device");
         assert_eq!(r.reject.code, Code::Unavailable);
-        assert!(r.reject.detail.contains("nothing was accepted"));
+        assert!(r.reject.detail.contains("send the same bytes again"));
         assert_eq!(r.rows, vec![EDGE_ACCEPTED, rejected(Code::Unavailable)]);
         // Released, the nonce is free for the same bytes again.
         a.release(&ok);

@@ -316,6 +316,12 @@ impl Control {
         let rows = self.rows(&r.rows, body, r.command.as_ref(), requester, route);
         match self.record(rows).await {
             Ok(()) => r.reject.into(),
+            // Unrecorded, a refusal is no answer: 503, send again. One that is a
+            // 503 already keeps its own detail (it says what a resend tells).
+            Err(e) if r.reject.code == Code::Unavailable => {
+                tracing::warn!(error = %e, "a refusal's rows were not recorded");
+                r.reject.into()
+            }
             Err(e) => e.into(),
         }
     }
@@ -570,7 +576,7 @@ impl Control {
         let c = &a.verified.command;
         record_command(c);
         // One durable step: the rows, the nonce and the command on the bus. If it
-        // fails nothing was accepted, and the same bytes may be sent again.
+        // fails the same bytes may be sent again (`Admission::journal_failed`).
         let max_skew = self.gate.lock().admission.policy().max_skew;
         let expires = gw_core::replay::expiry(c.ts, max_skew);
         let digest = gw_core::replay::digest(body);

@@ -388,6 +388,10 @@ pub(super) struct Writer {
     good_len: u64,
     /// Its file's size: zeros from `good_len` on.
     allocated: u64,
+    /// A refused batch's bytes may still be on the disk after `good_len`: its cut
+    /// back was not made durable. Nothing is written until it is
+    /// ([`Writer::settle`]).
+    unsettled: bool,
     next_lsn: Lsn,
     buf: Vec<u8>,
     /// The directory's lock, held as long as the writer lives.
@@ -484,6 +488,7 @@ impl Writer {
                     current: (first, path, f),
                     good_len: s.good_len,
                     allocated,
+                    unsettled: false,
                     next_lsn,
                     buf: Vec::new(),
                     _lock: lock,
@@ -509,6 +514,7 @@ impl Writer {
             current: (next_lsn, path, f),
             good_len: 0,
             allocated: 0,
+            unsettled: false,
             next_lsn,
             buf: Vec::new(),
             _lock: lock,
@@ -554,6 +560,7 @@ impl Writer {
     /// the inode (nor, on a journaling file system, a journal commit): ≈ 30 % less
     /// time per sync on the project's ext4 VM, `bench/fsync_probe.py`.
     pub(super) fn write_batch(&mut self, payloads: &[&[u8]]) -> Result<Lsn, SegmentError> {
+        self.settle()?;
         let first = self.next_lsn;
         self.buf.clear();
         for (i, p) in payloads.iter().enumerate() {
@@ -583,16 +590,19 @@ impl Writer {
         }
         written = written.and_then(|()| file.sync_data());
         if let Err(source) = written {
-            // Nothing of the batch may be recovered later: the caller is told it
-            // was not written. Cut it off, and make the cut durable — a batch whose
-            // bytes reached the disk although its sync failed would otherwise come
-            // back at the next start if the machine stopped before the cut did
-            // (best effort: a disk that fails that too is reported, and the next
-            // batch is written over it).
-            if let Err(e) = file.set_len(self.good_len).and_then(|()| file.sync_data()) {
-                tracing::error!(path = %path.display(), error = %e, "journal: a refused batch could not be cut off durably; it may come back at the next start");
-            }
+            // The callers are told the batch was not written. Cut it off, and make
+            // the cut durable: bytes of it may have reached the disk although the
+            // sync failed (written back before the device failed). A cut that is
+            // not durable leaves the batch's fate to the disk — it may come back,
+            // whole, at the next start, which is why a refusal says a resend of
+            // the same bytes tells — and nothing is written over it until the cut
+            // is durable: a later batch written over part of it could leave a mix
+            // of the two that no start reads as either.
             self.allocated = self.good_len;
+            if let Err(e) = file.set_len(self.good_len).and_then(|()| file.sync_data()) {
+                tracing::error!(path = %path.display(), error = %e, "journal: a refused batch could not be cut off durably; it may come back at the next start, and nothing is written until the cut is durable");
+                self.unsettled = true;
+            }
             return Err(SegmentError::Io {
                 path: path.clone(),
                 source,
@@ -608,6 +618,21 @@ impl Writer {
             }
         }
         Ok(first)
+    }
+
+    /// Makes the cut back of a refused batch durable, when it is not yet
+    /// ([`Writer::unsettled`]): until then every batch is refused unwritten.
+    fn settle(&mut self) -> Result<(), SegmentError> {
+        if !self.unsettled {
+            return Ok(());
+        }
+        let (_, path, file) = &self.current;
+        file.set_len(self.good_len)
+            .and_then(|()| file.sync_data())
+            .map_err(io(path))?;
+        tracing::info!(path = %path.display(), "journal: the refused batch's cut is durable; writing again");
+        self.unsettled = false;
+        Ok(())
     }
 
     fn roll(&mut self) -> Result<(), SegmentError> {

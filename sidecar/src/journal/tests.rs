@@ -885,3 +885,48 @@ fn records_are_read_back_across_segments() {
         (20..=31).collect::<Vec<_>>()
     );
 }
+
+/// A batch refused on a failing disk that kept its bytes anyway (written back
+/// before the device failed the sync, the cut back not durable): nothing is
+/// written over it until the cut is durable, so it comes back whole at the next
+/// start or not at all — never mixed with a batch written after it on the same
+/// LSNs. Healed, the next batch makes the cut durable and is written in its place.
+/// (A FUSE disk, `testkit::faultfs`: needs root and `/dev/fuse`.)
+#[test]
+fn a_refused_batch_a_failing_disk_kept_comes_back_whole_or_not_at_all() {
+    let d = testkit::TempDir::new("journal-writeback");
+    let dir = d.path().join("journal");
+    let disk = testkit::faultfs::FaultFs::mount(&dir)
+        .expect("the failing-disk test mounts a FUSE filesystem (needs root and /dev/fuse)");
+    let (j, _) = open(&dir, 1 << 20);
+    for i in 1..=3 {
+        commit(&j, i);
+    }
+    disk.fail_syncs_after_writeback();
+    for i in [4, 5] {
+        assert!(
+            matches!(j.commit_blocking(payload(i)), Err(JournalError::Io { .. })),
+            "{i} on a failing disk"
+        );
+    }
+    j.stop();
+    drop(j);
+    // Power lost: the first refused batch was written back over durable bytes,
+    // its cut back never made durable; the second was never written.
+    disk.power_cut();
+    disk.heal();
+    let (j, rec) = open(&dir, 1 << 20);
+    assert_eq!(rec, vec![(1, 1), (2, 2), (3, 3), (4, 4)]);
+
+    // Healed in place: the next batch settles the cut first, then takes its LSN.
+    disk.fail_syncs_after_writeback();
+    assert!(j.commit_blocking(payload(6)).is_err());
+    disk.heal();
+    assert_eq!(commit(&j, 7), 5);
+    j.stop();
+    drop(j);
+    disk.power_cut();
+    let (j, rec) = open(&dir, 1 << 20);
+    assert_eq!(rec, vec![(1, 1), (2, 2), (3, 3), (4, 4), (5, 7)]);
+    j.stop();
+}
