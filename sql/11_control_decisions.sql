@@ -6,7 +6,13 @@
 -- MergeTree, not ReplacingMergeTree: two rows claiming one (chain_id, seq) must both
 -- stay visible (the verifier reports them), never be merged into one. A retried batch
 -- carries an insert_deduplication_token, so a batch that landed but whose
--- acknowledgement was lost is not stored twice.
+-- acknowledgement was lost is not stored twice; the token names the batch's last
+-- row_hash, so a batch of other rows on the same positions (another writer on this
+-- chain_id) is stored, not dropped as a retry.
+--
+-- fsync_after_insert: an insert is acknowledged only once its part is on disk. The
+-- sidecar lets its journal drop rows ClickHouse acknowledged; a part still in the
+-- page cache when ClickHouse's machine lost power would be a hole in the chain.
 CREATE TABLE IF NOT EXISTS control_decisions
 (
     chain_id        LowCardinality(String),
@@ -35,7 +41,7 @@ ENGINE = MergeTree
 PARTITION BY toYYYYMM(toDateTime(intDiv(ts_ms, 1000)))
 ORDER BY (chain_id, seq)
 TTL toDateTime(intDiv(ts_ms, 1000)) + INTERVAL 400 DAY DELETE
-SETTINGS non_replicated_deduplication_window = 10000;
+SETTINGS non_replicated_deduplication_window = 10000, fsync_after_insert = 1, fsync_part_directory = 1;
 
 -- Columns added after the table's first release: a table made by an older version
 -- gains them (run by the administrator's setup; the sidecar's user may not ALTER).
@@ -43,3 +49,4 @@ ALTER TABLE control_decisions ADD COLUMN IF NOT EXISTS requester String AFTER ra
 ALTER TABLE control_decisions ADD COLUMN IF NOT EXISTS requester_roles String AFTER requester;
 ALTER TABLE control_decisions ADD COLUMN IF NOT EXISTS token_issuer String AFTER requester_roles;
 ALTER TABLE control_decisions ADD COLUMN IF NOT EXISTS route String AFTER token_issuer;
+ALTER TABLE control_decisions MODIFY SETTING fsync_after_insert = 1, fsync_part_directory = 1;

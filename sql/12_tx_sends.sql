@@ -26,7 +26,9 @@ CREATE TABLE IF NOT EXISTS tx_sends
 ENGINE = MergeTree
 ORDER BY (ts_us, signature)
 TTL toDateTime(intDiv(ts_us, 1000000)) + INTERVAL 30 DAY
-SETTINGS non_replicated_deduplication_window = 1000;
+SETTINGS non_replicated_deduplication_window = 1000, fsync_after_insert = 1, fsync_part_directory = 1;
 
 -- Tables made before 2026-12-05.
 ALTER TABLE tx_sends ADD COLUMN IF NOT EXISTS scored_by LowCardinality(String) AFTER score;
+-- Acknowledged only once on disk: the journal lets rows go once acknowledged.
+ALTER TABLE tx_sends MODIFY SETTING fsync_after_insert = 1, fsync_part_directory = 1;

@@ -10,4 +10,8 @@ CREATE TABLE IF NOT EXISTS control_checkpoints
     ts_ms    UInt64
 )
 ENGINE = MergeTree
-ORDER BY (chain_id, size);
+ORDER BY (chain_id, size)
+SETTINGS fsync_after_insert = 1, fsync_part_directory = 1;
+
+-- A table made by an older version: its inserts are acknowledged on disk too.
+ALTER TABLE control_checkpoints MODIFY SETTING fsync_after_insert = 1, fsync_part_directory = 1;

@@ -150,7 +150,9 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         anyhow::bail!("--table `{}` is not a plain table name", a.table);
     }
     let sql = format!(
-        "SELECT * FROM {} ORDER BY chain_id, seq FORMAT JSONEachRow",
+        // 64-bit integers as JSON numbers: a ClickHouse before 25.8 quotes them.
+        "SELECT * FROM {} ORDER BY chain_id, seq \
+         SETTINGS output_format_json_quote_64bit_integers = 0 FORMAT JSONEachRow",
         a.table
     );
     let rt = tokio::runtime::Builder::new_current_thread()

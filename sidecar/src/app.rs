@@ -76,6 +76,10 @@ impl Running {
             .merge(SenderApi::new(self.plane.clone(), modules).router())
             .merge(self.realtime.router())
             .merge(crate::console::router())
+            .method_not_allowed_fallback({
+                let g = self.gatekeeper.clone();
+                move |req: axum::extract::Request| crate::serve::method_not_allowed(g, req)
+            })
             .fallback_service(
                 axum::Router::new()
                     .fallback(crate::serve::not_found)

@@ -292,6 +292,19 @@ pub async fn not_found(State(g): State<Gatekeeper>, req: Request) -> Response {
     refuse(&g, Code::NotFound, "the sidecar has no such route", req).await
 }
 
+/// A path the sidecar serves, with a method it does not serve there (after
+/// [`edge_only`]): 405 `method_not_allowed`, with its ledger row like every
+/// refusal (axum's own 405 wrote none).
+pub async fn method_not_allowed(g: Gatekeeper, req: Request) -> Response {
+    refuse(
+        &g,
+        Code::MethodNotAllowed,
+        "the sidecar serves this path with other methods",
+        req,
+    )
+    .await
+}
+
 /// How long a refused caller's body is waited for; its row is then written with
 /// what arrived in time.
 const REFUSED_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);

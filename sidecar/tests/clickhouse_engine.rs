@@ -77,6 +77,18 @@ fn migrations_apply_idempotently_and_the_queries_run() {
         first,
         "second run applies cleanly"
     );
+    // The tables whose rows the sidecar's journal lets go once ClickHouse
+    // acknowledged them: acknowledged only once on disk.
+    for t in ["control_decisions", "tx_sends", "control_checkpoints"] {
+        let engine = ch.query(&format!(
+            "SELECT engine_full FROM system.tables WHERE name = '{t}' FORMAT TSV"
+        ));
+        assert!(
+            engine.contains("fsync_after_insert = 1")
+                && engine.contains("fsync_part_directory = 1"),
+            "{t}: {engine}"
+        );
+    }
     ch.query(
         "INSERT INTO control_ledger (ts, module, action, request_id, issuer, args_json, pubkey_id, sig_alg, nonce, sig, raw) \
          VALUES (now(), 'MEV', 'POLICY', 'r1', 'dashboard', '{\"ev_min\":\"0.2\"}', 'op-admin-1', 'ed25519-v1', 7, 'x', 'y')",

@@ -461,9 +461,58 @@ fn an_old_insert_range_does_not_stop_shipping_after_clickhouse_lost_rows() {
     commit_rows(&n, 4, 5);
     // As after a failed insert: the shipper asks ClickHouse where it stands.
     rt.block_on(n.shipper.learn()).unwrap();
+    // Counted (`gw_sidecar_ledger_rows_lost_by_clickhouse`) and logged.
+    assert_eq!(n.queue.lost_counter().get(), 2);
     assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 2);
     let seqs: Vec<u64> = stored(&ch).iter().map(|r| r.seq).collect();
     assert_eq!(seqs, vec![1, 4, 5]);
+    rt.block_on(n.shipper.learn()).unwrap();
+    assert_eq!(n.queue.lost_counter().get(), 2, "counted once");
+}
+
+/// Two nodes on one chain id (two configurations left at the default `node_id`)
+/// and one ClickHouse. Their inserts of the same positions used to share a
+/// deduplication token: the second was dropped as a retry of the first and
+/// reported shipped, its rows lost without a trace. Now both are stored, so the
+/// chain shows the conflict to `verify`; and a node asking where the chain stands
+/// that finds rows beyond its own refuses to ship.
+#[test]
+fn a_second_writer_on_one_chain_id_is_seen_not_dropped() {
+    let (d, ch, client) = with_table("ledger-two-writers");
+    let rt = current_thread();
+    let mut a = node(&d.path().join("journal-a"), &client);
+    let mut b = node(&d.path().join("journal-b"), &client);
+    // Both learn the chain is empty before either ships.
+    rt.block_on(a.shipper.learn()).unwrap();
+    rt.block_on(b.shipper.learn()).unwrap();
+    commit_rows(&a, 1, 2);
+    assert_eq!(rt.block_on(a.shipper.ship_once()).unwrap(), 2);
+    for i in 1..=2 {
+        let mut r = row(i);
+        r.request_id = format!("node-b-{i}");
+        b.journal
+            .commit_blocking(Txn::of(vec![journal::Entry::row(r)]))
+            .unwrap();
+    }
+    assert_eq!(rt.block_on(b.shipper.ship_once()).unwrap(), 2);
+    let rows = stored(&ch);
+    assert_eq!(rows.len(), 4, "both writers' rows are stored");
+    assert!(matches!(
+        verify_chain(&rows),
+        Err(gw_core::ledger::ChainError::Conflict(1))
+    ));
+    commit_rows(&a, 3, 5);
+    assert_eq!(rt.block_on(a.shipper.ship_once()).unwrap(), 3);
+    match rt.block_on(b.shipper.learn()) {
+        Err(
+            e @ ShipError::ForeignRows {
+                seq: 5, sealed: 2, ..
+            },
+        ) => {
+            assert!(e.to_string().contains("own node_id"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 /// Copies directory `from` (files only, as a journal is) to `to`.

@@ -159,6 +159,12 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     // A path the sidecar does not serve: 404 not_found, with its row too.
     let (status, body) = call(&s, &s.http, "POST", "/api/nope", &[], b"x".to_vec());
     assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+    // A path it serves, with a method it does not: 405, with its row.
+    let (status, body) = call(&s, &s.http, "GET", "/api/control/commands", &[], Vec::new());
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
 
     // A body over max_body_bytes (4096 here), from the edge: 413 too_large, and
     // its row too (without the bytes it did not read).
@@ -166,7 +172,7 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     assert_eq!((status, body["error"].as_str()), (413, Some("too_large")));
 
     // Every refusal is a sidecar row with its code; no row claims the edge.
-    let rows = common::wait_rows(&ch, refused + 4);
+    let rows = common::wait_rows(&ch, refused + 5);
     let big: Vec<_> = rows.iter().filter(|r| r.code == "too_large").collect();
     assert_eq!(
         (big.len(), big[0].route.as_str(), big[0].raw_hex.as_str()),
@@ -176,6 +182,14 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     assert_eq!(
         (nf.len(), nf[0].route.as_str(), nf[0].raw_hex.as_str()),
         (1, "/api/nope", "78")
+    );
+    let na: Vec<_> = rows
+        .iter()
+        .filter(|r| r.code == "method_not_allowed")
+        .collect();
+    assert_eq!(
+        (na.len(), na[0].route.as_str()),
+        (1, "/api/control/commands")
     );
     let refusals: Vec<_> = rows
         .iter()

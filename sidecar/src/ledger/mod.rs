@@ -183,6 +183,11 @@ impl Ledger {
             "Of the ledger rows not yet in ClickHouse, those waiting in the journal on disk only (beyond audit_memory_rows)",
             queue.on_disk_gauge(),
         );
+        registry.register(
+            "gw_sidecar_ledger_rows_lost_by_clickhouse",
+            "Ledger rows ClickHouse acknowledged and later did not hold (a restore, a replica behind, a power cut): not shipped again, a gap gwctl ledger verify reports",
+            queue.lost_counter(),
+        );
         Ok((
             Ledger {
                 chain_id: chain_id.to_owned(),

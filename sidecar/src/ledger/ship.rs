@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use gw_core::ledger::{Chain, ChainError, LedgerRow};
 use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -175,6 +176,18 @@ pub enum ShipError {
     /// ClickHouse holds rows of this chain beyond the journal's last one at start.
     #[error(transparent)]
     Behind(#[from] JournalBehind),
+    /// ClickHouse holds a row of this chain this node never sealed: another
+    /// writer uses the chain id. Nothing is shipped (rows of either writer would
+    /// be dropped as stored by the other).
+    #[error("ClickHouse holds row {seq} of chain `{chain}`, and this node sealed rows up to {sealed} only: another writer uses the chain id `{chain}` (each node needs its own node_id); nothing is shipped until that is resolved")]
+    ForeignRows {
+        /// The chain.
+        chain: String,
+        /// ClickHouse's last row.
+        seq: u64,
+        /// The newest row this node sealed.
+        sealed: u64,
+    },
     /// The pre-journal spool could not be read.
     #[error("legacy ledger spool {path}: {detail}")]
     Legacy {
@@ -254,6 +267,8 @@ pub struct RowQueue {
     pending: Gauge,
     /// Of those, rows waiting on disk only.
     pending_on_disk: Gauge,
+    /// Rows ClickHouse acknowledged and later did not hold ([`Shipper::learn`]).
+    lost: Counter,
     /// Rows per insert at most: [`MAX_BATCH_ROWS`], or half the memory's bound, so
     /// that an insert's range read back after a restart is in memory whole.
     batch_rows: usize,
@@ -320,6 +335,7 @@ impl RowQueue {
         RowQueue {
             rows: Mutex::new(Window::new(memory_rows)),
             pending_on_disk: Gauge::default(),
+            lost: Counter::default(),
             batch_rows: (memory_rows / 2).clamp(1, MAX_BATCH_ROWS),
             last: AtomicU64::new(0),
             newest: AtomicU64::new(0),
@@ -353,6 +369,11 @@ impl RowQueue {
     /// The gauge of rows waiting on disk only.
     pub fn on_disk_gauge(&self) -> Gauge {
         self.pending_on_disk.clone()
+    }
+
+    /// The count of rows ClickHouse acknowledged and later did not hold.
+    pub fn lost_counter(&self) -> Counter {
+        self.lost.clone()
     }
 
     fn publish(&self, q: &Window<Arc<LedgerRow>>) {
@@ -591,6 +612,9 @@ pub async fn initial_chain(
 }
 
 /// Inserts `rows` into `table`; a retry of the same rows is deduplicated.
+/// The token names the range and its last row's hash (which commits to every row
+/// before it): the same rows again are one insert, other rows on the same
+/// positions (another writer on the chain id) are not.
 pub async fn insert(
     client: &clickhouse::Client,
     table: &str,
@@ -601,7 +625,10 @@ pub async fn insert(
         return Ok(());
     };
     let (first, last) = (first.borrow(), last.borrow());
-    let token = format!("gw-ledger-{}-{}-{}", first.chain_id, first.seq, last.seq);
+    let token = format!(
+        "gw-ledger-{}-{}-{}-{}",
+        first.chain_id, first.seq, last.seq, last.row_hash
+    );
     let mut client = client
         .clone()
         .with_setting("insert_deduplication_token", token);
@@ -624,6 +651,9 @@ pub struct Shipper {
     chain_id: String,
     /// Last seq ClickHouse holds, once known; and its hash.
     shipped: Option<(u64, [u8; 32])>,
+    /// The last seq ClickHouse acknowledged to this process: holding less later,
+    /// it lost rows ([`Self::learn`] says so).
+    acknowledged: u64,
     /// The least time between two inserts (while fewer than [`SHIP_NOW_ROWS`] wait).
     every: Duration,
     /// ClickHouse's `os_thread_priority` for the inserts.
@@ -660,6 +690,7 @@ impl Shipper {
             table: table.to_owned(),
             chain_id: chain_id.to_owned(),
             shipped: None,
+            acknowledged: 0,
             every: Duration::ZERO,
             nice: None,
             intent_durable: true,
@@ -711,6 +742,30 @@ impl Shipper {
             JournalBehind::check(&self.chain_id, journal, seq)?;
         }
         self.journal_head = None;
+        // Every row ClickHouse holds of this chain was shipped by this node (the
+        // newest it sealed is read after ClickHouse answered).
+        let sealed = self.queue.newest.load(Ordering::Relaxed);
+        if seq > sealed {
+            return Err(ShipError::ForeignRows {
+                chain: self.chain_id.clone(),
+                seq,
+                sealed,
+            });
+        }
+        if seq < self.acknowledged {
+            // Gone from ClickHouse after it acknowledged them (a restore, a replica
+            // behind, a power cut on a table without fsync_after_insert), and
+            // from this node's queue since: not shipped again. The gap stays in
+            // the chain for `gwctl ledger verify` to report.
+            self.queue.lost.inc_by(self.acknowledged - seq);
+            tracing::error!(
+                chain = %self.chain_id,
+                from = seq + 1,
+                to = self.acknowledged,
+                "ClickHouse lost ledger rows it had acknowledged; they are not shipped again (gwctl ledger verify reports the gap)"
+            );
+        }
+        self.acknowledged = self.acknowledged.max(seq);
         // A row ClickHouse holds that is still queued here must be the same row:
         // otherwise another writer used this chain id (nothing is dropped then).
         let ours = self.queue.find(seq);
@@ -787,6 +842,7 @@ impl Shipper {
             let (seq, head) = (last.seq, hex_hash(&last.row_hash));
             self.queue.drop_through(seq);
             self.shipped = Some((seq, head));
+            self.acknowledged = self.acknowledged.max(seq);
             n += batch.len();
         }
     }
