@@ -191,6 +191,92 @@ fn rejected_metrics(host: &ModelHost) -> String {
         .join("\n")
 }
 
+/// A library is code that runs inside the sidecar (with the TPU identity and the
+/// command and ledger keys): one that someone other than root or the sidecar's
+/// user could have written, or that lies outside the models directory, is refused
+/// `untrusted` before it is opened — its initialiser never runs. The same file,
+/// trusted, is opened (its initialiser runs) and then refused for what it is.
+#[test]
+fn a_library_someone_else_could_have_written_is_never_run() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let d = testkit::TempDir::new("models-untrusted");
+    let (dir, elsewhere) = (d.path().join("models"), d.path().join("elsewhere"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let ran = d.path().join("ran");
+    // A library whose initialiser leaves a mark, and that exports no model.
+    let src = d.path().join("init.c");
+    std::fs::write(
+        &src,
+        format!(
+            "#include <stdio.h>\n\
+             __attribute__((constructor)) static void ran(void) {{\n\
+               FILE *f = fopen(\"{}\", \"a\"); if (f) {{ fputs(\"ran\\n\", f); fclose(f); }}\n\
+             }}\n",
+            ran.display()
+        ),
+    )
+    .unwrap();
+    let compiled = d.path().join("libinit.so");
+    let o = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .args([&compiled, &src])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "cc: {o:?}");
+    let place = |at: &Path, mode: u32, uid: Option<u32>| {
+        std::fs::copy(&compiled, at).unwrap();
+        std::fs::set_permissions(at, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(at, uid, None).unwrap();
+    };
+    let host = host(&dir, 8, false);
+    let refused = |lines: Vec<String>, why: &str| {
+        assert!(
+            lines.len() == 1 && lines[0].contains("refused [untrusted]") && lines[0].contains(why),
+            "{lines:?}"
+        );
+        assert!(!ran.exists(), "an untrusted library's initialiser ran");
+    };
+    // Writable by others.
+    place(&dir.join("libmev_v1.so"), 0o666, None);
+    activate(&dir, "mev", "libmev_v1.so");
+    refused(host.poll(), "writable by group or others");
+    // Writable by its group.
+    place(&dir.join("libmev_v2.so"), 0o775, None);
+    activate(&dir, "mev", "libmev_v2.so");
+    refused(host.poll(), "writable by group or others");
+    // Another user's.
+    place(&dir.join("libmev_v3.so"), 0o755, Some(54321));
+    activate(&dir, "mev", "libmev_v3.so");
+    refused(host.poll(), "owned by uid 54321");
+    // Outside the models directory (a link may point anywhere).
+    let outside = elsewhere.join("libmev_v4.so");
+    place(&outside, 0o755, None);
+    let tmp = dir.join(".libmev_latest.so.tmp");
+    std::os::unix::fs::symlink(&outside, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("libmev_latest.so")).unwrap();
+    refused(host.poll(), "not in the models directory");
+    // A models directory anyone may write: another file could be put at the path.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    place(&dir.join("libmev_v5.so"), 0o755, None);
+    activate(&dir, "mev", "libmev_v5.so");
+    refused(host.poll(), "is writable by group or others");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(rejected_metrics(&host)
+        .contains("gw_sidecar_model_rejected_total{module=\"mev\",reason=\"untrusted\"} 5"));
+    // The same library, trusted: opened, so its initialiser runs; then refused
+    // because it exports no model.
+    place(&dir.join("libmev_v6.so"), 0o755, None);
+    activate(&dir, "mev", "libmev_v6.so");
+    let lines = host.poll();
+    assert!(
+        lines.len() == 1 && lines[0].contains("refused [symbol]"),
+        "{lines:?}"
+    );
+    assert!(ran.exists(), "the trusted library was not opened");
+    assert!(host.current("mev").is_none());
+}
+
 #[test]
 fn every_kind_of_bad_library_is_refused_with_its_reason_while_the_old_one_serves() {
     let d = testkit::TempDir::new("models-bad");

@@ -250,6 +250,18 @@ impl ModelHost {
 
     fn load(&self, target: &Path, n_features: u32) -> Result<Arc<Model>, super::LoadError> {
         let shown = target.display().to_string();
+        // A link may point anywhere: only a library in the models directory is
+        // opened (a link to a system library would run its initialisers here).
+        match std::fs::canonicalize(&self.dir) {
+            Ok(dir) if target.parent() == Some(dir.as_path()) => {}
+            Ok(dir) => {
+                return Err(super::LoadError::Untrusted(
+                    shown,
+                    format!("not in the models directory {}", dir.display()),
+                ))
+            }
+            Err(e) => return Err(super::LoadError::Open(shown, e.to_string())),
+        }
         if self.crashed.as_deref() == Some(target) {
             return Err(super::LoadError::Crashed(shown));
         }

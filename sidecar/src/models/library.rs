@@ -95,6 +95,11 @@ pub enum LoadError {
     /// Not a loadable shared library (missing, corrupt, wrong architecture).
     #[error("cannot open {0}: {1}")]
     Open(String, String),
+    /// Not loaded, its code never run: outside the models directory, not a
+    /// regular file, owned by neither root nor the sidecar's user, or writable by
+    /// group or others ([`trusted`]).
+    #[error("{0} is not trusted: {1}")]
+    Untrusted(String, String),
     /// Neither `model_abi_v2_export` nor `model_abi_v1_export`.
     #[error("{0} exports neither model_abi_v2_export nor model_abi_v1_export: {1}")]
     Symbol(String, String),
@@ -145,8 +150,9 @@ pub enum LoadError {
 
 impl LoadError {
     /// Every reason label, in the order of the checks.
-    pub const REASONS: [&'static str; 11] = [
+    pub const REASONS: [&'static str; 12] = [
         "open",
+        "untrusted",
         "symbol",
         "abi",
         "features",
@@ -163,6 +169,7 @@ impl LoadError {
     pub fn reason(&self) -> &'static str {
         match self {
             LoadError::Open(..) => "open",
+            LoadError::Untrusted(..) => "untrusted",
             LoadError::Symbol(..) => "symbol",
             LoadError::Abi(..) => "abi",
             LoadError::Features { .. } => "features",
@@ -534,6 +541,53 @@ fn compare(
     }
 }
 
+/// Whether the library at `real` (a canonical path: no links) may be loaded:
+/// whoever else could have written it, or put another file at its path, would
+/// choose code that runs inside the sidecar, which holds the TPU identity and the
+/// command and ledger keys. The file: a regular file owned by root or by the
+/// sidecar's own user, writable by neither group nor others. Each directory above
+/// it: owned by root or that user, and writable by no one else unless sticky
+/// (`/tmp`: others may not rename what they do not own). `Err`: why not.
+pub fn trusted(real: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let owner = |what: &Path, m: &std::fs::Metadata| {
+        if m.uid() == 0 || m.uid() == me {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} is owned by uid {}, neither root nor the sidecar's user (uid {me})",
+                what.display(),
+                m.uid()
+            ))
+        }
+    };
+    let m = std::fs::symlink_metadata(real).map_err(|e| e.to_string())?;
+    if !m.file_type().is_file() {
+        return Err("not a regular file".into());
+    }
+    owner(real, &m)?;
+    if m.mode() & 0o022 != 0 {
+        return Err(format!(
+            "writable by group or others (mode {:o}): chmod go-w",
+            m.mode() & 0o7777
+        ));
+    }
+    for dir in real.ancestors().skip(1) {
+        let d = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        owner(dir, &d)?;
+        if d.mode() & 0o022 != 0 && d.mode() & 0o1000 == 0 {
+            return Err(format!(
+                "its directory {} is writable by group or others (mode {:o}): another file could be put at its path",
+                dir.display(),
+                d.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Model {
     /// Loads and checks `path` (a link is resolved to its target) for a module
     /// configured for `want_features`.
@@ -541,9 +595,12 @@ impl Model {
         let real = std::fs::canonicalize(path)
             .map_err(|e| LoadError::Open(path.display().to_string(), e.to_string()))?;
         let shown = real.display().to_string();
-        // SAFETY: loading runs the library's initialisers: only libraries the
-        // configured models directory's links name are loaded (operators' own
-        // builds; whoever may write that directory chooses the code that runs).
+        trusted(&real).map_err(|why| LoadError::Untrusted(shown.clone(), why))?;
+        // SAFETY: loading runs the library's initialisers. Only a regular file that
+        // no one but root and the sidecar's own user could have written, or put
+        // at its path, is loaded (`trusted`), from the models directory
+        // (`ModelHost`): operators' own builds; whoever could write such a file
+        // could run code as the sidecar anyway.
         let lib = unsafe { libloading::Library::new(&real) }
             .map_err(|e| LoadError::Open(shown.clone(), e.to_string()))?;
         let t = read_table(&lib).map_err(|e| match e {
