@@ -470,6 +470,76 @@ fn an_old_insert_range_does_not_stop_shipping_after_clickhouse_lost_rows() {
     assert_eq!(n.queue.lost_counter().get(), 2, "counted once");
 }
 
+/// Someone with write access to ClickHouse rewrites the chain's last rows while
+/// the node is between inserts (each forged row chained properly onto the one
+/// before, so walking the chain finds nothing). The node never takes their head
+/// for its own: a rewritten row it still holds, or whose successor it still holds,
+/// or that is its newest, is a conflict; one it no longer holds (gone after
+/// ClickHouse lost rows) is not vouched for. Either way its signed checkpoints
+/// name only rows it inserted itself (`own_head`).
+#[test]
+fn a_chain_rewritten_in_clickhouse_is_never_signed_as_the_nodes_own() {
+    use gw_core::ledger::ChainError;
+    let (d, ch, client) = with_table("ledger-rewritten");
+    let rt = current_thread();
+    let mut n = node(&d.path().join("journal"), &client);
+    let sealed = commit_sealed(&n, 1, 3);
+    assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 3);
+    let own = n.shipper.own_head();
+    assert_eq!(own.map(|(s, _)| s), Some(3));
+    // Row `seq` replaced by a forgery chained onto `after`.
+    let forge = |seq: u64, after: &LedgerRow| {
+        ch.query(&format!("DELETE FROM control_decisions WHERE seq >= {seq}"));
+        let mut chain = Chain::at(
+            "node-1",
+            seq,
+            hex::decode(&after.row_hash).unwrap().try_into().unwrap(),
+        );
+        let mut r = row(seq);
+        r.request_id = format!("forged-{seq}");
+        let forged = chain.seal(r);
+        rt.block_on(gw_sidecar::ledger::ship::insert(
+            &client,
+            "control_decisions",
+            &[forged],
+            None,
+        ))
+        .unwrap();
+        assert_eq!(verify_chain(&stored(&ch)), Ok(seq), "the forgery walks");
+    };
+    let conflict = |n: &mut Node| {
+        assert!(matches!(
+            rt.block_on(n.shipper.learn()),
+            Err(ShipError::Chain(ChainError::Conflict(3)))
+        ));
+        assert_eq!(n.shipper.own_head(), own);
+    };
+    // Its newest row.
+    forge(3, &sealed[1]);
+    conflict(&mut n);
+    // A row whose successor it still holds (rows 4 and 5 not shipped yet).
+    commit_rows(&n, 4, 5);
+    conflict(&mut n);
+    // Put back, everything shipped; then rows 2 on lost and row 2 forged: not
+    // vouched for, and counted lost.
+    ch.query("DELETE FROM control_decisions WHERE seq >= 3");
+    rt.block_on(gw_sidecar::ledger::ship::insert(
+        &client,
+        "control_decisions",
+        &sealed[2..],
+        None,
+    ))
+    .unwrap();
+    rt.block_on(n.shipper.learn()).unwrap();
+    assert_eq!(rt.block_on(n.shipper.ship_once()).unwrap(), 2);
+    let own = n.shipper.own_head();
+    assert_eq!(own.map(|(s, _)| s), Some(5));
+    forge(2, &sealed[0]);
+    rt.block_on(n.shipper.learn()).unwrap();
+    assert_eq!(n.shipper.own_head(), own, "a head it cannot vouch for");
+    assert_eq!(n.queue.lost_counter().get(), 3);
+}
+
 /// Two nodes on one chain id (two configurations left at the default `node_id`)
 /// and one ClickHouse. Their inserts of the same positions used to share a
 /// deduplication token: the second was dropped as a retry of the first and

@@ -259,6 +259,8 @@ pub struct RowQueue {
     last: AtomicU64,
     /// The newest row's seq (in memory or on disk only).
     newest: AtomicU64,
+    /// The newest row's seq and hash, read together.
+    head: Mutex<(u64, String)>,
     /// ClickHouse holds every row up to this seq: not read back from disk.
     stored: AtomicU64,
     /// The range of the latest insert begun ([`journal::Entry::Shipping`]).
@@ -290,12 +292,18 @@ impl Sink for RowQueue {
                 _ => {}
             }
         }
-        let Some(newest) = rows.last().map(|r| r.seq) else {
+        let Some(newest) = rows.last() else {
             self.rows.lock().push(lsn, rows);
             return;
         };
         self.last.store(lsn, Ordering::Relaxed);
-        self.newest.store(newest, Ordering::Relaxed);
+        {
+            let mut head = self.head.lock();
+            head.0 = newest.seq;
+            head.1.clear();
+            head.1.push_str(&newest.row_hash);
+        }
+        self.newest.store(newest.seq, Ordering::Relaxed);
         let mut q = self.rows.lock();
         q.push(lsn, rows);
         self.publish(&q);
@@ -339,6 +347,7 @@ impl RowQueue {
             batch_rows: (memory_rows / 2).clamp(1, MAX_BATCH_ROWS),
             last: AtomicU64::new(0),
             newest: AtomicU64::new(0),
+            head: Mutex::new((0, String::new())),
             stored: AtomicU64::new(0),
             intent: Mutex::new(None),
             grew: Notify::new(),
@@ -654,6 +663,11 @@ pub struct Shipper {
     /// The last seq ClickHouse acknowledged to this process: holding less later,
     /// it lost rows ([`Self::learn`] says so).
     acknowledged: u64,
+    /// The newest row ClickHouse holds that is known to be this node's own (it
+    /// inserted it, or its hash matched this node's row): the only head a
+    /// checkpoint signs — a head read from ClickHouse and not matched could be
+    /// anyone's.
+    own: Option<(u64, [u8; 32])>,
     /// The least time between two inserts (while fewer than [`SHIP_NOW_ROWS`] wait).
     every: Duration,
     /// ClickHouse's `os_thread_priority` for the inserts.
@@ -691,6 +705,7 @@ impl Shipper {
             chain_id: chain_id.to_owned(),
             shipped: None,
             acknowledged: 0,
+            own: None,
             every: Duration::ZERO,
             nice: None,
             intent_durable: true,
@@ -744,7 +759,10 @@ impl Shipper {
         self.journal_head = None;
         // Every row ClickHouse holds of this chain was shipped by this node (the
         // newest it sealed is read after ClickHouse answered).
-        let sealed = self.queue.newest.load(Ordering::Relaxed);
+        let (sealed, sealed_hash) = {
+            let head = self.queue.head.lock();
+            (head.0, hex_hash(&head.1))
+        };
         if seq > sealed {
             return Err(ShipError::ForeignRows {
                 chain: self.chain_id.clone(),
@@ -766,18 +784,34 @@ impl Shipper {
             );
         }
         self.acknowledged = self.acknowledged.max(seq);
-        // A row ClickHouse holds that is still queued here must be the same row:
-        // otherwise another writer used this chain id (nothing is dropped then).
-        let ours = self.queue.find(seq);
-        let ours = match ours {
-            Some(r) => Some(r),
-            None if self.queue.rows.lock().first_on_disk().is_some() => {
-                self.off_runtime(move |q, j| q.find_on_disk(j, seq)).await?
+        // A row ClickHouse holds that is still queued here must be the same row,
+        // and the next one queued must link to it: otherwise another writer used
+        // this chain id, or ClickHouse's rows were rewritten (nothing is dropped
+        // then, and no checkpoint signs them).
+        let vouched = if seq == 0 {
+            false
+        } else if let Some(r) = self.queued(seq).await? {
+            if hex_hash(&r.row_hash) != hash {
+                return Err(ChainError::Conflict(seq).into());
             }
-            None => None,
+            true
+        } else if let Some(next) = self.queued(seq + 1).await? {
+            if hex_hash(&next.prev_hash) != hash {
+                return Err(ChainError::Conflict(seq).into());
+            }
+            true
+        } else if seq == sealed {
+            if sealed_hash != hash {
+                return Err(ChainError::Conflict(seq).into());
+            }
+            true
+        } else {
+            // Shipped and gone from here (ClickHouse lost rows after it): not
+            // this node's to vouch for.
+            false
         };
-        if ours.is_some_and(|r| hex_hash(&r.row_hash) != hash) {
-            return Err(ChainError::Conflict(seq).into());
+        if vouched && self.own.is_none_or(|(s, _)| s < seq) {
+            self.own = Some((seq, hash));
         }
         // An insert begun earlier (maybe by a process since killed) that ClickHouse
         // does not hold yet may still land: its rows are shipped again as that same
@@ -842,6 +876,7 @@ impl Shipper {
             let (seq, head) = (last.seq, hex_hash(&last.row_hash));
             self.queue.drop_through(seq);
             self.shipped = Some((seq, head));
+            self.own = Some((seq, head));
             self.acknowledged = self.acknowledged.max(seq);
             n += batch.len();
         }
@@ -907,6 +942,23 @@ impl Shipper {
         self.shipped
     }
 
+    /// The newest row ClickHouse holds that is known to be this node's: what a
+    /// checkpoint signs.
+    pub fn own_head(&self) -> Option<(u64, [u8; 32])> {
+        self.own
+    }
+
+    /// Row `seq` among the rows still to ship, in memory or on disk only.
+    async fn queued(&self, seq: u64) -> Result<Option<LedgerRow>, ShipError> {
+        match self.queue.find(seq) {
+            Some(r) => Ok(Some(r)),
+            None if self.queue.rows.lock().first_on_disk().is_some() => {
+                self.off_runtime(move |q, j| q.find_on_disk(j, seq)).await
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Ships forever: after each wake-up (new rows, at most once per `every` unless
     /// [`SHIP_NOW_ROWS`] wait — then at once, even mid-wait — or a retry every
     /// 500 ms while ClickHouse is away);
@@ -950,7 +1002,7 @@ impl Shipper {
                     }
                 }
             }
-            if let Some((seq, head)) = self.shipped {
+            if let Some((seq, head)) = self.own {
                 let due = checkpointer.as_ref().is_some_and(|c| c.due(seq));
                 if let Some(mut c) = checkpointer.take_if(|_| due) {
                     // The append and its fsync run off the async workers.
