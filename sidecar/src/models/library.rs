@@ -778,6 +778,7 @@ mod tests {
         let p = String::from("x");
         let all = [
             LoadError::Open(p.clone(), p.clone()),
+            LoadError::Untrusted(p.clone(), p.clone()),
             LoadError::Symbol(p.clone(), p.clone()),
             LoadError::Abi(p.clone(), p.clone()),
             LoadError::Features {
