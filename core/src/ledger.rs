@@ -293,49 +293,93 @@ pub fn verify_chain<'a>(rows: impl IntoIterator<Item = &'a LedgerRow>) -> Result
 pub fn walk<'a>(
     rows: impl IntoIterator<Item = &'a LedgerRow>,
 ) -> Result<(u64, [u8; 32]), ChainError> {
-    let mut prev = GENESIS;
-    let mut expected = 1;
-    let mut chain: Option<&str> = None;
-    let mut last: Option<&LedgerRow> = None;
+    let mut w = Walker::new();
     for r in rows {
-        if let Some(l) = last {
-            if r.seq == l.seq {
-                if r == l {
-                    continue;
+        w.push(r)?;
+    }
+    Ok(w.head())
+}
+
+/// A walk of one chain a row at a time ([`walk`]), holding no row: rows streamed
+/// from a store of any size are checked in constant memory.
+#[derive(Debug, Clone)]
+pub struct Walker {
+    prev: [u8; 32],
+    expected: u64,
+    chain: Option<String>,
+    /// The last row's `prev_hash` and `row_hash` as stored: a row at the same
+    /// position with both the same and that checks is the same row (the hash
+    /// covers every field), stored twice.
+    last: Option<(String, String)>,
+}
+
+impl Default for Walker {
+    fn default() -> Self {
+        Walker::new()
+    }
+}
+
+impl Walker {
+    /// A walk from the chain's first row.
+    pub fn new() -> Walker {
+        Walker {
+            prev: GENESIS,
+            expected: 1,
+            chain: None,
+            last: None,
+        }
+    }
+
+    /// The next row (in `seq` order): `Err` at the first that does not continue
+    /// the chain; an exact duplicate of the last row is skipped.
+    pub fn push(&mut self, r: &LedgerRow) -> Result<(), ChainError> {
+        if let Some((prev_hash, row_hash)) = &self.last {
+            if r.seq + 1 == self.expected {
+                let before = parse_hash(prev_hash).ok_or(ChainError::BadHash(r.seq))?;
+                if r.prev_hash == *prev_hash
+                    && r.row_hash == *row_hash
+                    && Some(r.compute_hash(&before)) == parse_hash(&r.row_hash)
+                {
+                    return Ok(());
                 }
                 return Err(ChainError::Conflict(r.seq));
             }
         }
-        match chain {
-            None => chain = Some(&r.chain_id),
-            Some(c) if c != r.chain_id => {
+        match &self.chain {
+            None => self.chain = Some(r.chain_id.clone()),
+            Some(c) if *c != r.chain_id => {
                 return Err(ChainError::OtherChain {
                     seq: r.seq,
-                    expected: c.to_owned(),
+                    expected: c.clone(),
                     found: r.chain_id.clone(),
                 })
             }
             Some(_) => {}
         }
-        if r.seq != expected {
+        if r.seq != self.expected {
             return Err(ChainError::Gap {
-                expected,
+                expected: self.expected,
                 found: r.seq,
             });
         }
         let stored_prev = parse_hash(&r.prev_hash).ok_or(ChainError::BadHash(r.seq))?;
-        if stored_prev != prev {
+        if stored_prev != self.prev {
             return Err(ChainError::BrokenLink(r.seq));
         }
         let stored = parse_hash(&r.row_hash).ok_or(ChainError::BadHash(r.seq))?;
-        if r.compute_hash(&prev) != stored {
+        if r.compute_hash(&self.prev) != stored {
             return Err(ChainError::Altered(r.seq));
         }
-        prev = stored;
-        expected += 1;
-        last = Some(r);
+        self.prev = stored;
+        self.expected += 1;
+        self.last = Some((r.prev_hash.clone(), r.row_hash.clone()));
+        Ok(())
     }
-    Ok((expected - 1, prev))
+
+    /// Rows walked (duplicates not counted) and the last one's hash.
+    pub fn head(&self) -> (u64, [u8; 32]) {
+        (self.expected - 1, self.prev)
+    }
 }
 
 /// Splits rows (in any order) by chain, each sorted by `seq`.

@@ -70,6 +70,48 @@ fn removal_alteration_and_reordering_are_detected() {
     assert_eq!(verify_chain(&bad), Err(ChainError::BadHash(1)));
 }
 
+/// A row stored twice whole (an insert retried) is one row; a different row
+/// claiming a position — another writer, or the same hashes over other content —
+/// is a conflict. The walk holds no row (`Walker`), and gives what `walk` gives.
+#[test]
+fn a_row_stored_twice_is_one_row_and_two_rows_at_one_position_conflict() {
+    use gw_core::ledger::{walk, Walker};
+    let rows = chain(4);
+    let mut twice = rows.clone();
+    twice.insert(2, rows[1].clone());
+    twice.push(rows[3].clone());
+    assert_eq!(verify_chain(&twice), Ok(4));
+    assert_eq!(walk(&twice), walk(&rows));
+    // Another row sealed onto row 1, next to row 2.
+    let mut other = row(2);
+    other.request_id = "another-writer".into();
+    let mut c = Chain::resume("node-1", Some(&rows[0])).unwrap();
+    let mut forked = rows.clone();
+    forked.insert(2, c.seal(other));
+    assert_eq!(verify_chain(&forked), Err(ChainError::Conflict(2)));
+    // Row 2's hashes over other content.
+    let mut same_hashes = rows[1].clone();
+    same_hashes.nonce += 1;
+    let mut posing = rows.clone();
+    posing.insert(2, same_hashes);
+    assert_eq!(verify_chain(&posing), Err(ChainError::Conflict(2)));
+    // A row at an earlier position than the last is out of order, not a duplicate.
+    let mut late = rows.clone();
+    late.push(rows[1].clone());
+    assert!(matches!(
+        verify_chain(&late),
+        Err(ChainError::Gap {
+            expected: 5,
+            found: 2
+        })
+    ));
+    let mut w = Walker::new();
+    for r in &rows {
+        w.push(r).unwrap();
+    }
+    assert_eq!(Ok(w.head()), walk(&rows));
+}
+
 #[test]
 fn fields_cannot_shift_into_each_other() {
     let mut a = row(1);

@@ -862,6 +862,22 @@ fn every_http_decision_lands_in_the_chained_ledger() {
         String::from_utf8_lossy(&o.stdout).contains("row 2 was altered"),
         "{o:?}"
     );
+    // Another chain beside it, whole (each chain walked on its own, streamed).
+    let mut other = Chain::new("other");
+    let others: Vec<LedgerRow> = (1..=2)
+        .map(|i| {
+            let mut r = row(i);
+            r.chain_id = "other".into();
+            other.seal(r)
+        })
+        .collect();
+    rt.block_on(gw_sidecar::ledger::ship::insert(
+        &client_of(&ch),
+        "control_decisions",
+        &others,
+        None,
+    ))
+    .unwrap();
     let verified = get("/api/ledger/verify");
     assert_eq!(verified["ok"], false);
     assert!(
@@ -869,6 +885,16 @@ fn every_http_decision_lands_in_the_chained_ledger() {
             .as_str()
             .unwrap()
             .contains("row 2 was altered"),
+        "{verified}"
+    );
+    assert_eq!(verified["chains"][0]["rows"], 6, "{verified}");
+    assert_eq!(
+        (
+            verified["chains"][1]["chain_id"].as_str(),
+            verified["chains"][1]["ok"].as_bool(),
+            verified["chains"][1]["rows"].as_u64()
+        ),
+        (Some("other"), Some(true), Some(2)),
         "{verified}"
     );
     ch.query("DELETE FROM control_decisions WHERE seq = 2");

@@ -221,6 +221,8 @@ impl From<QueryError> for ApiError {
 pub struct Queries {
     client: clickhouse::Client,
     table: String,
+    /// One walk of every chain at a time ([`Queries::verify`]).
+    walking: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Queries {
@@ -229,6 +231,7 @@ impl Queries {
         Queries {
             client,
             table: table.to_owned(),
+            walking: Default::default(),
         }
     }
 
@@ -352,8 +355,11 @@ impl Queries {
             .await?)
     }
 
-    /// Walks every stored hash chain, as `gwctl ledger verify` does.
+    /// Walks every stored hash chain, as `gwctl ledger verify` does: streamed,
+    /// holding no row (a ledger of any size is walked in constant memory), one
+    /// walk at a time (a caller waits for the one running).
     pub async fn verify(&self) -> Result<LedgerStatus, QueryError> {
+        let _one = self.walking.lock().await;
         let mut cursor = self
             .client
             .query(&format!(
@@ -361,29 +367,43 @@ impl Queries {
                 self.table
             ))
             .fetch::<DecisionRow>()?;
-        let mut rows = Vec::new();
+        let mut chains: Vec<ChainStatus> = Vec::new();
+        let mut walking: Option<(ChainStatus, gw_core::ledger::Walker)> = None;
+        let done = |(mut c, w): (ChainStatus, gw_core::ledger::Walker)| {
+            if c.ok {
+                c.rows = w.head().0;
+            }
+            c
+        };
         while let Some(r) = cursor.next().await? {
-            rows.push(gw_core::ledger::LedgerRow::from(r));
-        }
-        let chains: Vec<ChainStatus> = gw_core::ledger::by_chain(rows)
-            .into_iter()
-            .map(
-                |(chain_id, rows)| match gw_core::ledger::verify_chain(&rows) {
-                    Ok(n) => ChainStatus {
-                        chain_id,
+            let r = gw_core::ledger::LedgerRow::from(r);
+            if walking
+                .as_ref()
+                .is_none_or(|(c, _)| c.chain_id != r.chain_id)
+            {
+                chains.extend(walking.take().map(done));
+                walking = Some((
+                    ChainStatus {
+                        chain_id: r.chain_id.clone(),
                         ok: true,
-                        rows: n,
+                        rows: 0,
                         broken: None,
                     },
-                    Err(e) => ChainStatus {
-                        chain_id,
-                        ok: false,
-                        rows: rows.len() as u64,
-                        broken: Some(e.to_string()),
-                    },
-                },
-            )
-            .collect();
+                    gw_core::ledger::Walker::new(),
+                ));
+            }
+            let Some((c, w)) = walking.as_mut() else {
+                continue;
+            };
+            c.rows += 1;
+            if c.ok {
+                if let Err(e) = w.push(&r) {
+                    c.ok = false;
+                    c.broken = Some(e.to_string());
+                }
+            }
+        }
+        chains.extend(walking.take().map(done));
         Ok(LedgerStatus {
             ok: chains.iter().all(|c| c.ok),
             chains,
