@@ -164,6 +164,36 @@ fn predictions_equal_the_training_librarys_and_are_served_over_http() {
         .unwrap()
         .iter()
         .any(|d| d["reason"] == "below ev_min"));
+    // The tip ladder gates as the hot path does: a score below its lowest tip is
+    // not sent; one above pays the highest tip it covers.
+    let two = json!({"rows": [first[..8], first[8..]]});
+    let applied = post(
+        "/api/control/module/mev:policy",
+        json!({"ev_min": 0.0, "tip_ladder": [hi * 2.0, lo / 2.0]}),
+    );
+    assert_eq!(applied["applied"], true, "{applied}");
+    let laddered = post("/api/modules/mev/evaluate", two);
+    for d in laddered["decisions"].as_array().unwrap() {
+        assert_eq!(
+            (d["send"].as_bool(), d["tip"].as_f64().map(|t| t as f32)),
+            (Some(true), Some((lo / 2.0) as f32)),
+            "{laddered}"
+        );
+    }
+    let applied = post(
+        "/api/control/module/mev:policy",
+        json!({"tip_ladder": [hi * 2.0]}),
+    );
+    assert_eq!(applied["applied"], true, "{applied}");
+    let below = post("/api/modules/mev/evaluate", json!({"rows": [first[..8]]}));
+    assert_eq!(
+        (
+            below["decisions"][0]["send"].as_bool(),
+            below["decisions"][0]["reason"].as_str()
+        ),
+        (Some(false), Some("below tip")),
+        "{below}"
+    );
 }
 
 fn activate(dir: &Path, stem: &str, lib: &str) {

@@ -185,8 +185,10 @@ async fn predict(
 }
 
 /// `POST /api/modules/{module}/evaluate`: scores opportunities with the module's
-/// model and says, per row, whether the module may send it now (the one gate the
-/// strategy applies: state, throttle, `ev_min`).
+/// model and says, per row, whether the module would send it now, as the hot path
+/// decides (`strategy::decide`): the send gate (state, a throttle at 0 %,
+/// `ev_min`), then the tip ladder — with the tip it would pay. The throttle's
+/// rate is not consumed here (it counts sends, and this sends nothing).
 async fn evaluate(
     State(api): Api,
     Path(module): Path<String>,
@@ -212,13 +214,17 @@ async fn evaluate(
         .map(|o| {
             let ev = o[0];
             match state.may_send(Some(ev)) {
-                Ok(()) => json!({"ev": ev, "send": true}),
                 Err(why) => json!({"ev": ev, "send": false, "reason": why.as_str()}),
+                Ok(()) => match crate::sender::strategy::pick_rung(&state.tip_ladder, ev) {
+                    Some((_, tip)) => json!({"ev": ev, "send": true, "tip": tip}),
+                    None => json!({"ev": ev, "send": false, "reason": "below tip"}),
+                },
             }
         })
         .collect();
     Ok(Json(json!({
         "module": m.as_str(), "version": model.version, "ev_min": state.ev_min,
+        "tip_ladder": state.tip_ladder,
         "state": state.state, "decisions": decisions
     })))
 }
