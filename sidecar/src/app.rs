@@ -295,6 +295,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let gatekeeper = Gatekeeper {
         auditor: auditor.clone(),
         metrics: control_metrics.clone(),
+        budget: Default::default(),
     };
     let (control, t) = Control::start(
         ControlConfig {

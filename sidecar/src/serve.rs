@@ -262,10 +262,101 @@ pub struct Gatekeeper {
     pub auditor: Auditor,
     /// Counters.
     pub metrics: ControlMetrics,
+    /// Rows for callers other than the edge.
+    pub budget: Arc<RefusalBudget>,
 }
 
-/// Body bytes kept in the row of a refused caller.
-const REFUSED_BODY_BYTES: usize = 64 * 1024;
+/// Body bytes kept in the row of a refused caller: enough to tell what it sent,
+/// little enough that rows cost an attacker's bandwidth, not the node's disk.
+const REFUSED_BODY_BYTES: usize = 4 * 1024;
+
+/// Rows a second, on average, for refusals of callers other than the edge
+/// ([`RefusalBudget`]).
+pub const REFUSAL_ROWS_PER_SEC: f64 = 20.0;
+
+/// And at once.
+pub const REFUSAL_ROWS_BURST: f64 = 200.0;
+
+/// The ledger's budget for refusals of callers that are not the edge: anyone who
+/// reaches the port could otherwise make the node write (and fsync, and ship) a
+/// row per request without end. Within the budget each refusal has its row; beyond
+/// it a refusal is answered all the same, counted
+/// (`gw_sidecar_refusals_unrecorded_total{code}`), and the next row of its code is
+/// preceded by one that sums them (`args_json` `{"unrecorded": n}`).
+pub struct RefusalBudget {
+    state: parking_lot::Mutex<BudgetState>,
+    per_sec: f64,
+    burst: f64,
+}
+
+struct BudgetState {
+    tokens: f64,
+    at: std::time::Instant,
+    /// Refusals not recorded since the last row of their code.
+    unrecorded: Vec<(Code, u64)>,
+}
+
+impl Default for RefusalBudget {
+    fn default() -> Self {
+        RefusalBudget::new(REFUSAL_ROWS_PER_SEC, REFUSAL_ROWS_BURST)
+    }
+}
+
+impl RefusalBudget {
+    /// `per_sec` rows a second on average, `burst` at once.
+    pub fn new(per_sec: f64, burst: f64) -> RefusalBudget {
+        RefusalBudget {
+            state: parking_lot::Mutex::new(BudgetState {
+                tokens: burst,
+                at: std::time::Instant::now(),
+                unrecorded: Vec::new(),
+            }),
+            per_sec,
+            burst,
+        }
+    }
+
+    /// A row for a refusal with `code` now: `Some(n)` — it may be written, after
+    /// one summing the `n` of its code that were not (0: none) — or `None`: over
+    /// the budget, counted as not recorded.
+    fn take(&self, code: Code) -> Option<u64> {
+        let mut s = self.state.lock();
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(s.at).as_secs_f64() * self.per_sec;
+        s.tokens = (s.tokens + refill).min(self.burst);
+        s.at = now;
+        // The summary takes a row of the budget too.
+        let owed = s
+            .unrecorded
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map_or(0, |(_, n)| *n);
+        let need = if owed > 0 { 2.0 } else { 1.0 };
+        if s.tokens >= need {
+            s.tokens -= need;
+            s.unrecorded.retain(|(c, _)| *c != code);
+            return Some(owed);
+        }
+        match s.unrecorded.iter_mut().find(|(c, _)| *c == code) {
+            Some((_, n)) => *n += 1,
+            None => s.unrecorded.push((code, 1)),
+        }
+        None
+    }
+
+    /// `n` refusals with `code` whose summary row was not written after all: owed
+    /// again.
+    fn owe(&self, code: Code, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut s = self.state.lock();
+        match s.unrecorded.iter_mut().find(|(c, _)| *c == code) {
+            Some((_, m)) => *m += n,
+            None => s.unrecorded.push((code, n)),
+        }
+    }
+}
 
 /// Lets only the edge (or, in development, plain HTTP on loopback) through; anyone
 /// else is answered 401 (no certificate) or 403 (another certificate), each refusal
@@ -282,7 +373,20 @@ pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) ->
             "the sidecar takes requests from the edge only: present its client certificate",
         ),
     };
+    let Some(owed) = g.budget.take(code) else {
+        // Over the budget: answered at once, its body unread, no row.
+        g.metrics.decision(code.as_str());
+        g.metrics.unrecorded(code.as_str());
+        return ApiError::new(code, detail).into_response();
+    };
     tracing::warn!(path = %req.uri().path(), code = %code, "refused a caller that is not the edge");
+    if owed > 0 {
+        tracing::warn!(code = %code, refusals = owed, "refusals of callers that are not the edge went beyond the ledger's budget: one row sums them");
+        if let Err(e) = g.auditor.unrecorded(code, owed).await {
+            g.budget.owe(code, owed);
+            return ApiError::from(e).into_response();
+        }
+    }
     refuse(&g, code, detail, req).await
 }
 

@@ -132,7 +132,7 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
         assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
     });
     refused += 2;
-    // A refused body longer than a row keeps: its first 64 KiB are recorded.
+    // A refused body longer than a row keeps: its first 4 KiB are recorded.
     let (status, _) = call(&s, &anonymous, "POST", "/api/rpc", &[], vec![b'z'; 70_000]);
     assert_eq!(status, 401);
     refused += 1;
@@ -200,7 +200,7 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     assert!(refusals.iter().any(|r| r.raw_hex == "616263"), "{rows:#?}");
     assert!(refusals
         .iter()
-        .any(|r| r.raw_hex.len() == 2 * 65_536 && r.raw_hex.bytes().all(|b| b"7a".contains(&b))));
+        .any(|r| r.raw_hex.len() == 2 * 4096 && r.raw_hex.bytes().all(|b| b"7a".contains(&b))));
     assert!(refusals
         .iter()
         .all(|r| r.stage == "sidecar" && r.decision == "rejected" && r.requester.is_empty()));
@@ -212,6 +212,117 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     let metrics = s.get_ops("/metrics");
     assert!(
         metrics.contains("gw_sidecar_decisions_total{code=\"forbidden_peer\"} 7"),
+        "{metrics}"
+    );
+}
+
+/// A caller that is not the edge, refused again and again: the ledger writes a
+/// row for each refusal up to its budget (`serve::REFUSAL_ROWS_BURST` at once,
+/// `REFUSAL_ROWS_PER_SEC` after), answers the rest all the same without reading
+/// their bodies, counts them, and sums them in one row before the next refusal
+/// it records — every refusal is accounted for, and an attacker no longer
+/// chooses how much the node writes.
+#[test]
+fn refusals_beyond_the_ledgers_budget_are_summed_not_written_one_by_one() {
+    use gw_sidecar::serve::{REFUSAL_ROWS_BURST, REFUSAL_ROWS_PER_SEC};
+    let d = testkit::TempDir::new("peer-auth-budget");
+    let ch = ClickHouse::start(d.path());
+    let cfg = common::config_with_clickhouse(&d.path().join("state"), true, &ch);
+    let s = common::serve(cfg);
+    let anonymous = s.certs.client(None);
+    let sent = 2 * REFUSAL_ROWS_BURST as usize;
+    let started = std::time::Instant::now();
+    let statuses: Vec<u16> = s.rt.block_on(async {
+        let calls = (0..sent).map(|_| {
+            anonymous
+                .post(format!("{}/api/rpc", s.base))
+                .body(vec![b'q'; 1000])
+                .send()
+        });
+        futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().status().as_u16())
+            .collect()
+    });
+    let took = started.elapsed().as_secs_f64();
+    assert!(statuses.iter().all(|&st| st == 401), "{statuses:?}");
+    // After a second's refill, one more: the sum of those not written comes first.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (status, _) = call(&s, &anonymous, "GET", "/api/modules", &[], Vec::new());
+    assert_eq!(status, 401);
+    let metrics = s.get_ops("/metrics");
+    let unrecorded: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("gw_sidecar_refusals_unrecorded_total{code=\"unauthenticated\"} ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    // The bucket, at most: the burst, and what refilled while the calls ran.
+    let most = REFUSAL_ROWS_BURST + REFUSAL_ROWS_PER_SEC * took;
+    assert!(
+        (sent as f64 - most..=sent as f64 - REFUSAL_ROWS_BURST).contains(&(unrecorded as f64)),
+        "{unrecorded} of {sent} unrecorded in {took:.2} s"
+    );
+    // Rows: one per refusal recorded, and the sums (one before each refusal that
+    // found room again after some were not recorded: the last call at least, and
+    // any that the refill let through while the calls ran).
+    let recorded = sent + 1 - unrecorded as usize;
+    let sum_of = |r: &gw_core::ledger::LedgerRow| {
+        serde_json::from_str::<Value>(&r.args_json).ok()?["unrecorded"].as_u64()
+    };
+    let rows = {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let rows = common::stored(&ch);
+            let sums = rows.iter().filter(|r| sum_of(r).is_some()).count();
+            if rows.len() >= recorded + sums && sums > 0 || std::time::Instant::now() > deadline {
+                break rows;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    let sums: Vec<(usize, u64)> = rows
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| sum_of(r).map(|n| (i, n)))
+        .collect();
+    assert!(!sums.is_empty());
+    assert_eq!(
+        rows.len(),
+        recorded + sums.len(),
+        "one row each, and the sums"
+    );
+    assert_eq!(
+        sums.iter().map(|(_, n)| n).sum::<u64>(),
+        unrecorded,
+        "every refusal accounted for"
+    );
+    for (i, _) in &sums {
+        let (sum, next) = (&rows[*i], &rows[*i + 1]);
+        assert_eq!(
+            (sum.code.as_str(), sum.route.as_str()),
+            ("unauthenticated", "")
+        );
+        assert!(
+            sum_of(next).is_none() && !next.route.is_empty(),
+            "a refusal follows its sum"
+        );
+    }
+    assert_eq!(rows.last().unwrap().route, "/api/modules");
+    assert_eq!(
+        sums.last().unwrap().0,
+        rows.len() - 2,
+        "the last call found refusals owed"
+    );
+    assert!(rows.iter().all(|r| r.code == "unauthenticated"));
+    let metrics = s.get_ops("/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "gw_sidecar_decisions_total{{code=\"unauthenticated\"}} {}",
+            sent + 1
+        )),
         "{metrics}"
     );
 }

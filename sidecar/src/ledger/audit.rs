@@ -103,6 +103,29 @@ impl Auditor {
     }
 }
 
+impl Auditor {
+    /// Records that `n` refusals with `code` of callers other than the edge got no
+    /// row of their own (over the ledger's budget for them, `serve::RefusalBudget`):
+    /// one row, `args_json` `{"unrecorded": n}`, route `""`.
+    pub async fn unrecorded(&self, code: Code, n: u64) -> Result<(), AuditError> {
+        let Some(j) = &self.journal else {
+            return Ok(());
+        };
+        let mut r = row(&Entry {
+            stage: Stage::Sidecar,
+            decision: Decision::Rejected,
+            code: Some(code),
+            body: &[],
+            command: None,
+            requester: None,
+            route: "",
+        });
+        r.args_json = serde_json::json!({ "unrecorded": n }).to_string();
+        j.commit(Txn::of(vec![journal::Entry::row(r)])).await?;
+        Ok(())
+    }
+}
+
 /// The unsealed row of an entry (`seq` and hashes are set by the chain).
 fn row(e: &Entry<'_>) -> LedgerRow {
     let decoded;

@@ -48,6 +48,7 @@ pub struct ControlMetrics {
     batches: Family<ModuleLabel, Histogram, fn() -> Histogram>,
     partitions: Family<ModuleLabel, Gauge>,
     rebalances: Family<ModuleLabel, Counter>,
+    unrecorded: Family<CodeLabel, Counter>,
 }
 
 impl Default for ControlMetrics {
@@ -58,6 +59,7 @@ impl Default for ControlMetrics {
             batches: Family::new_with_constructor(batch_histogram),
             partitions: Family::default(),
             rebalances: Family::default(),
+            unrecorded: Family::default(),
         }
     }
 }
@@ -104,6 +106,11 @@ impl ControlMetrics {
             m.partitions.clone(),
         );
         registry.register(
+            "gw_sidecar_refusals_unrecorded",
+            "Refusals of callers other than the edge beyond the ledger's budget for them: answered, counted here, and summed in the next row of their code",
+            m.unrecorded.clone(),
+        );
+        registry.register(
             "gw_sidecar_agent_rebalances",
             "Consumer group rebalances a module's agent on this node took part in (Kafka: one per assignment it received, an empty one included)",
             m.rebalances.clone(),
@@ -131,6 +138,11 @@ impl ControlMetrics {
     /// Counts one admission decision.
     pub fn decision(&self, code: &'static str) {
         self.decisions.get_or_create(&CodeLabel { code }).inc();
+    }
+
+    /// Counts a refusal of a caller other than the edge that got no row of its own.
+    pub fn unrecorded(&self, code: &'static str) {
+        self.unrecorded.get_or_create(&CodeLabel { code }).inc();
     }
 
     /// Counts `n` admission decisions.
