@@ -579,7 +579,7 @@ fn a_second_writer_on_one_chain_id_is_seen_not_dropped() {
                 seq: 5, sealed: 2, ..
             },
         ) => {
-            assert!(e.to_string().contains("own node_id"), "{e}")
+            assert!(e.to_string().contains("own node_id"), "{e}");
         }
         other => panic!("{other:?}"),
     }
