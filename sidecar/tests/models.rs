@@ -89,6 +89,13 @@ fn predictions_equal_the_training_librarys_and_are_served_over_http() {
         let golden = m.golden.as_ref().expect("checked against golden vectors");
         assert_eq!((golden.rows, golden.margins), (217, true));
         assert!(m.path.ends_with(format!("lib{stem}_vt1.so")));
+        // The build, whatever name and version it gives itself: what a send's
+        // audit row names (`scored_by`).
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            std::fs::read(&m.path).unwrap(),
+        ));
+        assert_eq!(m.sha256, sha);
+        assert_eq!(&*m.label, format!("{model}@t1#{}", &sha[..12]));
         let (rows, want) = check(dir, model);
         assert_eq!(want.len(), 200);
         let got = m.predict(&rows).unwrap();
@@ -130,6 +137,12 @@ fn predictions_equal_the_training_librarys_and_are_served_over_http() {
     }
     let models = s.get_json("/api/models");
     assert_eq!(models["mev"]["serving"]["version"], "t1", "{models}");
+    let served = std::fs::read(built().join("libmev_vt1.so")).unwrap();
+    assert_eq!(
+        models["mev"]["serving"]["sha256"],
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(served)),
+        "{models}"
+    );
     assert_eq!(models["arbitrage"]["serving"]["name"], "arb", "{models}");
     let (status, body) = s.post_json("/api/models/mev/predict", &json!({"rows": [[1.0, 2.0]]}));
     assert_eq!(

@@ -437,16 +437,21 @@ impl ModelHost {
                         },
                     );
                     log.push(format!(
-                        "model {}: serving {} {} (ABI v{}, {}, {}) from {}; {verified}",
+                        "model {}: serving {} {} (ABI v{}, {}, {}) from {} (sha256 {}); {verified}",
                         s.module,
                         m.name,
                         m.version,
                         m.abi,
                         m.trainer,
                         m.leaf_type,
-                        target.display()
+                        target.display(),
+                        m.sha256
                     ));
-                    s.record(&target, "served", m.version.clone());
+                    s.record(
+                        &target,
+                        "served",
+                        format!("{} sha256 {}", m.version, m.sha256),
+                    );
                     s.current.store(Some(m));
                     s.loads.inc();
                     *s.refused.lock() = None;

@@ -249,7 +249,11 @@ pub struct Model {
     /// The library file (the link target, not the link).
     #[serde(serialize_with = "lossy_path")]
     pub path: PathBuf,
-    /// `name@version`: what a send's audit row names as its scorer.
+    /// SHA-256 of the library file as loaded (hex): which build this is, whatever
+    /// name and version it gives itself.
+    pub sha256: String,
+    /// `name@version#` and the SHA-256's first 12 hex digits: what a send's audit
+    /// row names as its scorer (`tx_sends.scored_by`).
     #[serde(skip)]
     pub label: Arc<str>,
     #[serde(skip)]
@@ -596,6 +600,11 @@ impl Model {
             .map_err(|e| LoadError::Open(path.display().to_string(), e.to_string()))?;
         let shown = real.display().to_string();
         trusted(&real).map_err(|why| LoadError::Untrusted(shown.clone(), why))?;
+        // Read after the check; only root or the sidecar's user could change it
+        // before it is loaded.
+        let sha256 = std::fs::read(&real)
+            .map(|b| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&b)))
+            .map_err(|e| LoadError::Open(shown.clone(), e.to_string()))?;
         // SAFETY: loading runs the library's initialisers. Only a regular file that
         // no one but root and the sidecar's own user could have written, or put
         // at its path, is loaded (`trusted`), from the models directory
@@ -623,7 +632,8 @@ impl Model {
         }
         let golden = t.golden;
         let mut model = Model {
-            label: format!("{}@{}", t.name, t.version).into(),
+            label: format!("{}@{}#{}", t.name, t.version, &sha256[..12]).into(),
+            sha256,
             name: t.name,
             version: t.version,
             abi: t.abi,
