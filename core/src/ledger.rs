@@ -334,7 +334,7 @@ impl Walker {
     /// the chain; an exact duplicate of the last row is skipped.
     pub fn push(&mut self, r: &LedgerRow) -> Result<(), ChainError> {
         if let Some((prev_hash, row_hash)) = &self.last {
-            if r.seq + 1 == self.expected {
+            if Some(r.seq) == self.expected.checked_sub(1) {
                 let before = parse_hash(prev_hash).ok_or(ChainError::BadHash(r.seq))?;
                 if r.prev_hash == *prev_hash
                     && r.row_hash == *row_hash

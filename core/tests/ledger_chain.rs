@@ -110,6 +110,16 @@ fn a_row_stored_twice_is_one_row_and_two_rows_at_one_position_conflict() {
         w.push(r).unwrap();
     }
     assert_eq!(Ok(w.head()), walk(&rows));
+    // A stored row numbered u64::MAX after them: a gap, not an overflow.
+    let mut last = rows[3].clone();
+    last.seq = u64::MAX;
+    assert_eq!(
+        w.push(&last),
+        Err(ChainError::Gap {
+            expected: 5,
+            found: u64::MAX
+        })
+    );
 }
 
 #[test]

@@ -319,6 +319,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     )?;
     drop(records);
     tasks.extend(t);
+    tasks.push(tokio::spawn(crate::serve::flush_unrecorded(
+        gatekeeper.clone(),
+    )));
     realtime.set_modules(control.modules());
     tracing::info!(bus = %bus.describe(), "command bus");
 

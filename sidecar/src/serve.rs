@@ -1,7 +1,8 @@
 //! Serving the sidecar's routes: mutual TLS with the edge (rustls), or plain HTTP on
 //! a loopback address when explicitly configured for development. Every request
 //! carries the [`Peer`] that sent it; [`edge_only`] lets only the edge through and
-//! answers everyone else with 401 or 403, each refusal recorded in the ledger.
+//! answers everyone else with 401 or 403, each refusal recorded in the ledger (its
+//! own row, or beyond a budget a row that counts it: [`RefusalBudget`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -281,8 +282,9 @@ pub const REFUSAL_ROWS_BURST: f64 = 200.0;
 /// reaches the port could otherwise make the node write (and fsync, and ship) a
 /// row per request without end. Within the budget each refusal has its row; beyond
 /// it a refusal is answered all the same, counted
-/// (`gw_sidecar_refusals_unrecorded_total{code}`), and the next row of its code is
-/// preceded by one that sums them (`args_json` `{"unrecorded": n}`).
+/// (`gw_sidecar_refusals_unrecorded_total{code}`), and summed in one row (`args_json`
+/// `{"unrecorded": n}`): before the next recorded refusal of its code, or by
+/// [`flush_unrecorded`] within a second once the budget has room again.
 pub struct RefusalBudget {
     state: parking_lot::Mutex<BudgetState>,
     per_sec: f64,
@@ -344,6 +346,24 @@ impl RefusalBudget {
         None
     }
 
+    /// The sums owed that the budget has room for now (a row each), taken.
+    fn take_owed(&self) -> Vec<(Code, u64)> {
+        let mut s = self.state.lock();
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(s.at).as_secs_f64() * self.per_sec;
+        s.tokens = (s.tokens + refill).min(self.burst);
+        s.at = now;
+        let mut out = Vec::new();
+        while s.tokens >= 1.0 {
+            let Some(owed) = s.unrecorded.pop() else {
+                break;
+            };
+            s.tokens -= 1.0;
+            out.push(owed);
+        }
+        out
+    }
+
     /// `n` refusals with `code` whose summary row was not written after all: owed
     /// again.
     fn owe(&self, code: Code, n: u64) {
@@ -360,7 +380,7 @@ impl RefusalBudget {
 
 /// Lets only the edge (or, in development, plain HTTP on loopback) through; anyone
 /// else is answered 401 (no certificate) or 403 (another certificate), each refusal
-/// a ledger row.
+/// a ledger row — or, beyond the [`RefusalBudget`], counted in one.
 pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) -> Response {
     let (code, detail) = match req.extensions().get::<Peer>() {
         Some(Peer::Edge(_) | Peer::Plaintext) => return next.run(req).await,
@@ -373,21 +393,44 @@ pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) ->
             "the sidecar takes requests from the edge only: present its client certificate",
         ),
     };
-    let Some(owed) = g.budget.take(code) else {
-        // Over the budget: answered at once, its body unread, no row.
+    let unrecorded = |g: &Gatekeeper| {
         g.metrics.decision(code.as_str());
         g.metrics.unrecorded(code.as_str());
-        return ApiError::new(code, detail).into_response();
+        ApiError::new(code, detail).into_response()
+    };
+    let Some(owed) = g.budget.take(code) else {
+        // Over the budget: answered at once, its body unread, no row of its own.
+        return unrecorded(&g);
     };
     tracing::warn!(path = %req.uri().path(), code = %code, "refused a caller that is not the edge");
     if owed > 0 {
         tracing::warn!(code = %code, refusals = owed, "refusals of callers that are not the edge went beyond the ledger's budget: one row sums them");
         if let Err(e) = g.auditor.unrecorded(code, owed).await {
-            g.budget.owe(code, owed);
-            return ApiError::from(e).into_response();
+            // Owed again, this one with them.
+            tracing::warn!(error = %e, "the sum of unrecorded refusals was not written");
+            g.budget.owe(code, owed + 1);
+            return unrecorded(&g);
         }
     }
     refuse(&g, code, detail, req).await
+}
+
+/// Writes the sums of refusals that went beyond the budget ([`RefusalBudget`]) once
+/// it has room, within a second, when no later refusal of their code did: a flood
+/// that stops is summed all the same. Runs for as long as the sidecar does.
+pub async fn flush_unrecorded(g: Gatekeeper) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for (code, n) in g.budget.take_owed() {
+            tracing::warn!(code = %code, refusals = n, "refusals of callers that are not the edge went beyond the ledger's budget: one row sums them");
+            if let Err(e) = g.auditor.unrecorded(code, n).await {
+                tracing::warn!(error = %e, "the sum of unrecorded refusals was not written");
+                g.budget.owe(code, n);
+            }
+        }
+    }
 }
 
 /// Any path the sidecar does not serve (after [`edge_only`]): 404 `not_found`, with

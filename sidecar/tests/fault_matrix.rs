@@ -1214,7 +1214,7 @@ fn failing_disk(kafka: bool) {
     // Last, a disk whose syncs fail although the writes reached it (written back
     // before the device failed), then a power cut: the first refused batch comes
     // back at the next start and is applied, as its 503 warned (nothing is written
-    // over it: `journal::tests::a_refused_batch_a_failing_disk_kept_comes_back_whole_or_not_at_all`);
+    // over it: `journal::tests::a_refused_batch_a_failing_disk_kept_is_never_mixed_with_a_later_one`);
     // the resend of its bytes says so, and every command is applied once (`check`).
     // `restart`: `None`, healed in place; `Some(power_cut)`, killed first.
     #[derive(Debug, Clone, Copy, PartialEq)]
@@ -1258,11 +1258,17 @@ fn failing_disk(kafka: bool) {
         if restart.is_some() {
             rig.start_sidecar();
             if fails == Fails::SyncsAfterWriteback {
-                let came_back = applied(&rig) - applied_of(&before);
+                let came_back = applied(&rig)
+                    .checked_sub(applied_of(&before))
+                    .expect("fewer commands applied after the restart than before it");
                 eprintln!("failing disk after writeback, power cut: {came_back} of 5 refused commands came back");
-                // None when the batch went past the file's durable end (its
-                // size change is not written back): torn, cut at the start.
-                assert!(came_back <= 5, "{came_back} of 5 came back");
+                // Of these five only (none when the batch went past the file's
+                // durable end, whose size change is not written back: torn, cut
+                // at the start).
+                assert!(
+                    came_back <= 5,
+                    "{came_back} commands came back, of 5 refused"
+                );
             } else {
                 assert_eq!(
                     rig.modules(),

@@ -304,9 +304,14 @@ fn a_library_someone_else_could_have_written_is_never_run() {
     place(&dir.join("libmev_v5.so"), 0o755, None);
     activate(&dir, "mev", "libmev_v5.so");
     refused(host.poll(), "is writable by group or others");
+    // Sticky too: others could still add a link, or the file a dangling one names.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    place(&dir.join("libmev_v5b.so"), 0o755, None);
+    activate(&dir, "mev", "libmev_v5b.so");
+    refused(host.poll(), "is writable by group or others");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     assert!(rejected_metrics(&host)
-        .contains("gw_sidecar_model_rejected_total{module=\"mev\",reason=\"untrusted\"} 5"));
+        .contains("gw_sidecar_model_rejected_total{module=\"mev\",reason=\"untrusted\"} 6"));
     // The same library, trusted: opened, so its initialiser runs; then refused
     // because it exports no model.
     place(&dir.join("libmev_v6.so"), 0o755, None);

@@ -888,12 +888,14 @@ fn records_are_read_back_across_segments() {
 
 /// A batch refused on a failing disk that kept its bytes anyway (written back
 /// before the device failed the sync, the cut back not durable): nothing is
-/// written over it until the cut is durable, so it comes back whole at the next
-/// start or not at all — never mixed with a batch written after it on the same
-/// LSNs. Healed, the next batch makes the cut durable and is written in its place.
+/// written over it until the cut is durable, so what comes back at the next start
+/// is what the disk kept of it (here all of it) — never mixed with a batch written
+/// after it on the same LSNs (without the wait, the later one came back in its
+/// place). Healed, the next batch makes the cut durable and is written in its
+/// place.
 /// (A FUSE disk, `testkit::faultfs`: needs root and `/dev/fuse`.)
 #[test]
-fn a_refused_batch_a_failing_disk_kept_comes_back_whole_or_not_at_all() {
+fn a_refused_batch_a_failing_disk_kept_is_never_mixed_with_a_later_one() {
     let d = testkit::TempDir::new("journal-writeback");
     let dir = d.path().join("journal");
     let disk = testkit::faultfs::FaultFs::mount(&dir)

@@ -141,6 +141,10 @@ impl Ledger {
             apply_migrations(client).await;
             last = ship::migrate_legacy_spool(dir, client, TABLE).await?;
         }
+        // The chain's head: its rows in the journal, or the spool's last shipped.
+        if let Some(l) = &last {
+            queue.seed_head(l);
+        }
         // A journal whose rows end before ClickHouse's lost rows it had shipped:
         // refused at once when ClickHouse answers now, else by the shipper later
         // (nothing is shipped then; commands go on, their rows kept).

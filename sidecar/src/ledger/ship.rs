@@ -355,6 +355,16 @@ impl RowQueue {
         }
     }
 
+    /// The chain's newest row is `row` unless a newer one was handed on (a chain
+    /// taken up from a pre-journal spool: the journal holds none of its rows).
+    pub fn seed_head(&self, row: &LedgerRow) {
+        let mut head = self.head.lock();
+        if head.0 < row.seq {
+            *head = (row.seq, row.row_hash.clone());
+            self.newest.fetch_max(row.seq, Ordering::Relaxed);
+        }
+    }
+
     /// The gauge of rows waiting.
     pub fn pending_gauge(&self) -> Gauge {
         self.pending.clone()
@@ -782,6 +792,9 @@ impl Shipper {
                 to = self.acknowledged,
                 "ClickHouse lost ledger rows it had acknowledged; they are not shipped again (gwctl ledger verify reports the gap)"
             );
+            // Said once: asked again (an insert failing meanwhile), ClickHouse's
+            // same head is no new loss.
+            self.acknowledged = seq;
         }
         self.acknowledged = self.acknowledged.max(seq);
         // A row ClickHouse holds that is still queued here must be the same row,
@@ -990,7 +1003,8 @@ impl Shipper {
                     last_err.clear();
                 }
                 Err(e) => {
-                    let behind = matches!(e, ShipError::Behind(_));
+                    // Nothing ships until an operator acts: said loudly.
+                    let behind = matches!(e, ShipError::Behind(_) | ShipError::ForeignRows { .. });
                     let e = e.to_string();
                     if e != last_err {
                         if behind {

@@ -549,9 +549,11 @@ fn compare(
 /// whoever else could have written it, or put another file at its path, would
 /// choose code that runs inside the sidecar, which holds the TPU identity and the
 /// command and ledger keys. The file: a regular file owned by root or by the
-/// sidecar's own user, writable by neither group nor others. Each directory above
-/// it: owned by root or that user, and writable by no one else unless sticky
-/// (`/tmp`: others may not rename what they do not own). `Err`: why not.
+/// sidecar's own user, writable by neither group nor others; so is its directory
+/// (the models directory: in a sticky one others could still add a link or the
+/// file a dangling link names). Each directory above: owned by root or that user,
+/// and writable by no one else unless sticky (`/tmp`: others may not rename what
+/// they do not own). `Err`: why not.
 pub fn trusted(real: &Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt as _;
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -578,10 +580,11 @@ pub fn trusted(real: &Path) -> Result<(), String> {
             m.mode() & 0o7777
         ));
     }
-    for dir in real.ancestors().skip(1) {
+    for (i, dir) in real.ancestors().skip(1).enumerate() {
         let d = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         owner(dir, &d)?;
-        if d.mode() & 0o022 != 0 && d.mode() & 0o1000 == 0 {
+        let sticky_ok = i > 0 && d.mode() & 0o1000 != 0;
+        if d.mode() & 0o022 != 0 && !sticky_ok {
             return Err(format!(
                 "its directory {} is writable by group or others (mode {:o}): another file could be put at its path",
                 dir.display(),

@@ -71,6 +71,11 @@ impl ControlMetrics {
         let m = ControlMetrics::default();
         // Series that exist from the start (a scrape sees 0, not nothing).
         let _ = m.decisions.get_or_create(&CodeLabel { code: "accepted" });
+        for code in [gw_core::Code::Unauthenticated, gw_core::Code::ForbiddenPeer] {
+            let _ = m.unrecorded.get_or_create(&CodeLabel {
+                code: code.as_str(),
+            });
+        }
         for module in gw_core::Module::ALL {
             let label = ModuleLabel {
                 module: module.as_str(),
