@@ -734,8 +734,29 @@ const RECREATE_AFTER_FAILURES: u32 = 3;
 pub(crate) struct ProducerSlot {
     cfg: KafkaConfig,
     current: Mutex<Arc<FutureProducer>>,
-    /// Failed sends (or windows) in a row.
-    failures: std::sync::atomic::AtomicU32,
+    /// Failed sends (or windows) in a row, per topic: the commands' and each
+    /// module's state topic share the producer, and one that goes on failing is
+    /// not reset by another's successes.
+    failures: FailureCounts,
+}
+
+/// Failures in a row, per topic.
+#[derive(Default)]
+struct FailureCounts(Mutex<std::collections::HashMap<String, u32>>);
+
+impl FailureCounts {
+    fn succeeded(&self, topic: &str) {
+        lock(&self.0).remove(topic);
+    }
+
+    /// One more failure on `topic`: `true` when it is time to start afresh (once
+    /// when failures start, then every few).
+    fn failed(&self, topic: &str) -> bool {
+        let mut m = lock(&self.0);
+        let n = m.entry(topic.to_owned()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n == RECREATE_AFTER_FAILURES || n.is_multiple_of(4 * RECREATE_AFTER_FAILURES)
+    }
 }
 
 impl ProducerSlot {
@@ -743,7 +764,7 @@ impl ProducerSlot {
         Ok(ProducerSlot {
             cfg: cfg.clone(),
             current: Mutex::new(Arc::new(cfg.producer().create()?)),
-            failures: std::sync::atomic::AtomicU32::new(0),
+            failures: FailureCounts::default(),
         })
     }
 
@@ -765,9 +786,9 @@ impl ProducerSlot {
         Ok(())
     }
 
-    /// A send (or window) went through.
-    pub(crate) fn succeeded(&self) {
-        self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
+    /// A send (or window) to `topic` went through.
+    pub(crate) fn succeeded(&self, topic: &str) {
+        self.failures.succeeded(topic);
     }
 
     /// After a failed send: `Ok(true)` when the producer was replaced because it
@@ -781,14 +802,10 @@ impl ProducerSlot {
         Ok(true)
     }
 
-    /// After a failed send that was not fatal: `true` when it is time to start
-    /// afresh (once when failures start, then every few).
-    pub(crate) fn keeps_failing(&self) -> bool {
-        let n = self
-            .failures
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1;
-        n == RECREATE_AFTER_FAILURES || n.is_multiple_of(4 * RECREATE_AFTER_FAILURES)
+    /// After a failed send to `topic` that was not fatal: `true` when it is time
+    /// to start afresh (once when its failures start, then every few).
+    pub(crate) fn keeps_failing(&self, topic: &str) -> bool {
+        self.failures.failed(topic)
     }
 }
 
@@ -943,7 +960,7 @@ impl KafkaBus {
                 // knows (a broker that restarted without its log answers every
                 // send with UNKNOWN_PRODUCER_ID): start afresh, once when failures
                 // start, then every few windows.
-                if self.producer.keeps_failing() {
+                if self.producer.keeps_failing(&self.cfg.topic) {
                     tracing::warn!(error = %e, "kafka producer keeps failing; recreating it");
                     if let Err(e) = self.create_topic().await {
                         tracing::debug!(error = %e, "topic not created");
@@ -985,7 +1002,7 @@ impl KafkaBus {
             }
             match failed {
                 None => {
-                    self.producer.succeeded();
+                    self.producer.succeeded(&self.cfg.topic);
                     last_err.clear();
                 }
                 Some(e) => {
@@ -1316,6 +1333,31 @@ impl BusConsumer {
 
 #[cfg(test)]
 mod tests {
+    /// The producer is shared by the commands' topic and every module's state
+    /// topic: a topic that keeps failing reaches the count that recreates the
+    /// producer however often the others succeed in between.
+    #[test]
+    fn a_topic_that_keeps_failing_is_counted_apart_from_the_others() {
+        let counts = super::FailureCounts::default();
+        let n = super::RECREATE_AFTER_FAILURES;
+        let mut recreated = 0;
+        for _ in 0..(4 * n) {
+            recreated += u32::from(counts.failed("state-mev"));
+            counts.succeeded("commands");
+            counts.succeeded("state-arbitrage");
+        }
+        assert_eq!(
+            recreated,
+            2,
+            "once when failures start, then every {}",
+            4 * n
+        );
+        counts.succeeded("state-mev");
+        let first: Vec<bool> = (0..n).map(|_| counts.failed("state-mev")).collect();
+        assert_eq!(first.iter().filter(|b| **b).count(), 1);
+        assert!(first[n as usize - 1], "counted from the last success");
+    }
+
     use super::*;
     use crate::journal::txn::AgentEntry;
     use crate::journal::Options;

@@ -294,11 +294,12 @@ impl KafkaState {
         let sent = self.producer.current().send(record, wait).await;
         match sent {
             Ok(_) => {
-                self.producer.succeeded();
+                self.producer.succeeded(&topic);
                 Ok(())
             }
             Err((e, _)) => {
-                if !self.producer.replace_if_fatal("agent state")? && self.producer.keeps_failing()
+                if !self.producer.replace_if_fatal("agent state")?
+                    && self.producer.keeps_failing(&topic)
                 {
                     tracing::warn!(error = %e, topic, "kafka state producer keeps failing; recreating it");
                     self.producer.replace()?;
