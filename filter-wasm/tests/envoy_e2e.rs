@@ -421,6 +421,13 @@ fn edge_filter_in_real_envoy_over_http3_and_http2() {
         "{}",
         c.headers
     );
+    assert!(
+        c.headers
+            .to_ascii_lowercase()
+            .contains("strict-transport-security: max-age=31536000"),
+        "{}",
+        c.headers
+    );
     let echoed: Value = serde_json::from_str(&c.body).unwrap();
     assert_eq!(echoed["headers"]["x-gw-nonce"], "11");
     let c = curl(
