@@ -13,11 +13,11 @@ pub async fn send(req: &Request<'_>) -> Result<Answer> {
     let host = req.url.host().context("URL has no host")?;
     let port = req.url.port_u16().unwrap_or(443);
     let host_for_lookup = host.trim_start_matches('[').trim_end_matches(']');
-    let addr: SocketAddr = tokio::net::lookup_host((host_for_lookup, port))
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host_for_lookup, port))
         .await
         .with_context(|| format!("cannot resolve {host}"))?
-        .next()
-        .with_context(|| format!("{host} resolves to no address"))?;
+        .collect();
+    anyhow::ensure!(!addrs.is_empty(), "{host} resolves to no address");
     let server_name = req
         .tls
         .server_name
@@ -25,23 +25,27 @@ pub async fn send(req: &Request<'_>) -> Result<Answer> {
         .unwrap_or_else(|| host_for_lookup.to_owned());
 
     let tls = tls::client_config(&req.tls, &[b"h3"])?;
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .context("TLS config is not usable for QUIC")?;
-    let bind: SocketAddr = if addr.is_ipv6() {
-        "[::]:0"
-    } else {
-        "0.0.0.0:0"
+    let quic = Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .context("TLS config is not usable for QUIC")?,
+    );
+    // Each address in turn (`localhost` is often ::1 first, where a gateway
+    // listening on 127.0.0.1 never answers a UDP packet): the first handshake
+    // that completes, each tried for a few seconds when there are others.
+    let per_try = (addrs.len() > 1).then_some(std::time::Duration::from_secs(3));
+    let mut failed = Vec::new();
+    let mut connected = None;
+    for addr in &addrs {
+        match handshake(*addr, &server_name, quic.clone(), per_try).await {
+            Ok(c) => {
+                connected = Some(c);
+                break;
+            }
+            Err(e) => failed.push(format!("{addr}: {e:#}")),
+        }
     }
-    .parse()
-    .context("bind address")?;
-    let mut endpoint = quinn::Endpoint::client(bind).context("cannot open a UDP socket")?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-
-    let conn = endpoint
-        .connect(addr, &server_name)
-        .context("cannot start QUIC connection")?
-        .await
-        .with_context(|| format!("QUIC handshake with {addr} failed"))?;
+    let (endpoint, conn) = connected
+        .with_context(|| format!("QUIC handshake with {host} failed ({})", failed.join("; ")))?;
     let (mut driver, mut sender) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
         .await
         .context("HTTP/3 connection setup failed")?;
@@ -85,4 +89,34 @@ pub async fn send(req: &Request<'_>) -> Result<Answer> {
         status: resp.status().as_u16(),
         body,
     })
+}
+
+/// A QUIC connection to `addr` from an endpoint of its own, within `limit` when
+/// given.
+async fn handshake(
+    addr: SocketAddr,
+    server_name: &str,
+    quic: Arc<quinn::crypto::rustls::QuicClientConfig>,
+    limit: Option<std::time::Duration>,
+) -> Result<(quinn::Endpoint, quinn::Connection)> {
+    let bind: SocketAddr = if addr.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    }
+    .parse()
+    .context("bind address")?;
+    let mut endpoint = quinn::Endpoint::client(bind).context("cannot open a UDP socket")?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(quic));
+    let connecting = endpoint
+        .connect(addr, server_name)
+        .context("cannot start QUIC connection")?;
+    let conn = match limit {
+        Some(t) => tokio::time::timeout(t, connecting)
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within {} s", t.as_secs()))?,
+        None => connecting.await,
+    }
+    .context("handshake failed")?;
+    Ok((endpoint, conn))
 }
