@@ -13,6 +13,10 @@
 -- fsync_after_insert: an insert is acknowledged only once its part is on disk. The
 -- sidecar lets its journal drop rows ClickHouse acknowledged; a part still in the
 -- page cache when ClickHouse's machine lost power would be a hole in the chain.
+--
+-- No TTL: a chain verifies from its first row, so rows deleted at its start by age
+-- would make every later verify report a gap. Deleting old rows is an operator's
+-- decision (docs/configuration.md, "Retention"), not the table's.
 CREATE TABLE IF NOT EXISTS control_decisions
 (
     chain_id        LowCardinality(String),
@@ -40,7 +44,6 @@ CREATE TABLE IF NOT EXISTS control_decisions
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(toDateTime(intDiv(ts_ms, 1000)))
 ORDER BY (chain_id, seq)
-TTL toDateTime(intDiv(ts_ms, 1000)) + INTERVAL 400 DAY DELETE
 SETTINGS non_replicated_deduplication_window = 10000, fsync_after_insert = 1, fsync_part_directory = 1;
 
 -- Columns added after the table's first release: a table made by an older version
@@ -50,3 +53,6 @@ ALTER TABLE control_decisions ADD COLUMN IF NOT EXISTS requester_roles String AF
 ALTER TABLE control_decisions ADD COLUMN IF NOT EXISTS token_issuer String AFTER requester_roles;
 ALTER TABLE control_decisions ADD COLUMN IF NOT EXISTS route String AFTER token_issuer;
 ALTER TABLE control_decisions MODIFY SETTING fsync_after_insert = 1, fsync_part_directory = 1;
+-- A table made before 2026-12-05 deleted rows after 400 days (the runner takes
+-- ClickHouse's "no TTL to remove" as done).
+ALTER TABLE control_decisions REMOVE TTL;

@@ -94,7 +94,7 @@ pub fn ledger_row(i: u64) -> gw_core::ledger::LedgerRow {
     gw_core::ledger::LedgerRow {
         chain_id: "node-1".into(),
         seq: 0,
-        // Recent: the ledger table keeps rows 400 days.
+        // Recent (tables with a TTL by age keep them).
         ts_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
