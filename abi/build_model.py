@@ -220,6 +220,20 @@ class AbiV2(ctypes.Structure):
     ]
 
 
+# The files under abi/ a library is built from (CMakeLists.txt builds the model's C
+# with the adapter against the ABI headers).
+BUILD_INPUTS = ("CMakeLists.txt", "tl2cgen_adapter.c", "model_abi_v1.h", "model_abi_v2.h")
+
+
+def compiler_version():
+    """The C compiler CMake picks (`$CC`, else `cc`), as it names itself."""
+    try:
+        return subprocess.run([os.environ.get("CC") or "cc", "--version"], capture_output=True,
+                              text=True, check=False).stdout
+    except OSError:
+        return "no cc"
+
+
 def verify_library(lib_path, rows, out, margin, scales):
     """Loads the built library and scores the golden rows with it, as the host will."""
     lib = ctypes.CDLL(lib_path)
@@ -298,11 +312,19 @@ def build(a):
         tl2cgen.generate_c_code(model, dirpath=gen, params={})
         write_golden_h(os.path.join(gen, "golden.h"), rows, out, margin, scales, trainer, postprocessor)
         if a.version is None:
-            # The commit and the model's own C: a different model is a different file.
+            # The commit and everything the library is built from: the model's own
+            # C, the ABI's sources, the options that change the build and the
+            # compiler. A different build is a different file (one already there
+            # under the name is this build, and is what --activate names).
             h = hashlib.sha256()
             for f in ("main.c", "golden.h"):
                 with open(os.path.join(gen, f), "rb") as fh:
                     h.update(fh.read())
+            for f in BUILD_INPUTS:
+                with open(os.path.join(ROOT, "abi", f), "rb") as fh:
+                    h.update(f.encode() + b"\0" + fh.read())
+            h.update(f"abi={a.abi} fault={a.fault}".encode())
+            h.update(compiler_version().encode())
             a.version = f"{git_sha()}.{h.hexdigest()[:10]}"
             content_named = True
         else:
@@ -326,10 +348,14 @@ def build(a):
         else:
             leaf, post, worst = "?", postprocessor, float("nan")
         os.makedirs(a.out, exist_ok=True)
-        if not os.path.exists(os.path.join(a.out, lib)):  # else: the same model, already there
+        installed = os.path.join(a.out, lib)
+        if not os.path.exists(installed):
             tmp = os.path.join(a.out, f".{lib}.{os.getpid()}")
             shutil.copy2(os.path.join(staged, lib), tmp)
-            os.replace(tmp, os.path.join(a.out, lib))
+            os.replace(tmp, installed)
+        elif a.fault == 0 and a.abi == 2:
+            # The same build, already there: what --activate names is checked too.
+            verify_library(installed, rows, out, margin, scales)
     print(f"{lib}: {trainer}, treelite {treelite.__version__} + tl2cgen {tl2cgen.__version__}, "
           f"{leaf}, {rows.shape[1]} features, {out.shape[1]} outputs, {post}; {len(rows)} golden rows "
           f"match (largest relative difference {worst:.2e})", file=sys.stderr)
