@@ -234,6 +234,30 @@ fn rejected_metrics(host: &ModelHost) -> String {
         .join("\n")
 }
 
+/// One file under two names (a hard link): the system loader holds it once, so the
+/// host serves the second name from the model already loaded — `init` runs once
+/// and `release` once, as the ABI promises — and a later look at the same link
+/// swaps nothing.
+#[test]
+fn a_hard_link_to_a_loaded_library_is_that_library() {
+    let d = testkit::TempDir::new("models-hard-link");
+    let dir = d.path();
+    std::fs::copy(built().join("libmev_vt1.so"), dir.join("libmev_vt1.so")).unwrap();
+    std::fs::hard_link(dir.join("libmev_vt1.so"), dir.join("libarb_same.so")).unwrap();
+    activate(dir, "mev", "libmev_vt1.so");
+    activate(dir, "arb", "libarb_same.so");
+    let host = host(dir, 8, false);
+    let lines = host.poll();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let (mev, arb) = (
+        host.current("mev").unwrap(),
+        host.current("arbitrage").unwrap(),
+    );
+    assert!(Arc::ptr_eq(&mev, &arb), "loaded twice");
+    assert!(host.poll().is_empty(), "swapped again");
+    assert_eq!(host.slot("arbitrage").unwrap().loads(), 1);
+}
+
 /// A library is code that runs inside the sidecar (with the TPU identity and the
 /// command and ledger keys): one that someone other than root or the sidecar's
 /// user could have written, or that lies outside the models directory, is refused

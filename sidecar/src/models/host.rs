@@ -70,6 +70,9 @@ pub struct Slot {
     link_lost: AtomicBool,
     /// Link target refused last (not retried until the link changes).
     refused: Mutex<Option<(PathBuf, String)>>,
+    /// Link target of the model serving (its own path, or another path to a file
+    /// already loaded, served from there).
+    serving_target: Mutex<Option<PathBuf>>,
     /// Last swaps and refusals, oldest first.
     history: Mutex<VecDeque<SwapEvent>>,
     /// Models swapped in (this slot's entry of `gw_sidecar_model_loads_total`).
@@ -126,12 +129,13 @@ pub struct ModelHost {
     slots: Vec<Slot>,
     loads: Family<ModuleLabel, Counter>,
     rejected: Family<RejectLabel, Counter>,
-    /// Libraries alive now, by file: a file that is still loaded (a model swapped
-    /// out but still predicting, or the other module's) is served again from
-    /// there, never opened a second time, so its `init` runs once and its
-    /// `release` once, as the ABI promises (the system loader shares one handle
-    /// per file).
-    loaded: Mutex<HashMap<PathBuf, Weak<Model>>>,
+    /// Libraries alive now, by file (device and inode, as the system loader tells
+    /// files apart: a hard link or a second path to a loaded file is that file): a
+    /// file that is still loaded (a model swapped out but still predicting, or the
+    /// other module's) is served again from there, never opened a second time, so
+    /// its `init` runs once and its `release` once, as the ABI promises (the
+    /// system loader shares one handle per file).
+    loaded: Mutex<HashMap<(u64, u64), Weak<Model>>>,
     /// How long opening and checking a library may take.
     load_timeout: Duration,
     /// A file naming the library being loaded, removed once it loaded or was
@@ -191,6 +195,7 @@ impl ModelHost {
                 linked: AtomicBool::new(false),
                 link_lost: AtomicBool::new(false),
                 refused: Mutex::new(None),
+                serving_target: Mutex::new(None),
                 history: Mutex::new(VecDeque::with_capacity(HISTORY)),
                 // A family's counter is shared: the slot and the family count as one.
                 loads: loads.get_or_create(&label).clone(),
@@ -265,10 +270,16 @@ impl ModelHost {
         if self.crashed.as_deref() == Some(target) {
             return Err(super::LoadError::Crashed(shown));
         }
+        let file = {
+            use std::os::unix::fs::MetadataExt as _;
+            let m = std::fs::metadata(target)
+                .map_err(|e| super::LoadError::Open(shown.clone(), e.to_string()))?;
+            (m.dev(), m.ino())
+        };
         {
             let mut loaded = self.loaded.lock();
             loaded.retain(|_, m| m.strong_count() > 0);
-            if let Some(m) = loaded.get(target).and_then(Weak::upgrade) {
+            if let Some(m) = loaded.get(&file).and_then(Weak::upgrade) {
                 if m.n_features == n_features {
                     return Ok(m);
                 }
@@ -329,9 +340,7 @@ impl ModelHost {
             })
         });
         let m = Arc::new(answer??);
-        self.loaded
-            .lock()
-            .insert(target.to_path_buf(), Arc::downgrade(&m));
+        self.loaded.lock().insert(file, Arc::downgrade(&m));
         Ok(m)
     }
 
@@ -418,7 +427,9 @@ impl ModelHost {
             };
             s.linked.store(true, Ordering::Release);
             s.link_lost.store(false, Ordering::Release);
-            if s.current.load().as_ref().is_some_and(|m| m.path == target) {
+            if s.current.load().as_ref().is_some_and(|m| m.path == target)
+                || s.serving_target.lock().as_ref() == Some(&target)
+            {
                 continue;
             }
             // Not held while the library loads: `view` (GET /api/models) reads it.
@@ -453,6 +464,7 @@ impl ModelHost {
                         format!("{} sha256 {}", m.version, m.sha256),
                     );
                     s.current.store(Some(m));
+                    *s.serving_target.lock() = Some(target.clone());
                     s.loads.inc();
                     *s.refused.lock() = None;
                 }
