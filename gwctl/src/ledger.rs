@@ -33,9 +33,10 @@ pub struct VerifyArgs {
     /// rewritten chain.
     #[arg(long, requires = "key")]
     checkpoint: Option<std::path::PathBuf>,
-    /// The ledger key's public half (64 hex), or `@FILE` holding it.
+    /// The ledger key's public half (64 hex), or `@FILE` holding it. Repeat it
+    /// after a key rotation: every note must verify with one of the keys given.
     #[arg(long)]
-    key: Option<String>,
+    key: Vec<String>,
     /// The name checkpoints are signed under.
     #[arg(long, default_value = "gw-ledger")]
     key_name: String,
@@ -47,20 +48,27 @@ pub struct VerifyArgs {
     password: Option<String>,
 }
 
-/// The newest verified checkpoint of each chain in `path`.
+/// The newest verified checkpoint of each chain in `path`; every whole note must
+/// verify with one of `keys` (the keys before and after a rotation).
 fn checkpoints(
     path: &std::path::Path,
-    key: &str,
+    keys: &[String],
     key_name: &str,
 ) -> Result<std::collections::BTreeMap<String, Checkpoint>> {
-    let hex_key = match key.strip_prefix('@') {
-        Some(file) => std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read {file}"))?
-            .trim()
-            .to_owned(),
-        None => key.to_owned(),
-    };
-    let vk = gw_core::jwk::ed25519_from_hex(&hex_key).context("--key")?;
+    let vks = keys
+        .iter()
+        .map(|key| {
+            let hex_key = match key.strip_prefix('@') {
+                Some(file) => std::fs::read_to_string(file)
+                    .with_context(|| format!("cannot read {file}"))?
+                    .trim()
+                    .to_owned(),
+                None => key.to_owned(),
+            };
+            gw_core::jwk::ed25519_from_hex(&hex_key).context("--key")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    anyhow::ensure!(!vks.is_empty(), "--checkpoint needs --key");
     let file = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     // A last note cut short (the writer crashed, or its disk failed, mid-append)
     // holds no signature: it is not read, and the sidecar cuts it off.
@@ -76,8 +84,24 @@ fn checkpoints(
         .with_context(|| format!("{} is not text", path.display()))?;
     let mut newest: std::collections::BTreeMap<String, Checkpoint> = Default::default();
     for note in notes(text) {
-        let cp = Checkpoint::open(&note, key_name, &vk)
-            .with_context(|| format!("a checkpoint in {} does not verify", path.display()))?;
+        let mut opened = Err(anyhow::anyhow!("no key"));
+        for vk in &vks {
+            opened = Checkpoint::open(&note, key_name, vk).map_err(anyhow::Error::from);
+            if opened.is_ok() {
+                break;
+            }
+        }
+        let cp = opened.with_context(|| {
+            format!(
+                "a checkpoint in {} does not verify with {}",
+                path.display(),
+                if vks.len() == 1 {
+                    "the key given"
+                } else {
+                    "any key given"
+                }
+            )
+        })?;
         let chain = cp
             .chain_id()
             .context("a checkpoint of something other than a ledger chain")?
@@ -202,8 +226,8 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
             }
         }
     }
-    if let (Some(path), Some(key)) = (&a.checkpoint, &a.key) {
-        for (chain, cp) in checkpoints(path, key, &a.key_name)? {
+    if let Some(path) = &a.checkpoint {
+        for (chain, cp) in checkpoints(path, &a.key, &a.key_name)? {
             let rows = chains.get(&chain).map_or(&[][..], Vec::as_slice);
             match cp.check(rows) {
                 Ok(_) => println!("chain {chain}: matches its checkpoint of {} rows", cp.size),
@@ -219,4 +243,36 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
     }
     println!("ok {total} rows");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::checkpoints;
+    use gw_core::checkpoint::Checkpoint;
+
+    /// After a key rotation the file holds notes of both keys: it verifies when
+    /// both are given, and not with either alone (a note no key given verifies is
+    /// never skipped).
+    #[test]
+    fn a_rotated_key_verifies_with_both_keys_given() {
+        let d = testkit::TempDir::new("gwctl-rotation");
+        let (old, new) = (
+            ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
+            ed25519_dalek::SigningKey::from_bytes(&[2; 32]),
+        );
+        let path = d.path().join("checkpoints.log");
+        let notes = [
+            Checkpoint::for_chain("node-1", 5, [5; 32]).sign("gw-ledger", &old),
+            Checkpoint::for_chain("node-1", 9, [9; 32]).sign("gw-ledger", &new),
+        ]
+        .concat();
+        std::fs::write(&path, notes).unwrap();
+        let hex = |k: &ed25519_dalek::SigningKey| hex::encode(k.verifying_key().as_bytes());
+        let both = checkpoints(&path, &[hex(&old), hex(&new)], "gw-ledger").unwrap();
+        assert_eq!(both["node-1"].size, 9, "the newest");
+        for one in [hex(&old), hex(&new)] {
+            let e = checkpoints(&path, &[one], "gw-ledger").unwrap_err();
+            assert!(format!("{e:#}").contains("does not verify"), "{e:#}");
+        }
+    }
 }
