@@ -53,6 +53,6 @@ ALTER TABLE control_decisions ADD COLUMN IF NOT EXISTS requester_roles String AF
 ALTER TABLE control_decisions ADD COLUMN IF NOT EXISTS token_issuer String AFTER requester_roles;
 ALTER TABLE control_decisions ADD COLUMN IF NOT EXISTS route String AFTER token_issuer;
 ALTER TABLE control_decisions MODIFY SETTING fsync_after_insert = 1, fsync_part_directory = 1;
--- A table made before 2026-12-05 deleted rows after 400 days (the runner takes
--- ClickHouse's "no TTL to remove" as done).
-ALTER TABLE control_decisions REMOVE TTL;
+-- A table made before 2026-12-05 deleted rows after 400 days: the sidecar's setup
+-- removes that TTL, and only that one (ledger/migrations.rs, LEGACY_TTL; a TTL an
+-- operator chose stays).

@@ -50,8 +50,6 @@ fn ddl(table: &str) -> Vec<String> {
             .expect("sql/11");
     gw_sidecar::ledger::migrations::statements(&sql)
         .into_iter()
-        // For a table made before 2026-12-05 only (made now, it has none).
-        .filter(|s| !s.ends_with("REMOVE TTL"))
         .map(|s| s.replace("control_decisions", table))
         .collect()
 }

@@ -21,10 +21,7 @@ fn create_table(ch: &ClickHouse) {
         std::fs::read_to_string(testkit::workspace_root().join("sql/11_control_decisions.sql"))
             .unwrap();
     for stmt in gw_sidecar::ledger::migrations::statements(&ddl) {
-        // For a table made before 2026-12-05 only (made now, it has none).
-        if !stmt.ends_with("REMOVE TTL") {
-            ch.query(&stmt);
-        }
+        ch.query(&stmt);
     }
 }
 

@@ -118,7 +118,49 @@ pub async fn apply_for(
             Err(e) => return Err(e),
         }
     }
+    remove_legacy_ttl(client, &mut done).await;
     Ok(done)
+}
+
+/// The TTL `control_decisions` had before 2026-12-05, as ClickHouse shows it in
+/// `system.tables.engine_full`: rows deleted after 400 days, which made every
+/// verify report a gap at row 1 a year on.
+pub const LEGACY_TTL: &str = "TTL toDateTime(intDiv(ts_ms, 1000)) + toIntervalDay(400)";
+
+/// Removes [`LEGACY_TTL`] from `control_decisions` — that TTL only: one an operator
+/// set (another age, moves to a cold volume) is theirs and stays. A user that may
+/// not alter the table leaves it, with a warning that the setup removes it.
+async fn remove_legacy_ttl(client: &clickhouse::Client, done: &mut Applied) {
+    let engine = client
+        .query(
+            "SELECT engine_full FROM system.tables \
+             WHERE database = currentDatabase() AND name = 'control_decisions'",
+        )
+        .fetch_optional::<String>()
+        .await;
+    let Ok(Some(engine)) = engine else { return };
+    // That TTL alone (a DELETE, which ClickHouse does not print): not one with more
+    // clauses or moves to a volume.
+    let old = engine.find(LEGACY_TTL).is_some_and(|at| {
+        let rest = engine[at + LEGACY_TTL.len()..].trim_start();
+        rest.is_empty() || rest.starts_with("SETTINGS")
+    });
+    if !old {
+        return;
+    }
+    match client
+        .query("ALTER TABLE control_decisions REMOVE TTL")
+        .execute()
+        .await
+    {
+        Ok(()) => {
+            done.ran += 1;
+            tracing::info!("control_decisions: the 400-day TTL of tables made before 2026-12-05 removed (a chain verifies from row 1)");
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "control_decisions still deletes rows after 400 days (made before 2026-12-05): run `gw-sidecar --setup-clickhouse` as an administrator to keep them")
+        }
+    }
 }
 
 /// One migration's statements.
@@ -130,13 +172,6 @@ async fn apply_one(
     for stmt in statements(m.sql) {
         match client.query(&stmt).execute().await {
             Ok(()) => done.ran += 1,
-            // Already so: the table has no TTL (ClickHouse's BAD_ARGUMENTS, 36).
-            Err(e)
-                if stmt.ends_with("REMOVE TTL")
-                    && e.to_string().contains("doesn't have any table TTL") =>
-            {
-                done.ran += 1;
-            }
             Err(e) if access_denied(&e) => {
                 let columns = if m.columns.is_empty() {
                     "count()".to_owned()
