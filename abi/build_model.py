@@ -228,8 +228,9 @@ BUILD_INPUTS = ("CMakeLists.txt", "tl2cgen_adapter.c", "model_abi_v1.h", "model_
 def compiler_version():
     """The C compiler CMake picks (`$CC`, else `cc`), as it names itself."""
     try:
-        return subprocess.run([os.environ.get("CC") or "cc", "--version"], capture_output=True,
-                              text=True, check=False).stdout
+        cc = (os.environ.get("CC") or "cc").split()  # e.g. `ccache gcc`
+        return subprocess.run([*cc, "--version"], capture_output=True, text=True,
+                              check=False).stdout
     except OSError:
         return "no cc"
 
@@ -374,7 +375,8 @@ def main():
     ap.add_argument("--rows", required=True, help="golden rows: .npy or .csv")
     ap.add_argument("--out", required=True, help="models directory")
     ap.add_argument("--version", default=None,
-                    help="stamped into the name (default: git SHA + a hash of the model's C); "
+                    help="stamped into the name (default: git SHA + a hash of everything the "
+                         "library is built from); "
                          "an existing library is never replaced")
     ap.add_argument("--activate", action="store_true", help="point lib<name>_latest.so at it")
     ap.add_argument("--keep-c", default=None, help="copy the generated C here (benchmarks)")

@@ -34,7 +34,9 @@ pub struct VerifyArgs {
     #[arg(long, requires = "key")]
     checkpoint: Option<std::path::PathBuf>,
     /// The ledger key's public half (64 hex), or `@FILE` holding it. Repeat it
-    /// after a key rotation: every note must verify with one of the keys given.
+    /// after a key rotation, oldest first: every note must verify with one of the
+    /// keys given, and no note with a key older than an earlier note's (a key
+    /// retired, perhaps because it leaked, signs nothing after its successor).
     #[arg(long)]
     key: Vec<String>,
     /// The name checkpoints are signed under.
@@ -49,7 +51,8 @@ pub struct VerifyArgs {
 }
 
 /// The newest verified checkpoint of each chain in `path`; every whole note must
-/// verify with one of `keys` (the keys before and after a rotation).
+/// verify with one of `keys` (the keys before and after a rotation, oldest first),
+/// none with a key older than a note before it.
 fn checkpoints(
     path: &std::path::Path,
     keys: &[String],
@@ -83,15 +86,19 @@ fn checkpoints(
     let text = std::str::from_utf8(&file[..whole])
         .with_context(|| format!("{} is not text", path.display()))?;
     let mut newest: std::collections::BTreeMap<String, Checkpoint> = Default::default();
+    // The oldest key a note may still be signed with.
+    let mut current = 0;
     for note in notes(text) {
         let mut opened = Err(anyhow::anyhow!("no key"));
-        for vk in &vks {
-            opened = Checkpoint::open(&note, key_name, vk).map_err(anyhow::Error::from);
+        for (i, vk) in vks.iter().enumerate() {
+            opened = Checkpoint::open(&note, key_name, vk)
+                .map(|c| (i, c))
+                .map_err(anyhow::Error::from);
             if opened.is_ok() {
                 break;
             }
         }
-        let cp = opened.with_context(|| {
+        let (i, cp) = opened.with_context(|| {
             format!(
                 "a checkpoint in {} does not verify with {}",
                 path.display(),
@@ -102,6 +109,14 @@ fn checkpoints(
                 }
             )
         })?;
+        anyhow::ensure!(
+            i >= current,
+            "a checkpoint in {} is signed with --key number {} after one signed with number {} (a retired key signs nothing after its successor)",
+            path.display(),
+            i + 1,
+            current + 1
+        );
+        current = i;
         let chain = cp
             .chain_id()
             .context("a checkpoint of something other than a ledger chain")?
@@ -274,5 +289,14 @@ mod tests {
             let e = checkpoints(&path, &[one], "gw-ledger").unwrap_err();
             assert!(format!("{e:#}").contains("does not verify"), "{e:#}");
         }
+        // The keys in the wrong order; then a note of the retired key after its
+        // successor's (say, appended by whoever took the old key).
+        let e = checkpoints(&path, &[hex(&new), hex(&old)], "gw-ledger").unwrap_err();
+        assert!(format!("{e:#}").contains("retired key"), "{e:#}");
+        let mut more = std::fs::read_to_string(&path).unwrap();
+        more.push_str(&Checkpoint::for_chain("node-1", 99, [7; 32]).sign("gw-ledger", &old));
+        std::fs::write(&path, more).unwrap();
+        let e = checkpoints(&path, &[hex(&old), hex(&new)], "gw-ledger").unwrap_err();
+        assert!(format!("{e:#}").contains("retired key"), "{e:#}");
     }
 }

@@ -51,6 +51,12 @@ impl Drop for Running {
 }
 
 impl Running {
+    /// Writes the sums of refusals beyond the ledger's budget still owed (before
+    /// [`Self::stop`]).
+    pub async fn flush_refusals(&self) {
+        crate::serve::flush_all_unrecorded(&self.gatekeeper).await;
+    }
+
     /// Stops the background tasks, then the journal's writer (blocking until it
     /// has written what was queued): whatever was committed before is on disk,
     /// and the state directory is left to the next start — in this process too

@@ -211,6 +211,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "kafka flush at shutdown");
         }
     }
+    // Refusals counted beyond the ledger's budget and not summed yet.
+    running.flush_refusals().await;
     // The journal's writer ends after what is queued (detached rows included).
     tokio::task::block_in_place(|| running.stop());
     // Everything durable is already on disk (replay guard, agent state, ledger spool);

@@ -364,6 +364,11 @@ impl RefusalBudget {
         out
     }
 
+    /// Every sum owed, taken whatever the budget (a stop writes them).
+    fn take_all_owed(&self) -> Vec<(Code, u64)> {
+        std::mem::take(&mut self.state.lock().unrecorded)
+    }
+
     /// `n` refusals with `code` whose summary row was not written after all: owed
     /// again.
     fn owe(&self, code: Code, n: u64) {
@@ -421,16 +426,39 @@ pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) ->
 pub async fn flush_unrecorded(g: Gatekeeper) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_err = String::new();
     loop {
         tick.tick().await;
         for (code, n) in g.budget.take_owed() {
-            tracing::warn!(code = %code, refusals = n, "refusals of callers that are not the edge went beyond the ledger's budget: one row sums them");
-            if let Err(e) = g.auditor.unrecorded(code, n).await {
-                tracing::warn!(error = %e, "the sum of unrecorded refusals was not written");
-                g.budget.owe(code, n);
+            match write_sum(&g, code, n).await {
+                Ok(()) => last_err.clear(),
+                // Said once while it lasts (the journal refusing commits).
+                Err(e) if e != last_err => {
+                    tracing::warn!(error = %e, "the sum of unrecorded refusals was not written; retried every second");
+                    last_err = e;
+                }
+                Err(_) => {}
             }
         }
     }
+}
+
+/// Writes every sum still owed, whatever the budget: at a stop.
+pub async fn flush_all_unrecorded(g: &Gatekeeper) {
+    for (code, n) in g.budget.take_all_owed() {
+        if let Err(e) = write_sum(g, code, n).await {
+            tracing::warn!(error = %e, refusals = n, "the sum of unrecorded refusals was not written at the stop");
+        }
+    }
+}
+
+/// One sum's row; owed again when it is not written.
+async fn write_sum(g: &Gatekeeper, code: Code, n: u64) -> Result<(), String> {
+    tracing::warn!(code = %code, refusals = n, "refusals of callers that are not the edge went beyond the ledger's budget: one row sums them");
+    g.auditor.unrecorded(code, n).await.map_err(|e| {
+        g.budget.owe(code, n);
+        e.to_string()
+    })
 }
 
 /// Any path the sidecar does not serve (after [`edge_only`]): 404 `not_found`, with

@@ -340,7 +340,9 @@ impl ModelHost {
             })
         });
         let m = Arc::new(answer??);
-        self.loaded.lock().insert(file, Arc::downgrade(&m));
+        // Known by the file it was read from (a file renamed over the path since
+        // the look above is not cached under the old one's inode).
+        self.loaded.lock().insert(m.file, Arc::downgrade(&m));
         Ok(m)
     }
 

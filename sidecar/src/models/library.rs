@@ -256,6 +256,9 @@ pub struct Model {
     /// row names as its scorer (`tx_sends.scored_by`).
     #[serde(skip)]
     pub label: Arc<str>,
+    /// The file read for the SHA-256: device and inode.
+    #[serde(skip)]
+    pub file: (u64, u64),
     #[serde(skip)]
     predict: PredictFn,
     #[serde(skip)]
@@ -604,10 +607,20 @@ impl Model {
         let shown = real.display().to_string();
         trusted(&real).map_err(|why| LoadError::Untrusted(shown.clone(), why))?;
         // Read after the check; only root or the sidecar's user could change it
-        // before it is loaded.
-        let sha256 = std::fs::read(&real)
-            .map(|b| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&b)))
-            .map_err(|e| LoadError::Open(shown.clone(), e.to_string()))?;
+        // before it is loaded. The file read is the one the model is known by.
+        let (sha256, file) = {
+            use std::io::Read as _;
+            use std::os::unix::fs::MetadataExt as _;
+            let open = |e: std::io::Error| LoadError::Open(shown.clone(), e.to_string());
+            let mut f = std::fs::File::open(&real).map_err(open)?;
+            let m = f.metadata().map_err(open)?;
+            let mut bytes = Vec::new();
+            f.read_to_end(&mut bytes).map_err(open)?;
+            (
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+                (m.dev(), m.ino()),
+            )
+        };
         // SAFETY: loading runs the library's initialisers. Only a regular file that
         // no one but root and the sidecar's own user could have written, or put
         // at its path, is loaded (`trusted`), from the models directory
@@ -637,6 +650,7 @@ impl Model {
         let mut model = Model {
             label: format!("{}@{}#{}", t.name, t.version, &sha256[..12]).into(),
             sha256,
+            file,
             name: t.name,
             version: t.version,
             abi: t.abi,

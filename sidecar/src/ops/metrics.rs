@@ -112,7 +112,7 @@ impl ControlMetrics {
         );
         registry.register(
             "gw_sidecar_refusals_unrecorded",
-            "Refusals of callers other than the edge beyond the ledger's budget for them: answered, counted here, and summed in the next row of their code",
+            "Refusals of callers other than the edge beyond the ledger's budget for them: answered, counted here, and summed in a ledger row of their own once the budget has room",
             m.unrecorded.clone(),
         );
         registry.register(
