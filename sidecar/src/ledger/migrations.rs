@@ -158,7 +158,7 @@ async fn remove_legacy_ttl(client: &clickhouse::Client, done: &mut Applied) {
             tracing::info!("control_decisions: the 400-day TTL of tables made before 2026-12-05 removed (a chain verifies from row 1)");
         }
         Err(e) => {
-            tracing::warn!(error = %e, "control_decisions still deletes rows after 400 days (made before 2026-12-05): run `gw-sidecar --setup-clickhouse` as an administrator to keep them")
+            tracing::warn!(error = %e, "control_decisions still deletes rows after 400 days (made before 2026-12-05): run `gw-sidecar --setup-clickhouse` as an administrator to keep them");
         }
     }
 }
