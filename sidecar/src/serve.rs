@@ -318,15 +318,21 @@ impl RefusalBudget {
         }
     }
 
-    /// A row for a refusal with `code` now: `Some(n)` — it may be written, after
-    /// one summing the `n` of its code that were not (0: none) — or `None`: over
-    /// the budget, counted as not recorded.
-    fn take(&self, code: Code) -> Option<u64> {
+    /// The state, its bucket refilled for the time since it was last looked at.
+    fn refilled(&self) -> parking_lot::MutexGuard<'_, BudgetState> {
         let mut s = self.state.lock();
         let now = std::time::Instant::now();
         let refill = now.duration_since(s.at).as_secs_f64() * self.per_sec;
         s.tokens = (s.tokens + refill).min(self.burst);
         s.at = now;
+        s
+    }
+
+    /// A row for a refusal with `code` now: `Some(n)` — it may be written, after
+    /// one summing the `n` of its code that were not (0: none) — or `None`: over
+    /// the budget, counted as not recorded.
+    fn take(&self, code: Code) -> Option<u64> {
+        let mut s = self.refilled();
         // The summary takes a row of the budget too.
         let owed = s
             .unrecorded
@@ -348,11 +354,7 @@ impl RefusalBudget {
 
     /// The sums owed that the budget has room for now (a row each), taken.
     fn take_owed(&self) -> Vec<(Code, u64)> {
-        let mut s = self.state.lock();
-        let now = std::time::Instant::now();
-        let refill = now.duration_since(s.at).as_secs_f64() * self.per_sec;
-        s.tokens = (s.tokens + refill).min(self.burst);
-        s.at = now;
+        let mut s = self.refilled();
         let mut out = Vec::new();
         while s.tokens >= 1.0 {
             let Some(owed) = s.unrecorded.pop() else {
