@@ -295,7 +295,7 @@ struct BudgetState {
     tokens: f64,
     at: std::time::Instant,
     /// Refusals not recorded since the last row of their code.
-    unrecorded: Vec<(Code, u64)>,
+    unrecorded: std::collections::BTreeMap<Code, u64>,
 }
 
 impl Default for RefusalBudget {
@@ -311,7 +311,7 @@ impl RefusalBudget {
             state: parking_lot::Mutex::new(BudgetState {
                 tokens: burst,
                 at: std::time::Instant::now(),
-                unrecorded: Vec::new(),
+                unrecorded: Default::default(),
             }),
             per_sec,
             burst,
@@ -334,21 +334,14 @@ impl RefusalBudget {
     fn take(&self, code: Code) -> Option<u64> {
         let mut s = self.refilled();
         // The summary takes a row of the budget too.
-        let owed = s
-            .unrecorded
-            .iter()
-            .find(|(c, _)| *c == code)
-            .map_or(0, |(_, n)| *n);
+        let owed = s.unrecorded.get(&code).copied().unwrap_or(0);
         let need = if owed > 0 { 2.0 } else { 1.0 };
         if s.tokens >= need {
             s.tokens -= need;
-            s.unrecorded.retain(|(c, _)| *c != code);
+            s.unrecorded.remove(&code);
             return Some(owed);
         }
-        match s.unrecorded.iter_mut().find(|(c, _)| *c == code) {
-            Some((_, n)) => *n += 1,
-            None => s.unrecorded.push((code, 1)),
-        }
+        *s.unrecorded.entry(code).or_default() += 1;
         None
     }
 
@@ -357,7 +350,7 @@ impl RefusalBudget {
         let mut s = self.refilled();
         let mut out = Vec::new();
         while s.tokens >= 1.0 {
-            let Some(owed) = s.unrecorded.pop() else {
+            let Some(owed) = s.unrecorded.pop_first() else {
                 break;
             };
             s.tokens -= 1.0;
@@ -369,6 +362,8 @@ impl RefusalBudget {
     /// Every sum owed, taken whatever the budget (a stop writes them).
     fn take_all_owed(&self) -> Vec<(Code, u64)> {
         std::mem::take(&mut self.state.lock().unrecorded)
+            .into_iter()
+            .collect()
     }
 
     /// `n` refusals with `code` whose summary row was not written after all: owed
@@ -377,11 +372,7 @@ impl RefusalBudget {
         if n == 0 {
             return;
         }
-        let mut s = self.state.lock();
-        match s.unrecorded.iter_mut().find(|(c, _)| *c == code) {
-            Some((_, m)) => *m += n,
-            None => s.unrecorded.push((code, n)),
-        }
+        *self.state.lock().unrecorded.entry(code).or_default() += n;
     }
 }
 
@@ -411,11 +402,10 @@ pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) ->
     };
     tracing::warn!(path = %req.uri().path(), code = %code, "refused a caller that is not the edge");
     if owed > 0 {
-        tracing::warn!(code = %code, refusals = owed, "refusals of callers that are not the edge went beyond the ledger's budget: one row sums them");
-        if let Err(e) = g.auditor.unrecorded(code, owed).await {
+        if let Err(e) = write_sum(&g, code, owed).await {
             // Owed again, this one with them.
             tracing::warn!(error = %e, "the sum of unrecorded refusals was not written");
-            g.budget.owe(code, owed + 1);
+            g.budget.owe(code, 1);
             return unrecorded(&g);
         }
     }

@@ -365,6 +365,12 @@ pub(super) fn fuzz_scan(bytes: &[u8], max_torn: usize) -> Option<usize> {
     Some(s.records.len())
 }
 
+/// Cuts `file` back to `len` bytes and makes the cut durable.
+fn cut_durably(file: &File, len: u64) -> std::io::Result<()> {
+    file.set_len(len)?;
+    file.sync_data()
+}
+
 fn segment_name(first: Lsn) -> String {
     format!("{first:020}.log")
 }
@@ -593,13 +599,13 @@ impl Writer {
             // The callers are told the batch was not written. Cut it off, and make
             // the cut durable: bytes of it may have reached the disk although the
             // sync failed (written back before the device failed). A cut that is
-            // not durable leaves the batch's fate to the disk — it may come back,
-            // whole, at the next start, which is why a refusal says a resend of
-            // the same bytes tells — and nothing is written over it until the cut
-            // is durable: a later batch written over part of it could leave a mix
-            // of the two that no start reads as either.
+            // not durable leaves the batch's fate to the disk — what it kept may
+            // come back at the next start, which is why a refusal says a resend
+            // of the same bytes tells — and nothing is written over it until the
+            // cut is durable ([`Writer::settle`]): a later batch written over part
+            // of it could leave a mix of the two.
             self.allocated = self.good_len;
-            if let Err(e) = file.set_len(self.good_len).and_then(|()| file.sync_data()) {
+            if let Err(e) = cut_durably(file, self.good_len) {
                 tracing::error!(path = %path.display(), error = %e, "journal: a refused batch could not be cut off durably; it may come back at the next start, and nothing is written until the cut is durable");
                 self.unsettled = true;
             }
@@ -627,9 +633,7 @@ impl Writer {
             return Ok(());
         }
         let (_, path, file) = &self.current;
-        file.set_len(self.good_len)
-            .and_then(|()| file.sync_data())
-            .map_err(io(path))?;
+        cut_durably(file, self.good_len).map_err(io(path))?;
         tracing::info!(path = %path.display(), "journal: the refused batch's cut is durable; writing again");
         self.unsettled = false;
         Ok(())

@@ -257,9 +257,7 @@ pub struct RowQueue {
     rows: Mutex<Window<Arc<LedgerRow>>>,
     /// The record of the newest row: kept, so a restart knows the chain's head.
     last: AtomicU64,
-    /// The newest row's seq (in memory or on disk only).
-    newest: AtomicU64,
-    /// The newest row's seq and hash, read together.
+    /// The newest row's seq (in memory or on disk only) and hash, read together.
     head: Mutex<(u64, String)>,
     /// ClickHouse holds every row up to this seq: not read back from disk.
     stored: AtomicU64,
@@ -303,7 +301,6 @@ impl Sink for RowQueue {
             head.1.clear();
             head.1.push_str(&newest.row_hash);
         }
-        self.newest.store(newest.seq, Ordering::Relaxed);
         let mut q = self.rows.lock();
         q.push(lsn, rows);
         self.publish(&q);
@@ -346,7 +343,6 @@ impl RowQueue {
             lost: Counter::default(),
             batch_rows: (memory_rows / 2).clamp(1, MAX_BATCH_ROWS),
             last: AtomicU64::new(0),
-            newest: AtomicU64::new(0),
             head: Mutex::new((0, String::new())),
             stored: AtomicU64::new(0),
             intent: Mutex::new(None),
@@ -361,7 +357,6 @@ impl RowQueue {
         let mut head = self.head.lock();
         if head.0 < row.seq {
             *head = (row.seq, row.row_hash.clone());
-            self.newest.fetch_max(row.seq, Ordering::Relaxed);
         }
     }
 
@@ -414,7 +409,7 @@ impl RowQueue {
     }
 
     fn newest_seq(&self) -> Option<u64> {
-        (!self.is_empty()).then(|| self.newest.load(Ordering::Relaxed))
+        (!self.is_empty()).then(|| self.head.lock().0)
     }
 
     /// When the rows in memory are shipped and more wait on disk: reads the next
@@ -792,11 +787,10 @@ impl Shipper {
                 to = self.acknowledged,
                 "ClickHouse lost ledger rows it had acknowledged; they are not shipped again (gwctl ledger verify reports the gap)"
             );
-            // Said once: asked again (an insert failing meanwhile), ClickHouse's
-            // same head is no new loss.
-            self.acknowledged = seq;
         }
-        self.acknowledged = self.acknowledged.max(seq);
+        // ClickHouse's head from now on: asked again (an insert failing
+        // meanwhile), the same head is no new loss.
+        self.acknowledged = seq;
         // A row ClickHouse holds that is still queued here must be the same row,
         // and the next one queued must link to it: otherwise another writer used
         // this chain id, or ClickHouse's rows were rewritten (nothing is dropped

@@ -71,7 +71,7 @@ pub struct Slot {
     /// Link target refused last (not retried until the link changes).
     refused: Mutex<Option<(PathBuf, String)>>,
     /// Link target of the model serving (its own path, or another path to a file
-    /// already loaded, served from there).
+    /// already loaded, served from there): a link still naming it swaps nothing.
     serving_target: Mutex<Option<PathBuf>>,
     /// Last swaps and refusals, oldest first.
     history: Mutex<VecDeque<SwapEvent>>,
@@ -429,9 +429,7 @@ impl ModelHost {
             };
             s.linked.store(true, Ordering::Release);
             s.link_lost.store(false, Ordering::Release);
-            if s.current.load().as_ref().is_some_and(|m| m.path == target)
-                || s.serving_target.lock().as_ref() == Some(&target)
-            {
+            if s.serving_target.lock().as_ref() == Some(&target) {
                 continue;
             }
             // Not held while the library loads: `view` (GET /api/models) reads it.
