@@ -453,7 +453,7 @@ fn a_decision_the_checkpoint_has_and_the_journal_lost_is_written_at_start() {
     let rows = ledger_rows(&ch, 1);
     assert_eq!(row_summary(&rows), vec![("agent", "applied", "", "req-7")]);
     // The lost nonce record is back; the resend of the same bytes is a replay.
-    let loaded = rt.block_on(store.load(Module::Mev, now())).unwrap();
+    let loaded = rt.block_on(store.load(Module::Mev, now(), 0)).unwrap();
     assert_eq!((loaded.nonces, loaded.missing), (vec![nonce], vec![]));
 
     // A second start: the journal knows it wrote the row.
@@ -501,12 +501,15 @@ fn a_command_topic_created_again_under_the_checkpoint_is_detected_and_its_comman
     let cfg = config(d.path(), &kafka, &ch);
     let (node, k) = (cfg.file.node_id.clone(), cfg.file.kafka.clone().unwrap());
     let kill = signed_command(21, Action::Kill, now(), "dashboard", &[]);
-    let cp = checkpoint_after(&node, Action::Kill, 21, kill.clone(), &[7, 9, 20, 21], 3);
+    let mut cp = checkpoint_after(&node, Action::Kill, 21, kill.clone(), &[7, 9, 20, 21], 3);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let store = KafkaState::new(&k, cfg.state_signer().unwrap().unwrap()).unwrap();
         let at = produce(&k, TOPIC, "mev", Some(&kill), forwarded(&store, &kill)).await;
         assert_eq!(at, 2);
+        // The next checkpoint after the newest, as the agent numbers it.
+        let newest = store.load(Module::Mev, now(), 0).await.unwrap().checkpoint;
+        cp.generation = newest.unwrap().generation + 1;
         store.save(Module::Mev, &cp).await.unwrap();
     });
     let s = common::serve(cfg);
@@ -708,6 +711,7 @@ fn checkpoint_after(
         .collect(),
         writer: node.to_owned(),
         forwards: BTreeMap::new(),
+        generation: 1,
     }
 }
 
@@ -1006,6 +1010,166 @@ fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
     }
     assert_eq!(*seen.lock(), signed_checkpoints(&arb_topic));
     assert!(seen.lock().iter().all(|c| c.state.applied <= 4));
+}
+
+/// A genuine checkpoint written again later (by anyone who may write to the
+/// state topic, or by a node cut off from its group) is a rollback: the agent
+/// does not load it, whether the newer checkpoints are still in the topic or
+/// only the node's journal knows of them (the topic compacted: here a second
+/// broker whose state topic holds the replay alone; deleting the topic and
+/// making it again crashed librdkafka 2.12.1 against tansu, in a metadata
+/// update). `newest_signed` takes the highest
+/// generation back; `adopt_newest` takes the old state as the operator chose. A
+/// watcher skips the replay.
+#[test]
+fn a_checkpoint_written_again_later_is_a_rollback_and_is_not_loaded() {
+    use gw_sidecar::control::kafka_state::{Checkpoint, KafkaState};
+    use gw_sidecar::control::state_sign::{Opened, StateRecovery};
+
+    let d = testkit::TempDir::new("kafka-state-rollback");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let serve_on = |kafka: &Kafka, recovery: Option<StateRecovery>| {
+        let mut cfg = config(d.path(), kafka, &ch);
+        cfg.file.kafka.as_mut().unwrap().state_recovery = recovery;
+        cfg.file.apply_wait_ms = 3000;
+        common::serve(cfg)
+    };
+    let cfg = config(d.path(), &kafka, &ch);
+    let k = cfg.file.kafka.clone().unwrap();
+    let signer = cfg.state_signer().unwrap().unwrap();
+    let store = std::sync::Arc::new(KafkaState::new(&k, signer.clone()).unwrap());
+    let topic = store.topic(Module::Arbitrage);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let refused = |s: &common::Served| {
+        let needle = "gw_sidecar_agent_total{module=\"arbitrage\",outcome=\"state_untrusted\"} ";
+        s.get_ops("/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix(needle))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    let wait_refused = |s: &common::Served| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while refused(s) == 0 {
+            assert!(Instant::now() < deadline, "the rollback was not refused");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let wait_applied = |s: &common::Served, n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while modules(s)["arbitrage"]["applied"] != n {
+            assert!(Instant::now() < deadline, "{}", modules(s));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let serve_with = |recovery| serve_on(&kafka, recovery);
+    // The checkpoint records of the topic: raw value, and (signed) checkpoint.
+    let checkpoints_on = |kafka: &Kafka| -> Vec<(Vec<u8>, Checkpoint)> {
+        state_records(&kafka.brokers(), &topic)
+            .into_iter()
+            .filter(|(k, _)| k == "state")
+            .filter_map(|(_, v)| {
+                let v = v?;
+                let cp = match signer.open(&topic, "state", &v) {
+                    Opened::Signed { body, .. } => serde_json::from_slice(body).unwrap(),
+                    Opened::Unverified { why, .. } => panic!("{why}"),
+                };
+                Some((v, cp))
+            })
+            .collect()
+    };
+    let checkpoints = || checkpoints_on(&kafka);
+    let generations_on = |kafka: &Kafka| -> Vec<(u64, u64)> {
+        checkpoints_on(kafka)
+            .iter()
+            .map(|(_, c)| (c.generation, c.state.applied))
+            .collect()
+    };
+    let generations = || generations_on(&kafka);
+    let pending = |s: &common::Served, nonce: u64| {
+        let (status, body) = post(s, arbitrage_command(nonce, Action::Restart));
+        assert_eq!(
+            (status, body["applied"].clone(), body["pending"].clone()),
+            (200, Value::Bool(false), Value::Bool(true)),
+            "{body}"
+        );
+    };
+
+    let s = common::serve(config(d.path(), &kafka, &ch));
+    post_applied(&s, arbitrage_command(1, Action::Start));
+    post_applied(&s, arbitrage_command(2, Action::Stop));
+    post_applied(&s, arbitrage_command(3, Action::Start));
+    drop(s);
+    assert_eq!(generations(), vec![(1, 1), (2, 2), (3, 3)]);
+    // The first checkpoint, exactly as the node signed it, written again.
+    let first = checkpoints()[0].0.clone();
+    rt.block_on(write_raw(&k, &topic, "state", Some(&first)));
+
+    // Not loaded: the module is not rolled back to one command applied, and a
+    // command waits.
+    let s = serve_with(None);
+    wait_refused(&s);
+    pending(&s, 4);
+    assert_ne!(modules(&s)["arbitrage"]["applied"], 1);
+    drop(s);
+
+    // newest_signed: generation 3 back (written again as 4), then the command
+    // that waited (5).
+    let s = serve_with(Some(StateRecovery::NewestSigned));
+    wait_applied(&s, 4);
+    drop(s);
+    assert_eq!(
+        generations(),
+        vec![(1, 1), (2, 2), (3, 3), (1, 1), (4, 3), (5, 4)]
+    );
+
+    // A watcher reading the topic from its start skips the replay.
+    let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    rt.spawn(
+        store
+            .clone()
+            .watch(Module::Arbitrage, move |cp| sink.lock().push(cp.generation)),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.lock().last() != Some(&5) {
+        assert!(
+            Instant::now() < deadline,
+            "the watcher saw {:?}",
+            seen.lock()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(*seen.lock(), vec![1, 2, 3, 4, 5]);
+
+    // Compaction leaves the replay alone (the newest record of its key): a
+    // broker whose state topic holds only it. The node's journal knows
+    // generation 5.
+    let kafka2 = Kafka::start(d.path());
+    let k2 = config(d.path(), &kafka2, &ch).file.kafka.unwrap();
+    rt.block_on(async {
+        let store2 = KafkaState::new(&k2, signer.clone()).unwrap();
+        store2.prepare().await.unwrap();
+        write_raw(&k2, &topic, "state", Some(&first)).await;
+    });
+    assert_eq!(generations_on(&kafka2), vec![(1, 1)]);
+    let s = serve_on(&kafka2, None);
+    wait_refused(&s);
+    pending(&s, 6);
+    drop(s);
+    // newest_signed has nothing to take; adopt_newest takes the old state as it
+    // is, numbered above the journal's, and applies the command that waited.
+    let s = serve_on(&kafka2, Some(StateRecovery::NewestSigned));
+    wait_refused(&s);
+    drop(s);
+    let s = serve_on(&kafka2, Some(StateRecovery::AdoptNewest));
+    wait_applied(&s, 2);
+    drop(s);
+    assert_eq!(generations_on(&kafka2), vec![(1, 1), (6, 1), (7, 2)]);
+    // From then on it loads without an option.
+    let s = common::serve(config(d.path(), &kafka2, &ch));
+    post_applied(&s, arbitrage_command(7, Action::Stop));
+    assert_eq!(modules(&s)["arbitrage"]["applied"], 3);
 }
 
 /// A command reaches the agents only as a gateway node forwarded it: admitted

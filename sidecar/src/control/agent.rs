@@ -287,7 +287,10 @@ pub struct AgentEnv {
 /// The Kafka side of an agent.
 struct KafkaSide {
     store: Arc<KafkaState>,
-    /// The module's checkpoint as of the last delivery this agent handled or loaded.
+    /// The module's checkpoint as of the last delivery this agent handled or
+    /// loaded. Before a load, the default state under the highest generation the
+    /// journal knows was written: its generation is always the floor of the next
+    /// load ([`KafkaState::load`]).
     checkpoint: Checkpoint,
     /// Keys of nonce records by expiry (tombstoned once expired).
     written: BTreeMap<u64, Vec<String>>,
@@ -365,6 +368,7 @@ impl Agent {
         let mut applied_lsns = journal::Expiring::default();
         let mut journalled: BTreeMap<i32, i64> = BTreeMap::new();
         let mut journalled_lsn = None;
+        let mut generation = 0u64;
         // The last position written per partition, not the largest: a topic
         // created again (`topic_replaced`) starts at offset 0 again, and its
         // decisions come after the old topic's in the journal.
@@ -388,6 +392,7 @@ impl Agent {
                         for p in &s.kafka {
                             note(*p, *lsn);
                         }
+                        generation = generation.max(s.generation.unwrap_or(0));
                     }
                     _ => {}
                 }
@@ -410,6 +415,7 @@ impl Agent {
                 if let Some(p) = a.kafka {
                     note(p, *lsn);
                 }
+                generation = generation.max(a.generation.unwrap_or(0));
             }
         }
         if env.kafka_state.is_some() {
@@ -431,7 +437,10 @@ impl Agent {
             applied_lsns,
             kafka: env.kafka_state.clone().map(|store| KafkaSide {
                 store,
-                checkpoint: Checkpoint::default(),
+                checkpoint: Checkpoint {
+                    generation,
+                    ..Checkpoint::default()
+                },
                 written: BTreeMap::new(),
                 journalled,
                 journalled_lsn,
@@ -479,6 +488,7 @@ impl Agent {
             state,
             applied,
             refused: None,
+            generation: self.kafka.as_ref().map(|k| k.checkpoint.generation),
         })
     }
 
@@ -831,6 +841,7 @@ impl Agent {
             },
         );
         cp.writer = chain;
+        cp.generation = cp.generation.saturating_add(1);
         if let Origin::Node { node, forward } = &d.origin {
             cp.forwards
                 .entry(node.clone())
@@ -954,12 +965,16 @@ impl Agent {
     /// last decision when the journal does not have it. Waits for the broker.
     async fn reload(&mut self) {
         let module = self.core.module;
-        let Some(store) = self.kafka.as_ref().map(|k| k.store.clone()) else {
+        let Some((store, floor)) = self
+            .kafka
+            .as_ref()
+            .map(|k| (k.store.clone(), k.checkpoint.generation))
+        else {
             return;
         };
         let mut failures = 0u32;
-        let loaded = loop {
-            match store.load(module, crate::now_secs()).await {
+        let mut loaded = loop {
+            match store.load(module, crate::now_secs(), floor).await {
                 Ok(l) => break l,
                 Err(e) => {
                     // The agent consumes nothing meanwhile: say so now and then. A
@@ -982,11 +997,12 @@ impl Agent {
         for _ in 0..loaded.untrusted {
             self.env.metrics.agent(module.as_str(), "state_untrusted");
         }
-        if let (true, Some(cp)) = (loaded.recovered, &loaded.checkpoint) {
-            // Written again signed, so the next load needs no recovery.
-            let mut cp = cp.clone();
+        if let (true, Some(cp)) = (loaded.recovered, &mut loaded.checkpoint) {
+            // Written again signed, as the newest generation, so the next load
+            // needs no recovery.
             cp.writer = self.env.chain.clone();
-            while let Err(e) = store.save(module, &cp).await {
+            cp.generation = cp.generation.saturating_add(1);
+            while let Err(e) = store.save(module, cp).await {
                 tracing::warn!(module = module.as_str(), error = %e, "recovered agent checkpoint not written yet (retrying)");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
@@ -998,7 +1014,11 @@ impl Agent {
             tracing::debug!(error = %e, "expired nonce records not tombstoned");
         }
         let Some(cp) = loaded.checkpoint else {
-            // Nothing in Kafka yet: the first checkpoint starts from this node's state.
+            // Nothing in Kafka yet: the first checkpoint starts from this node's
+            // state (numbered above what the journal knows was written).
+            if floor > 0 {
+                tracing::error!(module = module.as_str(), generation = floor, "the agent state topic holds no checkpoint, although this node's journal knows one of this generation was written (the topic deleted, or its tombstone compacted): going on from this node's own state");
+            }
             if let Some(k) = self.kafka.as_mut() {
                 k.checkpoint.state = self.core.state().clone();
             }
@@ -1128,6 +1148,7 @@ impl Agent {
             next_offset: self.next_offset,
             state: self.core.state().clone(),
             applied,
+            generation: self.kafka.as_ref().map(|k| k.checkpoint.generation),
         };
         match self
             .env

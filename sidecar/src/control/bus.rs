@@ -1561,6 +1561,7 @@ mod tests {
             offset: Some(u64::try_from(offset).unwrap()),
             state: None,
             applied: None,
+            generation: None,
         })])
     }
 

@@ -20,6 +20,13 @@
 //! node of `kafka.state_keys` signed are read ([`super::state_sign`]): a client
 //! that may write to the topic cannot forge a checkpoint or a used nonce.
 //!
+//! Each checkpoint is numbered ([`Checkpoint::generation`]), so a genuine one
+//! written again later — a *rollback*, by anyone who may write to the topic or by
+//! a node that was cut off from its group — is not taken as the newest: a load
+//! compares the newest with every signed checkpoint still in the topic and with
+//! the highest generation the node's own journal knows was written (which still
+//! holds once compaction has removed the newer records).
+//!
 //! Zombie fencing is not done here: a node that is paused (not dead) past its group
 //! session and then resumes could write one stale checkpoint. Kafka transactions
 //! (a transactional id per module, the checkpoint read `read_committed`) would
@@ -78,6 +85,13 @@ pub struct Checkpoint {
     /// offset, is refused even once its nonce is forgotten.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub forwards: BTreeMap<String, BTreeMap<i32, ForwardWindow>>,
+    /// One more than the checkpoint it was made from (0: written before
+    /// 2026-12-06). A load takes the newest checkpoint only when no signed one
+    /// before it, and nothing its node's journal knows was written, has a higher
+    /// generation: a genuine checkpoint written again later (a replay, or a node
+    /// cut off from its group writing from an older state) is a rollback.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// How many numbers below a node's newest forward the window remembers which
@@ -330,10 +344,12 @@ impl KafkaState {
     }
 
     /// Calls `f` with every checkpoint of `m` written from now on by a listed node,
-    /// forever (one no listed node signed is skipped, logged at most every 10 s).
+    /// forever (one no listed node signed, or older than one seen — written again
+    /// later — is skipped, logged at most every 10 s).
     pub async fn watch(self: Arc<Self>, m: Module, mut f: impl FnMut(Checkpoint) + Send) {
         let topic = self.topic(m);
         let mut skipped = Skipped::default();
+        let mut newest = 0u64;
         loop {
             // Closed off the runtime when dropped (a broker that is away must not
             // hold up shutdown).
@@ -368,7 +384,18 @@ impl KafkaState {
                     Ok(msg) if msg.key() == Some(STATE_KEY.as_bytes()) => {
                         let Some(v) = msg.payload() else { continue };
                         match checkpoint_of(self.signer.open(&topic, STATE_KEY, v)) {
-                            Ok(Ok(cp)) => f(cp),
+                            Ok(Ok(cp)) if cp.generation < newest => skipped.note(
+                                m,
+                                msg.offset(),
+                                &format!(
+                                    "generation {} is older than generation {newest}, seen before it: written again",
+                                    cp.generation
+                                ),
+                            ),
+                            Ok(Ok(cp)) => {
+                                newest = cp.generation;
+                                f(cp);
+                            }
                             Ok(Err(e)) => {
                                 tracing::warn!(module = m.as_str(), error = %e, "agent checkpoint unreadable");
                             }
@@ -402,8 +429,9 @@ impl KafkaState {
     }
 
     /// Reads `m`'s state topic to its end: the latest checkpoint and the nonces
-    /// remembered at `now`.
-    pub async fn load(&self, m: Module, now: u64) -> Result<Loaded, BusError> {
+    /// remembered at `now`. `floor`: the highest checkpoint generation this node
+    /// knows was written (the newest checkpoint must not be below it).
+    pub async fn load(&self, m: Module, now: u64, floor: u64) -> Result<Loaded, BusError> {
         let client = self.cfg.client();
         let topic = self.topic(m);
         let wait = Duration::from_millis(self.cfg.message_timeout_ms.max(1000));
@@ -411,7 +439,7 @@ impl KafkaState {
         let records = tokio::task::spawn_blocking(move || read_all(client, &t, wait))
             .await
             .map_err(|e| BusError::Encode(format!("state loader: {e}")))??;
-        fold(records, now, m, &topic, &self.signer)
+        fold(records, now, m, &topic, &self.signer, floor)
     }
 }
 
@@ -493,7 +521,7 @@ impl Skipped {
             module = m.as_str(),
             offset,
             skipped = self.since_log,
-            "agent checkpoint no listed node signed, skipped: {why}"
+            "agent checkpoint skipped: {why}"
         );
         self.since_log = 0;
         self.logged = Some(std::time::Instant::now());
@@ -574,18 +602,24 @@ fn checkpoint_of(o: Opened<'_>) -> Result<Result<Checkpoint, String>, String> {
 /// commands again — unless `kafka.state_recovery` says what to take. An untrusted
 /// nonce record is skipped (unless the checkpoint is adopted as it is). A
 /// checkpoint that does not decode is an error too: never start over from
-/// nothing (the next checkpoint would overwrite every node's progress).
+/// nothing (the next checkpoint would overwrite every node's progress). Nor is a
+/// newest checkpoint taken whose generation is below a signed one before it or
+/// below `floor` (the highest this node's journal knows was written): that is a
+/// rollback, also unless `kafka.state_recovery` says what to take.
 fn fold(
     records: Vec<Record>,
     now: u64,
     m: Module,
     topic: &str,
     signer: &StateSigner,
+    floor: u64,
 ) -> Result<Loaded, BusError> {
     let mut loaded = Loaded::default();
-    // The newest signed checkpoint, and the newest checkpoint record when it is
-    // not signed (why, and its body).
+    // The newest signed checkpoint; the decodable signed one of the highest
+    // generation (the newest of equals); and the newest checkpoint record when it
+    // is not signed (why, and its body).
     let mut signed: Option<Result<Checkpoint, String>> = None;
+    let mut highest: Option<Checkpoint> = None;
     let mut tail: Option<(String, Option<Vec<u8>>)> = None;
     for (_, v) in records.iter().filter(|(k, _)| k == STATE_KEY) {
         let Some(v) = v else {
@@ -600,6 +634,14 @@ fn fold(
         };
         match checkpoint_of(opened) {
             Ok(c) => {
+                if let Ok(cp) = &c {
+                    if highest
+                        .as_ref()
+                        .is_none_or(|h| cp.generation >= h.generation)
+                    {
+                        highest = Some(cp.clone());
+                    }
+                }
                 signed = Some(c);
                 tail = None;
             }
@@ -612,13 +654,54 @@ fn fold(
     let unreadable = |e: String| BusError::Encode(format!("agent checkpoint unreadable: {e}"));
     let module = m.as_str();
     let mut adopted = false;
+    // The highest generation known to have been written, and where it is known
+    // from. A newest checkpoint below it is a rollback.
+    let seen = highest.as_ref().map_or(0, |h| h.generation);
+    let top = seen.max(floor);
+    let known = if seen >= floor {
+        "a signed checkpoint before it in the topic has it"
+    } else {
+        "this node's journal knows it was written"
+    };
+    // What `newest_signed` takes: the signed checkpoint of the highest generation,
+    // unless the journal knows of a higher one (compacted away).
+    let best = highest.filter(|h| h.generation >= floor);
     loaded.checkpoint = match tail {
-        None => signed.map(|c| c.map_err(unreadable)).transpose()?,
-        Some((why, body)) => match (signer.recovery(), signed, body) {
+        None => match signed.map(|c| c.map_err(unreadable)).transpose()? {
+            Some(c) if c.generation < top => {
+                let why = format!(
+                    "the newest, generation {} by node `{}`, is older than generation {top} ({known}): a checkpoint written again later, or by a node cut off from its group",
+                    c.generation, c.writer
+                );
+                match (signer.recovery(), best) {
+                    (Some(StateRecovery::NewestSigned), Some(b)) => {
+                        tracing::error!(module, "kafka.state_recovery newest_signed: the agent checkpoint was rolled back ({why}); generation {} is taken and written again (remove the option once started)", b.generation);
+                        loaded.recovered = true;
+                        Some(b)
+                    }
+                    (Some(StateRecovery::AdoptNewest), _) => {
+                        tracing::error!(module, "kafka.state_recovery adopt_newest: taking the newest agent checkpoint although it was rolled back ({why}); it is written again as the newest (remove the option once started)");
+                        loaded.recovered = true;
+                        Some(c)
+                    }
+                    (recovery, _) => {
+                        let what = match recovery {
+                            Some(StateRecovery::NewestSigned) => "newest_signed finds no signed checkpoint of that generation in the topic (compacted away): adopt_newest takes the newest as it is",
+                            _ => "set kafka.state_recovery: newest_signed takes the highest generation's, adopt_newest the newest as it is",
+                        };
+                        return Err(BusError::Untrusted(format!(
+                            "module {module}: the agent checkpoint was rolled back: {why}; {what}"
+                        )));
+                    }
+                }
+            }
+            c => c,
+        },
+        Some((why, body)) => match (signer.recovery(), best, body) {
             (Some(StateRecovery::NewestSigned), Some(c), _) => {
-                tracing::error!(module, "kafka.state_recovery newest_signed: the newest agent checkpoint is skipped ({why}); the newest signed one is taken and written again (remove the option once started)");
+                tracing::error!(module, "kafka.state_recovery newest_signed: the newest agent checkpoint is skipped ({why}); the signed one of the highest generation, {}, is taken and written again (remove the option once started)", c.generation);
                 loaded.recovered = true;
-                Some(c.map_err(unreadable)?)
+                Some(c)
             }
             (Some(StateRecovery::AdoptNewest), _, Some(b)) => {
                 tracing::error!(module, "kafka.state_recovery adopt_newest: taking the newest agent checkpoint although no listed node signed it ({why}); it is written again signed (remove the option once started)");
@@ -635,8 +718,9 @@ fn fold(
                 c.forwards.clear();
                 Some(c)
             }
-            (recovery, signed, _) => {
+            (recovery, _, _) => {
                 let what = match recovery {
+                    Some(StateRecovery::NewestSigned) if signed.is_some() => "newest_signed finds no signed checkpoint before it as new as this node's journal knows was written: adopt_newest takes the newest as it is",
                     Some(StateRecovery::NewestSigned) => "newest_signed finds no signed checkpoint before it",
                     Some(StateRecovery::AdoptNewest) => "adopt_newest finds no checkpoint in it to adopt",
                     None if signed.is_some() => "an older one is signed, but the newer may be genuine: set kafka.state_recovery",
@@ -648,6 +732,13 @@ fn fold(
             }
         },
     };
+    if loaded.recovered {
+        // Numbered as the highest known (not as an unsigned record says): written
+        // again one above it, it is the newest for every later load.
+        if let Some(c) = &mut loaded.checkpoint {
+            c.generation = top;
+        }
+    }
     // The nonces: the newest value of each key a listed node signed (or, with an
     // adopted checkpoint, any), tombstones forgetting.
     let mut nonces: BTreeMap<String, Option<(StoredNonce, bool)>> = BTreeMap::new();
@@ -838,6 +929,7 @@ mod tests {
             M,
             T,
             &a,
+            0,
         )
         .unwrap();
         assert_eq!(l.checkpoint, Some(later));
@@ -850,18 +942,18 @@ mod tests {
 
     #[test]
     fn an_empty_topic_has_no_checkpoint() {
-        let l = fold(Vec::new(), 0, M, T, &node("a", None)).unwrap();
+        let l = fold(Vec::new(), 0, M, T, &node("a", None), 0).unwrap();
         assert!(l.checkpoint.is_none() && l.nonces.is_empty());
     }
 
     #[test]
     fn an_unreadable_checkpoint_is_an_error_not_a_fresh_start() {
         let a = node("a", None);
-        let l = fold(vec![rec(&a, "state", &checkpoint("a", 1))], 0, M, T, &a).unwrap();
+        let l = fold(vec![rec(&a, "state", &checkpoint("a", 1))], 0, M, T, &a, 0).unwrap();
         assert_eq!(l.checkpoint, Some(checkpoint("a", 1)));
         let v = a.seal(T, "state", b"[]");
         assert!(matches!(
-            fold(vec![("state".into(), Some(v))], 0, M, T, &a),
+            fold(vec![("state".into(), Some(v))], 0, M, T, &a, 0),
             Err(BusError::Encode(_))
         ));
     }
@@ -892,6 +984,7 @@ mod tests {
                 M,
                 T,
                 &reader,
+                0,
             )
             .unwrap();
             assert_eq!(l.checkpoint, Some(cp.clone()));
@@ -938,7 +1031,7 @@ mod tests {
             let records = vec![rec(&b, "state", &genuine), attack];
             // The newer record may be genuine (a node not listed yet, an older
             // version): the older signed one is not taken on its own.
-            let e = untrusted(fold(records.clone(), 100, M, T, &a));
+            let e = untrusted(fold(records.clone(), 100, M, T, &a, 0));
             assert!(
                 e.contains("module mev") && e.contains("an older one is signed"),
                 "{e}"
@@ -949,6 +1042,7 @@ mod tests {
                 M,
                 T,
                 &node("a", Some(StateRecovery::NewestSigned)),
+                0,
             )
             .unwrap();
             assert_eq!(l.checkpoint, Some(genuine.clone()));
@@ -959,6 +1053,7 @@ mod tests {
                 M,
                 T,
                 &node("a", Some(StateRecovery::AdoptNewest)),
+                0,
             );
             if i < 4 {
                 let l = adopt.unwrap();
@@ -1008,7 +1103,7 @@ mod tests {
             forged("state", &with_last),
             forged("n/dashboard/3", &nonce(3, 200)),
         ];
-        let e = untrusted(fold(records.clone(), 100, M, T, &a));
+        let e = untrusted(fold(records.clone(), 100, M, T, &a, 0));
         assert!(
             e.contains("not signed") && e.contains("none before it is signed"),
             "{e}"
@@ -1019,6 +1114,7 @@ mod tests {
             M,
             T,
             &node("a", Some(StateRecovery::NewestSigned)),
+            0,
         ));
         assert!(
             e.contains("newest_signed finds no signed checkpoint"),
@@ -1030,6 +1126,7 @@ mod tests {
             M,
             T,
             &node("a", Some(StateRecovery::AdoptNewest)),
+            0,
         )
         .unwrap();
         // Adopted without its record of each node's last decision (no audit row or
@@ -1039,5 +1136,107 @@ mod tests {
         // Both nonces are remembered and written again, signed.
         assert_eq!(l.nonces, vec![nonce(3, 200), nonce(4, 200)]);
         assert_eq!(l.missing, vec![nonce(3, 200), nonce(4, 200)]);
+    }
+
+    /// A genuine checkpoint written again later is a rollback: not taken as the
+    /// newest, whether the newer ones are still in the topic or only this node's
+    /// journal knows of them (compacted away) — unless the operator says what to
+    /// take. Two checkpoints of one generation (a write that timed out and
+    /// landed, then made again) are not one.
+    #[test]
+    fn a_checkpoint_written_again_later_is_a_rollback_not_the_newest() {
+        let a = node("a", None);
+        let at = |next: i64, generation: u64| Checkpoint {
+            generation,
+            ..checkpoint("a", next)
+        };
+        let (one, two) = (at(1, 1), at(2, 2));
+        let replayed = vec![
+            rec(&a, "state", &one),
+            rec(&a, "state", &two),
+            rec(&a, "state", &one),
+        ];
+        let e = untrusted(fold(replayed.clone(), 100, M, T, &a, 0));
+        assert!(
+            e.contains("rolled back")
+                && e.contains("generation 1 by node `a`")
+                && e.contains("older than generation 2 (a signed checkpoint before it"),
+            "{e}"
+        );
+        let take = |records: &[Record], recovery, floor| {
+            fold(
+                records.to_vec(),
+                100,
+                M,
+                T,
+                &node("a", Some(recovery)),
+                floor,
+            )
+            .unwrap()
+        };
+        // newest_signed: the highest generation; adopt_newest: the newest as it
+        // is, numbered as the highest (written again one above it).
+        let l = take(&replayed, StateRecovery::NewestSigned, 0);
+        assert_eq!((l.checkpoint, l.recovered), (Some(two.clone()), true));
+        let l = take(&replayed, StateRecovery::AdoptNewest, 0);
+        assert_eq!((l.checkpoint, l.recovered), (Some(at(1, 2)), true));
+
+        // Compacted: only the replayed record is left; the journal knows better.
+        let compacted = vec![rec(&a, "state", &one)];
+        let e = untrusted(fold(compacted.clone(), 100, M, T, &a, 2));
+        assert!(
+            e.contains("this node's journal knows it was written"),
+            "{e}"
+        );
+        let e = untrusted(fold(
+            compacted.clone(),
+            100,
+            M,
+            T,
+            &node("a", Some(StateRecovery::NewestSigned)),
+            2,
+        ));
+        assert!(e.contains("compacted away"), "{e}");
+        let l = take(&compacted, StateRecovery::AdoptNewest, 2);
+        assert_eq!(l.checkpoint, Some(at(1, 2)));
+        // At the journal's generation, or above it: the newest.
+        for floor in [0, 1] {
+            let l = fold(compacted.clone(), 100, M, T, &a, floor).unwrap();
+            assert_eq!((l.checkpoint, l.recovered), (Some(one.clone()), false));
+        }
+        // Not below the journal either when something unsigned is newest.
+        let forged_tail = vec![rec(&a, "state", &one), forged("state", &two)];
+        let e = untrusted(fold(
+            forged_tail,
+            100,
+            M,
+            T,
+            &node("a", Some(StateRecovery::NewestSigned)),
+            2,
+        ));
+        assert!(e.contains("as new as this node's journal"), "{e}");
+
+        // One generation twice: the newer of them, no rollback.
+        let again = at(3, 2);
+        let l = fold(
+            vec![rec(&a, "state", &two), rec(&a, "state", &again)],
+            100,
+            M,
+            T,
+            &a,
+            2,
+        )
+        .unwrap();
+        assert_eq!(l.checkpoint, Some(again));
+
+        // Forged after a replay: newest_signed takes the highest, not the replay.
+        let mut both = replayed;
+        both.push(forged("state", &at(9, 9)));
+        let l = take(&both, StateRecovery::NewestSigned, 0);
+        assert_eq!(l.checkpoint, Some(two));
+        // An adopted unsigned checkpoint's own number is not believed (it could
+        // be u64::MAX, leaving no number above it).
+        let l = take(&both, StateRecovery::AdoptNewest, 0);
+        assert_eq!(l.checkpoint.map(|c| c.generation), Some(2));
     }
 }

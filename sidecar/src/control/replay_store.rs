@@ -298,6 +298,7 @@ mod tests {
                     digest: digest(bytes),
                     code: code.into(),
                 }),
+                generation: None,
             })
         };
         let accepted = |n: u64, bytes: &[u8]| {

@@ -124,6 +124,11 @@ pub struct AgentEntry {
     /// answer, with the refusal rather than "not applied yet".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<RefusedCommand>,
+    /// Kafka bus: the generation of the module's checkpoint in Kafka as of this
+    /// decision (written before it): a load never takes an older one as the
+    /// newest (`kafka_state`, *rollback*).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 /// A command an agent refused to apply.
@@ -168,6 +173,10 @@ pub struct SnapshotEntry {
     pub state: ModuleState,
     /// Every applied nonce still remembered.
     pub applied: Vec<AppliedNonce>,
+    /// Kafka bus: the newest generation of the module's checkpoint this node
+    /// knows was written (as [`AgentEntry::generation`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 pub(crate) mod hex_vec {
@@ -321,6 +330,7 @@ mod tests {
                     expires: 2,
                     seq: 3,
                 }),
+                generation: Some(7),
             }),
             Entry::Snapshot(SnapshotEntry {
                 module: Module::Arbitrage,
@@ -328,6 +338,7 @@ mod tests {
                 next_offset: None,
                 state: ModuleState::default(),
                 applied: Vec::new(),
+                generation: Some(7),
             }),
         ]);
         assert_eq!(Txn::decode(&all.encode().unwrap()), Ok(all));
