@@ -1,13 +1,15 @@
 //! Edge decisions reported to the audit ledger.
 //!
 //! A rejection at the edge never reaches the sidecar, so the filter reports it: each
-//! rejected control request (the command endpoint and module routes) becomes a small
+//! rejected request (on every route: a request with no token too) becomes a small
 //! JSON record in a bounded per-VM queue, and the root context's tick sends the queue
 //! as one `POST` (a JSON array) to the configured cluster with `dispatch_http_call`
 //! (ABI 0.2.1; no Envoy-only features). Bounded everywhere: queue length, records per
 //! batch, bytes per batch; what does not fit is counted as dropped, never buffered
 //! without limit. Delivery is at most once (a failed batch is counted, not retried):
 //! the edge is a first line; the sidecar's own rows are the authoritative record.
+//! The sidecar writes a row per report within a budget per code, and sums the rest
+//! (anyone who reaches Envoy can make it refuse requests without end).
 //! The report itself is the contract's ([`gw_core::contract::EdgeReport`]).
 
 use std::collections::VecDeque;

@@ -302,6 +302,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         auditor: auditor.clone(),
         metrics: control_metrics.clone(),
         budget: Default::default(),
+        edge_reports: Arc::new(crate::serve::RefusalBudget::edge_reports()),
     };
     let (control, t) = Control::start(
         ControlConfig {
@@ -320,6 +321,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             limits: cfg.file.replay_limits(),
             dedup_secs: cfg.file.agent_dedup_secs,
             metrics: control_metrics,
+            edge_reports: gatekeeper.edge_reports.clone(),
         },
         &records,
     )?;

@@ -15,6 +15,7 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use gw_core::ledger::Stage;
 use gw_core::Code;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -265,79 +266,108 @@ pub struct Gatekeeper {
     pub metrics: ControlMetrics,
     /// Rows for callers other than the edge.
     pub budget: Arc<RefusalBudget>,
+    /// Rows for the refusals the edge reports (taken by the control routes;
+    /// here for the flusher).
+    pub edge_reports: Arc<RefusalBudget>,
 }
 
 /// Body bytes kept in the row of a refused caller: enough to tell what it sent,
 /// little enough that rows cost an attacker's bandwidth, not the node's disk.
 const REFUSED_BODY_BYTES: usize = 4 * 1024;
 
-/// Rows a second, on average, for refusals of callers other than the edge
-/// ([`RefusalBudget`]).
+/// Rows a second, on average, for refusals of callers other than the edge, per
+/// code ([`RefusalBudget`]).
 pub const REFUSAL_ROWS_PER_SEC: f64 = 20.0;
 
 /// And at once.
 pub const REFUSAL_ROWS_BURST: f64 = 200.0;
 
-/// The ledger's budget for refusals of callers that are not the edge: anyone who
-/// reaches the port could otherwise make the node write (and fsync, and ship) a
-/// row per request without end. Within the budget each refusal has its row; beyond
-/// it a refusal is answered all the same, counted
-/// (`gw_sidecar_refusals_unrecorded_total{code}`), and summed in one row (`args_json`
-/// `{"unrecorded": n}`): before the next recorded refusal of its code, or by
-/// [`flush_unrecorded`] within a second once the budget has room again.
+/// Rows a second, on average, for the refusals the edge reports, per code
+/// ([`RefusalBudget::edge_reports`]).
+pub const EDGE_REPORT_ROWS_PER_SEC: f64 = 50.0;
+
+/// And at once.
+pub const EDGE_REPORT_ROWS_BURST: f64 = 500.0;
+
+/// The ledger's budget for refusals anyone can cause without limit: of callers
+/// that are not the edge (anyone who reaches the port), and of requests the edge
+/// refused and reports (anyone who reaches Envoy, with no token at all). Each
+/// could otherwise make the node write (and fsync, and ship) a row per request
+/// without end. Each code has its own bucket, so a flood of one (`jwt_missing`)
+/// does not take the rows of another (a signed command refused). Within the
+/// budget each refusal has its row; beyond it a refusal is answered all the
+/// same, counted (`gw_sidecar_refusals_unrecorded_total{code}`), and summed in one
+/// row of the budget's stage (`args_json` `{"unrecorded": n}`): before the next
+/// recorded refusal of its code, or by [`flush_unrecorded`] within a second once
+/// the budget has room again.
 pub struct RefusalBudget {
     state: parking_lot::Mutex<BudgetState>,
+    stage: Stage,
     per_sec: f64,
     burst: f64,
 }
 
+#[derive(Default)]
 struct BudgetState {
-    tokens: f64,
-    at: std::time::Instant,
+    /// Per code: rows it may write now, as of when.
+    buckets: std::collections::BTreeMap<Code, (f64, std::time::Instant)>,
     /// Refusals not recorded since the last row of their code.
     unrecorded: std::collections::BTreeMap<Code, u64>,
 }
 
 impl Default for RefusalBudget {
     fn default() -> Self {
-        RefusalBudget::new(REFUSAL_ROWS_PER_SEC, REFUSAL_ROWS_BURST)
+        RefusalBudget::new(Stage::Sidecar, REFUSAL_ROWS_PER_SEC, REFUSAL_ROWS_BURST)
     }
 }
 
 impl RefusalBudget {
-    /// `per_sec` rows a second on average, `burst` at once.
-    pub fn new(per_sec: f64, burst: f64) -> RefusalBudget {
+    /// `per_sec` rows a second on average, `burst` at once, per code; sums are
+    /// rows of `stage`.
+    pub fn new(stage: Stage, per_sec: f64, burst: f64) -> RefusalBudget {
         RefusalBudget {
-            state: parking_lot::Mutex::new(BudgetState {
-                tokens: burst,
-                at: std::time::Instant::now(),
-                unrecorded: Default::default(),
-            }),
+            state: parking_lot::Mutex::new(BudgetState::default()),
+            stage,
             per_sec,
             burst,
         }
     }
 
-    /// The state, its bucket refilled for the time since it was last looked at.
-    fn refilled(&self) -> parking_lot::MutexGuard<'_, BudgetState> {
-        let mut s = self.state.lock();
+    /// The budget for the refusals the edge reports.
+    pub fn edge_reports() -> RefusalBudget {
+        RefusalBudget::new(
+            Stage::Edge,
+            EDGE_REPORT_ROWS_PER_SEC,
+            EDGE_REPORT_ROWS_BURST,
+        )
+    }
+
+    /// The stage its sums are rows of.
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    /// `code`'s bucket in `s`, refilled for the time since it was last looked at.
+    fn bucket<'a>(&self, s: &'a mut BudgetState, code: Code) -> &'a mut f64 {
         let now = std::time::Instant::now();
-        let refill = now.duration_since(s.at).as_secs_f64() * self.per_sec;
-        s.tokens = (s.tokens + refill).min(self.burst);
-        s.at = now;
-        s
+        let (tokens, at) = s.buckets.entry(code).or_insert((self.burst, now));
+        let refill = now.duration_since(*at).as_secs_f64() * self.per_sec;
+        *tokens = (*tokens + refill).min(self.burst);
+        *at = now;
+        tokens
     }
 
     /// A row for a refusal with `code` now: `Some(n)` — it may be written, after
     /// one summing the `n` of its code that were not (0: none) — or `None`: over
     /// the budget, counted as not recorded.
-    fn take(&self, code: Code) -> Option<u64> {
-        let mut s = self.refilled();
+    pub fn take(&self, code: Code) -> Option<u64> {
+        let mut s = self.state.lock();
         // The summary takes a row of the budget too.
         let owed = s.unrecorded.get(&code).copied().unwrap_or(0);
         let need = if owed > 0 { 2.0 } else { 1.0 };
-        if s.tokens >= need {
-            s.tokens -= need;
+        let tokens = self.bucket(&mut s, code);
+        if *tokens >= need {
+            *tokens -= need;
             s.unrecorded.remove(&code);
             return Some(owed);
         }
@@ -347,14 +377,17 @@ impl RefusalBudget {
 
     /// The sums owed that the budget has room for now (a row each), taken.
     fn take_owed(&self) -> Vec<(Code, u64)> {
-        let mut s = self.refilled();
+        let mut s = self.state.lock();
+        let owed: Vec<Code> = s.unrecorded.keys().copied().collect();
         let mut out = Vec::new();
-        while s.tokens >= 1.0 {
-            let Some(owed) = s.unrecorded.pop_first() else {
-                break;
-            };
-            s.tokens -= 1.0;
-            out.push(owed);
+        for code in owed {
+            let tokens = self.bucket(&mut s, code);
+            if *tokens >= 1.0 {
+                *tokens -= 1.0;
+                if let Some(n) = s.unrecorded.remove(&code) {
+                    out.push((code, n));
+                }
+            }
         }
         out
     }
@@ -368,7 +401,7 @@ impl RefusalBudget {
 
     /// `n` refusals with `code` whose summary row was not written after all: owed
     /// again.
-    fn owe(&self, code: Code, n: u64) {
+    pub fn owe(&self, code: Code, n: u64) {
         if n == 0 {
             return;
         }
@@ -402,7 +435,7 @@ pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) ->
     };
     tracing::warn!(path = %req.uri().path(), code = %code, "refused a caller that is not the edge");
     if owed > 0 {
-        if let Err(e) = write_sum(&g, code, owed).await {
+        if let Err(e) = write_sum(&g, &g.budget, code, owed).await {
             // Owed again, this one with them.
             tracing::warn!(error = %e, "the sum of unrecorded refusals was not written");
             g.budget.owe(code, 1);
@@ -421,15 +454,17 @@ pub async fn flush_unrecorded(g: Gatekeeper) {
     let mut last_err = String::new();
     loop {
         tick.tick().await;
-        for (code, n) in g.budget.take_owed() {
-            match write_sum(&g, code, n).await {
-                Ok(()) => last_err.clear(),
-                // Said once while it lasts (the journal refusing commits).
-                Err(e) if e != last_err => {
-                    tracing::warn!(error = %e, "the sum of unrecorded refusals was not written; retried every second");
-                    last_err = e;
+        for budget in [&g.budget, &g.edge_reports] {
+            for (code, n) in budget.take_owed() {
+                match write_sum(&g, budget, code, n).await {
+                    Ok(()) => last_err.clear(),
+                    // Said once while it lasts (the journal refusing commits).
+                    Err(e) if e != last_err => {
+                        tracing::warn!(error = %e, "the sum of unrecorded refusals was not written; retried every second");
+                        last_err = e;
+                    }
+                    Err(_) => {}
                 }
-                Err(_) => {}
             }
         }
     }
@@ -437,20 +472,30 @@ pub async fn flush_unrecorded(g: Gatekeeper) {
 
 /// Writes every sum still owed, whatever the budget: at a stop.
 pub async fn flush_all_unrecorded(g: &Gatekeeper) {
-    for (code, n) in g.budget.take_all_owed() {
-        if let Err(e) = write_sum(g, code, n).await {
-            tracing::warn!(error = %e, refusals = n, "the sum of unrecorded refusals was not written at the stop");
+    for budget in [&g.budget, &g.edge_reports] {
+        for (code, n) in budget.take_all_owed() {
+            if let Err(e) = write_sum(g, budget, code, n).await {
+                tracing::warn!(error = %e, refusals = n, "the sum of unrecorded refusals was not written at the stop");
+            }
         }
     }
 }
 
 /// One sum's row; owed again when it is not written.
-async fn write_sum(g: &Gatekeeper, code: Code, n: u64) -> Result<(), String> {
-    tracing::warn!(code = %code, refusals = n, "refusals of callers that are not the edge went beyond the ledger's budget: one row sums them");
-    g.auditor.unrecorded(code, n).await.map_err(|e| {
-        g.budget.owe(code, n);
-        e.to_string()
-    })
+async fn write_sum(
+    g: &Gatekeeper,
+    budget: &RefusalBudget,
+    code: Code,
+    n: u64,
+) -> Result<(), String> {
+    tracing::warn!(code = %code, stage = budget.stage().as_str(), refusals = n, "refusals went beyond the ledger's budget: one row sums them");
+    g.auditor
+        .unrecorded(budget.stage(), code, n)
+        .await
+        .map_err(|e| {
+            budget.owe(code, n);
+            e.to_string()
+        })
 }
 
 /// Any path the sidecar does not serve (after [`edge_only`]): 404 `not_found`, with

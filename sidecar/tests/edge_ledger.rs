@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use gw_core::ledger::verify_chain;
+use gw_core::ledger::{verify_chain, LedgerRow};
 use gw_core::Action;
 use serde_json::{json, Value};
 use testkit::clickhouse::ClickHouse;
@@ -262,5 +262,86 @@ fn bad_edge_reports_are_refused_whole() {
     assert_eq!(
         (rows[0].stage.as_str(), rows[0].code.as_str()),
         ("edge", "stale")
+    );
+}
+
+/// The edge reports every request it refuses, and anyone who reaches Envoy can
+/// make it refuse one (no token at all): the ledger takes those reports within
+/// a budget per code. A flood of `jwt_missing` gets its rows up to the budget
+/// and sums beyond it; a refused signed command, reported in the middle of it,
+/// has its own row (its code's budget is its own); every report is accounted
+/// for, once the flood stops, with no later report to carry the sum.
+#[test]
+fn edge_reports_beyond_the_ledgers_budget_are_summed_per_code() {
+    use gw_sidecar::serve::{EDGE_REPORT_ROWS_BURST, EDGE_REPORT_ROWS_PER_SEC};
+    let d = testkit::TempDir::new("edge-report-budget");
+    let ch = ClickHouse::start(d.path());
+    let cfg = common::config_with_clickhouse(&d.path().join("state"), false, &ch);
+    let s = common::serve(cfg);
+    let post = |body: Value| -> Value {
+        s.rt.block_on(async {
+            let r = s
+                .http
+                .post(format!("{}/internal/edge-decisions", s.base))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            r.json().await.unwrap()
+        })
+    };
+    let report = |code: &str, path: &str| json!({"decision": "rejected", "code": code, "path": path, "raw_hex": "", "ts_ms": 1});
+    let flood = 2 * EDGE_REPORT_ROWS_BURST as usize;
+    let started = Instant::now();
+    let mut unrecorded = 0u64;
+    for batch in 0..4 {
+        let mut reports = vec![report("jwt_missing", "/api/x"); flood / 4];
+        if batch == 2 {
+            reports.push(report("bad_signature", "/api/control/command"));
+        }
+        let answer = post(Value::Array(reports));
+        unrecorded += answer["unrecorded"].as_u64().unwrap();
+    }
+    let took = started.elapsed().as_secs_f64();
+    let most = EDGE_REPORT_ROWS_BURST + EDGE_REPORT_ROWS_PER_SEC * took;
+    assert!(
+        (flood as f64 - most..=flood as f64 - EDGE_REPORT_ROWS_BURST)
+            .contains(&(unrecorded as f64)),
+        "{unrecorded} of {flood} unrecorded in {took:.2} s"
+    );
+    let sum_of =
+        |r: &LedgerRow| serde_json::from_str::<Value>(&r.args_json).ok()?["unrecorded"].as_u64();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rows = loop {
+        let rows = common::stored(&ch);
+        if rows.iter().filter_map(sum_of).sum::<u64>() >= unrecorded {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "the sums were not written");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(rows.iter().all(|r| r.stage == "edge"));
+    let (sums, own): (Vec<&LedgerRow>, Vec<&LedgerRow>) =
+        rows.iter().partition(|r| sum_of(r).is_some());
+    assert!(sums
+        .iter()
+        .all(|r| r.code == "jwt_missing" && r.route.is_empty()));
+    assert_eq!(
+        sums.iter().filter_map(|r| sum_of(r)).sum::<u64>(),
+        unrecorded
+    );
+    assert_eq!(own.len() as u64 + unrecorded, flood as u64 + 1);
+    assert_eq!(
+        own.iter().filter(|r| r.code == "bad_signature").count(),
+        1,
+        "the signed command's refusal has its row"
+    );
+    let metrics = s.get_ops("/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "gw_sidecar_refusals_unrecorded_total{{code=\"jwt_missing\"}} {unrecorded}"
+        )),
+        "{metrics}"
     );
 }

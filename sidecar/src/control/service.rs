@@ -64,6 +64,8 @@ pub struct ControlConfig {
     pub dedup_secs: u64,
     /// Counters.
     pub metrics: ControlMetrics,
+    /// The ledger's budget for the refusals the edge reports.
+    pub edge_reports: Arc<crate::serve::RefusalBudget>,
 }
 
 /// Follows a module's checkpoints written by other nodes (Kafka bus): their state
@@ -159,6 +161,7 @@ pub struct Control {
     max_body: usize,
     modules: ModuleTable,
     metrics: ControlMetrics,
+    edge_reports: Arc<crate::serve::RefusalBudget>,
 }
 
 impl Control {
@@ -240,6 +243,7 @@ impl Control {
             max_body: c.max_body,
             modules,
             metrics: c.metrics,
+            edge_reports: c.edge_reports,
         });
         Ok((control, tasks))
     }
@@ -989,32 +993,51 @@ async fn get_modules(State(c): State<Arc<Control>>) -> Json<Modules> {
 
 /// `POST /internal/edge-decisions`: the filter's batch of edge rejections, each
 /// sealed into the ledger as a `stage = edge` row. The whole batch is checked before
-/// any row is written.
+/// any row is written. Anyone who reaches Envoy causes these (a request with no
+/// token is one), so they are within the ledger's budget for them
+/// ([`crate::serve::RefusalBudget::edge_reports`], per code): beyond it a report
+/// is counted and summed in a row before the next recorded one of its code.
 async fn edge_decisions(
     State(c): State<Arc<Control>>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let reports = contract::parse_report_batch(&body).map_err(ApiError::from)?;
     // The whole batch in one transaction.
-    let rows: Vec<journal::Entry> = reports
-        .iter()
-        .filter_map(|r| {
-            c.auditor.row(&Entry {
-                stage: Stage::Edge,
-                decision: Decision::Rejected,
-                code: Some(r.code),
-                body: &r.raw,
-                command: None,
-                requester: Some(&r.requester),
-                route: &r.path,
-            })
-        })
-        .collect();
-    c.record(rows).await?;
+    let mut rows = Vec::with_capacity(reports.len());
+    let mut sums = Vec::new();
+    let mut unrecorded = 0usize;
+    for r in &reports {
+        let Some(owed) = c.edge_reports.take(r.code) else {
+            c.metrics.unrecorded(r.code.as_str());
+            unrecorded += 1;
+            continue;
+        };
+        if owed > 0 {
+            rows.extend(c.auditor.unrecorded_row(Stage::Edge, r.code, owed));
+            sums.push((r.code, owed));
+        }
+        rows.extend(c.auditor.row(&Entry {
+            stage: Stage::Edge,
+            decision: Decision::Rejected,
+            code: Some(r.code),
+            body: &r.raw,
+            command: None,
+            requester: Some(&r.requester),
+            route: &r.path,
+        }));
+    }
+    if let Err(e) = c.record(rows).await {
+        for (code, n) in sums {
+            c.edge_reports.owe(code, n);
+        }
+        return Err(e.into());
+    }
     for _ in &reports {
         c.metrics.decision("edge_reported");
     }
-    Ok(Json(json!({"ok": true, "recorded": reports.len()})))
+    Ok(Json(
+        json!({"ok": true, "recorded": reports.len() - unrecorded, "unrecorded": unrecorded}),
+    ))
 }
 
 #[cfg(test)]

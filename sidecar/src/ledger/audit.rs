@@ -104,15 +104,23 @@ impl Auditor {
 }
 
 impl Auditor {
-    /// Records that `n` refusals with `code` of callers other than the edge got no
-    /// row of their own (over the ledger's budget for them, `serve::RefusalBudget`):
-    /// one row, `args_json` `{"unrecorded": n}`, route `""`.
-    pub async fn unrecorded(&self, code: Code, n: u64) -> Result<(), AuditError> {
-        let Some(j) = &self.journal else {
+    /// Records that `n` refusals with `code` got no row of their own (over the
+    /// ledger's budget for them, `serve::RefusalBudget`): one row of `stage`,
+    /// `args_json` `{"unrecorded": n}`, route `""`.
+    pub async fn unrecorded(&self, stage: Stage, code: Code, n: u64) -> Result<(), AuditError> {
+        let (Some(j), Some(r)) = (&self.journal, self.unrecorded_row(stage, code, n)) else {
             return Ok(());
         };
+        j.commit(Txn::of(vec![r])).await?;
+        Ok(())
+    }
+
+    /// The row [`Self::unrecorded`] writes, to write with others (`None`: no
+    /// ledger).
+    pub fn unrecorded_row(&self, stage: Stage, code: Code, n: u64) -> Option<journal::Entry> {
+        self.journal.as_ref()?;
         let mut r = row(&Entry {
-            stage: Stage::Sidecar,
+            stage,
             decision: Decision::Rejected,
             code: Some(code),
             body: &[],
@@ -121,8 +129,7 @@ impl Auditor {
             route: "",
         });
         r.args_json = serde_json::json!({ "unrecorded": n }).to_string();
-        j.commit(Txn::of(vec![journal::Entry::row(r)])).await?;
-        Ok(())
+        Some(journal::Entry::row(r))
     }
 }
 

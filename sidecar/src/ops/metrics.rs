@@ -112,7 +112,7 @@ impl ControlMetrics {
         );
         registry.register(
             "gw_sidecar_refusals_unrecorded",
-            "Refusals of callers other than the edge beyond the ledger's budget for them: answered, counted here, and summed in a ledger row of their own once the budget has room",
+            "Refusals beyond the ledger's budget for them (of callers other than the edge, and the edge's reports of the requests it refused), per code: answered, counted here, and summed in a ledger row of their own once the budget has room",
             m.unrecorded.clone(),
         );
         registry.register(
@@ -145,7 +145,8 @@ impl ControlMetrics {
         self.decisions.get_or_create(&CodeLabel { code }).inc();
     }
 
-    /// Counts a refusal of a caller other than the edge that got no row of its own.
+    /// Counts a refusal (of a caller other than the edge, or reported by the edge)
+    /// that got no row of its own.
     pub fn unrecorded(&self, code: &'static str) {
         self.unrecorded.get_or_create(&CodeLabel { code }).inc();
     }
