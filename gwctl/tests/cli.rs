@@ -334,3 +334,62 @@ fn jwt_mints_tokens_the_core_accepts() {
     ]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// `gwctl send` exits 3 when the request may have arrived and no answer came —
+/// the gateway holding it past the timeout, or the connection lost once the body
+/// was sent — as for a 5xx: the command is not known to be accepted, and the same
+/// file is to be sent again (exit 2 read as "not sent" would have the command
+/// signed again). A request that never left (nothing listening) is still 2.
+#[test]
+fn a_send_with_no_answer_exits_3_and_one_never_sent_exits_2() {
+    use std::io::Read;
+    let d = testkit::TempDir::new("cli-unanswered");
+    let file = d.path().join("command.bin");
+    let marker = b"gwctl-unanswered-body";
+    std::fs::write(&file, marker).unwrap();
+    let file = file.to_str().unwrap();
+    // Takes the request whole, then holds it (`hold`) or closes the connection.
+    let gateway = |hold: bool| {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.windows(marker.len()).any(|w| w == marker) {
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "the request ended before its body");
+                got.extend_from_slice(&buf[..n]);
+            }
+            if hold {
+                std::thread::sleep(std::time::Duration::from_secs(4));
+            }
+        });
+        (format!("http://{addr}/api/control/commands"), t)
+    };
+    for hold in [true, false] {
+        let (url, t) = gateway(hold);
+        let o = gwctl(&["send", "--http2", "--timeout", "2s", &url, file]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(3), "hold {hold}: {err}");
+        assert!(
+            err.contains("not known to be accepted") && err.contains("do not sign it again"),
+            "{err}"
+        );
+        t.join().unwrap();
+    }
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let url = format!("http://{closed}/api/control/commands");
+    let o = gwctl(&["send", "--http2", "--timeout", "2s", &url, file]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

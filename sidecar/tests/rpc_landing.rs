@@ -408,6 +408,23 @@ fn only_sends_that_go_count_and_sends_in_flight_are_bounded() {
         let r = rpc::handle(&ctx, &send(&b21, once.clone())).await;
         assert_eq!(r["error"]["code"], -32002, "{r}");
         node.set_simulation_err(None);
+        // Nor is one whose simulation answer holds none (`null`, `{}` from a
+        // proxy): it checked nothing.
+        let mut unchecked = Vec::new();
+        for (i, v) in [Value::Null, json!({"logs": []})].into_iter().enumerate() {
+            node.set_simulation_value(Some(v));
+            let (w, b, _, _) = tx(25 + i as u8, 0);
+            let r = rpc::handle(&ctx, &send(&b, once.clone())).await;
+            assert_eq!(r["error"]["code"], -32603, "{r}");
+            assert!(
+                r["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("holds no simulation")),
+                "{r}"
+            );
+            unchecked.push(w);
+        }
+        node.set_simulation_value(None);
         // The next would go, but its client leaves during the preflight.
         node.set_delay(Duration::from_millis(600));
         let (w22, b22, _, _) = tx(22, 0);
@@ -432,6 +449,7 @@ fn only_sends_that_go_count_and_sends_in_flight_are_bounded() {
         }
         tokio::time::sleep(Duration::from_millis(700)).await;
         assert_eq!((copies(&rx, &w21), copies(&rx, &w22)), (0, 0));
+        assert!(unchecked.iter().all(|w| copies(&rx, w) == 0));
 
         // One send in flight at most. The first goes to a leader that never answers
         // (its handshake times out after the TPU route's connect timeout); its

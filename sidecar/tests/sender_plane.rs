@@ -310,12 +310,13 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
         &s,
         json!({"jsonrpc": "2.0", "id": 1, "method": "sendTransaction", "params": [b64(&tampered), {"encoding": "base64"}]}),
     );
-    assert_eq!(r["error"]["code"], -32602, "{r}");
+    // Solana's TransactionSignatureVerificationFailure.
+    assert_eq!(r["error"]["code"], -32003, "{r}");
     assert!(
         r["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("signature"),
+            .starts_with("Transaction signature verification failure"),
         "{r}"
     );
     let r = rpc(
@@ -356,7 +357,7 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
     let answers = r.as_array().expect("a batch's answer is a list");
     assert_eq!(answers.len(), 64, "{r}");
     assert_eq!(answers[7]["id"], "bad");
-    assert_eq!(answers[7]["error"]["code"], -32602, "{r}");
+    assert_eq!(answers[7]["error"]["code"], -32003, "{r}");
     let sent: Vec<&Value> = answers.iter().filter(|a| a["id"] != "bad").collect();
     for (i, (a, t)) in sent.iter().zip(&batch).enumerate() {
         assert_eq!(a["id"], i, "answers keep the batch's order: {r}");

@@ -389,6 +389,62 @@ fn a_failing_primary_is_hedged_at_once_and_both_down_is_a_clear_error() {
     });
 }
 
+/// A relay's answer counts as a delivery only when it names the transaction.
+/// A relay that redirects is not followed: its `x-jito-auth` would go to the
+/// other host (reqwest drops only the standard credential headers), and a
+/// `result` of `null` is not an id. Either way the TPU route takes the
+/// transaction at once.
+#[test]
+fn a_relay_that_redirects_or_names_nothing_has_not_delivered() {
+    let rt = rt();
+    let relay = Relay::start(Some("relay-secret"));
+    // Where a redirect points: it takes the same token.
+    let elsewhere = Relay::start(Some("relay-secret"));
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let cfg = sender_config(json!({
+            "tpu": {},
+            "relay": {"url": relay.url, "auth": "relay-secret"},
+            "leaders": {"static": []},
+            "hedge_delay_ms": 200,
+            "primary": "relay",
+            "adaptive": false,
+        }));
+        let sender = Sender::new(
+            &cfg,
+            &key(2),
+            Some(leader(rx.addr, Some(rx.identity))),
+            None,
+        )
+        .unwrap();
+        let cases = [
+            (
+                Mode::Redirect(format!("{}/api/v1/transactions", elsewhere.url)),
+                "307",
+            ),
+            (Mode::Answer(serde_json::Value::Null), "null"),
+            (Mode::Answer(json!({})), "{}"),
+        ];
+        for (i, (mode, said)) in cases.into_iter().enumerate() {
+            relay.set_mode(mode);
+            let (w, sig) = tx(40 + i as u32, 0);
+            let out = sender.send(w, sig, &meta()).await;
+            assert_eq!(
+                (out.primary, out.landed, out.hedged),
+                (Route::Relay, Some(Route::Tpu), true),
+                "{out:?}"
+            );
+            let e = out.relay_error.unwrap_or_default();
+            assert!(e.contains(said), "{e}");
+        }
+        assert_eq!(rx.wait_for(3, Duration::from_secs(2)).await, 3);
+        assert!(
+            elsewhere.calls().is_empty(),
+            "the redirect was followed, the relay's token with it"
+        );
+    });
+}
+
 #[test]
 fn route_statistics_move_the_first_try_to_the_route_that_lands() {
     let rt = rt();

@@ -29,6 +29,11 @@ pub enum Mode {
     Refuse(i64, String),
     /// Bare HTTP error status.
     Status(u16),
+    /// `307 Temporary Redirect` to this URL (a client that follows it posts the
+    /// same request there, headers and all).
+    Redirect(String),
+    /// `{"jsonrpc": "2.0", "result": <this>, "id": …}`, whatever it is.
+    Answer(Value),
 }
 
 /// One call as received.
@@ -162,6 +167,16 @@ async fn handle(State(sh): State<Shared>, headers: HeaderMap, body: axum::body::
             return StatusCode::from_u16(s)
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
                 .into_response()
+        }
+        Mode::Redirect(to) => {
+            return (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(axum::http::header::LOCATION, to)],
+            )
+                .into_response()
+        }
+        Mode::Answer(v) => {
+            return axum::Json(json!({"jsonrpc": "2.0", "result": v, "id": id})).into_response()
         }
         Mode::Accept => {}
     }

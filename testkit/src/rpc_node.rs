@@ -21,6 +21,7 @@ struct Inner {
     statuses: HashMap<String, Value>,
     expired: HashSet<String>,
     simulation_err: Option<Value>,
+    simulation_value: Option<Value>,
     delay: Duration,
     calls: Vec<(String, Value)>,
     /// Calls being answered now, and the most there were at once.
@@ -83,6 +84,12 @@ impl RpcNode {
     /// Simulations fail with `err` (a TransactionError as JSON), or pass (`None`).
     pub fn set_simulation_err(&self, err: Option<Value>) {
         self.with(|i| i.simulation_err = err);
+    }
+
+    /// Simulations answer `value` as their `result.value`, whatever it is (a
+    /// proxy's or a broken node's answer), or a simulation (`None`).
+    pub fn set_simulation_value(&self, value: Option<Value>) {
+        self.with(|i| i.simulation_value = value);
     }
 
     /// Every answer comes `delay` late (a slow or overloaded node).
@@ -190,6 +197,9 @@ async fn handle(State(sh): State<Shared>, Json(req): Json<Value>) -> Json<Value>
                         Some(json!({"contextSlot": i.slot})),
                     );
                 }
+            }
+            if let Some(v) = &i.simulation_value {
+                return ok(json!({"context": context, "value": v}));
             }
             let e = i.simulation_err.clone().unwrap_or(Value::Null);
             let logs = if e.is_null() {

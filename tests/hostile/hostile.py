@@ -450,6 +450,10 @@ def edge_cases(k):
     add("path: module route with dot segments", "POST", "/api/control/module/../module/mev:start", cmd_h(),
         good(module="arbitrage", action="start", args={}), 403, "route_mismatch",
         E("route_mismatch", "hostile-admin"))
+    add("public: a console asset with a body past the buffer's limit", "GET", "/console.js", [],
+        b"b" * (1536 * 1024), 200, None, None,
+        why="public routes do not buffer bodies (anyone could hold 1 MiB per stream in Envoy); "
+            "buffered, Envoy answered 413")
     add("path: internal route through the edge", "POST", "/internal/edge-decisions",
         [("content-type", "application/json")], b"[]", 404, "not_found", None,
         why="/internal is never routed to the sidecar: Envoy answers 404 itself")

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 
-use super::{tls, Answer, Request};
+use super::{tls, Answer, Request, Unanswered};
 
 /// Sends the request over HTTP/2 and reads the whole answer.
 pub async fn send(req: &Request<'_>) -> Result<Answer> {
@@ -44,9 +44,23 @@ pub async fn send(req: &Request<'_>) -> Result<Answer> {
     if let Some(t) = req.token {
         rb = rb.bearer_auth(t);
     }
-    let resp = rb.send().await.context("HTTP/2 request failed")?;
+    // Once connected, the request may have arrived whole whatever failed next.
+    let resp = rb.send().await.map_err(|e| {
+        let connected = !e.is_connect() && !e.is_builder();
+        let e = anyhow::Error::new(e).context("HTTP/2 request failed");
+        if connected {
+            e.context(Unanswered)
+        } else {
+            e
+        }
+    })?;
     let status = resp.status().as_u16();
-    let body = resp.bytes().await.context("HTTP/2 response body")?.to_vec();
+    let body = resp
+        .bytes()
+        .await
+        .context("HTTP/2 response body")
+        .context(Unanswered)?
+        .to_vec();
     Ok(Answer {
         proto: "HTTP/2",
         status,

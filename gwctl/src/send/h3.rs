@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use bytes::{Buf, Bytes};
 
-use super::{tls, Answer, Request};
+use super::{tls, Answer, Request, Unanswered};
 
 /// Sends the request over HTTP/3 and reads the whole answer.
 pub async fn send(req: &Request<'_>) -> Result<Answer> {
@@ -64,21 +64,27 @@ pub async fn send(req: &Request<'_>) -> Result<Answer> {
         .send_request(request)
         .await
         .context("cannot send HTTP/3 request")?;
-    stream
-        .send_data(Bytes::from(req.body.clone()))
-        .await
-        .context("cannot send the body")?;
-    stream.finish().await.context("cannot finish the request")?;
-    let resp = stream.recv_response().await.context("no HTTP/3 response")?;
-    let mut body = Vec::new();
-    while let Some(mut chunk) = stream.recv_data().await.context("response body")? {
-        while chunk.has_remaining() {
-            let c = chunk.chunk();
-            body.extend_from_slice(c);
-            let n = c.len();
-            chunk.advance(n);
+    // From the body on, the request may have arrived whole whatever fails next.
+    let (resp, body) = async {
+        stream
+            .send_data(Bytes::from(req.body.clone()))
+            .await
+            .context("cannot send the body")?;
+        stream.finish().await.context("cannot finish the request")?;
+        let resp = stream.recv_response().await.context("no HTTP/3 response")?;
+        let mut body = Vec::new();
+        while let Some(mut chunk) = stream.recv_data().await.context("response body")? {
+            while chunk.has_remaining() {
+                let c = chunk.chunk();
+                body.extend_from_slice(c);
+                let n = c.len();
+                chunk.advance(n);
+            }
         }
+        anyhow::Ok((resp, body))
     }
+    .await
+    .context(Unanswered)?;
     drop(stream);
     drop(sender);
     conn.close(0u32.into(), b"done");

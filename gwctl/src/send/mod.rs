@@ -39,8 +39,9 @@ pub struct SendArgs {
     /// TLS server name, when it differs from the URL's host.
     #[arg(long)]
     server_name: Option<String>,
-    /// Request timeout: 10s, 1m.
-    #[arg(long, default_value = "10s")]
+    /// Request timeout: 15s, 1m (longer than the gateway's own 10 s, whose 504
+    /// says more than no answer at all).
+    #[arg(long, default_value = "15s")]
     timeout: String,
     /// Content type of the body.
     #[arg(long, default_value = "application/x-protobuf")]
@@ -55,6 +56,18 @@ pub struct Answer {
     pub status: u16,
     /// Body bytes.
     pub body: Vec<u8>,
+}
+
+/// The request may have reached the gateway whole, and no answer came (the
+/// timeout, a connection lost after the body was sent): whether the command was
+/// accepted is not known. `gwctl send` exits 3, as for a 5xx.
+#[derive(Debug)]
+pub struct Unanswered;
+
+impl std::fmt::Display for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no answer after the request was sent")
+    }
 }
 
 /// A request, independent of the protocol.
@@ -112,8 +125,17 @@ pub fn run(a: &SendArgs) -> Result<ExitCode> {
         };
         tokio::time::timeout(timeout, fut)
             .await
-            .map_err(|_| anyhow::anyhow!("no answer within {}", a.timeout))?
-    })?;
+            .map_err(|_| anyhow::anyhow!("none within {}", a.timeout).context(Unanswered))?
+    });
+    let answer = match answer {
+        Ok(a) => a,
+        Err(e) if e.downcast_ref::<Unanswered>().is_some() => {
+            eprintln!("gwctl: error: {e:#}");
+            eprintln!("gwctl: the command is not known to be accepted: send the same file again to learn the outcome (do not sign it again)");
+            return Ok(ExitCode::from(3));
+        }
+        Err(e) => return Err(e),
+    };
     println!("{} {}", answer.proto, answer.status);
     println!("{}", String::from_utf8_lossy(&answer.body));
     let verdict = verdict(answer.status, &answer.body);
@@ -150,8 +172,9 @@ enum Verdict {
 }
 
 impl Verdict {
-    /// 0 done or already applied; 1 refused or not applied; 3 pending or a 5xx:
-    /// send the same file again (2 is gwctl's own error).
+    /// 0 done or already applied; 1 refused or not applied; 3 pending, a 5xx or
+    /// no answer ([`Unanswered`]): send the same file again (2 is gwctl's own
+    /// error, or a request that was never sent).
     fn exit_code(&self) -> ExitCode {
         match self {
             Verdict::Done | Verdict::AlreadyApplied => ExitCode::SUCCESS,

@@ -257,7 +257,7 @@ impl Landing {
     /// A client of `cfg.url`.
     pub fn new(cfg: RpcNodeConfig) -> anyhow::Result<Arc<Landing>> {
         cfg.validate()?;
-        let http = reqwest::Client::builder()
+        let http = super::upstream::client_builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
             .build()?;
         Ok(Arc::new(Landing {
@@ -344,7 +344,17 @@ impl Landing {
                 }
                 e
             })?;
+        // A simulation's answer is `{"context": …, "value": {"err": …, …}}` (`err`
+        // null when it passed). One of another shape (`null`, `{}`) checked
+        // nothing: the transaction is not sent unchecked.
         let value = r.get("value").cloned().unwrap_or(Value::Null);
+        if value.get("err").is_none() {
+            return Err(NodeError {
+                code: -32603,
+                message: "the RPC node's simulateTransaction answer holds no simulation; the transaction was not sent".into(),
+                data: None,
+            });
+        }
         match value.get("err") {
             None | Some(Value::Null) => Ok(()),
             Some(err) => {

@@ -152,7 +152,7 @@ impl Drop for RpcLeaders {
 impl RpcLeaders {
     /// Starts following `url`. Must run inside a tokio runtime.
     pub fn start(url: &str, refresh: Duration) -> anyhow::Result<Arc<Self>> {
-        let http = reqwest::Client::builder()
+        let http = super::upstream::client_builder()
             .timeout(Duration::from_secs(5))
             .build()?;
         let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));

@@ -112,7 +112,7 @@ impl RelayClient {
             }
             None => None,
         };
-        let http = reqwest::Client::builder()
+        let http = super::upstream::client_builder()
             .timeout(timeout)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -194,11 +194,12 @@ impl RelayClient {
             return Err(RelayError::Http(status.as_u16(), snippet(&text)));
         }
         // The answer names the transaction or bundle (a signature, a bundle id);
-        // it goes into the audit row, so it is bounded too.
+        // it goes into the audit row, so it is bounded too. Anything else (`null`,
+        // `false`, `{}`) is not a delivery: taken as one, it would stop the hedge
+        // and record the transaction as landed.
         let id = match parsed.as_ref().and_then(|v| v.get("result")) {
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
-            None => return Err(RelayError::BadResponse(snippet(&text))),
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => return Err(RelayError::BadResponse(snippet(&text))),
         };
         if id.len() > MAX_ANSWER_ID {
             return Err(RelayError::BadResponse(format!(

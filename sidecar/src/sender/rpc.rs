@@ -47,8 +47,12 @@ pub mod code {
     pub const INVALID_REQUEST: i64 = -32600;
     /// Unknown method.
     pub const METHOD_NOT_FOUND: i64 = -32601;
-    /// Bad parameters (encoding, size, malformed or badly signed transaction).
+    /// Bad parameters (encoding, size, malformed transaction).
     pub const INVALID_PARAMS: i64 = -32602;
+    /// A transaction whose signatures do not verify: Solana's
+    /// `TransactionSignatureVerificationFailure`, the code web3.js and Agave's
+    /// clients know.
+    pub const SIGNATURE_VERIFICATION_FAILURE: i64 = -32003;
     /// No route took it.
     pub const SEND_FAILED: i64 = -32603;
     /// Sends refused by the module state (killed, throttled), or while
@@ -362,15 +366,16 @@ fn decode_tx_info(s: &str, encoding: &str) -> Result<(Bytes, txwire::TxInfo), Rp
     } else {
         Encoding::Base58
     };
-    let (raw, info) = txwire::decode(s, enc).map_err(|e| {
-        let m = match e {
-            DecodeError::Tx(e @ TxError::BadSignature(_)) => {
-                format!("transaction signature verification failure: {e}")
-            }
-            DecodeError::Tx(e) => format!("failed to deserialize transaction: {e}"),
-            e => e.to_string(),
-        };
-        (code::INVALID_PARAMS, m)
+    let (raw, info) = txwire::decode(s, enc).map_err(|e| match e {
+        DecodeError::Tx(e @ TxError::BadSignature(_)) => (
+            code::SIGNATURE_VERIFICATION_FAILURE,
+            format!("Transaction signature verification failure: {e}"),
+        ),
+        DecodeError::Tx(e) => (
+            code::INVALID_PARAMS,
+            format!("failed to deserialize transaction: {e}"),
+        ),
+        e => (code::INVALID_PARAMS, e.to_string()),
     })?;
     Ok((Bytes::from(raw), info))
 }
@@ -491,6 +496,10 @@ async fn send_transaction(
     opts: SendOptions,
 ) -> Result<String, SendErr> {
     let admitted = gate(ctx)?;
+    // Taken before the calls to the RPC node too: `rpc_max_in_flight` bounds the
+    // simulations a flood of sends makes there (the provider's rate limit would
+    // otherwise refuse every client's).
+    let permit = permit(ctx)?;
     if let Some(landing) = ctx.landing {
         if !opts.skip_preflight {
             landing
@@ -505,7 +514,6 @@ async fn send_transaction(
             return Err(SendErr::Rpc(refused(ctx, why)));
         }
     }
-    let permit = permit(ctx)?;
     admitted.go();
     // On a task of its own: a client that goes away mid-send (its stream reset, the
     // handler dropped) cancels neither the send, nor its audit row, nor the

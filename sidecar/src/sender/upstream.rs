@@ -11,6 +11,17 @@
 
 use std::error::Error as _;
 
+/// A client builder for an upstream: redirects are not followed and no
+/// `Referer` is sent. reqwest follows up to 10 redirects by default and, to
+/// another host, drops only the standard credential headers: the relay's
+/// `x-jito-auth` would go to wherever a `307` points, and `Referer` would carry
+/// a key in the URL's query. An upstream that redirects is answered as an error.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .referer(false)
+}
+
 /// The largest answer read from the RPC node's landing calls
 /// (`simulateTransaction` with its logs, `getSignatureStatuses` for 256
 /// signatures).
