@@ -51,11 +51,23 @@ pub mod headers {
     pub const VERIFIED: &str = "x-gw-verified";
     /// The JWT's issuer (`iss`) the edge verified.
     pub const TOKEN_ISSUER: &str = "x-gw-token-issuer";
+    /// The JWT's expiry (`exp`, unix seconds) the edge verified: a stream opened
+    /// with the token ends then.
+    pub const TOKEN_EXP: &str = "x-gw-token-exp";
     /// The hand-over ticket between the filter's two stages (never reaches the upstream).
     pub const TICKET: &str = "x-gw-ticket";
 
     /// The headers the edge stamps (not the ticket).
-    pub const STAMPED: [&str; 7] = [SUB, ROLES, TOKEN_ISSUER, PUBKEY_ID, ISSUER, NONCE, VERIFIED];
+    pub const STAMPED: [&str; 8] = [
+        SUB,
+        ROLES,
+        TOKEN_ISSUER,
+        TOKEN_EXP,
+        PUBKEY_ID,
+        ISSUER,
+        NONCE,
+        VERIFIED,
+    ];
 
     /// Whether `name` is reserved for the edge (case-insensitive).
     pub fn is_reserved(name: &str) -> bool {
@@ -110,6 +122,8 @@ pub struct EdgeIdentity {
     pub verified: Verified,
     /// Who sent it.
     pub requester: Requester,
+    /// When the token expires (unix seconds), when the edge said.
+    pub token_exp: Option<u64>,
 }
 
 impl EdgeIdentity {
@@ -125,6 +139,7 @@ impl EdgeIdentity {
                 roles: field(headers::ROLES),
                 token_issuer: field(headers::TOKEN_ISSUER),
             },
+            token_exp: get(headers::TOKEN_EXP).and_then(|v| v.parse().ok()),
         })
     }
 }
@@ -319,6 +334,18 @@ mod tests {
         assert_eq!(id.requester.sub, "alice");
         assert_eq!(id.requester.roles, "admin, viewer,");
         assert_eq!(id.requester.token_issuer, "");
+        assert_eq!(id.token_exp, None);
+        let with_exp = |v: &'static str| {
+            EdgeIdentity::from_headers(|k| match k {
+                headers::VERIFIED => Some("jwt"),
+                headers::TOKEN_EXP => Some(v),
+                _ => None,
+            })
+            .unwrap()
+            .token_exp
+        };
+        assert_eq!(with_exp("1767225600"), Some(1_767_225_600));
+        assert_eq!(with_exp("soon"), None);
         assert_eq!(EdgeIdentity::from_headers(|_| None), None);
         assert_eq!(EdgeIdentity::from_headers(|_| Some("forged")), None);
     }

@@ -269,6 +269,9 @@ impl Edge {
         if let Some(iss) = &v.iss {
             out.push((headers::TOKEN_ISSUER.into(), header_safe(iss).into_owned()));
         }
+        if let Some(exp) = v.exp {
+            out.push((headers::TOKEN_EXP.into(), exp.to_string()));
+        }
         out.push((headers::VERIFIED.into(), verified.as_str().into()));
         out
     }

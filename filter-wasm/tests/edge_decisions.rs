@@ -145,6 +145,8 @@ fn routes_need_the_right_role() {
             assert!(h.contains(&("x-gw-sub".into(), "alice".into())));
             assert!(h.contains(&("x-gw-roles".into(), "viewer".into())));
             assert!(h.contains(&("x-gw-verified".into(), "jwt".into())));
+            // The token's expiry (a realtime stream ends then).
+            assert!(h.contains(&("x-gw-token-exp".into(), (NOW + 600).to_string())));
         }
         other => panic!("{other:?}"),
     }

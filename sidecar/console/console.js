@@ -284,7 +284,9 @@ function connect() {
     S.ws = null;
     const why = ev.code === 4008 ? "too slow, reconnecting" : `closed (${ev.code}${ev.reason ? ": " + ev.reason : ""})`;
     setLive(false, `stream ${why}`);
-    if (S.claims?.exp && S.claims.exp * 1000 <= Date.now()) {
+    // 4001: the gateway ended the stream at the token's expiry (its clock, not
+    // this browser's).
+    if (ev.code === 4001 || (S.claims?.exp && S.claims.exp * 1000 <= Date.now())) {
       logout();
       showLogin("the token has expired: log in again");
       return;

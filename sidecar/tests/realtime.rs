@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use gw_sidecar::console::realtime::{RealtimeConfig, CLOSE_SLOW, SUBPROTOCOL};
+use gw_sidecar::console::realtime::{RealtimeConfig, CLOSE_EXPIRED, CLOSE_SLOW, SUBPROTOCOL};
 use serde_json::{json, Value};
 use testkit::clickhouse::ClickHouse;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -43,6 +43,16 @@ async fn open(base: &str, roles: Option<&str>) -> Result<Ws, (u16, Value)> {
 
 /// The same for subject `sub`.
 async fn open_as(base: &str, roles: Option<&str>, sub: &str) -> Result<Ws, (u16, Value)> {
+    open_until(base, roles, sub, None).await
+}
+
+/// The same with a token that expires at `exp` (unix seconds), as the edge says.
+async fn open_until(
+    base: &str,
+    roles: Option<&str>,
+    sub: &str,
+    exp: Option<u64>,
+) -> Result<Ws, (u16, Value)> {
     let mut req = format!("{}/api/realtime", base.replace("http://", "ws://"))
         .into_client_request()
         .unwrap();
@@ -52,6 +62,9 @@ async fn open_as(base: &str, roles: Option<&str>, sub: &str) -> Result<Ws, (u16,
         h.insert("x-gw-verified", "jwt".parse().unwrap());
         h.insert("x-gw-roles", r.parse().unwrap());
         h.insert("x-gw-sub", sub.parse().unwrap());
+    }
+    if let Some(exp) = exp {
+        h.insert("x-gw-token-exp", exp.to_string().parse().unwrap());
     }
     match tokio_tungstenite::connect_async(req).await {
         Ok((ws, resp)) => {
@@ -382,4 +395,55 @@ fn a_client_that_stops_reading_is_closed_with_4008_and_counted() {
     assert_eq!(closed_count(&s, "slow"), 1);
     assert_eq!(closed_count(&s, "write_timeout"), 0);
     assert_eq!(closed_count(&s, "full_for_sub"), 1);
+}
+
+/// The token is checked once, at the upgrade: the stream ends at its expiry
+/// (4001, counted `expired`), so a stream does not outlive the token (or the
+/// role) that opened it. The page then asks for a new token.
+#[test]
+fn a_stream_ends_when_its_token_expires() {
+    let d = testkit::TempDir::new("realtime-expiry");
+    let s = start(
+        &d.path().join("sidecar"),
+        RealtimeConfig {
+            max_clients: 4,
+            max_per_sub: 2,
+            queue: 64,
+            write_timeout_ms: 5_000,
+            // No ping while the second stream is not read.
+            ping_ms: 20_000,
+        },
+        None,
+    );
+    let base = s.base.clone();
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 2;
+    s.rt.block_on(async {
+        let started = tokio::time::Instant::now();
+        let mut ws = open_until(&base, Some("viewer"), "tester", Some(exp))
+            .await
+            .unwrap();
+        until(&mut ws, "hello", |m| m["type"] == "hello").await;
+        let mut lasting = open(&base, Some("viewer")).await.unwrap();
+        until(&mut lasting, "hello", |m| m["type"] == "hello").await;
+        assert_eq!(close_code(ws).await, Some(CloseCode::from(CLOSE_EXPIRED)));
+        let took = started.elapsed();
+        assert!(took <= Duration::from_secs(4), "{took:?}");
+        // A stream whose token says no expiry goes on.
+        let more = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                match lasting.next().await {
+                    Some(Ok(Message::Close(f))) => return f,
+                    Some(Ok(_)) => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+        })
+        .await;
+        assert!(more.is_err(), "closed too: {more:?}");
+    });
+    assert_eq!(closed_count(&s, "expired"), 1);
 }

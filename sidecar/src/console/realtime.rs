@@ -47,6 +47,9 @@ pub const SUBPROTOCOL: &str = "gw.realtime.v1";
 pub const SCHEMA: u32 = 1;
 /// Close code for a client that cannot keep up (private-use range, RFC 6455 §7.4.2).
 pub const CLOSE_SLOW: u16 = 4008;
+/// Close code for a stream whose token expired (it was checked at the upgrade
+/// only: the page opens a new one with a new token).
+pub const CLOSE_EXPIRED: u16 = 4001;
 /// The role a stream needs.
 pub const ROLE: &str = "viewer";
 
@@ -143,9 +146,10 @@ struct ReasonLabel {
 }
 
 /// Why a stream ended (the `reason` label of `gw_sidecar_realtime_closed_total`).
-const REASONS: [&str; 7] = [
+const REASONS: [&str; 8] = [
     "client",
     "slow",
+    "expired",
     "write_timeout",
     "no_pong",
     "full",
@@ -446,7 +450,7 @@ async fn upgrade(
         .protocols([SUBPROTOCOL])
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
-        .on_upgrade(move |socket| stream(socket, place, sub));
+        .on_upgrade(move |socket| stream(socket, place, sub, who.token_exp));
     // An HTTP/2 stream (RFC 8441) has no accept key, but Envoy presents an
     // HTTP/1.1 client's upgrade to us that way and only rewrites the status: answer
     // the key it passes on, or that client refuses the handshake.
@@ -477,7 +481,14 @@ async fn close(socket: &mut WebSocket, code: u16, reason: String, timeout: Durat
     let _ = send(socket, Message::Close(Some(frame)), timeout).await;
 }
 
-async fn stream(mut socket: WebSocket, place: Place, sub: String) {
+/// When a token that expires at `exp` (unix seconds) has expired, on the
+/// runtime's clock.
+fn expiry(exp: u64) -> tokio::time::Instant {
+    let left = exp.saturating_sub(crate::now_secs());
+    tokio::time::Instant::now() + Duration::from_secs(left)
+}
+
+async fn stream(mut socket: WebSocket, place: Place, sub: String, token_exp: Option<u64>) {
     let hub = place.0.clone();
     // Subscribe before the hello, so nothing committed after its snapshot is missed.
     let mut rx = hub.tx.subscribe();
@@ -502,6 +513,12 @@ async fn stream(mut socket: WebSocket, place: Place, sub: String) {
     // A peer that answers nothing for two pings is gone (or not reading): its
     // place goes to someone else.
     let mut heard = tokio::time::Instant::now();
+    // The token was checked at the upgrade: the stream ends when it expires (a
+    // stream opened before its subject lost the role ends then too). No expiry
+    // said (an edge before 2026-12-06): none.
+    let expired =
+        tokio::time::sleep_until(token_exp.map_or_else(tokio::time::Instant::now, expiry));
+    tokio::pin!(expired);
     let reason = match send(
         &mut socket,
         Message::Text(hello.to_string().into()),
@@ -529,6 +546,10 @@ async fn stream(mut socket: WebSocket, place: Place, sub: String) {
                 _ = closing.changed() => {
                     close(&mut socket, 1001, "the gateway is shutting down".into(), timeout).await;
                     break "shutdown";
+                }
+                () = &mut expired, if token_exp.is_some() => {
+                    close(&mut socket, CLOSE_EXPIRED, "the token has expired".into(), timeout).await;
+                    break "expired";
                 }
                 _ = ping.tick() => {
                     if heard.elapsed() > ping_every * 2 + ping_every / 2 {

@@ -361,6 +361,7 @@ mod tests {
 
     fn edge() -> EdgeIdentity {
         EdgeIdentity {
+            token_exp: None,
             verified: Verified::Edge,
             requester: gw_core::contract::Requester {
                 sub: "alice".into(),
