@@ -1,6 +1,15 @@
 //! The proxy-wasm header-map wire format: `u32 n`, then `n` pairs of `u32` key and
 //! value lengths, then each key and value followed by a NUL. Parsing is strict and
 //! never panics: host bytes are input too.
+//!
+//! A value that is not UTF-8 (Envoy's HTTP/1 and HTTP/2 codecs pass obs-text bytes
+//! 0x80–0xFF, a `User-Agent: caf\xE9`) reads as [`NOT_UTF8`]: one such header
+//! must not make every request a 503, and a header the filter reads (a token)
+//! fails its own check with it. A key must be UTF-8 (the codecs allow only token
+//! characters in names).
+
+/// What a value that is not UTF-8 reads as.
+pub const NOT_UTF8: &str = "\u{FFFD}";
 
 /// Serialises pairs for the host.
 pub fn serialize(pairs: &[(&str, &str)]) -> Vec<u8> {
@@ -50,9 +59,9 @@ pub fn parse_borrowed(b: &[u8]) -> Option<Vec<(&str, &str)>> {
         return None;
     }
     let mut p = 4 + n * 8;
-    let mut take = |len: usize| -> Option<&str> {
+    let mut take = |len: usize| -> Option<&[u8]> {
         let end = p.checked_add(len)?;
-        let s = std::str::from_utf8(b.get(p..end)?).ok()?;
+        let s = b.get(p..end)?;
         if *b.get(end)? != 0 {
             return None;
         }
@@ -63,8 +72,8 @@ pub fn parse_borrowed(b: &[u8]) -> Option<Vec<(&str, &str)>> {
     for i in 0..n {
         let o = 4 + i * 8;
         let (k, v) = (u32_at(b, o)?, u32_at(b, o + 4)?);
-        let key = take(k)?;
-        let val = take(v)?;
+        let key = std::str::from_utf8(take(k)?).ok()?;
+        let val = std::str::from_utf8(take(v)?).unwrap_or(NOT_UTF8);
         out.push((key, val));
     }
     Some(out)

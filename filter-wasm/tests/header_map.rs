@@ -1,6 +1,6 @@
 //! The proxy-wasm header-map codec: round trips, malformed input, no panics.
 
-use gw_filter::header_map::{parse, serialize};
+use gw_filter::header_map::{parse, serialize, NOT_UTF8};
 use proptest::prelude::*;
 
 #[test]
@@ -28,6 +28,27 @@ fn malformed_is_none() {
     assert_eq!(parse(&nul), None);
     assert_eq!(parse(&[0xff, 0xff, 0xff, 0xff]), None);
     assert_eq!(parse(&[1, 0]), None);
+}
+
+/// A value that is not UTF-8 reads as U+FFFD (the request goes on, a token so
+/// read fails its check); a key that is not is a malformed map.
+#[test]
+fn a_value_that_is_not_utf8_is_read_as_a_replacement() {
+    let b = serialize(&[("user-agent", "cafe"), ("accept", "*/*")]);
+    let at = b.windows(4).position(|w| w == b"cafe").unwrap();
+    let mut latin1 = b.clone();
+    latin1[at + 3] = 0xE9;
+    assert_eq!(
+        parse(&latin1),
+        Some(vec![
+            ("user-agent".into(), NOT_UTF8.into()),
+            ("accept".into(), "*/*".into())
+        ])
+    );
+    let key = b.windows(4).position(|w| w == b"user").unwrap();
+    let mut bad_key = b;
+    bad_key[key] = 0xE9;
+    assert_eq!(parse(&bad_key), None);
 }
 
 proptest! {
