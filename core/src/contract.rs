@@ -195,8 +195,14 @@ pub struct CheckedReport {
 /// Longest requester field a report carries, in bytes.
 pub const MAX_REPORT_REQUESTER_BYTES: usize = 512;
 
+/// Most body bytes a report carries (the first ones; a report must fit a batch,
+/// [`MAX_REPORT_BATCH_BYTES`], as hex with room to spare: a larger refused
+/// command used to be dropped whole, with no row).
+pub const MAX_REPORT_RAW_BYTES: usize = 64 * 1024;
+
 impl EdgeReport {
-    /// A rejection report; `path` is cut to [`MAX_REPORT_PATH_BYTES`].
+    /// A rejection report; `path` is cut to [`MAX_REPORT_PATH_BYTES`], `raw` to
+    /// [`MAX_REPORT_RAW_BYTES`].
     pub fn rejected(
         code: Code,
         path: &str,
@@ -210,7 +216,7 @@ impl EdgeReport {
             decision: "rejected".into(),
             code: code.as_str().into(),
             path: truncate_utf8(path, MAX_REPORT_PATH_BYTES).to_owned(),
-            raw_hex: hex::encode(raw),
+            raw_hex: hex::encode(raw.get(..MAX_REPORT_RAW_BYTES).unwrap_or(raw)),
             ts_ms,
             requester: cut(&r.sub),
             requester_roles: cut(&r.roles),

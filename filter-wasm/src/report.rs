@@ -78,22 +78,51 @@ impl ReportConfig {
     }
 }
 
+/// Most bytes of reports a worker VM keeps waiting (their bodies, as hex, and
+/// fields), whatever `max_queued` says: a report holds up to 128 KiB of hex,
+/// and 65 536 of them would not fit a wasm32 heap (an allocation failure traps
+/// the VM, which then fails every request on its worker).
+pub const MAX_QUEUED_BYTES: usize = 8 << 20;
+
 /// The bounded queue and its drop counter.
 #[derive(Debug, Default)]
 pub struct ReportQueue {
     queue: VecDeque<EdgeReport>,
+    /// What the queued reports hold ([`size`]).
+    bytes: usize,
     dropped: u64,
 }
 
+/// About what a report takes in memory and in a batch.
+fn size(r: &EdgeReport) -> usize {
+    r.raw_hex.len()
+        + r.path.len()
+        + r.requester.len()
+        + r.requester_roles.len()
+        + r.token_issuer.len()
+        + r.code.len()
+        + 128
+}
+
 impl ReportQueue {
-    /// Queues `r`; `false` (and counted) when the queue is full.
+    /// Queues `r`; `false` (and counted) when the queue is full, by count or by
+    /// [`MAX_QUEUED_BYTES`].
     pub fn push(&mut self, r: EdgeReport, max_queued: usize) -> bool {
-        if self.queue.len() >= max_queued {
+        let n = size(&r);
+        if self.queue.len() >= max_queued || self.bytes + n > MAX_QUEUED_BYTES {
             self.dropped += 1;
             return false;
         }
+        self.bytes += n;
         self.queue.push_back(r);
         true
+    }
+
+    /// Takes the oldest report off the queue.
+    fn pop(&mut self) {
+        if let Some(r) = self.queue.pop_front() {
+            self.bytes -= size(&r);
+        }
     }
 
     /// Reports dropped since the last call (they did not fit), and resets the count.
@@ -120,13 +149,13 @@ impl ReportQueue {
         while n < max_batch {
             let Some(r) = self.queue.front() else { break };
             let Ok(json) = serde_json::to_vec(r) else {
-                self.queue.pop_front();
+                self.pop();
                 self.dropped += 1;
                 continue;
             };
             if body.len() + json.len() + 2 > MAX_REPORT_BATCH_BYTES {
                 if n == 0 {
-                    self.queue.pop_front();
+                    self.pop();
                     self.dropped += 1;
                     continue;
                 }
@@ -136,7 +165,7 @@ impl ReportQueue {
                 body.push(b',');
             }
             body.extend_from_slice(&json);
-            self.queue.pop_front();
+            self.pop();
             n += 1;
         }
         body.push(b']');

@@ -65,3 +65,34 @@ fn config_bounds() {
         serde_json::from_str(r#"{"cluster": "sidecar", "period_ms": 0}"#).unwrap();
     assert!(bad.validate().is_err());
 }
+
+/// A refused command's body is carried up to 64 KiB (it used to be dropped whole,
+/// with no row, past the batch bound), and the queue is bounded by bytes as well
+/// as by count: 65 536 reports of 128 KiB of hex would not fit a wasm32 heap.
+#[test]
+fn a_large_body_is_cut_and_the_queue_is_bounded_by_bytes() {
+    use gw_core::contract::MAX_REPORT_RAW_BYTES;
+    use gw_core::Code;
+    use gw_filter::report::MAX_QUEUED_BYTES;
+    let big = vec![7u8; 300_000];
+    let cut = EdgeReport::rejected(Code::BadSignature, "/api/control/commands", &big, 1, None);
+    assert_eq!(cut.raw_hex.len(), 2 * MAX_REPORT_RAW_BYTES);
+    let mut q = ReportQueue::default();
+    let mut queued = 0;
+    while q.push(cut.clone(), 65_536) {
+        queued += 1;
+    }
+    let each = cut.raw_hex.len();
+    assert!(
+        queued * each <= MAX_QUEUED_BYTES && (queued + 2) * each > MAX_QUEUED_BYTES,
+        "{queued} queued"
+    );
+    assert_eq!(q.take_dropped(), 1);
+    // Each fits a batch; once some are sent there is room again.
+    let (body, n) = q.next_batch(1024).unwrap();
+    assert!(n >= 1 && body.len() <= MAX_BATCH_BYTES);
+    let sent: Vec<EdgeReport> = serde_json::from_slice(&body).unwrap();
+    assert_eq!(sent[0], cut);
+    assert!(q.push(cut, 65_536));
+    assert_eq!(q.take_dropped(), 0);
+}
