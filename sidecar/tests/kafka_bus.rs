@@ -1086,6 +1086,7 @@ fn a_checkpoint_written_again_later_is_a_rollback_and_is_not_loaded() {
             .collect()
     };
     let generations = || generations_on(&kafka);
+    let applied_of = |g: &[(u64, u64)]| -> Vec<u64> { g.iter().map(|(_, a)| *a).collect() };
     let pending = |s: &common::Served, nonce: u64| {
         let (status, body) = post(s, arbitrage_command(nonce, Action::Restart));
         assert_eq!(
@@ -1100,7 +1101,14 @@ fn a_checkpoint_written_again_later_is_a_rollback_and_is_not_loaded() {
     post_applied(&s, arbitrage_command(2, Action::Stop));
     post_applied(&s, arbitrage_command(3, Action::Start));
     drop(s);
-    assert_eq!(generations(), vec![(1, 1), (2, 2), (3, 3)]);
+    // Numbered up (each at least the writer's clock in µs, so that a numbering
+    // started afresh is above the old one).
+    let g = generations();
+    assert_eq!(applied_of(&g), vec![1, 2, 3]);
+    assert!(
+        g[0].0 > 1_700_000_000_000_000 && g[0].0 < g[1].0 && g[1].0 < g[2].0,
+        "{g:?}"
+    );
     // The first checkpoint, exactly as the node signed it, written again.
     let first = checkpoints()[0].0.clone();
     rt.block_on(write_raw(&k, &topic, "state", Some(&first)));
@@ -1113,14 +1121,16 @@ fn a_checkpoint_written_again_later_is_a_rollback_and_is_not_loaded() {
     assert_ne!(modules(&s)["arbitrage"]["applied"], 1);
     drop(s);
 
-    // newest_signed: generation 3 back (written again as 4), then the command
-    // that waited (5).
+    // newest_signed: the third back (written again above it), then the command
+    // that waited.
     let s = serve_with(Some(StateRecovery::NewestSigned));
     wait_applied(&s, 4);
     drop(s);
-    assert_eq!(
-        generations(),
-        vec![(1, 1), (2, 2), (3, 3), (1, 1), (4, 3), (5, 4)]
+    let g = generations();
+    assert_eq!(applied_of(&g), vec![1, 2, 3, 1, 3, 4]);
+    assert!(
+        g[3].0 == g[0].0 && g[4].0 > g[2].0 && g[5].0 > g[4].0,
+        "{g:?}"
     );
 
     // A watcher reading the topic from its start skips the replay.
@@ -1132,7 +1142,7 @@ fn a_checkpoint_written_again_later_is_a_rollback_and_is_not_loaded() {
             .watch(Module::Arbitrage, move |cp| sink.lock().push(cp.generation)),
     );
     let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.lock().last() != Some(&5) {
+    while seen.lock().last() != Some(&g[5].0) {
         assert!(
             Instant::now() < deadline,
             "the watcher saw {:?}",
@@ -1140,11 +1150,12 @@ fn a_checkpoint_written_again_later_is_a_rollback_and_is_not_loaded() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(*seen.lock(), vec![1, 2, 3, 4, 5]);
+    let skipping_the_replay: Vec<u64> = [0, 1, 2, 4, 5].iter().map(|i| g[*i].0).collect();
+    assert_eq!(*seen.lock(), skipping_the_replay);
 
     // Compaction leaves the replay alone (the newest record of its key): a
-    // broker whose state topic holds only it. The node's journal knows
-    // generation 5.
+    // broker whose state topic holds only it. The node's journal knows the
+    // newest generation.
     let kafka2 = Kafka::start(d.path());
     let k2 = config(d.path(), &kafka2, &ch).file.kafka.unwrap();
     rt.block_on(async {
@@ -1152,7 +1163,7 @@ fn a_checkpoint_written_again_later_is_a_rollback_and_is_not_loaded() {
         store2.prepare().await.unwrap();
         write_raw(&k2, &topic, "state", Some(&first)).await;
     });
-    assert_eq!(generations_on(&kafka2), vec![(1, 1)]);
+    assert_eq!(generations_on(&kafka2), vec![g[0]]);
     let s = serve_on(&kafka2, None);
     wait_refused(&s);
     pending(&s, 6);
@@ -1165,7 +1176,9 @@ fn a_checkpoint_written_again_later_is_a_rollback_and_is_not_loaded() {
     let s = serve_on(&kafka2, Some(StateRecovery::AdoptNewest));
     wait_applied(&s, 2);
     drop(s);
-    assert_eq!(generations_on(&kafka2), vec![(1, 1), (6, 1), (7, 2)]);
+    let g2 = generations_on(&kafka2);
+    assert_eq!(applied_of(&g2), vec![1, 1, 2]);
+    assert!(g2[1].0 > g[5].0 && g2[2].0 > g2[1].0, "{g2:?}");
     // From then on it loads without an option.
     let s = common::serve(config(d.path(), &kafka2, &ch));
     post_applied(&s, arbitrage_command(7, Action::Stop));
@@ -1672,6 +1685,83 @@ fn a_command_forwarded_again_after_its_mark_was_lost_is_not_applied_twice() {
 }
 
 /// Publishes `mev` command `payload` with `headers` to the command topic.
+/// A module's commands are forwarded to one partition of the command topic. A
+/// record of the module found in another (here forwarded, signed, by a node
+/// configured with another `kafka.partitions`; a client that may write to the
+/// topic can put one there too) is refused `forbidden_peer` with its row, and
+/// written in no checkpoint: the agent reading it may not own the module's
+/// partition, and its copy of the checkpoint would overwrite the owner's.
+#[test]
+fn a_module_record_in_another_partition_is_refused_and_checkpoints_nothing() {
+    use gw_sidecar::control::bus::{forward_headers, partition_of, ForwardSeq};
+    use gw_sidecar::control::kafka_state::KafkaState;
+
+    let d = testkit::TempDir::new("kafka-misplaced");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let mut cfg = config(d.path(), &kafka, &ch);
+    cfg.file.kafka.as_mut().unwrap().partitions = 2;
+    let k = cfg.file.kafka.clone().unwrap();
+    let store = KafkaState::new(&k, cfg.state_signer().unwrap().unwrap()).unwrap();
+    let state_topic = store.topic(Module::Mev);
+    let s = common::serve(cfg);
+    post_applied(
+        &s,
+        signed_command(1, Action::Start, now(), "dashboard", &[]),
+    );
+    let checkpoints = || {
+        state_records(&kafka.brokers(), &state_topic)
+            .iter()
+            .filter(|(k, _)| k == "state")
+            .count()
+    };
+    let before = checkpoints();
+    assert!(before >= 1);
+
+    let elsewhere = 1 - partition_of(b"mev", 2);
+    let kill = signed_command(2, Action::Kill, now(), "dashboard", &[]);
+    let headers = forward_headers(
+        store.signer(),
+        TOPIC,
+        elsewhere,
+        b"mev",
+        &kill,
+        &gw_core::contract::Requester::default(),
+        ForwardSeq {
+            epoch: u64::MAX / 2,
+            seq: 1,
+        },
+    );
+    s.rt.block_on(async {
+        let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
+        let r = rdkafka::producer::FutureRecord::<str, [u8]>::to(TOPIC)
+            .key("mev")
+            .partition(elsewhere)
+            .payload(&kill)
+            .headers(headers);
+        p.send(r, Duration::from_secs(5)).await.unwrap();
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rows = loop {
+        let rows = common::stored(&ch);
+        if rows.iter().any(|r| r.code == "forbidden_peer") {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "{:?}", row_summary(&rows));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let refused = rows.iter().find(|r| r.code == "forbidden_peer").unwrap();
+    assert_eq!(
+        (refused.stage.as_str(), refused.decision.as_str()),
+        ("agent", "rejected")
+    );
+    assert_eq!(modules(&s)["mev"]["state"], "running", "not applied");
+    assert_eq!(checkpoints(), before, "no checkpoint written for it");
+    // The module's own partition goes on.
+    post_applied(&s, signed_command(3, Action::Stop, now(), "dashboard", &[]));
+    assert_eq!(checkpoints(), before + 1);
+}
+
 fn publish_mev(
     k: &gw_sidecar::control::bus::KafkaConfig,
     payload: Vec<u8>,

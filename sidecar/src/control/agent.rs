@@ -625,8 +625,13 @@ impl Agent {
             // window is this module's): a copy silently, one overtaken with an
             // answer — unless it is a duplicate, which was applied.
             let mut copied = false;
+            let misplaced = self.misplaced(d);
             let step = match self.core.decide_after(&state, &pending, d, now) {
                 Step::NotMine => Step::NotMine,
+                _ if misplaced.is_some() => Step::Refuse(Reject::with(
+                    Code::ForbiddenPeer,
+                    misplaced.clone().unwrap_or_default(),
+                )),
                 step => match (self.behind_forward(d), step) {
                     (Some(Behind::Copy(why)), _) => {
                         copied = true;
@@ -655,8 +660,10 @@ impl Agent {
                         (false, true) => COPIED,
                         (false, false) => "rejected",
                     };
-                    self.checkpoint(d, outcome, Some(r.code), None, None)
-                        .await?;
+                    if misplaced.is_none() {
+                        self.checkpoint(d, outcome, Some(r.code), None, None)
+                            .await?;
+                    }
                     let row = self.row(Decision::Rejected, Some(r.code), d, None);
                     let has_row = row.is_some();
                     let announce = !unforwarded && !copied;
@@ -841,7 +848,7 @@ impl Agent {
             },
         );
         cp.writer = chain;
-        cp.generation = cp.generation.saturating_add(1);
+        cp.generation = super::kafka_state::next_generation(cp.generation);
         if let Origin::Node { node, forward } = &d.origin {
             cp.forwards
                 .entry(node.clone())
@@ -857,6 +864,26 @@ impl Agent {
             k.written.entry(n.expires).or_default().push(n.key());
         }
         Ok(())
+    }
+
+    /// Kafka bus: why `d`, a record of this module, is in the wrong partition of
+    /// the command topic (nodes forward a module's commands to one partition,
+    /// [`super::bus::partition_of`]). One elsewhere — put there by a client that
+    /// may write to the topic, or forwarded by a node configured with another
+    /// `kafka.partitions` — is refused and written in no checkpoint: this
+    /// node's agent may not own the module's partition, and its copy of the
+    /// checkpoint would overwrite the owner's.
+    fn misplaced(&self, d: &Delivery) -> Option<String> {
+        let k = self.kafka.as_ref()?;
+        let module = self.core.module;
+        let want = k.store.partition_of(module);
+        (d.key == module.as_str().as_bytes() && d.position.partition != want).then(|| {
+            format!(
+                "a record of module {} in partition {} of the command topic: its commands are in partition {want} (kafka.partitions)",
+                module.as_str(),
+                d.position.partition
+            )
+        })
     }
 
     /// Kafka bus: why `d` may not be taken, if it is behind its node's newest
@@ -1001,7 +1028,7 @@ impl Agent {
             // Written again signed, as the newest generation, so the next load
             // needs no recovery.
             cp.writer = self.env.chain.clone();
-            cp.generation = cp.generation.saturating_add(1);
+            cp.generation = super::kafka_state::next_generation(cp.generation);
             while let Err(e) = store.save(module, cp).await {
                 tracing::warn!(module = module.as_str(), error = %e, "recovered agent checkpoint not written yet (retrying)");
                 tokio::time::sleep(Duration::from_millis(250)).await;

@@ -85,13 +85,22 @@ pub struct Checkpoint {
     /// offset, is refused even once its nonce is forgotten.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub forwards: BTreeMap<String, BTreeMap<i32, ForwardWindow>>,
-    /// One more than the checkpoint it was made from (0: written before
-    /// 2026-12-06). A load takes the newest checkpoint only when no signed one
-    /// before it, and nothing its node's journal knows was written, has a higher
-    /// generation: a genuine checkpoint written again later (a replay, or a node
-    /// cut off from its group writing from an older state) is a rollback.
+    /// Above the checkpoint it was made from, and at least its writer's clock in
+    /// µs ([`next_generation`]; 0: written before 2026-12-06). A load takes the
+    /// newest checkpoint only when no signed one before it, and nothing its
+    /// node's journal knows was written, has a higher generation: a genuine
+    /// checkpoint written again later (a replay, or a node cut off from its group
+    /// writing from an older state) is a rollback.
     #[serde(default)]
     pub generation: u64,
+}
+
+/// The generation of a checkpoint made from one of generation `prev`: above it,
+/// and at least this node's clock in µs — so that a numbering started afresh (the
+/// state topic emptied, a new cluster, a recovery) is above every checkpoint any
+/// node wrote before, unless that node's clock was ahead of this one's.
+pub fn next_generation(prev: u64) -> u64 {
+    prev.saturating_add(1).max(crate::now_nanos() / 1_000)
 }
 
 /// How many numbers below a node's newest forward the window remembers which
@@ -276,6 +285,11 @@ impl KafkaState {
     /// The same, shared.
     pub(crate) fn shared_signer(&self) -> Arc<StateSigner> {
         self.signer.clone()
+    }
+
+    /// The partition of the command topic `m`'s commands are forwarded to.
+    pub fn partition_of(&self, m: Module) -> i32 {
+        super::bus::partition_of(m.as_str().as_bytes(), self.cfg.partitions)
     }
 
     /// The state topic of `m`.
@@ -698,6 +712,12 @@ fn fold(
             c => c,
         },
         Some((why, body)) => match (signer.recovery(), best, body) {
+            // The newest signed one does not decode (a newer version's): taking
+            // an older one would handle its commands again.
+            (Some(StateRecovery::NewestSigned), _, _) if matches!(signed, Some(Err(_))) => {
+                let e = signed.and_then(Result::err).unwrap_or_default();
+                return Err(unreadable(e));
+            }
             (Some(StateRecovery::NewestSigned), Some(c), _) => {
                 tracing::error!(module, "kafka.state_recovery newest_signed: the newest agent checkpoint is skipped ({why}); the signed one of the highest generation, {}, is taken and written again (remove the option once started)", c.generation);
                 loaded.recovered = true;
@@ -1233,10 +1253,32 @@ mod tests {
         let mut both = replayed;
         both.push(forged("state", &at(9, 9)));
         let l = take(&both, StateRecovery::NewestSigned, 0);
-        assert_eq!(l.checkpoint, Some(two));
+        assert_eq!(l.checkpoint, Some(two.clone()));
         // An adopted unsigned checkpoint's own number is not believed (it could
         // be u64::MAX, leaving no number above it).
         let l = take(&both, StateRecovery::AdoptNewest, 0);
         assert_eq!(l.checkpoint.map(|c| c.generation), Some(2));
+
+        // The newest signed one does not decode (a newer version's) and an
+        // unsigned one follows: newest_signed takes no older one instead.
+        let undecodable: Record = ("state".into(), Some(a.seal(T, "state", b"[]")));
+        let records = vec![rec(&a, "state", &one), undecodable, forged("state", &two)];
+        let reader = node("a", Some(StateRecovery::NewestSigned));
+        assert!(matches!(
+            fold(records, 100, M, T, &reader, 0),
+            Err(BusError::Encode(_))
+        ));
+    }
+
+    /// Generations go up from the one before, and start at the clock (in µs): a
+    /// numbering begun afresh is above an old one.
+    #[test]
+    fn a_generation_is_above_the_last_and_at_least_the_clock() {
+        let now_us = crate::now_nanos() / 1_000;
+        assert!(next_generation(0) >= now_us);
+        assert!(next_generation(5) >= now_us);
+        let ahead = now_us + 3_600_000_000;
+        assert_eq!(next_generation(ahead), ahead + 1);
+        assert_eq!(next_generation(u64::MAX), u64::MAX);
     }
 }
