@@ -175,6 +175,11 @@ pub struct EdgeReport {
     /// The JWT's issuer.
     #[serde(default)]
     pub token_issuer: String,
+    /// The body's length when `raw_hex` holds only its first
+    /// [`MAX_REPORT_RAW_BYTES`] (absent otherwise: a sidecar before 2026-12-06
+    /// refuses only such reports, which that filter dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_len: Option<u64>,
 }
 
 /// An edge report the sidecar accepted: its code and the raw body.
@@ -184,8 +189,10 @@ pub struct CheckedReport {
     pub code: Code,
     /// The request path.
     pub path: String,
-    /// The command body as received.
+    /// The command body as received (its first bytes when `raw_len` is given).
     pub raw: Vec<u8>,
+    /// The body's whole length, when `raw` is only its start.
+    pub raw_len: Option<u64>,
     /// Host time, unix milliseconds.
     pub ts_ms: u64,
     /// Who sent it (empty when the edge refused before the JWT).
@@ -217,6 +224,7 @@ impl EdgeReport {
             code: code.as_str().into(),
             path: truncate_utf8(path, MAX_REPORT_PATH_BYTES).to_owned(),
             raw_hex: hex::encode(raw.get(..MAX_REPORT_RAW_BYTES).unwrap_or(raw)),
+            raw_len: (raw.len() > MAX_REPORT_RAW_BYTES).then_some(raw.len() as u64),
             ts_ms,
             requester: cut(&r.sub),
             requester_roles: cut(&r.roles),
@@ -258,10 +266,12 @@ impl EdgeReport {
                 format!("an edge report's requester fields are at most {MAX_REPORT_REQUESTER_BYTES} bytes"),
             ));
         }
+        let raw_len = self.raw_len.filter(|n| *n > raw.len() as u64);
         Ok(CheckedReport {
             code,
             path: self.path.clone(),
             raw,
+            raw_len,
             ts_ms: self.ts_ms,
             requester: Requester {
                 sub: self.requester.clone(),

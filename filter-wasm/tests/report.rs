@@ -14,6 +14,7 @@ fn r(code: &str, raw: usize) -> EdgeReport {
         requester: String::new(),
         requester_roles: String::new(),
         token_issuer: String::new(),
+        raw_len: None,
     }
 }
 
@@ -77,6 +78,10 @@ fn a_large_body_is_cut_and_the_queue_is_bounded_by_bytes() {
     let big = vec![7u8; 300_000];
     let cut = EdgeReport::rejected(Code::BadSignature, "/api/control/commands", &big, 1, None);
     assert_eq!(cut.raw_hex.len(), 2 * MAX_REPORT_RAW_BYTES);
+    assert_eq!(cut.raw_len, Some(300_000), "marked as cut");
+    let whole = EdgeReport::rejected(Code::BadSignature, "/", &[1, 2], 1, None);
+    assert_eq!(whole.raw_len, None);
+    assert!(!serde_json::to_string(&whole).unwrap().contains("raw_len"));
     let mut q = ReportQueue::default();
     let mut queued = 0;
     while q.push(cut.clone(), 65_536) {

@@ -275,61 +275,99 @@ pub struct Gatekeeper {
 /// little enough that rows cost an attacker's bandwidth, not the node's disk.
 const REFUSED_BODY_BYTES: usize = 4 * 1024;
 
-/// Rows a second, on average, for refusals of callers other than the edge, per
-/// code ([`RefusalBudget`]).
+/// Rows a second, on average, for refusals of callers other than the edge
+/// ([`RefusalBudget`]), of all codes and of each.
 pub const REFUSAL_ROWS_PER_SEC: f64 = 20.0;
 
 /// And at once.
 pub const REFUSAL_ROWS_BURST: f64 = 200.0;
 
-/// Rows a second, on average, for the refusals the edge reports, per code
+/// Rows a second, on average, for the refusals the edge reports, of all codes
 /// ([`RefusalBudget::edge_reports`]).
 pub const EDGE_REPORT_ROWS_PER_SEC: f64 = 50.0;
 
 /// And at once.
 pub const EDGE_REPORT_ROWS_BURST: f64 = 500.0;
 
+/// Rows a second, on average, for the refusals the edge reports, of each code:
+/// a flood of one code leaves the rest of the budget to the others.
+pub const EDGE_REPORT_ROWS_PER_CODE_PER_SEC: f64 = 20.0;
+
+/// And at once.
+pub const EDGE_REPORT_ROWS_PER_CODE_BURST: f64 = 200.0;
+
 /// The ledger's budget for refusals anyone can cause without limit: of callers
 /// that are not the edge (anyone who reaches the port), and of requests the edge
 /// refused and reports (anyone who reaches Envoy, with no token at all). Each
 /// could otherwise make the node write (and fsync, and ship) a row per request
-/// without end. Each code has its own bucket, so a flood of one (`jwt_missing`)
-/// does not take the rows of another (a signed command refused). Within the
-/// budget each refusal has its row; beyond it a refusal is answered all the
-/// same, counted (`gw_sidecar_refusals_unrecorded_total{code}`), and summed in one
-/// row of the budget's stage (`args_json` `{"unrecorded": n}`): before the next
-/// recorded refusal of its code, or by [`flush_unrecorded`] within a second once
-/// the budget has room again.
+/// without end. A row takes from the budget of all codes and from its code's
+/// own, so one code's flood cannot take every row (a refused signed command keeps
+/// its row through a flood of `jwt_missing`), and codes taken in turn cannot
+/// pass the whole. Within the budget each refusal has its row; beyond it a
+/// refusal is answered all the same, counted
+/// (`gw_sidecar_refusals_unrecorded_total{code}`), and summed in one row of the
+/// budget's stage (`args_json` `{"unrecorded": n}`): before the next recorded
+/// refusal of its code, or by [`flush_unrecorded`] within a second once the
+/// budget has room again.
 pub struct RefusalBudget {
     state: parking_lot::Mutex<BudgetState>,
     stage: Stage,
-    per_sec: f64,
-    burst: f64,
+    /// Rows a second and at once, of all codes.
+    total: (f64, f64),
+    /// The same, of each code.
+    per_code: (f64, f64),
 }
 
-#[derive(Default)]
+/// Rows a budget may write now, as of when.
+#[derive(Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Bucket {
+    fn full(burst: f64) -> Bucket {
+        Bucket {
+            tokens: burst,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// Refilled for the time since it was last looked at.
+    fn refill(&mut self, (per_sec, burst): (f64, f64), now: std::time::Instant) {
+        let refill = now.duration_since(self.at).as_secs_f64() * per_sec;
+        self.tokens = (self.tokens + refill).min(burst);
+        self.at = now;
+    }
+}
+
 struct BudgetState {
-    /// Per code: rows it may write now, as of when.
-    buckets: std::collections::BTreeMap<Code, (f64, std::time::Instant)>,
+    total: Bucket,
+    codes: std::collections::BTreeMap<Code, Bucket>,
     /// Refusals not recorded since the last row of their code.
     unrecorded: std::collections::BTreeMap<Code, u64>,
 }
 
 impl Default for RefusalBudget {
     fn default() -> Self {
-        RefusalBudget::new(Stage::Sidecar, REFUSAL_ROWS_PER_SEC, REFUSAL_ROWS_BURST)
+        let b = (REFUSAL_ROWS_PER_SEC, REFUSAL_ROWS_BURST);
+        RefusalBudget::new(Stage::Sidecar, b, b)
     }
 }
 
 impl RefusalBudget {
-    /// `per_sec` rows a second on average, `burst` at once, per code; sums are
-    /// rows of `stage`.
-    pub fn new(stage: Stage, per_sec: f64, burst: f64) -> RefusalBudget {
+    /// `total` (rows a second on average, at once) of all codes, `per_code` of
+    /// each; sums are rows of `stage`.
+    pub fn new(stage: Stage, total: (f64, f64), per_code: (f64, f64)) -> RefusalBudget {
         RefusalBudget {
-            state: parking_lot::Mutex::new(BudgetState::default()),
+            state: parking_lot::Mutex::new(BudgetState {
+                total: Bucket::full(total.1),
+                codes: Default::default(),
+                unrecorded: Default::default(),
+            }),
             stage,
-            per_sec,
-            burst,
+            total,
+            per_code,
         }
     }
 
@@ -337,8 +375,11 @@ impl RefusalBudget {
     pub fn edge_reports() -> RefusalBudget {
         RefusalBudget::new(
             Stage::Edge,
-            EDGE_REPORT_ROWS_PER_SEC,
-            EDGE_REPORT_ROWS_BURST,
+            (EDGE_REPORT_ROWS_PER_SEC, EDGE_REPORT_ROWS_BURST),
+            (
+                EDGE_REPORT_ROWS_PER_CODE_PER_SEC,
+                EDGE_REPORT_ROWS_PER_CODE_BURST,
+            ),
         )
     }
 
@@ -347,14 +388,21 @@ impl RefusalBudget {
         self.stage
     }
 
-    /// `code`'s bucket in `s`, refilled for the time since it was last looked at.
-    fn bucket<'a>(&self, s: &'a mut BudgetState, code: Code) -> &'a mut f64 {
+    /// Takes `n` rows for `code` from both buckets, if both have them.
+    fn spend(&self, s: &mut BudgetState, code: Code, n: f64) -> bool {
         let now = std::time::Instant::now();
-        let (tokens, at) = s.buckets.entry(code).or_insert((self.burst, now));
-        let refill = now.duration_since(*at).as_secs_f64() * self.per_sec;
-        *tokens = (*tokens + refill).min(self.burst);
-        *at = now;
-        tokens
+        s.total.refill(self.total, now);
+        let own = s
+            .codes
+            .entry(code)
+            .or_insert_with(|| Bucket::full(self.per_code.1));
+        own.refill(self.per_code, now);
+        if own.tokens < n || s.total.tokens < n {
+            return false;
+        }
+        own.tokens -= n;
+        s.total.tokens -= n;
+        true
     }
 
     /// A row for a refusal with `code` now: `Some(n)` — it may be written, after
@@ -365,14 +413,18 @@ impl RefusalBudget {
         // The summary takes a row of the budget too.
         let owed = s.unrecorded.get(&code).copied().unwrap_or(0);
         let need = if owed > 0 { 2.0 } else { 1.0 };
-        let tokens = self.bucket(&mut s, code);
-        if *tokens >= need {
-            *tokens -= need;
+        if self.spend(&mut s, code, need) {
             s.unrecorded.remove(&code);
             return Some(owed);
         }
         *s.unrecorded.entry(code).or_default() += 1;
         None
+    }
+
+    /// What [`Self::take`] gave for a refusal whose rows were not written after
+    /// all: the refusal, and the `owed` its sum held, are owed again.
+    pub fn untake(&self, code: Code, owed: u64) {
+        self.owe(code, owed + 1);
     }
 
     /// The sums owed that the budget has room for now (a row each), taken.
@@ -381,9 +433,7 @@ impl RefusalBudget {
         let owed: Vec<Code> = s.unrecorded.keys().copied().collect();
         let mut out = Vec::new();
         for code in owed {
-            let tokens = self.bucket(&mut s, code);
-            if *tokens >= 1.0 {
-                *tokens -= 1.0;
+            if self.spend(&mut s, code, 1.0) {
                 if let Some(n) = s.unrecorded.remove(&code) {
                     out.push((code, n));
                 }
@@ -401,7 +451,7 @@ impl RefusalBudget {
 
     /// `n` refusals with `code` whose summary row was not written after all: owed
     /// again.
-    pub fn owe(&self, code: Code, n: u64) {
+    fn owe(&self, code: Code, n: u64) {
         if n == 0 {
             return;
         }

@@ -263,6 +263,15 @@ fn bad_edge_reports_are_refused_whole() {
         (rows[0].stage.as_str(), rows[0].code.as_str()),
         ("edge", "stale")
     );
+    // A body the edge kept only the start of: the row says so.
+    let cut = json!({"decision": "rejected", "code": "bad_signature", "path": "/api/control/commands",
+        "raw_hex": "0a0b", "raw_len": 300000, "ts_ms": 1});
+    let (status, _) = post(json!([cut]));
+    assert_eq!(status, 200);
+    let rows = common::wait_rows(&ch, 2);
+    assert_eq!(rows[1].raw_hex, "0a0b");
+    let note: Value = serde_json::from_str(&rows[1].args_json).unwrap();
+    assert_eq!(note, json!({"raw_bytes": 300000, "raw_kept": 2}));
 }
 
 /// The edge reports every request it refuses, and anyone who reaches Envoy can
@@ -273,7 +282,9 @@ fn bad_edge_reports_are_refused_whole() {
 /// for, once the flood stops, with no later report to carry the sum.
 #[test]
 fn edge_reports_beyond_the_ledgers_budget_are_summed_per_code() {
-    use gw_sidecar::serve::{EDGE_REPORT_ROWS_BURST, EDGE_REPORT_ROWS_PER_SEC};
+    use gw_sidecar::serve::{
+        EDGE_REPORT_ROWS_PER_CODE_BURST as BURST, EDGE_REPORT_ROWS_PER_CODE_PER_SEC as PER_SEC,
+    };
     let d = testkit::TempDir::new("edge-report-budget");
     let ch = ClickHouse::start(d.path());
     let cfg = common::config_with_clickhouse(&d.path().join("state"), false, &ch);
@@ -292,7 +303,7 @@ fn edge_reports_beyond_the_ledgers_budget_are_summed_per_code() {
         })
     };
     let report = |code: &str, path: &str| json!({"decision": "rejected", "code": code, "path": path, "raw_hex": "", "ts_ms": 1});
-    let flood = 2 * EDGE_REPORT_ROWS_BURST as usize;
+    let flood = 2 * BURST as usize;
     let started = Instant::now();
     let mut unrecorded = 0u64;
     for batch in 0..4 {
@@ -304,10 +315,10 @@ fn edge_reports_beyond_the_ledgers_budget_are_summed_per_code() {
         unrecorded += answer["unrecorded"].as_u64().unwrap();
     }
     let took = started.elapsed().as_secs_f64();
-    let most = EDGE_REPORT_ROWS_BURST + EDGE_REPORT_ROWS_PER_SEC * took;
+    // One code's own bucket, at most: its burst, and what refilled meanwhile.
+    let most = BURST + PER_SEC * took;
     assert!(
-        (flood as f64 - most..=flood as f64 - EDGE_REPORT_ROWS_BURST)
-            .contains(&(unrecorded as f64)),
+        (flood as f64 - most..=flood as f64 - BURST).contains(&(unrecorded as f64)),
         "{unrecorded} of {flood} unrecorded in {took:.2} s"
     );
     let sum_of =

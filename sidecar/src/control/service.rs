@@ -1004,7 +1004,7 @@ async fn edge_decisions(
     let reports = contract::parse_report_batch(&body).map_err(ApiError::from)?;
     // The whole batch in one transaction.
     let mut rows = Vec::with_capacity(reports.len());
-    let mut sums = Vec::new();
+    let mut taken = Vec::new();
     let mut unrecorded = 0usize;
     for r in &reports {
         let Some(owed) = c.edge_reports.take(r.code) else {
@@ -1012,11 +1012,11 @@ async fn edge_decisions(
             unrecorded += 1;
             continue;
         };
+        taken.push((r.code, owed));
         if owed > 0 {
             rows.extend(c.auditor.unrecorded_row(Stage::Edge, r.code, owed));
-            sums.push((r.code, owed));
         }
-        rows.extend(c.auditor.row(&Entry {
+        let e = Entry {
             stage: Stage::Edge,
             decision: Decision::Rejected,
             code: Some(r.code),
@@ -1024,11 +1024,20 @@ async fn edge_decisions(
             command: None,
             requester: Some(&r.requester),
             route: &r.path,
-        }));
+        };
+        rows.extend(match r.raw_len {
+            // The row holds the body's start: it says so.
+            Some(n) => c
+                .auditor
+                .row_noting(&e, &json!({"raw_bytes": n, "raw_kept": r.raw.len()})),
+            None => c.auditor.row(&e),
+        });
     }
     if let Err(e) = c.record(rows).await {
-        for (code, n) in sums {
-            c.edge_reports.owe(code, n);
+        // Nothing of the batch was written: every report is owed, to be summed
+        // (the filter counts the batch as failed).
+        for (code, owed) in taken {
+            c.edge_reports.untake(code, owed);
         }
         return Err(e.into());
     }

@@ -118,8 +118,7 @@ impl Auditor {
     /// The row [`Self::unrecorded`] writes, to write with others (`None`: no
     /// ledger).
     pub fn unrecorded_row(&self, stage: Stage, code: Code, n: u64) -> Option<journal::Entry> {
-        self.journal.as_ref()?;
-        let mut r = row(&Entry {
+        let e = Entry {
             stage,
             decision: Decision::Rejected,
             code: Some(code),
@@ -127,8 +126,16 @@ impl Auditor {
             command: None,
             requester: None,
             route: "",
-        });
-        r.args_json = serde_json::json!({ "unrecorded": n }).to_string();
+        };
+        self.row_noting(&e, &serde_json::json!({ "unrecorded": n }))
+    }
+
+    /// The row of `e` whose `args_json` is `note` — what the row says of itself
+    /// (a sum of refusals, a body kept in part) — unsealed (`None`: no ledger).
+    pub fn row_noting(&self, e: &Entry<'_>, note: &serde_json::Value) -> Option<journal::Entry> {
+        self.journal.as_ref()?;
+        let mut r = row(e);
+        r.args_json = note.to_string();
         Some(journal::Entry::row(r))
     }
 }
