@@ -3,13 +3,13 @@
 //! never panics: host bytes are input too.
 //!
 //! A value that is not UTF-8 (Envoy's HTTP/1 and HTTP/2 codecs pass obs-text bytes
-//! 0x80–0xFF, a `User-Agent: caf\xE9`) reads as [`NOT_UTF8`]: one such header
-//! must not make every request a 503, and a header the filter reads (a token)
-//! fails its own check with it. A key must be UTF-8 (the codecs allow only token
-//! characters in names).
+//! 0x80–0xFF, a `User-Agent: caf\xE9`) is read with each bad sequence replaced by
+//! U+FFFD: one such header must not make every request a 503, a header the filter
+//! reads (a token) fails its own check, and one it rewrites keeps the rest of its
+//! text (a bearer offer next to a bad byte is still found and removed). A key must
+//! be UTF-8 (the codecs allow only token characters in names).
 
-/// What a value that is not UTF-8 reads as.
-pub const NOT_UTF8: &str = "\u{FFFD}";
+use std::borrow::Cow;
 
 /// Serialises pairs for the host.
 pub fn serialize(pairs: &[(&str, &str)]) -> Vec<u8> {
@@ -43,13 +43,14 @@ pub fn parse(b: &[u8]) -> Option<Vec<(String, String)>> {
     Some(
         pairs
             .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .map(|(k, v)| (k.to_owned(), v.into_owned()))
             .collect(),
     )
 }
 
-/// [`parse`] without copying: the pairs borrow from `b`.
-pub fn parse_borrowed(b: &[u8]) -> Option<Vec<(&str, &str)>> {
+/// [`parse`] without copying (but for a value that is not UTF-8): the pairs
+/// borrow from `b`.
+pub fn parse_borrowed(b: &[u8]) -> Option<Vec<(&str, Cow<'_, str>)>> {
     if b.is_empty() {
         return Some(Vec::new());
     }
@@ -73,7 +74,7 @@ pub fn parse_borrowed(b: &[u8]) -> Option<Vec<(&str, &str)>> {
         let o = 4 + i * 8;
         let (k, v) = (u32_at(b, o)?, u32_at(b, o + 4)?);
         let key = std::str::from_utf8(take(k)?).ok()?;
-        let val = std::str::from_utf8(take(v)?).unwrap_or(NOT_UTF8);
+        let val = String::from_utf8_lossy(take(v)?);
         out.push((key, val));
     }
     Some(out)

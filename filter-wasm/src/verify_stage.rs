@@ -129,14 +129,14 @@ impl VerifyStage {
             headers
                 .iter()
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| *v)
+                .map(|(_, v)| v.as_ref())
         };
         // Every line of the subprotocol header, as one list (a second line must
         // not carry a token past the rewrite below).
         let ws_lines: Vec<&str> = headers
             .iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case(WS_PROTOCOL_HEADER))
-            .map(|(_, v)| *v)
+            .map(|(_, v)| v.as_ref())
             .collect();
         let ws_protocols = match ws_lines.as_slice() {
             [] => None,

@@ -444,6 +444,18 @@ fn a_stream_ends_when_its_token_expires() {
         })
         .await;
         assert!(more.is_err(), "closed too: {more:?}");
+        // A token already expired by the sidecar's clock (within the edge's
+        // leeway): no stream, rather than one closed at once.
+        let (status, body) = open_until(&base, Some("viewer"), "tester", Some(exp - 10))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!((status, body["error"].as_str()), (401, Some("jwt_expired")));
+        // A token that says it never expires: the stream opens.
+        let mut far = open_until(&base, Some("viewer"), "tester", Some(u64::MAX))
+            .await
+            .unwrap();
+        until(&mut far, "hello", |m| m["type"] == "hello").await;
     });
     assert_eq!(closed_count(&s, "expired"), 1);
 }

@@ -408,6 +408,13 @@ async fn upgrade(
         );
         return hub.refuse(e, None).await;
     };
+    // Expired by this node's clock (within the edge's leeway, say): a stream
+    // opened now would be closed at once, and a client reconnecting on the close
+    // would be at it until the leeway ran out.
+    if who.token_exp.is_some_and(|exp| exp <= crate::now_secs()) {
+        let e = ApiError::new(Code::JwtExpired, "the token has expired");
+        return hub.refuse(e, Some(&who.requester)).await;
+    }
     let roles: Vec<&str> = who.requester.roles.split(',').map(str::trim).collect();
     if !gw_core::roles::satisfies(&roles, ROLE) {
         let e = ApiError::with(
@@ -482,9 +489,10 @@ async fn close(socket: &mut WebSocket, code: u16, reason: String, timeout: Durat
 }
 
 /// When a token that expires at `exp` (unix seconds) has expired, on the
-/// runtime's clock.
+/// runtime's clock (a year ahead at most: any `exp` is a number a token may
+/// carry, and an instant too far ahead does not exist).
 fn expiry(exp: u64) -> tokio::time::Instant {
-    let left = exp.saturating_sub(crate::now_secs());
+    let left = exp.saturating_sub(crate::now_secs()).min(365 * 86_400);
     tokio::time::Instant::now() + Duration::from_secs(left)
 }
 
