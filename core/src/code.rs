@@ -61,6 +61,8 @@ codes! {
     /// The replay guard holds the most fresh nonces it may (per issuer, or issuers):
     /// retry shortly.
     ReplayCapacity => "replay_capacity", 429;
+    /// The hot path's ring has no room for what was offered: retry shortly.
+    Overloaded => "overloaded", 429;
     /// The nonce is missing (zero).
     BadNonce => "bad_nonce", 400;
     /// The route's module/action differs from the signed command's.

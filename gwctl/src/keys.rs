@@ -115,7 +115,8 @@ pub fn read_signing_key(path: &Path) -> Result<SigningKey> {
 /// `gwctl jwt` arguments.
 #[derive(Args)]
 pub struct JwtArgs {
-    /// The HMAC secret as hex (at least 32 bytes).
+    /// The HMAC secret as hex (at least 32 bytes). Other users of the host see a
+    /// process's arguments: prefer --secret-file.
     #[arg(
         long,
         conflicts_with = "secret_file",

@@ -206,6 +206,27 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
         "{r}"
     );
     assert_eq!(s.get_json("/api/sender")["strategy"]["offered"], offered);
+    // A body past a route's bound is answered in the gateway's error shape (axum's
+    // own answer was plain text).
+    for (path, limit) in [("/api/rpc", 1usize << 20), ("/api/opportunities", 8 << 20)] {
+        let (status, r) = s.rt.block_on(async {
+            let resp = s
+                .http
+                .post(format!("{}{path}", s.base))
+                .header("content-type", "application/json")
+                .body(vec![b' '; limit + 1])
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        });
+        assert_eq!(
+            (status, r["error"].as_str()),
+            (413, Some("too_large")),
+            "{path}: {r}"
+        );
+    }
 
     // JSON-RPC: real transactions from solders, base58 and base64, legacy and v0.
     let out = testkit::run_python(

@@ -6,7 +6,10 @@ use super::{tls, Answer, Request, Unanswered};
 
 /// Sends the request over HTTP/2 and reads the whole answer.
 pub async fn send(req: &Request<'_>) -> Result<Answer> {
-    let mut b = reqwest::Client::builder().http2_prior_knowledge();
+    // A redirect is an answer, not followed: the command goes where it was sent.
+    let mut b = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .redirect(reqwest::redirect::Policy::none());
     if req.tls.insecure {
         b = b.danger_accept_invalid_certs(true);
     }

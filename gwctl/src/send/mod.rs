@@ -100,6 +100,14 @@ pub fn run(a: &SendArgs) -> Result<ExitCode> {
         ),
         None => a.token.clone(),
     };
+    if token.is_some()
+        && gw_core::transport::plain_beyond_loopback(
+            url.scheme_str().unwrap_or_default(),
+            url.host().unwrap_or_default(),
+        )
+    {
+        eprintln!("gwctl: warning: the URL is plain http:// to a host that is not loopback: the bearer token crosses the network in clear (use https://)");
+    }
     let req = Request {
         url: &url,
         body,

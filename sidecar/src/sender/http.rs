@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -80,11 +81,28 @@ fn bad(detail: String) -> Response {
         .into_response()
 }
 
+/// The answer to a body that could not be read whole (larger than the route's
+/// bound, or cut off) in the gateway's error shape — axum's own answer is plain
+/// text with no code.
+fn unreadable(e: &BytesRejection) -> Response {
+    let (status, code) = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        (StatusCode::PAYLOAD_TOO_LARGE, "too_large")
+    } else {
+        (StatusCode::BAD_REQUEST, "malformed")
+    };
+    let detail = format!("the body could not be read: {}", e.body_text());
+    (status, Json(json!({"error": code, "detail": detail}))).into_response()
+}
+
 /// `POST /api/rpc`: Solana JSON-RPC (always HTTP 200 with a JSON-RPC body, as
 /// Solana's RPC answers).
-async fn rpc(State(st): St, body: Bytes) -> Response {
+async fn rpc(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
     let Some(dp) = &st.plane else {
         return unavailable();
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return unreadable(&e),
     };
     let request = match decode_off_runtime(&st.decoding_rpc, body, rpc::Request::parse).await {
         Ok(r) => r,
@@ -209,13 +227,17 @@ fn decode_opportunities(
 
 /// `POST /api/opportunities`: validates every opportunity (each transaction parsed
 /// and its signatures verified), then offers them all to the ring. The answer says
-/// how many the ring took; the rest were dropped because it was full (429 when none
-/// fit).
-async fn opportunities(State(st): St, body: Bytes) -> Response {
+/// how many the ring took; the rest were dropped because it was full (429
+/// `overloaded` when none fit).
+async fn opportunities(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
     // The body has arrived: decoding and checks count in the decision latency.
     let received = std::time::Instant::now();
     let Some(dp) = &st.plane else {
         return unavailable();
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return unreadable(&e),
     };
     let decoded = decode_off_runtime(&st.decoding_opportunities, body, move |b| {
         decode_opportunities(b, received)
@@ -227,12 +249,13 @@ async fn opportunities(State(st): St, body: Bytes) -> Response {
     };
     let n = items.len();
     let took = dp.hot.offer_async(items).await;
-    let status = if took == 0 && n > 0 {
-        StatusCode::TOO_MANY_REQUESTS
-    } else {
-        StatusCode::OK
-    };
-    (status, Json(json!({"accepted": took, "dropped": n - took}))).into_response()
+    let mut answer = json!({"accepted": took, "dropped": n - took});
+    if took == 0 && n > 0 {
+        answer["error"] = "overloaded".into();
+        answer["detail"] = "the hot path's ring is full: nothing was taken; retry shortly".into();
+        return (StatusCode::TOO_MANY_REQUESTS, Json(answer)).into_response();
+    }
+    Json(answer).into_response()
 }
 
 /// `GET /api/sender`: routes, leaders, counters.
