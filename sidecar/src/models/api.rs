@@ -24,6 +24,8 @@ const MAX_SCORE_BODY: usize = 4 << 20;
 pub struct ModelsApi {
     host: Option<Arc<ModelHost>>,
     modules: ModuleTable,
+    /// Scoring calls running at once (one per core).
+    scoring: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why a batch could not be scored.
@@ -92,7 +94,12 @@ impl ModelsApi {
     /// The API over `host` (none: every call answers `unavailable`), gating
     /// evaluations with `modules`.
     pub fn new(host: Option<Arc<ModelHost>>, modules: ModuleTable) -> ModelsApi {
-        ModelsApi { host, modules }
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        ModelsApi {
+            host,
+            modules,
+            scoring: Arc::new(tokio::sync::Semaphore::new(cores)),
+        }
     }
 
     /// The routes.
@@ -111,50 +118,64 @@ impl ModelsApi {
 
     /// Parses a `{"rows": …}` body and scores it with the model serving `module`:
     /// the model (held for the call), its outputs (`n_outputs` per row) and
-    /// whether they are margins.
+    /// whether they are margins. Parsing and scoring run off the runtime's
+    /// workers, one call per core at a time: a flood of large bodies waits its
+    /// turn rather than filling the blocking pool (which the ledger's shipping
+    /// also uses).
     async fn score(
         &self,
         module: &str,
-        body: &[u8],
+        body: Bytes,
     ) -> Result<(Arc<Model>, Vec<f32>, bool), ScoreError> {
-        let host = self.host()?;
+        let host = self.host()?.clone();
         if host.slot(module).is_none() {
             return Err(ScoreError::UnknownSlot(module.escape_debug().to_string()));
         }
-        let req: PredictBody =
-            serde_json::from_slice(body).map_err(|e| ScoreError::Body(e.to_string()))?;
-        let model = host
-            .current(module)
-            .ok_or_else(|| ScoreError::NotServing(module.to_owned()))?;
-        let n = model.n_features as usize;
-        if req.rows.len() > MAX_ROWS {
-            return Err(ScoreError::TooManyRows(req.rows.len()));
-        }
-        if let Some((i, row)) = req.rows.iter().enumerate().find(|(_, r)| r.len() != n) {
-            return Err(ScoreError::Width {
-                row: i,
-                got: row.len(),
-                want: n,
-            });
-        }
-        // Sized only now: every row was checked to be what the body holds.
-        let mut flat = Vec::with_capacity(req.rows.len() * n);
-        for row in &req.rows {
-            flat.extend(row.iter().map(|v| v.unwrap_or(f32::NAN)));
-        }
-        let m = model.clone();
-        let margin = req.margin;
-        let out = tokio::task::spawn_blocking(move || {
-            if margin {
-                m.predict_margin(&flat)
-            } else {
-                m.predict(&flat)
-            }
-        })
-        .await
-        .map_err(|e| ScoreError::Task(e.to_string()))??;
-        Ok((model, out, margin))
+        let _turn = self
+            .scoring
+            .acquire()
+            .await
+            .map_err(|e| ScoreError::Task(e.to_string()))?;
+        let module = module.to_owned();
+        tokio::task::spawn_blocking(move || score_now(&host, &module, &body))
+            .await
+            .map_err(|e| ScoreError::Task(e.to_string()))?
     }
+}
+
+/// [`ModelsApi::score`], on the calling thread.
+fn score_now(
+    host: &ModelHost,
+    module: &str,
+    body: &[u8],
+) -> Result<(Arc<Model>, Vec<f32>, bool), ScoreError> {
+    let req: PredictBody =
+        serde_json::from_slice(body).map_err(|e| ScoreError::Body(e.to_string()))?;
+    let model = host
+        .current(module)
+        .ok_or_else(|| ScoreError::NotServing(module.to_owned()))?;
+    let n = model.n_features as usize;
+    if req.rows.len() > MAX_ROWS {
+        return Err(ScoreError::TooManyRows(req.rows.len()));
+    }
+    if let Some((i, row)) = req.rows.iter().enumerate().find(|(_, r)| r.len() != n) {
+        return Err(ScoreError::Width {
+            row: i,
+            got: row.len(),
+            want: n,
+        });
+    }
+    // Sized only now: every row was checked to be what the body holds.
+    let mut flat = Vec::with_capacity(req.rows.len() * n);
+    for row in &req.rows {
+        flat.extend(row.iter().map(|v| v.unwrap_or(f32::NAN)));
+    }
+    let out = if req.margin {
+        model.predict_margin(&flat)
+    } else {
+        model.predict(&flat)
+    }?;
+    Ok((model, out, req.margin))
 }
 
 type Api = State<Arc<ModelsApi>>;
@@ -176,7 +197,7 @@ async fn predict(
     Path(module): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let (model, out, margin) = api.score(&module, &body).await?;
+    let (model, out, margin) = api.score(&module, body).await?;
     let outputs: Vec<&[f32]> = out.chunks(model.n_outputs as usize).collect();
     Ok(Json(json!({
         "module": module, "model": model.name, "version": model.version,
@@ -200,7 +221,7 @@ async fn evaluate(
             format!("unknown module `{}`", module.escape_debug()),
         )
     })?;
-    let (model, out, margin) = api.score(m.as_str(), &body).await?;
+    let (model, out, margin) = api.score(m.as_str(), body).await?;
     if margin {
         return Err(ApiError::with(
             Code::BadArgs,
