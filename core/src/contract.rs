@@ -176,8 +176,8 @@ pub struct EdgeReport {
     #[serde(default)]
     pub token_issuer: String,
     /// The body's length when `raw_hex` holds only its first
-    /// [`MAX_REPORT_RAW_BYTES`] (absent otherwise: a sidecar before 2026-12-06
-    /// refuses only such reports, which that filter dropped).
+    /// [`MAX_REPORT_RAW_BYTES`] (absent otherwise). A sidecar before 2026-12-06
+    /// refuses a batch holding it (unknown field): upgrade sidecars first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_len: Option<u64>,
 }

@@ -302,7 +302,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         auditor: auditor.clone(),
         metrics: control_metrics.clone(),
         budget: Default::default(),
-        edge_reports: Arc::new(crate::serve::RefusalBudget::edge_reports()),
+        edge_reports: Arc::default(),
     };
     let (control, t) = Control::start(
         ControlConfig {

@@ -268,7 +268,44 @@ pub struct Gatekeeper {
     pub budget: Arc<RefusalBudget>,
     /// Rows for the refusals the edge reports (taken by the control routes;
     /// here for the flusher).
-    pub edge_reports: Arc<RefusalBudget>,
+    pub edge_reports: Arc<EdgeBudgets>,
+}
+
+/// The ledger's budgets for the refusals the edge reports: one for requests
+/// refused before a token verified (anyone who reaches Envoy causes them, of
+/// several codes), one for refusals of token holders (a signed command refused,
+/// a role missing) — so that no flood without a token, of any codes, takes the
+/// rows of a token holder's refusals.
+pub struct EdgeBudgets {
+    /// Reports naming no requester.
+    pub anonymous: RefusalBudget,
+    /// Reports naming the requester whose token the edge verified.
+    pub identified: RefusalBudget,
+}
+
+impl Default for EdgeBudgets {
+    fn default() -> Self {
+        EdgeBudgets {
+            anonymous: RefusalBudget::edge_reports(),
+            identified: RefusalBudget::edge_reports(),
+        }
+    }
+}
+
+impl EdgeBudgets {
+    /// The budget a report naming `requester` takes from.
+    pub fn of(&self, requester: &gw_core::contract::Requester) -> &RefusalBudget {
+        if *requester == gw_core::contract::Requester::default() {
+            &self.anonymous
+        } else {
+            &self.identified
+        }
+    }
+
+    /// Both.
+    fn all(&self) -> [&RefusalBudget; 2] {
+        [&self.anonymous, &self.identified]
+    }
 }
 
 /// Body bytes kept in the row of a refused caller: enough to tell what it sent,
@@ -282,8 +319,8 @@ pub const REFUSAL_ROWS_PER_SEC: f64 = 20.0;
 /// And at once.
 pub const REFUSAL_ROWS_BURST: f64 = 200.0;
 
-/// Rows a second, on average, for the refusals the edge reports, of all codes
-/// ([`RefusalBudget::edge_reports`]).
+/// Rows a second, on average, for the refusals the edge reports, of all codes,
+/// for each of [`EdgeBudgets`].
 pub const EDGE_REPORT_ROWS_PER_SEC: f64 = 50.0;
 
 /// And at once.
@@ -371,8 +408,8 @@ impl RefusalBudget {
         }
     }
 
-    /// The budget for the refusals the edge reports.
-    pub fn edge_reports() -> RefusalBudget {
+    /// A budget for the refusals the edge reports ([`EdgeBudgets`]).
+    fn edge_reports() -> RefusalBudget {
         RefusalBudget::new(
             Stage::Edge,
             (EDGE_REPORT_ROWS_PER_SEC, EDGE_REPORT_ROWS_BURST),
@@ -504,7 +541,7 @@ pub async fn flush_unrecorded(g: Gatekeeper) {
     let mut last_err = String::new();
     loop {
         tick.tick().await;
-        for budget in [&g.budget, &g.edge_reports] {
+        for budget in std::iter::once(&*g.budget).chain(g.edge_reports.all()) {
             for (code, n) in budget.take_owed() {
                 match write_sum(&g, budget, code, n).await {
                     Ok(()) => last_err.clear(),
@@ -522,7 +559,7 @@ pub async fn flush_unrecorded(g: Gatekeeper) {
 
 /// Writes every sum still owed, whatever the budget: at a stop.
 pub async fn flush_all_unrecorded(g: &Gatekeeper) {
-    for budget in [&g.budget, &g.edge_reports] {
+    for budget in std::iter::once(&*g.budget).chain(g.edge_reports.all()) {
         for (code, n) in budget.take_all_owed() {
             if let Err(e) = write_sum(g, budget, code, n).await {
                 tracing::warn!(error = %e, refusals = n, "the sum of unrecorded refusals was not written at the stop");

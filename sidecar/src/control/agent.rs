@@ -848,7 +848,7 @@ impl Agent {
             },
         );
         cp.writer = chain;
-        cp.generation = super::kafka_state::next_generation(cp.generation);
+        cp.generation = cp.generation.saturating_add(1);
         if let Origin::Node { node, forward } = &d.origin {
             cp.forwards
                 .entry(node.clone())
@@ -1048,6 +1048,10 @@ impl Agent {
             }
             if let Some(k) = self.kafka.as_mut() {
                 k.checkpoint.state = self.core.state().clone();
+                // A numbering begun afresh starts at the clock: above what any
+                // node wrote before (another node's journal may know more).
+                k.checkpoint.generation =
+                    super::kafka_state::next_generation(k.checkpoint.generation);
             }
             self.env.modules.set(module, self.core.state().clone());
             return;

@@ -85,7 +85,8 @@ pub struct Checkpoint {
     /// offset, is refused even once its nonce is forgotten.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub forwards: BTreeMap<String, BTreeMap<i32, ForwardWindow>>,
-    /// Above the checkpoint it was made from, and at least its writer's clock in
+    /// One more than the checkpoint it was made from; a numbering begun afresh
+    /// (no checkpoint in the topic, a recovery) starts at its writer's clock in
     /// µs ([`next_generation`]; 0: written before 2026-12-06). A load takes the
     /// newest checkpoint only when no signed one before it, and nothing its
     /// node's journal knows was written, has a higher generation: a genuine
@@ -95,10 +96,12 @@ pub struct Checkpoint {
     pub generation: u64,
 }
 
-/// The generation of a checkpoint made from one of generation `prev`: above it,
-/// and at least this node's clock in µs — so that a numbering started afresh (the
-/// state topic emptied, a new cluster, a recovery) is above every checkpoint any
-/// node wrote before, unless that node's clock was ahead of this one's.
+/// The generation of a checkpoint that begins a numbering afresh (the state topic
+/// holds none, or a recovery) after `prev`: above it, and at least this node's
+/// clock in µs — above every checkpoint any node wrote before, unless that node's
+/// clock was ahead of this one's. A checkpoint made from another is one more
+/// than it: a node cut off from its group that writes from an older state
+/// writes a lower number than the new owner's, whatever the clocks.
 pub fn next_generation(prev: u64) -> u64 {
     prev.saturating_add(1).max(crate::now_nanos() / 1_000)
 }

@@ -64,8 +64,8 @@ pub struct ControlConfig {
     pub dedup_secs: u64,
     /// Counters.
     pub metrics: ControlMetrics,
-    /// The ledger's budget for the refusals the edge reports.
-    pub edge_reports: Arc<crate::serve::RefusalBudget>,
+    /// The ledger's budgets for the refusals the edge reports.
+    pub edge_reports: Arc<crate::serve::EdgeBudgets>,
 }
 
 /// Follows a module's checkpoints written by other nodes (Kafka bus): their state
@@ -161,7 +161,7 @@ pub struct Control {
     max_body: usize,
     modules: ModuleTable,
     metrics: ControlMetrics,
-    edge_reports: Arc<crate::serve::RefusalBudget>,
+    edge_reports: Arc<crate::serve::EdgeBudgets>,
 }
 
 impl Control {
@@ -994,9 +994,9 @@ async fn get_modules(State(c): State<Arc<Control>>) -> Json<Modules> {
 /// `POST /internal/edge-decisions`: the filter's batch of edge rejections, each
 /// sealed into the ledger as a `stage = edge` row. The whole batch is checked before
 /// any row is written. Anyone who reaches Envoy causes these (a request with no
-/// token is one), so they are within the ledger's budget for them
-/// ([`crate::serve::RefusalBudget::edge_reports`], per code): beyond it a report
-/// is counted and summed in a row before the next recorded one of its code.
+/// token is one), so they are within the ledger's budgets for them
+/// ([`crate::serve::EdgeBudgets`]: of all codes and of each, apart for reports
+/// naming a requester): beyond them a report is counted and summed in a row.
 async fn edge_decisions(
     State(c): State<Arc<Control>>,
     body: Bytes,
@@ -1007,12 +1007,13 @@ async fn edge_decisions(
     let mut taken = Vec::new();
     let mut unrecorded = 0usize;
     for r in &reports {
-        let Some(owed) = c.edge_reports.take(r.code) else {
+        let budget = c.edge_reports.of(&r.requester);
+        let Some(owed) = budget.take(r.code) else {
             c.metrics.unrecorded(r.code.as_str());
             unrecorded += 1;
             continue;
         };
-        taken.push((r.code, owed));
+        taken.push((budget, r.code, owed));
         if owed > 0 {
             rows.extend(c.auditor.unrecorded_row(Stage::Edge, r.code, owed));
         }
@@ -1036,8 +1037,9 @@ async fn edge_decisions(
     if let Err(e) = c.record(rows).await {
         // Nothing of the batch was written: every report is owed, to be summed
         // (the filter counts the batch as failed).
-        for (code, owed) in taken {
-            c.edge_reports.untake(code, owed);
+        for (budget, code, owed) in taken {
+            budget.untake(code, owed);
+            c.metrics.unrecorded(code.as_str());
         }
         return Err(e.into());
     }

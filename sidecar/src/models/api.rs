@@ -131,15 +131,21 @@ impl ModelsApi {
         if host.slot(module).is_none() {
             return Err(ScoreError::UnknownSlot(module.escape_debug().to_string()));
         }
-        let _turn = self
+        // Held by the blocking task itself: a client that goes away while it
+        // runs does not free its turn early.
+        let turn = self
             .scoring
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|e| ScoreError::Task(e.to_string()))?;
         let module = module.to_owned();
-        tokio::task::spawn_blocking(move || score_now(&host, &module, &body))
-            .await
-            .map_err(|e| ScoreError::Task(e.to_string()))?
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            score_now(&host, &module, &body)
+        })
+        .await
+        .map_err(|e| ScoreError::Task(e.to_string()))?
     }
 }
 
