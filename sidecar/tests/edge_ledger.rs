@@ -224,24 +224,28 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
     }
 }
 
+/// Posts a batch of edge reports to the sidecar as the edge does: the status and
+/// the answer.
+fn post_reports(s: &common::Served, body: &Value) -> (u16, Value) {
+    s.rt.block_on(async {
+        let r = s
+            .http
+            .post(format!("{}/internal/edge-decisions", s.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    })
+}
+
 #[test]
 fn bad_edge_reports_are_refused_whole() {
     let d = testkit::TempDir::new("edge-report-bad");
     let ch = ClickHouse::start(d.path());
     let cfg = common::config_with_clickhouse(&d.path().join("state"), false, &ch);
     let s = common::serve(cfg);
-    let post = |body: Value| -> (u16, Value) {
-        s.rt.block_on(async {
-            let r = s
-                .http
-                .post(format!("{}/internal/edge-decisions", s.base))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-        })
-    };
+    let post = |body: Value| post_reports(&s, &body);
     let ok = json!({"decision": "rejected", "code": "stale", "path": "/api/control/commands", "raw_hex": "", "ts_ms": 1});
     let unknown =
         json!({"decision": "rejected", "code": "whatever", "path": "/", "raw_hex": "", "ts_ms": 1});
@@ -289,17 +293,9 @@ fn edge_reports_beyond_the_ledgers_budget_are_summed_per_code() {
     let cfg = common::config_with_clickhouse(&d.path().join("state"), false, &ch);
     let s = common::serve(cfg);
     let post = |body: Value| -> Value {
-        s.rt.block_on(async {
-            let r = s
-                .http
-                .post(format!("{}/internal/edge-decisions", s.base))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status().as_u16(), 200);
-            r.json().await.unwrap()
-        })
+        let (status, answer) = post_reports(&s, &body);
+        assert_eq!(status, 200, "{answer}");
+        answer
     };
     let report = |code: &str, who: &str| {
         json!({"decision": "rejected", "code": code, "path": "/api/x", "raw_hex": "",

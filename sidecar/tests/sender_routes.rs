@@ -320,6 +320,26 @@ fn a_silent_primary_is_hedged_after_the_delay_and_the_relay_lands_it() {
     });
 }
 
+/// A sender trying `relay` first, the TPU route (to `rx`) after 200 ms or at its
+/// failure.
+fn relay_first(relay: serde_json::Value, rx: &TpuReceiver) -> std::sync::Arc<Sender> {
+    let cfg = sender_config(json!({
+        "tpu": {},
+        "relay": relay,
+        "leaders": {"static": []},
+        "hedge_delay_ms": 200,
+        "primary": "relay",
+        "adaptive": false,
+    }));
+    Sender::new(
+        &cfg,
+        &key(2),
+        Some(leader(rx.addr, Some(rx.identity))),
+        None,
+    )
+    .unwrap()
+}
+
 #[test]
 fn a_failing_primary_is_hedged_at_once_and_both_down_is_a_clear_error() {
     let rt = rt();
@@ -328,21 +348,7 @@ fn a_failing_primary_is_hedged_at_once_and_both_down_is_a_clear_error() {
         let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
         // Relay first; it refuses → TPU at once, well before the 200 ms delay.
         relay.set_mode(Mode::Refuse(-32000, "bundle auction closed".into()));
-        let cfg = sender_config(json!({
-            "tpu": {},
-            "relay": {"url": relay.url},
-            "leaders": {"static": []},
-            "hedge_delay_ms": 200,
-            "primary": "relay",
-            "adaptive": false,
-        }));
-        let sender = Sender::new(
-            &cfg,
-            &key(2),
-            Some(leader(rx.addr, Some(rx.identity))),
-            None,
-        )
-        .unwrap();
+        let sender = relay_first(json!({"url": relay.url}), &rx);
         let (w, sig) = tx(1, 0);
         let out = sender.send(w.clone(), sig, &meta()).await;
         assert_eq!(
@@ -402,21 +408,7 @@ fn a_relay_that_redirects_or_names_nothing_has_not_delivered() {
     let elsewhere = Relay::start(Some("relay-secret"));
     rt.block_on(async {
         let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
-        let cfg = sender_config(json!({
-            "tpu": {},
-            "relay": {"url": relay.url, "auth": "relay-secret"},
-            "leaders": {"static": []},
-            "hedge_delay_ms": 200,
-            "primary": "relay",
-            "adaptive": false,
-        }));
-        let sender = Sender::new(
-            &cfg,
-            &key(2),
-            Some(leader(rx.addr, Some(rx.identity))),
-            None,
-        )
-        .unwrap();
+        let sender = relay_first(json!({"url": relay.url, "auth": "relay-secret"}), &rx);
         let cases = [
             (
                 Mode::Redirect(format!("{}/api/v1/transactions", elsewhere.url)),
