@@ -33,6 +33,28 @@ pub mod serve;
 pub mod telemetry;
 pub mod tls;
 
+/// Runs `f` on the blocking pool once `turns` has a permit, the permit held by
+/// the blocking task itself: a caller that goes away while `f` runs does not
+/// free its turn early. Bounds how much blocking work one kind of request takes
+/// (the pool is shared with the ledger's shipping). `Err`: the task did not
+/// finish.
+pub async fn blocking_turn<T: Send + 'static>(
+    turns: &std::sync::Arc<tokio::sync::Semaphore>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let turn = turns
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        f()
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
 /// Unix time in nanoseconds (0 before 1970, saturating far in the future).
 pub fn now_nanos() -> u64 {
     std::time::SystemTime::now()

@@ -668,7 +668,6 @@ fn fold(
             }
         }
     }
-    let unreadable = |e: String| BusError::Encode(format!("agent checkpoint unreadable: {e}"));
     let module = m.as_str();
     let mut adopted = false;
     // The highest generation known to have been written, and where it is known
@@ -686,74 +685,17 @@ fn fold(
     loaded.checkpoint = match tail {
         None => match signed.map(|c| c.map_err(unreadable)).transpose()? {
             Some(c) if c.generation < top => {
-                let why = format!(
-                    "the newest, generation {} by node `{}`, is older than generation {top} ({known}): a checkpoint written again later, or by a node cut off from its group",
-                    c.generation, c.writer
-                );
-                match (signer.recovery(), best) {
-                    (Some(StateRecovery::NewestSigned), Some(b)) => {
-                        tracing::error!(module, "kafka.state_recovery newest_signed: the agent checkpoint was rolled back ({why}); generation {} is taken and written again (remove the option once started)", b.generation);
-                        loaded.recovered = true;
-                        Some(b)
-                    }
-                    (Some(StateRecovery::AdoptNewest), _) => {
-                        tracing::error!(module, "kafka.state_recovery adopt_newest: taking the newest agent checkpoint although it was rolled back ({why}); it is written again as the newest (remove the option once started)");
-                        loaded.recovered = true;
-                        Some(c)
-                    }
-                    (recovery, _) => {
-                        let what = match recovery {
-                            Some(StateRecovery::NewestSigned) => "newest_signed finds no signed checkpoint of that generation in the topic (compacted away): adopt_newest takes the newest as it is",
-                            _ => "set kafka.state_recovery: newest_signed takes the highest generation's, adopt_newest the newest as it is",
-                        };
-                        return Err(BusError::Untrusted(format!(
-                            "module {module}: the agent checkpoint was rolled back: {why}; {what}"
-                        )));
-                    }
-                }
+                loaded.recovered = true;
+                Some(rolled_back(module, signer.recovery(), c, best, top, known)?)
             }
             c => c,
         },
-        Some((why, body)) => match (signer.recovery(), best, body) {
-            // The newest signed one does not decode (a newer version's): taking
-            // an older one would handle its commands again.
-            (Some(StateRecovery::NewestSigned), _, _) if matches!(signed, Some(Err(_))) => {
-                let e = signed.and_then(Result::err).unwrap_or_default();
-                return Err(unreadable(e));
-            }
-            (Some(StateRecovery::NewestSigned), Some(c), _) => {
-                tracing::error!(module, "kafka.state_recovery newest_signed: the newest agent checkpoint is skipped ({why}); the signed one of the highest generation, {}, is taken and written again (remove the option once started)", c.generation);
-                loaded.recovered = true;
-                Some(c)
-            }
-            (Some(StateRecovery::AdoptNewest), _, Some(b)) => {
-                tracing::error!(module, "kafka.state_recovery adopt_newest: taking the newest agent checkpoint although no listed node signed it ({why}); it is written again signed (remove the option once started)");
-                loaded.recovered = true;
-                adopted = true;
-                let mut c: Checkpoint =
-                    serde_json::from_slice(&b).map_err(|e| unreadable(e.to_string()))?;
-                // Its state, offsets and nonces are taken; its record of the
-                // deliveries each node decided is not: a node would write an audit
-                // row of it, and the other nodes answer waiting requests from it.
-                c.last.clear();
-                // Nor its record of each node's forwards: an unsigned one could
-                // close a node's numbering for good (a start far in the future).
-                c.forwards.clear();
-                Some(c)
-            }
-            (recovery, _, _) => {
-                let what = match recovery {
-                    Some(StateRecovery::NewestSigned) if signed.is_some() => "newest_signed finds no signed checkpoint before it as new as this node's journal knows was written: adopt_newest takes the newest as it is",
-                    Some(StateRecovery::NewestSigned) => "newest_signed finds no signed checkpoint before it",
-                    Some(StateRecovery::AdoptNewest) => "adopt_newest finds no checkpoint in it to adopt",
-                    None if signed.is_some() => "an older one is signed, but the newer may be genuine: set kafka.state_recovery",
-                    None => "none before it is signed: set kafka.state_recovery",
-                };
-                return Err(BusError::Untrusted(format!(
-                    "module {module}: the newest agent checkpoint is not signed by a node of kafka.state_keys ({why}); {what}"
-                )));
-            }
-        },
+        Some((why, body)) => {
+            let (c, adopt) = unsigned_newest(module, signer.recovery(), &why, body, signed, best)?;
+            loaded.recovered = true;
+            adopted = adopt;
+            Some(c)
+        }
     };
     if loaded.recovered {
         // Numbered as the highest known (not as an unsigned record says): written
@@ -818,6 +760,99 @@ fn fold(
         }
     }
     Ok(loaded)
+}
+
+/// A checkpoint that does not decode.
+fn unreadable(e: String) -> BusError {
+    BusError::Encode(format!("agent checkpoint unreadable: {e}"))
+}
+
+/// A newest signed checkpoint `c` below generation `top` (`known`: where that is
+/// known from) is a rollback. What `recovery` takes instead: `best`, the signed
+/// checkpoint of the highest generation (`newest_signed`), or `c` as it is
+/// (`adopt_newest`); without one, the load fails.
+fn rolled_back(
+    module: &str,
+    recovery: Option<StateRecovery>,
+    c: Checkpoint,
+    best: Option<Checkpoint>,
+    top: u64,
+    known: &str,
+) -> Result<Checkpoint, BusError> {
+    let why = format!(
+        "the newest, generation {} by node `{}`, is older than generation {top} ({known}): a checkpoint written again later, or by a node cut off from its group",
+        c.generation, c.writer
+    );
+    match (recovery, best) {
+        (Some(StateRecovery::NewestSigned), Some(b)) => {
+            tracing::error!(module, "kafka.state_recovery newest_signed: the agent checkpoint was rolled back ({why}); generation {} is taken and written again (remove the option once started)", b.generation);
+            Ok(b)
+        }
+        (Some(StateRecovery::AdoptNewest), _) => {
+            tracing::error!(module, "kafka.state_recovery adopt_newest: taking the newest agent checkpoint although it was rolled back ({why}); it is written again as the newest (remove the option once started)");
+            Ok(c)
+        }
+        (recovery, _) => {
+            let what = match recovery {
+                Some(StateRecovery::NewestSigned) => "newest_signed finds no signed checkpoint of that generation in the topic (compacted away): adopt_newest takes the newest as it is",
+                _ => "set kafka.state_recovery: newest_signed takes the highest generation's, adopt_newest the newest as it is",
+            };
+            Err(BusError::Untrusted(format!(
+                "module {module}: the agent checkpoint was rolled back: {why}; {what}"
+            )))
+        }
+    }
+}
+
+/// The newest checkpoint record is not signed by a listed node (`why`; `body`:
+/// what it holds, if anything). What `recovery` takes instead, and whether it
+/// is adopted as it is: `best`, the signed checkpoint of the highest generation
+/// (`newest_signed`; never when the newest signed one, `signed`, does not
+/// decode), or the record itself (`adopt_newest`); without one, the load fails.
+fn unsigned_newest(
+    module: &str,
+    recovery: Option<StateRecovery>,
+    why: &str,
+    body: Option<Vec<u8>>,
+    signed: Option<Result<Checkpoint, String>>,
+    best: Option<Checkpoint>,
+) -> Result<(Checkpoint, bool), BusError> {
+    match (recovery, best, body) {
+        // The newest signed one does not decode (a newer version's): taking an
+        // older one would handle its commands again.
+        (Some(StateRecovery::NewestSigned), _, _) if matches!(signed, Some(Err(_))) => {
+            Err(unreadable(signed.and_then(Result::err).unwrap_or_default()))
+        }
+        (Some(StateRecovery::NewestSigned), Some(c), _) => {
+            tracing::error!(module, "kafka.state_recovery newest_signed: the newest agent checkpoint is skipped ({why}); the signed one of the highest generation, {}, is taken and written again (remove the option once started)", c.generation);
+            Ok((c, false))
+        }
+        (Some(StateRecovery::AdoptNewest), _, Some(b)) => {
+            tracing::error!(module, "kafka.state_recovery adopt_newest: taking the newest agent checkpoint although no listed node signed it ({why}); it is written again signed (remove the option once started)");
+            let mut c: Checkpoint =
+                serde_json::from_slice(&b).map_err(|e| unreadable(e.to_string()))?;
+            // Its state, offsets and nonces are taken; its record of the
+            // deliveries each node decided is not: a node would write an audit
+            // row of it, and the other nodes answer waiting requests from it.
+            c.last.clear();
+            // Nor its record of each node's forwards: an unsigned one could close
+            // a node's numbering for good (a start far in the future).
+            c.forwards.clear();
+            Ok((c, true))
+        }
+        (recovery, _, _) => {
+            let what = match recovery {
+                Some(StateRecovery::NewestSigned) if signed.is_some() => "newest_signed finds no signed checkpoint before it as new as this node's journal knows was written: adopt_newest takes the newest as it is",
+                Some(StateRecovery::NewestSigned) => "newest_signed finds no signed checkpoint before it",
+                Some(StateRecovery::AdoptNewest) => "adopt_newest finds no checkpoint in it to adopt",
+                None if signed.is_some() => "an older one is signed, but the newer may be genuine: set kafka.state_recovery",
+                None => "none before it is signed: set kafka.state_recovery",
+            };
+            Err(BusError::Untrusted(format!(
+                "module {module}: the newest agent checkpoint is not signed by a node of kafka.state_keys ({why}); {what}"
+            )))
+        }
+    }
 }
 
 #[cfg(test)]

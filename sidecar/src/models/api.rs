@@ -131,21 +131,10 @@ impl ModelsApi {
         if host.slot(module).is_none() {
             return Err(ScoreError::UnknownSlot(module.escape_debug().to_string()));
         }
-        // Held by the blocking task itself: a client that goes away while it
-        // runs does not free its turn early.
-        let turn = self
-            .scoring
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| ScoreError::Task(e.to_string()))?;
         let module = module.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let _turn = turn;
-            score_now(&host, &module, &body)
-        })
-        .await
-        .map_err(|e| ScoreError::Task(e.to_string()))?
+        crate::blocking_turn(&self.scoring, move || score_now(&host, &module, &body))
+            .await
+            .map_err(ScoreError::Task)?
     }
 }
 

@@ -27,8 +27,8 @@ pub struct SenderApi {
     /// Large bodies decoded at once, per route (one per core each): more wait
     /// their turn rather than fill the blocking pool the ledger's shipping also
     /// uses, and JSON-RPC batches never queue the hot path's opportunities.
-    decoding_rpc: tokio::sync::Semaphore,
-    decoding_opportunities: tokio::sync::Semaphore,
+    decoding_rpc: Arc<tokio::sync::Semaphore>,
+    decoding_opportunities: Arc<tokio::sync::Semaphore>,
 }
 
 impl SenderApi {
@@ -38,8 +38,8 @@ impl SenderApi {
         SenderApi {
             plane,
             modules,
-            decoding_rpc: tokio::sync::Semaphore::new(cores),
-            decoding_opportunities: tokio::sync::Semaphore::new(cores),
+            decoding_rpc: Arc::new(tokio::sync::Semaphore::new(cores)),
+            decoding_opportunities: Arc::new(tokio::sync::Semaphore::new(cores)),
         }
     }
 
@@ -178,20 +178,17 @@ fn opportunity(
 
 /// `decode(body)`: at once for a small body; a large one (hundreds of
 /// transactions, each signature verified) on the blocking pool, one of `turns`
-/// at a time, not on a runtime worker every other route shares. `Err`: the
-/// answer when the decoding could not run.
+/// at a time ([`crate::blocking_turn`]), not on a runtime worker every other
+/// route shares. `Err`: the answer when the decoding could not run.
 async fn decode_off_runtime<T: Send + 'static>(
-    turns: &tokio::sync::Semaphore,
+    turns: &Arc<tokio::sync::Semaphore>,
     body: Bytes,
     decode: impl FnOnce(&[u8]) -> T + Send + 'static,
 ) -> Result<T, Response> {
     if body.len() <= INLINE_BODY_BYTES {
         return Ok(decode(&body));
     }
-    let Ok(_turn) = turns.acquire().await else {
-        return Err(unavailable());
-    };
-    tokio::task::spawn_blocking(move || decode(&body))
+    crate::blocking_turn(turns, move || decode(&body))
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "decoding a request body failed");
