@@ -40,7 +40,7 @@ chmod 644 "$run/envoy.yaml"
 )
 # The development TPU has a fixed address on the compose network (docker-compose.yml):
 # a leader's TPU address is an IP address, as Solana's leader schedule gives it.
-python3 scripts/sidecar-config.py --keys "$run/keys" --tpu 172.30.0.9:8009 \
+python3 scripts/sidecar-config.py --keys "$run/keys" --filter-config "$run/filter.json" --tpu 172.30.0.9:8009 \
   --relay http://relay:8010 --ingest 0.0.0.0:8011 -o "$run/sidecar.json"
 chmod 644 "$run/sidecar.json"
 # An admin token for the filter's JWT rules (same claims as `gwctl jwt`).

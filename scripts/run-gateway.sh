@@ -92,7 +92,7 @@ GW_TPU_SINK_IDENTITY_HEX="$(cat "$run/keys/tpu-sink.sk.hex")" \
 "$bin/gw-dev-relay" 127.0.0.1:8010 > "$run/relay.log" 2>&1 & pids+=($!)
 for _ in $(seq 1 300); do grep -q identity "$run/tpu-sink.log" 2>/dev/null && break; sleep 0.1; done
 grep -q identity "$run/tpu-sink.log" || die "gw-tpu-sink did not start; see $run/tpu-sink.log"
-"$GW_VENV/bin/python" scripts/sidecar-config.py --keys "$run/keys" --tpu 127.0.0.1:8009 \
+"$GW_VENV/bin/python" scripts/sidecar-config.py --keys "$run/keys" --filter-config "$run/filter.json" --tpu 127.0.0.1:8009 \
   --relay http://127.0.0.1:8010 --ingest 127.0.0.1:8011 -o "$run/sidecar.json"
 GW_TPU_IDENTITY_HEX="$(cat "$run/keys/tpu-identity.sk.hex")" \
 GW_MODELS_DIR="$run/models" GW_KAFKA_BROKERS="$brokers" GW_CLICKHOUSE_URL=http://127.0.0.1:8123 \

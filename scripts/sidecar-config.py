@@ -2,11 +2,13 @@
 """Writes the sidecar configuration of a development gateway: sidecar/config.example.json
 with the transaction sender on — one TPU leader (the development TPU, pinned by its
 identity), a relay, route policy tpu_first, and the QUIC ingest allowing the dev
-searcher's key. The local run (scripts/run-gateway.sh) and compose
+searcher's key; the API routes' roles and the control role copied from the filter's
+configuration, so that the edge and the sidecar check the same table. The local run (scripts/run-gateway.sh) and compose
 (scripts/compose-init.sh) both write theirs with it, so they differ only in
 addresses. Standard library only.
 
-  sidecar-config.py --keys DIR --tpu IP:PORT --relay URL --ingest IP:PORT -o FILE
+  sidecar-config.py --keys DIR --filter-config FILE --tpu IP:PORT --relay URL \
+      --ingest IP:PORT -o FILE
 
 DIR holds tpu-sink.pk.hex and searcher.pk.hex (scripts/dev-keys.sh).
 """
@@ -36,6 +38,7 @@ def public_key(keys, name):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--keys", required=True)
+    ap.add_argument("--filter-config", required=True, help="the filter's configuration (JSON)")
     ap.add_argument("--tpu", required=True, help="the leader's TPU QUIC address (IP:PORT)")
     ap.add_argument("--relay", required=True, help="the relay's URL")
     ap.add_argument("--ingest", required=True, help="where the QUIC ingest listens (IP:PORT)")
@@ -43,6 +46,9 @@ def main():
     a = ap.parse_args()
     cfg = json.load(open(os.path.join(ROOT, "sidecar/config.example.json")))
     cfg["checkpoint_every_secs"] = 5
+    edge = json.load(open(a.filter_config))
+    cfg["routes"] = edge["routes"]
+    cfg["command_role"] = edge.get("command_role", "admin")
     cfg["sender"] = {
         "tpu": {},
         "relay": {"url": a.relay},

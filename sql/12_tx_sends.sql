@@ -21,7 +21,11 @@ CREATE TABLE IF NOT EXISTS tx_sends
     scored_by    LowCardinality(String),
     tpu_error    String,
     relay_error  String,
-    bytes        UInt32
+    bytes        UInt32,
+    -- who asked for it: the sub of the token the edge verified (JSON-RPC,
+    -- opportunities over HTTP), or the QUIC ingest client's base58 identity
+    requester    String,
+    token_issuer String
 )
 ENGINE = MergeTree
 ORDER BY (ts_us, signature)
@@ -30,5 +34,8 @@ SETTINGS non_replicated_deduplication_window = 1000, fsync_after_insert = 1, fsy
 
 -- Tables made before 2026-12-05.
 ALTER TABLE tx_sends ADD COLUMN IF NOT EXISTS scored_by LowCardinality(String) AFTER score;
+-- Tables made before 2026-12-06.
+ALTER TABLE tx_sends ADD COLUMN IF NOT EXISTS requester String AFTER bytes;
+ALTER TABLE tx_sends ADD COLUMN IF NOT EXISTS token_issuer String AFTER requester;
 -- Acknowledged only once on disk: the journal lets rows go once acknowledged.
 ALTER TABLE tx_sends MODIFY SETTING fsync_after_insert = 1, fsync_part_directory = 1;

@@ -174,6 +174,7 @@ fn main() {
                                 signature,
                             }],
                             received: t0,
+                            requester: Default::default(),
                         };
                         // Blocks this (block_on) thread until the ingest thread
                         // answered; the runtime's workers and the hot path's

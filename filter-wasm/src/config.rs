@@ -5,6 +5,7 @@ use gw_core::jwk::{JwkJson, JwkSet};
 use gw_core::jwt::JwtPolicy;
 use gw_core::keyring::{KeyRing, KeyRingConfig};
 use gw_core::replay::{Limits, DEFAULT_MAX_ISSUERS, DEFAULT_MAX_PER_ISSUER};
+use gw_core::roles::RouteTable;
 use gw_core::ControlPolicy;
 use serde::Deserialize;
 
@@ -37,20 +38,7 @@ fn default_cache() -> usize {
     1024
 }
 
-/// An access rule: requests whose path starts with `prefix` need `role` (with the
-/// role ladder), or nothing when `public`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct RouteRule {
-    /// Path prefix.
-    pub prefix: String,
-    /// Role needed.
-    #[serde(default)]
-    pub role: Option<String>,
-    /// No authentication at all (dashboard assets).
-    #[serde(default)]
-    pub public: bool,
-}
+pub use gw_core::roles::RouteRule;
 
 /// The `headers` section: the names of the headers the filter stamps. They are the
 /// contract's ([`gw_core::contract::headers`]), which the sidecar reads; the section
@@ -259,7 +247,7 @@ pub struct Settings {
     /// JWT cache size.
     pub jwt_cache_entries: usize,
     /// Rules, longest prefix first.
-    pub routes: Vec<RouteRule>,
+    pub routes: RouteTable,
     /// Signed-command endpoint.
     pub command_path: String,
     /// Module route prefix.
@@ -314,44 +302,7 @@ impl Settings {
             max_issuers: c.replay_max_issuers,
         };
         replay_limits.validate().map_err(invalid)?;
-        if c.routes.is_empty() {
-            return Err(invalid("routes is empty: every request would be refused"));
-        }
-        for r in &c.routes {
-            if !r.prefix.starts_with('/') {
-                return Err(invalid(format!(
-                    "route prefix `{}` must start with '/'",
-                    r.prefix
-                )));
-            }
-            match (&r.role, r.public) {
-                (Some(_), true) => {
-                    return Err(invalid(format!(
-                        "route `{}`: role and public exclude each other",
-                        r.prefix
-                    )))
-                }
-                (None, false) => {
-                    return Err(invalid(format!(
-                        "route `{}`: give a role or public: true",
-                        r.prefix
-                    )))
-                }
-                (Some(role), false) if role.is_empty() => {
-                    return Err(invalid(format!("route `{}`: empty role", r.prefix)))
-                }
-                _ => {}
-            }
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        for r in &c.routes {
-            if !seen.insert(&r.prefix) {
-                return Err(invalid(format!(
-                    "route prefix `{}` appears twice",
-                    r.prefix
-                )));
-            }
-        }
+        let routes = RouteTable::new(c.routes).map_err(invalid)?;
         c.headers.check()?;
         if !c.command_path.starts_with('/') || !c.module_route_prefix.starts_with('/') {
             return Err(invalid(
@@ -361,8 +312,6 @@ impl Settings {
         if let Some(r) = &c.report {
             r.validate().map_err(invalid)?;
         }
-        let mut routes = c.routes;
-        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Ok(Settings {
             control: ControlPolicy {
                 keyring,
@@ -385,6 +334,6 @@ impl Settings {
 
     /// The rule for `path` (longest prefix), if any.
     pub fn rule_for(&self, path: &str) -> Option<&RouteRule> {
-        self.routes.iter().find(|r| path.starts_with(&r.prefix))
+        self.routes.rule_for(path)
     }
 }

@@ -93,6 +93,10 @@ impl Running {
             )
             .layer(axum::middleware::from_fn_with_state(
                 self.gatekeeper.clone(),
+                crate::serve::api_roles,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                self.gatekeeper.clone(),
                 crate::serve::edge_only,
             ));
         crate::ops::health().merge(api)
@@ -303,6 +307,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         metrics: control_metrics.clone(),
         budget: Default::default(),
         edge_reports: Arc::default(),
+        routes: Arc::new(
+            gw_core::roles::RouteTable::new(cfg.file.routes.clone())
+                .map_err(|e| anyhow::anyhow!("routes: {e}"))?,
+        ),
+        holders: Default::default(),
     };
     let (control, t) = Control::start(
         ControlConfig {

@@ -64,6 +64,15 @@ pub struct FileConfig {
     /// checks the role too.
     #[serde(default = "default_command_role")]
     pub command_role: String,
+    /// The roles the other API routes need of the token the edge verified: the
+    /// filter's `routes`, in the same shape (longest prefix wins). The edge checks
+    /// them first; the sidecar checks them again, so that a route table loosened
+    /// at the edge, or a request the edge forwarded with no token, reaches no
+    /// data plane, model or ledger query. The control routes keep their own
+    /// checks (`command_role`, signatures). Default: the shipped table —
+    /// `/api/ledger/` and `/api/realtime` for `viewer`, `/api/` for `operator`.
+    #[serde(default = "gw_core::roles::default_routes")]
+    pub routes: Vec<gw_core::roles::RouteRule>,
     /// The scheduling slice each of the sidecar's threads asks Linux for, in µs
     /// (100..=100000; 0 asks nothing). Unset: 100 on a node without a `sender`,
     /// nothing with one. Short slices run a woken thread sooner (a command hands
@@ -662,6 +671,9 @@ impl Config {
         if file.command_role.trim().is_empty() || file.command_role.contains(',') {
             return Err(OutOfBounds::new("command_role", "must be one role name").into());
         }
+        if let Err(e) = gw_core::roles::RouteTable::new(file.routes.clone()) {
+            return Err(OutOfBounds::new("routes", e).into());
+        }
         if file
             .sched_slice_us
             .is_some_and(|us| us != 0 && !crate::sched::RANGE_US.contains(&us))
@@ -963,6 +975,8 @@ mod tests {
             (r#"{"node_id": "a b"}"#, "node_id"),
             (r#"{"command_role": ""}"#, "command_role"),
             (r#"{"command_role": "admin,viewer"}"#, "command_role"),
+            (r#"{"routes": []}"#, "routes"),
+            (r#"{"routes": [{"prefix": "/api/"}]}"#, "routes"),
             (r#"{"sched_slice_us": 50}"#, "sched_slice_us"),
             (r#"{"sched_slice_us": 100001}"#, "sched_slice_us"),
         ] {

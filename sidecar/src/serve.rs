@@ -269,6 +269,20 @@ pub struct Gatekeeper {
     /// Rows for the refusals the edge reports (taken by the control routes;
     /// here for the flusher).
     pub edge_reports: Arc<EdgeBudgets>,
+    /// The roles the API routes need ([`api_roles`]).
+    pub routes: Arc<gw_core::roles::RouteTable>,
+    /// Rows for token holders refused by [`api_roles`] (a flood of requests the
+    /// edge forwarded with no token takes [`Self::budget`] instead).
+    pub holders: Arc<RefusalBudget>,
+}
+
+impl Gatekeeper {
+    /// Every budget whose sums the flusher writes.
+    fn budgets(&self) -> impl Iterator<Item = &RefusalBudget> {
+        [&*self.budget, &*self.holders]
+            .into_iter()
+            .chain(self.edge_reports.all())
+    }
 }
 
 /// The ledger's budgets for the refusals the edge reports: one for requests
@@ -532,6 +546,69 @@ pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) ->
     refuse(&g, code, detail, req).await
 }
 
+/// Checks the role an API route needs ([`Gatekeeper::routes`], the filter's
+/// `routes` again) in the identity the edge stamped, after [`edge_only`]: a
+/// request with no verified token is 401 `jwt_missing`, one whose roles fall
+/// short 403 `forbidden_role`, each with its ledger row (within the budgets).
+/// The control routes are left to their own checks (`command_role`, the
+/// command's signature); paths outside `/api/` are the console's public assets or
+/// answered 404.
+pub async fn api_roles(State(g): State<Gatekeeper>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let control = path == gw_core::contract::COMMAND_PATH
+        || path.starts_with(gw_core::contract::MODULE_ROUTE_PREFIX);
+    if control || !path.starts_with("/api/") {
+        return next.run(req).await;
+    }
+    let need = match g.routes.rule_for(path) {
+        Some(r) if r.public => return next.run(req).await,
+        Some(r) => r.role.clone(),
+        None => None,
+    };
+    let who = gw_core::contract::EdgeIdentity::from_headers(|k| {
+        req.headers().get(k).and_then(|v| v.to_str().ok())
+    });
+    let (code, detail, who) = match (need, who) {
+        (None, who) => (
+            Code::ForbiddenRole,
+            "no access rule covers this path (routes)".to_owned(),
+            who.map(|w| w.requester),
+        ),
+        (Some(_), None) => (
+            Code::JwtMissing,
+            "this route needs a token verified by the edge".to_owned(),
+            None,
+        ),
+        (Some(role), Some(w)) => {
+            let roles: Vec<&str> = w.requester.roles.split(',').map(str::trim).collect();
+            if gw_core::roles::satisfies(&roles, &role) {
+                return next.run(req).await;
+            }
+            (
+                Code::ForbiddenRole,
+                format!("this route needs role `{role}`"),
+                Some(w.requester),
+            )
+        }
+    };
+    let budget = if who.is_some() { &g.holders } else { &g.budget };
+    let Some(owed) = budget.take(code) else {
+        g.metrics.decision(code.as_str());
+        g.metrics.unrecorded(code.as_str());
+        return ApiError::with(code, detail).into_response();
+    };
+    if owed > 0 {
+        if let Err(e) = write_sum(&g, budget, code, owed).await {
+            tracing::warn!(error = %e, "the sum of unrecorded refusals was not written");
+            budget.owe(code, 1);
+            g.metrics.decision(code.as_str());
+            g.metrics.unrecorded(code.as_str());
+            return ApiError::with(code, detail).into_response();
+        }
+    }
+    refuse_as(&g, code, detail, who, req).await
+}
+
 /// Writes the sums of refusals that went beyond the budget ([`RefusalBudget`]) once
 /// it has room, within a second, when no later refusal of their code did: a flood
 /// that stops is summed all the same. Runs for as long as the sidecar does.
@@ -541,7 +618,7 @@ pub async fn flush_unrecorded(g: Gatekeeper) {
     let mut last_err = String::new();
     loop {
         tick.tick().await;
-        for budget in std::iter::once(&*g.budget).chain(g.edge_reports.all()) {
+        for budget in g.budgets() {
             for (code, n) in budget.take_owed() {
                 match write_sum(&g, budget, code, n).await {
                     Ok(()) => last_err.clear(),
@@ -559,7 +636,7 @@ pub async fn flush_unrecorded(g: Gatekeeper) {
 
 /// Writes every sum still owed, whatever the budget: at a stop.
 pub async fn flush_all_unrecorded(g: &Gatekeeper) {
-    for budget in std::iter::once(&*g.budget).chain(g.edge_reports.all()) {
+    for budget in g.budgets() {
         for (code, n) in budget.take_all_owed() {
             if let Err(e) = write_sum(g, budget, code, n).await {
                 tracing::warn!(error = %e, refusals = n, "the sum of unrecorded refusals was not written at the stop");
@@ -588,17 +665,35 @@ async fn write_sum(
 /// Any path the sidecar does not serve (after [`edge_only`]): 404 `not_found`, with
 /// its ledger row like every refusal.
 pub async fn not_found(State(g): State<Gatekeeper>, req: Request) -> Response {
-    refuse(&g, Code::NotFound, "the sidecar has no such route", req).await
+    let who = edge_requester(&req);
+    refuse_as(
+        &g,
+        Code::NotFound,
+        "the sidecar has no such route",
+        who,
+        req,
+    )
+    .await
+}
+
+/// Who the edge says sent `req` (after [`edge_only`]: the stamp is the edge's).
+fn edge_requester(req: &Request) -> Option<gw_core::contract::Requester> {
+    gw_core::contract::EdgeIdentity::from_headers(|k| {
+        req.headers().get(k).and_then(|v| v.to_str().ok())
+    })
+    .map(|w| w.requester)
 }
 
 /// A path the sidecar serves, with a method it does not serve there (after
 /// [`edge_only`]): 405 `method_not_allowed`, with its ledger row like every
 /// refusal (axum's own 405 wrote none).
 pub async fn method_not_allowed(g: Gatekeeper, req: Request) -> Response {
-    refuse(
+    let who = edge_requester(&req);
+    refuse_as(
         &g,
         Code::MethodNotAllowed,
         "the sidecar serves this path with other methods",
+        who,
         req,
     )
     .await
@@ -635,6 +730,17 @@ async fn body_prefix(body: Body, max: usize, wait: std::time::Duration) -> Vec<u
 /// that hangs up mid-body, or trickles it, neither keeps its refusal out of the
 /// ledger nor holds the answer.
 async fn refuse(g: &Gatekeeper, code: Code, detail: &'static str, req: Request) -> Response {
+    refuse_as(g, code, detail, None, req).await
+}
+
+/// [`refuse`], the row naming `requester` when the edge verified a token.
+async fn refuse_as(
+    g: &Gatekeeper,
+    code: Code,
+    detail: impl Into<std::borrow::Cow<'static, str>>,
+    requester: Option<gw_core::contract::Requester>,
+    req: Request,
+) -> Response {
     let g = g.clone();
     let recorded = tokio::spawn(async move {
         let path = req.uri().path().to_owned();
@@ -642,11 +748,13 @@ async fn refuse(g: &Gatekeeper, code: Code, detail: &'static str, req: Request) 
         g.metrics.decision(code.as_str());
         let route =
             gw_core::contract::truncate_utf8(&path, gw_core::contract::MAX_REPORT_PATH_BYTES);
-        g.auditor.refusal(code, &body, None, route).await
+        g.auditor
+            .refusal(code, &body, requester.as_ref(), route)
+            .await
     })
     .await;
     match recorded {
-        Ok(Ok(())) => ApiError::new(code, detail),
+        Ok(Ok(())) => ApiError::with(code, detail),
         Ok(Err(e)) => ApiError::from(e),
         Err(e) => ApiError::with(Code::Unavailable, format!("refusal not recorded: {e}")),
     }

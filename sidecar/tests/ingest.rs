@@ -175,6 +175,7 @@ fn allowed_searchers_frames_become_sends_byte_identical() {
                     signature,
                 }],
                 received: Instant::now(),
+                requester: Default::default(),
             }])
             .await;
         assert_eq!(took, 1);

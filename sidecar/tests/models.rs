@@ -664,6 +664,7 @@ fn opportunity(
             signature,
         }],
         received: std::time::Instant::now(),
+        requester: Default::default(),
     };
     (o, wire)
 }

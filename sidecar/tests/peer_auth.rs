@@ -33,6 +33,13 @@ fn call(
     })
 }
 
+/// The headers the edge stamps on a request with an operator's token.
+const OPERATOR: &[(&str, &str)] = &[
+    ("x-gw-verified", "jwt"),
+    ("x-gw-sub", "operator-1"),
+    ("x-gw-roles", "operator"),
+];
+
 /// A TLS connection to the sidecar without a client certificate (HTTP/1.1).
 async fn raw_tls(s: &common::Served) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
@@ -140,7 +147,7 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     let (ok, _) = call(&s, &anonymous, "GET", "/healthz", &[], Vec::new());
     assert_eq!(ok, 200);
     // Nothing was applied, and the edge itself still gets through.
-    let (status, modules) = call(&s, &s.http, "GET", "/api/modules", &[], Vec::new());
+    let (status, modules) = call(&s, &s.http, "GET", "/api/modules", OPERATOR, Vec::new());
     assert_eq!(status, 200);
     assert_eq!(modules["mev"]["applied"], 0, "{modules}");
     // From the edge, a signed command.
@@ -157,7 +164,7 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     let (status, body) = post_command(cmd());
     assert_eq!(status, 200, "{body}");
     // A path the sidecar does not serve: 404 not_found, with its row too.
-    let (status, body) = call(&s, &s.http, "POST", "/api/nope", &[], b"x".to_vec());
+    let (status, body) = call(&s, &s.http, "POST", "/api/nope", OPERATOR, b"x".to_vec());
     assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
     // A path it serves, with a method it does not: 405, with its row.
     let (status, body) = call(&s, &s.http, "GET", "/api/control/commands", &[], Vec::new());
@@ -183,6 +190,7 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
         (nf.len(), nf[0].route.as_str(), nf[0].raw_hex.as_str()),
         (1, "/api/nope", "78")
     );
+    assert_eq!(nf[0].requester, "operator-1", "the edge named who asked");
     let na: Vec<_> = rows
         .iter()
         .filter(|r| r.code == "method_not_allowed")
@@ -396,6 +404,150 @@ fn a_peer_that_stalls_its_handshake_or_its_headers_is_dropped() {
         );
     });
     // The sidecar still serves the edge.
-    let (status, _) = call(&s, &s.http, "GET", "/api/modules", &[], Vec::new());
+    let (status, _) = call(&s, &s.http, "GET", "/api/modules", OPERATOR, Vec::new());
     assert_eq!(status, 200);
+}
+
+/// The edge checks each API route's role; the sidecar checks it again from its own
+/// `routes` (the filter's table), so that a table loosened at the edge, or a
+/// request forwarded with no token, reaches no data plane, model or ledger query.
+/// Each refusal is a ledger row naming who was refused, and a flood of requests
+/// with no token does not take the rows of a token holder's refusals.
+#[test]
+fn the_sidecar_checks_each_api_routes_role_again_and_records_every_refusal() {
+    use gw_core::roles::RouteRule;
+    let d = testkit::TempDir::new("api-roles");
+    let ch = ClickHouse::start(d.path());
+    let mut cfg = common::config_with_clickhouse(&d.path().join("state"), true, &ch);
+    // The ledger's queries for a role of the operator's own (matched exactly), the
+    // models' list for anyone the edge lets through.
+    cfg.file.routes = vec![
+        RouteRule::needs("/api/ledger/", "auditor"),
+        RouteRule {
+            prefix: "/api/models".into(),
+            role: None,
+            public: true,
+        },
+        RouteRule::needs("/api/", "operator"),
+    ];
+    let s = common::serve(cfg);
+    let as_token = |roles: &str| {
+        vec![
+            ("x-gw-verified", "jwt".to_owned()),
+            ("x-gw-sub", format!("holder-of-{roles}")),
+            ("x-gw-roles", roles.to_owned()),
+            ("x-gw-token-issuer", "tests".to_owned()),
+        ]
+    };
+    let ask = |method: &str, path: &str, who: Option<&str>| {
+        let head = who.map(as_token).unwrap_or_default();
+        let head: Vec<(&str, &str)> = head.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let body = if method == "POST" {
+            br#"{"jsonrpc":"2.0","id":1,"method":"getHealth"}"#.to_vec()
+        } else {
+            Vec::new()
+        };
+        let (status, b) = call(&s, &s.http, method, path, &head, body);
+        (status, b["error"].as_str().unwrap_or("").to_owned())
+    };
+    let refused = |code: &str| {
+        (
+            if code == "jwt_missing" { 401 } else { 403 },
+            code.to_owned(),
+        )
+    };
+    // (method, path, roles (None: no token), refused with, requester recorded)
+    let cases = [
+        ("GET", "/api/ledger/history", None, Some("jwt_missing")),
+        (
+            "GET",
+            "/api/ledger/history",
+            Some("admin"),
+            Some("forbidden_role"),
+        ),
+        ("GET", "/api/ledger/history", Some("viewer,auditor"), None),
+        ("POST", "/api/rpc", None, Some("jwt_missing")),
+        ("POST", "/api/rpc", Some("viewer"), Some("forbidden_role")),
+        (
+            "POST",
+            "/api/opportunities",
+            Some("viewer"),
+            Some("forbidden_role"),
+        ),
+        ("GET", "/api/sender", Some("viewer"), Some("forbidden_role")),
+        (
+            "GET",
+            "/api/modules",
+            Some("viewer"),
+            Some("forbidden_role"),
+        ),
+        (
+            "POST",
+            "/api/modules/mev/evaluate",
+            Some("viewer"),
+            Some("forbidden_role"),
+        ),
+        ("GET", "/api/models", None, None),
+        ("POST", "/api/rpc", Some("operator"), None),
+        ("GET", "/api/modules", Some("admin"), None),
+    ];
+    let mut rows_wanted = Vec::new();
+    for (method, path, roles, refusal) in cases {
+        let (status, code) = ask(method, path, roles);
+        match refusal {
+            Some(want) => {
+                assert_eq!(
+                    (status, code),
+                    refused(want),
+                    "{method} {path} as {roles:?}"
+                );
+                let sub = roles.map(|r| format!("holder-of-{r}")).unwrap_or_default();
+                rows_wanted.push((want.to_owned(), path.to_owned(), sub));
+            }
+            None => assert!(
+                !["jwt_missing", "forbidden_role"].contains(&code.as_str()) && status != 401,
+                "{method} {path} as {roles:?}: {status} {code}"
+            ),
+        }
+    }
+    let rows = common::wait_rows(&ch, rows_wanted.len());
+    let got: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| (r.code.clone(), r.route.clone(), r.requester.clone()))
+        .collect();
+    assert_eq!(got, rows_wanted, "one row per refusal, naming who");
+    assert!(rows
+        .iter()
+        .all(|r| r.stage == "sidecar" && r.decision == "rejected"));
+    let forbidden = rows.iter().find(|r| r.code == "forbidden_role").unwrap();
+    assert_eq!(
+        (
+            forbidden.requester_roles.as_str(),
+            forbidden.token_issuer.as_str()
+        ),
+        ("admin", "tests")
+    );
+
+    // Beyond the budget of refusals with no token: counted, not written — and a
+    // token holder's refusal still has its row.
+    let burst = gw_sidecar::serve::REFUSAL_ROWS_BURST as usize;
+    for _ in 0..burst + 20 {
+        assert_eq!(ask("GET", "/api/sender", None), refused("jwt_missing"));
+    }
+    assert_eq!(
+        ask("GET", "/api/sender", Some("viewer")),
+        refused("forbidden_role")
+    );
+    let rows = common::wait_rows(&ch, rows_wanted.len() + burst + 1);
+    let last = rows.iter().rfind(|r| r.route == "/api/sender").unwrap();
+    assert_eq!(
+        (last.code.as_str(), last.requester.as_str()),
+        ("forbidden_role", "holder-of-viewer"),
+        "the holder's refusal is written, past the flood's budget"
+    );
+    let metrics = s.get_ops("/metrics");
+    assert!(
+        metrics.contains("gw_sidecar_refusals_unrecorded_total{code=\"jwt_missing\"}"),
+        "{metrics}"
+    );
 }

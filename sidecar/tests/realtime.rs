@@ -219,7 +219,10 @@ fn committed_decisions_and_states_stream_to_bounded_clients() {
         let get = |path: &'static str| {
             let (client, base) = (client.clone(), base.clone());
             async move {
-                let r = client.get(format!("{base}{path}")).send().await.unwrap();
+                let r = common::as_role(client.get(format!("{base}{path}")), "viewer")
+                    .send()
+                    .await
+                    .unwrap();
                 (
                     r.status().as_u16(),
                     r.json::<Value>().await.unwrap_or(Value::Null),

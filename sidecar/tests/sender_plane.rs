@@ -210,9 +210,7 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
     // own answer was plain text).
     for (path, limit) in [("/api/rpc", 1usize << 20), ("/api/opportunities", 8 << 20)] {
         let (status, r) = s.rt.block_on(async {
-            let resp = s
-                .http
-                .post(format!("{}{path}", s.base))
+            let resp = common::as_role(s.http.post(format!("{}{path}", s.base)), "operator")
                 .header("content-type", "application/json")
                 .body(vec![b' '; limit + 1])
                 .send()
@@ -308,8 +306,7 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
     // audit row: the bundle still reaches the relay, and is audited below.
     relay.set_mode(testkit::relay::Mode::Delay(Duration::from_millis(800)));
     let abandoned = s.rt.block_on(async {
-        s.http
-            .post(format!("{}/api/rpc", s.base))
+        common::as_role(s.http.post(format!("{}/api/rpc", s.base)), "operator")
             .json(&json!({"jsonrpc": "2.0", "id": 10, "method": "sendBundle",
                 "params": [[txs[1]["b64"]], {"encoding": "base64"}]}))
             .timeout(Duration::from_millis(150))
@@ -465,6 +462,15 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
         .expect("the tipped send");
     assert_eq!(tipped["module"], "mev");
     assert_eq!(tipped["score"].as_f64(), Some(2.0));
+    // Each row names who asked: the token the edge verified (here, as the test's
+    // helpers stamp it), for JSON-RPC and for opportunities over HTTP alike.
+    for r in &rows {
+        assert_eq!(
+            (r["requester"].as_str(), r["token_issuer"].as_str()),
+            (Some("operator-1"), Some("tests")),
+            "{r}"
+        );
+    }
     // No model here: the hot path's sends were scored by their own `ev`; JSON-RPC's
     // by nothing.
     for r in &rows {
@@ -524,9 +530,11 @@ fn send_all(
         let calls = wires.iter().map(|w| {
             let body = json!({"jsonrpc": "2.0", "id": 1, "method": "sendTransaction",
                 "params": [b64(w), {"encoding": "base64", "skipPreflight": true, "maxRetries": 0}]});
-            let req = client
-                .post(format!("https://127.0.0.1:{port}/api/rpc"))
-                .json(&body);
+            let req = common::as_role(
+                client.post(format!("https://127.0.0.1:{port}/api/rpc")),
+                "operator",
+            )
+            .json(&body);
             async move {
                 let r: Value = req.send().await.unwrap().json().await.unwrap();
                 r["result"].as_str().unwrap_or_else(|| panic!("{r}")).to_owned()
@@ -662,4 +670,72 @@ fn a_sidecar_stopped_right_after_its_sends_audits_every_one() {
         stored.len(),
         want.len()
     );
+}
+
+/// Each send's audit row names who asked for it: the token the edge verified for
+/// an opportunity over HTTP, the client's identity for one over the QUIC ingest.
+#[test]
+fn each_sends_row_names_who_asked_for_it() {
+    use gw_sidecar::sender::ingest;
+    let d = testkit::TempDir::new("sender-who");
+    let ch = ClickHouse::start(d.path());
+    let (rrt, rx) = receiver();
+    let searcher = SigningKey::from_bytes(&[30u8; 32]);
+    let searcher_b58 = bs58::encode(searcher.verifying_key().to_bytes()).into_string();
+    let mut cfg = config(&d.path().join("state"), true);
+    cfg.file.clickhouse_url = Some(ch.url());
+    cfg.file.sender = Some(
+        serde_json::from_value(json!({
+            "tpu": {},
+            "leaders": {"static": [{
+                "tpu_quic": rx.addr.to_string(),
+                "identity": bs58::encode(rx.identity).into_string(),
+            }]},
+            "route_policy": "tpu_first",
+            "strategy": {"ingest": {"bind": "127.0.0.1:0", "allow": [searcher_b58]}},
+        }))
+        .unwrap(),
+    );
+    cfg.tpu_identity = Some(SigningKey::from_bytes(&[2u8; 32]));
+    let s = serve(cfg);
+    command(&s, "mev:start", json!({}));
+    let opp = json!({"module": "mev", "ev": 1.0, "txs": [b64(&tx(1))]});
+    assert_eq!(offer(&s, vec![opp])["accepted"], 1);
+    let addr = s.running.plane().unwrap().hot.ingest_addr.unwrap();
+    rrt.block_on(async {
+        let conn = ingest::connect(addr, &searcher, None).await.unwrap();
+        let o = gw_proto::hotpath::Opportunity {
+            module: "mev".into(),
+            ev: Some(1.0),
+            txs: vec![tx(2)],
+            ..Default::default()
+        };
+        let mut st = conn.open_uni().await.unwrap();
+        st.write_all(&ingest::frame(&o)).await.unwrap();
+        st.finish().unwrap();
+        st.stopped().await.unwrap();
+    });
+    assert_eq!(settle(&rx, &rrt, 2), 2);
+    let sig = |i: u32| bs58::encode(&tx(i)[1..65]).into_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rows = loop {
+        let rows = if ch.query("EXISTS TABLE tx_sends").trim() == "1" {
+            ch.query(
+                "SELECT signature, requester, token_issuer FROM tx_sends \
+                 ORDER BY signature FORMAT TSV",
+            )
+        } else {
+            String::new()
+        };
+        if rows.lines().count() >= 2 || Instant::now() > deadline {
+            break rows;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut want = vec![
+        format!("{}\toperator-1\ttests", sig(1)),
+        format!("{}\t{searcher_b58}\t", sig(2)),
+    ];
+    want.sort();
+    assert_eq!(rows.lines().collect::<Vec<_>>(), want);
 }

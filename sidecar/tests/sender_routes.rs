@@ -825,6 +825,7 @@ fn a_stalled_route_saturates_the_hot_path_instead_of_piling_up_sends() {
                 ev: Some(1.0),
                 txs: vec![SignedTx { wire, signature }],
                 received: Instant::now(),
+                requester: Default::default(),
             }
         })
         .collect();

@@ -72,6 +72,14 @@ pub struct SendRow {
     pub relay_error: String,
     /// Wire size.
     pub bytes: u32,
+    /// Who asked for it: the `sub` of the token the edge verified (JSON-RPC,
+    /// opportunities over HTTP), or the QUIC ingest client's base58 identity.
+    /// Absent from rows journalled before 2026-12-06: `""`.
+    #[serde(default)]
+    pub requester: String,
+    /// That token's issuer (`""` for the QUIC ingest).
+    #[serde(default)]
+    pub token_issuer: String,
 }
 
 /// A number that JSON wrote as `null` (NaN or ±∞) reads back as NaN.

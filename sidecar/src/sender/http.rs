@@ -7,10 +7,12 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use gw_core::contract::{EdgeIdentity, Requester};
 use gw_core::Module;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -94,9 +96,19 @@ fn unreadable(e: &BytesRejection) -> Response {
     (status, Json(json!({"error": code, "detail": detail}))).into_response()
 }
 
+/// Who the edge says sent a request (the routes' roles were checked before,
+/// `serve::api_roles`): named in the audit rows of its sends.
+fn requester(head: &HeaderMap) -> Arc<Requester> {
+    Arc::new(
+        EdgeIdentity::from_headers(|k| head.get(k).and_then(|v| v.to_str().ok()))
+            .map(|w| w.requester)
+            .unwrap_or_default(),
+    )
+}
+
 /// `POST /api/rpc`: Solana JSON-RPC (always HTTP 200 with a JSON-RPC body, as
 /// Solana's RPC answers).
-async fn rpc(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+async fn rpc(State(st): St, head: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
     let Some(dp) = &st.plane else {
         return unavailable();
     };
@@ -115,6 +127,7 @@ async fn rpc(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
         module: dp.rpc_module,
         allow_stopped: dp.rpc_allow_stopped,
         gate: &dp.rpc_gate,
+        requester: requester(&head),
     };
     Json(request.run(&ctx).await).into_response()
 }
@@ -142,6 +155,7 @@ fn opportunity(
     i: usize,
     o: OpportunityIn,
     received: std::time::Instant,
+    requester: &Arc<Requester>,
 ) -> Result<Opportunity, String> {
     let module = Module::parse(&o.module)
         .ok_or_else(|| format!("opportunity {i}: unknown module {:?}", o.module))?;
@@ -173,6 +187,7 @@ fn opportunity(
         ev: o.ev.filter(|e| e.is_finite()),
         txs,
         received,
+        requester: requester.clone(),
     })
 }
 
@@ -207,6 +222,7 @@ const INLINE_BODY_BYTES: usize = 16 << 10;
 fn decode_opportunities(
     body: &[u8],
     received: std::time::Instant,
+    requester: &Arc<Requester>,
 ) -> Result<Vec<Opportunity>, String> {
     let req: OpportunitiesIn =
         serde_json::from_slice(body).map_err(|e| format!("opportunities body: {e}"))?;
@@ -218,7 +234,7 @@ fn decode_opportunities(
     req.opportunities
         .into_iter()
         .enumerate()
-        .map(|(i, o)| opportunity(i, o, received))
+        .map(|(i, o)| opportunity(i, o, received, requester))
         .collect()
 }
 
@@ -226,7 +242,11 @@ fn decode_opportunities(
 /// and its signatures verified), then offers them all to the ring. The answer says
 /// how many the ring took; the rest were dropped because it was full (429
 /// `overloaded` when none fit).
-async fn opportunities(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+async fn opportunities(
+    State(st): St,
+    head: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     // The body has arrived: decoding and checks count in the decision latency.
     let received = std::time::Instant::now();
     let Some(dp) = &st.plane else {
@@ -236,8 +256,9 @@ async fn opportunities(State(st): St, body: Result<Bytes, BytesRejection>) -> Re
         Ok(b) => b,
         Err(e) => return unreadable(&e),
     };
+    let who = requester(&head);
     let decoded = decode_off_runtime(&st.decoding_opportunities, body, move |b| {
-        decode_opportunities(b, received)
+        decode_opportunities(b, received, &who)
     });
     let items = match decoded.await {
         Ok(Ok(items)) => items,

@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use ed25519_dalek::SigningKey;
+use gw_core::contract::Requester;
 use gw_core::Module;
 use prost::Message;
 use serde::Deserialize;
@@ -281,9 +282,15 @@ pub(crate) async fn serve(
                 *mine += 1;
             }
             stats.connections.fetch_add(1, Ordering::Relaxed);
+            // Its sends' audit rows name the client by its identity.
+            let who = Arc::new(Requester {
+                sub: bs58::encode(key).into_string(),
+                ..Requester::default()
+            });
             while let Ok(recv) = conn.accept_uni().await {
                 let (stats, push) = (stats.clone(), push.clone());
-                tokio::task::spawn_local(read_stream(recv, config.max_frame_bytes, stats, push));
+                let stream = read_stream(recv, config.max_frame_bytes, stats, push, who.clone());
+                tokio::task::spawn_local(stream);
             }
             let mut open = open.borrow_mut();
             if let Some(n) = open.get_mut(&key) {
@@ -325,6 +332,7 @@ async fn read_stream(
     max_frame: usize,
     stats: Arc<IngestStats>,
     push: Rc<dyn Fn(Vec<Opportunity>)>,
+    requester: Arc<Requester>,
 ) {
     let mut buf = BytesMut::with_capacity(16 << 10);
     // When the bytes being decoded arrived (decoding and checks count in the
@@ -333,6 +341,9 @@ async fn read_stream(
     loop {
         let mut batch = Vec::new();
         let framing = drain_frames(&mut buf, max_frame, arrived, &stats, &mut batch);
+        for o in &mut batch {
+            o.requester = requester.clone();
+        }
         if !batch.is_empty() {
             push(batch);
         }
@@ -463,6 +474,8 @@ pub fn opportunity(
         ev: msg.ev.filter(|e| e.is_finite()),
         txs,
         received,
+        // Named by the stream it came on (read_stream).
+        requester: Arc::default(),
     })
 }
 

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use gw_core::contract::Requester;
 use serde::Deserialize;
 use std::future::Future as _;
 use std::task::Poll;
@@ -301,6 +302,9 @@ pub struct SendMeta {
     /// What gave the score: a model's `name@version`, or `ev` (the opportunity's
     /// own); `None` when nothing scored the send (JSON-RPC).
     pub scored_by: Option<Arc<str>>,
+    /// Who asked for it: the token the edge verified (JSON-RPC, opportunities over
+    /// HTTP), or the QUIC ingest's client (its base58 identity as `sub`).
+    pub requester: Arc<Requester>,
 }
 
 /// How one send ended.
@@ -856,6 +860,8 @@ impl Sender {
             tip: meta.tip,
             score: meta.score.map_or(f64::NAN, f64::from),
             scored_by: meta.scored_by.as_deref().unwrap_or_default().to_owned(),
+            requester: meta.requester.sub.clone(),
+            token_issuer: meta.requester.token_issuer.clone(),
             tpu_error: out.tpu_error.clone().unwrap_or_default(),
             relay_error: out.relay_error.clone().unwrap_or_default(),
             bytes: u32::try_from(bytes).unwrap_or(u32::MAX),

@@ -25,6 +25,7 @@ use std::time::Instant;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use bytes::Bytes;
+use gw_core::contract::Requester;
 use gw_core::Module;
 use serde_json::{json, Value};
 
@@ -74,6 +75,8 @@ pub struct RpcContext<'a> {
     pub allow_stopped: bool,
     /// The gate's throttle, permits and counters.
     pub gate: &'a RpcGate,
+    /// Who asked (the token the edge verified).
+    pub requester: Arc<Requester>,
 }
 
 /// What the JSON-RPC gate keeps between requests.
@@ -472,6 +475,7 @@ fn rpc_meta(ctx: &RpcContext<'_>) -> SendMeta {
         tip: 0.0,
         score: None,
         scored_by: None,
+        requester: ctx.requester.clone(),
     }
 }
 

@@ -26,6 +26,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use gw_core::contract::Requester;
 use gw_core::module_state::{ModuleState, Refusal, Throttle};
 use gw_core::Module;
 use serde::Deserialize;
@@ -136,6 +137,8 @@ pub struct Opportunity {
     pub txs: Vec<SignedTx>,
     /// When the gateway received it (the decision latency is measured from here).
     pub received: Instant,
+    /// Who sent it (its send's audit row names them).
+    pub requester: Arc<Requester>,
 }
 
 /// Why an opportunity was not sent.
@@ -656,6 +659,7 @@ impl Worker {
                 tip,
                 score: Some(ev),
                 scored_by: Some(scored_by),
+                requester: opp.requester.clone(),
             };
             self.rt.spawn(async move {
                 sender.send(tx.wire, tx.signature, &meta).await;

@@ -75,11 +75,11 @@ impl Served {
         serde_json::from_str(&self.get_text(path)).unwrap()
     }
 
-    /// `GET path` → body text (panics on a transport error).
+    /// `GET path`, stamped as the edge stamps an admin's token ([`as_admin`]) →
+    /// body text (panics on a transport error).
     pub fn get_text(&self, path: &str) -> String {
         self.rt.block_on(async {
-            self.http
-                .get(format!("{}{path}", self.base))
+            as_admin(self.http.get(format!("{}{path}", self.base)))
                 .send()
                 .await
                 .unwrap()

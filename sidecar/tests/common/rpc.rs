@@ -75,6 +75,7 @@ impl RpcRig {
             module: Module::Arbitrage,
             allow_stopped: false,
             gate: &self.gate,
+            requester: Default::default(),
         }
     }
 }
