@@ -538,7 +538,9 @@ async function verifyChain() {
   try {
     const v = await api("/api/ledger/verify");
     el.textContent = v.chains.length === 0 ? "no chain stored yet" : v.chains.map((c) =>
-      `chain ${c.chain_id}: ${c.ok ? "verified" : "BROKEN"} (${c.rows} rows)${c.broken ? " — " + c.broken : ""}`).join("; ");
+      `chain ${c.chain_id}: ${c.ok ? "verified" : "BROKEN"} (${c.rows} rows` +
+      `${c.checkpoint === undefined ? "" : `, held to its signed checkpoint of ${c.checkpoint} rows`})` +
+      `${c.broken ? " — " + c.broken : ""}`).join("; ");
     el.className = v.ok ? "" : "error";
   } catch (e) {
     el.textContent = `chain: ${e.code || "error"} — ${e.detail || e.message}`;

@@ -1023,6 +1023,18 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
     let (code, out, _) = gwctl(&with_cp);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("matches its checkpoint of 4 rows"), "{out}");
+    // The sidecar's own verification (the console's) holds the chain to the same
+    // checkpoints, from its file.
+    let verified = served.get_json("/api/ledger/verify");
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert_eq!(
+        (
+            &verified["chains"][0]["rows"],
+            &verified["chains"][0]["checkpoint"]
+        ),
+        (&serde_json::json!(4), &serde_json::json!(4)),
+        "{verified}"
+    );
     // A last checkpoint cut short (the sidecar's disk failed mid-append) is not
     // read, and the whole ones still vouch for the chain.
     let whole = std::fs::read(&log).unwrap();
@@ -1056,6 +1068,13 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
     let (code, out, _) = gwctl(&with_cp);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("the chain was cut: 2 rows stored"), "{out}");
+    let verified = served.get_json("/api/ledger/verify");
+    assert_eq!(verified["ok"], false, "{verified}");
+    let broken = verified["chains"][0]["broken"].as_str().unwrap_or_default();
+    assert!(
+        broken.contains("the chain was cut: 2 rows stored, the checkpoint saw 4"),
+        "{verified}"
+    );
 
     // The chain is rebuilt with a changed decision and fresh, valid hashes.
     ch.query("TRUNCATE TABLE control_decisions");
@@ -1085,6 +1104,21 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
     let (code, out, _) = gwctl(&with_cp);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("row 4 differs from the checkpoint"), "{out}");
+    let verified = served.get_json("/api/ledger/verify");
+    assert_eq!(verified["ok"], false, "{verified}");
+    let broken = verified["chains"][0]["broken"].as_str().unwrap_or_default();
+    assert!(
+        broken.contains("row 4 differs from the checkpoint"),
+        "{verified}"
+    );
+    // Every row gone: still a chain this node vouched for.
+    ch.query("TRUNCATE TABLE control_decisions");
+    let verified = served.get_json("/api/ledger/verify");
+    assert_eq!(
+        (&verified["ok"], &verified["chains"][0]["rows"]),
+        (&serde_json::json!(false), &serde_json::json!(0)),
+        "{verified}"
+    );
 }
 
 /// The sidecar writes as `gw_sidecar` (scripts/clickhouse-users.py): `SELECT,

@@ -1,12 +1,14 @@
 //! Signed checkpoints of this node's chain ([`gw_core::checkpoint`]), written every
 //! `every_rows` rows or `every_secs` seconds (when rows were added): appended to a
 //! local file (fsync) and inserted into ClickHouse `control_checkpoints`, so a chain
-//! cut or rewritten in ClickHouse is caught by `gwctl ledger verify --checkpoint`.
+//! cut or rewritten in ClickHouse is caught by `gwctl ledger verify --checkpoint`
+//! and by `/api/ledger/verify` ([`Anchors`]).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
@@ -17,6 +19,13 @@ use serde::{Deserialize, Serialize};
 pub const KEY_NAME: &str = "gw-ledger";
 /// The ClickHouse table of checkpoints.
 pub const TABLE: &str = "control_checkpoints";
+
+/// The newest checkpoint of each chain this node signed with its key (read from
+/// its file at start, then as it writes them), by chain id: what
+/// `/api/ledger/verify` holds the chains stored in ClickHouse to. The file is on
+/// this node's disk, so rows cut from ClickHouse, or rewritten there with every
+/// hash after them made again, do not match it.
+pub type Anchors = Arc<parking_lot::Mutex<BTreeMap<String, Checkpoint>>>;
 
 /// A row of `control_checkpoints`.
 #[derive(Debug, Clone, clickhouse::Row, Serialize, Deserialize)]
@@ -52,6 +61,8 @@ pub struct Checkpointer {
     /// Old ones were dropped from `unsent` since ClickHouse last took them (said
     /// once).
     dropping: bool,
+    /// The newest of each chain.
+    anchors: Anchors,
 }
 
 /// Checkpoints kept for ClickHouse while it is away (a week's at one a minute,
@@ -77,9 +88,17 @@ impl Checkpointer {
             }
         };
         let (mut last_size, mut bad) = (0, 0);
+        let mut anchors = BTreeMap::<String, Checkpoint>::new();
         for r in open_all(&String::from_utf8_lossy(&kept), KEY_NAME, &vk) {
             match r {
-                Ok(c) => last_size = last_size.max(c.size),
+                Ok(c) => {
+                    last_size = last_size.max(c.size);
+                    if let Some(id) = c.chain_id() {
+                        if anchors.get(id).is_none_or(|a| a.size < c.size) {
+                            anchors.insert(id.to_owned(), c.clone());
+                        }
+                    }
+                }
                 Err(_) => bad += 1,
             }
         }
@@ -100,7 +119,14 @@ impl Checkpointer {
             entry_synced: false,
             unsent: VecDeque::new(),
             dropping: false,
+            anchors: Arc::new(parking_lot::Mutex::new(anchors)),
         }
+    }
+
+    /// The newest checkpoint of each chain, kept up to date as checkpoints are
+    /// written.
+    pub fn anchors(&self) -> Anchors {
+        self.anchors.clone()
     }
 
     /// The checkpoint file.
@@ -121,8 +147,10 @@ impl Checkpointer {
         if !self.due(size) {
             return Ok(false);
         }
-        let note = Checkpoint::for_chain(chain_id, size, head).sign(KEY_NAME, &self.key);
+        let checkpoint = Checkpoint::for_chain(chain_id, size, head);
+        let note = checkpoint.sign(KEY_NAME, &self.key);
         self.append(note.as_bytes())?;
+        self.anchors.lock().insert(chain_id.to_owned(), checkpoint);
         self.last_size = size;
         self.last_at = Instant::now();
         self.unsent.push_back(CheckpointRow {
@@ -266,5 +294,48 @@ mod tests {
         drop(f);
         assert!(c.tick("node-1", 8, [4; 32]).unwrap());
         assert_eq!(opened(&path, &key), vec![3, 6, 8]);
+    }
+
+    /// The anchors `/api/ledger/verify` holds chains to: the newest checkpoint of
+    /// each chain, as written and as read back from the file at the next start —
+    /// only those this node's key signed.
+    #[test]
+    fn the_newest_checkpoint_of_each_chain_is_an_anchor_across_a_restart() {
+        let d = testkit::TempDir::new("checkpoint-anchors");
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let mut c = Checkpointer::new(key.clone(), d.path(), 1, Duration::from_secs(60));
+        assert!(c.anchors().lock().is_empty());
+        assert!(c.tick("node-1", 3, [1; 32]).unwrap());
+        assert!(c.tick("node-1", 5, [2; 32]).unwrap());
+        let anchors = c.anchors();
+        assert_eq!(
+            anchors.lock()["node-1"],
+            Checkpoint::for_chain("node-1", 5, [2; 32])
+        );
+        // The node renamed: its old chain's checkpoints still anchor that chain.
+        assert!(c.tick("node-2", 7, [3; 32]).unwrap());
+        let path = c.path().to_owned();
+        drop(c);
+        // A note another key signed is no anchor.
+        let other = SigningKey::from_bytes(&[6; 32]);
+        let forged = Checkpoint::for_chain("node-1", 2, [9; 32]).sign(KEY_NAME, &other);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut f, forged.as_bytes()).unwrap();
+        drop(f);
+        let c = Checkpointer::new(key, d.path(), 1, Duration::from_secs(60));
+        let got = c.anchors().lock().clone();
+        assert_eq!(
+            got.into_iter().collect::<Vec<_>>(),
+            vec![
+                (
+                    "node-1".to_owned(),
+                    Checkpoint::for_chain("node-1", 5, [2; 32])
+                ),
+                (
+                    "node-2".to_owned(),
+                    Checkpoint::for_chain("node-2", 7, [3; 32])
+                ),
+            ]
+        );
     }
 }

@@ -196,7 +196,10 @@ impl Ledger {
             Ledger {
                 chain_id: chain_id.to_owned(),
                 client: Some(client.clone()),
-                queries: Some(Queries::new(client.clone(), TABLE)),
+                queries: Some(
+                    Queries::new(client.clone(), TABLE)
+                        .with_anchors(checkpointer.as_ref().map(Checkpointer::anchors)),
+                ),
                 checkpointer,
                 queue: Some(queue),
                 resumed_after,

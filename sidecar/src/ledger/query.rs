@@ -185,6 +185,78 @@ pub struct ChainStatus {
     /// Where the chain breaks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broken: Option<String>,
+    /// The size of this node's newest signed checkpoint of the chain, which the
+    /// stored chain was held to: not shorter, and the same row at that size
+    /// (absent: this node has no checkpoint of the chain).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<u64>,
+}
+
+/// One chain being walked by [`Queries::verify`].
+struct Walk {
+    status: ChainStatus,
+    walker: gw_core::ledger::Walker,
+    /// This node's newest checkpoint of the chain.
+    anchor: Option<gw_core::checkpoint::Checkpoint>,
+    /// The hash of the row at the anchor's size, once walked to.
+    at_anchor: Option<[u8; 32]>,
+}
+
+impl Walk {
+    fn new(chain_id: &str, anchor: Option<gw_core::checkpoint::Checkpoint>) -> Walk {
+        Walk {
+            status: ChainStatus {
+                chain_id: chain_id.to_owned(),
+                ok: true,
+                rows: 0,
+                broken: None,
+                checkpoint: anchor.as_ref().map(|a| a.size),
+            },
+            walker: gw_core::ledger::Walker::new(),
+            anchor,
+            at_anchor: None,
+        }
+    }
+
+    fn push(&mut self, r: &gw_core::ledger::LedgerRow) {
+        self.status.rows += 1;
+        if !self.status.ok {
+            return;
+        }
+        if let Err(e) = self.walker.push(r) {
+            self.status.ok = false;
+            self.status.broken = Some(e.to_string());
+            return;
+        }
+        let (n, head) = self.walker.head();
+        if self.anchor.as_ref().is_some_and(|a| a.size == n) {
+            self.at_anchor = Some(head);
+        }
+    }
+
+    fn done(mut self) -> ChainStatus {
+        use gw_core::checkpoint::CheckpointError;
+        if !self.status.ok {
+            return self.status;
+        }
+        let (n, _) = self.walker.head();
+        self.status.rows = n;
+        let broken = match &self.anchor {
+            Some(a) if n < a.size => Some(CheckpointError::Truncated {
+                have: n,
+                want: a.size,
+            }),
+            Some(a) if a.size > 0 && self.at_anchor != Some(a.head) => {
+                Some(CheckpointError::Rewritten(a.size))
+            }
+            _ => None,
+        };
+        if let Some(e) = broken {
+            self.status.ok = false;
+            self.status.broken = Some(format!("{e} (this node's signed checkpoint)"));
+        }
+        self.status
+    }
 }
 
 /// The result of walking every stored chain.
@@ -223,6 +295,8 @@ pub struct Queries {
     table: String,
     /// One walk of every chain at a time ([`Queries::verify`]).
     walking: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// This node's checkpoints, which [`Queries::verify`] holds the chains to.
+    anchors: Option<super::checkpoint::Anchors>,
 }
 
 impl Queries {
@@ -232,7 +306,14 @@ impl Queries {
             client,
             table: table.to_owned(),
             walking: Default::default(),
+            anchors: None,
         }
+    }
+
+    /// Holds the chains [`Queries::verify`] walks to this node's checkpoints too.
+    pub fn with_anchors(mut self, anchors: Option<super::checkpoint::Anchors>) -> Queries {
+        self.anchors = anchors;
+        self
     }
 
     /// The client (the shipper writes through it).
@@ -367,43 +448,31 @@ impl Queries {
                 self.table
             ))
             .fetch::<DecisionRow>()?;
+        let mut anchors = self
+            .anchors
+            .as_ref()
+            .map(|a| a.lock().clone())
+            .unwrap_or_default();
         let mut chains: Vec<ChainStatus> = Vec::new();
-        let mut walking: Option<(ChainStatus, gw_core::ledger::Walker)> = None;
-        let done = |(mut c, w): (ChainStatus, gw_core::ledger::Walker)| {
-            if c.ok {
-                c.rows = w.head().0;
-            }
-            c
-        };
+        let mut walking: Option<Walk> = None;
         while let Some(r) = cursor.next().await? {
             let r = gw_core::ledger::LedgerRow::from(r);
             if walking
                 .as_ref()
-                .is_none_or(|(c, _)| c.chain_id != r.chain_id)
+                .is_none_or(|w| w.status.chain_id != r.chain_id)
             {
-                chains.extend(walking.take().map(done));
-                walking = Some((
-                    ChainStatus {
-                        chain_id: r.chain_id.clone(),
-                        ok: true,
-                        rows: 0,
-                        broken: None,
-                    },
-                    gw_core::ledger::Walker::new(),
-                ));
+                chains.extend(walking.take().map(Walk::done));
+                walking = Some(Walk::new(&r.chain_id, anchors.remove(&r.chain_id)));
             }
-            let Some((c, w)) = walking.as_mut() else {
-                continue;
-            };
-            c.rows += 1;
-            if c.ok {
-                if let Err(e) = w.push(&r) {
-                    c.ok = false;
-                    c.broken = Some(e.to_string());
-                }
+            if let Some(w) = walking.as_mut() {
+                w.push(&r);
             }
         }
-        chains.extend(walking.take().map(done));
+        chains.extend(walking.take().map(Walk::done));
+        // Chains this node checkpointed and ClickHouse holds no row of.
+        for (id, a) in anchors {
+            chains.push(Walk::new(&id, Some(a)).done());
+        }
         Ok(LedgerStatus {
             ok: chains.iter().all(|c| c.ok),
             chains,
