@@ -1,7 +1,10 @@
-//! Just enough of Solana's transaction wire format to refuse garbage before it costs
-//! a send and to name a transaction by its signature: the signature list, the
-//! message header and the account keys (legacy and v0 messages), each signature
-//! verified (`verify_strict`, as the runtime does) over the message bytes.
+//! Enough of Solana's transaction wire format to refuse garbage before it costs a
+//! send and to name a transaction by its signature: the whole message read (legacy
+//! and v0: header, account keys, blockhash, instructions, address-table lookups),
+//! sanitized as Agave's RPC does before it sends (`Message::sanitize`, and no
+//! account key twice), and each signature verified (`verify_strict`, as the
+//! runtime does) over the message bytes. What needs a bank — lookup tables'
+//! contents, fees, programs — is the RPC node's preflight's.
 
 use base64::Engine as _;
 use ed25519_dalek::{Signature, VerifyingKey};
@@ -115,6 +118,15 @@ pub enum TxError {
     /// A signature does not verify.
     #[error("signature {0} does not verify")]
     BadSignature(usize),
+    /// Read whole, but its indexes do not hold (Agave's `SanitizeFailure`): the
+    /// words are Agave's RPC's, then which rule.
+    #[error(
+        "invalid transaction: Transaction failed to sanitize accounts offsets correctly ({0})"
+    )]
+    Sanitize(&'static str),
+    /// One account key listed twice (Agave's `AccountLoadedTwice`).
+    #[error("invalid transaction: Account loaded twice")]
+    AccountLoadedTwice,
 }
 
 /// What a parsed transaction tells.
@@ -196,18 +208,46 @@ pub fn parse(wire: &[u8], verify: bool) -> Result<TxInfo, TxError> {
             "signature count differs from the message header",
         ));
     }
-    if usize::from(header[1]) >= required {
-        return Err(TxError::Malformed("the fee payer must be writable"));
-    }
     let n_keys = shortvec(message, &mut m)?;
-    if n_keys < required || n_keys < required + usize::from(header[2]) {
-        return Err(TxError::Malformed(
-            "fewer account keys than the header needs",
-        ));
-    }
     let keys = take(message, &mut m, n_keys * 32)?;
     let blockhash =
         take(message, &mut m, 32).map_err(|_| TxError::Malformed("no recent blockhash"))?;
+    // Instructions: (program index, account indexes), checked once the lookups
+    // say how many keys the message loads.
+    let n_ix = shortvec(message, &mut m)?;
+    let mut instructions = Vec::with_capacity(n_ix.min(MAX_TX_BYTES / 3));
+    for _ in 0..n_ix {
+        let program = take(message, &mut m, 1)?[0];
+        let n_accounts = shortvec(message, &mut m)?;
+        let accounts = take(message, &mut m, n_accounts)?;
+        let n_data = shortvec(message, &mut m)?;
+        take(message, &mut m, n_data)?;
+        instructions.push((program, accounts));
+    }
+    let mut n_loaded = 0usize;
+    if first & 0x80 != 0 {
+        let n_lookups = shortvec(message, &mut m)?;
+        for _ in 0..n_lookups {
+            take(message, &mut m, 32)?;
+            let writable = shortvec(message, &mut m)?;
+            take(message, &mut m, writable)?;
+            let readonly = shortvec(message, &mut m)?;
+            take(message, &mut m, readonly)?;
+            if writable + readonly == 0 {
+                return Err(TxError::Sanitize("a lookup table that loads no account"));
+            }
+            n_loaded += writable + readonly;
+        }
+    }
+    if m != message.len() {
+        return Err(TxError::Malformed("bytes after the message"));
+    }
+    sanitize(header, n_keys, n_loaded, &instructions)?;
+    let mut sorted: Vec<&[u8]> = keys.chunks_exact(32).collect();
+    sorted.sort_unstable();
+    if sorted.windows(2).any(|w| w[0] == w[1]) {
+        return Err(TxError::AccountLoadedTwice);
+    }
     if verify {
         for i in 0..n_sigs {
             let key: [u8; 32] = keys[i * 32..i * 32 + 32]
@@ -233,6 +273,53 @@ pub fn parse(wire: &[u8], verify: bool) -> Result<TxInfo, TxError> {
         fee_payer,
         recent_blockhash,
     })
+}
+
+/// Agave's `Message::sanitize` (legacy and v0) and `VersionedTransaction::sanitize`
+/// over what [`parse`] read: `header` (signatures, read-only signed, read-only
+/// unsigned), `n_keys` static keys, `n_loaded` keys loaded through lookup tables
+/// (0 for a legacy message), the instructions' program and account indexes.
+fn sanitize(
+    header: &[u8],
+    n_keys: usize,
+    n_loaded: usize,
+    instructions: &[(u8, &[u8])],
+) -> Result<(), TxError> {
+    let (required, ro_signed, ro_unsigned) = (
+        usize::from(header[0]),
+        usize::from(header[1]),
+        usize::from(header[2]),
+    );
+    if required + ro_unsigned > n_keys {
+        return Err(TxError::Sanitize(
+            "fewer account keys than the header needs",
+        ));
+    }
+    if ro_signed >= required {
+        return Err(TxError::Sanitize("the fee payer must be writable"));
+    }
+    let total = n_keys + n_loaded;
+    if total > 256 {
+        return Err(TxError::Sanitize("more than 256 account keys"));
+    }
+    for (program, accounts) in instructions {
+        // Programs are static keys (never loaded from a table), and never the
+        // fee payer.
+        if usize::from(*program) >= n_keys {
+            return Err(TxError::Sanitize(
+                "an instruction's program is not an account key",
+            ));
+        }
+        if *program == 0 {
+            return Err(TxError::Sanitize("the fee payer called as a program"));
+        }
+        if accounts.iter().any(|a| usize::from(*a) >= total) {
+            return Err(TxError::Sanitize(
+                "an instruction's account is not an account key",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Builds a minimal legacy transaction (one signer, no instructions) signed by `key`:
@@ -380,6 +467,101 @@ mod tests {
         }
         let mut pos = 0;
         assert!(shortvec(&[0xff, 0xff, 0x04], &mut pos).is_err());
+    }
+
+    /// A legacy message of `keys` (the first the fee payer, signing), `header`'s
+    /// read-only counts, and `instructions` (program index, account indexes),
+    /// signed by `payer`.
+    fn legacy(
+        payer: &SigningKey,
+        extra_keys: &[[u8; 32]],
+        ro: (u8, u8),
+        instructions: &[(u8, &[u8])],
+    ) -> Vec<u8> {
+        use ed25519_dalek::Signer;
+        let mut msg = vec![1u8, ro.0, ro.1];
+        encode_shortvec(&mut msg, 1 + extra_keys.len());
+        msg.extend_from_slice(&payer.verifying_key().to_bytes());
+        for k in extra_keys {
+            msg.extend_from_slice(k);
+        }
+        msg.extend_from_slice(&[5u8; 32]);
+        encode_shortvec(&mut msg, instructions.len());
+        for (program, accounts) in instructions {
+            msg.push(*program);
+            encode_shortvec(&mut msg, accounts.len());
+            msg.extend_from_slice(accounts);
+            msg.push(0); // no data
+        }
+        let mut wire = vec![1u8];
+        wire.extend_from_slice(&payer.sign(&msg).to_bytes());
+        wire.extend_from_slice(&msg);
+        wire
+    }
+
+    /// The rules Agave's RPC applies before it sends (`Message::sanitize`, no key
+    /// twice), each on its own; `sender_plane.rs` holds the parser to solders'
+    /// `sanitize` over many more.
+    #[test]
+    fn what_agave_would_not_sanitize_is_refused() {
+        let k = SigningKey::from_bytes(&[9u8; 32]);
+        let (a, p) = ([1u8; 32], [2u8; 32]);
+        assert!(parse(&legacy(&k, &[a, p], (0, 1), &[(2, &[0, 1])]), true).is_ok());
+        for (wire, want) in [
+            (
+                legacy(&k, &[a, p], (0, 1), &[(3, &[0])]),
+                TxError::Sanitize("an instruction's program is not an account key"),
+            ),
+            (
+                legacy(&k, &[a, p], (0, 1), &[(0, &[1])]),
+                TxError::Sanitize("the fee payer called as a program"),
+            ),
+            (
+                legacy(&k, &[a, p], (0, 1), &[(2, &[3])]),
+                TxError::Sanitize("an instruction's account is not an account key"),
+            ),
+            (
+                legacy(&k, &[a, p], (1, 0), &[]),
+                TxError::Sanitize("the fee payer must be writable"),
+            ),
+            (
+                legacy(&k, &[a], (0, 2), &[]),
+                TxError::Sanitize("fewer account keys than the header needs"),
+            ),
+            (
+                legacy(&k, &[a, a], (0, 1), &[]),
+                TxError::AccountLoadedTwice,
+            ),
+            (
+                legacy(&k, &[k.verifying_key().to_bytes()], (0, 0), &[]),
+                TxError::AccountLoadedTwice,
+            ),
+        ] {
+            assert_eq!(parse(&wire, true), Err(want.clone()), "{want}");
+        }
+        // Bytes after the message: Agave would sign-check the message without
+        // them; a leader may drop the packet. Refused, with what it is.
+        let mut long = legacy(&k, &[a, p], (0, 1), &[(2, &[0])]);
+        long.push(0);
+        assert_eq!(
+            parse(&long, false),
+            Err(TxError::Malformed("bytes after the message"))
+        );
+        // A v0 lookup that loads nothing.
+        let mut v0 = vec![0x80u8, 1, 0, 0, 1];
+        v0.extend_from_slice(&k.verifying_key().to_bytes());
+        v0.extend_from_slice(&[5u8; 32]);
+        v0.push(0); // no instructions
+        v0.push(1); // one lookup
+        v0.extend_from_slice(&[7u8; 32]);
+        v0.extend_from_slice(&[0, 0]);
+        let mut wire = vec![1u8];
+        wire.extend_from_slice(&[0u8; 64]);
+        wire.extend_from_slice(&v0);
+        assert_eq!(
+            parse(&wire, false),
+            Err(TxError::Sanitize("a lookup table that loads no account"))
+        );
     }
 
     proptest! {

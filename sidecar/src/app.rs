@@ -269,11 +269,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         bus.sink(),
         sends.clone(),
     ];
-    let realtime = Hub::new(
-        cfg.file.realtime.clone(),
-        cfg.file.node_id.clone(),
-        &mut registry,
+    let routes = Arc::new(
+        gw_core::roles::RouteTable::new(cfg.file.routes.clone())
+            .map_err(|e| anyhow::anyhow!("routes: {e}"))?,
     );
+    let mut realtime_cfg = cfg.file.realtime.clone();
+    realtime_cfg.role = routes
+        .rule_for(crate::console::realtime::PATH)
+        .and_then(|r| r.role.clone());
+    let realtime = Hub::new(realtime_cfg, cfg.file.node_id.clone(), &mut registry);
     sinks.push(realtime.sink());
     sinks.extend(ledger.sink());
     let records = std::mem::take(&mut opened.records);
@@ -307,10 +311,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         metrics: control_metrics.clone(),
         budget: Default::default(),
         edge_reports: Arc::default(),
-        routes: Arc::new(
-            gw_core::roles::RouteTable::new(cfg.file.routes.clone())
-                .map_err(|e| anyhow::anyhow!("routes: {e}"))?,
-        ),
+        routes,
+        unstamped: Default::default(),
         holders: Default::default(),
     };
     let (control, t) = Control::start(

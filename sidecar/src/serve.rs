@@ -271,17 +271,30 @@ pub struct Gatekeeper {
     pub edge_reports: Arc<EdgeBudgets>,
     /// The roles the API routes need ([`api_roles`]).
     pub routes: Arc<gw_core::roles::RouteTable>,
-    /// Rows for token holders refused by [`api_roles`] (a flood of requests the
-    /// edge forwarded with no token takes [`Self::budget`] instead).
+    /// Rows for requests the edge forwarded with no token, refused here
+    /// ([`api_roles`], [`not_found`], [`method_not_allowed`]): a route the edge
+    /// made public lets anyone cause them.
+    pub unstamped: Arc<RefusalBudget>,
+    /// Rows for the same refusals of token holders: no flood without a token
+    /// takes them.
     pub holders: Arc<RefusalBudget>,
 }
 
 impl Gatekeeper {
     /// Every budget whose sums the flusher writes.
     fn budgets(&self) -> impl Iterator<Item = &RefusalBudget> {
-        [&*self.budget, &*self.holders]
+        [&*self.budget, &*self.unstamped, &*self.holders]
             .into_iter()
             .chain(self.edge_reports.all())
+    }
+
+    /// The budget of a refusal of a request the edge forwarded, naming `who`.
+    fn forwarded(&self, who: Option<&gw_core::contract::Requester>) -> &RefusalBudget {
+        if who.is_some() {
+            &self.holders
+        } else {
+            &self.unstamped
+        }
     }
 }
 
@@ -525,25 +538,41 @@ pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) ->
             "the sidecar takes requests from the edge only: present its client certificate",
         ),
     };
-    let unrecorded = |g: &Gatekeeper| {
+    refuse_within(&g, &g.budget, code, detail, None, req).await
+}
+
+/// Answers `req` with `code`: with its row (naming `who`) when `budget` has room
+/// for it — after the row summing the refusals of its code that had none — else
+/// at once, its body unread, counted, and summed later ([`flush_unrecorded`]).
+async fn refuse_within(
+    g: &Gatekeeper,
+    budget: &RefusalBudget,
+    code: Code,
+    detail: impl Into<std::borrow::Cow<'static, str>>,
+    who: Option<gw_core::contract::Requester>,
+    req: Request,
+) -> Response {
+    let detail = detail.into();
+    let unrecorded = |detail| {
         g.metrics.decision(code.as_str());
         g.metrics.unrecorded(code.as_str());
-        ApiError::new(code, detail).into_response()
+        ApiError::with(code, detail).into_response()
     };
-    let Some(owed) = g.budget.take(code) else {
-        // Over the budget: answered at once, its body unread, no row of its own.
-        return unrecorded(&g);
+    let Some(owed) = budget.take(code) else {
+        return unrecorded(detail);
     };
-    tracing::warn!(path = %req.uri().path(), code = %code, "refused a caller that is not the edge");
+    if matches!(code, Code::Unauthenticated | Code::ForbiddenPeer) {
+        tracing::warn!(path = %req.uri().path(), code = %code, "refused a caller that is not the edge");
+    }
     if owed > 0 {
-        if let Err(e) = write_sum(&g, &g.budget, code, owed).await {
+        if let Err(e) = write_sum(g, budget, code, owed).await {
             // Owed again, this one with them.
             tracing::warn!(error = %e, "the sum of unrecorded refusals was not written");
-            g.budget.owe(code, 1);
-            return unrecorded(&g);
+            budget.owe(code, 1);
+            return unrecorded(detail);
         }
     }
-    refuse(&g, code, detail, req).await
+    refuse_as(g, code, detail, who, req).await
 }
 
 /// Checks the role an API route needs ([`Gatekeeper::routes`], the filter's
@@ -591,22 +620,7 @@ pub async fn api_roles(State(g): State<Gatekeeper>, req: Request, next: Next) ->
             )
         }
     };
-    let budget = if who.is_some() { &g.holders } else { &g.budget };
-    let Some(owed) = budget.take(code) else {
-        g.metrics.decision(code.as_str());
-        g.metrics.unrecorded(code.as_str());
-        return ApiError::with(code, detail).into_response();
-    };
-    if owed > 0 {
-        if let Err(e) = write_sum(&g, budget, code, owed).await {
-            tracing::warn!(error = %e, "the sum of unrecorded refusals was not written");
-            budget.owe(code, 1);
-            g.metrics.decision(code.as_str());
-            g.metrics.unrecorded(code.as_str());
-            return ApiError::with(code, detail).into_response();
-        }
-    }
-    refuse_as(&g, code, detail, who, req).await
+    refuse_within(&g, g.forwarded(who.as_ref()), code, detail, who, req).await
 }
 
 /// Writes the sums of refusals that went beyond the budget ([`RefusalBudget`]) once
@@ -666,8 +680,9 @@ async fn write_sum(
 /// its ledger row like every refusal.
 pub async fn not_found(State(g): State<Gatekeeper>, req: Request) -> Response {
     let who = edge_requester(&req);
-    refuse_as(
+    refuse_within(
         &g,
+        g.forwarded(who.as_ref()),
         Code::NotFound,
         "the sidecar has no such route",
         who,
@@ -689,8 +704,9 @@ fn edge_requester(req: &Request) -> Option<gw_core::contract::Requester> {
 /// refusal (axum's own 405 wrote none).
 pub async fn method_not_allowed(g: Gatekeeper, req: Request) -> Response {
     let who = edge_requester(&req);
-    refuse_as(
+    refuse_within(
         &g,
+        g.forwarded(who.as_ref()),
         Code::MethodNotAllowed,
         "the sidecar serves this path with other methods",
         who,
@@ -729,11 +745,8 @@ async fn body_prefix(body: Body, max: usize, wait: std::time::Duration) -> Vec<u
 /// written on a task of its own, the read bounded by [`REFUSED_BODY_WAIT`]: a caller
 /// that hangs up mid-body, or trickles it, neither keeps its refusal out of the
 /// ledger nor holds the answer.
-async fn refuse(g: &Gatekeeper, code: Code, detail: &'static str, req: Request) -> Response {
-    refuse_as(g, code, detail, None, req).await
-}
-
-/// [`refuse`], the row naming `requester` when the edge verified a token.
+///
+/// The row names `requester` when the edge verified a token.
 async fn refuse_as(
     g: &Gatekeeper,
     code: Code,

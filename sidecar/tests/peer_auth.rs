@@ -423,6 +423,7 @@ fn the_sidecar_checks_each_api_routes_role_again_and_records_every_refusal() {
     // models' list for anyone the edge lets through.
     cfg.file.routes = vec![
         RouteRule::needs("/api/ledger/", "auditor"),
+        RouteRule::needs("/api/realtime", "auditor"),
         RouteRule {
             prefix: "/api/models".into(),
             role: None,
@@ -549,5 +550,41 @@ fn the_sidecar_checks_each_api_routes_role_again_and_records_every_refusal() {
     assert!(
         metrics.contains("gw_sidecar_refusals_unrecorded_total{code=\"jwt_missing\"}"),
         "{metrics}"
+    );
+    // The flood stops: what had no row is summed within a second or two, and
+    // every refusal without a token is accounted for.
+    let sum_of = |r: &gw_core::ledger::LedgerRow| {
+        let v: Value = serde_json::from_str(&r.args_json).ok()?;
+        v["unrecorded"].as_u64()
+    };
+    let no_token = 2 + burst as u64 + 20;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let rows = common::wait_rows(&ch, 0);
+        let (summed, single): (Vec<_>, Vec<_>) = rows
+            .iter()
+            .filter(|r| r.code == "jwt_missing")
+            .partition(|r| sum_of(r).is_some());
+        let total = single.len() as u64 + summed.iter().filter_map(|r| sum_of(r)).sum::<u64>();
+        if total == no_token {
+            assert!(!summed.is_empty() && summed.iter().all(|r| r.route.is_empty()));
+            break;
+        }
+        assert!(
+            total < no_token && std::time::Instant::now() < deadline,
+            "{total} of {no_token} refusals without a token accounted for"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The stream's own check follows the table too: a role of the operator's
+    // own opens it (here the request is no upgrade, so the stream refuses it as
+    // malformed, past both role checks); viewer does not.
+    assert_eq!(
+        ask("GET", "/api/realtime", Some("viewer")),
+        refused("forbidden_role")
+    );
+    assert_eq!(
+        ask("GET", "/api/realtime", Some("auditor")),
+        (400, "malformed".to_owned())
     );
 }

@@ -319,6 +319,7 @@ fn a_client_that_stops_reading_is_closed_with_4008_and_counted() {
             // Long enough that the stall below ends before it: the lag is what closes.
             write_timeout_ms: 30_000,
             ping_ms: 25_000,
+            ..RealtimeConfig::default()
         },
         None,
     );
@@ -415,6 +416,7 @@ fn a_stream_ends_when_its_token_expires() {
             write_timeout_ms: 5_000,
             // No ping while the second stream is not read.
             ping_ms: 20_000,
+            ..RealtimeConfig::default()
         },
         None,
     );

@@ -142,6 +142,14 @@ fn send_transaction_has_a_solana_nodes_landing_semantics() {
             .find(|(m, _)| m == "simulateTransaction")
             .unwrap();
         assert_eq!(last.1[1]["commitment"], "processed");
+        // `binary`, Agave's old name of base58, is base58.
+        let (w9, _, s9, _) = tx(9, 0);
+        let body = json!({"jsonrpc": "2.0", "id": 7, "method": "sendTransaction", "params": [
+            bs58::encode(&w9).into_string(),
+            {"encoding": "binary", "skipPreflight": true, "maxRetries": 0},
+        ]});
+        let r = call(serde_json::to_vec(&body).unwrap()).await;
+        assert_eq!(r["result"], s9, "{r}");
 
         // maxRetries 2: the first send and two more, then it stops.
         let (w3, b3, s3, _) = tx(3, 0);

@@ -322,8 +322,7 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
     );
     assert_eq!(r["error"]["code"], -32602, "{r}");
     let mut tampered = hex::decode(txs[1]["hex"].as_str().unwrap()).unwrap();
-    let n = tampered.len();
-    tampered[n - 1] ^= 1;
+    tampered[1] ^= 1; // its signature
     let r = rpc(
         &s,
         json!({"jsonrpc": "2.0", "id": 1, "method": "sendTransaction", "params": [b64(&tampered), {"encoding": "base64"}]}),
@@ -335,6 +334,31 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
             .as_str()
             .unwrap()
             .starts_with("Transaction signature verification failure"),
+        "{r}"
+    );
+    // One Agave would not sanitize (its fee payer called as a program): refused
+    // in Agave's words, not sent.
+    let unsanitary = {
+        use ed25519_dalek::Signer;
+        let k = SigningKey::from_bytes(&[77u8; 32]);
+        let mut msg = vec![1u8, 0, 0, 1];
+        msg.extend_from_slice(&k.verifying_key().to_bytes());
+        msg.extend_from_slice(&[9u8; 32]);
+        msg.extend_from_slice(&[1, 0, 0, 0]); // program 0, no accounts, no data
+        let mut w = vec![1u8];
+        w.extend_from_slice(&k.sign(&msg).to_bytes());
+        w.extend_from_slice(&msg);
+        w
+    };
+    let r = rpc(
+        &s,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "sendTransaction", "params": [b64(&unsanitary), {"encoding": "base64"}]}),
+    );
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().starts_with(
+            "invalid transaction: Transaction failed to sanitize accounts offsets correctly"
+        ),
         "{r}"
     );
     let r = rpc(
@@ -738,4 +762,55 @@ fn each_sends_row_names_who_asked_for_it() {
     ];
     want.sort();
     assert_eq!(rows.lines().collect::<Vec<_>>(), want);
+}
+
+/// The transaction parser refuses what Agave's RPC would not send, and takes what
+/// it would: 3 000 messages (legacy and v0, many with indexes out of bounds, some
+/// with a key listed twice) serialized by solders, each held to the SDK's own
+/// `sanitize` (and Agave's duplicate-key rule).
+#[test]
+fn the_transaction_parser_sanitizes_as_the_solana_sdk_does() {
+    use gw_sidecar::sender::txwire::{self, TxError};
+    let out = testkit::run_python(
+        &[
+            testkit::workspace_root()
+                .join("sidecar/tests/py/sanitize_cases.py")
+                .to_str()
+                .unwrap(),
+            "7",
+            "3000",
+        ],
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut seen = std::collections::BTreeMap::<&str, usize>::new();
+    let text = String::from_utf8(out.stdout).unwrap();
+    for line in text.lines() {
+        let c: Value = serde_json::from_str(line).unwrap();
+        let raw = hex::decode(c["hex"].as_str().unwrap()).unwrap();
+        let expect = c["expect"].as_str().unwrap();
+        let got = txwire::parse(&raw, false);
+        let agrees = match expect {
+            "ok" => got.is_ok(),
+            "dup" => got == Err(TxError::AccountLoadedTwice),
+            _ => matches!(got, Err(TxError::Sanitize(_) | TxError::Malformed(_))),
+        };
+        assert!(agrees, "solders says {expect}, txwire {got:?}: {line}");
+        *seen
+            .entry(match expect {
+                "ok" => "ok",
+                "dup" => "dup",
+                _ => "refused",
+            })
+            .or_default() += 1;
+    }
+    assert_eq!(seen.values().sum::<usize>(), 3000);
+    assert!(
+        seen["ok"] > 200 && seen["dup"] > 20 && seen["refused"] > 1000,
+        "{seen:?}"
+    );
 }

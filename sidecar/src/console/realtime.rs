@@ -50,7 +50,7 @@ pub const CLOSE_SLOW: u16 = 4008;
 /// Close code for a stream whose token expired (it was checked at the upgrade
 /// only: the page opens a new one with a new token).
 pub const CLOSE_EXPIRED: u16 = 4001;
-/// The role a stream needs.
+/// The role a stream needs by default (the shipped `routes`).
 pub const ROLE: &str = "viewer";
 
 /// `realtime` in the sidecar's configuration.
@@ -73,6 +73,15 @@ pub struct RealtimeConfig {
     /// Ping period (keeps proxies' idle timers from closing a quiet stream).
     #[serde(default = "default_ping")]
     pub ping_ms: u64,
+    /// The role a stream needs: the sidecar's `routes` rule for `/api/realtime`
+    /// (set at start, not read from this section; `None`: a public rule, any
+    /// token).
+    #[serde(skip, default = "default_role")]
+    pub role: Option<String>,
+}
+
+fn default_role() -> Option<String> {
+    Some(ROLE.to_owned())
 }
 
 fn default_max_clients() -> usize {
@@ -99,6 +108,7 @@ impl Default for RealtimeConfig {
             queue: default_queue(),
             write_timeout_ms: default_write_timeout(),
             ping_ms: default_ping(),
+            role: default_role(),
         }
     }
 }
@@ -392,7 +402,7 @@ fn accept_key(key: &[u8]) -> String {
 const MAX_CLIENT_MESSAGE: usize = 1024;
 
 /// The stream's route.
-const PATH: &str = "/api/realtime";
+pub const PATH: &str = "/api/realtime";
 
 async fn upgrade(
     State(hub): State<Arc<Hub>>,
@@ -416,10 +426,15 @@ async fn upgrade(
         return hub.refuse(e, Some(&who.requester)).await;
     }
     let roles: Vec<&str> = who.requester.roles.split(',').map(str::trim).collect();
-    if !gw_core::roles::satisfies(&roles, ROLE) {
+    if let Some(role) = hub
+        .cfg
+        .role
+        .as_deref()
+        .filter(|r| !gw_core::roles::satisfies(&roles, r))
+    {
         let e = ApiError::with(
             Code::ForbiddenRole,
-            format!("the stream needs role `{ROLE}`"),
+            format!("the stream needs role `{role}`"),
         );
         return hub.refuse(e, Some(&who.requester)).await;
     }

@@ -48,7 +48,6 @@ pub struct Checkpointer {
     path: PathBuf,
     every_rows: u64,
     every: Duration,
-    last_size: u64,
     last_at: Instant,
     /// Bytes of whole notes in the file: where the next one goes (`None` until
     /// the file could be read).
@@ -87,12 +86,11 @@ impl Checkpointer {
                 (Vec::new(), None)
             }
         };
-        let (mut last_size, mut bad) = (0, 0);
+        let mut bad = 0;
         let mut anchors = BTreeMap::<String, Checkpoint>::new();
         for r in open_all(&String::from_utf8_lossy(&kept), KEY_NAME, &vk) {
             match r {
                 Ok(c) => {
-                    last_size = last_size.max(c.size);
                     if let Some(id) = c.chain_id() {
                         if anchors.get(id).is_none_or(|a| a.size < c.size) {
                             anchors.insert(id.to_owned(), c.clone());
@@ -113,7 +111,6 @@ impl Checkpointer {
             path,
             every_rows: every_rows.max(1),
             every,
-            last_size,
             last_at: Instant::now(),
             whole,
             entry_synced: false,
@@ -134,9 +131,12 @@ impl Checkpointer {
         &self.path
     }
 
-    /// Whether a checkpoint of a chain of `size` rows is due.
-    pub fn due(&self, size: u64) -> bool {
-        let grown = size.saturating_sub(self.last_size);
+    /// Whether a checkpoint of chain `chain_id`, now of `size` rows, is due: by
+    /// its own last checkpoint (a node renamed checkpoints its new chain from its
+    /// first rows).
+    pub fn due(&self, chain_id: &str, size: u64) -> bool {
+        let last = self.anchors.lock().get(chain_id).map_or(0, |a| a.size);
+        let grown = size.saturating_sub(last);
         grown >= self.every_rows || (grown > 0 && self.last_at.elapsed() >= self.every)
     }
 
@@ -144,14 +144,13 @@ impl Checkpointer {
     /// is due ([`Checkpointer::due`]); `Ok(true)` when written. Blocks for the
     /// append's `fsync`: call it off the async runtime's workers.
     pub fn tick(&mut self, chain_id: &str, size: u64, head: [u8; 32]) -> std::io::Result<bool> {
-        if !self.due(size) {
+        if !self.due(chain_id, size) {
             return Ok(false);
         }
         let checkpoint = Checkpoint::for_chain(chain_id, size, head);
         let note = checkpoint.sign(KEY_NAME, &self.key);
         self.append(note.as_bytes())?;
         self.anchors.lock().insert(chain_id.to_owned(), checkpoint);
-        self.last_size = size;
         self.last_at = Instant::now();
         self.unsent.push_back(CheckpointRow {
             chain_id: chain_id.to_owned(),
@@ -312,8 +311,11 @@ mod tests {
             anchors.lock()["node-1"],
             Checkpoint::for_chain("node-1", 5, [2; 32])
         );
-        // The node renamed: its old chain's checkpoints still anchor that chain.
-        assert!(c.tick("node-2", 7, [3; 32]).unwrap());
+        // The node renamed: its new chain is checkpointed from its first rows
+        // (not once it outgrows the old one), and the old chain's checkpoints
+        // still anchor that chain.
+        assert!(c.due("node-2", 2));
+        assert!(c.tick("node-2", 2, [3; 32]).unwrap());
         let path = c.path().to_owned();
         drop(c);
         // A note another key signed is no anchor.
@@ -333,7 +335,7 @@ mod tests {
                 ),
                 (
                     "node-2".to_owned(),
-                    Checkpoint::for_chain("node-2", 7, [3; 32])
+                    Checkpoint::for_chain("node-2", 2, [3; 32])
                 ),
             ]
         );

@@ -1011,7 +1011,9 @@ impl Shipper {
                 }
             }
             if let Some((seq, head)) = self.own {
-                let due = checkpointer.as_ref().is_some_and(|c| c.due(seq));
+                let due = checkpointer
+                    .as_ref()
+                    .is_some_and(|c| c.due(&self.chain_id, seq));
                 if let Some(mut c) = checkpointer.take_if(|_| due) {
                     // The append and its fsync run off the async workers.
                     let (chain, path) = (self.chain_id.clone(), c.path().to_owned());

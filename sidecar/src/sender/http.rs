@@ -341,6 +341,7 @@ fn status_json(dp: &DataPlane) -> Value {
             "retries_spent": l.stats.retries_spent.load(Ordering::Relaxed),
             "not_tracked": l.stats.not_tracked.load(Ordering::Relaxed),
             "refused": l.stats.refused.load(Ordering::Relaxed),
+            "status_busy": l.stats.status_busy.load(Ordering::Relaxed),
         })),
     })
 }

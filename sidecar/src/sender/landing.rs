@@ -164,6 +164,9 @@ pub struct LandingStats {
     pub not_tracked: AtomicU64,
     /// Rebroadcasts ended because the gating module no longer lets sends through.
     pub refused: AtomicU64,
+    /// Clients' `getSignatureStatuses` refused `busy`: no turn within a node
+    /// call's timeout.
+    pub status_busy: AtomicU64,
 }
 
 /// One transaction being rebroadcast.
@@ -308,7 +311,11 @@ impl Landing {
             .call("getSlot", json!([{"commitment": commitment}]))
             .await?
             .as_u64()
-            .unwrap_or(0);
+            .ok_or_else(|| NodeError {
+                code: -32603,
+                message: "the RPC node answered getSlot with no slot".to_owned(),
+                data: None,
+            })?;
         if slot < min {
             return Err(NodeError {
                 code: MIN_CONTEXT_SLOT_NOT_REACHED,
@@ -388,12 +395,12 @@ impl Landing {
         let now = Instant::now();
         let start_loop = {
             let mut p = self.pending.lock();
+            if p.txs.contains_key(&signature) {
+                return; // already rebroadcast (a client resent the same bytes)
+            }
             if p.txs.len() >= self.cfg.max_pending {
                 self.stats.not_tracked.fetch_add(1, Ordering::Relaxed);
                 return;
-            }
-            if p.txs.contains_key(&signature) {
-                return; // already rebroadcast (a client resent the same bytes)
             }
             p.txs.insert(
                 signature,
@@ -658,11 +665,30 @@ impl Landing {
             None => json!([signatures]),
         };
         let mut r = {
-            let _turn = self.status_calls.acquire().await.map_err(|_| NodeError {
-                code: -32603,
-                message: "shutting down".to_owned(),
-                data: None,
-            })?;
+            // Waits at most a node call's timeout for a turn: one client's batch
+            // of calls does not hold everyone else's polling until their own
+            // clients give up.
+            let wait = Duration::from_millis(self.cfg.timeout_ms);
+            let _turn = match tokio::time::timeout(wait, self.status_calls.acquire()).await {
+                Ok(Ok(turn)) => turn,
+                Ok(Err(_)) => {
+                    return Err(NodeError {
+                        code: -32603,
+                        message: "shutting down".to_owned(),
+                        data: None,
+                    })
+                }
+                Err(_) => {
+                    self.stats.status_busy.fetch_add(1, Ordering::Relaxed);
+                    return Err(NodeError {
+                        code: super::rpc::code::REFUSED,
+                        message: format!(
+                            "busy: {STATUS_CONCURRENCY} status calls to the RPC node are running; retry later"
+                        ),
+                        data: None,
+                    });
+                }
+            };
             self.call("getSignatureStatuses", params).await?
         };
         let seen = self.seen.lock();

@@ -148,6 +148,7 @@ impl Collector for SenderCollector {
                     ([("event", "retries_spent")], load(&st.retries_spent)),
                     ([("event", "not_tracked")], load(&st.not_tracked)),
                     ([("event", "refused")], load(&st.refused)),
+                    ([("event", "status_busy")], load(&st.status_busy)),
                 ],
             )?;
         }

@@ -350,6 +350,8 @@ fn encoding(opts: Option<&Value>) -> Result<&str, RpcErr> {
     match opts.and_then(|o| o.get("encoding")) {
         None | Some(Value::Null) => Ok("base58"),
         Some(Value::String(s)) if s == "base58" || s == "base64" => Ok(s.as_str()),
+        // Agave's deprecated name of base58.
+        Some(Value::String(s)) if s == "binary" => Ok("base58"),
         Some(other) => Err((
             code::INVALID_PARAMS,
             format!("unsupported encoding {other}: base58 or base64"),
@@ -374,6 +376,10 @@ fn decode_tx_info(s: &str, encoding: &str) -> Result<(Bytes, txwire::TxInfo), Rp
             code::SIGNATURE_VERIFICATION_FAILURE,
             format!("Transaction signature verification failure: {e}"),
         ),
+        // Agave's words: "invalid transaction: …".
+        DecodeError::Tx(e @ (TxError::Sanitize(_) | TxError::AccountLoadedTwice)) => {
+            (code::INVALID_PARAMS, e.to_string())
+        }
         DecodeError::Tx(e) => (
             code::INVALID_PARAMS,
             format!("failed to deserialize transaction: {e}"),
