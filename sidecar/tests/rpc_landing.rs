@@ -654,3 +654,34 @@ fn upstream_answers_are_bounded_and_errors_never_show_the_url() {
         assert!(!e.to_string().contains(KEY), "{e}");
     });
 }
+
+/// A slow node delays no resend: a round waits for the node's answers at most a
+/// rebroadcast period, and a transaction due is sent again on time whatever the
+/// node has not said yet (Agave's service resends on its timer). Before, a round
+/// waited for every status call, then for every blockhash check.
+#[test]
+fn a_slow_node_delays_no_rebroadcast() {
+    let rt = runtime();
+    let node = RpcNode::start(1010);
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let rig = rig_to(&rx, &node, 200);
+        // Every answer 900 ms late, within a call's 1 s deadline: a round that
+        // waited for both polls in turn took 1.8 s, nine periods.
+        node.set_delay(Duration::from_millis(900));
+        let ctx = rig.ctx();
+        let (w, b64, sig, _) = tx(60, 0);
+        let r = rpc::handle(&ctx, &send(&b64, json!({"skipPreflight": true}))).await;
+        assert_eq!(r["result"], sig, "{r}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+        while copies(&rx, &w) < 8 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} copies in 4 s at a period of 200 ms: resends waited for the node",
+                copies(&rx, &w)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(node.count("getSignatureStatuses") > 0 && node.count("isBlockhashValid") > 0);
+    });
+}

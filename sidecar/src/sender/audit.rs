@@ -461,6 +461,24 @@ mod tests {
         (opened.start(None, sinks).unwrap(), q)
     }
 
+    /// A row journalled by an older version (no `scored_by`, no `requester`, no
+    /// `token_issuer`; NaN written as `null`) reads back with those empty.
+    #[test]
+    fn rows_journalled_before_the_newer_columns_read_back() {
+        let old = r#"{"ts_us":1,"signature":"s","source":"rpc","module":"mev","kind":"transaction","primary":"tpu","route":"tpu","hedged":0,"outcome":"landed","latency_us":5,"leader":"","tip":0.0,"score":null,"tpu_error":"","relay_error":"","bytes":100}"#;
+        let row: SendRow = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (
+                row.scored_by.as_str(),
+                row.requester.as_str(),
+                row.token_issuer.as_str()
+            ),
+            ("", "", "")
+        );
+        assert!(row.score.is_nan());
+        assert_eq!((row.signature.as_str(), row.bytes), ("s", 100));
+    }
+
     /// Rows not shipped are kept by a start that ships nothing (no sender, no
     /// ClickHouse): the journal rolls and drops its old segments around them, and
     /// a later start still finds them.

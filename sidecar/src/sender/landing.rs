@@ -17,9 +17,11 @@
 //!   transaction in flight, in rounds at a quarter of `rebroadcast_ms`: one
 //!   `getSignatureStatuses` per 256 signatures due, and one `isBlockhashValid` per
 //!   blockhash in use at most once per `rebroadcast_ms` (so "five in a row" is
-//!   five periods), up to 8 calls at once; the node's load grows with the
-//!   blockhashes in use, not with the transactions. A transaction whose resend
-//!   is still on its way is not resent again;
+//!   five periods), up to 8 calls of each kind at once; the node's load grows
+//!   with the blockhashes in use, not with the transactions. A round waits for
+//!   the node at most `rebroadcast_ms`: what it has not answered by then is
+//!   unknown, and a transaction due is resent on time all the same. A
+//!   transaction whose resend is still on its way is not resent again;
 //! - **`getSignatureStatuses`**: the node's answer, with the statuses the
 //!   rebroadcast loop saw confirmed filled in where the node has none (e.g. a
 //!   lagging node behind a load balancer).
@@ -476,16 +478,27 @@ impl Landing {
             if due.is_empty() {
                 continue;
             }
-            let statuses = self.poll_statuses(&due).await;
-            let expired = self.poll_blockhashes(hashes, every).await;
+            // Both polls at once, and no longer than a period: what the node has
+            // not answered by then is taken as unknown (not seen, not expired), so
+            // a slow or silent node delays no resend beyond its period — as
+            // Agave's service resends on its timer, whatever it learns.
+            let round = tokio::time::Instant::now() + every;
+            let (statuses, expired) = tokio::join!(
+                self.poll_statuses(&due, round),
+                self.poll_blockhashes(hashes, every, round)
+            );
             self.settle(due, &statuses, &expired, now + every);
         }
     }
 
-    /// `getSignatureStatuses` for `sigs`, 256 at a time, a few calls at once: each
-    /// signature's status (absent when the node did not answer, `Null` when it has
-    /// none).
-    async fn poll_statuses(&self, sigs: &[String]) -> HashMap<String, Value> {
+    /// `getSignatureStatuses` for `sigs`, 256 at a time, a few calls at once, until
+    /// `deadline`: each signature's status (absent when the node did not answer in
+    /// time, `Null` when it has none).
+    async fn poll_statuses(
+        &self,
+        sigs: &[String],
+        deadline: tokio::time::Instant,
+    ) -> HashMap<String, Value> {
         use futures_util::stream::{self, StreamExt};
         // Owned chunks: a future over borrowed ones is not `Send` for every
         // lifetime, which `tokio::spawn` needs.
@@ -505,6 +518,7 @@ impl Landing {
                 (chunk, v)
             })
             .buffer_unordered(ROUND_CONCURRENCY)
+            .take_until(tokio::time::sleep_until(deadline))
             .collect()
             .await;
         let mut out = HashMap::with_capacity(sigs.len());
@@ -519,8 +533,14 @@ impl Landing {
     }
 
     /// `isBlockhashValid` for each blockhash not asked within `every`, a few at
-    /// once; returns the blockhashes that count as expired.
-    async fn poll_blockhashes(&self, hashes: HashSet<String>, every: Duration) -> HashSet<String> {
+    /// once, until `deadline` (one not answered by then is asked again next
+    /// round); returns the blockhashes that count as expired.
+    async fn poll_blockhashes(
+        &self,
+        hashes: HashSet<String>,
+        every: Duration,
+        deadline: tokio::time::Instant,
+    ) -> HashSet<String> {
         use futures_util::stream::{self, StreamExt};
         let now = Instant::now();
         let ask: Vec<String> = {
@@ -545,6 +565,7 @@ impl Landing {
                 (h, v)
             })
             .buffer_unordered(ROUND_CONCURRENCY)
+            .take_until(tokio::time::sleep_until(deadline))
             .collect()
             .await;
         let mut known = self.blockhashes.lock();
