@@ -181,51 +181,62 @@ fn take<'a>(buf: &'a [u8], pos: &mut usize, n: usize) -> Result<&'a [u8], TxErro
     Ok(s)
 }
 
-/// Parses `wire`; with `verify`, checks every signature too.
+/// Parses `wire`; with `verify`, checks every signature too. The whole message is
+/// read first (what Agave's decoding refuses is [`TxError::Malformed`]), then
+/// sanitized ([`TxError::Sanitize`], [`TxError::AccountLoadedTwice`]), then its
+/// signatures verified — Agave's order. Allocates nothing.
 pub fn parse(wire: &[u8], verify: bool) -> Result<TxInfo, TxError> {
     if wire.len() > MAX_TX_BYTES {
         return Err(TxError::TooLarge(wire.len()));
     }
     let mut pos = 0;
     let n_sigs = shortvec(wire, &mut pos)?;
-    if n_sigs == 0 {
-        return Err(TxError::Malformed("no signatures"));
-    }
     let sigs = take(wire, &mut pos, n_sigs * 64)?;
     let message = &wire[pos..];
     let mut m = 0;
     let first = *message.first().ok_or(TxError::Malformed("no message"))?;
-    if first & 0x80 != 0 {
+    let v0 = first & 0x80 != 0;
+    if v0 {
         if first & 0x7f != 0 {
             return Err(TxError::Malformed("unsupported message version"));
         }
         m += 1;
     }
-    let header = take(message, &mut m, 3)?;
-    let required = usize::from(header[0]);
-    if required != n_sigs {
-        return Err(TxError::Malformed(
-            "signature count differs from the message header",
-        ));
-    }
+    let header: [u8; 3] = take(message, &mut m, 3)?
+        .try_into()
+        .map_err(|_| TxError::Malformed("header"))?;
     let n_keys = shortvec(message, &mut m)?;
     let keys = take(message, &mut m, n_keys * 32)?;
     let blockhash =
         take(message, &mut m, 32).map_err(|_| TxError::Malformed("no recent blockhash"))?;
-    // Instructions: (program index, account indexes), checked once the lookups
-    // say how many keys the message loads.
+    let mut shape = Shape {
+        signatures: n_sigs,
+        header,
+        keys: n_keys,
+        loaded: 0,
+        empty_lookup: false,
+        bad_program: None,
+        max_account: None,
+    };
     let n_ix = shortvec(message, &mut m)?;
-    let mut instructions = Vec::with_capacity(n_ix.min(MAX_TX_BYTES / 3));
     for _ in 0..n_ix {
         let program = take(message, &mut m, 1)?[0];
+        if shape.bad_program.is_none() {
+            // Programs are static keys (never loaded from a table), and never the
+            // fee payer.
+            if usize::from(program) >= n_keys {
+                shape.bad_program = Some("an instruction's program is not an account key");
+            } else if program == 0 {
+                shape.bad_program = Some("the fee payer called as a program");
+            }
+        }
         let n_accounts = shortvec(message, &mut m)?;
         let accounts = take(message, &mut m, n_accounts)?;
+        shape.max_account = accounts.iter().copied().chain(shape.max_account).max();
         let n_data = shortvec(message, &mut m)?;
         take(message, &mut m, n_data)?;
-        instructions.push((program, accounts));
     }
-    let mut n_loaded = 0usize;
-    if first & 0x80 != 0 {
+    if v0 {
         let n_lookups = shortvec(message, &mut m)?;
         for _ in 0..n_lookups {
             take(message, &mut m, 32)?;
@@ -233,40 +244,49 @@ pub fn parse(wire: &[u8], verify: bool) -> Result<TxInfo, TxError> {
             take(message, &mut m, writable)?;
             let readonly = shortvec(message, &mut m)?;
             take(message, &mut m, readonly)?;
-            if writable + readonly == 0 {
-                return Err(TxError::Sanitize("a lookup table that loads no account"));
-            }
-            n_loaded += writable + readonly;
+            shape.empty_lookup |= writable + readonly == 0;
+            shape.loaded += writable + readonly;
         }
     }
     if m != message.len() {
         return Err(TxError::Malformed("bytes after the message"));
     }
-    sanitize(header, n_keys, n_loaded, &instructions)?;
-    let mut sorted: Vec<&[u8]> = keys.chunks_exact(32).collect();
-    sorted.sort_unstable();
-    if sorted.windows(2).any(|w| w[0] == w[1]) {
-        return Err(TxError::AccountLoadedTwice);
+    shape.sanitize()?;
+    // No key twice (n ≤ 38 in a packet: the pairs cost less than a sort's
+    // allocation).
+    for (i, key) in keys.chunks_exact(32).enumerate() {
+        if keys.chunks_exact(32).skip(i + 1).any(|other| other == key) {
+            return Err(TxError::AccountLoadedTwice);
+        }
     }
     if verify {
         for i in 0..n_sigs {
-            let key: [u8; 32] = keys[i * 32..i * 32 + 32]
-                .try_into()
-                .map_err(|_| TxError::Malformed("key"))?;
-            let sig: [u8; 64] = sigs[i * 64..i * 64 + 64]
-                .try_into()
-                .map_err(|_| TxError::Malformed("signature"))?;
+            // Each signature's key is a static key: sanitized.
+            let key: [u8; 32] = keys
+                .get(i * 32..i * 32 + 32)
+                .and_then(|k| k.try_into().ok())
+                .ok_or(TxError::Malformed("key"))?;
+            let sig: [u8; 64] = sigs
+                .get(i * 64..i * 64 + 64)
+                .and_then(|s| s.try_into().ok())
+                .ok_or(TxError::Malformed("signature"))?;
             let vk = VerifyingKey::from_bytes(&key).map_err(|_| TxError::BadSignature(i))?;
             vk.verify_strict(message, &Signature::from_bytes(&sig))
                 .map_err(|_| TxError::BadSignature(i))?;
         }
     }
-    let mut signature = [0u8; 64];
-    signature.copy_from_slice(&sigs[..64]);
-    let mut fee_payer = [0u8; 32];
-    fee_payer.copy_from_slice(&keys[..32]);
-    let mut recent_blockhash = [0u8; 32];
-    recent_blockhash.copy_from_slice(blockhash);
+    // At least one signature and one key: sanitized.
+    let signature: [u8; 64] = sigs
+        .get(..64)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(TxError::Malformed("no signatures"))?;
+    let fee_payer: [u8; 32] = keys
+        .get(..32)
+        .and_then(|k| k.try_into().ok())
+        .ok_or(TxError::Malformed("no fee payer"))?;
+    let recent_blockhash: [u8; 32] = blockhash
+        .try_into()
+        .map_err(|_| TxError::Malformed("no recent blockhash"))?;
     Ok(TxInfo {
         signature,
         signatures: n_sigs,
@@ -275,51 +295,60 @@ pub fn parse(wire: &[u8], verify: bool) -> Result<TxInfo, TxError> {
     })
 }
 
-/// Agave's `Message::sanitize` (legacy and v0) and `VersionedTransaction::sanitize`
-/// over what [`parse`] read: `header` (signatures, read-only signed, read-only
-/// unsigned), `n_keys` static keys, `n_loaded` keys loaded through lookup tables
-/// (0 for a legacy message), the instructions' program and account indexes.
-fn sanitize(
-    header: &[u8],
-    n_keys: usize,
-    n_loaded: usize,
-    instructions: &[(u8, &[u8])],
-) -> Result<(), TxError> {
-    let (required, ro_signed, ro_unsigned) = (
-        usize::from(header[0]),
-        usize::from(header[1]),
-        usize::from(header[2]),
-    );
-    if required + ro_unsigned > n_keys {
-        return Err(TxError::Sanitize(
-            "fewer account keys than the header needs",
-        ));
-    }
-    if ro_signed >= required {
-        return Err(TxError::Sanitize("the fee payer must be writable"));
-    }
-    let total = n_keys + n_loaded;
-    if total > 256 {
-        return Err(TxError::Sanitize("more than 256 account keys"));
-    }
-    for (program, accounts) in instructions {
-        // Programs are static keys (never loaded from a table), and never the
-        // fee payer.
-        if usize::from(*program) >= n_keys {
+/// What [`parse`] read of a message, for [`Shape::sanitize`].
+struct Shape {
+    /// Signatures the transaction carries.
+    signatures: usize,
+    /// Signatures required, read-only signed, read-only unsigned.
+    header: [u8; 3],
+    /// Static account keys.
+    keys: usize,
+    /// Keys loaded through lookup tables (0 for a legacy message).
+    loaded: usize,
+    /// A lookup table that loads nothing is listed.
+    empty_lookup: bool,
+    /// The first instruction's program that is no static key, or the fee payer.
+    bad_program: Option<&'static str>,
+    /// The largest account index an instruction names.
+    max_account: Option<u8>,
+}
+
+impl Shape {
+    /// Agave's `VersionedTransaction::sanitize` and `Message::sanitize` (legacy
+    /// and v0), in their order; every failure is Agave's `SanitizeFailure`.
+    fn sanitize(&self) -> Result<(), TxError> {
+        let [required, ro_signed, ro_unsigned] = self.header.map(usize::from);
+        if required != self.signatures {
             return Err(TxError::Sanitize(
-                "an instruction's program is not an account key",
+                "signature count differs from the message header",
             ));
         }
-        if *program == 0 {
-            return Err(TxError::Sanitize("the fee payer called as a program"));
+        if self.signatures > self.keys || required + ro_unsigned > self.keys {
+            return Err(TxError::Sanitize(
+                "fewer account keys than the header needs",
+            ));
         }
-        if accounts.iter().any(|a| usize::from(*a) >= total) {
+        if ro_signed >= required {
+            // Also no signature at all.
+            return Err(TxError::Sanitize("the fee payer must be writable"));
+        }
+        if self.empty_lookup {
+            return Err(TxError::Sanitize("a lookup table that loads no account"));
+        }
+        let total = self.keys + self.loaded;
+        if total > 256 {
+            return Err(TxError::Sanitize("more than 256 account keys"));
+        }
+        if let Some(why) = self.bad_program {
+            return Err(TxError::Sanitize(why));
+        }
+        if self.max_account.is_some_and(|a| usize::from(a) >= total) {
             return Err(TxError::Sanitize(
                 "an instruction's account is not an account key",
             ));
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Builds a minimal legacy transaction (one signer, no instructions) signed by `key`:
@@ -441,7 +470,7 @@ mod tests {
             parse(&[], false),
             Err(TxError::Malformed("truncated length"))
         );
-        assert_eq!(parse(&[0], false), Err(TxError::Malformed("no signatures")));
+        assert_eq!(parse(&[0], false), Err(TxError::Malformed("no message")));
         assert_eq!(
             parse(&[0x80, 0x00], false),
             Err(TxError::Malformed("non-canonical length"))

@@ -293,7 +293,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .into_iter()
         .collect();
     let auditor = Auditor::new(ledger.enabled().then(|| journal.clone()));
-    realtime.set_auditor(auditor.clone());
 
     let mut keyring = cfg.keyring;
     // Admission and the agents check each command's signature; in one process the
@@ -315,6 +314,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         unstamped: Default::default(),
         holders: Default::default(),
     };
+    realtime.set_gate(gatekeeper.clone());
     let (control, t) = Control::start(
         ControlConfig {
             policy,

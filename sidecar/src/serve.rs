@@ -572,7 +572,13 @@ async fn refuse_within(
             return unrecorded(detail);
         }
     }
-    refuse_as(g, code, detail, who, req).await
+    let answer = refuse_as(g, code, detail, who, req).await;
+    if answer.is_err() {
+        // Its row was not written after all: owed, and summed once it can be.
+        budget.owe(code, 1);
+        g.metrics.unrecorded(code.as_str());
+    }
+    answer.unwrap_or_else(|a| a)
 }
 
 /// Checks the role an API route needs ([`Gatekeeper::routes`], the filter's
@@ -621,6 +627,34 @@ pub async fn api_roles(State(g): State<Gatekeeper>, req: Request, next: Next) ->
         }
     };
     refuse_within(&g, g.forwarded(who.as_ref()), code, detail, who, req).await
+}
+
+/// Records a refusal answered without its request (the realtime stream's, after
+/// the upgrade was taken apart): its row — the route and who asked — within the
+/// budget of requests the edge forwarded (with a token or without), else
+/// counted and summed later. `Err`: the ledger refused the row (owed).
+pub async fn record_refusal(
+    g: &Gatekeeper,
+    code: Code,
+    who: Option<&gw_core::contract::Requester>,
+    route: &str,
+) -> Result<(), crate::ledger::AuditError> {
+    let budget = g.forwarded(who);
+    let unrecorded = || {
+        g.metrics.unrecorded(code.as_str());
+        Ok(())
+    };
+    let Some(owed) = budget.take(code) else {
+        return unrecorded();
+    };
+    if owed > 0 && write_sum(g, budget, code, owed).await.is_err() {
+        budget.owe(code, 1);
+        return unrecorded();
+    }
+    g.auditor
+        .refusal(code, &[], who, route)
+        .await
+        .inspect_err(|_| budget.owe(code, 1))
 }
 
 /// Writes the sums of refusals that went beyond the budget ([`RefusalBudget`]) once
@@ -746,14 +780,15 @@ async fn body_prefix(body: Body, max: usize, wait: std::time::Duration) -> Vec<u
 /// that hangs up mid-body, or trickles it, neither keeps its refusal out of the
 /// ledger nor holds the answer.
 ///
-/// The row names `requester` when the edge verified a token.
+/// The row names `requester` when the edge verified a token. `Err`: the row was
+/// not written (the answer says why).
 async fn refuse_as(
     g: &Gatekeeper,
     code: Code,
     detail: impl Into<std::borrow::Cow<'static, str>>,
     requester: Option<gw_core::contract::Requester>,
     req: Request,
-) -> Response {
+) -> Result<Response, Response> {
     let g = g.clone();
     let recorded = tokio::spawn(async move {
         let path = req.uri().path().to_owned();
@@ -767,9 +802,10 @@ async fn refuse_as(
     })
     .await;
     match recorded {
-        Ok(Ok(())) => ApiError::with(code, detail),
-        Ok(Err(e)) => ApiError::from(e),
-        Err(e) => ApiError::with(Code::Unavailable, format!("refusal not recorded: {e}")),
+        Ok(Ok(())) => Ok(ApiError::with(code, detail).into_response()),
+        Ok(Err(e)) => Err(ApiError::from(e).into_response()),
+        Err(e) => Err(
+            ApiError::with(Code::Unavailable, format!("refusal not recorded: {e}")).into_response(),
+        ),
     }
-    .into_response()
 }

@@ -599,4 +599,17 @@ fn the_sidecar_checks_each_api_routes_role_again_and_records_every_refusal() {
         ask("GET", "/api/realtime", Some("auditor")),
         (400, "malformed".to_owned())
     );
+    // The stream's own refusals take the token holders' budget too: a holder
+    // who keeps asking writes at most its burst of rows.
+    for _ in 0..burst + 20 {
+        assert_eq!(
+            ask("GET", "/api/realtime", Some("auditor")),
+            (400, "malformed".to_owned())
+        );
+    }
+    let metrics = s.get_ops("/metrics");
+    assert!(
+        metrics.contains("gw_sidecar_refusals_unrecorded_total{code=\"malformed\"}"),
+        "{metrics}"
+    );
 }

@@ -39,7 +39,6 @@ use crate::config::OutOfBounds;
 use crate::control::modules::ModuleTable;
 use crate::error::ApiError;
 use crate::journal::{Entry, Lsn, Sink, Txn};
-use crate::ledger::Auditor;
 
 /// The subprotocol the stream speaks (the page offers it; the sidecar selects it).
 pub const SUBPROTOCOL: &str = "gw.realtime.v1";
@@ -182,7 +181,7 @@ pub struct Hub {
     cfg: RealtimeConfig,
     modules: OnceLock<ModuleTable>,
     /// Where refused upgrades are recorded.
-    auditor: OnceLock<Auditor>,
+    gate: OnceLock<crate::serve::Gatekeeper>,
     node_id: String,
     metrics: Metrics,
     closing: tokio::sync::watch::Sender<bool>,
@@ -217,7 +216,7 @@ impl Hub {
             per_sub: parking_lot::Mutex::new(std::collections::HashMap::new()),
             cfg,
             modules: OnceLock::new(),
-            auditor: OnceLock::new(),
+            gate: OnceLock::new(),
             node_id,
             metrics,
             closing: tokio::sync::watch::Sender::new(false),
@@ -230,16 +229,19 @@ impl Hub {
         let _ = self.modules.set(modules);
     }
 
-    /// Gives the hub the ledger its refusals are recorded in.
-    pub fn set_auditor(&self, auditor: Auditor) {
-        let _ = self.auditor.set(auditor);
+    /// Gives the hub the ledger its refusals are recorded in, and their budgets.
+    pub fn set_gate(&self, gate: crate::serve::Gatekeeper) {
+        let _ = self.gate.set(gate);
     }
 
     /// Answers a refused upgrade with `e` once its ledger row (the route, and who
     /// asked as the edge said) is durable, as every refusal of the sidecar.
+    /// Within the ledger's budgets for refusals of forwarded requests (anyone with
+    /// a token could otherwise write a row per upgrade): beyond them, counted and
+    /// summed ([`crate::serve::record_refusal`]).
     async fn refuse(&self, e: ApiError, requester: Option<&Requester>) -> Response {
-        if let Some(a) = self.auditor.get() {
-            if let Err(err) = a.refusal(e.code(), &[], requester, PATH).await {
+        if let Some(g) = self.gate.get() {
+            if let Err(err) = crate::serve::record_refusal(g, e.code(), requester, PATH).await {
                 return ApiError::from(err).into_response();
             }
         }

@@ -18,10 +18,11 @@
 //!   `getSignatureStatuses` per 256 signatures due, and one `isBlockhashValid` per
 //!   blockhash in use at most once per `rebroadcast_ms` (so "five in a row" is
 //!   five periods), up to 8 calls of each kind at once; the node's load grows
-//!   with the blockhashes in use, not with the transactions. A round waits for
-//!   the node at most `rebroadcast_ms`: what it has not answered by then is
-//!   unknown, and a transaction due is resent on time all the same. A
-//!   transaction whose resend is still on its way is not resent again;
+//!   with the blockhashes in use, not with the transactions. The node is polled
+//!   by one task at a time, never cut short, and what it says is acted on when a
+//!   transaction is next due; a round waits for it at most `rebroadcast_ms`, so a
+//!   slow node delays no resend by more than that. A transaction whose resend is
+//!   still on its way is not resent again;
 //! - **`getSignatureStatuses`**: the node's answer, with the statuses the
 //!   rebroadcast loop saw confirmed filled in where the node has none (e.g. a
 //!   lagging node behind a load balancer).
@@ -252,6 +253,10 @@ pub struct Landing {
     /// What the node said of each blockhash in use.
     blockhashes: Mutex<HashMap<String, Blockhash>>,
     seen: Mutex<(HashMap<String, Value>, VecDeque<String>)>,
+    /// Statuses the rebroadcast loop's polls learned, not yet acted on (`Null`:
+    /// the node has none): taken when their transaction is next due, however
+    /// late the node answered.
+    learned: Mutex<HashMap<String, Value>>,
     /// Turns of clients' status calls ([`STATUS_CONCURRENCY`]).
     status_calls: tokio::sync::Semaphore,
     /// Counters.
@@ -271,6 +276,7 @@ impl Landing {
             pending: Mutex::new(Tracked::default()),
             blockhashes: Mutex::new(HashMap::new()),
             seen: Mutex::new((HashMap::new(), VecDeque::new())),
+            learned: Mutex::new(HashMap::new()),
             status_calls: tokio::sync::Semaphore::new(STATUS_CONCURRENCY),
             stats: LandingStats::default(),
         }))
@@ -445,6 +451,12 @@ impl Landing {
         // Rounds at a quarter of the period: each transaction is polled between
         // 1 and 1.25 periods after its previous poll.
         let tick = (every / 4).max(Duration::from_millis(10));
+        // The node is polled by one task at a time, which is never cut short: its
+        // answers are acted on when they come ([`Landing::learned`], the
+        // blockhashes' state). A round waits for it at most a period; a
+        // transaction due is resent on time whatever the node has not said yet,
+        // as Agave's service resends on its timer.
+        let mut poll: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::time::sleep(tick).await;
             let now = Instant::now();
@@ -456,6 +468,7 @@ impl Landing {
                     guard.0 = None;
                     drop(p);
                     self.blockhashes.lock().clear();
+                    self.learned.lock().clear();
                     return;
                 }
                 let due: Vec<String> = p
@@ -473,32 +486,51 @@ impl Landing {
                 self.blockhashes
                     .lock()
                     .retain(|h, _| live.contains(h.as_str()));
+                self.learned.lock().retain(|s, _| p.txs.contains_key(s));
                 (due, hashes)
             };
             if due.is_empty() {
                 continue;
             }
-            // Both polls at once, and no longer than a period: what the node has
-            // not answered by then is taken as unknown (not seen, not expired), so
-            // a slow or silent node delays no resend beyond its period — as
-            // Agave's service resends on its timer, whatever it learns.
-            let round = tokio::time::Instant::now() + every;
-            let (statuses, expired) = tokio::join!(
-                self.poll_statuses(&due, round),
-                self.poll_blockhashes(hashes, every, round)
-            );
+            if poll
+                .as_ref()
+                .is_none_or(tokio::task::JoinHandle::is_finished)
+            {
+                let (me, sigs) = (self.clone(), due.clone());
+                let hashes = hashes.clone();
+                poll = Some(tokio::spawn(async move {
+                    let (statuses, ()) =
+                        tokio::join!(me.poll_statuses(&sigs), me.poll_blockhashes(hashes, every));
+                    me.learned.lock().extend(statuses);
+                }));
+            }
+            if let Some(running) = poll.as_mut() {
+                let round = tokio::time::Instant::now() + every;
+                if tokio::time::timeout_at(round, running).await.is_ok() {
+                    poll = None;
+                }
+            }
+            let statuses: HashMap<String, Value> = {
+                let mut learned = self.learned.lock();
+                due.iter()
+                    .filter_map(|s| learned.remove(s).map(|v| (s.clone(), v)))
+                    .collect()
+            };
+            let expired: HashSet<String> = {
+                let known = self.blockhashes.lock();
+                hashes
+                    .into_iter()
+                    .filter(|h| known.get(h).is_some_and(|b| b.expired))
+                    .collect()
+            };
             self.settle(due, &statuses, &expired, now + every);
         }
     }
 
-    /// `getSignatureStatuses` for `sigs`, 256 at a time, a few calls at once, until
-    /// `deadline`: each signature's status (absent when the node did not answer in
-    /// time, `Null` when it has none).
-    async fn poll_statuses(
-        &self,
-        sigs: &[String],
-        deadline: tokio::time::Instant,
-    ) -> HashMap<String, Value> {
+    /// `getSignatureStatuses` for `sigs`, 256 at a time, a few calls at once: each
+    /// signature's status (absent when the node did not answer, `Null` when it has
+    /// none).
+    async fn poll_statuses(&self, sigs: &[String]) -> HashMap<String, Value> {
         use futures_util::stream::{self, StreamExt};
         // Owned chunks: a future over borrowed ones is not `Send` for every
         // lifetime, which `tokio::spawn` needs.
@@ -518,7 +550,6 @@ impl Landing {
                 (chunk, v)
             })
             .buffer_unordered(ROUND_CONCURRENCY)
-            .take_until(tokio::time::sleep_until(deadline))
             .collect()
             .await;
         let mut out = HashMap::with_capacity(sigs.len());
@@ -533,14 +564,8 @@ impl Landing {
     }
 
     /// `isBlockhashValid` for each blockhash not asked within `every`, a few at
-    /// once, until `deadline` (one not answered by then is asked again next
-    /// round); returns the blockhashes that count as expired.
-    async fn poll_blockhashes(
-        &self,
-        hashes: HashSet<String>,
-        every: Duration,
-        deadline: tokio::time::Instant,
-    ) -> HashSet<String> {
+    /// once; what the node said goes into each blockhash's state.
+    async fn poll_blockhashes(&self, hashes: HashSet<String>, every: Duration) {
         use futures_util::stream::{self, StreamExt};
         let now = Instant::now();
         let ask: Vec<String> = {
@@ -565,7 +590,6 @@ impl Landing {
                 (h, v)
             })
             .buffer_unordered(ROUND_CONCURRENCY)
-            .take_until(tokio::time::sleep_until(deadline))
             .collect()
             .await;
         let mut known = self.blockhashes.lock();
@@ -574,10 +598,6 @@ impl Landing {
             b.polled = Some(now);
             b.answered(v.as_ref().and_then(|v| v["value"].as_bool()));
         }
-        hashes
-            .into_iter()
-            .filter(|h| known.get(h).is_some_and(|b| b.expired))
-            .collect()
     }
 
     /// Ends or resends each polled transaction, as its status, its blockhash, its
