@@ -2,8 +2,10 @@
 """Writes the sidecar configuration of a development gateway: sidecar/config.example.json
 with the transaction sender on — one TPU leader (the development TPU, pinned by its
 identity), a relay, route policy tpu_first, and the QUIC ingest allowing the dev
-searcher's key; the API routes' roles and the control role copied from the filter's
-configuration, so that the edge and the sidecar check the same table. The local run (scripts/run-gateway.sh) and compose
+searcher's key; the API routes' roles, the control role and the command path
+copied from the filter's configuration, so that the edge and the sidecar check the
+same table and the console posts where the edge takes commands. The local run
+(scripts/run-gateway.sh) and compose
 (scripts/compose-init.sh) both write theirs with it, so they differ only in
 addresses. Standard library only.
 
@@ -49,6 +51,7 @@ def main():
     edge = json.load(open(a.filter_config))
     cfg["routes"] = edge["routes"]
     cfg["command_role"] = edge.get("command_role", "admin")
+    cfg["command_path"] = edge.get("command_path", "/api/control/commands")
     cfg["sender"] = {
         "tpu": {},
         "relay": {"url": a.relay},

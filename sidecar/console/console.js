@@ -2,7 +2,8 @@
 // sidecar serves this file as is (sidecar/src/console). Everything the page shows
 // comes from the gateway's own APIs through the edge, with the operator's JWT;
 // commands are protobuf `control.Command`s signed here with WebCrypto Ed25519 and
-// posted to /api/control/commands, where the edge and the sidecar verify them
+// posted to the edge's command path (the sidecar's `command_path`, written into
+// the page; /api/control/commands as shipped), where the edge and the sidecar verify them
 // like gwctl's. Untrusted strings (ledger rows, errors) only ever reach the page
 // as text nodes.
 
@@ -11,6 +12,10 @@ const ACTIONS = ["start", "stop", "restart", "throttle", "policy", "kill"];
 const LADDER = ["viewer", "operator", "admin"];
 const SUBPROTOCOL = "gw.realtime.v1";
 const MAX_ROWS = 200;
+// Where the edge takes signed commands: the filter's command_path, which the
+// sidecar writes into the page.
+const COMMAND_PATH =
+  document.querySelector('meta[name="gw-command-path"]')?.content || "/api/control/commands";
 
 // ---------------------------------------------------------------- protobuf
 
@@ -456,7 +461,7 @@ async function command(module, action, args) {
   res.textContent = `sending ${module}:${action} (request ${cmd.request_id})…`;
   try {
     const body = await signCommand(cmd, S.key, S.keyId);
-    const answer = await api("/api/control/commands", {
+    const answer = await api(COMMAND_PATH, {
       method: "POST", headers: { "content-type": "application/x-protobuf" }, body,
     });
     res.className = "result ok";

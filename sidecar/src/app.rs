@@ -42,6 +42,8 @@ pub struct Running {
     registry: Arc<Registry>,
     tasks: Vec<JoinHandle<()>>,
     journal: Journal,
+    /// Where the console posts signed commands (the edge's path).
+    command_path: String,
 }
 
 impl Drop for Running {
@@ -81,7 +83,7 @@ impl Running {
             .merge(ModelsApi::new(self.models.clone(), modules.clone()).router())
             .merge(SenderApi::new(self.plane.clone(), modules).router())
             .merge(self.realtime.router())
-            .merge(crate::console::router())
+            .merge(crate::console::router(&self.command_path))
             .method_not_allowed_fallback({
                 let g = self.gatekeeper.clone();
                 move |req: axum::extract::Request| crate::serve::method_not_allowed(g, req)
@@ -408,5 +410,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         registry: Arc::new(registry),
         tasks,
         journal,
+        command_path: cfg.file.command_path.clone(),
     })
 }

@@ -73,6 +73,11 @@ pub struct FileConfig {
     /// `/api/ledger/` and `/api/realtime` for `viewer`, `/api/` for `operator`.
     #[serde(default = "gw_core::roles::default_routes")]
     pub routes: Vec<gw_core::roles::RouteRule>,
+    /// Where the edge takes signed commands (the filter's `command_path`): the
+    /// console posts them there. The sidecar itself serves them at
+    /// `/api/control/commands` (Envoy rewrites the path).
+    #[serde(default = "default_command_path")]
+    pub command_path: String,
     /// The scheduling slice each of the sidecar's threads asks Linux for, in µs
     /// (100..=100000; 0 asks nothing). Unset: 100 on a node without a `sender`,
     /// nothing with one. Short slices run a woken thread sooner (a command hands
@@ -282,6 +287,10 @@ fn default_issuer() -> String {
 
 fn default_command_role() -> String {
     "admin".into()
+}
+
+fn default_command_path() -> String {
+    gw_core::contract::COMMAND_PATH.into()
 }
 
 impl FileConfig {
@@ -674,6 +683,19 @@ impl Config {
         if let Err(e) = gw_core::roles::RouteTable::new(file.routes.clone()) {
             return Err(OutOfBounds::new("routes", e).into());
         }
+        let path_ok = |p: &str| {
+            p.starts_with('/')
+                && p.len() <= 256
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/-_.~:".contains(&b))
+        };
+        if !path_ok(&file.command_path) {
+            return Err(OutOfBounds::new(
+                "command_path",
+                "must start with '/' and hold only letters, digits and / - _ . ~ : (at most 256)",
+            )
+            .into());
+        }
         if file
             .sched_slice_us
             .is_some_and(|us| us != 0 && !crate::sched::RANGE_US.contains(&us))
@@ -976,6 +998,8 @@ mod tests {
             (r#"{"command_role": ""}"#, "command_role"),
             (r#"{"command_role": "admin,viewer"}"#, "command_role"),
             (r#"{"routes": []}"#, "routes"),
+            (r#"{"command_path": "api/x"}"#, "command_path"),
+            (r#"{"command_path": "/x\"><script>"}"#, "command_path"),
             (r#"{"routes": [{"prefix": "/api/"}]}"#, "routes"),
             (r#"{"sched_slice_us": 50}"#, "sched_slice_us"),
             (r#"{"sched_slice_us": 100001}"#, "sched_slice_us"),

@@ -595,3 +595,21 @@ fn a_json_request_retried_with_its_idempotency_key_is_applied_once() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// The console posts signed commands where the edge takes them: the configured
+/// `command_path` (the filter's) is written into the page, which reads it.
+#[test]
+fn the_console_page_names_the_edges_command_path() {
+    let d = testkit::TempDir::new("console-path");
+    let mut cfg = common::config(&d.path().join("state"), false);
+    cfg.file.command_path = "/ops/commands".into();
+    let s = common::serve(cfg);
+    let page = s.get_text("/");
+    assert!(
+        page.contains(r#"<meta name="gw-command-path" content="/ops/commands">"#),
+        "{page}"
+    );
+    assert!(!page.contains("/api/control/commands"), "{page}");
+    let script = s.get_text("/console.js");
+    assert!(script.contains(r#"meta[name="gw-command-path"]"#));
+}

@@ -2,7 +2,8 @@
 //! CDN, no build step) and the live stream at `/api/realtime` ([`realtime`]).
 //! The page reads the same APIs as `gwctl` through the edge, with the operator's
 //! JWT; commands are signed in the browser (WebCrypto Ed25519) and posted to
-//! `/api/control/commands` like any other. See `docs/console.md`.
+//! the edge's command path (the configured `command_path`, written into the page)
+//! like any other. See `docs/console.md`.
 
 pub mod realtime;
 
@@ -39,7 +40,7 @@ const ASSETS: [(&str, &str, &str); 4] = [
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
                    connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-fn asset(media: &'static str, body: &'static str) -> Response {
+fn asset(media: &'static str, body: std::sync::Arc<str>) -> Response {
     (
         StatusCode::OK,
         [
@@ -59,16 +60,27 @@ fn asset(media: &'static str, body: &'static str) -> Response {
             ),
             (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
         ],
-        body,
+        body.to_string(),
     )
         .into_response()
 }
 
-/// `GET /`, `/console.js`, `/console.css`, `/favicon.svg`.
-pub fn router() -> Router {
+/// The page's placeholder for where signed commands go.
+const COMMAND_PATH_META: &str = r#"<meta name="gw-command-path" content="/api/control/commands">"#;
+
+/// `GET /`, `/console.js`, `/console.css`, `/favicon.svg`; the page posts signed
+/// commands to `command_path` (the edge's; checked by the configuration: no
+/// character HTML would read as markup).
+pub fn router(command_path: &str) -> Router {
     let mut r = Router::new();
     for (path, media, body) in ASSETS {
-        r = r.route(path, get(move || async move { asset(media, body) }));
+        let body: std::sync::Arc<str> = if path == "/" {
+            let meta = format!(r#"<meta name="gw-command-path" content="{command_path}">"#);
+            body.replacen(COMMAND_PATH_META, &meta, 1).into()
+        } else {
+            body.into()
+        };
+        r = r.route(path, get(move || async move { asset(media, body.clone()) }));
     }
     r
 }
