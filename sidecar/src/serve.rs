@@ -600,29 +600,26 @@ pub async fn api_roles(State(g): State<Gatekeeper>, req: Request, next: Next) ->
         Some(r) => r.role.clone(),
         None => None,
     };
-    let who = gw_core::contract::EdgeIdentity::from_headers(|k| {
-        req.headers().get(k).and_then(|v| v.to_str().ok())
-    });
-    let (code, detail, who) = match (need, who) {
+    let (code, detail, who) = match (need, edge_requester(&req)) {
         (None, who) => (
             Code::ForbiddenRole,
             "no access rule covers this path (routes)".to_owned(),
-            who.map(|w| w.requester),
+            who,
         ),
         (Some(_), None) => (
             Code::JwtMissing,
             "this route needs a token verified by the edge".to_owned(),
             None,
         ),
-        (Some(role), Some(w)) => {
-            let roles: Vec<&str> = w.requester.roles.split(',').map(str::trim).collect();
+        (Some(role), Some(who)) => {
+            let roles: Vec<&str> = who.roles.split(',').map(str::trim).collect();
             if gw_core::roles::satisfies(&roles, &role) {
                 return next.run(req).await;
             }
             (
                 Code::ForbiddenRole,
                 format!("this route needs role `{role}`"),
-                Some(w.requester),
+                Some(who),
             )
         }
     };

@@ -709,3 +709,57 @@ fn a_slow_node_delays_no_rebroadcast() {
         );
     });
 }
+
+/// One client sending faster than its transactions land does not take every
+/// other's rebroadcasts: past its share of `max_pending` its sends go once
+/// (counted `not_tracked`) while another client's are still rebroadcast.
+#[test]
+fn one_client_cannot_take_every_rebroadcast() {
+    use gw_core::contract::Requester;
+    use gw_sidecar::sender::landing::{Landing, RpcNodeConfig};
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::Arc;
+    let rt = runtime();
+    let node = RpcNode::start(1010);
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let mut rig = rig_to(&rx, &node, 10_000);
+        rig.landing = Landing::new(
+            serde_json::from_value::<RpcNodeConfig>(json!({
+                "url": node.url, "timeout_ms": 1000, "rebroadcast_ms": 10_000,
+                "max_age_secs": 30, "max_pending": 4,
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let as_who = |sub: &str| {
+            let mut ctx = rig.ctx();
+            ctx.requester = Arc::new(Requester {
+                sub: sub.into(),
+                ..Requester::default()
+            });
+            ctx
+        };
+        let (greedy, other) = (as_who("greedy"), as_who("other"));
+        for i in 0..3u8 {
+            let (_, b64, sig, _) = tx(70 + i, 0);
+            let r = rpc::handle(&greedy, &send(&b64, json!({"skipPreflight": true}))).await;
+            assert_eq!(r["result"], sig, "{r}");
+        }
+        // Half of max_pending by default: the third went once, untracked.
+        assert_eq!(rig.landing.pending(), 2);
+        assert_eq!(rig.landing.stats.not_tracked.load(Relaxed), 1);
+        for i in 0..2u8 {
+            let (_, b64, sig, _) = tx(80 + i, 0);
+            let r = rpc::handle(&other, &send(&b64, json!({"skipPreflight": true}))).await;
+            assert_eq!(r["result"], sig, "{r}");
+        }
+        assert_eq!(rig.landing.pending(), 4, "the other client's are tracked");
+        assert_eq!(rig.landing.stats.not_tracked.load(Relaxed), 1);
+        let bad = serde_json::from_value::<RpcNodeConfig>(json!({
+            "url": node.url, "max_pending": 4, "max_pending_per_requester": 5,
+        }))
+        .unwrap();
+        assert!(bad.validate().is_err());
+    });
+}

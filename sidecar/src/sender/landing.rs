@@ -30,7 +30,8 @@
 //! The node is called with a deadline (`timeout_ms`); when it cannot answer a
 //! preflight, the send is refused (-32603, transient, naming the node): an
 //! unchecked transaction is not sent when the client asked for a check. At most `max_pending`
-//! transactions are rebroadcast at once; beyond that a send goes out once and is
+//! transactions are rebroadcast at once, at most `max_pending_per_requester` (half,
+//! by default) of one requester's; beyond that a send goes out once and is
 //! counted.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -74,6 +75,11 @@ pub struct RpcNodeConfig {
     /// Transactions rebroadcast at once.
     #[serde(default = "default_max_pending")]
     pub max_pending: usize,
+    /// Of those, the most one requester (the token's `sub`) may have: one client
+    /// sending faster than its transactions land does not take every other's
+    /// rebroadcasts. Default: half of `max_pending`.
+    #[serde(default)]
+    pub max_pending_per_requester: Option<usize>,
 }
 
 impl std::fmt::Debug for RpcNodeConfig {
@@ -85,6 +91,7 @@ impl std::fmt::Debug for RpcNodeConfig {
             .field("rebroadcast_ms", &self.rebroadcast_ms)
             .field("max_age_secs", &self.max_age_secs)
             .field("max_pending", &self.max_pending)
+            .field("max_pending_per_requester", &self.max_pending_per_requester)
             .finish()
     }
 }
@@ -135,7 +142,22 @@ impl RpcNodeConfig {
                 "must be within 1..=1000000",
             ));
         }
+        if self
+            .max_pending_per_requester
+            .is_some_and(|n| !(1..=self.max_pending).contains(&n))
+        {
+            return Err(OutOfBounds::new(
+                "sender.rpc_node.max_pending_per_requester",
+                "must be within 1..=max_pending",
+            ));
+        }
         Ok(())
+    }
+
+    /// What one requester may have rebroadcast at once.
+    pub fn per_requester(&self) -> usize {
+        self.max_pending_per_requester
+            .unwrap_or(self.max_pending.div_ceil(2))
     }
 }
 
@@ -193,7 +215,25 @@ struct Pending {
 #[derive(Default)]
 struct Tracked {
     txs: HashMap<String, Pending>,
+    /// Of `txs`, how many each requester (`sub`) has.
+    by_requester: HashMap<String, usize>,
     running: bool,
+}
+
+impl Tracked {
+    /// Takes `sig` off, and off its requester's count.
+    fn remove(&mut self, sig: &str) {
+        let Some(t) = self.txs.remove(sig) else {
+            return;
+        };
+        let sub = t.meta.requester.sub.as_str();
+        if let Some(n) = self.by_requester.get_mut(sub) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_requester.remove(sub);
+            }
+        }
+    }
 }
 
 /// The blockhash counts as expired once the node said it was valid and then not
@@ -406,10 +446,18 @@ impl Landing {
             if p.txs.contains_key(&signature) {
                 return; // already rebroadcast (a client resent the same bytes)
             }
-            if p.txs.len() >= self.cfg.max_pending {
+            let mine = p
+                .by_requester
+                .get(&meta.requester.sub)
+                .copied()
+                .unwrap_or(0);
+            if p.txs.len() >= self.cfg.max_pending || mine >= self.cfg.per_requester() {
                 self.stats.not_tracked.fetch_add(1, Ordering::Relaxed);
                 return;
             }
+            *p.by_requester
+                .entry(meta.requester.sub.clone())
+                .or_default() += 1;
             p.txs.insert(
                 signature,
                 Pending {
@@ -662,7 +710,7 @@ impl Landing {
             match next {
                 Next::Wait => {}
                 Next::End(why) => {
-                    p.txs.remove(&sig);
+                    p.remove(&sig);
                     why.fetch_add(1, Ordering::Relaxed);
                 }
                 Next::Resend(sender, wire, meta, sending) => {
