@@ -710,40 +710,38 @@ async fn write_sum(
 /// Any path the sidecar does not serve (after [`edge_only`]): 404 `not_found`, with
 /// its ledger row like every refusal.
 pub async fn not_found(State(g): State<Gatekeeper>, req: Request) -> Response {
-    let who = edge_requester(&req);
-    refuse_within(
-        &g,
-        g.forwarded(who.as_ref()),
-        Code::NotFound,
-        "the sidecar has no such route",
-        who,
-        req,
-    )
-    .await
-}
-
-/// Who the edge says sent `req` (after [`edge_only`]: the stamp is the edge's).
-fn edge_requester(req: &Request) -> Option<gw_core::contract::Requester> {
-    gw_core::contract::EdgeIdentity::from_headers(|k| {
-        req.headers().get(k).and_then(|v| v.to_str().ok())
-    })
-    .map(|w| w.requester)
+    refuse_forwarded(&g, Code::NotFound, "the sidecar has no such route", req).await
 }
 
 /// A path the sidecar serves, with a method it does not serve there (after
 /// [`edge_only`]): 405 `method_not_allowed`, with its ledger row like every
 /// refusal (axum's own 405 wrote none).
 pub async fn method_not_allowed(g: Gatekeeper, req: Request) -> Response {
+    let detail = "the sidecar serves this path with other methods";
+    refuse_forwarded(&g, Code::MethodNotAllowed, detail, req).await
+}
+
+/// Refuses a request the edge forwarded, its row naming who the edge said sent
+/// it, within that budget.
+async fn refuse_forwarded(
+    g: &Gatekeeper,
+    code: Code,
+    detail: &'static str,
+    req: Request,
+) -> Response {
     let who = edge_requester(&req);
-    refuse_within(
-        &g,
-        g.forwarded(who.as_ref()),
-        Code::MethodNotAllowed,
-        "the sidecar serves this path with other methods",
-        who,
-        req,
-    )
-    .await
+    refuse_within(g, g.forwarded(who.as_ref()), code, detail, who, req).await
+}
+
+/// What the edge stamped on a request it forwarded (after [`edge_only`], the
+/// stamp is the edge's), if anything.
+pub fn edge_identity(headers: &axum::http::HeaderMap) -> Option<gw_core::contract::EdgeIdentity> {
+    gw_core::contract::EdgeIdentity::from_headers(|k| headers.get(k).and_then(|v| v.to_str().ok()))
+}
+
+/// Who the edge says sent `req`.
+fn edge_requester(req: &Request) -> Option<gw_core::contract::Requester> {
+    edge_identity(req.headers()).map(|w| w.requester)
 }
 
 /// How long a refused caller's body is waited for; its row is then written with

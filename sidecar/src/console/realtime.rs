@@ -24,7 +24,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use gw_core::contract::{EdgeIdentity, Requester};
+use gw_core::contract::Requester;
 use gw_core::Code;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -412,8 +412,7 @@ async fn upgrade(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     // The edge verified the token; check that it said so and what it allows.
-    let Some(who) = EdgeIdentity::from_headers(|k| head.get(k).and_then(|v| v.to_str().ok()))
-    else {
+    let Some(who) = crate::serve::edge_identity(&head) else {
         let e = ApiError::new(
             Code::JwtMissing,
             "the stream needs a token verified by the edge",

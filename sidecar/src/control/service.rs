@@ -880,11 +880,6 @@ pub enum StartError {
     Bus(#[from] super::bus::BusError),
 }
 
-/// What the edge stamped on this request, if anything.
-fn edge_identity(headers: &HeaderMap) -> Option<EdgeIdentity> {
-    EdgeIdentity::from_headers(|k| headers.get(k).and_then(|v| v.to_str().ok()))
-}
-
 fn content_type(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::CONTENT_TYPE)
@@ -923,7 +918,7 @@ async fn post_command(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let edge = edge_identity(&headers);
+    let edge = crate::serve::edge_identity(&headers);
     let body = read_body(&c, body, edge.as_ref(), contract::COMMAND_PATH).await?;
     if !contract::is_command_media_type(content_type(&headers)) {
         return Err(c
@@ -947,7 +942,7 @@ async fn post_module(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let edge = edge_identity(&headers);
+    let edge = crate::serve::edge_identity(&headers);
     let route_of_spec = format!(
         "{}{}",
         contract::MODULE_ROUTE_PREFIX,

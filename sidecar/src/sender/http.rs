@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gw_core::contract::{EdgeIdentity, Requester};
+use gw_core::contract::Requester;
 use gw_core::Module;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -100,7 +100,7 @@ fn unreadable(e: &BytesRejection) -> Response {
 /// `serve::api_roles`): named in the audit rows of its sends.
 fn requester(head: &HeaderMap) -> Arc<Requester> {
     Arc::new(
-        EdgeIdentity::from_headers(|k| head.get(k).and_then(|v| v.to_str().ok()))
+        crate::serve::edge_identity(head)
             .map(|w| w.requester)
             .unwrap_or_default(),
     )
