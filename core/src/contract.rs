@@ -180,7 +180,17 @@ pub struct EdgeReport {
     /// refuses a batch holding it (unknown field): upgrade sidecars first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_len: Option<u64>,
+    /// The report's own identity, unique per filter VM (its random origin and a
+    /// sequence number, [`MAX_REPORT_ID_BYTES`] at most, `[0-9a-z-]`): a batch the
+    /// filter sends again after a failure is recorded once. Empty from a filter
+    /// before 2026-12-06 (such a report is recorded on every delivery). A sidecar
+    /// before 2026-12-06 refuses a batch holding it: upgrade sidecars first.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
 }
+
+/// Longest report identity, in bytes.
+pub const MAX_REPORT_ID_BYTES: usize = 64;
 
 /// An edge report the sidecar accepted: its code and the raw body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +207,8 @@ pub struct CheckedReport {
     pub ts_ms: u64,
     /// Who sent it (empty when the edge refused before the JWT).
     pub requester: Requester,
+    /// The report's identity (empty: none given).
+    pub id: String,
 }
 
 /// Longest requester field a report carries, in bytes.
@@ -229,6 +241,7 @@ impl EdgeReport {
             requester: cut(&r.sub),
             requester_roles: cut(&r.roles),
             token_issuer: cut(&r.token_issuer),
+            id: String::new(),
         }
     }
 
@@ -266,6 +279,17 @@ impl EdgeReport {
                 format!("an edge report's requester fields are at most {MAX_REPORT_REQUESTER_BYTES} bytes"),
             ));
         }
+        if self.id.len() > MAX_REPORT_ID_BYTES
+            || !self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b == b'-')
+        {
+            return Err(Reject::with(
+                Code::Malformed,
+                format!("an edge report's id is at most {MAX_REPORT_ID_BYTES} bytes of [0-9a-z-]"),
+            ));
+        }
         let raw_len = self.raw_len.filter(|n| *n > raw.len() as u64);
         Ok(CheckedReport {
             code,
@@ -278,6 +302,7 @@ impl EdgeReport {
                 roles: self.requester_roles.clone(),
                 token_issuer: self.token_issuer.clone(),
             },
+            id: self.id.clone(),
         })
     }
 }
@@ -381,6 +406,18 @@ mod tests {
         assert_eq!(checked[0].code, Code::Replay);
         assert_eq!(checked[0].raw, vec![1, 2]);
         assert_eq!(checked[0].requester, who);
+        assert_eq!(checked[0].id, "", "no id given");
+        assert!(
+            !String::from_utf8(body).unwrap().contains("\"id\""),
+            "an empty id is not sent (a sidecar before it refuses the field)"
+        );
+        let mut with_id = r.clone();
+        with_id.id = "00000000deadbeef-1f".into();
+        assert_eq!(with_id.check().unwrap().id, "00000000deadbeef-1f");
+        for id in ["Upper", "a_b", "é", &"a".repeat(MAX_REPORT_ID_BYTES + 1)] {
+            with_id.id = id.into();
+            assert_eq!(with_id.check().unwrap_err().code, Code::Malformed, "{id}");
+        }
 
         let mut bad = r.clone();
         bad.path = "x".repeat(MAX_REPORT_PATH_BYTES + 1);

@@ -6,8 +6,12 @@
 //! as one `POST` (a JSON array) to the configured cluster with `dispatch_http_call`
 //! (ABI 0.2.1; no Envoy-only features). Bounded everywhere: queue length, records per
 //! batch, bytes per batch; what does not fit is counted as dropped, never buffered
-//! without limit. Delivery is at most once (a failed batch is counted, not retried):
-//! the edge is a first line; the sidecar's own rows are the authoritative record.
+//! without limit. Delivery is at least once: a report stays queued until the
+//! ledger took it, a batch that failed (no answer, the sidecar down or restarting,
+//! a 5xx) goes again after a backoff ([`Backoff`]), and each report carries an id
+//! the sidecar records once, so a batch sent again after a lost answer adds no row.
+//! Reports are lost only when the bounded queue is full (counted as dropped), when
+//! the ledger refuses a batch it cannot read (counted as failed), or with the VM.
 //! The sidecar writes a row per report within a budget per code, and sums the rest
 //! (anyone who reaches Envoy can make it refuse requests without end).
 //! The report itself is the contract's ([`gw_core::contract::EdgeReport`]).
@@ -78,19 +82,40 @@ impl ReportConfig {
     }
 }
 
-/// Most bytes of reports a worker VM keeps waiting (their bodies, as hex, and
-/// fields), whatever `max_queued` says: a report holds up to 128 KiB of hex,
-/// and 65 536 of them would not fit a wasm32 heap (an allocation failure traps
-/// the VM, which then fails every request on its worker).
+/// Most bytes of reports a worker VM keeps (waiting or in flight: their bodies, as
+/// hex, and fields), whatever `max_queued` says: a report holds up to 128 KiB of
+/// hex, and 65 536 of them would not fit a wasm32 heap (an allocation failure
+/// traps the VM, which then fails every request on its worker).
 pub const MAX_QUEUED_BYTES: usize = 8 << 20;
 
-/// The bounded queue and its drop counter.
+/// The bounded queue, the reports in flight and the drop counter.
+///
+/// A report stays here until the ledger took it: [`ReportQueue::next_batch`] moves
+/// reports in flight (still counted against both bounds), and the answer either
+/// releases them ([`ReportQueue::delivered`]) or puts them back at the front, in
+/// their order ([`ReportQueue::put_back`]), to go again.
 #[derive(Debug, Default)]
 pub struct ReportQueue {
     queue: VecDeque<EdgeReport>,
-    /// What the queued reports hold ([`size`]).
+    /// What the queued and in-flight reports hold ([`size`]).
     bytes: usize,
+    /// Reports in flight.
+    in_flight: usize,
     dropped: u64,
+    /// This VM's random origin: the first half of every report's id.
+    origin: u64,
+    /// The next report's sequence number.
+    next_seq: u64,
+}
+
+/// A batch taken off the queue: the request body and the reports it holds (kept
+/// until the ledger answers).
+#[derive(Debug)]
+pub struct Batch {
+    /// The JSON array.
+    pub body: Vec<u8>,
+    /// Its reports, oldest first.
+    pub reports: Vec<EdgeReport>,
 }
 
 /// About what a report takes in memory and in a batch.
@@ -101,27 +126,43 @@ fn size(r: &EdgeReport) -> usize {
         + r.requester_roles.len()
         + r.token_issuer.len()
         + r.code.len()
+        + r.id.len()
         + 128
 }
 
 impl ReportQueue {
-    /// Queues `r`; `false` (and counted) when the queue is full, by count or by
+    /// An empty queue whose reports' ids start with `origin` (a random number per
+    /// VM, so that ids from every worker and every start differ).
+    pub fn new(origin: u64) -> ReportQueue {
+        ReportQueue {
+            origin,
+            ..ReportQueue::default()
+        }
+    }
+
+    /// Queues `r`, giving it an id when it has none; `false` (and counted) when
+    /// the queue is full, by count (queued and in flight) or by
     /// [`MAX_QUEUED_BYTES`].
-    pub fn push(&mut self, r: EdgeReport, max_queued: usize) -> bool {
+    pub fn push(&mut self, mut r: EdgeReport, max_queued: usize) -> bool {
+        if r.id.is_empty() {
+            r.id = format!("{:016x}-{:x}", self.origin, self.next_seq);
+        }
         let n = size(&r);
-        if self.queue.len() >= max_queued || self.bytes + n > MAX_QUEUED_BYTES {
+        if self.queue.len() + self.in_flight >= max_queued || self.bytes + n > MAX_QUEUED_BYTES {
             self.dropped += 1;
             return false;
         }
+        self.next_seq += 1;
         self.bytes += n;
         self.queue.push_back(r);
         true
     }
 
-    /// Takes the oldest report off the queue.
-    fn pop(&mut self) {
+    /// Takes the oldest report off the queue, for good (it does not fit a batch).
+    fn drop_front(&mut self) {
         if let Some(r) = self.queue.pop_front() {
             self.bytes -= size(&r);
+            self.dropped += 1;
         }
     }
 
@@ -130,9 +171,14 @@ impl ReportQueue {
         std::mem::take(&mut self.dropped)
     }
 
-    /// Reports waiting.
+    /// Reports waiting (not in flight).
     pub fn len(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Reports in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
     }
 
     /// Whether nothing waits.
@@ -140,35 +186,119 @@ impl ReportQueue {
         self.queue.is_empty()
     }
 
-    /// The next batch as a JSON array: at most `max_batch` reports and
-    /// [`MAX_REPORT_BATCH_BYTES`] (a single report larger than that is dropped,
-    /// counted).
-    pub fn next_batch(&mut self, max_batch: usize) -> Option<(Vec<u8>, usize)> {
+    /// The next batch: at most `max_batch` reports and [`MAX_REPORT_BATCH_BYTES`]
+    /// (a single report larger than that is dropped, counted). Its reports are in
+    /// flight until [`ReportQueue::delivered`] or [`ReportQueue::put_back`].
+    pub fn next_batch(&mut self, max_batch: usize) -> Option<Batch> {
         let mut body = b"[".to_vec();
-        let mut n = 0;
-        while n < max_batch {
+        let mut reports = Vec::new();
+        while reports.len() < max_batch {
             let Some(r) = self.queue.front() else { break };
             let Ok(json) = serde_json::to_vec(r) else {
-                self.pop();
-                self.dropped += 1;
+                self.drop_front();
                 continue;
             };
             if body.len() + json.len() + 2 > MAX_REPORT_BATCH_BYTES {
-                if n == 0 {
-                    self.pop();
-                    self.dropped += 1;
+                if reports.is_empty() {
+                    self.drop_front();
                     continue;
                 }
                 break;
             }
-            if n > 0 {
+            if !reports.is_empty() {
                 body.push(b',');
             }
             body.extend_from_slice(&json);
-            self.pop();
-            n += 1;
+            reports.extend(self.queue.pop_front());
         }
         body.push(b']');
-        (n > 0).then_some((body, n))
+        self.in_flight += reports.len();
+        (!reports.is_empty()).then_some(Batch { body, reports })
+    }
+
+    /// The ledger took `reports` (or refused them for good): they leave.
+    pub fn delivered(&mut self, reports: Vec<EdgeReport>) {
+        self.in_flight = self.in_flight.saturating_sub(reports.len());
+        for r in &reports {
+            self.bytes = self.bytes.saturating_sub(size(r));
+        }
+    }
+
+    /// `reports` were not delivered: they go first again, in their order (still
+    /// within both bounds: they were counted while in flight).
+    pub fn put_back(&mut self, reports: Vec<EdgeReport>) {
+        self.in_flight = self.in_flight.saturating_sub(reports.len());
+        for r in reports.into_iter().rev() {
+            self.queue.push_front(r);
+        }
+    }
+}
+
+/// What to do with a batch, by the `:status` of the ledger's answer (0: none, the
+/// call failed or timed out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx: recorded (or summed) by the ledger.
+    Delivered,
+    /// The sidecar cannot read the batch (400, 413, 415, 422): sending it again
+    /// would be refused again (a sidecar older than the filter, say); counted as
+    /// failed and dropped.
+    Refused,
+    /// Anything else (no answer, 5xx, 401/403 of a peer not yet trusted, 404 of a
+    /// sidecar not yet routed, 429): kept and sent again.
+    Retry,
+}
+
+impl Outcome {
+    /// The outcome of an answer with `status`.
+    pub fn of(status: u32) -> Outcome {
+        match status {
+            200..=299 => Outcome::Delivered,
+            400 | 413 | 415 | 422 => Outcome::Refused,
+            _ => Outcome::Retry,
+        }
+    }
+}
+
+/// Ticks skipped after failed deliveries: 1, 2, 4, … up to `cap` ticks, then one
+/// batch at a time (none while one is in flight) until a delivery succeeds, so a
+/// sidecar that is down or does not answer is probed, not flooded, and hears of
+/// the backlog as soon as it answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backoff {
+    failures: u32,
+    skip: u32,
+}
+
+impl Backoff {
+    /// Most ticks skipped in a row for a tick period of `period_ms`: about 5 s.
+    pub fn cap(period_ms: u64) -> u32 {
+        u32::try_from((5_000 / period_ms.max(1)).max(1)).unwrap_or(u32::MAX)
+    }
+
+    /// A delivery failed.
+    pub fn failed(&mut self, cap: u32) {
+        self.failures = self.failures.saturating_add(1);
+        let wait = 1u32 << self.failures.min(16).saturating_sub(1);
+        self.skip = wait.min(cap);
+    }
+
+    /// A delivery succeeded: full speed again.
+    pub fn succeeded(&mut self) {
+        *self = Backoff::default();
+    }
+
+    /// At a tick, with `in_flight` batches unanswered: how many batches to send
+    /// now (0 while waiting).
+    pub fn batches_now(&mut self, most: usize, in_flight: usize) -> usize {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return 0;
+        }
+        match (self.failures, in_flight) {
+            (0, _) => most,
+            (_, 0) => 1,
+            _ => 0,
+        }
     }
 }

@@ -2,15 +2,17 @@
 //! configuration once, makes the request contexts of its stage, and (verify stage)
 //! ships queued edge reports to the ledger on its tick.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
+
+use gw_core::contract::EdgeReport;
 
 use crate::abi::{self, BufferType};
 use crate::config::{Stage, StampConfig};
 use crate::edge::Edge;
 use crate::host::{self, add, Metrics};
-use crate::report::{ReportConfig, ReportQueue};
+use crate::report::{Backoff, Outcome, ReportConfig, ReportQueue};
 use crate::stamp::Tickets;
 use crate::stamp_stage::StampStage;
 use crate::verify_stage::VerifyStage;
@@ -24,10 +26,25 @@ pub struct Reports {
     /// Reports waiting.
     pub queue: Rc<RefCell<ReportQueue>>,
     /// Reports per in-flight call token.
-    in_flight: Rc<RefCell<BTreeMap<u32, usize>>>,
+    in_flight: Rc<RefCell<BTreeMap<u32, Vec<EdgeReport>>>>,
+    /// Ticks to skip after failed deliveries.
+    backoff: Rc<Cell<Backoff>>,
     sent: Option<u32>,
     failed: Option<u32>,
     dropped: Option<u32>,
+    retried: Option<u32>,
+}
+
+impl Reports {
+    /// `reports` were not delivered: back to the front of the queue, counted, and
+    /// the next batches wait.
+    fn retry(&self, reports: Vec<EdgeReport>) {
+        add(self.retried, reports.len());
+        self.queue.borrow_mut().put_back(reports);
+        let mut b = self.backoff.get();
+        b.failed(Backoff::cap(self.config.period_ms));
+        self.backoff.set(b);
+    }
 }
 
 /// Most batches sent per tick.
@@ -120,8 +137,11 @@ impl Root {
         let Some(r) = self.reports.clone() else {
             return;
         };
-        for _ in 0..BATCHES_PER_TICK {
-            let Some((body, n)) = r.queue.borrow_mut().next_batch(r.config.max_batch) else {
+        let mut b = r.backoff.get();
+        let batches = b.batches_now(BATCHES_PER_TICK, r.in_flight.borrow().len());
+        r.backoff.set(b);
+        for _ in 0..batches {
+            let Some(batch) = r.queue.borrow_mut().next_batch(r.config.max_batch) else {
                 break;
             };
             let headers = vec![
@@ -131,15 +151,17 @@ impl Root {
                 ("content-type", "application/json"),
             ];
             let timeout = std::time::Duration::from_millis(r.config.timeout_ms);
-            match abi::http_call(&r.config.cluster, &headers, &body, timeout) {
+            match abi::http_call(&r.config.cluster, &headers, &batch.body, timeout) {
                 Ok(token) => {
-                    r.in_flight.borrow_mut().insert(token, n);
+                    r.in_flight.borrow_mut().insert(token, batch.reports);
                 }
                 Err(e) => {
                     host::warn(&format!(
-                        "gw_edge: cannot report {n} edge decision(s): {e:?}"
+                        "gw_edge: cannot report {} edge decision(s) now, kept: {e:?}",
+                        batch.reports.len()
                     ));
-                    add(r.failed, n);
+                    r.retry(batch.reports);
+                    break;
                 }
             }
         }
@@ -152,15 +174,32 @@ impl Root {
     /// The ledger's answer to a report batch.
     pub fn on_http_call_response(&mut self, token: u32) {
         let Some(r) = &self.reports else { return };
-        let n = r.in_flight.borrow_mut().remove(&token).unwrap_or(0);
+        let Some(reports) = r.in_flight.borrow_mut().remove(&token) else {
+            return;
+        };
+        let n = reports.len();
         let status = abi::http_call_response_status();
-        if (200..300).contains(&status) {
-            add(r.sent, n);
-        } else {
-            host::warn(&format!(
-                "gw_edge: the ledger refused {n} edge decision(s): status {status}"
-            ));
-            add(r.failed, n);
+        match Outcome::of(status) {
+            Outcome::Delivered => {
+                r.queue.borrow_mut().delivered(reports);
+                add(r.sent, n);
+                let mut b = r.backoff.get();
+                b.succeeded();
+                r.backoff.set(b);
+            }
+            Outcome::Refused => {
+                host::warn(&format!(
+                    "gw_edge: the ledger cannot read {n} edge decision(s) (status {status}; a sidecar older than this filter?): dropped"
+                ));
+                r.queue.borrow_mut().delivered(reports);
+                add(r.failed, n);
+            }
+            Outcome::Retry => {
+                host::warn(&format!(
+                    "gw_edge: {n} edge decision(s) not delivered (status {status}), kept to send again"
+                ));
+                r.retry(reports);
+            }
         }
     }
 }
@@ -173,11 +212,13 @@ fn start_reports(rc: ReportConfig) -> Option<Reports> {
             let counter = |name: &str| abi::define_counter(name).ok();
             Some(Reports {
                 config: Rc::new(rc),
-                queue: Rc::new(RefCell::new(ReportQueue::default())),
+                queue: Rc::new(RefCell::new(ReportQueue::new(host::vm_id()))),
                 in_flight: Rc::default(),
+                backoff: Rc::default(),
                 sent: counter("gw_edge.report.sent"),
                 failed: counter("gw_edge.report.failed"),
                 dropped: counter("gw_edge.report.dropped"),
+                retried: counter("gw_edge.report.retried"),
             })
         }
         Err(e) => {

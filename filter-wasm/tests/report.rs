@@ -15,6 +15,7 @@ fn r(code: &str, raw: usize) -> EdgeReport {
         requester_roles: String::new(),
         token_issuer: String::new(),
         raw_len: None,
+        id: String::new(),
     }
 }
 
@@ -26,16 +27,95 @@ fn bounded_queue_and_batches() {
     }
     assert_eq!((q.len(), q.take_dropped()), (3, 2));
     assert_eq!(q.take_dropped(), 0, "the count resets");
-    let (body, n) = q.next_batch(2).unwrap();
-    assert_eq!(n, 2);
-    let got: Vec<EdgeReport> = serde_json::from_slice(&body).unwrap();
+    let b = q.next_batch(2).unwrap();
+    assert_eq!(b.reports.len(), 2);
+    let got: Vec<EdgeReport> = serde_json::from_slice(&b.body).unwrap();
+    assert_eq!(got, b.reports, "the body is the batch's reports");
     assert_eq!(
         got.iter().map(|r| r.code.as_str()).collect::<Vec<_>>(),
         ["c0", "c1"]
     );
-    let (_, n) = q.next_batch(10).unwrap();
-    assert_eq!(n, 1);
+    let rest = q.next_batch(10).unwrap();
+    assert_eq!(rest.reports.len(), 1);
     assert!(q.next_batch(10).is_none() && q.is_empty());
+    assert_eq!(q.in_flight(), 3);
+    q.delivered(b.reports);
+    q.delivered(rest.reports);
+    assert_eq!(q.in_flight(), 0);
+}
+
+/// Reports in flight still count against the bounds; one put back goes first
+/// again, in its order, with its id; once delivered they make room.
+#[test]
+fn reports_stay_until_delivered() {
+    let mut q = ReportQueue::new(0xabc);
+    for i in 0..3 {
+        assert!(q.push(r(&format!("c{i}"), 1), 3));
+    }
+    let b = q.next_batch(2).unwrap();
+    assert_eq!(
+        b.reports.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["0000000000000abc-0", "0000000000000abc-1"]
+    );
+    assert!(!q.push(r("c3", 1), 3), "in flight, still counted");
+    assert_eq!(q.take_dropped(), 1);
+    q.put_back(b.reports);
+    assert_eq!((q.len(), q.in_flight()), (3, 0));
+    let again = q.next_batch(10).unwrap();
+    assert_eq!(
+        again
+            .reports
+            .iter()
+            .map(|r| (r.code.as_str(), r.id.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("c0", "0000000000000abc-0"),
+            ("c1", "0000000000000abc-1"),
+            ("c2", "0000000000000abc-2")
+        ]
+    );
+    q.delivered(again.reports);
+    assert!(q.push(r("c3", 1), 3));
+    let last = q.next_batch(10).unwrap();
+    assert_eq!(last.reports[0].id, "0000000000000abc-3", "no id skipped");
+    // A report with an id keeps it.
+    let mut own = r("c4", 1);
+    own.id = "given".into();
+    assert!(q.push(own, 3));
+    assert_eq!(q.next_batch(1).unwrap().reports[0].id, "given");
+}
+
+#[test]
+fn answers_and_backoff() {
+    use gw_filter::report::{Backoff, Outcome};
+    assert_eq!(Outcome::of(200), Outcome::Delivered);
+    assert_eq!(Outcome::of(204), Outcome::Delivered);
+    for s in [400, 413, 415, 422] {
+        assert_eq!(Outcome::of(s), Outcome::Refused, "{s}");
+    }
+    for s in [0, 401, 403, 404, 429, 500, 502, 503, 504] {
+        assert_eq!(Outcome::of(s), Outcome::Retry, "{s}");
+    }
+    assert_eq!(Backoff::cap(200), 25);
+    assert_eq!(Backoff::cap(60_000), 1);
+    let mut b = Backoff::default();
+    assert_eq!(b.batches_now(4, 0), 4);
+    assert_eq!(b.batches_now(4, 3), 4, "batches in flight do not hold back");
+    // Waits of 1, 2, 4, 8 ticks, then the cap; then one batch at a time.
+    let mut waits = Vec::new();
+    for _ in 0..6 {
+        b.failed(10);
+        let mut skipped = 0;
+        while b.batches_now(4, 0) == 0 {
+            skipped += 1;
+        }
+        waits.push(skipped);
+    }
+    assert_eq!(waits, [1, 2, 4, 8, 10, 10]);
+    assert_eq!(b.batches_now(4, 0), 1, "probing");
+    assert_eq!(b.batches_now(4, 1), 0, "a probe unanswered: nothing more");
+    b.succeeded();
+    assert_eq!(b.batches_now(4, 1), 4);
 }
 
 #[test]
@@ -46,9 +126,10 @@ fn batches_stay_under_the_byte_bound() {
     }
     q.push(r("huge", MAX_BATCH_BYTES), 100);
     let mut sent = 0;
-    while let Some((body, n)) = q.next_batch(1024) {
-        assert!(body.len() <= MAX_BATCH_BYTES);
-        sent += n;
+    while let Some(b) = q.next_batch(1024) {
+        assert!(b.body.len() <= MAX_BATCH_BYTES);
+        sent += b.reports.len();
+        q.delivered(b.reports);
     }
     assert_eq!(
         (sent, q.take_dropped()),
@@ -94,10 +175,13 @@ fn a_large_body_is_cut_and_the_queue_is_bounded_by_bytes() {
     );
     assert_eq!(q.take_dropped(), 1);
     // Each fits a batch; once some are sent there is room again.
-    let (body, n) = q.next_batch(1024).unwrap();
-    assert!(n >= 1 && body.len() <= MAX_BATCH_BYTES);
-    let sent: Vec<EdgeReport> = serde_json::from_slice(&body).unwrap();
-    assert_eq!(sent[0], cut);
+    let b = q.next_batch(1024).unwrap();
+    assert!(!b.reports.is_empty() && b.body.len() <= MAX_BATCH_BYTES);
+    let sent: Vec<EdgeReport> = serde_json::from_slice(&b.body).unwrap();
+    assert_eq!(sent[0].raw_hex, cut.raw_hex);
+    assert!(!q.push(cut.clone(), 65_536), "in flight: still held");
+    q.take_dropped();
+    q.delivered(b.reports);
     assert!(q.push(cut, 65_536));
     assert_eq!(q.take_dropped(), 0);
 }

@@ -752,17 +752,57 @@ fn rejected_control_requests_are_reported_in_bounded_batches_on_tick() {
         s("forbidden_role", "/api/control/module/mev:stop", "alice")
     );
     assert_eq!(vm.metric("gw_edge.report.dropped"), Some(1));
+    // Each report has its own id: this VM's random origin and a sequence number.
+    let ids: Vec<&str> = (0..3).map(|i| reports[i]["id"].as_str().unwrap()).collect();
+    for id in &ids {
+        let (origin, seq) = id.split_once('-').unwrap();
+        assert!(
+            origin.len() == 16 && origin.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
+        assert!(u64::from_str_radix(seq, 16).is_ok(), "{id}");
+    }
+    assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
     vm.respond(call.token, 200);
     assert_eq!(vm.metric("gw_edge.report.sent"), Some(3));
 
-    // A refused batch is counted as failed (not retried).
+    // A batch not delivered (503: the sidecar down) is kept and sent again, the same
+    // reports with the same ids, after a backoff of 1, then 2 ticks.
     vm.request(&post("/api/control/commands", &admin), &tampered, 1);
     vm.tick();
-    let token = vm.calls()[1].token;
-    vm.respond(token, 503);
+    let first = vm.calls()[1].clone();
+    vm.respond(first.token, 503);
+    assert_eq!(vm.metric("gw_edge.report.retried"), Some(1));
+    assert_eq!(vm.metric("gw_edge.report.failed"), Some(0));
+    vm.tick();
+    assert_eq!(vm.calls().len(), 2, "one tick skipped");
+    vm.tick();
+    let again = vm.calls()[2].clone();
+    assert_eq!(again.body, first.body, "the same report again");
+    // No answer at all (a timeout, a reset): the same, and the wait doubles.
+    vm.respond_without_answer(again.token);
+    assert_eq!(vm.metric("gw_edge.report.retried"), Some(2));
+    vm.tick();
+    vm.tick();
+    assert_eq!(vm.calls().len(), 3, "two ticks skipped");
+    vm.tick();
+    let third = vm.calls()[3].clone();
+    assert_eq!(third.body, first.body);
+    vm.respond(third.token, 200);
+    assert_eq!(vm.metric("gw_edge.report.sent"), Some(4));
+    vm.tick();
+    assert_eq!(vm.calls().len(), 4, "an empty queue sends nothing");
+
+    // A batch the ledger cannot read (400) would be refused again: dropped, counted
+    // as failed.
+    vm.request(&post("/api/control/commands", &admin), &tampered, 1);
+    vm.tick();
+    let token = vm.calls()[4].token;
+    vm.respond(token, 400);
     assert_eq!(vm.metric("gw_edge.report.failed"), Some(1));
     vm.tick();
-    assert_eq!(vm.calls().len(), 2, "an empty queue sends nothing");
+    vm.tick();
+    assert_eq!(vm.calls().len(), 5, "not sent again");
 }
 
 /// The filter verifies with the core's fixed-base tables (`gw_core::edverify`), not

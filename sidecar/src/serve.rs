@@ -521,6 +521,25 @@ impl RefusalBudget {
         }
         *self.state.lock().unrecorded.entry(code).or_default() += n;
     }
+
+    /// What [`Self::take`] gave for a refusal that will come again (an edge
+    /// report whose batch was not written: the filter sends it again): only the
+    /// sum its row carried, `owed`, is owed again.
+    pub fn untake_resent(&self, code: Code, owed: u64) {
+        self.owe(code, owed);
+    }
+
+    /// A refusal [`Self::take`] counted as not recorded that will come again
+    /// after all: no longer owed.
+    pub fn forgive(&self, code: Code) {
+        let mut s = self.state.lock();
+        if let Some(n) = s.unrecorded.get_mut(&code) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.unrecorded.remove(&code);
+            }
+        }
+    }
 }
 
 /// Lets only the edge (or, in development, plain HTTP on loopback) through; anyone

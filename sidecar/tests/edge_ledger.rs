@@ -259,6 +259,13 @@ fn bad_edge_reports_are_refused_whole() {
         json!([ok.clone(), {"decision": "rejected", "code": "stale", "path": "/", "raw_hex": "zz", "ts_ms": 1}]),
     );
     assert_eq!(status, 400, "{body}");
+    // A report id is short and of [0-9a-z-].
+    for id in ["Upper-1", "a b", &"x".repeat(65)] {
+        let mut bad = ok.clone();
+        bad["id"] = json!(id);
+        let (status, body) = post(json!([ok.clone(), bad]));
+        assert_eq!(status, 400, "{id}: {body}");
+    }
     let (status, body) = post(json!([ok]));
     assert_eq!((status, body["recorded"].clone()), (200, json!(1)));
     let rows = common::wait_rows(&ch, 1);
@@ -275,7 +282,10 @@ fn bad_edge_reports_are_refused_whole() {
     let rows = common::wait_rows(&ch, 2);
     assert_eq!(rows[1].raw_hex, "0a0b");
     let note: Value = serde_json::from_str(&rows[1].args_json).unwrap();
-    assert_eq!(note, json!({"raw_bytes": 300000, "raw_kept": 2}));
+    assert_eq!(
+        note,
+        json!({"raw_bytes": 300000, "raw_kept": 2, "edge_ts_ms": 1})
+    );
 }
 
 /// The edge reports every request it refuses, and anyone who reaches Envoy can

@@ -1453,3 +1453,148 @@ fn a_sidecar_stops_while_kafka_is_frozen() {
     );
     kafka.process.signal("CONT");
 }
+
+/// The edge rows in ClickHouse with their report ids, once at least `n` are there.
+fn wait_edge_rows(ch: &ClickHouse, n: usize, why: &str) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows: Vec<(String, String)> = common::stored(ch)
+            .into_iter()
+            .filter(|r| r.stage == "edge")
+            .map(|r| {
+                let note: Value = serde_json::from_str(&r.args_json).unwrap_or(Value::Null);
+                (r.code, note["report_id"].as_str().unwrap_or("").to_owned())
+            })
+            .collect();
+        if rows.len() >= n {
+            return rows;
+        }
+        assert!(Instant::now() < deadline, "{why}: {rows:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The edge reports every request it refuses. With the sidecar killed (`kill -9`)
+/// Envoy still refuses requests itself, and its filter keeps their reports, trying
+/// again with a backoff; once the sidecar is back they reach the ledger, each once.
+/// And a batch the filter sends again because its answer was lost — written, then
+/// the sidecar killed before it answered — adds no row: the sidecar knows the
+/// report ids it wrote, across a restart too (from the journal).
+#[test]
+fn edge_refusals_while_the_sidecar_is_down_reach_the_ledger_once() {
+    let d = testkit::TempDir::new("fault-edge-outage");
+    let mut rig = Rig::start(d.path(), false);
+    rig.kill_sidecar();
+    let node = &rig.nodes[0];
+    let (admin_url, state, sidecar_port) = (
+        node.gw.admin.clone(),
+        node.dir.join("state"),
+        node.sidecar_port,
+    );
+    let base = format!("https://localhost:{}", node.gw.port);
+    let admin = bearer(&["admin"], common::now());
+    let mut tampered = signed_command(1, Action::Start, common::now(), "dashboard", &[]);
+    let i = tampered.windows(4).position(|w| w == b"req-").unwrap();
+    tampered[i] = b'X';
+    let statuses = rig.rt.block_on(async {
+        let mut s = Vec::new();
+        for _ in 0..3 {
+            let r = node.client.get(format!("{base}/api/modules")).send().await;
+            s.push(r.unwrap().status().as_u16());
+        }
+        let r = node
+            .client
+            .post(format!("{base}/api/control/commands"))
+            .header("authorization", &admin)
+            .header("content-type", "application/x-protobuf")
+            .body(tampered.clone())
+            .send()
+            .await;
+        s.push(r.unwrap().status().as_u16());
+        s
+    });
+    assert_eq!(
+        statuses,
+        [401, 401, 401, 401],
+        "the edge refuses them itself"
+    );
+    // The filter tries, fails (no sidecar) and keeps them.
+    let counter = |name: &str| -> (u64, String) {
+        let (_, stats) = envoy::admin_get(&admin_url, "/stats?filter=gw_edge.report").unwrap();
+        let n = stats
+            .lines()
+            .find_map(|l| Some(l.split_once(&format!("gw_edge.report.{name}: "))?.1))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        (n, stats)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (retried, stats) = counter("retried");
+        if retried > 0 {
+            assert!(stats.contains("gw_edge.report.sent: 0"), "{stats}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stats}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        common::stored(&rig.ch).iter().all(|r| r.stage != "edge"),
+        "nothing can have reached the ledger"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    rig.start_sidecar();
+    let rows = wait_edge_rows(&rig.ch, 4, "the refusals kept by the edge");
+    let mut codes: Vec<&str> = rows.iter().map(|(c, _)| c.as_str()).collect();
+    codes.sort_unstable();
+    assert_eq!(
+        codes,
+        ["bad_signature", "jwt_missing", "jwt_missing", "jwt_missing"]
+    );
+    let ids: std::collections::BTreeSet<&str> = rows.iter().map(|(_, id)| id.as_str()).collect();
+    assert!(
+        ids.len() == 4 && !ids.contains(""),
+        "each refusal once, with its own id: {rows:?}"
+    );
+    // Every report delivered (one answered twice — its first answer lost — counts
+    // twice), none dropped.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counter("sent").0 < 4 {
+        assert!(Instant::now() < deadline, "{}", counter("sent").1);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (dropped, stats) = counter("dropped");
+    assert_eq!(dropped, 0, "{stats}");
+
+    // The filter's resend after a lost answer, posted as the edge posts it: once
+    // before a kill -9 and restart, again after.
+    let edge = common::certs(&state).edge_client();
+    let url = format!("https://127.0.0.1:{sidecar_port}/internal/edge-decisions");
+    let batch = json!([{"decision": "rejected", "code": "stale", "path": "/api/control/commands",
+        "raw_hex": "", "ts_ms": 1, "id": "00000000000000aa-7"}]);
+    let post = |rt: &tokio::runtime::Runtime| -> Value {
+        rt.block_on(async {
+            let r = edge.post(&url).json(&batch).send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            r.json().await.unwrap()
+        })
+    };
+    assert_eq!(post(&rig.rt)["recorded"], 1);
+    assert_eq!(post(&rig.rt)["duplicates"], 1, "the same report again");
+    rig.kill_sidecar();
+    rig.start_sidecar();
+    let again = post(&rig.rt);
+    assert_eq!(
+        (again["recorded"].clone(), again["duplicates"].clone()),
+        (json!(0), json!(1)),
+        "known after a restart: {again}"
+    );
+    // Past a moment for the shipper: still one row of it.
+    std::thread::sleep(Duration::from_secs(2));
+    let rows = wait_edge_rows(&rig.ch, 5, "the posted report");
+    let posted = rows
+        .iter()
+        .filter(|(_, id)| id == "00000000000000aa-7")
+        .count();
+    assert_eq!((rows.len(), posted), (5, 1), "{rows:?}");
+}

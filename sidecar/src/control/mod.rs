@@ -11,10 +11,13 @@
 //!   those records.
 //! - [`replay_store`]: the durable replay guard.
 //! - [`json_route`]: the original API's JSON route, signed by the sidecar.
+//! - [`edge_reports`]: which edge reports the ledger holds already (the filter
+//!   sends a batch again after a lost answer).
 
 pub mod admission;
 pub mod agent;
 pub mod bus;
+pub mod edge_reports;
 pub mod json_route;
 pub mod kafka_state;
 pub mod modules;

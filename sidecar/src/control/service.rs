@@ -2,7 +2,7 @@
 //! (ledger rows, publishing on the bus, the durable nonce), waits for the module's
 //! agent, and serves the control routes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use tracing::Instrument;
 use super::admission::{Admission, Admitted, Refused, Request, Row, Verdict};
 use super::agent::{Ack, Agent, AgentEnv};
 use super::bus::{Bus, Position};
+use super::edge_reports::{RecentReports, Seen};
 use super::json_route::{self, JsonSigner};
 use super::kafka_state::Checkpoint;
 use super::modules::ModuleTable;
@@ -162,6 +163,8 @@ pub struct Control {
     modules: ModuleTable,
     metrics: ControlMetrics,
     edge_reports: Arc<crate::serve::EdgeBudgets>,
+    /// The edge reports recorded last, and those being written.
+    edge_seen: Mutex<RecentReports>,
 }
 
 impl Control {
@@ -244,6 +247,7 @@ impl Control {
             modules,
             metrics: c.metrics,
             edge_reports: c.edge_reports,
+            edge_seen: Mutex::new(RecentReports::recovered(records)),
         });
         Ok((control, tasks))
     }
@@ -987,9 +991,12 @@ async fn get_modules(State(c): State<Arc<Control>>) -> Json<Modules> {
 }
 
 /// `POST /internal/edge-decisions`: the filter's batch of edge rejections, each
-/// sealed into the ledger as a `stage = edge` row. The whole batch is checked before
-/// any row is written. Anyone who reaches Envoy causes these (a request with no
-/// token is one), so they are within the ledger's budgets for them
+/// sealed into the ledger as a `stage = edge` row noting the report's id and the
+/// edge's time (`args_json` `{"report_id": …, "edge_ts_ms": …}`). The whole batch
+/// is checked before any row is written. A report recorded before (its id among
+/// [`RecentReports`]: a batch sent again after a lost answer) is skipped, counted
+/// as a duplicate. Anyone who reaches Envoy causes these (a request with no token
+/// is one), so they are within the ledger's budgets for them
 /// ([`crate::serve::EdgeBudgets`]: of all codes and of each, apart for reports
 /// naming a requester): beyond them a report is counted and summed in a row.
 async fn edge_decisions(
@@ -997,18 +1004,59 @@ async fn edge_decisions(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let reports = contract::parse_report_batch(&body).map_err(ApiError::from)?;
+    // In a task of its own: a handler dropped half-way (Envoy stopped waiting and
+    // reset the stream) still ends the batch, its ids known as recorded or let
+    // go, so the batch the filter sends again finds them.
+    tokio::spawn(record_reports(c, reports))
+        .await
+        .map_err(|e| ApiError::with(Code::Unavailable, format!("edge reports: {e}")))?
+}
+
+/// [`edge_decisions`], once the batch is checked.
+async fn record_reports(
+    c: Arc<Control>,
+    reports: Vec<contract::CheckedReport>,
+) -> Result<Json<Value>, ApiError> {
+    let mut fresh = Vec::with_capacity(reports.len());
+    let mut duplicates = 0usize;
+    let ids: Vec<&str> = {
+        let mut seen = c.edge_seen.lock();
+        let mut in_batch = HashSet::new();
+        for r in &reports {
+            if r.id.is_empty() {
+                fresh.push(r);
+                continue;
+            }
+            match seen.seen(&r.id) {
+                Seen::Recorded => duplicates += 1,
+                // Not decided yet: the filter sends the batch again later.
+                Seen::Pending => {
+                    return Err(ApiError::with(
+                        Code::Unavailable,
+                        "a batch being written holds some of these reports: send again",
+                    ))
+                }
+                Seen::New if !in_batch.insert(r.id.as_str()) => duplicates += 1,
+                Seen::New => fresh.push(r),
+            }
+        }
+        let ids: Vec<&str> = in_batch.into_iter().collect();
+        seen.begin(&ids);
+        ids
+    };
     // The whole batch in one transaction.
-    let mut rows = Vec::with_capacity(reports.len());
+    let mut rows = Vec::with_capacity(fresh.len());
     let mut taken = Vec::new();
-    let mut unrecorded = 0usize;
-    for r in &reports {
+    let mut summed = Vec::new();
+    for r in fresh {
+        // A report with an id comes again if this batch is not written.
+        let again = !r.id.is_empty();
         let budget = c.edge_reports.of(&r.requester);
         let Some(owed) = budget.take(r.code) else {
-            c.metrics.unrecorded(r.code.as_str());
-            unrecorded += 1;
+            summed.push((budget, r.code, again));
             continue;
         };
-        taken.push((budget, r.code, owed));
+        taken.push((budget, r.code, owed, again));
         if owed > 0 {
             rows.extend(c.auditor.unrecorded_row(Stage::Edge, r.code, owed));
         }
@@ -1021,29 +1069,56 @@ async fn edge_decisions(
             requester: Some(&r.requester),
             route: &r.path,
         };
-        rows.extend(match r.raw_len {
+        let mut note = Map::new();
+        if again {
+            note.insert("report_id".into(), json!(r.id));
+        }
+        note.insert("edge_ts_ms".into(), json!(r.ts_ms));
+        if let Some(n) = r.raw_len {
             // The row holds the body's start: it says so.
-            Some(n) => c
-                .auditor
-                .row_noting(&e, &json!({"raw_bytes": n, "raw_kept": r.raw.len()})),
-            None => c.auditor.row(&e),
-        });
+            note.insert("raw_bytes".into(), json!(n));
+            note.insert("raw_kept".into(), json!(r.raw.len()));
+        }
+        rows.extend(c.auditor.row_noting(&e, &Value::Object(note)));
     }
-    if let Err(e) = c.record(rows).await {
-        // Nothing of the batch was written: every report is owed, to be summed
-        // (the filter counts the batch as failed).
-        for (budget, code, owed) in taken {
-            budget.untake(code, owed);
-            c.metrics.unrecorded(code.as_str());
+    let written = c.record(rows).await;
+    c.edge_seen.lock().end(&ids, written.is_ok());
+    if let Err(e) = written {
+        // Nothing of the batch was written (503: the filter sends it again). The
+        // sums its rows carried are owed again; so are its own reports that will
+        // not come again (no id: a filter before report ids), not the others.
+        for (budget, code, owed, again) in taken {
+            if again {
+                budget.untake_resent(code, owed);
+            } else {
+                budget.untake(code, owed);
+                c.metrics.unrecorded(code.as_str());
+            }
+        }
+        for (budget, code, again) in summed {
+            if again {
+                budget.forgive(code);
+            } else {
+                c.metrics.unrecorded(code.as_str());
+            }
         }
         return Err(e.into());
     }
-    for _ in &reports {
+    for (_, code, _) in &summed {
+        c.metrics.unrecorded(code.as_str());
+    }
+    for _ in 0..reports.len() - duplicates {
         c.metrics.decision("edge_reported");
     }
-    Ok(Json(
-        json!({"ok": true, "recorded": reports.len() - unrecorded, "unrecorded": unrecorded}),
-    ))
+    for _ in 0..duplicates {
+        c.metrics.decision("edge_report_duplicate");
+    }
+    Ok(Json(json!({
+        "ok": true,
+        "recorded": reports.len() - duplicates - summed.len(),
+        "unrecorded": summed.len(),
+        "duplicates": duplicates,
+    })))
 }
 
 #[cfg(test)]

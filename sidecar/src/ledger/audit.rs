@@ -131,10 +131,24 @@ impl Auditor {
     }
 
     /// The row of `e` whose `args_json` is `note` — what the row says of itself
-    /// (a sum of refusals, a body kept in part) — unsealed (`None`: no ledger).
+    /// (a sum of refusals, a body kept in part, an edge report's id and time) —
+    /// with the arguments of the command `e` holds, if any, under `args`;
+    /// unsealed (`None`: no ledger).
     pub fn row_noting(&self, e: &Entry<'_>, note: &serde_json::Value) -> Option<journal::Entry> {
         self.journal.as_ref()?;
         let mut r = row(e);
+        let mut note = note.clone();
+        // A command's arguments stay, under `args` (a body that is no command, or
+        // none, decodes as a command without any: nothing to keep).
+        if let Some(obj) = note.as_object_mut() {
+            if let Ok(args @ serde_json::Value::Object(_)) =
+                serde_json::from_str::<serde_json::Value>(&r.args_json)
+            {
+                if args.as_object().is_some_and(|a| !a.is_empty()) {
+                    obj.insert("args".into(), args);
+                }
+            }
+        }
         r.args_json = note.to_string();
         Some(journal::Entry::row(r))
     }

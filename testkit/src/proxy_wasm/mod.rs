@@ -683,6 +683,21 @@ impl Vm {
         self.store.data_mut().call_response.clear();
     }
 
+    /// Ends call `token` with no answer (a timeout or a reset: Envoy delivers
+    /// no headers).
+    pub fn respond_without_answer(&mut self, token: u32) {
+        self.store.data_mut().call_response.clear();
+        let f = self
+            .instance
+            .get_typed_func::<(i32, i32, i32, i32, i32), ()>(
+                &mut self.store,
+                "proxy_on_http_call_response",
+            )
+            .expect("proxy_on_http_call_response");
+        f.call(&mut self.store, (self.root, token as i32, 0, 0, 0))
+            .expect("on_http_call_response");
+    }
+
     pub fn set_now(&mut self, now: u64) {
         self.store.data_mut().now_secs = now;
     }
