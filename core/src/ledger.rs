@@ -15,6 +15,8 @@ pub enum Stage {
     Sidecar,
     /// A module's agent (applies commands).
     Agent,
+    /// The model host: a library swapped in to serve a module, or refused.
+    Models,
 }
 
 /// What a stage decided.
@@ -32,7 +34,7 @@ pub enum Decision {
 
 impl Stage {
     /// Every stage.
-    pub const ALL: [Stage; 3] = [Stage::Edge, Stage::Sidecar, Stage::Agent];
+    pub const ALL: [Stage; 4] = [Stage::Edge, Stage::Sidecar, Stage::Agent, Stage::Models];
 
     /// The name stored in the ledger.
     pub const fn as_str(self) -> &'static str {
@@ -40,6 +42,7 @@ impl Stage {
             Stage::Edge => "edge",
             Stage::Sidecar => "sidecar",
             Stage::Agent => "agent",
+            Stage::Models => "models",
         }
     }
 

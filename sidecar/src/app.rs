@@ -350,7 +350,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         let host = Arc::new(
             ModelHost::new(&m.dir, |module| m.features_of(module), m.policy())
                 .with_load_timeout(Duration::from_millis(m.load_timeout_ms))
-                .with_crash_marker(cfg.file.state_dir.join("model-loading")),
+                .with_crash_marker(cfg.file.state_dir.join("model-loading"))
+                .with_audit(gatekeeper.auditor.clone()),
         );
         host.register(&mut registry);
         for line in host.poll() {

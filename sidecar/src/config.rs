@@ -174,6 +174,10 @@ pub struct ModelsConfig {
     /// refused, `timeout`).
     #[serde(default = "default_model_load_timeout")]
     pub load_timeout_ms: u64,
+    /// When set, the SHA-256 digests (hex) of the only libraries that may be
+    /// loaded: any other is refused before its code runs (`not_allowed`).
+    #[serde(default)]
+    pub allowed_sha256: Option<Vec<String>>,
 }
 
 fn default_model_load_timeout() -> u64 {
@@ -201,6 +205,7 @@ impl ModelsConfig {
             poll_ms: default_model_poll(),
             allow_unverified: false,
             load_timeout_ms: default_model_load_timeout(),
+            allowed_sha256: None,
         }
     }
 
@@ -218,6 +223,10 @@ impl ModelsConfig {
     pub fn policy(&self) -> crate::models::LoadPolicy {
         crate::models::LoadPolicy {
             allow_unverified: self.allow_unverified,
+            allowed_sha256: self
+                .allowed_sha256
+                .as_ref()
+                .map(|l| std::sync::Arc::new(l.iter().map(|d| d.to_ascii_lowercase()).collect())),
         }
     }
 }
@@ -727,6 +736,17 @@ impl Config {
                     OutOfBounds::new("models.load_timeout_ms", "must be 100..=600000").into(),
                 );
             }
+            let digest = |d: &String| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit());
+            if m.allowed_sha256
+                .as_ref()
+                .is_some_and(|l| !l.iter().all(digest))
+            {
+                return Err(OutOfBounds::new(
+                    "models.allowed_sha256",
+                    "must be SHA-256 digests, 64 hex digits each",
+                )
+                .into());
+            }
         }
         if let Some(l) = env("GW_SIDECAR_LISTEN") {
             file.listen = l
@@ -1003,6 +1023,14 @@ mod tests {
             (r#"{"routes": [{"prefix": "/api/"}]}"#, "routes"),
             (r#"{"sched_slice_us": 50}"#, "sched_slice_us"),
             (r#"{"sched_slice_us": 100001}"#, "sched_slice_us"),
+            (
+                r#"{"models": {"dir": "/m", "allowed_sha256": ["abc"]}}"#,
+                "models.allowed_sha256",
+            ),
+            (
+                r#"{"models": {"dir": "/m", "allowed_sha256": ["zz"]}}"#,
+                "models.allowed_sha256",
+            ),
         ] {
             match with(json) {
                 Err(ConfigError::OutOfBounds(e)) => assert_eq!(e.key, key, "{json}"),
@@ -1019,5 +1047,22 @@ mod tests {
             (c.file.ledger_ship_every_ms, c.file.clickhouse_nice),
             (200, 19)
         );
+        // Digests are compared in lowercase, as the host writes them.
+        let d = "AB".repeat(32);
+        let c = with(&format!(
+            r#"{{"models": {{"dir": "/m", "allowed_sha256": ["{d}"]}}}}"#
+        ))
+        .unwrap();
+        let policy = c.file.models.as_ref().unwrap().policy();
+        let allowed = policy.allowed_sha256.unwrap();
+        assert!(allowed.contains(&"ab".repeat(32)) && allowed.len() == 1);
+        assert!(with(r#"{"models": {"dir": "/m"}}"#)
+            .unwrap()
+            .file
+            .models
+            .unwrap()
+            .policy()
+            .allowed_sha256
+            .is_none());
     }
 }

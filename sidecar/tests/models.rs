@@ -219,7 +219,14 @@ fn activate(dir: &Path, stem: &str, lib: &str) {
 }
 
 fn host(dir: &Path, n_features: u32, allow_unverified: bool) -> ModelHost {
-    ModelHost::new(dir, |_| n_features, LoadPolicy { allow_unverified })
+    ModelHost::new(
+        dir,
+        |_| n_features,
+        LoadPolicy {
+            allow_unverified,
+            ..LoadPolicy::default()
+        },
+    )
 }
 
 /// `gw_sidecar_model_rejected_total` as the metrics endpoint shows it.
@@ -258,6 +265,183 @@ fn a_hard_link_to_a_loaded_library_is_that_library() {
     assert_eq!(host.slot("arbitrage").unwrap().loads(), 1);
 }
 
+/// A library whose initialiser appends a line to `ran`, and that exports no model,
+/// compiled in `dir`.
+fn marking_library(dir: &Path, ran: &Path) -> PathBuf {
+    let src = dir.join("init.c");
+    std::fs::write(
+        &src,
+        format!(
+            "#include <stdio.h>\n\
+             __attribute__((constructor)) static void ran(void) {{\n\
+               FILE *f = fopen(\"{}\", \"a\"); if (f) {{ fputs(\"ran\\n\", f); fclose(f); }}\n\
+             }}\n",
+            ran.display()
+        ),
+    )
+    .unwrap();
+    let compiled = dir.join("libinit.so");
+    let o = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .args([&compiled, &src])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "cc: {o:?}");
+    compiled
+}
+
+/// With `models.allowed_sha256`, only a listed build is opened: any other file,
+/// trusted as it is, is refused `not_allowed` before its code runs (its
+/// initialiser leaves no mark), and the listed one serves.
+#[test]
+fn only_a_listed_build_is_opened_when_digests_are_pinned() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let d = testkit::TempDir::new("models-allowed");
+    let dir = d.path().join("models");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ran = d.path().join("ran");
+    let marking = marking_library(d.path(), &ran);
+    std::fs::copy(&marking, dir.join("libmev_vx.so")).unwrap();
+    std::fs::set_permissions(
+        dir.join("libmev_vx.so"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::copy(built().join("libmev_vt1.so"), dir.join("libmev_vt1.so")).unwrap();
+    let sha = |p: &Path| {
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            std::fs::read(p).unwrap(),
+        ))
+    };
+    let pinned = sha(&dir.join("libmev_vt1.so"));
+    let host = ModelHost::new(
+        &dir,
+        |_| 8,
+        LoadPolicy {
+            allow_unverified: false,
+            allowed_sha256: Some(Arc::new([pinned.clone()].into_iter().collect())),
+        },
+    );
+    activate(&dir, "mev", "libmev_vx.so");
+    let lines = host.poll();
+    assert!(
+        lines.len() == 1
+            && lines[0].contains("refused [not_allowed]")
+            && lines[0].contains(&sha(&dir.join("libmev_vx.so"))),
+        "{lines:?}"
+    );
+    assert!(!ran.exists(), "a library not listed was opened");
+    assert!(host.current("mev").is_none());
+    activate(&dir, "mev", "libmev_vt1.so");
+    let lines = host.poll();
+    assert!(
+        lines.len() == 1 && lines[0].contains("serving mev t1"),
+        "{lines:?}"
+    );
+    assert_eq!(host.current("mev").unwrap().sha256, pinned);
+    assert!(rejected_metrics(&host)
+        .contains("gw_sidecar_model_rejected_total{module=\"mev\",reason=\"not_allowed\"} 1"));
+    // Without the list, the same marking library is opened (and refused for
+    // exporting no model): the list is what kept it closed.
+    activate(&dir, "mev", "libmev_vx.so");
+    let open = self::host(&dir, 8, false);
+    open.poll();
+    assert!(ran.exists());
+}
+
+/// Every swap and refusal is a row of the ledger (stage `models`, action `swap`)
+/// naming the link's owner, what was served (path, SHA-256, version) or why it was
+/// refused — in a running sidecar with ClickHouse, the digests pinned.
+#[test]
+fn swaps_and_refusals_are_ledger_rows() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let d = testkit::TempDir::new("models-ledger");
+    let ch = testkit::clickhouse::ClickHouse::start(d.path());
+    let dir = d.path().join("models");
+    std::fs::create_dir_all(&dir).unwrap();
+    let marking = marking_library(d.path(), &d.path().join("ran"));
+    std::fs::copy(&marking, dir.join("libmev_vx.so")).unwrap();
+    std::fs::set_permissions(
+        dir.join("libmev_vx.so"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::copy(built().join("libmev_vt1.so"), dir.join("libmev_vt1.so")).unwrap();
+    let sha = |p: &Path| {
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            std::fs::read(p).unwrap(),
+        ))
+    };
+    let pinned = sha(&dir.join("libmev_vt1.so"));
+    activate(&dir, "mev", "libmev_vt1.so");
+    let mut cfg = common::config_with_clickhouse(&d.path().join("state"), false, &ch);
+    cfg.file.models = Some(ModelsConfig {
+        poll_ms: 100,
+        allowed_sha256: Some(vec![pinned.to_uppercase()]),
+        ..ModelsConfig::with_dir(dir.clone())
+    });
+    let s = common::serve(cfg);
+    activate(&dir, "mev", "libmev_vx.so");
+    let rows: Vec<_> = (0..100)
+        .find_map(|_| {
+            let rows: Vec<_> = common::stored(&ch)
+                .into_iter()
+                .filter(|r| r.stage == "models")
+                .collect();
+            if rows.len() >= 2 {
+                return Some(rows);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            None
+        })
+        .expect("two model rows");
+    let owner = format!("uid:{}", std::fs::metadata(&dir).unwrap().uid());
+    let link = dir.join("libmev_latest.so").display().to_string();
+    let summary: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.decision.as_str(),
+                r.code.as_str(),
+                r.module.as_str(),
+                r.action.as_str(),
+                r.requester.as_str(),
+                r.route.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("applied", "", "mev", "swap", owner.as_str(), link.as_str()),
+            (
+                "rejected",
+                "not_allowed",
+                "mev",
+                "swap",
+                owner.as_str(),
+                link.as_str()
+            ),
+        ]
+    );
+    let served: Value = serde_json::from_str(&rows[0].args_json).unwrap();
+    assert_eq!(
+        (&served["sha256"], &served["version"], &served["verified"]),
+        (&json!(pinned), &json!("t1"), &json!(true)),
+        "{served}"
+    );
+    let refused: Value = serde_json::from_str(&rows[1].args_json).unwrap();
+    assert!(
+        refused["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&sha(&dir.join("libmev_vx.so")))
+            && refused["serving"] == "t1",
+        "{refused}"
+    );
+    assert_eq!(s.get_json("/api/models")["mev"]["serving"]["version"], "t1");
+}
+
 /// A library is code that runs inside the sidecar (with the TPU identity and the
 /// command and ledger keys): one that someone other than root or the sidecar's
 /// user could have written, or that lies outside the models directory, is refused
@@ -271,26 +455,7 @@ fn a_library_someone_else_could_have_written_is_never_run() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::create_dir_all(&elsewhere).unwrap();
     let ran = d.path().join("ran");
-    // A library whose initialiser leaves a mark, and that exports no model.
-    let src = d.path().join("init.c");
-    std::fs::write(
-        &src,
-        format!(
-            "#include <stdio.h>\n\
-             __attribute__((constructor)) static void ran(void) {{\n\
-               FILE *f = fopen(\"{}\", \"a\"); if (f) {{ fputs(\"ran\\n\", f); fclose(f); }}\n\
-             }}\n",
-            ran.display()
-        ),
-    )
-    .unwrap();
-    let compiled = d.path().join("libinit.so");
-    let o = Command::new("cc")
-        .args(["-shared", "-fPIC", "-o"])
-        .args([&compiled, &src])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "cc: {o:?}");
+    let compiled = marking_library(d.path(), &ran);
     let place = |at: &Path, mode: u32, uid: Option<u32>| {
         std::fs::copy(&compiled, at).unwrap();
         std::fs::set_permissions(at, std::fs::Permissions::from_mode(mode)).unwrap();

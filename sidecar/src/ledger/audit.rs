@@ -154,6 +154,50 @@ impl Auditor {
     }
 }
 
+/// A model swapped in to serve a module, or a library refused for it
+/// ([`Auditor::record_model`]).
+#[derive(Debug, Clone)]
+pub struct ModelEvent<'a> {
+    /// The module (`mev`, `arbitrage`).
+    pub module: &'a str,
+    /// `applied`: now serving; `rejected`: refused (or its link lost).
+    pub decision: Decision,
+    /// The refusal's reason label (`not_allowed`, `golden_mismatch`, …,
+    /// `link_lost`); empty when served.
+    pub reason: &'a str,
+    /// The `lib<stem>_latest.so` link.
+    pub link: &'a str,
+    /// Who placed the link: `uid:<n>`, its owner.
+    pub owner: String,
+    /// What the row says of the library: path, SHA-256, name, version, ABI, or
+    /// why it was refused.
+    pub note: serde_json::Value,
+}
+
+impl Auditor {
+    /// Makes the row of a model event durable (stage `models`, action `swap`,
+    /// route the link), from a thread outside the async runtime.
+    pub fn record_model(&self, e: &ModelEvent<'_>) -> Result<(), AuditError> {
+        let Some(j) = &self.journal else {
+            return Ok(());
+        };
+        let row = LedgerRow {
+            ts_ms: crate::now_nanos() / 1_000_000,
+            stage: Stage::Models.as_str().into(),
+            decision: e.decision.as_str().into(),
+            code: e.reason.into(),
+            module: e.module.into(),
+            action: "swap".into(),
+            args_json: e.note.to_string(),
+            requester: e.owner.clone(),
+            route: e.link.into(),
+            ..LedgerRow::default()
+        };
+        j.commit_blocking(Txn::of(vec![journal::Entry::row(row)]))?;
+        Ok(())
+    }
+}
+
 /// The unsealed row of an entry (`seq` and hashes are set by the chain).
 fn row(e: &Entry<'_>) -> LedgerRow {
     let decoded;

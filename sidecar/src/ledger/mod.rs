@@ -22,7 +22,7 @@ use gw_core::Code;
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 
-pub use audit::{AuditError, Auditor, Entry};
+pub use audit::{AuditError, Auditor, Entry, ModelEvent};
 use checkpoint::Checkpointer;
 use query::{DecisionView, LedgerStatus, PolicyWindow, Queries};
 use ship::{RowQueue, ShipError, Shipper};

@@ -11,6 +11,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use gw_core::ledger::Decision;
 use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -19,6 +20,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 use super::library::{LoadError, LoadPolicy, Model};
+use crate::ledger::{Auditor, ModelEvent};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModuleLabel {
@@ -75,6 +77,11 @@ pub struct Slot {
     serving_target: Mutex<Option<PathBuf>>,
     /// Last swaps and refusals, oldest first.
     history: Mutex<VecDeque<SwapEvent>>,
+    /// A model that passed every check but whose swap the ledger could not
+    /// record yet, and its link target: not served until it is.
+    unrecorded: Mutex<Option<(PathBuf, Arc<Model>)>>,
+    /// That was logged (once while it lasts).
+    unrecorded_said: AtomicBool,
     /// Models swapped in (this slot's entry of `gw_sidecar_model_loads_total`).
     loads: Counter,
     /// Libraries refused, every reason.
@@ -125,6 +132,8 @@ impl Slot {
 pub struct ModelHost {
     dir: PathBuf,
     policy: LoadPolicy,
+    /// Where each swap and refusal is recorded (none: not recorded).
+    audit: Auditor,
     /// The slots (`mev` → libmev, `arbitrage` → libarb).
     slots: Vec<Slot>,
     loads: Family<ModuleLabel, Counter>,
@@ -197,6 +206,8 @@ impl ModelHost {
                 refused: Mutex::new(None),
                 serving_target: Mutex::new(None),
                 history: Mutex::new(VecDeque::with_capacity(HISTORY)),
+                unrecorded: Mutex::new(None),
+                unrecorded_said: AtomicBool::new(false),
                 // A family's counter is shared: the slot and the family count as one.
                 loads: loads.get_or_create(&label).clone(),
                 rejected: AtomicU64::new(0),
@@ -216,6 +227,7 @@ impl ModelHost {
         ModelHost {
             dir: dir.to_path_buf(),
             policy,
+            audit: Auditor::default(),
             slots,
             loads,
             rejected,
@@ -235,6 +247,40 @@ impl ModelHost {
     pub fn with_load_timeout(mut self, t: Duration) -> ModelHost {
         self.load_timeout = t;
         self
+    }
+
+    /// Records every swap and refusal in the ledger through `audit` (stage
+    /// `models`, action `swap`, the link's owner as the requester): a model is
+    /// swapped in only once its row is durable.
+    #[must_use]
+    pub fn with_audit(mut self, audit: Auditor) -> ModelHost {
+        self.audit = audit;
+        self
+    }
+
+    /// The ledger row of a swap or refusal in `s`: why it could not be made
+    /// durable, if it could not.
+    fn audit_event(
+        &self,
+        s: &Slot,
+        link: &Path,
+        decision: Decision,
+        reason: &str,
+        note: serde_json::Value,
+    ) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt as _;
+        let owner =
+            std::fs::symlink_metadata(link).map_or(String::new(), |m| format!("uid:{}", m.uid()));
+        let link = link.display().to_string();
+        let event = ModelEvent {
+            module: s.module,
+            decision,
+            reason,
+            link: &link,
+            owner,
+            note,
+        };
+        self.audit.record_model(&event).map_err(|e| e.to_string())
     }
 
     /// Keeps a crash marker at `path` (under the state directory): a library the
@@ -301,7 +347,7 @@ impl ModelHost {
         // On a thread of its own, waited for with a deadline: the library's code
         // runs there (init, the self-test, the golden rows).
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let (path, policy) = (target.to_path_buf(), self.policy);
+        let (path, policy) = (target.to_path_buf(), self.policy.clone());
         let (stuck, marker) = (self.stuck.clone(), self.marker.clone());
         std::thread::Builder::new()
             .name("gw-model-load".into())
@@ -423,6 +469,15 @@ impl ModelHost {
                             link.display()
                         ));
                         s.record(&link, "link_lost", e.to_string());
+                        let note = serde_json::json!({"detail": e.to_string(), "serving": kept});
+                        if let Err(why) =
+                            self.audit_event(s, &link, Decision::Rejected, "link_lost", note)
+                        {
+                            log.push(format!(
+                                "model {}: the ledger cannot record this ({why})",
+                                s.module
+                            ));
+                        }
                     }
                     continue;
                 }
@@ -436,8 +491,35 @@ impl ModelHost {
             if s.refused.lock().as_ref().is_some_and(|(p, _)| *p == target) {
                 continue;
             }
-            match self.load(&target, s.n_features) {
+            // A model loaded and checked before, whose row the ledger could not take
+            // then: only its row is tried again.
+            let waiting = s.unrecorded.lock().take().filter(|(t, _)| *t == target);
+            let loaded = match waiting {
+                Some((_, m)) => Ok(m),
+                None => self.load(&target, s.n_features),
+            };
+            match loaded {
                 Ok(m) => {
+                    let note = serde_json::json!({
+                        "path": target.display().to_string(), "sha256": m.sha256,
+                        "name": m.name, "version": m.version, "abi": m.abi,
+                        "verified": m.golden.is_some(),
+                    });
+                    if let Err(why) = self.audit_event(s, &link, Decision::Applied, "", note) {
+                        // Not served unrecorded: kept, its row tried at each look.
+                        if !s.unrecorded_said.swap(true, Ordering::AcqRel) {
+                            log.push(format!(
+                                "model {}: {} {} passed every check, but the ledger cannot record its swap ({why}); still serving {} until it can",
+                                s.module,
+                                m.name,
+                                m.version,
+                                s.serving_version()
+                            ));
+                        }
+                        *s.unrecorded.lock() = Some((target, m));
+                        continue;
+                    }
+                    s.unrecorded_said.store(false, Ordering::Release);
                     let verified = m.golden.as_ref().map_or_else(
                         || "UNVERIFIED (no golden vectors; models.allow_unverified)".to_string(),
                         |g| {
@@ -483,6 +565,18 @@ impl ModelHost {
                         })
                         .inc();
                     s.record(&target, e.reason(), e.to_string());
+                    let note = serde_json::json!({
+                        "path": target.display().to_string(), "detail": e.to_string(),
+                        "serving": kept,
+                    });
+                    if let Err(why) =
+                        self.audit_event(s, &link, Decision::Rejected, e.reason(), note)
+                    {
+                        log.push(format!(
+                            "model {}: the ledger cannot record this refusal ({why})",
+                            s.module
+                        ));
+                    }
                     *s.refused.lock() = Some((target, e.to_string()));
                 }
             }

@@ -100,6 +100,10 @@ pub enum LoadError {
     /// group or others ([`trusted`]).
     #[error("{0} is not trusted: {1}")]
     Untrusted(String, String),
+    /// Not loaded, its code never run: `models.allowed_sha256` is set and does
+    /// not list the file's SHA-256.
+    #[error("{0}: sha256 {1} is not in models.allowed_sha256")]
+    NotAllowed(String, String),
     /// Neither `model_abi_v2_export` nor `model_abi_v1_export`.
     #[error("{0} exports neither model_abi_v2_export nor model_abi_v1_export: {1}")]
     Symbol(String, String),
@@ -150,9 +154,10 @@ pub enum LoadError {
 
 impl LoadError {
     /// Every reason label, in the order of the checks.
-    pub const REASONS: [&'static str; 12] = [
+    pub const REASONS: [&'static str; 13] = [
         "open",
         "untrusted",
+        "not_allowed",
         "symbol",
         "abi",
         "features",
@@ -170,6 +175,7 @@ impl LoadError {
         match self {
             LoadError::Open(..) => "open",
             LoadError::Untrusted(..) => "untrusted",
+            LoadError::NotAllowed(..) => "not_allowed",
             LoadError::Symbol(..) => "symbol",
             LoadError::Abi(..) => "abi",
             LoadError::Features { .. } => "features",
@@ -202,11 +208,14 @@ pub enum PredictError {
 }
 
 /// What the host checks before a library may serve.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct LoadPolicy {
     /// Serve libraries without golden vectors (v1 libraries) after the finite-output
     /// self-test only.
     pub allow_unverified: bool,
+    /// When set, only a file whose SHA-256 (lowercase hex) is listed is opened;
+    /// any other is refused before its code runs (`not_allowed`).
+    pub allowed_sha256: Option<Arc<std::collections::BTreeSet<String>>>,
 }
 
 /// The golden check a model passed.
@@ -621,6 +630,11 @@ impl Model {
                 (m.dev(), m.ino()),
             )
         };
+        if let Some(allowed) = &policy.allowed_sha256 {
+            if !allowed.contains(&sha256) {
+                return Err(LoadError::NotAllowed(shown, sha256));
+            }
+        }
         // SAFETY: loading runs the library's initialisers. Only a regular file that
         // no one but root and the sidecar's own user could have written, or put
         // at its path, is loaded (`trusted`), from the models directory
@@ -806,6 +820,7 @@ mod tests {
         let all = [
             LoadError::Open(p.clone(), p.clone()),
             LoadError::Untrusted(p.clone(), p.clone()),
+            LoadError::NotAllowed(p.clone(), p.clone()),
             LoadError::Symbol(p.clone(), p.clone()),
             LoadError::Abi(p.clone(), p.clone()),
             LoadError::Features {
