@@ -73,8 +73,18 @@ def main():
             if not str(port).startswith("${GW_PUBLISH_ADDRESS:-127.0.0.1}:"):
                 fail(f"{name}: port {port} is published on every interface; "
                      "publish it on ${GW_PUBLISH_ADDRESS:-127.0.0.1}")
+        # A service built from the sidecar's stage runs gw-sidecar as its entrypoint:
+        # its command is gw-sidecar's arguments (naming the program again made it
+        # refuse its arguments).
+        command = svc.get("command") or []
+        if svc.get("build", {}).get("target") == "sidecar" and command[:1] == ["gw-sidecar"]:
+            fail(f"{name}: command {command} repeats the entrypoint gw-sidecar; give its arguments only")
         for vol in svc.get("volumes", []):
             src = vol.split(":")[0]
+            # Private keys are mounted one by one into the service that uses them,
+            # never a whole directory of them.
+            if src.startswith("./") and os.path.isdir(local(src)) and glob.glob(os.path.join(local(src), "*.key")):
+                fail(f"{name}: mounts the directory {src}, which holds private keys; mount its own files only")
             if src.startswith("./") and not os.path.exists(local(src)):
                 fail(f"{name}: bind mount source {src} does not exist (run scripts/compose-init.sh)")
             elif not src.startswith(("./", "/")) and src not in (compose.get("volumes") or {}):

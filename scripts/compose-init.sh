@@ -11,10 +11,25 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 run="${1:-.run/compose}"
 bash scripts/dev-keys.sh "$run"
-# Envoy and the sidecar run as unprivileged users in their images: the dev keys must
-# be readable there (development keys only).
-chmod 644 "$run/certs/server.key" "$run/certs/envoy-client.key" "$run/certs/sidecar.key" \
-  "$run/keys/clickhouse-admin.pw" "$run/keys/clickhouse-sidecar.pw"
+# Envoy and the sidecar run as users of their own in their images (Envoy's 101, the
+# sidecar's gw, 10001): each reads its own secrets through an ACL entry and no one
+# else can (0600 + ACL, as the local run keeps them 0600). Without setfacl (Debian's
+# `acl`) or ACLs on this filesystem, they are left readable by every user of the
+# host, and said.
+open_to_all=()
+grant() { # UID FILE...
+  local uid=$1 f
+  shift
+  for f in "$@"; do
+    chmod 600 "$f"
+    if ! setfacl -m "u:$uid:r" "$f" 2>/dev/null; then
+      chmod 644 "$f"
+      open_to_all+=("$f")
+    fi
+  done
+}
+grant 101 "$run/certs/server.key" "$run/certs/envoy-client.key"
+grant 10001 "$run/certs/sidecar.key" "$run/keys/clickhouse-sidecar.pw" "$run/keys/clickhouse-admin.pw"
 python3 envoy/render.py --filter-config "$run/filter.json" \
   --set GW_LISTEN_ADDRESS=0.0.0.0 --set GW_CLUSTER_TYPE=STRICT_DNS \
   --set GW_SIDECAR_ADDRESS=sidecar --set GW_SIDECAR_PORT=8080 \
@@ -24,9 +39,8 @@ python3 envoy/render.py --filter-config "$run/filter.json" \
   --set GW_UPSTREAM_CLIENT_KEY=/etc/gw/certs/envoy-client.key \
   --set GW_FILTER_WASM=/etc/gw/gw_filter.wasm --set GW_ADMIN_SOCKET=/tmp/envoy-admin.sock \
   -o "$run/envoy.yaml"
-# render.py writes it 0600 (it holds the filter's JWT keys); Envoy's image runs as
-# its own user, which must read it (development keys only, as above).
-chmod 644 "$run/envoy.yaml"
+# render.py writes it 0600 (it holds the filter's JWT keys): Envoy's user reads it.
+grant 101 "$run/envoy.yaml"
 (
   umask 077
   {
@@ -40,8 +54,11 @@ chmod 644 "$run/envoy.yaml"
 )
 # The development TPU has a fixed address on the compose network (docker-compose.yml):
 # a leader's TPU address is an IP address, as Solana's leader schedule gives it.
+# The state directory is absolute, inside the sidecar-state volume (where the image's
+# working directory put it before: /var/lib/gw/.run/sidecar).
 python3 scripts/sidecar-config.py --keys "$run/keys" --filter-config "$run/filter.json" --tpu 172.30.0.9:8009 \
-  --relay http://relay:8010 --ingest 0.0.0.0:8011 -o "$run/sidecar.json"
+  --relay http://relay:8010 --ingest 0.0.0.0:8011 --state-dir /var/lib/gw/.run/sidecar \
+  -o "$run/sidecar.json"
 chmod 644 "$run/sidecar.json"
 # An admin token for the filter's JWT rules (same claims as `gwctl jwt`).
 python3 - "$run" <<'PY'
@@ -60,4 +77,8 @@ os.fchmod(fd, 0o600)
 os.write(fd, f"{signing}.{b64(sig)}\n".encode())
 os.close(fd)
 PY
+if (( ${#open_to_all[@]} )); then
+  echo "warning: no ACLs here (install Debian's acl, or use a filesystem with ACLs):" \
+    "these secrets are readable by every user of this host: ${open_to_all[*]}" >&2
+fi
 echo "compose files written to $run: now run: docker compose up --build"

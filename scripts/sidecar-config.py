@@ -44,10 +44,14 @@ def main():
     ap.add_argument("--tpu", required=True, help="the leader's TPU QUIC address (IP:PORT)")
     ap.add_argument("--relay", required=True, help="the relay's URL")
     ap.add_argument("--ingest", required=True, help="where the QUIC ingest listens (IP:PORT)")
+    ap.add_argument("--state-dir", default=None,
+                    help="the state directory, absolute (default: the example's, relative to the working directory)")
     ap.add_argument("-o", "--out", required=True)
     a = ap.parse_args()
     cfg = json.load(open(os.path.join(ROOT, "sidecar/config.example.json")))
     cfg["checkpoint_every_secs"] = 5
+    if a.state_dir:
+        cfg["state_dir"] = a.state_dir
     edge = json.load(open(a.filter_config))
     cfg["routes"] = edge["routes"]
     cfg["command_role"] = edge.get("command_role", "admin")

@@ -19,6 +19,7 @@ cargo build --release --locked --target wasm32-wasip1 -p gw-filter
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
 command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
 command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake; }   # model builds (abi/)
+command -v setfacl >/dev/null || { apt-get update -qq && apt-get install -y -qq acl; }   # compose-init.sh's secrets
 
 # Test binaries of earlier builds are never run again and are ~300 MB each with
 # debug info: drop those not rebuilt for a day, so the cache does not fill the disk.

@@ -19,6 +19,36 @@ fn compose_files_check_and_their_configs_load_in_the_real_programs() {
         .output()
         .unwrap();
     assert!(o.status.success(), "compose-init: {o:?}");
+    // Each container's user reads its own secrets, and no one else: 0600 and one
+    // ACL entry (Envoy's image runs as 101, the sidecar's as 10001). `.ci/run`
+    // installs setfacl; without it compose-init says the secrets are open.
+    use std::os::unix::fs::PermissionsExt as _;
+    for (file, uid) in [
+        ("envoy.yaml", 101),
+        ("certs/server.key", 101),
+        ("certs/envoy-client.key", 101),
+        ("certs/sidecar.key", 10001),
+        ("keys/clickhouse-sidecar.pw", 10001),
+        ("keys/clickhouse-admin.pw", 10001),
+    ] {
+        let path = run.join(file);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o007,
+            0,
+            "{file} is readable by every user: {mode:o}"
+        );
+        let acl = Command::new("getfacl")
+            .args(["-n", "-p"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let acl = String::from_utf8_lossy(&acl.stdout);
+        assert!(
+            acl.contains(&format!("user:{uid}:r--")) && acl.contains("other::---"),
+            "{file}: {acl}"
+        );
+    }
 
     let o = Command::new(testkit::python())
         .arg(root.join("scripts/check-compose.py"))
@@ -89,7 +119,7 @@ fn compose_files_check_and_their_configs_load_in_the_real_programs() {
         String::from_utf8_lossy(&o.stdout).trim(),
         "config ok: listen 0.0.0.0:8080 (mutual TLS, edge envoy.local), 1 command key(s), \
          JSON-route signer op-admin-1, bus kafka kafka:9092 in plain text (state key made at the first start in \
-         .run/sidecar/state.sk.hex, 1 node(s) trusted), ledger http://clickhouse:8123 as gw_sidecar in plain text \
+         /var/lib/gw/.run/sidecar/state.sk.hex, 1 node(s) trusted), ledger http://clickhouse:8123 as gw_sidecar in plain text \
          (not loopback: password and rows readable on the network), \
          sender tpu+relay (ingest 0.0.0.0:8011), models /opt/gw/models",
         "{o:?}"
