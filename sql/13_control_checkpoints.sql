@@ -11,7 +11,8 @@ CREATE TABLE IF NOT EXISTS control_checkpoints
 )
 ENGINE = MergeTree
 ORDER BY (chain_id, size)
-SETTINGS fsync_after_insert = 1, fsync_part_directory = 1;
+SETTINGS non_replicated_deduplication_window = 1000, fsync_after_insert = 1, fsync_part_directory = 1;
 
--- A table made by an older version: its inserts are acknowledged on disk too.
-ALTER TABLE control_checkpoints MODIFY SETTING fsync_after_insert = 1, fsync_part_directory = 1;
+-- A table made by an older version: its inserts are acknowledged on disk too, and
+-- an insert sent again after a lost answer (its token) is stored once.
+ALTER TABLE control_checkpoints MODIFY SETTING non_replicated_deduplication_window = 1000, fsync_after_insert = 1, fsync_part_directory = 1;

@@ -56,7 +56,13 @@ pub fn create_dir(dir: &Path) -> std::io::Result<()> {
         .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
         .collect();
     fs::create_dir_all(dir)?;
-    missing.iter().try_for_each(|d| sync_parent(d))
+    missing.iter().try_for_each(|d| sync_parent(d))?;
+    // A directory an earlier run made and was stopped before it synced the entry
+    // (killed, or the power cut) is synced now: every run syncs `dir`'s own.
+    if missing.is_empty() {
+        sync_parent(dir)?;
+    }
+    Ok(())
 }
 
 /// Makes `path`'s entry in its directory durable (after creating or renaming it).

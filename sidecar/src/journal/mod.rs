@@ -643,10 +643,11 @@ fn prepare(
     job: &mut Job,
     chain: &mut Option<Chain>,
 ) -> Result<(Vec<u8>, Vec<Arc<LedgerRow>>), JournalError> {
+    // Taken before the install too: on `Err` nothing was installed.
+    let before = chain.clone();
     if let Some(c) = job.install.take() {
         chain.get_or_insert(c);
     }
-    let before = chain.clone();
     let mut rows = Vec::new();
     for e in &mut job.txn.entries {
         if let Entry::Row(r) = e {

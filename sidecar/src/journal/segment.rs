@@ -668,7 +668,6 @@ impl Writer {
 
     /// Deletes the closed segments whose records are all below `low`.
     pub(super) fn drop_below(&mut self, low: Lsn) -> Result<(), SegmentError> {
-        let mut deleted = false;
         let mut failed = Ok(());
         while let Some((_, path, _)) = self.closed.first() {
             let next_first = self.closed.get(1).map_or(self.current.0, |s| s.0);
@@ -687,9 +686,9 @@ impl Writer {
                 _ => {}
             }
             self.closed.remove(0);
-            deleted = true;
-        }
-        if deleted {
+            // Each deletion durable before the next: a filesystem that made later
+            // unlinks durable first could otherwise leave, after a power cut, an
+            // older segment without the one after it (a gap no start accepts).
             sync_dir(&self.dir)?;
         }
         failed

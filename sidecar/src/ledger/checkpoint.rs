@@ -209,10 +209,21 @@ impl Checkpointer {
         &mut self,
         client: &clickhouse::Client,
     ) -> Result<(), clickhouse::error::Error> {
-        if self.unsent.is_empty() {
+        let (Some(first), Some(last)) = (self.unsent.front(), self.unsent.back()) else {
             return Ok(());
-        }
-        let mut insert = client.insert::<CheckpointRow>(TABLE).await?;
+        };
+        // Acknowledged once written; the same checkpoints again (an answer lost)
+        // are one insert.
+        let token = format!(
+            "gw-checkpoint-{}-{}-{}-{}",
+            first.chain_id, first.size, last.chain_id, last.size
+        );
+        let mut insert = client
+            .clone()
+            .with_setting("async_insert", "0")
+            .with_setting("insert_deduplication_token", token)
+            .insert::<CheckpointRow>(TABLE)
+            .await?;
         for r in &self.unsent {
             insert.write(r).await?;
         }

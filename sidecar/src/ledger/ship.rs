@@ -572,6 +572,24 @@ pub async fn stored_head(
     Ok(heads.into_iter().next().map(|h| (h.seq, h.row_hash)))
 }
 
+/// How many of the rows `first..=last` of `chain_id` ClickHouse holds.
+pub async fn stored_in_range(
+    client: &clickhouse::Client,
+    table: &str,
+    chain_id: &str,
+    (first, last): (u64, u64),
+) -> Result<u64, clickhouse::error::Error> {
+    client
+        .query(&format!(
+            "SELECT uniqExact(seq) FROM {table} WHERE chain_id = ? AND seq BETWEEN ? AND ?"
+        ))
+        .bind(chain_id)
+        .bind(first)
+        .bind(last)
+        .fetch_one()
+        .await
+}
+
 /// The chain to continue at start: the journal's last row when it has one;
 /// otherwise (a new node, or one whose journal was lost) what ClickHouse holds of
 /// `chain_id`, waiting for ClickHouse if it must. `Ok((chain, resumed_after))`:
@@ -643,8 +661,11 @@ pub async fn insert(
         "gw-ledger-{}-{}-{}-{}",
         first.chain_id, first.seq, last.seq, last.row_hash
     );
+    // Synchronous: acknowledged only once written (a profile that turns on
+    // async_insert would acknowledge before the disk, and ignore the token).
     let mut client = client
         .clone()
+        .with_setting("async_insert", "0")
         .with_setting("insert_deduplication_token", token);
     if let Some(n) = nice {
         client = client.with_setting("os_thread_priority", n.to_string());
@@ -683,6 +704,9 @@ pub struct Shipper {
     /// more of the chain than that ([`JournalBehind`]) when it is first asked
     /// (later it holds what this process shipped too).
     journal_head: Option<u64>,
+    /// The insert begun earlier of which ClickHouse holds the last row but not
+    /// every row ([`Self::learn`]): it goes again, whole, before anything else.
+    partial: Option<(u64, u64)>,
 }
 
 /// Rows still to ship in memory that the ledger endpoints look through, newest
@@ -715,6 +739,7 @@ impl Shipper {
             nice: None,
             intent_durable: true,
             journal_head: None,
+            partial: None,
         }
     }
 
@@ -820,6 +845,30 @@ impl Shipper {
         if vouched && self.own.is_none_or(|(s, _)| s < seq) {
             self.own = Some((seq, hash));
         }
+        // An insert that spans two months is one part per month in ClickHouse
+        // (the table's partitions), each atomic on its own: ClickHouse may hold the
+        // insert's last row and not every row before it. A head inside the range
+        // of the insert begun last (or at its end) is believed only when every row
+        // of the range is there; otherwise the insert goes again, whole (the same
+        // token: the part that landed is not stored twice).
+        self.partial = None;
+        let mut held = seq;
+        if let Some((first, last)) = self
+            .queue
+            .intent()
+            .filter(|&(first, last)| first >= 1 && first <= seq && seq <= last)
+        {
+            let n =
+                stored_in_range(&self.client, &self.table, &self.chain_id, (first, last)).await?;
+            if n < last - first + 1 {
+                tracing::warn!(
+                    chain = %self.chain_id, first, last, stored = n,
+                    "ClickHouse holds part of the last ledger insert: it goes again"
+                );
+                held = first - 1;
+                self.partial = Some((first, last));
+            }
+        }
         // An insert begun earlier (maybe by a process since killed) that ClickHouse
         // does not hold yet may still land: its rows are shipped again as that same
         // insert (same range, same deduplication token) before any other. Its rows
@@ -828,7 +877,7 @@ impl Shipper {
         if let Some((first, last)) = self
             .queue
             .intent()
-            .filter(|&(first, last)| first >= 1 && first - 1 <= seq && seq < last)
+            .filter(|&(first, last)| first >= 1 && first - 1 <= held && held < last)
         {
             self.queue.drop_through(first - 1);
             if !self.queue.holds(first, last) {
@@ -837,7 +886,16 @@ impl Shipper {
                 self.read_back(rows).await?;
             }
         }
-        match self.redo(seq) {
+        // Rows no longer here (shipped whole before, ClickHouse lost some since):
+        // not this node's to send again; the gap shows in `gwctl ledger verify`.
+        if self
+            .partial
+            .is_some_and(|(first, last)| !self.queue.holds(first, last))
+        {
+            self.partial = None;
+            held = seq;
+        }
+        match self.redo(held) {
             Some((first, _)) => self.queue.drop_through(first - 1),
             None => self.queue.drop_through(seq),
         }
@@ -858,7 +916,10 @@ impl Shipper {
         };
         loop {
             self.read_back(1).await?;
-            let stored = self.shipped.map_or(0, |(seq, _)| seq);
+            let stored = match self.partial {
+                Some((first, _)) => first - 1,
+                None => self.shipped.map_or(0, |(seq, _)| seq),
+            };
             let batch = match self.redo(stored) {
                 Some((first, last)) => self.queue.range(first, last),
                 None => self.queue.batch(until),
@@ -881,6 +942,7 @@ impl Shipper {
                 return Err(e.into());
             }
             let (seq, head) = (last.seq, hex_hash(&last.row_hash));
+            self.partial = None;
             self.queue.drop_through(seq);
             self.shipped = Some((seq, head));
             self.own = Some((seq, head));

@@ -430,8 +430,10 @@ async fn insert(
     token: &str,
     rows: &[SendRow],
 ) -> Result<(), String> {
+    // Synchronous: acknowledged only once written (see ledger::ship::insert).
     let mut ins = client
         .clone()
+        .with_setting("async_insert", "0")
         .with_setting("insert_deduplication_token", token)
         .insert::<SendRow>(table)
         .await
