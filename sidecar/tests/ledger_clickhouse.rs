@@ -401,6 +401,23 @@ fn an_insert_split_between_memory_and_disk_at_a_restart_is_shipped_whole() {
     assert_eq!(verify_chain(&rows), Ok(300));
 }
 
+/// A node on the journal in `dir` seals rows `1..=n` and begins their insert with
+/// `ch` stopped (its answer never comes), then stops: the sealed rows.
+fn an_unanswered_insert(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    client: &clickhouse::Client,
+    mut ch: ClickHouse,
+    n: u64,
+) -> Vec<LedgerRow> {
+    let mut node = node(dir, client);
+    rt.block_on(node.shipper.learn()).unwrap();
+    ch.process.stop();
+    let sealed = commit_sealed(&node, 1, n);
+    assert!(rt.block_on(node.shipper.ship_once()).is_err());
+    sealed
+}
+
 /// An insert that reaches ClickHouse only after its node was killed and restarted
 /// (the restart asked ClickHouse what it holds before that insert landed) is not
 /// stored twice: the restart ships that insert's range again, as the same insert,
@@ -413,14 +430,7 @@ fn an_insert_that_lands_after_a_restart_is_not_stored_twice() {
     let rt = current_thread();
     let dir = d.path().join("journal");
     let (http, tcp) = (ch.http_port, ch.tcp_port);
-    let mut n = node(&dir, &client);
-    rt.block_on(n.shipper.learn()).unwrap();
-    let mut ch = ch;
-    ch.process.stop();
-    let sealed = commit_sealed(&n, 1, 2);
-    // The insert of 1..=2 begins; its answer never comes.
-    assert!(rt.block_on(n.shipper.ship_once()).is_err());
-    drop(n);
+    let sealed = an_unanswered_insert(&rt, &dir, &client, ch, 2);
 
     let mut n = node(&dir, &client);
     assert_eq!(commit_rows(&n, 3, 5), vec![3, 4, 5]);
@@ -459,14 +469,7 @@ fn an_insert_whose_last_row_landed_without_the_others_is_shipped_again() {
     let rt = current_thread();
     let dir = d.path().join("journal");
     let (http, tcp) = (ch.http_port, ch.tcp_port);
-    let mut n = node(&dir, &client);
-    rt.block_on(n.shipper.learn()).unwrap();
-    let mut ch = ch;
-    ch.process.stop();
-    let sealed = commit_sealed(&n, 1, 3);
-    // The insert of 1..=3 begins; its answer never comes.
-    assert!(rt.block_on(n.shipper.ship_once()).is_err());
-    drop(n);
+    let sealed = an_unanswered_insert(&rt, &dir, &client, ch, 3);
 
     let ch = ClickHouse::start_at(d.path(), http, tcp);
     let client = client_of(&ch);

@@ -290,17 +290,21 @@ fn marking_library(dir: &Path, ran: &Path) -> PathBuf {
     compiled
 }
 
-/// With `models.allowed_sha256`, only a listed build is opened: any other file,
-/// trusted as it is, is refused `not_allowed` before its code runs (its
-/// initialiser leaves no mark), and the listed one serves.
-#[test]
-fn only_a_listed_build_is_opened_when_digests_are_pinned() {
+/// The SHA-256 of a file, hex.
+fn sha256_of(p: &Path) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        std::fs::read(p).unwrap(),
+    ))
+}
+
+/// A models directory in `root` with two builds: `libmev_vt1.so` (the gateway's
+/// model) and `libmev_vx.so` (a trusted library whose initialiser marks `ran`);
+/// the directory and the first one's digest.
+fn two_builds(root: &Path, ran: &Path) -> (PathBuf, String) {
     use std::os::unix::fs::PermissionsExt as _;
-    let d = testkit::TempDir::new("models-allowed");
-    let dir = d.path().join("models");
+    let dir = root.join("models");
     std::fs::create_dir_all(&dir).unwrap();
-    let ran = d.path().join("ran");
-    let marking = marking_library(d.path(), &ran);
+    let marking = marking_library(root, ran);
     std::fs::copy(&marking, dir.join("libmev_vx.so")).unwrap();
     std::fs::set_permissions(
         dir.join("libmev_vx.so"),
@@ -308,12 +312,18 @@ fn only_a_listed_build_is_opened_when_digests_are_pinned() {
     )
     .unwrap();
     std::fs::copy(built().join("libmev_vt1.so"), dir.join("libmev_vt1.so")).unwrap();
-    let sha = |p: &Path| {
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-            std::fs::read(p).unwrap(),
-        ))
-    };
-    let pinned = sha(&dir.join("libmev_vt1.so"));
+    let pinned = sha256_of(&dir.join("libmev_vt1.so"));
+    (dir, pinned)
+}
+
+/// With `models.allowed_sha256`, only a listed build is opened: any other file,
+/// trusted as it is, is refused `not_allowed` before its code runs (its
+/// initialiser leaves no mark), and the listed one serves.
+#[test]
+fn only_a_listed_build_is_opened_when_digests_are_pinned() {
+    let d = testkit::TempDir::new("models-allowed");
+    let ran = d.path().join("ran");
+    let (dir, pinned) = two_builds(d.path(), &ran);
     let host = ModelHost::new(
         &dir,
         |_| 8,
@@ -327,7 +337,7 @@ fn only_a_listed_build_is_opened_when_digests_are_pinned() {
     assert!(
         lines.len() == 1
             && lines[0].contains("refused [not_allowed]")
-            && lines[0].contains(&sha(&dir.join("libmev_vx.so"))),
+            && lines[0].contains(&sha256_of(&dir.join("libmev_vx.so"))),
         "{lines:?}"
     );
     assert!(!ran.exists(), "a library not listed was opened");
@@ -354,25 +364,10 @@ fn only_a_listed_build_is_opened_when_digests_are_pinned() {
 /// refused — in a running sidecar with ClickHouse, the digests pinned.
 #[test]
 fn swaps_and_refusals_are_ledger_rows() {
-    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    use std::os::unix::fs::MetadataExt as _;
     let d = testkit::TempDir::new("models-ledger");
     let ch = testkit::clickhouse::ClickHouse::start(d.path());
-    let dir = d.path().join("models");
-    std::fs::create_dir_all(&dir).unwrap();
-    let marking = marking_library(d.path(), &d.path().join("ran"));
-    std::fs::copy(&marking, dir.join("libmev_vx.so")).unwrap();
-    std::fs::set_permissions(
-        dir.join("libmev_vx.so"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
-    std::fs::copy(built().join("libmev_vt1.so"), dir.join("libmev_vt1.so")).unwrap();
-    let sha = |p: &Path| {
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-            std::fs::read(p).unwrap(),
-        ))
-    };
-    let pinned = sha(&dir.join("libmev_vt1.so"));
+    let (dir, pinned) = two_builds(d.path(), &d.path().join("ran"));
     activate(&dir, "mev", "libmev_vt1.so");
     let mut cfg = common::config_with_clickhouse(&d.path().join("state"), false, &ch);
     cfg.file.models = Some(ModelsConfig {
@@ -435,7 +430,7 @@ fn swaps_and_refusals_are_ledger_rows() {
         refused["detail"]
             .as_str()
             .unwrap()
-            .contains(&sha(&dir.join("libmev_vx.so")))
+            .contains(&sha256_of(&dir.join("libmev_vx.so")))
             && refused["serving"] == "t1",
         "{refused}"
     );

@@ -670,23 +670,19 @@ impl Vm {
 
     /// Delivers the response to call `token` with `status`.
     pub fn respond(&mut self, token: u32, status: u16) {
-        self.store.data_mut().call_response = vec![(":status".into(), status.to_string())];
-        let f = self
-            .instance
-            .get_typed_func::<(i32, i32, i32, i32, i32), ()>(
-                &mut self.store,
-                "proxy_on_http_call_response",
-            )
-            .expect("proxy_on_http_call_response");
-        f.call(&mut self.store, (self.root, token as i32, 1, 0, 0))
-            .expect("on_http_call_response");
-        self.store.data_mut().call_response.clear();
+        self.deliver(token, vec![(":status".into(), status.to_string())]);
     }
 
     /// Ends call `token` with no answer (a timeout or a reset: Envoy delivers
     /// no headers).
     pub fn respond_without_answer(&mut self, token: u32) {
-        self.store.data_mut().call_response.clear();
+        self.deliver(token, Vec::new());
+    }
+
+    /// Calls `proxy_on_http_call_response` for `token` with `headers`.
+    fn deliver(&mut self, token: u32, headers: Vec<(String, String)>) {
+        let n = headers.len() as i32;
+        self.store.data_mut().call_response = headers;
         let f = self
             .instance
             .get_typed_func::<(i32, i32, i32, i32, i32), ()>(
@@ -694,8 +690,9 @@ impl Vm {
                 "proxy_on_http_call_response",
             )
             .expect("proxy_on_http_call_response");
-        f.call(&mut self.store, (self.root, token as i32, 0, 0, 0))
+        f.call(&mut self.store, (self.root, token as i32, n, 0, 0))
             .expect("on_http_call_response");
+        self.store.data_mut().call_response.clear();
     }
 
     pub fn set_now(&mut self, now: u64) {
