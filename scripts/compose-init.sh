@@ -17,12 +17,20 @@ bash scripts/dev-keys.sh "$run"
 # `acl`) or ACLs on this filesystem, they are left readable by every user of the
 # host, and said.
 open_to_all=()
+# A rootless or user-namespaced engine maps a container's uid to another on the host:
+# an ACL for 101 would let the wrong account read, and not the container's.
+remapped=""
+if command -v docker >/dev/null && docker info -f '{{.SecurityOptions}}' 2>/dev/null | grep -Eq 'rootless|userns'; then
+  remapped="the Docker engine remaps users (rootless or userns-remap)"
+elif command -v podman >/dev/null && ! command -v docker >/dev/null; then
+  remapped="podman runs the containers (it maps users)"
+fi
 grant() { # UID FILE...
   local uid=$1 f
   shift
   for f in "$@"; do
     chmod 600 "$f"
-    if ! setfacl -m "u:$uid:r" "$f" 2>/dev/null; then
+    if [[ -n "$remapped" ]] || ! setfacl -m "u:$uid:r" "$f" 2>/dev/null; then
       chmod 644 "$f"
       open_to_all+=("$f")
     fi
@@ -78,7 +86,9 @@ os.write(fd, f"{signing}.{b64(sig)}\n".encode())
 os.close(fd)
 PY
 if (( ${#open_to_all[@]} )); then
-  echo "warning: no ACLs here (install Debian's acl, or use a filesystem with ACLs):" \
+  why=$remapped
+  [[ -n "$why" ]] || why="no ACLs here (install Debian's acl, or use a filesystem with ACLs)"
+  echo "warning: $why:" \
     "these secrets are readable by every user of this host: ${open_to_all[*]}" >&2
 fi
 echo "compose files written to $run: now run: docker compose up --build"

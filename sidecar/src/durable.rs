@@ -59,8 +59,13 @@ pub fn create_dir(dir: &Path) -> std::io::Result<()> {
     missing.iter().try_for_each(|d| sync_parent(d))?;
     // A directory an earlier run made and was stopped before it synced the entry
     // (killed, or the power cut) is synced now: every run syncs `dir`'s own.
+    // A parent this user may enter but not read (0711) cannot be opened to sync:
+    // as before, the start goes on.
     if missing.is_empty() {
-        sync_parent(dir)?;
+        match sync_parent(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+            r => r?,
+        }
     }
     Ok(())
 }

@@ -1012,6 +1012,19 @@ async fn edge_decisions(
         .map_err(|e| ApiError::with(Code::Unavailable, format!("edge reports: {e}")))?
 }
 
+/// Ends a batch of edge reports in [`RecentReports`] when dropped.
+struct EndBatch<'a> {
+    control: &'a Control,
+    ids: &'a [&'a str],
+    written: bool,
+}
+
+impl Drop for EndBatch<'_> {
+    fn drop(&mut self) {
+        self.control.edge_seen.lock().end(self.ids, self.written);
+    }
+}
+
 /// [`edge_decisions`], once the batch is checked.
 async fn record_reports(
     c: Arc<Control>,
@@ -1043,6 +1056,13 @@ async fn record_reports(
         let ids: Vec<&str> = in_batch.into_iter().collect();
         seen.begin(&ids);
         ids
+    };
+    // Whatever happens below (a panic included), the ids stop being pending:
+    // recorded only when the batch was written.
+    let mut ending = EndBatch {
+        control: &c,
+        ids: &ids,
+        written: false,
     };
     // The whole batch in one transaction.
     let mut rows = Vec::with_capacity(fresh.len());
@@ -1082,7 +1102,8 @@ async fn record_reports(
         rows.extend(c.auditor.row_noting(&e, &Value::Object(note)));
     }
     let written = c.record(rows).await;
-    c.edge_seen.lock().end(&ids, written.is_ok());
+    ending.written = written.is_ok();
+    drop(ending);
     if let Err(e) = written {
         // Nothing of the batch was written (503: the filter sends it again). The
         // sums its rows carried are owed again; so are its own reports that will

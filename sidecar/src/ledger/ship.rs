@@ -842,6 +842,7 @@ impl Shipper {
             // this node's to vouch for.
             false
         };
+        let own_before = self.own;
         if vouched && self.own.is_none_or(|(s, _)| s < seq) {
             self.own = Some((seq, hash));
         }
@@ -894,6 +895,13 @@ impl Shipper {
         {
             self.partial = None;
             held = seq;
+        }
+        // A checkpoint signs no head whose rows before it ClickHouse lacks. (Rows
+        // of such a range still in the journal are shipped again even when the
+        // insert was acknowledged and ClickHouse lost them since: the same token,
+        // so nothing is stored twice.)
+        if self.partial.is_some() {
+            self.own = own_before;
         }
         match self.redo(held) {
             Some((first, _)) => self.queue.drop_through(first - 1),

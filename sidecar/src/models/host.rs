@@ -484,6 +484,13 @@ impl ModelHost {
             };
             s.linked.store(true, Ordering::Release);
             s.link_lost.store(false, Ordering::Release);
+            // A model kept for its row is let go once the link names another.
+            let mut waiting = s.unrecorded.lock();
+            if waiting.as_ref().is_some_and(|(t, _)| *t != target) {
+                *waiting = None;
+                s.unrecorded_said.store(false, Ordering::Release);
+            }
+            drop(waiting);
             if s.serving_target.lock().as_ref() == Some(&target) {
                 continue;
             }

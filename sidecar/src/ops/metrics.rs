@@ -92,7 +92,7 @@ impl ControlMetrics {
         }
         registry.register(
             "gw_sidecar_decisions",
-            "Admission decisions by code (accepted, a rejection code, edge_reported)",
+            "Admission decisions by code (accepted, a rejection code, edge_reported, edge_report_duplicate)",
             m.decisions.clone(),
         );
         registry.register(
