@@ -94,6 +94,9 @@ batch = [{"decision": "rejected", "code": "replay", "path": "/api/control/comman
          {"decision": "accepted", "code": "", "path": "/api/control/commands", "raw_hex": "", "ts_ms": 1}]
 put("edge_report", json.dumps(batch).encode())
 put("edge_report", b"[]")
+# With report ids, as the filter sends them since 2026-12-06.
+put("edge_report", json.dumps([dict(batch[0], id="00000000deadbeef-1f"),
+                               dict(batch[0], id="00000000deadbeef-20", raw_hex="", raw_len=70000)]).encode())
 
 # journal_segment: records as the journal frames them (len u32 | crc32 of LSN and
 # payload u32 | LSN u64 | payload, little-endian; payload: version 2, then JSON),
