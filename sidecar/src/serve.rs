@@ -513,20 +513,13 @@ impl RefusalBudget {
             .collect()
     }
 
-    /// `n` refusals with `code` whose summary row was not written after all: owed
-    /// again.
-    fn owe(&self, code: Code, n: u64) {
+    /// `n` refusals with `code` whose rows were not written after all (a summary
+    /// row, or the sum a refused batch's row carried): owed again.
+    pub fn owe(&self, code: Code, n: u64) {
         if n == 0 {
             return;
         }
         *self.state.lock().unrecorded.entry(code).or_default() += n;
-    }
-
-    /// What [`Self::take`] gave for a refusal that will come again (an edge
-    /// report whose batch was not written: the filter sends it again): only the
-    /// sum its row carried, `owed`, is owed again.
-    pub fn untake_resent(&self, code: Code, owed: u64) {
-        self.owe(code, owed);
     }
 
     /// A refusal [`Self::take`] counted as not recorded that will come again

@@ -7,6 +7,7 @@
 
 pub mod realtime;
 
+use axum::body::Bytes;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -40,7 +41,7 @@ const ASSETS: [(&str, &str, &str); 4] = [
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
                    connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-fn asset(media: &'static str, body: std::sync::Arc<str>) -> Response {
+fn asset(media: &'static str, body: Bytes) -> Response {
     (
         StatusCode::OK,
         [
@@ -60,7 +61,7 @@ fn asset(media: &'static str, body: std::sync::Arc<str>) -> Response {
             ),
             (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
         ],
-        body.to_string(),
+        body,
     )
         .into_response()
 }
@@ -74,11 +75,12 @@ const COMMAND_PATH_META: &str = r#"<meta name="gw-command-path" content="/api/co
 pub fn router(command_path: &str) -> Router {
     let mut r = Router::new();
     for (path, media, body) in ASSETS {
-        let body: std::sync::Arc<str> = if path == "/" {
+        // Shared by every answer (a clone counts a reference).
+        let body = if path == "/" {
             let meta = format!(r#"<meta name="gw-command-path" content="{command_path}">"#);
-            body.replacen(COMMAND_PATH_META, &meta, 1).into()
+            Bytes::from(body.replacen(COMMAND_PATH_META, &meta, 1))
         } else {
-            body.into()
+            Bytes::from_static(body.as_bytes())
         };
         r = r.route(path, get(move || async move { asset(media, body.clone()) }));
     }

@@ -1110,7 +1110,8 @@ async fn record_reports(
         // not come again (no id: a filter before report ids), not the others.
         for (budget, code, owed, again) in taken {
             if again {
-                budget.untake_resent(code, owed);
+                // Only the sum its row carried: the report itself comes again.
+                budget.owe(code, owed);
             } else {
                 budget.untake(code, owed);
                 c.metrics.unrecorded(code.as_str());

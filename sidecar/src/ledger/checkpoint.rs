@@ -212,16 +212,11 @@ impl Checkpointer {
         let (Some(first), Some(last)) = (self.unsent.front(), self.unsent.back()) else {
             return Ok(());
         };
-        // Acknowledged once written; the same checkpoints again (an answer lost)
-        // are one insert.
         let token = format!(
             "gw-checkpoint-{}-{}-{}-{}",
             first.chain_id, first.size, last.chain_id, last.size
         );
-        let mut insert = client
-            .clone()
-            .with_setting("async_insert", "0")
-            .with_setting("insert_deduplication_token", token)
+        let mut insert = super::ship::insert_once(client, &token)
             .insert::<CheckpointRow>(TABLE)
             .await?;
         for r in &self.unsent {

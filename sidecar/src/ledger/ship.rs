@@ -661,12 +661,7 @@ pub async fn insert(
         "gw-ledger-{}-{}-{}-{}",
         first.chain_id, first.seq, last.seq, last.row_hash
     );
-    // Synchronous: acknowledged only once written (a profile that turns on
-    // async_insert would acknowledge before the disk, and ignore the token).
-    let mut client = client
-        .clone()
-        .with_setting("async_insert", "0")
-        .with_setting("insert_deduplication_token", token);
+    let mut client = insert_once(client, &token);
     if let Some(n) = nice {
         client = client.with_setting("os_thread_priority", n.to_string());
     }
@@ -675,6 +670,17 @@ pub async fn insert(
         ins.write(&DecisionRowRef::from(r.borrow())).await?;
     }
     ins.end().await
+}
+
+/// `client` for an insert that is acknowledged only once written — synchronous
+/// (a profile that turns on `async_insert` would acknowledge before the disk, and
+/// ignore the token) — and stored once when sent again under the same `token` (an
+/// answer lost). Every insert of the ledger, the send audit and the checkpoints.
+pub fn insert_once(client: &clickhouse::Client, token: &str) -> clickhouse::Client {
+    client
+        .clone()
+        .with_setting("async_insert", "0")
+        .with_setting("insert_deduplication_token", token)
 }
 
 /// Ships the queue to ClickHouse for as long as it runs.

@@ -80,8 +80,6 @@ pub struct Slot {
     /// A model that passed every check but whose swap the ledger could not
     /// record yet, and its link target: not served until it is.
     unrecorded: Mutex<Option<(PathBuf, Arc<Model>)>>,
-    /// That was logged (once while it lasts).
-    unrecorded_said: AtomicBool,
     /// Models swapped in (this slot's entry of `gw_sidecar_model_loads_total`).
     loads: Counter,
     /// Libraries refused, every reason.
@@ -207,7 +205,6 @@ impl ModelHost {
                 serving_target: Mutex::new(None),
                 history: Mutex::new(VecDeque::with_capacity(HISTORY)),
                 unrecorded: Mutex::new(None),
-                unrecorded_said: AtomicBool::new(false),
                 // A family's counter is shared: the slot and the family count as one.
                 loads: loads.get_or_create(&label).clone(),
                 rejected: AtomicU64::new(0),
@@ -484,13 +481,10 @@ impl ModelHost {
             };
             s.linked.store(true, Ordering::Release);
             s.link_lost.store(false, Ordering::Release);
-            // A model kept for its row is let go once the link names another.
-            let mut waiting = s.unrecorded.lock();
-            if waiting.as_ref().is_some_and(|(t, _)| *t != target) {
-                *waiting = None;
-                s.unrecorded_said.store(false, Ordering::Release);
-            }
-            drop(waiting);
+            // A model loaded and checked before, whose row the ledger could not take
+            // then: only its row is tried again (it is let go once the link names
+            // another).
+            let waiting = s.unrecorded.lock().take().filter(|(t, _)| *t == target);
             if s.serving_target.lock().as_ref() == Some(&target) {
                 continue;
             }
@@ -498,9 +492,8 @@ impl ModelHost {
             if s.refused.lock().as_ref().is_some_and(|(p, _)| *p == target) {
                 continue;
             }
-            // A model loaded and checked before, whose row the ledger could not take
-            // then: only its row is tried again.
-            let waiting = s.unrecorded.lock().take().filter(|(t, _)| *t == target);
+            // Said when it was first kept.
+            let said = waiting.is_some();
             let loaded = match waiting {
                 Some((_, m)) => Ok(m),
                 None => self.load(&target, s.n_features),
@@ -514,7 +507,7 @@ impl ModelHost {
                     });
                     if let Err(why) = self.audit_event(s, &link, Decision::Applied, "", note) {
                         // Not served unrecorded: kept, its row tried at each look.
-                        if !s.unrecorded_said.swap(true, Ordering::AcqRel) {
+                        if !said {
                             log.push(format!(
                                 "model {}: {} {} passed every check, but the ledger cannot record its swap ({why}); still serving {} until it can",
                                 s.module,
@@ -526,7 +519,6 @@ impl ModelHost {
                         *s.unrecorded.lock() = Some((target, m));
                         continue;
                     }
-                    s.unrecorded_said.store(false, Ordering::Release);
                     let verified = m.golden.as_ref().map_or_else(
                         || "UNVERIFIED (no golden vectors; models.allow_unverified)".to_string(),
                         |g| {

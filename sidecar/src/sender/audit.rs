@@ -430,11 +430,7 @@ async fn insert(
     token: &str,
     rows: &[SendRow],
 ) -> Result<(), String> {
-    // Synchronous: acknowledged only once written (see ledger::ship::insert).
-    let mut ins = client
-        .clone()
-        .with_setting("async_insert", "0")
-        .with_setting("insert_deduplication_token", token)
+    let mut ins = crate::ledger::ship::insert_once(client, token)
         .insert::<SendRow>(table)
         .await
         .map_err(|e| e.to_string())?;
