@@ -61,7 +61,8 @@ codes! {
     /// The replay guard holds the most fresh nonces it may (per issuer, or issuers):
     /// retry shortly.
     ReplayCapacity => "replay_capacity", 429;
-    /// The hot path's ring has no room for what was offered: retry shortly.
+    /// The data plane has no room for what was offered (the hot path's ring, the
+    /// sends running at once): retry shortly.
     Overloaded => "overloaded", 429;
     /// The nonce is missing (zero).
     BadNonce => "bad_nonce", 400;
@@ -111,6 +112,14 @@ codes! {
     ForbiddenPeer => "forbidden_peer", 403;
     /// No such route.
     NotFound => "not_found", 404;
+    // --- the data plane ---
+    /// The gating module's state refuses sends now (stopped, killed).
+    ModuleRefused => "module_refused", 409;
+    /// Not this send's turn under the module's `throttle_pct`.
+    Throttled => "throttled", 429;
+    /// The Solana RPC node refused the call (a failed preflight simulation,
+    /// `minContextSlot` not reached): its error is passed on.
+    NodeRefused => "node_refused", 502;
 }
 
 impl Code {

@@ -24,7 +24,7 @@ use crate::ops::metrics::ControlMetrics;
 use crate::sender::audit::SendsQueue;
 use crate::sender::http::SenderApi;
 use crate::sender::plane::DataPlane;
-use crate::serve::{Gatekeeper, Tls};
+use crate::serve::{Gatekeeper, RefusalBudget, Tls};
 
 /// Signatures the sidecar remembers as verified (an agent further behind admission
 /// than this many commands verifies in full).
@@ -81,7 +81,7 @@ impl Running {
             .router()
             .merge(self.ledger.router())
             .merge(ModelsApi::new(self.models.clone(), modules.clone()).router())
-            .merge(SenderApi::new(self.plane.clone(), modules).router())
+            .merge(SenderApi::new(self.plane.clone(), modules, self.gatekeeper.clone()).router())
             .merge(self.realtime.router())
             .merge(crate::console::router(&self.command_path))
             .method_not_allowed_fallback({
@@ -314,7 +314,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         edge_reports: Arc::default(),
         routes,
         unstamped: Default::default(),
-        holders: Default::default(),
+        holders: Arc::new(RefusalBudget::holders()),
     };
     realtime.set_gate(gatekeeper.clone());
     let (control, t) = Control::start(

@@ -314,7 +314,10 @@ impl Default for EdgeBudgets {
     fn default() -> Self {
         EdgeBudgets {
             anonymous: RefusalBudget::edge_reports(),
-            identified: RefusalBudget::edge_reports(),
+            identified: RefusalBudget::edge_reports().per_holder((
+                EDGE_REPORT_ROWS_PER_HOLDER_PER_SEC,
+                EDGE_REPORT_ROWS_PER_HOLDER_BURST,
+            )),
         }
     }
 }
@@ -360,6 +363,28 @@ pub const EDGE_REPORT_ROWS_PER_CODE_PER_SEC: f64 = 20.0;
 /// And at once.
 pub const EDGE_REPORT_ROWS_PER_CODE_BURST: f64 = 200.0;
 
+/// Rows a second, on average, for the refusals the edge reports of each token
+/// holder (`iss` and `sub`): one holder's flood, of any code, leaves most of the
+/// identified budget — and of its code's — to the others.
+pub const EDGE_REPORT_ROWS_PER_HOLDER_PER_SEC: f64 = 10.0;
+
+/// And at once.
+pub const EDGE_REPORT_ROWS_PER_HOLDER_BURST: f64 = 100.0;
+
+/// Rows a second, on average, for the sidecar's own refusals of each token holder
+/// (a route's role, the data plane's refusals): a quarter of
+/// [`REFUSAL_ROWS_PER_SEC`].
+pub const HOLDER_REFUSAL_ROWS_PER_SEC: f64 = 5.0;
+
+/// And at once.
+pub const HOLDER_REFUSAL_ROWS_BURST: f64 = 50.0;
+
+/// Token holders whose buckets a budget keeps at once. Beyond, the buckets of
+/// holders idle long enough to be full again are dropped (a fresh one is the
+/// same); a new holder finding none to drop gets no row of its own (counted, and
+/// summed as every refusal beyond a budget).
+const MAX_HOLDERS: usize = 4096;
+
 /// The ledger's budget for refusals anyone can cause without limit: of callers
 /// that are not the edge (anyone who reaches the port), and of requests the edge
 /// refused and reports (anyone who reaches Envoy, with no token at all). Each
@@ -367,7 +392,9 @@ pub const EDGE_REPORT_ROWS_PER_CODE_BURST: f64 = 200.0;
 /// without end. A row takes from the budget of all codes and from its code's
 /// own, so one code's flood cannot take every row (a refused signed command keeps
 /// its row through a flood of `jwt_missing`), and codes taken in turn cannot
-/// pass the whole. Within the budget each refusal has its row; beyond it a
+/// pass the whole. A budget for token holders ([`Self::per_holder`]) also keeps a
+/// bucket per holder, smaller than the others, so that one holder's flood leaves
+/// rows to the rest. Within the budget each refusal has its row; beyond it a
 /// refusal is answered all the same, counted
 /// (`gw_sidecar_refusals_unrecorded_total{code}`), and summed in one row of the
 /// budget's stage (`args_json` `{"unrecorded": n}`): before the next recorded
@@ -380,7 +407,12 @@ pub struct RefusalBudget {
     total: (f64, f64),
     /// The same, of each code.
     per_code: (f64, f64),
+    /// The same, of each token holder (`None`: not counted by holder).
+    holder_rate: Option<(f64, f64)>,
 }
+
+/// A token holder, as a budget tells them apart: the token's issuer and subject.
+type Holder = (String, String);
 
 /// Rows a budget may write now, as of when.
 #[derive(Clone, Copy)]
@@ -410,6 +442,8 @@ struct BudgetState {
     codes: std::collections::BTreeMap<Code, Bucket>,
     /// Refusals not recorded since the last row of their code.
     unrecorded: std::collections::BTreeMap<Code, u64>,
+    /// Of each token holder, when the budget counts them ([`MAX_HOLDERS`]).
+    holders: std::collections::HashMap<Holder, Bucket>,
 }
 
 impl Default for RefusalBudget {
@@ -428,11 +462,27 @@ impl RefusalBudget {
                 total: Bucket::full(total.1),
                 codes: Default::default(),
                 unrecorded: Default::default(),
+                holders: Default::default(),
             }),
             stage,
             total,
             per_code,
+            holder_rate: None,
         }
+    }
+
+    /// The same budget, which also gives each token holder `rate` (rows a second
+    /// on average, at once) of its own: a holder past it gets no row, whatever
+    /// the rest of the budget holds.
+    pub fn per_holder(mut self, rate: (f64, f64)) -> RefusalBudget {
+        self.holder_rate = Some(rate);
+        self
+    }
+
+    /// The budget of the sidecar's refusals of token holders ([`Gatekeeper::holders`]).
+    pub fn holders() -> RefusalBudget {
+        RefusalBudget::default()
+            .per_holder((HOLDER_REFUSAL_ROWS_PER_SEC, HOLDER_REFUSAL_ROWS_BURST))
     }
 
     /// A budget for the refusals the edge reports ([`EdgeBudgets`]).
@@ -452,8 +502,9 @@ impl RefusalBudget {
         self.stage
     }
 
-    /// Takes `n` rows for `code` from both buckets, if both have them.
-    fn spend(&self, s: &mut BudgetState, code: Code, n: f64) -> bool {
+    /// Takes `n` rows for `code` from the buckets of all codes and of `code`,
+    /// and one from `holder`'s (a sum is no holder's), if each has them.
+    fn spend(&self, s: &mut BudgetState, code: Code, n: f64, holder: Option<Holder>) -> bool {
         let now = std::time::Instant::now();
         s.total.refill(self.total, now);
         let own = s
@@ -464,20 +515,44 @@ impl RefusalBudget {
         if own.tokens < n || s.total.tokens < n {
             return false;
         }
+        if let (Some(rate), Some(holder)) = (self.holder_rate, holder) {
+            if s.holders.len() >= MAX_HOLDERS && !s.holders.contains_key(&holder) {
+                // Buckets full again are as good as new ones.
+                s.holders.retain(|_, b| {
+                    b.refill(rate, now);
+                    b.tokens < rate.1
+                });
+                if s.holders.len() >= MAX_HOLDERS {
+                    return false;
+                }
+            }
+            let theirs = s
+                .holders
+                .entry(holder)
+                .or_insert_with(|| Bucket::full(rate.1));
+            theirs.refill(rate, now);
+            if theirs.tokens < 1.0 {
+                return false;
+            }
+            theirs.tokens -= 1.0;
+        }
         own.tokens -= n;
         s.total.tokens -= n;
         true
     }
 
-    /// A row for a refusal with `code` now: `Some(n)` — it may be written, after
-    /// one summing the `n` of its code that were not (0: none) — or `None`: over
-    /// the budget, counted as not recorded.
-    pub fn take(&self, code: Code) -> Option<u64> {
+    /// A row for a refusal with `code` of `who` (`None`: no token) now: `Some(n)`
+    /// — it may be written, after one summing the `n` of its code that were not
+    /// (0: none) — or `None`: over the budget, counted as not recorded.
+    pub fn take(&self, code: Code, who: Option<&gw_core::contract::Requester>) -> Option<u64> {
+        let holder = who
+            .filter(|w| !w.sub.is_empty() || !w.token_issuer.is_empty())
+            .map(|w| (w.token_issuer.clone(), w.sub.clone()));
         let mut s = self.state.lock();
         // The summary takes a row of the budget too.
         let owed = s.unrecorded.get(&code).copied().unwrap_or(0);
         let need = if owed > 0 { 2.0 } else { 1.0 };
-        if self.spend(&mut s, code, need) {
+        if self.spend(&mut s, code, need, holder) {
             s.unrecorded.remove(&code);
             return Some(owed);
         }
@@ -497,7 +572,7 @@ impl RefusalBudget {
         let owed: Vec<Code> = s.unrecorded.keys().copied().collect();
         let mut out = Vec::new();
         for code in owed {
-            if self.spend(&mut s, code, 1.0) {
+            if self.spend(&mut s, code, 1.0, None) {
                 if let Some(n) = s.unrecorded.remove(&code) {
                     out.push((code, n));
                 }
@@ -570,7 +645,7 @@ async fn refuse_within(
         g.metrics.unrecorded(code.as_str());
         ApiError::with(code, detail).into_response()
     };
-    let Some(owed) = budget.take(code) else {
+    let Some(owed) = budget.take(code, who.as_ref()) else {
         return unrecorded(detail);
     };
     if matches!(code, Code::Unauthenticated | Code::ForbiddenPeer) {
@@ -653,7 +728,7 @@ pub async fn record_refusal(
         g.metrics.unrecorded(code.as_str());
         Ok(())
     };
-    let Some(owed) = budget.take(code) else {
+    let Some(owed) = budget.take(code, who) else {
         return unrecorded();
     };
     if owed > 0 && write_sum(g, budget, code, owed).await.is_err() {
@@ -664,6 +739,64 @@ pub async fn record_refusal(
         .refusal(code, &[], who, route)
         .await
         .inspect_err(|_| budget.owe(code, 1))
+}
+
+/// A refusal a route answered in its own shape (the data plane's: JSON-RPC
+/// errors, the hot path's counts), to record: its code, what its row keeps of
+/// the request, and what the row says of it (`args_json`).
+pub struct Refusal {
+    /// The stable code.
+    pub code: Code,
+    /// What of the request the row keeps (`raw_hex`).
+    pub raw: bytes::Bytes,
+    /// The row's `args_json`.
+    pub note: serde_json::Value,
+}
+
+/// Records `refusals` on `route`, all asked by `who` (the edge's stamp): each
+/// within the budget of requests the edge forwarded naming `who` — beyond it,
+/// counted and summed later — in one journal transaction, on a task of its own
+/// (a client that hangs up does not take the rows with it). Returns once they
+/// are durable. The answer stands either way: rows the ledger refused are owed,
+/// and summed once it takes rows again (logged).
+pub async fn record_refusals(
+    g: &Gatekeeper,
+    who: Option<gw_core::contract::Requester>,
+    route: &'static str,
+    refusals: Vec<Refusal>,
+) {
+    if refusals.is_empty() {
+        return;
+    }
+    let g = g.clone();
+    let recorded = tokio::spawn(async move {
+        let budget = g.forwarded(who.as_ref());
+        let mut rows = Vec::with_capacity(refusals.len());
+        let mut taken = Vec::new();
+        for r in &refusals {
+            g.metrics.decision(r.code.as_str());
+            let Some(owed) = budget.take(r.code, who.as_ref()) else {
+                g.metrics.unrecorded(r.code.as_str());
+                continue;
+            };
+            taken.push((r.code, owed));
+            if owed > 0 {
+                rows.extend(g.auditor.unrecorded_row(budget.stage(), r.code, owed));
+            }
+            rows.extend(g.auditor.refusal_row(r.code, &r.raw, who.as_ref(), route, &r.note));
+        }
+        if let Err(e) = g.auditor.commit(rows).await {
+            tracing::warn!(error = %e, route, "the rows of refusals were not written; they are summed once the ledger takes rows");
+            for (code, owed) in taken {
+                budget.untake(code, owed);
+                g.metrics.unrecorded(code.as_str());
+            }
+        }
+    })
+    .await;
+    if let Err(e) = recorded {
+        tracing::error!(error = %e, route, "recording refusals failed");
+    }
 }
 
 /// Writes the sums of refusals that went beyond the budget ([`RefusalBudget`]) once
@@ -814,5 +947,100 @@ async fn refuse_as(
         Err(e) => Err(
             ApiError::with(Code::Unavailable, format!("refusal not recorded: {e}")).into_response(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gw_core::contract::Requester;
+
+    fn holder(sub: &str) -> Requester {
+        Requester {
+            sub: sub.into(),
+            token_issuer: "tests".into(),
+            ..Requester::default()
+        }
+    }
+
+    /// Rows `who` gets of `n` refusals with `code`, taken at once.
+    fn rows(b: &RefusalBudget, code: Code, who: Option<&Requester>, n: usize) -> usize {
+        (0..n).filter(|_| b.take(code, who).is_some()).count()
+    }
+
+    #[test]
+    fn one_holders_flood_leaves_rows_to_the_others() {
+        let b = RefusalBudget::holders();
+        let burst = HOLDER_REFUSAL_ROWS_BURST as usize;
+        let mallory = holder("mallory");
+        // Its own burst and hardly more (refill while the loop runs).
+        let got = rows(&b, Code::Malformed, Some(&mallory), 1000);
+        assert!((burst..burst + 3).contains(&got), "{got}");
+        // Another holder, the same code: its row, after the flood's sum.
+        assert_eq!(
+            b.take(Code::Malformed, Some(&holder("alice"))),
+            Some(1000 - got as u64)
+        );
+        // The same subject from another issuer is another holder.
+        let other = Requester {
+            token_issuer: "elsewhere".into(),
+            ..mallory.clone()
+        };
+        assert_eq!(b.take(Code::Malformed, Some(&other)), Some(0));
+    }
+
+    #[test]
+    fn a_budget_without_holders_counts_every_holder_as_one() {
+        let b = RefusalBudget::default();
+        let burst = REFUSAL_ROWS_BURST as usize;
+        let got = rows(&b, Code::Malformed, Some(&holder("mallory")), 1000);
+        assert!((burst..burst + 3).contains(&got), "{got}");
+        assert_eq!(b.take(Code::Malformed, Some(&holder("alice"))), None);
+    }
+
+    #[test]
+    fn holders_take_from_the_budget_of_their_code_and_of_all() {
+        let b = RefusalBudget::holders();
+        let per_holder = HOLDER_REFUSAL_ROWS_BURST as usize;
+        // Enough holders, each within its own bucket, spend the code's bucket.
+        let taken: usize = (0..10)
+            .map(|i| {
+                rows(
+                    &b,
+                    Code::Malformed,
+                    Some(&holder(&format!("h{i}"))),
+                    per_holder,
+                )
+            })
+            .sum();
+        let burst = REFUSAL_ROWS_BURST as usize;
+        assert!((burst..burst + 3).contains(&taken), "{taken}");
+        assert_eq!(b.take(Code::Malformed, Some(&holder("late"))), None);
+    }
+
+    #[test]
+    fn idle_holders_buckets_make_room_for_new_ones() {
+        let b = RefusalBudget::new(Stage::Sidecar, (1e9, 1e9), (1e9, 1e9)).per_holder((1e9, 1.0));
+        for i in 0..MAX_HOLDERS {
+            assert!(b
+                .take(Code::Malformed, Some(&holder(&format!("h{i}"))))
+                .is_some());
+        }
+        // Every bucket refills at once at this rate: a new holder finds room.
+        assert!(b.take(Code::Malformed, Some(&holder("new"))).is_some());
+        assert!(b.state.lock().holders.len() <= MAX_HOLDERS);
+        // Held buckets (empty, refilling slowly) are kept: a new holder has none.
+        let b = RefusalBudget::new(Stage::Sidecar, (1e9, 1e9), (1e9, 1e9)).per_holder((1e-9, 1.0));
+        for i in 0..MAX_HOLDERS {
+            assert!(b
+                .take(Code::Malformed, Some(&holder(&format!("h{i}"))))
+                .is_some());
+        }
+        assert_eq!(b.take(Code::Malformed, Some(&holder("new"))), None);
+        assert_eq!(
+            b.take(Code::Malformed, None),
+            Some(1),
+            "no token: no holder's bucket"
+        );
     }
 }

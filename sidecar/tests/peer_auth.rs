@@ -511,6 +511,13 @@ fn the_sidecar_checks_each_api_routes_role_again_and_records_every_refusal() {
             ),
         }
     }
+    // Past the roles, this sidecar has no sender: its data plane refuses the
+    // operator's call, and that refusal has its row too.
+    rows_wanted.push((
+        "unavailable".into(),
+        "/api/rpc".into(),
+        "holder-of-operator".into(),
+    ));
     let rows = common::wait_rows(&ch, rows_wanted.len());
     let got: Vec<(String, String, String)> = rows
         .iter()

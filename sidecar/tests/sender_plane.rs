@@ -816,3 +816,202 @@ fn the_transaction_parser_sanitizes_as_the_solana_sdk_does() {
         "{seen:?}"
     );
 }
+
+/// Every refusal of the data plane is a ledger row naming who the edge said sent
+/// it: JSON-RPC errors (one row per refused request of a batch, keeping the
+/// transaction refused or the request as it came), an opportunities body refused,
+/// and one token holder's flood takes only its own share of the rows, so
+/// another holder's refusal still has its row.
+#[test]
+fn every_refusal_of_the_data_plane_is_a_ledger_row_naming_who() {
+    use gw_sidecar::serve::HOLDER_REFUSAL_ROWS_BURST;
+    let d = testkit::TempDir::new("sender-refusals");
+    let ch = ClickHouse::start(d.path());
+    let (_rrt, rx) = receiver();
+    let mut cfg = config(&d.path().join("state"), true);
+    cfg.file.clickhouse_url = Some(ch.url());
+    cfg.file.sender = Some(
+        serde_json::from_value(json!({
+            "tpu": {},
+            "leaders": {"static": [{
+                "tpu_quic": rx.addr.to_string(),
+                "identity": bs58::encode(rx.identity).into_string(),
+            }]},
+            "rpc_module": "mev",
+        }))
+        .unwrap(),
+    );
+    cfg.tpu_identity = Some(SigningKey::from_bytes(&[2u8; 32]));
+    let s = serve(cfg);
+    let post = |sub: &str, path: &str, body: Vec<u8>| -> (u16, Value) {
+        s.rt.block_on(async {
+            let r = s
+                .http
+                .post(format!("{}{path}", s.base))
+                .header("x-gw-verified", "jwt")
+                .header("x-gw-sub", sub)
+                .header("x-gw-roles", "operator")
+                .header("x-gw-token-issuer", "tests")
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        })
+    };
+    let call = |id: u32, method: &str, params: Value| json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+    let valid = tx(1);
+    let mut tampered = tx(2);
+    tampered[1] ^= 1; // its signature
+                      // mev is stopped (the initial state): a valid send is refused by its state.
+                      // Refused as it is read: the row keeps the request.
+    let bad_signature = call(
+        3,
+        "sendTransaction",
+        json!([b64(&tampered), {"encoding": "base64"}]),
+    );
+    let batch = json!([
+        call(
+            1,
+            "sendTransaction",
+            json!([b64(&valid), {"encoding": "base64"}])
+        ),
+        call(2, "sendTransaction", json!(["not base58!"])),
+        bad_signature.clone(),
+        call(4, "getAccountInfo", json!([])),
+        call(5, "getHealth", json!([])),
+    ]);
+    let (status, r) = post("alice", "/api/rpc", batch.to_string().into_bytes());
+    assert_eq!(status, 200, "{r}");
+    let codes: Vec<&Value> = r
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| &a["error"]["code"])
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            &json!(-32005),
+            &json!(-32602),
+            &json!(-32003),
+            &json!(-32601),
+            &Value::Null
+        ],
+        "{r}"
+    );
+    let (status, _) = post("alice", "/api/rpc", b"{not json".to_vec());
+    assert_eq!(status, 200);
+    let (status, r) = post(
+        "alice",
+        "/api/opportunities",
+        br#"{"opportunities": [{"module": "nope", "txs": []}]}"#.to_vec(),
+    );
+    assert_eq!(
+        (status, r["error"].as_str()),
+        (400, Some("malformed")),
+        "{r}"
+    );
+    nothing_more(&rx, 0);
+
+    // (code, route, method, what the row keeps)
+    let want = [
+        (
+            "module_refused",
+            "/api/rpc",
+            "sendTransaction",
+            hex::encode(&valid),
+        ),
+        (
+            "malformed",
+            "/api/rpc",
+            "sendTransaction",
+            hex::encode(call(2, "sendTransaction", json!(["not base58!"])).to_string()),
+        ),
+        (
+            "bad_signature",
+            "/api/rpc",
+            "sendTransaction",
+            hex::encode(bad_signature.to_string()),
+        ),
+        (
+            "malformed",
+            "/api/rpc",
+            "",
+            hex::encode(call(4, "getAccountInfo", json!([])).to_string()),
+        ),
+        ("malformed", "/api/rpc", "", hex::encode(b"{not json")),
+        (
+            "malformed",
+            "/api/opportunities",
+            "",
+            hex::encode(br#"{"opportunities": [{"module": "nope", "txs": []}]}"#),
+        ),
+    ];
+    let rows = common::wait_rows(&ch, want.len());
+    let got: Vec<(&str, &str, String, &str)> = rows
+        .iter()
+        .map(|r| {
+            let note: Value = serde_json::from_str(&r.args_json).unwrap();
+            let method = note["method"].as_str().unwrap_or("").to_owned();
+            (
+                r.code.as_str(),
+                r.route.as_str(),
+                method,
+                r.raw_hex.as_str(),
+            )
+        })
+        .collect();
+    let want: Vec<(&str, &str, String, &str)> = want
+        .iter()
+        .map(|(c, route, m, raw)| (*c, *route, (*m).to_owned(), raw.as_str()))
+        .collect();
+    assert_eq!(got, want);
+    assert!(rows.iter().all(|r| r.stage == "sidecar"
+        && r.decision == "rejected"
+        && r.requester == "alice"
+        && r.token_issuer == "tests"));
+    let refused: Value = serde_json::from_str(&rows[0].args_json).unwrap();
+    assert_eq!(
+        refused["signature"],
+        bs58::encode(&valid[1..65]).into_string()
+    );
+    assert_eq!(refused["rpc_code"], -32005);
+    assert_eq!(refused["raw"], "transaction");
+
+    // One holder's flood: its own share of rows, and another holder's refusal
+    // still has its row (the budget of all holders has more than the flood took).
+    let flood = 3 * HOLDER_REFUSAL_ROWS_BURST as usize;
+    for _ in 0..flood {
+        post("mallory", "/api/rpc", b"{flood".to_vec());
+    }
+    post("bob", "/api/rpc", b"{bob".to_vec());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mallory, bob, summed) = loop {
+        let rows = common::stored(&ch);
+        let of = |who: &str| rows.iter().filter(|r| r.requester == who).count();
+        let summed: u64 = rows
+            .iter()
+            .filter_map(|r| {
+                serde_json::from_str::<Value>(&r.args_json).ok()?["unrecorded"].as_u64()
+            })
+            .sum();
+        if (of("bob") == 1 && of("mallory") as u64 + summed == flood as u64)
+            || Instant::now() > deadline
+        {
+            break (of("mallory"), of("bob"), summed);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(bob, 1, "the other holder's refusal has its row");
+    assert!(
+        mallory < flood / 2,
+        "{mallory} of {flood} rows for one holder's flood (its burst: {HOLDER_REFUSAL_ROWS_BURST})"
+    );
+    assert_eq!(
+        mallory as u64 + summed,
+        flood as u64,
+        "every refusal is a row or summed"
+    );
+}

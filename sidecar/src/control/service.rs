@@ -1072,7 +1072,7 @@ async fn record_reports(
         // A report with an id comes again if this batch is not written.
         let again = !r.id.is_empty();
         let budget = c.edge_reports.of(&r.requester);
-        let Some(owed) = budget.take(r.code) else {
+        let Some(owed) = budget.take(r.code, Some(&r.requester)) else {
             summed.push((budget, r.code, again));
             continue;
         };

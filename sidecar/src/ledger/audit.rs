@@ -104,6 +104,40 @@ impl Auditor {
 }
 
 impl Auditor {
+    /// The row of the sidecar's refusal with `code` of a request on `route` that
+    /// carried no command ([`Self::refusal`]), its `args_json` `note`; unsealed
+    /// (`None`: no ledger).
+    pub fn refusal_row(
+        &self,
+        code: Code,
+        body: &[u8],
+        requester: Option<&Requester>,
+        route: &str,
+        note: &serde_json::Value,
+    ) -> Option<journal::Entry> {
+        let e = Entry {
+            stage: Stage::Sidecar,
+            decision: Decision::Rejected,
+            code: Some(code),
+            body,
+            command: None,
+            requester,
+            route,
+        };
+        self.row_noting(&e, note)
+    }
+
+    /// Makes `rows` durable together (nothing: nothing to do).
+    pub async fn commit(&self, rows: Vec<journal::Entry>) -> Result<(), AuditError> {
+        match &self.journal {
+            Some(j) if !rows.is_empty() => {
+                j.commit(Txn::of(rows)).await?;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Records that `n` refusals with `code` got no row of their own (over the
     /// ledger's budget for them, `serve::RefusalBudget`): one row of `stage`,
     /// `args_json` `{"unrecorded": n}`, route `""`.

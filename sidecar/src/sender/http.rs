@@ -1,5 +1,11 @@
 //! HTTP for the data plane: `POST /api/rpc` (Solana JSON-RPC), `POST
 //! /api/opportunities` (into the hot path) and `GET /api/sender` (status).
+//!
+//! Every refusal of the two `POST` routes is a ledger row naming who the edge
+//! said sent it ([`crate::serve::record_refusals`], within the budget of token
+//! holders), written before the answer: a JSON-RPC error the gateway gives (one
+//! row per refused request of a batch, keeping the transaction refused, or the
+//! request as it came), and an opportunities body refused or not taken whole.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,11 +27,15 @@ use super::plane::DataPlane;
 use super::rpc::{self, RpcContext};
 use super::strategy::{Opportunity, SignedTx, Skip};
 use crate::control::ModuleTable;
+use crate::serve::{Gatekeeper, Refusal};
+use gw_core::Code;
 
 /// What the data plane's routes serve from.
 pub struct SenderApi {
     plane: Option<Arc<DataPlane>>,
     modules: ModuleTable,
+    /// What refusals are recorded with.
+    gate: Gatekeeper,
     /// Large bodies decoded at once, per route (one per core each): more wait
     /// their turn rather than fill the blocking pool the ledger's shipping also
     /// uses, and JSON-RPC batches never queue the hot path's opportunities.
@@ -34,12 +44,14 @@ pub struct SenderApi {
 }
 
 impl SenderApi {
-    /// The routes over `plane` (none: every call answers `unavailable`).
-    pub fn new(plane: Option<Arc<DataPlane>>, modules: ModuleTable) -> SenderApi {
+    /// The routes over `plane` (none: every call answers `unavailable`), their
+    /// refusals recorded with `gate`.
+    pub fn new(plane: Option<Arc<DataPlane>>, modules: ModuleTable, gate: Gatekeeper) -> SenderApi {
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         SenderApi {
             plane,
             modules,
+            gate,
             decoding_rpc: Arc::new(tokio::sync::Semaphore::new(cores)),
             decoding_opportunities: Arc::new(tokio::sync::Semaphore::new(cores)),
         }
@@ -60,6 +72,61 @@ impl SenderApi {
 
 type St = State<Arc<SenderApi>>;
 
+impl SenderApi {
+    /// `answer`, once `refusals` of `who` on `route` are recorded.
+    async fn refused(
+        &self,
+        who: Option<Requester>,
+        route: &'static str,
+        refusals: Vec<Refusal>,
+        answer: Response,
+    ) -> Response {
+        crate::serve::record_refusals(&self.gate, who, route, refusals).await;
+        answer
+    }
+}
+
+/// The routes, as their rows name them.
+const RPC: &str = "/api/rpc";
+const OPPORTUNITIES: &str = "/api/opportunities";
+
+/// Bytes of an answer's detail a row keeps.
+const DETAIL_BYTES: usize = 512;
+
+/// A refusal with nothing of the request kept: its code and detail.
+fn plain_refusal(code: Code, detail: &str) -> Refusal {
+    Refusal {
+        code,
+        raw: Bytes::new(),
+        note: json!({ "detail": gw_core::contract::truncate_utf8(detail, DETAIL_BYTES) }),
+    }
+}
+
+/// The row of a refused JSON-RPC request.
+fn rpc_refusal(r: rpc::Refused) -> Refusal {
+    let mut note = json!({
+        "method": r.method,
+        "rpc_code": r.rpc_code,
+        "detail": gw_core::contract::truncate_utf8(&r.message, DETAIL_BYTES),
+    });
+    if !r.raw.is_empty() {
+        note["raw"] = if r.raw_is_transaction {
+            "transaction"
+        } else {
+            "request"
+        }
+        .into();
+    }
+    if let Some(sig) = r.signature {
+        note["signature"] = sig.into();
+    }
+    Refusal {
+        code: r.code,
+        raw: r.raw,
+        note,
+    }
+}
+
 /// Most opportunities per request.
 pub const MAX_OPPORTUNITIES: usize = 1024;
 /// Most pre-signed variants per opportunity.
@@ -67,58 +134,61 @@ pub const MAX_VARIANTS: usize = 8;
 /// Most features per opportunity.
 pub const MAX_FEATURES: usize = 256;
 
-fn unavailable() -> Response {
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({"error": "unavailable", "detail": "the sender is not configured (sender in the sidecar config)"})),
-    )
-        .into_response()
+/// An error answer in the gateway's shape, and its refusal.
+fn refusal(code: Code, detail: &str) -> (Vec<Refusal>, Response) {
+    let answer = crate::error::ApiError::with(code, detail.to_owned()).into_response();
+    (vec![plain_refusal(code, detail)], answer)
 }
 
-fn bad(detail: String) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        Json(json!({"error": "malformed", "detail": detail})),
+fn unavailable() -> (Vec<Refusal>, Response) {
+    refusal(
+        Code::Unavailable,
+        "the sender is not configured (sender in the sidecar config)",
     )
-        .into_response()
 }
 
 /// The answer to a body that could not be read whole (larger than the route's
 /// bound, or cut off) in the gateway's error shape — axum's own answer is plain
 /// text with no code.
-fn unreadable(e: &BytesRejection) -> Response {
-    let (status, code) = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        (StatusCode::PAYLOAD_TOO_LARGE, "too_large")
+fn unreadable(e: &BytesRejection) -> (Vec<Refusal>, Response) {
+    let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        Code::TooLarge
     } else {
-        (StatusCode::BAD_REQUEST, "malformed")
+        Code::Malformed
     };
-    let detail = format!("the body could not be read: {}", e.body_text());
-    (status, Json(json!({"error": code, "detail": detail}))).into_response()
+    refusal(
+        code,
+        &format!("the body could not be read: {}", e.body_text()),
+    )
 }
 
 /// Who the edge says sent a request (the routes' roles were checked before,
-/// `serve::api_roles`): named in the audit rows of its sends.
-fn requester(head: &HeaderMap) -> Arc<Requester> {
-    Arc::new(
-        crate::serve::edge_identity(head)
-            .map(|w| w.requester)
-            .unwrap_or_default(),
-    )
+/// `serve::api_roles`): named in the audit rows of its sends and refusals.
+fn requester(head: &HeaderMap) -> Option<Requester> {
+    crate::serve::edge_identity(head).map(|w| w.requester)
 }
 
 /// `POST /api/rpc`: Solana JSON-RPC (always HTTP 200 with a JSON-RPC body, as
 /// Solana's RPC answers).
 async fn rpc(State(st): St, head: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    let who = requester(&head);
     let Some(dp) = &st.plane else {
-        return unavailable();
+        let (r, answer) = unavailable();
+        return st.refused(who, RPC, r, answer).await;
     };
     let body = match body {
         Ok(b) => b,
-        Err(e) => return unreadable(&e),
+        Err(e) => {
+            let (r, answer) = unreadable(&e);
+            return st.refused(who, RPC, r, answer).await;
+        }
     };
     let request = match decode_off_runtime(&st.decoding_rpc, body, rpc::Request::parse).await {
         Ok(r) => r,
-        Err(answer) => return answer,
+        Err(answer) => {
+            let r = plain_refusal(Code::Unavailable, "decoding the request failed");
+            return st.refused(who, RPC, vec![r], answer).await;
+        }
     };
     let ctx = RpcContext {
         sender: &dp.sender,
@@ -127,9 +197,12 @@ async fn rpc(State(st): St, head: HeaderMap, body: Result<Bytes, BytesRejection>
         module: dp.rpc_module,
         allow_stopped: dp.rpc_allow_stopped,
         gate: &dp.rpc_gate,
-        requester: requester(&head),
+        requester: Arc::new(who.clone().unwrap_or_default()),
     };
-    Json(request.run(&ctx).await).into_response()
+    let done = request.run(&ctx).await;
+    let refusals = done.refusals.into_iter().map(rpc_refusal).collect();
+    st.refused(who, RPC, refusals, Json(done.answer).into_response())
+        .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,8 +250,8 @@ fn opportunity(
     }
     let mut txs = Vec::with_capacity(o.txs.len());
     for (k, t) in o.txs.iter().enumerate() {
-        let (wire, signature) =
-            rpc::decode_tx(t, enc).map_err(|(_, m)| format!("opportunity {i} tx {k}: {m}"))?;
+        let (wire, signature) = rpc::decode_tx(t, enc)
+            .map_err(|e| format!("opportunity {i} tx {k}: {}", e.message()))?;
         txs.push(SignedTx { wire, signature });
     }
     Ok(Opportunity {
@@ -249,37 +322,61 @@ async fn opportunities(
 ) -> Response {
     // The body has arrived: decoding and checks count in the decision latency.
     let received = std::time::Instant::now();
+    let who = requester(&head);
     let Some(dp) = &st.plane else {
-        return unavailable();
+        let (r, answer) = unavailable();
+        return st.refused(who, OPPORTUNITIES, r, answer).await;
     };
     let body = match body {
         Ok(b) => b,
-        Err(e) => return unreadable(&e),
+        Err(e) => {
+            let (r, answer) = unreadable(&e);
+            return st.refused(who, OPPORTUNITIES, r, answer).await;
+        }
     };
-    let who = requester(&head);
+    // The body's start, for the row of a refusal (a copy only then).
+    let kept = body.slice(..body.len().min(rpc::REFUSED_BYTES));
+    let sender = Arc::new(who.clone().unwrap_or_default());
     let decoded = decode_off_runtime(&st.decoding_opportunities, body, move |b| {
-        decode_opportunities(b, received, &who)
+        decode_opportunities(b, received, &sender)
     });
     let items = match decoded.await {
         Ok(Ok(items)) => items,
-        Ok(Err(e)) => return bad(e),
-        Err(answer) => return answer,
+        Ok(Err(e)) => {
+            let (mut r, answer) = refusal(Code::Malformed, &e);
+            r[0].raw = kept;
+            return st.refused(who, OPPORTUNITIES, r, answer).await;
+        }
+        Err(answer) => {
+            let r = plain_refusal(Code::Unavailable, "decoding the request failed");
+            return st.refused(who, OPPORTUNITIES, vec![r], answer).await;
+        }
     };
     let n = items.len();
     let took = dp.hot.offer_async(items).await;
     let mut answer = json!({"accepted": took, "dropped": n - took});
-    if took == 0 && n > 0 {
+    if took == n {
+        return Json(answer).into_response();
+    }
+    // Not taken whole: a refusal of what was dropped (its row says how much).
+    let mut r = plain_refusal(Code::Overloaded, "the hot path's ring is full");
+    r.note["accepted"] = took.into();
+    r.note["dropped"] = (n - took).into();
+    let answer = if took == 0 {
         answer["error"] = "overloaded".into();
         answer["detail"] = "the hot path's ring is full: nothing was taken; retry shortly".into();
-        return (StatusCode::TOO_MANY_REQUESTS, Json(answer)).into_response();
-    }
-    Json(answer).into_response()
+        (StatusCode::TOO_MANY_REQUESTS, Json(answer)).into_response()
+    } else {
+        Json(answer).into_response()
+    };
+    st.refused(who, OPPORTUNITIES, vec![r], answer).await
 }
 
 /// `GET /api/sender`: routes, leaders, counters.
-async fn status(State(st): St) -> Response {
+async fn status(State(st): St, head: HeaderMap) -> Response {
     let Some(dp) = &st.plane else {
-        return unavailable();
+        let (r, answer) = unavailable();
+        return st.refused(requester(&head), "/api/sender", r, answer).await;
     };
     Json(status_json(dp)).into_response()
 }

@@ -17,6 +17,14 @@
 //! away — gives its share back). At most `sender.rpc_max_in_flight` sends run at
 //! once (they run on tasks of their own, past their client's patience): beyond,
 //! -32005 with a message starting `busy:`, nothing sent.
+//!
+//! Every error the gateway answers is a refusal with a stable code
+//! ([`Refused`]; `/api/rpc` makes each a ledger row): `malformed` (not JSON-RPC,
+//! an unknown method, bad parameters, a transaction that does not decode),
+//! `bad_signature` (its signatures do not verify), `module_refused`, `throttled`,
+//! `overloaded` (`busy:`), `node_refused` (the RPC node's preflight refused it,
+//! passed on as the node gave it) and `unavailable` (the node did not answer). A
+//! send no route took is not a refusal: it is a `failed` row of `tx_sends`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,7 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use bytes::Bytes;
 use gw_core::contract::Requester;
-use gw_core::Module;
+use gw_core::{Code, Module};
 use serde_json::{json, Value};
 
 use gw_core::module_state::{ModuleState, Refusal, Throttle};
@@ -120,7 +128,74 @@ impl RpcGate {
 /// Handles one HTTP body; returns the JSON-RPC answer ([`Request::parse`], then
 /// [`Request::run`], both here).
 pub async fn handle(ctx: &RpcContext<'_>, body: &[u8]) -> Value {
-    Request::parse(body).run(ctx).await
+    Request::parse(body).run(ctx).await.answer
+}
+
+/// The JSON-RPC answer to a body, and the refusals it holds (one per request of
+/// a batch that was refused).
+pub struct Answered {
+    /// What the client is answered.
+    pub answer: Value,
+    /// Each refusal, to record.
+    pub refusals: Vec<Refused>,
+}
+
+/// A request of a body refused by the gateway (or by the node, passed on).
+#[derive(Debug)]
+pub struct Refused {
+    /// The stable code of its row.
+    pub code: Code,
+    /// The JSON-RPC error code answered.
+    pub rpc_code: i64,
+    /// The method, when it was one the gateway serves (`""`: none, or another).
+    pub method: &'static str,
+    /// The message answered.
+    pub message: String,
+    /// What the row keeps of it: the transaction refused (`sendTransaction`;
+    /// a bundle's first), else the request as it came, each at most
+    /// [`REFUSED_BYTES`].
+    pub raw: Bytes,
+    /// Whether `raw` is a transaction's wire bytes (else the request's JSON).
+    pub raw_is_transaction: bool,
+    /// The transaction's (a bundle's first) signature, base58, when it decoded.
+    pub signature: Option<String>,
+}
+
+/// Bytes of a refused request a row keeps at most.
+pub const REFUSED_BYTES: usize = 4 * 1024;
+
+/// A refusal of ours: the JSON-RPC code and message answered, and the stable code
+/// of its row.
+#[derive(Debug, Clone)]
+pub struct RpcErr {
+    rpc: i64,
+    code: Code,
+    message: String,
+}
+
+impl RpcErr {
+    /// A refusal whose row's code is not the one its JSON-RPC code implies.
+    fn coded(code: Code, rpc: i64, message: String) -> RpcErr {
+        RpcErr { rpc, code, message }
+    }
+
+    /// The message answered.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+/// The row's code implied by a JSON-RPC code of ours.
+impl From<(i64, String)> for RpcErr {
+    fn from((rpc, message): (i64, String)) -> RpcErr {
+        let code = match rpc {
+            code::SIGNATURE_VERIFICATION_FAILURE => Code::BadSignature,
+            code::SEND_FAILED => Code::Unavailable,
+            code::REFUSED => Code::Overloaded,
+            _ => Code::Malformed,
+        };
+        RpcErr { rpc, code, message }
+    }
 }
 
 /// A JSON-RPC body read and checked: every transaction in it decoded and its
@@ -131,8 +206,9 @@ pub async fn handle(ctx: &RpcContext<'_>, body: &[u8]) -> Value {
 pub struct Request(Parsed);
 
 enum Parsed {
-    /// Answered already (not JSON, an empty or oversized batch).
-    Answer(Value),
+    /// Refused already (not JSON, an empty or oversized batch): the answer, and
+    /// the body's start.
+    Answer(Value, Refused),
     One(Box<Call>),
     Batch(Vec<Call>),
 }
@@ -141,7 +217,10 @@ enum Parsed {
 /// the error to answer.
 struct Call {
     id: Value,
-    method: Result<Method, RpcErr>,
+    /// The method's name, when the gateway serves it.
+    name: &'static str,
+    /// Read, or refused with the request's start.
+    method: Result<Method, (RpcErr, Bytes)>,
 }
 
 enum Method {
@@ -164,24 +243,24 @@ enum Method {
 impl Request {
     /// Reads `body`: everything a request can be refused for before the gate.
     pub fn parse(body: &[u8]) -> Request {
+        let whole = |rpc: i64, message: String| {
+            let e = RpcErr::from((rpc, message));
+            Parsed::Answer(
+                error(Value::Null, e.rpc, &e.message),
+                refusal(e, "", Bytes::copy_from_slice(start(body)), None),
+            )
+        };
         let req: Value = match serde_json::from_slice(body) {
             Ok(v) => v,
-            Err(e) => {
-                return Request(Parsed::Answer(error(
-                    Value::Null,
-                    code::PARSE,
-                    &format!("parse error: {e}"),
-                )))
-            }
+            Err(e) => return Request(whole(code::PARSE, format!("parse error: {e}"))),
         };
         Request(match req {
             Value::Array(items) => {
                 if items.is_empty() || items.len() > MAX_BATCH {
-                    Parsed::Answer(error(
-                        Value::Null,
+                    whole(
                         code::INVALID_REQUEST,
-                        &format!("a batch holds 1 to {MAX_BATCH} requests"),
-                    ))
+                        format!("a batch holds 1 to {MAX_BATCH} requests"),
+                    )
                 } else {
                     Parsed::Batch(items.iter().map(parse_call).collect())
                 }
@@ -191,15 +270,49 @@ impl Request {
     }
 
     /// Gates and sends what was parsed; the JSON-RPC answer (a batch's requests
-    /// run at once).
-    pub async fn run(self, ctx: &RpcContext<'_>) -> Value {
-        match self.0 {
-            Parsed::Answer(v) => v,
-            Parsed::One(call) => run_call(ctx, *call).await,
-            Parsed::Batch(calls) => Value::Array(
-                futures_util::future::join_all(calls.into_iter().map(|c| run_call(ctx, c))).await,
-            ),
-        }
+    /// run at once) and its refusals.
+    pub async fn run(self, ctx: &RpcContext<'_>) -> Answered {
+        let mut refusals = Vec::new();
+        let answer = match self.0 {
+            Parsed::Answer(v, r) => {
+                refusals.push(r);
+                v
+            }
+            Parsed::One(call) => {
+                let (v, r) = run_call(ctx, *call).await;
+                refusals.extend(r);
+                v
+            }
+            Parsed::Batch(calls) => {
+                let all =
+                    futures_util::future::join_all(calls.into_iter().map(|c| run_call(ctx, c)))
+                        .await;
+                let mut answers = Vec::with_capacity(all.len());
+                for (v, r) in all {
+                    answers.push(v);
+                    refusals.extend(r);
+                }
+                Value::Array(answers)
+            }
+        };
+        Answered { answer, refusals }
+    }
+}
+
+/// At most [`REFUSED_BYTES`] of `b`.
+fn start(b: &[u8]) -> &[u8] {
+    &b[..b.len().min(REFUSED_BYTES)]
+}
+
+fn refusal(e: RpcErr, method: &'static str, raw: Bytes, signature: Option<String>) -> Refused {
+    Refused {
+        code: e.code,
+        rpc_code: e.rpc,
+        method,
+        message: e.message,
+        raw_is_transaction: false,
+        raw,
+        signature,
     }
 }
 
@@ -219,23 +332,42 @@ fn result(id: Value, v: Value) -> Value {
     json!({"jsonrpc": "2.0", "result": v, "id": id})
 }
 
+/// The methods served.
+const METHODS: [&str; 4] = [
+    "getHealth",
+    "sendTransaction",
+    "getSignatureStatuses",
+    "sendBundle",
+];
+
 fn parse_call(req: &Value) -> Call {
     let id = req.get("id").cloned().unwrap_or(Value::Null);
-    Call {
-        method: parse_method(req),
-        id,
-    }
+    let asked = req.get("method").and_then(Value::as_str);
+    let name = METHODS
+        .into_iter()
+        .find(|m| Some(*m) == asked)
+        .unwrap_or("");
+    let method = parse_method(req).map_err(|e| {
+        // The request as it came, for its row (serialised only when refused).
+        let mut raw = serde_json::to_vec(req).unwrap_or_default();
+        raw.truncate(REFUSED_BYTES);
+        (e, Bytes::from(raw))
+    });
+    Call { id, name, method }
 }
 
 fn parse_method(req: &Value) -> Result<Method, RpcErr> {
     if req.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
-        return Err((
+        return Err(RpcErr::from((
             code::INVALID_REQUEST,
             "not a JSON-RPC 2.0 request".to_owned(),
-        ));
+        )));
     }
     let Some(method) = req.get("method").and_then(Value::as_str) else {
-        return Err((code::INVALID_REQUEST, "no method".to_owned()));
+        return Err(RpcErr::from((
+            code::INVALID_REQUEST,
+            "no method".to_owned(),
+        )));
     };
     let no_params = Value::Array(Vec::new());
     let params = req.get("params").unwrap_or(&no_params);
@@ -250,32 +382,79 @@ fn parse_method(req: &Value) -> Result<Method, RpcErr> {
                 "method {:?} is not served by the gateway (sendTransaction, getSignatureStatuses, sendBundle, getHealth)",
                 other.escape_debug().to_string()
             ),
-        )),
+        )
+            .into()),
     }
 }
 
-async fn run_call(ctx: &RpcContext<'_>, call: Call) -> Value {
-    let Call { id, method } = call;
+/// Runs one request: its answer, and its refusal if it was one.
+async fn run_call(ctx: &RpcContext<'_>, call: Call) -> (Value, Option<Refused>) {
+    let Call { id, name, method } = call;
+    // What the row of a refusal keeps: the transaction (a bundle's first).
+    let mut refused_tx: Option<(Bytes, String)> = None;
     let answer = match method {
-        Err(e) => Err(SendErr::Rpc(e)),
+        Err((e, raw)) => {
+            let answer = error(id, e.rpc, &e.message);
+            return (answer, Some(refusal(e, name, raw, None)));
+        }
         Ok(Method::Health) => Ok(json!("ok")),
-        Ok(Method::Send { wire, info, opts }) => send_transaction(ctx, wire, info, opts)
-            .await
-            .map(|sig| json!(sig)),
+        Ok(Method::Send { wire, info, opts }) => {
+            let (kept, signature) = (wire.clone(), info.signature);
+            let out = send_transaction(ctx, wire, info, opts).await;
+            if out.is_err() {
+                refused_tx = Some((kept, bs58::encode(signature).into_string()));
+            }
+            out.map(|sig| json!(sig))
+        }
         Ok(Method::Statuses { sigs, history }) => signature_statuses(ctx, &sigs, history).await,
-        Ok(Method::Bundle { txs, first_sig }) => send_bundle(ctx, txs, first_sig)
-            .await
-            .map(|b| json!(b))
-            .map_err(SendErr::Rpc),
+        Ok(Method::Bundle { txs, first_sig }) => {
+            let kept = txs.first().cloned().unwrap_or_default();
+            let signature = first_sig.clone();
+            let out = send_bundle(ctx, txs, first_sig).await;
+            if out.is_err() {
+                refused_tx = Some((kept, signature));
+            }
+            out.map(|b| json!(b)).map_err(SendErr::Rpc)
+        }
     };
-    match answer {
-        Ok(v) => result(id, v),
-        Err(SendErr::Rpc((c, m))) => error(id, c, &m),
-        Err(SendErr::Node(e)) => node_error(id, &e),
-    }
+    let e = match answer {
+        Ok(v) => return (result(id, v), None),
+        // No route took it: a failed send, whose row is in `tx_sends`.
+        Err(SendErr::Rpc(e)) if e.rpc == code::SEND_FAILED => {
+            return (error(id, e.rpc, &e.message), None)
+        }
+        Err(SendErr::Rpc(e)) => e,
+        Err(SendErr::Node(n)) => {
+            let code = match n.code {
+                code::REFUSED => Code::Overloaded,
+                code::SEND_FAILED => Code::Unavailable,
+                _ => Code::NodeRefused,
+            };
+            let answer = node_error(id, &n);
+            return (
+                answer,
+                Some(tx_refusal(
+                    RpcErr::coded(code, n.code, n.message),
+                    name,
+                    refused_tx,
+                )),
+            );
+        }
+    };
+    let answer = error(id, e.rpc, &e.message);
+    (answer, Some(tx_refusal(e, name, refused_tx)))
 }
 
-type RpcErr = (i64, String);
+/// The refusal of a request whose transaction (if any) decoded.
+fn tx_refusal(e: RpcErr, method: &'static str, tx: Option<(Bytes, String)>) -> Refused {
+    match tx {
+        Some((wire, signature)) => Refused {
+            raw_is_transaction: true,
+            ..refusal(e, method, wire, Some(signature))
+        },
+        None => refusal(e, method, Bytes::new(), None),
+    }
+}
 
 /// A refusal of ours, or the node's (passed on as it gave it).
 enum SendErr {
@@ -286,6 +465,12 @@ enum SendErr {
 impl From<RpcErr> for SendErr {
     fn from(e: RpcErr) -> SendErr {
         SendErr::Rpc(e)
+    }
+}
+
+impl From<(i64, String)> for SendErr {
+    fn from(e: (i64, String)) -> SendErr {
+        SendErr::Rpc(e.into())
     }
 }
 
@@ -304,7 +489,7 @@ struct SendOptions {
 }
 
 fn send_options(opts: Option<&Value>) -> Result<SendOptions, RpcErr> {
-    let bad = |what: &str| (code::INVALID_PARAMS, format!("Invalid params: {what}"));
+    let bad = |what: &str| RpcErr::from((code::INVALID_PARAMS, format!("Invalid params: {what}")));
     let get = |k: &str| opts.and_then(|o| o.get(k)).filter(|v| !v.is_null());
     let skip_preflight = match get("skipPreflight") {
         None => false,
@@ -352,10 +537,10 @@ fn encoding(opts: Option<&Value>) -> Result<&str, RpcErr> {
         Some(Value::String(s)) if s == "base58" || s == "base64" => Ok(s.as_str()),
         // Agave's deprecated name of base58.
         Some(Value::String(s)) if s == "binary" => Ok("base58"),
-        Some(other) => Err((
+        Some(other) => Err(RpcErr::from((
             code::INVALID_PARAMS,
             format!("unsupported encoding {other}: base58 or base64"),
-        )),
+        ))),
     }
 }
 
@@ -404,7 +589,8 @@ fn state_refusal(modules: &ModuleTable, module: Module, allow_stopped: bool) -> 
 fn refused(ctx: &RpcContext<'_>, why: Refusal) -> RpcErr {
     ctx.gate.stats.refused.fetch_add(1, Ordering::Relaxed);
     let module = ctx.module;
-    (
+    RpcErr::coded(
+        Code::ModuleRefused,
         code::REFUSED,
         format!(
             "sends are refused: module {} is {}",
@@ -447,7 +633,8 @@ fn gate<'a>(ctx: &RpcContext<'a>) -> Result<Admitted<'a>, RpcErr> {
         .with(ctx.module, |st: &ModuleState| st.throttle_pct);
     if !ctx.gate.throttle.lock().admit(pct, 0, Instant::now()) {
         ctx.gate.stats.throttled.fetch_add(1, Ordering::Relaxed);
-        return Err((
+        return Err(RpcErr::coded(
+            Code::Throttled,
             code::REFUSED,
             format!(
                 "throttled: module {} sends {} % of transactions",
@@ -467,7 +654,8 @@ fn gate<'a>(ctx: &RpcContext<'a>) -> Result<Admitted<'a>, RpcErr> {
 fn permit(ctx: &RpcContext<'_>) -> Result<OwnedSemaphorePermit, RpcErr> {
     ctx.gate.in_flight.clone().try_acquire_owned().map_err(|_| {
         ctx.gate.stats.busy.fetch_add(1, Ordering::Relaxed);
-        (
+        RpcErr::coded(
+            Code::Overloaded,
             code::REFUSED,
             "busy: sender.rpc_max_in_flight sends are running; retry later".to_owned(),
         )
@@ -557,14 +745,14 @@ async fn send_transaction(
     .map_err(|e| (code::SEND_FAILED, format!("send task failed: {e}")))?;
     match out.landed {
         Some(_) => Ok(out.signature),
-        None => Err(SendErr::Rpc((
+        None => Err(SendErr::Rpc(RpcErr::from((
             code::SEND_FAILED,
             format!(
                 "transaction {} was not sent: {}",
                 out.signature,
                 out.error()
             ),
-        ))),
+        )))),
     }
 }
 
@@ -579,10 +767,10 @@ fn parse_statuses(params: &Value) -> Result<Method, RpcErr> {
         "params[0] must be a list of signatures".to_owned(),
     ))?;
     if list.len() > MAX_STATUS_SIGNATURES {
-        return Err((
+        return Err(RpcErr::from((
             code::INVALID_PARAMS,
             format!("Too many inputs provided; max {MAX_STATUS_SIGNATURES}"),
-        ));
+        )));
     }
     let mut sigs = Vec::with_capacity(list.len());
     for s in list {
@@ -596,10 +784,10 @@ fn parse_statuses(params: &Value) -> Result<Method, RpcErr> {
                 if shown.len() > 100 {
                     shown = shown.chars().take(96).chain(['…']).collect();
                 }
-                return Err((
+                return Err(RpcErr::from((
                     code::INVALID_PARAMS,
                     format!("Invalid param: {shown} is not a signature"),
-                ));
+                )));
             }
         }
     }
@@ -617,11 +805,11 @@ fn parse_statuses(params: &Value) -> Result<Method, RpcErr> {
         None => None,
         Some(Some(Value::Bool(b))) => Some(*b),
         Some(_) => {
-            return Err((
+            return Err(RpcErr::from((
                 code::INVALID_PARAMS,
                 "Invalid params: params[1] must be {\"searchTransactionHistory\": <bool>}"
                     .to_owned(),
-            ))
+            )))
         }
     };
     Ok(Method::Statuses { sigs, history })
@@ -650,14 +838,14 @@ fn parse_bundle(params: &Value) -> Result<Method, RpcErr> {
         "params[0] must be the list of encoded transactions".to_owned(),
     ))?;
     if list.is_empty() || list.len() > super::relay::MAX_BUNDLE {
-        return Err((
+        return Err(RpcErr::from((
             code::INVALID_PARAMS,
             format!(
                 "a bundle holds 1 to {} transactions, not {}",
                 super::relay::MAX_BUNDLE,
                 list.len()
             ),
-        ));
+        )));
     }
     let enc = encoding(p.get(1))?;
     let mut txs = Vec::with_capacity(list.len());
@@ -667,8 +855,10 @@ fn parse_bundle(params: &Value) -> Result<Method, RpcErr> {
             code::INVALID_PARAMS,
             format!("transaction {i} is not a string"),
         ))?;
-        let (wire, sig) =
-            decode_tx(s, enc).map_err(|(c, m)| (c, format!("transaction {i}: {m}")))?;
+        let (wire, sig) = decode_tx(s, enc).map_err(|e| RpcErr {
+            message: format!("transaction {i}: {}", e.message),
+            ..e
+        })?;
         if i == 0 {
             first_sig = sig;
         }
@@ -693,5 +883,5 @@ async fn send_bundle(
     })
     .await
     .map_err(|e| (code::SEND_FAILED, format!("send task failed: {e}")))?
-    .map_err(|e| (code::SEND_FAILED, format!("bundle was not sent: {e}")))
+    .map_err(|e| (code::SEND_FAILED, format!("bundle was not sent: {e}")).into())
 }
