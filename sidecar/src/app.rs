@@ -381,6 +381,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 "sender"
             );
             tasks.extend(t);
+            if sc.strategy.ingest.is_some() {
+                tasks.push(tokio::spawn(crate::sender::ingest::record_refusals(
+                    dp.hot.ingest_stats.clone(),
+                    gatekeeper.clone(),
+                )));
+            }
             let dp = Arc::new(dp);
             registry.register_collector(Box::new(crate::sender::metrics::SenderCollector(
                 dp.clone(),

@@ -290,12 +290,28 @@ impl Gatekeeper {
 
     /// The budget of a refusal of a request the edge forwarded, naming `who`.
     fn forwarded(&self, who: Option<&gw_core::contract::Requester>) -> &RefusalBudget {
-        if who.is_some() {
-            &self.holders
-        } else {
-            &self.unstamped
+        self.budget_of(Via::Edge, who)
+    }
+
+    /// The budget of a refusal of a request that came `via`, naming `who`: a
+    /// holder's (a token the edge verified, an identity the sidecar did) within
+    /// the holders' budget; the others apart, by the way they came.
+    fn budget_of(&self, via: Via, who: Option<&gw_core::contract::Requester>) -> &RefusalBudget {
+        match (via, who) {
+            (_, Some(_)) => &self.holders,
+            (Via::Edge, None) => &self.unstamped,
+            (Via::Direct, None) => &self.budget,
         }
     }
+}
+
+/// How a refused request reached the sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Forwarded by the edge.
+    Edge,
+    /// Straight to a listener of the sidecar's own (the hot path's QUIC ingest).
+    Direct,
 }
 
 /// The ledger's budgets for the refusals the edge reports: one for requests
@@ -744,6 +760,7 @@ pub async fn record_refusal(
 /// A refusal a route answered in its own shape (the data plane's: JSON-RPC
 /// errors, the hot path's counts), to record: its code, what its row keeps of
 /// the request, and what the row says of it (`args_json`).
+#[derive(Debug)]
 pub struct Refusal {
     /// The stable code.
     pub code: Code,
@@ -753,14 +770,16 @@ pub struct Refusal {
     pub note: serde_json::Value,
 }
 
-/// Records `refusals` on `route`, all asked by `who` (the edge's stamp): each
-/// within the budget of requests the edge forwarded naming `who` — beyond it,
+/// Records `refusals` on `route` of requests that came `via`, all asked by `who`
+/// (the edge's stamp, or an identity the sidecar verified): each within the
+/// budget of such requests naming `who` ([`Gatekeeper::budget_of`]) — beyond it,
 /// counted and summed later — in one journal transaction, on a task of its own
 /// (a client that hangs up does not take the rows with it). Returns once they
 /// are durable. The answer stands either way: rows the ledger refused are owed,
 /// and summed once it takes rows again (logged).
 pub async fn record_refusals(
     g: &Gatekeeper,
+    via: Via,
     who: Option<gw_core::contract::Requester>,
     route: &'static str,
     refusals: Vec<Refusal>,
@@ -770,7 +789,7 @@ pub async fn record_refusals(
     }
     let g = g.clone();
     let recorded = tokio::spawn(async move {
-        let budget = g.forwarded(who.as_ref());
+        let budget = g.budget_of(via, who.as_ref());
         let mut rows = Vec::with_capacity(refusals.len());
         let mut taken = Vec::new();
         for r in &refusals {
@@ -797,6 +816,14 @@ pub async fn record_refusals(
     if let Err(e) = recorded {
         tracing::error!(error = %e, route, "recording refusals failed");
     }
+}
+
+/// Refusals of requests that came `via` whose rows were never asked for (a
+/// queue of them was full): counted as beyond the budget, and summed.
+pub fn unrecorded(g: &Gatekeeper, via: Via, code: Code, n: u64) {
+    g.budget_of(via, None).owe(code, n);
+    g.metrics.decisions(code.as_str(), n);
+    g.metrics.unrecorded_n(code.as_str(), n);
 }
 
 /// Writes the sums of refusals that went beyond the budget ([`RefusalBudget`]) once

@@ -1015,3 +1015,96 @@ fn every_refusal_of_the_data_plane_is_a_ledger_row_naming_who() {
         "every refusal is a row or summed"
     );
 }
+
+/// The QUIC ingest's refusals are ledger rows too: a handshake with an identity
+/// not on the allow-list (no identity to name: the remote address instead), an
+/// opportunity skipped and a stream stopped for its framing (each naming the
+/// searcher's identity and keeping the bytes in question).
+#[test]
+fn the_ingests_refusals_are_ledger_rows_naming_the_client() {
+    use gw_sidecar::sender::ingest;
+    let d = testkit::TempDir::new("ingest-refusals");
+    let ch = ClickHouse::start(d.path());
+    let (rrt, rx) = receiver();
+    let searcher = SigningKey::from_bytes(&[30u8; 32]);
+    let searcher_b58 = bs58::encode(searcher.verifying_key().to_bytes()).into_string();
+    let mut cfg = config(&d.path().join("state"), true);
+    cfg.file.clickhouse_url = Some(ch.url());
+    cfg.file.sender = Some(
+        serde_json::from_value(json!({
+            "tpu": {},
+            "leaders": {"static": [{
+                "tpu_quic": rx.addr.to_string(),
+                "identity": bs58::encode(rx.identity).into_string(),
+            }]},
+            "strategy": {"ingest": {"bind": "127.0.0.1:0", "allow": [searcher_b58]}},
+        }))
+        .unwrap(),
+    );
+    cfg.tpu_identity = Some(SigningKey::from_bytes(&[2u8; 32]));
+    let s = serve(cfg);
+    let addr = s.running.plane().unwrap().hot.ingest_addr.unwrap();
+    let skipped = gw_proto::hotpath::Opportunity {
+        module: "nope".into(),
+        txs: vec![tx(1)],
+        ..Default::default()
+    };
+    let garbage = [0xffu8; 10];
+    rrt.block_on(async {
+        // TLS 1.3: the client's side of the handshake ends before the server
+        // checks its certificate, and the server then closes the connection.
+        let stranger = SigningKey::from_bytes(&[31u8; 32]);
+        if let Ok(c) = ingest::connect(addr, &stranger, None).await {
+            let closed = tokio::time::timeout(Duration::from_secs(5), c.closed()).await;
+            assert!(closed.is_ok(), "the server kept a stranger's connection");
+        }
+        let conn = ingest::connect(addr, &searcher, None).await.unwrap();
+        let mut st = conn.open_uni().await.unwrap();
+        st.write_all(&ingest::frame(&skipped)).await.unwrap();
+        st.write_all(&garbage).await.unwrap();
+        let _ = st.finish();
+        let _ = st.stopped().await;
+    });
+    let rows = common::wait_rows(&ch, 3);
+    let mut got: Vec<(String, String, String, String)> = rows
+        .iter()
+        .map(|r| {
+            let note: Value = serde_json::from_str(&r.args_json).unwrap();
+            let detail = note["detail"].as_str().unwrap_or("").to_owned();
+            let kind = detail.split(':').next().unwrap_or("").to_owned();
+            (r.code.clone(), r.requester.clone(), kind, r.raw_hex.clone())
+        })
+        .collect();
+    got.sort();
+    let mut want = vec![
+        (
+            "unauthenticated".to_owned(),
+            String::new(),
+            "handshake failed".to_owned(),
+            String::new(),
+        ),
+        (
+            "malformed".to_owned(),
+            searcher_b58.clone(),
+            "opportunity skipped".to_owned(),
+            hex::encode(prost::Message::encode_to_vec(&skipped)),
+        ),
+        (
+            "malformed".to_owned(),
+            searcher_b58.clone(),
+            "stream stopped".to_owned(),
+            hex::encode(garbage),
+        ),
+    ];
+    want.sort();
+    assert_eq!(got, want, "{rows:#?}");
+    assert!(rows
+        .iter()
+        .all(|r| r.stage == "sidecar" && r.decision == "rejected" && r.route == "quic:ingest"));
+    let handshake = rows.iter().find(|r| r.code == "unauthenticated").unwrap();
+    let note: Value = serde_json::from_str(&handshake.args_json).unwrap();
+    assert!(
+        note["remote"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{note}"
+    );
+}

@@ -151,6 +151,11 @@ impl ControlMetrics {
         self.unrecorded.get_or_create(&CodeLabel { code }).inc();
     }
 
+    /// Counts `n` refusals that got no row of their own.
+    pub fn unrecorded_n(&self, code: &'static str, n: u64) {
+        self.unrecorded.get_or_create(&CodeLabel { code }).inc_by(n);
+    }
+
     /// Counts `n` admission decisions.
     pub fn decisions(&self, code: &'static str, n: u64) {
         self.decisions.get_or_create(&CodeLabel { code }).inc_by(n);

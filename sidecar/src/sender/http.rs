@@ -27,7 +27,7 @@ use super::plane::DataPlane;
 use super::rpc::{self, RpcContext};
 use super::strategy::{Opportunity, SignedTx, Skip};
 use crate::control::ModuleTable;
-use crate::serve::{Gatekeeper, Refusal};
+use crate::serve::{Gatekeeper, Refusal, Via};
 use gw_core::Code;
 
 /// What the data plane's routes serve from.
@@ -81,7 +81,7 @@ impl SenderApi {
         refusals: Vec<Refusal>,
         answer: Response,
     ) -> Response {
-        crate::serve::record_refusals(&self.gate, who, route, refusals).await;
+        crate::serve::record_refusals(&self.gate, Via::Edge, who, route, refusals).await;
         answer
     }
 }

@@ -27,6 +27,14 @@
 //! `max_connections` and `max_connections_per_identity`. Each stream's and each
 //! connection's flow-control window is bounded by `max_frame_bytes`, and the
 //! reader yields after each chunk, so one busy client cannot hold the thread.
+//!
+//! Every refusal is a ledger row ([`IngestRefusals`], route [`ROUTE`]): a
+//! handshake refused or failed (`overloaded`, `unauthenticated`: no identity,
+//! the remote address in the row), a connection beyond its identity's bound
+//! (`overloaded`), a stream stopped and an opportunity skipped (`malformed`, the
+//! bytes in question kept), each naming the client's identity when it has one.
+//! The ingest thread only queues them (bounded; beyond, counted and summed): a
+//! task on the sidecar's runtime writes them, within the ledger's budgets.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -47,6 +55,9 @@ use super::strategy::{Opportunity, SignedTx};
 use super::tls;
 use super::txwire;
 use crate::config::OutOfBounds;
+use crate::serve::{Gatekeeper, Refusal, Via};
+use gw_core::Code;
+use serde_json::json;
 
 /// The ingest endpoint's ALPN id.
 pub const ALPN_OPPORTUNITIES: &[u8] = b"gw-opportunities";
@@ -164,6 +175,95 @@ impl IngestConfig {
     }
 }
 
+/// The route the ingest's refusal rows name.
+pub const ROUTE: &str = "quic:ingest";
+
+/// Refusals queued for their rows at most; beyond, counted and summed.
+const REFUSALS_QUEUED: usize = 1024;
+
+/// A refusal of the ingest, and who it names (the client's identity, when the
+/// handshake gave one).
+type Queued = (Option<Requester>, Refusal);
+
+/// The ingest thread's refusals, on their way to the ledger
+/// ([`record_refusals`] writes them).
+#[derive(Debug)]
+pub struct IngestRefusals {
+    tx: tokio::sync::mpsc::Sender<Queued>,
+    rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Queued>>>,
+    /// Refusals that found the queue full, by code.
+    overflow: parking_lot::Mutex<std::collections::BTreeMap<Code, u64>>,
+}
+
+impl Default for IngestRefusals {
+    fn default() -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(REFUSALS_QUEUED);
+        IngestRefusals {
+            tx,
+            rx: parking_lot::Mutex::new(Some(rx)),
+            overflow: Default::default(),
+        }
+    }
+}
+
+impl IngestRefusals {
+    /// Queues a refusal with `code` naming `who`; `raw`: what of the request its
+    /// row keeps (at most [`REFUSED_BYTES`]); `detail`, `remote`: what it says.
+    fn report(
+        &self,
+        code: Code,
+        who: Option<&Requester>,
+        raw: &[u8],
+        detail: &str,
+        remote: Option<SocketAddr>,
+    ) {
+        let mut note = json!({ "detail": detail });
+        if let Some(a) = remote {
+            note["remote"] = a.to_string().into();
+        }
+        let r = Refusal {
+            code,
+            raw: Bytes::copy_from_slice(&raw[..raw.len().min(REFUSED_BYTES)]),
+            note,
+        };
+        if self.tx.try_send((who.cloned(), r)).is_err() {
+            *self.overflow.lock().entry(code).or_default() += 1;
+        }
+    }
+
+    /// Refusals that found the queue full since the last call, by code.
+    fn take_overflow(&self) -> std::collections::BTreeMap<Code, u64> {
+        std::mem::take(&mut *self.overflow.lock())
+    }
+}
+
+/// Bytes of a refused stream or frame a row keeps at most.
+const REFUSED_BYTES: usize = 4 * 1024;
+
+/// Writes the ingest's refusals (`refusals`) as ledger rows with `g`, within its
+/// budgets (those naming no identity within the budget of callers other than
+/// the edge), and sums those that found the queue full. Runs until the queue
+/// closes; a second call finds none to read and returns.
+pub async fn record_refusals(refusals: Arc<IngestStats>, g: Gatekeeper) {
+    let Some(mut rx) = refusals.refusals.rx.lock().take() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let got = tokio::select! {
+            r = rx.recv() => r,
+            _ = tick.tick() => {
+                for (code, n) in refusals.refusals.take_overflow() {
+                    crate::serve::unrecorded(&g, Via::Direct, code, n);
+                }
+                continue;
+            }
+        };
+        let Some((who, r)) = got else { return };
+        crate::serve::record_refusals(&g, Via::Direct, who, ROUTE, vec![r]).await;
+    }
+}
+
 /// Counters of the ingest endpoint.
 #[derive(Debug, Default)]
 pub struct IngestStats {
@@ -178,6 +278,8 @@ pub struct IngestStats {
     pub invalid: AtomicU64,
     /// Streams stopped for malformed framing (length, size, protobuf).
     pub malformed: AtomicU64,
+    /// Each refusal, for its row.
+    pub refusals: IngestRefusals,
 }
 
 /// What the ingest thread needs to serve the endpoint.
@@ -232,11 +334,17 @@ pub(crate) async fn serve(
             let _ = incoming.retry();
             continue;
         }
-        let ip = handshake_source(incoming.remote_address().ip());
+        let remote = incoming.remote_address();
+        let ip = handshake_source(remote.ip());
         let from_ip = handshaking_from.borrow().get(&ip).copied().unwrap_or(0);
         if handshaking.get() >= config.max_connections || from_ip >= MAX_HANDSHAKES_PER_IP {
             stats.refused.fetch_add(1, Ordering::Relaxed);
             incoming.refuse();
+            let detail =
+                "handshakes in progress at their bound (max_connections, or this address's)";
+            stats
+                .refusals
+                .report(Code::Overloaded, None, &[], detail, Some(remote));
             continue;
         }
         handshaking.set(handshaking.get() + 1);
@@ -261,15 +369,36 @@ pub(crate) async fn serve(
                     }
                 }
             }
-            let Ok(Ok(conn)) = conn else {
-                stats.refused.fetch_add(1, Ordering::Relaxed);
-                return;
+            let conn = match conn {
+                Ok(Ok(conn)) => conn,
+                failed => {
+                    stats.refused.fetch_add(1, Ordering::Relaxed);
+                    let detail = match failed {
+                        Ok(Err(e)) => format!("handshake failed: {e}"),
+                        _ => format!("handshake not finished within {HANDSHAKE_TIMEOUT:?}"),
+                    };
+                    let code = Code::Unauthenticated;
+                    stats
+                        .refusals
+                        .report(code, None, &[], &detail, Some(remote));
+                    return;
+                }
             };
             let Some(key) = peer_key(&conn) else {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
                 conn.close(CLOSE_BUSY.into(), b"no identity");
+                let detail = "no Ed25519 identity in the client's certificate";
+                stats
+                    .refusals
+                    .report(Code::Unauthenticated, None, &[], detail, Some(remote));
                 return;
             };
+            // Its sends' audit rows and its refusals name the client by its
+            // identity.
+            let who = Arc::new(Requester {
+                sub: bs58::encode(key).into_string(),
+                ..Requester::default()
+            });
             {
                 let mut open = open.borrow_mut();
                 let total: usize = open.values().sum();
@@ -277,16 +406,15 @@ pub(crate) async fn serve(
                 if total >= config.max_connections || *mine >= config.max_connections_per_identity {
                     stats.refused.fetch_add(1, Ordering::Relaxed);
                     conn.close(CLOSE_BUSY.into(), b"too many connections");
+                    let detail = "connections at their bound (max_connections, or this identity's)";
+                    stats
+                        .refusals
+                        .report(Code::Overloaded, Some(&who), &[], detail, Some(remote));
                     return;
                 }
                 *mine += 1;
             }
             stats.connections.fetch_add(1, Ordering::Relaxed);
-            // Its sends' audit rows name the client by its identity.
-            let who = Arc::new(Requester {
-                sub: bs58::encode(key).into_string(),
-                ..Requester::default()
-            });
             while let Ok(recv) = conn.accept_uni().await {
                 let (stats, push) = (stats.clone(), push.clone());
                 let stream = read_stream(recv, config.max_frame_bytes, stats, push, who.clone());
@@ -338,21 +466,39 @@ async fn read_stream(
     // When the bytes being decoded arrived (decoding and checks count in the
     // decision latency, as on HTTP).
     let mut arrived = Instant::now();
+    let mut invalid = Vec::new();
     loop {
         let mut batch = Vec::new();
-        let framing = drain_frames(&mut buf, max_frame, arrived, &stats, &mut batch);
+        let framing = drain_frames(
+            &mut buf,
+            max_frame,
+            arrived,
+            &stats,
+            &mut batch,
+            &mut invalid,
+        );
         for o in &mut batch {
             o.requester = requester.clone();
         }
         if !batch.is_empty() {
             push(batch);
         }
+        for (frame, why) in invalid.drain(..) {
+            let detail = format!("opportunity skipped: {why}");
+            stats
+                .refusals
+                .report(Code::Malformed, Some(&requester), &frame, &detail, None);
+        }
         // Other streams, connections and HTTP's offers get the thread too (after
         // every chunk, valid or not).
         tokio::task::yield_now().await;
-        if framing.is_err() {
+        if let Err(why) = framing {
             stats.malformed.fetch_add(1, Ordering::Relaxed);
             let _ = recv.stop(STOP_MALFORMED.into());
+            let detail = format!("stream stopped: {why}");
+            stats
+                .refusals
+                .report(Code::Malformed, Some(&requester), &buf, &detail, None);
             return;
         }
         match recv.read_chunk(64 << 10, true).await {
@@ -362,8 +508,11 @@ async fn read_stream(
             }
             Ok(None) => {
                 if !buf.is_empty() {
-                    // The stream ended inside a frame.
                     stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    let detail = "the stream ended inside a frame";
+                    stats
+                        .refusals
+                        .report(Code::Malformed, Some(&requester), &buf, detail, None);
                 }
                 return;
             }
@@ -383,15 +532,26 @@ pub enum Framing {
     Undecodable,
 }
 
+impl std::fmt::Display for Framing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Framing::BadLength => f.write_str("a length that is not a varint of at most 10 bytes"),
+            Framing::TooLong(n) => write!(f, "a frame of {n} bytes, beyond max_frame_bytes"),
+            Framing::Undecodable => f.write_str("a frame that is not a hotpath.Opportunity"),
+        }
+    }
+}
+
 /// Takes every complete frame off the front of `buf`: valid opportunities go to
-/// `out`, invalid ones are counted. Stops at an incomplete frame (more bytes
-/// needed) or at broken framing.
+/// `out`, invalid ones are counted and go to `invalid` (the frame, and why).
+/// Stops at an incomplete frame (more bytes needed) or at broken framing.
 pub fn drain_frames(
     buf: &mut BytesMut,
     max_frame: usize,
     received: Instant,
     stats: &IngestStats,
     out: &mut Vec<Opportunity>,
+    invalid: &mut Vec<(Bytes, String)>,
 ) -> Result<(), Framing> {
     loop {
         let Some((len, at)) = varint(buf)? else {
@@ -406,15 +566,16 @@ pub fn drain_frames(
         }
         buf.advance(at);
         let frame = buf.split_to(len as usize).freeze();
-        let msg =
-            gw_proto::hotpath::Opportunity::decode(frame).map_err(|_| Framing::Undecodable)?;
+        let msg = gw_proto::hotpath::Opportunity::decode(frame.clone())
+            .map_err(|_| Framing::Undecodable)?;
         match opportunity(msg, received) {
             Ok(o) => {
                 stats.frames.fetch_add(1, Ordering::Relaxed);
                 out.push(o);
             }
-            Err(_) => {
+            Err(why) => {
                 stats.invalid.fetch_add(1, Ordering::Relaxed);
+                invalid.push((frame, why));
             }
         }
     }
@@ -566,7 +727,15 @@ mod tests {
             let (stats, mut out, mut buf) = (IngestStats::default(), Vec::new(), BytesMut::new());
             for part in wire.chunks(cut) {
                 buf.extend_from_slice(part);
-                drain_frames(&mut buf, 4096, Instant::now(), &stats, &mut out).unwrap();
+                drain_frames(
+                    &mut buf,
+                    4096,
+                    Instant::now(),
+                    &stats,
+                    &mut out,
+                    &mut Vec::new(),
+                )
+                .unwrap();
             }
             assert!(buf.is_empty());
             assert_eq!(out.len(), 5, "cut {cut}");
@@ -580,9 +749,17 @@ mod tests {
     fn bad_framing_is_named_and_bad_opportunities_are_skipped() {
         let stats = IngestStats::default();
         let mut out = Vec::new();
+        let mut invalid = Vec::new();
         let mut run = |bytes: &[u8]| {
             let mut buf = BytesMut::from(bytes);
-            drain_frames(&mut buf, 1000, Instant::now(), &stats, &mut out)
+            drain_frames(
+                &mut buf,
+                1000,
+                Instant::now(),
+                &stats,
+                &mut out,
+                &mut invalid,
+            )
         };
         assert_eq!(run(&[0xff; 10]), Err(Framing::BadLength));
         assert_eq!(run(&[0xff; 9]), Ok(()), "still incomplete");
@@ -600,6 +777,18 @@ mod tests {
         assert_eq!(stats.frames.load(Ordering::Relaxed), 1);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].module, Module::Arbitrage);
+        // Each skipped one with its frame and why.
+        let why: Vec<&str> = invalid.iter().map(|(_, w)| w.as_str()).collect();
+        assert_eq!(why.len(), 3);
+        assert!(why[0].starts_with("unknown module"), "{why:?}");
+        assert!(why[1].starts_with("tx 0:"), "{why:?}");
+        assert!(why[2].starts_with("1 to 8 transactions"), "{why:?}");
+        let first = msg("nope", vec![tx(1)]).encode_to_vec();
+        assert_eq!(
+            invalid[0].0.as_ref(),
+            &first[..],
+            "the frame, without its length"
+        );
     }
 
     #[test]
