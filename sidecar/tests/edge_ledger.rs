@@ -387,4 +387,26 @@ fn edge_reports_beyond_the_ledgers_budget_are_summed_per_code() {
         })
         .sum();
     assert_eq!(counted, unrecorded, "{metrics}");
+    // The console's count of refusals is of refusals, sums included, not rows.
+    let refusals: Value = serde_json::from_str(&s.get_text("/api/ledger/refusals")).unwrap();
+    let count = |code: &str| {
+        refusals["by_code"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["code"] == code && c["stage"] == "edge")
+            .map(|c| c["count"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    for code in codes {
+        assert_eq!(count(code), each as u64, "{code}: {refusals}");
+    }
+    assert_eq!(count("bad_signature"), mallory + 1, "{refusals}");
+    let per_minute: u64 = refusals["per_minute"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(per_minute, flood as u64 + mallory + 1, "{refusals}");
 }

@@ -99,7 +99,7 @@ pub struct CodeCount {
     pub stage: String,
     /// The code (`accepted`/`applied` rows have none and are not counted).
     pub code: String,
-    /// Rows.
+    /// Refusals: a row each, a row summing those beyond a budget its sum.
     pub count: u64,
 }
 
@@ -110,7 +110,7 @@ pub struct MinuteCount {
     pub minute: u32,
     /// `edge`, `sidecar`, `agent`.
     pub stage: String,
-    /// Rows.
+    /// Refusals, counted as [`CodeCount::count`].
     pub count: u64,
 }
 
@@ -341,10 +341,15 @@ impl Queries {
     pub async fn refusals(&self) -> Result<Refusals, QueryError> {
         const HOUR: &str =
             "code != '' AND ts_ms > toUInt64(toUnixTimestamp64Milli(now64(3))) - 3600000";
+        // A row summing refusals beyond a budget (route '', `{"unrecorded": n}`)
+        // counts its n: under a flood the counts say how many were refused, not
+        // how many rows the budget let through.
+        const COUNT: &str = "sum(if(route = '' AND JSONHas(args_json, 'unrecorded'), \
+             JSONExtractUInt(args_json, 'unrecorded'), 1)) AS count";
         let by_code = self
             .client
             .query(&format!(
-                "SELECT stage, code, count() AS count FROM {} WHERE {HOUR} \
+                "SELECT stage, code, {COUNT} FROM {} WHERE {HOUR} \
                  GROUP BY stage, code ORDER BY count DESC, stage, code",
                 self.table
             ))
@@ -353,7 +358,7 @@ impl Queries {
         let per_minute = self
             .client
             .query(&format!(
-                "SELECT toUInt32(intDiv(ts_ms, 60000) * 60) AS minute, stage, count() AS count \
+                "SELECT toUInt32(intDiv(ts_ms, 60000) * 60) AS minute, stage, {COUNT} \
                  FROM {} WHERE {HOUR} GROUP BY minute, stage ORDER BY minute, stage",
                 self.table
             ))
