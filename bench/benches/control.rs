@@ -470,7 +470,11 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     let tls: Vec<_> = (0..CONCURRENCY).map(|_| client()).collect();
     let tls_one = &tls[..1];
     // Straight to the sidecar as the edge: mutual TLS with Envoy's certificate.
-    let direct: Vec<_> = (0..CONCURRENCY).map(|_| certs.edge_client()).collect();
+    // Straight to the sidecar, stamped as the edge stamps an admin's token (a
+    // signed command needs one).
+    let direct: Vec<_> = (0..CONCURRENCY)
+        .map(|_| certs.edge_client_as_admin())
+        .collect();
     let direct_one = &direct[..1];
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

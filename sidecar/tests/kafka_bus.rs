@@ -236,8 +236,7 @@ fn kafka_down_commands_wait_in_the_journal_and_apply_once_it_is_back() {
     // A resend whose client hangs up while the sidecar waits for the agent (the
     // answer would come after `apply_wait`) is refused and audited all the same.
     let hung_up = s.rt.block_on(async {
-        s.http
-            .post(format!("{}/api/control/commands", s.base))
+        common::as_admin(s.http.post(format!("{}/api/control/commands", s.base)))
             .header("content-type", "application/x-protobuf")
             .body(kill.clone())
             .timeout(Duration::from_millis(300))

@@ -663,8 +663,7 @@ fn post_throttle(s: &common::Served, nonce: u64) -> u16 {
         &[],
     );
     s.rt.block_on(async {
-        s.http
-            .post(format!("{}/api/control/commands", s.base))
+        common::as_admin(s.http.post(format!("{}/api/control/commands", s.base)))
             .header("content-type", "application/x-protobuf")
             .body(body)
             .send()
@@ -819,7 +818,7 @@ fn every_http_decision_lands_in_the_chained_ledger() {
         .into_iter()
         .map(|b| {
             rt.block_on(async {
-                http.post(&url)
+                common::as_admin(http.post(&url))
                     .header("content-type", "application/x-protobuf")
                     .body(b)
                     .send()

@@ -150,19 +150,34 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     let (status, modules) = call(&s, &s.http, "GET", "/api/modules", OPERATOR, Vec::new());
     assert_eq!(status, 200);
     assert_eq!(modules["mev"]["applied"], 0, "{modules}");
-    // From the edge, a signed command.
+    // From the edge, a signed command, with the token the edge verified.
     let post_command = |body: Vec<u8>| {
-        call(
-            &s,
-            &s.http,
-            "POST",
-            "/api/control/commands",
-            &[("content-type", "application/x-protobuf")],
-            body,
-        )
+        let admin = [
+            ("x-gw-verified", "jwt"),
+            ("x-gw-sub", "operator-1"),
+            ("x-gw-roles", "admin"),
+            ("content-type", "application/x-protobuf"),
+        ];
+        call(&s, &s.http, "POST", "/api/control/commands", &admin, body)
     };
     let (status, body) = post_command(cmd());
     assert_eq!(status, 200, "{body}");
+    // The same bytes with no stamp: the edge verified no token for them (a filter
+    // missing from Envoy's chain): 401, however good the signature, and a row.
+    let unstamped = [("content-type", "application/x-protobuf")];
+    let (status, body) = call(
+        &s,
+        &s.http,
+        "POST",
+        "/api/control/commands",
+        &unstamped,
+        cmd(),
+    );
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("jwt_missing")),
+        "{body}"
+    );
     // A path the sidecar does not serve: 404 not_found, with its row too.
     let (status, body) = call(&s, &s.http, "POST", "/api/nope", OPERATOR, b"x".to_vec());
     assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
@@ -175,11 +190,29 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
 
     // A body over max_body_bytes (4096 here), from the edge: 413 too_large, and
     // its row too (without the bytes it did not read).
-    let (status, body) = post_command(vec![7u8; 5000]);
+    // (Unstamped: the body is refused before the stamp is looked at.)
+    let (status, body) = call(
+        &s,
+        &s.http,
+        "POST",
+        "/api/control/commands",
+        &unstamped,
+        vec![7u8; 5000],
+    );
     assert_eq!((status, body["error"].as_str()), (413, Some("too_large")));
 
     // Every refusal is a sidecar row with its code; no row claims the edge.
-    let rows = common::wait_rows(&ch, refused + 5);
+    let rows = common::wait_rows(&ch, refused + 6);
+    let unstamped: Vec<_> = rows.iter().filter(|r| r.code == "jwt_missing").collect();
+    assert_eq!(
+        (
+            unstamped.len(),
+            unstamped[0].route.as_str(),
+            unstamped[0].requester.as_str()
+        ),
+        (1, "/api/control/commands", ""),
+        "{rows:#?}"
+    );
     let big: Vec<_> = rows.iter().filter(|r| r.code == "too_large").collect();
     assert_eq!(
         (big.len(), big[0].route.as_str(), big[0].raw_hex.as_str()),

@@ -93,6 +93,11 @@ impl DevCerts {
     /// An HTTP client (HTTP/2 over TLS, trusting the dev CA) presenting `identity`'s
     /// certificate and key, or none.
     pub fn client(&self, identity: Option<(&Path, &Path)>) -> reqwest::Client {
+        self.client_builder(identity).build().expect("client")
+    }
+
+    /// What [`Self::client`] builds.
+    fn client_builder(&self, identity: Option<(&Path, &Path)>) -> reqwest::ClientBuilder {
         let ca = std::fs::read(&self.ca).expect("read ca");
         let mut b = reqwest::Client::builder()
             .use_rustls_tls()
@@ -103,12 +108,30 @@ impl DevCerts {
             pem.extend(std::fs::read(key).expect("read key"));
             b = b.identity(reqwest::Identity::from_pem(&pem).expect("identity pem"));
         }
-        b.build().expect("client")
+        b
     }
 
     /// A client presenting Envoy's certificate: the edge.
     pub fn edge_client(&self) -> reqwest::Client {
         self.client(Some((&self.edge_cert, &self.edge_key)))
+    }
+
+    /// [`Self::edge_client`] stamping every request as the edge stamps an
+    /// admin's verified token (`sub` `admin-1`): what a signed command straight
+    /// to the sidecar needs.
+    pub fn edge_client_as_admin(&self) -> reqwest::Client {
+        let mut stamp = reqwest::header::HeaderMap::new();
+        for (k, v) in [
+            ("x-gw-verified", "jwt"),
+            ("x-gw-sub", "admin-1"),
+            ("x-gw-roles", "admin"),
+        ] {
+            stamp.insert(k, reqwest::header::HeaderValue::from_static(v));
+        }
+        self.client_builder(Some((&self.edge_cert, &self.edge_key)))
+            .default_headers(stamp)
+            .build()
+            .expect("client")
     }
 }
 

@@ -392,8 +392,9 @@ impl Control {
         // The edge verifies a signed command and the token's command role on its
         // command routes; a command it forwarded as another route's request (a
         // route of Envoy's that sent it under another path) had its token's role
-        // checked for that route only: checked here (counted by `refuse_early`).
-        if let Some(r) = self.edge_checked_only_the_token(edge) {
+        // checked for that route only, and one it did not stamp had no token
+        // checked at all: checked here (counted by `refuse_early`).
+        if let Some(r) = self.unchecked_by_the_edge(edge) {
             let e = self
                 .refuse_early(r, body, edge, &route_path(route))
                 .instrument(span.clone())
@@ -514,11 +515,20 @@ impl Control {
         gw_core::roles::satisfies(&roles, &self.command_role)
     }
 
-    /// Why a signed command the edge forwarded without verifying it (`jwt`: the
-    /// token alone, for whatever route it took the path for) may not be
-    /// admitted: its token lacks the command role.
-    fn edge_checked_only_the_token(&self, edge: Option<&EdgeIdentity>) -> Option<Reject> {
-        let who = edge.filter(|e| e.verified != contract::Verified::Edge)?;
+    /// Why a signed command may not be admitted for what the edge checked of
+    /// it: nothing — no stamp, so no token the edge verified (a filter missing
+    /// from Envoy's chain, a route of Envoy's that skips it) — or the token alone
+    /// (`jwt`: for whatever route it took the path for), which lacks the command
+    /// role. The command's signature is the sidecar's to check either way; the
+    /// token is the edge's, and a command comes with both.
+    fn unchecked_by_the_edge(&self, edge: Option<&EdgeIdentity>) -> Option<Reject> {
+        let Some(edge) = edge else {
+            return Some(Reject::new(
+                Code::JwtMissing,
+                "a signed command needs a token the edge verified: this request carries no stamp of the edge",
+            ));
+        };
+        let who = Some(edge).filter(|e| e.verified != contract::Verified::Edge)?;
         (!self.has_command_role(who)).then(|| {
             Reject::with(
                 Code::ForbiddenRole,

@@ -101,14 +101,17 @@ impl Served {
         })
     }
 
-    /// `POST /api/control/commands` of signed command bytes → status and JSON
-    /// (`null` when not JSON).
+    /// `POST /api/control/commands` of signed command bytes, stamped as the edge
+    /// stamps an admin's token ([`as_admin`]) → status and JSON (`null` when not
+    /// JSON).
     pub fn post_command(&self, body: Vec<u8>) -> (u16, serde_json::Value) {
         self.answer(
-            self.http
-                .post(format!("{}/api/control/commands", self.base))
-                .header("content-type", "application/x-protobuf")
-                .body(body),
+            as_admin(
+                self.http
+                    .post(format!("{}/api/control/commands", self.base)),
+            )
+            .header("content-type", "application/x-protobuf")
+            .body(body),
         )
     }
 
