@@ -54,8 +54,15 @@ impl Drop for Running {
 
 impl Running {
     /// Writes the sums of refusals beyond the ledger's budget still owed (before
-    /// [`Self::stop`]).
+    /// [`Self::stop`], after the data plane's `quiesce`): the QUIC ingest's
+    /// refusals still queued are recorded first (within 2 s).
     pub async fn flush_refusals(&self) {
+        if let Some(dp) = &self.plane {
+            let refusals = &dp.hot.ingest_stats.refusals;
+            refusals
+                .settle(&self.gatekeeper, Duration::from_secs(2))
+                .await;
+        }
         crate::serve::flush_all_unrecorded(&self.gatekeeper).await;
     }
 

@@ -561,8 +561,11 @@ impl RefusalBudget {
     /// — it may be written, after one summing the `n` of its code that were not
     /// (0: none) — or `None`: over the budget, counted as not recorded.
     pub fn take(&self, code: Code, who: Option<&gw_core::contract::Requester>) -> Option<u64> {
-        let holder = who
-            .filter(|w| !w.sub.is_empty() || !w.token_issuer.is_empty())
+        // (A requester with roles alone is one holder, as in `EdgeBudgets::of`.)
+        let holder = self
+            .holder_rate
+            .and(who)
+            .filter(|w| **w != gw_core::contract::Requester::default())
             .map(|w| (w.token_issuer.clone(), w.sub.clone()));
         let mut s = self.state.lock();
         // The summary takes a row of the budget too.

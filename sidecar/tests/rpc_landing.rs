@@ -34,6 +34,13 @@ fn tx(bh: u8, pad: usize) -> (Vec<u8>, String, String, String) {
     (w, b64, sig, bs58::encode([bh; 32]).into_string())
 }
 
+/// The answer to `body`, and the codes of the refusals it holds (their rows).
+async fn answered(ctx: &rpc::RpcContext<'_>, body: &[u8]) -> (Value, Vec<&'static str>) {
+    let done = rpc::Request::parse(body).run(ctx).await;
+    let codes = done.refusals.iter().map(|r| r.code.as_str()).collect();
+    (done.answer, codes)
+}
+
 fn send(b64: &str, opts: Value) -> Vec<u8> {
     let mut o = json!({"encoding": "base64"});
     for (k, v) in opts.as_object().unwrap() {
@@ -408,13 +415,15 @@ fn only_sends_that_go_count_and_sends_in_flight_are_bounded() {
         };
         // The first of two is throttled (the share starts with no credit).
         let (_, b20, _, _) = tx(20, 0);
-        let r = rpc::handle(&ctx, &send(&b20, once.clone())).await;
+        let (r, rows) = answered(&ctx, &send(&b20, once.clone())).await;
         assert!(throttled(&r), "{r}");
+        assert_eq!(rows, ["throttled"]);
         // The second would go, but its preflight fails: not sent, its share back.
         node.set_simulation_err(Some(json!({"InstructionError": [0, {"Custom": 1}]})));
         let (w21, b21, _, _) = tx(21, 0);
-        let r = rpc::handle(&ctx, &send(&b21, once.clone())).await;
+        let (r, rows) = answered(&ctx, &send(&b21, once.clone())).await;
         assert_eq!(r["error"]["code"], -32002, "{r}");
+        assert_eq!(rows, ["node_refused"], "the node's refusal, passed on");
         node.set_simulation_err(None);
         // Nor is one whose simulation answer holds none (`null`, `{}` from a
         // proxy): it checked nothing.
@@ -422,8 +431,9 @@ fn only_sends_that_go_count_and_sends_in_flight_are_bounded() {
         for (i, v) in [Value::Null, json!({"logs": []})].into_iter().enumerate() {
             node.set_simulation_value(Some(v));
             let (w, b, _, _) = tx(25 + i as u8, 0);
-            let r = rpc::handle(&ctx, &send(&b, once.clone())).await;
+            let (r, rows) = answered(&ctx, &send(&b, once.clone())).await;
             assert_eq!(r["error"]["code"], -32603, "{r}");
+            assert_eq!(rows, ["unavailable"], "no answer worth the name");
             assert!(
                 r["error"]["message"]
                     .as_str()
@@ -445,8 +455,9 @@ fn only_sends_that_go_count_and_sends_in_flight_are_bounded() {
         node.set_delay(Duration::ZERO);
         // So the next goes, and the one after is throttled.
         let (w23, b23, s23, _) = tx(23, 0);
-        let r = rpc::handle(&ctx, &send(&b23, once.clone())).await;
+        let (r, rows) = answered(&ctx, &send(&b23, once.clone())).await;
         assert_eq!(r["result"], s23, "{r}");
+        assert!(rows.is_empty(), "a send is no refusal: {rows:?}");
         let (_, b24, _, _) = tx(24, 0);
         let r = rpc::handle(&ctx, &send(&b24, once.clone())).await;
         assert!(throttled(&r), "{r}");
@@ -483,8 +494,9 @@ fn only_sends_that_go_count_and_sends_in_flight_are_bounded() {
         assert!(left.is_err(), "answered before its client left: {left:?}");
         assert_eq!(rig.gate.in_flight(), 1, "the send goes on");
         let (_, b31, _, _) = tx(31, 0);
-        let r = rpc::handle(&ctx, &send(&b31, quick.clone())).await;
+        let (r, rows) = answered(&ctx, &send(&b31, quick.clone())).await;
         assert_eq!(r["error"]["code"], -32005, "{r}");
+        assert_eq!(rows, ["overloaded"]);
         assert!(
             r["error"]["message"]
                 .as_str()

@@ -881,6 +881,12 @@ fn every_refusal_of_the_data_plane_is_a_ledger_row_naming_who() {
         bad_signature.clone(),
         call(4, "getAccountInfo", json!([])),
         call(5, "getHealth", json!([])),
+        // This sidecar has no relay: nothing to send a bundle with.
+        call(
+            6,
+            "sendBundle",
+            json!([[b64(&valid)], {"encoding": "base64"}]),
+        ),
     ]);
     let (status, r) = post("alice", "/api/rpc", batch.to_string().into_bytes());
     assert_eq!(status, 200, "{r}");
@@ -897,7 +903,8 @@ fn every_refusal_of_the_data_plane_is_a_ledger_row_naming_who() {
             &json!(-32602),
             &json!(-32003),
             &json!(-32601),
-            &Value::Null
+            &Value::Null,
+            &json!(-32603),
         ],
         "{r}"
     );
@@ -941,6 +948,7 @@ fn every_refusal_of_the_data_plane_is_a_ledger_row_naming_who() {
             "",
             hex::encode(call(4, "getAccountInfo", json!([])).to_string()),
         ),
+        ("unavailable", "/api/rpc", "sendBundle", hex::encode(&valid)),
         ("malformed", "/api/rpc", "", hex::encode(b"{not json")),
         (
             "malformed",
@@ -980,9 +988,10 @@ fn every_refusal_of_the_data_plane_is_a_ledger_row_naming_who() {
     assert_eq!(refused["rpc_code"], -32005);
     assert_eq!(refused["raw"], "transaction");
 
-    // One holder's flood: its own share of rows, and another holder's refusal
-    // still has its row (the budget of all holders has more than the flood took).
-    let flood = 3 * HOLDER_REFUSAL_ROWS_BURST as usize;
+    // One holder's flood, larger than the budget of all holders: its own share
+    // of rows, and another holder's refusal still has its row.
+    let flood = 5 * HOLDER_REFUSAL_ROWS_BURST as usize;
+    assert!(flood as f64 > gw_sidecar::serve::REFUSAL_ROWS_BURST);
     for _ in 0..flood {
         post("mallory", "/api/rpc", b"{flood".to_vec());
     }

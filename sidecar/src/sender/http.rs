@@ -73,18 +73,36 @@ impl SenderApi {
 type St = State<Arc<SenderApi>>;
 
 impl SenderApi {
-    /// `answer`, once `refusals` of `who` on `route` are recorded.
+    /// `answer`, once `refusals` of `who` on `route` are recorded — or after
+    /// [`ROWS_WAIT`]: the data plane's answers do not wait on a journal that
+    /// stalls (the rows are written, or owed, when it goes on).
     async fn refused(
         &self,
-        who: Option<Requester>,
+        who: &Arc<Requester>,
         route: &'static str,
         refusals: Vec<Refusal>,
         answer: Response,
     ) -> Response {
-        crate::serve::record_refusals(&self.gate, Via::Edge, who, route, refusals).await;
+        if refusals.is_empty() {
+            return answer;
+        }
+        let who = (**who != Requester::default()).then(|| (**who).clone());
+        let g = self.gate.clone();
+        let rows = tokio::spawn(async move {
+            crate::serve::record_refusals(&g, Via::Edge, who, route, refusals).await;
+        });
+        if tokio::time::timeout(ROWS_WAIT, rows).await.is_err() {
+            tracing::warn!(
+                route,
+                "refusal rows not durable within {ROWS_WAIT:?}: answered before them"
+            );
+        }
         answer
     }
 }
+
+/// How long an answer waits for its refusals' rows at most.
+const ROWS_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The routes, as their rows name them.
 const RPC: &str = "/api/rpc";
@@ -163,9 +181,14 @@ fn unreadable(e: &BytesRejection) -> (Vec<Refusal>, Response) {
 }
 
 /// Who the edge says sent a request (the routes' roles were checked before,
-/// `serve::api_roles`): named in the audit rows of its sends and refusals.
-fn requester(head: &HeaderMap) -> Option<Requester> {
-    crate::serve::edge_identity(head).map(|w| w.requester)
+/// `serve::api_roles`): named in the audit rows of its sends and refusals (no
+/// token: the default, naming no one).
+fn requester(head: &HeaderMap) -> Arc<Requester> {
+    Arc::new(
+        crate::serve::edge_identity(head)
+            .map(|w| w.requester)
+            .unwrap_or_default(),
+    )
 }
 
 /// `POST /api/rpc`: Solana JSON-RPC (always HTTP 200 with a JSON-RPC body, as
@@ -174,20 +197,20 @@ async fn rpc(State(st): St, head: HeaderMap, body: Result<Bytes, BytesRejection>
     let who = requester(&head);
     let Some(dp) = &st.plane else {
         let (r, answer) = unavailable();
-        return st.refused(who, RPC, r, answer).await;
+        return st.refused(&who, RPC, r, answer).await;
     };
     let body = match body {
         Ok(b) => b,
         Err(e) => {
             let (r, answer) = unreadable(&e);
-            return st.refused(who, RPC, r, answer).await;
+            return st.refused(&who, RPC, r, answer).await;
         }
     };
     let request = match decode_off_runtime(&st.decoding_rpc, body, rpc::Request::parse).await {
         Ok(r) => r,
         Err(answer) => {
             let r = plain_refusal(Code::Unavailable, "decoding the request failed");
-            return st.refused(who, RPC, vec![r], answer).await;
+            return st.refused(&who, RPC, vec![r], answer).await;
         }
     };
     let ctx = RpcContext {
@@ -197,11 +220,11 @@ async fn rpc(State(st): St, head: HeaderMap, body: Result<Bytes, BytesRejection>
         module: dp.rpc_module,
         allow_stopped: dp.rpc_allow_stopped,
         gate: &dp.rpc_gate,
-        requester: Arc::new(who.clone().unwrap_or_default()),
+        requester: who.clone(),
     };
     let done = request.run(&ctx).await;
     let refusals = done.refusals.into_iter().map(rpc_refusal).collect();
-    st.refused(who, RPC, refusals, Json(done.answer).into_response())
+    st.refused(&who, RPC, refusals, Json(done.answer).into_response())
         .await
 }
 
@@ -325,31 +348,35 @@ async fn opportunities(
     let who = requester(&head);
     let Some(dp) = &st.plane else {
         let (r, answer) = unavailable();
-        return st.refused(who, OPPORTUNITIES, r, answer).await;
+        return st.refused(&who, OPPORTUNITIES, r, answer).await;
     };
     let body = match body {
         Ok(b) => b,
         Err(e) => {
             let (r, answer) = unreadable(&e);
-            return st.refused(who, OPPORTUNITIES, r, answer).await;
+            return st.refused(&who, OPPORTUNITIES, r, answer).await;
         }
     };
-    // The body's start, for the row of a refusal (a copy only then).
-    let kept = body.slice(..body.len().min(rpc::REFUSED_BYTES));
-    let sender = Arc::new(who.clone().unwrap_or_default());
+    let sender = who.clone();
     let decoded = decode_off_runtime(&st.decoding_opportunities, body, move |b| {
-        decode_opportunities(b, received, &sender)
+        // A refused body's start, for its row (copied only then).
+        decode_opportunities(b, received, &sender).map_err(|e| {
+            (
+                e,
+                Bytes::copy_from_slice(&b[..b.len().min(rpc::REFUSED_BYTES)]),
+            )
+        })
     });
     let items = match decoded.await {
         Ok(Ok(items)) => items,
-        Ok(Err(e)) => {
+        Ok(Err((e, kept))) => {
             let (mut r, answer) = refusal(Code::Malformed, &e);
             r[0].raw = kept;
-            return st.refused(who, OPPORTUNITIES, r, answer).await;
+            return st.refused(&who, OPPORTUNITIES, r, answer).await;
         }
         Err(answer) => {
             let r = plain_refusal(Code::Unavailable, "decoding the request failed");
-            return st.refused(who, OPPORTUNITIES, vec![r], answer).await;
+            return st.refused(&who, OPPORTUNITIES, vec![r], answer).await;
         }
     };
     let n = items.len();
@@ -369,14 +396,14 @@ async fn opportunities(
     } else {
         Json(answer).into_response()
     };
-    st.refused(who, OPPORTUNITIES, vec![r], answer).await
+    st.refused(&who, OPPORTUNITIES, vec![r], answer).await
 }
 
 /// `GET /api/sender`: routes, leaders, counters.
-async fn status(State(st): St, head: HeaderMap) -> Response {
+async fn status(State(st): St) -> Response {
+    // (A status read of a sidecar without a sender refuses nothing: no row.)
     let Some(dp) = &st.plane else {
-        let (r, answer) = unavailable();
-        return st.refused(requester(&head), "/api/sender", r, answer).await;
+        return unavailable().1;
     };
     Json(status_json(dp)).into_response()
 }

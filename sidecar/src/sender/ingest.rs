@@ -183,7 +183,7 @@ const REFUSALS_QUEUED: usize = 1024;
 
 /// A refusal of the ingest, and who it names (the client's identity, when the
 /// handshake gave one).
-type Queued = (Option<Requester>, Refusal);
+type Queued = (Option<Arc<Requester>>, Refusal);
 
 /// The ingest thread's refusals, on their way to the ledger
 /// ([`record_refusals`] writes them).
@@ -191,6 +191,8 @@ type Queued = (Option<Requester>, Refusal);
 pub struct IngestRefusals {
     tx: tokio::sync::mpsc::Sender<Queued>,
     rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Queued>>>,
+    /// Queued and not yet recorded (or summed).
+    pending: std::sync::atomic::AtomicUsize,
     /// Refusals that found the queue full, by code.
     overflow: parking_lot::Mutex<std::collections::BTreeMap<Code, u64>>,
 }
@@ -201,6 +203,7 @@ impl Default for IngestRefusals {
         IngestRefusals {
             tx,
             rx: parking_lot::Mutex::new(Some(rx)),
+            pending: Default::default(),
             overflow: Default::default(),
         }
     }
@@ -209,58 +212,110 @@ impl Default for IngestRefusals {
 impl IngestRefusals {
     /// Queues a refusal with `code` naming `who`; `raw`: what of the request its
     /// row keeps (at most [`REFUSED_BYTES`]); `detail`, `remote`: what it says.
+    /// With the queue full it is only counted: nothing is copied on the ingest
+    /// thread for a refusal that is not queued.
     fn report(
         &self,
         code: Code,
-        who: Option<&Requester>,
+        who: Option<&Arc<Requester>>,
         raw: &[u8],
         detail: &str,
         remote: Option<SocketAddr>,
     ) {
+        self.report_noting(code, who, raw, detail, remote, |_| {});
+    }
+
+    /// [`Self::report`], the note completed by `more`.
+    fn report_noting(
+        &self,
+        code: Code,
+        who: Option<&Arc<Requester>>,
+        raw: &[u8],
+        detail: &str,
+        remote: Option<SocketAddr>,
+        more: impl FnOnce(&mut serde_json::Value),
+    ) {
+        let Ok(slot) = self.tx.try_reserve() else {
+            *self.overflow.lock().entry(code).or_default() += 1;
+            return;
+        };
         let mut note = json!({ "detail": detail });
         if let Some(a) = remote {
             note["remote"] = a.to_string().into();
         }
+        more(&mut note);
         let r = Refusal {
             code,
             raw: Bytes::copy_from_slice(&raw[..raw.len().min(REFUSED_BYTES)]),
             note,
         };
-        if self.tx.try_send((who.cloned(), r)).is_err() {
-            *self.overflow.lock().entry(code).or_default() += 1;
-        }
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        slot.send((who.cloned(), r));
     }
 
     /// Refusals that found the queue full since the last call, by code.
     fn take_overflow(&self) -> std::collections::BTreeMap<Code, u64> {
         std::mem::take(&mut *self.overflow.lock())
     }
+
+    /// At a stop (the ingest stopped): waits, at most `within`, for the queued
+    /// refusals to be recorded by [`record_refusals`], then counts those that
+    /// found the queue full as beyond the budget (summed by the stop's flush).
+    pub async fn settle(&self, g: &Gatekeeper, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.pending.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for (code, n) in self.take_overflow() {
+            crate::serve::unrecorded(g, Via::Direct, code, n);
+        }
+    }
 }
 
 /// Bytes of a refused stream or frame a row keeps at most.
 const REFUSED_BYTES: usize = 4 * 1024;
 
-/// Writes the ingest's refusals (`refusals`) as ledger rows with `g`, within its
-/// budgets (those naming no identity within the budget of callers other than
-/// the edge), and sums those that found the queue full. Runs until the queue
-/// closes; a second call finds none to read and returns.
-pub async fn record_refusals(refusals: Arc<IngestStats>, g: Gatekeeper) {
-    let Some(mut rx) = refusals.refusals.rx.lock().take() else {
+/// Most refusals recorded in one journal transaction.
+const REFUSALS_PER_COMMIT: usize = 64;
+
+/// Writes the ingest's refusals (`stats.refusals`) as ledger rows with `g`,
+/// within its budgets (those naming no identity within the budget of callers
+/// other than the edge), and sums those that found the queue full, each
+/// second. Runs as long as the sidecar; a second call finds no queue to read
+/// and returns.
+pub async fn record_refusals(stats: Arc<IngestStats>, g: Gatekeeper) {
+    let refusals = &stats.refusals;
+    let Some(mut rx) = refusals.rx.lock().take() else {
         return;
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut got = Vec::with_capacity(REFUSALS_PER_COMMIT);
     loop {
-        let got = tokio::select! {
-            r = rx.recv() => r,
+        tokio::select! {
+            n = rx.recv_many(&mut got, REFUSALS_PER_COMMIT) => {
+                if n == 0 {
+                    return;
+                }
+            }
             _ = tick.tick() => {
-                for (code, n) in refusals.refusals.take_overflow() {
+                for (code, n) in refusals.take_overflow() {
                     crate::serve::unrecorded(&g, Via::Direct, code, n);
                 }
                 continue;
             }
-        };
-        let Some((who, r)) = got else { return };
-        crate::serve::record_refusals(&g, Via::Direct, who, ROUTE, vec![r]).await;
+        }
+        // One transaction for each run of refusals naming the same client.
+        let mut it = std::mem::take(&mut got).into_iter().peekable();
+        while let Some((who, r)) = it.next() {
+            let mut run = vec![r];
+            while let Some((_, next)) = it.next_if(|(w, _)| *w == who) {
+                run.push(next);
+            }
+            let n = run.len();
+            let who = who.map(|w| (*w).clone());
+            crate::serve::record_refusals(&g, Via::Direct, who, ROUTE, run).await;
+            refusals.pending.fetch_sub(n, Ordering::Relaxed);
+        }
     }
 }
 
@@ -483,11 +538,19 @@ async fn read_stream(
         if !batch.is_empty() {
             push(batch);
         }
-        for (frame, why) in invalid.drain(..) {
-            let detail = format!("opportunity skipped: {why}");
-            stats
-                .refusals
-                .report(Code::Malformed, Some(&requester), &frame, &detail, None);
+        // One refusal for the opportunities this chunk skipped: the first one's
+        // frame and why, and how many.
+        if let Some((frame, why)) = invalid.first() {
+            let (detail, skipped) = (format!("opportunity skipped: {why}"), invalid.len());
+            stats.refusals.report_noting(
+                Code::Malformed,
+                Some(&requester),
+                frame,
+                &detail,
+                None,
+                |note| note["skipped"] = skipped.into(),
+            );
+            invalid.clear();
         }
         // Other streams, connections and HTTP's offers get the thread too (after
         // every chunk, valid or not).
@@ -789,6 +852,30 @@ mod tests {
             &first[..],
             "the frame, without its length"
         );
+    }
+
+    #[test]
+    fn refusals_beyond_the_queue_are_counted_by_code() {
+        let r = IngestRefusals::default();
+        let who = Arc::new(Requester {
+            sub: "searcher".into(),
+            ..Requester::default()
+        });
+        for _ in 0..REFUSALS_QUEUED {
+            r.report(Code::Malformed, Some(&who), &[7u8; 10_000], "bad", None);
+        }
+        r.report(Code::Malformed, None, &[], "one more", None);
+        r.report(Code::Overloaded, None, &[], "and another", None);
+        assert_eq!(r.pending.load(Ordering::Relaxed), REFUSALS_QUEUED);
+        let over = r.take_overflow();
+        assert_eq!(over.get(&Code::Malformed), Some(&1));
+        assert_eq!(over.get(&Code::Overloaded), Some(&1));
+        assert!(r.take_overflow().is_empty(), "taken once");
+        let mut rx = r.rx.lock().take().unwrap();
+        let (named, first) = rx.try_recv().unwrap();
+        assert_eq!(named.as_deref(), Some(&*who));
+        assert_eq!(first.raw.len(), REFUSED_BYTES, "a row keeps 4 KiB at most");
+        assert_eq!(first.note["detail"], "bad");
     }
 
     #[test]

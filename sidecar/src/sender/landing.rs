@@ -164,6 +164,10 @@ impl RpcNodeConfig {
 /// A JSON-RPC error to answer with: code, message, data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeError {
+    /// The stable code of its ledger row: `node_refused` (the node's own error,
+    /// passed on), `unavailable` (the node did not answer, or not usefully),
+    /// `overloaded` (no turn at the node).
+    pub refusal: gw_core::Code,
     /// JSON-RPC code.
     pub code: i64,
     /// Message.
@@ -327,6 +331,7 @@ impl Landing {
     pub async fn call(&self, method: &str, params: Value) -> Result<Value, NodeError> {
         let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
         let unreachable = |e: String| NodeError {
+            refusal: gw_core::Code::Unavailable,
             code: -32603,
             message: format!("the RPC node did not answer {method}: {e}"),
             data: None,
@@ -339,6 +344,7 @@ impl Landing {
             .map_err(|e| unreachable(e.to_string()))?;
         if let Some(e) = v.get("error") {
             return Err(NodeError {
+                refusal: gw_core::Code::NodeRefused,
                 code: e.get("code").and_then(Value::as_i64).unwrap_or(-32603),
                 message: e
                     .get("message")
@@ -360,12 +366,14 @@ impl Landing {
             .await?
             .as_u64()
             .ok_or_else(|| NodeError {
+                refusal: gw_core::Code::Unavailable,
                 code: -32603,
                 message: "the RPC node answered getSlot with no slot".to_owned(),
                 data: None,
             })?;
         if slot < min {
             return Err(NodeError {
+                refusal: gw_core::Code::NodeRefused,
                 code: MIN_CONTEXT_SLOT_NOT_REACHED,
                 message: "Minimum context slot has not been reached".into(),
                 data: Some(json!({"contextSlot": slot})),
@@ -405,6 +413,7 @@ impl Landing {
         let value = r.get("value").cloned().unwrap_or(Value::Null);
         if value.get("err").is_none() {
             return Err(NodeError {
+                refusal: gw_core::Code::Unavailable,
                 code: -32603,
                 message: "the RPC node's simulateTransaction answer holds no simulation; the transaction was not sent".into(),
                 data: None,
@@ -415,6 +424,7 @@ impl Landing {
             Some(err) => {
                 self.stats.preflight_failed.fetch_add(1, Ordering::Relaxed);
                 Err(NodeError {
+                    refusal: gw_core::Code::NodeRefused,
                     code: PREFLIGHT_FAILURE,
                     message: format!("Transaction simulation failed: {}", describe(err)),
                     data: Some(value),
@@ -762,6 +772,7 @@ impl Landing {
                 Ok(Ok(turn)) => turn,
                 Ok(Err(_)) => {
                     return Err(NodeError {
+                        refusal: gw_core::Code::Unavailable,
                         code: -32603,
                         message: "shutting down".to_owned(),
                         data: None,
@@ -770,6 +781,7 @@ impl Landing {
                 Err(_) => {
                     self.stats.status_busy.fetch_add(1, Ordering::Relaxed);
                     return Err(NodeError {
+                        refusal: gw_core::Code::Overloaded,
                         code: super::rpc::code::REFUSED,
                         message: format!(
                             "busy: {STATUS_CONCURRENCY} status calls to the RPC node are running; retry later"

@@ -23,8 +23,9 @@
 //! an unknown method, bad parameters, a transaction that does not decode),
 //! `bad_signature` (its signatures do not verify), `module_refused`, `throttled`,
 //! `overloaded` (`busy:`), `node_refused` (the RPC node's preflight refused it,
-//! passed on as the node gave it) and `unavailable` (the node did not answer). A
-//! send no route took is not a refusal: it is a `failed` row of `tx_sends`.
+//! passed on as the node gave it) and `unavailable` (no relay for a bundle, the
+//! node's answer missing or useless, a send task that failed). A send no route
+//! took is not a refusal: it is a `failed` row of `tx_sends`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -152,7 +153,8 @@ pub struct Refused {
     /// The message answered.
     pub message: String,
     /// What the row keeps of it: the transaction refused (`sendTransaction`;
-    /// a bundle's first), else the request as it came, each at most
+    /// a bundle's first), else the request (a body refused whole as it came,
+    /// one request of a batch serialised again), each at most
     /// [`REFUSED_BYTES`].
     pub raw: Bytes,
     /// Whether `raw` is a transaction's wire bytes (else the request's JSON).
@@ -164,19 +166,25 @@ pub struct Refused {
 /// Bytes of a refused request a row keeps at most.
 pub const REFUSED_BYTES: usize = 4 * 1024;
 
-/// A refusal of ours: the JSON-RPC code and message answered, and the stable code
+/// An error of ours: the JSON-RPC code and message answered, and the stable code
 /// of its row.
 #[derive(Debug, Clone)]
 pub struct RpcErr {
     rpc: i64,
-    code: Code,
+    /// `None`: no refusal — a send that went and that no route took, whose row
+    /// is its `tx_sends` row.
+    code: Option<Code>,
     message: String,
 }
 
 impl RpcErr {
     /// A refusal whose row's code is not the one its JSON-RPC code implies.
     fn coded(code: Code, rpc: i64, message: String) -> RpcErr {
-        RpcErr { rpc, code, message }
+        RpcErr {
+            rpc,
+            code: Some(code),
+            message,
+        }
     }
 
     /// The message answered.
@@ -185,14 +193,15 @@ impl RpcErr {
     }
 }
 
-/// The row's code implied by a JSON-RPC code of ours.
+/// The row's code implied by a JSON-RPC code of ours (a send no route took is
+/// no refusal).
 impl From<(i64, String)> for RpcErr {
     fn from((rpc, message): (i64, String)) -> RpcErr {
         let code = match rpc {
-            code::SIGNATURE_VERIFICATION_FAILURE => Code::BadSignature,
-            code::SEND_FAILED => Code::Unavailable,
-            code::REFUSED => Code::Overloaded,
-            _ => Code::Malformed,
+            code::SIGNATURE_VERIFICATION_FAILURE => Some(Code::BadSignature),
+            code::SEND_FAILED => None,
+            code::REFUSED => Some(Code::Overloaded),
+            _ => Some(Code::Malformed),
         };
         RpcErr { rpc, code, message }
     }
@@ -244,11 +253,10 @@ impl Request {
     /// Reads `body`: everything a request can be refused for before the gate.
     pub fn parse(body: &[u8]) -> Request {
         let whole = |rpc: i64, message: String| {
-            let e = RpcErr::from((rpc, message));
-            Parsed::Answer(
-                error(Value::Null, e.rpc, &e.message),
-                refusal(e, "", Bytes::copy_from_slice(start(body)), None),
-            )
+            let answer = error(Value::Null, rpc, &message);
+            let e = RpcErr::coded(Code::Malformed, rpc, message);
+            let raw = Bytes::copy_from_slice(start(body));
+            Parsed::Answer(answer, refusal(Code::Malformed, e, "", raw, None))
         };
         let req: Value = match serde_json::from_slice(body) {
             Ok(v) => v,
@@ -304,9 +312,15 @@ fn start(b: &[u8]) -> &[u8] {
     &b[..b.len().min(REFUSED_BYTES)]
 }
 
-fn refusal(e: RpcErr, method: &'static str, raw: Bytes, signature: Option<String>) -> Refused {
+fn refusal(
+    code: Code,
+    e: RpcErr,
+    method: &'static str,
+    raw: Bytes,
+    signature: Option<String>,
+) -> Refused {
     Refused {
-        code: e.code,
+        code,
         rpc_code: e.rpc,
         method,
         message: e.message,
@@ -348,7 +362,7 @@ fn parse_call(req: &Value) -> Call {
         .find(|m| Some(*m) == asked)
         .unwrap_or("");
     let method = parse_method(req).map_err(|e| {
-        // The request as it came, for its row (serialised only when refused).
+        // The request, for its row (serialised again, only when refused).
         let mut raw = serde_json::to_vec(req).unwrap_or_default();
         raw.truncate(REFUSED_BYTES);
         (e, Bytes::from(raw))
@@ -395,7 +409,8 @@ async fn run_call(ctx: &RpcContext<'_>, call: Call) -> (Value, Option<Refused>) 
     let answer = match method {
         Err((e, raw)) => {
             let answer = error(id, e.rpc, &e.message);
-            return (answer, Some(refusal(e, name, raw, None)));
+            let code = e.code.unwrap_or(Code::Malformed);
+            return (answer, Some(refusal(code, e, name, raw, None)));
         }
         Ok(Method::Health) => Ok(json!("ok")),
         Ok(Method::Send { wire, info, opts }) => {
@@ -417,42 +432,27 @@ async fn run_call(ctx: &RpcContext<'_>, call: Call) -> (Value, Option<Refused>) 
             out.map(|b| json!(b)).map_err(SendErr::Rpc)
         }
     };
-    let e = match answer {
+    let (answer, e) = match answer {
         Ok(v) => return (result(id, v), None),
-        // No route took it: a failed send, whose row is in `tx_sends`.
-        Err(SendErr::Rpc(e)) if e.rpc == code::SEND_FAILED => {
-            return (error(id, e.rpc, &e.message), None)
-        }
-        Err(SendErr::Rpc(e)) => e,
+        Err(SendErr::Rpc(e)) => (error(id, e.rpc, &e.message), e),
         Err(SendErr::Node(n)) => {
-            let code = match n.code {
-                code::REFUSED => Code::Overloaded,
-                code::SEND_FAILED => Code::Unavailable,
-                _ => Code::NodeRefused,
-            };
             let answer = node_error(id, &n);
-            return (
-                answer,
-                Some(tx_refusal(
-                    RpcErr::coded(code, n.code, n.message),
-                    name,
-                    refused_tx,
-                )),
-            );
+            (answer, RpcErr::coded(n.refusal, n.code, n.message))
         }
     };
-    let answer = error(id, e.rpc, &e.message);
-    (answer, Some(tx_refusal(e, name, refused_tx)))
+    // No code: a send no route took, whose row is its `tx_sends` row.
+    let refused = e.code.map(|code| tx_refusal(code, e, name, refused_tx));
+    (answer, refused)
 }
 
 /// The refusal of a request whose transaction (if any) decoded.
-fn tx_refusal(e: RpcErr, method: &'static str, tx: Option<(Bytes, String)>) -> Refused {
+fn tx_refusal(code: Code, e: RpcErr, method: &'static str, tx: Option<(Bytes, String)>) -> Refused {
     match tx {
         Some((wire, signature)) => Refused {
             raw_is_transaction: true,
-            ..refusal(e, method, wire, Some(signature))
+            ..refusal(code, e, method, wire, Some(signature))
         },
-        None => refusal(e, method, Bytes::new(), None),
+        None => refusal(code, e, method, Bytes::new(), None),
     }
 }
 
@@ -742,7 +742,13 @@ async fn send_transaction(
         out
     })
     .await
-    .map_err(|e| (code::SEND_FAILED, format!("send task failed: {e}")))?;
+    .map_err(|e| {
+        RpcErr::coded(
+            Code::Unavailable,
+            code::SEND_FAILED,
+            format!("send task failed: {e}"),
+        )
+    })?;
     match out.landed {
         Some(_) => Ok(out.signature),
         None => Err(SendErr::Rpc(RpcErr::from((
@@ -872,6 +878,14 @@ async fn send_bundle(
     txs: Vec<Bytes>,
     first_sig: String,
 ) -> Result<String, RpcErr> {
+    if ctx.sender.relay().is_none() {
+        // Not a send that failed: there is nothing to send it with.
+        return Err(RpcErr::coded(
+            Code::Unavailable,
+            code::SEND_FAILED,
+            "bundle was not sent: bundles need the relay route, which is not configured".to_owned(),
+        ));
+    }
     let admitted = gate(ctx)?;
     let permit = permit(ctx)?;
     admitted.go();
@@ -882,6 +896,12 @@ async fn send_bundle(
         sender.send_bundle(txs, first_sig, &m).await
     })
     .await
-    .map_err(|e| (code::SEND_FAILED, format!("send task failed: {e}")))?
+    .map_err(|e| {
+        RpcErr::coded(
+            Code::Unavailable,
+            code::SEND_FAILED,
+            format!("send task failed: {e}"),
+        )
+    })?
     .map_err(|e| (code::SEND_FAILED, format!("bundle was not sent: {e}")).into())
 }
