@@ -775,7 +775,7 @@ pub struct Refusal {
 
 /// Records `refusals` on `route` of requests that came `via`, all asked by `who`
 /// (the edge's stamp, or an identity the sidecar verified): each within the
-/// budget of such requests naming `who` ([`Gatekeeper::budget_of`]) — beyond it,
+/// budget of such requests naming `who` (`Gatekeeper::budget_of`) — beyond it,
 /// counted and summed later — in one journal transaction, on a task of its own
 /// (a client that hangs up does not take the rows with it). Returns once they
 /// are durable. The answer stands either way: rows the ledger refused are owed,

@@ -867,9 +867,31 @@ fn every_http_decision_lands_in_the_chained_ledger() {
         routes,
         vec!["/api/control/commands", "", "/api/control/commands"]
     );
+    // A row stored twice (an insert retried past the deduplication window) is
+    // one decision to every query.
+    ch.query("INSERT INTO control_decisions SELECT * FROM control_decisions WHERE seq = 6");
     let history = get("/api/ledger/history");
     assert_eq!(history.as_array().unwrap().len(), 6);
     assert_eq!(history[0]["seq"], 6, "newest first");
+    // Only the decisions asked for.
+    let seqs = |path: &str| -> Vec<u64> {
+        get(path)
+            .as_array()
+            .unwrap_or_else(|| panic!("{path}"))
+            .iter()
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(seqs("/api/ledger/history?decision=applied"), [6, 2]);
+    assert_eq!(
+        seqs("/api/ledger/history?stage=sidecar&decision=rejected"),
+        [4, 3]
+    );
+    assert_eq!(seqs("/api/ledger/history?stage=agent&limit=1"), [6]);
+    let bad = get("/api/ledger/history?decision=maybe");
+    assert_eq!(bad["error"], "malformed", "{bad}");
+    let bad = get("/api/ledger/history?order=asc");
+    assert_eq!(bad["error"], "malformed", "{bad}");
     let policy = get("/api/ledger/policy-frequency");
     assert_eq!(policy.as_array().unwrap().len(), 1);
     assert_eq!(policy[0]["commands"], 1);
@@ -894,9 +916,16 @@ fn every_http_decision_lands_in_the_chained_ledger() {
             .unwrap()
     };
     let o = gwctl(ch.http_port);
+    let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(
-        (o.status.code(), String::from_utf8_lossy(&o.stdout).trim()),
-        (Some(0), "ok 6 rows")
+        (o.status.code(), out.lines().collect::<Vec<_>>()),
+        (
+            Some(0),
+            vec![
+                "ok 6 rows",
+                "(1 of the stored rows are copies of others, counted once)"
+            ]
+        )
     );
     ch.query("ALTER TABLE control_decisions UPDATE code = 'none' WHERE seq = 2 SETTINGS mutations_sync = 1");
     let o = gwctl(ch.http_port);
@@ -930,7 +959,8 @@ fn every_http_decision_lands_in_the_chained_ledger() {
             .contains("row 2 was altered"),
         "{verified}"
     );
-    assert_eq!(verified["chains"][0]["rows"], 6, "{verified}");
+    // (A broken chain's rows are the rows read: the copy of row 6 too.)
+    assert_eq!(verified["chains"][0]["rows"], 7, "{verified}");
     assert_eq!(
         (
             verified["chains"][1]["chain_id"].as_str(),

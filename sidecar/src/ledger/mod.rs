@@ -393,10 +393,13 @@ fn queries(api: Api) -> Result<Queries, ApiError> {
     ))
 }
 
-/// `?limit=` of `/api/ledger/history`.
+/// `?limit=&stage=&decision=` of `/api/ledger/history`.
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct HistoryQuery {
     limit: Option<usize>,
+    stage: Option<String>,
+    decision: Option<String>,
 }
 
 async fn history(
@@ -408,11 +411,33 @@ async fn history(
         .limit
         .unwrap_or(query::MAX_HISTORY)
         .min(query::MAX_HISTORY);
+    // Only the decisions asked for (a flood of refusals cannot push the applied
+    // commands out of a page of them).
+    let only = query::Only {
+        stage: match h.stage.as_deref() {
+            None => None,
+            Some(s) => Some(gw_core::ledger::Stage::parse(s).ok_or_else(|| {
+                ApiError::with(
+                    Code::Malformed,
+                    "stage: edge, sidecar, agent or models".to_owned(),
+                )
+            })?),
+        },
+        decision: match h.decision.as_deref() {
+            None => None,
+            Some(d) => Some(gw_core::ledger::Decision::parse(d).ok_or_else(|| {
+                ApiError::with(
+                    Code::Malformed,
+                    "decision: accepted, rejected, applied or duplicate".to_owned(),
+                )
+            })?),
+        },
+    };
     // Rows durable in the journal and not yet shipped are decisions too: read
     // them first (a row shipped meanwhile is then in ClickHouse's answer).
     let day_ago = (crate::now_nanos() / 1_000_000).saturating_sub(86_400_000);
-    let pending = q.pending(limit, |r| r.ts_ms > day_ago);
-    let mut all = query::with_pending(queries(q)?.history(limit).await?, pending);
+    let pending = q.pending(limit, |r| r.ts_ms > day_ago && only.keeps(r));
+    let mut all = query::with_pending(queries(q)?.history(limit, &only).await?, pending);
     all.sort_by(|a, b| (b.ts_ms, &a.chain_id, b.seq).cmp(&(a.ts_ms, &b.chain_id, a.seq)));
     all.truncate(limit);
     Ok(Json(all))
@@ -445,5 +470,11 @@ async fn policy_frequency(State(q): Q) -> Result<Json<Vec<PolicyWindow>>, ApiErr
 }
 
 async fn verify(State(q): Q) -> Result<Json<LedgerStatus>, ApiError> {
-    Ok(Json(queries(q)?.verify().await?))
+    match queries(q)?.verify().await? {
+        Some(status) => Ok(Json(status)),
+        None => Err(ApiError::with(
+            Code::Overloaded,
+            "another verification has been walking the ledger for 30 s; try again once it ends",
+        )),
+    }
 }

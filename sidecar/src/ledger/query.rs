@@ -83,6 +83,23 @@ pub fn with_pending(
     stored
 }
 
+/// Which decisions a history keeps (`None`: any).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Only {
+    /// Of this stage.
+    pub stage: Option<gw_core::ledger::Stage>,
+    /// With this decision.
+    pub decision: Option<gw_core::ledger::Decision>,
+}
+
+impl Only {
+    /// Whether `r` is one of them.
+    pub fn keeps(&self, r: &gw_core::ledger::LedgerRow) -> bool {
+        self.stage.is_none_or(|s| r.stage == s.as_str())
+            && self.decision.is_none_or(|d| r.decision == d.as_str())
+    }
+}
+
 /// One five-minute window of applied POLICY commands.
 #[derive(Debug, clickhouse::Row, Serialize, Deserialize)]
 pub struct PolicyWindow {
@@ -283,10 +300,32 @@ const DECISION_COLUMNS: &str = "chain_id, seq, ts_ms, stage, decision, code, iss
 pub struct QueryError(#[from] clickhouse::error::Error);
 
 impl From<QueryError> for ApiError {
+    /// The caller is told the store did not answer; what ClickHouse said (its
+    /// user, tables, grants, version) goes to the sidecar's log only.
     fn from(e: QueryError) -> Self {
-        ApiError::with(Code::Unavailable, e.to_string())
+        tracing::warn!(error = %e, "a ledger query failed");
+        ApiError::with(
+            Code::Unavailable,
+            "the ledger's store (ClickHouse) did not answer; the sidecar's log says why",
+        )
     }
 }
+
+/// Settings of every read: bounded in time, and never a partial answer taken
+/// for a whole one (a profile that `break`s on a limit would cut a result
+/// short, and a cut chain would verify).
+const READ_SETTINGS: &str = "SETTINGS max_execution_time = 60, \
+     result_overflow_mode = 'throw', read_overflow_mode = 'throw', \
+     timeout_overflow_mode = 'throw'";
+
+/// Most decisions `by_request` returns.
+pub const MAX_BY_REQUEST: usize = 1_000;
+
+/// How long a verification waits for the one running at most.
+pub const VERIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How far back `policy_frequency` looks.
+pub const POLICY_FREQUENCY_DAYS: u32 = 7;
 
 /// Queries over the decisions table.
 #[derive(Clone)]
@@ -321,20 +360,26 @@ impl Queries {
         &self.client
     }
 
-    /// Decisions of the last 24 hours, newest first (at most `limit`, at most
-    /// [`MAX_HISTORY`]).
-    pub async fn history(&self, limit: usize) -> Result<Vec<DecisionView>, QueryError> {
-        Ok(self
-            .client
-            .query(&format!(
-                "SELECT {DECISION_COLUMNS} FROM {} \
-                 WHERE ts_ms > toUInt64(toUnixTimestamp64Milli(now64(3))) - 86400000 \
-                 ORDER BY ts_ms DESC, chain_id, seq DESC LIMIT {}",
-                self.table,
-                limit.min(MAX_HISTORY)
-            ))
-            .fetch_all::<DecisionView>()
-            .await?)
+    /// Decisions of the last 24 hours that `only` keeps, newest first (at most
+    /// `limit`, at most [`MAX_HISTORY`]).
+    pub async fn history(
+        &self,
+        limit: usize,
+        only: &Only,
+    ) -> Result<Vec<DecisionView>, QueryError> {
+        let mut q = self.client.query(&format!(
+            "SELECT {DECISION_COLUMNS} FROM {} \
+             WHERE ts_ms > toUInt64(toUnixTimestamp64Milli(now64(3))) - 86400000 \
+               AND (? = '' OR stage = ?) AND (? = '' OR decision = ?) \
+             ORDER BY ts_ms DESC, chain_id, seq DESC LIMIT 1 BY chain_id, seq LIMIT {} \
+             {READ_SETTINGS}",
+            self.table,
+            limit.min(MAX_HISTORY)
+        ));
+        let stage = only.stage.map_or("", gw_core::ledger::Stage::as_str);
+        let decision = only.decision.map_or("", gw_core::ledger::Decision::as_str);
+        q = q.bind(stage).bind(stage).bind(decision).bind(decision);
+        Ok(q.fetch_all::<DecisionView>().await?)
     }
 
     /// Refusals of the last hour: by stage and code, and per minute.
@@ -346,12 +391,17 @@ impl Queries {
         // how many rows the budget let through.
         const COUNT: &str = "sum(if(route = '' AND JSONHas(args_json, 'unrecorded'), \
              JSONExtractUInt(args_json, 'unrecorded'), 1)) AS count";
+        // A row stored twice (an insert retried) is one row.
+        let rows = format!(
+            "(SELECT chain_id, seq, stage, code, ts_ms, route, args_json FROM {} \
+             WHERE {HOUR} LIMIT 1 BY chain_id, seq)",
+            self.table
+        );
         let by_code = self
             .client
             .query(&format!(
-                "SELECT stage, code, {COUNT} FROM {} WHERE {HOUR} \
-                 GROUP BY stage, code ORDER BY count DESC, stage, code",
-                self.table
+                "SELECT stage, code, {COUNT} FROM {rows} \
+                 GROUP BY stage, code ORDER BY count DESC, stage, code {READ_SETTINGS}"
             ))
             .fetch_all::<CodeCount>()
             .await?;
@@ -359,8 +409,7 @@ impl Queries {
             .client
             .query(&format!(
                 "SELECT toUInt32(intDiv(ts_ms, 60000) * 60) AS minute, stage, {COUNT} \
-                 FROM {} WHERE {HOUR} GROUP BY minute, stage ORDER BY minute, stage",
-                self.table
+                 FROM {rows} GROUP BY minute, stage ORDER BY minute, stage {READ_SETTINGS}"
             ))
             .fetch_all::<MinuteCount>()
             .await?;
@@ -380,7 +429,8 @@ impl Queries {
                 "SELECT toUInt32(intDiv(ts_us, 60000000) * 60) AS minute, route, outcome, \
                         countIf(hedged = 1) AS hedged, count() AS count \
                  FROM {SENDS_TABLE} WHERE {HOUR} \
-                 GROUP BY minute, route, outcome ORDER BY minute, route, outcome"
+                 GROUP BY minute, route, outcome ORDER BY minute, route, outcome \
+                 {READ_SETTINGS}"
             ))
             .fetch_all::<SendMinute>()
             .await?;
@@ -390,7 +440,7 @@ impl Queries {
                 "SELECT route, toUInt64(pow(2, ceil(log2(greatest(latency_us, 1))))) AS le_us, \
                         count() AS count \
                  FROM {SENDS_TABLE} WHERE {HOUR} AND outcome = 'landed' \
-                 GROUP BY route, le_us ORDER BY route, le_us"
+                 GROUP BY route, le_us ORDER BY route, le_us {READ_SETTINGS}"
             ))
             .fetch_all::<LatencyBucket>()
             .await?;
@@ -406,19 +456,23 @@ impl Queries {
             .client
             .query(&format!(
                 "SELECT chain_id, size, head, note, ts_ms FROM {} \
-                 ORDER BY chain_id, size DESC LIMIT 1 BY chain_id",
+                 ORDER BY chain_id, size DESC LIMIT 1 BY chain_id {READ_SETTINGS}",
                 super::checkpoint::TABLE
             ))
             .fetch_all::<CheckpointView>()
             .await?)
     }
 
-    /// Every decision about one `request_id`, in order.
+    /// The decisions about one `request_id`, in order: the first
+    /// [`MAX_BY_REQUEST`] (a refused request's id is whatever its body said, so
+    /// anyone may pile rows under one).
     pub async fn by_request(&self, request_id: &str) -> Result<Vec<DecisionView>, QueryError> {
         Ok(self
             .client
             .query(&format!(
-                "SELECT {DECISION_COLUMNS} FROM {} WHERE request_id = ? ORDER BY ts_ms, chain_id, seq",
+                "SELECT {DECISION_COLUMNS} FROM {} WHERE request_id = ? \
+                 ORDER BY ts_ms, chain_id, seq LIMIT 1 BY chain_id, seq LIMIT {MAX_BY_REQUEST} \
+                 {READ_SETTINGS}",
                 self.table
             ))
             .bind(request_id)
@@ -426,16 +480,19 @@ impl Queries {
             .await?)
     }
 
-    /// Applied POLICY commands per five minutes.
+    /// Applied POLICY commands per five minutes, over the last
+    /// [`POLICY_FREQUENCY_DAYS`] days.
     pub async fn policy_frequency(&self) -> Result<Vec<PolicyWindow>, QueryError> {
         Ok(self
             .client
             .query(&format!(
                 "SELECT toUnixTimestamp(toStartOfFiveMinute(fromUnixTimestamp64Milli(toInt64(ts_ms)))) AS window_start, \
-                        count() AS commands \
+                        uniqExact(chain_id, seq) AS commands \
                  FROM {} WHERE action = 'policy' AND stage = 'agent' AND decision = 'applied' \
-                 GROUP BY window_start ORDER BY window_start",
-                self.table
+                   AND ts_ms > toUInt64(toUnixTimestamp64Milli(now64(3))) - {} \
+                 GROUP BY window_start ORDER BY window_start {READ_SETTINGS}",
+                self.table,
+                u64::from(POLICY_FREQUENCY_DAYS) * 86_400_000
             ))
             .fetch_all::<PolicyWindow>()
             .await?)
@@ -443,13 +500,18 @@ impl Queries {
 
     /// Walks every stored hash chain, as `gwctl ledger verify` does: streamed,
     /// holding no row (a ledger of any size is walked in constant memory), one
-    /// walk at a time (a caller waits for the one running).
-    pub async fn verify(&self) -> Result<LedgerStatus, QueryError> {
-        let _one = self.walking.lock().await;
+    /// walk at a time: a caller waits for the one running [`VERIFY_WAIT`] at
+    /// most (`None`: it was still running).
+    pub async fn verify(&self) -> Result<Option<LedgerStatus>, QueryError> {
+        let Ok(_one) = tokio::time::timeout(VERIFY_WAIT, self.walking.lock()).await else {
+            return Ok(None);
+        };
         let mut cursor = self
             .client
             .query(&format!(
-                "SELECT ?fields FROM {} ORDER BY chain_id, seq",
+                "SELECT ?fields FROM {} ORDER BY chain_id, seq \
+                 SETTINGS result_overflow_mode = 'throw', read_overflow_mode = 'throw', \
+                 timeout_overflow_mode = 'throw'",
                 self.table
             ))
             .fetch::<DecisionRow>()?;
@@ -478,9 +540,9 @@ impl Queries {
         for (id, a) in anchors {
             chains.push(Walk::new(&id, Some(a)).done());
         }
-        Ok(LedgerStatus {
+        Ok(Some(LedgerStatus {
             ok: chains.iter().all(|c| c.ok),
             chains,
-        })
+        }))
     }
 }
