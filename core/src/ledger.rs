@@ -383,6 +383,32 @@ impl Walker {
     pub fn head(&self) -> (u64, [u8; 32]) {
         (self.expected - 1, self.prev)
     }
+
+    /// [`Self::push`], going on whatever the row was: a break is returned, and
+    /// the walk goes on after it, so that one row planted, lost or changed does
+    /// not hide what comes after it. A row that does not follow the one before
+    /// it (a gap, a broken link, content that does not match its hash) becomes
+    /// the row the next is held to; a second row at a position walked, a row of
+    /// another chain or one with a malformed hash is passed over. After a break
+    /// [`Self::head`] counts positions, not rows that verified.
+    pub fn push_on(&mut self, r: &LedgerRow) -> Result<(), ChainError> {
+        let e = match self.push(r) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let follow = matches!(
+            e,
+            ChainError::Gap { found, .. } if found > self.expected
+        ) || matches!(e, ChainError::BrokenLink(_) | ChainError::Altered(_));
+        if follow {
+            if let (Some(hash), Some(next)) = (parse_hash(&r.row_hash), r.seq.checked_add(1)) {
+                self.prev = hash;
+                self.expected = next;
+                self.last = Some((r.prev_hash.clone(), r.row_hash.clone()));
+            }
+        }
+        Err(e)
+    }
 }
 
 /// Splits rows (in any order) by chain, each sorted by `seq`.

@@ -154,3 +154,63 @@ fn a_later_field_keeps_older_rows_verifying() {
     tail.route = "x".into();
     assert_ne!(shifted.compute_hash(&GENESIS), tail.compute_hash(&GENESIS));
 }
+
+/// Every break of a chain, one after another: a walk that goes on after the
+/// first (`Walker::push_on`) reports a planted row, a later altered one, a
+/// missing one, and a tail that was rebuilt, each where it is — a row planted
+/// early does not hide the rest.
+#[test]
+fn a_walk_that_goes_on_reports_every_break() {
+    use gw_core::ledger::Walker;
+    let breaks = |rows: &[LedgerRow]| -> Vec<ChainError> {
+        let mut w = Walker::new();
+        rows.iter().filter_map(|r| w.push_on(r).err()).collect()
+    };
+    let good = chain(12);
+    assert!(breaks(&good).is_empty());
+    let mut rows = good.clone();
+    // A second row at position 3 (planted, its hash recomputed so it links).
+    let mut planted = good[2].clone();
+    planted.code = "planted".into();
+    planted.row_hash = hex::encode(planted.compute_hash(&parse_hash(&planted.prev_hash)));
+    rows.insert(3, planted);
+    // Row 6's content changed in place.
+    rows[6].code = "changed".into();
+    assert_eq!(rows[6].seq, 6);
+    // Row 9 gone.
+    rows.retain(|r| r.seq != 9);
+    assert_eq!(
+        breaks(&rows),
+        [
+            ChainError::Conflict(3),
+            ChainError::Altered(6),
+            ChainError::Gap {
+                expected: 9,
+                found: 10
+            },
+        ]
+    );
+    // The walk ended at the chain's end: positions, not verified rows.
+    let mut w = Walker::new();
+    rows.iter().for_each(|r| drop(w.push_on(r)));
+    assert_eq!(w.head(), (12, parse_hash(&good[11].row_hash)));
+    // A tail rebuilt from row 10 on (rows sealed anew after a forged row 10):
+    // one break where it starts, none after it (the rebuilt rows chain).
+    let mut forged = Chain::resume("node-1", Some(&good[8])).unwrap();
+    let mut rebuilt: Vec<LedgerRow> = good[..9].to_vec();
+    let mut ten = row(10);
+    ten.code = "forged".into();
+    rebuilt.push(forged.seal(ten));
+    rebuilt.extend((11..=12).map(|i| forged.seal(row(i))));
+    assert!(
+        breaks(&rebuilt).is_empty(),
+        "a rebuilt tail chains: only a checkpoint sees it"
+    );
+    // … and a row between changed on its own: its successor no longer links.
+    let mut cut = good.clone();
+    cut[4].row_hash = hex::encode([7u8; 32]);
+    assert_eq!(
+        breaks(&cut),
+        [ChainError::Altered(5), ChainError::BrokenLink(6)]
+    );
+}

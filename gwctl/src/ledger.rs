@@ -7,7 +7,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Args;
 use gw_core::checkpoint::{notes, whole_len, Checkpoint};
-use gw_core::ledger::{by_chain, verify_chain, LedgerRow};
+use gw_core::ledger::{by_chain, LedgerRow, Walker};
+
+/// Breaks of one chain printed at most.
+const MAX_BREAKS: usize = 16;
 
 /// `gwctl ledger verify` arguments.
 #[derive(Args)]
@@ -238,17 +241,26 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
     let mut broken = false;
     let chains = by_chain(rows);
     for (chain, rows) in &chains {
-        match verify_chain(rows) {
-            Ok(n) => {
-                total += n;
-                if chains.len() > 1 {
-                    println!("chain {chain}: ok {n} rows");
-                }
+        // Every break, not only the first: the walk goes on after each.
+        let mut walk = Walker::new();
+        let breaks: Vec<_> = rows.iter().filter_map(|r| walk.push_on(r).err()).collect();
+        if breaks.is_empty() {
+            let (n, _) = walk.head();
+            total += n;
+            if chains.len() > 1 {
+                println!("chain {chain}: ok {n} rows");
             }
-            Err(e) => {
-                println!("broken: chain {chain}: {e}");
-                broken = true;
-            }
+            continue;
+        }
+        broken = true;
+        for e in breaks.iter().take(MAX_BREAKS) {
+            println!("broken: chain {chain}: {e}");
+        }
+        if breaks.len() > MAX_BREAKS {
+            println!(
+                "broken: chain {chain}: … and {} more breaks",
+                breaks.len() - MAX_BREAKS
+            );
         }
     }
     if let Some(path) = &a.checkpoint {

@@ -928,10 +928,13 @@ fn every_http_decision_lands_in_the_chained_ledger() {
         )
     );
     ch.query("ALTER TABLE control_decisions UPDATE code = 'none' WHERE seq = 2 SETTINGS mutations_sync = 1");
+    // A second change further on is reported too: a break hides nothing after it.
+    ch.query("ALTER TABLE control_decisions UPDATE code = 'none' WHERE seq = 5 SETTINGS mutations_sync = 1");
     let o = gwctl(ch.http_port);
     assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
     assert!(
-        String::from_utf8_lossy(&o.stdout).contains("row 2 was altered"),
+        out.contains("row 2 was altered") && out.contains("row 5 was altered"),
         "{o:?}"
     );
     // Another chain beside it, whole (each chain walked on its own, streamed).
@@ -961,6 +964,14 @@ fn every_http_decision_lands_in_the_chained_ledger() {
     );
     // (A broken chain's rows are the rows read: the copy of row 6 too.)
     assert_eq!(verified["chains"][0]["rows"], 7, "{verified}");
+    let breaks: Vec<&str> = verified["chains"][0]["breaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap())
+        .collect();
+    assert_eq!(breaks.len(), 2, "{verified}");
+    assert!(breaks[1].contains("row 5 was altered"), "{verified}");
     assert_eq!(
         (
             verified["chains"][1]["chain_id"].as_str(),

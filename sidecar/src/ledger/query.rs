@@ -199,14 +199,28 @@ pub struct ChainStatus {
     pub ok: bool,
     /// Rows read (all of them verified when `ok`).
     pub rows: u64,
-    /// Where the chain breaks.
+    /// Where the chain breaks first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broken: Option<String>,
+    /// Every break found, in order ([`MAX_BREAKS`] at most; the walk goes on
+    /// after each, so that one row planted or lost hides nothing after it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub breaks: Vec<String>,
+    /// Breaks found beyond those listed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub more_breaks: u64,
     /// The size of this node's newest signed checkpoint of the chain, which the
     /// stored chain was held to: not shorter, and the same row at that size
     /// (absent: this node has no checkpoint of the chain).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<u64>,
+}
+
+/// Breaks of one chain a verification lists at most.
+pub const MAX_BREAKS: usize = 16;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One chain being walked by [`Queries::verify`].
@@ -227,6 +241,8 @@ impl Walk {
                 ok: true,
                 rows: 0,
                 broken: None,
+                breaks: Vec::new(),
+                more_breaks: 0,
                 checkpoint: anchor.as_ref().map(|a| a.size),
             },
             walker: gw_core::ledger::Walker::new(),
@@ -237,27 +253,36 @@ impl Walk {
 
     fn push(&mut self, r: &gw_core::ledger::LedgerRow) {
         self.status.rows += 1;
-        if !self.status.ok {
-            return;
+        match self.walker.push_on(r) {
+            Ok(()) => {
+                let (n, head) = self.walker.head();
+                if self.anchor.as_ref().is_some_and(|a| a.size == n) {
+                    self.at_anchor = Some(head);
+                }
+            }
+            Err(e) => self.broke(e.to_string()),
         }
-        if let Err(e) = self.walker.push(r) {
-            self.status.ok = false;
-            self.status.broken = Some(e.to_string());
-            return;
+    }
+
+    /// Notes a break.
+    fn broke(&mut self, what: String) {
+        self.status.ok = false;
+        if self.status.broken.is_none() {
+            self.status.broken = Some(what.clone());
         }
-        let (n, head) = self.walker.head();
-        if self.anchor.as_ref().is_some_and(|a| a.size == n) {
-            self.at_anchor = Some(head);
+        if self.status.breaks.len() < MAX_BREAKS {
+            self.status.breaks.push(what);
+        } else {
+            self.status.more_breaks += 1;
         }
     }
 
     fn done(mut self) -> ChainStatus {
         use gw_core::checkpoint::CheckpointError;
-        if !self.status.ok {
-            return self.status;
-        }
         let (n, _) = self.walker.head();
-        self.status.rows = n;
+        if self.status.ok {
+            self.status.rows = n;
+        }
         let broken = match &self.anchor {
             Some(a) if n < a.size => Some(CheckpointError::Truncated {
                 have: n,
@@ -269,8 +294,7 @@ impl Walk {
             _ => None,
         };
         if let Some(e) = broken {
-            self.status.ok = false;
-            self.status.broken = Some(format!("{e} (this node's signed checkpoint)"));
+            self.broke(format!("{e} (this node's signed checkpoint)"));
         }
         self.status
     }
