@@ -997,6 +997,17 @@ fn every_http_decision_lands_in_the_chained_ledger() {
     ))
     .unwrap();
     assert!(gw_core::verify_command(&raw, &ring, None).is_ok());
+
+    // What ClickHouse says when a read fails (its tables, user, grants) stays in
+    // the sidecar's log.
+    ch.query("DROP TABLE control_decisions");
+    let failed = get("/api/ledger/history");
+    assert_eq!(failed["error"], "unavailable", "{failed}");
+    let detail = failed["detail"].as_str().unwrap();
+    assert!(
+        !detail.contains("control_decisions") && !detail.contains("Code:"),
+        "{detail}"
+    );
 }
 
 /// A decision durable in the journal and not yet in ClickHouse (shipped at most
