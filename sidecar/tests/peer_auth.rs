@@ -164,15 +164,11 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     assert_eq!(status, 200, "{body}");
     // The same bytes with no stamp: the edge verified no token for them (a filter
     // missing from Envoy's chain): 401, however good the signature, and a row.
-    let unstamped = [("content-type", "application/x-protobuf")];
-    let (status, body) = call(
-        &s,
-        &s.http,
-        "POST",
-        "/api/control/commands",
-        &unstamped,
-        cmd(),
-    );
+    let unstamped = |body: Vec<u8>| {
+        let head = [("content-type", "application/x-protobuf")];
+        call(&s, &s.http, "POST", "/api/control/commands", &head, body)
+    };
+    let (status, body) = unstamped(cmd());
     assert_eq!(
         (status, body["error"].as_str()),
         (401, Some("jwt_missing")),
@@ -191,14 +187,7 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     // A body over max_body_bytes (4096 here), from the edge: 413 too_large, and
     // its row too (without the bytes it did not read).
     // (Unstamped: the body is refused before the stamp is looked at.)
-    let (status, body) = call(
-        &s,
-        &s.http,
-        "POST",
-        "/api/control/commands",
-        &unstamped,
-        vec![7u8; 5000],
-    );
+    let (status, body) = unstamped(vec![7u8; 5000]);
     assert_eq!((status, body["error"].as_str()), (413, Some("too_large")));
 
     // Every refusal is a sidecar row with its code; no row claims the edge.

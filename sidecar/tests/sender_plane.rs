@@ -72,6 +72,26 @@ fn nothing_more(rx: &TpuReceiver, n: u64) {
     assert_eq!(rx.count(), n);
 }
 
+/// A sidecar shipping its ledger to `ch`, its TPU route sending to `rx` (from
+/// identity `[2; 32]`), with `more` of the sender's configuration.
+fn sending_to(state: &std::path::Path, ch: &ClickHouse, rx: &TpuReceiver, more: Value) -> Served {
+    let mut cfg = config(state, true);
+    cfg.file.clickhouse_url = Some(ch.url());
+    let mut sender = json!({
+        "tpu": {},
+        "leaders": {"static": [{
+            "tpu_quic": rx.addr.to_string(),
+            "identity": bs58::encode(rx.identity).into_string(),
+        }]},
+    });
+    for (k, v) in more.as_object().expect("an object") {
+        sender[k] = v.clone();
+    }
+    cfg.file.sender = Some(serde_json::from_value(sender).unwrap());
+    cfg.tpu_identity = Some(SigningKey::from_bytes(&[2u8; 32]));
+    serve(cfg)
+}
+
 fn rpc(s: &Served, body: Value) -> Value {
     let (status, r) = s.post_json("/api/rpc", &body);
     assert_eq!(status, 200, "JSON-RPC answers HTTP 200: {r}");
@@ -706,22 +726,15 @@ fn each_sends_row_names_who_asked_for_it() {
     let (rrt, rx) = receiver();
     let searcher = SigningKey::from_bytes(&[30u8; 32]);
     let searcher_b58 = bs58::encode(searcher.verifying_key().to_bytes()).into_string();
-    let mut cfg = config(&d.path().join("state"), true);
-    cfg.file.clickhouse_url = Some(ch.url());
-    cfg.file.sender = Some(
-        serde_json::from_value(json!({
-            "tpu": {},
-            "leaders": {"static": [{
-                "tpu_quic": rx.addr.to_string(),
-                "identity": bs58::encode(rx.identity).into_string(),
-            }]},
+    let s = sending_to(
+        &d.path().join("state"),
+        &ch,
+        &rx,
+        json!({
             "route_policy": "tpu_first",
             "strategy": {"ingest": {"bind": "127.0.0.1:0", "allow": [searcher_b58]}},
-        }))
-        .unwrap(),
+        }),
     );
-    cfg.tpu_identity = Some(SigningKey::from_bytes(&[2u8; 32]));
-    let s = serve(cfg);
     command(&s, "mev:start", json!({}));
     let opp = json!({"module": "mev", "ev": 1.0, "txs": [b64(&tx(1))]});
     assert_eq!(offer(&s, vec![opp])["accepted"], 1);
@@ -828,21 +841,12 @@ fn every_refusal_of_the_data_plane_is_a_ledger_row_naming_who() {
     let d = testkit::TempDir::new("sender-refusals");
     let ch = ClickHouse::start(d.path());
     let (_rrt, rx) = receiver();
-    let mut cfg = config(&d.path().join("state"), true);
-    cfg.file.clickhouse_url = Some(ch.url());
-    cfg.file.sender = Some(
-        serde_json::from_value(json!({
-            "tpu": {},
-            "leaders": {"static": [{
-                "tpu_quic": rx.addr.to_string(),
-                "identity": bs58::encode(rx.identity).into_string(),
-            }]},
-            "rpc_module": "mev",
-        }))
-        .unwrap(),
+    let s = sending_to(
+        &d.path().join("state"),
+        &ch,
+        &rx,
+        json!({"rpc_module": "mev"}),
     );
-    cfg.tpu_identity = Some(SigningKey::from_bytes(&[2u8; 32]));
-    let s = serve(cfg);
     let post = |sub: &str, path: &str, body: Vec<u8>| -> (u16, Value) {
         s.rt.block_on(async {
             let r = s
@@ -1037,21 +1041,12 @@ fn the_ingests_refusals_are_ledger_rows_naming_the_client() {
     let (rrt, rx) = receiver();
     let searcher = SigningKey::from_bytes(&[30u8; 32]);
     let searcher_b58 = bs58::encode(searcher.verifying_key().to_bytes()).into_string();
-    let mut cfg = config(&d.path().join("state"), true);
-    cfg.file.clickhouse_url = Some(ch.url());
-    cfg.file.sender = Some(
-        serde_json::from_value(json!({
-            "tpu": {},
-            "leaders": {"static": [{
-                "tpu_quic": rx.addr.to_string(),
-                "identity": bs58::encode(rx.identity).into_string(),
-            }]},
-            "strategy": {"ingest": {"bind": "127.0.0.1:0", "allow": [searcher_b58]}},
-        }))
-        .unwrap(),
+    let s = sending_to(
+        &d.path().join("state"),
+        &ch,
+        &rx,
+        json!({"strategy": {"ingest": {"bind": "127.0.0.1:0", "allow": [searcher_b58]}}}),
     );
-    cfg.tpu_identity = Some(SigningKey::from_bytes(&[2u8; 32]));
-    let s = serve(cfg);
     let addr = s.running.plane().unwrap().hot.ingest_addr.unwrap();
     let skipped = gw_proto::hotpath::Opportunity {
         module: "nope".into(),

@@ -89,17 +89,28 @@ impl Auditor {
         requester: Option<&Requester>,
         route: &str,
     ) -> Result<(), AuditError> {
-        self.record(Entry {
-            stage: Stage::Sidecar,
-            decision: Decision::Rejected,
-            code: Some(code),
-            body,
-            command: None,
-            requester,
-            route,
-        })
-        .await
-        .map(drop)
+        self.record(refusal_entry(code, body, requester, route))
+            .await
+            .map(drop)
+    }
+}
+
+/// The entry of the sidecar's refusal with `code` of a request on `route` that
+/// carried no command it decoded.
+fn refusal_entry<'a>(
+    code: Code,
+    body: &'a [u8],
+    requester: Option<&'a Requester>,
+    route: &'a str,
+) -> Entry<'a> {
+    Entry {
+        stage: Stage::Sidecar,
+        decision: Decision::Rejected,
+        code: Some(code),
+        body,
+        command: None,
+        requester,
+        route,
     }
 }
 
@@ -115,16 +126,7 @@ impl Auditor {
         route: &str,
         note: &serde_json::Value,
     ) -> Option<journal::Entry> {
-        let e = Entry {
-            stage: Stage::Sidecar,
-            decision: Decision::Rejected,
-            code: Some(code),
-            body,
-            command: None,
-            requester,
-            route,
-        };
-        self.row_noting(&e, note)
+        self.row_noting(&refusal_entry(code, body, requester, route), note)
     }
 
     /// Makes `rows` durable together (nothing: nothing to do).
