@@ -23,7 +23,7 @@ use base64::Engine as _;
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
 use sha2::{Digest, Sha256};
 
-use crate::ledger::{walk, ChainError, LedgerRow};
+use crate::ledger::{walk, ChainError, LedgerRow, Walker};
 
 /// The origin line's prefix; the chain id follows.
 pub const ORIGIN_PREFIX: &str = "gw-ledger/";
@@ -156,6 +156,34 @@ impl Checkpoint {
             }
         }
         Err(CheckpointError::Signature(key_name.to_owned()))
+    }
+
+    /// Whether `rows` (one chain, in `seq` order) hold this checkpoint whatever
+    /// else is wrong with them (their breaks are a walk's to report): as long
+    /// as it, and the same row at its size, walked as [`Walker::push_on`] walks
+    /// (on after every break).
+    pub fn held_by(&self, rows: &[LedgerRow]) -> Result<u64, CheckpointError> {
+        let mut w = Walker::new();
+        let mut at = None;
+        for r in rows {
+            let before = w.head().0;
+            drop(w.push_on(r));
+            let (n, hash) = w.head();
+            if n != before && n == self.size {
+                at = Some(hash);
+            }
+        }
+        let (n, _) = w.head();
+        if n < self.size {
+            return Err(CheckpointError::Truncated {
+                have: n,
+                want: self.size,
+            });
+        }
+        if self.size > 0 && at != Some(self.head) {
+            return Err(CheckpointError::Rewritten(self.size));
+        }
+        Ok(n)
     }
 
     /// Checks one chain's stored rows (sorted by `seq`) against this checkpoint:

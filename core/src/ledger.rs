@@ -384,30 +384,44 @@ impl Walker {
         (self.expected - 1, self.prev)
     }
 
-    /// [`Self::push`], going on whatever the row was: a break is returned, and
-    /// the walk goes on after it, so that one row planted, lost or changed does
-    /// not hide what comes after it. A row that does not follow the one before
-    /// it (a gap, a broken link, content that does not match its hash) becomes
-    /// the row the next is held to; a second row at a position walked, a row of
-    /// another chain or one with a malformed hash is passed over. After a break
+    /// [`Self::push`], going on whatever the row was: its breaks are returned
+    /// (none, one, or two: a row followed after a gap or a broken link whose
+    /// content does not match its own hash is `Altered` too), and the walk goes
+    /// on after them, so that one row planted, lost or changed does not hide
+    /// what comes after it. A row that does not follow the one before it (a gap,
+    /// a broken link, content that does not match its hash) becomes the row the
+    /// next is held to; a second row at a position walked, a row of another
+    /// chain or one with a malformed hash is passed over. After a break
     /// [`Self::head`] counts positions, not rows that verified.
-    pub fn push_on(&mut self, r: &LedgerRow) -> Result<(), ChainError> {
+    pub fn push_on(&mut self, r: &LedgerRow) -> Vec<ChainError> {
         let e = match self.push(r) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Vec::new(),
             Err(e) => e,
         };
         let follow = matches!(
             e,
             ChainError::Gap { found, .. } if found > self.expected
         ) || matches!(e, ChainError::BrokenLink(_) | ChainError::Altered(_));
-        if follow {
-            if let (Some(hash), Some(next)) = (parse_hash(&r.row_hash), r.seq.checked_add(1)) {
-                self.prev = hash;
-                self.expected = next;
-                self.last = Some((r.prev_hash.clone(), r.row_hash.clone()));
+        let mut breaks = vec![e];
+        if !follow {
+            return breaks;
+        }
+        let (Some(hash), Some(next)) = (parse_hash(&r.row_hash), r.seq.checked_add(1)) else {
+            breaks.push(ChainError::BadHash(r.seq));
+            return breaks;
+        };
+        // Followed after a gap or a broken link, the row's own content is
+        // checked too (an `Altered` one was).
+        if !matches!(breaks[0], ChainError::Altered(_)) {
+            let whole = parse_hash(&r.prev_hash).is_some_and(|p| r.compute_hash(&p) == hash);
+            if !whole {
+                breaks.push(ChainError::Altered(r.seq));
             }
         }
-        Err(e)
+        self.prev = hash;
+        self.expected = next;
+        self.last = Some((r.prev_hash.clone(), r.row_hash.clone()));
+        breaks
     }
 }
 

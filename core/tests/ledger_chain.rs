@@ -164,7 +164,7 @@ fn a_walk_that_goes_on_reports_every_break() {
     use gw_core::ledger::Walker;
     let breaks = |rows: &[LedgerRow]| -> Vec<ChainError> {
         let mut w = Walker::new();
-        rows.iter().filter_map(|r| w.push_on(r).err()).collect()
+        rows.iter().flat_map(|r| w.push_on(r)).collect()
     };
     let good = chain(12);
     assert!(breaks(&good).is_empty());
@@ -193,6 +193,33 @@ fn a_walk_that_goes_on_reports_every_break() {
     // The walk ended at the chain's end: positions, not verified rows.
     let mut w = Walker::new();
     rows.iter().for_each(|r| drop(w.push_on(r)));
+    // A row followed after a gap is checked for itself too: row 9 gone and row
+    // 10 changed in place are two breaks.
+    let mut both = good.clone();
+    both.retain(|r| r.seq != 9);
+    both[8].code = "changed".into();
+    assert_eq!(both[8].seq, 10);
+    assert_eq!(
+        breaks(&both),
+        [
+            ChainError::Gap {
+                expected: 9,
+                found: 10
+            },
+            ChainError::Altered(10),
+        ]
+    );
+    // A planted row that sorts first: the stored one after it is the second
+    // row at its position, and the next row links to the stored one.
+    let mut first = good.clone();
+    let mut planted = good[2].clone();
+    planted.code = "planted".into();
+    planted.row_hash = hex::encode(planted.compute_hash(&parse_hash(&planted.prev_hash)));
+    first.insert(2, planted);
+    assert_eq!(
+        breaks(&first),
+        [ChainError::Conflict(3), ChainError::BrokenLink(4)]
+    );
     assert_eq!(w.head(), (12, parse_hash(&good[11].row_hash)));
     // A tail rebuilt from row 10 on (rows sealed anew after a forged row 10):
     // one break where it starts, none after it (the rebuilt rows chain).

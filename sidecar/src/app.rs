@@ -322,6 +322,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         routes,
         unstamped: Default::default(),
         holders: Arc::new(RefusalBudget::holders()),
+        ingest: Default::default(),
     };
     realtime.set_gate(gatekeeper.clone());
     let (control, t) = Control::start(

@@ -278,14 +278,23 @@ pub struct Gatekeeper {
     /// Rows for the same refusals of token holders: no flood without a token
     /// takes them.
     pub holders: Arc<RefusalBudget>,
+    /// Rows for the QUIC ingest's refusals naming no identity (anyone who
+    /// reaches its port causes them): apart, so that they take no rows of
+    /// callers of the sidecar's own port.
+    pub ingest: Arc<RefusalBudget>,
 }
 
 impl Gatekeeper {
     /// Every budget whose sums the flusher writes.
     fn budgets(&self) -> impl Iterator<Item = &RefusalBudget> {
-        [&*self.budget, &*self.unstamped, &*self.holders]
-            .into_iter()
-            .chain(self.edge_reports.all())
+        [
+            &*self.budget,
+            &*self.unstamped,
+            &*self.holders,
+            &*self.ingest,
+        ]
+        .into_iter()
+        .chain(self.edge_reports.all())
     }
 
     /// The budget of a refusal of a request the edge forwarded, naming `who`.
@@ -300,7 +309,7 @@ impl Gatekeeper {
         match (via, who) {
             (_, Some(_)) => &self.holders,
             (Via::Edge, None) => &self.unstamped,
-            (Via::Direct, None) => &self.budget,
+            (Via::Direct, None) => &self.ingest,
         }
     }
 }
@@ -310,7 +319,7 @@ impl Gatekeeper {
 pub enum Via {
     /// Forwarded by the edge.
     Edge,
-    /// Straight to a listener of the sidecar's own (the hot path's QUIC ingest).
+    /// Straight to the hot path's QUIC ingest.
     Direct,
 }
 

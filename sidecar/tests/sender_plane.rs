@@ -1068,8 +1068,13 @@ fn the_ingests_refusals_are_ledger_rows_naming_the_client() {
         st.write_all(&garbage).await.unwrap();
         let _ = st.finish();
         let _ = st.stopped().await;
+        // A frame whose length reads and whose bytes do not decode.
+        let mut st = conn.open_uni().await.unwrap();
+        st.write_all(&[3, 0xff, 0xff, 0xff]).await.unwrap();
+        let _ = st.finish();
+        let _ = st.stopped().await;
     });
-    let rows = common::wait_rows(&ch, 3);
+    let rows = common::wait_rows(&ch, 4);
     let mut got: Vec<(String, String, String, String)> = rows
         .iter()
         .map(|r| {
@@ -1098,6 +1103,12 @@ fn the_ingests_refusals_are_ledger_rows_naming_the_client() {
             searcher_b58.clone(),
             "stream stopped".to_owned(),
             hex::encode(garbage),
+        ),
+        (
+            "malformed".to_owned(),
+            searcher_b58.clone(),
+            "stream stopped".to_owned(),
+            "ffffff".to_owned(),
         ),
     ];
     want.sort();

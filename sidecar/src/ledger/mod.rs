@@ -395,7 +395,6 @@ fn queries(api: Api) -> Result<Queries, ApiError> {
 
 /// `?limit=&stage=&decision=` of `/api/ledger/history`.
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 struct HistoryQuery {
     limit: Option<usize>,
     stage: Option<String>,
@@ -474,7 +473,7 @@ async fn verify(State(q): Q) -> Result<Json<LedgerStatus>, ApiError> {
         Some(status) => Ok(Json(status)),
         None => Err(ApiError::with(
             Code::Overloaded,
-            "another verification has been walking the ledger for 30 s; try again once it ends",
+            "another verification is walking the ledger; try again once it ends",
         )),
     }
 }

@@ -253,14 +253,14 @@ impl Walk {
 
     fn push(&mut self, r: &gw_core::ledger::LedgerRow) {
         self.status.rows += 1;
-        match self.walker.push_on(r) {
-            Ok(()) => {
-                let (n, head) = self.walker.head();
-                if self.anchor.as_ref().is_some_and(|a| a.size == n) {
-                    self.at_anchor = Some(head);
-                }
-            }
-            Err(e) => self.broke(e.to_string()),
+        let before = self.walker.head().0;
+        for e in self.walker.push_on(r) {
+            self.broke(e.to_string());
+        }
+        // The row at the checkpoint's size, as walked (or followed to).
+        let (n, head) = self.walker.head();
+        if n != before && self.anchor.as_ref().is_some_and(|a| a.size == n) {
+            self.at_anchor = Some(head);
         }
     }
 
@@ -345,8 +345,9 @@ const READ_SETTINGS: &str = "SETTINGS max_execution_time = 60, \
 /// Most decisions `by_request` returns.
 pub const MAX_BY_REQUEST: usize = 1_000;
 
-/// How long a verification waits for the one running at most.
-pub const VERIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a verification waits for the one running at most (less than the
+/// edge's 10 s timeout of its route, so that the caller hears why).
+pub const VERIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How far back `policy_frequency` looks.
 pub const POLICY_FREQUENCY_DAYS: u32 = 7;
@@ -413,11 +414,13 @@ impl Queries {
         // A row summing refusals beyond a budget (route '', `{"unrecorded": n}`)
         // counts its n: under a flood the counts say how many were refused, not
         // how many rows the budget let through.
-        const COUNT: &str = "sum(if(route = '' AND JSONHas(args_json, 'unrecorded'), \
+        // (Only such a row: no command's, whose arguments could say anything.)
+        const COUNT: &str = "sum(if(route = '' AND request_id = '' AND stage != 'agent' \
+             AND JSONHas(args_json, 'unrecorded'), \
              JSONExtractUInt(args_json, 'unrecorded'), 1)) AS count";
         // A row stored twice (an insert retried) is one row.
         let rows = format!(
-            "(SELECT chain_id, seq, stage, code, ts_ms, route, args_json FROM {} \
+            "(SELECT chain_id, seq, stage, code, ts_ms, route, request_id, args_json FROM {} \
              WHERE {HOUR} LIMIT 1 BY chain_id, seq)",
             self.table
         );

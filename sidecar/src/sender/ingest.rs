@@ -266,6 +266,13 @@ impl IngestRefusals {
         while self.pending.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let left = self.pending.load(Ordering::Relaxed);
+        if left > 0 {
+            tracing::warn!(
+                refusals = left,
+                "QUIC ingest refusals not recorded by the stop: they have no row"
+            );
+        }
         for (code, n) in self.take_overflow() {
             crate::serve::unrecorded(g, Via::Direct, code, n);
         }
@@ -559,9 +566,15 @@ async fn read_stream(
             stats.malformed.fetch_add(1, Ordering::Relaxed);
             let _ = recv.stop(STOP_MALFORMED.into());
             let detail = format!("stream stopped: {why}");
+            // The bytes that broke it: the frame that does not decode (taken off
+            // the buffer already), else what is left there (the length).
+            let broke = match &why {
+                Framing::Undecodable(frame) => &frame[..],
+                _ => &buf[..],
+            };
             stats
                 .refusals
-                .report(Code::Malformed, Some(&requester), &buf, &detail, None);
+                .report(Code::Malformed, Some(&requester), broke, &detail, None);
             return;
         }
         match recv.read_chunk(64 << 10, true).await {
@@ -591,8 +604,8 @@ pub enum Framing {
     BadLength,
     /// A frame longer than `max_frame_bytes`.
     TooLong(u64),
-    /// The frame is not a `hotpath.Opportunity`.
-    Undecodable,
+    /// The frame (here) is not a `hotpath.Opportunity`.
+    Undecodable(Bytes),
 }
 
 impl std::fmt::Display for Framing {
@@ -600,7 +613,7 @@ impl std::fmt::Display for Framing {
         match self {
             Framing::BadLength => f.write_str("a length that is not a varint of at most 10 bytes"),
             Framing::TooLong(n) => write!(f, "a frame of {n} bytes, beyond max_frame_bytes"),
-            Framing::Undecodable => f.write_str("a frame that is not a hotpath.Opportunity"),
+            Framing::Undecodable(_) => f.write_str("a frame that is not a hotpath.Opportunity"),
         }
     }
 }
@@ -630,7 +643,7 @@ pub fn drain_frames(
         buf.advance(at);
         let frame = buf.split_to(len as usize).freeze();
         let msg = gw_proto::hotpath::Opportunity::decode(frame.clone())
-            .map_err(|_| Framing::Undecodable)?;
+            .map_err(|_| Framing::Undecodable(frame.clone()))?;
         match opportunity(msg, received) {
             Ok(o) => {
                 stats.frames.fetch_add(1, Ordering::Relaxed);
@@ -827,7 +840,12 @@ mod tests {
         assert_eq!(run(&[0xff; 10]), Err(Framing::BadLength));
         assert_eq!(run(&[0xff; 9]), Ok(()), "still incomplete");
         assert_eq!(run(&[0xe9, 0x07]), Err(Framing::TooLong(1001)));
-        assert_eq!(run(&[3, 0xff, 0xff, 0xff]), Err(Framing::Undecodable));
+        assert_eq!(
+            run(&[3, 0xff, 0xff, 0xff]),
+            Err(Framing::Undecodable(Bytes::from_static(&[
+                0xff, 0xff, 0xff
+            ])))
+        );
         let mut tampered = tx(1);
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
