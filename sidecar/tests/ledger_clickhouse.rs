@@ -996,6 +996,30 @@ fn every_http_decision_lands_in_the_chained_ledger() {
     .unwrap();
     assert!(gw_core::verify_command(&raw, &ring, None).is_ok());
 
+    // The reads' bounds: a request id under which 1 001 rows were piled (a
+    // refused request's id is whatever its body said) answers 1 000; an applied
+    // policy eight days old is outside the frequency's window.
+    ch.query(
+        "INSERT INTO control_decisions (chain_id, seq, ts_ms, stage, decision, code, request_id) \
+         SELECT 'pile', number + 1, toUInt64(toUnixTimestamp64Milli(now64(3))), 'sidecar', \
+                'rejected', 'malformed', 'piled' FROM numbers(1001)",
+    );
+    let piled = get("/api/ledger/request/piled");
+    assert_eq!(piled.as_array().map(Vec::len), Some(1000));
+    ch.query(
+        "INSERT INTO control_decisions (chain_id, seq, ts_ms, stage, decision, action) \
+         VALUES ('old', 1, toUInt64(toUnixTimestamp64Milli(now64(3))) - 8 * 86400000, \
+                 'agent', 'applied', 'policy')",
+    );
+    let policy = get("/api/ledger/policy-frequency");
+    assert_eq!(
+        policy
+            .as_array()
+            .map(|w| w.iter().map(|w| w["commands"].as_u64()).collect::<Vec<_>>()),
+        Some(vec![Some(1)]),
+        "{policy}"
+    );
+
     // What ClickHouse says when a read fails (its tables, user, grants) stays in
     // the sidecar's log.
     ch.query("DROP TABLE control_decisions");
