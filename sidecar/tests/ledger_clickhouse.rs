@@ -1119,6 +1119,29 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 
+    // The console's newest checkpoint of the chain is one this node signed: a
+    // larger row anyone with INSERT adds does not hide it.
+    ch.query(
+        "INSERT INTO control_checkpoints VALUES ('node-1', 999999, 'ff', 'not a note', 1), \
+         ('elsewhere', 3, 'ee', 'not a note either', 1)",
+    );
+    let cps = served.get_json("/api/ledger/checkpoints");
+    let of = |chain: &str| {
+        cps.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["chain_id"] == chain)
+            .map(|c| {
+                (
+                    c["size"].as_u64().unwrap(),
+                    c["signed_here"].as_bool().unwrap(),
+                )
+            })
+    };
+    assert_eq!(of("node-1"), Some((4, true)), "{cps}");
+    assert_eq!(of("elsewhere"), Some((3, false)), "{cps}");
+    ch.query("DELETE FROM control_checkpoints WHERE note LIKE 'not a note%'");
+
     let pk = hex::encode(ledger_key.verifying_key().as_bytes());
     let gwctl = |extra: &[&str]| {
         let o = std::process::Command::new(testkit::gwctl_bin())

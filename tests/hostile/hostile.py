@@ -412,6 +412,14 @@ def edge_cases(k):
     add("route: viewer on a JSON route", "POST", "/api/control/module/mev:throttle", json_h(viewer),
         b'{"throttle_pct": 50}', 403, "forbidden_role", E("forbidden_role", "hostile-viewer"))
 
+    # The data plane's refusals are rows too, naming the token's holder.
+    add("data plane: JSON-RPC that is not JSON", "POST", "/api/rpc", json_h(operator),
+        b'{"jsonrpc": "2.0", "hostile": "%s"' % uuid.uuid4().hex.encode(), 200, None,
+        S("malformed", "hostile-operator"), marker_in_path=False, why="JSON-RPC answers 200 with its error")
+    add("data plane: opportunities that are not JSON", "POST", "/api/opportunities", json_h(operator),
+        b'{"opportunities": ["%s"' % uuid.uuid4().hex.encode(), 400, "malformed",
+        S("malformed", "hostile-operator"), marker_in_path=False)
+
     # Header spoofing: what the client says it is counts for nothing.
     spoof = [("x-gw-verified", "1"), ("x-gw-sub", "mallory"), ("x-gw-roles", "admin"),
              ("x-gw-pubkey-id", "op-admin-1"), ("x-gw-issuer", "dashboard"), ("x-gw-token-issuer", "evil")]

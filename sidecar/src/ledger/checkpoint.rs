@@ -126,6 +126,11 @@ impl Checkpointer {
         self.anchors.clone()
     }
 
+    /// The key its checkpoints verify with.
+    pub fn verifying_key(&self) -> ed25519_dalek::VerifyingKey {
+        self.key.verifying_key()
+    }
+
     /// The checkpoint file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -198,7 +198,8 @@ impl Ledger {
                 client: Some(client.clone()),
                 queries: Some(
                     Queries::new(client.clone(), TABLE)
-                        .with_anchors(checkpointer.as_ref().map(Checkpointer::anchors)),
+                        .with_anchors(checkpointer.as_ref().map(Checkpointer::anchors))
+                        .with_signer(checkpointer.as_ref().map(Checkpointer::verifying_key)),
                 ),
                 checkpointer,
                 queue: Some(queue),

@@ -83,6 +83,15 @@ pub fn with_pending(
     stored
 }
 
+/// Whether `r`'s note verifies with `vk` and says what the row says.
+fn signed_by(r: &CheckpointRow, vk: &ed25519_dalek::VerifyingKey) -> bool {
+    gw_core::checkpoint::Checkpoint::open(&r.note, super::checkpoint::KEY_NAME, vk).is_ok_and(|c| {
+        c.chain_id() == Some(r.chain_id.as_str())
+            && c.size == r.size
+            && hex::encode(c.head) == r.head
+    })
+}
+
 /// Which decisions a history keeps (`None`: any).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Only {
@@ -177,6 +186,16 @@ pub struct SendStats {
 
 /// A signed checkpoint as stored.
 #[derive(Debug, clickhouse::Row, Serialize, Deserialize)]
+struct CheckpointRow {
+    chain_id: String,
+    size: u64,
+    head: String,
+    note: String,
+    ts_ms: u64,
+}
+
+/// A chain's newest checkpoint ([`Queries::checkpoints`]).
+#[derive(Debug, Serialize)]
 pub struct CheckpointView {
     /// The chain.
     pub chain_id: String,
@@ -188,7 +207,15 @@ pub struct CheckpointView {
     pub note: String,
     /// Unix milliseconds.
     pub ts_ms: u64,
+    /// The note verifies with this node's ledger key and says the same chain,
+    /// size and head as the row (`false`: another node's, or not a checkpoint
+    /// anyone signed — the table takes any row its writers insert).
+    pub signed_here: bool,
 }
+
+/// Checkpoints of each chain a read weighs, newest first, to find one this
+/// node signed.
+const CHECKPOINTS_READ: usize = 16;
 
 /// The result of walking one stored chain.
 #[derive(Debug, Serialize)]
@@ -361,6 +388,8 @@ pub struct Queries {
     walking: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// This node's checkpoints, which [`Queries::verify`] holds the chains to.
     anchors: Option<super::checkpoint::Anchors>,
+    /// The key this node's checkpoints verify with ([`Queries::checkpoints`]).
+    signer: Option<ed25519_dalek::VerifyingKey>,
 }
 
 impl Queries {
@@ -371,7 +400,14 @@ impl Queries {
             table: table.to_owned(),
             walking: Default::default(),
             anchors: None,
+            signer: None,
         }
+    }
+
+    /// Tells the checkpoints this node signed (with `signer`) from the others.
+    pub fn with_signer(mut self, signer: Option<ed25519_dalek::VerifyingKey>) -> Queries {
+        self.signer = signer;
+        self
     }
 
     /// Holds the chains [`Queries::verify`] walks to this node's checkpoints too.
@@ -477,17 +513,42 @@ impl Queries {
         })
     }
 
-    /// The latest signed checkpoint of each chain.
+    /// The newest checkpoint of each chain: of the [`CHECKPOINTS_READ`] largest,
+    /// the largest this node signed when there is one (a row inserted with a
+    /// larger size and no such signature does not hide it), else the largest.
     pub async fn checkpoints(&self) -> Result<Vec<CheckpointView>, QueryError> {
-        Ok(self
+        let rows = self
             .client
             .query(&format!(
                 "SELECT chain_id, size, head, note, ts_ms FROM {} \
-                 ORDER BY chain_id, size DESC LIMIT 1 BY chain_id {READ_SETTINGS}",
+                 ORDER BY chain_id, size DESC LIMIT {CHECKPOINTS_READ} BY chain_id {READ_SETTINGS}",
                 super::checkpoint::TABLE
             ))
-            .fetch_all::<CheckpointView>()
-            .await?)
+            .fetch_all::<CheckpointRow>()
+            .await?;
+        let mut out: Vec<CheckpointView> = Vec::new();
+        for r in rows {
+            let signed_here = self.signer.as_ref().is_some_and(|vk| signed_by(&r, vk));
+            let view = CheckpointView {
+                chain_id: r.chain_id,
+                size: r.size,
+                head: r.head,
+                note: r.note,
+                ts_ms: r.ts_ms,
+                signed_here,
+            };
+            match out.last_mut() {
+                // The chain's first (largest) row; replaced by a smaller one
+                // this node signed, if the first was not.
+                Some(v) if v.chain_id == view.chain_id => {
+                    if !v.signed_here && view.signed_here {
+                        *v = view;
+                    }
+                }
+                _ => out.push(view),
+            }
+        }
+        Ok(out)
     }
 
     /// The decisions about one `request_id`, in order: the first
