@@ -558,7 +558,8 @@ async function loadCheckpoints() {
   try {
     const cps = await api("/api/ledger/checkpoints");
     $("checkpoint").textContent = cps.length === 0 ? "no signed checkpoint yet" : cps.map((c) =>
-      `latest checkpoint ${c.chain_id}: ${c.size} rows at ${new Date(c.ts_ms).toLocaleString()}, head ${c.head.slice(0, 16)}…`).join("; ");
+      `latest checkpoint ${c.chain_id}: ${c.size} rows at ${new Date(c.ts_ms).toLocaleString()}, head ${c.head.slice(0, 16)}…` +
+      (c.signed_here ? " (signed by this node)" : " (not verified here)")).join("; ");
   } catch (e) {
     $("checkpoint").textContent = `checkpoints: ${e.code || "error"}`;
   }

@@ -215,7 +215,7 @@ pub struct CheckpointView {
 
 /// Checkpoints of each chain a read weighs, newest first, to find one this
 /// node signed.
-const CHECKPOINTS_READ: usize = 16;
+pub const CHECKPOINTS_READ: usize = 16;
 
 /// The result of walking one stored chain.
 #[derive(Debug, Serialize)]
