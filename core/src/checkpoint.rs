@@ -173,17 +173,22 @@ impl Checkpoint {
                 at = Some(hash);
             }
         }
-        let (n, _) = w.head();
-        if n < self.size {
+        self.judge(w.head().0, at)
+    }
+
+    /// Whether a walk of `walked` positions, whose row at this checkpoint's size
+    /// hashed to `at` (`None`: no row there was walked to), holds it.
+    pub fn judge(&self, walked: u64, at: Option<[u8; 32]>) -> Result<u64, CheckpointError> {
+        if walked < self.size {
             return Err(CheckpointError::Truncated {
-                have: n,
+                have: walked,
                 want: self.size,
             });
         }
         if self.size > 0 && at != Some(self.head) {
             return Err(CheckpointError::Rewritten(self.size));
         }
-        Ok(n)
+        Ok(walked)
     }
 
     /// Checks one chain's stored rows (sorted by `seq`) against this checkpoint:

@@ -365,7 +365,12 @@ impl EdgeBudgets {
 
 /// Body bytes kept in the row of a refused caller: enough to tell what it sent,
 /// little enough that rows cost an attacker's bandwidth, not the node's disk.
-const REFUSED_BODY_BYTES: usize = 4 * 1024;
+pub const REFUSED_BODY_BYTES: usize = 4 * 1024;
+
+/// What a refusal's row keeps of `body`: its first [`REFUSED_BODY_BYTES`].
+pub fn kept_of(body: &[u8]) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(&body[..body.len().min(REFUSED_BODY_BYTES)])
+}
 
 /// Rows a second, on average, for refusals of callers other than the edge
 /// ([`RefusalBudget`]), of all codes and of each.

@@ -413,25 +413,24 @@ async fn history(
         .min(query::MAX_HISTORY);
     // Only the decisions asked for (a flood of refusals cannot push the applied
     // commands out of a page of them).
+    let bad = |what: &'static str| ApiError::new(Code::Malformed, what);
     let only = query::Only {
-        stage: match h.stage.as_deref() {
-            None => None,
-            Some(s) => Some(gw_core::ledger::Stage::parse(s).ok_or_else(|| {
-                ApiError::with(
-                    Code::Malformed,
-                    "stage: edge, sidecar, agent or models".to_owned(),
-                )
-            })?),
-        },
-        decision: match h.decision.as_deref() {
-            None => None,
-            Some(d) => Some(gw_core::ledger::Decision::parse(d).ok_or_else(|| {
-                ApiError::with(
-                    Code::Malformed,
-                    "decision: accepted, rejected, applied or duplicate".to_owned(),
-                )
-            })?),
-        },
+        stage: h
+            .stage
+            .as_deref()
+            .map(|s| {
+                gw_core::ledger::Stage::parse(s)
+                    .ok_or_else(|| bad("stage: edge, sidecar, agent or models"))
+            })
+            .transpose()?,
+        decision: h
+            .decision
+            .as_deref()
+            .map(|d| {
+                gw_core::ledger::Decision::parse(d)
+                    .ok_or_else(|| bad("decision: accepted, rejected, applied or duplicate"))
+            })
+            .transpose()?,
     };
     // Rows durable in the journal and not yet shipped are decisions too: read
     // them first (a row shipped meanwhile is then in ClickHouse's answer).

@@ -305,22 +305,11 @@ impl Walk {
     }
 
     fn done(mut self) -> ChainStatus {
-        use gw_core::checkpoint::CheckpointError;
         let (n, _) = self.walker.head();
         if self.status.ok {
             self.status.rows = n;
         }
-        let broken = match &self.anchor {
-            Some(a) if n < a.size => Some(CheckpointError::Truncated {
-                have: n,
-                want: a.size,
-            }),
-            Some(a) if a.size > 0 && self.at_anchor != Some(a.head) => {
-                Some(CheckpointError::Rewritten(a.size))
-            }
-            _ => None,
-        };
-        if let Some(e) = broken {
+        if let Some(Err(e)) = self.anchor.as_ref().map(|a| a.judge(n, self.at_anchor)) {
             self.broke(format!("{e} (this node's signed checkpoint)"));
         }
         self.status

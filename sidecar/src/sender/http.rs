@@ -127,16 +127,13 @@ fn rpc_refusal(r: rpc::Refused) -> Refusal {
         "rpc_code": r.rpc_code,
         "detail": gw_core::contract::truncate_utf8(&r.message, DETAIL_BYTES),
     });
-    if !r.raw.is_empty() {
-        note["raw"] = if r.raw_is_transaction {
-            "transaction"
-        } else {
-            "request"
+    match r.signature {
+        Some(sig) => {
+            note["raw"] = "transaction".into();
+            note["signature"] = sig.into();
         }
-        .into();
-    }
-    if let Some(sig) = r.signature {
-        note["signature"] = sig.into();
+        None if !r.raw.is_empty() => note["raw"] = "request".into(),
+        None => {}
     }
     Refusal {
         code: r.code,
@@ -360,12 +357,7 @@ async fn opportunities(
     let sender = who.clone();
     let decoded = decode_off_runtime(&st.decoding_opportunities, body, move |b| {
         // A refused body's start, for its row (copied only then).
-        decode_opportunities(b, received, &sender).map_err(|e| {
-            (
-                e,
-                Bytes::copy_from_slice(&b[..b.len().min(rpc::REFUSED_BYTES)]),
-            )
-        })
+        decode_opportunities(b, received, &sender).map_err(|e| (e, crate::serve::kept_of(b)))
     });
     let items = match decoded.await {
         Ok(Ok(items)) => items,

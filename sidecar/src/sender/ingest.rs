@@ -211,7 +211,7 @@ impl Default for IngestRefusals {
 
 impl IngestRefusals {
     /// Queues a refusal with `code` naming `who`; `raw`: what of the request its
-    /// row keeps (at most [`REFUSED_BYTES`]); `detail`, `remote`: what it says.
+    /// row keeps (its start: `serve::kept_of`); `detail`, `remote`: what it says.
     /// With the queue full it is only counted: nothing is copied on the ingest
     /// thread for a refusal that is not queued.
     fn report(
@@ -246,7 +246,7 @@ impl IngestRefusals {
         more(&mut note);
         let r = Refusal {
             code,
-            raw: Bytes::copy_from_slice(&raw[..raw.len().min(REFUSED_BYTES)]),
+            raw: crate::serve::kept_of(raw),
             note,
         };
         self.pending.fetch_add(1, Ordering::Relaxed);
@@ -278,9 +278,6 @@ impl IngestRefusals {
         }
     }
 }
-
-/// Bytes of a refused stream or frame a row keeps at most.
-const REFUSED_BYTES: usize = 4 * 1024;
 
 /// Most refusals recorded in one journal transaction.
 const REFUSALS_PER_COMMIT: usize = 64;
@@ -892,7 +889,11 @@ mod tests {
         let mut rx = r.rx.lock().take().unwrap();
         let (named, first) = rx.try_recv().unwrap();
         assert_eq!(named.as_deref(), Some(&*who));
-        assert_eq!(first.raw.len(), REFUSED_BYTES, "a row keeps 4 KiB at most");
+        assert_eq!(
+            first.raw.len(),
+            crate::serve::REFUSED_BODY_BYTES,
+            "a row keeps 4 KiB at most"
+        );
         assert_eq!(first.note["detail"], "bad");
     }
 

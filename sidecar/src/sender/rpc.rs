@@ -153,18 +153,13 @@ pub struct Refused {
     /// The message answered.
     pub message: String,
     /// What the row keeps of it: the transaction refused (`sendTransaction`;
-    /// a bundle's first), else the request (a body refused whole as it came,
-    /// one request of a batch serialised again), each at most
-    /// [`REFUSED_BYTES`].
+    /// a bundle's first) when `signature` is set, else the request (a body
+    /// refused whole as it came, one request of a batch serialised again), each
+    /// at most [`crate::serve::REFUSED_BODY_BYTES`].
     pub raw: Bytes,
-    /// Whether `raw` is a transaction's wire bytes (else the request's JSON).
-    pub raw_is_transaction: bool,
     /// The transaction's (a bundle's first) signature, base58, when it decoded.
     pub signature: Option<String>,
 }
-
-/// Bytes of a refused request a row keeps at most.
-pub const REFUSED_BYTES: usize = 4 * 1024;
 
 /// An error of ours: the JSON-RPC code and message answered, and the stable code
 /// of its row.
@@ -216,8 +211,8 @@ pub struct Request(Parsed);
 
 enum Parsed {
     /// Refused already (not JSON, an empty or oversized batch): the answer, and
-    /// the body's start.
-    Answer(Value, Refused),
+    /// the refusal (the body's start).
+    Answer(Value, Option<Refused>),
     One(Box<Call>),
     Batch(Vec<Call>),
 }
@@ -255,8 +250,8 @@ impl Request {
         let whole = |rpc: i64, message: String| {
             let answer = error(Value::Null, rpc, &message);
             let e = RpcErr::coded(Code::Malformed, rpc, message);
-            let raw = Bytes::copy_from_slice(start(body));
-            Parsed::Answer(answer, refusal(Code::Malformed, e, "", raw, None))
+            let raw = crate::serve::kept_of(body);
+            Parsed::Answer(answer, refusal(e, "", raw, None))
         };
         let req: Value = match serde_json::from_slice(body) {
             Ok(v) => v,
@@ -283,7 +278,7 @@ impl Request {
         let mut refusals = Vec::new();
         let answer = match self.0 {
             Parsed::Answer(v, r) => {
-                refusals.push(r);
+                refusals.extend(r);
                 v
             }
             Parsed::One(call) => {
@@ -307,27 +302,22 @@ impl Request {
     }
 }
 
-/// At most [`REFUSED_BYTES`] of `b`.
-fn start(b: &[u8]) -> &[u8] {
-    &b[..b.len().min(REFUSED_BYTES)]
-}
-
+/// The refusal `e` is (`None`: none, a send no route took — its row is its
+/// `tx_sends` row).
 fn refusal(
-    code: Code,
     e: RpcErr,
     method: &'static str,
     raw: Bytes,
     signature: Option<String>,
-) -> Refused {
-    Refused {
-        code,
+) -> Option<Refused> {
+    Some(Refused {
+        code: e.code?,
         rpc_code: e.rpc,
         method,
         message: e.message,
-        raw_is_transaction: false,
         raw,
         signature,
-    }
+    })
 }
 
 fn error(id: Value, code: i64, message: &str) -> Value {
@@ -364,7 +354,7 @@ fn parse_call(req: &Value) -> Call {
     let method = parse_method(req).map_err(|e| {
         // The request, for its row (serialised again, only when refused).
         let mut raw = serde_json::to_vec(req).unwrap_or_default();
-        raw.truncate(REFUSED_BYTES);
+        raw.truncate(crate::serve::REFUSED_BODY_BYTES);
         (e, Bytes::from(raw))
     });
     Call { id, name, method }
@@ -409,8 +399,7 @@ async fn run_call(ctx: &RpcContext<'_>, call: Call) -> (Value, Option<Refused>) 
     let answer = match method {
         Err((e, raw)) => {
             let answer = error(id, e.rpc, &e.message);
-            let code = e.code.unwrap_or(Code::Malformed);
-            return (answer, Some(refusal(code, e, name, raw, None)));
+            return (answer, refusal(e, name, raw, None));
         }
         Ok(Method::Health) => Ok(json!("ok")),
         Ok(Method::Send { wire, info, opts }) => {
@@ -440,20 +429,20 @@ async fn run_call(ctx: &RpcContext<'_>, call: Call) -> (Value, Option<Refused>) 
             (answer, RpcErr::coded(n.refusal, n.code, n.message))
         }
     };
-    // No code: a send no route took, whose row is its `tx_sends` row.
-    let refused = e.code.map(|code| tx_refusal(code, e, name, refused_tx));
+    let refused = match refused_tx {
+        Some((wire, signature)) => refusal(e, name, wire, Some(signature)),
+        None => refusal(e, name, Bytes::new(), None),
+    };
     (answer, refused)
 }
 
-/// The refusal of a request whose transaction (if any) decoded.
-fn tx_refusal(code: Code, e: RpcErr, method: &'static str, tx: Option<(Bytes, String)>) -> Refused {
-    match tx {
-        Some((wire, signature)) => Refused {
-            raw_is_transaction: true,
-            ..refusal(code, e, method, wire, Some(signature))
-        },
-        None => refusal(code, e, method, Bytes::new(), None),
-    }
+/// The error of a send task that failed (it panicked, or was cancelled).
+fn task_failed(e: tokio::task::JoinError) -> RpcErr {
+    RpcErr::coded(
+        Code::Unavailable,
+        code::SEND_FAILED,
+        format!("send task failed: {e}"),
+    )
 }
 
 /// A refusal of ours, or the node's (passed on as it gave it).
@@ -742,13 +731,7 @@ async fn send_transaction(
         out
     })
     .await
-    .map_err(|e| {
-        RpcErr::coded(
-            Code::Unavailable,
-            code::SEND_FAILED,
-            format!("send task failed: {e}"),
-        )
-    })?;
+    .map_err(task_failed)?;
     match out.landed {
         Some(_) => Ok(out.signature),
         None => Err(SendErr::Rpc(RpcErr::from((
@@ -896,12 +879,6 @@ async fn send_bundle(
         sender.send_bundle(txs, first_sig, &m).await
     })
     .await
-    .map_err(|e| {
-        RpcErr::coded(
-            Code::Unavailable,
-            code::SEND_FAILED,
-            format!("send task failed: {e}"),
-        )
-    })?
+    .map_err(task_failed)?
     .map_err(|e| (code::SEND_FAILED, format!("bundle was not sent: {e}")).into())
 }
