@@ -99,7 +99,7 @@ def main():
 
     with open(a.template) as f:
         rendered = substitute(f.read(), values)
-    # The rendered file holds the filter's JWT keys: readable by its owner only.
+    # The rendered file holds the filter's JWT keys and edge key: readable by its owner only.
     fd = os.open(a.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:

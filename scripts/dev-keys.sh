@@ -4,8 +4,9 @@
 # op-admin-1, the ledger checkpoint key, the sender's TPU identity (tpu-identity:
 # its QUIC certificate to leaders and to searchers), the development TPU's
 # (tpu-sink) and a searcher's (searcher), the ClickHouse users (gw_admin, gw_sidecar;
-# passwords 0600), a JWT HS256 secret, and DIR/filter.json
-# (filter-wasm/config.example.json with these keys). Needs openssl and python3 only.
+# passwords 0600), a JWT HS256 secret, the edge key (edge.key.hex: the filter seals
+# its stamp with it, the sidecar checks the seal; GW_EDGE_KEY_HEX), and
+# DIR/filter.json (filter-wasm/config.example.json with these keys). Needs openssl and python3 only.
 # Never for production.
 #
 #   scripts/dev-keys.sh DIR
@@ -49,9 +50,9 @@ for shape in standalone users-d; do
     --admin-password-file "$dir/keys/clickhouse-admin.pw" \
     --sidecar-password-file "$dir/keys/clickhouse-sidecar.pw"
 done
-if [[ ! -f "$dir/keys/jwt.secret.hex" ]]; then
-  (umask 077; openssl rand -hex 32 > "$dir/keys/jwt.secret.hex")
-fi
+for secret in jwt.secret edge.key; do
+  [[ -f "$dir/keys/$secret.hex" ]] || (umask 077; openssl rand -hex 32 > "$dir/keys/$secret.hex")
+done
 python3 - "$dir" "$root/filter-wasm/config.example.json" <<'PY'
 import base64, json, os, sys
 d, example = sys.argv[1], sys.argv[2]
@@ -59,7 +60,8 @@ cfg = json.load(open(example))
 cfg["command_keys"]["keys"][0]["public_key_hex"] = open(f"{d}/keys/op-admin-1.pk.hex").read().strip()
 secret = bytes.fromhex(open(f"{d}/keys/jwt.secret.hex").read().strip())
 cfg["jwt"]["jwks"]["keys"][0]["k"] = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
-# It holds the JWT secret: readable by its owner only.
+cfg["edge_key_hex"] = open(f"{d}/keys/edge.key.hex").read().strip()
+# It holds the JWT secret and the edge key: readable by its owner only.
 fd = os.open(f"{d}/filter.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 os.fchmod(fd, 0o600)
 with os.fdopen(fd, "w") as f:

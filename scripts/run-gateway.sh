@@ -98,7 +98,7 @@ GW_TPU_IDENTITY_HEX="$(cat "$run/keys/tpu-identity.sk.hex")" \
 GW_MODELS_DIR="$run/models" GW_KAFKA_BROKERS="$brokers" GW_CLICKHOUSE_URL=http://127.0.0.1:8123 \
   GW_CLICKHOUSE_USER=gw_sidecar GW_CLICKHOUSE_PASSWORD_FILE="$run/keys/clickhouse-sidecar.pw" CTRL_PUBKEY_ID=op-admin-1 CTRL_PUBKEY_HEX="$(cat "$run/keys/op-admin-1.pk.hex")" \
   CTRL_SIGN_SK_HEX="$(cat "$run/keys/op-admin-1.sk.hex")" GW_LEDGER_SK_HEX="$(cat "$run/keys/ledger.sk.hex")" \
-  GW_SIDECAR_LISTEN=127.0.0.1:8080 \
+  GW_EDGE_KEY_HEX="$(cat "$run/keys/edge.key.hex")" GW_SIDECAR_LISTEN=127.0.0.1:8080 \
   "$bin/gw-sidecar" --config "$run/sidecar.json" & pids+=($!)
 "$envoy_bin" -c "$run/envoy.yaml" --concurrency 2 --disable-hot-restart --log-level warn & pids+=($!)
 for _ in $(seq 1 100); do

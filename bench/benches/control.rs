@@ -206,6 +206,25 @@ enum Req {
 
 /// Sends `bodies` from `concurrency` clients, client `i` over `clients[i % len]`
 /// (a `reqwest::Client` is one HTTP/2 connection per host).
+/// `req` stamped and sealed as the edge stamps an admin's token, when `stamped`
+/// (a request straight to the sidecar: a signed command needs the stamp). Sealed
+/// per request, as the filter seals it.
+fn as_the_edge(req: reqwest::RequestBuilder, stamped: bool) -> reqwest::RequestBuilder {
+    if !stamped {
+        return req;
+    }
+    let stamp = [
+        ("x-gw-verified", "jwt"),
+        ("x-gw-sub", "admin-1"),
+        ("x-gw-roles", "admin"),
+    ];
+    let (k, v) = testkit::fixtures::edge_seal(&stamp).expect("a stamp");
+    stamp
+        .iter()
+        .fold(req, |r, (k, v)| r.header(*k, *v))
+        .header(k, v)
+}
+
 fn fire(
     rt: &tokio::runtime::Runtime,
     clients: &[reqwest::Client],
@@ -213,6 +232,7 @@ fn fire(
     token: &str,
     bodies: Vec<Req>,
     concurrency: usize,
+    stamped: bool,
 ) -> Sent {
     rt.block_on(async {
         let queue = Arc::new(std::sync::Mutex::new(bodies.into_iter()));
@@ -235,8 +255,7 @@ fn fire(
                     let s = Instant::now();
                     let (r, command) = match req {
                         Req::Command(body) => (
-                            client
-                                .post(&url)
+                            as_the_edge(client.post(&url), stamped)
                                 .header("authorization", &token)
                                 .header("content-type", "application/x-protobuf")
                                 .body(body)
@@ -426,6 +445,7 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     let env = move |k: &str| match k {
         "CTRL_PUBKEY_HEX" => Some(pk.clone()),
         "CTRL_PUBKEY_ID" => Some("op-admin-1".to_string()),
+        "GW_EDGE_KEY_HEX" => Some(testkit::fixtures::EDGE_KEY_HEX.to_string()),
         "GW_SIDECAR_TLS_CERT" => Some(tls_files.0.clone()),
         "GW_SIDECAR_TLS_KEY" => Some(tls_files.1.clone()),
         "GW_SIDECAR_CLIENT_CA" => Some(tls_files.2.clone()),
@@ -469,12 +489,10 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     // 16 clients, each with its own connection; and one connection for all.
     let tls: Vec<_> = (0..CONCURRENCY).map(|_| client()).collect();
     let tls_one = &tls[..1];
-    // Straight to the sidecar as the edge: mutual TLS with Envoy's certificate.
-    // Straight to the sidecar, stamped as the edge stamps an admin's token (a
-    // signed command needs one).
-    let direct: Vec<_> = (0..CONCURRENCY)
-        .map(|_| certs.edge_client_as_admin())
-        .collect();
+    // Straight to the sidecar as the edge: mutual TLS with Envoy's certificate,
+    // each command stamped and sealed as the edge stamps an admin's token
+    // ([`as_the_edge`]).
+    let direct: Vec<_> = (0..CONCURRENCY).map(|_| certs.edge_client()).collect();
     let direct_one = &direct[..1];
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -501,6 +519,7 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         &token,
         next(&mut nonce)[..200].to_vec(),
         CONCURRENCY,
+        false,
     );
     let pids = [_envoy.id(), std::process::id(), ch.process.id()];
     let mut runs = Vec::new();
@@ -535,7 +554,15 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
                 next(&mut nonce)
             };
             let before = Cpu::now(pids);
-            let s = fire(rt, clients, url, &token, bodies, CONCURRENCY);
+            let s = fire(
+                rt,
+                clients,
+                url,
+                &token,
+                bodies,
+                CONCURRENCY,
+                url == &direct_url,
+            );
             let cpu = before.per_command(&Cpu::now(pids), COMMANDS);
             assert_eq!(s.failures, 0, "{name}: {} requests failed", s.failures);
             runs.push((round, name, s, cpu));
@@ -616,7 +643,7 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
             };
             let before = Cpu::now(pids);
             let batches = journal();
-            let s = fire(rt, client, url, &token, bodies, 1);
+            let s = fire(rt, client, url, &token, bodies, 1, url == &direct_url);
             let (us, busy, steal) = before.per_command(&Cpu::now(pids), SEQUENTIAL as u64);
             let batches = journal().since(&batches);
             assert_eq!(
@@ -666,7 +693,7 @@ fn commands_bench(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     let mut sent = 0;
     while started.elapsed() < Duration::from_secs(12) {
         for chunk in next(&mut nonce).chunks(100) {
-            let s = fire(rt, &tls, &envoy_url, &token, chunk.to_vec(), 1);
+            let s = fire(rt, &tls, &envoy_url, &token, chunk.to_vec(), 1, false);
             assert_eq!(s.failures, 0, "sequential (Envoy's view): not applied");
             sent += chunk.len();
         }

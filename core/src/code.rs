@@ -110,6 +110,9 @@ codes! {
     Unauthenticated => "unauthenticated", 401;
     /// The caller's certificate is not the edge's: only the edge may call this.
     ForbiddenPeer => "forbidden_peer", 403;
+    /// The edge's stamp (`x-gw-*`) has no seal, or one that does not verify
+    /// under the edge key, or is stale: the identity it claims is not believed.
+    EdgeStampInvalid => "edge_stamp_invalid", 401;
     /// No such route.
     NotFound => "not_found", 404;
     // --- the data plane ---

@@ -56,6 +56,9 @@ pub mod headers {
     pub const TOKEN_EXP: &str = "x-gw-token-exp";
     /// The hand-over ticket between the filter's two stages (never reaches the upstream).
     pub const TICKET: &str = "x-gw-ticket";
+    /// The edge's seal over the stamped headers ([`crate::edge_stamp`]): the
+    /// sidecar believes them only under a seal that verifies.
+    pub const STAMP: &str = "x-gw-stamp";
 
     /// The headers the edge stamps (not the ticket).
     pub const STAMPED: [&str; 8] = [

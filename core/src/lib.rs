@@ -3,9 +3,10 @@
 //! The proxy-wasm filter (`wasm32-wasip1`), the sidecar and `gwctl` are thin shells
 //! over this crate: the command signing payload and its builder ([`command`]), the
 //! key ring ([`keyring`]), freshness ([`freshness`]), the replay window ([`replay`]),
-//! JWT verification ([`jwt`]), the edge↔sidecar contract ([`contract`]), module
-//! state and the send gate ([`module_state`]), the ledger's hash chain ([`ledger`])
-//! and the stable rejection codes ([`code`]).
+//! JWT verification ([`jwt`]), the edge↔sidecar contract ([`contract`]) and the
+//! edge's seal on it ([`edge_stamp`]), module state and the send gate
+//! ([`module_state`]), the ledger's hash chain ([`ledger`]) and the stable
+//! rejection codes ([`code`]).
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod checkpoint;
 pub mod code;
 pub mod command;
 pub mod contract;
+pub mod edge_stamp;
 pub mod edverify;
 pub mod freshness;
 pub mod jwk;

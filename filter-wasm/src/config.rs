@@ -112,6 +112,9 @@ pub struct FilterConfig {
     /// Prefix of the shared-data keys handing verified headers to the stamp stage.
     #[serde(default = "default_stamp_prefix")]
     pub stamp_key_prefix: String,
+    /// The key the stamped headers are sealed with ([`gw_core::edge_stamp`]), 64
+    /// hex digits: the sidecar's `GW_EDGE_KEY_HEX`.
+    pub edge_key_hex: String,
     /// Ed25519 command keys.
     pub command_keys: KeyRingConfig,
     /// JWT verification.
@@ -230,6 +233,9 @@ pub enum ConfigError {
     /// JWKS problem.
     #[error("jwt.jwks: {0}")]
     Jwks(#[from] gw_core::jwk::KeyError),
+    /// The edge key is not a key.
+    #[error("edge_key_hex: {0}")]
+    EdgeKey(#[from] gw_core::edge_stamp::KeyError),
     /// Any other invalid value.
     #[error("{0}")]
     Invalid(String),
@@ -262,6 +268,8 @@ pub struct Settings {
     pub stamp_key_prefix: String,
     /// Edge-decision reporting, when configured.
     pub report: Option<crate::report::ReportConfig>,
+    /// The key the stamped headers are sealed with.
+    pub edge_key: gw_core::edge_stamp::EdgeKey,
 }
 
 fn invalid(s: impl Into<String>) -> ConfigError {
@@ -272,6 +280,7 @@ impl Settings {
     /// Parses and validates the plugin configuration.
     pub fn parse(bytes: &[u8]) -> Result<Settings, ConfigError> {
         let c: FilterConfig = serde_json::from_slice(bytes)?;
+        let edge_key = gw_core::edge_stamp::EdgeKey::from_hex(&c.edge_key_hex)?;
         let mut keyring = KeyRing::from_config(&c.command_keys)?;
         // Fixed-base tables per key (see gw_core::edverify), paid once here per VM.
         keyring.precompute_tables()?;
@@ -329,6 +338,7 @@ impl Settings {
             replay_key_prefix: c.replay_key_prefix,
             stamp_key_prefix: c.stamp_key_prefix,
             report: c.report,
+            edge_key,
         })
     }
 

@@ -276,6 +276,18 @@ impl Edge {
         out
     }
 
+    /// `stamped` with the edge's seal over them at `now` ([`headers::STAMP`]).
+    fn sealed(&self, mut stamped: UpstreamHeaders, now: u64) -> UpstreamHeaders {
+        let seal = self.settings.edge_key.seal(now, |name| {
+            stamped
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        });
+        stamped.push((headers::STAMP.into(), seal));
+        stamped
+    }
+
     /// Too large to buffer?
     pub fn body_too_large(&self, size: usize) -> Option<Reject> {
         let max = self.settings.control.max_body;
@@ -300,9 +312,9 @@ impl Edge {
             None => self.token(head, now).map_err(|r| (r, None))?,
         };
         match self.decide_with_token(head, &v) {
-            Ok(WithToken::Forward) => {
-                Ok(HeadDecision::Forward(Self::jwt_headers(&v, Verified::Jwt)))
-            }
+            Ok(WithToken::Forward) => Ok(HeadDecision::Forward(
+                self.sealed(Self::jwt_headers(&v, Verified::Jwt), now),
+            )),
             Ok(WithToken::AwaitBody(route)) => {
                 Ok(HeadDecision::AwaitBody(PendingCommand { jwt: v, route }))
             }
@@ -436,7 +448,7 @@ impl Edge {
         out.push((headers::ISSUER.into(), header_safe(&c.issuer).into_owned()));
         out.push((headers::NONCE.into(), c.nonce.to_string()));
         Ok(Checked {
-            headers: out,
+            headers: self.sealed(out, now),
             resend: outcome == ShardOutcome::Resend,
         })
     }

@@ -134,7 +134,7 @@ impl Root {
 
     /// Ships queued edge reports to the ledger.
     pub fn on_tick(&mut self) {
-        let Some(r) = self.reports.clone() else {
+        let (Some(r), Some(edge)) = (self.reports.clone(), self.edge.clone()) else {
             return;
         };
         let mut b = r.backoff.get();
@@ -144,11 +144,18 @@ impl Root {
             let Some(batch) = r.queue.borrow_mut().next_batch(r.config.max_batch) else {
                 break;
             };
+            // Sealed when sent (a batch sent again is sealed again): the sidecar
+            // records only what the key's holder wrote.
+            let seal = edge
+                .settings
+                .edge_key
+                .seal_report(host::now_secs(), &batch.body);
             let headers = vec![
                 (":method", "POST"),
                 (":path", r.config.path.as_str()),
                 (":authority", r.config.authority.as_str()),
                 ("content-type", "application/json"),
+                (gw_core::contract::headers::STAMP, seal.as_str()),
             ];
             let timeout = std::time::Duration::from_millis(r.config.timeout_ms);
             match abi::http_call(&r.config.cluster, &headers, &batch.body, timeout) {

@@ -94,6 +94,21 @@ fn invalid_configurations_are_refused_clearly() {
         ),
         (Box::new(|c| c["surprise"] = 1.into()), "unknown field"),
         (
+            // No key: nothing the filter stamps would be believed.
+            Box::new(|c| {
+                c.as_object_mut().unwrap().remove("edge_key_hex");
+            }),
+            "missing field `edge_key_hex`",
+        ),
+        (
+            Box::new(|c| c["edge_key_hex"] = "ab".repeat(16).into()),
+            "edge_key_hex: the edge key must be 32 bytes",
+        ),
+        (
+            Box::new(|c| c["edge_key_hex"] = "0".repeat(64).into()),
+            "edge_key_hex: the edge key is all zeros",
+        ),
+        (
             Box::new(|c| c["headers"] = serde_json::json!({"sub": "X-Bad Header"})),
             "header name",
         ),

@@ -16,6 +16,15 @@ fn now() -> u64 {
         .as_secs()
 }
 
+/// The seal the upstream got (`x-gw-stamp`) verifies under the edge key over the
+/// `x-gw-*` headers it got: the filter's own, whatever the client sent.
+fn assert_sealed(echoed: &Value) {
+    let h = echoed["headers"].as_object().expect("headers");
+    let get = |n: &str| h.get(n).and_then(Value::as_str);
+    let key = gw_core::edge_stamp::EdgeKey::from_hex(testkit::fixtures::EDGE_KEY_HEX).unwrap();
+    assert_eq!(key.check(get("x-gw-stamp"), now(), get), Ok(()), "{echoed}");
+}
+
 fn filter_config() -> String {
     testkit::fixtures::filter_config(4096).to_string()
 }
@@ -207,6 +216,7 @@ fn edge_filter_in_real_envoy_over_http3_and_http2() {
     ] {
         assert_eq!(echoed["headers"][k], v, "{k}");
     }
+    assert_sealed(&echoed);
     assert_eq!(echoed["body_len"], body.len());
     // Another command reusing the nonce: refused at the edge, exit 1. (The same bytes
     // again go on to the sidecar, which answers them: here the upstream echoes.)
@@ -233,6 +243,7 @@ fn edge_filter_in_real_envoy_over_http3_and_http2() {
         ("x-gw-pubkey-id", "forged"),
         ("x-gw-roles", "admin"),
         ("x-gw-extra", "1"),
+        ("x-gw-stamp", "v1.1.00"),
     ];
     let r = envoy::h3_requests(
         port,
@@ -250,6 +261,7 @@ fn edge_filter_in_real_envoy_over_http3_and_http2() {
     assert_eq!(echoed["headers"]["x-gw-pubkey-id"], "op-admin-1");
     assert_eq!(echoed["headers"]["x-gw-roles"], "admin");
     assert!(echoed["headers"].get("x-gw-extra").is_none());
+    assert_sealed(&echoed);
     let viewer = bearer(&["viewer"]);
     let r = envoy::h3_requests(
         port,
@@ -272,6 +284,7 @@ fn edge_filter_in_real_envoy_over_http3_and_http2() {
     let jwt_only: Value = serde_json::from_str(r[1]["body"].as_str().unwrap()).unwrap();
     assert_eq!(jwt_only["headers"]["x-gw-sub"], "alice");
     assert_eq!(jwt_only["headers"]["x-gw-verified"], "jwt");
+    assert_sealed(&jwt_only);
     // These routes skip the stamp stage; the verify stage still strips tickets.
     assert!(
         jwt_only["headers"].get("x-gw-ticket").is_none(),

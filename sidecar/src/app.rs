@@ -106,6 +106,10 @@ impl Running {
             ))
             .layer(axum::middleware::from_fn_with_state(
                 self.gatekeeper.clone(),
+                crate::serve::edge_stamp,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                self.gatekeeper.clone(),
                 crate::serve::edge_only,
             ));
         crate::ops::health().merge(api)
@@ -323,6 +327,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         unstamped: Default::default(),
         holders: Arc::new(RefusalBudget::holders()),
         ingest: Default::default(),
+        edge_key: Arc::new(cfg.edge_key),
     };
     realtime.set_gate(gatekeeper.clone());
     let (control, t) = Control::start(

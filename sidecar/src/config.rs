@@ -343,6 +343,9 @@ pub struct Config {
     /// (`GW_STATE_SK_HEX`; unset: [`Config::state_signer`] keeps one in
     /// `state_dir`).
     pub state_key: Option<SigningKey>,
+    /// The key the edge seals its stamp with (`GW_EDGE_KEY_HEX`, the filter's
+    /// `edge_key_hex`); never logged.
+    pub edge_key: gw_core::edge_stamp::EdgeKey,
     /// The ClickHouse password (`GW_CLICKHOUSE_PASSWORD[_FILE]`); never logged.
     pub clickhouse_password: Option<String>,
 }
@@ -402,6 +405,12 @@ pub enum ConfigError {
     /// Nothing could ever verify.
     #[error("no command keys: give command_keys in the config file or CTRL_PUBKEY_HEX")]
     NoKeys,
+    /// No key to check the edge's seal with: no stamp could be believed.
+    #[error(
+        "no edge key: set GW_EDGE_KEY_HEX to the edge filter's edge_key_hex \
+         (the key its stamp is sealed with)"
+    )]
+    NoEdgeKey,
 }
 
 /// The configuration file at `path`, or the defaults.
@@ -862,6 +871,9 @@ impl Config {
         }
         let ledger_key = secret_key(env, "GW_LEDGER_SK_HEX")?;
         let state_key = secret_key(env, "GW_STATE_SK_HEX")?;
+        let edge_key = env("GW_EDGE_KEY_HEX").ok_or(ConfigError::NoEdgeKey)?;
+        let edge_key = gw_core::edge_stamp::EdgeKey::from_hex(&edge_key)
+            .map_err(|e| ConfigError::Env("GW_EDGE_KEY_HEX", e.to_string()))?;
         if let Some(k) = &file.kafka {
             crate::control::state_sign::parse_keys(&k.state_keys)?;
             if let Some(t) = &k.tls {
@@ -875,6 +887,7 @@ impl Config {
             tpu_identity,
             ledger_key,
             state_key,
+            edge_key,
             clickhouse_password,
         })
     }
@@ -890,6 +903,7 @@ mod tests {
             "CTRL_PUBKEY_HEX" => Some(pk.clone()),
             "CTRL_PUBKEY_ID" => Some("op-admin-1".to_owned()),
             "GW_SIDECAR_INSECURE_PLAINTEXT" => Some("1".to_owned()),
+            "GW_EDGE_KEY_HEX" => Some(testkit::fixtures::EDGE_KEY_HEX.to_owned()),
             _ => None,
         };
         Config::from_json(json, std::path::Path::new("test.json"), &env)

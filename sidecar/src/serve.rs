@@ -282,6 +282,8 @@ pub struct Gatekeeper {
     /// reaches its port causes them): apart, so that they take no rows of
     /// callers of the sidecar's own port.
     pub ingest: Arc<RefusalBudget>,
+    /// The key the edge seals its stamp and its reports with ([`edge_stamp`]).
+    pub edge_key: Arc<gw_core::edge_stamp::EdgeKey>,
 }
 
 impl Gatekeeper {
@@ -659,6 +661,70 @@ pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) ->
         ),
     };
     refuse_within(&g, &g.budget, code, detail, None, req).await
+}
+
+/// Largest body of a batch of edge reports the seal is checked over (the filter
+/// sends at most half of it).
+const MAX_SEALED_REPORT_BYTES: usize = 2 * gw_core::contract::MAX_REPORT_BATCH_BYTES;
+
+/// Believes the edge's stamp only under its seal (after [`edge_only`]; see
+/// [`gw_core::edge_stamp`]). A request carrying any `x-gw-*` header is refused 401
+/// `edge_stamp_invalid` unless its seal verifies under the edge key, is at most
+/// [`gw_core::edge_stamp::VALID_SECS`] old, and each stamped header comes once;
+/// its row names no one (the identity it claims is not believed). A request with
+/// no `x-gw-*` header goes on unstamped (a route that needs a token refuses it).
+/// A batch of edge reports is checked over its body, and refused the same way.
+pub async fn edge_stamp(State(g): State<Gatekeeper>, req: Request, next: Next) -> Response {
+    use gw_core::contract::headers;
+    let now = crate::now_secs();
+    let seal = |h: &axum::http::HeaderMap| {
+        h.get(headers::STAMP)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (req, checked) = if req.uri().path() == gw_core::contract::EDGE_DECISIONS_PATH {
+        let seal = seal(req.headers());
+        let (parts, body) = req.into_parts();
+        let Ok(body) = axum::body::to_bytes(body, MAX_SEALED_REPORT_BYTES).await else {
+            let detail =
+                format!("a batch of edge reports is at most {MAX_SEALED_REPORT_BYTES} bytes");
+            return ApiError::with(Code::TooLarge, detail).into_response();
+        };
+        let checked = g.edge_key.check_report(seal.as_deref(), now, &body);
+        (Request::from_parts(parts, Body::from(body)), checked)
+    } else {
+        let h = req.headers();
+        if !h.keys().any(|k| headers::is_reserved(k.as_str())) {
+            return next.run(req).await;
+        }
+        let checked = if headers::STAMPED
+            .iter()
+            .chain([&headers::STAMP])
+            .any(|name| h.get_all(*name).iter().nth(1).is_some())
+        {
+            Err(gw_core::edge_stamp::StampError::Malformed)
+        } else {
+            let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+            g.edge_key.check(get(headers::STAMP), now, get)
+        };
+        (req, checked)
+    };
+    match checked {
+        Ok(()) => next.run(req).await,
+        Err(e) => {
+            tracing::warn!(path = %req.uri().path(), error = %e, "refused a stamp the edge did not seal");
+            let detail = format!("the edge's stamp is not believed: {e}");
+            refuse_within(
+                &g,
+                g.forwarded(None),
+                Code::EdgeStampInvalid,
+                detail,
+                None,
+                req,
+            )
+            .await
+        }
+    }
 }
 
 /// Answers `req` with `code`: with its row (naming `who`) when `budget` has room

@@ -227,19 +227,31 @@ fn configuration_errors_are_clear() {
         err.contains("32 bytes") && !err.contains("abcd"),
         "never echo secrets: {err}"
     );
-    let example = Config::load(
-        Some(Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/config.example.json"
-        ))),
-        &none,
-    )
-    .unwrap();
+    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.json"));
+    // No key to check the edge's seal with: no stamp could be believed.
+    let err = Config::load(Some(path), &none).unwrap_err().to_string();
+    assert!(
+        err.contains("no edge key") && err.contains("GW_EDGE_KEY_HEX"),
+        "{err}"
+    );
+    let bad_edge_key = "ab".repeat(31);
+    let short = |k: &str| (k == "GW_EDGE_KEY_HEX").then(|| bad_edge_key.clone());
+    let err = Config::load(Some(path), &short).unwrap_err().to_string();
+    assert!(
+        err.contains("GW_EDGE_KEY_HEX") && err.contains("32 bytes") && !err.contains(&bad_edge_key),
+        "never echo secrets: {err}"
+    );
+    let edge_key =
+        |k: &str| (k == "GW_EDGE_KEY_HEX").then(|| testkit::fixtures::EDGE_KEY_HEX.to_owned());
+    let example = Config::load(Some(path), &edge_key).unwrap();
     assert_eq!(example.keyring.len(), 1);
     // CTRL_PUBKEY_HEX replaces the file's key of the same id.
     let pk = hex::encode(command_key().verifying_key().as_bytes());
-    let env = |k: &str| (k == "CTRL_PUBKEY_HEX").then(|| pk.clone());
-    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.json"));
+    let env = |k: &str| {
+        (k == "CTRL_PUBKEY_HEX")
+            .then(|| pk.clone())
+            .or_else(|| edge_key(k))
+    };
     let merged = Config::load(Some(path), &env).unwrap();
     assert_eq!(merged.keyring.len(), 1);
     assert_eq!(
@@ -509,14 +521,17 @@ fn a_json_request_retried_with_its_idempotency_key_is_applied_once() {
         &ch,
     ));
     let send_body = |key: Option<&[u8]>, sub: &str, body: &'static str| -> (u16, Value) {
-        let mut req = s
-            .http
-            .post(format!("{}/api/control/module/mev:throttle", s.base))
-            .header("content-type", "application/json")
-            .header("x-gw-verified", "jwt")
-            .header("x-gw-sub", sub)
-            .header("x-gw-roles", "admin")
-            .body(body);
+        let mut req = common::stamped(
+            s.http
+                .post(format!("{}/api/control/module/mev:throttle", s.base))
+                .header("content-type", "application/json"),
+            &[
+                ("x-gw-verified", "jwt"),
+                ("x-gw-sub", sub),
+                ("x-gw-roles", "admin"),
+            ],
+        )
+        .body(body);
         if let Some(k) = key {
             req = req.header("idempotency-key", k);
         }

@@ -228,13 +228,13 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
 /// the answer.
 fn post_reports(s: &common::Served, body: &Value) -> (u16, Value) {
     s.rt.block_on(async {
-        let r = s
-            .http
-            .post(format!("{}/internal/edge-decisions", s.base))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
+        let r = common::edge_reports(
+            s.http.post(format!("{}/internal/edge-decisions", s.base)),
+            body,
+        )
+        .send()
+        .await
+        .unwrap();
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     })
 }

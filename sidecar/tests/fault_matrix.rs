@@ -201,6 +201,7 @@ impl Node {
                 std::env::var("GW_FAULT_SIDECAR_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("GW_LEDGER_SK_HEX", hex::encode(LEDGER_SK))
+            .env("GW_EDGE_KEY_HEX", testkit::fixtures::EDGE_KEY_HEX)
             .env_remove("GW_KAFKA_BROKERS")
             .env_remove("GW_CLICKHOUSE_URL");
         let log = self.dir.join(format!("sidecar-{}.log", self.restarts));
@@ -1574,7 +1575,10 @@ fn edge_refusals_while_the_sidecar_is_down_reach_the_ledger_once() {
         "raw_hex": "", "ts_ms": 1, "id": "00000000000000aa-7"}]);
     let post = |rt: &tokio::runtime::Runtime| -> Value {
         rt.block_on(async {
-            let r = edge.post(&url).json(&batch).send().await.unwrap();
+            let r = common::edge_reports(edge.post(&url), &batch)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status().as_u16(), 200);
             r.json().await.unwrap()
         })

@@ -15,7 +15,26 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 mod common;
 use common::now;
 
+/// `method path` from `client` with `headers`, and the edge's seal over those of
+/// them that are the edge's (`x-gw-*`), as the filter seals them.
 fn call(
+    s: &common::Served,
+    client: &reqwest::Client,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, Value) {
+    let seal = testkit::fixtures::edge_seal(headers);
+    let mut all = headers.to_vec();
+    if let Some((k, v)) = &seal {
+        all.push((k, v.as_str()));
+    }
+    send(s, client, method, path, &all, body)
+}
+
+/// `method path` from `client` with exactly `headers` (no seal added).
+fn send(
     s: &common::Served,
     client: &reqwest::Client,
     method: &str,
@@ -174,6 +193,72 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
         (401, Some("jwt_missing")),
         "{body}"
     );
+    // From the edge's certificate, a stamp the filter did not seal (an Envoy
+    // whose chain lost it, or anyone else holding that certificate): 401
+    // edge_stamp_invalid, each with its row naming no one.
+    let root = [
+        ("x-gw-verified", "jwt"),
+        ("x-gw-sub", "root"),
+        ("x-gw-roles", "admin"),
+    ];
+    let key = testkit::fixtures::EDGE_KEY_HEX;
+    let other_key = "11".repeat(32);
+    let seal_at =
+        |h: &[(&str, &str)], ts: u64, key: &str| testkit::fixtures::edge_seal_at(h, ts, key).1;
+    let as_operator = [root[0], root[1], ("x-gw-roles", "operator")];
+    let forged: Vec<(&str, Vec<(&str, String)>)> = vec![
+        ("no seal", vec![]),
+        (
+            "another key",
+            vec![("x-gw-stamp", seal_at(&root, now(), &other_key))],
+        ),
+        (
+            "two minutes old",
+            vec![("x-gw-stamp", seal_at(&root, now() - 120, key))],
+        ),
+        (
+            "over other roles",
+            vec![("x-gw-stamp", seal_at(&as_operator, now(), key))],
+        ),
+        (
+            "roles sent twice",
+            vec![
+                ("x-gw-stamp", seal_at(&root, now(), key)),
+                ("x-gw-roles", "admin".to_owned()),
+            ],
+        ),
+    ];
+    let mut forgeries = 0;
+    for (what, extra) in &forged {
+        let mut head: Vec<(&str, &str)> = root.to_vec();
+        head.extend(extra.iter().map(|(k, v)| (*k, v.as_str())));
+        let (status, body) = send(&s, &s.http, "GET", "/api/modules", &head, Vec::new());
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("edge_stamp_invalid")),
+            "{what}: {body}"
+        );
+        forgeries += 1;
+    }
+    // A batch of edge reports: with no seal, and with one over another body.
+    let other_body = br#"[]"#;
+    for head in [vec![], vec![testkit::fixtures::report_seal(other_body)]] {
+        let head: Vec<(&str, &str)> = head.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (status, body) = send(
+            &s,
+            &s.http,
+            "POST",
+            "/internal/edge-decisions",
+            &head,
+            report.clone(),
+        );
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("edge_stamp_invalid")),
+            "{body}"
+        );
+        forgeries += 1;
+    }
     // A path the sidecar does not serve: 404 not_found, with its row too.
     let (status, body) = call(&s, &s.http, "POST", "/api/nope", OPERATOR, b"x".to_vec());
     assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
@@ -191,7 +276,27 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     assert_eq!((status, body["error"].as_str()), (413, Some("too_large")));
 
     // Every refusal is a sidecar row with its code; no row claims the edge.
-    let rows = common::wait_rows(&ch, refused + 6);
+    let rows = common::wait_rows(&ch, refused + forgeries + 6);
+    let forged_rows: Vec<_> = rows
+        .iter()
+        .filter(|r| r.code == "edge_stamp_invalid")
+        .collect();
+    assert_eq!(forged_rows.len(), forgeries, "{rows:#?}");
+    assert!(
+        forged_rows.iter().all(|r| r.requester.is_empty()
+            && r.stage == "sidecar"
+            && ["/api/modules", "/internal/edge-decisions"].contains(&r.route.as_str())),
+        "the identity a forged stamp claims is not believed: {rows:#?}"
+    );
+    assert_eq!(
+        forged_rows
+            .iter()
+            .filter(|r| r.route == "/internal/edge-decisions")
+            .map(|r| r.raw_hex.clone())
+            .collect::<Vec<_>>(),
+        vec![hex::encode(&report); 2],
+        "a refused batch's row keeps its body"
+    );
     let unstamped: Vec<_> = rows.iter().filter(|r| r.code == "jwt_missing").collect();
     assert_eq!(
         (
@@ -350,6 +455,9 @@ fn plain_http_only_on_loopback_and_only_when_asked_for() {
         Config::load(None, &move |k: &str| {
             if k == "CTRL_PUBKEY_HEX" {
                 return Some(pk.clone());
+            }
+            if k == "GW_EDGE_KEY_HEX" {
+                return Some(testkit::fixtures::EDGE_KEY_HEX.to_owned());
             }
             extra
                 .iter()

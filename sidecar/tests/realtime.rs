@@ -58,13 +58,25 @@ async fn open_until(
         .unwrap();
     let h = req.headers_mut();
     h.insert("sec-websocket-protocol", SUBPROTOCOL.parse().unwrap());
+    let exp = exp.map(|e| e.to_string());
+    let mut stamp = Vec::new();
     if let Some(r) = roles {
-        h.insert("x-gw-verified", "jwt".parse().unwrap());
-        h.insert("x-gw-roles", r.parse().unwrap());
-        h.insert("x-gw-sub", sub.parse().unwrap());
+        stamp.extend([
+            ("x-gw-verified", "jwt"),
+            ("x-gw-roles", r),
+            ("x-gw-sub", sub),
+        ]);
     }
-    if let Some(exp) = exp {
-        h.insert("x-gw-token-exp", exp.to_string().parse().unwrap());
+    if let Some(exp) = &exp {
+        stamp.push(("x-gw-token-exp", exp));
+    }
+    let seal = testkit::fixtures::edge_seal(&stamp);
+    for (k, v) in stamp
+        .iter()
+        .copied()
+        .chain(seal.as_ref().map(|(k, v)| (*k, v.as_str())))
+    {
+        h.insert(k, v.parse().unwrap());
     }
     match tokio_tungstenite::connect_async(req).await {
         Ok((ws, resp)) => {

@@ -631,7 +631,8 @@ fn a_sidecar_stopped_right_after_its_sends_audits_every_one() {
         cmd.arg("--config")
             .arg(&config)
             .env_remove("GW_KAFKA_BROKERS")
-            .env_remove("GW_CLICKHOUSE_URL");
+            .env_remove("GW_CLICKHOUSE_URL")
+            .env("GW_EDGE_KEY_HEX", testkit::fixtures::EDGE_KEY_HEX);
         let p = testkit::ProcessGuard::spawn(
             "gw-sidecar",
             &mut cmd,
@@ -849,18 +850,20 @@ fn every_refusal_of_the_data_plane_is_a_ledger_row_naming_who() {
     );
     let post = |sub: &str, path: &str, body: Vec<u8>| -> (u16, Value) {
         s.rt.block_on(async {
-            let r = s
-                .http
-                .post(format!("{}{path}", s.base))
-                .header("x-gw-verified", "jwt")
-                .header("x-gw-sub", sub)
-                .header("x-gw-roles", "operator")
-                .header("x-gw-token-issuer", "tests")
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
+            let r = common::stamped(
+                s.http.post(format!("{}{path}", s.base)),
+                &[
+                    ("x-gw-verified", "jwt"),
+                    ("x-gw-sub", sub),
+                    ("x-gw-roles", "operator"),
+                    ("x-gw-token-issuer", "tests"),
+                ],
+            )
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
             (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
         })
     };

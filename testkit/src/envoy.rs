@@ -115,24 +115,6 @@ impl DevCerts {
     pub fn edge_client(&self) -> reqwest::Client {
         self.client(Some((&self.edge_cert, &self.edge_key)))
     }
-
-    /// [`Self::edge_client`] stamping every request as the edge stamps an
-    /// admin's verified token (`sub` `admin-1`): what a signed command straight
-    /// to the sidecar needs.
-    pub fn edge_client_as_admin(&self) -> reqwest::Client {
-        let mut stamp = reqwest::header::HeaderMap::new();
-        for (k, v) in [
-            ("x-gw-verified", "jwt"),
-            ("x-gw-sub", "admin-1"),
-            ("x-gw-roles", "admin"),
-        ] {
-            stamp.insert(k, reqwest::header::HeaderValue::from_static(v));
-        }
-        self.client_builder(Some((&self.edge_cert, &self.edge_key)))
-            .default_headers(stamp)
-            .build()
-            .expect("client")
-    }
 }
 
 /// Starts the JSON echo upstream on a free port; returns the guard and the port.

@@ -11,6 +11,47 @@ use serde_json::{json, Value};
 /// The HS256 secret the fixture configuration trusts (kid `dev`).
 pub const JWT_SECRET: &[u8; 32] = b"edge-gw-test-secret-0123456789ab";
 
+/// The key the edge seals its stamp with (`edge_key_hex`, `GW_EDGE_KEY_HEX`).
+pub const EDGE_KEY_HEX: &str = "65646765207365616c206b6579206f6620746865207465737473202030313233";
+
+/// The seal the edge filter adds ([`gw_core::contract::headers::STAMP`]) over the
+/// `x-gw-*` headers among `headers`, under the key `key_hex`, sealed at `ts`.
+pub fn edge_seal_at(headers: &[(&str, &str)], ts: u64, key_hex: &str) -> (&'static str, String) {
+    let key = gw_core::edge_stamp::EdgeKey::from_hex(key_hex).expect("an edge key");
+    let seal = key.seal(ts, |name| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    });
+    (gw_core::contract::headers::STAMP, seal)
+}
+
+/// The seal the edge filter adds over the `x-gw-*` headers among `headers`, under
+/// [`EDGE_KEY_HEX`], now; `None` when none of them is the edge's.
+pub fn edge_seal(headers: &[(&str, &str)]) -> Option<(&'static str, String)> {
+    let stamped = headers
+        .iter()
+        .any(|(k, _)| gw_core::contract::headers::is_reserved(k));
+    stamped.then(|| edge_seal_at(headers, unix_now(), EDGE_KEY_HEX))
+}
+
+/// A batch of edge reports' seal under [`EDGE_KEY_HEX`], now.
+pub fn report_seal(body: &[u8]) -> (&'static str, String) {
+    let key = gw_core::edge_stamp::EdgeKey::from_hex(EDGE_KEY_HEX).expect("the fixture key");
+    (
+        gw_core::contract::headers::STAMP,
+        key.seal_report(unix_now(), body),
+    )
+}
+
+/// This clock, in unix seconds.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// The command key `op-admin-1`.
 pub fn command_key() -> SigningKey {
     SigningKey::from_bytes(&[3; 32])
@@ -21,6 +62,7 @@ pub fn command_key() -> SigningKey {
 /// (operator), `/` (public).
 pub fn filter_config(max_body_bytes: usize) -> Value {
     json!({
+        "edge_key_hex": EDGE_KEY_HEX,
         "command_keys": {"keys": [{"id": "op-admin-1",
                                     "public_key_hex": hex::encode(command_key().verifying_key().as_bytes()),
                                     "issuers": ["dashboard", "ops"]}]},

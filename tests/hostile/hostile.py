@@ -522,6 +522,23 @@ def sidecar_cases(k, run):
                      ("sidecar", "rejected", code, ""), marker_in_path=False)
             c.cert = cert
             cases.append(c)
+    # Envoy's own certificate (an Envoy whose chain lost the filter, or anyone else
+    # holding that certificate): a stamp or a report batch without the edge key's
+    # seal is not believed.
+    envoy = (f"{run}/certs/envoy-client.pem", f"{run}/certs/envoy-client.key")
+    for what, method, path, headers, body in (
+            ("the JSON signing route as mallory", "POST", "/api/control/module/mev:stop",
+             spoof + [("content-type", "application/json")], b'{"n": "%s"}' % uuid.uuid4().hex.encode()),
+            ("module state as mallory", "GET", "/api/modules", spoof, b""),
+            ("a forged seal", "GET", "/api/ledger/history",
+             spoof + [("x-gw-stamp", f"v1.{int(time.time())}.{'ab' * 32}")], b""),
+            ("a forged edge report", "POST", "/internal/edge-decisions",
+             [("content-type", "application/json")], forged_report),
+    ):
+        c = Case(f"direct, Envoy's certificate, no seal: {what}", method, path, headers, body, 401,
+                 "edge_stamp_invalid", ("sidecar", "rejected", "edge_stamp_invalid", ""), marker_in_path=False)
+        c.cert = envoy
+        cases.append(c)
     return cases
 
 

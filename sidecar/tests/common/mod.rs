@@ -47,6 +47,7 @@ pub fn config(state_dir: &Path, with_signer: bool) -> Config {
         "CTRL_PUBKEY_HEX" => Some(pk.clone()),
         "CTRL_PUBKEY_ID" => Some("op-admin-1".to_string()),
         "CTRL_SIGN_SK_HEX" if with_signer => Some(sk.clone()),
+        "GW_EDGE_KEY_HEX" => Some(testkit::fixtures::EDGE_KEY_HEX.to_owned()),
         _ => None,
     };
     let c = certs(state_dir);
@@ -189,6 +190,7 @@ pub fn plain_sidecar(dir: &Path, ops_port: u16) -> std::process::Command {
             hex::encode(command_key().verifying_key().as_bytes()),
         )
         .env("GW_SIDECAR_INSECURE_PLAINTEXT", "1")
+        .env("GW_EDGE_KEY_HEX", testkit::fixtures::EDGE_KEY_HEX)
         .env(
             "GW_SIDECAR_LISTEN",
             format!("127.0.0.1:{}", testkit::free_port()),
@@ -258,10 +260,42 @@ pub fn as_admin(req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
     as_role(req, "admin")
 }
 
-/// `req` as the edge stamps a verified token with `roles`.
+/// `req` as the edge stamps a verified token with `roles`, sealed.
 pub fn as_role(req: reqwest::RequestBuilder, roles: &str) -> reqwest::RequestBuilder {
-    req.header("x-gw-verified", "jwt")
-        .header("x-gw-sub", "operator-1")
-        .header("x-gw-roles", roles)
-        .header("x-gw-token-issuer", "tests")
+    stamped(
+        req,
+        &[
+            ("x-gw-verified", "jwt"),
+            ("x-gw-sub", "operator-1"),
+            ("x-gw-roles", roles),
+            ("x-gw-token-issuer", "tests"),
+        ],
+    )
+}
+
+/// `req` carrying the batch of edge reports `batch` as the filter posts it: JSON,
+/// sealed under the edge key, now.
+pub fn edge_reports(
+    req: reqwest::RequestBuilder,
+    batch: &serde_json::Value,
+) -> reqwest::RequestBuilder {
+    let body = serde_json::to_vec(batch).unwrap();
+    let (k, v) = testkit::fixtures::report_seal(&body);
+    req.header("content-type", "application/json")
+        .header(k, v)
+        .body(body)
+}
+
+/// `req` with the edge's `stamp` (`x-gw-*` headers) and its seal, now.
+pub fn stamped(
+    mut req: reqwest::RequestBuilder,
+    stamp: &[(&str, &str)],
+) -> reqwest::RequestBuilder {
+    for (k, v) in stamp {
+        req = req.header(*k, *v);
+    }
+    match testkit::fixtures::edge_seal(stamp) {
+        Some((k, v)) => req.header(k, v),
+        None => req,
+    }
 }
