@@ -446,6 +446,7 @@ def main():
     gw_cfg = json.load(open(os.path.join(ROOT, "filter-wasm/config.example.json")))
     gw_cfg["command_keys"]["keys"][0]["public_key_hex"] = open(tmp + "/keys/op-admin-1.pk.hex").read().strip()
     gw_cfg["jwt"]["jwks"]["keys"][0]["k"] = k
+    gw_cfg["edge_key_hex"] = os.urandom(32).hex()
     # No ledger here: reporting rejected commands to a missing cluster would measure
     # its failure path (serialise, fail, log) rather than the request path.
     gw_cfg.pop("report", None)

@@ -204,8 +204,6 @@ enum Req {
     Get,
 }
 
-/// Sends `bodies` from `concurrency` clients, client `i` over `clients[i % len]`
-/// (a `reqwest::Client` is one HTTP/2 connection per host).
 /// `req` stamped and sealed as the edge stamps an admin's token, when `stamped`
 /// (a request straight to the sidecar: a signed command needs the stamp). Sealed
 /// per request, as the filter seals it.
@@ -218,13 +216,11 @@ fn as_the_edge(req: reqwest::RequestBuilder, stamped: bool) -> reqwest::RequestB
         ("x-gw-sub", "admin-1"),
         ("x-gw-roles", "admin"),
     ];
-    let (k, v) = testkit::fixtures::edge_seal(&stamp).expect("a stamp");
-    stamp
-        .iter()
-        .fold(req, |r, (k, v)| r.header(*k, *v))
-        .header(k, v)
+    testkit::envoy::stamped(req, &stamp)
 }
 
+/// Sends `bodies` from `concurrency` clients, client `i` over `clients[i % len]`
+/// (a `reqwest::Client` is one HTTP/2 connection per host).
 fn fire(
     rt: &tokio::runtime::Runtime,
     clients: &[reqwest::Client],

@@ -1,6 +1,7 @@
 //! The edge's seal on what it stamped: an HMAC-SHA256, under a key only the edge
 //! filter and the sidecar hold, over the stamped headers
-//! ([`crate::contract::headers::STAMPED`]) and the time it stamped them.
+//! ([`crate::contract::headers::STAMPED`]), the path the sidecar serves the request
+//! at, and the time it stamped them.
 //!
 //! The sidecar takes requests from Envoy's client certificate only, but that says
 //! which hop a request came over, not that the edge filter ran on it: an Envoy whose
@@ -8,10 +9,11 @@
 //! `x-gw-*` identity. With the seal, the sidecar believes an identity only if the
 //! filter, holding the key, wrote it in the last [`VALID_SECS`].
 //!
-//! What the seal does not do: it is not bound to the request's path, method or
+//! What the seal does not do: it is not bound to the request's method, query or
 //! body, nor used once. Whoever can read the Envoy→sidecar hop (mutual TLS) could
-//! send the same identity again within [`VALID_SECS`]. A signed command's own
-//! signature and nonce still bind its body.
+//! send the same identity to the same path again within [`VALID_SECS`] — on the
+//! JSON control route, a command the sidecar signs in that identity's name. A
+//! signed command's own signature and nonce still bind its body.
 //!
 //! The header value is `v1.<unix seconds>.<64 hex digits>`.
 
@@ -63,6 +65,13 @@ pub enum StampError {
     /// Stamped headers but no seal.
     #[error("the edge's stamp has no seal (x-gw-stamp)")]
     Missing,
+    /// A stamped header, or the seal, comes more than once.
+    #[error("a header of the edge's stamp comes more than once")]
+    Duplicate,
+    /// `x-gw-*` headers the edge never sends with this request (a batch of edge
+    /// reports carries its seal only).
+    #[error("the request carries x-gw-* headers the edge never sends with it")]
+    Stray,
     /// Not `v1.<seconds>.<64 hex digits>`.
     #[error("the edge's seal is not v1.<seconds>.<hex>")]
     Malformed,
@@ -116,12 +125,14 @@ impl EdgeKey {
             .map_err(|_| StampError::Mismatch)
     }
 
-    /// The MAC over the stamped headers read through `get` (by lowercase name),
-    /// sealed at `ts`.
-    fn mac<'a>(&self, ts: u64, get: impl Fn(&str) -> Option<&'a str>) -> Hmac<Sha256> {
+    /// The MAC over the stamped headers read through `get` (by lowercase name) of
+    /// a request to `path` (the sidecar's, without the query), sealed at `ts`.
+    fn mac<'a>(&self, ts: u64, path: &str, get: impl Fn(&str) -> Option<&'a str>) -> Hmac<Sha256> {
         let mut mac = self.0.clone();
         mac.update(DOMAIN);
         mac.update(&ts.to_be_bytes());
+        mac.update(&(path.len() as u64).to_be_bytes());
+        mac.update(path.as_bytes());
         // Each header in the contract's order: absent, or present with its length
         // and bytes (so no two stamps write the same input).
         for name in headers::STAMPED {
@@ -137,25 +148,35 @@ impl EdgeKey {
         mac
     }
 
-    /// The seal's header value over the headers `get` reads, at `ts` (unix seconds).
-    pub fn seal<'a>(&self, ts: u64, get: impl Fn(&str) -> Option<&'a str>) -> String {
-        let tag = self.mac(ts, get).finalize().into_bytes();
+    /// The seal's header value over the headers `get` reads of a request to
+    /// `path` (the path the sidecar serves it at, without the query), at `ts`
+    /// (unix seconds).
+    pub fn seal<'a>(&self, ts: u64, path: &str, get: impl Fn(&str) -> Option<&'a str>) -> String {
+        let tag = self.mac(ts, path, get).finalize().into_bytes();
         format!("{VERSION}.{ts}.{}", hex::encode(tag))
     }
 
-    /// Checks `seal` (the header value) over the headers `get` reads, at `now`
-    /// (unix seconds). The MAC is compared in constant time.
+    /// Checks `seal` (the header value) over the headers `get` reads of a request
+    /// to `path` (without the query), at `now` (unix seconds). The MAC is compared
+    /// in constant time.
     pub fn check<'a>(
         &self,
         seal: Option<&str>,
         now: u64,
+        path: &str,
         get: impl Fn(&str) -> Option<&'a str>,
     ) -> Result<(), StampError> {
         let (ts, tag) = parse(seal, now)?;
-        self.mac(ts, get)
+        self.mac(ts, path, get)
             .verify_slice(&tag)
             .map_err(|_| StampError::Mismatch)
     }
+}
+
+/// Whether `seal` has the shape of one and a time within [`VALID_SECS`] of `now`
+/// (what can be checked before reading what it seals).
+pub fn timely(seal: Option<&str>, now: u64) -> Result<(), StampError> {
+    parse(seal, now).map(|_| ())
 }
 
 /// A seal's time and MAC, once its shape and its time (within [`VALID_SECS`] of
@@ -187,6 +208,7 @@ mod tests {
     use super::*;
 
     const NOW: u64 = 1_800_000_000;
+    const PATH: &str = "/api/modules";
 
     fn key(b: u8) -> EdgeKey {
         EdgeKey::from_hex(&hex::encode([b; 32])).unwrap()
@@ -208,32 +230,37 @@ mod tests {
     #[test]
     fn a_seal_checks_under_its_key_within_its_window_only() {
         let h = stamped();
-        let seal = key(7).seal(NOW, getter(&h));
+        let seal = key(7).seal(NOW, PATH, getter(&h));
         assert!(seal.starts_with(&format!("v1.{NOW}.")));
         assert_eq!(seal.len(), "v1.".len() + 10 + 1 + 64);
-        assert_eq!(key(7).check(Some(&seal), NOW, getter(&h)), Ok(()));
+        assert_eq!(key(7).check(Some(&seal), NOW, PATH, getter(&h)), Ok(()));
         assert_eq!(
-            key(7).check(Some(&seal), NOW + VALID_SECS, getter(&h)),
+            key(7).check(Some(&seal), NOW + VALID_SECS, PATH, getter(&h)),
             Ok(())
         );
         assert_eq!(
-            key(7).check(Some(&seal), NOW - VALID_SECS, getter(&h)),
+            key(7).check(Some(&seal), NOW - VALID_SECS, PATH, getter(&h)),
             Ok(())
         );
         assert_eq!(
-            key(7).check(Some(&seal), NOW + VALID_SECS + 1, getter(&h)),
+            key(7).check(Some(&seal), NOW + VALID_SECS + 1, PATH, getter(&h)),
             Err(StampError::Stale(VALID_SECS + 1))
         );
         assert_eq!(
-            key(7).check(Some(&seal), NOW - VALID_SECS - 1, getter(&h)),
+            key(7).check(Some(&seal), NOW - VALID_SECS - 1, PATH, getter(&h)),
             Err(StampError::Stale(VALID_SECS + 1))
         );
         assert_eq!(
-            key(8).check(Some(&seal), NOW, getter(&h)),
+            key(8).check(Some(&seal), NOW, PATH, getter(&h)),
+            Err(StampError::Mismatch)
+        );
+        // Another path: a seal of a read is no seal of a control route.
+        assert_eq!(
+            key(7).check(Some(&seal), NOW, "/api/control/module/mev:stop", getter(&h)),
             Err(StampError::Mismatch)
         );
         assert_eq!(
-            key(7).check(None, NOW, getter(&h)),
+            key(7).check(None, NOW, PATH, getter(&h)),
             Err(StampError::Missing)
         );
     }
@@ -241,14 +268,14 @@ mod tests {
     #[test]
     fn every_stamped_header_is_sealed_and_absent_differs_from_empty() {
         let h = stamped();
-        let seal = key(7).seal(NOW, getter(&h));
+        let seal = key(7).seal(NOW, PATH, getter(&h));
         for name in headers::STAMPED {
             // Changed, added, or removed: each is refused.
             let mut changed: Vec<(&str, &str)> =
                 h.iter().copied().filter(|(k, _)| *k != name).collect();
             changed.push((name, "admin2"));
             assert_eq!(
-                key(7).check(Some(&seal), NOW, getter(&changed)),
+                key(7).check(Some(&seal), NOW, PATH, getter(&changed)),
                 Err(StampError::Mismatch),
                 "{name} changed or added"
             );
@@ -256,7 +283,7 @@ mod tests {
                 h.iter().copied().filter(|(k, _)| *k != name).collect();
             empty.push((name, ""));
             assert_eq!(
-                key(7).check(Some(&seal), NOW, getter(&empty)),
+                key(7).check(Some(&seal), NOW, PATH, getter(&empty)),
                 Err(StampError::Mismatch),
                 "{name} empty"
             );
@@ -264,7 +291,7 @@ mod tests {
                 let removed: Vec<(&str, &str)> =
                     h.iter().copied().filter(|(k, _)| *k != name).collect();
                 assert_eq!(
-                    key(7).check(Some(&seal), NOW, getter(&removed)),
+                    key(7).check(Some(&seal), NOW, PATH, getter(&removed)),
                     Err(StampError::Mismatch),
                     "{name} removed"
                 );
@@ -273,7 +300,7 @@ mod tests {
         // Another time under the same MAC.
         let moved = seal.replacen(&NOW.to_string(), &(NOW + 1).to_string(), 1);
         assert_eq!(
-            key(7).check(Some(&moved), NOW, getter(&h)),
+            key(7).check(Some(&moved), NOW, PATH, getter(&h)),
             Err(StampError::Mismatch)
         );
     }
@@ -281,7 +308,7 @@ mod tests {
     #[test]
     fn malformed_seals_and_keys_are_refused() {
         let h = stamped();
-        let good = key(7).seal(NOW, getter(&h));
+        let good = key(7).seal(NOW, PATH, getter(&h));
         let tag = good.rsplit('.').next().unwrap().to_owned();
         for bad in [
             String::new(),
@@ -296,7 +323,7 @@ mod tests {
             format!("v1.{NOW}.{}", "zz".repeat(32)),
         ] {
             assert_eq!(
-                key(7).check(Some(&bad), NOW, getter(&h)),
+                key(7).check(Some(&bad), NOW, PATH, getter(&h)),
                 Err(StampError::Malformed),
                 "{bad:?}"
             );
@@ -337,28 +364,29 @@ mod tests {
         );
         // A stamp's seal is no report's, nor the other way round.
         let none = |_: &str| None;
-        let stamp = key(7).seal(NOW, none);
+        let stamp = key(7).seal(NOW, PATH, none);
         assert_eq!(
             key(7).check_report(Some(&stamp), NOW, b""),
             Err(StampError::Mismatch)
         );
         let report = key(7).seal_report(NOW, b"");
         assert_eq!(
-            key(7).check(Some(&report), NOW, none),
+            key(7).check(Some(&report), NOW, PATH, none),
             Err(StampError::Mismatch)
         );
     }
 
     #[test]
     fn the_seal_matches_an_independent_implementation_of_the_documented_input() {
-        // Python's hmac over the layout in `mac`'s comments (docs/architecture.md):
-        //   DOMAIN, ts as 8 bytes big-endian, then per STAMPED header 0 (absent) or
-        //   1, its length as 8 bytes big-endian, its bytes.
-        // key = 32 bytes of 7, ts = 1 800 000 000, roles `viewer`, verified `jwt`.
+        // Python's hmac over the layout in docs/architecture.md: DOMAIN, ts as 8
+        // bytes big-endian, the path's length as 8 bytes big-endian and its bytes,
+        // then per STAMPED header 0 (absent) or 1, its length as 8 bytes
+        // big-endian, its bytes. Key = 32 bytes of 7, ts = 1 800 000 000, path
+        // `/api/modules`, roles `viewer`, verified `jwt`.
         let h = [(headers::ROLES, "viewer"), (headers::VERIFIED, "jwt")];
         assert_eq!(
-            key(7).seal(NOW, getter(&h)),
-            format!("v1.{NOW}.85508f9b67cbc9561b5b421dfb23fb2ae9d4bc93623ef5fc1c17c756a5944293")
+            key(7).seal(NOW, PATH, getter(&h)),
+            format!("v1.{NOW}.ad679356760bdf1f98b4ffb84af571a98da7c2a1b50daa76d7bb795d057a8ffd")
         );
     }
 }

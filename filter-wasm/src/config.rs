@@ -113,8 +113,10 @@ pub struct FilterConfig {
     #[serde(default = "default_stamp_prefix")]
     pub stamp_key_prefix: String,
     /// The key the stamped headers are sealed with ([`gw_core::edge_stamp`]), 64
-    /// hex digits: the sidecar's `GW_EDGE_KEY_HEX`.
-    pub edge_key_hex: String,
+    /// hex digits: the sidecar's `GW_EDGE_KEY_HEX` (read straight into the key,
+    /// which never prints).
+    #[serde(deserialize_with = "edge_key")]
+    pub edge_key_hex: gw_core::edge_stamp::EdgeKey,
     /// Ed25519 command keys.
     pub command_keys: KeyRingConfig,
     /// JWT verification.
@@ -151,6 +153,16 @@ pub struct FilterConfig {
     /// Where rejected control requests are reported for the audit ledger (optional).
     #[serde(default)]
     pub report: Option<crate::report::ReportConfig>,
+}
+
+/// Reads `edge_key_hex` into the key; the error names the field, never the value.
+/// (The text stays in the host's copy of the plugin configuration anyway.)
+fn edge_key<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<gw_core::edge_stamp::EdgeKey, D::Error> {
+    let hex = String::deserialize(d)?;
+    gw_core::edge_stamp::EdgeKey::from_hex(&hex)
+        .map_err(|e| serde::de::Error::custom(format!("edge_key_hex: {e}")))
 }
 
 fn default_command_path() -> String {
@@ -233,9 +245,6 @@ pub enum ConfigError {
     /// JWKS problem.
     #[error("jwt.jwks: {0}")]
     Jwks(#[from] gw_core::jwk::KeyError),
-    /// The edge key is not a key.
-    #[error("edge_key_hex: {0}")]
-    EdgeKey(#[from] gw_core::edge_stamp::KeyError),
     /// Any other invalid value.
     #[error("{0}")]
     Invalid(String),
@@ -280,7 +289,6 @@ impl Settings {
     /// Parses and validates the plugin configuration.
     pub fn parse(bytes: &[u8]) -> Result<Settings, ConfigError> {
         let c: FilterConfig = serde_json::from_slice(bytes)?;
-        let edge_key = gw_core::edge_stamp::EdgeKey::from_hex(&c.edge_key_hex)?;
         let mut keyring = KeyRing::from_config(&c.command_keys)?;
         // Fixed-base tables per key (see gw_core::edverify), paid once here per VM.
         keyring.precompute_tables()?;
@@ -338,7 +346,7 @@ impl Settings {
             replay_key_prefix: c.replay_key_prefix,
             stamp_key_prefix: c.stamp_key_prefix,
             report: c.report,
-            edge_key,
+            edge_key: c.edge_key_hex,
         })
     }
 

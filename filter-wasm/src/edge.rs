@@ -43,6 +43,8 @@ pub struct RequestHead<'a> {
 pub struct PendingCommand {
     jwt: VerifiedJwt,
     route: Option<(Module, Action)>,
+    /// The path the sidecar serves it at ([`Edge::upstream_path`]).
+    path: String,
 }
 
 impl PendingCommand {
@@ -103,14 +105,19 @@ pub struct Checked {
 }
 
 /// Percent-encodes anything that is not printable ASCII, so a claim can never
-/// inject a header line.
+/// inject a header line, and a leading or trailing space (which a hop may trim,
+/// and the sealed value would then differ from the one the sidecar reads).
 pub fn header_safe(s: &str) -> Cow<'_, str> {
-    if s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'%') {
+    let last = s.len().saturating_sub(1);
+    let kept = |i: usize, b: u8| {
+        (0x20..0x7f).contains(&b) && b != b'%' && !(b == b' ' && (i == 0 || i == last))
+    };
+    if s.bytes().enumerate().all(|(i, b)| kept(i, b)) {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
-    for b in s.bytes() {
-        if (0x20..0x7f).contains(&b) && b != b'%' {
+    for (i, b) in s.bytes().enumerate() {
+        if kept(i, b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -276,9 +283,25 @@ impl Edge {
         out
     }
 
-    /// `stamped` with the edge's seal over them at `now` ([`headers::STAMP`]).
-    fn sealed(&self, mut stamped: UpstreamHeaders, now: u64) -> UpstreamHeaders {
-        let seal = self.settings.edge_key.seal(now, |name| {
+    /// The path the sidecar serves a request to `path` at, without the query:
+    /// Envoy rewrites the filter's `command_path` and `module_route_prefix` to the
+    /// sidecar's fixed ones.
+    fn upstream_path(&self, path: &str) -> String {
+        let s = &self.settings;
+        let path = path_only(path);
+        if path == s.command_path {
+            return contract::COMMAND_PATH.to_owned();
+        }
+        match path.strip_prefix(s.module_route_prefix.as_str()) {
+            Some(spec) => format!("{}{spec}", contract::MODULE_ROUTE_PREFIX),
+            None => path.to_owned(),
+        }
+    }
+
+    /// `stamped` with the edge's seal over them, for the sidecar's `path`, at
+    /// `now` ([`headers::STAMP`]).
+    fn sealed(&self, mut stamped: UpstreamHeaders, path: &str, now: u64) -> UpstreamHeaders {
+        let seal = self.settings.edge_key.seal(now, path, |name| {
             stamped
                 .iter()
                 .find(|(k, _)| k == name)
@@ -312,12 +335,16 @@ impl Edge {
             None => self.token(head, now).map_err(|r| (r, None))?,
         };
         match self.decide_with_token(head, &v) {
-            Ok(WithToken::Forward) => Ok(HeadDecision::Forward(
-                self.sealed(Self::jwt_headers(&v, Verified::Jwt), now),
-            )),
-            Ok(WithToken::AwaitBody(route)) => {
-                Ok(HeadDecision::AwaitBody(PendingCommand { jwt: v, route }))
-            }
+            Ok(WithToken::Forward) => Ok(HeadDecision::Forward(self.sealed(
+                Self::jwt_headers(&v, Verified::Jwt),
+                &self.upstream_path(head.path),
+                now,
+            ))),
+            Ok(WithToken::AwaitBody(route)) => Ok(HeadDecision::AwaitBody(PendingCommand {
+                jwt: v,
+                route,
+                path: self.upstream_path(head.path),
+            })),
             Err(r) => Err((r, Some(requester_of(&v)))),
         }
     }
@@ -448,7 +475,7 @@ impl Edge {
         out.push((headers::ISSUER.into(), header_safe(&c.issuer).into_owned()));
         out.push((headers::NONCE.into(), c.nonce.to_string()));
         Ok(Checked {
-            headers: self.sealed(out, now),
+            headers: self.sealed(out, &pending.path, now),
             resend: outcome == ShardOutcome::Resend,
         })
     }

@@ -137,6 +137,12 @@ impl Root {
         let (Some(r), Some(edge)) = (self.reports.clone(), self.edge.clone()) else {
             return;
         };
+        // No time from the host: a batch could not be sealed with one the
+        // sidecar believes. The reports wait for the next tick.
+        let now = host::now_secs();
+        if now == 0 {
+            return;
+        }
         let mut b = r.backoff.get();
         let batches = b.batches_now(BATCHES_PER_TICK, r.in_flight.borrow().len());
         r.backoff.set(b);
@@ -146,10 +152,7 @@ impl Root {
             };
             // Sealed when sent (a batch sent again is sealed again): the sidecar
             // records only what the key's holder wrote.
-            let seal = edge
-                .settings
-                .edge_key
-                .seal_report(host::now_secs(), &batch.body);
+            let seal = edge.settings.edge_key.seal_report(now, &batch.body);
             let headers = vec![
                 (":method", "POST"),
                 (":path", r.config.path.as_str()),
@@ -202,8 +205,14 @@ impl Root {
                 add(r.failed, n);
             }
             Outcome::Retry => {
+                // 401: the sidecar did not believe the batch's seal.
+                let why = if status == 401 {
+                    " (the sidecar refused the seal: is its GW_EDGE_KEY_HEX this filter's edge_key_hex?)"
+                } else {
+                    ""
+                };
                 host::warn(&format!(
-                    "gw_edge: {n} edge decision(s) not delivered (status {status}), kept to send again"
+                    "gw_edge: {n} edge decision(s) not delivered (status {status}{why}), kept to send again"
                 ));
                 r.retry(reports);
             }

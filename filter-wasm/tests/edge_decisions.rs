@@ -13,6 +13,18 @@ fn config() -> serde_json::Value {
     testkit::fixtures::filter_config(4096)
 }
 
+/// The seal among `h` verifies under the fixture key over the rest of `h`, for a
+/// request the sidecar serves at `path`.
+fn assert_sealed(h: &[(String, String)], path: &str) {
+    let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+    let key = gw_core::edge_stamp::EdgeKey::from_hex(testkit::fixtures::EDGE_KEY_HEX).unwrap();
+    assert_eq!(
+        key.check(get("x-gw-stamp"), NOW, path, get),
+        Ok(()),
+        "{h:?}"
+    );
+}
+
 fn edge() -> Edge {
     Edge::new(Settings::parse(config().to_string().as_bytes()).unwrap())
 }
@@ -48,7 +60,15 @@ fn reject_code(d: HeadDecision) -> Code {
 #[test]
 fn the_example_configuration_loads() {
     let text = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.json")).unwrap();
-    let s = Settings::parse(&text).unwrap();
+    // Its edge key is a placeholder no deployment can keep: refused until replaced.
+    let err = Settings::parse(&text).unwrap_err().to_string();
+    assert!(
+        err.contains("edge_key_hex: the edge key must be 32 bytes"),
+        "{err}"
+    );
+    let mut cfg: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    cfg["edge_key_hex"] = testkit::fixtures::EDGE_KEY_HEX.into();
+    let s = Settings::parse(cfg.to_string().as_bytes()).unwrap();
     assert_eq!(s.command_path, "/api/control/commands");
     assert!(s.rule_for("/index.html").is_some_and(|r| r.public));
 }
@@ -158,6 +178,8 @@ fn routes_need_the_right_role() {
     match e.on_request_headers(&head("GET", "/api/ledger/history?x=1", Some(&viewer)), NOW) {
         HeadDecision::Forward(h) => {
             assert!(h.contains(&("x-gw-sub".into(), "alice".into())));
+            // Sealed for the path, without the query.
+            assert_sealed(&h, "/api/ledger/history");
             assert!(h.contains(&("x-gw-roles".into(), "viewer".into())));
             assert!(h.contains(&("x-gw-verified".into(), "jwt".into())));
             // The token's expiry (a realtime stream ends then).
@@ -332,6 +354,7 @@ fn signed_commands_are_verified_and_accepted_once() {
     ] {
         assert!(h.contains(&(k.to_string(), v.to_string())), "{k}: {h:?}");
     }
+    assert_sealed(&h, "/api/control/commands");
     // The same bytes again: a resend, let through to the sidecar.
     assert!(e.on_request_body(&p, &body, NOW, &store).unwrap().resend);
     // Another command reusing the nonce: refused here.
@@ -356,7 +379,9 @@ fn a_configured_module_route_prefix_binds_the_command_to_its_route() {
     let HeadDecision::AwaitBody(p) = decide("/api/ops/module/mev:throttle") else {
         panic!("expected to await the body")
     };
-    assert!(e.on_request_body(&p, &body, NOW, &store).is_ok());
+    let checked = e.on_request_body(&p, &body, NOW, &store).unwrap();
+    // Sealed for the path Envoy rewrites it to, the one the sidecar serves.
+    assert_sealed(&checked.headers, "/api/control/module/mev:throttle");
     let HeadDecision::AwaitBody(p) = decide("/api/ops/module/mev:kill") else {
         panic!("expected to await the body")
     };
@@ -481,4 +506,8 @@ fn reserved_headers_and_safe_values() {
         "a%0D%0Ax-gw-roles: admin"
     );
     assert_eq!(header_safe("100%"), "100%25");
+    // A space a hop may trim is encoded; one inside is kept.
+    assert_eq!(header_safe(" alice "), "%20alice%20");
+    assert_eq!(header_safe("alice b"), "alice b");
+    assert_eq!(header_safe(" "), "%20");
 }

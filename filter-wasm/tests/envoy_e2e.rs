@@ -17,12 +17,19 @@ fn now() -> u64 {
 }
 
 /// The seal the upstream got (`x-gw-stamp`) verifies under the edge key over the
-/// `x-gw-*` headers it got: the filter's own, whatever the client sent.
+/// `x-gw-*` headers it got and the path it was asked for (without the query): the
+/// filter's own, whatever the client sent.
 fn assert_sealed(echoed: &Value) {
     let h = echoed["headers"].as_object().expect("headers");
     let get = |n: &str| h.get(n).and_then(Value::as_str);
+    let path = echoed["path"].as_str().expect("path");
+    let path = path.split('?').next().unwrap_or(path);
     let key = gw_core::edge_stamp::EdgeKey::from_hex(testkit::fixtures::EDGE_KEY_HEX).unwrap();
-    assert_eq!(key.check(get("x-gw-stamp"), now(), get), Ok(()), "{echoed}");
+    assert_eq!(
+        key.check(get("x-gw-stamp"), now(), path, get),
+        Ok(()),
+        "{echoed}"
+    );
 }
 
 fn filter_config() -> String {
@@ -601,6 +608,10 @@ fn every_rendered_config_validates() {
     let example =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.json"))
             .unwrap();
+    // With a key in place of the example's placeholder (as dev-keys.sh writes it).
+    let mut example: Value = serde_json::from_str(&example).unwrap();
+    example["edge_key_hex"] = testkit::fixtures::EDGE_KEY_HEX.into();
+    let example = example.to_string();
     let sets = vec![
         ("GW_TLS_CERT", certs.cert.display().to_string()),
         ("GW_TLS_KEY", certs.key.display().to_string()),

@@ -1,5 +1,6 @@
-//! The sidecar's configuration file, with no environment: parsing, defaults, key
-//! rings, bounds.
+//! The sidecar's configuration file, with only the edge key from the environment
+//! (without it every input would stop there): parsing, defaults, key rings,
+//! bounds.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -9,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = gw_sidecar::config::Config::from_json(
             text,
             std::path::Path::new("fuzz.json"),
-            &|_| None,
+            &|k| (k == "GW_EDGE_KEY_HEX").then(|| "ab".repeat(32)),
         );
     }
 });

@@ -407,8 +407,8 @@ pub enum ConfigError {
     NoKeys,
     /// No key to check the edge's seal with: no stamp could be believed.
     #[error(
-        "no edge key: set GW_EDGE_KEY_HEX to the edge filter's edge_key_hex \
-         (the key its stamp is sealed with)"
+        "no edge key: set GW_EDGE_KEY_HEX (or GW_EDGE_KEY_FILE, a file holding it) to \
+         the edge filter's edge_key_hex (the key its stamp is sealed with)"
     )]
     NoEdgeKey,
 }
@@ -504,6 +504,31 @@ fn check_clickhouse(file: &FileConfig) -> Result<(), ConfigError> {
 
 /// The Ed25519 key (32-byte seed, hex) in environment variable `name`, if set
 /// (its value is never echoed).
+/// The edge key: `GW_EDGE_KEY_HEX`, or the file `GW_EDGE_KEY_FILE` names (one
+/// of them). Errors never echo the key.
+fn edge_key(
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<gw_core::edge_stamp::EdgeKey, ConfigError> {
+    let (name, hex) = match (env("GW_EDGE_KEY_HEX"), env("GW_EDGE_KEY_FILE")) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Env(
+                "GW_EDGE_KEY_FILE",
+                "set GW_EDGE_KEY_HEX or GW_EDGE_KEY_FILE, not both".into(),
+            ))
+        }
+        (Some(hex), None) => ("GW_EDGE_KEY_HEX", zeroize::Zeroizing::new(hex)),
+        (None, Some(path)) => (
+            "GW_EDGE_KEY_FILE",
+            zeroize::Zeroizing::new(
+                std::fs::read_to_string(&path)
+                    .map_err(|e| ConfigError::Env("GW_EDGE_KEY_FILE", format!("{path}: {e}")))?,
+            ),
+        ),
+        (None, None) => return Err(ConfigError::NoEdgeKey),
+    };
+    gw_core::edge_stamp::EdgeKey::from_hex(&hex).map_err(|e| ConfigError::Env(name, e.to_string()))
+}
+
 fn secret_key(
     env: &dyn Fn(&str) -> Option<String>,
     name: &'static str,
@@ -871,9 +896,7 @@ impl Config {
         }
         let ledger_key = secret_key(env, "GW_LEDGER_SK_HEX")?;
         let state_key = secret_key(env, "GW_STATE_SK_HEX")?;
-        let edge_key = env("GW_EDGE_KEY_HEX").ok_or(ConfigError::NoEdgeKey)?;
-        let edge_key = gw_core::edge_stamp::EdgeKey::from_hex(&edge_key)
-            .map_err(|e| ConfigError::Env("GW_EDGE_KEY_HEX", e.to_string()))?;
+        let edge_key = edge_key(env)?;
         if let Some(k) = &file.kafka {
             crate::control::state_sign::parse_keys(&k.state_keys)?;
             if let Some(t) = &k.tls {

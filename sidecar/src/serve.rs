@@ -665,65 +665,116 @@ pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) ->
 
 /// Largest body of a batch of edge reports the seal is checked over (the filter
 /// sends at most half of it).
-const MAX_SEALED_REPORT_BYTES: usize = 2 * gw_core::contract::MAX_REPORT_BATCH_BYTES;
+pub const MAX_SEALED_REPORT_BYTES: usize = 2 * gw_core::contract::MAX_REPORT_BATCH_BYTES;
+
+/// How long a batch of edge reports may take to arrive whole.
+const REPORT_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Believes the edge's stamp only under its seal (after [`edge_only`]; see
 /// [`gw_core::edge_stamp`]). A request carrying any `x-gw-*` header is refused 401
-/// `edge_stamp_invalid` unless its seal verifies under the edge key, is at most
-/// [`gw_core::edge_stamp::VALID_SECS`] old, and each stamped header comes once;
-/// its row names no one (the identity it claims is not believed). A request with
-/// no `x-gw-*` header goes on unstamped (a route that needs a token refuses it).
-/// A batch of edge reports is checked over its body, and refused the same way.
+/// `edge_stamp_invalid` unless its seal verifies under the edge key over the
+/// stamped headers and the path, is at most [`gw_core::edge_stamp::VALID_SECS`]
+/// from this clock, and each stamped header comes once; its row names no one (the
+/// identity it claims is not believed), within the budget of callers that are
+/// not the edge. A request with no `x-gw-*` header goes on unstamped (a route that
+/// needs a token refuses it). A batch of edge reports must carry the seal over its
+/// body, and nothing else of the edge's.
 pub async fn edge_stamp(State(g): State<Gatekeeper>, req: Request, next: Next) -> Response {
     use gw_core::contract::headers;
+    use gw_core::edge_stamp::{timely, StampError};
     let now = crate::now_secs();
-    let seal = |h: &axum::http::HeaderMap| {
-        h.get(headers::STAMP)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let (req, checked) = if req.uri().path() == gw_core::contract::EDGE_DECISIONS_PATH {
-        let seal = seal(req.headers());
-        let (parts, body) = req.into_parts();
-        let Ok(body) = axum::body::to_bytes(body, MAX_SEALED_REPORT_BYTES).await else {
-            let detail =
-                format!("a batch of edge reports is at most {MAX_SEALED_REPORT_BYTES} bytes");
-            return ApiError::with(Code::TooLarge, detail).into_response();
-        };
-        let checked = g.edge_key.check_report(seal.as_deref(), now, &body);
-        (Request::from_parts(parts, Body::from(body)), checked)
-    } else {
-        let h = req.headers();
-        if !h.keys().any(|k| headers::is_reserved(k.as_str())) {
-            return next.run(req).await;
-        }
-        let checked = if headers::STAMPED
-            .iter()
-            .chain([&headers::STAMP])
-            .any(|name| h.get_all(*name).iter().nth(1).is_some())
-        {
-            Err(gw_core::edge_stamp::StampError::Malformed)
+    let report = req.uri().path() == gw_core::contract::EDGE_DECISIONS_PATH;
+    let h = req.headers();
+    let reserved = |k: &axum::http::HeaderName| headers::is_reserved(k.as_str());
+    if !report && !h.keys().any(reserved) {
+        return next.run(req).await;
+    }
+    let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+    let seal = get(headers::STAMP).map(str::to_owned);
+    let checked = if headers::STAMPED
+        .iter()
+        .chain([&headers::STAMP])
+        .any(|name| h.get_all(*name).iter().nth(1).is_some())
+    {
+        Err(StampError::Duplicate)
+    } else if report {
+        if h.keys().any(|k| reserved(k) && k != headers::STAMP) {
+            Err(StampError::Stray)
         } else {
-            let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
-            g.edge_key.check(get(headers::STAMP), now, get)
-        };
-        (req, checked)
+            // Shape and time first: an unsealed batch is not read.
+            timely(seal.as_deref(), now)
+        }
+    } else {
+        g.edge_key
+            .check(seal.as_deref(), now, req.uri().path(), get)
     };
     match checked {
-        Ok(()) => next.run(req).await,
-        Err(e) => {
-            tracing::warn!(path = %req.uri().path(), error = %e, "refused a stamp the edge did not seal");
-            let detail = format!("the edge's stamp is not believed: {e}");
-            refuse_within(
-                &g,
-                g.forwarded(None),
-                Code::EdgeStampInvalid,
-                detail,
-                None,
-                req,
-            )
-            .await
+        Err(e) => refuse_unsealed(&g, e, req).await,
+        Ok(()) if !report => next.run(req).await,
+        Ok(()) => {
+            let (parts, body) = req.into_parts();
+            let body = match body_within(body, MAX_SEALED_REPORT_BYTES).await {
+                Ok(body) => body,
+                Err((code, detail)) => {
+                    let req = Request::from_parts(parts, Body::empty());
+                    return refuse_within(&g, &g.budget, code, detail, None, req).await;
+                }
+            };
+            let checked = g.edge_key.check_report(seal.as_deref(), now, &body);
+            let req = Request::from_parts(parts, Body::from(body));
+            match checked {
+                Ok(()) => next.run(req).await,
+                Err(e) => refuse_unsealed(&g, e, req).await,
+            }
         }
+    }
+}
+
+/// Refuses `req`, whose stamp or report batch the edge did not seal (`why`).
+async fn refuse_unsealed(
+    g: &Gatekeeper,
+    why: gw_core::edge_stamp::StampError,
+    req: Request,
+) -> Response {
+    let detail = format!("the edge's stamp is not believed: {why}");
+    refuse_within(g, &g.budget, Code::EdgeStampInvalid, detail, None, req).await
+}
+
+/// The whole of `body`, at most `max` bytes, arrived within [`REPORT_BODY_WAIT`];
+/// else the code and detail to refuse it with.
+async fn body_within(body: Body, max: usize) -> Result<bytes::Bytes, (Code, String)> {
+    use futures_util::StreamExt as _;
+    let mut out = Vec::new();
+    let mut data = body.into_data_stream();
+    let read = tokio::time::timeout(REPORT_BODY_WAIT, async {
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk.map_err(|e| {
+                (
+                    Code::Malformed,
+                    format!("the body did not arrive whole: {e}"),
+                )
+            })?;
+            if out.len() + chunk.len() > max {
+                return Err((
+                    Code::TooLarge,
+                    format!("a batch of edge reports is at most {max} bytes"),
+                ));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(())
+    })
+    .await;
+    match read {
+        Ok(Ok(())) => Ok(out.into()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err((
+            Code::Malformed,
+            format!(
+                "the body did not arrive within {} s",
+                REPORT_BODY_WAIT.as_secs()
+            ),
+        )),
     }
 }
 
@@ -747,7 +798,10 @@ async fn refuse_within(
     let Some(owed) = budget.take(code, who.as_ref()) else {
         return unrecorded(detail);
     };
-    if matches!(code, Code::Unauthenticated | Code::ForbiddenPeer) {
+    if matches!(
+        code,
+        Code::Unauthenticated | Code::ForbiddenPeer | Code::EdgeStampInvalid
+    ) {
         tracing::warn!(path = %req.uri().path(), code = %code, "refused a caller that is not the edge");
     }
     if owed > 0 {

@@ -25,7 +25,7 @@ fn call(
     headers: &[(&str, &str)],
     body: Vec<u8>,
 ) -> (u16, Value) {
-    let seal = testkit::fixtures::edge_seal(headers);
+    let seal = testkit::fixtures::edge_seal(headers, path.split('?').next().unwrap_or(path));
     let mut all = headers.to_vec();
     if let Some((k, v)) = &seal {
         all.push((k, v.as_str()));
@@ -203,27 +203,36 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     ];
     let key = testkit::fixtures::EDGE_KEY_HEX;
     let other_key = "11".repeat(32);
-    let seal_at =
-        |h: &[(&str, &str)], ts: u64, key: &str| testkit::fixtures::edge_seal_at(h, ts, key).1;
+    let seal_at = |h: &[(&str, &str)], ts: u64, path: &str, key: &str| {
+        testkit::fixtures::edge_seal_at(h, ts, path, key).1
+    };
+    let seal = |h: &[(&str, &str)], ts: u64, key: &str| seal_at(h, ts, "/api/modules", key);
     let as_operator = [root[0], root[1], ("x-gw-roles", "operator")];
     let forged: Vec<(&str, Vec<(&str, String)>)> = vec![
         ("no seal", vec![]),
         (
             "another key",
-            vec![("x-gw-stamp", seal_at(&root, now(), &other_key))],
+            vec![("x-gw-stamp", seal(&root, now(), &other_key))],
         ),
         (
             "two minutes old",
-            vec![("x-gw-stamp", seal_at(&root, now() - 120, key))],
+            vec![("x-gw-stamp", seal(&root, now() - 120, key))],
         ),
         (
             "over other roles",
-            vec![("x-gw-stamp", seal_at(&as_operator, now(), key))],
+            vec![("x-gw-stamp", seal(&as_operator, now(), key))],
+        ),
+        (
+            "for another path",
+            vec![(
+                "x-gw-stamp",
+                seal_at(&root, now(), "/api/ledger/history", key),
+            )],
         ),
         (
             "roles sent twice",
             vec![
-                ("x-gw-stamp", seal_at(&root, now(), key)),
+                ("x-gw-stamp", seal(&root, now(), key)),
                 ("x-gw-roles", "admin".to_owned()),
             ],
         ),
@@ -242,7 +251,13 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     }
     // A batch of edge reports: with no seal, and with one over another body.
     let other_body = br#"[]"#;
-    for head in [vec![], vec![testkit::fixtures::report_seal(other_body)]] {
+    let sealed_report = testkit::fixtures::report_seal(&report);
+    for head in [
+        vec![],
+        vec![testkit::fixtures::report_seal(other_body)],
+        // Its own seal, and an identity the edge never sends with a batch.
+        vec![sealed_report.clone(), ("x-gw-sub", "mallory".to_owned())],
+    ] {
         let head: Vec<(&str, &str)> = head.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let (status, body) = send(
             &s,
@@ -294,7 +309,7 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
             .filter(|r| r.route == "/internal/edge-decisions")
             .map(|r| r.raw_hex.clone())
             .collect::<Vec<_>>(),
-        vec![hex::encode(&report); 2],
+        vec![hex::encode(&report); 3],
         "a refused batch's row keeps its body"
     );
     let unstamped: Vec<_> = rows.iter().filter(|r| r.code == "jwt_missing").collect();

@@ -53,6 +53,17 @@ async fn open_until(
     sub: &str,
     exp: Option<u64>,
 ) -> Result<Ws, (u16, Value)> {
+    open_sealed(base, roles, sub, exp, testkit::fixtures::EDGE_KEY_HEX).await
+}
+
+/// The same, the stamp sealed under `key` (hex).
+async fn open_sealed(
+    base: &str,
+    roles: Option<&str>,
+    sub: &str,
+    exp: Option<u64>,
+    key: &str,
+) -> Result<Ws, (u16, Value)> {
     let mut req = format!("{}/api/realtime", base.replace("http://", "ws://"))
         .into_client_request()
         .unwrap();
@@ -70,7 +81,8 @@ async fn open_until(
     if let Some(exp) = &exp {
         stamp.push(("x-gw-token-exp", exp));
     }
-    let seal = testkit::fixtures::edge_seal(&stamp);
+    let seal = (!stamp.is_empty())
+        .then(|| testkit::fixtures::edge_seal_at(&stamp, common::now(), "/api/realtime", key));
     for (k, v) in stamp
         .iter()
         .copied()
@@ -164,6 +176,16 @@ fn committed_decisions_and_states_stream_to_bounded_clients() {
         assert_eq!(
             (status, body["error"].as_str()),
             (403, Some("forbidden_role"))
+        );
+        // A viewer's stamp the edge did not seal: not believed.
+        let other_key = "11".repeat(32);
+        let (status, body) = open_sealed(&base, Some("viewer"), "tester", None, &other_key)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("edge_stamp_invalid"))
         );
 
         let mut a = open(&base, Some("viewer")).await.unwrap();

@@ -117,6 +117,27 @@ impl DevCerts {
     }
 }
 
+/// `req` with the edge's `stamp` (`x-gw-*` headers) and the seal the filter adds
+/// over them for the request's path, under the fixture key, now: a request
+/// straight to the sidecar as the edge sends it.
+pub fn stamped(req: reqwest::RequestBuilder, stamp: &[(&str, &str)]) -> reqwest::RequestBuilder {
+    let (client, built) = req.build_split();
+    let mut built = built.expect("a request");
+    let seal = crate::fixtures::edge_seal(stamp, built.url().path());
+    let h = built.headers_mut();
+    for (k, v) in stamp
+        .iter()
+        .copied()
+        .chain(seal.as_ref().map(|(k, v)| (*k, v.as_str())))
+    {
+        h.append(
+            reqwest::header::HeaderName::from_bytes(k.as_bytes()).expect("a header name"),
+            reqwest::header::HeaderValue::from_str(v).expect("a header value"),
+        );
+    }
+    reqwest::RequestBuilder::from_parts(client, built)
+}
+
 /// Starts the JSON echo upstream on a free port; returns the guard and the port.
 pub fn echo_upstream(dir: &Path) -> (ProcessGuard, u16) {
     let port = crate::free_port();

@@ -15,10 +15,16 @@ pub const JWT_SECRET: &[u8; 32] = b"edge-gw-test-secret-0123456789ab";
 pub const EDGE_KEY_HEX: &str = "65646765207365616c206b6579206f6620746865207465737473202030313233";
 
 /// The seal the edge filter adds ([`gw_core::contract::headers::STAMP`]) over the
-/// `x-gw-*` headers among `headers`, under the key `key_hex`, sealed at `ts`.
-pub fn edge_seal_at(headers: &[(&str, &str)], ts: u64, key_hex: &str) -> (&'static str, String) {
+/// `x-gw-*` headers among `headers` of a request to `path` (the sidecar's, without
+/// the query), under the key `key_hex`, sealed at `ts`.
+pub fn edge_seal_at(
+    headers: &[(&str, &str)],
+    ts: u64,
+    path: &str,
+    key_hex: &str,
+) -> (&'static str, String) {
     let key = gw_core::edge_stamp::EdgeKey::from_hex(key_hex).expect("an edge key");
-    let seal = key.seal(ts, |name| {
+    let seal = key.seal(ts, path, |name| {
         headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -27,13 +33,14 @@ pub fn edge_seal_at(headers: &[(&str, &str)], ts: u64, key_hex: &str) -> (&'stat
     (gw_core::contract::headers::STAMP, seal)
 }
 
-/// The seal the edge filter adds over the `x-gw-*` headers among `headers`, under
-/// [`EDGE_KEY_HEX`], now; `None` when none of them is the edge's.
-pub fn edge_seal(headers: &[(&str, &str)]) -> Option<(&'static str, String)> {
+/// The seal the edge filter adds over the `x-gw-*` headers among `headers` of a
+/// request to `path`, under [`EDGE_KEY_HEX`], now; `None` when none of them is
+/// the edge's.
+pub fn edge_seal(headers: &[(&str, &str)], path: &str) -> Option<(&'static str, String)> {
     let stamped = headers
         .iter()
         .any(|(k, _)| gw_core::contract::headers::is_reserved(k));
-    stamped.then(|| edge_seal_at(headers, unix_now(), EDGE_KEY_HEX))
+    stamped.then(|| edge_seal_at(headers, unix_now(), path, EDGE_KEY_HEX))
 }
 
 /// A batch of edge reports' seal under [`EDGE_KEY_HEX`], now.

@@ -526,6 +526,8 @@ def sidecar_cases(k, run):
     # holding that certificate): a stamp or a report batch without the edge key's
     # seal is not believed.
     envoy = (f"{run}/certs/envoy-client.pem", f"{run}/certs/envoy-client.key")
+    # An identity the sidecar would believe, were it sealed.
+    spoof = [("x-gw-verified", "jwt"), ("x-gw-sub", "mallory"), ("x-gw-roles", "admin")]
     for what, method, path, headers, body in (
             ("the JSON signing route as mallory", "POST", "/api/control/module/mev:stop",
              spoof + [("content-type", "application/json")], b'{"n": "%s"}' % uuid.uuid4().hex.encode()),

@@ -274,7 +274,8 @@ impl Control {
             .route("/api/modules", get(get_modules))
             .route(
                 "/internal/edge-decisions",
-                post(edge_decisions).layer(DefaultBodyLimit::max(1 << 20)),
+                post(edge_decisions)
+                    .layer(DefaultBodyLimit::max(crate::serve::MAX_SEALED_REPORT_BYTES)),
             )
             .layer(DefaultBodyLimit::max(self.max_body))
             .with_state(self.clone())

@@ -286,16 +286,5 @@ pub fn edge_reports(
         .body(body)
 }
 
-/// `req` with the edge's `stamp` (`x-gw-*` headers) and its seal, now.
-pub fn stamped(
-    mut req: reqwest::RequestBuilder,
-    stamp: &[(&str, &str)],
-) -> reqwest::RequestBuilder {
-    for (k, v) in stamp {
-        req = req.header(*k, *v);
-    }
-    match testkit::fixtures::edge_seal(stamp) {
-        Some((k, v)) => req.header(k, v),
-        None => req,
-    }
-}
+/// `req` with the edge's `stamp` and its seal ([`testkit::envoy::stamped`]).
+pub use testkit::envoy::stamped;
