@@ -888,6 +888,27 @@ fn every_http_decision_lands_in_the_chained_ledger() {
         [4, 3]
     );
     assert_eq!(seqs("/api/ledger/history?stage=agent&limit=1"), [6]);
+    // Page by page, from the last decision of each: the whole history, in order.
+    let whole = seqs("/api/ledger/history");
+    let mut paged = Vec::new();
+    let mut path = "/api/ledger/history?limit=2".to_owned();
+    // Four pages at most (three of two, one empty): a cursor not honoured
+    // would page forever.
+    for _ in 0..4 {
+        let page = get(&path);
+        let page = page.as_array().unwrap();
+        paged.extend(page.iter().map(|r| r["seq"].as_u64().unwrap()));
+        let Some(last) = page.last() else { break };
+        path = format!(
+            "/api/ledger/history?limit=2&before={}.{}.{}",
+            last["ts_ms"],
+            last["seq"],
+            last["chain_id"].as_str().unwrap()
+        );
+    }
+    assert_eq!((paged.clone(), whole.len()), (whole, 6));
+    let bad = get("/api/ledger/history?before=x.1.node");
+    assert_eq!(bad["error"], "malformed", "{bad}");
     let bad = get("/api/ledger/history?decision=maybe");
     assert_eq!(bad["error"], "malformed", "{bad}");
     let policy = get("/api/ledger/policy-frequency");
@@ -1006,6 +1027,29 @@ fn every_http_decision_lands_in_the_chained_ledger() {
     );
     let piled = get("/api/ledger/request/piled");
     assert_eq!(piled.as_array().map(Vec::len), Some(1000));
+    // The rest from the last of the page: all 1 001, each once, in order.
+    let at = |d: &serde_json::Value| {
+        format!(
+            "{}.{}.{}",
+            d["ts_ms"],
+            d["seq"],
+            d["chain_id"].as_str().unwrap()
+        )
+    };
+    let rest = get(&format!(
+        "/api/ledger/request/piled?after={}",
+        at(&piled[999])
+    ));
+    let seqs: Vec<u64> = piled
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(rest.as_array().unwrap())
+        .map(|d| d["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=1001).collect::<Vec<u64>>(), "{rest}");
+    let bad = get("/api/ledger/request/piled?after=1.2");
+    assert_eq!(bad["error"], "malformed", "{bad}");
     ch.query(
         "INSERT INTO control_decisions (chain_id, seq, ts_ms, stage, decision, action) \
          VALUES ('old', 1, toUInt64(toUnixTimestamp64Milli(now64(3))) - 8 * 86400000, \

@@ -394,12 +394,32 @@ fn queries(api: Api) -> Result<Queries, ApiError> {
     ))
 }
 
-/// `?limit=&stage=&decision=` of `/api/ledger/history`.
+/// `?limit=&stage=&decision=&before=` of `/api/ledger/history`.
 #[derive(serde::Deserialize)]
 struct HistoryQuery {
     limit: Option<usize>,
     stage: Option<String>,
     decision: Option<String>,
+    before: Option<String>,
+}
+
+/// `?after=` of `/api/ledger/request/{id}`.
+#[derive(serde::Deserialize)]
+struct RequestQuery {
+    after: Option<String>,
+}
+
+/// A page's cursor parameter `name` ([`query::Cursor`]), when given.
+fn cursor(name: &'static str, v: Option<&str>) -> Result<Option<query::Cursor>, ApiError> {
+    v.map(|v| {
+        query::Cursor::parse(v).ok_or_else(|| {
+            ApiError::with(
+                Code::Malformed,
+                format!("{name}: <ts_ms>.<seq>.<chain_id> of a decision (the last of a page)"),
+            )
+        })
+    })
+    .transpose()
 }
 
 async fn history(
@@ -432,12 +452,19 @@ async fn history(
             })
             .transpose()?,
     };
+    let before = cursor("before", h.before.as_deref())?;
+    let older = |r: &LedgerRow| {
+        before
+            .as_ref()
+            .is_none_or(|c| (r.ts_ms, r.chain_id.as_str(), r.seq) < c.key())
+    };
     // Rows durable in the journal and not yet shipped are decisions too: read
     // them first (a row shipped meanwhile is then in ClickHouse's answer).
     let day_ago = (crate::now_nanos() / 1_000_000).saturating_sub(86_400_000);
-    let pending = q.pending(limit, |r| r.ts_ms > day_ago && only.keeps(r));
-    let mut all = query::with_pending(queries(q)?.history(limit, &only).await?, pending);
-    all.sort_by(|a, b| (b.ts_ms, &a.chain_id, b.seq).cmp(&(a.ts_ms, &b.chain_id, a.seq)));
+    let pending = q.pending(limit, |r| r.ts_ms > day_ago && only.keeps(r) && older(r));
+    let stored = queries(q)?.history(limit, &only, before.as_ref()).await?;
+    let mut all = query::with_pending(stored, pending);
+    all.sort_by(|a, b| b.key().cmp(&a.key()));
     all.truncate(limit);
     Ok(Json(all))
 }
@@ -457,10 +484,20 @@ async fn checkpoints(State(q): Q) -> Result<Json<Vec<query::CheckpointView>>, Ap
 async fn by_request(
     State(q): Q,
     UrlPath(request_id): UrlPath<String>,
+    r: Result<axum::extract::Query<RequestQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<DecisionView>>, ApiError> {
-    let pending = q.pending(usize::MAX, |r| r.request_id == request_id);
-    let mut all = query::with_pending(queries(q)?.by_request(&request_id).await?, pending);
-    all.sort_by(|a, b| (a.ts_ms, &a.chain_id, a.seq).cmp(&(b.ts_ms, &b.chain_id, b.seq)));
+    let r = r.map_err(|e| ApiError::with(Code::Malformed, e.body_text()))?;
+    let after = cursor("after", r.after.as_deref())?;
+    let later = |r: &LedgerRow| {
+        after
+            .as_ref()
+            .is_none_or(|c| (r.ts_ms, r.chain_id.as_str(), r.seq) > c.key())
+    };
+    let pending = q.pending(usize::MAX, |r| r.request_id == request_id && later(r));
+    let stored = queries(q)?.by_request(&request_id, after.as_ref()).await?;
+    let mut all = query::with_pending(stored, pending);
+    all.sort_by(|a, b| a.key().cmp(&b.key()));
+    all.truncate(query::MAX_BY_REQUEST);
     Ok(Json(all))
 }
 

@@ -92,6 +92,76 @@ fn signed_by(r: &CheckpointRow, vk: &ed25519_dalek::VerifyingKey) -> bool {
     })
 }
 
+/// A decision's place in the order the ledger's reads give them: its time, then
+/// its chain, then its position. Written `<ts_ms>.<seq>.<chain_id>` (the chain
+/// last: it may hold dots). A page ends with a decision; the next page is asked
+/// for from it (`before=` of `history`, `after=` of `request/{id}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// Unix milliseconds.
+    pub ts_ms: u64,
+    /// The chain.
+    pub chain_id: String,
+    /// Position in the chain.
+    pub seq: u64,
+}
+
+impl Cursor {
+    /// Parses `<ts_ms>.<seq>.<chain_id>`.
+    pub fn parse(s: &str) -> Option<Cursor> {
+        let mut parts = s.splitn(3, '.');
+        let digits = |p: &str| {
+            (!p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| p.parse().ok())
+                .flatten()
+        };
+        let ts_ms = digits(parts.next()?)?;
+        let seq = digits(parts.next()?)?;
+        let chain_id = parts.next()?;
+        (!chain_id.is_empty() && chain_id.len() <= 256).then(|| Cursor {
+            ts_ms,
+            chain_id: chain_id.to_owned(),
+            seq,
+        })
+    }
+
+    /// The cursor at `d`.
+    pub fn at(d: &DecisionView) -> Cursor {
+        Cursor {
+            ts_ms: d.ts_ms,
+            chain_id: d.chain_id.clone(),
+            seq: d.seq,
+        }
+    }
+
+    /// The key the reads order by.
+    pub fn key(&self) -> (u64, &str, u64) {
+        (self.ts_ms, &self.chain_id, self.seq)
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.ts_ms, self.seq, self.chain_id)
+    }
+}
+
+impl DecisionView {
+    /// The key the reads order by ([`Cursor::key`]).
+    pub fn key(&self) -> (u64, &str, u64) {
+        (self.ts_ms, &self.chain_id, self.seq)
+    }
+}
+
+/// Binds a cursor's test to `q`: whether there is one, then its fields (the SQL
+/// reads `(? = 0 OR (ts_ms, chain_id, seq) <op> (?, ?, ?))`).
+fn bind_cursor(q: clickhouse::query::Query, c: Option<&Cursor>) -> clickhouse::query::Query {
+    let (on, ts, chain, seq) = c.map_or((0u8, 0, "", 0), |c| {
+        (1, c.ts_ms, c.chain_id.as_str(), c.seq)
+    });
+    q.bind(on).bind(ts).bind(chain).bind(seq)
+}
+
 /// Which decisions a history keeps (`None`: any).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Only {
@@ -410,18 +480,21 @@ impl Queries {
         &self.client
     }
 
-    /// Decisions of the last 24 hours that `only` keeps, newest first (at most
-    /// `limit`, at most [`MAX_HISTORY`]).
+    /// Decisions of the last 24 hours that `only` keeps, newest first (by
+    /// [`Cursor::key`], descending), after `before` when given (at most `limit`,
+    /// at most [`MAX_HISTORY`]).
     pub async fn history(
         &self,
         limit: usize,
         only: &Only,
+        before: Option<&Cursor>,
     ) -> Result<Vec<DecisionView>, QueryError> {
         let mut q = self.client.query(&format!(
             "SELECT {DECISION_COLUMNS} FROM {} \
              WHERE ts_ms > toUInt64(toUnixTimestamp64Milli(now64(3))) - 86400000 \
                AND (? = '' OR stage = ?) AND (? = '' OR decision = ?) \
-             ORDER BY ts_ms DESC, chain_id, seq DESC LIMIT 1 BY chain_id, seq LIMIT {} \
+               AND (? = 0 OR (ts_ms, chain_id, seq) < (?, ?, ?)) \
+             ORDER BY ts_ms DESC, chain_id DESC, seq DESC LIMIT 1 BY chain_id, seq LIMIT {} \
              {READ_SETTINGS}",
             self.table,
             limit.min(MAX_HISTORY)
@@ -429,7 +502,7 @@ impl Queries {
         let stage = only.stage.map_or("", gw_core::ledger::Stage::as_str);
         let decision = only.decision.map_or("", gw_core::ledger::Decision::as_str);
         q = q.bind(stage).bind(stage).bind(decision).bind(decision);
-        Ok(q.fetch_all::<DecisionView>().await?)
+        Ok(bind_cursor(q, before).fetch_all::<DecisionView>().await?)
     }
 
     /// Refusals of the last hour: by stage and code, and per minute.
@@ -540,21 +613,26 @@ impl Queries {
         Ok(out)
     }
 
-    /// The decisions about one `request_id`, in order: the first
-    /// [`MAX_BY_REQUEST`] (a refused request's id is whatever its body said, so
-    /// anyone may pile rows under one).
-    pub async fn by_request(&self, request_id: &str) -> Result<Vec<DecisionView>, QueryError> {
-        Ok(self
+    /// The decisions about one `request_id`, in order ([`Cursor::key`]), after
+    /// `after` when given: [`MAX_BY_REQUEST`] at most (a refused request's id is
+    /// whatever its body said, so anyone may pile rows under one; the next page
+    /// starts after the last).
+    pub async fn by_request(
+        &self,
+        request_id: &str,
+        after: Option<&Cursor>,
+    ) -> Result<Vec<DecisionView>, QueryError> {
+        let q = self
             .client
             .query(&format!(
                 "SELECT {DECISION_COLUMNS} FROM {} WHERE request_id = ? \
+                   AND (? = 0 OR (ts_ms, chain_id, seq) > (?, ?, ?)) \
                  ORDER BY ts_ms, chain_id, seq LIMIT 1 BY chain_id, seq LIMIT {MAX_BY_REQUEST} \
                  {READ_SETTINGS}",
                 self.table
             ))
-            .bind(request_id)
-            .fetch_all::<DecisionView>()
-            .await?)
+            .bind(request_id);
+        Ok(bind_cursor(q, after).fetch_all::<DecisionView>().await?)
     }
 
     /// Applied POLICY commands per five minutes, over the last
