@@ -73,10 +73,11 @@ for head in ({"alg": "HS256", "kid": "k1"}, {"alg": "none"}, {"alg": "HS256", "c
 for extra in ({}, {"nbf": 1750000100}, {"iat": 1750090000}, {"aud": ["x", "gw"]}, {"roles": "admin operator"}, {"exp": "soon"}):
     put("jwt", b"\x01" + json.dumps({**claims, **extra}).encode())
 
-# filter_config: the example (verify stage; with a key in place of its
-# placeholder, so that the rest of it is read) and a stamp stage.
+# filter_config: the example (verify stage; with keys in place of its
+# placeholders, so that the rest of it is read) and a stamp stage.
 example = json.loads(open("filter-wasm/config.example.json", "rb").read())
 example["edge_key_hex"] = "ab" * 32
+example["jwt"]["jwks"]["keys"][0]["k"] = "YWJhYmFiYWJhYmFiYWJhYmFiYWJhYmFiYWJhYmFiYWI"
 put("filter_config", json.dumps(example, indent=2).encode())
 put("filter_config", json.dumps({"stage": "stamp"}).encode())
 cfg = dict(example); cfg["routes"] = cfg["routes"] + [{"prefix": "/x", "role": "viewer", "methods": ["GET"]}]

@@ -60,7 +60,8 @@ fn reject_code(d: HeadDecision) -> Code {
 #[test]
 fn the_example_configuration_loads() {
     let text = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.json")).unwrap();
-    // Its edge key is a placeholder no deployment can keep: refused until replaced.
+    // Its secrets are placeholders no deployment can keep: refused until
+    // replaced (a known JWT secret would let anyone mint an admin's token).
     let err = Settings::parse(&text).unwrap_err().to_string();
     assert!(
         err.contains("edge_key_hex: the edge key must be 32 bytes"),
@@ -68,6 +69,12 @@ fn the_example_configuration_loads() {
     );
     let mut cfg: serde_json::Value = serde_json::from_slice(&text).unwrap();
     cfg["edge_key_hex"] = testkit::fixtures::EDGE_KEY_HEX.into();
+    let err = Settings::parse(cfg.to_string().as_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("jwt.jwks:"), "{err}");
+    cfg["jwt"]["jwks"]["keys"][0]["k"] =
+        gw_core::jwk::b64url_encode(testkit::fixtures::JWT_SECRET).into();
     let s = Settings::parse(cfg.to_string().as_bytes()).unwrap();
     assert_eq!(s.command_path, "/api/control/commands");
     assert!(s.rule_for("/index.html").is_some_and(|r| r.public));

@@ -608,9 +608,11 @@ fn every_rendered_config_validates() {
     let example =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.json"))
             .unwrap();
-    // With a key in place of the example's placeholder (as dev-keys.sh writes it).
+    // With keys in place of the example's placeholders (as dev-keys.sh writes them).
     let mut example: Value = serde_json::from_str(&example).unwrap();
     example["edge_key_hex"] = testkit::fixtures::EDGE_KEY_HEX.into();
+    example["jwt"]["jwks"]["keys"][0]["k"] =
+        gw_core::jwk::b64url_encode(testkit::fixtures::JWT_SECRET).into();
     let example = example.to_string();
     let sets = vec![
         ("GW_TLS_CERT", certs.cert.display().to_string()),

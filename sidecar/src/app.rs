@@ -327,7 +327,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         unstamped: Default::default(),
         holders: Arc::new(RefusalBudget::holders()),
         ingest: Default::default(),
-        edge_key: Arc::new(cfg.edge_key),
+        edge_keys: Arc::new(crate::serve::EdgeKeys {
+            current: cfg.edge_key,
+            previous: cfg.edge_key_prev,
+        }),
     };
     realtime.set_gate(gatekeeper.clone());
     let (control, t) = Control::start(

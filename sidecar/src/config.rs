@@ -346,6 +346,9 @@ pub struct Config {
     /// The key the edge seals its stamp with (`GW_EDGE_KEY_HEX`, the filter's
     /// `edge_key_hex`); never logged.
     pub edge_key: gw_core::edge_stamp::EdgeKey,
+    /// The edge key before a change, still believed while Envoy's filters move to
+    /// the new one (`GW_EDGE_KEY_PREV_HEX`); never logged.
+    pub edge_key_prev: Option<gw_core::edge_stamp::EdgeKey>,
     /// The ClickHouse password (`GW_CLICKHOUSE_PASSWORD[_FILE]`); never logged.
     pub clickhouse_password: Option<String>,
 }
@@ -897,6 +900,12 @@ impl Config {
         let ledger_key = secret_key(env, "GW_LEDGER_SK_HEX")?;
         let state_key = secret_key(env, "GW_STATE_SK_HEX")?;
         let edge_key = edge_key(env)?;
+        let edge_key_prev = env("GW_EDGE_KEY_PREV_HEX")
+            .map(|hex| {
+                gw_core::edge_stamp::EdgeKey::from_hex(&zeroize::Zeroizing::new(hex))
+                    .map_err(|e| ConfigError::Env("GW_EDGE_KEY_PREV_HEX", e.to_string()))
+            })
+            .transpose()?;
         if let Some(k) = &file.kafka {
             crate::control::state_sign::parse_keys(&k.state_keys)?;
             if let Some(t) = &k.tls {
@@ -911,6 +920,7 @@ impl Config {
             ledger_key,
             state_key,
             edge_key,
+            edge_key_prev,
             clickhouse_password,
         })
     }

@@ -282,8 +282,9 @@ pub struct Gatekeeper {
     /// reaches its port causes them): apart, so that they take no rows of
     /// callers of the sidecar's own port.
     pub ingest: Arc<RefusalBudget>,
-    /// The key the edge seals its stamp and its reports with ([`edge_stamp`]).
-    pub edge_key: Arc<gw_core::edge_stamp::EdgeKey>,
+    /// The keys the edge seals its stamp and its reports with ([`edge_stamp`]):
+    /// the current one, and the one before a change while it is still believed.
+    pub edge_keys: Arc<EdgeKeys>,
 }
 
 impl Gatekeeper {
@@ -663,6 +664,29 @@ pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) ->
     refuse_within(&g, &g.budget, code, detail, None, req).await
 }
 
+/// The edge key, and the one before it while a change goes through (Envoy's
+/// filters moved to the new key one by one): a seal verifies under either.
+pub struct EdgeKeys {
+    /// `GW_EDGE_KEY_HEX`.
+    pub current: gw_core::edge_stamp::EdgeKey,
+    /// `GW_EDGE_KEY_PREV_HEX`.
+    pub previous: Option<gw_core::edge_stamp::EdgeKey>,
+}
+
+impl EdgeKeys {
+    /// `check` under the current key, then (for a MAC that does not verify)
+    /// under the previous one.
+    fn verify(
+        &self,
+        check: impl Fn(&gw_core::edge_stamp::EdgeKey) -> Result<(), gw_core::edge_stamp::StampError>,
+    ) -> Result<(), gw_core::edge_stamp::StampError> {
+        match (check(&self.current), &self.previous) {
+            (Err(gw_core::edge_stamp::StampError::Mismatch), Some(previous)) => check(previous),
+            (verdict, _) => verdict,
+        }
+    }
+}
+
 /// Largest body of a batch of edge reports the seal is checked over (the filter
 /// sends at most half of it).
 pub const MAX_SEALED_REPORT_BYTES: usize = 2 * gw_core::contract::MAX_REPORT_BATCH_BYTES;
@@ -705,8 +729,9 @@ pub async fn edge_stamp(State(g): State<Gatekeeper>, req: Request, next: Next) -
             timely(seal.as_deref(), now)
         }
     } else {
-        g.edge_key
-            .check(seal.as_deref(), now, req.uri().path(), get)
+        let path = req.uri().path();
+        g.edge_keys
+            .verify(|k| k.check(seal.as_deref(), now, path, get))
     };
     match checked {
         Err(e) => refuse_unsealed(&g, e, req).await,
@@ -720,7 +745,9 @@ pub async fn edge_stamp(State(g): State<Gatekeeper>, req: Request, next: Next) -
                     return refuse_within(&g, &g.budget, code, detail, None, req).await;
                 }
             };
-            let checked = g.edge_key.check_report(seal.as_deref(), now, &body);
+            let checked = g
+                .edge_keys
+                .verify(|k| k.check_report(seal.as_deref(), now, &body));
             let req = Request::from_parts(parts, Body::from(body));
             match checked {
                 Ok(()) => next.run(req).await,

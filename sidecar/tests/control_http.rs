@@ -243,6 +243,15 @@ fn configuration_errors_are_clear() {
     );
     let edge_key =
         |k: &str| (k == "GW_EDGE_KEY_HEX").then(|| testkit::fixtures::EDGE_KEY_HEX.to_owned());
+    let bad_prev = |k: &str| match k {
+        "GW_EDGE_KEY_PREV_HEX" => Some("zz".repeat(32)),
+        _ => edge_key(k),
+    };
+    let err = Config::load(Some(path), &bad_prev).unwrap_err().to_string();
+    assert!(
+        err.contains("GW_EDGE_KEY_PREV_HEX") && !err.contains("zzzz"),
+        "{err}"
+    );
     let example = Config::load(Some(path), &edge_key).unwrap();
     assert_eq!(example.keyring.len(), 1);
     // CTRL_PUBKEY_HEX replaces the file's key of the same id.

@@ -85,6 +85,38 @@ async fn raw_tls(s: &common::Served) -> tokio_rustls::client::TlsStream<tokio::n
         .unwrap()
 }
 
+/// A change of the edge key without refusals: the sidecar takes the new key
+/// (`GW_EDGE_KEY_HEX`) and keeps believing the old one (`GW_EDGE_KEY_PREV_HEX`)
+/// while Envoy's filters move to the new one; a seal under neither is refused.
+#[test]
+fn during_a_change_of_the_edge_key_the_previous_key_is_believed_too() {
+    let d = testkit::TempDir::new("edge-key-change");
+    let mut cfg = common::config(&d.path().join("state"), false);
+    let new = "22".repeat(32);
+    cfg.edge_key = gw_core::edge_stamp::EdgeKey::from_hex(&new).unwrap();
+    cfg.edge_key_prev =
+        Some(gw_core::edge_stamp::EdgeKey::from_hex(testkit::fixtures::EDGE_KEY_HEX).unwrap());
+    let s = common::serve(cfg);
+    let modules_sealed_under = |key: &str| {
+        let (k, v) = testkit::fixtures::edge_seal_at(OPERATOR, now(), "/api/modules", key);
+        let mut head = OPERATOR.to_vec();
+        head.push((k, v.as_str()));
+        let (status, body) = send(&s, &s.http, "GET", "/api/modules", &head, Vec::new());
+        (status, body["error"].as_str().map(str::to_owned))
+    };
+    assert_eq!(modules_sealed_under(&new), (200, None), "the new key");
+    assert_eq!(
+        modules_sealed_under(testkit::fixtures::EDGE_KEY_HEX),
+        (200, None),
+        "the previous key"
+    );
+    assert_eq!(
+        modules_sealed_under(&"33".repeat(32)),
+        (401, Some("edge_stamp_invalid".to_owned())),
+        "neither"
+    );
+}
+
 #[test]
 fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     let d = testkit::TempDir::new("peer-auth");
