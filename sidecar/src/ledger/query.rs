@@ -125,24 +125,9 @@ impl Cursor {
         })
     }
 
-    /// The cursor at `d`.
-    pub fn at(d: &DecisionView) -> Cursor {
-        Cursor {
-            ts_ms: d.ts_ms,
-            chain_id: d.chain_id.clone(),
-            seq: d.seq,
-        }
-    }
-
     /// The key the reads order by.
     pub fn key(&self) -> (u64, &str, u64) {
         (self.ts_ms, &self.chain_id, self.seq)
-    }
-}
-
-impl std::fmt::Display for Cursor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}.{}", self.ts_ms, self.seq, self.chain_id)
     }
 }
 
@@ -699,5 +684,28 @@ impl Queries {
             ok: chains.iter().all(|c| c.ok),
             chains,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cursor;
+
+    #[test]
+    fn a_cursor_is_the_time_the_position_and_the_chain_which_may_hold_dots() {
+        let c = Cursor::parse("1800000000123.42.node-a.eu").unwrap();
+        assert_eq!(c.key(), (1_800_000_000_123, "node-a.eu", 42));
+        for bad in [
+            "",
+            "1.2",
+            "1.2.",
+            "x.2.n",
+            "1.+2.n",
+            "1..n",
+            "99999999999999999999999.1.n",
+        ] {
+            assert_eq!(Cursor::parse(bad), None, "{bad:?}");
+        }
+        assert!(Cursor::parse(&format!("1.2.{}", "c".repeat(257))).is_none());
     }
 }
