@@ -108,8 +108,7 @@ impl EdgeKey {
     /// The seal's header value over a batch of edge reports (the body the filter
     /// posts to [`crate::contract::EDGE_DECISIONS_PATH`]), at `ts`.
     pub fn seal_report(&self, ts: u64, body: &[u8]) -> String {
-        let tag = self.report_mac(ts, body).finalize().into_bytes();
-        format!("{VERSION}.{ts}.{}", hex::encode(tag))
+        header_value(ts, self.report_mac(ts, body))
     }
 
     /// Checks a report batch's seal, as [`EdgeKey::check`] a stamp's.
@@ -152,8 +151,7 @@ impl EdgeKey {
     /// `path` (the path the sidecar serves it at, without the query), at `ts`
     /// (unix seconds).
     pub fn seal<'a>(&self, ts: u64, path: &str, get: impl Fn(&str) -> Option<&'a str>) -> String {
-        let tag = self.mac(ts, path, get).finalize().into_bytes();
-        format!("{VERSION}.{ts}.{}", hex::encode(tag))
+        header_value(ts, self.mac(ts, path, get))
     }
 
     /// Checks `seal` (the header value) over the headers `get` reads of a request
@@ -171,6 +169,14 @@ impl EdgeKey {
             .verify_slice(&tag)
             .map_err(|_| StampError::Mismatch)
     }
+}
+
+/// The header value of a seal made at `ts` with `mac`: `v1.<ts>.<hex>`.
+fn header_value(ts: u64, mac: Hmac<Sha256>) -> String {
+    format!(
+        "{VERSION}.{ts}.{}",
+        hex::encode(mac.finalize().into_bytes())
+    )
 }
 
 /// Whether `seal` has the shape of one and a time within [`VALID_SECS`] of `now`

@@ -409,17 +409,15 @@ struct RequestQuery {
     after: Option<String>,
 }
 
-/// A page's cursor parameter `name` ([`query::Cursor`]), when given.
-fn cursor(name: &'static str, v: Option<&str>) -> Result<Option<query::Cursor>, ApiError> {
-    v.map(|v| {
-        query::Cursor::parse(v).ok_or_else(|| {
-            ApiError::with(
-                Code::Malformed,
-                format!("{name}: <ts_ms>.<seq>.<chain_id> of a decision (the last of a page)"),
-            )
-        })
-    })
-    .transpose()
+/// A query parameter `v` read with `parse`, when given; 400 `malformed` saying
+/// `what` it takes when it does not parse.
+fn param<T>(
+    v: Option<&str>,
+    parse: impl Fn(&str) -> Option<T>,
+    what: &'static str,
+) -> Result<Option<T>, ApiError> {
+    v.map(|v| parse(v).ok_or_else(|| ApiError::new(Code::Malformed, what)))
+        .transpose()
 }
 
 async fn history(
@@ -433,31 +431,24 @@ async fn history(
         .min(query::MAX_HISTORY);
     // Only the decisions asked for (a flood of refusals cannot push the applied
     // commands out of a page of them).
-    let bad = |what: &'static str| ApiError::new(Code::Malformed, what);
     let only = query::Only {
-        stage: h
-            .stage
-            .as_deref()
-            .map(|s| {
-                gw_core::ledger::Stage::parse(s)
-                    .ok_or_else(|| bad("stage: edge, sidecar, agent or models"))
-            })
-            .transpose()?,
-        decision: h
-            .decision
-            .as_deref()
-            .map(|d| {
-                gw_core::ledger::Decision::parse(d)
-                    .ok_or_else(|| bad("decision: accepted, rejected, applied or duplicate"))
-            })
-            .transpose()?,
+        stage: param(
+            h.stage.as_deref(),
+            gw_core::ledger::Stage::parse,
+            "stage: edge, sidecar, agent or models",
+        )?,
+        decision: param(
+            h.decision.as_deref(),
+            gw_core::ledger::Decision::parse,
+            "decision: accepted, rejected, applied or duplicate",
+        )?,
     };
-    let before = cursor("before", h.before.as_deref())?;
-    let older = |r: &LedgerRow| {
-        before
-            .as_ref()
-            .is_none_or(|c| (r.ts_ms, r.chain_id.as_str(), r.seq) < c.key())
-    };
+    let before = param(
+        h.before.as_deref(),
+        query::Cursor::parse,
+        "before: <ts_ms>.<seq>.<chain_id> of a decision (the last of a page)",
+    )?;
+    let older = |r: &LedgerRow| before.as_ref().is_none_or(|c| query::key_of(r) < c.key());
     // Rows durable in the journal and not yet shipped are decisions too: read
     // them first (a row shipped meanwhile is then in ClickHouse's answer).
     let day_ago = (crate::now_nanos() / 1_000_000).saturating_sub(86_400_000);
@@ -487,12 +478,12 @@ async fn by_request(
     r: Result<axum::extract::Query<RequestQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<DecisionView>>, ApiError> {
     let r = r.map_err(|e| ApiError::with(Code::Malformed, e.body_text()))?;
-    let after = cursor("after", r.after.as_deref())?;
-    let later = |r: &LedgerRow| {
-        after
-            .as_ref()
-            .is_none_or(|c| (r.ts_ms, r.chain_id.as_str(), r.seq) > c.key())
-    };
+    let after = param(
+        r.after.as_deref(),
+        query::Cursor::parse,
+        "after: <ts_ms>.<seq>.<chain_id> of a decision (the last of a page)",
+    )?;
+    let later = |r: &LedgerRow| after.as_ref().is_none_or(|c| query::key_of(r) > c.key());
     let pending = q.pending(usize::MAX, |r| r.request_id == request_id && later(r));
     let stored = queries(q)?.by_request(&request_id, after.as_ref()).await?;
     let mut all = query::with_pending(stored, pending);

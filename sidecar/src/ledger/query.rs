@@ -138,6 +138,11 @@ impl DecisionView {
     }
 }
 
+/// A row's key in the reads' order ([`Cursor::key`]).
+pub fn key_of(r: &gw_core::ledger::LedgerRow) -> (u64, &str, u64) {
+    (r.ts_ms, &r.chain_id, r.seq)
+}
+
 /// Binds a cursor's test to `q`: whether there is one, then its fields (the SQL
 /// reads `(? = 0 OR (ts_ms, chain_id, seq) <op> (?, ?, ?))`).
 fn bind_cursor(q: clickhouse::query::Query, c: Option<&Cursor>) -> clickhouse::query::Query {
