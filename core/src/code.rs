@@ -61,8 +61,8 @@ codes! {
     /// The replay guard holds the most fresh nonces it may (per issuer, or issuers):
     /// retry shortly.
     ReplayCapacity => "replay_capacity", 429;
-    /// The data plane has no room for what was offered (the hot path's ring, the
-    /// sends running at once): retry shortly.
+    /// No room for what was offered (the hot path's ring, the sends running at
+    /// once, the sidecar's memory of the edge's seals): retry shortly.
     Overloaded => "overloaded", 429;
     /// The nonce is missing (zero).
     BadNonce => "bad_nonce", 400;

@@ -118,6 +118,41 @@ pub struct Requester {
     pub token_issuer: String,
 }
 
+/// How the edge writes a claim into a stamped header: percent-encodes anything
+/// that is not printable ASCII, and `%`, so a claim can never
+/// inject a header line, and a leading or trailing space (which a hop may trim,
+/// and the sealed value would then differ from the one the sidecar reads).
+pub fn header_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    let last = s.len().saturating_sub(1);
+    let kept = |i: usize, b: u8| {
+        (0x20..0x7f).contains(&b) && b != b'%' && !(b == b' ' && (i == 0 || i == last))
+    };
+    if s.bytes().enumerate().all(|(i, b)| kept(i, b)) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for (i, b) in s.bytes().enumerate() {
+        if kept(i, b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// The signed command the edge verified, as it stamped it ([`headers::PUBKEY_ID`],
+/// [`headers::ISSUER`], [`headers::NONCE`]; empty when it verified a token alone).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StampedCommand {
+    /// The signing key's id, as [`header_safe`] writes it.
+    pub pubkey_id: String,
+    /// The command's issuer, as [`header_safe`] writes it.
+    pub issuer: String,
+    /// The command's nonce, in decimal.
+    pub nonce: String,
+}
+
 /// What the edge says about a request it forwards: read from the stamped headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EdgeIdentity {
@@ -127,6 +162,8 @@ pub struct EdgeIdentity {
     pub requester: Requester,
     /// When the token expires (unix seconds), when the edge said.
     pub token_exp: Option<u64>,
+    /// The signed command it verified (with [`Verified::Edge`]).
+    pub command: StampedCommand,
 }
 
 impl EdgeIdentity {
@@ -143,7 +180,21 @@ impl EdgeIdentity {
                 token_issuer: field(headers::TOKEN_ISSUER),
             },
             token_exp: get(headers::TOKEN_EXP).and_then(|v| v.parse().ok()),
+            command: StampedCommand {
+                pubkey_id: field(headers::PUBKEY_ID),
+                issuer: field(headers::ISSUER),
+                nonce: field(headers::NONCE),
+            },
         })
+    }
+
+    /// Whether what the edge stamped of the signed command it verified (its key,
+    /// issuer and nonce) is `c`'s: a stamp of one command is no stamp of another.
+    pub fn names(&self, c: &crate::Command) -> bool {
+        let s = &self.command;
+        s.pubkey_id == header_safe(&c.pubkey_id)
+            && s.issuer == header_safe(&c.issuer)
+            && s.nonce == c.nonce.to_string()
     }
 }
 

@@ -1,7 +1,6 @@
 //! The filter's decisions, as plain functions of the request and the clock, so they
 //! are tested natively; `glue.rs` only moves bytes between the host and these.
 
-use std::borrow::Cow;
 use std::cell::RefCell;
 
 use gw_core::contract::{self, headers, Requester, Verified};
@@ -43,6 +42,8 @@ pub struct RequestHead<'a> {
 pub struct PendingCommand {
     jwt: VerifiedJwt,
     route: Option<(Module, Action)>,
+    /// Its method (the seal binds it).
+    method: String,
     /// The path the sidecar serves it at ([`Edge::upstream_path`]).
     path: String,
 }
@@ -104,27 +105,7 @@ pub struct Checked {
     pub resend: bool,
 }
 
-/// Percent-encodes anything that is not printable ASCII, so a claim can never
-/// inject a header line, and a leading or trailing space (which a hop may trim,
-/// and the sealed value would then differ from the one the sidecar reads).
-pub fn header_safe(s: &str) -> Cow<'_, str> {
-    let last = s.len().saturating_sub(1);
-    let kept = |i: usize, b: u8| {
-        (0x20..0x7f).contains(&b) && b != b'%' && !(b == b' ' && (i == 0 || i == last))
-    };
-    if s.bytes().enumerate().all(|(i, b)| kept(i, b)) {
-        return Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for (i, b) in s.bytes().enumerate() {
-        if kept(i, b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    Cow::Owned(out)
-}
+pub use gw_core::contract::header_safe;
 
 /// The path without query or fragment.
 fn path_only(path: &str) -> &str {
@@ -218,13 +199,20 @@ pub struct Edge {
     /// The validated configuration.
     pub settings: Settings,
     cache: RefCell<JwtCache>,
+    /// The nonces of this VM's seals.
+    pub nonces: gw_core::edge_stamp::Nonces,
 }
 
 impl Edge {
-    /// Builds the filter state from validated settings.
-    pub fn new(settings: Settings) -> Edge {
+    /// Builds the filter state from validated settings; its seals' nonces start
+    /// from `origin` (random per VM).
+    pub fn new(settings: Settings, origin: u64) -> Edge {
         let cache = RefCell::new(JwtCache::new(settings.jwt_cache_entries));
-        Edge { settings, cache }
+        Edge {
+            settings,
+            cache,
+            nonces: gw_core::edge_stamp::Nonces::new(origin),
+        }
     }
 
     /// The verified token: `Authorization`, or on a WebSocket upgrade without it
@@ -298,10 +286,18 @@ impl Edge {
         }
     }
 
-    /// `stamped` with the edge's seal over them, for the sidecar's `path`, at
-    /// `now` ([`headers::STAMP`]).
-    fn sealed(&self, mut stamped: UpstreamHeaders, path: &str, now: u64) -> UpstreamHeaders {
-        let seal = self.settings.edge_key.seal(now, path, |name| {
+    /// `stamped` with the edge's seal over them, for a `method` request to the
+    /// sidecar's `path`, at `now`, with a new nonce ([`headers::STAMP`]).
+    fn sealed(
+        &self,
+        mut stamped: UpstreamHeaders,
+        method: &str,
+        path: &str,
+        now: u64,
+    ) -> UpstreamHeaders {
+        let target = gw_core::edge_stamp::Target { method, path };
+        let nonce = self.nonces.next();
+        let seal = self.settings.edge_key.seal(now, &nonce, target, |name| {
             stamped
                 .iter()
                 .find(|(k, _)| k == name)
@@ -337,12 +333,14 @@ impl Edge {
         match self.decide_with_token(head, &v) {
             Ok(WithToken::Forward) => Ok(HeadDecision::Forward(self.sealed(
                 Self::jwt_headers(&v, Verified::Jwt),
+                head.method,
                 &self.upstream_path(head.path),
                 now,
             ))),
             Ok(WithToken::AwaitBody(route)) => Ok(HeadDecision::AwaitBody(PendingCommand {
                 jwt: v,
                 route,
+                method: head.method.to_owned(),
                 path: self.upstream_path(head.path),
             })),
             Err(r) => Err((r, Some(requester_of(&v)))),
@@ -475,7 +473,7 @@ impl Edge {
         out.push((headers::ISSUER.into(), header_safe(&c.issuer).into_owned()));
         out.push((headers::NONCE.into(), c.nonce.to_string()));
         Ok(Checked {
-            headers: self.sealed(out, &pending.path, now),
+            headers: self.sealed(out, &pending.method, &pending.path, now),
             resend: outcome == ShardOutcome::Resend,
         })
     }

@@ -107,7 +107,7 @@ impl Root {
                 if let Some(rc) = s.report.clone() {
                     self.reports = start_reports(rc);
                 }
-                self.edge = Some(Rc::new(Edge::new(*s)));
+                self.edge = Some(Rc::new(Edge::new(*s, host::vm_id())));
                 self.metrics = Some(Rc::new(Metrics::define()));
                 true
             }
@@ -152,7 +152,8 @@ impl Root {
             };
             // Sealed when sent (a batch sent again is sealed again): the sidecar
             // records only what the key's holder wrote.
-            let seal = edge.settings.edge_key.seal_report(now, &batch.body);
+            let nonce = edge.nonces.next();
+            let seal = edge.settings.edge_key.seal_report(now, &nonce, &batch.body);
             let headers = vec![
                 (":method", "POST"),
                 (":path", r.config.path.as_str()),

@@ -1,5 +1,6 @@
 //! Every decision of the edge filter, natively (the same code runs in wasm).
 
+use gw_core::edge_stamp::{Nonce, Target};
 use gw_core::Command;
 use gw_core::{Action, Code};
 use gw_filter::config::Settings;
@@ -14,19 +15,28 @@ fn config() -> serde_json::Value {
 }
 
 /// The seal among `h` verifies under the fixture key over the rest of `h`, for a
-/// request the sidecar serves at `path`.
-fn assert_sealed(h: &[(String, String)], path: &str) {
+/// `method` request the sidecar serves at `path`; its nonce.
+fn assert_sealed(h: &[(String, String)], method: &str, path: &str) -> Nonce {
     let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
     let key = gw_core::edge_stamp::EdgeKey::from_hex(testkit::fixtures::EDGE_KEY_HEX).unwrap();
-    assert_eq!(
-        key.check(get("x-gw-stamp"), NOW, path, get),
-        Ok(()),
-        "{h:?}"
-    );
+    let sealed = key.check(get("x-gw-stamp"), NOW, Target { method, path }, get);
+    match sealed {
+        Ok(s) => {
+            assert_eq!(s.ts, NOW, "{h:?}");
+            s.nonce
+        }
+        Err(e) => panic!("{e}: {h:?}"),
+    }
 }
 
+/// Every test VM's nonce origin.
+const ORIGIN: u64 = 0x5eed;
+
 fn edge() -> Edge {
-    Edge::new(Settings::parse(config().to_string().as_bytes()).unwrap())
+    Edge::new(
+        Settings::parse(config().to_string().as_bytes()).unwrap(),
+        ORIGIN,
+    )
 }
 
 fn token(roles: &[&str]) -> String {
@@ -182,11 +192,22 @@ fn routes_need_the_right_role() {
         reject_code(e.on_request_headers(&head("GET", "/api/modules", Some(&op)), 0)),
         Code::Unavailable
     );
+    let mut nonces = std::collections::HashSet::new();
+    for _ in 0..3 {
+        match e.on_request_headers(&head("GET", "/api/ledger/history?x=1", Some(&viewer)), NOW) {
+            HeadDecision::Forward(h) => {
+                // Sealed for the method and the path, without the query; each
+                // seal with a nonce of its own (the sidecar believes it once).
+                let nonce = assert_sealed(&h, "GET", "/api/ledger/history");
+                assert_eq!(nonce[..8], ORIGIN.to_be_bytes(), "{h:?}");
+                assert!(nonces.insert(nonce), "a nonce again: {h:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
     match e.on_request_headers(&head("GET", "/api/ledger/history?x=1", Some(&viewer)), NOW) {
         HeadDecision::Forward(h) => {
             assert!(h.contains(&("x-gw-sub".into(), "alice".into())));
-            // Sealed for the path, without the query.
-            assert_sealed(&h, "/api/ledger/history");
             assert!(h.contains(&("x-gw-roles".into(), "viewer".into())));
             assert!(h.contains(&("x-gw-verified".into(), "jwt".into())));
             // The token's expiry (a realtime stream ends then).
@@ -361,7 +382,7 @@ fn signed_commands_are_verified_and_accepted_once() {
     ] {
         assert!(h.contains(&(k.to_string(), v.to_string())), "{k}: {h:?}");
     }
-    assert_sealed(&h, "/api/control/commands");
+    assert_sealed(&h, "POST", "/api/control/commands");
     // The same bytes again: a resend, let through to the sidecar.
     assert!(e.on_request_body(&p, &body, NOW, &store).unwrap().resend);
     // Another command reusing the nonce: refused here.
@@ -378,7 +399,7 @@ fn signed_commands_are_verified_and_accepted_once() {
 fn a_configured_module_route_prefix_binds_the_command_to_its_route() {
     let mut cfg = config();
     cfg["module_route_prefix"] = "/api/ops/module/".into();
-    let e = Edge::new(Settings::parse(cfg.to_string().as_bytes()).unwrap());
+    let e = Edge::new(Settings::parse(cfg.to_string().as_bytes()).unwrap(), ORIGIN);
     let store = EnvoyLikeStore::default();
     let admin = token(&["admin"]);
     let body = command(12, Action::Throttle, &[("throttle_pct", "40")]);
@@ -388,7 +409,7 @@ fn a_configured_module_route_prefix_binds_the_command_to_its_route() {
     };
     let checked = e.on_request_body(&p, &body, NOW, &store).unwrap();
     // Sealed for the path Envoy rewrites it to, the one the sidecar serves.
-    assert_sealed(&checked.headers, "/api/control/module/mev:throttle");
+    assert_sealed(&checked.headers, "POST", "/api/control/module/mev:throttle");
     let HeadDecision::AwaitBody(p) = decide("/api/ops/module/mev:kill") else {
         panic!("expected to await the body")
     };

@@ -17,19 +17,19 @@ fn now() -> u64 {
 }
 
 /// The seal the upstream got (`x-gw-stamp`) verifies under the edge key over the
-/// `x-gw-*` headers it got and the path it was asked for (without the query): the
+/// `x-gw-*` headers it got, the method, and the path it was asked for (without the query): the
 /// filter's own, whatever the client sent.
 fn assert_sealed(echoed: &Value) {
     let h = echoed["headers"].as_object().expect("headers");
     let get = |n: &str| h.get(n).and_then(Value::as_str);
     let path = echoed["path"].as_str().expect("path");
     let path = path.split('?').next().unwrap_or(path);
+    let method = echoed["method"].as_str().expect("method");
     let key = gw_core::edge_stamp::EdgeKey::from_hex(testkit::fixtures::EDGE_KEY_HEX).unwrap();
-    assert_eq!(
-        key.check(get("x-gw-stamp"), now(), path, get),
-        Ok(()),
-        "{echoed}"
-    );
+    let target = gw_core::edge_stamp::Target { method, path };
+    if let Err(e) = key.check(get("x-gw-stamp"), now(), target, get) {
+        panic!("{e}: {echoed}");
+    }
 }
 
 fn filter_config() -> String {

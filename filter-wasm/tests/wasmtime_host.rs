@@ -727,7 +727,8 @@ fn rejected_control_requests_are_reported_in_bounded_batches_on_tick() {
     );
     // Sealed over its body under the edge key, at the host's time.
     let key = gw_core::edge_stamp::EdgeKey::from_hex(testkit::fixtures::EDGE_KEY_HEX).unwrap();
-    assert_eq!(key.check_report(h("x-gw-stamp"), NOW, &call.body), Ok(()));
+    let sealed = key.check_report(h("x-gw-stamp"), NOW, &call.body);
+    assert_eq!(sealed.map(|s| s.ts), Ok(NOW));
     let reports: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
     assert_eq!(reports.as_array().unwrap().len(), 3);
     assert_eq!(reports[0]["code"], "bad_signature");

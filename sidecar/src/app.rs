@@ -327,10 +327,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         unstamped: Default::default(),
         holders: Arc::new(RefusalBudget::holders()),
         ingest: Default::default(),
-        edge_keys: Arc::new(crate::serve::EdgeKeys {
-            current: cfg.edge_key,
-            previous: cfg.edge_key_prev,
-        }),
+        edge_seals: Arc::new(crate::serve::EdgeSeals::new(
+            cfg.edge_key,
+            cfg.edge_key_prev,
+            crate::now_secs(),
+        )),
     };
     realtime.set_gate(gatekeeper.clone());
     let (control, t) = Control::start(

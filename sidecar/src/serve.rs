@@ -284,7 +284,7 @@ pub struct Gatekeeper {
     pub ingest: Arc<RefusalBudget>,
     /// The keys the edge seals its stamp and its reports with ([`edge_stamp`]):
     /// the current one, and the one before a change while it is still believed.
-    pub edge_keys: Arc<EdgeKeys>,
+    pub edge_seals: Arc<EdgeSeals>,
 }
 
 impl Gatekeeper {
@@ -664,26 +664,58 @@ pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) ->
     refuse_within(&g, &g.budget, code, detail, None, req).await
 }
 
-/// The edge key, and the one before it while a change goes through (Envoy's
-/// filters moved to the new key one by one): a seal verifies under either.
-pub struct EdgeKeys {
+/// The most seals of the edge the sidecar remembers at once (each is believed
+/// once while it is within its window, 121 s): about 8 600 sealed requests a
+/// second, held steadily. Beyond it the edge's requests are refused 429
+/// `overloaded` until older seals go stale. About 40 MB at most.
+pub const MAX_SEEN_SEALS: usize = 1 << 20;
+
+/// What the sidecar checks the edge's seals with: the edge key, the one before
+/// it while a change goes through (Envoy's filters moved to the new key one by
+/// one; a seal verifies under either), and the seals already believed.
+pub struct EdgeSeals {
     /// `GW_EDGE_KEY_HEX`.
     pub current: gw_core::edge_stamp::EdgeKey,
     /// `GW_EDGE_KEY_PREV_HEX`.
     pub previous: Option<gw_core::edge_stamp::EdgeKey>,
+    /// The seals believed and still within their window (the lock is held for
+    /// one hash-set look-up and insert).
+    seen: std::sync::Mutex<gw_core::edge_stamp::Seen>,
 }
 
-impl EdgeKeys {
+impl EdgeSeals {
+    /// Checks seals under `current` (and `previous`); refuses those made before
+    /// `since` (unix seconds: this process's start).
+    pub fn new(
+        current: gw_core::edge_stamp::EdgeKey,
+        previous: Option<gw_core::edge_stamp::EdgeKey>,
+        since: u64,
+    ) -> EdgeSeals {
+        EdgeSeals {
+            current,
+            previous,
+            seen: std::sync::Mutex::new(gw_core::edge_stamp::Seen::new(since, MAX_SEEN_SEALS)),
+        }
+    }
+
     /// `check` under the current key, then (for a MAC that does not verify)
-    /// under the previous one.
-    fn verify(
+    /// under the previous one; a seal that verifies is believed at `now` if this
+    /// is its first use.
+    fn believe(
         &self,
-        check: impl Fn(&gw_core::edge_stamp::EdgeKey) -> Result<(), gw_core::edge_stamp::StampError>,
+        now: u64,
+        check: impl Fn(
+            &gw_core::edge_stamp::EdgeKey,
+        ) -> Result<gw_core::edge_stamp::Sealed, gw_core::edge_stamp::StampError>,
     ) -> Result<(), gw_core::edge_stamp::StampError> {
-        match (check(&self.current), &self.previous) {
+        let sealed = match (check(&self.current), &self.previous) {
             (Err(gw_core::edge_stamp::StampError::Mismatch), Some(previous)) => check(previous),
             (verdict, _) => verdict,
-        }
+        }?;
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .first_use(sealed, now)
     }
 }
 
@@ -697,10 +729,12 @@ const REPORT_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(10)
 /// Believes the edge's stamp only under its seal (after [`edge_only`]; see
 /// [`gw_core::edge_stamp`]). A request carrying any `x-gw-*` header is refused 401
 /// `edge_stamp_invalid` unless its seal verifies under the edge key over the
-/// stamped headers and the path, is at most [`gw_core::edge_stamp::VALID_SECS`]
-/// from this clock, and each stamped header comes once; its row names no one (the
-/// identity it claims is not believed), within the budget of callers that are
-/// not the edge. A request with no `x-gw-*` header goes on unstamped (a route that
+/// stamped headers, the method and the path, is at most
+/// [`gw_core::edge_stamp::VALID_SECS`] from this clock and no older than this
+/// process, was not used before, and each stamped header comes once; its row names
+/// no one (the identity it claims is not believed), within the budget of callers
+/// that are not the edge. With no room left to remember seals
+/// ([`MAX_SEEN_SEALS`]) it is refused 429 `overloaded`. A request with no `x-gw-*` header goes on unstamped (a route that
 /// needs a token refuses it). A batch of edge reports must carry the seal over its
 /// body, and nothing else of the edge's.
 pub async fn edge_stamp(State(g): State<Gatekeeper>, req: Request, next: Next) -> Response {
@@ -729,9 +763,12 @@ pub async fn edge_stamp(State(g): State<Gatekeeper>, req: Request, next: Next) -
             timely(seal.as_deref(), now)
         }
     } else {
-        let path = req.uri().path();
-        g.edge_keys
-            .verify(|k| k.check(seal.as_deref(), now, path, get))
+        let target = gw_core::edge_stamp::Target {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+        };
+        g.edge_seals
+            .believe(now, |k| k.check(seal.as_deref(), now, target, get))
     };
     match checked {
         Err(e) => refuse_unsealed(&g, e, req).await,
@@ -746,8 +783,8 @@ pub async fn edge_stamp(State(g): State<Gatekeeper>, req: Request, next: Next) -
                 }
             };
             let checked = g
-                .edge_keys
-                .verify(|k| k.check_report(seal.as_deref(), now, &body));
+                .edge_seals
+                .believe(now, |k| k.check_report(seal.as_deref(), now, &body));
             let req = Request::from_parts(parts, Body::from(body));
             match checked {
                 Ok(()) => next.run(req).await,
@@ -764,7 +801,11 @@ async fn refuse_unsealed(
     req: Request,
 ) -> Response {
     let detail = format!("the edge's stamp is not believed: {why}");
-    refuse_within(g, &g.budget, Code::EdgeStampInvalid, detail, None, req).await
+    let code = match why {
+        gw_core::edge_stamp::StampError::NoRoom => Code::Overloaded,
+        _ => Code::EdgeStampInvalid,
+    };
+    refuse_within(g, &g.budget, code, detail, None, req).await
 }
 
 /// The whole of `body`, at most `max` bytes, arrived within [`REPORT_BODY_WAIT`];

@@ -25,7 +25,8 @@ fn call(
     headers: &[(&str, &str)],
     body: Vec<u8>,
 ) -> (u16, Value) {
-    let seal = testkit::fixtures::edge_seal(headers, path.split('?').next().unwrap_or(path));
+    let seal =
+        testkit::fixtures::edge_seal(headers, method, path.split('?').next().unwrap_or(path));
     let mut all = headers.to_vec();
     if let Some((k, v)) = &seal {
         all.push((k, v.as_str()));
@@ -98,7 +99,7 @@ fn during_a_change_of_the_edge_key_the_previous_key_is_believed_too() {
         Some(gw_core::edge_stamp::EdgeKey::from_hex(testkit::fixtures::EDGE_KEY_HEX).unwrap());
     let s = common::serve(cfg);
     let modules_sealed_under = |key: &str| {
-        let (k, v) = testkit::fixtures::edge_seal_at(OPERATOR, now(), "/api/modules", key);
+        let (k, v) = testkit::fixtures::edge_seal_at(OPERATOR, now(), "GET", "/api/modules", key);
         let mut head = OPERATOR.to_vec();
         head.push((k, v.as_str()));
         let (status, body) = send(&s, &s.http, "GET", "/api/modules", &head, Vec::new());
@@ -114,6 +115,169 @@ fn during_a_change_of_the_edge_key_the_previous_key_is_believed_too() {
         modules_sealed_under(&"33".repeat(32)),
         (401, Some("edge_stamp_invalid".to_owned())),
         "neither"
+    );
+}
+
+/// Each seal is believed once: the same sealed request again (whoever read the
+/// mutual-TLS hop, sending it within the seal's minute) is refused 401
+/// `edge_stamp_invalid` with its row naming no one — a read, a signed command,
+/// a batch of edge reports — and so is a seal made before the sidecar started,
+/// which cannot know what its predecessor believed. A stamp saying the edge
+/// verified a signed command is believed for that command only.
+#[test]
+fn each_seal_is_believed_once_and_for_its_own_command() {
+    let d = testkit::TempDir::new("seal-once");
+    let ch = ClickHouse::start(d.path());
+    let before_start = now() - 1;
+    let s = common::serve(common::config_with_clickhouse(
+        &d.path().join("state"),
+        true,
+        &ch,
+    ));
+    let sealed = |head: &[(&'static str, &'static str)], method: &str, path: &str| {
+        let mut head: Vec<(&str, String)> = head.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        let seal = testkit::fixtures::edge_seal(
+            &head
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect::<Vec<_>>(),
+            method,
+            path,
+        );
+        head.extend(seal);
+        head
+    };
+    let twice = |head: &[(&str, String)], method: &str, path: &str, body: Vec<u8>| {
+        let head: Vec<(&str, &str)> = head.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let first = send(&s, &s.http, method, path, &head, body.clone());
+        let again = send(&s, &s.http, method, path, &head, body);
+        (
+            first.0,
+            (again.0, again.1["error"].as_str().map(str::to_owned)),
+        )
+    };
+    let refused = (401, Some("edge_stamp_invalid".to_owned()));
+    // A read.
+    let read = sealed(OPERATOR, "GET", "/api/modules");
+    assert_eq!(
+        twice(&read, "GET", "/api/modules", Vec::new()),
+        (200, refused.clone())
+    );
+    // A signed command: the second is refused for its seal, before its nonce
+    // is looked at, and it is applied once.
+    let admin: &[(&str, &str)] = &[
+        ("x-gw-verified", "jwt"),
+        ("x-gw-sub", "operator-1"),
+        ("x-gw-roles", "admin"),
+        ("content-type", "application/x-protobuf"),
+    ];
+    let command = signed_command(
+        7,
+        Action::Throttle,
+        now(),
+        "dashboard",
+        &[("throttle_pct", "40")],
+    );
+    let post = sealed(admin, "POST", "/api/control/commands");
+    assert_eq!(
+        twice(&post, "POST", "/api/control/commands", command),
+        (200, refused.clone())
+    );
+    // A batch of edge reports.
+    let report = serde_json::to_vec(&json!([{"decision": "rejected", "code": "replay",
+        "path": "/once", "raw_hex": "", "ts_ms": 1}]))
+    .unwrap();
+    let batch = testkit::fixtures::report_seal(&report);
+    let batch = [(batch.0, batch.1)];
+    let (first, again) = twice(&batch, "POST", "/internal/edge-decisions", report);
+    assert!((200..300).contains(&first), "{first}");
+    assert_eq!(again, refused);
+    // Made before this sidecar started (within the minute: not stale).
+    let (k, v) = testkit::fixtures::edge_seal_at(
+        OPERATOR,
+        before_start,
+        "GET",
+        "/api/modules",
+        testkit::fixtures::EDGE_KEY_HEX,
+    );
+    let mut old = OPERATOR.to_vec();
+    old.push((k, v.as_str()));
+    let (status, body) = send(&s, &s.http, "GET", "/api/modules", &old, Vec::new());
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("edge_stamp_invalid"))
+    );
+    // The edge verified a signed command (`x-gw-verified: edge`, with the
+    // command's key, issuer and nonce; no role check follows): sealed, but
+    // naming nonce 99 while the body is nonce 8.
+    let verified = |nonce: &'static str| -> [(&'static str, &'static str); 7] {
+        [
+            ("x-gw-verified", "edge"),
+            ("x-gw-sub", "operator-1"),
+            ("x-gw-roles", "admin"),
+            ("x-gw-pubkey-id", "op-admin-1"),
+            ("x-gw-issuer", "dashboard"),
+            ("x-gw-nonce", nonce),
+            ("content-type", "application/x-protobuf"),
+        ]
+    };
+    let command = signed_command(
+        8,
+        Action::Throttle,
+        now(),
+        "dashboard",
+        &[("throttle_pct", "30")],
+    );
+    let other = verified("99");
+    let (status, body) = call(
+        &s,
+        &s.http,
+        "POST",
+        "/api/control/commands",
+        &other,
+        command.clone(),
+    );
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("edge_stamp_invalid")),
+        "{body}"
+    );
+    let own = verified("8");
+    let (status, body) = call(&s, &s.http, "POST", "/api/control/commands", &own, command);
+    assert_eq!(status, 200, "{body}");
+    let (_, modules) = call(&s, &s.http, "GET", "/api/modules", OPERATOR, Vec::new());
+    assert_eq!(modules["mev"]["throttle_pct"], 30, "{modules}");
+    assert_eq!(modules["mev"]["applied"], 2, "each applied once: {modules}");
+    // Each refusal has its row, naming no one; the batch's report is recorded once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let rows = loop {
+        let rows = common::wait_rows(&ch, 1);
+        let refusals = rows
+            .iter()
+            .filter(|r| r.code == "edge_stamp_invalid")
+            .count();
+        if refusals >= 5 || std::time::Instant::now() > deadline {
+            break rows;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let refusals: Vec<_> = rows
+        .iter()
+        .filter(|r| r.code == "edge_stamp_invalid")
+        .collect();
+    assert_eq!(refusals.len(), 5, "{rows:#?}");
+    assert!(
+        refusals
+            .iter()
+            .all(|r| r.requester.is_empty() && r.stage == "sidecar"),
+        "{rows:#?}"
+    );
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.stage == "edge" && r.route == "/once")
+            .count(),
+        1,
+        "{rows:#?}"
     );
 }
 
@@ -235,10 +399,10 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     ];
     let key = testkit::fixtures::EDGE_KEY_HEX;
     let other_key = "11".repeat(32);
-    let seal_at = |h: &[(&str, &str)], ts: u64, path: &str, key: &str| {
-        testkit::fixtures::edge_seal_at(h, ts, path, key).1
+    let seal_at = |h: &[(&str, &str)], ts: u64, method: &str, path: &str, key: &str| {
+        testkit::fixtures::edge_seal_at(h, ts, method, path, key).1
     };
-    let seal = |h: &[(&str, &str)], ts: u64, key: &str| seal_at(h, ts, "/api/modules", key);
+    let seal = |h: &[(&str, &str)], ts: u64, key: &str| seal_at(h, ts, "GET", "/api/modules", key);
     let as_operator = [root[0], root[1], ("x-gw-roles", "operator")];
     let forged: Vec<(&str, Vec<(&str, String)>)> = vec![
         ("no seal", vec![]),
@@ -258,7 +422,14 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
             "for another path",
             vec![(
                 "x-gw-stamp",
-                seal_at(&root, now(), "/api/ledger/history", key),
+                seal_at(&root, now(), "GET", "/api/ledger/history", key),
+            )],
+        ),
+        (
+            "for another method",
+            vec![(
+                "x-gw-stamp",
+                seal_at(&root, now(), "POST", "/api/modules", key),
             )],
         ),
         (

@@ -81,8 +81,9 @@ async fn open_sealed(
     if let Some(exp) = &exp {
         stamp.push(("x-gw-token-exp", exp));
     }
-    let seal = (!stamp.is_empty())
-        .then(|| testkit::fixtures::edge_seal_at(&stamp, common::now(), "/api/realtime", key));
+    let seal = (!stamp.is_empty()).then(|| {
+        testkit::fixtures::edge_seal_at(&stamp, common::now(), "GET", "/api/realtime", key)
+    });
     for (k, v) in stamp
         .iter()
         .copied()

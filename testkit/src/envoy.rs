@@ -123,7 +123,7 @@ impl DevCerts {
 pub fn stamped(req: reqwest::RequestBuilder, stamp: &[(&str, &str)]) -> reqwest::RequestBuilder {
     let (client, built) = req.build_split();
     let mut built = built.expect("a request");
-    let seal = crate::fixtures::edge_seal(stamp, built.url().path());
+    let seal = crate::fixtures::edge_seal(stamp, built.method().as_str(), built.url().path());
     let h = built.headers_mut();
     for (k, v) in stamp
         .iter()

@@ -15,16 +15,19 @@ pub const JWT_SECRET: &[u8; 32] = b"edge-gw-test-secret-0123456789ab";
 pub const EDGE_KEY_HEX: &str = "65646765207365616c206b6579206f6620746865207465737473202030313233";
 
 /// The seal the edge filter adds ([`gw_core::contract::headers::STAMP`]) over the
-/// `x-gw-*` headers among `headers` of a request to `path` (the sidecar's, without
-/// the query), under the key `key_hex`, sealed at `ts`.
+/// `x-gw-*` headers among `headers` of a `method` request to `path` (the
+/// sidecar's, without the query), under the key `key_hex`, sealed at `ts` with a
+/// new random nonce.
 pub fn edge_seal_at(
     headers: &[(&str, &str)],
     ts: u64,
+    method: &str,
     path: &str,
     key_hex: &str,
 ) -> (&'static str, String) {
     let key = gw_core::edge_stamp::EdgeKey::from_hex(key_hex).expect("an edge key");
-    let seal = key.seal(ts, path, |name| {
+    let target = gw_core::edge_stamp::Target { method, path };
+    let seal = key.seal(ts, &fresh_nonce(), target, |name| {
         headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -34,13 +37,26 @@ pub fn edge_seal_at(
 }
 
 /// The seal the edge filter adds over the `x-gw-*` headers among `headers` of a
-/// request to `path`, under [`EDGE_KEY_HEX`], now; `None` when none of them is
-/// the edge's.
-pub fn edge_seal(headers: &[(&str, &str)], path: &str) -> Option<(&'static str, String)> {
+/// `method` request to `path`, under [`EDGE_KEY_HEX`], now; `None` when none of
+/// them is the edge's.
+pub fn edge_seal(
+    headers: &[(&str, &str)],
+    method: &str,
+    path: &str,
+) -> Option<(&'static str, String)> {
     let stamped = headers
         .iter()
         .any(|(k, _)| gw_core::contract::headers::is_reserved(k));
-    stamped.then(|| edge_seal_at(headers, unix_now(), path, EDGE_KEY_HEX))
+    stamped.then(|| edge_seal_at(headers, unix_now(), method, path, EDGE_KEY_HEX))
+}
+
+/// A random seal nonce (the filter's are its VM's origin and a counter; any
+/// unique value serves).
+pub fn fresh_nonce() -> gw_core::edge_stamp::Nonce {
+    use rand_core::RngCore as _;
+    let mut n = [0u8; gw_core::edge_stamp::NONCE_BYTES];
+    rand_core::OsRng.fill_bytes(&mut n);
+    n
 }
 
 /// A batch of edge reports' seal under [`EDGE_KEY_HEX`], now.
@@ -48,7 +64,7 @@ pub fn report_seal(body: &[u8]) -> (&'static str, String) {
     let key = gw_core::edge_stamp::EdgeKey::from_hex(EDGE_KEY_HEX).expect("the fixture key");
     (
         gw_core::contract::headers::STAMP,
-        key.seal_report(unix_now(), body),
+        key.seal_report(unix_now(), &fresh_nonce(), body),
     )
 }
 

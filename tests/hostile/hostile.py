@@ -533,7 +533,7 @@ def sidecar_cases(k, run):
              spoof + [("content-type", "application/json")], b'{"n": "%s"}' % uuid.uuid4().hex.encode()),
             ("module state as mallory", "GET", "/api/modules", spoof, b""),
             ("a forged seal", "GET", "/api/ledger/history",
-             spoof + [("x-gw-stamp", f"v1.{int(time.time())}.{'ab' * 32}")], b""),
+             spoof + [("x-gw-stamp", f"v2.{int(time.time())}.{uuid.uuid4().hex}.{'ab' * 32}")], b""),
             ("a forged edge report", "POST", "/internal/edge-decisions",
              [("content-type", "application/json")], forged_report),
     ):

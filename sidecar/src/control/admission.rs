@@ -181,14 +181,16 @@ impl Admission {
 
     /// Decides on `req`. The edge's acceptance (when the edge forwarded the request)
     /// is recorded first, then the sidecar's own decision: re-verification (size,
-    /// signature, key, scope, route, freshness), then replay against `seen` and the
-    /// nonces in flight. An admitted command's nonce is reserved.
+    /// signature, key, scope, route, freshness), that the edge's stamp names this
+    /// command, then replay against `seen` and the nonces in flight. An admitted
+    /// command's nonce is reserved.
     pub fn decide(&mut self, req: &Request<'_>, seen: &impl SeenNonces) -> Verdict {
         let mut rows = Vec::with_capacity(2);
         // Only an edge that verified the signed body accepted the command: one
         // that checked the token alone (a route it did not take for a command
         // route) is not recorded as having accepted it.
-        if req.edge.is_some_and(|e| e.verified == Verified::Edge) {
+        let edge_verified = req.edge.filter(|e| e.verified == Verified::Edge);
+        if edge_verified.is_some() {
             rows.push(EDGE_ACCEPTED);
         }
         let v = match self.policy.check(req.body, req.now, req.route) {
@@ -202,6 +204,19 @@ impl Admission {
                 });
             }
         };
+        // The edge's stamp says it verified a command: this one, or the stamp
+        // is not the edge's word on it (and the edge's row is not written).
+        if edge_verified.is_some_and(|e| !e.names(&v.command)) {
+            let reject = Reject::new(
+                Code::EdgeStampInvalid,
+                "the edge's stamp names another signed command (key, issuer or nonce)",
+            );
+            return Verdict::Refused(Refused {
+                rows: vec![rejected(reject.code)],
+                reject,
+                command: Some(v.command),
+            });
+        }
         let c = &v.command;
         let digest = gw_core::replay::digest(req.body);
         let replay = seen
@@ -368,6 +383,11 @@ mod tests {
                 roles: "admin".into(),
                 token_issuer: "defi-dashboard".into(),
             },
+            command: gw_core::contract::StampedCommand {
+                pubkey_id: "op-admin-1".into(),
+                issuer: "dashboard".into(),
+                nonce: "7".into(),
+            },
         }
     }
 
@@ -438,6 +458,58 @@ mod tests {
         assert_eq!(a.in_flight(), 1);
         a.release(&ok);
         assert_eq!(a.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_stamp_of_another_command_is_refused_without_the_edges_row() {
+        let body = signed(&command());
+        let decide = |id: &EdgeIdentity| {
+            Admission::new(policy()).decide(
+                &Request {
+                    body: &body,
+                    route: Some((Module::Mev, Action::Throttle)),
+                    edge: Some(id),
+                    now: NOW,
+                },
+                &book(),
+            )
+        };
+        let fields: [fn(&mut gw_core::contract::StampedCommand); 4] = [
+            |s| s.pubkey_id = "op-admin-2".into(),
+            |s| s.issuer = "dashboard2".into(),
+            |s| s.nonce = "8".into(),
+            |s| s.nonce = String::new(),
+        ];
+        for change in fields {
+            let mut id = edge();
+            change(&mut id.command);
+            let r = refused(decide(&id), Code::EdgeStampInvalid);
+            assert_eq!(r.rows, vec![rejected(Code::EdgeStampInvalid)], "{id:?}");
+            assert_eq!(r.command.map(|c| c.nonce), Some(7));
+        }
+        // A token-only stamp names no command: nothing to compare.
+        let mut id = edge();
+        id.verified = Verified::Jwt;
+        id.command = Default::default();
+        assert!(matches!(decide(&id), Verdict::Admitted(_)));
+        // The filter's encoding of a claim it could not write as is.
+        let mut c = command();
+        c.issuer = " dashbörd ".into();
+        let body = signed(&c);
+        let mut id = edge();
+        id.command.issuer = "%20dashb%C3%B6rd%20".into();
+        assert!(matches!(
+            Admission::new(policy()).decide(
+                &Request {
+                    body: &body,
+                    route: Some((Module::Mev, Action::Throttle)),
+                    edge: Some(&id),
+                    now: NOW,
+                },
+                &book(),
+            ),
+            Verdict::Admitted(_)
+        ));
     }
 
     #[test]

@@ -572,6 +572,13 @@ impl Control {
                     record_command(c);
                 }
                 let resent = r.command.clone().filter(|_| r.reject.code == Code::Replay);
+                // A stamp of another command: who it names did not send this body.
+                let nobody = Requester::default();
+                let requester = if r.reject.code == Code::EdgeStampInvalid {
+                    &nobody
+                } else {
+                    requester
+                };
                 // The row first: a client that hangs up while a resend waits for
                 // its agent below does not take the refusal's row with it.
                 let e = self.refuse(r, body, requester, &path).await;
