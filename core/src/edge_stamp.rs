@@ -95,8 +95,9 @@ pub enum StampError {
     /// The seal came before: each is good once.
     #[error("the edge's seal was used before (each is good once)")]
     Reused,
-    /// Made before the checker started, which cannot know whether it was used.
-    #[error("the edge's seal was made before this sidecar started")]
+    /// Made before the second the checker started in, which cannot know whether
+    /// it was used: a new seal is good.
+    #[error("the edge's seal was made before this sidecar started: send the request again")]
     BeforeStart,
     /// The checker remembers as many seals as it may ([`Seen`]).
     #[error("the sidecar remembers as many of the edge's seals as it may: retry shortly")]
@@ -320,25 +321,44 @@ fn parse(seal: Option<&str>, now: u64) -> Result<(Sealed, [u8; 32]), StampError>
 /// The seals a checker has believed while they are within [`VALID_SECS`] of its
 /// clock (after that, [`EdgeKey::check`] refuses them as stale), at most a bound
 /// of them: each seal is believed once.
+///
+/// Its clock is the latest it was told: a seal is forgotten once it is stale at
+/// that time, and from then on refused as stale whatever time a caller that
+/// read the clock earlier (or a clock stepped back) says.
 #[derive(Debug)]
 pub struct Seen {
     /// Nonces by the seal's time.
     by_ts: BTreeMap<u64, HashSet<Nonce>>,
     len: usize,
     max: usize,
-    since: u64,
+    /// Seals made before it are refused (`None`: no longer).
+    since: Option<u64>,
+    /// The latest time [`Seen::first_use`] was given.
+    high: u64,
 }
 
 impl Seen {
     /// Remembers at most `max` seals; refuses those made before `since` (unix
-    /// seconds: when the checker started, not knowing which seals came before).
+    /// seconds: the second the checker started in, not knowing which seals its
+    /// predecessor believed) until [`Seen::forget_start`]. (A seal of that very
+    /// second is believed: the seal's time has no finer grain, and refusing
+    /// the first second's new seals would refuse every request sent right
+    /// after a start.)
     pub fn new(since: u64, max: usize) -> Seen {
         Seen {
             by_ts: BTreeMap::new(),
             len: 0,
             max,
-            since,
+            since: Some(since),
+            high: 0,
         }
+    }
+
+    /// Seals made before the start are refused no more (once every one of them
+    /// is stale: the checker says when, by its own monotonic clock, so that a
+    /// wall clock stepped back does not refuse new seals).
+    pub fn forget_start(&mut self) {
+        self.since = None;
     }
 
     /// The seals remembered now.
@@ -352,26 +372,38 @@ impl Seen {
     }
 
     /// `sealed` (a seal that verified at `now`) is used now: `Ok` the first
-    /// time; refused when it came before, was made before [`Seen::new`]'s `since`,
-    /// or there is no room. Seals past their window are forgotten first.
+    /// time; refused when it is stale at the latest time this was given, came
+    /// before, was made before [`Seen::new`]'s `since`, or there is no
+    /// room. Seals past their window are forgotten first.
     pub fn first_use(&mut self, sealed: Sealed, now: u64) -> Result<(), StampError> {
+        self.high = self.high.max(now);
         while let Some(entry) = self.by_ts.first_entry() {
-            if entry.key().saturating_add(VALID_SECS) >= now {
+            if entry.key().saturating_add(VALID_SECS) >= self.high {
                 break;
             }
             self.len -= entry.remove().len();
         }
-        if sealed.ts < self.since {
+        // Forgotten, or as good as: stale at the latest time.
+        if sealed.ts.saturating_add(VALID_SECS) < self.high {
+            return Err(StampError::Stale(self.high - sealed.ts));
+        }
+        if self.since.is_some_and(|since| sealed.ts < since) {
             return Err(StampError::BeforeStart);
         }
-        let bucket = self.by_ts.entry(sealed.ts).or_default();
-        if bucket.contains(&sealed.nonce) {
+        if self
+            .by_ts
+            .get(&sealed.ts)
+            .is_some_and(|b| b.contains(&sealed.nonce))
+        {
             return Err(StampError::Reused);
         }
         if self.len >= self.max {
             return Err(StampError::NoRoom);
         }
-        bucket.insert(sealed.nonce);
+        self.by_ts
+            .entry(sealed.ts)
+            .or_default()
+            .insert(sealed.nonce);
         self.len += 1;
         Ok(())
     }
@@ -639,7 +671,7 @@ mod tests {
 
     #[test]
     fn a_seal_is_believed_once_and_forgotten_only_once_it_is_stale() {
-        let mut seen = Seen::new(NOW, 100);
+        let mut seen = Seen::new(NOW - 1, 100);
         assert_eq!(seen.first_use(sealed(NOW, 1), NOW), Ok(()));
         assert_eq!(
             seen.first_use(sealed(NOW, 1), NOW + 1),
@@ -661,16 +693,27 @@ mod tests {
             Ok(())
         );
         assert_eq!(seen.len(), 2);
-        // Made before the checker started.
+        // Once forgotten, refused as stale even by a caller whose clock was
+        // read before (a slow body) or stepped back: it would be believed again.
         assert_eq!(
-            Seen::new(NOW, 100).first_use(sealed(NOW - 1, 1), NOW),
+            seen.first_use(sealed(NOW, 1), NOW + 30),
+            Err(StampError::Stale(VALID_SECS + 1))
+        );
+        // Made before the second the checker started in; then, once told to,
+        // no longer refused for that.
+        let mut fresh = Seen::new(NOW, 100);
+        assert_eq!(
+            fresh.first_use(sealed(NOW - 1, 1), NOW),
             Err(StampError::BeforeStart)
         );
+        assert_eq!(fresh.first_use(sealed(NOW, 1), NOW), Ok(()));
+        fresh.forget_start();
+        assert_eq!(fresh.first_use(sealed(NOW - 1, 1), NOW + 1), Ok(()));
     }
 
     #[test]
     fn a_full_memory_refuses_new_seals_until_old_ones_go_stale() {
-        let mut seen = Seen::new(NOW, 3);
+        let mut seen = Seen::new(NOW - 1, 3);
         for n in 0..3 {
             assert_eq!(seen.first_use(sealed(NOW, n), NOW), Ok(()));
         }

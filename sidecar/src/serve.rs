@@ -664,11 +664,18 @@ pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) ->
     refuse_within(&g, &g.budget, code, detail, None, req).await
 }
 
-/// The most seals of the edge the sidecar remembers at once (each is believed
-/// once while it is within its window, 121 s): about 8 600 sealed requests a
-/// second, held steadily. Beyond it the edge's requests are refused 429
-/// `overloaded` until older seals go stale. About 40 MB at most.
+/// The most seals of the edge the sidecar remembers at once (each while it is
+/// timely: about 61 s after it was made, longer when the edge's clock runs
+/// ahead): about 17 000 sealed requests a second, held steadily. Beyond it the
+/// edge's requests are refused 429 `overloaded` until older seals go stale.
+/// About 40 MB at most.
 pub const MAX_SEEN_SEALS: usize = 1 << 20;
+
+/// How long after its start the sidecar refuses seals made before it (by its
+/// monotonic clock): by then every one of them is stale, and a wall clock
+/// stepped back after the start must not refuse new ones.
+const BEFORE_START_WINDOW: std::time::Duration =
+    std::time::Duration::from_secs(2 * gw_core::edge_stamp::VALID_SECS);
 
 /// What the sidecar checks the edge's seals with: the edge key, the one before
 /// it while a change goes through (Envoy's filters moved to the new key one by
@@ -681,11 +688,13 @@ pub struct EdgeSeals {
     /// The seals believed and still within their window (the lock is held for
     /// one hash-set look-up and insert).
     seen: std::sync::Mutex<gw_core::edge_stamp::Seen>,
+    /// When this process started checking seals.
+    started: std::time::Instant,
 }
 
 impl EdgeSeals {
     /// Checks seals under `current` (and `previous`); refuses those made before
-    /// `since` (unix seconds: this process's start).
+    /// `since` (unix seconds: this process's start), for its first two minutes.
     pub fn new(
         current: gw_core::edge_stamp::EdgeKey,
         previous: Option<gw_core::edge_stamp::EdgeKey>,
@@ -695,6 +704,7 @@ impl EdgeSeals {
             current,
             previous,
             seen: std::sync::Mutex::new(gw_core::edge_stamp::Seen::new(since, MAX_SEEN_SEALS)),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -712,10 +722,14 @@ impl EdgeSeals {
             (Err(gw_core::edge_stamp::StampError::Mismatch), Some(previous)) => check(previous),
             (verdict, _) => verdict,
         }?;
-        self.seen
+        let mut seen = self
+            .seen
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .first_use(sealed, now)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.started.elapsed() > BEFORE_START_WINDOW {
+            seen.forget_start();
+        }
+        seen.first_use(sealed, now)
     }
 }
 
@@ -730,11 +744,12 @@ const REPORT_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(10)
 /// [`gw_core::edge_stamp`]). A request carrying any `x-gw-*` header is refused 401
 /// `edge_stamp_invalid` unless its seal verifies under the edge key over the
 /// stamped headers, the method and the path, is at most
-/// [`gw_core::edge_stamp::VALID_SECS`] from this clock and no older than this
-/// process, was not used before, and each stamped header comes once; its row names
-/// no one (the identity it claims is not believed), within the budget of callers
-/// that are not the edge. With no room left to remember seals
-/// ([`MAX_SEEN_SEALS`]) it is refused 429 `overloaded`. A request with no `x-gw-*` header goes on unstamped (a route that
+/// [`gw_core::edge_stamp::VALID_SECS`] from this clock, was not used before, and
+/// each stamped header comes once; its row names no one (the identity it claims
+/// is not believed), within the budget of callers that are not the edge. A seal
+/// made before this process's start second is refused 503 `unavailable`
+/// (sent again, it is sealed anew); with no room left to remember seals
+/// ([`MAX_SEEN_SEALS`]), 429 `overloaded`. A request with no `x-gw-*` header goes on unstamped (a route that
 /// needs a token refuses it). A batch of edge reports must carry the seal over its
 /// body, and nothing else of the edge's.
 pub async fn edge_stamp(State(g): State<Gatekeeper>, req: Request, next: Next) -> Response {
@@ -782,6 +797,8 @@ pub async fn edge_stamp(State(g): State<Gatekeeper>, req: Request, next: Next) -
                     return refuse_within(&g, &g.budget, code, detail, None, req).await;
                 }
             };
+            // The clock again: the body may have taken a while.
+            let now = crate::now_secs();
             let checked = g
                 .edge_seals
                 .believe(now, |k| k.check_report(seal.as_deref(), now, &body));
@@ -803,6 +820,8 @@ async fn refuse_unsealed(
     let detail = format!("the edge's stamp is not believed: {why}");
     let code = match why {
         gw_core::edge_stamp::StampError::NoRoom => Code::Overloaded,
+        // Sent again, it gets a seal this sidecar believes.
+        gw_core::edge_stamp::StampError::BeforeStart => Code::Unavailable,
         _ => Code::EdgeStampInvalid,
     };
     refuse_within(g, &g.budget, code, detail, None, req).await
