@@ -158,24 +158,6 @@ impl Checkpoint {
         Err(CheckpointError::Signature(key_name.to_owned()))
     }
 
-    /// Whether `rows` (one chain, in `seq` order) hold this checkpoint whatever
-    /// else is wrong with them (their breaks are a walk's to report): as long
-    /// as it, and the same row at its size, walked as [`Walker::push_on`] walks
-    /// (on after every break).
-    pub fn held_by(&self, rows: &[LedgerRow]) -> Result<u64, CheckpointError> {
-        let mut w = Walker::new();
-        let mut at = None;
-        for r in rows {
-            let before = w.head().0;
-            drop(w.push_on(r));
-            let (n, hash) = w.head();
-            if n != before && n == self.size {
-                at = Some(hash);
-            }
-        }
-        self.judge(w.head().0, at)
-    }
-
     /// Whether a walk of `walked` positions, whose row at this checkpoint's size
     /// hashed to `at` (`None`: no row there was walked to), holds it.
     pub fn judge(&self, walked: u64, at: Option<[u8; 32]>) -> Result<u64, CheckpointError> {
@@ -274,6 +256,54 @@ pub fn notes(text: &str) -> Vec<String> {
         out.push(cur);
     }
     out
+}
+
+/// One chain walked row by row, in `seq` order, as [`Walker::push_on`] walks
+/// (on after every break), and held to a checkpoint when it has one — whatever
+/// else is wrong with the rows (their breaks are the walk's to report): as long
+/// as it, and the same row at its size. It keeps no row: a chain of any length
+/// is walked in constant memory.
+#[derive(Debug, Default)]
+pub struct HeldWalk {
+    walker: Walker,
+    anchor: Option<Checkpoint>,
+    /// The hash of the row at the anchor's size, once walked to.
+    at_anchor: Option<[u8; 32]>,
+}
+
+impl HeldWalk {
+    /// A walk from the chain's start, held to `anchor` (if any).
+    pub fn new(anchor: Option<Checkpoint>) -> HeldWalk {
+        HeldWalk {
+            walker: Walker::new(),
+            anchor,
+            at_anchor: None,
+        }
+    }
+
+    /// The next row: its breaks ([`Walker::push_on`]).
+    pub fn push(&mut self, r: &LedgerRow) -> Vec<ChainError> {
+        let before = self.walker.head().0;
+        let breaks = self.walker.push_on(r);
+        // The row at the checkpoint's size, as walked (or followed to).
+        let (n, head) = self.walker.head();
+        if n != before && self.anchor.as_ref().is_some_and(|a| a.size == n) {
+            self.at_anchor = Some(head);
+        }
+        breaks
+    }
+
+    /// Positions walked ([`Walker::head`]).
+    pub fn walked(&self) -> u64 {
+        self.walker.head().0
+    }
+
+    /// Whether the walk so far holds its checkpoint (`None`: it has none).
+    pub fn held(&self) -> Option<Result<u64, CheckpointError>> {
+        self.anchor
+            .as_ref()
+            .map(|a| a.judge(self.walked(), self.at_anchor))
+    }
 }
 
 #[cfg(test)]

@@ -6,8 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gw_core::checkpoint::{notes, whole_len, Checkpoint};
-use gw_core::ledger::{by_chain, LedgerRow, Walker};
+use std::collections::BTreeMap;
+
+use gw_core::checkpoint::{notes, whole_len, Checkpoint, HeldWalk};
+use gw_core::ledger::LedgerRow;
 
 /// Breaks of one chain printed at most.
 const MAX_BREAKS: usize = 16;
@@ -182,7 +184,113 @@ fn http_client(a: &VerifyArgs) -> Result<reqwest::Client> {
     b.build().context("cannot set up the HTTP client")
 }
 
-/// `gwctl ledger verify`.
+/// Longest line of ClickHouse's answer read as one row (a stored row is a few
+/// KiB: its body is cut at 4 KiB).
+const MAX_ROW_BYTES: usize = 4 << 20;
+
+/// One chain's walk as its rows stream in.
+struct ChainWalk {
+    walk: HeldWalk,
+    /// The first breaks ([`MAX_BREAKS`]), as printed, and how many more.
+    breaks: Vec<String>,
+    more_breaks: usize,
+    /// The last `seq` read (ClickHouse sends them in order).
+    last_seq: u64,
+}
+
+/// The walk of every chain as ClickHouse streams its rows, ordered by chain
+/// then `seq`: one chain's state at a time, so the table's size does not
+/// matter.
+struct Walking {
+    /// The newest checkpoint of each chain (`--checkpoint`).
+    anchors: BTreeMap<String, Checkpoint>,
+    /// The chain being walked.
+    current: Option<(String, ChainWalk)>,
+    /// Chains walked to their end.
+    done: BTreeMap<String, ChainWalk>,
+    /// Rows read.
+    stored: u64,
+}
+
+impl Walking {
+    fn push(&mut self, r: &LedgerRow) -> Result<()> {
+        self.stored += 1;
+        if self.current.as_ref().is_none_or(|(c, _)| *c != r.chain_id) {
+            anyhow::ensure!(
+                !self.done.contains_key(&r.chain_id),
+                "ClickHouse sent chain {} in two runs: its answer is not ordered by chain",
+                r.chain_id
+            );
+            self.finish();
+            let anchor = self.anchors.get(&r.chain_id).cloned();
+            let walk = ChainWalk {
+                walk: HeldWalk::new(anchor),
+                breaks: Vec::new(),
+                more_breaks: 0,
+                last_seq: 0,
+            };
+            self.current = Some((r.chain_id.clone(), walk));
+        }
+        let Some((chain, w)) = self.current.as_mut() else {
+            anyhow::bail!("no chain is being walked");
+        };
+        anyhow::ensure!(
+            r.seq >= w.last_seq,
+            "ClickHouse sent chain {chain}'s seq {} after {}: its answer is not ordered by seq",
+            r.seq,
+            w.last_seq
+        );
+        w.last_seq = r.seq;
+        for e in w.walk.push(r) {
+            if w.breaks.len() < MAX_BREAKS {
+                w.breaks.push(e.to_string());
+            } else {
+                w.more_breaks += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The chain being walked is done.
+    fn finish(&mut self) {
+        if let Some((chain, w)) = self.current.take() {
+            self.done.insert(chain, w);
+        }
+    }
+}
+
+/// Reads ClickHouse's answer `resp` line by line into `walking`.
+async fn stream_rows(mut resp: reqwest::Response, walking: &mut Walking) -> Result<()> {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut line_no = 0usize;
+    let mut row = |line: &[u8], walking: &mut Walking| -> Result<()> {
+        line_no += 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        let r: LedgerRow = serde_json::from_slice(line)
+            .with_context(|| format!("row {line_no} is not a ledger row"))?;
+        walking.push(&r)
+    };
+    while let Some(chunk) = resp.chunk().await.context("ClickHouse answer")? {
+        pending.extend_from_slice(&chunk);
+        let mut start = 0;
+        while let Some(n) = pending[start..].iter().position(|b| *b == b'\n') {
+            row(&pending[start..start + n], walking)?;
+            start += n + 1;
+        }
+        pending.drain(..start);
+        anyhow::ensure!(
+            pending.len() <= MAX_ROW_BYTES,
+            "row {} is over {MAX_ROW_BYTES} bytes: not a ledger row",
+            line_no + 1
+        );
+    }
+    row(&pending, walking)
+}
+
+/// `gwctl ledger verify`: the rows are read as they come, one chain at a time
+/// (constant memory, whatever the table's size).
 pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
     if !a
         .table
@@ -191,6 +299,11 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
     {
         anyhow::bail!("--table `{}` is not a plain table name", a.table);
     }
+    // Before the query: a checkpoint file that cannot be read stops it first.
+    let anchors = match &a.checkpoint {
+        Some(path) => checkpoints(path, &a.key, &a.key_name)?,
+        None => BTreeMap::new(),
+    };
     let sql = format!(
         // 64-bit integers as JSON numbers: a ClickHouse before 25.8 quotes them.
         // A profile whose limits `break` would cut the answer short, and a cut
@@ -206,7 +319,13 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     let client = http_client(a)?;
-    let body = rt.block_on(async {
+    let mut walking = Walking {
+        anchors,
+        current: None,
+        done: BTreeMap::new(),
+        stored: 0,
+    };
+    rt.block_on(async {
         let mut req = client.post(&a.clickhouse).body(sql);
         if let Some(u) = &a.user {
             req = req.header("x-clickhouse-user", u);
@@ -219,33 +338,26 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
             .await
             .with_context(|| format!("cannot reach ClickHouse at {}", a.clickhouse))?;
         let status = resp.status();
-        let text = resp.text().await.context("ClickHouse answer")?;
-        anyhow::ensure!(
-            status.is_success(),
-            "ClickHouse answered {status}: {}",
-            text.trim()
-        );
-        Ok::<_, anyhow::Error>(text)
+        if !status.is_success() {
+            let text = resp.text().await.context("ClickHouse answer")?;
+            anyhow::bail!("ClickHouse answered {status}: {}", text.trim());
+        }
+        stream_rows(resp, &mut walking).await
     })?;
-    let rows: Vec<LedgerRow> = body
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| format!("row {} is not a ledger row", i + 1))
-        })
-        .collect::<Result<_>>()?;
-    let stored = rows.len();
+    walking.finish();
+    let Walking {
+        anchors,
+        done: chains,
+        stored,
+        ..
+    } = walking;
     // Rows the chains hold: a row stored twice (an insert retried) is one.
     let mut total = 0;
     let mut broken = false;
-    let chains = by_chain(rows);
-    for (chain, rows) in &chains {
-        // Every break, not only the first: the walk goes on after each.
-        let mut walk = Walker::new();
-        let breaks: Vec<_> = rows.iter().flat_map(|r| walk.push_on(r)).collect();
-        if breaks.is_empty() {
-            let (n, _) = walk.head();
+    for (chain, w) in &chains {
+        // Every break, not only the first: the walk went on after each.
+        if w.breaks.is_empty() {
+            let n = w.walk.walked();
             total += n;
             if chains.len() > 1 {
                 println!("chain {chain}: ok {n} rows");
@@ -253,36 +365,35 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
             continue;
         }
         broken = true;
-        for e in breaks.iter().take(MAX_BREAKS) {
+        for e in &w.breaks {
             println!("broken: chain {chain}: {e}");
         }
-        if breaks.len() > MAX_BREAKS {
-            println!(
-                "broken: chain {chain}: … and {} more breaks",
-                breaks.len() - MAX_BREAKS
-            );
+        if w.more_breaks > 0 {
+            println!("broken: chain {chain}: … and {} more breaks", w.more_breaks);
         }
     }
-    if let Some(path) = &a.checkpoint {
-        for (chain, cp) in checkpoints(path, &a.key, &a.key_name)? {
-            let rows = chains.get(&chain).map_or(&[][..], Vec::as_slice);
-            // Held to it whatever else is broken (each break is printed above).
-            match cp.held_by(rows) {
-                Ok(_) => println!("chain {chain}: matches its checkpoint of {} rows", cp.size),
-                Err(e) => {
-                    println!("broken: chain {chain}: {e}");
-                    broken = true;
-                }
+    for (chain, cp) in &anchors {
+        // Held to it whatever else is broken (each break is printed above); a
+        // chain with no row at all holds nothing.
+        let held = chains
+            .get(chain)
+            .and_then(|w| w.walk.held())
+            .unwrap_or_else(|| cp.judge(0, None));
+        match held {
+            Ok(_) => println!("chain {chain}: matches its checkpoint of {} rows", cp.size),
+            Err(e) => {
+                println!("broken: chain {chain}: {e}");
+                broken = true;
             }
         }
     }
     if broken {
         return Ok(ExitCode::from(1));
     }
-    if stored as u64 > total {
+    if stored > total {
         println!(
             "({} of the stored rows are copies of others, counted once)",
-            stored as u64 - total
+            stored - total
         );
     }
     println!("ok {total} rows");

@@ -1781,3 +1781,65 @@ fn the_ledger_ships_over_mutual_tls_and_a_client_without_a_certificate_is_refuse
         2
     );
 }
+
+/// `gwctl ledger verify` walks the table as ClickHouse streams it, one chain at
+/// a time: about 100 MB of rows verify with the verifier's peak memory a small
+/// part of that (it read the whole answer, then every row, before). Its peak
+/// resident size is the kernel's, read by a parent that waits for it alone.
+#[test]
+fn gwctl_verifies_a_table_far_larger_than_its_memory() {
+    const ROWS: u64 = 40_000;
+    const BATCH: u64 = 5_000;
+    let (_d, ch, client) = with_table("ledger-verify-large");
+    let rt = current_thread();
+    let mut chain = Chain::new("node-1");
+    // Each row with a 2 KiB body (hex), as the largest a refusal keeps is 4 KiB.
+    let body = "ab".repeat(1024);
+    for from in (1..=ROWS).step_by(usize::try_from(BATCH).unwrap()) {
+        let rows: Vec<LedgerRow> = (from..from + BATCH)
+            .map(|i| {
+                let mut r = row(i);
+                r.raw_hex.clone_from(&body);
+                chain.seal(r)
+            })
+            .collect();
+        rt.block_on(gw_sidecar::ledger::ship::insert(
+            &client,
+            "control_decisions",
+            &rows,
+            None,
+        ))
+        .unwrap();
+    }
+    let stored: u64 = ch
+        .query("SELECT sum(length(raw_hex)) FROM control_decisions")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(stored >= 80_000_000, "{stored} bytes of bodies");
+    // The parent waits for gwctl alone, so its children's peak is gwctl's.
+    let wrapper = "import json, resource, subprocess, sys\n\
+                   p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n\
+                   print(json.dumps({'code': p.returncode, 'out': p.stdout, 'err': p.stderr,\n\
+                   'peak_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))";
+    let o = std::process::Command::new(testkit::python())
+        .arg("-c")
+        .arg(wrapper)
+        .arg(testkit::gwctl_bin())
+        .args(["ledger", "verify", "--clickhouse", &ch.url()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (run["code"].as_i64(), run["out"].as_str()),
+        (Some(0), Some(format!("ok {ROWS} rows\n").as_str())),
+        "{run}"
+    );
+    let peak = run["peak_kib"].as_u64().unwrap();
+    assert!(
+        peak < 48 * 1024,
+        "gwctl's peak resident size was {peak} KiB for {stored} bytes of bodies"
+    );
+    println!("gwctl ledger verify: {ROWS} rows, {stored} bytes of bodies, peak {peak} KiB");
+}

@@ -310,14 +310,11 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-/// One chain being walked by [`Queries::verify`].
+/// One chain being walked by [`Queries::verify`], held to this node's newest
+/// checkpoint of it.
 struct Walk {
     status: ChainStatus,
-    walker: gw_core::ledger::Walker,
-    /// This node's newest checkpoint of the chain.
-    anchor: Option<gw_core::checkpoint::Checkpoint>,
-    /// The hash of the row at the anchor's size, once walked to.
-    at_anchor: Option<[u8; 32]>,
+    walk: gw_core::checkpoint::HeldWalk,
 }
 
 impl Walk {
@@ -332,22 +329,14 @@ impl Walk {
                 more_breaks: 0,
                 checkpoint: anchor.as_ref().map(|a| a.size),
             },
-            walker: gw_core::ledger::Walker::new(),
-            anchor,
-            at_anchor: None,
+            walk: gw_core::checkpoint::HeldWalk::new(anchor),
         }
     }
 
     fn push(&mut self, r: &gw_core::ledger::LedgerRow) {
         self.status.rows += 1;
-        let before = self.walker.head().0;
-        for e in self.walker.push_on(r) {
+        for e in self.walk.push(r) {
             self.broke(e.to_string());
-        }
-        // The row at the checkpoint's size, as walked (or followed to).
-        let (n, head) = self.walker.head();
-        if n != before && self.anchor.as_ref().is_some_and(|a| a.size == n) {
-            self.at_anchor = Some(head);
         }
     }
 
@@ -365,11 +354,10 @@ impl Walk {
     }
 
     fn done(mut self) -> ChainStatus {
-        let (n, _) = self.walker.head();
         if self.status.ok {
-            self.status.rows = n;
+            self.status.rows = self.walk.walked();
         }
-        if let Some(Err(e)) = self.anchor.as_ref().map(|a| a.judge(n, self.at_anchor)) {
+        if let Some(Err(e)) = self.walk.held() {
             self.broke(format!("{e} (this node's signed checkpoint)"));
         }
         self.status
