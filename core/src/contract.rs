@@ -119,9 +119,9 @@ pub struct Requester {
 }
 
 /// How the edge writes a claim into a stamped header: percent-encodes anything
-/// that is not printable ASCII, and `%`, so a claim can never
-/// inject a header line, and a leading or trailing space (which a hop may trim,
-/// and the sealed value would then differ from the one the sidecar reads).
+/// that is not printable ASCII, and `%`, so a claim can never inject a header
+/// line, and a leading or trailing space (which a hop may trim, and the sealed
+/// value would then differ from the one the sidecar reads).
 pub fn header_safe(s: &str) -> std::borrow::Cow<'_, str> {
     let last = s.len().saturating_sub(1);
     let kept = |i: usize, b: u8| {

@@ -2,12 +2,11 @@
 //! ClickHouse (one per gateway node); a removed, altered or reordered row is
 //! reported with its chain and `seq`.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use std::collections::BTreeMap;
-
 use gw_core::checkpoint::{notes, whole_len, Checkpoint, HeldWalk};
 use gw_core::ledger::LedgerRow;
 

@@ -283,7 +283,8 @@ pub struct Gatekeeper {
     /// callers of the sidecar's own port.
     pub ingest: Arc<RefusalBudget>,
     /// The keys the edge seals its stamp and its reports with ([`edge_stamp`]):
-    /// the current one, and the one before a change while it is still believed.
+    /// the current one, and the one before a change while it is still believed;
+    /// and the seals believed so far (each is believed once).
     pub edge_seals: Arc<EdgeSeals>,
 }
 
@@ -747,11 +748,11 @@ const REPORT_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(10)
 /// [`gw_core::edge_stamp::VALID_SECS`] from this clock, was not used before, and
 /// each stamped header comes once; its row names no one (the identity it claims
 /// is not believed), within the budget of callers that are not the edge. A seal
-/// made before this process's start second is refused 503 `unavailable`
-/// (sent again, it is sealed anew); with no room left to remember seals
-/// ([`MAX_SEEN_SEALS`]), 429 `overloaded`. A request with no `x-gw-*` header goes on unstamped (a route that
-/// needs a token refuses it). A batch of edge reports must carry the seal over its
-/// body, and nothing else of the edge's.
+/// made before this process's start second is refused 503 `unavailable` (sent
+/// again, it is sealed anew); with no room left to remember seals
+/// ([`MAX_SEEN_SEALS`]), 429 `overloaded`. A request with no `x-gw-*` header goes
+/// on unstamped (a route that needs a token refuses it). A batch of edge reports
+/// must carry the seal over its body, and nothing else of the edge's.
 pub async fn edge_stamp(State(g): State<Gatekeeper>, req: Request, next: Next) -> Response {
     use gw_core::contract::headers;
     use gw_core::edge_stamp::{timely, StampError};

@@ -460,20 +460,23 @@ mod tests {
         assert_eq!(a.in_flight(), 0);
     }
 
+    /// A fresh admission's verdict on `body` for mev:throttle, stamped `id`.
+    fn decide_stamped(body: &[u8], id: &EdgeIdentity) -> Verdict {
+        Admission::new(policy()).decide(
+            &Request {
+                body,
+                route: Some((Module::Mev, Action::Throttle)),
+                edge: Some(id),
+                now: NOW,
+            },
+            &book(),
+        )
+    }
+
     #[test]
     fn a_stamp_of_another_command_is_refused_without_the_edges_row() {
         let body = signed(&command());
-        let decide = |id: &EdgeIdentity| {
-            Admission::new(policy()).decide(
-                &Request {
-                    body: &body,
-                    route: Some((Module::Mev, Action::Throttle)),
-                    edge: Some(id),
-                    now: NOW,
-                },
-                &book(),
-            )
-        };
+        let decide = |id: &EdgeIdentity| decide_stamped(&body, id);
         let fields: [fn(&mut gw_core::contract::StampedCommand); 4] = [
             |s| s.pubkey_id = "op-admin-2".into(),
             |s| s.issuer = "dashboard2".into(),
@@ -495,19 +498,10 @@ mod tests {
         // The filter's encoding of a claim it could not write as is.
         let mut c = command();
         c.issuer = " dashbörd ".into();
-        let body = signed(&c);
         let mut id = edge();
         id.command.issuer = "%20dashb%C3%B6rd%20".into();
         assert!(matches!(
-            Admission::new(policy()).decide(
-                &Request {
-                    body: &body,
-                    route: Some((Module::Mev, Action::Throttle)),
-                    edge: Some(&id),
-                    now: NOW,
-                },
-                &book(),
-            ),
+            decide_stamped(&signed(&c), &id),
             Verdict::Admitted(_)
         ));
     }
