@@ -118,6 +118,16 @@ pub struct Requester {
     pub token_issuer: String,
 }
 
+/// A `u64` written in plain decimal digits, as the gateway writes numbers into
+/// headers and cursors: `str::parse` alone would also take a leading `+`. At
+/// most 20 digits are read.
+pub fn decimal_u64(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
 /// How the edge writes a claim into a stamped header: percent-encodes anything
 /// that is not printable ASCII, and `%`, so a claim can never inject a header
 /// line, and a leading or trailing space (which a hop may trim, and the sealed
@@ -389,6 +399,25 @@ pub fn truncate_utf8(s: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimal_u64_reads_plain_digits_only() {
+        assert_eq!(decimal_u64("0"), Some(0));
+        assert_eq!(decimal_u64("18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            "",
+            "+1",
+            "-1",
+            " 1",
+            "1 ",
+            "1.0",
+            "0x1",
+            "18446744073709551616",
+        ] {
+            assert_eq!(decimal_u64(bad), None, "{bad:?}");
+        }
+        assert_eq!(decimal_u64(&"0".repeat(21)), None);
+    }
 
     #[test]
     fn command_media_types() {

@@ -302,11 +302,7 @@ fn parse(seal: Option<&str>, now: u64) -> Result<(Sealed, [u8; 32]), StampError>
     ) else {
         return Err(StampError::Malformed);
     };
-    // Digits only: `parse` alone would take a leading '+'.
-    if ts.is_empty() || ts.len() > 20 || !ts.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(StampError::Malformed);
-    }
-    let ts: u64 = ts.parse().map_err(|_| StampError::Malformed)?;
+    let ts = crate::contract::decimal_u64(ts).ok_or(StampError::Malformed)?;
     let mut nonce = [0u8; NONCE_BYTES];
     hex::decode_to_slice(nonce_hex, &mut nonce).map_err(|_| StampError::Malformed)?;
     let mut tag = [0u8; 32];

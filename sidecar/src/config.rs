@@ -505,8 +505,6 @@ fn check_clickhouse(file: &FileConfig) -> Result<(), ConfigError> {
     }
 }
 
-/// The Ed25519 key (32-byte seed, hex) in environment variable `name`, if set
-/// (its value is never echoed).
 /// The edge key: `GW_EDGE_KEY_HEX`, or the file `GW_EDGE_KEY_FILE` names (one
 /// of them). Errors never echo the key.
 fn edge_key(
@@ -529,9 +527,19 @@ fn edge_key(
         ),
         (None, None) => return Err(ConfigError::NoEdgeKey),
     };
-    gw_core::edge_stamp::EdgeKey::from_hex(&hex).map_err(|e| ConfigError::Env(name, e.to_string()))
+    edge_key_from(name, &hex)
 }
 
+/// The edge key in `hex`, read from `name`; errors never echo it.
+fn edge_key_from(
+    name: &'static str,
+    hex: &str,
+) -> Result<gw_core::edge_stamp::EdgeKey, ConfigError> {
+    gw_core::edge_stamp::EdgeKey::from_hex(hex).map_err(|e| ConfigError::Env(name, e.to_string()))
+}
+
+/// The Ed25519 key (32-byte seed, hex) in environment variable `name`, if set
+/// (its value is never echoed).
 fn secret_key(
     env: &dyn Fn(&str) -> Option<String>,
     name: &'static str,
@@ -901,10 +909,7 @@ impl Config {
         let state_key = secret_key(env, "GW_STATE_SK_HEX")?;
         let edge_key = edge_key(env)?;
         let edge_key_prev = env("GW_EDGE_KEY_PREV_HEX")
-            .map(|hex| {
-                gw_core::edge_stamp::EdgeKey::from_hex(&zeroize::Zeroizing::new(hex))
-                    .map_err(|e| ConfigError::Env("GW_EDGE_KEY_PREV_HEX", e.to_string()))
-            })
+            .map(|hex| edge_key_from("GW_EDGE_KEY_PREV_HEX", &zeroize::Zeroizing::new(hex)))
             .transpose()?;
         if let Some(k) = &file.kafka {
             crate::control::state_sign::parse_keys(&k.state_keys)?;

@@ -293,14 +293,9 @@ impl ForwardSeq {
 
     fn parse(h: &str) -> Option<ForwardSeq> {
         let (e, s) = h.split_once('.')?;
-        let digits =
-            |x: &str| !x.is_empty() && x.len() <= 20 && x.bytes().all(|b| b.is_ascii_digit());
-        if !digits(e) || !digits(s) {
-            return None;
-        }
         Some(ForwardSeq {
-            epoch: e.parse().ok()?,
-            seq: s.parse().ok()?,
+            epoch: gw_core::contract::decimal_u64(e)?,
+            seq: gw_core::contract::decimal_u64(s)?,
         })
     }
 }

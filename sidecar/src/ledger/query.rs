@@ -110,13 +110,8 @@ impl Cursor {
     /// Parses `<ts_ms>.<seq>.<chain_id>`.
     pub fn parse(s: &str) -> Option<Cursor> {
         let mut parts = s.splitn(3, '.');
-        let digits = |p: &str| {
-            (!p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| p.parse().ok())
-                .flatten()
-        };
-        let ts_ms = digits(parts.next()?)?;
-        let seq = digits(parts.next()?)?;
+        let ts_ms = gw_core::contract::decimal_u64(parts.next()?)?;
+        let seq = gw_core::contract::decimal_u64(parts.next()?)?;
         let chain_id = parts.next()?;
         (!chain_id.is_empty() && chain_id.len() <= 256).then(|| Cursor {
             ts_ms,
