@@ -108,6 +108,12 @@ pub struct Checked {
 pub use gw_core::contract::header_safe;
 
 /// The path without query or fragment.
+/// The sidecar's own control paths, which Envoy rewrites a configured
+/// `command_path` and `module_route_prefix` to.
+fn is_fixed_control_path(path: &str) -> bool {
+    path == contract::COMMAND_PATH || path.starts_with(contract::MODULE_ROUTE_PREFIX)
+}
+
 fn path_only(path: &str) -> &str {
     path.split(['?', '#']).next().unwrap_or(path)
 }
@@ -362,6 +368,19 @@ impl Edge {
             ));
         }
         let is_control = path == s.command_path || path.starts_with(&s.module_route_prefix);
+        if !is_control && is_fixed_control_path(path) {
+            // Configured elsewhere: the sidecar still serves its fixed paths, and a
+            // request there would reach them as a plain API call, past the checks
+            // the edge makes on its control routes (the replay window, the
+            // command's role, the signed body).
+            return Err((
+                Reject::new(
+                    Code::NotFound,
+                    "the control routes are at the configured command_path and module_route_prefix",
+                ),
+                None,
+            ));
+        }
         if !is_control {
             let rule = s.rule_for(path).ok_or((
                 Reject::new(Code::ForbiddenRole, "no access rule covers this path"),

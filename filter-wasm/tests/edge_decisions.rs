@@ -421,6 +421,40 @@ fn a_configured_module_route_prefix_binds_the_command_to_its_route() {
     );
 }
 
+/// With the control routes configured elsewhere, the sidecar's fixed paths (which
+/// Envoy rewrites them to) are no route of the edge's: a request there would reach
+/// the sidecar as a plain API call, past the replay window and the command's role.
+#[test]
+fn the_fixed_control_paths_are_no_route_when_others_are_configured() {
+    let mut cfg = config();
+    cfg["command_path"] = "/api/ops/commands".into();
+    cfg["module_route_prefix"] = "/api/ops/module/".into();
+    let e = Edge::new(Settings::parse(cfg.to_string().as_bytes()).unwrap(), ORIGIN);
+    let admin = token(&["admin"]);
+    for (method, path) in [
+        ("POST", "/api/control/commands"),
+        ("POST", "/api/control/commands?x=1"),
+        ("GET", "/api/control/commands"),
+        ("POST", "/api/control/module/mev:stop"),
+        ("POST", "/api/control/module/"),
+    ] {
+        let d = e.on_request_headers(&head(method, path, Some(&admin)), NOW);
+        assert_eq!(reject_code(d), Code::NotFound, "{method} {path}");
+    }
+    // The configured ones are the control routes; the defaults' neighbours are not
+    // control paths.
+    let d = e.on_request_headers(&head("POST", "/api/ops/commands", Some(&admin)), NOW);
+    assert!(matches!(d, HeadDecision::AwaitBody(_)), "{d:?}");
+    let d = e.on_request_headers(&head("GET", "/api/control/module", Some(&admin)), NOW);
+    assert!(
+        !matches!(d, HeadDecision::Reject(ref r, _) if r.code == Code::NotFound),
+        "{d:?}"
+    );
+    // With the defaults, the fixed paths are the control routes.
+    let d = edge().on_request_headers(&head("POST", "/api/control/commands", Some(&admin)), NOW);
+    assert!(matches!(d, HeadDecision::AwaitBody(_)), "{d:?}");
+}
+
 #[test]
 fn command_rejections() {
     let e = edge();

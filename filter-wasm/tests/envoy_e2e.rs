@@ -540,9 +540,20 @@ fn control_routes_follow_the_filter_configuration() {
             post("/api/ops/module/mev:stop", &admin_tok, &command(2, Action::Stop, t), &[]),
             post("/api/ops/module/mev:kill", &admin_tok, &command(3, Action::Stop, t), &[]),
             {"method": "GET", "path": "/api/modules", "headers": [["authorization", admin_tok]]},
+            // The sidecar's fixed paths are no route now: Envoy's /api/ route would
+            // take them to the sidecar's control routes past the edge's checks.
+            post("/api/control/commands", &admin_tok, &command(4, Action::Throttle, t), &[]),
+            post("/api/control/module/mev:stop", &admin_tok, &command(5, Action::Stop, t), &[]),
         ]),
         false,
     );
+    for i in [4, 5] {
+        assert_eq!(
+            (r[i]["status"].as_u64(), error_code(&r[i])),
+            (Some(404), "not_found".into()),
+            "{r:?}"
+        );
+    }
     // The sidecar serves them at its fixed paths: Envoy rewrites the prefix.
     let upstream_paths = ["/api/control/commands", "/api/control/module/mev:stop"];
     for (i, nonce) in [(0, "1"), (1, "2")] {
