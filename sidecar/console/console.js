@@ -248,6 +248,8 @@ function logout() {
   clearTimeout(S.reconnect);
   S.wsRetry = 1000;
   S.wsOpened = 0;
+  L.pages = [];
+  L.rows = [];
   const ws = S.ws;
   S.ws = null;
   if (ws) ws.close(1000, "logout");
@@ -335,8 +337,13 @@ function onEvent(m) {
   }
   streamLine(m);
   if (m.type === "decision") {
-    S.decisions.unshift(m);
-    S.decisions.length = Math.min(S.decisions.length, MAX_ROWS);
+    if (!L.keeps(m)) return;
+    if (L.paged()) {
+      L.newer++;
+    } else {
+      S.decisions.unshift(m);
+      S.decisions.length = Math.min(S.decisions.length, L.size);
+    }
     redraw(renderDecisions);
   } else if (m.type === "module") {
     S.modules[m.module] = m.state;
@@ -493,9 +500,101 @@ async function onKey(e) {
 
 // ---------------------------------------------------------------- ledger
 
+// The decisions shown: the newest, live (the stream's join them), until the
+// operator pages to older ones; only a stage and a decision when chosen, asked of
+// the server (a flood of refusals cannot push the applied commands out of a page).
+// A page starts below the last decision of the one before (`before`, the cursor
+// the ledger API takes), so decisions arriving meanwhile do not shift it.
+const L = {
+  stage: "",
+  decision: "",
+  size: MAX_ROWS,
+  // The cursor each page after the newest starts below; empty: live.
+  pages: [],
+  rows: [],
+  // Decisions the stream brought since the pages were left (not shown).
+  newer: 0,
+  // The last page asked for came back short: nothing older in the last 24 h.
+  end: false,
+  paged() { return this.pages.length > 0; },
+  keeps(d) {
+    return (!this.stage || d.stage === this.stage) && (!this.decision || d.decision === this.decision);
+  },
+  query(before) {
+    const q = new URLSearchParams({ limit: String(this.size) });
+    if (this.stage) q.set("stage", this.stage);
+    if (this.decision) q.set("decision", this.decision);
+    if (before) q.set("before", before);
+    return `/api/ledger/history?${q}`;
+  },
+};
+
+const cursorOf = (d) => `${d.ts_ms}.${d.seq}.${d.chain_id}`;
+
+async function showPage(pages) {
+  const before = pages[pages.length - 1];
+  try {
+    const rows = await api(L.query(before));
+    if (before && rows.length === 0) {
+      L.end = true;
+    } else {
+      L.pages = pages;
+      L.rows = rows;
+      L.end = rows.length < L.size;
+    }
+  } catch (e) {
+    $("ledger-page").textContent = `ledger: ${e.code || "error"} — ${e.detail || e.message}`;
+    return;
+  }
+  renderDecisions();
+}
+
+function olderPage() {
+  const shown = L.paged() ? L.rows : S.decisions;
+  const last = shown[shown.length - 1];
+  if (!last) return;
+  if (!L.paged()) L.newer = 0;
+  showPage([...L.pages, cursorOf(last)]);
+}
+
+function newerPage() {
+  if (L.pages.length <= 1) newestPage();
+  else showPage(L.pages.slice(0, -1));
+}
+
+function newestPage() {
+  L.pages = [];
+  L.rows = [];
+  L.newer = 0;
+  L.end = false;
+  loadHistory();
+}
+
+function onLedgerFilter() {
+  L.stage = $("ledger-stage").value;
+  L.decision = $("ledger-decision").value;
+  L.size = Number($("ledger-size").value) || MAX_ROWS;
+  S.decisions = [];
+  $("ledger-page").textContent = "loading…";
+  $("decisions").tBodies[0].replaceChildren();
+  newestPage();
+}
+
 function renderDecisions() {
+  const rows = L.paged() ? L.rows : S.decisions;
+  const first = rows[0];
+  const last = rows[rows.length - 1];
+  const span = first ? `${time(first.ts_ms)} back to ${time(last.ts_ms)}` : "none";
+  $("ledger-page").textContent = L.paged()
+    ? `older decisions, page ${L.pages.length + 1}: ${rows.length}, ${span}` +
+      (L.newer ? ` — ${L.newer} newer since` : "") +
+      (L.end ? " — no older decisions in the last 24 h" : "")
+    : `newest ${rows.length}, live: ${span}` + (L.end ? " — nothing older in the last 24 h" : "");
+  $("ledger-older").disabled = rows.length === 0 || L.end;
+  $("ledger-newer").disabled = !L.paged();
+  $("ledger-newest").disabled = !L.paged();
   const tbody = $("decisions").tBodies[0];
-  tbody.replaceChildren(...S.decisions.map((d) => h("tr", {},
+  tbody.replaceChildren(...rows.map((d) => h("tr", { "data-key": `${d.chain_id}#${d.seq}` },
     h("td", {}, time(d.ts_ms)),
     h("td", {}, d.stage),
     h("td", {}, d.decision),
@@ -566,15 +665,21 @@ async function loadCheckpoints() {
 }
 
 async function loadHistory() {
+  // Older pages stay as they are until the operator leaves them.
+  if (L.paged()) return;
   try {
-    const rows = await api(`/api/ledger/history?limit=${MAX_ROWS}`);
+    const asked = L.query();
+    const rows = await api(asked);
+    // The filters changed while this was asked: a later call answers for them.
+    if (asked !== L.query() || L.paged()) return;
     // Keep what the stream brought that ClickHouse does not hold yet.
     const seen = new Set(rows.map((r) => `${r.chain_id}#${r.seq}`));
     const newer = S.decisions.filter((d) => !seen.has(`${d.chain_id}#${d.seq}`) && d.ts_ms >= (rows[0]?.ts_ms || 0));
-    S.decisions = newer.concat(rows).slice(0, MAX_ROWS);
+    S.decisions = newer.concat(rows).slice(0, L.size);
+    L.end = rows.length < L.size;
     renderDecisions();
   } catch (e) {
-    $("chain").textContent = `ledger: ${e.code || "error"} — ${e.detail || e.message}`;
+    $("ledger-page").textContent = `ledger: ${e.code || "error"} — ${e.detail || e.message}`;
   }
 }
 
@@ -789,6 +894,10 @@ function start() {
     renderModules();
   });
   $("verify").addEventListener("click", verifyChain);
+  for (const id of ["ledger-stage", "ledger-decision", "ledger-size"]) $(id).addEventListener("change", onLedgerFilter);
+  $("ledger-older").addEventListener("click", olderPage);
+  $("ledger-newer").addEventListener("click", newerPage);
+  $("ledger-newest").addEventListener("click", newestPage);
   $("request-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const id = $("request-id").value.trim();

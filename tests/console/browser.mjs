@@ -4,7 +4,8 @@
 // signed command is byte-for-byte gwctl's, imports the command key, throttles a
 // module from the keyboard, sees the command on the live stream, in the module
 // card and in the ledger view (with its whole history), sees a refused command's
-// code, checks what a viewer is offered, and looks at laptop and phone widths.
+// code, pages through the ledger and filters it (checked against the API), checks
+// what a viewer is offered, and looks at laptop and phone widths.
 // No browser console errors are allowed. Screenshots go to --out.
 //
 //   node tests/console/browser.mjs --run .run --gwctl PATH --out DIR
@@ -141,6 +142,61 @@ try {
   await page.click(`.module[data-module=arbitrage] button.danger`);
   check(await page.evaluate(() => document.activeElement?.textContent === "Kill arbitrage"), "kill asks for confirmation, focused");
   await page.click("#result button:not(.danger)");
+
+  // The ledger pages. More decisions than two pages of 20 first: the same
+  // throttle again over the JSON route (each applied is three rows).
+  const history = (q) => page.evaluate(async ({ q, token }) => {
+    const r = await fetch(`/api/ledger/history?${q}`, { headers: { authorization: `Bearer ${token}` } });
+    if (!r.ok) throw new Error(`history ${q}: ${r.status}`);
+    return r.json();
+  }, { q, token: adminJwt });
+  for (let i = 0; i < 14; i++) {
+    const ok = await page.evaluate(async ({ pct, token }) => (await fetch("/api/control/module/mev:throttle", {
+      method: "POST", body: JSON.stringify({ throttle_pct: Number(pct) }),
+      headers: { authorization: `Bearer ${token}`, "content-type": "application/json", "idempotency-key": crypto.randomUUID() },
+    })).ok, { pct, token: adminJwt });
+    check(ok, "a JSON throttle to top the ledger up");
+  }
+  const key = (d) => `${d.chain_id}#${d.seq}`;
+  const shownKeys = () => page.locator("#decisions tbody tr").evaluateAll((rows) => rows.map((r) => r.dataset.key));
+  await page.selectOption("#ledger-size", "20");
+  await page.locator("#ledger-page", { hasText: "newest 20, live" }).waitFor();
+  check(await page.locator("#ledger-newer").isDisabled(), "no newer page while live");
+  const page1 = await shownKeys();
+  await page.click("#ledger-older");
+  await page.locator("#ledger-page", { hasText: "page 2: 20" }).waitFor();
+  const page2 = await shownKeys();
+  await page.click("#ledger-older");
+  await page.locator("#ledger-page", { hasText: "page 3:" }).waitFor();
+  const page3 = await shownKeys();
+  // The pages follow each other in the ledger's own order: no decision skipped,
+  // none twice (asked of the API after the pages, with nothing newer cutting in
+  // between: a page starts below the last decision shown).
+  const all = (await history("limit=1000")).map(key);
+  const at = all.indexOf(page1[page1.length - 1]);
+  check(at >= 19, `page 1's last decision is in the ledger (${at})`);
+  check(JSON.stringify(page2) === JSON.stringify(all.slice(at + 1, at + 21)),
+    `page 2 follows page 1\n page 2 ${page2}\n ledger ${all.slice(at + 1, at + 21)}`);
+  check(JSON.stringify(page3) === JSON.stringify(all.slice(at + 21, at + 21 + page3.length)) && page3.length > 0,
+    `page 3 follows page 2\n page 3 ${page3}\n ledger ${all.slice(at + 21, at + 41)}`);
+  await page.click("#ledger-newer");
+  await page.locator("#ledger-page", { hasText: "page 2: 20" }).waitFor();
+  check(JSON.stringify(await shownKeys()) === JSON.stringify(page2), "Newer goes back to page 2");
+  await page.click("#ledger-newest");
+  await page.locator("#ledger-page", { hasText: "live" }).waitFor();
+  // Only the applied decisions, asked of the server: the same as the API's.
+  await page.selectOption("#ledger-decision", "applied");
+  await page.locator("#ledger-page", { hasText: "newest 20, live" }).waitFor();
+  const applied = await page.locator("#decisions tbody tr td:nth-child(3)").allInnerTexts();
+  check(applied.length === 20 && applied.every((t) => t === "applied"), `only applied decisions: ${applied}`);
+  const appliedKeys = await shownKeys();
+  const appliedApi = (await history("limit=20&decision=applied")).map(key);
+  check(JSON.stringify(appliedKeys) === JSON.stringify(appliedApi),
+    `the applied decisions are the API's\n page ${appliedKeys}\n api ${appliedApi}`);
+  await page.selectOption("#ledger-decision", "");
+  await page.selectOption("#ledger-size", "200");
+  await page.locator("#ledger-page", { hasText: "live" }).waitFor();
+  log(`the ledger view pages (20 a page, 3 pages, in the ledger's order) and shows only the applied decisions when asked`);
 
   // Chain verified, charts drawn.
   await page.click("#verify");
