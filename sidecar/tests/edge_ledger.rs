@@ -184,7 +184,7 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
     let mut want: Vec<(String, String, String, String)> = [
         ("agent", "applied", "", "<uuid>"),
         ("agent", "applied", "", "req-1"),
-        ("edge", "accepted", "", ""),
+        ("edge", "accepted", "", "<uuid>"),
         ("edge", "accepted", "", "req-1"),
         ("edge", "accepted", "", "req-1"),
         ("edge", "rejected", "bad_signature", "Xeq-2"),
@@ -199,6 +199,22 @@ fn commands_from_gwctl_through_envoy_reach_the_ledger_with_the_edge_decisions() 
     .collect();
     want.sort();
     assert_eq!(got, want);
+    // The JSON route's rows name one request: the edge's too (the request id the
+    // sidecar gave the command it signed, the route's module and action; the
+    // body the edge saw; no signing fields, which are the sidecar's).
+    let json_rows: Vec<_> = rows
+        .iter()
+        .filter(|r| r.route == "/api/control/module/arbitrage:start")
+        .collect();
+    let ids: std::collections::BTreeSet<_> = json_rows.iter().map(|r| &r.request_id).collect();
+    assert_eq!((json_rows.len(), ids.len()), (2, 1), "{json_rows:#?}");
+    let edge_row = json_rows.iter().find(|r| r.stage == "edge").unwrap();
+    assert_eq!(
+        (edge_row.module.as_str(), edge_row.action.as_str()),
+        ("arbitrage", "start")
+    );
+    assert_eq!((edge_row.pubkey_id.as_str(), edge_row.nonce), ("", 0));
+    assert!(hex::decode(&edge_row.raw_hex).unwrap().starts_with(b"{"));
     // The edge replay row carries the raw command: it re-verifies offline.
     let replay = rows.iter().find(|r| r.code == "replay").unwrap();
     assert_eq!(

@@ -793,7 +793,19 @@ impl Control {
             Err(r) => return Err(self.refuse_early(r, body, edge, &path).await),
         };
         // The edge saw the JSON body; the sidecar's rows are about the command it
-        // signs, and say who asked for it (made durable with its acceptance).
+        // signs, and say who asked for it (made durable with its acceptance). The
+        // edge's row names what it accepted: the route's module and action, the
+        // arguments, and the request id the command was given, so the request's
+        // history finds it; the signing fields are the sidecar's, not on it.
+        let accepted = <Command as prost::Message>::decode(signed.as_slice())
+            .ok()
+            .map(|c| Command {
+                module: c.module,
+                action: c.action,
+                request_id: c.request_id,
+                args: c.args,
+                ..Command::default()
+            });
         let prefix: Vec<journal::Entry> = edge
             .and_then(|e| {
                 self.auditor.row(&Entry {
@@ -801,7 +813,7 @@ impl Control {
                     decision: Decision::Accepted,
                     code: None,
                     body,
-                    command: None,
+                    command: accepted.as_ref(),
                     requester: Some(&e.requester),
                     route: &path,
                 })
