@@ -20,10 +20,13 @@
  * MODEL_TEST_FAULT (tests only) builds deliberately broken libraries:
  *   1 wrong ABI version, 2 predict always fails, 3 no export symbol, 4 init fails,
  *   5 outputs off by 1e-4 relative (a wrong model), 6 no golden vectors,
- *   7 init never returns (a hang), 8 init aborts the process (a crash).
+ *   7 init never returns (a hang), 8 init aborts the process (a crash),
+ *   9 predict faults (a segfault) on a row whose first feature is -12345, a row
+ *     no check scores (a crash on the hot path).
  */
 #include <math.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -93,6 +96,11 @@ static int32_t adapter_predict(const float *rows, size_t n_rows, uint32_t flags,
     float result_f[N_OUTPUTS];
     for (size_t i = 0; i < n_rows; i++) {
         const float *row = rows + i * n_features;
+        if (MODEL_TEST_FAULT == 9 && row[0] == -12345.0f) {
+            /* A store through an address the compiler cannot know is null. */
+            static volatile uintptr_t nowhere = 0;
+            *(volatile int *)nowhere = 1;
+        }
         for (size_t j = 0; j < n_features; j++) {
             if (isnan(row[j])) {
                 entries[j].missing = -1;

@@ -1245,14 +1245,52 @@ fn a_library_that_hangs_is_refused_and_blocks_nothing_else() {
     assert_eq!(serving().as_deref(), Some("good1"));
 }
 
+/// The metric of libraries refused for `reason` for `module`, from the sidecar's
+/// ops port.
+fn rejected_for(ops: u16, module: &str, reason: &str) -> Option<u64> {
+    let metrics = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(common::get_text(&format!("http://127.0.0.1:{ops}/metrics")));
+    let want =
+        format!("gw_sidecar_model_rejected_total{{module=\"{module}\",reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(want.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Waits until the sidecar at `ops` has swapped a model into `module`.
+fn wait_loaded(ops: u16, module: &str, p: &mut testkit::ProcessGuard) {
+    let want = format!("gw_sidecar_model_loads_total{{module=\"{module}\"}} 1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(common::get_text(&format!("http://127.0.0.1:{ops}/metrics")));
+        if metrics.contains(&want) {
+            return;
+        }
+        p.assert_running();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{module} never loaded:\n{}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A library that crashes the sidecar while it loads (here `abort()` in `init`)
 /// takes down one start, not every start: the next start finds the crash marker,
-/// refuses that library (`crashed`) without opening it, and serves.
+/// refuses that library (`crashed`) without opening it, and serves — and so does
+/// every start after it, though loading the other module's library rewrote the
+/// marker (the marker's library joined the list of libraries the sidecar died in).
 #[test]
 fn a_library_that_crashes_the_sidecar_is_refused_at_the_next_start() {
     let d = testkit::TempDir::new("models-crash");
     let models = d.path().join("models");
     build(&models, "crash8", 7, 8, "mev");
+    build(&models, "good", 7, 0, "arb");
     let ops = testkit::free_port();
     let start = |n: u32| {
         let mut cmd = common::plain_sidecar(d.path(), ops);
@@ -1270,19 +1308,114 @@ fn a_library_that_crashes_the_sidecar_is_refused_at_the_next_start() {
         "the library's abort ends the first start: {status:?}\n{}",
         first.log()
     );
+    for n in [1, 2] {
+        let mut next = start(n);
+        assert!(
+            testkit::wait_tcp(ops, Duration::from_secs(30)),
+            "start {n} serves:\n{}",
+            next.log()
+        );
+        wait_loaded(ops, "arbitrage", &mut next);
+        next.assert_running();
+        assert_eq!(rejected_for(ops, "mev", "crashed"), Some(1), "start {n}");
+        assert!(next.log().contains("died inside"), "{}", next.log());
+        next.stop();
+    }
+    let list = std::fs::read_to_string(d.path().join(".run/sidecar/model-crashed")).unwrap();
+    assert_eq!(list.lines().count(), 1, "{list}");
+    assert!(list.contains("libmev_vcrash8.so"), "{list}");
+}
+
+/// A library that crashes the sidecar in its `predict` (a segfault on a row no
+/// check scores: the hot path's crash) takes the process down once: the signal
+/// names the library in the list of libraries the sidecar died in, so the next
+/// start refuses it (`crashed`) and serves, with no model for that module, while
+/// the other module's model goes on serving.
+#[test]
+fn a_library_that_crashes_in_predict_is_refused_at_the_next_start() {
+    let d = testkit::TempDir::new("models-crash-predict");
+    let models = d.path().join("models");
+    build(&models, "fault9", 7, 9, "mev");
+    build(&models, "good", 7, 0, "arb");
+    let (ops, api) = (testkit::free_port(), testkit::free_port());
+    let start = |n: u32| {
+        let mut cmd = common::plain_sidecar(d.path(), ops);
+        cmd.env("GW_MODELS_DIR", &models)
+            .env("GW_SIDECAR_LISTEN", format!("127.0.0.1:{api}"));
+        testkit::ProcessGuard::spawn(
+            "gw-sidecar",
+            &mut cmd,
+            &d.path().join(format!("sidecar-{n}.log")),
+        )
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let predict = |module: &str, first: f64| {
+        let url = format!("http://127.0.0.1:{api}/api/models/{module}/predict");
+        let row: Vec<f64> = std::iter::once(first).chain([0.5; 7]).collect();
+        rt.block_on(async {
+            let r = common::as_role(reqwest::Client::new().post(url), "operator")
+                .json(&json!({ "rows": [row] }))
+                .send()
+                .await;
+            match r {
+                Ok(r) => Ok((
+                    r.status().as_u16(),
+                    r.json::<Value>().await.unwrap_or(Value::Null),
+                )),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    };
+    let mut first = start(0);
+    assert!(
+        testkit::wait_tcp(ops, Duration::from_secs(30)),
+        "{}",
+        first.log()
+    );
+    wait_loaded(ops, "mev", &mut first);
+    let served = predict("mev", 1.0);
+    assert!(
+        matches!(&served, Ok((200, b)) if b["version"] == "fault9"),
+        "{served:?}"
+    );
+    // The row the library faults on: the process dies by the signal, as it would
+    // without the handler (which gives the signal back).
+    let crashed = predict("mev", -12345.0);
+    assert!(
+        crashed.is_err(),
+        "no answer from a process that died: {crashed:?}"
+    );
+    let status = first.wait_exit(Duration::from_secs(30));
+    {
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(
+            status.and_then(|s| s.signal()),
+            Some(libc::SIGSEGV),
+            "{status:?}\n{}",
+            first.log()
+        );
+    }
+    let list = std::fs::read_to_string(d.path().join(".run/sidecar/model-crashed")).unwrap();
+    assert!(list.trim_end().ends_with("libmev_vfault9.so"), "{list}");
+
     let mut second = start(1);
     assert!(
         testkit::wait_tcp(ops, Duration::from_secs(30)),
-        "the second start serves:\n{}",
+        "{}",
         second.log()
     );
-    second.assert_running();
-    let metrics = tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(common::get_text(&format!("http://127.0.0.1:{ops}/metrics")));
+    wait_loaded(ops, "arbitrage", &mut second);
+    assert_eq!(rejected_for(ops, "mev", "crashed"), Some(1));
+    let refused = predict("mev", -12345.0);
     assert!(
-        metrics.contains("gw_sidecar_model_rejected_total{module=\"mev\",reason=\"crashed\"} 1"),
-        "{metrics}"
+        matches!(&refused, Ok((503, b)) if b["error"] == "unavailable"),
+        "no model serves mev: {refused:?}"
     );
-    assert!(second.log().contains("died loading"), "{}", second.log());
+    let arb = predict("arbitrage", 1.0);
+    assert!(
+        matches!(&arb, Ok((200, b)) if b["version"] == "good"),
+        "{arb:?}"
+    );
+    second.assert_running();
+    assert!(second.log().contains("died inside"), "{}", second.log());
 }

@@ -148,10 +148,67 @@ pub struct ModelHost {
     /// A file naming the library being loaded, removed once it loaded or was
     /// refused: found at start, the process died loading it.
     marker: Option<PathBuf>,
-    /// The library the last process died loading (from the marker).
-    crashed: Option<PathBuf>,
+    /// The libraries a process died inside (loading one, or in its `predict`):
+    /// [`CRASHED_LIST`] beside the marker, read at start.
+    crashed: Vec<PathBuf>,
     /// A library whose loader timed out and is still inside it.
     stuck: Arc<Mutex<Option<PathBuf>>>,
+}
+
+/// The file, beside the crash marker, listing the libraries a process died inside
+/// (one path a line, newest last): the signal handler appends to it
+/// ([`super::crash_note`]), and so does a start that finds the marker.
+pub const CRASHED_LIST: &str = "model-crashed";
+
+/// The newest lines kept in [`CRASHED_LIST`] (older ones are dropped at start).
+const MAX_CRASHED: usize = 64;
+
+fn bytes_path(b: &[u8]) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt as _;
+    PathBuf::from(std::ffi::OsStr::from_bytes(b))
+}
+
+/// Appends `line` (a library's path) to the list at `list`, durably.
+fn crashed_list_append(list: &Path, line: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(list)?;
+    let mut bytes = line.to_vec();
+    bytes.push(b'\n');
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    crate::durable::sync_parent(list)
+}
+
+/// The libraries listed at `list`, each once, the newest [`MAX_CRASHED`]; the
+/// file is cut to those when it held more.
+fn crashed_list_read(list: &Path) -> Vec<PathBuf> {
+    let Ok(bytes) = std::fs::read(list) else {
+        return Vec::new();
+    };
+    let lines: Vec<&[u8]> = bytes
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    let mut kept: Vec<&[u8]> = Vec::new();
+    for l in lines.iter().rev() {
+        if kept.len() < MAX_CRASHED && !kept.contains(l) {
+            kept.push(l);
+        }
+    }
+    kept.reverse();
+    if kept.len() < lines.len() {
+        let mut text = kept.join(&b'\n');
+        text.push(b'\n');
+        if let Err(e) = crate::durable::write_atomic(list, &text) {
+            tracing::warn!(error = %e, list = %list.display(), "the list of model libraries the sidecar died in was not cut");
+        }
+    }
+    kept.into_iter().map(bytes_path).collect()
 }
 
 /// Default of [`ModelHost::with_load_timeout`].
@@ -231,7 +288,7 @@ impl ModelHost {
             loaded: Mutex::new(HashMap::new()),
             load_timeout: DEFAULT_LOAD_TIMEOUT,
             marker: None,
-            crashed: None,
+            crashed: Vec::new(),
             stuck: Arc::new(Mutex::new(None)),
         }
     }
@@ -280,17 +337,37 @@ impl ModelHost {
         self.audit.record_model(&event).map_err(|e| e.to_string())
     }
 
-    /// Keeps a crash marker at `path` (under the state directory): a library the
-    /// process dies loading (a segfault, an abort in `init`) is refused at the next
-    /// start (`crashed`) instead of taking every start down with it.
+    /// Keeps a crash marker at `path` (under the state directory), and beside it
+    /// the list of libraries a process died inside ([`CRASHED_LIST`]): a library
+    /// the process dies loading (a segfault, an abort in `init`) or in a `predict`
+    /// (on the hot path) is refused at every later start (`crashed`) instead of
+    /// taking the process down again.
     #[must_use]
     pub fn with_crash_marker(mut self, path: PathBuf) -> ModelHost {
-        self.crashed = std::fs::read_to_string(&path)
-            .ok()
-            .map(|s| PathBuf::from(s.trim_end_matches('\n')))
-            .filter(|p| !p.as_os_str().is_empty());
-        if let Some(p) = &self.crashed {
-            tracing::error!(library = %p.display(), "the last process died loading this model library: it is refused until the link changes");
+        let list = path.with_file_name(CRASHED_LIST);
+        // A load the last process died in joins the list (the marker goes once it
+        // is there: a start that loads another library rewrites the marker).
+        if let Ok(named) = std::fs::read(&path) {
+            let named = named.strip_suffix(b"\n").unwrap_or(&named);
+            if !named.is_empty() {
+                tracing::error!(library = %String::from_utf8_lossy(named), "the last process died loading this model library");
+                match crashed_list_append(&list, named) {
+                    Ok(()) => {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, list = %list.display(), "the list of model libraries the sidecar died in was not written");
+                        self.crashed.push(bytes_path(named));
+                    }
+                }
+            }
+        }
+        self.crashed.extend(crashed_list_read(&list));
+        for p in &self.crashed {
+            tracing::error!(library = %p.display(), list = %list.display(), "the sidecar died inside this model library (loading it or in its predict): it is refused while a link names it");
+        }
+        if let Err(e) = super::crash_note::install(&list) {
+            tracing::warn!(error = %e, "a crash in a model's predict will not name its library");
         }
         self.marker = Some(path);
         self
@@ -310,7 +387,7 @@ impl ModelHost {
             }
             Err(e) => return Err(super::LoadError::Open(shown, e.to_string())),
         }
-        if self.crashed.as_deref() == Some(target) {
+        if self.crashed.iter().any(|p| p == target) {
             return Err(super::LoadError::Crashed(shown));
         }
         let file = {
@@ -621,5 +698,39 @@ impl ModelHost {
             }
             tokio::time::sleep(period).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_crashed_list_keeps_each_library_once_and_the_newest() {
+        let d = std::env::temp_dir().join(format!("gw-crashed-list-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let list = d.join(CRASHED_LIST);
+        let _ = std::fs::remove_file(&list);
+        assert!(
+            crashed_list_read(&list).is_empty(),
+            "no list: nothing refused"
+        );
+        for i in 0..70 {
+            crashed_list_append(&list, format!("/m/lib{i}.so").as_bytes()).unwrap();
+        }
+        crashed_list_append(&list, b"/m/lib3.so").unwrap();
+        let kept = crashed_list_read(&list);
+        assert_eq!(kept.len(), MAX_CRASHED);
+        assert_eq!(
+            kept.last(),
+            Some(&PathBuf::from("/m/lib3.so")),
+            "newest last"
+        );
+        assert_eq!(kept.first(), Some(&PathBuf::from("/m/lib7.so")));
+        // Cut to those, so the list stays bounded on disk too.
+        let text = std::fs::read_to_string(&list).unwrap();
+        assert_eq!(text.lines().count(), MAX_CRASHED);
+        assert_eq!(crashed_list_read(&list), kept);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

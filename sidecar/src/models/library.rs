@@ -140,9 +140,11 @@ pub enum LoadError {
     /// behind, stuck in the library).
     #[error("{0}: not loaded and checked within {1} ms (init or predict hangs)")]
     Timeout(String, u64),
-    /// The sidecar died while it was loading this library (the crash marker
-    /// names it): it is not opened again until the link names another.
-    #[error("{0}: the sidecar died while loading it; not opened again until the link changes")]
+    /// The sidecar died inside this library, loading it or in its `predict` (the
+    /// list of libraries it died in names it): it is not opened again.
+    #[error(
+        "{0}: the sidecar died inside it (loading it or in its predict); not opened again: install a fixed build under another name"
+    )]
     Crashed(String),
     /// The loader of an earlier library timed out and is still inside it: no
     /// other library is opened until it returns (or the sidecar restarts).
@@ -268,6 +270,10 @@ pub struct Model {
     /// The file read for the SHA-256: device and inode.
     #[serde(skip)]
     pub file: (u64, u64),
+    /// `path` and a newline: what a crash inside the library writes to the list
+    /// of libraries the sidecar died in (`crash_note`).
+    #[serde(skip)]
+    crash_line: Box<[u8]>,
     #[serde(skip)]
     predict: PredictFn,
     #[serde(skip)]
@@ -661,7 +667,14 @@ impl Model {
             }
         }
         let golden = t.golden;
+        let crash_line = {
+            use std::os::unix::ffi::OsStrExt as _;
+            let mut line = real.as_os_str().as_bytes().to_vec();
+            line.push(b'\n');
+            line.into_boxed_slice()
+        };
         let mut model = Model {
+            crash_line,
             label: format!("{}@{}#{}", t.name, t.version, &sha256[..12]).into(),
             sha256,
             file,
@@ -789,6 +802,8 @@ impl Model {
                 self.n_outputs
             )));
         }
+        // A fatal signal in there names this library (refused at the next start).
+        let _inside = super::crash_note::Inside::enter(&self.crash_line);
         // SAFETY: `rows` holds n_rows * n_features floats and `out` n_rows *
         // n_outputs, as the ABI requires; predict is thread-safe per the ABI.
         let s = unsafe {

@@ -4,6 +4,7 @@
 //! `POST /api/modules/{module}/evaluate`).
 
 pub mod api;
+mod crash_note;
 pub mod host;
 pub mod library;
 
