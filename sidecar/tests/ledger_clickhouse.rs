@@ -3,6 +3,7 @@
 //! row present exactly once, and the chain read back from ClickHouse verifies.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use gw_core::ledger::{verify_chain, Chain, LedgerRow};
 use gw_sidecar::journal::{self, Journal, Options, Sink, Txn};
@@ -672,6 +673,57 @@ fn post_throttle(s: &common::Served, nonce: u64) -> u16 {
             .status()
             .as_u16()
     })
+}
+
+/// One verification walks the ledger at a time: while one waits on a ClickHouse
+/// that stopped answering (`SIGSTOP`: its data intact), a second waits 5 s for it
+/// and is answered 429 `overloaded` (within the edge's 10 s route timeout, so the
+/// caller hears why), and the first ends verified once ClickHouse answers again.
+#[test]
+fn a_second_verification_waits_for_the_first_then_hears_overloaded() {
+    let d = testkit::TempDir::new("ledger-verify-429");
+    let ch = ClickHouse::start(d.path());
+    let s = common::serve(config_on(&d.path().join("state"), &ch));
+    assert_eq!(post_throttle(&s, 41), 200);
+    wait_rows(&ch, 2);
+    let verify = || common::as_admin(s.http.get(format!("{}/api/ledger/verify", s.base))).send();
+    ch.process.signal("STOP");
+    let (first, second, waited) = s.rt.block_on(async {
+        let first = tokio::spawn(verify());
+        // The first holds the walk, its query unanswered.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t0 = std::time::Instant::now();
+        // Bounded: a second walk that waited on the stopped ClickHouse too would
+        // not end before the client's timeout.
+        let second = tokio::time::timeout(Duration::from_secs(15), verify()).await;
+        let waited = t0.elapsed();
+        ch.process.signal("CONT");
+        let second = second
+            .expect("the second verification is answered")
+            .unwrap();
+        let second = (
+            second.status().as_u16(),
+            second.json::<serde_json::Value>().await.unwrap(),
+        );
+        let first = first.await.unwrap().unwrap();
+        let first = (
+            first.status().as_u16(),
+            first.json::<serde_json::Value>().await.unwrap(),
+        );
+        (first, second, waited)
+    });
+    assert_eq!(
+        (second.0, &second.1["error"]),
+        (429, &serde_json::json!("overloaded")),
+        "{second:?}"
+    );
+    assert!(
+        waited >= gw_sidecar::ledger::query::VERIFY_WAIT && waited < Duration::from_secs(9),
+        "{waited:?}"
+    );
+    assert_eq!(first.0, 200, "{first:?}");
+    assert_eq!(first.1["ok"], true, "{first:?}");
+    assert_eq!(first.1["chains"][0]["rows"], 2, "{first:?}");
 }
 
 /// A journal put back from an older copy ends before what it had shipped: the
