@@ -107,13 +107,13 @@ pub struct Checked {
 
 pub use gw_core::contract::header_safe;
 
-/// The path without query or fragment.
 /// The sidecar's own control paths, which Envoy rewrites a configured
 /// `command_path` and `module_route_prefix` to.
 fn is_fixed_control_path(path: &str) -> bool {
     path == contract::COMMAND_PATH || path.starts_with(contract::MODULE_ROUTE_PREFIX)
 }
 
+/// The path without query or fragment.
 fn path_only(path: &str) -> &str {
     path.split(['?', '#']).next().unwrap_or(path)
 }

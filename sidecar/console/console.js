@@ -248,8 +248,8 @@ function logout() {
   clearTimeout(S.reconnect);
   S.wsRetry = 1000;
   S.wsOpened = 0;
-  L.pages = [];
-  L.rows = [];
+  L.reset();
+  S.decisions = [];
   const ws = S.ws;
   S.ws = null;
   if (ws) ws.close(1000, "logout");
@@ -516,6 +516,19 @@ const L = {
   newer: 0,
   // The last page asked for came back short: nothing older in the last 24 h.
   end: false,
+  // Counts the operator's moves (a page, the newest, a filter): an answer asked
+  // for before the last move is dropped.
+  gen: 0,
+  // Why the last page could not be read (shown until one is).
+  error: "",
+  reset() {
+    this.pages = [];
+    this.rows = [];
+    this.newer = 0;
+    this.end = false;
+    this.error = "";
+    this.gen++;
+  },
   paged() { return this.pages.length > 0; },
   keeps(d) {
     return (!this.stage || d.stage === this.stage) && (!this.decision || d.decision === this.decision);
@@ -533,18 +546,23 @@ const cursorOf = (d) => `${d.ts_ms}.${d.seq}.${d.chain_id}`;
 
 async function showPage(pages) {
   const before = pages[pages.length - 1];
+  const gen = ++L.gen;
   try {
     const rows = await api(L.query(before));
+    if (gen !== L.gen || !S.token) return;
+    L.error = "";
     if (before && rows.length === 0) {
       L.end = true;
     } else {
+      // The cursor the page starts below, for whoever reads the table.
+      $("decisions").dataset.before = before || "";
       L.pages = pages;
       L.rows = rows;
       L.end = rows.length < L.size;
     }
   } catch (e) {
-    $("ledger-page").textContent = `ledger: ${e.code || "error"} — ${e.detail || e.message}`;
-    return;
+    if (gen !== L.gen) return;
+    L.error = `ledger: ${e.code || "error"} — ${e.detail || e.message}`;
   }
   renderDecisions();
 }
@@ -563,10 +581,7 @@ function newerPage() {
 }
 
 function newestPage() {
-  L.pages = [];
-  L.rows = [];
-  L.newer = 0;
-  L.end = false;
+  L.reset();
   loadHistory();
 }
 
@@ -585,7 +600,7 @@ function renderDecisions() {
   const first = rows[0];
   const last = rows[rows.length - 1];
   const span = first ? `${time(first.ts_ms)} back to ${time(last.ts_ms)}` : "none";
-  $("ledger-page").textContent = L.paged()
+  $("ledger-page").textContent = L.error ? L.error : L.paged()
     ? `older decisions, page ${L.pages.length + 1}: ${rows.length}, ${span}` +
       (L.newer ? ` — ${L.newer} newer since` : "") +
       (L.end ? " — no older decisions in the last 24 h" : "")
@@ -667,11 +682,14 @@ async function loadCheckpoints() {
 async function loadHistory() {
   // Older pages stay as they are until the operator leaves them.
   if (L.paged()) return;
+  const gen = L.gen;
   try {
     const asked = L.query();
     const rows = await api(asked);
-    // The filters changed while this was asked: a later call answers for them.
-    if (asked !== L.query() || L.paged()) return;
+    // The operator moved (a page, the filters) while this was asked: a later call
+    // answers for where they are.
+    if (gen !== L.gen || asked !== L.query() || L.paged() || !S.token) return;
+    L.error = "";
     // Keep what the stream brought that ClickHouse does not hold yet.
     const seen = new Set(rows.map((r) => `${r.chain_id}#${r.seq}`));
     const newer = S.decisions.filter((d) => !seen.has(`${d.chain_id}#${d.seq}`) && d.ts_ms >= (rows[0]?.ts_ms || 0));
@@ -679,7 +697,9 @@ async function loadHistory() {
     L.end = rows.length < L.size;
     renderDecisions();
   } catch (e) {
-    $("ledger-page").textContent = `ledger: ${e.code || "error"} — ${e.detail || e.message}`;
+    if (gen !== L.gen) return;
+    L.error = `ledger: ${e.code || "error"} — ${e.detail || e.message}`;
+    renderDecisions();
   }
 }
 

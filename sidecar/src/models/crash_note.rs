@@ -49,26 +49,34 @@ pub fn install(list: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt as _;
     let list = CString::new(list.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut result = Ok(());
-    INSTALLED.get_or_init(|| {
-        // SAFETY: zeroed sigaction structs are valid (no handler, empty mask) and
-        // are only filled by sigaction below.
-        let mut previous: [libc::sigaction; FATAL.len()] = unsafe { std::mem::zeroed() };
-        for (i, sig) in FATAL.into_iter().enumerate() {
-            // SAFETY: as above; `on_fatal` has the SA_SIGINFO signature.
-            unsafe {
-                let mut act: libc::sigaction = std::mem::zeroed();
-                act.sa_sigaction = on_fatal as *const () as libc::sighandler_t;
-                act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
-                libc::sigemptyset(&mut act.sa_mask);
-                if libc::sigaction(sig, &act, &mut previous[i]) != 0 {
-                    result = Err(std::io::Error::last_os_error());
-                }
+    // The actions replaced are read, and kept, before the handler is in place: it
+    // always finds them.
+    // SAFETY: zeroed sigaction structs are valid (no handler, empty mask);
+    // sigaction with no new action only reads the current one.
+    let mut previous: [libc::sigaction; FATAL.len()] = unsafe { std::mem::zeroed() };
+    for (i, sig) in FATAL.into_iter().enumerate() {
+        // SAFETY: as above.
+        if unsafe { libc::sigaction(sig, std::ptr::null(), &mut previous[i]) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    if INSTALLED.set(Installed { list, previous }).is_err() {
+        return Ok(());
+    }
+    for sig in FATAL {
+        // SAFETY: a zeroed sigaction is valid; `on_fatal` has the SA_SIGINFO
+        // signature.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_fatal as *const () as libc::sighandler_t;
+            act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+            libc::sigemptyset(&mut act.sa_mask);
+            if libc::sigaction(sig, &act, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
             }
         }
-        Installed { list, previous }
-    });
-    result
+    }
+    Ok(())
 }
 
 /// While alive, this thread is inside the library `line` names (its path and a
@@ -92,14 +100,19 @@ impl Drop for Inside {
 }
 
 extern "C" fn on_fatal(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    let Some(installed) = INSTALLED.get() else {
-        return;
-    };
-    let (line, len) = INSIDE.try_with(Cell::get).unwrap_or((std::ptr::null(), 0));
-    // SAFETY: only async-signal-safe calls; `line` points at the model's own
-    // bytes, alive while its predict (which this thread is inside) runs.
+    // SAFETY: only async-signal-safe calls (errno is this thread's, put back);
+    // `line` points at the library's line, alive while the thread is inside it;
+    // `info` is the kernel's.
     unsafe {
-        if !line.is_null() {
+        let errno = *libc::__errno_location();
+        let (line, len) = INSIDE.try_with(Cell::get).unwrap_or((std::ptr::null(), 0));
+        // The library's own doing: a fault (the kernel's, si_code > 0), or
+        // abort()/raise() on this process; not a signal another process sent.
+        let own = info.is_null()
+            || (*info).si_code > 0
+            || ((*info).si_code == libc::SI_TKILL && (*info).si_pid() == libc::getpid());
+        let installed = INSTALLED.get();
+        if let (Some(installed), false, true) = (installed, line.is_null(), own) {
             let fd = libc::open(
                 installed.list.as_ptr(),
                 libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_CLOEXEC,
@@ -111,9 +124,15 @@ extern "C" fn on_fatal(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
                 let _ = libc::close(fd);
             }
         }
-        // The signal goes back to the handler this one replaced.
-        if let Some(i) = FATAL.iter().position(|&s| s == sig) {
-            libc::sigaction(sig, &installed.previous[i], std::ptr::null_mut());
+        // The signal goes back to the handler this one replaced (the default, if
+        // it is not known).
+        match (installed, FATAL.iter().position(|&s| s == sig)) {
+            (Some(installed), Some(i)) => {
+                libc::sigaction(sig, &installed.previous[i], std::ptr::null_mut());
+            }
+            _ => {
+                libc::signal(sig, libc::SIG_DFL);
+            }
         }
         // A fault strikes again when this returns (the instruction runs again),
         // and abort() raises its signal again; one sent by a process would not:
@@ -121,5 +140,6 @@ extern "C" fn on_fatal(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
         if info.is_null() || (*info).si_code <= 0 {
             libc::raise(sig);
         }
+        *libc::__errno_location() = errno;
     }
 }

@@ -148,8 +148,9 @@ pub struct ModelHost {
     /// A file naming the library being loaded, removed once it loaded or was
     /// refused: found at start, the process died loading it.
     marker: Option<PathBuf>,
-    /// The libraries a process died inside (loading one, or in its `predict`):
-    /// [`CRASHED_LIST`] beside the marker, read at start.
+    /// The libraries not opened: those a process died inside (loading one, or
+    /// in its `predict`: [`CRASHED_LIST`] beside the marker), and the one the
+    /// last process ended loading (the marker's; this start only).
     crashed: Vec<PathBuf>,
     /// A library whose loader timed out and is still inside it.
     stuck: Arc<Mutex<Option<PathBuf>>>,
@@ -168,27 +169,16 @@ fn bytes_path(b: &[u8]) -> PathBuf {
     PathBuf::from(std::ffi::OsStr::from_bytes(b))
 }
 
-/// Appends `line` (a library's path) to the list at `list`, durably.
-fn crashed_list_append(list: &Path, line: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(list)?;
-    let mut bytes = line.to_vec();
-    bytes.push(b'\n');
-    f.write_all(&bytes)?;
-    f.sync_all()?;
-    crate::durable::sync_parent(list)
-}
-
 /// The libraries listed at `list`, each once, the newest [`MAX_CRASHED`]; the
 /// file is cut to those when it held more.
 fn crashed_list_read(list: &Path) -> Vec<PathBuf> {
-    let Ok(bytes) = std::fs::read(list) else {
-        return Vec::new();
+    let bytes = match std::fs::read(list) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, list = %list.display(), "the list of model libraries the sidecar died in cannot be read");
+            return Vec::new();
+        }
     };
     let lines: Vec<&[u8]> = bytes
         .split(|&b| b == b'\n')
@@ -339,35 +329,34 @@ impl ModelHost {
 
     /// Keeps a crash marker at `path` (under the state directory), and beside it
     /// the list of libraries a process died inside ([`CRASHED_LIST`]): a library
-    /// the process dies loading (a segfault, an abort in `init`) or in a `predict`
-    /// (on the hot path) is refused at every later start (`crashed`) instead of
-    /// taking the process down again.
+    /// whose code crashes the process (a segfault or an abort in `init`, the
+    /// checks, or a `predict` on the hot path) is refused at every later start
+    /// (`crashed`) instead of taking the process down again; one the last process
+    /// ended inside without such a signal (killed, or stopped while a load hung)
+    /// is refused at this start only, as the marker says.
     #[must_use]
     pub fn with_crash_marker(mut self, path: PathBuf) -> ModelHost {
         let list = path.with_file_name(CRASHED_LIST);
-        // A load the last process died in joins the list (the marker goes once it
-        // is there: a start that loads another library rewrites the marker).
-        if let Ok(named) = std::fs::read(&path) {
-            let named = named.strip_suffix(b"\n").unwrap_or(&named);
-            if !named.is_empty() {
-                tracing::error!(library = %String::from_utf8_lossy(named), "the last process died loading this model library");
-                match crashed_list_append(&list, named) {
-                    Ok(()) => {
-                        let _ = std::fs::remove_file(&path);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, list = %list.display(), "the list of model libraries the sidecar died in was not written");
-                        self.crashed.push(bytes_path(named));
-                    }
+        match std::fs::read_to_string(&path) {
+            Ok(named) => {
+                let named = PathBuf::from(named.trim_end_matches('\n'));
+                if !named.as_os_str().is_empty() {
+                    tracing::error!(library = %named.display(), "the last process died loading this model library: it is refused at this start");
+                    self.crashed.push(named);
                 }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(error = %e, marker = %path.display(), "the model crash marker cannot be read");
+            }
         }
-        self.crashed.extend(crashed_list_read(&list));
-        for p in &self.crashed {
+        let listed = crashed_list_read(&list);
+        for p in &listed {
             tracing::error!(library = %p.display(), list = %list.display(), "the sidecar died inside this model library (loading it or in its predict): it is refused while a link names it");
         }
+        self.crashed.extend(listed);
         if let Err(e) = super::crash_note::install(&list) {
-            tracing::warn!(error = %e, "a crash in a model's predict will not name its library");
+            tracing::warn!(error = %e, "a crash inside a model library will not name it");
         }
         self.marker = Some(path);
         self
@@ -715,10 +704,9 @@ mod tests {
             crashed_list_read(&list).is_empty(),
             "no list: nothing refused"
         );
-        for i in 0..70 {
-            crashed_list_append(&list, format!("/m/lib{i}.so").as_bytes()).unwrap();
-        }
-        crashed_list_append(&list, b"/m/lib3.so").unwrap();
+        let mut text: String = (0..70).map(|i| format!("/m/lib{i}.so\n")).collect();
+        text.push_str("/m/lib3.so\n");
+        std::fs::write(&list, text).unwrap();
         let kept = crashed_list_read(&list);
         assert_eq!(kept.len(), MAX_CRASHED);
         assert_eq!(

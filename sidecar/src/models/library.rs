@@ -621,6 +621,16 @@ impl Model {
             .map_err(|e| LoadError::Open(path.display().to_string(), e.to_string()))?;
         let shown = real.display().to_string();
         trusted(&real).map_err(|why| LoadError::Untrusted(shown.clone(), why))?;
+        let crash_line = {
+            use std::os::unix::ffi::OsStrExt as _;
+            let mut line = real.as_os_str().as_bytes().to_vec();
+            line.push(b'\n');
+            line.into_boxed_slice()
+        };
+        // From here the library's code runs (its initialisers, `init`, the
+        // checks): a fatal signal in there names it. The line outlives the guard.
+        let loading = crash_line.clone();
+        let _inside = super::crash_note::Inside::enter(&loading);
         // Read after the check; only root or the sidecar's user could change it
         // before it is loaded. The file read is the one the model is known by.
         let (sha256, file) = {
@@ -667,12 +677,6 @@ impl Model {
             }
         }
         let golden = t.golden;
-        let crash_line = {
-            use std::os::unix::ffi::OsStrExt as _;
-            let mut line = real.as_os_str().as_bytes().to_vec();
-            line.push(b'\n');
-            line.into_boxed_slice()
-        };
         let mut model = Model {
             crash_line,
             label: format!("{}@{}#{}", t.name, t.version, &sha256[..12]).into(),
