@@ -237,14 +237,37 @@ impl Auditor {
 /// The unsealed row of an entry (`seq` and hashes are set by the chain).
 fn row(e: &Entry<'_>) -> LedgerRow {
     let decoded;
-    let cmd = match e.command {
-        Some(c) => Some(c),
+    let (cmd, given) = match e.command {
+        Some(c) => (Some(c), true),
         None => {
             decoded = <Command as prost::Message>::decode(e.body).ok();
-            decoded.as_ref()
+            (decoded.as_ref(), false)
         }
     };
     let name = |v: i32, f: fn(i32) -> Option<&'static str>| f(v).unwrap_or("").to_owned();
+    // Almost any body decodes as a command (every field may be absent, and the
+    // absent module and action are arbitrage and start, the enums' zeros): a
+    // decoded body names a module and action only when it looks like a command
+    // (a schema version or a signature). Otherwise a request on a module route
+    // (the JSON route's, one refused before it was signed) is about the module and
+    // action its route names.
+    let looks_like_command =
+        |c: &&Command| given || !c.schema_version.is_empty() || !c.sig.is_empty();
+    let routed = e
+        .route
+        .strip_prefix(gw_core::contract::MODULE_ROUTE_PREFIX)
+        .and_then(gw_core::names::parse_module_spec);
+    let (module, action) = cmd
+        .filter(looks_like_command)
+        .map(|c| {
+            (
+                name(c.module, |m| Module::from_proto(m).map(Module::as_str)),
+                name(c.action, |a| Action::from_proto(a).map(Action::as_str)),
+            )
+        })
+        .filter(|(m, _)| !m.is_empty())
+        .or_else(|| routed.map(|(m, a)| (m.as_str().to_owned(), a.as_str().to_owned())))
+        .unwrap_or_default();
     let who = e.requester.cloned().unwrap_or_default();
     LedgerRow {
         chain_id: String::new(),
@@ -255,12 +278,8 @@ fn row(e: &Entry<'_>) -> LedgerRow {
         code: e.code.map(Code::as_str).unwrap_or_default().into(),
         request_id: cmd.map(|c| c.request_id.clone()).unwrap_or_default(),
         issuer: cmd.map(|c| c.issuer.clone()).unwrap_or_default(),
-        module: cmd
-            .map(|c| name(c.module, |m| Module::from_proto(m).map(Module::as_str)))
-            .unwrap_or_default(),
-        action: cmd
-            .map(|c| name(c.action, |a| Action::from_proto(a).map(Action::as_str)))
-            .unwrap_or_default(),
+        module,
+        action,
         pubkey_id: cmd.map(|c| c.pubkey_id.clone()).unwrap_or_default(),
         sig_alg: cmd.map(|c| c.sig_alg.clone()).unwrap_or_default(),
         nonce: cmd.map_or(0, |c| c.nonce),
@@ -274,5 +293,46 @@ fn row(e: &Entry<'_>) -> LedgerRow {
         route: e.route.to_owned(),
         prev_hash: String::new(),
         row_hash: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry<'a>(body: &'a [u8], route: &'a str) -> Entry<'a> {
+        Entry {
+            stage: Stage::Sidecar,
+            decision: Decision::Rejected,
+            code: Some(Code::BadArgs),
+            body,
+            command: None,
+            requester: None,
+            route,
+        }
+    }
+
+    #[test]
+    fn a_row_names_the_module_and_action_of_its_command_or_else_of_its_route() {
+        let json = br#"{"throttle_pct": 150}"#;
+        let r = row(&entry(json, "/api/control/module/mev:throttle"));
+        assert_eq!((r.module.as_str(), r.action.as_str()), ("mev", "throttle"));
+        // No module route: nothing to name.
+        let r = row(&entry(json, "/api/control/commands"));
+        assert_eq!((r.module.as_str(), r.action.as_str()), ("", ""));
+        // An empty body decodes (as arbitrage:start): no command, nothing named.
+        let r = row(&entry(b"", "/api/control/commands"));
+        assert_eq!((r.module.as_str(), r.action.as_str()), ("", ""));
+        let r = row(&entry(b"", "/api/control/module/mev:kill"));
+        assert_eq!((r.module.as_str(), r.action.as_str()), ("mev", "kill"));
+        let r = row(&entry(b"", "/api/control/module/hft:stop"));
+        assert_eq!((r.module.as_str(), r.action.as_str()), ("", ""));
+        // A command names its own, whatever route it came on.
+        let cmd =
+            testkit::fixtures::signed_command(7, Action::Stop, 1_750_000_000, "dashboard", &[]);
+        let r = row(&entry(&cmd, "/api/control/module/mev:throttle"));
+        let decoded = <Command as prost::Message>::decode(cmd.as_slice()).unwrap();
+        let module = Module::from_proto(decoded.module).unwrap().as_str();
+        assert_eq!((r.module.as_str(), r.action.as_str()), (module, "stop"));
     }
 }
