@@ -157,8 +157,8 @@ pub struct ModelHost {
 }
 
 /// The file, beside the crash marker, listing the libraries a process died inside
-/// (one path a line, newest last): the signal handler appends to it
-/// ([`super::crash_note`]), and so does a start that finds the marker.
+/// (one path a line, newest last): the handler of the fatal signals appends to it
+/// when a library's own fault or abort strikes a thread running its code.
 pub const CRASHED_LIST: &str = "model-crashed";
 
 /// The newest lines kept in [`CRASHED_LIST`] (older ones are dropped at start).
