@@ -216,6 +216,18 @@ fn committed_decisions_and_states_stream_to_bounded_clients() {
         assert_eq!(r["applied"], true, "{r}");
         let rid = r["request_id"].as_str().unwrap().to_owned();
         for ws in [&mut a, &mut b] {
+            // The edge's row names the request too (its JSON body, the id the
+            // command was given), before the sidecar's.
+            let edge = until(ws, "edge row", |m| {
+                m["type"] == "decision"
+                    && m["request_id"] == rid.as_str()
+                    && m["decision"] == "accepted"
+            })
+            .await;
+            assert_eq!(
+                (&edge["stage"], &edge["module"], &edge["action"]),
+                (&json!("edge"), &json!("mev"), &json!("throttle"))
+            );
             let accepted = until(ws, "accepted row", |m| {
                 m["type"] == "decision"
                     && m["request_id"] == rid.as_str()
