@@ -1259,8 +1259,13 @@ fn rejected_for(ops: u16, module: &str, reason: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Waits until the sidecar at `ops` has swapped a model into `module`.
+/// Waits until the sidecar at `ops` serves and has swapped a model into `module`.
 fn wait_loaded(ops: u16, module: &str, p: &mut testkit::ProcessGuard) {
+    assert!(
+        testkit::wait_tcp(ops, Duration::from_secs(30)),
+        "the sidecar serves:\n{}",
+        p.log()
+    );
     let want = format!("gw_sidecar_model_loads_total{{module=\"{module}\"}} 1");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -1310,11 +1315,6 @@ fn a_library_that_crashes_the_sidecar_is_refused_at_the_next_start() {
     );
     for n in [1, 2] {
         let mut next = start(n);
-        assert!(
-            testkit::wait_tcp(ops, Duration::from_secs(30)),
-            "start {n} serves:\n{}",
-            next.log()
-        );
         wait_loaded(ops, "arbitrage", &mut next);
         next.assert_running();
         assert_eq!(rejected_for(ops, "mev", "crashed"), Some(1), "start {n}");
@@ -1367,11 +1367,6 @@ fn a_library_that_crashes_in_predict_is_refused_at_the_next_start() {
         })
     };
     let mut first = start(0);
-    assert!(
-        testkit::wait_tcp(ops, Duration::from_secs(30)),
-        "{}",
-        first.log()
-    );
     wait_loaded(ops, "mev", &mut first);
     let served = predict("mev", 1.0);
     assert!(
@@ -1399,11 +1394,6 @@ fn a_library_that_crashes_in_predict_is_refused_at_the_next_start() {
     assert!(list.trim_end().ends_with("libmev_vfault9.so"), "{list}");
 
     let mut second = start(1);
-    assert!(
-        testkit::wait_tcp(ops, Duration::from_secs(30)),
-        "{}",
-        second.log()
-    );
     wait_loaded(ops, "arbitrage", &mut second);
     assert_eq!(rejected_for(ops, "mev", "crashed"), Some(1));
     let refused = predict("mev", -12345.0);

@@ -627,10 +627,6 @@ impl Model {
             line.push(b'\n');
             line.into_boxed_slice()
         };
-        // From here the library's code runs (its initialisers, `init`, the
-        // checks): a fatal signal in there names it. The line outlives the guard.
-        let loading = crash_line.clone();
-        let _inside = super::crash_note::Inside::enter(&loading);
         // Read after the check; only root or the sidecar's user could change it
         // before it is loaded. The file read is the one the model is known by.
         let (sha256, file) = {
@@ -651,6 +647,11 @@ impl Model {
                 return Err(LoadError::NotAllowed(shown, sha256));
             }
         }
+        // From here the library's code runs (its initialisers, `init`, the checks,
+        // its finalisers if it is refused): a fatal signal in there names it. The
+        // line outlives the guard.
+        let loading = crash_line.clone();
+        let _inside = super::crash_note::Inside::enter(&loading);
         // SAFETY: loading runs the library's initialisers. Only a regular file that
         // no one but root and the sidecar's own user could have written, or put
         // at its path, is loaded (`trusted`), from the models directory
