@@ -1286,10 +1286,10 @@ fn wait_loaded(ops: u16, module: &str, p: &mut testkit::ProcessGuard) {
 }
 
 /// A library that crashes the sidecar while it loads (here `abort()` in `init`)
-/// takes down one start, not every start: the next start finds the crash marker,
-/// refuses that library (`crashed`) without opening it, and serves — and so does
-/// every start after it, though loading the other module's library rewrote the
-/// marker (the marker's library joined the list of libraries the sidecar died in).
+/// takes down one start, not every start: its abort lists it among the libraries
+/// the sidecar died in, so the next starts refuse it (`crashed`) without opening
+/// it, and serve — every one of them, though loading the other module's library
+/// rewrites the load marker (which once held the only record of the crash).
 #[test]
 fn a_library_that_crashes_the_sidecar_is_refused_at_the_next_start() {
     let d = testkit::TempDir::new("models-crash");
@@ -1324,6 +1324,36 @@ fn a_library_that_crashes_the_sidecar_is_refused_at_the_next_start() {
     let list = std::fs::read_to_string(d.path().join(".run/sidecar/model-crashed")).unwrap();
     assert_eq!(list.lines().count(), 1, "{list}");
     assert!(list.contains("libmev_vcrash8.so"), "{list}");
+}
+
+/// The load marker alone (the last process was killed, or stopped, while it loaded
+/// a library; no crash of the library's own was recorded) refuses that library at
+/// the next start only: it is read and removed, so a start where nothing else
+/// loads does not keep it, and the start after serves the library again.
+#[test]
+fn a_library_the_last_process_ended_loading_is_refused_for_one_start() {
+    let d = testkit::TempDir::new("models-marker");
+    let dir = d.path();
+    build(dir, "good1", 7, 0, "mev");
+    let marker = dir.join("state").join("model-loading");
+    std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+    let lib = std::fs::canonicalize(dir.join("libmev_vgood1.so")).unwrap();
+    std::fs::write(&marker, format!("{}\n", lib.display())).unwrap();
+    let first = host(dir, 8, false).with_crash_marker(marker.clone());
+    let log = first.poll();
+    assert!(
+        log.iter().any(|l| l.contains("refused [crashed]")),
+        "{log:?}"
+    );
+    assert!(first.current("mev").is_none());
+    assert!(!marker.exists(), "read and removed");
+    drop(first);
+    let second = host(dir, 8, false).with_crash_marker(marker.clone());
+    second.poll();
+    assert_eq!(
+        second.current("mev").map(|m| m.version.clone()).as_deref(),
+        Some("good1")
+    );
 }
 
 /// A library that crashes the sidecar in its `predict` (a segfault on a row no

@@ -1,19 +1,21 @@
 //! Names the model library a fatal signal struck inside — a segfault or an abort
-//! in its `predict`, on the hot path — in the list of libraries the sidecar died
-//! in, so the next start refuses it (`crashed`) instead of serving it until the
-//! next opportunity takes the process down again.
+//! while it loads, or in its `predict` on the hot path — in the list of libraries
+//! the sidecar died in, so later starts refuse it (`crashed`) instead of serving it
+//! until the next opportunity takes the process down again.
 //!
 //! A thread inside a library's code ([`Inside`]) notes which one, in a
 //! thread-local the signal handler reads: the handler runs on the thread the
-//! signal struck, so a crash elsewhere (another thread, the sidecar's own code)
-//! names no library. The handler only calls `open`, `write`, `fsync`, `close` and
-//! `sigaction` (async-signal-safe), then gives the signal back to the handler it
+//! signal struck, so a crash elsewhere (another thread, the sidecar's own code
+//! outside a load) names no library. The list is opened once, when the handler is
+//! installed (a crash when no file descriptor is left is still written down); the
+//! handler only calls async-signal-safe functions (`write`, `fsync`, `getpid`,
+//! `sigaction`, `signal`, `raise`), then gives the signal back to the handler it
 //! replaced (the standard library's stack-overflow report, or the default), so the
 //! process still dies as it would have, core dump included.
 #![allow(unsafe_code)] // signals: every unsafe block says why it is sound.
 
 use std::cell::Cell;
-use std::ffi::CString;
+use std::os::fd::IntoRawFd as _;
 use std::sync::OnceLock;
 
 thread_local! {
@@ -33,12 +35,16 @@ const FATAL: [libc::c_int; 5] = [
     libc::SIGABRT,
 ];
 
-/// Where the handler appends, and the actions it replaced (by position in
-/// [`FATAL`]).
+/// The list the handler appends to (open for appending), and the actions it
+/// replaced (by position in [`FATAL`]).
 struct Installed {
-    list: CString,
+    list: libc::c_int,
     previous: [libc::sigaction; FATAL.len()],
 }
+
+/// `si_code` of a `SIGBUS` for a memory error the hardware found (action
+/// required, action optional): the machine's doing, not the library's.
+const BUS_MCEERR: [libc::c_int; 2] = [4, 5];
 
 static INSTALLED: OnceLock<Installed> = OnceLock::new();
 
@@ -46,9 +52,16 @@ static INSTALLED: OnceLock<Installed> = OnceLock::new();
 /// library appends that library's line to `list`. Later calls change nothing (one
 /// state directory per process).
 pub fn install(list: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let list = CString::new(list.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if INSTALLED.get().is_some() {
+        return Ok(());
+    }
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(list)?;
+    crate::durable::sync_parent(list)?;
     // The actions replaced are read, and kept, before the handler is in place: it
     // always finds them.
     // SAFETY: zeroed sigaction structs are valid (no handler, empty mask);
@@ -60,7 +73,11 @@ pub fn install(list: &std::path::Path) -> std::io::Result<()> {
             return Err(std::io::Error::last_os_error());
         }
     }
+    // Kept open for the process's life: the handler writes to it.
+    let list = file.into_raw_fd();
     if INSTALLED.set(Installed { list, previous }).is_err() {
+        // SAFETY: `list` was just opened here and is owned by no one else.
+        unsafe { libc::close(list) };
         return Ok(());
     }
     for sig in FATAL {
@@ -106,23 +123,17 @@ extern "C" fn on_fatal(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
     unsafe {
         let errno = *libc::__errno_location();
         let (line, len) = INSIDE.try_with(Cell::get).unwrap_or((std::ptr::null(), 0));
-        // The library's own doing: a fault (the kernel's, si_code > 0), or
-        // abort()/raise() on this process; not a signal another process sent.
+        // The library's own doing: a fault (the kernel's, si_code > 0, but for a
+        // memory error the hardware found), or abort()/raise() in this process;
+        // not a signal another process sent.
+        let code = if info.is_null() { 0 } else { (*info).si_code };
         let own = info.is_null()
-            || (*info).si_code > 0
-            || ((*info).si_code == libc::SI_TKILL && (*info).si_pid() == libc::getpid());
+            || (code > 0 && !(sig == libc::SIGBUS && BUS_MCEERR.contains(&code)))
+            || (code == libc::SI_TKILL && (*info).si_pid() == libc::getpid());
         let installed = INSTALLED.get();
         if let (Some(installed), false, true) = (installed, line.is_null(), own) {
-            let fd = libc::open(
-                installed.list.as_ptr(),
-                libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_CLOEXEC,
-                0o600,
-            );
-            if fd >= 0 {
-                let _ = libc::write(fd, line.cast(), len);
-                let _ = libc::fsync(fd);
-                let _ = libc::close(fd);
-            }
+            let _ = libc::write(installed.list, line.cast(), len);
+            let _ = libc::fsync(installed.list);
         }
         // The signal goes back to the handler this one replaced (the default, if
         // it is not known).
@@ -134,8 +145,8 @@ extern "C" fn on_fatal(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
-        // A fault strikes again when this returns (the instruction runs again),
-        // and abort() raises its signal again; one sent by a process would not:
+        // A fault strikes again when this returns (the instruction runs again);
+        // a signal sent by a process (abort() and raise() included) would not:
         // sent again, it is delivered once this returns.
         if info.is_null() || (*info).si_code <= 0 {
             libc::raise(sig);

@@ -344,6 +344,11 @@ impl ModelHost {
                     tracing::error!(library = %named.display(), "the last process died loading this model library: it is refused at this start");
                     self.crashed.push(named);
                 }
+                // Read: it says nothing of later starts (a load refused as
+                // `crashed` never rewrites it, so it would otherwise stay).
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(error = %e, marker = %path.display(), "the model crash marker was not removed");
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
