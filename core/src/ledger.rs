@@ -303,6 +303,36 @@ pub fn walk<'a>(
     Ok(w.head())
 }
 
+/// Breaks of one chain a verification lists at most; those after are counted.
+pub const MAX_BREAKS: usize = 16;
+
+/// The breaks of one chain as a verification reports them: the first
+/// [`MAX_BREAKS`] as found, and how many more (the walk goes on after each, so
+/// that one row planted or lost hides nothing after it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Breaks {
+    /// The first ones, in order.
+    pub listed: Vec<String>,
+    /// How many came after those.
+    pub more: u64,
+}
+
+impl Breaks {
+    /// Notes one more break.
+    pub fn note(&mut self, what: String) {
+        if self.listed.len() < MAX_BREAKS {
+            self.listed.push(what);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    /// Whether there was none.
+    pub fn is_empty(&self) -> bool {
+        self.listed.is_empty()
+    }
+}
+
 /// A walk of one chain a row at a time ([`walk`]), holding no row: rows streamed
 /// from a store of any size are checked in constant memory.
 #[derive(Debug, Clone)]

@@ -241,3 +241,16 @@ fn a_walk_that_goes_on_reports_every_break() {
         [ChainError::Altered(5), ChainError::BrokenLink(6)]
     );
 }
+
+/// A verification lists the first breaks and counts the rest.
+#[test]
+fn breaks_list_the_first_and_count_the_rest() {
+    let mut b = gw_core::ledger::Breaks::default();
+    assert!(b.is_empty());
+    for i in 0..gw_core::ledger::MAX_BREAKS + 3 {
+        b.note(format!("break {i}"));
+    }
+    assert_eq!(b.listed.len(), gw_core::ledger::MAX_BREAKS);
+    assert_eq!(b.listed[0], "break 0");
+    assert_eq!(b.more, 3);
+}

@@ -8,10 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Args;
 use gw_core::checkpoint::{notes, whole_len, Checkpoint, HeldWalk};
-use gw_core::ledger::LedgerRow;
-
-/// Breaks of one chain printed at most.
-const MAX_BREAKS: usize = 16;
+use gw_core::ledger::{Breaks, LedgerRow};
 
 /// `gwctl ledger verify` arguments.
 #[derive(Args)]
@@ -190,9 +187,8 @@ const MAX_ROW_BYTES: usize = 4 << 20;
 /// One chain's walk as its rows stream in.
 struct ChainWalk {
     walk: HeldWalk,
-    /// The first breaks ([`MAX_BREAKS`]), as printed, and how many more.
-    breaks: Vec<String>,
-    more_breaks: usize,
+    /// As printed.
+    breaks: Breaks,
     /// The last `seq` read (ClickHouse sends them in order).
     last_seq: u64,
 }
@@ -224,8 +220,7 @@ impl Walking {
             let anchor = self.anchors.get(&r.chain_id).cloned();
             let walk = ChainWalk {
                 walk: HeldWalk::new(anchor),
-                breaks: Vec::new(),
-                more_breaks: 0,
+                breaks: Breaks::default(),
                 last_seq: 0,
             };
             self.current = Some((r.chain_id.clone(), walk));
@@ -241,11 +236,7 @@ impl Walking {
         );
         w.last_seq = r.seq;
         for e in w.walk.push(r) {
-            if w.breaks.len() < MAX_BREAKS {
-                w.breaks.push(e.to_string());
-            } else {
-                w.more_breaks += 1;
-            }
+            w.breaks.note(e.to_string());
         }
         Ok(())
     }
@@ -364,11 +355,11 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
             continue;
         }
         broken = true;
-        for e in &w.breaks {
+        for e in &w.breaks.listed {
             println!("broken: chain {chain}: {e}");
         }
-        if w.more_breaks > 0 {
-            println!("broken: chain {chain}: … and {} more breaks", w.more_breaks);
+        if w.breaks.more > 0 {
+            println!("broken: chain {chain}: … and {} more breaks", w.breaks.more);
         }
     }
     for (chain, cp) in &anchors {

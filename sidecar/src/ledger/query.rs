@@ -284,7 +284,7 @@ pub struct ChainStatus {
     /// Where the chain breaks first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broken: Option<String>,
-    /// Every break found, in order ([`MAX_BREAKS`] at most; the walk goes on
+    /// Every break found, in order ([`gw_core::ledger::MAX_BREAKS`] at most; the walk goes on
     /// after each, so that one row planted or lost hides nothing after it).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub breaks: Vec<String>,
@@ -298,9 +298,6 @@ pub struct ChainStatus {
     pub checkpoint: Option<u64>,
 }
 
-/// Breaks of one chain a verification lists at most.
-pub const MAX_BREAKS: usize = 16;
-
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -310,6 +307,7 @@ fn is_zero(n: &u64) -> bool {
 struct Walk {
     status: ChainStatus,
     walk: gw_core::checkpoint::HeldWalk,
+    breaks: gw_core::ledger::Breaks,
 }
 
 impl Walk {
@@ -325,6 +323,7 @@ impl Walk {
                 checkpoint: anchor.as_ref().map(|a| a.size),
             },
             walk: gw_core::checkpoint::HeldWalk::new(anchor),
+            breaks: gw_core::ledger::Breaks::default(),
         }
     }
 
@@ -341,11 +340,7 @@ impl Walk {
         if self.status.broken.is_none() {
             self.status.broken = Some(what.clone());
         }
-        if self.status.breaks.len() < MAX_BREAKS {
-            self.status.breaks.push(what);
-        } else {
-            self.status.more_breaks += 1;
-        }
+        self.breaks.note(what);
     }
 
     fn done(mut self) -> ChainStatus {
@@ -355,6 +350,8 @@ impl Walk {
         if let Some(Err(e)) = self.walk.held() {
             self.broke(format!("{e} (this node's signed checkpoint)"));
         }
+        self.status.breaks = self.breaks.listed;
+        self.status.more_breaks = self.breaks.more;
         self.status
     }
 }
