@@ -71,10 +71,19 @@ impl JwsAlg {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JwtPolicy {
-    /// Accepted `iss` values; empty accepts any.
+    /// Accepted `iss` values. Empty refuses every token unless [`Self::any_issuer`].
     pub issuers: Vec<String>,
-    /// Accepted audiences (`aud` must name one); empty skips the check.
+    /// Accepted audiences (`aud` must name one). Empty refuses every token unless
+    /// [`Self::any_audience`].
     pub audiences: Vec<String>,
+    /// Accept a token of any issuer the keys verify (`issuers` empty): for a key
+    /// that signs for one issuer only. Off by default, so that a policy that names
+    /// no issuer refuses instead of accepting all.
+    pub any_issuer: bool,
+    /// Accept a token of any audience, or none (`audiences` empty): for an issuer
+    /// whose tokens are all meant for this gateway. Off by default: a token the same
+    /// issuer minted for another service would otherwise pass here.
+    pub any_audience: bool,
     /// Clock skew tolerated on `exp`, `nbf` and `iat`, seconds.
     pub leeway_secs: u64,
     /// Refuse tokens without `exp`.
@@ -93,12 +102,54 @@ impl Default for JwtPolicy {
         JwtPolicy {
             issuers: Vec::new(),
             audiences: Vec::new(),
+            any_issuer: false,
+            any_audience: false,
             leeway_secs: 30,
             require_exp: true,
             roles_claim: "roles".into(),
             max_token_bytes: DEFAULT_MAX_TOKEN_BYTES,
             algorithms: JwsAlg::ALL.to_vec(),
         }
+    }
+}
+
+impl JwtPolicy {
+    /// Checks a policy read from configuration: it must accept some token, and say
+    /// which issuers and audiences — or, in so many words, that any will do.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.algorithms.is_empty() {
+            return Err("jwt.policy.algorithms is empty".into());
+        }
+        if self.max_token_bytes == 0 || self.max_token_bytes > 64 * 1024 {
+            return Err("jwt.policy.max_token_bytes must be 1..=65536".into());
+        }
+        for (what, flag, list, any) in [
+            ("issuers", "any_issuer", &self.issuers, self.any_issuer),
+            (
+                "audiences",
+                "any_audience",
+                &self.audiences,
+                self.any_audience,
+            ),
+        ] {
+            match (list.is_empty(), any) {
+                (true, false) => {
+                    return Err(format!(
+                        "jwt.policy.{what} is empty: no token would be accepted; list the accepted {what}, or set jwt.policy.{flag} to true to accept any"
+                    ))
+                }
+                (false, true) => {
+                    return Err(format!(
+                        "jwt.policy.{what} and jwt.policy.{flag} are both set: give one"
+                    ))
+                }
+                _ => {}
+            }
+            if list.iter().any(String::is_empty) {
+                return Err(format!("jwt.policy.{what} holds an empty name"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -374,10 +425,11 @@ pub fn verify_jwt(
     let iat = numeric_date(&claims, "iat")?;
     check_times(exp, nbf, iat, policy, now)?;
     let iss = opt_string(&claims, "iss")?;
-    if !policy.issuers.is_empty() && !iss.as_ref().is_some_and(|i| policy.issuers.contains(i)) {
+    // An empty list accepts nothing unless the policy says "any" in so many words.
+    if !policy.any_issuer && !iss.as_ref().is_some_and(|i| policy.issuers.contains(i)) {
         return Err(err(Code::JwtIssuer, "issuer is not accepted"));
     }
-    if !policy.audiences.is_empty() {
+    if !policy.any_audience {
         let ok = match claims.get("aud") {
             Some(Value::String(a)) => policy.audiences.contains(a),
             Some(Value::Array(v)) => v.iter().any(|a| {

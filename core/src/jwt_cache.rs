@@ -101,6 +101,15 @@ mod tests {
         .unwrap()
     }
 
+    /// The tokens here name no issuer or audience.
+    fn any() -> JwtPolicy {
+        JwtPolicy {
+            any_issuer: true,
+            any_audience: true,
+            ..JwtPolicy::default()
+        }
+    }
+
     fn token(exp: u64, sub: &str) -> String {
         mint_hs256(
             SECRET,
@@ -114,7 +123,7 @@ mod tests {
     fn hits_until_expiry_and_bounded() {
         let p = JwtPolicy {
             leeway_secs: 0,
-            ..JwtPolicy::default()
+            ..any()
         };
         let mut c = JwtCache::new(2);
         let t = token(100, "a");
@@ -137,7 +146,7 @@ mod tests {
 
     #[test]
     fn failures_are_not_cached_and_tampering_misses() {
-        let p = JwtPolicy::default();
+        let p = any();
         let mut c = JwtCache::new(8);
         let t = token(1000, "a");
         assert!(c.verify(&t, &keys(), &p, 10).is_ok());

@@ -303,12 +303,7 @@ impl Settings {
                 "jwt.jwks.keys is empty: no token could ever verify",
             ));
         }
-        if c.jwt.policy.algorithms.is_empty() {
-            return Err(invalid("jwt.policy.algorithms is empty"));
-        }
-        if c.jwt.policy.max_token_bytes == 0 || c.jwt.policy.max_token_bytes > 64 * 1024 {
-            return Err(invalid("jwt.policy.max_token_bytes must be 1..=65536"));
-        }
+        c.jwt.policy.validate().map_err(invalid)?;
         if c.max_body_bytes == 0 || c.max_body_bytes > MAX_BODY_LIMIT {
             return Err(invalid(format!(
                 "max_body_bytes must be 1..={MAX_BODY_LIMIT}"

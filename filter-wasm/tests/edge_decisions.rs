@@ -158,6 +158,24 @@ fn invalid_configurations_are_refused_clearly() {
             Box::new(|c| c["jwt"]["policy"]["algorithms"] = serde_json::json!(["none"])),
             "unknown variant",
         ),
+        (
+            // A token the same issuer minted for another service would pass.
+            Box::new(|c| {
+                c["jwt"]["policy"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("audiences");
+            }),
+            "jwt.policy.audiences is empty: no token would be accepted",
+        ),
+        (
+            Box::new(|c| c["jwt"]["policy"]["issuers"] = serde_json::json!([])),
+            "jwt.policy.issuers is empty: no token would be accepted",
+        ),
+        (
+            Box::new(|c| c["jwt"]["policy"]["any_issuer"] = true.into()),
+            "jwt.policy.issuers and jwt.policy.any_issuer are both set",
+        ),
     ];
     for (mutate, needle) in cases {
         let mut c = config();
@@ -572,4 +590,35 @@ fn reserved_headers_and_safe_values() {
     assert_eq!(header_safe(" alice "), "%20alice%20");
     assert_eq!(header_safe("alice b"), "alice b");
     assert_eq!(header_safe(" "), "%20");
+}
+
+/// A token for another audience is refused at the edge; with `any_audience` the
+/// operator accepts any, in so many words.
+#[test]
+fn the_audience_is_checked_unless_any_is_configured() {
+    let claims = |aud: &str| {
+        serde_json::json!({"sub": "alice", "iss": "defi-dashboard", "aud": aud,
+                           "exp": NOW + 600, "roles": ["viewer"]})
+    };
+    let bearer = |aud: &str| {
+        let t = gw_core::jwt::mint_hs256(
+            testkit::fixtures::JWT_SECRET,
+            Some("dev"),
+            claims(aud).as_object().unwrap(),
+        )
+        .unwrap();
+        format!("Bearer {t}")
+    };
+    let other = bearer("another-service");
+    let d = edge().on_request_headers(&head("GET", "/api/ledger/history", Some(&other)), NOW);
+    assert_eq!(reject_code(d), Code::JwtAudience);
+    let mut cfg = config();
+    cfg["jwt"]["policy"]["audiences"] = serde_json::json!([]);
+    cfg["jwt"]["policy"]["any_audience"] = true.into();
+    let e = Edge::new(Settings::parse(cfg.to_string().as_bytes()).unwrap(), ORIGIN);
+    let d = e.on_request_headers(&head("GET", "/api/ledger/history", Some(&other)), NOW);
+    assert!(
+        !matches!(d, HeadDecision::Reject(..)),
+        "any audience, configured: {d:?}"
+    );
 }

@@ -148,6 +148,83 @@ fn issuer_and_audience() {
     assert_eq!(code(&mk(c), &hs_keys()), Code::JwtAudience);
 }
 
+/// A policy naming no issuer or no audience refuses every token: "any" must be
+/// said in so many words (`any_issuer`, `any_audience`), and configuration that
+/// says neither is refused at load.
+#[test]
+fn an_empty_issuer_or_audience_list_accepts_nothing_unless_any_is_said() {
+    let t = mint_hs256(SECRET, None, &claims(good_claims())).unwrap();
+    let no_iss = JwtPolicy {
+        issuers: vec![],
+        ..policy()
+    };
+    let no_aud = JwtPolicy {
+        audiences: vec![],
+        ..policy()
+    };
+    let e = |p: &JwtPolicy| verify_jwt(&t, &hs_keys(), p, NOW).unwrap_err().code;
+    assert_eq!(e(&no_iss), Code::JwtIssuer);
+    assert_eq!(e(&no_aud), Code::JwtAudience);
+    assert_eq!(e(&JwtPolicy::default()), Code::JwtIssuer);
+    let any = |p: JwtPolicy| JwtPolicy {
+        any_issuer: p.issuers.is_empty(),
+        any_audience: p.audiences.is_empty(),
+        ..p
+    };
+    assert!(verify_jwt(&t, &hs_keys(), &any(no_iss.clone()), NOW).is_ok());
+    assert!(verify_jwt(&t, &hs_keys(), &any(no_aud.clone()), NOW).is_ok());
+    // Any audience takes a token with none.
+    let mut c = good_claims();
+    c.as_object_mut().unwrap().remove("aud");
+    let bare = mint_hs256(SECRET, None, &claims(c)).unwrap();
+    assert_eq!(
+        verify_jwt(&bare, &hs_keys(), &policy(), NOW)
+            .unwrap_err()
+            .code,
+        Code::JwtAudience
+    );
+    assert!(verify_jwt(&bare, &hs_keys(), &any(no_aud.clone()), NOW).is_ok());
+
+    assert_eq!(policy().validate(), Ok(()));
+    assert_eq!(any(no_iss.clone()).validate(), Ok(()));
+    for (p, says) in [
+        (no_iss.clone(), "jwt.policy.issuers is empty"),
+        (no_aud.clone(), "jwt.policy.audiences is empty"),
+        (JwtPolicy::default(), "jwt.policy.issuers is empty"),
+        (
+            JwtPolicy {
+                any_issuer: true,
+                ..policy()
+            },
+            "jwt.policy.issuers and jwt.policy.any_issuer are both set",
+        ),
+        (
+            JwtPolicy {
+                any_audience: true,
+                ..policy()
+            },
+            "jwt.policy.audiences and jwt.policy.any_audience are both set",
+        ),
+        (
+            JwtPolicy {
+                audiences: vec![String::new()],
+                ..policy()
+            },
+            "jwt.policy.audiences holds an empty name",
+        ),
+        (
+            JwtPolicy {
+                algorithms: vec![],
+                ..policy()
+            },
+            "jwt.policy.algorithms is empty",
+        ),
+    ] {
+        let e = p.validate().unwrap_err();
+        assert!(e.starts_with(says), "{e}");
+    }
+}
+
 #[test]
 fn roles_claim_shapes() {
     let mk = |c: Value| mint_hs256(SECRET, None, &claims(c)).unwrap();
