@@ -40,6 +40,8 @@ static_resources:
               routes:
               - match: { prefix: "/deny" }
                 direct_response: { status: 403, body: { inline_string: "{\"error\":\"forbidden_role\"}" } }
+              - match: { prefix: "/moved" }
+                redirect: { path_redirect: "/api/control/commands", response_code: TEMPORARY_REDIRECT }
               - match: { prefix: "/" }
                 route: { cluster: echo }
           http_filters: &filters
@@ -137,6 +139,27 @@ fn send_over_http3_and_http2_through_envoy() {
     let o = gwctl(&["send", &deny, file.to_str().unwrap(), "--ca", ca]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("HTTP/3 403"));
+
+    // A redirect is not followed (to the route that answers 200 here): printed,
+    // named with its location, exit 1, over both protocols.
+    let moved = format!("https://127.0.0.1:{port}/moved");
+    for (proto, extra) in [("HTTP/3", None), ("HTTP/2", Some("--http2"))] {
+        let mut args = vec!["send", &moved, file.to_str().unwrap(), "--ca", ca];
+        args.extend(extra);
+        let o = gwctl(&args);
+        assert_eq!(o.status.code(), Some(1), "{proto}: {o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stdout).starts_with(&format!("{proto} 307")),
+            "{o:?}"
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!(
+                "redirected the command to https://127.0.0.1:{port}/api/control/commands"
+            )) && err.contains("not sent there"),
+            "{proto}: {err}"
+        );
+    }
 
     // Without the CA the server is not trusted: one-line error, exit 2.
     let o = gwctl(&["send", &url, file.to_str().unwrap(), "--timeout", "5s"]);

@@ -58,6 +58,7 @@ pub async fn send(req: &Request<'_>) -> Result<Answer> {
         }
     })?;
     let status = resp.status().as_u16();
+    let location = super::location(resp.headers());
     let body = resp
         .bytes()
         .await
@@ -68,5 +69,6 @@ pub async fn send(req: &Request<'_>) -> Result<Answer> {
         proto: "HTTP/2",
         status,
         body,
+        location,
     })
 }

@@ -93,6 +93,7 @@ pub async fn send(req: &Request<'_>) -> Result<Answer> {
     Ok(Answer {
         proto: "HTTP/3",
         status: resp.status().as_u16(),
+        location: super::location(resp.headers()),
         body,
     })
 }

@@ -56,6 +56,21 @@ pub struct Answer {
     pub status: u16,
     /// Body bytes.
     pub body: Vec<u8>,
+    /// The `location` header of a redirect (not followed).
+    pub location: Option<String>,
+}
+
+/// A redirect's `location`, as text and cut to 512 bytes' worth of characters.
+fn location(h: &http::HeaderMap) -> Option<String> {
+    let v = String::from_utf8_lossy(h.get(http::header::LOCATION)?.as_bytes()).into_owned();
+    Some(
+        v.chars()
+            .scan(0, |n, c| {
+                *n += c.len_utf8();
+                (*n <= 512).then_some(c)
+            })
+            .collect(),
+    )
 }
 
 /// The request may have reached the gateway whole, and no answer came (the
@@ -150,6 +165,14 @@ pub fn run(a: &SendArgs) -> Result<ExitCode> {
     if let Some(note) = verdict.note() {
         eprintln!("gwctl: {note}");
     }
+    if verdict == Verdict::Redirected {
+        let to = answer.location.as_deref().unwrap_or("nowhere named");
+        // The location is the server's: printed as text, never followed.
+        eprintln!(
+            "gwctl: the gateway redirected the command to {}; gwctl follows no redirect, so it was not sent there: send it to the right URL if that is one you trust",
+            to.escape_debug()
+        );
+    }
     Ok(verdict.exit_code())
 }
 
@@ -175,6 +198,9 @@ enum Verdict {
     /// known to be accepted (a failing journal disk may have kept it): send the
     /// same bytes again, which tells — never re-sign.
     Retry,
+    /// A 3xx: the command went nowhere else (redirects are not followed) and was
+    /// not applied where it was sent.
+    Redirected,
     /// Refused (any other status).
     Refused,
 }
@@ -186,7 +212,9 @@ impl Verdict {
     fn exit_code(&self) -> ExitCode {
         match self {
             Verdict::Done | Verdict::AlreadyApplied => ExitCode::SUCCESS,
-            Verdict::NotApplied | Verdict::Stale | Verdict::Refused => ExitCode::from(1),
+            Verdict::NotApplied | Verdict::Stale | Verdict::Redirected | Verdict::Refused => {
+                ExitCode::from(1)
+            }
             Verdict::Pending | Verdict::Retry => ExitCode::from(3),
         }
     }
@@ -198,7 +226,7 @@ impl Verdict {
             Verdict::NotApplied => Some("accepted, but its module refused to apply it (apply_error)"),
             Verdict::Stale => Some("refused as stale: if this file was sent before, this answer says nothing of that send; find its request_id in the ledger before signing the command again"),
             Verdict::Retry => Some("not known to be accepted (the gateway failed): send the same file again to learn the outcome (do not sign it again)"),
-            Verdict::Done | Verdict::Refused => None,
+            Verdict::Done | Verdict::Redirected | Verdict::Refused => None,
         }
     }
 }
@@ -225,6 +253,7 @@ fn verdict(status: u16, body: &[u8]) -> Verdict {
         }
         _ if error == Some("stale") => Verdict::Stale,
         500..=599 => Verdict::Retry,
+        300..=399 => Verdict::Redirected,
         _ => Verdict::Refused,
     }
 }
@@ -235,7 +264,7 @@ mod tests {
 
     #[test]
     fn each_answer_has_its_verdict() {
-        let cases: [(u16, &str, Verdict); 13] = [
+        let cases: [(u16, &str, Verdict); 15] = [
             (
                 200,
                 r#"{"ok":true,"applied":true,"state":{}}"#,
@@ -277,6 +306,8 @@ mod tests {
             // Envoy's own answer with the sidecar away.
             (503, "upstream connect error", Verdict::Retry),
             (429, r#"{"error":"replay_capacity"}"#, Verdict::Refused),
+            (307, "", Verdict::Redirected),
+            (308, r#"{"error":"moved"}"#, Verdict::Redirected),
             (
                 401,
                 r#"{"error":"stale","detail":"too old"}"#,
