@@ -23,7 +23,7 @@ use base64::Engine as _;
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
 use sha2::{Digest, Sha256};
 
-use crate::ledger::{walk, ChainError, LedgerRow, Walker};
+use crate::ledger::{walk, Breaks, ChainError, LedgerRow, Walker};
 
 /// The origin line's prefix; the chain id follows.
 pub const ORIGIN_PREFIX: &str = "gw-ledger/";
@@ -303,6 +303,141 @@ impl HeldWalk {
         self.anchor
             .as_ref()
             .map(|a| a.judge(self.walked(), self.at_anchor))
+    }
+}
+
+/// One chain's walk in [`ChainsWalk`]: held to its checkpoint, with the breaks
+/// found.
+#[derive(Debug)]
+pub struct ChainWalk {
+    /// The chain.
+    pub chain_id: String,
+    walk: HeldWalk,
+    /// Its breaks, as a verification reports them.
+    pub breaks: Breaks,
+    /// Rows read, copies of a row included.
+    pub read: u64,
+    /// The last `seq` read.
+    last_seq: u64,
+}
+
+impl ChainWalk {
+    fn new(chain_id: &str, anchor: Option<Checkpoint>) -> ChainWalk {
+        ChainWalk {
+            chain_id: chain_id.to_owned(),
+            walk: HeldWalk::new(anchor),
+            breaks: Breaks::default(),
+            read: 0,
+            last_seq: 0,
+        }
+    }
+
+    /// Positions walked ([`HeldWalk::walked`]): the chain's rows, each once.
+    pub fn walked(&self) -> u64 {
+        self.walk.walked()
+    }
+
+    /// Whether the walk holds its checkpoint (`None`: it has none).
+    pub fn held(&self) -> Option<Result<u64, CheckpointError>> {
+        self.walk.held()
+    }
+
+    /// The size of the checkpoint the chain is held to.
+    pub fn checkpoint_size(&self) -> Option<u64> {
+        self.walk.anchor.as_ref().map(|a| a.size)
+    }
+}
+
+/// The answer a walk was given is not ordered by chain, then `seq`: walked as it
+/// came, a chain would verify wrongly — in two runs each would be walked from its
+/// start, or a row sent back in time would pass as a copy or a gap. Nothing after
+/// it can be believed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OrderError {
+    /// Chain `0` came again after another chain's rows.
+    #[error("the store sent chain {0} in two runs: its answer is not ordered by chain")]
+    ChainTwice(String),
+    /// Row `seq` of `chain` came after row `after`.
+    #[error(
+        "the store sent chain {chain}'s seq {seq} after {after}: its answer is not ordered by seq"
+    )]
+    SeqBack {
+        /// The chain.
+        chain: String,
+        /// The row that came late.
+        seq: u64,
+        /// The row before it in the answer.
+        after: u64,
+    },
+}
+
+/// The walk of every chain of a store, as its rows stream in ordered by chain and
+/// then `seq` (`ORDER BY chain_id, seq`): one chain's state at a time, so the
+/// store's size does not matter. Each chain is held to its newest checkpoint
+/// among `anchors`. `gwctl ledger verify` and the sidecar's verification both
+/// walk with it.
+#[derive(Debug, Default)]
+pub struct ChainsWalk {
+    anchors: std::collections::BTreeMap<String, Checkpoint>,
+    current: Option<ChainWalk>,
+    /// Chains walked to their end (a chain in two runs is refused).
+    seen: std::collections::BTreeSet<String>,
+}
+
+impl ChainsWalk {
+    /// A walk holding each chain to its checkpoint in `anchors`.
+    pub fn new(anchors: std::collections::BTreeMap<String, Checkpoint>) -> ChainsWalk {
+        ChainsWalk {
+            anchors,
+            ..ChainsWalk::default()
+        }
+    }
+
+    /// The next row of the answer: the chain walked to its end, when `r` begins
+    /// another.
+    pub fn push(&mut self, r: &LedgerRow) -> Result<Option<ChainWalk>, OrderError> {
+        let mut ended = None;
+        if self
+            .current
+            .as_ref()
+            .is_none_or(|w| w.chain_id != r.chain_id)
+        {
+            if self.seen.contains(&r.chain_id) {
+                return Err(OrderError::ChainTwice(r.chain_id.clone()));
+            }
+            ended = self.current.take();
+            self.seen.insert(r.chain_id.clone());
+            let anchor = self.anchors.remove(&r.chain_id);
+            self.current = Some(ChainWalk::new(&r.chain_id, anchor));
+        }
+        let Some(w) = self.current.as_mut() else {
+            return Ok(ended);
+        };
+        if r.seq < w.last_seq {
+            return Err(OrderError::SeqBack {
+                chain: w.chain_id.clone(),
+                seq: r.seq,
+                after: w.last_seq,
+            });
+        }
+        w.last_seq = r.seq;
+        w.read += 1;
+        for e in w.walk.push(r) {
+            w.breaks.note(e.to_string());
+        }
+        Ok(ended)
+    }
+
+    /// The end of the answer: the chain being walked, then each chain with a
+    /// checkpoint and no row in the store (in the order of their ids).
+    pub fn finish(mut self) -> Vec<ChainWalk> {
+        let mut last: Vec<ChainWalk> = self.current.take().into_iter().collect();
+        last.extend(
+            std::mem::take(&mut self.anchors)
+                .into_iter()
+                .map(|(id, a)| ChainWalk::new(&id, Some(a))),
+        );
+        last
     }
 }
 

@@ -254,3 +254,68 @@ fn breaks_list_the_first_and_count_the_rest() {
     assert_eq!(b.listed[0], "break 0");
     assert_eq!(b.more, 3);
 }
+
+/// Every chain of a store's answer, walked as it streams: each chain handed back
+/// when the next begins, held to its checkpoint, a checkpointed chain with no row
+/// reported last, copies counted as read and walked once — and an answer out of
+/// order (a chain in two runs, a row sent back) refused, as nothing after it can
+/// be believed.
+#[test]
+fn every_chain_is_walked_from_an_ordered_answer_and_disorder_is_refused() {
+    use gw_core::checkpoint::{ChainsWalk, Checkpoint, OrderError};
+    let of = |id: &str, n: u64| {
+        let mut c = Chain::new(id);
+        (1..=n).map(|i| c.seal(row(i))).collect::<Vec<_>>()
+    };
+    let (a, b) = (of("node-a", 3), of("node-b", 2));
+    let head = |r: &LedgerRow| parse_hash(&r.row_hash);
+    let anchors = [
+        ("node-a", Checkpoint::for_chain("node-a", 3, head(&a[2]))),
+        ("node-b", Checkpoint::for_chain("node-b", 2, head(&b[0]))),
+        ("node-z", Checkpoint::for_chain("node-z", 4, [4; 32])),
+    ]
+    .into_iter()
+    .map(|(id, c)| (id.to_owned(), c))
+    .collect();
+    let mut walk = ChainsWalk::new(anchors);
+    let mut ended = Vec::new();
+    // Row 2 of node-a stored twice.
+    for r in [&a[0], &a[1], &a[1], &a[2], &b[0], &b[1]] {
+        ended.extend(walk.push(r).unwrap());
+    }
+    assert_eq!(ended.len(), 1, "node-a, handed back as node-b began");
+    ended.extend(walk.finish());
+    let ids: Vec<&str> = ended.iter().map(|w| w.chain_id.as_str()).collect();
+    assert_eq!(ids, ["node-a", "node-b", "node-z"]);
+    let (wa, wb, wz) = (&ended[0], &ended[1], &ended[2]);
+    assert_eq!((wa.read, wa.walked()), (4, 3));
+    assert!(wa.breaks.is_empty() && wb.breaks.is_empty());
+    assert_eq!(wa.held().map(|h| h.is_ok()), Some(true));
+    // node-b's checkpoint names another head at its size.
+    assert_eq!(wb.held().map(|h| h.is_ok()), Some(false));
+    assert_eq!((wz.read, wz.checkpoint_size()), (0, Some(4)));
+    assert_eq!(wz.held().map(|h| h.is_ok()), Some(false), "cut to nothing");
+
+    let mut walk = ChainsWalk::new(Default::default());
+    for r in [&a[0], &b[0]] {
+        walk.push(r).unwrap();
+    }
+    assert_eq!(
+        walk.push(&a[1]).unwrap_err(),
+        OrderError::ChainTwice("node-a".into())
+    );
+    let mut walk = ChainsWalk::new(Default::default());
+    for r in [&a[0], &a[2]] {
+        walk.push(r).unwrap();
+    }
+    let e = walk.push(&a[1]).unwrap_err();
+    assert_eq!(
+        e,
+        OrderError::SeqBack {
+            chain: "node-a".into(),
+            seq: 2,
+            after: 3
+        }
+    );
+    assert!(e.to_string().contains("not ordered by seq"), "{e}");
+}

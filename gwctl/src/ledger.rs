@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use gw_core::checkpoint::{notes, whole_len, Checkpoint, HeldWalk};
-use gw_core::ledger::{Breaks, LedgerRow};
+use gw_core::checkpoint::{notes, whole_len, ChainWalk, ChainsWalk, Checkpoint};
+use gw_core::ledger::LedgerRow;
 
 /// `gwctl ledger verify` arguments.
 #[derive(Args)]
@@ -184,68 +184,19 @@ fn http_client(a: &VerifyArgs) -> Result<reqwest::Client> {
 /// KiB: its body is cut at 4 KiB).
 const MAX_ROW_BYTES: usize = 4 << 20;
 
-/// One chain's walk as its rows stream in.
-struct ChainWalk {
-    walk: HeldWalk,
-    /// As printed.
-    breaks: Breaks,
-    /// The last `seq` read (ClickHouse sends them in order).
-    last_seq: u64,
-}
-
-/// The walk of every chain as ClickHouse streams its rows, ordered by chain
-/// then `seq`: one chain's state at a time, so the table's size does not
-/// matter.
+/// The walk of every chain as ClickHouse streams its rows, and the chains
+/// walked to their end.
 struct Walking {
-    /// The newest checkpoint of each chain (`--checkpoint`).
-    anchors: BTreeMap<String, Checkpoint>,
-    /// The chain being walked.
-    current: Option<(String, ChainWalk)>,
-    /// Chains walked to their end.
-    done: BTreeMap<String, ChainWalk>,
-    /// Rows read.
-    stored: u64,
+    walk: ChainsWalk,
+    done: Vec<ChainWalk>,
 }
 
 impl Walking {
     fn push(&mut self, r: &LedgerRow) -> Result<()> {
-        self.stored += 1;
-        if self.current.as_ref().is_none_or(|(c, _)| *c != r.chain_id) {
-            anyhow::ensure!(
-                !self.done.contains_key(&r.chain_id),
-                "ClickHouse sent chain {} in two runs: its answer is not ordered by chain",
-                r.chain_id
-            );
-            self.finish();
-            let anchor = self.anchors.get(&r.chain_id).cloned();
-            let walk = ChainWalk {
-                walk: HeldWalk::new(anchor),
-                breaks: Breaks::default(),
-                last_seq: 0,
-            };
-            self.current = Some((r.chain_id.clone(), walk));
-        }
-        let Some((chain, w)) = self.current.as_mut() else {
-            anyhow::bail!("no chain is being walked");
-        };
-        anyhow::ensure!(
-            r.seq >= w.last_seq,
-            "ClickHouse sent chain {chain}'s seq {} after {}: its answer is not ordered by seq",
-            r.seq,
-            w.last_seq
-        );
-        w.last_seq = r.seq;
-        for e in w.walk.push(r) {
-            w.breaks.note(e.to_string());
+        if let Some(ended) = self.walk.push(r)? {
+            self.done.push(ended);
         }
         Ok(())
-    }
-
-    /// The chain being walked is done.
-    fn finish(&mut self) {
-        if let Some((chain, w)) = self.current.take() {
-            self.done.insert(chain, w);
-        }
     }
 }
 
@@ -310,10 +261,8 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         .context("cannot start the async runtime")?;
     let client = http_client(a)?;
     let mut walking = Walking {
-        anchors,
-        current: None,
-        done: BTreeMap::new(),
-        stored: 0,
+        walk: ChainsWalk::new(anchors),
+        done: Vec::new(),
     };
     rt.block_on(async {
         let mut req = client.post(&a.clickhouse).body(sql);
@@ -334,22 +283,21 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         }
         stream_rows(resp, &mut walking).await
     })?;
-    walking.finish();
-    let Walking {
-        anchors,
-        done: chains,
-        stored,
-        ..
-    } = walking;
+    let Walking { walk, mut done } = walking;
+    done.extend(walk.finish());
+    let chains = done;
     // Rows the chains hold: a row stored twice (an insert retried) is one.
+    let stored: u64 = chains.iter().map(|w| w.read).sum();
+    let with_rows = chains.iter().filter(|w| w.read > 0).count();
     let mut total = 0;
     let mut broken = false;
-    for (chain, w) in &chains {
+    for w in &chains {
+        let chain = &w.chain_id;
         // Every break, not only the first: the walk went on after each.
         if w.breaks.is_empty() {
-            let n = w.walk.walked();
+            let n = w.walked();
             total += n;
-            if chains.len() > 1 {
+            if w.read > 0 && with_rows > 1 {
                 println!("chain {chain}: ok {n} rows");
             }
             continue;
@@ -362,15 +310,15 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
             println!("broken: chain {chain}: … and {} more breaks", w.breaks.more);
         }
     }
-    for (chain, cp) in &anchors {
-        // Held to it whatever else is broken (each break is printed above); a
-        // chain with no row at all holds nothing.
-        let held = chains
-            .get(chain)
-            .and_then(|w| w.walk.held())
-            .unwrap_or_else(|| cp.judge(0, None));
+    for w in &chains {
+        // Held to its checkpoint whatever else is broken (each break is printed
+        // above); a chain with no row at all holds nothing.
+        let (Some(size), Some(held)) = (w.checkpoint_size(), w.held()) else {
+            continue;
+        };
+        let chain = &w.chain_id;
         match held {
-            Ok(_) => println!("chain {chain}: matches its checkpoint of {} rows", cp.size),
+            Ok(_) => println!("chain {chain}: matches its checkpoint of {size} rows"),
             Err(e) => {
                 println!("broken: chain {chain}: {e}");
                 broken = true;

@@ -302,57 +302,28 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-/// One chain being walked by [`Queries::verify`], held to this node's newest
-/// checkpoint of it.
-struct Walk {
-    status: ChainStatus,
-    walk: gw_core::checkpoint::HeldWalk,
-    breaks: gw_core::ledger::Breaks,
-}
-
-impl Walk {
-    fn new(chain_id: &str, anchor: Option<gw_core::checkpoint::Checkpoint>) -> Walk {
-        Walk {
-            status: ChainStatus {
-                chain_id: chain_id.to_owned(),
-                ok: true,
-                rows: 0,
-                broken: None,
-                breaks: Vec::new(),
-                more_breaks: 0,
-                checkpoint: anchor.as_ref().map(|a| a.size),
-            },
-            walk: gw_core::checkpoint::HeldWalk::new(anchor),
-            breaks: gw_core::ledger::Breaks::default(),
-        }
+/// A chain's status from its walk in [`Queries::verify`], held to this node's
+/// newest checkpoint of it.
+fn chain_status(w: gw_core::checkpoint::ChainWalk) -> ChainStatus {
+    // A chain whose rows walk counts each once; a broken one, the rows read.
+    let rows = if w.breaks.is_empty() {
+        w.walked()
+    } else {
+        w.read
+    };
+    let (held, checkpoint) = (w.held(), w.checkpoint_size());
+    let mut breaks = w.breaks;
+    if let Some(Err(e)) = held {
+        breaks.note(format!("{e} (this node's signed checkpoint)"));
     }
-
-    fn push(&mut self, r: &gw_core::ledger::LedgerRow) {
-        self.status.rows += 1;
-        for e in self.walk.push(r) {
-            self.broke(e.to_string());
-        }
-    }
-
-    /// Notes a break.
-    fn broke(&mut self, what: String) {
-        self.status.ok = false;
-        if self.status.broken.is_none() {
-            self.status.broken = Some(what.clone());
-        }
-        self.breaks.note(what);
-    }
-
-    fn done(mut self) -> ChainStatus {
-        if self.status.ok {
-            self.status.rows = self.walk.walked();
-        }
-        if let Some(Err(e)) = self.walk.held() {
-            self.broke(format!("{e} (this node's signed checkpoint)"));
-        }
-        self.status.breaks = self.breaks.listed;
-        self.status.more_breaks = self.breaks.more;
-        self.status
+    ChainStatus {
+        ok: breaks.is_empty(),
+        rows,
+        broken: breaks.listed.first().cloned(),
+        checkpoint,
+        chain_id: w.chain_id,
+        breaks: breaks.listed,
+        more_breaks: breaks.more,
     }
 }
 
@@ -640,31 +611,38 @@ impl Queries {
                 self.table
             ))
             .fetch::<DecisionRow>()?;
-        let mut anchors = self
+        let anchors = self
             .anchors
             .as_ref()
             .map(|a| a.lock().clone())
             .unwrap_or_default();
         let mut chains: Vec<ChainStatus> = Vec::new();
-        let mut walking: Option<Walk> = None;
+        let mut walk = gw_core::checkpoint::ChainsWalk::new(anchors);
         while let Some(r) = cursor.next().await? {
-            let r = gw_core::ledger::LedgerRow::from(r);
-            if walking
-                .as_ref()
-                .is_none_or(|w| w.status.chain_id != r.chain_id)
-            {
-                chains.extend(walking.take().map(Walk::done));
-                walking = Some(Walk::new(&r.chain_id, anchors.remove(&r.chain_id)));
-            }
-            if let Some(w) = walking.as_mut() {
-                w.push(&r);
+            match walk.push(&gw_core::ledger::LedgerRow::from(r)) {
+                Ok(ended) => chains.extend(ended.map(chain_status)),
+                Err(e) => {
+                    // Nothing after it can be believed: the walk ends here, broken.
+                    tracing::error!(error = %e, "ledger verification: ClickHouse's answer is out of order");
+                    let chain_id = match &e {
+                        gw_core::checkpoint::OrderError::ChainTwice(c)
+                        | gw_core::checkpoint::OrderError::SeqBack { chain: c, .. } => c.clone(),
+                    };
+                    chains.push(ChainStatus {
+                        chain_id,
+                        ok: false,
+                        rows: 0,
+                        broken: Some(e.to_string()),
+                        breaks: vec![e.to_string()],
+                        more_breaks: 0,
+                        checkpoint: None,
+                    });
+                    return Ok(Some(LedgerStatus { ok: false, chains }));
+                }
             }
         }
-        chains.extend(walking.take().map(Walk::done));
-        // Chains this node checkpointed and ClickHouse holds no row of.
-        for (id, a) in anchors {
-            chains.push(Walk::new(&id, Some(a)).done());
-        }
+        // Then the chains this node checkpointed and ClickHouse holds no row of.
+        chains.extend(walk.finish().into_iter().map(chain_status));
         Ok(Some(LedgerStatus {
             ok: chains.iter().all(|c| c.ok),
             chains,
