@@ -115,6 +115,12 @@ impl<T: Weigh> Window<T> {
         self.items.get(i)
     }
 
+    /// The number of items in memory, from the oldest, for which `pred` holds
+    /// (it holds for a prefix of them: the items are ordered by it).
+    pub fn partition_point(&self, pred: impl FnMut(&(Lsn, T)) -> bool) -> usize {
+        self.items.partition_point(pred)
+    }
+
     /// The newest item in memory.
     pub fn back(&self) -> Option<&(Lsn, T)> {
         self.items.back()

@@ -442,26 +442,48 @@ impl RowQueue {
 
     /// `view` of the newest `limit` rows in memory still to ship that `keep`
     /// selects, newest first, among the newest [`PENDING_SCAN`] (what the ledger
-    /// endpoints add to ClickHouse's answer; the journal's writer waits on this
-    /// lock, so the rows shown are taken under it and viewed after). Rows waiting
-    /// on disk only (behind a long ClickHouse outage) are not among them.
+    /// endpoints add to ClickHouse's answer). Rows waiting on disk only (behind a
+    /// long ClickHouse outage) are not among them. The journal's writer waits on
+    /// the queue's lock, so the rows are taken under it [`SCAN_CHUNK`] at a time,
+    /// by reference only, and `keep` and `view` run outside it: a commit waits
+    /// for one chunk's references at most, however many rows are queued. Rows
+    /// shipped meanwhile end the scan (ClickHouse holds them); rows queued
+    /// meanwhile are newer than the scan's start and not among them.
     pub fn newest_where<T>(
         &self,
         limit: usize,
         keep: impl Fn(&LedgerRow) -> bool,
         view: impl Fn(&LedgerRow) -> T,
     ) -> Vec<T> {
-        let shown: Vec<Arc<LedgerRow>> = self
-            .rows
-            .lock()
-            .iter()
-            .rev()
-            .take(PENDING_SCAN)
-            .map(|(_, r)| r)
-            .filter(|r| keep(r))
-            .take(limit)
-            .cloned()
-            .collect();
+        let mut shown: Vec<Arc<LedgerRow>> = Vec::new();
+        // The scan goes on below this seq (`None`: from the newest).
+        let mut below: Option<u64> = None;
+        let mut scanned = 0;
+        while scanned < PENDING_SCAN && shown.len() < limit {
+            let chunk: Vec<Arc<LedgerRow>> = {
+                let q = self.rows.lock();
+                let end = match below {
+                    None => q.in_memory(),
+                    Some(seq) => q.partition_point(|(_, r)| r.seq < seq),
+                };
+                let n = SCAN_CHUNK.min(PENDING_SCAN - scanned).min(end);
+                (end - n..end)
+                    .rev()
+                    .filter_map(|i| q.get(i).map(|(_, r)| Arc::clone(r)))
+                    .collect()
+            };
+            let Some(last) = chunk.last() else {
+                break;
+            };
+            scanned += chunk.len();
+            below = Some(last.seq);
+            shown.extend(
+                chunk
+                    .into_iter()
+                    .filter(|r| keep(r))
+                    .take(limit - shown.len()),
+            );
+        }
         shown.iter().map(|r| view(r)).collect()
     }
 
@@ -719,6 +741,9 @@ pub struct Shipper {
 /// first (more than this means ClickHouse has been away; beyond
 /// `audit_memory_rows`, memory holds the oldest unshipped rows, not the newest).
 pub const PENDING_SCAN: usize = 65_536;
+
+/// Rows [`RowQueue::newest_where`] takes under the queue's lock at a time.
+pub const SCAN_CHUNK: usize = 4_096;
 
 /// Rows that are shipped at once, however recent the last insert.
 pub const SHIP_NOW_ROWS: usize = 1_000;
@@ -1206,4 +1231,64 @@ pub async fn migrate_legacy_spool(
         "the pre-journal ledger spool was shipped and retired"
     );
     Ok(rows.pop())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A queue holding rows `1..=n`, one record each.
+    fn queue_of(n: u64) -> RowQueue {
+        let q = RowQueue::new(Gauge::default(), usize::MAX);
+        for seq in 1..=n {
+            q.committed(seq, &Txn::of(vec![row(seq)]));
+        }
+        q
+    }
+
+    fn row(seq: u64) -> journal::Entry {
+        let mut r = testkit::fixtures::ledger_row(seq);
+        r.seq = seq;
+        journal::Entry::row(r)
+    }
+
+    /// The ledger endpoints' scan of the rows still to ship: newest first, within
+    /// its bound, across the chunks it takes under the queue's lock — and `keep`
+    /// runs outside the lock (here it ships rows and queues more meanwhile, as
+    /// the shipper and the journal's writer do: a `keep` under the lock would
+    /// deadlock). Rows shipped meanwhile end the scan; rows queued meanwhile are
+    /// not among it.
+    #[test]
+    fn the_pending_scan_goes_newest_first_by_chunks_outside_the_lock() {
+        let n = (PENDING_SCAN + 3 * SCAN_CHUNK + 7) as u64;
+        let q = queue_of(n);
+        let seqs = |q: &RowQueue, limit: usize, keep: &dyn Fn(&LedgerRow) -> bool| {
+            q.newest_where(limit, keep, |r| r.seq)
+        };
+        let all = seqs(&q, usize::MAX, &|_| true);
+        let bound = PENDING_SCAN as u64;
+        assert_eq!(all, (n - bound + 1..=n).rev().collect::<Vec<_>>());
+        // Every third row, across several chunks, cut at the limit.
+        let third = seqs(&q, 5_000, &|r| r.seq % 3 == 0);
+        let want: Vec<u64> = (1..=n).rev().filter(|s| s % 3 == 0).take(5_000).collect();
+        assert_eq!(third, want);
+        assert!(n - third[4_999] > 2 * SCAN_CHUNK as u64);
+        assert_eq!(seqs(&q, 0, &|_| true), Vec::<u64>::new());
+
+        // While the first chunk is kept, rows are shipped up to 50 below it, and
+        // more are queued.
+        let first_chunk_end = n - SCAN_CHUNK as u64 + 1;
+        let shipped_to = first_chunk_end - 51;
+        let busy = seqs(&q, usize::MAX, &|r| {
+            if r.seq == n {
+                q.drop_through(shipped_to);
+                q.committed(n + 1, &Txn::of(vec![row(n + 1)]));
+            }
+            true
+        });
+        assert_eq!(busy, (shipped_to + 1..=n).rev().collect::<Vec<_>>());
+        // Shipped through the newest: nothing is pending.
+        q.drop_through(n + 1);
+        assert!(seqs(&q, usize::MAX, &|_| true).is_empty());
+    }
 }
