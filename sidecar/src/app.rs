@@ -205,7 +205,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     // horizon on (journal::HORIZON): a long ClickHouse outage does not make a start
     // hold its whole backlog in memory.
     let t0 = std::time::Instant::now();
-    let rows = crate::ledger::ship::RowQueue::new(Default::default(), cfg.file.audit_memory_rows);
+    let rows = crate::ledger::ship::RowQueue::bounded(
+        Default::default(),
+        cfg.file.audit_memory_rows,
+        cfg.file.audit_memory_bytes,
+    );
     let mut sends = SendsQueue::new(cfg.file.audit_memory_rows);
     let mut opened = Journal::open_with(
         &dir.join("journal"),

@@ -131,6 +131,11 @@ pub struct FileConfig {
     /// back in order as the rows before them are shipped.
     #[serde(default = "default_audit_memory_rows")]
     pub audit_memory_rows: usize,
+    /// Bytes of ledger rows kept in memory while they wait for ClickHouse (a
+    /// refusal's row may hold 128 KiB, a command's twice its body): beyond it they
+    /// wait on disk only, as beyond `audit_memory_rows`.
+    #[serde(default = "default_audit_memory_bytes")]
+    pub audit_memory_bytes: usize,
     /// A journal segment is closed and a new one started beyond this size; whole
     /// segments are what the journal deletes, and what its horizon cuts at.
     #[serde(default = "default_journal_segment_bytes")]
@@ -249,6 +254,9 @@ fn default_ledger_ship_every() -> u64 {
 }
 fn default_audit_memory_rows() -> usize {
     crate::ledger::ship::MEMORY_ROWS
+}
+fn default_audit_memory_bytes() -> usize {
+    crate::ledger::ship::MEMORY_BYTES
 }
 fn default_journal_segment_bytes() -> u64 {
     crate::journal::Options::default().segment_bytes
@@ -770,6 +778,11 @@ impl Config {
         if !(100..=10_000_000).contains(&file.audit_memory_rows) {
             return Err(OutOfBounds::new("audit_memory_rows", "must be 100..=10000000").into());
         }
+        if !((1 << 20)..=(1 << 40)).contains(&file.audit_memory_bytes) {
+            return Err(
+                OutOfBounds::new("audit_memory_bytes", "must be 1048576..=1099511627776").into(),
+            );
+        }
         if !((64 << 10)..=(1 << 30)).contains(&file.journal_segment_bytes) {
             return Err(
                 OutOfBounds::new("journal_segment_bytes", "must be 65536..=1073741824").into(),
@@ -1062,6 +1075,7 @@ mod tests {
             (r#"{"clickhouse_nice": 20}"#, "clickhouse_nice"),
             (r#"{"agent_dedup_secs": 2592001}"#, "agent_dedup_secs"),
             (r#"{"audit_memory_rows": 99}"#, "audit_memory_rows"),
+            (r#"{"audit_memory_bytes": 1048575}"#, "audit_memory_bytes"),
             (
                 r#"{"journal_segment_bytes": 1024}"#,
                 "journal_segment_bytes",

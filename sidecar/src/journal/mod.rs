@@ -39,7 +39,7 @@ pub use expiring::Expiring;
 use gw_core::ledger::{Chain, LedgerRow};
 use segment::{SegmentError, Writer};
 pub use txn::{Entry, Txn};
-pub use window::Window;
+pub use window::{Weigh, Window};
 
 /// A record's position in the journal (from 1, without gaps).
 pub type Lsn = u64;

@@ -15,15 +15,46 @@ use parking_lot::Mutex;
 
 use super::{Journal, JournalError, Lsn, Txn};
 
-/// An item's weight against a window's bound (rows).
+/// An item's weight against a window's bounds (rows, and bytes).
 pub trait Weigh {
     /// Rows this item counts for.
     fn weight(&self) -> usize;
+    /// Bytes of memory this item holds, as far as a window's byte bound counts
+    /// them (0: not counted; the row bound alone holds it).
+    fn bytes(&self) -> usize {
+        0
+    }
 }
 
 impl Weigh for gw_core::ledger::LedgerRow {
     fn weight(&self) -> usize {
         1
+    }
+
+    /// The row and every text it holds: a refusal's row keeps up to 128 KiB of
+    /// hex, a command's twice its body.
+    fn bytes(&self) -> usize {
+        let texts = [
+            &self.chain_id,
+            &self.stage,
+            &self.decision,
+            &self.code,
+            &self.request_id,
+            &self.issuer,
+            &self.module,
+            &self.action,
+            &self.pubkey_id,
+            &self.sig_alg,
+            &self.args_json,
+            &self.raw_hex,
+            &self.requester,
+            &self.requester_roles,
+            &self.token_issuer,
+            &self.route,
+            &self.prev_hash,
+            &self.row_hash,
+        ];
+        std::mem::size_of::<Self>() + texts.iter().map(|t| t.len()).sum::<usize>()
     }
 }
 
@@ -31,8 +62,13 @@ impl<T: Weigh> Weigh for std::sync::Arc<T> {
     fn weight(&self) -> usize {
         (**self).weight()
     }
+
+    fn bytes(&self) -> usize {
+        (**self).bytes()
+    }
 }
 
+/// A record's send rows: small and of bounded size, counted by the row bound.
 impl<T> Weigh for Vec<T> {
     fn weight(&self) -> usize {
         self.len()
@@ -45,13 +81,16 @@ impl<T> Weigh for Vec<T> {
 /// wait for the next read back, which runs outside the lock again.
 const CATCH_UP: Lsn = 64;
 
-/// A sink's items in journal order: the oldest in memory, up to a bound; the rest on
-/// disk only, from one record on.
+/// A sink's items in journal order: the oldest in memory, up to a bound in rows
+/// and one in bytes; the rest on disk only, from one record on.
 pub struct Window<T> {
     items: VecDeque<(Lsn, T)>,
     /// Weight of `items`.
     held: usize,
     cap: usize,
+    /// Bytes of `items` ([`Weigh::bytes`]).
+    held_bytes: usize,
+    cap_bytes: usize,
     /// Items of this record and every later one wait on disk only.
     disk: Option<Lsn>,
     /// Their weight.
@@ -63,10 +102,18 @@ pub struct Window<T> {
 impl<T: Weigh> Window<T> {
     /// A window holding at most `cap` rows in memory (at least one record's).
     pub fn new(cap: usize) -> Window<T> {
+        Window::bounded(cap, usize::MAX)
+    }
+
+    /// A window holding at most `cap` rows and `cap_bytes` bytes in memory (at
+    /// least one record's, whatever its size).
+    pub fn bounded(cap: usize, cap_bytes: usize) -> Window<T> {
         Window {
             items: VecDeque::new(),
             held: 0,
             cap: cap.max(1),
+            held_bytes: 0,
+            cap_bytes,
             disk: None,
             on_disk: 0,
             heard: 0,
@@ -82,11 +129,12 @@ impl<T: Weigh> Window<T> {
             return;
         }
         let w: usize = items.iter().map(Weigh::weight).sum();
-        if self.disk.is_some() || self.held >= self.cap {
+        if self.disk.is_some() || self.held >= self.cap || self.held_bytes >= self.cap_bytes {
             self.disk.get_or_insert(lsn);
             self.on_disk += w as u64;
         } else {
             self.held += w;
+            self.held_bytes += items.iter().map(Weigh::bytes).sum::<usize>();
             self.items.extend(items.into_iter().map(|i| (lsn, i)));
         }
     }
@@ -104,6 +152,7 @@ impl<T: Weigh> Window<T> {
         while self.items.get(at).is_some_and(|(l, _)| *l == lsn) {
             if let Some((_, it)) = self.items.remove(at) {
                 self.held -= it.weight();
+                self.held_bytes -= it.bytes();
                 found = true;
             }
         }
@@ -135,6 +184,7 @@ impl<T: Weigh> Window<T> {
     pub fn pop_front(&mut self) -> Option<(Lsn, T)> {
         let x = self.items.pop_front()?;
         self.held -= x.1.weight();
+        self.held_bytes -= x.1.bytes();
         Some(x)
     }
 
@@ -151,6 +201,11 @@ impl<T: Weigh> Window<T> {
     /// Rows waiting on disk only.
     pub fn on_disk(&self) -> u64 {
         self.on_disk
+    }
+
+    /// Bytes of the items in memory, as [`Weigh::bytes`] counts them.
+    pub fn bytes_in_memory(&self) -> usize {
+        self.held_bytes
     }
 
     /// The newest durable record heard of.
@@ -180,6 +235,7 @@ impl<T: Weigh> Window<T> {
         self.on_disk += self.held as u64;
         self.items.clear();
         self.held = 0;
+        self.held_bytes = 0;
     }
 
     /// Whether memory holds no items while some wait on disk only
@@ -195,7 +251,8 @@ impl<T: Weigh> Window<T> {
     }
 
     /// When memory holds no items and some wait on disk only: reads them back from
-    /// `journal`, in order, until the bound (or `at_least` rows, if more).
+    /// `journal`, in order, until a bound (or `at_least` rows, if more: the byte
+    /// bound then holds only beyond them).
     /// `extract` gives a record's items as [`Self::push`] was given them (none for
     /// a record pushed without its items); `keep` says which of them are still
     /// wanted (those not kept are gone for good).
@@ -211,13 +268,22 @@ impl<T: Weigh> Window<T> {
         let (from, upto, cap) = {
             let w = this.lock();
             match (w.items.is_empty(), w.disk) {
-                (true, Some(from)) => (from, w.heard, w.cap.max(at_least)),
+                (true, Some(from)) => (
+                    from,
+                    w.heard,
+                    Bound {
+                        rows: w.cap.max(at_least),
+                        bytes: w.cap_bytes,
+                        at_least,
+                    },
+                ),
                 _ => return Ok(0),
             }
         };
         let mut r = Reading {
             got: Vec::new(),
             held: 0,
+            held_bytes: 0,
             read: 0,
             next: from,
         };
@@ -226,7 +292,7 @@ impl<T: Weigh> Window<T> {
         })?;
         let mut w = this.lock();
         let heard = w.heard;
-        if r.next > upto && heard > upto && heard - upto <= CATCH_UP && r.held < cap {
+        if r.next > upto && heard > upto && heard - upto <= CATCH_UP && !r.full(cap) {
             journal.read(upto + 1, heard, &mut |lsn, txn| {
                 r.take(lsn, &txn, extract, keep, cap)
             })?;
@@ -234,6 +300,7 @@ impl<T: Weigh> Window<T> {
         let n = r.got.len();
         w.items.extend(r.got);
         w.held += r.held;
+        w.held_bytes += r.held_bytes;
         if r.next > heard {
             w.disk = None;
             w.on_disk = 0;
@@ -245,11 +312,23 @@ impl<T: Weigh> Window<T> {
     }
 }
 
+/// How much a read back takes into memory.
+#[derive(Clone, Copy)]
+struct Bound {
+    /// Rows.
+    rows: usize,
+    /// Bytes, once `at_least` rows are read.
+    bytes: usize,
+    at_least: usize,
+}
+
 /// A read back under way.
 struct Reading<T> {
     got: Vec<(Lsn, T)>,
     /// Weight of `got`.
     held: usize,
+    /// Bytes of `got`.
+    held_bytes: usize,
     /// Weight read, kept or not (all of it was counted on disk).
     read: u64,
     /// The record after the last one read.
@@ -264,16 +343,22 @@ impl<T: Weigh> Reading<T> {
         txn: &Txn,
         extract: &mut dyn FnMut(Lsn, &Txn) -> Vec<T>,
         keep: &dyn Fn(Lsn, &T) -> bool,
-        cap: usize,
+        cap: Bound,
     ) -> bool {
         for it in extract(lsn, txn) {
             self.read += it.weight() as u64;
             if keep(lsn, &it) {
                 self.held += it.weight();
+                self.held_bytes += it.bytes();
                 self.got.push((lsn, it));
             }
         }
         self.next = lsn + 1;
-        self.held < cap
+        !self.full(cap)
+    }
+
+    /// Whether memory has taken what `cap` allows.
+    fn full(&self, cap: Bound) -> bool {
+        self.held >= cap.rows || (self.held >= cap.at_least && self.held_bytes >= cap.bytes)
     }
 }

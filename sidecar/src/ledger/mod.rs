@@ -188,6 +188,11 @@ impl Ledger {
             queue.on_disk_gauge(),
         );
         registry.register(
+            "gw_sidecar_ledger_pending_memory_bytes",
+            "Bytes of the ledger rows not yet in ClickHouse that wait in memory (at most audit_memory_bytes, and one record beyond it)",
+            queue.memory_bytes_gauge(),
+        );
+        registry.register(
             "gw_sidecar_ledger_rows_lost_by_clickhouse",
             "Ledger rows ClickHouse acknowledged and later did not hold (a restore, a replica behind, a power cut): not shipped again, a gap gwctl ledger verify reports",
             queue.lost_counter(),

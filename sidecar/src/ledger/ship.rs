@@ -267,6 +267,8 @@ pub struct RowQueue {
     pending: Gauge,
     /// Of those, rows waiting on disk only.
     pending_on_disk: Gauge,
+    /// Bytes of the rows waiting in memory.
+    memory_bytes: Gauge,
     /// Rows ClickHouse acknowledged and later did not hold ([`Shipper::learn`]).
     lost: Counter,
     /// Rows per insert at most: [`MAX_BATCH_ROWS`], or half the memory's bound, so
@@ -277,6 +279,10 @@ pub struct RowQueue {
 /// Rows of the ledger and of the send audit kept in memory while they wait for
 /// ClickHouse, by default (`audit_memory_rows`).
 pub const MEMORY_ROWS: usize = 100_000;
+
+/// Bytes of ledger rows kept in memory while they wait for ClickHouse, by default
+/// (`audit_memory_bytes`): 256 MiB.
+pub const MEMORY_BYTES: usize = 256 << 20;
 
 impl Sink for RowQueue {
     fn committed(&self, lsn: Lsn, txn: &Txn) {
@@ -337,8 +343,16 @@ impl RowQueue {
     /// An empty queue keeping at most `memory_rows` rows in memory; recovered
     /// records are handed to it as [`Sink::committed`] ([`Journal::open_with`]).
     pub fn new(pending: Gauge, memory_rows: usize) -> RowQueue {
+        RowQueue::bounded(pending, memory_rows, usize::MAX)
+    }
+
+    /// An empty queue keeping at most `memory_rows` rows, and `memory_bytes` of
+    /// them ([`journal::Weigh::bytes`]: a refusal's row may hold 128 KiB, a
+    /// command's twice its body), in memory — at least one record's.
+    pub fn bounded(pending: Gauge, memory_rows: usize, memory_bytes: usize) -> RowQueue {
         RowQueue {
-            rows: Mutex::new(Window::new(memory_rows)),
+            rows: Mutex::new(Window::bounded(memory_rows, memory_bytes)),
+            memory_bytes: Gauge::default(),
             pending_on_disk: Gauge::default(),
             lost: Counter::default(),
             batch_rows: (memory_rows / 2).clamp(1, MAX_BATCH_ROWS),
@@ -385,6 +399,16 @@ impl RowQueue {
         self.pending_on_disk.clone()
     }
 
+    /// Bytes of the rows waiting in memory.
+    pub fn bytes_in_memory(&self) -> usize {
+        self.rows.lock().bytes_in_memory()
+    }
+
+    /// The gauge of [`Self::bytes_in_memory`].
+    pub fn memory_bytes_gauge(&self) -> Gauge {
+        self.memory_bytes.clone()
+    }
+
     /// The count of rows ClickHouse acknowledged and later did not hold.
     pub fn lost_counter(&self) -> Counter {
         self.lost.clone()
@@ -395,6 +419,8 @@ impl RowQueue {
             .set(i64::try_from(q.pending()).unwrap_or(i64::MAX));
         self.pending_on_disk
             .set(i64::try_from(q.on_disk()).unwrap_or(i64::MAX));
+        self.memory_bytes
+            .set(i64::try_from(q.bytes_in_memory()).unwrap_or(i64::MAX));
     }
 
     /// ClickHouse holds every row through `seq`: drops them from memory, and from
@@ -1236,6 +1262,7 @@ pub async fn migrate_legacy_spool(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::journal::Weigh;
 
     /// A queue holding rows `1..=n`, one record each.
     fn queue_of(n: u64) -> RowQueue {
@@ -1250,6 +1277,61 @@ mod tests {
         let mut r = testkit::fixtures::ledger_row(seq);
         r.seq = seq;
         journal::Entry::row(r)
+    }
+
+    /// Rows holding 64 KiB of hex each (what the edge keeps of a refused body)
+    /// while ClickHouse is away: memory takes them up to the byte bound and one
+    /// row past it, the rest wait on disk only; a read back takes the same bound,
+    /// or more when more rows are needed whole (an insert's range); and every
+    /// row is there, in order.
+    #[test]
+    fn rows_waiting_are_bounded_in_bytes_in_memory_and_when_read_back() {
+        let d = testkit::TempDir::new("ship-bytes");
+        let bound = 1 << 20;
+        let q = Arc::new(RowQueue::bounded(Gauge::default(), 100_000, bound));
+        let opened = Journal::open(d.path(), journal::Options::default()).unwrap();
+        let journal = opened
+            .start(Some(Chain::new("node-1")), vec![q.clone() as Arc<dyn Sink>])
+            .unwrap();
+        journal.hold(journal::STARTUP_HOLD, Lsn::MAX);
+        let big = |i: u64| {
+            let mut r = testkit::fixtures::ledger_row(i);
+            r.raw_hex = "ab".repeat(32 << 10);
+            r
+        };
+        for i in 1..=200 {
+            journal
+                .commit_blocking(Txn::of(vec![journal::Entry::row(big(i))]))
+                .unwrap();
+        }
+        // A sealed row's size (their request ids differ by a few bytes).
+        let one = q.find(10).map_or(0, |r| r.bytes());
+        assert!(one > 64 << 10, "{one}");
+        let in_memory = |q: &RowQueue| q.rows.lock().in_memory() as u64;
+        let (held, n) = (q.bytes_in_memory(), in_memory(&q));
+        assert!(held >= bound && held < bound + one + 64, "{held} bytes");
+        assert_eq!(n, (bound / one + 1) as u64);
+        assert_eq!((q.len(), q.on_disk()), (200, 200 - n));
+
+        // Shipped: memory reads the next ones back, to the same bound.
+        q.drop_through(n);
+        assert_eq!(q.read_back(&journal, 1).unwrap() as u64, n);
+        assert!(q.bytes_in_memory() < bound + one + 64);
+        assert_eq!(q.find(n + 1).map(|r| r.seq), Some(n + 1));
+        // Thirty rows needed whole: all thirty, however many bytes.
+        q.drop_through(2 * n);
+        assert_eq!(q.read_back(&journal, 30).unwrap(), 30);
+        assert!(q.bytes_in_memory() > 29 * one, "{}", q.bytes_in_memory());
+        // The rest, in order, to the last.
+        let mut next = 2 * n + 1;
+        while next <= 200 {
+            let front = q.rows.lock().front().map(|(_, r)| r.seq);
+            assert_eq!(front, Some(next));
+            next += in_memory(&q);
+            q.drop_through(next - 1);
+            q.read_back(&journal, 1).unwrap();
+        }
+        assert_eq!((q.len(), q.bytes_in_memory()), (0, 0));
     }
 
     /// The ledger endpoints' scan of the rows still to ship: newest first, within
