@@ -866,9 +866,31 @@ impl Config {
             Some(sk) => {
                 let sk = gw_core::jwk::ed25519_secret_from_hex(&sk)
                     .map_err(|e| ConfigError::Env("CTRL_SIGN_SK_HEX", e.to_string()))?;
-                // The sidecar must be able to verify what it signs.
-                if keyring.get(&key_id).is_none() {
-                    keyring.insert(CommandKey::unrestricted(key_id.clone(), sk.verifying_key()))?;
+                // The sidecar must be able to verify what it signs: a key of that
+                // id that is another key, or may sign none of the JSON route's
+                // commands, would refuse every one of them as the caller's fault.
+                match keyring.get(&key_id) {
+                    None => keyring
+                        .insert(CommandKey::unrestricted(key_id.clone(), sk.verifying_key()))?,
+                    Some(k) if *k.key() != sk.verifying_key() => {
+                        return Err(ConfigError::Env(
+                            "CTRL_SIGN_SK_HEX",
+                            format!("its public key is not command key `{key_id}`'s (CTRL_PUBKEY_ID): every command the JSON route signs would fail verification; give the signer its own CTRL_PUBKEY_ID, or the key's own secret"),
+                        ));
+                    }
+                    Some(k) => {
+                        let signs_any = gw_core::Module::ALL.iter().any(|m| {
+                            gw_core::Action::ALL
+                                .iter()
+                                .any(|a| k.check_scope(&file.json_issuer, *m, *a).is_ok())
+                        });
+                        if !signs_any {
+                            return Err(ConfigError::Env(
+                                "CTRL_SIGN_SK_HEX",
+                                format!("command key `{key_id}` (CTRL_PUBKEY_ID) may sign no command for json_issuer `{}`: every command the JSON route signs would be refused key_scope", file.json_issuer),
+                            ));
+                        }
+                    }
                 }
                 Some((sk, key_id))
             }
@@ -972,6 +994,50 @@ mod tests {
         assert_eq!(
             slice(&format!(r#"{{{sender}, "sched_slice_us": 100}}"#)),
             100
+        );
+    }
+
+    /// The JSON route's signer must be the key of its id, and that key must be
+    /// allowed to sign for `json_issuer`: otherwise every command the route signs
+    /// is refused as if the caller were at fault. Refused at start instead.
+    #[test]
+    fn the_json_signer_is_its_ids_key_and_may_sign_for_its_issuer() {
+        let load = |signer: &[u8; 32], json: &str| {
+            let sk = hex::encode(signer);
+            let pk = hex::encode(testkit::fixtures::command_key().verifying_key().as_bytes());
+            let env = move |k: &str| match k {
+                "CTRL_PUBKEY_HEX" => Some(pk.clone()),
+                "CTRL_SIGN_SK_HEX" => Some(sk.clone()),
+                "GW_SIDECAR_INSECURE_PLAINTEXT" => Some("1".to_owned()),
+                "GW_EDGE_KEY_HEX" => Some(testkit::fixtures::EDGE_KEY_HEX.to_owned()),
+                _ => None,
+            };
+            Config::from_json(json, std::path::Path::new("test.json"), &env)
+        };
+        let own = testkit::fixtures::command_key().to_bytes();
+        assert!(load(&own, "{}").is_ok());
+        let other = match load(&[7; 32], "{}") {
+            Err(ConfigError::Env("CTRL_SIGN_SK_HEX", e)) => e,
+            r => panic!("{:?}", r.err()),
+        };
+        assert!(
+            other.contains("is not command key `op-admin-1`'s"),
+            "{other}"
+        );
+        let pk = hex::encode(testkit::fixtures::command_key().verifying_key().as_bytes());
+        let scoped = |issuers: &str| {
+            format!(
+                r#"{{"command_keys": {{"keys": [{{"id": "op-admin-1", "public_key_hex": "{pk}", "issuers": {issuers}}}]}}}}"#
+            )
+        };
+        assert!(load(&own, &scoped(r#"["dashboard"]"#)).is_ok());
+        let scope = match load(&own, &scoped(r#"["ops"]"#)) {
+            Err(ConfigError::Env("CTRL_SIGN_SK_HEX", e)) => e,
+            r => panic!("{:?}", r.err()),
+        };
+        assert!(
+            scope.contains("may sign no command for json_issuer `dashboard`"),
+            "{scope}"
         );
     }
 
