@@ -614,6 +614,78 @@ fn a_json_request_retried_with_its_idempotency_key_is_applied_once() {
         assert!(std::time::Instant::now() < deadline, "{refusals:?}");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    // The retry's refusal comes after the edge's row of the JSON body it sent, as
+    // the first request's acceptance does: both name the first's request id.
+    let rows = common::stored(&ch);
+    let id = first["request_id"].as_str().unwrap();
+    let of_first: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .filter(|r| r.request_id == id)
+        .map(|r| (r.stage.as_str(), r.decision.as_str(), r.code.as_str()))
+        .collect();
+    assert_eq!(
+        of_first,
+        [
+            ("edge", "accepted", ""),
+            ("sidecar", "accepted", ""),
+            ("agent", "applied", ""),
+            ("edge", "accepted", ""),
+            ("sidecar", "rejected", "replay"),
+        ],
+        "{rows:#?}"
+    );
+    let json = hex::encode(r#"{"throttle_pct": 40}"#);
+    assert!(rows
+        .iter()
+        .filter(|r| r.request_id == id && r.stage == "edge")
+        .all(|r| r.raw_hex == json));
+}
+
+/// A JSON request the admission refuses (the signer's key may sign for `mev`
+/// only) keeps the edge's row of the JSON body it sent, before its refusal, both
+/// naming the request id the command was given — as an admitted request's rows do.
+#[test]
+fn a_json_request_refused_at_admission_keeps_the_edges_row_of_its_body() {
+    let d = testkit::TempDir::new("sidecar-json-refused");
+    let ch = testkit::clickhouse::ClickHouse::start(d.path());
+    let mut cfg = common::config_with_clickhouse(&d.path().join("state"), true, &ch);
+    let pk = hex::encode(command_key().verifying_key().as_bytes());
+    let ring: gw_core::keyring::KeyRingConfig = serde_json::from_value(serde_json::json!(
+        {"keys": [{"id": "op-admin-1", "public_key_hex": pk, "modules": ["mev"]}]}
+    ))
+    .unwrap();
+    cfg.keyring = gw_core::KeyRing::from_config(&ring).unwrap();
+    let s = common::serve(cfg);
+    let body = serde_json::json!({});
+    let (status, answer) = s.post_json("/api/control/module/arbitrage:start", &body);
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (403, Some("key_scope")),
+        "{answer}"
+    );
+    let rows = common::wait_rows(&ch, 2);
+    let got: Vec<(&str, &str, &str, &str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.stage.as_str(),
+                r.decision.as_str(),
+                r.code.as_str(),
+                r.module.as_str(),
+                r.action.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("edge", "accepted", "", "arbitrage", "start"),
+            ("sidecar", "rejected", "key_scope", "arbitrage", "start"),
+        ],
+        "{rows:#?}"
+    );
+    assert_eq!(rows[0].raw_hex, hex::encode(body.to_string()));
+    assert!(!rows[0].request_id.is_empty() && rows[0].request_id == rows[1].request_id);
 }
 
 /// The console posts signed commands where the edge takes them: the configured

@@ -313,16 +313,19 @@ impl Control {
         Ok(())
     }
 
-    /// Records a refusal's rows; answers with its rejection (or, when the ledger
+    /// Records a refusal's rows, after `prefix` (the JSON route's row of the
+    /// body the edge accepted); answers with its rejection (or, when the ledger
     /// cannot take the rows, with that).
     async fn refuse(
         &self,
+        prefix: Vec<journal::Entry>,
         r: Refused,
         body: &[u8],
         requester: &Requester,
         route: &str,
     ) -> ApiError {
-        let rows = self.rows(&r.rows, body, r.command.as_ref(), requester, route);
+        let mut rows = prefix;
+        rows.extend(self.rows(&r.rows, body, r.command.as_ref(), requester, route));
         match self.record(rows).await {
             Ok(()) => r.reject.into(),
             // Unrecorded, a refusal is no answer: 503, send again. One that is a
@@ -345,6 +348,20 @@ impl Control {
         edge: Option<&EdgeIdentity>,
         route: &str,
     ) -> ApiError {
+        self.refuse_early_naming(reject, body, edge, route, None)
+            .await
+    }
+
+    /// [`Self::refuse_early`], the rows naming what `named` does of the request
+    /// (the JSON route's module, action and request id: an idempotent retry's).
+    async fn refuse_early_naming(
+        &self,
+        reject: Reject,
+        body: &[u8],
+        edge: Option<&EdgeIdentity>,
+        route: &str,
+        named: Option<Command>,
+    ) -> ApiError {
         let mut rows = Vec::with_capacity(2);
         if edge.is_some() {
             rows.push(Row {
@@ -361,10 +378,11 @@ impl Control {
         self.metrics.decision(reject.code.as_str());
         let requester = edge.map(|e| e.requester.clone()).unwrap_or_default();
         self.refuse(
+            Vec::new(),
             Refused {
                 rows,
                 reject,
-                command: None,
+                command: named,
             },
             body,
             &requester,
@@ -545,7 +563,8 @@ impl Control {
 
     /// Admission of `body`. `edge`: the edge forwarded exactly this body (its row
     /// comes first); `requester`: who asked, as the edge verified it; `prefix`:
-    /// entries made durable with the acceptance (the JSON route's row).
+    /// entries made durable with the acceptance or the refusal (the JSON route's
+    /// row of the body the edge accepted).
     async fn admit_inner(
         &self,
         body: &[u8],
@@ -581,7 +600,7 @@ impl Control {
                 };
                 // The row first: a client that hangs up while a resend waits for
                 // its agent below does not take the refusal's row with it.
-                let e = self.refuse(r, body, requester, &path).await;
+                let e = self.refuse(prefix, r, body, requester, &path).await;
                 let status = match &resent {
                     // (Not when the row could not be written: that is the answer.)
                     Some(c) if e.code() == Code::Replay => {
@@ -608,6 +627,8 @@ impl Control {
         let max_skew = self.gate.lock().admission.policy().max_skew;
         let expires = gw_core::replay::expiry(c.ts, max_skew);
         let digest = gw_core::replay::digest(body);
+        // Kept for a refusal's rows if the commit fails (the JSON route's only).
+        let prefix_again = prefix.clone();
         let mut entries = prefix;
         entries.extend(self.rows(&a.rows, body, Some(c), requester, &path));
         entries.push(ReplayStore::entry(
@@ -630,7 +651,7 @@ impl Control {
             Ok(done) => done,
             Err(e) => {
                 let r = self.gate.lock().admission.journal_failed(&a, &e.public());
-                return Err(self.refuse(r, body, requester, &path).await);
+                return Err(self.refuse(prefix_again, r, body, requester, &path).await);
             }
         };
         let accepted_seq = committed
@@ -758,6 +779,15 @@ impl Control {
             Err(r) => return Err(self.refuse_early(r, body, edge, &path).await),
         };
         if let Some(i) = &idempotent {
+            // The rows of a refusal name the request as the key makes it.
+            let named = || {
+                Some(Command {
+                    module: route.0.to_proto() as i32,
+                    action: route.1.to_proto() as i32,
+                    request_id: i.request_id.clone(),
+                    ..Command::default()
+                })
+            };
             let now = crate::now_secs();
             let used_by = self
                 .replay
@@ -772,13 +802,17 @@ impl Control {
                         Code::BadArgs,
                         format!("this idempotency key was used for another request ({first})"),
                     );
-                    return Err(self.refuse_early(r, body, edge, &path).await);
+                    return Err(self
+                        .refuse_early_naming(r, body, edge, &path, named())
+                        .await);
                 }
                 let r = Reject::with(
                     Code::Replay,
                     format!("this request ({first}) was accepted before: not signed again"),
                 );
-                let e = self.refuse_early(r, body, edge, &path).await;
+                let e = self
+                    .refuse_early_naming(r, body, edge, &path, named())
+                    .await;
                 let status = self
                     .accepted_status(signer.issuer(), i.nonce, None, now)
                     .await;
