@@ -869,6 +869,8 @@ async fn body_within(body: Body, max: usize) -> Result<bytes::Bytes, (Code, Stri
 /// Answers `req` with `code`: with its row (naming `who`) when `budget` has room
 /// for it — after the row summing the refusals of its code that had none — else
 /// at once, its body unread, counted, and summed later ([`flush_unrecorded`]).
+/// A row the ledger does not take (a failing journal) is owed and summed the
+/// same way; the answer stands.
 async fn refuse_within(
     g: &Gatekeeper,
     budget: &RefusalBudget,
@@ -900,13 +902,17 @@ async fn refuse_within(
             return unrecorded(detail);
         }
     }
-    let answer = refuse_as(g, code, detail, who, req).await;
-    if answer.is_err() {
-        // Its row was not written after all: owed, and summed once it can be.
-        budget.owe(code, 1);
-        g.metrics.unrecorded(code.as_str());
+    match refuse_as(g, code, detail.clone(), who, req).await {
+        Ok(answer) => answer,
+        // Its row was not written after all: owed, and summed once it can be,
+        // under the code the caller is answered with (a refusal of this kind
+        // stands without its row; a command's, which a resend settles, does not).
+        Err(_) => {
+            budget.owe(code, 1);
+            g.metrics.unrecorded(code.as_str());
+            ApiError::with(code, detail).into_response()
+        }
     }
-    answer.unwrap_or_else(|a| a)
 }
 
 /// Checks the role an API route needs ([`Gatekeeper::routes`], the filter's

@@ -266,6 +266,21 @@ impl Rig {
         self.modules_at(0)
     }
 
+    /// `GET path` through node 0's Envoy, as the admin: its status and body.
+    fn get(&self, path: &str) -> (u16, Value) {
+        let node = &self.nodes[0];
+        self.rt.block_on(async {
+            let r = node
+                .client
+                .get(format!("https://localhost:{}{path}", node.gw.port))
+                .header("authorization", &self.token)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        })
+    }
+
     /// `GET /api/modules` through node `i`'s Envoy.
     fn modules_at(&self, i: usize) -> Value {
         let node = &self.nodes[i];
@@ -1249,6 +1264,16 @@ fn failing_disk(kafka: bool) {
             }
         }
         assert_eq!(rig.modules(), before, "a refused command was applied");
+        if restart.is_none() && fails == Fails::Syncs {
+            // A refusal whose row the disk cannot take answers its own code all
+            // the same: the row is owed, and summed once the disk takes rows.
+            let (status, body) = rig.get("/api/no-such-route");
+            assert_eq!(
+                (status, body["error"].as_str()),
+                (404, Some("not_found")),
+                "{body}"
+            );
+        }
         if let Some(power_cut) = restart {
             rig.kill_sidecar();
             if power_cut {
@@ -1293,6 +1318,24 @@ fn failing_disk(kafka: bool) {
     }
     assert!(journal.syncs_failed() > 0, "no sync failed");
     rig.check("failing disk, power cut");
+    // The refusal the failing disk kept out of the ledger, summed under the code
+    // it was answered with.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let summed = common::stored(&rig.ch).iter().any(|r| {
+            r.code == "not_found"
+                && serde_json::from_str::<Value>(&r.args_json)
+                    .is_ok_and(|a| a["unrecorded"].as_u64() >= Some(1))
+        });
+        if summed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no sum of the unrecorded not_found"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // The checkpoints' disk alone fails while commands keep applying: the
     // checkpoints due are refused and none is left half written for the next to be
