@@ -1102,6 +1102,9 @@ fn every_http_decision_lands_in_the_chained_ledger() {
     assert_eq!(seqs, (1..=1001).collect::<Vec<u64>>(), "{rest}");
     let bad = get("/api/ledger/request/piled?after=1.2");
     assert_eq!(bad["error"], "malformed", "{bad}");
+    // An id that is no text once decoded: the API's own shape too.
+    let bad = get("/api/ledger/request/%FF");
+    assert_eq!(bad["error"], "malformed", "{bad}");
     ch.query(
         "INSERT INTO control_decisions (chain_id, seq, ts_ms, stage, decision, action) \
          VALUES ('old', 1, toUInt64(toUnixTimestamp64Milli(now64(3))) - 8 * 86400000, \

@@ -479,9 +479,12 @@ async fn checkpoints(State(q): Q) -> Result<Json<Vec<query::CheckpointView>>, Ap
 
 async fn by_request(
     State(q): Q,
-    UrlPath(request_id): UrlPath<String>,
+    id: Result<UrlPath<String>, axum::extract::rejection::PathRejection>,
     r: Result<axum::extract::Query<RequestQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<DecisionView>>, ApiError> {
+    // A request id that is not UTF-8 once decoded (`%FF`) is answered in the
+    // API's shape, as every other malformed request is.
+    let UrlPath(request_id) = id.map_err(|e| ApiError::with(Code::Malformed, e.body_text()))?;
     let r = r.map_err(|e| ApiError::with(Code::Malformed, e.body_text()))?;
     let after = param(
         r.after.as_deref(),
