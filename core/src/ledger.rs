@@ -139,6 +139,57 @@ fn put(h: &mut Sha256, field: &[u8]) {
 }
 
 impl LedgerRow {
+    /// Bytes the row's texts hold (the memory a row waiting to be stored takes
+    /// beyond its own size): every field, so that a field added is counted.
+    pub fn text_bytes(&self) -> usize {
+        let LedgerRow {
+            chain_id,
+            seq: _,
+            ts_ms: _,
+            stage,
+            decision,
+            code,
+            request_id,
+            issuer,
+            module,
+            action,
+            pubkey_id,
+            sig_alg,
+            nonce: _,
+            args_json,
+            raw_hex,
+            requester,
+            requester_roles,
+            token_issuer,
+            route,
+            prev_hash,
+            row_hash,
+        } = self;
+        [
+            chain_id,
+            stage,
+            decision,
+            code,
+            request_id,
+            issuer,
+            module,
+            action,
+            pubkey_id,
+            sig_alg,
+            args_json,
+            raw_hex,
+            requester,
+            requester_roles,
+            token_issuer,
+            route,
+            prev_hash,
+            row_hash,
+        ]
+        .iter()
+        .map(|t| t.len())
+        .sum()
+    }
+
     /// The hash of this row's content chained to `prev`.
     pub fn compute_hash(&self, prev: &[u8; 32]) -> [u8; 32] {
         let mut h = Sha256::new();

@@ -34,27 +34,7 @@ impl Weigh for gw_core::ledger::LedgerRow {
     /// The row and every text it holds: a refusal's row keeps up to 128 KiB of
     /// hex, a command's twice its body.
     fn bytes(&self) -> usize {
-        let texts = [
-            &self.chain_id,
-            &self.stage,
-            &self.decision,
-            &self.code,
-            &self.request_id,
-            &self.issuer,
-            &self.module,
-            &self.action,
-            &self.pubkey_id,
-            &self.sig_alg,
-            &self.args_json,
-            &self.raw_hex,
-            &self.requester,
-            &self.requester_roles,
-            &self.token_issuer,
-            &self.route,
-            &self.prev_hash,
-            &self.row_hash,
-        ];
-        std::mem::size_of::<Self>() + texts.iter().map(|t| t.len()).sum::<usize>()
+        std::mem::size_of::<Self>() + self.text_bytes()
     }
 }
 
