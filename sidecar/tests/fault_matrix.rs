@@ -1281,6 +1281,27 @@ fn failing_disk(kafka: bool) {
             }
         }
         disk.heal();
+        if restart.is_none() && fails == Fails::Syncs {
+            // The refusal the failing disk kept out of the ledger, summed under
+            // the code it was answered with once the disk takes rows (the sum
+            // owed is in the process's memory: before the next kill).
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let summed = common::stored(&rig.ch).iter().any(|r| {
+                    r.code == "not_found"
+                        && serde_json::from_str::<Value>(&r.args_json)
+                            .is_ok_and(|a| a["unrecorded"].as_u64() >= Some(1))
+                });
+                if summed {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no sum of the unrecorded not_found"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
         if restart.is_some() {
             rig.start_sidecar();
             if fails == Fails::SyncsAfterWriteback {
@@ -1318,24 +1339,6 @@ fn failing_disk(kafka: bool) {
     }
     assert!(journal.syncs_failed() > 0, "no sync failed");
     rig.check("failing disk, power cut");
-    // The refusal the failing disk kept out of the ledger, summed under the code
-    // it was answered with.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let summed = common::stored(&rig.ch).iter().any(|r| {
-            r.code == "not_found"
-                && serde_json::from_str::<Value>(&r.args_json)
-                    .is_ok_and(|a| a["unrecorded"].as_u64() >= Some(1))
-        });
-        if summed {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no sum of the unrecorded not_found"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 
     // The checkpoints' disk alone fails while commands keep applying: the
     // checkpoints due are refused and none is left half written for the next to be

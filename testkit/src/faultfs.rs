@@ -13,6 +13,8 @@
 //!   once; a size change (a truncation, bytes past the durable end) is not.
 //! - [`FaultFs::fail_all`]: every change (write, truncate, create, rename, unlink,
 //!   sync) answers `EIO`.
+//! - [`FaultFs::fail_dir_syncs`]: the directory's `fsync` answers `EIO`, files'
+//!   syncs succeed (a creation, removal or rename is not made durable).
 //! - [`FaultFs::tear_next_write`]: the next write lands its first half only and
 //!   answers `EIO`, as a write cut short.
 //! - [`FaultFs::power_cut`]: every file goes back to what its last successful sync
@@ -46,6 +48,7 @@ enum Mode {
     Writeback,
     FailAll,
     TearNextWrite,
+    FailDirSyncs,
 }
 
 #[derive(Default)]
@@ -116,6 +119,12 @@ impl FaultFs {
     /// is durable at once (written back before the failure); size changes are not.
     pub fn fail_syncs_after_writeback(&self) {
         self.set(Mode::Writeback);
+    }
+
+    /// The directory's syncs fail with `EIO` from now on (files' syncs succeed):
+    /// a creation, removal or rename is then not durable.
+    pub fn fail_dir_syncs(&self) {
+        self.set(Mode::FailDirSyncs);
     }
 
     /// Every change fails with `EIO` from now on.
@@ -222,7 +231,7 @@ impl State {
 
     /// `EIO` (counted) while syncs fail.
     fn sync(&mut self) -> Result<(), Errno> {
-        if self.mode == Mode::Healthy {
+        if matches!(self.mode, Mode::Healthy | Mode::FailDirSyncs) {
             Ok(())
         } else {
             self.syncs_failed += 1;
@@ -321,6 +330,10 @@ impl State {
     }
 
     fn fsyncdir(&mut self) -> Result<(), Errno> {
+        if self.mode == Mode::FailDirSyncs {
+            self.syncs_failed += 1;
+            return Err(EIO);
+        }
         self.sync()?;
         self.durable_names = self.names.clone();
         Ok(())

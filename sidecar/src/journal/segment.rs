@@ -398,6 +398,9 @@ pub(super) struct Writer {
     /// back was not made durable. Nothing is written until it is
     /// ([`Writer::settle`]).
     unsettled: bool,
+    /// A segment was deleted and the directory's sync after it failed: nothing
+    /// more is deleted until a sync succeeds ([`Writer::drop_below`]).
+    unlink_unsynced: bool,
     next_lsn: Lsn,
     buf: Vec<u8>,
     /// The directory's lock, held as long as the writer lives.
@@ -495,6 +498,7 @@ impl Writer {
                     good_len: s.good_len,
                     allocated,
                     unsettled: false,
+                    unlink_unsynced: false,
                     next_lsn,
                     buf: Vec::new(),
                     _lock: lock,
@@ -521,6 +525,7 @@ impl Writer {
             good_len: 0,
             allocated: 0,
             unsettled: false,
+            unlink_unsynced: false,
             next_lsn,
             buf: Vec::new(),
             _lock: lock,
@@ -668,6 +673,11 @@ impl Writer {
 
     /// Deletes the closed segments whose records are all below `low`.
     pub(super) fn drop_below(&mut self, low: Lsn) -> Result<(), SegmentError> {
+        // An earlier deletion not yet durable: made so before any other.
+        if self.unlink_unsynced {
+            sync_dir(&self.dir)?;
+            self.unlink_unsynced = false;
+        }
         let mut failed = Ok(());
         while let Some((_, path, _)) = self.closed.first() {
             let next_first = self.closed.get(1).map_or(self.current.0, |s| s.0);
@@ -689,7 +699,9 @@ impl Writer {
             // Each deletion durable before the next: a filesystem that made later
             // unlinks durable first could otherwise leave, after a power cut, an
             // older segment without the one after it (a gap no start accepts).
+            self.unlink_unsynced = true;
             sync_dir(&self.dir)?;
+            self.unlink_unsynced = false;
         }
         failed
     }

@@ -932,3 +932,62 @@ fn a_refused_batch_a_failing_disk_kept_is_never_mixed_with_a_later_one() {
     assert_eq!(rec, vec![(1, 1), (2, 2), (3, 3), (4, 4), (5, 7)]);
     j.stop();
 }
+
+/// A segment deleted whose directory sync then failed: nothing more is deleted
+/// until a sync succeeds, each deletion durable before the next (a filesystem
+/// that made a later removal durable first could leave, after a power cut, an
+/// older segment without the one after it: a gap no start accepts). Healed, the
+/// deletions go on.
+/// (A FUSE disk, `testkit::faultfs`: needs root and `/dev/fuse`.)
+#[test]
+fn a_deletion_whose_directory_sync_failed_holds_the_next_until_one_succeeds() {
+    let d = testkit::TempDir::new("journal-dir-sync");
+    let dir = d.path().join("journal");
+    let disk = testkit::faultfs::FaultFs::mount(&dir)
+        .expect("the failing-disk test mounts a FUSE filesystem (needs root and /dev/fuse)");
+    // Small segments, all held; then a journal that rolls no more (its rolls
+    // sync the directory too).
+    let (j, _) = open(&dir, 64);
+    j.hold("keep", 1);
+    j.hold(STARTUP_HOLD, Lsn::MAX);
+    for i in 1..=6 {
+        commit(&j, i);
+    }
+    j.stop();
+    drop(j);
+    let (j, _) = open(&dir, 1 << 20);
+    j.hold("keep", 1);
+    j.hold(STARTUP_HOLD, Lsn::MAX);
+    let before = segments(&dir);
+    assert!(before.len() >= 4, "{before:?}");
+    let wait = |what: &str, done: &dyn Fn(&[String]) -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !done(&segments(&dir)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {:?}",
+                segments(&dir)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    disk.fail_dir_syncs();
+    j.hold("keep", Lsn::MAX);
+    commit(&j, 7);
+    wait("the oldest deleted", &|s| s.len() < before.len());
+    // Retention runs on the writer thread after each answer: two batches later,
+    // the one after 8 has run.
+    commit(&j, 8);
+    commit(&j, 9);
+    assert_eq!(
+        segments(&dir),
+        before[1..],
+        "deleted past an unsynced removal"
+    );
+    disk.heal();
+    commit(&j, 10);
+    wait("the rest deleted once the directory syncs", &|s| {
+        s.len() == 1
+    });
+    j.stop();
+}
