@@ -422,7 +422,7 @@ impl Control {
             return Err(e);
         }
         let result = self
-            .admit_inner(body, route, edge, &requester, Vec::new())
+            .admit_inner(body, route, edge, &requester, &Vec::new)
             .instrument(span.clone())
             .await;
         match &result {
@@ -563,15 +563,16 @@ impl Control {
 
     /// Admission of `body`. `edge`: the edge forwarded exactly this body (its row
     /// comes first); `requester`: who asked, as the edge verified it; `prefix`:
-    /// entries made durable with the acceptance or the refusal (the JSON route's
-    /// row of the body the edge accepted).
+    /// the entries made durable with the acceptance or the refusal (the JSON
+    /// route's row of the body the edge accepted), made when needed (a row is
+    /// sealed in place: a copy kept of it would be copied whole).
     async fn admit_inner(
         &self,
         body: &[u8],
         route: Option<(Module, Action)>,
         edge: Option<&EdgeIdentity>,
         requester: &Requester,
-        prefix: Vec<journal::Entry>,
+        prefix: &(dyn Fn() -> Vec<journal::Entry> + Send + Sync),
     ) -> Result<Value, ApiError> {
         let path = route_path(route);
         let req = Request {
@@ -600,7 +601,7 @@ impl Control {
                 };
                 // The row first: a client that hangs up while a resend waits for
                 // its agent below does not take the refusal's row with it.
-                let e = self.refuse(prefix, r, body, requester, &path).await;
+                let e = self.refuse(prefix(), r, body, requester, &path).await;
                 let status = match &resent {
                     // (Not when the row could not be written: that is the answer.)
                     Some(c) if e.code() == Code::Replay => {
@@ -627,9 +628,7 @@ impl Control {
         let max_skew = self.gate.lock().admission.policy().max_skew;
         let expires = gw_core::replay::expiry(c.ts, max_skew);
         let digest = gw_core::replay::digest(body);
-        // Kept for a refusal's rows if the commit fails (the JSON route's only).
-        let prefix_again = prefix.clone();
-        let mut entries = prefix;
+        let mut entries = prefix();
         entries.extend(self.rows(&a.rows, body, Some(c), requester, &path));
         entries.push(ReplayStore::entry(
             &c.issuer,
@@ -651,7 +650,7 @@ impl Control {
             Ok(done) => done,
             Err(e) => {
                 let r = self.gate.lock().admission.journal_failed(&a, &e.public());
-                return Err(self.refuse(prefix_again, r, body, requester, &path).await);
+                return Err(self.refuse(prefix(), r, body, requester, &path).await);
             }
         };
         let accepted_seq = committed
@@ -840,8 +839,8 @@ impl Control {
                 args: c.args,
                 ..Command::default()
             });
-        let prefix: Vec<journal::Entry> = edge
-            .and_then(|e| {
+        let prefix = || -> Vec<journal::Entry> {
+            edge.and_then(|e| {
                 self.auditor.row(&Entry {
                     stage: Stage::Edge,
                     decision: Decision::Accepted,
@@ -853,10 +852,11 @@ impl Control {
                 })
             })
             .into_iter()
-            .collect();
+            .collect()
+        };
         let requester = edge.map(|e| e.requester.clone()).unwrap_or_default();
         let result = self
-            .admit_inner(&signed, Some(route), None, &requester, prefix)
+            .admit_inner(&signed, Some(route), None, &requester, &prefix)
             .await;
         match &result {
             Ok(_) => self.metrics.decision("accepted"),
