@@ -60,14 +60,42 @@ pub struct Answer {
     pub location: Option<String>,
 }
 
-/// A redirect's `location`, as text and cut to 512 bytes' worth of characters.
+/// A redirect's `location`, as text, cut to 512 bytes' worth of characters (and
+/// `…` then).
 fn location(h: &http::HeaderMap) -> Option<String> {
     let v = String::from_utf8_lossy(h.get(http::header::LOCATION)?.as_bytes()).into_owned();
-    Some(
-        v.chars()
-            .scan(0, |n, c| {
-                *n += c.len_utf8();
-                (*n <= 512).then_some(c)
+    let mut cut: String = v
+        .chars()
+        .scan(0, |n, c| {
+            *n += c.len_utf8();
+            (*n <= 512).then_some(c)
+        })
+        .collect();
+    if cut.len() < v.len() {
+        cut.push('…');
+    }
+    Some(cut)
+}
+
+/// `text` as it may go to a terminal: control characters but newlines and tabs
+/// escaped (`\u{1b}`), so an answer cannot move the cursor, rewrite the lines
+/// above it or retitle the window. A JSON answer is unchanged (JSON escapes its
+/// control characters itself).
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if c.is_control() && c != '\n' && c != '\t' {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
             })
             .collect(),
     )
@@ -160,7 +188,7 @@ pub fn run(a: &SendArgs) -> Result<ExitCode> {
         Err(e) => return Err(e),
     };
     println!("{} {}", answer.proto, answer.status);
-    println!("{}", String::from_utf8_lossy(&answer.body));
+    println!("{}", printable(&String::from_utf8_lossy(&answer.body)));
     let verdict = verdict(answer.status, &answer.body);
     if let Some(note) = verdict.note() {
         eprintln!("gwctl: {note}");
@@ -317,5 +345,34 @@ mod tests {
         for (status, body, want) in cases {
             assert_eq!(verdict(status, body.as_bytes()), want, "{status} {body}");
         }
+    }
+
+    /// An answer printed cannot drive the terminal; JSON and plain lines are
+    /// printed as they came.
+    #[test]
+    fn answers_are_printed_without_their_control_characters() {
+        use super::printable;
+        let json = "{\"error\":\"x\",\"detail\":\"a\\u001b[2J\"}\n\tok";
+        assert_eq!(printable(json), json);
+        assert_eq!(
+            printable("a\u{1b}]0;pwned\u{7}b\rc"),
+            "a\\u{1b}]0;pwned\\u{7}b\\rc"
+        );
+    }
+
+    #[test]
+    fn a_long_location_is_cut_and_says_so() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::LOCATION,
+            http::HeaderValue::from_str(&format!("https://x/{}", "a".repeat(600))).unwrap(),
+        );
+        let l = super::location(&h).unwrap();
+        assert!(l.ends_with('…') && l.len() == 512 + '…'.len_utf8(), "{l}");
+        h.insert(
+            http::header::LOCATION,
+            http::HeaderValue::from_static("/short"),
+        );
+        assert_eq!(super::location(&h).as_deref(), Some("/short"));
     }
 }
