@@ -285,6 +285,9 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
     })?;
     let Walking { walk, mut done } = walking;
     done.extend(walk.finish());
+    // In the order of their ids, as ClickHouse sent them (a chain with a
+    // checkpoint and no row among them).
+    done.sort_by(|a, b| a.chain_id.cmp(&b.chain_id));
     let chains = done;
     // Rows the chains hold: a row stored twice (an insert retried) is one.
     let stored: u64 = chains.iter().map(|w| w.read).sum();

@@ -656,10 +656,12 @@ async function verifyChain() {
   el.textContent = "verifying…";
   try {
     const v = await api("/api/ledger/verify");
-    el.textContent = v.chains.length === 0 ? "no chain stored yet" : v.chains.map((c) =>
+    const chains = v.chains.map((c) =>
       `chain ${c.chain_id}: ${c.ok ? "verified" : "BROKEN"} (${c.rows} rows` +
       `${c.checkpoint === undefined ? "" : `, held to its signed checkpoint of ${c.checkpoint} rows`})` +
-      `${c.broken ? " — " + c.broken : ""}`).join("; ");
+      `${c.broken ? " — " + c.broken : ""}`);
+    if (v.error) chains.push(`NOT VERIFIED — ${v.error}`);
+    el.textContent = chains.length === 0 ? "no chain stored yet" : chains.join("; ");
     el.className = v.ok ? "" : "error";
   } catch (e) {
     el.textContent = `chain: ${e.code || "error"} — ${e.detail || e.message}`;

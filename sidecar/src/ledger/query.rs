@@ -332,8 +332,12 @@ fn chain_status(w: gw_core::checkpoint::ChainWalk) -> ChainStatus {
 pub struct LedgerStatus {
     /// Whether every chain verified.
     pub ok: bool,
-    /// Each chain.
+    /// Each chain (walked to its end: when the walk stopped, those before it).
     pub chains: Vec<ChainStatus>,
+    /// Why the walk stopped before the table's end (ClickHouse's answer was out
+    /// of order): nothing after that point was judged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The most rows `history` returns.
@@ -622,22 +626,14 @@ impl Queries {
             match walk.push(&gw_core::ledger::LedgerRow::from(r)) {
                 Ok(ended) => chains.extend(ended.map(chain_status)),
                 Err(e) => {
-                    // Nothing after it can be believed: the walk ends here, broken.
+                    // Nothing after it can be believed: the walk ends here, not
+                    // verified; the chains walked to their end before it stand.
                     tracing::error!(error = %e, "ledger verification: ClickHouse's answer is out of order");
-                    let chain_id = match &e {
-                        gw_core::checkpoint::OrderError::ChainTwice(c)
-                        | gw_core::checkpoint::OrderError::SeqBack { chain: c, .. } => c.clone(),
-                    };
-                    chains.push(ChainStatus {
-                        chain_id,
+                    return Ok(Some(LedgerStatus {
                         ok: false,
-                        rows: 0,
-                        broken: Some(e.to_string()),
-                        breaks: vec![e.to_string()],
-                        more_breaks: 0,
-                        checkpoint: None,
-                    });
-                    return Ok(Some(LedgerStatus { ok: false, chains }));
+                        chains,
+                        error: Some(format!("the walk stopped: {e}")),
+                    }));
                 }
             }
         }
@@ -646,6 +642,7 @@ impl Queries {
         Ok(Some(LedgerStatus {
             ok: chains.iter().all(|c| c.ok),
             chains,
+            error: None,
         }))
     }
 }
