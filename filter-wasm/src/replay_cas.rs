@@ -60,8 +60,64 @@ pub fn shard_key(prefix: &str, issuer: &str, nonce: u64) -> String {
     format!("{prefix}{issuer}.{}", shard_of(nonce))
 }
 
+/// The key counting the shard keys created under `prefix` (a shard key ends in
+/// `.<shard>`, so no issuer's shard is named so).
+pub fn keys_count_key(prefix: &str) -> String {
+    format!("{prefix}#keys")
+}
+
+/// Takes one of the `cap` shard keys `prefix` may ever create, before one is:
+/// proxy-wasm 0.2.1 cannot delete shared data, so every issuer seen keeps its
+/// keys for Envoy's life, and issuers beyond [`Limits::max_issuers`] (with every
+/// shard) are refused `replay_capacity` instead of growing Envoy's memory.
+/// (A key reserved by a worker whose create lost a race is counted all the
+/// same: the bound errs low.)
+fn reserve_key(store: &impl SharedStore, prefix: &str, cap: u64) -> Result<(), Reject> {
+    let key = keys_count_key(prefix);
+    let mut tried_create = false;
+    for _ in 0..MAX_ATTEMPTS {
+        let (value, cas) = store
+            .get(&key)
+            .map_err(|e| unavailable(format!("shared data get: {e:?}")))?;
+        let n = match &value {
+            None => 0,
+            Some(b) => <[u8; 8]>::try_from(b.as_slice())
+                .map(u64::from_le_bytes)
+                .map_err(|_| unavailable(format!("shared data at `{key}` is not a count")))?,
+        };
+        if n >= cap {
+            return Err(Reject::with(
+                Code::ReplayCapacity,
+                format!("the edge remembers the nonces of {cap} shards (replay_max_issuers issuers) and cannot forget an issuer: no new issuer until Envoy restarts"),
+            ));
+        }
+        let cas = match value {
+            Some(_) => cas,
+            // Strict hosts refuse CREATE_CAS on a missing key; then create plainly.
+            None if tried_create => 0,
+            None => {
+                tried_create = true;
+                CREATE_CAS
+            }
+        };
+        match store.set(&key, &(n + 1).to_le_bytes(), cas) {
+            Ok(()) => return Ok(()),
+            Err(StoreError::CasMismatch) => {}
+            Err(StoreError::Unavailable(e)) => {
+                return Err(unavailable(format!("shared data set: {e}")))
+            }
+        }
+    }
+    Err(Reject::new(
+        Code::ReplayUnavailable,
+        "replay state is contended; retry",
+    ))
+}
+
 /// Accepts a nonce once into the issuer's shard under `prefix` (see
 /// [`gw_core::replay`]): `Fresh`, or `Resend` for the same bytes seen before.
+/// A shard key not there yet is created only within the bound of
+/// [`Limits::max_issuers`] issuers' shards ([`keys_count_key`]).
 pub fn accept_nonce(
     store: &impl SharedStore,
     prefix: &str,
@@ -71,11 +127,17 @@ pub fn accept_nonce(
 ) -> Result<ShardOutcome, Reject> {
     let key = shard_key(prefix, u.issuer, u.nonce);
     let mut tried_create = false;
+    let mut reserved = false;
     for _ in 0..MAX_ATTEMPTS {
         let (value, cas) = store
             .get(&key)
             .map_err(|e| unavailable(format!("shared data get: {e:?}")))?;
         let Some(bytes) = value else {
+            if !reserved {
+                let cap = (limits.max_issuers as u64).saturating_mul(gw_core::replay::SHARDS);
+                reserve_key(store, prefix, cap)?;
+                reserved = true;
+            }
             // Strict hosts refuse CREATE_CAS on a missing key; then create plainly.
             let create_cas = if tried_create { 0 } else { CREATE_CAS };
             tried_create = true;

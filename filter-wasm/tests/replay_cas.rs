@@ -146,3 +146,50 @@ fn concurrent_duplicates_are_accepted_exactly_once() {
         assert_eq!(fresh, 1, "round {round}");
     }
 }
+
+/// proxy-wasm cannot delete shared data: every issuer seen keeps its shard keys
+/// for Envoy's life. The edge creates at most `max_issuers` issuers' worth of
+/// them (each with every shard); beyond, a new issuer's command is refused
+/// `replay_capacity` instead of growing Envoy's memory — on strict hosts too —
+/// and the issuers it has go on.
+#[test]
+fn issuers_beyond_the_bound_are_refused_instead_of_growing_shared_data() {
+    let one = Limits {
+        max_per_issuer: 64 * 4,
+        max_issuers: 1,
+    };
+    let at = |s: &EnvoyLikeStore, issuer: &str, nonce: u64| {
+        let d = digest(&nonce.to_le_bytes());
+        let u = NonceUse {
+            issuer,
+            nonce,
+            expires: NOW + 30,
+            digest: &d,
+        };
+        accept_nonce(s, "gw.replay.", &u, NOW, one).map_err(|r| r.code)
+    };
+    for strict in [false, true] {
+        let s = if strict {
+            EnvoyLikeStore::strict()
+        } else {
+            EnvoyLikeStore::default()
+        };
+        // Every shard of "ops": 64 keys, the bound.
+        let mut shards = std::collections::BTreeSet::new();
+        let mut nonce = 0;
+        while shards.len() < 64 {
+            nonce += 1;
+            if shards.insert(gw_core::replay::shard_of(nonce)) {
+                assert_eq!(at(&s, "ops", nonce), Ok(ShardOutcome::Fresh), "{nonce}");
+            }
+        }
+        assert_eq!(
+            at(&s, "dashboard", 1),
+            Err(Code::ReplayCapacity),
+            "strict {strict}"
+        );
+        assert_eq!(s.0.get(&shard_key("gw.replay.", "dashboard", 1)).0, None);
+        // "ops" goes on in its shards.
+        assert_eq!(at(&s, "ops", nonce + 1), Ok(ShardOutcome::Fresh));
+    }
+}

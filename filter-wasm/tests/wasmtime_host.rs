@@ -490,11 +490,12 @@ fn concurrent_duplicates_on_two_workers_are_accepted_exactly_once() {
         workers.into_iter().map(|w| w.join().unwrap()).sum()
     });
     assert_eq!(accepted, 200, "each nonce exactly once across both workers");
+    let count_key = gw_filter::replay_cas::keys_count_key("gw.replay.v1.");
     let replay_keys: Vec<_> = host
         .shared
         .keys()
         .into_iter()
-        .filter(|k| k.starts_with("gw.replay."))
+        .filter(|k| k.starts_with("gw.replay.") && *k != count_key)
         .collect();
     assert!(
         replay_keys
@@ -502,6 +503,19 @@ fn concurrent_duplicates_on_two_workers_are_accepted_exactly_once() {
             .all(|k| k.starts_with("gw.replay.v1.ops."))
             && replay_keys.len() <= gw_core::replay::SHARDS as usize,
         "the issuer's shards only: {replay_keys:?}"
+    );
+    // Each shard key created was counted against the edge's bound first (twice
+    // at most: both workers may find it missing at once).
+    let counted = host
+        .shared
+        .get(&count_key)
+        .0
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes);
+    let made = replay_keys.len() as u64;
+    assert!(
+        counted.is_some_and(|n| (made..=2 * made).contains(&n)),
+        "{counted:?} counted for {made} shard keys"
     );
     let stamp_keys = host
         .shared
