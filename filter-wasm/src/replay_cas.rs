@@ -42,6 +42,21 @@ fn unavailable(detail: String) -> Reject {
     Reject::with(Code::ReplayUnavailable, detail)
 }
 
+/// Every attempt found the key changed by another worker.
+fn contended() -> Reject {
+    Reject::new(Code::ReplayUnavailable, "replay state is contended; retry")
+}
+
+/// Writes `value` at `key` if its CAS is still `cas`: `Ok(false)` when another
+/// worker changed it meanwhile (read it again).
+fn cas_set(store: &impl SharedStore, key: &str, value: &[u8], cas: u32) -> Result<bool, Reject> {
+    match store.set(key, value, cas) {
+        Ok(()) => Ok(true),
+        Err(StoreError::CasMismatch) => Ok(false),
+        Err(StoreError::Unavailable(e)) => Err(unavailable(format!("shared data set: {e}"))),
+    }
+}
+
 /// One command's nonce, as the edge's replay copy needs it.
 #[derive(Debug, Clone, Copy)]
 pub struct NonceUse<'a> {
@@ -100,18 +115,11 @@ fn reserve_key(store: &impl SharedStore, prefix: &str, cap: u64) -> Result<(), R
                 CREATE_CAS
             }
         };
-        match store.set(&key, &(n + 1).to_le_bytes(), cas) {
-            Ok(()) => return Ok(()),
-            Err(StoreError::CasMismatch) => {}
-            Err(StoreError::Unavailable(e)) => {
-                return Err(unavailable(format!("shared data set: {e}")))
-            }
+        if cas_set(store, &key, &(n + 1).to_le_bytes(), cas)? {
+            return Ok(());
         }
     }
-    Err(Reject::new(
-        Code::ReplayUnavailable,
-        "replay state is contended; retry",
-    ))
+    Err(contended())
 }
 
 /// Accepts a nonce once into the issuer's shard under `prefix` (see
@@ -156,16 +164,9 @@ pub fn accept_nonce(
         if outcome == ShardOutcome::Resend {
             return Ok(outcome);
         }
-        match store.set(&key, &shard.to_bytes(), cas) {
-            Ok(()) => return Ok(outcome),
-            Err(StoreError::CasMismatch) => {}
-            Err(StoreError::Unavailable(e)) => {
-                return Err(unavailable(format!("shared data set: {e}")))
-            }
+        if cas_set(store, &key, &shard.to_bytes(), cas)? {
+            return Ok(outcome);
         }
     }
-    Err(Reject::new(
-        Code::ReplayUnavailable,
-        "replay state is contended; retry",
-    ))
+    Err(contended())
 }
