@@ -396,22 +396,17 @@ impl ChainsWalk {
     /// The next row of the answer: the chain walked to its end, when `r` begins
     /// another.
     pub fn push(&mut self, r: &LedgerRow) -> Result<Option<ChainWalk>, OrderError> {
-        let mut ended = None;
-        if self
-            .current
-            .as_ref()
-            .is_none_or(|w| w.chain_id != r.chain_id)
-        {
-            if self.seen.contains(&r.chain_id) {
-                return Err(OrderError::ChainTwice(r.chain_id.clone()));
+        let (ended, w) = match self.current.take() {
+            Some(w) if w.chain_id == r.chain_id => (None, self.current.insert(w)),
+            before => {
+                if !self.seen.insert(r.chain_id.clone()) {
+                    self.current = before;
+                    return Err(OrderError::ChainTwice(r.chain_id.clone()));
+                }
+                let anchor = self.anchors.remove(&r.chain_id);
+                let w = ChainWalk::new(&r.chain_id, anchor);
+                (before, self.current.insert(w))
             }
-            ended = self.current.take();
-            self.seen.insert(r.chain_id.clone());
-            let anchor = self.anchors.remove(&r.chain_id);
-            self.current = Some(ChainWalk::new(&r.chain_id, anchor));
-        }
-        let Some(w) = self.current.as_mut() else {
-            return Ok(ended);
         };
         if r.seq < w.last_seq {
             return Err(OrderError::SeqBack {

@@ -42,6 +42,23 @@ fn unavailable(detail: String) -> Reject {
     Reject::with(Code::ReplayUnavailable, detail)
 }
 
+/// The value at `key` and its CAS.
+fn get(store: &impl SharedStore, key: &str) -> Result<(Option<Vec<u8>>, u32), Reject> {
+    store
+        .get(key)
+        .map_err(|e| unavailable(format!("shared data get: {e:?}")))
+}
+
+/// The CAS a missing key is created with: [`CREATE_CAS`] first; strict hosts
+/// refuse it on a missing key, so once it was tried, a plain create (0).
+fn create_cas(tried: &mut bool) -> u32 {
+    if std::mem::replace(tried, true) {
+        0
+    } else {
+        CREATE_CAS
+    }
+}
+
 /// Every attempt found the key changed by another worker.
 fn contended() -> Reject {
     Reject::new(Code::ReplayUnavailable, "replay state is contended; retry")
@@ -91,9 +108,7 @@ fn reserve_key(store: &impl SharedStore, prefix: &str, cap: u64) -> Result<(), R
     let key = keys_count_key(prefix);
     let mut tried_create = false;
     for _ in 0..MAX_ATTEMPTS {
-        let (value, cas) = store
-            .get(&key)
-            .map_err(|e| unavailable(format!("shared data get: {e:?}")))?;
+        let (value, cas) = get(store, &key)?;
         let n = match &value {
             None => 0,
             Some(b) => <[u8; 8]>::try_from(b.as_slice())
@@ -108,12 +123,7 @@ fn reserve_key(store: &impl SharedStore, prefix: &str, cap: u64) -> Result<(), R
         }
         let cas = match value {
             Some(_) => cas,
-            // Strict hosts refuse CREATE_CAS on a missing key; then create plainly.
-            None if tried_create => 0,
-            None => {
-                tried_create = true;
-                CREATE_CAS
-            }
+            None => create_cas(&mut tried_create),
         };
         if cas_set(store, &key, &(n + 1).to_le_bytes(), cas)? {
             return Ok(());
@@ -137,19 +147,14 @@ pub fn accept_nonce(
     let mut tried_create = false;
     let mut reserved = false;
     for _ in 0..MAX_ATTEMPTS {
-        let (value, cas) = store
-            .get(&key)
-            .map_err(|e| unavailable(format!("shared data get: {e:?}")))?;
+        let (value, cas) = get(store, &key)?;
         let Some(bytes) = value else {
             if !reserved {
                 let cap = (limits.max_issuers as u64).saturating_mul(gw_core::replay::SHARDS);
                 reserve_key(store, prefix, cap)?;
                 reserved = true;
             }
-            // Strict hosts refuse CREATE_CAS on a missing key; then create plainly.
-            let create_cas = if tried_create { 0 } else { CREATE_CAS };
-            tried_create = true;
-            match store.set(&key, &[], create_cas) {
+            match store.set(&key, &[], create_cas(&mut tried_create)) {
                 Ok(()) | Err(StoreError::CasMismatch) => continue,
                 Err(StoreError::Unavailable(e)) => {
                     return Err(unavailable(format!("shared data create: {e}")))
