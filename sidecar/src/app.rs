@@ -83,11 +83,19 @@ impl Running {
     /// refused and recorded), and `/healthz`.
     pub fn router(&self) -> axum::Router {
         let modules = self.control.modules();
+        // The routes whose refusals write no row themselves.
+        let reads = self
+            .ledger
+            .router()
+            .merge(ModelsApi::new(self.models.clone(), modules.clone()).router())
+            .layer(axum::middleware::from_fn_with_state(
+                self.gatekeeper.clone(),
+                crate::serve::record_refusals_of_reads,
+            ));
         let api = self
             .control
             .router()
-            .merge(self.ledger.router())
-            .merge(ModelsApi::new(self.models.clone(), modules.clone()).router())
+            .merge(reads)
             .merge(SenderApi::new(self.plane.clone(), modules, self.gatekeeper.clone()).router())
             .merge(self.realtime.router())
             .merge(crate::console::router(&self.command_path))

@@ -85,7 +85,7 @@ impl IntoResponse for ApiError {
                 serde_json::Value::Object(fields).to_string()
             }
         };
-        (
+        let mut r = (
             status,
             [
                 (header::CONTENT_TYPE, "application/json"),
@@ -93,9 +93,17 @@ impl IntoResponse for ApiError {
             ],
             body,
         )
-            .into_response()
+            .into_response();
+        r.extensions_mut().insert(Answered(self.0.code));
+        r
     }
 }
+
+/// The code an [`ApiError`] answered with, on its response: for a layer that
+/// records the refusals of routes that write no row themselves
+/// (`serve::record_refusals_of_reads`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answered(pub Code);
 
 #[cfg(test)]
 mod tests {
@@ -111,6 +119,7 @@ mod tests {
                 "application/json",
                 "{code}"
             );
+            assert_eq!(r.extensions().get(), Some(&Answered(*code)), "{code}");
         }
     }
 }

@@ -28,7 +28,7 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::net::TcpListener;
 use tower::ServiceExt as _;
 
-use crate::error::ApiError;
+use crate::error::{Answered, ApiError};
 use crate::ledger::Auditor;
 use crate::ops::metrics::ControlMetrics;
 
@@ -970,6 +970,17 @@ pub async fn record_refusal(
     who: Option<&gw_core::contract::Requester>,
     route: &str,
 ) -> Result<(), crate::ledger::AuditError> {
+    record_refusal_of(g, code, who, route, &[]).await
+}
+
+/// [`record_refusal`], the row keeping `body` (what of the request was read).
+async fn record_refusal_of(
+    g: &Gatekeeper,
+    code: Code,
+    who: Option<&gw_core::contract::Requester>,
+    route: &str,
+    body: &[u8],
+) -> Result<(), crate::ledger::AuditError> {
     let budget = g.forwarded(who);
     let unrecorded = || {
         g.metrics.unrecorded(code.as_str());
@@ -983,9 +994,68 @@ pub async fn record_refusal(
         return unrecorded();
     }
     g.auditor
-        .refusal(code, &[], who, route)
+        .refusal(code, body, who, route)
         .await
         .inspect_err(|_| budget.owe(code, 1))
+}
+
+/// Records the refusals of the routes that answer them as any other error and
+/// write no row themselves — the ledger's reads, the models' scoring: each
+/// answer of a 4xx [`ApiError`] ([`Answered`]) gets its row before it is sent,
+/// naming who the edge said sent the request and keeping what of its body the
+/// route read (at most [`REFUSED_BODY_BYTES`]), within the budget of requests
+/// the edge forwarded (beyond it, counted and summed). The answer stands when
+/// the row cannot be written (owed, and summed once the ledger takes rows).
+/// The sidecar's own failures (5xx: ClickHouse not answering, no ledger
+/// configured) are no refusal of the caller's request, and write no row.
+pub async fn record_refusals_of_reads(
+    State(g): State<Gatekeeper>,
+    req: Request,
+    next: Next,
+) -> Response {
+    use futures_util::StreamExt as _;
+    let who = edge_requester(&req);
+    let route = gw_core::contract::truncate_utf8(
+        req.uri().path(),
+        gw_core::contract::MAX_REPORT_PATH_BYTES,
+    )
+    .to_owned();
+    // What the route reads of the body, copied as it passes (up to the bound).
+    let read = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let req = req.map(|body| {
+        let read = read.clone();
+        Body::from_stream(body.into_data_stream().inspect(move |chunk| {
+            if let Ok(chunk) = chunk {
+                let mut read = read.lock();
+                let take = chunk.len().min(REFUSED_BODY_BYTES - read.len());
+                read.extend_from_slice(&chunk[..take]);
+            }
+        }))
+    });
+    let answer = next.run(req).await;
+    let Some(&Answered(code)) = answer.extensions().get() else {
+        return answer;
+    };
+    if !answer.status().is_client_error() {
+        return answer;
+    }
+    let body = std::mem::take(&mut *read.lock());
+    g.metrics.decision(code.as_str());
+    // On a task of its own: a caller that hangs up does not take the row along.
+    let recorded = tokio::spawn(async move {
+        record_refusal_of(&g, code, who.as_ref(), &route, &body)
+            .await
+            .inspect_err(|_| g.metrics.unrecorded(code.as_str()))
+    })
+    .await;
+    match recorded {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, code = %code, "a refusal's row was not written; it is summed once the ledger takes rows");
+        }
+        Err(e) => tracing::error!(error = %e, "recording a refusal failed"),
+    }
+    answer
 }
 
 /// A refusal a route answered in its own shape (the data plane's: JSON-RPC

@@ -114,7 +114,8 @@ fn predictions_equal_the_training_librarys_and_are_served_over_http() {
 
     // Over the sidecar's HTTP API.
     let d = testkit::TempDir::new("models-http");
-    let mut cfg = common::config(d.path(), true);
+    let ch = testkit::clickhouse::ClickHouse::start(d.path());
+    let mut cfg = common::config_with_clickhouse(&d.path().join("state"), true, &ch);
     cfg.file.models = Some(ModelsConfig {
         poll_ms: 100,
         ..ModelsConfig::with_dir(dir.to_path_buf())
@@ -207,6 +208,82 @@ fn predictions_equal_the_training_librarys_and_are_served_over_http() {
         (Some(false), Some("below tip")),
         "{below}"
     );
+
+    // Each refusal of the scoring routes is a ledger row: the route, its code,
+    // who the edge said asked, and what of the body was read (at most 4 KiB).
+    // The calls that were answered wrote none.
+    let post_raw = |path: &str, body: &[u8]| -> (u16, Value) {
+        s.rt.block_on(async {
+            let r = common::as_admin(s.http.post(format!("{}{path}", s.base)))
+                .header("content-type", "application/json")
+                .body(body.to_vec())
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        })
+    };
+    let wide = serde_json::to_vec(&json!({"rows": [first[..8]], "margin": true})).unwrap();
+    let big = vec![b' '; (4 << 20) + 1];
+    let refused: [(&str, &[u8], u16, &str); 5] = [
+        (
+            "/api/models/mev/predict",
+            b"{\"rows\": [[1.0,",
+            400,
+            "malformed",
+        ),
+        (
+            "/api/modules/dex/evaluate",
+            b"{\"rows\": []}",
+            400,
+            "malformed",
+        ),
+        ("/api/modules/mev/evaluate", &wide, 400, "bad_args"),
+        (
+            "/api/models/%FF/predict",
+            b"{\"rows\": []}",
+            400,
+            "malformed",
+        ),
+        ("/api/models/mev/predict", &big, 413, "too_large"),
+    ];
+    for (path, body, status, code) in refused {
+        let (got, answer) = post_raw(path, body);
+        assert_eq!(
+            (got, answer["error"].as_str()),
+            (status, Some(code)),
+            "{path}: {answer}"
+        );
+    }
+    let narrow = serde_json::to_vec(&json!({"rows": [[1.0, 2.0]]})).unwrap();
+    let mut want: Vec<(String, String, String, String, String)> =
+        std::iter::once(("/api/models/mev/predict", &narrow[..], "bad_args"))
+            .chain(refused.iter().map(|(p, b, _, c)| (*p, *b, *c)))
+            .map(|(p, b, c)| {
+                let kept = &b[..b.len().min(4096)];
+                let who = ("sidecar".to_owned(), "operator-1".to_owned());
+                (p.to_owned(), c.to_owned(), hex::encode(kept), who.0, who.1)
+            })
+            .collect();
+    want.sort();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        let mut got: Vec<(String, String, String, String, String)> = common::stored(&ch)
+            .into_iter()
+            .filter(|r| {
+                let scoring = r.route.starts_with("/api/models/")
+                    || r.route.starts_with("/api/modules/") && r.route.ends_with("/evaluate");
+                scoring && r.decision == "rejected"
+            })
+            .map(|r| (r.route, r.code, r.raw_hex, r.stage, r.requester))
+            .collect();
+        got.sort();
+        if got.len() >= want.len() || std::time::Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(got, want);
 }
 
 fn activate(dir: &Path, stem: &str, lib: &str) {

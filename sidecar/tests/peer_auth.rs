@@ -489,6 +489,30 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
         (405, Some("method_not_allowed"))
     );
 
+    // A read of the ledger it cannot answer: 400 malformed, with its row naming
+    // who asked; a method the ledger's route does not serve: one row, the 405's.
+    let (status, body) = call(
+        &s,
+        &s.http,
+        "GET",
+        "/api/ledger/history?stage=bogus",
+        OPERATOR,
+        Vec::new(),
+    );
+    assert_eq!((status, body["error"].as_str()), (400, Some("malformed")));
+    let (status, body) = call(
+        &s,
+        &s.http,
+        "POST",
+        "/api/ledger/history",
+        OPERATOR,
+        Vec::new(),
+    );
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+
     // A body over max_body_bytes (4096 here), from the edge: 413 too_large, and
     // its row too (without the bytes it did not read).
     // (Unstamped: the body is refused before the stamp is looked at.)
@@ -496,7 +520,7 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
     assert_eq!((status, body["error"].as_str()), (413, Some("too_large")));
 
     // Every refusal is a sidecar row with its code; no row claims the edge.
-    let rows = common::wait_rows(&ch, refused + forgeries + 6);
+    let rows = common::wait_rows(&ch, refused + forgeries + 8);
     let forged_rows: Vec<_> = rows
         .iter()
         .filter(|r| r.code == "edge_stamp_invalid")
@@ -543,8 +567,17 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
         .filter(|r| r.code == "method_not_allowed")
         .collect();
     assert_eq!(
-        (na.len(), na[0].route.as_str()),
-        (1, "/api/control/commands")
+        na.iter().map(|r| r.route.as_str()).collect::<Vec<_>>(),
+        ["/api/control/commands", "/api/ledger/history"]
+    );
+    let bad_read: Vec<_> = rows.iter().filter(|r| r.code == "malformed").collect();
+    assert_eq!(
+        bad_read
+            .iter()
+            .map(|r| (r.route.as_str(), r.requester.as_str()))
+            .collect::<Vec<_>>(),
+        [("/api/ledger/history", "operator-1")],
+        "{rows:#?}"
     );
     let refusals: Vec<_> = rows
         .iter()

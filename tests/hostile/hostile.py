@@ -420,6 +420,14 @@ def edge_cases(k):
         b'{"opportunities": ["%s"' % uuid.uuid4().hex.encode(), 400, "malformed",
         S("malformed", "hostile-operator"), marker_in_path=False)
 
+    # The reads and the models' scoring: their refusals are rows too.
+    add("ledger: a cursor that is none", "GET",
+        "/api/ledger/request/%s?after=bogus" % uuid.uuid4().hex, [auth(viewer)], b"", 400, "malformed",
+        S("malformed", "hostile-viewer"), marker_in_path=False)
+    add("models: a predict body that is not JSON", "POST", "/api/models/mev/predict", json_h(operator),
+        b'{"rows": [["%s"' % uuid.uuid4().hex.encode(), 400, "malformed",
+        S("malformed", "hostile-operator"), marker_in_path=False)
+
     # Header spoofing: what the client says it is counts for nothing.
     spoof = [("x-gw-verified", "1"), ("x-gw-sub", "mallory"), ("x-gw-roles", "admin"),
              ("x-gw-pubkey-id", "op-admin-1"), ("x-gw-issuer", "dashboard"), ("x-gw-token-issuer", "evil")]
@@ -579,7 +587,8 @@ def check(results, rows):
                 if i in used or (r["stage"], r["decision"], r["code"]) != (stage, decision, acode):
                     continue
                 by_marker = marker is not None and r["route"].endswith(marker)
-                by_body = marker is None and (r["raw_hex"] == raw or (raw == "" and r["route"] == c.path))
+                by_body = marker is None and (r["raw_hex"] == raw
+                                              or (raw == "" and r["route"] == c.path.split("?")[0]))
                 if by_marker or by_body:
                     match = i
                     break

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -175,6 +176,26 @@ fn score_now(
 
 type Api = State<Arc<ModelsApi>>;
 
+/// The module the path names; 400 `malformed` in the API's shape when it is not
+/// UTF-8 once decoded (axum's own answer is plain text).
+fn slot(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    p.map(|Path(m)| m)
+        .map_err(|e| ApiError::with(Code::Malformed, e.body_text()))
+}
+
+/// The body; beyond [`MAX_SCORE_BODY`] 413 `too_large`, one that did not arrive
+/// whole 400 `malformed`, in the API's shape.
+fn body_of(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    b.map_err(|e| {
+        let code = if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            Code::TooLarge
+        } else {
+            Code::Malformed
+        };
+        ApiError::with(code, e.body_text())
+    })
+}
+
 /// What serves each module (`GET /api/models`).
 async fn get_models(State(api): Api) -> Result<Json<Value>, ApiError> {
     let host = api.host()?;
@@ -189,9 +210,10 @@ async fn get_models(State(api): Api) -> Result<Json<Value>, ApiError> {
 /// Scores a batch with the module's serving model.
 async fn predict(
     State(api): Api,
-    Path(module): Path<String>,
-    body: Bytes,
+    module: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let (module, body) = (slot(module)?, body_of(body)?);
     let (model, out, margin) = api.score(&module, body).await?;
     let outputs: Vec<&[f32]> = out.chunks(model.n_outputs as usize).collect();
     Ok(Json(json!({
@@ -207,9 +229,10 @@ async fn predict(
 /// rate is not consumed here (it counts sends, and this sends nothing).
 async fn evaluate(
     State(api): Api,
-    Path(module): Path<String>,
-    body: Bytes,
+    module: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let (module, body) = (slot(module)?, body_of(body)?);
     let m = Module::parse(&module).ok_or_else(|| {
         ApiError::with(
             Code::Malformed,
