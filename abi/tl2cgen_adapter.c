@@ -22,7 +22,10 @@
  *   5 outputs off by 1e-4 relative (a wrong model), 6 no golden vectors,
  *   7 init never returns (a hang), 8 init aborts the process (a crash),
  *   9 predict faults (a segfault) on a row whose first feature is -12345, a row
- *     no check scores (a crash on the hot path).
+ *     no check scores (a crash on the hot path),
+ *  10 init takes 1.5 s and then succeeds (a slow load),
+ *  11 release takes 1 s and then tears down what init set up, which predict
+ *     needs (a library whose state goes with its release).
  */
 #include <math.h>
 #include <pthread.h>
@@ -75,15 +78,21 @@ _Static_assert(GW_GOLDEN_N_FEATURES > 0, "golden.h names no feature count");
 _Static_assert(GW_GOLDEN_N_OUTPUTS == N_OUTPUTS,
                "golden.h was written for another output width than header.h");
 
+/* Fault 11: what init sets up and release tears down. */
+static _Atomic int set_up = 0;
+
 static int32_t adapter_init(void) {
     if (MODEL_TEST_FAULT == 4) return MODEL_ERR_INTERNAL;
     if (MODEL_TEST_FAULT == 7) for (;;) sleep(3600);
     if (MODEL_TEST_FAULT == 8) abort();
+    if (MODEL_TEST_FAULT == 10) usleep(1500 * 1000);
+    set_up = 1;
     return get_num_feature() == GW_GOLDEN_N_FEATURES ? MODEL_OK : MODEL_ERR_INTERNAL;
 }
 
 static int32_t adapter_predict(const float *rows, size_t n_rows, uint32_t flags, float *out) {
     if (MODEL_TEST_FAULT == 2) return MODEL_ERR_INTERNAL;
+    if (MODEL_TEST_FAULT == 11 && !set_up) return MODEL_ERR_INTERNAL;
     if ((flags & ~MODEL_PREDICT_MARGIN) != 0) return MODEL_ERR_ARGUMENT;
     if (n_rows == 0) return MODEL_OK;
     if (rows == NULL || out == NULL || n_rows > MAX_ROWS_PER_CALL) return MODEL_ERR_ARGUMENT;
@@ -129,6 +138,11 @@ static int32_t adapter_predict(const float *rows, size_t n_rows, uint32_t flags,
 static struct model_abi_v2 table;
 static pthread_once_t table_once = PTHREAD_ONCE_INIT;
 
+static void adapter_release(void) {
+    usleep(1000 * 1000);
+    set_up = 0;
+}
+
 static void fill_table(void) {
     table.abi_version = MODEL_TEST_FAULT == 1 ? 99u : MODEL_ABI_V2;
     table.struct_size = (uint32_t)sizeof(struct model_abi_v2);
@@ -143,7 +157,7 @@ static void fill_table(void) {
     table.trainer = GW_GOLDEN_TRAINER;
     table.init = adapter_init;
     table.predict = adapter_predict;
-    table.release = NULL;
+    table.release = MODEL_TEST_FAULT == 11 ? adapter_release : NULL;
     table.n_golden = MODEL_TEST_FAULT == 6 ? 0u : (uint32_t)GW_GOLDEN_N;
     table.golden_rows = gw_golden_rows;
     table.golden_outputs = gw_golden_outputs;

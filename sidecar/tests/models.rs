@@ -1322,6 +1322,118 @@ fn a_library_that_hangs_is_refused_and_blocks_nothing_else() {
     assert_eq!(serving().as_deref(), Some("good1"));
 }
 
+/// A loader that timed out holds the next library back (`loader_stuck`) only
+/// while it is inside the library: once it returns, the next look loads it.
+#[test]
+fn a_library_held_back_by_a_stuck_loader_is_loaded_once_the_loader_returns() {
+    let d = testkit::TempDir::new("models-stuck-returns");
+    let dir = d.path();
+    build(dir, "good2", 8, 0, "mev");
+    build(dir, "good1", 7, 0, "mev");
+    let host = host(dir, 8, false).with_load_timeout(Duration::from_millis(700));
+    host.poll();
+    let serving = || host.current("mev").map(|m| m.version.clone());
+    assert_eq!(serving().as_deref(), Some("good1"));
+    // Its init takes 1.5 s.
+    build(dir, "slow", 7, 10, "mev");
+    let t0 = std::time::Instant::now();
+    let log = host.poll();
+    assert!(
+        log.iter().any(|l| l.contains("refused [timeout]")),
+        "{log:?}"
+    );
+    activate(dir, "mev", "libmev_vgood2.so");
+    let log = host.poll();
+    assert!(
+        log.iter().any(|l| l.contains("refused [loader_stuck]")),
+        "{log:?}"
+    );
+    // Said once while it lasts.
+    assert!(host.poll().is_empty());
+    std::thread::sleep(Duration::from_millis(1800).saturating_sub(t0.elapsed()));
+    let log = host.poll();
+    assert_eq!(serving().as_deref(), Some("good2"), "{log:?}");
+}
+
+/// A model swapped out whose `release` still runs when the link names its file
+/// again is not handed back by the C library's loader mid-teardown: refused
+/// `still_mapped` and tried again at each look, it is loaded afresh once its
+/// release ended (its `init` after its `release`), and serves.
+#[test]
+fn a_library_still_being_released_is_loaded_again_once_its_release_ends() {
+    let d = testkit::TempDir::new("models-releasing");
+    let dir = d.path();
+    // Its release takes 1 s and tears down what its init set up, which its
+    // predict needs.
+    build(dir, "teardown", 7, 11, "mev");
+    let host = host(dir, 8, false);
+    host.poll();
+    let serving = || host.current("mev").map(|m| m.version.clone());
+    let first = host.current("mev").unwrap();
+    assert_eq!(first.version, "teardown");
+    build(dir, "good2", 8, 0, "mev");
+    host.poll();
+    assert_eq!(serving().as_deref(), Some("good2"));
+    // The last reference to the first goes on another thread (a hot-path
+    // batch that held it across the swap).
+    let releasing = std::thread::spawn(move || drop(first));
+    std::thread::sleep(Duration::from_millis(200));
+    activate(dir, "mev", "libmev_vteardown.so");
+    let log = host.poll();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("refused [still_mapped]") && l.contains("still serving good2")),
+        "{log:?}"
+    );
+    assert!(host.poll().is_empty(), "said once");
+    releasing.join().unwrap();
+    host.poll();
+    assert_eq!(serving().as_deref(), Some("teardown"));
+    let row = [0.5f32; 8];
+    assert!(
+        host.current("mev").unwrap().predict(&row).is_ok(),
+        "its init ran after its release"
+    );
+}
+
+/// A library replaced at its path (a new file renamed over it) while a model
+/// loaded from the old file still runs is not served with the old file's code
+/// under the new file's SHA-256: refused `still_mapped` until the old model is
+/// let go, then the new file is loaded.
+#[test]
+fn a_file_replaced_while_its_old_model_runs_waits_for_the_old_one_to_go() {
+    let d = testkit::TempDir::new("models-replaced");
+    let dir = d.path();
+    build(dir, "good1", 7, 0, "mev");
+    let host = host(dir, 8, false);
+    host.poll();
+    let serving = || {
+        host.current("mev")
+            .map(|m| (m.version.clone(), m.sha256.clone()))
+    };
+    let old = host.current("mev").unwrap();
+    build(dir, "good2", 8, 0, "mev");
+    host.poll();
+    assert_eq!(serving().unwrap().0, "good2");
+    // good2's bytes, renamed over good1's path (a new inode, as `install` does).
+    let path = dir.join("libmev_vgood1.so");
+    std::fs::copy(dir.join("libmev_vgood2.so"), dir.join("staged.so")).unwrap();
+    std::fs::rename(dir.join("staged.so"), &path).unwrap();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        std::fs::read(&path).unwrap(),
+    ));
+    activate(dir, "mev", "libmev_vgood1.so");
+    let log = host.poll();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("refused [still_mapped]") && l.contains("older file")),
+        "{log:?}"
+    );
+    drop(old);
+    let log = host.poll();
+    assert_eq!(serving(), Some(("good2".to_owned(), sha)), "{log:?}");
+}
+
 /// The metric of libraries refused for `reason` for `module`, from the sidecar's
 /// ops port.
 fn rejected_for(ops: u16, module: &str, reason: &str) -> Option<u64> {

@@ -70,8 +70,9 @@ pub struct Slot {
     linked: AtomicBool,
     /// The link is missing or dangling now (logged once per change).
     link_lost: AtomicBool,
-    /// Link target refused last (not retried until the link changes).
-    refused: Mutex<Option<(PathBuf, String)>>,
+    /// Link target refused last, why, and whether it is tried again at each look
+    /// ([`super::LoadError::retried`]; else not until the link changes).
+    refused: Mutex<Option<(PathBuf, String, bool)>>,
     /// Link target of the model serving (its own path, or another path to a file
     /// already loaded, served from there): a link still naming it swaps nothing.
     serving_target: Mutex<Option<PathBuf>>,
@@ -337,9 +338,9 @@ impl ModelHost {
     #[must_use]
     pub fn with_crash_marker(mut self, path: PathBuf) -> ModelHost {
         let list = path.with_file_name(CRASHED_LIST);
-        match std::fs::read_to_string(&path) {
+        match std::fs::read(&path) {
             Ok(named) => {
-                let named = PathBuf::from(named.trim_end_matches('\n'));
+                let named = bytes_path(named.strip_suffix(b"\n").unwrap_or(&named));
                 if !named.as_os_str().is_empty() {
                     tracing::error!(library = %named.display(), "the last process died loading this model library: it is refused at this start");
                     self.crashed.push(named);
@@ -408,7 +409,9 @@ impl ModelHost {
         if let Some(m) = &self.marker {
             // Written before the library's code runs; a process crash keeps it. The
             // loader thread removes it once the library's code has returned.
-            if let Err(e) = std::fs::write(m, format!("{}\n", target.display())) {
+            let mut line = target.as_os_str().as_encoded_bytes().to_vec();
+            line.push(b'\n');
+            if let Err(e) = std::fs::write(m, line) {
                 tracing::warn!(error = %e, "model crash marker not written");
             }
         }
@@ -560,9 +563,13 @@ impl ModelHost {
                 continue;
             }
             // Not held while the library loads: `view` (GET /api/models) reads it.
-            if s.refused.lock().as_ref().is_some_and(|(p, _)| *p == target) {
-                continue;
-            }
+            // A refusal of a kind that passes is tried again, and said again only
+            // when it changes.
+            let refused_before = match s.refused.lock().as_ref() {
+                Some((p, _, false)) if *p == target => continue,
+                Some((p, why, true)) if *p == target => Some(why.clone()),
+                _ => None,
+            };
             // Said when it was first kept.
             let said = waiting.is_some();
             let loaded = match waiting {
@@ -620,6 +627,7 @@ impl ModelHost {
                     s.loads.inc();
                     *s.refused.lock() = None;
                 }
+                Err(e) if refused_before.as_deref() == Some(e.to_string().as_str()) => {}
                 Err(e) => {
                     let kept = s.serving_version();
                     log.push(format!(
@@ -647,7 +655,7 @@ impl ModelHost {
                             s.module
                         ));
                     }
-                    *s.refused.lock() = Some((target, e.to_string()));
+                    *s.refused.lock() = Some((target, e.to_string(), e.retried()));
                 }
             }
         }
@@ -664,7 +672,7 @@ impl ModelHost {
                     .refused
                     .lock()
                     .as_ref()
-                    .map(|(p, e)| (p.display().to_string(), e.clone()));
+                    .map(|(p, e, _)| (p.display().to_string(), e.clone()));
                 (
                     s.module,
                     SlotView {

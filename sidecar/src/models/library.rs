@@ -152,11 +152,19 @@ pub enum LoadError {
         "{0}: not opened: the loader of {1} timed out and is still inside it (restart the sidecar)"
     )]
     LoaderStuck(String, String),
+    /// The C library loader still holds a library loaded before from this path,
+    /// and would hand it back instead of loading the file: a model swapped out a
+    /// moment ago whose `release` still runs (its `init` would run again before
+    /// its teardown ends), or an older file at this path (replaced since) that a
+    /// model still uses (its code would serve under the new file's SHA-256).
+    /// Tried again at each look, until it is let go.
+    #[error("{0}: not opened yet: {1}; tried again at the next look")]
+    StillMapped(String, String),
 }
 
 impl LoadError {
     /// Every reason label, in the order of the checks.
-    pub const REASONS: [&'static str; 13] = [
+    pub const REASONS: [&'static str; 14] = [
         "open",
         "untrusted",
         "not_allowed",
@@ -170,6 +178,7 @@ impl LoadError {
         "timeout",
         "crashed",
         "loader_stuck",
+        "still_mapped",
     ];
 
     /// The stable reason label (one of [`LoadError::REASONS`]).
@@ -188,7 +197,17 @@ impl LoadError {
             LoadError::Timeout(..) => "timeout",
             LoadError::Crashed(..) => "crashed",
             LoadError::LoaderStuck(..) => "loader_stuck",
+            LoadError::StillMapped(..) => "still_mapped",
         }
+    }
+
+    /// Whether the same library is tried again at the next look (what kept it
+    /// out passes), rather than refused until its link changes.
+    pub fn retried(&self) -> bool {
+        matches!(
+            self,
+            LoadError::LoaderStuck(..) | LoadError::StillMapped(..)
+        )
     }
 }
 
@@ -278,10 +297,15 @@ pub struct Model {
     predict: PredictFn,
     #[serde(skip)]
     release: Option<unsafe extern "C" fn()>,
-    // Declared last: dropped after `release` ran in `Drop`.
+    // Closed in `Drop`, after `release` ran.
     #[serde(skip)]
-    _lib: libloading::Library,
+    lib: std::mem::ManuallyDrop<libloading::Library>,
 }
+
+/// The files ([`Model::file`]) of models being dropped: their `release` runs, or
+/// the loader is closing them. The C library's loader would hand such a library
+/// back to a load of the same file, its teardown not over.
+static RELEASING: parking_lot::Mutex<Vec<(u64, u64)>> = parking_lot::Mutex::new(Vec::new());
 
 fn lossy_path<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&p.to_string_lossy())
@@ -296,11 +320,72 @@ unsafe impl Sync for Model {}
 
 impl Drop for Model {
     fn drop(&mut self) {
+        RELEASING.lock().push(self.file);
         if let Some(release) = self.release {
             // SAFETY: the last reference is gone, so no predict is running.
             unsafe { release() };
         }
+        // SAFETY: never used again; no function of it is referenced any more.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.lib) };
+        let mut releasing = RELEASING.lock();
+        if let Some(i) = releasing.iter().position(|f| *f == self.file) {
+            releasing.swap_remove(i);
+        }
     }
+}
+
+/// Why a load of the file `file` (device, inode) at `path` would be handed a
+/// library the C library's loader holds already instead of that file
+/// ([`LoadError::StillMapped`]), if it would.
+///
+/// glibc hands back a library it has loaded under the same name or from the
+/// same file. One whose model is being dropped ([`RELEASING`]) would get its
+/// `init` while its `release` runs; one mapped from another file once at this
+/// path (replaced since) would serve its own code under this file's hash. One
+/// left mapped from this same file after its release ended (a library the
+/// loader does not unload) is the same code, and is taken up again.
+fn still_mapped(path: &Path, file: (u64, u64)) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    if RELEASING.lock().contains(&file) {
+        return Some("the model loaded from this file before is still being released".into());
+    }
+    // SAFETY: with RTLD_NOLOAD the loader opens nothing and runs no code: it
+    // hands back a library it holds already (one reference more, given back at
+    // once: it is held elsewhere), or nothing.
+    let held = unsafe {
+        libloading::os::unix::Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_NOLOAD)
+    };
+    if held.is_err() {
+        return None;
+    }
+    drop(held);
+    let maps = std::fs::read("/proc/self/maps").ok()?;
+    let name = path.as_os_str().as_bytes();
+    let older = maps.split(|b| *b == b'\n').any(|line| match mapping(line) {
+        Some((inode, mapped)) if mapped == name => inode != file.1,
+        Some((_, mapped)) => mapped.strip_suffix(b" (deleted)") == Some(name),
+        None => false,
+    });
+    older.then(|| {
+        "an older file at this path, replaced since, is still mapped for a model that runs".into()
+    })
+}
+
+/// The inode and path of one line of `/proc/self/maps`
+/// (`start-end perms offset dev inode   path`).
+fn mapping(line: &[u8]) -> Option<(u64, &[u8])> {
+    /// The field `rest` starts with (after its padding), and what follows it.
+    fn field(rest: &[u8]) -> Option<(&[u8], &[u8])> {
+        let r = &rest[rest.iter().position(|b| *b != b' ')?..];
+        Some(r.split_at(r.iter().position(|b| *b == b' ').unwrap_or(r.len())))
+    }
+    let mut rest = line;
+    for _ in 0..4 {
+        rest = field(rest)?.1;
+    }
+    let (inode, rest) = field(rest)?;
+    let inode = std::str::from_utf8(inode).ok()?.parse().ok()?;
+    Some((inode, &rest[rest.iter().position(|b| *b != b' ')?..]))
 }
 
 impl std::fmt::Debug for Model {
@@ -628,19 +713,17 @@ impl Model {
             line.into_boxed_slice()
         };
         // Read after the check; only root or the sidecar's user could change it
-        // before it is loaded. The file read is the one the model is known by.
+        // before it is loaded. The file read is the one the model is known by,
+        // hashed as it is read (a file of any size takes no memory).
         let (sha256, file) = {
-            use std::io::Read as _;
+            use sha2::Digest as _;
             use std::os::unix::fs::MetadataExt as _;
             let open = |e: std::io::Error| LoadError::Open(shown.clone(), e.to_string());
             let mut f = std::fs::File::open(&real).map_err(open)?;
             let m = f.metadata().map_err(open)?;
-            let mut bytes = Vec::new();
-            f.read_to_end(&mut bytes).map_err(open)?;
-            (
-                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
-                (m.dev(), m.ino()),
-            )
+            let mut hash = sha2::Sha256::new();
+            std::io::copy(&mut f, &mut hash).map_err(open)?;
+            (hex::encode(hash.finalize()), (m.dev(), m.ino()))
         };
         if let Some(allowed) = &policy.allowed_sha256 {
             if !allowed.contains(&sha256) {
@@ -652,6 +735,9 @@ impl Model {
         // line outlives the guard.
         let loading = crash_line.clone();
         let _inside = super::crash_note::Inside::enter(&loading);
+        if let Some(why) = still_mapped(&real, file) {
+            return Err(LoadError::StillMapped(shown, why));
+        }
         // SAFETY: loading runs the library's initialisers. Only a regular file that
         // no one but root and the sidecar's own user could have written, or put
         // at its path, is loaded (`trusted`), from the models directory
@@ -697,7 +783,7 @@ impl Model {
             path: real,
             predict: t.predict,
             release: t.release,
-            _lib: lib,
+            lib: std::mem::ManuallyDrop::new(lib),
         };
         model
             .self_test()
@@ -835,6 +921,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_line_of_the_maps_gives_its_inode_and_path() {
+        let line = b"7f0c2a1f5000-7f0c2a1f6000 r--p 00000000 fd:01 3942915                    /srv/m/lib v1.so (deleted)";
+        assert_eq!(
+            mapping(line),
+            Some((3_942_915, &b"/srv/m/lib v1.so (deleted)"[..]))
+        );
+        // An anonymous mapping has no path; a short line is none.
+        assert_eq!(mapping(b"7ffd1000-7ffd2000 rw-p 00000000 00:00 0 "), None);
+        assert_eq!(mapping(b"7ffd1000-7ffd2000 rw-p"), None);
+        // This process's own maps name its executable.
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let maps = std::fs::read("/proc/self/maps").unwrap();
+        assert!(maps
+            .split(|b| *b == b'\n')
+            .filter_map(mapping)
+            .any(|(inode, path)| inode > 0 && path == exe.as_os_str().as_encoded_bytes()));
+    }
+
+    #[test]
     fn every_error_has_one_of_the_listed_reasons() {
         let p = String::from("x");
         let all = [
@@ -854,7 +959,8 @@ mod tests {
             LoadError::GoldenMismatch(p.clone(), p.clone()),
             LoadError::Timeout(p.clone(), 1),
             LoadError::Crashed(p.clone()),
-            LoadError::LoaderStuck(p.clone(), p),
+            LoadError::LoaderStuck(p.clone(), p.clone()),
+            LoadError::StillMapped(p.clone(), p),
         ];
         let reasons: Vec<&str> = all.iter().map(LoadError::reason).collect();
         assert_eq!(reasons, LoadError::REASONS);
