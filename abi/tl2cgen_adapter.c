@@ -25,7 +25,8 @@
  *     no check scores (a crash on the hot path),
  *  10 init takes 1.5 s and then succeeds (a slow load),
  *  11 release takes 1 s and then tears down what init set up, which predict
- *     needs (a library whose state goes with its release).
+ *     needs (a library whose state goes with its release),
+ *  12 release aborts the process (a crash when the model is let go).
  */
 #include <math.h>
 #include <pthread.h>
@@ -139,6 +140,7 @@ static struct model_abi_v2 table;
 static pthread_once_t table_once = PTHREAD_ONCE_INIT;
 
 static void adapter_release(void) {
+    if (MODEL_TEST_FAULT == 12) abort();
     usleep(1000 * 1000);
     set_up = 0;
 }
@@ -157,7 +159,7 @@ static void fill_table(void) {
     table.trainer = GW_GOLDEN_TRAINER;
     table.init = adapter_init;
     table.predict = adapter_predict;
-    table.release = MODEL_TEST_FAULT == 11 ? adapter_release : NULL;
+    table.release = MODEL_TEST_FAULT == 11 || MODEL_TEST_FAULT == 12 ? adapter_release : NULL;
     table.n_golden = MODEL_TEST_FAULT == 6 ? 0u : (uint32_t)GW_GOLDEN_N;
     table.golden_rows = gw_golden_rows;
     table.golden_outputs = gw_golden_outputs;

@@ -1545,6 +1545,36 @@ fn a_library_the_last_process_ended_loading_is_refused_for_one_start() {
     );
 }
 
+/// A library that aborts the sidecar in its `release`, when a swap lets it go,
+/// is named in the list of libraries the sidecar died inside, as one that
+/// crashes in its `predict` is.
+#[test]
+fn a_library_that_crashes_in_its_release_is_named() {
+    let d = testkit::TempDir::new("models-crash-release");
+    let models = d.path().join("models");
+    build(&models, "fault12", 7, 12, "mev");
+    let ops = testkit::free_port();
+    let mut cmd = common::plain_sidecar(d.path(), ops);
+    cmd.env("GW_MODELS_DIR", &models);
+    let mut sidecar =
+        testkit::ProcessGuard::spawn("gw-sidecar", &mut cmd, &d.path().join("sidecar.log"));
+    wait_loaded(ops, "mev", &mut sidecar);
+    // Another build for the module: the swap drops the first, whose release aborts.
+    build(&models, "good", 8, 0, "mev");
+    let status = sidecar.wait_exit(Duration::from_secs(60));
+    {
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(
+            status.and_then(|s| s.signal()),
+            Some(libc::SIGABRT),
+            "{status:?}\n{}",
+            sidecar.log()
+        );
+    }
+    let list = std::fs::read_to_string(d.path().join(".run/sidecar/model-crashed")).unwrap();
+    assert!(list.trim_end().ends_with("libmev_vfault12.so"), "{list}");
+}
+
 /// A library that crashes the sidecar in its `predict` (a segfault on a row no
 /// check scores: the hot path's crash) takes the process down once: the signal
 /// names the library in the list of libraries the sidecar died in, so the next

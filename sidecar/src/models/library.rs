@@ -321,6 +321,9 @@ unsafe impl Sync for Model {}
 impl Drop for Model {
     fn drop(&mut self) {
         RELEASING.lock().push(self.file);
+        // Its code runs: `release`, then its finalisers as it is closed. A crash
+        // in there names it, as one in its `predict` does.
+        let _inside = super::crash_note::Inside::enter(&self.crash_line);
         if let Some(release) = self.release {
             // SAFETY: the last reference is gone, so no predict is running.
             unsafe { release() };
