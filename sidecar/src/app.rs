@@ -83,7 +83,11 @@ impl Running {
     /// refused and recorded), and `/healthz`.
     pub fn router(&self) -> axum::Router {
         let modules = self.control.modules();
-        // The routes whose refusals write no row themselves.
+        // The routes whose refusals write no row themselves. (Their 405s are
+        // answered by the `method_not_allowed_fallback` set below on the whole
+        // router, which records its own row: it replaces these routes' default
+        // 405 after this layer wrapped them, so it is not wrapped, and no 405
+        // gets two rows; `peer_auth.rs` checks it.)
         let reads = self
             .ledger
             .router()

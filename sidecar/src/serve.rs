@@ -1006,8 +1006,9 @@ async fn record_refusal_of(
 /// route read (at most [`REFUSED_BODY_BYTES`]), within the budget of requests
 /// the edge forwarded (beyond it, counted and summed). The answer stands when
 /// the row cannot be written (owed, and summed once the ledger takes rows).
-/// The sidecar's own failures (5xx: ClickHouse not answering, no ledger
-/// configured) are no refusal of the caller's request, and write no row.
+/// The sidecar's own failures and limits (5xx: ClickHouse not answering, no
+/// ledger configured; 429 `overloaded`: another verification walking the
+/// ledger) are no refusal of the caller's request, and write no row.
 pub async fn record_refusals_of_reads(
     State(g): State<Gatekeeper>,
     req: Request,
@@ -1026,9 +1027,7 @@ pub async fn record_refusals_of_reads(
         let read = read.clone();
         Body::from_stream(body.into_data_stream().inspect(move |chunk| {
             if let Ok(chunk) = chunk {
-                let mut read = read.lock();
-                let take = chunk.len().min(REFUSED_BODY_BYTES - read.len());
-                read.extend_from_slice(&chunk[..take]);
+                keep_prefix(&mut read.lock(), chunk, REFUSED_BODY_BYTES);
             }
         }))
     });
@@ -1036,7 +1035,8 @@ pub async fn record_refusals_of_reads(
     let Some(&Answered(code)) = answer.extensions().get() else {
         return answer;
     };
-    if !answer.status().is_client_error() {
+    // The sidecar's own limits are no refusal of what the caller asked.
+    if !answer.status().is_client_error() || code == Code::Overloaded {
         return answer;
     }
     let body = std::mem::take(&mut *read.lock());
@@ -1230,16 +1230,19 @@ async fn body_prefix(body: Body, max: usize, wait: std::time::Duration) -> Vec<u
     let _ = tokio::time::timeout(wait, async {
         while out.len() < max {
             match data.next().await {
-                Some(Ok(chunk)) => {
-                    let take = chunk.len().min(max - out.len());
-                    out.extend_from_slice(&chunk[..take]);
-                }
+                Some(Ok(chunk)) => keep_prefix(&mut out, &chunk, max),
                 _ => break,
             }
         }
     })
     .await;
     out
+}
+
+/// Adds to `out` what of `chunk` keeps it within `max` bytes.
+fn keep_prefix(out: &mut Vec<u8>, chunk: &[u8], max: usize) {
+    let take = chunk.len().min(max.saturating_sub(out.len()));
+    out.extend_from_slice(&chunk[..take]);
 }
 
 /// Answers `req` with `code`, after its row (the route and up to

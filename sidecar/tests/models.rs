@@ -340,6 +340,23 @@ fn a_hard_link_to_a_loaded_library_is_that_library() {
     assert!(Arc::ptr_eq(&mev, &arb), "loaded twice");
     assert!(host.poll().is_empty(), "swapped again");
     assert_eq!(host.slot("arbitrage").unwrap().loads(), 1);
+    drop((mev, arb, host));
+
+    // A module configured for another feature count: refused for it, the file
+    // not opened again.
+    let host = ModelHost::new(
+        dir,
+        |module| if module == "arbitrage" { 5 } else { 8 },
+        LoadPolicy::default(),
+    );
+    let lines = host.poll();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("refused [features]") && l.contains("configured for 5")),
+        "{lines:?}"
+    );
+    assert_eq!(host.current("mev").unwrap().version, "t1");
 }
 
 /// A library whose initialiser appends a line to `ran`, and that exports no model,
@@ -644,8 +661,15 @@ fn every_kind_of_bad_library_is_refused_with_its_reason_while_the_old_one_serves
         .poll()
         .iter()
         .any(|l| l.contains("refused [golden_missing]")));
-    // Wrong feature count (a module configured for 9 features).
-    activate(dir, "mev", "libmev_vgood1.so");
+    // Wrong feature count (a module configured for 9 features), of a copy of
+    // good1 (the file good1 serves from is open: another load of it in this
+    // process waits, `still_mapped`).
+    assert!(matches!(
+        Model::load(&dir.join("libmev_vgood1.so"), 8, LoadPolicy::default()),
+        Err(LoadError::StillMapped(..))
+    ));
+    std::fs::copy(dir.join("libmev_vgood1.so"), dir.join("libmev_vnine.so")).unwrap();
+    activate(dir, "mev", "libmev_vnine.so");
     let nine = self::host(dir, 9, false);
     assert!(nine
         .poll()
@@ -653,7 +677,7 @@ fn every_kind_of_bad_library_is_refused_with_its_reason_while_the_old_one_serves
         .any(|l| l.contains("takes 8 features, the module is configured for 9")));
     assert!(nine.current("mev").is_none());
     assert!(matches!(
-        Model::load(&dir.join("libmev_vgood1.so"), 9, LoadPolicy::default()),
+        Model::load(&dir.join("libmev_vnine.so"), 9, LoadPolicy::default()),
         Err(LoadError::Features {
             got: 8,
             want: 9,
@@ -1350,9 +1374,15 @@ fn a_library_held_back_by_a_stuck_loader_is_loaded_once_the_loader_returns() {
     );
     // Said once while it lasts.
     assert!(host.poll().is_empty());
-    std::thread::sleep(Duration::from_millis(1800).saturating_sub(t0.elapsed()));
-    let log = host.poll();
-    assert_eq!(serving().as_deref(), Some("good2"), "{log:?}");
+    // The slow library's loader returns 1.5 s after it started, and its
+    // checks run: good2 is loaded at a look after that.
+    std::thread::sleep(Duration::from_millis(1500).saturating_sub(t0.elapsed()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while serving().as_deref() != Some("good2") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        host.poll();
+    }
+    assert_eq!(serving().as_deref(), Some("good2"));
 }
 
 /// A model swapped out whose `release` still runs when the link names its file
@@ -1396,42 +1426,65 @@ fn a_library_still_being_released_is_loaded_again_once_its_release_ends() {
     );
 }
 
-/// A library replaced at its path (a new file renamed over it) while a model
-/// loaded from the old file still runs is not served with the old file's code
-/// under the new file's SHA-256: refused `still_mapped` until the old model is
-/// let go, then the new file is loaded.
+/// A file at a library's path that is not the one a model still running was
+/// loaded from — the old one renamed away, or a new one renamed over it — is not
+/// served with the old file's code under the new file's SHA-256 (glibc would
+/// hand back the library it holds under that name): refused `still_mapped`
+/// until the old model is let go, then the new file is loaded from its path.
 #[test]
 fn a_file_replaced_while_its_old_model_runs_waits_for_the_old_one_to_go() {
     let d = testkit::TempDir::new("models-replaced");
     let dir = d.path();
+    build(dir, "good2", 8, 0, "mev");
     build(dir, "good1", 7, 0, "mev");
     let host = host(dir, 8, false);
     host.poll();
     let serving = || {
         host.current("mev")
-            .map(|m| (m.version.clone(), m.sha256.clone()))
+            .map(|m| (m.version.clone(), m.sha256.clone(), m.path.clone()))
     };
-    let old = host.current("mev").unwrap();
-    build(dir, "good2", 8, 0, "mev");
-    host.poll();
-    assert_eq!(serving().unwrap().0, "good2");
-    // good2's bytes, renamed over good1's path (a new inode, as `install` does).
-    let path = dir.join("libmev_vgood1.so");
-    std::fs::copy(dir.join("libmev_vgood2.so"), dir.join("staged.so")).unwrap();
-    std::fs::rename(dir.join("staged.so"), &path).unwrap();
-    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-        std::fs::read(&path).unwrap(),
-    ));
-    activate(dir, "mev", "libmev_vgood1.so");
-    let log = host.poll();
-    assert!(
-        log.iter()
-            .any(|l| l.contains("refused [still_mapped]") && l.contains("older file")),
-        "{log:?}"
-    );
-    drop(old);
-    let log = host.poll();
-    assert_eq!(serving(), Some(("good2".to_owned(), sha)), "{log:?}");
+    let sha_of = |p: &Path| {
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            std::fs::read(p).unwrap(),
+        ))
+    };
+    let path = std::fs::canonicalize(dir.join("libmev_vgood1.so")).unwrap();
+    let (good1, good2) = (dir.join("good1.so"), dir.join("libmev_vgood2.so"));
+    // Each round: the model loaded from `path` is kept running while another
+    // serves, `path` gets other bytes, and the link names `path` again.
+    for (round, (bytes, version)) in [(&good2, "good2"), (&good1, "good1")]
+        .into_iter()
+        .enumerate()
+    {
+        let old = host.current("mev").unwrap();
+        assert_eq!(old.path, path);
+        activate(dir, "mev", "libmev_vgood2.so");
+        host.poll();
+        assert_eq!(serving().unwrap().2, std::fs::canonicalize(&good2).unwrap());
+        if round == 0 {
+            // The old file renamed away (kept as good1.so), a new one in its place.
+            std::fs::rename(&path, &good1).unwrap();
+            std::fs::copy(bytes, &path).unwrap();
+        } else {
+            // A new file renamed over it (as `install` does).
+            std::fs::copy(bytes, dir.join("staged.so")).unwrap();
+            std::fs::rename(dir.join("staged.so"), &path).unwrap();
+        }
+        activate(dir, "mev", "libmev_vgood1.so");
+        let log = host.poll();
+        assert!(
+            log.iter().any(|l| l.contains("refused [still_mapped]")
+                && l.contains("holds another file under this path")),
+            "round {round}: {log:?}"
+        );
+        drop(old);
+        let log = host.poll();
+        assert_eq!(
+            serving(),
+            Some((version.to_owned(), sha_of(&path), path.clone())),
+            "round {round}: {log:?}"
+        );
+    }
 }
 
 /// The metric of libraries refused for `reason` for `module`, from the sidecar's

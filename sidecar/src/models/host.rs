@@ -395,10 +395,20 @@ impl ModelHost {
             let mut loaded = self.loaded.lock();
             loaded.retain(|_, m| m.strong_count() > 0);
             if let Some(m) = loaded.get(&file).and_then(Weak::upgrade) {
+                // Served as it is, or refused for what it is: a file is open once.
                 if m.n_features == n_features {
                     return Ok(m);
                 }
+                return Err(super::LoadError::Features {
+                    path: shown,
+                    got: m.n_features,
+                    want: n_features,
+                });
             }
+        }
+        // Cheap, before a loader thread and the marker: `Model::load` checks again.
+        if let Some(why) = super::library::still_mapped(target, file) {
+            return Err(super::LoadError::StillMapped(shown, why));
         }
         if let Some(p) = self.stuck.lock().as_ref() {
             return Err(super::LoadError::LoaderStuck(
@@ -409,9 +419,7 @@ impl ModelHost {
         if let Some(m) = &self.marker {
             // Written before the library's code runs; a process crash keeps it. The
             // loader thread removes it once the library's code has returned.
-            let mut line = target.as_os_str().as_encoded_bytes().to_vec();
-            line.push(b'\n');
-            if let Err(e) = std::fs::write(m, line) {
+            if let Err(e) = std::fs::write(m, super::library::path_line(target)) {
                 tracing::warn!(error = %e, "model crash marker not written");
             }
         }

@@ -149,7 +149,7 @@ pub enum LoadError {
     /// The loader of an earlier library timed out and is still inside it: no
     /// other library is opened until it returns (or the sidecar restarts).
     #[error(
-        "{0}: not opened: the loader of {1} timed out and is still inside it (restart the sidecar)"
+        "{0}: not opened: the loader of {1} timed out and is still inside it (tried again at each look; restart the sidecar if it never returns)"
     )]
     LoaderStuck(String, String),
     /// The C library loader still holds a library loaded before from this path,
@@ -300,12 +300,53 @@ pub struct Model {
     // Closed in `Drop`, after `release` ran.
     #[serde(skip)]
     lib: std::mem::ManuallyDrop<libloading::Library>,
+    // Declared after `lib`: the file leaves `OPEN` once the library is closed.
+    #[serde(skip)]
+    _open: Open,
 }
 
-/// The files ([`Model::file`]) of models being dropped: their `release` runs, or
-/// the loader is closing them. The C library's loader would hand such a library
-/// back to a load of the same file, its teardown not over.
-static RELEASING: parking_lot::Mutex<Vec<(u64, u64)>> = parking_lot::Mutex::new(Vec::new());
+/// The files (device, inode) the C library's loader holds for a model: from
+/// before the library is opened until it is closed, so a model being dropped
+/// (its `release` running, or the loader closing it) is here. glibc would hand
+/// such a library back to another load of the file, `init` and all.
+static OPEN: parking_lot::Mutex<Vec<(u64, u64)>> = parking_lot::Mutex::new(Vec::new());
+
+/// A file in [`OPEN`] while this lives.
+struct Open((u64, u64));
+
+impl Open {
+    /// `file`, now in [`OPEN`]; why not when it is there already (a model of it
+    /// is alive, or being dropped).
+    fn claim(file: (u64, u64)) -> Result<Open, String> {
+        let mut open = OPEN.lock();
+        if open.contains(&file) {
+            return Err(held_file());
+        }
+        open.push(file);
+        Ok(Open(file))
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let mut open = OPEN.lock();
+        if let Some(i) = open.iter().position(|f| *f == self.0) {
+            open.swap_remove(i);
+        }
+    }
+}
+
+/// `path`'s bytes and a newline: a line of the crash marker and of the list of
+/// libraries the sidecar died inside.
+pub(super) fn path_line(path: &Path) -> Vec<u8> {
+    let mut line = path.as_os_str().as_encoded_bytes().to_vec();
+    line.push(b'\n');
+    line
+}
+
+fn held_file() -> String {
+    "a model loaded from this file before is still open (being released, or loaded by another caller)".into()
+}
 
 fn lossy_path<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&p.to_string_lossy())
@@ -320,7 +361,6 @@ unsafe impl Sync for Model {}
 
 impl Drop for Model {
     fn drop(&mut self) {
-        RELEASING.lock().push(self.file);
         // Its code runs: `release`, then its finalisers as it is closed. A crash
         // in there names it, as one in its `predict` does.
         let _inside = super::crash_note::Inside::enter(&self.crash_line);
@@ -330,65 +370,94 @@ impl Drop for Model {
         }
         // SAFETY: never used again; no function of it is referenced any more.
         unsafe { std::mem::ManuallyDrop::drop(&mut self.lib) };
-        let mut releasing = RELEASING.lock();
-        if let Some(i) = releasing.iter().position(|f| *f == self.file) {
-            releasing.swap_remove(i);
-        }
     }
 }
 
 /// Why a load of the file `file` (device, inode) at `path` would be handed a
 /// library the C library's loader holds already instead of that file
-/// ([`LoadError::StillMapped`]), if it would.
-///
-/// glibc hands back a library it has loaded under the same name or from the
-/// same file. One whose model is being dropped ([`RELEASING`]) would get its
-/// `init` while its `release` runs; one mapped from another file once at this
-/// path (replaced since) would serve its own code under this file's hash. One
-/// left mapped from this same file after its release ended (a library the
-/// loader does not unload) is the same code, and is taken up again.
-fn still_mapped(path: &Path, file: (u64, u64)) -> Option<String> {
-    use std::os::unix::ffi::OsStrExt as _;
-    if RELEASING.lock().contains(&file) {
-        return Some("the model loaded from this file before is still being released".into());
+/// ([`LoadError::StillMapped`]), if it would: a model of the file still open
+/// ([`OPEN`]), or a library the loader holds under this name mapped from another
+/// file (one at this path before, replaced or renamed away since), whose code
+/// would serve under this file's SHA-256. One the loader still holds from this
+/// same file with no model open (a library it does not unload) is the same code,
+/// and is taken up again.
+pub(super) fn still_mapped(path: &Path, file: (u64, u64)) -> Option<String> {
+    if OPEN.lock().contains(&file) {
+        return Some(held_file());
     }
-    // SAFETY: with RTLD_NOLOAD the loader opens nothing and runs no code: it
-    // hands back a library it holds already (one reference more, given back at
-    // once: it is held elsewhere), or nothing.
-    let held = unsafe {
-        libloading::os::unix::Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_NOLOAD)
-    };
-    if held.is_err() {
-        return None;
-    }
-    drop(held);
-    let maps = std::fs::read("/proc/self/maps").ok()?;
-    let name = path.as_os_str().as_bytes();
-    let older = maps.split(|b| *b == b'\n').any(|line| match mapping(line) {
-        Some((inode, mapped)) if mapped == name => inode != file.1,
-        Some((_, mapped)) => mapped.strip_suffix(b" (deleted)") == Some(name),
-        None => false,
-    });
-    older.then(|| {
-        "an older file at this path, replaced since, is still mapped for a model that runs".into()
-    })
+    held_from_another_file(path, file)
 }
 
-/// The inode and path of one line of `/proc/self/maps`
-/// (`start-end perms offset dev inode   path`).
-fn mapping(line: &[u8]) -> Option<(u64, &[u8])> {
-    /// The field `rest` starts with (after its padding), and what follows it.
-    fn field(rest: &[u8]) -> Option<(&[u8], &[u8])> {
-        let r = &rest[rest.iter().position(|b| *b != b' ')?..];
-        Some(r.split_at(r.iter().position(|b| *b == b' ').unwrap_or(r.len())))
+/// [`still_mapped`]'s second half: which file the library glibc holds under
+/// `path`, if any, was mapped from, found by the address of its export.
+fn held_from_another_file(path: &Path, file: (u64, u64)) -> Option<String> {
+    // SAFETY: with RTLD_NOLOAD the loader opens nothing and runs no code: it
+    // hands back a library it holds already (one reference more, given back
+    // below: it is held elsewhere), or nothing.
+    let held = unsafe {
+        libloading::os::unix::Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_NOLOAD)
     }
-    let mut rest = line;
-    for _ in 0..4 {
-        rest = field(rest)?.1;
+    .ok()?;
+    let export = [EXPORT_SYMBOL_V2, EXPORT_SYMBOL_V1]
+        .iter()
+        .find_map(|name| {
+            // SAFETY: only the symbol's address is read, nothing is called.
+            unsafe { held.get::<*const u8>(name) }
+                .ok()
+                .map(|s| *s as u64)
+        });
+    drop(held);
+    let other = || {
+        "the C library's loader holds another file under this path (one here before, replaced or renamed away since, still mapped)".to_owned()
+    };
+    let Some(at) = export else {
+        return Some(other());
+    };
+    let maps = match std::fs::read("/proc/self/maps") {
+        Ok(m) => m,
+        Err(e) => {
+            return Some(format!(
+            "the loader holds a library under this path, and /proc/self/maps cannot say which: {e}"
+        ))
+        }
+    };
+    let (dev, inode) = (file.0 as libc::dev_t, file.1);
+    let mapped = maps
+        .split(|b| *b == b'\n')
+        .filter_map(mapping)
+        .find(|m| (m.start..m.end).contains(&at));
+    match mapped {
+        Some(m) if (m.major, m.minor, m.inode) == (libc::major(dev), libc::minor(dev), inode) => {
+            None
+        }
+        _ => Some(other()),
     }
-    let (inode, rest) = field(rest)?;
-    let inode = std::str::from_utf8(inode).ok()?.parse().ok()?;
-    Some((inode, &rest[rest.iter().position(|b| *b != b' ')?..]))
+}
+
+/// One line of `/proc/self/maps` (`start-end perms offset major:minor inode path`).
+#[derive(Debug, PartialEq)]
+struct Mapping {
+    start: u64,
+    end: u64,
+    major: u32,
+    minor: u32,
+    inode: u64,
+}
+
+fn mapping(line: &[u8]) -> Option<Mapping> {
+    let line = String::from_utf8_lossy(line);
+    let mut fields = line.split_ascii_whitespace();
+    let (start, end) = fields.next()?.split_once('-')?;
+    let (major, minor) = fields.nth(2)?.split_once(':')?;
+    let hex = |v: &str| u64::from_str_radix(v, 16).ok();
+    let hex32 = |v: &str| u32::from_str_radix(v, 16).ok();
+    Some(Mapping {
+        start: hex(start)?,
+        end: hex(end)?,
+        major: hex32(major)?,
+        minor: hex32(minor)?,
+        inode: fields.next()?.parse().ok()?,
+    })
 }
 
 impl std::fmt::Debug for Model {
@@ -709,24 +778,30 @@ impl Model {
             .map_err(|e| LoadError::Open(path.display().to_string(), e.to_string()))?;
         let shown = real.display().to_string();
         trusted(&real).map_err(|why| LoadError::Untrusted(shown.clone(), why))?;
-        let crash_line = {
-            use std::os::unix::ffi::OsStrExt as _;
-            let mut line = real.as_os_str().as_bytes().to_vec();
-            line.push(b'\n');
-            line.into_boxed_slice()
-        };
+        let crash_line = path_line(&real).into_boxed_slice();
         // Read after the check; only root or the sidecar's user could change it
         // before it is loaded. The file read is the one the model is known by,
         // hashed as it is read (a file of any size takes no memory).
-        let (sha256, file) = {
-            use sha2::Digest as _;
+        let open = |e: std::io::Error| LoadError::Open(shown.clone(), e.to_string());
+        let mut f = std::fs::File::open(&real).map_err(open)?;
+        let file = {
             use std::os::unix::fs::MetadataExt as _;
-            let open = |e: std::io::Error| LoadError::Open(shown.clone(), e.to_string());
-            let mut f = std::fs::File::open(&real).map_err(open)?;
             let m = f.metadata().map_err(open)?;
+            (m.dev(), m.ino())
+        };
+        // Before it is read: a library the loader would hand back instead of this
+        // file waits (its model's teardown, an older file at this path), and no
+        // other load of this file starts until this one's model is closed.
+        let still = |why| LoadError::StillMapped(shown.clone(), why);
+        let opened = Open::claim(file).map_err(still)?;
+        if let Some(why) = held_from_another_file(&real, file) {
+            return Err(still(why));
+        }
+        let sha256 = {
+            use sha2::Digest as _;
             let mut hash = sha2::Sha256::new();
             std::io::copy(&mut f, &mut hash).map_err(open)?;
-            (hex::encode(hash.finalize()), (m.dev(), m.ino()))
+            hex::encode(hash.finalize())
         };
         if let Some(allowed) = &policy.allowed_sha256 {
             if !allowed.contains(&sha256) {
@@ -738,9 +813,6 @@ impl Model {
         // line outlives the guard.
         let loading = crash_line.clone();
         let _inside = super::crash_note::Inside::enter(&loading);
-        if let Some(why) = still_mapped(&real, file) {
-            return Err(LoadError::StillMapped(shown, why));
-        }
         // SAFETY: loading runs the library's initialisers. Only a regular file that
         // no one but root and the sidecar's own user could have written, or put
         // at its path, is loaded (`trusted`), from the models directory
@@ -787,6 +859,7 @@ impl Model {
             predict: t.predict,
             release: t.release,
             lib: std::mem::ManuallyDrop::new(lib),
+            _open: opened,
         };
         model
             .self_test()
@@ -924,22 +997,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_line_of_the_maps_gives_its_inode_and_path() {
+    fn a_line_of_the_maps_gives_its_range_device_and_inode() {
         let line = b"7f0c2a1f5000-7f0c2a1f6000 r--p 00000000 fd:01 3942915                    /srv/m/lib v1.so (deleted)";
-        assert_eq!(
-            mapping(line),
-            Some((3_942_915, &b"/srv/m/lib v1.so (deleted)"[..]))
-        );
-        // An anonymous mapping has no path; a short line is none.
-        assert_eq!(mapping(b"7ffd1000-7ffd2000 rw-p 00000000 00:00 0 "), None);
+        let want = Mapping {
+            start: 0x7f0c_2a1f_5000,
+            end: 0x7f0c_2a1f_6000,
+            major: 0xfd,
+            minor: 1,
+            inode: 3_942_915,
+        };
+        assert_eq!(mapping(line), Some(want));
         assert_eq!(mapping(b"7ffd1000-7ffd2000 rw-p"), None);
-        // This process's own maps name its executable.
-        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        // The code running this test is mapped from this test's executable.
+        let exe = std::fs::metadata("/proc/self/exe").unwrap();
+        let here = a_line_of_the_maps_gives_its_range_device_and_inode as *const () as u64;
         let maps = std::fs::read("/proc/self/maps").unwrap();
-        assert!(maps
+        let m = maps
             .split(|b| *b == b'\n')
             .filter_map(mapping)
-            .any(|(inode, path)| inode > 0 && path == exe.as_os_str().as_encoded_bytes()));
+            .find(|m| (m.start..m.end).contains(&here))
+            .unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        let dev = exe.dev() as libc::dev_t;
+        assert_eq!(
+            (m.major, m.minor, m.inode),
+            (libc::major(dev), libc::minor(dev), exe.ino())
+        );
     }
 
     #[test]
