@@ -1761,6 +1761,75 @@ fn a_module_record_in_another_partition_is_refused_and_checkpoints_nothing() {
     assert_eq!(checkpoints(), before + 1);
 }
 
+/// The same signed command admitted at two nodes (a resend to another node
+/// while the broker was away) has two forwards, each numbered by its own node:
+/// only the nonce tells them apart. The second, arriving once the agents may
+/// have forgotten that nonce (`ts + max_skew_secs + agent_dedup_secs`), is
+/// refused `stale`, not applied again: the module stays as the later command
+/// left it, and the command has one `applied` row.
+#[test]
+fn the_same_command_forwarded_by_another_node_beyond_the_agents_memory_is_refused_stale() {
+    use gw_sidecar::control::bus::{forward_headers, ForwardSeq};
+    use gw_sidecar::control::state_sign::{node_key, StateSigner};
+
+    let d = testkit::TempDir::new("kafka-two-nodes");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let mut cfg = config(d.path(), &kafka, &ch);
+    cfg.file.agent_dedup_secs = 0;
+    let other = ed25519_dalek::SigningKey::from_bytes(&[0x24; 32]);
+    let mine = node_key(&cfg.file.state_dir).unwrap();
+    let keys = &mut cfg.file.kafka.as_mut().unwrap().state_keys;
+    keys.insert(
+        cfg.file.node_id.clone(),
+        hex::encode(mine.verifying_key().as_bytes()),
+    );
+    keys.insert(
+        "node-b".into(),
+        hex::encode(other.verifying_key().as_bytes()),
+    );
+    let k = cfg.file.kafka.clone().unwrap();
+    let s = common::serve(cfg);
+    let skew = gw_core::freshness::DEFAULT_MAX_SKEW_SECS;
+    // A start that goes stale in 2 s, applied here; then a stop.
+    let start = signed_command(1, Action::Start, now() - skew + 2, "dashboard", &[]);
+    post_applied(&s, start.clone());
+    post_applied(&s, signed_command(2, Action::Stop, now(), "dashboard", &[]));
+    std::thread::sleep(Duration::from_secs(3));
+    // node-b admitted the same bytes, and forwards them now.
+    let b = StateSigner::new("node-b", other, &BTreeMap::new(), None).unwrap();
+    let headers = forward_headers(
+        &b,
+        TOPIC,
+        0,
+        b"mev",
+        &start,
+        &gw_core::contract::Requester::default(),
+        ForwardSeq { epoch: 1, seq: 1 },
+    );
+    publish_mev(&k, start, headers);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rows = loop {
+        let rows = common::stored(&ch);
+        let refused = rows
+            .iter()
+            .any(|r| r.stage == "agent" && r.decision == "rejected" && r.request_id == "req-1");
+        if refused {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "{:?}", row_summary(&rows));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let of_start: Vec<(&str, &str)> = rows
+        .iter()
+        .filter(|r| r.stage == "agent" && r.request_id == "req-1")
+        .map(|r| (r.decision.as_str(), r.code.as_str()))
+        .collect();
+    assert_eq!(of_start, [("applied", ""), ("rejected", "stale")]);
+    assert_eq!(verify_chain(&rows), Ok(rows.len() as u64));
+    assert_eq!(modules(&s)["mev"]["state"], "stopped");
+}
+
 /// Publishes `mev` command `payload` with `headers` to the command topic.
 fn publish_mev(
     k: &gw_sidecar::control::bus::KafkaConfig,

@@ -6,7 +6,10 @@
 //! time), a duplicate (a nonce it already applied: at-least-once delivery and a
 //! re-published command both end here), or the next module state. Applied nonces
 //! are remembered until `dedup_secs` after the later of the command's expiry and
-//! its application, so a redelivery within that horizon is never applied twice. The
+//! its application, so a redelivery within that horizon is never applied twice.
+//! Over Kafka a command arriving beyond that horizon is refused `stale` unless
+//! remembered: the same bytes admitted at two nodes could otherwise be applied
+//! once through each, the first forgotten by the time the second arrives. The
 //! shell ([`Agent::run`]) makes the ledger row, the new module state, the applied
 //! nonce and (embedded bus) the consumed offset durable in one journal transaction
 //! — on the embedded bus for every delivery that is ready at once, decided in
@@ -201,6 +204,23 @@ impl AgentCore {
             || pending.contains(&(c.issuer.clone(), c.nonce))
         {
             return Step::Duplicate(Box::new(v.command));
+        }
+        // An earlier application of this nonce is remembered until at least
+        // `dedup_secs` past the command's expiry (`expires` below). Beyond that,
+        // not knowing it is no proof it was never applied: over Kafka the same
+        // bytes may have been admitted at another node too, and one copy applied
+        // and forgotten before the other arrives. The embedded bus has no other
+        // node, and its journal offset stands for the nonce.
+        let remembered =
+            gw_core::replay::expiry(c.ts, self.policy.max_skew).saturating_add(self.dedup_secs);
+        if now > remembered && !matches!(d.origin, Origin::Local) {
+            return Step::Refuse(Reject::with(
+                Code::Stale,
+                format!(
+                    "arrived {} s after the agents' memory of applied commands lets it go (its ts, max_skew_secs and agent_dedup_secs): whether a copy of it was applied is not known, so it is not applied; send a new command",
+                    now - remembered
+                ),
+            ));
         }
         // Saturating: a validly signed command's `ts` is not checked for freshness
         // here (it may arrive late over the bus), so it can be anything.
@@ -1455,6 +1475,58 @@ mod tests {
         assert!(matches!(
             core().decide(&delivery("mev", start(1)), NOW + 86_400),
             Step::Apply(_)
+        ));
+    }
+
+    /// Over Kafka, a command beyond the memory of applied nonces (its ts plus
+    /// max_skew plus dedup_secs) is refused `stale` — a copy admitted at another
+    /// node may have been applied and forgotten — unless it is remembered (a
+    /// duplicate).
+    #[test]
+    fn a_forwarded_command_beyond_the_agents_memory_is_refused_stale() {
+        let forwarded = |body| Delivery {
+            origin: Origin::Node {
+                node: "node-b".into(),
+                forward: crate::control::bus::ForwardSeq { epoch: 1, seq: 1 },
+            },
+            ..delivery("mev", body)
+        };
+        let horizon = NOW + 30 + 600;
+        assert!(matches!(
+            core().decide(&forwarded(start(1)), horizon),
+            Step::Apply(_)
+        ));
+        match core().decide(&forwarded(start(1)), horizon + 1) {
+            Step::Refuse(r) => {
+                assert_eq!(r.code, Code::Stale);
+                assert!(r.detail.contains("arrived 1 s after"), "{}", r.detail);
+            }
+            s => panic!("{s:?}"),
+        }
+        let unverified = Delivery {
+            origin: Origin::Unverified {
+                why: "none".into(),
+                accepted: true,
+            },
+            ..delivery("mev", start(1))
+        };
+        assert!(matches!(
+            core().decide(&unverified, horizon + 1),
+            Step::Refuse(Reject {
+                code: Code::Stale,
+                ..
+            })
+        ));
+        // Applied late (at the horizon): remembered for dedup_secs from then, so
+        // a later copy is a duplicate, not stale.
+        let mut c = core();
+        let Step::Apply(a) = c.decide(&forwarded(start(2)), horizon) else {
+            panic!("not applied")
+        };
+        c.commit(*a, 2, horizon);
+        assert!(matches!(
+            c.decide(&forwarded(start(2)), horizon + 300),
+            Step::Duplicate(_)
         ));
     }
 
