@@ -1830,6 +1830,86 @@ fn the_same_command_forwarded_by_another_node_beyond_the_agents_memory_is_refuse
     assert_eq!(modules(&s)["mev"]["state"], "stopped");
 }
 
+/// A consumer group's committed offset ahead of the module's checkpoint (an
+/// operator's `--reset-offsets --to-latest`, a mirror's translation) skips no
+/// command: the agent goes back to the checkpoint's next offset and applies
+/// what lies between, once each.
+#[test]
+fn a_group_offset_ahead_of_the_checkpoint_skips_no_command() {
+    use rdkafka::consumer::CommitMode;
+
+    let d = testkit::TempDir::new("kafka-group-ahead");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let serve = || {
+        let mut cfg = config(d.path(), &kafka, &ch);
+        // The commands below are published straight to the topic.
+        cfg.file.kafka.as_mut().unwrap().accept_unforwarded = true;
+        common::serve(cfg)
+    };
+    let k = config(d.path(), &kafka, &ch).file.kafka.unwrap();
+    let s = serve();
+    post_applied(
+        &s,
+        signed_command(1, Action::Start, now(), "dashboard", &[]),
+    );
+    drop(s);
+    // Two commands at offsets 1 and 2 while no node runs; the group's offset
+    // set past the first.
+    for (nonce, action) in [(10, Action::Stop), (11, Action::Start)] {
+        let c = signed_command(nonce, action, now(), "dashboard", &[]);
+        publish_mev(&k, c, rdkafka::message::OwnedHeaders::new());
+    }
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .set("group.id", "ctrl-proto-mev")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut at = TopicPartitionList::new();
+    at.add_partition_offset(TOPIC, 0, Offset::Offset(2))
+        .unwrap();
+    c.commit(&at, CommitMode::Sync).unwrap();
+    drop(c);
+    assert_eq!(
+        committed(&kafka.brokers(), "ctrl-proto-mev"),
+        Offset::Offset(2)
+    );
+
+    let s = serve();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while modules(&s)["mev"]["applied"] != 3 {
+        assert!(
+            Instant::now() < deadline,
+            "{}: {:?}",
+            modules(&s),
+            row_summary(&common::stored(&ch))
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(modules(&s)["mev"]["state"], "running");
+    let rows = ledger_rows(&ch, 4);
+    let agent: Vec<(&str, &str)> = rows
+        .iter()
+        .filter(|r| r.stage == "agent")
+        .map(|r| (r.decision.as_str(), r.request_id.as_str()))
+        .collect();
+    assert_eq!(
+        agent,
+        [
+            ("applied", "req-1"),
+            ("applied", "req-10"),
+            ("applied", "req-11")
+        ]
+    );
+    assert!(
+        s.get_ops("/metrics")
+            .contains("gw_sidecar_agent_total{module=\"mev\",outcome=\"rewound\"} 1"),
+        "{}",
+        s.get_ops("/metrics")
+    );
+}
+
 /// Publishes `mev` command `payload` with `headers` to the command topic.
 fn publish_mev(
     k: &gw_sidecar::control::bus::KafkaConfig,

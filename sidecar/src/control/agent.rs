@@ -325,6 +325,9 @@ struct KafkaSide {
     /// Partitions found replaced ([`Agent::topic_replaced`]) whose `journalled`
     /// offset is still the old topic's.
     replaced: BTreeSet<i32>,
+    /// Partitions the consumer was sent back on since the checkpoint was loaded
+    /// ([`Agent::rewind_for`]).
+    rewound: BTreeSet<i32>,
 }
 
 /// One module's agent: the core and its effects.
@@ -466,6 +469,7 @@ impl Agent {
                 journalled_lsn,
                 behind: BTreeMap::new(),
                 replaced: BTreeSet::new(),
+                rewound: BTreeSet::new(),
             }),
         };
         agent.release(now);
@@ -1104,7 +1108,40 @@ impl Agent {
             k.checkpoint = cp;
             k.written = written;
             k.behind.clear();
+            k.rewound.clear();
         }
+    }
+
+    /// Kafka: the offset the consumer must go back to before `d` is handled, if
+    /// it must. A consumer starts where its group's committed offset says, which
+    /// may be ahead of the module's checkpoint — reset by an operator
+    /// (`--reset-offsets --to-latest`), translated by a mirror, left by a topic
+    /// created again whose log is already longer — and the commands in between
+    /// would be skipped, with no row and no answer. So the first delivery of a
+    /// partition past the checkpoint's next offset after the checkpoint was
+    /// loaded sends the consumer back there (the records in between are read
+    /// again: other modules' ones, `not_mine`, among them), or to the start of a
+    /// topic that is not the checkpoint's ([`Self::topic_replaced`]).
+    async fn rewind_for(&mut self, d: &Delivery) -> Result<Option<i64>, RetryLater> {
+        let p = d.position.partition;
+        let Some(next) = self.kafka.as_ref().and_then(|k| {
+            k.checkpoint
+                .next
+                .get(&p)
+                .copied()
+                .filter(|next| d.position.offset > *next && !k.rewound.contains(&p))
+        }) else {
+            return Ok(None);
+        };
+        let before = Position {
+            partition: p,
+            offset: next - 1,
+        };
+        let replaced = self.topic_replaced(before, next).await?;
+        if let Some(k) = self.kafka.as_mut() {
+            k.rewound.insert(p);
+        }
+        Ok(Some(if replaced { 0 } else { next }))
     }
 
     /// Writes this node's ledger row of a decision the checkpoint has and the
@@ -1291,6 +1328,24 @@ impl Agent {
                     continue;
                 }
             };
+            // Kafka: a group offset ahead of the checkpoint skips nothing.
+            let back = loop {
+                match self.rewind_for(&d).await {
+                    Ok(back) => break back,
+                    Err(e) => {
+                        log_once(format!("not applied yet (retrying): {e}"));
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            };
+            if let Some(to) = back {
+                tracing::warn!(module = name, partition = d.position.partition, at = d.position.offset, to, "the consumer group's offset is past the module's checkpoint: reading the command topic again from the checkpoint's");
+                self.env.metrics.agent(name, "rewound");
+                if let Err(e) = consumer.rewind(d.position.partition, to) {
+                    log_once(format!("bus: {e}"));
+                }
+                continue;
+            }
             // What else is ready (the embedded bus): one journal transaction for all.
             let mut bytes = d.payload.len();
             let mut batch = vec![d];

@@ -1297,6 +1297,26 @@ impl BusConsumer {
         }
     }
 
+    /// Kafka: reads `partition` again from `offset` (what was fetched beyond it
+    /// is not delivered). Nothing on the embedded bus, whose agents start at the
+    /// offset they journalled.
+    pub fn rewind(&self, partition: i32, offset: i64) -> Result<(), BusError> {
+        match self {
+            BusConsumer::InProcess { .. } => Ok(()),
+            BusConsumer::Kafka {
+                consumer, topic, ..
+            } => {
+                consumer.seek(
+                    topic,
+                    partition,
+                    Offset::Offset(offset),
+                    Duration::from_secs(1),
+                )?;
+                Ok(())
+            }
+        }
+    }
+
     /// Commits `d` (and everything before it in its partition) for this group
     /// (Kafka: sent asynchronously, never blocks).
     pub async fn commit(&self, d: &Delivery) -> Result<(), BusError> {
