@@ -948,6 +948,18 @@ impl Config {
             .transpose()?;
         if let Some(k) = &file.kafka {
             crate::control::state_sign::parse_keys(&k.state_keys)?;
+            if k.max_outbox_commands == 0 {
+                return Err(
+                    OutOfBounds::new("kafka.max_outbox_commands", "must be at least 1").into(),
+                );
+            }
+            if k.max_outbox_bytes < 1 << 20 {
+                return Err(OutOfBounds::new(
+                    "kafka.max_outbox_bytes",
+                    "must be at least 1048576 (1 MiB)",
+                )
+                .into());
+            }
             if let Some(t) = &k.tls {
                 t.check("kafka.tls")?;
             }
@@ -1142,6 +1154,14 @@ mod tests {
             (r#"{"agent_dedup_secs": 2592001}"#, "agent_dedup_secs"),
             (r#"{"audit_memory_rows": 99}"#, "audit_memory_rows"),
             (r#"{"audit_memory_bytes": 1048575}"#, "audit_memory_bytes"),
+            (
+                r#"{"kafka": {"brokers": "k:9092", "max_outbox_commands": 0}}"#,
+                "kafka.max_outbox_commands",
+            ),
+            (
+                r#"{"kafka": {"brokers": "k:9092", "max_outbox_bytes": 1048575}}"#,
+                "kafka.max_outbox_bytes",
+            ),
             (
                 r#"{"journal_segment_bytes": 1024}"#,
                 "journal_segment_bytes",

@@ -256,6 +256,19 @@ impl Admission {
     /// refusal's rows (the edge's acceptance, then this) replace the `accepted` one;
     /// the nonce stays reserved until released.
     pub fn journal_failed(&self, a: &Admitted, why: &str) -> Refused {
+        self.not_taken(
+            a,
+            format!(
+                "{why}; not accepted, unless the failing disk kept what was written for it: \
+                 send the same bytes again, which tells (never sign the command again)"
+            ),
+        )
+    }
+
+    /// The refusal of an admitted command that is not taken after all, 503
+    /// `unavailable` saying `detail`: its nonce is free again (the same bytes may
+    /// be sent again), the edge's acceptance kept.
+    pub fn not_taken(&self, a: &Admitted, detail: String) -> Refused {
         let mut rows: Vec<Row> = a
             .rows
             .iter()
@@ -265,13 +278,7 @@ impl Admission {
         rows.push(rejected(Code::Unavailable));
         Refused {
             rows,
-            reject: Reject::with(
-                Code::Unavailable,
-                format!(
-                    "{why}; not accepted, unless the failing disk kept what was written for it: \
-                     send the same bytes again, which tells (never sign the command again)"
-                ),
-            ),
+            reject: Reject::with(Code::Unavailable, detail),
             command: Some(a.verified.command.clone()),
         }
     }

@@ -65,7 +65,8 @@ pub struct KafkaConfig {
     /// Replication factor when the sidecar creates the topic.
     #[serde(default = "default_replication")]
     pub replication: i32,
-    /// How long a publish may wait for `acks=all` before the request gets 503.
+    /// How long the forwarder's send of a command waits for `acks=all` before it
+    /// is tried again (requests do not wait for it).
     #[serde(default = "default_message_timeout")]
     pub message_timeout_ms: u64,
     /// Consumer group session timeout (tansu wants ≥ 6000 with several members).
@@ -103,6 +104,21 @@ pub struct KafkaConfig {
     /// makes. Unset: plain text.
     #[serde(default)]
     pub tls: Option<crate::tls::ClientTls>,
+    /// Commands accepted and not yet taken by the broker, at most (each kept in
+    /// memory until it is): beyond it a command is refused 503 `unavailable`
+    /// (send the same bytes again later).
+    #[serde(default = "default_max_outbox_commands")]
+    pub max_outbox_commands: u64,
+    /// The same bound in bytes of signed commands.
+    #[serde(default = "default_max_outbox_bytes")]
+    pub max_outbox_bytes: u64,
+}
+
+fn default_max_outbox_commands() -> u64 {
+    10_000
+}
+fn default_max_outbox_bytes() -> u64 {
+    64 << 20
 }
 
 fn default_topic() -> String {
@@ -140,6 +156,8 @@ impl KafkaConfig {
             state_recovery: None,
             accept_unforwarded: false,
             tls: None,
+            max_outbox_commands: default_max_outbox_commands(),
+            max_outbox_bytes: default_max_outbox_bytes(),
         }
     }
 
@@ -551,6 +569,22 @@ impl Bus {
         }
     }
 
+    /// Kafka bus: why no more commands are accepted now — the broker has not
+    /// taken `kafka.max_outbox_commands` (or `max_outbox_bytes`) of those
+    /// accepted before — if it has not.
+    pub fn outbox_full(&self) -> Option<String> {
+        let Bus::Kafka(k) = self else {
+            return None;
+        };
+        let (n, bytes) = k.outbox.size();
+        (n >= k.cfg.max_outbox_commands || bytes >= k.cfg.max_outbox_bytes).then(|| {
+            format!(
+                "the Kafka broker has not taken the {n} commands ({bytes} bytes) accepted before (kafka.max_outbox_commands {}, max_outbox_bytes {})",
+                k.cfg.max_outbox_commands, k.cfg.max_outbox_bytes
+            )
+        })
+    }
+
     /// The journal sink that feeds the bus: the embedded log, or Kafka's outbox.
     pub fn sink(&self) -> Arc<dyn Sink> {
         match self {
@@ -808,6 +842,8 @@ impl ProducerSlot {
 #[derive(Default)]
 pub struct Outbox {
     queue: Mutex<VecDeque<(Lsn, PublishEntry)>>,
+    /// The queued commands' bytes.
+    bytes: std::sync::atomic::AtomicU64,
     grew: Notify,
     /// `gw_sidecar_kafka_outbox_commands`: the queue's length.
     waiting: prometheus_client::metrics::gauge::Gauge,
@@ -818,9 +854,18 @@ impl Outbox {
     fn forwarded(&self, n: usize) {
         let mut q = lock(&self.queue);
         for _ in 0..n {
-            q.pop_front();
+            if let Some((_, p)) = q.pop_front() {
+                self.bytes
+                    .fetch_sub(p.payload.len() as u64, Ordering::Relaxed);
+            }
         }
         self.waiting.set(i64::try_from(q.len()).unwrap_or(i64::MAX));
+    }
+
+    /// The commands queued, and their bytes.
+    fn size(&self) -> (u64, u64) {
+        let q = lock(&self.queue);
+        (q.len() as u64, self.bytes.load(Ordering::Relaxed))
     }
 }
 
@@ -829,6 +874,8 @@ impl Sink for Outbox {
         let mut q = lock(&self.queue);
         for e in &txn.entries {
             if let journal::Entry::Publish(p) = e {
+                self.bytes
+                    .fetch_add(p.payload.len() as u64, Ordering::Relaxed);
                 q.push_back((lsn, p.clone()));
             }
         }

@@ -621,6 +621,17 @@ impl Control {
             admitted: &a,
             settled: false,
         };
+        // Kafka away for long: commands wait in memory until the broker takes
+        // them, so no more than the bound are accepted.
+        if let Some(why) = self.bus.outbox_full() {
+            let r = self.gate.lock().admission.not_taken(
+                &a,
+                format!("{why}; not accepted: send the same bytes again later"),
+            );
+            // Nothing was queued for it: its nonce is free at once.
+            reserved.settled();
+            return Err(self.refuse(prefix(), r, body, requester, &path).await);
+        }
         let c = &a.verified.command;
         record_command(c);
         // One durable step: the rows, the nonce and the command on the bus. If it
