@@ -105,8 +105,14 @@ fn print_check(cfg: &Config) -> anyhow::Result<()> {
                 format!("state key made at the first start in {}", kept.display())
             };
             let trusted = k.state_keys.len().max(1);
+            // Later than this after its `ts`, a command reaching its agent is
+            // refused `stale`.
+            let within = cfg
+                .file
+                .max_skew_secs
+                .saturating_add(cfg.file.agent_dedup_secs);
             format!(
-                "kafka {} in {} ({key}, {trusted} node(s) trusted)",
+                "kafka {} in {} ({key}, {trusted} node(s) trusted, commands apply within {within} s of their ts)",
                 k.brokers,
                 k.transport()
             )

@@ -119,7 +119,7 @@ fn compose_files_check_and_their_configs_load_in_the_real_programs() {
         String::from_utf8_lossy(&o.stdout).trim(),
         "config ok: listen 0.0.0.0:8080 (mutual TLS, edge envoy.local), 1 command key(s), \
          JSON-route signer op-admin-1, bus kafka kafka:9092 in plain text (state key made at the first start in \
-         /var/lib/gw/.run/sidecar/state.sk.hex, 1 node(s) trusted), ledger http://clickhouse:8123 as gw_sidecar in plain text \
+         /var/lib/gw/.run/sidecar/state.sk.hex, 1 node(s) trusted, commands apply within 630 s of their ts), ledger http://clickhouse:8123 as gw_sidecar in plain text \
          (not loopback: password and rows readable on the network), \
          sender tpu+relay (ingest 0.0.0.0:8011), models /opt/gw/models",
         "{o:?}"

@@ -1779,7 +1779,9 @@ fn the_same_command_forwarded_by_another_node_beyond_the_agents_memory_is_refuse
     let kafka = Kafka::start(d.path());
     let ch = ClickHouse::start(d.path());
     let mut cfg = config(d.path(), &kafka, &ch);
+    // Applied nonces kept max_skew_secs past the stale bound: 5 s here.
     cfg.file.agent_dedup_secs = 0;
+    cfg.file.max_skew_secs = 5;
     let other = ed25519_dalek::SigningKey::from_bytes(&[0x24; 32]);
     let mine = node_key(&cfg.file.state_dir).unwrap();
     let keys = &mut cfg.file.kafka.as_mut().unwrap().state_keys;
@@ -1793,12 +1795,12 @@ fn the_same_command_forwarded_by_another_node_beyond_the_agents_memory_is_refuse
     );
     let k = cfg.file.kafka.clone().unwrap();
     let s = common::serve(cfg);
-    let skew = gw_core::freshness::DEFAULT_MAX_SKEW_SECS;
-    // A start that goes stale in 2 s, applied here; then a stop.
-    let start = signed_command(1, Action::Start, now() - skew + 2, "dashboard", &[]);
+    // A start whose copies are stale in 2 s, and forgotten in 7, applied here;
+    // then a stop.
+    let start = signed_command(1, Action::Start, now() - 3, "dashboard", &[]);
     post_applied(&s, start.clone());
     post_applied(&s, signed_command(2, Action::Stop, now(), "dashboard", &[]));
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(9));
     // node-b admitted the same bytes, and forwards them now.
     let b = StateSigner::new("node-b", other, &BTreeMap::new(), None).unwrap();
     let headers = forward_headers(

@@ -223,10 +223,14 @@ impl AgentCore {
             ));
         }
         // Saturating: a validly signed command's `ts` is not checked for freshness
-        // here (it may arrive late over the bus), so it can be anything.
+        // here (it may arrive late over the bus), so it can be anything. Kept
+        // `max_skew` beyond the `stale` bound above: a node whose clock runs
+        // ahead (within the skew) forgets it no sooner than another node's
+        // agent, deciding by its own clock, stops taking its copies.
         let expires = gw_core::replay::expiry(c.ts, self.policy.max_skew)
             .max(now)
-            .saturating_add(self.dedup_secs);
+            .saturating_add(self.dedup_secs)
+            .saturating_add(self.policy.max_skew);
         let mut state = state.clone();
         state.apply(v.action, &v.args, &c.request_id);
         Step::Apply(Box::new(Applied {
@@ -961,8 +965,8 @@ impl Agent {
     /// checkpoint's newest decision than the one decided there, is not the topic
     /// the checkpoint was written for. Its commands are then handled from here: an
     /// old one whose nonce is still remembered (Kafka keeps the applied nonces)
-    /// comes out a `duplicate`; agents do not judge freshness, so one older than
-    /// that would be applied again. Not detected: a new topic whose record at that
+    /// comes out a `duplicate`, one older than that `stale` (or refused by its
+    /// forward number, its node's window being in the checkpoint). Not detected: a new topic whose record at that
     /// offset is the same command (sent again, it landed at the same offset).
     async fn topic_replaced(&mut self, at: Position, next: i64) -> Result<bool, RetryLater> {
         let module = self.core.module.as_str();
@@ -1138,9 +1142,6 @@ impl Agent {
             offset: next - 1,
         };
         let replaced = self.topic_replaced(before, next).await?;
-        if let Some(k) = self.kafka.as_mut() {
-            k.rewound.insert(p);
-        }
         Ok(Some(if replaced { 0 } else { next }))
     }
 
@@ -1339,10 +1340,21 @@ impl Agent {
                 }
             };
             if let Some(to) = back {
-                tracing::warn!(module = name, partition = d.position.partition, at = d.position.offset, to, "the consumer group's offset is past the module's checkpoint: reading the command topic again from the checkpoint's");
+                // Also after each load when other modules' records follow this
+                // one's last decision in a shared partition: read once more.
+                tracing::info!(module = name, partition = d.position.partition, at = d.position.offset, to, "the consumer group's offset is past the module's checkpoint: reading the command topic again from the checkpoint's");
                 self.env.metrics.agent(name, "rewound");
-                if let Err(e) = consumer.rewind(d.position.partition, to) {
-                    log_once(format!("bus: {e}"));
+                // Until it is sent back (or the partition is another node's):
+                // nothing past the checkpoint is handled before.
+                while let Err(e) = consumer.rewind(d.position.partition, to) {
+                    if !consumer.owns(&d) {
+                        break;
+                    }
+                    log_once(format!("bus: going back to offset {to}: {e}"));
+                    tokio::time::sleep(pause).await;
+                }
+                if let Some(k) = self.kafka.as_mut() {
+                    k.rewound.insert(d.position.partition);
                 }
                 continue;
             }
@@ -1571,6 +1583,17 @@ mod tests {
                 code: Code::Stale,
                 ..
             })
+        ));
+        // Applied in time: remembered max_skew past the bound (a node whose
+        // clock runs ahead forgets it no sooner than another stops taking it).
+        let mut c = core();
+        let Step::Apply(a) = c.decide(&forwarded(start(3)), NOW) else {
+            panic!("not applied")
+        };
+        c.commit(*a, 3, NOW);
+        assert!(matches!(
+            c.decide(&forwarded(start(3)), horizon + 30),
+            Step::Duplicate(_)
         ));
         // Applied late (at the horizon): remembered for dedup_secs from then, so
         // a later copy is a duplicate, not stale.
