@@ -966,8 +966,9 @@ impl Agent {
     /// the checkpoint was written for. Its commands are then handled from here: an
     /// old one whose nonce is still remembered (Kafka keeps the applied nonces)
     /// comes out a `duplicate`, one older than that `stale` (or refused by its
-    /// forward number, its node's window being in the checkpoint). Not detected: a new topic whose record at that
-    /// offset is the same command (sent again, it landed at the same offset).
+    /// forward number, its node's window being in the checkpoint). Not detected:
+    /// a new topic whose record at that offset is the same command (sent again,
+    /// it landed at the same offset).
     async fn topic_replaced(&mut self, at: Position, next: i64) -> Result<bool, RetryLater> {
         let module = self.core.module.as_str();
         let Some(k) = self.kafka.as_mut() else {
