@@ -841,12 +841,17 @@ impl ProducerSlot {
 /// Journalled commands waiting to be forwarded to Kafka, in journal order.
 #[derive(Default)]
 pub struct Outbox {
-    queue: Mutex<VecDeque<(Lsn, PublishEntry)>>,
-    /// The queued commands' bytes.
-    bytes: std::sync::atomic::AtomicU64,
+    queue: Mutex<Queued>,
     grew: Notify,
     /// `gw_sidecar_kafka_outbox_commands`: the queue's length.
     waiting: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// The outbox's commands, in journal order, and their bytes.
+#[derive(Default)]
+struct Queued {
+    commands: VecDeque<(Lsn, PublishEntry)>,
+    bytes: u64,
 }
 
 impl Outbox {
@@ -854,18 +859,18 @@ impl Outbox {
     fn forwarded(&self, n: usize) {
         let mut q = lock(&self.queue);
         for _ in 0..n {
-            if let Some((_, p)) = q.pop_front() {
-                self.bytes
-                    .fetch_sub(p.payload.len() as u64, Ordering::Relaxed);
+            if let Some((_, p)) = q.commands.pop_front() {
+                q.bytes -= p.payload.len() as u64;
             }
         }
-        self.waiting.set(i64::try_from(q.len()).unwrap_or(i64::MAX));
+        self.waiting
+            .set(i64::try_from(q.commands.len()).unwrap_or(i64::MAX));
     }
 
     /// The commands queued, and their bytes.
     fn size(&self) -> (u64, u64) {
         let q = lock(&self.queue);
-        (q.len() as u64, self.bytes.load(Ordering::Relaxed))
+        (q.commands.len() as u64, q.bytes)
     }
 }
 
@@ -874,12 +879,12 @@ impl Sink for Outbox {
         let mut q = lock(&self.queue);
         for e in &txn.entries {
             if let journal::Entry::Publish(p) = e {
-                self.bytes
-                    .fetch_add(p.payload.len() as u64, Ordering::Relaxed);
-                q.push_back((lsn, p.clone()));
+                q.bytes += p.payload.len() as u64;
+                q.commands.push_back((lsn, p.clone()));
             }
         }
-        self.waiting.set(i64::try_from(q.len()).unwrap_or(i64::MAX));
+        self.waiting
+            .set(i64::try_from(q.commands.len()).unwrap_or(i64::MAX));
         drop(q);
         self.grew.notify_one();
     }
@@ -887,7 +892,10 @@ impl Sink for Outbox {
     /// The oldest command not yet forwarded, as the writer sees it after each
     /// batch (the forwarder's own hold lags).
     fn hold(&self) -> Lsn {
-        lock(&self.queue).front().map_or(Lsn::MAX, |(l, _)| *l)
+        lock(&self.queue)
+            .commands
+            .front()
+            .map_or(Lsn::MAX, |(l, _)| *l)
     }
 }
 
@@ -1024,7 +1032,7 @@ impl KafkaBus {
         loop {
             let woke = self.outbox.grew.notified();
             let window: Vec<(Lsn, PublishEntry)> = {
-                let q = lock(&self.outbox.queue);
+                let q = &lock(&self.outbox.queue).commands;
                 journal.hold(BUS_HOLD, q.front().map_or(Lsn::MAX, |(l, _)| *l));
                 q.iter().take(FORWARD_WINDOW).cloned().collect()
             };
