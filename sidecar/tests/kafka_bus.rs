@@ -1545,6 +1545,60 @@ fn a_forwarded_command_copied_to_a_later_offset_is_refused_even_once_its_nonce_i
         ("running".into(), 3.into(), 50.into()),
         "{m}"
     );
+    // A command this node accepted whose forward is overtaken on the topic (here:
+    // a later number of this start decided on first) is refused `unavailable`,
+    // answered, and a resend of its bytes is told so at once, not left
+    // `applied: false` as if it could still apply.
+    let later = signed_command(6, Action::Start, now(), "dashboard", &[]);
+    let headers = gw_sidecar::control::bus::forward_headers(
+        &signer,
+        TOPIC,
+        0,
+        b"mev",
+        &later,
+        &gw_core::contract::Requester::default(),
+        gw_sidecar::control::bus::ForwardSeq {
+            epoch: epoch.parse().unwrap(),
+            seq: seq.parse::<u64>().unwrap() + 100,
+        },
+    );
+    publish_mev(&k, later, headers);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !common::stored(&ch)
+        .iter()
+        .any(|r| r.stage == "agent" && r.request_id == "req-6")
+    {
+        assert!(Instant::now() < deadline, "req-6 decided");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let behind = signed_command(7, Action::Kill, now(), "dashboard", &[]);
+    let (status, answer) = post(&s, behind.clone());
+    assert_eq!(
+        (
+            status,
+            answer["applied"].clone(),
+            answer["apply_error"]["error"].clone()
+        ),
+        (200, false.into(), "unavailable".into()),
+        "{answer}"
+    );
+    let started = Instant::now();
+    let (status, answer) = post(&s, behind);
+    assert_eq!(
+        (
+            status,
+            answer["error"].clone(),
+            answer["applied"].clone(),
+            answer["apply_error"]["error"].clone()
+        ),
+        (409, "replay".into(), false.into(), "unavailable".into()),
+        "{answer}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
     let epoch: u64 = std::fs::read_to_string(
         d.path()
             .join("state")

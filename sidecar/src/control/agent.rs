@@ -368,6 +368,22 @@ pub const UNFORWARDED: &str = "unforwarded";
 /// The checkpoint outcome of a refused copy of a forward decided on before.
 pub const COPIED: &str = "copied";
 
+/// Whether an agent's refusal of a forwarded command with `code` is what became
+/// of the command — so that the replay guard of a node that accepted those bytes
+/// tells a resend — or only of this delivery of it: `replay` (another command
+/// under its nonce, or a copy), `forbidden_peer` (a record no listed node
+/// wrote, or in the wrong partition), `replay_unavailable`. An `unavailable`
+/// forward (overtaken on the topic by a later one of its node) is the command's:
+/// it was not applied — applied, it would be a `duplicate`, its nonce kept past
+/// the guard's — and this forward of it never will be; a resend is told to sign
+/// it again.
+pub fn refusal_is_the_commands(code: Code) -> bool {
+    !matches!(
+        code,
+        Code::Replay | Code::ForbiddenPeer | Code::ReplayUnavailable
+    )
+}
+
 /// Most deliveries an agent decides on in one journal transaction.
 const MAX_BATCH: usize = 64;
 /// And most command bytes beyond the first (a delivery's entries hold its bytes
@@ -523,8 +539,7 @@ impl Agent {
     /// [`Self::agent_entry`] of a delivery refused with `code`: the command it
     /// decodes to is named (for the replay guard), when it decodes, when the
     /// delivery is this node's own (the embedded bus, or this node's forward),
-    /// and when the refusal is about the command, not about the delivery (a
-    /// forward out of its node's order, an unlisted writer).
+    /// and when the refusal is about the command ([`refusal_is_the_commands`]).
     fn refusal_entry(&self, d: &Delivery, code: Code) -> journal::Entry {
         let mut entry = self.agent_entry(d, None, None);
         let own = match &d.origin {
@@ -532,11 +547,7 @@ impl Agent {
             Origin::Node { node, .. } => *node == self.env.chain,
             Origin::Unverified { .. } => false,
         };
-        let about_the_delivery = matches!(
-            code,
-            Code::Replay | Code::ForbiddenPeer | Code::Unavailable | Code::ReplayUnavailable
-        );
-        if !own || about_the_delivery {
+        if !own || !refusal_is_the_commands(code) {
             return entry;
         }
         if let journal::Entry::Agent(a) = &mut entry {

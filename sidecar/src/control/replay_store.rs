@@ -75,10 +75,11 @@ impl ReplayStore {
         }
     }
 
-    /// This node's agent refused the command of `(issuer, nonce)` with these
-    /// bytes (`digest`) with `code` — unless it was applied (a later refusal of
-    /// the same bytes, say once its nonce was forgotten, does not undo that).
-    fn mark_refused(&mut self, r: &RefusedCommand, now: u64) {
+    /// The module's agent (this node's, or another node's on the Kafka bus)
+    /// refused the command of `(issuer, nonce)` with these bytes (`digest`) with
+    /// `code` — unless it was applied (a later refusal of the same bytes, say
+    /// once its nonce was forgotten, does not undo that).
+    pub fn mark_refused(&mut self, r: &RefusedCommand, now: u64) {
         if let Some(seen) = self.book.get(&r.issuer, r.nonce, now) {
             if seen.value.digest != r.digest || seen.value.applied.is_some() {
                 return;

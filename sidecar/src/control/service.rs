@@ -70,8 +70,10 @@ pub struct ControlConfig {
 }
 
 /// Follows a module's checkpoints written by other nodes (Kafka bus): their state
-/// goes to this node's module table, and a command they applied is announced to
-/// the requests waiting here and marked applied in the replay guard.
+/// goes to this node's module table, and what they decided of a command is
+/// announced to the requests waiting here and marked in the replay guard
+/// (applied, or refused for a reason that is the command's), which tells a
+/// resend of those bytes.
 struct CheckpointWatch {
     module: Module,
     me: String,
@@ -123,6 +125,19 @@ impl CheckpointWatch {
                     .as_deref()
                     .and_then(Code::parse)
                     .unwrap_or(Code::Malformed);
+                // A resend of these bytes here is told why (what this node's own
+                // agent's refusals tell the guard through the journal).
+                if super::agent::refusal_is_the_commands(code) {
+                    self.replay.lock().mark_refused(
+                        &crate::journal::txn::RefusedCommand {
+                            issuer: c.issuer.clone(),
+                            nonce: c.nonce,
+                            digest,
+                            code: code.as_str().to_owned(),
+                        },
+                        crate::now_secs(),
+                    );
+                }
                 Err(Reject::with(
                     code,
                     format!("refused by the agent of node `{}`", cp.writer),
@@ -1294,5 +1309,68 @@ mod tests {
             .map(|a| a.nonce)
             .collect();
         assert_eq!(nonces, vec![1, 2]);
+    }
+
+    /// Another node's agent refusing a command this node accepted is kept in the
+    /// guard (a resend is told why, not "not applied yet"), when the refusal is
+    /// the command's — `unavailable` (overtaken on the topic) included — and not
+    /// when it is only about the delivery (`replay`).
+    #[test]
+    fn another_nodes_refusal_of_a_command_accepted_here_is_kept_in_the_guard() {
+        let (acks, _rx) = broadcast::channel(8);
+        let now = crate::now_secs();
+        let body = |nonce: u64| {
+            prost::Message::encode_to_vec(&Command {
+                issuer: "dashboard".into(),
+                nonce,
+                ..Command::default()
+            })
+        };
+        let records: Vec<(Lsn, Txn)> = (1..=3)
+            .map(|n| {
+                let e = ReplayStore::entry(
+                    "dashboard",
+                    n,
+                    now + 30,
+                    gw_core::replay::digest(&body(n)),
+                    "r",
+                );
+                (n, Txn::of(vec![e]))
+            })
+            .collect();
+        let replay = Arc::new(Mutex::new(ReplayStore::open(
+            &records,
+            gw_core::replay::Limits::default(),
+            now,
+        )));
+        let mut w = CheckpointWatch {
+            module: Module::Mev,
+            me: "node-1".into(),
+            last: BTreeMap::new(),
+            modules: ModuleTable::from(Modules::default()),
+            replay: replay.clone(),
+            acks,
+        };
+        let refused = |offset: i64, nonce: u64, code: &str| {
+            let mut cp = checkpoint("node-2", offset, nonce);
+            if let Some(d) = cp.last.get_mut("node-2") {
+                d.outcome = "rejected".into();
+                d.code = Some(code.into());
+            }
+            cp
+        };
+        w.seen(refused(5, 1, "unavailable"));
+        w.seen(refused(6, 2, "replay"));
+        w.seen(refused(7, 3, "key_expired"));
+        let guard = replay.lock();
+        let code = |n| {
+            guard
+                .get("dashboard", n, now)
+                .and_then(|s| s.value.refused.clone())
+        };
+        assert_eq!(
+            (code(1).as_deref(), code(2), code(3).as_deref()),
+            (Some("unavailable"), None, Some("key_expired"))
+        );
     }
 }
