@@ -1032,6 +1032,60 @@ fn every_refusal_of_the_data_plane_is_a_ledger_row_naming_who() {
     );
 }
 
+/// A batch's refusals decided while another of its requests still waits for the
+/// RPC node are rows even when its client leaves before the answer (its stream
+/// reset, the handler dropped). Before, they were written with the batch's
+/// answer only: a client could probe `/api/rpc` and leave no row.
+#[test]
+fn a_batchs_refusals_are_rows_when_its_client_leaves_before_the_answer() {
+    let d = testkit::TempDir::new("sender-orphaned");
+    let ch = ClickHouse::start(d.path());
+    let (_rrt, rx) = receiver();
+    let node = testkit::rpc_node::RpcNode::start(1010);
+    // The valid transaction's preflight waits this long for the node.
+    node.set_delay(Duration::from_secs(3));
+    let s = sending_to(
+        &d.path().join("state"),
+        &ch,
+        &rx,
+        json!({"rpc_allow_stopped": true, "rpc_node": {"url": node.url, "timeout_ms": 10_000}}),
+    );
+    let call = |id: u32, tx: &[u8]| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "sendTransaction",
+               "params": [b64(tx), {"encoding": "base64"}]})
+    };
+    let mut tampered = tx(2);
+    tampered[1] ^= 1; // its signature
+    let batch = json!([call(1, &tx(1)), call(2, &tampered)]);
+    let left = s.rt.block_on(async {
+        common::stamped(
+            s.http.post(format!("{}/api/rpc", s.base)),
+            &[
+                ("x-gw-verified", "jwt"),
+                ("x-gw-sub", "alice"),
+                ("x-gw-roles", "operator"),
+                ("x-gw-token-issuer", "tests"),
+            ],
+        )
+        .header("content-type", "application/json")
+        .timeout(Duration::from_millis(500))
+        .body(batch.to_string())
+        .send()
+        .await
+    });
+    assert!(left.is_err(), "answered before its client left: {left:?}");
+    let rows = common::wait_rows(&ch, 1);
+    let got: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .map(|r| (r.code.as_str(), r.requester.as_str(), r.route.as_str()))
+        .collect();
+    assert_eq!(got, [("bad_signature", "alice", "/api/rpc")]);
+    // The transaction whose client left during its preflight was not sent.
+    std::thread::sleep(Duration::from_secs(3));
+    nothing_more(&rx, 0);
+    assert_eq!(common::stored(&ch).len(), 1);
+}
+
 /// The QUIC ingest's refusals are ledger rows too: a handshake with an identity
 /// not on the allow-list (no identity to name: the remote address instead), an
 /// opportunity skipped and a stream stopped for its framing (each naming the

@@ -6,6 +6,8 @@
 //! holders), written before the answer: a JSON-RPC error the gateway gives (one
 //! row per refused request of a batch, keeping the transaction refused, or the
 //! request as it came), and an opportunities body refused or not taken whole.
+//! A batch's refusals decided before its client leaves are rows too
+//! ([`rpc::RpcContext::orphaned`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -218,6 +220,19 @@ async fn rpc(State(st): St, head: HeaderMap, body: Result<Bytes, BytesRejection>
         allow_stopped: dp.rpc_allow_stopped,
         gate: &dp.rpc_gate,
         requester: who.clone(),
+        orphaned: Some(Arc::new({
+            let (st, who) = (st.clone(), who.clone());
+            move |left: Vec<rpc::Refused>| {
+                let (st, who) = (st.clone(), who.clone());
+                // (No runtime: the process is ending; nothing to record them with.)
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let rows = left.into_iter().map(rpc_refusal).collect();
+                        st.refused(&who, RPC, rows, Response::default()).await
+                    });
+                }
+            }
+        })),
     };
     let done = request.run(&ctx).await;
     let refusals = done.refusals.into_iter().map(rpc_refusal).collect();

@@ -86,6 +86,43 @@ pub struct RpcContext<'a> {
     pub gate: &'a RpcGate,
     /// Who asked (the token the edge verified).
     pub requester: Arc<Requester>,
+    /// Where the refusals already decided go when the request is dropped before
+    /// it answers (its client went away: a batch whose other requests still
+    /// wait for the node); `None`: nowhere.
+    pub orphaned: Option<Orphaned>,
+}
+
+/// Takes the refusals of a request dropped before it answered, to record them.
+pub type Orphaned = Arc<dyn Fn(Vec<Refused>) + Send + Sync>;
+
+/// The refusals of a request as they are decided: taken with its answer, or
+/// handed to [`RpcContext::orphaned`] when the request is dropped first.
+struct Decided {
+    refusals: Mutex<Vec<Refused>>,
+    orphaned: Option<Orphaned>,
+}
+
+impl Decided {
+    fn add(&self, r: impl IntoIterator<Item = Refused>) {
+        self.refusals.lock().extend(r);
+    }
+
+    fn take(&self) -> Vec<Refused> {
+        std::mem::take(&mut *self.refusals.lock())
+    }
+}
+
+impl Drop for Decided {
+    fn drop(&mut self) {
+        let left = self.take();
+        if let (false, Some(f)) = (left.is_empty(), &self.orphaned) {
+            tracing::info!(
+                refusals = left.len(),
+                "a JSON-RPC request was dropped before it answered (its client went away): its refusals are recorded"
+            );
+            f(left);
+        }
+    }
 }
 
 /// What the JSON-RPC gate keeps between requests.
@@ -274,31 +311,36 @@ impl Request {
 
     /// Gates and sends what was parsed; the JSON-RPC answer (a batch's requests
     /// run at once) and its refusals.
+    /// A batch's refusals are kept as each request is decided: a client that
+    /// leaves while others still run takes none of their rows with it.
     pub async fn run(self, ctx: &RpcContext<'_>) -> Answered {
-        let mut refusals = Vec::new();
+        let decided = Decided {
+            refusals: Mutex::new(Vec::new()),
+            orphaned: ctx.orphaned.clone(),
+        };
         let answer = match self.0 {
             Parsed::Answer(v, r) => {
-                refusals.extend(r);
+                decided.add(r);
                 v
             }
             Parsed::One(call) => {
                 let (v, r) = run_call(ctx, *call).await;
-                refusals.extend(r);
+                decided.add(r);
                 v
             }
             Parsed::Batch(calls) => {
-                let all =
-                    futures_util::future::join_all(calls.into_iter().map(|c| run_call(ctx, c)))
-                        .await;
-                let mut answers = Vec::with_capacity(all.len());
-                for (v, r) in all {
-                    answers.push(v);
-                    refusals.extend(r);
-                }
-                Value::Array(answers)
+                let one = |c| async {
+                    let (v, r) = run_call(ctx, c).await;
+                    decided.add(r);
+                    v
+                };
+                Value::Array(futures_util::future::join_all(calls.into_iter().map(one)).await)
             }
         };
-        Answered { answer, refusals }
+        Answered {
+            answer,
+            refusals: decided.take(),
+        }
     }
 }
 

@@ -76,6 +76,7 @@ impl RpcRig {
             allow_stopped: false,
             gate: &self.gate,
             requester: Default::default(),
+            orphaned: None,
         }
     }
 }
