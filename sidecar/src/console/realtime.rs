@@ -16,7 +16,7 @@
 //! headers. The sidecar only takes the stream from the edge and checks those
 //! headers again.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -185,6 +185,8 @@ pub struct Hub {
     node_id: String,
     metrics: Metrics,
     closing: tokio::sync::watch::Sender<bool>,
+    /// The last journal transaction handed to the hub.
+    lsn: AtomicU64,
 }
 
 impl Hub {
@@ -220,13 +222,39 @@ impl Hub {
             node_id,
             metrics,
             closing: tokio::sync::watch::Sender::new(false),
+            lsn: AtomicU64::new(0),
         })
     }
 
     /// The module table the `hello` message reads (known once the control plane
-    /// started, after the journal this hub listens to).
-    pub fn set_modules(&self, modules: ModuleTable) {
+    /// started, after the journal this hub listens to); each later change of it
+    /// is a `module` message — this node's agents' decisions, and what the node
+    /// learns of other nodes' (Kafka bus), which its journal never sees.
+    pub fn set_modules(self: &Arc<Self>, modules: ModuleTable) {
+        let hub = Arc::downgrade(self);
+        let observed = modules.observe(Box::new(move |m, state| {
+            if let Some(hub) = hub.upgrade() {
+                hub.module_changed(m, state);
+            }
+        }));
+        if observed.is_err() {
+            tracing::error!("the module table has another observer: the console's streams will not see its changes");
+        }
         let _ = self.modules.set(modules);
+    }
+
+    /// A `module` message: `m`'s state now, after the journal's position `lsn`
+    /// (the last transaction this hub was handed).
+    fn module_changed(&self, m: gw_core::Module, state: &gw_core::module_state::ModuleState) {
+        if self.tx.receiver_count() == 0 {
+            return;
+        }
+        self.publish(json!({
+            "type": "module",
+            "lsn": self.lsn.load(Ordering::Acquire),
+            "module": m.as_str(),
+            "state": state,
+        }));
     }
 
     /// Gives the hub the ledger its refusals are recorded in, and their budgets.
@@ -290,6 +318,7 @@ struct RealtimeSink(Arc<Hub>);
 impl Sink for RealtimeSink {
     fn committed(&self, lsn: Lsn, txn: &Txn) {
         let hub = &self.0;
+        hub.lsn.fetch_max(lsn, Ordering::AcqRel);
         if hub.tx.receiver_count() == 0 {
             return;
         }
@@ -313,16 +342,8 @@ impl Sink for RealtimeSink {
                     "requester_roles": r.requester_roles,
                     "route": r.route,
                 })),
-                Entry::Agent(a) => {
-                    if let Some(state) = &a.state {
-                        hub.publish(json!({
-                            "type": "module",
-                            "lsn": lsn,
-                            "module": a.module.as_str(),
-                            "state": state,
-                        }));
-                    }
-                }
+                // A module's state is published as the table takes it
+                // (`Hub::set_modules`), after this transaction's rows.
                 Entry::Sends { rows } => {
                     for s in rows {
                         hub.publish(json!({
@@ -629,5 +650,39 @@ mod tests {
         assert!(bad(|c| c.max_per_sub = c.max_clients + 1).starts_with("realtime.max_per_sub"));
         assert!(bad(|c| c.write_timeout_ms = 0).starts_with("realtime.write_timeout_ms"));
         assert!(bad(|c| c.ping_ms = 30_000).contains("idle timeout"));
+    }
+
+    /// Every change of the module table is a `module` message, whoever made it —
+    /// another node's state (Kafka bus) included, which this node's journal never
+    /// sees (before, only this node's agents' journal entries were published, and
+    /// a console kept showing a state another node had changed); an unchanged or
+    /// older state is none.
+    #[test]
+    fn every_change_of_the_module_table_is_a_module_message() {
+        use gw_core::module_state::{ModuleState, RunState};
+        let hub = Hub::new(
+            RealtimeConfig::default(),
+            "node-1".into(),
+            &mut Registry::default(),
+        );
+        let mut rx = hub.tx.subscribe();
+        let table = ModuleTable::new();
+        hub.set_modules(table.clone());
+        hub.sink().committed(7, &Txn::of(Vec::new()));
+        let running = ModuleState {
+            state: RunState::Running,
+            applied: 1,
+            ..ModuleState::default()
+        };
+        table.advance(gw_core::Module::Mev, running.clone());
+        table.set(gw_core::Module::Mev, running.clone());
+        table.advance(gw_core::Module::Mev, ModuleState::default());
+        let got: Vec<Value> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|t| serde_json::from_str(&t).unwrap_or_default())
+            .collect();
+        assert_eq!(
+            got,
+            [json!({"type": "module", "lsn": 7, "module": "mev", "state": running})]
+        );
     }
 }
