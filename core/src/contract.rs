@@ -118,6 +118,14 @@ pub struct Requester {
     pub token_issuer: String,
 }
 
+impl Requester {
+    /// Who holds the token, as limits per holder count it: its issuer and its
+    /// subject (a `sub` names someone only within its issuer).
+    pub fn holder(&self) -> (String, String) {
+        (self.token_issuer.clone(), self.sub.clone())
+    }
+}
+
 /// A `u64` written in plain decimal digits, as the gateway writes numbers into
 /// headers and cursors: `str::parse` alone would also take a leading `+`. At
 /// most 20 digits are read.

@@ -584,7 +584,7 @@ impl RefusalBudget {
             .holder_rate
             .and(who)
             .filter(|w| **w != gw_core::contract::Requester::default())
-            .map(|w| (w.token_issuer.clone(), w.sub.clone()));
+            .map(gw_core::contract::Requester::holder);
         let mut s = self.state.lock();
         // The summary takes a row of the budget too.
         let owed = s.unrecorded.get(&code).copied().unwrap_or(0);
@@ -963,14 +963,19 @@ pub async fn api_roles(State(g): State<Gatekeeper>, req: Request, next: Next) ->
 /// Records a refusal answered without its request (the realtime stream's, after
 /// the upgrade was taken apart): its row — the route and who asked — within the
 /// budget of requests the edge forwarded (with a token or without), else
-/// counted and summed later. `Err`: the ledger refused the row (owed).
+/// counted and summed later; counted as a decision of its code either way.
+/// `Err`: the ledger refused the row (owed, and summed once it takes rows; the
+/// caller's answer stands).
 pub async fn record_refusal(
     g: &Gatekeeper,
     code: Code,
     who: Option<&gw_core::contract::Requester>,
     route: &str,
 ) -> Result<(), crate::ledger::AuditError> {
-    record_refusal_of(g, code, who, route, &[]).await
+    g.metrics.decision(code.as_str());
+    record_refusal_of(g, code, who, route, &[])
+        .await
+        .inspect_err(|_| g.metrics.unrecorded(code.as_str()))
 }
 
 /// [`record_refusal`], the row keeping `body` (what of the request was read).

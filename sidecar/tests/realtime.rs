@@ -56,6 +56,20 @@ async fn open_until(
     open_sealed(base, roles, sub, exp, testkit::fixtures::EDGE_KEY_HEX).await
 }
 
+/// The same with a token of `issuer`.
+async fn open_issued(base: &str, roles: &str, sub: &str, issuer: &str) -> Result<Ws, (u16, Value)> {
+    let stamp = [("x-gw-token-issuer", issuer)];
+    open_stamped(
+        base,
+        Some(roles),
+        sub,
+        None,
+        testkit::fixtures::EDGE_KEY_HEX,
+        &stamp,
+    )
+    .await
+}
+
 /// The same, the stamp sealed under `key` (hex).
 async fn open_sealed(
     base: &str,
@@ -63,6 +77,18 @@ async fn open_sealed(
     sub: &str,
     exp: Option<u64>,
     key: &str,
+) -> Result<Ws, (u16, Value)> {
+    open_stamped(base, roles, sub, exp, key, &[]).await
+}
+
+/// The same, with `more` stamped headers.
+async fn open_stamped(
+    base: &str,
+    roles: Option<&str>,
+    sub: &str,
+    exp: Option<u64>,
+    key: &str,
+    more: &[(&'static str, &str)],
 ) -> Result<Ws, (u16, Value)> {
     let mut req = format!("{}/api/realtime", base.replace("http://", "ws://"))
         .into_client_request()
@@ -81,6 +107,7 @@ async fn open_sealed(
     if let Some(exp) = &exp {
         stamp.push(("x-gw-token-exp", exp));
     }
+    stamp.extend_from_slice(more);
     let seal = (!stamp.is_empty()).then(|| {
         testkit::fixtures::edge_seal_at(&stamp, common::now(), "GET", "/api/realtime", key)
     });
@@ -352,6 +379,12 @@ fn committed_decisions_and_states_stream_to_bounded_clients() {
     assert_eq!(closed_count(&s, "shutdown"), 2, "b and c were open");
     assert_eq!(closed_count(&s, "full"), 1);
     assert!(closed_count(&s, "client") >= 1);
+    // A refused upgrade counts as a decision of its code, as every refusal.
+    let metrics = s.get_ops("/metrics");
+    assert!(
+        metrics.contains("gw_sidecar_decisions_total{code=\"unavailable\"} 1\n"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -384,6 +417,13 @@ fn a_client_that_stops_reading_is_closed_with_4008_and_counted() {
             body["detail"].as_str().unwrap().contains("max_per_sub"),
             "{body}"
         );
+        // The same `sub` of another issuer is someone else: its own places.
+        let mut other = open_issued(&base, "viewer", "tester", "elsewhere")
+            .await
+            .unwrap();
+        let hello = until(&mut other, "hello", |m| m["type"] == "hello").await;
+        assert_eq!(hello["sub"], "tester");
+        other.close(None).await.unwrap();
 
         // The fast client reads everything as it comes.
         let seen = Arc::new(AtomicUsize::new(0));

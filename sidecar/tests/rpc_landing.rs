@@ -744,15 +744,17 @@ fn one_client_cannot_take_every_rebroadcast() {
             .unwrap(),
         )
         .unwrap();
-        let as_who = |sub: &str| {
+        let as_who = |sub: &str, issuer: &str| {
             let mut ctx = rig.ctx();
             ctx.requester = Arc::new(Requester {
                 sub: sub.into(),
+                token_issuer: issuer.into(),
                 ..Requester::default()
             });
             ctx
         };
-        let (greedy, other) = (as_who("greedy"), as_who("other"));
+        // The same `sub` of another issuer is another client.
+        let (greedy, other) = (as_who("greedy", "tests"), as_who("greedy", "elsewhere"));
         for i in 0..3u8 {
             let (_, b64, sig, _) = tx(70 + i, 0);
             let r = rpc::handle(&greedy, &send(&b64, json!({"skipPreflight": true}))).await;

@@ -177,7 +177,8 @@ struct Metrics {
 pub struct Hub {
     tx: broadcast::Sender<Arc<str>>,
     clients: AtomicUsize,
-    per_sub: parking_lot::Mutex<std::collections::HashMap<String, usize>>,
+    /// Streams open per token holder (issuer, subject).
+    per_sub: parking_lot::Mutex<std::collections::HashMap<(String, String), usize>>,
     cfg: RealtimeConfig,
     modules: OnceLock<ModuleTable>,
     /// Where refused upgrades are recorded.
@@ -270,7 +271,8 @@ impl Hub {
     async fn refuse(&self, e: ApiError, requester: Option<&Requester>) -> Response {
         if let Some(g) = self.gate.get() {
             if let Err(err) = crate::serve::record_refusal(g, e.code(), requester, PATH).await {
-                return ApiError::from(err).into_response();
+                // The answer stands (as every refusal's whose row is owed).
+                tracing::warn!(error = %err, code = %e.code(), "a refused upgrade's row was not written; it is summed once the ledger takes rows");
             }
         }
         e.into_response()
@@ -373,15 +375,17 @@ impl Sink for RealtimeSink {
     }
 }
 
-/// Holds one of the `max_clients` places (and one of its subject's) while a
-/// stream is open.
-struct Place(Arc<Hub>, String);
+/// Holds one of the `max_clients` places (and one of its token holder's: the
+/// subject within its issuer, so that no holder of another issuer's token with
+/// the same `sub` takes them) while a stream is open.
+struct Place(Arc<Hub>, (String, String));
 
 impl Place {
-    fn take(hub: &Arc<Hub>, sub: &str) -> Result<Place, &'static str> {
+    fn take(hub: &Arc<Hub>, who: &Requester) -> Result<Place, &'static str> {
         let max = hub.cfg.max_clients;
+        let holder = who.holder();
         let mut per_sub = hub.per_sub.lock();
-        let n = per_sub.get(sub).copied().unwrap_or(0);
+        let n = per_sub.get(&holder).copied().unwrap_or(0);
         if n >= hub.cfg.max_per_sub {
             return Err("full_for_sub");
         }
@@ -390,9 +394,9 @@ impl Place {
                 (n < max).then_some(n + 1)
             })
             .map_err(|_| "full")?;
-        per_sub.insert(sub.to_owned(), n + 1);
+        per_sub.insert(holder.clone(), n + 1);
         hub.metrics.clients.inc();
-        Ok(Place(hub.clone(), sub.to_owned()))
+        Ok(Place(hub.clone(), holder))
     }
 }
 
@@ -470,7 +474,7 @@ async fn upgrade(
             return hub.refuse(e, Some(&who.requester)).await;
         }
     };
-    let place = match Place::take(&hub, &who.requester.sub) {
+    let place = match Place::take(&hub, &who.requester) {
         Ok(p) => p,
         Err(reason) => {
             hub.closed(reason);

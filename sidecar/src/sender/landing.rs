@@ -219,8 +219,8 @@ struct Pending {
 #[derive(Default)]
 struct Tracked {
     txs: HashMap<String, Pending>,
-    /// Of `txs`, how many each requester (`sub`) has.
-    by_requester: HashMap<String, usize>,
+    /// Of `txs`, how many each requester (the token's issuer and `sub`) has.
+    by_requester: HashMap<(String, String), usize>,
     running: bool,
 }
 
@@ -230,11 +230,11 @@ impl Tracked {
         let Some(t) = self.txs.remove(sig) else {
             return;
         };
-        let sub = t.meta.requester.sub.as_str();
-        if let Some(n) = self.by_requester.get_mut(sub) {
+        let holder = t.meta.requester.holder();
+        if let Some(n) = self.by_requester.get_mut(&holder) {
             *n -= 1;
             if *n == 0 {
-                self.by_requester.remove(sub);
+                self.by_requester.remove(&holder);
             }
         }
     }
@@ -456,18 +456,13 @@ impl Landing {
             if p.txs.contains_key(&signature) {
                 return; // already rebroadcast (a client resent the same bytes)
             }
-            let mine = p
-                .by_requester
-                .get(&meta.requester.sub)
-                .copied()
-                .unwrap_or(0);
+            let holder = meta.requester.holder();
+            let mine = p.by_requester.get(&holder).copied().unwrap_or(0);
             if p.txs.len() >= self.cfg.max_pending || mine >= self.cfg.per_requester() {
                 self.stats.not_tracked.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            *p.by_requester
-                .entry(meta.requester.sub.clone())
-                .or_default() += 1;
+            *p.by_requester.entry(holder).or_default() += 1;
             p.txs.insert(
                 signature,
                 Pending {
