@@ -179,6 +179,9 @@ pub struct NonceBook<V> {
     limits: Limits,
     issuers: HashMap<String, IssuerNonces<V>>,
     len: usize,
+    /// The latest time the book forgot at: a nonce expiring before it may be
+    /// gone, so commands are judged no earlier than it ([`Self::clock`]).
+    high: u64,
 }
 
 impl<V: Clone> NonceBook<V> {
@@ -188,7 +191,18 @@ impl<V: Clone> NonceBook<V> {
             limits,
             issuers: HashMap::new(),
             len: 0,
+            high: 0,
         }
+    }
+
+    /// The time to judge a command at, the caller's clock reading `now`: never
+    /// earlier than the latest time the book forgot at. A nonce forgotten at `t`
+    /// expired before `t`; judged at a reading before `t` (another caller read
+    /// its clock a moment earlier, or the wall clock was stepped back) the same
+    /// command would be fresh and not remembered — a replay let through. Judged
+    /// at this time, it is stale.
+    pub fn clock(&self, now: u64) -> u64 {
+        now.max(self.high)
     }
 
     /// The bounds.
@@ -262,6 +276,7 @@ impl<V: Clone> NonceBook<V> {
             self.prune(now);
         }
         self.check(issuer, nonce, now)?;
+        self.high = self.high.max(now);
         let i = self.issuers.entry(issuer.to_owned()).or_default();
         let before = i.seen.len();
         i.prune(now);
@@ -284,6 +299,7 @@ impl<V: Clone> NonceBook<V> {
     /// expire and every new one is refused meanwhile. A nonce already live keeps the
     /// later expiry and takes `value`. Forgets what expired before `now` first.
     pub fn remember(&mut self, issuer: &str, nonce: u64, expires: u64, value: V, now: u64) {
+        self.high = self.high.max(now);
         let i = self.issuers.entry(issuer.to_owned()).or_default();
         let before = i.seen.len();
         i.prune(now);
@@ -330,6 +346,7 @@ impl<V: Clone> NonceBook<V> {
 
     /// Forgets everything that expired before `now`.
     pub fn prune(&mut self, now: u64) {
+        self.high = self.high.max(now);
         let mut len = 0;
         self.issuers.retain(|_, i| {
             i.prune(now);
@@ -519,6 +536,27 @@ mod tests {
         b.insert("ops", 5, NOW + 61, 0, NOW + 31).unwrap();
         b.prune(NOW + 62);
         assert!(b.is_empty());
+    }
+
+    /// A nonce forgotten at one reading of the clock is not let through at an
+    /// earlier one: the book's clock never goes back before a time it forgot at.
+    #[test]
+    fn the_books_clock_never_goes_back_before_what_it_forgot() {
+        let mut b = book();
+        assert_eq!(b.clock(NOW), NOW);
+        b.insert("ops", 1, NOW + 30, 0, NOW).unwrap();
+        // Another caller, its clock read a second later, forgets nonce 1.
+        b.insert("ops", 2, NOW + 61, 0, NOW + 31).unwrap();
+        assert!(b.get("ops", 1, NOW + 30).is_none(), "forgotten");
+        // A replay of nonce 1 read the clock at NOW + 30, when it was still
+        // fresh: it is judged at NOW + 31, past its freshness (NOW + 30).
+        assert_eq!(b.clock(NOW + 30), NOW + 31);
+        assert!(b.clock(NOW + 30) > NOW + 30);
+        assert_eq!(b.clock(NOW + 40), NOW + 40);
+        b.prune(NOW + 50);
+        assert_eq!(b.clock(NOW), NOW + 50);
+        b.remember("ops", 3, NOW + 90, 0, NOW + 60);
+        assert_eq!(b.clock(NOW), NOW + 60);
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub trait SeenNonces {
         now: u64,
         reserved: &HashMap<String, usize>,
     ) -> Result<(), Reject>;
+
+    /// The time a command is judged at (freshness and replay), the caller's
+    /// clock reading `now`: never before a time the guard forgot nonces at
+    /// ([`NonceBook::clock`]).
+    fn clock(&self, now: u64) -> u64;
 }
 
 impl SeenNonces for NonceBook<Accepted> {
@@ -50,6 +55,10 @@ impl SeenNonces for NonceBook<Accepted> {
         self.check_reserved(issuer, nonce, now, reserved)
             .map_err(|r| refusal(&r, issuer, nonce, digest))
     }
+
+    fn clock(&self, now: u64) -> u64 {
+        NonceBook::clock(self, now)
+    }
 }
 
 impl SeenNonces for super::replay_store::ReplayStore {
@@ -63,6 +72,10 @@ impl SeenNonces for super::replay_store::ReplayStore {
     ) -> Result<(), Reject> {
         super::replay_store::ReplayStore::check(self, issuer, nonce, now, reserved)
             .map_err(|r| refusal(&r, issuer, nonce, digest))
+    }
+
+    fn clock(&self, now: u64) -> u64 {
+        super::replay_store::ReplayStore::clock(self, now)
     }
 }
 
@@ -193,7 +206,10 @@ impl Admission {
         if edge_verified.is_some() {
             rows.push(EDGE_ACCEPTED);
         }
-        let v = match self.policy.check(req.body, req.now, req.route) {
+        // Judged at the guard's clock: a nonce it forgot a moment ago (another
+        // request read its clock later) is stale here, not fresh and unknown.
+        let now = seen.clock(req.now);
+        let v = match self.policy.check(req.body, now, req.route) {
             Ok(v) => v,
             Err(reject) => {
                 rows.push(rejected(reject.code));
@@ -220,7 +236,7 @@ impl Admission {
         let c = &v.command;
         let digest = gw_core::replay::digest(req.body);
         let replay = seen
-            .check(&c.issuer, c.nonce, &digest, req.now, &self.reserved)
+            .check(&c.issuer, c.nonce, &digest, now, &self.reserved)
             .and_then(|()| {
                 if self.in_flight.contains(&(c.issuer.clone(), c.nonce)) {
                     Err(Reject::new(
@@ -624,6 +640,39 @@ mod tests {
     #[test]
     fn refuses_stale() {
         refused(decide_at(&signed(&command()), NOW + 31, None), Code::Stale);
+    }
+
+    /// A command whose nonce the guard forgot at a later reading of the clock
+    /// than this request's (another request read it a moment later, or the
+    /// clock was stepped back) is judged at the guard's time: stale, where it
+    /// would have been fresh and unknown — a replay admitted.
+    #[test]
+    fn a_nonce_forgotten_at_a_later_reading_of_the_clock_is_no_replay_let_through() {
+        let body = signed(&command());
+        let mut seen = book();
+        let accepted = |request_id: &str| Accepted {
+            digest: gw_core::replay::digest(&body),
+            request_id: request_id.into(),
+            seq: 1,
+            applied: Some(2),
+            refused: None,
+        };
+        seen.insert("dashboard", 7, NOW + 30, accepted("req-1"), NOW)
+            .unwrap();
+        // Another command of the issuer, admitted at NOW + 31: nonce 7 is forgotten.
+        seen.insert("dashboard", 8, NOW + 61, accepted("req-2"), NOW + 31)
+            .unwrap();
+        let mut a = Admission::new(policy());
+        let replayed = a.decide(
+            &Request {
+                body: &body,
+                route: None,
+                edge: None,
+                now: NOW + 30,
+            },
+            &seen,
+        );
+        refused(replayed, Code::Stale);
     }
 
     #[test]

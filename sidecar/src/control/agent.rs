@@ -1388,7 +1388,9 @@ impl Agent {
                     tracing::info!(position = ?d.position, "partition no longer assigned: left to its new owner");
                     break;
                 }
-                match self.handle(&batch, crate::now_secs()).await {
+                // At the applied nonces' clock: never before a time it forgot at.
+                let now = self.core.applied.clock(crate::now_secs());
+                match self.handle(&batch, now).await {
                     Ok(hs) => {
                         self.env.metrics.agent_batch(name, batch.len());
                         for h in hs {

@@ -109,6 +109,12 @@ impl ReplayStore {
         self.book.check_reserved(issuer, nonce, now, reserved)
     }
 
+    /// The time a command is judged at, the caller's clock reading `now`
+    /// ([`NonceBook::clock`]).
+    pub fn clock(&self, now: u64) -> u64 {
+        self.book.clock(now)
+    }
+
     /// What `(issuer, nonce)` was accepted with, if it is live.
     pub fn get(&self, issuer: &str, nonce: u64, now: u64) -> Option<&Seen<Accepted>> {
         self.book.get(issuer, nonce, now)

@@ -590,16 +590,20 @@ impl Control {
         prefix: &(dyn Fn() -> Vec<journal::Entry> + Send + Sync),
     ) -> Result<Value, ApiError> {
         let path = route_path(route);
-        let req = Request {
-            body,
-            route,
-            edge,
-            now: crate::now_secs(),
-        };
-        let verdict = {
+        let (req, verdict) = {
             let mut g = self.gate.lock();
             let replay = self.replay.lock();
-            g.admission.decide(&req, &*replay)
+            // The clock is read under the guard's lock, at the guard's time at
+            // the earliest: no request judges a command at a moment before one
+            // the guard already forgot nonces at (see `NonceBook::clock`).
+            let req = Request {
+                body,
+                route,
+                edge,
+                now: replay.clock(crate::now_secs()),
+            };
+            let verdict = g.admission.decide(&req, &*replay);
+            (req, verdict)
         };
         let a = match verdict {
             Verdict::Refused(r) => {
