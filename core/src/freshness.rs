@@ -5,6 +5,22 @@ use crate::code::{Code, Reject};
 /// Default allowed clock skew, in seconds.
 pub const DEFAULT_MAX_SKEW_SECS: u64 = 30;
 
+/// The widest `max_skew_secs` a configuration may set: a typo must not quietly
+/// open the window a signed command may be replayed in, or keep nonces for
+/// hours. 1..=this.
+pub const MAX_SKEW_LIMIT_SECS: u64 = 600;
+
+/// Whether `max_skew_secs` is within 1..=[`MAX_SKEW_LIMIT_SECS`].
+pub fn validate_max_skew(secs: u64) -> Result<(), String> {
+    if (1..=MAX_SKEW_LIMIT_SECS).contains(&secs) {
+        Ok(())
+    } else {
+        Err(format!(
+            "max_skew_secs must be 1..={MAX_SKEW_LIMIT_SECS} (seconds a command's ts may be off the clock), not {secs}"
+        ))
+    }
+}
+
 /// Checks `ts` (unix seconds) against `now` with the allowed skew.
 pub fn check_freshness(ts: u64, now: u64, max_skew: u64) -> Result<(), Reject> {
     if ts.saturating_add(max_skew) < now {

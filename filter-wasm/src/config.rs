@@ -309,6 +309,7 @@ impl Settings {
                 "max_body_bytes must be 1..={MAX_BODY_LIMIT}"
             )));
         }
+        gw_core::freshness::validate_max_skew(c.max_skew_secs).map_err(invalid)?;
         let replay_limits = Limits {
             max_per_issuer: c.replay_max_per_issuer,
             max_issuers: c.replay_max_issuers,

@@ -468,6 +468,14 @@ impl Edge {
         now: u64,
         store: &impl SharedStore,
     ) -> Result<Checked, Reject> {
+        // No time from the host (0): freshness cannot be checked — a command
+        // signed at `ts <= max_skew` would pass — so nothing passes.
+        if now == 0 {
+            return Err(Reject::with(
+                Code::Unavailable,
+                "the host gave no time: commands cannot be checked".to_owned(),
+            ));
+        }
         let s = &self.settings;
         let v = s.control.check(body, now, pending.route)?;
         let c = &v.command;

@@ -121,7 +121,7 @@ impl SharedStore for HostStore {
 }
 
 /// Seconds of a host time in nanoseconds; 0 when the host could not tell (every
-/// command is then stale).
+/// token and command is then refused `unavailable`).
 pub fn unix_secs(ns: Option<u64>) -> u64 {
     ns.map_or(0, |ns| ns / 1_000_000_000)
 }

@@ -129,6 +129,14 @@ fn invalid_configurations_are_refused_clearly() {
             Box::new(|c| c["replay_max_per_issuer"] = 100.into()),
             "max_per_issuer",
         ),
+        (
+            Box::new(|c| c["max_skew_secs"] = 3600.into()),
+            "max_skew_secs must be 1..=600",
+        ),
+        (
+            Box::new(|c| c["max_skew_secs"] = 0.into()),
+            "max_skew_secs must be 1..=600",
+        ),
         (Box::new(|c| c["surprise"] = 1.into()), "unknown field"),
         (
             // No key: nothing the filter stamps would be believed.
@@ -534,6 +542,14 @@ fn command_rejections() {
     );
     assert_eq!(code(&other, NOW), Code::BadSignature);
     assert_eq!(e.body_too_large(4097).unwrap().code, Code::TooLarge);
+    // A host that gives no time (0): nothing passes — a command signed at a
+    // `ts` within `max_skew_secs` of 0 would otherwise be fresh.
+    let early = testkit::fixtures::signed_command(22, Action::Start, 10, "dashboard", &[]);
+    assert_eq!(code(&early, 0), Code::Unavailable);
+    assert!(
+        e.on_request_body(&p, &early, 10, &store).is_ok(),
+        "fresh at 10"
+    );
 
     // Route binding.
     let HeadDecision::AwaitBody(pk) = e.on_request_headers(

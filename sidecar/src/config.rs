@@ -764,6 +764,8 @@ impl Config {
         {
             return Err(OutOfBounds::new("sched_slice_us", "must be 0 or 100..=100000").into());
         }
+        gw_core::freshness::validate_max_skew(file.max_skew_secs)
+            .map_err(|e| OutOfBounds::new("max_skew_secs", e))?;
         if file.agent_dedup_secs > MAX_DEDUP_SECS {
             return Err(
                 OutOfBounds::new("agent_dedup_secs", "must be 0..=2592000 (30 days)").into(),
@@ -1152,6 +1154,8 @@ mod tests {
             (r#"{"ledger_ship_every_ms": 10001}"#, "ledger_ship_every_ms"),
             (r#"{"clickhouse_nice": 20}"#, "clickhouse_nice"),
             (r#"{"agent_dedup_secs": 2592001}"#, "agent_dedup_secs"),
+            (r#"{"max_skew_secs": 601}"#, "max_skew_secs"),
+            (r#"{"max_skew_secs": 0}"#, "max_skew_secs"),
             (r#"{"audit_memory_rows": 99}"#, "audit_memory_rows"),
             (r#"{"audit_memory_bytes": 1048575}"#, "audit_memory_bytes"),
             (
