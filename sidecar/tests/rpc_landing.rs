@@ -722,6 +722,56 @@ fn a_slow_node_delays_no_rebroadcast() {
     });
 }
 
+/// At shutdown the rebroadcasts stop: nothing is resent or tracked after
+/// `Landing::stop`, and the data plane's quiesce waits for the resends still on
+/// the wire (`resending`), so each has its audit row before the journal stops.
+/// Before, the loop went on resending through the rest of the shutdown, and a
+/// resend on the wire at exit had no row.
+#[test]
+fn rebroadcasts_stop_at_shutdown() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let rt = runtime();
+    let node = RpcNode::start(1010);
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let rig = rig_to(&rx, &node, 50);
+        let ctx = rig.ctx();
+        let (w, b64, sig, _) = tx(65, 0);
+        let r = rpc::handle(&ctx, &send(&b64, json!({"skipPreflight": true}))).await;
+        assert_eq!(r["result"], sig, "{r}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while copies(&rx, &w) < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "no rebroadcast");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let landing = &rig.landing;
+        landing.stop();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while landing.resending() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a resend never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (sent, copied) = (landing.stats.rebroadcasts.load(Relaxed), copies(&rx, &w));
+        // A new send goes once, untracked.
+        let (w2, b64, sig2, _) = tx(66, 0);
+        let r = rpc::handle(&ctx, &send(&b64, json!({"skipPreflight": true}))).await;
+        assert_eq!(r["result"], sig2, "{r}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            (
+                landing.stats.rebroadcasts.load(Relaxed),
+                copies(&rx, &w),
+                copies(&rx, &w2)
+            ),
+            (sent, copied, 1),
+            "resent after the stop"
+        );
+    });
+}
+
 /// One client sending faster than its transactions land does not take every
 /// other's rebroadcasts: past its share of `max_pending` its sends go once
 /// (counted `not_tracked`) while another client's are still rebroadcast.

@@ -303,6 +303,10 @@ pub struct Landing {
     learned: Mutex<HashMap<String, Value>>,
     /// Turns of clients' status calls ([`STATUS_CONCURRENCY`]).
     status_calls: tokio::sync::Semaphore,
+    /// Set at shutdown ([`Landing::stop`]): nothing is resent or tracked after.
+    stopped: std::sync::atomic::AtomicBool,
+    /// Resends on the wire (their audit rows not recorded yet).
+    resending: Arc<std::sync::atomic::AtomicUsize>,
     /// Counters.
     pub stats: LandingStats,
 }
@@ -322,8 +326,22 @@ impl Landing {
             seen: Mutex::new((HashMap::new(), VecDeque::new())),
             learned: Mutex::new(HashMap::new()),
             status_calls: tokio::sync::Semaphore::new(STATUS_CONCURRENCY),
+            stopped: std::sync::atomic::AtomicBool::new(false),
+            resending: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             stats: LandingStats::default(),
         }))
+    }
+
+    /// At shutdown: nothing is resent or tracked from now on, so that every
+    /// resend that went has its audit row before the journal stops
+    /// ([`Self::resending`] says when the last one on the wire ended).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    /// Resends on the wire now (each records its audit row as it ends).
+    pub fn resending(&self) -> usize {
+        self.resending.load(Ordering::Acquire)
     }
 
     /// Calls `method` on the node: its `result`, or its error as [`NodeError`]
@@ -446,7 +464,7 @@ impl Landing {
         meta: SendMeta,
         may_send: Arc<dyn Fn() -> bool + Send + Sync>,
     ) {
-        if max_retries == Some(0) {
+        if max_retries == Some(0) || self.stopped.load(Ordering::Acquire) {
             return;
         }
         let every = Duration::from_millis(self.cfg.rebroadcast_ms);
@@ -673,6 +691,9 @@ impl Landing {
                 Arc<std::sync::atomic::AtomicBool>,
             ),
         }
+        if self.stopped.load(Ordering::Acquire) {
+            return;
+        }
         let now = Instant::now();
         let mut p = self.pending.lock();
         for sig in due {
@@ -720,9 +741,12 @@ impl Landing {
                 }
                 Next::Resend(sender, wire, meta, sending) => {
                     self.stats.rebroadcasts.fetch_add(1, Ordering::Relaxed);
+                    let resending = self.resending.clone();
+                    resending.fetch_add(1, Ordering::AcqRel);
                     tokio::spawn(async move {
                         let _ = sender.send(wire, sig, &meta).await;
                         sending.store(false, Ordering::Release);
+                        resending.fetch_sub(1, Ordering::AcqRel);
                     });
                 }
             }

@@ -36,17 +36,22 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
-    /// At shutdown, once the listeners have stopped: stops the hot path, waits (at
-    /// most `within`) for the sends running to end — each records its audit row —
-    /// then for those rows to be in the journal. Sends still running then are
-    /// given up (their rows with them), and logged.
+    /// At shutdown, once the listeners have stopped: stops the hot path and the
+    /// rebroadcasts, waits (at most `within`) for the sends running to end — each
+    /// records its audit row — then for those rows to be in the journal. Sends
+    /// still running then are given up (their rows with them), and logged.
     pub async fn quiesce(&self, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
         self.hot.stop();
-        while !(self.hot.idle() && self.rpc_gate.in_flight() == 0) {
+        if let Some(l) = &self.landing {
+            l.stop();
+        }
+        let resending = || self.landing.as_ref().map_or(0, |l| l.resending());
+        while !(self.hot.idle() && self.rpc_gate.in_flight() == 0 && resending() == 0) {
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(
                     rpc = self.rpc_gate.in_flight(),
+                    rebroadcasts = resending(),
                     "sends still running at shutdown: their audit rows are lost"
                 );
                 break;
