@@ -4,17 +4,42 @@
 //! host answer can panic this code.
 
 use std::cell::RefCell;
+use std::rc::Rc;
 
 use gw_core::{Code, Reject};
 
 use crate::abi::{self, Level};
 use crate::replay_cas::{SharedStore, StoreError};
-use crate::stamp::LocalSlots;
+use crate::stamp::{LocalSlots, Tickets};
 
 thread_local! {
     /// Verified headers handed from the verify to the stamp stage inside this VM
     /// (see [`crate::stamp`]). Borrowed only for moments without host calls.
     static HANDOVER: RefCell<LocalSlots> = RefCell::new(LocalSlots::default());
+    /// This VM's ticket issuers, one per shared-data prefix, for the VM's life.
+    static TICKETS: RefCell<Vec<Rc<RefCell<Tickets>>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// This VM's ticket issuer for keys under `prefix`: the same one for every verify
+/// stage configured in this VM with that prefix, so a configuration update goes
+/// on issuing under the same [`crate::stamp::SLOTS`] keys and numbers (a new
+/// issuer per configuration took a new id, and [`crate::stamp::SLOTS`] more
+/// shared-data keys that ABI 0.2.1 cannot delete, at each update; numbers that
+/// started again could name an older ticket still in flight). `None` if the
+/// issuers are borrowed (never, in a single-threaded VM).
+pub fn vm_tickets(prefix: &str) -> Option<Rc<RefCell<Tickets>>> {
+    TICKETS.with(|t| {
+        let mut t = t.try_borrow_mut().ok()?;
+        if let Some(found) = t
+            .iter()
+            .find(|x| x.try_borrow().is_ok_and(|x| x.prefix() == prefix))
+        {
+            return Some(found.clone());
+        }
+        let made = Rc::new(RefCell::new(Tickets::new(vm_id(), prefix)));
+        t.push(made.clone());
+        Some(made)
+    })
 }
 
 /// Runs `f` on this VM's hand-over slots; `None` if they are borrowed (never, in a

@@ -98,12 +98,19 @@ impl Root {
                     s.routes.len(),
                     s.control.max_body
                 ));
-                let tickets = Tickets::new(host::vm_id(), &s.stamp_key_prefix);
-                if host::with_local_slots(|l| l.register(&tickets)).is_none() {
+                let Some(tickets) = host::vm_tickets(&s.stamp_key_prefix) else {
+                    host::error("gw_edge: cannot take this VM's ticket issuer");
+                    return false;
+                };
+                let registered = tickets
+                    .try_borrow()
+                    .ok()
+                    .and_then(|t| host::with_local_slots(|l| l.register(&t)));
+                if registered.is_none() {
                     host::error("gw_edge: cannot register this VM's ticket slots");
                     return false;
                 }
-                self.tickets = Some(Rc::new(RefCell::new(tickets)));
+                self.tickets = Some(tickets);
                 if let Some(rc) = s.report.clone() {
                     self.reports = start_reports(rc);
                 }

@@ -50,6 +50,11 @@ impl Tickets {
         }
     }
 
+    /// The prefix of its shared-data keys.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The VM id this issuer's tickets carry, as in the ticket (16 hex digits).
     pub fn vm(&self) -> String {
         format!("{:016x}", self.vm_id)
@@ -87,8 +92,9 @@ pub fn key_of(prefix: &str, ticket: &str) -> Option<String> {
 /// One VM's own slots: verified headers by ticket, for a stamp stage in the same VM.
 type Ring = Vec<Option<(String, Vec<(String, String)>)>>;
 
-/// Rings one VM keeps: a verify stage configured again (a configuration update)
-/// issues tickets under a new id; the oldest ring goes, and its tickets still in
+/// Rings one VM keeps, one per ticket issuer (per shared-data prefix: a verify
+/// stage configured again with the same prefix goes on with its issuer,
+/// `host::vm_tickets`); past it the oldest ring goes, and its tickets still in
 /// flight are found in shared data.
 pub const MAX_RINGS: usize = 4;
 

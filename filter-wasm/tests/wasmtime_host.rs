@@ -653,8 +653,18 @@ fn in_one_vm_the_stamp_stage_does_not_depend_on_shared_data() {
 #[test]
 fn a_verify_stage_whose_slots_were_dropped_still_hands_over_through_shared_data() {
     let host = Host::new();
-    let later = gw_filter::stamp::MAX_RINGS;
-    let mut gw = host.gateway_after_updates(&config(), NOW, later).unwrap();
+    // Verify stages of as many other prefixes as the VM keeps rings, configured
+    // after the first: the first stage's ring is dropped.
+    let mut other: serde_json::Value = serde_json::from_str(&config()).unwrap();
+    let others: Vec<String> = (0..gw_filter::stamp::MAX_RINGS)
+        .map(|i| {
+            other["stamp_key_prefix"] = format!("gw.stamp.other{i}.").into();
+            other.to_string()
+        })
+        .collect();
+    let mut gw = host
+        .gateway_after_updates_with(&config(), NOW, &others)
+        .unwrap();
     let admin = bearer(&["admin"]);
     let out = gw.request(
         &post("/api/control/commands", &admin),
@@ -668,6 +678,55 @@ fn a_verify_stage_whose_slots_were_dropped_still_hands_over_through_shared_data(
         gw.logs()
     );
     assert_eq!(out.header("x-gw-verified"), Some("edge"));
+}
+
+/// A verify stage configured again in the same VM (a configuration update) goes
+/// on with the VM's ticket issuer: its tickets take the same shared-data keys and
+/// go on numbering. Before, each update took a new id and up to 1024 more
+/// shared-data keys, which ABI 0.2.1 cannot delete, per worker and update.
+#[test]
+fn configuration_updates_hand_over_under_the_same_shared_data_keys() {
+    let host = Host::new();
+    let updates = 3;
+    let mut gw = host.gateway_after_updates(&config(), NOW, updates).unwrap();
+    let admin = bearer(&["admin"]);
+    let mut tickets = Vec::new();
+    for i in 0..=updates {
+        gw.use_verify_stage(i);
+        let Outcome::Forwarded { headers, .. } = gw.verify(
+            &post("/api/control/commands", &admin),
+            &command(40 + i as u64, "dashboard"),
+            1,
+        ) else {
+            panic!("{:?}", gw.logs())
+        };
+        let ticket = headers
+            .iter()
+            .find(|(k, _)| k == "x-gw-ticket")
+            .map(|(_, v)| v.clone())
+            .unwrap();
+        let out = gw.stamp(&headers);
+        assert_eq!(
+            out.header("x-gw-nonce"),
+            Some((40 + i).to_string().as_str())
+        );
+        tickets.push(ticket);
+    }
+    let vm_ids: std::collections::BTreeSet<&str> =
+        tickets.iter().filter_map(|t| t.split('.').next()).collect();
+    assert_eq!(vm_ids.len(), 1, "{tickets:?}");
+    let numbers: Vec<u64> = tickets
+        .iter()
+        .filter_map(|t| t.rsplit('.').next()?.parse().ok())
+        .collect();
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{tickets:?}");
+    let keys = host
+        .shared
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with("gw.stamp.v1."))
+        .count();
+    assert_eq!(keys, tickets.len(), "{:?}", host.shared.keys());
 }
 
 #[test]

@@ -796,6 +796,8 @@ impl Vm {
 pub struct Gateway {
     vm: Vm,
     verify_root: i32,
+    /// Every verify stage configured in the VM, the first first.
+    verify_roots: Vec<i32>,
     stamp_root: i32,
     /// The stamp stage's own VM, if it has one.
     stamp_vm: Option<Vm>,
@@ -821,6 +823,7 @@ impl Host {
         Ok(Gateway {
             vm,
             verify_root,
+            verify_roots: vec![verify_root],
             stamp_root,
             stamp_vm: None,
         })
@@ -835,16 +838,29 @@ impl Host {
         now_secs: u64,
         later: usize,
     ) -> Result<Gateway, Vec<String>> {
+        self.gateway_after_updates_with(config, now_secs, &vec![config.to_owned(); later])
+    }
+
+    /// The same with the later verify stages configured with `later`.
+    pub fn gateway_after_updates_with(
+        &self,
+        config: &str,
+        now_secs: u64,
+        later: &[String],
+    ) -> Result<Gateway, Vec<String>> {
         let mut vm = self.vm(config, now_secs)?;
         let verify_root = vm.root;
-        for _ in 0..later {
-            vm = vm.with_root(config)?;
+        let mut verify_roots = vec![verify_root];
+        for c in later {
+            vm = vm.with_root(c)?;
+            verify_roots.push(vm.root);
         }
         let vm = vm.with_root(r#"{"stage": "stamp"}"#)?;
         Ok(Gateway {
             stamp_root: vm.root,
             vm,
             verify_root,
+            verify_roots,
             stamp_vm: None,
         })
     }
@@ -858,6 +874,7 @@ impl Host {
             stamp_root: stamp_vm.root,
             vm,
             verify_root,
+            verify_roots: vec![verify_root],
             stamp_vm: Some(stamp_vm),
         })
     }
@@ -877,6 +894,12 @@ impl Gateway {
     /// The verify stage alone: what it hands on (to the buffer, then the stamp stage).
     pub fn verify(&mut self, headers: &[(&str, &str)], body: &[u8], chunks: usize) -> Outcome {
         self.vm.request_to(self.verify_root, headers, body, chunks)
+    }
+
+    /// Requests go to the `i`th verify stage configured in the VM from now on
+    /// (0: the first; see [`Host::gateway_after_updates`]).
+    pub fn use_verify_stage(&mut self, i: usize) {
+        self.verify_root = self.verify_roots[i];
     }
 
     /// The stamp stage alone, on headers the verify stage handed on.
