@@ -10,6 +10,7 @@ use gw_core::{Code, Reject};
 
 use crate::abi::{self, Level};
 use crate::replay_cas::{SharedStore, StoreError};
+use crate::report::ReportQueue;
 use crate::stamp::{LocalSlots, Tickets};
 
 thread_local! {
@@ -18,6 +19,21 @@ thread_local! {
     static HANDOVER: RefCell<LocalSlots> = RefCell::new(LocalSlots::default());
     /// This VM's ticket issuers, one per shared-data prefix, for the VM's life.
     static TICKETS: RefCell<Vec<Rc<RefCell<Tickets>>>> = const { RefCell::new(Vec::new()) };
+    /// This VM's edge reports waiting, for the VM's life.
+    static REPORTS: RefCell<Option<Rc<RefCell<ReportQueue>>>> = const { RefCell::new(None) };
+}
+
+/// This VM's queue of edge reports: the same for every verify stage configured in
+/// it, so that a configuration update (a new root context, the old one deleted)
+/// loses none. `None` if it is borrowed (never, in a single-threaded VM).
+pub fn vm_report_queue() -> Option<Rc<RefCell<ReportQueue>>> {
+    REPORTS.with(|q| {
+        let mut q = q.try_borrow_mut().ok()?;
+        Some(
+            q.get_or_insert_with(|| Rc::new(RefCell::new(ReportQueue::new(vm_id()))))
+                .clone(),
+        )
+    })
 }
 
 /// This VM's ticket issuer for keys under `prefix`: the same one for every verify

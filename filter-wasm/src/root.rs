@@ -47,6 +47,25 @@ impl Reports {
     }
 }
 
+impl Drop for Root {
+    /// The root context is deleted (a configuration update): the reports it has
+    /// in flight go back to the VM's queue, first, for the next root to send
+    /// (their answers would come to this context, which is gone; a copy the
+    /// ledger already recorded is dropped there by its id). No host call here.
+    fn drop(&mut self) {
+        let Some(r) = &self.reports else { return };
+        let (Ok(mut flying), Ok(mut queue)) =
+            (r.in_flight.try_borrow_mut(), r.queue.try_borrow_mut())
+        else {
+            return;
+        };
+        // The latest batch back first, so that the oldest ends up at the front.
+        for (_, reports) in std::mem::take(&mut *flying).into_iter().rev() {
+            queue.put_back(reports);
+        }
+    }
+}
+
 /// Most batches sent per tick.
 const BATCHES_PER_TICK: usize = 4;
 
@@ -234,9 +253,15 @@ fn start_reports(rc: ReportConfig) -> Option<Reports> {
     match abi::set_tick_period_ms(period) {
         Ok(()) => {
             let counter = |name: &str| abi::define_counter(name).ok();
+            let Some(queue) = host::vm_report_queue() else {
+                host::error(
+                    "gw_edge: cannot take this VM's report queue: edge decisions are not reported",
+                );
+                return None;
+            };
             Some(Reports {
                 config: Rc::new(rc),
-                queue: Rc::new(RefCell::new(ReportQueue::new(host::vm_id()))),
+                queue,
                 in_flight: Rc::default(),
                 backoff: Rc::default(),
                 sent: counter("gw_edge.report.sent"),

@@ -754,6 +754,51 @@ fn a_host_without_metrics_still_works() {
     );
 }
 
+/// A configuration update loses no edge report: the VM keeps one report queue
+/// for its verify stages, and the reports in flight when the old root context
+/// is deleted go back to it, sent again by the new one with their ids (the
+/// ledger drops a copy it already recorded). Before, the queue and the batch in
+/// flight went with the old root.
+#[test]
+fn a_configuration_update_loses_no_edge_report() {
+    let host = Host::new();
+    let mut cfg = testkit::fixtures::filter_config(2048);
+    cfg["report"] = serde_json::json!({"cluster": "sidecar", "period_ms": 100});
+    let mut vm = host.vm(&cfg.to_string(), NOW).unwrap();
+    let refuse = |vm: &mut testkit::proxy_wasm::Vm| {
+        let out = vm.request(&[(":method", "GET"), (":path", "/api/modules")], b"", 1);
+        assert_eq!(out.status(), 401);
+    };
+    refuse(&mut vm);
+    refuse(&mut vm);
+    vm.tick();
+    let first = vm.calls()[0].clone();
+    let ids = |body: &[u8]| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&first.body).len(), 2);
+    // One more waits in the queue; the update comes before the answer.
+    refuse(&mut vm);
+    let mut vm = vm.update(&cfg.to_string()).unwrap();
+    vm.tick();
+    let calls = vm.calls();
+    assert_eq!(calls.len(), 2, "{:?}", vm.logs());
+    let again = ids(&calls[1].body);
+    assert_eq!(again.len(), 3, "{again:?}");
+    assert_eq!(
+        again[..2],
+        ids(&first.body)[..],
+        "the batch in flight, first"
+    );
+    vm.respond(calls[1].token, 200);
+    assert_eq!(vm.metric("gw_edge.report.sent"), Some(3));
+}
+
 #[test]
 fn rejected_control_requests_are_reported_in_bounded_batches_on_tick() {
     let host = Host::new();

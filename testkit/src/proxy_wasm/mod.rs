@@ -432,10 +432,18 @@ impl Host {
                     return UNIMPLEMENTED;
                 }
                 let name = String::from_utf8_lossy(&read(&mut c, np, ns)).into_owned();
-                let id = c.data().metric_names.len() as u32;
-                c.data_mut().metric_names.push(name);
-                c.data_mut().metric_values.push(0);
-                c.data_mut().metric_samples.push(Vec::new());
+                // As Envoy: a name defined again (another root context of the
+                // VM) is the same stat.
+                let id = match c.data().metric_names.iter().position(|n| *n == name) {
+                    Some(i) => i as u32,
+                    None => {
+                        let id = c.data().metric_names.len() as u32;
+                        c.data_mut().metric_names.push(name);
+                        c.data_mut().metric_values.push(0);
+                        c.data_mut().metric_samples.push(Vec::new());
+                        id
+                    }
+                };
                 write_u32(&mut c, ret, id);
                 OK
             },
@@ -647,6 +655,17 @@ impl Vm {
         }
         self.root = root;
         Ok(self)
+    }
+
+    /// A configuration update: a new root context with `config` takes the
+    /// requests, and the old one is deleted (`proxy_on_delete`), as Envoy does.
+    pub fn update(self, config: &str) -> Result<Vm, Vec<String>> {
+        let old = self.root;
+        let mut vm = self.with_root(config)?;
+        vm.delete_fn
+            .call(&mut vm.store, old)
+            .expect("proxy_on_delete");
+        Ok(vm)
     }
 
     /// The root context's tick.
