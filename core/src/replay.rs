@@ -161,14 +161,18 @@ impl<V> IssuerNonces<V> {
         self.by_expiry.last().is_some_and(|&(e, _)| e >= now)
     }
 
-    fn prune(&mut self, now: u64) {
+    /// Forgets what expired before `now`; the latest expiry forgotten.
+    fn prune(&mut self, now: u64) -> Option<u64> {
+        let mut latest = None;
         while let Some(&(exp, nonce)) = self.by_expiry.first() {
             if exp >= now {
                 break;
             }
             self.by_expiry.pop_first();
             self.seen.remove(&nonce);
+            latest = Some(exp);
         }
+        latest
     }
 }
 
@@ -179,8 +183,9 @@ pub struct NonceBook<V> {
     limits: Limits,
     issuers: HashMap<String, IssuerNonces<V>>,
     len: usize,
-    /// The latest time the book forgot at: a nonce expiring before it may be
-    /// gone, so commands are judged no earlier than it ([`Self::clock`]).
+    /// Just past the latest expiry of a nonce the book forgot: a command
+    /// expiring before it may have been forgotten, so commands are judged no
+    /// earlier than it ([`Self::clock`]).
     high: u64,
 }
 
@@ -196,13 +201,21 @@ impl<V: Clone> NonceBook<V> {
     }
 
     /// The time to judge a command at, the caller's clock reading `now`: never
-    /// earlier than the latest time the book forgot at. A nonce forgotten at `t`
-    /// expired before `t`; judged at a reading before `t` (another caller read
-    /// its clock a moment earlier, or the wall clock was stepped back) the same
-    /// command would be fresh and not remembered — a replay let through. Judged
-    /// at this time, it is stale.
+    /// earlier than just past the latest expiry of a nonce the book forgot. Judged
+    /// at a reading before that (another caller read its clock a moment earlier,
+    /// or the wall clock was stepped back) the forgotten command would be fresh
+    /// and unknown — a replay let through; judged at this time, it is stale. Only
+    /// expiries move it, never a clock reading itself: a clock that jumped ahead
+    /// and came back holds commands back only as long as the nonces it made the
+    /// book forget were fresh.
     pub fn clock(&self, now: u64) -> u64 {
         now.max(self.high)
+    }
+
+    fn forgot(&mut self, latest_expiry: Option<u64>) {
+        if let Some(e) = latest_expiry {
+            self.high = self.high.max(e.saturating_add(1));
+        }
     }
 
     /// The bounds.
@@ -276,11 +289,12 @@ impl<V: Clone> NonceBook<V> {
             self.prune(now);
         }
         self.check(issuer, nonce, now)?;
-        self.high = self.high.max(now);
         let i = self.issuers.entry(issuer.to_owned()).or_default();
         let before = i.seen.len();
-        i.prune(now);
+        let forgot = i.prune(now);
         self.len -= before - i.seen.len();
+        self.forgot(forgot);
+        let i = self.issuers.entry(issuer.to_owned()).or_default();
         if let Some(old) = i.seen.insert(nonce, Seen { expires, value }) {
             // Only an expired entry can be here (check refused a live one).
             i.by_expiry.remove(&(old.expires, nonce));
@@ -299,11 +313,12 @@ impl<V: Clone> NonceBook<V> {
     /// expire and every new one is refused meanwhile. A nonce already live keeps the
     /// later expiry and takes `value`. Forgets what expired before `now` first.
     pub fn remember(&mut self, issuer: &str, nonce: u64, expires: u64, value: V, now: u64) {
-        self.high = self.high.max(now);
         let i = self.issuers.entry(issuer.to_owned()).or_default();
         let before = i.seen.len();
-        i.prune(now);
+        let forgot = i.prune(now);
         self.len -= before - i.seen.len();
+        self.forgot(forgot);
+        let i = self.issuers.entry(issuer.to_owned()).or_default();
         let expires = match i.seen.remove(&nonce) {
             Some(old) => {
                 i.by_expiry.remove(&(old.expires, nonce));
@@ -346,14 +361,15 @@ impl<V: Clone> NonceBook<V> {
 
     /// Forgets everything that expired before `now`.
     pub fn prune(&mut self, now: u64) {
-        self.high = self.high.max(now);
         let mut len = 0;
+        let mut latest = None;
         self.issuers.retain(|_, i| {
-            i.prune(now);
+            latest = latest.max(i.prune(now));
             len += i.seen.len();
             !i.seen.is_empty()
         });
         self.len = len;
+        self.forgot(latest);
     }
 
     /// Live nonces (not yet pruned ones included).
@@ -549,14 +565,20 @@ mod tests {
         b.insert("ops", 2, NOW + 61, 0, NOW + 31).unwrap();
         assert!(b.get("ops", 1, NOW + 30).is_none(), "forgotten");
         // A replay of nonce 1 read the clock at NOW + 30, when it was still
-        // fresh: it is judged at NOW + 31, past its freshness (NOW + 30).
+        // fresh: it is judged just past nonce 1's expiry, stale.
         assert_eq!(b.clock(NOW + 30), NOW + 31);
-        assert!(b.clock(NOW + 30) > NOW + 30);
         assert_eq!(b.clock(NOW + 40), NOW + 40);
+        // A reading alone moves nothing: only what is forgotten does.
         b.prune(NOW + 50);
-        assert_eq!(b.clock(NOW), NOW + 50);
         b.remember("ops", 3, NOW + 90, 0, NOW + 60);
-        assert_eq!(b.clock(NOW), NOW + 60);
+        assert_eq!(b.clock(NOW), NOW + 31);
+        b.prune(NOW + 62);
+        assert_eq!(b.clock(NOW), NOW + 62, "nonce 2 (NOW + 61) forgotten");
+        // A clock that jumped a day ahead forgets nonce 3: once it is back, the
+        // book holds commands back only past nonce 3's expiry, not for the day.
+        b.insert("ops", 4, NOW + 86_430, 0, NOW + 86_400).unwrap();
+        assert_eq!(b.clock(NOW + 100), NOW + 100);
+        assert_eq!(b.clock(NOW + 80), NOW + 91);
     }
 
     #[test]

@@ -307,6 +307,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .rule_for(crate::console::realtime::PATH)
         .and_then(|r| r.role.clone());
     let realtime = Hub::new(realtime_cfg, cfg.file.node_id.clone(), &mut registry);
+    realtime.set_lsn(opened.next_lsn().saturating_sub(1));
     sinks.push(realtime.sink());
     sinks.extend(ledger.sink());
     let records = std::mem::take(&mut opened.records);

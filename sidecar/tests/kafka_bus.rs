@@ -707,6 +707,7 @@ fn checkpoint_after(
                 code: None,
                 payload: last,
                 requester: gw_core::contract::Requester::default(),
+                forwarded_by: None,
             },
         )]
         .into_iter()

@@ -16,7 +16,7 @@
 //! headers. The sidecar only takes the stream from the edge and checks those
 //! headers again.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -59,8 +59,8 @@ pub struct RealtimeConfig {
     /// Streams open at once; more are refused (503).
     #[serde(default = "default_max_clients")]
     pub max_clients: usize,
-    /// Streams open at once for one token subject (`sub`), so one viewer cannot
-    /// take every place.
+    /// Streams open at once for one token holder (its issuer's `sub`), so one
+    /// viewer cannot take every place.
     #[serde(default = "default_max_per_sub")]
     pub max_per_sub: usize,
     /// Messages a client may fall behind before it is closed (4008).
@@ -186,8 +186,9 @@ pub struct Hub {
     node_id: String,
     metrics: Metrics,
     closing: tokio::sync::watch::Sender<bool>,
-    /// The last journal transaction handed to the hub.
-    lsn: AtomicU64,
+    /// The last journal position handed to the hub; held while a transaction's
+    /// messages, or a `module` message, are sent (their order on the streams).
+    order: parking_lot::Mutex<Lsn>,
 }
 
 impl Hub {
@@ -223,7 +224,7 @@ impl Hub {
             node_id,
             metrics,
             closing: tokio::sync::watch::Sender::new(false),
-            lsn: AtomicU64::new(0),
+            order: parking_lot::Mutex::new(0),
         })
     }
 
@@ -245,17 +246,20 @@ impl Hub {
     }
 
     /// A `module` message: `m`'s state now, after the journal's position `lsn`
-    /// (the last transaction this hub was handed).
+    /// (the last transaction this hub was handed: never behind the messages
+    /// before it, never between a transaction's messages).
     fn module_changed(&self, m: gw_core::Module, state: &gw_core::module_state::ModuleState) {
         if self.tx.receiver_count() == 0 {
             return;
         }
+        let last = self.order.lock();
         self.publish(json!({
             "type": "module",
-            "lsn": self.lsn.load(Ordering::Acquire),
+            "lsn": *last,
             "module": m.as_str(),
             "state": state,
         }));
+        drop(last);
     }
 
     /// Gives the hub the ledger its refusals are recorded in, and their budgets.
@@ -299,11 +303,22 @@ impl Hub {
     /// Publishes one message to every open stream (the journal sink does so for
     /// what it commits; another capability may publish its own `type`).
     pub fn publish(&self, msg: Value) {
+        self.send(Arc::from(msg.to_string()));
+    }
+
+    fn send(&self, text: Arc<str>) {
         // Never blocks: a full channel drops the oldest message for the slowest
         // reader, who then sees `Lagged` and is closed.
-        if self.tx.send(Arc::from(msg.to_string())).is_ok() {
+        if self.tx.send(text).is_ok() {
             self.metrics.messages.inc();
         }
+    }
+
+    /// The journal's last position before this hub was handed transactions (at
+    /// start: what the journal already held).
+    pub fn set_lsn(&self, lsn: Lsn) {
+        let mut last = self.order.lock();
+        *last = (*last).max(lsn);
     }
 
     fn closed(&self, reason: &'static str) {
@@ -320,13 +335,19 @@ struct RealtimeSink(Arc<Hub>);
 impl Sink for RealtimeSink {
     fn committed(&self, lsn: Lsn, txn: &Txn) {
         let hub = &self.0;
-        hub.lsn.fetch_max(lsn, Ordering::AcqRel);
         if hub.tx.receiver_count() == 0 {
+            let mut last = hub.order.lock();
+            *last = (*last).max(lsn);
             return;
         }
+        // Made before taking `order`; sent under it, with the position raised,
+        // so that a `module` message never goes between them or with a position
+        // behind theirs.
+        let mut out: Vec<Arc<str>> = Vec::new();
+        let mut publish = |v: Value| out.push(Arc::from(v.to_string()));
         for e in &txn.entries {
             match e {
-                Entry::Row(r) => hub.publish(json!({
+                Entry::Row(r) => publish(json!({
                     "type": "decision",
                     "lsn": lsn,
                     "chain_id": r.chain_id,
@@ -348,7 +369,7 @@ impl Sink for RealtimeSink {
                 // (`Hub::set_modules`), after this transaction's rows.
                 Entry::Sends { rows } => {
                     for s in rows {
-                        hub.publish(json!({
+                        publish(json!({
                             "type": "send",
                             "lsn": lsn,
                             "ts_us": s.ts_us,
@@ -371,6 +392,11 @@ impl Sink for RealtimeSink {
                 }
                 _ => {}
             }
+        }
+        let mut last = hub.order.lock();
+        *last = (*last).max(lsn);
+        for text in out {
+            hub.send(text);
         }
     }
 }
@@ -485,7 +511,7 @@ async fn upgrade(
                 )
             } else {
                 format!(
-                    "{} realtime streams are open for this subject (realtime.max_per_sub)",
+                    "{} realtime streams are open for this token's subject (realtime.max_per_sub)",
                     hub.cfg.max_per_sub
                 )
             };

@@ -884,6 +884,10 @@ impl Agent {
                 code: code.map(|c| c.as_str().to_owned()),
                 payload: d.payload.clone(),
                 requester: d.requester.clone(),
+                forwarded_by: match &d.origin {
+                    Origin::Node { node, .. } => Some(node.clone()),
+                    Origin::Local | Origin::Unverified { .. } => None,
+                },
             },
         );
         cp.writer = chain;

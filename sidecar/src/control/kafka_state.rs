@@ -237,6 +237,12 @@ pub struct LastDecision {
     pub payload: Vec<u8>,
     /// Who sent it.
     pub requester: Requester,
+    /// The gateway node whose forward it was (none: a record no node forwarded,
+    /// the embedded bus, or a checkpoint written before 2026-12-07): a refusal
+    /// of that forward is told to that node's replay guard — another node may
+    /// have forwarded the same bytes, whose own forward is still to come.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarded_by: Option<String>,
 }
 
 /// What [`KafkaState::load`] found.
@@ -1141,6 +1147,7 @@ mod tests {
                 code: None,
                 payload: b"anything".to_vec(),
                 requester: gw_core::contract::Requester::default(),
+                forwarded_by: None,
             },
         );
         // Nor its record of the nodes' forwards (a start far ahead would close

@@ -88,12 +88,14 @@ struct CheckpointWatch {
 
 impl CheckpointWatch {
     fn seen(&mut self, cp: Checkpoint) {
-        // Only ever forward: a checkpoint read late must not undo a newer state.
-        self.modules.advance(self.module, cp.state.clone());
         if cp.writer == self.me {
-            // This node's agent announced its own decisions.
+            // This node's agent announced its own decisions, and set its state in
+            // the table once its journal had them (its checkpoint goes to Kafka
+            // before: taken from here, the state would show before it is durable).
             return;
         }
+        // Only ever forward: a checkpoint read late must not undo a newer state.
+        self.modules.advance(self.module, cp.state.clone());
         let Some(d) = cp.last.get(&cp.writer) else {
             return;
         };
@@ -120,14 +122,15 @@ impl CheckpointWatch {
                 Ok(cp.state)
             }
             _ => {
-                let code = d
-                    .code
-                    .as_deref()
-                    .and_then(Code::parse)
-                    .unwrap_or(Code::Malformed);
+                let parsed = d.code.as_deref().and_then(Code::parse);
+                let code = parsed.unwrap_or(Code::Malformed);
                 // A resend of these bytes here is told why (what this node's own
-                // agent's refusals tell the guard through the journal).
-                if super::agent::refusal_is_the_commands(code) {
+                // agent's refusals tell the guard through the journal) — when the
+                // refused forward was this node's (another node's forward of the
+                // same bytes says nothing of this one's) and the code is one this
+                // node knows.
+                let ours = d.forwarded_by.as_deref() == Some(self.me.as_str());
+                if ours && parsed.is_some_and(super::agent::refusal_is_the_commands) {
                     self.replay.lock().mark_refused(
                         &crate::journal::txn::RefusedCommand {
                             issuer: c.issuer.clone(),
@@ -1262,6 +1265,7 @@ mod tests {
                     code: None,
                     payload: prost::Message::encode_to_vec(&c),
                     requester: Requester::default(),
+                    forwarded_by: None,
                 },
             )]
             .into_iter()
@@ -1330,7 +1334,7 @@ mod tests {
                 ..Command::default()
             })
         };
-        let records: Vec<(Lsn, Txn)> = (1..=3)
+        let records: Vec<(Lsn, Txn)> = (1..=5)
             .map(|n| {
                 let e = ReplayStore::entry(
                     "dashboard",
@@ -1355,17 +1359,23 @@ mod tests {
             replay: replay.clone(),
             acks,
         };
-        let refused = |offset: i64, nonce: u64, code: &str| {
+        let refused = |offset: i64, nonce: u64, code: &str, by: &str| {
             let mut cp = checkpoint("node-2", offset, nonce);
             if let Some(d) = cp.last.get_mut("node-2") {
                 d.outcome = "rejected".into();
                 d.code = Some(code.into());
+                d.forwarded_by = Some(by.into());
             }
             cp
         };
-        w.seen(refused(5, 1, "unavailable"));
-        w.seen(refused(6, 2, "replay"));
-        w.seen(refused(7, 3, "key_expired"));
+        w.seen(refused(5, 1, "unavailable", "node-1"));
+        w.seen(refused(6, 2, "replay", "node-1"));
+        w.seen(refused(7, 3, "key_expired", "node-1"));
+        // Another node's forward of the same bytes (a resend through it): this
+        // node's own forward is still to come.
+        w.seen(refused(8, 4, "unavailable", "node-3"));
+        // A code this node does not know.
+        w.seen(refused(9, 5, "from_the_future", "node-1"));
         let guard = replay.lock();
         let code = |n| {
             guard
@@ -1373,8 +1383,14 @@ mod tests {
                 .and_then(|s| s.value.refused.clone())
         };
         assert_eq!(
-            (code(1).as_deref(), code(2), code(3).as_deref()),
-            (Some("unavailable"), None, Some("key_expired"))
+            (
+                code(1).as_deref(),
+                code(2),
+                code(3).as_deref(),
+                code(4),
+                code(5)
+            ),
+            (Some("unavailable"), None, Some("key_expired"), None, None)
         );
     }
 }

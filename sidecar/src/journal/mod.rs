@@ -368,6 +368,11 @@ pub struct Opened {
 }
 
 impl Opened {
+    /// The LSN the next record gets.
+    pub fn next_lsn(&self) -> Lsn {
+        self.writer.next_lsn()
+    }
+
     /// The last ledger row recovered, if any.
     pub fn last_row(&self) -> Option<&LedgerRow> {
         self.last_row.as_ref()

@@ -98,17 +98,21 @@ pub type Orphaned = Arc<dyn Fn(Vec<Refused>) + Send + Sync>;
 /// The refusals of a request as they are decided: taken with its answer, or
 /// handed to [`RpcContext::orphaned`] when the request is dropped first.
 struct Decided {
-    refusals: Mutex<Vec<Refused>>,
+    /// By the request's place in its batch.
+    refusals: Mutex<Vec<(usize, Refused)>>,
     orphaned: Option<Orphaned>,
 }
 
 impl Decided {
-    fn add(&self, r: impl IntoIterator<Item = Refused>) {
-        self.refusals.lock().extend(r);
+    fn add(&self, i: usize, r: impl IntoIterator<Item = Refused>) {
+        self.refusals.lock().extend(r.into_iter().map(|r| (i, r)));
     }
 
+    /// In the batch's order (its rows too), whatever order they were decided in.
     fn take(&self) -> Vec<Refused> {
-        std::mem::take(&mut *self.refusals.lock())
+        let mut r = std::mem::take(&mut *self.refusals.lock());
+        r.sort_by_key(|(i, _)| *i);
+        r.into_iter().map(|(_, r)| r).collect()
     }
 }
 
@@ -320,21 +324,23 @@ impl Request {
         };
         let answer = match self.0 {
             Parsed::Answer(v, r) => {
-                decided.add(r);
+                decided.add(0, r);
                 v
             }
             Parsed::One(call) => {
                 let (v, r) = run_call(ctx, *call).await;
-                decided.add(r);
+                decided.add(0, r);
                 v
             }
             Parsed::Batch(calls) => {
-                let one = |c| async {
+                let decided = &decided;
+                let one = |(i, c)| async move {
                     let (v, r) = run_call(ctx, c).await;
-                    decided.add(r);
+                    decided.add(i, r);
                     v
                 };
-                Value::Array(futures_util::future::join_all(calls.into_iter().map(one)).await)
+                let all = calls.into_iter().enumerate().map(one);
+                Value::Array(futures_util::future::join_all(all).await)
             }
         };
         Answered {
