@@ -218,6 +218,13 @@ impl<V: Clone> NonceBook<V> {
         }
     }
 
+    /// A nonce expiring at `expires` was dropped without the book holding it
+    /// (already expired when a record of it was read back, or left out of a
+    /// state loaded from elsewhere): [`Self::clock`] goes past it all the same.
+    pub fn forgotten(&mut self, expires: u64) {
+        self.forgot(Some(expires));
+    }
+
     /// The bounds.
     pub fn limits(&self) -> Limits {
         self.limits
@@ -579,6 +586,9 @@ mod tests {
         b.insert("ops", 4, NOW + 86_430, 0, NOW + 86_400).unwrap();
         assert_eq!(b.clock(NOW + 100), NOW + 100);
         assert_eq!(b.clock(NOW + 80), NOW + 91);
+        // A nonce dropped without the book holding it (read back expired).
+        b.forgotten(NOW + 200);
+        assert_eq!(b.clock(NOW + 100), NOW + 201);
     }
 
     #[test]

@@ -25,7 +25,10 @@ thread_local! {
 
 /// This VM's queue of edge reports: the same for every verify stage configured in
 /// it, so that a configuration update (a new root context, the old one deleted)
-/// loses none. `None` if it is borrowed (never, in a single-threaded VM).
+/// loses none. Verify stages of one VM with different `report` settings share
+/// it: each sends what is queued with its own (Envoy's `envoy/` configuration has
+/// one verify stage per VM). `None` if it is borrowed (never, in a
+/// single-threaded VM).
 pub fn vm_report_queue() -> Option<Rc<RefCell<ReportQueue>>> {
     REPORTS.with(|q| {
         let mut q = q.try_borrow_mut().ok()?;

@@ -36,6 +36,22 @@ pub struct Reports {
 }
 
 impl Reports {
+    /// The reports in flight go back to the VM's queue, first, for a root context
+    /// to send again (their answers would come to a context that is gone or no
+    /// longer sends them; a copy the ledger already recorded is dropped there by
+    /// its id). No host call here.
+    fn give_back(&self) {
+        let (Ok(mut flying), Ok(mut queue)) =
+            (self.in_flight.try_borrow_mut(), self.queue.try_borrow_mut())
+        else {
+            return;
+        };
+        // The latest batch back first, so that the oldest ends up at the front.
+        for (_, reports) in std::mem::take(&mut *flying).into_iter().rev() {
+            queue.put_back(reports);
+        }
+    }
+
     /// `reports` were not delivered: back to the front of the queue, counted, and
     /// the next batches wait.
     fn retry(&self, reports: Vec<EdgeReport>) {
@@ -49,19 +65,10 @@ impl Reports {
 
 impl Drop for Root {
     /// The root context is deleted (a configuration update): the reports it has
-    /// in flight go back to the VM's queue, first, for the next root to send
-    /// (their answers would come to this context, which is gone; a copy the
-    /// ledger already recorded is dropped there by its id). No host call here.
+    /// in flight go back to the VM's queue for the next root to send.
     fn drop(&mut self) {
-        let Some(r) = &self.reports else { return };
-        let (Ok(mut flying), Ok(mut queue)) =
-            (r.in_flight.try_borrow_mut(), r.queue.try_borrow_mut())
-        else {
-            return;
-        };
-        // The latest batch back first, so that the oldest ends up at the front.
-        for (_, reports) in std::mem::take(&mut *flying).into_iter().rev() {
-            queue.put_back(reports);
+        if let Some(r) = &self.reports {
+            r.give_back();
         }
     }
 }
@@ -130,6 +137,11 @@ impl Root {
                     return false;
                 }
                 self.tickets = Some(tickets);
+                // Configured again (a host may reuse a root context): what the
+                // old reports had in flight goes back to the queue first.
+                if let Some(old) = self.reports.take() {
+                    old.give_back();
+                }
                 if let Some(rc) = s.report.clone() {
                     self.reports = start_reports(rc);
                 }

@@ -71,21 +71,22 @@ impl Tickets {
     }
 }
 
-/// A ticket's VM id (16 hex digits) and slot, or `None` if it is not a ticket.
-fn parse(ticket: &str) -> Option<(&str, u64)> {
+/// A ticket's VM id (16 hex digits), slot and number, or `None` if it is not a
+/// ticket.
+fn parse(ticket: &str) -> Option<(&str, u64, u64)> {
     let mut parts = ticket.split('.');
     let (vm, slot, seq) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() || vm.len() != 16 || !vm.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let slot: u64 = slot.parse().ok()?;
-    let _: u64 = seq.parse().ok()?;
-    (slot < SLOTS).then_some((vm, slot))
+    let seq: u64 = seq.parse().ok()?;
+    (slot < SLOTS).then_some((vm, slot, seq))
 }
 
 /// The slot key a ticket value points at, or `None` if it is not a ticket.
 pub fn key_of(prefix: &str, ticket: &str) -> Option<String> {
-    let (vm, slot) = parse(ticket)?;
+    let (vm, slot, _) = parse(ticket)?;
     Some(format!("{prefix}{vm}.{slot}"))
 }
 
@@ -98,39 +99,47 @@ type Ring = Vec<Option<(String, Vec<(String, String)>)>>;
 /// flight are found in shared data.
 pub const MAX_RINGS: usize = 4;
 
-/// The hand-over inside one VM: a ring of [`SLOTS`] per verify stage configured in
-/// this VM (the last [`MAX_RINGS`]), by the VM id its tickets carry. For those
-/// tickets it is the only place the stamp stage looks: a miss means taken or
-/// overwritten, as in shared data.
+/// The hand-over inside one VM: a ring of [`SLOTS`] per ticket issuer of this VM
+/// (the last [`MAX_RINGS`]), by the VM id its tickets carry, for the tickets it
+/// issued after the ring was made (an issuer whose ring was dropped and is
+/// registered again gets a new ring; its earlier tickets are in shared data).
+/// For those tickets it is the only place the stamp stage looks: a miss means
+/// taken or overwritten, as in shared data.
 #[derive(Debug, Default)]
 pub struct LocalSlots {
-    rings: Vec<(String, Ring)>,
+    /// VM id, the last ticket number issued before the ring was made, the ring.
+    rings: Vec<(String, u64, Ring)>,
 }
 
 impl LocalSlots {
-    /// Claims the tickets of `tickets` for this VM.
+    /// Claims the tickets of `tickets` from now on for this VM.
     pub fn register(&mut self, tickets: &Tickets) {
         let vm = tickets.vm();
-        if !self.rings.iter().any(|(v, _)| *v == vm) {
+        if !self.rings.iter().any(|(v, _, _)| *v == vm) {
             if self.rings.len() >= MAX_RINGS {
                 self.rings.remove(0);
             }
-            self.rings.push((vm, vec![None; SLOTS as usize]));
+            self.rings
+                .push((vm, tickets.seq, vec![None; SLOTS as usize]));
         }
     }
 
-    fn ring(&mut self, vm: &str) -> Option<&mut Ring> {
-        self.rings.iter_mut().find(|(v, _)| v == vm).map(|(_, r)| r)
+    /// The ring that holds the ticket numbered `seq` of `vm`, if one here does.
+    fn ring(&mut self, vm: &str, seq: u64) -> Option<&mut Ring> {
+        self.rings
+            .iter_mut()
+            .find(|(v, since, _)| v == vm && seq > *since)
+            .map(|(_, _, r)| r)
     }
 
     /// Keeps the headers for `ticket` (verify stage); `false` if its issuer's ring is
     /// not (or no longer) kept here, so only shared data has them.
     pub fn put(&mut self, ticket: &Ticket, headers: Vec<(String, String)>) -> bool {
-        let Some((vm, slot)) = parse(&ticket.value) else {
+        let Some((vm, slot, seq)) = parse(&ticket.value) else {
             return false;
         };
         let value = ticket.value.clone();
-        match self.ring(vm).and_then(|r| r.get_mut(slot as usize)) {
+        match self.ring(vm, seq).and_then(|r| r.get_mut(slot as usize)) {
             Some(s) => {
                 *s = Some((value, headers));
                 true
@@ -140,10 +149,11 @@ impl LocalSlots {
     }
 
     /// Takes the headers for `ticket` (stamp stage): `None` if it was issued in
-    /// another VM (look in shared data), else the headers once, then `Missing`.
+    /// another VM, or before its issuer's ring here was made (look in shared
+    /// data), else the headers once, then `Missing`.
     pub fn take(&mut self, ticket: &str) -> Option<Result<Vec<(String, String)>, TakeError>> {
-        let (vm, slot) = parse(ticket)?;
-        let s = self.ring(vm)?.get_mut(slot as usize)?;
+        let (vm, slot, seq) = parse(ticket)?;
+        let s = self.ring(vm, seq)?.get_mut(slot as usize)?;
         Some(match s.take() {
             Some((t, h)) if t == ticket => Ok(h),
             other => {

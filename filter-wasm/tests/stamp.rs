@@ -126,3 +126,30 @@ fn a_vm_keeps_the_rings_of_its_last_verify_stages_only() {
     assert!(local.put(&t, Vec::new()));
     assert_eq!(local.take(&t.value), Some(Ok(Vec::new())));
 }
+
+/// An issuer whose ring was dropped (more issuers in the VM than it keeps rings)
+/// and that is registered again gets a new ring for its later tickets only: its
+/// earlier ones are looked up in shared data, where the verify stage also put
+/// them, not reported missing from the new, empty ring.
+#[test]
+fn a_ring_made_again_holds_only_the_tickets_issued_after_it() {
+    let mut local = LocalSlots::default();
+    let mut t = Tickets::new(7, "p.");
+    local.register(&t);
+    let before = t.issue();
+    assert!(local.put(&before, Vec::new()));
+    for vm in 100..100 + gw_filter::stamp::MAX_RINGS as u64 {
+        local.register(&Tickets::new(vm, "q."));
+    }
+    assert_eq!(local.take(&before.value), None, "its ring was dropped");
+    local.register(&t);
+    assert_eq!(
+        local.take(&before.value),
+        None,
+        "issued before the new ring"
+    );
+    let after = t.issue();
+    let h = vec![("x-gw-nonce".to_string(), "1".to_string())];
+    assert!(local.put(&after, h.clone()));
+    assert_eq!(local.take(&after.value), Some(Ok(h)));
+}

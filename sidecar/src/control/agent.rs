@@ -1110,6 +1110,8 @@ impl Agent {
             }
         }
         let mut book = NonceBook::new(self.env.limits);
+        // The book this one replaces forgot nonces: its clock goes on.
+        book.forgotten(self.core.applied.clock(0).saturating_sub(1));
         let mut written: BTreeMap<u64, Vec<String>> = BTreeMap::new();
         for n in &loaded.nonces {
             let _ = book.insert(&n.issuer, n.nonce, n.expires, 0, now);

@@ -143,6 +143,9 @@ impl ReplayStore {
                     self.book.remember(&n.issuer, n.nonce, n.expires, a, now);
                     self.positions.note(lsn, n.expires);
                 }
+                // Expired already (read back at start): forgotten, and the
+                // guard's clock goes past it.
+                journal::Entry::Nonce(n) => self.book.forgotten(n.expires),
                 _ => {}
             }
         }
@@ -283,6 +286,27 @@ mod tests {
         // After the commands went stale, a restart forgets them.
         let (s, _j) = open(d.path(), now + 31);
         assert!(s.lock().is_empty());
+    }
+
+    /// A nonce read back already expired is forgotten, and the guard's clock goes
+    /// past it: a command under it, judged at an earlier reading of the clock
+    /// (the clock stepped back across the restart's read), is stale.
+    #[test]
+    fn a_nonce_read_back_expired_moves_the_guards_clock() {
+        let records = vec![(
+            1,
+            Txn::of(vec![ReplayStore::entry(
+                "dashboard",
+                1,
+                NOW - 5,
+                digest(b"one"),
+                "r",
+            )]),
+        )];
+        let s = ReplayStore::open(&records, Limits::default(), NOW);
+        assert!(s.get("dashboard", 1, NOW - 10).is_none());
+        assert_eq!(s.clock(NOW - 10), NOW - 4);
+        assert_eq!(s.clock(NOW), NOW);
     }
 
     /// What this node's agent refused is known to the guard from the journal (a

@@ -336,6 +336,9 @@ impl Landing {
     /// resend that went has its audit row before the journal stops
     /// ([`Self::resending`] says when the last one on the wire ended).
     pub fn stop(&self) {
+        // Under the lock `settle` decides resends in (and counts them in
+        // `resending`) under: once this returns, no resend starts.
+        let _p = self.pending.lock();
         self.stopped.store(true, Ordering::Release);
     }
 
@@ -533,7 +536,8 @@ impl Landing {
             let now = Instant::now();
             let (due, hashes): (Vec<String>, HashSet<String>) = {
                 let mut p = self.pending.lock();
-                if p.txs.is_empty() {
+                // Stopped (shutdown): nothing more is resent, nor the node polled.
+                if p.txs.is_empty() || self.stopped.load(Ordering::Acquire) {
                     // Under the lock: a `track` after this starts a new loop.
                     p.running = false;
                     guard.0 = None;
@@ -691,11 +695,11 @@ impl Landing {
                 Arc<std::sync::atomic::AtomicBool>,
             ),
         }
+        let now = Instant::now();
+        let mut p = self.pending.lock();
         if self.stopped.load(Ordering::Acquire) {
             return;
         }
-        let now = Instant::now();
-        let mut p = self.pending.lock();
         for sig in due {
             let next = {
                 let Some(t) = p.txs.get_mut(&sig) else {

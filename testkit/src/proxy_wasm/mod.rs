@@ -658,7 +658,8 @@ impl Vm {
     }
 
     /// A configuration update: a new root context with `config` takes the
-    /// requests, and the old one is deleted (`proxy_on_delete`), as Envoy does.
+    /// requests, and the old one is deleted (`proxy_on_delete`), as Envoy does
+    /// (it would call `proxy_on_done` first, which the filter does not export).
     pub fn update(self, config: &str) -> Result<Vm, Vec<String>> {
         let old = self.root;
         let mut vm = self.with_root(config)?;
