@@ -87,6 +87,12 @@ pub struct JwkJson {
     /// Intended use (`sig`/`enc`).
     #[serde(default, rename = "use")]
     pub use_: Option<String>,
+    /// The issuer this key signs for (not a JWK member of RFC 7517: the
+    /// gateway's own, set by the operator): a token it verifies must carry this
+    /// `iss`. Needed on every key when more than one issuer is accepted, so that
+    /// one issuer's key cannot sign tokens in another's name.
+    #[serde(default)]
+    pub iss: Option<String>,
 }
 
 /// Key material of a parsed JWK.
@@ -117,6 +123,8 @@ pub struct Jwk {
     pub kid: Option<String>,
     /// Pinned algorithm, if any.
     pub alg: Option<String>,
+    /// The issuer it signs for, if pinned ([`JwkJson::iss`]).
+    pub iss: Option<String>,
     /// The key.
     pub key: KeyMaterial,
 }
@@ -217,6 +225,7 @@ impl Jwk {
         Ok(Jwk {
             kid: j.kid.clone(),
             alg: j.alg.clone(),
+            iss: j.iss.clone(),
             key,
         })
     }

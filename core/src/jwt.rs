@@ -151,6 +151,32 @@ impl JwtPolicy {
         }
         Ok(())
     }
+
+    /// Whether `keys` fit the policy's issuers: with more than one accepted
+    /// issuer every key names the one it signs for (`iss` in the JWK) — else a
+    /// holder of one issuer's key could sign tokens in another's name, and be
+    /// recorded and scoped as the other — and a named issuer is an accepted one.
+    pub fn validate_keys(&self, keys: &crate::jwk::JwkSet) -> Result<(), String> {
+        let name = |k: &crate::jwk::Jwk| k.kid.clone().unwrap_or_else(|| "(no kid)".into());
+        for k in &keys.keys {
+            match &k.iss {
+                None if self.issuers.len() > 1 => {
+                    return Err(format!(
+                        "jwt.jwks key {}: with more than one issuer in jwt.policy.issuers, each key names the issuer it signs for (`iss`)",
+                        name(k)
+                    ))
+                }
+                Some(i) if !self.any_issuer && !self.issuers.contains(i) => {
+                    return Err(format!(
+                        "jwt.jwks key {}: its `iss` is not in jwt.policy.issuers",
+                        name(k)
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The claims of a verified token that the gateway uses.
@@ -428,6 +454,17 @@ pub fn verify_jwt(
     // An empty list accepts nothing unless the policy says "any" in so many words.
     if !policy.any_issuer && !iss.as_ref().is_some_and(|i| policy.issuers.contains(i)) {
         return Err(err(Code::JwtIssuer, "issuer is not accepted"));
+    }
+    // A key pinned to an issuer signs for that issuer only.
+    if key
+        .iss
+        .as_ref()
+        .is_some_and(|pinned| iss.as_ref() != Some(pinned))
+    {
+        return Err(err(
+            Code::JwtIssuer,
+            "the key that verifies this token signs for another issuer",
+        ));
     }
     if !policy.any_audience {
         let ok = match claims.get("aud") {

@@ -304,6 +304,7 @@ impl Settings {
             ));
         }
         c.jwt.policy.validate().map_err(invalid)?;
+        c.jwt.policy.validate_keys(&jwks).map_err(invalid)?;
         if c.max_body_bytes == 0 || c.max_body_bytes > MAX_BODY_LIMIT {
             return Err(invalid(format!(
                 "max_body_bytes must be 1..={MAX_BODY_LIMIT}"

@@ -130,6 +130,13 @@ fn invalid_configurations_are_refused_clearly() {
             "max_per_issuer",
         ),
         (
+            // Two issuers, a key that does not say which it signs for.
+            Box::new(|c| {
+                c["jwt"]["policy"]["issuers"] = serde_json::json!(["defi-dashboard", "other"]);
+            }),
+            "each key names the issuer it signs for",
+        ),
+        (
             Box::new(|c| c["max_skew_secs"] = 3600.into()),
             "max_skew_secs must be 1..=600",
         ),

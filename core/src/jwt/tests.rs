@@ -396,3 +396,61 @@ proptest::proptest! {
         let _ = verify_jwt(&s, &hs_keys(), &policy(), NOW);
     }
 }
+
+/// With two issuers, each key signs for its own: a holder of issuer a's key
+/// cannot mint a token in issuer b's name (it would be recorded as b's, and share
+/// b's idempotency keys). Keys not pinned, or pinned to an issuer not accepted,
+/// are refused when the configuration is read.
+#[test]
+fn a_key_pinned_to_an_issuer_signs_for_that_issuer_only() {
+    const OTHER: &[u8; 32] = b"fedcba9876543210fedcba9876543210";
+    let keys = JwkSet::parse(&format!(
+        r#"{{"keys":[{{"kty":"oct","kid":"a","k":"{}","iss":"issuer-a"}},
+                     {{"kty":"oct","kid":"b","k":"{}","iss":"issuer-b"}}]}}"#,
+        b64url_encode(SECRET),
+        b64url_encode(OTHER)
+    ))
+    .unwrap();
+    let two = JwtPolicy {
+        issuers: vec!["issuer-a".into(), "issuer-b".into()],
+        any_audience: true,
+        ..JwtPolicy::default()
+    };
+    assert_eq!(two.validate_keys(&keys), Ok(()));
+    let token = |secret: &[u8], kid: &str, iss: &str| {
+        let c = claims(json!({"sub": "alice", "iss": iss, "exp": NOW + 60}));
+        mint_hs256(secret, Some(kid), &c).unwrap()
+    };
+    let ok = verify_jwt(&token(SECRET, "a", "issuer-a"), &keys, &two, NOW).unwrap();
+    assert_eq!(ok.iss.as_deref(), Some("issuer-a"));
+    assert!(verify_jwt(&token(OTHER, "b", "issuer-b"), &keys, &two, NOW).is_ok());
+    // Issuer a's key, issuer b's name: refused, with a kid or without one.
+    let forged = verify_jwt(&token(SECRET, "a", "issuer-b"), &keys, &two, NOW).unwrap_err();
+    assert_eq!(forged.code, Code::JwtIssuer, "{forged}");
+    let no_kid = sign_raw(
+        json!({"alg": "HS256"}),
+        json!({"sub": "alice", "iss": "issuer-b", "exp": NOW + 60}),
+        |i| hs256(i, SECRET),
+    );
+    assert_eq!(
+        verify_jwt(&no_kid, &keys, &two, NOW).unwrap_err().code,
+        Code::JwtIssuer
+    );
+    // Configuration: with two issuers every key names its own, an accepted one.
+    let unpinned = hs_keys();
+    assert!(two
+        .validate_keys(&unpinned)
+        .unwrap_err()
+        .contains("each key names the issuer it signs for"));
+    let elsewhere = JwtPolicy {
+        issuers: vec!["issuer-a".into()],
+        any_audience: true,
+        ..JwtPolicy::default()
+    };
+    assert!(elsewhere
+        .validate_keys(&keys)
+        .unwrap_err()
+        .contains("not in jwt.policy.issuers"));
+    // One issuer: a key need not name it.
+    assert_eq!(policy().validate_keys(&unpinned), Ok(()));
+}
