@@ -84,6 +84,14 @@ impl CommandArgs {
                     "`tip_ladder` must hold 1..={MAX_TIP_LADDER} non-negative tips"
                 )));
             }
+            // Rung i is a searcher's variant i: a variant missing for the rung a
+            // score reaches is taken from a lower rung, which must not pay more.
+            if rungs.windows(2).any(|w| w[1] < w[0]) {
+                return Err(bad(
+                    "`tip_ladder` must be in ascending order (rung i is the variant with the i-th tip)"
+                        .into(),
+                ));
+            }
             out.tip_ladder = Some(rungs);
         }
         match action {
@@ -138,6 +146,9 @@ mod tests {
             (Action::Policy, m(&[("ev_min", "inf")])),
             (Action::Policy, m(&[("tip_ladder", "0.1,,0.2")])),
             (Action::Policy, m(&[("tip_ladder", "0.1,-0.2")])),
+            // Not ascending: a score of 4 could send the 5 tip (rung 2 of 1,5,3
+            // taken from variant 1 when only two were signed).
+            (Action::Policy, m(&[("tip_ladder", "1,5,3")])),
             (
                 Action::Policy,
                 m(&[("tip_ladder", &vec!["1"; 17].join(","))]),

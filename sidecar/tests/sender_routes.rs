@@ -229,6 +229,62 @@ fn the_receiver_enforces_the_tpu_protocol() {
     });
 }
 
+/// A module stopped or killed after a send was decided sends nothing more: the
+/// hedge leg due later is held back (its route's error says so, and the send is
+/// not counted as hedged), where the relay used to get the transaction — a paid
+/// send after a kill. The first leg, already on the wire, is not recalled.
+#[test]
+fn a_hedge_leg_due_after_a_kill_is_held_back() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let rt = rt();
+    let relay = Relay::start(None);
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let path = DelayProxy::start(rx.addr, Duration::ZERO);
+        path.set_blackhole(true); // the leader went silent: the TPU leg hangs
+        let cfg = sender_config(json!({
+            "tpu": {"connect_timeout_ms": 3000},
+            "relay": {"url": relay.url},
+            "leaders": {"static": [{"tpu_quic": path.addr.to_string()}]},
+            "hedge_delay_ms": 300,
+            "adaptive": false,
+        }));
+        let sender = Sender::new(&cfg, &key(2), Some(leader(path.addr, None)), None).unwrap();
+        let running = Arc::new(AtomicBool::new(true));
+        let open = running.clone();
+        let gated = SendMeta {
+            source: "test",
+            gate: gw_sidecar::sender::SendGate::new(move || open.load(Ordering::Acquire)),
+            ..SendMeta::default()
+        };
+        let (w, sig) = tx(7, 100);
+        let send = tokio::spawn({
+            let sender = sender.clone();
+            async move { sender.send(w, sig, &gated).await }
+        });
+        // Killed 50 ms after the send was decided, before its hedge is due.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        running.store(false, Ordering::Release);
+        let out = send.await.unwrap();
+        assert_eq!(out.landed, None, "{out:?}");
+        assert_eq!(
+            out.relay_error.as_deref(),
+            Some(gw_sidecar::sender::HELD_BACK),
+            "{out:?}"
+        );
+        assert!(!out.hedged && out.hedged_after.is_none(), "{out:?}");
+        assert!(
+            relay.calls().is_empty(),
+            "the relay got {:?}",
+            relay.calls()
+        );
+        // Open, the same silent leader is hedged to the relay as before.
+        let (w, sig) = tx(8, 100);
+        let out = sender.send(w, sig, &meta()).await;
+        assert_eq!(out.landed, Some(Route::Relay), "{out:?}");
+    });
+}
+
 #[test]
 fn a_silent_primary_is_hedged_after_the_delay_and_the_relay_lands_it() {
     let rt = rt();

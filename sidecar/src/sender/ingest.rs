@@ -368,6 +368,9 @@ pub(crate) fn bind(setup: &IngestSetup) -> anyhow::Result<quinn::Endpoint> {
         .receive_window(quinn::VarInt::from_u64(per_conn)?)
         .max_concurrent_uni_streams(setup.config.max_streams_per_connection.into())
         .max_concurrent_bidi_streams(0u32.into())
+        // No datagrams are read: none are taken (quinn's default parks up to
+        // 1.25 MB of them per connection).
+        .datagram_receive_buffer_size(None)
         .max_idle_timeout(Some(
             Duration::from_millis(setup.config.idle_timeout_ms).try_into()?,
         ));

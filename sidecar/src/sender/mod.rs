@@ -288,6 +288,38 @@ impl SenderConfig {
     }
 }
 
+/// Whether a send decided before may still go out on another route: asked when
+/// its hedge leg is about to start, so that a module stopped or killed after the
+/// send was decided sends nothing more (a paid relay send after a kill). The
+/// default is always open.
+#[derive(Clone, Default)]
+pub struct SendGate(Option<Arc<dyn Fn() -> bool + Send + Sync>>);
+
+impl SendGate {
+    /// A gate open while `f` says so.
+    pub fn new(f: impl Fn() -> bool + Send + Sync + 'static) -> SendGate {
+        SendGate(Some(Arc::new(f)))
+    }
+
+    /// Whether the send may go on.
+    pub fn open(&self) -> bool {
+        self.0.as_ref().is_none_or(|f| f())
+    }
+}
+
+impl std::fmt::Debug for SendGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "SendGate(..)"
+        } else {
+            "SendGate(open)"
+        })
+    }
+}
+
+/// The route error of a hedge leg the gate held back.
+pub const HELD_BACK: &str = "not sent: its module was stopped or killed after the send was decided";
+
 /// Who asked for a send and why (for the audit row).
 #[derive(Debug, Clone, Default)]
 pub struct SendMeta {
@@ -305,6 +337,8 @@ pub struct SendMeta {
     /// Who asked for it: the token the edge verified (JSON-RPC, opportunities over
     /// HTTP), or the QUIC ingest's client (its base58 identity as `sub`).
     pub requester: Arc<Requester>,
+    /// Whether a hedge leg may still start ([`SendGate`]).
+    pub gate: SendGate,
 }
 
 /// How one send ended.
@@ -591,7 +625,8 @@ impl Sender {
             relay_error: None,
         };
         if self.configured(primary.other()) {
-            self.hedged(&wire, Instant::now(), &mut out).await;
+            self.hedged(&wire, Instant::now(), &mut out, &meta.gate)
+                .await;
         } else {
             // One route: nothing to hedge to (no timer, no hedging state), and the
             // route's failure is the send's (no audit row saying a hedge went to a
@@ -614,8 +649,9 @@ impl Sender {
     }
 
     /// Races the two routes from `t0` (the primary first, the other after the
-    /// hedge delay or on the primary's failure), filling `out`.
-    async fn hedged(&self, wire: &Bytes, t0: Instant, out: &mut SendOutcome) {
+    /// hedge delay or on the primary's failure — if `gate` is still open then),
+    /// filling `out`.
+    async fn hedged(&self, wire: &Bytes, t0: Instant, out: &mut SendOutcome, gate: &SendGate) {
         let primary = out.primary;
         let hedge_after = match self.policy {
             RoutePolicy::Latency => self.delay,
@@ -656,9 +692,22 @@ impl Sender {
         tokio::pin!(timer);
         let mut now = t0;
         let mut action = hedge.on(Event::Start, t0);
+        let (mut launched, mut held_back) = (false, false);
         loop {
             match action.take() {
+                // The hedge leg of a send whose module was stopped or killed
+                // since: not sent, a failure of its route.
+                Some(Action::Send(r)) if launched && !gate.open() => {
+                    match r {
+                        Route::Tpu => out.tpu_error = Some(HELD_BACK.to_owned()),
+                        Route::Relay => out.relay_error = Some(HELD_BACK.to_owned()),
+                    }
+                    held_back = true;
+                    action = hedge.on(Event::Failed(r), now);
+                    continue;
+                }
                 Some(Action::Send(r)) => {
+                    launched = true;
                     let a = self.launch(r, wire, out);
                     started[r.index()] = a.counted().then_some(now);
                     routes[r.index()] = Some(a);
@@ -711,8 +760,12 @@ impl Sender {
             });
         }
         out.latency = now.saturating_duration_since(t0);
-        out.hedged = hedge.hedged();
-        out.hedged_after = hedge.hedged_at().map(|t| t.saturating_duration_since(t0));
+        // A leg held back was not sent: no hedge.
+        out.hedged = hedge.hedged() && !held_back;
+        out.hedged_after = hedge
+            .hedged_at()
+            .filter(|_| !held_back)
+            .map(|t| t.saturating_duration_since(t0));
     }
 
     /// `route` answered `r` after `lat`: recorded in its statistics when it is

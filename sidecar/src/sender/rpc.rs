@@ -700,6 +700,7 @@ fn permit(ctx: &RpcContext<'_>) -> Result<OwnedSemaphorePermit, RpcErr> {
 }
 
 fn rpc_meta(ctx: &RpcContext<'_>) -> SendMeta {
+    let (modules, module, allow_stopped) = (ctx.modules.clone(), ctx.module, ctx.allow_stopped);
     SendMeta {
         source: "rpc",
         module: ctx.module.as_str(),
@@ -707,6 +708,9 @@ fn rpc_meta(ctx: &RpcContext<'_>) -> SendMeta {
         score: None,
         scored_by: None,
         requester: ctx.requester.clone(),
+        gate: super::SendGate::new(move || {
+            state_refusal(&modules, module, allow_stopped).is_none()
+        }),
     }
 }
 

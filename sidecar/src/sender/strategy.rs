@@ -40,7 +40,7 @@ use crate::models::ModelHost;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StrategyConfig {
-    /// Opportunities the ring holds (rounded up to a power of two).
+    /// Opportunities the ring holds (allocated whole at start).
     #[serde(default = "default_ring")]
     pub ring_capacity: usize,
     /// Most opportunities taken per batch.
@@ -90,7 +90,7 @@ impl StrategyConfig {
         if self.ring_capacity == 0 || self.ring_capacity > MAX_RING_CAPACITY {
             return Err(OutOfBounds::new(
                 "sender.strategy.ring_capacity",
-                "must be within 1..=2^30",
+                "must be within 1..=1048576",
             ));
         }
         if self.batch == 0 || self.batch > 4096 {
@@ -109,8 +109,9 @@ impl StrategyConfig {
     }
 }
 
-/// Largest ring.
-pub const MAX_RING_CAPACITY: usize = 1 << 30;
+/// Largest ring (allocated at start: about 90 bytes an opportunity, so 90 MiB
+/// at most; 2^30 aborted the start with an allocation of ≈ 94 GB).
+pub const MAX_RING_CAPACITY: usize = 1 << 20;
 /// Batches waiting for the ingest thread at most (a producer beyond it is refused).
 pub const INGEST_QUEUE: usize = 64;
 
@@ -653,6 +654,7 @@ impl Worker {
                 .iter()
                 .find(|(m, _)| *m == opp.module)
                 .map_or_else(|| self.ev_label.clone(), |(_, l)| l.clone());
+            let (modules, module) = (self.modules.clone(), opp.module);
             let meta = SendMeta {
                 source: "strategy",
                 module: name,
@@ -660,6 +662,11 @@ impl Worker {
                 score: Some(ev),
                 scored_by: Some(scored_by),
                 requester: opp.requester.clone(),
+                gate: super::SendGate::new(move || {
+                    modules.with(module, |s| {
+                        s.state == gw_core::module_state::RunState::Running
+                    })
+                }),
             };
             self.rt.spawn(async move {
                 sender.send(tx.wire, tx.signature, &meta).await;

@@ -808,9 +808,11 @@ impl TpuClient {
             // its end before the next begins (no round-robin between streams), so
             // each one's last byte arrives sooner — as Agave's own clients do.
             .send_fairness(false)
-            // The leader never opens streams towards us.
+            // The leader never opens streams towards us, nor are its datagrams
+            // read (quinn's default would park up to 1.25 MB of them).
             .max_concurrent_bidi_streams(0u32.into())
             .max_concurrent_uni_streams(0u32.into())
+            .datagram_receive_buffer_size(None)
             .congestion_controller_factory(PhaseBoostFactory::new(
                 self.config.congestion.clone(),
                 phase,
