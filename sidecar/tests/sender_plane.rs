@@ -1086,6 +1086,58 @@ fn a_batchs_refusals_are_rows_when_its_client_leaves_before_the_answer() {
     assert_eq!(common::stored(&ch).len(), 1);
 }
 
+/// Opportunities the QUIC ingest could not put in a full ring are a refusal
+/// naming the searcher (`overloaded`, with how many were taken and dropped), as
+/// over HTTP; before, only a global counter knew.
+#[test]
+fn opportunities_a_full_ring_drops_are_a_row_naming_the_searcher() {
+    use gw_sidecar::sender::ingest;
+    let d = testkit::TempDir::new("ingest-ring-full");
+    let ch = ClickHouse::start(d.path());
+    let (rrt, rx) = receiver();
+    let searcher = SigningKey::from_bytes(&[32u8; 32]);
+    let searcher_b58 = bs58::encode(searcher.verifying_key().to_bytes()).into_string();
+    let s = sending_to(
+        &d.path().join("state"),
+        &ch,
+        &rx,
+        json!({"strategy": {"ring_capacity": 1,
+                            "ingest": {"bind": "127.0.0.1:0", "allow": [searcher_b58]}}}),
+    );
+    let addr = s.running.plane().unwrap().hot.ingest_addr.unwrap();
+    let frames: Vec<u8> = (0..50)
+        .flat_map(|i| {
+            ingest::frame(&gw_proto::hotpath::Opportunity {
+                module: "mev".into(),
+                ev: Some(1.0),
+                txs: vec![tx(2000 + i)],
+                ..Default::default()
+            })
+        })
+        .collect();
+    rrt.block_on(async {
+        let conn = ingest::connect(addr, &searcher, None).await.unwrap();
+        let mut st = conn.open_uni().await.unwrap();
+        st.write_all(&frames).await.unwrap();
+        let _ = st.finish();
+        let _ = st.stopped().await;
+    });
+    let rows = common::wait_rows(&ch, 1);
+    let dropped: u64 = rows
+        .iter()
+        .filter(|r| r.code == "overloaded")
+        .map(|r| {
+            assert_eq!(
+                (r.requester.as_str(), r.route.as_str()),
+                (searcher_b58.as_str(), "quic:ingest")
+            );
+            let note: Value = serde_json::from_str(&r.args_json).unwrap();
+            note["dropped"].as_u64().unwrap()
+        })
+        .sum();
+    assert!(dropped > 0, "{rows:#?}");
+}
+
 /// The QUIC ingest's refusals are ledger rows too: a handshake with an identity
 /// not on the allow-list (no identity to name: the remote address instead), an
 /// opportunity skipped and a stream stopped for its framing (each naming the

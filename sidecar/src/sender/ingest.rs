@@ -384,7 +384,7 @@ pub(crate) async fn serve(
     endpoint: quinn::Endpoint,
     config: IngestConfig,
     stats: Arc<IngestStats>,
-    push: Rc<dyn Fn(Vec<Opportunity>)>,
+    push: Rc<dyn Fn(Vec<Opportunity>) -> usize>,
 ) {
     let handshaking = Rc::new(Cell::new(0usize));
     let handshaking_from: Rc<RefCell<HashMap<IpAddr, usize>>> = Rc::default();
@@ -521,7 +521,7 @@ async fn read_stream(
     mut recv: quinn::RecvStream,
     max_frame: usize,
     stats: Arc<IngestStats>,
-    push: Rc<dyn Fn(Vec<Opportunity>)>,
+    push: Rc<dyn Fn(Vec<Opportunity>) -> usize>,
     requester: Arc<Requester>,
 ) {
     let mut buf = BytesMut::with_capacity(16 << 10);
@@ -543,7 +543,23 @@ async fn read_stream(
             o.requester = requester.clone();
         }
         if !batch.is_empty() {
-            push(batch);
+            let n = batch.len();
+            let took = push(batch);
+            // Not taken whole (the ring is full): a refusal naming the client,
+            // as over HTTP (the row says how many were dropped).
+            if took < n {
+                stats.refusals.report_noting(
+                    Code::Overloaded,
+                    Some(&requester),
+                    &[],
+                    "the hot path's ring is full",
+                    None,
+                    |note| {
+                        note["accepted"] = took.into();
+                        note["dropped"] = (n - took).into();
+                    },
+                );
+            }
         }
         // One refusal for the opportunities this chunk skipped: the first one's
         // frame and why, and how many.

@@ -495,9 +495,8 @@ impl Ingest {
             let _ = ready.send(Ok(addr));
             if let (Some(ep), Some(setup)) = (endpoint.clone(), setup) {
                 let ring = me.clone();
-                let push: Rc<dyn Fn(Vec<Opportunity>)> = Rc::new(move |items| {
-                    ring.borrow_mut().push(items);
-                });
+                let push: Rc<dyn Fn(Vec<Opportunity>) -> usize> =
+                    Rc::new(move |items| ring.borrow_mut().push(items));
                 tokio::task::spawn_local(super::ingest::serve(ep, setup.config, stats, push));
             }
             while let Some(offer) = rx.recv().await {
