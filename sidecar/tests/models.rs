@@ -183,7 +183,7 @@ fn predictions_equal_the_training_librarys_and_are_served_over_http() {
     let two = json!({"rows": [first[..8], first[8..]]});
     let applied = post(
         "/api/control/module/mev:policy",
-        json!({"ev_min": 0.0, "tip_ladder": [hi * 2.0, lo / 2.0]}),
+        json!({"ev_min": 0.0, "tip_ladder": [lo / 2.0, hi * 2.0]}),
     );
     assert_eq!(applied["applied"], true, "{applied}");
     let laddered = post("/api/modules/mev/evaluate", two);

@@ -179,12 +179,28 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
     );
     assert_eq!(settle(&rx, &rrt, 62), 62);
     assert_eq!(rx.received().last().unwrap().bytes, single);
+    // A ladder out of order (refused in commands now; a state kept from before
+    // may hold one): with fewer variants than rungs, the signed variant that goes
+    // is one whose tip the score covers — not variant 1's 5.0 for a score of 4.
+    let table = s.running.control().modules();
+    let mut legacy = table.get(gw_core::Module::Mev);
+    let kept = legacy.clone();
+    legacy.tip_ladder = vec![1.0, 5.0, 3.0];
+    table.set(gw_core::Module::Mev, legacy);
+    let (cheap, dear) = (tx(305), tx(306));
+    offer(
+        &s,
+        vec![json!({"module": "mev", "ev": 4.0, "txs": [b64(&cheap), b64(&dear)]})],
+    );
+    assert_eq!(settle(&rx, &rrt, 63), 63);
+    assert_eq!(rx.received().last().unwrap().bytes, cheap);
+    table.set(gw_core::Module::Mev, kept);
 
     // kill: zero sends.
     command(&s, "mev:kill", json!({}));
     let r = offer(&s, (0..8).map(|i| opp(400 + i, 5.0)).collect());
     assert_eq!(r["accepted"], 8);
-    nothing_more(&rx, 62); // a killed module sends nothing
+    nothing_more(&rx, 63); // a killed module sends nothing
     let st = s.get_json("/api/sender");
     assert_eq!(st["strategy"]["skipped"]["killed"], 8, "{st}");
     assert_eq!(st["strategy"]["skipped"]["throttled"], 20, "{st}");
@@ -444,7 +460,7 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
     let strategy_sends = s.get_json("/api/sender")["strategy"]["sent"]
         .as_u64()
         .unwrap();
-    assert_eq!(strategy_sends, 62, "the burst came while killed");
+    assert_eq!(strategy_sends, 63, "the burst came while killed");
     let total = strategy_sends + 4 + 2 + 63;
     let deadline = Instant::now() + Duration::from_secs(30);
     let rows: Vec<Value> = loop {
@@ -521,6 +537,16 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
         let by = if r["source"] == "strategy" { "ev" } else { "" };
         assert_eq!(r["scored_by"], by, "{r}");
     }
+    let cheap_sig = txwire::parse(&cheap, false).unwrap().signature_b58();
+    let row = rows
+        .iter()
+        .find(|r| r["signature"] == cheap_sig.as_str())
+        .expect("the out-of-order ladder's send");
+    assert_eq!(
+        (row["tip"].as_f64(), row["score"].as_f64()),
+        (Some(1.0), Some(4.0)),
+        "{row}"
+    );
     let single_sig = txwire::parse(&single, false).unwrap().signature_b58();
     let row = rows
         .iter()

@@ -627,9 +627,16 @@ impl Worker {
                     continue;
                 }
             };
-            // Fewer variants than rungs: the highest the searcher signed, audited
-            // with its own rung's tip.
-            let rung = rung.min(opp.txs.len().saturating_sub(1));
+            // Fewer variants than rungs: the highest rung the searcher signed whose
+            // tip the score covers (a ladder written before rungs had to ascend
+            // may hold a higher tip lower down), audited with its own tip; none:
+            // not sent.
+            let rung = if rung < opp.txs.len() {
+                rung
+            } else {
+                let signed = opp.txs.len().min(state.tip_ladder.len());
+                pick_rung(&state.tip_ladder[..signed], ev).map_or(usize::MAX, |(i, _)| i)
+            };
             let tip = state.tip_ladder.get(rung).copied().unwrap_or(0.0);
             let tx = opp.txs.get(rung).cloned();
             let saturated = self.inflight.load(Ordering::Acquire) >= self.max_inflight;
