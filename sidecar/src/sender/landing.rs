@@ -204,8 +204,9 @@ struct Pending {
     wire: Bytes,
     blockhash: String,
     max_retries: Option<usize>,
+    /// Its audit row's context; its gate holds resends too (the module's kill
+    /// switch and stop).
     meta: SendMeta,
-    may_send: Arc<dyn Fn() -> bool + Send + Sync>,
     sent_again: usize,
     /// A resend of it is still on its way (no second one is started meanwhile).
     sending: Arc<std::sync::atomic::AtomicBool>,
@@ -455,8 +456,8 @@ impl Landing {
     }
 
     /// Rebroadcasts `wire` until the node sees `signature`, its `blockhash`
-    /// expires, `max_retries` resends are spent or `max_age_secs` pass.
-    #[allow(clippy::too_many_arguments)] // one transaction's whole context
+    /// expires, `max_retries` resends are spent, `max_age_secs` pass, or `meta`'s
+    /// gate closes.
     pub fn track(
         self: &Arc<Self>,
         sender: Arc<Sender>,
@@ -465,7 +466,6 @@ impl Landing {
         blockhash: [u8; 32],
         max_retries: Option<usize>,
         meta: SendMeta,
-        may_send: Arc<dyn Fn() -> bool + Send + Sync>,
     ) {
         if max_retries == Some(0) || self.stopped.load(Ordering::Acquire) {
             return;
@@ -492,7 +492,6 @@ impl Landing {
                     blockhash: bs58::encode(blockhash).into_string(),
                     max_retries,
                     meta,
-                    may_send,
                     sent_again: 0,
                     sending: Arc::default(),
                     until: now + Duration::from_secs(self.cfg.max_age_secs),
@@ -720,7 +719,7 @@ impl Landing {
                     Next::Wait
                 } else if t.max_retries.is_some_and(|m| t.sent_again >= m) {
                     Next::End(&self.stats.retries_spent)
-                } else if !(t.may_send)() {
+                } else if !t.meta.gate.open() {
                     // The module's kill switch and stop hold for resends too.
                     Next::End(&self.stats.refused)
                 } else if t.sending.swap(true, Ordering::AcqRel) {

@@ -759,7 +759,6 @@ async fn send_transaction(
     // rebroadcasts of a transaction that went (as a Solana node's RPC).
     let sender = ctx.sender.clone();
     let landing = ctx.landing.cloned();
-    let (modules, module, allow_stopped) = (ctx.modules.clone(), ctx.module, ctx.allow_stopped);
     let meta = rpc_meta(ctx);
     let sig = info.signature_b58();
     let out = tokio::spawn(async move {
@@ -777,7 +776,6 @@ async fn send_transaction(
                 info.recent_blockhash,
                 opts.max_retries,
                 retry,
-                Arc::new(move || state_refusal(&modules, module, allow_stopped).is_none()),
             );
         }
         out

@@ -349,6 +349,12 @@ impl HotPath {
         let finished = Arc::new(AtomicBool::new(false));
         let inflight = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(StrategyStats::default());
+        let gates = Module::ALL.map(|m| {
+            let modules = modules.clone();
+            super::SendGate::new(move || {
+                modules.with(m, |s| s.state == gw_core::module_state::RunState::Running)
+            })
+        });
         let worker = Worker {
             consumer,
             sender,
@@ -364,6 +370,7 @@ impl HotPath {
             inflight: inflight.clone(),
             throttles: BTreeMap::new(),
             ev_label: Arc::from("ev"),
+            gates,
         };
         let strategy = std::thread::Builder::new()
             .name("gw-strategy".into())
@@ -552,6 +559,9 @@ struct Worker {
     throttles: BTreeMap<&'static str, Throttle>,
     /// The audit's `scored_by` of a send scored by its opportunity's own `ev`.
     ev_label: Arc<str>,
+    /// Per module (as in `Module::ALL`), whether its sends' hedge legs may still
+    /// go: made once, shared by every send.
+    gates: [super::SendGate; Module::ALL.len()],
 }
 
 /// The label of the model that scored each module's opportunities in a batch
@@ -660,7 +670,12 @@ impl Worker {
                 .iter()
                 .find(|(m, _)| *m == opp.module)
                 .map_or_else(|| self.ev_label.clone(), |(_, l)| l.clone());
-            let (modules, module) = (self.modules.clone(), opp.module);
+            let gate = Module::ALL
+                .iter()
+                .position(|m| *m == opp.module)
+                .and_then(|i| self.gates.get(i))
+                .cloned()
+                .unwrap_or_default();
             let meta = SendMeta {
                 source: "strategy",
                 module: name,
@@ -668,11 +683,7 @@ impl Worker {
                 score: Some(ev),
                 scored_by: Some(scored_by),
                 requester: opp.requester.clone(),
-                gate: super::SendGate::new(move || {
-                    modules.with(module, |s| {
-                        s.state == gw_core::module_state::RunState::Running
-                    })
-                }),
+                gate,
             };
             self.rt.spawn(async move {
                 sender.send(tx.wire, tx.signature, &meta).await;
