@@ -53,6 +53,24 @@ fn built() -> &'static Path {
     })
 }
 
+/// A copy of [`built`] of its own (links as links): the process opens a library
+/// file for one model at a time (`still_mapped` for another load of it meanwhile),
+/// so a test loading the same files as another test running beside it loads
+/// copies.
+fn built_copy(name: &str) -> testkit::TempDir {
+    let d = testkit::TempDir::new(name);
+    for e in std::fs::read_dir(built()).unwrap() {
+        let e = e.unwrap();
+        let to = d.path().join(e.file_name());
+        if e.file_type().unwrap().is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(e.path()).unwrap(), to).unwrap();
+        } else if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+    d
+}
+
 fn check(dir: &Path, model: &str) -> (Vec<f32>, Vec<f64>) {
     let c: Value =
         serde_json::from_slice(&std::fs::read(dir.join(format!("{model}.check.json"))).unwrap())
@@ -1007,7 +1025,8 @@ fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
     use gw_core::Module;
     use gw_sidecar::sender::strategy::Opportunity;
 
-    let dir = built();
+    let copy = built_copy("models-hot-path");
+    let dir = copy.path();
     let host = Arc::new(host(dir, 8, false));
     host.poll();
     let (rows, _) = check(dir, "mev");
