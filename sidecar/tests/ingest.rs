@@ -400,6 +400,93 @@ fn one_identity_cannot_take_every_connection() {
     });
 }
 
+fn frames_of(r: &Rig, b: u8) -> u64 {
+    let who = key(b).verifying_key().to_bytes();
+    let by = r.hot.ingest_stats.frames_by_identity.lock();
+    by.get(&who).map_or(0, |n| n.load(Ordering::Relaxed))
+}
+
+/// A searcher with many busy streams gets no more of the ingest thread than one
+/// with a single stream: while both have frames waiting, they are decoded turn
+/// about (16 frames a turn, one turn per identity), so the flood of eight
+/// streams is slowed to the pace of the one, not the one to a ninth; and every
+/// frame written is read in the end (QUIC's flow control held them, nothing
+/// dropped).
+#[test]
+fn searchers_share_the_ingest_thread_by_identity_not_by_stream() {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    use std::sync::Arc;
+    let r = rig(json!({"bind": "127.0.0.1:0", "allow": allow(&[30, 31])}));
+    let addr = r.hot.ingest_addr.unwrap();
+    // Nothing is sent: the strategy reads and skips, the test counts frames.
+    r.modules.set(
+        Module::Mev,
+        ModuleState {
+            state: RunState::Killed,
+            ..ModuleState::default()
+        },
+    );
+    r._rt.block_on(async {
+        // Each searcher writes for as long as the test runs: its streams always
+        // have frames waiting (its writes wait on flow control).
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(0));
+        let mut writers = Vec::new();
+        for (who, streams) in [(30u8, 8u32), (31, 1)] {
+            let conn = ingest::connect(addr, &key(who), server_key())
+                .await
+                .unwrap();
+            for s in 0..streams {
+                let (c, stop, written) = (conn.clone(), stop.clone(), written.clone());
+                let base = u32::from(who) * 100_000_000 + s * 1_000_000;
+                writers.push(tokio::spawn(async move {
+                    let mut st = c.open_uni().await.unwrap();
+                    let mut i = 0u32;
+                    while !stop.load(Ordering::Acquire) {
+                        let mut bytes = Vec::new();
+                        for _ in 0..32 {
+                            bytes.extend(ingest::frame(&opp(base + i)));
+                            i += 1;
+                        }
+                        st.write_all(&bytes).await.unwrap();
+                        written.fetch_add(32, Ordering::Relaxed);
+                    }
+                    st.finish().unwrap();
+                    st.stopped().await.unwrap()
+                }));
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while frames_of(&r, 30).min(frames_of(&r, 31)) < 500 {
+            assert!(Instant::now() < deadline, "not both being read");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (flood0, one0) = (frames_of(&r, 30), frames_of(&r, 31));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (flood, one) = (frames_of(&r, 30) - flood0, frames_of(&r, 31) - one0);
+        // Turn about: about as many of each; per stream the flood would have
+        // eight for each one of the other's.
+        assert!(
+            one > 0 && flood <= 3 * one,
+            "in 1 s: {flood} frames of the searcher with eight streams, {one} of the one with one"
+        );
+        stop.store(true, Ordering::Release);
+        for w in writers {
+            assert_eq!(w.await.unwrap(), None, "no stream stopped");
+        }
+        let all = written.load(Ordering::Relaxed);
+        while frames_of(&r, 30) + frames_of(&r, 31) < all {
+            assert!(Instant::now() < deadline, "frames lost");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            r.hot.ingest_stats.frames.load(Ordering::Relaxed),
+            all,
+            "every frame written, once"
+        );
+    });
+}
+
 /// A UDP relay in front of `server` that passes each client's first `pass`
 /// datagrams (and every answer) and drops the rest: with `pass` 2 (the first
 /// Initial, answered with a Retry, then the Initial with the token), the server

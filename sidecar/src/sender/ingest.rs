@@ -25,8 +25,15 @@
 //! stalls them cannot lock the searchers out), each must finish within
 //! [`HANDSHAKE_TIMEOUT`], and only authenticated connections count against
 //! `max_connections` and `max_connections_per_identity`. Each stream's and each
-//! connection's flow-control window is bounded by `max_frame_bytes`, and the
-//! reader yields after each chunk, so one busy client cannot hold the thread.
+//! connection's flow-control window is bounded by `max_frame_bytes`.
+//!
+//! Searchers share the thread fairly: a stream decodes at most
+//! [`FRAMES_PER_TURN`] frames before it yields, and the streams of one client
+//! identity (over all its connections) take one turn at a time between them, so
+//! a client with many streams gets no more of the thread, the ring or the
+//! module's send rate than one with a single stream while both have frames to
+//! offer. What a client offers beyond its share waits (a chunk read into its
+//! stream's buffer, the rest in QUIC's flow control): it is slowed, not dropped.
 //!
 //! Every refusal is a ledger row ([`IngestRefusals`], route [`ROUTE`]): a
 //! handshake refused or failed (`overloaded`, `unauthenticated`: no identity,
@@ -73,6 +80,9 @@ pub const MAX_FEATURES: usize = 256;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most handshakes in progress from one IP address.
 pub const MAX_HANDSHAKES_PER_IP: usize = 4;
+/// Most frames a stream decodes (each transaction's signatures verified) before
+/// other streams get the thread.
+pub const FRAMES_PER_TURN: usize = 16;
 
 /// `sender.strategy.ingest`.
 #[derive(Debug, Clone, Deserialize)]
@@ -337,6 +347,10 @@ pub struct IngestStats {
     pub invalid: AtomicU64,
     /// Streams stopped for malformed framing (length, size, protobuf).
     pub malformed: AtomicU64,
+    /// Valid frames by client identity (only allowed identities connect: at most
+    /// one entry per allow-list key).
+    pub frames_by_identity:
+        parking_lot::Mutex<std::collections::BTreeMap<[u8; 32], Arc<AtomicU64>>>,
     /// Each refusal, for its row.
     pub refusals: IngestRefusals,
 }
@@ -388,7 +402,7 @@ pub(crate) async fn serve(
 ) {
     let handshaking = Rc::new(Cell::new(0usize));
     let handshaking_from: Rc<RefCell<HashMap<IpAddr, usize>>> = Rc::default();
-    let open: Rc<RefCell<HashMap<[u8; 32], usize>>> = Rc::default();
+    let open: Rc<RefCell<HashMap<[u8; 32], Share>>> = Rc::default();
     while let Some(incoming) = endpoint.accept().await {
         // A client proves it owns its address (one round trip, once per
         // connection) before any handshake state is kept for it.
@@ -461,11 +475,13 @@ pub(crate) async fn serve(
                 sub: bs58::encode(key).into_string(),
                 ..Requester::default()
             });
-            {
+            let share = {
                 let mut open = open.borrow_mut();
-                let total: usize = open.values().sum();
-                let mine = open.entry(key).or_insert(0);
-                if total >= config.max_connections || *mine >= config.max_connections_per_identity {
+                let total: usize = open.values().map(|s| s.connections).sum();
+                let mine = open.entry(key).or_insert_with(|| Share::new(&stats, key));
+                if total >= config.max_connections
+                    || mine.connections >= config.max_connections_per_identity
+                {
                     stats.refused.fetch_add(1, Ordering::Relaxed);
                     conn.close(CLOSE_BUSY.into(), b"too many connections");
                     let detail = "connections at their bound (max_connections, or this identity's)";
@@ -474,23 +490,63 @@ pub(crate) async fn serve(
                         .report(Code::Overloaded, Some(&who), &[], detail, Some(remote));
                     return;
                 }
-                *mine += 1;
-            }
+                mine.connections += 1;
+                Rc::new(mine.reader(who))
+            };
             stats.connections.fetch_add(1, Ordering::Relaxed);
             while let Ok(recv) = conn.accept_uni().await {
                 let (stats, push) = (stats.clone(), push.clone());
-                let stream = read_stream(recv, config.max_frame_bytes, stats, push, who.clone());
+                let stream = read_stream(recv, config.max_frame_bytes, stats, push, share.clone());
                 tokio::task::spawn_local(stream);
             }
-            let mut open = open.borrow_mut();
-            if let Some(n) = open.get_mut(&key) {
-                *n -= 1;
-                if *n == 0 {
-                    open.remove(&key);
-                }
+            // The identity's entry stays (at most one per allow-list key): streams
+            // still being read keep sharing its turn with a new connection's.
+            if let Some(s) = open.borrow_mut().get_mut(&key) {
+                s.connections -= 1;
             }
         });
     }
+}
+
+/// One client identity's part of the ingest: its connections, the turn its
+/// streams take one at a time, its frame counter.
+struct Share {
+    connections: usize,
+    turn: Rc<tokio::sync::Semaphore>,
+    frames: Arc<AtomicU64>,
+}
+
+impl Share {
+    fn new(stats: &IngestStats, key: [u8; 32]) -> Share {
+        let frames = stats
+            .frames_by_identity
+            .lock()
+            .entry(key)
+            .or_default()
+            .clone();
+        Share {
+            connections: 0,
+            turn: Rc::new(tokio::sync::Semaphore::new(1)),
+            frames,
+        }
+    }
+
+    /// What each stream of one connection needs: the turn, the counter, and who
+    /// its rows name.
+    fn reader(&self, who: Arc<Requester>) -> Reader {
+        Reader {
+            turn: self.turn.clone(),
+            frames: self.frames.clone(),
+            who,
+        }
+    }
+}
+
+/// A connection's streams' view of their identity's [`Share`].
+struct Reader {
+    turn: Rc<tokio::sync::Semaphore>,
+    frames: Arc<AtomicU64>,
+    who: Arc<Requester>,
 }
 
 /// Whose share of the handshake slots a client's address counts against: the
@@ -516,24 +572,31 @@ fn peer_key(conn: &quinn::Connection) -> Option<[u8; 32]> {
     tls::ed25519_key_of(certs.first()?)
 }
 
-/// One stream: frames until it ends, is reset, or breaks the framing.
+/// One stream: frames until it ends, is reset, or breaks the framing. Each turn
+/// (at most [`FRAMES_PER_TURN`] frames) is taken under its identity's turn.
 async fn read_stream(
     mut recv: quinn::RecvStream,
     max_frame: usize,
     stats: Arc<IngestStats>,
     push: Rc<dyn Fn(Vec<Opportunity>) -> usize>,
-    requester: Arc<Requester>,
+    reader: Rc<Reader>,
 ) {
+    let requester = &reader.who;
     let mut buf = BytesMut::with_capacity(16 << 10);
     // When the bytes being decoded arrived (decoding and checks count in the
     // decision latency, as on HTTP).
     let mut arrived = Instant::now();
     let mut invalid = Vec::new();
     loop {
+        // The turn is never closed; were it, the stream would end unread.
+        let Ok(turn) = reader.turn.acquire().await else {
+            return;
+        };
         let mut batch = Vec::new();
         let framing = drain_frames(
             &mut buf,
             max_frame,
+            FRAMES_PER_TURN,
             arrived,
             &stats,
             &mut batch,
@@ -544,13 +607,14 @@ async fn read_stream(
         }
         if !batch.is_empty() {
             let n = batch.len();
+            reader.frames.fetch_add(n as u64, Ordering::Relaxed);
             let took = push(batch);
             // Not taken whole (the ring is full): a refusal naming the client,
             // as over HTTP (the row says how many were dropped).
             if took < n {
                 stats.refusals.report_noting(
                     Code::Overloaded,
-                    Some(&requester),
+                    Some(requester),
                     &[],
                     "the hot path's ring is full",
                     None,
@@ -561,13 +625,13 @@ async fn read_stream(
                 );
             }
         }
-        // One refusal for the opportunities this chunk skipped: the first one's
+        // One refusal for the opportunities this turn skipped: the first one's
         // frame and why, and how many.
         if let Some((frame, why)) = invalid.first() {
             let (detail, skipped) = (format!("opportunity skipped: {why}"), invalid.len());
             stats.refusals.report_noting(
                 Code::Malformed,
-                Some(&requester),
+                Some(requester),
                 frame,
                 &detail,
                 None,
@@ -576,9 +640,18 @@ async fn read_stream(
             invalid.clear();
         }
         // Other streams, connections and HTTP's offers get the thread too (after
-        // every chunk, valid or not).
+        // every turn, valid or not). The turn is held through the yield (nothing
+        // before it awaits: taken and given back without a yield, no other
+        // stream would ever find it taken), then handed to this identity's next
+        // stream waiting for it; this one queues behind.
         tokio::task::yield_now().await;
-        if let Err(why) = framing {
+        drop(turn);
+        let why = match framing {
+            Ok(Drained::Turn) => continue,
+            Ok(Drained::NeedBytes) => None,
+            Err(why) => Some(why),
+        };
+        if let Some(why) = why {
             stats.malformed.fetch_add(1, Ordering::Relaxed);
             let _ = recv.stop(STOP_MALFORMED.into());
             let detail = format!("stream stopped: {why}");
@@ -590,7 +663,7 @@ async fn read_stream(
             };
             stats
                 .refusals
-                .report(Code::Malformed, Some(&requester), broke, &detail, None);
+                .report(Code::Malformed, Some(requester), broke, &detail, None);
             return;
         }
         match recv.read_chunk(64 << 10, true).await {
@@ -604,7 +677,7 @@ async fn read_stream(
                     let detail = "the stream ended inside a frame";
                     stats
                         .refusals
-                        .report(Code::Malformed, Some(&requester), &buf, detail, None);
+                        .report(Code::Malformed, Some(requester), &buf, detail, None);
                 }
                 return;
             }
@@ -634,27 +707,38 @@ impl std::fmt::Display for Framing {
     }
 }
 
-/// Takes every complete frame off the front of `buf`: valid opportunities go to
-/// `out`, invalid ones are counted and go to `invalid` (the frame, and why).
-/// Stops at an incomplete frame (more bytes needed) or at broken framing.
+/// Where [`drain_frames`] stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// At an incomplete frame (or none): more bytes are needed.
+    NeedBytes,
+    /// After `most` frames: complete ones may be left in the buffer.
+    Turn,
+}
+
+/// Takes complete frames off the front of `buf`, at most `most`: valid
+/// opportunities go to `out`, invalid ones are counted and go to `invalid` (the
+/// frame, and why). Stops at an incomplete frame, after `most` frames, or at
+/// broken framing.
 pub fn drain_frames(
     buf: &mut BytesMut,
     max_frame: usize,
+    most: usize,
     received: Instant,
     stats: &IngestStats,
     out: &mut Vec<Opportunity>,
     invalid: &mut Vec<(Bytes, String)>,
-) -> Result<(), Framing> {
-    loop {
+) -> Result<Drained, Framing> {
+    for _ in 0..most {
         let Some((len, at)) = varint(buf)? else {
-            return Ok(());
+            return Ok(Drained::NeedBytes);
         };
         if len > max_frame as u64 {
             return Err(Framing::TooLong(len));
         }
         let end = at + len as usize;
         if buf.len() < end {
-            return Ok(());
+            return Ok(Drained::NeedBytes);
         }
         buf.advance(at);
         let frame = buf.split_to(len as usize).freeze();
@@ -671,6 +755,7 @@ pub fn drain_frames(
             }
         }
     }
+    Ok(Drained::Turn)
 }
 
 /// A protobuf varint at the front of `buf`: `(value, its length)`; `None` while
@@ -822,6 +907,7 @@ mod tests {
                 drain_frames(
                     &mut buf,
                     4096,
+                    usize::MAX,
                     Instant::now(),
                     &stats,
                     &mut out,
@@ -835,6 +921,26 @@ mod tests {
             assert_eq!(out[0].module, Module::Mev);
             assert!(out[0].features[1].is_nan());
         }
+        // A turn takes at most `most` frames; the rest wait in the buffer.
+        let (stats, mut out, mut buf) = (IngestStats::default(), Vec::new(), BytesMut::new());
+        buf.extend_from_slice(&wire);
+        let mut turn = |out: &mut Vec<Opportunity>| {
+            drain_frames(
+                &mut buf,
+                4096,
+                2,
+                Instant::now(),
+                &stats,
+                out,
+                &mut Vec::new(),
+            )
+        };
+        assert_eq!(turn(&mut out), Ok(Drained::Turn));
+        assert_eq!(out.len(), 2);
+        assert_eq!(turn(&mut out), Ok(Drained::Turn));
+        assert_eq!(turn(&mut out), Ok(Drained::NeedBytes));
+        assert_eq!(out.len(), 5);
+        assert_eq!(out[4].txs[0].wire.as_ref(), &tx(4)[..]);
     }
 
     #[test]
@@ -847,6 +953,7 @@ mod tests {
             drain_frames(
                 &mut buf,
                 1000,
+                usize::MAX,
                 Instant::now(),
                 &stats,
                 &mut out,
@@ -854,7 +961,7 @@ mod tests {
             )
         };
         assert_eq!(run(&[0xff; 10]), Err(Framing::BadLength));
-        assert_eq!(run(&[0xff; 9]), Ok(()), "still incomplete");
+        assert_eq!(run(&[0xff; 9]), Ok(Drained::NeedBytes), "still incomplete");
         assert_eq!(run(&[0xe9, 0x07]), Err(Framing::TooLong(1001)));
         assert_eq!(
             run(&[3, 0xff, 0xff, 0xff]),
@@ -869,7 +976,7 @@ mod tests {
         wire.extend(frame(&msg("mev", vec![tampered])));
         wire.extend(frame(&msg("mev", vec![])));
         wire.extend(frame(&msg("arbitrage", vec![tx(2)])));
-        assert_eq!(run(&wire), Ok(()));
+        assert_eq!(run(&wire), Ok(Drained::NeedBytes));
         assert_eq!(stats.invalid.load(Ordering::Relaxed), 3);
         assert_eq!(stats.frames.load(Ordering::Relaxed), 1);
         assert_eq!(out.len(), 1);

@@ -223,6 +223,22 @@ impl Collector for SenderCollector {
                     ([("event", "malformed")], load(&st.malformed)),
                 ],
             )?;
+            let by_identity: Vec<(String, u64)> = st
+                .frames_by_identity
+                .lock()
+                .iter()
+                .map(|(k, n)| (bs58::encode(k).into_string(), load(n)))
+                .collect();
+            let rows: Vec<([(&str, &str); 1], u64)> = by_identity
+                .iter()
+                .map(|(k, n)| ([("identity", k.as_str())], *n))
+                .collect();
+            counters(
+                &mut enc,
+                "gw_sender_ingest_frames_by_identity",
+                "QUIC ingest valid frames by searcher (client identity, base58), since each first connected",
+                &rows,
+            )?;
         }
         if let Some(a) = &dp.audit {
             counters(
