@@ -997,6 +997,123 @@ fn a_refusing_leader_sees_no_reconnect_storm_and_nothing_is_lost_once_it_accepts
     });
 }
 
+/// A leader that completes the handshake and then never grants a stream (alive:
+/// it answers keep-alives, so QUIC's idle timeout never ends the connection)
+/// would hold every send to it forever, and the hot path's `max_inflight` with
+/// them: once no stream was acknowledged for `stall_timeout_ms` while some
+/// waited, the connection is closed as stalled, every send on it fails (saying
+/// so, so the hedge goes), and the leader is backed off as a refusing one.
+#[test]
+fn a_leader_that_grants_no_stream_stalls_its_connection_and_sends_fail() {
+    rt().block_on(async {
+        let silent = ReceiverConfig {
+            max_streams: 0,
+            ..ReceiverConfig::default()
+        };
+        let rx = TpuReceiver::start(silent, &key(1)).unwrap();
+        let cfg: TpuConfig = serde_json::from_value(json!({
+            "stall_timeout_ms": 300, "idle_timeout_ms": 1000,
+        }))
+        .unwrap();
+        let client = TpuClient::new(cfg, &key(2)).unwrap();
+        let leader = Leader {
+            tpu_quic: rx.addr,
+            identity: Some(rx.identity),
+        };
+        let t0 = Instant::now();
+        // One through the leader's worker; once connected, one on this task.
+        let queued = client.submit(&leader, tx(1, 0).0).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while client.connection(rx.addr).is_none() {
+            assert!(Instant::now() < deadline, "no handshake");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let direct = client.send(&leader, tx(2, 0).0).unwrap();
+        // Both wait on the connection at once (the direct one on this task).
+        let (queued, direct) = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(queued, direct)
+        })
+        .await
+        .expect("sends to a leader granting no stream never ended");
+        let waited = t0.elapsed();
+        for r in [queued.unwrap(), direct.unwrap()] {
+            match r {
+                Err(TpuError::Stream(_, e)) => assert!(e.contains("stalled"), "{e}"),
+                other => panic!("not failed as stalled: {other:?}"),
+            }
+        }
+        // The stall ended them (keep-alives hold the connection open past its
+        // idle timeout).
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+        // Counted by the worker as it notices the close (another thread).
+        while closes(&client, "stalled") == 0 {
+            assert!(Instant::now() < deadline, "the stall is not counted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(closes(&client, "stalled"), 1);
+        assert_eq!(closes(&client, "local"), 0);
+        assert_eq!(client.stats.delivered.load(Ordering::Relaxed), 0);
+        assert_eq!(rx.count(), 0);
+        // Backed off as a refusing leader: the next send fails at once, unsent.
+        match client.submit(&leader, tx(3, 0).0).unwrap().await.unwrap() {
+            Err(TpuError::Unreachable(_, e)) => assert!(e.contains("stalled"), "{e}"),
+            other => panic!("not backed off: {other:?}"),
+        }
+    });
+}
+
+/// A leader's address taken over by another validator (the schedule now names
+/// another identity there): its transactions go to the new identity over a link
+/// that pins it, not over the old link whose pin refuses the new key.
+#[test]
+fn an_address_taken_over_by_another_identity_gets_its_own_link() {
+    rt().block_on(async {
+        let old = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let addr = old.addr;
+        let client = TpuClient::new(TpuConfig::default(), &key(2)).unwrap();
+        let was = Leader {
+            tpu_quic: addr,
+            identity: Some(old.identity),
+        };
+        assert_eq!(
+            client.submit(&was, tx(1, 0).0).unwrap().await.unwrap(),
+            Ok(())
+        );
+        drop(old);
+        // Its port is free once its endpoint's driver has let go of the socket.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let new = loop {
+            let at_same = ReceiverConfig {
+                listen: addr,
+                ..ReceiverConfig::default()
+            };
+            match TpuReceiver::start(at_same, &key(3)) {
+                Ok(r) => break r,
+                Err(e) => assert!(Instant::now() < deadline, "{addr} not free: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let now = Leader {
+            tpu_quic: addr,
+            identity: Some(new.identity),
+        };
+        assert_eq!(
+            client.send(&now, tx(2, 0).0).unwrap().await.unwrap(),
+            Ok(()),
+            "sent to the identity the schedule names now"
+        );
+        assert_eq!(new.wait_for(1, Duration::from_secs(3)).await, 1);
+        // The old identity at that address is not believed: its pin refuses
+        // the key the address presents now.
+        let r = client.submit(&was, tx(3, 0).0).unwrap().await.unwrap();
+        assert!(r.is_err(), "{r:?}");
+        assert_eq!(new.count(), 1);
+    });
+}
+
 #[test]
 fn a_stable_connection_that_ends_is_replaced_at_once() {
     rt().block_on(async {

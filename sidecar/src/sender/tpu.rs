@@ -109,6 +109,14 @@ pub struct TpuConfig {
     /// Idle timeout of a connection, milliseconds (keep-alives every third of it).
     #[serde(default = "default_idle")]
     pub idle_timeout_ms: u64,
+    /// A connection with streams waiting (for the leader's stream credit or its
+    /// acknowledgement) on which no stream was acknowledged for this long is
+    /// stalled: closed, its sends failed (their hedge goes), the leader backed off
+    /// as one that refused us. Milliseconds. A live peer that never grants a
+    /// stream keeps a connection up past `idle_timeout_ms`; this bounds how long a
+    /// send can wait for it.
+    #[serde(default = "default_stall")]
+    pub stall_timeout_ms: u64,
     /// Leader connections kept; the least recently used beyond it is closed.
     #[serde(default = "default_max_leaders")]
     pub max_leaders: usize,
@@ -152,6 +160,9 @@ fn default_handshakes_per_sec() -> u32 {
 }
 fn default_idle() -> u64 {
     10_000
+}
+fn default_stall() -> u64 {
+    2000
 }
 fn default_max_leaders() -> usize {
     8
@@ -216,6 +227,12 @@ impl TpuConfig {
                 "must be at least 100",
             ));
         }
+        if !(100..=60_000).contains(&self.stall_timeout_ms) {
+            return Err(OutOfBounds::new(
+                "sender.tpu.stall_timeout_ms",
+                "must be within 100..=60000",
+            ));
+        }
         self.congestion.validate()
     }
 }
@@ -270,7 +287,7 @@ pub struct TpuStats {
 
 /// Why a connection ended, as counted in [`TpuStats::closes`]: Agave's own close
 /// codes by their names, then what QUIC says.
-pub const CLOSE_REASONS: [&str; 10] = [
+pub const CLOSE_REASONS: [&str; 11] = [
     "dropped",
     "disallowed",
     "exceed_max_stream_count",
@@ -281,7 +298,12 @@ pub const CLOSE_REASONS: [&str; 10] = [
     "timed_out",
     "reset",
     "local",
+    "stalled",
 ];
+
+/// The [`CLOSE_REASONS`] index of a connection this side closed as stalled
+/// (`stall_timeout_ms`).
+const STALLED: usize = 10;
 
 /// Agave's `CONNECTION_CLOSE_CODE_*` that mean "not now": 1 dropped (evicted by
 /// stake), 2 disallowed (per-IP budget), 4 too many (per-peer cap).
@@ -473,6 +495,9 @@ impl Job {
 }
 
 struct Link {
+    /// The identity its connections pin (an address taken over by another
+    /// identity gets a link of its own).
+    identity: Option<[u8; 32]>,
     tx: mpsc::Sender<Job>,
     phase: Arc<PhaseSignal>,
     shared: Arc<Shared>,
@@ -614,7 +639,8 @@ impl TpuClient {
         let shared = {
             let mut links = self.links.lock().ok()?;
             let l = links.get_mut(&leader.tpu_quic)?;
-            if l.tx.capacity() < l.tx.max_capacity()
+            if l.identity != leader.identity
+                || l.tx.capacity() < l.tx.max_capacity()
                 || l.shared.holding.load(Ordering::Acquire)
                 || l.task.is_finished()
             {
@@ -748,10 +774,14 @@ impl TpuClient {
     fn with_link<R>(&self, leader: &Leader, f: impl FnOnce(&Link) -> R) -> Result<R, TpuError> {
         let mut links = self.links.lock().map_err(|_| TpuError::Stopped)?;
         if let Some(l) = links.get_mut(&leader.tpu_quic) {
-            if !l.task.is_finished() {
+            if !l.task.is_finished() && l.identity == leader.identity {
                 l.last_used = self.uses.fetch_add(1, Ordering::Relaxed);
                 return Ok(f(l));
             }
+            // Its worker ended, or the address now belongs to another identity
+            // (the old link's pin would refuse it): replaced, its connection
+            // closed.
+            links.remove(&leader.tpu_quic);
         }
         if links.len() >= self.config.max_leaders {
             let oldest = links
@@ -780,6 +810,7 @@ impl TpuClient {
             leader_cap: self.leader_cap(leader.tpu_quic, &links),
         };
         let link = Link {
+            identity: leader.identity,
             tx,
             phase,
             shared,
@@ -859,9 +890,18 @@ struct Marks {
     settled: std::sync::atomic::AtomicBool,
     /// 0 while open; then 1 + its [`CLOSE_REASONS`] index, with
     /// [`Marks::REFUSAL`] set for a refusal code. Set by the worker as it sees the
-    /// close, before it polls the streams again (see [`Worker::run`]).
+    /// close, before it polls the streams again (see [`Worker::run`]); the first
+    /// one set stays.
     closed: std::sync::atomic::AtomicU8,
+    /// Streams acknowledged (the stall watch's progress), on a line of its own:
+    /// every acknowledgement writes it, every send reads the fields above.
+    acked: Padded,
 }
+
+/// An atomic counter alone on its cache line.
+#[repr(align(64))]
+#[derive(Default)]
+struct Padded(AtomicU64);
 
 impl Marks {
     const REFUSAL: u8 = 0x80;
@@ -872,13 +912,22 @@ impl Marks {
             carried: std::sync::atomic::AtomicBool::new(false),
             settled: std::sync::atomic::AtomicBool::new(false),
             closed: std::sync::atomic::AtomicU8::new(0),
+            acked: Padded::default(),
         }
     }
 
     fn set_closed(&self, e: &quinn::ConnectionError) {
         let (i, refusal) = close_reason(e);
+        self.mark_closed(i, refusal);
+    }
+
+    /// Marks the close as `CLOSE_REASONS[i]` unless one is marked already (a
+    /// stall this side closed for stays a stall, not `local`).
+    fn mark_closed(&self, i: usize, refusal: bool) {
         let v = (i as u8 + 1) | if refusal { Marks::REFUSAL } else { 0 };
-        self.closed.store(v, Ordering::Release);
+        let _ = self
+            .closed
+            .compare_exchange(0, v, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// The close seen so far: its [`CLOSE_REASONS`] index and whether it is a refusal.
@@ -890,6 +939,34 @@ impl Marks {
                 v & Marks::REFUSAL != 0,
             )),
         }
+    }
+}
+
+/// The stall watch of one worker: the connection it looked at last (its marks,
+/// held: a new connection's can never be taken for it), its acknowledged
+/// streams then, and since when that count has not moved while streams waited.
+#[derive(Default)]
+struct StallWatch {
+    seen: Option<(Arc<Marks>, u64, Instant)>,
+}
+
+impl StallWatch {
+    /// A look at the connection `marks` are of at `now` (`busy`: streams in
+    /// flight or waiting for credit): true when no stream was acknowledged on it
+    /// for `stall` while busy.
+    fn stalled(&mut self, marks: &Arc<Marks>, busy: bool, stall: Duration, now: Instant) -> bool {
+        let acked = marks.acked.0.load(Ordering::Relaxed);
+        match &self.seen {
+            _ if !busy => self.seen = None,
+            Some((c, n, since)) if Arc::ptr_eq(c, marks) && *n == acked => {
+                if now.saturating_duration_since(*since) >= stall {
+                    self.seen = None;
+                    return true;
+                }
+            }
+            _ => self.seen = Some((marks.clone(), acked, now)),
+        }
+        false
     }
 }
 
@@ -933,12 +1010,18 @@ impl Worker {
         let mut closed: Option<Closed> = None;
         let backoff_timer = tokio::time::sleep_until(st.retry_at.into());
         tokio::pin!(backoff_timer);
+        // The stall watch looks four times per `stall_timeout_ms` while connected.
+        let stall = Duration::from_millis(c.stall_timeout_ms);
+        let mut stall_tick = tokio::time::interval(stall / 4);
+        stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch = StallWatch::default();
         enum Next {
             Job(Option<Job>),
             /// The held job's permits (`None`: the semaphore closed).
             Permits(Option<OwnedSemaphorePermit>),
             Closed,
             Progress,
+            Watch,
         }
         loop {
             if self.notice_loss(&mut st) {
@@ -974,9 +1057,22 @@ impl Worker {
                 // Backing off: reconnect when it ends even with nothing to send
                 // (not while the leader refuses us: then only for work).
                 _ = &mut backoff_timer, if waiting => Next::Progress,
+                _ = stall_tick.tick(), if st.live.is_some() => Next::Watch,
             };
             let (job, permits) = match next {
                 Next::Progress => continue,
+                Next::Watch => {
+                    if let Some(l) = &st.live {
+                        let busy = self.shared.streams.available_permits() < c.max_streams;
+                        if watch.stalled(&l.marks, busy, stall, Instant::now()) {
+                            // Its sends fail (`Sending::count` names the stall)
+                            // and the hedge goes; `notice_loss` backs off.
+                            l.marks.mark_closed(STALLED, true);
+                            l.conn.close(0u32.into(), b"stalled");
+                        }
+                    }
+                    continue;
+                }
                 Next::Closed => {
                     closed = None;
                     continue;
@@ -1092,10 +1188,14 @@ impl Worker {
             return false;
         };
         self.publish(None);
-        let reason = live
-            .conn
-            .close_reason()
-            .map_or_else(|| CLOSE_REASONS[i].to_owned(), |r| r.to_string());
+        let reason = match live.conn.close_reason() {
+            _ if i == STALLED => format!(
+                "stalled: no stream acknowledged within {} ms",
+                self.config.stall_timeout_ms
+            ),
+            Some(r) => r.to_string(),
+            None => CLOSE_REASONS[i].to_owned(),
+        };
         TpuStats::bump(&self.stats.closes[i]);
         let stable = live.marks.carried.load(Ordering::Relaxed)
             || live.marks.since.elapsed() >= Duration::from_millis(self.config.stable_after_ms);
@@ -1227,6 +1327,7 @@ impl Sending {
         match r {
             Ok(()) => {
                 TpuStats::bump(&self.stats.delivered);
+                self.marks.acked.0.fetch_add(1, Ordering::Relaxed);
                 // Read first: once set, the line is only read (every stream's
                 // send reads `closed` and `settled` beside it).
                 if !self.marks.carried.load(Ordering::Relaxed) {
@@ -1236,6 +1337,13 @@ impl Sending {
             }
             Err(e) => {
                 TpuStats::bump(&self.stats.failed);
+                // Closed by the stall watch: say so, not quinn's "closed".
+                let e = match self.marks.closed() {
+                    Some((STALLED, _)) => {
+                        format!("the connection stalled (no stream acknowledged in time): {e}")
+                    }
+                    _ => e,
+                };
                 Err(TpuError::Stream(self.addr, e))
             }
         }
@@ -1309,6 +1417,34 @@ async fn confirm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_is_stalled_when_no_stream_is_acknowledged_while_busy() {
+        let (stall, t0) = (Duration::from_millis(100), Instant::now());
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let (a, b) = (Arc::new(Marks::new()), Arc::new(Marks::new()));
+        let mut w = StallWatch::default();
+        assert!(!w.stalled(&a, true, stall, at(0)), "first look");
+        assert!(!w.stalled(&a, true, stall, at(99)));
+        assert!(
+            w.stalled(&a, true, stall, at(100)),
+            "busy, nothing acknowledged"
+        );
+        // Progress restarts the wait; so does an idle look, or another connection.
+        assert!(!w.stalled(&a, true, stall, at(100)));
+        a.acked.0.fetch_add(1, Ordering::Relaxed);
+        assert!(!w.stalled(&a, true, stall, at(150)), "acknowledged since");
+        assert!(!w.stalled(&a, true, stall, at(249)));
+        assert!(!w.stalled(&a, false, stall, at(260)), "idle");
+        assert!(!w.stalled(&a, true, stall, at(270)));
+        assert!(!w.stalled(&b, true, stall, at(371)), "a new connection");
+        assert!(!w.stalled(&b, true, stall, at(470)));
+        assert!(w.stalled(&b, true, stall, at(471)));
+        // A stall this side marked stays the reason over the close it causes.
+        b.mark_closed(STALLED, true);
+        b.set_closed(&quinn::ConnectionError::LocallyClosed);
+        assert_eq!(b.closed(), Some((STALLED, true)));
+    }
 
     #[test]
     fn backoff_doubles_with_upward_jitter_and_resets() {
