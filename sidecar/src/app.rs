@@ -33,6 +33,8 @@ const SIGNATURE_MEMO: usize = 16_384;
 /// A started sidecar: its capabilities and background tasks (stopped on drop).
 pub struct Running {
     tls: Option<Tls>,
+    /// `ops_listen` is served with `tls` (`ops_tls`).
+    ops_tls: bool,
     gatekeeper: Gatekeeper,
     control: Arc<Control>,
     ledger: Ledger,
@@ -130,6 +132,27 @@ impl Running {
     /// The ops listener's routes: `/healthz`, `/metrics`.
     pub fn ops_router(&self) -> axum::Router {
         crate::ops::router(self.registry.clone())
+    }
+
+    /// Serves [`Self::ops_router`] on `listener` until `shutdown`: with the
+    /// sidecar's mutual TLS under `ops_tls` (any client certificate from its
+    /// client CA), plain HTTP otherwise (a loopback address: the configuration
+    /// refuses any other).
+    pub fn serve_ops(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let tls = self.tls.clone().filter(|_| self.ops_tls);
+        // The TLS takes clients without a certificate too (the main listener
+        // answers them 401 with a row): so does this.
+        let app = self
+            .ops_router()
+            .layer(axum::middleware::from_fn_with_state(
+                self.gatekeeper.clone(),
+                crate::serve::certified_only,
+            ));
+        crate::serve::serve(listener, tls, app, shutdown)
     }
 
     /// A task serving [`Self::router`] on `listener` for as long as it runs (tests,
@@ -442,6 +465,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     journal.hold(crate::journal::STARTUP_HOLD, crate::journal::Lsn::MAX);
     Ok(Running {
         tls,
+        ops_tls: cfg.file.ops_tls,
         gatekeeper,
         control,
         ledger,

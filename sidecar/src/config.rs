@@ -25,10 +25,16 @@ pub struct FileConfig {
     /// and only on a loopback `listen` address (logged loudly at start).
     #[serde(default)]
     pub insecure_plaintext: bool,
-    /// Where `/healthz` and `/metrics` are served over plain HTTP (loopback by
-    /// default; `null` turns it off). The main listener serves `/healthz` too.
+    /// Where `/healthz` and `/metrics` are served (loopback by default; `null`
+    /// turns it off). The main listener serves `/healthz` too. Plain HTTP on a
+    /// loopback address only; elsewhere `ops_tls` must be set.
     #[serde(default = "default_ops_listen")]
     pub ops_listen: Option<SocketAddr>,
+    /// Serve `ops_listen` with the sidecar's mutual TLS (`tls`): its certificate,
+    /// and only clients with a certificate from `tls.client_ca` (a scraper's, not
+    /// only the edge's). Required for an `ops_listen` beyond loopback.
+    #[serde(default)]
+    pub ops_tls: bool,
     /// This gateway node's id: its ledger rows form chain `node_id` (also
     /// `GW_NODE_ID`). Letters, digits, `.`, `_`, `-`; at most 64.
     #[serde(default = "default_node_id")]
@@ -849,6 +855,9 @@ impl Config {
         if env("GW_SIDECAR_INSECURE_PLAINTEXT").is_some_and(|v| v == "1" || v == "true") {
             file.insecure_plaintext = true;
         }
+        if let Some(v) = env("GW_OPS_TLS") {
+            file.ops_tls = v == "1" || v == "true";
+        }
 
         file.replay_limits()
             .validate()
@@ -942,6 +951,35 @@ impl Config {
             }
             _ => {}
         }
+        // Metrics say what the node trades and refuses: nobody reads them for
+        // reaching a port beyond this host.
+        match (file.ops_listen, file.ops_tls, &file.tls) {
+            (None, true, _) => {
+                return Err(OutOfBounds::new(
+                    "ops_tls",
+                    "set without ops_listen: there is no ops listener to serve with TLS",
+                )
+                .into())
+            }
+            (Some(_), true, None) => {
+                return Err(OutOfBounds::new(
+                    "ops_tls",
+                    "needs the sidecar's mutual TLS (tls.cert, tls.key, tls.client_ca)",
+                )
+                .into())
+            }
+            (Some(a), false, _) if !a.ip().is_loopback() => {
+                return Err(OutOfBounds::new(
+                    "ops_listen",
+                    format!(
+                        "plain HTTP is allowed on a loopback address only, not {a}: \
+                         set ops_tls (mutual TLS, clients from tls.client_ca) to serve it there"
+                    ),
+                )
+                .into())
+            }
+            _ => {}
+        }
         let ledger_key = secret_key(env, "GW_LEDGER_SK_HEX")?;
         let state_key = secret_key(env, "GW_STATE_SK_HEX")?;
         let edge_key = edge_key(env)?;
@@ -994,6 +1032,25 @@ mod tests {
             _ => None,
         };
         Config::from_json(json, std::path::Path::new("test.json"), &env)
+    }
+
+    /// `/metrics` beyond loopback only over mutual TLS: refused at start
+    /// otherwise, as is `ops_tls` without the TLS it would use.
+    #[test]
+    fn the_ops_listener_is_plain_on_loopback_only() {
+        let err = |json: &str| match with(json) {
+            Err(ConfigError::OutOfBounds(e)) => e.to_string(),
+            r => panic!("{json}: {:?}", r.map(|_| ())),
+        };
+        assert!(with(r#"{"ops_listen": "127.0.0.1:9464"}"#).is_ok());
+        assert!(with(r#"{"ops_listen": "[::1]:9464"}"#).is_ok());
+        assert!(with(r#"{"ops_listen": null}"#).is_ok());
+        for a in ["0.0.0.0:9464", "10.1.2.3:9464", "[::]:9464"] {
+            let e = err(&format!(r#"{{"ops_listen": "{a}"}}"#));
+            assert!(e.contains("ops_listen") && e.contains("ops_tls"), "{e}");
+        }
+        let e = err(r#"{"ops_listen": "0.0.0.0:9464", "ops_tls": true}"#);
+        assert!(e.contains("ops_tls") && e.contains("tls.client_ca"), "{e}");
     }
 
     #[test]

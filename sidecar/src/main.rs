@@ -183,9 +183,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(%listen, ops = ?ops_listen, "listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ops_task = ops.map(|l| {
-        let app = running.ops_router();
         let mut stop = stop_rx.clone();
-        tokio::spawn(gw_sidecar::serve::serve(l, None, app, async move {
+        tokio::spawn(running.serve_ops(l, async move {
             let _ = stop.wait_for(|s| *s).await;
         }))
     });

@@ -665,6 +665,20 @@ pub async fn edge_only(State(g): State<Gatekeeper>, req: Request, next: Next) ->
     refuse_within(&g, &g.budget, code, detail, None, req).await
 }
 
+/// The ops listener under `ops_tls`: lets through callers with a client
+/// certificate from the sidecar's client CA (the edge's, or another: a metrics
+/// scraper's) and plain HTTP on loopback; one without a certificate is answered
+/// 401, its refusal a ledger row within the budget of callers other than the edge.
+pub async fn certified_only(State(g): State<Gatekeeper>, req: Request, next: Next) -> Response {
+    match req.extensions().get::<Peer>() {
+        Some(Peer::Edge(_) | Peer::Other | Peer::Plaintext) => next.run(req).await,
+        Some(Peer::Anonymous) | None => {
+            let detail = "present a client certificate from the sidecar's client CA";
+            refuse_within(&g, &g.budget, Code::Unauthenticated, detail, None, req).await
+        }
+    }
+}
+
 /// The most seals of the edge the sidecar remembers at once (each while it is
 /// timely: about 61 s after it was made, longer when the edge's clock runs
 /// ahead): about 17 000 sealed requests a second, held steadily. Beyond it the

@@ -118,6 +118,46 @@ fn during_a_change_of_the_edge_key_the_previous_key_is_believed_too() {
     );
 }
 
+/// `ops_tls`: `/metrics` and `/healthz` over the sidecar's mutual TLS: a
+/// scraper with a certificate from its client CA reads them (it need not be
+/// the edge); plain HTTP reads nothing, a TLS client without a certificate is
+/// answered 401 `unauthenticated`.
+#[test]
+fn the_ops_listener_under_ops_tls_answers_certified_clients_only() {
+    let d = testkit::TempDir::new("ops-tls");
+    let mut cfg = common::config(&d.path().join("state"), false);
+    cfg.file.ops_tls = true;
+    let s = common::serve(cfg);
+    assert!(s.ops_base.starts_with("https://"), "{}", s.ops_base);
+    let metrics = format!("{}/metrics", s.ops_base);
+    let scraper = s
+        .certs
+        .client(Some((&s.certs.other_cert, &s.certs.other_key)));
+    s.rt.block_on(async {
+        let r = scraper.get(&metrics).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let text = r.text().await.unwrap();
+        assert!(text.contains("gw_sidecar_decisions_total"), "{text}");
+        let health = scraper
+            .get(format!("{}/healthz", s.ops_base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.status().as_u16(), 200);
+        // The TLS takes a client without a certificate (as the main listener's
+        // does); the listener answers it 401 and nothing else.
+        let anonymous = s.certs.client(None).get(&metrics).send().await.unwrap();
+        assert_eq!(anonymous.status().as_u16(), 401);
+        let body: Value = anonymous.json().await.unwrap();
+        assert_eq!(body["error"], "unauthenticated", "{body}");
+        let plain = metrics.replacen("https://", "http://", 1);
+        assert!(
+            reqwest::get(&plain).await.is_err(),
+            "plain HTTP on a TLS listener"
+        );
+    });
+}
+
 /// Each seal is believed once: the same sealed request again (whoever read the
 /// mutual-TLS hop, sending it within the seal's minute) is refused 401
 /// `edge_stamp_invalid` with its row naming no one — a read, a signed command,

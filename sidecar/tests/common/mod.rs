@@ -152,6 +152,7 @@ pub fn serve(cfg: Config) -> Served {
         .build()
         .unwrap();
     let certs = certs(&cfg.file.state_dir);
+    let ops_tls = cfg.file.ops_tls;
     let running = rt.block_on(gw_sidecar::app::start(cfg)).unwrap();
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -163,15 +164,10 @@ pub fn serve(cfg: Config) -> Served {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let ops_addr = ops.local_addr().unwrap();
-    rt.spawn(gw_sidecar::serve::serve(
-        ops,
-        None,
-        running.ops_router(),
-        std::future::pending(),
-    ));
+    rt.spawn(running.serve_ops(ops, std::future::pending()));
     Served {
         base: format!("https://{addr}"),
-        ops_base: format!("http://{ops_addr}"),
+        ops_base: format!("{}://{ops_addr}", if ops_tls { "https" } else { "http" }),
         running,
         http: certs.edge_client(),
         certs,
