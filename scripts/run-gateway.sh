@@ -126,6 +126,8 @@ fi
 
 token=$("$bin/gwctl" jwt --secret-file "$run/keys/jwt.secret.hex" --sub "${USER:-operator}-dev" --role admin --ttl 8h --kid dev)
 (umask 077; rm -f "$run/admin.jwt"; echo "$token" > "$run/admin.jwt")
+# A fresh demo command each start (gwctl sign never writes over a command file).
+rm -f "$run/throttle.bin"
 "$bin/gwctl" sign --key "$run/keys/op-admin-1.sk.hex" --key-id op-admin-1 --module mev \
   --action throttle --arg throttle_pct=40 --issuer dashboard --out "$run/throttle.bin" 2>/dev/null
 cat <<MSG

@@ -13,7 +13,7 @@ use gw_core::jwk::ed25519_public_jwk;
 /// whole beside it and renamed over it (a link at `path` is replaced, not
 /// written through; a failure leaves the old file as it was). `secret`: mode
 /// 0600 from the start.
-fn write_new(path: &Path, contents: &str, secret: bool, force: bool) -> Result<()> {
+pub(crate) fn write_new(path: &Path, contents: &[u8], secret: bool, force: bool) -> Result<()> {
     let target = if force {
         let name = path.file_name().context("no file name")?.to_string_lossy();
         path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
@@ -36,7 +36,7 @@ fn write_new(path: &Path, contents: &str, secret: bool, force: bool) -> Result<(
         }
     })?;
     let written = f
-        .write_all(contents.as_bytes())
+        .write_all(contents)
         .and_then(|()| f.sync_all())
         .and_then(|()| {
             if force {
@@ -73,16 +73,16 @@ pub fn keygen(id: &str, out: &Path, force: bool) -> Result<()> {
     let pk_path = out.join(format!("{id}.pk.hex"));
     let jwk_path = out.join(format!("{id}.jwk.json"));
     let sk_hex = zeroize::Zeroizing::new(format!("{}\n", hex::encode(sk.to_bytes())));
-    write_new(&sk_path, &sk_hex, true, force)?;
+    write_new(&sk_path, sk_hex.as_bytes(), true, force)?;
     write_new(
         &pk_path,
-        &format!("{}\n", hex::encode(vk.as_bytes())),
+        format!("{}\n", hex::encode(vk.as_bytes())).as_bytes(),
         false,
         force,
     )?;
     write_new(
         &jwk_path,
-        &format!("{}\n", ed25519_public_jwk(id, &vk)),
+        format!("{}\n", ed25519_public_jwk(id, &vk)).as_bytes(),
         false,
         force,
     )?;

@@ -29,11 +29,17 @@ pub struct VerifyArgs {
     /// Table holding the decisions.
     #[arg(long, default_value = "control_decisions")]
     table: String,
-    /// A file of signed checkpoints (the sidecar's `ledger/checkpoints.log`): each
-    /// chain is also checked against its newest checkpoint, which catches a cut or
-    /// rewritten chain.
+    /// A file of signed checkpoints (a sidecar's `ledger/checkpoints.log`;
+    /// repeat it for each node's): each chain is also checked against its newest
+    /// checkpoint in the files, which catches a cut or rewritten chain. A chain
+    /// that none of them vouches for fails the check (`unanchored`: anyone who
+    /// can INSERT can make a chain of valid hashes), unless `--unanchored-ok`.
     #[arg(long, requires = "key")]
-    checkpoint: Option<std::path::PathBuf>,
+    checkpoint: Vec<std::path::PathBuf>,
+    /// With `--checkpoint`: list the chains no checkpoint vouches for without
+    /// failing (checking one node's file in a cluster).
+    #[arg(long, requires = "checkpoint")]
+    unanchored_ok: bool,
     /// The ledger key's public half (64 hex), or `@FILE` holding it. Repeat it
     /// after a key rotation, oldest first: every note must verify with one of the
     /// keys given, and no note with a key older than an earlier note's (a key
@@ -126,8 +132,23 @@ fn checkpoints(
             newest.insert(chain, cp);
         }
     }
-    anyhow::ensure!(!newest.is_empty(), "{} holds no checkpoint", path.display());
+    if newest.is_empty() {
+        // A node's first checkpoint comes a while after its first rows: its
+        // chain is then reported unanchored, the other files still count.
+        eprintln!("gwctl: {} holds no checkpoint yet", path.display());
+    }
     Ok(newest)
+}
+
+/// `url` without a password it may carry (`user:password@`), for messages.
+fn without_password(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// Whether `url` is plain `http://` to a host that is not loopback.
@@ -144,8 +165,13 @@ fn http_client(a: &VerifyArgs) -> Result<reqwest::Client> {
     let read = |p: &std::path::Path| {
         std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
     };
-    // A redirect would carry the password header to wherever it points.
-    let mut b = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
+    // A redirect would carry the password header to wherever it points. A
+    // ClickHouse (or a proxy) that stops answering fails the check instead of
+    // hanging it (a cron job would wait for ever): no byte for a minute.
+    let mut b = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .read_timeout(std::time::Duration::from_secs(60));
     if a.password.is_some() && in_clear(&a.clickhouse) {
         eprintln!(
             "gwctl: warning: --clickhouse is plain http:// to a host that is not loopback: the password crosses the network in clear (use https:// and --clickhouse-ca)"
@@ -213,7 +239,12 @@ async fn stream_rows(mut resp: reqwest::Response, walking: &mut Walking) -> Resu
             .with_context(|| format!("row {line_no} is not a ledger row"))?;
         walking.push(&r)
     };
-    while let Some(chunk) = resp.chunk().await.context("ClickHouse answer")? {
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(reqwest::Error::without_url)
+        .context("ClickHouse answer")?
+    {
         pending.extend_from_slice(&chunk);
         let mut start = 0;
         while let Some(n) = pending[start..].iter().position(|b| *b == b'\n') {
@@ -241,10 +272,21 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         anyhow::bail!("--table `{}` is not a plain table name", a.table);
     }
     // Before the query: a checkpoint file that cannot be read stops it first.
-    let anchors = match &a.checkpoint {
-        Some(path) => checkpoints(path, &a.key, &a.key_name)?,
-        None => BTreeMap::new(),
-    };
+    let mut anchors: BTreeMap<String, Checkpoint> = BTreeMap::new();
+    for path in &a.checkpoint {
+        for (chain, cp) in checkpoints(path, &a.key, &a.key_name)? {
+            match anchors.get(&chain) {
+                Some(had) if had.size == cp.size && had.head != cp.head => anyhow::bail!(
+                    "the checkpoint files disagree on chain {chain} at {} rows (two different heads, both signed)",
+                    cp.size
+                ),
+                Some(had) if had.size >= cp.size => {}
+                _ => {
+                    anchors.insert(chain, cp);
+                }
+            }
+        }
+    }
     let sql = format!(
         // 64-bit integers as JSON numbers: a ClickHouse before 25.8 quotes them.
         // A profile whose limits `break` would cut the answer short, and a cut
@@ -272,10 +314,17 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         if let Some(p) = &a.password {
             req = req.header("x-clickhouse-key", p);
         }
+        // reqwest's message names the URL, password and all.
         let resp = req
             .send()
             .await
-            .with_context(|| format!("cannot reach ClickHouse at {}", a.clickhouse))?;
+            .map_err(reqwest::Error::without_url)
+            .with_context(|| {
+                format!(
+                    "cannot reach ClickHouse at {}",
+                    without_password(&a.clickhouse)
+                )
+            })?;
         let status = resp.status();
         if !status.is_success() {
             let text = resp.text().await.context("ClickHouse answer")?;
@@ -317,6 +366,15 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         // Held to its checkpoint whatever else is broken (each break is printed
         // above); a chain with no row at all holds nothing.
         let (Some(size), Some(held)) = (w.checkpoint_size(), w.held()) else {
+            if !a.checkpoint.is_empty() && w.read > 0 && w.checkpoint_size().is_none() {
+                // Valid hashes prove nothing of who wrote them: only a signed
+                // checkpoint does.
+                println!(
+                    "unanchored: chain {}: {} rows, no checkpoint in the files given",
+                    w.chain_id, w.read
+                );
+                broken |= !a.unanchored_ok;
+            }
             continue;
         };
         let chain = &w.chain_id;
@@ -343,7 +401,19 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use super::checkpoints;
+    use super::{checkpoints, without_password};
+
+    #[test]
+    fn a_password_in_the_url_is_not_echoed() {
+        assert_eq!(
+            without_password("https://gw_admin:s3cret@ch.internal:8443/"),
+            "https://gw_admin:***@ch.internal:8443/"
+        );
+        assert_eq!(
+            without_password("http://127.0.0.1:8123"),
+            "http://127.0.0.1:8123"
+        );
+    }
     use gw_core::checkpoint::Checkpoint;
 
     /// After a key rotation the file holds notes of both keys: it verifies when

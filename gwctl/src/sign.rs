@@ -39,9 +39,13 @@ pub struct SignArgs {
     /// The request id (default: a random UUID).
     #[arg(long)]
     request_id: Option<String>,
-    /// Output file, or - for stdout.
+    /// Output file, or - for stdout. An existing file is not overwritten (it may
+    /// hold a command sent with an unknown outcome: send that file again).
     #[arg(long)]
     out: PathBuf,
+    /// Replace an existing `--out` file (written whole beside it, then renamed).
+    #[arg(long)]
+    force: bool,
 }
 
 /// The command to sign, from the arguments (the core's builder checks the args).
@@ -96,8 +100,9 @@ pub fn run(a: &SignArgs) -> Result<()> {
             .write_all(&body)
             .context("cannot write to stdout")?;
     } else {
-        std::fs::write(&a.out, &body)
-            .with_context(|| format!("cannot write {}", a.out.display()))?;
+        // Never over a command that may have been sent: re-signing makes a new
+        // nonce and request id, a second command that applies again.
+        crate::keys::write_new(&a.out, &body, false, a.force)?;
         eprintln!(
             "signed {}:{} request_id={} nonce={} ({} bytes) -> {}",
             a.module,

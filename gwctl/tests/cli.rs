@@ -112,6 +112,43 @@ fn keygen_sign_verify_round_trip() {
         cmd.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{o:?}");
+    // Signing over it again is refused: the file may hold a command sent with
+    // an unknown outcome, and a new signature is a second command.
+    let signed = std::fs::read(&cmd).unwrap();
+    let again = |more: &[&str]| {
+        let mut a = vec![
+            "sign",
+            "--key",
+            dir.join("op-admin-1.sk.hex").to_str().unwrap(),
+            "--key-id",
+            "op-admin-1",
+            "--module",
+            "mev",
+            "--action",
+            "stop",
+            "--out",
+            cmd.to_str().unwrap(),
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+        a.extend(more.iter().map(|s| (*s).to_owned()));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        gwctl(&a)
+    };
+    let o = again(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(err.contains("exists (use --force"), "{err}");
+    assert_eq!(std::fs::read(&cmd).unwrap(), signed, "left as it was");
+    let o = again(&["--force"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_ne!(
+        std::fs::read(&cmd).unwrap(),
+        signed,
+        "replaced under --force"
+    );
+    std::fs::write(&cmd, &signed).unwrap();
     let key = format!("op-admin-1={pk}");
     let o = gwctl(&["verify", "--key", &key, cmd.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0), "{o:?}");

@@ -1318,6 +1318,51 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
     let (code, ..) = gwctl(&["--checkpoint", log.to_str().unwrap(), "--key", &other]);
     assert_ne!(code, Some(0));
 
+    // A whole chain of valid hashes planted under another id by someone with
+    // INSERT: walking it says ok; no checkpoint vouches for it.
+    let client = client_of(&ch);
+    let mut planter = Chain::new("node-9");
+    let planted: Vec<LedgerRow> = rows.iter().map(|r| planter.seal(r.clone())).collect();
+    served
+        .rt
+        .block_on(gw_sidecar::ledger::ship::insert(
+            &client,
+            "control_decisions",
+            &planted,
+            None,
+        ))
+        .unwrap();
+    let (code, out, _) = gwctl(&[]);
+    assert_eq!(
+        (code, out.contains("chain node-9: ok 4 rows")),
+        (Some(0), true),
+        "{out}"
+    );
+    let (code, out, _) = gwctl(&with_cp);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("unanchored: chain node-9: 4 rows, no checkpoint in the files given"),
+        "{out}"
+    );
+    assert!(
+        out.contains("chain node-1: matches its checkpoint of 4 rows"),
+        "{out}"
+    );
+    // Checking one node's file of a cluster: listed, not failed.
+    let mut one_node = with_cp.to_vec();
+    one_node.push("--unanchored-ok");
+    let (code, out, _) = gwctl(&one_node);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("unanchored: chain node-9"), "{out}");
+    // Each node's file may be given: the same file twice vouches once.
+    let mut twice = with_cp.to_vec();
+    twice.extend(["--checkpoint", log.to_str().unwrap()]);
+    let (code, out, _) = gwctl(&twice);
+    assert_eq!(code, Some(1), "{out}");
+    ch.query("DELETE FROM control_decisions WHERE chain_id = 'node-9'");
+    let (code, out, _) = gwctl(&twice);
+    assert_eq!(code, Some(0), "{out}");
+
     // The tail is cut: the walk alone still says ok, the checkpoint does not.
     ch.query("DELETE FROM control_decisions WHERE seq >= 3");
     let (code, out, _) = gwctl(&[]);
@@ -1335,7 +1380,6 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
 
     // The chain is rebuilt with a changed decision and fresh, valid hashes.
     ch.query("TRUNCATE TABLE control_decisions");
-    let client = client_of(&ch);
     let mut forger = Chain::new(&rows[0].chain_id);
     let forged: Vec<LedgerRow> = rows
         .iter()

@@ -59,16 +59,28 @@ pub async fn send(req: &Request<'_>) -> Result<Answer> {
     })?;
     let status = resp.status().as_u16();
     let location = super::location(resp.headers());
-    let body = resp
-        .bytes()
+    let mut resp = resp;
+    let mut body = Vec::new();
+    while let Some(c) = resp
+        .chunk()
         .await
         .context("HTTP/2 response body")
         .context(Unanswered)?
-        .to_vec();
+    {
+        if body.len() + c.len() > super::MAX_ANSWER_BYTES {
+            return Err(anyhow::anyhow!(
+                "an answer longer than {} bytes: not the gateway's",
+                super::MAX_ANSWER_BYTES
+            )
+            .context(Unanswered));
+        }
+        body.extend_from_slice(&c);
+    }
     Ok(Answer {
         proto: "HTTP/2",
         status,
         body,
         location,
+        closing: None,
     })
 }

@@ -76,6 +76,12 @@ pub async fn send(req: &Request<'_>) -> Result<Answer> {
         while let Some(mut chunk) = stream.recv_data().await.context("response body")? {
             while chunk.has_remaining() {
                 let c = chunk.chunk();
+                if body.len() + c.len() > super::MAX_ANSWER_BYTES {
+                    anyhow::bail!(
+                        "an answer longer than {} bytes: not the gateway's",
+                        super::MAX_ANSWER_BYTES
+                    );
+                }
                 body.extend_from_slice(c);
                 let n = c.len();
                 chunk.advance(n);
@@ -89,12 +95,13 @@ pub async fn send(req: &Request<'_>) -> Result<Answer> {
     drop(sender);
     conn.close(0u32.into(), b"done");
     drive.abort();
-    endpoint.wait_idle().await;
     Ok(Answer {
         proto: "HTTP/3",
         status: resp.status().as_u16(),
         location: super::location(resp.headers()),
         body,
+        // The close goes out after the answer is taken, outside its deadline.
+        closing: Some(endpoint),
     })
 }
 

@@ -58,7 +58,14 @@ pub struct Answer {
     pub body: Vec<u8>,
     /// The `location` header of a redirect (not followed).
     pub location: Option<String>,
+    /// An HTTP/3 endpoint whose connection was closed: waited for (briefly) once
+    /// the answer is in, so that the close reaches the server.
+    pub closing: Option<quinn::Endpoint>,
 }
+
+/// The longest answer read: the gateway's are a few KiB; a longer one is not
+/// its (the outcome stays unknown: exit 3).
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 /// A redirect's `location`, as text, cut to 512 bytes' worth of characters (and
 /// `…` then).
@@ -147,6 +154,9 @@ pub fn run(a: &SendArgs) -> Result<ExitCode> {
     {
         eprintln!("gwctl: warning: the URL is plain http:// to a host that is not loopback: the bearer token crosses the network in clear (use https://)");
     }
+    if a.insecure && token.is_some() {
+        eprintln!("gwctl: warning: --insecure: the server's certificate is not checked, and the bearer token goes to whoever answers (use --ca)");
+    }
     let req = Request {
         url: &url,
         body,
@@ -170,9 +180,13 @@ pub fn run(a: &SendArgs) -> Result<ExitCode> {
                 h3::send(&req).await
             }
         };
-        tokio::time::timeout(timeout, fut)
+        let answer = tokio::time::timeout(timeout, fut)
             .await
-            .map_err(|_| anyhow::anyhow!("none within {}", a.timeout).context(Unanswered))?
+            .map_err(|_| anyhow::anyhow!("none within {}", a.timeout).context(Unanswered))??;
+        if let Some(ep) = &answer.closing {
+            let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+        }
+        anyhow::Ok(answer)
     });
     let answer = match answer {
         Ok(a) => a,
@@ -203,8 +217,11 @@ pub fn run(a: &SendArgs) -> Result<ExitCode> {
 /// What an answer means for the command sent, as the exit code says it.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
-    /// Applied (2xx, `"applied": true`), or a 2xx that is not about a command.
+    /// Applied (2xx, `"applied": true`).
     Done,
+    /// A 2xx that does not say the command was applied (not the gateway's
+    /// answer: a proxy's page, another URL): nothing is known of the command.
+    Unconfirmed,
     /// These bytes were sent before and applied then (`409 replay`, `"applied":
     /// true`): the command is in effect; nothing was applied twice.
     AlreadyApplied,
@@ -239,7 +256,7 @@ impl Verdict {
             Verdict::NotApplied | Verdict::Stale | Verdict::Redirected | Verdict::Refused => {
                 ExitCode::from(1)
             }
-            Verdict::Pending | Verdict::Retry => ExitCode::from(3),
+            Verdict::Pending | Verdict::Retry | Verdict::Unconfirmed => ExitCode::from(3),
         }
     }
 
@@ -250,6 +267,7 @@ impl Verdict {
             Verdict::NotApplied => Some("accepted, but its module refused to apply it (apply_error)"),
             Verdict::Stale => Some("refused as stale: if this file was sent before, this answer says nothing of that send; find its request_id in the ledger before signing the command again"),
             Verdict::Retry => Some("not known to be accepted (the gateway failed): send the same file again to learn the outcome (do not sign it again)"),
+            Verdict::Unconfirmed => Some("a 2xx answer that does not say the command was applied (is the URL the gateway's command route?): send the same file again to learn the outcome (do not sign it again)"),
             Verdict::Done | Verdict::Redirected | Verdict::Refused => None,
         }
     }
@@ -265,7 +283,8 @@ fn verdict(status: u16, body: &[u8]) -> Verdict {
         200..=299 if field("pending").and_then(serde_json::Value::as_bool) == Some(true) => {
             Verdict::Pending
         }
-        200..=299 => Verdict::Done,
+        200..=299 if applied == Some(true) => Verdict::Done,
+        200..=299 => Verdict::Unconfirmed,
         409 if error == Some("replay") => {
             match applied {
                 Some(true) => Verdict::AlreadyApplied,
@@ -288,7 +307,7 @@ mod tests {
 
     #[test]
     fn each_answer_has_its_verdict() {
-        let cases: [(u16, &str, Verdict); 15] = [
+        let cases: [(u16, &str, Verdict); 17] = [
             (
                 200,
                 r#"{"ok":true,"applied":true,"state":{}}"#,
@@ -304,7 +323,9 @@ mod tests {
                 r#"{"ok":true,"applied":false,"apply_error":{"error":"x"}}"#,
                 Verdict::NotApplied,
             ),
-            (200, "not json", Verdict::Done),
+            (200, "not json", Verdict::Unconfirmed),
+            (200, "<html>welcome</html>", Verdict::Unconfirmed),
+            (204, "", Verdict::Unconfirmed),
             (
                 409,
                 r#"{"error":"replay","applied":true,"request_id":"r"}"#,
