@@ -243,7 +243,7 @@ fn predictions_equal_the_training_librarys_and_are_served_over_http() {
     };
     let wide = serde_json::to_vec(&json!({"rows": [first[..8]], "margin": true})).unwrap();
     let big = vec![b' '; (4 << 20) + 1];
-    let refused: [(&str, &[u8], u16, &str); 5] = [
+    let refused: [(&str, &[u8], u16, &str); 6] = [
         (
             "/api/models/mev/predict",
             b"{\"rows\": [[1.0,",
@@ -253,8 +253,14 @@ fn predictions_equal_the_training_librarys_and_are_served_over_http() {
         (
             "/api/modules/dex/evaluate",
             b"{\"rows\": []}",
-            400,
-            "malformed",
+            404,
+            "not_found",
+        ),
+        (
+            "/api/models/dex/predict",
+            b"{\"rows\": []}",
+            404,
+            "not_found",
         ),
         ("/api/modules/mev/evaluate", &wide, 400, "bad_args"),
         (
@@ -1404,10 +1410,13 @@ fn a_library_held_back_by_a_stuck_loader_is_loaded_once_the_loader_returns() {
     assert_eq!(serving().as_deref(), Some("good2"));
 }
 
-/// A model swapped out whose `release` still runs when the link names its file
-/// again is not handed back by the C library's loader mid-teardown: refused
-/// `still_mapped` and tried again at each look, it is loaded afresh once its
-/// release ended (its `init` after its `release`), and serves.
+/// A model swapped out is released on a thread of its own, never by the
+/// holder of its last reference (a hot-path batch, a request that held it
+/// across the swap): a `release` that takes 1 s holds neither them nor the
+/// watcher's look. Its file named again while its release still runs is not
+/// handed back by the C library's loader mid-teardown: refused `still_mapped`
+/// and tried again at each look, it is loaded afresh once its release ended
+/// (its `init` after its `release`), and serves.
 #[test]
 fn a_library_still_being_released_is_loaded_again_once_its_release_ends() {
     let d = testkit::TempDir::new("models-releasing");
@@ -1423,9 +1432,23 @@ fn a_library_still_being_released_is_loaded_again_once_its_release_ends() {
     build(dir, "good2", 8, 0, "mev");
     host.poll();
     assert_eq!(serving().as_deref(), Some("good2"));
-    // The last reference to the first goes on another thread (a hot-path
-    // batch that held it across the swap).
-    let releasing = std::thread::spawn(move || drop(first));
+    // The last user lets go of the first (a hot-path batch that held it
+    // across the swap): its release does not run here.
+    let t = std::time::Instant::now();
+    drop(first);
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    // The next look hands it to a release thread, and goes on.
+    let t = std::time::Instant::now();
+    host.poll();
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
     std::thread::sleep(Duration::from_millis(200));
     activate(dir, "mev", "libmev_vteardown.so");
     let log = host.poll();
@@ -1435,9 +1458,12 @@ fn a_library_still_being_released_is_loaded_again_once_its_release_ends() {
         "{log:?}"
     );
     assert!(host.poll().is_empty(), "said once");
-    releasing.join().unwrap();
-    host.poll();
-    assert_eq!(serving().as_deref(), Some("teardown"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while serving().as_deref() != Some("teardown") {
+        assert!(std::time::Instant::now() < deadline, "not loaded again");
+        std::thread::sleep(Duration::from_millis(100));
+        host.poll();
+    }
     let row = [0.5f32; 8];
     assert!(
         host.current("mev").unwrap().predict(&row).is_ok(),
@@ -1497,12 +1523,19 @@ fn a_file_replaced_while_its_old_model_runs_waits_for_the_old_one_to_go() {
             "round {round}: {log:?}"
         );
         drop(old);
-        let log = host.poll();
-        assert_eq!(
-            serving(),
-            Some((version.to_owned(), sha_of(&path), path.clone())),
-            "round {round}: {log:?}"
-        );
+        // Released on a thread of its own once a look found it free; loaded from its
+        // path at a look after that.
+        let want = Some((version.to_owned(), sha_of(&path), path.clone()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut log = Vec::new();
+        while serving() != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: {log:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+            log.extend(host.poll());
+        }
     }
 }
 
@@ -1729,4 +1762,85 @@ fn a_library_that_crashes_in_predict_is_refused_at_the_next_start() {
     );
     second.assert_running();
     assert!(second.log().contains("died inside"), "{}", second.log());
+}
+
+/// The ledger rows a journal made durable, as its sink hears of them.
+#[derive(Default)]
+struct Durable(std::sync::Mutex<Vec<gw_core::ledger::LedgerRow>>);
+
+impl gw_sidecar::journal::Sink for Durable {
+    fn committed(&self, _lsn: gw_sidecar::journal::Lsn, txn: &gw_sidecar::journal::Txn) {
+        for e in &txn.entries {
+            if let gw_sidecar::journal::Entry::Row(r) = e {
+                self.0.lock().unwrap().push((**r).clone());
+            }
+        }
+    }
+}
+
+/// A library refused while the ledger cannot take its row (the journal's disk
+/// fails its syncs: `testkit::faultfs`, the kernel's own EIO) is still
+/// recorded: its row is owed and written at the first look after the disk
+/// heals, saying it was late; nothing is recorded twice.
+#[test]
+fn a_refusal_the_ledger_could_not_take_is_recorded_once_it_can() {
+    use gw_sidecar::journal::{Journal, Lsn, Options, STARTUP_HOLD};
+    let d = testkit::TempDir::new("models-owed");
+    let dir = d.path().join("models");
+    build(&dir, "good1", 7, 0, "mev");
+    let jdir = d.path().join("journal");
+    let disk = testkit::faultfs::FaultFs::mount(&jdir).unwrap();
+    let durable = Arc::new(Durable::default());
+    let journal = Journal::open(&jdir, Options::default())
+        .unwrap()
+        .start(
+            Some(gw_core::ledger::Chain::new("node-1")),
+            vec![durable.clone()],
+        )
+        .unwrap();
+    journal.hold(STARTUP_HOLD, Lsn::MAX);
+    // Configured for 5 features: the 8-feature build is refused.
+    let host = ModelHost::new(&dir, |_| 5, LoadPolicy::default())
+        .with_audit(gw_sidecar::ledger::Auditor::new(Some(journal.clone())));
+    let refusals = || {
+        durable
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.stage == "models" && r.decision == "rejected")
+            .map(|r| (r.code.clone(), r.args_json.clone()))
+            .collect::<Vec<_>>()
+    };
+    disk.fail_syncs();
+    let log = host.poll();
+    assert!(
+        log.iter().any(|l| l.contains("refused [features]")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("cannot record this refusal now")),
+        "{log:?}"
+    );
+    assert!(refusals().is_empty());
+    // Still failing: still owed, said once.
+    assert!(host.poll().is_empty());
+    disk.heal();
+    let log = host.poll();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("1 refusal rows") && l.contains("recorded")),
+        "{log:?}"
+    );
+    let rows = refusals();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].0, "features");
+    let note: Value = serde_json::from_str(&rows[0].1).unwrap();
+    assert_eq!(note["recorded_late"], true, "{note}");
+    assert!(host.poll().is_empty());
+    assert_eq!(refusals().len(), 1, "recorded once");
+    drop(host);
+    journal.stop();
+    drop(disk);
 }

@@ -57,6 +57,9 @@ pub enum ScoreError {
         /// The model's feature count.
         want: usize,
     },
+    /// Margins asked of a call that answers with the model's outputs.
+    #[error("evaluate gates on the model's output, not its margin: drop \"margin\"")]
+    MarginRefused,
     /// The model failed.
     #[error("predict: {0}")]
     Predict(#[from] PredictError),
@@ -68,12 +71,15 @@ pub enum ScoreError {
 impl From<ScoreError> for ApiError {
     fn from(e: ScoreError) -> Self {
         let code = match &e {
-            ScoreError::Predict(PredictError::NoMargin) => Code::BadArgs,
+            ScoreError::Predict(PredictError::NoMargin) | ScoreError::MarginRefused => {
+                Code::BadArgs
+            }
             ScoreError::NotConfigured
             | ScoreError::NotServing(_)
             | ScoreError::Predict(_)
             | ScoreError::Task(_) => Code::Unavailable,
-            ScoreError::UnknownSlot(_) | ScoreError::Body(_) => Code::Malformed,
+            ScoreError::UnknownSlot(_) => Code::NotFound,
+            ScoreError::Body(_) => Code::Malformed,
             ScoreError::TooManyRows(_) => Code::TooLarge,
             ScoreError::Width { .. } => Code::BadArgs,
         };
@@ -123,19 +129,24 @@ impl ModelsApi {
     /// workers, one call per core at a time: a flood of large bodies waits its
     /// turn rather than filling the blocking pool (which the ledger's shipping
     /// also uses).
+    /// `margin_ok`: a body asking for margins is scored (otherwise refused before
+    /// the model runs).
     async fn score(
         &self,
         module: &str,
         body: Bytes,
+        margin_ok: bool,
     ) -> Result<(Arc<Model>, Vec<f32>, bool), ScoreError> {
         let host = self.host()?.clone();
         if host.slot(module).is_none() {
             return Err(ScoreError::UnknownSlot(module.escape_debug().to_string()));
         }
         let module = module.to_owned();
-        crate::blocking_turn(&self.scoring, move || score_now(&host, &module, &body))
-            .await
-            .map_err(ScoreError::Task)?
+        crate::blocking_turn(&self.scoring, move || {
+            score_now(&host, &module, &body, margin_ok)
+        })
+        .await
+        .map_err(ScoreError::Task)?
     }
 }
 
@@ -144,9 +155,13 @@ fn score_now(
     host: &ModelHost,
     module: &str,
     body: &[u8],
+    margin_ok: bool,
 ) -> Result<(Arc<Model>, Vec<f32>, bool), ScoreError> {
     let req: PredictBody =
         serde_json::from_slice(body).map_err(|e| ScoreError::Body(e.to_string()))?;
+    if req.margin && !margin_ok {
+        return Err(ScoreError::MarginRefused);
+    }
     let model = host
         .current(module)
         .ok_or_else(|| ScoreError::NotServing(module.to_owned()))?;
@@ -214,7 +229,7 @@ async fn predict(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let (module, body) = (slot(module)?, body_of(body)?);
-    let (model, out, margin) = api.score(&module, body).await?;
+    let (model, out, margin) = api.score(&module, body, true).await?;
     let outputs: Vec<&[f32]> = out.chunks(model.n_outputs as usize).collect();
     Ok(Json(json!({
         "module": module, "model": model.name, "version": model.version,
@@ -235,17 +250,11 @@ async fn evaluate(
     let (module, body) = (slot(module)?, body_of(body)?);
     let m = Module::parse(&module).ok_or_else(|| {
         ApiError::with(
-            Code::Malformed,
+            Code::NotFound,
             format!("unknown module `{}`", module.escape_debug()),
         )
     })?;
-    let (model, out, margin) = api.score(m.as_str(), body).await?;
-    if margin {
-        return Err(ApiError::with(
-            Code::BadArgs,
-            "evaluate gates on the model's output, not its margin: drop \"margin\"".to_string(),
-        ));
-    }
+    let (model, out, _) = api.score(m.as_str(), body, false).await?;
     let state = api.modules.get(m);
     // The EV is each row's first output.
     let decisions: Vec<Value> = out

@@ -81,6 +81,12 @@ pub struct Slot {
     /// A model that passed every check but whose swap the ledger could not
     /// record yet, and its link target: not served until it is.
     unrecorded: Mutex<Option<(PathBuf, Arc<Model>)>>,
+    /// Refusals (and lost links) whose row the ledger could not take when they
+    /// happened, oldest first ([`MAX_OWED`] at most): written at each look until
+    /// it takes them.
+    owed: Mutex<VecDeque<OwedRow>>,
+    /// Owed rows dropped beyond [`MAX_OWED`] and not yet said in a row.
+    owed_dropped: AtomicU64,
     /// Models swapped in (this slot's entry of `gw_sidecar_model_loads_total`).
     loads: Counter,
     /// Libraries refused, every reason.
@@ -155,7 +161,26 @@ pub struct ModelHost {
     crashed: Vec<PathBuf>,
     /// A library whose loader timed out and is still inside it.
     stuck: Arc<Mutex<Option<PathBuf>>>,
+    /// Models swapped out, kept until nobody else holds them: their last
+    /// reference is never dropped by a hot-path batch or a request that held
+    /// them across the swap (the library's `release`, its `dlclose` and
+    /// finalisers would run there, for as long as they take).
+    retired: Mutex<Vec<Arc<Model>>>,
+    /// Releases running, each on a thread of its own (`gw-model-release`): one
+    /// that hangs holds only its thread and its model.
+    releasing: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Releases running at once at most; a retired model found free beyond them
+/// waits for a later look.
+const MAX_RELEASING: usize = 4;
+
+/// A refusal row still to be written: its link, its reason, its note.
+type OwedRow = (PathBuf, &'static str, serde_json::Value);
+
+/// Refusal rows a slot owes at most; beyond, the oldest is dropped and the next
+/// written says how many were (`rows_not_recorded`).
+const MAX_OWED: usize = 64;
 
 /// The file, beside the crash marker, listing the libraries a process died inside
 /// (one path a line, newest last): the handler of the fatal signals appends to it
@@ -253,6 +278,8 @@ impl ModelHost {
                 serving_target: Mutex::new(None),
                 history: Mutex::new(VecDeque::with_capacity(HISTORY)),
                 unrecorded: Mutex::new(None),
+                owed: Mutex::new(VecDeque::new()),
+                owed_dropped: AtomicU64::new(0),
                 // A family's counter is shared: the slot and the family count as one.
                 loads: loads.get_or_create(&label).clone(),
                 rejected: AtomicU64::new(0),
@@ -281,6 +308,56 @@ impl ModelHost {
             marker: None,
             crashed: Vec::new(),
             stuck: Arc::new(Mutex::new(None)),
+            retired: Mutex::new(Vec::new()),
+            releasing: Arc::default(),
+        }
+    }
+
+    /// Releases every retired model nobody else holds any more (a count of one:
+    /// this list's) and whose file no link names, each on a thread of its own
+    /// ([`MAX_RELEASING`] at once; the rest at a later look). A look that loads
+    /// the same file again before the thread let go takes it up through
+    /// `loaded` and serves it on (nothing is released then).
+    fn reap(&self) {
+        let mut retired = self.retired.lock();
+        if retired.is_empty() {
+            return;
+        }
+        // A file a link names again (a rollback) is about to be served again
+        // from memory: its model is not released under it.
+        let named: std::collections::HashSet<(u64, u64)> = self
+            .slots
+            .iter()
+            .filter_map(|s| {
+                use std::os::unix::fs::MetadataExt as _;
+                let m =
+                    std::fs::metadata(self.dir.join(format!("lib{}_latest.so", s.stem))).ok()?;
+                Some((m.dev(), m.ino()))
+            })
+            .collect();
+        let mut i = 0;
+        while i < retired.len() {
+            if Arc::strong_count(&retired[i]) > 1
+                || named.contains(&retired[i].file)
+                || self.releasing.load(Ordering::Acquire) >= MAX_RELEASING
+            {
+                i += 1;
+                continue;
+            }
+            let m = retired.swap_remove(i);
+            self.releasing.fetch_add(1, Ordering::AcqRel);
+            let releasing = self.releasing.clone();
+            let started = std::thread::Builder::new()
+                .name("gw-model-release".into())
+                .spawn(move || {
+                    drop(m);
+                    releasing.fetch_sub(1, Ordering::AcqRel);
+                });
+            if let Err(e) = started {
+                // `spawn` dropped the closure, and the model with it, here.
+                self.releasing.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(error = %e, "no thread to release a swapped-out model: released by the watcher");
+            }
         }
     }
 
@@ -326,6 +403,63 @@ impl ModelHost {
             note,
         };
         self.audit.record_model(&event).map_err(|e| e.to_string())
+    }
+
+    /// Writes a refusal's row (decision `rejected`, code `reason`); one the
+    /// ledger cannot take now is owed, written at a later look (after those owed
+    /// before it).
+    fn refusal_row(
+        &self,
+        s: &Slot,
+        link: &Path,
+        reason: &'static str,
+        note: serde_json::Value,
+        log: &mut Vec<String>,
+    ) {
+        let mut owed = s.owed.lock();
+        if owed.is_empty() {
+            match self.audit_event(s, link, Decision::Rejected, reason, note.clone()) {
+                Ok(()) => return,
+                Err(why) => log.push(format!(
+                    "model {}: the ledger cannot record this refusal now ({why}): it is written at a later look",
+                    s.module
+                )),
+            }
+        }
+        if owed.len() >= MAX_OWED {
+            owed.pop_front();
+            let dropped = s.owed_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(module = s.module, dropped, "model refusal rows owed beyond the bound: the oldest is dropped (counted in the next row)");
+        }
+        owed.push_back((link.to_path_buf(), reason, note));
+    }
+
+    /// Writes the refusal rows `s` owes, oldest first, until the ledger refuses
+    /// one (it stays, with those after it; said when it was first owed).
+    fn pay_owed(&self, s: &Slot, log: &mut Vec<String>) {
+        let mut owed = s.owed.lock();
+        let mut paid = 0usize;
+        while let Some((link, reason, mut note)) = owed.front().cloned() {
+            let dropped = s.owed_dropped.load(Ordering::Relaxed);
+            if dropped > 0 {
+                note["rows_not_recorded"] = dropped.into();
+            }
+            note["recorded_late"] = true.into();
+            match self.audit_event(s, &link, Decision::Rejected, reason, note) {
+                Ok(()) => {
+                    s.owed_dropped.fetch_sub(dropped, Ordering::Relaxed);
+                    owed.pop_front();
+                    paid += 1;
+                }
+                Err(_) => return,
+            }
+        }
+        if paid > 0 {
+            log.push(format!(
+                "model {}: {paid} refusal rows the ledger could not take before are recorded",
+                s.module
+            ));
+        }
     }
 
     /// Keeps a crash marker at `path` (under the state directory), and beside it
@@ -524,7 +658,11 @@ impl ModelHost {
     /// Checks every `lib<stem>_latest.so` once: a changed link target is loaded and,
     /// if it passes every check, swapped in. Returns the log lines of what happened.
     pub fn poll(&self) -> Vec<String> {
+        self.reap();
         let mut log = Vec::new();
+        for s in &self.slots {
+            self.pay_owed(s, &mut log);
+        }
         for s in &self.slots {
             let link = self.dir.join(format!("lib{}_latest.so", s.stem));
             // The link itself (even dangling: a deploy that links before the file
@@ -549,14 +687,7 @@ impl ModelHost {
                         ));
                         s.record(&link, "link_lost", e.to_string());
                         let note = serde_json::json!({"detail": e.to_string(), "serving": kept});
-                        if let Err(why) =
-                            self.audit_event(s, &link, Decision::Rejected, "link_lost", note)
-                        {
-                            log.push(format!(
-                                "model {}: the ledger cannot record this ({why})",
-                                s.module
-                            ));
-                        }
+                        self.refusal_row(s, &link, "link_lost", note, &mut log);
                     }
                     continue;
                 }
@@ -630,7 +761,17 @@ impl ModelHost {
                         "served",
                         format!("{} sha256 {}", m.version, m.sha256),
                     );
-                    s.current.store(Some(m));
+                    // The model swapped out waits for its last user elsewhere; one
+                    // taken up again (its file named again before it was let go)
+                    // is not retired any more.
+                    let mut retired = self.retired.lock();
+                    retired.retain(|r| !Arc::ptr_eq(r, &m));
+                    if let Some(old) = s.current.swap(Some(m)) {
+                        if !retired.iter().any(|r| Arc::ptr_eq(r, &old)) {
+                            retired.push(old);
+                        }
+                    }
+                    drop(retired);
                     *s.serving_target.lock() = Some(target.clone());
                     s.loads.inc();
                     *s.refused.lock() = None;
@@ -655,14 +796,7 @@ impl ModelHost {
                         "path": target.display().to_string(), "detail": e.to_string(),
                         "serving": kept,
                     });
-                    if let Err(why) =
-                        self.audit_event(s, &link, Decision::Rejected, e.reason(), note)
-                    {
-                        log.push(format!(
-                            "model {}: the ledger cannot record this refusal ({why})",
-                            s.module
-                        ));
-                    }
+                    self.refusal_row(s, &link, e.reason(), note, &mut log);
                     *s.refused.lock() = Some((target, e.to_string(), e.retried()));
                 }
             }
