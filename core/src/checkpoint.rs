@@ -354,8 +354,9 @@ impl ChainWalk {
 /// it can be believed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OrderError {
-    /// Chain `0` came again after another chain's rows.
-    #[error("the store sent chain {0} in two runs: its answer is not ordered by chain")]
+    /// Chain `0` came after the rows of a chain ordered after it (again, in a
+    /// second run, or out of order).
+    #[error("the store sent chain {0} after a chain ordered after it: its answer is not ordered by chain")]
     ChainTwice(String),
     /// Row `seq` of `chain` came after row `after`.
     #[error(
@@ -372,16 +373,18 @@ pub enum OrderError {
 }
 
 /// The walk of every chain of a store, as its rows stream in ordered by chain and
-/// then `seq` (`ORDER BY chain_id, seq`): one chain's state at a time, so the
-/// store's size does not matter. Each chain is held to its newest checkpoint
+/// then `seq` (`ORDER BY chain_id, seq`, chain ids compared byte by byte as
+/// ClickHouse orders strings): one chain's state at a time, so neither the
+/// store's size nor its number of chains matters. Each chain is held to its newest checkpoint
 /// among `anchors`. `gwctl ledger verify` and the sidecar's verification both
 /// walk with it.
 #[derive(Debug, Default)]
 pub struct ChainsWalk {
     anchors: std::collections::BTreeMap<String, Checkpoint>,
+    /// The chain being walked; every chain before it in the answer has an id
+    /// ordered before its (so a chain in two runs is refused, with no set of the
+    /// ids seen).
     current: Option<ChainWalk>,
-    /// Chains walked to their end (a chain in two runs is refused).
-    seen: std::collections::BTreeSet<String>,
 }
 
 impl ChainsWalk {
@@ -399,7 +402,7 @@ impl ChainsWalk {
         let (ended, w) = match self.current.take() {
             Some(w) if w.chain_id == r.chain_id => (None, self.current.insert(w)),
             before => {
-                if !self.seen.insert(r.chain_id.clone()) {
+                if before.as_ref().is_some_and(|b| r.chain_id < b.chain_id) {
                     self.current = before;
                     return Err(OrderError::ChainTwice(r.chain_id.clone()));
                 }

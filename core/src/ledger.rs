@@ -454,8 +454,14 @@ impl Walker {
         if r.compute_hash(&self.prev) != stored {
             return Err(ChainError::Altered(r.seq));
         }
+        // A row at the last position there is (reached by following a row
+        // planted after a gap) has no successor: the walk stops there.
+        let next = self
+            .expected
+            .checked_add(1)
+            .ok_or(ChainError::Full(r.seq))?;
         self.prev = stored;
-        self.expected += 1;
+        self.expected = next;
         self.last = Some((r.prev_hash.clone(), r.row_hash.clone()));
         Ok(())
     }

@@ -28,6 +28,32 @@ fn a_row_with_the_last_seq_cannot_be_resumed_after() {
     ));
 }
 
+/// A walk that follows a row planted at the next-to-last seq (a gap it goes on
+/// after) meets a valid row at the last seq: a break, not an overflow.
+#[test]
+fn a_walk_that_follows_a_row_to_the_last_seq_stops_there() {
+    let mut base = chain(1).remove(0);
+    base.seq = u64::MAX - 2;
+    let mut c = Chain::resume("node-1", Some(&base)).unwrap();
+    let a = c.seal(row(2));
+    assert_eq!(a.seq, u64::MAX - 1);
+    let mut b = row(3);
+    b.chain_id = "node-1".into();
+    b.seq = u64::MAX;
+    b.prev_hash.clone_from(&a.row_hash);
+    b.row_hash = hex::encode(b.compute_hash(&parse_hash(&a.row_hash)));
+    let mut w = gw_core::ledger::Walker::new();
+    let breaks: Vec<ChainError> = [chain(1).remove(0), a, b]
+        .iter()
+        .flat_map(|r| w.push_on(r))
+        .collect();
+    assert!(breaks.contains(&ChainError::Full(u64::MAX)), "{breaks:?}");
+    assert!(
+        matches!(breaks[0], ChainError::Gap { .. }),
+        "the planted row first: {breaks:?}"
+    );
+}
+
 #[test]
 fn an_intact_chain_verifies_and_resumes() {
     let mut rows = chain(5);
@@ -302,6 +328,14 @@ fn every_chain_is_walked_from_an_ordered_answer_and_disorder_is_refused() {
     }
     assert_eq!(
         walk.push(&a[1]).unwrap_err(),
+        OrderError::ChainTwice("node-a".into())
+    );
+    // A chain ordered before the one walked, met for the first time: the answer
+    // is not in order either (no set of the chains seen is kept to tell).
+    let mut walk = ChainsWalk::new(Default::default());
+    walk.push(&b[0]).unwrap();
+    assert_eq!(
+        walk.push(&a[0]).unwrap_err(),
         OrderError::ChainTwice("node-a".into())
     );
     let mut walk = ChainsWalk::new(Default::default());

@@ -660,6 +660,8 @@ async function verifyChain() {
       `chain ${c.chain_id}: ${c.ok ? "verified" : "BROKEN"} (${c.rows} rows` +
       `${c.checkpoint === undefined ? "" : `, held to its signed checkpoint of ${c.checkpoint} rows`})` +
       `${c.broken ? " — " + c.broken : ""}`);
+    if (v.more_chains_broken) chains.push(`${v.more_chains_broken} more BROKEN chains not listed`);
+    if (v.more_chains_ok) chains.push(`${v.more_chains_ok} more chains verified, not listed`);
     if (v.error) chains.push(`NOT VERIFIED — ${v.error}`);
     el.textContent = chains.length === 0 ? "no chain stored yet" : chains.join("; ");
     el.className = v.ok ? "" : "error";

@@ -302,6 +302,47 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// The chains a verification lists, and the others counted.
+#[derive(Default)]
+struct Listing {
+    chains: Vec<ChainStatus>,
+    /// Listed chains that verified (those a broken one may take the place of).
+    listed_ok: usize,
+    more_ok: u64,
+    more_broken: u64,
+}
+
+impl Listing {
+    fn add(&mut self, c: ChainStatus) {
+        if self.chains.len() < MAX_CHAINS_LISTED {
+            self.listed_ok += usize::from(c.ok);
+            self.chains.push(c);
+        } else if c.ok {
+            self.more_ok += 1;
+        } else if self.listed_ok > 0 {
+            // A broken chain is listed in the place of one that verified.
+            if let Some(i) = self.chains.iter().rposition(|x| x.ok) {
+                self.chains[i] = c;
+                self.listed_ok -= 1;
+                self.more_ok += 1;
+            }
+        } else {
+            self.more_broken += 1;
+        }
+    }
+
+    fn status(mut self, error: Option<String>) -> LedgerStatus {
+        self.chains.sort_by(|a, b| a.chain_id.cmp(&b.chain_id));
+        LedgerStatus {
+            ok: error.is_none() && self.more_broken == 0 && self.chains.iter().all(|c| c.ok),
+            chains: self.chains,
+            more_chains_ok: self.more_ok,
+            more_chains_broken: self.more_broken,
+            error,
+        }
+    }
+}
+
 /// A chain's status from its walk in [`Queries::verify`], held to this node's
 /// newest checkpoint of it.
 fn chain_status(w: gw_core::checkpoint::ChainWalk) -> ChainStatus {
@@ -327,13 +368,26 @@ fn chain_status(w: gw_core::checkpoint::ChainWalk) -> ChainStatus {
     }
 }
 
+/// Chains one verification lists at most (broken ones in preference); the rest
+/// are counted: anyone who can INSERT can plant a million one-row chains, and the
+/// answer stays bounded.
+pub const MAX_CHAINS_LISTED: usize = 256;
+
 /// The result of walking every stored chain.
 #[derive(Debug, Serialize)]
 pub struct LedgerStatus {
     /// Whether every chain verified.
     pub ok: bool,
-    /// Each chain (walked to its end: when the walk stopped, those before it).
+    /// Each chain (walked to its end: when the walk stopped, those before it), in
+    /// the order of their ids: [`MAX_CHAINS_LISTED`] at most, a broken one
+    /// listed in the place of one that verified.
     pub chains: Vec<ChainStatus>,
+    /// Chains that verified and are not listed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub more_chains_ok: u64,
+    /// Broken chains not listed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub more_chains_broken: u64,
     /// Why the walk stopped before the table's end (ClickHouse's answer was out
     /// of order): nothing after that point was judged.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -620,36 +674,76 @@ impl Queries {
             .as_ref()
             .map(|a| a.lock().clone())
             .unwrap_or_default();
-        let mut chains: Vec<ChainStatus> = Vec::new();
+        let mut listing = Listing::default();
         let mut walk = gw_core::checkpoint::ChainsWalk::new(anchors);
         while let Some(r) = cursor.next().await? {
             match walk.push(&gw_core::ledger::LedgerRow::from(r)) {
-                Ok(ended) => chains.extend(ended.map(chain_status)),
+                Ok(ended) => {
+                    if let Some(w) = ended {
+                        listing.add(chain_status(w));
+                    }
+                }
                 Err(e) => {
                     // Nothing after it can be believed: the walk ends here, not
                     // verified; the chains walked to their end before it stand.
                     tracing::error!(error = %e, "ledger verification: ClickHouse's answer is out of order");
-                    return Ok(Some(LedgerStatus {
-                        ok: false,
-                        chains,
-                        error: Some(format!("the walk stopped: {e}")),
-                    }));
+                    return Ok(Some(listing.status(Some(format!("the walk stopped: {e}")))));
                 }
             }
         }
         // Then the chains this node checkpointed and ClickHouse holds no row of.
-        chains.extend(walk.finish().into_iter().map(chain_status));
-        Ok(Some(LedgerStatus {
-            ok: chains.iter().all(|c| c.ok),
-            chains,
-            error: None,
-        }))
+        for w in walk.finish() {
+            listing.add(chain_status(w));
+        }
+        Ok(Some(listing.status(None)))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Cursor;
+    use super::{ChainStatus, Cursor, Listing, MAX_CHAINS_LISTED};
+
+    fn status(id: usize, ok: bool) -> ChainStatus {
+        ChainStatus {
+            chain_id: format!("c{id:07}"),
+            ok,
+            rows: 1,
+            broken: (!ok).then(|| "broken".to_owned()),
+            breaks: Vec::new(),
+            more_breaks: 0,
+            checkpoint: None,
+        }
+    }
+
+    /// However many chains a store holds, a verification lists a bounded number,
+    /// broken ones in the place of ones that verified, and counts the rest.
+    #[test]
+    fn a_verification_lists_a_bounded_number_of_chains_broken_ones_first() {
+        let mut l = Listing::default();
+        for i in 0..10_000 {
+            l.add(status(i, i % 1000 != 999));
+        }
+        let s = l.status(None);
+        assert_eq!(s.chains.len(), MAX_CHAINS_LISTED);
+        assert!(!s.ok);
+        let broken = s.chains.iter().filter(|c| !c.ok).count();
+        assert_eq!((broken, s.more_chains_broken), (10, 0));
+        assert_eq!(s.more_chains_ok, 10_000 - MAX_CHAINS_LISTED as u64);
+        assert!(s.chains.windows(2).all(|w| w[0].chain_id < w[1].chain_id));
+        // More broken chains than places: the rest counted, still not ok.
+        let mut l = Listing::default();
+        for i in 0..MAX_CHAINS_LISTED + 5 {
+            l.add(status(i, false));
+        }
+        let s = l.status(None);
+        assert_eq!(
+            (s.chains.len(), s.more_chains_broken),
+            (MAX_CHAINS_LISTED, 5)
+        );
+        let mut l = Listing::default();
+        l.add(status(1, true));
+        assert!(l.status(None).ok);
+    }
 
     #[test]
     fn a_cursor_is_the_time_the_position_and_the_chain_which_may_hold_dots() {
