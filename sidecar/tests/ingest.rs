@@ -408,10 +408,10 @@ fn frames_of(r: &Rig, b: u8) -> u64 {
 
 /// A searcher with many busy streams gets no more of the ingest thread than one
 /// with a single stream: while both have frames waiting, they are decoded turn
-/// about (16 frames a turn, one turn per identity), so the flood of eight
-/// streams is slowed to the pace of the one, not the one to a ninth; and every
-/// frame written is read in the end (QUIC's flow control held them, nothing
-/// dropped).
+/// about (frames of 16 transactions a turn, one turn per identity over all its
+/// connections), so the flood of eight streams on four connections is slowed to
+/// the pace of the one, not the one to a ninth; and every frame written is read
+/// in the end (QUIC's flow control held them, nothing dropped).
 #[test]
 fn searchers_share_the_ingest_thread_by_identity_not_by_stream() {
     use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -431,13 +431,23 @@ fn searchers_share_the_ingest_thread_by_identity_not_by_stream() {
         // have frames waiting (its writes wait on flow control).
         let stop = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicU64::new(0));
+        let mut conn: Option<quinn::Connection> = None;
         let mut writers = Vec::new();
-        for (who, streams) in [(30u8, 8u32), (31, 1)] {
-            let conn = ingest::connect(addr, &key(who), server_key())
-                .await
-                .unwrap();
-            for s in 0..streams {
-                let (c, stop, written) = (conn.clone(), stop.clone(), written.clone());
+        // The flood's eight streams on four connections: its turn is its
+        // identity's, whatever the connection.
+        for (who, conns, per_conn) in [(30u8, 4u32, 2u32), (31, 1, 1)] {
+            for s in 0..conns * per_conn {
+                if s % per_conn == 0 {
+                    conn = Some(
+                        ingest::connect(addr, &key(who), server_key())
+                            .await
+                            .unwrap(),
+                    );
+                }
+                let Some(c) = conn.clone() else {
+                    unreachable!("connected above")
+                };
+                let (stop, written) = (stop.clone(), written.clone());
                 let base = u32::from(who) * 100_000_000 + s * 1_000_000;
                 writers.push(tokio::spawn(async move {
                     let mut st = c.open_uni().await.unwrap();

@@ -24,11 +24,13 @@
 //! [`MAX_HANDSHAKES_PER_IP`] per address (one host that starts handshakes and
 //! stalls them cannot lock the searchers out), each must finish within
 //! [`HANDSHAKE_TIMEOUT`], and only authenticated connections count against
-//! `max_connections` and `max_connections_per_identity`. Each stream's and each
-//! connection's flow-control window is bounded by `max_frame_bytes`.
+//! `max_connections` and `max_connections_per_identity`. Each stream's
+//! flow-control window is two frames (`max_frame_bytes`, at least 64 KiB), a
+//! connection's that for each of its `max_streams_per_connection` streams.
 //!
-//! Searchers share the thread fairly: a stream decodes at most
-//! [`FRAMES_PER_TURN`] frames before it yields, and the streams of one client
+//! Searchers share the thread fairly: a stream decodes frames holding at most
+//! [`TXS_PER_TURN`] transactions (each one's signatures checked; a frame's
+//! first always) before it yields, and the streams of one client
 //! identity (over all its connections) take one turn at a time between them, so
 //! a client with many streams gets no more of the thread, the ring or the
 //! module's send rate than one with a single stream while both have frames to
@@ -80,9 +82,10 @@ pub const MAX_FEATURES: usize = 256;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most handshakes in progress from one IP address.
 pub const MAX_HANDSHAKES_PER_IP: usize = 4;
-/// Most frames a stream decodes (each transaction's signatures verified) before
-/// other streams get the thread.
-pub const FRAMES_PER_TURN: usize = 16;
+/// Transactions a stream's frames may hold (each one's signatures are checked)
+/// before other streams get the thread: a turn is work, not frames, so frames of
+/// eight variants buy no more of the thread than frames of one.
+pub const TXS_PER_TURN: usize = 16;
 
 /// `sender.strategy.ingest`.
 #[derive(Debug, Clone, Deserialize)]
@@ -573,7 +576,8 @@ fn peer_key(conn: &quinn::Connection) -> Option<[u8; 32]> {
 }
 
 /// One stream: frames until it ends, is reset, or breaks the framing. Each turn
-/// (at most [`FRAMES_PER_TURN`] frames) is taken under its identity's turn.
+/// (frames of at most [`TXS_PER_TURN`] transactions) is taken under its
+/// identity's turn.
 async fn read_stream(
     mut recv: quinn::RecvStream,
     max_frame: usize,
@@ -596,7 +600,7 @@ async fn read_stream(
         let framing = drain_frames(
             &mut buf,
             max_frame,
-            FRAMES_PER_TURN,
+            TXS_PER_TURN,
             arrived,
             &stats,
             &mut batch,
@@ -712,24 +716,28 @@ impl std::fmt::Display for Framing {
 pub enum Drained {
     /// At an incomplete frame (or none): more bytes are needed.
     NeedBytes,
-    /// After `most` frames: complete ones may be left in the buffer.
+    /// After frames of `txs` transactions: complete ones may be left in the
+    /// buffer.
     Turn,
 }
 
-/// Takes complete frames off the front of `buf`, at most `most`: valid
+/// Takes complete frames off the front of `buf` until they held `txs`
+/// transactions (a frame counts its transactions, at least one, at most
+/// [`MAX_VARIANTS`]; the frame that crosses the budget is taken whole): valid
 /// opportunities go to `out`, invalid ones are counted and go to `invalid` (the
-/// frame, and why). Stops at an incomplete frame, after `most` frames, or at
-/// broken framing.
+/// frame, and why). Stops at an incomplete frame, at the budget, or at broken
+/// framing.
 pub fn drain_frames(
     buf: &mut BytesMut,
     max_frame: usize,
-    most: usize,
+    txs: usize,
     received: Instant,
     stats: &IngestStats,
     out: &mut Vec<Opportunity>,
     invalid: &mut Vec<(Bytes, String)>,
 ) -> Result<Drained, Framing> {
-    for _ in 0..most {
+    let mut spent = 0;
+    while spent < txs {
         let Some((len, at)) = varint(buf)? else {
             return Ok(Drained::NeedBytes);
         };
@@ -744,6 +752,7 @@ pub fn drain_frames(
         let frame = buf.split_to(len as usize).freeze();
         let msg = gw_proto::hotpath::Opportunity::decode(frame.clone())
             .map_err(|_| Framing::Undecodable(frame.clone()))?;
+        spent += msg.txs.len().clamp(1, MAX_VARIANTS);
         match opportunity(msg, received) {
             Ok(o) => {
                 stats.frames.fetch_add(1, Ordering::Relaxed);
@@ -921,7 +930,8 @@ mod tests {
             assert_eq!(out[0].module, Module::Mev);
             assert!(out[0].features[1].is_nan());
         }
-        // A turn takes at most `most` frames; the rest wait in the buffer.
+        // A turn takes frames of 2 transactions at most (one each here); the
+        // rest wait in the buffer.
         let (stats, mut out, mut buf) = (IngestStats::default(), Vec::new(), BytesMut::new());
         buf.extend_from_slice(&wire);
         let mut turn = |out: &mut Vec<Opportunity>| {
@@ -941,6 +951,26 @@ mod tests {
         assert_eq!(turn(&mut out), Ok(Drained::NeedBytes));
         assert_eq!(out.len(), 5);
         assert_eq!(out[4].txs[0].wire.as_ref(), &tx(4)[..]);
+        // A turn is transactions, not frames: frames of eight take a turn of
+        // sixteen in two.
+        let mut wide = Vec::new();
+        for i in 0..3 {
+            wide.extend(frame(&msg("mev", (0..8).map(|k| tx(i * 8 + k)).collect())));
+        }
+        let (stats, mut out, mut buf) = (IngestStats::default(), Vec::new(), BytesMut::new());
+        buf.extend_from_slice(&wide);
+        let mut skipped = Vec::new();
+        let r = drain_frames(
+            &mut buf,
+            1 << 16,
+            16,
+            Instant::now(),
+            &stats,
+            &mut out,
+            &mut skipped,
+        );
+        assert_eq!(r, Ok(Drained::Turn));
+        assert_eq!(out.len() + skipped.len(), 2, "{skipped:?}");
     }
 
     #[test]
