@@ -1067,7 +1067,9 @@ fn a_leader_that_grants_no_stream_stalls_its_connection_and_sends_fail() {
 
 /// A leader's address taken over by another validator (the schedule now names
 /// another identity there): its transactions go to the new identity over a link
-/// that pins it, not over the old link whose pin refuses the new key.
+/// that pins it, not over the old link whose pin refuses the new key; a send
+/// naming the old identity there (stale gossip) fails on a link of its own and
+/// does not tear down the new identity's.
 #[test]
 fn an_address_taken_over_by_another_identity_gets_its_own_link() {
     rt().block_on(async {
@@ -1106,11 +1108,23 @@ fn an_address_taken_over_by_another_identity_gets_its_own_link() {
             "sent to the identity the schedule names now"
         );
         assert_eq!(new.wait_for(1, Duration::from_secs(3)).await, 1);
-        // The old identity at that address is not believed: its pin refuses
-        // the key the address presents now.
+        // The old identity at that address (stale gossip) is not believed: its
+        // pin refuses the key the address presents now; and its link leaves the
+        // new identity's alone.
         let r = client.submit(&was, tx(3, 0).0).unwrap().await.unwrap();
         assert!(r.is_err(), "{r:?}");
         assert_eq!(new.count(), 1);
+        let conn = client.connection(addr).expect("the new identity's link");
+        assert_eq!(
+            client.send(&now, tx(4, 0).0).unwrap().await.unwrap(),
+            Ok(())
+        );
+        assert_eq!(new.wait_for(2, Duration::from_secs(3)).await, 2);
+        assert_eq!(
+            client.connection(addr).map(|c| c.stable_id()),
+            Some(conn.stable_id()),
+            "the same connection carried it"
+        );
     });
 }
 

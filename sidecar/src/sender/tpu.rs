@@ -1,6 +1,7 @@
 //! The TPU route: QUIC straight to the leaders (Solana's TPU protocol).
 //!
-//! One connection per leader, owned by that leader's worker task; the worker
+//! One connection per leader (its address and the identity it must present),
+//! owned by that leader's worker task; the worker
 //! connects as soon as the leader is known (pre-warm), reconnects with exponential
 //! backoff and jitter, and sends each transaction on its own unidirectional stream.
 //! [`TpuClient::send`] writes the stream on the caller's own task instead when the
@@ -20,7 +21,9 @@
 //! a worker through a bounded queue: when it is full the transaction is dropped and
 //! counted, never buffered without bound. A transaction counts as delivered when the
 //! leader has acknowledged every byte of its stream (QUIC ACK of the FIN); the TPU
-//! protocol has no other answer.
+//! protocol has no other answer. A connection on which nothing was acknowledged
+//! for `stall_timeout_ms` while streams waited is closed as stalled (a refusal):
+//! no send waits on a live leader that never grants a stream.
 
 use crate::config::OutOfBounds;
 use std::collections::HashMap;
@@ -495,9 +498,6 @@ impl Job {
 }
 
 struct Link {
-    /// The identity its connections pin (an address taken over by another
-    /// identity gets a link of its own).
-    identity: Option<[u8; 32]>,
     tx: mpsc::Sender<Job>,
     phase: Arc<PhaseSignal>,
     shared: Arc<Shared>,
@@ -538,7 +538,11 @@ impl Shared {
 }
 
 /// The leaders' links.
-type Links = HashMap<SocketAddr, Link, foldhash::fast::RandomState>;
+/// A link per leader address and the identity its connections pin: an address
+/// the schedule names with another identity (a validator moved, or stale
+/// gossip) gets a link of its own, and the two never tear each other down.
+type LinkKey = (SocketAddr, Option<[u8; 32]>);
+type Links = HashMap<LinkKey, Link, foldhash::fast::RandomState>;
 
 /// The TPU client: an endpoint and one worker per leader.
 pub struct TpuClient {
@@ -592,7 +596,7 @@ impl TpuClient {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if caps.len() >= 4 * self.config.max_leaders {
-            caps.retain(|a, c| links.contains_key(a) || !c.is_full());
+            caps.retain(|a, c| links.keys().any(|(x, _)| x == a) || !c.is_full());
         }
         caps.entry(addr)
             .or_insert_with(|| {
@@ -638,9 +642,8 @@ impl TpuClient {
     fn direct(&self, leader: &Leader, wire: &Bytes) -> Option<Delivery> {
         let shared = {
             let mut links = self.links.lock().ok()?;
-            let l = links.get_mut(&leader.tpu_quic)?;
-            if l.identity != leader.identity
-                || l.tx.capacity() < l.tx.max_capacity()
+            let l = links.get_mut(&(leader.tpu_quic, leader.identity))?;
+            if l.tx.capacity() < l.tx.max_capacity()
                 || l.shared.holding.load(Ordering::Acquire)
                 || l.task.is_finished()
             {
@@ -737,29 +740,39 @@ impl TpuClient {
         }
     }
 
-    /// Marks `leader`'s connection as in (or out of) its preferred phase: its
-    /// congestion window is boosted while in.
+    /// Marks `leader`'s connections (of every identity it is linked under) as in
+    /// (or out of) its preferred phase: their congestion window is boosted while in.
     pub fn set_phase(&self, leader: SocketAddr, boosted: bool) {
         if let Ok(links) = self.links.lock() {
-            if let Some(l) = links.get(&leader) {
-                l.phase.set(boosted);
+            for ((a, _), l) in links.iter() {
+                if *a == leader {
+                    l.phase.set(boosted);
+                }
             }
         }
     }
 
-    /// The live connection to `leader`, if any (statistics, tests).
+    /// A live connection to `leader`, if any (statistics, tests).
     pub fn connection(&self, leader: SocketAddr) -> Option<quinn::Connection> {
         let links = self.links.lock().ok()?;
-        let conn = links.get(&leader)?.shared.live()?.conn;
-        (conn.close_reason().is_none()).then_some(conn)
+        links
+            .iter()
+            .filter(|((a, _), _)| *a == leader)
+            .filter_map(|(_, l)| l.shared.live())
+            .map(|live| live.conn)
+            .find(|c| c.close_reason().is_none())
     }
 
     /// Leaders with a worker now.
     pub fn leaders(&self) -> Vec<SocketAddr> {
-        self.links
+        let mut out: Vec<SocketAddr> = self
+            .links
             .lock()
-            .map(|l| l.keys().copied().collect())
-            .unwrap_or_default()
+            .map(|l| l.keys().map(|(a, _)| *a).collect())
+            .unwrap_or_default();
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// Closes every connection.
@@ -773,15 +786,14 @@ impl TpuClient {
     /// Runs `f` on the leader's queue, starting its worker first if needed.
     fn with_link<R>(&self, leader: &Leader, f: impl FnOnce(&Link) -> R) -> Result<R, TpuError> {
         let mut links = self.links.lock().map_err(|_| TpuError::Stopped)?;
-        if let Some(l) = links.get_mut(&leader.tpu_quic) {
-            if !l.task.is_finished() && l.identity == leader.identity {
+        let key = (leader.tpu_quic, leader.identity);
+        if let Some(l) = links.get_mut(&key) {
+            if !l.task.is_finished() {
                 l.last_used = self.uses.fetch_add(1, Ordering::Relaxed);
                 return Ok(f(l));
             }
-            // Its worker ended, or the address now belongs to another identity
-            // (the old link's pin would refuse it): replaced, its connection
-            // closed.
-            links.remove(&leader.tpu_quic);
+            // Its worker ended: replaced.
+            links.remove(&key);
         }
         if links.len() >= self.config.max_leaders {
             let oldest = links
@@ -810,7 +822,6 @@ impl TpuClient {
             leader_cap: self.leader_cap(leader.tpu_quic, &links),
         };
         let link = Link {
-            identity: leader.identity,
             tx,
             phase,
             shared,
@@ -818,7 +829,7 @@ impl TpuClient {
             task: tokio::spawn(worker.run(rx)),
         };
         let r = f(&link);
-        links.insert(leader.tpu_quic, link);
+        links.insert(key, link);
         Ok(r)
     }
 
