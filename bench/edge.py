@@ -422,7 +422,7 @@ def main():
         """One throttle command signed with op-admin-1's key under `key_id`."""
         subprocess.run([a.gwctl, "sign", "--key", tmp + "/keys/op-admin-1.sk.hex", "--key-id", key_id,
                         "--module", "mev", "--action", "throttle", "--arg", "throttle_pct=40",
-                        "--issuer", "dashboard", "--out", out]
+                        "--issuer", "dashboard", "--out", out, "--force"]
                        + ([] if nonce is None else ["--nonce", str(nonce)]), check=True, capture_output=True)
 
     def sign():

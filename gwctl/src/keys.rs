@@ -9,17 +9,17 @@ use clap::Args;
 use ed25519_dalek::SigningKey;
 use gw_core::jwk::ed25519_public_jwk;
 
-/// Writes `contents` to `path`: a new file, or with `force` a replacement made
-/// whole beside it and renamed over it (a link at `path` is replaced, not
-/// written through; a failure leaves the old file as it was). `secret`: mode
-/// 0600 from the start.
+/// Writes `contents` to `path`, made whole beside it first: a new file (linked
+/// into place, which fails if one is there: a write cut short leaves nothing at
+/// `path`), or with `force` a replacement renamed over it (a link at `path` is
+/// replaced, not written through; a failure leaves the old file as it was).
+/// `secret`: mode 0600 from the start.
 pub(crate) fn write_new(path: &Path, contents: &[u8], secret: bool, force: bool) -> Result<()> {
-    let target = if force {
-        let name = path.file_name().context("no file name")?.to_string_lossy();
-        path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
-    } else {
-        path.to_path_buf()
-    };
+    if !force && path.symlink_metadata().is_ok() {
+        bail!("{} exists (use --force to overwrite)", path.display());
+    }
+    let name = path.file_name().context("no file name")?.to_string_lossy();
+    let target = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let mut opts = OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -28,13 +28,9 @@ pub(crate) fn write_new(path: &Path, contents: &[u8], secret: bool, force: bool)
         opts.mode(0o600);
     }
     let _ = secret;
-    let mut f = opts.open(&target).with_context(|| {
-        if path.exists() && !force {
-            format!("{} exists (use --force to overwrite)", path.display())
-        } else {
-            format!("cannot write {}", target.display())
-        }
-    })?;
+    let mut f = opts
+        .open(&target)
+        .with_context(|| format!("cannot write {}", target.display()))?;
     let written = f
         .write_all(contents)
         .and_then(|()| f.sync_all())
@@ -42,16 +38,18 @@ pub(crate) fn write_new(path: &Path, contents: &[u8], secret: bool, force: bool)
             if force {
                 std::fs::rename(&target, path)
             } else {
-                Ok(())
+                // Never over a file that appeared meanwhile.
+                std::fs::hard_link(&target, path)
             }
         });
-    if let Err(e) = written {
-        if force {
-            let _ = std::fs::remove_file(&target);
+    let _ = std::fs::remove_file(&target);
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!("{} exists (use --force to overwrite)", path.display())
         }
-        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+        Err(e) => Err(e).with_context(|| format!("cannot write {}", path.display())),
+        Ok(()) => Ok(()),
     }
-    Ok(())
 }
 
 /// `gwctl keygen`.

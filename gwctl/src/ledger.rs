@@ -132,11 +132,6 @@ fn checkpoints(
             newest.insert(chain, cp);
         }
     }
-    if newest.is_empty() {
-        // A node's first checkpoint comes a while after its first rows: its
-        // chain is then reported unanchored, the other files still count.
-        eprintln!("gwctl: {} holds no checkpoint yet", path.display());
-    }
     Ok(newest)
 }
 
@@ -210,19 +205,121 @@ fn http_client(a: &VerifyArgs) -> Result<reqwest::Client> {
 /// KiB: its body is cut at 4 KiB).
 const MAX_ROW_BYTES: usize = 4 << 20;
 
-/// The walk of every chain as ClickHouse streams its rows, and the chains
-/// walked to their end.
+/// The walk of every chain as ClickHouse streams its rows, and what was found
+/// in the chains walked to their end.
 struct Walking {
     walk: ChainsWalk,
-    done: Vec<ChainWalk>,
+    report: Report,
 }
 
 impl Walking {
     fn push(&mut self, r: &LedgerRow) -> Result<()> {
         if let Some(ended) = self.walk.push(r)? {
-            self.done.push(ended);
+            self.report.chain(&ended);
         }
         Ok(())
+    }
+}
+
+/// What the verification found, told as each chain ends: nothing of a chain is
+/// kept once it is told (a store of a million chains is verified in constant
+/// memory).
+#[derive(Default)]
+struct Report {
+    /// Checkpoint files were given: a chain none vouches for is unanchored.
+    anchoring: bool,
+    /// Unanchored chains are listed, not failed.
+    unanchored_ok: bool,
+    /// The first chain's lines, held back until a second chain with rows shows
+    /// whether its `ok` line is told (one chain: only the total is).
+    held: Option<Vec<(bool, String)>>,
+    /// Chains with rows told so far.
+    with_rows: usize,
+    /// Rows read, and rows walked (a row stored twice counts once).
+    stored: u64,
+    total: u64,
+    broken: bool,
+}
+
+impl Report {
+    /// `line`; `ok_line`: a chain's `ok` line, told only when there are two or
+    /// more chains.
+    fn say(&mut self, ok_line: bool, line: String) {
+        match &mut self.held {
+            Some(lines) if self.with_rows <= 1 => lines.push((ok_line, line)),
+            _ => println!("{line}"),
+        }
+    }
+
+    fn chain(&mut self, w: &ChainWalk) {
+        let chain = &w.chain_id;
+        self.stored += w.read;
+        if w.read > 0 {
+            self.with_rows += 1;
+            match self.with_rows {
+                1 => self.held = Some(Vec::new()),
+                2 => {
+                    for (_, line) in self.held.take().unwrap_or_default() {
+                        println!("{line}");
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Every break, not only the first: the walk went on after each.
+        if w.breaks.is_empty() {
+            let n = w.walked();
+            self.total += n;
+            if w.read > 0 {
+                self.say(true, format!("chain {chain}: ok {n} rows"));
+            }
+        } else {
+            self.broken = true;
+            for e in &w.breaks.listed {
+                self.say(false, format!("broken: chain {chain}: {e}"));
+            }
+            if w.breaks.more > 0 {
+                let more = w.breaks.more;
+                self.say(
+                    false,
+                    format!("broken: chain {chain}: … and {more} more breaks"),
+                );
+            }
+        }
+        // Held to its checkpoint whatever else is broken; a chain with no row at
+        // all holds nothing.
+        match (w.checkpoint_size(), w.held()) {
+            (Some(size), Some(Ok(_))) => {
+                self.say(
+                    false,
+                    format!("chain {chain}: matches its checkpoint of {size} rows"),
+                );
+            }
+            (Some(_), Some(Err(e))) => {
+                self.broken = true;
+                self.say(false, format!("broken: chain {chain}: {e}"));
+            }
+            (None, _) if self.anchoring && w.read > 0 => {
+                // Valid hashes prove nothing of who wrote them: only a signed
+                // checkpoint does.
+                let line = format!(
+                    "unanchored: chain {chain}: {} rows, no checkpoint in the files given",
+                    w.read
+                );
+                self.say(false, line);
+                self.broken |= !self.unanchored_ok;
+            }
+            _ => {}
+        }
+    }
+
+    /// The end: the lines still held (one chain: not its `ok` line).
+    fn finish(&mut self) {
+        for (ok_line, line) in self.held.take().unwrap_or_default() {
+            if !ok_line {
+                println!("{line}");
+            }
+        }
     }
 }
 
@@ -272,14 +369,30 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         anyhow::bail!("--table `{}` is not a plain table name", a.table);
     }
     // Before the query: a checkpoint file that cannot be read stops it first.
+    let mut report = Report {
+        anchoring: !a.checkpoint.is_empty(),
+        unanchored_ok: a.unanchored_ok,
+        ..Report::default()
+    };
     let mut anchors: BTreeMap<String, Checkpoint> = BTreeMap::new();
     for path in &a.checkpoint {
-        for (chain, cp) in checkpoints(path, &a.key, &a.key_name)? {
+        let held = checkpoints(path, &a.key, &a.key_name)?;
+        if held.is_empty() {
+            // A file given to vouch that vouches for nothing (emptied, cut,
+            // another file): the check it was given for would not happen.
+            println!("broken: {} holds no checkpoint yet", path.display());
+            report.broken = true;
+        }
+        for (chain, cp) in held {
             match anchors.get(&chain) {
-                Some(had) if had.size == cp.size && had.head != cp.head => anyhow::bail!(
-                    "the checkpoint files disagree on chain {chain} at {} rows (two different heads, both signed)",
-                    cp.size
-                ),
+                Some(had) if had.size == cp.size && had.head != cp.head => {
+                    // The ledger key signed two histories of one chain.
+                    println!(
+                        "broken: chain {chain}: the checkpoint files disagree at {} rows (two different heads, both signed)",
+                        cp.size
+                    );
+                    report.broken = true;
+                }
                 Some(had) if had.size >= cp.size => {}
                 _ => {
                     anchors.insert(chain, cp);
@@ -304,7 +417,7 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
     let client = http_client(a)?;
     let mut walking = Walking {
         walk: ChainsWalk::new(anchors),
-        done: Vec::new(),
+        report,
     };
     rt.block_on(async {
         let mut req = client.post(&a.clickhouse).body(sql);
@@ -332,60 +445,18 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
         }
         stream_rows(resp, &mut walking).await
     })?;
-    let Walking { walk, mut done } = walking;
-    done.extend(walk.finish());
-    // In the order of their ids, as ClickHouse sent them (a chain with a
-    // checkpoint and no row among them).
-    done.sort_by(|a, b| a.chain_id.cmp(&b.chain_id));
-    let chains = done;
-    // Rows the chains hold: a row stored twice (an insert retried) is one.
-    let stored: u64 = chains.iter().map(|w| w.read).sum();
-    let with_rows = chains.iter().filter(|w| w.read > 0).count();
-    let mut total = 0;
-    let mut broken = false;
-    for w in &chains {
-        let chain = &w.chain_id;
-        // Every break, not only the first: the walk went on after each.
-        if w.breaks.is_empty() {
-            let n = w.walked();
-            total += n;
-            if w.read > 0 && with_rows > 1 {
-                println!("chain {chain}: ok {n} rows");
-            }
-            continue;
-        }
-        broken = true;
-        for e in &w.breaks.listed {
-            println!("broken: chain {chain}: {e}");
-        }
-        if w.breaks.more > 0 {
-            println!("broken: chain {chain}: … and {} more breaks", w.breaks.more);
-        }
+    let Walking { walk, mut report } = walking;
+    // The chain walked last, then the chains with a checkpoint and no row.
+    for w in walk.finish() {
+        report.chain(&w);
     }
-    for w in &chains {
-        // Held to its checkpoint whatever else is broken (each break is printed
-        // above); a chain with no row at all holds nothing.
-        let (Some(size), Some(held)) = (w.checkpoint_size(), w.held()) else {
-            if !a.checkpoint.is_empty() && w.read > 0 && w.checkpoint_size().is_none() {
-                // Valid hashes prove nothing of who wrote them: only a signed
-                // checkpoint does.
-                println!(
-                    "unanchored: chain {}: {} rows, no checkpoint in the files given",
-                    w.chain_id, w.read
-                );
-                broken |= !a.unanchored_ok;
-            }
-            continue;
-        };
-        let chain = &w.chain_id;
-        match held {
-            Ok(_) => println!("chain {chain}: matches its checkpoint of {size} rows"),
-            Err(e) => {
-                println!("broken: chain {chain}: {e}");
-                broken = true;
-            }
-        }
-    }
+    report.finish();
+    let Report {
+        stored,
+        total,
+        broken,
+        ..
+    } = report;
     if broken {
         return Ok(ExitCode::from(1));
     }
