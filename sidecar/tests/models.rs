@@ -1838,6 +1838,10 @@ fn a_refusal_the_ledger_could_not_take_is_recorded_once_it_can() {
     assert_eq!(rows[0].0, "features");
     let note: Value = serde_json::from_str(&rows[0].1).unwrap();
     assert_eq!(note["recorded_late"], true, "{note}");
+    assert!(
+        note["refused_at_ms"].is_u64(),
+        "when it was refused: {note}"
+    );
     assert!(host.poll().is_empty());
     assert_eq!(refusals().len(), 1, "recorded once");
     drop(host);

@@ -169,6 +169,9 @@ pub struct ModelHost {
     /// Releases running, each on a thread of its own (`gw-model-release`): one
     /// that hangs holds only its thread and its model.
     releasing: Arc<std::sync::atomic::AtomicUsize>,
+    /// Swapped-out models wait for [`MAX_RELEASING`] releases still running
+    /// (logged once while it lasts).
+    release_capped: AtomicBool,
 }
 
 /// Releases running at once at most; a retired model found free beyond them
@@ -310,6 +313,7 @@ impl ModelHost {
             stuck: Arc::new(Mutex::new(None)),
             retired: Mutex::new(Vec::new()),
             releasing: Arc::default(),
+            release_capped: AtomicBool::new(false),
         }
     }
 
@@ -336,11 +340,14 @@ impl ModelHost {
             })
             .collect();
         let mut i = 0;
+        let mut capped = false;
         while i < retired.len() {
-            if Arc::strong_count(&retired[i]) > 1
-                || named.contains(&retired[i].file)
-                || self.releasing.load(Ordering::Acquire) >= MAX_RELEASING
-            {
+            if Arc::strong_count(&retired[i]) > 1 || named.contains(&retired[i].file) {
+                i += 1;
+                continue;
+            }
+            if self.releasing.load(Ordering::Acquire) >= MAX_RELEASING {
+                capped = true;
                 i += 1;
                 continue;
             }
@@ -358,6 +365,15 @@ impl ModelHost {
                 self.releasing.fetch_sub(1, Ordering::AcqRel);
                 tracing::warn!(error = %e, "no thread to release a swapped-out model: released by the watcher");
             }
+        }
+        // Said once while it lasts: releases that do not return hold every
+        // later one (and its library's file, `still_mapped`).
+        if capped != self.release_capped.swap(capped, Ordering::Relaxed) && capped {
+            tracing::warn!(
+                running = MAX_RELEASING,
+                waiting = retired.len(),
+                "model releases still running hold swapped-out models back (a library whose release does not return?)"
+            );
         }
     }
 
@@ -431,6 +447,9 @@ impl ModelHost {
             let dropped = s.owed_dropped.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(module = s.module, dropped, "model refusal rows owed beyond the bound: the oldest is dropped (counted in the next row)");
         }
+        // The row is written later: it says when the refusal happened.
+        let mut note = note;
+        note["refused_at_ms"] = (crate::now_nanos() / 1_000_000).into();
         owed.push_back((link.to_path_buf(), reason, note));
     }
 
