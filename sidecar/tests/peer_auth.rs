@@ -121,11 +121,12 @@ fn during_a_change_of_the_edge_key_the_previous_key_is_believed_too() {
 /// `ops_tls`: `/metrics` and `/healthz` over the sidecar's mutual TLS: a
 /// scraper with a certificate from its client CA reads them (it need not be
 /// the edge); plain HTTP reads nothing, a TLS client without a certificate is
-/// answered 401 `unauthenticated`.
+/// answered 401 `unauthenticated`, with its ledger row.
 #[test]
 fn the_ops_listener_under_ops_tls_answers_certified_clients_only() {
     let d = testkit::TempDir::new("ops-tls");
-    let mut cfg = common::config(&d.path().join("state"), false);
+    let ch = ClickHouse::start(d.path());
+    let mut cfg = common::config_with_clickhouse(&d.path().join("state"), false, &ch);
     cfg.file.ops_tls = true;
     let s = common::serve(cfg);
     assert!(s.ops_base.starts_with("https://"), "{}", s.ops_base);
@@ -156,6 +157,20 @@ fn the_ops_listener_under_ops_tls_answers_certified_clients_only() {
             "plain HTTP on a TLS listener"
         );
     });
+    // The anonymous scrape is a refusal row like any other, naming no one.
+    let rows = common::wait_rows(&ch, 1);
+    assert_eq!(
+        rows.iter()
+            .map(|r| (
+                r.route.as_str(),
+                r.code.as_str(),
+                r.decision.as_str(),
+                r.requester.as_str()
+            ))
+            .collect::<Vec<_>>(),
+        [("/metrics", "unauthenticated", "rejected", "")],
+        "{rows:#?}"
+    );
 }
 
 /// Each seal is believed once: the same sealed request again (whoever read the

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gw_core::{Code, Module};
@@ -20,6 +22,12 @@ use crate::error::ApiError;
 /// Largest predict/evaluate body.
 const MAX_SCORE_BODY: usize = 4 << 20;
 
+/// Most values one `predict` may answer (rows × the model's outputs): a
+/// one-feature model's 65 536 rows of 256 outputs would be about 16 M values,
+/// some 200 MB of JSON and more than twice that as the answer's tree in memory.
+/// About 12 MB of JSON at most. (`evaluate` answers one decision a row.)
+pub const MAX_OUTPUT_VALUES: usize = 1 << 20;
+
 /// What the API scores with.
 #[derive(Clone)]
 pub struct ModelsApi {
@@ -27,6 +35,15 @@ pub struct ModelsApi {
     modules: ModuleTable,
     /// Scoring calls running at once (one per core).
     scoring: Arc<tokio::sync::Semaphore>,
+}
+
+/// What a call answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Call {
+    /// Every output of every row; margins on request.
+    Predict,
+    /// One decision a row, from its first output; no margins.
+    Evaluate,
 }
 
 /// Why a batch could not be scored.
@@ -47,6 +64,14 @@ pub enum ScoreError {
     /// More rows than one call takes.
     #[error("{0} rows; at most {MAX_ROWS}")]
     TooManyRows(usize),
+    /// More values to answer than one call may.
+    #[error("{rows} rows of {outputs} outputs; at most {MAX_OUTPUT_VALUES} values a call")]
+    TooManyOutputs {
+        /// Rows asked.
+        rows: usize,
+        /// The model's outputs per row.
+        outputs: usize,
+    },
     /// A row of the wrong width.
     #[error("row {row} has {got} features; the model takes {want}")]
     Width {
@@ -80,7 +105,7 @@ impl From<ScoreError> for ApiError {
             | ScoreError::Task(_) => Code::Unavailable,
             ScoreError::UnknownSlot(_) => Code::NotFound,
             ScoreError::Body(_) => Code::Malformed,
-            ScoreError::TooManyRows(_) => Code::TooLarge,
+            ScoreError::TooManyRows(_) | ScoreError::TooManyOutputs { .. } => Code::TooLarge,
             ScoreError::Width { .. } => Code::BadArgs,
         };
         ApiError::with(code, e.to_string())
@@ -123,27 +148,31 @@ impl ModelsApi {
         self.host.as_ref().ok_or(ScoreError::NotConfigured)
     }
 
-    /// Parses a `{"rows": …}` body and scores it with the model serving `module`:
-    /// the model (held for the call), its outputs (`n_outputs` per row) and
-    /// whether they are margins. Parsing and scoring run off the runtime's
-    /// workers, one call per core at a time: a flood of large bodies waits its
-    /// turn rather than filling the blocking pool (which the ledger's shipping
-    /// also uses).
-    /// `margin_ok`: a body asking for margins is scored (otherwise refused before
-    /// the model runs).
+    /// Parses a `{"rows": …}` body, scores it with the model serving `module`
+    /// and makes the answer, `answer(model, outputs, margin)` (`n_outputs` per
+    /// row; whether they are margins), as JSON bytes. Parsing, scoring and the
+    /// answer all run off the runtime's workers, one call per core at a time: a
+    /// flood of large bodies waits its turn rather than filling the blocking
+    /// pool (which the ledger's shipping also uses), and the model is let go
+    /// there. `call`: margins are scored for [`Call::Predict`] only (otherwise
+    /// refused before the model runs); its answer is bounded by
+    /// [`MAX_OUTPUT_VALUES`].
     async fn score(
         &self,
         module: &str,
         body: Bytes,
-        margin_ok: bool,
-    ) -> Result<(Arc<Model>, Vec<f32>, bool), ScoreError> {
+        call: Call,
+        answer: impl FnOnce(&Model, &[f32], bool) -> Value + Send + 'static,
+    ) -> Result<Vec<u8>, ScoreError> {
         let host = self.host()?.clone();
         if host.slot(module).is_none() {
             return Err(ScoreError::UnknownSlot(module.escape_debug().to_string()));
         }
         let module = module.to_owned();
         crate::blocking_turn(&self.scoring, move || {
-            score_now(&host, &module, &body, margin_ok)
+            let (model, out, margin) = score_now(&host, &module, &body, call)?;
+            serde_json::to_vec(&answer(&model, &out, margin))
+                .map_err(|e| ScoreError::Task(format!("writing the answer: {e}")))
         })
         .await
         .map_err(ScoreError::Task)?
@@ -155,11 +184,11 @@ fn score_now(
     host: &ModelHost,
     module: &str,
     body: &[u8],
-    margin_ok: bool,
+    call: Call,
 ) -> Result<(Arc<Model>, Vec<f32>, bool), ScoreError> {
     let req: PredictBody =
         serde_json::from_slice(body).map_err(|e| ScoreError::Body(e.to_string()))?;
-    if req.margin && !margin_ok {
+    if req.margin && call != Call::Predict {
         return Err(ScoreError::MarginRefused);
     }
     let model = host
@@ -168,6 +197,9 @@ fn score_now(
     let n = model.n_features as usize;
     if req.rows.len() > MAX_ROWS {
         return Err(ScoreError::TooManyRows(req.rows.len()));
+    }
+    if call == Call::Predict {
+        answer_fits(req.rows.len(), model.n_outputs as usize)?;
     }
     if let Some((i, row)) = req.rows.iter().enumerate().find(|(_, r)| r.len() != n) {
         return Err(ScoreError::Width {
@@ -187,6 +219,15 @@ fn score_now(
         model.predict(&flat)
     }?;
     Ok((model, out, req.margin))
+}
+
+/// Whether `rows` of `outputs` values each fit one answer
+/// ([`MAX_OUTPUT_VALUES`]).
+fn answer_fits(rows: usize, outputs: usize) -> Result<(), ScoreError> {
+    if rows.saturating_mul(outputs) > MAX_OUTPUT_VALUES {
+        return Err(ScoreError::TooManyOutputs { rows, outputs });
+    }
+    Ok(())
 }
 
 type Api = State<Arc<ModelsApi>>;
@@ -222,19 +263,29 @@ async fn get_models(State(api): Api) -> Result<Json<Value>, ApiError> {
     Ok(Json(Value::Object(view)))
 }
 
+/// A JSON answer made off the runtime's workers ([`ModelsApi::score`]).
+fn json_bytes(body: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
 /// Scores a batch with the module's serving model.
 async fn predict(
     State(api): Api,
     module: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let (module, body) = (slot(module)?, body_of(body)?);
-    let (model, out, margin) = api.score(&module, body, true).await?;
-    let outputs: Vec<&[f32]> = out.chunks(model.n_outputs as usize).collect();
-    Ok(Json(json!({
-        "module": module, "model": model.name, "version": model.version,
-        "margin": margin, "postprocessor": model.postprocessor, "outputs": outputs
-    })))
+    let named = module.clone();
+    let answer = api
+        .score(&module, body, Call::Predict, move |model, out, margin| {
+            let outputs: Vec<&[f32]> = out.chunks(model.n_outputs as usize).collect();
+            json!({
+                "module": named, "model": model.name, "version": model.version,
+                "margin": margin, "postprocessor": model.postprocessor, "outputs": outputs
+            })
+        })
+        .await?;
+    Ok(json_bytes(answer))
 }
 
 /// `POST /api/modules/{module}/evaluate`: scores opportunities with the module's
@@ -246,7 +297,7 @@ async fn evaluate(
     State(api): Api,
     module: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let (module, body) = (slot(module)?, body_of(body)?);
     let m = Module::parse(&module).ok_or_else(|| {
         ApiError::with(
@@ -254,25 +305,56 @@ async fn evaluate(
             format!("unknown module `{}`", module.escape_debug()),
         )
     })?;
-    let (model, out, _) = api.score(m.as_str(), body, false).await?;
-    let state = api.modules.get(m);
-    // The EV is each row's first output.
-    let decisions: Vec<Value> = out
-        .chunks(model.n_outputs as usize)
-        .map(|o| {
-            let ev = o[0];
-            match state.may_send(Some(ev)) {
-                Err(why) => json!({"ev": ev, "send": false, "reason": why.as_str()}),
-                Ok(()) => match crate::sender::strategy::pick_rung(&state.tip_ladder, ev) {
-                    Some((_, tip)) => json!({"ev": ev, "send": true, "tip": tip}),
-                    None => json!({"ev": ev, "send": false, "reason": "below tip"}),
-                },
-            }
+    let modules = api.modules.clone();
+    let answer = api
+        .score(m.as_str(), body, Call::Evaluate, move |model, out, _| {
+            // The state once scored, as the hot path reads it after scoring.
+            let state = modules.get(m);
+            // The EV is each row's first output.
+            let decisions: Vec<Value> = out
+                .chunks(model.n_outputs as usize)
+                .map(|o| {
+                    let ev = o[0];
+                    match state.may_send(Some(ev)) {
+                        Err(why) => json!({"ev": ev, "send": false, "reason": why.as_str()}),
+                        Ok(()) => match crate::sender::strategy::pick_rung(&state.tip_ladder, ev) {
+                            Some((_, tip)) => json!({"ev": ev, "send": true, "tip": tip}),
+                            None => json!({"ev": ev, "send": false, "reason": "below tip"}),
+                        },
+                    }
+                })
+                .collect();
+            json!({
+                "module": m.as_str(), "version": model.version, "ev_min": state.ev_min,
+                "tip_ladder": state.tip_ladder,
+                "state": state.state, "decisions": decisions
+            })
         })
-        .collect();
-    Ok(Json(json!({
-        "module": m.as_str(), "version": model.version, "ev_min": state.ev_min,
-        "tip_ladder": state.tip_ladder,
-        "state": state.state, "decisions": decisions
-    })))
+        .await?;
+    Ok(json_bytes(answer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// However wide the model, one answer holds at most a million values: the
+    /// row limit alone let a 256-output model answer 16 M (about 0.5 GB of JSON).
+    #[test]
+    fn an_answer_holds_a_bounded_number_of_values() {
+        assert!(answer_fits(MAX_ROWS, 1).is_ok());
+        assert!(answer_fits(MAX_ROWS, 16).is_ok());
+        let e = answer_fits(MAX_ROWS, 17).unwrap_err();
+        assert!(matches!(
+            e,
+            ScoreError::TooManyOutputs {
+                rows: MAX_ROWS,
+                outputs: 17
+            }
+        ));
+        assert_eq!(ApiError::from(e).code(), Code::TooLarge);
+        assert!(answer_fits(4096, 256).is_ok());
+        assert!(answer_fits(4097, 256).is_err());
+        assert!(answer_fits(usize::MAX, 2).is_err(), "no overflow");
+    }
 }
