@@ -42,6 +42,7 @@ pub struct Running {
     plane: Option<Arc<DataPlane>>,
     realtime: Arc<Hub>,
     registry: Arc<Registry>,
+    readiness: Arc<crate::ops::ready::Readiness>,
     tasks: Vec<JoinHandle<()>>,
     journal: Journal,
     /// Where the console posts signed commands (the edge's path).
@@ -129,9 +130,9 @@ impl Running {
         crate::ops::health().merge(api)
     }
 
-    /// The ops listener's routes: `/healthz`, `/metrics`.
+    /// The ops listener's routes: `/healthz`, `/readyz`, `/metrics`.
     pub fn ops_router(&self) -> axum::Router {
-        crate::ops::router(self.registry.clone())
+        crate::ops::router(self.registry.clone(), self.readiness.clone())
     }
 
     /// Serves [`Self::ops_router`] on `listener` until `shutdown`: with the
@@ -463,6 +464,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
     // Every owner has said what it needs: the journal may drop the rest.
     journal.hold(crate::journal::STARTUP_HOLD, crate::journal::Lsn::MAX);
+    let readiness = Arc::new(crate::ops::ready::Readiness::new(
+        journal.clone(),
+        bus,
+        ledger.queue(),
+    ));
     Ok(Running {
         tls,
         ops_tls: cfg.file.ops_tls,
@@ -473,6 +479,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         plane,
         realtime,
         registry: Arc::new(registry),
+        readiness,
         tasks,
         journal,
         command_path: cfg.file.command_path.clone(),

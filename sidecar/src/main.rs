@@ -7,6 +7,8 @@
 //!                            user, an administrator, then exit
 //!        gw-sidecar --probe HOST:PORT   exit 0 when /healthz on that (plain HTTP) ops
 //!                                       listener answers 200 (container health checks)
+//!        gw-sidecar --probe-ready HOST:PORT   the same with /readyz: exit 0 when the
+//!                                       sidecar takes commands now
 
 #![forbid(unsafe_code)]
 
@@ -25,7 +27,10 @@ fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if let [flag, addr] = args.as_slice() {
         if flag == "--probe" {
-            return probe(addr);
+            return probe(addr, "/healthz");
+        }
+        if flag == "--probe-ready" {
+            return probe(addr, "/readyz");
         }
     }
     let check = args.last().is_some_and(|a| a == "--check");
@@ -37,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         [] => None,
         [flag, p] if flag == "--config" => Some(std::path::PathBuf::from(p)),
         _ => anyhow::bail!(
-            "usage: gw-sidecar [--config FILE] [--check | --setup-clickhouse] | --probe HOST:PORT"
+            "usage: gw-sidecar [--config FILE] [--check | --setup-clickhouse] | --probe HOST:PORT | --probe-ready HOST:PORT"
         ),
     };
     if setup {
@@ -226,8 +231,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     std::process::exit(0)
 }
 
-/// GET /healthz on `addr` over HTTP/1.1; Ok only for a 200 within 2 s.
-fn probe(addr: &str) -> anyhow::Result<()> {
+/// GET `path` on `addr` over HTTP/1.1; Ok only for a 200 within 2 s.
+fn probe(addr: &str, path: &str) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     use std::net::ToSocketAddrs;
     let timeout = std::time::Duration::from_secs(2);
@@ -239,13 +244,25 @@ fn probe(addr: &str) -> anyhow::Result<()> {
     let mut s = std::net::TcpStream::connect_timeout(&sa, timeout)
         .with_context(|| format!("connect {addr}"))?;
     s.set_read_timeout(Some(timeout))?;
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n"
+    )?;
     let mut head = [0u8; 12];
     s.read_exact(&mut head).context("no answer")?;
-    anyhow::ensure!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "unhealthy: {}",
-        String::from_utf8_lossy(&head)
-    );
-    Ok(())
+    if head.starts_with(b"HTTP/1.1 200") {
+        return Ok(());
+    }
+    // What the sidecar says is wrong (bounded), for the health check's log.
+    let mut rest = Vec::new();
+    let _ = s.take(16 << 10).read_to_end(&mut rest);
+    let body = rest
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(&rest[..0], |i| &rest[i + 4..]);
+    anyhow::bail!(
+        "{path}: {} {}",
+        String::from_utf8_lossy(&head),
+        String::from_utf8_lossy(body)
+    )
 }

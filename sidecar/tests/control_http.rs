@@ -705,3 +705,125 @@ fn the_console_page_names_the_edges_command_path() {
     let script = s.get_text("/console.js");
     assert!(script.contains(r#"meta[name="gw-command-path"]"#));
 }
+
+/// `/readyz` says whether a command sent now could be accepted. 200 while all is
+/// well; with the journal's disk failing its syncs (a FUSE filesystem: the
+/// kernel's own EIO) a command is refused 503 and `/readyz` answers 503 naming
+/// the journal; once the disk heals it answers 200 again before any command
+/// arrives (it tries the disk itself), and the next command applies.
+/// ClickHouse stopped while rows wait makes it `degraded`, still 200; started
+/// again, not degraded.
+#[test]
+fn readiness_follows_the_journal_disk_and_clickhouse() {
+    use std::time::{Duration, Instant};
+    let d = testkit::TempDir::new("readyz");
+    let mut ch = testkit::clickhouse::ClickHouse::start(d.path());
+    let state = d.path().join("state");
+    let disk = testkit::faultfs::FaultFs::mount(&state.join("journal"))
+        .expect("the readiness test mounts a FUSE filesystem (needs root and /dev/fuse)");
+    let s = common::serve(common::config_with_clickhouse(&state, false, &ch));
+    let check = |v: &Value, name: &str| {
+        v["checks"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == name))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    // Until `f` holds of /readyz's answer, for at most `secs`.
+    let until = |secs: u64, f: &dyn Fn(u16, &Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (status, v) = s.get_ops_json("/readyz");
+            if f(status, &v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{status} {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let throttle = |n: u64, pct: &str| {
+        s.post_command(signed_command(
+            n,
+            Action::Throttle,
+            now(),
+            "dashboard",
+            &[("throttle_pct", pct)],
+        ))
+    };
+    let (status, v) = s.get_ops_json("/readyz");
+    assert_eq!(
+        (status, &v["ready"], &v["degraded"]),
+        (200, &Value::Bool(true), &Value::Bool(false)),
+        "{v}"
+    );
+    let names: Vec<&str> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, ["journal", "bus", "ledger"]);
+
+    disk.fail_syncs();
+    let (status, body) = throttle(1, "40");
+    assert_eq!(status, 503, "{body}");
+    let (status, v) = s.get_ops_json("/readyz");
+    assert_eq!((status, &v["ready"]), (503, &Value::Bool(false)), "{v}");
+    let journal = check(&v, "journal");
+    assert_eq!(
+        (&journal["ok"], &journal["refusing"]),
+        (&Value::Bool(false), &Value::Bool(true)),
+        "{v}"
+    );
+    assert!(
+        journal["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("still fails")),
+        "{v}"
+    );
+    // Nothing writes the journal meanwhile: the try of the disk finds it healed.
+    disk.heal();
+    let v = until(10, &|status, _| status == 200);
+    assert!(
+        check(&v, "journal")["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("takes a write and a sync again")),
+        "{v}"
+    );
+    let (status, body) = throttle(2, "50");
+    assert_eq!(
+        (status, &body["applied"]),
+        (200, &Value::Bool(true)),
+        "{body}"
+    );
+    let (_, v) = s.get_ops_json("/readyz");
+    assert_eq!(
+        check(&v, "journal"),
+        serde_json::json!({"name": "journal", "ok": true, "refusing": false})
+    );
+
+    // ClickHouse away: rows wait in the journal, commands go on.
+    let (http, tcp) = (ch.http_port, ch.tcp_port);
+    ch.process.stop();
+    let (status, body) = throttle(3, "60");
+    assert_eq!(status, 200, "{body}");
+    let v = until(30, &|_, v| v["degraded"] == true);
+    assert_eq!(v["ready"], true, "{v}");
+    let ledger = check(&v, "ledger");
+    assert_eq!(
+        (&ledger["ok"], &ledger["refusing"]),
+        (&Value::Bool(false), &Value::Bool(false)),
+        "{v}"
+    );
+    assert!(
+        ledger["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("rows wait in the journal")),
+        "{v}"
+    );
+    let _ch = testkit::clickhouse::ClickHouse::start_at(d.path(), http, tcp);
+    let v = until(60, &|status, v| status == 200 && v["degraded"] == false);
+    assert_eq!(check(&v, "ledger")["ok"], true, "{v}");
+    drop(s);
+    drop(disk);
+}

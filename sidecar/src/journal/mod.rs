@@ -269,6 +269,11 @@ pub struct JournalStats {
     pub start_kept: AtomicU64,
     /// The horizon written last ([`HORIZON`]).
     pub horizon: AtomicU64,
+    /// The last batch failed: nothing has been written since (the next batch
+    /// clears it). Its callers, commands among them, were refused.
+    pub failing: AtomicBool,
+    /// Why the last failed batch failed.
+    pub last_failure: Mutex<String>,
 }
 
 type Reply = Box<dyn FnOnce(Result<Committed, JournalError>) + Send>;
@@ -637,6 +642,25 @@ impl Journal {
         &self.shared.stats
     }
 
+    /// Its directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Whether its writer no longer writes: [`Self::stop`] stopped it (or is
+    /// stopping it), or its thread ended otherwise (it panicked). Later commits
+    /// are refused.
+    pub fn stopped(&self) -> bool {
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return true;
+        }
+        // Held by a stop joining the thread: stopping.
+        self.shared
+            .thread
+            .try_lock()
+            .is_none_or(|t| t.as_ref().is_none_or(std::thread::JoinHandle::is_finished))
+    }
+
     /// The first LSN of the segment being written.
     pub fn segment_first(&self) -> Lsn {
         self.shared.stats.segment_first.load(Ordering::Relaxed)
@@ -815,6 +839,9 @@ fn write_part(
                 .records
                 .fetch_add(part.len() as u64, Ordering::Relaxed);
             shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+            if shared.stats.failing.swap(false, Ordering::AcqRel) {
+                tracing::info!("the journal writes again");
+            }
             for (i, (job, _, rows)) in part.into_iter().enumerate() {
                 let lsn = first_lsn + i as u64;
                 for s in sinks {
@@ -827,6 +854,8 @@ fn write_part(
             *chain = rollback;
             shared.stats.failures.fetch_add(1, Ordering::Relaxed);
             let e = JournalError::from(e);
+            *shared.stats.last_failure.lock() = e.to_string();
+            shared.stats.failing.store(true, Ordering::Release);
             tracing::error!(error = %e, transactions = part.len(), "journal write failed; the batch was refused");
             for (job, _, _) in part {
                 (job.reply)(Err(e.clone()));

@@ -138,7 +138,7 @@ impl Ledger {
         };
         let mut last = opened.last_row().cloned();
         if last.is_none() && dir.join("ledger.spool.jsonl").exists() {
-            apply_migrations(client).await;
+            apply_migrations(client, &queue).await;
             last = ship::migrate_legacy_spool(dir, client, TABLE).await?;
         }
         // The chain's head: its rows in the journal, or the spool's last shipped.
@@ -221,6 +221,12 @@ impl Ledger {
         self.queue.is_some()
     }
 
+    /// The rows waiting for ClickHouse (none without a ledger): how many, and
+    /// why they are not reaching it now ([`RowQueue::shipping`]).
+    pub fn queue(&self) -> Option<Arc<RowQueue>> {
+        self.queue.clone()
+    }
+
     /// The journal sink that feeds the shipper (none without a ledger).
     pub fn sink(&self) -> Option<Arc<dyn Sink>> {
         self.queue.clone().map(|q| q as Arc<dyn Sink>)
@@ -245,8 +251,15 @@ impl Ledger {
                 .commit(Txn::of(vec![journal::Entry::row(resumed_row(after))]))
                 .await?;
         }
+        if self.deferred {
+            queue.set_shipping(Some(ship::Stalled {
+                detail: "ClickHouse has not said where the chain stands (the journal holds no ledger rows): commands are refused (503) until it does".into(),
+                refusing: true,
+                needs_operator: false,
+            }));
+        }
         let shipper = Shipper::new(
-            queue,
+            queue.clone(),
             journal.clone(),
             client.clone(),
             TABLE,
@@ -261,8 +274,9 @@ impl Ledger {
         Ok(Some(tokio::spawn(async move {
             if deferred {
                 learn_chain(&journal, &chain_id, &client).await;
+                queue.set_shipping(None);
             }
-            apply_migrations(&client).await;
+            apply_migrations(&client, &queue).await;
             shipper.run(checkpointer).await;
         })))
     }
@@ -344,7 +358,8 @@ fn resumed_row(after: u64) -> LedgerRow {
 /// Applies the migrations, retrying until ClickHouse answers and the ledger's
 /// tables (decisions, checkpoints) are ready; another table that is not (an older
 /// `tx_sends` this user may not alter) is logged, and its rows wait on their own.
-async fn apply_migrations(client: &clickhouse::Client) {
+/// Until then rows wait in the journal ([`RowQueue::shipping`] says why).
+async fn apply_migrations(client: &clickhouse::Client, queue: &RowQueue) {
     let mut last_err = String::new();
     loop {
         match migrations::apply_for(client, &[TABLE, checkpoint::TABLE]).await {
@@ -359,12 +374,20 @@ async fn apply_migrations(client: &clickhouse::Client) {
                 for e in &done.not_ready {
                     tracing::warn!(error = %e, "a ClickHouse table is not ready: its rows wait in the journal");
                 }
+                if !last_err.is_empty() {
+                    queue.set_shipping(None);
+                }
                 return;
             }
             Err(e) => {
                 let e = e.to_string();
                 if e != last_err {
                     tracing::warn!(error = %e, "ledger migrations pending");
+                    queue.set_shipping(Some(ship::Stalled {
+                        detail: format!("the ledger's tables are not set up yet: {e}"),
+                        refusing: false,
+                        needs_operator: false,
+                    }));
                     last_err = e;
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;

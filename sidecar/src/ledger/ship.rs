@@ -274,6 +274,22 @@ pub struct RowQueue {
     /// Rows per insert at most: [`MAX_BATCH_ROWS`], or half the memory's bound, so
     /// that an insert's range read back after a restart is in memory whole.
     batch_rows: usize,
+    /// Why rows are not reaching ClickHouse now, if they are not
+    /// ([`RowQueue::shipping`]).
+    shipping: Mutex<Option<Stalled>>,
+}
+
+/// Why the ledger's rows are not reaching ClickHouse now ([`RowQueue::shipping`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stalled {
+    /// What is wrong, as the log says it.
+    pub detail: String,
+    /// Commands are refused meanwhile (the chain is not known yet), not only
+    /// kept in the journal.
+    pub refusing: bool,
+    /// Nothing ships until an operator acts (ClickHouse holds more of the chain,
+    /// or rows that are not this node's).
+    pub needs_operator: bool,
 }
 
 /// Rows of the ledger and of the send audit kept in memory while they wait for
@@ -362,7 +378,19 @@ impl RowQueue {
             intent: Mutex::new(None),
             grew: Notify::new(),
             pending,
+            shipping: Mutex::new(None),
         }
+    }
+
+    /// Why rows are not reaching ClickHouse now (`None`: the last insert, or
+    /// look at ClickHouse, went through, or none was tried yet).
+    pub fn shipping(&self) -> Option<Stalled> {
+        self.shipping.lock().clone()
+    }
+
+    /// Notes why rows are not reaching ClickHouse (`None`: they are again).
+    pub fn set_shipping(&self, stalled: Option<Stalled>) {
+        *self.shipping.lock() = stalled;
     }
 
     /// The chain's newest row is `row` unless a newer one was handed on (a chain
@@ -1121,6 +1149,9 @@ impl Shipper {
                     if n > 0 {
                         last_insert = Some(tokio::time::Instant::now());
                     }
+                    if !last_err.is_empty() {
+                        queue.set_shipping(None);
+                    }
                     last_err.clear();
                 }
                 Err(e) => {
@@ -1128,6 +1159,11 @@ impl Shipper {
                     let behind = matches!(e, ShipError::Behind(_) | ShipError::ForeignRows { .. });
                     let e = e.to_string();
                     if e != last_err {
+                        queue.set_shipping(Some(Stalled {
+                            detail: e.clone(),
+                            refusing: false,
+                            needs_operator: behind,
+                        }));
                         if behind {
                             tracing::error!(error = %e, rows = self.queue.len(), "ledger rows kept in the journal");
                         } else {

@@ -1,7 +1,9 @@
-//! Operations: `GET /healthz` and `GET /metrics` (Prometheus text from one
-//! `prometheus-client` registry every capability registers its metrics in).
+//! Operations: `GET /healthz`, `GET /readyz` ([`ready`]) and `GET /metrics`
+//! (Prometheus text from one `prometheus-client` registry every capability
+//! registers its metrics in).
 
 pub mod metrics;
+pub mod ready;
 
 use std::sync::Arc;
 
@@ -13,12 +15,18 @@ use axum::{Json, Router};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
-/// `/healthz` and `/metrics` over `registry` (the ops listener).
-pub fn router(registry: Arc<Registry>) -> Router {
+/// `/healthz`, `/readyz` over `readiness` and `/metrics` over `registry` (the
+/// ops listener).
+pub fn router(registry: Arc<Registry>, readiness: Arc<ready::Readiness>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(registry)
+        .merge(
+            Router::new()
+                .route("/readyz", get(ready::readyz))
+                .with_state(readiness),
+        )
 }
 
 /// `/healthz` alone (the main listener, for anyone).

@@ -102,6 +102,11 @@ impl Served {
         })
     }
 
+    /// `GET path` of the ops listener → status and JSON (`null` when not JSON).
+    pub fn get_ops_json(&self, path: &str) -> (u16, serde_json::Value) {
+        self.answer(self.http.get(format!("{}{path}", self.ops_base)))
+    }
+
     /// `POST /api/control/commands` of signed command bytes, stamped as the edge
     /// stamps an admin's token ([`as_admin`]) → status and JSON (`null` when not
     /// JSON).
