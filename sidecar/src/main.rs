@@ -244,10 +244,8 @@ fn probe(addr: &str, path: &str) -> anyhow::Result<()> {
     let mut s = std::net::TcpStream::connect_timeout(&sa, timeout)
         .with_context(|| format!("connect {addr}"))?;
     s.set_read_timeout(Some(timeout))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n"
-    )?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())?;
     let mut head = [0u8; 12];
     s.read_exact(&mut head).context("no answer")?;
     if head.starts_with(b"HTTP/1.1 200") {

@@ -271,7 +271,8 @@ fn configuration_errors_are_clear() {
 
 /// One sidecar per state directory: a second one started on the directory whose
 /// journal a running sidecar writes refuses to start (after the lock's wait, with
-/// a message that says why), and the first one goes on serving.
+/// a message that says why), and the first one goes on serving (`--probe`) and
+/// taking commands (`--probe-ready`).
 #[test]
 fn a_second_sidecar_on_the_same_state_dir_refuses_to_start() {
     let d = testkit::TempDir::new("second-sidecar");
@@ -309,6 +310,12 @@ fn a_second_sidecar_on_the_same_state_dir_refuses_to_start() {
         .output()
         .unwrap();
     assert!(probe.status.success(), "the first still serves: {probe:?}");
+    // And takes commands (`/readyz`).
+    let ready = std::process::Command::new(env!("CARGO_BIN_EXE_gw-sidecar"))
+        .args(["--probe-ready", &format!("127.0.0.1:{ops}")])
+        .output()
+        .unwrap();
+    assert!(ready.status.success(), "the first is ready: {ready:?}");
 }
 
 /// `gw-sidecar --check` with the Kafka bus: the node's state key must be the one
@@ -781,6 +788,16 @@ fn readiness_follows_the_journal_disk_and_clickhouse() {
             .is_some_and(|d| d.contains("still fails")),
         "{v}"
     );
+    // `gw-sidecar --probe-ready` fails, saying why.
+    let probe = std::process::Command::new(env!("CARGO_BIN_EXE_gw-sidecar"))
+        .args(["--probe-ready", s.ops_base.trim_start_matches("http://")])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&probe.stderr);
+    assert!(
+        !probe.status.success() && said.contains("503") && said.contains("still fails"),
+        "{probe:?}"
+    );
     // Nothing writes the journal meanwhile: the try of the disk finds it healed.
     disk.heal();
     let v = until(10, &|status, _| status == 200);
@@ -818,9 +835,11 @@ fn readiness_follows_the_journal_disk_and_clickhouse() {
     assert!(
         ledger["detail"]
             .as_str()
-            .is_some_and(|d| d.contains("rows wait in the journal")),
+            .is_some_and(|d| d.starts_with("rows are not reaching ClickHouse")),
         "{v}"
     );
+    assert!(ledger["rows"].as_u64().is_some_and(|n| n >= 1), "{v}");
+    assert_eq!(ledger["needs_operator"], false, "{v}");
     let _ch = testkit::clickhouse::ClickHouse::start_at(d.path(), http, tcp);
     let v = until(60, &|status, v| status == 200 && v["degraded"] == false);
     assert_eq!(check(&v, "ledger")["ok"], true, "{v}");

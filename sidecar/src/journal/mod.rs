@@ -346,8 +346,24 @@ struct Shared {
     /// Set on the writer thread by [`Journal::stop`]'s marker: the writer ends
     /// after the batch that carried it.
     stopping: AtomicBool,
+    /// The writer thread has ended (however: set as it unwinds too).
+    ended: AtomicBool,
+    /// When the batch being written began, in µs after `born` plus one (0: no
+    /// write is running).
+    writing_since: AtomicU64,
+    /// The clock [`Self::writing_since`] counts from.
+    born: std::time::Instant,
     /// The writer thread, joined by [`Journal::stop`].
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Sets [`Shared::ended`] when the writer thread ends, a panic included.
+struct Ended(Arc<Shared>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.ended.store(true, Ordering::Release);
+    }
 }
 
 /// The journal (cheap to clone).
@@ -398,6 +414,9 @@ impl Opened {
             dir: self.dir.clone(),
             horizon: AtomicU64::new(self.horizon),
             stopping: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+            writing_since: AtomicU64::new(0),
+            born: std::time::Instant::now(),
             thread: Mutex::new(None),
         });
         self.writer.publish_stats(&shared.stats);
@@ -414,6 +433,7 @@ impl Opened {
                 // Every command waits for this thread twice. (In gw-sidecar it
                 // inherited the slice already; this is for an embedding process.)
                 let _ = crate::sched::apply_here();
+                let _ended = Ended(s.clone());
                 run(writer, &rx, &s, chain, &sinks);
             })
             .map_err(|e| JournalError::Io {
@@ -651,14 +671,16 @@ impl Journal {
     /// stopping it), or its thread ended otherwise (it panicked). Later commits
     /// are refused.
     pub fn stopped(&self) -> bool {
-        if self.shared.stopping.load(Ordering::Acquire) {
-            return true;
-        }
-        // Held by a stop joining the thread: stopping.
-        self.shared
-            .thread
-            .try_lock()
-            .is_none_or(|t| t.as_ref().is_none_or(std::thread::JoinHandle::is_finished))
+        self.shared.stopping.load(Ordering::Acquire) || self.shared.ended.load(Ordering::Acquire)
+    }
+
+    /// How long the batch being written has been at it (`None`: no write is
+    /// running). A write that does not return (a hung device) holds every
+    /// commit behind it.
+    pub fn writing_for(&self) -> Option<std::time::Duration> {
+        let since = self.shared.writing_since.load(Ordering::Acquire);
+        let since = std::time::Duration::from_micros(since.checked_sub(1)?);
+        Some(self.shared.born.elapsed().saturating_sub(since))
     }
 
     /// The first LSN of the segment being written.
@@ -825,7 +847,11 @@ fn write_part(
 ) {
     let payloads: Vec<&[u8]> = part.iter().map(|(_, p, _)| p.as_slice()).collect();
     let t0 = std::time::Instant::now();
+    let began = t0.saturating_duration_since(shared.born).as_micros();
+    let began = u64::try_from(began).unwrap_or(u64::MAX - 1);
+    shared.writing_since.store(began + 1, Ordering::Release);
     let written = writer.write_batch(&payloads);
+    shared.writing_since.store(0, Ordering::Release);
     let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
     shared.stats.write_us.fetch_add(us, Ordering::Relaxed);
     let bucket = WRITE_BOUNDS_US.partition_point(|&b| b < us);
