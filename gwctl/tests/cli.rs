@@ -92,14 +92,24 @@ fn keygen_sign_verify_round_trip() {
     }
 
     let cmd = dir.join("cmd.bin");
-    let o = gwctl(&[
-        "sign",
-        "--key",
-        dir.join("op-admin-1.sk.hex").to_str().unwrap(),
-        "--key-id",
-        "op-admin-1",
-        "--module",
-        "mev",
+    // `gwctl sign` of a mev command into `cmd.bin` as op-admin-1, and `more`.
+    let sign = |more: &[&str]| {
+        let key = dir.join("op-admin-1.sk.hex");
+        let mut a = vec![
+            "sign",
+            "--key",
+            key.to_str().unwrap(),
+            "--key-id",
+            "op-admin-1",
+            "--module",
+            "mev",
+            "--out",
+            cmd.to_str().unwrap(),
+        ];
+        a.extend_from_slice(more);
+        gwctl(&a)
+    };
+    let o = sign(&[
         "--action",
         "throttle",
         "--arg",
@@ -108,34 +118,12 @@ fn keygen_sign_verify_round_trip() {
         "ops",
         "--nonce",
         "77",
-        "--out",
-        cmd.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{o:?}");
     // Signing over it again is refused: the file may hold a command sent with
     // an unknown outcome, and a new signature is a second command.
     let signed = std::fs::read(&cmd).unwrap();
-    let again = |more: &[&str]| {
-        let mut a = vec![
-            "sign",
-            "--key",
-            dir.join("op-admin-1.sk.hex").to_str().unwrap(),
-            "--key-id",
-            "op-admin-1",
-            "--module",
-            "mev",
-            "--action",
-            "stop",
-            "--out",
-            cmd.to_str().unwrap(),
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect::<Vec<_>>();
-        a.extend(more.iter().map(|s| (*s).to_owned()));
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        gwctl(&a)
-    };
+    let again = |more: &[&str]| sign(&[&["--action", "stop"], more].concat());
     let o = again(&[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{o:?}");

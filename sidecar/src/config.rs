@@ -852,11 +852,13 @@ impl Config {
                 .filter(|s| !s.is_empty())
                 .collect();
         }
-        if env("GW_SIDECAR_INSECURE_PLAINTEXT").is_some_and(|v| v == "1" || v == "true") {
+        // A flag set in the environment: `1` or `true`.
+        let set = |v: &str| v == "1" || v == "true";
+        if env("GW_SIDECAR_INSECURE_PLAINTEXT").is_some_and(|v| set(&v)) {
             file.insecure_plaintext = true;
         }
         if let Some(v) = env("GW_OPS_TLS") {
-            file.ops_tls = v == "1" || v == "true";
+            file.ops_tls = set(&v);
         }
 
         file.replay_limits()

@@ -67,14 +67,7 @@ pub async fn send(req: &Request<'_>) -> Result<Answer> {
         .context("HTTP/2 response body")
         .context(Unanswered)?
     {
-        if body.len() + c.len() > super::MAX_ANSWER_BYTES {
-            return Err(anyhow::anyhow!(
-                "an answer longer than {} bytes: not the gateway's",
-                super::MAX_ANSWER_BYTES
-            )
-            .context(Unanswered));
-        }
-        body.extend_from_slice(&c);
+        super::push_bounded(&mut body, &c).context(Unanswered)?;
     }
     Ok(Answer {
         proto: "HTTP/2",

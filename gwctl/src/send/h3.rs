@@ -76,13 +76,7 @@ pub async fn send(req: &Request<'_>) -> Result<Answer> {
         while let Some(mut chunk) = stream.recv_data().await.context("response body")? {
             while chunk.has_remaining() {
                 let c = chunk.chunk();
-                if body.len() + c.len() > super::MAX_ANSWER_BYTES {
-                    anyhow::bail!(
-                        "an answer longer than {} bytes: not the gateway's",
-                        super::MAX_ANSWER_BYTES
-                    );
-                }
-                body.extend_from_slice(c);
+                super::push_bounded(&mut body, c)?;
                 let n = c.len();
                 chunk.advance(n);
             }

@@ -67,6 +67,17 @@ pub struct Answer {
 /// its (the outcome stays unknown: exit 3).
 pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 
+/// Appends `chunk` to an answer's `body`, refusing one beyond
+/// [`MAX_ANSWER_BYTES`].
+fn push_bounded(body: &mut Vec<u8>, chunk: &[u8]) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        body.len() + chunk.len() <= MAX_ANSWER_BYTES,
+        "an answer longer than {MAX_ANSWER_BYTES} bytes: not the gateway's"
+    );
+    body.extend_from_slice(chunk);
+    Ok(())
+}
+
 /// A redirect's `location`, as text, cut to 512 bytes' worth of characters (and
 /// `…` then).
 fn location(h: &http::HeaderMap) -> Option<String> {

@@ -94,6 +94,11 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// Its `lib<stem>_latest.so` link in `dir`.
+    fn link(&self, dir: &Path) -> PathBuf {
+        dir.join(format!("lib{}_latest.so", self.stem))
+    }
+
     /// Models swapped in since start.
     pub fn loads(&self) -> u64 {
         self.loads.get()
@@ -332,12 +337,8 @@ impl ModelHost {
         let named: std::collections::HashSet<(u64, u64)> = self
             .slots
             .iter()
-            .filter_map(|s| {
-                use std::os::unix::fs::MetadataExt as _;
-                let m =
-                    std::fs::metadata(self.dir.join(format!("lib{}_latest.so", s.stem))).ok()?;
-                Some((m.dev(), m.ino()))
-            })
+            .filter_map(|s| std::fs::metadata(s.link(&self.dir)).ok())
+            .map(|m| super::library::file_id(&m))
             .collect();
         let mut i = 0;
         let mut capped = false;
@@ -538,12 +539,9 @@ impl ModelHost {
         if self.crashed.iter().any(|p| p == target) {
             return Err(super::LoadError::Crashed(shown));
         }
-        let file = {
-            use std::os::unix::fs::MetadataExt as _;
-            let m = std::fs::metadata(target)
-                .map_err(|e| super::LoadError::Open(shown.clone(), e.to_string()))?;
-            (m.dev(), m.ino())
-        };
+        let file = std::fs::metadata(target)
+            .map(|m| super::library::file_id(&m))
+            .map_err(|e| super::LoadError::Open(shown.clone(), e.to_string()))?;
         {
             let mut loaded = self.loaded.lock();
             loaded.retain(|_, m| m.strong_count() > 0);
@@ -683,7 +681,7 @@ impl ModelHost {
             self.pay_owed(s, &mut log);
         }
         for s in &self.slots {
-            let link = self.dir.join(format!("lib{}_latest.so", s.stem));
+            let link = s.link(&self.dir);
             // The link itself (even dangling: a deploy that links before the file
             // is there) says the module has a model; so does a directory that
             // cannot be read (it cannot say the module has none).

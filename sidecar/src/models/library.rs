@@ -784,11 +784,7 @@ impl Model {
         // hashed as it is read (a file of any size takes no memory).
         let open = |e: std::io::Error| LoadError::Open(shown.clone(), e.to_string());
         let mut f = std::fs::File::open(&real).map_err(open)?;
-        let file = {
-            use std::os::unix::fs::MetadataExt as _;
-            let m = f.metadata().map_err(open)?;
-            (m.dev(), m.ino())
-        };
+        let file = file_id(&f.metadata().map_err(open)?);
         // Before it is read: a library the loader would hand back instead of this
         // file waits (its model's teardown, an older file at this path), and no
         // other load of this file starts until this one's model is closed.
@@ -990,6 +986,12 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// What a file is known by, whatever its path: its device and inode.
+pub(crate) fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    (m.dev(), m.ino())
 }
 
 #[cfg(test)]
