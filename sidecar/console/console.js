@@ -658,10 +658,18 @@ async function verifyChain() {
     const v = await api("/api/ledger/verify");
     const chains = v.chains.map((c) =>
       `chain ${c.chain_id}: ${c.ok ? "verified" : "BROKEN"} (${c.rows} rows` +
-      `${c.checkpoint === undefined ? "" : `, held to its signed checkpoint of ${c.checkpoint} rows`})` +
+      `${c.checkpoint === undefined ? "" : `, held to its signed checkpoint of ${c.checkpoint} rows`}` +
+      `${c.anchored || !v.checkpoints ? "" : c.this_node ? ", this node's chain, no signed checkpoint of it yet" :
+        ", no checkpoint of this node vouches for it"})` +
       `${c.broken ? " — " + c.broken : ""}`);
     if (v.more_chains_broken) chains.push(`${v.more_chains_broken} more BROKEN chains not listed`);
     if (v.more_chains_ok) chains.push(`${v.more_chains_ok} more chains verified, not listed`);
+    if (!v.checkpoints) {
+      chains.push("this node signs no checkpoints (no ledger key): its rows are held to their own hashes only");
+    } else if (v.unanchored) {
+      chains.push(`${v.unanchored} chain(s) held to their own hashes only: another node's, or written whole ` +
+        "by anyone who can INSERT — gwctl ledger verify --checkpoint with every node's file tells them apart");
+    }
     if (v.error) chains.push(`NOT VERIFIED — ${v.error}`);
     el.textContent = chains.length === 0 ? "no chain stored yet" : chains.join("; ");
     el.className = v.ok ? "" : "error";

@@ -970,6 +970,17 @@ fn every_http_decision_lands_in_the_chained_ledger() {
         ),
         (true.into(), 6.into())
     );
+    // No ledger key: no checkpoint, and the node's own chain is not counted as
+    // one no checkpoint vouches for.
+    assert_eq!(
+        (
+            &verified["checkpoints"],
+            &verified["unanchored"],
+            &verified["chains"][0]["this_node"]
+        ),
+        (&false.into(), &0.into(), &true.into()),
+        "{verified}"
+    );
     // gwctl walks the stored chain; tampering in ClickHouse is caught.
     let gwctl = |port: u16| {
         std::process::Command::new(testkit::gwctl_bin())
@@ -1337,6 +1348,32 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
         (code, out.contains("chain node-9: ok 4 rows")),
         (Some(0), true),
         "{out}"
+    );
+    // The sidecar's verification says which chain its checkpoints vouch for.
+    let verified = served.get_json("/api/ledger/verify");
+    let anchored = |chain: &str| {
+        verified["chains"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["chain_id"] == chain)
+            .map(|c| (c["ok"].clone(), c["anchored"].clone()))
+    };
+    let (yes, no) = (serde_json::json!(true), serde_json::json!(false));
+    assert_eq!(
+        anchored("node-1"),
+        Some((yes.clone(), yes.clone())),
+        "{verified}"
+    );
+    assert_eq!(anchored("node-9"), Some((yes.clone(), no)), "{verified}");
+    assert_eq!(
+        (
+            &verified["ok"],
+            &verified["unanchored"],
+            &verified["checkpoints"]
+        ),
+        (&yes, &serde_json::json!(1), &yes),
+        "{verified}"
     );
     let (code, out, _) = gwctl(&with_cp);
     assert_eq!(code, Some(1), "{out}");

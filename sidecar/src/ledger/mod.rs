@@ -204,7 +204,8 @@ impl Ledger {
                 queries: Some(
                     Queries::new(client.clone(), TABLE)
                         .with_anchors(checkpointer.as_ref().map(Checkpointer::anchors))
-                        .with_signer(checkpointer.as_ref().map(Checkpointer::verifying_key)),
+                        .with_signer(checkpointer.as_ref().map(Checkpointer::verifying_key))
+                        .with_own_chain(chain_id),
                 ),
                 checkpointer,
                 queue: Some(queue),

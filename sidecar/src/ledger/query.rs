@@ -296,6 +296,14 @@ pub struct ChainStatus {
     /// (absent: this node has no checkpoint of the chain).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<u64>,
+    /// Whether this node holds a signed checkpoint of the chain (`false`: the
+    /// rows verify against each other only — another node's chain, or one anyone
+    /// with INSERT could have written whole with valid hashes; `gwctl ledger
+    /// verify --checkpoint` with every node's file tells them apart).
+    pub anchored: bool,
+    /// The chain is the one this node writes (not anchored: no checkpoint of it
+    /// yet).
+    pub this_node: bool,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -310,10 +318,14 @@ struct Listing {
     listed_ok: usize,
     more_ok: u64,
     more_broken: u64,
+    /// Chains, listed or not, other than this node's, that no checkpoint of
+    /// this node vouches for.
+    unanchored: u64,
 }
 
 impl Listing {
     fn add(&mut self, c: ChainStatus) {
+        self.unanchored += u64::from(!c.anchored && !c.this_node);
         if self.chains.len() < MAX_CHAINS_LISTED {
             self.listed_ok += usize::from(c.ok);
             self.chains.push(c);
@@ -331,13 +343,15 @@ impl Listing {
         }
     }
 
-    fn status(mut self, error: Option<String>) -> LedgerStatus {
+    fn status(mut self, error: Option<String>, checkpoints: bool) -> LedgerStatus {
         self.chains.sort_by(|a, b| a.chain_id.cmp(&b.chain_id));
         LedgerStatus {
             ok: error.is_none() && self.more_broken == 0 && self.chains.iter().all(|c| c.ok),
             chains: self.chains,
             more_chains_ok: self.more_ok,
             more_chains_broken: self.more_broken,
+            unanchored: self.unanchored,
+            checkpoints,
             error,
         }
     }
@@ -345,7 +359,7 @@ impl Listing {
 
 /// A chain's status from its walk in [`Queries::verify`], held to this node's
 /// newest checkpoint of it.
-fn chain_status(w: gw_core::checkpoint::ChainWalk) -> ChainStatus {
+fn chain_status(w: gw_core::checkpoint::ChainWalk, own: Option<&str>) -> ChainStatus {
     // A chain whose rows walk counts each once; a broken one, the rows read.
     let rows = if w.breaks.is_empty() {
         w.walked()
@@ -361,6 +375,8 @@ fn chain_status(w: gw_core::checkpoint::ChainWalk) -> ChainStatus {
         ok: breaks.is_empty(),
         rows,
         broken: breaks.listed.first().cloned(),
+        anchored: checkpoint.is_some(),
+        this_node: own == Some(w.chain_id.as_str()),
         checkpoint,
         chain_id: w.chain_id,
         breaks: breaks.listed,
@@ -388,6 +404,14 @@ pub struct LedgerStatus {
     /// Broken chains not listed.
     #[serde(skip_serializing_if = "is_zero")]
     pub more_chains_broken: u64,
+    /// Chains, listed or not, other than this node's own, that no signed
+    /// checkpoint of this node vouches for ([`ChainStatus::anchored`]): `ok` does
+    /// not count them against the ledger, since one store may hold every node's
+    /// chains.
+    pub unanchored: u64,
+    /// Whether this node signs checkpoints of its chain (a ledger key is
+    /// configured): without, no chain is held to more than its own hashes.
+    pub checkpoints: bool,
     /// Why the walk stopped before the table's end (ClickHouse's answer was out
     /// of order): nothing after that point was judged.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -448,6 +472,8 @@ pub struct Queries {
     anchors: Option<super::checkpoint::Anchors>,
     /// The key this node's checkpoints verify with ([`Queries::checkpoints`]).
     signer: Option<ed25519_dalek::VerifyingKey>,
+    /// The chain this node writes.
+    own_chain: Option<String>,
 }
 
 impl Queries {
@@ -459,6 +485,7 @@ impl Queries {
             walking: Default::default(),
             anchors: None,
             signer: None,
+            own_chain: None,
         }
     }
 
@@ -471,6 +498,12 @@ impl Queries {
     /// Holds the chains [`Queries::verify`] walks to this node's checkpoints too.
     pub fn with_anchors(mut self, anchors: Option<super::checkpoint::Anchors>) -> Queries {
         self.anchors = anchors;
+        self
+    }
+
+    /// Names the chain this node writes ([`ChainStatus::this_node`]).
+    pub fn with_own_chain(mut self, chain_id: &str) -> Queries {
+        self.own_chain = Some(chain_id.to_owned());
         self
     }
 
@@ -680,22 +713,25 @@ impl Queries {
             match walk.push(&gw_core::ledger::LedgerRow::from(r)) {
                 Ok(ended) => {
                     if let Some(w) = ended {
-                        listing.add(chain_status(w));
+                        listing.add(chain_status(w, self.own_chain.as_deref()));
                     }
                 }
                 Err(e) => {
                     // Nothing after it can be believed: the walk ends here, not
                     // verified; the chains walked to their end before it stand.
                     tracing::error!(error = %e, "ledger verification: ClickHouse's answer is out of order");
-                    return Ok(Some(listing.status(Some(format!("the walk stopped: {e}")))));
+                    return Ok(Some(listing.status(
+                        Some(format!("the walk stopped: {e}")),
+                        self.anchors.is_some(),
+                    )));
                 }
             }
         }
         // Then the chains this node checkpointed and ClickHouse holds no row of.
         for w in walk.finish() {
-            listing.add(chain_status(w));
+            listing.add(chain_status(w, self.own_chain.as_deref()));
         }
-        Ok(Some(listing.status(None)))
+        Ok(Some(listing.status(None, self.anchors.is_some())))
     }
 }
 
@@ -712,6 +748,8 @@ mod tests {
             breaks: Vec::new(),
             more_breaks: 0,
             checkpoint: None,
+            anchored: id.is_multiple_of(2),
+            this_node: id == 1,
         }
     }
 
@@ -723,26 +761,29 @@ mod tests {
         for i in 0..10_000 {
             l.add(status(i, i % 1000 != 999));
         }
-        let s = l.status(None);
+        let s = l.status(None, true);
         assert_eq!(s.chains.len(), MAX_CHAINS_LISTED);
         assert!(!s.ok);
         let broken = s.chains.iter().filter(|c| !c.ok).count();
         assert_eq!((broken, s.more_chains_broken), (10, 0));
         assert_eq!(s.more_chains_ok, 10_000 - MAX_CHAINS_LISTED as u64);
         assert!(s.chains.windows(2).all(|w| w[0].chain_id < w[1].chain_id));
+        // Every chain no checkpoint vouches for is counted, listed or not, but
+        // this node's own (c0000001: no checkpoint of it yet).
+        assert_eq!(s.unanchored, 4_999);
         // More broken chains than places: the rest counted, still not ok.
         let mut l = Listing::default();
         for i in 0..MAX_CHAINS_LISTED + 5 {
             l.add(status(i, false));
         }
-        let s = l.status(None);
+        let s = l.status(None, true);
         assert_eq!(
             (s.chains.len(), s.more_chains_broken),
             (MAX_CHAINS_LISTED, 5)
         );
         let mut l = Listing::default();
         l.add(status(1, true));
-        assert!(l.status(None).ok);
+        assert!(l.status(None, true).ok);
     }
 
     #[test]
