@@ -2018,6 +2018,26 @@ fn commands_beyond_the_outbox_bound_are_refused_while_the_broker_is_away() {
             .contains("has not taken the 2 commands"),
         "{body}"
     );
+    // `/readyz` says no command is taken now, and why.
+    let bus = |v: &Value| {
+        v["checks"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == "bus"))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (status, v) = s.get_ops_json("/readyz");
+    assert_eq!(
+        (status, &bus(&v)["ok"], &bus(&v)["refusing"]),
+        (503, &Value::Bool(false), &Value::Bool(true)),
+        "{v}"
+    );
+    assert!(
+        bus(&v)["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("has not taken the 2 commands")),
+        "{v}"
+    );
     kafka.process.signal("CONT");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -2035,6 +2055,9 @@ fn commands_beyond_the_outbox_bound_are_refused_while_the_broker_is_away() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(modules(&s)["mev"]["applied"], 4);
+    // Ready again once the broker took them.
+    let (status, v) = s.get_ops_json("/readyz");
+    assert_eq!((status, &bus(&v)["ok"]), (200, &Value::Bool(true)), "{v}");
     let deadline = Instant::now() + Duration::from_secs(30);
     let rows = loop {
         let rows = common::stored(&ch);
