@@ -312,8 +312,9 @@ pub enum ChainError {
     /// A row's content does not match its hash (altered).
     #[error("row {0} was altered: its content does not match its hash")]
     Altered(u64),
-    /// A hash is not 32 bytes of hex.
-    #[error("row {0} has a malformed hash")]
+    /// A hash is not 32 bytes of hex (or, as a walk reads rows, the row holds
+    /// text that is not UTF-8: [`walk_select_list`]).
+    #[error("row {0} has a malformed hash, or text that is not UTF-8")]
     BadHash(u64),
     /// A row claims the last seq there is: nothing can follow it.
     #[error("row {0} has the highest seq a chain can number")]
@@ -522,4 +523,102 @@ pub fn by_chain(rows: Vec<LedgerRow>) -> std::collections::BTreeMap<String, Vec<
         v.sort_by_key(|r| r.seq);
     }
     out
+}
+
+/// The stored columns of a row, in [`LedgerRow`]'s order (the table's and the
+/// sidecar's row type's).
+pub const COLUMNS: [&str; 21] = [
+    "chain_id",
+    "seq",
+    "ts_ms",
+    "stage",
+    "decision",
+    "code",
+    "request_id",
+    "issuer",
+    "module",
+    "action",
+    "pubkey_id",
+    "sig_alg",
+    "nonce",
+    "args_json",
+    "raw_hex",
+    "requester",
+    "requester_roles",
+    "token_issuer",
+    "route",
+    "prev_hash",
+    "row_hash",
+];
+
+/// The columns of [`COLUMNS`] that are numbers; the others are text.
+const NUMBER_COLUMNS: [&str; 3] = ["seq", "ts_ms", "nonce"];
+
+/// `column` as ClickHouse should send it to a reader that decodes text as
+/// UTF-8: a text column with any byte sequence that is not UTF-8 replaced
+/// (`toValidUTF8`, under its own name). The ledger writes only UTF-8, but the
+/// table takes whatever anyone who can INSERT stores: one such row must not stop
+/// every read of the table.
+pub fn read_as_utf8(column: &str) -> String {
+    if NUMBER_COLUMNS.contains(&column) {
+        column.to_owned()
+    } else {
+        format!("toValidUTF8({column}) AS {column}")
+    }
+}
+
+/// The rows a walk of the chains reads: those whose chain id is UTF-8. Rows
+/// under any other chain id are not the ledger's (it writes only UTF-8); read as
+/// UTF-8 they would not come in the order the walk holds the answer to (a
+/// replaced id sorts elsewhere than its bytes), so they are counted apart
+/// ([`not_walked_sql`]) and make the ledger not verified.
+pub const WALKED: &str = "isValidUTF8(chain_id)";
+
+/// Counts the rows of `table` a walk does not read ([`WALKED`]), and their
+/// chain ids: columns `rows` and `chains`.
+pub fn not_walked_sql(table: &str) -> String {
+    format!("SELECT count() AS rows, uniqExact(chain_id) AS chains FROM {table} WHERE NOT {WALKED}")
+}
+
+/// The query a walk of every chain reads `table` with (ClickHouse SQL; a
+/// reader may add settings after it, then a format): the rows [`WALKED`]
+/// keeps, ordered by chain, then `seq`, as [`walk_select_list`] says. Limits
+/// that would cut the answer short throw instead (a cut chain would verify), and
+/// names in `WHERE`, `ORDER BY` and the checks mean the stored columns, not the
+/// columns read as UTF-8.
+pub fn walk_sql(table: &str) -> String {
+    format!(
+        "SELECT {} FROM {table} WHERE {WALKED} ORDER BY chain_id, seq \
+         SETTINGS prefer_column_name_to_alias = 1, result_overflow_mode = 'throw', \
+         read_overflow_mode = 'throw', timeout_overflow_mode = 'throw'",
+        walk_select_list()
+    )
+}
+
+/// What a walk of the chains selects, in [`COLUMNS`]' order, from the rows
+/// [`WALKED`] keeps (`chain_id` as stored: the walk's order is ClickHouse's
+/// order of its bytes): the other text read as UTF-8 ([`read_as_utf8`]), and
+/// the `row_hash` of a row with any text that is not UTF-8 made malformed, so
+/// that the row never verifies (its hash could have been made over the replaced
+/// text) and is a break ([`ChainError::BadHash`]) the walk goes on after. The
+/// checks name the stored columns: [`walk_sql`] has ClickHouse prefer column
+/// names to the aliases of the same name.
+pub fn walk_select_list() -> String {
+    let texts: Vec<String> = COLUMNS
+        .iter()
+        .filter(|c| !NUMBER_COLUMNS.contains(c) && **c != "chain_id")
+        .map(|c| format!("isValidUTF8({c})"))
+        .collect();
+    COLUMNS
+        .iter()
+        .map(|c| match *c {
+            "chain_id" => "chain_id".to_owned(),
+            "row_hash" => format!(
+                "if({}, row_hash, concat('not UTF-8: ', toValidUTF8(row_hash))) AS row_hash",
+                texts.join(" AND ")
+            ),
+            c => read_as_utf8(c),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -353,3 +353,46 @@ fn every_chain_is_walked_from_an_ordered_answer_and_disorder_is_refused() {
     );
     assert!(e.to_string().contains("not ordered by seq"), "{e}");
 }
+
+/// The columns a walk selects are the row's fields, each once (the sidecar's
+/// ClickHouse row type holds them in `COLUMNS`' order: its own test).
+#[test]
+fn the_walks_columns_are_the_rows_fields_in_order() {
+    let v = serde_json::to_value(chain(1).remove(0)).unwrap();
+    let fields: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut columns = gw_core::ledger::COLUMNS.to_vec();
+    let mut sorted = fields.clone();
+    sorted.sort_unstable();
+    columns.sort_unstable();
+    assert_eq!(sorted, columns);
+    let list = gw_core::ledger::walk_select_list();
+    // Split at the commas outside parentheses.
+    let (mut items, mut depth, mut start) = (Vec::new(), 0i32, 0);
+    for (i, ch) in list.char_indices() {
+        match ch {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(list[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(list[start..].trim());
+    let selected: Vec<&str> = items
+        .iter()
+        .map(|c| c.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(selected, gw_core::ledger::COLUMNS);
+    // Every text column but the chain's id is read as UTF-8; the numbers as
+    // they are; the row hash checks every text column.
+    assert!(
+        list.starts_with("chain_id, seq, ts_ms, toValidUTF8(stage) AS stage,"),
+        "{list}"
+    );
+    assert!(
+        list.contains("isValidUTF8(args_json)") && list.contains(", nonce,"),
+        "{list}"
+    );
+}

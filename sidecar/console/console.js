@@ -670,6 +670,10 @@ async function verifyChain() {
       chains.push(`${v.unanchored} chain(s) held to their own hashes only: another node's, or written whole ` +
         "by anyone who can INSERT — gwctl ledger verify --checkpoint with every node's file tells them apart");
     }
+    if (v.not_utf8) {
+      chains.push(`BROKEN: ${v.not_utf8.rows} rows under ${v.not_utf8.chains} chain ids that are not UTF-8 ` +
+        "(no gateway writes one), not walked");
+    }
     if (v.error) chains.push(`NOT VERIFIED — ${v.error}`);
     el.textContent = chains.length === 0 ? "no chain stored yet" : chains.join("; ");
     el.className = v.ok ? "" : "error";

@@ -2000,3 +2000,102 @@ fn gwctl_verifies_a_table_far_larger_than_its_memory() {
     );
     println!("gwctl ledger verify: {ROWS} rows, {stored} bytes of bodies, peak {peak} KiB");
 }
+
+/// Anyone who can INSERT can store a row whose strings are not UTF-8 (the
+/// ledger writes only UTF-8). It is a break of its chain, shown and walked over:
+/// the console's pages, the sidecar's verification and `gwctl ledger verify` go
+/// on — they answered 503 "the store did not answer" and exit 2.
+#[test]
+fn a_row_that_is_not_utf8_is_a_break_not_an_outage() {
+    let d = testkit::TempDir::new("ledger-not-utf8");
+    let ch = ClickHouse::start(d.path());
+    let s = common::serve(config_on(&d.path().join("state"), &ch));
+    assert_eq!(post_throttle(&s, 41), 200);
+    wait_rows(&ch, 2);
+    // Two rows of another chain, the first's issuer not UTF-8; one more of this
+    // node's chain at its second position, its code not UTF-8.
+    ch.query(
+        "INSERT INTO control_decisions SELECT * REPLACE ('planted' AS chain_id, \
+         if(seq = 1, unhex('c3ff'), issuer) AS issuer) FROM control_decisions",
+    );
+    ch.query(
+        "INSERT INTO control_decisions SELECT * REPLACE (unhex('ff') AS code) \
+         FROM (SELECT * FROM control_decisions WHERE chain_id != 'planted' AND seq = 2)",
+    );
+    // The pages show every position (one row of two at one position), the
+    // text replaced where it was not UTF-8.
+    let history = s.get_json("/api/ledger/history");
+    let rows = history.as_array().expect("a page of rows");
+    assert_eq!(rows.len(), 4, "{history}");
+    assert!(
+        rows.iter()
+            .any(|r| r["chain_id"] == "planted" && r["issuer"] == "\u{fffd}"),
+        "{history}"
+    );
+    let request = rows[0]["request_id"].as_str().unwrap();
+    let of_request = s.get_json(&format!("/api/ledger/request/{request}"));
+    assert!(!of_request.as_array().unwrap().is_empty(), "{of_request}");
+    // The sidecar's verification reports each as a break, and the rest.
+    let verified = s.get_json("/api/ledger/verify");
+    assert_eq!(verified["ok"], false, "{verified}");
+    let chain = |id: &str| {
+        verified["chains"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["chain_id"] == id)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let breaks = |id: &str| chain(id)["breaks"].to_string();
+    // Met after the row it copies, or before it (ClickHouse's order of two rows
+    // at one position is its own).
+    let second_row_2 = |said: &str| {
+        said.contains("row 2 appears twice")
+            || said.contains("row 2 has a malformed hash, or text that is not UTF-8")
+    };
+    assert!(second_row_2(&breaks("node-1")), "{verified}");
+    assert_eq!(chain("node-1")["rows"], 3, "{verified}");
+    assert!(
+        breaks("planted").contains("row 1 has a malformed hash, or text that is not UTF-8"),
+        "{verified}"
+    );
+    // A chain id that is not UTF-8: counted, not walked, not ok.
+    ch.query(
+        "INSERT INTO control_decisions SELECT * REPLACE (unhex('61ff') AS chain_id) \
+         FROM (SELECT * FROM control_decisions WHERE chain_id = 'planted')",
+    );
+    let verified = s.get_json("/api/ledger/verify");
+    assert_eq!(
+        (
+            &verified["not_utf8"]["rows"],
+            &verified["not_utf8"]["chains"]
+        ),
+        (&serde_json::json!(2), &serde_json::json!(1)),
+        "{verified}"
+    );
+    let gwctl = || {
+        let o = std::process::Command::new(testkit::gwctl_bin())
+            .args(["ledger", "verify", "--clickhouse"])
+            .arg(format!("http://127.0.0.1:{}", ch.http_port))
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let (code, out) = gwctl();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(second_row_2(&out), "{out}");
+    for said in [
+        "chain planted: row 1 has a malformed hash, or text that is not UTF-8",
+        "broken: 2 rows under 1 chain ids that are not UTF-8",
+    ] {
+        assert!(out.contains(said), "{said}: {out}");
+    }
+    // Without the planted rows: verified again.
+    ch.query("DELETE FROM control_decisions WHERE chain_id != 'node-1' OR NOT isValidUTF8(code)");
+    assert_eq!(s.get_json("/api/ledger/verify")["ok"], true);
+    assert_eq!(gwctl().0, Some(0));
+}

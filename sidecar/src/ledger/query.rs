@@ -343,10 +343,19 @@ impl Listing {
         }
     }
 
-    fn status(mut self, error: Option<String>, checkpoints: bool) -> LedgerStatus {
+    fn status(
+        mut self,
+        error: Option<String>,
+        checkpoints: bool,
+        not_utf8: Option<NotUtf8>,
+    ) -> LedgerStatus {
         self.chains.sort_by(|a, b| a.chain_id.cmp(&b.chain_id));
         LedgerStatus {
-            ok: error.is_none() && self.more_broken == 0 && self.chains.iter().all(|c| c.ok),
+            ok: error.is_none()
+                && not_utf8.is_none()
+                && self.more_broken == 0
+                && self.chains.iter().all(|c| c.ok),
+            not_utf8,
             chains: self.chains,
             more_chains_ok: self.more_ok,
             more_chains_broken: self.more_broken,
@@ -384,6 +393,15 @@ fn chain_status(w: gw_core::checkpoint::ChainWalk, own: Option<&str>) -> ChainSt
     }
 }
 
+/// Rows under chain ids that are not UTF-8 ([`LedgerStatus::not_utf8`]).
+#[derive(Debug, Serialize)]
+pub struct NotUtf8 {
+    /// Rows.
+    pub rows: u64,
+    /// Distinct chain ids.
+    pub chains: u64,
+}
+
 /// Chains one verification lists at most (broken ones in preference); the rest
 /// are counted: anyone who can INSERT can plant a million one-row chains, and the
 /// answer stays bounded.
@@ -412,6 +430,10 @@ pub struct LedgerStatus {
     /// Whether this node signs checkpoints of its chain (a ledger key is
     /// configured): without, no chain is held to more than its own hashes.
     pub checkpoints: bool,
+    /// Rows stored under chain ids that are not UTF-8: not walked (no gateway
+    /// writes such an id; whoever can INSERT can), and the ledger is not `ok`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_utf8: Option<NotUtf8>,
     /// Why the walk stopped before the table's end (ClickHouse's answer was out
     /// of order): nothing after that point was judged.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -424,8 +446,46 @@ pub const MAX_HISTORY: usize = 10_000;
 /// The send audit table.
 const SENDS_TABLE: &str = "tx_sends";
 
-const DECISION_COLUMNS: &str = "chain_id, seq, ts_ms, stage, decision, code, issuer, module, \
-     action, request_id, nonce, requester, requester_roles, token_issuer, route";
+/// The columns of a [`DecisionView`], text read as UTF-8
+/// ([`gw_core::ledger::read_as_utf8`]: a row anyone with INSERT stored with
+/// other bytes is shown, not a failure of every page that holds it).
+fn decision_columns() -> String {
+    texts_as_utf8(&[
+        "chain_id",
+        "seq",
+        "ts_ms",
+        "stage",
+        "decision",
+        "code",
+        "issuer",
+        "module",
+        "action",
+        "request_id",
+        "nonce",
+        "requester",
+        "requester_roles",
+        "token_issuer",
+        "route",
+    ])
+}
+
+/// A select list of the ledger's `columns`, text read as UTF-8.
+fn texts_as_utf8(columns: &[&str]) -> String {
+    columns
+        .iter()
+        .map(|c| gw_core::ledger::read_as_utf8(c))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A select list of text `columns` of another table, read as UTF-8.
+fn utf8(columns: &[&str]) -> String {
+    columns
+        .iter()
+        .map(|c| format!("toValidUTF8({c}) AS {c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// ClickHouse could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -522,12 +582,13 @@ impl Queries {
         before: Option<&Cursor>,
     ) -> Result<Vec<DecisionView>, QueryError> {
         let mut q = self.client.query(&format!(
-            "SELECT {DECISION_COLUMNS} FROM {} \
+            "SELECT {} FROM {} \
              WHERE ts_ms > toUInt64(toUnixTimestamp64Milli(now64(3))) - 86400000 \
                AND (? = '' OR stage = ?) AND (? = '' OR decision = ?) \
                AND (? = 0 OR (ts_ms, chain_id, seq) < (?, ?, ?)) \
              ORDER BY ts_ms DESC, chain_id DESC, seq DESC LIMIT 1 BY chain_id, seq LIMIT {} \
              {READ_SETTINGS}",
+            decision_columns(),
             self.table,
             limit.min(MAX_HISTORY)
         ));
@@ -550,8 +611,9 @@ impl Queries {
              JSONExtractUInt(args_json, 'unrecorded'), 1)) AS count";
         // A row stored twice (an insert retried) is one row.
         let rows = format!(
-            "(SELECT chain_id, seq, stage, code, ts_ms, route, request_id, args_json FROM {} \
+            "(SELECT chain_id, seq, {}, ts_ms, route, request_id, args_json FROM {} \
              WHERE {HOUR} LIMIT 1 BY chain_id, seq)",
+            texts_as_utf8(&["stage", "code"]),
             self.table
         );
         let by_code = self
@@ -583,21 +645,23 @@ impl Queries {
         let per_minute = self
             .client
             .query(&format!(
-                "SELECT toUInt32(intDiv(ts_us, 60000000) * 60) AS minute, route, outcome, \
+                "SELECT toUInt32(intDiv(ts_us, 60000000) * 60) AS minute, {}, \
                         countIf(hedged = 1) AS hedged, count() AS count \
                  FROM {SENDS_TABLE} WHERE {HOUR} \
                  GROUP BY minute, route, outcome ORDER BY minute, route, outcome \
-                 {READ_SETTINGS}"
+                 {READ_SETTINGS}",
+                utf8(&["route", "outcome"])
             ))
             .fetch_all::<SendMinute>()
             .await?;
         let latency = self
             .client
             .query(&format!(
-                "SELECT route, toUInt64(pow(2, ceil(log2(greatest(latency_us, 1))))) AS le_us, \
+                "SELECT {}, toUInt64(pow(2, ceil(log2(greatest(latency_us, 1))))) AS le_us, \
                         count() AS count \
                  FROM {SENDS_TABLE} WHERE {HOUR} AND outcome = 'landed' \
-                 GROUP BY route, le_us ORDER BY route, le_us {READ_SETTINGS}"
+                 GROUP BY route, le_us ORDER BY route, le_us {READ_SETTINGS}",
+                utf8(&["route"])
             ))
             .fetch_all::<LatencyBucket>()
             .await?;
@@ -614,8 +678,10 @@ impl Queries {
         let rows = self
             .client
             .query(&format!(
-                "SELECT chain_id, size, head, note, ts_ms FROM {} \
+                "SELECT {}, size, {}, ts_ms FROM {} \
                  ORDER BY chain_id, size DESC LIMIT {CHECKPOINTS_READ} BY chain_id {READ_SETTINGS}",
+                utf8(&["chain_id"]),
+                utf8(&["head", "note"]),
                 super::checkpoint::TABLE
             ))
             .fetch_all::<CheckpointRow>()
@@ -657,10 +723,11 @@ impl Queries {
         let q = self
             .client
             .query(&format!(
-                "SELECT {DECISION_COLUMNS} FROM {} WHERE request_id = ? \
+                "SELECT {} FROM {} WHERE request_id = ? \
                    AND (? = 0 OR (ts_ms, chain_id, seq) > (?, ?, ?)) \
                  ORDER BY ts_ms, chain_id, seq LIMIT 1 BY chain_id, seq LIMIT {MAX_BY_REQUEST} \
                  {READ_SETTINGS}",
+                decision_columns(),
                 self.table
             ))
             .bind(request_id);
@@ -693,15 +760,26 @@ impl Queries {
         let Ok(_one) = tokio::time::timeout(VERIFY_WAIT, self.walking.lock()).await else {
             return Ok(None);
         };
+        // Rows under a chain id that is not UTF-8 are not walked (no gateway
+        // writes one), but counted: the ledger does not verify while it holds any.
+        #[derive(clickhouse::Row, Deserialize)]
+        struct NotWalked {
+            rows: u64,
+            chains: u64,
+        }
+        let not_walked = self
+            .client
+            .query(&gw_core::ledger::not_walked_sql(&self.table))
+            .fetch_one::<NotWalked>()
+            .await?;
         let mut cursor = self
             .client
-            .query(&format!(
-                "SELECT ?fields FROM {} ORDER BY chain_id, seq \
-                 SETTINGS result_overflow_mode = 'throw', read_overflow_mode = 'throw', \
-                 timeout_overflow_mode = 'throw'",
-                self.table
-            ))
+            .query(&gw_core::ledger::walk_sql(&self.table))
             .fetch::<DecisionRow>()?;
+        let not_utf8 = (not_walked.rows > 0).then_some(NotUtf8 {
+            rows: not_walked.rows,
+            chains: not_walked.chains,
+        });
         let anchors = self
             .anchors
             .as_ref()
@@ -723,6 +801,7 @@ impl Queries {
                     return Ok(Some(listing.status(
                         Some(format!("the walk stopped: {e}")),
                         self.anchors.is_some(),
+                        not_utf8,
                     )));
                 }
             }
@@ -731,7 +810,7 @@ impl Queries {
         for w in walk.finish() {
             listing.add(chain_status(w, self.own_chain.as_deref()));
         }
-        Ok(Some(listing.status(None, self.anchors.is_some())))
+        Ok(Some(listing.status(None, self.anchors.is_some(), not_utf8)))
     }
 }
 
@@ -761,7 +840,7 @@ mod tests {
         for i in 0..10_000 {
             l.add(status(i, i % 1000 != 999));
         }
-        let s = l.status(None, true);
+        let s = l.status(None, true, None);
         assert_eq!(s.chains.len(), MAX_CHAINS_LISTED);
         assert!(!s.ok);
         let broken = s.chains.iter().filter(|c| !c.ok).count();
@@ -776,14 +855,14 @@ mod tests {
         for i in 0..MAX_CHAINS_LISTED + 5 {
             l.add(status(i, false));
         }
-        let s = l.status(None, true);
+        let s = l.status(None, true, None);
         assert_eq!(
             (s.chains.len(), s.more_chains_broken),
             (MAX_CHAINS_LISTED, 5)
         );
         let mut l = Listing::default();
         l.add(status(1, true));
-        assert!(l.status(None, true).ok);
+        assert!(l.status(None, true, None).ok);
     }
 
     #[test]

@@ -640,7 +640,8 @@ pub async fn stored_head(
     }
     let heads = client
         .query(&format!(
-            "SELECT seq, row_hash FROM {table} WHERE chain_id = ? ORDER BY seq DESC LIMIT 1"
+            "SELECT seq, {} FROM {table} WHERE chain_id = ? ORDER BY seq DESC LIMIT 1",
+            gw_core::ledger::read_as_utf8("row_hash")
         ))
         .bind(chain_id)
         .fetch_all::<Head>()
@@ -1299,6 +1300,16 @@ pub async fn migrate_legacy_spool(
 mod tests {
     use super::*;
     use crate::journal::Weigh;
+
+    /// A walk selects `gw_core::ledger::COLUMNS` in order: the row type decodes
+    /// them by position.
+    #[test]
+    fn the_row_type_holds_the_walks_columns_in_order() {
+        assert_eq!(
+            <DecisionRow as clickhouse::Row>::COLUMN_NAMES,
+            gw_core::ledger::COLUMNS
+        );
+    }
 
     /// A queue holding rows `1..=n`, one record each.
     fn queue_of(n: u64) -> RowQueue {
