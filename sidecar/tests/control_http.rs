@@ -648,6 +648,87 @@ fn a_json_request_retried_with_its_idempotency_key_is_applied_once() {
         .all(|r| r.raw_hex == json));
 }
 
+/// Once the replay guard forgot a key's command (its freshness passed: 1 s
+/// here), the agents still remember its nonce: the same request sent again is a
+/// duplicate, answered with what became of it; another request under the key
+/// (a kill where a start was sent) is refused `replay` and not applied. It was
+/// answered `"applied": true` with the module still running.
+#[test]
+fn another_request_under_a_key_the_guard_forgot_is_refused_not_answered_applied() {
+    let d = testkit::TempDir::new("sidecar-json-idem-late");
+    let ch = testkit::clickhouse::ClickHouse::start(d.path());
+    let mut cfg = common::config_with_clickhouse(&d.path().join("state"), true, &ch);
+    cfg.file.max_skew_secs = 1;
+    let s = common::serve(cfg);
+    let send = |action: &str| -> (u16, Value) {
+        let req = common::stamped(
+            s.http
+                .post(format!("{}/api/control/module/mev:{action}", s.base))
+                .header("content-type", "application/json"),
+            &[
+                ("x-gw-verified", "jwt"),
+                ("x-gw-sub", "alice"),
+                ("x-gw-roles", "admin"),
+            ],
+        )
+        .header("idempotency-key", "nightly-1");
+        s.rt.block_on(async {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        })
+    };
+    let (status, first) = send("start");
+    assert_eq!(
+        (status, &first["applied"]),
+        (200, &Value::Bool(true)),
+        "{first}"
+    );
+    // Past the command's freshness (1 s, and a second of rounding).
+    std::thread::sleep(std::time::Duration::from_millis(2_600));
+    let (status, kill) = send("kill");
+    assert_eq!(
+        (
+            status,
+            &kill["applied"],
+            kill["apply_error"]["error"].as_str()
+        ),
+        (200, &Value::Bool(false), Some("replay")),
+        "{kill}"
+    );
+    let module = s.get_json("/api/modules")["mev"].clone();
+    assert_eq!(
+        (&module["state"], &module["applied"]),
+        (&Value::from("running"), &Value::from(1)),
+        "{module}"
+    );
+    // The same request again, once the guard forgot the kill too (until then it
+    // says the key was used for another request): what became of it.
+    std::thread::sleep(std::time::Duration::from_millis(2_600));
+    let (status, again) = send("start");
+    assert_eq!(
+        (status, &again["applied"], &again["request_id"]),
+        (200, &Value::Bool(true), &first["request_id"]),
+        "{again}"
+    );
+    // The kill's refusal is in the ledger.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let id = kill["request_id"].as_str().unwrap().to_owned();
+    loop {
+        let rows = common::stored(&ch);
+        if rows
+            .iter()
+            .any(|r| r.request_id == id && r.stage == "agent" && r.code == "replay")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no agent row for {id}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// A JSON request the admission refuses (the signer's key may sign for `mev`
 /// only) keeps the edge's row of the JSON body it sent, before its refusal, both
 /// naming the request id the command was given — as an admitted request's rows do.

@@ -437,6 +437,7 @@ fn a_decision_the_checkpoint_has_and_the_journal_lost_is_written_at_start() {
         nonce: 7,
         expires: now() + 600,
         chain: node.clone(),
+        what: None,
     };
     let cp = checkpoint_after(&node, Action::Kill, 7, kill.clone(), &[7], 1);
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -694,6 +695,7 @@ fn checkpoint_after(
                 nonce: *nonce,
                 expires: now() + 600,
                 chain: node.to_owned(),
+                what: None,
             })
             .collect(),
         last: [(
@@ -907,6 +909,7 @@ fn agent_state_in_kafka_is_taken_only_as_a_listed_node_signed_it() {
         nonce: 3,
         expires: now() + 600,
         chain: node.clone(),
+        what: None,
     };
     rt.block_on(async {
         write_raw(&k, &arb_topic, "state", Some(&more_json)).await;

@@ -132,14 +132,58 @@ enum Decided {
     Applied { a: Box<Applied>, has_row: bool },
 }
 
+/// What an applied nonce's command asked: its module, action, request id and
+/// arguments (not its time or signature: the same command sent again, or signed
+/// again by the JSON route for a retry under its idempotency key, is the same).
+/// A second command under a remembered nonce that asks anything else is not a
+/// copy of the first: it is refused (`replay`), not answered as applied.
+pub fn what_of(c: &Command) -> gw_core::replay::Digest {
+    let (module, action) = (c.module.to_be_bytes(), c.action.to_be_bytes());
+    let mut parts: Vec<&[u8]> = vec![
+        b"gw-applied-command/1",
+        &module,
+        &action,
+        c.request_id.as_bytes(),
+    ];
+    for (k, v) in &c.args {
+        parts.push(k.as_bytes());
+        parts.push(v.as_bytes());
+    }
+    gw_core::replay::digest(&super::state_sign::message(b"", &parts))
+}
+
+/// [`what_of`] as records keep it.
+fn what_hex(c: &Command) -> Option<String> {
+    Some(hex::encode(what_of(c)))
+}
+
+/// A record's [`what_of`] (`None`: written before it was kept, or not 16 bytes
+/// of hex — any command under the nonce is then taken for a copy, as before).
+fn what_parsed(what: Option<&str>) -> Option<gw_core::replay::Digest> {
+    hex::decode(what?).ok()?.try_into().ok()
+}
+
+/// An applied nonce as an agent remembers it.
+#[derive(Debug, Clone, Copy)]
+pub struct AppliedAt {
+    /// The seq of its `applied` row (0: not known here).
+    pub seq: u64,
+    /// What its command asked ([`what_of`]; `None`: not known).
+    pub what: Option<gw_core::replay::Digest>,
+}
+
+/// Nonces applied by the deliveries before one in a batch not durable yet:
+/// (issuer, nonce) → what each asked ([`what_of`]).
+pub type Pending = BTreeMap<(String, u64), gw_core::replay::Digest>;
+
 /// One module's agent state machine.
 #[derive(Debug, Clone)]
 pub struct AgentCore {
     module: Module,
     policy: ControlPolicy,
     state: ModuleState,
-    /// Applied nonces, each with the seq of its `applied` row.
-    applied: NonceBook<u64>,
+    /// Applied nonces, each with the seq of its `applied` row and what it asked.
+    applied: NonceBook<AppliedAt>,
     dedup_secs: u64,
 }
 
@@ -150,7 +194,7 @@ impl AgentCore {
         module: Module,
         policy: ControlPolicy,
         state: ModuleState,
-        applied: NonceBook<u64>,
+        applied: NonceBook<AppliedAt>,
         dedup_secs: u64,
     ) -> AgentCore {
         AgentCore {
@@ -169,16 +213,16 @@ impl AgentCore {
 
     /// Decides on one delivery at `now` (unix seconds: the key's validity).
     pub fn decide(&self, d: &Delivery, now: u64) -> Step {
-        self.decide_after(&self.state, &BTreeSet::new(), d, now)
+        self.decide_after(&self.state, &Pending::new(), d, now)
     }
 
     /// Decides on `d` as if the module's state were `state` and the nonces
-    /// `pending` (issuer, nonce) were applied too: the deliveries before it in a
-    /// batch that is not durable yet.
+    /// `pending` were applied too: the deliveries before it in a batch that is
+    /// not durable yet.
     pub fn decide_after(
         &self,
         state: &ModuleState,
-        pending: &BTreeSet<(String, u64)>,
+        pending: &Pending,
         d: &Delivery,
         now: u64,
     ) -> Step {
@@ -200,9 +244,23 @@ impl AgentCore {
             Err(r) => return Step::Refuse(r),
         };
         let c = &v.command;
-        if self.applied.get(&c.issuer, c.nonce, now).is_some()
-            || pending.contains(&(c.issuer.clone(), c.nonce))
-        {
+        let before = match self.applied.get(&c.issuer, c.nonce, now) {
+            Some(s) => Some(s.value.what),
+            None => pending.get(&(c.issuer.clone(), c.nonce)).map(|w| Some(*w)),
+        };
+        if let Some(what) = before {
+            if what.is_some_and(|w| w != what_of(c)) {
+                // Not a copy: answered applied, it would say a command did what
+                // another one under its nonce did (the JSON route's idempotency
+                // key used for another request once the replay guard forgot it).
+                return Step::Refuse(Reject::with(
+                    Code::Replay,
+                    format!(
+                        "nonce {} of issuer {} was applied to another command within the agents' memory (agent_dedup_secs): this one is not applied; send it with a new nonce (the JSON route: a new Idempotency-Key)",
+                        c.nonce, c.issuer
+                    ),
+                ));
+            }
             return Step::Duplicate(Box::new(v.command));
         }
         // An earlier application of this nonce is remembered until at least
@@ -244,8 +302,12 @@ impl AgentCore {
     pub fn commit(&mut self, a: Applied, seq: u64, now: u64) {
         self.state = a.state;
         let c = &a.verified.command;
+        let at = AppliedAt {
+            seq,
+            what: Some(what_of(c)),
+        };
         if let Err(Refused::IssuerFull | Refused::TooManyIssuers) =
-            self.applied.insert(&c.issuer, c.nonce, a.expires, seq, now)
+            self.applied.insert(&c.issuer, c.nonce, a.expires, at, now)
         {
             // Never refuse to apply what admission accepted; this nonce is just not
             // remembered for deduplication (a copy of its forward is still refused
@@ -264,7 +326,8 @@ impl AgentCore {
                 issuer: issuer.to_owned(),
                 nonce,
                 expires: s.expires,
-                seq: s.value,
+                seq: s.value.seq,
+                what: s.value.what.map(hex::encode),
             })
             .collect()
     }
@@ -427,7 +490,11 @@ impl Agent {
                         applied = NonceBook::new(env.limits);
                         applied_lsns.clear();
                         for n in &s.applied {
-                            let _ = applied.insert(&n.issuer, n.nonce, n.expires, n.seq, now);
+                            let at = AppliedAt {
+                                seq: n.seq,
+                                what: what_parsed(n.what.as_deref()),
+                            };
+                            let _ = applied.insert(&n.issuer, n.nonce, n.expires, at, now);
                             applied_lsns.note(*lsn, n.expires);
                         }
                         state_lsn = Some(*lsn);
@@ -449,7 +516,11 @@ impl Agent {
                     state_lsn = Some(*lsn);
                 }
                 if let Some(n) = &a.applied {
-                    let _ = applied.insert(&n.issuer, n.nonce, n.expires, seq, now);
+                    let at = AppliedAt {
+                        seq,
+                        what: what_parsed(n.what.as_deref()),
+                    };
+                    let _ = applied.insert(&n.issuer, n.nonce, n.expires, at, now);
                     applied_lsns.note(*lsn, n.expires);
                 }
                 if let Some(o) = a.offset {
@@ -629,7 +700,7 @@ impl Agent {
             "Kafka: one at a time"
         );
         let mut state = self.core.state().clone();
-        let mut pending = BTreeSet::new();
+        let mut pending = Pending::new();
         let mut entries = Vec::new();
         let mut decided = Vec::with_capacity(batch.len());
         let mut last_written = None;
@@ -737,7 +808,8 @@ impl Agent {
                                 issuer: c.issuer.clone(),
                                 nonce: c.nonce,
                                 expires: s.expires,
-                                seq: s.value,
+                                seq: s.value.seq,
+                                what: s.value.what.map(hex::encode),
                             });
                     let has_row = row.is_some();
                     let entry = self.agent_entry(d, None, known);
@@ -756,6 +828,7 @@ impl Agent {
                         nonce: c.nonce,
                         expires: a.expires,
                         chain: self.env.chain.clone(),
+                        what: what_hex(c),
                     };
                     self.checkpoint(d, "applied", None, Some(a.state.clone()), Some(stored))
                         .await?;
@@ -765,9 +838,10 @@ impl Agent {
                         nonce: c.nonce,
                         expires: a.expires,
                         seq: 0,
+                        what: what_hex(c),
                     };
                     let entry = self.agent_entry(d, Some(a.state.clone()), Some(nonce));
-                    pending.insert((c.issuer.clone(), c.nonce));
+                    pending.insert((c.issuer.clone(), c.nonce), what_of(c));
                     state = a.state.clone();
                     let has_row = row.is_some();
                     (row, entry, Decided::Applied { a, has_row })
@@ -826,7 +900,7 @@ impl Agent {
                         .core
                         .applied
                         .get(&issuer, nonce, now)
-                        .map_or(0, |s| s.value);
+                        .map_or(0, |s| s.value.seq);
                     self.announce(d, issuer, nonce, Ok(state), seq);
                     out.push(Handled::Duplicate);
                 }
@@ -1114,7 +1188,11 @@ impl Agent {
         book.forgotten(self.core.applied.clock(0).saturating_sub(1));
         let mut written: BTreeMap<u64, Vec<String>> = BTreeMap::new();
         for n in &loaded.nonces {
-            let _ = book.insert(&n.issuer, n.nonce, n.expires, 0, now);
+            let at = AppliedAt {
+                seq: 0,
+                what: what_parsed(n.what.as_deref()),
+            };
+            let _ = book.insert(&n.issuer, n.nonce, n.expires, at, now);
             written.entry(n.expires).or_default().push(n.key());
         }
         self.core = AgentCore::new(
@@ -1183,6 +1261,7 @@ impl Agent {
                     nonce: c.nonce,
                     expires: now.saturating_add(self.env.dedup_secs),
                     seq: 0,
+                    what: what_hex(c),
                 }),
             ),
             "duplicate" => (Decision::Duplicate, None),
@@ -1542,6 +1621,60 @@ mod tests {
         assert!(matches!(c.decide(&d, NOW), Step::Duplicate(_)));
     }
 
+    /// Another command under an applied nonce (its request id, action or
+    /// arguments differ: not a copy) is refused `replay`, not taken for a
+    /// duplicate that would be answered as applied; a copy signed again (the
+    /// JSON route's retry: a new time and signature) is still a duplicate; so
+    /// within a batch not durable yet.
+    #[test]
+    fn another_command_under_an_applied_nonce_is_refused_not_a_duplicate() {
+        let mut c = core();
+        let Step::Apply(a) = c.decide(&delivery("mev", start(1)), NOW) else {
+            panic!("not applied")
+        };
+        let first = a.verified.command.clone();
+        c.commit(*a, 2, NOW);
+        let kill = testkit::fixtures::signed_command(1, Action::Kill, NOW + 40, "dashboard", &[]);
+        match c.decide(&delivery("mev", kill.clone()), NOW + 40) {
+            Step::Refuse(r) => assert_eq!(r.code, Code::Replay, "{r:?}"),
+            other => panic!("{other:?}"),
+        }
+        let again = testkit::fixtures::signed_command(1, Action::Start, NOW + 40, "dashboard", &[]);
+        assert!(matches!(
+            c.decide(&delivery("mev", again), NOW + 40),
+            Step::Duplicate(_)
+        ));
+        // The same, against a delivery earlier in the batch.
+        let pending = Pending::from([(("dashboard".to_owned(), 1), what_of(&first))]);
+        let fresh = core();
+        match fresh.decide_after(fresh.state(), &pending, &delivery("mev", kill), NOW) {
+            Step::Refuse(r) => assert_eq!(r.code, Code::Replay, "{r:?}"),
+            other => panic!("{other:?}"),
+        }
+        // A nonce remembered from before what it asked was kept: a copy, as
+        // before.
+        let mut old = core();
+        let Step::Apply(a) = old.decide(&delivery("mev", start(1)), NOW) else {
+            panic!("not applied")
+        };
+        old.commit(*a, 2, NOW);
+        let remembered = old.applied(NOW);
+        let mut book = NonceBook::new(Limits::default());
+        for n in remembered {
+            let at = AppliedAt {
+                seq: n.seq,
+                what: what_parsed(None),
+            };
+            let _ = book.insert(&n.issuer, n.nonce, n.expires, at, NOW);
+        }
+        let old = AgentCore::new(Module::Mev, policy(), ModuleState::default(), book, 600);
+        let kill = testkit::fixtures::signed_command(1, Action::Kill, NOW, "dashboard", &[]);
+        assert!(matches!(
+            old.decide(&delivery("mev", kill), NOW),
+            Step::Duplicate(_)
+        ));
+    }
+
     #[test]
     fn a_command_dated_far_ahead_is_remembered_not_wrapped() {
         // Freshness is admission's: over the bus a signed command's ts can be
@@ -1821,7 +1954,13 @@ mod tests {
         let again = Agent::open(Module::Mev, &env, &records);
         assert_eq!(again.core.state(), &state);
         assert_eq!(again.next_offset, Some(4));
-        let seq = |n| again.core.applied.get("dashboard", n, now).map(|s| s.value);
+        let seq = |n| {
+            again
+                .core
+                .applied
+                .get("dashboard", n, now)
+                .map(|s| s.value.seq)
+        };
         assert_eq!((seq(1), seq(2), seq(5)), (Some(1), Some(4), None));
     }
 

@@ -207,6 +207,12 @@ pub struct StoredNonce {
     pub expires: u64,
     /// The chain that applied it.
     pub chain: String,
+    /// What the command under the nonce asked ([`AppliedNonce::what`];
+    /// absent in records written before 2026-12-08).
+    ///
+    /// [`AppliedNonce::what`]: crate::journal::txn::AppliedNonce::what
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub what: Option<String>,
 }
 
 impl StoredNonce {
@@ -935,6 +941,7 @@ mod tests {
             nonce: n,
             expires,
             chain: "a".into(),
+            what: None,
         }
     }
 

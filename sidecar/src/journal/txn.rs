@@ -156,6 +156,11 @@ pub struct AppliedNonce {
     pub expires: u64,
     /// Where the `applied` row is: chain and seq (0 when not audited).
     pub seq: u64,
+    /// What the command under the nonce asked ([`crate::control::agent::what_of`],
+    /// hex; absent in records written before 2026-12-08): another command under
+    /// the same nonce is not a copy of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub what: Option<String>,
 }
 
 /// An agent's whole durable state.
@@ -329,6 +334,7 @@ mod tests {
                     nonce: 1,
                     expires: 2,
                     seq: 3,
+                    what: Some("00".repeat(16)),
                 }),
                 generation: Some(7),
             }),
