@@ -710,6 +710,7 @@ fn checkpoint_after(
                 payload: last,
                 requester: gw_core::contract::Requester::default(),
                 forwarded_by: None,
+                omitted: None,
             },
         )]
         .into_iter()
@@ -2176,5 +2177,54 @@ fn the_bus_runs_over_mutual_tls_and_a_client_without_a_certificate_is_refused() 
             kafka.front.refused.load(Ordering::SeqCst) > before,
             "{what}: not refused at the front"
         );
+    }
+}
+
+/// A large record on the command topic that no node forwarded (anyone who can
+/// produce to it can write one; Kafka takes up to about 1 MB) is refused with
+/// its row, and the module's commands go on: its bytes are not copied whole into
+/// the module's checkpoint, which a record of that size made too large to
+/// produce — the agent tried again for ever and every later command stayed
+/// `pending`.
+#[test]
+fn a_large_record_no_node_forwarded_does_not_stop_the_agent() {
+    let d = testkit::TempDir::new("kafka-large-record");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let cfg = config(d.path(), &kafka, &ch);
+    let k = cfg.file.kafka.clone().unwrap();
+    let s = common::serve(cfg);
+    let (status, body) = post(
+        &s,
+        signed_command(1, Action::Start, now(), "dashboard", &[]),
+    );
+    assert_eq!(
+        (status, &body["applied"]),
+        (200, &Value::Bool(true)),
+        "{body}"
+    );
+    publish_mev(
+        &k,
+        vec![0x0a; 700_000],
+        rdkafka::message::OwnedHeaders::new(),
+    );
+    let (status, body) = post(&s, signed_command(2, Action::Kill, now(), "dashboard", &[]));
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while modules(&s)["mev"]["state"] != "killed" {
+        assert!(Instant::now() < deadline, "never applied: {}", modules(&s));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = common::stored(&ch);
+        if rows
+            .iter()
+            .any(|r| r.stage == "agent" && r.code == "forbidden_peer")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", row_summary(&rows));
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -31,7 +31,9 @@ use gw_core::{Code, Command, ControlPolicy, Module, Reject, VerifiedCommand};
 use tokio::sync::broadcast;
 
 use super::bus::{BusConsumer, BusError, Delivery, Origin, Position};
-use super::kafka_state::{Behind, Checkpoint, KafkaState, LastDecision, StoredNonce, RECENT};
+use super::kafka_state::{
+    Behind, Checkpoint, KafkaState, LastDecision, StoredNonce, LAST_PAYLOAD_MAX, RECENT,
+};
 use super::modules::ModuleTable;
 use crate::journal::txn::{AgentEntry, AppliedNonce, RefusedCommand, SnapshotEntry};
 use crate::journal::{self, Journal, JournalError, Lsn, Txn};
@@ -956,7 +958,12 @@ impl Agent {
                 position: d.position,
                 outcome: outcome.to_owned(),
                 code: code.map(|c| c.as_str().to_owned()),
-                payload: d.payload.clone(),
+                payload: if d.payload.len() <= LAST_PAYLOAD_MAX {
+                    d.payload.clone()
+                } else {
+                    Vec::new()
+                },
+                omitted: (d.payload.len() > LAST_PAYLOAD_MAX).then_some(d.payload.len() as u64),
                 requester: d.requester.clone(),
                 forwarded_by: match &d.origin {
                     Origin::Node { node, .. } => Some(node.clone()),
@@ -1251,7 +1258,11 @@ impl Agent {
             position: last.position,
             origin: Origin::Local,
         };
-        let command = <Command as prost::Message>::decode(d.payload.as_slice()).ok();
+        // (Bytes not kept: the row says only what the checkpoint does.)
+        let command = match last.omitted {
+            Some(_) => None,
+            None => <Command as prost::Message>::decode(d.payload.as_slice()).ok(),
+        };
         let code = last.code.as_deref().and_then(Code::parse);
         let (decision, applied) = match last.outcome.as_str() {
             "applied" => (

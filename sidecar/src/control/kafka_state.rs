@@ -238,9 +238,15 @@ pub struct LastDecision {
     /// The refusal code (`rejected`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
-    /// The exact signed bytes.
+    /// The exact signed bytes — empty when there were more than
+    /// [`LAST_PAYLOAD_MAX`] (`omitted` says how many).
     #[serde(with = "crate::journal::txn::hex_vec")]
     pub payload: Vec<u8>,
+    /// The record's size when its bytes are not kept: a record of up to Kafka's
+    /// own bound (about 1 MB) made the checkpoint, which holds one decision of
+    /// every node, too large to produce, and the agent tried again for ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub omitted: Option<u64>,
     /// Who sent it.
     pub requester: Requester,
     /// The gateway node whose forward it was (none: a record no node forwarded,
@@ -250,6 +256,11 @@ pub struct LastDecision {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forwarded_by: Option<String>,
 }
+
+/// The most bytes of a decision's record a checkpoint keeps ([`LastDecision`]):
+/// every command of this gateway is far smaller (its signed fields and a few
+/// arguments; admission's `max_body` bounds what it takes at all).
+pub const LAST_PAYLOAD_MAX: usize = 16 << 10;
 
 /// What [`KafkaState::load`] found.
 #[derive(Debug, Clone, Default)]
@@ -1155,6 +1166,7 @@ mod tests {
                 payload: b"anything".to_vec(),
                 requester: gw_core::contract::Requester::default(),
                 forwarded_by: None,
+                omitted: None,
             },
         );
         // Nor its record of the nodes' forwards (a start far ahead would close

@@ -1266,6 +1266,7 @@ mod tests {
                     payload: prost::Message::encode_to_vec(&c),
                     requester: Requester::default(),
                     forwarded_by: None,
+                    omitted: None,
                 },
             )]
             .into_iter()
