@@ -477,6 +477,11 @@ impl Edge {
             ));
         }
         let s = &self.settings;
+        // The token was checked at the headers; the body may come up to the
+        // route's timeout later, and a token that expired meanwhile carries
+        // nothing.
+        let jwt = &pending.jwt;
+        gw_core::jwt::check_times(jwt.exp, jwt.nbf, jwt.iat, &s.jwt_policy, now)?;
         let v = s.control.check(body, now, pending.route)?;
         let c = &v.command;
         let digest = gw_core::replay::digest(body);

@@ -391,6 +391,33 @@ fn a_websocket_may_carry_its_token_as_a_subprotocol() {
     assert_eq!(without_bearer_offers("gw.realtime.v1, chat"), None);
 }
 
+/// A command's body comes after its headers (up to Envoy's request timeout
+/// later): the token is held to its times again when the body is checked, so a
+/// token that expired in between does not carry the command.
+#[test]
+fn a_token_that_expired_before_the_body_came_does_not_carry_the_command() {
+    let e = edge();
+    let store = EnvoyLikeStore::default();
+    let admin = token(&["admin"]);
+    let HeadDecision::AwaitBody(p) =
+        e.on_request_headers(&head("POST", "/api/control/commands", Some(&admin)), NOW)
+    else {
+        panic!("expected to await the body")
+    };
+    // The token's exp is NOW + 600; past it and any leeway, with a command
+    // signed then (fresh).
+    let late = NOW + 600 + 120;
+    let body = testkit::fixtures::signed_command(12, Action::Start, late, "dashboard", &[]);
+    assert_eq!(
+        e.on_request_body(&p, &body, late, &store).unwrap_err().code,
+        Code::JwtExpired
+    );
+    // Within the token's time the same command is taken.
+    let early = NOW + 60;
+    let body = testkit::fixtures::signed_command(13, Action::Start, early, "dashboard", &[]);
+    assert!(e.on_request_body(&p, &body, early, &store).is_ok());
+}
+
 #[test]
 fn signed_commands_are_verified_and_accepted_once() {
     let e = edge();
