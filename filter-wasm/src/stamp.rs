@@ -177,7 +177,18 @@ pub fn put(
     let mut value = ticket.value.as_bytes().to_vec();
     value.push(b'\n');
     value.extend_from_slice(&header_map::serialize(&pairs));
-    store.set(&ticket.key, &value, 0)
+    // Written over whatever the slot holds, with its CAS: a CAS of 0 overwrites
+    // on Envoy, but creates only a missing key on ngx_wasm_module (Kong), where
+    // every slot written before would refuse it. The slot changes under us only
+    // when the stamp stage clears an older ticket there.
+    for _ in 0..4 {
+        let (_, cas) = store.get(&ticket.key)?;
+        let done = store.set(&ticket.key, &value, cas);
+        if done != Err(StoreError::CasMismatch) {
+            return done;
+        }
+    }
+    Err(StoreError::CasMismatch)
 }
 
 /// Why the stamp stage could not find the headers.

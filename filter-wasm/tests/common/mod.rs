@@ -10,7 +10,8 @@ use testkit::proxy_wasm::SharedData;
 pub struct EnvoyLikeStore(pub SharedData);
 
 impl EnvoyLikeStore {
-    /// A stricter host: a non-zero CAS on a missing key is refused.
+    /// ngx_wasm_module's rule (Kong): the CAS must be the key's, 0 only for a
+    /// missing key.
     pub fn strict() -> Self {
         EnvoyLikeStore(SharedData::strict())
     }

@@ -19,12 +19,14 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct SharedData {
     inner: Mutex<Inner>,
-    /// Refuse a non-zero CAS on a missing key (a stricter host than Envoy).
+    /// ngx_wasm_module's (Kong's) rule instead of Envoy's: the CAS must equal the
+    /// key's, 0 for a missing key — so a non-zero CAS on a missing key and a CAS
+    /// of 0 on an existing one are both refused.
     pub strict: bool,
 }
 
 impl SharedData {
-    /// A store that refuses a non-zero CAS on a missing key, like a stricter host.
+    /// A store with ngx_wasm_module's CAS rule ([`SharedData::strict`]).
     pub fn strict() -> Self {
         SharedData {
             strict: true,
@@ -47,7 +49,7 @@ impl SharedData {
     }
 
     /// Sets `value` if `cas` is 0 or matches the key's CAS (Envoy: only checked when
-    /// the key exists).
+    /// the key exists); strict: if `cas` is the key's, or 0 for a missing key.
     pub fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), CasMismatch> {
         let strict = self.strict;
         let mut g = self.lock();
@@ -55,7 +57,7 @@ impl SharedData {
         let next = g.last_cas;
         match g.entries.get_mut(key) {
             Some((v, c)) => {
-                if cas != 0 && cas != *c {
+                if (cas != 0 || strict) && cas != *c {
                     return Err(CasMismatch);
                 }
                 *v = value.to_vec();
