@@ -449,6 +449,20 @@ pub fn refusal_is_the_commands(code: Code) -> bool {
     )
 }
 
+/// Whether an agent's refusal of a forward with `code` says only what became of
+/// that node's forward — its place on the topic (`unavailable`: overtaken), its
+/// partition (`forbidden_peer`), the guard (`replay_unavailable`) — and nothing
+/// of the same bytes forwarded by another node, which may still apply. Such a
+/// refusal is told to the requests waiting on the node whose forward it was
+/// only: told elsewhere ("sign it again") it made a client send a second
+/// command while the first was still on its way.
+pub fn refusal_is_the_forwards(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::ForbiddenPeer | Code::ReplayUnavailable
+    )
+}
+
 /// Most deliveries an agent decides on in one journal transaction.
 const MAX_BATCH: usize = 64;
 /// And most command bytes beyond the first (a delivery's entries hold its bytes
@@ -615,12 +629,7 @@ impl Agent {
     /// and when the refusal is about the command ([`refusal_is_the_commands`]).
     fn refusal_entry(&self, d: &Delivery, code: Code) -> journal::Entry {
         let mut entry = self.agent_entry(d, None, None);
-        let own = match &d.origin {
-            Origin::Local => true,
-            Origin::Node { node, .. } => *node == self.env.chain,
-            Origin::Unverified { .. } => false,
-        };
-        if !own || !refusal_is_the_commands(code) {
+        if !self.own_forward(d) || !refusal_is_the_commands(code) {
             return entry;
         }
         if let journal::Entry::Agent(a) = &mut entry {
@@ -634,6 +643,15 @@ impl Agent {
                 });
         }
         entry
+    }
+
+    /// Whether `d` is this node's own forward (or the embedded bus's delivery).
+    fn own_forward(&self, d: &Delivery) -> bool {
+        match &d.origin {
+            Origin::Local => true,
+            Origin::Node { node, .. } => *node == self.env.chain,
+            Origin::Unverified { .. } => false,
+        }
     }
 
     /// Makes what was decided durable in one journal transaction: each delivery's
@@ -778,7 +796,9 @@ impl Agent {
                     }
                     let row = self.row(Decision::Rejected, Some(r.code), d, None);
                     let has_row = row.is_some();
-                    let announce = !unforwarded && !copied;
+                    let announce = !unforwarded
+                        && !copied
+                        && (self.own_forward(d) || !refusal_is_the_forwards(r.code));
                     // A copy's refusal is not the command's: that was decided at
                     // its first delivery.
                     let entry = if announce {

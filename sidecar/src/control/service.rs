@@ -130,6 +130,11 @@ impl CheckpointWatch {
                 // same bytes says nothing of this one's) and the code is one this
                 // node knows.
                 let ours = d.forwarded_by.as_deref() == Some(self.me.as_str());
+                if !ours && parsed.is_none_or(super::agent::refusal_is_the_forwards) {
+                    // Another node's forward refused for what concerns only it:
+                    // this node's own forward of the bytes is still to come.
+                    return;
+                }
                 if ours && parsed.is_some_and(super::agent::refusal_is_the_commands) {
                     self.replay.lock().mark_refused(
                         &crate::journal::txn::RefusedCommand {
@@ -1326,7 +1331,7 @@ mod tests {
     /// when it is only about the delivery (`replay`).
     #[test]
     fn another_nodes_refusal_of_a_command_accepted_here_is_kept_in_the_guard() {
-        let (acks, _rx) = broadcast::channel(8);
+        let (acks, mut rx) = broadcast::channel(8);
         let now = crate::now_secs();
         let body = |nonce: u64| {
             prost::Message::encode_to_vec(&Command {
@@ -1377,6 +1382,15 @@ mod tests {
         w.seen(refused(8, 4, "unavailable", "node-3"));
         // A code this node does not know.
         w.seen(refused(9, 5, "from_the_future", "node-1"));
+        // The command's own refusal, whichever node forwarded it.
+        w.seen(refused(10, 6, "key_expired", "node-3"));
+        // Told to the requests waiting here: not node-3's overtaken forward (it
+        // would tell this node's client to sign again while its own forward is
+        // still on its way), nor a code not known from another node's forward.
+        let told: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|a| a.nonce)
+            .collect();
+        assert_eq!(told, vec![1, 2, 3, 5, 6]);
         let guard = replay.lock();
         let code = |n| {
             guard
