@@ -199,6 +199,14 @@ fn json_route_signs_like_the_original_api() {
         b"{}".to_vec(),
     );
     assert_eq!((status, body["error"].as_str()), (400, Some("malformed")));
+    // A route that is not UTF-8 once decoded: the same shape and code (axum's
+    // own answer was plain text, with no row).
+    let (status, body) = s.post(
+        "/api/control/module/%FF:stop",
+        "application/json",
+        b"{}".to_vec(),
+    );
+    assert_eq!((status, body["error"].as_str()), (400, Some("malformed")));
 
     // Without CTRL_SIGN_SK_HEX the JSON route cannot sign: 503, clearly.
     let d2 = testkit::TempDir::new("sidecar-nosigner");

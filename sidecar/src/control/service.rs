@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::routing::{get, post};
@@ -1046,11 +1046,14 @@ async fn post_command(
 
 async fn post_module(
     State(c): State<Arc<Control>>,
-    Path(spec): Path<String>,
+    spec: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let edge = crate::serve::edge_identity(&headers);
+    // A path that is not UTF-8 once decoded names no module: refused below, with
+    // its row, in the API's shape.
+    let spec = spec.map(|Path(s)| s).unwrap_or_default();
     let route_of_spec = format!(
         "{}{}",
         contract::MODULE_ROUTE_PREFIX,
