@@ -229,7 +229,23 @@ impl AgentCore {
         now: u64,
     ) -> Step {
         if d.key != self.module.as_str().as_bytes() {
-            return Step::NotMine;
+            // A record keyed with no module's name is every agent's "not mine":
+            // the first module's agent refuses it, so that it has its row.
+            let a_modules = Module::ALL.iter().any(|m| d.key == m.as_str().as_bytes());
+            if a_modules || self.module != Module::ALL[0] {
+                return Step::NotMine;
+            }
+            let key = String::from_utf8_lossy(&d.key[..d.key.len().min(64)]).into_owned();
+            let code = match d.origin {
+                Origin::Unverified {
+                    accepted: false, ..
+                } => Code::ForbiddenPeer,
+                _ => Code::Malformed,
+            };
+            return Step::Refuse(Reject::with(
+                code,
+                format!("a record of the command topic keyed `{key}` names no module: no agent applies it"),
+            ));
         }
         if let Origin::Unverified {
             why,
@@ -1636,6 +1652,31 @@ mod tests {
             ..unverified(false)
         };
         assert!(matches!(core().decide(&other, NOW), Step::NotMine));
+        // Keyed for no module: refused by one agent (the first module's), so
+        // that it has a row; the others leave it.
+        let nobodys = Delivery {
+            key: b"MEV".to_vec(),
+            ..unverified(false)
+        };
+        assert!(matches!(core().decide(&nobodys, NOW), Step::NotMine));
+        let first = AgentCore::new(
+            Module::ALL[0],
+            policy(),
+            ModuleState::default(),
+            NonceBook::new(Limits::default()),
+            600,
+        );
+        match first.decide(&nobodys, NOW) {
+            Step::Refuse(r) => {
+                assert_eq!(r.code, Code::ForbiddenPeer);
+                assert!(
+                    r.detail.contains("keyed `MEV` names no module"),
+                    "{}",
+                    r.detail
+                );
+            }
+            s => panic!("{s:?}"),
+        }
     }
 
     #[test]
