@@ -320,6 +320,12 @@ impl<V: Clone> NonceBook<V> {
     /// expire and every new one is refused meanwhile. A nonce already live keeps the
     /// later expiry and takes `value`. Forgets what expired before `now` first.
     pub fn remember(&mut self, issuer: &str, nonce: u64, expires: u64, value: V, now: u64) {
+        // An issuer's own nonces are pruned as it sends more; those of issuers
+        // that went quiet only here: without it the book kept every issuer it
+        // ever saw, and a new issuer's check scanned them all.
+        if !self.issuers.contains_key(issuer) && self.issuers.len() >= self.limits.max_issuers {
+            self.prune(now);
+        }
         let i = self.issuers.entry(issuer.to_owned()).or_default();
         let before = i.seen.len();
         let forgot = i.prune(now);
@@ -400,6 +406,15 @@ impl<V: Clone> NonceBook<V> {
 /// Bytes of one entry of a [`Shard`]: nonce (8), expiry (4, unix seconds), digest (8).
 pub const SHARD_ENTRY_BYTES: usize = 20;
 
+/// Seconds a [`Shard`] keeps an entry past its expiry. Each worker prunes at its
+/// own clock reading, and a shard holds no mark of what it forgot: a request
+/// that read the clock at the last second of its command's freshness, while
+/// another worker (one second on) dropped the nonce, found it gone and took a
+/// replay for fresh. Kept this long, the entry outlives any request's time
+/// between reading the clock and writing the shard (and a wall clock stepped
+/// back as far). Such entries do not count against the shard's bound.
+pub const SHARD_GRACE_SECS: u64 = 10;
+
 /// The shard of an issuer's nonces a nonce belongs to.
 pub fn shard_of(nonce: u64) -> u64 {
     // Mixed so that nonces with regular low bits (counters, nanoseconds) spread.
@@ -469,7 +484,8 @@ impl Shard {
         out
     }
 
-    /// Live entries.
+    /// Entries held: live ones, and those within [`SHARD_GRACE_SECS`] of
+    /// their expiry.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -480,7 +496,11 @@ impl Shard {
     }
 
     /// Accepts `nonce` (remembered until `expires`, with `digest`) at `now`,
-    /// forgetting expired entries; at most `bound` live entries.
+    /// forgetting entries [`SHARD_GRACE_SECS`] past their expiry; at most `bound`
+    /// live entries. Live means at the caller's clock: an entry another worker's
+    /// later clock found expired is still there to refuse a replay of its
+    /// nonce, and one expired at this clock makes way for a new command under
+    /// its nonce.
     pub fn accept(
         &mut self,
         nonce: u64,
@@ -489,18 +509,27 @@ impl Shard {
         now: u64,
         bound: usize,
     ) -> Result<ShardOutcome, Refused<()>> {
-        self.entries.retain(|e| u64::from(e.expires) >= now);
+        self.entries
+            .retain(|e| u64::from(e.expires).saturating_add(SHARD_GRACE_SECS) >= now);
         let mut short = [0u8; 8];
         short.copy_from_slice(&digest[..8]);
-        if let Some(e) = self.entries.iter().find(|e| e.nonce == nonce) {
+        let live = |e: &ShardEntry| u64::from(e.expires) >= now;
+        if let Some(e) = self.entries.iter().find(|e| e.nonce == nonce && live(e)) {
             return if e.digest == short {
                 Ok(ShardOutcome::Resend)
             } else {
                 Err(Refused::Replay(()))
             };
         }
-        if self.entries.len() >= bound {
+        if self.entries.iter().filter(|e| live(e)).count() >= bound {
             return Err(Refused::IssuerFull);
+        }
+        self.entries.retain(|e| e.nonce != nonce);
+        // Entries in their grace are at most as many again as the bound (an
+        // issuer whose commands expire as they come could fill a shard with
+        // them ten times over): beyond, they go first.
+        if self.entries.len() >= bound.saturating_mul(2) {
+            self.entries.retain(|e| live(e));
         }
         self.entries.push(ShardEntry {
             nonce,
@@ -540,6 +569,27 @@ mod tests {
         }
         b.insert("other", 10, NOW + 30, 3, NOW).unwrap();
         assert_eq!(b.len(), 7);
+    }
+
+    /// Nonces remembered as durable facts (the guard's path) of issuers that
+    /// went quiet are forgotten once they expire, when a new issuer comes and the
+    /// book holds its bound of issuers: the book does not keep every issuer it
+    /// ever saw.
+    #[test]
+    fn remembered_nonces_of_quiet_issuers_are_forgotten() {
+        let mut b = book();
+        for i in 0..100u64 {
+            let now = NOW + i * 40;
+            b.remember(&format!("issuer-{i}"), 1, now + 30, 0, now);
+        }
+        assert!(b.len() <= 2, "{}", b.len());
+        assert!(b.get("issuer-99", 1, NOW + 99 * 40).is_some());
+        // A quiet issuer's nonce is forgotten only once it expired.
+        let mut b = book();
+        b.remember("a", 1, NOW + 30, 0, NOW);
+        b.remember("b", 1, NOW + 30, 0, NOW);
+        b.remember("c", 1, NOW + 30, 0, NOW + 1);
+        assert!(b.get("a", 1, NOW + 1).is_some() && b.get("b", 1, NOW + 1).is_some());
     }
 
     #[test]
@@ -724,7 +774,50 @@ mod tests {
             Ok(ShardOutcome::Fresh),
             "expired entries make room"
         );
-        assert_eq!(s.len(), 1);
+        // Kept through their grace, then forgotten.
+        assert_eq!(s.len(), 5);
+        let last = NOW + 30 + SHARD_GRACE_SECS + 1;
+        assert_eq!(
+            s.accept(12, NOW + 100, &d, last, 4),
+            Ok(ShardOutcome::Fresh)
+        );
+        assert_eq!(s.len(), 2);
+    }
+
+    /// Two workers read the clock a second apart: the later one's write must not
+    /// make the earlier one, still within a nonce's freshness, take a replay of
+    /// it for fresh (a shard keeps no mark of what it forgot). A new command
+    /// under a nonce expired at the caller's clock is fresh.
+    #[test]
+    fn a_nonce_forgotten_at_a_later_clock_still_refuses_its_replay() {
+        let mut s = Shard::default();
+        let (first, other) = (digest(b"command"), digest(b"another"));
+        assert_eq!(
+            s.accept(7, NOW + 30, &first, NOW, 4),
+            Ok(ShardOutcome::Fresh)
+        );
+        // Another worker, at NOW + 31, accepts another nonce of the shard.
+        assert_eq!(
+            s.accept(8, NOW + 61, &first, NOW + 31, 4),
+            Ok(ShardOutcome::Fresh)
+        );
+        // A worker whose clock read NOW + 30 (nonce 7's command still fresh).
+        assert_eq!(
+            s.accept(7, NOW + 30, &other, NOW + 30, 4),
+            Err(Refused::Replay(()))
+        );
+        // At NOW + 31, nonce 7 is another command's to take.
+        assert_eq!(
+            s.accept(7, NOW + 61, &other, NOW + 31, 4),
+            Ok(ShardOutcome::Fresh)
+        );
+        assert_eq!(s.len(), 2, "the old entry was replaced");
+        // Entries in their grace hold at most the bound again.
+        let mut s = Shard::default();
+        for n in 0..100 {
+            s.accept(n, NOW + n, &first, NOW + n, 4).unwrap();
+            assert!(s.len() <= 8, "{}", s.len());
+        }
     }
 
     #[test]
