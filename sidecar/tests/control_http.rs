@@ -718,6 +718,33 @@ fn another_request_under_a_key_the_guard_forgot_is_refused_not_answered_applied(
         (200, &Value::Bool(true), &first["request_id"]),
         "{again}"
     );
+    // A token that expired (beyond the edge's leeway) before the request's body
+    // came: refused, not signed.
+    let expired = (common::now() - 100).to_string();
+    let req = common::stamped(
+        s.http
+            .post(format!("{}/api/control/module/mev:stop", s.base))
+            .header("content-type", "application/json"),
+        &[
+            ("x-gw-verified", "jwt"),
+            ("x-gw-sub", "alice"),
+            ("x-gw-roles", "admin"),
+            ("x-gw-token-exp", &expired),
+        ],
+    )
+    .body("{}");
+    let (status, body) = s.rt.block_on(async {
+        let r = req.send().await.unwrap();
+        (
+            r.status().as_u16(),
+            r.json::<Value>().await.unwrap_or(Value::Null),
+        )
+    });
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("jwt_expired")),
+        "{body}"
+    );
     // The kill's refusal is in the ledger.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let id = kill["request_id"].as_str().unwrap().to_owned();

@@ -2250,4 +2250,43 @@ fn a_large_record_no_node_forwarded_does_not_stop_the_agent() {
         assert!(Instant::now() < deadline, "{:?}", row_summary(&rows));
         std::thread::sleep(Duration::from_millis(200));
     }
+    // A large record as the module's newest decision, another module's command
+    // after it, a restart: the agent still knows its topic (the record's digest
+    // is kept where its bytes are not; compared with no bytes, it took the topic
+    // for one deleted and created again, and handled it from offset 0).
+    publish_mev(
+        &k,
+        vec![0x0a; 700_000],
+        rdkafka::message::OwnedHeaders::new(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::stored(&ch)
+        .iter()
+        .filter(|r| r.stage == "agent" && r.code == "forbidden_peer")
+        .count()
+        < 3
+    {
+        assert!(Instant::now() < deadline, "the second large record decided");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, body) = post(&s, arbitrage_command(4, Action::Start));
+    assert_eq!(
+        (status, &body["applied"]),
+        (200, &Value::Bool(true)),
+        "{body}"
+    );
+    drop(s);
+    let s = common::serve(config(d.path(), &kafka, &ch));
+    let (status, body) = post(
+        &s,
+        signed_command(5, Action::Start, now(), "dashboard", &[]),
+    );
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while modules(&s)["mev"]["state"] != "running" {
+        assert!(Instant::now() < deadline, "never applied: {}", modules(&s));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let metrics = s.get_ops("/metrics");
+    assert!(!metrics.contains("outcome=\"topic_replaced\""), "{metrics}");
 }

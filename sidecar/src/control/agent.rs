@@ -31,9 +31,7 @@ use gw_core::{Code, Command, ControlPolicy, Module, Reject, VerifiedCommand};
 use tokio::sync::broadcast;
 
 use super::bus::{BusConsumer, BusError, Delivery, Origin, Position};
-use super::kafka_state::{
-    Behind, Checkpoint, KafkaState, LastDecision, StoredNonce, LAST_PAYLOAD_MAX, RECENT,
-};
+use super::kafka_state::{Behind, Checkpoint, KafkaState, LastDecision, StoredNonce, RECENT};
 use super::modules::ModuleTable;
 use crate::journal::txn::{AgentEntry, AppliedNonce, RefusedCommand, SnapshotEntry};
 use crate::journal::{self, Journal, JournalError, Lsn, Txn};
@@ -988,18 +986,15 @@ impl Agent {
                 cp.recent.pop_front();
             }
         }
+        let (payload, omitted) = LastDecision::keep(&d.payload);
         cp.last.insert(
             chain.clone(),
             LastDecision {
                 position: d.position,
                 outcome: outcome.to_owned(),
                 code: code.map(|c| c.as_str().to_owned()),
-                payload: if d.payload.len() <= LAST_PAYLOAD_MAX {
-                    d.payload.clone()
-                } else {
-                    Vec::new()
-                },
-                omitted: (d.payload.len() > LAST_PAYLOAD_MAX).then_some(d.payload.len() as u64),
+                payload,
+                omitted,
                 requester: d.requester.clone(),
                 forwarded_by: match &d.origin {
                     Origin::Node { node, .. } => Some(node.clone()),
@@ -1036,6 +1031,16 @@ impl Agent {
     fn misplaced(&self, d: &Delivery) -> Option<String> {
         let k = self.kafka.as_ref()?;
         let module = self.core.module;
+        if d.key != module.as_str().as_bytes() {
+            // Keyed with no module's name (its refusal is the first module's):
+            // its partition may be another node's to consume for that module,
+            // and a checkpoint written here would overwrite the owner's.
+            let nobodys = !Module::ALL.iter().any(|m| d.key == m.as_str().as_bytes());
+            return (nobodys && module == Module::ALL[0]).then(|| {
+                let key = String::from_utf8_lossy(&d.key[..d.key.len().min(64)]).into_owned();
+                format!("a record of the command topic keyed `{key}` names no module: no agent applies it")
+            });
+        }
         let want = k.store.partition_of(module);
         (d.key == module.as_str().as_bytes() && d.position.partition != want).then(|| {
             format!(
@@ -1116,14 +1121,15 @@ impl Agent {
             .values()
             .filter(|l| l.position.partition == at.partition && l.position.offset < next)
             .max_by_key(|l| l.position.offset)
-            .map(|l| (l.position.offset, l.payload.clone()));
+            .map(|l| (l.position.offset, l.digest()));
         let (end, found) = k
             .store
             .probe_command_topic(at.partition, decided.as_ref().map(|d| d.0))
             .await?;
         let why = match (decided, found) {
             _ if end < next => format!("it ends at offset {end}"),
-            (Some((o, want)), Some(got)) if got != want => {
+            // (A kept digest that is not one tells nothing.)
+            (Some((o, Some(want))), Some(got)) if gw_core::replay::digest(&got) != want => {
                 format!("offset {o} holds another command than the one decided there")
             }
             _ => {
@@ -1294,11 +1300,8 @@ impl Agent {
             position: last.position,
             origin: Origin::Local,
         };
-        // (Bytes not kept: the row says only what the checkpoint does.)
-        let command = match last.omitted {
-            Some(_) => None,
-            None => <Command as prost::Message>::decode(d.payload.as_slice()).ok(),
-        };
+        // (Bytes not kept: the row says what the checkpoint does.)
+        let command = last.command();
         let code = last.code.as_deref().and_then(Code::parse);
         let (decision, applied) = match last.outcome.as_str() {
             "applied" => (

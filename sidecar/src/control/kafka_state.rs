@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use gw_core::contract::Requester;
 use gw_core::module_state::ModuleState;
-use gw_core::Module;
+use gw_core::{Command, Module};
 use rdkafka::admin::{NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -239,14 +239,14 @@ pub struct LastDecision {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
     /// The exact signed bytes — empty when there were more than
-    /// [`LAST_PAYLOAD_MAX`] (`omitted` says how many).
+    /// [`LAST_PAYLOAD_MAX`] (`omitted` says what is kept of them).
     #[serde(with = "crate::journal::txn::hex_vec")]
     pub payload: Vec<u8>,
-    /// The record's size when its bytes are not kept: a record of up to Kafka's
+    /// What is kept of a record whose bytes are not: a record of up to Kafka's
     /// own bound (about 1 MB) made the checkpoint, which holds one decision of
     /// every node, too large to produce, and the agent tried again for ever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub omitted: Option<u64>,
+    pub omitted: Option<Omitted>,
     /// Who sent it.
     pub requester: Requester,
     /// The gateway node whose forward it was (none: a record no node forwarded,
@@ -257,10 +257,89 @@ pub struct LastDecision {
     pub forwarded_by: Option<String>,
 }
 
-/// The most bytes of a decision's record a checkpoint keeps ([`LastDecision`]):
-/// every command of this gateway is far smaller (its signed fields and a few
-/// arguments; admission's `max_body` bounds what it takes at all).
+/// The most bytes of a decision's record a checkpoint keeps ([`LastDecision`]).
+/// A command of this gateway is a few hundred bytes; one can be larger (its
+/// arguments up to about 35 KB, `max_body_bytes` 64 KiB by default): then what
+/// the checkpoint's readers need of it is kept ([`Omitted`]).
 pub const LAST_PAYLOAD_MAX: usize = 16 << 10;
+
+/// What a checkpoint keeps of a decided record larger than
+/// [`LAST_PAYLOAD_MAX`]: enough to tell it from another record at its offset, to
+/// answer the requests waiting on it and to write its row again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Omitted {
+    /// The record's size.
+    pub bytes: u64,
+    /// Its digest ([`gw_core::replay::digest`]), hex.
+    pub digest: String,
+    /// The command's issuer, nonce, request id, module and action (their wire
+    /// numbers), when the record decodes as a command with an issuer and request
+    /// id of at most 256 bytes each (else empty).
+    #[serde(default)]
+    pub issuer: String,
+    /// See `issuer`.
+    #[serde(default)]
+    pub nonce: u64,
+    /// See `issuer`.
+    #[serde(default)]
+    pub request_id: String,
+    /// See `issuer`.
+    #[serde(default)]
+    pub module: i32,
+    /// See `issuer`.
+    #[serde(default)]
+    pub action: i32,
+}
+
+impl LastDecision {
+    /// Keeps `payload` whole up to [`LAST_PAYLOAD_MAX`], else what [`Omitted`]
+    /// says: the two fields of a [`LastDecision`].
+    pub fn keep(payload: &[u8]) -> (Vec<u8>, Option<Omitted>) {
+        if payload.len() <= LAST_PAYLOAD_MAX {
+            return (payload.to_vec(), None);
+        }
+        let c = <Command as prost::Message>::decode(payload)
+            .ok()
+            .filter(|c| c.issuer.len() <= 256 && c.request_id.len() <= 256)
+            .unwrap_or_default();
+        let omitted = Omitted {
+            bytes: payload.len() as u64,
+            digest: hex::encode(gw_core::replay::digest(payload)),
+            issuer: c.issuer,
+            nonce: c.nonce,
+            request_id: c.request_id,
+            module: c.module,
+            action: c.action,
+        };
+        (Vec::new(), Some(omitted))
+    }
+
+    /// The record's digest (`None`: a kept digest that is not one).
+    pub fn digest(&self) -> Option<gw_core::replay::Digest> {
+        match &self.omitted {
+            None => Some(gw_core::replay::digest(&self.payload)),
+            Some(o) => hex::decode(&o.digest).ok()?.try_into().ok(),
+        }
+    }
+
+    /// The command decided on, as far as the checkpoint knows it (its bytes
+    /// not kept: only its issuer, nonce, request id, module and action; `None`
+    /// when they are not known either).
+    pub fn command(&self) -> Option<Command> {
+        match &self.omitted {
+            None => <Command as prost::Message>::decode(self.payload.as_slice()).ok(),
+            Some(o) if o.issuer.is_empty() => None,
+            Some(o) => Some(Command {
+                issuer: o.issuer.clone(),
+                nonce: o.nonce,
+                request_id: o.request_id.clone(),
+                module: o.module,
+                action: o.action,
+                ..Command::default()
+            }),
+        }
+    }
+}
 
 /// What [`KafkaState::load`] found.
 #[derive(Debug, Clone, Default)]
@@ -882,6 +961,66 @@ fn unsigned_newest(
 mod tests {
     use super::*;
     use ed25519_dalek::SigningKey;
+
+    /// A decided record over [`LAST_PAYLOAD_MAX`] is not kept whole, but what
+    /// the checkpoint's readers need of it is: its digest (the topic check tells
+    /// it from another record at its offset by it), and the command's issuer,
+    /// nonce, request id, module and action (answers, rows written again). A
+    /// small one is kept as it is.
+    #[test]
+    fn a_large_record_is_kept_as_its_digest_and_its_commands_names() {
+        let c = Command {
+            issuer: "dashboard".into(),
+            nonce: 9,
+            request_id: "req-9".into(),
+            module: 1,
+            action: 2,
+            args: [("pad".to_owned(), "x".repeat(LAST_PAYLOAD_MAX))].into(),
+            ..Command::default()
+        };
+        let big = prost::Message::encode_to_vec(&c);
+        let (payload, omitted) = LastDecision::keep(&big);
+        let o = omitted.clone().expect("omitted");
+        assert!(payload.is_empty());
+        assert_eq!(o.bytes, big.len() as u64);
+        let last = LastDecision {
+            position: Position {
+                partition: 0,
+                offset: 1,
+            },
+            outcome: "applied".into(),
+            code: None,
+            payload,
+            omitted,
+            requester: Requester::default(),
+            forwarded_by: None,
+        };
+        assert_eq!(last.digest(), Some(gw_core::replay::digest(&big)));
+        let named = last.command().expect("named");
+        assert_eq!(
+            (
+                named.issuer.as_str(),
+                named.nonce,
+                named.request_id.as_str()
+            ),
+            ("dashboard", 9, "req-9")
+        );
+        assert_eq!((named.module, named.action), (1, 2));
+        // As stored and read back.
+        let back: LastDecision =
+            serde_json::from_slice(&serde_json::to_vec(&last).unwrap()).unwrap();
+        assert_eq!(back, last);
+        // Junk: its digest, no command.
+        let (_, junk) = LastDecision::keep(&vec![0xff; LAST_PAYLOAD_MAX + 1]);
+        let junk = LastDecision {
+            omitted: junk,
+            ..last.clone()
+        };
+        assert!(junk.command().is_none() && junk.digest().is_some());
+        // Small: kept whole.
+        let (kept, none) = LastDecision::keep(b"small");
+        assert_eq!((kept.as_slice(), none), (&b"small"[..], None));
+    }
 
     #[test]
     fn a_nodes_forwards_are_taken_once_in_order_and_never_after_a_later_start() {

@@ -105,12 +105,14 @@ impl CheckpointWatch {
             // or has its own answer.
             return;
         }
-        let digest = gw_core::replay::digest(&d.payload);
+        let Some(digest) = d.digest() else {
+            return;
+        };
         if self.last.get(&cp.writer) == Some(&(d.position, digest)) {
             return;
         }
         self.last.insert(cp.writer.clone(), (d.position, digest));
-        let Ok(c) = <Command as prost::Message>::decode(d.payload.as_slice()) else {
+        let Some(c) = d.command() else {
             return;
         };
         let outcome = match d.outcome.as_str() {
@@ -777,6 +779,20 @@ impl Control {
             );
             return Err(self.refuse_early(r, body, edge, &path).await);
         }
+        // The edge checked the token at the request's headers; its body (which
+        // the edge streams here) may come up to the route's timeout later. Held
+        // to its expiry again now, with the edge's leeway.
+        let leeway = gw_core::jwt::JwtPolicy::default().leeway_secs;
+        if who
+            .token_exp
+            .is_some_and(|exp| exp.saturating_add(leeway) <= crate::now_secs())
+        {
+            let r = Reject::new(
+                Code::JwtExpired,
+                "the token expired before the request's body came",
+            );
+            return Err(self.refuse_early(r, body, edge, &path).await);
+        }
         let args = match json_route::parse_args(body, route.1) {
             Ok(a) => a,
             Err(r) => return Err(self.refuse_early(r, body, edge, &path).await),
@@ -1322,10 +1338,29 @@ mod tests {
             d.code = Some("replay".into());
         }
         w.seen(copy);
-        let nonces: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
-            .map(|a| a.nonce)
+        // A command too large for the checkpoint to keep whole: told all the
+        // same, by what the checkpoint kept of it.
+        let mut large = checkpoint("node-2", 9, 6);
+        let big = prost::Message::encode_to_vec(&Command {
+            issuer: "dashboard".into(),
+            nonce: 6,
+            args: [(
+                "pad".to_owned(),
+                "x".repeat(crate::control::kafka_state::LAST_PAYLOAD_MAX),
+            )]
+            .into(),
+            ..Command::default()
+        });
+        if let Some(d) = large.last.get_mut("node-2") {
+            (d.payload, d.omitted) = LastDecision::keep(&big);
+        }
+        w.seen(large);
+        let told: Vec<(u64, gw_core::replay::Digest)> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|a| (a.nonce, a.digest))
             .collect();
-        assert_eq!(nonces, vec![1, 2]);
+        let nonces: Vec<u64> = told.iter().map(|t| t.0).collect();
+        assert_eq!(nonces, vec![1, 2, 6]);
+        assert_eq!(told[2].1, gw_core::replay::digest(&big));
     }
 
     /// Another node's agent refusing a command this node accepted is kept in the
