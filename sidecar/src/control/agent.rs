@@ -33,7 +33,7 @@ use tokio::sync::broadcast;
 use super::bus::{BusConsumer, BusError, Delivery, Origin, Position};
 use super::kafka_state::{Behind, Checkpoint, KafkaState, LastDecision, StoredNonce, RECENT};
 use super::modules::ModuleTable;
-use crate::journal::txn::{AgentEntry, AppliedNonce, RefusedCommand, SnapshotEntry};
+use crate::journal::txn::{AgentEntry, AppliedNonce, RefusedCommand, SnapshotEntry, SnapshotPart};
 use crate::journal::{self, Journal, JournalError, Lsn, Txn};
 use crate::ledger::{Auditor, Entry};
 use crate::ops::metrics::ControlMetrics;
@@ -477,6 +477,43 @@ pub fn refusal_is_the_forwards(code: Code) -> bool {
     )
 }
 
+/// Applied nonces a snapshot writes to one record (each at most a few hundred
+/// bytes of JSON: well within [`journal::MAX_RECORD_BYTES`]).
+const SNAPSHOT_PART_NONCES: usize = 32_768;
+
+/// Reads a snapshot's parts as they come ([`Agent::snapshot`]).
+#[derive(Default)]
+struct SnapshotParts<'a> {
+    parts: Vec<(Lsn, &'a SnapshotEntry)>,
+}
+
+impl<'a> SnapshotParts<'a> {
+    /// `s`, read at `lsn`: the whole snapshot once it is complete (a snapshot
+    /// of one record at once), else `None`. A part out of its place (another
+    /// snapshot's, one after a part that is missing) drops what was gathered.
+    fn read(&mut self, lsn: Lsn, s: &'a SnapshotEntry) -> Option<Vec<(Lsn, &'a SnapshotEntry)>> {
+        let Some(p) = s.part else {
+            self.parts.clear();
+            return Some(vec![(lsn, s)]);
+        };
+        let follows = self
+            .parts
+            .last()
+            .and_then(|(_, last)| last.part)
+            .is_some_and(|q| {
+                q.id == p.id && q.count == p.count && q.index.checked_add(1) == Some(p.index)
+            });
+        if !follows {
+            self.parts.clear();
+            if p.index != 0 {
+                return None;
+            }
+        }
+        self.parts.push((lsn, s));
+        (p.index.checked_add(1) == Some(p.count)).then(|| std::mem::take(&mut self.parts))
+    }
+}
+
 /// Most deliveries an agent decides on in one journal transaction.
 const MAX_BATCH: usize = 64;
 /// And most command bytes beyond the first (a delivery's entries hold its bytes
@@ -512,27 +549,35 @@ impl Agent {
             journalled.insert(p.partition, p.offset);
             journalled_lsn = Some(lsn);
         };
+        let mut parts = SnapshotParts::default();
         for (lsn, t) in records {
             for e in &t.entries {
                 match e {
                     journal::Entry::Snapshot(s) if s.module == module => {
-                        state = s.state.clone();
+                        // A snapshot in parts stands once its last part is read.
+                        let Some(whole) = parts.read(*lsn, s) else {
+                            continue;
+                        };
+                        let (first, last) = (whole[0].0, whole[whole.len() - 1].1);
+                        state = last.state.clone();
                         applied = NonceBook::new(env.limits);
                         applied_lsns.clear();
-                        for n in &s.applied {
-                            let at = AppliedAt {
-                                seq: n.seq,
-                                what: what_parsed(n.what.as_deref()),
-                            };
-                            let _ = applied.insert(&n.issuer, n.nonce, n.expires, at, now);
-                            applied_lsns.note(*lsn, n.expires);
+                        for (part_lsn, part) in &whole {
+                            for n in &part.applied {
+                                let at = AppliedAt {
+                                    seq: n.seq,
+                                    what: what_parsed(n.what.as_deref()),
+                                };
+                                let _ = applied.insert(&n.issuer, n.nonce, n.expires, at, now);
+                                applied_lsns.note(*part_lsn, n.expires);
+                            }
                         }
-                        state_lsn = Some(*lsn);
-                        next_offset = s.next_offset.or(next_offset);
-                        for p in &s.kafka {
-                            note(*p, *lsn);
+                        state_lsn = Some(first);
+                        next_offset = last.next_offset.or(next_offset);
+                        for p in &last.kafka {
+                            note(*p, first);
                         }
-                        generation = generation.max(s.generation.unwrap_or(0));
+                        generation = generation.max(last.generation.unwrap_or(0));
                     }
                     _ => {}
                 }
@@ -1368,47 +1413,75 @@ impl Agent {
             self.release(now);
             return;
         }
+        self.snapshot(now, SNAPSHOT_PART_NONCES).await;
+    }
+
+    /// Writes the agent's whole state: its applied nonces [`SNAPSHOT_PART_NONCES`]
+    /// (`per_part`) to a record, each record carrying the state too; the
+    /// snapshot stands once its last part is written (read back, parts without
+    /// their last are passed over: the records before them still stand, and
+    /// nothing is released until the last is written). One record held every
+    /// nonce, and at some 130 000 of them (a few hundred commands a second
+    /// within `agent_dedup_secs`) it was larger than a journal record may be:
+    /// never written, the agent held the journal back for ever.
+    async fn snapshot(&mut self, now: u64, per_part: usize) {
         let applied = self.core.applied(now);
         let max_exp = applied.iter().map(|n| n.expires).max();
-        let snap = SnapshotEntry {
-            module: self.core.module,
-            kafka: self.kafka.as_ref().map_or_else(Vec::new, |k| {
-                k.journalled
-                    .iter()
-                    .map(|(p, o)| Position {
-                        partition: *p,
-                        offset: *o,
-                    })
-                    .collect()
-            }),
-            next_offset: self.next_offset,
-            state: self.core.state().clone(),
-            applied,
-            generation: self.kafka.as_ref().map(|k| k.checkpoint.generation),
+        let chunks: Vec<&[AppliedNonce]> = if applied.is_empty() {
+            vec![&[]]
+        } else {
+            applied.chunks(per_part.max(1)).collect()
         };
-        match self
-            .env
-            .journal
-            .commit(Txn::of(vec![journal::Entry::Snapshot(snap)]))
-            .await
-        {
-            Ok(c) => {
-                self.state_lsn = Some(c.lsn);
-                if let Some(k) = self.kafka.as_mut() {
-                    if !k.journalled.is_empty() {
-                        k.journalled_lsn = Some(c.lsn);
-                    }
+        let count = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+        let id = crate::now_nanos();
+        let mut first = None;
+        for (index, chunk) in (0u32..).zip(chunks) {
+            let snap = SnapshotEntry {
+                module: self.core.module,
+                kafka: self.kafka.as_ref().map_or_else(Vec::new, |k| {
+                    k.journalled
+                        .iter()
+                        .map(|(p, o)| Position {
+                            partition: *p,
+                            offset: *o,
+                        })
+                        .collect()
+                }),
+                next_offset: self.next_offset,
+                state: self.core.state().clone(),
+                applied: chunk.to_vec(),
+                generation: self.kafka.as_ref().map(|k| k.checkpoint.generation),
+                part: (count > 1).then_some(SnapshotPart { id, index, count }),
+            };
+            match self
+                .env
+                .journal
+                .commit(Txn::of(vec![journal::Entry::Snapshot(snap)]))
+                .await
+            {
+                Ok(c) => {
+                    first.get_or_insert(c.lsn);
                 }
-                self.applied_lsns.clear();
-                if let Some(e) = max_exp {
-                    self.applied_lsns.note(c.lsn, e);
+                Err(e) => {
+                    tracing::warn!(module = self.core.module.as_str(), error = %e, part = index, parts = count, "agent snapshot not written");
+                    return;
                 }
-                self.release(now);
-            }
-            Err(e) => {
-                tracing::warn!(module = self.core.module.as_str(), error = %e, "agent snapshot not written");
             }
         }
+        let Some(lsn) = first else {
+            return;
+        };
+        self.state_lsn = Some(lsn);
+        if let Some(k) = self.kafka.as_mut() {
+            if !k.journalled.is_empty() {
+                k.journalled_lsn = Some(lsn);
+            }
+        }
+        self.applied_lsns.clear();
+        if let Some(e) = max_exp {
+            self.applied_lsns.note(lsn, e);
+        }
+        self.release(now);
     }
 
     fn announce(
@@ -1955,6 +2028,95 @@ mod tests {
             at(2, forged),
             at(3, throttle),
         ]
+    }
+
+    /// A snapshot too large for one journal record is written in parts, and a
+    /// restart takes it whole — every nonce with its row's seq and what its
+    /// command asked; a snapshot whose last part was never written (a crash
+    /// between parts) is passed over, and the one before it stands.
+    #[tokio::test]
+    async fn a_snapshot_in_parts_stands_only_whole() {
+        use crate::journal::Options;
+        use gw_core::ledger::Chain;
+
+        let d = testkit::TempDir::new("agent-snapshot-parts");
+        let now = crate::now_secs();
+        let opened = Journal::open(d.path(), Options::default()).unwrap();
+        let journal = opened
+            .start(Some(Chain::new("node-1")), Vec::new())
+            .unwrap();
+        let (env, _) = agent_env(&journal, false);
+        let mut agent = Agent::open(Module::Mev, &env, &[]);
+        let remember = |agent: &mut Agent, nonces: std::ops::Range<u64>| {
+            for n in nonces {
+                let at = AppliedAt {
+                    seq: n,
+                    what: Some([7; 16]),
+                };
+                agent
+                    .core
+                    .applied
+                    .insert("dashboard", n, now + 600, at, now)
+                    .unwrap();
+            }
+        };
+        remember(&mut agent, 0..2_500);
+        agent.snapshot(now, 1_000).await;
+        // A second snapshot (more nonces) whose last part is lost.
+        remember(&mut agent, 2_500..3_100);
+        agent.snapshot(now, 1_000).await;
+        drop((agent, env, journal));
+
+        let opened = Journal::open(d.path(), Options::default()).unwrap();
+        let records = opened.records.clone();
+        let parts: Vec<(u64, u32, u32)> = records
+            .iter()
+            .flat_map(|(_, t)| &t.entries)
+            .filter_map(|e| match e {
+                journal::Entry::Snapshot(s) => s.part.map(|p| (p.id, p.index, p.count)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            parts.iter().map(|p| (p.1, p.2)).collect::<Vec<_>>(),
+            vec![(0, 3), (1, 3), (2, 3), (0, 4), (1, 4), (2, 4), (3, 4)]
+        );
+        let journal = opened.start(None, Vec::new()).unwrap();
+        let (env, _) = agent_env(&journal, false);
+        let whole = Agent::open(Module::Mev, &env, &records);
+        assert_eq!(whole.core.applied(now).len(), 3_100);
+        let at = whole
+            .core
+            .applied
+            .get("dashboard", 3_099, now)
+            .unwrap()
+            .value;
+        assert_eq!((at.seq, at.what), (3_099, Some([7; 16])));
+        // Without the second snapshot's last part: the first stands.
+        let cut: Vec<(Lsn, Txn)> = records[..records.len() - 1].to_vec();
+        let first = Agent::open(Module::Mev, &env, &cut);
+        assert_eq!(first.core.applied(now).len(), 2_500);
+        assert!(first.core.applied.get("dashboard", 2_600, now).is_none());
+    }
+
+    /// A snapshot's part holds [`SNAPSHOT_PART_NONCES`] of the largest applied
+    /// nonces there can be (an issuer of its most bytes, each escaped in JSON —
+    /// control characters are refused — every number at its largest) within a
+    /// journal record.
+    #[test]
+    fn a_snapshot_part_fits_in_a_journal_record() {
+        let n = AppliedNonce {
+            issuer: "\"".repeat(gw_core::command::MAX_ISSUER_BYTES),
+            nonce: u64::MAX,
+            expires: u64::MAX,
+            seq: u64::MAX,
+            what: Some("f".repeat(32)),
+        };
+        let one = serde_json::to_vec(&n).unwrap().len() + 1;
+        assert!(
+            one * SNAPSHOT_PART_NONCES < journal::MAX_RECORD_BYTES,
+            "{one} bytes a nonce"
+        );
     }
 
     /// A batch of deliveries is decided in order (a nonce twice in one batch is

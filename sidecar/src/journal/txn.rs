@@ -182,6 +182,22 @@ pub struct SnapshotEntry {
     /// knows was written (as [`AgentEntry::generation`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+    /// One part of a snapshot written in several records (its applied nonces
+    /// would not fit in one: [`super::MAX_RECORD_BYTES`]); absent: the whole
+    /// snapshot. It stands only once every part is read, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<SnapshotPart>,
+}
+
+/// Where a [`SnapshotEntry`] stands among the records of one snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotPart {
+    /// The snapshot (the time it was begun, unix nanoseconds).
+    pub id: u64,
+    /// This part's place, from 0.
+    pub index: u32,
+    /// How many parts the snapshot has.
+    pub count: u32,
 }
 
 pub(crate) mod hex_vec {
@@ -345,6 +361,11 @@ mod tests {
                 state: ModuleState::default(),
                 applied: Vec::new(),
                 generation: Some(7),
+                part: Some(SnapshotPart {
+                    id: 1,
+                    index: 0,
+                    count: 2,
+                }),
             }),
         ]);
         assert_eq!(Txn::decode(&all.encode().unwrap()), Ok(all));
