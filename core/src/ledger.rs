@@ -587,13 +587,42 @@ pub fn not_walked_sql(table: &str) -> String {
 /// names in `WHERE`, `ORDER BY` and the checks mean the stored columns, not the
 /// columns read as UTF-8.
 pub fn walk_sql(table: &str) -> String {
+    walk_sql_of(table, &COLUMNS)
+}
+
+/// [`walk_sql`] of a table that holds only the columns `stored`: a text column
+/// it lacks (a table made before the column was added, kept as it was) is read
+/// as empty, as the row's decoding takes it ([`LedgerRow`]'s defaults).
+pub fn walk_sql_of(table: &str, stored: &[&str]) -> String {
     format!(
         "SELECT {} FROM {table} WHERE {WALKED} ORDER BY chain_id, seq \
          SETTINGS prefer_column_name_to_alias = 1, result_overflow_mode = 'throw', \
          read_overflow_mode = 'throw', timeout_overflow_mode = 'throw'",
-        walk_select_list()
+        select_list(stored)
     )
 }
+
+/// The columns of [`COLUMNS`] a walk cannot do without (the others are read as
+/// empty when a table lacks them: [`walk_sql_of`]).
+pub const REQUIRED_COLUMNS: [&str; 17] = [
+    "chain_id",
+    "seq",
+    "ts_ms",
+    "stage",
+    "decision",
+    "code",
+    "request_id",
+    "issuer",
+    "module",
+    "action",
+    "pubkey_id",
+    "sig_alg",
+    "nonce",
+    "args_json",
+    "raw_hex",
+    "prev_hash",
+    "row_hash",
+];
 
 /// What a walk of the chains selects, in [`COLUMNS`]' order, from the rows
 /// [`WALKED`] keeps (`chain_id` as stored: the walk's order is ClickHouse's
@@ -604,14 +633,19 @@ pub fn walk_sql(table: &str) -> String {
 /// checks name the stored columns: [`walk_sql`] has ClickHouse prefer column
 /// names to the aliases of the same name.
 pub fn walk_select_list() -> String {
+    select_list(&COLUMNS)
+}
+
+fn select_list(stored: &[&str]) -> String {
     let texts: Vec<String> = COLUMNS
         .iter()
-        .filter(|c| !NUMBER_COLUMNS.contains(c) && **c != "chain_id")
+        .filter(|c| !NUMBER_COLUMNS.contains(c) && **c != "chain_id" && stored.contains(c))
         .map(|c| format!("isValidUTF8({c})"))
         .collect();
     COLUMNS
         .iter()
         .map(|c| match *c {
+            c if !stored.contains(&c) && !REQUIRED_COLUMNS.contains(&c) => format!("'' AS {c}"),
             "chain_id" => "chain_id".to_owned(),
             "row_hash" => format!(
                 "if({}, row_hash, concat('not UTF-8: ', toValidUTF8(row_hash))) AS row_hash",

@@ -2099,3 +2099,65 @@ fn a_row_that_is_not_utf8_is_a_break_not_an_outage() {
     assert_eq!(s.get_json("/api/ledger/verify")["ok"], true);
     assert_eq!(gwctl().0, Some(0));
 }
+
+/// A ledger table made before the requester's columns were added (kept as it
+/// was: an archive) is walked with them empty, as gwctl read it before it named
+/// the columns it walks; a table that lacks a column no ledger lacks is refused,
+/// saying which.
+#[test]
+fn gwctl_walks_a_table_made_before_the_requester_columns() {
+    let (_d, ch, client) = with_table("ledger-verify-old-table");
+    let mut chain = Chain::new("node-1");
+    let rows: Vec<LedgerRow> = (1..=3)
+        .map(|i| {
+            let mut r = row(i);
+            r.requester.clear();
+            r.requester_roles.clear();
+            r.token_issuer.clear();
+            r.route.clear();
+            chain.seal(r)
+        })
+        .collect();
+    current_thread()
+        .block_on(gw_sidecar::ledger::ship::insert(
+            &client,
+            "control_decisions",
+            &rows,
+            None,
+        ))
+        .unwrap();
+    ch.query(
+        "CREATE TABLE old_decisions ENGINE = MergeTree ORDER BY (chain_id, seq) AS \
+         SELECT * EXCEPT (requester, requester_roles, token_issuer, route) FROM control_decisions",
+    );
+    ch.query(
+        "CREATE TABLE not_a_ledger ENGINE = MergeTree ORDER BY (chain_id, seq) AS \
+         SELECT chain_id, seq FROM control_decisions",
+    );
+    let gwctl = |table: &str| {
+        let o = std::process::Command::new(testkit::gwctl_bin())
+            .args([
+                "ledger",
+                "verify",
+                "--clickhouse",
+                &ch.url(),
+                "--table",
+                table,
+            ])
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = gwctl("old_decisions");
+    assert_eq!((code, out.trim()), (Some(0), "ok 3 rows"), "{err}");
+    let (code, _, err) = gwctl("not_a_ledger");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("`not_a_ledger` is not a ledger table: it has no column ts_ms"),
+        "{err}"
+    );
+}
