@@ -703,6 +703,17 @@ fn another_request_under_a_key_the_guard_forgot_is_refused_not_answered_applied(
         (200, &Value::Bool(false), Some("replay")),
         "{kill}"
     );
+    // The kill sent again (its client timed out, say): told why, at once.
+    let (status, again) = send("kill");
+    assert_eq!(
+        (
+            status,
+            again["error"].as_str(),
+            again["apply_error"]["error"].as_str()
+        ),
+        (409, Some("replay"), Some("replay")),
+        "{again}"
+    );
     let module = s.get_json("/api/modules")["mev"].clone();
     assert_eq!(
         (&module["state"], &module["applied"]),

@@ -449,18 +449,16 @@ pub const COPIED: &str = "copied";
 
 /// Whether an agent's refusal of a forwarded command with `code` is what became
 /// of the command — so that the replay guard of a node that accepted those bytes
-/// tells a resend — or only of this delivery of it: `replay` (another command
-/// under its nonce, or a copy), `forbidden_peer` (a record no listed node
-/// wrote, or in the wrong partition), `replay_unavailable`. An `unavailable`
-/// forward (overtaken on the topic by a later one of its node) is the command's:
-/// it was not applied — applied, it would be a `duplicate`, its nonce kept past
-/// the guard's — and this forward of it never will be; a resend is told to sign
-/// it again.
+/// tells a resend — or only of this delivery of it: `forbidden_peer` (a record
+/// no listed node wrote, or in the wrong partition), `replay_unavailable`. A
+/// copy of a forward is refused `replay` too, but as a copy: neither told nor
+/// kept. A `replay` that is not a copy is the command's: another command under
+/// its nonce was applied. An `unavailable` forward (overtaken on the topic by a
+/// later one of its node) is the command's: it was not applied — applied, it
+/// would be a `duplicate`, its nonce kept past the guard's — and this forward of
+/// it never will be; a resend is told to sign it again.
 pub fn refusal_is_the_commands(code: Code) -> bool {
-    !matches!(
-        code,
-        Code::Replay | Code::ForbiddenPeer | Code::ReplayUnavailable
-    )
+    !matches!(code, Code::ForbiddenPeer | Code::ReplayUnavailable)
 }
 
 /// Whether an agent's refusal of a forward with `code` says only what became of

@@ -1365,8 +1365,9 @@ mod tests {
 
     /// Another node's agent refusing a command this node accepted is kept in the
     /// guard (a resend is told why, not "not applied yet"), when the refusal is
-    /// the command's — `unavailable` (overtaken on the topic) included — and not
-    /// when it is only about the delivery (`replay`).
+    /// the command's — `unavailable` (overtaken on the topic) and `replay`
+    /// (another command under its nonce was applied) included — and not when it
+    /// is only about the delivery (`forbidden_peer`).
     #[test]
     fn another_nodes_refusal_of_a_command_accepted_here_is_kept_in_the_guard() {
         let (acks, mut rx) = broadcast::channel(8);
@@ -1378,7 +1379,7 @@ mod tests {
                 ..Command::default()
             })
         };
-        let records: Vec<(Lsn, Txn)> = (1..=5)
+        let records: Vec<(Lsn, Txn)> = (1..=7)
             .map(|n| {
                 let e = ReplayStore::entry(
                     "dashboard",
@@ -1413,7 +1414,7 @@ mod tests {
             cp
         };
         w.seen(refused(5, 1, "unavailable", "node-1"));
-        w.seen(refused(6, 2, "replay", "node-1"));
+        w.seen(refused(6, 2, "forbidden_peer", "node-1"));
         w.seen(refused(7, 3, "key_expired", "node-1"));
         // Another node's forward of the same bytes (a resend through it): this
         // node's own forward is still to come.
@@ -1422,13 +1423,15 @@ mod tests {
         w.seen(refused(9, 5, "from_the_future", "node-1"));
         // The command's own refusal, whichever node forwarded it.
         w.seen(refused(10, 6, "key_expired", "node-3"));
+        // Another command under its nonce was applied: the command's.
+        w.seen(refused(11, 7, "replay", "node-1"));
         // Told to the requests waiting here: not node-3's overtaken forward (it
         // would tell this node's client to sign again while its own forward is
         // still on its way), nor a code not known from another node's forward.
         let told: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
             .map(|a| a.nonce)
             .collect();
-        assert_eq!(told, vec![1, 2, 3, 5, 6]);
+        assert_eq!(told, vec![1, 2, 3, 5, 6, 7]);
         let guard = replay.lock();
         let code = |n| {
             guard
@@ -1441,9 +1444,17 @@ mod tests {
                 code(2),
                 code(3).as_deref(),
                 code(4),
-                code(5)
+                code(5),
+                code(7).as_deref()
             ),
-            (Some("unavailable"), None, Some("key_expired"), None, None)
+            (
+                Some("unavailable"),
+                None,
+                Some("key_expired"),
+                None,
+                None,
+                Some("replay")
+            )
         );
     }
 }
