@@ -602,27 +602,10 @@ pub fn walk_sql_of(table: &str, stored: &[&str]) -> String {
     )
 }
 
-/// The columns of [`COLUMNS`] a walk cannot do without (the others are read as
-/// empty when a table lacks them: [`walk_sql_of`]).
-pub const REQUIRED_COLUMNS: [&str; 17] = [
-    "chain_id",
-    "seq",
-    "ts_ms",
-    "stage",
-    "decision",
-    "code",
-    "request_id",
-    "issuer",
-    "module",
-    "action",
-    "pubkey_id",
-    "sig_alg",
-    "nonce",
-    "args_json",
-    "raw_hex",
-    "prev_hash",
-    "row_hash",
-];
+/// The columns of [`COLUMNS`] added to the table after it was first made: a
+/// walk reads them as empty from a table that lacks them ([`walk_sql_of`]); it
+/// cannot do without the others.
+pub const OPTIONAL_COLUMNS: [&str; 4] = ["requester", "requester_roles", "token_issuer", "route"];
 
 /// What a walk of the chains selects, in [`COLUMNS`]' order, from the rows
 /// [`WALKED`] keeps (`chain_id` as stored: the walk's order is ClickHouse's
@@ -645,7 +628,7 @@ fn select_list(stored: &[&str]) -> String {
     COLUMNS
         .iter()
         .map(|c| match *c {
-            c if !stored.contains(&c) && !REQUIRED_COLUMNS.contains(&c) => format!("'' AS {c}"),
+            c if !stored.contains(&c) && OPTIONAL_COLUMNS.contains(&c) => format!("'' AS {c}"),
             "chain_id" => "chain_id".to_owned(),
             "row_hash" => format!(
                 "if({}, row_hash, concat('not UTF-8: ', toValidUTF8(row_hash))) AS row_hash",

@@ -461,10 +461,10 @@ pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
             .filter_map(|v| v["name"].as_str().map(str::to_owned))
             .collect();
         let stored: Vec<&str> = stored.iter().map(String::as_str).collect();
-        let lacking: Vec<&str> = gw_core::ledger::REQUIRED_COLUMNS
+        let lacking: Vec<&str> = gw_core::ledger::COLUMNS
             .iter()
             .copied()
-            .filter(|c| !stored.contains(c))
+            .filter(|c| !stored.contains(c) && !gw_core::ledger::OPTIONAL_COLUMNS.contains(c))
             .collect();
         anyhow::ensure!(
             lacking.is_empty(),

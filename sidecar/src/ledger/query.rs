@@ -450,23 +450,7 @@ const SENDS_TABLE: &str = "tx_sends";
 /// ([`gw_core::ledger::read_as_utf8`]: a row anyone with INSERT stored with
 /// other bytes is shown, not a failure of every page that holds it).
 fn decision_columns() -> String {
-    texts_as_utf8(&[
-        "chain_id",
-        "seq",
-        "ts_ms",
-        "stage",
-        "decision",
-        "code",
-        "issuer",
-        "module",
-        "action",
-        "request_id",
-        "nonce",
-        "requester",
-        "requester_roles",
-        "token_issuer",
-        "route",
-    ])
+    texts_as_utf8(<DecisionView as clickhouse::Row>::COLUMN_NAMES)
 }
 
 /// A select list of the ledger's `columns`, text read as UTF-8.
