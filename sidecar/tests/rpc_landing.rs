@@ -672,6 +672,50 @@ fn upstream_answers_are_bounded_and_errors_never_show_the_url() {
 /// node has not said yet (Agave's service resends on its timer) — and what the
 /// node says, however late, is still acted on. Before, a round waited for every
 /// status call, then for every blockhash check.
+/// A rebroadcast goes to the leaders by the TPU route alone: hedged as a new
+/// send is, every resend also went to the relay (a request against its rate
+/// limit, a tip) and into the routes' statistics.
+#[test]
+fn rebroadcasts_go_by_the_tpu_route_alone() {
+    let rt = runtime();
+    let node = RpcNode::start(1010);
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let relay = testkit::relay::Relay::start(None);
+        // Both routes at once for a new send (the hedge at 0 ms).
+        let cfg: gw_sidecar::sender::SenderConfig = serde_json::from_value(json!({
+            "tpu": {}, "leaders": {"static": []}, "relay": {"url": relay.url},
+            "route_policy": "latency", "hedge_delay_ms": 0, "adaptive": false,
+        }))
+        .unwrap();
+        let leaders: std::sync::Arc<dyn gw_sidecar::sender::leaders::LeaderSource> =
+            std::sync::Arc::new(gw_sidecar::sender::leaders::StaticLeaders::from_leaders(
+                vec![Leader {
+                    tpu_quic: rx.addr,
+                    identity: Some(rx.identity),
+                }],
+            ));
+        let sender = gw_sidecar::sender::Sender::new(
+            &cfg,
+            &ed25519_dalek::SigningKey::from_bytes(&[2; 32]),
+            Some(leaders),
+            None,
+        )
+        .unwrap();
+        let rig = common::rpc::RpcRig::with_sender(sender, &node.url, 100);
+        let ctx = rig.ctx();
+        let (w, b64, sig, _) = tx(61, 0);
+        let r = rpc::handle(&ctx, &send(&b64, json!({"skipPreflight": true}))).await;
+        assert_eq!(r["result"], sig, "{r}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while copies(&rx, &w) < 6 {
+            assert!(tokio::time::Instant::now() < deadline, "resent by the TPU");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(relay.calls().len(), 1, "the first send's hedge only");
+    });
+}
+
 #[test]
 fn a_slow_node_delays_no_rebroadcast() {
     let rt = runtime();

@@ -747,7 +747,7 @@ impl Landing {
                     let resending = self.resending.clone();
                     resending.fetch_add(1, Ordering::AcqRel);
                     tokio::spawn(async move {
-                        let _ = sender.send(wire, sig, &meta).await;
+                        let _ = sender.resend(wire, sig, &meta).await;
                         sending.store(false, Ordering::Release);
                         resending.fetch_sub(1, Ordering::AcqRel);
                     });

@@ -365,6 +365,21 @@ pub struct SendOutcome {
 }
 
 impl SendOutcome {
+    /// A send of `signature` begun with `primary`: nothing answered yet.
+    fn begun(signature: String, primary: Route) -> SendOutcome {
+        SendOutcome {
+            signature,
+            primary,
+            landed: None,
+            hedged: false,
+            hedged_after: None,
+            latency: Duration::ZERO,
+            leader: None,
+            tpu_error: None,
+            relay_error: None,
+        }
+    }
+
     /// Both routes' errors in one line.
     pub fn error(&self) -> String {
         let mut parts = Vec::new();
@@ -613,17 +628,7 @@ impl Sender {
     /// routes; audited.
     pub async fn send(&self, wire: Bytes, signature: String, meta: &SendMeta) -> SendOutcome {
         let primary = self.preferred();
-        let mut out = SendOutcome {
-            signature,
-            primary,
-            landed: None,
-            hedged: false,
-            hedged_after: None,
-            latency: Duration::ZERO,
-            leader: None,
-            tpu_error: None,
-            relay_error: None,
-        };
+        let mut out = SendOutcome::begun(signature, primary);
         if self.configured(primary.other()) {
             self.hedged(&wire, Instant::now(), &mut out, &meta.gate)
                 .await;
@@ -642,6 +647,31 @@ impl Sender {
             if let Event::Confirmed(route) = self.answered(primary, r, lat, &mut out) {
                 out.landed = Some(route);
             }
+        }
+        self.count(&out);
+        self.audit_row(&out, wire.len(), meta, "transaction");
+        out
+    }
+
+    /// Sends again a transaction sent before (the landing's rebroadcast): by the
+    /// TPU route alone when it is configured — to the current and next `fanout`
+    /// leaders, as an RPC node rebroadcasts — never hedged to the relay, where
+    /// each copy is one more request against its rate limit and a tip; and not
+    /// counted in the routes' statistics, which choose the first route of new
+    /// sends (a burst of resends that fills a leader's queue made the TPU route
+    /// look failing, and new sends hedge to the relay). Audited.
+    pub async fn resend(&self, wire: Bytes, signature: String, meta: &SendMeta) -> SendOutcome {
+        let route = if self.configured(Route::Tpu) {
+            Route::Tpu
+        } else {
+            Route::Relay
+        };
+        let mut out = SendOutcome::begun(signature, route);
+        let t0 = quanta::Instant::now();
+        let r = self.launch(route, &wire, &mut out).await;
+        out.latency = quanta::Instant::now().saturating_duration_since(t0);
+        if let Event::Confirmed(route) = self.answered(route, r, None, &mut out) {
+            out.landed = Some(route);
         }
         self.count(&out);
         self.audit_row(&out, wire.len(), meta, "transaction");

@@ -50,6 +50,11 @@ impl RpcRig {
     /// Sends to `leader`, lands with the node at `node_url`, rebroadcasting every
     /// `rebroadcast_ms`. Must run in a runtime.
     pub fn new(leader: Leader, node_url: &str, rebroadcast_ms: u64) -> RpcRig {
+        Self::with_sender(tpu_first_sender(leader), node_url, rebroadcast_ms)
+    }
+
+    /// [`Self::new`] with `sender`.
+    pub fn with_sender(sender: Arc<Sender>, node_url: &str, rebroadcast_ms: u64) -> RpcRig {
         let landing = Landing::new(
             serde_json::from_value::<RpcNodeConfig>(json!({
                 "url": node_url, "timeout_ms": 1000, "rebroadcast_ms": rebroadcast_ms,
@@ -59,7 +64,7 @@ impl RpcRig {
         )
         .expect("landing");
         RpcRig {
-            sender: tpu_first_sender(leader),
+            sender,
             landing,
             modules: arbitrage_running(),
             gate: RpcGate::new(1024),
