@@ -716,6 +716,37 @@ fn rebroadcasts_go_by_the_tpu_route_alone() {
     });
 }
 
+/// A transaction sent again while it is rebroadcast (a client resending until
+/// it lands, the same transaction twice in a batch) is answered with its
+/// signature and not sent again: each was one more send.
+#[test]
+fn a_transaction_already_rebroadcast_is_not_sent_again() {
+    let rt = runtime();
+    let node = RpcNode::start(1010);
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let rig = rig_to(&rx, &node, 10_000);
+        let ctx = rig.ctx();
+        let (w, b64, sig, _) = tx(62, 0);
+        for _ in 0..3 {
+            let r = rpc::handle(&ctx, &send(&b64, json!({"skipPreflight": true}))).await;
+            assert_eq!(r["result"], sig, "{r}");
+        }
+        let one = json!({"jsonrpc": "2.0", "id": 1, "method": "sendTransaction",
+                         "params": [b64, {"encoding": "base64", "skipPreflight": true}]});
+        let batch = serde_json::to_vec(&json!([one.clone(), one])).unwrap();
+        let r = rpc::handle(&ctx, &batch).await;
+        assert_eq!(
+            (&r[0]["result"], &r[1]["result"]),
+            (&json!(sig), &json!(sig)),
+            "{r}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(copies(&rx, &w), 1);
+        assert_eq!(rig.landing.pending(), 1);
+    });
+}
+
 #[test]
 fn a_slow_node_delays_no_rebroadcast() {
     let rt = runtime();

@@ -774,6 +774,11 @@ impl Landing {
         self.pending.lock().txs.len()
     }
 
+    /// Whether `signature` is being rebroadcast now.
+    pub fn is_pending(&self, signature: &str) -> bool {
+        self.pending.lock().txs.contains_key(signature)
+    }
+
     /// `getSignatureStatuses`: the node's answer, with what the rebroadcast loop saw
     /// filled in where the node has nothing.
     pub async fn statuses(

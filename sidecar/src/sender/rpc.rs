@@ -735,6 +735,15 @@ async fn send_transaction(
     opts: SendOptions,
 ) -> Result<String, SendErr> {
     let admitted = gate(ctx)?;
+    let sig = info.signature_b58();
+    if ctx.landing.is_some_and(|l| l.is_pending(&sig)) {
+        // Already rebroadcast (a client resending it until it lands, as Solana
+        // documents; the same transaction twice in a batch): answered with its
+        // signature, not sent again — as Agave's send-transaction-service takes
+        // a transaction already in its retry pool. Its share of the throttle is
+        // given back.
+        return Ok(sig);
+    }
     // Taken before the calls to the RPC node too: `rpc_max_in_flight` bounds the
     // simulations a flood of sends makes there (the provider's rate limit would
     // otherwise refuse every client's).
@@ -760,7 +769,6 @@ async fn send_transaction(
     let sender = ctx.sender.clone();
     let landing = ctx.landing.cloned();
     let meta = rpc_meta(ctx);
-    let sig = info.signature_b58();
     let out = tokio::spawn(async move {
         let _permit = permit;
         let out = sender.send(wire.clone(), sig, &meta).await;
