@@ -402,7 +402,7 @@ async fn shipper(
             woke.await;
             continue;
         };
-        let token = format!("gw-sends-{node_id}-{lsn}");
+        let token = insert_token(&node_id, lsn, &rows);
         match insert(&client, &table, &token, &rows).await {
             Ok(()) => {
                 stats
@@ -440,10 +440,40 @@ async fn insert(
     ins.end().await.map_err(|e| e.to_string())
 }
 
+/// The name of the insert of journal record `lsn`'s `rows` (ClickHouse takes an
+/// insert under a name it has seen for a retry, and drops it answering
+/// success): the node, the record, and a digest of the rows. Named by the record
+/// alone, two journals under one node id (a state directory restored from a
+/// copy, a configuration cloned) numbered different sends alike, and the later
+/// ones were dropped unseen. A retry of one insert has the same rows.
+fn insert_token(node_id: &str, lsn: Lsn, rows: &[SendRow]) -> String {
+    let body = serde_json::to_vec(rows).unwrap_or_default();
+    format!(
+        "gw-sends-{node_id}-{lsn}-{}",
+        hex::encode(gw_core::replay::digest(&body))
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::journal::{Entry, Options, STARTUP_HOLD};
+
+    /// An insert's name holds its rows: the same record's retry keeps it, other
+    /// rows under the same record number (another journal of the node id) do
+    /// not share it.
+    #[test]
+    fn an_inserts_name_holds_its_rows() {
+        let row = |sig: &str| SendRow {
+            signature: sig.into(),
+            ..SendRow::default()
+        };
+        let a = insert_token("node-1", 7, &[row("a")]);
+        assert_eq!(a, insert_token("node-1", 7, &[row("a")]));
+        assert_ne!(a, insert_token("node-1", 7, &[row("b")]));
+        assert_ne!(a, insert_token("node-1", 8, &[row("a")]));
+        assert!(a.starts_with("gw-sends-node-1-7-"), "{a}");
+    }
 
     fn open(dir: &std::path::Path) -> (Journal, Arc<SendsQueue>) {
         let opened = Journal::open(
