@@ -490,6 +490,10 @@ impl Writer {
                 // retry answered "already accepted", rows shipped), as a record is
                 // before it is acknowledged.
                 f.sync_all().map_err(io(&path))?;
+                // And its name: a process killed between creating the segment
+                // and syncing the directory left an entry a power cut can take,
+                // with every record written to it after this start.
+                sync_dir(dir)?;
                 let w = Writer {
                     dir: dir.to_path_buf(),
                     opts,

@@ -933,6 +933,37 @@ fn a_refused_batch_a_failing_disk_kept_is_never_mixed_with_a_later_one() {
     j.stop();
 }
 
+/// A segment a killed process created (a roll: the file made, the directory not
+/// synced yet) is taken up at the next start as the current one: its name is
+/// made durable then, before any record written to it is acknowledged — a power
+/// cut took the file, and every record acknowledged in it, with it.
+/// (A FUSE disk, `testkit::faultfs`: needs root and `/dev/fuse`.)
+#[test]
+fn a_segment_taken_up_at_start_has_its_name_made_durable() {
+    let d = testkit::TempDir::new("journal-adopted-segment");
+    let dir = d.path().join("journal");
+    let disk = testkit::faultfs::FaultFs::mount(&dir)
+        .expect("the failing-disk test mounts a FUSE filesystem (needs root and /dev/fuse)");
+    let (j, _) = open(&dir, 1 << 20);
+    for i in 1..=3 {
+        commit(&j, i);
+    }
+    j.stop();
+    drop(j);
+    // What a roll killed before its directory sync leaves: the next segment,
+    // empty, its name not durable.
+    std::fs::File::create(dir.join(format!("{:020}.log", 4))).unwrap();
+    let (j, rec) = open(&dir, 1 << 20);
+    assert_eq!(rec.len(), 3);
+    assert_eq!((commit(&j, 4), commit(&j, 5)), (4, 5));
+    j.stop();
+    drop(j);
+    disk.power_cut();
+    let (j, rec) = open(&dir, 1 << 20);
+    assert_eq!(rec, vec![(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)]);
+    j.stop();
+}
+
 /// A segment deleted whose directory sync then failed: nothing more is deleted
 /// until a sync succeeds, each deletion durable before the next (a filesystem
 /// that made a later removal durable first could leave, after a power cut, an
