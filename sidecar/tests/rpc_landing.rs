@@ -747,6 +747,82 @@ fn a_transaction_already_rebroadcast_is_not_sent_again() {
     });
 }
 
+/// A slow RPC node holds the places of the sends' calls to it, not the sends':
+/// with every such place taken by a preflight waiting on it, a `skipPreflight`
+/// send goes, and another preflight is refused `busy`. Both were refused.
+#[test]
+fn a_slow_node_holds_no_send_that_skips_the_preflight() {
+    let rt = runtime();
+    let node = RpcNode::start(1010);
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let mut rig = rig_to(&rx, &node, 10_000);
+        rig.gate = rpc::RpcGate::new(2);
+        node.set_delay(Duration::from_millis(1500));
+        let ctx = rig.ctx();
+        let (_, slow_a, _, _) = tx(63, 0);
+        let (_, slow_b, _, _) = tx(64, 0);
+        let (w, quick, sig, _) = tx(65, 0);
+        let (_, third, _, _) = tx(66, 0);
+        let later = |b64: String, opts: Value| {
+            let ctx = &ctx;
+            async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                rpc::handle(ctx, &send(&b64, opts)).await
+            }
+        };
+        let (slow_a, slow_b) = (send(&slow_a, json!({})), send(&slow_b, json!({})));
+        let (_, _, skipped, preflight) = tokio::join!(
+            rpc::handle(&ctx, &slow_a),
+            rpc::handle(&ctx, &slow_b),
+            later(quick, json!({"skipPreflight": true})),
+            later(third, json!({})),
+        );
+        assert_eq!(skipped["result"], sig, "{skipped}");
+        assert_eq!(preflight["error"]["code"], -32005, "{preflight}");
+        assert_eq!(copies(&rx, &w), 1);
+    });
+}
+
+/// What reading a request refuses (a request whose client left while it was
+/// read records these) is what its run records of it: the same codes, in the
+/// batch's order.
+#[test]
+fn a_requests_read_refusals_are_those_its_run_records() {
+    let rt = runtime();
+    let node = RpcNode::start(1010);
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let rig = rig_to(&rx, &node, 10_000);
+        let (mut bad, _, _, _) = tx(67, 0);
+        bad[1] ^= 1;
+        let bad = base64::engine::general_purpose::STANDARD.encode(&bad);
+        let (_, good, _, _) = tx(68, 0);
+        let call = |id: u32, b64: &str| {
+            json!({"jsonrpc": "2.0", "id": id, "method": "sendTransaction",
+                   "params": [b64, {"encoding": "base64", "skipPreflight": true}]})
+        };
+        let body = serde_json::to_vec(&json!([
+            call(1, &bad),
+            call(2, &good),
+            {"jsonrpc": "2.0", "id": 3, "method": "getBalance", "params": []},
+            call(4, "not base64!"),
+        ]))
+        .unwrap();
+        let read: Vec<&'static str> = rpc::Request::parse(&body)
+            .read_refusals()
+            .iter()
+            .map(|r| r.code.as_str())
+            .collect();
+        let (_, run) = answered(&rig.ctx(), &body).await;
+        assert_eq!(read, run);
+        assert_eq!(read.len(), 3, "{read:?}");
+        // Not JSON at all: the one refusal.
+        let read = rpc::Request::parse(b"{").read_refusals();
+        assert_eq!(read.len(), 1);
+    });
+}
+
 #[test]
 fn a_slow_node_delays_no_rebroadcast() {
     let rt = runtime();

@@ -205,7 +205,35 @@ async fn rpc(State(st): St, head: HeaderMap, body: Result<Bytes, BytesRejection>
             return st.refused(&who, RPC, r, answer).await;
         }
     };
-    let request = match decode_off_runtime(&st.decoding_rpc, body, rpc::Request::parse).await {
+    // A large body is read off the runtime (each transaction's signatures
+    // verified), on a task of its own: a client that leaves meanwhile drops this
+    // handler, not the reading, whose refusals are rows all the same (they were
+    // dropped with it).
+    let read = if body.len() <= INLINE_BODY_BYTES {
+        Ok(rpc::Request::parse(&body))
+    } else {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (st2, who2) = (st.clone(), who.clone());
+        tokio::spawn(async move {
+            let read = decode_off_runtime(&st2.decoding_rpc, body, rpc::Request::parse).await;
+            if let Err(Ok(request)) = tx.send(read) {
+                let rows: Vec<Refusal> = request
+                    .read_refusals()
+                    .into_iter()
+                    .map(rpc_refusal)
+                    .collect();
+                if !rows.is_empty() {
+                    tracing::info!(refusals = rows.len(), "a JSON-RPC request's client left while it was read: its refusals are recorded");
+                    let _ = st2.refused(&who2, RPC, rows, Response::default()).await;
+                }
+            }
+        });
+        match rx.await {
+            Ok(read) => read,
+            Err(_) => Err(decode_failed()),
+        }
+    };
+    let request = match read {
         Ok(r) => r,
         Err(answer) => {
             let r = plain_refusal(Code::Unavailable, "decoding the request failed");
@@ -315,12 +343,19 @@ async fn decode_off_runtime<T: Send + 'static>(
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "decoding a request body failed");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"error": "unavailable", "detail": "decoding the request failed; send it again"})),
-            )
-                .into_response()
+            decode_failed()
         })
+}
+
+/// The answer when a body's decoding could not run.
+fn decode_failed() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(
+            json!({"error": "unavailable", "detail": "decoding the request failed; send it again"}),
+        ),
+    )
+        .into_response()
 }
 
 /// The largest body decoded on the runtime's worker.

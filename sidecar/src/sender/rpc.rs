@@ -134,6 +134,10 @@ pub struct RpcGate {
     throttle: Mutex<Throttle>,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
+    /// Sends' calls to the RPC node at once (preflights, `minContextSlot`
+    /// checks), apart from the sends: a slow node holds these, not the sends
+    /// that do not call it (`skipPreflight`).
+    at_node: Arc<Semaphore>,
     /// Sends refused by the gate, by why.
     pub stats: GateStats,
 }
@@ -150,12 +154,14 @@ pub struct GateStats {
 }
 
 impl RpcGate {
-    /// At most `max_in_flight` sends running at once.
+    /// At most `max_in_flight` sends running at once, and as many of their calls
+    /// to the RPC node.
     pub fn new(max_in_flight: usize) -> RpcGate {
         RpcGate {
             throttle: Mutex::new(Throttle::default()),
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
+            at_node: Arc::new(Semaphore::new(max_in_flight)),
             stats: GateStats::default(),
         }
     }
@@ -286,6 +292,23 @@ enum Method {
 }
 
 impl Request {
+    /// The refusals decided in reading the request (what its run records first),
+    /// for one that is never run: its client left while it was read.
+    pub fn read_refusals(self) -> Vec<Refused> {
+        let calls = match self.0 {
+            Parsed::Answer(_, r) => return r.into_iter().collect(),
+            Parsed::One(c) => vec![*c],
+            Parsed::Batch(calls) => calls,
+        };
+        calls
+            .into_iter()
+            .filter_map(|c| match c.method {
+                Err((e, raw)) => refusal(e, c.name, raw, None),
+                Ok(_) => None,
+            })
+            .collect()
+    }
+
     /// Reads `body`: everything a request can be refused for before the gate.
     pub fn parse(body: &[u8]) -> Request {
         let whole = |rpc: i64, message: String| {
@@ -699,6 +722,18 @@ fn permit(ctx: &RpcContext<'_>) -> Result<OwnedSemaphorePermit, RpcErr> {
     })
 }
 
+/// A place for a send's call to the RPC node ([`RpcGate`]'s `at_node`).
+fn at_node(ctx: &RpcContext<'_>) -> Result<OwnedSemaphorePermit, RpcErr> {
+    ctx.gate.at_node.clone().try_acquire_owned().map_err(|_| {
+        ctx.gate.stats.busy.fetch_add(1, Ordering::Relaxed);
+        RpcErr::coded(
+            Code::Overloaded,
+            code::REFUSED,
+            "busy: sender.rpc_max_in_flight sends are calling the RPC node; retry later, or skip the preflight".to_owned(),
+        )
+    })
+}
+
 fn rpc_meta(ctx: &RpcContext<'_>) -> SendMeta {
     let (modules, module, allow_stopped) = (ctx.modules.clone(), ctx.module, ctx.allow_stopped);
     SendMeta {
@@ -744,11 +779,14 @@ async fn send_transaction(
         // given back.
         return Ok(sig);
     }
-    // Taken before the calls to the RPC node too: `rpc_max_in_flight` bounds the
-    // simulations a flood of sends makes there (the provider's rate limit would
-    // otherwise refuse every client's).
-    let permit = permit(ctx)?;
     if let Some(landing) = ctx.landing {
+        // `rpc_max_in_flight` bounds the simulations a flood of sends makes
+        // there too (the provider's rate limit would otherwise refuse every
+        // client's), apart from the sends: a slow node held every send's place,
+        // and `skipPreflight` sends, which never call it, were refused `busy`.
+        let _at_node = (!opts.skip_preflight || opts.min_context_slot.is_some())
+            .then(|| at_node(ctx))
+            .transpose()?;
         if !opts.skip_preflight {
             landing
                 .preflight(&wire, &opts.preflight_commitment, opts.min_context_slot)
@@ -762,6 +800,7 @@ async fn send_transaction(
             return Err(SendErr::Rpc(refused(ctx, why)));
         }
     }
+    let permit = permit(ctx)?;
     admitted.go();
     // On a task of its own: a client that goes away mid-send (its stream reset, the
     // handler dropped) cancels neither the send, nor its audit row, nor the
