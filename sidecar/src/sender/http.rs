@@ -393,16 +393,39 @@ async fn opportunities(
     // The body has arrived: decoding and checks count in the decision latency.
     let received = std::time::Instant::now();
     let who = requester(&head);
-    let Some(dp) = &st.plane else {
+    if st.plane.is_none() {
         let (r, answer) = unavailable();
         return st.refused(&who, OPPORTUNITIES, r, answer).await;
-    };
+    }
     let body = match body {
         Ok(b) => b,
         Err(e) => {
             let (r, answer) = unreadable(&e);
             return st.refused(&who, OPPORTUNITIES, r, answer).await;
         }
+    };
+    // On a task of its own: a client that leaves while its body is decoded or
+    // offered drops this handler, not the decision, whose refusal is a row all
+    // the same (a malformed body's, what a full ring dropped).
+    match tokio::spawn(offer(st, who, body, received)).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::error!(error = %e, "offering opportunities failed");
+            decode_failed()
+        }
+    }
+}
+
+/// The rest of [`opportunities`], once the body has arrived.
+async fn offer(
+    st: Arc<SenderApi>,
+    who: Arc<Requester>,
+    body: Bytes,
+    received: std::time::Instant,
+) -> Response {
+    let Some(dp) = &st.plane else {
+        let (r, answer) = unavailable();
+        return st.refused(&who, OPPORTUNITIES, r, answer).await;
     };
     let sender = who.clone();
     let decoded = decode_off_runtime(&st.decoding_opportunities, body, move |b| {
