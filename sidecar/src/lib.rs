@@ -47,6 +47,14 @@ pub async fn blocking_turn<T: Send + 'static>(
         .acquire_owned()
         .await
         .map_err(|e| e.to_string())?;
+    blocking_in(turn, f).await
+}
+
+/// [`blocking_turn`] with the turn already taken.
+pub async fn blocking_in<T: Send + 'static>(
+    turn: tokio::sync::OwnedSemaphorePermit,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
     tokio::task::spawn_blocking(move || {
         let _turn = turn;
         f()

@@ -560,14 +560,16 @@ impl Agent {
                         state = last.state.clone();
                         applied = NonceBook::new(env.limits);
                         applied_lsns.clear();
-                        for (part_lsn, part) in &whole {
+                        for (_, part) in &whole {
                             for n in &part.applied {
                                 let at = AppliedAt {
                                     seq: n.seq,
                                     what: what_parsed(n.what.as_deref()),
                                 };
                                 let _ = applied.insert(&n.issuer, n.nonce, n.expires, at, now);
-                                applied_lsns.note(*part_lsn, n.expires);
+                                // Held by the first part's record, as written: a
+                                // later part read without it is passed over.
+                                applied_lsns.note(first, n.expires);
                             }
                         }
                         state_lsn = Some(first);
@@ -1423,7 +1425,12 @@ impl Agent {
     /// within `agent_dedup_secs`) it was larger than a journal record may be:
     /// never written, the agent held the journal back for ever.
     async fn snapshot(&mut self, now: u64, per_part: usize) {
-        let applied = self.core.applied(now);
+        let mut applied = self.core.applied(now);
+        // In a fixed order (the first to expire first): the same state writes
+        // the same parts.
+        applied.sort_unstable_by(|a, b| {
+            (a.expires, &a.issuer, a.nonce).cmp(&(b.expires, &b.issuer, b.nonce))
+        });
         let max_exp = applied.iter().map(|n| n.expires).max();
         let chunks: Vec<&[AppliedNonce]> = if applied.is_empty() {
             vec![&[]]
@@ -2054,7 +2061,7 @@ mod tests {
                 agent
                     .core
                     .applied
-                    .insert("dashboard", n, now + 600, at, now)
+                    .insert("dashboard", n, now + 100 + n, at, now)
                     .unwrap();
             }
         };
@@ -2081,7 +2088,7 @@ mod tests {
         );
         let journal = opened.start(None, Vec::new()).unwrap();
         let (env, _) = agent_env(&journal, false);
-        let whole = Agent::open(Module::Mev, &env, &records);
+        let mut whole = Agent::open(Module::Mev, &env, &records);
         assert_eq!(whole.core.applied(now).len(), 3_100);
         let at = whole
             .core
@@ -2090,6 +2097,20 @@ mod tests {
             .unwrap()
             .value;
         assert_eq!((at.seq, at.what), (3_099, Some([7; 16])));
+        // Its first part's record is held while any of its nonces lives: read
+        // without it, the later parts would be passed over (here the first
+        // part's own nonces, the first to expire, are gone).
+        let first_part = records.iter().find_map(|(lsn, t)| {
+            t.entries
+                .iter()
+                .any(|e| {
+                    matches!(e, journal::Entry::Snapshot(s)
+                        if s.part.is_some_and(|p| p.index == 0 && p.count == 4))
+                })
+                .then_some(*lsn)
+        });
+        whole.applied_lsns.expire(now + 100 + 2_000);
+        assert_eq!(whole.applied_lsns.oldest(), first_part);
         // Without the second snapshot's last part: the first stands.
         let cut: Vec<(Lsn, Txn)> = records[..records.len() - 1].to_vec();
         let first = Agent::open(Module::Mev, &env, &cut);

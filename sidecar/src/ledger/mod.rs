@@ -40,10 +40,6 @@ pub struct Ledger {
     queries: Option<Queries>,
     checkpointer: Option<Checkpointer>,
     queue: Option<Arc<RowQueue>>,
-    /// Without ClickHouse: the rows recovered from the journal that may not have
-    /// reached it (a start before had it), whose records are kept until a start
-    /// with it ships them.
-    held: Option<Arc<RowQueue>>,
     /// ClickHouse's last seq when the chain was taken up from there.
     resumed_after: Option<u64>,
     /// The chain is still to be learned from ClickHouse (it did not answer at
@@ -91,6 +87,9 @@ pub enum LedgerError {
     /// The ledger's directory cannot be made.
     #[error("ledger: {0}")]
     Io(String),
+    /// No ClickHouse, and the journal holds rows a start with it wrote.
+    #[error("the journal holds {0} ledger rows an earlier start wrote, not known to have reached ClickHouse: start with clickhouse_url to ship them, or move state_dir/journal aside to run without the ledger (its rows and the module state are then lost to this node)")]
+    Unshipped(usize),
 }
 
 impl Ledger {
@@ -111,16 +110,15 @@ impl Ledger {
         registry: &mut Registry,
     ) -> Result<(Ledger, Option<Chain>), LedgerError> {
         let Some(client) = clickhouse else {
+            // Rows of a start that had ClickHouse, not known to be there (the
+            // journal keeps no mark of what was shipped; ClickHouse says): not
+            // dropped by a start that cannot ship them. Let go, the journal
+            // deleted them as it rolled, and the next start with ClickHouse
+            // resumed after its last row without them.
+            if !queue.is_empty() {
+                return Err(LedgerError::Unshipped(queue.len()));
+            }
             tracing::warn!("no clickhouse_url: decisions are NOT audited (development only)");
-            // Rows of a start that had ClickHouse, maybe not shipped: their
-            // records stay (the queue holds them, and every record after them)
-            // until a start with ClickHouse ships them. Let go, the journal
-            // deleted them as it rolled, and that start resumed after
-            // ClickHouse's last row without them.
-            let held = (!queue.is_empty()).then(|| {
-                tracing::warn!(rows = queue.len(), "ledger rows from an earlier start may not have reached ClickHouse: the journal keeps them, and every record after them, until a start with clickhouse_url ships them");
-                Arc::new(queue)
-            });
             return Ok((
                 Ledger {
                     chain_id: chain_id.to_owned(),
@@ -128,7 +126,6 @@ impl Ledger {
                     queries: None,
                     checkpointer: None,
                     queue: None,
-                    held,
                     resumed_after: None,
                     deferred: false,
                     journal_head: None,
@@ -223,7 +220,6 @@ impl Ledger {
                 ),
                 checkpointer,
                 queue: Some(queue),
-                held: None,
                 resumed_after,
                 deferred,
                 journal_head,
@@ -243,13 +239,9 @@ impl Ledger {
         self.queue.clone()
     }
 
-    /// The journal sink that feeds the shipper (without ClickHouse: the one that
-    /// holds the rows an earlier start may not have shipped, if any).
+    /// The journal sink that feeds the shipper (none without a ledger).
     pub fn sink(&self) -> Option<Arc<dyn Sink>> {
-        self.queue
-            .clone()
-            .or_else(|| self.held.clone())
-            .map(|q| q as Arc<dyn Sink>)
+        self.queue.clone().map(|q| q as Arc<dyn Sink>)
     }
 
     /// Starts shipping to ClickHouse (after applying the migrations). When the

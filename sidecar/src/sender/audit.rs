@@ -445,9 +445,23 @@ async fn insert(
 /// success): the node, the record, and a digest of the rows. Named by the record
 /// alone, two journals under one node id (a state directory restored from a
 /// copy, a configuration cloned) numbered different sends alike, and the later
-/// ones were dropped unseen. A retry of one insert has the same rows.
+/// ones were dropped unseen. A retry of one insert has the same rows: the
+/// digest covers what a row keeps exactly through the journal (each send's
+/// time, signature and outcome; not its floating-point tip and score, which
+/// may read back a bit apart) — read back after a restart, the rows of an
+/// insert that landed name it as before.
 fn insert_token(node_id: &str, lsn: Lsn, rows: &[SendRow]) -> String {
-    let body = serde_json::to_vec(rows).unwrap_or_default();
+    let mut parts: Vec<Vec<u8>> = Vec::with_capacity(rows.len() * 3);
+    for r in rows {
+        parts.push(r.ts_us.to_be_bytes().to_vec());
+        parts.push(r.signature.as_bytes().to_vec());
+        parts.push(r.outcome.as_bytes().to_vec());
+    }
+    let mut body = Vec::new();
+    for p in &parts {
+        body.extend_from_slice(&(p.len() as u64).to_be_bytes());
+        body.extend_from_slice(p);
+    }
     format!(
         "gw-sends-{node_id}-{lsn}-{}",
         hex::encode(gw_core::replay::digest(&body))
@@ -470,6 +484,13 @@ mod tests {
         };
         let a = insert_token("node-1", 7, &[row("a")]);
         assert_eq!(a, insert_token("node-1", 7, &[row("a")]));
+        // What the journal may read back a bit apart does not rename it.
+        let scored = SendRow {
+            score: f64::from(0.184_903_73_f32),
+            tip: 0.1,
+            ..row("a")
+        };
+        assert_eq!(a, insert_token("node-1", 7, &[scored]));
         assert_ne!(a, insert_token("node-1", 7, &[row("b")]));
         assert_ne!(a, insert_token("node-1", 8, &[row("a")]));
         assert!(a.starts_with("gw-sends-node-1-7-"), "{a}");

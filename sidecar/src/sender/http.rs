@@ -209,13 +209,22 @@ async fn rpc(State(st): St, head: HeaderMap, body: Result<Bytes, BytesRejection>
     // verified), on a task of its own: a client that leaves meanwhile drops this
     // handler, not the reading, whose refusals are rows all the same (they were
     // dropped with it).
-    let read = if body.len() <= INLINE_BODY_BYTES {
+    // Its turn is taken here, before that task: requests whose clients left do
+    // not pile up waiting for one.
+    let turn = match turn_for(&st.decoding_rpc, &body).await {
+        Ok(t) => t,
+        Err(answer) => {
+            let r = plain_refusal(Code::Unavailable, "decoding the request failed");
+            return st.refused(&who, RPC, vec![r], answer).await;
+        }
+    };
+    let read = if turn.is_none() {
         Ok(rpc::Request::parse(&body))
     } else {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (st2, who2) = (st.clone(), who.clone());
         tokio::spawn(async move {
-            let read = decode_off_runtime(&st2.decoding_rpc, body, rpc::Request::parse).await;
+            let read = decode_off_runtime(turn, body, rpc::Request::parse).await;
             if let Err(Ok(request)) = tx.send(read) {
                 let rows: Vec<Refusal> = request
                     .read_refusals()
@@ -327,19 +336,38 @@ fn opportunity(
     })
 }
 
-/// `decode(body)`: at once for a small body; a large one (hundreds of
-/// transactions, each signature verified) on the blocking pool, one of `turns`
-/// at a time ([`crate::blocking_turn`]), not on a runtime worker every other
-/// route shares. `Err`: the answer when the decoding could not run.
-async fn decode_off_runtime<T: Send + 'static>(
+/// The turn a body's decoding takes ([`decode_off_runtime`]): none for a small
+/// one (decoded at once), else one of `turns` (waited for). `Err`: the answer
+/// when none can be had.
+async fn turn_for(
     turns: &Arc<tokio::sync::Semaphore>,
+    body: &Bytes,
+) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Response> {
+    if body.len() <= INLINE_BODY_BYTES {
+        return Ok(None);
+    }
+    match turns.clone().acquire_owned().await {
+        Ok(t) => Ok(Some(t)),
+        Err(e) => {
+            tracing::error!(error = %e, "decoding a request body failed");
+            Err(decode_failed())
+        }
+    }
+}
+
+/// `decode(body)`: at once without a `turn` (a small body); a large one
+/// (hundreds of transactions, each signature verified) on the blocking pool,
+/// holding its turn ([`crate::blocking_in`]), not on a runtime worker every
+/// other route shares. `Err`: the answer when the decoding could not run.
+async fn decode_off_runtime<T: Send + 'static>(
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
     body: Bytes,
     decode: impl FnOnce(&[u8]) -> T + Send + 'static,
 ) -> Result<T, Response> {
-    if body.len() <= INLINE_BODY_BYTES {
+    let Some(turn) = turn else {
         return Ok(decode(&body));
-    }
-    crate::blocking_turn(turns, move || decode(&body))
+    };
+    crate::blocking_in(turn, move || decode(&body))
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "decoding a request body failed");
@@ -404,10 +432,19 @@ async fn opportunities(
             return st.refused(&who, OPPORTUNITIES, r, answer).await;
         }
     };
-    // On a task of its own: a client that leaves while its body is decoded or
-    // offered drops this handler, not the decision, whose refusal is a row all
-    // the same (a malformed body's, what a full ring dropped).
-    match tokio::spawn(offer(st, who, body, received)).await {
+    // A large body's decoding turn is taken here (waiting clients that left do
+    // not pile up); then, on a task of its own, a client that leaves while its
+    // body is decoded or offered drops this handler, not the decision, whose
+    // refusal is a row all the same (a malformed body's, what a full ring
+    // dropped).
+    let turn = match turn_for(&st.decoding_opportunities, &body).await {
+        Ok(t) => t,
+        Err(answer) => {
+            let r = plain_refusal(Code::Unavailable, "decoding the request failed");
+            return st.refused(&who, OPPORTUNITIES, vec![r], answer).await;
+        }
+    };
+    match tokio::spawn(offer(st, who, body, turn, received)).await {
         Ok(answer) => answer,
         Err(e) => {
             tracing::error!(error = %e, "offering opportunities failed");
@@ -421,6 +458,7 @@ async fn offer(
     st: Arc<SenderApi>,
     who: Arc<Requester>,
     body: Bytes,
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
     received: std::time::Instant,
 ) -> Response {
     let Some(dp) = &st.plane else {
@@ -428,7 +466,7 @@ async fn offer(
         return st.refused(&who, OPPORTUNITIES, r, answer).await;
     };
     let sender = who.clone();
-    let decoded = decode_off_runtime(&st.decoding_opportunities, body, move |b| {
+    let decoded = decode_off_runtime(turn, body, move |b| {
         // A refused body's start, for its row (copied only then).
         decode_opportunities(b, received, &sender).map_err(|e| (e, crate::serve::kept_of(b)))
     });

@@ -773,10 +773,11 @@ async fn send_transaction(
     let sig = info.signature_b58();
     if ctx.landing.is_some_and(|l| l.is_pending(&sig)) {
         // Already rebroadcast (a client resending it until it lands, as Solana
-        // documents; the same transaction twice in a batch): answered with its
-        // signature, not sent again — as Agave's send-transaction-service takes
-        // a transaction already in its retry pool. Its share of the throttle is
-        // given back.
+        // documents): answered with its signature, not sent again — as Agave's
+        // send-transaction-service takes a transaction already in its retry
+        // pool. Its share of the throttle is given back. (Tracked once its first
+        // send went: a copy arriving while that send is on the wire — the same
+        // transaction twice in one batch — is sent too.)
         return Ok(sig);
     }
     if let Some(landing) = ctx.landing {
