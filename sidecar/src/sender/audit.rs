@@ -451,17 +451,13 @@ async fn insert(
 /// may read back a bit apart) — read back after a restart, the rows of an
 /// insert that landed name it as before.
 fn insert_token(node_id: &str, lsn: Lsn, rows: &[SendRow]) -> String {
-    let mut parts: Vec<Vec<u8>> = Vec::with_capacity(rows.len() * 3);
-    for r in rows {
-        parts.push(r.ts_us.to_be_bytes().to_vec());
-        parts.push(r.signature.as_bytes().to_vec());
-        parts.push(r.outcome.as_bytes().to_vec());
-    }
-    let mut body = Vec::new();
-    for p in &parts {
-        body.extend_from_slice(&(p.len() as u64).to_be_bytes());
-        body.extend_from_slice(p);
-    }
+    let times: Vec<[u8; 8]> = rows.iter().map(|r| r.ts_us.to_be_bytes()).collect();
+    let parts: Vec<&[u8]> = rows
+        .iter()
+        .zip(&times)
+        .flat_map(|(r, t)| [&t[..], r.signature.as_bytes(), r.outcome.as_bytes()])
+        .collect();
+    let body = crate::control::state_sign::message(b"", &parts);
     format!(
         "gw-sends-{node_id}-{lsn}-{}",
         hex::encode(gw_core::replay::digest(&body))

@@ -712,24 +712,30 @@ fn gate<'a>(ctx: &RpcContext<'a>) -> Result<Admitted<'a>, RpcErr> {
 
 /// A permit to run one send (on a task of its own), or `busy`.
 fn permit(ctx: &RpcContext<'_>) -> Result<OwnedSemaphorePermit, RpcErr> {
-    ctx.gate.in_flight.clone().try_acquire_owned().map_err(|_| {
-        ctx.gate.stats.busy.fetch_add(1, Ordering::Relaxed);
-        RpcErr::coded(
-            Code::Overloaded,
-            code::REFUSED,
-            "busy: sender.rpc_max_in_flight sends are running; retry later".to_owned(),
-        )
-    })
+    place(ctx, &ctx.gate.in_flight, "sends are running; retry later")
 }
 
 /// A place for a send's call to the RPC node ([`RpcGate`]'s `at_node`).
 fn at_node(ctx: &RpcContext<'_>) -> Result<OwnedSemaphorePermit, RpcErr> {
-    ctx.gate.at_node.clone().try_acquire_owned().map_err(|_| {
+    place(
+        ctx,
+        &ctx.gate.at_node,
+        "sends are calling the RPC node; retry later, or skip the preflight",
+    )
+}
+
+/// One of `places`, or `busy` saying `why` none is free.
+fn place(
+    ctx: &RpcContext<'_>,
+    places: &Arc<Semaphore>,
+    why: &str,
+) -> Result<OwnedSemaphorePermit, RpcErr> {
+    places.clone().try_acquire_owned().map_err(|_| {
         ctx.gate.stats.busy.fetch_add(1, Ordering::Relaxed);
         RpcErr::coded(
             Code::Overloaded,
             code::REFUSED,
-            "busy: sender.rpc_max_in_flight sends are calling the RPC node; retry later, or skip the preflight".to_owned(),
+            format!("busy: sender.rpc_max_in_flight {why}"),
         )
     })
 }
