@@ -619,7 +619,9 @@ fn send_all(
 /// exits, and the next start ships them, each once. (Before, the rows still in the
 /// audit queue — its last 20 ms — were lost with the process.) Then, ClickHouse
 /// frozen, the rows of more sends wait and `gw_sidecar_send_audit_pending_rows`
-/// counts them until it is back.
+/// counts them until it is back. Last, a backlog shipped while the journal's disk
+/// refuses the marks that it was (`testkit::faultfs`): a kill and a restart store
+/// no row twice.
 #[test]
 fn a_sidecar_stopped_right_after_its_sends_audits_every_one() {
     let d = testkit::TempDir::new("sender-stop");
@@ -627,6 +629,9 @@ fn a_sidecar_stopped_right_after_its_sends_audits_every_one() {
     let (rrt, rx) = receiver();
     let state = d.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
+    // The journal on a disk that can fail (`testkit::faultfs`), for the end.
+    let disk = testkit::faultfs::FaultFs::mount(&state.join("journal"))
+        .expect("the test mounts a FUSE filesystem (needs root and /dev/fuse)");
     let certs = common::certs(&state);
     let (port, ops) = (testkit::free_port(), testkit::free_port());
     let cfg = json!({
@@ -691,7 +696,7 @@ fn a_sidecar_stopped_right_after_its_sends_audits_every_one() {
         sidecar.log()
     );
     // The next start ships whatever the last one had not.
-    let _sidecar = start(1);
+    let mut sidecar = start(1);
     let count = || {
         if ch.query("EXISTS TABLE tx_sends").trim() != "1" {
             return 0;
@@ -738,6 +743,69 @@ fn a_sidecar_stopped_right_after_its_sends_audits_every_one() {
     assert!(
         stored == want,
         "every send audited, once: {} rows for {} sends",
+        stored.len(),
+        want.len()
+    );
+
+    // The journal's disk fails while a backlog ships: ClickHouse takes the
+    // records, the journal refuses the marks that they were shipped. Shipping
+    // stops 100 records past the marks, so that the next start, which inserts
+    // again whatever it finds unmarked, stays within the inserts ClickHouse
+    // remembers by name (lowered here to 150): shipped all, 200 records unmarked
+    // came back and the oldest 50 were stored twice.
+    ch.query("ALTER TABLE tx_sends MODIFY SETTING non_replicated_deduplication_window = 150");
+    ch.process.signal("STOP");
+    let before = sigs.len();
+    for i in 0..200 {
+        // One at a time, each its own journal record (gathered for 20 ms).
+        sigs.extend(send_all(&rrt, &client, port, &[tx(2000 + i)]));
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !metrics().contains("gw_sidecar_send_audit_pending_rows 200") {
+        assert!(Instant::now() < deadline, "{}", metrics());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    disk.fail_syncs();
+    ch.process.signal("CONT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count() < before + 100 {
+        assert!(Instant::now() < deadline, "{} rows", count());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let shipped = count() - before;
+    assert!(
+        shipped < 200,
+        "every record was shipped although none could be marked ({shipped} rows)"
+    );
+    // Killed, the disk healed (what the process wrote is kept; the refused marks
+    // were cut off): the next start ships the rest, and each send is stored once.
+    sidecar.signal("KILL");
+    sidecar.wait_exit(Duration::from_secs(10));
+    disk.heal();
+    let _sidecar = start(2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(count() >= sigs.len() && metrics().contains("gw_sidecar_send_audit_pending_rows 0")) {
+        assert!(
+            Instant::now() < deadline,
+            "{} rows:\n{}",
+            count(),
+            metrics()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let stored: Vec<String> = ch
+        .query("SELECT signature FROM tx_sends ORDER BY signature")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let mut want = sigs.clone();
+    want.sort();
+    assert!(
+        stored == want,
+        "after a backlog shipped on a failing disk, every send audited once: {} rows for {} sends",
         stored.len(),
         want.len()
     );

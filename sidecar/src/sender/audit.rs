@@ -5,7 +5,8 @@
 //! batcher that makes each batch durable in the journal (group commit with
 //! everything else), and a shipper inserts each journal record's rows into
 //! ClickHouse with that record's deduplication token (a retry, or a restart between
-//! the insert and its mark, stores nothing twice) and marks it shipped. While
+//! the insert and its mark, stores nothing twice) and marks it shipped (a
+//! journal refusing the marks stops shipping a little past them). While
 //! ClickHouse is away the rows wait in the journal; a crash loses only rows not yet
 //! in the journal (the batcher's last few milliseconds), a shutdown none: it waits
 //! for the sends running and then [`SendAudit::flush`]es the queue into the
@@ -368,7 +369,18 @@ async fn journal_rows(journal: &Journal, rows: Vec<SendRow>, stats: &AuditStats)
     }
 }
 
-/// Ships journalled rows record by record, each with its record's token.
+/// Records shipped whose marks are not yet durable, at most: a journal refusing
+/// the marks (a failing disk) stops shipping past them. A restart inserts such
+/// records again under the same names, which ClickHouse drops only while it
+/// remembers them: `tx_sends` keeps the last 1 000 inserts' names
+/// (`sql/12_tx_sends.sql`, shared by every node writing it). Unbounded, a backlog
+/// shipped while the marks failed was stored twice after the restart. Not zero:
+/// shipping is what lets the journal drop segments, and a full disk may take
+/// the marks only once it has.
+const MAX_UNMARKED: usize = 100;
+
+/// Ships journalled rows record by record, each with its record's token, and
+/// marks each shipped ([`MAX_UNMARKED`]).
 async fn shipper(
     queue: Arc<SendsQueue>,
     journal: Journal,
@@ -378,8 +390,29 @@ async fn shipper(
     stats: Arc<AuditStats>,
 ) {
     let mut last_err = String::new();
+    let mut unmarked: Vec<Lsn> = Vec::new();
     loop {
         let woke = queue.grew.notified();
+        if !unmarked.is_empty() {
+            let marks = unmarked
+                .iter()
+                .map(|&lsn| journal::Entry::SendsShipped { lsn })
+                .collect();
+            match journal.commit(Txn::of(marks)).await {
+                Ok(_) => unmarked.clear(),
+                Err(e) => {
+                    let e = e.to_string();
+                    if e != last_err {
+                        tracing::error!(records = unmarked.len(), error = %e, "send audit records shipped but not marked in the journal (retrying)");
+                        last_err = e;
+                    }
+                    if unmarked.len() >= MAX_UNMARKED {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                }
+            }
+        }
         if queue.records.lock().must_read_back() {
             let (q, j) = (queue.clone(), journal.clone());
             let read = tokio::task::spawn_blocking(move || q.read_back(&j)).await;
@@ -399,7 +432,12 @@ async fn shipper(
         }
         let next = queue.records.lock().front().cloned();
         let Some((lsn, rows)) = next else {
-            woke.await;
+            if unmarked.is_empty() {
+                woke.await;
+            } else {
+                // The marks owed are tried again meanwhile.
+                let _ = tokio::time::timeout(Duration::from_millis(500), woke).await;
+            }
             continue;
         };
         let token = insert_token(&node_id, lsn, &rows);
@@ -409,7 +447,7 @@ async fn shipper(
                     .written
                     .fetch_add(rows.len() as u64, Ordering::Relaxed);
                 queue.records.lock().pop_front();
-                journal.commit_detached(Txn::of(vec![journal::Entry::SendsShipped { lsn }]));
+                unmarked.push(lsn);
                 last_err.clear();
             }
             Err(e) => {
