@@ -77,6 +77,7 @@ for extra in ({}, {"nbf": 1750000100}, {"iat": 1750090000}, {"aud": ["x", "gw"]}
 # placeholders, so that the rest of it is read) and a stamp stage.
 example = json.loads(open("filter-wasm/config.example.json", "rb").read())
 example["edge_key_hex"] = "ab" * 32
+example["command_keys"]["keys"][0]["public_key_hex"] = "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c"
 example["jwt"]["jwks"]["keys"][0]["k"] = "YWJhYmFiYWJhYmFiYWJhYmFiYWJhYmFiYWJhYmFiYWI"
 put("filter_config", json.dumps(example, indent=2).encode())
 put("filter_config", json.dumps({"stage": "stamp"}).encode())
@@ -84,9 +85,10 @@ cfg = dict(example); cfg["routes"] = cfg["routes"] + [{"prefix": "/x", "role": "
 put("filter_config", json.dumps(cfg).encode())
 
 # sidecar_config: the example and one with a sender.
-sc = open("sidecar/config.example.json", "rb").read()
-put("sidecar_config", sc)
-s = json.loads(sc); s["sender"] = {"tpu": {}, "relay": {"url": "http://127.0.0.1:8010"},
+sc = json.loads(open("sidecar/config.example.json", "rb").read())
+sc["command_keys"]["keys"][0]["public_key_hex"] = "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c"
+put("sidecar_config", json.dumps(sc, indent=2).encode())
+s = dict(sc); s["sender"] = {"tpu": {}, "relay": {"url": "http://127.0.0.1:8010"},
     "leaders": {"static": [{"tpu_quic": "127.0.0.1:8009", "identity": "11111111111111111111111111111111"}]}, "hedge_delay_ms": 10}
 put("sidecar_config", json.dumps(s).encode())
 

@@ -50,6 +50,9 @@ def main():
     a = ap.parse_args()
     cfg = json.load(open(os.path.join(ROOT, "sidecar/config.example.json")))
     cfg["checkpoint_every_secs"] = 5
+    # The example's command key is a placeholder (refused): the node's own.
+    cfg["command_keys"]["keys"][0]["public_key_hex"] = \
+        open(os.path.join(a.keys, "op-admin-1.pk.hex")).read().strip()
     if a.state_dir:
         cfg["state_dir"] = a.state_dir
     edge = json.load(open(a.filter_config))

@@ -132,6 +132,12 @@ impl CommandKey {
             source,
         };
         let key = match (&c.public_key_hex, &c.jwk) {
+            // The examples' placeholder, named as such.
+            (Some(h), None) if h.starts_with("REPLACE") => {
+                return Err(key_err(KeyError::Invalid(
+                    "public_key_hex is the example's placeholder: put the key's public key there",
+                )))
+            }
             (Some(h), None) => ed25519_from_hex(h).map_err(key_err)?,
             (None, Some(j)) => match Jwk::from_json(j).map_err(key_err)?.key {
                 KeyMaterial::Ed25519(k) => k,

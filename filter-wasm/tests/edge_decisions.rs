@@ -70,8 +70,8 @@ fn reject_code(d: HeadDecision) -> Code {
 #[test]
 fn the_example_configuration_loads() {
     let text = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.json")).unwrap();
-    // Its secrets are placeholders no deployment can keep: refused until
-    // replaced (a known JWT secret would let anyone mint an admin's token).
+    // Its secrets and keys are placeholders no deployment can keep: refused
+    // until replaced (a known JWT secret would let anyone mint an admin's token).
     let err = Settings::parse(&text).unwrap_err().to_string();
     assert!(
         err.contains("edge_key_hex: the edge key must be 32 bytes"),
@@ -79,6 +79,16 @@ fn the_example_configuration_loads() {
     );
     let mut cfg: serde_json::Value = serde_json::from_slice(&text).unwrap();
     cfg["edge_key_hex"] = testkit::fixtures::EDGE_KEY_HEX.into();
+    let err = Settings::parse(cfg.to_string().as_bytes())
+        .unwrap_err()
+        .to_string();
+    // The command key (it was one of a known seed: anyone could sign).
+    assert!(
+        err.contains("op-admin-1") && err.contains("placeholder"),
+        "{err}"
+    );
+    cfg["command_keys"]["keys"][0]["public_key_hex"] =
+        hex::encode(testkit::fixtures::command_key().verifying_key().as_bytes()).into();
     let err = Settings::parse(cfg.to_string().as_bytes())
         .unwrap_err()
         .to_string();

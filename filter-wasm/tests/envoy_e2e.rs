@@ -627,6 +627,8 @@ fn every_rendered_config_validates() {
     example["edge_key_hex"] = testkit::fixtures::EDGE_KEY_HEX.into();
     example["jwt"]["jwks"]["keys"][0]["k"] =
         gw_core::jwk::b64url_encode(testkit::fixtures::JWT_SECRET).into();
+    example["command_keys"]["keys"][0]["public_key_hex"] =
+        hex::encode(testkit::fixtures::command_key().verifying_key().as_bytes()).into();
     let example = example.to_string();
     let sets = vec![
         ("GW_TLS_CERT", certs.cert.display().to_string()),

@@ -865,15 +865,28 @@ impl Config {
             .validate()
             .map_err(|reason| OutOfBounds::new("replay_max_per_issuer", reason))?;
         file.realtime.validate()?;
-        let mut keyring = KeyRing::from_config(&file.command_keys)?;
         let key_id = env("CTRL_PUBKEY_ID").unwrap_or_else(|| "op-admin-1".into());
-        if let Some(pk) = env("CTRL_PUBKEY_HEX") {
-            let vk = ed25519_from_hex(&pk)
-                .map_err(|e| ConfigError::Env("CTRL_PUBKEY_HEX", e.to_string()))?;
-            // The environment wins over the file's key of the same id (scope kept).
-            if !keyring.set_public_key(&key_id, vk)? {
-                keyring.insert(CommandKey::unrestricted(key_id.clone(), vk))?;
-            }
+        let from_env = match env("CTRL_PUBKEY_HEX") {
+            Some(pk) => Some(
+                ed25519_from_hex(&pk)
+                    .map_err(|e| ConfigError::Env("CTRL_PUBKEY_HEX", e.to_string()))?,
+            ),
+            None => None,
+        };
+        // The environment wins over the file's key of the same id (scope kept),
+        // before the file's keys are read: the example's is a placeholder that
+        // is refused (it was a key made from a known seed, which anyone could sign
+        // with, and trusted by whoever kept it).
+        let mut keys = file.command_keys.clone();
+        let replaced = from_env.and_then(|vk| {
+            let k = keys.keys.iter_mut().find(|k| k.id == key_id)?;
+            k.public_key_hex = Some(hex::encode(vk.as_bytes()));
+            k.jwk = None;
+            Some(())
+        });
+        let mut keyring = KeyRing::from_config(&keys)?;
+        if let (Some(vk), None) = (from_env, replaced) {
+            keyring.insert(CommandKey::unrestricted(key_id.clone(), vk))?;
         }
         let signer = match env("CTRL_SIGN_SK_HEX") {
             Some(sk) => {

@@ -235,7 +235,15 @@ fn configuration_errors_are_clear() {
         err.contains("32 bytes") && !err.contains("abcd"),
         "never echo secrets: {err}"
     );
-    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.json"));
+    let example_path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.json"));
+    // The example with a command key in place of its placeholder.
+    let d = testkit::TempDir::new("config-errors");
+    let mut example: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(example_path).unwrap()).unwrap();
+    example["command_keys"]["keys"][0]["public_key_hex"] =
+        hex::encode(command_key().verifying_key().as_bytes()).into();
+    let path = &d.path().join("sidecar.json");
+    std::fs::write(path, example.to_string()).unwrap();
     // No key to check the edge's seal with: no stamp could be believed.
     let err = Config::load(Some(path), &none).unwrap_err().to_string();
     assert!(
@@ -260,16 +268,28 @@ fn configuration_errors_are_clear() {
         err.contains("GW_EDGE_KEY_PREV_HEX") && !err.contains("zzzz"),
         "{err}"
     );
-    let example = Config::load(Some(path), &edge_key).unwrap();
-    assert_eq!(example.keyring.len(), 1);
-    // CTRL_PUBKEY_HEX replaces the file's key of the same id.
+    // The example's command key is a placeholder, refused as such: it was a key
+    // of a known seed, trusted by whoever kept the example's keys.
+    let err = Config::load(Some(example_path), &edge_key)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("op-admin-1") && err.contains("placeholder"),
+        "{err}"
+    );
+    assert_eq!(
+        Config::load(Some(path), &edge_key).unwrap().keyring.len(),
+        1
+    );
+    // CTRL_PUBKEY_HEX replaces the file's key of the same id (before the file's
+    // keys are read).
     let pk = hex::encode(command_key().verifying_key().as_bytes());
     let env = |k: &str| {
         (k == "CTRL_PUBKEY_HEX")
             .then(|| pk.clone())
             .or_else(|| edge_key(k))
     };
-    let merged = Config::load(Some(path), &env).unwrap();
+    let merged = Config::load(Some(example_path), &env).unwrap();
     assert_eq!(merged.keyring.len(), 1);
     assert_eq!(
         *merged.keyring.get("op-admin-1").unwrap().key(),
