@@ -185,6 +185,10 @@ pub fn split_signed(body: &[u8]) -> Result<SignedParts<'_>, Reject> {
 /// travels in a header and in every ledger row.
 pub const MAX_ISSUER_BYTES: usize = 128;
 
+/// Longest request id: it names the command in every ledger row and answer, and
+/// is looked up by (`/api/ledger/request/{id}`).
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
 /// A command whose signature, key and scope were verified.
 #[derive(Debug, Clone)]
 pub struct VerifiedCommand {
@@ -266,11 +270,7 @@ pub fn verify_command(
             ),
         ));
     }
-    if command.issuer.len() > MAX_ISSUER_BYTES || command.issuer.chars().any(char::is_control) {
-        return Err(malformed(format!(
-            "issuer must be at most {MAX_ISSUER_BYTES} bytes without control characters"
-        )));
-    }
+    check_names(&command.issuer, &command.request_id)?;
     key.check_scope(&command.issuer, module, action)?;
     if command.nonce == 0 {
         return Err(Reject::new(Code::BadNonce, "nonce must be non-zero"));
@@ -283,6 +283,22 @@ pub fn verify_command(
         signed_payload,
         args,
     })
+}
+
+/// A command's issuer and request id: bounded, without control characters.
+fn check_names(issuer: &str, request_id: &str) -> Result<(), Reject> {
+    let bad = |s: &str, max: usize| s.len() > max || s.chars().any(char::is_control);
+    if bad(issuer, MAX_ISSUER_BYTES) {
+        return Err(malformed(format!(
+            "issuer must be at most {MAX_ISSUER_BYTES} bytes without control characters"
+        )));
+    }
+    if bad(request_id, MAX_REQUEST_ID_BYTES) {
+        return Err(malformed(format!(
+            "request_id must be at most {MAX_REQUEST_ID_BYTES} bytes without control characters"
+        )));
+    }
+    Ok(())
 }
 
 /// The signing payload of a command we build: its deterministic encoding (prost
@@ -411,6 +427,7 @@ impl NewCommand {
     /// The unsigned command; refuses args the modules would refuse, and a zero nonce.
     pub fn build(self) -> Result<Command, Reject> {
         CommandArgs::parse(self.action, &self.args)?;
+        check_names(&self.issuer, &self.request_id)?;
         if self.nonce == 0 {
             return Err(Reject::new(Code::BadNonce, "nonce must be non-zero"));
         }

@@ -283,6 +283,17 @@ fn semantic_checks_after_the_signature() {
     c.issuer = "x".repeat(MAX_ISSUER_BYTES);
     let b = sign_command(&c, &sk(1), "op-admin-1");
     assert!(verify_command(&b, &ring(), Some(NOW)).is_ok());
+    // So are request ids (every row and answer names the command by it).
+    let mut c = cmd(&[]);
+    c.request_id = "r".repeat(MAX_REQUEST_ID_BYTES + 1);
+    assert_eq!(code(&c), Code::Malformed);
+    let mut c = cmd(&[]);
+    c.request_id = "req\u{1b}[2J".into();
+    assert_eq!(code(&c), Code::Malformed);
+    let mut c = cmd(&[]);
+    c.request_id = "r".repeat(MAX_REQUEST_ID_BYTES);
+    let b = sign_command(&c, &sk(1), "op-admin-1");
+    assert!(verify_command(&b, &ring(), Some(NOW)).is_ok());
 }
 
 #[test]

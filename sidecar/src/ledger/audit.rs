@@ -234,6 +234,31 @@ impl Auditor {
     }
 }
 
+/// Most bytes a row keeps of a name a request gave (request id, issuer, key id,
+/// algorithm, token issuer): a refused body's fields are its sender's to choose
+/// and were kept whole — a 64 KiB request id in each of 10 000 rows made one
+/// page of `/api/ledger/history` hundreds of megabytes. A verified command's
+/// are shorter ([`gw_core::command::MAX_ISSUER_BYTES`],
+/// [`gw_core::command::MAX_REQUEST_ID_BYTES`]); `raw_hex` keeps the request whole.
+const MAX_ROW_NAME: usize = 256;
+
+/// Most bytes a row keeps of who asked (the token's subject and roles) and of
+/// the route.
+const MAX_ROW_WHO: usize = 512;
+
+/// `s`, cut to at most `max` bytes on a character boundary and marked `…` when
+/// cut.
+fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max - '…'.len_utf8();
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
 /// The unsealed row of an entry (`seq` and hashes are set by the chain).
 fn row(e: &Entry<'_>) -> LedgerRow {
     let decoded;
@@ -276,21 +301,21 @@ fn row(e: &Entry<'_>) -> LedgerRow {
         stage: e.stage.as_str().into(),
         decision: e.decision.as_str().into(),
         code: e.code.map(Code::as_str).unwrap_or_default().into(),
-        request_id: cmd.map(|c| c.request_id.clone()).unwrap_or_default(),
-        issuer: cmd.map(|c| c.issuer.clone()).unwrap_or_default(),
+        request_id: cmd.map_or(String::new(), |c| cut(&c.request_id, MAX_ROW_NAME)),
+        issuer: cmd.map_or(String::new(), |c| cut(&c.issuer, MAX_ROW_NAME)),
         module,
         action,
-        pubkey_id: cmd.map(|c| c.pubkey_id.clone()).unwrap_or_default(),
-        sig_alg: cmd.map(|c| c.sig_alg.clone()).unwrap_or_default(),
+        pubkey_id: cmd.map_or(String::new(), |c| cut(&c.pubkey_id, MAX_ROW_NAME)),
+        sig_alg: cmd.map_or(String::new(), |c| cut(&c.sig_alg, MAX_ROW_NAME)),
         nonce: cmd.map_or(0, |c| c.nonce),
         args_json: cmd
             .map(|c| serde_json::to_string(&c.args).unwrap_or_default())
             .unwrap_or_default(),
         raw_hex: hex::encode(e.body),
-        requester: who.sub,
-        requester_roles: who.roles,
-        token_issuer: who.token_issuer,
-        route: e.route.to_owned(),
+        requester: cut(&who.sub, MAX_ROW_WHO),
+        requester_roles: cut(&who.roles, MAX_ROW_WHO),
+        token_issuer: cut(&who.token_issuer, MAX_ROW_NAME),
+        route: cut(e.route, MAX_ROW_WHO),
         prev_hash: String::new(),
         row_hash: String::new(),
     }
@@ -334,5 +359,53 @@ mod tests {
         let decoded = <Command as prost::Message>::decode(cmd.as_slice()).unwrap();
         let module = Module::from_proto(decoded.module).unwrap().as_str();
         assert_eq!((r.module.as_str(), r.action.as_str()), (module, "stop"));
+    }
+
+    /// A refused body's names are its sender's to choose: a row keeps at most
+    /// 256 bytes of each (cut on a character boundary, marked), the body whole.
+    #[test]
+    fn a_row_keeps_a_bounded_part_of_the_names_a_request_gave() {
+        let long = format!("é{}", "x".repeat(70_000));
+        let cmd = Command {
+            schema_version: "ctrl-v1".into(),
+            request_id: long.clone(),
+            issuer: long.clone(),
+            pubkey_id: long.clone(),
+            sig_alg: long.clone(),
+            ..Command::default()
+        };
+        let body = prost::Message::encode_to_vec(&cmd);
+        let route = format!("/api/ledger/{long}");
+        let who = Requester {
+            sub: long.clone(),
+            roles: long.clone(),
+            token_issuer: long.clone(),
+        };
+        let mut e = entry(&body, &route);
+        e.requester = Some(&who);
+        let r = row(&e);
+        for (field, v, max) in [
+            ("request_id", &r.request_id, MAX_ROW_NAME),
+            ("issuer", &r.issuer, MAX_ROW_NAME),
+            ("pubkey_id", &r.pubkey_id, MAX_ROW_NAME),
+            ("sig_alg", &r.sig_alg, MAX_ROW_NAME),
+            ("token_issuer", &r.token_issuer, MAX_ROW_NAME),
+            ("requester", &r.requester, MAX_ROW_WHO),
+            ("requester_roles", &r.requester_roles, MAX_ROW_WHO),
+            ("route", &r.route, MAX_ROW_WHO),
+        ] {
+            assert!(
+                v.len() <= max && v.ends_with('…'),
+                "{field}: {} bytes",
+                v.len()
+            );
+        }
+        assert!(r.request_id.starts_with("éxxx"));
+        assert_eq!(r.raw_hex, hex::encode(&body), "the body is kept whole");
+        // Short names are kept as they are; a cut never splits a character.
+        assert_eq!(cut("req-1", 256), "req-1");
+        assert_eq!(cut("ééé", 6), "ééé");
+        assert_eq!(cut("éééé", 6), "é…");
+        assert_eq!(cut("aéééé", 6), "aé…");
     }
 }
