@@ -26,7 +26,10 @@
  *  10 init takes 1.5 s and then succeeds (a slow load),
  *  11 release takes 1 s and then tears down what init set up, which predict
  *     needs (a library whose state goes with its release),
- *  12 release aborts the process (a crash when the model is let go).
+ *  12 release aborts the process (a crash when the model is let go),
+ *  13 the first output of a row whose first feature is -54321 is NaN, and the
+ *     last output of a row whose first feature is -54322 is +infinity (rows no
+ *     check scores: a model answering non-finite values).
  */
 #include <math.h>
 #include <pthread.h>
@@ -129,6 +132,8 @@ static int32_t adapter_predict(const float *rows, size_t n_rows, uint32_t flags,
             o[k] = LEAF_IS_DOUBLE ? (float)result_d[k] : result_f[k];
             if (MODEL_TEST_FAULT == 5) o[k] *= 1.0001f;
         }
+        if (MODEL_TEST_FAULT == 13 && row[0] == -54321.0f) o[0] = NAN;
+        if (MODEL_TEST_FAULT == 13 && row[0] == -54322.0f) o[N_OUTPUTS - 1] = INFINITY;
     }
     if (entries != stack) free(entries);
     return MODEL_OK;

@@ -1026,6 +1026,116 @@ fn a_module_whose_model_does_not_serve_trusts_no_searchers_ev() {
     );
 }
 
+/// A model that answers a non-finite value (a build that makes the first output
+/// NaN, or the last +infinity, on rows no check scores): `predict` writes it
+/// `null` (JSON has neither) and names the row in `non_finite_rows`, `evaluate`
+/// sends nothing on it, and neither does the hot path.
+#[test]
+fn a_non_finite_score_is_named_and_never_sent_on() {
+    use gw_core::Module;
+    use gw_sidecar::sender::strategy::Skip;
+
+    let d = testkit::TempDir::new("models-non-finite");
+    let dir = d.path().join("models");
+    build(&dir, "fault13", 7, 13, "mev");
+    let mut cfg = common::config(&d.path().join("state"), true);
+    cfg.file.models = Some(ModelsConfig {
+        poll_ms: 100,
+        ..ModelsConfig::with_dir(dir.clone())
+    });
+    let s = common::serve(cfg);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s.get_json("/api/models")["mev"]["serving"].is_null() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the model never served"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let row = |first: f64| -> Vec<f64> { std::iter::once(first).chain([0.5; 7]).collect() };
+    let rows = json!({"rows": [row(1.0), row(-54321.0), row(-54322.0), row(2.0)]});
+    let (status, body) = s.post_json("/api/models/mev/predict", &rows);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["non_finite_rows"], json!([1, 2]), "{body}");
+    let outputs = body["outputs"].as_array().unwrap();
+    assert!(outputs[0][0].is_f64() && outputs[3][0].is_f64(), "{body}");
+    assert!(outputs[1][0].is_null() && outputs[2][0].is_null(), "{body}");
+    let (status, body) = s.post_json("/api/models/mev/predict", &json!({"rows": [row(1.0)]}));
+    assert_eq!(
+        (status, &body["non_finite_rows"]),
+        (200, &json!([])),
+        "{body}"
+    );
+    // Running, no floor: every finite score would be sent.
+    let (status, applied) = s.post_json("/api/control/module/mev:start", &json!({}));
+    assert_eq!(
+        (status, &applied["applied"]),
+        (200, &json!(true)),
+        "{applied}"
+    );
+    let (_, gated) = s.post_json("/api/modules/mev/evaluate", &rows);
+    let decisions: Vec<(bool, &str)> = gated["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["send"].as_bool().unwrap(),
+                d["reason"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            (true, ""),
+            (false, "score is not a number"),
+            (false, "score is not a number"),
+            (true, "")
+        ],
+        "{gated}"
+    );
+    drop(s);
+
+    // The hot path: the NaN-scored opportunity is skipped, the other sent.
+    let host = Arc::new(host(&dir, 8, false));
+    host.poll();
+    assert!(host.current("mev").is_some());
+    let Hot {
+        hot,
+        relay,
+        key,
+        _rt,
+    } = hot_path(host.clone(), f64::MIN);
+    let (nan, _) = opportunity(
+        &key,
+        Module::Mev,
+        [1; 32],
+        row(-54321.0).iter().map(|v| *v as f32).collect(),
+        None,
+    );
+    let (fine, sent) = opportunity(
+        &key,
+        Module::Mev,
+        [2; 32],
+        row(1.0).iter().map(|v| *v as f32).collect(),
+        None,
+    );
+    assert_eq!(hot.offer(vec![nan, fine]), 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while relay.calls().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let got: Vec<Vec<u8>> = relay
+        .calls()
+        .into_iter()
+        .map(|c| c.txs[0].clone())
+        .collect();
+    assert_eq!(got, vec![sent], "only the finite score is sent on");
+    assert_eq!(hot.stats.skipped(Skip::NoScore), 1);
+}
+
 #[test]
 fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
     use gw_core::Module;
@@ -1826,6 +1936,14 @@ fn a_refusal_the_ledger_could_not_take_is_recorded_once_it_can() {
     assert!(refusals().is_empty());
     // Still failing: still owed, said once.
     assert!(host.poll().is_empty());
+    // The link changes hands before the row is written: the row names who
+    // placed the link that was refused, not its owner when the row is written.
+    let link = dir.join("libmev_latest.so");
+    let placed_by = {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::symlink_metadata(&link).unwrap().uid()
+    };
+    std::os::unix::fs::lchown(&link, Some(placed_by + 4242), None).unwrap();
     disk.heal();
     let log = host.poll();
     assert!(
@@ -1836,6 +1954,15 @@ fn a_refusal_the_ledger_could_not_take_is_recorded_once_it_can() {
     let rows = refusals();
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0].0, "features");
+    let requesters: Vec<String> = durable
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.stage == "models")
+        .map(|r| r.requester.clone())
+        .collect();
+    assert_eq!(requesters, [format!("uid:{placed_by}")]);
     let note: Value = serde_json::from_str(&rows[0].1).unwrap();
     assert_eq!(note["recorded_late"], true, "{note}");
     assert!(

@@ -191,13 +191,15 @@ fn score_now(
     if req.margin && call != Call::Predict {
         return Err(ScoreError::MarginRefused);
     }
+    // Before whether a model serves: a refusal of what was asked (a row), not
+    // an answer that nothing serves yet (503, the caller's to retry, no row).
+    if req.rows.len() > MAX_ROWS {
+        return Err(ScoreError::TooManyRows(req.rows.len()));
+    }
     let model = host
         .current(module)
         .ok_or_else(|| ScoreError::NotServing(module.to_owned()))?;
     let n = model.n_features as usize;
-    if req.rows.len() > MAX_ROWS {
-        return Err(ScoreError::TooManyRows(req.rows.len()));
-    }
     if call == Call::Predict {
         answer_fits(req.rows.len(), model.n_outputs as usize)?;
     }
@@ -279,9 +281,19 @@ async fn predict(
     let answer = api
         .score(&module, body, Call::Predict, move |model, out, margin| {
             let outputs: Vec<&[f32]> = out.chunks(model.n_outputs as usize).collect();
+            // JSON has no NaN or infinity (such a value is written `null`, which
+            // a request's rows read as missing): the rows whose outputs are not
+            // all finite are named.
+            let non_finite: Vec<usize> = outputs
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| o.iter().any(|v| !v.is_finite()))
+                .map(|(i, _)| i)
+                .collect();
             json!({
                 "module": named, "model": model.name, "version": model.version,
-                "margin": margin, "postprocessor": model.postprocessor, "outputs": outputs
+                "margin": margin, "postprocessor": model.postprocessor, "outputs": outputs,
+                "non_finite_rows": non_finite
             })
         })
         .await?;
@@ -356,5 +368,25 @@ mod tests {
         assert!(answer_fits(4096, 256).is_ok());
         assert!(answer_fits(4097, 256).is_err());
         assert!(answer_fits(usize::MAX, 2).is_err(), "no overflow");
+    }
+
+    /// Too many rows is the caller's fault (413, a row) whether or not a model
+    /// serves the slot yet: checked first, it was a 503 without a row while none did.
+    #[test]
+    fn too_many_rows_is_refused_before_anything_serves() {
+        let d = testkit::TempDir::new("models-api-rows");
+        let host = ModelHost::new(d.path(), |_| 8, crate::models::LoadPolicy::default());
+        let one = |n: usize| {
+            let rows = vec!["[]"; n].join(",");
+            format!("{{\"rows\": [{rows}]}}").into_bytes()
+        };
+        let e = score_now(&host, "mev", &one(MAX_ROWS + 1), Call::Predict).unwrap_err();
+        assert!(
+            matches!(e, ScoreError::TooManyRows(n) if n == MAX_ROWS + 1),
+            "{e}"
+        );
+        assert_eq!(ApiError::from(e).code(), Code::TooLarge);
+        let e = score_now(&host, "mev", &one(1), Call::Predict).unwrap_err();
+        assert!(matches!(e, ScoreError::NotServing(_)), "{e}");
     }
 }

@@ -79,8 +79,9 @@ pub struct Slot {
     /// Last swaps and refusals, oldest first.
     history: Mutex<VecDeque<SwapEvent>>,
     /// A model that passed every check but whose swap the ledger could not
-    /// record yet, and its link target: not served until it is.
-    unrecorded: Mutex<Option<(PathBuf, Arc<Model>)>>,
+    /// record yet, its link target and the link's owner then: not served until
+    /// it is.
+    unrecorded: Mutex<Option<(PathBuf, Arc<Model>, String)>>,
     /// Refusals (and lost links) whose row the ledger could not take when they
     /// happened, oldest first ([`MAX_OWED`] at most): written at each look until
     /// it takes them.
@@ -183,8 +184,9 @@ pub struct ModelHost {
 /// waits for a later look.
 const MAX_RELEASING: usize = 4;
 
-/// A refusal row still to be written: its link, its reason, its note.
-type OwedRow = (PathBuf, &'static str, serde_json::Value);
+/// A refusal row still to be written: its link, the link's owner when it was
+/// refused, its reason, its note.
+type OwedRow = (PathBuf, String, &'static str, serde_json::Value);
 
 /// Refusal rows a slot owes at most; beyond, the oldest is dropped and the next
 /// written says how many were (`rows_not_recorded`).
@@ -397,19 +399,20 @@ impl ModelHost {
         self
     }
 
-    /// The ledger row of a swap or refusal in `s`: why it could not be made
+    /// The ledger row of a swap or refusal in `s`, of the link `owner` placed
+    /// (read when the link was: a row written later — after a long load, or
+    /// owed — named whoever owned the link then): why it could not be made
     /// durable, if it could not.
     fn audit_event(
         &self,
         s: &Slot,
         link: &Path,
+        owner: &str,
         decision: Decision,
         reason: &str,
         note: serde_json::Value,
     ) -> Result<(), String> {
-        use std::os::unix::fs::MetadataExt as _;
-        let owner =
-            std::fs::symlink_metadata(link).map_or(String::new(), |m| format!("uid:{}", m.uid()));
+        let owner = owner.to_owned();
         let link = link.display().to_string();
         let event = ModelEvent {
             module: s.module,
@@ -429,13 +432,14 @@ impl ModelHost {
         &self,
         s: &Slot,
         link: &Path,
+        owner: &str,
         reason: &'static str,
         note: serde_json::Value,
         log: &mut Vec<String>,
     ) {
         let mut owed = s.owed.lock();
         if owed.is_empty() {
-            match self.audit_event(s, link, Decision::Rejected, reason, note.clone()) {
+            match self.audit_event(s, link, owner, Decision::Rejected, reason, note.clone()) {
                 Ok(()) => return,
                 Err(why) => log.push(format!(
                     "model {}: the ledger cannot record this refusal now ({why}): it is written at a later look",
@@ -451,7 +455,7 @@ impl ModelHost {
         // The row is written later: it says when the refusal happened.
         let mut note = note;
         note["refused_at_ms"] = (crate::now_nanos() / 1_000_000).into();
-        owed.push_back((link.to_path_buf(), reason, note));
+        owed.push_back((link.to_path_buf(), owner.to_owned(), reason, note));
     }
 
     /// Writes the refusal rows `s` owes, oldest first, until the ledger refuses
@@ -459,13 +463,13 @@ impl ModelHost {
     fn pay_owed(&self, s: &Slot, log: &mut Vec<String>) {
         let mut owed = s.owed.lock();
         let mut paid = 0usize;
-        while let Some((link, reason, mut note)) = owed.front().cloned() {
+        while let Some((link, owner, reason, mut note)) = owed.front().cloned() {
             let dropped = s.owed_dropped.load(Ordering::Relaxed);
             if dropped > 0 {
                 note["rows_not_recorded"] = dropped.into();
             }
             note["recorded_late"] = true.into();
-            match self.audit_event(s, &link, Decision::Rejected, reason, note) {
+            match self.audit_event(s, &link, &owner, Decision::Rejected, reason, note) {
                 Ok(()) => {
                     s.owed_dropped.fetch_sub(dropped, Ordering::Relaxed);
                     owed.pop_front();
@@ -685,10 +689,16 @@ impl ModelHost {
             // The link itself (even dangling: a deploy that links before the file
             // is there) says the module has a model; so does a directory that
             // cannot be read (it cannot say the module has none).
-            match std::fs::symlink_metadata(&link) {
+            let meta = std::fs::symlink_metadata(&link);
+            match &meta {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 _ => s.linked.store(true, Ordering::Release),
             }
+            // Who placed the link, as it is now (the row's requester).
+            let owner = {
+                use std::os::unix::fs::MetadataExt as _;
+                meta.map_or(String::new(), |m| format!("uid:{}", m.uid()))
+            };
             let target = match std::fs::canonicalize(&link) {
                 Ok(t) => t,
                 Err(e) => {
@@ -704,7 +714,7 @@ impl ModelHost {
                         ));
                         s.record(&link, "link_lost", e.to_string());
                         let note = serde_json::json!({"detail": e.to_string(), "serving": kept});
-                        self.refusal_row(s, &link, "link_lost", note, &mut log);
+                        self.refusal_row(s, &link, &owner, "link_lost", note, &mut log);
                     }
                     continue;
                 }
@@ -712,9 +722,17 @@ impl ModelHost {
             s.linked.store(true, Ordering::Release);
             s.link_lost.store(false, Ordering::Release);
             // A model loaded and checked before, whose row the ledger could not take
-            // then: only its row is tried again (it is let go once the link names
-            // another).
-            let waiting = s.unrecorded.lock().take().filter(|(t, _)| *t == target);
+            // then: only its row is tried again. Once the link names another it is
+            // let go where retired models are (its `release` never runs on this
+            // thread: one that hung would stop every later swap).
+            let kept = s.unrecorded.lock().take();
+            let waiting = match kept {
+                Some((t, m, _)) if t != target => {
+                    self.retired.lock().push(m);
+                    None
+                }
+                kept => kept,
+            };
             if s.serving_target.lock().as_ref() == Some(&target) {
                 continue;
             }
@@ -728,9 +746,9 @@ impl ModelHost {
             };
             // Said when it was first kept.
             let said = waiting.is_some();
-            let loaded = match waiting {
-                Some((_, m)) => Ok(m),
-                None => self.load(&target, s.n_features),
+            let (loaded, owner) = match waiting {
+                Some((_, m, then)) => (Ok(m), then),
+                None => (self.load(&target, s.n_features), owner),
             };
             match loaded {
                 Ok(m) => {
@@ -739,7 +757,9 @@ impl ModelHost {
                         "name": m.name, "version": m.version, "abi": m.abi,
                         "verified": m.golden.is_some(),
                     });
-                    if let Err(why) = self.audit_event(s, &link, Decision::Applied, "", note) {
+                    if let Err(why) =
+                        self.audit_event(s, &link, &owner, Decision::Applied, "", note)
+                    {
                         // Not served unrecorded: kept, its row tried at each look.
                         if !said {
                             log.push(format!(
@@ -750,7 +770,7 @@ impl ModelHost {
                                 s.serving_version()
                             ));
                         }
-                        *s.unrecorded.lock() = Some((target, m));
+                        *s.unrecorded.lock() = Some((target, m, owner));
                         continue;
                     }
                     let verified = m.golden.as_ref().map_or_else(
@@ -813,7 +833,7 @@ impl ModelHost {
                         "path": target.display().to_string(), "detail": e.to_string(),
                         "serving": kept,
                     });
-                    self.refusal_row(s, &link, e.reason(), note, &mut log);
+                    self.refusal_row(s, &link, &owner, e.reason(), note, &mut log);
                     *s.refused.lock() = Some((target, e.to_string(), e.retried()));
                 }
             }
