@@ -71,7 +71,11 @@ curl -sf http://127.0.0.1:8123/ping >/dev/null || die "clickhouse did not start;
 # The tables, created by the administrator; the sidecar writes as gw_sidecar
 # (SELECT, INSERT on its tables only).
 ch_admin_pw="$(cat "$run/keys/clickhouse-admin.pw")"
-chq() { curl -sf -H "X-ClickHouse-User: gw_admin" -H "X-ClickHouse-Key: $ch_admin_pw" "http://127.0.0.1:8123/?query=$1"; }
+# The administrator's credentials go to curl in a file only its owner reads: a
+# command line is readable by every local user (/proc/*/cmdline).
+(umask 077; printf 'header = "X-ClickHouse-User: gw_admin"\nheader = "X-ClickHouse-Key: %s"\n' "$ch_admin_pw" \
+  > "$run/keys/clickhouse-admin.curl")
+chq() { curl -sf -K "$run/keys/clickhouse-admin.curl" "http://127.0.0.1:8123/?query=$1"; }
 GW_CLICKHOUSE_URL=http://127.0.0.1:8123 GW_CLICKHOUSE_USER=gw_admin GW_CLICKHOUSE_PASSWORD="$ch_admin_pw" \
   "$bin/gw-sidecar" --setup-clickhouse >/dev/null || die "creating the ClickHouse tables failed"
 brokers=""
@@ -164,10 +168,10 @@ Searcher (QUIC ingest, UDP 8011; an aioquic client with the dev searcher key):
 Sender status:   curl -s --cacert $run/certs/ca.pem -H "authorization: Bearer \$(cat $run/admin.jwt)" https://localhost:8443/api/sender
                  local TPU: $run/tpu-sink.log   relay: $run/relay.log
 ClickHouse:      user gw_admin, password in $run/keys/clickhouse-admin.pw (the sidecar writes as gw_sidecar)
-Sends audited:   curl -s -u gw_admin:\$(cat $run/keys/clickhouse-admin.pw) 'http://127.0.0.1:8123/?query=SELECT+signature,route,hedged,outcome,latency_us+FROM+tx_sends+ORDER+BY+ts_us'
+Sends audited:   curl -s -K $run/keys/clickhouse-admin.curl 'http://127.0.0.1:8123/?query=SELECT+signature,route,hedged,outcome,latency_us+FROM+tx_sends+ORDER+BY+ts_us'
 Bus:             ${brokers:-in-process (start with --kafka for Kafka)}
 Edge decisions:  curl -s --unix-socket $run/envoy-admin.sock http://admin/stats?filter=gw_edge
-Audit ledger:    curl -s -u gw_admin:\$(cat $run/keys/clickhouse-admin.pw) 'http://127.0.0.1:8123/?query=SELECT+seq,stage,decision,code,request_id+FROM+control_decisions+ORDER+BY+seq'
+Audit ledger:    curl -s -K $run/keys/clickhouse-admin.curl 'http://127.0.0.1:8123/?query=SELECT+seq,stage,decision,code,request_id+FROM+control_decisions+ORDER+BY+seq'
                  GW_CLICKHOUSE_USER=gw_admin GW_CLICKHOUSE_PASSWORD=\$(cat $run/keys/clickhouse-admin.pw) \\
                  $bin/gwctl ledger verify --clickhouse http://127.0.0.1:8123 \
                    --checkpoint .run/sidecar/ledger/checkpoints.log --key @.run/keys/ledger.pk.hex

@@ -232,6 +232,27 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             "ClickHouse over plain HTTP to a host that is not loopback: its password and the ledger's rows cross the network in clear (set clickhouse_tls and an https:// URL)"
         );
     }
+    if let Some(sender) = &cfg.file.sender {
+        let rpc = sender.rpc_node.as_ref().map(|r| r.url.as_str());
+        let leaders = match &sender.leaders {
+            Some(crate::sender::leaders::LeadersConfig::Rpc { url, .. }) => Some(url.as_str()),
+            _ => None,
+        };
+        for (key, url) in [
+            ("sender.rpc_node.url", rpc),
+            ("sender.leaders.rpc.url", leaders),
+        ] {
+            if url.is_some_and(crate::config::in_clear) {
+                // Such URLs often carry a provider's key: the scheme, host and
+                // port only (`upstream::redact`).
+                tracing::warn!(
+                    key,
+                    url = %crate::sender::upstream::redact(url.unwrap_or_default()),
+                    "an RPC node over plain HTTP to a host that is not loopback: a key in its URL and every answer cross the network in clear (use https://)"
+                );
+            }
+        }
+    }
     let now = crate::now_secs();
 
     // Everything durable is in the journal: read it, let each owner rebuild from

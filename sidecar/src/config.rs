@@ -2,7 +2,7 @@
 //! original API's environment variables on top.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
 use gw_core::jwk::ed25519_from_hex;
@@ -365,6 +365,9 @@ pub struct Config {
     pub edge_key_prev: Option<gw_core::edge_stamp::EdgeKey>,
     /// The ClickHouse password (`GW_CLICKHOUSE_PASSWORD[_FILE]`); never logged.
     pub clickhouse_password: Option<String>,
+    /// What the sidecar says once its log is set up (and `--check` prints): files
+    /// of secrets others than their owner may read.
+    pub warnings: Vec<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -552,6 +555,56 @@ fn edge_key_from(
     gw_core::edge_stamp::EdgeKey::from_hex(hex).map_err(|e| ConfigError::Env(name, e.to_string()))
 }
 
+/// Secrets an environment variable gives, or the file another names (`_FILE`:
+/// Docker's and systemd's secrets are files, and a variable is shown by
+/// `docker inspect` and inherited by every child process).
+const SECRET_FILES: [(&str, &str); 4] = [
+    ("CTRL_SIGN_SK_HEX", "CTRL_SIGN_SK_HEX_FILE"),
+    ("GW_LEDGER_SK_HEX", "GW_LEDGER_SK_HEX_FILE"),
+    ("GW_TPU_IDENTITY_HEX", "GW_TPU_IDENTITY_HEX_FILE"),
+    ("GW_RELAY_AUTH", "GW_RELAY_AUTH_FILE"),
+];
+
+/// The secrets of [`SECRET_FILES`] read from their files (trailing whitespace
+/// cut), and a warning for each file others than its owner may read. Both a
+/// variable and its file set is refused; errors never echo a secret.
+#[allow(clippy::type_complexity)]
+fn secrets_from_files(
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Vec<(&'static str, zeroize::Zeroizing<String>)>, Vec<String>), ConfigError> {
+    let (mut read, mut warnings) = (Vec::new(), Vec::new());
+    for (name, file_var) in SECRET_FILES {
+        let Some(path) = env(file_var) else { continue };
+        if env(name).is_some() {
+            return Err(ConfigError::Env(
+                file_var,
+                format!("set {name} or {file_var}, not both"),
+            ));
+        }
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError::Env(file_var, format!("{path}: {e}")))?,
+        );
+        warnings.extend(readable_by_others(file_var, Path::new(&path)));
+        read.push((name, zeroize::Zeroizing::new(text.trim_end().to_owned())));
+    }
+    Ok((read, warnings))
+}
+
+/// A warning when the secret file at `path` (given as `what`) may be read by
+/// others than its owner.
+pub fn readable_by_others(what: &str, path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{what}: {} may be read by others than its owner (mode {:o}): chmod 600",
+            path.display(),
+            mode & 0o777
+        )
+    })
+}
+
 /// The Ed25519 key (32-byte seed, hex) in environment variable `name`, if set
 /// (its value is never echoed).
 fn secret_key(
@@ -716,6 +769,16 @@ impl Config {
         mut file: FileConfig,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
+        let (from_files, mut warnings) = secrets_from_files(env)?;
+        let with_files = |k: &str| {
+            env(k).or_else(|| {
+                from_files
+                    .iter()
+                    .find(|(name, _)| *name == k)
+                    .map(|(_, v)| v.as_str().to_owned())
+            })
+        };
+        let env: &dyn Fn(&str) -> Option<String> = &with_files;
         let clickhouse_password = clickhouse_env(&mut file, env)?;
         if let Some(b) = env("GW_KAFKA_BROKERS").filter(|b| !b.trim().is_empty()) {
             match &mut file.kafka {
@@ -833,6 +896,17 @@ impl Config {
             env("GW_SIDECAR_TLS_KEY"),
             env("GW_SIDECAR_CLIENT_CA"),
         );
+        if matches!(
+            tls_env,
+            (Some(_), None, _) | (None, Some(_), _) | (_, Some(_), None) | (_, None, Some(_))
+        ) {
+            // One of them alone was silently ignored: the file's (or no) TLS
+            // stood, and the operator believed otherwise.
+            return Err(ConfigError::Env(
+                "GW_SIDECAR_TLS_CERT",
+                "set GW_SIDECAR_TLS_CERT, GW_SIDECAR_TLS_KEY and GW_SIDECAR_CLIENT_CA together, or none".into(),
+            ));
+        }
         if let (Some(cert), Some(key), Some(ca)) = tls_env {
             let edge = file
                 .tls
@@ -1019,6 +1093,30 @@ impl Config {
                 t.check("kafka.tls")?;
             }
         }
+        for (what, path) in [
+            (
+                "GW_EDGE_KEY_FILE",
+                env("GW_EDGE_KEY_FILE").map(PathBuf::from),
+            ),
+            (
+                "GW_CLICKHOUSE_PASSWORD_FILE",
+                env("GW_CLICKHOUSE_PASSWORD_FILE").map(PathBuf::from),
+            ),
+            ("tls.key", file.tls.as_ref().map(|t| t.key.clone())),
+            (
+                "kafka.tls.key",
+                file.kafka
+                    .as_ref()
+                    .and_then(|k| k.tls.as_ref())
+                    .and_then(|t| t.key.clone()),
+            ),
+            (
+                "clickhouse_tls.key",
+                file.clickhouse_tls.as_ref().and_then(|t| t.key.clone()),
+            ),
+        ] {
+            warnings.extend(path.and_then(|p| readable_by_others(what, &p)));
+        }
         Ok(Config {
             file,
             keyring,
@@ -1029,6 +1127,7 @@ impl Config {
             edge_key,
             edge_key_prev,
             clickhouse_password,
+            warnings,
         })
     }
 }

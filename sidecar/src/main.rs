@@ -56,6 +56,9 @@ fn main() -> anyhow::Result<()> {
         return print_check(&cfg);
     }
     gw_sidecar::telemetry::init(cfg.file.log_format);
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
     // Before any other thread starts: they inherit it (and the runtime's threads
     // and the sidecar's own take it explicitly).
     gw_sidecar::sched::configure(cfg.sched_slice_us());
@@ -167,6 +170,9 @@ fn print_check(cfg: &Config) -> anyhow::Result<()> {
                 .as_ref()
                 .map_or_else(|| "off".to_string(), |m| m.dir.display().to_string()),
         );
+    for w in &cfg.warnings {
+        println!("warning: {w}");
+    }
     Ok(())
 }
 

@@ -295,6 +295,66 @@ fn configuration_errors_are_clear() {
         *merged.keyring.get("op-admin-1").unwrap().key(),
         command_key().verifying_key()
     );
+
+    // Secrets from files (`_FILE`): read, trailing newline cut; a file others may
+    // read is warned of; both a variable and its file is refused.
+    use std::os::unix::fs::PermissionsExt as _;
+    let sk_file = d.path().join("sign.sk.hex");
+    std::fs::write(
+        &sk_file,
+        format!("{}\n", hex::encode(command_key().to_bytes())),
+    )
+    .unwrap();
+    std::fs::set_permissions(&sk_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let sk_path = sk_file.display().to_string();
+    let from_file = |k: &str| match k {
+        "CTRL_SIGN_SK_HEX_FILE" => Some(sk_path.clone()),
+        _ => edge_key(k),
+    };
+    let c = Config::load(Some(path), &from_file).unwrap();
+    assert_eq!(
+        c.signer
+            .as_ref()
+            .map(|(k, id)| (k.verifying_key(), id.as_str())),
+        Some((command_key().verifying_key(), "op-admin-1"))
+    );
+    assert!(
+        c.warnings.len() == 1
+            && c.warnings[0].contains("CTRL_SIGN_SK_HEX_FILE")
+            && c.warnings[0].contains("chmod 600"),
+        "{:?}",
+        c.warnings
+    );
+    std::fs::set_permissions(&sk_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(Config::load(Some(path), &from_file)
+        .unwrap()
+        .warnings
+        .is_empty());
+    let both = |k: &str| match k {
+        "CTRL_SIGN_SK_HEX" => Some(hex::encode(command_key().to_bytes())),
+        _ => from_file(k),
+    };
+    let err = Config::load(Some(path), &both).unwrap_err().to_string();
+    assert!(
+        err.contains("not both") && !err.contains(&hex::encode(command_key().to_bytes())),
+        "{err}"
+    );
+    std::fs::write(&sk_file, "not a key\n").unwrap();
+    let err = Config::load(Some(path), &from_file)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("CTRL_SIGN_SK_HEX") && !err.contains("not a key"),
+        "{err}"
+    );
+    // The sidecar's TLS from the environment: all three or none (one alone was
+    // silently ignored).
+    let partial = |k: &str| match k {
+        "GW_SIDECAR_TLS_CERT" => Some("/x/cert.pem".to_owned()),
+        _ => edge_key(k),
+    };
+    let err = Config::load(Some(path), &partial).unwrap_err().to_string();
+    assert!(err.contains("together"), "{err}");
 }
 
 /// One sidecar per state directory: a second one started on the directory whose

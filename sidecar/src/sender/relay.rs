@@ -26,7 +26,8 @@ const MAX_ANSWER_ID: usize = 256;
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
-    /// Base URL of the block engine (`https://…`; `http://` for a local relay).
+    /// Base URL of the block engine (`https://…`; `http://` for a relay on
+    /// loopback, or one that takes no `auth`).
     pub url: String,
     /// `x-jito-auth` token (also `GW_RELAY_AUTH`).
     #[serde(default)]
@@ -100,6 +101,13 @@ impl RelayClient {
         anyhow::ensure!(
             base.starts_with("http://") || base.starts_with("https://"),
             "relay.url must start with http:// or https://, got {}",
+            upstream::redact(base)
+        );
+        // The token would cross the network readable by anyone on the path
+        // (the relay's rate limits and tips are the holder's).
+        anyhow::ensure!(
+            config.auth.is_none() || !crate::config::in_clear(base),
+            "relay.auth (GW_RELAY_AUTH) would be sent in clear over {}: use https:// (http:// is for a relay on loopback)",
             upstream::redact(base)
         );
         let timeout = Duration::from_millis(config.timeout_ms.max(1));
@@ -227,5 +235,37 @@ fn snippet(s: &str) -> String {
     match s.char_indices().nth(200) {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A relay token never crosses a network in clear: `http://` with `auth` is
+    /// refused beyond loopback, without showing the token.
+    #[test]
+    fn a_relay_token_is_not_sent_in_clear() {
+        let cfg = |url: &str, auth: Option<&str>| RelayConfig {
+            url: url.into(),
+            auth: auth.map(Into::into),
+            timeout_ms: 1000,
+        };
+        let err = RelayClient::new(&cfg("http://10.0.0.7:8010/x?key=k", Some("s3cret")))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("in clear") && !err.contains("s3cret") && !err.contains("key=k"),
+            "{err}"
+        );
+        for ok in [
+            cfg("http://127.0.0.1:8010", Some("s3cret")),
+            cfg("http://localhost:8010", Some("s3cret")),
+            cfg("https://relay.example:443", Some("s3cret")),
+            cfg("http://10.0.0.7:8010", None),
+        ] {
+            assert!(RelayClient::new(&ok).is_ok(), "{ok:?}");
+        }
     }
 }
