@@ -227,11 +227,17 @@ impl LedgerRow {
 }
 
 /// Appends rows to one chain.
+/// How far behind its chain's previous row a row's time is raised to it
+/// ([`Chain::seal`]).
+pub const MAX_TS_RAISE_MS: u64 = 60_000;
+
 #[derive(Debug, Clone)]
 pub struct Chain {
     chain_id: String,
     next_seq: u64,
     last: [u8; 32],
+    /// The last row's `ts_ms` (0: not known).
+    last_ts_ms: u64,
 }
 
 impl Chain {
@@ -241,6 +247,7 @@ impl Chain {
             chain_id: chain_id.to_owned(),
             next_seq: 1,
             last: GENESIS,
+            last_ts_ms: 0,
         }
     }
 
@@ -252,6 +259,7 @@ impl Chain {
                 chain_id: chain_id.to_owned(),
                 next_seq: r.seq.checked_add(1).ok_or(ChainError::Full(r.seq))?,
                 last: parse_hash(&r.row_hash).ok_or(ChainError::BadHash(r.seq))?,
+                last_ts_ms: r.ts_ms,
             }),
         }
     }
@@ -263,6 +271,7 @@ impl Chain {
             chain_id: chain_id.to_owned(),
             next_seq,
             last: head,
+            last_ts_ms: 0,
         }
     }
 
@@ -282,8 +291,19 @@ impl Chain {
     }
 
     /// Numbers and hashes `row` (its `chain_id`, `seq`, `prev_hash`, `row_hash` are
-    /// overwritten).
+    /// overwritten). Its `ts_ms` is raised to the previous row's when below it
+    /// by at most [`MAX_TS_RAISE_MS`]: a chain's times do not go back as its
+    /// `seq` goes up. Rows are made before they are sealed, in the order they
+    /// are committed: two writers (or a clock stepped back a little) gave seq 11
+    /// a time before seq 10's, and a reader paging by (time, chain, seq) never
+    /// saw one of them. Further behind (a clock that had jumped ahead, then was
+    /// set right), a row keeps its own time: every later row pinned to a time
+    /// hours ahead would be worse than one step back in the order.
     pub fn seal(&mut self, mut row: LedgerRow) -> LedgerRow {
+        if row.ts_ms < self.last_ts_ms && self.last_ts_ms - row.ts_ms <= MAX_TS_RAISE_MS {
+            row.ts_ms = self.last_ts_ms;
+        }
+        self.last_ts_ms = row.ts_ms;
         row.chain_id.clone_from(&self.chain_id);
         row.seq = self.next_seq;
         row.prev_hash = hex::encode(self.last);

@@ -54,6 +54,35 @@ fn a_walk_that_follows_a_row_to_the_last_seq_stops_there() {
     );
 }
 
+/// A chain's times never go back as its seq goes up (rows are made, then sealed
+/// in commit order: two writers, or a clock stepped back, gave a later seq an
+/// earlier time, and paging by (time, chain, seq) skipped a row); a chain resumed
+/// after a row keeps to it too. The rows still verify.
+#[test]
+fn a_chains_times_never_go_back() {
+    let mut c = Chain::new("node-1");
+    let at = |i: u64, ts: u64| {
+        let mut r = row(i);
+        r.ts_ms = ts;
+        r
+    };
+    let t = 1_750_000_000_000u64;
+    let rows: Vec<LedgerRow> = [(1, t), (2, t - 1), (3, t + 1), (4, t - 50_000)]
+        .into_iter()
+        .map(|(i, ts)| c.seal(at(i, ts)))
+        .collect();
+    let times: Vec<u64> = rows.iter().map(|r| r.ts_ms).collect();
+    assert_eq!(times, [t, t, t + 1, t + 1]);
+    assert_eq!(verify_chain(&rows), Ok(4));
+    let mut resumed = Chain::resume("node-1", rows.last()).unwrap();
+    assert_eq!(resumed.seal(at(5, t - 7)).ts_ms, t + 1);
+    // Far behind (a clock set right after it had jumped ahead): the row keeps
+    // its own time, and the rows after it follow it, not the jump.
+    let back = t + 1 - gw_core::ledger::MAX_TS_RAISE_MS - 1;
+    assert_eq!(resumed.seal(at(6, back)).ts_ms, back);
+    assert_eq!(resumed.seal(at(7, back + 5)).ts_ms, back + 5);
+}
+
 #[test]
 fn an_intact_chain_verifies_and_resumes() {
     let mut rows = chain(5);

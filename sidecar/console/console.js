@@ -567,10 +567,17 @@ async function showPage(pages) {
   renderDecisions();
 }
 
+// Whether decision `a` sorts before `b` in the ledger's order (its key: time,
+// chain, seq; the server's `before` compares the same).
+const keyBefore = (a, b) => a.ts_ms !== b.ts_ms ? a.ts_ms < b.ts_ms
+  : a.chain_id !== b.chain_id ? a.chain_id < b.chain_id : a.seq < b.seq;
+
 function olderPage() {
   const shown = L.paged() ? L.rows : S.decisions;
-  const last = shown[shown.length - 1];
-  if (!last) return;
+  if (shown.length === 0) return;
+  // The oldest shown by key, not the last drawn: the live table is in the order
+  // rows arrived, which is not always the key's.
+  const last = shown.reduce((m, d) => (keyBefore(d, m) ? d : m));
   if (!L.paged()) L.newer = 0;
   showPage([...L.pages, cursorOf(last)]);
 }
