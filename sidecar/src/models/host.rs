@@ -562,7 +562,7 @@ impl ModelHost {
             }
         }
         // Cheap, before a loader thread and the marker: `Model::load` checks again.
-        if let Some(why) = super::library::still_mapped(target, file) {
+        if let Some(why) = super::library::still_mapped(file) {
             return Err(super::LoadError::StillMapped(shown, why));
         }
         if let Some(p) = self.stuck.lock().as_ref() {

@@ -300,9 +300,117 @@ pub struct Model {
     // Closed in `Drop`, after `release` ran.
     #[serde(skip)]
     lib: std::mem::ManuallyDrop<libloading::Library>,
+    /// The sealed copy the library was loaded from; let go after the library is
+    /// closed (declared after `lib`).
+    #[serde(skip)]
+    _image: Image,
     // Declared after `lib`: the file leaves `OPEN` once the library is closed.
     #[serde(skip)]
     _open: Open,
+}
+
+/// A library's bytes, as hashed, in a sealed memory file (`memfd`: no write,
+/// grow or shrink is possible any more, by anyone) that the loader maps the
+/// library from. Loaded from its own path, the code that ran was whatever the
+/// file held when the loader read it — a file renamed over it after the hash
+/// was taken, or one written over in place (`cp` over a library keeps its inode)
+/// while it serves, whose pages the mapping then follows: code that no check
+/// had seen, under the checked SHA-256, without a swap or a row.
+struct Image {
+    /// `None` once let go.
+    file: Option<std::fs::File>,
+    /// `/proc/self/fd/<n>`: the name the loader knows it by.
+    path: PathBuf,
+}
+
+/// Flags of `memfd_create`: close on exec, sealable, and (Linux 6.3 and later)
+/// executable — without it a host with `vm.memfd_noexec = 1` makes the file
+/// unmappable as code.
+const MFD_EXEC: libc::c_uint = 0x10;
+
+impl Image {
+    /// Copies `from` into a new sealed memory file named after `real`, hashing
+    /// the bytes as they are copied: the image and their SHA-256 (hex).
+    fn copy(from: &mut std::fs::File, real: &Path) -> std::io::Result<(Image, String)> {
+        use sha2::Digest as _;
+        use std::io::Write as _;
+        use std::os::fd::FromRawFd as _;
+        let name = real.file_name().map_or_else(Vec::new, |n| {
+            n.as_encoded_bytes()
+                .iter()
+                .copied()
+                .filter(|b| *b != 0)
+                .take(200)
+                .collect()
+        });
+        let name = std::ffi::CString::new([b"gw-model:".as_slice(), &name].concat())
+            .map_err(std::io::Error::other)?;
+        let base = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+        // SAFETY: `name` is a NUL-terminated string that outlives the call.
+        let mut fd = unsafe { libc::memfd_create(name.as_ptr(), base | MFD_EXEC) };
+        if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+            // A kernel before 6.3 knows no MFD_EXEC (its memory files are
+            // executable).
+            // SAFETY: as above.
+            fd = unsafe { libc::memfd_create(name.as_ptr(), base) };
+        }
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor just created, owned by nothing else.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        struct Tee<'a>(&'a std::fs::File, sha2::Sha256);
+        impl std::io::Write for Tee<'_> {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let n = self.0.write(buf)?;
+                self.1.update(&buf[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut tee = Tee(&file, sha2::Sha256::new());
+        std::io::copy(from, &mut tee)?;
+        tee.flush()?;
+        let sha256 = hex::encode(tee.1.finalize());
+        let seals =
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on a descriptor this owns; no mapping of it exists yet.
+        if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let path = PathBuf::from(format!("/proc/self/fd/{fd}"));
+        let file = Some(file);
+        Ok((Image { file, path }, sha256))
+    }
+
+    /// Whether the loader holds a library under this image's name.
+    fn held(&self) -> bool {
+        // SAFETY: with RTLD_NOLOAD the loader opens nothing and runs no code: it
+        // hands back a library it holds (one reference more, given back at once
+        // as the handle drops), or nothing.
+        unsafe {
+            libloading::os::unix::Library::open(
+                Some(&self.path),
+                libc::RTLD_NOW | libc::RTLD_NOLOAD,
+            )
+        }
+        .is_ok()
+    }
+}
+
+impl Drop for Image {
+    /// The loader knows a library by its descriptor's number: one it did not
+    /// unload when closed (marked `NODELETE`, say) would be handed back to a
+    /// later load whose image got the number again. The descriptor of such a
+    /// library is kept for the process's life; any other is let go. (On every
+    /// path: a model dropped, or a load refused after the library was opened.)
+    fn drop(&mut self) {
+        if self.held() {
+            std::mem::forget(self.file.take());
+        }
+    }
 }
 
 /// The files (device, inode) the C library's loader holds for a model: from
@@ -370,94 +478,19 @@ impl Drop for Model {
         }
         // SAFETY: never used again; no function of it is referenced any more.
         unsafe { std::mem::ManuallyDrop::drop(&mut self.lib) };
+        // Then `_image` (a field): let go, or kept while the loader holds it.
     }
 }
 
-/// Why a load of the file `file` (device, inode) at `path` would be handed a
-/// library the C library's loader holds already instead of that file
-/// ([`LoadError::StillMapped`]), if it would: a model of the file still open
-/// ([`OPEN`]), or a library the loader holds under this name mapped from another
-/// file (one at this path before, replaced or renamed away since), whose code
-/// would serve under this file's SHA-256. One the loader still holds from this
-/// same file with no model open (a library it does not unload) is the same code,
-/// and is taken up again.
-pub(super) fn still_mapped(path: &Path, file: (u64, u64)) -> Option<String> {
-    if OPEN.lock().contains(&file) {
-        return Some(held_file());
-    }
-    held_from_another_file(path, file)
-}
-
-/// [`still_mapped`]'s second half: which file the library glibc holds under
-/// `path`, if any, was mapped from, found by the address of its export.
-fn held_from_another_file(path: &Path, file: (u64, u64)) -> Option<String> {
-    // SAFETY: with RTLD_NOLOAD the loader opens nothing and runs no code: it
-    // hands back a library it holds already (one reference more, given back
-    // below: it is held elsewhere), or nothing.
-    let held = unsafe {
-        libloading::os::unix::Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_NOLOAD)
-    }
-    .ok()?;
-    let export = [EXPORT_SYMBOL_V2, EXPORT_SYMBOL_V1]
-        .iter()
-        .find_map(|name| {
-            // SAFETY: only the symbol's address is read, nothing is called.
-            unsafe { held.get::<*const u8>(name) }
-                .ok()
-                .map(|s| *s as u64)
-        });
-    drop(held);
-    let other = || {
-        "the C library's loader holds another file under this path (one here before, replaced or renamed away since, still mapped)".to_owned()
-    };
-    let Some(at) = export else {
-        return Some(other());
-    };
-    let maps = match std::fs::read("/proc/self/maps") {
-        Ok(m) => m,
-        Err(e) => {
-            return Some(format!(
-            "the loader holds a library under this path, and /proc/self/maps cannot say which: {e}"
-        ))
-        }
-    };
-    let (dev, inode) = (file.0 as libc::dev_t, file.1);
-    let mapped = maps
-        .split(|b| *b == b'\n')
-        .filter_map(mapping)
-        .find(|m| (m.start..m.end).contains(&at));
-    match mapped {
-        Some(m) if (m.major, m.minor, m.inode) == (libc::major(dev), libc::minor(dev), inode) => {
-            None
-        }
-        _ => Some(other()),
-    }
-}
-
-/// One line of `/proc/self/maps` (`start-end perms offset major:minor inode path`).
-#[derive(Debug, PartialEq)]
-struct Mapping {
-    start: u64,
-    end: u64,
-    major: u32,
-    minor: u32,
-    inode: u64,
-}
-
-fn mapping(line: &[u8]) -> Option<Mapping> {
-    let line = String::from_utf8_lossy(line);
-    let mut fields = line.split_ascii_whitespace();
-    let (start, end) = fields.next()?.split_once('-')?;
-    let (major, minor) = fields.nth(2)?.split_once(':')?;
-    let hex = |v: &str| u64::from_str_radix(v, 16).ok();
-    let hex32 = |v: &str| u32::from_str_radix(v, 16).ok();
-    Some(Mapping {
-        start: hex(start)?,
-        end: hex(end)?,
-        major: hex32(major)?,
-        minor: hex32(minor)?,
-        inode: fields.next()?.parse().ok()?,
-    })
+/// Why a load of the file `file` (device, inode) would wait, if it would: a
+/// model of that file is still open ([`OPEN`]: in use, or its `release`
+/// running). Each load maps a copy of its own ([`Image`]), so the loader never
+/// hands an older library back; a file's next model still waits for the one
+/// before it to be let go, so that a library's `init` and the `release` of its
+/// predecessor never run at once (a library may keep state outside its
+/// process's memory).
+pub(super) fn still_mapped(file: (u64, u64)) -> Option<String> {
+    OPEN.lock().contains(&file).then(held_file)
 }
 
 impl std::fmt::Debug for Model {
@@ -790,15 +823,22 @@ impl Model {
         // other load of this file starts until this one's model is closed.
         let still = |why| LoadError::StillMapped(shown.clone(), why);
         let opened = Open::claim(file).map_err(still)?;
-        if let Some(why) = held_from_another_file(&real, file) {
-            return Err(still(why));
+        // The bytes hashed are the bytes loaded (`Image`).
+        let (image, sha256) = Image::copy(&mut f, &real).map_err(|e| {
+            let hint = if e.raw_os_error() == Some(libc::EACCES) {
+                " (vm.memfd_noexec = 2 forbids executable memory files, which the sidecar loads libraries from)"
+            } else {
+                ""
+            };
+            LoadError::Open(shown.clone(), format!("{e}{hint}"))
+        })?;
+        // Never the case (a library the loader kept has its descriptor kept, so
+        // no image gets its number): the loader would hand that library back.
+        if image.held() {
+            return Err(still(
+                "the C library's loader holds a library under this image's name".into(),
+            ));
         }
-        let sha256 = {
-            use sha2::Digest as _;
-            let mut hash = sha2::Sha256::new();
-            std::io::copy(&mut f, &mut hash).map_err(open)?;
-            hex::encode(hash.finalize())
-        };
         if let Some(allowed) = &policy.allowed_sha256 {
             if !allowed.contains(&sha256) {
                 return Err(LoadError::NotAllowed(shown, sha256));
@@ -814,7 +854,7 @@ impl Model {
         // at its path, is loaded (`trusted`), from the models directory
         // (`ModelHost`): operators' own builds; whoever could write such a file
         // could run code as the sidecar anyway.
-        let lib = unsafe { libloading::Library::new(&real) }
+        let lib = unsafe { libloading::Library::new(&image.path) }
             .map_err(|e| LoadError::Open(shown.clone(), e.to_string()))?;
         let t = read_table(&lib).map_err(|e| match e {
             TableError::NoSymbol(e) => LoadError::Symbol(shown.clone(), e),
@@ -855,6 +895,7 @@ impl Model {
             predict: t.predict,
             release: t.release,
             lib: std::mem::ManuallyDrop::new(lib),
+            _image: image,
             _open: opened,
         };
         model
@@ -997,35 +1038,6 @@ pub(crate) fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_line_of_the_maps_gives_its_range_device_and_inode() {
-        let line = b"7f0c2a1f5000-7f0c2a1f6000 r--p 00000000 fd:01 3942915                    /srv/m/lib v1.so (deleted)";
-        let want = Mapping {
-            start: 0x7f0c_2a1f_5000,
-            end: 0x7f0c_2a1f_6000,
-            major: 0xfd,
-            minor: 1,
-            inode: 3_942_915,
-        };
-        assert_eq!(mapping(line), Some(want));
-        assert_eq!(mapping(b"7ffd1000-7ffd2000 rw-p"), None);
-        // The code running this test is mapped from this test's executable.
-        let exe = std::fs::metadata("/proc/self/exe").unwrap();
-        let here = a_line_of_the_maps_gives_its_range_device_and_inode as *const () as u64;
-        let maps = std::fs::read("/proc/self/maps").unwrap();
-        let m = maps
-            .split(|b| *b == b'\n')
-            .filter_map(mapping)
-            .find(|m| (m.start..m.end).contains(&here))
-            .unwrap();
-        use std::os::unix::fs::MetadataExt as _;
-        let dev = exe.dev() as libc::dev_t;
-        assert_eq!(
-            (m.major, m.minor, m.inode),
-            (libc::major(dev), libc::minor(dev), exe.ino())
-        );
-    }
 
     #[test]
     fn every_error_has_one_of_the_listed_reasons() {
