@@ -644,6 +644,141 @@ async fn leader_node(
     (url, seen)
 }
 
+/// A Solana RPC node whose slot the test moves (`slot`), with epochs of 100
+/// slots from slot 0 (epoch 10 starts at slot 1000); `schedules` by epoch (an
+/// epoch without one is answered `null`, as a node that does not know it yet).
+async fn driven_leader_node(
+    slot: Arc<std::sync::atomic::AtomicU64>,
+    schedules: std::collections::HashMap<u64, serde_json::Value>,
+    nodes: serde_json::Value,
+) -> (
+    String,
+    Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::post(move |axum::Json(req): axum::Json<serde_json::Value>| {
+            let (slot, schedules, nodes, seen) = (
+                slot.clone(),
+                schedules.clone(),
+                nodes.clone(),
+                seen2.clone(),
+            );
+            async move {
+                let m = req["method"].as_str().unwrap_or("").to_owned();
+                seen.lock()
+                    .unwrap()
+                    .push((m.clone(), req["params"].clone()));
+                let now = slot.load(Relaxed);
+                let result = match m.as_str() {
+                    "getSlot" => json!(now),
+                    "getEpochInfo" => json!({"epoch": now / 100, "slotIndex": now % 100,
+                        "absoluteSlot": now, "slotsInEpoch": 100}),
+                    "getLeaderSchedule" => {
+                        let at = req["params"][0].as_u64().unwrap_or(now);
+                        schedules
+                            .get(&(at / 100))
+                            .cloned()
+                            .unwrap_or(serde_json::Value::Null)
+                    }
+                    "getClusterNodes" => nodes,
+                    _ => {
+                        return axum::Json(
+                            json!({"jsonrpc":"2.0","error":{"code":-32601,"message":"no"},"id":1}),
+                        )
+                    }
+                };
+                axum::Json(json!({"jsonrpc": "2.0", "result": result, "id": req["id"]}))
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (url, seen)
+}
+
+/// Near an epoch's end the next epoch's schedule is fetched, so its first
+/// leaders are known (and warmed) before the boundary and the source never
+/// runs dry there; across the boundary the fetched schedule becomes the current
+/// one. A node that reports a slot behind one it reported before (a pool of
+/// nodes behind one URL) does not move the leaders back.
+#[test]
+fn leaders_carry_over_an_epochs_end_and_never_go_back() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let rt = rt();
+    rt.block_on(async {
+        let [a, b, c] =
+            [11u8, 12, 13].map(|i| TpuReceiver::start(ReceiverConfig::default(), &key(i)).unwrap());
+        let id = |r: &TpuReceiver| bs58::encode(r.identity).into_string();
+        // Epoch 10 (slots 1000..1100): a for 0..96, b for its last 4 slots.
+        // Epoch 11: c for its first 4 slots, then a.
+        let e10: Vec<u64> = (0..96).collect();
+        let e11: Vec<u64> = (4..100).collect();
+        let schedules = std::collections::HashMap::from([
+            (10, json!({id(&a): e10, id(&b): [96, 97, 98, 99]})),
+            (11, json!({id(&c): [0, 1, 2, 3], id(&a): e11})),
+        ]);
+        let nodes = json!([a.addr, b.addr, c.addr]
+            .iter()
+            .zip([&a, &b, &c])
+            .map(|(addr, r)| json!({"pubkey": id(r), "tpuQuic": addr.to_string()}))
+            .collect::<Vec<_>>());
+        let slot = Arc::new(std::sync::atomic::AtomicU64::new(1010));
+        let (url, seen) = driven_leader_node(slot.clone(), schedules, nodes).await;
+        let src = RpcLeaders::start(&url, Duration::from_millis(50)).unwrap();
+        let leaders = |n| -> Vec<std::net::SocketAddr> {
+            src.upcoming(n).iter().map(|l| l.tpu_quic).collect()
+        };
+        let wait = |want: Vec<std::net::SocketAddr>, why: &str| {
+            let (src_leaders, why) = (&leaders, why.to_owned());
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while src_leaders(3) != want {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{why}: {:?}, want {want:?}",
+                        src_leaders(3)
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        wait(vec![a.addr, b.addr], "mid-epoch: this epoch's leaders only").await;
+        // 60 slots before the end: the next epoch's schedule comes with the rest.
+        slot.store(1040, Relaxed);
+        wait(
+            vec![a.addr, b.addr, c.addr],
+            "the next epoch's first leader",
+        )
+        .await;
+        let ahead = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, p)| m == "getLeaderSchedule" && p[0] == 1100)
+            .count();
+        assert!(ahead >= 1, "fetched by the next epoch's first slot");
+        // b's turn, the epoch's last; then a node behind (slot 1090, a's): the
+        // leaders do not move back to slots that have passed.
+        slot.store(1096, Relaxed);
+        wait(vec![b.addr, c.addr, a.addr], "the epoch's last leader").await;
+        slot.store(1090, Relaxed);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(
+            leaders(3),
+            vec![b.addr, c.addr, a.addr],
+            "a slot reported behind is not taken"
+        );
+        // Across the boundary: the schedule fetched ahead is the current one.
+        slot.store(1101, Relaxed);
+        wait(vec![c.addr, a.addr], "the new epoch").await;
+    });
+}
+
 /// A leader schedule with a slot index no epoch has is refused whole (the source
 /// never becomes ready on it), where the same schedule without it is taken; the
 /// source describes its node without the URL's path and query.

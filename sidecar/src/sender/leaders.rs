@@ -26,6 +26,12 @@ pub const SLOT_MS: u64 = 400;
 /// also bounds the schedule kept in memory.
 const MAX_EPOCH_SLOTS: u64 = 1 << 20;
 
+/// How many slots before its epoch ends the next epoch's schedule is fetched
+/// (≈ 26 s at the nominal slot time): without it, no leader past the epoch's
+/// end was known, the last ones of an epoch had no successors to warm, and at
+/// the boundary none was known until the new schedule downloaded.
+const NEXT_EPOCH_AHEAD: u64 = 64;
+
 /// Who leads now and next.
 pub trait LeaderSource: Send + Sync {
     /// Up to `n` distinct leaders, the current one first.
@@ -130,6 +136,10 @@ struct Snapshot {
     schedule: BTreeMap<u64, [u8; 32]>,
     /// Epoch the schedule is for, and its first slot.
     epoch: Option<(u64, u64)>,
+    /// Slots in that epoch (`getEpochInfo`'s `slotsInEpoch`; 0: not said).
+    slots_in_epoch: u64,
+    /// Whether the schedule holds the next epoch's too.
+    next_fetched: bool,
     /// TPU QUIC address by identity.
     tpu: HashMap<[u8; 32], SocketAddr>,
     /// When the node list was fetched.
@@ -249,19 +259,45 @@ async fn refresh_once(
     snapshot: &ArcSwap<Snapshot>,
 ) -> Result<(), String> {
     let cur = snapshot.load();
-    let slot = rpc(http, url, "getSlot", json!([{"commitment": "processed"}]))
+    let reported = rpc(http, url, "getSlot", json!([{"commitment": "processed"}]))
         .await?
         .as_u64()
         .ok_or("getSlot: not a number")?;
+    // The slot never goes back (within an epoch's length): a node behind the one
+    // asked before (a pool of nodes behind one URL, a node catching up) moved the
+    // leaders back to ones whose slots had passed. Further back is another
+    // cluster's, or a restart's, and is taken.
+    let slot = match cur.slot {
+        Some((before, at)) if reported < before && before - reported < MAX_EPOCH_SLOTS => {
+            (before, at)
+        }
+        _ => (reported, Instant::now()),
+    };
     let mut next = Snapshot {
-        slot: Some((slot, Instant::now())),
+        slot: Some(slot),
         schedule: cur.schedule.clone(),
         epoch: cur.epoch,
+        slots_in_epoch: cur.slots_in_epoch,
+        next_fetched: cur.next_fetched,
         tpu: cur.tpu.clone(),
         nodes_at: cur.nodes_at,
     };
-    let in_epoch = next.schedule.range(slot..).next().is_some();
-    if !in_epoch || next.epoch.is_none() {
+    let slot = slot.0;
+    // Into the epoch whose schedule was fetched ahead: it is the current one (the
+    // past one's slots are let go); its length is asked for again below (epochs
+    // need not all be as long: a cluster's warm-up epochs are not).
+    let mut rolled = false;
+    if let Some((epoch, first)) = next.epoch {
+        let end = first.saturating_add(next.slots_in_epoch);
+        if next.next_fetched && slot >= end {
+            next.epoch = Some((epoch + 1, end));
+            next.next_fetched = false;
+            next.schedule = next.schedule.split_off(&end);
+            rolled = true;
+        }
+    }
+    let unknown = next.epoch.is_none() || next.schedule.range(slot..).next().is_none();
+    if unknown || rolled {
         let info = rpc(
             http,
             url,
@@ -284,26 +320,42 @@ async fn refresh_once(
         let first = abs
             .checked_sub(index)
             .ok_or("getEpochInfo: slotIndex > absoluteSlot")?;
-        let sched = rpc(http, url, "getLeaderSchedule", json!([abs])).await?;
-        let map = sched
-            .as_object()
-            .ok_or("getLeaderSchedule: not an object")?;
-        let mut schedule = BTreeMap::new();
-        for (id, slots) in map {
-            let key = pubkey_from_b58(id)?;
-            for s in slots.as_array().ok_or("getLeaderSchedule: slots")? {
-                let i = s
-                    .as_u64()
-                    .filter(|i| *i < MAX_EPOCH_SLOTS)
-                    .ok_or("getLeaderSchedule: a slot index that is not one of an epoch")?;
-                let slot = first
-                    .checked_add(i)
-                    .ok_or("getLeaderSchedule: a slot beyond u64")?;
-                schedule.insert(slot, key);
+        // The schedule fetched ahead stands while the node is in the epoch it
+        // was fetched for (or behind it: a node that has not crossed yet);
+        // one ahead of it, or none known, brings this epoch's.
+        let ours = next.epoch;
+        if unknown || ours.is_none_or(|(e, f)| epoch > e || (epoch == e && first != f)) {
+            let sched = rpc(http, url, "getLeaderSchedule", json!([abs])).await?;
+            next.schedule = schedule_of(&sched, first)?;
+            next.epoch = Some((epoch, first));
+        }
+        // The length of the epoch the schedule is for, as the node says it (not
+        // said, beyond what an epoch may hold, or of another epoch: none, and no
+        // schedule is fetched ahead: the boundary waits for the new one).
+        next.slots_in_epoch = info
+            .get("slotsInEpoch")
+            .and_then(Value::as_u64)
+            .filter(|n| *n <= MAX_EPOCH_SLOTS && next.epoch == Some((epoch, first)))
+            .unwrap_or(0);
+        next.next_fetched = false;
+    }
+    let mut ahead_failed = None;
+    if let (Some((_, first)), false) = (next.epoch, next.next_fetched) {
+        let end = first.saturating_add(next.slots_in_epoch);
+        if next.slots_in_epoch > 0 && slot.saturating_add(NEXT_EPOCH_AHEAD) >= end {
+            match rpc(http, url, "getLeaderSchedule", json!([end])).await {
+                // Not known yet to the node: asked again at the next refresh.
+                Ok(Value::Null) => {}
+                Ok(sched) => match schedule_of(&sched, end) {
+                    Ok(more) => {
+                        next.schedule.extend(more);
+                        next.next_fetched = true;
+                    }
+                    Err(e) => ahead_failed = Some(format!("the next epoch's: {e}")),
+                },
+                Err(e) => ahead_failed = Some(format!("the next epoch's: {e}")),
             }
         }
-        next.schedule = schedule;
-        next.epoch = Some((epoch, first));
     }
     if next
         .nodes_at
@@ -326,7 +378,31 @@ async fn refresh_once(
         next.nodes_at = Some(Instant::now());
     }
     snapshot.store(Arc::new(next));
-    Ok(())
+    ahead_failed.map_or(Ok(()), Err)
+}
+
+/// The leaders of `getLeaderSchedule`'s answer `sched` for the epoch starting at
+/// slot `first`, by absolute slot; refused whole when an index is none of an
+/// epoch's.
+fn schedule_of(sched: &Value, first: u64) -> Result<BTreeMap<u64, [u8; 32]>, String> {
+    let map = sched
+        .as_object()
+        .ok_or("getLeaderSchedule: not an object")?;
+    let mut schedule = BTreeMap::new();
+    for (id, slots) in map {
+        let key = pubkey_from_b58(id)?;
+        for s in slots.as_array().ok_or("getLeaderSchedule: slots")? {
+            let i = s
+                .as_u64()
+                .filter(|i| *i < MAX_EPOCH_SLOTS)
+                .ok_or("getLeaderSchedule: a slot index that is not one of an epoch")?;
+            let slot = first
+                .checked_add(i)
+                .ok_or("getLeaderSchedule: a slot beyond u64")?;
+            schedule.insert(slot, key);
+        }
+    }
+    Ok(schedule)
 }
 
 #[cfg(test)]
