@@ -593,16 +593,42 @@ fn secrets_from_files(
 
 /// A warning when the secret file at `path` (given as `what`) may be read by
 /// others than its owner.
+/// A file with an access ACL (`setfacl`) shows its ACL's mask in the group
+/// bits: who may read it is the ACL's to say (`compose-init.sh` gives a secret
+/// to its owner and one container's user that way), so only its bits for
+/// everyone count then.
 pub fn readable_by_others(what: &str, path: &Path) -> Option<String> {
     use std::os::unix::fs::PermissionsExt as _;
     let mode = std::fs::metadata(path).ok()?.permissions().mode();
-    (mode & 0o077 != 0).then(|| {
+    let acl = has_access_acl(path);
+    let others = if acl { 0o007 } else { 0o077 };
+    (mode & others != 0).then(|| {
         format!(
-            "{what}: {} may be read by others than its owner (mode {:o}): chmod 600",
+            "{what}: {} may be read by others than its owner (mode {:o}{}): chmod 600",
             path.display(),
-            mode & 0o777
+            mode & 0o777,
+            if acl { " and an ACL" } else { "" }
         )
     })
+}
+
+/// Whether the file at `path` has an access ACL (`system.posix_acl_access`).
+#[allow(unsafe_code)]
+fn has_access_acl(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(p) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: both strings are NUL-terminated and outlive the call; a null
+    // buffer of size 0 asks only for the attribute's size, writing nothing.
+    unsafe {
+        libc::getxattr(
+            p.as_ptr(),
+            c"system.posix_acl_access".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        ) >= 0
+    }
 }
 
 /// The Ed25519 key (32-byte seed, hex) in environment variable `name`, if set

@@ -390,6 +390,8 @@ async fn shipper(
     stats: Arc<AuditStats>,
 ) {
     let mut last_err = String::new();
+    // Said once while the marks keep failing (inserts go on between attempts).
+    let mut mark_err = String::new();
     let mut unmarked: Vec<Lsn> = Vec::new();
     loop {
         let woke = queue.grew.notified();
@@ -399,12 +401,15 @@ async fn shipper(
                 .map(|&lsn| journal::Entry::SendsShipped { lsn })
                 .collect();
             match journal.commit(Txn::of(marks)).await {
-                Ok(_) => unmarked.clear(),
+                Ok(_) => {
+                    unmarked.clear();
+                    mark_err.clear();
+                }
                 Err(e) => {
                     let e = e.to_string();
-                    if e != last_err {
-                        tracing::error!(records = unmarked.len(), error = %e, "send audit records shipped but not marked in the journal (retrying)");
-                        last_err = e;
+                    if e != mark_err {
+                        tracing::error!(records = unmarked.len(), error = %e, "send audit records shipped but not marked in the journal (retrying; shipping stops 100 records past the last mark)");
+                        mark_err = e;
                     }
                     if unmarked.len() >= MAX_UNMARKED {
                         tokio::time::sleep(Duration::from_millis(500)).await;
