@@ -736,7 +736,7 @@ fn a_json_request_retried_with_its_idempotency_key_is_applied_once() {
         .all(|r| r.raw_hex == json));
 }
 
-/// Once the replay guard forgot a key's command (its freshness passed: 1 s
+/// Once the replay guard forgot a key's command (its freshness passed: 3 s
 /// here), the agents still remember its nonce: the same request sent again is a
 /// duplicate, answered with what became of it; another request under the key
 /// (a kill where a start was sent) is refused `replay` and not applied. It was
@@ -746,7 +746,9 @@ fn another_request_under_a_key_the_guard_forgot_is_refused_not_answered_applied(
     let d = testkit::TempDir::new("sidecar-json-idem-late");
     let ch = testkit::clickhouse::ClickHouse::start(d.path());
     let mut cfg = common::config_with_clickhouse(&d.path().join("state"), true, &ch);
-    cfg.file.max_skew_secs = 1;
+    // 3 s: the kill's refusal and its resend must both meet the guard's entry
+    // (kept until the second after its freshness ends).
+    cfg.file.max_skew_secs = 3;
     let s = common::serve(cfg);
     let send = |action: &str| -> (u16, Value) {
         let req = common::stamped(
@@ -771,8 +773,8 @@ fn another_request_under_a_key_the_guard_forgot_is_refused_not_answered_applied(
         (200, &Value::Bool(true)),
         "{first}"
     );
-    // Past the command's freshness (1 s, and a second of rounding).
-    std::thread::sleep(std::time::Duration::from_millis(2_600));
+    // Past the command's freshness (3 s, and a second of rounding).
+    std::thread::sleep(std::time::Duration::from_millis(4_600));
     let (status, kill) = send("kill");
     assert_eq!(
         (
@@ -802,7 +804,7 @@ fn another_request_under_a_key_the_guard_forgot_is_refused_not_answered_applied(
     );
     // The same request again, once the guard forgot the kill too (until then it
     // says the key was used for another request): what became of it.
-    std::thread::sleep(std::time::Duration::from_millis(2_600));
+    std::thread::sleep(std::time::Duration::from_millis(4_600));
     let (status, again) = send("start");
     assert_eq!(
         (status, &again["applied"], &again["request_id"]),

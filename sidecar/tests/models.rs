@@ -1553,10 +1553,13 @@ fn a_library_held_back_by_a_stuck_loader_is_loaded_once_the_loader_returns() {
 /// A model swapped out is released on a thread of its own, never by the
 /// holder of its last reference (a hot-path batch, a request that held it
 /// across the swap): a `release` that takes 1 s holds neither them nor the
-/// watcher's look. Its file named again while its release still runs is not
-/// handed back by the C library's loader mid-teardown: refused `still_mapped`
-/// and tried again at each look, it is loaded afresh once its release ended
-/// (its `init` after its `release`), and serves.
+/// watcher's look. Its file named again while its release still runs waits:
+/// refused `still_mapped` and tried again at each look, it is loaded afresh
+/// once its release ended, and serves. (Each load is a copy of its own, with
+/// its own memory; the wait keeps a library's `init` from running during its
+/// predecessor's `release` for state outside the process. The test library's
+/// state is in its memory, so the last check shows the new copy's `init` ran,
+/// not the order.)
 #[test]
 fn a_library_still_being_released_is_loaded_again_once_its_release_ends() {
     let d = testkit::TempDir::new("models-releasing");
@@ -1607,7 +1610,7 @@ fn a_library_still_being_released_is_loaded_again_once_its_release_ends() {
     let row = [0.5f32; 8];
     assert!(
         host.current("mev").unwrap().predict(&row).is_ok(),
-        "its init ran after its release"
+        "the new copy's init ran"
     );
 }
 

@@ -717,8 +717,9 @@ fn rebroadcasts_go_by_the_tpu_route_alone() {
 }
 
 /// A transaction sent again while it is rebroadcast (a client resending until
-/// it lands, the same transaction twice in a batch) is answered with its
-/// signature and not sent again: each was one more send.
+/// it lands, in single calls or a batch) is answered with its signature and not
+/// sent again: each was one more send. (A new transaction twice in one batch is
+/// sent twice: neither copy is tracked before its first send went.)
 #[test]
 fn a_transaction_already_rebroadcast_is_not_sent_again() {
     let rt = runtime();
@@ -780,6 +781,13 @@ fn a_slow_node_holds_no_send_that_skips_the_preflight() {
         );
         assert_eq!(skipped["result"], sig, "{skipped}");
         assert_eq!(preflight["error"]["code"], -32005, "{preflight}");
+        // Busy for the RPC node's places (the code is shared with the module
+        // gates and the sends' own places).
+        let message = preflight["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            message.starts_with("busy:") && message.contains("calling the RPC node"),
+            "{preflight}"
+        );
         assert_eq!(copies(&rx, &w), 1);
     });
 }

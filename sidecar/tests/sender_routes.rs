@@ -766,16 +766,48 @@ fn leaders_carry_over_an_epochs_end_and_never_go_back() {
         // leaders do not move back to slots that have passed.
         slot.store(1096, Relaxed);
         wait(vec![b.addr, c.addr, a.addr], "the epoch's last leader").await;
+        let slot_calls = |seen: &std::sync::Mutex<Vec<(String, serde_json::Value)>>| {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .filter(|(m, _)| m == "getSlot")
+                .count()
+        };
+        let asked = slot_calls(&seen);
         slot.store(1090, Relaxed);
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Two refreshes that read the slot behind.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while slot_calls(&seen) < asked + 3 {
+            assert!(Instant::now() < deadline, "no refresh");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(
             leaders(3),
             vec![b.addr, c.addr, a.addr],
             "a slot reported behind is not taken"
         );
-        // Across the boundary: the schedule fetched ahead is the current one.
+        // Across the boundary: the schedule fetched ahead is the current one —
+        // the epoch asked for (its length), no schedule fetched again.
+        let calls_before = seen.lock().unwrap().len();
         slot.store(1101, Relaxed);
         wait(vec![c.addr, a.addr], "the new epoch").await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !seen.lock().unwrap()[calls_before..]
+            .iter()
+            .any(|(m, _)| m == "getEpochInfo")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the new epoch's length was not asked"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let refetched: Vec<_> = seen.lock().unwrap()[calls_before..]
+            .iter()
+            .filter(|(m, _)| m == "getLeaderSchedule")
+            .cloned()
+            .collect();
+        assert!(refetched.is_empty(), "{refetched:?}");
     });
 }
 
@@ -1178,11 +1210,9 @@ fn a_leader_that_grants_no_stream_stalls_its_connection_and_sends_fail() {
             }
         }
         // The stall ended them (keep-alives hold the connection open past its
-        // idle timeout).
-        assert!(
-            waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
-            "{waited:?}"
-        );
+        // idle timeout: the `stalled` error above says which ended them; no
+        // upper bound on a loaded machine).
+        assert!(waited >= Duration::from_millis(300), "{waited:?}");
         // Counted by the worker as it notices the close (another thread).
         while closes(&client, "stalled") == 0 {
             assert!(Instant::now() < deadline, "the stall is not counted");
