@@ -718,8 +718,9 @@ fn rebroadcasts_go_by_the_tpu_route_alone() {
 
 /// A transaction sent again while it is rebroadcast (a client resending until
 /// it lands, in single calls or a batch) is answered with its signature and not
-/// sent again: each was one more send. (A new transaction twice in one batch is
-/// sent twice: neither copy is tracked before its first send went.)
+/// sent again: each was one more send. A new transaction twice in one batch is
+/// sent once, each copy answered under its own id (both were sent: neither was
+/// tracked before its send went).
 #[test]
 fn a_transaction_already_rebroadcast_is_not_sent_again() {
     let rt = runtime();
@@ -745,6 +746,27 @@ fn a_transaction_already_rebroadcast_is_not_sent_again() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(copies(&rx, &w), 1);
         assert_eq!(rig.landing.pending(), 1);
+        // A new one, twice in one batch (and another beside them).
+        let (w2, b64_2, sig2, _) = tx(63, 0);
+        let (w3, b64_3, sig3, _) = tx(64, 0);
+        let call = |id: u64, b64: &str| {
+            json!({"jsonrpc": "2.0", "id": id, "method": "sendTransaction",
+                   "params": [b64, {"encoding": "base64", "skipPreflight": true}]})
+        };
+        let batch = serde_json::to_vec(&json!([call(7, &b64_2), call(8, &b64_3), call(9, &b64_2)]))
+            .unwrap();
+        let r = rpc::handle(&ctx, &batch).await;
+        assert_eq!(
+            r,
+            json!([
+                {"jsonrpc": "2.0", "result": sig2, "id": 7},
+                {"jsonrpc": "2.0", "result": sig3, "id": 8},
+                {"jsonrpc": "2.0", "result": sig2, "id": 9},
+            ]),
+            "{r}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!((copies(&rx, &w2), copies(&rx, &w3)), (1, 1));
     });
 }
 

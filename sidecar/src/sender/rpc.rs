@@ -356,14 +356,50 @@ impl Request {
                 v
             }
             Parsed::Batch(calls) => {
+                // A transaction twice in one batch is sent once: a later copy is
+                // answered as the first (under its own id), one decision and one
+                // row. Run together, neither was tracked before its send went,
+                // and both were sent.
+                let mut first: std::collections::HashMap<[u8; 64], usize> =
+                    std::collections::HashMap::new();
+                let copy_of: Vec<Option<usize>> = calls
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| match &c.method {
+                        Ok(Method::Send { info, .. }) => match first.entry(info.signature) {
+                            std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
+                            std::collections::hash_map::Entry::Vacant(v) => {
+                                v.insert(i);
+                                None
+                            }
+                        },
+                        _ => None,
+                    })
+                    .collect();
+                let ids: Vec<Value> = calls.iter().map(|c| c.id.clone()).collect();
                 let decided = &decided;
                 let one = |(i, c)| async move {
                     let (v, r) = run_call(ctx, c).await;
                     decided.add(i, r);
-                    v
+                    (i, v)
                 };
-                let all = calls.into_iter().enumerate().map(one);
-                Value::Array(futures_util::future::join_all(all).await)
+                let run = calls
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| copy_of[*i].is_none())
+                    .map(one);
+                let mut answers: Vec<Value> = vec![Value::Null; ids.len()];
+                for (i, v) in futures_util::future::join_all(run).await {
+                    answers[i] = v;
+                }
+                for (i, of) in copy_of.iter().enumerate() {
+                    if let Some(j) = of {
+                        let mut v = answers[*j].clone();
+                        v["id"] = ids[i].clone();
+                        answers[i] = v;
+                    }
+                }
+                Value::Array(answers)
             }
         };
         Answered {
@@ -782,8 +818,8 @@ async fn send_transaction(
         // documents): answered with its signature, not sent again — as Agave's
         // send-transaction-service takes a transaction already in its retry
         // pool. Its share of the throttle is given back. (Tracked once its first
-        // send went: a copy arriving while that send is on the wire — the same
-        // transaction twice in one batch — is sent too.)
+        // send went: a copy arriving in another request while that send is on
+        // the wire is sent too; twice in one batch, it is sent once: `run`.)
         return Ok(sig);
     }
     if let Some(landing) = ctx.landing {
