@@ -372,6 +372,14 @@ def edge_cases(k):
         400, "malformed", E("malformed", "hostile-admin"))
     add("cmd: key out of scope (issuer)", "POST", COMMANDS, cmd_h(), good(issuer="mallory"), 403, "key_scope",
         E("key_scope", "hostile-admin"))
+    # Request ids name the command in every row and answer: bounded, visible.
+    add("cmd: request id of 129 bytes", "POST", COMMANDS, cmd_h(), good(request_id="r" * 129), 400,
+        "malformed", E("malformed", "hostile-admin"))
+    add("cmd: request id with a control character", "POST", COMMANDS, cmd_h(), good(request_id="req\x1b[2J"),
+        400, "malformed", E("malformed", "hostile-admin"))
+    # A refused body's names are kept bounded in its row (checked below for every row).
+    add("cmd: a 60 KB request id, forged signature", "POST", COMMANDS, cmd_h(),
+        flip_sig(good(request_id="r" * 60000)), 401, "bad_signature", E("bad_signature", "hostile-admin"))
     add("cmd: unknown module value", "POST", COMMANDS, cmd_h(), good(module=42, action="start", args={}), 400,
         "malformed", E("malformed", "hostile-admin"))
     add("cmd: text/plain", "POST", COMMANDS, [auth(admin), ("content-type", "text/plain")], good(), 415,
@@ -656,6 +664,14 @@ def run(args):
         if not missing or time.time() > deadline:
             break
         time.sleep(0.5)
+    # Whatever a request said, a row keeps at most 256 bytes of each name it gave
+    # and 512 of who asked and the route (its raw_hex keeps the request whole).
+    out = ch_query(k, "SELECT max(length(request_id)), max(length(issuer)), max(length(pubkey_id)), "
+                      "max(length(requester)), max(length(route)) FROM control_decisions "
+                      f"WHERE ts_ms >= {started_ms - 1000} FORMAT TSV")
+    longest = [int(v) for v in out.split()]
+    if len(longest) != 5 or max(longest[:3]) > 256 or max(longest[3:]) > 512:
+        failures.append(f"a row keeps too long a name (request id, issuer, key id, requester, route): {longest}")
     n = len(results)
     if failures:
         print(f"hostile: {len(failures)} of {n} cases failed:")
