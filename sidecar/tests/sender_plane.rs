@@ -722,30 +722,35 @@ fn a_sidecar_stopped_right_after_its_sends_audits_every_one() {
         std::thread::sleep(Duration::from_millis(100));
     }
     ch.process.signal("CONT");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(count() >= sigs.len() && metrics().contains("gw_sidecar_send_audit_pending_rows 0")) {
+    // Once nothing waits: every send of `sigs` stored, once.
+    let each_stored_once = |sigs: &[String], when: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(count() >= sigs.len() && metrics().contains("gw_sidecar_send_audit_pending_rows 0"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{} rows:\n{}",
+                count(),
+                metrics()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let stored: Vec<String> = ch
+            .query("SELECT signature FROM tx_sends ORDER BY signature")
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let mut want = sigs.to_vec();
+        want.sort();
         assert!(
-            Instant::now() < deadline,
-            "{} rows:\n{}",
-            count(),
-            metrics()
+            stored == want,
+            "{when}, every send audited once: {} rows for {} sends",
+            stored.len(),
+            want.len()
         );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let stored: Vec<String> = ch
-        .query("SELECT signature FROM tx_sends ORDER BY signature")
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    let mut want = sigs.clone();
-    want.sort();
-    assert!(
-        stored == want,
-        "every send audited, once: {} rows for {} sends",
-        stored.len(),
-        want.len()
-    );
+    };
+    each_stored_once(&sigs, "after ClickHouse was frozen");
 
     // The journal's disk fails while a backlog ships: ClickHouse takes the
     // records, the journal refuses the marks that they were shipped. Shipping
@@ -791,30 +796,7 @@ fn a_sidecar_stopped_right_after_its_sends_audits_every_one() {
     sidecar.wait_exit(Duration::from_secs(10));
     disk.heal();
     let _sidecar = start(2);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(count() >= sigs.len() && metrics().contains("gw_sidecar_send_audit_pending_rows 0")) {
-        assert!(
-            Instant::now() < deadline,
-            "{} rows:\n{}",
-            count(),
-            metrics()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let stored: Vec<String> = ch
-        .query("SELECT signature FROM tx_sends ORDER BY signature")
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    let mut want = sigs.clone();
-    want.sort();
-    assert!(
-        stored == want,
-        "after a backlog shipped on a failing disk, every send audited once: {} rows for {} sends",
-        stored.len(),
-        want.len()
-    );
+    each_stored_once(&sigs, "after a backlog shipped on a failing disk");
 }
 
 /// Each send's audit row names who asked for it: the token the edge verified for
