@@ -336,16 +336,9 @@ pub fn node_key(state_dir: &Path) -> Result<SigningKey, StateKeyError> {
             .map_err(|e| StateKeyError::Invalid(path.display().to_string(), e.to_string()))
     };
     if path.exists() {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&path)
-                .map_err(|e| StateKeyError::Io(path.clone(), e))?
-                .permissions()
-                .mode();
-            if mode & 0o077 != 0 {
-                tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "the state key file may be read by others than its owner (chmod 600)");
-            }
+        // The rule every secret file is held to (`--check` and the start).
+        if let Some(w) = crate::config::readable_by_others("the state key file", &path) {
+            tracing::warn!("{w}");
         }
         return read();
     }

@@ -27,6 +27,7 @@
 //! node's answer missing or useless, a send task that failed). A send no route
 //! took is not a refusal: it is a `failed` row of `tx_sends`.
 
+use std::collections::hash_map::{Entry, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -360,15 +361,14 @@ impl Request {
                 // answered as the first (under its own id), one decision and one
                 // row. Run together, neither was tracked before its send went,
                 // and both were sent.
-                let mut first: std::collections::HashMap<[u8; 64], usize> =
-                    std::collections::HashMap::new();
+                let mut first: HashMap<[u8; 64], usize> = HashMap::new();
                 let copy_of: Vec<Option<usize>> = calls
                     .iter()
                     .enumerate()
                     .map(|(i, c)| match &c.method {
                         Ok(Method::Send { info, .. }) => match first.entry(info.signature) {
-                            std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
-                            std::collections::hash_map::Entry::Vacant(v) => {
+                            Entry::Occupied(e) => Some(*e.get()),
+                            Entry::Vacant(v) => {
                                 v.insert(i);
                                 None
                             }
