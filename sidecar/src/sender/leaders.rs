@@ -132,16 +132,19 @@ impl LeaderSource for StaticLeaders {
 struct Snapshot {
     /// The slot and when we learned it.
     slot: Option<(u64, Instant)>,
-    /// Leader identity by absolute slot.
-    schedule: BTreeMap<u64, [u8; 32]>,
+    /// Leader identity by absolute slot. Shared between snapshots: a refresh
+    /// that fetched no schedule (nearly all of them, every `refresh_ms`) copies
+    /// a pointer, not the ≈ 432 000 entries of a mainnet epoch (two epochs'
+    /// near its end).
+    schedule: Arc<BTreeMap<u64, [u8; 32]>>,
     /// Epoch the schedule is for, and its first slot.
     epoch: Option<(u64, u64)>,
     /// Slots in that epoch (`getEpochInfo`'s `slotsInEpoch`; 0: not said).
     slots_in_epoch: u64,
     /// Whether the schedule holds the next epoch's too.
     next_fetched: bool,
-    /// TPU QUIC address by identity.
-    tpu: HashMap<[u8; 32], SocketAddr>,
+    /// TPU QUIC address by identity; shared like the schedule.
+    tpu: Arc<HashMap<[u8; 32], SocketAddr>>,
     /// When the node list was fetched.
     nodes_at: Option<Instant>,
 }
@@ -275,11 +278,11 @@ async fn refresh_once(
     };
     let mut next = Snapshot {
         slot: Some(slot),
-        schedule: cur.schedule.clone(),
+        schedule: Arc::clone(&cur.schedule),
         epoch: cur.epoch,
         slots_in_epoch: cur.slots_in_epoch,
         next_fetched: cur.next_fetched,
-        tpu: cur.tpu.clone(),
+        tpu: Arc::clone(&cur.tpu),
         nodes_at: cur.nodes_at,
     };
     let slot = slot.0;
@@ -292,7 +295,7 @@ async fn refresh_once(
         if next.next_fetched && slot >= end {
             next.epoch = Some((epoch + 1, end));
             next.next_fetched = false;
-            next.schedule = next.schedule.split_off(&end);
+            next.schedule = Arc::new(next.schedule.range(end..).map(|(k, v)| (*k, *v)).collect());
             rolled = true;
         }
     }
@@ -326,7 +329,7 @@ async fn refresh_once(
         let ours = next.epoch;
         if unknown || ours.is_none_or(|(e, f)| epoch > e || (epoch == e && first != f)) {
             let sched = rpc(http, url, "getLeaderSchedule", json!([abs])).await?;
-            next.schedule = schedule_of(&sched, first)?;
+            next.schedule = Arc::new(schedule_of(&sched, first)?);
             next.epoch = Some((epoch, first));
         }
         // The length of the epoch the schedule is for, as the node says it (not
@@ -348,7 +351,9 @@ async fn refresh_once(
                 Ok(Value::Null) => {}
                 Ok(sched) => match schedule_of(&sched, end) {
                     Ok(more) => {
-                        next.schedule.extend(more);
+                        let mut both = BTreeMap::clone(&next.schedule);
+                        both.extend(more);
+                        next.schedule = Arc::new(both);
                         next.next_fetched = true;
                     }
                     Err(e) => ahead_failed = Some(format!("the next epoch's: {e}")),
@@ -374,7 +379,7 @@ async fn refresh_once(
                 tpu.insert(k, a);
             }
         }
-        next.tpu = tpu;
+        next.tpu = Arc::new(tpu);
         next.nodes_at = Some(Instant::now());
     }
     snapshot.store(Arc::new(next));
@@ -432,5 +437,58 @@ mod tests {
             identity: Some("0OIl".into()),
         }])
         .is_err());
+    }
+
+    /// A refresh that fetched no schedule shares the one it had (a pointer),
+    /// as it shares the node list: the slot moves on every refresh, the
+    /// schedule once an epoch.
+    #[tokio::test]
+    async fn refreshes_share_the_schedule_they_did_not_fetch() {
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        let slot = Arc::new(AtomicU64::new(1010));
+        let id = bs58::encode([9u8; 32]).into_string();
+        let schedule = json!({ id.clone(): (0..432_000u64).collect::<Vec<_>>() });
+        let nodes = json!([{"pubkey": id, "tpuQuic": "127.0.0.1:9"}]);
+        let at = slot.clone();
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(move |axum::Json(req): axum::Json<Value>| {
+                let (schedule, nodes, at) = (schedule.clone(), nodes.clone(), at.clone());
+                async move {
+                    let now = at.fetch_add(1, Relaxed);
+                    let result = match req["method"].as_str().unwrap_or("") {
+                        "getSlot" => json!(now),
+                        "getEpochInfo" => json!({"epoch": 7, "slotIndex": now - 1000,
+                            "absoluteSlot": now, "slotsInEpoch": 432_000}),
+                        "getLeaderSchedule" => schedule,
+                        "getClusterNodes" => nodes,
+                        _ => Value::Null,
+                    };
+                    axum::Json(json!({"jsonrpc": "2.0", "result": result, "id": req["id"]}))
+                }
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await });
+        let leaders = RpcLeaders::start(&url, Duration::from_millis(50)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !leaders.ready() {
+            assert!(Instant::now() < deadline, "never ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let first = leaders.snapshot.load_full();
+        assert_eq!(first.schedule.len(), 432_000);
+        // Five refreshes later (each moved the slot, so each stored a snapshot).
+        let s0 = first.slot.map(|(s, _)| s).unwrap();
+        while leaders.snapshot.load().slot.map(|(s, _)| s).unwrap() < s0 + 5 {
+            assert!(Instant::now() < deadline, "no refresh");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let later = leaders.snapshot.load_full();
+        assert!(!Arc::ptr_eq(&first, &later), "a new snapshot");
+        assert!(Arc::ptr_eq(&first.schedule, &later.schedule));
+        assert!(Arc::ptr_eq(&first.tpu, &later.tpu));
+        assert_eq!(leaders.upcoming(1).len(), 1);
     }
 }
