@@ -4,8 +4,8 @@
 # the compose network, container paths), the sidecar's configuration written as the
 # local run writes its own (scripts/sidecar-config.py: the sender on, to the
 # development TPU and relay services), the sidecar's and the development TPU's key
-# environment and an admin JWT (8 h). Needs openssl and python3. Development keys
-# only.
+# secrets as files each container reads alone and an admin JWT (8 h). Needs openssl
+# and python3. Development keys only.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -38,6 +38,12 @@ grant() { # UID FILE...
 }
 grant 101 "$run/certs/server.key" "$run/certs/envoy-client.key"
 grant 10001 "$run/certs/sidecar.key" "$run/keys/clickhouse-sidecar.pw" "$run/keys/clickhouse-admin.pw"
+# The sidecar's signing keys reach it as files (the *_FILE variables of
+# docker-compose.yml), never in its environment, which `docker inspect` shows.
+grant 10001 "$run/keys/op-admin-1.sk.hex" "$run/keys/ledger.sk.hex" "$run/keys/edge.key.hex" \
+  "$run/keys/tpu-identity.sk.hex"
+# The development TPU's identity, for the devpeers image's user (10002).
+grant 10002 "$run/keys/tpu-sink.sk.hex"
 python3 envoy/render.py --filter-config "$run/filter.json" \
   --set GW_LISTEN_ADDRESS=0.0.0.0 --set GW_CLUSTER_TYPE=STRICT_DNS \
   --set GW_SIDECAR_ADDRESS=sidecar --set GW_SIDECAR_PORT=8080 \
@@ -49,18 +55,9 @@ python3 envoy/render.py --filter-config "$run/filter.json" \
   -o "$run/envoy.yaml"
 # render.py writes it 0600 (it holds the filter's JWT keys): Envoy's user reads it.
 grant 101 "$run/envoy.yaml"
-(
-  umask 077
-  {
-    echo "CTRL_PUBKEY_ID=op-admin-1"
-    echo "CTRL_PUBKEY_HEX=$(cat "$run/keys/op-admin-1.pk.hex")"
-    echo "CTRL_SIGN_SK_HEX=$(cat "$run/keys/op-admin-1.sk.hex")"
-    echo "GW_LEDGER_SK_HEX=$(cat "$run/keys/ledger.sk.hex")"
-    echo "GW_EDGE_KEY_HEX=$(cat "$run/keys/edge.key.hex")"
-    echo "GW_TPU_IDENTITY_HEX=$(cat "$run/keys/tpu-identity.sk.hex")"
-  } > "$run/sidecar.env"
-  echo "GW_TPU_SINK_IDENTITY_HEX=$(cat "$run/keys/tpu-sink.sk.hex")" > "$run/tpu-sink.env"
-)
+# Before 2026-12-10 the keys were written into env files here: an earlier run's
+# are removed, as they hold the keys in a second place.
+rm -f "$run/sidecar.env" "$run/tpu-sink.env"
 # The development TPU has a fixed address on the compose network (docker-compose.yml):
 # a leader's TPU address is an IP address, as Solana's leader schedule gives it.
 # The state directory is absolute, inside the sidecar-state volume (where the image's

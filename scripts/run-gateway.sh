@@ -91,18 +91,19 @@ fi
 # by an earlier run (the smoke runs share .run) must not pass for this one's before
 # the new process has truncated it.
 rm -f "$run/tpu-sink.log" "$run/relay.log"
-GW_TPU_SINK_IDENTITY_HEX="$(cat "$run/keys/tpu-sink.sk.hex")" \
+GW_TPU_SINK_IDENTITY_FILE="$run/keys/tpu-sink.sk.hex" \
   "$bin/gw-tpu-sink" 127.0.0.1:8009 > "$run/tpu-sink.log" 2>&1 & pids+=($!)
 "$bin/gw-dev-relay" 127.0.0.1:8010 > "$run/relay.log" 2>&1 & pids+=($!)
 for _ in $(seq 1 300); do grep -q identity "$run/tpu-sink.log" 2>/dev/null && break; sleep 0.1; done
 grep -q identity "$run/tpu-sink.log" || die "gw-tpu-sink did not start; see $run/tpu-sink.log"
 "$GW_VENV/bin/python" scripts/sidecar-config.py --keys "$run/keys" --filter-config "$run/filter.json" --tpu 127.0.0.1:8009 \
   --relay http://127.0.0.1:8010 --ingest 127.0.0.1:8011 -o "$run/sidecar.json"
-GW_TPU_IDENTITY_HEX="$(cat "$run/keys/tpu-identity.sk.hex")" \
+# Secrets as files (the *_FILE variables), as compose gives them.
+GW_TPU_IDENTITY_HEX_FILE="$run/keys/tpu-identity.sk.hex" \
 GW_MODELS_DIR="$run/models" GW_KAFKA_BROKERS="$brokers" GW_CLICKHOUSE_URL=http://127.0.0.1:8123 \
-  GW_CLICKHOUSE_USER=gw_sidecar GW_CLICKHOUSE_PASSWORD_FILE="$run/keys/clickhouse-sidecar.pw" CTRL_PUBKEY_ID=op-admin-1 CTRL_PUBKEY_HEX="$(cat "$run/keys/op-admin-1.pk.hex")" \
-  CTRL_SIGN_SK_HEX="$(cat "$run/keys/op-admin-1.sk.hex")" GW_LEDGER_SK_HEX="$(cat "$run/keys/ledger.sk.hex")" \
-  GW_EDGE_KEY_HEX="$(cat "$run/keys/edge.key.hex")" GW_SIDECAR_LISTEN=127.0.0.1:8080 \
+  GW_CLICKHOUSE_USER=gw_sidecar GW_CLICKHOUSE_PASSWORD_FILE="$run/keys/clickhouse-sidecar.pw" CTRL_PUBKEY_ID=op-admin-1 \
+  CTRL_SIGN_SK_HEX_FILE="$run/keys/op-admin-1.sk.hex" GW_LEDGER_SK_HEX_FILE="$run/keys/ledger.sk.hex" \
+  GW_EDGE_KEY_FILE="$run/keys/edge.key.hex" GW_SIDECAR_LISTEN=127.0.0.1:8080 \
   "$bin/gw-sidecar" --config "$run/sidecar.json" & pids+=($!)
 "$envoy_bin" -c "$run/envoy.yaml" --concurrency 2 --disable-hot-restart --log-level warn & pids+=($!)
 for _ in $(seq 1 100); do

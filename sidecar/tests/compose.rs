@@ -30,6 +30,11 @@ fn compose_files_check_and_their_configs_load_in_the_real_programs() {
         ("certs/sidecar.key", 10001),
         ("keys/clickhouse-sidecar.pw", 10001),
         ("keys/clickhouse-admin.pw", 10001),
+        ("keys/op-admin-1.sk.hex", 10001),
+        ("keys/ledger.sk.hex", 10001),
+        ("keys/edge.key.hex", 10001),
+        ("keys/tpu-identity.sk.hex", 10001),
+        ("keys/tpu-sink.sk.hex", 10002),
     ] {
         let path = run.join(file);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
@@ -83,35 +88,35 @@ fn compose_files_check_and_their_configs_load_in_the_real_programs() {
         "--check",
     ]);
     sidecar.env_clear();
-    for line in std::fs::read_to_string(run.join("sidecar.env"))
-        .unwrap()
-        .lines()
-    {
-        let (k, v) = line.split_once('=').unwrap();
-        sidecar.env(k, v);
-    }
-    // The environment compose gives the sidecar (certificates mounted at /etc/gw/certs).
+    // The environment compose gives the sidecar (its only source: no env_file),
+    // each mounted path as the file compose mounts there.
     let o = Command::new(testkit::python())
         .args([
             "-c",
-            "import json, sys, yaml; \
-             print(json.dumps(yaml.safe_load(open(sys.argv[1]))['services']['sidecar']['environment']))",
+            "import json, sys, yaml; s = yaml.safe_load(open(sys.argv[1]))['services']['sidecar']; \
+             print(json.dumps([s['environment'], s['volumes']]))",
         ])
         .arg(root.join("docker-compose.yml"))
         .output()
         .unwrap();
-    let env: std::collections::BTreeMap<String, String> =
+    let (env, volumes): (std::collections::BTreeMap<String, String>, Vec<String>) =
         serde_json::from_slice(&o.stdout).expect("the compose sidecar's environment");
+    let mounted: Vec<(String, std::path::PathBuf)> = volumes
+        .iter()
+        .filter_map(|v| {
+            let mut parts = v.split(':');
+            let src = parts.next()?.strip_prefix("./.run/compose/")?;
+            Some((parts.next()?.to_owned(), run.join(src)))
+        })
+        .collect();
     for (k, v) in env {
-        let v = v
-            .replace(
-                "/etc/gw/certs/",
-                &format!("{}/", run.join("certs").display()),
-            )
-            .replace(
-                "/etc/gw/clickhouse-sidecar.pw",
-                run.join("keys/clickhouse-sidecar.pw").to_str().unwrap(),
-            );
+        let v = match mounted.iter().find(|(target, _)| *target == v) {
+            Some((_, file)) => file.to_str().unwrap().to_owned(),
+            None => {
+                assert!(!v.starts_with("/etc/"), "{k}={v}: no volume mounts it");
+                v
+            }
+        };
         sidecar.env(k, v);
     }
     let o = sidecar.output().unwrap();

@@ -3,7 +3,8 @@
 //! at most 1232 bytes, 128 at once). Prints one line per transaction received.
 //!
 //! Usage: `gw-tpu-sink [ADDR] [IDENTITY_SEED_HEX]`   (default 127.0.0.1:8009; the seed
-//! else from `GW_TPU_SINK_IDENTITY_HEX`, else a fresh key)
+//! else from `GW_TPU_SINK_IDENTITY_HEX`, else from the file `GW_TPU_SINK_IDENTITY_FILE`
+//! names, else a fresh key)
 
 use std::time::Duration;
 
@@ -20,9 +21,20 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let from_file = || {
+        let path = std::env::var("GW_TPU_SINK_IDENTITY_FILE").ok()?;
+        match std::fs::read_to_string(&path) {
+            Ok(s) => Some(s.trim().to_owned()),
+            Err(e) => {
+                eprintln!("gw-tpu-sink: GW_TPU_SINK_IDENTITY_FILE {path}: {e}");
+                std::process::exit(2);
+            }
+        }
+    };
     let key = match args
         .next()
         .or_else(|| std::env::var("GW_TPU_SINK_IDENTITY_HEX").ok())
+        .or_else(from_file)
     {
         Some(h) => match gw_core::jwk::ed25519_secret_from_hex(&h) {
             Ok(k) => k,
