@@ -1164,6 +1164,62 @@ fn a_refusing_leader_sees_no_reconnect_storm_and_nothing_is_lost_once_it_accepts
     });
 }
 
+/// Agave drops an established connection (close code 1, `dropped`) to make room
+/// for another peer under load. A working connection dropped so is not a refusal
+/// that escalates: each time, the client is back after the first step of the
+/// refused backoff (1 to 1.5 s), where it waited 1, 2, 4, 8 … up to 60 s, and
+/// every transaction sent between the drops arrives.
+#[test]
+fn a_working_connection_the_leader_drops_again_and_again_is_back_after_the_first_step() {
+    rt().block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let client = TpuClient::new(TpuConfig::default(), &key(2)).unwrap();
+        let leader = Leader {
+            tpu_quic: rx.addr,
+            identity: Some(rx.identity),
+        };
+        let mut i = 0;
+        let mut delivered = Vec::new();
+        // Six drops: seven handshakes in all, within the per-leader cap (8 a minute).
+        for round in 0..=6u64 {
+            let start = Instant::now();
+            loop {
+                i += 1;
+                let w = tx(i, 0).0;
+                let d = client.submit(&leader, w.clone()).unwrap();
+                if let Ok(Ok(Ok(()))) = tokio::time::timeout(Duration::from_secs(3), d).await {
+                    delivered.push(w);
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(3),
+                    "round {round}: the leader out of reach for {:?}",
+                    start.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if round == 6 {
+                break;
+            }
+            // It carried a stream: a working connection, dropped by the leader.
+            assert_eq!(rx.evict_with(1), 1, "round {round}");
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while closes(&client, "dropped") <= round {
+                assert!(Instant::now() < deadline, "round {round}: drop not seen");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        assert_eq!(closes(&client, "dropped"), 6);
+        assert_eq!(rx.stats.connections.load(Ordering::Relaxed), 7);
+        assert_eq!(rx.wait_for(7, Duration::from_secs(5)).await, 7);
+        let mut got: Vec<Vec<u8>> = rx.received().into_iter().map(|r| r.bytes).collect();
+        let mut want: Vec<Vec<u8>> = delivered.iter().map(|b| b.to_vec()).collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+    });
+}
+
 /// A leader that completes the handshake and then never grants a stream (alive:
 /// it answers keep-alives, so QUIC's idle timeout never ends the connection)
 /// would hold every send to it forever, and the hot path's `max_inflight` with

@@ -92,6 +92,7 @@ pub struct TpuReceiver {
     received: Arc<Mutex<Vec<Received>>>,
     notify: Arc<Notify>,
     refuse: Arc<AtomicU32>,
+    live: Arc<Mutex<Vec<quinn::Connection>>>,
     endpoint: quinn::Endpoint,
     task: JoinHandle<()>,
 }
@@ -120,6 +121,7 @@ impl TpuReceiver {
         let received = Arc::new(Mutex::new(Vec::new()));
         let notify = Arc::new(Notify::new());
         let refuse = Arc::new(AtomicU32::new(0));
+        let live = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn(accept_loop(
             endpoint.clone(),
             Arc::new(Shared {
@@ -128,6 +130,7 @@ impl TpuReceiver {
                 received: received.clone(),
                 notify: notify.clone(),
                 refuse: refuse.clone(),
+                live: live.clone(),
             }),
         ));
         Ok(TpuReceiver {
@@ -137,6 +140,7 @@ impl TpuReceiver {
             received,
             notify,
             refuse,
+            live,
             endpoint,
             task,
         })
@@ -148,6 +152,20 @@ impl TpuReceiver {
     /// (`CLOSE_TOO_MANY`) does not allow. 0 accepts again.
     pub fn refuse_with(&self, code: u32) {
         self.refuse.store(code, Ordering::Relaxed);
+    }
+
+    /// Fault injection: closes every connection accepted so far with the
+    /// application code `code`, as Agave's server drops an established entry
+    /// (`CONNECTION_CLOSE_CODE_DROPPED_ENTRY`, 1) to make room for another peer.
+    /// Returns how many were open.
+    pub fn evict_with(&self, code: u32) -> usize {
+        let live = self.live.lock().map(|mut l| std::mem::take(&mut *l));
+        let live = live.unwrap_or_default();
+        let open = live.iter().filter(|c| c.close_reason().is_none()).count();
+        for c in live {
+            c.close(code.into(), b"dropped");
+        }
+        open
     }
 
     /// Everything received so far (when `keep`).
@@ -188,6 +206,8 @@ struct Shared {
     received: Arc<Mutex<Vec<Received>>>,
     notify: Arc<Notify>,
     refuse: Arc<AtomicU32>,
+    /// Connections accepted (closed ones let go at each accept).
+    live: Arc<Mutex<Vec<quinn::Connection>>>,
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, sh: Arc<Shared>) {
@@ -231,6 +251,10 @@ async fn accept_loop(endpoint: quinn::Endpoint, sh: Arc<Shared>) {
                 };
                 conn.close(refuse.into(), reason);
                 return;
+            }
+            if let Ok(mut live) = sh.live.lock() {
+                live.retain(|c| c.close_reason().is_none());
+                live.push(conn.clone());
             }
             while let Ok(mut stream) = conn.accept_uni().await {
                 let sh = sh.clone();
