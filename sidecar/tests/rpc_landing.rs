@@ -7,6 +7,7 @@
 //! transactions in flight polled in batches, not one call each; and upstreams that
 //! answer without end or not at all: bounded reads, errors that never show the URL.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -713,6 +714,74 @@ fn rebroadcasts_go_by_the_tpu_route_alone() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(relay.calls().len(), 1, "the first send's hedge only");
+    });
+}
+
+/// The same transaction in two requests at once (a client resending on a short
+/// timeout, two bots with one transaction): the second waits for the first's
+/// send and is answered with its signature; one preflight, one copy on the wire
+/// (two of each before). A first whose client leaves while it is at the node
+/// leaves the send to the second; a first refused by its preflight leaves the
+/// second to make its own, refused the same way, each with its row.
+#[test]
+fn a_transaction_in_two_requests_at_once_is_sent_once() {
+    let rt = runtime();
+    let node = RpcNode::start(1010);
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let rig = rig_to(&rx, &node, 10_000);
+        let ctx = rig.ctx();
+        let coalesced = || rig.gate.stats.coalesced.load(Ordering::Relaxed);
+        node.set_delay(Duration::from_millis(300));
+        let later = |body: Vec<u8>| {
+            let ctx = &ctx;
+            async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                rpc::handle(ctx, &body).await
+            }
+        };
+
+        let (w, b64, sig, _) = tx(71, 0);
+        let body = send(&b64, json!({}));
+        let simulated = node.count("simulateTransaction");
+        let (a, b) = tokio::join!(rpc::handle(&ctx, &body), later(body.clone()));
+        assert_eq!(
+            (&a["result"], &b["result"]),
+            (&json!(sig), &json!(sig)),
+            "{a} {b}"
+        );
+        assert_eq!(node.count("simulateTransaction") - simulated, 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(copies(&rx, &w), 1);
+        assert_eq!(coalesced(), 1);
+
+        // The first's client leaves while it is at the node: the second sends.
+        let (w, b64, sig, _) = tx(72, 0);
+        let body = send(&b64, json!({}));
+        let first = tokio::time::timeout(Duration::from_millis(100), rpc::handle(&ctx, &body));
+        let (a, b) = tokio::join!(first, later(body.clone()));
+        assert!(a.is_err(), "the first left: {a:?}");
+        assert_eq!(b["result"], sig, "{b}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(copies(&rx, &w), 1);
+        assert_eq!(coalesced(), 1);
+
+        // Refused by the node: each request its own refusal, and its row.
+        node.set_simulation_err(Some(json!({"InstructionError": [0, {"Custom": 1}]})));
+        let (w, b64, _, _) = tx(73, 0);
+        let body = send(&b64, json!({}));
+        let ((a, ra), (b, rb)) = tokio::join!(answered(&ctx, &body), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            answered(&ctx, &body).await
+        });
+        assert_eq!(
+            (&a["error"]["code"], &b["error"]["code"]),
+            (&json!(-32002), &json!(-32002))
+        );
+        assert_eq!((ra, rb), (vec!["node_refused"], vec!["node_refused"]));
+        node.set_simulation_err(None);
+        assert_eq!(copies(&rx, &w), 0);
+        assert_eq!(coalesced(), 1);
     });
 }
 

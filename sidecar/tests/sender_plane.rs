@@ -581,6 +581,7 @@ fn control_commands_steer_the_hot_path_and_solana_clients_send_through_rpc() {
     for line in [
         "gw_sender_rpc_refused_total{reason=\"module\"} 2",
         "gw_sender_rpc_refused_total{reason=\"busy\"} 0",
+        "gw_sender_rpc_coalesced_total{reason=\"in_flight\"} 0",
         "gw_sender_rpc_in_flight 0",
     ] {
         assert!(metrics.contains(line), "{line}: {metrics}");

@@ -163,6 +163,12 @@ impl Collector for SenderCollector {
                 ([("reason", "busy")], load(&gate.busy)),
             ],
         )?;
+        counters(
+            &mut enc,
+            "gw_sender_rpc_coalesced",
+            "JSON-RPC sends of a transaction another request was sending: answered with its signature once that send went, not sent again",
+            &[([("reason", "in_flight")], load(&gate.coalesced))],
+        )?;
         gauge(
             &mut enc,
             "gw_sender_rpc_in_flight",

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use bytes::Bytes;
 use gw_core::contract::Requester;
@@ -139,8 +139,64 @@ pub struct RpcGate {
     /// checks), apart from the sends: a slow node holds these, not the sends
     /// that do not call it (`skipPreflight`).
     at_node: Arc<Semaphore>,
+    /// Each transaction's send in flight (from its gate to its tracking), by
+    /// signature: a copy arriving meanwhile in another request waits for it.
+    /// Only a send that passed its gate has an entry, and each holds a place in
+    /// `at_node` or `in_flight` (or is refused), so the map is bounded by them.
+    flights: Flights,
     /// Sends refused by the gate, by why.
     pub stats: GateStats,
+}
+
+/// See [`RpcGate`]'s `flights`: whether the send went, once it ended.
+type Flights = Arc<Mutex<HashMap<[u8; 64], watch::Receiver<Option<bool>>>>>;
+
+/// A transaction's send in flight, made by this request: when it ends (sent,
+/// refused, failed, or its request cancelled), copies waiting for it learn
+/// whether it went, and the next copy may send.
+struct Flight {
+    flights: Flights,
+    signature: [u8; 64],
+    ended: watch::Sender<Option<bool>>,
+    went: bool,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        // Out of the map before the waiters wake: one that sends again (this
+        // one did not go) finds the place free.
+        self.flights.lock().remove(&self.signature);
+        self.ended.send_replace(Some(self.went));
+    }
+}
+
+/// The transaction `signature`'s send: this request's to make, or `None` when
+/// another request's send of it went while this one waited (a send that did
+/// not go lets the next waiter make its own).
+async fn claim(ctx: &RpcContext<'_>, signature: [u8; 64]) -> Option<Flight> {
+    loop {
+        let mut ended = match ctx.gate.flights.lock().entry(signature) {
+            Entry::Occupied(e) => e.get().clone(),
+            Entry::Vacant(v) => {
+                let (ended, rx) = watch::channel(None);
+                v.insert(rx);
+                return Some(Flight {
+                    flights: ctx.gate.flights.clone(),
+                    signature,
+                    ended,
+                    went: false,
+                });
+            }
+        };
+        let went = ended
+            .wait_for(Option::is_some)
+            .await
+            .is_ok_and(|v| *v == Some(true));
+        if went {
+            ctx.gate.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+    }
 }
 
 /// The gate's refusals.
@@ -152,6 +208,9 @@ pub struct GateStats {
     pub throttled: AtomicU64,
     /// `rpc_max_in_flight` sends were running.
     pub busy: AtomicU64,
+    /// Copies of a transaction answered by another request's send of it, made
+    /// while they waited (not refusals: answered with its signature).
+    pub coalesced: AtomicU64,
 }
 
 impl RpcGate {
@@ -163,6 +222,7 @@ impl RpcGate {
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
             at_node: Arc::new(Semaphore::new(max_in_flight)),
+            flights: Flights::default(),
             stats: GateStats::default(),
         }
     }
@@ -813,13 +873,20 @@ async fn send_transaction(
 ) -> Result<String, SendErr> {
     let admitted = gate(ctx)?;
     let sig = info.signature_b58();
+    // A copy of a transaction another request is sending (at the node for its
+    // preflight, or on the wire) waits for that send and is answered with its
+    // signature when it went: one send, one `tx_sends` row. Both copies were
+    // sent before (a client resending on a short timeout, two bots with one
+    // transaction), twice on the wire and twice to the relay.
+    let Some(mut flight) = claim(ctx, info.signature).await else {
+        return Ok(sig);
+    };
     if ctx.landing.is_some_and(|l| l.is_pending(&sig)) {
         // Already rebroadcast (a client resending it until it lands, as Solana
         // documents): answered with its signature, not sent again — as Agave's
         // send-transaction-service takes a transaction already in its retry
-        // pool. Its share of the throttle is given back. (Tracked once its first
-        // send went: a copy arriving in another request while that send is on
-        // the wire is sent too; twice in one batch, it is sent once: `run`.)
+        // pool. Its share of the throttle is given back.
+        flight.went = true;
         return Ok(sig);
     }
     if let Some(landing) = ctx.landing {
@@ -854,6 +921,9 @@ async fn send_transaction(
     let out = tokio::spawn(async move {
         let _permit = permit;
         let out = sender.send(wire.clone(), sig, &meta).await;
+        // Ended once tracked (dropped at the task's end): no moment when a copy
+        // finds it neither in flight nor pending.
+        flight.went = out.landed.is_some();
         if let (Some(_), Some(landing)) = (out.landed, landing) {
             let retry = SendMeta {
                 source: "rpc_retry",
@@ -868,6 +938,7 @@ async fn send_transaction(
                 retry,
             );
         }
+        drop(flight);
         out
     })
     .await
