@@ -147,7 +147,18 @@ struct Snapshot {
     tpu: Arc<HashMap<[u8; 32], SocketAddr>>,
     /// When the node list was fetched.
     nodes_at: Option<Instant>,
+    /// When fetching it last failed (asked again `NODES_RETRY` later).
+    nodes_failed_at: Option<Instant>,
 }
+
+/// How long after a failed `getClusterNodes` it is asked again (the schedule and
+/// slot go on being refreshed meanwhile).
+const NODES_RETRY: Duration = Duration::from_secs(5);
+
+/// The longest wait between refreshes while they fail (doubling from
+/// `refresh_ms`): a node refusing one of the calls had an epoch's schedule
+/// downloaded again at every refresh.
+const MAX_FAILING_REFRESH: Duration = Duration::from_secs(5);
 
 /// Leaders from a Solana RPC node, refreshed in the background.
 pub struct RpcLeaders {
@@ -225,14 +236,15 @@ async fn rpc(
     params: Value,
 ) -> Result<Value, String> {
     let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-    let v = upstream::post_json(http, url, &body, upstream::MAX_SCHEDULE_BYTES)
+    let mut v = upstream::post_json(http, url, &body, upstream::MAX_SCHEDULE_BYTES)
         .await
         .map_err(|e| format!("{method}: {e}"))?;
     if let Some(e) = v.get("error") {
         return Err(format!("{method}: {e}"));
     }
-    v.get("result")
-        .cloned()
+    // Taken, not copied: a schedule's answer holds an epoch's slots.
+    v.as_object_mut()
+        .and_then(|o| o.remove("result"))
         .ok_or_else(|| format!("{method}: no result"))
 }
 
@@ -243,16 +255,19 @@ async fn refresh_loop(
     snapshot: Arc<ArcSwap<Snapshot>>,
 ) {
     let mut last_err = String::new();
+    let mut wait = every;
     loop {
         if let Err(e) = refresh_once(&http, &url, &snapshot).await {
             if e != last_err {
                 tracing::warn!(url = %upstream::redact(&url), error = %e, "leader schedule");
                 last_err = e;
             }
+            wait = (wait * 2).min(MAX_FAILING_REFRESH.max(every));
         } else {
             last_err.clear();
+            wait = every;
         }
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -284,6 +299,7 @@ async fn refresh_once(
         next_fetched: cur.next_fetched,
         tpu: Arc::clone(&cur.tpu),
         nodes_at: cur.nodes_at,
+        nodes_failed_at: cur.nodes_failed_at,
     };
     let slot = slot.0;
     // Into the epoch whose schedule was fetched ahead: it is the current one (the
@@ -362,28 +378,55 @@ async fn refresh_once(
             }
         }
     }
+    // The node list's failure keeps what this refresh learned (the schedule it
+    // fetched was thrown away, and fetched again at the next refresh).
+    let mut nodes_failed = None;
     if next
         .nodes_at
         .is_none_or(|t| t.elapsed() > Duration::from_secs(30))
+        && next
+            .nodes_failed_at
+            .is_none_or(|t| t.elapsed() >= NODES_RETRY)
     {
-        let nodes = rpc(http, url, "getClusterNodes", json!([])).await?;
-        let mut tpu = HashMap::new();
-        for n in nodes.as_array().ok_or("getClusterNodes: not an array")? {
-            let (Some(id), Some(addr)) = (
-                n.get("pubkey").and_then(Value::as_str),
-                n.get("tpuQuic").and_then(Value::as_str),
-            ) else {
-                continue;
-            };
-            if let (Ok(k), Ok(a)) = (pubkey_from_b58(id), addr.parse::<SocketAddr>()) {
-                tpu.insert(k, a);
+        match rpc(http, url, "getClusterNodes", json!([]))
+            .await
+            .and_then(|nodes| tpu_of(&nodes))
+        {
+            Ok(tpu) => {
+                next.tpu = Arc::new(tpu);
+                next.nodes_at = Some(Instant::now());
+                next.nodes_failed_at = None;
+            }
+            Err(e) => {
+                next.nodes_failed_at = Some(Instant::now());
+                nodes_failed = Some(e);
             }
         }
-        next.tpu = Arc::new(tpu);
-        next.nodes_at = Some(Instant::now());
     }
     snapshot.store(Arc::new(next));
-    ahead_failed.map_or(Ok(()), Err)
+    match (ahead_failed, nodes_failed) {
+        (None, None) => Ok(()),
+        (Some(e), None) | (None, Some(e)) => Err(e),
+        (Some(a), Some(n)) => Err(format!("{a}; {n}")),
+    }
+}
+
+/// The TPU QUIC address of each node of `getClusterNodes`' answer (one without,
+/// or not parsed, is left out).
+fn tpu_of(nodes: &Value) -> Result<HashMap<[u8; 32], SocketAddr>, String> {
+    let mut tpu = HashMap::new();
+    for n in nodes.as_array().ok_or("getClusterNodes: not an array")? {
+        let (Some(id), Some(addr)) = (
+            n.get("pubkey").and_then(Value::as_str),
+            n.get("tpuQuic").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        if let (Ok(k), Ok(a)) = (pubkey_from_b58(id), addr.parse::<SocketAddr>()) {
+            tpu.insert(k, a);
+        }
+    }
+    Ok(tpu)
 }
 
 /// The leaders of `getLeaderSchedule`'s answer `sched` for the epoch starting at
@@ -439,28 +482,39 @@ mod tests {
         .is_err());
     }
 
-    /// A refresh that fetched no schedule shares the one it had (a pointer),
-    /// as it shares the node list: the slot moves on every refresh, the
-    /// schedule once an epoch.
-    #[tokio::test]
-    async fn refreshes_share_the_schedule_they_did_not_fetch() {
+    /// A Solana RPC node in epoch 7 (432 000 slots from slot 1000) whose one
+    /// leader leads every slot, its slot one further at each call; it refuses
+    /// `getClusterNodes` while `refuse_nodes`. Its URL, and how many
+    /// `getLeaderSchedule` it answered.
+    async fn test_node(
+        refuse_nodes: Arc<std::sync::atomic::AtomicBool>,
+    ) -> (String, Arc<std::sync::atomic::AtomicU64>) {
         use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
         let slot = Arc::new(AtomicU64::new(1010));
+        let schedules = Arc::new(AtomicU64::new(0));
         let id = bs58::encode([9u8; 32]).into_string();
         let schedule = json!({ id.clone(): (0..432_000u64).collect::<Vec<_>>() });
         let nodes = json!([{"pubkey": id, "tpuQuic": "127.0.0.1:9"}]);
-        let at = slot.clone();
+        let counted = schedules.clone();
         let app = axum::Router::new().route(
             "/",
             axum::routing::post(move |axum::Json(req): axum::Json<Value>| {
-                let (schedule, nodes, at) = (schedule.clone(), nodes.clone(), at.clone());
+                let (schedule, nodes, at) = (schedule.clone(), nodes.clone(), slot.clone());
+                let (refuse_nodes, counted) = (refuse_nodes.clone(), counted.clone());
                 async move {
                     let now = at.fetch_add(1, Relaxed);
                     let result = match req["method"].as_str().unwrap_or("") {
                         "getSlot" => json!(now),
                         "getEpochInfo" => json!({"epoch": 7, "slotIndex": now - 1000,
                             "absoluteSlot": now, "slotsInEpoch": 432_000}),
-                        "getLeaderSchedule" => schedule,
+                        "getLeaderSchedule" => {
+                            counted.fetch_add(1, Relaxed);
+                            schedule
+                        }
+                        "getClusterNodes" if refuse_nodes.load(Relaxed) => {
+                            return axum::Json(json!({"jsonrpc": "2.0", "id": req["id"],
+                                "error": {"code": -32601, "message": "Method not found"}}));
+                        }
                         "getClusterNodes" => nodes,
                         _ => Value::Null,
                     };
@@ -471,6 +525,15 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(l, app).await });
+        (url, schedules)
+    }
+
+    /// A refresh that fetched no schedule shares the one it had (a pointer),
+    /// as it shares the node list: the slot moves on every refresh, the
+    /// schedule once an epoch.
+    #[tokio::test]
+    async fn refreshes_share_the_schedule_they_did_not_fetch() {
+        let (url, _) = test_node(Arc::default()).await;
         let leaders = RpcLeaders::start(&url, Duration::from_millis(50)).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while !leaders.ready() {
@@ -490,5 +553,29 @@ mod tests {
         assert!(Arc::ptr_eq(&first.schedule, &later.schedule));
         assert!(Arc::ptr_eq(&first.tpu, &later.tpu));
         assert_eq!(leaders.upcoming(1).len(), 1);
+    }
+
+    /// A node that refuses `getClusterNodes` (providers disable it) keeps the
+    /// schedule already fetched: it was thrown away with the failed refresh and
+    /// downloaded again at each one (an epoch's, every `refresh_ms`). The node
+    /// list is asked again 5 s later; once it answers, the leaders are known.
+    #[tokio::test]
+    async fn a_refused_node_list_keeps_the_schedule_fetched() {
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        let refuse = Arc::new(AtomicBool::new(true));
+        let (url, schedules) = test_node(refuse.clone()).await;
+        let leaders = RpcLeaders::start(&url, Duration::from_millis(50)).unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!leaders.ready());
+        assert!(leaders.upcoming(1).is_empty());
+        assert_eq!(schedules.load(Relaxed), 1, "the schedule fetched once");
+        refuse.store(false, Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(12);
+        while !leaders.ready() {
+            assert!(Instant::now() < deadline, "never ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(leaders.upcoming(1).len(), 1);
+        assert_eq!(schedules.load(Relaxed), 1);
     }
 }
