@@ -558,7 +558,7 @@ fn leaders_follow_a_solana_rpc_node() {
             {"pubkey": idc, "tpuQuic": null},
         ]);
         let (url, seen) = leader_node(schedule, nodes).await;
-        let src = RpcLeaders::start(&url, Duration::from_millis(100)).unwrap();
+        let src = RpcLeaders::start(&url, Duration::from_millis(100), true).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !src.ready() {
             assert!(
@@ -729,7 +729,7 @@ fn leaders_carry_over_an_epochs_end_and_never_go_back() {
             .collect::<Vec<_>>());
         let slot = Arc::new(std::sync::atomic::AtomicU64::new(1010));
         let (url, seen) = driven_leader_node(slot.clone(), schedules, nodes).await;
-        let src = RpcLeaders::start(&url, Duration::from_millis(50)).unwrap();
+        let src = RpcLeaders::start(&url, Duration::from_millis(50), true).unwrap();
         let leaders = |n| -> Vec<std::net::SocketAddr> {
             src.upcoming(n).iter().map(|l| l.tpu_quic).collect()
         };
@@ -830,10 +830,12 @@ fn a_leader_schedule_beyond_an_epoch_is_refused() {
             let src = RpcLeaders::start(
                 &format!("{url}/?api-key=k3y-SECRET"),
                 Duration::from_millis(50),
+                true,
             )
             .unwrap();
             assert!(!src.describe().contains("SECRET"), "{}", src.describe());
-            // Refused ones are asked for again every 50 ms: 1.5 s is 30 refreshes.
+            // Refused ones are asked for again at the next refresh, the wait
+            // doubling from 50 ms while refreshes fail: 1.5 s is 5 refreshes.
             let wait = if taken { 10_000 } else { 1500 };
             let deadline = Instant::now() + Duration::from_millis(wait);
             while !src.ready() && Instant::now() < deadline {
@@ -846,7 +848,7 @@ fn a_leader_schedule_beyond_an_epoch_is_refused() {
                 .filter(|m| *m == "getLeaderSchedule")
                 .count();
             if !taken {
-                // Refused, so asked for again at each refresh.
+                // Refused, so asked for again at the next refreshes.
                 assert!(schedules >= 2, "{indexes}: {schedules} schedule calls");
             }
             assert_eq!(src.ready(), taken, "{indexes}");

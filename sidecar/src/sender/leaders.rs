@@ -53,6 +53,14 @@ pub enum LeadersConfig {
         /// How often the slot is polled, milliseconds.
         #[serde(default = "default_refresh")]
         refresh_ms: u64,
+        /// Whether leaders at addresses that are not public (loopback, private
+        /// networks, link-local, shared, documentation ranges) are sent to: a
+        /// private cluster's. Off, such a node's `tpuQuic` is left out, as one
+        /// that is no address at all (unspecified, multicast, broadcast, port 0)
+        /// always is: the RPC node names the addresses the sender's handshakes
+        /// go to, and the identity pinned comes from the same answer.
+        #[serde(default)]
+        private_addrs: bool,
     },
 }
 
@@ -61,10 +69,15 @@ impl std::fmt::Debug for LeadersConfig {
         match self {
             LeadersConfig::Static(l) => f.debug_tuple("Static").field(l).finish(),
             // The URL without its path and query: a provider's key may be in either.
-            LeadersConfig::Rpc { url, refresh_ms } => f
+            LeadersConfig::Rpc {
+                url,
+                refresh_ms,
+                private_addrs,
+            } => f
                 .debug_struct("Rpc")
                 .field("url", &upstream::redact(url))
                 .field("refresh_ms", refresh_ms)
+                .field("private_addrs", private_addrs)
                 .finish(),
         }
     }
@@ -149,6 +162,8 @@ struct Snapshot {
     nodes_at: Option<Instant>,
     /// When fetching it last failed (asked again `NODES_RETRY` later).
     nodes_failed_at: Option<Instant>,
+    /// Nodes of that list whose TPU address was left out (not public).
+    nodes_left_out: usize,
 }
 
 /// How long after a failed `getClusterNodes` it is asked again (the schedule and
@@ -174,8 +189,9 @@ impl Drop for RpcLeaders {
 }
 
 impl RpcLeaders {
-    /// Starts following `url`. Must run inside a tokio runtime.
-    pub fn start(url: &str, refresh: Duration) -> anyhow::Result<Arc<Self>> {
+    /// Starts following `url`; leaders at addresses that are not public are
+    /// sent to only when `private_addrs`. Must run inside a tokio runtime.
+    pub fn start(url: &str, refresh: Duration, private_addrs: bool) -> anyhow::Result<Arc<Self>> {
         let http = super::upstream::client_builder()
             .timeout(Duration::from_secs(5))
             .build()?;
@@ -184,6 +200,7 @@ impl RpcLeaders {
             http,
             url.to_owned(),
             refresh.max(Duration::from_millis(50)),
+            private_addrs,
             snapshot.clone(),
         ));
         Ok(Arc::new(RpcLeaders {
@@ -252,12 +269,13 @@ async fn refresh_loop(
     http: reqwest::Client,
     url: String,
     every: Duration,
+    private_addrs: bool,
     snapshot: Arc<ArcSwap<Snapshot>>,
 ) {
     let mut last_err = String::new();
     let mut wait = every;
     loop {
-        if let Err(e) = refresh_once(&http, &url, &snapshot).await {
+        if let Err(e) = refresh_once(&http, &url, private_addrs, &snapshot).await {
             if e != last_err {
                 tracing::warn!(url = %upstream::redact(&url), error = %e, "leader schedule");
                 last_err = e;
@@ -274,6 +292,7 @@ async fn refresh_loop(
 async fn refresh_once(
     http: &reqwest::Client,
     url: &str,
+    private_addrs: bool,
     snapshot: &ArcSwap<Snapshot>,
 ) -> Result<(), String> {
     let cur = snapshot.load();
@@ -300,6 +319,7 @@ async fn refresh_once(
         tpu: Arc::clone(&cur.tpu),
         nodes_at: cur.nodes_at,
         nodes_failed_at: cur.nodes_failed_at,
+        nodes_left_out: cur.nodes_left_out,
     };
     let slot = slot.0;
     // Into the epoch whose schedule was fetched ahead: it is the current one (the
@@ -390,9 +410,18 @@ async fn refresh_once(
     {
         match rpc(http, url, "getClusterNodes", json!([]))
             .await
-            .and_then(|nodes| tpu_of(&nodes))
+            .and_then(|nodes| tpu_of(&nodes, private_addrs))
         {
-            Ok(tpu) => {
+            Ok((tpu, left_out)) => {
+                if left_out > 0 && left_out != cur.nodes_left_out {
+                    tracing::warn!(
+                        url = %upstream::redact(url),
+                        left_out,
+                        "getClusterNodes: TPU addresses that are not public left out \
+                         (sender.leaders.rpc.private_addrs for a private cluster)"
+                    );
+                }
+                next.nodes_left_out = left_out;
                 next.tpu = Arc::new(tpu);
                 next.nodes_at = Some(Instant::now());
                 next.nodes_failed_at = None;
@@ -412,9 +441,14 @@ async fn refresh_once(
 }
 
 /// The TPU QUIC address of each node of `getClusterNodes`' answer (one without,
-/// or not parsed, is left out).
-fn tpu_of(nodes: &Value) -> Result<HashMap<[u8; 32], SocketAddr>, String> {
+/// or not parsed, is left out), and how many were left out for their address
+/// (see [`sendable`]).
+fn tpu_of(
+    nodes: &Value,
+    private_addrs: bool,
+) -> Result<(HashMap<[u8; 32], SocketAddr>, usize), String> {
     let mut tpu = HashMap::new();
+    let mut left_out = 0;
     for n in nodes.as_array().ok_or("getClusterNodes: not an array")? {
         let (Some(id), Some(addr)) = (
             n.get("pubkey").and_then(Value::as_str),
@@ -423,10 +457,53 @@ fn tpu_of(nodes: &Value) -> Result<HashMap<[u8; 32], SocketAddr>, String> {
             continue;
         };
         if let (Ok(k), Ok(a)) = (pubkey_from_b58(id), addr.parse::<SocketAddr>()) {
-            tpu.insert(k, a);
+            if sendable(a, private_addrs) {
+                tpu.insert(k, a);
+            } else {
+                left_out += 1;
+            }
         }
     }
-    Ok(tpu)
+    Ok((tpu, left_out))
+}
+
+/// Whether a leader's TPU address from an RPC node is sent to: never one that is
+/// no host's (unspecified, multicast, broadcast, port 0); one that is not public
+/// (loopback, private, link-local, shared, benchmarking, documentation,
+/// reserved; IPv6 unique-local and link-local) only when `private_addrs`.
+fn sendable(a: SocketAddr, private_addrs: bool) -> bool {
+    use std::net::IpAddr;
+    let ip = match a.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let (nowhere, private) = match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            (
+                v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() || a == 0,
+                v4.is_loopback()
+                    || v4.is_private()
+                    || v4.is_link_local()
+                    || (a == 100 && (64..128).contains(&b))
+                    || (a == 198 && (b == 18 || b == 19))
+                    || v4.is_documentation()
+                    || (a == 192 && b == 0 && c == 0)
+                    || a >= 240,
+            )
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            (
+                v6.is_unspecified() || v6.is_multicast(),
+                v6.is_loopback()
+                    || (s[0] & 0xfe00) == 0xfc00
+                    || (s[0] & 0xffc0) == 0xfe80
+                    || (s[0] == 0x2001 && s[1] == 0x0db8),
+            )
+        }
+    };
+    a.port() != 0 && !nowhere && (private_addrs || !private)
 }
 
 /// The leaders of `getLeaderSchedule`'s answer `sched` for the epoch starting at
@@ -534,7 +611,7 @@ mod tests {
     #[tokio::test]
     async fn refreshes_share_the_schedule_they_did_not_fetch() {
         let (url, _) = test_node(Arc::default()).await;
-        let leaders = RpcLeaders::start(&url, Duration::from_millis(50)).unwrap();
+        let leaders = RpcLeaders::start(&url, Duration::from_millis(50), true).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while !leaders.ready() {
             assert!(Instant::now() < deadline, "never ready");
@@ -564,7 +641,7 @@ mod tests {
         use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
         let refuse = Arc::new(AtomicBool::new(true));
         let (url, schedules) = test_node(refuse.clone()).await;
-        let leaders = RpcLeaders::start(&url, Duration::from_millis(50)).unwrap();
+        let leaders = RpcLeaders::start(&url, Duration::from_millis(50), true).unwrap();
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(!leaders.ready());
         assert!(leaders.upcoming(1).is_empty());
@@ -577,5 +654,71 @@ mod tests {
         }
         assert_eq!(leaders.upcoming(1).len(), 1);
         assert_eq!(schedules.load(Relaxed), 1);
+    }
+
+    /// The RPC node names the addresses handshakes go to: one that is no host's
+    /// is never sent to, one that is not public only for a private cluster.
+    #[test]
+    fn leaders_at_addresses_that_are_not_public_are_left_out() {
+        let never = [
+            "0.0.0.0:8009",
+            "0.1.2.3:8009",
+            "224.0.0.1:8009",
+            "255.255.255.255:8009",
+            "[::]:8009",
+            "[ff02::1]:8009",
+            "8.8.8.8:0",
+        ];
+        let private = [
+            "127.0.0.1:8009",
+            "10.1.2.3:8009",
+            "172.16.0.1:8009",
+            "192.168.1.1:8009",
+            "169.254.169.254:80",
+            "100.64.0.1:8009",
+            "198.18.0.1:8009",
+            "192.0.2.1:8009",
+            "192.0.0.8:8009",
+            "240.0.0.1:8009",
+            "[::1]:8009",
+            "[fd00::1]:8009",
+            "[fe80::1]:8009",
+            "[2001:db8::1]:8009",
+            "[::ffff:10.0.0.1]:8009",
+        ];
+        let public = ["8.8.8.8:8009", "145.40.93.1:8009", "[2606:4700::1]:8009"];
+        for (list, plain, private_ok) in [
+            (&never[..], false, false),
+            (&private[..], false, true),
+            (&public[..], true, true),
+        ] {
+            for a in list {
+                let a: SocketAddr = a.parse().unwrap();
+                assert_eq!(sendable(a, false), plain, "{a}");
+                assert_eq!(sendable(a, true), private_ok, "{a} (private_addrs)");
+            }
+        }
+        let id = |b: u8| bs58::encode([b; 32]).into_string();
+        let nodes = json!([
+            {"pubkey": id(1), "tpuQuic": "8.8.8.8:8009"},
+            {"pubkey": id(2), "tpuQuic": "169.254.169.254:80"},
+            {"pubkey": id(3), "tpuQuic": "0.0.0.0:8009"},
+        ]);
+        let (tpu, left_out) = tpu_of(&nodes, false).unwrap();
+        assert_eq!((tpu.len(), left_out), (1, 2));
+        assert!(tpu.contains_key(&[1; 32]));
+        let (tpu, left_out) = tpu_of(&nodes, true).unwrap();
+        assert_eq!((tpu.len(), left_out), (2, 1));
+    }
+
+    /// Without `private_addrs`, a node naming a loopback TPU gives no leader.
+    #[tokio::test]
+    async fn a_loopback_leader_is_not_sent_to_unless_private_addrs() {
+        let (url, _) = test_node(Arc::default()).await;
+        let leaders = RpcLeaders::start(&url, Duration::from_millis(50), false).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(leaders.upcoming(1).is_empty());
+        assert!(!leaders.ready());
+        assert_eq!(leaders.snapshot.load().nodes_left_out, 1);
     }
 }

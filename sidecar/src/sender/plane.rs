@@ -126,9 +126,15 @@ pub fn start(
         Some(LeadersConfig::Static(list)) => Some(Arc::new(
             StaticLeaders::new(list).map_err(|e| anyhow::anyhow!("sender.leaders: {e}"))?,
         )),
-        Some(LeadersConfig::Rpc { url, refresh_ms }) => {
-            Some(RpcLeaders::start(url, Duration::from_millis(*refresh_ms))?)
-        }
+        Some(LeadersConfig::Rpc {
+            url,
+            refresh_ms,
+            private_addrs,
+        }) => Some(RpcLeaders::start(
+            url,
+            Duration::from_millis(*refresh_ms),
+            *private_addrs,
+        )?),
         None => None,
     };
     let audit = audit.map(|a| {
