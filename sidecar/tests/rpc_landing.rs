@@ -717,6 +717,50 @@ fn rebroadcasts_go_by_the_tpu_route_alone() {
     });
 }
 
+/// Without a TPU route nothing is rebroadcast: every resend went to the relay,
+/// each a request against its rate limit (a transaction the node never
+/// confirmed was posted there every `rebroadcast_ms` until its blockhash
+/// expired). The node's statuses still answer for it.
+#[test]
+fn a_relay_only_sender_does_not_rebroadcast_to_the_relay() {
+    let rt = runtime();
+    let node = RpcNode::start(1010);
+    rt.block_on(async {
+        let relay = testkit::relay::Relay::start(None);
+        let cfg: gw_sidecar::sender::SenderConfig =
+            serde_json::from_value(json!({"relay": {"url": relay.url}})).unwrap();
+        let sender = gw_sidecar::sender::Sender::new(
+            &cfg,
+            &ed25519_dalek::SigningKey::from_bytes(&[2; 32]),
+            None,
+            None,
+        )
+        .unwrap();
+        let rig = common::rpc::RpcRig::with_sender(sender, &node.url, 100);
+        let ctx = rig.ctx();
+        let (_, b64, sig, _) = tx(65, 0);
+        let r = rpc::handle(&ctx, &send(&b64, json!({"skipPreflight": true}))).await;
+        assert_eq!(r["result"], sig, "{r}");
+        // Ten rebroadcast periods.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(relay.calls().len(), 1, "the send only");
+        assert_eq!(rig.landing.pending(), 0);
+        node.set_status(
+            &sig,
+            json!({"slot": 1009, "confirmations": null, "err": null,
+            "confirmationStatus": "confirmed"}),
+        );
+        let body = serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": 1,
+            "method": "getSignatureStatuses", "params": [[sig]]}))
+        .unwrap();
+        let r = rpc::handle(&ctx, &body).await;
+        assert_eq!(
+            r["result"]["value"][0]["confirmationStatus"], "confirmed",
+            "{r}"
+        );
+    });
+}
+
 /// The same transaction in two requests at once (a client resending on a short
 /// timeout, two bots with one transaction): the second waits for the first's
 /// send and is answered with its signature; one preflight, one copy on the wire

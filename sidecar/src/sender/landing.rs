@@ -467,7 +467,15 @@ impl Landing {
         max_retries: Option<usize>,
         meta: SendMeta,
     ) {
-        if max_retries == Some(0) || self.stopped.load(Ordering::Acquire) {
+        // Without a TPU route nothing is rebroadcast: every resend went to the
+        // relay (a block engine forwards what it takes to the leader itself),
+        // each a request against its rate limit (≈ 45 a transaction at the
+        // defaults, thousands a second with `max_pending` waiting), which the new
+        // sends then found spent. The node's statuses still answer for it.
+        if max_retries == Some(0)
+            || !sender.configured(super::hedge::Route::Tpu)
+            || self.stopped.load(Ordering::Acquire)
+        {
             return;
         }
         let every = Duration::from_millis(self.cfg.rebroadcast_ms);

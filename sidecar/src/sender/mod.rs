@@ -653,9 +653,10 @@ impl Sender {
         out
     }
 
-    /// Sends again a transaction sent before (the landing's rebroadcast): by the
-    /// TPU route alone when it is configured — to the current and next `fanout`
-    /// leaders, as an RPC node rebroadcasts — never hedged to the relay, where
+    /// Sends again a transaction sent before (the landing's rebroadcast, which
+    /// only a sender with a TPU route makes): by the TPU route alone — to the
+    /// current and next `fanout` leaders, as an RPC node rebroadcasts — never
+    /// hedged to the relay, where
     /// each copy is one more request against its rate limit and a tip; and not
     /// counted in the routes' statistics, which choose the first route of new
     /// sends (a burst of resends that fills a leader's queue made the TPU route
