@@ -26,6 +26,10 @@ pub const SLOT_MS: u64 = 400;
 /// also bounds the schedule kept in memory.
 const MAX_EPOCH_SLOTS: u64 = 1 << 20;
 
+/// How far [`RpcLeaders::upcoming`] looks for each leader asked for: 16 leaders'
+/// turns (64 slots, ≈ 26 s). Upcoming leaders beyond that are not returned.
+const LOOKAHEAD_SLOTS_PER_LEADER: u64 = 16 * SLOTS_PER_LEADER;
+
 /// How many slots before its epoch ends the next epoch's schedule is fetched
 /// (≈ 26 s at the nominal slot time): without it, no leader past the epoch's
 /// end was known, the last ones of an epoch had no successors to warm, and at
@@ -225,8 +229,12 @@ impl LeaderSource for RpcLeaders {
         };
         // The slot moves on between polls: extrapolate at the nominal slot time.
         let now = slot.saturating_add((at.elapsed().as_millis() as u64) / SLOT_MS);
+        // Within a window: on a cluster of fewer leaders with a TPU address than
+        // `n` (a private one, or nodes left out), the search went on to the
+        // epoch's end — up to 864 000 slots near it — at every send and prewarm.
+        let window = (n.max(1) as u64).saturating_mul(LOOKAHEAD_SLOTS_PER_LEADER);
         let mut out: Vec<Leader> = Vec::new();
-        for (_, id) in s.schedule.range(now..) {
+        for (_, id) in s.schedule.range(now..now.saturating_add(window)) {
             if out.len() >= n {
                 break;
             }
@@ -709,6 +717,45 @@ mod tests {
         assert!(tpu.contains_key(&[1; 32]));
         let (tpu, left_out) = tpu_of(&nodes, true).unwrap();
         assert_eq!((tpu.len(), left_out), (2, 1));
+    }
+
+    /// Upcoming leaders are looked for within 64 slots per leader asked for: a
+    /// leader whose turn is further is not returned (the search went on to the
+    /// epoch's end when fewer leaders had a TPU address than asked for).
+    #[tokio::test]
+    async fn upcoming_leaders_are_looked_for_within_a_window() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let mut schedule: BTreeMap<u64, [u8; 32]> = (1000..1100).map(|s| (s, a)).collect();
+        schedule.extend((1100..1200).map(|s| (s, b)));
+        let schedule = Arc::new(schedule);
+        let with = |tpu: &[[u8; 32]]| Snapshot {
+            slot: Some((1000, Instant::now())),
+            schedule: schedule.clone(),
+            tpu: Arc::new(
+                tpu.iter()
+                    .map(|k| (*k, SocketAddr::from(([8, 8, 8, k[0]], 8009))))
+                    .collect(),
+            ),
+            ..Snapshot::default()
+        };
+        let leaders = RpcLeaders {
+            url: String::new(),
+            snapshot: Arc::new(ArcSwap::from_pointee(with(&[a, b]))),
+            task: tokio::spawn(async {}),
+        };
+        let ids = |n| {
+            leaders
+                .upcoming(n)
+                .iter()
+                .map(|l| l.identity)
+                .collect::<Vec<_>>()
+        };
+        // b leads from slot 1100: beyond one leader's window (64 slots), within two's.
+        assert_eq!(ids(2), [Some(a), Some(b)]);
+        // Only b has an address: not found within one leader's window.
+        leaders.snapshot.store(Arc::new(with(&[b])));
+        assert_eq!(ids(1), []);
+        assert_eq!(ids(2), [Some(b)]);
     }
 
     /// Without `private_addrs`, a node naming a loopback TPU gives no leader.
