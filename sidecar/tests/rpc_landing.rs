@@ -761,6 +761,52 @@ fn a_relay_only_sender_does_not_rebroadcast_to_the_relay() {
     });
 }
 
+/// The same bundle in two requests at once is posted to the relay once, both
+/// answered with its bundle id; another bundle of the same transactions in
+/// another order is another bundle.
+#[test]
+fn the_same_bundle_in_two_requests_at_once_is_sent_once() {
+    let rt = runtime();
+    let node = RpcNode::start(1010);
+    rt.block_on(async {
+        let relay = testkit::relay::Relay::start(None);
+        relay.set_mode(testkit::relay::Mode::Delay(Duration::from_millis(300)));
+        let cfg: gw_sidecar::sender::SenderConfig =
+            serde_json::from_value(json!({"relay": {"url": relay.url}})).unwrap();
+        let sender = gw_sidecar::sender::Sender::new(
+            &cfg,
+            &ed25519_dalek::SigningKey::from_bytes(&[2; 32]),
+            None,
+            None,
+        )
+        .unwrap();
+        let rig = common::rpc::RpcRig::with_sender(sender, &node.url, 100);
+        let ctx = rig.ctx();
+        let ((_, a, _, _), (_, b, _, _)) = (tx(66, 0), tx(67, 0));
+        let bundle = |txs: [&str; 2]| {
+            serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": 3, "method": "sendBundle",
+                "params": [txs, {"encoding": "base64"}]}))
+            .unwrap()
+        };
+        let ab = bundle([&a, &b]);
+        let (x, y) = tokio::join!(rpc::handle(&ctx, &ab), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            rpc::handle(&ctx, &ab).await
+        });
+        assert!(x["result"].is_string(), "{x}");
+        assert_eq!(x, y);
+        assert_eq!(relay.calls().len(), 1);
+        assert_eq!(rig.gate.stats.coalesced.load(Ordering::Relaxed), 1);
+        let ba = bundle([&b, &a]);
+        let (x, y) = tokio::join!(rpc::handle(&ctx, &ab), rpc::handle(&ctx, &ba));
+        assert!(
+            x["result"].is_string() && y["result"].is_string(),
+            "{x} {y}"
+        );
+        assert_eq!(relay.calls().len(), 3);
+    });
+}
+
 /// The same transaction in two requests at once (a client resending on a short
 /// timeout, two bots with one transaction): the second waits for the first's
 /// send and is answered with its signature; one preflight, one copy on the wire

@@ -148,55 +148,81 @@ pub struct RpcGate {
     pub stats: GateStats,
 }
 
-/// See [`RpcGate`]'s `flights`: whether the send went, once it ended.
-type Flights = Arc<Mutex<HashMap<[u8; 64], watch::Receiver<Option<bool>>>>>;
+/// See [`RpcGate`]'s `flights`, by a transaction's signature or a bundle's
+/// [`bundle_key`]: once the send ended, its answer if it went (`Some(None)`:
+/// it did not).
+type Flights = Arc<Mutex<HashMap<[u8; 64], watch::Receiver<Option<Option<String>>>>>>;
 
-/// A transaction's send in flight, made by this request: when it ends (sent,
-/// refused, failed, or its request cancelled), copies waiting for it learn
-/// whether it went, and the next copy may send.
+/// A send in flight (a transaction's, or a bundle's), made by this request:
+/// when it ends (sent, refused, failed, or its request cancelled), copies
+/// waiting for it learn its answer if it went, and the next copy may send.
 struct Flight {
     flights: Flights,
-    signature: [u8; 64],
-    ended: watch::Sender<Option<bool>>,
-    went: bool,
+    key: [u8; 64],
+    ended: watch::Sender<Option<Option<String>>>,
+    /// The answer, once the send went.
+    answer: Option<String>,
 }
 
 impl Drop for Flight {
     fn drop(&mut self) {
         // Out of the map before the waiters wake: one that sends again (this
         // one did not go) finds the place free.
-        self.flights.lock().remove(&self.signature);
-        self.ended.send_replace(Some(self.went));
+        self.flights.lock().remove(&self.key);
+        self.ended.send_replace(Some(self.answer.take()));
     }
 }
 
-/// The transaction `signature`'s send: this request's to make, or `None` when
-/// another request's send of it went while this one waited (a send that did
-/// not go lets the next waiter make its own).
-async fn claim(ctx: &RpcContext<'_>, signature: [u8; 64]) -> Option<Flight> {
+/// Whose the send of `key` is.
+enum Claimed {
+    /// This request's to make.
+    Mine(Flight),
+    /// Another request's send of it went while this one waited: its answer.
+    Went(String),
+}
+
+/// The send of `key` (a transaction's signature, a bundle's [`bundle_key`]):
+/// this request's to make, or the answer of another request's send of it that
+/// went while this one waited (a send that did not go lets the next waiter make
+/// its own).
+async fn claim(ctx: &RpcContext<'_>, key: [u8; 64]) -> Claimed {
     loop {
-        let mut ended = match ctx.gate.flights.lock().entry(signature) {
+        let mut ended = match ctx.gate.flights.lock().entry(key) {
             Entry::Occupied(e) => e.get().clone(),
             Entry::Vacant(v) => {
                 let (ended, rx) = watch::channel(None);
                 v.insert(rx);
-                return Some(Flight {
+                return Claimed::Mine(Flight {
                     flights: ctx.gate.flights.clone(),
-                    signature,
+                    key,
                     ended,
-                    went: false,
+                    answer: None,
                 });
             }
         };
-        let went = ended
+        let answer = ended
             .wait_for(Option::is_some)
             .await
-            .is_ok_and(|v| *v == Some(true));
-        if went {
+            .ok()
+            .and_then(|v| v.clone().flatten());
+        if let Some(answer) = answer {
             ctx.gate.stats.coalesced.fetch_add(1, Ordering::Relaxed);
-            return None;
+            return Claimed::Went(answer);
         }
     }
+}
+
+/// A bundle's key among the sends in flight: SHA-512 over its transactions'
+/// signatures, in order (a bundle is those transactions, in that order).
+fn bundle_key(signatures: &[String]) -> [u8; 64] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha512::new();
+    h.update(b"gw-rpc-bundle");
+    for s in signatures {
+        h.update((s.len() as u32).to_le_bytes());
+        h.update(s.as_bytes());
+    }
+    h.finalize().into()
 }
 
 /// The gate's refusals.
@@ -349,6 +375,8 @@ enum Method {
     Bundle {
         txs: Vec<Bytes>,
         first_sig: String,
+        /// Its [`bundle_key`].
+        key: [u8; 64],
     },
 }
 
@@ -578,10 +606,14 @@ async fn run_call(ctx: &RpcContext<'_>, call: Call) -> (Value, Option<Refused>) 
             out.map(|sig| json!(sig))
         }
         Ok(Method::Statuses { sigs, history }) => signature_statuses(ctx, &sigs, history).await,
-        Ok(Method::Bundle { txs, first_sig }) => {
+        Ok(Method::Bundle {
+            txs,
+            first_sig,
+            key,
+        }) => {
             let kept = txs.first().cloned().unwrap_or_default();
             let signature = first_sig.clone();
-            let out = send_bundle(ctx, txs, first_sig).await;
+            let out = send_bundle(ctx, txs, first_sig, key).await;
             if out.is_err() {
                 refused_tx = Some((kept, signature));
             }
@@ -878,15 +910,16 @@ async fn send_transaction(
     // signature when it went: one send, one `tx_sends` row. Both copies were
     // sent before (a client resending on a short timeout, two bots with one
     // transaction), twice on the wire and twice to the relay.
-    let Some(mut flight) = claim(ctx, info.signature).await else {
-        return Ok(sig);
+    let mut flight = match claim(ctx, info.signature).await {
+        Claimed::Mine(f) => f,
+        Claimed::Went(sig) => return Ok(sig),
     };
     if ctx.landing.is_some_and(|l| l.is_pending(&sig)) {
         // Already rebroadcast (a client resending it until it lands, as Solana
         // documents): answered with its signature, not sent again — as Agave's
         // send-transaction-service takes a transaction already in its retry
         // pool. Its share of the throttle is given back.
-        flight.went = true;
+        flight.answer = Some(sig.clone());
         return Ok(sig);
     }
     if let Some(landing) = ctx.landing {
@@ -923,7 +956,7 @@ async fn send_transaction(
         let out = sender.send(wire.clone(), sig, &meta).await;
         // Ended once tracked (dropped at the task's end): no moment when a copy
         // finds it neither in flight nor pending.
-        flight.went = out.landed.is_some();
+        flight.answer = out.landed.map(|_| out.signature.clone());
         if let (Some(_), Some(landing)) = (out.landed, landing) {
             let retry = SendMeta {
                 source: "rpc_retry",
@@ -1049,7 +1082,7 @@ fn parse_bundle(params: &Value) -> Result<Method, RpcErr> {
     }
     let enc = encoding(p.get(1))?;
     let mut txs = Vec::with_capacity(list.len());
-    let mut first_sig = String::new();
+    let mut sigs = Vec::with_capacity(list.len());
     for (i, t) in list.iter().enumerate() {
         let s = t.as_str().ok_or((
             code::INVALID_PARAMS,
@@ -1059,18 +1092,22 @@ fn parse_bundle(params: &Value) -> Result<Method, RpcErr> {
             message: format!("transaction {i}: {}", e.message),
             ..e
         })?;
-        if i == 0 {
-            first_sig = sig;
-        }
+        sigs.push(sig);
         txs.push(wire);
     }
-    Ok(Method::Bundle { txs, first_sig })
+    let key = bundle_key(&sigs);
+    Ok(Method::Bundle {
+        txs,
+        key,
+        first_sig: sigs.into_iter().next().unwrap_or_default(),
+    })
 }
 
 async fn send_bundle(
     ctx: &RpcContext<'_>,
     txs: Vec<Bytes>,
     first_sig: String,
+    key: [u8; 64],
 ) -> Result<String, RpcErr> {
     if ctx.sender.relay().is_none() {
         // Not a send that failed: there is nothing to send it with.
@@ -1081,13 +1118,21 @@ async fn send_bundle(
         ));
     }
     let admitted = gate(ctx)?;
+    // The same bundle in two requests at once is sent once, as a transaction.
+    let mut flight = match claim(ctx, key).await {
+        Claimed::Mine(f) => f,
+        Claimed::Went(id) => return Ok(id),
+    };
     let permit = permit(ctx)?;
     admitted.go();
     // On a task of its own, as `sendTransaction`.
     let (sender, m) = (ctx.sender.clone(), rpc_meta(ctx));
     tokio::spawn(async move {
         let _permit = permit;
-        sender.send_bundle(txs, first_sig, &m).await
+        let r = sender.send_bundle(txs, first_sig, &m).await;
+        flight.answer = r.as_ref().ok().cloned();
+        drop(flight);
+        r
     })
     .await
     .map_err(task_failed)?
