@@ -2290,3 +2290,106 @@ fn a_large_record_no_node_forwarded_does_not_stop_the_agent() {
     let metrics = s.get_ops("/metrics");
     assert!(!metrics.contains("outcome=\"topic_replaced\""), "{metrics}");
 }
+
+/// An agent's consumer left unpolled past `kafka.max_poll_interval_ms` (an agent
+/// retrying one delivery while the broker was away) is taken out of the group by
+/// librdkafka, and the other node's consumer gets the partition. Its assignment
+/// still lists the partition until its next poll; `owns` must not, or the agent
+/// writes a checkpoint for a command the other node applies too. The agent
+/// polls once it retried half the interval (`poll_overdue`).
+#[test]
+fn a_consumer_unpolled_past_its_interval_owns_nothing_and_the_other_takes_over() {
+    use gw_sidecar::control::bus::{Bus, BusConsumer, Delivery, KafkaConfig};
+    use gw_sidecar::ops::metrics::GroupMetrics;
+    let d = testkit::TempDir::new("kafka-max-poll");
+    let kafka = Kafka::start(d.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut k = KafkaConfig::with_brokers(&kafka.brokers());
+        k.topic = "max-poll-commands".into();
+        k.partitions = 1;
+        k.max_poll_interval_ms = 6000;
+        create_topic(&k, &k.topic).await;
+        let bus = |node: &str, seed: u8| {
+            let signer = gw_sidecar::control::state_sign::StateSigner::new(
+                node,
+                ed25519_dalek::SigningKey::from_bytes(&[seed; 32]),
+                &BTreeMap::new(),
+                None,
+            )
+            .unwrap();
+            Bus::kafka(k.clone(), signer, 1, &[]).unwrap()
+        };
+        let (bus_a, bus_b) = (bus("node-a", 1), bus("node-b", 2));
+        let groups = [GroupMetrics::default(), GroupMetrics::default()];
+        let mut consumers = [
+            bus_a.consumer(Module::Mev, groups[0].clone()).unwrap(),
+            bus_b.consumer(Module::Mev, groups[1].clone()).unwrap(),
+        ];
+        async fn poll(c: &mut BusConsumer) -> Option<Delivery> {
+            tokio::time::timeout(Duration::from_millis(300), c.next())
+                .await
+                .ok()
+                .map(|r| r.unwrap())
+        }
+        // Both members joined, one holds the partition.
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let owner = loop {
+            for c in consumers.iter_mut() {
+                assert!(poll(c).await.is_none(), "nothing published yet");
+            }
+            let joined = groups.iter().all(|g| g.rebalances.get() > 0);
+            match groups.each_ref().map(|g| g.held.get()) {
+                [1, 0] if joined => break 0,
+                [0, 1] if joined => break 1,
+                now => assert!(
+                    Instant::now() < deadline,
+                    "the group never settled: {now:?}"
+                ),
+            }
+        };
+        let other = 1 - owner;
+        let headers = rdkafka::message::OwnedHeaders::new();
+        let offset = produce(&k, &k.topic, "mev", Some(b"a command"), headers).await;
+        let got: Delivery = loop {
+            if let Some(d) = poll(&mut consumers[owner]).await {
+                break d;
+            }
+            assert!(Instant::now() < deadline, "the owner got nothing");
+        };
+        assert_eq!(got.position.offset, offset);
+        assert!(consumers[owner].owns(&got));
+
+        // The owner retries without polling; the other node polls on.
+        let [a, b] = &mut consumers;
+        let (stuck, live) = if owner == 0 { (a, b) } else { (b, a) };
+        let since = Instant::now();
+        let mut lost_after = None;
+        let mut taken = None;
+        while lost_after.is_none() || taken.is_none() {
+            assert!(
+                since.elapsed() < Duration::from_secs(40),
+                "unpolled {:?}: owns {}, the other node got {taken:?}",
+                since.elapsed(),
+                stuck.owns(&got)
+            );
+            if lost_after.is_none() && !stuck.owns(&got) {
+                lost_after = Some(since.elapsed());
+            }
+            if let Some(d) = poll(live).await {
+                taken = Some(d.position.offset);
+            }
+        }
+        let lost_after = lost_after.unwrap();
+        eprintln!("owner lost its partition {lost_after:?} unpolled (max.poll.interval 6 s)");
+        assert!(lost_after >= Duration::from_secs(3), "{lost_after:?}");
+        assert!(stuck.poll_overdue(), "half the interval passed unpolled");
+        assert!(!live.poll_overdue());
+        assert_eq!(
+            taken,
+            Some(offset),
+            "the other node reads the uncommitted delivery"
+        );
+        assert_eq!(groups[other].held.get(), 1);
+    });
+}

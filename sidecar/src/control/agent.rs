@@ -1601,6 +1601,30 @@ impl Agent {
                     tracing::info!(position = ?d.position, "partition no longer assigned: left to its new owner");
                     break;
                 }
+                // Retried long unpolled (a broker away, a failing write): librdkafka
+                // serves a rebalance only at a poll, and past max.poll.interval.ms
+                // takes the consumer out of the group while its assignment still
+                // lists the partition — another node could then apply what this
+                // one is about to. Poll first; the batch is read again from its
+                // first delivery (a partition still owned), or left to the new
+                // owner, who resumes from the checkpoint.
+                if let Some(first) = batch.first().filter(|_| consumer.poll_overdue()) {
+                    tracing::info!(position = ?first.position, "retried unpolled for half of kafka.max_poll_interval_ms: polling before trying again");
+                    self.env.metrics.agent(name, "repolled");
+                    while let Err(e) =
+                        consumer.rewind(first.position.partition, first.position.offset)
+                    {
+                        if !consumer.owns(first) {
+                            break;
+                        }
+                        log_once(format!(
+                            "bus: going back to offset {}: {e}",
+                            first.position.offset
+                        ));
+                        tokio::time::sleep(pause).await;
+                    }
+                    break;
+                }
                 // At the applied nonces' clock: never before a time it forgot at.
                 let now = self.core.applied.clock(crate::now_secs());
                 match self.handle(&batch, now).await {

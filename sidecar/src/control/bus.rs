@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gw_core::contract::Requester;
 use gw_core::Module;
@@ -72,6 +72,12 @@ pub struct KafkaConfig {
     /// Consumer group session timeout (tansu wants ≥ 6000 with several members).
     #[serde(default = "default_session_timeout")]
     pub session_timeout_ms: u64,
+    /// How long an agent's consumer may go without polling before librdkafka
+    /// takes it out of the group (`max.poll.interval.ms`; at least
+    /// `session_timeout_ms`). An agent retrying a delivery goes back to poll
+    /// after half of it, so that a rebalance is served, not missed.
+    #[serde(default = "default_max_poll_interval")]
+    pub max_poll_interval_ms: u64,
     /// Records per produce batch (`batch.num.messages`). 1 by default: a consumer
     /// then resumes at any committed offset even on a broker that serves fetches
     /// only from a batch's first offset (tansu 0.6.0 returns nothing for an offset
@@ -139,6 +145,9 @@ fn default_batch_messages() -> u32 {
 fn default_session_timeout() -> u64 {
     6000
 }
+fn default_max_poll_interval() -> u64 {
+    300_000
+}
 
 impl KafkaConfig {
     /// Defaults for `brokers`.
@@ -150,6 +159,7 @@ impl KafkaConfig {
             replication: default_replication(),
             message_timeout_ms: default_message_timeout(),
             session_timeout_ms: default_session_timeout(),
+            max_poll_interval_ms: default_max_poll_interval(),
             batch_messages: default_batch_messages(),
             debug: None,
             state_keys: std::collections::BTreeMap::new(),
@@ -666,6 +676,13 @@ impl Bus {
                     .set("enable.auto.offset.store", "false")
                     .set("auto.offset.reset", "earliest")
                     .set("session.timeout.ms", k.cfg.session_timeout_ms.to_string())
+                    .set(
+                        "max.poll.interval.ms",
+                        k.cfg
+                            .max_poll_interval_ms
+                            .max(k.cfg.session_timeout_ms)
+                            .to_string(),
+                    )
                     .create_with_context(AssignWatch {
                         module,
                         assigned: assigned.clone(),
@@ -676,6 +693,10 @@ impl Bus {
                 Ok(BusConsumer::Kafka {
                     consumer: CloseOffRuntime::new(c),
                     topic: k.cfg.topic.clone(),
+                    polled_at: Instant::now(),
+                    max_unpolled: Duration::from_millis(
+                        k.cfg.max_poll_interval_ms.max(k.cfg.session_timeout_ms) / 2,
+                    ),
                     assigned,
                     signer: k.state.shared_signer(),
                     accept_unforwarded: k.cfg.accept_unforwarded,
@@ -1235,6 +1256,11 @@ pub enum BusConsumer {
         consumer: CloseOffRuntime<StreamConsumer<AssignWatch>>,
         /// Topic.
         topic: String,
+        /// When [`BusConsumer::next`] last returned (librdkafka serves a
+        /// rebalance, and counts the application alive, only while polled).
+        polled_at: Instant,
+        /// Half of `max.poll.interval.ms`: see [`BusConsumer::poll_overdue`].
+        max_unpolled: Duration,
         /// Set when partitions were assigned since the last look.
         assigned: Arc<AtomicBool>,
         /// Verifies the forwarding node's signature.
@@ -1284,15 +1310,37 @@ impl BusConsumer {
     }
 
     /// Whether `d`'s partition is still assigned to this consumer (always, for
-    /// the embedded bus).
+    /// the embedded bus). Not when librdkafka found the assignment lost (the
+    /// consumer left the group for not polling within `max.poll.interval.ms`,
+    /// or its session ended): the partition may be another node's already,
+    /// though the revocation is only handed over at the next poll and the
+    /// assignment still lists it until then.
     pub fn owns(&self, d: &Delivery) -> bool {
         match self {
             BusConsumer::InProcess { .. } => true,
             BusConsumer::Kafka {
                 consumer, topic, ..
-            } => consumer
-                .assignment()
-                .is_ok_and(|a| a.find_partition(topic, d.position.partition).is_some()),
+            } => {
+                !consumer.assignment_lost()
+                    && consumer
+                        .assignment()
+                        .is_ok_and(|a| a.find_partition(topic, d.position.partition).is_some())
+            }
+        }
+    }
+
+    /// Kafka: whether the consumer went unpolled for half of
+    /// `max.poll.interval.ms` (an agent retrying a delivery): it must poll before
+    /// it writes again, or librdkafka takes it out of the group while it still
+    /// believes it owns the partition. Never on the embedded bus.
+    pub fn poll_overdue(&self) -> bool {
+        match self {
+            BusConsumer::InProcess { .. } => false,
+            BusConsumer::Kafka {
+                polled_at,
+                max_unpolled,
+                ..
+            } => polled_at.elapsed() >= *max_unpolled,
         }
     }
 
@@ -1311,13 +1359,16 @@ impl BusConsumer {
                 consumer,
                 signer,
                 accept_unforwarded,
+                polled_at,
                 ..
             } => {
                 // Polled again every second: after a rebalance a message can sit in
                 // the consumer's queue without waking a pending `recv` (seen with
                 // two group members: an assigned partition that never delivered).
                 let m = loop {
-                    if let Ok(m) = tokio::time::timeout(REPOLL, consumer.recv()).await {
+                    let m = tokio::time::timeout(REPOLL, consumer.recv()).await;
+                    *polled_at = Instant::now();
+                    if let Ok(m) = m {
                         break m?;
                     }
                 };
