@@ -2393,3 +2393,86 @@ fn a_consumer_unpolled_past_its_interval_owns_nothing_and_the_other_takes_over()
         assert_eq!(groups[other].held.get(), 1);
     });
 }
+
+/// Over Kafka an agent remembers applied nonces for `agent_dedup_secs` past their
+/// freshness, far longer than the admission guard: once its memory for an issuer
+/// is full, a command the guard let through (it forgot the older ones) is
+/// refused `replay_capacity` with its row, not applied with its nonce left
+/// unremembered — a copy of it admitted at another node would then have been
+/// applied too. The module's state is left as it was.
+#[test]
+fn an_agent_whose_memory_is_full_refuses_rather_than_forget() {
+    let d = testkit::TempDir::new("kafka-agent-full");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let mut cfg = config(d.path(), &kafka, &ch);
+    cfg.file.replay_max_per_issuer = 64;
+    cfg.file.max_skew_secs = 1;
+    let s = common::serve(cfg);
+    for n in 1..=64u64 {
+        let pct = (n % 100).to_string();
+        post_applied(
+            &s,
+            signed_command(
+                n,
+                Action::Throttle,
+                now(),
+                "dashboard",
+                &[("throttle_pct", &pct)],
+            ),
+        );
+    }
+    assert_eq!(modules(&s)["mev"]["applied"], 64);
+    // The admission guard forgets within seconds (ts + max_skew_secs); the agent
+    // remembers 600 s more.
+    let mut refused = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while refused.is_none() {
+        assert!(Instant::now() < deadline, "the guard never let one through");
+        let (status, body) = post(
+            &s,
+            signed_command(
+                65,
+                Action::Throttle,
+                now(),
+                "dashboard",
+                &[("throttle_pct", "99")],
+            ),
+        );
+        if status == 429 && body["error"] == "replay_capacity" {
+            // Still the admission guard's own bound: it forgets soon.
+            std::thread::sleep(Duration::from_millis(500));
+        } else {
+            refused = Some((status, body));
+        }
+    }
+    // Accepted, and the agent's refusal answered with it.
+    let (status, body) = refused.unwrap();
+    assert_eq!(
+        (
+            status,
+            body["applied"].clone(),
+            body["apply_error"]["error"].clone()
+        ),
+        (200, false.into(), "replay_capacity".into()),
+        "{body}"
+    );
+    let m = modules(&s);
+    assert_eq!(
+        (
+            m["mev"]["applied"].clone(),
+            m["mev"]["throttle_pct"].clone()
+        ),
+        (64.into(), 64.into()),
+        "{m}"
+    );
+    let rows = ledger_rows(&ch, 130);
+    assert!(
+        rows.iter().any(|r| r.stage == "agent"
+            && r.decision == "rejected"
+            && r.code == "replay_capacity"
+            && r.request_id == "req-65"),
+        "{:?}",
+        row_summary(&rows)
+    );
+}

@@ -296,6 +296,27 @@ impl AgentCore {
                 ),
             ));
         }
+        // Over Kafka, an agent that could not remember this nonce could not tell a
+        // copy of it admitted at another node from a new command, and would
+        // apply it twice (it was applied, its nonce left unremembered and only
+        // logged). Refused instead, with its row; the embedded bus has no other
+        // node, and its journal offset stands for the nonce.
+        if !matches!(d.origin, Origin::Local) {
+            let held = pending.keys().filter(|(i, _)| *i == c.issuer).count();
+            let reserved = std::collections::HashMap::from([(c.issuer.clone(), held)]);
+            if let Err(Refused::IssuerFull | Refused::TooManyIssuers) = self
+                .applied
+                .check_reserved(&c.issuer, c.nonce, now, &reserved)
+            {
+                return Step::Refuse(Reject::with(
+                    Code::ReplayCapacity,
+                    format!(
+                        "the agents' memory of applied commands is full for issuer {} (replay_max_per_issuer, replay_max_issuers, kept agent_dedup_secs): a copy admitted at another node could not be told apart, so it is not applied; send it again later with a new nonce",
+                        c.issuer
+                    ),
+                ));
+            }
+        }
         // Saturating: a validly signed command's `ts` is not checked for freshness
         // here (it may arrive late over the bus), so it can be anything. Kept
         // `max_skew` beyond the `stale` bound above: a node whose clock runs
