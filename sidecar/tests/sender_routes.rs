@@ -1237,7 +1237,7 @@ fn a_leader_that_grants_no_stream_stalls_its_connection_and_sends_fail() {
         };
         let rx = TpuReceiver::start(silent, &key(1)).unwrap();
         let cfg: TpuConfig = serde_json::from_value(json!({
-            "stall_timeout_ms": 300, "idle_timeout_ms": 1000,
+            "stall_timeout_ms": 300, "idle_timeout_ms": 1000, "stable_after_ms": 100,
         }))
         .unwrap();
         let client = TpuClient::new(cfg, &key(2)).unwrap();
@@ -1285,6 +1285,32 @@ fn a_leader_that_grants_no_stream_stalls_its_connection_and_sends_fail() {
             Err(TpuError::Unreachable(_, e)) => assert!(e.contains("stalled"), "{e}"),
             other => panic!("not backed off: {other:?}"),
         }
+        // Stalled again, the wait doubles (1 to 1.5 s, then 2 to 3 s): a stall
+        // is a refusal even on a connection that stayed up past
+        // `stable_after_ms` (the default 2 s equals the default stall timeout).
+        async fn send_until(client: &TpuClient, leader: &Leader, rx: &TpuReceiver, n: u64) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut i = 100 * n as u32;
+            while rx.stats.connections.load(Ordering::Relaxed) < n {
+                assert!(Instant::now() < deadline, "no handshake {n}");
+                i += 1;
+                drop(client.submit(leader, tx(i, 0).0));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        send_until(&client, &leader, &rx, 2).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while closes(&client, "stalled") < 2 {
+            assert!(Instant::now() < deadline, "not stalled again");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let second = Instant::now();
+        send_until(&client, &leader, &rx, 3).await;
+        let waited = second.elapsed();
+        assert!(
+            waited >= Duration::from_millis(1900),
+            "backed off {waited:?}, not doubled"
+        );
     });
 }
 

@@ -15,8 +15,9 @@
 //! refusal: the next attempt waits `refused_backoff_min_ms`, doubling up to
 //! `refused_backoff_max_ms`, and a refusing leader is not retried at all while
 //! there is nothing to send. The backoff resets only after a connection carried a
-//! stream or stayed up, even one closed with a refusal code (Agave drops working
-//! entries under load; the next attempt then waits the first step). Handshakes are capped per leader
+//! stream or stayed up, even one the leader dropped (Agave's code 1: it evicts
+//! working entries under load; the next attempt then waits the first step), but
+//! not one closed as stalled or with another refusal code. Handshakes are capped per leader
 //! (`max_handshakes_per_leader_per_min`, Agave's own per-IP budget is 8 a minute)
 //! and in all (`max_handshakes_per_sec`). Every close is counted by reason. Work reaches
 //! a worker through a bounded queue: when it is full the transaction is dropped and
@@ -1211,12 +1212,13 @@ impl Worker {
         TpuStats::bump(&self.stats.closes[i]);
         let stable = live.marks.carried.load(Ordering::Relaxed)
             || live.marks.since.elapsed() >= Duration::from_millis(self.config.stable_after_ms);
-        // A connection that carried streams or stayed up resets the backoff, even
-        // when it was closed with a refusal code: Agave drops an established
-        // entry (code 1) to make room under load, and each such drop of a
-        // working connection doubled the wait until the leader was out of reach
-        // for a minute. Refused, the next attempt still waits the first step.
-        if stable {
+        // A stable connection the leader dropped (Agave's code 1: an established
+        // entry evicted to make room under load) starts the backoff over: each
+        // such drop of a working connection doubled the wait until the leader
+        // was out of reach for a minute. The next attempt still waits the first
+        // step. A stall, and the other refusal codes, escalate as before.
+        let dropped = i == 0;
+        if stable && (!refusal || dropped) {
             st.unreachable.reset();
             st.refused.reset();
         }
