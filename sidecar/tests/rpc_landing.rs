@@ -720,7 +720,8 @@ fn rebroadcasts_go_by_the_tpu_route_alone() {
 /// Without a TPU route nothing is rebroadcast: every resend went to the relay,
 /// each a request against its rate limit (a transaction the node never
 /// confirmed was posted there every `rebroadcast_ms` until its blockhash
-/// expired). The node's statuses still answer for it.
+/// expired). It is followed all the same: a client's resend of it is answered
+/// without a send, and it is let go once the node sees it confirmed.
 #[test]
 fn a_relay_only_sender_does_not_rebroadcast_to_the_relay() {
     let rt = runtime();
@@ -741,10 +742,12 @@ fn a_relay_only_sender_does_not_rebroadcast_to_the_relay() {
         let (_, b64, sig, _) = tx(65, 0);
         let r = rpc::handle(&ctx, &send(&b64, json!({"skipPreflight": true}))).await;
         assert_eq!(r["result"], sig, "{r}");
-        // Ten rebroadcast periods.
+        // Ten rebroadcast periods, and the client's own resend.
         tokio::time::sleep(Duration::from_millis(1000)).await;
+        let r = rpc::handle(&ctx, &send(&b64, json!({"skipPreflight": true}))).await;
+        assert_eq!(r["result"], sig, "{r}");
         assert_eq!(relay.calls().len(), 1, "the send only");
-        assert_eq!(rig.landing.pending(), 0);
+        assert_eq!(rig.landing.pending(), 1);
         node.set_status(
             &sig,
             json!({"slot": 1009, "confirmations": null, "err": null,
@@ -758,6 +761,12 @@ fn a_relay_only_sender_does_not_rebroadcast_to_the_relay() {
             r["result"]["value"][0]["confirmationStatus"], "confirmed",
             "{r}"
         );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while rig.landing.pending() > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "still followed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(relay.calls().len(), 1);
     });
 }
 

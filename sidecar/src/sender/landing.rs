@@ -204,6 +204,9 @@ struct Pending {
     wire: Bytes,
     blockhash: String,
     max_retries: Option<usize>,
+    /// Whether it is sent again (a sender with a TPU route); else only followed
+    /// until it is seen, expires or `max_age_secs` pass.
+    resend: bool,
     /// Its audit row's context; its gate holds resends too (the module's kill
     /// switch and stop).
     meta: SendMeta,
@@ -467,17 +470,16 @@ impl Landing {
         max_retries: Option<usize>,
         meta: SendMeta,
     ) {
-        // Without a TPU route nothing is rebroadcast: every resend went to the
-        // relay (a block engine forwards what it takes to the leader itself),
-        // each a request against its rate limit (≈ 45 a transaction at the
-        // defaults, thousands a second with `max_pending` waiting), which the new
-        // sends then found spent. The node's statuses still answer for it.
-        if max_retries == Some(0)
-            || !sender.configured(super::hedge::Route::Tpu)
-            || self.stopped.load(Ordering::Acquire)
-        {
+        if max_retries == Some(0) || self.stopped.load(Ordering::Acquire) {
             return;
         }
+        // Without a TPU route it is followed, not rebroadcast: every resend went
+        // to the relay (a block engine forwards what it takes to the leader
+        // itself), each a request against its rate limit (≈ 45 a transaction at
+        // the defaults, thousands a second with `max_pending` waiting), which
+        // the new sends then found spent. Followed, a client's resend of it is
+        // still answered without a send, and its status is what the loop saw.
+        let resend = sender.configured(super::hedge::Route::Tpu);
         let every = Duration::from_millis(self.cfg.rebroadcast_ms);
         let now = Instant::now();
         let start_loop = {
@@ -499,6 +501,7 @@ impl Landing {
                     wire,
                     blockhash: bs58::encode(blockhash).into_string(),
                     max_retries,
+                    resend,
                     meta,
                     sent_again: 0,
                     sending: Arc::default(),
@@ -724,6 +727,8 @@ impl Landing {
                 } else if status.is_some() {
                     // In a block not yet confirmed: wait, do not resend (a dropped
                     // fork makes it null again, and then it is resent).
+                    Next::Wait
+                } else if !t.resend {
                     Next::Wait
                 } else if t.max_retries.is_some_and(|m| t.sent_again >= m) {
                     Next::End(&self.stats.retries_spent)

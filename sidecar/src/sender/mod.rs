@@ -662,11 +662,7 @@ impl Sender {
     /// sends (a burst of resends that fills a leader's queue made the TPU route
     /// look failing, and new sends hedge to the relay). Audited.
     pub async fn resend(&self, wire: Bytes, signature: String, meta: &SendMeta) -> SendOutcome {
-        let route = if self.configured(Route::Tpu) {
-            Route::Tpu
-        } else {
-            Route::Relay
-        };
+        let route = Route::Tpu;
         let mut out = SendOutcome::begun(signature, route);
         let t0 = quanta::Instant::now();
         let r = self.launch(route, &wire, &mut out).await;
