@@ -166,7 +166,7 @@ impl Collector for SenderCollector {
         counters(
             &mut enc,
             "gw_sender_rpc_coalesced",
-            "JSON-RPC sends of a transaction another request was sending: answered with its signature once that send went, not sent again",
+            "JSON-RPC sends of a transaction (or bundle) another request was sending: answered as that send once it went, not sent again",
             &[([("reason", "in_flight")], load(&gate.coalesced))],
         )?;
         gauge(

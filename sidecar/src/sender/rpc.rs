@@ -903,17 +903,19 @@ async fn send_transaction(
     info: txwire::TxInfo,
     opts: SendOptions,
 ) -> Result<String, SendErr> {
-    let admitted = gate(ctx)?;
     let sig = info.signature_b58();
     // A copy of a transaction another request is sending (at the node for its
     // preflight, or on the wire) waits for that send and is answered with its
     // signature when it went: one send, one `tx_sends` row. Both copies were
     // sent before (a client resending on a short timeout, two bots with one
-    // transaction), twice on the wire and twice to the relay.
+    // transaction), twice on the wire and twice to the relay. Answered as that
+    // send went, whatever options this copy gave; gated (module, throttle) only
+    // when it sends itself.
     let mut flight = match claim(ctx, info.signature).await {
         Claimed::Mine(f) => f,
         Claimed::Went(sig) => return Ok(sig),
     };
+    let admitted = gate(ctx)?;
     if ctx.landing.is_some_and(|l| l.is_pending(&sig)) {
         // Already rebroadcast (a client resending it until it lands, as Solana
         // documents): answered with its signature, not sent again — as Agave's
@@ -1117,12 +1119,12 @@ async fn send_bundle(
             "bundle was not sent: bundles need the relay route, which is not configured".to_owned(),
         ));
     }
-    let admitted = gate(ctx)?;
     // The same bundle in two requests at once is sent once, as a transaction.
     let mut flight = match claim(ctx, key).await {
         Claimed::Mine(f) => f,
         Claimed::Went(id) => return Ok(id),
     };
+    let admitted = gate(ctx)?;
     let permit = permit(ctx)?;
     admitted.go();
     // On a task of its own, as `sendTransaction`.
