@@ -283,16 +283,27 @@ async fn refresh_loop(
     let mut last_err = String::new();
     let mut wait = every;
     loop {
-        if let Err(e) = refresh_once(&http, &url, private_addrs, &snapshot).await {
-            if e != last_err {
+        // Only a refresh that failed (slot, epoch or schedule) waits longer; one
+        // whose next epoch's schedule or node list failed took the slot, and
+        // retries those on their own terms.
+        let (err, failed) = match refresh_once(&http, &url, private_addrs, &snapshot).await {
+            Ok(None) => (None, false),
+            Ok(Some(e)) => (Some(e), false),
+            Err(e) => (Some(e), true),
+        };
+        match err {
+            Some(e) if e != last_err => {
                 tracing::warn!(url = %upstream::redact(&url), error = %e, "leader schedule");
                 last_err = e;
             }
-            wait = (wait * 2).min(MAX_FAILING_REFRESH.max(every));
-        } else {
-            last_err.clear();
-            wait = every;
+            Some(_) => {}
+            None => last_err.clear(),
         }
+        wait = if failed {
+            (wait * 2).min(MAX_FAILING_REFRESH.max(every))
+        } else {
+            every
+        };
         tokio::time::sleep(wait).await;
     }
 }
@@ -302,7 +313,9 @@ async fn refresh_once(
     url: &str,
     private_addrs: bool,
     snapshot: &ArcSwap<Snapshot>,
-) -> Result<(), String> {
+) -> Result<Option<String>, String> {
+    // `Err`: the refresh failed (nothing stored); `Ok(Some)`: stored, but the
+    // next epoch's schedule or the node list failed.
     let cur = snapshot.load();
     let reported = rpc(http, url, "getSlot", json!([{"commitment": "processed"}]))
         .await?
@@ -441,11 +454,11 @@ async fn refresh_once(
         }
     }
     snapshot.store(Arc::new(next));
-    match (ahead_failed, nodes_failed) {
-        (None, None) => Ok(()),
-        (Some(e), None) | (None, Some(e)) => Err(e),
-        (Some(a), Some(n)) => Err(format!("{a}; {n}")),
-    }
+    Ok(match (ahead_failed, nodes_failed) {
+        (None, None) => None,
+        (Some(e), None) | (None, Some(e)) => Some(e),
+        (Some(a), Some(n)) => Some(format!("{a}; {n}")),
+    })
 }
 
 /// The TPU QUIC address of each node of `getClusterNodes`' answer (one without,
@@ -650,6 +663,13 @@ mod tests {
         let refuse = Arc::new(AtomicBool::new(true));
         let (url, schedules) = test_node(refuse.clone()).await;
         let leaders = RpcLeaders::start(&url, Duration::from_millis(50), true).unwrap();
+        // The schedule fetched and the node list refused, then 3 s more of
+        // refreshes (60 at 50 ms).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while leaders.snapshot.load().nodes_failed_at.is_none() {
+            assert!(Instant::now() < deadline, "the node list never asked");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(!leaders.ready());
         assert!(leaders.upcoming(1).is_empty());
@@ -763,7 +783,11 @@ mod tests {
     async fn a_loopback_leader_is_not_sent_to_unless_private_addrs() {
         let (url, _) = test_node(Arc::default()).await;
         let leaders = RpcLeaders::start(&url, Duration::from_millis(50), false).unwrap();
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while leaders.snapshot.load().nodes_at.is_none() {
+            assert!(Instant::now() < deadline, "the node list never fetched");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(leaders.upcoming(1).is_empty());
         assert!(!leaders.ready());
         assert_eq!(leaders.snapshot.load().nodes_left_out, 1);
