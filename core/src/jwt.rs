@@ -113,6 +113,9 @@ impl Default for JwtPolicy {
     }
 }
 
+/// The most skew a policy may tolerate on `exp`, `nbf` and `iat`.
+pub const MAX_LEEWAY_SECS: u64 = 300;
+
 impl JwtPolicy {
     /// Checks a policy read from configuration: it must accept some token, and say
     /// which issuers and audiences — or, in so many words, that any will do.
@@ -122,6 +125,12 @@ impl JwtPolicy {
         }
         if self.max_token_bytes == 0 || self.max_token_bytes > 64 * 1024 {
             return Err("jwt.policy.max_token_bytes must be 1..=65536".into());
+        }
+        // A typo of a few digits accepted expired and not-yet-valid tokens.
+        if self.leeway_secs > MAX_LEEWAY_SECS {
+            return Err(format!(
+                "jwt.policy.leeway_secs must be 0..={MAX_LEEWAY_SECS}"
+            ));
         }
         for (what, flag, list, any) in [
             ("issuers", "any_issuer", &self.issuers, self.any_issuer),
@@ -198,13 +207,36 @@ pub struct VerifiedJwt {
     pub kid: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct Header {
-    alg: Option<Value>,
-    #[serde(default)]
-    kid: Option<Value>,
-    #[serde(default)]
-    crit: Option<Value>,
+/// A JSON object whose members each appear once (RFC 7515 §5.2 lets a
+/// verifier refuse duplicates: another reader may take the first of two
+/// `roles` where this one took the last). Anything but an object is refused: a
+/// derived struct also took an array (`["HS256"]`) as a header.
+struct UniqueObject(serde_json::Map<String, Value>);
+
+impl<'de> Deserialize<'de> for UniqueObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = UniqueObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<UniqueObject, A::Error> {
+                let mut m = serde_json::Map::new();
+                while let Some((k, v)) = a.next_entry::<String, Value>()? {
+                    if m.contains_key(&k) {
+                        return Err(serde::de::Error::custom("a member appears twice"));
+                    }
+                    m.insert(k, v);
+                }
+                Ok(UniqueObject(m))
+            }
+        }
+        d.deserialize_map(Members)
+    }
 }
 
 fn err(code: Code, detail: &'static str) -> Reject {
@@ -383,15 +415,19 @@ pub fn verify_jwt(
     };
     let header_bytes = b64url_decode_strict(h64)
         .map_err(|_| err(Code::JwtMalformed, "header is not base64url"))?;
-    let header: Header = serde_json::from_slice(&header_bytes)
-        .map_err(|_| err(Code::JwtMalformed, "header is not a JSON object"))?;
-    if header.crit.is_some() {
+    let UniqueObject(header) = serde_json::from_slice(&header_bytes).map_err(|_| {
+        err(
+            Code::JwtMalformed,
+            "header is not a JSON object with each member once",
+        )
+    })?;
+    if header.get("crit").is_some_and(|c| !c.is_null()) {
         return Err(err(
             Code::JwtMalformed,
             "`crit` header extensions are not supported",
         ));
     }
-    let alg_name = match &header.alg {
+    let alg_name = match header.get("alg") {
         Some(Value::String(s)) => s.as_str(),
         _ => return Err(err(Code::JwtAlg, "header has no `alg` string")),
     };
@@ -403,7 +439,7 @@ pub fn verify_jwt(
                 format!("algorithm `{}` is not accepted", alg_name.escape_debug()),
             )
         })?;
-    let kid = match &header.kid {
+    let kid = match header.get("kid") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.as_str()),
         Some(_) => return Err(err(Code::JwtMalformed, "`kid` is not a string")),
@@ -443,8 +479,12 @@ pub fn verify_jwt(
 
     let payload = b64url_decode_strict(p64)
         .map_err(|_| err(Code::JwtMalformed, "payload is not base64url"))?;
-    let claims: serde_json::Map<String, Value> = serde_json::from_slice(&payload)
-        .map_err(|_| err(Code::JwtMalformed, "payload is not a JSON object"))?;
+    let UniqueObject(claims) = serde_json::from_slice(&payload).map_err(|_| {
+        err(
+            Code::JwtMalformed,
+            "payload is not a JSON object with each member once",
+        )
+    })?;
 
     let exp = numeric_date(&claims, "exp")?;
     let nbf = numeric_date(&claims, "nbf")?;

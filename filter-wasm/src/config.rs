@@ -38,6 +38,10 @@ fn default_cache() -> usize {
     1024
 }
 
+/// The most verified tokens a worker keeps (each up to the policy's
+/// `max_token_bytes`).
+const MAX_JWT_CACHE: usize = 16_384;
+
 pub use gw_core::roles::RouteRule;
 
 /// The `headers` section: the names of the headers the filter stamps. They are the
@@ -305,6 +309,11 @@ impl Settings {
         }
         c.jwt.policy.validate().map_err(invalid)?;
         c.jwt.policy.validate_keys(&jwks).map_err(invalid)?;
+        if c.jwt.cache_entries > MAX_JWT_CACHE {
+            return Err(invalid(format!(
+                "jwt.cache_entries must be 0..={MAX_JWT_CACHE}"
+            )));
+        }
         if c.max_body_bytes == 0 || c.max_body_bytes > MAX_BODY_LIMIT {
             return Err(invalid(format!(
                 "max_body_bytes must be 1..={MAX_BODY_LIMIT}"

@@ -131,6 +131,17 @@ impl VerifyStage {
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
                 .map(|(_, v)| v.as_ref())
         };
+        // The bearer token stops here, whatever the decision (read below from
+        // the copy): the upstream is told what was verified (`x-gw-*`, sealed),
+        // never reads the token, and would only keep it in its logs and traces.
+        if get("authorization").is_some() {
+            if let Err(e) = abi::remove_request_header("authorization") {
+                return self.reject(Reject::with(
+                    Code::Unavailable,
+                    format!("cannot strip authorization: {e:?}"),
+                ));
+            }
+        }
         // Every line of the subprotocol header, as one list (a second line must
         // not carry a token past the rewrite below).
         let ws_lines: Vec<&str> = headers

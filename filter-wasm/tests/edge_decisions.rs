@@ -151,6 +151,14 @@ fn invalid_configurations_are_refused_clearly() {
             "max_skew_secs must be 1..=600",
         ),
         (
+            Box::new(|c| c["jwt"]["policy"]["leeway_secs"] = 1_000_000_000.into()),
+            "jwt.policy.leeway_secs must be 0..=300",
+        ),
+        (
+            Box::new(|c| c["jwt"]["cache_entries"] = 1_000_000.into()),
+            "jwt.cache_entries must be 0..=16384",
+        ),
+        (
             Box::new(|c| c["max_skew_secs"] = 0.into()),
             "max_skew_secs must be 1..=600",
         ),

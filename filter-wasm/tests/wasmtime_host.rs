@@ -551,6 +551,8 @@ fn a_forged_ticket_never_stamps_headers() {
     );
     assert_eq!(out.header("x-gw-verified"), Some("jwt"));
     assert_eq!(out.header("x-gw-ticket"), None);
+    // The bearer token is not handed on: the upstream has the verified headers.
+    assert_eq!(out.header("authorization"), None);
     // ...and the stamp stage alone refuses tickets it cannot find (fail closed).
     let mut stamp = host.vm(r#"{"stage": "stamp"}"#, NOW).unwrap();
     let out = stamp.request(
@@ -581,6 +583,12 @@ fn handed_on(gw: &mut Gateway, nonce: u64) -> (Vec<(String, String)>, String) {
             assert!(
                 !headers.iter().any(|(k, _)| k == "x-gw-nonce"),
                 "stamped only by the stamp stage"
+            );
+            assert!(
+                !headers
+                    .iter()
+                    .any(|(k, _)| k.eq_ignore_ascii_case("authorization")),
+                "the bearer token stops at the edge"
             );
             let ticket = headers
                 .iter()

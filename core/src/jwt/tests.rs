@@ -454,3 +454,59 @@ fn a_key_pinned_to_an_issuer_signs_for_that_issuer_only() {
     // One issuer: a key need not name it.
     assert_eq!(policy().validate_keys(&unpinned), Ok(()));
 }
+
+/// A header or payload must be a JSON object whose members each appear once: a
+/// header given as an array took `alg` and `kid` from its items, and a payload
+/// naming `roles` twice was read by its last while another reader may take
+/// the first.
+#[test]
+fn headers_and_payloads_are_objects_with_each_member_once() {
+    let k = hs_keys();
+    let raw = |header: &str, payload: &str| {
+        let input = format!(
+            "{}.{}",
+            b64url_encode(header.as_bytes()),
+            b64url_encode(payload.as_bytes())
+        );
+        let sig = hs256(input.as_bytes(), SECRET);
+        format!("{input}.{}", b64url_encode(&sig))
+    };
+    let good = good_claims().to_string();
+    assert!(verify_jwt(
+        &raw(r#"{"alg":"HS256","kid":"hs"}"#, &good),
+        &k,
+        &policy(),
+        NOW
+    )
+    .is_ok());
+    assert!(verify_jwt(
+        &raw(r#"{"alg":"HS256","crit":null}"#, &good),
+        &k,
+        &policy(),
+        NOW
+    )
+    .is_ok());
+    for header in [
+        r#"["HS256","hs"]"#,
+        r#"["HS256"]"#,
+        r#"{"alg":"HS256","alg":"HS256"}"#,
+        r#"{"alg":"HS256","kid":"hs","kid":"hs"}"#,
+        r#""HS256""#,
+    ] {
+        assert_eq!(
+            code(&raw(header, &good), &k),
+            Code::JwtMalformed,
+            "{header}"
+        );
+    }
+    let twice = format!(
+        r#"{{"sub":"alice","iss":"defi-dashboard","aud":"defi-users","exp":{},"roles":["viewer"],"roles":["admin"]}}"#,
+        NOW + 60
+    );
+    let e = verify_jwt(&raw(r#"{"alg":"HS256"}"#, &twice), &k, &policy(), NOW).unwrap_err();
+    assert_eq!(e.code, Code::JwtMalformed, "{e:?}");
+    assert_eq!(
+        code(&raw(r#"{"alg":"HS256"}"#, "[1,2]"), &k),
+        Code::JwtMalformed
+    );
+}
