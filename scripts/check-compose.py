@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Checks docker-compose.yml and Dockerfile as far as a machine without a Docker
 engine can: structure, pinned images, build targets that exist, bind-mount sources
-and env files that exist (after scripts/compose-init.sh), dependencies that are
-services with health checks, environment names the sidecar really reads, and the
-sidecar's TPU leader at the development TPU's fixed address on the compose network.
+that exist (after scripts/compose-init.sh), dependencies that are services with
+health checks, environment names the sidecar really reads, no secret in any
+service's environment (secrets are mounted files named by *_FILE variables, each
+mounted), and the sidecar's TPU leader at the development TPU's fixed address on
+the compose network.
 
   check-compose.py [--run-dir DIR]   DIR replaces ./.run/compose (default: as written)
 """
@@ -55,9 +57,8 @@ def main():
             sidecar_env |= set(pair)
     # Secrets reach a container as files only it reads (compose-init.sh), never in
     # its environment, which `docker inspect` shows to anyone the engine answers.
-    secret_values = {"CTRL_SIGN_SK_HEX", "GW_LEDGER_SK_HEX", "GW_EDGE_KEY_HEX",
-                     "GW_TPU_IDENTITY_HEX", "GW_RELAY_AUTH", "GW_CLICKHOUSE_PASSWORD",
-                     "GW_TPU_SINK_IDENTITY_HEX"}
+    # By their names' shape: a secret added later is caught too.
+    secret_name = re.compile(r"(_SK_HEX|_KEY_HEX|_KEY_PREV_HEX|_IDENTITY_HEX|PASSWORD|_AUTH|_SECRET)$")
 
     services = compose.get("services") or fail("no services")
     want = {"envoy", "sidecar", "kafka", "clickhouse"}
@@ -89,7 +90,7 @@ def main():
         if svc.get("build", {}).get("target") == "sidecar" and command[:1] == ["gw-sidecar"]:
             fail(f"{name}: command {command} repeats the entrypoint gw-sidecar; give its arguments only")
         for vol in svc.get("volumes", []):
-            src = vol.split(":")[0]
+            src = vol.get("source", "") if isinstance(vol, dict) else vol.split(":")[0]
             # Private keys are mounted one by one into the service that uses them,
             # never a whole directory of them.
             if src.startswith("./") and os.path.isdir(local(src)) and glob.glob(os.path.join(local(src), "*.key")):
@@ -104,10 +105,15 @@ def main():
         environment = svc.get("environment") or {}
         if isinstance(environment, list):
             fail(f"{name}: environment as a list; give it as a mapping")
-        leaked = secret_values & set(environment)
+        leaked = sorted(k for k in environment if secret_name.search(k))
         if leaked:
-            fail(f"{name}: secrets in the environment: {sorted(leaked)}; use their *_FILE variables")
-        targets = {v.split(":")[1] for v in svc.get("volumes", []) if ":" in v}
+            fail(f"{name}: secrets in the environment: {leaked}; use their *_FILE variables")
+        targets = set()
+        for v in svc.get("volumes", []):
+            if isinstance(v, dict):
+                targets.add(v.get("target"))
+            elif ":" in v:
+                targets.add(v.split(":")[1])
         for var, path in environment.items():
             if var.endswith("_FILE") and path not in targets:
                 fail(f"{name}: {var} names {path}, which no volume mounts")

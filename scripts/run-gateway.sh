@@ -76,8 +76,8 @@ ch_admin_pw="$(cat "$run/keys/clickhouse-admin.pw")"
 (umask 077; printf 'header = "X-ClickHouse-User: gw_admin"\nheader = "X-ClickHouse-Key: %s"\n' "$ch_admin_pw" \
   > "$run/keys/clickhouse-admin.curl")
 chq() { curl -sf -K "$run/keys/clickhouse-admin.curl" "http://127.0.0.1:8123/?query=$1"; }
-GW_CLICKHOUSE_URL=http://127.0.0.1:8123 GW_CLICKHOUSE_USER=gw_admin GW_CLICKHOUSE_PASSWORD="$ch_admin_pw" \
-  "$bin/gw-sidecar" --setup-clickhouse >/dev/null || die "creating the ClickHouse tables failed"
+GW_CLICKHOUSE_URL=http://127.0.0.1:8123 GW_CLICKHOUSE_USER=gw_admin \
+  GW_CLICKHOUSE_PASSWORD_FILE="$run/keys/clickhouse-admin.pw" "$bin/gw-sidecar" --setup-clickhouse >/dev/null || die "creating the ClickHouse tables failed"
 brokers=""
 if (( kafka )); then
   brokers=127.0.0.1:9092

@@ -558,11 +558,13 @@ fn edge_key_from(
 /// Secrets an environment variable gives, or the file another names (`_FILE`:
 /// Docker's and systemd's secrets are files, and a variable is shown by
 /// `docker inspect` and inherited by every child process).
-const SECRET_FILES: [(&str, &str); 4] = [
+const SECRET_FILES: [(&str, &str); 6] = [
     ("CTRL_SIGN_SK_HEX", "CTRL_SIGN_SK_HEX_FILE"),
     ("GW_LEDGER_SK_HEX", "GW_LEDGER_SK_HEX_FILE"),
     ("GW_TPU_IDENTITY_HEX", "GW_TPU_IDENTITY_HEX_FILE"),
     ("GW_RELAY_AUTH", "GW_RELAY_AUTH_FILE"),
+    ("GW_STATE_SK_HEX", "GW_STATE_SK_HEX_FILE"),
+    ("GW_EDGE_KEY_PREV_HEX", "GW_EDGE_KEY_PREV_FILE"),
 ];
 
 /// The secrets of [`SECRET_FILES`] read from their files (trailing whitespace

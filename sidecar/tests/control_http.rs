@@ -355,6 +355,33 @@ fn configuration_errors_are_clear() {
     };
     let err = Config::load(Some(path), &partial).unwrap_err().to_string();
     assert!(err.contains("together"), "{err}");
+    // The state key and the previous edge key from files too (a Kafka cluster's
+    // nodes and an edge-key rotation kept no secret in the environment).
+    let state_file = d.path().join("state.sk.hex");
+    let prev_file = d.path().join("edge-prev.hex");
+    std::fs::write(&state_file, format!("{}\n", hex::encode([5u8; 32]))).unwrap();
+    std::fs::write(&prev_file, format!("{}\n", hex::encode([6u8; 32]))).unwrap();
+    for f in [&state_file, &prev_file] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let (state_path, prev_path) = (
+        state_file.display().to_string(),
+        prev_file.display().to_string(),
+    );
+    let files = |k: &str| match k {
+        "GW_STATE_SK_HEX_FILE" => Some(state_path.clone()),
+        "GW_EDGE_KEY_PREV_FILE" => Some(prev_path.clone()),
+        _ => edge_key(k),
+    };
+    let c = Config::load(Some(path), &files).unwrap();
+    assert_eq!(
+        c.state_key
+            .as_ref()
+            .map(ed25519_dalek::SigningKey::to_bytes),
+        Some([5u8; 32])
+    );
+    assert!(c.edge_key_prev.is_some());
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 }
 
 /// One sidecar per state directory: a second one started on the directory whose

@@ -491,7 +491,8 @@ fn tpu_of(
 /// Whether a leader's TPU address from an RPC node is sent to: never one that is
 /// no host's (unspecified, multicast, broadcast, port 0); one that is not public
 /// (loopback, private, link-local, shared, benchmarking, documentation,
-/// reserved; IPv6 unique-local and link-local) only when `private_addrs`.
+/// reserved; IPv6 unique-local, link- and site-local, documentation, NAT64,
+/// 6to4, IPv4-compatible) only when `private_addrs`.
 fn sendable(a: SocketAddr, private_addrs: bool) -> bool {
     use std::net::IpAddr;
     let ip = match a.ip() {
@@ -520,7 +521,13 @@ fn sendable(a: SocketAddr, private_addrs: bool) -> bool {
                 v6.is_loopback()
                     || (s[0] & 0xfe00) == 0xfc00
                     || (s[0] & 0xffc0) == 0xfe80
-                    || (s[0] == 0x2001 && s[1] == 0x0db8),
+                    || (s[0] & 0xffc0) == 0xfec0
+                    || (s[0] == 0x2001 && s[1] == 0x0db8)
+                    // Translated or tunnelled IPv4 (NAT64, 6to4), and the
+                    // deprecated IPv4-compatible form: not a host's own address.
+                    || (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4])
+                    || s[0] == 0x2002
+                    || s[0..6] == [0; 6],
             )
         }
     };
@@ -713,6 +720,10 @@ mod tests {
             "[fe80::1]:8009",
             "[2001:db8::1]:8009",
             "[::ffff:10.0.0.1]:8009",
+            "[fec0::1]:8009",
+            "[64:ff9b::808:808]:8009",
+            "[2002:808:808::1]:8009",
+            "[::8.8.8.8]:8009",
         ];
         let public = ["8.8.8.8:8009", "145.40.93.1:8009", "[2606:4700::1]:8009"];
         for (list, plain, private_ok) in [

@@ -21,6 +21,14 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if std::env::var_os("GW_TPU_SINK_IDENTITY_HEX").is_some()
+        && std::env::var_os("GW_TPU_SINK_IDENTITY_FILE").is_some()
+    {
+        eprintln!(
+            "gw-tpu-sink: set GW_TPU_SINK_IDENTITY_HEX or GW_TPU_SINK_IDENTITY_FILE, not both"
+        );
+        std::process::exit(2);
+    }
     let from_file = || {
         let path = std::env::var("GW_TPU_SINK_IDENTITY_FILE").ok()?;
         match std::fs::read_to_string(&path) {
