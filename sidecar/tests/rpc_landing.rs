@@ -74,6 +74,21 @@ fn rig_to(rx: &TpuReceiver, node: &RpcNode, rebroadcast_ms: u64) -> common::rpc:
     )
 }
 
+/// What `/api/rpc` serves from with the relay route alone (no TPU route),
+/// landing with `node` every 100 ms. Must run in a runtime.
+fn relay_only_rig(relay: &testkit::relay::Relay, node: &RpcNode) -> common::rpc::RpcRig {
+    let cfg: gw_sidecar::sender::SenderConfig =
+        serde_json::from_value(json!({"relay": {"url": relay.url}})).unwrap();
+    let sender = gw_sidecar::sender::Sender::new(
+        &cfg,
+        &ed25519_dalek::SigningKey::from_bytes(&[2; 32]),
+        None,
+        None,
+    )
+    .unwrap();
+    common::rpc::RpcRig::with_sender(sender, &node.url, 100)
+}
+
 fn copies(rx: &TpuReceiver, wire: &[u8]) -> usize {
     rx.received().iter().filter(|r| r.bytes == wire).count()
 }
@@ -728,16 +743,7 @@ fn a_relay_only_sender_does_not_rebroadcast_to_the_relay() {
     let node = RpcNode::start(1010);
     rt.block_on(async {
         let relay = testkit::relay::Relay::start(None);
-        let cfg: gw_sidecar::sender::SenderConfig =
-            serde_json::from_value(json!({"relay": {"url": relay.url}})).unwrap();
-        let sender = gw_sidecar::sender::Sender::new(
-            &cfg,
-            &ed25519_dalek::SigningKey::from_bytes(&[2; 32]),
-            None,
-            None,
-        )
-        .unwrap();
-        let rig = common::rpc::RpcRig::with_sender(sender, &node.url, 100);
+        let rig = relay_only_rig(&relay, &node);
         let ctx = rig.ctx();
         let (_, b64, sig, _) = tx(65, 0);
         let r = rpc::handle(&ctx, &send(&b64, json!({"skipPreflight": true}))).await;
@@ -780,16 +786,7 @@ fn the_same_bundle_in_two_requests_at_once_is_sent_once() {
     rt.block_on(async {
         let relay = testkit::relay::Relay::start(None);
         relay.set_mode(testkit::relay::Mode::Delay(Duration::from_millis(300)));
-        let cfg: gw_sidecar::sender::SenderConfig =
-            serde_json::from_value(json!({"relay": {"url": relay.url}})).unwrap();
-        let sender = gw_sidecar::sender::Sender::new(
-            &cfg,
-            &ed25519_dalek::SigningKey::from_bytes(&[2; 32]),
-            None,
-            None,
-        )
-        .unwrap();
-        let rig = common::rpc::RpcRig::with_sender(sender, &node.url, 100);
+        let rig = relay_only_rig(&relay, &node);
         let ctx = rig.ctx();
         let ((_, a, _, _), (_, b, _, _)) = (tx(66, 0), tx(67, 0));
         let bundle = |txs: [&str; 2]| {

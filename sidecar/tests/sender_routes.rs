@@ -647,8 +647,10 @@ async fn leader_node(
 /// A Solana RPC node whose slot the test moves (`slot`), with epochs of 100
 /// slots from slot 0 (epoch 10 starts at slot 1000); `schedules` by epoch (an
 /// epoch without one is answered `null`, as a node that does not know it yet).
+/// `getEpochInfo` answers for `epoch_slot` while it is not 0 (a node behind).
 async fn driven_leader_node(
     slot: Arc<std::sync::atomic::AtomicU64>,
+    epoch_slot: Arc<std::sync::atomic::AtomicU64>,
     schedules: std::collections::HashMap<u64, serde_json::Value>,
     nodes: serde_json::Value,
 ) -> (
@@ -667,6 +669,7 @@ async fn driven_leader_node(
                 nodes.clone(),
                 seen2.clone(),
             );
+            let behind = epoch_slot.load(Relaxed);
             async move {
                 let m = req["method"].as_str().unwrap_or("").to_owned();
                 seen.lock()
@@ -675,8 +678,11 @@ async fn driven_leader_node(
                 let now = slot.load(Relaxed);
                 let result = match m.as_str() {
                     "getSlot" => json!(now),
-                    "getEpochInfo" => json!({"epoch": now / 100, "slotIndex": now % 100,
-                        "absoluteSlot": now, "slotsInEpoch": 100}),
+                    "getEpochInfo" => {
+                        let at = if behind > 0 { behind } else { now };
+                        json!({"epoch": at / 100, "slotIndex": at % 100,
+                            "absoluteSlot": at, "slotsInEpoch": 100})
+                    }
                     "getLeaderSchedule" => {
                         let at = req["params"][0].as_u64().unwrap_or(now);
                         schedules
@@ -728,7 +734,7 @@ fn leaders_carry_over_an_epochs_end_and_never_go_back() {
             .map(|(addr, r)| json!({"pubkey": id(r), "tpuQuic": addr.to_string()}))
             .collect::<Vec<_>>());
         let slot = Arc::new(std::sync::atomic::AtomicU64::new(1010));
-        let (url, seen) = driven_leader_node(slot.clone(), schedules, nodes).await;
+        let (url, seen) = driven_leader_node(slot.clone(), Arc::default(), schedules, nodes).await;
         let src = RpcLeaders::start(&url, Duration::from_millis(50), true).unwrap();
         let leaders = |n| -> Vec<std::net::SocketAddr> {
             src.upcoming(n).iter().map(|l| l.tpu_quic).collect()
@@ -808,6 +814,63 @@ fn leaders_carry_over_an_epochs_end_and_never_go_back() {
             .cloned()
             .collect();
         assert!(refetched.is_empty(), "{refetched:?}");
+    });
+}
+
+/// A node still in the epoch before when the source crosses into the epoch it
+/// fetched ahead (one of a pool behind one URL, lagging) leaves the new epoch's
+/// length unknown for that answer: it is asked again, and the epoch after is
+/// still fetched ahead of its boundary (it was not, for the whole epoch).
+#[test]
+fn a_node_behind_at_the_boundary_does_not_stop_the_next_prefetch() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let rt = rt();
+    rt.block_on(async {
+        let a = TpuReceiver::start(ReceiverConfig::default(), &key(11)).unwrap();
+        let id = bs58::encode(a.identity).into_string();
+        let all: Vec<u64> = (0..100).collect();
+        let schedules = std::collections::HashMap::from([
+            (10, json!({id.clone(): all.clone()})),
+            (11, json!({id.clone(): all.clone()})),
+            (12, json!({id.clone(): all})),
+        ]);
+        let nodes = json!([{"pubkey": id, "tpuQuic": a.addr.to_string()}]);
+        let slot = Arc::new(std::sync::atomic::AtomicU64::new(1040));
+        let behind = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (url, seen) = driven_leader_node(slot.clone(), behind.clone(), schedules, nodes).await;
+        let src = RpcLeaders::start(&url, Duration::from_millis(50), true).unwrap();
+        let fetched = |first: u64| {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .any(|(m, p)| m == "getLeaderSchedule" && p[0] == first)
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fetched(1100) {
+            assert!(Instant::now() < deadline, "epoch 11 not fetched ahead");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Across the boundary, while the node answering getEpochInfo is behind.
+        behind.store(1099, Relaxed);
+        let asked = seen.lock().unwrap().len();
+        slot.store(1101, Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !seen.lock().unwrap()[asked..]
+            .iter()
+            .any(|(m, _)| m == "getEpochInfo")
+        {
+            assert!(Instant::now() < deadline, "the new epoch not asked");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        behind.store(0, Relaxed);
+        assert_eq!(src.upcoming(1).len(), 1);
+        // 50 slots before epoch 12: its schedule is fetched ahead.
+        slot.store(1150, Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fetched(1200) {
+            assert!(Instant::now() < deadline, "epoch 12 not fetched ahead");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     });
 }
 

@@ -168,7 +168,15 @@ struct Snapshot {
     nodes_failed_at: Option<Instant>,
     /// Nodes of that list whose TPU address was left out (not public).
     nodes_left_out: usize,
+    /// When `getEpochInfo` was last asked (asked again `EPOCH_INFO_RETRY` later
+    /// while the epoch's length is not known).
+    epoch_info_at: Option<Instant>,
 }
+
+/// How long after an answer that left the epoch's length unknown (a node behind,
+/// still in the epoch before) `getEpochInfo` is asked again: until it was, no
+/// next epoch's schedule was fetched ahead for the whole epoch.
+const EPOCH_INFO_RETRY: Duration = Duration::from_secs(2);
 
 /// How long after a failed `getClusterNodes` it is asked again (the schedule and
 /// slot go on being refreshed meanwhile).
@@ -341,6 +349,7 @@ async fn refresh_once(
         nodes_at: cur.nodes_at,
         nodes_failed_at: cur.nodes_failed_at,
         nodes_left_out: cur.nodes_left_out,
+        epoch_info_at: cur.epoch_info_at,
     };
     let slot = slot.0;
     // Into the epoch whose schedule was fetched ahead: it is the current one (the
@@ -357,7 +366,11 @@ async fn refresh_once(
         }
     }
     let unknown = next.epoch.is_none() || next.schedule.range(slot..).next().is_none();
-    if unknown || rolled {
+    let length_unknown = next.slots_in_epoch == 0
+        && next
+            .epoch_info_at
+            .is_none_or(|t| t.elapsed() >= EPOCH_INFO_RETRY);
+    if unknown || rolled || length_unknown {
         let info = rpc(
             http,
             url,
@@ -380,6 +393,7 @@ async fn refresh_once(
         let first = abs
             .checked_sub(index)
             .ok_or("getEpochInfo: slotIndex > absoluteSlot")?;
+        next.epoch_info_at = Some(Instant::now());
         // The schedule fetched ahead stands while the node is in the epoch it
         // was fetched for (or behind it: a node that has not crossed yet);
         // one ahead of it, or none known, brings this epoch's.
