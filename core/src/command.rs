@@ -212,6 +212,22 @@ pub fn verify_command(
     keyring: &KeyRing,
     now: Option<u64>,
 ) -> Result<VerifiedCommand, Reject> {
+    verify_with(body, keyring, now.map_or(KeyTime::Unchecked, KeyTime::At))
+}
+
+/// When a command's key must have been valid.
+#[derive(Clone, Copy)]
+enum KeyTime {
+    /// Not checked.
+    Unchecked,
+    /// At this moment (admission).
+    At(u64),
+    /// At some moment admission could have taken the command at: within
+    /// `max_skew` of its `ts`, and not after `now` (an agent applying it later).
+    Admitted { now: u64, max_skew: u64 },
+}
+
+fn verify_with(body: &[u8], keyring: &KeyRing, when: KeyTime) -> Result<VerifiedCommand, Reject> {
     let parts = split_signed(body)?;
     // Decode for typed access; the wire checks above make this agree with the records.
     let command = Command::decode(body).map_err(|e| malformed(format!("decode: {e}")))?;
@@ -237,8 +253,13 @@ pub fn verify_command(
             format!("unknown pubkey_id `{}`", parts.pubkey_id.escape_debug()),
         )
     })?;
-    if let Some(now) = now {
-        key.check_validity(now)?;
+    match when {
+        KeyTime::Unchecked => {}
+        KeyTime::At(now) => key.check_validity(now)?,
+        KeyTime::Admitted { now, max_skew } => key.check_validity_within(
+            command.ts.saturating_sub(max_skew),
+            now.min(command.ts.saturating_add(max_skew)),
+        )?,
     }
     // The bytes as received, then (when the fields arrived out of order) in
     // canonical order.
@@ -363,9 +384,13 @@ impl ControlPolicy {
     }
 
     /// What an agent checks before it applies a command it read from the bus: size,
-    /// signature, key (and its validity at `now`), scope, and that the command is
-    /// for `module` (the bus key it was delivered under). Not freshness: a consumer
-    /// that lags must still apply what admission accepted in time.
+    /// signature, key, scope, and that the command is for `module` (the bus key it
+    /// was delivered under). Not freshness: a consumer that lags must still apply
+    /// what admission accepted in time — and so the key's validity is judged when
+    /// admission could have taken the command (within `max_skew` of its `ts`, not
+    /// after `now`), not at `now`: a key that expired while its command waited in
+    /// Kafka refused what it had accepted. A key removed from the keyring still
+    /// refuses (`unknown_key`).
     pub fn verify_for_apply(
         &self,
         body: &[u8],
@@ -373,7 +398,11 @@ impl ControlPolicy {
         now: u64,
     ) -> Result<VerifiedCommand, Reject> {
         self.check_size(body)?;
-        let v = verify_command(body, &self.keyring, Some(now))?;
+        let when = KeyTime::Admitted {
+            now,
+            max_skew: self.max_skew,
+        };
+        let v = verify_with(body, &self.keyring, when)?;
         if v.module != module {
             return Err(Reject::with(
                 Code::RouteMismatch,

@@ -237,6 +237,30 @@ impl CommandKey {
         Ok(())
     }
 
+    /// Checks that the key was valid at some moment of `from..=to` (the moments a
+    /// command now on the bus could have been admitted at).
+    pub fn check_validity_within(&self, from: u64, to: u64) -> Result<(), Reject> {
+        if self.not_before.is_some_and(|nb| to < nb) {
+            return Err(Reject::with(
+                Code::KeyNotYetValid,
+                format!(
+                    "key `{}` was not valid yet when the command was admitted",
+                    self.id
+                ),
+            ));
+        }
+        if self.not_after.is_some_and(|na| from > na) {
+            return Err(Reject::with(
+                Code::KeyExpired,
+                format!(
+                    "key `{}` had expired before the command could be admitted",
+                    self.id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks that the key may sign `action` on `module` for `issuer`.
     pub fn check_scope(&self, issuer: &str, module: Module, action: Action) -> Result<(), Reject> {
         if let Some(list) = &self.issuers {

@@ -423,6 +423,42 @@ fn verify_for_apply_checks_the_delivery_key_not_freshness() {
     );
 }
 
+/// A key that expires while its command waits on the bus (a broker away): the
+/// agent judges it when admission could have taken the command (within
+/// `max_skew` of its `ts`), not when it applies it; a command signed after the
+/// key expired (beyond the skew) is still refused.
+#[test]
+fn verify_for_apply_judges_the_key_when_the_command_was_admitted() {
+    let p = ControlPolicy {
+        keyring: ring_until_now_plus_10(r#""modules":["mev"]"#),
+        ..policy()
+    };
+    let body = sign_command(&cmd(&[]), &sk(1), "op-admin-1");
+    assert!(p.verify_for_apply(&body, Module::Mev, NOW + 600).is_ok());
+    // Admission itself, at that time, refuses it.
+    assert_eq!(
+        p.check(&body, NOW + 600, None).unwrap_err().code,
+        Code::KeyExpired
+    );
+    let late = Command {
+        ts: NOW + 10 + 31,
+        ..cmd(&[])
+    };
+    let body = sign_command(&late, &sk(1), "op-admin-1");
+    assert_eq!(
+        p.verify_for_apply(&body, Module::Mev, NOW + 600)
+            .unwrap_err()
+            .code,
+        Code::KeyExpired
+    );
+    let edge = Command {
+        ts: NOW + 10 + 30,
+        ..cmd(&[])
+    };
+    let body = sign_command(&edge, &sk(1), "op-admin-1");
+    assert!(p.verify_for_apply(&body, Module::Mev, NOW + 600).is_ok());
+}
+
 #[test]
 fn the_builder_refuses_what_the_modules_refuse() {
     let base = || crate::command::NewCommand {
