@@ -390,17 +390,24 @@ impl ControlPolicy {
     /// admission could have taken the command (within `max_skew` of its `ts`, not
     /// after `now`), not at `now`: a key that expired while its command waited in
     /// Kafka refused what it had accepted. A key removed from the keyring still
-    /// refuses (`unknown_key`).
+    /// refuses (`unknown_key`). Only for a command a gateway node `admitted`
+    /// (its record says so): another (`kafka.accept_unforwarded`) was never
+    /// checked at admission, and its key is judged at `now`.
     pub fn verify_for_apply(
         &self,
         body: &[u8],
         module: Module,
         now: u64,
+        admitted: bool,
     ) -> Result<VerifiedCommand, Reject> {
         self.check_size(body)?;
-        let when = KeyTime::Admitted {
-            now,
-            max_skew: self.max_skew,
+        let when = if admitted {
+            KeyTime::Admitted {
+                now,
+                max_skew: self.max_skew,
+            }
+        } else {
+            KeyTime::At(now)
         };
         let v = verify_with(body, &self.keyring, when)?;
         if v.module != module {

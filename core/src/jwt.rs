@@ -207,35 +207,79 @@ pub struct VerifiedJwt {
     pub kid: Option<String>,
 }
 
-/// A JSON object whose members each appear once (RFC 7515 §5.2 lets a
-/// verifier refuse duplicates: another reader may take the first of two
-/// `roles` where this one took the last). Anything but an object is refused: a
-/// derived struct also took an array (`["HS256"]`) as a header.
+/// A JSON object whose members each appear once, at every depth (RFC 7515
+/// §5.2 lets a verifier refuse duplicates: another reader may take the first of
+/// two `roles` where this one took the last — a dotted `roles_claim` reads a
+/// nested object). Anything but an object is refused: a derived struct also
+/// took an array (`["HS256"]`) as a header.
 struct UniqueObject(serde_json::Map<String, Value>);
 
 impl<'de> Deserialize<'de> for UniqueObject {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Members;
-        impl<'de> serde::de::Visitor<'de> for Members {
-            type Value = UniqueObject;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut a: A,
-            ) -> Result<UniqueObject, A::Error> {
-                let mut m = serde_json::Map::new();
-                while let Some((k, v)) = a.next_entry::<String, Value>()? {
-                    if m.contains_key(&k) {
-                        return Err(serde::de::Error::custom("a member appears twice"));
-                    }
-                    m.insert(k, v);
-                }
-                Ok(UniqueObject(m))
-            }
+        d.deserialize_map(UniqueVisitor).and_then(|v| match v {
+            Value::Object(m) => Ok(UniqueObject(m)),
+            _ => Err(serde::de::Error::custom("not a JSON object")),
+        })
+    }
+}
+
+/// Any JSON value whose objects, at every depth, name each member once.
+struct UniqueValue(Value);
+
+impl<'de> Deserialize<'de> for UniqueValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueVisitor).map(UniqueValue)
+    }
+}
+
+/// Builds a [`Value`], refusing an object that names a member twice.
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON whose objects name each member once")
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
+        Ok(Value::from(n))
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
+        Ok(Value::from(n))
+    }
+    fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
+        Ok(Value::from(n))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::String(s.to_owned()))
+    }
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::String(s))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Value, A::Error> {
+        let mut v = Vec::new();
+        while let Some(UniqueValue(x)) = a.next_element()? {
+            v.push(x);
         }
-        d.deserialize_map(Members)
+        Ok(Value::Array(v))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Value, A::Error> {
+        let mut m = serde_json::Map::new();
+        while let Some((k, UniqueValue(v))) = a.next_entry::<String, UniqueValue>()? {
+            if m.contains_key(&k) {
+                return Err(serde::de::Error::custom("a member appears twice"));
+            }
+            m.insert(k, v);
+        }
+        Ok(Value::Object(m))
     }
 }
 

@@ -2399,7 +2399,8 @@ fn a_consumer_unpolled_past_its_interval_owns_nothing_and_the_other_takes_over()
 /// is full, a command the guard let through (it forgot the older ones) is
 /// refused `replay_capacity` with its row, not applied with its nonce left
 /// unremembered — a copy of it admitted at another node would then have been
-/// applied too. The module's state is left as it was.
+/// applied too. The module's state is left as it was. A stop or kill is applied
+/// (applied twice, it changes nothing more).
 #[test]
 fn an_agent_whose_memory_is_full_refuses_rather_than_forget() {
     let d = testkit::TempDir::new("kafka-agent-full");
@@ -2475,4 +2476,10 @@ fn an_agent_whose_memory_is_full_refuses_rather_than_forget() {
         "{:?}",
         row_summary(&rows)
     );
+    // A kill is applied all the same: twice, it changes nothing more.
+    post_applied(
+        &s,
+        signed_command(66, Action::Kill, now(), "dashboard", &[]),
+    );
+    assert_eq!(modules(&s)["mev"]["state"], "killed");
 }

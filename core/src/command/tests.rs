@@ -401,11 +401,11 @@ fn verify_for_apply_checks_the_delivery_key_not_freshness() {
     let body = sign_command(&cmd(&[]), &sk(1), "op-admin-1");
     // Days later (a lagging consumer): still applies.
     let v = p
-        .verify_for_apply(&body, Module::Mev, NOW + 86_400)
+        .verify_for_apply(&body, Module::Mev, NOW + 86_400, true)
         .unwrap();
     assert_eq!(v.module, Module::Mev);
     assert_eq!(
-        p.verify_for_apply(&body, Module::Arbitrage, NOW)
+        p.verify_for_apply(&body, Module::Arbitrage, NOW, true)
             .unwrap_err()
             .code,
         Code::RouteMismatch
@@ -416,7 +416,7 @@ fn verify_for_apply_checks_the_delivery_key_not_freshness() {
     };
     assert_eq!(
         small
-            .verify_for_apply(&body, Module::Mev, NOW)
+            .verify_for_apply(&body, Module::Mev, NOW, true)
             .unwrap_err()
             .code,
         Code::TooLarge
@@ -434,7 +434,9 @@ fn verify_for_apply_judges_the_key_when_the_command_was_admitted() {
         ..policy()
     };
     let body = sign_command(&cmd(&[]), &sk(1), "op-admin-1");
-    assert!(p.verify_for_apply(&body, Module::Mev, NOW + 600).is_ok());
+    assert!(p
+        .verify_for_apply(&body, Module::Mev, NOW + 600, true)
+        .is_ok());
     // Admission itself, at that time, refuses it.
     assert_eq!(
         p.check(&body, NOW + 600, None).unwrap_err().code,
@@ -446,7 +448,7 @@ fn verify_for_apply_judges_the_key_when_the_command_was_admitted() {
     };
     let body = sign_command(&late, &sk(1), "op-admin-1");
     assert_eq!(
-        p.verify_for_apply(&body, Module::Mev, NOW + 600)
+        p.verify_for_apply(&body, Module::Mev, NOW + 600, true)
             .unwrap_err()
             .code,
         Code::KeyExpired
@@ -456,7 +458,15 @@ fn verify_for_apply_judges_the_key_when_the_command_was_admitted() {
         ..cmd(&[])
     };
     let body = sign_command(&edge, &sk(1), "op-admin-1");
-    assert!(p.verify_for_apply(&body, Module::Mev, NOW + 600).is_ok());
+    assert!(p
+        .verify_for_apply(&body, Module::Mev, NOW + 600, true)
+        .is_ok()); // A record no gateway node admitted: judged now.
+    assert_eq!(
+        p.verify_for_apply(&body, Module::Mev, NOW + 600, false)
+            .unwrap_err()
+            .code,
+        Code::KeyExpired
+    );
 }
 
 #[test]

@@ -508,5 +508,31 @@ fn headers_and_payloads_are_objects_with_each_member_once() {
     assert_eq!(
         code(&raw(r#"{"alg":"HS256"}"#, "[1,2]"), &k),
         Code::JwtMalformed
+    ); // At every depth: a dotted roles claim reads a nested object.
+    let nested = JwtPolicy {
+        roles_claim: "realm_access.roles".into(),
+        ..policy()
+    };
+    let inner = |roles: &str| {
+        format!(
+            r#"{{"sub":"alice","iss":"defi-dashboard","aud":"defi-users","exp":{},"realm_access":{roles}}}"#,
+            NOW + 60
+        )
+    };
+    let once = raw(r#"{"alg":"HS256"}"#, &inner(r#"{"roles":["admin"]}"#));
+    assert_eq!(
+        verify_jwt(&once, &k, &nested, NOW).unwrap().roles,
+        ["admin"]
+    );
+    let twice = raw(
+        r#"{"alg":"HS256"}"#,
+        &inner(r#"{"roles":["viewer"],"roles":["admin"]}"#),
+    );
+    let e = verify_jwt(&twice, &k, &nested, NOW).unwrap_err();
+    assert_eq!(e.code, Code::JwtMalformed, "{e:?}");
+    let listed = raw(r#"{"alg":"HS256"}"#, &inner(r#"[{"a":1,"a":2}]"#));
+    assert_eq!(
+        verify_jwt(&listed, &k, &nested, NOW).unwrap_err().code,
+        Code::JwtMalformed
     );
 }

@@ -255,7 +255,13 @@ impl AgentCore {
                 format!("the command topic's record was not forwarded by a gateway node: {why}"),
             ));
         }
-        let v = match self.policy.verify_for_apply(&d.payload, self.module, now) {
+        // A record a gateway node forwarded (or this node's own) was admitted;
+        // one taken unforwarded (`kafka.accept_unforwarded`) was not.
+        let admitted = matches!(d.origin, Origin::Local | Origin::Node { .. });
+        let v = match self
+            .policy
+            .verify_for_apply(&d.payload, self.module, now, admitted)
+        {
             Ok(v) => v,
             Err(r) => return Step::Refuse(r),
         };
@@ -300,8 +306,10 @@ impl AgentCore {
         // copy of it admitted at another node from a new command, and would
         // apply it twice (it was applied, its nonce left unremembered and only
         // logged). Refused instead, with its row; the embedded bus has no other
-        // node, and its journal offset stands for the nonce.
-        if !matches!(d.origin, Origin::Local) {
+        // node, and its journal offset stands for the nonce. A stop or kill is
+        // never refused for it: applied twice it changes nothing more.
+        let idempotent = matches!(v.action, gw_core::Action::Stop | gw_core::Action::Kill);
+        if !matches!(d.origin, Origin::Local) && !idempotent {
             let held = pending.keys().filter(|(i, _)| *i == c.issuer).count();
             let reserved = std::collections::HashMap::from([(c.issuer.clone(), held)]);
             if let Err(Refused::IssuerFull | Refused::TooManyIssuers) = self
@@ -346,10 +354,11 @@ impl AgentCore {
         if let Err(Refused::IssuerFull | Refused::TooManyIssuers) =
             self.applied.insert(&c.issuer, c.nonce, a.expires, at, now)
         {
-            // Never refuse to apply what admission accepted; this nonce is just not
-            // remembered for deduplication (a copy of its forward is still refused
-            // by its number; the same bytes admitted at another node are not). The
-            // bound keeps the agent's memory, and its snapshot, bounded.
+            // The embedded bus (one node), and a stop or kill anywhere, apply
+            // what admission accepted though the nonce is not remembered (a copy
+            // of its forward is still refused by its number); over Kafka the
+            // classification refused anything else beyond the bound. The bound
+            // keeps the agent's memory, and its snapshot, bounded.
             tracing::warn!(module = self.module.as_str(), issuer = %c.issuer, nonce = c.nonce, "agent dedup memory full");
         }
     }

@@ -477,8 +477,8 @@ impl Landing {
         // to the relay (a block engine forwards what it takes to the leader
         // itself), each a request against its rate limit (≈ 45 a transaction at
         // the defaults, thousands a second with `max_pending` waiting), which
-        // the new sends then found spent. Followed, a client's resend of it is
-        // still answered without a send, and its status is what the loop saw.
+        // the new sends then found spent. A client's resend of it is sent (it is
+        // the only one), and its status is what the loop saw.
         let resend = sender.configured(super::hedge::Route::Tpu);
         let every = Duration::from_millis(self.cfg.rebroadcast_ms);
         let now = Instant::now();
@@ -728,13 +728,13 @@ impl Landing {
                     // In a block not yet confirmed: wait, do not resend (a dropped
                     // fork makes it null again, and then it is resent).
                     Next::Wait
+                } else if !t.meta.gate.open() {
+                    // The module's kill switch and stop hold for resends too.
+                    Next::End(&self.stats.refused)
                 } else if !t.resend {
                     Next::Wait
                 } else if t.max_retries.is_some_and(|m| t.sent_again >= m) {
                     Next::End(&self.stats.retries_spent)
-                } else if !t.meta.gate.open() {
-                    // The module's kill switch and stop hold for resends too.
-                    Next::End(&self.stats.refused)
                 } else if t.sending.swap(true, Ordering::AcqRel) {
                     // The previous resend has not finished (a stalled route): no
                     // second one on top of it.
@@ -787,9 +787,14 @@ impl Landing {
         self.pending.lock().txs.len()
     }
 
-    /// Whether `signature` is being rebroadcast now.
+    /// Whether `signature` is being rebroadcast now (a transaction only followed,
+    /// a relay-only sender's, is not: a client's resend of it is the only one).
     pub fn is_pending(&self, signature: &str) -> bool {
-        self.pending.lock().txs.contains_key(signature)
+        self.pending
+            .lock()
+            .txs
+            .get(signature)
+            .is_some_and(|t| t.resend)
     }
 
     /// `getSignatureStatuses`: the node's answer, with what the rebroadcast loop saw

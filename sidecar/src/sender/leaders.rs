@@ -171,6 +171,9 @@ struct Snapshot {
     /// When `getEpochInfo` was last asked (asked again `EPOCH_INFO_RETRY` later
     /// while the epoch's length is not known).
     epoch_info_at: Option<Instant>,
+    /// When fetching the next epoch's schedule last failed (tried again
+    /// `EPOCH_INFO_RETRY` later).
+    ahead_failed_at: Option<Instant>,
 }
 
 /// How long after an answer that left the epoch's length unknown (a node behind,
@@ -350,6 +353,7 @@ async fn refresh_once(
         nodes_failed_at: cur.nodes_failed_at,
         nodes_left_out: cur.nodes_left_out,
         epoch_info_at: cur.epoch_info_at,
+        ahead_failed_at: cur.ahead_failed_at,
     };
     let slot = slot.0;
     // Into the epoch whose schedule was fetched ahead: it is the current one (the
@@ -370,14 +374,30 @@ async fn refresh_once(
         && next
             .epoch_info_at
             .is_none_or(|t| t.elapsed() >= EPOCH_INFO_RETRY);
-    if unknown || rolled || length_unknown {
+    // Asked again only for the epoch's length, a failure keeps the rest of
+    // what this refresh learned (its slot).
+    let mut epoch_failed = None;
+    let info = if unknown || rolled || length_unknown {
         let info = rpc(
             http,
             url,
             "getEpochInfo",
             json!([{"commitment": "processed"}]),
         )
-        .await?;
+        .await;
+        match info {
+            Ok(info) => Some(info),
+            Err(e) if !(unknown || rolled) => {
+                next.epoch_info_at = Some(Instant::now());
+                epoch_failed = Some(e);
+                None
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        None
+    };
+    if let Some(info) = info {
         let epoch = info
             .get("epoch")
             .and_then(Value::as_u64)
@@ -416,7 +436,13 @@ async fn refresh_once(
     let mut ahead_failed = None;
     if let (Some((_, first)), false) = (next.epoch, next.next_fetched) {
         let end = first.saturating_add(next.slots_in_epoch);
-        if next.slots_in_epoch > 0 && slot.saturating_add(NEXT_EPOCH_AHEAD) >= end {
+        // After a failed fetch (an answer that did not parse, say), not again
+        // at every refresh: each may be an epoch's schedule.
+        let due = next
+            .ahead_failed_at
+            .is_none_or(|t| t.elapsed() >= EPOCH_INFO_RETRY);
+        if next.slots_in_epoch > 0 && slot.saturating_add(NEXT_EPOCH_AHEAD) >= end && due {
+            next.ahead_failed_at = None;
             match rpc(http, url, "getLeaderSchedule", json!([end])).await {
                 // Not known yet to the node: asked again at the next refresh.
                 Ok(Value::Null) => {}
@@ -430,6 +456,9 @@ async fn refresh_once(
                     Err(e) => ahead_failed = Some(format!("the next epoch's: {e}")),
                 },
                 Err(e) => ahead_failed = Some(format!("the next epoch's: {e}")),
+            }
+            if ahead_failed.is_some() {
+                next.ahead_failed_at = Some(Instant::now());
             }
         }
     }
@@ -468,11 +497,11 @@ async fn refresh_once(
         }
     }
     snapshot.store(Arc::new(next));
-    Ok(match (ahead_failed, nodes_failed) {
-        (None, None) => None,
-        (Some(e), None) | (None, Some(e)) => Some(e),
-        (Some(a), Some(n)) => Some(format!("{a}; {n}")),
-    })
+    let failed: Vec<String> = [epoch_failed, ahead_failed, nodes_failed]
+        .into_iter()
+        .flatten()
+        .collect();
+    Ok((!failed.is_empty()).then(|| failed.join("; ")))
 }
 
 /// The TPU QUIC address of each node of `getClusterNodes`' answer (one without,
