@@ -144,8 +144,9 @@ impl LeaderSource for StaticLeaders {
     }
 }
 
-/// What the RPC node told us.
-#[derive(Debug, Default)]
+/// What the RPC node told us (cloned at each refresh: the schedule and node
+/// list are behind `Arc`s, the rest is small).
+#[derive(Debug, Default, Clone)]
 struct Snapshot {
     /// The slot and when we learned it.
     slot: Option<(u64, Instant)>,
@@ -342,18 +343,10 @@ async fn refresh_once(
         }
         _ => (reported, Instant::now()),
     };
+    // Everything else as it was (the schedule and node list shared: pointers).
     let mut next = Snapshot {
         slot: Some(slot),
-        schedule: Arc::clone(&cur.schedule),
-        epoch: cur.epoch,
-        slots_in_epoch: cur.slots_in_epoch,
-        next_fetched: cur.next_fetched,
-        tpu: Arc::clone(&cur.tpu),
-        nodes_at: cur.nodes_at,
-        nodes_failed_at: cur.nodes_failed_at,
-        nodes_left_out: cur.nodes_left_out,
-        epoch_info_at: cur.epoch_info_at,
-        ahead_failed_at: cur.ahead_failed_at,
+        ..Snapshot::clone(&cur)
     };
     let slot = slot.0;
     // Into the epoch whose schedule was fetched ahead: it is the current one (the
