@@ -2294,9 +2294,10 @@ fn a_large_record_no_node_forwarded_does_not_stop_the_agent() {
 /// An agent's consumer left unpolled past `kafka.max_poll_interval_ms` (an agent
 /// retrying one delivery while the broker was away) is taken out of the group by
 /// librdkafka, and the other node's consumer gets the partition. Its assignment
-/// still lists the partition until its next poll; `owns` must not, or the agent
-/// writes a checkpoint for a command the other node applies too. The agent
-/// polls once it retried half the interval (`poll_overdue`).
+/// may still list the partition until its next poll: whenever the other node
+/// reads the delivery, the stuck one must not write — `owns` false (the
+/// assignment lost) or `poll_overdue` (the agent polls first, after half the
+/// interval), else it writes a checkpoint for a command the other applies too.
 #[test]
 fn a_consumer_unpolled_past_its_interval_owns_nothing_and_the_other_takes_over() {
     use gw_sidecar::control::bus::{Bus, BusConsumer, Delivery, KafkaConfig};
@@ -2363,31 +2364,43 @@ fn a_consumer_unpolled_past_its_interval_owns_nothing_and_the_other_takes_over()
         // The owner retries without polling; the other node polls on.
         let [a, b] = &mut consumers;
         let (stuck, live) = if owner == 0 { (a, b) } else { (b, a) };
+        // Whenever the other node holds the delivery, the stuck one would not
+        // write: librdkafka found its assignment lost (`owns` false), or it went
+        // unpolled half the interval (`poll_overdue`: the agent polls first).
+        // Which of the two depends on how the group moved the partition: a
+        // rebalance already waiting on the stuck member's poll revokes without
+        // marking the assignment lost.
         let since = Instant::now();
-        let mut lost_after = None;
-        let mut taken = None;
-        while lost_after.is_none() || taken.is_none() {
+        let would_write = |c: &BusConsumer| c.owns(&got) && !c.poll_overdue();
+        let taken = loop {
             assert!(
                 since.elapsed() < Duration::from_secs(40),
-                "unpolled {:?}: owns {}, the other node got {taken:?}",
-                since.elapsed(),
-                stuck.owns(&got)
+                "unpolled {:?}: the other node never read the delivery",
+                since.elapsed()
             );
-            if lost_after.is_none() && !stuck.owns(&got) {
-                lost_after = Some(since.elapsed());
-            }
+            let before = would_write(stuck);
             if let Some(d) = poll(live).await {
-                taken = Some(d.position.offset);
+                assert!(
+                    !before && !would_write(stuck),
+                    "unpolled {:?}: the other node read it while this one would still write",
+                    since.elapsed()
+                );
+                break d.position.offset;
             }
-        }
-        let lost_after = lost_after.unwrap();
-        eprintln!("owner lost its partition {lost_after:?} unpolled (max.poll.interval 6 s)");
-        assert!(lost_after >= Duration::from_secs(3), "{lost_after:?}");
+        };
+        eprintln!(
+            "the other node read it {:?} after the owner stopped polling (max.poll.interval 6 s)",
+            since.elapsed()
+        );
+        assert!(
+            since.elapsed() >= Duration::from_secs(3),
+            "{:?}",
+            since.elapsed()
+        );
         assert!(stuck.poll_overdue(), "half the interval passed unpolled");
         assert!(!live.poll_overdue());
         assert_eq!(
-            taken,
-            Some(offset),
+            taken, offset,
             "the other node reads the uncommitted delivery"
         );
         assert_eq!(groups[other].held.get(), 1);
