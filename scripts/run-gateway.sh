@@ -21,6 +21,11 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$GW_ROOT"
+# The processes started here take their secrets from files (the *_FILE
+# variables, as compose gives them); the sidecar refuses a secret given both
+# ways, so one left exported in the caller's shell is not passed on.
+unset GW_CLICKHOUSE_PASSWORD CTRL_SIGN_SK_HEX GW_LEDGER_SK_HEX GW_TPU_IDENTITY_HEX \
+  GW_RELAY_AUTH GW_STATE_SK_HEX GW_EDGE_KEY_HEX GW_EDGE_KEY_PREV_HEX GW_TPU_SINK_IDENTITY_HEX
 smoke=0
 kafka=0
 hostile=0
@@ -173,13 +178,13 @@ Sends audited:   curl -s -K $run/keys/clickhouse-admin.curl 'http://127.0.0.1:81
 Bus:             ${brokers:-in-process (start with --kafka for Kafka)}
 Edge decisions:  curl -s --unix-socket $run/envoy-admin.sock http://admin/stats?filter=gw_edge
 Audit ledger:    curl -s -K $run/keys/clickhouse-admin.curl 'http://127.0.0.1:8123/?query=SELECT+seq,stage,decision,code,request_id+FROM+control_decisions+ORDER+BY+seq'
-                 GW_CLICKHOUSE_USER=gw_admin GW_CLICKHOUSE_PASSWORD=\$(cat $run/keys/clickhouse-admin.pw) \\
+                 GW_CLICKHOUSE_USER=gw_admin GW_CLICKHOUSE_PASSWORD_FILE=$run/keys/clickhouse-admin.pw \\
                  $bin/gwctl ledger verify --clickhouse http://127.0.0.1:8123 \
                    --checkpoint .run/sidecar/ledger/checkpoints.log --key @.run/keys/ledger.pk.hex
 MSG
 
 if (( smoke )); then
-  export GW_CLICKHOUSE_USER=gw_admin GW_CLICKHOUSE_PASSWORD="$ch_admin_pw"   # for gwctl ledger verify
+  export GW_CLICKHOUSE_USER=gw_admin GW_CLICKHOUSE_PASSWORD_FILE="$run/keys/clickhouse-admin.pw"   # for gwctl ledger verify
   count() { chq 'SELECT+count()+FROM+control_decisions' || echo 0; }
   n0=$(count)
   kcount() { chq 'SELECT+count()+FROM+control_ledger' || echo 0; }

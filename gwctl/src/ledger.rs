@@ -52,9 +52,33 @@ pub struct VerifyArgs {
     /// ClickHouse user (default: ClickHouse's default user).
     #[arg(long, env = "GW_CLICKHOUSE_USER")]
     user: Option<String>,
-    /// ClickHouse password.
+    /// ClickHouse password (a command line is readable by every local user:
+    /// prefer `--password-file`).
     #[arg(long, env = "GW_CLICKHOUSE_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// A file holding the ClickHouse password (trailing line break cut), as the
+    /// sidecar's `GW_CLICKHOUSE_PASSWORD_FILE`. Giving the password both ways is
+    /// refused.
+    #[arg(long, env = "GW_CLICKHOUSE_PASSWORD_FILE")]
+    password_file: Option<std::path::PathBuf>,
+}
+
+impl VerifyArgs {
+    /// `password` read from `--password-file` when that is given; both given is
+    /// refused (which one was meant cannot be told). Never echoes the password.
+    fn read_password_file(&mut self) -> Result<()> {
+        let Some(file) = &self.password_file else {
+            return Ok(());
+        };
+        anyhow::ensure!(
+            self.password.is_none(),
+            "give the ClickHouse password as --password (GW_CLICKHOUSE_PASSWORD) or --password-file (GW_CLICKHOUSE_PASSWORD_FILE), not both"
+        );
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        self.password = Some(text.trim_end_matches(['\r', '\n']).to_owned());
+        Ok(())
+    }
 }
 
 /// The newest verified checkpoint of each chain in `path`; every whole note must
@@ -392,7 +416,9 @@ async fn stream_rows(mut resp: reqwest::Response, walking: &mut Walking) -> Resu
 
 /// `gwctl ledger verify`: the rows are read as they come, one chain at a time
 /// (constant memory, whatever the table's size).
-pub fn verify(a: &VerifyArgs) -> Result<ExitCode> {
+pub fn verify(mut a: VerifyArgs) -> Result<ExitCode> {
+    a.read_password_file()?;
+    let a = &a;
     if !a
         .table
         .chars()

@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         Cmd::Verify(a) => verify::run(&a),
         Cmd::Jwt(a) => keys::jwt(&a).map(|()| ExitCode::SUCCESS),
         Cmd::Send(a) => send::run(&a),
-        Cmd::Ledger(LedgerCmd::Verify(a)) => ledger::verify(&a),
+        Cmd::Ledger(LedgerCmd::Verify(a)) => ledger::verify(a),
     };
     match result {
         Ok(code) => code,

@@ -418,3 +418,48 @@ fn a_send_with_no_answer_exits_3_and_one_never_sent_exits_2() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `ledger verify` takes the ClickHouse password from a file as the sidecar
+/// does; given both ways it is refused before anything is asked of ClickHouse,
+/// without echoing it, and an unreadable file is one clear line.
+#[test]
+fn the_ledger_password_comes_from_its_flag_or_its_file_not_both() {
+    let d = testkit::TempDir::new("cli-ledger-pw");
+    let file = d.path().join("ch.pw");
+    std::fs::write(&file, "secret-in-the-file\n").unwrap();
+    let run = |password: Option<&str>, file: &Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gwctl"));
+        c.args(["ledger", "verify", "--clickhouse", "http://127.0.0.1:9"])
+            .arg("--password-file")
+            .arg(file)
+            .env_remove("GW_CLICKHOUSE_PASSWORD")
+            .env_remove("GW_CLICKHOUSE_PASSWORD_FILE");
+        if let Some(p) = password {
+            c.env("GW_CLICKHOUSE_PASSWORD", p);
+        }
+        c.output().expect("run gwctl")
+    };
+    let o = run(Some("secret-in-the-env"), &file);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("not both") && !err.contains("secret-in"),
+        "{err}"
+    );
+    let o = run(None, &d.path().join("missing.pw"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("missing.pw") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    // Read from the file, the check goes on to ClickHouse (nothing listens on
+    // port 9): the error is the connection's, not the password's.
+    let o = run(None, &file);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        !err.contains("not both") && !err.contains("secret-in"),
+        "{err}"
+    );
+}

@@ -445,7 +445,9 @@ fn read_file(path: Option<&std::path::Path>) -> Result<FileConfig, ConfigError> 
 }
 
 /// Applies `GW_CLICKHOUSE_URL` and `GW_CLICKHOUSE_USER` to `file`; returns the
-/// password (`GW_CLICKHOUSE_PASSWORD`, or the file `GW_CLICKHOUSE_PASSWORD_FILE`).
+/// password (`GW_CLICKHOUSE_PASSWORD`, or the file `GW_CLICKHOUSE_PASSWORD_FILE`;
+/// both set is refused, as for every other secret: a variable left exported in a
+/// shell must not win over the file a deployment gives).
 fn clickhouse_env(
     file: &mut FileConfig,
     env: &dyn Fn(&str) -> Option<String>,
@@ -460,7 +462,13 @@ fn clickhouse_env(
         env("GW_CLICKHOUSE_PASSWORD"),
         env("GW_CLICKHOUSE_PASSWORD_FILE"),
     ) {
-        (Some(p), _) => Some(p),
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Env(
+                "GW_CLICKHOUSE_PASSWORD_FILE",
+                "set GW_CLICKHOUSE_PASSWORD or GW_CLICKHOUSE_PASSWORD_FILE, not both".into(),
+            ))
+        }
+        (Some(p), None) => Some(p),
         (None, Some(f)) => Some(
             std::fs::read_to_string(&f)
                 .map_err(|e| ConfigError::Read(f.clone().into(), e))?
@@ -1193,6 +1201,46 @@ mod tests {
         }
         let e = err(r#"{"ops_listen": "0.0.0.0:9464", "ops_tls": true}"#);
         assert!(e.contains("ops_tls") && e.contains("tls.client_ca"), "{e}");
+    }
+
+    /// The ClickHouse password from its variable or its file, never both: a
+    /// stale `GW_CLICKHOUSE_PASSWORD` in an operator's shell used to win over the
+    /// file the deployment named. The error does not echo the password.
+    #[test]
+    fn the_clickhouse_password_comes_from_its_variable_or_its_file_not_both() {
+        let dir = testkit::TempDir::new("config-ch-pw");
+        let file = dir.path().join("ch.pw");
+        std::fs::write(&file, "from-the-file\n").expect("write");
+        let file = file.to_string_lossy().into_owned();
+        let pk = hex::encode(testkit::fixtures::command_key().verifying_key().as_bytes());
+        let load = |var: Option<&str>, path: Option<&str>| {
+            let (var, path) = (var.map(str::to_owned), path.map(str::to_owned));
+            let pk = pk.clone();
+            let env = move |k: &str| match k {
+                "CTRL_PUBKEY_HEX" => Some(pk.clone()),
+                "GW_SIDECAR_INSECURE_PLAINTEXT" => Some("1".to_owned()),
+                "GW_EDGE_KEY_HEX" => Some(testkit::fixtures::EDGE_KEY_HEX.to_owned()),
+                "GW_CLICKHOUSE_PASSWORD" => var.clone(),
+                "GW_CLICKHOUSE_PASSWORD_FILE" => path.clone(),
+                _ => None,
+            };
+            Config::from_json("{}", std::path::Path::new("test.json"), &env)
+        };
+        let pw = |c: Config| c.clickhouse_password.clone();
+        assert_eq!(
+            pw(load(None, Some(&file)).expect("file")).as_deref(),
+            Some("from-the-file")
+        );
+        assert_eq!(
+            pw(load(Some("from-the-var"), None).expect("var")).as_deref(),
+            Some("from-the-var")
+        );
+        match load(Some("from-the-var"), Some(&file)) {
+            Err(ConfigError::Env("GW_CLICKHOUSE_PASSWORD_FILE", e)) => {
+                assert!(e.contains("not both") && !e.contains("from-the"), "{e}");
+            }
+            r => panic!("{:?}", r.map(|_| ())),
+        }
     }
 
     #[test]

@@ -1842,12 +1842,17 @@ fn the_ledger_ships_over_mutual_tls_and_a_client_without_a_certificate_is_refuse
     assert_eq!(verify_chain(&rows), Ok(2));
     assert!(front.accepted.load(Ordering::SeqCst) > before);
 
+    // The password from a file, as a deployment gives it (the sidecar's
+    // GW_CLICKHOUSE_PASSWORD_FILE).
+    let admin_pw = d.path().join("clickhouse-admin.pw");
+    std::fs::write(&admin_pw, format!("{}\n", users.admin.password)).unwrap();
     let verify = |extra: &[&std::ffi::OsStr]| {
         std::process::Command::new(testkit::gwctl_bin())
             .args(["ledger", "verify", "--clickhouse", &url])
             .args(extra)
             .env("GW_CLICKHOUSE_USER", &users.admin.user)
-            .env("GW_CLICKHOUSE_PASSWORD", &users.admin.password)
+            .env("GW_CLICKHOUSE_PASSWORD_FILE", &admin_pw)
+            .env_remove("GW_CLICKHOUSE_PASSWORD")
             .output()
             .unwrap()
     };
