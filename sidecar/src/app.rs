@@ -35,6 +35,8 @@ pub struct Running {
     tls: Option<Tls>,
     /// `ops_listen` is served with `tls` (`ops_tls`).
     ops_tls: bool,
+    /// The listeners' connection counters.
+    conns: crate::serve::ConnMetrics,
     gatekeeper: Gatekeeper,
     control: Arc<Control>,
     ledger: Ledger,
@@ -153,7 +155,7 @@ impl Running {
                 self.gatekeeper.clone(),
                 crate::serve::certified_only,
             ));
-        crate::serve::serve(listener, tls, app, shutdown)
+        crate::serve::serve(listener, tls, app, self.listener("ops"), shutdown)
     }
 
     /// A task serving [`Self::router`] on `listener` for as long as it runs (tests,
@@ -166,6 +168,7 @@ impl Running {
             listener,
             self.tls.clone(),
             self.router(),
+            self.listener("main"),
             std::future::pending(),
         )
     }
@@ -183,7 +186,28 @@ impl Running {
             // Live streams end now, with 1001, instead of holding the drain.
             hub.shutdown();
         };
-        crate::serve::serve(listener, self.tls.clone(), self.router(), shutdown).await;
+        crate::serve::serve(
+            listener,
+            self.tls.clone(),
+            self.router(),
+            self.listener("main"),
+            shutdown,
+        )
+        .await;
+    }
+
+    /// The main listener (`main`: the edge only) or the ops listener (`ops`: any
+    /// certificate from the client CA).
+    fn listener(&self, name: &'static str) -> crate::serve::Listener {
+        crate::serve::Listener {
+            name,
+            serves: if name == "ops" {
+                crate::serve::Serves::Certified
+            } else {
+                crate::serve::Serves::Edge
+            },
+            metrics: self.conns.clone(),
+        }
     }
 
     /// The control plane.
@@ -380,6 +404,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         max_body: cfg.file.max_body_bytes,
     };
     let control_metrics = ControlMetrics::register(&mut registry);
+    let conns = crate::serve::ConnMetrics::register(&mut registry);
     let gatekeeper = Gatekeeper {
         auditor: auditor.clone(),
         metrics: control_metrics.clone(),
@@ -493,6 +518,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     Ok(Running {
         tls,
         ops_tls: cfg.file.ops_tls,
+        conns,
         gatekeeper,
         control,
         ledger,

@@ -134,6 +134,148 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// file descriptors, say): retrying at once would spin.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(500);
 
+/// The most connections a listener holds before their peer is known (TLS
+/// handshake and first bytes, [`HANDSHAKE_TIMEOUT`] at most each): one more
+/// gives up the oldest of them. A peer holding connections open and silent
+/// does not keep a new one (the edge's) from being taken: it would have to
+/// open them faster than a handshake completes.
+pub const MAX_HANDSHAKING: usize = 256;
+
+/// The connections of a listener in their handshake, oldest first, each with
+/// what tells it it was given up.
+#[derive(Default)]
+struct Opening {
+    next: u64,
+    open: std::collections::BTreeMap<u64, Arc<tokio::sync::Notify>>,
+}
+
+/// One connection's place in [`Opening`], left when dropped.
+struct OpeningSlot {
+    id: u64,
+    of: Arc<parking_lot::Mutex<Opening>>,
+    given_up: Arc<tokio::sync::Notify>,
+}
+
+impl OpeningSlot {
+    /// A place for a new connection; the oldest is given up when all
+    /// [`MAX_HANDSHAKING`] are taken (`true` then).
+    fn take(of: &Arc<parking_lot::Mutex<Opening>>) -> (OpeningSlot, bool) {
+        let mut o = of.lock();
+        let full = o.open.len() >= MAX_HANDSHAKING;
+        if full {
+            if let Some((_, oldest)) = o.open.pop_first() {
+                // Stored if it is not waiting yet: it sees it at its next await.
+                oldest.notify_one();
+            }
+        }
+        let id = o.next;
+        o.next += 1;
+        let given_up = Arc::new(tokio::sync::Notify::new());
+        o.open.insert(id, given_up.clone());
+        let slot = OpeningSlot {
+            id,
+            of: of.clone(),
+            given_up,
+        };
+        (slot, full)
+    }
+
+    /// `fut` until `deadline`, or until this connection is given up: `None` then.
+    async fn before<F: Future>(&self, deadline: tokio::time::Instant, fut: F) -> Option<F::Output> {
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, fut) => r.ok(),
+            () = self.given_up.notified() => None,
+        }
+    }
+}
+
+impl Drop for OpeningSlot {
+    fn drop(&mut self) {
+        self.of.lock().open.remove(&self.id);
+    }
+}
+
+/// The most connections a listener holds from peers it only refuses (on the
+/// main listener: no client certificate, or one that is not the edge's): one
+/// more is closed after its handshake, unanswered. Each is held
+/// [`REFUSED_PEER_LIFETIME`] at most: long enough to read its 401 or 403, not
+/// to sit on a file descriptor and a task (HTTP/2 has no idle timeout).
+pub const MAX_REFUSED_PEERS: usize = 64;
+
+/// How long a connection from a peer the listener only refuses is kept.
+pub const REFUSED_PEER_LIFETIME: Duration = HANDSHAKE_TIMEOUT;
+
+/// Whom a listener serves; every other peer is only refused (a 401 or 403 and
+/// its ledger row), within [`MAX_REFUSED_PEERS`] connections held at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serves {
+    /// The edge (and plain HTTP on loopback in development): the main listener.
+    Edge,
+    /// Any certificate from the client CA: the ops listener under `ops_tls`.
+    Certified,
+}
+
+impl Serves {
+    fn serves(self, peer: &Peer) -> bool {
+        match peer {
+            Peer::Edge(_) | Peer::Plaintext => true,
+            Peer::Other => self == Serves::Certified,
+            Peer::Anonymous => false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ShedLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+/// Connections a listener closed unserved because a bound above was reached
+/// (`gw_sidecar_connections_shed_total{listener,reason}`).
+#[derive(Clone, Debug, Default)]
+pub struct ConnMetrics {
+    shed: prometheus_client::metrics::family::Family<
+        ShedLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl ConnMetrics {
+    /// Registers `gw_sidecar_connections_shed_total`, its series at 0.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> ConnMetrics {
+        let m = ConnMetrics::default();
+        for listener in ["main", "ops"] {
+            for reason in ["handshaking", "refused_peers"] {
+                let _ = m.shed.get_or_create(&ShedLabels { listener, reason });
+            }
+        }
+        registry.register(
+            "gw_sidecar_connections_shed",
+            "Connections closed unserved: `handshaking` given up, the oldest, when 256 were in their TLS handshake, `refused_peers` when 64 from peers the listener only refuses (no certificate, or not the edge's) were open",
+            m.shed.clone(),
+        );
+        m
+    }
+
+    fn shed(&self, listener: &'static str, reason: &'static str) {
+        self.shed
+            .get_or_create(&ShedLabels { listener, reason })
+            .inc();
+    }
+}
+
+/// A listener: what it is called in metrics, whom it serves, and its counters.
+#[derive(Clone, Debug)]
+pub struct Listener {
+    /// `main` or `ops`.
+    pub name: &'static str,
+    /// Whom it serves.
+    pub serves: Serves,
+    /// Its counters.
+    pub metrics: ConnMetrics,
+}
+
 /// Whether an `accept` error concerns only the connection being accepted.
 fn connection_error(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
@@ -145,14 +287,19 @@ fn connection_error(e: &std::io::Error) -> bool {
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains open
 /// connections. With `tls`, every connection is TLS and every request carries its
-/// [`Peer`]; without, requests are [`Peer::Plaintext`].
+/// [`Peer`]; without, requests are [`Peer::Plaintext`]. Connections still in
+/// their handshake, and those of peers `of` only refuses, are bounded
+/// ([`MAX_HANDSHAKING`], [`MAX_REFUSED_PEERS`]).
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Tls>,
     app: Router,
+    of: Listener,
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
+    let opening = Arc::new(parking_lot::Mutex::new(Opening::default()));
+    let refused_peers = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSED_PEERS));
     tokio::pin!(shutdown);
     loop {
         let (tcp, from) = tokio::select! {
@@ -169,10 +316,18 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let (handshake, full) = OpeningSlot::take(&opening);
+        if full {
+            of.metrics.shed(of.name, "handshaking");
+            tracing::debug!(
+                "{MAX_HANDSHAKING} connections in their handshake: the oldest given up"
+            );
+        }
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         let tls = tls.clone();
         let watcher = graceful.watcher();
+        let (of, refused_peers) = (of.clone(), refused_peers.clone());
         tokio::spawn(async move {
             let mut builder = auto::Builder::new(TokioExecutor::new());
             // WebSockets (`/api/realtime`): HTTP/1.1 upgrades, and RFC 8441's
@@ -185,33 +340,51 @@ pub async fn serve(
             let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
             match tls {
                 Some(tls) => {
-                    let stream = match tokio::time::timeout_at(deadline, tls.acceptor.accept(tcp))
-                        .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
+                    let stream = match handshake.before(deadline, tls.acceptor.accept(tcp)).await {
+                        Some(Ok(s)) => s,
+                        Some(Err(e)) => {
                             tracing::debug!(%from, error = %e, "TLS handshake failed");
                             return;
                         }
-                        Err(_) => {
-                            tracing::debug!(%from, "TLS handshake not finished in time: dropped");
+                        None => {
+                            tracing::debug!(%from, "TLS handshake not finished in time, or given up: dropped");
                             return;
                         }
                     };
                     let peer = tls.peer(stream.get_ref().1.peer_certificates());
-                    let Some(stream) = first_bytes(stream, deadline).await else {
+                    let Some(stream) = handshake
+                        .before(deadline, first_bytes(stream))
+                        .await
+                        .flatten()
+                    else {
                         tracing::debug!(%from, "no request in time after the TLS handshake: dropped");
                         return;
                     };
-                    let svc = with_peer(app, peer, from);
+                    drop(handshake);
+                    let svc = with_peer(app, peer.clone(), from);
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    let _ = watcher.watch(conn.into_owned()).await;
+                    if of.serves.serves(&peer) {
+                        let _ = watcher.watch(conn.into_owned()).await;
+                        return;
+                    }
+                    let Ok(_held) = refused_peers.try_acquire_owned() else {
+                        of.metrics.shed(of.name, "refused_peers");
+                        tracing::debug!(%from, ?peer, "{MAX_REFUSED_PEERS} connections of refused peers open: closed");
+                        return;
+                    };
+                    let _ = tokio::time::timeout(
+                        REFUSED_PEER_LIFETIME,
+                        watcher.watch(conn.into_owned()),
+                    )
+                    .await;
                 }
                 None => {
-                    let Some(tcp) = first_bytes(tcp, deadline).await else {
+                    let Some(tcp) = handshake.before(deadline, first_bytes(tcp)).await.flatten()
+                    else {
                         tracing::debug!(%from, "no request in time: dropped");
                         return;
                     };
+                    drop(handshake);
                     let svc = with_peer(app, Peer::Plaintext, from);
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
                     let _ = watcher.watch(conn.into_owned()).await;
@@ -222,19 +395,16 @@ pub async fn serve(
     graceful.shutdown().await;
 }
 
-/// `io` once its peer has sent its first bytes, before `deadline` (`None`: it
-/// sent none, or hung up). hyper reads those bytes to tell HTTP/1.1 from HTTP/2
-/// without a timer of its own, and an HTTP/2 connection without its preface would
-/// be held as long as the peer liked.
-async fn first_bytes<S>(io: S, deadline: tokio::time::Instant) -> Option<BufReader<S>>
+/// `io` once its peer has sent its first bytes (`None`: it hung up first; the
+/// caller bounds the wait). hyper reads those bytes to tell HTTP/1.1 from
+/// HTTP/2 without a timer of its own, and an HTTP/2 connection without its
+/// preface would be held as long as the peer liked.
+async fn first_bytes<S>(io: S) -> Option<BufReader<S>>
 where
     S: tokio::io::AsyncRead + Unpin,
 {
     let mut r = BufReader::new(io);
-    let got = matches!(
-        tokio::time::timeout_at(deadline, r.fill_buf()).await,
-        Ok(Ok(b)) if !b.is_empty()
-    );
+    let got = matches!(r.fill_buf().await, Ok(b) if !b.is_empty());
     got.then_some(r)
 }
 

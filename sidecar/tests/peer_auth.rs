@@ -846,6 +846,174 @@ fn a_peer_that_stalls_its_handshake_or_its_headers_is_dropped() {
     assert_eq!(status, 200);
 }
 
+/// An anonymous TLS connection that sent one request and read its answer (a
+/// 401): the status line's code, the connection left open (HTTP/1.1
+/// keep-alive), or `None` when the sidecar closed it unanswered.
+async fn refused_and_held(
+    s: &common::Served,
+) -> (
+    Option<u16>,
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) {
+    let mut c = raw_tls(s).await;
+    c.write_all(b"GET /api/modules HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    // The whole answer: headers and the body its content-length gives.
+    loop {
+        let n = match tokio::time::timeout_at(deadline, c.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => break,
+        };
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_owned())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= len {
+                break;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|t| t.get(..3))
+        .and_then(|c| c.parse().ok());
+    (status, c)
+}
+
+/// A peer without the edge's certificate can only be refused, so the sidecar
+/// holds few of its connections and not for long: at most
+/// `serve::MAX_REFUSED_PEERS` at once (one more is closed unanswered and
+/// counted), each for `serve::REFUSED_PEER_LIFETIME` at most. The edge is served
+/// whatever they hold, and a place freed is taken again.
+#[test]
+fn connections_of_peers_that_are_only_refused_are_few_and_short() {
+    use gw_sidecar::serve::{MAX_REFUSED_PEERS, REFUSED_PEER_LIFETIME};
+    let d = testkit::TempDir::new("sidecar-refused-peers");
+    let s = common::serve(common::config(d.path(), false));
+    let started = std::time::Instant::now();
+    let mut held = s.rt.block_on(async {
+        let mut held = Vec::new();
+        for i in 0..MAX_REFUSED_PEERS {
+            let (status, c) = refused_and_held(&s).await;
+            assert_eq!(status, Some(401), "connection {i}");
+            held.push(c);
+        }
+        let (status, mut c) = refused_and_held(&s).await;
+        assert_eq!(
+            status, None,
+            "one more than {MAX_REFUSED_PEERS}: closed unanswered"
+        );
+        closed_within(
+            &mut c,
+            std::time::Duration::from_secs(2),
+            "the one too many",
+        )
+        .await;
+        held
+    });
+    // The edge is served meanwhile.
+    let (status, _) = call(&s, &s.http, "GET", "/api/modules", OPERATOR, Vec::new());
+    assert_eq!(status, 200);
+    let shed = s.get_ops("/metrics");
+    assert!(
+        shed.contains(
+            r#"gw_sidecar_connections_shed_total{listener="main",reason="refused_peers"} 1"#
+        ),
+        "{shed}"
+    );
+    // A place freed is taken again.
+    drop(held.pop());
+    s.rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let (status, c) = refused_and_held(&s).await;
+            if status == Some(401) {
+                held.push(c);
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the freed place was not taken again"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        // Each is closed once its time is up.
+        let left = (REFUSED_PEER_LIFETIME + std::time::Duration::from_secs(5))
+            .saturating_sub(started.elapsed());
+        for (i, c) in held.iter_mut().enumerate() {
+            closed_within(c, left, &format!("refused peer's connection {i}")).await;
+        }
+        assert!(
+            started.elapsed() >= REFUSED_PEER_LIFETIME - std::time::Duration::from_secs(1),
+            "closed only once their time was up: {:?}",
+            started.elapsed()
+        );
+    });
+    let (status, _) = call(&s, &s.http, "GET", "/api/modules", OPERATOR, Vec::new());
+    assert_eq!(status, 200);
+}
+
+/// Connections that never finish their handshake hold at most
+/// `serve::MAX_HANDSHAKING` places: one more gives up the oldest, so a peer
+/// keeping that many open and silent neither holds more nor keeps the edge from
+/// opening a new connection.
+#[test]
+fn silent_connections_do_not_keep_the_edge_out() {
+    use gw_sidecar::serve::MAX_HANDSHAKING;
+    let d = testkit::TempDir::new("sidecar-handshaking");
+    let s = common::serve(common::config(d.path(), false));
+    let addr = s.base.trim_start_matches("https://").to_owned();
+    s.rt.block_on(async {
+        let mut silent = Vec::new();
+        for _ in 0..MAX_HANDSHAKING {
+            silent.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+        }
+        // The edge, on a connection of its own (a new client: no pooled one).
+        let edge = s
+            .certs
+            .client(Some((&s.certs.edge_cert, &s.certs.edge_key)));
+        let mut r = edge.get(format!("{}/api/modules", s.base));
+        for (k, v) in OPERATOR {
+            r = r.header(*k, *v);
+        }
+        if let Some((k, v)) = testkit::fixtures::edge_seal(OPERATOR, "GET", "/api/modules") {
+            r = r.header(k, v);
+        }
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), r.send())
+            .await
+            .expect("the edge's new connection was held")
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        // The oldest silent connection was given up for it, at once.
+        closed_within(
+            &mut silent[0],
+            std::time::Duration::from_secs(2),
+            "the oldest silent connection",
+        )
+        .await;
+    });
+    let shed = s.get_ops("/metrics");
+    assert!(
+        shed.contains(
+            r#"gw_sidecar_connections_shed_total{listener="main",reason="handshaking"} 1"#
+        ),
+        "{shed}"
+    );
+}
+
 /// The edge checks each API route's role; the sidecar checks it again from its own
 /// `routes` (the filter's table), so that a table loosened at the edge, or a
 /// request forwarded with no token, reaches no data plane, model or ledger query.
