@@ -2496,3 +2496,123 @@ fn an_agent_whose_memory_is_full_refuses_rather_than_forget() {
     );
     assert_eq!(modules(&s)["mev"]["state"], "killed");
 }
+
+/// Over Kafka the checkpoint is where a decision takes effect: other nodes'
+/// tables follow it at once. A node whose journal stalls after its agent wrote
+/// one (its disk failing) is taken out of the group once its consumer went
+/// unpolled past `kafka.max_poll_interval_ms`; the other node takes the
+/// partition and applies a kill. When the stalled node's disk heals and its
+/// agent finishes the earlier stop, its table keeps the kill: it used to set
+/// the state it had computed before the stall over it, and its sender traded
+/// on for a killed module until a rebalance gave it the partition again.
+#[test]
+fn a_node_whose_journal_stalled_keeps_the_kill_another_node_applied_meanwhile() {
+    use gw_sidecar::control::state_sign::node_key;
+    let d = testkit::TempDir::new("kafka-stalled-journal");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let nodes = ["node-a", "node-b"];
+    // Each node's journal on a disk that can fail (whichever ends up holding
+    // the partition is failed).
+    let disks = nodes.map(|n| {
+        testkit::faultfs::FaultFs::mount(&d.path().join(n).join("state/journal"))
+            .expect("this test mounts a FUSE filesystem (needs root and /dev/fuse)")
+    });
+    let mut cfgs = nodes.map(|n| {
+        let mut cfg = config(&d.path().join(n), &kafka, &ch);
+        cfg.file.node_id = n.into();
+        cfg.file.kafka.as_mut().unwrap().max_poll_interval_ms = 6000;
+        cfg.file.apply_wait_ms = 3000;
+        cfg
+    });
+    let keys: Vec<(String, String)> = cfgs
+        .iter()
+        .map(|c| {
+            let pk = node_key(&c.file.state_dir).unwrap().verifying_key();
+            (c.file.node_id.clone(), hex::encode(pk.as_bytes()))
+        })
+        .collect();
+    for cfg in &mut cfgs {
+        cfg.file
+            .kafka
+            .as_mut()
+            .unwrap()
+            .state_keys
+            .extend(keys.clone());
+    }
+    let [cfg_a, cfg_b] = cfgs;
+    let served = [common::serve(cfg_a), common::serve(cfg_b)];
+    let holds = |s: &common::Served| {
+        s.get_ops("/metrics")
+            .contains(r#"gw_sidecar_agent_partitions{module="mev"} 1"#)
+    };
+    let state = |s: &common::Served| modules(s)["mev"]["state"].clone();
+    let until = |what: &str, secs: u64, f: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // A command through each node settles the group; one node holds mev's partition.
+    post_applied(
+        &served[0],
+        signed_command(1, Action::Throttle, now(), "dashboard", &[]),
+    );
+    post_applied(
+        &served[1],
+        signed_command(2, Action::Throttle, now(), "dashboard", &[]),
+    );
+    until("one node holds mev's partition", 40, &|| {
+        holds(&served[0]) != holds(&served[1])
+    });
+    let owner = usize::from(holds(&served[1]));
+    let other = 1 - owner;
+    let (stalled, live) = (&served[owner], &served[other]);
+
+    // The owner's disk fails: its agent checkpoints a stop in Kafka, then cannot
+    // write the stop's row (it retries every 250 ms, unpolled).
+    disks[owner].fail_syncs();
+    let _ = post(
+        live,
+        signed_command(3, Action::Stop, now(), "dashboard", &[]),
+    );
+    until(
+        "the stop took effect at both nodes (the checkpoint)",
+        20,
+        &|| state(live) == "stopped" && state(stalled) == "stopped",
+    );
+    // Out of the group past its poll interval: the other node takes the partition
+    // and applies a kill, which the stalled node's table follows.
+    until("the other node holds the partition", 40, &|| holds(live));
+    post_applied(
+        live,
+        signed_command(4, Action::Kill, now(), "dashboard", &[]),
+    );
+    until("the stalled node's table follows the kill", 20, &|| {
+        state(stalled) == "killed"
+    });
+    // Healed: the stalled agent writes its stop's row, and keeps the kill.
+    disks[owner].heal();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rows = loop {
+        let rows = common::stored(&ch);
+        let stop_rows = rows
+            .iter()
+            .filter(|r| r.stage == "agent" && r.request_id == "req-3" && r.decision == "applied")
+            .count();
+        if stop_rows > 0 {
+            break rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stop's row was not written once the disk healed: {:?}",
+            row_summary(&rows)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(disks[owner].syncs_failed() > 0, "the disk never failed a sync");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(state(stalled), "killed", "{:?}", row_summary(&rows));
+    assert_eq!(state(live), "killed");
+}

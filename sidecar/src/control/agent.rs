@@ -969,9 +969,16 @@ impl Agent {
         };
         // Durable. The module table first: a command announced applied is in
         // effect (the send gate reads the table). Then apply and announce in
-        // order, each with its row's seq.
+        // order, each with its row's seq. Over Kafka the checkpoint took it
+        // first (`checkpoint`), and while this node's journal stalled another
+        // node may have applied a later command the table holds already: never
+        // set back.
         if !pending.is_empty() {
-            self.env.modules.set(self.core.module, state);
+            if self.kafka.is_some() {
+                self.env.modules.advance(self.core.module, state);
+            } else {
+                self.env.modules.set(self.core.module, state);
+            }
         }
         let lsn = committed.as_ref().map(|c| c.lsn);
         let mut rows = committed.iter().flat_map(|c| c.rows.iter());
@@ -1051,6 +1058,7 @@ impl Agent {
             return Ok(());
         };
         let mut cp = k.checkpoint.clone();
+        let state_taken = state.clone();
         if let Some(s) = state {
             cp.state = s;
         }
@@ -1088,6 +1096,15 @@ impl Agent {
                 .note(*forward);
         }
         k.store.save(module, &cp).await?;
+        // The checkpoint is where the cluster learns the state (other nodes'
+        // tables follow it now): this node's table too, even if its journal
+        // then stalls. A later state already there is kept.
+        if let Some(s) = state_taken {
+            self.env.modules.advance(module, s);
+        }
+        let Some(k) = self.kafka.as_mut() else {
+            return Ok(());
+        };
         k.checkpoint = cp;
         if let Some(n) = nonce {
             put_nonce(&k.store, module, &n).await;
