@@ -563,6 +563,9 @@ fn edge_key_from(
     gw_core::edge_stamp::EdgeKey::from_hex(hex).map_err(|e| ConfigError::Env(name, e.to_string()))
 }
 
+/// The largest `max_body_bytes`: the filter's bound on a command body.
+const MAX_BODY_BYTES: usize = 1 << 20;
+
 /// Secrets an environment variable gives, or the file another names (`_FILE`:
 /// Docker's and systemd's secrets are files, and a variable is shown by
 /// `docker inspect` and inherited by every child process).
@@ -875,6 +878,16 @@ impl Config {
             return Err(
                 OutOfBounds::new("agent_dedup_secs", "must be 0..=2592000 (30 days)").into(),
             );
+        }
+        if !(1..=MAX_BODY_BYTES).contains(&file.max_body_bytes) {
+            return Err(OutOfBounds::new("max_body_bytes", "must be 1..=1048576 (1 MiB)").into());
+        }
+        if file.kafka.is_some() && file.max_body_bytes > crate::control::bus::MAX_COMMAND_BYTES {
+            return Err(OutOfBounds::new(
+                "max_body_bytes",
+                "must be at most 917504 (896 KiB) on the Kafka bus: a command, its headers and the record's framing must fit the producer's message.max.bytes (1000000)",
+            )
+            .into());
         }
         if file.clickhouse_nice > 19 {
             return Err(OutOfBounds::new("clickhouse_nice", "must be 0..=19").into());
@@ -1201,6 +1214,33 @@ mod tests {
         }
         let e = err(r#"{"ops_listen": "0.0.0.0:9464", "ops_tls": true}"#);
         assert!(e.contains("ops_tls") && e.contains("tls.client_ca"), "{e}");
+    }
+
+    /// `max_body_bytes` within the filter's bound (1 MiB), and on the Kafka bus
+    /// within what a record takes (`bus::MAX_COMMAND_BYTES`): a command the
+    /// producer refused for its size was retried for ever at the head of the
+    /// outbox, every later command (a kill too) behind it, across restarts.
+    #[test]
+    fn the_command_body_bound_fits_the_filter_and_a_kafka_record() {
+        let bound = |json: &str| match with(json) {
+            Ok(_) => Ok(()),
+            Err(ConfigError::OutOfBounds(e)) => Err(e.to_string()),
+            Err(e) => panic!("{json}: {e}"),
+        };
+        assert_eq!(bound(r#"{"max_body_bytes": 1048576}"#), Ok(()));
+        for n in [0, 1_048_577] {
+            let e = bound(&format!(r#"{{"max_body_bytes": {n}}}"#)).unwrap_err();
+            assert!(e.contains("max_body_bytes"), "{e}");
+        }
+        let kafka = |n: usize| {
+            format!(r#"{{"max_body_bytes": {n}, "kafka": {{"brokers": "127.0.0.1:9092"}}}}"#)
+        };
+        assert_eq!(
+            bound(&kafka(crate::control::bus::MAX_COMMAND_BYTES)),
+            Ok(())
+        );
+        let e = bound(&kafka(crate::control::bus::MAX_COMMAND_BYTES + 1)).unwrap_err();
+        assert!(e.contains("max_body_bytes") && e.contains("Kafka"), "{e}");
     }
 
     /// The ClickHouse password from its variable or its file, never both: a

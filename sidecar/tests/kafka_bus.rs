@@ -2611,8 +2611,70 @@ fn a_node_whose_journal_stalled_keeps_the_kill_another_node_applied_meanwhile() 
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert!(disks[owner].syncs_failed() > 0, "the disk never failed a sync");
+    assert!(
+        disks[owner].syncs_failed() > 0,
+        "the disk never failed a sync"
+    );
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(state(stalled), "killed", "{:?}", row_summary(&rows));
     assert_eq!(state(live), "killed");
+}
+
+/// The bound `max_body_bytes` is held to on the Kafka bus is one the producer
+/// and the broker take: a command of `bus::MAX_COMMAND_BYTES` forwarded with
+/// the largest requester a token allows (64 KiB of fields) and the node's
+/// signature is written; a record past `bus::MESSAGE_MAX_BYTES` is refused
+/// for its size (what the outbox would have retried for ever).
+#[test]
+fn the_largest_command_fits_a_kafka_record_and_a_larger_record_is_refused() {
+    use gw_sidecar::control::bus::{
+        forward_headers, ForwardSeq, KafkaConfig, MAX_COMMAND_BYTES, MESSAGE_MAX_BYTES,
+    };
+    let d = testkit::TempDir::new("kafka-largest");
+    let kafka = Kafka::start(d.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut k = KafkaConfig::with_brokers(&kafka.brokers());
+        k.topic = "largest-commands".into();
+        k.partitions = 1;
+        create_topic(&k, &k.topic).await;
+        let signer = gw_sidecar::control::state_sign::StateSigner::new(
+            "node-a",
+            ed25519_dalek::SigningKey::from_bytes(&[3; 32]),
+            &BTreeMap::new(),
+            None,
+        )
+        .unwrap();
+        let requester = gw_core::contract::Requester {
+            sub: "s".repeat(32 << 10),
+            roles: "r".repeat(16 << 10),
+            token_issuer: "i".repeat(16 << 10),
+        };
+        let payload = vec![7u8; MAX_COMMAND_BYTES];
+        let headers = forward_headers(
+            &signer,
+            &k.topic,
+            0,
+            b"mev",
+            &payload,
+            &requester,
+            ForwardSeq { epoch: 1, seq: 1 },
+        );
+        let offset = produce(&k, &k.topic, "mev", Some(&payload), headers).await;
+        assert_eq!(offset, 0);
+        let p: rdkafka::producer::FutureProducer = k.producer().create().unwrap();
+        let big = vec![7u8; MESSAGE_MAX_BYTES + 1];
+        let r = rdkafka::producer::FutureRecord::<str, [u8]>::to(&k.topic)
+            .key("mev")
+            .partition(0)
+            .payload(&big);
+        let err = p.send(r, Duration::from_secs(5)).await.unwrap_err().0;
+        assert!(
+            matches!(
+                err.rdkafka_error_code(),
+                Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
+            ),
+            "{err}"
+        );
+    });
 }

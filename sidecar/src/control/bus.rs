@@ -181,6 +181,7 @@ impl KafkaConfig {
     pub fn producer(&self) -> ClientConfig {
         let mut c = self.client();
         c.set("enable.idempotence", "true")
+            .set("message.max.bytes", MESSAGE_MAX_BYTES.to_string())
             .set("acks", "all")
             .set("linger.ms", "0")
             .set("batch.num.messages", self.batch_messages.max(1).to_string())
@@ -394,6 +395,19 @@ pub fn partition_of(key: &[u8], partitions: i32) -> i32 {
     let n = u32::try_from(partitions.max(1)).unwrap_or(1);
     i32::try_from(crc32fast::hash(key) % n).unwrap_or(0)
 }
+
+/// The producer's `message.max.bytes` (librdkafka's default, under a broker's
+/// default of 1 048 588), set so that [`MAX_COMMAND_BYTES`] is judged against
+/// what is in force.
+pub const MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// The largest command body the sidecar takes on the Kafka bus
+/// (`max_body_bytes` is refused above it): with its headers (the requester's
+/// fields from a token of at most 64 KiB, the node's signature) and the
+/// record's framing it fits [`MESSAGE_MAX_BYTES`]. A record the producer
+/// refuses for its size would be retried forever at the head of the outbox,
+/// holding every command after it.
+pub const MAX_COMMAND_BYTES: usize = 896 << 10;
 
 /// The headers of a command this node forwards to partition `partition` of the
 /// command topic `topic` as its forward `seq`: who sent it (`gw-requester*`)
