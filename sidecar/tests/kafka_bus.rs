@@ -486,6 +486,53 @@ fn a_decision_the_checkpoint_has_and_the_journal_lost_is_written_at_start() {
     assert_eq!(modules(&s)["mev"]["applied"], 2);
 }
 
+/// The same crash with a command larger than a checkpoint keeps
+/// (`kafka_state::LAST_PAYLOAD_MAX`, 16 KiB: its arguments here): the row
+/// written at start carries the command's signed bytes and its arguments, read
+/// back from the command topic at the checkpoint's position (their digest the
+/// checkpoint's). It was written with neither, as was its nonce's record of
+/// what was applied.
+#[test]
+fn a_large_decision_the_journal_lost_is_written_at_start_with_its_bytes() {
+    use gw_sidecar::control::kafka_state::{KafkaState, LastDecision, LAST_PAYLOAD_MAX};
+
+    let d = testkit::TempDir::new("kafka-reconcile-large");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let cfg = config(d.path(), &kafka, &ch);
+    let node = cfg.file.node_id.clone();
+    let k = cfg.file.kafka.clone().unwrap();
+    let note = "n".repeat(1000);
+    let keys: Vec<String> = (0..20).map(|i| format!("note_{i:02}")).collect();
+    let args: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), note.as_str())).collect();
+    let kill = signed_command(7, Action::Kill, now(), "dashboard", &args);
+    assert!(kill.len() > LAST_PAYLOAD_MAX, "{}", kill.len());
+    let mut cp = checkpoint_after(&node, Action::Kill, 7, kill.clone(), &[7], 1);
+    let last = cp.last.get_mut(&node).unwrap();
+    (last.payload, last.omitted) = LastDecision::keep(&kill);
+    assert!(last.payload.is_empty() && last.omitted.is_some());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = KafkaState::new(&k, cfg.state_signer().unwrap().unwrap()).unwrap();
+    rt.block_on(seed(&k, &store, std::slice::from_ref(&kill), &cp));
+
+    let s = common::serve(config(d.path(), &kafka, &ch));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while modules(&s)["mev"]["state"] != "killed" {
+        assert!(Instant::now() < deadline, "{}", modules(&s));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rows = ledger_rows(&ch, 1);
+    assert_eq!(row_summary(&rows), vec![("agent", "applied", "", "req-7")]);
+    assert_eq!(
+        rows[0].raw_hex,
+        hex::encode(&kill),
+        "the row carries the signed bytes"
+    );
+    let args: Value = serde_json::from_str(&rows[0].args_json).unwrap();
+    assert_eq!(args["note_19"], note.as_str(), "{}", rows[0].args_json);
+    assert_eq!(rows[0].pubkey_id, "op-admin-1");
+}
+
 /// A command topic deleted and created again starts at offset 0, under a module
 /// checkpoint that says 50 commands were handled: the agent finds the topic ends
 /// before that, says so (an error log, `outcome="topic_replaced"`), and handles the

@@ -1385,15 +1385,26 @@ impl Agent {
     /// Writes this node's ledger row of a decision the checkpoint has and the
     /// journal lost (a crash between the two).
     async fn write_row_again(&mut self, last: &LastDecision, now: u64) {
+        // A record larger than the checkpoint keeps: its bytes read back from the
+        // command topic, when the offset still holds the record decided on.
+        let fetched = match &last.omitted {
+            Some(_) => self.fetch_decided(last).await,
+            None => None,
+        };
+        let payload = fetched.unwrap_or_else(|| last.payload.clone());
         let d = Delivery {
             key: self.core.module.as_str().as_bytes().to_vec(),
-            payload: last.payload.clone(),
+            payload,
             requester: last.requester.clone(),
             position: last.position,
             origin: Origin::Local,
         };
-        // (Bytes not kept: the row says what the checkpoint does.)
-        let command = last.command();
+        // (Bytes neither kept nor found: the row says what the checkpoint does.)
+        let command = if d.payload.is_empty() {
+            last.command()
+        } else {
+            <Command as prost::Message>::decode(d.payload.as_slice()).ok()
+        };
         let code = last.code.as_deref().and_then(Code::parse);
         let (decision, applied) = match last.outcome.as_str() {
             "applied" => (
@@ -1417,6 +1428,32 @@ impl Agent {
         entries.push(self.agent_entry(&d, None, applied));
         if let Err(e) = self.commit(entries, &d).await {
             tracing::warn!(error = %e, "ledger row not written again");
+        }
+    }
+
+    /// Kafka bus: the bytes of the record `last` decided on, read from the
+    /// command topic at its position when they are the ones the checkpoint
+    /// names (their digest); `None` when the offset is gone (retention, a
+    /// topic created again), holds another record, or cannot be read.
+    async fn fetch_decided(&self, last: &LastDecision) -> Option<Vec<u8>> {
+        let module = self.core.module.as_str();
+        let k = self.kafka.as_ref()?;
+        let want = last.digest()?;
+        let p = last.position;
+        match k
+            .store
+            .probe_command_topic(p.partition, Some(p.offset))
+            .await
+        {
+            Ok((_, Some(bytes))) if gw_core::replay::digest(&bytes) == want => Some(bytes),
+            Ok((_, found)) => {
+                tracing::error!(module, position = ?p, found = found.is_some(), "the record a lost row was of is not on the command topic: its row is written from the checkpoint (without its bytes and arguments)");
+                None
+            }
+            Err(e) => {
+                tracing::error!(module, position = ?p, error = %e, "the record a lost row was of could not be read: its row is written from the checkpoint (without its bytes and arguments)");
+                None
+            }
         }
     }
 
