@@ -99,6 +99,11 @@ def main():
                 fail(f"{name}: bind mount source {src} does not exist (run scripts/compose-init.sh)")
             elif not src.startswith(("./", "/")) and src not in (compose.get("volumes") or {}):
                 fail(f"{name}: named volume {src} is not declared")
+        # A container's command line is readable by every user of the host (ps).
+        argv = json.dumps([svc.get(k) for k in ("command", "entrypoint", "healthcheck")])
+        if re.search(r"--password\b|\s-p\s*\$", argv):
+            fail(f"{name}: a password on a command line (every user of the host reads it "
+                 "with ps); read it from the mounted file into a client configuration file")
         if svc.get("env_file"):
             fail(f"{name}: env_file: give secrets as files (the *_FILE variables), "
                  "and the rest in environment, where this check reads them")

@@ -5,8 +5,9 @@
   operators' queries; `gwctl ledger verify`), with the password in
   --admin-password-file;
 - `default`, left without a password because the embedded engine of the local run
-  logs in as it to start its listeners: reachable from loopback only and granted
-  nothing but `SYSTEM LISTEN`;
+  logs in as it (from 127.0.0.1) to start its listeners: reachable from loopback
+  only and granted nothing but `SYSTEM LISTEN` — which covers stopping them too, so
+  in the local run any local user can stop ClickHouse's listeners (docs/configuration.md);
 - `gw_sidecar`, what the sidecar writes as, with the password in
   --sidecar-password-file and only `SELECT, INSERT` on the sidecar's tables (the
   list `TABLES` in sidecar/src/ledger/migrations.rs): it cannot drop, truncate,
@@ -57,7 +58,7 @@ def render(admin_hash, sidecar_hash, tables, users_d, database="default"):
     return f"""<clickhouse>
   <!-- Written by scripts/clickhouse-users.py: the administrator {ADMIN_USER}, the
        sidecar's least-privilege user {SIDECAR_USER} (SELECT, INSERT on
-       {', '.join(tables)}), and a default user that can do nothing but start listeners. -->
+       {', '.join(tables)}), and a default user that can do nothing but start (and stop) listeners. -->
 {head}  <users>
     <default{replace}>
       <no_password/>
