@@ -58,8 +58,9 @@ pub enum KeyError {
     ShortSecret(usize),
 }
 
-/// The JSON members of a JWK that we read.
-#[derive(Debug, Clone, Deserialize)]
+/// The JSON members of a JWK that we read. Its `Debug` names the secret
+/// members (`k`, `d`) as present or absent, never their values.
+#[derive(Clone, Deserialize)]
 pub struct JwkJson {
     /// Key type: `oct`, `EC` or `OKP`.
     pub kty: String,
@@ -93,6 +94,24 @@ pub struct JwkJson {
     /// one issuer's key cannot sign tokens in another's name.
     #[serde(default)]
     pub iss: Option<String>,
+}
+
+impl std::fmt::Debug for JwkJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");
+        f.debug_struct("JwkJson")
+            .field("kty", &self.kty)
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .field("crv", &self.crv)
+            .field("x", &self.x)
+            .field("y", &self.y)
+            .field("k", &secret(&self.k))
+            .field("d", &secret(&self.d))
+            .field("use", &self.use_)
+            .field("iss", &self.iss)
+            .finish()
+    }
 }
 
 /// Key material of a parsed JWK.
@@ -382,5 +401,16 @@ mod tests {
         let dbg = format!("{jwk:?}");
         assert!(dbg.contains("redacted"));
         assert!(!dbg.contains("0123"));
+        // The JSON form too (held by the filter's and the sidecar's configs).
+        let json: JwkJson = serde_json::from_str(&format!(
+            r#"{{"kty":"oct","kid":"k1","k":"{SECRET32}","d":"c2VjcmV0LXNjYWxhcg"}}"#
+        ))
+        .unwrap();
+        let dbg = format!("{json:?}");
+        assert!(dbg.contains("k1") && dbg.contains("redacted"), "{dbg}");
+        assert!(
+            !dbg.contains(&SECRET32[..8]) && !dbg.contains("c2VjcmV0"),
+            "{dbg}"
+        );
     }
 }
