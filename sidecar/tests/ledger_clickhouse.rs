@@ -1624,6 +1624,110 @@ fn a_node_whose_journal_is_lost_continues_after_clickhouse_and_says_so() {
     );
 }
 
+/// A node whose journal is lost holds ClickHouse's chain to its own newest
+/// signed checkpoint before continuing it (the checkpoints file is in the
+/// ledger directory, beside the journal): a chain rewritten under the
+/// checkpoint (anyone who can INSERT can make one with valid hashes) is
+/// refused at start rather than continued and signed over; a ClickHouse that
+/// lost the rows (a table emptied) is continued after the checkpoint, not
+/// from seq 1, which forked what was signed; rows after the checkpoint (taken
+/// as ClickHouse holds them) are named by the `resumed` row.
+#[test]
+fn a_node_whose_journal_is_lost_holds_clickhouse_to_its_checkpoint() {
+    let d = testkit::TempDir::new("ledger-resume-anchored");
+    let ch = ClickHouse::start(d.path());
+    let state = d.path().join("state");
+    let cfg = || {
+        let mut c = config_on(&state, &ch);
+        c.file.checkpoint_every_rows = 1;
+        c.ledger_key = Some(ed25519_dalek::SigningKey::from_bytes(&[7; 32]));
+        c
+    };
+    let log = state.join("ledger/checkpoints.log");
+    {
+        let s = common::serve(cfg());
+        assert_eq!(post_throttle(&s, 91), 200);
+        wait_rows(&ch, 2);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while !std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\n2\n")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint of 2 rows"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    let start = |c: gw_sidecar::config::Config| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(gw_sidecar::app::start(c)).map(drop)
+    };
+    // Rewritten under the checkpoint: row 2 is not the row it signed.
+    std::fs::remove_dir_all(state.join("journal")).unwrap();
+    ch.query(
+        "ALTER TABLE control_decisions UPDATE row_hash = repeat('ab', 32) \
+         WHERE chain_id = 'node-1' AND seq = 2 SETTINGS mutations_sync = 1",
+    );
+    let err = start(cfg()).expect_err("a chain rewritten under the checkpoint was continued");
+    let err = format!("{err:#}");
+    assert!(err.contains("row 2") && err.contains("rewritten"), "{err}");
+
+    // Emptied: continued after the checkpoint (row 3 links to the signed row 2).
+    ch.query("TRUNCATE TABLE control_decisions");
+    std::fs::remove_dir_all(state.join("journal")).ok();
+    let s = common::serve(cfg());
+    assert_eq!(post_throttle(&s, 92), 200);
+    let rows = wait_rows(&ch, 3);
+    let resumed = &rows[0];
+    assert_eq!(
+        (resumed.seq, resumed.decision.as_str()),
+        (3, "resumed"),
+        "{rows:#?}"
+    );
+    let args: serde_json::Value = serde_json::from_str(&resumed.args_json).unwrap();
+    assert_eq!(
+        (
+            &args["after_seq"],
+            &args["checkpointed_seq"],
+            &args["clickhouse_seq"]
+        ),
+        (
+            &serde_json::json!(2),
+            &serde_json::json!(2),
+            &serde_json::json!(0)
+        ),
+        "{args}"
+    );
+    let signed = std::fs::read_to_string(&log).unwrap();
+    let vk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+    let head_2 = gw_core::checkpoint::open_all(&signed, "gw-ledger", &vk)
+        .into_iter()
+        .filter_map(Result::ok)
+        .find(|c| c.size == 2)
+        .expect("the checkpoint of 2 rows")
+        .head;
+    assert_eq!(resumed.prev_hash, hex::encode(head_2));
+    drop(s);
+
+    // Lost again, with rows after the checkpoint in ClickHouse: continued after
+    // them, the resumed row naming the checkpointed rows.
+    std::fs::remove_dir_all(state.join("journal")).unwrap();
+    let s = common::serve(cfg());
+    assert_eq!(post_throttle(&s, 93), 200);
+    let rows = wait_rows(&ch, 6);
+    let again = rows
+        .iter()
+        .filter(|r| r.decision == "resumed")
+        .nth(1)
+        .expect("a second resumed row");
+    let args: serde_json::Value = serde_json::from_str(&again.args_json).unwrap();
+    let checkpointed = args["checkpointed_seq"].as_u64().unwrap();
+    assert!(
+        checkpointed >= 2 && checkpointed <= args["after_seq"].as_u64().unwrap(),
+        "{args}"
+    );
+    assert!(args.get("clickhouse_seq").is_none(), "{args}");
+}
+
 /// A start after a ClickHouse outage keeps decoded only the journal's horizon tail
 /// for the replay guard, the bus and the agents (every record still goes to the
 /// audit queues), and nothing is lost by it: a module's state set long before (its

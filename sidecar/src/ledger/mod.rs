@@ -41,7 +41,7 @@ pub struct Ledger {
     checkpointer: Option<Checkpointer>,
     queue: Option<Arc<RowQueue>>,
     /// ClickHouse's last seq when the chain was taken up from there.
-    resumed_after: Option<u64>,
+    resumed_after: Option<ship::Resumed>,
     /// The chain is still to be learned from ClickHouse (it did not answer at
     /// start): rows are refused until it is.
     deferred: bool,
@@ -169,9 +169,10 @@ impl Ledger {
                 Err(_) => tracing::warn!("ClickHouse does not answer: the shipper asks before its first insert whether it holds more of the chain than the journal"),
             }
         }
+        let anchor = anchor_of(checkpointer.as_ref(), chain_id);
         let (chain, resumed_after, deferred) = match tokio::time::timeout(
             CHAIN_WAIT,
-            ship::initial_chain(chain_id, last.as_ref(), client, TABLE),
+            ship::initial_chain(chain_id, last.as_ref(), client, TABLE, anchor),
         )
         .await
         {
@@ -258,9 +259,9 @@ impl Ledger {
         let (Some(client), Some(queue)) = (self.client.clone(), self.queue.clone()) else {
             return Ok(None);
         };
-        if let Some(after) = self.resumed_after.take() {
+        if let Some(r) = self.resumed_after.take() {
             journal
-                .commit(Txn::of(vec![journal::Entry::row(resumed_row(after))]))
+                .commit(Txn::of(vec![journal::Entry::row(resumed_row(r))]))
                 .await?;
         }
         if self.deferred {
@@ -283,9 +284,10 @@ impl Ledger {
         let checkpointer = self.checkpointer.take();
         let deferred = std::mem::take(&mut self.deferred);
         let (journal, chain_id) = (journal.clone(), self.chain_id.clone());
+        let anchor = anchor_of(checkpointer.as_ref(), &chain_id);
         Ok(Some(tokio::spawn(async move {
             if deferred {
-                learn_chain(&journal, &chain_id, &client).await;
+                learn_chain(&journal, &chain_id, &client, anchor).await;
                 queue.set_shipping(None);
             }
             apply_migrations(&client, &queue).await;
@@ -310,11 +312,24 @@ impl Ledger {
     }
 }
 
+/// This node's newest signed checkpoint of `chain_id` (rows, head).
+fn anchor_of(checkpointer: Option<&Checkpointer>, chain_id: &str) -> Option<(u64, [u8; 32])> {
+    let c = checkpointer?;
+    let anchors = c.anchors();
+    let held = anchors.lock();
+    held.get(chain_id).map(|cp| (cp.size, cp.head))
+}
+
 /// Learns where chain `chain_id` stands from ClickHouse (waiting for it) and gives
 /// the journal its chain, with the row saying so when the chain was taken up.
-async fn learn_chain(journal: &Journal, chain_id: &str, client: &clickhouse::Client) {
+async fn learn_chain(
+    journal: &Journal,
+    chain_id: &str,
+    client: &clickhouse::Client,
+    anchor: Option<(u64, [u8; 32])>,
+) {
     loop {
-        match ship::initial_chain(chain_id, None, client, TABLE).await {
+        match ship::initial_chain(chain_id, None, client, TABLE, anchor).await {
             Ok((chain, after)) => {
                 let rows = after
                     .map(|a| journal::Entry::row(resumed_row(a)))
@@ -337,9 +352,11 @@ async fn learn_chain(journal: &Journal, chain_id: &str, client: &clickhouse::Cli
     }
 }
 
-/// The row that records a chain taken up after ClickHouse's row `after` (the local
-/// journal held none: rows it had not shipped are gone).
-fn resumed_row(after: u64) -> LedgerRow {
+/// The row that records a chain taken up without the journal's rows (rows it
+/// had not shipped are gone): after which row, the rows this node's checkpoint
+/// vouched for (those between were taken as ClickHouse held them), and
+/// ClickHouse's last row when the chain continues after the checkpoint instead.
+fn resumed_row(r: ship::Resumed) -> LedgerRow {
     LedgerRow {
         chain_id: String::new(),
         seq: 0,
@@ -354,8 +371,13 @@ fn resumed_row(after: u64) -> LedgerRow {
         pubkey_id: String::new(),
         sig_alg: String::new(),
         nonce: 0,
-        args_json: serde_json::json!({"after_seq": after,
-            "why": "the local journal held no ledger rows; the chain continues after ClickHouse's last row"})
+        args_json: match r.stored {
+            None => serde_json::json!({"after_seq": r.after, "checkpointed_seq": r.checkpointed,
+                "why": "the local journal held no ledger rows; the chain continues after ClickHouse's last row (rows after checkpointed_seq taken as ClickHouse holds them)"}),
+            Some(stored) => serde_json::json!({"after_seq": r.after, "checkpointed_seq": r.checkpointed,
+                "clickhouse_seq": stored,
+                "why": "the local journal held no ledger rows and ClickHouse fewer than this node's checkpoint; the chain continues after the checkpoint"}),
+        }
         .to_string(),
         raw_hex: String::new(),
         requester: String::new(),

@@ -667,16 +667,57 @@ pub async fn stored_in_range(
         .await
 }
 
+/// The hashes ClickHouse holds for row `seq` of `chain_id` (several when rows
+/// conflict there), hex.
+async fn stored_hashes_at(
+    client: &clickhouse::Client,
+    table: &str,
+    chain_id: &str,
+    seq: u64,
+) -> Result<Vec<String>, clickhouse::error::Error> {
+    client
+        .query(&format!(
+            "SELECT DISTINCT {} FROM {table} WHERE chain_id = ? AND seq = ? LIMIT 16",
+            gw_core::ledger::read_as_utf8("row_hash")
+        ))
+        .bind(chain_id)
+        .bind(seq)
+        .fetch_all::<String>()
+        .await
+}
+
+/// How a chain was taken up without the journal's rows: after row `after`;
+/// `checkpointed`, the rows this node's newest checkpoint of the chain vouches
+/// for (0 without one: rows `checkpointed + 1..=after` were taken from
+/// ClickHouse, not sealed under a checkpoint this node holds); `stored`,
+/// ClickHouse's last row when that was not `after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resumed {
+    /// The row the chain continues after.
+    pub after: u64,
+    /// The rows this node's newest checkpoint vouches for.
+    pub checkpointed: u64,
+    /// ClickHouse's last row, when the chain continues after the checkpoint
+    /// instead (ClickHouse holds fewer rows than it vouches for).
+    pub stored: Option<u64>,
+}
+
 /// The chain to continue at start: the journal's last row when it has one;
 /// otherwise (a new node, or one whose journal was lost) what ClickHouse holds of
-/// `chain_id`, waiting for ClickHouse if it must. `Ok((chain, resumed_after))`:
-/// `resumed_after` is ClickHouse's last seq when the chain was taken from there.
+/// `chain_id`, waiting for ClickHouse if it must, held to `anchor`, this node's
+/// newest signed checkpoint of the chain: ClickHouse's row at the checkpoint
+/// must be the row it signed (else its rows were rewritten, and continuing
+/// would sign them: refused), and a ClickHouse holding fewer rows than the
+/// checkpoint (rows lost) is continued after the checkpoint, not after its own
+/// last row (which would fork what was signed). `Ok((chain, resumed))`:
+/// `resumed` says how the chain was taken up from ClickHouse.
 pub async fn initial_chain(
     chain_id: &str,
     last_row: Option<&LedgerRow>,
     client: &clickhouse::Client,
     table: &str,
-) -> Result<(Chain, Option<u64>), ChainError> {
+    anchor: Option<(u64, [u8; 32])>,
+) -> Result<(Chain, Option<Resumed>), ChainError> {
     if let Some(r) = last_row {
         if r.chain_id != chain_id {
             return Err(ChainError::OtherChain {
@@ -702,6 +743,37 @@ pub async fn initial_chain(
             }
         }
     };
+    let stored = head.as_ref().map(|(seq, _)| *seq);
+    if let Some((size, signed)) = anchor.filter(|(size, _)| *size > 0) {
+        if stored.is_none_or(|seq| seq < size) {
+            tracing::error!(
+                chain = chain_id,
+                checkpointed = size,
+                clickhouse = stored.unwrap_or(0),
+                "the journal holds no ledger rows and ClickHouse fewer than this node's checkpoint vouches for: the chain continues after the checkpoint (gwctl ledger verify reports the rows ClickHouse lost)"
+            );
+            let next = size.checked_add(1).ok_or(ChainError::Full(size))?;
+            let resumed = Resumed {
+                after: size,
+                checkpointed: size,
+                stored: Some(stored.unwrap_or(0)),
+            };
+            return Ok((Chain::at(chain_id, next, signed), Some(resumed)));
+        }
+        let held = loop {
+            match stored_hashes_at(client, table, chain_id, size).await {
+                Ok(h) => break h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "waiting for ClickHouse to read the row this node's checkpoint signed");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        if !held.iter().any(|h| hex_hash(h) == signed) {
+            return Err(ChainError::NotCheckpointed(size));
+        }
+    }
+    let checkpointed = anchor.map_or(0, |(size, _)| size);
     match head {
         None => Ok((Chain::new(chain_id), None)),
         Some((seq, hash)) => {
@@ -712,10 +784,16 @@ pub async fn initial_chain(
             tracing::warn!(
                 chain = chain_id,
                 after = seq,
-                "the journal holds no ledger rows: the chain continues after ClickHouse's last row"
+                checkpointed,
+                "the journal holds no ledger rows: the chain continues after ClickHouse's last row (those after this node's checkpoint taken as ClickHouse holds them)"
             );
             let next = seq.checked_add(1).ok_or(ChainError::Full(seq))?;
-            Ok((Chain::at(chain_id, next, head), Some(seq)))
+            let resumed = Resumed {
+                after: seq,
+                checkpointed,
+                stored: None,
+            };
+            Ok((Chain::at(chain_id, next, head), Some(resumed)))
         }
     }
 }
