@@ -269,6 +269,10 @@ pub struct HeldWalk {
     anchor: Option<Checkpoint>,
     /// The hash of the row at the anchor's size, once walked to.
     at_anchor: Option<[u8; 32]>,
+    /// Older checkpoints of the chain (size → head): the row at each size is
+    /// the one it signed, or the walk breaks there
+    /// ([`ChainError::NotCheckpointed`]).
+    earlier: std::collections::BTreeMap<u64, [u8; 32]>,
 }
 
 impl HeldWalk {
@@ -278,6 +282,27 @@ impl HeldWalk {
             walker: Walker::new(),
             anchor,
             at_anchor: None,
+            earlier: Default::default(),
+        }
+    }
+
+    /// A walk held to the newest of `checkpoints` as [`Self::new`], and to
+    /// every older one at its size: a row rewritten under an older checkpoint
+    /// (with the chain rebuilt on top of it, so that the newest one, signed
+    /// later over the rebuilt chain, holds) is a break.
+    pub fn with_all(checkpoints: Vec<Checkpoint>) -> HeldWalk {
+        let mut earlier: std::collections::BTreeMap<u64, [u8; 32]> = checkpoints
+            .iter()
+            .filter(|c| c.size > 0)
+            .map(|c| (c.size, c.head))
+            .collect();
+        let newest = checkpoints.into_iter().max_by_key(|c| c.size);
+        if let Some(n) = &newest {
+            earlier.remove(&n.size);
+        }
+        HeldWalk {
+            earlier,
+            ..HeldWalk::new(newest)
         }
     }
 
@@ -289,6 +314,10 @@ impl HeldWalk {
         let (n, head) = self.walker.head();
         if n != before && self.anchor.as_ref().is_some_and(|a| a.size == n) {
             self.at_anchor = Some(head);
+        }
+        let mut breaks = breaks;
+        if n != before && self.earlier.get(&n).is_some_and(|signed| *signed != head) {
+            breaks.push(ChainError::NotCheckpointed(n));
         }
         breaks
     }
@@ -322,10 +351,10 @@ pub struct ChainWalk {
 }
 
 impl ChainWalk {
-    fn new(chain_id: &str, anchor: Option<Checkpoint>) -> ChainWalk {
+    fn new(chain_id: &str, held: Vec<Checkpoint>) -> ChainWalk {
         ChainWalk {
             chain_id: chain_id.to_owned(),
-            walk: HeldWalk::new(anchor),
+            walk: HeldWalk::with_all(held),
             breaks: Breaks::default(),
             read: 0,
             last_seq: 0,
@@ -380,7 +409,7 @@ pub enum OrderError {
 /// walk with it.
 #[derive(Debug, Default)]
 pub struct ChainsWalk {
-    anchors: std::collections::BTreeMap<String, Checkpoint>,
+    anchors: std::collections::BTreeMap<String, Vec<Checkpoint>>,
     /// The chain being walked; every chain before it in the answer has an id
     /// ordered before its (so a chain in two runs is refused, with no set of the
     /// ids seen).
@@ -390,6 +419,12 @@ pub struct ChainsWalk {
 impl ChainsWalk {
     /// A walk holding each chain to its checkpoint in `anchors`.
     pub fn new(anchors: std::collections::BTreeMap<String, Checkpoint>) -> ChainsWalk {
+        ChainsWalk::with_all(anchors.into_iter().map(|(k, c)| (k, vec![c])).collect())
+    }
+
+    /// A walk holding each chain to every checkpoint of it in `anchors`
+    /// ([`HeldWalk::with_all`]).
+    pub fn with_all(anchors: std::collections::BTreeMap<String, Vec<Checkpoint>>) -> ChainsWalk {
         ChainsWalk {
             anchors,
             ..ChainsWalk::default()
@@ -406,8 +441,8 @@ impl ChainsWalk {
                     self.current = before;
                     return Err(OrderError::ChainTwice(r.chain_id.clone()));
                 }
-                let anchor = self.anchors.remove(&r.chain_id);
-                let w = ChainWalk::new(&r.chain_id, anchor);
+                let held = self.anchors.remove(&r.chain_id).unwrap_or_default();
+                let w = ChainWalk::new(&r.chain_id, held);
                 (before, self.current.insert(w))
             }
         };
@@ -433,7 +468,7 @@ impl ChainsWalk {
         last.extend(
             std::mem::take(&mut self.anchors)
                 .into_iter()
-                .map(|(id, a)| ChainWalk::new(&id, Some(a))),
+                .map(|(id, held)| ChainWalk::new(&id, held)),
         );
         last
     }
@@ -532,6 +567,41 @@ mod tests {
             })
             .collect();
         assert_eq!(cp.check(&rewritten), Err(CheckpointError::Rewritten(5)));
+    }
+
+    /// A chain rewritten under an older checkpoint and rebuilt on top, with a
+    /// newer checkpoint signed over the rebuilt chain (a writer that took
+    /// ClickHouse's head as its own): the newest holds, the older one breaks
+    /// the walk at its size. Held to the newest alone, the walk found nothing.
+    #[test]
+    fn a_walk_is_held_to_every_checkpoint_not_only_the_newest() {
+        let r = rows(8);
+        let old = checkpoint(&r[..3]);
+        let mut c = Chain::new("node-1");
+        let rebuilt: Vec<LedgerRow> = r
+            .iter()
+            .map(|row| {
+                let mut x = row.clone();
+                if x.seq == 2 {
+                    x.code = "forged".into();
+                }
+                c.seal(x)
+            })
+            .collect();
+        let newer = checkpoint(&rebuilt[..6]);
+        let walk = |held: Vec<Checkpoint>| {
+            let mut w = HeldWalk::with_all(held);
+            let breaks: Vec<ChainError> = rebuilt.iter().flat_map(|row| w.push(row)).collect();
+            (breaks, w.held())
+        };
+        assert_eq!(walk(vec![newer.clone()]), (vec![], Some(Ok(8))));
+        let (breaks, held) = walk(vec![old.clone(), newer.clone()]);
+        assert_eq!(breaks, vec![ChainError::NotCheckpointed(3)]);
+        assert_eq!(held, Some(Ok(8)), "the newest still holds");
+        // In any order; the original chain holds both.
+        let mut w = HeldWalk::with_all(vec![checkpoint(&r[..6]), old]);
+        assert!(r.iter().all(|row| w.push(row).is_empty()));
+        assert_eq!(w.held(), Some(Ok(8)));
     }
 
     /// Two signed notes, of one row and of three.

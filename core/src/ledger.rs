@@ -353,7 +353,7 @@ pub enum ChainError {
         found: String,
     },
     /// The stored row at a checkpoint's position is not the row it signed.
-    #[error("row {0} is not the row this node's signed checkpoint of {0} rows holds: the stored chain was rewritten under the checkpoint, and is not continued (it would be signed over); restore the rows, or give the node its journal back")]
+    #[error("row {0} is not the row a signed checkpoint of {0} rows holds: the chain was rewritten under the checkpoint")]
     NotCheckpointed(u64),
 }
 

@@ -81,14 +81,14 @@ impl VerifyArgs {
     }
 }
 
-/// The newest verified checkpoint of each chain in `path`; every whole note must
-/// verify with one of `keys` (the keys before and after a rotation, oldest first),
-/// none with a key older than a note before it.
+/// Every verified checkpoint of each chain in `path`, in the file's order;
+/// every whole note must verify with one of `keys` (the keys before and after a
+/// rotation, oldest first), none with a key older than a note before it.
 fn checkpoints(
     path: &std::path::Path,
     keys: &[String],
     key_name: &str,
-) -> Result<std::collections::BTreeMap<String, Checkpoint>> {
+) -> Result<std::collections::BTreeMap<String, Vec<Checkpoint>>> {
     let vks = keys
         .iter()
         .map(|key| {
@@ -116,7 +116,7 @@ fn checkpoints(
     }
     let text = std::str::from_utf8(&file[..whole])
         .with_context(|| format!("{} is not text", path.display()))?;
-    let mut newest: std::collections::BTreeMap<String, Checkpoint> = Default::default();
+    let mut all: std::collections::BTreeMap<String, Vec<Checkpoint>> = Default::default();
     // The oldest key a note may still be signed with.
     let mut current = 0;
     for note in notes(text) {
@@ -152,11 +152,9 @@ fn checkpoints(
             .chain_id()
             .context("a checkpoint of something other than a ledger chain")?
             .to_owned();
-        if newest.get(&chain).is_none_or(|c| c.size < cp.size) {
-            newest.insert(chain, cp);
-        }
+        all.entry(chain).or_default().push(cp);
     }
-    Ok(newest)
+    Ok(all)
 }
 
 /// `url` without a password it may carry (`user:password@`), for messages.
@@ -432,7 +430,10 @@ pub fn verify(mut a: VerifyArgs) -> Result<ExitCode> {
         unanchored_ok: a.unanchored_ok,
         ..Report::default()
     };
-    let mut anchors: BTreeMap<String, Checkpoint> = BTreeMap::new();
+    // Every checkpoint of each chain, by size: the walk holds the chain to each
+    // (a row rewritten under an older one, the chain rebuilt on top and the
+    // newest signed over it, breaks the walk there).
+    let mut anchors: BTreeMap<String, BTreeMap<u64, Checkpoint>> = BTreeMap::new();
     for path in &a.checkpoint {
         let held = checkpoints(path, &a.key, &a.key_name)?;
         if held.is_empty() {
@@ -441,23 +442,30 @@ pub fn verify(mut a: VerifyArgs) -> Result<ExitCode> {
             println!("broken: {} holds no checkpoint yet", path.display());
             report.broken = true;
         }
-        for (chain, cp) in held {
-            match anchors.get(&chain) {
-                Some(had) if had.size == cp.size && had.head != cp.head => {
-                    // The ledger key signed two histories of one chain.
-                    println!(
-                        "broken: chain {chain}: the checkpoint files disagree at {} rows (two different heads, both signed)",
-                        cp.size
-                    );
-                    report.broken = true;
-                }
-                Some(had) if had.size >= cp.size => {}
-                _ => {
-                    anchors.insert(chain, cp);
+        for (chain, cps) in held {
+            let by_size = anchors.entry(chain.clone()).or_default();
+            for cp in cps {
+                match by_size.get(&cp.size) {
+                    Some(had) if had.head != cp.head => {
+                        // The ledger key signed two histories of one chain.
+                        println!(
+                            "broken: chain {chain}: two checkpoints of {} rows disagree (two different heads, both signed)",
+                            cp.size
+                        );
+                        report.broken = true;
+                    }
+                    Some(_) => {}
+                    None => {
+                        by_size.insert(cp.size, cp);
+                    }
                 }
             }
         }
     }
+    let anchors: BTreeMap<String, Vec<Checkpoint>> = anchors
+        .into_iter()
+        .map(|(chain, by_size)| (chain, by_size.into_values().collect()))
+        .collect();
     let not_walked = format!(
         "{} SETTINGS output_format_json_quote_64bit_integers = 0 FORMAT JSONEachRow",
         gw_core::ledger::not_walked_sql(&a.table)
@@ -468,7 +476,7 @@ pub fn verify(mut a: VerifyArgs) -> Result<ExitCode> {
         .context("cannot start the async runtime")?;
     let client = http_client(a)?;
     let mut walking = Walking {
-        walk: ChainsWalk::new(anchors),
+        walk: ChainsWalk::with_all(anchors),
         report,
     };
     let foreign = rt.block_on(async {
@@ -585,7 +593,8 @@ mod tests {
         std::fs::write(&path, notes).unwrap();
         let hex = |k: &ed25519_dalek::SigningKey| hex::encode(k.verifying_key().as_bytes());
         let both = checkpoints(&path, &[hex(&old), hex(&new)], "gw-ledger").unwrap();
-        assert_eq!(both["node-1"].size, 9, "the newest");
+        let sizes: Vec<u64> = both["node-1"].iter().map(|c| c.size).collect();
+        assert_eq!(sizes, [5, 9], "every checkpoint, in the file's order");
         for one in [hex(&old), hex(&new)] {
             let e = checkpoints(&path, &[one], "gw-ledger").unwrap_err();
             assert!(format!("{e:#}").contains("does not verify"), "{e:#}");
