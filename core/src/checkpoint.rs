@@ -308,6 +308,19 @@ impl HeldWalk {
 
     /// The next row: its breaks ([`Walker::push_on`]).
     pub fn push(&mut self, r: &LedgerRow) -> Vec<ChainError> {
+        // The row after the checkpoint's, linking to the head it signed, meets
+        // it when the row at its size is not stored (a chain continued after
+        // the checkpoint by a node whose store had lost rows: the gap is the
+        // walk's to report, not a rewrite).
+        if let Some(a) = &self.anchor {
+            if self.at_anchor.is_none()
+                && a.size > 0
+                && r.seq == a.size.saturating_add(1)
+                && hex::decode(&r.prev_hash).ok().as_deref() == Some(a.head.as_slice())
+            {
+                self.at_anchor = Some(a.head);
+            }
+        }
         let before = self.walker.head().0;
         let breaks = self.walker.push_on(r);
         // The row at the checkpoint's size, as walked (or followed to).
@@ -602,6 +615,34 @@ mod tests {
         let mut w = HeldWalk::with_all(vec![checkpoint(&r[..6]), old]);
         assert!(r.iter().all(|row| w.push(row).is_empty()));
         assert_eq!(w.held(), Some(Ok(8)));
+    }
+
+    /// A store that lost the checkpoint's row, the chain continued after the
+    /// checkpoint (row 6 links to the head it signed): the gap is the walk's
+    /// break, the checkpoint holds (it was reported rewritten).
+    #[test]
+    fn a_row_linking_to_the_checkpoints_head_meets_it_when_its_row_is_gone() {
+        let r = rows(8);
+        let cp = checkpoint(&r[..5]);
+        let mut w = HeldWalk::new(Some(cp.clone()));
+        let breaks: Vec<ChainError> = r
+            .iter()
+            .filter(|row| row.seq != 5)
+            .flat_map(|row| w.push(row))
+            .collect();
+        assert!(
+            matches!(breaks.as_slice(), [ChainError::Gap { expected: 5, .. }]),
+            "{breaks:?}"
+        );
+        assert_eq!(w.held(), Some(Ok(8)));
+        // Linking elsewhere, it does not.
+        let mut forged = r[5].clone();
+        forged.prev_hash = hex::encode([1u8; 32]);
+        let mut w = HeldWalk::new(Some(cp));
+        for row in r[..4].iter().chain([&forged]).chain(&r[6..]) {
+            let _ = w.push(row);
+        }
+        assert_eq!(w.held(), Some(Err(CheckpointError::Rewritten(5))));
     }
 
     /// Two signed notes, of one row and of three.

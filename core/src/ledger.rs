@@ -355,6 +355,9 @@ pub enum ChainError {
     /// The stored row at a checkpoint's position is not the row it signed.
     #[error("row {0} is not the row a signed checkpoint of {0} rows holds: the chain was rewritten under the checkpoint")]
     NotCheckpointed(u64),
+    /// The store holds no row at a checkpoint's position, and rows after it.
+    #[error("row {0}, which a signed checkpoint of {0} rows holds, is missing while rows after it are stored: what follows it cannot be held to the checkpoint")]
+    CheckpointedRowMissing(u64),
 }
 
 fn parse_hash(s: &str) -> Option<[u8; 32]> {

@@ -413,7 +413,8 @@ async fn stream_rows(mut resp: reqwest::Response, walking: &mut Walking) -> Resu
 }
 
 /// `gwctl ledger verify`: the rows are read as they come, one chain at a time
-/// (constant memory, whatever the table's size).
+/// (memory does not grow with the table's size; the checkpoint files given are
+/// held whole, a few dozen bytes per checkpoint).
 pub fn verify(mut a: VerifyArgs) -> Result<ExitCode> {
     a.read_password_file()?;
     let a = &a;

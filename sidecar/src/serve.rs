@@ -134,11 +134,15 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// file descriptors, say): retrying at once would spin.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(500);
 
-/// The most connections a listener holds before their peer is known (TLS
-/// handshake and first bytes, [`HANDSHAKE_TIMEOUT`] at most each): one more
-/// gives up the oldest of them. A peer holding connections open and silent
-/// does not keep a new one (the edge's) from being taken: it would have to
-/// open them faster than a handshake completes.
+/// The most connections a listener holds in their TLS handshake, and (those of
+/// peers it only refuses) until their first bytes ([`HANDSHAKE_TIMEOUT`] at
+/// most each): one more gives up the oldest of them. A peer holding
+/// connections open and silent does not keep a new one (the edge's) from
+/// being taken; one opening them faster than a handshake completes (a few
+/// milliseconds) can still give up the edge's new connection during its
+/// handshake — a delay for a new connection (the edge keeps its connections
+/// open), never a cut in one in use. Once the handshake names a peer the
+/// listener serves, its connection leaves the count.
 pub const MAX_HANDSHAKING: usize = 256;
 
 /// The connections of a listener in their handshake, oldest first, each with
@@ -352,15 +356,23 @@ pub async fn serve(
                         }
                     };
                     let peer = tls.peer(stream.get_ref().1.peer_certificates());
-                    let Some(stream) = handshake
-                        .before(deadline, first_bytes(stream))
-                        .await
-                        .flatten()
-                    else {
+                    // A peer served (the edge) leaves the count at once; one only
+                    // refused stays in it until its first bytes.
+                    let first = if of.serves.serves(&peer) {
+                        drop(handshake);
+                        tokio::time::timeout_at(deadline, first_bytes(stream))
+                            .await
+                            .ok()
+                            .flatten()
+                    } else {
+                        let first = handshake.before(deadline, first_bytes(stream)).await;
+                        drop(handshake);
+                        first.flatten()
+                    };
+                    let Some(stream) = first else {
                         tracing::debug!(%from, "no request in time after the TLS handshake: dropped");
                         return;
                     };
-                    drop(handshake);
                     let svc = with_peer(app, peer.clone(), from);
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     if of.serves.serves(&peer) {
@@ -793,6 +805,33 @@ impl RefusalBudget {
         std::mem::take(&mut self.state.lock().unrecorded)
             .into_iter()
             .collect()
+    }
+
+    /// A row summing `n` refusals of `code` that were never recorded one by one
+    /// (the edge could not queue them): `Some(owed)` when the budget has room
+    /// for it (the row carries `owed` more, taken), else `None` and the `n`
+    /// are owed (summed with the next row of the code).
+    pub fn take_sum(&self, code: Code, n: u64) -> Option<u64> {
+        let mut s = self.state.lock();
+        let owed = s.unrecorded.get(&code).copied().unwrap_or(0);
+        if self.spend(&mut s, code, 1.0, None) {
+            s.unrecorded.remove(&code);
+            return Some(owed);
+        }
+        *s.unrecorded.entry(code).or_default() += n;
+        None
+    }
+
+    /// `n` refusals of `code` owed that will come again after all (the batch
+    /// that owed them was not written, and is sent again): no longer owed.
+    pub fn unowe(&self, code: Code, n: u64) {
+        let mut s = self.state.lock();
+        if let Some(owed) = s.unrecorded.get_mut(&code) {
+            *owed = owed.saturating_sub(n);
+            if *owed == 0 {
+                s.unrecorded.remove(&code);
+            }
+        }
     }
 
     /// `n` refusals with `code` whose rows were not written after all (a summary

@@ -2625,9 +2625,9 @@ fn a_node_whose_journal_stalled_keeps_the_kill_another_node_applied_meanwhile() 
         signed_command(3, Action::Stop, now(), "dashboard", &[]),
     );
     until(
-        "the stop took effect at both nodes (the checkpoint)",
+        "the stop took effect at the other node (the checkpoint)",
         20,
-        &|| state(live) == "stopped" && state(stalled) == "stopped",
+        &|| state(live) == "stopped",
     );
     // Out of the group past its poll interval: the other node takes the partition
     // and applies a kill, which the stalled node's table follows.

@@ -1484,6 +1484,7 @@ fn the_sidecar_writes_as_a_user_that_cannot_cut_the_ledger() {
             .env("GW_CLICKHOUSE_URL", ch.url())
             .env("GW_CLICKHOUSE_USER", &who.user)
             .env("GW_CLICKHOUSE_PASSWORD", &who.password)
+            .env_remove("GW_CLICKHOUSE_PASSWORD_FILE")
             .output()
             .unwrap()
     };
@@ -1661,8 +1662,21 @@ fn a_node_whose_journal_is_lost_holds_clickhouse_to_its_checkpoint() {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(gw_sidecar::app::start(c)).map(drop)
     };
-    // Rewritten under the checkpoint: row 2 is not the row it signed.
     std::fs::remove_dir_all(state.join("journal")).unwrap();
+    // A second, other row at the checkpoint's position beside the signed one
+    // (the last row ClickHouse names may be either): refused.
+    ch.query(
+        "INSERT INTO control_decisions SELECT * REPLACE (repeat('cd', 32) AS row_hash) \
+         FROM control_decisions WHERE chain_id = 'node-1' AND seq = 2",
+    );
+    let err = start(cfg()).expect_err("a second row at the checkpoint's position was taken");
+    let err = format!("{err:#}");
+    assert!(err.contains("row 2") && err.contains("rewritten"), "{err}");
+    ch.query(
+        "ALTER TABLE control_decisions DELETE WHERE row_hash = repeat('cd', 32) \
+         SETTINGS mutations_sync = 1",
+    );
+    // Rewritten under the checkpoint: row 2 is not the row it signed.
     ch.query(
         "ALTER TABLE control_decisions UPDATE row_hash = repeat('ab', 32) \
          WHERE chain_id = 'node-1' AND seq = 2 SETTINGS mutations_sync = 1",
@@ -1928,6 +1942,7 @@ fn the_ledger_ships_over_mutual_tls_and_a_client_without_a_certificate_is_refuse
         .arg("--setup-clickhouse")
         .env("GW_CLICKHOUSE_USER", &users.admin.user)
         .env("GW_CLICKHOUSE_PASSWORD", &users.admin.password)
+        .env_remove("GW_CLICKHOUSE_PASSWORD_FILE")
         .output()
         .unwrap();
     assert!(o.status.success(), "{o:?}");

@@ -969,9 +969,9 @@ impl Agent {
         };
         // Durable. The module table first: a command announced applied is in
         // effect (the send gate reads the table). Then apply and announce in
-        // order, each with its row's seq. Over Kafka the checkpoint took it
-        // first (`checkpoint`), and while this node's journal stalled another
-        // node may have applied a later command the table holds already: never
+        // order, each with its row's seq. Over Kafka, while this node's journal
+        // stalled after the checkpoint, another node may have applied a later
+        // command, which the table holds already (from its checkpoint): never
         // set back.
         if !pending.is_empty() {
             if self.kafka.is_some() {
@@ -1058,7 +1058,6 @@ impl Agent {
             return Ok(());
         };
         let mut cp = k.checkpoint.clone();
-        let state_taken = state.clone();
         if let Some(s) = state {
             cp.state = s;
         }
@@ -1096,15 +1095,6 @@ impl Agent {
                 .note(*forward);
         }
         k.store.save(module, &cp).await?;
-        // The checkpoint is where the cluster learns the state (other nodes'
-        // tables follow it now): this node's table too, even if its journal
-        // then stalls. A later state already there is kept.
-        if let Some(s) = state_taken {
-            self.env.modules.advance(module, s);
-        }
-        let Some(k) = self.kafka.as_mut() else {
-            return Ok(());
-        };
         k.checkpoint = cp;
         if let Some(n) = nonce {
             put_nonce(&k.store, module, &n).await;

@@ -769,8 +769,23 @@ pub async fn initial_chain(
                 }
             }
         };
-        if !held.iter().any(|h| hex_hash(h) == signed) {
+        // Every row ClickHouse holds there is the one signed (a second, other
+        // row at that position could be the one its last row links back to).
+        if held.is_empty() {
+            return Err(ChainError::CheckpointedRowMissing(size));
+        }
+        if held.iter().any(|h| hex_hash(h) != signed) {
             return Err(ChainError::NotCheckpointed(size));
+        }
+        if stored == Some(size) {
+            // Ends at the checkpoint: continued from the row it signed.
+            let next = size.checked_add(1).ok_or(ChainError::Full(size))?;
+            let resumed = Resumed {
+                after: size,
+                checkpointed: size,
+                stored: None,
+            };
+            return Ok((Chain::at(chain_id, next, signed), Some(resumed)));
         }
     }
     let checkpointed = anchor.map_or(0, |(size, _)| size);
