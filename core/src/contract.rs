@@ -259,6 +259,14 @@ pub struct EdgeReport {
     /// before 2026-12-06 refuses a batch holding it: upgrade sidecars first.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub id: String,
+    /// This report stands for `n` refusals of its code the filter's VM could
+    /// not report one by one (its queue was full, or a report did not fit a
+    /// batch): nothing else of them is known, so its path, body and requester
+    /// are empty. The sidecar sums them in a row (`{"unrecorded": n}`). A
+    /// sidecar before 2026-12-10 refuses a batch holding it (unknown field):
+    /// upgrade sidecars first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unrecorded: Option<u64>,
 }
 
 /// Longest report identity, in bytes.
@@ -281,6 +289,9 @@ pub struct CheckedReport {
     pub requester: Requester,
     /// The report's identity (empty: none given).
     pub id: String,
+    /// `n` refusals of `code` the edge could not report one by one
+    /// ([`EdgeReport::unrecorded`]).
+    pub unrecorded: Option<u64>,
 }
 
 /// Longest requester field a report carries, in bytes.
@@ -314,6 +325,25 @@ impl EdgeReport {
             requester_roles: cut(&r.roles),
             token_issuer: cut(&r.token_issuer),
             id: String::new(),
+            unrecorded: None,
+        }
+    }
+
+    /// A report standing for `n` refusals of `code` (a code's name,
+    /// [`Code::as_str`]) the filter could not report one by one.
+    pub fn sum(code: &str, n: u64, ts_ms: u64) -> EdgeReport {
+        EdgeReport {
+            decision: "rejected".into(),
+            code: code.to_owned(),
+            path: String::new(),
+            raw_hex: String::new(),
+            raw_len: None,
+            ts_ms,
+            requester: String::new(),
+            requester_roles: String::new(),
+            token_issuer: String::new(),
+            id: String::new(),
+            unrecorded: Some(n),
         }
     }
 
@@ -362,6 +392,20 @@ impl EdgeReport {
                 format!("an edge report's id is at most {MAX_REPORT_ID_BYTES} bytes of [0-9a-z-]"),
             ));
         }
+        if let Some(n) = self.unrecorded {
+            let bare = raw.is_empty()
+                && self.raw_len.is_none()
+                && self.path.is_empty()
+                && [&self.requester, &self.requester_roles, &self.token_issuer]
+                    .iter()
+                    .all(|f| f.is_empty());
+            if n == 0 || !bare {
+                return Err(Reject::new(
+                    Code::Malformed,
+                    "an edge report standing for unrecorded refusals counts at least one and carries no path, body or requester",
+                ));
+            }
+        }
         let raw_len = self.raw_len.filter(|n| *n > raw.len() as u64);
         Ok(CheckedReport {
             code,
@@ -375,6 +419,7 @@ impl EdgeReport {
                 token_issuer: self.token_issuer.clone(),
             },
             id: self.id.clone(),
+            unrecorded: self.unrecorded,
         })
     }
 }
@@ -480,6 +525,52 @@ mod tests {
         assert_eq!(with_exp("soon"), None);
         assert_eq!(EdgeIdentity::from_headers(|_| None), None);
         assert_eq!(EdgeIdentity::from_headers(|_| Some("forged")), None);
+    }
+
+    /// A report standing for refusals the edge could not report one by one:
+    /// its count, and nothing else (no path, body or requester); an ordinary
+    /// report does not carry the member (a sidecar before it refuses it).
+    #[test]
+    fn a_summing_report_counts_and_carries_nothing_else() {
+        let sum = EdgeReport::sum("jwt_missing", 7, 9);
+        let checked = sum.check().unwrap();
+        assert_eq!(
+            (checked.code, checked.unrecorded),
+            (Code::JwtMissing, Some(7))
+        );
+        let ordinary = EdgeReport::rejected(Code::Replay, "/p", b"", 7, None);
+        assert_eq!(ordinary.check().unwrap().unrecorded, None);
+        assert!(!serde_json::to_string(&ordinary)
+            .unwrap()
+            .contains("unrecorded"));
+        let who = Requester {
+            sub: "alice".into(),
+            ..Requester::default()
+        };
+        for bad in [
+            EdgeReport {
+                unrecorded: Some(0),
+                ..sum.clone()
+            },
+            EdgeReport {
+                path: "/p".into(),
+                ..sum.clone()
+            },
+            EdgeReport {
+                raw_hex: "00".into(),
+                ..sum.clone()
+            },
+            EdgeReport {
+                raw_len: Some(9),
+                ..sum.clone()
+            },
+            EdgeReport {
+                requester: who.sub.clone(),
+                ..sum.clone()
+            },
+        ] {
+            assert_eq!(bad.check().unwrap_err().code, Code::Malformed, "{bad:?}");
+        }
     }
 
     #[test]

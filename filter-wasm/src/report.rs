@@ -10,8 +10,12 @@
 //! ledger took it, a batch that failed (no answer, the sidecar down or restarting,
 //! a 5xx) goes again after a backoff ([`Backoff`]), and each report carries an id
 //! the sidecar records once, so a batch sent again after a lost answer adds no row.
-//! Reports are lost only when the bounded queue is full (counted as dropped), when
-//! the ledger refuses a batch it cannot read (counted as failed), or with the VM.
+//! A report that does not fit the bounded queue (or a batch) is counted as
+//! dropped, by its code, and the next tick queues one report per code standing
+//! for them ([`EdgeReport::sum`]: `unrecorded: n`), merged into one still
+//! queued: the ledger sums them in a row, so a flood leaves a count of every
+//! refusal. Reports are lost only when the ledger refuses a batch it cannot read
+//! (counted as failed), or with the VM.
 //! The sidecar writes a row per report within a budget per code, and sums the rest
 //! (anyone who reaches Envoy can make it refuse requests without end).
 //! The report itself is the contract's ([`gw_core::contract::EdgeReport`]).
@@ -102,6 +106,8 @@ pub struct ReportQueue {
     /// Reports in flight.
     in_flight: usize,
     dropped: u64,
+    /// Reports dropped and not yet standing in a summing report, by code.
+    unsent: std::collections::BTreeMap<String, u64>,
     /// This VM's random origin: the first half of every report's id.
     origin: u64,
     /// The next report's sequence number.
@@ -150,6 +156,7 @@ impl ReportQueue {
         let n = size(&r);
         if self.queue.len() + self.in_flight >= max_queued || self.bytes + n > MAX_QUEUED_BYTES {
             self.dropped += 1;
+            *self.unsent.entry(r.code).or_default() += 1;
             return false;
         }
         self.next_seq += 1;
@@ -163,6 +170,29 @@ impl ReportQueue {
         if let Some(r) = self.queue.pop_front() {
             self.bytes -= size(&r);
             self.dropped += 1;
+            *self.unsent.entry(r.code).or_default() += r.unrecorded.unwrap_or(1);
+        }
+    }
+
+    /// Queues what was dropped since the last call as one report per code
+    /// standing for them ([`EdgeReport::sum`], at `ts_ms`), added to one of the
+    /// code already waiting. Outside the queue's bounds: there is at most one
+    /// per code waiting, and each is small.
+    pub fn sum_dropped(&mut self, ts_ms: u64) {
+        for (code, n) in std::mem::take(&mut self.unsent) {
+            let waiting = self
+                .queue
+                .iter_mut()
+                .find(|r| r.unrecorded.is_some() && r.code == code);
+            if let Some(w) = waiting {
+                w.unrecorded = Some(w.unrecorded.unwrap_or(0).saturating_add(n));
+                continue;
+            }
+            let mut r = EdgeReport::sum(&code, n, ts_ms);
+            r.id = format!("{:016x}-{:x}", self.origin, self.next_seq);
+            self.next_seq += 1;
+            self.bytes += size(&r);
+            self.queue.push_back(r);
         }
     }
 

@@ -181,6 +181,8 @@ impl Root {
         if now == 0 {
             return;
         }
+        // What did not fit since the last tick, one report per code.
+        r.queue.borrow_mut().sum_dropped(now.saturating_mul(1000));
         let mut b = r.backoff.get();
         let batches = b.batches_now(BATCHES_PER_TICK, r.in_flight.borrow().len());
         r.backoff.set(b);

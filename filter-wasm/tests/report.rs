@@ -16,6 +16,7 @@ fn r(code: &str, raw: usize) -> EdgeReport {
         token_issuer: String::new(),
         raw_len: None,
         id: String::new(),
+        unrecorded: None,
     }
 }
 
@@ -42,6 +43,83 @@ fn bounded_queue_and_batches() {
     q.delivered(b.reports);
     q.delivered(rest.reports);
     assert_eq!(q.in_flight(), 0);
+}
+
+/// Reports that did not fit are counted by code, and the next tick queues one
+/// report per code standing for them (`unrecorded: n`, no path, body or
+/// requester), added to one of the code still waiting; one sent (in flight)
+/// is not added to, a new one is queued. Every refusal is accounted for.
+#[test]
+fn dropped_reports_are_summed_per_code() {
+    let mut q = ReportQueue::new(0xabc);
+    assert!(q.push(r("stale", 1), 2));
+    assert!(q.push(r("stale", 1), 2));
+    for code in ["jwt_missing", "jwt_missing", "stale"] {
+        assert!(!q.push(r(code, 1), 2));
+    }
+    assert_eq!(q.take_dropped(), 3);
+    q.sum_dropped(7_000);
+    let sums = |b: &[EdgeReport]| {
+        b.iter()
+            .filter(|r| r.unrecorded.is_some())
+            .map(|r| {
+                (
+                    r.code.clone(),
+                    r.unrecorded,
+                    r.path.clone(),
+                    r.raw_hex.clone(),
+                    r.ts_ms,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    // More dropped before the batch goes: added to the sums waiting.
+    assert!(!q.push(r("jwt_missing", 1), 2));
+    q.sum_dropped(8_000);
+    let b = q.next_batch(10).unwrap();
+    assert_eq!(
+        sums(&b.reports),
+        [
+            (
+                "jwt_missing".to_owned(),
+                Some(3),
+                String::new(),
+                String::new(),
+                7_000
+            ),
+            (
+                "stale".to_owned(),
+                Some(1),
+                String::new(),
+                String::new(),
+                7_000
+            ),
+        ]
+    );
+    assert_eq!(b.reports.len(), 4, "the two reports and the two sums");
+    for s in b.reports.iter().filter(|r| r.unrecorded.is_some()) {
+        assert!(s.id.starts_with("0000000000000abc-"), "{}", s.id);
+        assert!(s.check().is_ok_and(|c| c.unrecorded == s.unrecorded));
+    }
+    // While they are in flight, what is dropped goes in a new sum.
+    assert!(!q.push(r("jwt_missing", 1), 2));
+    q.sum_dropped(9_000);
+    q.delivered(b.reports);
+    let next = q.next_batch(10).unwrap();
+    assert_eq!(
+        sums(&next.reports),
+        [(
+            "jwt_missing".to_owned(),
+            Some(1),
+            String::new(),
+            String::new(),
+            9_000
+        )]
+    );
+    // Nothing dropped: nothing summed.
+    q.delivered(next.reports);
+    q.sum_dropped(10_000);
+    assert!(q.next_batch(10).is_none());
 }
 
 /// Reports in flight still count against the bounds; one put back goes first

@@ -830,6 +830,7 @@ fn rejected_control_requests_are_reported_in_bounded_batches_on_tick() {
     // The queue holds three: a fourth rejection is dropped (counted at the next tick).
     let out = vm.request(&post("/api/control/commands", "Bearer nope"), b"", 1);
     assert_eq!(out.status(), 401);
+    let dropped_code = out.code().expect("a code");
     assert!(vm.calls().is_empty(), "nothing is sent outside the tick");
 
     vm.tick();
@@ -856,7 +857,14 @@ fn rejected_control_requests_are_reported_in_bounded_batches_on_tick() {
     let sealed = key.check_report(h("x-gw-stamp"), NOW, &call.body);
     assert_eq!(sealed.map(|s| s.ts), Ok(NOW));
     let reports: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
-    assert_eq!(reports.as_array().unwrap().len(), 3);
+    // The three queued, and one standing for the rejection that did not fit.
+    assert_eq!(reports.as_array().unwrap().len(), 4);
+    assert_eq!(reports[3]["unrecorded"], 1, "{reports}");
+    assert_eq!(reports[3]["code"], dropped_code.as_str(), "{reports}");
+    assert_eq!(
+        (reports[3]["path"].as_str(), reports[3]["ts_ms"].as_u64()),
+        (Some(""), Some(NOW * 1000))
+    );
     assert_eq!(reports[0]["code"], "bad_signature");
     assert_eq!(reports[0]["raw_hex"], hex::encode(&tampered));
     assert_eq!(reports[0]["ts_ms"], NOW * 1000);
@@ -894,7 +902,7 @@ fn rejected_control_requests_are_reported_in_bounded_batches_on_tick() {
     }
     assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
     vm.respond(call.token, 200);
-    assert_eq!(vm.metric("gw_edge.report.sent"), Some(3));
+    assert_eq!(vm.metric("gw_edge.report.sent"), Some(4));
 
     // A batch not delivered (503: the sidecar down) is kept and sent again, the same
     // reports with the same ids, after a backoff of 1, then 2 ticks.
@@ -919,7 +927,7 @@ fn rejected_control_requests_are_reported_in_bounded_batches_on_tick() {
     let third = vm.calls()[3].clone();
     assert_eq!(third.body, first.body);
     vm.respond(third.token, 200);
-    assert_eq!(vm.metric("gw_edge.report.sent"), Some(4));
+    assert_eq!(vm.metric("gw_edge.report.sent"), Some(5));
     vm.tick();
     assert_eq!(vm.calls().len(), 4, "an empty queue sends nothing");
 

@@ -304,6 +304,59 @@ fn bad_edge_reports_are_refused_whole() {
     );
 }
 
+/// A report standing for refusals the edge could not queue (`unrecorded: n`)
+/// is a row summing them (`{"unrecorded": n}`, its code, no requester),
+/// recorded once whatever the resends of its batch; one that carries more
+/// than its count is refused with its batch.
+#[test]
+fn refusals_the_edge_could_not_queue_are_summed_in_a_row() {
+    let d = testkit::TempDir::new("edge-report-sum");
+    let ch = ClickHouse::start(d.path());
+    let cfg = common::config_with_clickhouse(&d.path().join("state"), false, &ch);
+    let s = common::serve(cfg);
+    let sum = json!({"decision": "rejected", "code": "jwt_missing", "path": "", "raw_hex": "",
+        "ts_ms": 5, "id": "00000000000000ab-9", "unrecorded": 41});
+    let mut bad = sum.clone();
+    bad["path"] = json!("/api/modules");
+    bad["id"] = json!("00000000000000ab-a");
+    let (status, body) = post_reports(&s, &json!([bad]));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("malformed")),
+        "{body}"
+    );
+    let (status, body) = post_reports(&s, &json!([sum.clone()]));
+    assert_eq!(status, 200, "{body}");
+    // The batch again (its answer lost): recorded once.
+    let (status, body) = post_reports(&s, &json!([sum]));
+    assert_eq!(
+        (status, body["duplicates"].clone()),
+        (200, json!(1)),
+        "{body}"
+    );
+    let rows = common::wait_rows(&ch, 1);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let rows_now = common::stored(&ch);
+    assert_eq!(rows_now.len(), 1, "{rows_now:#?}");
+    let r = &rows[0];
+    assert_eq!(
+        (
+            r.stage.as_str(),
+            r.decision.as_str(),
+            r.code.as_str(),
+            r.requester.as_str()
+        ),
+        ("edge", "rejected", "jwt_missing", "")
+    );
+    let note: Value = serde_json::from_str(&r.args_json).unwrap();
+    assert_eq!(note, json!({"unrecorded": 41}));
+    let metrics = s.get_ops("/metrics");
+    assert!(
+        metrics.contains(r#"gw_sidecar_refusals_unrecorded_total{code="jwt_missing"} 41"#),
+        "{metrics}"
+    );
+}
+
 /// The edge reports every request it refuses, and anyone who reaches Envoy can
 /// make it refuse one (no token at all), of several codes: the ledger takes
 /// those reports within a budget (of all codes, and of each). A flood of three

@@ -1191,10 +1191,24 @@ async fn record_reports(
     let mut rows = Vec::with_capacity(fresh.len());
     let mut taken = Vec::new();
     let mut summed = Vec::new();
+    // Reports standing for refusals the edge could not report one by one: a
+    // row summing them, within the budget (else owed, summed later).
+    let mut sums_taken = Vec::new();
+    let mut sums_owed = Vec::new();
     for r in fresh {
         // A report with an id comes again if this batch is not written.
         let again = !r.id.is_empty();
         let budget = c.edge_reports.of(&r.requester);
+        if let Some(n) = r.unrecorded {
+            match budget.take_sum(r.code, n) {
+                Some(owed) => {
+                    rows.extend(c.auditor.unrecorded_row(Stage::Edge, r.code, n + owed));
+                    sums_taken.push((budget, r.code, n, owed, again));
+                }
+                None => sums_owed.push((budget, r.code, n, again)),
+            }
+            continue;
+        }
         let Some(owed) = budget.take(r.code, Some(&r.requester)) else {
             summed.push((budget, r.code, again));
             continue;
@@ -1247,10 +1261,25 @@ async fn record_reports(
                 c.metrics.unrecorded(code.as_str());
             }
         }
+        for (budget, code, n, owed, again) in sums_taken {
+            budget.owe(code, if again { owed } else { owed + n });
+        }
+        for (budget, code, n, again) in sums_owed {
+            if again {
+                budget.unowe(code, n);
+            }
+        }
         return Err(e.into());
     }
     for (_, code, _) in &summed {
         c.metrics.unrecorded(code.as_str());
+    }
+    for (code, n) in sums_taken
+        .iter()
+        .map(|(_, code, n, _, _)| (code, n))
+        .chain(sums_owed.iter().map(|(_, code, n, _)| (code, n)))
+    {
+        c.metrics.unrecorded_n(code.as_str(), *n);
     }
     for _ in 0..reports.len() - duplicates {
         c.metrics.decision("edge_reported");
@@ -1260,8 +1289,8 @@ async fn record_reports(
     }
     Ok(Json(json!({
         "ok": true,
-        "recorded": reports.len() - duplicates - summed.len(),
-        "unrecorded": summed.len(),
+        "recorded": reports.len() - duplicates - summed.len() - sums_owed.len(),
+        "unrecorded": summed.len() + sums_owed.len(),
         "duplicates": duplicates,
     })))
 }
