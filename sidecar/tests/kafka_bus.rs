@@ -2725,3 +2725,46 @@ fn the_largest_command_fits_a_kafka_record_and_a_larger_record_is_refused() {
         );
     });
 }
+
+/// The state topics are made to be compacted while a node runs: a segment
+/// rolls every hour or 64 MiB, and is cleaned once a tenth of it is
+/// superseded (Kafka's defaults, 7 days and 1 GiB, kept every checkpoint ever
+/// written for each load to read). As the broker reports the topic's
+/// configuration.
+#[test]
+fn state_topics_are_created_to_be_compacted_while_the_node_runs() {
+    use gw_sidecar::control::kafka_state::KafkaState;
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let d = testkit::TempDir::new("kafka-state-topic-config");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let cfg = config(d.path(), &kafka, &ch);
+    let k = cfg.file.kafka.clone().unwrap();
+    let store = KafkaState::new(&k, cfg.state_signer().unwrap().unwrap()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        store.prepare().await.unwrap();
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            k.client().create().unwrap();
+        let topic = store.topic(Module::Mev);
+        let got = admin
+            .describe_configs(
+                &[ResourceSpecifier::Topic(&topic)],
+                &AdminOptions::new().request_timeout(Some(Duration::from_secs(5))),
+            )
+            .await
+            .unwrap();
+        let resource = got.into_iter().next().unwrap().unwrap();
+        let value = |name: &str| {
+            resource
+                .entries
+                .iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(value("cleanup.policy").as_deref(), Some("compact"));
+        assert_eq!(value("segment.ms").as_deref(), Some("3600000"));
+        assert_eq!(value("segment.bytes").as_deref(), Some("67108864"));
+        assert_eq!(value("min.cleanable.dirty.ratio").as_deref(), Some("0.1"));
+    });
+}

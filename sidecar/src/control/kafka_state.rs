@@ -402,7 +402,12 @@ impl KafkaState {
         format!("{}-state-{}", self.cfg.topic, m.as_str())
     }
 
-    /// Creates the state topics (compacted) when missing. Idempotent.
+    /// Creates the state topics (compacted) when missing. Idempotent. Each
+    /// load reads a topic whole, and a checkpoint is written per command: the
+    /// log rolls a segment every hour or 64 MiB (Kafka compacts only rolled
+    /// segments; its defaults, 7 days and 1 GiB, let superseded checkpoints
+    /// pile up to be read at every load) and is compacted once a tenth of it
+    /// is superseded.
     pub async fn prepare(&self) -> Result<(), BusError> {
         let names: Vec<String> = Module::ALL.iter().map(|m| self.topic(*m)).collect();
         let topics: Vec<NewTopic<'_>> = names
@@ -410,6 +415,9 @@ impl KafkaState {
             .map(|n| {
                 NewTopic::new(n, 1, TopicReplication::Fixed(self.cfg.replication))
                     .set("cleanup.policy", "compact")
+                    .set("segment.ms", "3600000")
+                    .set("segment.bytes", "67108864")
+                    .set("min.cleanable.dirty.ratio", "0.1")
             })
             .collect();
         self.cfg.create_topics(&topics).await
