@@ -568,9 +568,15 @@ mod tests {
         assert!(matches!(cp.check(&deleted), Err(CheckpointError::Chain(_))));
         // A whole chain rewritten (re-sealed after a change) verifies as a chain but
         // not against the checkpoint.
+        let rewritten = resealed_with_row_2_forged(&r);
+        assert_eq!(cp.check(&rewritten), Err(CheckpointError::Rewritten(5)));
+    }
+
+    /// `r` with row 2 changed and every row sealed again: a chain of valid
+    /// hashes, as anyone who can write the store can make one.
+    fn resealed_with_row_2_forged(r: &[LedgerRow]) -> Vec<LedgerRow> {
         let mut c = Chain::new("node-1");
-        let rewritten: Vec<LedgerRow> = r
-            .iter()
+        r.iter()
             .map(|row| {
                 let mut x = row.clone();
                 if x.seq == 2 {
@@ -578,8 +584,7 @@ mod tests {
                 }
                 c.seal(x)
             })
-            .collect();
-        assert_eq!(cp.check(&rewritten), Err(CheckpointError::Rewritten(5)));
+            .collect()
     }
 
     /// A chain rewritten under an older checkpoint and rebuilt on top, with a
@@ -590,17 +595,7 @@ mod tests {
     fn a_walk_is_held_to_every_checkpoint_not_only_the_newest() {
         let r = rows(8);
         let old = checkpoint(&r[..3]);
-        let mut c = Chain::new("node-1");
-        let rebuilt: Vec<LedgerRow> = r
-            .iter()
-            .map(|row| {
-                let mut x = row.clone();
-                if x.seq == 2 {
-                    x.code = "forged".into();
-                }
-                c.seal(x)
-            })
-            .collect();
+        let rebuilt = resealed_with_row_2_forged(&r);
         let newer = checkpoint(&rebuilt[..6]);
         let walk = |held: Vec<Checkpoint>| {
             let mut w = HeldWalk::with_all(held);
