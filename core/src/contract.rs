@@ -269,6 +269,9 @@ pub struct EdgeReport {
     pub unrecorded: Option<u64>,
 }
 
+/// The most refusals one report may stand for ([`EdgeReport::unrecorded`]).
+pub const MAX_REPORT_UNRECORDED: u64 = 1 << 32;
+
 /// Longest report identity, in bytes.
 pub const MAX_REPORT_ID_BYTES: usize = 64;
 
@@ -399,10 +402,10 @@ impl EdgeReport {
                 && [&self.requester, &self.requester_roles, &self.token_issuer]
                     .iter()
                     .all(|f| f.is_empty());
-            if n == 0 || !bare {
+            if n == 0 || n > MAX_REPORT_UNRECORDED || !bare {
                 return Err(Reject::new(
                     Code::Malformed,
-                    "an edge report standing for unrecorded refusals counts at least one and carries no path, body or requester",
+                    "an edge report standing for unrecorded refusals counts 1..=2^32 and carries no path, body or requester",
                 ));
             }
         }
@@ -550,6 +553,10 @@ mod tests {
         for bad in [
             EdgeReport {
                 unrecorded: Some(0),
+                ..sum.clone()
+            },
+            EdgeReport {
+                unrecorded: Some(MAX_REPORT_UNRECORDED + 1),
                 ..sum.clone()
             },
             EdgeReport {

@@ -11,10 +11,11 @@
 //! a 5xx) goes again after a backoff ([`Backoff`]), and each report carries an id
 //! the sidecar records once, so a batch sent again after a lost answer adds no row.
 //! A report that does not fit the bounded queue (or a batch) is counted as
-//! dropped, by its code, and the next tick queues one report per code standing
-//! for them ([`EdgeReport::sum`]: `unrecorded: n`), merged into one still
-//! queued: the ledger sums them in a row, so a flood leaves a count of every
-//! refusal. Reports are lost only when the ledger refuses a batch it cannot read
+//! dropped, by its code, and a tick queues one report per code standing for
+//! them ([`EdgeReport::sum`]: `unrecorded: n`) unless one of the code is still
+//! out (queued or in flight: the count waits for it to be delivered, so a
+//! report never changes once sent and at most one per code is out): the ledger
+//! sums them in a row, so a flood leaves a count of every refusal. Reports are lost only when the ledger refuses a batch it cannot read
 //! (counted as failed), or with the VM.
 //! The sidecar writes a row per report within a budget per code, and sums the rest
 //! (anyone who reaches Envoy can make it refuse requests without end).
@@ -108,6 +109,8 @@ pub struct ReportQueue {
     dropped: u64,
     /// Reports dropped and not yet standing in a summing report, by code.
     unsent: std::collections::BTreeMap<String, u64>,
+    /// Codes with a summing report out (queued or in flight).
+    sums_out: std::collections::BTreeSet<String>,
     /// This VM's random origin: the first half of every report's id.
     origin: u64,
     /// The next report's sequence number.
@@ -156,7 +159,8 @@ impl ReportQueue {
         let n = size(&r);
         if self.queue.len() + self.in_flight >= max_queued || self.bytes + n > MAX_QUEUED_BYTES {
             self.dropped += 1;
-            *self.unsent.entry(r.code).or_default() += 1;
+            let n = self.unsent.entry(r.code).or_default();
+            *n = n.saturating_add(1);
             return false;
         }
         self.next_seq += 1;
@@ -170,24 +174,30 @@ impl ReportQueue {
         if let Some(r) = self.queue.pop_front() {
             self.bytes -= size(&r);
             self.dropped += 1;
-            *self.unsent.entry(r.code).or_default() += r.unrecorded.unwrap_or(1);
+            if r.unrecorded.is_some() {
+                self.sums_out.remove(&r.code);
+            }
+            let n = self.unsent.entry(r.code).or_default();
+            *n = n.saturating_add(r.unrecorded.unwrap_or(1));
         }
     }
 
-    /// Queues what was dropped since the last call as one report per code
-    /// standing for them ([`EdgeReport::sum`], at `ts_ms`), added to one of the
-    /// code already waiting. Outside the queue's bounds: there is at most one
-    /// per code waiting, and each is small.
+    /// Queues what was dropped as one report per code standing for them
+    /// ([`EdgeReport::sum`], at `ts_ms`), for each code with none out (queued or
+    /// in flight: its count waits). Outside the queue's bounds: at most one per
+    /// code is out, and each is small.
     pub fn sum_dropped(&mut self, ts_ms: u64) {
-        for (code, n) in std::mem::take(&mut self.unsent) {
-            let waiting = self
-                .queue
-                .iter_mut()
-                .find(|r| r.unrecorded.is_some() && r.code == code);
-            if let Some(w) = waiting {
-                w.unrecorded = Some(w.unrecorded.unwrap_or(0).saturating_add(n));
+        let ready: Vec<String> = self
+            .unsent
+            .keys()
+            .filter(|c| !self.sums_out.contains(*c))
+            .cloned()
+            .collect();
+        for code in ready {
+            let Some(n) = self.unsent.remove(&code) else {
                 continue;
-            }
+            };
+            self.sums_out.insert(code.clone());
             let mut r = EdgeReport::sum(&code, n, ts_ms);
             r.id = format!("{:016x}-{:x}", self.origin, self.next_seq);
             self.next_seq += 1;
@@ -251,6 +261,9 @@ impl ReportQueue {
         self.in_flight = self.in_flight.saturating_sub(reports.len());
         for r in &reports {
             self.bytes = self.bytes.saturating_sub(size(r));
+            if r.unrecorded.is_some() {
+                self.sums_out.remove(&r.code);
+            }
         }
     }
 

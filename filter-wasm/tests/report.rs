@@ -45,10 +45,11 @@ fn bounded_queue_and_batches() {
     assert_eq!(q.in_flight(), 0);
 }
 
-/// Reports that did not fit are counted by code, and the next tick queues one
-/// report per code standing for them (`unrecorded: n`, no path, body or
-/// requester), added to one of the code still waiting; one sent (in flight)
-/// is not added to, a new one is queued. Every refusal is accounted for.
+/// Reports that did not fit are counted by code, and a tick queues one report
+/// per code standing for them (`unrecorded: n`, no path, body or requester),
+/// unless one of the code is still out: a report never changes once sent (a
+/// batch put back after a lost answer may have been recorded under its id),
+/// and at most one per code is out. Every refusal is accounted for.
 #[test]
 fn dropped_reports_are_summed_per_code() {
     let mut q = ReportQueue::new(0xabc);
@@ -73,7 +74,7 @@ fn dropped_reports_are_summed_per_code() {
             })
             .collect::<Vec<_>>()
     };
-    // More dropped before the batch goes: added to the sums waiting.
+    // More dropped while the sums wait: counted for later, the sums unchanged.
     assert!(!q.push(r("jwt_missing", 1), 2));
     q.sum_dropped(8_000);
     let b = q.next_batch(10).unwrap();
@@ -82,7 +83,7 @@ fn dropped_reports_are_summed_per_code() {
         [
             (
                 "jwt_missing".to_owned(),
-                Some(3),
+                Some(2),
                 String::new(),
                 String::new(),
                 7_000
@@ -101,24 +102,34 @@ fn dropped_reports_are_summed_per_code() {
         assert!(s.id.starts_with("0000000000000abc-"), "{}", s.id);
         assert!(s.check().is_ok_and(|c| c.unrecorded == s.unrecorded));
     }
-    // While they are in flight, what is dropped goes in a new sum.
+    // Put back (no answer): sent again as they were, nothing added.
     assert!(!q.push(r("jwt_missing", 1), 2));
+    q.put_back(b.reports);
     q.sum_dropped(9_000);
-    q.delivered(b.reports);
+    let again = q.next_batch(10).unwrap();
+    assert_eq!(sums(&again.reports)[0].1, Some(2), "unchanged once sent");
+    assert_eq!(
+        again.reports.len(),
+        4,
+        "no second sum of a code while one is out"
+    );
+    // Delivered: what waited (two jwt_missing) goes in a new sum.
+    q.delivered(again.reports);
+    q.sum_dropped(10_000);
     let next = q.next_batch(10).unwrap();
     assert_eq!(
         sums(&next.reports),
         [(
             "jwt_missing".to_owned(),
-            Some(1),
+            Some(2),
             String::new(),
             String::new(),
-            9_000
+            10_000
         )]
     );
     // Nothing dropped: nothing summed.
     q.delivered(next.reports);
-    q.sum_dropped(10_000);
+    q.sum_dropped(11_000);
     assert!(q.next_batch(10).is_none());
 }
 

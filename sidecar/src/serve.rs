@@ -807,31 +807,19 @@ impl RefusalBudget {
             .collect()
     }
 
-    /// A row summing `n` refusals of `code` that were never recorded one by one
+    /// A row summing refusals of `code` that were never recorded one by one
     /// (the edge could not queue them): `Some(owed)` when the budget has room
-    /// for it (the row carries `owed` more, taken), else `None` and the `n`
-    /// are owed (summed with the next row of the code).
-    pub fn take_sum(&self, code: Code, n: u64) -> Option<u64> {
+    /// for it (the row carries `owed` more, taken), else `None` and nothing
+    /// changes (the caller owes its sum once it is sure it will not come
+    /// again: [`Self::owe`]).
+    pub fn take_sum(&self, code: Code) -> Option<u64> {
         let mut s = self.state.lock();
         let owed = s.unrecorded.get(&code).copied().unwrap_or(0);
         if self.spend(&mut s, code, 1.0, None) {
             s.unrecorded.remove(&code);
             return Some(owed);
         }
-        *s.unrecorded.entry(code).or_default() += n;
         None
-    }
-
-    /// `n` refusals of `code` owed that will come again after all (the batch
-    /// that owed them was not written, and is sent again): no longer owed.
-    pub fn unowe(&self, code: Code, n: u64) {
-        let mut s = self.state.lock();
-        if let Some(owed) = s.unrecorded.get_mut(&code) {
-            *owed = owed.saturating_sub(n);
-            if *owed == 0 {
-                s.unrecorded.remove(&code);
-            }
-        }
     }
 
     /// `n` refusals with `code` whose rows were not written after all (a summary
@@ -840,7 +828,9 @@ impl RefusalBudget {
         if n == 0 {
             return;
         }
-        *self.state.lock().unrecorded.entry(code).or_default() += n;
+        let mut s = self.state.lock();
+        let owed = s.unrecorded.entry(code).or_default();
+        *owed = owed.saturating_add(n);
     }
 
     /// A refusal [`Self::take`] counted as not recorded that will come again

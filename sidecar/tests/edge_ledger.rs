@@ -305,15 +305,16 @@ fn bad_edge_reports_are_refused_whole() {
 }
 
 /// A report standing for refusals the edge could not queue (`unrecorded: n`)
-/// is a row summing them (`{"unrecorded": n}`, its code, no requester),
-/// recorded once whatever the resends of its batch; one that carries more
+/// is a row summing them (`{"unrecorded": n}` with its id, its code, no
+/// requester), recorded once whatever the resends of its batch — after a
+/// restart too (its id is read back from the journal); one that carries more
 /// than its count is refused with its batch.
 #[test]
 fn refusals_the_edge_could_not_queue_are_summed_in_a_row() {
     let d = testkit::TempDir::new("edge-report-sum");
     let ch = ClickHouse::start(d.path());
-    let cfg = common::config_with_clickhouse(&d.path().join("state"), false, &ch);
-    let s = common::serve(cfg);
+    let cfg = || common::config_with_clickhouse(&d.path().join("state"), false, &ch);
+    let s = common::serve(cfg());
     let sum = json!({"decision": "rejected", "code": "jwt_missing", "path": "", "raw_hex": "",
         "ts_ms": 5, "id": "00000000000000ab-9", "unrecorded": 41});
     let mut bad = sum.clone();
@@ -328,7 +329,7 @@ fn refusals_the_edge_could_not_queue_are_summed_in_a_row() {
     let (status, body) = post_reports(&s, &json!([sum.clone()]));
     assert_eq!(status, 200, "{body}");
     // The batch again (its answer lost): recorded once.
-    let (status, body) = post_reports(&s, &json!([sum]));
+    let (status, body) = post_reports(&s, &json!([sum.clone()]));
     assert_eq!(
         (status, body["duplicates"].clone()),
         (200, json!(1)),
@@ -349,12 +350,26 @@ fn refusals_the_edge_could_not_queue_are_summed_in_a_row() {
         ("edge", "rejected", "jwt_missing", "")
     );
     let note: Value = serde_json::from_str(&r.args_json).unwrap();
-    assert_eq!(note, json!({"unrecorded": 41}));
+    assert_eq!(
+        note,
+        json!({"unrecorded": 41, "report_id": "00000000000000ab-9", "edge_ts_ms": 5})
+    );
     let metrics = s.get_ops("/metrics");
     assert!(
         metrics.contains(r#"gw_sidecar_refusals_unrecorded_total{code="jwt_missing"} 41"#),
         "{metrics}"
     );
+    // Restarted (the answer lost in a crash): the resend is known recorded.
+    drop(s);
+    let s = common::serve(cfg());
+    let (status, body) = post_reports(&s, &json!([sum]));
+    assert_eq!(
+        (status, body["duplicates"].clone()),
+        (200, json!(1)),
+        "{body}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(common::stored(&ch).len(), 1);
 }
 
 /// The edge reports every request it refuses, and anyone who reaches Envoy can

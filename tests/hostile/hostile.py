@@ -456,6 +456,12 @@ def edge_cases(k):
         [("x-forwarded-client-cert", 'By=spiffe://x;Subject="CN=envoy.local"')] + cmd_h(viewer), good(), 403,
         "forbidden_role", E("forbidden_role", "hostile-viewer"))
 
+    add("spoof: Envoy's own headers (a 1 ms upstream timeout, retries)", "GET", "/api/ledger/history?limit=5",
+        [auth(viewer), ("x-envoy-upstream-rq-timeout-ms", "1"), ("x-envoy-retry-on", "5xx"),
+         ("x-envoy-max-retries", "5")], b"", 200, None, None,
+        why="a client is never internal to Envoy (its address, loopback included): x-envoy-* headers it "
+            "sends are stripped, not obeyed (obeyed, the 1 ms timeout answers 504)")
+
     # Path tricks: no spelling of a control route skips the checks.
     bad_sig = lambda: flip_sig(good())
     add("path: dot segments", "POST", "/api/x/../control/commands", cmd_h(), bad_sig(), 401, "bad_signature",

@@ -1200,11 +1200,29 @@ async fn record_reports(
         let again = !r.id.is_empty();
         let budget = c.edge_reports.of(&r.requester);
         if let Some(n) = r.unrecorded {
-            match budget.take_sum(r.code, n) {
+            match budget.take_sum(r.code) {
                 Some(owed) => {
-                    rows.extend(c.auditor.unrecorded_row(Stage::Edge, r.code, n + owed));
+                    // Its id noted, as every report's: a resend after a crash
+                    // that lost the answer is known recorded.
+                    let e = Entry {
+                        stage: Stage::Edge,
+                        decision: Decision::Rejected,
+                        code: Some(r.code),
+                        body: &[],
+                        command: None,
+                        requester: None,
+                        route: "",
+                    };
+                    let mut note = Map::new();
+                    note.insert("unrecorded".into(), json!(n.saturating_add(owed)));
+                    if again {
+                        note.insert("report_id".into(), json!(r.id));
+                    }
+                    note.insert("edge_ts_ms".into(), json!(r.ts_ms));
+                    rows.extend(c.auditor.row_noting(&e, &Value::Object(note)));
                     sums_taken.push((budget, r.code, n, owed, again));
                 }
+                // Owed once the batch is written (else it comes again).
                 None => sums_owed.push((budget, r.code, n, again)),
             }
             continue;
@@ -1262,11 +1280,15 @@ async fn record_reports(
             }
         }
         for (budget, code, n, owed, again) in sums_taken {
-            budget.owe(code, if again { owed } else { owed + n });
+            budget.owe(code, if again { owed } else { owed.saturating_add(n) });
+            if !again {
+                c.metrics.unrecorded_n(code.as_str(), n);
+            }
         }
         for (budget, code, n, again) in sums_owed {
-            if again {
-                budget.unowe(code, n);
+            if !again {
+                budget.owe(code, n);
+                c.metrics.unrecorded_n(code.as_str(), n);
             }
         }
         return Err(e.into());
@@ -1274,11 +1296,11 @@ async fn record_reports(
     for (_, code, _) in &summed {
         c.metrics.unrecorded(code.as_str());
     }
-    for (code, n) in sums_taken
-        .iter()
-        .map(|(_, code, n, _, _)| (code, n))
-        .chain(sums_owed.iter().map(|(_, code, n, _)| (code, n)))
-    {
+    for (_, code, n, _, _) in &sums_taken {
+        c.metrics.unrecorded_n(code.as_str(), *n);
+    }
+    for (budget, code, n, _) in &sums_owed {
+        budget.owe(*code, *n);
         c.metrics.unrecorded_n(code.as_str(), *n);
     }
     for _ in 0..reports.len() - duplicates {
