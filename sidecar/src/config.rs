@@ -458,17 +458,12 @@ fn clickhouse_env(
     if let Some(u) = env("GW_CLICKHOUSE_USER").filter(|u| !u.trim().is_empty()) {
         file.clickhouse_user = Some(u);
     }
+    not_both(env, "GW_CLICKHOUSE_PASSWORD", "GW_CLICKHOUSE_PASSWORD_FILE")?;
     let password = match (
         env("GW_CLICKHOUSE_PASSWORD"),
         env("GW_CLICKHOUSE_PASSWORD_FILE"),
     ) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::Env(
-                "GW_CLICKHOUSE_PASSWORD_FILE",
-                "set GW_CLICKHOUSE_PASSWORD or GW_CLICKHOUSE_PASSWORD_FILE, not both".into(),
-            ))
-        }
-        (Some(p), None) => Some(p),
+        (Some(p), _) => Some(p),
         (None, Some(f)) => Some(
             std::fs::read_to_string(&f)
                 .map_err(|e| ConfigError::Read(f.clone().into(), e))?
@@ -530,19 +525,32 @@ fn check_clickhouse(file: &FileConfig) -> Result<(), ConfigError> {
     }
 }
 
+/// `Err` when a secret is given both as the variable `name` and as the file
+/// `file_var` names: which one was meant cannot be told (a variable left
+/// exported in a shell must not win over a deployment's file). Never echoes
+/// either.
+fn not_both(
+    env: &dyn Fn(&str) -> Option<String>,
+    name: &'static str,
+    file_var: &'static str,
+) -> Result<(), ConfigError> {
+    if env(name).is_some() && env(file_var).is_some() {
+        return Err(ConfigError::Env(
+            file_var,
+            format!("set {name} or {file_var}, not both"),
+        ));
+    }
+    Ok(())
+}
+
 /// The edge key: `GW_EDGE_KEY_HEX`, or the file `GW_EDGE_KEY_FILE` names (one
 /// of them). Errors never echo the key.
 fn edge_key(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<gw_core::edge_stamp::EdgeKey, ConfigError> {
+    not_both(env, "GW_EDGE_KEY_HEX", "GW_EDGE_KEY_FILE")?;
     let (name, hex) = match (env("GW_EDGE_KEY_HEX"), env("GW_EDGE_KEY_FILE")) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::Env(
-                "GW_EDGE_KEY_FILE",
-                "set GW_EDGE_KEY_HEX or GW_EDGE_KEY_FILE, not both".into(),
-            ))
-        }
-        (Some(hex), None) => ("GW_EDGE_KEY_HEX", zeroize::Zeroizing::new(hex)),
+        (Some(hex), _) => ("GW_EDGE_KEY_HEX", zeroize::Zeroizing::new(hex)),
         (None, Some(path)) => (
             "GW_EDGE_KEY_FILE",
             zeroize::Zeroizing::new(
@@ -587,13 +595,8 @@ fn secrets_from_files(
 ) -> Result<(Vec<(&'static str, zeroize::Zeroizing<String>)>, Vec<String>), ConfigError> {
     let (mut read, mut warnings) = (Vec::new(), Vec::new());
     for (name, file_var) in SECRET_FILES {
+        not_both(env, name, file_var)?;
         let Some(path) = env(file_var) else { continue };
-        if env(name).is_some() {
-            return Err(ConfigError::Env(
-                file_var,
-                format!("set {name} or {file_var}, not both"),
-            ));
-        }
         let text = zeroize::Zeroizing::new(
             std::fs::read_to_string(&path)
                 .map_err(|e| ConfigError::Env(file_var, format!("{path}: {e}")))?,

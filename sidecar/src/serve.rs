@@ -356,9 +356,10 @@ pub async fn serve(
                         }
                     };
                     let peer = tls.peer(stream.get_ref().1.peer_certificates());
+                    let served = of.serves.serves(&peer);
                     // A peer served (the edge) leaves the count at once; one only
                     // refused stays in it until its first bytes.
-                    let first = if of.serves.serves(&peer) {
+                    let first = if served {
                         drop(handshake);
                         tokio::time::timeout_at(deadline, first_bytes(stream))
                             .await
@@ -375,7 +376,7 @@ pub async fn serve(
                     };
                     let svc = with_peer(app, peer.clone(), from);
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    if of.serves.serves(&peer) {
+                    if served {
                         let _ = watcher.watch(conn.into_owned()).await;
                         return;
                     }

@@ -1199,51 +1199,8 @@ async fn record_reports(
         // A report with an id comes again if this batch is not written.
         let again = !r.id.is_empty();
         let budget = c.edge_reports.of(&r.requester);
-        if let Some(n) = r.unrecorded {
-            match budget.take_sum(r.code) {
-                Some(owed) => {
-                    // Its id noted, as every report's: a resend after a crash
-                    // that lost the answer is known recorded.
-                    let e = Entry {
-                        stage: Stage::Edge,
-                        decision: Decision::Rejected,
-                        code: Some(r.code),
-                        body: &[],
-                        command: None,
-                        requester: None,
-                        route: "",
-                    };
-                    let mut note = Map::new();
-                    note.insert("unrecorded".into(), json!(n.saturating_add(owed)));
-                    if again {
-                        note.insert("report_id".into(), json!(r.id));
-                    }
-                    note.insert("edge_ts_ms".into(), json!(r.ts_ms));
-                    rows.extend(c.auditor.row_noting(&e, &Value::Object(note)));
-                    sums_taken.push((budget, r.code, n, owed, again));
-                }
-                // Owed once the batch is written (else it comes again).
-                None => sums_owed.push((budget, r.code, n, again)),
-            }
-            continue;
-        }
-        let Some(owed) = budget.take(r.code, Some(&r.requester)) else {
-            summed.push((budget, r.code, again));
-            continue;
-        };
-        taken.push((budget, r.code, owed, again));
-        if owed > 0 {
-            rows.extend(c.auditor.unrecorded_row(Stage::Edge, r.code, owed));
-        }
-        let e = Entry {
-            stage: Stage::Edge,
-            decision: Decision::Rejected,
-            code: Some(r.code),
-            body: &r.raw,
-            command: None,
-            requester: Some(&r.requester),
-            route: &r.path,
-        };
+        // Its id noted (a resend after a crash that lost the answer is known
+        // recorded), and the edge's time.
         let mut note = Map::new();
         if again {
             note.insert("report_id".into(), json!(r.id));
@@ -1254,6 +1211,38 @@ async fn record_reports(
             note.insert("raw_bytes".into(), json!(n));
             note.insert("raw_kept".into(), json!(r.raw.len()));
         }
+        match r.unrecorded {
+            // Refusals the edge could not report one by one: one row sums them
+            // (and what the budget owed of the code).
+            Some(n) => {
+                let Some(owed) = budget.take_sum(r.code) else {
+                    // Owed once the batch is written (else it comes again).
+                    sums_owed.push((budget, r.code, n, again));
+                    continue;
+                };
+                note.insert("unrecorded".into(), json!(n.saturating_add(owed)));
+                sums_taken.push((budget, r.code, n, owed, again));
+            }
+            None => {
+                let Some(owed) = budget.take(r.code, Some(&r.requester)) else {
+                    summed.push((budget, r.code, again));
+                    continue;
+                };
+                taken.push((budget, r.code, owed, again));
+                if owed > 0 {
+                    rows.extend(c.auditor.unrecorded_row(Stage::Edge, r.code, owed));
+                }
+            }
+        }
+        let e = Entry {
+            stage: Stage::Edge,
+            decision: Decision::Rejected,
+            code: Some(r.code),
+            body: &r.raw,
+            command: None,
+            requester: Some(&r.requester),
+            route: &r.path,
+        };
         rows.extend(c.auditor.row_noting(&e, &Value::Object(note)));
     }
     let written = c.record(rows).await;

@@ -752,13 +752,7 @@ pub async fn initial_chain(
                 clickhouse = stored.unwrap_or(0),
                 "the journal holds no ledger rows and ClickHouse fewer than this node's checkpoint vouches for: the chain continues after the checkpoint (gwctl ledger verify reports the rows ClickHouse lost)"
             );
-            let next = size.checked_add(1).ok_or(ChainError::Full(size))?;
-            let resumed = Resumed {
-                after: size,
-                checkpointed: size,
-                stored: Some(stored.unwrap_or(0)),
-            };
-            return Ok((Chain::at(chain_id, next, signed), Some(resumed)));
+            return continued(chain_id, signed, size, size, Some(stored.unwrap_or(0)));
         }
         let held = loop {
             match stored_hashes_at(client, table, chain_id, size).await {
@@ -779,13 +773,7 @@ pub async fn initial_chain(
         }
         if stored == Some(size) {
             // Ends at the checkpoint: continued from the row it signed.
-            let next = size.checked_add(1).ok_or(ChainError::Full(size))?;
-            let resumed = Resumed {
-                after: size,
-                checkpointed: size,
-                stored: None,
-            };
-            return Ok((Chain::at(chain_id, next, signed), Some(resumed)));
+            return continued(chain_id, signed, size, size, None);
         }
     }
     let checkpointed = anchor.map_or(0, |(size, _)| size);
@@ -802,15 +790,27 @@ pub async fn initial_chain(
                 checkpointed,
                 "the journal holds no ledger rows: the chain continues after ClickHouse's last row (those after this node's checkpoint taken as ClickHouse holds them)"
             );
-            let next = seq.checked_add(1).ok_or(ChainError::Full(seq))?;
-            let resumed = Resumed {
-                after: seq,
-                checkpointed,
-                stored: None,
-            };
-            Ok((Chain::at(chain_id, next, head), Some(resumed)))
+            continued(chain_id, head, seq, checkpointed, None)
         }
     }
+}
+
+/// The chain `chain_id` continued after row `after`, whose hash is `head`, and
+/// how it was taken up ([`Resumed`]).
+fn continued(
+    chain_id: &str,
+    head: [u8; 32],
+    after: u64,
+    checkpointed: u64,
+    stored: Option<u64>,
+) -> Result<(Chain, Option<Resumed>), ChainError> {
+    let next = after.checked_add(1).ok_or(ChainError::Full(after))?;
+    let resumed = Resumed {
+        after,
+        checkpointed,
+        stored,
+    };
+    Ok((Chain::at(chain_id, next, head), Some(resumed)))
 }
 
 /// Inserts `rows` into `table`; a retry of the same rows is deduplicated.
