@@ -46,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         ),
     };
     if setup {
+        gw_sidecar::telemetry::init(gw_sidecar::telemetry::LogFormat::Text);
         return tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
@@ -78,8 +79,8 @@ async fn setup_clickhouse(path: Option<&std::path::Path>) -> anyhow::Result<()> 
     let (client, clear) = Config::clickhouse_only(path, &|k| std::env::var(k).ok())?
         .context("--setup-clickhouse needs clickhouse_url (GW_CLICKHOUSE_URL)")?;
     if clear {
-        eprintln!(
-            "warning: ClickHouse over plain HTTP to a host that is not loopback: the administrator's password crosses the network in clear (set clickhouse_tls and an https:// URL)"
+        tracing::warn!(
+            "ClickHouse over plain HTTP to a host that is not loopback: the administrator's password crosses the network in clear (set clickhouse_tls and an https:// URL)"
         );
     }
     let done = gw_sidecar::ledger::migrations::apply(&client).await?;
