@@ -355,10 +355,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             g,
         );
     }
+    // The replay guards judge commands no earlier than the time they forgot
+    // nonces before (kept across restarts: `control::clock_floor`).
+    let floor = crate::control::clock_floor::ClockFloor::in_dir(&dir)?;
     let replay = Arc::new(parking_lot::Mutex::new(ReplayStore::open(
         &opened.records,
         cfg.file.replay_limits(),
         now,
+        floor,
     )));
     let sends = Arc::new(sends);
     // The replay guard first: it knows a nonce before the bus delivers its command.

@@ -486,6 +486,70 @@ fn a_decision_the_checkpoint_has_and_the_journal_lost_is_written_at_start() {
     assert_eq!(modules(&s)["mev"]["applied"], 2);
 }
 
+/// A module's checkpoint carries the clock floor of the node that wrote it:
+/// nonce records expiring before it may have been tombstoned, so a node taking
+/// the module over judges commands no earlier than it, whatever its own clock
+/// reads. The floor here stands for a writer whose clock read 700 s later than
+/// this node's (or this node's clock stepped back since): a command signed now
+/// is beyond the agents' memory at the floor (`ts + max_skew_secs +
+/// agent_dedup_secs`), and refused `stale` with its row. Before, it was applied
+/// (had it been a copy of one whose nonce was tombstoned: applied twice).
+#[test]
+fn a_node_taking_a_module_over_judges_no_earlier_than_the_checkpoints_clock_floor() {
+    use gw_sidecar::control::kafka_state::KafkaState;
+
+    let d = testkit::TempDir::new("kafka-clock-floor");
+    let kafka = Kafka::start(d.path());
+    let ch = ClickHouse::start(d.path());
+    let mut cfg = config(d.path(), &kafka, &ch);
+    cfg.file.agent_dedup_secs = 0;
+    let node = cfg.file.node_id.clone();
+    let k = cfg.file.kafka.clone().unwrap();
+    let first = signed_command(7, Action::Start, now(), "dashboard", &[]);
+    let mut cp = checkpoint_after(&node, Action::Start, 7, first.clone(), &[7], 1);
+    cp.clock_floor = now() + 700;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = KafkaState::new(&k, cfg.state_signer().unwrap().unwrap()).unwrap();
+    rt.block_on(seed(&k, &store, std::slice::from_ref(&first), &cp));
+
+    let s = common::serve(cfg);
+    let throttle = signed_command(
+        8,
+        Action::Throttle,
+        now(),
+        "dashboard",
+        &[("throttle_pct", "40")],
+    );
+    let (status, body) = post(&s, throttle);
+    assert_eq!(
+        (
+            status,
+            body["applied"].clone(),
+            body["apply_error"]["error"].clone()
+        ),
+        (200, false.into(), "stale".into()),
+        "{body}"
+    );
+    let m = modules(&s);
+    assert_eq!(
+        (m["mev"]["state"].clone(), m["mev"]["throttle_pct"].clone()),
+        ("running".into(), 100.into()),
+        "{m}"
+    );
+    // And the checkpoint's decision, whose row this fresh journal lacks, once.
+    let stored = ledger_rows(&ch, 3);
+    let mut rows = row_summary(&stored);
+    rows.sort();
+    assert_eq!(
+        rows,
+        vec![
+            ("agent", "applied", "", "req-7"),
+            ("agent", "rejected", "stale", "req-8"),
+            ("sidecar", "accepted", "", "req-8"),
+        ]
+    );
+}
+
 /// The same crash with a command larger than a checkpoint keeps
 /// (`kafka_state::LAST_PAYLOAD_MAX`, 16 KiB: its arguments here): the row
 /// written at start carries the command's signed bytes and its arguments, read
@@ -765,6 +829,7 @@ fn checkpoint_after(
         writer: node.to_owned(),
         forwards: BTreeMap::new(),
         generation: 1,
+        clock_floor: 0,
     }
 }
 

@@ -31,6 +31,7 @@ use gw_core::{Code, Command, ControlPolicy, Module, Reject, VerifiedCommand};
 use tokio::sync::broadcast;
 
 use super::bus::{BusConsumer, BusError, Delivery, Origin, Position};
+use super::clock_floor::ClockFloor;
 use super::kafka_state::{Behind, Checkpoint, KafkaState, LastDecision, StoredNonce, RECENT};
 use super::modules::ModuleTable;
 use crate::journal::txn::{AgentEntry, AppliedNonce, RefusedCommand, SnapshotEntry, SnapshotPart};
@@ -415,6 +416,10 @@ pub struct AgentEnv {
     pub kafka_state: Option<Arc<KafkaState>>,
     /// This node's chain id.
     pub chain: String,
+    /// The durable clock floor of the node's replay guards: the record of an
+    /// applied nonce goes only once it is past the nonce's expiry, and no command
+    /// is judged earlier.
+    pub floor: ClockFloor,
 }
 
 /// The Kafka side of an agent.
@@ -455,6 +460,26 @@ pub struct Agent {
     applied_lsns: journal::Expiring,
     /// Kafka bus only.
     kafka: Option<KafkaSide>,
+}
+
+/// Takes out of `written` (keys of nonce records by expiry) those to tombstone at
+/// `now`: expired before `floor` (made to cover them first) and before the
+/// module checkpoint's `checkpoint_floor`.
+fn forgettable(
+    written: &mut BTreeMap<u64, Vec<String>>,
+    now: u64,
+    floor: &ClockFloor,
+    checkpoint_floor: u64,
+) -> Vec<String> {
+    if let Some((&e, _)) = written.range(..now).next_back() {
+        floor.cover(e.saturating_add(1), false);
+    }
+    let cut = now.min(floor.get()).min(checkpoint_floor);
+    let keep = written.split_off(&cut);
+    std::mem::replace(written, keep)
+        .into_values()
+        .flatten()
+        .collect()
 }
 
 /// Writes a nonce record, waiting for the broker (after a checkpoint that lists
@@ -647,6 +672,10 @@ impl Agent {
             env.modules.set(module, shown);
         } else {
             env.modules.set(module, state.clone());
+        }
+        // Nonces whose records went were forgotten before the floor.
+        if let Some(f) = env.floor.get().checked_sub(1) {
+            applied.forgotten(f);
         }
         let mut agent = Agent {
             core: AgentCore::new(module, env.policy.clone(), state, applied, env.dedup_secs),
@@ -1086,6 +1115,7 @@ impl Agent {
         );
         cp.writer = chain;
         cp.generation = cp.generation.saturating_add(1);
+        cp.clock_floor = cp.clock_floor.max(self.env.floor.get());
         if let Origin::Node { node, forward } = &d.origin {
             cp.forwards
                 .entry(node.clone())
@@ -1286,8 +1316,11 @@ impl Agent {
         for n in &loaded.missing {
             put_nonce(&store, module, n).await;
         }
-        if let Err(e) = store.forget(module, &loaded.expired).await {
-            tracing::debug!(error = %e, "expired nonce records not tombstoned");
+        // The records of nonces already expired are tombstoned by
+        // `forget_expired`, once the floors are past them.
+        let mut written: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        for (key, expires) in std::mem::take(&mut loaded.expired) {
+            written.entry(expires).or_default().push(key);
         }
         let Some(cp) = loaded.checkpoint else {
             // Nothing in Kafka yet: the first checkpoint starts from this node's
@@ -1296,6 +1329,9 @@ impl Agent {
                 tracing::error!(module = module.as_str(), generation = floor, "the agent state topic holds no checkpoint, although this node's journal knows one of this generation was written (the topic deleted, or its tombstone compacted): going on from this node's own state");
             }
             if let Some(k) = self.kafka.as_mut() {
+                for (e, keys) in written {
+                    k.written.entry(e).or_default().extend(keys);
+                }
                 k.checkpoint.state = self.core.state().clone();
                 // A numbering begun afresh starts at the clock: above what any
                 // node wrote before (another node's journal may know more).
@@ -1315,9 +1351,16 @@ impl Agent {
             }
         }
         let mut book = NonceBook::new(self.env.limits);
-        // The book this one replaces forgot nonces: its clock goes on.
-        book.forgotten(self.core.applied.clock(0).saturating_sub(1));
-        let mut written: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        // The book this one replaces forgot nonces, and so did every node whose
+        // floor is in the checkpoint (their records tombstoned), and this node's
+        // guards: its clock goes on from the latest of them.
+        let forgot = self
+            .core
+            .applied
+            .clock(0)
+            .max(self.env.floor.get())
+            .max(cp.clock_floor);
+        book.forgotten(forgot.saturating_sub(1));
         for n in &loaded.nonces {
             let at = AppliedAt {
                 seq: 0,
@@ -1447,15 +1490,20 @@ impl Agent {
         }
     }
 
-    /// Kafka bus: tombstones the records of nonces no longer remembered.
+    /// Kafka bus: tombstones the records of nonces no longer remembered, once
+    /// this node's floor and the module's checkpoint are past them (the next owner
+    /// of the module, whatever its clock reads, judges commands no earlier than
+    /// the checkpoint's floor). A module that receives no command keeps its
+    /// expired records until it does.
     async fn forget_expired(&mut self, now: u64) {
         let module = self.core.module;
         let Some(k) = self.kafka.as_mut() else { return };
-        let keep = k.written.split_off(&now);
-        let expired: Vec<String> = std::mem::replace(&mut k.written, keep)
-            .into_values()
-            .flatten()
-            .collect();
+        let expired = forgettable(
+            &mut k.written,
+            now,
+            &self.env.floor,
+            k.checkpoint.clock_floor,
+        );
         if let Err(e) = k.store.forget(module, &expired).await {
             tracing::debug!(error = %e, "expired nonce records not tombstoned");
         }
@@ -1464,7 +1512,7 @@ impl Agent {
     /// Tells the journal what this agent still needs: the record of its state and
     /// those of nonces it still remembers.
     fn release(&mut self, now: u64) {
-        self.applied_lsns.expire(now);
+        self.env.floor.expire(&mut self.applied_lsns, now);
         let live = self.applied_lsns.oldest();
         let low = self.held_low(live).unwrap_or(Lsn::MAX);
         self.env.journal.hold(hold_name(self.core.module), low);
@@ -1480,7 +1528,7 @@ impl Agent {
     /// Writes the agent's whole state when it holds back the journal (its oldest
     /// needed record is in a closed segment), so older records can go.
     async fn snapshot_if_needed(&mut self, now: u64) {
-        self.applied_lsns.expire(now);
+        self.env.floor.expire(&mut self.applied_lsns, now);
         let live = self.applied_lsns.oldest();
         let low = self.held_low(live);
         if low.is_none_or(|l| l >= self.env.journal.segment_first()) {
@@ -1499,7 +1547,19 @@ impl Agent {
     /// within `agent_dedup_secs`) it was larger than a journal record may be:
     /// never written, the agent held the journal back for ever.
     async fn snapshot(&mut self, now: u64, per_part: usize) {
-        let mut applied = self.core.applied(now);
+        // The records the snapshot replaces go, and with them every nonce it does
+        // not hold: those the book forgot and those expired before the floor.
+        // The floor is past the ones the book forgot first.
+        let forgot = self.core.applied.clock(0);
+        let floor = self.env.floor.cover(forgot, true);
+        if floor < forgot {
+            tracing::warn!(
+                module = self.core.module.as_str(),
+                "agent snapshot not written: the replay guard's clock floor cannot be written"
+            );
+            return;
+        }
+        let mut applied = self.core.applied(now.min(floor));
         // In a fixed order (the first to expire first): the same state writes
         // the same parts.
         applied.sort_unstable_by(|a, b| {
@@ -2090,6 +2150,7 @@ mod tests {
             metrics: ControlMetrics::default(),
             kafka_state: None,
             chain: "node-1".into(),
+            floor: ClockFloor::in_dir(journal.dir()).unwrap(),
         };
         (env, heard)
     }
@@ -2131,6 +2192,68 @@ mod tests {
             at(2, forged),
             at(3, throttle),
         ]
+    }
+
+    /// A snapshot replaces the records of the nonces before it: the clock floor
+    /// is past every nonce the agent forgot first, and a restart whose clock
+    /// reads earlier (stepped back) judges commands no earlier than the floor.
+    /// Before, the forgotten command was fresh and unknown to it: applied twice.
+    #[tokio::test]
+    async fn a_snapshot_leaves_no_forgotten_nonce_fresh_across_a_restart() {
+        use crate::journal::Options;
+
+        let d = testkit::TempDir::new("agent-snapshot-floor");
+        let now = crate::now_secs();
+        let opened = Journal::open(d.path(), Options::default()).unwrap();
+        let journal = opened.start(None, Vec::new()).unwrap();
+        let (env, _) = agent_env(&journal, false);
+        let mut agent = Agent::open(Module::Mev, &env, &[]);
+        let at = || AppliedAt { seq: 0, what: None };
+        let book = &mut agent.core.applied;
+        book.insert("dashboard", 1, now + 5, at(), now).unwrap();
+        // Ten seconds on, the issuer's next nonce: the book forgets nonce 1.
+        book.insert("dashboard", 2, now + 600, at(), now + 10)
+            .unwrap();
+        assert!(book.get("dashboard", 1, now).is_none());
+        agent.snapshot(now + 10, 1_000).await;
+        assert_eq!(env.floor.get(), now + 6);
+        drop((agent, env, journal));
+
+        let opened = Journal::open(d.path(), Options::default()).unwrap();
+        let records = opened.records.clone();
+        let journal = opened.start(None, Vec::new()).unwrap();
+        let (env, _) = agent_env(&journal, false);
+        let again = Agent::open(Module::Mev, &env, &records);
+        let stepped_back = now - 100;
+        assert!(again
+            .core
+            .applied
+            .get("dashboard", 1, stepped_back)
+            .is_none());
+        assert!(again
+            .core
+            .applied
+            .get("dashboard", 2, stepped_back)
+            .is_some());
+        assert_eq!(again.core.applied.clock(stepped_back), now + 6);
+    }
+
+    /// Kafka: a nonce record is tombstoned only once this node's floor (written
+    /// first) and the module checkpoint's are past its expiry.
+    #[test]
+    fn nonce_records_are_tombstoned_behind_both_floors() {
+        let (_d, floor) = super::super::clock_floor::scratch();
+        let mut written: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        for (e, k) in [(100, "a"), (105, "b"), (200, "c")] {
+            written.entry(e).or_default().push(k.to_owned());
+        }
+        // The checkpoint's floor (no checkpoint carried one yet) holds them all.
+        assert!(forgettable(&mut written, 150, &floor, 0).is_empty());
+        assert_eq!(floor.get(), 106, "this node's floor covers them already");
+        assert_eq!(forgettable(&mut written, 150, &floor, 101), vec!["a"]);
+        assert_eq!(forgettable(&mut written, 150, &floor, 1_000), vec!["b"]);
+        assert!(forgettable(&mut written, 150, &floor, 1_000).is_empty());
+        assert_eq!(written.len(), 1, "c is live");
     }
 
     /// A snapshot too large for one journal record is written in parts, and a

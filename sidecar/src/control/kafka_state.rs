@@ -94,6 +94,17 @@ pub struct Checkpoint {
     /// writing from an older state) is a rollback.
     #[serde(default)]
     pub generation: u64,
+    /// The latest clock floor of a node that wrote a checkpoint of this module
+    /// ([`super::clock_floor`], unix seconds): nonce records expiring before it
+    /// may be tombstoned, so an agent taking the module over judges commands no
+    /// earlier than it, whatever its own clock reads (0: written before
+    /// 2026-12-07).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub clock_floor: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The generation of a checkpoint that begins a numbering afresh (the state topic
@@ -350,8 +361,9 @@ pub struct Loaded {
     pub nonces: Vec<StoredNonce>,
     /// Nonces of `recent` whose own record is missing (to write again).
     pub missing: Vec<StoredNonce>,
-    /// Keys of nonce records no longer remembered (to tombstone).
-    pub expired: Vec<String>,
+    /// Keys of nonce records no longer remembered, and their expiries (to
+    /// tombstone once the clock floors are past them).
+    pub expired: Vec<(String, u64)>,
     /// The newest checkpoint record was not signed by a listed node and
     /// `kafka.state_recovery` decided what was taken: to write again, signed, so
     /// that the next load needs no recovery.
@@ -851,7 +863,7 @@ fn fold(
     for (k, v) in nonces {
         let Some((n, trusted)) = v else { continue };
         if n.expires < now {
-            loaded.expired.push(k);
+            loaded.expired.push((k, n.expires));
             continue;
         }
         keys.insert(k);
@@ -1140,6 +1152,26 @@ mod tests {
         }
     }
 
+    /// A checkpoint carries its writer's clock floor; one written before it
+    /// existed reads as 0, and a floor of 0 is not written (older nodes read the
+    /// record as before).
+    #[test]
+    fn the_checkpoints_clock_floor_is_optional_on_the_wire() {
+        let mut c = checkpoint("a", 7);
+        let old = serde_json::to_value(&c).unwrap();
+        assert!(old.get("clock_floor").is_none());
+        assert_eq!(
+            serde_json::from_value::<Checkpoint>(old)
+                .unwrap()
+                .clock_floor,
+            0
+        );
+        c.clock_floor = 1_750_000_123;
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["clock_floor"], 1_750_000_123);
+        assert_eq!(serde_json::from_value::<Checkpoint>(v).unwrap(), c);
+    }
+
     #[test]
     fn the_latest_value_of_each_key_wins_and_tombstones_forget() {
         let (a, b) = (node("a", None), node("b", None));
@@ -1165,7 +1197,7 @@ mod tests {
         // 1 tombstoned, 2 expired, 3 only in `recent`: written again.
         assert_eq!(l.nonces, vec![nonce(3, 200)]);
         assert_eq!(l.missing, vec![nonce(3, 200)]);
-        assert_eq!(l.expired, vec!["n/dashboard/2".to_string()]);
+        assert_eq!(l.expired, vec![("n/dashboard/2".to_string(), 50)]);
         assert_eq!((l.recovered, l.untrusted), (false, 0));
     }
 

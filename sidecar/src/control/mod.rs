@@ -9,7 +9,8 @@
 //!   [`kafka_state`] keeps an agent's state in Kafka (the Kafka bus), so another
 //!   node's agent can take a module over; [`state_sign`] signs and verifies
 //!   those records.
-//! - [`replay_store`]: the durable replay guard.
+//! - [`replay_store`]: the durable replay guard; [`clock_floor`]: the time no
+//!   replay guard judges a command before, kept across restarts.
 //! - [`json_route`]: the original API's JSON route, signed by the sidecar.
 //! - [`edge_reports`]: which edge reports the ledger holds already (the filter
 //!   sends a batch again after a lost answer).
@@ -17,6 +18,7 @@
 pub mod admission;
 pub mod agent;
 pub mod bus;
+pub mod clock_floor;
 pub mod edge_reports;
 pub mod json_route;
 pub mod kafka_state;

@@ -2,13 +2,16 @@
 //! journal, so a restart never re-opens a nonce. An accepted nonce is in the same
 //! journal transaction as the command's `accepted` row and the command itself (on
 //! the bus): a nonce is never taken by a command that was not durably accepted. At
-//! start the guard is rebuilt from the nonces that are still fresh.
+//! start the guard is rebuilt from the nonces that are still fresh, and judges
+//! commands no earlier than the durable [`ClockFloor`]: the record of an expired
+//! nonce leaves the journal only once the floor is past its expiry.
 
 use std::collections::HashMap;
 
 use gw_core::ledger::{Decision, Stage};
 use gw_core::replay::{Digest, Limits, NonceBook, Refused, Seen};
 
+use super::clock_floor::ClockFloor;
 use crate::journal::txn::{NonceEntry, RefusedCommand};
 use crate::journal::{self, Expiring, Journal, Lsn, Txn};
 
@@ -47,17 +50,31 @@ pub struct ReplayStore {
     journal: Option<Journal>,
     /// Journal positions of the live nonces (to release what expired).
     positions: Expiring,
+    /// No command is judged earlier; the records of nonces expiring before it
+    /// may be gone.
+    floor: ClockFloor,
 }
 
 const HOLD: &str = "replay";
 
 impl ReplayStore {
-    /// The guard with the fresh nonces of the journal's `records`.
-    pub fn open(records: &[(Lsn, Txn)], limits: Limits, now: u64) -> ReplayStore {
+    /// The guard with the fresh nonces of the journal's `records`, judging
+    /// commands no earlier than `floor`.
+    pub fn open(
+        records: &[(Lsn, Txn)],
+        limits: Limits,
+        now: u64,
+        floor: ClockFloor,
+    ) -> ReplayStore {
+        let mut book = NonceBook::new(limits);
+        if let Some(f) = floor.get().checked_sub(1) {
+            book.forgotten(f);
+        }
         let mut s = ReplayStore {
-            book: NonceBook::new(limits),
+            book,
             journal: None,
             positions: Expiring::default(),
+            floor,
         };
         for (lsn, t) in records {
             s.record(*lsn, t, now);
@@ -110,9 +127,9 @@ impl ReplayStore {
     }
 
     /// The time a command is judged at, the caller's clock reading `now`
-    /// ([`NonceBook::clock`]).
+    /// ([`NonceBook::clock`]), never before the durable floor.
     pub fn clock(&self, now: u64) -> u64 {
-        self.book.clock(now)
+        self.book.clock(now).max(self.floor.get())
     }
 
     /// What `(issuer, nonce)` was accepted with, if it is live.
@@ -179,13 +196,19 @@ impl ReplayStore {
         })
     }
 
-    /// Lets the journal drop the records of nonces that expired.
+    /// Lets the journal drop the records of nonces that expired, once the floor
+    /// is past them.
     fn release(&mut self, now: u64) {
-        self.positions.expire(now);
+        self.floor.expire(&mut self.positions, now);
         let hold = self.positions.oldest().unwrap_or(Lsn::MAX);
         if let Some(j) = &self.journal {
             j.hold(HOLD, hold);
         }
+    }
+
+    /// The durable clock floor this guard keeps (the agents keep it too).
+    pub fn floor(&self) -> ClockFloor {
+        self.floor.clone()
     }
 
     /// Live nonces.
@@ -242,10 +265,12 @@ mod tests {
 
     fn open(dir: &std::path::Path, now: u64) -> (SharedReplay, Journal) {
         let opened = Journal::open(dir, Options::default()).unwrap();
+        let floor = ClockFloor::in_dir(dir).unwrap();
         let s = std::sync::Arc::new(parking_lot::Mutex::new(ReplayStore::open(
             &opened.records,
             Limits::default(),
             now,
+            floor,
         )));
         let j = opened
             .start(None, vec![std::sync::Arc::new(ReplaySink(s.clone()))])
@@ -288,6 +313,73 @@ mod tests {
         assert!(s.lock().is_empty());
     }
 
+    /// The record of a forgotten nonce leaves the journal only once the clock
+    /// floor is past its expiry, so a restart whose clock reads earlier (stepped
+    /// back) still judges the command stale: before the floor, the record was
+    /// gone and the command fresh and unknown — a replay.
+    #[tokio::test]
+    async fn a_forgotten_nonce_stays_stale_across_a_restart_with_the_clock_stepped_back() {
+        let d = testkit::TempDir::new("replay-floor");
+        // One record per segment: a record no owner holds is deleted.
+        let opts = Options {
+            segment_bytes: 64,
+            ..Options::default()
+        };
+        let now = crate::now_secs();
+        let start = |now| {
+            let opened = Journal::open(d.path(), opts).unwrap();
+            let floor = ClockFloor::in_dir(d.path()).unwrap();
+            let s = std::sync::Arc::new(parking_lot::Mutex::new(ReplayStore::open(
+                &opened.records,
+                Limits::default(),
+                now,
+                floor,
+            )));
+            let j = opened
+                .start(None, vec![std::sync::Arc::new(ReplaySink(s.clone()))])
+                .unwrap();
+            j.hold(journal::STARTUP_HOLD, Lsn::MAX);
+            s.lock().set_journal(j.clone(), now);
+            (s, j)
+        };
+        let (s, j) = start(now);
+        // Fresh until the end of this second (the sink reads the real clock).
+        let expires = now;
+        let e = ReplayStore::entry("dashboard", 7, expires, digest(b"seven"), "r7");
+        j.commit(Txn::of(vec![e])).await.unwrap();
+        while crate::now_secs() <= expires {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        // Later commands: the guard lets the expired nonce's record go.
+        for n in 100..103u64 {
+            let e =
+                ReplayStore::entry("dashboard", n, expires + 600, digest(&n.to_le_bytes()), "r");
+            j.commit(Txn::of(vec![e])).await.unwrap();
+        }
+        assert_eq!(s.lock().floor().get(), expires + 1);
+        j.stop();
+        drop((s, j));
+        let records = Journal::open(d.path(), opts).unwrap().records;
+        let holds_seven = |r: &[(Lsn, Txn)]| {
+            r.iter().any(|(_, t)| {
+                t.entries
+                    .iter()
+                    .any(|e| matches!(e, journal::Entry::Nonce(n) if n.nonce == 7))
+            })
+        };
+        assert!(!holds_seven(&records), "the record of nonce 7 is gone");
+        // The restart's clock reads 100 s before the nonce's expiry.
+        let stepped_back = expires - 100;
+        let (s, j) = start(stepped_back);
+        assert!(s.lock().get("dashboard", 7, stepped_back).is_none());
+        assert_eq!(
+            s.lock().clock(stepped_back),
+            expires + 1,
+            "judged past the forgotten nonce's expiry: its command is stale"
+        );
+        j.stop();
+    }
+
     /// A nonce read back already expired is forgotten, and the guard's clock goes
     /// past it: a command under it, judged at an earlier reading of the clock
     /// (the clock stepped back across the restart's read), is stale.
@@ -303,7 +395,8 @@ mod tests {
                 "r",
             )]),
         )];
-        let s = ReplayStore::open(&records, Limits::default(), NOW);
+        let (_d, floor) = super::super::clock_floor::scratch();
+        let s = ReplayStore::open(&records, Limits::default(), NOW, floor);
         assert!(s.get("dashboard", 1, NOW - 10).is_none());
         assert_eq!(s.clock(NOW - 10), NOW - 4);
         assert_eq!(s.clock(NOW), NOW);
@@ -349,7 +442,8 @@ mod tests {
             // Other bytes under nonce 2: not the command accepted.
             (5, Txn::of(vec![agent(2, b"other", "bad_signature")])),
         ];
-        let mut s = ReplayStore::open(&records, Limits::default(), NOW);
+        let (_d, floor) = super::super::clock_floor::scratch();
+        let mut s = ReplayStore::open(&records, Limits::default(), NOW, floor);
         let refused =
             |s: &ReplayStore, n| s.get("dashboard", n, NOW).unwrap().value.refused.clone();
         assert_eq!(refused(&s, 1).as_deref(), Some("key_expired"));
@@ -394,7 +488,12 @@ mod tests {
             max_per_issuer: 64,
             max_issuers: 1,
         };
-        let s = ReplayStore::open(&opened.records, low, now);
+        let s = ReplayStore::open(
+            &opened.records,
+            low,
+            now,
+            ClockFloor::in_dir(d.path()).unwrap(),
+        );
         assert_eq!(s.len(), 70);
         let none = HashMap::new();
         for n in [0, 63, 64, 69] {

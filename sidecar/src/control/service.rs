@@ -214,6 +214,7 @@ impl Control {
             metrics: c.metrics.clone(),
             kafka_state: c.bus.agent_state(),
             chain: c.node_id.clone(),
+            floor: c.replay.lock().floor(),
         };
         let mut tasks = Vec::new();
         if let Some(store) = c.bus.agent_state() {
@@ -1347,6 +1348,7 @@ mod tests {
     fn another_nodes_decisions_are_told_apart_by_command_not_only_by_position() {
         let (acks, mut rx) = broadcast::channel(8);
         let now = crate::now_secs();
+        let (_floor_dir, floor) = super::super::clock_floor::scratch();
         let mut w = CheckpointWatch {
             module: Module::Mev,
             me: "node-1".into(),
@@ -1356,6 +1358,7 @@ mod tests {
                 &[],
                 gw_core::replay::Limits::default(),
                 now,
+                floor,
             ))),
             acks,
         };
@@ -1431,10 +1434,12 @@ mod tests {
                 (n, Txn::of(vec![e]))
             })
             .collect();
+        let (_floor_dir, floor) = super::super::clock_floor::scratch();
         let replay = Arc::new(Mutex::new(ReplayStore::open(
             &records,
             gw_core::replay::Limits::default(),
             now,
+            floor,
         )));
         let mut w = CheckpointWatch {
             module: Module::Mev,

@@ -43,6 +43,14 @@ impl Expiring {
         }
     }
 
+    /// The latest expiry of a record that [`Self::expire`] at `now` would forget.
+    pub fn latest_before(&self, now: u64) -> Option<u64> {
+        self.by_expiry
+            .range(..(now, 0))
+            .next_back()
+            .map(|&(e, _)| e)
+    }
+
     /// The oldest record not yet forgotten.
     pub fn oldest(&self) -> Option<Lsn> {
         self.by_lsn.keys().next().copied()
