@@ -1074,3 +1074,162 @@ fn readiness_follows_the_journal_disk_and_clickhouse() {
     drop(s);
     drop(disk);
 }
+
+/// The wall clock stepped back across a restart does not make a forgotten
+/// command fresh again. The real `gw-sidecar` binary applies a command; its nonce
+/// expires, and later commands fill and then release the journal segment that
+/// held it; the process is killed (`kill -9`) and started again with its clock
+/// reading the command's own time (libfaketime in front of the binary, from the
+/// test venv). The same bytes sent again are refused `stale` — judged at the
+/// replay guards' durable clock floor — and nothing is applied twice. Before the
+/// floor they were fresh and unknown to the guard: accepted and applied again.
+#[test]
+fn a_clock_stepped_back_across_a_restart_replays_nothing() {
+    use std::time::{Duration, Instant};
+
+    let d = testkit::TempDir::new("clock-back");
+    let faketime = {
+        let o = std::process::Command::new(testkit::venv_bin("python"))
+            .args([
+                "-c",
+                "import libfaketime, os; print(os.path.join(os.path.dirname(libfaketime.__file__), 'vendor', 'libfaketime', 'src', 'libfaketime.so.1'))",
+            ])
+            .output()
+            .unwrap();
+        std::path::PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
+    };
+    assert!(
+        faketime.is_file(),
+        "libfaketime in the test venv: {faketime:?}"
+    );
+    let state = d.path().join("state");
+    let file = d.path().join("sidecar.json");
+    std::fs::write(
+        &file,
+        serde_json::json!({
+            "state_dir": state,
+            "max_skew_secs": 5,
+            "agent_dedup_secs": 0,
+            "journal_segment_bytes": 65536,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let (port, ops) = (testkit::free_port(), testkit::free_port());
+    let sidecar = |name: &str, behind_secs: Option<u64>| {
+        let mut cmd = common::plain_sidecar(d.path(), ops);
+        cmd.env("GW_SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
+            .arg("--config")
+            .arg(&file);
+        if let Some(s) = behind_secs {
+            cmd.env("LD_PRELOAD", &faketime)
+                .env("FAKETIME", format!("-{s}s"))
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        let p = testkit::ProcessGuard::spawn("gw-sidecar", &mut cmd, &d.path().join(name));
+        assert!(testkit::wait_tcp(ops, Duration::from_secs(20)));
+        p
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // A new connection per request: the first process's dies with it.
+    let http = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let post = |body: Vec<u8>| -> (u16, Value) {
+        rt.block_on(async {
+            let r = common::as_admin(http.post(format!("{url}/api/control/commands")))
+                .header("content-type", PB)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        })
+    };
+    let throttle = |nonce: u64, ts: u64| {
+        signed_command(
+            nonce,
+            Action::Throttle,
+            ts,
+            "dashboard",
+            &[("throttle_pct", "25")],
+        )
+    };
+    let segments = || {
+        let mut s: Vec<String> = std::fs::read_dir(state.join("journal"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".log"))
+            .collect();
+        s.sort();
+        s
+    };
+
+    let mut first = sidecar("first.log", None);
+    let t = now();
+    let x = throttle(1, t);
+    let (status, body) = post(x.clone());
+    assert_eq!(
+        (status, body["applied"].clone()),
+        (200, true.into()),
+        "{body}"
+    );
+    let held = segments()[0].clone();
+    // Later commands fill the segment that holds it, then (once their nonces
+    // expired too) make the guards let it go.
+    let mut nonce = 2;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while segments().contains(&held) {
+        assert!(
+            Instant::now() < deadline,
+            "the segment stays: {:?}",
+            segments()
+        );
+        let (status, body) = post(throttle(nonce, now()));
+        assert_eq!(status, 200, "{body}");
+        nonce += 1;
+        if segments().len() > 1 {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(10));
+
+    // The restarted process's clock reads the first command's time.
+    let mut second = sidecar("second.log", Some(now() - t));
+    let (status, body) = post(x);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("stale")),
+        "{body}"
+    );
+    let modules: Value = rt
+        .block_on(async {
+            common::as_admin(http.get(format!("{url}/api/modules")))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+        })
+        .unwrap();
+    assert_eq!(
+        modules["mev"]["applied"],
+        nonce - 1,
+        "nothing applied twice"
+    );
+    second.assert_running();
+    assert!(
+        second
+            .log()
+            .contains("commands are judged no earlier than the floor"),
+        "the restarted clock read earlier than the floor: {}",
+        second.log()
+    );
+}
