@@ -472,7 +472,7 @@ fn forgettable(
     checkpoint_floor: u64,
 ) -> Vec<String> {
     if let Some((&e, _)) = written.range(..now).next_back() {
-        floor.cover(e.saturating_add(1), false);
+        floor.cover_expired(e, now);
     }
     let cut = now.min(floor.get()).min(checkpoint_floor);
     let keep = written.split_off(&cut);
@@ -1317,9 +1317,13 @@ impl Agent {
             put_nonce(&store, module, n).await;
         }
         // The records of nonces already expired are tombstoned by
-        // `forget_expired`, once the floors are past them.
+        // `forget_expired`, once the floors are past them; forgotten here, and
+        // the agent's clock goes past them (a clock stepped back later does not
+        // make them fresh and unknown).
         let mut written: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        let mut latest_expired = 0;
         for (key, expires) in std::mem::take(&mut loaded.expired) {
+            latest_expired = latest_expired.max(expires.saturating_add(1));
             written.entry(expires).or_default().push(key);
         }
         let Some(cp) = loaded.checkpoint else {
@@ -1359,7 +1363,8 @@ impl Agent {
             .applied
             .clock(0)
             .max(self.env.floor.get())
-            .max(cp.clock_floor);
+            .max(cp.clock_floor)
+            .max(latest_expired);
         book.forgotten(forgot.saturating_sub(1));
         for n in &loaded.nonces {
             let at = AppliedAt {
@@ -1760,7 +1765,12 @@ impl Agent {
                     break;
                 }
                 // At the applied nonces' clock: never before a time it forgot at.
-                let now = self.core.applied.clock(crate::now_secs());
+                // (and the node's floor: what its guards forgot).
+                let now = self
+                    .core
+                    .applied
+                    .clock(crate::now_secs())
+                    .max(self.env.floor.get());
                 match self.handle(&batch, now).await {
                     Ok(hs) => {
                         self.env.metrics.agent_batch(name, batch.len());

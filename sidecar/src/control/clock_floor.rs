@@ -18,8 +18,10 @@
 //! guards forget were fresh, as in memory.
 //!
 //! Written atomically (a crash leaves the old value or the new one) and only
-//! forward; at most once per [`STEP`] seconds of expiries, so a guard keeps up to
-//! that much more of its records than it needs.
+//! forward; about once per [`STEP`] seconds at most (an agent's snapshot writes
+//! it at once), so a guard keeps its records up to about that much longer than
+//! it needs. The write (two fsyncs) runs on the caller's thread — the journal's
+//! writer thread for the admission guard — at that rate.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -142,12 +144,21 @@ impl ClockFloor {
         i.durable
     }
 
+    /// A guard would let go of records of nonces expiring at `latest` or before,
+    /// at `now`: [`Self::cover`] past `latest` — eagerly once `latest` is
+    /// [`STEP`] seconds old, so a floor left less than a step behind (a quiet
+    /// spell after two commands a few seconds apart) does not hold the records
+    /// back for good. Written at most about once per step either way.
+    pub fn cover_expired(&self, latest: u64, now: u64) -> u64 {
+        self.cover(latest.saturating_add(1), now.saturating_sub(latest) >= STEP)
+    }
+
     /// Lets `records` (journal records each holding nonces until an expiry)
     /// forget those that expired before `now`, once the floor is past them
     /// ([`Self::cover`]).
     pub fn expire(&self, records: &mut Expiring, now: u64) {
         if let Some(e) = records.latest_before(now) {
-            self.cover(e.saturating_add(1), false);
+            self.cover_expired(e, now);
         }
         records.expire(now.min(self.get()));
     }

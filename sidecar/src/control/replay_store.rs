@@ -160,9 +160,14 @@ impl ReplayStore {
                     self.book.remember(&n.issuer, n.nonce, n.expires, a, now);
                     self.positions.note(lsn, n.expires);
                 }
-                // Expired already (read back at start): forgotten, and the
-                // guard's clock goes past it.
-                journal::Entry::Nonce(n) => self.book.forgotten(n.expires),
+                // Expired already (read back at start, or durable only after
+                // its expiry): forgotten, and the guard's clock goes past it;
+                // its record is let go like any other, once the floor is past
+                // it.
+                journal::Entry::Nonce(n) => {
+                    self.book.forgotten(n.expires);
+                    self.positions.note(lsn, n.expires);
+                }
                 _ => {}
             }
         }
@@ -400,6 +405,33 @@ mod tests {
         assert!(s.get("dashboard", 1, NOW - 10).is_none());
         assert_eq!(s.clock(NOW - 10), NOW - 4);
         assert_eq!(s.clock(NOW), NOW);
+    }
+
+    /// A nonce already expired when its record is read back (or made durable
+    /// only after its expiry) is let go like any other: once the floor is past
+    /// it. A floor less than a step behind is written at once when the expiry
+    /// is a step old: a quiet spell does not hold the record back for good.
+    #[test]
+    fn an_expired_nonce_read_back_is_let_go_only_behind_the_floor() {
+        let (_d, floor) = super::super::clock_floor::scratch();
+        // A nonce forgotten 2 s before the one below.
+        floor.cover(NOW - 7, true);
+        let records = vec![(
+            1,
+            Txn::of(vec![ReplayStore::entry(
+                "dashboard",
+                1,
+                NOW - 5,
+                digest(b"one"),
+                "r",
+            )]),
+        )];
+        let mut s = ReplayStore::open(&records, Limits::default(), NOW, floor.clone());
+        assert_eq!(floor.get(), NOW - 7, "less than a step behind");
+        assert_eq!(s.positions.oldest(), Some(1), "so the record is kept");
+        s.record(2, &Txn::of(Vec::new()), NOW + 5);
+        assert_eq!(floor.get(), NOW - 4, "its expiry a step old: written");
+        assert_eq!(s.positions.oldest(), None, "and the record let go");
     }
 
     /// What this node's agent refused is known to the guard from the journal (a
