@@ -15,8 +15,13 @@
 //! them ([`EdgeReport::sum`]: `unrecorded: n`) unless one of the code is still
 //! out (queued or in flight: the count waits for it to be delivered, so a
 //! report never changes once sent and at most one per code is out): the ledger
-//! sums them in a row, so a flood leaves a count of every refusal. Reports are lost only when the ledger refuses a batch it cannot read
-//! (counted as failed), or with the VM.
+//! sums them in a row, so a flood leaves a count of every refusal. A batch the
+//! ledger cannot read (400, 413, 415, 422: a sidecar older than the filter, or
+//! one report it refuses) is sent again one report per batch, so one report it
+//! cannot read no longer costs the others; a report refused alone is counted
+//! as failed and, unless it is a sum itself, counted under its code for the
+//! next sum: the ledger still records that the refusal happened. Reports are
+//! lost only that way (a sum refused alone) or with the VM.
 //! The sidecar writes a row per report within a budget per code, and sums the rest
 //! (anyone who reaches Envoy can make it refuse requests without end).
 //! The report itself is the contract's ([`gw_core::contract::EdgeReport`]).
@@ -106,6 +111,9 @@ pub struct ReportQueue {
     bytes: usize,
     /// Reports in flight.
     in_flight: usize,
+    /// Reports at the front of the queue to send one per batch (those of a
+    /// batch the ledger refused, [`ReportQueue::refused`]).
+    alone: usize,
     dropped: u64,
     /// Reports dropped and not yet standing in a summing report, by code.
     unsent: std::collections::BTreeMap<String, u64>,
@@ -232,7 +240,9 @@ impl ReportQueue {
     pub fn next_batch(&mut self, max_batch: usize) -> Option<Batch> {
         let mut body = b"[".to_vec();
         let mut reports = Vec::new();
-        while reports.len() < max_batch {
+        let (waiting, alone) = (self.queue.len(), self.alone > 0);
+        let most = if alone { 1 } else { max_batch };
+        while reports.len() < most {
             let Some(r) = self.queue.front() else { break };
             let Ok(json) = serde_json::to_vec(r) else {
                 self.drop_front();
@@ -253,6 +263,9 @@ impl ReportQueue {
         }
         body.push(b']');
         self.in_flight += reports.len();
+        // What left the front (sent, or dropped as too large) of those to go
+        // alone.
+        self.alone = self.alone.saturating_sub(waiting - self.queue.len());
         (!reports.is_empty()).then_some(Batch { body, reports })
     }
 
@@ -265,6 +278,33 @@ impl ReportQueue {
                 self.sums_out.remove(&r.code);
             }
         }
+    }
+
+    /// The ledger refused `reports` as a batch it cannot read ([`Outcome::Refused`]).
+    /// Several: they go first again, one per batch, to find the one it cannot
+    /// read. One alone: let go, and counted under its code for the next tick's
+    /// sum ([`Self::sum_dropped`]), unless it is a sum itself (let go for good:
+    /// summed again it would be refused again). Returns the reports refused
+    /// alone.
+    pub fn refused(&mut self, reports: Vec<EdgeReport>) -> u64 {
+        if reports.len() > 1 {
+            self.alone = self.alone.saturating_add(reports.len());
+            self.put_back(reports);
+            return 0;
+        }
+        self.in_flight = self.in_flight.saturating_sub(reports.len());
+        let mut alone = 0;
+        for r in reports {
+            alone += 1;
+            self.bytes = self.bytes.saturating_sub(size(&r));
+            if r.unrecorded.is_some() {
+                self.sums_out.remove(&r.code);
+            } else {
+                let n = self.unsent.entry(r.code).or_default();
+                *n = n.saturating_add(1);
+            }
+        }
+        alone
     }
 
     /// `reports` were not delivered: they go first again, in their order (still
@@ -283,9 +323,9 @@ impl ReportQueue {
 pub enum Outcome {
     /// 2xx: recorded (or summed) by the ledger.
     Delivered,
-    /// The sidecar cannot read the batch (400, 413, 415, 422): sending it again
-    /// would be refused again (a sidecar older than the filter, say); counted as
-    /// failed and dropped.
+    /// The sidecar cannot read the batch (400, 413, 415, 422): sent as it is, it
+    /// would be refused again (a sidecar older than the filter, or one report it
+    /// cannot read); [`ReportQueue::refused`].
     Refused,
     /// Anything else (no answer, 5xx, 401/403 of a peer not yet trusted, 404 of a
     /// sidecar not yet routed, 429): kept and sent again.

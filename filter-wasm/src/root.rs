@@ -239,11 +239,17 @@ impl Root {
                 r.backoff.set(b);
             }
             Outcome::Refused => {
-                host::warn(&format!(
-                    "gw_edge: the ledger cannot read {n} edge decision(s) (status {status}; a sidecar older than this filter?): dropped"
-                ));
-                r.queue.borrow_mut().delivered(reports);
-                add(r.failed, n);
+                let failed = r.queue.borrow_mut().refused(reports);
+                if failed == 0 {
+                    host::warn(&format!(
+                        "gw_edge: the ledger cannot read a batch of {n} edge decisions (status {status}): sent again one per batch"
+                    ));
+                } else {
+                    host::warn(&format!(
+                        "gw_edge: the ledger cannot read an edge decision (status {status}; a sidecar older than this filter?): counted in the next sum of its code, unless it was one"
+                    ));
+                    add(r.failed, usize::try_from(failed).unwrap_or(usize::MAX));
+                }
             }
             Outcome::Retry => {
                 // 401: the sidecar did not believe the batch's seal.

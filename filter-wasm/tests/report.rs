@@ -174,6 +174,55 @@ fn reports_stay_until_delivered() {
     assert_eq!(q.next_batch(1).unwrap().reports[0].id, "given");
 }
 
+/// A batch the ledger refused (it cannot read it) goes again one report per
+/// batch, first; a report refused alone is counted under its code for the next
+/// sum; a sum refused alone is let go.
+#[test]
+fn a_refused_batch_goes_again_one_report_per_batch() {
+    let mut q = ReportQueue::new(1);
+    for c in ["a", "b", "c"] {
+        assert!(q.push(r(c, 1), 10));
+    }
+    let b = q.next_batch(10).unwrap();
+    assert_eq!(q.refused(b.reports), 0, "several: none let go");
+    for c in ["d", "e"] {
+        assert!(q.push(r(c, 1), 10));
+    }
+    let codes =
+        |b: &gw_filter::report::Batch| b.reports.iter().map(|r| r.code.clone()).collect::<Vec<_>>();
+    let ones: Vec<_> = (0..3).map(|_| q.next_batch(10).unwrap()).collect();
+    assert_eq!(
+        ones.iter().map(codes).collect::<Vec<_>>(),
+        [["a"], ["b"], ["c"]]
+    );
+    let rest = q.next_batch(10).unwrap();
+    assert_eq!(codes(&rest), ["d", "e"], "the others batched again");
+    let mut ones = ones.into_iter();
+    let (a, b, c) = (
+        ones.next().unwrap(),
+        ones.next().unwrap(),
+        ones.next().unwrap(),
+    );
+    q.delivered(a.reports);
+    q.delivered(c.reports);
+    assert_eq!(q.refused(b.reports), 1);
+    q.sum_dropped(5_000);
+    let sum = q.next_batch(10).unwrap();
+    assert_eq!(
+        sum.reports
+            .iter()
+            .map(|r| (r.code.as_str(), r.unrecorded))
+            .collect::<Vec<_>>(),
+        [("b", Some(1))]
+    );
+    assert_eq!(q.refused(sum.reports), 1);
+    q.sum_dropped(6_000);
+    assert!(q.next_batch(10).is_none(), "a sum refused alone is let go");
+    assert_eq!(q.in_flight(), 2);
+    q.delivered(rest.reports);
+    assert_eq!((q.in_flight(), q.len()), (0, 0));
+}
+
 #[test]
 fn answers_and_backoff() {
     use gw_filter::report::{Backoff, Outcome};

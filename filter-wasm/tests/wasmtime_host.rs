@@ -931,16 +931,50 @@ fn rejected_control_requests_are_reported_in_bounded_batches_on_tick() {
     vm.tick();
     assert_eq!(vm.calls().len(), 4, "an empty queue sends nothing");
 
-    // A batch the ledger cannot read (400) would be refused again: dropped, counted
-    // as failed.
+    // A batch the ledger cannot read (422: a sidecar older than this filter, or
+    // one report it refuses) goes again one report per batch: the one it reads
+    // is recorded; the one it refuses alone is counted as failed and its code
+    // goes into the next sum, which the ledger records; a sum refused alone is
+    // let go.
     vm.request(&post("/api/control/commands", &admin), &tampered, 1);
+    vm.request(&[(":method", "GET"), (":path", "/api/modules")], b"", 1);
     vm.tick();
-    let token = vm.calls()[4].token;
-    vm.respond(token, 400);
+    let both = vm.calls()[4].clone();
+    let body = |c: &testkit::proxy_wasm::HttpCall| -> Vec<serde_json::Value> {
+        serde_json::from_slice(&c.body).unwrap()
+    };
+    assert_eq!(body(&both).len(), 2);
+    vm.respond(both.token, 422);
+    assert_eq!(vm.metric("gw_edge.report.failed"), Some(0));
+    vm.tick();
+    let calls = vm.calls();
+    assert_eq!(calls.len(), 7, "one call per report");
+    let (one, two) = (calls[5].clone(), calls[6].clone());
+    assert_eq!(
+        [body(&one), body(&two)].concat(),
+        body(&both),
+        "the same reports, in order"
+    );
+    vm.respond(one.token, 200);
+    vm.respond(two.token, 422);
     assert_eq!(vm.metric("gw_edge.report.failed"), Some(1));
     vm.tick();
+    let sum = vm.calls()[7].clone();
+    let sum_body = body(&sum);
+    assert_eq!(
+        (
+            sum_body.len(),
+            &sum_body[0]["code"],
+            &sum_body[0]["unrecorded"]
+        ),
+        (1, &serde_json::json!("jwt_missing"), &serde_json::json!(1)),
+        "{sum_body:?}"
+    );
+    vm.respond(sum.token, 422);
+    assert_eq!(vm.metric("gw_edge.report.failed"), Some(2));
     vm.tick();
-    assert_eq!(vm.calls().len(), 5, "not sent again");
+    vm.tick();
+    assert_eq!(vm.calls().len(), 8, "a sum refused alone is not sent again");
 }
 
 /// The filter verifies with the core's fixed-base tables (`gw_core::edverify`), not
