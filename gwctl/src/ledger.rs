@@ -40,11 +40,16 @@ pub struct VerifyArgs {
     /// failing (checking one node's file in a cluster).
     #[arg(long, requires = "checkpoint")]
     unanchored_ok: bool,
+    /// Pass when the table holds no row at all (a ledger not written to yet).
+    /// Without it an empty table fails the check: the wrong database or user,
+    /// or a table emptied, would otherwise pass.
+    #[arg(long)]
+    allow_empty: bool,
     /// The ledger key's public half (64 hex), or `@FILE` holding it. Repeat it
     /// after a key rotation, oldest first: every note must verify with one of the
     /// keys given, and no note with a key older than an earlier note's (a key
     /// retired, perhaps because it leaked, signs nothing after its successor).
-    #[arg(long)]
+    #[arg(long, requires = "checkpoint")]
     key: Vec<String>,
     /// The name checkpoints are signed under.
     #[arg(long, default_value = "gw-ledger")]
@@ -185,7 +190,11 @@ fn http_client(a: &VerifyArgs) -> Result<reqwest::Client> {
     // A redirect would carry the password header to wherever it points. A
     // ClickHouse (or a proxy) that stops answering fails the check instead of
     // hanging it (a cron job would wait for ever): no byte for a minute.
+    // No proxy from the environment (`HTTP_PROXY`…, which reqwest obeys even
+    // for loopback): the password goes to the URL given, and the rows come from
+    // it.
     let mut b = reqwest::Client::builder()
+        .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(std::time::Duration::from_secs(10))
         .read_timeout(std::time::Duration::from_secs(60));
@@ -371,10 +380,40 @@ async fn clickhouse_query(
         })?;
     let status = resp.status();
     if !status.is_success() {
-        let text = resp.text().await.context("ClickHouse answer")?;
-        anyhow::bail!("ClickHouse answered {status}: {}", text.trim());
+        let text = small_text(resp, true).await?;
+        anyhow::bail!(
+            "ClickHouse answered {status}: {}",
+            crate::send::printable(text.trim()).replace('\n', " ")
+        );
     }
     Ok(resp)
+}
+
+/// Most bytes of a short ClickHouse answer read (an error, the table's
+/// columns, a count): a wrong URL or a hostile endpoint does not fill memory.
+const SHORT_ANSWER_BYTES: usize = 64 << 10;
+
+/// The text of a short ClickHouse answer `resp`: cut at [`SHORT_ANSWER_BYTES`]
+/// (`cut`, an error's text), or refused beyond it.
+async fn small_text(mut resp: reqwest::Response, cut: bool) -> Result<String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(reqwest::Error::without_url)
+        .context("ClickHouse answer")?
+    {
+        body.extend_from_slice(&chunk);
+        if body.len() > SHORT_ANSWER_BYTES {
+            anyhow::ensure!(
+                cut,
+                "ClickHouse's answer is longer than {SHORT_ANSWER_BYTES} bytes (is --clickhouse a ClickHouse?)"
+            );
+            body.truncate(SHORT_ANSWER_BYTES);
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Reads ClickHouse's answer `resp` line by line into `walking`.
@@ -489,7 +528,7 @@ pub fn verify(mut a: VerifyArgs) -> Result<ExitCode> {
             format!("DESCRIBE TABLE {} FORMAT JSONEachRow", a.table),
         )
         .await?;
-        let text = resp.text().await.context("ClickHouse answer")?;
+        let text = small_text(resp, false).await?;
         let stored: Vec<String> = text
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -515,7 +554,7 @@ pub fn verify(mut a: VerifyArgs) -> Result<ExitCode> {
             gw_core::ledger::walk_sql_of(&a.table, &stored)
         );
         let resp = clickhouse_query(&client, a, not_walked).await?;
-        let text = resp.text().await.context("ClickHouse answer")?;
+        let text = small_text(resp, false).await?;
         let counts: serde_json::Value = serde_json::from_str(text.trim())
             .with_context(|| format!("ClickHouse's count is not JSON: {}", text.trim()))?;
         let count = |k: &str| {
@@ -546,6 +585,13 @@ pub fn verify(mut a: VerifyArgs) -> Result<ExitCode> {
         );
     }
     if broken || foreign.0 > 0 {
+        return Ok(ExitCode::from(1));
+    }
+    if stored == 0 && !a.allow_empty {
+        println!(
+            "broken: `{}` holds no ledger row (the wrong database or user, or a table emptied; --allow-empty for a ledger not written to yet)",
+            a.table
+        );
         return Ok(ExitCode::from(1));
     }
     if stored > total {

@@ -289,6 +289,130 @@ fn bad_input_is_one_clear_line_and_exit_2() {
     assert_eq!(o.status.code(), Some(2));
     let o = gwctl(&["verify", out.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
+    // Refused before anything is sent: an empty token file, --insecure with a
+    // CA (the CA would be ignored), --key without --checkpoint (it would check
+    // no signature).
+    let empty = dir.join("empty.jwt");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = dir.join("body.bin");
+    std::fs::write(&out, b"any").unwrap();
+    let url = "https://127.0.0.1:9/api/control/commands";
+    for (args, needle) in [
+        (
+            vec![
+                "send",
+                url,
+                out.to_str().unwrap(),
+                "--token-file",
+                empty.to_str().unwrap(),
+            ],
+            "token is empty",
+        ),
+        (
+            vec![
+                "send",
+                url,
+                out.to_str().unwrap(),
+                "--insecure",
+                "--ca",
+                "ca.pem",
+            ],
+            "--ca",
+        ),
+        (
+            vec!["ledger", "verify", "--key", &"ab".repeat(32)],
+            "--checkpoint",
+        ),
+    ] {
+        let o = gwctl(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{err} should mention {needle}");
+    }
+}
+
+/// `ledger verify` goes to the URL it is given — never to a proxy named by the
+/// environment (reqwest obeys `HTTP_PROXY` even for loopback: the password went
+/// there in clear, and its answer was taken as ClickHouse's) — with the password
+/// read from its file; ClickHouse's error comes back as one line, its control
+/// characters escaped and its length cut.
+#[test]
+fn ledger_verify_asks_its_url_with_the_files_password_and_prints_one_cut_line() {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    let d = testkit::TempDir::new("cli-ledger-peer");
+    let file = d.path().join("ch.pw");
+    std::fs::write(&file, "secret-in-the-file\n").unwrap();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    proxy.set_nonblocking(true).unwrap();
+    let url = format!("http://127.0.0.1:{}", server.local_addr().unwrap().port());
+    let proxy_url = format!("http://127.0.0.1:{}", proxy.local_addr().unwrap().port());
+    let mut body = b"Code: 516. DB::Exception: \x1b[31mAuthentication failed\nline two ".to_vec();
+    body.resize(body.len() + 200_000, b'x');
+    let mut answer = format!(
+        "HTTP/1.1 500 Internal Server Error\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    answer.extend_from_slice(&body);
+    // The request's head, once one comes (none within 20 s: empty).
+    server.set_nonblocking(true).unwrap();
+    let peer = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut s = loop {
+            match server.accept() {
+                Ok((s, _)) => break s,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(_) => return String::new(),
+            }
+        };
+        s.set_nonblocking(false).unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        let _ = s.write_all(&answer);
+        String::from_utf8_lossy(&head).into_owned()
+    });
+    let o = Command::new(env!("CARGO_BIN_EXE_gwctl"))
+        .args(["ledger", "verify", "--clickhouse", &url])
+        .arg("--password-file")
+        .arg(&file)
+        .env_remove("GW_CLICKHOUSE_PASSWORD")
+        .env_remove("GW_CLICKHOUSE_PASSWORD_FILE")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .env("HTTP_PROXY", &proxy_url)
+        .env("http_proxy", &proxy_url)
+        .env("ALL_PROXY", &proxy_url)
+        .output()
+        .unwrap();
+    let head = peer.join().unwrap().to_ascii_lowercase();
+    assert!(
+        matches!(proxy.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "nothing went to the proxy"
+    );
+    assert!(
+        head.contains("x-clickhouse-key: secret-in-the-file"),
+        "{head}"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("500") && err.contains("Authentication failed") && !err.contains('\x1b'),
+        "{err}"
+    );
+    assert!(err.len() < 70_000, "cut: {} bytes", err.len());
 }
 
 #[test]

@@ -1415,8 +1415,16 @@ fn signed_checkpoints_catch_a_cut_or_rebuilt_chain() {
         "{verified}"
     );
 
-    // The chain is rebuilt with a changed decision and fresh, valid hashes.
+    // Emptied: no row is no proof of anything (the wrong database or user
+    // reads the same), so the walk fails unless told a ledger may be empty.
     ch.query("TRUNCATE TABLE control_decisions");
+    let (code, out, _) = gwctl(&[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("holds no ledger row"), "{out}");
+    let (code, out, _) = gwctl(&["--allow-empty"]);
+    assert_eq!((code, out.trim()), (Some(0), "ok 0 rows"));
+
+    // The chain is rebuilt with a changed decision and fresh, valid hashes.
     let mut forger = Chain::new(&rows[0].chain_id);
     let forged: Vec<LedgerRow> = rows
         .iter()

@@ -33,8 +33,8 @@ pub struct SendArgs {
     /// (e.g. the dev CA from envoy/gen-dev-certs.sh).
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// Do not verify the server certificate (development only).
-    #[arg(long)]
+    /// Do not verify the server certificate (development only; not with --ca).
+    #[arg(long, conflicts_with = "ca")]
     insecure: bool,
     /// TLS server name, when it differs from the URL's host.
     #[arg(long)]
@@ -99,7 +99,7 @@ fn location(h: &http::HeaderMap) -> Option<String> {
 /// escaped (`\u{1b}`), so an answer cannot move the cursor, rewrite the lines
 /// above it or retitle the window. A JSON answer is unchanged (JSON escapes its
 /// control characters itself).
-fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     let escaped = |c: char| c.is_control() && c != '\n' && c != '\t';
     if !text.chars().any(escaped) {
         return std::borrow::Cow::Borrowed(text);
@@ -157,6 +157,9 @@ pub fn run(a: &SendArgs) -> Result<ExitCode> {
         ),
         None => a.token.clone(),
     };
+    if token.as_deref().is_some_and(str::is_empty) {
+        bail!("the bearer token is empty (--token, or --token-file's file)");
+    }
     if token.is_some()
         && gw_core::transport::plain_beyond_loopback(
             url.scheme_str().unwrap_or_default(),
@@ -165,8 +168,8 @@ pub fn run(a: &SendArgs) -> Result<ExitCode> {
     {
         eprintln!("gwctl: warning: the URL is plain http:// to a host that is not loopback: the bearer token crosses the network in clear (use https://)");
     }
-    if a.insecure && token.is_some() {
-        eprintln!("gwctl: warning: --insecure: the server's certificate is not checked, and the bearer token goes to whoever answers (use --ca)");
+    if a.insecure {
+        eprintln!("gwctl: warning: --insecure: the server's certificate is not checked: whoever answers is believed (and gets the bearer token, if any); use --ca");
     }
     let req = Request {
         url: &url,
