@@ -29,7 +29,16 @@
  *  12 release aborts the process (a crash when the model is let go),
  *  13 the first output of a row whose first feature is -54321 is NaN, and the
  *     last output of a row whose first feature is -54322 is +infinity (rows no
- *     check scores: a model answering non-finite values).
+ *     check scores: a model answering non-finite values),
+ *  14 init takes 1.5 s and then succeeds, and release never returns (a slow
+ *     load whose model, let go, hangs),
+ *  15 predict calls a function no process defines on a row whose first
+ *     feature is -11111, a row no check scores (linked without
+ *     --no-undefined: a library built against something the host lacks),
+ *  16 predict never returns on a row whose first feature is -22222, a row no
+ *     check scores (a hang on the hot path),
+ *  17 predict returns an error for a batch holding a row whose first feature
+ *     is -33333, a row no check scores (a model failing on some input).
  */
 #include <math.h>
 #include <pthread.h>
@@ -82,6 +91,10 @@ _Static_assert(GW_GOLDEN_N_FEATURES > 0, "golden.h names no feature count");
 _Static_assert(GW_GOLDEN_N_OUTPUTS == N_OUTPUTS,
                "golden.h was written for another output width than header.h");
 
+#if MODEL_TEST_FAULT == 15
+extern void gw_test_symbol_no_process_defines(void);
+#endif
+
 /* Fault 11: what init sets up and release tears down. */
 static _Atomic int set_up = 0;
 
@@ -89,7 +102,7 @@ static int32_t adapter_init(void) {
     if (MODEL_TEST_FAULT == 4) return MODEL_ERR_INTERNAL;
     if (MODEL_TEST_FAULT == 7) for (;;) sleep(3600);
     if (MODEL_TEST_FAULT == 8) abort();
-    if (MODEL_TEST_FAULT == 10) usleep(1500 * 1000);
+    if (MODEL_TEST_FAULT == 10 || MODEL_TEST_FAULT == 14) usleep(1500 * 1000);
     set_up = 1;
     return get_num_feature() == GW_GOLDEN_N_FEATURES ? MODEL_OK : MODEL_ERR_INTERNAL;
 }
@@ -100,6 +113,12 @@ static int32_t adapter_predict(const float *rows, size_t n_rows, uint32_t flags,
     if ((flags & ~MODEL_PREDICT_MARGIN) != 0) return MODEL_ERR_ARGUMENT;
     if (n_rows == 0) return MODEL_OK;
     if (rows == NULL || out == NULL || n_rows > MAX_ROWS_PER_CALL) return MODEL_ERR_ARGUMENT;
+    if (MODEL_TEST_FAULT == 17) {
+        const size_t width = (size_t)get_num_feature();
+        for (size_t i = 0; i < n_rows; i++) {
+            if (rows[i * width] == -33333.0f) return MODEL_ERR_INTERNAL;
+        }
+    }
     const int margin = (flags & MODEL_PREDICT_MARGIN) != 0;
     const size_t n_features = (size_t)get_num_feature();
     union Entry stack[64];
@@ -109,6 +128,10 @@ static int32_t adapter_predict(const float *rows, size_t n_rows, uint32_t flags,
     float result_f[N_OUTPUTS];
     for (size_t i = 0; i < n_rows; i++) {
         const float *row = rows + i * n_features;
+#if MODEL_TEST_FAULT == 15
+        if (row[0] == -11111.0f) gw_test_symbol_no_process_defines();
+#endif
+        if (MODEL_TEST_FAULT == 16 && row[0] == -22222.0f) for (;;) sleep(3600);
         if (MODEL_TEST_FAULT == 9 && row[0] == -12345.0f) {
             /* A store through an address the compiler cannot know is null. */
             static volatile uintptr_t nowhere = 0;
@@ -146,6 +169,7 @@ static pthread_once_t table_once = PTHREAD_ONCE_INIT;
 
 static void adapter_release(void) {
     if (MODEL_TEST_FAULT == 12) abort();
+    if (MODEL_TEST_FAULT == 14) for (;;) sleep(3600);
     usleep(1000 * 1000);
     set_up = 0;
 }
@@ -164,7 +188,9 @@ static void fill_table(void) {
     table.trainer = GW_GOLDEN_TRAINER;
     table.init = adapter_init;
     table.predict = adapter_predict;
-    table.release = MODEL_TEST_FAULT == 11 || MODEL_TEST_FAULT == 12 ? adapter_release : NULL;
+    table.release = MODEL_TEST_FAULT == 11 || MODEL_TEST_FAULT == 12 || MODEL_TEST_FAULT == 14
+                        ? adapter_release
+                        : NULL;
     table.n_golden = MODEL_TEST_FAULT == 6 ? 0u : (uint32_t)GW_GOLDEN_N;
     table.golden_rows = gw_golden_rows;
     table.golden_outputs = gw_golden_outputs;

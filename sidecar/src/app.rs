@@ -454,12 +454,17 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     realtime.set_modules(control.modules());
     tracing::info!(bus = %bus.describe(), "command bus");
 
+    if let Some(m) = &cfg.file.models {
+        crate::models::watchdog::start(Duration::from_millis(m.predict_timeout_ms))
+            .context("cannot start the model watchdog thread")?;
+    }
     let models = cfg.file.models.as_ref().map(|m| {
         let host = Arc::new(
             ModelHost::new(&m.dir, |module| m.features_of(module), m.policy())
                 .with_load_timeout(Duration::from_millis(m.load_timeout_ms))
                 .with_crash_marker(cfg.file.state_dir.join("model-loading"))
-                .with_audit(gatekeeper.auditor.clone()),
+                .with_audit(gatekeeper.auditor.clone())
+                .requiring(&m.required),
         );
         host.register(&mut registry);
         for line in host.poll() {

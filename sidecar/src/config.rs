@@ -189,10 +189,27 @@ pub struct ModelsConfig {
     /// loaded: any other is refused before its code runs (`not_allowed`).
     #[serde(default)]
     pub allowed_sha256: Option<Vec<String>>,
+    /// How long a call may stay inside a library's `predict`, milliseconds:
+    /// beyond, the library is listed as one the sidecar died inside and the
+    /// process ends (it cannot take the call back), and the next start refuses
+    /// it (`crashed`).
+    #[serde(default = "default_model_predict_timeout")]
+    pub predict_timeout_ms: u64,
+    /// Modules (`mev`, `arbitrage`) scored by their model alone from the start:
+    /// while none serves (its link not placed yet, the directory empty or not
+    /// mounted after a restart) their opportunities are not sent. Without it a
+    /// module whose link was never seen since start is scored by the
+    /// opportunity's own `ev`.
+    #[serde(default)]
+    pub required: Vec<String>,
 }
 
 fn default_model_load_timeout() -> u64 {
     10_000
+}
+
+fn default_model_predict_timeout() -> u64 {
+    5_000
 }
 
 /// `models.features`: a module's feature count where it differs from
@@ -216,7 +233,9 @@ impl ModelsConfig {
             poll_ms: default_model_poll(),
             allow_unverified: false,
             load_timeout_ms: default_model_load_timeout(),
+            predict_timeout_ms: default_model_predict_timeout(),
             allowed_sha256: None,
+            required: Vec::new(),
         }
     }
 
@@ -912,9 +931,41 @@ impl Config {
             );
         }
         if let Some(m) = &file.models {
+            // An opportunity carries at most MAX_FEATURES: a model wider than
+            // that would load and answer /predict, and never score one.
+            let most = crate::sender::http::MAX_FEATURES;
+            for (key, n) in [
+                ("models.n_features", Some(m.n_features)),
+                ("models.features.mev", m.features.mev),
+                ("models.features.arbitrage", m.features.arbitrage),
+            ] {
+                if n.is_some_and(|n| n == 0 || n as usize > most) {
+                    return Err(OutOfBounds::new(
+                        key,
+                        format!("must be 1..={most} (the most features an opportunity carries)"),
+                    )
+                    .into());
+                }
+            }
+            if let Some(m) = m.required.iter().find(|m| {
+                !gw_core::Module::ALL
+                    .iter()
+                    .any(|x| x.as_str() == m.as_str())
+            }) {
+                return Err(OutOfBounds::new(
+                    "models.required",
+                    format!("`{}` is no module (mev, arbitrage)", m.escape_debug()),
+                )
+                .into());
+            }
             if !(100..=600_000).contains(&m.load_timeout_ms) {
                 return Err(
                     OutOfBounds::new("models.load_timeout_ms", "must be 100..=600000").into(),
+                );
+            }
+            if !(100..=600_000).contains(&m.predict_timeout_ms) {
+                return Err(
+                    OutOfBounds::new("models.predict_timeout_ms", "must be 100..=600000").into(),
                 );
             }
             let digest = |d: &String| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit());
@@ -1476,6 +1527,26 @@ mod tests {
             (
                 r#"{"models": {"dir": "/m", "allowed_sha256": ["zz"]}}"#,
                 "models.allowed_sha256",
+            ),
+            (
+                r#"{"models": {"dir": "/m", "predict_timeout_ms": 50}}"#,
+                "models.predict_timeout_ms",
+            ),
+            (
+                r#"{"models": {"dir": "/m", "required": ["hft"]}}"#,
+                "models.required",
+            ),
+            (
+                r#"{"models": {"dir": "/m", "n_features": 257}}"#,
+                "models.n_features",
+            ),
+            (
+                r#"{"models": {"dir": "/m", "n_features": 0}}"#,
+                "models.n_features",
+            ),
+            (
+                r#"{"models": {"dir": "/m", "features": {"arbitrage": 300}}}"#,
+                "models.features.arbitrage",
             ),
         ] {
             match with(json) {

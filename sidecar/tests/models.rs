@@ -671,7 +671,8 @@ fn every_kind_of_bad_library_is_refused_with_its_reason_while_the_old_one_serves
 
     // Built by the same pipeline with MODEL_TEST_FAULT: 1 wrong ABI version, 2
     // predict fails, 3 no export symbol, 4 init fails, 5 answers off by 1e-4
-    // relative (a wrong model: the golden vectors catch it), 6 no golden vectors.
+    // relative (a wrong model: the golden vectors catch it), 6 no golden
+    // vectors, 15 an undefined symbol.
     for (fault, reason, expect) in [
         (1, "abi", "ABI version 99"),
         (2, "self_test", "self-test failed"),
@@ -683,6 +684,14 @@ fn every_kind_of_bad_library_is_refused_with_its_reason_while_the_old_one_serves
             "golden vectors differ: row 0 output 0",
         ),
         (6, "golden_missing", "no golden vectors"),
+        // 15: needs a symbol this process lacks, called only on a row no check
+        // scores. Bound at load (RTLD_NOW), it is refused; bound lazily it
+        // loaded, and its first such row ended the process (`_exit(127)`).
+        (
+            15,
+            "open",
+            "undefined symbol: gw_test_symbol_no_process_defines",
+        ),
     ] {
         build(dir, &format!("fault{fault}"), 7, fault, "mev");
         let log = host.poll();
@@ -739,29 +748,24 @@ fn every_kind_of_bad_library_is_refused_with_its_reason_while_the_old_one_serves
         })
     ));
     let slot = host.slot("mev").unwrap();
-    assert_eq!(slot.rejected(), 8);
+    assert_eq!(slot.rejected(), 9);
     let metrics = rejected_metrics(&host);
-    for reason in [
-        "abi",
-        "self_test",
-        "symbol",
-        "init",
-        "golden_mismatch",
-        "open",
+    for (reason, n) in [
+        ("abi", 1),
+        ("self_test", 1),
+        ("symbol", 1),
+        ("init", 1),
+        ("golden_mismatch", 1),
+        ("open", 2),
+        ("golden_missing", 2),
     ] {
         assert!(
             metrics.contains(&format!(
-                "gw_sidecar_model_rejected_total{{module=\"mev\",reason=\"{reason}\"}} 1"
+                "gw_sidecar_model_rejected_total{{module=\"mev\",reason=\"{reason}\"}} {n}"
             )),
             "{reason}: {metrics}"
         );
     }
-    assert!(
-        metrics.contains(
-            "gw_sidecar_model_rejected_total{module=\"mev\",reason=\"golden_missing\"} 2"
-        ),
-        "{metrics}"
-    );
     let view = host.view();
     let history = &view.iter().find(|(m, _)| *m == "mev").unwrap().1.history;
     let outcomes: Vec<&str> = history.iter().map(|e| e.outcome).collect();
@@ -775,6 +779,7 @@ fn every_kind_of_bad_library_is_refused_with_its_reason_while_the_old_one_serves
             "init",
             "golden_mismatch",
             "golden_missing",
+            "open",
             "open",
             "golden_missing"
         ]
@@ -903,6 +908,87 @@ fn hot_swap_under_concurrent_predictions_loses_nothing() {
     assert!(calls.load(Ordering::Relaxed) >= 12_000);
     assert_eq!(seen.len(), 2, "both versions answered: {seen:?}");
     assert_eq!(host.slot("mev").unwrap().loads(), 21);
+}
+
+/// Models swapped out while four threads keep predicting are really let go —
+/// `release` and `dlclose` run — and never under a call: each build here tears
+/// down in its `release` what its `predict` needs (fault 11: a call after it
+/// fails), and each is swapped in once, so every retired one is released
+/// during the run (the test above swaps back and forth between two builds,
+/// which stay loaded).
+#[test]
+fn models_swapped_out_under_concurrent_predictions_are_released_only_after_their_last_call() {
+    let d = testkit::TempDir::new("models-swap-release");
+    let dir = d.path();
+    let versions = ["r1", "r2", "r3", "r4"];
+    for (i, v) in versions.iter().enumerate() {
+        build(dir, v, 7 + 4 * i as u64, 11, "mev");
+    }
+    let (rows, _) = check(dir, "mev");
+    let rows: Vec<f32> = rows[..16 * 8].to_vec();
+    let expected: Vec<(String, Vec<f32>)> = versions
+        .iter()
+        .map(|v| {
+            let m = Model::load(
+                &dir.join(format!("libmev_v{v}.so")),
+                8,
+                LoadPolicy::default(),
+            )
+            .unwrap();
+            (v.to_string(), m.predict(&rows).unwrap())
+        })
+        .collect();
+    activate(dir, "mev", "libmev_vr1.so");
+    let host = Arc::new(host(dir, 8, false));
+    host.poll();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (host, stop, rows, expected) =
+                (host.clone(), stop.clone(), rows.clone(), expected.clone());
+            std::thread::spawn(move || {
+                let mut seen = std::collections::BTreeSet::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let m = host.current("mev").expect("a model is always serving");
+                    let out = m.predict(&rows).unwrap_or_else(|e| {
+                        panic!("{} answered {e:?}: released under a call", m.version)
+                    });
+                    let want = &expected.iter().find(|(v, _)| *v == m.version).unwrap().1;
+                    assert_eq!(&out, want, "answer of {}", m.version);
+                    seen.insert(m.version.clone());
+                }
+                seen
+            })
+        })
+        .collect();
+    for v in &versions[1..] {
+        std::thread::sleep(Duration::from_millis(200));
+        activate(dir, "mev", &format!("libmev_v{v}.so"));
+        host.poll();
+    }
+    // The retired ones' releases (1 s each, on their own threads) run out while
+    // the threads go on with the last.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        host.poll();
+        let open: Vec<&str> = versions[..3]
+            .iter()
+            .copied()
+            .filter(|v| gw_sidecar::models::library::is_open(&dir.join(format!("libmev_v{v}.so"))))
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still open: {open:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = std::collections::BTreeSet::new();
+    for t in threads {
+        seen.extend(t.join().expect("no call on a released model"));
+    }
+    assert_eq!(seen.len(), 4, "every version answered: {seen:?}");
+    assert_eq!(host.slot("mev").unwrap().loads(), 4);
 }
 
 /// The hot path over `host`, both modules running with `ev_min`, sending to a
@@ -1164,6 +1250,56 @@ fn a_non_finite_score_is_named_and_never_sent_on() {
         .collect();
     assert_eq!(got, vec![sent], "only the finite score is sent on");
     assert_eq!(hot.stats.skipped(Skip::NoScore), 1);
+}
+
+/// A model whose `predict` fails (an error status) for a batch: the batch's
+/// opportunities are skipped (`no_score`) — never scored by their own `ev` —
+/// and counted in `gw_strategy_model_errors_total{module}` (they were counted
+/// as `no_score` only, like a missing model or a width mismatch).
+#[test]
+fn a_model_that_fails_a_batch_skips_it_and_is_counted() {
+    use gw_core::Module;
+    use gw_sidecar::sender::strategy::Skip;
+
+    let d = testkit::TempDir::new("models-predict-error");
+    let dir = d.path();
+    build(dir, "err17", 7, 17, "mev");
+    let host = Arc::new(host(dir, 8, false));
+    host.poll();
+    assert!(host.current("mev").is_some(), "its checks pass");
+    let Hot {
+        hot,
+        relay,
+        key,
+        _rt,
+    } = hot_path(host.clone(), f64::MIN);
+    let row = |first: f32| -> Vec<f32> { std::iter::once(first).chain([0.5; 7]).collect() };
+    let (bad, _) = opportunity(&key, Module::Mev, [1; 32], row(-33333.0), Some(5.0));
+    assert_eq!(hot.offer(vec![bad]), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while hot.stats.skipped(Skip::NoScore) == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(hot.stats.skipped(Skip::NoScore), 1);
+    assert_eq!(
+        (
+            hot.stats.model_errors(Module::Mev),
+            hot.stats.model_errors(Module::Arbitrage)
+        ),
+        (1, 0)
+    );
+    let (fine, sent) = opportunity(&key, Module::Mev, [2; 32], row(1.0), None);
+    assert_eq!(hot.offer(vec![fine]), 1);
+    while relay.calls().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let got: Vec<Vec<u8>> = relay
+        .calls()
+        .into_iter()
+        .map(|c| c.txs[0].clone())
+        .collect();
+    assert_eq!(got, vec![sent], "the bad one never sent on its own ev");
+    assert_eq!(hot.stats.model_errors(Module::Mev), 1);
 }
 
 #[test]
@@ -1550,6 +1686,73 @@ fn a_library_held_back_by_a_stuck_loader_is_loaded_once_the_loader_returns() {
     assert_eq!(serving().as_deref(), Some("good2"));
 }
 
+/// A module is scored by its model alone — nothing of it sent while none
+/// serves — once its link was seen, and also from the start when
+/// `models.required` names it, or when the models directory is not there at all
+/// (a volume not mounted, a path mistyped): an empty directory says a module
+/// has no model, a missing one cannot. Before, both restarts fell back to the
+/// searchers' own `ev`.
+#[test]
+fn a_required_module_or_a_missing_directory_scores_nothing_without_a_model() {
+    let d = testkit::TempDir::new("models-required");
+    let empty = d.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let linked = |h: &ModelHost| (h.linked("mev"), h.linked("arbitrage"));
+    let h = host(&empty, 8, false);
+    h.poll();
+    assert_eq!(linked(&h), (false, false), "no link: the searchers' ev");
+    let h = host(&empty, 8, false).requiring(&["mev".to_owned()]);
+    h.poll();
+    assert_eq!(linked(&h), (true, false));
+    let h = host(&d.path().join("not-mounted"), 8, false);
+    h.poll();
+    assert_eq!(linked(&h), (true, true));
+}
+
+/// A load that timed out and then succeeded lets go of its model (nobody waits
+/// for it any more) outside the lock every load takes: a `release` that hung
+/// there held every later look — no swap, no owed row — for good.
+#[test]
+fn a_timed_out_load_whose_release_hangs_holds_no_later_load() {
+    let d = testkit::TempDir::new("models-late-release");
+    let dir = d.path();
+    build(dir, "good2", 8, 0, "mev");
+    build(dir, "good1", 7, 0, "mev");
+    let host =
+        std::sync::Arc::new(host(dir, 8, false).with_load_timeout(Duration::from_millis(700)));
+    host.poll();
+    assert_eq!(
+        host.current("mev").map(|m| m.version.clone()).as_deref(),
+        Some("good1")
+    );
+    // Its init takes 1.5 s, and its release never returns.
+    build(dir, "latehang", 7, 14, "mev");
+    let t0 = std::time::Instant::now();
+    let log = host.poll();
+    assert!(
+        log.iter().any(|l| l.contains("refused [timeout]")),
+        "{log:?}"
+    );
+    activate(dir, "mev", "libmev_vgood2.so");
+    // The loader has returned, and let go of its model: its release hangs.
+    std::thread::sleep(Duration::from_millis(2000).saturating_sub(t0.elapsed()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let looking = host.clone();
+    std::thread::spawn(move || {
+        let serving = || looking.current("mev").map(|m| m.version.clone());
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while serving().as_deref() != Some("good2") && std::time::Instant::now() < deadline {
+            looking.poll();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = tx.send(serving());
+    });
+    let got = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a look blocked behind the hung release");
+    assert_eq!(got.as_deref(), Some("good2"));
+}
+
 /// A model swapped out is released on a thread of its own, never by the
 /// holder of its last reference (a hot-path batch, a request that held it
 /// across the swap): a `release` that takes 1 s holds neither them nor the
@@ -1903,6 +2106,101 @@ fn a_library_that_crashes_in_predict_is_refused_at_the_next_start() {
     );
     second.assert_running();
     assert!(second.log().contains("died inside"), "{}", second.log());
+}
+
+/// A library that never returns from its `predict` on some row (a row no check
+/// scores) would stop whatever called it — the hot path's every send — for
+/// good. Past `models.predict_timeout_ms` the watchdog names it in the list of
+/// libraries the sidecar died inside and ends the process (the call cannot be
+/// taken back); the next start refuses it (`crashed`) and serves.
+#[test]
+fn a_library_that_hangs_in_predict_ends_the_process_and_is_refused_at_the_next_start() {
+    let d = testkit::TempDir::new("models-hang-predict");
+    let models = d.path().join("models");
+    build(&models, "fault16", 7, 16, "mev");
+    build(&models, "good", 7, 0, "arb");
+    let config = d.path().join("sidecar.json");
+    std::fs::write(
+        &config,
+        json!({"models": {"dir": models, "predict_timeout_ms": 500}}).to_string(),
+    )
+    .unwrap();
+    let (ops, api) = (testkit::free_port(), testkit::free_port());
+    let start = |n: u32| {
+        let mut cmd = common::plain_sidecar(d.path(), ops);
+        cmd.env("GW_SIDECAR_LISTEN", format!("127.0.0.1:{api}"))
+            .arg("--config")
+            .arg(&config);
+        testkit::ProcessGuard::spawn(
+            "gw-sidecar",
+            &mut cmd,
+            &d.path().join(format!("sidecar-{n}.log")),
+        )
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let predict = |module: &str, first: f64| {
+        let url = format!("http://127.0.0.1:{api}/api/models/{module}/predict");
+        let row: Vec<f64> = std::iter::once(first).chain([0.5; 7]).collect();
+        rt.block_on(async {
+            let r = common::as_role(reqwest::Client::new().post(url), "operator")
+                .json(&json!({ "rows": [row] }))
+                .timeout(Duration::from_secs(20))
+                .send()
+                .await;
+            match r {
+                Ok(r) => Ok((
+                    r.status().as_u16(),
+                    r.json::<Value>().await.unwrap_or(Value::Null),
+                )),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    };
+    let mut first = start(0);
+    wait_loaded(ops, "mev", &mut first);
+    let served = predict("mev", 1.0);
+    assert!(
+        matches!(&served, Ok((200, b)) if b["version"] == "fault16"),
+        "{served:?}"
+    );
+    let t = std::time::Instant::now();
+    let hung = predict("mev", -22222.0);
+    assert!(
+        hung.is_err(),
+        "no answer from a process that ended: {hung:?}"
+    );
+    let status = first.wait_exit(Duration::from_secs(30));
+    {
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(
+            status.and_then(|s| s.signal()),
+            Some(libc::SIGABRT),
+            "{status:?}\n{}",
+            first.log()
+        );
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "ended soon after the limit: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        first.log().contains("inside its predict for longer than"),
+        "{}",
+        first.log()
+    );
+    let list = std::fs::read_to_string(d.path().join(".run/sidecar/model-crashed")).unwrap();
+    assert!(list.trim_end().ends_with("libmev_vfault16.so"), "{list}");
+
+    let mut second = start(1);
+    wait_loaded(ops, "arbitrage", &mut second);
+    assert_eq!(rejected_for(ops, "mev", "crashed"), Some(1));
+    let arb = predict("arbitrage", 1.0);
+    assert!(
+        matches!(&arb, Ok((200, b)) if b["version"] == "good"),
+        "{arb:?}"
+    );
+    second.assert_running();
 }
 
 /// The ledger rows a journal made durable, as its sink hears of them.

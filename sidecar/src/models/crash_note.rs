@@ -96,6 +96,26 @@ pub fn install(list: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Names the library `line` names (its path and a newline) in the list, as a
+/// fatal signal inside it would: a library the process is about to end for
+/// (hung in its `predict`, [`super::watchdog`]). Nothing when no list is
+/// installed.
+pub fn note(line: &[u8]) -> std::io::Result<()> {
+    let Some(installed) = INSTALLED.get() else {
+        return Ok(());
+    };
+    // SAFETY: `list` is open for the process's life; `line` is a valid buffer.
+    let written = unsafe { libc::write(installed.list, line.as_ptr().cast(), line.len()) };
+    if usize::try_from(written).ok() != Some(line.len()) {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fsync(installed.list) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// While alive, this thread is inside the library `line` names (its path and a
 /// newline): a fatal signal on it names that library.
 pub struct Inside {

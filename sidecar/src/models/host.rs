@@ -597,7 +597,12 @@ impl ModelHost {
                 if let Some(m) = &marker {
                     let _ = std::fs::remove_file(m);
                 }
-                let _ = tx.send(r);
+                // Sent under the lock; a model nobody waits for any more (the
+                // load timed out) is let go only after it: its `release` may
+                // hang, and every later load takes this lock.
+                let unwanted = tx.send(r).err();
+                drop(st);
+                drop(unwanted);
             })
             .map_err(|e| super::LoadError::Open(shown.clone(), format!("no loader thread: {e}")))?;
         let answer = rx.recv_timeout(self.load_timeout).or_else(|why| {
@@ -624,6 +629,20 @@ impl ModelHost {
         // the look above is not cached under the old one's inode).
         self.loaded.lock().insert(m.file, Arc::downgrade(&m));
         Ok(m)
+    }
+
+    /// `modules` are scored by their model alone from the start
+    /// (`models.required`): while none serves — its link not placed yet, the
+    /// directory empty or not mounted after a restart — their opportunities are
+    /// not sent, never scored by their own `ev`. Unknown names are ignored (the
+    /// configuration checks them).
+    pub fn requiring(self, modules: &[String]) -> ModelHost {
+        for s in &self.slots {
+            if modules.iter().any(|m| m == s.module) {
+                s.linked.store(true, Ordering::Release);
+            }
+        }
+        self
     }
 
     /// Registers `gw_sidecar_model_loads_total{module}` and
@@ -662,7 +681,9 @@ impl ModelHost {
     }
 
     /// Scores `rows` with the model serving `module` into `out` (`n_outputs` per
-    /// row), without taking a reference count or allocating: the hot path's call.
+    /// row), without taking a reference count or allocating (what `bench models`
+    /// measures; the hot path's `score` holds the model's `Arc` for a batch and
+    /// allocates the batch's rows and scores, once per batch).
     /// The model stays loaded for the call (arc-swap's guard).
     pub fn predict_into(
         &self,
@@ -684,14 +705,21 @@ impl ModelHost {
         for s in &self.slots {
             self.pay_owed(s, &mut log);
         }
+        // A models directory that is not there (a volume not mounted, a path
+        // mistyped) cannot say a module has no model either.
+        let dir_missing = matches!(
+            std::fs::symlink_metadata(&self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound
+        );
         for s in &self.slots {
             let link = s.link(&self.dir);
             // The link itself (even dangling: a deploy that links before the file
             // is there) says the module has a model; so does a directory that
-            // cannot be read (it cannot say the module has none).
+            // cannot be read, or is not there (it cannot say the module has
+            // none).
             let meta = std::fs::symlink_metadata(&link);
             match &meta {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !dir_missing => {}
                 _ => s.linked.store(true, Ordering::Release),
             }
             // Who placed the link, as it is now (the row's requester).

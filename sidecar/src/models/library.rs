@@ -493,6 +493,13 @@ pub(super) fn still_mapped(file: (u64, u64)) -> Option<String> {
     OPEN.lock().contains(&file).then(held_file)
 }
 
+/// Whether a model of the file at `path` is open: serving, held by a caller, or
+/// being released (its `release` and close not finished).
+pub fn is_open(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).is_ok_and(|m| still_mapped((m.dev(), m.ino())).is_some())
+}
+
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -854,8 +861,18 @@ impl Model {
         // at its path, is loaded (`trusted`), from the models directory
         // (`ModelHost`): operators' own builds; whoever could write such a file
         // could run code as the sidecar anyway.
-        let lib = unsafe { libloading::Library::new(&image.path) }
-            .map_err(|e| LoadError::Open(shown.clone(), e.to_string()))?;
+        // Every symbol bound now (RTLD_NOW), not at its first call: a library
+        // that needs one this process lacks is refused here (`open`), not ended
+        // by the loader (`_exit(127)`, no fatal signal to name it) on the hot
+        // path, at a call no check made.
+        let lib = unsafe {
+            libloading::os::unix::Library::open(
+                Some(&image.path),
+                libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL,
+            )
+        }
+        .map(libloading::Library::from)
+        .map_err(|e| LoadError::Open(shown.clone(), e.to_string()))?;
         let t = read_table(&lib).map_err(|e| match e {
             TableError::NoSymbol(e) => LoadError::Symbol(shown.clone(), e),
             TableError::Abi(e) => LoadError::Abi(shown.clone(), e),
@@ -1006,8 +1023,10 @@ impl Model {
                 self.n_outputs
             )));
         }
-        // A fatal signal in there names this library (refused at the next start).
+        // A fatal signal in there names this library (refused at the next start),
+        // and so does staying in there too long (`models.predict_timeout_ms`).
         let _inside = super::crash_note::Inside::enter(&self.crash_line);
+        let _watched = super::watchdog::Watched::enter(&self.crash_line);
         // SAFETY: `rows` holds n_rows * n_features floats and `out` n_rows *
         // n_outputs, as the ABI requires; predict is thread-safe per the ABI.
         let s = unsafe {

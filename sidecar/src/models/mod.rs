@@ -1,12 +1,14 @@
 //! Tree models behind the versioned C ABI: one checked library ([`library`]), the
 //! per-module slots that swap them in ([`host`]), and the API that scores with them
 //! ([`api`]: `GET /api/models`, `POST /api/models/{module}/predict`,
-//! `POST /api/modules/{module}/evaluate`).
+//! `POST /api/modules/{module}/evaluate`). A library that crashes the process,
+//! or hangs in its `predict` ([`watchdog`]), is refused at the next start.
 
 pub mod api;
 mod crash_note;
 pub mod host;
 pub mod library;
+pub mod watchdog;
 
 pub use host::{ModelHost, ModelView, SlotView, SwapEvent};
 pub use library::{

@@ -148,7 +148,8 @@ fn rpc_refusal(r: rpc::Refused) -> Refusal {
 pub const MAX_OPPORTUNITIES: usize = 1024;
 /// Most pre-signed variants per opportunity.
 pub const MAX_VARIANTS: usize = 8;
-/// Most features per opportunity.
+/// Most features per opportunity (on every ingest path; a model's configured
+/// feature count is held to it, `models.n_features`).
 pub const MAX_FEATURES: usize = 256;
 
 /// An error answer in the gateway's shape, and its refusal.

@@ -77,7 +77,7 @@ pub const CLOSE_BUSY: u32 = 2;
 /// Most pre-signed variants per opportunity (as on HTTP).
 pub const MAX_VARIANTS: usize = 8;
 /// Most features per opportunity (as on HTTP).
-pub const MAX_FEATURES: usize = 256;
+pub const MAX_FEATURES: usize = super::http::MAX_FEATURES;
 /// A handshake must finish within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most handshakes in progress from one IP address.

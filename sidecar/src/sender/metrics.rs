@@ -191,6 +191,12 @@ impl Collector for SenderCollector {
             "Opportunities by outcome (sent, ring_full, or why skipped)",
             &rows,
         )?;
+        counters(
+            &mut enc,
+            "gw_strategy_model_errors",
+            "Opportunities the serving model failed to score (its predict returned an error; skipped as no_score)",
+            &gw_core::Module::ALL.map(|m| ([("module", m.as_str())], hs.model_errors(m))),
+        )?;
         // Received → send decision (µs), for each opportunity sent; the last
         // bucket (u64::MAX) holds the longer ones.
         let buckets = hs.decision_buckets();

@@ -205,6 +205,9 @@ pub struct StrategyStats {
     skipped: [AtomicU64; Skip::ALL.len()],
     /// Opportunities scored by a model.
     pub scored: AtomicU64,
+    /// Opportunities the serving model failed to score (its `predict` returned an
+    /// error; skipped as `no_score`), by module (in `Module::ALL`'s order).
+    model_errors: [AtomicU64; Module::ALL.len()],
     /// Received → send decision, for each opportunity sent: bucket `i` counts
     /// latencies below 2^i µs (and at least 2^(i-1)); the last takes the rest.
     decision_us: [AtomicU64; DECISION_BUCKETS],
@@ -217,6 +220,14 @@ impl StrategyStats {
     fn skip(&self, why: Skip) {
         self.skipped[why as usize].fetch_add(1, Ordering::Relaxed);
     }
+    /// Opportunities of `m` its serving model failed to score so far.
+    pub fn model_errors(&self, m: Module) -> u64 {
+        Module::ALL
+            .iter()
+            .position(|x| *x == m)
+            .map_or(0, |i| self.model_errors[i].load(Ordering::Relaxed))
+    }
+
     /// Skips so far for `why`.
     pub fn skipped(&self, why: Skip) -> u64 {
         self.skipped[why as usize].load(Ordering::Relaxed)
@@ -744,6 +755,13 @@ impl Worker {
                         .fetch_add(idx.len() as u64, Ordering::Relaxed);
                 }
                 Err(_) => {
+                    if let Some(c) = Module::ALL
+                        .iter()
+                        .position(|x| *x == m)
+                        .and_then(|i| self.stats.model_errors.get(i))
+                    {
+                        c.fetch_add(idx.len() as u64, Ordering::Relaxed);
+                    }
                     for i in idx {
                         out[i] = None;
                     }
