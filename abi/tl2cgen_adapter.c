@@ -38,7 +38,9 @@
  *  16 predict never returns on a row whose first feature is -22222, a row no
  *     check scores (a hang on the hot path),
  *  17 predict returns an error for a batch holding a row whose first feature
- *     is -33333, a row no check scores (a model failing on some input).
+ *     is -33333, a row no check scores (a model failing on some input),
+ *  18 predict never returns on a row whose first feature is missing (NaN): the
+ *     load's self-test scores one (a hang in the load's checks).
  */
 #include <math.h>
 #include <pthread.h>
@@ -132,6 +134,7 @@ static int32_t adapter_predict(const float *rows, size_t n_rows, uint32_t flags,
         if (row[0] == -11111.0f) gw_test_symbol_no_process_defines();
 #endif
         if (MODEL_TEST_FAULT == 16 && row[0] == -22222.0f) for (;;) sleep(3600);
+        if (MODEL_TEST_FAULT == 18 && isnan(row[0])) for (;;) sleep(3600);
         if (MODEL_TEST_FAULT == 9 && row[0] == -12345.0f) {
             /* A store through an address the compiler cannot know is null. */
             static volatile uintptr_t nowhere = 0;

@@ -832,16 +832,10 @@ fn v1_libraries_still_load_when_unverified_models_are_allowed() {
     assert_eq!(m.predict_margin(&rows), Err(PredictError::NoMargin));
 }
 
-#[test]
-fn hot_swap_under_concurrent_predictions_loses_nothing() {
-    let d = testkit::TempDir::new("models-swap");
-    let dir = d.path();
-    build(dir, "v1", 7, 0, "mev");
-    build(dir, "v2", 11, 0, "mev");
-    let (rows, _) = check(dir, "mev");
-    let rows: Vec<f32> = rows[..16 * 8].to_vec();
-    // Each version's own answers, from a direct load.
-    let expected: Vec<(String, Vec<f32>)> = ["v1", "v2"]
+/// Each of `versions`' own answers to `rows` (mev builds in `dir`), from a
+/// direct load (let go before the host loads them).
+fn answers_of(dir: &Path, versions: &[&str], rows: &[f32]) -> Vec<(String, Vec<f32>)> {
+    versions
         .iter()
         .map(|v| {
             let m = Model::load(
@@ -850,30 +844,39 @@ fn hot_swap_under_concurrent_predictions_loses_nothing() {
                 LoadPolicy::default(),
             )
             .unwrap();
-            (v.to_string(), m.predict(&rows).unwrap())
+            (v.to_string(), m.predict(rows).unwrap())
         })
-        .collect();
-    assert_ne!(expected[0].1, expected[1].1, "the two builds differ");
-    activate(dir, "mev", "libmev_vv1.so");
-    let host = Arc::new(host(dir, 8, false));
-    host.poll();
-    let stop = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicUsize::new(0));
-    let threads: Vec<_> = (0..4)
+        .collect()
+}
+
+/// Four threads scoring `rows` with whatever model serves mev on `host`, each
+/// answer its version's own (`expected`), at least `min_calls` each and until
+/// `stop`: the versions each saw, and the calls made (in `calls`).
+fn keep_predicting(
+    host: &Arc<ModelHost>,
+    rows: &[f32],
+    expected: &[(String, Vec<f32>)],
+    min_calls: usize,
+    stop: &Arc<AtomicBool>,
+    calls: &Arc<AtomicUsize>,
+) -> Vec<std::thread::JoinHandle<std::collections::BTreeSet<String>>> {
+    (0..4)
         .map(|_| {
             let (host, stop, calls, rows, expected) = (
                 host.clone(),
                 stop.clone(),
                 calls.clone(),
-                rows.clone(),
-                expected.clone(),
+                rows.to_vec(),
+                expected.to_vec(),
             );
             std::thread::spawn(move || {
                 let mut seen = std::collections::BTreeSet::new();
                 let mut n = 0;
-                while n < 3000 || !stop.load(Ordering::Relaxed) {
+                while n < min_calls || !stop.load(Ordering::Relaxed) {
                     let m = host.current("mev").expect("a model is always serving");
-                    let out = m.predict(&rows).expect("no prediction fails");
+                    let out = m.predict(&rows).unwrap_or_else(|e| {
+                        panic!("{} answered {e:?} (released under a call?)", m.version)
+                    });
                     let (_, want) = expected
                         .iter()
                         .find(|(v, _)| *v == m.version)
@@ -889,7 +892,72 @@ fn hot_swap_under_concurrent_predictions_loses_nothing() {
                 seen
             })
         })
-        .collect();
+        .collect()
+}
+
+/// What the threads of [`keep_predicting`] saw, once `stop` is set.
+fn seen_by(
+    threads: Vec<std::thread::JoinHandle<std::collections::BTreeSet<String>>>,
+    stop: &AtomicBool,
+) -> std::collections::BTreeSet<String> {
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = std::collections::BTreeSet::new();
+    for t in threads {
+        seen.extend(t.join().expect("no thread panicked"));
+    }
+    seen
+}
+
+/// A batch of more rows than one call into the library takes
+/// (`library::CHUNK_ROWS`: the watchdog times each call) is scored in several
+/// calls, each row's answer in its place.
+#[test]
+fn a_large_batch_is_scored_in_chunks_each_row_in_its_place() {
+    use gw_sidecar::models::library::CHUNK_ROWS;
+
+    let copy = built_copy("models-chunks");
+    let m = Model::load(&copy.path().join("libmev_vt1.so"), 8, LoadPolicy::default()).unwrap();
+    let n = 2 * CHUNK_ROWS + 17;
+    let row = |i: usize| -> Vec<f32> {
+        (0..8)
+            .map(|j| ((i * 7 + j * 13) % 101) as f32 * 0.1)
+            .collect()
+    };
+    let rows: Vec<f32> = (0..n).flat_map(row).collect();
+    let outs = m.n_outputs as usize;
+    let all = m.predict(&rows).unwrap();
+    assert_eq!(all.len(), n * outs);
+    for i in [0, CHUNK_ROWS - 1, CHUNK_ROWS, 2 * CHUNK_ROWS, n - 1] {
+        assert_eq!(
+            &all[i * outs..(i + 1) * outs],
+            m.predict(&row(i)).unwrap().as_slice(),
+            "row {i}"
+        );
+    }
+    let margins = m.predict_margin(&rows).unwrap();
+    let i = n - 1;
+    assert_eq!(
+        &margins[i * outs..],
+        m.predict_margin(&row(i)).unwrap().as_slice()
+    );
+}
+
+#[test]
+fn hot_swap_under_concurrent_predictions_loses_nothing() {
+    let d = testkit::TempDir::new("models-swap");
+    let dir = d.path();
+    build(dir, "v1", 7, 0, "mev");
+    build(dir, "v2", 11, 0, "mev");
+    let (rows, _) = check(dir, "mev");
+    let rows: Vec<f32> = rows[..16 * 8].to_vec();
+    let expected = answers_of(dir, &["v1", "v2"], &rows);
+    assert_ne!(expected[0].1, expected[1].1, "the two builds differ");
+    activate(dir, "mev", "libmev_vv1.so");
+    let host = Arc::new(host(dir, 8, false));
+    host.poll();
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let threads = keep_predicting(&host, &rows, &expected, 3000, &stop, &calls);
     for i in 0..20 {
         let lib = if i % 2 == 0 {
             "libmev_vv2.so"
@@ -900,11 +968,7 @@ fn hot_swap_under_concurrent_predictions_loses_nothing() {
         host.poll();
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut seen = std::collections::BTreeSet::new();
-    for t in threads {
-        seen.extend(t.join().expect("no thread panicked"));
-    }
+    let seen = seen_by(threads, &stop);
     assert!(calls.load(Ordering::Relaxed) >= 12_000);
     assert_eq!(seen.len(), 2, "both versions answered: {seen:?}");
     assert_eq!(host.slot("mev").unwrap().loads(), 21);
@@ -926,41 +990,13 @@ fn models_swapped_out_under_concurrent_predictions_are_released_only_after_their
     }
     let (rows, _) = check(dir, "mev");
     let rows: Vec<f32> = rows[..16 * 8].to_vec();
-    let expected: Vec<(String, Vec<f32>)> = versions
-        .iter()
-        .map(|v| {
-            let m = Model::load(
-                &dir.join(format!("libmev_v{v}.so")),
-                8,
-                LoadPolicy::default(),
-            )
-            .unwrap();
-            (v.to_string(), m.predict(&rows).unwrap())
-        })
-        .collect();
+    let expected = answers_of(dir, &versions, &rows);
     activate(dir, "mev", "libmev_vr1.so");
     let host = Arc::new(host(dir, 8, false));
     host.poll();
     let stop = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..4)
-        .map(|_| {
-            let (host, stop, rows, expected) =
-                (host.clone(), stop.clone(), rows.clone(), expected.clone());
-            std::thread::spawn(move || {
-                let mut seen = std::collections::BTreeSet::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let m = host.current("mev").expect("a model is always serving");
-                    let out = m.predict(&rows).unwrap_or_else(|e| {
-                        panic!("{} answered {e:?}: released under a call", m.version)
-                    });
-                    let want = &expected.iter().find(|(v, _)| *v == m.version).unwrap().1;
-                    assert_eq!(&out, want, "answer of {}", m.version);
-                    seen.insert(m.version.clone());
-                }
-                seen
-            })
-        })
-        .collect();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let threads = keep_predicting(&host, &rows, &expected, 0, &stop, &calls);
     for v in &versions[1..] {
         std::thread::sleep(Duration::from_millis(200));
         activate(dir, "mev", &format!("libmev_v{v}.so"));
@@ -982,11 +1018,7 @@ fn models_swapped_out_under_concurrent_predictions_are_released_only_after_their
         }
         assert!(std::time::Instant::now() < deadline, "still open: {open:?}");
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut seen = std::collections::BTreeSet::new();
-    for t in threads {
-        seen.extend(t.join().expect("no call on a released model"));
-    }
+    let seen = seen_by(threads, &stop);
     assert_eq!(seen.len(), 4, "every version answered: {seen:?}");
     assert_eq!(host.slot("mev").unwrap().loads(), 4);
 }
@@ -1044,6 +1076,21 @@ fn hot_path(host: Arc<ModelHost>, ev_min: f64) -> Hot {
     }
 }
 
+/// The first transaction of each send the relay got, once it got `n` (or
+/// after 20 s), and 300 ms more for any that should not come.
+fn relayed(relay: &testkit::relay::Relay, n: usize) -> Vec<Vec<u8>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while relay.calls().len() < n && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    relay
+        .calls()
+        .into_iter()
+        .map(|c| c.txs[0].clone())
+        .collect()
+}
+
 /// An opportunity of `module` with one transaction (told apart by `tag`).
 fn opportunity(
     key: &ed25519_dalek::SigningKey,
@@ -1099,16 +1146,7 @@ fn a_module_whose_model_does_not_serve_trusts_no_searchers_ev() {
     let (refused, _) = opportunity(&key, Module::Mev, [1; 32], vec![1.0; 8], Some(1e9));
     let (no_model, sent) = opportunity(&key, Module::Arbitrage, [2; 32], vec![], Some(1e9));
     assert_eq!(hot.offer(vec![refused, no_model]), 2);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while relay.calls().is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let got: Vec<Vec<u8>> = relay
-        .calls()
-        .into_iter()
-        .map(|c| c.txs[0].clone())
-        .collect();
+    let got = relayed(&relay, 1);
     assert_eq!(
         got,
         vec![sent],
@@ -1238,16 +1276,7 @@ fn a_non_finite_score_is_named_and_never_sent_on() {
         None,
     );
     assert_eq!(hot.offer(vec![nan, fine]), 2);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while relay.calls().is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let got: Vec<Vec<u8>> = relay
-        .calls()
-        .into_iter()
-        .map(|c| c.txs[0].clone())
-        .collect();
+    let got = relayed(&relay, 1);
     assert_eq!(got, vec![sent], "only the finite score is sent on");
     assert_eq!(hot.stats.skipped(Skip::NoScore), 1);
 }
@@ -1290,14 +1319,7 @@ fn a_model_that_fails_a_batch_skips_it_and_is_counted() {
     );
     let (fine, sent) = opportunity(&key, Module::Mev, [2; 32], row(1.0), None);
     assert_eq!(hot.offer(vec![fine]), 1);
-    while relay.calls().is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let got: Vec<Vec<u8>> = relay
-        .calls()
-        .into_iter()
-        .map(|c| c.txs[0].clone())
-        .collect();
+    let got = relayed(&relay, 1);
     assert_eq!(got, vec![sent], "the bad one never sent on its own ev");
     assert_eq!(hot.stats.model_errors(Module::Mev), 1);
 }
@@ -1357,16 +1379,7 @@ fn the_hot_path_scores_opportunities_with_the_model_and_gates_by_ev_min() {
         opps.push(opportunity(&key, Module::Mev, tag, features, Some(1e9)).0);
     }
     assert_eq!(hot.offer(opps), n + 3);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while relay.calls().len() < expected.len() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let mut got: Vec<Vec<u8>> = relay
-        .calls()
-        .into_iter()
-        .map(|c| c.txs[0].clone())
-        .collect();
+    let mut got = relayed(&relay, expected.len());
     got.sort();
     expected.sort();
     assert_eq!(
@@ -1647,20 +1660,19 @@ fn a_library_that_hangs_is_refused_and_blocks_nothing_else() {
     assert_eq!(serving().as_deref(), Some("good1"));
 }
 
-/// A loader that timed out holds the next library back (`loader_stuck`) only
-/// while it is inside the library: once it returns, the next look loads it.
-#[test]
-fn a_library_held_back_by_a_stuck_loader_is_loaded_once_the_loader_returns() {
-    let d = testkit::TempDir::new("models-stuck-returns");
-    let dir = d.path();
+/// A host in `dir` (load timeout 0.7 s) serving mev's `good1`, whose link
+/// then named a build with fault `fault` (its init takes 1.5 s), refused
+/// `timeout`, and now names `good2`; when that load began.
+fn a_load_timed_out(dir: &Path, fault: u32) -> (Arc<ModelHost>, std::time::Instant) {
     build(dir, "good2", 8, 0, "mev");
     build(dir, "good1", 7, 0, "mev");
-    let host = host(dir, 8, false).with_load_timeout(Duration::from_millis(700));
+    let host = Arc::new(host(dir, 8, false).with_load_timeout(Duration::from_millis(700)));
     host.poll();
-    let serving = || host.current("mev").map(|m| m.version.clone());
-    assert_eq!(serving().as_deref(), Some("good1"));
-    // Its init takes 1.5 s.
-    build(dir, "slow", 7, 10, "mev");
+    assert_eq!(
+        host.current("mev").map(|m| m.version.clone()).as_deref(),
+        Some("good1")
+    );
+    build(dir, &format!("slow{fault}"), 7, fault, "mev");
     let t0 = std::time::Instant::now();
     let log = host.poll();
     assert!(
@@ -1668,6 +1680,18 @@ fn a_library_held_back_by_a_stuck_loader_is_loaded_once_the_loader_returns() {
         "{log:?}"
     );
     activate(dir, "mev", "libmev_vgood2.so");
+    (host, t0)
+}
+
+/// A loader that timed out holds the next library back (`loader_stuck`) only
+/// while it is inside the library: once it returns, the next look loads it.
+#[test]
+fn a_library_held_back_by_a_stuck_loader_is_loaded_once_the_loader_returns() {
+    let d = testkit::TempDir::new("models-stuck-returns");
+    let dir = d.path();
+    // Its init takes 1.5 s.
+    let (host, t0) = a_load_timed_out(dir, 10);
+    let serving = || host.current("mev").map(|m| m.version.clone());
     let log = host.poll();
     assert!(
         log.iter().any(|l| l.contains("refused [loader_stuck]")),
@@ -1716,24 +1740,8 @@ fn a_required_module_or_a_missing_directory_scores_nothing_without_a_model() {
 fn a_timed_out_load_whose_release_hangs_holds_no_later_load() {
     let d = testkit::TempDir::new("models-late-release");
     let dir = d.path();
-    build(dir, "good2", 8, 0, "mev");
-    build(dir, "good1", 7, 0, "mev");
-    let host =
-        std::sync::Arc::new(host(dir, 8, false).with_load_timeout(Duration::from_millis(700)));
-    host.poll();
-    assert_eq!(
-        host.current("mev").map(|m| m.version.clone()).as_deref(),
-        Some("good1")
-    );
     // Its init takes 1.5 s, and its release never returns.
-    build(dir, "latehang", 7, 14, "mev");
-    let t0 = std::time::Instant::now();
-    let log = host.poll();
-    assert!(
-        log.iter().any(|l| l.contains("refused [timeout]")),
-        "{log:?}"
-    );
-    activate(dir, "mev", "libmev_vgood2.so");
+    let (host, t0) = a_load_timed_out(dir, 14);
     // The loader has returned, and let go of its model: its release hangs.
     std::thread::sleep(Duration::from_millis(2000).saturating_sub(t0.elapsed()));
     let (tx, rx) = std::sync::mpsc::channel();
@@ -2024,124 +2032,48 @@ fn a_library_that_crashes_in_its_release_is_named() {
     assert!(list.trim_end().ends_with("libmev_vfault12.so"), "{list}");
 }
 
-/// A library that crashes the sidecar in its `predict` (a segfault on a row no
-/// check scores: the hot path's crash) takes the process down once: the signal
-/// names the library in the list of libraries the sidecar died in, so the next
-/// start refuses it (`crashed`) and serves, with no model for that module, while
-/// the other module's model goes on serving.
-#[test]
-fn a_library_that_crashes_in_predict_is_refused_at_the_next_start() {
-    let d = testkit::TempDir::new("models-crash-predict");
-    let models = d.path().join("models");
-    build(&models, "fault9", 7, 9, "mev");
-    build(&models, "good", 7, 0, "arb");
-    let (ops, api) = (testkit::free_port(), testkit::free_port());
-    let start = |n: u32| {
-        let mut cmd = common::plain_sidecar(d.path(), ops);
-        cmd.env("GW_MODELS_DIR", &models)
-            .env("GW_SIDECAR_LISTEN", format!("127.0.0.1:{api}"));
-        testkit::ProcessGuard::spawn(
-            "gw-sidecar",
-            &mut cmd,
-            &d.path().join(format!("sidecar-{n}.log")),
-        )
-    };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let predict = |module: &str, first: f64| {
-        let url = format!("http://127.0.0.1:{api}/api/models/{module}/predict");
-        let row: Vec<f64> = std::iter::once(first).chain([0.5; 7]).collect();
-        rt.block_on(async {
-            let r = common::as_role(reqwest::Client::new().post(url), "operator")
-                .json(&json!({ "rows": [row] }))
-                .send()
-                .await;
-            match r {
-                Ok(r) => Ok((
-                    r.status().as_u16(),
-                    r.json::<Value>().await.unwrap_or(Value::Null),
-                )),
-                Err(e) => Err(e.to_string()),
-            }
-        })
-    };
-    let mut first = start(0);
-    wait_loaded(ops, "mev", &mut first);
-    let served = predict("mev", 1.0);
-    assert!(
-        matches!(&served, Ok((200, b)) if b["version"] == "fault9"),
-        "{served:?}"
-    );
-    // The row the library faults on: the process dies by the signal, as it would
-    // without the handler (which gives the signal back).
-    let crashed = predict("mev", -12345.0);
-    assert!(
-        crashed.is_err(),
-        "no answer from a process that died: {crashed:?}"
-    );
-    let status = first.wait_exit(Duration::from_secs(30));
-    {
-        use std::os::unix::process::ExitStatusExt as _;
-        assert_eq!(
-            status.and_then(|s| s.signal()),
-            Some(libc::SIGSEGV),
-            "{status:?}\n{}",
-            first.log()
-        );
-    }
-    let list = std::fs::read_to_string(d.path().join(".run/sidecar/model-crashed")).unwrap();
-    assert!(list.trim_end().ends_with("libmev_vfault9.so"), "{list}");
-
-    let mut second = start(1);
-    wait_loaded(ops, "arbitrage", &mut second);
-    assert_eq!(rejected_for(ops, "mev", "crashed"), Some(1));
-    let refused = predict("mev", -12345.0);
-    assert!(
-        matches!(&refused, Ok((503, b)) if b["error"] == "unavailable"),
-        "no model serves mev: {refused:?}"
-    );
-    let arb = predict("arbitrage", 1.0);
-    assert!(
-        matches!(&arb, Ok((200, b)) if b["version"] == "good"),
-        "{arb:?}"
-    );
-    second.assert_running();
-    assert!(second.log().contains("died inside"), "{}", second.log());
+/// A `gw-sidecar` process in `dir` (plain HTTP: its API and ops listener on
+/// ports of its own), started as often as a test needs, and its predict route.
+struct ProcessRig<'a> {
+    dir: &'a Path,
+    ops: u16,
+    api: u16,
+    rt: tokio::runtime::Runtime,
 }
 
-/// A library that never returns from its `predict` on some row (a row no check
-/// scores) would stop whatever called it — the hot path's every send — for
-/// good. Past `models.predict_timeout_ms` the watchdog names it in the list of
-/// libraries the sidecar died inside and ends the process (the call cannot be
-/// taken back); the next start refuses it (`crashed`) and serves.
-#[test]
-fn a_library_that_hangs_in_predict_ends_the_process_and_is_refused_at_the_next_start() {
-    let d = testkit::TempDir::new("models-hang-predict");
-    let models = d.path().join("models");
-    build(&models, "fault16", 7, 16, "mev");
-    build(&models, "good", 7, 0, "arb");
-    let config = d.path().join("sidecar.json");
-    std::fs::write(
-        &config,
-        json!({"models": {"dir": models, "predict_timeout_ms": 500}}).to_string(),
-    )
-    .unwrap();
-    let (ops, api) = (testkit::free_port(), testkit::free_port());
-    let start = |n: u32| {
-        let mut cmd = common::plain_sidecar(d.path(), ops);
-        cmd.env("GW_SIDECAR_LISTEN", format!("127.0.0.1:{api}"))
-            .arg("--config")
-            .arg(&config);
+impl<'a> ProcessRig<'a> {
+    fn new(dir: &'a Path) -> ProcessRig<'a> {
+        ProcessRig {
+            dir,
+            ops: testkit::free_port(),
+            api: testkit::free_port(),
+            rt: tokio::runtime::Runtime::new().unwrap(),
+        }
+    }
+
+    /// Start `n` (its log `sidecar-{n}.log`), its command as `configure` leaves it.
+    fn start(
+        &self,
+        n: u32,
+        configure: impl FnOnce(&mut Command) -> &mut Command,
+    ) -> testkit::ProcessGuard {
+        let mut cmd = common::plain_sidecar(self.dir, self.ops);
+        cmd.env("GW_SIDECAR_LISTEN", format!("127.0.0.1:{}", self.api));
+        configure(&mut cmd);
         testkit::ProcessGuard::spawn(
             "gw-sidecar",
             &mut cmd,
-            &d.path().join(format!("sidecar-{n}.log")),
+            &self.dir.join(format!("sidecar-{n}.log")),
         )
-    };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let predict = |module: &str, first: f64| {
-        let url = format!("http://127.0.0.1:{api}/api/models/{module}/predict");
+    }
+
+    /// `POST /api/models/{module}/predict` of one row (`first`, then 0.5s) as an
+    /// operator: the status and JSON answer, or the transport's error (none
+    /// within 20 s included).
+    fn predict(&self, module: &str, first: f64) -> Result<(u16, Value), String> {
+        let url = format!("http://127.0.0.1:{}/api/models/{module}/predict", self.api);
         let row: Vec<f64> = std::iter::once(first).chain([0.5; 7]).collect();
-        rt.block_on(async {
+        self.rt.block_on(async {
             let r = common::as_role(reqwest::Client::new().post(url), "operator")
                 .json(&json!({ "rows": [row] }))
                 .timeout(Duration::from_secs(20))
@@ -2155,52 +2087,165 @@ fn a_library_that_hangs_in_predict_ends_the_process_and_is_refused_at_the_next_s
                 Err(e) => Err(e.to_string()),
             }
         })
-    };
-    let mut first = start(0);
-    wait_loaded(ops, "mev", &mut first);
-    let served = predict("mev", 1.0);
+    }
+}
+
+/// Through `rig`, with `configure` giving each start its models: mev's
+/// `fault<N>` build (`version`) serves, the row whose first feature is `row`
+/// ends the process by `signal` with the library listed in `model-crashed`; the
+/// next start refuses it (`crashed`) and serves arbitrage's `good` build. The
+/// first process, ended, is returned (its log), and how long the fatal call
+/// took to end it.
+fn ends_the_process_and_is_refused_next(
+    rig: &ProcessRig<'_>,
+    configure: impl Fn(&mut Command) -> &mut Command,
+    version: &str,
+    row: f64,
+    signal: i32,
+) -> (testkit::ProcessGuard, Duration) {
+    let mut first = rig.start(0, &configure);
+    wait_loaded(rig.ops, "mev", &mut first);
+    let served = rig.predict("mev", 1.0);
     assert!(
-        matches!(&served, Ok((200, b)) if b["version"] == "fault16"),
+        matches!(&served, Ok((200, b)) if b["version"] == version),
         "{served:?}"
     );
     let t = std::time::Instant::now();
-    let hung = predict("mev", -22222.0);
+    let fatal = rig.predict("mev", row);
     assert!(
-        hung.is_err(),
-        "no answer from a process that ended: {hung:?}"
+        fatal.is_err(),
+        "no answer from a process that ended: {fatal:?}"
     );
     let status = first.wait_exit(Duration::from_secs(30));
+    let took = t.elapsed();
     {
         use std::os::unix::process::ExitStatusExt as _;
         assert_eq!(
             status.and_then(|s| s.signal()),
-            Some(libc::SIGABRT),
+            Some(signal),
             "{status:?}\n{}",
             first.log()
         );
     }
+    let list = std::fs::read_to_string(rig.dir.join(".run/sidecar/model-crashed")).unwrap();
     assert!(
-        t.elapsed() < Duration::from_secs(15),
-        "ended soon after the limit: {:?}",
-        t.elapsed()
+        list.trim_end().ends_with(&format!("libmev_v{version}.so")),
+        "{list}"
+    );
+
+    let mut second = rig.start(1, &configure);
+    wait_loaded(rig.ops, "arbitrage", &mut second);
+    assert_eq!(rejected_for(rig.ops, "mev", "crashed"), Some(1));
+    let refused = rig.predict("mev", row);
+    assert!(
+        matches!(&refused, Ok((503, b)) if b["error"] == "unavailable"),
+        "no model serves mev: {refused:?}"
+    );
+    let arb = rig.predict("arbitrage", 1.0);
+    assert!(
+        matches!(&arb, Ok((200, b)) if b["version"] == "good"),
+        "{arb:?}"
+    );
+    second.assert_running();
+    assert!(second.log().contains("died inside"), "{}", second.log());
+    (first, took)
+}
+
+/// A library that crashes the sidecar in its `predict` (a segfault on a row no
+/// check scores: the hot path's crash) takes the process down once: the signal
+/// names the library in the list of libraries the sidecar died in, so the next
+/// start refuses it (`crashed`) and serves, with no model for that module, while
+/// the other module's model goes on serving. The process dies by the signal, as
+/// it would without the handler (which gives the signal back).
+#[test]
+fn a_library_that_crashes_in_predict_is_refused_at_the_next_start() {
+    let d = testkit::TempDir::new("models-crash-predict");
+    let models = d.path().join("models");
+    build(&models, "fault9", 7, 9, "mev");
+    build(&models, "good", 7, 0, "arb");
+    let rig = ProcessRig::new(d.path());
+    ends_the_process_and_is_refused_next(
+        &rig,
+        |cmd| cmd.env("GW_MODELS_DIR", &models),
+        "fault9",
+        -12345.0,
+        libc::SIGSEGV,
+    );
+}
+
+/// In `dir/models`, mev's `fault<fault>` build and arbitrage's `good` one; a
+/// configuration file naming them with `models` (more `models` keys): its path.
+fn faulty_mev_and_good_arb(dir: &Path, fault: u32, models: Value) -> PathBuf {
+    let lib_dir = dir.join("models");
+    build(&lib_dir, &format!("fault{fault}"), 7, fault, "mev");
+    build(&lib_dir, "good", 7, 0, "arb");
+    let mut m = models;
+    m["dir"] = json!(lib_dir);
+    let config = dir.join("sidecar.json");
+    std::fs::write(&config, json!({ "models": m }).to_string()).unwrap();
+    config
+}
+
+/// A library that never returns from its `predict` on some row (a row no check
+/// scores) would stop whatever called it — the hot path's every send — for
+/// good. Past `models.predict_timeout_ms` the watchdog names it in the list of
+/// libraries the sidecar died inside and ends the process (the call cannot be
+/// taken back); the next start refuses it (`crashed`) and serves.
+#[test]
+fn a_library_that_hangs_in_predict_ends_the_process_and_is_refused_at_the_next_start() {
+    let d = testkit::TempDir::new("models-hang-predict");
+    let config = faulty_mev_and_good_arb(d.path(), 16, json!({"predict_timeout_ms": 500}));
+    let rig = ProcessRig::new(d.path());
+    let (first, took) = ends_the_process_and_is_refused_next(
+        &rig,
+        |cmd| cmd.arg("--config").arg(&config),
+        "fault16",
+        -22222.0,
+        libc::SIGABRT,
+    );
+    // The limit is 0.5 s (the default, 5 s, would not pass).
+    assert!(
+        took < Duration::from_secs(4),
+        "ended soon after the limit: {took:?}"
     );
     assert!(
         first.log().contains("inside its predict for longer than"),
         "{}",
         first.log()
     );
-    let list = std::fs::read_to_string(d.path().join(".run/sidecar/model-crashed")).unwrap();
-    assert!(list.trim_end().ends_with("libmev_vfault16.so"), "{list}");
+}
 
-    let mut second = start(1);
-    wait_loaded(ops, "arbitrage", &mut second);
-    assert_eq!(rejected_for(ops, "mev", "crashed"), Some(1));
-    let arb = predict("arbitrage", 1.0);
-    assert!(
-        matches!(&arb, Ok((200, b)) if b["version"] == "good"),
-        "{arb:?}"
+/// A library that hangs in the load's own checks (its self-test) is refused
+/// `timeout` by the load's deadline while the process goes on: the watchdog
+/// times calls on the hot path and the API, not a load's checks.
+#[test]
+fn a_library_that_hangs_in_its_load_checks_is_refused_not_the_process_ended() {
+    let d = testkit::TempDir::new("models-hang-load");
+    let config = faulty_mev_and_good_arb(
+        d.path(),
+        18,
+        json!({"predict_timeout_ms": 200, "load_timeout_ms": 1500}),
     );
-    second.assert_running();
+    let rig = ProcessRig::new(d.path());
+    let mut p = rig.start(0, |cmd| cmd.arg("--config").arg(&config));
+    assert!(
+        testkit::wait_tcp(rig.ops, Duration::from_secs(30)),
+        "the sidecar serves:\n{}",
+        p.log()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while rejected_for(rig.ops, "mev", "timeout") != Some(1) {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Well past the watchdog's limit, its loader still inside the library.
+    std::thread::sleep(Duration::from_millis(1000));
+    p.assert_running();
+    assert!(
+        !p.log().contains("inside its predict for longer than"),
+        "{}",
+        p.log()
+    );
 }
 
 /// The ledger rows a journal made durable, as its sink hears of them.

@@ -269,7 +269,13 @@ mod tests {
     const NOW: u64 = 1_750_000_000;
 
     fn open(dir: &std::path::Path, now: u64) -> (SharedReplay, Journal) {
-        let opened = Journal::open(dir, Options::default()).unwrap();
+        open_with(dir, now, Options::default())
+    }
+
+    /// The guard over the journal in `dir` (with `opts`), started as the
+    /// sidecar starts it: its floor in `dir`, the start's hold let go.
+    fn open_with(dir: &std::path::Path, now: u64, opts: Options) -> (SharedReplay, Journal) {
+        let opened = Journal::open(dir, opts).unwrap();
         let floor = ClockFloor::in_dir(dir).unwrap();
         let s = std::sync::Arc::new(parking_lot::Mutex::new(ReplayStore::open(
             &opened.records,
@@ -280,6 +286,7 @@ mod tests {
         let j = opened
             .start(None, vec![std::sync::Arc::new(ReplaySink(s.clone()))])
             .unwrap();
+        j.hold(journal::STARTUP_HOLD, Lsn::MAX);
         s.lock().set_journal(j.clone(), now);
         (s, j)
     }
@@ -331,22 +338,7 @@ mod tests {
             ..Options::default()
         };
         let now = crate::now_secs();
-        let start = |now| {
-            let opened = Journal::open(d.path(), opts).unwrap();
-            let floor = ClockFloor::in_dir(d.path()).unwrap();
-            let s = std::sync::Arc::new(parking_lot::Mutex::new(ReplayStore::open(
-                &opened.records,
-                Limits::default(),
-                now,
-                floor,
-            )));
-            let j = opened
-                .start(None, vec![std::sync::Arc::new(ReplaySink(s.clone()))])
-                .unwrap();
-            j.hold(journal::STARTUP_HOLD, Lsn::MAX);
-            s.lock().set_journal(j.clone(), now);
-            (s, j)
-        };
+        let start = |now| open_with(d.path(), now, opts);
         let (s, j) = start(now);
         // Fresh until the end of this second (the sink reads the real clock).
         let expires = now;
@@ -385,34 +377,15 @@ mod tests {
         j.stop();
     }
 
-    /// A nonce read back already expired is forgotten, and the guard's clock goes
-    /// past it: a command under it, judged at an earlier reading of the clock
-    /// (the clock stepped back across the restart's read), is stale.
-    #[test]
-    fn a_nonce_read_back_expired_moves_the_guards_clock() {
-        let records = vec![(
-            1,
-            Txn::of(vec![ReplayStore::entry(
-                "dashboard",
-                1,
-                NOW - 5,
-                digest(b"one"),
-                "r",
-            )]),
-        )];
-        let (_d, floor) = super::super::clock_floor::scratch();
-        let s = ReplayStore::open(&records, Limits::default(), NOW, floor);
-        assert!(s.get("dashboard", 1, NOW - 10).is_none());
-        assert_eq!(s.clock(NOW - 10), NOW - 4);
-        assert_eq!(s.clock(NOW), NOW);
-    }
-
     /// A nonce already expired when its record is read back (or made durable
-    /// only after its expiry) is let go like any other: once the floor is past
-    /// it. A floor less than a step behind is written at once when the expiry
-    /// is a step old: a quiet spell does not hold the record back for good.
+    /// only after its expiry) is forgotten, and the guard's clock goes past it:
+    /// a command under it, judged at an earlier reading of the clock (the clock
+    /// stepped back across the restart's read), is stale. Its record is let go
+    /// like any other: once the floor is past it. A floor less than a step
+    /// behind is written at once when the expiry is a step old: a quiet spell
+    /// does not hold the record back for good.
     #[test]
-    fn an_expired_nonce_read_back_is_let_go_only_behind_the_floor() {
+    fn a_nonce_read_back_expired_moves_the_clock_and_goes_only_behind_the_floor() {
         let (_d, floor) = super::super::clock_floor::scratch();
         // A nonce forgotten 2 s before the one below.
         floor.cover(NOW - 7, true);
@@ -427,6 +400,9 @@ mod tests {
             )]),
         )];
         let mut s = ReplayStore::open(&records, Limits::default(), NOW, floor.clone());
+        assert!(s.get("dashboard", 1, NOW - 10).is_none());
+        assert_eq!(s.clock(NOW - 10), NOW - 4);
+        assert_eq!(s.clock(NOW), NOW);
         assert_eq!(floor.get(), NOW - 7, "less than a step behind");
         assert_eq!(s.positions.oldest(), Some(1), "so the record is kept");
         s.record(2, &Txn::of(Vec::new()), NOW + 5);

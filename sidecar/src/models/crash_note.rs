@@ -98,11 +98,13 @@ pub fn install(list: &std::path::Path) -> std::io::Result<()> {
 
 /// Names the library `line` names (its path and a newline) in the list, as a
 /// fatal signal inside it would: a library the process is about to end for
-/// (hung in its `predict`, [`super::watchdog`]). Nothing when no list is
-/// installed.
+/// (hung in its `predict`, [`super::watchdog`]). An error when no list is
+/// installed (its start could not open it).
 pub fn note(line: &[u8]) -> std::io::Result<()> {
     let Some(installed) = INSTALLED.get() else {
-        return Ok(());
+        return Err(std::io::Error::other(
+            "no list of crashed libraries is open",
+        ));
     };
     // SAFETY: `list` is open for the process's life; `line` is a valid buffer.
     let written = unsafe { libc::write(installed.list, line.as_ptr().cast(), line.len()) };

@@ -70,6 +70,10 @@ pub struct Slot {
     linked: AtomicBool,
     /// The link is missing or dangling now (logged once per change).
     link_lost: AtomicBool,
+    /// The link itself was seen since start (dangling or not): only such a
+    /// link can be lost (`models.required`, or a directory not there, link
+    /// the module without one).
+    link_seen: AtomicBool,
     /// Link target refused last, why, and whether it is tried again at each look
     /// ([`super::LoadError::retried`]; else not until the link changes).
     refused: Mutex<Option<(PathBuf, String, bool)>>,
@@ -284,6 +288,7 @@ impl ModelHost {
                 current: ArcSwapOption::empty(),
                 linked: AtomicBool::new(false),
                 link_lost: AtomicBool::new(false),
+                link_seen: AtomicBool::new(false),
                 refused: Mutex::new(None),
                 serving_target: Mutex::new(None),
                 history: Mutex::new(VecDeque::with_capacity(HISTORY)),
@@ -590,17 +595,19 @@ impl ModelHost {
                 // Under the lock the waiter takes when it gives up: it then sees
                 // either this answer or a loader still inside the library.
                 let mut st = stuck.lock();
-                if st.as_deref() == Some(path.as_path()) {
+                let gave_up = st.as_deref() == Some(path.as_path());
+                if gave_up {
                     *st = None;
                     tracing::warn!(library = %path.display(), "the timed-out model library returned at last");
                 }
                 if let Some(m) = &marker {
                     let _ = std::fs::remove_file(m);
                 }
-                // Sent under the lock; a model nobody waits for any more (the
-                // load timed out) is let go only after it: its `release` may
-                // hang, and every later load takes this lock.
-                let unwanted = tx.send(r).err();
+                // Sent under the lock, unless the waiter gave up: a model nobody
+                // waits for any more is let go here, after the lock (its
+                // `release` may hang, and every later load takes the lock; sent,
+                // it would be let go by whoever drops the channel).
+                let unwanted = if gave_up { Some(r) } else { tx.send(r).err().map(|e| e.0) };
                 drop(st);
                 drop(unwanted);
             })
@@ -707,8 +714,9 @@ impl ModelHost {
         }
         // A models directory that is not there (a volume not mounted, a path
         // mistyped) cannot say a module has no model either.
+        // (A directory named by a dangling link is not there either.)
         let dir_missing = matches!(
-            std::fs::symlink_metadata(&self.dir),
+            std::fs::metadata(&self.dir),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound
         );
         for s in &self.slots {
@@ -718,9 +726,12 @@ impl ModelHost {
             // cannot be read, or is not there (it cannot say the module has
             // none).
             let meta = std::fs::symlink_metadata(&link);
-            match &meta {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !dir_missing => {}
-                _ => s.linked.store(true, Ordering::Release),
+            let not_there = matches!(&meta, Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+            if !not_there || dir_missing {
+                s.linked.store(true, Ordering::Release);
+            }
+            if meta.is_ok() {
+                s.link_seen.store(true, Ordering::Release);
             }
             // Who placed the link, as it is now (the row's requester).
             let owner = {
@@ -733,7 +744,8 @@ impl ModelHost {
                     // No link yet: nothing to serve. A link gone or dangling after
                     // one was seen changes nothing (the model serving goes on; none
                     // serving, the module still scores nothing): said once.
-                    if s.linked() && !s.link_lost.swap(true, Ordering::AcqRel) {
+                    let lost = s.link_seen.load(Ordering::Acquire) || !not_there;
+                    if s.linked() && lost && !s.link_lost.swap(true, Ordering::AcqRel) {
                         let kept = s.serving_version();
                         log.push(format!(
                             "model {}: {} is gone or dangling ({e}); still serving {kept} (point the link at another build to change it)",

@@ -23,6 +23,10 @@ pub const EXPORT_SYMBOL_V2: &[u8] = b"model_abi_v2_export\0";
 pub const EXPORT_SYMBOL_V1: &[u8] = b"model_abi_v1_export\0";
 /// Rows per prediction call at most.
 pub const MAX_ROWS: usize = 65_536;
+
+/// Most rows of one call into a library when a batch is scored
+/// ([`Model::predict`]): each call is timed by the watchdog on its own.
+pub const CHUNK_ROWS: usize = 1024;
 /// Golden rows a library may carry at most.
 pub const MAX_GOLDEN: u32 = 4096;
 /// Golden tolerance: `|served − reference| ≤ GOLDEN_RTOL · max(|reference|,
@@ -937,7 +941,7 @@ impl Model {
         let mut rows = vec![0.0f32; n];
         rows.extend(std::iter::repeat_n(f32::NAN, n));
         rows.extend(std::iter::repeat_n(1.0f32, n));
-        let out = self.predict(&rows).map_err(|e| e.to_string())?;
+        let out = self.checked(&rows, false)?;
         if out.iter().all(|v| v.is_finite()) {
             Ok(())
         } else {
@@ -958,10 +962,10 @@ impl Model {
             zeros = vec![0.0; g.scales.len()];
             &zeros
         };
-        let out = self.predict(&g.rows).map_err(|e| e.to_string())?;
+        let out = self.checked(&g.rows, false)?;
         let mut worst = compare(&out, &g.outputs, scales, n_outputs, "output")?;
         if let Some(margins) = &g.margins {
-            let m = self.predict_margin(&g.rows).map_err(|e| e.to_string())?;
+            let m = self.checked(&g.rows, true)?;
             worst = worst.max(compare(&m, margins, scales, n_outputs, "margin")?);
         }
         Ok(GoldenCheck {
@@ -983,9 +987,29 @@ impl Model {
         self.call(rows, true)
     }
 
+    /// Scored in calls of at most [`CHUNK_ROWS`] rows each: the watchdog
+    /// (`models.predict_timeout_ms`) times one call into the library, and a
+    /// request of many rows is no call that long.
     fn call(&self, rows: &[f32], margin: bool) -> Result<Vec<f32>, PredictError> {
-        let mut out = vec![0.0f32; self.rows_in(rows)? * self.n_outputs as usize];
-        self.predict_into(rows, &mut out, margin)?;
+        let (n, outs) = (self.n_features as usize, self.n_outputs as usize);
+        let mut out = vec![0.0f32; self.rows_in(rows)? * outs];
+        for (r, o) in rows
+            .chunks(CHUNK_ROWS * n.max(1))
+            .zip(out.chunks_mut(CHUNK_ROWS * outs.max(1)))
+        {
+            self.predict_into(r, o, margin)?;
+        }
+        Ok(out)
+    }
+
+    /// A load-time check's call (the self-test, the golden rows): not watched —
+    /// a library that hangs there is refused `timeout` by the load's own
+    /// deadline (`models.load_timeout_ms`) while the model before it serves.
+    fn checked(&self, rows: &[f32], margin: bool) -> Result<Vec<f32>, String> {
+        let mut out =
+            vec![0.0f32; self.rows_in(rows).map_err(|e| e.to_string())? * self.n_outputs as usize];
+        self.call_into(rows, &mut out, margin, false)
+            .map_err(|e| e.to_string())?;
         Ok(out)
     }
 
@@ -1015,6 +1039,17 @@ impl Model {
         out: &mut [f32],
         margin: bool,
     ) -> Result<(), PredictError> {
+        self.call_into(rows, out, margin, true)
+    }
+
+    /// [`Self::predict_into`], timed by the watchdog when `watched`.
+    fn call_into(
+        &self,
+        rows: &[f32],
+        out: &mut [f32],
+        margin: bool,
+        watched: bool,
+    ) -> Result<(), PredictError> {
         let n_rows = self.rows_in(rows)?;
         if out.len() != n_rows * self.n_outputs as usize {
             return Err(PredictError::Shape(format!(
@@ -1026,7 +1061,7 @@ impl Model {
         // A fatal signal in there names this library (refused at the next start),
         // and so does staying in there too long (`models.predict_timeout_ms`).
         let _inside = super::crash_note::Inside::enter(&self.crash_line);
-        let _watched = super::watchdog::Watched::enter(&self.crash_line);
+        let _watched = watched.then(|| super::watchdog::Watched::enter(&self.crash_line));
         // SAFETY: `rows` holds n_rows * n_features floats and `out` n_rows *
         // n_outputs, as the ABI requires; predict is thread-safe per the ABI.
         let s = unsafe {

@@ -48,25 +48,25 @@ thread_local! {
     };
 }
 
-/// While alive, this thread is inside the `predict` of the library `line` names;
-/// `line` must outlive the guard (the model's own line, the model held by the
-/// caller).
-pub struct Watched(());
+/// While alive, this thread is inside the `predict` of the library `line` names
+/// (the model's own line, the model held by the caller); it borrows `line`, and
+/// stays on its thread.
+pub struct Watched<'a>(std::marker::PhantomData<(&'a [u8], *const ())>);
 
-impl Watched {
+impl<'a> Watched<'a> {
     /// Enters the `predict` of the library named by `line`.
-    pub fn enter(line: &[u8]) -> Watched {
+    pub fn enter(line: &'a [u8]) -> Watched<'a> {
         let call = InCall {
             since: Instant::now(),
             line: std::ptr::from_ref(line),
         };
         // A thread being torn down (no thread-locals left) is not watched.
         let _ = MINE.try_with(|m| *m.0.lock() = Some(call));
-        Watched(())
+        Watched(std::marker::PhantomData)
     }
 }
 
-impl Drop for Watched {
+impl Drop for Watched<'_> {
     fn drop(&mut self) {
         let _ = MINE.try_with(|m| *m.0.lock() = None);
     }
@@ -79,6 +79,12 @@ static STARTED: OnceLock<Duration> = OnceLock::new();
 /// change nothing.
 pub fn start(limit: Duration) -> std::io::Result<()> {
     if STARTED.set(limit).is_err() {
+        if STARTED.get() != Some(&limit) {
+            tracing::warn!(
+                limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+                "the model watchdog runs already, with another limit: that one holds"
+            );
+        }
         return Ok(());
     }
     let every = (limit / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
