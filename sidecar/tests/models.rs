@@ -830,6 +830,11 @@ fn v1_libraries_still_load_when_unverified_models_are_allowed() {
         );
     }
     assert_eq!(m.predict_margin(&rows), Err(PredictError::NoMargin));
+    assert_eq!(
+        m.predict_margin(&[]),
+        Err(PredictError::NoMargin),
+        "no row either"
+    );
 }
 
 /// Each of `versions`' own answers to `rows` (mev builds in `dir`), from a
@@ -884,7 +889,9 @@ fn keep_predicting(
                     assert_eq!(&out, want, "answer of {} is that version's own", m.version);
                     seen.insert(m.version.clone());
                     n += 1;
-                    if n > 200_000 {
+                    // (A bound for the test that wants a count, not for the
+                    // one that predicts until its releases ran.)
+                    if min_calls > 0 && n > 200_000 {
                         break;
                     }
                 }
@@ -2203,11 +2210,16 @@ fn a_library_that_hangs_in_predict_ends_the_process_and_is_refused_at_the_next_s
         -22222.0,
         libc::SIGABRT,
     );
-    // The limit is 0.5 s (the default, 5 s, would not pass).
-    assert!(
-        took < Duration::from_secs(4),
-        "ended soon after the limit: {took:?}"
-    );
+    assert!(took < Duration::from_secs(15), "ended: {took:?}");
+    // The limit is 0.5 s (the default, 5 s, would not pass): the watchdog says
+    // how long the call had been inside.
+    let inside_ms: u64 = first
+        .log()
+        .split("inside_ms=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{}", first.log()));
+    assert!((500..2_000).contains(&inside_ms), "{inside_ms} ms");
     assert!(
         first.log().contains("inside its predict for longer than"),
         "{}",

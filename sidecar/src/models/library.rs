@@ -993,6 +993,10 @@ impl Model {
     fn call(&self, rows: &[f32], margin: bool) -> Result<Vec<f32>, PredictError> {
         let (n, outs) = (self.n_features as usize, self.n_outputs as usize);
         let mut out = vec![0.0f32; self.rows_in(rows)? * outs];
+        if rows.is_empty() {
+            // No row: the library is still asked (a v1 library has no margins).
+            self.predict_into(rows, &mut out, margin)?;
+        }
         for (r, o) in rows
             .chunks(CHUNK_ROWS * n.max(1))
             .zip(out.chunks_mut(CHUNK_ROWS * outs.max(1)))

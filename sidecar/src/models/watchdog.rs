@@ -10,7 +10,7 @@
 //! again — as for a library that crashes.
 //!
 //! Each thread that calls `predict` notes when it entered and which library
-//! ([`Watched`], a lock of its own, uncontended but for the watchdog's look);
+//! (a `Watched` guard, a lock of its own, uncontended but for the watchdog's look);
 //! one thread ([`start`]) looks at them every quarter of the limit.
 #![allow(unsafe_code)] // a raw pointer to the library's line: the block says why it is sound.
 
@@ -51,11 +51,13 @@ thread_local! {
 /// While alive, this thread is inside the `predict` of the library `line` names
 /// (the model's own line, the model held by the caller); it borrows `line`, and
 /// stays on its thread.
-pub struct Watched<'a>(std::marker::PhantomData<(&'a [u8], *const ())>);
+/// (Crate-only: a guard forgotten with `mem::forget` would leave the watchdog a
+/// line that may be gone; the crate never forgets one.)
+pub(crate) struct Watched<'a>(std::marker::PhantomData<(&'a [u8], *const ())>);
 
 impl<'a> Watched<'a> {
     /// Enters the `predict` of the library named by `line`.
-    pub fn enter(line: &'a [u8]) -> Watched<'a> {
+    pub(crate) fn enter(line: &'a [u8]) -> Watched<'a> {
         let call = InCall {
             since: Instant::now(),
             line: std::ptr::from_ref(line),
