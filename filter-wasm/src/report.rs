@@ -133,6 +133,9 @@ pub struct Batch {
     pub body: Vec<u8>,
     /// Its reports, oldest first.
     pub reports: Vec<EdgeReport>,
+    /// Whether its one report goes alone (of a batch the ledger refused,
+    /// [`ReportQueue::refused`]): put back, it goes alone again.
+    pub alone: bool,
 }
 
 /// About what a report takes in memory and in a batch.
@@ -266,7 +269,11 @@ impl ReportQueue {
         // What left the front (sent, or dropped as too large) of those to go
         // alone.
         self.alone = self.alone.saturating_sub(waiting - self.queue.len());
-        (!reports.is_empty()).then_some(Batch { body, reports })
+        (!reports.is_empty()).then_some(Batch {
+            body,
+            reports,
+            alone,
+        })
     }
 
     /// The ledger took `reports` (or refused them for good): they leave.
@@ -288,8 +295,7 @@ impl ReportQueue {
     /// alone.
     pub fn refused(&mut self, reports: Vec<EdgeReport>) -> u64 {
         if reports.len() > 1 {
-            self.alone = self.alone.saturating_add(reports.len());
-            self.put_back(reports);
+            self.put_back(reports, true);
             return 0;
         }
         self.in_flight = self.in_flight.saturating_sub(reports.len());
@@ -308,9 +314,14 @@ impl ReportQueue {
     }
 
     /// `reports` were not delivered: they go first again, in their order (still
-    /// within both bounds: they were counted while in flight).
-    pub fn put_back(&mut self, reports: Vec<EdgeReport>) {
+    /// within both bounds: they were counted while in flight), one per batch
+    /// when `alone` ([`Batch::alone`]; a report the ledger may not be able to
+    /// read is not batched with others again before it went alone).
+    pub fn put_back(&mut self, reports: Vec<EdgeReport>, alone: bool) {
         self.in_flight = self.in_flight.saturating_sub(reports.len());
+        if alone {
+            self.alone = self.alone.saturating_add(reports.len());
+        }
         for r in reports.into_iter().rev() {
             self.queue.push_front(r);
         }

@@ -26,7 +26,7 @@ pub struct Reports {
     /// Reports waiting.
     pub queue: Rc<RefCell<ReportQueue>>,
     /// Reports per in-flight call token.
-    in_flight: Rc<RefCell<BTreeMap<u32, Vec<EdgeReport>>>>,
+    in_flight: Rc<RefCell<Flying>>,
     /// Ticks to skip after failed deliveries.
     backoff: Rc<Cell<Backoff>>,
     sent: Option<u32>,
@@ -34,6 +34,10 @@ pub struct Reports {
     dropped: Option<u32>,
     retried: Option<u32>,
 }
+
+/// The reports of each batch in flight by its call's token, and whether they
+/// went alone ([`crate::report::Batch::alone`]).
+type Flying = BTreeMap<u32, (Vec<EdgeReport>, bool)>;
 
 impl Reports {
     /// The reports in flight go back to the VM's queue, first, for a root context
@@ -47,16 +51,16 @@ impl Reports {
             return;
         };
         // The latest batch back first, so that the oldest ends up at the front.
-        for (_, reports) in std::mem::take(&mut *flying).into_iter().rev() {
-            queue.put_back(reports);
+        for (_, (reports, alone)) in std::mem::take(&mut *flying).into_iter().rev() {
+            queue.put_back(reports, alone);
         }
     }
 
     /// `reports` were not delivered: back to the front of the queue, counted, and
     /// the next batches wait.
-    fn retry(&self, reports: Vec<EdgeReport>) {
+    fn retry(&self, reports: Vec<EdgeReport>, alone: bool) {
         add(self.retried, reports.len());
-        self.queue.borrow_mut().put_back(reports);
+        self.queue.borrow_mut().put_back(reports, alone);
         let mut b = self.backoff.get();
         b.failed(Backoff::cap(self.config.period_ms));
         self.backoff.set(b);
@@ -204,14 +208,16 @@ impl Root {
             let timeout = std::time::Duration::from_millis(r.config.timeout_ms);
             match abi::http_call(&r.config.cluster, &headers, &batch.body, timeout) {
                 Ok(token) => {
-                    r.in_flight.borrow_mut().insert(token, batch.reports);
+                    r.in_flight
+                        .borrow_mut()
+                        .insert(token, (batch.reports, batch.alone));
                 }
                 Err(e) => {
                     host::warn(&format!(
                         "gw_edge: cannot report {} edge decision(s) now, kept: {e:?}",
                         batch.reports.len()
                     ));
-                    r.retry(batch.reports);
+                    r.retry(batch.reports, batch.alone);
                     break;
                 }
             }
@@ -225,7 +231,7 @@ impl Root {
     /// The ledger's answer to a report batch.
     pub fn on_http_call_response(&mut self, token: u32) {
         let Some(r) = &self.reports else { return };
-        let Some(reports) = r.in_flight.borrow_mut().remove(&token) else {
+        let Some((reports, alone)) = r.in_flight.borrow_mut().remove(&token) else {
             return;
         };
         let n = reports.len();
@@ -261,7 +267,7 @@ impl Root {
                 host::warn(&format!(
                     "gw_edge: {n} edge decision(s) not delivered (status {status}{why}), kept to send again"
                 ));
-                r.retry(reports);
+                r.retry(reports, alone);
             }
         }
     }

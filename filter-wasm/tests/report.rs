@@ -104,7 +104,7 @@ fn dropped_reports_are_summed_per_code() {
     }
     // Put back (no answer): sent again as they were, nothing added.
     assert!(!q.push(r("jwt_missing", 1), 2));
-    q.put_back(b.reports);
+    q.put_back(b.reports, b.alone);
     q.sum_dropped(9_000);
     let again = q.next_batch(10).unwrap();
     assert_eq!(sums(&again.reports)[0].1, Some(2), "unchanged once sent");
@@ -148,7 +148,7 @@ fn reports_stay_until_delivered() {
     );
     assert!(!q.push(r("c3", 1), 3), "in flight, still counted");
     assert_eq!(q.take_dropped(), 1);
-    q.put_back(b.reports);
+    q.put_back(b.reports, b.alone);
     assert_eq!((q.len(), q.in_flight()), (3, 0));
     let again = q.next_batch(10).unwrap();
     assert_eq!(
@@ -195,8 +195,17 @@ fn a_refused_batch_goes_again_one_report_per_batch() {
         ones.iter().map(codes).collect::<Vec<_>>(),
         [["a"], ["b"], ["c"]]
     );
+    assert!(ones.iter().all(|b| b.alone));
+    // One that goes alone and is put back (no answer) goes alone again.
+    let mut ones = ones.into_iter();
+    let last = ones.next_back().unwrap();
+    q.put_back(last.reports, last.alone);
+    let again = q.next_batch(10).unwrap();
+    assert_eq!((codes(&again), again.alone), (vec!["c".to_owned()], true));
+    let ones = ones.chain([again]);
     let rest = q.next_batch(10).unwrap();
     assert_eq!(codes(&rest), ["d", "e"], "the others batched again");
+    assert!(!rest.alone);
     let mut ones = ones.into_iter();
     let (a, b, c) = (
         ones.next().unwrap(),
