@@ -15,44 +15,80 @@ use gw_core::jwk::ed25519_public_jwk;
 /// replaced, not written through; a failure leaves the old file as it was).
 /// `secret`: mode 0600 from the start.
 pub(crate) fn write_new(path: &Path, contents: &[u8], secret: bool, force: bool) -> Result<()> {
-    if !force && path.symlink_metadata().is_ok() {
+    if !force {
+        refuse_existing(path)?;
+    }
+    Staged::write(path, contents, secret)?.place(force)
+}
+
+/// An error when something is at `path` (a file, a link, even a dangling one).
+fn refuse_existing(path: &Path) -> Result<()> {
+    if path.symlink_metadata().is_ok() {
         bail!("{} exists (use --force to overwrite)", path.display());
     }
-    let name = path.file_name().context("no file name")?.to_string_lossy();
-    let target = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let mut opts = OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let _ = secret;
-    let mut f = opts
-        .open(&target)
-        .with_context(|| format!("cannot write {}", target.display()))?;
-    let written = f
-        .write_all(contents)
-        .and_then(|()| f.sync_all())
-        .and_then(|()| {
-            if force {
-                std::fs::rename(&target, path)
-            } else {
-                // Never over a file that appeared meanwhile.
-                std::fs::hard_link(&target, path)
-            }
-        });
-    let _ = std::fs::remove_file(&target);
-    match written {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            bail!("{} exists (use --force to overwrite)", path.display())
+    Ok(())
+}
+
+/// A file's contents written and synced beside its place, not yet in it;
+/// removed when dropped.
+struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl Staged {
+    /// `contents` in a new file beside `path` (mode 0600 when `secret`).
+    fn write(path: &Path, contents: &[u8], secret: bool) -> Result<Staged> {
+        let name = path.file_name().context("no file name")?.to_string_lossy();
+        let staged = Staged {
+            tmp: path.with_file_name(format!(".{name}.{}.tmp", std::process::id())),
+            path: path.to_owned(),
+        };
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        if secret {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
         }
-        Err(e) => Err(e).with_context(|| format!("cannot write {}", path.display())),
-        Ok(()) => Ok(()),
+        let _ = secret;
+        let mut f = opts
+            .open(&staged.tmp)
+            .with_context(|| format!("cannot write {}", staged.tmp.display()))?;
+        f.write_all(contents)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("cannot write {}", staged.tmp.display()))?;
+        Ok(staged)
+    }
+
+    /// Into its place: renamed over what is there with `force`, else linked
+    /// (never over a file that appeared meanwhile).
+    fn place(self, force: bool) -> Result<()> {
+        let placed = if force {
+            std::fs::rename(&self.tmp, &self.path)
+        } else {
+            std::fs::hard_link(&self.tmp, &self.path)
+        };
+        match placed {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                bail!("{} exists (use --force to overwrite)", self.path.display())
+            }
+            Err(e) => Err(e).with_context(|| format!("cannot write {}", self.path.display())),
+            Ok(()) => Ok(()),
+        }
     }
 }
 
-/// `gwctl keygen`.
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// `gwctl keygen`: the secret key, the public key and its JWK, written together:
+/// none is written when one of them is there already (without `force`) or one
+/// cannot be written whole, so a failed run never leaves a secret key without
+/// its public halves, or (with `force`) with another key's.
 pub fn keygen(id: &str, out: &Path, force: bool) -> Result<()> {
     if id.is_empty()
         || !id
@@ -70,20 +106,41 @@ pub fn keygen(id: &str, out: &Path, force: bool) -> Result<()> {
     let sk_path = out.join(format!("{id}.sk.hex"));
     let pk_path = out.join(format!("{id}.pk.hex"));
     let jwk_path = out.join(format!("{id}.jwk.json"));
+    if !force {
+        for p in [&sk_path, &pk_path, &jwk_path] {
+            refuse_existing(p)?;
+        }
+    }
     let sk_hex = zeroize::Zeroizing::new(format!("{}\n", hex::encode(sk.to_bytes())));
-    write_new(&sk_path, sk_hex.as_bytes(), true, force)?;
-    write_new(
-        &pk_path,
-        format!("{}\n", hex::encode(vk.as_bytes())).as_bytes(),
-        false,
-        force,
-    )?;
-    write_new(
-        &jwk_path,
-        format!("{}\n", ed25519_public_jwk(id, &vk)).as_bytes(),
-        false,
-        force,
-    )?;
+    let staged = [
+        Staged::write(&sk_path, sk_hex.as_bytes(), true)?,
+        Staged::write(
+            &pk_path,
+            format!("{}\n", hex::encode(vk.as_bytes())).as_bytes(),
+            false,
+        )?,
+        Staged::write(
+            &jwk_path,
+            format!("{}\n", ed25519_public_jwk(id, &vk)).as_bytes(),
+            false,
+        )?,
+    ];
+    // Placed public halves first: a key pair is usable once its secret is in place.
+    let [sk_file, pk_file, jwk_file] = staged;
+    let mut placed = Vec::new();
+    for f in [pk_file, jwk_file, sk_file] {
+        let path = f.path.clone();
+        if let Err(e) = f.place(force) {
+            if !force {
+                // Linked here by this run: not a key pair.
+                for p in &placed {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+            return Err(e);
+        }
+        placed.push(path);
+    }
     println!("{}", sk_path.display());
     println!("{}", pk_path.display());
     println!("{}", jwk_path.display());

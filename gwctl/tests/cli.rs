@@ -59,6 +59,23 @@ fn keygen_sign_verify_round_trip() {
     ]);
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    // Nor writes half a key: with one of its three files there, none is written
+    // (the secret key was left behind without its public halves).
+    let half = d.path().join("half");
+    std::fs::create_dir(&half).unwrap();
+    std::fs::write(half.join("op-4.jwk.json"), "{}").unwrap();
+    let o = gwctl(&["keygen", "--id", "op-4", "--out", half.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let mut left: Vec<_> = std::fs::read_dir(&half)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["op-4.jwk.json"],
+        "nothing else written, no temporary left"
+    );
     // --force over a key file someone made readable: the new key is private again,
     // and a key is not written through a symbolic link (the link is replaced).
     #[cfg(unix)]
@@ -540,6 +557,21 @@ fn a_send_with_no_answer_exits_3_and_one_never_sent_exits_2() {
         Some(2),
         "{}",
         String::from_utf8_lossy(&o.stderr)
+    );
+    // Over HTTP/3 to a port whose UDP goes unanswered (a firewall dropping it):
+    // the timeout comes during the handshake, nothing was sent — 2, saying so,
+    // not 3 ("send again to learn the outcome").
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "https://{}/api/control/commands",
+        silent.local_addr().unwrap()
+    );
+    let o = gwctl(&["send", "--insecure", "--timeout", "2s", &url, file]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("nothing was sent") && err.contains("UDP") && !err.contains("not known"),
+        "{err}"
     );
 }
 

@@ -50,7 +50,10 @@ pub async fn send(req: &Request<'_>) -> Result<Answer> {
     if let Some(t) = req.token {
         rb = rb.bearer_auth(t);
     }
-    // Once connected, the request may have arrived whole whatever failed next.
+    // Once connected, the request may have arrived whole whatever failed next
+    // (reqwest does not say when it is connected: from here on, a timeout is
+    // taken as after the body went).
+    req.sent.store(true, std::sync::atomic::Ordering::Relaxed);
     let resp = rb.send().await.map_err(|e| {
         let connected = !e.is_connect() && !e.is_builder();
         let e = anyhow::Error::new(e).context("HTTP/2 request failed");

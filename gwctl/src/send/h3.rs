@@ -65,6 +65,7 @@ pub async fn send(req: &Request<'_>) -> Result<Answer> {
         .await
         .context("cannot send HTTP/3 request")?;
     // From the body on, the request may have arrived whole whatever fails next.
+    req.sent.store(true, std::sync::atomic::Ordering::Relaxed);
     let (resp, body) = async {
         stream
             .send_data(Bytes::from(req.body.clone()))

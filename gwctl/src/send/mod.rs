@@ -116,8 +116,9 @@ pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// The request may have reached the gateway whole, and no answer came (the
-/// timeout, a connection lost after the body was sent): whether the command was
-/// accepted is not known. `gwctl send` exits 3, as for a 5xx.
+/// timeout once the body was being sent, a connection lost after that): whether
+/// the command was accepted is not known. `gwctl send` exits 3, as for a 5xx (a
+/// timeout while still connecting exits 2: nothing was sent).
 #[derive(Debug)]
 pub struct Unanswered;
 
@@ -134,6 +135,10 @@ pub struct Request<'a> {
     pub token: Option<&'a str>,
     pub content_type: &'a str,
     pub tls: tls::TlsOptions,
+    /// Set once the request may reach the server whole (its body is being
+    /// sent; over HTTP/2, once reqwest has it): before, a timeout means that
+    /// nothing was sent.
+    pub sent: std::sync::atomic::AtomicBool,
 }
 
 /// `gwctl send`.
@@ -181,6 +186,7 @@ pub fn run(a: &SendArgs) -> Result<ExitCode> {
             insecure: a.insecure,
             server_name: a.server_name.clone(),
         },
+        sent: std::sync::atomic::AtomicBool::new(false),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -194,9 +200,26 @@ pub fn run(a: &SendArgs) -> Result<ExitCode> {
                 h3::send(&req).await
             }
         };
-        let answer = tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| anyhow::anyhow!("none within {}", a.timeout).context(Unanswered))??;
+        let answer = match tokio::time::timeout(timeout, fut).await {
+            Ok(answer) => answer?,
+            Err(_) if !req.sent.load(std::sync::atomic::Ordering::Relaxed) => {
+                // Still connecting: nothing was sent (exit 2). Over HTTP/3 this is
+                // mostly UDP that does not get through.
+                let hint = if a.http2 {
+                    ""
+                } else {
+                    " (HTTP/3 is QUIC over UDP: is UDP to that port let through? --http2 goes over TCP)"
+                };
+                bail!(
+                    "no connection to {} within {}: nothing was sent{hint}",
+                    url.authority().map_or("the server", |h| h.as_str()),
+                    a.timeout
+                );
+            }
+            Err(_) => {
+                return Err(anyhow::anyhow!("none within {}", a.timeout).context(Unanswered))
+            }
+        };
         if let Some(ep) = &answer.closing {
             let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
         }
