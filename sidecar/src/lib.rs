@@ -74,3 +74,10 @@ pub fn now_nanos() -> u64 {
 pub fn now_secs() -> u64 {
     now_nanos() / 1_000_000_000
 }
+
+/// Whether `n` is 0 (serde's `skip_serializing_if` for counters and optional
+/// numbers written only when set).
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde passes a reference
+pub(crate) fn is_zero(n: &u64) -> bool {
+    *n == 0
+}

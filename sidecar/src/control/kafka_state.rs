@@ -99,12 +99,8 @@ pub struct Checkpoint {
     /// may be tombstoned, so an agent taking the module over judges commands no
     /// earlier than it, whatever its own clock reads (0: written before
     /// 2026-12-07).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::is_zero")]
     pub clock_floor: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 /// The generation of a checkpoint that begins a numbering afresh (the state topic

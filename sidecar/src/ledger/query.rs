@@ -289,7 +289,7 @@ pub struct ChainStatus {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub breaks: Vec<String>,
     /// Breaks found beyond those listed.
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(skip_serializing_if = "crate::is_zero")]
     pub more_breaks: u64,
     /// The size of this node's newest signed checkpoint of the chain, which the
     /// stored chain was held to: not shorter, and the same row at that size
@@ -304,10 +304,6 @@ pub struct ChainStatus {
     /// The chain is the one this node writes (not anchored: no checkpoint of it
     /// yet).
     pub this_node: bool,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 /// The chains a verification lists, and the others counted.
@@ -417,10 +413,10 @@ pub struct LedgerStatus {
     /// listed in the place of one that verified.
     pub chains: Vec<ChainStatus>,
     /// Chains that verified and are not listed.
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(skip_serializing_if = "crate::is_zero")]
     pub more_chains_ok: u64,
     /// Broken chains not listed.
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(skip_serializing_if = "crate::is_zero")]
     pub more_chains_broken: u64,
     /// Chains, listed or not, other than this node's own, that no signed
     /// checkpoint of this node vouches for ([`ChainStatus::anchored`]): `ok` does
