@@ -219,6 +219,15 @@ impl EdgeIdentity {
 /// Longest request path an edge report carries, in bytes (longer paths are cut at a
 /// character boundary by the filter).
 pub const MAX_REPORT_PATH_BYTES: usize = 256;
+/// The route a report and a ledger row name for a request's `path`: the path
+/// without its query or fragment — a query may carry a secret (an RPC provider's
+/// `?api-key=`, pasted into a client pointed at the gateway) and a ledger row is
+/// kept for good — cut to [`MAX_REPORT_PATH_BYTES`] at a character boundary.
+pub fn report_route(path: &str) -> &str {
+    let route = path.split(['?', '#']).next().unwrap_or(path);
+    truncate_utf8(route, MAX_REPORT_PATH_BYTES)
+}
+
 /// Most reports in one batch.
 pub const MAX_REPORTS_PER_BATCH: usize = 1024;
 /// Largest batch body the filter sends (the sidecar accepts up to twice that).
@@ -232,7 +241,8 @@ pub struct EdgeReport {
     pub decision: String,
     /// The rejection code ([`Code::as_str`]).
     pub code: String,
-    /// The request path, at most [`MAX_REPORT_PATH_BYTES`].
+    /// The request's [`report_route`] (the sidecar records a report's path that
+    /// way too, whatever the filter sent), at most [`MAX_REPORT_PATH_BYTES`].
     pub path: String,
     /// The command body as received, hex (empty when rejected before the body).
     pub raw_hex: String,
@@ -306,7 +316,7 @@ pub const MAX_REPORT_REQUESTER_BYTES: usize = 512;
 pub const MAX_REPORT_RAW_BYTES: usize = 64 * 1024;
 
 impl EdgeReport {
-    /// A rejection report; `path` is cut to [`MAX_REPORT_PATH_BYTES`], `raw` to
+    /// A rejection report; `path` is its [`report_route`], `raw` cut to
     /// [`MAX_REPORT_RAW_BYTES`].
     pub fn rejected(
         code: Code,
@@ -320,7 +330,7 @@ impl EdgeReport {
         EdgeReport {
             decision: "rejected".into(),
             code: code.as_str().into(),
-            path: truncate_utf8(path, MAX_REPORT_PATH_BYTES).to_owned(),
+            path: report_route(path).to_owned(),
             raw_hex: hex::encode(raw.get(..MAX_REPORT_RAW_BYTES).unwrap_or(raw)),
             raw_len: (raw.len() > MAX_REPORT_RAW_BYTES).then_some(raw.len() as u64),
             ts_ms,

@@ -820,8 +820,16 @@ fn rejected_control_requests_are_reported_in_bounded_batches_on_tick() {
     tampered[i] = b'X';
     let out = vm.request(&post("/api/control/commands", &admin), &tampered, 1);
     assert_eq!(out.code().as_deref(), Some("bad_signature"));
-    // Any route's refusal is reported, with its path.
-    let out = vm.request(&[(":method", "GET"), (":path", "/api/modules")], b"", 1);
+    // Any route's refusal is reported, with its path — not its query, which may
+    // hold a secret (an RPC provider's key) and would stay in the ledger.
+    let out = vm.request(
+        &[
+            (":method", "GET"),
+            (":path", "/api/modules?api-key=s3cret#x"),
+        ],
+        b"",
+        1,
+    );
     assert_eq!(out.status(), 401);
     // A header-phase rejection on a module route: reported without a body.
     let viewer = bearer(&["viewer"]);

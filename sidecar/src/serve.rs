@@ -1235,11 +1235,7 @@ pub async fn record_refusals_of_reads(
 ) -> Response {
     use futures_util::StreamExt as _;
     let who = edge_requester(&req);
-    let route = gw_core::contract::truncate_utf8(
-        req.uri().path(),
-        gw_core::contract::MAX_REPORT_PATH_BYTES,
-    )
-    .to_owned();
+    let route = gw_core::contract::report_route(req.uri().path()).to_owned();
     // What the route reads of the body, copied as it passes (up to the bound).
     let read = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let req = req.map(|body| {
@@ -1484,8 +1480,7 @@ async fn refuse_as(
         let path = req.uri().path().to_owned();
         let body = body_prefix(req.into_body(), REFUSED_BODY_BYTES, REFUSED_BODY_WAIT).await;
         g.metrics.decision(code.as_str());
-        let route =
-            gw_core::contract::truncate_utf8(&path, gw_core::contract::MAX_REPORT_PATH_BYTES);
+        let route = gw_core::contract::report_route(&path);
         g.auditor
             .refusal(code, &body, requester.as_ref(), route)
             .await

@@ -282,13 +282,21 @@ fn bad_edge_reports_are_refused_whole() {
         let (status, body) = post(json!([ok.clone(), bad]));
         assert_eq!(status, 400, "{id}: {body}");
     }
+    // A path with a query (a filter that kept it): recorded without the query,
+    // which may hold a secret and would stay in the ledger for good.
+    let mut ok = ok;
+    ok["path"] = json!("/api/control/commands?api-key=s3cret");
     let (status, body) = post(json!([ok]));
     assert_eq!((status, body["recorded"].clone()), (200, json!(1)));
     let rows = common::wait_rows(&ch, 1);
     assert_eq!(rows.len(), 1, "only the good batch was written");
     assert_eq!(
-        (rows[0].stage.as_str(), rows[0].code.as_str()),
-        ("edge", "stale")
+        (
+            rows[0].stage.as_str(),
+            rows[0].code.as_str(),
+            rows[0].route.as_str()
+        ),
+        ("edge", "stale", "/api/control/commands")
     );
     // A body the edge kept only the start of: the row says so.
     let cut = json!({"decision": "rejected", "code": "bad_signature", "path": "/api/control/commands",

@@ -1242,7 +1242,8 @@ async fn record_reports(
             body: &r.raw,
             command: None,
             requester: Some(&r.requester),
-            route: &r.path,
+            // Without a query even from a filter that kept it.
+            route: gw_core::contract::report_route(&r.path),
         };
         rows.extend(c.auditor.row_noting(&e, &Value::Object(note)));
     }
