@@ -939,6 +939,57 @@ fn a_transaction_already_rebroadcast_is_not_sent_again() {
     });
 }
 
+/// A send whose route failed once its bytes may have gone (the leader read it
+/// and closed the connection before the sender knew it arrived) is answered
+/// with its signature and rebroadcast, as a Solana node answers a transaction
+/// its send-transaction-service retries: it was answered "was not sent" and
+/// never sent again, and a client told so signs it again — both could land.
+/// With `maxRetries: 0` it is an error that says it may have been sent.
+#[test]
+fn a_send_that_may_have_gone_is_answered_and_rebroadcast() {
+    let rt = runtime();
+    let node = RpcNode::start(1010);
+    rt.block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        rx.close_after_read(testkit::tpu_receiver::CLOSE_DISALLOWED);
+        let rig = rig_to(&rx, &node, 100);
+        let ctx = rig.ctx();
+        let (w, b64, sig, _) = tx(70, 0);
+        let r = rpc::handle(&ctx, &send(&b64, json!({"skipPreflight": true}))).await;
+        assert_eq!(r["result"], sig, "{r}");
+        assert_eq!(
+            rig.sender.stats.failed.load(Ordering::Relaxed),
+            1,
+            "the send failed (the close came as it was acknowledged)"
+        );
+        assert!(rig.landing.is_pending(&sig));
+        assert_eq!(copies(&rx, &w), 1, "the leader read it");
+        rx.close_after_read(0);
+        rx.wait_for(2, Duration::from_secs(20)).await;
+        assert!(copies(&rx, &w) >= 2, "rebroadcast");
+
+        // maxRetries 0: not rebroadcast, and the error says it may have gone.
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        rx.close_after_read(testkit::tpu_receiver::CLOSE_DISALLOWED);
+        let rig = rig_to(&rx, &node, 100);
+        let ctx = rig.ctx();
+        let (w, b64, sig, _) = tx(71, 0);
+        let r = rpc::handle(
+            &ctx,
+            &send(&b64, json!({"skipPreflight": true, "maxRetries": 0})),
+        )
+        .await;
+        assert_eq!(r["error"]["code"], -32603, "{r}");
+        let msg = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains(&sig) && msg.contains("may have been sent"),
+            "{r}"
+        );
+        assert_eq!(copies(&rx, &w), 1, "it had gone");
+        assert!(!rig.landing.is_pending(&sig));
+    });
+}
+
 /// A slow RPC node holds the places of the sends' calls to it, not the sends':
 /// with every such place taken by a preflight waiting on it, a `skipPreflight`
 /// send goes, and another preflight is refused `busy`. Both were refused.

@@ -92,6 +92,7 @@ pub struct TpuReceiver {
     received: Arc<Mutex<Vec<Received>>>,
     notify: Arc<Notify>,
     refuse: Arc<AtomicU32>,
+    close_after_read: Arc<AtomicU32>,
     live: Arc<Mutex<Vec<quinn::Connection>>>,
     endpoint: quinn::Endpoint,
     task: JoinHandle<()>,
@@ -121,6 +122,7 @@ impl TpuReceiver {
         let received = Arc::new(Mutex::new(Vec::new()));
         let notify = Arc::new(Notify::new());
         let refuse = Arc::new(AtomicU32::new(0));
+        let close_after_read = Arc::new(AtomicU32::new(0));
         let live = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn(accept_loop(
             endpoint.clone(),
@@ -130,6 +132,7 @@ impl TpuReceiver {
                 received: received.clone(),
                 notify: notify.clone(),
                 refuse: refuse.clone(),
+                close_after_read: close_after_read.clone(),
                 live: live.clone(),
             }),
         ));
@@ -140,6 +143,7 @@ impl TpuReceiver {
             received,
             notify,
             refuse,
+            close_after_read,
             live,
             endpoint,
             task,
@@ -152,6 +156,14 @@ impl TpuReceiver {
     /// (`CLOSE_TOO_MANY`) does not allow. 0 accepts again.
     pub fn refuse_with(&self, code: u32) {
         self.refuse.store(code, Ordering::Relaxed);
+    }
+
+    /// Fault injection: while `code` is non-zero, a connection is closed with
+    /// that application code as soon as a transaction was read from it (kept and
+    /// counted): a leader that took it and then dropped the connection, which
+    /// the sender sees fail as the stream was acknowledged. 0 stops it.
+    pub fn close_after_read(&self, code: u32) {
+        self.close_after_read.store(code, Ordering::Relaxed);
     }
 
     /// Fault injection: closes every connection accepted so far with the
@@ -206,6 +218,7 @@ struct Shared {
     received: Arc<Mutex<Vec<Received>>>,
     notify: Arc<Notify>,
     refuse: Arc<AtomicU32>,
+    close_after_read: Arc<AtomicU32>,
     /// Connections accepted (closed ones let go at each accept).
     live: Arc<Mutex<Vec<quinn::Connection>>>,
 }
@@ -258,6 +271,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, sh: Arc<Shared>) {
             }
             while let Ok(mut stream) = conn.accept_uni().await {
                 let sh = sh.clone();
+                let conn = conn.clone();
                 tokio::spawn(async move {
                     match stream.read_to_end(sh.config.max_tx_bytes).await {
                         Ok(bytes) => {
@@ -271,6 +285,10 @@ async fn accept_loop(endpoint: quinn::Endpoint, sh: Arc<Shared>) {
                             }
                             sh.stats.transactions.fetch_add(1, Ordering::Relaxed);
                             sh.notify.notify_waiters();
+                            let close = sh.close_after_read.load(Ordering::Relaxed);
+                            if close != 0 {
+                                conn.close(close.into(), b"closed after a read");
+                            }
                         }
                         Err(quinn::ReadToEndError::TooLong) => {
                             sh.stats.oversize.fetch_add(1, Ordering::Relaxed);

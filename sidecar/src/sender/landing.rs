@@ -460,7 +460,8 @@ impl Landing {
 
     /// Rebroadcasts `wire` until the node sees `signature`, its `blockhash`
     /// expires, `max_retries` resends are spent, `max_age_secs` pass, or `meta`'s
-    /// gate closes.
+    /// gate closes. Whether it is rebroadcast now (tracked before, or from now
+    /// on; not when only followed, without a TPU route, or not taken).
     pub fn track(
         self: &Arc<Self>,
         sender: Arc<Sender>,
@@ -469,9 +470,9 @@ impl Landing {
         blockhash: [u8; 32],
         max_retries: Option<usize>,
         meta: SendMeta,
-    ) {
+    ) -> bool {
         if max_retries == Some(0) || self.stopped.load(Ordering::Acquire) {
-            return;
+            return false;
         }
         // Without a TPU route it is followed, not rebroadcast: every resend went
         // to the relay (a block engine forwards what it takes to the leader
@@ -484,14 +485,14 @@ impl Landing {
         let now = Instant::now();
         let start_loop = {
             let mut p = self.pending.lock();
-            if p.txs.contains_key(&signature) {
-                return; // already rebroadcast (a client resent the same bytes)
+            if let Some(t) = p.txs.get(&signature) {
+                return t.resend; // already tracked (a client resent the same bytes)
             }
             let holder = meta.requester.holder();
             let mine = p.by_requester.get(&holder).copied().unwrap_or(0);
             if p.txs.len() >= self.cfg.max_pending || mine >= self.cfg.per_requester() {
                 self.stats.not_tracked.fetch_add(1, Ordering::Relaxed);
-                return;
+                return false;
             }
             *p.by_requester.entry(holder).or_default() += 1;
             p.txs.insert(
@@ -514,6 +515,7 @@ impl Landing {
         if start_loop {
             tokio::spawn(self.clone().rebroadcast_loop());
         }
+        resend
     }
 
     /// Polls the node for every transaction due, in batches, and resends those

@@ -36,7 +36,7 @@ use std::task::Poll;
 use audit::{SendAudit, SendRow};
 use hedge::{Action, Event, Hedge, Route, RouteStats};
 use leaders::{LeaderSource, LeadersConfig};
-use relay::{RelayClient, RelayConfig};
+use relay::{RelayClient, RelayConfig, RelayError};
 use tpu::{TpuClient, TpuConfig};
 
 /// A secret from the configuration file (a key as hex): its `Debug` says only that
@@ -362,6 +362,11 @@ pub struct SendOutcome {
     pub tpu_error: Option<String>,
     /// Why the relay route failed.
     pub relay_error: Option<String>,
+    /// Not landed, and a route that failed may have delivered it all the same
+    /// (a stream that failed once its bytes went, a relay that timed out or
+    /// failed after taking the request): whether it was sent is not known.
+    /// False when no route sent anything.
+    pub maybe_sent: bool,
 }
 
 impl SendOutcome {
@@ -377,6 +382,7 @@ impl SendOutcome {
             leader: None,
             tpu_error: None,
             relay_error: None,
+            maybe_sent: false,
         }
     }
 
@@ -433,7 +439,25 @@ const TIMER_TICK: Duration = Duration::from_millis(1);
 
 /// A started route's answer: `Ok` when it confirmed, or why it failed (`None`
 /// when the route is not configured). Whoever polls it reads the clock.
-type RouteResult = Result<(), Option<String>>;
+type RouteResult = Result<(), RouteFailure>;
+
+/// Why a route failed (`None`: it is not configured), and whether its bytes
+/// may have reached the leader or the relay all the same.
+#[derive(Debug)]
+struct RouteFailure {
+    why: Option<String>,
+    maybe_sent: bool,
+}
+
+impl RouteFailure {
+    /// A route that sent nothing.
+    fn unsent(why: Option<String>) -> RouteFailure {
+        RouteFailure {
+            why,
+            maybe_sent: false,
+        }
+    }
+}
 
 /// The relay route's send.
 type RouteFuture = std::pin::Pin<Box<dyn std::future::Future<Output = RouteResult> + Send>>;
@@ -465,7 +489,7 @@ impl std::future::Future for Attempt {
         match self.get_mut() {
             Attempt::Tpu(t) => t.poll_first(cx),
             Attempt::Relay(f) => f.as_mut().poll(cx),
-            Attempt::Refused(e) => Poll::Ready(Err(e.take())),
+            Attempt::Refused(e) => Poll::Ready(Err(RouteFailure::unsent(e.take()))),
         }
     }
 }
@@ -476,6 +500,9 @@ struct TpuAttempt {
     /// Not yet answered (`fanout` is at most 8, usually 1 or 2).
     pending: smallvec::SmallVec<[tpu::Delivery; 2]>,
     last_err: Option<String>,
+    /// Whether a failed delivery may have reached its leader
+    /// ([`tpu::TpuError::maybe_sent`]).
+    maybe_sent: bool,
 }
 
 impl TpuAttempt {
@@ -500,12 +527,22 @@ impl TpuAttempt {
                     }
                     return Poll::Ready(Ok(()));
                 }
-                Ok(Err(e)) => self.last_err = Some(e.to_string()),
-                Err(_) => self.last_err = Some("TPU worker stopped".into()),
+                Ok(Err(e)) => {
+                    self.maybe_sent |= e.maybe_sent();
+                    self.last_err = Some(e.to_string());
+                }
+                Err(_) => {
+                    // Where the worker was with it is not known.
+                    self.maybe_sent = true;
+                    self.last_err = Some("TPU worker stopped".into());
+                }
             }
         }
         if self.pending.is_empty() {
-            Poll::Ready(Err(self.last_err.take()))
+            Poll::Ready(Err(RouteFailure {
+                why: self.last_err.take(),
+                maybe_sent: self.maybe_sent,
+            }))
         } else {
             Poll::Pending
         }
@@ -808,9 +845,12 @@ impl Sender {
             record(&self.routes, route, &r, lat);
         }
         let err = match r {
-            Ok(_) => return Event::Confirmed(route),
-            Err(Some(e)) => e,
-            Err(None) => format!("{} route is not configured", route.as_str()),
+            Ok(()) => return Event::Confirmed(route),
+            Err(f) => {
+                out.maybe_sent |= f.maybe_sent;
+                f.why
+                    .unwrap_or_else(|| format!("{} route is not configured", route.as_str()))
+            }
         };
         match route {
             Route::Tpu => out.tpu_error = Some(err),
@@ -856,7 +896,11 @@ impl Sender {
                         Err(e) => last_err = Some(e.to_string()),
                     }
                 }
-                Attempt::Tpu(TpuAttempt { pending, last_err })
+                Attempt::Tpu(TpuAttempt {
+                    pending,
+                    last_err,
+                    maybe_sent: false,
+                })
             }
             Route::Relay => {
                 let Some(relay) = self.relay.clone() else {
@@ -865,7 +909,10 @@ impl Sender {
                 let wire = wire.clone();
                 Attempt::Relay(Box::pin(async move {
                     let r = relay.send_transaction(&wire).await;
-                    r.map(|_| ()).map_err(|e| Some(e.to_string()))
+                    r.map(|_| ()).map_err(|e| RouteFailure {
+                        why: Some(e.to_string()),
+                        maybe_sent: e.maybe_sent(),
+                    })
                 }))
             }
         }
@@ -883,7 +930,9 @@ impl Sender {
         let Some(relay) = &self.relay else {
             return Err("bundles need the relay route, which is not configured".into());
         };
-        let r = relay.send_bundle(&txs).await.map_err(|e| e.to_string());
+        let r = relay.send_bundle(&txs).await;
+        let maybe_sent = r.as_ref().err().is_some_and(RelayError::maybe_sent);
+        let r = r.map_err(|e| e.to_string());
         let out = SendOutcome {
             signature: match &r {
                 Ok(id) => id.clone(),
@@ -897,6 +946,7 @@ impl Sender {
             leader: None,
             tpu_error: None,
             relay_error: r.as_ref().err().cloned(),
+            maybe_sent,
         };
         self.count(&out);
         let bytes: usize = txs.iter().map(bytes::Bytes::len).sum();
@@ -929,10 +979,10 @@ impl Sender {
             primary: out.primary.as_str().to_owned(),
             route: out.landed.map_or("", Route::as_str).to_owned(),
             hedged: u8::from(out.hedged),
-            outcome: if out.landed.is_some() {
-                "landed"
-            } else {
-                "failed"
+            outcome: match (out.landed, out.maybe_sent) {
+                (Some(_), _) => "landed",
+                (None, true) => "unknown",
+                (None, false) => "failed",
             }
             .to_owned(),
             latency_us: u64::try_from(out.latency.as_micros()).unwrap_or(u64::MAX),

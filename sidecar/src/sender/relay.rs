@@ -74,6 +74,19 @@ pub enum RelayError {
     BundleSize(usize),
 }
 
+impl RelayError {
+    /// Whether the relay may have taken the request all the same: no answer in
+    /// time, the connection lost, a 5xx, or a success that names nothing. A
+    /// refusal it answered (a 4xx, a JSON-RPC error) or one made here did not.
+    pub fn maybe_sent(&self) -> bool {
+        match self {
+            RelayError::Timeout(_) | RelayError::Transport(_) | RelayError::BadResponse(_) => true,
+            RelayError::Http(status, _) => *status >= 500,
+            RelayError::Rpc(..) | RelayError::BundleSize(_) => false,
+        }
+    }
+}
+
 /// Counters.
 #[derive(Debug, Default)]
 pub struct RelayStats {

@@ -956,15 +956,19 @@ async fn send_transaction(
     let out = tokio::spawn(async move {
         let _permit = permit;
         let out = sender.send(wire.clone(), sig, &meta).await;
-        // Ended once tracked (dropped at the task's end): no moment when a copy
-        // finds it neither in flight nor pending.
-        flight.answer = out.landed.map(|_| out.signature.clone());
-        if let (Some(_), Some(landing)) = (out.landed, landing) {
+        // Sent, or maybe sent (a route failed once its bytes went) and
+        // rebroadcast from now on: answered with its signature, as a Solana node
+        // answers a transaction its send-transaction-service retries. "Not sent"
+        // would have the client sign it again, and both could land.
+        let mut rebroadcast = false;
+        if let (true, Some(landing)) = (out.landed.is_some() || out.maybe_sent, landing) {
             let retry = SendMeta {
                 source: "rpc_retry",
                 ..meta
             };
-            landing.track(
+            // Ended once tracked (`flight` dropped at the task's end): no moment
+            // when a copy finds it neither in flight nor pending.
+            rebroadcast = landing.track(
                 sender,
                 wire,
                 out.signature.clone(),
@@ -973,14 +977,24 @@ async fn send_transaction(
                 retry,
             );
         }
+        let went = out.landed.is_some() || rebroadcast;
+        flight.answer = went.then(|| out.signature.clone());
         drop(flight);
-        out
+        (out, went)
     })
     .await
     .map_err(task_failed)?;
-    match out.landed {
-        Some(_) => Ok(out.signature),
-        None => Err(SendErr::Rpc(RpcErr::from((
+    match out {
+        (out, true) => Ok(out.signature),
+        (out, false) if out.maybe_sent => Err(SendErr::Rpc(RpcErr::from((
+            code::SEND_FAILED,
+            format!(
+                "transaction {} may have been sent, and is not sent again (maxRetries 0, no TPU route to rebroadcast it on, or no room among the rebroadcasts): {}; getSignatureStatuses tells whether it landed — do not sign it again with a new blockhash before this one expires",
+                out.signature,
+                out.error()
+            ),
+        )))),
+        (out, false) => Err(SendErr::Rpc(RpcErr::from((
             code::SEND_FAILED,
             format!(
                 "transaction {} was not sent: {}",

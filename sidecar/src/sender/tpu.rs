@@ -265,6 +265,16 @@ pub enum TpuError {
     BatchTooLarge(usize, usize),
 }
 
+impl TpuError {
+    /// Whether the leader may have the transaction all the same: its stream
+    /// failed once opened (a connection closed as the stream was acknowledged,
+    /// a stall, a stream the leader stopped after reading it). Every other error
+    /// is before anything was written.
+    pub fn maybe_sent(&self) -> bool {
+        matches!(self, TpuError::Stream(..))
+    }
+}
+
 /// Counters (read by `/metrics` and the tests).
 #[derive(Debug, Default)]
 pub struct TpuStats {
