@@ -603,12 +603,12 @@ fn upstream_answers_are_bounded_and_errors_never_show_the_url() {
             (
                 format!("http://{}/?api-key={KEY}", endless.addr),
                 30_000,
-                "larger than 8388608 bytes",
+                "larger than 524288 bytes",
             ),
             (
                 format!("http://{}/?api-key={KEY}", announced.addr),
                 30_000,
-                "larger than 8388608 bytes",
+                "larger than 524288 bytes",
             ),
             (
                 format!("http://{}/{KEY}/", silent.local_addr().unwrap()),
@@ -680,6 +680,148 @@ fn upstream_answers_are_bounded_and_errors_never_show_the_url() {
         let e = fails(format!("http://{closed}/{KEY}")).await;
         assert!(matches!(&e, RelayError::Transport(_)), "{e}");
         assert!(!e.to_string().contains(KEY), "{e}");
+    });
+}
+
+/// What the RPC node answers is held to what a Solana node answers: only the
+/// errors by which Solana refuses a transaction or a request are passed on as
+/// the node's (`node_refused`); a provider's rate limit, an error without a
+/// code or an error page is the node failing to answer (-32603, `unavailable`,
+/// and a preflight's "the transaction was not sent"): a -32429 reached the
+/// client as a refusal of its transaction. A `getSignatureStatuses` answer of
+/// another length than asked, or with an entry that is no status, is refused
+/// rather than paired with the wrong signatures; a status keeps Solana's fields
+/// only.
+#[test]
+fn a_nodes_answers_are_held_to_a_solana_nodes() {
+    use gw_sidecar::sender::landing::{Landing, RpcNodeConfig};
+    use testkit::http_thread::HttpThread;
+
+    let answering = |status: u16, body: Value| {
+        let status = axum::http::StatusCode::from_u16(status).unwrap();
+        HttpThread::start(
+            "127.0.0.1:0".parse().unwrap(),
+            axum::Router::new().fallback(move || {
+                let body = body.clone();
+                async move { (status, axum::Json(body)) }
+            }),
+        )
+    };
+    let error = |e: Value| json!({"jsonrpc": "2.0", "error": e, "id": 1});
+    let rate_limited = answering(
+        429,
+        error(json!({"code": -32429, "message": "rate limited: upgrade your plan"})),
+    );
+    let bare = answering(401, error(json!("Unauthorized")));
+    let page = HttpThread::start(
+        "127.0.0.1:0".parse().unwrap(),
+        axum::Router::new().fallback(|| async {
+            (
+                axum::http::StatusCode::BAD_GATEWAY,
+                "<html>bad gateway</html>",
+            )
+        }),
+    );
+    let too_soon = answering(
+        200,
+        error(
+            json!({"code": -32016, "message": "Minimum context slot has not been reached",
+                     "data": {"contextSlot": 5}}),
+        ),
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        let landing = |url: String| {
+            Landing::new(
+                serde_json::from_value::<RpcNodeConfig>(json!({"url": url, "timeout_ms": 1500}))
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        for (server, says) in [
+            (
+                &rate_limited,
+                "its error -32429: rate limited: upgrade your plan",
+            ),
+            (&bare, "its error without a code"),
+            (&page, "HTTP 502 Bad Gateway"),
+        ] {
+            let e = landing(server.url())
+                .call("getSlot", json!([]))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                (e.refusal, e.code),
+                (gw_core::Code::Unavailable, -32603),
+                "{}",
+                e.message
+            );
+            assert!(e.message.contains(says), "{}", e.message);
+        }
+        let e = landing(too_soon.url())
+            .call("getSlot", json!([]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.refusal, e.code, e.data),
+            (
+                gw_core::Code::NodeRefused,
+                -32016,
+                Some(json!({"contextSlot": 5}))
+            )
+        );
+        // Through `/api/rpc`: the provider's limit hit by the preflight.
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        let rig = common::rpc::RpcRig::new(
+            Leader {
+                tpu_quic: rx.addr,
+                identity: Some(rx.identity),
+            },
+            &rate_limited.url(),
+            100,
+        );
+        let (_, b64, _, _) = tx(72, 0);
+        let (r, refusals) = answered(&rig.ctx(), &send(&b64, json!({}))).await;
+        assert_eq!(r["error"]["code"], -32603, "{r}");
+        let msg = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("-32429") && msg.contains("the transaction was not sent"),
+            "{r}"
+        );
+        assert_eq!(refusals, ["unavailable"]);
+
+        // getSignatureStatuses: two signatures asked.
+        let sigs = ["a".repeat(88), "b".repeat(88)];
+        let statuses = |value: Value| {
+            answering(
+                200,
+                json!({"jsonrpc": "2.0", "id": 1,
+                       "result": {"context": {"slot": 9}, "value": value}}),
+            )
+        };
+        let st = json!({"slot": 7, "confirmations": 1, "err": null, "status": {"Ok": null},
+                        "confirmationStatus": "confirmed"});
+        for bad in [
+            json!([st.clone()]),
+            json!([st.clone(), null, null]),
+            json!([st.clone(), "confirmed"]),
+            json!([st.clone(), {"slot": 7, "confirmationStatus": "landed"}]),
+            json!([st.clone(), {"confirmationStatus": "confirmed"}]),
+        ] {
+            let node = statuses(bad.clone());
+            let e = landing(node.url()).statuses(&sigs, None).await.unwrap_err();
+            assert_eq!(
+                e.refusal,
+                gw_core::Code::Unavailable,
+                "{bad}: {}",
+                e.message
+            );
+        }
+        let mut extra = st.clone();
+        extra["memo"] = json!("x".repeat(1000));
+        let node = statuses(json!([extra, null]));
+        let got = landing(node.url()).statuses(&sigs, None).await.unwrap();
+        assert_eq!(got, json!({"context": {"slot": 9}, "value": [st, null]}));
     });
 }
 

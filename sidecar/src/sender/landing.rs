@@ -364,23 +364,15 @@ impl Landing {
         // Read within a bound, and with the node's URL kept out of the message:
         // it goes to JSON-RPC callers and audit rows, and a provider's key is
         // often in the URL.
-        let v = upstream::post_json(&self.http, &self.cfg.url, &body, upstream::MAX_ANSWER_BYTES)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        if let Some(e) = v.get("error") {
-            return Err(NodeError {
-                refusal: gw_core::Code::NodeRefused,
-                code: e.get("code").and_then(Value::as_i64).unwrap_or(-32603),
-                message: e
-                    .get("message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("error")
-                    .to_owned(),
-                data: e.get("data").cloned(),
-            });
+        let mut v =
+            upstream::post_json(&self.http, &self.cfg.url, &body, upstream::MAX_ANSWER_BYTES)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+        if let Some(e) = v.get_mut("error") {
+            return Err(node_refusal(method, e));
         }
-        v.get("result")
-            .cloned()
+        v.get_mut("result")
+            .map(Value::take)
             .ok_or_else(|| unreachable("an answer without result".into()))
     }
 
@@ -641,11 +633,12 @@ impl Landing {
             .await;
         let mut out = HashMap::with_capacity(sigs.len());
         for (chunk, v) in answers {
-            if let Some(values) = v.as_ref().and_then(|v| v["value"].as_array()) {
-                for (sig, st) in chunk.iter().zip(values) {
-                    out.insert(sig.clone(), st.clone());
-                }
-            }
+            // An answer of another shape says nothing of these signatures
+            // (polled again next round).
+            let Some(values) = v.as_ref().and_then(|v| status_values(v, chunk.len())) else {
+                continue;
+            };
+            out.extend(chunk.into_iter().zip(values));
         }
         out
     }
@@ -839,18 +832,130 @@ impl Landing {
             };
             self.call("getSignatureStatuses", params).await?
         };
+        let Some(mut values) = status_values(&r, signatures.len()) else {
+            return Err(NodeError {
+                refusal: gw_core::Code::Unavailable,
+                code: -32603,
+                message: format!(
+                    "the RPC node's answer to getSignatureStatuses is not one for {} signature(s)",
+                    signatures.len()
+                ),
+                data: None,
+            });
+        };
         let seen = self.seen.lock();
-        if let Some(values) = r.get_mut("value").and_then(Value::as_array_mut) {
-            for (v, sig) in values.iter_mut().zip(signatures) {
-                if v.is_null() {
-                    if let Some(st) = seen.0.get(sig) {
-                        *v = st.clone();
-                    }
+        for (v, sig) in values.iter_mut().zip(signatures) {
+            if v.is_null() {
+                if let Some(st) = seen.0.get(sig) {
+                    *v = st.clone();
                 }
             }
         }
-        Ok(r)
+        // The node's context (its slot), and the statuses as Solana gives them.
+        let context = match r.get_mut("context").map(Value::take) {
+            Some(c @ Value::Object(_)) => c,
+            _ => json!({}),
+        };
+        Ok(json!({"context": context, "value": values}))
     }
+}
+
+/// The JSON-RPC errors of a Solana node that refuse the transaction or the
+/// request itself, passed on as the node gave them (`node_refused`): a failed
+/// preflight (-32002), a signature that does not verify (-32003), a precompile
+/// that does not (-32006), signatures not matching the message (-32013), an
+/// unsupported version (-32015), `minContextSlot` not reached (-32016), invalid
+/// parameters (-32602).
+const NODE_REFUSALS: [i64; 7] = [-32002, -32003, -32006, -32013, -32015, -32016, -32602];
+
+/// The longest message passed on from the node's error, in characters.
+const MAX_NODE_MESSAGE_CHARS: usize = 512;
+
+/// The node's `error` to `method` as the gateway's [`NodeError`]: one of
+/// [`NODE_REFUSALS`] passed on (its message cut to [`MAX_NODE_MESSAGE_CHARS`]);
+/// anything else — a provider's rate limit (-32429, or HTTP 429 with a JSON
+/// body), an unhealthy node (-32005), an error that is no JSON-RPC error object —
+/// is the node failing to answer: `unavailable`, -32603 naming what it said
+/// (a client must not take a provider's limit for a refusal of its transaction).
+fn node_refusal(method: &str, e: &mut Value) -> NodeError {
+    let code = e.get("code").and_then(Value::as_i64);
+    let message = cut_chars(
+        e.get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("no message"),
+        MAX_NODE_MESSAGE_CHARS,
+    );
+    match code {
+        Some(code) if NODE_REFUSALS.contains(&code) => NodeError {
+            refusal: gw_core::Code::NodeRefused,
+            code,
+            message,
+            data: e.get_mut("data").map(Value::take),
+        },
+        _ => NodeError {
+            refusal: gw_core::Code::Unavailable,
+            code: -32603,
+            message: format!(
+                "the RPC node did not answer {method}: its error {}: {message}",
+                code.map_or_else(|| "without a code".to_owned(), |c| c.to_string())
+            ),
+            data: None,
+        },
+    }
+}
+
+/// `s`, at most `most` characters (and `…` when cut).
+fn cut_chars(s: &str, most: usize) -> String {
+    match s.char_indices().nth(most) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+/// The statuses of `n` signatures in a `getSignatureStatuses` result
+/// (`{"context": …, "value": [...]}`), each `null` or a status object with only
+/// the fields Solana defines (`slot`, `confirmations`, `err`, `status`,
+/// `confirmationStatus`); `None` when the answer is not that: a list of another
+/// length, or an entry of another kind, would pair a status with the wrong
+/// signature.
+fn status_values(result: &Value, n: usize) -> Option<Vec<Value>> {
+    let values = result.get("value")?.as_array()?;
+    if values.len() != n {
+        return None;
+    }
+    values
+        .iter()
+        .map(|v| match v {
+            Value::Null => Some(Value::Null),
+            Value::Object(m) => {
+                let confirmation = m.get("confirmationStatus").and_then(Value::as_str);
+                if !matches!(
+                    confirmation,
+                    None | Some("processed" | "confirmed" | "finalized")
+                ) {
+                    return None;
+                }
+                let mut out = serde_json::Map::new();
+                out.insert("slot".into(), json!(m.get("slot")?.as_u64()?));
+                out.insert(
+                    "confirmations".into(),
+                    json!(m.get("confirmations").and_then(Value::as_u64)),
+                );
+                let err = m.get("err").cloned().unwrap_or(Value::Null);
+                out.insert("err".into(), err.clone());
+                out.insert(
+                    "status".into(),
+                    m.get("status").cloned().unwrap_or_else(|| match err {
+                        Value::Null => json!({"Ok": null}),
+                        e => json!({"Err": e}),
+                    }),
+                );
+                out.insert("confirmationStatus".into(), json!(confirmation));
+                Some(Value::Object(out))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// A transaction error as Agave's message (its `Display`) names it, for the common

@@ -22,10 +22,10 @@ pub fn client_builder() -> reqwest::ClientBuilder {
         .referer(false)
 }
 
-/// The largest answer read from the RPC node's landing calls
-/// (`simulateTransaction` with its logs, `getSignatureStatuses` for 256
-/// signatures).
-pub const MAX_ANSWER_BYTES: usize = 8 << 20;
+/// The largest answer read from the RPC node's landing calls: a simulation's
+/// (its logs are at most 10 000 bytes in Agave) and 256 signatures' statuses
+/// are a few tens of KiB; up to 1 024 of them may be read at once.
+pub const MAX_ANSWER_BYTES: usize = 512 << 10;
 
 /// The largest answer read from the relay: its answers are a signature or a
 /// bundle id (an error page is shown by its first 200 characters only).
@@ -83,9 +83,16 @@ pub async fn post_json(
     cap: usize,
 ) -> Result<serde_json::Value, ReadError> {
     let resp = http.post(url).json(body).send().await?;
+    let status = resp.status();
     let bytes = read_capped(resp, cap).await?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ReadError::Transport(format!("an answer that is not JSON: {e}")))
+    match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(v) if status.is_success() || v.get("error").is_some() => Ok(v),
+        Ok(_) => Err(ReadError::Transport(format!("HTTP {status}"))),
+        Err(_) if !status.is_success() => Err(ReadError::Transport(format!("HTTP {status}"))),
+        Err(e) => Err(ReadError::Transport(format!(
+            "an answer that is not JSON: {e}"
+        ))),
+    }
 }
 
 /// reqwest's error and its causes, without the URL it names.
