@@ -403,7 +403,7 @@ fn many_transactions_in_flight_are_polled_in_batches() {
 /// The gate counts only sends that go, and bounds the sends that outlive their
 /// clients: at `throttle_pct` 50 every second transaction that would go goes, and a
 /// transaction refused by its preflight, or whose client left during it, gives its
-/// share back; with `rpc_max_in_flight` 1, a second send while the first (its
+/// share back, and a client's resend of one being rebroadcast takes none; with `rpc_max_in_flight` 1, a second send while the first (its
 /// client long gone) still runs is refused `busy`, nothing sent, and the permit
 /// comes back when the first ends.
 #[test]
@@ -469,11 +469,15 @@ fn only_sends_that_go_count_and_sends_in_flight_are_bounded() {
         .await;
         assert!(left.is_err(), "answered before its client left: {left:?}");
         node.set_delay(Duration::ZERO);
-        // So the next goes, and the one after is throttled.
+        // So the next goes (rebroadcast), and its client's resend of it is
+        // answered, not throttled (nothing is sent); the one after is throttled.
         let (w23, b23, s23, _) = tx(23, 0);
-        let (r, rows) = answered(&ctx, &send(&b23, once.clone())).await;
+        let (r, rows) = answered(&ctx, &send(&b23, json!({}))).await;
         assert_eq!(r["result"], s23, "{r}");
         assert!(rows.is_empty(), "a send is no refusal: {rows:?}");
+        let (r, rows) = answered(&ctx, &send(&b23, json!({}))).await;
+        assert_eq!(r["result"], s23, "{r}");
+        assert!(rows.is_empty(), "{rows:?}");
         let (_, b24, _, _) = tx(24, 0);
         let r = rpc::handle(&ctx, &send(&b24, once.clone())).await;
         assert!(throttled(&r), "{r}");

@@ -915,15 +915,19 @@ async fn send_transaction(
         Claimed::Mine(f) => f,
         Claimed::Went(sig) => return Ok(sig),
     };
-    let admitted = gate(ctx)?;
     if ctx.landing.is_some_and(|l| l.is_pending(&sig)) {
         // Already rebroadcast (a client resending it until it lands, as Solana
         // documents): answered with its signature, not sent again — as Agave's
         // send-transaction-service takes a transaction already in its retry
-        // pool. Its share of the throttle is given back.
+        // pool. The module's state still answers (a stop or kill ends its
+        // rebroadcasts too); the throttle does not: nothing is sent.
+        if let Some(why) = state_refusal(ctx.modules, ctx.module, ctx.allow_stopped) {
+            return Err(SendErr::Rpc(refused(ctx, why)));
+        }
         flight.answer = Some(sig.clone());
         return Ok(sig);
     }
+    let admitted = gate(ctx)?;
     if let Some(landing) = ctx.landing {
         // `rpc_max_in_flight` bounds the simulations a flood of sends makes
         // there too (the provider's rate limit would otherwise refuse every
