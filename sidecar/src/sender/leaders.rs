@@ -356,7 +356,7 @@ async fn refresh_once(
     if let Some((epoch, first)) = next.epoch {
         let end = first.saturating_add(next.slots_in_epoch);
         if next.next_fetched && slot >= end {
-            next.epoch = Some((epoch + 1, end));
+            next.epoch = Some((epoch.saturating_add(1), end));
             next.next_fetched = false;
             next.schedule = Arc::new(next.schedule.range(end..).map(|(k, v)| (*k, *v)).collect());
             rolled = true;
