@@ -4,10 +4,13 @@
 //!
 //! The journal's writer thread hands every committed transaction to `RealtimeSink`,
 //! which serialises it (only while someone listens) into a bounded
-//! `tokio::sync::broadcast` channel: a send there never waits, so the control path
+//! `tokio::sync::broadcast` channel, a transaction's messages as one item (in
+//! items of at most [`MAX_BATCH`]): a send there never waits, so the control path
 //! never waits for a viewer. Each client reads the channel at its own pace; one that
-//! falls more than `queue` messages behind, or whose socket does not take a message
-//! within `write_timeout_ms`, is closed with code 4008 and counted. At most
+//! falls more than `queue` items behind, or whose socket does not take a message
+//! within `write_timeout_ms`, is closed with code 4008 and counted. (Counted in
+//! messages, one transaction of 10 000 send rows — a backlog the audit queue
+//! let go at once — put every stream 9 000 behind, and closed them all.) At most
 //! `max_clients` connect at once; more are refused with 503 `unavailable`.
 //!
 //! Browsers cannot set `Authorization` on a WebSocket, so the page offers its JWT
@@ -51,6 +54,14 @@ pub const CLOSE_SLOW: u16 = 4008;
 pub const CLOSE_EXPIRED: u16 = 4001;
 /// The role a stream needs by default (the shipped `routes`).
 pub const ROLE: &str = "viewer";
+
+/// The most messages in one item of the hub's channel (a transaction's are split
+/// into items of at most this many): what `realtime.queue` holds is bounded by
+/// items, so its memory by this many messages each.
+pub const MAX_BATCH: usize = 256;
+
+/// One item of the hub's channel: messages, in order.
+type Batch = Arc<[String]>;
 
 /// `realtime` in the sidecar's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -175,7 +186,7 @@ struct Metrics {
 
 /// The fan-out point: the journal sink publishes, each stream subscribes.
 pub struct Hub {
-    tx: broadcast::Sender<Arc<str>>,
+    tx: broadcast::Sender<Batch>,
     clients: AtomicUsize,
     /// Streams open per token holder (issuer, subject).
     per_sub: parking_lot::Mutex<std::collections::HashMap<(String, String), usize>>,
@@ -303,14 +314,15 @@ impl Hub {
     /// Publishes one message to every open stream (the journal sink does so for
     /// what it commits; another capability may publish its own `type`).
     pub fn publish(&self, msg: Value) {
-        self.send(Arc::from(msg.to_string()));
+        self.send(Arc::from([msg.to_string()]));
     }
 
-    fn send(&self, text: Arc<str>) {
-        // Never blocks: a full channel drops the oldest message for the slowest
+    fn send(&self, batch: Batch) {
+        // Never blocks: a full channel drops the oldest item for the slowest
         // reader, who then sees `Lagged` and is closed.
-        if self.tx.send(text).is_ok() {
-            self.metrics.messages.inc();
+        let n = batch.len() as u64;
+        if self.tx.send(batch).is_ok() {
+            self.metrics.messages.inc_by(n);
         }
     }
 
@@ -343,8 +355,8 @@ impl Sink for RealtimeSink {
         // Made before taking `order`; sent under it, with the position raised,
         // so that a `module` message never goes between them or with a position
         // behind theirs.
-        let mut out: Vec<Arc<str>> = Vec::new();
-        let mut publish = |v: Value| out.push(Arc::from(v.to_string()));
+        let mut out: Vec<String> = Vec::new();
+        let mut publish = |v: Value| out.push(v.to_string());
         for e in &txn.entries {
             match e {
                 Entry::Row(r) => publish(json!({
@@ -395,8 +407,9 @@ impl Sink for RealtimeSink {
         }
         let mut last = hub.order.lock();
         *last = (*last).max(lsn);
-        for text in out {
-            hub.send(text);
+        let mut out = out.into_iter().peekable();
+        while out.peek().is_some() {
+            hub.send(out.by_ref().take(MAX_BATCH).collect());
         }
     }
 }
@@ -605,14 +618,21 @@ async fn stream(mut socket: WebSocket, place: Place, sub: String, token_exp: Opt
         Ok(()) => loop {
             tokio::select! {
                 m = rx.recv() => match m {
-                    Ok(text) => {
-                        if let Err(r) = send(&mut socket, Message::Text((*text).into()), timeout).await {
+                    Ok(batch) => {
+                        let mut failed = None;
+                        for text in batch.iter() {
+                            if let Err(r) = send(&mut socket, Message::Text(text.as_str().into()), timeout).await {
+                                failed = Some(r);
+                                break;
+                            }
+                        }
+                        if let Some(r) = failed {
                             break r;
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         close(&mut socket, CLOSE_SLOW,
-                            format!("slow consumer: {n} messages behind"), timeout).await;
+                            format!("slow consumer: {n} transactions' messages behind"), timeout).await;
                         break "slow";
                     }
                     // The hub owns the sender: only the signal below ends streams.
@@ -708,11 +728,50 @@ mod tests {
         table.set(gw_core::Module::Mev, running.clone());
         table.advance(gw_core::Module::Mev, ModuleState::default());
         let got: Vec<Value> = std::iter::from_fn(|| rx.try_recv().ok())
+            .flat_map(|b| b.to_vec())
             .map(|t| serde_json::from_str(&t).unwrap_or_default())
             .collect();
         assert_eq!(
             got,
             [json!({"type": "module", "lsn": 7, "module": "mev", "state": running})]
         );
+    }
+
+    /// A transaction of many rows takes a few items of the channel, not one per
+    /// message: 5 000 send rows at once (a backlog the send audit let go) leave a
+    /// reader of a 32-item queue that has read nothing yet with every message, in
+    /// order. Counted in messages, every stream fell 4 968 behind and was closed.
+    #[test]
+    fn a_large_transaction_does_not_overrun_the_queue() {
+        let cfg = RealtimeConfig {
+            queue: 32,
+            ..RealtimeConfig::default()
+        };
+        let hub = Hub::new(cfg, "node-1".into(), &mut Registry::default());
+        let mut rx = hub.tx.subscribe();
+        let rows = (0..5_000)
+            .map(|i| crate::sender::audit::SendRow {
+                signature: format!("sig-{i}"),
+                ..Default::default()
+            })
+            .collect();
+        hub.sink()
+            .committed(3, &Txn::of(vec![Entry::Sends { rows }]));
+        let mut got = Vec::new();
+        loop {
+            match rx.try_recv() {
+                Ok(b) => {
+                    assert!(b.len() <= MAX_BATCH);
+                    got.extend(b.iter().map(|t| {
+                        let v: Value = serde_json::from_str(t).unwrap_or_default();
+                        v["signature"].as_str().unwrap_or_default().to_owned()
+                    }));
+                }
+                Err(broadcast::error::TryRecvError::Empty) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let want: Vec<String> = (0..5_000).map(|i| format!("sig-{i}")).collect();
+        assert_eq!(got, want);
     }
 }
