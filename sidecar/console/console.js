@@ -131,6 +131,7 @@ const S = {
   wsRetry: 1000,
   reconnect: null,
   timers: [],
+  loggingIn: false,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -200,6 +201,21 @@ function showLogin(message) {
 }
 
 async function login(token) {
+  // One login at a time: a second (the form sent twice, or sent while a saved
+  // token is being checked) opened a second stream that nothing could close.
+  if (S.loggingIn) return;
+  S.loggingIn = true;
+  const submit = $("login-form").querySelector("button[type=submit]");
+  submit.disabled = true;
+  try {
+    await loginNow(token);
+  } finally {
+    S.loggingIn = false;
+    submit.disabled = false;
+  }
+}
+
+async function loginNow(token) {
   let claims;
   try {
     claims = decodeClaims(token);
@@ -227,6 +243,8 @@ async function login(token) {
     warning = `the ledger cannot answer now (${e.code})`;
   }
   sessionStorage.setItem("gw.jwt", token);
+  // Not left in the form, where the next person at this browser would find it.
+  $("token").value = "";
   $("login").hidden = true;
   $("app").hidden = false;
   $("logout").hidden = false;
@@ -236,24 +254,27 @@ async function login(token) {
   renderModules();
   connect();
   refreshAll();
-  S.timers.push(setInterval(refreshAll, 15000));
+  for (const t of S.timers) clearInterval(t);
+  S.timers = [setInterval(refreshAll, 15000)];
 }
 
-function logout() {
+// Logs out: the token, the imported key, the stream and every table go with
+// the page, which is loaded afresh (nothing of the session is left for the next
+// person at this browser: the token in the form, a key shown as imported, the
+// ledger and sends on screen). `note` is shown on the login form.
+function logout(note) {
   sessionStorage.removeItem("gw.jwt");
+  if (note) sessionStorage.setItem("gw.note", note);
   S.token = null;
   S.key = null;
   for (const t of S.timers) clearInterval(t);
   S.timers = [];
   clearTimeout(S.reconnect);
-  S.wsRetry = 1000;
-  S.wsOpened = 0;
-  L.reset();
-  S.decisions = [];
   const ws = S.ws;
   S.ws = null;
   if (ws) ws.close(1000, "logout");
-  showLogin("");
+  $("token").value = "";
+  location.reload();
 }
 
 // ---------------------------------------------------------------- live stream
@@ -270,6 +291,13 @@ const STREAM_STABLE_MS = 10000;
 
 function connect() {
   if (!S.token) return;
+  // One stream at a time: one still open is closed, not left to run unseen.
+  clearTimeout(S.reconnect);
+  if (S.ws) {
+    const old = S.ws;
+    S.ws = null;
+    old.close(1000, "replaced");
+  }
   const url = `wss://${location.host}/api/realtime`;
   let ws;
   try {
@@ -294,8 +322,7 @@ function connect() {
     // 4001: the gateway ended the stream at the token's expiry (its clock, not
     // this browser's).
     if (ev.code === 4001 || (S.claims?.exp && S.claims.exp * 1000 <= Date.now())) {
-      logout();
-      showLogin("the token has expired: log in again");
+      logout("the token has expired: log in again");
       return;
     }
     if (S.token) {
@@ -928,7 +955,7 @@ function start() {
     e.preventDefault();
     login($("token").value.trim());
   });
-  $("logout").addEventListener("click", logout);
+  $("logout").addEventListener("click", () => logout(""));
   $("key-form").addEventListener("submit", onKey);
   $("key-forget").addEventListener("click", () => {
     S.key = null;
@@ -946,9 +973,11 @@ function start() {
     const id = $("request-id").value.trim();
     if (id) showRequest(id);
   });
+  const note = sessionStorage.getItem("gw.note") || "";
+  sessionStorage.removeItem("gw.note");
   const saved = sessionStorage.getItem("gw.jwt");
   if (saved) login(saved);
-  else showLogin("");
+  else showLogin(note);
 }
 
 if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);

@@ -227,15 +227,36 @@ try {
 
   // ------------------------------------------------------------ viewer
   const vp = await newPage({ width: 1280, height: 800 });
+  const sockets = [];
+  vp.on("websocket", (ws) => {
+    const s = { closed: false };
+    sockets.push(s);
+    ws.on("close", () => { s.closed = true; });
+  });
   await vp.goto(`${base}/`);
   await vp.fill("#token", viewerJwt);
-  await vp.click("#login-form button[type=submit]");
+  // The form sent twice at once (a double Enter): one login, one stream.
+  await vp.evaluate(() => { const f = document.getElementById("login-form"); f.requestSubmit(); f.requestSubmit(); });
   await vp.locator("#live", { hasText: "live" }).waitFor();
+  await vp.waitForTimeout(1000);
+  check(sockets.filter((s) => !s.closed).length === 1, `one stream open after a double login, not ${sockets.filter((s) => !s.closed).length}`);
   await vp.locator(`.module[data-module=mev] [data-field=throttle_pct]`, { hasText: `${pct}%` }).waitFor();
   check(await vp.locator("#throttle-mev").count() === 0, "a viewer is offered no controls");
   await vp.locator("#modules", { hasText: "Commands need role admin" }).waitFor();
   await vp.locator("#models", { hasText: "need role operator" }).waitFor();
   log("a viewer sees module states from the stream and is offered no controls");
+
+  // ------------------------------------------------------------ logout
+  // Nothing of the admin's session is left for the next person at this browser.
+  await page.setViewportSize({ width: 1366, height: 900 });
+  await page.click("#logout");
+  await page.locator("#login").waitFor();
+  check((await page.inputValue("#token")) === "", "no token left in the login form after logout");
+  check(await page.evaluate(() => sessionStorage.getItem("gw.jwt") === null), "no token kept in the session after logout");
+  check((await page.locator("#key-status").innerText()).startsWith("No key imported"), "no key shown as imported after logout");
+  check(await page.locator("#stream li").count() === 0 && await page.locator("#decisions tbody tr").count() === 0,
+    "no stream or ledger rows left on the page after logout");
+  log("logout leaves no token, key, stream or table behind; one stream after a double login");
 
   check(errors.length === 0, `browser console errors:\n${errors.join("\n")}`);
   log(`ok; screenshots in ${out}`);
