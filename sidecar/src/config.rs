@@ -875,8 +875,11 @@ impl Config {
         if let Err(e) = gw_core::roles::RouteTable::new(file.routes.clone()) {
             return Err(OutOfBounds::new("routes", e).into());
         }
+        // Not `//…`: the page fetches it, and a browser reads `//host/x` as
+        // another host (the edge refuses such a path anyway).
         let path_ok = |p: &str| {
             p.starts_with('/')
+                && !p.contains("//")
                 && p.len() <= 256
                 && p.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"/-_.~:".contains(&b))
@@ -884,7 +887,7 @@ impl Config {
         if !path_ok(&file.command_path) {
             return Err(OutOfBounds::new(
                 "command_path",
-                "must start with '/' and hold only letters, digits and / - _ . ~ : (at most 256)",
+                "must start with '/', hold no '//' and only letters, digits and / - _ . ~ : (at most 256)",
             )
             .into());
         }
@@ -1517,6 +1520,7 @@ mod tests {
             (r#"{"routes": []}"#, "routes"),
             (r#"{"command_path": "api/x"}"#, "command_path"),
             (r#"{"command_path": "/x\"><script>"}"#, "command_path"),
+            (r#"{"command_path": "//evil.example/x"}"#, "command_path"),
             (r#"{"routes": [{"prefix": "/api/"}]}"#, "routes"),
             (r#"{"sched_slice_us": 50}"#, "sched_slice_us"),
             (r#"{"sched_slice_us": 100001}"#, "sched_slice_us"),
