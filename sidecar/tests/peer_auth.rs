@@ -1148,9 +1148,27 @@ fn the_sidecar_checks_each_api_routes_role_again_and_records_every_refusal() {
     // Beyond the budget of refusals with no token: counted, not written — and a
     // token holder's refusal still has its row.
     let burst = gw_sidecar::serve::REFUSAL_ROWS_BURST as usize;
-    for _ in 0..burst + 20 {
+    // Asked until the budget ran out (at least its burst and 20 more: a slow
+    // machine refills it meanwhile), counting the refusals.
+    let unrecorded = |code: &str| {
+        s.get_ops("/metrics").contains(&format!(
+            "gw_sidecar_refusals_unrecorded_total{{code=\"{code}\"}}"
+        ))
+    };
+    let flood = |code: &str, one: &dyn Fn()| {
+        let mut n = 0;
+        while n < burst + 20 || !unrecorded(code) {
+            assert!(n < 20 * burst, "{n} refusals and the budget never ran out");
+            for _ in 0..20 {
+                one();
+            }
+            n += 20;
+        }
+        n
+    };
+    let flooded = flood("jwt_missing", &|| {
         assert_eq!(ask("GET", "/api/sender", None), refused("jwt_missing"));
-    }
+    });
     assert_eq!(
         ask("GET", "/api/sender", Some("viewer")),
         refused("forbidden_role")
@@ -1185,7 +1203,7 @@ fn the_sidecar_checks_each_api_routes_role_again_and_records_every_refusal() {
         let v: Value = serde_json::from_str(&r.args_json).ok()?;
         v["unrecorded"].as_u64()
     };
-    let no_token = 2 + burst as u64 + 20;
+    let no_token = 2 + flooded as u64;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
         let rows = common::wait_rows(&ch, 0);
@@ -1217,12 +1235,12 @@ fn the_sidecar_checks_each_api_routes_role_again_and_records_every_refusal() {
     );
     // The stream's own refusals take the token holders' budget too: a holder
     // who keeps asking writes at most its burst of rows.
-    for _ in 0..burst + 20 {
+    flood("malformed", &|| {
         assert_eq!(
             ask("GET", "/api/realtime", Some("auditor")),
             (400, "malformed".to_owned())
         );
-    }
+    });
     let metrics = s.get_ops("/metrics");
     assert!(
         metrics.contains("gw_sidecar_refusals_unrecorded_total{code=\"malformed\"}"),
