@@ -1240,8 +1240,10 @@ fn the_ingests_refusals_are_ledger_rows_naming_the_client() {
         json!({"strategy": {"ingest": {"bind": "127.0.0.1:0", "allow": [searcher_b58]}}}),
     );
     let addr = s.running.plane().unwrap().hot.ingest_addr.unwrap();
+    // Its module's name: 20 000 control characters (written out, six bytes
+    // each, into a note the row keeps whole).
     let skipped = gw_proto::hotpath::Opportunity {
-        module: "nope".into(),
+        module: format!("nope{}", "\u{1}".repeat(20_000)),
         txs: vec![tx(1)],
         ..Default::default()
     };
@@ -1288,7 +1290,7 @@ fn the_ingests_refusals_are_ledger_rows_naming_the_client() {
             "malformed".to_owned(),
             searcher_b58.clone(),
             "opportunity skipped".to_owned(),
-            hex::encode(prost::Message::encode_to_vec(&skipped)),
+            hex::encode(&prost::Message::encode_to_vec(&skipped)[..4096]),
         ),
         (
             "malformed".to_owned(),
@@ -1308,6 +1310,8 @@ fn the_ingests_refusals_are_ledger_rows_naming_the_client() {
     assert!(rows
         .iter()
         .all(|r| r.stage == "sidecar" && r.decision == "rejected" && r.route == "quic:ingest"));
+    // A note holds at most 512 bytes of detail, whatever the peer sent.
+    assert!(rows.iter().all(|r| r.args_json.len() < 1024), "{rows:#?}");
     let handshake = rows.iter().find(|r| r.code == "unauthenticated").unwrap();
     let note: Value = serde_json::from_str(&handshake.args_json).unwrap();
     assert!(

@@ -111,7 +111,7 @@ const RPC: &str = "/api/rpc";
 const OPPORTUNITIES: &str = "/api/opportunities";
 
 /// Bytes of an answer's detail a row keeps.
-const DETAIL_BYTES: usize = 512;
+pub(crate) const DETAIL_BYTES: usize = 512;
 
 /// A refusal with nothing of the request kept: its code and detail.
 fn plain_refusal(code: Code, detail: &str) -> Refusal {

@@ -252,7 +252,10 @@ impl IngestRefusals {
             *self.overflow.lock().entry(code).or_default() += 1;
             return;
         };
-        let mut note = json!({ "detail": detail });
+        // Bounded as the HTTP route's: a detail may quote what the peer sent.
+        let mut note = json!({
+            "detail": gw_core::contract::truncate_utf8(detail, super::http::DETAIL_BYTES)
+        });
         if let Some(a) = remote {
             note["remote"] = a.to_string().into();
         }
@@ -792,8 +795,12 @@ pub fn opportunity(
     msg: gw_proto::hotpath::Opportunity,
     received: Instant,
 ) -> Result<Opportunity, String> {
-    let module =
-        Module::parse(&msg.module).ok_or_else(|| format!("unknown module {:?}", msg.module))?;
+    let module = Module::parse(&msg.module).ok_or_else(|| {
+        format!(
+            "unknown module {:?}",
+            gw_core::contract::truncate_utf8(&msg.module, 64)
+        )
+    })?;
     if msg.features.len() > MAX_FEATURES {
         return Err(format!("more than {MAX_FEATURES} features"));
     }
