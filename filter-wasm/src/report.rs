@@ -111,9 +111,9 @@ pub struct ReportQueue {
     bytes: usize,
     /// Reports in flight.
     in_flight: usize,
-    /// Reports at the front of the queue to send one per batch (those of a
-    /// batch the ledger refused, [`ReportQueue::refused`]).
-    alone: usize,
+    /// The ids of queued reports to send one per batch (those of a batch the
+    /// ledger refused, [`ReportQueue::refused`]), wherever they stand.
+    alone: std::collections::BTreeSet<String>,
     dropped: u64,
     /// Reports dropped and not yet standing in a summing report, by code.
     unsent: std::collections::BTreeMap<String, u64>,
@@ -183,6 +183,7 @@ impl ReportQueue {
     /// Takes the oldest report off the queue, for good (it does not fit a batch).
     fn drop_front(&mut self) {
         if let Some(r) = self.queue.pop_front() {
+            self.alone.remove(&r.id);
             self.bytes -= size(&r);
             self.dropped += 1;
             if r.unrecorded.is_some() {
@@ -243,10 +244,17 @@ impl ReportQueue {
     pub fn next_batch(&mut self, max_batch: usize) -> Option<Batch> {
         let mut body = b"[".to_vec();
         let mut reports = Vec::new();
-        let (waiting, alone) = (self.queue.len(), self.alone > 0);
+        let alone = self
+            .queue
+            .front()
+            .is_some_and(|r| self.alone.contains(&r.id));
         let most = if alone { 1 } else { max_batch };
         while reports.len() < most {
             let Some(r) = self.queue.front() else { break };
+            // One to go alone is not batched with those before it either.
+            if !reports.is_empty() && self.alone.contains(&r.id) {
+                break;
+            }
             let Ok(json) = serde_json::to_vec(r) else {
                 self.drop_front();
                 continue;
@@ -266,9 +274,9 @@ impl ReportQueue {
         }
         body.push(b']');
         self.in_flight += reports.len();
-        // What left the front (sent, or dropped as too large) of those to go
-        // alone.
-        self.alone = self.alone.saturating_sub(waiting - self.queue.len());
+        for r in &reports {
+            self.alone.remove(&r.id);
+        }
         (!reports.is_empty()).then_some(Batch {
             body,
             reports,
@@ -320,7 +328,7 @@ impl ReportQueue {
     pub fn put_back(&mut self, reports: Vec<EdgeReport>, alone: bool) {
         self.in_flight = self.in_flight.saturating_sub(reports.len());
         if alone {
-            self.alone = self.alone.saturating_add(reports.len());
+            self.alone.extend(reports.iter().map(|r| r.id.clone()));
         }
         for r in reports.into_iter().rev() {
             self.queue.push_front(r);

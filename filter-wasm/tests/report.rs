@@ -206,6 +206,32 @@ fn a_refused_batch_goes_again_one_report_per_batch() {
     let rest = q.next_batch(10).unwrap();
     assert_eq!(codes(&rest), ["d", "e"], "the others batched again");
     assert!(!rest.alone);
+    // A batch put back in front of one that goes alone (both answered nothing)
+    // does not take its mark: each goes as it went.
+    let (mut r2, mut q2) = (ReportQueue::new(2), Vec::new());
+    for c in ["x", "y", "p", "z"] {
+        assert!(r2.push(r(c, 1), 10));
+    }
+    let xy = r2.next_batch(2).unwrap();
+    let p = r2.next_batch(1).unwrap();
+    r2.put_back(p.reports, true);
+    q2.push(r2.next_batch(10).unwrap());
+    assert_eq!((codes(&q2[0]), q2[0].alone), (vec!["p".to_owned()], true));
+    let p = q2.pop().unwrap();
+    r2.put_back(p.reports, p.alone);
+    r2.put_back(xy.reports, xy.alone);
+    let again: Vec<_> = std::iter::from_fn(|| r2.next_batch(10)).collect();
+    assert_eq!(
+        again
+            .iter()
+            .map(|b| (codes(b), b.alone))
+            .collect::<Vec<_>>(),
+        [
+            (vec!["x".to_owned(), "y".to_owned()], false),
+            (vec!["p".to_owned()], true),
+            (vec!["z".to_owned()], false),
+        ]
+    );
     let mut ones = ones.into_iter();
     let (a, b, c) = (
         ones.next().unwrap(),

@@ -88,7 +88,9 @@ impl Drop for Staged {
 /// `gwctl keygen`: the secret key, the public key and its JWK, written together:
 /// none is written when one of them is there already (without `force`) or one
 /// cannot be written whole, so a failed run never leaves a secret key without
-/// its public halves, or (with `force`) with another key's.
+/// its public halves. With `force` the three are renamed over the old ones one
+/// by one (public halves first): a rename that fails part way (an old file that
+/// cannot be replaced) says which files were replaced.
 pub fn keygen(id: &str, out: &Path, force: bool) -> Result<()> {
     if id.is_empty()
         || !id
@@ -127,7 +129,7 @@ pub fn keygen(id: &str, out: &Path, force: bool) -> Result<()> {
     ];
     // Placed public halves first: a key pair is usable once its secret is in place.
     let [sk_file, pk_file, jwk_file] = staged;
-    let mut placed = Vec::new();
+    let mut placed: Vec<PathBuf> = Vec::new();
     for f in [pk_file, jwk_file, sk_file] {
         let path = f.path.clone();
         if let Err(e) = f.place(force) {
@@ -136,6 +138,12 @@ pub fn keygen(id: &str, out: &Path, force: bool) -> Result<()> {
                 for p in &placed {
                     let _ = std::fs::remove_file(p);
                 }
+            } else if !placed.is_empty() {
+                let names: Vec<String> = placed.iter().map(|p| p.display().to_string()).collect();
+                return Err(e.context(format!(
+                    "{} replaced already: these files are not one key pair now (run keygen --force again)",
+                    names.join(", ")
+                )));
             }
             return Err(e);
         }

@@ -682,7 +682,8 @@ fn upstream_answers_are_bounded_and_errors_never_show_the_url() {
             "{e}"
         );
         let e = fails(format!("http://{closed}/{KEY}")).await;
-        assert!(matches!(&e, RelayError::Transport(_)), "{e}");
+        assert!(matches!(&e, RelayError::Unreachable(_)), "{e}");
+        assert!(!e.maybe_sent(), "nothing went: {e}");
         assert!(!e.to_string().contains(KEY), "{e}");
     });
 }
@@ -811,6 +812,7 @@ fn a_nodes_answers_are_held_to_a_solana_nodes() {
             json!([st.clone(), "confirmed"]),
             json!([st.clone(), {"slot": 7, "confirmationStatus": "landed"}]),
             json!([st.clone(), {"confirmationStatus": "confirmed"}]),
+            json!([st.clone(), {"slot": 7, "confirmations": -1, "confirmationStatus": "confirmed"}]),
         ] {
             let node = statuses(bad.clone());
             let e = landing(node.url()).statuses(&sigs, None).await.unwrap_err();
@@ -1085,40 +1087,67 @@ fn a_transaction_already_rebroadcast_is_not_sent_again() {
     });
 }
 
-/// A send whose route failed once its bytes may have gone (the leader read it
-/// and closed the connection before the sender knew it arrived) is answered
-/// with its signature and rebroadcast, as a Solana node answers a transaction
-/// its send-transaction-service retries: it was answered "was not sent" and
-/// never sent again, and a client told so signs it again — both could land.
-/// With `maxRetries: 0` it is an error that says it may have been sent.
+/// A send whose route failed once its bytes may have gone (the relay took the
+/// request and answered nothing in time; the TPU route refused as Agave refuses
+/// a connection, nothing read) is answered with its signature and rebroadcast
+/// until it arrives, as a Solana node answers a transaction its
+/// send-transaction-service retries: it was answered "was not sent" and never
+/// sent again, and a client told so signs it again — both could land. With
+/// `maxRetries: 0` it is an error that says it may have been sent; a send no
+/// route took (the relay refused it) is still "was not sent".
 #[test]
 fn a_send_that_may_have_gone_is_answered_and_rebroadcast() {
     let rt = runtime();
     let node = RpcNode::start(1010);
     rt.block_on(async {
         let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
-        rx.close_after_read(testkit::tpu_receiver::CLOSE_DISALLOWED);
-        let rig = rig_to(&rx, &node, 100);
+        rx.refuse_with(testkit::tpu_receiver::CLOSE_DISALLOWED);
+        let relay = testkit::relay::Relay::start(None);
+        relay.set_mode(testkit::relay::Mode::Delay(Duration::from_secs(3)));
+        let cfg: gw_sidecar::sender::SenderConfig = serde_json::from_value(json!({
+            "tpu": {"refused_backoff_min_ms": 200},
+            "relay": {"url": relay.url, "timeout_ms": 300},
+            "leaders": {"static": []}, "route_policy": "tpu_first",
+        }))
+        .unwrap();
+        let leaders: std::sync::Arc<dyn gw_sidecar::sender::leaders::LeaderSource> =
+            std::sync::Arc::new(gw_sidecar::sender::leaders::StaticLeaders::from_leaders(
+                vec![Leader {
+                    tpu_quic: rx.addr,
+                    identity: Some(rx.identity),
+                }],
+            ));
+        let sender = gw_sidecar::sender::Sender::new(&cfg, &key(2), Some(leaders), None).unwrap();
+        let rig = common::rpc::RpcRig::with_sender(sender, &node.url, 100);
         let ctx = rig.ctx();
+        let relayed = |wire: &[u8]| {
+            relay
+                .calls()
+                .iter()
+                .filter(|c| c.txs.iter().any(|t| t.as_slice() == wire))
+                .count()
+        };
+
         let (w, b64, sig, _) = tx(70, 0);
         let r = rpc::handle(&ctx, &send(&b64, json!({"skipPreflight": true}))).await;
         assert_eq!(r["result"], sig, "{r}");
+        assert_eq!(relayed(&w), 1, "the relay took the request");
         assert_eq!(
             rig.sender.stats.failed.load(Ordering::Relaxed),
             1,
-            "the send failed (the close came as it was acknowledged)"
+            "no route confirmed it"
         );
         assert!(rig.landing.is_pending(&sig));
-        assert_eq!(copies(&rx, &w), 1, "the leader read it");
-        rx.close_after_read(0);
-        rx.wait_for(2, Duration::from_secs(20)).await;
-        assert!(copies(&rx, &w) >= 2, "rebroadcast");
+        assert_eq!(rx.count(), 0);
+        rx.refuse_with(0);
+        rx.wait_for(1, Duration::from_secs(20)).await;
+        assert!(copies(&rx, &w) >= 1, "rebroadcast until it arrived");
 
         // maxRetries 0: not rebroadcast, and the error says it may have gone.
-        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
-        rx.close_after_read(testkit::tpu_receiver::CLOSE_DISALLOWED);
-        let rig = rig_to(&rx, &node, 100);
-        let ctx = rig.ctx();
+        rx.refuse_with(testkit::tpu_receiver::CLOSE_DISALLOWED);
+        rx.evict_with(testkit::tpu_receiver::CLOSE_DISALLOWED);
+        // The close reaches the sender (its leader then backed off).
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let (w, b64, sig, _) = tx(71, 0);
         let r = rpc::handle(
             &ctx,
@@ -1131,7 +1160,15 @@ fn a_send_that_may_have_gone_is_answered_and_rebroadcast() {
             msg.contains(&sig) && msg.contains("may have been sent"),
             "{r}"
         );
-        assert_eq!(copies(&rx, &w), 1, "it had gone");
+        assert_eq!(relayed(&w), 1);
+        assert!(!rig.landing.is_pending(&sig));
+
+        // The relay refuses it (a JSON-RPC error): nothing went anywhere.
+        relay.set_mode(testkit::relay::Mode::Refuse(-32000, "no".into()));
+        let (_, b64, sig, _) = tx(72, 0);
+        let r = rpc::handle(&ctx, &send(&b64, json!({"skipPreflight": true}))).await;
+        let msg = r["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(&sig) && msg.contains("was not sent"), "{r}");
         assert!(!rig.landing.is_pending(&sig));
     });
 }

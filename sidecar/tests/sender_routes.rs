@@ -1132,6 +1132,63 @@ fn closes(client: &TpuClient, reason: &str) -> u64 {
     client.stats.closes[i].load(Ordering::Relaxed)
 }
 
+/// A leader that refuses the connection before its handshake (Agave's
+/// `Incoming::refuse` when its connection table is full: `CONNECTION_REFUSED`)
+/// is backed off as a refusing leader and, with nothing to send, not tried again:
+/// it was taken for an unreachable one and handshaken with about 8 times a
+/// minute, for as long as it stayed an upcoming leader. With something to send
+/// it is tried again, and once it accepts the transaction arrives.
+#[test]
+fn a_leader_refusing_at_the_handshake_is_not_retried_for_nothing() {
+    rt().block_on(async {
+        let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
+        rx.refuse_incoming(true);
+        let cfg = TpuConfig {
+            refused_backoff_min_ms: 500,
+            ..TpuConfig::default()
+        };
+        let client = TpuClient::new(cfg, &key(2)).unwrap();
+        let leader = Leader {
+            tpu_quic: rx.addr,
+            identity: Some(rx.identity),
+        };
+        let attempts = || rx.stats.refused_incoming.load(Ordering::Relaxed);
+        client.prewarm(&[leader]);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            attempts(),
+            1,
+            "a refusing leader is not retried for nothing"
+        );
+        assert_eq!(client.stats.handshakes_refused.load(Ordering::Relaxed), 1);
+        rx.refuse_incoming(false);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut i = 0;
+        let sent = loop {
+            i += 1;
+            let w = tx(i, 0).0;
+            if let Ok(Ok(Ok(()))) = tokio::time::timeout(
+                Duration::from_secs(3),
+                client.submit(&leader, w.clone()).unwrap(),
+            )
+            .await
+            {
+                break w;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the leader accepts again, the client does not"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(
+            rx.received().last().map(|r| r.bytes.clone()),
+            Some(sent.to_vec())
+        );
+        assert_eq!(attempts(), 1, "no attempt while it refused after the first");
+    });
+}
+
 #[test]
 fn a_refusing_leader_sees_no_reconnect_storm_and_nothing_is_lost_once_it_accepts() {
     rt().block_on(async {
@@ -1167,7 +1224,9 @@ fn a_refusing_leader_sees_no_reconnect_storm_and_nothing_is_lost_once_it_accepts
                 Ok(d) => {
                     let r = tokio::time::timeout(Duration::from_secs(3), d).await;
                     match r {
-                        Ok(Ok(Err(TpuError::Unreachable(..) | TpuError::Stream(..)))) => {
+                        Ok(Ok(Err(
+                            TpuError::Unreachable(..) | TpuError::Stream(..) | TpuError::Unread(..),
+                        ))) => {
                             answered += 1;
                         }
                         other => panic!("transaction {i}: {other:?}"),
@@ -1324,10 +1383,12 @@ fn a_leader_that_grants_no_stream_stalls_its_connection_and_sends_fail() {
         .await
         .expect("sends to a leader granting no stream never ended");
         let waited = t0.elapsed();
+        // No stream was granted, so none was written: the leader cannot have
+        // them (`Unread`, not `Stream`: no rebroadcast on a guess).
         for r in [queued.unwrap(), direct.unwrap()] {
             match r {
-                Err(TpuError::Stream(_, e)) => assert!(e.contains("stalled"), "{e}"),
-                other => panic!("not failed as stalled: {other:?}"),
+                Err(TpuError::Unread(_, e)) => assert!(e.contains("stalled"), "{e}"),
+                other => panic!("not failed as stalled, unread: {other:?}"),
             }
         }
         // The stall ended them (keep-alives hold the connection open past its

@@ -104,6 +104,23 @@ impl Relay {
     }
 }
 
+/// What the relay answers for `txs`: a bundle's id (the SHA-256 of its
+/// signatures), or the transaction's signature.
+fn answer_id(method: &str, txs: &[Vec<u8>]) -> String {
+    if method == "sendBundle" {
+        let mut h = Sha256::new();
+        for t in txs {
+            h.update(&t[1..65]);
+        }
+        h.finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    } else {
+        bs58_encode(&txs[0][1..65])
+    }
+}
+
 fn rpc_error(id: Value, code: i64, msg: &str) -> Response {
     Json(json!({"jsonrpc": "2.0", "error": {"code": code, "message": msg}, "id": id}))
         .into_response()
@@ -161,7 +178,21 @@ async fn handle(State(sh): State<Shared>, headers: HeaderMap, body: axum::body::
     }
     let mode = sh.mode.lock().expect("mode").clone();
     match mode {
-        Mode::Delay(d) => tokio::time::sleep(d).await,
+        // Taken when it arrives (kept even when its client gives up waiting
+        // and the answer is never written).
+        Mode::Delay(d) => {
+            sh.calls.lock().expect("calls").push(Call {
+                method: method.clone(),
+                txs: txs.clone(),
+                auth: auth.clone(),
+                at: Instant::now(),
+            });
+            tokio::time::sleep(d).await;
+            return axum::Json(
+                json!({"jsonrpc": "2.0", "result": answer_id(&method, &txs), "id": id}),
+            )
+            .into_response();
+        }
         Mode::Refuse(code, msg) => return rpc_error(id, code, &msg),
         Mode::Status(s) => {
             return StatusCode::from_u16(s)
@@ -180,18 +211,7 @@ async fn handle(State(sh): State<Shared>, headers: HeaderMap, body: axum::body::
         }
         Mode::Accept => {}
     }
-    let result = if method == "sendBundle" {
-        let mut h = Sha256::new();
-        for t in &txs {
-            h.update(&t[1..65]);
-        }
-        h.finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    } else {
-        bs58_encode(&txs[0][1..65])
-    };
+    let result = answer_id(&method, &txs);
     sh.calls.lock().expect("calls").push(Call {
         method,
         txs,

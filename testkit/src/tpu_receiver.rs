@@ -55,6 +55,9 @@ pub struct ReceiverStats {
     /// Completed handshakes closed at once because [`TpuReceiver::refuse_with`]
     /// was set (also counted in `connections`).
     pub closed_after_handshake: AtomicU64,
+    /// Connection attempts refused before any handshake (`CONNECTION_REFUSED`)
+    /// because [`TpuReceiver::refuse_incoming`] was set.
+    pub refused_incoming: AtomicU64,
 }
 
 /// Receiver settings.
@@ -92,7 +95,7 @@ pub struct TpuReceiver {
     received: Arc<Mutex<Vec<Received>>>,
     notify: Arc<Notify>,
     refuse: Arc<AtomicU32>,
-    close_after_read: Arc<AtomicU32>,
+    refuse_incoming: Arc<std::sync::atomic::AtomicBool>,
     live: Arc<Mutex<Vec<quinn::Connection>>>,
     endpoint: quinn::Endpoint,
     task: JoinHandle<()>,
@@ -122,7 +125,7 @@ impl TpuReceiver {
         let received = Arc::new(Mutex::new(Vec::new()));
         let notify = Arc::new(Notify::new());
         let refuse = Arc::new(AtomicU32::new(0));
-        let close_after_read = Arc::new(AtomicU32::new(0));
+        let refuse_incoming = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let live = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn(accept_loop(
             endpoint.clone(),
@@ -132,7 +135,7 @@ impl TpuReceiver {
                 received: received.clone(),
                 notify: notify.clone(),
                 refuse: refuse.clone(),
-                close_after_read: close_after_read.clone(),
+                refuse_incoming: refuse_incoming.clone(),
                 live: live.clone(),
             }),
         ));
@@ -143,7 +146,7 @@ impl TpuReceiver {
             received,
             notify,
             refuse,
-            close_after_read,
+            refuse_incoming,
             live,
             endpoint,
             task,
@@ -158,12 +161,11 @@ impl TpuReceiver {
         self.refuse.store(code, Ordering::Relaxed);
     }
 
-    /// Fault injection: while `code` is non-zero, a connection is closed with
-    /// that application code as soon as a transaction was read from it (kept and
-    /// counted): a leader that took it and then dropped the connection, which
-    /// the sender sees fail as the stream was acknowledged. 0 stops it.
-    pub fn close_after_read(&self, code: u32) {
-        self.close_after_read.store(code, Ordering::Relaxed);
+    /// Fault injection: while set, every connection attempt is refused before
+    /// its handshake (`CONNECTION_REFUSED`), as Agave's server refuses one when
+    /// its connection table is full (`Incoming::refuse`).
+    pub fn refuse_incoming(&self, on: bool) {
+        self.refuse_incoming.store(on, Ordering::Relaxed);
     }
 
     /// Fault injection: closes every connection accepted so far with the
@@ -218,13 +220,18 @@ struct Shared {
     received: Arc<Mutex<Vec<Received>>>,
     notify: Arc<Notify>,
     refuse: Arc<AtomicU32>,
-    close_after_read: Arc<AtomicU32>,
+    refuse_incoming: Arc<std::sync::atomic::AtomicBool>,
     /// Connections accepted (closed ones let go at each accept).
     live: Arc<Mutex<Vec<quinn::Connection>>>,
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, sh: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
+        if sh.refuse_incoming.load(Ordering::Relaxed) {
+            sh.stats.refused_incoming.fetch_add(1, Ordering::Relaxed);
+            incoming.refuse();
+            continue;
+        }
         let sh = sh.clone();
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else {
@@ -271,7 +278,6 @@ async fn accept_loop(endpoint: quinn::Endpoint, sh: Arc<Shared>) {
             }
             while let Ok(mut stream) = conn.accept_uni().await {
                 let sh = sh.clone();
-                let conn = conn.clone();
                 tokio::spawn(async move {
                     match stream.read_to_end(sh.config.max_tx_bytes).await {
                         Ok(bytes) => {
@@ -285,10 +291,6 @@ async fn accept_loop(endpoint: quinn::Endpoint, sh: Arc<Shared>) {
                             }
                             sh.stats.transactions.fetch_add(1, Ordering::Relaxed);
                             sh.notify.notify_waiters();
-                            let close = sh.close_after_read.load(Ordering::Relaxed);
-                            if close != 0 {
-                                conn.close(close.into(), b"closed after a read");
-                            }
                         }
                         Err(quinn::ReadToEndError::TooLong) => {
                             sh.stats.oversize.fetch_add(1, Ordering::Relaxed);

@@ -118,7 +118,8 @@ pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 /// The request may have reached the gateway whole, and no answer came (the
 /// timeout once the body was being sent, a connection lost after that): whether
 /// the command was accepted is not known. `gwctl send` exits 3, as for a 5xx (a
-/// timeout while still connecting exits 2: nothing was sent).
+/// timeout during the QUIC handshake exits 2: nothing was sent; over HTTP/2
+/// reqwest does not say when it connected, and any timeout is 3).
 #[derive(Debug)]
 pub struct Unanswered;
 

@@ -463,7 +463,9 @@ impl Landing {
         max_retries: Option<usize>,
         meta: SendMeta,
     ) -> bool {
-        if max_retries == Some(0) || self.stopped.load(Ordering::Acquire) {
+        // Not when its module stopped sending meanwhile: the first round would
+        // end it unsent, after its client was told it goes on.
+        if max_retries == Some(0) || self.stopped.load(Ordering::Acquire) || !meta.gate.open() {
             return false;
         }
         // Without a TPU route it is followed, not rebroadcast: every resend went
@@ -478,7 +480,8 @@ impl Landing {
         let start_loop = {
             let mut p = self.pending.lock();
             if let Some(t) = p.txs.get(&signature) {
-                return t.resend; // already tracked (a client resent the same bytes)
+                // Already tracked (a client resent the same bytes).
+                return t.resend;
             }
             let holder = meta.requester.holder();
             let mine = p.by_requester.get(&holder).copied().unwrap_or(0);
@@ -863,10 +866,13 @@ impl Landing {
 /// The JSON-RPC errors of a Solana node that refuse the transaction or the
 /// request itself, passed on as the node gave them (`node_refused`): a failed
 /// preflight (-32002), a signature that does not verify (-32003), a precompile
-/// that does not (-32006), signatures not matching the message (-32013), an
+/// that does not (-32006), no transaction history on this node for
+/// `searchTransactionHistory` (-32011), signatures not matching the message (-32013), an
 /// unsupported version (-32015), `minContextSlot` not reached (-32016), invalid
 /// parameters (-32602).
-const NODE_REFUSALS: [i64; 7] = [-32002, -32003, -32006, -32013, -32015, -32016, -32602];
+const NODE_REFUSALS: [i64; 8] = [
+    -32002, -32003, -32006, -32011, -32013, -32015, -32016, -32602,
+];
 
 /// The longest message passed on from the node's error, in characters.
 const MAX_NODE_MESSAGE_CHARS: usize = 512;
@@ -937,10 +943,13 @@ fn status_values(result: &Value, n: usize) -> Option<Vec<Value>> {
                 }
                 let mut out = serde_json::Map::new();
                 out.insert("slot".into(), json!(m.get("slot")?.as_u64()?));
-                out.insert(
-                    "confirmations".into(),
-                    json!(m.get("confirmations").and_then(Value::as_u64)),
-                );
+                // `null` is rooted: a count that is not one is refused, not read
+                // as the strongest claim.
+                let confirmations = match m.get("confirmations") {
+                    None | Some(Value::Null) => Value::Null,
+                    Some(c) => json!(c.as_u64()?),
+                };
+                out.insert("confirmations".into(), confirmations);
                 let err = m.get("err").cloned().unwrap_or(Value::Null);
                 out.insert("err".into(), err.clone());
                 out.insert(

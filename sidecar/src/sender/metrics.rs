@@ -106,6 +106,10 @@ impl Collector for SenderCollector {
                     ([("event", "connects")], load(&st.connects)),
                     ([("event", "connect_failures")], load(&st.connect_failures)),
                     (
+                        [("event", "handshakes_refused")],
+                        load(&st.handshakes_refused),
+                    ),
+                    (
                         [("event", "handshakes_capped")],
                         load(&st.handshakes_capped),
                     ),

@@ -919,16 +919,21 @@ impl Sender {
     }
 
     /// Sends a bundle (1–5 signed transactions, all or none) through the relay; the
-    /// TPU has no bundles, so there is no hedge. Returns the bundle id.
+    /// TPU has no bundles, so there is no hedge. Returns the bundle id, or why it
+    /// failed and whether the relay may have taken it all the same
+    /// ([`RelayError::maybe_sent`]).
     pub async fn send_bundle(
         &self,
         txs: Vec<Bytes>,
         signature: String,
         meta: &SendMeta,
-    ) -> Result<String, String> {
+    ) -> Result<String, (String, bool)> {
         let t0 = Instant::now();
         let Some(relay) = &self.relay else {
-            return Err("bundles need the relay route, which is not configured".into());
+            return Err((
+                "bundles need the relay route, which is not configured".into(),
+                false,
+            ));
         };
         let r = relay.send_bundle(&txs).await;
         let maybe_sent = r.as_ref().err().is_some_and(RelayError::maybe_sent);
@@ -951,7 +956,7 @@ impl Sender {
         self.count(&out);
         let bytes: usize = txs.iter().map(bytes::Bytes::len).sum();
         self.audit_row(&out, bytes, meta, "bundle");
-        r
+        r.map_err(|e| (e, maybe_sent))
     }
 
     fn count(&self, out: &SendOutcome) {

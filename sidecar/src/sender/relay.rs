@@ -57,8 +57,11 @@ pub enum RelayError {
     /// No answer within the deadline.
     #[error("relay timed out after {0:?}")]
     Timeout(Duration),
-    /// Could not reach the relay.
+    /// No connection to the relay could be made: nothing was sent.
     #[error("relay unreachable: {0}")]
+    Unreachable(String),
+    /// The connection to the relay failed once made.
+    #[error("relay connection failed: {0}")]
     Transport(String),
     /// HTTP error status.
     #[error("relay answered HTTP {0}: {1}")]
@@ -82,7 +85,7 @@ impl RelayError {
         match self {
             RelayError::Timeout(_) | RelayError::Transport(_) | RelayError::BadResponse(_) => true,
             RelayError::Http(status, _) => *status >= 500,
-            RelayError::Rpc(..) | RelayError::BundleSize(_) => false,
+            RelayError::Unreachable(_) | RelayError::Rpc(..) | RelayError::BundleSize(_) => false,
         }
     }
 }
@@ -237,6 +240,7 @@ impl RelayClient {
     fn failed(&self, e: upstream::ReadError) -> RelayError {
         match e {
             upstream::ReadError::Timeout => RelayError::Timeout(self.timeout),
+            upstream::ReadError::Connect(e) => RelayError::Unreachable(snippet(&e)),
             upstream::ReadError::Transport(e) => RelayError::Transport(snippet(&e)),
             e @ upstream::ReadError::TooLarge(_) => RelayError::BadResponse(e.to_string()),
         }

@@ -993,7 +993,7 @@ async fn send_transaction(
         (out, false) if out.maybe_sent => Err(SendErr::Rpc(RpcErr::from((
             code::SEND_FAILED,
             format!(
-                "transaction {} may have been sent, and is not sent again (maxRetries 0, no TPU route to rebroadcast it on, or no room among the rebroadcasts): {}; getSignatureStatuses tells whether it landed — do not sign it again with a new blockhash before this one expires",
+                "transaction {} may have been sent, and is not sent again by the gateway: {}; getSignatureStatuses tells whether it landed — do not sign it again with a new blockhash before this one expires",
                 out.signature,
                 out.error()
             ),
@@ -1156,5 +1156,12 @@ async fn send_bundle(
     })
     .await
     .map_err(task_failed)?
-    .map_err(|e| (code::SEND_FAILED, format!("bundle was not sent: {e}")).into())
+    .map_err(|(e, maybe_sent)| {
+        let what = if maybe_sent {
+            "bundle may have been sent, and is not sent again (the relay may have taken it; its transactions' statuses tell — do not sign them again before their blockhash expires)"
+        } else {
+            "bundle was not sent"
+        };
+        (code::SEND_FAILED, format!("{what}: {e}")).into()
+    })
 }

@@ -226,10 +226,18 @@ impl TpuConfig {
                 "and max_handshakes_per_sec must be at least 1",
             ));
         }
-        if self.idle_timeout_ms < 100 {
+        // Beyond an hour QUIC's idle timeout could not be represented (quinn
+        // turns it off); 0 would time every handshake out at its first packet.
+        if !(100..=3_600_000).contains(&self.idle_timeout_ms) {
             return Err(OutOfBounds::new(
                 "sender.tpu.idle_timeout_ms",
-                "must be at least 100",
+                "must be within 100..=3600000",
+            ));
+        }
+        if !(10..=60_000).contains(&self.connect_timeout_ms) {
+            return Err(OutOfBounds::new(
+                "sender.tpu.connect_timeout_ms",
+                "must be within 10..=60000",
             ));
         }
         if !(100..=60_000).contains(&self.stall_timeout_ms) {
@@ -254,9 +262,16 @@ pub enum TpuError {
     /// No connection (handshake failed, timed out or backing off).
     #[error("leader {0} unreachable: {1}")]
     Unreachable(SocketAddr, String),
-    /// The connection or stream failed while sending.
+    /// The connection or stream failed while sending, once its bytes may have
+    /// reached the leader.
     #[error("send to leader {0} failed: {1}")]
     Stream(SocketAddr, String),
+    /// The stream failed where the leader cannot have read it: it could not be
+    /// opened, or a connection fresh from its handshake was closed with one of
+    /// Agave's refusal codes (its server closes such a connection without
+    /// reading what came with the handshake).
+    #[error("send to leader {0} failed: {1}")]
+    Unread(SocketAddr, String),
     /// The client was shut down.
     #[error("TPU client stopped")]
     Stopped,
@@ -267,9 +282,10 @@ pub enum TpuError {
 
 impl TpuError {
     /// Whether the leader may have the transaction all the same: its stream
-    /// failed once opened (a connection closed as the stream was acknowledged,
-    /// a stall, a stream the leader stopped after reading it). Every other error
-    /// is before anything was written.
+    /// failed once written (a connection closed as the stream was acknowledged,
+    /// other than Agave's refusal of a fresh one, a stall, a stream the leader
+    /// stopped after reading it). Every other error is before anything was
+    /// written, or a refusal of what was.
     pub fn maybe_sent(&self) -> bool {
         matches!(self, TpuError::Stream(..))
     }
@@ -294,6 +310,9 @@ pub struct TpuStats {
     pub connects: AtomicU64,
     /// Handshakes failed.
     pub connect_failures: AtomicU64,
+    /// Of those, handshakes the leader refused (`CONNECTION_REFUSED`, an
+    /// application close, a TLS failure): backed off as a refusing leader.
+    pub handshakes_refused: AtomicU64,
     /// Handshakes not attempted because a rate cap had no room.
     pub handshakes_capped: AtomicU64,
     /// Connections closed, by reason ([`CLOSE_REASONS`]).
@@ -323,6 +342,25 @@ const STALLED: usize = 10;
 /// Agave's `CONNECTION_CLOSE_CODE_*` that mean "not now": 1 dropped (evicted by
 /// stake), 2 disallowed (per-IP budget), 4 too many (per-peer cap).
 const REFUSAL_CODES: [u64; 3] = [1, 2, 4];
+
+/// Whether a handshake that failed with `e` was refused by the leader: closed
+/// with `CONNECTION_REFUSED` (Agave refuses so when its connection table is
+/// full), closed by its application, or a TLS failure (the leader is not the
+/// identity pinned, or does not speak `solana-tpu`) — not a timeout or a
+/// network error, which the short backoff retries.
+fn handshake_refused(e: &quinn::ConnectionError) -> bool {
+    use quinn::ConnectionError as E;
+    // TLS alerts are the transport codes 0x100..=0x1ff (RFC 9001 §4.8).
+    let tls = |code: quinn::TransportErrorCode| (0x100..=0x1ff).contains(&u64::from(code));
+    match e {
+        E::ConnectionClosed(c) => {
+            c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED || tls(c.error_code)
+        }
+        E::ApplicationClosed(_) => true,
+        E::TransportError(t) => tls(t.code),
+        _ => false,
+    }
+}
 
 /// The [`CLOSE_REASONS`] index of `e`, and whether it is one of the refusal codes.
 fn close_reason(e: &quinn::ConnectionError) -> (usize, bool) {
@@ -1274,10 +1312,20 @@ impl Worker {
                     marks.set_closed(&e);
                 }))
             }
-            Err(e) => {
+            Err((e, refused)) => {
                 TpuStats::bump(&self.stats.connect_failures);
                 st.last_err = e;
-                st.retry_at = Instant::now() + st.unreachable.next_delay();
+                if refused {
+                    // Refused at the handshake (a full connection table, an
+                    // identity that is not the one pinned): backed off as a
+                    // refusing leader, and not tried again until there is
+                    // something to send.
+                    TpuStats::bump(&self.stats.handshakes_refused);
+                    st.retry_at = Instant::now() + st.refused.next_delay();
+                    st.dormant = true;
+                } else {
+                    st.retry_at = Instant::now() + st.unreachable.next_delay();
+                }
                 None
             }
         }
@@ -1289,17 +1337,19 @@ impl Worker {
         }
     }
 
-    async fn connect(&self) -> Result<quinn::Connection, String> {
-        let cfg = self.client.clone()?;
+    /// A connection, or why not and whether the leader refused it (rather
+    /// than not answering).
+    async fn connect(&self) -> Result<quinn::Connection, (String, bool)> {
+        let cfg = self.client.clone().map_err(|e| (e, false))?;
         let connecting = self
             .endpoint
             .connect_with(cfg, self.leader.tpu_quic, "connect")
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| (e.to_string(), false))?;
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
         match tokio::time::timeout(timeout, connecting).await {
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(format!("handshake failed: {e}")),
-            Err(_) => Err(format!("no handshake within {timeout:?}")),
+            Ok(Err(e)) => Err((format!("handshake failed: {e}"), handshake_refused(&e))),
+            Err(_) => Err((format!("no handshake within {timeout:?}"), false)),
         }
     }
 }
@@ -1354,7 +1404,7 @@ impl Sending {
         }
     }
 
-    fn count(&self, r: Result<(), String>) -> Result<(), TpuError> {
+    fn count(&self, r: Result<(), StreamFailure>) -> Result<(), TpuError> {
         match r {
             Ok(()) => {
                 TpuStats::bump(&self.stats.delivered);
@@ -1366,26 +1416,53 @@ impl Sending {
                 }
                 Ok(())
             }
-            Err(e) => {
+            Err(StreamFailure { why, read }) => {
                 TpuStats::bump(&self.stats.failed);
                 // Closed by the stall watch: say so, not quinn's "closed".
-                let e = match self.marks.closed() {
+                let why = match self.marks.closed() {
                     Some((STALLED, _)) => {
-                        format!("the connection stalled (no stream acknowledged in time): {e}")
+                        format!("the connection stalled (no stream acknowledged in time): {why}")
                     }
-                    _ => e,
+                    _ => why,
                 };
-                Err(TpuError::Stream(self.addr, e))
+                Err(if read {
+                    TpuError::Stream(self.addr, why)
+                } else {
+                    TpuError::Unread(self.addr, why)
+                })
             }
         }
     }
 }
 
+/// Why a stream failed, and whether the leader may have read it.
+#[derive(Debug)]
+struct StreamFailure {
+    why: String,
+    read: bool,
+}
+
+impl StreamFailure {
+    /// A failure once bytes went: the leader may have them.
+    fn maybe_read(why: impl ToString) -> StreamFailure {
+        StreamFailure {
+            why: why.to_string(),
+            read: true,
+        }
+    }
+}
+
 /// One transaction written on its own unidirectional stream, finished.
-async fn write_one(conn: &quinn::Connection, wire: &[u8]) -> Result<quinn::SendStream, String> {
-    let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
-    s.write_all(wire).await.map_err(|e| e.to_string())?;
-    s.finish().map_err(|e| e.to_string())?;
+async fn write_one(
+    conn: &quinn::Connection,
+    wire: &[u8],
+) -> Result<quinn::SendStream, StreamFailure> {
+    let mut s = conn.open_uni().await.map_err(|e| StreamFailure {
+        why: e.to_string(),
+        read: false,
+    })?;
+    s.write_all(wire).await.map_err(StreamFailure::maybe_read)?;
+    s.finish().map_err(StreamFailure::maybe_read)?;
     Ok(s)
 }
 
@@ -1398,11 +1475,15 @@ async fn confirm(
     s: quinn::SendStream,
     marks: &Marks,
     direct: bool,
-) -> Result<(), String> {
+) -> Result<(), StreamFailure> {
     match s.stopped().await {
         Ok(None) => {}
-        Ok(Some(code)) => return Err(format!("leader stopped the stream (code {code})")),
-        Err(e) => return Err(e.to_string()),
+        Ok(Some(code)) => {
+            return Err(StreamFailure::maybe_read(format!(
+                "leader stopped the stream (code {code})"
+            )))
+        }
+        Err(e) => return Err(StreamFailure::maybe_read(e)),
     }
     // Agave closes a connection its budget does not allow right after the
     // handshake; its QUIC stack has ACKed what arrived with the handshake by then,
@@ -1423,7 +1504,15 @@ async fn confirm(
             // itself: fresh connections are few).
             tokio::time::sleep_until(settled.into()).await;
             return match conn.close_reason() {
-                Some(r) => Err(closed(close_reason(&r).0)),
+                // Refused as Agave refuses a connection: what came with the
+                // handshake was not read. Any other close: it may have been.
+                Some(r) => {
+                    let (i, refusal) = close_reason(&r);
+                    Err(StreamFailure {
+                        why: closed(i),
+                        read: !refusal,
+                    })
+                }
                 None => Ok(()),
             };
         }
@@ -1440,7 +1529,7 @@ async fn confirm(
         }
     }
     match marks.closed() {
-        Some((i, true)) => Err(closed(i)),
+        Some((i, true)) => Err(StreamFailure::maybe_read(closed(i))),
         _ => Ok(()),
     }
 }
@@ -1448,6 +1537,24 @@ async fn confirm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A handshake deadline of 0 (every handshake timed out at its first
+    /// packet, and tried again at the cap's rate) and an idle timeout QUIC
+    /// cannot hold (quinn turned it off) are refused.
+    #[test]
+    fn timeouts_are_bounded() {
+        assert!(TpuConfig::default().validate().is_ok());
+        let with = |f: fn(&mut TpuConfig)| {
+            let mut c = TpuConfig::default();
+            f(&mut c);
+            c.validate().map_err(|e| e.to_string())
+        };
+        let e = with(|c| c.connect_timeout_ms = 0).unwrap_err();
+        assert!(e.starts_with("sender.tpu.connect_timeout_ms"), "{e}");
+        let e = with(|c| c.idle_timeout_ms = 1 << 62).unwrap_err();
+        assert!(e.starts_with("sender.tpu.idle_timeout_ms"), "{e}");
+        assert!(with(|c| c.idle_timeout_ms = 3_600_000).is_ok());
+    }
 
     #[test]
     fn a_connection_is_stalled_when_no_stream_is_acknowledged_while_busy() {

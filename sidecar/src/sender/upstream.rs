@@ -41,7 +41,11 @@ pub enum ReadError {
     /// The upstream did not answer in time.
     #[error("no answer within the deadline")]
     Timeout,
-    /// Transport failure (the URL left out).
+    /// No connection could be made (refused, no route, a name that does not
+    /// resolve, TLS refused, a connect timeout): nothing was sent.
+    #[error("{0}")]
+    Connect(String),
+    /// Transport failure once connected (the URL left out).
     #[error("{0}")]
     Transport(String),
     /// The answer is over the bound.
@@ -51,7 +55,10 @@ pub enum ReadError {
 
 impl From<reqwest::Error> for ReadError {
     fn from(e: reqwest::Error) -> Self {
-        if e.is_timeout() {
+        // Before the timeout: a connect timeout is both, and nothing went.
+        if e.is_connect() {
+            ReadError::Connect(describe(e))
+        } else if e.is_timeout() {
             ReadError::Timeout
         } else {
             ReadError::Transport(describe(e))
