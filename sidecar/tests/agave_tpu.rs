@@ -365,7 +365,9 @@ fn a_spent_per_ip_budget_brings_no_reconnect_storm_and_nothing_is_lost_once_it_f
             let w = tx(i, 0);
             let d = client.submit(&leader, w.clone()).unwrap();
             match tokio::time::timeout(Duration::from_secs(3), d).await {
-                Ok(Ok(Err(TpuError::Unreachable(..) | TpuError::Stream(..)))) => refused += 1,
+                Ok(Ok(Err(
+                    TpuError::Unreachable(..) | TpuError::Stream(..) | TpuError::Unread(..),
+                ))) => refused += 1,
                 Ok(Ok(Ok(()))) => delivered.push(w.to_vec()),
                 other => panic!("transaction {i}: {other:?}"),
             }
