@@ -220,12 +220,32 @@ impl EdgeIdentity {
 /// character boundary by the filter).
 pub const MAX_REPORT_PATH_BYTES: usize = 256;
 /// The route a report and a ledger row name for a request's `path`: the path
-/// without its query or fragment — a query may carry a secret (an RPC provider's
-/// `?api-key=`, pasted into a client pointed at the gateway) and a ledger row is
-/// kept for good — cut to [`MAX_REPORT_PATH_BYTES`] at a character boundary.
-pub fn report_route(path: &str) -> &str {
-    let route = path.split(['?', '#']).next().unwrap_or(path);
-    truncate_utf8(route, MAX_REPORT_PATH_BYTES)
+/// without its fragment, and its query (a query may carry a secret — an RPC
+/// provider's `?api-key=`, pasted into a client pointed at the gateway — and a
+/// ledger row is kept for good) only as a digest, `?sha256=<16 hex digits>` of
+/// the query's bytes: rows of one query can still be told from others and
+/// matched against a query one knows. The path is cut at a character boundary so
+/// that the whole is at most [`MAX_REPORT_PATH_BYTES`]. A route already of this
+/// form (a report's, made so by the filter) is kept as it is.
+pub fn report_route(path: &str) -> String {
+    const DIGEST: &str = "?sha256=";
+    let path = path.split('#').next().unwrap_or(path);
+    let Some((route, query)) = path.split_once('?') else {
+        return truncate_utf8(path, MAX_REPORT_PATH_BYTES).to_owned();
+    };
+    let made = query.strip_prefix("sha256=").is_some_and(|d| {
+        d.len() == 16
+            && d.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
+    let digest = if made {
+        query["sha256=".len()..].to_owned()
+    } else {
+        use sha2::Digest as _;
+        hex::encode(&sha2::Sha256::digest(query.as_bytes())[..8])
+    };
+    let route = truncate_utf8(route, MAX_REPORT_PATH_BYTES - DIGEST.len() - 16);
+    format!("{route}{DIGEST}{digest}")
 }
 
 /// Most reports in one batch.
@@ -330,7 +350,7 @@ impl EdgeReport {
         EdgeReport {
             decision: "rejected".into(),
             code: code.as_str().into(),
-            path: report_route(path).to_owned(),
+            path: report_route(path),
             raw_hex: hex::encode(raw.get(..MAX_REPORT_RAW_BYTES).unwrap_or(raw)),
             raw_len: (raw.len() > MAX_REPORT_RAW_BYTES).then_some(raw.len() as u64),
             ts_ms,

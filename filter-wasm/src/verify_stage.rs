@@ -177,7 +177,7 @@ impl VerifyStage {
         // Every refusal is reported (the ledger has a row for each), whatever the
         // route; a refusal before the path is read has no route.
         if self.reports.is_some() {
-            self.reported_path = Some(contract::report_route(path).to_owned());
+            self.reported_path = Some(contract::report_route(path));
         }
         let head = RequestHead {
             method: get(":method").unwrap_or(""),

@@ -1235,7 +1235,11 @@ pub async fn record_refusals_of_reads(
 ) -> Response {
     use futures_util::StreamExt as _;
     let who = edge_requester(&req);
-    let route = gw_core::contract::report_route(req.uri().path()).to_owned();
+    let route = gw_core::contract::report_route(
+        req.uri()
+            .path_and_query()
+            .map_or(req.uri().path(), |p| p.as_str()),
+    );
     // What the route reads of the body, copied as it passes (up to the bound).
     let read = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let req = req.map(|body| {
@@ -1477,12 +1481,16 @@ async fn refuse_as(
 ) -> Result<Response, Response> {
     let g = g.clone();
     let recorded = tokio::spawn(async move {
-        let path = req.uri().path().to_owned();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or(req.uri().path(), |p| p.as_str())
+            .to_owned();
         let body = body_prefix(req.into_body(), REFUSED_BODY_BYTES, REFUSED_BODY_WAIT).await;
         g.metrics.decision(code.as_str());
         let route = gw_core::contract::report_route(&path);
         g.auditor
-            .refusal(code, &body, requester.as_ref(), route)
+            .refusal(code, &body, requester.as_ref(), &route)
             .await
     })
     .await;

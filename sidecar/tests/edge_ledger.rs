@@ -282,8 +282,9 @@ fn bad_edge_reports_are_refused_whole() {
         let (status, body) = post(json!([ok.clone(), bad]));
         assert_eq!(status, 400, "{id}: {body}");
     }
-    // A path with a query (a filter that kept it): recorded without the query,
-    // which may hold a secret and would stay in the ledger for good.
+    // A path with a query (a filter that kept it): recorded with the query's
+    // digest only (`sha256("api-key=s3cret")`, 8 bytes), as the filter now
+    // reports it: the query may hold a secret, and the ledger keeps rows for good.
     let mut ok = ok;
     ok["path"] = json!("/api/control/commands?api-key=s3cret");
     let (status, body) = post(json!([ok]));
@@ -296,7 +297,11 @@ fn bad_edge_reports_are_refused_whole() {
             rows[0].code.as_str(),
             rows[0].route.as_str()
         ),
-        ("edge", "stale", "/api/control/commands")
+        (
+            "edge",
+            "stale",
+            "/api/control/commands?sha256=a1b8473324d91796"
+        )
     );
     // A body the edge kept only the start of: the row says so.
     let cut = json!({"decision": "rejected", "code": "bad_signature", "path": "/api/control/commands",

@@ -631,7 +631,11 @@ fn only_the_edge_may_call_and_every_refusal_is_recorded() {
             .iter()
             .map(|r| (r.route.as_str(), r.requester.as_str()))
             .collect::<Vec<_>>(),
-        [("/api/ledger/history", "operator-1")],
+        // Its query by its digest only.
+        [(
+            gw_core::contract::report_route("/api/ledger/history?stage=bogus").as_str(),
+            "operator-1"
+        )],
         "{rows:#?}"
     );
     let refusals: Vec<_> = rows

@@ -1088,8 +1088,8 @@ fn a_transaction_already_rebroadcast_is_not_sent_again() {
 }
 
 /// A send whose route failed once its bytes may have gone (the relay took the
-/// request and answered nothing in time; the TPU route refused as Agave refuses
-/// a connection, nothing read) is answered with its signature and rebroadcast
+/// request and answered nothing in time; the leader refused the connection at
+/// the handshake, nothing sent) is answered with its signature and rebroadcast
 /// until it arrives, as a Solana node answers a transaction its
 /// send-transaction-service retries: it was answered "was not sent" and never
 /// sent again, and a client told so signs it again — both could land. With
@@ -1101,7 +1101,7 @@ fn a_send_that_may_have_gone_is_answered_and_rebroadcast() {
     let node = RpcNode::start(1010);
     rt.block_on(async {
         let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
-        rx.refuse_with(testkit::tpu_receiver::CLOSE_DISALLOWED);
+        rx.refuse_incoming(true);
         let relay = testkit::relay::Relay::start(None);
         relay.set_mode(testkit::relay::Mode::Delay(Duration::from_secs(3)));
         let cfg: gw_sidecar::sender::SenderConfig = serde_json::from_value(json!({
@@ -1139,15 +1139,24 @@ fn a_send_that_may_have_gone_is_answered_and_rebroadcast() {
         );
         assert!(rig.landing.is_pending(&sig));
         assert_eq!(rx.count(), 0);
-        rx.refuse_with(0);
+        rx.refuse_incoming(false);
         rx.wait_for(1, Duration::from_secs(20)).await;
         assert!(copies(&rx, &w) >= 1, "rebroadcast until it arrived");
 
         // maxRetries 0: not rebroadcast, and the error says it may have gone.
-        rx.refuse_with(testkit::tpu_receiver::CLOSE_DISALLOWED);
-        rx.evict_with(testkit::tpu_receiver::CLOSE_DISALLOWED);
-        // The close reaches the sender (its leader then backed off).
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let refused = || rx.stats.refused_incoming.load(Ordering::Relaxed);
+        let before = refused();
+        rx.refuse_incoming(true);
+        rx.evict_with(0);
+        // The close reaches the sender, whose next handshake is refused.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while refused() == before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no handshake after the eviction"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let (w, b64, sig, _) = tx(71, 0);
         let r = rpc::handle(
             &ctx,

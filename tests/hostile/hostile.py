@@ -243,6 +243,16 @@ class H3:
         self.loop.close()
 
 
+def route_of(path):
+    """The route a ledger row names for a request's path (core's report_route):
+    the path without its fragment, its query as `?sha256=<16 hex digits>`."""
+    path = path.split("#")[0]
+    if "?" not in path:
+        return path
+    route, query = path.split("?", 1)
+    return route + "?sha256=" + hashlib.sha256(query.encode()).hexdigest()[:16]
+
+
 # --- the cases ------------------------------------------------------------------
 
 class Case:
@@ -250,7 +260,8 @@ class Case:
 
     audit: None (no row: a read that succeeded or a refusal Envoy itself makes
     before the filter), or (stage, decision, code[, requester]) of the row found by
-    the case's marker (the query string `hc=<id>` of its path, or its body)."""
+    the case's marker (the query string `hc=<id>` of its path, which a row names
+    by its digest `?sha256=…`, or its body)."""
 
     def __init__(self, name, method, path, headers=(), body=b"", status=0, code=None, audit=None,
                  marker_in_path=True, why=""):
@@ -602,7 +613,7 @@ def check(results, rows):
                     continue
                 by_marker = marker is not None and r["route"].endswith(marker)
                 by_body = marker is None and (r["raw_hex"] == raw
-                                              or (raw == "" and r["route"] == c.path.split("?")[0]))
+                                              or (raw == "" and r["route"] == route_of(c.path)))
                 if by_marker or by_body:
                     match = i
                     break
@@ -647,7 +658,9 @@ def run(args):
                 if t == "h2":
                     h2c.close()
                     h2c = H2(GATEWAY, k.ca)
-            results.append((c, t, status, body, marker if c.marker_in_path else None))
+            # Found by its query's digest (the path as Envoy normalised it before).
+            digest = "?" + route_of(path).split("?", 1)[1] if c.marker_in_path else None
+            results.append((c, t, status, body, digest))
     finally:
         h3.close()
         h2c.close()

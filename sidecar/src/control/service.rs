@@ -1242,8 +1242,8 @@ async fn record_reports(
             body: &r.raw,
             command: None,
             requester: Some(&r.requester),
-            // Without a query even from a filter that kept it.
-            route: gw_core::contract::report_route(&r.path),
+            // A query as its digest, even from a filter that kept it whole.
+            route: &gw_core::contract::report_route(&r.path),
         };
         rows.extend(c.auditor.row_noting(&e, &Value::Object(note)));
     }

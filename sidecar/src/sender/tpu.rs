@@ -267,10 +267,10 @@ pub enum TpuError {
     #[error("send to leader {0} failed: {1}")]
     Stream(SocketAddr, String),
     /// The stream failed where the leader cannot have read it: it could not be
-    /// opened, or a connection fresh from its handshake was closed with one of
-    /// Agave's refusal codes (its server closes such a connection without
-    /// reading what came with the handshake).
-    #[error("send to leader {0} failed: {1}")]
+    /// opened or written to its end (a leader takes a transaction only from a
+    /// finished stream), or its connection was closed with one of the codes
+    /// Agave refuses a connection with before admitting it (2, 4).
+    #[error("send to leader {0} failed, not read: {1}")]
     Unread(SocketAddr, String),
     /// The client was shut down.
     #[error("TPU client stopped")]
@@ -343,6 +343,18 @@ const STALLED: usize = 10;
 /// stake), 2 disallowed (per-IP budget), 4 too many (per-peer cap).
 const REFUSAL_CODES: [u64; 3] = [1, 2, 4];
 
+/// Of those, the codes Agave closes a connection with before admitting it
+/// (`solana-streamer`: its per-IP budget, 2; its per-peer cap, 4): nothing that
+/// came on it was read. Code 1 drops an admitted connection, whose streams may
+/// have been.
+const ADMISSION_REFUSALS: [u64; 2] = [2, 4];
+
+/// Whether `e` closed the connection with one of [`ADMISSION_REFUSALS`].
+fn refused_before_admission(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::ApplicationClosed(c)
+        if ADMISSION_REFUSALS.contains(&c.error_code.into_inner()))
+}
+
 /// Whether a handshake that failed with `e` was refused by the leader: closed
 /// with `CONNECTION_REFUSED` (Agave refuses so when its connection table is
 /// full), closed by its application, or a TLS failure (the leader is not the
@@ -353,8 +365,12 @@ fn handshake_refused(e: &quinn::ConnectionError) -> bool {
     // TLS alerts are the transport codes 0x100..=0x1ff (RFC 9001 §4.8).
     let tls = |code: quinn::TransportErrorCode| (0x100..=0x1ff).contains(&u64::from(code));
     match e {
+        // A server's application close during the handshake arrives as
+        // APPLICATION_ERROR (RFC 9000 §10.2.3).
         E::ConnectionClosed(c) => {
-            c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED || tls(c.error_code)
+            c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+                || c.error_code == quinn::TransportErrorCode::APPLICATION_ERROR
+                || tls(c.error_code)
         }
         E::ApplicationClosed(_) => true,
         E::TransportError(t) => tls(t.code),
@@ -1461,8 +1477,14 @@ async fn write_one(
         why: e.to_string(),
         read: false,
     })?;
-    s.write_all(wire).await.map_err(StreamFailure::maybe_read)?;
-    s.finish().map_err(StreamFailure::maybe_read)?;
+    // Not written to its end: no leader takes a transaction from an unfinished
+    // stream.
+    let unfinished = |e: &dyn std::fmt::Display| StreamFailure {
+        why: e.to_string(),
+        read: false,
+    };
+    s.write_all(wire).await.map_err(|e| unfinished(&e))?;
+    s.finish().map_err(|e| unfinished(&e))?;
     Ok(s)
 }
 
@@ -1483,7 +1505,15 @@ async fn confirm(
                 "leader stopped the stream (code {code})"
             )))
         }
-        Err(e) => return Err(StreamFailure::maybe_read(e)),
+        // Closed before every byte was acknowledged: read unless Agave refused
+        // the connection before admitting it.
+        Err(e) => {
+            let read = !matches!(&e, quinn::StoppedError::ConnectionLost(c) if refused_before_admission(c));
+            return Err(StreamFailure {
+                why: e.to_string(),
+                read,
+            });
+        }
     }
     // Agave closes a connection its budget does not allow right after the
     // handshake; its QUIC stack has ACKed what arrived with the handshake by then,
@@ -1506,13 +1536,10 @@ async fn confirm(
             return match conn.close_reason() {
                 // Refused as Agave refuses a connection: what came with the
                 // handshake was not read. Any other close: it may have been.
-                Some(r) => {
-                    let (i, refusal) = close_reason(&r);
-                    Err(StreamFailure {
-                        why: closed(i),
-                        read: !refusal,
-                    })
-                }
+                Some(r) => Err(StreamFailure {
+                    why: closed(close_reason(&r).0),
+                    read: !refused_before_admission(&r),
+                }),
                 None => Ok(()),
             };
         }
@@ -1529,7 +1556,11 @@ async fn confirm(
         }
     }
     match marks.closed() {
-        Some((i, true)) => Err(StreamFailure::maybe_read(closed(i))),
+        // Codes 1..=5 are the first five reasons (`close_reason`).
+        Some((i, true)) => Err(StreamFailure {
+            why: closed(i),
+            read: !ADMISSION_REFUSALS.contains(&(i as u64 + 1)),
+        }),
         _ => Ok(()),
     }
 }

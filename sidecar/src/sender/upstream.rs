@@ -42,7 +42,9 @@ pub enum ReadError {
     #[error("no answer within the deadline")]
     Timeout,
     /// No connection could be made (refused, no route, a name that does not
-    /// resolve, TLS refused, a connect timeout): nothing was sent.
+    /// resolve, TLS refused): nothing was sent. (A connection still being made
+    /// when the whole call's deadline passes is a [`ReadError::Timeout`]: no
+    /// client here sets a connect timeout of its own.)
     #[error("{0}")]
     Connect(String),
     /// Transport failure once connected (the URL left out).
@@ -55,7 +57,7 @@ pub enum ReadError {
 
 impl From<reqwest::Error> for ReadError {
     fn from(e: reqwest::Error) -> Self {
-        // Before the timeout: a connect timeout is both, and nothing went.
+        // Before the timeout: a connect timeout would be both, and nothing went.
         if e.is_connect() {
             ReadError::Connect(describe(e))
         } else if e.is_timeout() {
