@@ -89,6 +89,20 @@ fn relay_only_rig(relay: &testkit::relay::Relay, node: &RpcNode) -> common::rpc:
     common::rpc::RpcRig::with_sender(sender, &node.url, 100)
 }
 
+/// A sender of configuration `cfg` (identity `[2; 32]`) whose one leader is
+/// `rx`. Must run in a runtime.
+fn sender_to(rx: &TpuReceiver, cfg: Value) -> std::sync::Arc<gw_sidecar::sender::Sender> {
+    let cfg: gw_sidecar::sender::SenderConfig = serde_json::from_value(cfg).unwrap();
+    let leaders: std::sync::Arc<dyn gw_sidecar::sender::leaders::LeaderSource> =
+        std::sync::Arc::new(gw_sidecar::sender::leaders::StaticLeaders::from_leaders(
+            vec![Leader {
+                tpu_quic: rx.addr,
+                identity: Some(rx.identity),
+            }],
+        ));
+    gw_sidecar::sender::Sender::new(&cfg, &key(2), Some(leaders), None).unwrap()
+}
+
 fn copies(rx: &TpuReceiver, wire: &[u8]) -> usize {
     rx.received().iter().filter(|r| r.bytes == wire).count()
 }
@@ -847,25 +861,13 @@ fn rebroadcasts_go_by_the_tpu_route_alone() {
         let rx = TpuReceiver::start(ReceiverConfig::default(), &key(1)).unwrap();
         let relay = testkit::relay::Relay::start(None);
         // Both routes at once for a new send (the hedge at 0 ms).
-        let cfg: gw_sidecar::sender::SenderConfig = serde_json::from_value(json!({
-            "tpu": {}, "leaders": {"static": []}, "relay": {"url": relay.url},
-            "route_policy": "latency", "hedge_delay_ms": 0, "adaptive": false,
-        }))
-        .unwrap();
-        let leaders: std::sync::Arc<dyn gw_sidecar::sender::leaders::LeaderSource> =
-            std::sync::Arc::new(gw_sidecar::sender::leaders::StaticLeaders::from_leaders(
-                vec![Leader {
-                    tpu_quic: rx.addr,
-                    identity: Some(rx.identity),
-                }],
-            ));
-        let sender = gw_sidecar::sender::Sender::new(
-            &cfg,
-            &ed25519_dalek::SigningKey::from_bytes(&[2; 32]),
-            Some(leaders),
-            None,
-        )
-        .unwrap();
+        let sender = sender_to(
+            &rx,
+            json!({
+                "tpu": {}, "leaders": {"static": []}, "relay": {"url": relay.url},
+                "route_policy": "latency", "hedge_delay_ms": 0, "adaptive": false,
+            }),
+        );
         let rig = common::rpc::RpcRig::with_sender(sender, &node.url, 100);
         let ctx = rig.ctx();
         let (w, b64, sig, _) = tx(61, 0);
@@ -1104,20 +1106,14 @@ fn a_send_that_may_have_gone_is_answered_and_rebroadcast() {
         rx.refuse_incoming(true);
         let relay = testkit::relay::Relay::start(None);
         relay.set_mode(testkit::relay::Mode::Delay(Duration::from_secs(3)));
-        let cfg: gw_sidecar::sender::SenderConfig = serde_json::from_value(json!({
-            "tpu": {"refused_backoff_min_ms": 200},
-            "relay": {"url": relay.url, "timeout_ms": 300},
-            "leaders": {"static": []}, "route_policy": "tpu_first",
-        }))
-        .unwrap();
-        let leaders: std::sync::Arc<dyn gw_sidecar::sender::leaders::LeaderSource> =
-            std::sync::Arc::new(gw_sidecar::sender::leaders::StaticLeaders::from_leaders(
-                vec![Leader {
-                    tpu_quic: rx.addr,
-                    identity: Some(rx.identity),
-                }],
-            ));
-        let sender = gw_sidecar::sender::Sender::new(&cfg, &key(2), Some(leaders), None).unwrap();
+        let sender = sender_to(
+            &rx,
+            json!({
+                "tpu": {"refused_backoff_min_ms": 200},
+                "relay": {"url": relay.url, "timeout_ms": 300},
+                "leaders": {"static": []}, "route_policy": "tpu_first",
+            }),
+        );
         let rig = common::rpc::RpcRig::with_sender(sender, &node.url, 100);
         let ctx = rig.ctx();
         let relayed = |wire: &[u8]| {

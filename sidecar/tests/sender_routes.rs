@@ -1127,6 +1127,34 @@ fn a_stalled_route_saturates_the_hot_path_instead_of_piling_up_sends() {
     drop(hot);
 }
 
+/// Submits transaction after transaction (numbered from `i` on) to a leader
+/// that accepts again, until one is delivered, within `within`: that one.
+async fn first_delivered(
+    client: &TpuClient,
+    leader: &Leader,
+    i: &mut u32,
+    within: Duration,
+) -> Bytes {
+    let deadline = Instant::now() + within;
+    loop {
+        *i += 1;
+        let w = tx(*i, 0).0;
+        if let Ok(Ok(Ok(()))) = tokio::time::timeout(
+            Duration::from_secs(3),
+            client.submit(leader, w.clone()).unwrap(),
+        )
+        .await
+        {
+            return w;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leader accepts again, the client does not"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn closes(client: &TpuClient, reason: &str) -> u64 {
     let i = CLOSE_REASONS.iter().position(|r| *r == reason).unwrap();
     client.stats.closes[i].load(Ordering::Relaxed)
@@ -1162,25 +1190,8 @@ fn a_leader_refusing_at_the_handshake_is_not_retried_for_nothing() {
         );
         assert_eq!(client.stats.handshakes_refused.load(Ordering::Relaxed), 1);
         rx.refuse_incoming(false);
-        let deadline = Instant::now() + Duration::from_secs(20);
         let mut i = 0;
-        let sent = loop {
-            i += 1;
-            let w = tx(i, 0).0;
-            if let Ok(Ok(Ok(()))) = tokio::time::timeout(
-                Duration::from_secs(3),
-                client.submit(&leader, w.clone()).unwrap(),
-            )
-            .await
-            {
-                break w;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the leader accepts again, the client does not"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let sent = first_delivered(&client, &leader, &mut i, Duration::from_secs(20)).await;
         assert_eq!(
             rx.received().last().map(|r| r.bytes.clone()),
             Some(sent.to_vec())
@@ -1251,24 +1262,7 @@ fn a_refusing_leader_sees_no_reconnect_storm_and_nothing_is_lost_once_it_accepts
         // The budget frees: once the backoff runs out a transaction gets through,
         // and from then on every one arrives, byte-identical.
         rx.refuse_with(0);
-        let deadline = Instant::now() + Duration::from_secs(70);
-        let first = loop {
-            i += 1;
-            let w = tx(i, 0).0;
-            if let Ok(Ok(Ok(()))) = tokio::time::timeout(
-                Duration::from_secs(3),
-                client.submit(&leader, w.clone()).unwrap(),
-            )
-            .await
-            {
-                break w;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the leader accepts again, the client does not"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let first = first_delivered(&client, &leader, &mut i, Duration::from_secs(70)).await;
         let mut sent = vec![first];
         let mut pending = Vec::new();
         for k in 0..200 {
