@@ -397,12 +397,7 @@ const SHORT_ANSWER_BYTES: usize = 64 << 10;
 /// (`cut`, an error's text), or refused beyond it.
 async fn small_text(mut resp: reqwest::Response, cut: bool) -> Result<String> {
     let mut body = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(reqwest::Error::without_url)
-        .context("ClickHouse answer")?
-    {
+    while let Some(chunk) = next_chunk(&mut resp).await? {
         body.extend_from_slice(&chunk);
         if body.len() > SHORT_ANSWER_BYTES {
             anyhow::ensure!(
@@ -414,6 +409,15 @@ async fn small_text(mut resp: reqwest::Response, cut: bool) -> Result<String> {
         }
     }
     Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The next chunk of ClickHouse's answer `resp` (its error without the URL,
+/// which may carry credentials).
+async fn next_chunk(resp: &mut reqwest::Response) -> Result<Option<bytes::Bytes>> {
+    resp.chunk()
+        .await
+        .map_err(reqwest::Error::without_url)
+        .context("ClickHouse answer")
 }
 
 /// Reads ClickHouse's answer `resp` line by line into `walking`.
@@ -429,12 +433,7 @@ async fn stream_rows(mut resp: reqwest::Response, walking: &mut Walking) -> Resu
             .with_context(|| format!("row {line_no} is not a ledger row"))?;
         walking.push(&r)
     };
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(reqwest::Error::without_url)
-        .context("ClickHouse answer")?
-    {
+    while let Some(chunk) = next_chunk(&mut resp).await? {
         pending.extend_from_slice(&chunk);
         let mut start = 0;
         while let Some(n) = pending[start..].iter().position(|b| *b == b'\n') {
