@@ -503,10 +503,20 @@ fn searchers_share_the_ingest_thread_by_identity_not_by_stream() {
 /// takes the handshake in and then hears nothing more — a stalled handshake, from
 /// the relay's address.
 async fn stalling_relay(server: std::net::SocketAddr, pass: usize) -> std::net::SocketAddr {
+    stalling_relay_at("127.0.0.1", server, pass).await
+}
+
+/// [`stalling_relay`] whose clients come from `ip` (a loopback address).
+async fn stalling_relay_at(
+    ip: &str,
+    server: std::net::SocketAddr,
+    pass: usize,
+) -> std::net::SocketAddr {
     use std::collections::HashMap;
     use std::sync::Arc;
     use tokio::net::UdpSocket;
     let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let ip: std::net::IpAddr = ip.parse().unwrap();
     let addr = front.local_addr().unwrap();
     tokio::spawn(async move {
         let mut clients: HashMap<std::net::SocketAddr, (Arc<UdpSocket>, usize)> = HashMap::new();
@@ -515,7 +525,7 @@ async fn stalling_relay(server: std::net::SocketAddr, pass: usize) -> std::net::
             let (up, sent) = match clients.get_mut(&from) {
                 Some(c) => c,
                 None => {
-                    let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                    let up = Arc::new(UdpSocket::bind((ip, 0)).await.unwrap());
                     let (back, front, up2) = (from, front.clone(), up.clone());
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 65536];
@@ -538,7 +548,7 @@ async fn stalling_relay(server: std::net::SocketAddr, pass: usize) -> std::net::
 
 /// One host that starts handshakes and stalls them (here 8 of them, through a
 /// relay that drops everything after the client's second Initial) takes at most
-/// `MAX_HANDSHAKES_PER_IP` of the `max_connections` handshake slots: a searcher
+/// `handshakes::MAX_PER_SOURCE` of the `max_connections` handshake slots: a searcher
 /// from another address still gets in and its frames are sent.
 #[test]
 fn one_address_stalling_handshakes_cannot_lock_searchers_out() {
@@ -559,7 +569,7 @@ fn one_address_stalling_handshakes_cannot_lock_searchers_out() {
         // refusal) before the searcher comes.
         let refused = &r.hot.ingest_stats.refused;
         let deadline = Instant::now() + Duration::from_secs(1);
-        while refused.load(Ordering::Relaxed) < (8 - ingest::MAX_HANDSHAKES_PER_IP) as u64 {
+        while refused.load(Ordering::Relaxed) < (8 - ingest::handshakes::MAX_PER_SOURCE) as u64 {
             assert!(Instant::now() < deadline, "refused {refused:?}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -571,7 +581,7 @@ fn one_address_stalling_handshakes_cannot_lock_searchers_out() {
         assert_eq!(r.rx.wait_for(1, Duration::from_secs(5)).await, 1);
         assert_eq!(
             refused.load(Ordering::Relaxed),
-            (8 - ingest::MAX_HANDSHAKES_PER_IP) as u64,
+            (8 - ingest::handshakes::MAX_PER_SOURCE) as u64,
             "only the handshakes beyond the address's share were refused so far"
         );
         // The stalled ones end at the server's handshake timeout, refused too
@@ -584,5 +594,92 @@ fn one_address_stalling_handshakes_cannot_lock_searchers_out() {
         }
         assert_eq!(r.hot.ingest_stats.connections.load(Ordering::Relaxed), 1);
         drop(stalled);
+    });
+}
+
+/// Whether `connect`'s error is the server refusing to start the handshake.
+fn refused_at_once(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<quinn::ConnectionError>(),
+        Some(quinn::ConnectionError::ConnectionClosed(c))
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED)
+}
+
+/// Strangers stalling handshakes from as many addresses as it takes to fill
+/// every place cannot keep a searcher that connected before from coming back:
+/// addresses an allowed client connected from have places of their own. A
+/// searcher from an address never seen waits like any stranger.
+#[test]
+fn strangers_stalling_handshakes_cannot_keep_a_searcher_from_coming_back() {
+    let r = rig(json!({
+        "bind": "127.0.0.1:0", "allow": allow(&[30, 31]), "max_connections": 4,
+    }));
+    let addr = r.hot.ingest_addr.unwrap();
+    let searcher_at: std::net::SocketAddr = "127.0.0.2:0".parse().unwrap();
+    r._rt.block_on(async {
+        let first = ingest::connect_from(searcher_at, addr, &key(30), server_key())
+            .await
+            .unwrap();
+        assert_eq!(write_stream(&first, &ingest::frame(&opp(1))).await, None);
+        assert_eq!(r.rx.wait_for(1, Duration::from_secs(5)).await, 1);
+        first.close(0u32.into(), b"bye");
+        // One address's worth of stalled handshakes fills the strangers' places
+        // (each client deems its handshake done once the server answered it:
+        // the server took it in).
+        let relay = stalling_relay_at("127.0.0.3", addr, 2).await;
+        let mut stalled = Vec::new();
+        for _ in 0..ingest::handshakes::MAX_PER_SOURCE {
+            stalled.push(
+                ingest::connect(relay, &key(31), server_key())
+                    .await
+                    .unwrap(),
+            );
+        }
+        let other = "127.0.0.4:0".parse().unwrap();
+        let e = ingest::connect_from(other, addr, &key(40), server_key())
+            .await
+            .expect_err("the strangers' places are taken");
+        assert!(refused_at_once(&e), "{e:#}");
+        // A searcher from an address never seen waits like any stranger.
+        let new = "127.0.0.7:0".parse().unwrap();
+        let e = ingest::connect_from(new, addr, &key(31), server_key())
+            .await
+            .expect_err("no place for a new address");
+        assert!(refused_at_once(&e), "{e:#}");
+        // The searcher that connected before comes back.
+        let again = ingest::connect_from(searcher_at, addr, &key(30), server_key())
+            .await
+            .expect("a searcher's address has places strangers cannot take");
+        assert_eq!(write_stream(&again, &ingest::frame(&opp(2))).await, None);
+        assert_eq!(r.rx.wait_for(2, Duration::from_secs(5)).await, 2);
+        drop(stalled);
+    });
+}
+
+/// An address no allowed client connected from starts at most
+/// `STARTS_PER_MINUTE` handshakes a minute; the next is refused before any
+/// handshake work.
+#[test]
+fn a_stranger_starts_only_a_handful_of_handshakes_a_minute() {
+    let r = rig(json!({"bind": "127.0.0.1:0", "allow": allow(&[30])}));
+    let addr = r.hot.ingest_addr.unwrap();
+    let from: std::net::SocketAddr = "127.0.0.5:0".parse().unwrap();
+    r._rt.block_on(async {
+        for i in 0..ingest::handshakes::STARTS_PER_MINUTE {
+            match ingest::connect_from(from, addr, &key(31), server_key()).await {
+                Err(e) => assert!(!refused_at_once(&e), "start {i}: {e:#}"),
+                Ok(c) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), c.closed()).await;
+                }
+            }
+        }
+        let e = ingest::connect_from(from, addr, &key(31), server_key())
+            .await
+            .expect_err("a stranger's handshake beyond its starts");
+        assert!(refused_at_once(&e), "{e:#}");
+        // Another address is not held back by it.
+        let other = "127.0.0.6:0".parse().unwrap();
+        ingest::connect_from(other, addr, &key(30), server_key())
+            .await
+            .expect("an allowed client from another address");
     });
 }

@@ -1224,7 +1224,8 @@ fn opportunities_a_full_ring_drops_are_a_row_naming_the_searcher() {
 /// The QUIC ingest's refusals are ledger rows too: a handshake with an identity
 /// not on the allow-list (no identity to name: the remote address instead), an
 /// opportunity skipped and a stream stopped for its framing (each naming the
-/// searcher's identity and keeping the bytes in question).
+/// searcher's identity and keeping the bytes in question), a connection closed
+/// for breaking QUIC's rules.
 #[test]
 fn the_ingests_refusals_are_ledger_rows_naming_the_client() {
     use gw_sidecar::sender::ingest;
@@ -1268,7 +1269,29 @@ fn the_ingests_refusals_are_ledger_rows_naming_the_client() {
         let _ = st.finish();
         let _ = st.stopped().await;
     });
-    let rows = common::wait_rows(&ch, 4);
+    // A client breaking QUIC's rules (aioquic sends a DATAGRAM frame, which
+    // the ingest does not offer to take) is closed, with a row naming it.
+    let key_file = d.path().join("searcher.hex");
+    std::fs::write(&key_file, hex::encode(searcher.to_bytes())).unwrap();
+    let out = std::process::Command::new(testkit::venv_bin("python"))
+        .arg(testkit::workspace_root().join("tests/searcher/searcher.py"))
+        .args(["--endpoint", &addr.to_string(), "--datagram", "--key"])
+        .arg(&key_file)
+        .args([
+            "--server-identity",
+            &hex::encode(
+                SigningKey::from_bytes(&[2u8; 32])
+                    .verifying_key()
+                    .to_bytes(),
+            ),
+        ])
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    // PROTOCOL_VIOLATION.
+    assert!(said.starts_with("closed: code 0xa "), "{said}");
+    let rows = common::wait_rows(&ch, 5);
     let mut got: Vec<(String, String, String, String)> = rows
         .iter()
         .map(|r| {
@@ -1303,6 +1326,12 @@ fn the_ingests_refusals_are_ledger_rows_naming_the_client() {
             searcher_b58.clone(),
             "stream stopped".to_owned(),
             "ffffff".to_owned(),
+        ),
+        (
+            "malformed".to_owned(),
+            searcher_b58.clone(),
+            "connection closed".to_owned(),
+            String::new(),
         ),
     ];
     want.sort();

@@ -9,7 +9,9 @@ length-delimited `hotpath.Opportunity` frames (proto/hotpath.proto).
 
 One opportunity per transaction. Prints `sent N` once the server acknowledged the
 whole stream; exits 1 when the handshake fails or the server presents another key
-(`--expect-refused`: exits 0 only if the handshake is refused).
+(`--expect-refused`: exits 0 only if the handshake is refused). `--datagram`
+sends a QUIC DATAGRAM frame instead (which the server does not take) and prints
+`closed: code ...` once the server closed the connection for it.
 """
 import argparse
 import asyncio
@@ -99,6 +101,18 @@ async def send(a, frames: bytes) -> None:
             ).hex() if peer is not None else ""
             if got != a.server_identity.lower():
                 raise SystemExit(f"the server presented key {got}, not {a.server_identity}")
+            if a.datagram:
+                # Not taken by the server (it offers no datagram support): a
+                # protocol violation it must close the connection for.
+                quic.send_datagram_frame(b"not wanted")
+                client.transmit()
+                for _ in range(200):
+                    closed = quic._close_event
+                    if closed is not None:
+                        print(f"closed: code {closed.error_code:#x} {closed.reason_phrase!r}")
+                        return
+                    await asyncio.sleep(0.01)
+                raise SystemExit("the server did not close the connection within 2 s")
             sid = quic.get_next_available_stream_id(is_unidirectional=True)
             quic.send_stream_data(sid, frames, end_stream=True)
             client.transmit()
@@ -130,6 +144,8 @@ def main() -> int:
                     help="comma-separated model features (where a model serves the module, "
                          "an opportunity whose features do not fit it is not sent)")
     ap.add_argument("--expect-refused", action="store_true")
+    ap.add_argument("--datagram", action="store_true",
+                    help="send a DATAGRAM frame instead of frames, and expect the close")
     ap.add_argument("txs", nargs="*", help="signed transactions, hex wire bytes")
     a = ap.parse_args()
     features = [float(f) for f in a.features.split(",") if f.strip()]
@@ -145,7 +161,8 @@ def main() -> int:
     if a.expect_refused:
         print("searcher: the handshake was not refused", file=sys.stderr)
         return 1
-    print(f"sent {len(a.txs)}")
+    if not a.datagram:
+        print(f"sent {len(a.txs)}")
     return 0
 
 

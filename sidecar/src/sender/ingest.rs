@@ -20,11 +20,13 @@
 //!
 //! Nothing unauthenticated holds resources for long: a client whose address is
 //! not yet validated gets a QUIC Retry first (no spoofed floods), handshakes in
-//! progress are capped at `max_connections` in all and at
-//! [`MAX_HANDSHAKES_PER_IP`] per address (one host that starts handshakes and
-//! stalls them cannot lock the searchers out), each must finish within
-//! [`HANDSHAKE_TIMEOUT`], and only authenticated connections count against
-//! `max_connections` and `max_connections_per_identity`. Each stream's
+//! progress have places by address ([`handshakes`]: a pool of `max_connections`
+//! for addresses an allowed client connected from within the last hour, another
+//! for everyone else, who may start 8 a minute per address; 4 at once from any
+//! one address), so that strangers starting handshakes and stalling them cannot
+//! lock the searchers out; each must finish within [`HANDSHAKE_TIMEOUT`], and
+//! only authenticated connections count against `max_connections` and
+//! `max_connections_per_identity`. Each stream's
 //! flow-control window is two frames (`max_frame_bytes`, at least 64 KiB), a
 //! connection's that for each of its `max_streams_per_connection` streams.
 //!
@@ -41,13 +43,15 @@
 //! handshake refused or failed (`overloaded`, `unauthenticated`: no identity,
 //! the remote address in the row), a connection beyond its identity's bound
 //! (`overloaded`), a stream stopped and an opportunity skipped (`malformed`, the
-//! bytes in question kept), each naming the client's identity when it has one.
+//! bytes in question kept), a connection closed for breaking QUIC's rules (a
+//! bidirectional stream, a datagram: `malformed`), each naming the client's
+//! identity when it has one.
 //! The ingest thread only queues them (bounded; beyond, counted and summed): a
 //! task on the sidecar's runtime writes them, within the ledger's budgets.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -59,6 +63,10 @@ use gw_core::contract::Requester;
 use gw_core::Module;
 use prost::Message;
 use serde::Deserialize;
+
+pub mod handshakes;
+
+use handshakes::Handshakes;
 
 use super::strategy::{Opportunity, SignedTx};
 use super::tls;
@@ -80,8 +88,6 @@ pub const MAX_VARIANTS: usize = 8;
 pub const MAX_FEATURES: usize = super::http::MAX_FEATURES;
 /// A handshake must finish within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Most handshakes in progress from one IP address.
-pub const MAX_HANDSHAKES_PER_IP: usize = 4;
 /// Transactions a stream's frames may hold (each one's signatures are checked)
 /// before other streams get the thread: a turn is work, not frames, so frames of
 /// eight variants buy no more of the thread than frames of one.
@@ -351,7 +357,8 @@ pub struct IngestStats {
     pub frames: AtomicU64,
     /// Frames that decoded but whose opportunity was invalid (skipped).
     pub invalid: AtomicU64,
-    /// Streams stopped for malformed framing (length, size, protobuf).
+    /// Streams stopped for malformed framing (length, size, protobuf), and
+    /// connections closed for breaking QUIC's rules.
     pub malformed: AtomicU64,
     /// Valid frames by client identity (only allowed identities connect: at most
     /// one entry per allow-list key).
@@ -406,8 +413,10 @@ pub(crate) async fn serve(
     stats: Arc<IngestStats>,
     push: Rc<dyn Fn(Vec<Opportunity>) -> usize>,
 ) {
-    let handshaking = Rc::new(Cell::new(0usize));
-    let handshaking_from: Rc<RefCell<HashMap<IpAddr, usize>>> = Rc::default();
+    let handshakes = Rc::new(RefCell::new(Handshakes::new(
+        config.max_connections,
+        Instant::now(),
+    )));
     let open: Rc<RefCell<HashMap<[u8; 32], Share>>> = Rc::default();
     while let Some(incoming) = endpoint.accept().await {
         // A client proves it owns its address (one round trip, once per
@@ -417,40 +426,28 @@ pub(crate) async fn serve(
             continue;
         }
         let remote = incoming.remote_address();
-        let ip = handshake_source(remote.ip());
-        let from_ip = handshaking_from.borrow().get(&ip).copied().unwrap_or(0);
-        if handshaking.get() >= config.max_connections || from_ip >= MAX_HANDSHAKES_PER_IP {
-            stats.refused.fetch_add(1, Ordering::Relaxed);
-            incoming.refuse();
-            let detail =
-                "handshakes in progress at their bound (max_connections, or this address's)";
-            stats
-                .refusals
-                .report(Code::Overloaded, None, &[], detail, Some(remote));
-            continue;
-        }
-        handshaking.set(handshaking.get() + 1);
-        *handshaking_from.borrow_mut().entry(ip).or_insert(0) += 1;
-        let (stats, push, open, handshaking, handshaking_from, config) = (
+        let place = handshakes.borrow_mut().start(remote.ip(), Instant::now());
+        let place = match place {
+            Ok(place) => place,
+            Err(why) => {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                incoming.refuse();
+                stats
+                    .refusals
+                    .report(Code::Overloaded, None, &[], why, Some(remote));
+                continue;
+            }
+        };
+        let (stats, push, open, handshakes, config) = (
             stats.clone(),
             push.clone(),
             open.clone(),
-            handshaking.clone(),
-            handshaking_from.clone(),
+            handshakes.clone(),
             config.clone(),
         );
         tokio::task::spawn_local(async move {
             let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
-            handshaking.set(handshaking.get() - 1);
-            {
-                let mut from = handshaking_from.borrow_mut();
-                if let Some(n) = from.get_mut(&ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        from.remove(&ip);
-                    }
-                }
-            }
+            handshakes.borrow_mut().ended(place);
             let conn = match conn {
                 Ok(Ok(conn)) => conn,
                 failed => {
@@ -475,6 +472,9 @@ pub(crate) async fn serve(
                     .report(Code::Unauthenticated, None, &[], detail, Some(remote));
                 return;
             };
+            // Only allowed identities complete the handshake: its address is
+            // a searcher's, whose handshakes strangers cannot crowd out.
+            handshakes.borrow_mut().seen(remote.ip(), Instant::now());
             // Its sends' audit rows and its refusals name the client by its
             // identity.
             let who = Arc::new(Requester {
@@ -500,10 +500,31 @@ pub(crate) async fn serve(
                 Rc::new(mine.reader(who))
             };
             stats.connections.fetch_add(1, Ordering::Relaxed);
-            while let Ok(recv) = conn.accept_uni().await {
-                let (stats, push) = (stats.clone(), push.clone());
-                let stream = read_stream(recv, config.max_frame_bytes, stats, push, share.clone());
-                tokio::task::spawn_local(stream);
+            let ended = loop {
+                match conn.accept_uni().await {
+                    Ok(recv) => {
+                        let (stats, push) = (stats.clone(), push.clone());
+                        let stream =
+                            read_stream(recv, config.max_frame_bytes, stats, push, share.clone());
+                        tokio::task::spawn_local(stream);
+                    }
+                    Err(e) => break e,
+                }
+            };
+            handshakes.borrow_mut().seen(remote.ip(), Instant::now());
+            // A client breaking QUIC's rules (a bidirectional stream, a
+            // datagram, more streams than allowed) is closed by quinn: a
+            // refusal of what it sent.
+            if let quinn::ConnectionError::TransportError(e) = &ended {
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+                let detail = format!("connection closed: {e}");
+                stats.refusals.report(
+                    Code::Malformed,
+                    Some(&share.who),
+                    &[],
+                    &detail,
+                    Some(remote),
+                );
             }
             // The identity's entry stays (at most one per allow-list key): streams
             // still being read keep sharing its turn with a new connection's.
@@ -553,20 +574,6 @@ struct Reader {
     turn: Rc<tokio::sync::Semaphore>,
     frames: Arc<AtomicU64>,
     who: Arc<Requester>,
-}
-
-/// Whose share of the handshake slots a client's address counts against: the
-/// address itself (IPv4, or IPv4-mapped IPv6), an IPv6 address's /64 (one host
-/// commonly holds a whole /64).
-fn handshake_source(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
-            let mut o = v6.octets();
-            o[8..].fill(0);
-            IpAddr::V6(std::net::Ipv6Addr::from(o))
-        }
-        other => other,
-    }
 }
 
 /// The Ed25519 key in the client's certificate.
@@ -886,28 +893,6 @@ mod tests {
             ev: Some(2.5),
             txs,
         }
-    }
-
-    #[test]
-    fn handshakes_count_per_address_and_per_ipv6_64() {
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(handshake_source(ip("192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(
-            handshake_source(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
-            ip("2001:db8:1:2::")
-        );
-        assert_eq!(
-            handshake_source(ip("2001:db8:1:2::1")),
-            handshake_source(ip("2001:db8:1:2:ffff::9"))
-        );
-        assert_ne!(
-            handshake_source(ip("2001:db8:1:2::1")),
-            handshake_source(ip("2001:db8:1:3::1"))
-        );
-        assert_eq!(
-            handshake_source(ip("::ffff:192.0.2.7")),
-            ip("::ffff:192.0.2.7")
-        );
     }
 
     #[test]
