@@ -40,7 +40,9 @@
  *  17 predict returns an error for a batch holding a row whose first feature
  *     is -33333, a row no check scores (a model failing on some input),
  *  18 predict never returns on a row whose first feature is missing (NaN): the
- *     load's self-test scores one (a hang in the load's checks).
+ *     load's self-test scores one (a hang in the load's checks),
+ *  19 no golden vectors, and release never returns (a library refused after its
+ *     init ran, whose release hangs).
  */
 #include <math.h>
 #include <pthread.h>
@@ -172,7 +174,7 @@ static pthread_once_t table_once = PTHREAD_ONCE_INIT;
 
 static void adapter_release(void) {
     if (MODEL_TEST_FAULT == 12) abort();
-    if (MODEL_TEST_FAULT == 14) for (;;) sleep(3600);
+    if (MODEL_TEST_FAULT == 14 || MODEL_TEST_FAULT == 19) for (;;) sleep(3600);
     usleep(1000 * 1000);
     set_up = 0;
 }
@@ -192,9 +194,10 @@ static void fill_table(void) {
     table.init = adapter_init;
     table.predict = adapter_predict;
     table.release = MODEL_TEST_FAULT == 11 || MODEL_TEST_FAULT == 12 || MODEL_TEST_FAULT == 14
+                            || MODEL_TEST_FAULT == 19
                         ? adapter_release
                         : NULL;
-    table.n_golden = MODEL_TEST_FAULT == 6 ? 0u : (uint32_t)GW_GOLDEN_N;
+    table.n_golden = MODEL_TEST_FAULT == 6 || MODEL_TEST_FAULT == 19 ? 0u : (uint32_t)GW_GOLDEN_N;
     table.golden_rows = gw_golden_rows;
     table.golden_outputs = gw_golden_outputs;
     table.golden_margins = GW_GOLDEN_MARGINS;

@@ -2361,3 +2361,116 @@ fn a_refusal_the_ledger_could_not_take_is_recorded_once_it_can() {
     journal.stop();
     drop(disk);
 }
+
+/// A library refused after its `init` ran (here: it has no golden vectors) is
+/// let go after its refusal is answered: a `release` that never returns
+/// neither turns the refusal into `timeout` nor holds every later load back
+/// (`loader_stuck`) until a restart.
+#[test]
+fn a_refused_library_whose_release_hangs_holds_no_later_load() {
+    let d = testkit::TempDir::new("models-refused-release");
+    let dir = d.path();
+    build(dir, "good1", 7, 0, "mev");
+    let host = host(dir, 8, false).with_load_timeout(Duration::from_millis(700));
+    host.poll();
+    let serving = || host.current("mev").map(|m| m.version.clone());
+    assert_eq!(serving().as_deref(), Some("good1"));
+    // No golden vectors, and its release never returns.
+    build(dir, "norelease", 7, 19, "mev");
+    let log = host.poll();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("refused [golden_missing]") && l.contains("still serving good1")),
+        "{log:?}"
+    );
+    build(dir, "good2", 8, 0, "mev");
+    let log = host.poll();
+    assert_eq!(serving().as_deref(), Some("good2"), "{log:?}");
+}
+
+/// A build refused, then the serving one linked again, then the refused one
+/// linked again (fixed meanwhile) is a change of the link each time: tried
+/// again, served, each step said. It was ignored: no swap, no row, no line.
+#[test]
+fn a_refused_build_linked_again_after_the_serving_one_is_tried_again() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let d = testkit::TempDir::new("models-relinked");
+    let dir = d.path();
+    build(dir, "good2", 8, 0, "mev");
+    build(dir, "good1", 7, 0, "mev");
+    let host = host(dir, 8, false);
+    host.poll();
+    let serving = || host.current("mev").map(|m| m.version.clone());
+    assert_eq!(serving().as_deref(), Some("good1"));
+    let b = dir.join("libmev_vgood2.so");
+    let mode = |m: u32| std::fs::set_permissions(&b, std::fs::Permissions::from_mode(m)).unwrap();
+    mode(0o775);
+    activate(dir, "mev", "libmev_vgood2.so");
+    let log = host.poll();
+    assert!(
+        log.len() == 1 && log[0].contains("refused [untrusted]"),
+        "{log:?}"
+    );
+    activate(dir, "mev", "libmev_vgood1.so");
+    assert!(host.poll().is_empty(), "good1 serves on");
+    mode(0o755);
+    activate(dir, "mev", "libmev_vgood2.so");
+    let log = host.poll();
+    assert_eq!(serving().as_deref(), Some("good2"), "{log:?}");
+    assert!(
+        log.len() == 1 && log[0].contains("serving mev good2"),
+        "{log:?}"
+    );
+}
+
+/// A file created after a model's file was removed is loaded for what it is,
+/// even where the file system hands it the removed file's inode number at once
+/// (ext4, XFS): the live model holds its file open, so no other file gets that
+/// number while the host knows a model by it. It was answered with the old
+/// model: the new file's row named the old code's SHA-256, and its code never
+/// ran.
+#[test]
+fn a_new_file_never_takes_the_place_of_a_removed_one_whose_model_lives() {
+    use std::os::unix::fs::MetadataExt as _;
+    let d = testkit::TempDir::new("models-inode");
+    let dir = d.path();
+    let spare = d.path().join("spare");
+    std::fs::create_dir(&spare).unwrap();
+    build(&spare, "good3", 9, 0, "mev");
+    build(dir, "good2", 8, 0, "mev");
+    build(dir, "good1", 7, 0, "mev");
+    let host = host(dir, 8, false);
+    host.poll();
+    let old = host.current("mev").unwrap();
+    assert_eq!(old.version, "good1");
+    let id = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).unwrap();
+    let good1 = dir.join("libmev_vgood1.so");
+    let removed = id(&good1);
+    // good2 serves; good1's model lives on (held here), its file removed.
+    activate(dir, "mev", "libmev_vgood2.so");
+    host.poll();
+    std::fs::remove_file(&good1).unwrap();
+    // New files until one has the removed file's number (or 200 did not).
+    let bytes = std::fs::read(spare.join("libmev_vgood3.so")).unwrap();
+    let mut placed = None;
+    for i in 0..200 {
+        let p = dir.join(format!("libmev_vnew{i}.so"));
+        std::fs::write(&p, &bytes).unwrap();
+        placed = Some(p.clone());
+        if id(&p) == removed {
+            break;
+        }
+    }
+    let placed = placed.unwrap();
+    activate(dir, "mev", placed.file_name().unwrap().to_str().unwrap());
+    let log = host.poll();
+    let now = host.current("mev").unwrap();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    assert_eq!(
+        (now.version.as_str(), now.sha256.as_str()),
+        ("good3", sha.as_str()),
+        "{log:?}"
+    );
+    assert_ne!(id(&placed), removed, "the number of a file still held");
+    drop(old);
+}

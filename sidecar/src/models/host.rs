@@ -586,12 +586,21 @@ impl ModelHost {
         // On a thread of its own, waited for with a deadline: the library's code
         // runs there (init, the self-test, the golden rows).
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        // Disconnected once the loader thread has ended.
+        let (ended_tx, ended) = std::sync::mpsc::sync_channel::<()>(0);
         let (path, policy) = (target.to_path_buf(), self.policy.clone());
         let (stuck, marker) = (self.stuck.clone(), self.marker.clone());
+        let started = std::time::Instant::now();
         std::thread::Builder::new()
             .name("gw-model-load".into())
             .spawn(move || {
-                let r = Model::load(&path, n_features, policy);
+                let _ended = ended_tx;
+                // A library refused after its `init` ran is let go after the
+                // answer, as one nobody waits for: its `release` may hang.
+                let (r, refused) = match Model::load_or_refused(&path, n_features, policy) {
+                    Ok(m) => (Ok(m), None),
+                    Err((e, refused)) => (Err(e), refused),
+                };
                 // Under the lock the waiter takes when it gives up: it then sees
                 // either this answer or a loader still inside the library.
                 let mut st = stuck.lock();
@@ -610,6 +619,7 @@ impl ModelHost {
                 let unwanted = if gave_up { Some(r) } else { tx.send(r).err().map(|e| e.0) };
                 drop(st);
                 drop(unwanted);
+                drop(refused);
             })
             .map_err(|e| super::LoadError::Open(shown.clone(), format!("no loader thread: {e}")))?;
         let answer = rx.recv_timeout(self.load_timeout).or_else(|why| {
@@ -631,6 +641,15 @@ impl ModelHost {
                 super::LoadError::Timeout(shown, ms)
             })
         });
+        if let Ok(Err(e)) = &answer {
+            // Refused after its `init` ran, it is being let go on the loader
+            // thread: waited for within the deadline, so that its file is free
+            // at the next look; a `release` that hangs is left to that thread.
+            let left = self.load_timeout.saturating_sub(started.elapsed());
+            if ended.recv_timeout(left) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                tracing::warn!(library = %target.display(), refused = %e, "a refused model library's release has not returned: its file waits (still_mapped) until it does");
+            }
+        }
         let m = Arc::new(answer??);
         // Known by the file it was read from (a file renamed over the path since
         // the look above is not cached under the old one's inode).
@@ -774,6 +793,10 @@ impl ModelHost {
                 kept => kept,
             };
             if s.serving_target.lock().as_ref() == Some(&target) {
+                // The link named the serving build again: a build refused
+                // before is a change again when it is named next (tried, and
+                // its row written, again).
+                *s.refused.lock() = None;
                 continue;
             }
             // Not held while the library loads: `view` (GET /api/models) reads it.

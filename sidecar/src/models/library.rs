@@ -311,6 +311,13 @@ pub struct Model {
     // Declared after `lib`: the file leaves `OPEN` once the library is closed.
     #[serde(skip)]
     _open: Open,
+    /// The file it was read from, held open while the model lives: its inode
+    /// number (`file`, which the host finds live models by) cannot be given to
+    /// another file meanwhile — on ext4 or XFS a file created after this one
+    /// was removed often gets it at once, and a load of that file was answered
+    /// with this model.
+    #[serde(skip)]
+    _origin: std::fs::File,
 }
 
 /// A library's bytes, as hashed, in a sealed memory file (`memfd`: no write,
@@ -818,6 +825,43 @@ impl Model {
     /// Loads and checks `path` (a link is resolved to its target) for a module
     /// configured for `want_features`.
     pub fn load(path: &Path, want_features: u32, policy: LoadPolicy) -> Result<Model, LoadError> {
+        // A library refused after its `init` ran is let go here.
+        Model::load_or_refused(path, want_features, policy).map_err(|(e, _refused)| e)
+    }
+
+    /// [`Model::load`]; a library refused after its `init` ran comes back with
+    /// the refusal, for the caller to let go after answering (its `release`
+    /// runs then, and may take any time).
+    pub(super) fn load_or_refused(
+        path: &Path,
+        want_features: u32,
+        policy: LoadPolicy,
+    ) -> Result<Model, (LoadError, Option<Box<Model>>)> {
+        let allow_unverified = policy.allow_unverified;
+        let (mut model, golden) =
+            Model::open_and_init(path, want_features, policy).map_err(|e| (e, None))?;
+        let shown = model.path.display().to_string();
+        if let Err(e) = model.self_test() {
+            return Err((LoadError::SelfTest(shown, e), Some(Box::new(model))));
+        }
+        match golden {
+            Some(g) => match model.golden_check(&g) {
+                Ok(check) => model.golden = Some(check),
+                Err(e) => return Err((LoadError::GoldenMismatch(shown, e), Some(Box::new(model)))),
+            },
+            None if allow_unverified => {}
+            None => return Err((LoadError::GoldenMissing(shown), Some(Box::new(model)))),
+        }
+        Ok(model)
+    }
+
+    /// The library at `path` opened, checked against the policy and the ABI,
+    /// and its `init` run; its golden vectors, if it has them.
+    fn open_and_init(
+        path: &Path,
+        want_features: u32,
+        policy: LoadPolicy,
+    ) -> Result<(Model, Option<Golden>), LoadError> {
         let real = std::fs::canonicalize(path)
             .map_err(|e| LoadError::Open(path.display().to_string(), e.to_string()))?;
         let shown = real.display().to_string();
@@ -896,7 +940,7 @@ impl Model {
             }
         }
         let golden = t.golden;
-        let mut model = Model {
+        let model = Model {
             crash_line,
             label: format!("{}@{}#{}", t.name, t.version, &sha256[..12]).into(),
             sha256,
@@ -918,21 +962,9 @@ impl Model {
             lib: std::mem::ManuallyDrop::new(lib),
             _image: image,
             _open: opened,
+            _origin: f,
         };
-        model
-            .self_test()
-            .map_err(|e| LoadError::SelfTest(shown.clone(), e))?;
-        match golden {
-            Some(g) => {
-                let check = model
-                    .golden_check(&g)
-                    .map_err(|e| LoadError::GoldenMismatch(shown, e))?;
-                model.golden = Some(check);
-            }
-            None if policy.allow_unverified => {}
-            None => return Err(LoadError::GoldenMissing(shown)),
-        }
-        Ok(model)
+        Ok((model, golden))
     }
 
     /// Rows of zeros, of missing values and of ones must score, finitely.
