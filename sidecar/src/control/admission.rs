@@ -373,6 +373,7 @@ mod tests {
         Accepted {
             digest: gw_core::replay::digest(body),
             request_id: "req-1".into(),
+            what: None,
             seq: 1,
             applied: None,
             refused: None,
@@ -653,6 +654,7 @@ mod tests {
         let accepted = |request_id: &str| Accepted {
             digest: gw_core::replay::digest(&body),
             request_id: request_id.into(),
+            what: None,
             seq: 1,
             applied: Some(2),
             refused: None,

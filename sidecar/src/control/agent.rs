@@ -160,7 +160,7 @@ fn what_hex(c: &Command) -> Option<String> {
 
 /// A record's [`what_of`] (`None`: written before it was kept, or not 16 bytes
 /// of hex — any command under the nonce is then taken for a copy, as before).
-fn what_parsed(what: Option<&str>) -> Option<gw_core::replay::Digest> {
+pub(crate) fn what_parsed(what: Option<&str>) -> Option<gw_core::replay::Digest> {
     hex::decode(what?).ok()?.try_into().ok()
 }
 
@@ -352,16 +352,14 @@ impl AgentCore {
             seq,
             what: Some(what_of(c)),
         };
-        if let Err(Refused::IssuerFull | Refused::TooManyIssuers) =
-            self.applied.insert(&c.issuer, c.nonce, a.expires, at, now)
-        {
-            // The embedded bus (one node), and a stop or kill anywhere, apply
-            // what admission accepted though the nonce is not remembered (a copy
-            // of its forward is still refused by its number); over Kafka the
-            // classification refused anything else beyond the bound. The bound
-            // keeps the agent's memory, and its snapshot, bounded.
-            tracing::warn!(module = self.module.as_str(), issuer = %c.issuer, nonce = c.nonce, "agent dedup memory full");
-        }
+        // Remembered within the bound or beyond it: an applied nonce is a
+        // durable fact. Beyond it come only what the bound does not refuse
+        // (`decide`): a stop or kill over Kafka, anything on the embedded bus
+        // — each admitted within admission's own bounds, so the memory stays
+        // bounded. A stop or kill applied and not remembered was applied again
+        // when another node's copy of it came after a later start, undoing it.
+        self.applied
+            .remember(&c.issuer, c.nonce, a.expires, at, now);
     }
 
     /// Every applied nonce still remembered at `now`.
@@ -621,7 +619,7 @@ impl Agent {
                                     seq: n.seq,
                                     what: what_parsed(n.what.as_deref()),
                                 };
-                                let _ = applied.insert(&n.issuer, n.nonce, n.expires, at, now);
+                                applied.remember(&n.issuer, n.nonce, n.expires, at, now);
                                 // Held by the first part's record, as written: a
                                 // later part read without it is passed over.
                                 applied_lsns.note(first, n.expires);
@@ -650,7 +648,7 @@ impl Agent {
                         seq,
                         what: what_parsed(n.what.as_deref()),
                     };
-                    let _ = applied.insert(&n.issuer, n.nonce, n.expires, at, now);
+                    applied.remember(&n.issuer, n.nonce, n.expires, at, now);
                     applied_lsns.note(*lsn, n.expires);
                 }
                 if let Some(o) = a.offset {
@@ -1371,7 +1369,7 @@ impl Agent {
                 seq: 0,
                 what: what_parsed(n.what.as_deref()),
             };
-            let _ = book.insert(&n.issuer, n.nonce, n.expires, at, now);
+            book.remember(&n.issuer, n.nonce, n.expires, at, now);
             written.entry(n.expires).or_default().push(n.key());
         }
         self.core = AgentCore::new(
@@ -2012,6 +2010,52 @@ mod tests {
     }
 
     #[test]
+    fn a_kill_applied_beyond_the_memorys_bound_is_remembered() {
+        let limits = Limits {
+            max_per_issuer: 1,
+            max_issuers: 4,
+        };
+        let mut core = AgentCore::new(
+            Module::Mev,
+            policy(),
+            ModuleState::default(),
+            NonceBook::new(limits),
+            600,
+        );
+        let from = |node: &str, body| Delivery {
+            origin: Origin::Node {
+                node: node.into(),
+                forward: crate::control::bus::ForwardSeq { epoch: 1, seq: 1 },
+            },
+            ..delivery("mev", body)
+        };
+        let apply = |core: &mut AgentCore, d: &Delivery, seq| match core.decide(d, NOW) {
+            Step::Apply(a) => core.commit(*a, seq, NOW),
+            s => panic!("{s:?}"),
+        };
+        // The issuer's one place is taken.
+        apply(&mut core, &from("node-a", start(1)), 1);
+        let kill = testkit::fixtures::signed_command(2, Action::Kill, NOW, "dashboard", &[]);
+        apply(&mut core, &from("node-a", kill.clone()), 2);
+        let restart =
+            |n| testkit::fixtures::signed_command(n, Action::Start, NOW, "dashboard", &[]);
+        // A start beyond the bound is still refused.
+        assert!(matches!(
+            core.decide(&from("node-a", restart(3)), NOW),
+            Step::Refuse(Reject {
+                code: Code::ReplayCapacity,
+                ..
+            })
+        ));
+        // Another node's copy of the kill is a duplicate, not applied again.
+        assert!(matches!(
+            core.decide(&from("node-b", kill), NOW),
+            Step::Duplicate(_)
+        ));
+        assert_eq!(core.applied(NOW).len(), 2, "both nonces remembered");
+    }
+
+    #[test]
     fn a_lagging_consumer_still_applies() {
         assert!(matches!(
             core().decide(&delivery("mev", start(1)), NOW + 86_400),
@@ -2246,6 +2290,46 @@ mod tests {
             .get("dashboard", 2, stepped_back)
             .is_some());
         assert_eq!(again.core.applied.clock(stepped_back), now + 6);
+    }
+
+    /// Applied nonces read back at a start are remembered beyond the bound
+    /// too (a stop or kill applied beyond it): each one dropped was a command
+    /// another node's copy of applied again.
+    #[tokio::test]
+    async fn applied_nonces_beyond_the_bound_are_remembered_across_a_restart() {
+        use crate::journal::txn::AgentEntry;
+        use crate::journal::Options;
+        let d = testkit::TempDir::new("agent-beyond-bound");
+        let now = crate::now_secs();
+        let opened = Journal::open(d.path(), Options::default()).unwrap();
+        let journal = opened.start(None, Vec::new()).unwrap();
+        let (mut env, _) = agent_env(&journal, false);
+        env.limits = Limits {
+            max_per_issuer: 1,
+            max_issuers: 4,
+        };
+        let records: Vec<(Lsn, Txn)> = (1..=3u64)
+            .map(|n| {
+                let e = journal::Entry::Agent(AgentEntry {
+                    module: Module::Mev,
+                    offset: Some(n),
+                    kafka: None,
+                    state: None,
+                    applied: Some(AppliedNonce {
+                        issuer: "dashboard".into(),
+                        nonce: n,
+                        expires: now + 600,
+                        seq: 0,
+                        what: None,
+                    }),
+                    refused: None,
+                    generation: None,
+                });
+                (n, Txn::of(vec![e]))
+            })
+            .collect();
+        let agent = Agent::open(Module::Mev, &env, &records);
+        assert_eq!(agent.core.applied(now).len(), 3);
     }
 
     /// Kafka: a nonce record is tombstoned only once this node's floor (written

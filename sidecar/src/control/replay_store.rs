@@ -23,6 +23,9 @@ pub struct Accepted {
     pub digest: Digest,
     /// The command's `request_id`.
     pub request_id: String,
+    /// What the command asks ([`super::agent::what_of`]; `None` for a nonce
+    /// accepted before it was kept).
+    pub what: Option<Digest>,
     /// The `seq` of its `accepted` row in this node's chain (0 when not audited).
     pub seq: u64,
     /// Once its agent applied it: the `seq` of the `applied` row (0 when not
@@ -82,9 +85,25 @@ impl ReplayStore {
         s
     }
 
-    /// The agent applied `(issuer, nonce)`; its row is `seq`.
-    pub fn mark_applied(&mut self, issuer: &str, nonce: u64, seq: u64, now: u64) {
+    /// The agent applied `(issuer, nonce)` asking `what`; its row is `seq`. The
+    /// command accepted here under that nonce is marked applied only if it asks
+    /// the same (either `what` unknown: taken for the same, as before it was
+    /// kept): another command under the nonce was applied, not this one, whose
+    /// own refusal (`replay`) is still to come.
+    pub fn mark_applied(
+        &mut self,
+        issuer: &str,
+        nonce: u64,
+        seq: u64,
+        what: Option<Digest>,
+        now: u64,
+    ) {
         if let Some(seen) = self.book.get(issuer, nonce, now) {
+            if let (Some(mine), Some(theirs)) = (seen.value.what, what) {
+                if mine != theirs {
+                    return;
+                }
+            }
             let mut a = seen.value.clone();
             a.applied = Some(seq);
             a.refused = None;
@@ -153,6 +172,7 @@ impl ReplayStore {
                     let a = Accepted {
                         digest: n.digest,
                         request_id: n.request_id.clone(),
+                        what: super::agent::what_parsed(n.what.as_deref()),
                         seq: accepted_seq(t),
                         applied: None,
                         refused: None,
@@ -173,7 +193,8 @@ impl ReplayStore {
         }
         for (a, seq) in t.agent_entries() {
             if let Some(n) = &a.applied {
-                self.mark_applied(&n.issuer, n.nonce, seq, now);
+                let what = super::agent::what_parsed(n.what.as_deref());
+                self.mark_applied(&n.issuer, n.nonce, seq, what, now);
             }
             if let Some(r) = &a.refused {
                 self.mark_refused(r, now);
@@ -191,6 +212,7 @@ impl ReplayStore {
         expires: u64,
         digest: Digest,
         request_id: &str,
+        what: Option<Digest>,
     ) -> journal::Entry {
         journal::Entry::Nonce(NonceEntry {
             issuer: issuer.to_owned(),
@@ -198,6 +220,7 @@ impl ReplayStore {
             expires,
             digest,
             request_id: request_id.to_owned(),
+            what: what.map(hex::encode),
         })
     }
 
@@ -299,7 +322,7 @@ mod tests {
         let (s, j) = open(d.path(), now);
         for (n, req) in [(10, "a"), (8, "b"), (u64::MAX, "c")] {
             let dg = digest(req.as_bytes());
-            let e = ReplayStore::entry("dashboard", n, now + 30, dg, req);
+            let e = ReplayStore::entry("dashboard", n, now + 30, dg, req, None);
             j.commit(Txn::of(vec![e])).await.unwrap();
             // Known the moment it is durable (the sink ran before the answer).
             let a = s.lock().get("dashboard", n, now).map(|x| x.value.clone());
@@ -342,15 +365,21 @@ mod tests {
         let (s, j) = start(now);
         // Fresh until the end of this second (the sink reads the real clock).
         let expires = now;
-        let e = ReplayStore::entry("dashboard", 7, expires, digest(b"seven"), "r7");
+        let e = ReplayStore::entry("dashboard", 7, expires, digest(b"seven"), "r7", None);
         j.commit(Txn::of(vec![e])).await.unwrap();
         while crate::now_secs() <= expires {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         // Later commands: the guard lets the expired nonce's record go.
         for n in 100..103u64 {
-            let e =
-                ReplayStore::entry("dashboard", n, expires + 600, digest(&n.to_le_bytes()), "r");
+            let e = ReplayStore::entry(
+                "dashboard",
+                n,
+                expires + 600,
+                digest(&n.to_le_bytes()),
+                "r",
+                None,
+            );
             j.commit(Txn::of(vec![e])).await.unwrap();
         }
         assert_eq!(s.lock().floor().get(), expires + 1);
@@ -397,6 +426,7 @@ mod tests {
                 NOW - 5,
                 digest(b"one"),
                 "r",
+                None,
             )]),
         )];
         let mut s = ReplayStore::open(&records, Limits::default(), NOW, floor.clone());
@@ -440,6 +470,7 @@ mod tests {
                 NOW + 30,
                 digest(bytes),
                 "r",
+                None,
             )])
         };
         let records = vec![
@@ -458,13 +489,45 @@ mod tests {
         assert_eq!(refused(&s, 2), None);
         // Applied after all (another node's agent, say): applied it is, and a later
         // refusal of the same bytes does not undo that.
-        s.mark_applied("dashboard", 1, 7, NOW);
+        s.mark_applied("dashboard", 1, 7, None, NOW);
         s.record(6, &Txn::of(vec![agent(1, b"one", "replay")]), NOW);
-        s.mark_applied("dashboard", 3, 8, NOW);
+        s.mark_applied("dashboard", 3, 8, None, NOW);
         s.record(7, &Txn::of(vec![agent(3, b"three", "replay")]), NOW);
         let got = |n| s.get("dashboard", n, NOW).unwrap().value.clone();
         assert_eq!((got(1).applied, got(1).refused), (Some(7), None));
         assert_eq!((got(3).applied, got(3).refused), (Some(8), None));
+    }
+
+    /// Another command applied under a nonce (another node signed it for the
+    /// same idempotency key, say) does not make the one accepted here applied:
+    /// its own refusal (`replay`) is what a resend is told.
+    #[test]
+    fn an_applied_other_command_under_the_nonce_is_not_this_ones() {
+        let (x, y) = ([1u8; 16], [2u8; 16]);
+        let e = ReplayStore::entry("dashboard", 1, NOW + 30, digest(b"y"), "r-y", Some(y));
+        let (_d, floor) = super::super::clock_floor::scratch();
+        let mut s = ReplayStore::open(&[(1, Txn::of(vec![e]))], Limits::default(), NOW, floor);
+        let decided = |s: &ReplayStore| {
+            let v = &s.get("dashboard", 1, NOW).unwrap().value;
+            v.decided().map(|r| r.map_err(str::to_owned))
+        };
+        s.mark_applied("dashboard", 1, 9, Some(x), NOW);
+        assert_eq!(decided(&s), None, "x was applied, not y");
+        s.mark_refused(
+            &RefusedCommand {
+                issuer: "dashboard".into(),
+                nonce: 1,
+                digest: digest(b"y"),
+                code: "replay".into(),
+            },
+            NOW,
+        );
+        assert_eq!(decided(&s), Some(Err("replay".to_owned())));
+        // Its own applied (or one whose `what` is not known) is.
+        let e = ReplayStore::entry("dashboard", 2, NOW + 30, digest(b"z"), "r-z", Some(y));
+        s.record(2, &Txn::of(vec![e]), NOW);
+        s.mark_applied("dashboard", 2, 10, Some(y), NOW);
+        assert_eq!(s.get("dashboard", 2, NOW).unwrap().value.applied, Some(10));
     }
 
     #[test]
@@ -472,7 +535,7 @@ mod tests {
         let d = testkit::TempDir::new("replay-closed");
         let (s, _j) = open(d.path(), NOW);
         // The entry never reached the journal: the guard does not know the nonce.
-        let _ = ReplayStore::entry("x", 1, NOW + 30, digest(b"r"), "r");
+        let _ = ReplayStore::entry("x", 1, NOW + 30, digest(b"r"), "r", None);
         assert!(s.lock().check("x", 1, NOW, &HashMap::new()).is_ok());
     }
 
@@ -485,7 +548,14 @@ mod tests {
         let d = testkit::TempDir::new("replay-over");
         let (s, j) = open(d.path(), now);
         for n in 0..70u64 {
-            let e = ReplayStore::entry("dashboard", n, now + 30, digest(&n.to_le_bytes()), "r");
+            let e = ReplayStore::entry(
+                "dashboard",
+                n,
+                now + 30,
+                digest(&n.to_le_bytes()),
+                "r",
+                None,
+            );
             j.commit(Txn::of(vec![e])).await.unwrap();
         }
         // A journal has one writer: the old one ends before the directory reopens.

@@ -118,9 +118,13 @@ impl CheckpointWatch {
         let outcome = match d.outcome.as_str() {
             // A duplicate was applied before: the command is applied.
             "applied" | "duplicate" => {
-                self.replay
-                    .lock()
-                    .mark_applied(&c.issuer, c.nonce, 0, crate::now_secs());
+                self.replay.lock().mark_applied(
+                    &c.issuer,
+                    c.nonce,
+                    0,
+                    Some(super::agent::what_of(&c)),
+                    crate::now_secs(),
+                );
                 Ok(cp.state)
             }
             _ => {
@@ -677,6 +681,7 @@ impl Control {
             expires,
             digest,
             &c.request_id,
+            Some(super::agent::what_of(c)),
         ));
         entries.push(journal::Entry::Publish(PublishEntry {
             module: a.verified.module,
@@ -1431,6 +1436,7 @@ mod tests {
                     now + 30,
                     gw_core::replay::digest(&body(n)),
                     "r",
+                    None,
                 );
                 (n, Txn::of(vec![e]))
             })

@@ -72,6 +72,11 @@ pub struct NonceEntry {
     pub digest: Digest,
     /// The command's `request_id`.
     pub request_id: String,
+    /// What the command asks ([`crate::control::agent::what_of`], hex; absent
+    /// in records written before 2026-12-12): an `applied` of another command
+    /// under the same nonce is not this one's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub what: Option<String>,
 }
 
 /// A published command.
@@ -315,6 +320,7 @@ mod tests {
                 expires: 100,
                 digest: [3; 16],
                 request_id: "r".into(),
+                what: Some(hex::encode([4u8; 16])),
             }),
             Entry::Publish(PublishEntry {
                 module: Module::Mev,
