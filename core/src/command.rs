@@ -392,7 +392,8 @@ impl ControlPolicy {
     /// Kafka refused what it had accepted. A key removed from the keyring still
     /// refuses (`unknown_key`). Only for a command a gateway node `admitted`
     /// (its record says so): another (`kafka.accept_unforwarded`) was never
-    /// checked at admission, and its key is judged at `now`.
+    /// checked at admission: its key is judged at `now`, and a `ts` more than
+    /// `max_skew` ahead of `now` is refused (`future`).
     pub fn verify_for_apply(
         &self,
         body: &[u8],
@@ -410,6 +411,21 @@ impl ControlPolicy {
             KeyTime::At(now)
         };
         let v = verify_with(body, &self.keyring, when)?;
+        // Never admitted (taken from the bus unforwarded): nothing held it to
+        // the clock yet. A command from the future (signed ahead, published
+        // straight to the topic) is refused as admission refuses it; an old one
+        // may be a lagging consumer's, judged by the agents' memory instead.
+        if !admitted && v.command.ts > now.saturating_add(self.max_skew) {
+            return Err(Reject::with(
+                Code::Future,
+                format!(
+                    "command ts {} is {}s in the future (max skew {}s)",
+                    v.command.ts,
+                    v.command.ts - now,
+                    self.max_skew
+                ),
+            ));
+        }
         if v.module != module {
             return Err(Reject::with(
                 Code::RouteMismatch,

@@ -396,6 +396,30 @@ proptest! {
 }
 
 #[test]
+fn a_command_never_admitted_is_not_applied_from_the_future() {
+    let p = policy();
+    let body = sign_command(&cmd(&[]), &sk(1), "op-admin-1");
+    let skew = p.max_skew;
+    // Admitted (a gateway node held it to the clock): applied whenever it comes.
+    assert!(p
+        .verify_for_apply(&body, Module::Mev, NOW - skew - 1, true)
+        .is_ok());
+    // Never admitted: within the skew, or late, it applies; ahead of it, not.
+    assert!(p
+        .verify_for_apply(&body, Module::Mev, NOW - skew, false)
+        .is_ok());
+    assert!(p
+        .verify_for_apply(&body, Module::Mev, NOW + 86_400, false)
+        .is_ok());
+    assert_eq!(
+        p.verify_for_apply(&body, Module::Mev, NOW - skew - 1, false)
+            .unwrap_err()
+            .code,
+        Code::Future
+    );
+}
+
+#[test]
 fn verify_for_apply_checks_the_delivery_key_not_freshness() {
     let p = policy();
     let body = sign_command(&cmd(&[]), &sk(1), "op-admin-1");

@@ -730,9 +730,9 @@ mod tests {
             applied: 1,
             ..ModuleState::default()
         };
-        table.advance(gw_core::Module::Mev, running.clone());
+        table.advance(gw_core::Module::Mev, running.clone(), None);
         table.set(gw_core::Module::Mev, running.clone());
-        table.advance(gw_core::Module::Mev, ModuleState::default());
+        table.advance(gw_core::Module::Mev, ModuleState::default(), None);
         let got: Vec<Value> = std::iter::from_fn(|| rx.try_recv().ok())
             .flat_map(|b| b.to_vec())
             .map(|t| serde_json::from_str(&t).unwrap_or_default())

@@ -1002,7 +1002,10 @@ impl Agent {
         // set back.
         if !pending.is_empty() {
             if self.kafka.is_some() {
-                self.env.modules.advance(self.core.module, state);
+                let generation = self.kafka.as_ref().map(|k| k.checkpoint.generation);
+                self.env
+                    .modules
+                    .advance(self.core.module, state, generation);
             } else {
                 self.env.modules.set(self.core.module, state);
             }

@@ -18,8 +18,16 @@ pub struct ModuleTable(Arc<Inner>);
 
 #[derive(Default)]
 struct Inner {
-    table: RwLock<Modules>,
+    table: RwLock<Table>,
     observer: OnceLock<Observer>,
+}
+
+#[derive(Default)]
+struct Table {
+    modules: Modules,
+    /// Per module, the checkpoint generation of the state held, when it came
+    /// with one (Kafka bus; 0: none known).
+    generation: std::collections::BTreeMap<Module, u64>,
 }
 
 impl ModuleTable {
@@ -30,17 +38,17 @@ impl ModuleTable {
 
     /// A copy of one module's state.
     pub fn get(&self, m: Module) -> ModuleState {
-        self.0.table.read().get(m).clone()
+        self.0.table.read().modules.get(m).clone()
     }
 
     /// Reads one module's state without copying it.
     pub fn with<T>(&self, m: Module, f: impl FnOnce(&ModuleState) -> T) -> T {
-        f(self.0.table.read().get(m))
+        f(self.0.table.read().modules.get(m))
     }
 
     /// A copy of every module's state.
     pub fn snapshot(&self) -> Modules {
-        self.0.table.read().clone()
+        self.0.table.read().modules.clone()
     }
 
     /// Replaces one module's state (its agent, or a test standing in for one).
@@ -49,12 +57,25 @@ impl ModuleTable {
         self.replace(&mut t, m, state);
     }
 
-    /// Replaces one module's state unless the table already has a later one (more
-    /// commands applied): for states learned from other nodes, which may arrive
-    /// after this node's agent published a newer one.
-    pub fn advance(&self, m: Module, state: ModuleState) {
+    /// Replaces one module's state unless the table already has a later one: for
+    /// states learned from other nodes, which may arrive after this node's agent
+    /// published a newer one. Later is a higher checkpoint `generation` when
+    /// both have one (the count of commands applied starts again lower when the
+    /// cluster's numbering begins afresh: compared by counts, every state after
+    /// that — a kill — was passed over until the count caught up), else more
+    /// commands applied.
+    pub fn advance(&self, m: Module, state: ModuleState, generation: Option<u64>) {
         let mut t = self.0.table.write();
-        if state.applied >= t.get(m).applied {
+        let held = t.generation.get(&m).copied().unwrap_or(0);
+        let applied = state.applied >= t.modules.get(m).applied;
+        let later = match generation {
+            Some(g) if g > 0 && held > 0 => g > held || (g == held && applied),
+            _ => applied,
+        };
+        if later {
+            if let Some(g) = generation.filter(|&g| g > held) {
+                t.generation.insert(m, g);
+            }
             self.replace(&mut t, m, state);
         }
     }
@@ -66,22 +87,59 @@ impl ModuleTable {
         self.0.observer.set(f)
     }
 
-    fn replace(&self, t: &mut Modules, m: Module, state: ModuleState) {
-        if *t.get(m) == state {
+    fn replace(&self, t: &mut Table, m: Module, state: ModuleState) {
+        if *t.modules.get(m) == state {
             return;
         }
-        t.set(m, state);
+        t.modules.set(m, state);
         if let Some(f) = self.0.observer.get() {
-            f(m, t.get(m));
+            f(m, t.modules.get(m));
         }
     }
 }
 
 impl From<Modules> for ModuleTable {
-    fn from(m: Modules) -> Self {
+    fn from(modules: Modules) -> Self {
         ModuleTable(Arc::new(Inner {
-            table: RwLock::new(m),
+            table: RwLock::new(Table {
+                modules,
+                generation: Default::default(),
+            }),
             observer: OnceLock::new(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gw_core::module_state::RunState;
+
+    fn state(run: RunState, applied: u64) -> ModuleState {
+        ModuleState {
+            state: run,
+            applied,
+            ..ModuleState::default()
+        }
+    }
+
+    #[test]
+    fn a_later_generation_is_taken_whatever_its_count() {
+        let t = ModuleTable::new();
+        let m = Module::Mev;
+        t.advance(m, state(RunState::Running, 50), Some(10));
+        // A numbering begun afresh: fewer commands counted, a later checkpoint.
+        t.advance(m, state(RunState::Killed, 3), Some(11));
+        assert_eq!(t.get(m).state, RunState::Killed);
+        // An older checkpoint read late sets nothing back, whatever its count.
+        t.advance(m, state(RunState::Running, 100), Some(9));
+        assert_eq!(t.get(m).state, RunState::Killed);
+        // Of one generation, or without one: the count decides.
+        t.advance(m, state(RunState::Stopped, 4), Some(11));
+        assert_eq!(t.get(m).state, RunState::Stopped);
+        t.advance(m, state(RunState::Running, 2), None);
+        assert_eq!(t.get(m).state, RunState::Stopped);
+        t.advance(m, state(RunState::Running, 5), None);
+        assert_eq!(t.get(m).state, RunState::Running);
     }
 }

@@ -95,7 +95,8 @@ impl CheckpointWatch {
             return;
         }
         // Only ever forward: a checkpoint read late must not undo a newer state.
-        self.modules.advance(self.module, cp.state.clone());
+        self.modules
+            .advance(self.module, cp.state.clone(), Some(cp.generation));
         let Some(d) = cp.last.get(&cp.writer) else {
             return;
         };
@@ -392,8 +393,24 @@ impl Control {
         route: &str,
         named: Option<Command>,
     ) -> ApiError {
+        self.refuse_early_rows(reject, body, edge, edge.is_some(), route, named)
+            .await
+    }
+
+    /// [`Self::refuse_early_naming`]; `edge_accepted`: whether the edge accepted
+    /// what is refused (an edge row first). A signed command the edge checked
+    /// only the token of (`jwt`) was not accepted by it.
+    async fn refuse_early_rows(
+        &self,
+        reject: Reject,
+        body: &[u8],
+        edge: Option<&EdgeIdentity>,
+        edge_accepted: bool,
+        route: &str,
+        named: Option<Command>,
+    ) -> ApiError {
         let mut rows = Vec::with_capacity(2);
-        if edge.is_some() {
+        if edge_accepted {
             rows.push(Row {
                 stage: Stage::Edge,
                 decision: Decision::Accepted,
@@ -444,8 +461,10 @@ impl Control {
         // checked for that route only, and one it did not stamp had no token
         // checked at all: checked here (counted by `refuse_early`).
         if let Some(r) = self.unchecked_by_the_edge(edge) {
+            // Never an edge that verified the command (it needs no check here):
+            // no edge row, as admission records none for it.
             let e = self
-                .refuse_early(r, body, edge, &route_path(route))
+                .refuse_early_rows(r, body, edge, false, &route_path(route), None)
                 .instrument(span.clone())
                 .await;
             span.in_scope(|| tracing::info!(code = %e.code(), detail = e.detail(), "refused"));
