@@ -21,10 +21,10 @@
 //! Nothing unauthenticated holds resources for long: a client whose address is
 //! not yet validated gets a QUIC Retry first (no spoofed floods), handshakes in
 //! progress have places by address ([`handshakes`]: a pool of `max_connections`
-//! for addresses an allowed client connected from within the last hour, another
-//! for everyone else, who may start 8 a minute per address; 4 at once from any
-//! one address), so that strangers starting handshakes and stalling them cannot
-//! lock the searchers out; each must finish within [`HANDSHAKE_TIMEOUT`], and
+//! for addresses an allowed client is connected from, or was within the last
+//! hour, another for everyone else, who may start 8 a minute per address; 4 at
+//! once from any one address or IPv6 /64), so that strangers starting handshakes and stalling them cannot
+//! lock the searchers out; each must finish within `handshake_timeout_ms`, and
 //! only authenticated connections count against `max_connections` and
 //! `max_connections_per_identity`. Each stream's
 //! flow-control window is two frames (`max_frame_bytes`, at least 64 KiB), a
@@ -86,7 +86,8 @@ pub const CLOSE_BUSY: u32 = 2;
 pub const MAX_VARIANTS: usize = 8;
 /// Most features per opportunity (as on HTTP).
 pub const MAX_FEATURES: usize = super::http::MAX_FEATURES;
-/// A handshake must finish within this.
+/// A handshake must finish within this, by default
+/// (`handshake_timeout_ms`).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Transactions a stream's frames may hold (each one's signatures are checked)
 /// before other streams get the thread: a turn is work, not frames, so frames of
@@ -117,6 +118,9 @@ pub struct IngestConfig {
     /// A silent connection is closed after this long.
     #[serde(default = "default_idle")]
     pub idle_timeout_ms: u64,
+    /// A handshake must finish within this.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_ms: u64,
 }
 
 fn default_max_connections() -> usize {
@@ -133,6 +137,9 @@ fn default_streams() -> u32 {
 }
 fn default_idle() -> u64 {
     30_000
+}
+fn default_handshake_timeout() -> u64 {
+    HANDSHAKE_TIMEOUT.as_millis() as u64
 }
 
 impl IngestConfig {
@@ -161,6 +168,12 @@ impl IngestConfig {
             return Err(OutOfBounds::new(
                 "sender.strategy.ingest.max_streams_per_connection",
                 "must be within 1..=1024",
+            ));
+        }
+        if !(100..=10_000).contains(&self.handshake_timeout_ms) {
+            return Err(OutOfBounds::new(
+                "sender.strategy.ingest.handshake_timeout_ms",
+                "must be within 100..=10000",
             ));
         }
         if !(1000..=600_000).contains(&self.idle_timeout_ms) {
@@ -402,6 +415,9 @@ pub(crate) fn bind(setup: &IngestSetup) -> anyhow::Result<quinn::Endpoint> {
             Duration::from_millis(setup.config.idle_timeout_ms).try_into()?,
         ));
     server.transport_config(Arc::new(transport));
+    // A searcher's address is the one it proved (Retry) and is known by
+    // (`handshakes`): a connection does not move to another.
+    server.migration(false);
     Ok(quinn::Endpoint::server(server, setup.config.bind)?)
 }
 
@@ -446,7 +462,8 @@ pub(crate) async fn serve(
             config.clone(),
         );
         tokio::task::spawn_local(async move {
-            let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
+            let within = Duration::from_millis(config.handshake_timeout_ms);
+            let conn = tokio::time::timeout(within, incoming).await;
             handshakes.borrow_mut().ended(place);
             let conn = match conn {
                 Ok(Ok(conn)) => conn,
@@ -454,7 +471,7 @@ pub(crate) async fn serve(
                     stats.refused.fetch_add(1, Ordering::Relaxed);
                     let detail = match failed {
                         Ok(Err(e)) => format!("handshake failed: {e}"),
-                        _ => format!("handshake not finished within {HANDSHAKE_TIMEOUT:?}"),
+                        _ => format!("handshake not finished within {within:?}"),
                     };
                     let code = Code::Unauthenticated;
                     stats
@@ -472,9 +489,6 @@ pub(crate) async fn serve(
                     .report(Code::Unauthenticated, None, &[], detail, Some(remote));
                 return;
             };
-            // Only allowed identities complete the handshake: its address is
-            // a searcher's, whose handshakes strangers cannot crowd out.
-            handshakes.borrow_mut().seen(remote.ip(), Instant::now());
             // Its sends' audit rows and its refusals name the client by its
             // identity.
             let who = Arc::new(Requester {
@@ -489,6 +503,9 @@ pub(crate) async fn serve(
                     || mine.connections >= config.max_connections_per_identity
                 {
                     stats.refused.fetch_add(1, Ordering::Relaxed);
+                    // Only allowed identities complete the handshake: its
+                    // address is a searcher's all the same.
+                    handshakes.borrow_mut().seen(remote.ip(), Instant::now());
                     conn.close(CLOSE_BUSY.into(), b"too many connections");
                     let detail = "connections at their bound (max_connections, or this identity's)";
                     stats
@@ -500,6 +517,13 @@ pub(crate) async fn serve(
                 Rc::new(mine.reader(who))
             };
             stats.connections.fetch_add(1, Ordering::Relaxed);
+            // Only allowed identities complete the handshake: while this
+            // connection lasts, and an hour after, its address is a
+            // searcher's, whose handshakes strangers cannot crowd out.
+            // (Clients do not migrate: `bind`.)
+            handshakes
+                .borrow_mut()
+                .connected(remote.ip(), Instant::now());
             let ended = loop {
                 match conn.accept_uni().await {
                     Ok(recv) => {
@@ -511,7 +535,9 @@ pub(crate) async fn serve(
                     Err(e) => break e,
                 }
             };
-            handshakes.borrow_mut().seen(remote.ip(), Instant::now());
+            handshakes
+                .borrow_mut()
+                .disconnected(remote.ip(), Instant::now());
             // A client breaking QUIC's rules (a bidirectional stream, a
             // datagram, more streams than allowed) is closed by quinn: a
             // refusal of what it sent.
@@ -826,11 +852,11 @@ pub fn opportunity(
     }
     Ok(Opportunity {
         module,
-        // HTTP's JSON cannot carry ±inf; neither does this path.
+        // Not finite: missing, as on every other way in.
         features: msg
             .features
             .into_iter()
-            .map(|f| if f.is_finite() { f } else { f32::NAN })
+            .map(|f| crate::models::feature(Some(f)))
             .collect(),
         ev: msg.ev.filter(|e| e.is_finite()),
         txs,

@@ -4,19 +4,22 @@
 //! the client's certificate last), so places for handshakes in progress are
 //! handed out by address ([`source_of`]: an IPv4 address, an IPv6 /64):
 //!
-//! - an address from which an allowed client completed a handshake within
-//!   [`KNOWN_FOR`] is *known*; known addresses have a pool of their own of
-//!   `max_connections` handshakes in progress, so that strangers starting and
-//!   stalling handshakes from however many addresses cannot keep a searcher
-//!   that connected before from coming back;
+//! - an address (exactly: not its /64) that holds a connection of an allowed
+//!   client, or held one within [`KNOWN_FOR`], is *known*; known addresses
+//!   have a pool of their own of `max_connections` handshakes in progress, so
+//!   that strangers starting and stalling handshakes from however many
+//!   addresses cannot keep a searcher that connected before from coming back
+//!   (the set is kept in memory: after a restart every searcher comes back as
+//!   a stranger once);
 //! - every other address shares the other pool of `max_connections`, and may
 //!   start at most [`STARTS_PER_MINUTE`] handshakes a minute (as Agave's TPU
 //!   allows per IP address);
 //! - any address has at most [`MAX_PER_SOURCE`] handshakes in progress at once.
 //!
-//! Everything is bounded: at most [`MAX_KNOWN`] known addresses (the one
-//! longest unseen makes way), at most [`MAX_COUNTED`] strangers' addresses
-//! counted a minute (beyond, strangers wait for the next minute).
+//! Everything is bounded: at most [`MAX_KNOWN`] known addresses (of those with
+//! no connection, the one longest unseen makes way), at most [`MAX_COUNTED`]
+//! strangers' addresses counted a minute (beyond, strangers wait for the next
+//! minute).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -26,11 +29,11 @@ use std::time::{Duration, Instant};
 pub const MAX_PER_SOURCE: usize = 4;
 /// Most handshakes an address that is not known starts in a minute.
 pub const STARTS_PER_MINUTE: u32 = 8;
-/// How long an address stays known after its allowed client's last handshake
-/// or connection.
+/// How long an address stays known after its allowed client's last connection
+/// ended (or its last handshake, refused for the connection bounds).
 pub const KNOWN_FOR: Duration = Duration::from_secs(3600);
-/// Known addresses kept at most.
-pub const MAX_KNOWN: usize = 1024;
+/// Known addresses kept at most (more than connections there can be at once).
+pub const MAX_KNOWN: usize = 8192;
 /// Addresses that are not known counted in one minute at most.
 pub const MAX_COUNTED: usize = 65_536;
 
@@ -60,6 +63,13 @@ pub struct Place {
 /// Why a handshake may not start (the refusal's detail).
 pub type Refused = &'static str;
 
+/// A known address.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    live: usize,
+    seen: Instant,
+}
+
 /// The ingest's handshake places (one per endpoint, on the ingest thread).
 #[derive(Debug)]
 pub struct Handshakes {
@@ -67,8 +77,9 @@ pub struct Handshakes {
     /// Handshakes in progress: of addresses not known, of known ones.
     in_progress: [usize; 2],
     by_source: HashMap<IpAddr, usize>,
-    /// Known addresses, and when their client was last seen.
-    known: HashMap<IpAddr, Instant>,
+    /// Known addresses: their allowed clients' connections, and when one was
+    /// last seen.
+    known: HashMap<IpAddr, Known>,
     /// This minute's starts by addresses not known.
     minute: Instant,
     started: HashMap<IpAddr, u32>,
@@ -92,8 +103,8 @@ impl Handshakes {
         let source = source_of(ip);
         let known = self
             .known
-            .get(&source)
-            .is_some_and(|&seen| now.saturating_duration_since(seen) < KNOWN_FOR);
+            .get(&ip.to_canonical())
+            .is_some_and(|k| k.live > 0 || now.saturating_duration_since(k.seen) < KNOWN_FOR);
         if self.by_source.get(&source).copied().unwrap_or(0) >= MAX_PER_SOURCE {
             return Err("this address's handshakes in progress at their bound");
         }
@@ -141,25 +152,50 @@ impl Handshakes {
         }
     }
 
-    /// An allowed client was seen at `ip` (its handshake done, or its
-    /// connection ending): the address is known for [`KNOWN_FOR`] from `now`.
+    /// An allowed client's connection from `ip` began: the address is known
+    /// while it lasts, and [`KNOWN_FOR`] after.
+    pub fn connected(&mut self, ip: IpAddr, now: Instant) {
+        if let Some(k) = self.entry(ip, now) {
+            k.live += 1;
+            k.seen = now;
+        }
+    }
+
+    /// An allowed client's connection from `ip` ended.
+    pub fn disconnected(&mut self, ip: IpAddr, now: Instant) {
+        if let Some(k) = self.known.get_mut(&ip.to_canonical()) {
+            k.live = k.live.saturating_sub(1);
+            k.seen = now;
+        }
+    }
+
+    /// An allowed client completed a handshake from `ip` and was refused a
+    /// connection (its bounds): known for [`KNOWN_FOR`] from `now`.
     pub fn seen(&mut self, ip: IpAddr, now: Instant) {
-        let source = source_of(ip);
-        if !self.known.contains_key(&source) && self.known.len() >= MAX_KNOWN {
+        if let Some(k) = self.entry(ip, now) {
+            k.seen = now;
+        }
+    }
+
+    /// `ip`'s entry, made room for: of the addresses holding no connection,
+    /// expired ones first, then the one longest unseen. None if every one
+    /// holds a connection.
+    fn entry(&mut self, ip: IpAddr, now: Instant) -> Option<&mut Known> {
+        let ip = ip.to_canonical();
+        if !self.known.contains_key(&ip) && self.known.len() >= MAX_KNOWN {
             self.known
-                .retain(|_, &mut seen| now.saturating_duration_since(seen) < KNOWN_FOR);
+                .retain(|_, k| k.live > 0 || now.saturating_duration_since(k.seen) < KNOWN_FOR);
             if self.known.len() >= MAX_KNOWN {
                 let oldest = self
                     .known
                     .iter()
-                    .min_by_key(|(_, &seen)| seen)
-                    .map(|(&s, _)| s);
-                if let Some(s) = oldest {
-                    self.known.remove(&s);
-                }
+                    .filter(|(_, k)| k.live == 0)
+                    .min_by_key(|(_, k)| k.seen)
+                    .map(|(&a, _)| a);
+                self.known.remove(&oldest?);
             }
         }
-        self.known.insert(source, now);
+        Some(self.known.entry(ip).or_insert(Known { live: 0, seen: now }))
     }
 }
 
@@ -210,12 +246,27 @@ mod tests {
         // A place given back is a stranger's again.
         h.ended(held.pop().unwrap());
         assert!(h.start(ip("198.51.100.3"), t).is_ok());
-        // Known for an hour after last seen.
+        // Known for an hour after last seen, and for as long as a connection
+        // from it lasts.
         let later = t + KNOWN_FOR + Duration::from_secs(1);
         let mut h = Handshakes::new(8, t);
         h.seen(ip("192.0.2.1"), t);
         assert!(h.start(ip("192.0.2.1"), t).unwrap().known);
         assert!(!h.start(ip("192.0.2.1"), later).unwrap().known);
+        h.connected(ip("192.0.2.2"), t);
+        let much_later = later + KNOWN_FOR * 5;
+        assert!(h.start(ip("192.0.2.2"), much_later).unwrap().known);
+        h.disconnected(ip("192.0.2.2"), much_later);
+        assert!(h.start(ip("192.0.2.2"), much_later).unwrap().known);
+        assert!(
+            !h.start(ip("192.0.2.2"), much_later + KNOWN_FOR)
+                .unwrap()
+                .known
+        );
+        // The address, not its /64: a neighbour is a stranger.
+        h.seen(ip("2001:db8::1"), t);
+        assert!(h.start(ip("2001:db8::1"), t).unwrap().known);
+        assert!(!h.start(ip("2001:db8::2"), t).unwrap().known);
     }
 
     #[test]
@@ -243,6 +294,8 @@ mod tests {
     fn what_is_kept_is_bounded() {
         let t = Instant::now();
         let mut h = Handshakes::new(4, t);
+        // One address holds a connection; MAX_KNOWN + 10 others are seen.
+        h.connected(ip("9.9.9.9"), t);
         for i in 0..MAX_KNOWN as u32 + 10 {
             h.seen(
                 IpAddr::from((0x0a00_0000 + i).to_be_bytes()),
@@ -250,9 +303,11 @@ mod tests {
             );
         }
         assert_eq!(h.known.len(), MAX_KNOWN);
-        // The longest unseen made way.
-        assert!(!h.known.contains_key(&ip("10.0.0.0")));
-        assert!(h.known.contains_key(&ip("10.0.4.9")));
+        // The longest unseen made way, not one holding a connection.
+        assert!(h.known.contains_key(&ip("9.9.9.9")));
+        assert!(!h.known.contains_key(&ip("10.0.0.10")));
+        assert!(h.known.contains_key(&ip("10.0.0.11")));
+        assert!(h.known.contains_key(&ip("10.0.32.9")));
         let mut h = Handshakes::new(4, t);
         for i in 0..MAX_COUNTED as u32 {
             let p = h
