@@ -42,7 +42,9 @@
  *  18 predict never returns on a row whose first feature is missing (NaN): the
  *     load's self-test scores one (a hang in the load's checks),
  *  19 no golden vectors, and release never returns (a library refused after its
- *     init ran, whose release hangs).
+ *     init ran, whose release hangs),
+ *  20 golden_outputs points 4 bytes into its array (misaligned for doubles),
+ *  21 predict writes one float past the n_rows × n_outputs it was given.
  */
 #include <math.h>
 #include <pthread.h>
@@ -164,6 +166,7 @@ static int32_t adapter_predict(const float *rows, size_t n_rows, uint32_t flags,
         if (MODEL_TEST_FAULT == 13 && row[0] == -54322.0f) o[N_OUTPUTS - 1] = INFINITY;
     }
     if (entries != stack) free(entries);
+    if (MODEL_TEST_FAULT == 21) out[n_rows * N_OUTPUTS] = 42.0f;
     return MODEL_OK;
 }
 
@@ -199,7 +202,9 @@ static void fill_table(void) {
                         : NULL;
     table.n_golden = MODEL_TEST_FAULT == 6 || MODEL_TEST_FAULT == 19 ? 0u : (uint32_t)GW_GOLDEN_N;
     table.golden_rows = gw_golden_rows;
-    table.golden_outputs = gw_golden_outputs;
+    table.golden_outputs = MODEL_TEST_FAULT == 20
+                               ? (const double *)(const void *)((const char *)gw_golden_outputs + 4)
+                               : gw_golden_outputs;
     table.golden_margins = GW_GOLDEN_MARGINS;
     table.golden_scales = gw_golden_scales;
 }

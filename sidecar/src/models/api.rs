@@ -112,7 +112,8 @@ impl From<ScoreError> for ApiError {
     }
 }
 
-/// `{"rows": [[…]], "margin": false}`; `null` is a missing value; `margin: true`
+/// `{"rows": [[…]], "margin": false}`; `null` is a missing value (so is a
+/// number beyond `f32`'s range: [`super::feature`]); `margin: true`
 /// asks for the raw sums of the trees instead of postprocessed outputs.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -213,7 +214,7 @@ fn score_now(
     // Sized only now: every row was checked to be what the body holds.
     let mut flat = Vec::with_capacity(req.rows.len() * n);
     for row in &req.rows {
-        flat.extend(row.iter().map(|v| v.unwrap_or(f32::NAN)));
+        flat.extend(row.iter().map(|v| super::feature(*v)));
     }
     let out = if req.margin {
         model.predict_margin(&flat)

@@ -80,6 +80,9 @@ pub struct Slot {
     /// Link target of the model serving (its own path, or another path to a file
     /// already loaded, served from there): a link still naming it swaps nothing.
     serving_target: Mutex<Option<PathBuf>>,
+    /// What the link named at the last look: a refused build is tried again
+    /// only when the link changed since (named the serving one meanwhile, say).
+    last_target: Mutex<Option<PathBuf>>,
     /// Last swaps and refusals, oldest first.
     history: Mutex<VecDeque<SwapEvent>>,
     /// A model that passed every check but whose swap the ledger could not
@@ -291,6 +294,7 @@ impl ModelHost {
                 link_seen: AtomicBool::new(false),
                 refused: Mutex::new(None),
                 serving_target: Mutex::new(None),
+                last_target: Mutex::new(None),
                 history: Mutex::new(VecDeque::with_capacity(HISTORY)),
                 unrecorded: Mutex::new(None),
                 owed: Mutex::new(VecDeque::new()),
@@ -792,18 +796,16 @@ impl ModelHost {
                 }
                 kept => kept,
             };
+            let relinked = s.last_target.lock().replace(target.clone()).as_ref() != Some(&target);
             if s.serving_target.lock().as_ref() == Some(&target) {
-                // The link named the serving build again: a build refused
-                // before is a change again when it is named next (tried, and
-                // its row written, again).
-                *s.refused.lock() = None;
                 continue;
             }
             // Not held while the library loads: `view` (GET /api/models) reads it.
             // A refusal of a kind that passes is tried again, and said again only
-            // when it changes.
+            // when it changes; any other only once the link changed (named the
+            // serving build meanwhile, say: tried, and its row written, again).
             let refused_before = match s.refused.lock().as_ref() {
-                Some((p, _, false)) if *p == target => continue,
+                Some((p, _, false)) if *p == target && !relinked => continue,
                 Some((p, why, true)) if *p == target => Some(why.clone()),
                 _ => None,
             };

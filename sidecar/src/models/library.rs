@@ -478,6 +478,11 @@ unsafe impl Send for Model {}
 // SAFETY: as for `Send`: `predict` is thread-safe by the ABI, nothing else is shared.
 unsafe impl Sync for Model {}
 
+/// What follows the outputs a load's checks give a library ([`CANARIES`] of them).
+const CANARY: f32 = -1.234_567_8e-33;
+/// How many.
+const CANARIES: usize = 64;
+
 impl Drop for Model {
     fn drop(&mut self) {
         // Its code runs: `release`, then its finalisers as it is closed. A crash
@@ -607,6 +612,9 @@ fn checked<'a, T>(table: *const T, want: u32) -> Result<&'a T, String> {
     if table.is_null() {
         return Err("the export returned null".into());
     }
+    if !table.is_aligned() {
+        return Err("the export returned a table not aligned for its type".into());
+    }
     // SAFETY: non-null and static per the ABI; every table starts with the two
     // u32 fields read here, before anything depends on the version or the size.
     let (version, size) = unsafe { head(table) };
@@ -644,6 +652,15 @@ fn read_v2(table: *const AbiV2) -> Result<Table, String> {
         }
         if t.golden_rows.is_null() || t.golden_outputs.is_null() {
             return Err("n_golden > 0 with null golden_rows or golden_outputs".into());
+        }
+        // Read as slices of their types below: a pointer not aligned for its
+        // type is refused before (reading it would be undefined behaviour).
+        let aligned = t.golden_rows.is_aligned()
+            && t.golden_outputs.is_aligned()
+            && (t.golden_margins.is_null() || t.golden_margins.is_aligned())
+            && (t.golden_scales.is_null() || t.golden_scales.is_aligned());
+        if !aligned {
+            return Err("a golden array is not aligned for its element type".into());
         }
         let n = t.n_golden as usize;
         let (fi, fo) = (t.n_features as usize, t.n_outputs as usize);
@@ -1042,10 +1059,19 @@ impl Model {
     /// a library that hangs there is refused `timeout` by the load's own
     /// deadline (`models.load_timeout_ms`) while the model before it serves.
     fn checked(&self, rows: &[f32], margin: bool) -> Result<Vec<f32>, String> {
-        let mut out =
-            vec![0.0f32; self.rows_in(rows).map_err(|e| e.to_string())? * self.n_outputs as usize];
-        self.call_into(rows, &mut out, margin, false)
+        let n = self.rows_in(rows).map_err(|e| e.to_string())? * self.n_outputs as usize;
+        // Followed by values no model writes: a library that writes past what
+        // it was given (here into them, never into anything else) is refused
+        // before it serves, where it would write into the hot path's memory.
+        let mut out = vec![CANARY; n + CANARIES];
+        self.call_into(rows, &mut out[..n], margin, false)
             .map_err(|e| e.to_string())?;
+        if out[n..].iter().any(|v| v.to_bits() != CANARY.to_bits()) {
+            return Err(format!(
+                "the library wrote past the {n} outputs it was given"
+            ));
+        }
+        out.truncate(n);
         Ok(out)
     }
 

@@ -329,7 +329,11 @@ fn opportunity(
     }
     Ok(Opportunity {
         module,
-        features: o.features.iter().map(|f| f.unwrap_or(f32::NAN)).collect(),
+        features: o
+            .features
+            .iter()
+            .map(|f| crate::models::feature(*f))
+            .collect(),
         ev: o.ev.filter(|e| e.is_finite()),
         txs,
         received,
