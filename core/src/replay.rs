@@ -385,6 +385,31 @@ impl<V: Clone> NonceBook<V> {
         self.forgot(latest);
     }
 
+    /// [`Self::remember`], beyond the bounds by as much again at most: while the
+    /// issuer holds fewer than twice `max_per_issuer` nonces and, for a new
+    /// issuer, fewer than twice `max_issuers` issuers are held. For durable facts
+    /// that their caller lets past the bounds for a reason of its own (an
+    /// agent's stop or kill), so that the book stays bounded. Whether it was
+    /// remembered.
+    pub fn remember_within_twice(
+        &mut self,
+        issuer: &str,
+        nonce: u64,
+        expires: u64,
+        value: V,
+        now: u64,
+    ) -> bool {
+        let twice = |n: usize| n.saturating_mul(2);
+        let room = match self.issuers.get(issuer) {
+            Some(i) => i.seen.len() < twice(self.limits.max_per_issuer),
+            None => self.issuers.len() < twice(self.limits.max_issuers),
+        };
+        if room {
+            self.remember(issuer, nonce, expires, value, now);
+        }
+        room
+    }
+
     /// Live nonces (not yet pruned ones included).
     pub fn len(&self) -> usize {
         self.len
@@ -553,6 +578,26 @@ mod tests {
             max_per_issuer: 64,
             max_issuers: 2,
         })
+    }
+
+    #[test]
+    fn beyond_the_bounds_a_book_remembers_as_much_again_at_most() {
+        let mut b: NonceBook<()> = NonceBook::new(Limits {
+            max_per_issuer: 2,
+            max_issuers: 1,
+        });
+        for n in 1..=2 {
+            b.insert("a", n, 1_000, (), 0).unwrap();
+        }
+        assert!(b.insert("a", 3, 1_000, (), 0).is_err());
+        assert!(b.remember_within_twice("a", 3, 1_000, (), 0));
+        assert!(b.remember_within_twice("a", 4, 1_000, (), 0));
+        assert!(!b.remember_within_twice("a", 5, 1_000, (), 0));
+        assert!(b.get("a", 4, 0).is_some() && b.get("a", 5, 0).is_none());
+        // Issuers: twice max_issuers.
+        assert!(b.remember_within_twice("b", 1, 1_000, (), 0));
+        assert!(!b.remember_within_twice("c", 1, 1_000, (), 0));
+        assert_eq!(b.len(), 5);
     }
 
     #[test]

@@ -352,14 +352,22 @@ impl AgentCore {
             seq,
             what: Some(what_of(c)),
         };
-        // Remembered within the bound or beyond it: an applied nonce is a
-        // durable fact. Beyond it come only what the bound does not refuse
-        // (`decide`): a stop or kill over Kafka, anything on the embedded bus
-        // — each admitted within admission's own bounds, so the memory stays
-        // bounded. A stop or kill applied and not remembered was applied again
-        // when another node's copy of it came after a later start, undoing it.
-        self.applied
-            .remember(&c.issuer, c.nonce, a.expires, at, now);
+        // Beyond the bound come only what `decide` lets past it: a stop or
+        // kill over Kafka, anything on the embedded bus (one node: its
+        // journal offset stands for the nonce). Remembered beyond it all the
+        // same, as much again at most: a stop or kill applied and not
+        // remembered was applied again when another node's copy of it came
+        // after a later start, undoing it.
+        if let Err(Refused::IssuerFull | Refused::TooManyIssuers) =
+            self.applied.insert(&c.issuer, c.nonce, a.expires, at, now)
+        {
+            if !self
+                .applied
+                .remember_within_twice(&c.issuer, c.nonce, a.expires, at, now)
+            {
+                tracing::warn!(module = self.module.as_str(), issuer = %c.issuer, nonce = c.nonce, "agent dedup memory full, twice over: the nonce is not remembered");
+            }
+        }
     }
 
     /// Every applied nonce still remembered at `now`.
@@ -619,7 +627,8 @@ impl Agent {
                                     seq: n.seq,
                                     what: what_parsed(n.what.as_deref()),
                                 };
-                                applied.remember(&n.issuer, n.nonce, n.expires, at, now);
+                                applied
+                                    .remember_within_twice(&n.issuer, n.nonce, n.expires, at, now);
                                 // Held by the first part's record, as written: a
                                 // later part read without it is passed over.
                                 applied_lsns.note(first, n.expires);
@@ -648,7 +657,7 @@ impl Agent {
                         seq,
                         what: what_parsed(n.what.as_deref()),
                     };
-                    applied.remember(&n.issuer, n.nonce, n.expires, at, now);
+                    applied.remember_within_twice(&n.issuer, n.nonce, n.expires, at, now);
                     applied_lsns.note(*lsn, n.expires);
                 }
                 if let Some(o) = a.offset {
@@ -1343,7 +1352,15 @@ impl Agent {
                 k.checkpoint.generation =
                     super::kafka_state::next_generation(k.checkpoint.generation);
             }
-            self.env.modules.set(module, self.core.state().clone());
+            match self.kafka.as_ref() {
+                Some(k) => {
+                    let g = k.checkpoint.generation;
+                    self.env
+                        .modules
+                        .set_at(module, self.core.state().clone(), g);
+                }
+                None => self.env.modules.set(module, self.core.state().clone()),
+            }
             return;
         };
         if let Some(last) = cp.last.get(&self.env.chain) {
@@ -1372,7 +1389,7 @@ impl Agent {
                 seq: 0,
                 what: what_parsed(n.what.as_deref()),
             };
-            book.remember(&n.issuer, n.nonce, n.expires, at, now);
+            book.remember_within_twice(&n.issuer, n.nonce, n.expires, at, now);
             written.entry(n.expires).or_default().push(n.key());
         }
         self.core = AgentCore::new(
@@ -1382,7 +1399,9 @@ impl Agent {
             book,
             self.env.dedup_secs,
         );
-        self.env.modules.set(module, cp.state.clone());
+        self.env
+            .modules
+            .set_at(module, cp.state.clone(), cp.generation);
         tracing::info!(module = module.as_str(), next = ?cp.next, nonces = loaded.nonces.len(), "agent state loaded from Kafka");
         if let Some(k) = self.kafka.as_mut() {
             k.checkpoint = cp;
@@ -2296,8 +2315,8 @@ mod tests {
     }
 
     /// Applied nonces read back at a start are remembered beyond the bound
-    /// too (a stop or kill applied beyond it): each one dropped was a command
-    /// another node's copy of applied again.
+    /// too (a stop or kill applied beyond it), as much again at most: each one
+    /// dropped was a command another node's copy of applied again.
     #[tokio::test]
     async fn applied_nonces_beyond_the_bound_are_remembered_across_a_restart() {
         use crate::journal::txn::AgentEntry;
@@ -2308,10 +2327,10 @@ mod tests {
         let journal = opened.start(None, Vec::new()).unwrap();
         let (mut env, _) = agent_env(&journal, false);
         env.limits = Limits {
-            max_per_issuer: 1,
+            max_per_issuer: 2,
             max_issuers: 4,
         };
-        let records: Vec<(Lsn, Txn)> = (1..=3u64)
+        let records: Vec<(Lsn, Txn)> = (1..=5u64)
             .map(|n| {
                 let e = journal::Entry::Agent(AgentEntry {
                     module: Module::Mev,
@@ -2332,7 +2351,8 @@ mod tests {
             })
             .collect();
         let agent = Agent::open(Module::Mev, &env, &records);
-        assert_eq!(agent.core.applied(now).len(), 3);
+        // Beyond the bound by as much again at most: the memory stays bounded.
+        assert_eq!(agent.core.applied(now).len(), 4);
     }
 
     /// Kafka: a nonce record is tombstoned only once this node's floor (written

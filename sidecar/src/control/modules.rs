@@ -57,6 +57,17 @@ impl ModuleTable {
         self.replace(&mut t, m, state);
     }
 
+    /// Replaces one module's state with one read from checkpoint `generation`
+    /// (an agent loading it from Kafka, or beginning a numbering afresh there):
+    /// states learned later from other nodes are ordered after it by their
+    /// generation ([`Self::advance`]). A state set without one
+    /// ([`Self::set`]) leaves the generation as it was.
+    pub fn set_at(&self, m: Module, state: ModuleState, generation: u64) {
+        let mut t = self.0.table.write();
+        t.generation.insert(m, generation);
+        self.replace(&mut t, m, state);
+    }
+
     /// Replaces one module's state unless the table already has a later one: for
     /// states learned from other nodes, which may arrive after this node's agent
     /// published a newer one. Later is a higher checkpoint `generation` when
@@ -134,6 +145,13 @@ mod tests {
         // An older checkpoint read late sets nothing back, whatever its count.
         t.advance(m, state(RunState::Running, 100), Some(9));
         assert_eq!(t.get(m).state, RunState::Killed);
+        // A state loaded from checkpoint 15 (an agent taking the module over):
+        // a checkpoint of 13 read late by the watch is older.
+        t.set_at(m, state(RunState::Running, 1), 15);
+        t.advance(m, state(RunState::Killed, 2), Some(13));
+        assert_eq!(t.get(m).state, RunState::Running);
+        // (Back to generation 11 for what follows.)
+        t.set_at(m, state(RunState::Killed, 3), 11);
         // Of one generation, or without one: the count decides.
         t.advance(m, state(RunState::Stopped, 4), Some(11));
         assert_eq!(t.get(m).state, RunState::Stopped);
