@@ -157,6 +157,12 @@ const hasRole = (need) => {
   return S.roles.some((r) => (n < 0 ? r === need : LADDER.indexOf(r) >= n));
 };
 
+function showWho() {
+  const c = S.claims || {};
+  const exp = c.exp ? `, until ${new Date(c.exp * 1000).toLocaleString()}` : "";
+  $("who").textContent = `${c.sub || "?"} (${S.roles.join(", ") || "no roles"}${exp})`;
+}
+
 function decodeClaims(token) {
   const parts = token.split(".");
   if (parts.length !== 3) throw new Error("a JWT has three dot-separated parts");
@@ -225,6 +231,7 @@ async function loginNow(token) {
   }
   S.token = token;
   S.claims = claims;
+  // Until the stream's hello says which roles the edge found (below).
   const rc = claims.roles;
   S.roles = Array.isArray(rc) ? rc.map(String) : typeof rc === "string" ? rc.split(/[ ,]+/) : [];
   // The edge decides: a cheap viewer route proves the token before the page shows
@@ -248,8 +255,7 @@ async function loginNow(token) {
   $("login").hidden = true;
   $("app").hidden = false;
   $("logout").hidden = false;
-  const exp = claims.exp ? `, until ${new Date(claims.exp * 1000).toLocaleString()}` : "";
-  $("who").textContent = `${claims.sub || "?"} (${S.roles.join(", ") || "no roles"}${exp})`;
+  showWho();
   if (warning) $("chain").textContent = warning;
   renderModules();
   connect();
@@ -356,6 +362,16 @@ function redraw(render) {
 function onEvent(m) {
   if (m.type === "hello") {
     $("node").textContent = `node ${m.node_id}`;
+    // The roles the edge found in the token (its `roles_claim`, which may not
+    // be `roles`): what the gateway decides by, so what the page offers.
+    if (Array.isArray(m.roles)) {
+      const roles = m.roles.map(String);
+      if (roles.join(",") !== S.roles.join(",")) {
+        S.roles = roles;
+        showWho();
+        refreshAll();
+      }
+    }
     if (m.modules) {
       S.modules = m.modules;
       renderModules();

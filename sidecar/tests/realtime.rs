@@ -221,8 +221,12 @@ fn committed_decisions_and_states_stream_to_bounded_clients() {
         assert_eq!(hello["schema"], 1);
         assert_eq!(hello["sub"], "tester");
         assert_eq!(hello["modules"]["mev"]["state"], "stopped");
+        assert_eq!(hello["roles"], json!(["viewer"]));
         let mut b = open(&base, Some("admin,viewer")).await.unwrap();
-        until(&mut b, "hello", |m| m["type"] == "hello").await;
+        let hello = until(&mut b, "hello", |m| m["type"] == "hello").await;
+        // The roles the edge found (by its roles_claim), for the page to offer
+        // what they allow.
+        assert_eq!(hello["roles"], json!(["admin", "viewer"]));
         // Bounded fan-out: the third is refused, and counted.
         let (status, body) = open_as(&base, Some("viewer"), "someone-else")
             .await

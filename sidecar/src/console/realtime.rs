@@ -532,12 +532,19 @@ async fn upgrade(
             return hub.refuse(e, Some(&who.requester)).await;
         }
     };
+    // The roles the edge found in the token, by its `roles_claim`: the page
+    // offers what they allow (it reads only a `roles` claim itself).
+    let roles: Vec<String> = roles
+        .iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| (*r).to_owned())
+        .collect();
     let sub = who.requester.sub;
     let mut resp = ws
         .protocols([SUBPROTOCOL])
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
-        .on_upgrade(move |socket| stream(socket, place, sub, who.token_exp));
+        .on_upgrade(move |socket| stream(socket, place, sub, roles, who.token_exp));
     // An HTTP/2 stream (RFC 8441) has no accept key, but Envoy presents an
     // HTTP/1.1 client's upgrade to us that way and only rewrites the status: answer
     // the key it passes on, or that client refuses the handshake.
@@ -576,7 +583,13 @@ fn expiry(exp: u64) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(left)
 }
 
-async fn stream(mut socket: WebSocket, place: Place, sub: String, token_exp: Option<u64>) {
+async fn stream(
+    mut socket: WebSocket,
+    place: Place,
+    sub: String,
+    roles: Vec<String>,
+    token_exp: Option<u64>,
+) {
     let hub = place.0.clone();
     // Subscribe before the hello, so nothing committed after its snapshot is missed.
     let mut rx = hub.tx.subscribe();
@@ -591,6 +604,7 @@ async fn stream(mut socket: WebSocket, place: Place, sub: String, token_exp: Opt
         "schema": SCHEMA,
         "node_id": hub.node_id,
         "sub": sub,
+        "roles": roles,
         "modules": hub.modules.get().map(ModuleTable::snapshot),
         "queue": hub.cfg.queue,
     });
