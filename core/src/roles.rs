@@ -18,6 +18,17 @@ pub fn satisfies<S: AsRef<str>>(have: &[S], need: &str) -> bool {
     }
 }
 
+/// Whether `role` can be a role a route or the command endpoints need: one
+/// name, as a token's roles hold them (no comma, space or control character:
+/// the edge refuses a token role holding one), at most 64 bytes.
+pub fn valid_role_name(role: &str) -> bool {
+    !role.is_empty()
+        && role.len() <= 64
+        && !role
+            .chars()
+            .any(|c| c == ',' || c.is_whitespace() || c.is_control())
+}
+
 /// An access rule: requests whose path starts with `prefix` need `role` (with the
 /// role ladder), or nothing when `public`. The filter's `routes` and the
 /// sidecar's share it, and [`RouteTable`]'s checks.
@@ -130,6 +141,15 @@ pub fn default_routes() -> Vec<RouteRule> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_role_is_one_name() {
+        assert!(super::valid_role_name("admin") && super::valid_role_name("risk-desk"));
+        for bad in ["", "admin,viewer", "ad min", "a\u{7}", &"x".repeat(65)] {
+            assert!(!super::valid_role_name(bad), "{bad:?}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -41,6 +41,9 @@ fn default_cache() -> usize {
 /// The most verified tokens a worker keeps (each up to the policy's
 /// `max_token_bytes`).
 const MAX_JWT_CACHE: usize = 16_384;
+/// The most bytes of tokens a worker's cache keeps (`cache_entries` ×
+/// `max_token_bytes`).
+const MAX_JWT_CACHE_BYTES: usize = 64 << 20;
 
 pub use gw_core::roles::RouteRule;
 
@@ -313,6 +316,30 @@ impl Settings {
             return Err(invalid(format!(
                 "jwt.cache_entries must be 0..={MAX_JWT_CACHE}"
             )));
+        }
+        // Each entry keeps its token whole: the cache's bytes are bounded too,
+        // per worker VM.
+        if c.jwt
+            .cache_entries
+            .saturating_mul(c.jwt.policy.max_token_bytes)
+            > MAX_JWT_CACHE_BYTES
+        {
+            return Err(invalid(format!(
+                "jwt.cache_entries × jwt.policy.max_token_bytes must be at most {MAX_JWT_CACHE_BYTES} bytes"
+            )));
+        }
+        if !gw_core::roles::valid_role_name(&c.command_role) {
+            return Err(invalid(
+                "command_role must be one role name (no comma, space or control character), as the sidecar's",
+            ));
+        }
+        // Shared-data key spaces: a key of one must never be a key of the other.
+        let (r, st) = (&c.replay_key_prefix, &c.stamp_key_prefix);
+        if r.is_empty() || st.is_empty() || r.starts_with(st.as_str()) || st.starts_with(r.as_str())
+        {
+            return Err(invalid(
+                "replay_key_prefix and stamp_key_prefix must be non-empty and neither a prefix of the other",
+            ));
         }
         if c.max_body_bytes == 0 || c.max_body_bytes > MAX_BODY_LIMIT {
             return Err(invalid(format!(

@@ -114,6 +114,15 @@ impl Root {
                 return false;
             }
         };
+        // Configured again (a host may reuse a root context): nothing of the
+        // stage it was stays, and a configuration refused leaves an
+        // unconfigured verify stage, which rejects every request (a stamp
+        // stage kept would skip every check).
+        self.stamp = None;
+        self.edge = None;
+        if let Some(old) = self.reports.take() {
+            old.give_back();
+        }
         match Stage::parse(&bytes) {
             Ok(Stage::Stamp(c)) => {
                 host::info("gw_edge: stamp stage configured");
@@ -141,11 +150,6 @@ impl Root {
                     return false;
                 }
                 self.tickets = Some(tickets);
-                // Configured again (a host may reuse a root context): what the
-                // old reports had in flight goes back to the queue first.
-                if let Some(old) = self.reports.take() {
-                    old.give_back();
-                }
                 if let Some(rc) = s.report.clone() {
                     self.reports = start_reports(rc);
                 }

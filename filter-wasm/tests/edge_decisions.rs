@@ -162,6 +162,32 @@ fn invalid_configurations_are_refused_clearly() {
             Box::new(|c| c["max_skew_secs"] = 0.into()),
             "max_skew_secs must be 1..=600",
         ),
+        (
+            // 16 384 tokens of 64 KiB: a gibibyte per worker.
+            Box::new(|c| {
+                c["jwt"]["cache_entries"] = 16_384.into();
+                c["jwt"]["policy"]["max_token_bytes"] = 65_536.into();
+            }),
+            "must be at most 67108864 bytes",
+        ),
+        (
+            // The sidecar's is one role; an empty one, or two, would let
+            // other tokens through at the edge.
+            Box::new(|c| c["command_role"] = "admin,viewer".into()),
+            "command_role must be one role name",
+        ),
+        (
+            Box::new(|c| c["command_role"] = "".into()),
+            "command_role must be one role name",
+        ),
+        (
+            Box::new(|c| c["replay_key_prefix"] = "gw.stamp.v1.x".into()),
+            "neither a prefix of the other",
+        ),
+        (
+            Box::new(|c| c["stamp_key_prefix"] = "".into()),
+            "neither a prefix of the other",
+        ),
         (Box::new(|c| c["surprise"] = 1.into()), "unknown field"),
         (
             // No key: nothing the filter stamps would be believed.

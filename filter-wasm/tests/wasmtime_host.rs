@@ -737,6 +737,44 @@ fn configuration_updates_hand_over_under_the_same_shared_data_keys() {
     assert_eq!(keys, tickets.len(), "{:?}", host.shared.keys());
 }
 
+/// A root context configured as the stamp stage and then, by a host that
+/// reuses root contexts, as the verify stage verifies: it kept serving stamp
+/// contexts, which check nothing. A configuration refused leaves it rejecting
+/// every request.
+#[test]
+fn a_root_configured_again_keeps_nothing_of_its_old_stage() {
+    let host = Host::new();
+    let mut vm = host.vm(r#"{"stage": "stamp"}"#, NOW).unwrap();
+    assert!(vm.configure_again(&config()));
+    let mut headers = post("/api/control/commands", "");
+    headers.retain(|(k, _)| *k != "authorization");
+    let no_token = vm.request(&headers, &command(1, "ops"), 1);
+    assert_eq!(
+        no_token.code().as_deref(),
+        Some("jwt_missing"),
+        "{:?}",
+        vm.logs()
+    );
+    let admin = bearer(&["admin"]);
+    assert!(matches!(
+        vm.request(
+            &post("/api/control/commands", &admin),
+            &command(2, "ops"),
+            1
+        ),
+        Outcome::Forwarded { .. }
+    ));
+    // Refused: an unconfigured verify stage, not the old one.
+    let mut vm = host.vm(r#"{"stage": "stamp"}"#, NOW).unwrap();
+    assert!(!vm.configure_again(r#"{"stage": "verify", "surprise": 1}"#));
+    let refused = vm.request(
+        &post("/api/control/commands", &admin),
+        &command(3, "ops"),
+        1,
+    );
+    assert!(refused.status() >= 500, "{refused:?}");
+}
+
 #[test]
 fn a_host_without_metrics_still_works() {
     let host = Host::new();

@@ -869,7 +869,7 @@ impl Config {
             )
             .into());
         }
-        if file.command_role.trim().is_empty() || file.command_role.contains(',') {
+        if !gw_core::roles::valid_role_name(&file.command_role) {
             return Err(OutOfBounds::new("command_role", "must be one role name").into());
         }
         if let Err(e) = gw_core::roles::RouteTable::new(file.routes.clone()) {

@@ -299,6 +299,23 @@ fn each_seal_is_believed_once_and_for_its_own_command() {
         (401, Some("edge_stamp_invalid")),
         "{body}"
     );
+    // Verified by an edge whose command_role is not the sidecar's (a token
+    // of role viewer let through): the role is checked again.
+    let mut viewer = verified("8");
+    viewer[2] = ("x-gw-roles", "viewer");
+    let (status, body) = call(
+        &s,
+        &s.http,
+        "POST",
+        "/api/control/commands",
+        &viewer,
+        command.clone(),
+    );
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("forbidden_role")),
+        "{body}"
+    );
     let own = verified("8");
     let (status, body) = call(&s, &s.http, "POST", "/api/control/commands", &own, command);
     assert_eq!(status, 200, "{body}");

@@ -461,10 +461,11 @@ impl Control {
         // checked for that route only, and one it did not stamp had no token
         // checked at all: checked here (counted by `refuse_early`).
         if let Some(r) = self.unchecked_by_the_edge(edge) {
-            // Never an edge that verified the command (it needs no check here):
-            // no edge row, as admission records none for it.
+            // An edge row only for an edge that verified the command (one that
+            // checked the token alone did not accept it), as admission records.
+            let accepted = edge.is_some_and(|e| e.verified == contract::Verified::Edge);
             let e = self
-                .refuse_early_rows(r, body, edge, false, &route_path(route), None)
+                .refuse_early_rows(r, body, edge, accepted, &route_path(route), None)
                 .instrument(span.clone())
                 .await;
             span.in_scope(|| tracing::info!(code = %e.code(), detail = e.detail(), "refused"));
@@ -585,9 +586,9 @@ impl Control {
 
     /// Why a signed command may not be admitted for what the edge checked of
     /// it: nothing — no stamp, so no token the edge verified (a filter missing
-    /// from Envoy's chain, a route of Envoy's that skips it) — or the token alone
-    /// (`jwt`: for whatever route it took the path for), which lacks the command
-    /// role. The command's signature is the sidecar's to check either way; the
+    /// from Envoy's chain, a route of Envoy's that skips it) — or a token that
+    /// lacks the command role (`jwt`: checked for whatever route the edge took
+    /// the path for; `edge`: checked against the filter's `command_role`). The command's signature is the sidecar's to check either way; the
     /// token is the edge's, and a command comes with both.
     fn unchecked_by_the_edge(&self, edge: Option<&EdgeIdentity>) -> Option<Reject> {
         let Some(edge) = edge else {
@@ -597,7 +598,18 @@ impl Control {
             ));
         };
         if edge.verified == contract::Verified::Edge {
-            return None;
+            // Checked by the edge against its own `command_role`, which may not
+            // be this one's (a filter configured otherwise): checked again, as
+            // every other route's role is.
+            return (!self.has_command_role(edge)).then(|| {
+                Reject::with(
+                    Code::ForbiddenRole,
+                    format!(
+                        "a signed command needs role `{}` (the edge let it through for other roles: is the filter's command_role this one?)",
+                        self.command_role
+                    ),
+                )
+            });
         }
         (!self.has_command_role(edge)).then(|| {
             Reject::with(

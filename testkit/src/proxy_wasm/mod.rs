@@ -669,6 +669,17 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Configures the root context requests go to again, with `config`, as
+    /// a host that reuses a root context does (Envoy makes a new one): whether
+    /// the filter took it.
+    pub fn configure_again(&mut self, config: &str) -> bool {
+        self.store.data_mut().plugin_config = config.as_bytes().to_vec();
+        self.configure
+            .call(&mut self.store, (self.root, config.len() as i32))
+            .expect("configure")
+            == 1
+    }
+
     /// The root context's tick.
     pub fn tick(&mut self) {
         let f = self
