@@ -400,6 +400,15 @@ impl<V: Clone> NonceBook<V> {
         now: u64,
     ) -> bool {
         let twice = |n: usize| n.saturating_mul(2);
+        // What expired makes room first (counted, it left none).
+        if let Some(i) = self.issuers.get_mut(issuer) {
+            let before = i.seen.len();
+            let forgot = i.prune(now);
+            self.len -= before - i.seen.len();
+            self.forgot(forgot);
+        } else if self.issuers.len() >= twice(self.limits.max_issuers) {
+            self.prune(now);
+        }
         let room = match self.issuers.get(issuer) {
             Some(i) => i.seen.len() < twice(self.limits.max_per_issuer),
             None => self.issuers.len() < twice(self.limits.max_issuers),
@@ -598,6 +607,12 @@ mod tests {
         assert!(b.remember_within_twice("b", 1, 1_000, (), 0));
         assert!(!b.remember_within_twice("c", 1, 1_000, (), 0));
         assert_eq!(b.len(), 5);
+        // What expired makes room: "a"'s four expire at 1 000.
+        b.remember("a", 9, 2_000, (), 0);
+        assert!(b.remember_within_twice("a", 10, 3_000, (), 1_001));
+        assert!(b.get("a", 10, 1_001).is_some());
+        // "b"'s one expires too: room for a new issuer.
+        assert!(b.remember_within_twice("c", 1, 3_000, (), 1_001));
     }
 
     #[test]

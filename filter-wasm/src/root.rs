@@ -101,6 +101,15 @@ pub struct Root {
 impl Root {
     /// Parses and validates the plugin configuration; `false` fails plugin start.
     pub fn on_configure(&mut self) -> bool {
+        // Configured again (a host may reuse a root context): nothing of the
+        // stage it was stays, and a configuration refused or missing leaves
+        // an unconfigured verify stage, which rejects every request (a stamp
+        // stage kept would skip every check).
+        self.stamp = None;
+        self.edge = None;
+        if let Some(old) = self.reports.take() {
+            old.give_back();
+        }
         let bytes = match abi::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(Some(b)) if !b.is_empty() => b,
             Ok(_) => {
@@ -114,15 +123,6 @@ impl Root {
                 return false;
             }
         };
-        // Configured again (a host may reuse a root context): nothing of the
-        // stage it was stays, and a configuration refused leaves an
-        // unconfigured verify stage, which rejects every request (a stamp
-        // stage kept would skip every check).
-        self.stamp = None;
-        self.edge = None;
-        if let Some(old) = self.reports.take() {
-            old.give_back();
-        }
         match Stage::parse(&bytes) {
             Ok(Stage::Stamp(c)) => {
                 host::info("gw_edge: stamp stage configured");

@@ -773,6 +773,15 @@ fn a_root_configured_again_keeps_nothing_of_its_old_stage() {
         1,
     );
     assert!(refused.status() >= 500, "{refused:?}");
+    // Configured again with nothing: the same.
+    let mut vm = host.vm(r#"{"stage": "stamp"}"#, NOW).unwrap();
+    assert!(!vm.configure_again(""));
+    let refused = vm.request(
+        &post("/api/control/commands", &admin),
+        &command(4, "ops"),
+        1,
+    );
+    assert!(refused.status() >= 500, "{refused:?}");
 }
 
 #[test]

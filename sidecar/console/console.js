@@ -369,6 +369,7 @@ function onEvent(m) {
       if (roles.join(",") !== S.roles.join(",")) {
         S.roles = roles;
         showWho();
+        renderModules();
         refreshAll();
       }
     }

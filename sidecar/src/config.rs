@@ -1517,6 +1517,7 @@ mod tests {
             (r#"{"node_id": "a b"}"#, "node_id"),
             (r#"{"command_role": ""}"#, "command_role"),
             (r#"{"command_role": "admin,viewer"}"#, "command_role"),
+            (r#"{"command_role": "ad min"}"#, "command_role"),
             (r#"{"routes": []}"#, "routes"),
             (r#"{"command_path": "api/x"}"#, "command_path"),
             (r#"{"command_path": "/x\"><script>"}"#, "command_path"),

@@ -580,6 +580,16 @@ const MAX_BATCH: usize = 64;
 /// [`journal::MAX_RECORD_BYTES`], and a delivery alone is never held back).
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
+/// Says how many applied nonces read back were beyond twice the bound and
+/// not remembered (bounds lowered across a restart): a copy of one of those
+/// commands from another node, within `agent_dedup_secs`, would be applied
+/// again.
+fn unkept_nonces(module: Module, n: usize) {
+    if n > 0 {
+        tracing::warn!(module = module.as_str(), nonces = n, "applied nonces read back beyond twice replay_max_per_issuer (or replay_max_issuers) are not remembered: a copy of one of those commands arriving from another node within agent_dedup_secs would be applied again; raise the bounds back");
+    }
+}
+
 /// The journal hold of a module's agent.
 fn hold_name(m: Module) -> &'static str {
     match m {
@@ -595,6 +605,7 @@ impl Agent {
         let now = crate::now_secs();
         let mut state = ModuleState::default();
         let mut applied = NonceBook::new(env.limits);
+        let mut unkept = 0usize;
         let mut next_offset = None;
         let mut state_lsn = None;
         let mut applied_lsns = journal::Expiring::default();
@@ -620,6 +631,7 @@ impl Agent {
                         let (first, last) = (whole[0].0, whole[whole.len() - 1].1);
                         state = last.state.clone();
                         applied = NonceBook::new(env.limits);
+                        unkept = 0;
                         applied_lsns.clear();
                         for (_, part) in &whole {
                             for n in &part.applied {
@@ -627,8 +639,11 @@ impl Agent {
                                     seq: n.seq,
                                     what: what_parsed(n.what.as_deref()),
                                 };
-                                applied
-                                    .remember_within_twice(&n.issuer, n.nonce, n.expires, at, now);
+                                if !applied
+                                    .remember_within_twice(&n.issuer, n.nonce, n.expires, at, now)
+                                {
+                                    unkept += 1;
+                                }
                                 // Held by the first part's record, as written: a
                                 // later part read without it is passed over.
                                 applied_lsns.note(first, n.expires);
@@ -657,7 +672,9 @@ impl Agent {
                         seq,
                         what: what_parsed(n.what.as_deref()),
                     };
-                    applied.remember_within_twice(&n.issuer, n.nonce, n.expires, at, now);
+                    if !applied.remember_within_twice(&n.issuer, n.nonce, n.expires, at, now) {
+                        unkept += 1;
+                    }
                     applied_lsns.note(*lsn, n.expires);
                 }
                 if let Some(o) = a.offset {
@@ -669,6 +686,7 @@ impl Agent {
                 generation = generation.max(a.generation.unwrap_or(0));
             }
         }
+        unkept_nonces(module, unkept);
         if env.kafka_state.is_some() {
             // Another node may have moved the module on (a kill, a stop): until its
             // state is read from Kafka, a running module is treated as stopped.
@@ -1384,14 +1402,18 @@ impl Agent {
             .max(cp.clock_floor)
             .max(latest_expired);
         book.forgotten(forgot.saturating_sub(1));
+        let mut unkept = 0usize;
         for n in &loaded.nonces {
             let at = AppliedAt {
                 seq: 0,
                 what: what_parsed(n.what.as_deref()),
             };
-            book.remember_within_twice(&n.issuer, n.nonce, n.expires, at, now);
+            if !book.remember_within_twice(&n.issuer, n.nonce, n.expires, at, now) {
+                unkept += 1;
+            }
             written.entry(n.expires).or_default().push(n.key());
         }
+        unkept_nonces(module, unkept);
         self.core = AgentCore::new(
             module,
             self.env.policy.clone(),

@@ -116,9 +116,16 @@ impl RecentReports {
     }
 }
 
-/// The report id an edge row notes, if any.
+/// The report id an edge row notes, if any: only a refusal's (what the edge
+/// reports). An edge row accepting a command keeps the command's arguments in
+/// the same column, and a command may carry an argument named `report_id`: a
+/// real report's id taken from there would have its refusal dropped as
+/// recorded.
 pub fn report_id(row: &LedgerRow) -> Option<String> {
-    if row.stage != Stage::Edge.as_str() || !row.args_json.contains("report_id") {
+    if row.stage != Stage::Edge.as_str()
+        || row.decision != gw_core::ledger::Decision::Rejected.as_str()
+        || !row.args_json.contains("report_id")
+    {
         return None;
     }
     let note: serde_json::Value = serde_json::from_str(&row.args_json).ok()?;
@@ -132,6 +139,7 @@ mod tests {
     fn edge_row(note: &str) -> LedgerRow {
         LedgerRow {
             stage: Stage::Edge.as_str().into(),
+            decision: gw_core::ledger::Decision::Rejected.as_str().into(),
             args_json: note.into(),
             ..LedgerRow::default()
         }
@@ -141,6 +149,9 @@ mod tests {
     fn ids_come_back_from_the_journals_edge_rows() {
         let mut sidecar = edge_row(r#"{"report_id": "a-1"}"#);
         sidecar.stage = Stage::Sidecar.as_str().into();
+        // An edge row accepting a command whose arguments name a report id.
+        let mut accepted = edge_row(r#"{"report_id": "c-3"}"#);
+        accepted.decision = gw_core::ledger::Decision::Accepted.as_str().into();
         let records = vec![
             (
                 1,
@@ -150,7 +161,7 @@ mod tests {
                     Entry::row(edge_row("")),
                 ]),
             ),
-            (2, Txn::of(vec![Entry::row(sidecar)])),
+            (2, Txn::of(vec![Entry::row(sidecar), Entry::row(accepted)])),
             (
                 3,
                 Txn::of(vec![Entry::row(edge_row(

@@ -62,8 +62,13 @@ impl ModuleTable {
     /// states learned later from other nodes are ordered after it by their
     /// generation ([`Self::advance`]). A state set without one
     /// ([`Self::set`]) leaves the generation as it was.
+    /// A table already holding a later generation (the watch read a newer
+    /// checkpoint while the agent was loading) keeps it.
     pub fn set_at(&self, m: Module, state: ModuleState, generation: u64) {
         let mut t = self.0.table.write();
+        if t.generation.get(&m).is_some_and(|&held| held > generation) {
+            return;
+        }
         t.generation.insert(m, generation);
         self.replace(&mut t, m, state);
     }
@@ -150,7 +155,11 @@ mod tests {
         t.set_at(m, state(RunState::Running, 1), 15);
         t.advance(m, state(RunState::Killed, 2), Some(13));
         assert_eq!(t.get(m).state, RunState::Running);
-        // (Back to generation 11 for what follows.)
+        // A load of an older checkpoint than the table holds keeps the newer.
+        t.set_at(m, state(RunState::Killed, 9), 14);
+        assert_eq!(t.get(m).state, RunState::Running);
+        // (Generation 11 for what follows: a fresh table.)
+        let t = ModuleTable::new();
         t.set_at(m, state(RunState::Killed, 3), 11);
         // Of one generation, or without one: the count decides.
         t.advance(m, state(RunState::Stopped, 4), Some(11));

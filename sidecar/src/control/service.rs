@@ -461,11 +461,12 @@ impl Control {
         // checked for that route only, and one it did not stamp had no token
         // checked at all: checked here (counted by `refuse_early`).
         if let Some(r) = self.unchecked_by_the_edge(edge) {
-            // An edge row only for an edge that verified the command (one that
-            // checked the token alone did not accept it), as admission records.
-            let accepted = edge.is_some_and(|e| e.verified == contract::Verified::Edge);
+            // No edge row: one that checked the token alone did not accept
+            // the command, and that the stamp of one that verified it names
+            // this command is not checked yet (admission checks it before
+            // recording the edge's acceptance). The sidecar's row names who.
             let e = self
-                .refuse_early_rows(r, body, edge, accepted, &route_path(route), None)
+                .refuse_early_rows(r, body, edge, false, &route_path(route), None)
                 .instrument(span.clone())
                 .await;
             span.in_scope(|| tracing::info!(code = %e.code(), detail = e.detail(), "refused"));

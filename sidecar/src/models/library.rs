@@ -1060,8 +1060,8 @@ impl Model {
     /// deadline (`models.load_timeout_ms`) while the model before it serves.
     fn checked(&self, rows: &[f32], margin: bool) -> Result<Vec<f32>, String> {
         let n = self.rows_in(rows).map_err(|e| e.to_string())? * self.n_outputs as usize;
-        // Followed by values no model writes: a library that writes past what
-        // it was given (here into them, never into anything else) is refused
+        // Followed by values no model writes: a library that writes a little
+        // past what it was given (into them, within 64 values) is refused
         // before it serves, where it would write into the hot path's memory.
         let mut out = vec![CANARY; n + CANARIES];
         self.call_into(rows, &mut out[..n], margin, false)

@@ -86,6 +86,9 @@ pub const CLOSE_BUSY: u32 = 2;
 pub const MAX_VARIANTS: usize = 8;
 /// Most features per opportunity (as on HTTP).
 pub const MAX_FEATURES: usize = super::http::MAX_FEATURES;
+/// Most `max_connections`.
+pub const MAX_CONNECTIONS: usize = 4096;
+
 /// A handshake must finish within this, by default
 /// (`handshake_timeout_ms`).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -146,7 +149,7 @@ impl IngestConfig {
     /// Checks the bounds and parses the allow-list.
     pub fn validate(&self) -> Result<(), OutOfBounds> {
         self.allowed().map(|_| ())?;
-        if self.max_connections == 0 || self.max_connections > 4096 {
+        if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS {
             return Err(OutOfBounds::new(
                 "sender.strategy.ingest.max_connections",
                 "must be within 1..=4096",
@@ -1083,5 +1086,9 @@ mod tests {
         c.allow = vec![bs58::encode([7u8; 32]).into_string()];
         c.validate().unwrap();
         assert_eq!(c.allowed().unwrap(), vec![[7u8; 32]]);
+        for (ms, ok) in [(99, false), (100, true), (10_000, true), (10_001, false)] {
+            c.handshake_timeout_ms = ms;
+            assert_eq!(c.validate().is_ok(), ok, "handshake_timeout_ms {ms}");
+        }
     }
 }

@@ -14,7 +14,8 @@
 //! - every other address shares the other pool of `max_connections`, and may
 //!   start at most [`STARTS_PER_MINUTE`] handshakes a minute (as Agave's TPU
 //!   allows per IP address);
-//! - any address has at most [`MAX_PER_SOURCE`] handshakes in progress at once.
+//! - any address (a stranger's: its /64) has at most [`MAX_PER_SOURCE`]
+//!   handshakes in progress at once.
 //!
 //! Everything is bounded: at most [`MAX_KNOWN`] known addresses (of those with
 //! no connection, the one longest unseen makes way), at most [`MAX_COUNTED`]
@@ -32,8 +33,11 @@ pub const STARTS_PER_MINUTE: u32 = 8;
 /// How long an address stays known after its allowed client's last connection
 /// ended (or its last handshake, refused for the connection bounds).
 pub const KNOWN_FOR: Duration = Duration::from_secs(3600);
-/// Known addresses kept at most (more than connections there can be at once).
+/// Known addresses kept at most (more than connections there can be at once:
+/// `max_connections` is at most 4 096, so an address holding one always has
+/// its entry).
 pub const MAX_KNOWN: usize = 8192;
+const _: () = assert!(MAX_KNOWN > super::MAX_CONNECTIONS);
 /// Addresses that are not known counted in one minute at most.
 pub const MAX_COUNTED: usize = 65_536;
 
@@ -100,11 +104,17 @@ impl Handshakes {
 
     /// A place for a handshake from `ip`, or why there is none.
     pub fn start(&mut self, ip: IpAddr, now: Instant) -> Result<Place, Refused> {
-        let source = source_of(ip);
         let known = self
             .known
             .get(&ip.to_canonical())
             .is_some_and(|k| k.live > 0 || now.saturating_duration_since(k.seen) < KNOWN_FOR);
+        // A known address's handshakes count by the address itself: a stranger
+        // on its /64 cannot take its places.
+        let source = if known {
+            ip.to_canonical()
+        } else {
+            source_of(ip)
+        };
         if self.by_source.get(&source).copied().unwrap_or(0) >= MAX_PER_SOURCE {
             return Err("this address's handshakes in progress at their bound");
         }
@@ -263,10 +273,15 @@ mod tests {
                 .unwrap()
                 .known
         );
-        // The address, not its /64: a neighbour is a stranger.
+        // The address, not its /64: a neighbour is a stranger, and cannot
+        // take the address's own places.
+        let mut h = Handshakes::new(8, t);
         h.seen(ip("2001:db8::1"), t);
+        for _ in 0..MAX_PER_SOURCE {
+            assert!(!h.start(ip("2001:db8::2"), t).unwrap().known);
+        }
+        assert!(h.start(ip("2001:db8::3"), t).is_err(), "the /64's share");
         assert!(h.start(ip("2001:db8::1"), t).unwrap().known);
-        assert!(!h.start(ip("2001:db8::2"), t).unwrap().known);
     }
 
     #[test]
