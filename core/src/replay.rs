@@ -296,11 +296,7 @@ impl<V: Clone> NonceBook<V> {
             self.prune(now);
         }
         self.check(issuer, nonce, now)?;
-        let i = self.issuers.entry(issuer.to_owned()).or_default();
-        let before = i.seen.len();
-        let forgot = i.prune(now);
-        self.len -= before - i.seen.len();
-        self.forgot(forgot);
+        self.prune_issuer(issuer, now);
         let i = self.issuers.entry(issuer.to_owned()).or_default();
         if let Some(old) = i.seen.insert(nonce, Seen { expires, value }) {
             // Only an expired entry can be here (check refused a live one).
@@ -326,11 +322,7 @@ impl<V: Clone> NonceBook<V> {
         if !self.issuers.contains_key(issuer) && self.issuers.len() >= self.limits.max_issuers {
             self.prune(now);
         }
-        let i = self.issuers.entry(issuer.to_owned()).or_default();
-        let before = i.seen.len();
-        let forgot = i.prune(now);
-        self.len -= before - i.seen.len();
-        self.forgot(forgot);
+        self.prune_issuer(issuer, now);
         let i = self.issuers.entry(issuer.to_owned()).or_default();
         let expires = match i.seen.remove(&nonce) {
             Some(old) => {
@@ -401,11 +393,8 @@ impl<V: Clone> NonceBook<V> {
     ) -> bool {
         let twice = |n: usize| n.saturating_mul(2);
         // What expired makes room first (counted, it left none).
-        if let Some(i) = self.issuers.get_mut(issuer) {
-            let before = i.seen.len();
-            let forgot = i.prune(now);
-            self.len -= before - i.seen.len();
-            self.forgot(forgot);
+        if self.issuers.contains_key(issuer) {
+            self.prune_issuer(issuer, now);
         } else if self.issuers.len() >= twice(self.limits.max_issuers) {
             self.prune(now);
         }
@@ -417,6 +406,17 @@ impl<V: Clone> NonceBook<V> {
             self.remember(issuer, nonce, expires, value, now);
         }
         room
+    }
+
+    /// Forgets what of `issuer`'s nonces expired before `now` (an issuer not
+    /// held: nothing).
+    fn prune_issuer(&mut self, issuer: &str, now: u64) {
+        if let Some(i) = self.issuers.get_mut(issuer) {
+            let before = i.seen.len();
+            let forgot = i.prune(now);
+            self.len -= before - i.seen.len();
+            self.forgot(forgot);
+        }
     }
 
     /// Live nonces (not yet pruned ones included).

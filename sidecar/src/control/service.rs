@@ -598,29 +598,24 @@ impl Control {
                 "a signed command needs a token the edge verified: this request carries no stamp of the edge",
             ));
         };
-        if edge.verified == contract::Verified::Edge {
-            // Checked by the edge against its own `command_role`, which may not
-            // be this one's (a filter configured otherwise): checked again, as
-            // every other route's role is.
-            return (!self.has_command_role(edge)).then(|| {
-                Reject::with(
-                    Code::ForbiddenRole,
-                    format!(
-                        "a signed command needs role `{}` (the edge let it through for other roles: is the filter's command_role this one?)",
-                        self.command_role
-                    ),
-                )
-            });
+        if self.has_command_role(edge) {
+            return None;
         }
-        (!self.has_command_role(edge)).then(|| {
-            Reject::with(
-                Code::ForbiddenRole,
-                format!(
-                    "a signed command needs role `{}` (the edge did not take this path for a command route)",
-                    self.command_role
-                ),
-            )
-        })
+        // `edge`: checked by the edge against its own `command_role`, which may
+        // not be this one's (a filter configured otherwise): checked again, as
+        // every other route's role is.
+        let why = if edge.verified == contract::Verified::Edge {
+            "the edge let it through for other roles: is the filter's command_role this one?"
+        } else {
+            "the edge did not take this path for a command route"
+        };
+        Some(Reject::with(
+            Code::ForbiddenRole,
+            format!(
+                "a signed command needs role `{}` ({why})",
+                self.command_role
+            ),
+        ))
     }
 
     /// Admission of `body`. `edge`: the edge forwarded exactly this body (its row
